@@ -1,0 +1,147 @@
+/*
+ * Guest memory: the regions of a SET_MEM_TABLE, mapped into this process, and the
+ * bounds-checked translations every guest address goes through.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include "vn_internal.h"
+
+/* [base, base+size) contains [addr, addr+len)?  Written so that no sum can overflow. */
+static inline int range_in(uint64_t base, uint64_t size, uint64_t addr, uint64_t len)
+{
+    return addr >= base && addr - base < size && len <= size - (addr - base);
+}
+
+/* Host pointer of guest-physical [gpa, gpa+len) if it lies inside one region, else NULL.
+ * len == 0 still requires gpa itself to be mapped. */
+uint8_t *vn_mem_gpa(struct vn_mem *m, uint64_t gpa, uint64_t len)
+{
+    for (unsigned i = 0; i < m->n; i++) {
+        struct vn_region *r = &m->r[i];
+        if (range_in(r->gpa, r->size, gpa, len ? len : 1))
+            return r->host + (gpa - r->gpa);
+    }
+    return NULL;
+}
+
+/* The same for the frontend's (QEMU's) virtual addresses, which SET_VRING_ADDR uses. */
+uint8_t *vn_mem_uva(struct vn_mem *m, uint64_t uva, uint64_t len)
+{
+    for (unsigned i = 0; i < m->n; i++) {
+        struct vn_region *r = &m->r[i];
+        if (range_in(r->uva, r->size, uva, len ? len : 1))
+            return r->host + (uva - r->uva);
+    }
+    return NULL;
+}
+
+/* Translates [gpa, gpa+len) into host pieces, splitting where it crosses from one region
+ * into an adjacent one.  Fails (-1) if any byte is unmapped or more than `max` pieces
+ * would be needed. */
+int vn_mem_iov(struct vn_mem *m, uint64_t gpa, uint64_t len,
+               struct vn_iov *iov, unsigned max, unsigned *n)
+{
+    if (len > UINT64_MAX - gpa)
+        return -1;
+    while (len > 0) {
+        struct vn_region *hit = NULL;
+        for (unsigned i = 0; i < m->n; i++) {
+            struct vn_region *r = &m->r[i];
+            if (gpa >= r->gpa && gpa - r->gpa < r->size) {
+                hit = r;
+                break;
+            }
+        }
+        if (!hit || *n >= max)
+            return -1;
+        uint64_t room = hit->size - (gpa - hit->gpa);
+        uint64_t take = len < room ? len : room;
+        if (take > UINT32_MAX)
+            take = UINT32_MAX;
+        iov[*n].p = hit->host + (gpa - hit->gpa);
+        iov[*n].len = (uint32_t)take;
+        (*n)++;
+        gpa += take;
+        len -= take;
+    }
+    return 0;
+}
+
+/* Copies guest-physical [gpa, gpa+len) into dst; -1 if any of it is unmapped. */
+int vn_mem_read(struct vn_mem *m, uint64_t gpa, void *dst, uint64_t len)
+{
+    struct vn_iov iov[4];
+    unsigned n = 0;
+    if (vn_mem_iov(m, gpa, len, iov, 4, &n) < 0)
+        return -1;
+    uint8_t *d = dst;
+    for (unsigned i = 0; i < n; i++) {
+        /* volatile: one load of each guest byte, never re-read behind our back */
+        const volatile uint8_t *s = iov[i].p;
+        for (uint32_t k = 0; k < iov[i].len; k++)
+            d[k] = s[k];
+        d += iov[i].len;
+    }
+    return 0;
+}
+
+void vn_mem_unmap(struct vn_mem *m)
+{
+    for (unsigned i = 0; i < m->n; i++)
+        if (m->r[i].map_base)
+            munmap(m->r[i].map_base, m->r[i].map_len);
+    memset(m, 0, sizeof(*m));
+}
+
+/* Maps a new table.  On failure nothing of the new table stays mapped and *m is untouched;
+ * on success the old table is unmapped and replaced.  The fds stay the caller's. */
+int vn_mem_map(struct vn_mem *m, unsigned n, const struct vn_region_spec *spec, const int *fds)
+{
+    struct vn_mem next;
+    memset(&next, 0, sizeof(next));
+    if (n > VN_MAX_REGIONS)
+        return VN_ERANGE;
+    long page = sysconf(_SC_PAGESIZE);
+    for (unsigned i = 0; i < n; i++) {
+        const struct vn_region_spec *s = &spec[i];
+        struct stat stbuf;
+        if (s->memory_size == 0 ||
+            s->memory_size > UINT64_MAX - s->guest_phys_addr ||
+            s->memory_size > UINT64_MAX - s->userspace_addr ||
+            s->mmap_offset > UINT64_MAX - s->memory_size)
+            goto bad;
+        /* Mapping past the end of the file would turn a guest access into SIGBUS. */
+        if (fstat(fds[i], &stbuf) < 0 || stbuf.st_size < 0 ||
+            (uint64_t)stbuf.st_size < s->mmap_offset + s->memory_size)
+            goto bad;
+        for (unsigned j = 0; j < i; j++) {
+            const struct vn_region_spec *o = &spec[j];
+            if (s->guest_phys_addr < o->guest_phys_addr + o->memory_size &&
+                o->guest_phys_addr < s->guest_phys_addr + s->memory_size)
+                goto bad;
+        }
+        uint64_t off_pages = s->mmap_offset & ~((uint64_t)page - 1);
+        uint64_t lead = s->mmap_offset - off_pages;
+        size_t len = (size_t)(lead + s->memory_size);
+        void *base = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE,
+                          fds[i], (off_t)off_pages);
+        if (base == MAP_FAILED)
+            goto bad;
+        next.r[i].gpa = s->guest_phys_addr;
+        next.r[i].size = s->memory_size;
+        next.r[i].uva = s->userspace_addr;
+        next.r[i].host = (uint8_t *)base + lead;
+        next.r[i].map_base = base;
+        next.r[i].map_len = len;
+        next.n = i + 1;
+    }
+    vn_mem_unmap(m);
+    *m = next;
+    return VN_OK;
+bad:
+    vn_mem_unmap(&next);
+    return VN_EMAP;
+}

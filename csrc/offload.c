@@ -1,0 +1,182 @@
+/*
+ * What the virtio-net offloads imply for a switch: completing partial checksums
+ * (VIRTIO_NET_HDR_F_NEEDS_CSUM) and cutting TSO frames into MSS-sized segments for a peer
+ * that did not negotiate them.  Every header field comes from a guest: parse with bounds.
+ */
+#include <arpa/inet.h>
+#include "vn_internal.h"
+
+static uint32_t csum_add(uint32_t sum, const uint8_t *p, size_t len)
+{
+    while (len > 1) {
+        sum += (uint32_t)p[0] << 8 | p[1];
+        p += 2;
+        len -= 2;
+        if (sum & 0x80000000u)
+            sum = (sum & 0xffff) + (sum >> 16);
+    }
+    if (len)
+        sum += (uint32_t)p[0] << 8;
+    return sum;
+}
+
+static uint16_t csum_fold(uint32_t sum)
+{
+    while (sum >> 16)
+        sum = (sum & 0xffff) + (sum >> 16);
+    return (uint16_t)~sum;
+}
+
+static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static inline void wr16(uint8_t *p, uint16_t v) { p[0] = v >> 8; p[1] = v & 0xff; }
+static inline uint32_t rd32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+static inline void wr32(uint8_t *p, uint32_t v)
+{
+    p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = v;
+}
+
+/* Validates the offload request in a guest's header against the frame it came with.
+ * 0: fine; -1: reject the frame. */
+int vn_offload_check(const struct vn_pkt *pkt)
+{
+    const struct vn_net_hdr *h = &pkt->hdr;
+    if (h->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) {
+        if ((uint32_t)h->csum_start + h->csum_offset + 2 > pkt->len)
+            return -1;
+    }
+    uint8_t gso = h->gso_type & ~VIRTIO_NET_HDR_GSO_ECN;
+    if (gso != VIRTIO_NET_HDR_GSO_NONE && gso != VIRTIO_NET_HDR_GSO_TCPV4 &&
+        gso != VIRTIO_NET_HDR_GSO_TCPV6)
+        return -1;
+    if (gso != VIRTIO_NET_HDR_GSO_NONE && h->gso_size == 0)
+        return -1;
+    return 0;
+}
+
+/* Completes a partial checksum in place: the 16-bit field at csum_start+csum_offset holds
+ * the pseudo-header sum; the result covers [csum_start, len). */
+int vn_csum_complete(struct vn_pkt *pkt)
+{
+    struct vn_net_hdr *h = &pkt->hdr;
+    if (!(h->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM))
+        return 0;
+    uint32_t start = h->csum_start, field = start + h->csum_offset;
+    if (field + 2 > pkt->len || start >= pkt->len)
+        return -1;
+    uint16_t c = csum_fold(csum_add(0, pkt->data + start, pkt->len - start));
+    /* a computed 0 is sent as 0xffff for UDP; harmless for TCP (both mean "ok") */
+    wr16(pkt->data + field, c ? c : 0xffff);
+    h->flags &= ~VIRTIO_NET_HDR_F_NEEDS_CSUM;
+    h->flags |= VIRTIO_NET_HDR_F_DATA_VALID;
+    return 0;
+}
+
+/* Where the L3 header starts, and its ethertype, skipping one VLAN tag.  -1 if runt. */
+static int l3_offset(const struct vn_pkt *pkt, uint16_t *etype)
+{
+    if (pkt->len < 14)
+        return -1;
+    uint16_t t = rd16(pkt->data + 12);
+    unsigned off = 14;
+    if (t == 0x8100) {
+        if (pkt->len < 18)
+            return -1;
+        t = rd16(pkt->data + 16);
+        off = 18;
+    }
+    *etype = t;
+    return (int)off;
+}
+
+/*
+ * Cuts a TSO frame into segments of gso_size payload bytes, each with its own IP length,
+ * IPv4 id and checksum, TCP sequence number and full TCP checksum; FIN/PSH only on the
+ * last segment, CWR only on the first.  Calls cb for each segment (sw->seg, reused).
+ * Returns the number of segments, or -1 if the headers do not describe a TCP frame we can
+ * segment (the caller drops it).
+ */
+int vn_gso_segment(struct vn_switch *sw, int port, const struct vn_pkt *pkt, vn_seg_cb cb)
+{
+    uint16_t etype;
+    int l3 = l3_offset(pkt, &etype);
+    if (l3 < 0)
+        return -1;
+    const uint8_t *d = pkt->data;
+    uint32_t len = pkt->len;
+    unsigned l4, l3len;
+    int v4;
+    if (etype == 0x0800) {
+        if (len < (unsigned)l3 + 20 || (d[l3] >> 4) != 4)
+            return -1;
+        l3len = (d[l3] & 15) * 4u;
+        if (l3len < 20 || len < l3 + l3len || d[l3 + 9] != 6)
+            return -1;
+        if (rd16(d + l3 + 6) & 0x3fff)   /* a fragment cannot be TSO */
+            return -1;
+        v4 = 1;
+    } else if (etype == 0x86dd) {
+        if (len < (unsigned)l3 + 40 || (d[l3] >> 4) != 6 || d[l3 + 6] != 6)
+            return -1;                   /* extension headers are not segmented */
+        l3len = 40;
+        v4 = 0;
+    } else {
+        return -1;
+    }
+    l4 = l3 + l3len;
+    if (len < l4 + 20)
+        return -1;
+    unsigned tcplen = (d[l4 + 12] >> 4) * 4u;
+    if (tcplen < 20 || len < l4 + tcplen)
+        return -1;
+    unsigned hdrs = l4 + tcplen;
+    unsigned mss = pkt->hdr.gso_size;
+    if (mss == 0 || mss > VN_MAX_FRAME - hdrs)
+        return -1;
+    uint32_t payload = len - hdrs;
+    uint32_t seq = rd32(d + l4 + 4);
+    uint16_t ipid = v4 ? rd16(d + l3 + 4) : 0;
+    uint8_t flags = d[l4 + 13];
+    int nseg = 0;
+    uint32_t off = 0;
+    do {
+        uint32_t take = payload - off < mss ? payload - off : mss;
+        struct vn_pkt *s = sw->seg;
+        memcpy(s->data, d, hdrs);
+        memcpy(s->data + hdrs, d + hdrs + off, take);
+        s->len = hdrs + take;
+        memset(&s->hdr, 0, sizeof(s->hdr));
+        s->hdr.flags = VIRTIO_NET_HDR_F_DATA_VALID;
+        uint8_t *ip = s->data + l3, *tcp = s->data + l4;
+        int last = off + take >= payload;
+        uint8_t f = flags;
+        if (!last)
+            f &= ~(0x01 | 0x08);          /* FIN, PSH */
+        if (nseg > 0)
+            f &= ~0x80;                   /* CWR */
+        tcp[13] = f;
+        wr32(tcp + 4, seq + off);
+        uint32_t seglen = tcplen + take;
+        uint32_t sum;
+        if (v4) {
+            wr16(ip + 2, (uint16_t)(l3len + seglen));
+            wr16(ip + 4, (uint16_t)(ipid + nseg));
+            wr16(ip + 10, 0);
+            wr16(ip + 10, csum_fold(csum_add(0, ip, l3len)));
+            sum = csum_add(0, ip + 12, 8);
+        } else {
+            wr16(ip + 4, (uint16_t)seglen);
+            sum = csum_add(0, ip + 8, 32);
+        }
+        sum += 6 + seglen;
+        wr16(tcp + 16, 0);
+        sum = csum_add(sum, tcp, seglen);
+        wr16(tcp + 16, csum_fold(sum));
+        cb(sw, port, s);
+        nseg++;
+        off += take;
+    } while (off < payload);
+    return nseg;
+}

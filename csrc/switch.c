@@ -1,0 +1,882 @@
+/*
+ * The L2 learning switch joining a daemon's NIs (vhost-user ports) and TAP uplinks, and
+ * the data-plane loop that drives it: epoll on kick eventfds and TAP fds (or busy
+ * polling), batch dequeue, learn, look up, deliver, interrupt.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <sys/epoll.h>
+#include <sys/mman.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+#include "vn_internal.h"
+
+#define EV_WAKE 0ULL
+#define EV_KICK 1ULL
+#define EV_TAP 2ULL
+#define EV(kind, port, q) ((kind) << 32 | (uint64_t)(port) << 8 | (q))
+
+/* frames one ring or TAP may forward before the loop moves on to others (fairness) */
+#define VN_BUDGET 256
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + ts.tv_nsec;
+}
+
+const char *vn_strerror(int code)
+{
+    switch (code) {
+    case VN_OK: return "ok";
+    case VN_EINVAL: return "invalid argument";
+    case VN_ENOMEM: return "out of memory";
+    case VN_EMAP: return "cannot map guest memory region";
+    case VN_ERANGE: return "value out of range";
+    case VN_ESTATE: return "not allowed in the current state";
+    case VN_ENOPORT: return "no such port";
+    case VN_ESYS: return "system call failed";
+    }
+    return "unknown error";
+}
+
+const char *vn_broken_reason(int code)
+{
+    switch (code) {
+    case VN_BROKEN_NONE: return "";
+    case VN_BROKEN_RING_ADDR: return "ring address outside guest memory";
+    case VN_BROKEN_AVAIL_IDX: return "avail index moved by more than the ring size";
+    case VN_BROKEN_HEAD: return "avail ring head index out of range";
+    case VN_BROKEN_DESC_ADDR: return "descriptor buffer outside guest memory";
+    case VN_BROKEN_CHAIN_LOOP: return "descriptor chain longer than the ring (loop)";
+    case VN_BROKEN_INDIRECT: return "malformed indirect descriptor table";
+    case VN_BROKEN_DESC_NEXT: return "descriptor next index out of range";
+    case VN_BROKEN_DESC_DIR: return "descriptor direction wrong for this queue";
+    case VN_BROKEN_CHAIN_LEN: return "descriptor chain length absurd";
+    }
+    return "unknown";
+}
+
+struct vn_switch *vn_switch_new(void)
+{
+    struct vn_switch *sw = calloc(1, sizeof(*sw));
+    if (!sw)
+        return NULL;
+    sw->epfd = epoll_create1(EPOLL_CLOEXEC);
+    sw->wake_fd = -1;
+    /* the packet buffer: untouched pages cost nothing */
+    size_t blen = sizeof(struct vn_pkt) * (VN_BATCH + 1);
+    void *b = mmap(NULL, blen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (sw->epfd < 0 || b == MAP_FAILED) {
+        if (sw->epfd >= 0)
+            close(sw->epfd);
+        free(sw);
+        return NULL;
+    }
+    sw->batch = b;
+    sw->seg = &sw->batch[VN_BATCH];
+    return sw;
+}
+
+static struct vn_port *port_get(struct vn_switch *sw, int port)
+{
+    if (port < 0 || port >= VN_MAX_PORTS || !sw->ports[port].kind)
+        return NULL;
+    return &sw->ports[port];
+}
+
+static struct vn_vq *vq_get(struct vn_switch *sw, int port, unsigned q, struct vn_port **pp)
+{
+    struct vn_port *p = port_get(sw, port);
+    if (!p || p->kind != VN_PORT_VHOST || q >= VN_MAX_QUEUES)
+        return NULL;
+    *pp = p;
+    return &p->vq[q];
+}
+
+static void backlog_clear(struct vn_port *p)
+{
+    while (p->bl_count) {
+        free(p->backlog[p->bl_head]);
+        p->backlog[p->bl_head] = NULL;
+        p->bl_head = (p->bl_head + 1) % VN_BACKLOG;
+        p->bl_count--;
+    }
+    p->bl_head = 0;
+}
+
+static void vq_close_fds(struct vn_switch *sw, struct vn_vq *vq)
+{
+    if (vq->kickfd >= 0) {
+        epoll_ctl(sw->epfd, EPOLL_CTL_DEL, vq->kickfd, NULL);
+        close(vq->kickfd);
+    }
+    if (vq->callfd >= 0)
+        close(vq->callfd);
+    vq->kickfd = vq->callfd = -1;
+}
+
+static void vq_init(struct vn_vq *vq)
+{
+    memset(vq, 0, sizeof(*vq));
+    vq->kickfd = vq->callfd = -1;
+    vq->enabled = 1;
+}
+
+static void mac_forget_port(struct vn_switch *sw, int port)
+{
+    for (unsigned i = 0; i < VN_MAC_TABLE; i++)
+        if (sw->macs[i].used && sw->macs[i].port == port)
+            sw->macs[i].used = 0;
+}
+
+int vn_port_add_vhost(struct vn_switch *sw)
+{
+    for (int i = 0; i < VN_MAX_PORTS; i++) {
+        struct vn_port *p = &sw->ports[i];
+        if (p->kind)
+            continue;
+        memset(p, 0, sizeof(*p));
+        p->kind = VN_PORT_VHOST;
+        p->id = i;
+        p->tapfd = -1;
+        p->hdr_len = 12;
+        for (unsigned q = 0; q < VN_MAX_QUEUES; q++)
+            vq_init(&p->vq[q]);
+        return i;
+    }
+    return VN_ERANGE;
+}
+
+int vn_port_add_tap(struct vn_switch *sw, int fd, int vnet_hdr_len)
+{
+    if (fd < 0 || (vnet_hdr_len != 0 && vnet_hdr_len != 12))
+        return VN_EINVAL;
+    for (int i = 0; i < VN_MAX_PORTS; i++) {
+        struct vn_port *p = &sw->ports[i];
+        if (p->kind)
+            continue;
+        memset(p, 0, sizeof(*p));
+        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = EV(EV_TAP, i, 0)};
+        int fl = fcntl(fd, F_GETFL);
+        if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0 ||
+            epoll_ctl(sw->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
+            return VN_ESYS;
+        p->kind = VN_PORT_TAP;
+        p->id = i;
+        p->tapfd = fd;
+        p->tap_hdr_len = (unsigned)vnet_hdr_len;
+        p->tap_readable = 1;
+        for (unsigned q = 0; q < VN_MAX_QUEUES; q++)
+            vq_init(&p->vq[q]);
+        return i;
+    }
+    return VN_ERANGE;
+}
+
+int vn_port_remove(struct vn_switch *sw, int port)
+{
+    struct vn_port *p = port_get(sw, port);
+    if (!p)
+        return VN_ENOPORT;
+    for (unsigned q = 0; q < VN_MAX_QUEUES; q++)
+        vq_close_fds(sw, &p->vq[q]);
+    if (p->tapfd >= 0) {
+        epoll_ctl(sw->epfd, EPOLL_CTL_DEL, p->tapfd, NULL);
+        close(p->tapfd);
+    }
+    vn_mem_unmap(&p->mem);
+    backlog_clear(p);
+    mac_forget_port(sw, port);
+    memset(p, 0, sizeof(*p));
+    return VN_OK;
+}
+
+void vn_switch_free(struct vn_switch *sw)
+{
+    if (!sw)
+        return;
+    for (int i = 0; i < VN_MAX_PORTS; i++)
+        if (sw->ports[i].kind)
+            vn_port_remove(sw, i);
+    munmap(sw->batch, sizeof(struct vn_pkt) * (VN_BATCH + 1));
+    close(sw->epfd);
+    free(sw);
+}
+
+const struct vn_port_stats *vn_port_stats(struct vn_switch *sw, int port)
+{
+    struct vn_port *p = port_get(sw, port);
+    return p ? &p->st : NULL;
+}
+
+int vn_port_broken(struct vn_switch *sw, int port)
+{
+    struct vn_port *p = port_get(sw, port);
+    return p ? p->broken : VN_ENOPORT;
+}
+
+int vn_port_set_mac(struct vn_switch *sw, int port, const uint8_t *mac)
+{
+    struct vn_port *p = port_get(sw, port);
+    if (!p)
+        return VN_ENOPORT;
+    memcpy(p->mac, mac, 6);
+    p->mac_set = 1;
+    return VN_OK;
+}
+
+/* ---- vhost-user device configuration ---- */
+
+int vn_dev_set_features(struct vn_switch *sw, int port, uint64_t features)
+{
+    struct vn_port *p = port_get(sw, port);
+    if (!p || p->kind != VN_PORT_VHOST)
+        return VN_ENOPORT;
+    p->features = features;
+    p->hdr_len = (HAS_FEATURE(features, VIRTIO_F_VERSION_1) ||
+                  HAS_FEATURE(features, VIRTIO_NET_F_MRG_RXBUF)) ? 12 : 10;
+    return VN_OK;
+}
+
+static void remap_rings(struct vn_port *p)
+{
+    for (unsigned q = 0; q < VN_MAX_QUEUES; q++) {
+        struct vn_vq *vq = &p->vq[q];
+        if (vq->addr_set && vn_vq_map(p, vq) < 0 && vq->started)
+            vn_port_break(p, VN_BROKEN_RING_ADDR);
+    }
+}
+
+int vn_dev_set_mem(struct vn_switch *sw, int port, unsigned n,
+                   const struct vn_region_spec *regions, const int *fds)
+{
+    struct vn_port *p = port_get(sw, port);
+    if (!p || p->kind != VN_PORT_VHOST)
+        return VN_ENOPORT;
+    int r = vn_mem_map(&p->mem, n, regions, fds);
+    if (r < 0)
+        return r;
+    remap_rings(p);
+    return VN_OK;
+}
+
+int vn_dev_reset(struct vn_switch *sw, int port)
+{
+    struct vn_port *p = port_get(sw, port);
+    if (!p || p->kind != VN_PORT_VHOST)
+        return VN_ENOPORT;
+    for (unsigned q = 0; q < VN_MAX_QUEUES; q++) {
+        vq_close_fds(sw, &p->vq[q]);
+        vq_init(&p->vq[q]);
+    }
+    vn_mem_unmap(&p->mem);
+    backlog_clear(p);
+    mac_forget_port(sw, port);
+    p->features = 0;
+    p->hdr_len = 12;
+    p->broken = 0;
+    return VN_OK;
+}
+
+int vn_vq_set_num(struct vn_switch *sw, int port, unsigned q, unsigned num)
+{
+    struct vn_port *p;
+    struct vn_vq *vq = vq_get(sw, port, q, &p);
+    if (!vq)
+        return VN_ENOPORT;
+    /* split rings: a power of two, at most 32768 */
+    if (num == 0 || num > VN_MAX_QUEUE_SIZE || (num & (num - 1)))
+        return VN_ERANGE;
+    if (vq->started)
+        return VN_ESTATE;
+    vq->num = num;
+    if (vq->addr_set && vn_vq_map(p, vq) < 0)
+        vq->addr_set = 0;
+    return VN_OK;
+}
+
+int vn_vq_set_addr(struct vn_switch *sw, int port, unsigned q,
+                   uint64_t desc_uva, uint64_t used_uva, uint64_t avail_uva)
+{
+    struct vn_port *p;
+    struct vn_vq *vq = vq_get(sw, port, q, &p);
+    if (!vq)
+        return VN_ENOPORT;
+    if (vq->num == 0)
+        return VN_ESTATE;
+    vq->desc_uva = desc_uva;
+    vq->used_uva = used_uva;
+    vq->avail_uva = avail_uva;
+    vq->addr_set = 1;
+    if (vn_vq_map(p, vq) < 0) {
+        vq->addr_set = 0;
+        return VN_EMAP;
+    }
+    /* the frontend re-initialising a ring is how a broken device comes back */
+    p->broken = 0;
+    vq->used_idx = vq->used->idx;
+    vq->signalled_valid = 0;
+    return VN_OK;
+}
+
+int vn_vq_set_base(struct vn_switch *sw, int port, unsigned q, unsigned base)
+{
+    struct vn_port *p;
+    struct vn_vq *vq = vq_get(sw, port, q, &p);
+    if (!vq)
+        return VN_ENOPORT;
+    if (base > 0xffff)
+        return VN_ERANGE;
+    if (vq->started)
+        return VN_ESTATE;
+    vq->last_avail = (uint16_t)base;
+    vq->used_idx = (uint16_t)base;
+    return VN_OK;
+}
+
+int vn_vq_get_base(struct vn_switch *sw, int port, unsigned q)
+{
+    struct vn_port *p;
+    struct vn_vq *vq = vq_get(sw, port, q, &p);
+    if (!vq)
+        return VN_ENOPORT;
+    vq->started = 0;
+    vq->active = 0;
+    if (vq->kickfd >= 0) {
+        epoll_ctl(sw->epfd, EPOLL_CTL_DEL, vq->kickfd, NULL);
+        close(vq->kickfd);
+        vq->kickfd = -1;
+    }
+    if (q % 2 == 0)
+        backlog_clear(p);
+    return vq->last_avail;
+}
+
+int vn_vq_set_kick(struct vn_switch *sw, int port, unsigned q, int fd)
+{
+    struct vn_port *p;
+    struct vn_vq *vq = vq_get(sw, port, q, &p);
+    if (!vq) {
+        if (fd >= 0)
+            close(fd);
+        return VN_ENOPORT;
+    }
+    if (vq->kickfd >= 0) {
+        epoll_ctl(sw->epfd, EPOLL_CTL_DEL, vq->kickfd, NULL);
+        close(vq->kickfd);
+    }
+    vq->kickfd = fd;
+    if (fd >= 0) {
+        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = EV(EV_KICK, port, q)};
+        int fl = fcntl(fd, F_GETFL);
+        if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0 ||
+            epoll_ctl(sw->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+            close(fd);
+            vq->kickfd = -1;
+            return VN_ESYS;
+        }
+    }
+    vq->started = 1;
+    vq->active = 1;   /* the driver may have queued buffers before telling us */
+    return VN_OK;
+}
+
+int vn_vq_set_call(struct vn_switch *sw, int port, unsigned q, int fd)
+{
+    struct vn_port *p;
+    struct vn_vq *vq = vq_get(sw, port, q, &p);
+    if (!vq) {
+        if (fd >= 0)
+            close(fd);
+        return VN_ENOPORT;
+    }
+    if (vq->callfd >= 0)
+        close(vq->callfd);
+    vq->callfd = fd;
+    return VN_OK;
+}
+
+int vn_vq_set_enable(struct vn_switch *sw, int port, unsigned q, int enable)
+{
+    struct vn_port *p;
+    struct vn_vq *vq = vq_get(sw, port, q, &p);
+    if (!vq)
+        return VN_ENOPORT;
+    vq->enabled = !!enable;
+    vq->active = vq->enabled;
+    return VN_OK;
+}
+
+int vn_switch_set_wake_fd(struct vn_switch *sw, int fd)
+{
+    if (sw->wake_fd >= 0)
+        epoll_ctl(sw->epfd, EPOLL_CTL_DEL, sw->wake_fd, NULL);
+    sw->wake_fd = fd;
+    if (fd < 0)
+        return VN_OK;
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = EV(EV_WAKE, 0, 0)};
+    return epoll_ctl(sw->epfd, EPOLL_CTL_ADD, fd, &ev) < 0 ? VN_ESYS : VN_OK;
+}
+
+/* ---- forwarding ---- */
+
+static unsigned mac_hash(const uint8_t *m)
+{
+    uint32_t h = 2166136261u;
+    for (int i = 0; i < 6; i++)
+        h = (h ^ m[i]) * 16777619u;
+    return h & (VN_MAC_TABLE - 1);
+}
+
+static void mac_learn(struct vn_switch *sw, const uint8_t *mac, int port)
+{
+    if (mac[0] & 1)
+        return;   /* never learn a group address as a source */
+    unsigned h = mac_hash(mac);
+    struct vn_mac_entry *victim = NULL;
+    for (unsigned i = 0; i < 8; i++) {
+        struct vn_mac_entry *e = &sw->macs[(h + i) & (VN_MAC_TABLE - 1)];
+        if (e->used && !memcmp(e->mac, mac, 6)) {
+            e->port = (int16_t)port;
+            e->seen_ns = sw->now_ns;
+            return;
+        }
+        if (!victim && (!e->used || sw->now_ns - e->seen_ns > VN_MAC_AGE_NS))
+            victim = e;
+    }
+    if (!victim)   /* probe window full: replace the oldest */
+        for (unsigned i = 0; i < 8; i++) {
+            struct vn_mac_entry *e = &sw->macs[(h + i) & (VN_MAC_TABLE - 1)];
+            if (!victim || e->seen_ns < victim->seen_ns)
+                victim = e;
+        }
+    memcpy(victim->mac, mac, 6);
+    victim->used = 1;
+    victim->port = (int16_t)port;
+    victim->seen_ns = sw->now_ns;
+}
+
+static int mac_lookup(struct vn_switch *sw, const uint8_t *mac)
+{
+    unsigned h = mac_hash(mac);
+    for (unsigned i = 0; i < 8; i++) {
+        struct vn_mac_entry *e = &sw->macs[(h + i) & (VN_MAC_TABLE - 1)];
+        if (e->used && !memcmp(e->mac, mac, 6)) {
+            if (sw->now_ns - e->seen_ns > VN_MAC_AGE_NS) {
+                e->used = 0;
+                return -1;
+            }
+            return e->port;
+        }
+    }
+    return -1;
+}
+
+/* The receive queue a frame for port p goes to: the enabled pair picked by a flow hash. */
+static struct vn_vq *rx_queue(struct vn_port *p, const struct vn_pkt *pkt)
+{
+    struct vn_vq *cand[VN_MAX_QUEUE_PAIRS];
+    unsigned n = 0;
+    for (unsigned qp = 0; qp < VN_MAX_QUEUE_PAIRS; qp++)
+        if (vn_vq_ready(p, &p->vq[2 * qp]))
+            cand[n++] = &p->vq[2 * qp];
+    if (n == 0)
+        return NULL;
+    if (n == 1 || pkt->len < 34)
+        return cand[0];
+    /* hash of the IPv4 addresses, or of the last address bytes for anything else */
+    uint32_t h = 0;
+    for (unsigned i = 26; i < 34; i++)
+        h = h * 31 + pkt->data[i];
+    return cand[h % n];
+}
+
+static void backlog_push(struct vn_port *p, const struct vn_pkt *pkt)
+{
+    if (p->bl_count >= VN_BACKLOG) {
+        p->st.drop_no_rx_buffer++;
+        return;
+    }
+    struct vn_backlog_frame *f = malloc(sizeof(*f) + pkt->len);
+    if (!f) {
+        p->st.drop_no_rx_buffer++;
+        return;
+    }
+    f->len = pkt->len;
+    f->hdr = pkt->hdr;
+    memcpy(f->data, pkt->data, pkt->len);
+    p->backlog[(p->bl_head + p->bl_count) % VN_BACKLOG] = f;
+    p->bl_count++;
+    if (p->bl_count > p->st.backlog_max)
+        p->st.backlog_max = p->bl_count;
+}
+
+/* Delivers queued frames while the guest has buffers.  1 if the backlog is now empty. */
+static int backlog_flush(struct vn_switch *sw, struct vn_port *p)
+{
+    while (p->bl_count) {
+        struct vn_backlog_frame *f = p->backlog[p->bl_head];
+        struct vn_vq *vq = NULL;
+        for (unsigned qp = 0; qp < VN_MAX_QUEUE_PAIRS && !vq; qp++)
+            if (vn_vq_ready(p, &p->vq[2 * qp]))
+                vq = &p->vq[2 * qp];
+        if (!vq)
+            return 0;
+        int r = vn_vq_push_rx(sw, p, vq, &f->hdr, f->data, f->len);
+        if (r == VN_PUSH_NOBUF) {
+            vn_vq_notify_enable(p, vq, 1);
+            /* buffers may have arrived between our look and the flag */
+            r = vn_vq_push_rx(sw, p, vq, &f->hdr, f->data, f->len);
+            if (r == VN_PUSH_NOBUF)
+                return 0;
+        }
+        if (r == VN_PUSH_OK) {
+            p->st.out_frames++;
+            p->st.out_bytes += f->len;
+        } else if (r == VN_PUSH_TOOBIG) {
+            p->st.drop_oversize++;
+        } else {
+            p->st.drop_broken++;
+        }
+        free(f);
+        p->backlog[p->bl_head] = NULL;
+        p->bl_head = (p->bl_head + 1) % VN_BACKLOG;
+        p->bl_count--;
+    }
+    return 1;
+}
+
+static void deliver_final(struct vn_switch *sw, int port, struct vn_pkt *pkt);
+
+/* Delivers to one port, adapting offloads to what that port negotiated. */
+static void deliver(struct vn_switch *sw, int port, struct vn_pkt *pkt)
+{
+    struct vn_port *p = &sw->ports[port];
+    uint8_t gso = pkt->hdr.gso_type & ~VIRTIO_NET_HDR_GSO_ECN;
+    int can_gso, can_csum;
+    if (p->kind == VN_PORT_TAP) {
+        can_gso = can_csum = p->tap_hdr_len != 0;
+    } else {
+        uint64_t f = p->features;
+        can_csum = HAS_FEATURE(f, VIRTIO_NET_F_GUEST_CSUM);
+        can_gso = can_csum &&
+                  ((gso == VIRTIO_NET_HDR_GSO_TCPV4 && HAS_FEATURE(f, VIRTIO_NET_F_GUEST_TSO4)) ||
+                   (gso == VIRTIO_NET_HDR_GSO_TCPV6 && HAS_FEATURE(f, VIRTIO_NET_F_GUEST_TSO6))) &&
+                  (!(pkt->hdr.gso_type & VIRTIO_NET_HDR_GSO_ECN) ||
+                   HAS_FEATURE(f, VIRTIO_NET_F_GUEST_ECN));
+    }
+    if (gso != VIRTIO_NET_HDR_GSO_NONE && !can_gso) {
+        if (vn_gso_segment(sw, port, pkt, deliver_final) < 0)
+            p->st.drop_bad_offload++;
+        else
+            p->st.tso_segmented++;
+        return;
+    }
+    if ((pkt->hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) && !can_csum) {
+        /* completing in place is right for every later receiver of this frame too */
+        if (vn_csum_complete(pkt) < 0) {
+            p->st.drop_bad_offload++;
+            return;
+        }
+        p->st.csum_completed++;
+    }
+    deliver_final(sw, port, pkt);
+}
+
+static void deliver_final(struct vn_switch *sw, int port, struct vn_pkt *pkt)
+{
+    struct vn_port *p = &sw->ports[port];
+    if (p->kind == VN_PORT_TAP) {
+        ssize_t w;
+        if (p->tap_hdr_len) {
+            struct vn_net_hdr h = pkt->hdr;
+            h.num_buffers = 0;
+            struct iovec v[2] = {{&h, 12}, {pkt->data, pkt->len}};
+            w = writev(p->tapfd, v, 2);
+        } else {
+            w = write(p->tapfd, pkt->data, pkt->len);
+        }
+        if (w < 0) {
+            p->st.drop_tap_write++;
+        } else {
+            p->st.out_frames++;
+            p->st.out_bytes += pkt->len;
+        }
+        return;
+    }
+    if (p->broken) {
+        p->st.drop_broken++;
+        return;
+    }
+    struct vn_vq *vq = rx_queue(p, pkt);
+    if (!vq) {
+        p->st.drop_broken++;   /* link not up yet: no receive queue started */
+        return;
+    }
+    if (p->bl_count == 0) {
+        int r = vn_vq_push_rx(sw, p, vq, &pkt->hdr, pkt->data, pkt->len);
+        if (r == VN_PUSH_OK) {
+            p->st.out_frames++;
+            p->st.out_bytes += pkt->len;
+            return;
+        }
+        if (r == VN_PUSH_TOOBIG) {
+            p->st.drop_oversize++;
+            return;
+        }
+        if (r == VN_PUSH_BROKEN) {
+            p->st.drop_broken++;
+            return;
+        }
+        vn_vq_notify_enable(p, vq, 1);
+    }
+    backlog_push(p, pkt);
+}
+
+static void forward(struct vn_switch *sw, int in, struct vn_pkt *pkt)
+{
+    struct vn_port *src = &sw->ports[in];
+    if (pkt->len < 14) {
+        src->st.drop_runt++;
+        return;
+    }
+    if (vn_offload_check(pkt) < 0) {
+        src->st.drop_bad_offload++;
+        return;
+    }
+    pkt->hdr.flags &= VIRTIO_NET_HDR_F_NEEDS_CSUM;   /* DATA_VALID is not a sender's claim */
+    src->st.in_frames++;
+    src->st.in_bytes += pkt->len;
+    mac_learn(sw, pkt->data + 6, in);
+    const uint8_t *dst = pkt->data;
+    int out = (dst[0] & 1) ? -1 : mac_lookup(sw, dst);
+    if (out == in)
+        return;   /* the destination sits behind the port it came from */
+    if (out >= 0 && sw->ports[out].kind) {
+        deliver(sw, out, pkt);
+        return;
+    }
+    if (!(dst[0] & 1))
+        src->st.unknown_unicast++;
+    for (int i = 0; i < VN_MAX_PORTS; i++)
+        if (i != in && sw->ports[i].kind)
+            deliver(sw, i, pkt);
+}
+
+static void signal_all(struct vn_switch *sw)
+{
+    for (int i = 0; i < VN_MAX_PORTS; i++) {
+        struct vn_port *p = &sw->ports[i];
+        if (p->kind != VN_PORT_VHOST)
+            continue;
+        for (unsigned q = 0; q < VN_MAX_QUEUES; q++) {
+            struct vn_vq *vq = &p->vq[q];
+            if (vq->call_pending && vq->used) {
+                vn_vq_publish_used(vq);
+                vn_vq_signal(p, vq);
+            }
+        }
+    }
+}
+
+/* Forwards up to VN_BUDGET frames from a guest TX queue.  Returns frames forwarded; sets
+ * vq->active when more may be waiting. */
+static int service_tx(struct vn_switch *sw, int port, struct vn_vq *vq, int poll_mode)
+{
+    struct vn_port *p = &sw->ports[port];
+    int done = 0, dropped = 0;
+    if (!poll_mode)
+        vn_vq_notify_enable(p, vq, 0);
+    for (;;) {
+        unsigned n = 0;
+        while (n < VN_BATCH && done + dropped + (int)n < VN_BUDGET) {
+            int r = vn_vq_pop_tx(sw, p, vq, &sw->batch[n]);
+            if (r == 1)
+                n++;
+            else if (r == 2)
+                dropped++;
+            else
+                break;
+        }
+        /* return the TX buffers first: the guest may reuse them while we deliver */
+        if (vq->call_pending) {
+            vn_vq_publish_used(vq);
+        }
+        for (unsigned i = 0; i < n; i++)
+            forward(sw, port, &sw->batch[i]);
+        done += n;
+        signal_all(sw);
+        if (p->broken) {
+            vq->active = 0;
+            return done;
+        }
+        if (done + dropped >= VN_BUDGET) {
+            vq->active = 1;
+            return done;
+        }
+        if (n == VN_BATCH)
+            continue;
+        if (poll_mode) {
+            vq->active = 0;
+            return done;
+        }
+        /* drained: re-arm kicks, then look once more for what raced with that */
+        vn_vq_notify_enable(p, vq, 1);
+        int more = vn_vq_avail_count(p, vq);
+        if (more <= 0) {
+            vq->active = 0;
+            return done;
+        }
+        vn_vq_notify_enable(p, vq, 0);
+    }
+}
+
+static int service_tap(struct vn_switch *sw, int port)
+{
+    struct vn_port *p = &sw->ports[port];
+    int done = 0;
+    while (done < VN_BUDGET) {
+        unsigned n = 0;
+        for (; n < VN_BATCH; n++) {
+            struct vn_pkt *pkt = &sw->batch[n];
+            ssize_t r;
+            if (p->tap_hdr_len) {
+                r = read(p->tapfd, &pkt->hdr, 12 + VN_MAX_FRAME);
+                if (r >= 0 && r < 12) {
+                    p->st.drop_runt++;
+                    n--;
+                    continue;
+                }
+                r -= 12;
+            } else {
+                memset(&pkt->hdr, 0, sizeof(pkt->hdr));
+                r = read(p->tapfd, pkt->data, VN_MAX_FRAME);
+            }
+            if (r < 0)
+                break;
+            pkt->hdr.num_buffers = 0;
+            pkt->len = (uint32_t)r;
+        }
+        for (unsigned i = 0; i < n; i++)
+            forward(sw, port, &sw->batch[i]);
+        done += n;
+        signal_all(sw);
+        if (n < VN_BATCH) {
+            p->tap_readable = 0;
+            return done;
+        }
+    }
+    p->tap_readable = 1;
+    return done;
+}
+
+/* One pass over everything marked active (or everything, polling).  Returns frames moved
+ * and sets *busy when some source still has work. */
+static int service_pass(struct vn_switch *sw, int poll_mode, int *busy)
+{
+    int total = 0;
+    *busy = 0;
+    sw->now_ns = now_ns();
+    for (int i = 0; i < VN_MAX_PORTS; i++) {
+        struct vn_port *p = &sw->ports[i];
+        if (p->kind == VN_PORT_TAP) {
+            if (p->tap_readable || poll_mode)
+                total += service_tap(sw, i);
+            *busy |= p->tap_readable;
+            continue;
+        }
+        if (p->kind != VN_PORT_VHOST)
+            continue;
+        if (p->bl_count) {
+            backlog_flush(sw, p);
+            signal_all(sw);
+        }
+        for (unsigned q = 1; q < VN_MAX_QUEUES; q += 2) {
+            struct vn_vq *vq = &p->vq[q];
+            if (!(vq->active || poll_mode) || !vn_vq_ready(p, vq))
+                continue;
+            if (poll_mode && !vq->active)
+                p->st.kicks_suppressed++;
+            total += service_tx(sw, i, vq, poll_mode);
+            *busy |= vq->active;
+        }
+    }
+    return total;
+}
+
+int vn_switch_service(struct vn_switch *sw)
+{
+    int busy;
+    int n = service_pass(sw, 0, &busy);
+    return n;
+}
+
+int vn_port_inject_from(struct vn_switch *sw, int port, const uint8_t *frame, unsigned len)
+{
+    if (!port_get(sw, port))
+        return VN_ENOPORT;
+    if (len < 14 || len > VN_MAX_FRAME)
+        return VN_EINVAL;
+    struct vn_pkt *pkt = sw->seg;
+    memset(&pkt->hdr, 0, sizeof(pkt->hdr));
+    memcpy(pkt->data, frame, len);
+    pkt->len = len;
+    sw->now_ns = now_ns();
+    forward(sw, port, pkt);
+    signal_all(sw);
+    return VN_OK;
+}
+
+static void drain_eventfd(int fd)
+{
+    uint64_t v;
+    while (read(fd, &v, sizeof(v)) == sizeof(v))
+        ;
+}
+
+int vn_switch_run(struct vn_switch *sw, int timeout_ms, int poll_mode)
+{
+    uint64_t deadline = timeout_ms < 0 ? UINT64_MAX : now_ns() + (uint64_t)timeout_ms * 1000000ULL;
+    struct epoll_event evs[64];
+    int busy = 1;
+    for (;;) {
+        int wait_ms;
+        uint64_t t = now_ns();
+        if (t >= deadline)
+            return VN_RUN_TIMEOUT;
+        if (busy || poll_mode)
+            wait_ms = 0;
+        else if (deadline == UINT64_MAX)
+            wait_ms = -1;
+        else
+            wait_ms = (int)((deadline - t + 999999) / 1000000);
+        int n = epoll_wait(sw->epfd, evs, 64, wait_ms);
+        if (n < 0 && errno != EINTR)
+            return VN_ESYS;
+        int woke = 0;
+        for (int i = 0; i < n; i++) {
+            uint64_t d = evs[i].data.u64;
+            unsigned kind = (unsigned)(d >> 32), port = (d >> 8) & 0xff, q = d & 0xff;
+            if (kind == EV_WAKE) {
+                woke = 1;
+            } else if (kind == EV_KICK && port < VN_MAX_PORTS && q < VN_MAX_QUEUES) {
+                struct vn_port *p = &sw->ports[port];
+                struct vn_vq *vq = &p->vq[q];
+                if (vq->kickfd >= 0)
+                    drain_eventfd(vq->kickfd);
+                p->st.kicks++;
+                vq->active = 1;
+            } else if (kind == EV_TAP && port < VN_MAX_PORTS) {
+                sw->ports[port].tap_readable = 1;
+            }
+        }
+        service_pass(sw, poll_mode, &busy);
+        if (woke)
+            return VN_RUN_WAKE;
+    }
+}

@@ -1,0 +1,213 @@
+/*
+ * Internal structures of the fast path, shared by the .c files in csrc/ (not exposed to Python).
+ */
+#ifndef VN_INTERNAL_H
+#define VN_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include "vhostni.h"
+
+/* virtio feature bits the fast path looks at */
+#define VIRTIO_NET_F_CSUM 0
+#define VIRTIO_NET_F_GUEST_CSUM 1
+#define VIRTIO_NET_F_GUEST_TSO4 7
+#define VIRTIO_NET_F_GUEST_TSO6 8
+#define VIRTIO_NET_F_GUEST_ECN 9
+#define VIRTIO_NET_F_HOST_TSO4 11
+#define VIRTIO_NET_F_HOST_TSO6 12
+#define VIRTIO_NET_F_MRG_RXBUF 15
+#define VIRTIO_RING_F_INDIRECT_DESC 28
+#define VIRTIO_RING_F_EVENT_IDX 29
+#define VIRTIO_F_VERSION_1 32
+
+#define HAS_FEATURE(f, bit) (((f) >> (bit)) & 1ULL)
+
+/* split virtqueue layout (virtio 1.x, 2.7) */
+#define VRING_DESC_F_NEXT 1
+#define VRING_DESC_F_WRITE 2
+#define VRING_DESC_F_INDIRECT 4
+#define VRING_USED_F_NO_NOTIFY 1
+#define VRING_AVAIL_F_NO_INTERRUPT 1
+
+struct vring_desc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags;
+    uint16_t next;
+};
+
+struct vring_avail {
+    uint16_t flags;
+    uint16_t idx;
+    uint16_t ring[];
+    /* uint16_t used_event follows ring[num] */
+};
+
+struct vring_used_elem {
+    uint32_t id;
+    uint32_t len;
+};
+
+struct vring_used {
+    uint16_t flags;
+    uint16_t idx;
+    struct vring_used_elem ring[];
+    /* uint16_t avail_event follows ring[num] */
+};
+
+/* virtio-net header, the 12-byte layout (VERSION_1 or MRG_RXBUF); little-endian on x86. */
+#define VIRTIO_NET_HDR_F_NEEDS_CSUM 1
+#define VIRTIO_NET_HDR_F_DATA_VALID 2
+#define VIRTIO_NET_HDR_GSO_NONE 0
+#define VIRTIO_NET_HDR_GSO_TCPV4 1
+#define VIRTIO_NET_HDR_GSO_UDP 3
+#define VIRTIO_NET_HDR_GSO_TCPV6 4
+#define VIRTIO_NET_HDR_GSO_ECN 0x80
+
+struct vn_net_hdr {
+    uint8_t flags;
+    uint8_t gso_type;
+    uint16_t hdr_len;
+    uint16_t gso_size;
+    uint16_t csum_start;
+    uint16_t csum_offset;
+    uint16_t num_buffers;
+};
+
+/* One frame in the switch's packet buffer: header immediately followed by data, so a TAP
+ * read or write of (header, frame) is one contiguous buffer. */
+struct vn_pkt {
+    uint32_t len;
+    struct vn_net_hdr hdr;
+    uint8_t data[VN_MAX_FRAME];
+};
+_Static_assert(offsetof(struct vn_pkt, data) == offsetof(struct vn_pkt, hdr) + 12,
+               "header and data must be contiguous");
+
+struct vn_region {
+    uint64_t gpa, size, uva;
+    uint8_t *host;     /* host address of gpa */
+    void *map_base;    /* what mmap returned (covers mmap_offset + size) */
+    size_t map_len;
+};
+
+struct vn_mem {
+    unsigned n;
+    struct vn_region r[VN_MAX_REGIONS];
+};
+
+/* A piece of guest memory a chain maps to, already translated and bounds-checked. */
+struct vn_iov {
+    uint8_t *p;
+    uint32_t len;
+};
+
+struct vn_vq {
+    unsigned num;                 /* 0: not configured */
+    uint64_t desc_uva, used_uva, avail_uva;
+    int addr_set;
+    volatile struct vring_desc *desc;   /* host pointers; NULL until mapped */
+    volatile struct vring_avail *avail;
+    volatile struct vring_used *used;
+    uint16_t last_avail;          /* next avail ring entry we consume */
+    uint16_t used_idx;            /* our copy of used->idx */
+    uint16_t signalled_used;      /* used idx at the last interrupt */
+    int signalled_valid;
+    int kickfd, callfd;
+    int started;                  /* between SET_VRING_KICK and GET_VRING_BASE */
+    int enabled;
+    int active;                   /* has (or may have) work: serviced without a kick */
+    int call_pending;             /* used entries written since the last interrupt */
+};
+
+struct vn_backlog_frame {
+    uint32_t len;
+    struct vn_net_hdr hdr;
+    uint8_t data[];
+};
+
+#define VN_BACKLOG 256
+
+struct vn_port {
+    int kind;                     /* 0: free slot */
+    int id;
+    struct vn_port_stats st;
+    /* vhost */
+    struct vn_mem mem;
+    struct vn_vq vq[VN_MAX_QUEUES];
+    uint64_t features;
+    unsigned hdr_len;             /* 10 or 12 */
+    int broken;
+    /* frames waiting for guest receive buffers, oldest first */
+    struct vn_backlog_frame *backlog[VN_BACKLOG];
+    unsigned bl_head, bl_count;
+    /* tap */
+    int tapfd;
+    unsigned tap_hdr_len;         /* 0 (no vnet header) or 12 */
+    int tap_readable;
+    uint8_t mac[6];
+    int mac_set;
+};
+
+#define VN_MAC_TABLE 4096         /* power of two */
+#define VN_MAC_AGE_NS (300ULL * 1000000000ULL)
+
+struct vn_mac_entry {
+    uint8_t mac[6];
+    uint8_t used;
+    int16_t port;
+    uint64_t seen_ns;
+};
+
+#define VN_MAX_IOV 4096
+
+struct vn_switch {
+    struct vn_port ports[VN_MAX_PORTS];
+    struct vn_mac_entry macs[VN_MAC_TABLE];
+    int epfd;
+    int wake_fd;
+    uint64_t now_ns;
+    struct vn_pkt *batch;         /* VN_BATCH frames, one mmap */
+    struct vn_pkt *seg;           /* scratch for one GSO segment */
+    struct vn_iov iov[VN_MAX_IOV];
+    struct vn_iov iov_first[64];  /* first RX buffer's pieces, for num_buffers */
+};
+
+/* mem.c */
+uint8_t *vn_mem_gpa(struct vn_mem *m, uint64_t gpa, uint64_t len);
+uint8_t *vn_mem_uva(struct vn_mem *m, uint64_t uva, uint64_t len);
+int vn_mem_read(struct vn_mem *m, uint64_t gpa, void *dst, uint64_t len);
+int vn_mem_iov(struct vn_mem *m, uint64_t gpa, uint64_t len,
+               struct vn_iov *iov, unsigned max, unsigned *n);
+void vn_mem_unmap(struct vn_mem *m);
+int vn_mem_map(struct vn_mem *m, unsigned n, const struct vn_region_spec *spec, const int *fds);
+
+/* vring.c */
+int vn_vq_map(struct vn_port *p, struct vn_vq *vq);
+int vn_vq_ready(struct vn_port *p, struct vn_vq *vq);
+int vn_vq_avail_count(struct vn_port *p, struct vn_vq *vq);
+int vn_vq_map_chain(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, uint16_t head,
+                    int writable, unsigned *niov, uint64_t *total);
+void vn_vq_push_used(struct vn_vq *vq, uint16_t head, uint32_t len);
+void vn_vq_publish_used(struct vn_vq *vq);
+void vn_vq_notify_enable(struct vn_port *p, struct vn_vq *vq, int on);
+void vn_vq_signal(struct vn_port *p, struct vn_vq *vq);
+int vn_vq_pop_tx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, struct vn_pkt *pkt);
+int vn_vq_push_rx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq,
+                  const struct vn_net_hdr *hdr, const uint8_t *data, uint32_t len);
+void vn_port_break(struct vn_port *p, int reason);
+
+/* offload.c */
+int vn_csum_complete(struct vn_pkt *pkt);
+typedef void (*vn_seg_cb)(struct vn_switch *sw, int port, struct vn_pkt *seg);
+int vn_gso_segment(struct vn_switch *sw, int port, const struct vn_pkt *pkt, vn_seg_cb cb);
+int vn_offload_check(const struct vn_pkt *pkt);
+
+#define VN_PUSH_OK 1
+#define VN_PUSH_NOBUF 0
+#define VN_PUSH_TOOBIG -1
+#define VN_PUSH_BROKEN -2
+
+#endif

@@ -1,0 +1,375 @@
+/*
+ * Split virtqueues, device side (virtio 1.x section 2.7), against a hostile driver.
+ *
+ * The pipeline per chain: read the avail idx once (acquire) and check it moved by at most
+ * the ring size; read the head once and check it is < num; walk the chain loading each
+ * descriptor once into a local, checking direction, nesting of indirect tables, the next
+ * index, the chain length (a chain longer than the ring is a loop) and translating every
+ * buffer with its length capped at its region's end.  A violation breaks the port: its
+ * rings are no longer touched until the frontend re-initialises them.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <unistd.h>
+#include "vn_internal.h"
+
+static inline uint16_t load16(const volatile uint16_t *p)
+{
+    return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+
+void vn_port_break(struct vn_port *p, int reason)
+{
+    if (!p->broken)
+        p->broken = reason;
+}
+
+static size_t desc_bytes(unsigned num) { return 16ULL * num; }
+static size_t avail_bytes(unsigned num) { return 6 + 2ULL * num; }
+static size_t used_bytes(unsigned num) { return 6 + 8ULL * num; }
+
+/* Translates the ring addresses through the current memory table.  Each ring must lie
+ * whole inside one region. */
+int vn_vq_map(struct vn_port *p, struct vn_vq *vq)
+{
+    vq->desc = NULL;
+    vq->avail = NULL;
+    vq->used = NULL;
+    if (!vq->addr_set || vq->num == 0)
+        return 0;
+    uint8_t *d = vn_mem_uva(&p->mem, vq->desc_uva, desc_bytes(vq->num));
+    uint8_t *a = vn_mem_uva(&p->mem, vq->avail_uva, avail_bytes(vq->num));
+    uint8_t *u = vn_mem_uva(&p->mem, vq->used_uva, used_bytes(vq->num));
+    if (!d || !a || !u)
+        return -1;
+    /* alignment the spec requires; unaligned rings would make our atomics tear */
+    if (((uintptr_t)d & 15) || ((uintptr_t)a & 1) || ((uintptr_t)u & 3))
+        return -1;
+    vq->desc = (volatile struct vring_desc *)d;
+    vq->avail = (volatile struct vring_avail *)a;
+    vq->used = (volatile struct vring_used *)u;
+    return 0;
+}
+
+int vn_vq_ready(struct vn_port *p, struct vn_vq *vq)
+{
+    return !p->broken && vq->started && vq->enabled && vq->desc && vq->num;
+}
+
+/* How many new heads the driver made available; -1 (and broken) if the index is absurd. */
+int vn_vq_avail_count(struct vn_port *p, struct vn_vq *vq)
+{
+    uint16_t idx = __atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE);
+    uint16_t n = (uint16_t)(idx - vq->last_avail);
+    if (n > vq->num) {
+        vn_port_break(p, VN_BROKEN_AVAIL_IDX);
+        return -1;
+    }
+    return n;
+}
+
+static inline void load_desc(const volatile struct vring_desc *src, struct vring_desc *d)
+{
+    d->addr = *(const volatile uint64_t *)&src->addr;
+    d->len = *(const volatile uint32_t *)&src->len;
+    d->flags = *(const volatile uint16_t *)&src->flags;
+    d->next = *(const volatile uint16_t *)&src->next;
+}
+
+/*
+ * Maps the chain starting at `head` into sw->iov[0..*niov).  `writable` says which
+ * direction every buffer must have (virtio-net never mixes them in one chain).  Returns 0,
+ * or -1 after breaking the port.  Zero-length descriptors are allowed and not translated.
+ */
+int vn_vq_map_chain(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, uint16_t head,
+                    int writable, unsigned *niov, uint64_t *total)
+{
+    unsigned num = vq->num;
+    unsigned limit = num;           /* descriptors we may follow in the current table */
+    unsigned count = 0;
+    uint16_t idx = head;
+    int indirect = 0;
+    uint64_t itable = 0;            /* guest-physical address of the indirect table */
+    unsigned isize = 0;
+    *niov = 0;
+    *total = 0;
+
+    for (;;) {
+        struct vring_desc d;
+        if (!indirect) {
+            if (idx >= num) {
+                vn_port_break(p, VN_BROKEN_DESC_NEXT);
+                return -1;
+            }
+            load_desc(&vq->desc[idx], &d);
+        } else {
+            if (idx >= isize) {
+                vn_port_break(p, VN_BROKEN_DESC_NEXT);
+                return -1;
+            }
+            if (vn_mem_read(&p->mem, itable + 16ULL * idx, &d, sizeof(d)) < 0) {
+                vn_port_break(p, VN_BROKEN_INDIRECT);
+                return -1;
+            }
+        }
+        if (++count > limit) {
+            vn_port_break(p, VN_BROKEN_CHAIN_LOOP);
+            return -1;
+        }
+        if (d.flags & VRING_DESC_F_INDIRECT) {
+            /* one level only, never combined with NEXT, only if negotiated */
+            if (indirect || (d.flags & VRING_DESC_F_NEXT) ||
+                !HAS_FEATURE(p->features, VIRTIO_RING_F_INDIRECT_DESC) ||
+                d.len == 0 || (d.len & 15) || d.len / 16 > VN_MAX_QUEUE_SIZE) {
+                vn_port_break(p, VN_BROKEN_INDIRECT);
+                return -1;
+            }
+            indirect = 1;
+            itable = d.addr;
+            isize = d.len / 16;
+            limit = isize;
+            count = 0;
+            idx = 0;
+            continue;
+        }
+        if (!!(d.flags & VRING_DESC_F_WRITE) != !!writable) {
+            vn_port_break(p, VN_BROKEN_DESC_DIR);
+            return -1;
+        }
+        if (d.len) {
+            if (*total + d.len > (1ULL << 24)) {
+                /* 16 MiB is far beyond any frame: a guest making us walk this is hostile */
+                vn_port_break(p, VN_BROKEN_CHAIN_LEN);
+                return -1;
+            }
+            if (vn_mem_iov(&p->mem, d.addr, d.len, sw->iov, VN_MAX_IOV, niov) < 0) {
+                vn_port_break(p, VN_BROKEN_DESC_ADDR);
+                return -1;
+            }
+            *total += d.len;
+        }
+        if (!(d.flags & VRING_DESC_F_NEXT))
+            return 0;
+        idx = d.next;
+    }
+}
+
+void vn_vq_push_used(struct vn_vq *vq, uint16_t head, uint32_t len)
+{
+    volatile struct vring_used_elem *e = &vq->used->ring[vq->used_idx % vq->num];
+    e->id = head;
+    e->len = len;
+    vq->used_idx++;
+    vq->call_pending = 1;
+}
+
+void vn_vq_publish_used(struct vn_vq *vq)
+{
+    __atomic_store_n(&vq->used->idx, vq->used_idx, __ATOMIC_RELEASE);
+}
+
+static inline volatile uint16_t *avail_event(struct vn_vq *vq)
+{
+    return (volatile uint16_t *)&vq->used->ring[vq->num];
+}
+
+static inline volatile uint16_t *used_event(struct vn_vq *vq)
+{
+    return &vq->avail->ring[vq->num];
+}
+
+/* Asks the driver to kick us (on) or not (off) when it adds buffers. */
+void vn_vq_notify_enable(struct vn_port *p, struct vn_vq *vq, int on)
+{
+    if (HAS_FEATURE(p->features, VIRTIO_RING_F_EVENT_IDX)) {
+        /* on: kick for the next head; off: an index one ring-wrap away */
+        *avail_event(vq) = on ? vq->last_avail : (uint16_t)(vq->last_avail - 1);
+    } else {
+        uint16_t f = vq->used->flags;
+        vq->used->flags = on ? (f & ~VRING_USED_F_NO_NOTIFY) : (f | VRING_USED_F_NO_NOTIFY);
+    }
+    /* the flag must be visible before we re-read avail idx (the lost-wakeup race) */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
+/* Sends an interrupt if used entries were published and the driver wants one. */
+void vn_vq_signal(struct vn_port *p, struct vn_vq *vq)
+{
+    if (!vq->call_pending)
+        return;
+    vq->call_pending = 0;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    int want;
+    if (HAS_FEATURE(p->features, VIRTIO_RING_F_EVENT_IDX)) {
+        uint16_t ev = load16(used_event(vq));
+        uint16_t new_idx = vq->used_idx;
+        uint16_t old = vq->signalled_used;
+        int valid = vq->signalled_valid;
+        vq->signalled_used = new_idx;
+        vq->signalled_valid = 1;
+        want = !valid || (uint16_t)(new_idx - ev - 1) < (uint16_t)(new_idx - old);
+    } else {
+        want = !(load16(&vq->avail->flags) & VRING_AVAIL_F_NO_INTERRUPT);
+    }
+    if (!want) {
+        p->st.calls_suppressed++;
+        return;
+    }
+    if (vq->callfd >= 0) {
+        uint64_t one = 1;
+        if (write(vq->callfd, &one, sizeof(one)) == sizeof(one))
+            p->st.calls++;
+    }
+}
+
+/* Copies iov[skip..] into dst, at most len bytes; returns bytes copied. */
+static uint64_t iov_to_buf(const struct vn_iov *iov, unsigned n, uint64_t skip, uint8_t *dst,
+                           uint64_t len)
+{
+    uint64_t done = 0;
+    for (unsigned i = 0; i < n && done < len; i++) {
+        uint64_t l = iov[i].len;
+        if (skip >= l) {
+            skip -= l;
+            continue;
+        }
+        uint64_t take = l - skip;
+        if (take > len - done)
+            take = len - done;
+        memcpy(dst + done, iov[i].p + skip, take);
+        done += take;
+        skip = 0;
+    }
+    return done;
+}
+
+static uint64_t buf_to_iov(const struct vn_iov *iov, unsigned n, uint64_t skip,
+                           const uint8_t *src, uint64_t len)
+{
+    uint64_t done = 0;
+    for (unsigned i = 0; i < n && done < len; i++) {
+        uint64_t l = iov[i].len;
+        if (skip >= l) {
+            skip -= l;
+            continue;
+        }
+        uint64_t take = l - skip;
+        if (take > len - done)
+            take = len - done;
+        memcpy(iov[i].p + skip, src + done, take);
+        done += take;
+        skip = 0;
+    }
+    return done;
+}
+
+/*
+ * Takes the next frame the guest sent on TX queue `vq` into pkt.
+ * Returns 1 (frame in pkt), 0 (nothing available), 2 (a chain was consumed but its frame
+ * dropped and counted), or -1 (port broken).
+ */
+int vn_vq_pop_tx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, struct vn_pkt *pkt)
+{
+    int n = vn_vq_avail_count(p, vq);
+    if (n <= 0)
+        return n;
+    uint16_t head = load16(&vq->avail->ring[vq->last_avail % vq->num]);
+    if (head >= vq->num) {
+        vn_port_break(p, VN_BROKEN_HEAD);
+        return -1;
+    }
+    unsigned niov;
+    uint64_t total;
+    if (vn_vq_map_chain(sw, p, vq, head, 0, &niov, &total) < 0) {
+        p->st.drop_bad_desc++;
+        return -1;
+    }
+    vq->last_avail++;
+    int ret = 1;
+    unsigned hl = p->hdr_len;
+    if (total < hl + 14) {
+        p->st.drop_runt++;
+        ret = 2;
+    } else if (total - hl > VN_MAX_FRAME) {
+        p->st.drop_oversize++;
+        ret = 2;
+    } else {
+        memset(&pkt->hdr, 0, sizeof(pkt->hdr));
+        /* header and data are contiguous in vn_pkt: one gather copy */
+        iov_to_buf(sw->iov, niov, 0, (uint8_t *)&pkt->hdr, hl);
+        iov_to_buf(sw->iov, niov, hl, pkt->data, total - hl);
+        pkt->hdr.num_buffers = 0;
+        pkt->len = (uint32_t)(total - hl);
+    }
+    vn_vq_push_used(vq, head, 0);
+    return ret;
+}
+
+/*
+ * Delivers one frame into the guest's receive queue.  With MRG_RXBUF the frame may take
+ * several heads (num_buffers says how many); without, it needs one chain big enough.
+ * Nothing is consumed unless the whole frame fits.  Returns VN_PUSH_*.
+ */
+int vn_vq_push_rx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq,
+                  const struct vn_net_hdr *hdr, const uint8_t *data, uint32_t len)
+{
+    int n = vn_vq_avail_count(p, vq);
+    if (n < 0)
+        return VN_PUSH_BROKEN;
+    unsigned hl = p->hdr_len;
+    int mrg = HAS_FEATURE(p->features, VIRTIO_NET_F_MRG_RXBUF);
+    uint64_t need = (uint64_t)hl + len;
+    uint64_t placed = 0;                 /* bytes of header+frame written so far */
+    uint16_t avail = vq->last_avail;
+    unsigned used = 0;
+    unsigned nfirst = 0;
+    struct vn_net_hdr h = *hdr;
+    h.num_buffers = 1;
+    /* (head, len) of each buffer, written to the used ring only once all fit */
+    uint16_t heads[64];
+    uint32_t lens[64];
+
+    while (placed < need) {
+        if ((int)used >= n)
+            return VN_PUSH_NOBUF;
+        if (used >= 64 || (!mrg && used >= 1))
+            return VN_PUSH_TOOBIG;
+        uint16_t head = load16(&vq->avail->ring[avail % vq->num]);
+        if (head >= vq->num) {
+            vn_port_break(p, VN_BROKEN_HEAD);
+            return VN_PUSH_BROKEN;
+        }
+        unsigned niov;
+        uint64_t total;
+        if (vn_vq_map_chain(sw, p, vq, head, 1, &niov, &total) < 0)
+            return VN_PUSH_BROKEN;
+        if (!mrg && total < need)
+            return VN_PUSH_TOOBIG;
+        if (used == 0) {
+            if (total < hl || niov > 64)
+                return VN_PUSH_TOOBIG;
+            memcpy(sw->iov_first, sw->iov, niov * sizeof(struct vn_iov));
+            nfirst = niov;
+            placed = buf_to_iov(sw->iov, niov, 0, (const uint8_t *)&h, hl);
+            uint64_t take = total - hl < len ? total - hl : len;
+            placed += buf_to_iov(sw->iov, niov, hl, data, take);
+            lens[used] = (uint32_t)(hl + take);
+        } else {
+            uint64_t off = placed - hl;
+            uint64_t take = total < len - off ? total : len - off;
+            placed += buf_to_iov(sw->iov, niov, 0, data + off, take);
+            lens[used] = (uint32_t)take;
+        }
+        heads[used++] = head;
+        avail++;
+    }
+    if (mrg && used > 1) {
+        uint16_t nb = (uint16_t)used;
+        buf_to_iov(sw->iov_first, nfirst, offsetof(struct vn_net_hdr, num_buffers),
+                   (const uint8_t *)&nb, sizeof(nb));
+    }
+    for (unsigned i = 0; i < used; i++)
+        vn_vq_push_used(vq, heads[i], lens[i]);
+    vq->last_avail = avail;
+    return VN_PUSH_OK;
+}
