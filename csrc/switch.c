@@ -412,6 +412,13 @@ int vn_vq_set_enable(struct vn_switch *sw, int port, unsigned q, int enable)
     return VN_OK;
 }
 
+int vn_vq_started(struct vn_switch *sw, int port, unsigned q)
+{
+    struct vn_port *p;
+    struct vn_vq *vq = vq_get(sw, port, q, &p);
+    return vq ? vq->started : VN_ENOPORT;
+}
+
 int vn_switch_set_wake_fd(struct vn_switch *sw, int fd)
 {
     if (sw->wake_fd >= 0)
@@ -803,6 +810,8 @@ static int service_pass(struct vn_switch *sw, int poll_mode, int *busy)
             if (poll_mode && !vq->active)
                 p->st.kicks_suppressed++;
             total += service_tx(sw, i, vq, poll_mode);
+            if (vq->kickfd < 0)
+                vq->active = 1;   /* a frontend that will not kick asked to be polled */
             *busy |= vq->active;
         }
     }

@@ -120,6 +120,8 @@ int vn_vq_get_base(struct vn_switch *sw, int port, unsigned q);
 int vn_vq_set_kick(struct vn_switch *sw, int port, unsigned q, int fd);
 int vn_vq_set_call(struct vn_switch *sw, int port, unsigned q, int fd);
 int vn_vq_set_enable(struct vn_switch *sw, int port, unsigned q, int enable);
+/* 1 if the ring is started (kick received, not stopped since), 0 if not, or a code. */
+int vn_vq_started(struct vn_switch *sw, int port, unsigned q);
 /* Injects a frame as if the guest behind `port` had sent it (SEND_RARP). */
 int vn_port_inject_from(struct vn_switch *sw, int port, const uint8_t *frame, unsigned len);
 

@@ -1,0 +1,3 @@
+"""vhostni: self-securing network interfaces for virtual machines."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,244 @@
+"""The vhost-user virtio-net device of one NI: validated requests in, fast-path calls and
+replies out.
+
+One ``VhostUserDevice`` per NI, one ``handle()`` call per request.  Like libvhost-user it is
+one dispatch table with one method per request; unlike it, every failure is answered (a
+REPLY_ACK nack, or a closed connection when the frontend would otherwise assume success)
+and never takes the daemon down.
+"""
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from .fastpath import FastPathError, Region, VhostPort
+from .vhost_user import proto
+from .vhost_user.proto import ProtocolFeature, Request
+
+log = logging.getLogger("vhostni.device")
+
+MAX_QUEUE_PAIRS = 8
+
+# What the fast path implements.  Offloads can be switched off per daemon (--offloads off)
+# to measure or to serve peers that mishandle them.
+BASE_FEATURES = proto.feature_mask(
+    proto.VIRTIO_NET_F_MRG_RXBUF,
+    proto.VIRTIO_F_ANY_LAYOUT,
+    proto.VIRTIO_RING_F_INDIRECT_DESC,
+    proto.VIRTIO_RING_F_EVENT_IDX,
+    proto.VHOST_USER_F_PROTOCOL_FEATURES,
+    proto.VIRTIO_F_VERSION_1,
+    proto.VIRTIO_NET_F_MTU,
+)
+OFFLOAD_FEATURES = proto.feature_mask(
+    proto.VIRTIO_NET_F_CSUM,
+    proto.VIRTIO_NET_F_GUEST_CSUM,
+    proto.VIRTIO_NET_F_GUEST_TSO4,
+    proto.VIRTIO_NET_F_GUEST_TSO6,
+    proto.VIRTIO_NET_F_GUEST_ECN,
+    proto.VIRTIO_NET_F_HOST_TSO4,
+    proto.VIRTIO_NET_F_HOST_TSO6,
+    proto.VIRTIO_NET_F_HOST_ECN,
+)
+PROTOCOL_FEATURES = int(
+    ProtocolFeature.MQ | ProtocolFeature.RARP | ProtocolFeature.REPLY_ACK | ProtocolFeature.NET_MTU
+)
+
+
+class CloseConnection(Exception):
+    """The frontend broke the protocol in a way we cannot answer: drop the connection."""
+
+
+@dataclass
+class DeviceCounters:
+    messages: int = 0
+    errors: int = 0
+    sessions: int = 0
+    last_error: str = ""
+
+
+@dataclass
+class VhostUserDevice:
+    name: str
+    port: VhostPort
+    offloads: bool = True
+    counters: DeviceCounters = field(default_factory=DeviceCounters)
+    # set by the daemon: called with the guest MAC from SEND_RARP
+    on_rarp: Optional[Callable[[bytes], None]] = None
+
+    def __post_init__(self) -> None:
+        self.features_offered = BASE_FEATURES | (OFFLOAD_FEATURES if self.offloads else 0)
+        self._reset_session()
+
+    def _reset_session(self) -> None:
+        self.features = 0
+        self.protocol_features = 0
+        self.owner = False
+        self.mtu: Optional[int] = None
+
+    # ---- connection lifetime
+    def connected(self) -> None:
+        self.counters.sessions += 1
+        self._reset_session()
+
+    def disconnected(self) -> None:
+        """The frontend went away (QEMU quit, crashed or will reconnect): forget its memory,
+        rings and fds; the NI keeps its place on the switch."""
+        self.port.reset()
+        self._reset_session()
+
+    # ---- requests
+    def handle(self, msg: proto.Message) -> Optional[bytes]:
+        """Executes one validated request; returns the reply bytes, or None.
+        Raises CloseConnection when the connection must be dropped."""
+        self.counters.messages += 1
+        handler = self._HANDLERS.get(msg.request)
+        try:
+            if handler is None:
+                raise _Refused(f"{msg.request.name} is not supported")
+            body = handler(self, msg)
+        except (_Refused, FastPathError) as exc:
+            self.counters.errors += 1
+            self.counters.last_error = f"{msg.request.name}: {exc}"
+            log.warning("%s: refused %s: %s", self.name, msg.request.name, exc)
+            msg.close()
+            if proto.REQUESTS[msg.request].reply is not None:
+                raise CloseConnection(str(exc)) from None
+            if msg.need_reply and self.protocol_features & ProtocolFeature.REPLY_ACK:
+                return proto.encode_ack(msg.request, False)
+            raise CloseConnection(str(exc)) from None
+        finally:
+            msg.close()
+        if body is not None:
+            return proto.encode_reply(msg.request, body)
+        if msg.need_reply and self.protocol_features & ProtocolFeature.REPLY_ACK:
+            return proto.encode_ack(msg.request, True)
+        return None
+
+    def _queue(self, index: int) -> int:
+        if index >= 2 * MAX_QUEUE_PAIRS:
+            raise _Refused(f"queue {index} beyond the {2 * MAX_QUEUE_PAIRS} this device has")
+        return index
+
+    def _get_features(self, msg):
+        return proto.U64(self.features_offered)
+
+    def _set_features(self, msg):
+        f = msg.body.value
+        if f & ~self.features_offered:
+            raise _Refused(f"features {f & ~self.features_offered:#x} were not offered")
+        self.features = f
+        self.port.set_features(f)
+        if f & (1 << proto.VHOST_USER_F_PROTOCOL_FEATURES):
+            # with protocol features, rings start disabled until SET_VRING_ENABLE
+            for q in range(2 * MAX_QUEUE_PAIRS):
+                if not self.port.vring_started(q):
+                    self.port.set_vring_enable(q, False)
+
+    def _set_owner(self, msg):
+        self.owner = True
+
+    def _reset_owner(self, msg):
+        self.port.reset()
+        self._reset_session()
+
+    def _get_protocol_features(self, msg):
+        return proto.U64(PROTOCOL_FEATURES)
+
+    def _set_protocol_features(self, msg):
+        f = msg.body.value
+        if f & ~PROTOCOL_FEATURES:
+            raise _Refused(f"protocol features {f & ~PROTOCOL_FEATURES:#x} were not offered")
+        self.protocol_features = f
+
+    def _get_queue_num(self, msg):
+        return proto.U64(MAX_QUEUE_PAIRS)
+
+    def _set_mem_table(self, msg):
+        table = msg.body
+        fds = msg.take_fds()
+        try:
+            self.port.set_mem_table(
+                [Region(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
+                 for r in table.regions],
+                fds,
+            )
+        finally:
+            proto.close_fds(fds)  # mapped (or refused): the fds are no longer needed
+
+    def _set_vring_num(self, msg):
+        self.port.set_vring_num(self._queue(msg.body.index), msg.body.num)
+
+    def _set_vring_addr(self, msg):
+        b = msg.body
+        self.port.set_vring_addr(self._queue(b.index), b.desc, b.used, b.avail)
+
+    def _set_vring_base(self, msg):
+        self.port.set_vring_base(self._queue(msg.body.index), msg.body.num)
+
+    def _get_vring_base(self, msg):
+        q = self._queue(msg.body.index)
+        return proto.VringState(q, self.port.get_vring_base(q))
+
+    def _set_vring_kick(self, msg):
+        q = self._queue(msg.body.index)
+        fd = msg.take_fd()
+        self.port.set_vring_kick(q, fd)
+        if not self.features & (1 << proto.VHOST_USER_F_PROTOCOL_FEATURES):
+            # without VHOST_USER_F_PROTOCOL_FEATURES a ring is enabled once it starts
+            self.port.set_vring_enable(q, True)
+
+    def _set_vring_call(self, msg):
+        self.port.set_vring_call(self._queue(msg.body.index), msg.take_fd())
+
+    def _set_vring_err(self, msg):
+        self._queue(msg.body.index)
+        proto.close_fds(msg.take_fds())  # we report errors by breaking the port, not this fd
+
+    def _set_vring_enable(self, msg):
+        self.port.set_vring_enable(self._queue(msg.body.index), bool(msg.body.num))
+
+    def _send_rarp(self, msg):
+        mac = struct.pack("<Q", msg.body.value)[:6]
+        if self.on_rarp is not None:
+            self.on_rarp(mac)
+
+    def _net_set_mtu(self, msg):
+        mtu = msg.body.value
+        if not 68 <= mtu <= 65535:
+            raise _Refused(f"MTU {mtu} out of range 68..65535")
+        self.mtu = mtu
+
+    _HANDLERS = {
+        Request.GET_FEATURES: _get_features,
+        Request.SET_FEATURES: _set_features,
+        Request.SET_OWNER: _set_owner,
+        Request.RESET_OWNER: _reset_owner,
+        Request.GET_PROTOCOL_FEATURES: _get_protocol_features,
+        Request.SET_PROTOCOL_FEATURES: _set_protocol_features,
+        Request.GET_QUEUE_NUM: _get_queue_num,
+        Request.SET_MEM_TABLE: _set_mem_table,
+        Request.SET_VRING_NUM: _set_vring_num,
+        Request.SET_VRING_ADDR: _set_vring_addr,
+        Request.SET_VRING_BASE: _set_vring_base,
+        Request.GET_VRING_BASE: _get_vring_base,
+        Request.SET_VRING_KICK: _set_vring_kick,
+        Request.SET_VRING_CALL: _set_vring_call,
+        Request.SET_VRING_ERR: _set_vring_err,
+        Request.SET_VRING_ENABLE: _set_vring_enable,
+        Request.SEND_RARP: _send_rarp,
+        Request.NET_SET_MTU: _net_set_mtu,
+    }
+
+
+class _Refused(Exception):
+    pass
+
+
+def rarp_frame(mac: bytes) -> bytes:
+    """The broadcast RARP request a migrated guest's NIC announces itself with."""
+    return (b"\xff" * 6 + mac + b"\x80\x35"
+            + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 3)
+            + mac + b"\0" * 4 + mac + b"\0" * 4).ljust(60, b"\0")

@@ -1,0 +1,169 @@
+"""Python face of the C fast path (csrc/, built by cffi into vhostni._fastpath).
+
+Only configuration and counters cross this boundary; frames never do.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+from ._fastpath import ffi, lib
+
+STAT_FIELDS = tuple(name for name, _ in ffi.typeof("struct vn_port_stats").fields)
+
+RUN_TIMEOUT = lib.VN_RUN_TIMEOUT
+RUN_WAKE = lib.VN_RUN_WAKE
+
+
+class FastPathError(Exception):
+    """A configuration call the fast path refused; ``code`` is the VN_E* value."""
+
+    def __init__(self, what: str, code: int):
+        self.code = code
+        super().__init__(f"{what}: {ffi.string(lib.vn_strerror(code)).decode()}")
+
+
+def _check(what: str, rc: int) -> int:
+    if rc < 0:
+        raise FastPathError(what, rc)
+    return rc
+
+
+@dataclass(frozen=True)
+class Region:
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+    mmap_offset: int
+
+
+class Switch:
+    """The L2 switch and its ports; one per daemon.  Not thread-safe: one thread owns it."""
+
+    def __init__(self) -> None:
+        self._sw = lib.vn_switch_new()
+        if self._sw == ffi.NULL:
+            raise MemoryError("vn_switch_new")
+
+    def close(self) -> None:
+        if self._sw != ffi.NULL:
+            lib.vn_switch_free(self._sw)
+            self._sw = ffi.NULL
+
+    def __enter__(self) -> "Switch":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- ports
+    def add_vhost_port(self) -> "VhostPort":
+        return VhostPort(self, _check("add vhost port", lib.vn_port_add_vhost(self._sw)))
+
+    def add_tap_port(self, fd: int, vnet_hdr_len: int) -> "Port":
+        """Adds a TAP uplink; the switch takes ownership of ``fd``."""
+        return Port(self, _check("add tap port", lib.vn_port_add_tap(self._sw, fd, vnet_hdr_len)))
+
+    # ---- the data plane loop
+    def set_wake_fd(self, fd: int) -> None:
+        _check("set wake fd", lib.vn_switch_set_wake_fd(self._sw, fd))
+
+    def run(self, timeout_ms: int, poll: bool = False) -> int:
+        """Forwards frames (GIL released) until timeout or the wake fd is readable."""
+        return _check("run", lib.vn_switch_run(self._sw, timeout_ms, 1 if poll else 0))
+
+    def service(self) -> int:
+        """One non-blocking pass over every port; returns frames forwarded."""
+        return _check("service", lib.vn_switch_service(self._sw))
+
+
+class Port:
+    def __init__(self, switch: Switch, index: int):
+        self.switch = switch
+        self.index = index
+
+    @property
+    def _sw(self):
+        return self.switch._sw
+
+    def stats(self) -> dict[str, int]:
+        st = lib.vn_port_stats(self._sw, self.index)
+        if st == ffi.NULL:
+            raise FastPathError("stats", lib.VN_ENOPORT)
+        return {name: int(getattr(st, name)) for name in STAT_FIELDS}
+
+    def broken_reason(self) -> Optional[str]:
+        code = lib.vn_port_broken(self._sw, self.index)
+        return ffi.string(lib.vn_broken_reason(code)).decode() if code > 0 else None
+
+    def set_mac(self, mac: bytes) -> None:
+        if len(mac) != 6:
+            raise ValueError("a MAC address is 6 bytes")
+        _check("set mac", lib.vn_port_set_mac(self._sw, self.index, mac))
+
+    def remove(self) -> None:
+        if self.index >= 0:
+            lib.vn_port_remove(self._sw, self.index)
+            self.index = -1
+
+    def inject_from(self, frame: bytes) -> None:
+        """Sends ``frame`` into the switch as if this port had received it."""
+        _check("inject", lib.vn_port_inject_from(self._sw, self.index, frame, len(frame)))
+
+
+class VhostPort(Port):
+    """The device state of one vhost-user NIC, as its frontend configures it."""
+
+    def set_features(self, features: int) -> None:
+        _check("set features", lib.vn_dev_set_features(self._sw, self.index, features))
+
+    def set_mem_table(self, regions: Sequence[Region], fds: Sequence[int]) -> None:
+        """Maps the regions (replacing the old table only on success).  The fds stay the
+        caller's to close."""
+        n = len(regions)
+        specs = ffi.new("struct vn_region_spec[]", max(n, 1))
+        for i, r in enumerate(regions):
+            specs[i].guest_phys_addr = r.guest_phys_addr
+            specs[i].memory_size = r.memory_size
+            specs[i].userspace_addr = r.userspace_addr
+            specs[i].mmap_offset = r.mmap_offset
+        cfds = ffi.new("int[]", list(fds) or [-1])
+        _check("set mem table", lib.vn_dev_set_mem(self._sw, self.index, n, specs, cfds))
+
+    def reset(self) -> None:
+        _check("reset", lib.vn_dev_reset(self._sw, self.index))
+
+    def set_vring_num(self, q: int, num: int) -> None:
+        _check(f"vring {q} num", lib.vn_vq_set_num(self._sw, self.index, q, num))
+
+    def set_vring_addr(self, q: int, desc: int, used: int, avail: int) -> None:
+        _check(f"vring {q} addr", lib.vn_vq_set_addr(self._sw, self.index, q, desc, used, avail))
+
+    def set_vring_base(self, q: int, base: int) -> None:
+        _check(f"vring {q} base", lib.vn_vq_set_base(self._sw, self.index, q, base))
+
+    def get_vring_base(self, q: int) -> int:
+        return _check(f"vring {q} get base", lib.vn_vq_get_base(self._sw, self.index, q))
+
+    def set_vring_kick(self, q: int, fd: Optional[int]) -> None:
+        """Takes ownership of ``fd`` (None: the frontend will not kick; the ring is polled)."""
+        _check(f"vring {q} kick", lib.vn_vq_set_kick(self._sw, self.index, q, -1 if fd is None else fd))
+
+    def set_vring_call(self, q: int, fd: Optional[int]) -> None:
+        """Takes ownership of ``fd``."""
+        _check(f"vring {q} call", lib.vn_vq_set_call(self._sw, self.index, q, -1 if fd is None else fd))
+
+    def vring_started(self, q: int) -> bool:
+        return bool(_check(f"vring {q} started", lib.vn_vq_started(self._sw, self.index, q)))
+
+    def set_vring_enable(self, q: int, enable: bool) -> None:
+        _check(f"vring {q} enable", lib.vn_vq_set_enable(self._sw, self.index, q, 1 if enable else 0))
+
+
+def close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
