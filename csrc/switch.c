@@ -124,7 +124,8 @@ static void vq_init(struct vn_vq *vq)
 {
     memset(vq, 0, sizeof(*vq));
     vq->kickfd = vq->callfd = -1;
-    vq->enabled = 1;
+    /* disabled until SET_VRING_ENABLE, or SET_FEATURES without PROTOCOL_FEATURES */
+    vq->enabled = 0;
 }
 
 static void mac_forget_port(struct vn_switch *sw, int port)

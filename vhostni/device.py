@@ -94,6 +94,7 @@ class VhostUserDevice:
         """Executes one validated request; returns the reply bytes, or None.
         Raises CloseConnection when the connection must be dropped."""
         self.counters.messages += 1
+        log.debug("%s: %s %s", self.name, msg.request.name, msg.body)
         handler = self._HANDLERS.get(msg.request)
         try:
             if handler is None:
@@ -131,11 +132,11 @@ class VhostUserDevice:
             raise _Refused(f"features {f & ~self.features_offered:#x} were not offered")
         self.features = f
         self.port.set_features(f)
-        if f & (1 << proto.VHOST_USER_F_PROTOCOL_FEATURES):
-            # with protocol features, rings start disabled until SET_VRING_ENABLE
+        if not f & (1 << proto.VHOST_USER_F_PROTOCOL_FEATURES):
+            # without protocol features there is no SET_VRING_ENABLE: rings are enabled
+            # (QEMU enables them before SET_FEATURES when it does negotiate them)
             for q in range(2 * MAX_QUEUE_PAIRS):
-                if not self.port.vring_started(q):
-                    self.port.set_vring_enable(q, False)
+                self.port.set_vring_enable(q, True)
 
     def _set_owner(self, msg):
         self.owner = True
@@ -186,9 +187,6 @@ class VhostUserDevice:
         q = self._queue(msg.body.index)
         fd = msg.take_fd()
         self.port.set_vring_kick(q, fd)
-        if not self.features & (1 << proto.VHOST_USER_F_PROTOCOL_FEATURES):
-            # without VHOST_USER_F_PROTOCOL_FEATURES a ring is enabled once it starts
-            self.port.set_vring_enable(q, True)
 
     def _set_vring_call(self, msg):
         self.port.set_vring_call(self._queue(msg.body.index), msg.take_fd())
