@@ -14,6 +14,7 @@ import socket
 import stat
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -107,37 +108,54 @@ def test_virtio_net_hdr():
 # --- the setup sequence, against a recording fake backend -----------------------
 
 class RecordingBackend(threading.Thread):
-    """Answers what must be answered, records every message (request, body, fd kinds)."""
+    """Answers what must be answered, records every message (request, body,
+    need_reply, fstat of each fd) and every ProtocolError.  Serves ``sock``, or
+    the first connection accepted on ``listener``."""
 
-    def __init__(self, sock, features, protocol_features, queue_num=1):
+    def __init__(self, sock, features, protocol_features, queue_num=1, listener=None):
         super().__init__(daemon=True)
-        self.sock, self.features, self.protocol_features = sock, features, protocol_features
-        self.queue_num, self.log, self.negotiated = queue_num, [], 0
+        self.sock, self.listener = sock, listener
+        self.features, self.protocol_features = features, protocol_features
+        self.queue_num, self.log, self.errors, self.negotiated, self.status = queue_num, [], [], 0, 0
 
     def run(self):
         try:
-            while True:
-                data, anc, _, _ = self.sock.recvmsg(vu.HEADER_SIZE, socket.CMSG_SPACE(4 * vu.MAX_FDS))
-                if not data:
-                    return
-                fds = [fd for _, _, payload in anc for fd in memoryview(payload).cast("i")]
-                header = vu.parse_header(data)
-                payload = self.sock.recv(header.size, socket.MSG_WAITALL) if header.size else b""
-                with vu.decode_request(header, payload, fds) as msg:
-                    kinds = [os.fstat(fd) for fd in msg.fds]
-                    self.log.append((msg.request, msg.body, msg.need_reply, kinds))
-                    reply = {Request.GET_FEATURES: vu.U64(self.features),
-                             Request.GET_PROTOCOL_FEATURES: vu.U64(self.protocol_features),
-                             Request.GET_QUEUE_NUM: vu.U64(self.queue_num),
-                             Request.GET_VRING_BASE: vu.VringState(getattr(msg.body, "index", 0), 0)}
-                    if msg.request == Request.SET_PROTOCOL_FEATURES:
-                        self.negotiated = msg.body.value
-                    if msg.request in reply:
-                        self.sock.sendall(vu.encode_reply(msg.request, reply[msg.request]))
-                    elif vu.reply_expected(msg.request, msg.need_reply, self.negotiated):
-                        self.sock.sendall(vu.encode_ack(msg.request, True))
+            if self.listener is not None:
+                self.sock, _ = self.listener.accept()
+            while self._serve_one():
+                pass
         except OSError:
             return
+
+    def _serve_one(self):
+        data, anc, _, _ = self.sock.recvmsg(vu.HEADER_SIZE, socket.CMSG_SPACE(4 * vu.MAX_FDS))
+        if not data:
+            return False
+        fds = [fd for _, _, payload in anc for fd in memoryview(payload).cast("i")]
+        header = vu.parse_header(data)
+        payload = self.sock.recv(header.size, socket.MSG_WAITALL) if header.size else b""
+        try:
+            msg = vu.decode_request(header, payload, fds)
+        except vu.ProtocolError as exc:
+            self.errors.append(exc)
+            vu.close_fds(fds)
+            return True
+        with msg:
+            self.log.append((msg.request, msg.body, msg.need_reply, [os.fstat(fd) for fd in msg.fds]))
+            if msg.request == Request.SET_PROTOCOL_FEATURES:
+                self.negotiated = msg.body.value
+            elif msg.request == Request.SET_STATUS:
+                self.status = msg.body.value
+            reply = {Request.GET_FEATURES: vu.U64(self.features),
+                     Request.GET_PROTOCOL_FEATURES: vu.U64(self.protocol_features),
+                     Request.GET_QUEUE_NUM: vu.U64(self.queue_num),
+                     Request.GET_STATUS: vu.U64(self.status),
+                     Request.GET_VRING_BASE: vu.VringState(getattr(msg.body, "index", 0), 0)}
+            if msg.request in reply:
+                self.sock.sendall(vu.encode_reply(msg.request, reply[msg.request]))
+            elif vu.reply_expected(msg.request, msg.need_reply, self.negotiated):
+                self.sock.sendall(vu.encode_ack(msg.request, True))
+        return True
 
 
 @pytest.fixture
@@ -260,24 +278,35 @@ TESTPMD = shutil.which("dpdk-testpmd")
 @pytest.fixture(scope="module")
 def dpdk_vhost(tmp_path_factory):
     """dpdk-testpmd serving a vhost-user socket, forwarding in macswap mode."""
-    if TESTPMD is None:
-        pytest.skip("dpdk-testpmd is not installed")
     tmp = tmp_path_factory.mktemp("dpdk")
     path = str(tmp / "vhost.sock")
-    log = open(tmp / "testpmd.log", "w")
+    proc = start_testpmd(tmp, "vhost", f"net_vhost0,iface={path}",
+                         ["--forward-mode=macswap", "--port-topology=loop"])
+    yield path
+    stop_testpmd(proc)
+
+
+def start_testpmd(tmp, name, vdev, args=()):
+    """dpdk-testpmd without hugepages or PCI, on two lcores sharing CPU 0, non-interactive."""
+    if TESTPMD is None:
+        pytest.skip("dpdk-testpmd is not installed")
+    log = open(tmp / f"testpmd-{name}.log", "w")
     proc = subprocess.Popen(
         [TESTPMD, "--lcores", "0@0,1@0", "--no-huge", "-m", "1024", "--no-pci",
-         "--file-prefix", f"vdriver{os.getpid()}", "--vdev", f"net_vhost0,iface={path}", "--",
-         "--forward-mode=macswap", "--port-topology=loop", "--stats-period", "3600"],
+         "--file-prefix", f"vdriver{os.getpid()}{name}", "--vdev", vdev, "--",
+         "--stats-period", "3600", *args],
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    yield path
-    proc.send_signal(signal.SIGINT)
+    log.close()
+    return proc
+
+
+def stop_testpmd(proc):
+    proc.send_signal(signal.SIGINT)   # testpmd stops its ports (GET_VRING_BASE...) and exits
     try:
-        proc.wait(10)
+        proc.wait(15)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    log.close()
 
 
 @pytest.fixture
@@ -381,3 +410,75 @@ def test_dpdk_interrupts_arrive_without_polling(dpdk_driver):
     drv.post_rx_buffers(4)
     drv.send_frame(frame)
     assert [f for _, f in drv.recv_frames(timeout=5, poll=None)] == [swapped(frame)]
+
+
+@pytestmark_dpdk
+def test_dpdk_virtio_user_messages_all_decode(tmp_path):
+    """The codec against an independent *front-end*: DPDK's virtio-user sets up a
+    device on a recording backend; every message it sends must decode."""
+    path = str(tmp_path / "vu.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    offered = int(vu.ProtocolFeature.MQ | vu.ProtocolFeature.REPLY_ACK | vu.ProtocolFeature.STATUS)
+    backend = RecordingBackend(None, DEFAULT_FEATURES, offered, listener=listener)
+    backend.start()
+    proc = start_testpmd(tmp_path, "vuser", f"net_virtio_user0,path={path},queues=1")
+    try:
+        deadline = time.monotonic() + 30
+        while Request.SET_VRING_ENABLE not in [r for r, *_ in backend.log] and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop_testpmd(proc)
+        backend.join(5)
+        listener.close()
+    assert backend.errors == []
+    seen = {r for r, *_ in backend.log}
+    assert {Request.SET_MEM_TABLE, Request.SET_VRING_ADDR, Request.SET_VRING_KICK, Request.SET_VRING_CALL,
+            Request.SET_VRING_ENABLE, Request.GET_VRING_BASE} <= seen
+    tables = [body for r, body, *_ in backend.log if r == Request.SET_MEM_TABLE]
+    assert all(len(t.regions) >= 1 for t in tables)
+
+
+@pytestmark_dpdk
+def test_dpdk_reconnect_after_the_backend_dies(tmp_path):
+    """QEMU's reconnect: the backend is killed and restarted; the same rings go on."""
+    path = str(tmp_path / "vhost.sock")
+    args = ["--forward-mode=macswap", "--port-topology=loop"]
+    proc = start_testpmd(tmp_path, "first", f"net_vhost0,iface={path}", args)
+    drv = VirtioNetDriver.connect(path, timeout=30)
+    try:
+        _echo(drv, [ether(A_MAC, B_MAC, b"before" * 10)])
+        proc.kill()
+        proc.wait()
+        assert drv.frontend.peer_closed(5)
+        os.unlink(path)
+        proc = start_testpmd(tmp_path, "second", f"net_vhost0,iface={path}", args)
+        drv.reconnect(path, timeout=30)
+        _echo(drv, [ether(A_MAC, B_MAC, b"after" * 10)])
+        assert drv.stop() == [2, 2]
+    finally:
+        drv.close(graceful=False)
+        stop_testpmd(proc)
+
+
+def test_from_socket_and_reconnect_over_socketpairs():
+    first, backend_end = socket.socketpair()
+    backend = RecordingBackend(backend_end, DEFAULT_FEATURES, int(vu.ProtocolFeature.REPLY_ACK))
+    backend.start()
+    drv = VirtioNetDriver.from_socket(first)
+    try:
+        q = drv.queues[1]
+        drv.send_frame(ether(A_MAC, B_MAC, bytes(60)), kick=False)
+        backend_end.close()
+        second, backend_end2 = socket.socketpair()
+        backend2 = RecordingBackend(backend_end2, DEFAULT_FEATURES, int(vu.ProtocolFeature.REPLY_ACK))
+        backend2.start()
+        drv.reconnect(sock=second)
+        drv.get_vring_base(0)
+        bases = [body for r, body, *_ in backend2.log if r == Request.SET_VRING_BASE]
+        assert bases == [vu.VringState(0, 0), vu.VringState(1, 0)]   # = used idx, not avail idx
+        assert q.avail_idx == 1 and os.eventfd_read(q.kick_fd) == 1   # kicked after reconnecting
+    finally:
+        drv.close()
+        backend_end2.close()

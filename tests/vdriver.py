@@ -524,6 +524,24 @@ class VhostUserFrontend:
                     raise
                 time.sleep(0.02)
 
+    @classmethod
+    def accept(cls, path: str, timeout: float = 5.0) -> "VhostUserFrontend":
+        """Listen at ``path`` and take the first backend that connects (QEMU's
+        ``server=on``: the backend is the client)."""
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(path)
+            listener.listen(1)
+            listener.settimeout(timeout)
+            sock, _ = listener.accept()
+        finally:
+            listener.close()
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        return cls(sock, timeout)
+
     def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Send bytes (with fds as SCM_RIGHTS on the first byte) exactly as given."""
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))] if fds else []
@@ -626,7 +644,18 @@ class VirtioNetDriver:
     @classmethod
     def connect(cls, path: str, *, timeout: float = 5.0, setup: bool = True, **kwargs) -> "VirtioNetDriver":
         """Connect to the backend listening at ``path`` and (by default) set it up."""
-        drv = cls(VhostUserFrontend.connect(path, timeout), **kwargs)
+        return cls.over(VhostUserFrontend.connect(path, timeout), setup=setup, **kwargs)
+
+    @classmethod
+    def from_socket(cls, sock: socket.socket, *, timeout: float = 5.0, setup: bool = True,
+                    **kwargs) -> "VirtioNetDriver":
+        """Drive a backend over an already connected socket (e.g. one end of a
+        socketpair whose other end an in-process backend serves)."""
+        return cls.over(VhostUserFrontend(sock, timeout), setup=setup, **kwargs)
+
+    @classmethod
+    def over(cls, frontend: VhostUserFrontend, *, setup: bool = True, **kwargs) -> "VirtioNetDriver":
+        drv = cls(frontend, **kwargs)
         if setup:
             try:
                 drv.setup()
@@ -651,6 +680,17 @@ class VirtioNetDriver:
     def setup(self) -> None:
         """GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_OWNER, SET_FEATURES,
         SET_MEM_TABLE, then per ring SET_VRING_NUM/BASE/ADDR/KICK/CALL, then SET_VRING_ENABLE."""
+        self.negotiate()
+        event_idx = self.has(vu.VIRTIO_RING_F_EVENT_IDX)
+        for i in range(2 * self.queue_pairs):
+            desc, avail, used = self.ring_addrs.get(i, (None, None, None))
+            self.queues.append(Virtqueue(self.mem, i, self.queue_size, event_idx=event_idx,
+                                         desc=desc, avail=avail, used=used))
+        self.arena = Arena(self.mem.free_extents())
+        self.start_queues()
+
+    def negotiate(self) -> None:
+        """The first half of setup: features, protocol features, owner, memory table."""
         fe = self.frontend
         self.device_features = fe.call(Request.GET_FEATURES).value
         if (self.device_features & self.wanted_features) >> vu.VHOST_USER_F_PROTOCOL_FEATURES & 1:
@@ -667,17 +707,28 @@ class VirtioNetDriver:
         reply_ack = bool(fe.protocol_features & vu.ProtocolFeature.REPLY_ACK)
         fe.call(Request.SET_MEM_TABLE, self.mem.table(), need_reply=reply_ack)
 
-        event_idx = self.has(vu.VIRTIO_RING_F_EVENT_IDX)
-        for i in range(2 * self.queue_pairs):
-            desc, avail, used = self.ring_addrs.get(i, (None, None, None))
-            self.queues.append(Virtqueue(self.mem, i, self.queue_size, event_idx=event_idx,
-                                         desc=desc, avail=avail, used=used))
-        self.arena = Arena(self.mem.free_extents())
-        for q in self.queues:
-            self.start_queue(q)
+    def start_queues(self, bases: Optional[Sequence[int]] = None) -> None:
+        """The second half: each ring's NUM/BASE/ADDR/KICK/CALL, then enable them all."""
+        for q, base in zip(self.queues, bases or [0] * len(self.queues)):
+            self.start_queue(q, base)
         if self.has(vu.VHOST_USER_F_PROTOCOL_FEATURES):
             for q in self.queues:
-                fe.call(Request.SET_VRING_ENABLE, vu.VringState(q.index, 1), need_reply=self._ack())
+                self.set_vring_enable(q.index, True)
+
+    def reconnect(self, path: Optional[str] = None, *, sock: Optional[socket.socket] = None,
+                  timeout: float = 5.0, kick: bool = True) -> None:
+        """What QEMU (``reconnect=N``) does when a backend comes back after dying: a
+        new connection, the same guest memory and rings, and each ring's base set
+        to its *used* index, so buffers the dead backend took but never used are
+        offered again.  Then (if ``kick``) kick every ring."""
+        self.frontend.close()
+        self.frontend = VhostUserFrontend(sock, timeout) if sock is not None \
+            else VhostUserFrontend.connect(path, timeout)
+        self.negotiate()
+        self.start_queues([q.used_idx() for q in self.queues])
+        if kick:
+            for q in self.queues:
+                q.kick(force=True)
 
     def start_queue(self, q: Virtqueue, base: int = 0) -> None:
         fe, ack = self.frontend, self._ack()
