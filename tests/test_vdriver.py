@@ -482,3 +482,32 @@ def test_from_socket_and_reconnect_over_socketpairs():
     finally:
         drv.close()
         backend_end2.close()
+
+
+def test_hostile_hooks(fake_backend):
+    drv, backend = fake_backend()
+    fe, q = drv.frontend, drv.queues[1]
+    # Malformed messages: wrong size, extra fds, unknown request.  The codec-based
+    # backend must see each as a ProtocolError (and close the fds it got).
+    r, w = os.pipe()
+    try:
+        fe.send_raw(vu.Header(Request.SET_VRING_NUM, vu.VERSION, 4).pack() + bytes(4))
+        fe.send(Request.SET_FEATURES, vu.U64(0), fds=[r, w])
+        fe.send(999, vu.Raw(b"junk"))
+        drv.get_vring_base(0)            # answered: everything before was processed
+    finally:
+        vu.close_fds([r, w])
+    assert [e.request for e in backend.errors] == [Request.SET_VRING_NUM, Request.SET_FEATURES, 999]
+    # A descriptor loop, a huge length, an indirect table of odd size, an avail idx
+    # that jumps past the ring size: the hooks write exactly what they are told.
+    q.write_desc(0, 0x1000, 0xFFFFFFFF, VIRTQ_DESC_F_NEXT, 1)
+    q.write_desc(1, 0x2000, 64, VIRTQ_DESC_F_NEXT, 0)
+    q.write_desc(2, drv.arena.alloc(40), 40, VIRTQ_DESC_F_INDIRECT)
+    assert q.read_desc(0) == (0x1000, 0xFFFFFFFF, VIRTQ_DESC_F_NEXT, 1)
+    assert q.read_desc(2)[1:3] == (40, VIRTQ_DESC_F_INDIRECT)
+    q.put_avail([0, 2, 300])
+    assert [drv.mem.read_u16(q.avail + 4 + 2 * i) for i in range(3)] == [0, 2, 300]
+    q.set_avail_idx(q.size + 5)
+    assert drv.mem.read_u16(q.avail + 2) == q.size + 5
+    assert q.kick(force=True)
+    assert not fe.peer_closed()
