@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -22,7 +23,7 @@
 /* frames one ring or TAP may forward before the loop moves on to others (fairness) */
 #define VN_BUDGET 256
 
-static uint64_t now_ns(void)
+uint64_t vn_now_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -67,18 +68,24 @@ struct vn_switch *vn_switch_new(void)
     if (!sw)
         return NULL;
     sw->epfd = epoll_create1(EPOLL_CLOEXEC);
+    sw->punt_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     sw->wake_fd = -1;
     /* the packet buffer: untouched pages cost nothing */
-    size_t blen = sizeof(struct vn_pkt) * (VN_BATCH + 1);
+    size_t blen = sizeof(struct vn_pkt) * (VN_BATCH + 2);
     void *b = mmap(NULL, blen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (sw->epfd < 0 || b == MAP_FAILED) {
+    if (sw->epfd < 0 || sw->punt_fd < 0 || b == MAP_FAILED) {
         if (sw->epfd >= 0)
             close(sw->epfd);
+        if (sw->punt_fd >= 0)
+            close(sw->punt_fd);
+        if (b != MAP_FAILED)
+            munmap(b, blen);
         free(sw);
         return NULL;
     }
     sw->batch = b;
     sw->seg = &sw->batch[VN_BATCH];
+    sw->rel = &sw->batch[VN_BATCH + 1];
     return sw;
 }
 
@@ -193,6 +200,8 @@ int vn_port_remove(struct vn_switch *sw, int port)
     vn_mem_unmap(&p->mem);
     backlog_clear(p);
     mac_forget_port(sw, port);
+    vn_held_release_port(sw, port, 0);
+    free(p->pol);
     memset(p, 0, sizeof(*p));
     return VN_OK;
 }
@@ -204,8 +213,10 @@ void vn_switch_free(struct vn_switch *sw)
     for (int i = 0; i < VN_MAX_PORTS; i++)
         if (sw->ports[i].kind)
             vn_port_remove(sw, i);
-    munmap(sw->batch, sizeof(struct vn_pkt) * (VN_BATCH + 1));
+    vn_held_free_all(sw);
+    munmap(sw->batch, sizeof(struct vn_pkt) * (VN_BATCH + 2));
     close(sw->epfd);
+    close(sw->punt_fd);
     free(sw);
 }
 
@@ -646,6 +657,40 @@ static void deliver_final(struct vn_switch *sw, int port, struct vn_pkt *pkt)
     backlog_push(p, pkt);
 }
 
+/* Egress: the destination NI's policy, then delivery. */
+static void deliver_policy(struct vn_switch *sw, int port, struct vn_pkt *pkt)
+{
+    if (sw->ports[port].pol && vn_policy_apply(sw, port, VN_DIR_TO_GUEST, port, pkt))
+        return;
+    deliver(sw, port, pkt);
+}
+
+void vn_deliver_nopolicy(struct vn_switch *sw, int port, struct vn_pkt *pkt)
+{
+    deliver(sw, port, pkt);
+}
+
+/* Switching proper: learn the source, find the destination (or flood), deliver. */
+void vn_forward_switch(struct vn_switch *sw, int in, struct vn_pkt *pkt)
+{
+    struct vn_port *src = &sw->ports[in];
+    mac_learn(sw, pkt->data + 6, in);
+    const uint8_t *dst = pkt->data;
+    int out = (dst[0] & 1) ? -1 : mac_lookup(sw, dst);
+    if (out == in)
+        return;   /* the destination sits behind the port it came from */
+    if (out >= 0 && sw->ports[out].kind) {
+        deliver_policy(sw, out, pkt);
+        return;
+    }
+    if (!(dst[0] & 1))
+        src->st.unknown_unicast++;
+    for (int i = 0; i < VN_MAX_PORTS; i++)
+        if (i != in && sw->ports[i].kind)
+            deliver_policy(sw, i, pkt);
+}
+
+/* Ingress: validate, count, apply the source NI's policy, switch. */
 static void forward(struct vn_switch *sw, int in, struct vn_pkt *pkt)
 {
     struct vn_port *src = &sw->ports[in];
@@ -660,23 +705,12 @@ static void forward(struct vn_switch *sw, int in, struct vn_pkt *pkt)
     pkt->hdr.flags &= VIRTIO_NET_HDR_F_NEEDS_CSUM;   /* DATA_VALID is not a sender's claim */
     src->st.in_frames++;
     src->st.in_bytes += pkt->len;
-    mac_learn(sw, pkt->data + 6, in);
-    const uint8_t *dst = pkt->data;
-    int out = (dst[0] & 1) ? -1 : mac_lookup(sw, dst);
-    if (out == in)
-        return;   /* the destination sits behind the port it came from */
-    if (out >= 0 && sw->ports[out].kind) {
-        deliver(sw, out, pkt);
+    if (src->pol && vn_policy_apply(sw, in, VN_DIR_FROM_GUEST, -1, pkt))
         return;
-    }
-    if (!(dst[0] & 1))
-        src->st.unknown_unicast++;
-    for (int i = 0; i < VN_MAX_PORTS; i++)
-        if (i != in && sw->ports[i].kind)
-            deliver(sw, i, pkt);
+    vn_forward_switch(sw, in, pkt);
 }
 
-static void signal_all(struct vn_switch *sw)
+void vn_signal_all(struct vn_switch *sw)
 {
     for (int i = 0; i < VN_MAX_PORTS; i++) {
         struct vn_port *p = &sw->ports[i];
@@ -718,7 +752,7 @@ static int service_tx(struct vn_switch *sw, int port, struct vn_vq *vq, int poll
         for (unsigned i = 0; i < n; i++)
             forward(sw, port, &sw->batch[i]);
         done += n;
-        signal_all(sw);
+        vn_signal_all(sw);
         if (p->broken) {
             vq->active = 0;
             return done;
@@ -773,7 +807,7 @@ static int service_tap(struct vn_switch *sw, int port)
         for (unsigned i = 0; i < n; i++)
             forward(sw, port, &sw->batch[i]);
         done += n;
-        signal_all(sw);
+        vn_signal_all(sw);
         if (n < VN_BATCH) {
             p->tap_readable = 0;
             return done;
@@ -789,7 +823,7 @@ static int service_pass(struct vn_switch *sw, int poll_mode, int *busy)
 {
     int total = 0;
     *busy = 0;
-    sw->now_ns = now_ns();
+    sw->now_ns = vn_now_ns();
     for (int i = 0; i < VN_MAX_PORTS; i++) {
         struct vn_port *p = &sw->ports[i];
         if (p->kind == VN_PORT_TAP) {
@@ -802,7 +836,7 @@ static int service_pass(struct vn_switch *sw, int poll_mode, int *busy)
             continue;
         if (p->bl_count) {
             backlog_flush(sw, p);
-            signal_all(sw);
+            vn_signal_all(sw);
         }
         for (unsigned q = 1; q < VN_MAX_QUEUES; q += 2) {
             struct vn_vq *vq = &p->vq[q];
@@ -836,9 +870,9 @@ int vn_port_inject_from(struct vn_switch *sw, int port, const uint8_t *frame, un
     memset(&pkt->hdr, 0, sizeof(pkt->hdr));
     memcpy(pkt->data, frame, len);
     pkt->len = len;
-    sw->now_ns = now_ns();
+    sw->now_ns = vn_now_ns();
     forward(sw, port, pkt);
-    signal_all(sw);
+    vn_signal_all(sw);
     return VN_OK;
 }
 
@@ -851,12 +885,12 @@ static void drain_eventfd(int fd)
 
 int vn_switch_run(struct vn_switch *sw, int timeout_ms, int poll_mode)
 {
-    uint64_t deadline = timeout_ms < 0 ? UINT64_MAX : now_ns() + (uint64_t)timeout_ms * 1000000ULL;
+    uint64_t deadline = timeout_ms < 0 ? UINT64_MAX : vn_now_ns() + (uint64_t)timeout_ms * 1000000ULL;
     struct epoll_event evs[64];
     int busy = 1;
     for (;;) {
         int wait_ms;
-        uint64_t t = now_ns();
+        uint64_t t = vn_now_ns();
         if (t >= deadline)
             return VN_RUN_TIMEOUT;
         if (busy || poll_mode)

@@ -86,6 +86,15 @@ struct vn_port_stats {
     uint64_t csum_completed;     /* partial checksums completed for this port */
     uint64_t backlog_max;        /* deepest RX backlog seen */
     uint64_t unknown_unicast;    /* frames from this port flooded for an unknown MAC */
+    uint64_t drop_spoofed;       /* from the guest with a MAC or address not its own */
+    uint64_t drop_prevented;     /* matched a prevent rule */
+    uint64_t held;               /* held for scanner decisions */
+    uint64_t held_passed;
+    uint64_t held_cut;
+    uint64_t held_over_cap;      /* past the held-frames memcap: exception policy applied */
+    uint64_t punted_copies;      /* copies for read-only subscriptions */
+    uint64_t punt_queue_full;    /* read-only copies lost because the kernel lagged */
+    uint64_t injected;           /* pre-registered frames sent by the kernel */
 };
 
 struct vn_switch;
@@ -132,6 +141,90 @@ int vn_switch_set_wake_fd(struct vn_switch *sw, int fd);
 int vn_switch_run(struct vn_switch *sw, int timeout_ms, int poll_mode);
 /* One non-blocking pass over all ports (tests). Returns frames forwarded. */
 int vn_switch_service(struct vn_switch *sw);
+/* ---- NI policy: anti-spoofing, prevent rules, subscriptions (the NI kernel's hooks) ---- */
+#define VN_DIR_FROM_GUEST 1
+#define VN_DIR_TO_GUEST 2
+#define VN_MAX_TERMS 8
+#define VN_TERM_BYTES 16
+#define VN_MAX_RULES 256
+#define VN_MAX_SUBS 64
+#define VN_MAX_ADDRS 32
+
+/* A raw term: frame[offset .. offset+len) & mask == value & mask. */
+struct vn_term {
+    uint16_t offset;
+    uint8_t len;
+    uint8_t value[VN_TERM_BYTES];
+    uint8_t mask[VN_TERM_BYTES];
+};
+
+/* What a prevent rule or a subscription matches.  Every field left at its "any" value
+ * matches everything.  L4 fields of a frame whose L4 header cannot be seen (a non-first
+ * IP fragment) count as matching, so a rule cannot be dodged by fragmenting. */
+struct vn_match {
+    uint8_t dirs;              /* VN_DIR_* bits; 0: both */
+    uint16_t ethertype;        /* 0: any (VLAN tag skipped) */
+    int16_t proto;             /* IP protocol, -1: any */
+    uint8_t src_family;        /* 0: any, 4, 6 */
+    uint8_t src_plen;
+    uint8_t src[16];
+    uint8_t dst_family;
+    uint8_t dst_plen;
+    uint8_t dst[16];
+    uint16_t sport_lo, sport_hi;   /* 0..65535: any */
+    uint16_t dport_lo, dport_hi;
+    uint8_t tcp_flags_mask, tcp_flags_value;
+    uint8_t nterms;
+    struct vn_term terms[VN_MAX_TERMS];
+};
+
+struct vn_addr {
+    uint8_t family;            /* 4 or 6 */
+    uint8_t plen;
+    uint8_t addr[16];
+};
+
+struct vn_policy {
+    int anti_spoof;            /* frames from the guest must carry its MAC and addresses */
+    int mac_set;
+    uint8_t mac[6];
+    unsigned naddrs;
+    struct vn_addr addrs[VN_MAX_ADDRS];
+    unsigned nrules;           /* prevent rules: a frame that matches one is dropped */
+    struct vn_match rules[VN_MAX_RULES];
+    unsigned nsubs;            /* subscriptions of the NI kernel's scanners */
+    struct vn_match subs[VN_MAX_SUBS];
+    uint8_t sub_contain[VN_MAX_SUBS];
+    uint64_t held_bytes_max;   /* memcap of frames held for decisions on this port */
+    unsigned held_frames_max;
+    int over_cap_pass;         /* exception policy past the memcap: 0 drop (fail closed), 1 pass */
+};
+
+/* A frame handed to the NI kernel because subscriptions matched it. */
+struct vn_punt {
+    uint64_t id;               /* held frame id; 0 if only read subscriptions matched */
+    int port;                  /* the NI whose policy matched */
+    int dir;                   /* VN_DIR_* seen from that NI's guest */
+    uint64_t subs;             /* bit i: subscription i matched */
+    uint64_t contain;          /* the matching subscriptions with contain rights */
+    uint64_t time_ns;          /* CLOCK_REALTIME when the NI took it */
+    uint32_t len;
+    const uint8_t *data;       /* valid until the next vn_punt_next() */
+};
+
+/* Replaces the port's policy (frames already held keep their place). */
+int vn_port_set_policy(struct vn_switch *sw, int port, const struct vn_policy *pol);
+int vn_port_clear_policy(struct vn_switch *sw, int port);
+/* eventfd that is readable while punted frames wait; put it in the wake epoll set. */
+int vn_punt_fd(struct vn_switch *sw);
+/* 1: *out filled; 0: queue empty. */
+int vn_punt_next(struct vn_switch *sw, struct vn_punt *out);
+/* Decides a held frame: pass (1) sends it on its way, 0 drops it.  VN_ENOPORT if unknown. */
+int vn_held_release(struct vn_switch *sw, uint64_t id, int pass);
+/* Decides every frame held on a port (policy removed, NI gone). Returns how many. */
+int vn_held_release_port(struct vn_switch *sw, int port, int pass);
+/* Sends a frame (pre-registered by the kernel) to the guest of `port` or from it. */
+int vn_port_inject(struct vn_switch *sw, int port, int dir, const uint8_t *frame, unsigned len);
 /* VN_CDEF_END */
 
 #endif

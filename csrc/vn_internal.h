@@ -149,6 +149,10 @@ struct vn_port {
     int tap_readable;
     uint8_t mac[6];
     int mac_set;
+    /* NI policy (NULL: none) and what it holds */
+    struct vn_policy *pol;
+    uint64_t held_bytes;
+    unsigned held_frames;
 };
 
 #define VN_MAC_TABLE 4096         /* power of two */
@@ -163,6 +167,34 @@ struct vn_mac_entry {
 
 #define VN_MAX_IOV 4096
 
+/* Parsed view of a frame's headers, filled once per frame. */
+struct vn_hdrs {
+    uint16_t ethertype;
+    int family;                /* 0, 4, 6 */
+    const uint8_t *src, *dst;  /* IP addresses inside the frame */
+    int proto;                 /* -1: none */
+    int l4_known;              /* L4 header present (not a non-first fragment) */
+    uint16_t sport, dport;
+    uint8_t tcp_flags;
+    int l4_off;
+};
+
+/* A frame held for (or copied to) the NI kernel. */
+struct vn_held {
+    uint64_t id;
+    struct vn_held *hnext;     /* hash chain */
+    int port;                  /* NI whose policy matched */
+    int dir;
+    int egress_to;             /* -1: held at ingress from `port`; else deliver to this port */
+    uint64_t subs, contain, time_ns;
+    uint32_t len;
+    struct vn_net_hdr hdr;
+    uint8_t data[];
+};
+
+#define VN_HELD_HASH 4096
+#define VN_PUNT_QUEUE 4096
+
 struct vn_switch {
     struct vn_port ports[VN_MAX_PORTS];
     struct vn_mac_entry macs[VN_MAC_TABLE];
@@ -173,6 +205,14 @@ struct vn_switch {
     struct vn_pkt *seg;           /* scratch for one GSO segment */
     struct vn_iov iov[VN_MAX_IOV];
     struct vn_iov iov_first[64];  /* first RX buffer's pieces, for num_buffers */
+    struct vn_pkt *rel;           /* scratch for a released held frame */
+    /* NI kernel hand-off */
+    int punt_fd;
+    uint64_t next_held_id;
+    struct vn_held *held_hash[VN_HELD_HASH];
+    struct vn_held *punt_q[VN_PUNT_QUEUE];
+    unsigned punt_head, punt_count;
+    struct vn_held *punt_last;    /* handed out by vn_punt_next; freed on the next call if a copy */
 };
 
 /* mem.c */
@@ -198,6 +238,20 @@ int vn_vq_pop_tx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, stru
 int vn_vq_push_rx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq,
                   const struct vn_net_hdr *hdr, const uint8_t *data, uint32_t len);
 void vn_port_break(struct vn_port *p, int reason);
+
+/* policy.c */
+void vn_parse(const struct vn_pkt *pkt, struct vn_hdrs *h);
+int vn_match_frame(const struct vn_match *m, int dir, const struct vn_pkt *pkt, const struct vn_hdrs *h);
+int vn_spoofed(const struct vn_policy *pol, const struct vn_pkt *pkt, const struct vn_hdrs *h);
+/* 1: frame held or dropped (caller stops), 0: continue forwarding. */
+int vn_policy_apply(struct vn_switch *sw, int port, int dir, int egress_to, struct vn_pkt *pkt);
+void vn_held_free_all(struct vn_switch *sw);
+
+/* switch.c, for policy.c */
+void vn_forward_switch(struct vn_switch *sw, int in, struct vn_pkt *pkt);
+void vn_deliver_nopolicy(struct vn_switch *sw, int port, struct vn_pkt *pkt);
+void vn_signal_all(struct vn_switch *sw);
+uint64_t vn_now_ns(void);
 
 /* offload.c */
 int vn_csum_complete(struct vn_pkt *pkt);

@@ -1,0 +1,514 @@
+/*
+ * The NI kernel's hooks in the fast path: anti-spoofing, prevent rules (a header
+ * firewall), and subscriptions that hold frames for scanner decisions or copy them to
+ * read-only scanners.  Frames that match nothing never leave C.
+ *
+ * Held frames are copied once out of the batch buffer into a record that the NI kernel
+ * (Python) sees through the punt queue; it later releases each by id with pass or cut.
+ * Every port's held frames are bounded by bytes and count (memcap); past it the port's
+ * exception policy applies, fail-closed (drop) unless the administrator said otherwise.
+ */
+#define _GNU_SOURCE
+#include <stdlib.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+#include "vn_internal.h"
+
+static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+
+void vn_parse(const struct vn_pkt *pkt, struct vn_hdrs *h)
+{
+    const uint8_t *d = pkt->data;
+    uint32_t len = pkt->len;
+    memset(h, 0, sizeof(*h));
+    h->proto = -1;
+    if (len < 14)
+        return;
+    uint32_t off = 14;
+    uint16_t et = rd16(d + 12);
+    if (et == 0x8100 || et == 0x88a8) {
+        if (len < 18)
+            return;
+        et = rd16(d + 16);
+        off = 18;
+    }
+    h->ethertype = et;
+    int frag_later = 0;
+    if (et == 0x0800) {
+        if (len < off + 20 || (d[off] >> 4) != 4)
+            return;
+        unsigned ihl = (d[off] & 15) * 4u;
+        if (ihl < 20 || len < off + ihl)
+            return;
+        h->family = 4;
+        h->src = d + off + 12;
+        h->dst = d + off + 16;
+        h->proto = d[off + 9];
+        frag_later = (rd16(d + off + 6) & 0x1fff) != 0;
+        off += ihl;
+    } else if (et == 0x86dd) {
+        if (len < off + 40 || (d[off] >> 4) != 6)
+            return;
+        h->family = 6;
+        h->src = d + off + 8;
+        h->dst = d + off + 24;
+        int nh = d[off + 6];
+        off += 40;
+        /* walk the extension headers a rule could be hidden behind (bounded) */
+        for (int i = 0; i < 8; i++) {
+            if (nh == 0 || nh == 43 || nh == 60) {
+                if (len < off + 8)
+                    return;
+                nh = d[off];
+                off += (d[off + 1] + 1u) * 8;
+            } else if (nh == 44) {
+                if (len < off + 8)
+                    return;
+                frag_later = (rd16(d + off + 2) & 0xfff8) != 0;
+                nh = d[off];
+                off += 8;
+            } else {
+                break;
+            }
+        }
+        h->proto = nh;
+    } else {
+        return;
+    }
+    if (frag_later)
+        return;   /* no L4 header in this fragment */
+    if (h->proto == 6) {
+        if (len < off + 20)
+            return;
+        h->tcp_flags = d[off + 13];
+    } else if (h->proto == 17 || h->proto == 132) {
+        if (len < off + 8)
+            return;
+    } else {
+        h->l4_known = 1;
+        h->l4_off = (int)off;
+        return;
+    }
+    h->sport = rd16(d + off);
+    h->dport = rd16(d + off + 2);
+    h->l4_known = 1;
+    h->l4_off = (int)off;
+}
+
+static int prefix_match(const uint8_t *addr, const uint8_t *pfx, unsigned plen)
+{
+    unsigned full = plen / 8, rest = plen % 8;
+    if (memcmp(addr, pfx, full))
+        return 0;
+    if (rest) {
+        uint8_t m = (uint8_t)(0xff << (8 - rest));
+        if ((addr[full] & m) != (pfx[full] & m))
+            return 0;
+    }
+    return 1;
+}
+
+static int addr_match(int fam, uint8_t plen, const uint8_t *pfx, const struct vn_hdrs *h,
+                      const uint8_t *addr)
+{
+    if (!fam)
+        return 1;
+    if (h->family != fam)
+        return 0;
+    return prefix_match(addr, pfx, plen > (fam == 4 ? 32 : 128) ? (fam == 4 ? 32 : 128) : plen);
+}
+
+int vn_match_frame(const struct vn_match *m, int dir, const struct vn_pkt *pkt,
+                   const struct vn_hdrs *h)
+{
+    if (m->dirs && !(m->dirs & dir))
+        return 0;
+    if (m->ethertype && m->ethertype != h->ethertype)
+        return 0;
+    if (m->proto >= 0 && (h->family == 0 || h->proto != m->proto))
+        return 0;
+    if (!addr_match(m->src_family, m->src_plen, m->src, h, h->src))
+        return 0;
+    if (!addr_match(m->dst_family, m->dst_plen, m->dst, h, h->dst))
+        return 0;
+    int ports = m->sport_lo > 0 || m->sport_hi < 0xffff || m->dport_lo > 0 || m->dport_hi < 0xffff;
+    if (ports || m->tcp_flags_mask) {
+        if (h->family == 0)
+            return 0;
+        if (ports && h->proto != 6 && h->proto != 17 && h->proto != 132)
+            return 0;
+        if (m->tcp_flags_mask && h->proto != 6)
+            return 0;
+        if (h->l4_known) {
+            if (h->sport < m->sport_lo || h->sport > m->sport_hi ||
+                h->dport < m->dport_lo || h->dport > m->dport_hi)
+                return 0;
+            if ((h->tcp_flags & m->tcp_flags_mask) != m->tcp_flags_value)
+                return 0;
+        }
+        /* L4 unknown (later fragment): counts as a match, see vhostni.h */
+    }
+    for (unsigned i = 0; i < m->nterms && i < VN_MAX_TERMS; i++) {
+        const struct vn_term *t = &m->terms[i];
+        unsigned tl = t->len > VN_TERM_BYTES ? VN_TERM_BYTES : t->len;
+        if ((uint32_t)t->offset + tl > pkt->len)
+            return 0;
+        for (unsigned k = 0; k < tl; k++)
+            if ((pkt->data[t->offset + k] & t->mask[k]) != (t->value[k] & t->mask[k]))
+                return 0;
+    }
+    return 1;
+}
+
+static int addr_allowed(const struct vn_policy *pol, int fam, const uint8_t *a)
+{
+    for (unsigned i = 0; i < pol->naddrs && i < VN_MAX_ADDRS; i++) {
+        const struct vn_addr *x = &pol->addrs[i];
+        if (x->family == fam &&
+            prefix_match(a, x->addr, x->plen > (fam == 4 ? 32 : 128) ? (fam == 4 ? 32 : 128) : x->plen))
+            return 1;
+    }
+    return 0;
+}
+
+static const uint8_t zero16[16];
+
+/* 1 if a frame from the guest claims a MAC or an address the policy did not give it. */
+int vn_spoofed(const struct vn_policy *pol, const struct vn_pkt *pkt, const struct vn_hdrs *h)
+{
+    if (!pol->anti_spoof)
+        return 0;
+    const uint8_t *d = pkt->data;
+    if (pol->mac_set && memcmp(d + 6, pol->mac, 6))
+        return 1;
+    if (h->ethertype == 0x0806) {
+        unsigned off = (rd16(d + 12) == 0x8100 || rd16(d + 12) == 0x88a8) ? 18 : 14;
+        if (pkt->len < off + 28)
+            return 1;   /* a truncated ARP packet has no business leaving the guest */
+        const uint8_t *a = d + off;
+        if (rd16(a) != 1 || rd16(a + 2) != 0x0800 || a[4] != 6 || a[5] != 4)
+            return 0;   /* not Ethernet/IPv4 ARP: nothing to check */
+        if (pol->mac_set && memcmp(a + 8, pol->mac, 6))
+            return 1;
+        if (pol->naddrs && memcmp(a + 14, zero16, 4) && !addr_allowed(pol, 4, a + 14))
+            return 1;
+        return 0;
+    }
+    if (!pol->naddrs || !h->family)
+        return 0;
+    if (h->family == 4) {
+        /* DHCP discovery comes from 0.0.0.0 */
+        if (!memcmp(h->src, zero16, 4) && h->proto == 17 && h->l4_known && h->sport == 68 &&
+            h->dport == 67)
+            return 0;
+        return !addr_allowed(pol, 4, h->src);
+    }
+    if (!memcmp(h->src, zero16, 16))
+        return 0;   /* duplicate address detection */
+    return !addr_allowed(pol, 6, h->src);
+}
+
+/* ---- held frames and the punt queue ---- */
+
+static uint64_t realtime_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + ts.tv_nsec;
+}
+
+static void punt_signal(struct vn_switch *sw)
+{
+    uint64_t one = 1;
+    if (sw->punt_fd >= 0 && write(sw->punt_fd, &one, sizeof(one)) < 0) {
+        /* an eventfd write only fails at 2^64-1 pending: impossible here */
+    }
+}
+
+static struct vn_held *held_take(struct vn_switch *sw, uint64_t id)
+{
+    struct vn_held **pp = &sw->held_hash[id % VN_HELD_HASH];
+    for (; *pp; pp = &(*pp)->hnext) {
+        if ((*pp)->id == id) {
+            struct vn_held *h = *pp;
+            *pp = h->hnext;
+            h->hnext = NULL;
+            return h;
+        }
+    }
+    return NULL;
+}
+
+static int punt_push(struct vn_switch *sw, struct vn_held *r)
+{
+    if (sw->punt_count >= VN_PUNT_QUEUE)
+        return -1;
+    sw->punt_q[(sw->punt_head + sw->punt_count) % VN_PUNT_QUEUE] = r;
+    if (sw->punt_count++ == 0)
+        punt_signal(sw);
+    return 0;
+}
+
+static struct vn_held *record(const struct vn_pkt *pkt, int port, int dir, int egress_to,
+                              uint64_t subs, uint64_t contain)
+{
+    struct vn_held *r = malloc(sizeof(*r) + pkt->len);
+    if (!r)
+        return NULL;
+    memset(r, 0, sizeof(*r));
+    r->port = port;
+    r->dir = dir;
+    r->egress_to = egress_to;
+    r->subs = subs;
+    r->contain = contain;
+    r->time_ns = realtime_ns();
+    r->len = pkt->len;
+    r->hdr = pkt->hdr;
+    memcpy(r->data, pkt->data, pkt->len);
+    return r;
+}
+
+int vn_policy_apply(struct vn_switch *sw, int port, int dir, int egress_to, struct vn_pkt *pkt)
+{
+    struct vn_port *p = &sw->ports[port];
+    const struct vn_policy *pol = p->pol;
+    if (!pol)
+        return 0;
+    struct vn_hdrs h;
+    vn_parse(pkt, &h);
+    if (dir == VN_DIR_FROM_GUEST && vn_spoofed(pol, pkt, &h)) {
+        p->st.drop_spoofed++;
+        return 1;
+    }
+    for (unsigned i = 0; i < pol->nrules && i < VN_MAX_RULES; i++) {
+        if (vn_match_frame(&pol->rules[i], dir, pkt, &h)) {
+            p->st.drop_prevented++;
+            return 1;
+        }
+    }
+    uint64_t subs = 0, contain = 0;
+    for (unsigned i = 0; i < pol->nsubs && i < VN_MAX_SUBS; i++) {
+        if (vn_match_frame(&pol->subs[i], dir, pkt, &h)) {
+            subs |= 1ULL << i;
+            if (pol->sub_contain[i])
+                contain |= 1ULL << i;
+        }
+    }
+    if (!subs)
+        return 0;
+    /* scanners see the bytes the receiver will: complete a partial checksum (TSO frames
+     * keep theirs, the receiver or segmentation computes it from the same bytes) */
+    if ((pkt->hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) &&
+        (pkt->hdr.gso_type & ~VIRTIO_NET_HDR_GSO_ECN) == VIRTIO_NET_HDR_GSO_NONE)
+        vn_csum_complete(pkt);
+    if (!contain) {
+        struct vn_held *r = record(pkt, port, dir, egress_to, subs, 0);
+        if (!r || punt_push(sw, r) < 0) {
+            free(r);
+            p->st.punt_queue_full++;
+        } else {
+            p->st.punted_copies++;
+        }
+        return 0;
+    }
+    if (p->held_frames >= pol->held_frames_max ||
+        p->held_bytes + pkt->len > pol->held_bytes_max || sw->punt_count >= VN_PUNT_QUEUE) {
+        p->st.held_over_cap++;
+        return pol->over_cap_pass ? 0 : 1;
+    }
+    struct vn_held *r = record(pkt, port, dir, egress_to, subs, contain);
+    if (!r) {
+        p->st.held_over_cap++;
+        return pol->over_cap_pass ? 0 : 1;
+    }
+    r->id = ++sw->next_held_id;
+    r->hnext = sw->held_hash[r->id % VN_HELD_HASH];
+    sw->held_hash[r->id % VN_HELD_HASH] = r;
+    punt_push(sw, r);
+    p->held_frames++;
+    p->held_bytes += pkt->len;
+    p->st.held++;
+    return 1;
+}
+
+int vn_punt_fd(struct vn_switch *sw)
+{
+    return sw->punt_fd;
+}
+
+int vn_punt_next(struct vn_switch *sw, struct vn_punt *out)
+{
+    if (sw->punt_last) {
+        free(sw->punt_last);   /* a read-only copy handed out last time */
+        sw->punt_last = NULL;
+    }
+    while (sw->punt_count) {
+        struct vn_held *r = sw->punt_q[sw->punt_head];
+        sw->punt_q[sw->punt_head] = NULL;
+        sw->punt_head = (sw->punt_head + 1) % VN_PUNT_QUEUE;
+        sw->punt_count--;
+        if (!r)
+            continue;          /* released before the kernel saw it */
+        out->id = r->id;
+        out->port = r->port;
+        out->dir = r->dir;
+        out->subs = r->subs;
+        out->contain = r->contain;
+        out->time_ns = r->time_ns;
+        out->len = r->len;
+        out->data = r->data;
+        if (!r->id)
+            sw->punt_last = r;
+        return 1;
+    }
+    uint64_t v;
+    if (sw->punt_fd >= 0 && read(sw->punt_fd, &v, sizeof(v)) < 0) {
+        /* EAGAIN: already clear */
+    }
+    return 0;
+}
+
+/* Drops a record from the punt queue if it still sits there (decided before it was read). */
+static void punt_forget(struct vn_switch *sw, struct vn_held *r)
+{
+    for (unsigned i = 0; i < sw->punt_count; i++) {
+        unsigned k = (sw->punt_head + i) % VN_PUNT_QUEUE;
+        if (sw->punt_q[k] == r)
+            sw->punt_q[k] = NULL;
+    }
+}
+
+static void release(struct vn_switch *sw, struct vn_held *r, int pass)
+{
+    struct vn_port *p = &sw->ports[r->port];
+    punt_forget(sw, r);
+    if (p->kind) {
+        p->held_frames--;
+        p->held_bytes -= r->len;
+        if (pass)
+            p->st.held_passed++;
+        else
+            p->st.held_cut++;
+    }
+    if (pass && p->kind) {
+        struct vn_pkt *pkt = sw->rel;
+        pkt->len = r->len;
+        pkt->hdr = r->hdr;
+        memcpy(pkt->data, r->data, r->len);
+        sw->now_ns = vn_now_ns();
+        if (r->egress_to < 0)
+            vn_forward_switch(sw, r->port, pkt);
+        else if (sw->ports[r->egress_to].kind)
+            vn_deliver_nopolicy(sw, r->egress_to, pkt);
+        vn_signal_all(sw);
+    }
+    free(r);
+}
+
+int vn_held_release(struct vn_switch *sw, uint64_t id, int pass)
+{
+    struct vn_held *r = held_take(sw, id);
+    if (!r)
+        return VN_ENOPORT;
+    release(sw, r, pass);
+    return VN_OK;
+}
+
+int vn_held_release_port(struct vn_switch *sw, int port, int pass)
+{
+    int n = 0;
+    for (unsigned b = 0; b < VN_HELD_HASH; b++) {
+        struct vn_held **pp = &sw->held_hash[b];
+        while (*pp) {
+            struct vn_held *r = *pp;
+            if (r->port == port || r->egress_to == port) {
+                *pp = r->hnext;
+                release(sw, r, pass);
+                n++;
+            } else {
+                pp = &r->hnext;
+            }
+        }
+    }
+    /* read-only copies of that port still queued */
+    for (unsigned i = 0; i < sw->punt_count; i++) {
+        unsigned k = (sw->punt_head + i) % VN_PUNT_QUEUE;
+        struct vn_held *r = sw->punt_q[k];
+        if (r && !r->id && (r->port == port || r->egress_to == port)) {
+            free(r);
+            sw->punt_q[k] = NULL;
+        }
+    }
+    return n;
+}
+
+void vn_held_free_all(struct vn_switch *sw)
+{
+    for (unsigned b = 0; b < VN_HELD_HASH; b++) {
+        while (sw->held_hash[b]) {
+            struct vn_held *r = sw->held_hash[b];
+            sw->held_hash[b] = r->hnext;
+            punt_forget(sw, r);
+            free(r);
+        }
+    }
+    for (unsigned i = 0; i < sw->punt_count; i++) {
+        unsigned k = (sw->punt_head + i) % VN_PUNT_QUEUE;
+        free(sw->punt_q[k]);
+        sw->punt_q[k] = NULL;
+    }
+    sw->punt_count = 0;
+    free(sw->punt_last);
+    sw->punt_last = NULL;
+}
+
+int vn_port_set_policy(struct vn_switch *sw, int port, const struct vn_policy *pol)
+{
+    if (port < 0 || port >= VN_MAX_PORTS || !sw->ports[port].kind)
+        return VN_ENOPORT;
+    if (pol->naddrs > VN_MAX_ADDRS || pol->nrules > VN_MAX_RULES || pol->nsubs > VN_MAX_SUBS)
+        return VN_ERANGE;
+    for (unsigned i = 0; i < pol->nrules; i++)
+        if (pol->rules[i].nterms > VN_MAX_TERMS)
+            return VN_ERANGE;
+    for (unsigned i = 0; i < pol->nsubs; i++)
+        if (pol->subs[i].nterms > VN_MAX_TERMS)
+            return VN_ERANGE;
+    struct vn_policy *copy = malloc(sizeof(*copy));
+    if (!copy)
+        return VN_ENOMEM;
+    *copy = *pol;
+    free(sw->ports[port].pol);
+    sw->ports[port].pol = copy;
+    return VN_OK;
+}
+
+int vn_port_clear_policy(struct vn_switch *sw, int port)
+{
+    if (port < 0 || port >= VN_MAX_PORTS || !sw->ports[port].kind)
+        return VN_ENOPORT;
+    free(sw->ports[port].pol);
+    sw->ports[port].pol = NULL;
+    return VN_OK;
+}
+
+int vn_port_inject(struct vn_switch *sw, int port, int dir, const uint8_t *frame, unsigned len)
+{
+    if (port < 0 || port >= VN_MAX_PORTS || !sw->ports[port].kind)
+        return VN_ENOPORT;
+    if (len < 14 || len > VN_MAX_FRAME || (dir != VN_DIR_FROM_GUEST && dir != VN_DIR_TO_GUEST))
+        return VN_EINVAL;
+    struct vn_pkt *pkt = sw->rel;
+    memset(&pkt->hdr, 0, sizeof(pkt->hdr));
+    memcpy(pkt->data, frame, len);
+    pkt->len = len;
+    sw->now_ns = vn_now_ns();
+    if (dir == VN_DIR_FROM_GUEST)
+        vn_forward_switch(sw, port, pkt);
+    else
+        vn_deliver_nopolicy(sw, port, pkt);
+    sw->ports[port].st.injected++;
+    vn_signal_all(sw);
+    return VN_OK;
+}
