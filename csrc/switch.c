@@ -515,7 +515,8 @@ static struct vn_vq *rx_queue(struct vn_port *p, const struct vn_pkt *pkt)
     return cand[h % n];
 }
 
-static void backlog_push(struct vn_port *p, const struct vn_pkt *pkt)
+static void backlog_push(struct vn_port *p, const struct vn_pkt *pkt,
+                         const struct vn_net_hdr *hdr)
 {
     if (p->bl_count >= VN_BACKLOG) {
         p->st.drop_no_rx_buffer++;
@@ -527,7 +528,7 @@ static void backlog_push(struct vn_port *p, const struct vn_pkt *pkt)
         return;
     }
     f->len = pkt->len;
-    f->hdr = pkt->hdr;
+    f->hdr = *hdr;
     memcpy(f->data, pkt->data, pkt->len);
     p->backlog[(p->bl_head + p->bl_count) % VN_BACKLOG] = f;
     p->bl_count++;
@@ -637,8 +638,13 @@ static void deliver_final(struct vn_switch *sw, int port, struct vn_pkt *pkt)
         p->st.drop_broken++;   /* link not up yet: no receive queue started */
         return;
     }
+    /* Without GUEST_CSUM the device must set flags to zero (virtio 1.x 5.1.6.4.1): no
+     * DATA_VALID from a completed checksum or a segment; the checksums are complete. */
+    struct vn_net_hdr h = pkt->hdr;
+    if (!HAS_FEATURE(p->features, VIRTIO_NET_F_GUEST_CSUM))
+        memset(&h, 0, sizeof(h));
     if (p->bl_count == 0) {
-        int r = vn_vq_push_rx(sw, p, vq, &pkt->hdr, pkt->data, pkt->len);
+        int r = vn_vq_push_rx(sw, p, vq, &h, pkt->data, pkt->len);
         if (r == VN_PUSH_OK) {
             p->st.out_frames++;
             p->st.out_bytes += pkt->len;
@@ -654,7 +660,7 @@ static void deliver_final(struct vn_switch *sw, int port, struct vn_pkt *pkt)
         }
         vn_vq_notify_enable(p, vq, 1);
     }
-    backlog_push(p, pkt);
+    backlog_push(p, pkt, &h);
 }
 
 /* Egress: the destination NI's policy, then delivery. */
