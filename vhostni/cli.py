@@ -19,6 +19,13 @@ def _ni_arg(text: str) -> tuple[str, str]:
     return name, path
 
 
+def _policy_arg(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not path or not NAME_RE.match(name):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=FILE")
+    return name, path
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vhostni", description="Self-securing network interfaces for VMs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -33,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="offer checksum and TSO offloads to guests (default on)")
     run.add_argument("--stats-file", metavar="PATH",
                      help="keep PATH updated with the NIs' counters as JSON")
+    run.add_argument("--policy", action="append", type=_policy_arg, default=[], metavar="NAME=FILE",
+                     help="the policy (TOML or JSON) of NI NAME; SIGHUP re-reads it")
+    run.add_argument("--alert-log", metavar="PATH", default="vhostni-alerts.jsonl",
+                     help="append-only JSON-lines alert log (default %(default)s)")
     run.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -48,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         from .daemon import Daemon
         try:
             d = Daemon(args.ni, args.uplink, poll=args.poll, offloads=args.offloads == "on",
-                       stats_file=args.stats_file)
+                       stats_file=args.stats_file, policies=dict(args.policy),
+                       alert_log=args.alert_log)
         except (OSError, ValueError) as exc:
             print(f"vhostni run: {exc}", file=sys.stderr)
             return 1

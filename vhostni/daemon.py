@@ -17,11 +17,13 @@ import socket
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from . import tap
 from .device import CloseConnection, VhostUserDevice, rarp_frame
 from .fastpath import Port, Switch
+from .kernel import Kernel
+from .policy import PolicyError, load_policy
 from .vhost_user import proto
 
 log = logging.getLogger("vhostni")
@@ -122,7 +124,8 @@ def _listen(path: str) -> socket.socket:
 
 class Daemon:
     def __init__(self, nis: list[tuple[str, str]], uplinks: list[str] = (), poll: bool = False,
-                 offloads: bool = True, stats_file: Optional[str] = None):
+                 offloads: bool = True, stats_file: Optional[str] = None,
+                 policies: Optional[dict[str, str]] = None, alert_log: Optional[str] = None):
         self.switch = Switch()
         self.poll = poll
         self.offloads = offloads
@@ -131,14 +134,52 @@ class Daemon:
         self.switch.set_wake_fd(self.ep.fileno())
         self.nis: dict[str, NI] = {}
         self.uplinks: dict[str, Port] = {}
-        self._fd_owner: dict[int, tuple[str, NI]] = {}
+        self._handlers: dict[int, Callable[[], None]] = {}
         self._stop = False
+        self._reload = False
         self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.ep.register(self._sig_r, select.EPOLLIN)
+        self.kernel = Kernel(self.switch, self.register, self.unregister, alert_log)
+        self.register(self.switch.punt_fd, self.kernel.on_punts)
+        self.policy_files = dict(policies or {})
+        unknown = set(self.policy_files) - {name for name, _ in nis}
+        if unknown:
+            raise ValueError(f"--policy for unknown NI {sorted(unknown)[0]!r}")
+        loaded = {name: load_policy(path) for name, path in self.policy_files.items()}
         for name, path in nis:
             self.add_ni(name, path)
         for spec in uplinks:
             self.add_uplink(spec)
+        for name, pol in loaded.items():
+            ni = self.nis[name]
+            self.kernel.attach(name, ni.port, pol)
+
+    # ---- the control epoll set
+    def register(self, fd: int, handler: Callable[[], None]) -> None:
+        self._handlers[fd] = handler
+        self.ep.register(fd, select.EPOLLIN)
+
+    def unregister(self, fd: int) -> None:
+        self._handlers.pop(fd, None)
+        try:
+            self.ep.unregister(fd)
+        except (OSError, ValueError):
+            pass
+
+    def reload_policies(self) -> None:
+        """Re-reads every policy file; a file that does not validate keeps the old policy."""
+        for name, path in self.policy_files.items():
+            try:
+                pol = load_policy(path)
+            except (OSError, PolicyError) as exc:
+                log.error("NI %s: policy %s not reloaded, keeping the old one: %s", name, path, exc)
+                continue
+            nk = self.kernel.nis.get(self.nis[name].port.index)
+            if nk is None:
+                self.kernel.attach(name, self.nis[name].port, pol)
+            else:
+                nk.replace_policy(pol)
+            log.info("NI %s: policy reloaded from %s", name, path)
 
     # ---- configuration
     def add_ni(self, name: str, path: str) -> NI:
@@ -146,8 +187,7 @@ class Daemon:
             raise ValueError(f"NI {name!r} defined twice")
         ni = NI(self, name, path)
         self.nis[name] = ni
-        self.ep.register(ni.listener.fileno(), select.EPOLLIN)
-        self._fd_owner[ni.listener.fileno()] = ("listen", ni)
+        self.register(ni.listener.fileno(), lambda: self._accept(ni))
         log.info("NI %s listening on %s", name, path)
         return ni
 
@@ -163,16 +203,29 @@ class Daemon:
     def request_stop(self, *_: object) -> None:
         self._stop = True
 
+    def request_reload(self, *_: object) -> None:
+        self._reload = True
+
     def run(self) -> None:
         old = signal.set_wakeup_fd(self._sig_w, warn_on_full_buffer=False)
         handlers = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self.request_reload)
         last_house = 0.0
         try:
             while not self._stop:
-                self.switch.run(HOUSEKEEPING_MS, self.poll)
+                wait = HOUSEKEEPING_MS
+                if self.kernel.next_deadline != float("inf"):
+                    left = (self.kernel.next_deadline - time.monotonic()) * 1000
+                    wait = max(1, min(wait, int(left) + 1))
+                self.switch.run(wait, self.poll)
                 for fd, _ in self.ep.poll(0):
                     self._control_event(fd)
+                if self._reload:
+                    self._reload = False
+                    self.reload_policies()
                 now = time.monotonic()
+                if now - last_house >= HOUSEKEEPING_MS / 1000 or now >= self.kernel.next_deadline:
+                    self.kernel.housekeeping()
                 if now - last_house >= HOUSEKEEPING_MS / 1000:
                     last_house = now
                     self._housekeeping()
@@ -190,11 +243,9 @@ class Daemon:
             except BlockingIOError:
                 pass
             return
-        kind, ni = self._fd_owner.get(fd, (None, None))
-        if kind == "listen":
-            self._accept(ni)
-        elif kind == "conn":
-            self._serve(ni)
+        handler = self._handlers.get(fd)
+        if handler is not None:
+            handler()
 
     def _accept(self, ni: NI) -> None:
         try:
@@ -207,8 +258,7 @@ class Daemon:
             return
         conn.setblocking(False)
         ni.reader = _Reader(conn)
-        self._fd_owner[conn.fileno()] = ("conn", ni)
-        self.ep.register(conn.fileno(), select.EPOLLIN)
+        self.register(conn.fileno(), lambda: self._serve(ni))
         ni.device.connected()
         log.info("NI %s: frontend connected", ni.name)
 
@@ -245,12 +295,7 @@ class Daemon:
     def _drop(self, ni: NI) -> None:
         if ni.reader is None:
             return
-        fd = ni.reader.sock.fileno()
-        self._fd_owner.pop(fd, None)
-        try:
-            self.ep.unregister(fd)
-        except (OSError, ValueError):
-            pass
+        self.unregister(ni.reader.sock.fileno())
         ni.reader.close()
         ni.reader = None
         ni.device.disconnected()
@@ -270,13 +315,16 @@ class Daemon:
             os.replace(tmp, self.stats_file)
 
     def stats(self) -> dict:
+        kernels = {nk.name: nk.info() for nk in self.kernel.nis.values()}
         return {
             "time": time.time(),
-            "nis": {name: ni.info() for name, ni in self.nis.items()},
+            "nis": {name: dict(ni.info(), kernel=kernels.get(name)) for name, ni in self.nis.items()},
+            "alerts": self.kernel.alerts.seq,
             "uplinks": {name: port.stats() for name, port in self.uplinks.items()},
         }
 
     def close(self) -> None:
+        self.kernel.close()
         for ni in self.nis.values():
             self._drop(ni)
             ni.listener.close()

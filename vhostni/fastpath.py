@@ -73,6 +73,11 @@ class Switch:
         """Forwards frames (GIL released) until timeout or the wake fd is readable."""
         return _check("run", lib.vn_switch_run(self._sw, timeout_ms, 1 if poll else 0))
 
+    @property
+    def punt_fd(self) -> int:
+        """Readable while frames wait for the NI kernel."""
+        return lib.vn_punt_fd(self._sw)
+
     def service(self) -> int:
         """One non-blocking pass over every port; returns frames forwarded."""
         return _check("service", lib.vn_switch_service(self._sw))
@@ -106,6 +111,18 @@ class Port:
         if self.index >= 0:
             lib.vn_port_remove(self._sw, self.index)
             self.index = -1
+
+    def set_policy(self, cpolicy) -> None:
+        """Installs a compiled ``struct vn_policy`` (see vhostni.policy)."""
+        _check("set policy", lib.vn_port_set_policy(self._sw, self.index, cpolicy))
+
+    def clear_policy(self) -> None:
+        lib.vn_held_release_port(self._sw, self.index, 0)
+        _check("clear policy", lib.vn_port_clear_policy(self._sw, self.index))
+
+    def inject(self, direction: int, frame: bytes) -> None:
+        """Sends a pre-registered frame to this NI's guest (VN_DIR_TO_GUEST) or from it."""
+        _check("inject", lib.vn_port_inject(self._sw, self.index, direction, frame, len(frame)))
 
     def inject_from(self, frame: bytes) -> None:
         """Sends ``frame`` into the switch as if this port had received it."""

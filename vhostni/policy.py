@@ -1,0 +1,444 @@
+"""NI policy: what the administrator allows on one NI, parsed, validated and compiled.
+
+A policy file (TOML or JSON) holds the NI's anti-spoofing identity, prevent rules (a header
+firewall applied in C), the scanners to run with their rights (which subscriptions each may
+hold, with read or contain rights) and pre-registered injections.  Errors name the key:
+``scanner[0].allow[1].dport: port 70000 out of range``.
+
+A *match* (a prevent rule, a right, or a scanner's subscription request) is a table of
+optional keys: ``direction`` (from_guest, to_guest, both), ``ethertype`` (ipv4, ipv6, arp,
+vlan or a number), ``proto`` (tcp, udp, icmp, icmpv6, sctp or a number), ``src`` and ``dst``
+(CIDR), ``sport`` and ``dport`` (a port, "lo-hi" or [lo, hi]), ``tcp_flags`` ("syn,!ack":
+listed flags set, !-prefixed clear) and ``terms`` (raw [{offset, value, mask}] byte tests on
+the frame, hex strings).  A subscription is granted only if it is at least as narrow as
+one of the scanner's rights (every constraint of the right holds for it).
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ._fastpath import ffi, lib
+
+DIR_FROM = lib.VN_DIR_FROM_GUEST
+DIR_TO = lib.VN_DIR_TO_GUEST
+DIRECTIONS = {"from_guest": DIR_FROM, "to_guest": DIR_TO, "both": DIR_FROM | DIR_TO}
+ETHERTYPES = {"ipv4": 0x0800, "ipv6": 0x86DD, "arp": 0x0806, "vlan": 0x8100}
+PROTOS = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "sctp": 132}
+TCP_FLAGS = {"fin": 0x01, "syn": 0x02, "rst": 0x04, "psh": 0x08, "ack": 0x10, "urg": 0x20,
+             "ece": 0x40, "cwr": 0x80}
+MATCH_KEYS = {"direction", "ethertype", "proto", "src", "dst", "sport", "dport", "tcp_flags", "terms"}
+
+
+class PolicyError(ValueError):
+    """A policy (or a scanner's request) that does not validate; names the bad key."""
+
+    def __init__(self, where: str, message: str):
+        self.where = where
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+@dataclass(frozen=True)
+class Match:
+    dirs: int = 0
+    ethertype: int = 0
+    proto: int = -1
+    src: Optional[ipaddress._BaseNetwork] = None
+    dst: Optional[ipaddress._BaseNetwork] = None
+    sport: tuple[int, int] = (0, 0xFFFF)
+    dport: tuple[int, int] = (0, 0xFFFF)
+    flags_mask: int = 0
+    flags_value: int = 0
+    terms: tuple[tuple[int, bytes, bytes], ...] = ()
+
+    def directions(self) -> int:
+        return self.dirs or (DIR_FROM | DIR_TO)
+
+    def within(self, right: "Match") -> bool:
+        """True if every frame this matches, ``right`` matches too (sufficient test)."""
+        if self.directions() & ~right.directions():
+            return False
+        if right.ethertype and self.ethertype != right.ethertype:
+            return False
+        if right.proto >= 0 and self.proto != right.proto:
+            return False
+        for mine, theirs in ((self.src, right.src), (self.dst, right.dst)):
+            if theirs is not None and (mine is None or mine.version != theirs.version
+                                       or not mine.subnet_of(theirs)):
+                return False
+        for mine, theirs in ((self.sport, right.sport), (self.dport, right.dport)):
+            if not (theirs[0] <= mine[0] and mine[1] <= theirs[1]):
+                return False
+        if right.flags_mask & ~self.flags_mask:
+            return False
+        if (self.flags_value & right.flags_mask) != right.flags_value:
+            return False
+        for off, val, mask in right.terms:
+            if not any(_term_implies(t, (off, val, mask)) for t in self.terms):
+                return False
+        return True
+
+    def fill(self, c) -> None:
+        """Writes this match into a ``struct vn_match``."""
+        c.dirs = self.dirs
+        c.ethertype = self.ethertype
+        c.proto = self.proto
+        for net, fam, plen, addr in ((self.src, "src_family", "src_plen", "src"),
+                                     (self.dst, "dst_family", "dst_plen", "dst")):
+            if net is None:
+                setattr(c, fam, 0)
+                continue
+            setattr(c, fam, net.version)
+            setattr(c, plen, net.prefixlen)
+            raw = net.network_address.packed
+            getattr(c, addr)[0:len(raw)] = raw
+        c.sport_lo, c.sport_hi = self.sport
+        c.dport_lo, c.dport_hi = self.dport
+        c.tcp_flags_mask = self.flags_mask
+        c.tcp_flags_value = self.flags_value
+        c.nterms = len(self.terms)
+        for i, (off, val, mask) in enumerate(self.terms):
+            c.terms[i].offset = off
+            c.terms[i].len = len(val)
+            c.terms[i].value[0:len(val)] = val
+            c.terms[i].mask[0:len(mask)] = mask
+
+
+def _term_implies(mine, theirs) -> bool:
+    """Does term ``mine`` (a request's) imply term ``theirs`` (a right's)?"""
+    moff, mval, mmask = mine
+    toff, tval, tmask = theirs
+    for k in range(len(tval)):
+        pos = toff + k - moff
+        if tmask[k] == 0:
+            continue
+        if not 0 <= pos < len(mval):
+            return False
+        if (mmask[pos] & tmask[k]) != tmask[k] or (mval[pos] & tmask[k]) != (tval[k] & tmask[k]):
+            return False
+    return True
+
+
+def _port_range(where: str, v: Any) -> tuple[int, int]:
+    if isinstance(v, bool):
+        raise PolicyError(where, "expected a port, 'lo-hi' or [lo, hi]")
+    if isinstance(v, int):
+        lo = hi = v
+    elif isinstance(v, str) and re.fullmatch(r"\d+(-\d+)?", v.strip()):
+        a, _, b = v.strip().partition("-")
+        lo, hi = int(a), int(b or a)
+    elif isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        lo, hi = v
+    else:
+        raise PolicyError(where, f"expected a port, 'lo-hi' or [lo, hi], not {v!r}")
+    if not (0 <= lo <= hi <= 0xFFFF):
+        raise PolicyError(where, f"port range {lo}-{hi} out of 0-65535")
+    return lo, hi
+
+
+def _named_int(where: str, v: Any, names: dict, limit: int) -> int:
+    if isinstance(v, str):
+        if v.lower() in names:
+            return names[v.lower()]
+        try:
+            v = int(v, 0)
+        except ValueError:
+            raise PolicyError(where, f"unknown name {v!r} (known: {', '.join(sorted(names))})") from None
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= limit:
+        raise PolicyError(where, f"expected one of {', '.join(sorted(names))} or 0..{limit}, not {v!r}")
+    return v
+
+
+def _hex(where: str, v: Any, maxlen: int) -> bytes:
+    if not isinstance(v, str):
+        raise PolicyError(where, "expected a hex string")
+    try:
+        b = bytes.fromhex(v.replace(":", "").replace(" ", ""))
+    except ValueError:
+        raise PolicyError(where, f"not hex: {v!r}") from None
+    if not 0 < len(b) <= maxlen:
+        raise PolicyError(where, f"{len(b)} bytes; 1..{maxlen} allowed")
+    return b
+
+
+def parse_match(where: str, d: Any) -> Match:
+    if not isinstance(d, dict):
+        raise PolicyError(where, "expected a table of match keys")
+    unknown = set(d) - MATCH_KEYS - {"contain", "action", "comment"}
+    if unknown:
+        raise PolicyError(f"{where}.{sorted(unknown)[0]}", f"unknown key (known: {', '.join(sorted(MATCH_KEYS))})")
+    kw: dict[str, Any] = {}
+    if "direction" in d:
+        if d["direction"] not in DIRECTIONS:
+            raise PolicyError(f"{where}.direction", f"expected one of {', '.join(DIRECTIONS)}")
+        kw["dirs"] = DIRECTIONS[d["direction"]]
+        if kw["dirs"] == DIR_FROM | DIR_TO:
+            kw["dirs"] = 0
+    if "ethertype" in d:
+        kw["ethertype"] = _named_int(f"{where}.ethertype", d["ethertype"], ETHERTYPES, 0xFFFF)
+    if "proto" in d:
+        kw["proto"] = _named_int(f"{where}.proto", d["proto"], PROTOS, 255)
+    for key in ("src", "dst"):
+        if key in d:
+            try:
+                kw[key] = ipaddress.ip_network(d[key], strict=False)
+            except (ValueError, TypeError):
+                raise PolicyError(f"{where}.{key}", f"not an address or CIDR prefix: {d[key]!r}") from None
+    if kw.get("src") and kw.get("dst") and kw["src"].version != kw["dst"].version:
+        raise PolicyError(where, "src and dst are of different IP versions")
+    for key in ("sport", "dport"):
+        if key in d:
+            kw[key] = _port_range(f"{where}.{key}", d[key])
+    if "tcp_flags" in d:
+        v = d["tcp_flags"]
+        if not isinstance(v, str):
+            raise PolicyError(f"{where}.tcp_flags", "expected e.g. 'syn,!ack'")
+        mask = value = 0
+        for part in filter(None, (p.strip().lower() for p in v.split(","))):
+            neg = part.startswith("!")
+            name = part.lstrip("!")
+            if name not in TCP_FLAGS:
+                raise PolicyError(f"{where}.tcp_flags", f"unknown flag {name!r}")
+            mask |= TCP_FLAGS[name]
+            if not neg:
+                value |= TCP_FLAGS[name]
+        kw["flags_mask"], kw["flags_value"] = mask, value
+        if "proto" not in kw:
+            kw["proto"] = 6
+    if (("sport" in kw or "dport" in kw or "flags_mask" in kw)
+            and kw.get("proto", -1) not in (6, 17, 132)):
+        raise PolicyError(where, "ports and tcp_flags need proto tcp, udp or sctp")
+    if "terms" in d:
+        terms = d["terms"]
+        if not isinstance(terms, list) or len(terms) > lib.VN_MAX_TERMS:
+            raise PolicyError(f"{where}.terms", f"expected a list of at most {lib.VN_MAX_TERMS} terms")
+        out = []
+        for i, t in enumerate(terms):
+            tw = f"{where}.terms[{i}]"
+            if not isinstance(t, dict) or set(t) - {"offset", "value", "mask"} or "offset" not in t or "value" not in t:
+                raise PolicyError(tw, "expected {offset, value[, mask]}")
+            off = t["offset"]
+            if isinstance(off, bool) or not isinstance(off, int) or not 0 <= off <= 65535 - lib.VN_TERM_BYTES:
+                raise PolicyError(f"{tw}.offset", "expected 0..65519")
+            val = _hex(f"{tw}.value", t["value"], lib.VN_TERM_BYTES)
+            mask = _hex(f"{tw}.mask", t["mask"], lib.VN_TERM_BYTES) if "mask" in t else b"\xff" * len(val)
+            if len(mask) != len(val):
+                raise PolicyError(f"{tw}.mask", "must be as long as value")
+            out.append((off, val, mask))
+        kw["terms"] = tuple(out)
+    return Match(**kw)
+
+
+@dataclass
+class Right:
+    match: Match
+    contain: bool
+
+
+@dataclass
+class ScannerSpec:
+    name: str
+    argv: list[str]
+    config: dict
+    rights: list[Right]
+    injections: list[tuple[str, bytes]]
+    memory_mb: int = 512
+    cpu_seconds: int = 3600
+    open_files: int = 64
+    max_timeouts: int = 3        # consecutive missed decisions before it counts as hung
+    messages_per_second: int = 20000
+    alerts_per_second: float = 10.0
+
+
+@dataclass
+class Policy:
+    mac: Optional[bytes] = None
+    addresses: list = field(default_factory=list)
+    anti_spoof: bool = True
+    hold_timeout: float = 1.0
+    default_pass: bool = False
+    held_frames_max: int = 4096
+    held_bytes_max: int = 16 << 20
+    over_cap_pass: bool = False
+    prevent: list[Match] = field(default_factory=list)
+    scanners: list[ScannerSpec] = field(default_factory=list)
+    source: Optional[str] = None
+
+    def compile(self, subs: list[tuple[Match, bool]] = ()):
+        """A ``struct vn_policy`` for the fast path, with the kernel's live subscriptions."""
+        c = ffi.new("struct vn_policy *")
+        c.anti_spoof = 1 if self.anti_spoof else 0
+        if self.mac:
+            c.mac_set = 1
+            c.mac[0:6] = self.mac
+        c.naddrs = len(self.addresses)
+        for i, net in enumerate(self.addresses):
+            c.addrs[i].family = net.version
+            c.addrs[i].plen = net.prefixlen
+            raw = net.network_address.packed
+            c.addrs[i].addr[0:len(raw)] = raw
+        c.nrules = len(self.prevent)
+        for i, m in enumerate(self.prevent):
+            m.fill(c.rules[i])
+        if len(subs) > lib.VN_MAX_SUBS:
+            raise PolicyError("", f"more than {lib.VN_MAX_SUBS} subscriptions on one NI")
+        c.nsubs = len(subs)
+        for i, (m, contain) in enumerate(subs):
+            m.fill(c.subs[i])
+            c.sub_contain[i] = 1 if contain else 0
+        c.held_bytes_max = self.held_bytes_max
+        c.held_frames_max = self.held_frames_max
+        c.over_cap_pass = 1 if self.over_cap_pass else 0
+        return c
+
+
+def _want(d: dict, key: str, where: str, types, default=None, required=False):
+    if key not in d:
+        if required:
+            raise PolicyError(f"{where}.{key}" if where else key, "missing")
+        return default
+    v = d[key]
+    if isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise PolicyError(f"{where}.{key}" if where else key, f"expected {types}, not a boolean")
+    if not isinstance(v, types):
+        raise PolicyError(f"{where}.{key}" if where else key, f"expected {getattr(types, '__name__', types)}, not {type(v).__name__}")
+    return v
+
+
+def _check_keys(d: dict, allowed: set, where: str) -> None:
+    extra = set(d) - allowed
+    if extra:
+        k = sorted(extra)[0]
+        raise PolicyError(f"{where}.{k}" if where else k, f"unknown key (known: {', '.join(sorted(allowed))})")
+
+
+def _scanner_argv(where: str, program: str, args: list, base: str) -> list[str]:
+    import sys
+    path = program if os.path.isabs(program) else os.path.normpath(os.path.join(base, program))
+    if not os.path.exists(path):
+        raise PolicyError(f"{where}.program", f"{path} does not exist")
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "__main__.py")):
+            raise PolicyError(f"{where}.program", f"{path} is a directory without __main__.py")
+        return [sys.executable, path] + args
+    if path.endswith(".py"):
+        return [sys.executable, path] + args
+    if not os.access(path, os.X_OK):
+        raise PolicyError(f"{where}.program", f"{path} is not executable")
+    return [path] + args
+
+
+def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Policy:
+    if not isinstance(d, dict):
+        raise PolicyError("", "a policy is a table")
+    _check_keys(d, {"ni", "prevent", "scanner", "comment"}, "")
+    p = Policy(source=source)
+    ni = _want(d, "ni", "", dict, {})
+    _check_keys(ni, {"mac", "addresses", "anti_spoof", "hold_timeout_ms", "default_decision",
+                     "held_frames_max", "held_bytes_max", "over_cap", "comment"}, "ni")
+    if "mac" in ni:
+        m = _want(ni, "mac", "ni", str)
+        if not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}", m):
+            raise PolicyError("ni.mac", f"not a MAC address: {m!r}")
+        p.mac = bytes.fromhex(m.replace(":", ""))
+        if p.mac[0] & 1:
+            raise PolicyError("ni.mac", "a multicast address cannot be a NIC's")
+    addrs = _want(ni, "addresses", "ni", list, [])
+    if len(addrs) > lib.VN_MAX_ADDRS:
+        raise PolicyError("ni.addresses", f"at most {lib.VN_MAX_ADDRS}")
+    for i, a in enumerate(addrs):
+        try:
+            p.addresses.append(ipaddress.ip_network(a, strict=False))
+        except (ValueError, TypeError):
+            raise PolicyError(f"ni.addresses[{i}]", f"not an address or prefix: {a!r}") from None
+    p.anti_spoof = _want(ni, "anti_spoof", "ni", bool, True)
+    t = _want(ni, "hold_timeout_ms", "ni", int, 1000)
+    if not 1 <= t <= 600_000:
+        raise PolicyError("ni.hold_timeout_ms", "expected 1..600000")
+    p.hold_timeout = t / 1000
+    dd = _want(ni, "default_decision", "ni", str, "cut")
+    if dd not in ("cut", "pass"):
+        raise PolicyError("ni.default_decision", "expected 'cut' (fail closed) or 'pass'")
+    p.default_pass = dd == "pass"
+    p.held_frames_max = _want(ni, "held_frames_max", "ni", int, p.held_frames_max)
+    p.held_bytes_max = _want(ni, "held_bytes_max", "ni", int, p.held_bytes_max)
+    if p.held_frames_max < 1 or p.held_bytes_max < 65536:
+        raise PolicyError("ni", "held_frames_max >= 1 and held_bytes_max >= 65536")
+    oc = _want(ni, "over_cap", "ni", str, "drop")
+    if oc not in ("drop", "pass"):
+        raise PolicyError("ni.over_cap", "expected 'drop' (fail closed) or 'pass'")
+    p.over_cap_pass = oc == "pass"
+
+    rules = _want(d, "prevent", "", list, [])
+    if len(rules) > lib.VN_MAX_RULES:
+        raise PolicyError("prevent", f"at most {lib.VN_MAX_RULES} rules")
+    for i, r in enumerate(rules):
+        p.prevent.append(parse_match(f"prevent[{i}]", r))
+
+    names = set()
+    for i, s in enumerate(_want(d, "scanner", "", list, [])):
+        w = f"scanner[{i}]"
+        if not isinstance(s, dict):
+            raise PolicyError(w, "expected a table")
+        _check_keys(s, {"name", "program", "args", "config", "allow", "inject", "memory_mb",
+                        "cpu_seconds", "open_files", "max_timeouts", "messages_per_second",
+                        "alerts_per_second", "comment"}, w)
+        name = _want(s, "name", w, str, required=True)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", name) or name in names:
+            raise PolicyError(f"{w}.name", f"{name!r}: 1-32 of [A-Za-z0-9_.-], unique")
+        names.add(name)
+        args = _want(s, "args", w, list, [])
+        if not all(isinstance(a, str) for a in args):
+            raise PolicyError(f"{w}.args", "expected a list of strings")
+        argv = _scanner_argv(w, _want(s, "program", w, str, required=True), args, base)
+        rights = []
+        for j, a in enumerate(_want(s, "allow", w, list, [])):
+            contain = a.get("contain", False) if isinstance(a, dict) else False
+            if not isinstance(contain, bool):
+                raise PolicyError(f"{w}.allow[{j}].contain", "expected true or false")
+            rights.append(Right(parse_match(f"{w}.allow[{j}]", a), contain))
+        injections = []
+        for j, inj in enumerate(_want(s, "inject", w, list, [])):
+            iw = f"{w}.inject[{j}]"
+            if not isinstance(inj, dict) or set(inj) - {"name", "frame", "comment"} or "frame" not in inj:
+                raise PolicyError(iw, "expected {name, frame (hex)}")
+            frame = _hex(f"{iw}.frame", inj["frame"], 65550)
+            if len(frame) < 14:
+                raise PolicyError(f"{iw}.frame", "shorter than an Ethernet header")
+            injections.append((str(inj.get("name", f"inject{j}")), frame))
+        spec = ScannerSpec(name=name, argv=argv, config=_want(s, "config", w, dict, {}),
+                           rights=rights, injections=injections)
+        for key, lo, hi in (("memory_mb", 16, 65536), ("cpu_seconds", 1, 10**7), ("open_files", 8, 65536),
+                            ("max_timeouts", 1, 1000), ("messages_per_second", 1, 10**7)):
+            v = _want(s, key, w, int, getattr(spec, key))
+            if not lo <= v <= hi:
+                raise PolicyError(f"{w}.{key}", f"expected {lo}..{hi}")
+            setattr(spec, key, v)
+        aps = _want(s, "alerts_per_second", w, (int, float), spec.alerts_per_second)
+        if not 0 < aps <= 10000:
+            raise PolicyError(f"{w}.alerts_per_second", "expected 0..10000")
+        spec.alerts_per_second = float(aps)
+        p.scanners.append(spec)
+    return p
+
+
+def load_policy(path: str) -> Policy:
+    """Reads and validates a policy file (.toml or .json)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        if path.endswith(".json"):
+            d = json.loads(raw)
+        else:
+            d = tomllib.loads(raw.decode())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PolicyError("", f"{path}: cannot parse: {exc}") from None
+    try:
+        return parse_policy(d, base=os.path.dirname(os.path.abspath(path)), source=path)
+    except PolicyError as exc:
+        raise PolicyError(exc.where, f"{exc.args[0]}  (in {path})") from None
