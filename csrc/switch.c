@@ -635,7 +635,7 @@ static void deliver_final(struct vn_switch *sw, int port, struct vn_pkt *pkt)
     }
     struct vn_vq *vq = rx_queue(p, pkt);
     if (!vq) {
-        p->st.drop_broken++;   /* link not up yet: no receive queue started */
+        p->st.drop_link_down++;   /* driver not loaded yet, or the frontend is away */
         return;
     }
     /* Without GUEST_CSUM the device must set flags to zero (virtio 1.x 5.1.6.4.1): no

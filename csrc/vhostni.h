@@ -77,7 +77,8 @@ struct vn_port_stats {
     uint64_t drop_bad_desc;      /* descriptor chain rejected (port then broken) */
     uint64_t drop_bad_offload;   /* virtio-net header we cannot honour */
     uint64_t drop_tap_write;     /* TAP refused the frame */
-    uint64_t drop_broken;        /* frames for a broken or stopped port */
+    uint64_t drop_broken;        /* frames for a port whose guest broke the virtio rules */
+    uint64_t drop_link_down;     /* frames for a guest whose receive queue is not running */
     uint64_t kicks;              /* guest notifications received */
     uint64_t calls;              /* interrupts sent to the guest */
     uint64_t kicks_suppressed;   /* TX passes done without being kicked (notify off) */

@@ -47,6 +47,7 @@ COUNTERS = [
     ("tso_segmented", "TSO frames segmented"),
     ("csum_completed", "checksums completed"),
     ("drop_no_rx_buffer", "dropped: no guest buffers"),
+    ("drop_link_down", "dropped: guest NIC not up"),
     ("drop_bad_desc", "dropped: bad descriptors"),
     ("drop_oversize", "dropped: oversize"),
     ("drop_runt", "dropped: runt"),
