@@ -1,0 +1,221 @@
+"""``python3 -m vhostni.bench [--out bench/out/results.json] [options]``: see vhostni/bench/__init__.py."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import frameloop, guest_tcp
+from .backends import DpdkVhostBackend, VhostniBackend, vhostni_unavailable_reason
+from .testpmd import dpdk_version, testpmd_binary
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _on_signal(signum, _frame):
+    raise Interrupted(f"signal {signum}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python3 -m vhostni.bench", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="bench/out/results.json", help="JSON results file")
+    p.add_argument("--logdir", default=None, help="process logs (default: <out dir>/logs)")
+    p.add_argument("--only", choices=("frameloop", "guest-tcp"), help="run one part only")
+    p.add_argument("--no-vhostni", action="store_true", help="baseline only")
+    g = p.add_argument_group("frame loop")
+    g.add_argument("--sizes", default="64,1518", help="frame sizes, comma separated")
+    g.add_argument("--runs", type=int, default=5, help="runs per backend and size")
+    g.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
+    g.add_argument("--warmup", type=float, default=3.0, help="seconds of looping before measuring")
+    g.add_argument("--bursts", type=int, default=32, help="`start tx_first N`: bursts put in the loop per port")
+    g.add_argument("--backend-cpu", default="0", help="CPU(s) for the backend under test (taskset)")
+    g.add_argument("--frontend-cpu", default="1", help="CPU(s) for the frontend testpmd")
+    g.add_argument("--frontend-vdev-args", default="", help="appended to each net_virtio_user vdev, e.g. "
+                                                             "',queue_size=1024'")
+    g.add_argument("--baseline-vdev-args", default="", help="appended to each net_vhost vdev")
+    v = p.add_argument_group("vhostni")
+    v.add_argument("--vhostni-args", default="", help="extra args for `vhostni run` (shell words), e.g. '--poll'")
+    v.add_argument("--vhostni-cmd", default=None, help="command that runs the vhostni CLI (shell words; "
+                                                       "default: $VHOSTNI_CMD or python3 -m vhostni)")
+    t = p.add_argument_group("guest TCP")
+    t.add_argument("--iperf-seconds", type=int, default=10)
+    t.add_argument("--iperf-runs", type=int, default=3, help="iperf3 runs per setup (same boot)")
+    t.add_argument("--iperf-parallel", type=int, default=1, help="iperf3 -P")
+    t.add_argument("--images", default=None, help="guest images directory (default images/out)")
+    t.add_argument("--tcp-vhostni-cpu", default=None, help="taskset for vhostni in the guest test "
+                                                           "(default: none; the guests need both CPUs)")
+    return p.parse_args(argv)
+
+
+def _git_rev() -> str | None:
+    try:
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                           cwd=Path(__file__).resolve().parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, cwd=Path(__file__).resolve().parent).stdout.strip()
+        return (r.stdout.strip() + ("-dirty" if dirty else "")) if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def meta(args: argparse.Namespace) -> dict:
+    return {
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv,
+        "host": platform.node(),
+        "kernel": platform.release(),
+        "cpu": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "loadavg_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "dpdk": dpdk_version(),
+        "testpmd": testpmd_binary(),
+        "vhostni_git": _git_rev(),
+    }
+
+
+# --- the report --------------------------------------------------------------------------------------------
+
+def _mpps(e: dict) -> str:
+    if "pps" not in e:
+        return e.get("status", "-").splitlines()[0][:60]
+    s = e["pps"]
+    spread = f"±{s['spread_pct'] / 2:.0f}%" if s.get("spread_pct") is not None else ""
+    return f"{s['median'] / 1e6:6.2f} Mpps {spread:>5s} (n={s['n']})"
+
+
+def _gbit(e: dict) -> str:
+    if "gbit_s" not in e:
+        return e.get("status", "-").splitlines()[0][:60]
+    s = e["gbit_s"]
+    spread = f"±{s['spread_pct'] / 2:.0f}%" if s.get("spread_pct") is not None else ""
+    return f"{s['median']:6.3f} Gbit/s {spread:>5s} (n={s['n']})"
+
+
+def _ratio(x) -> str:
+    return f"{x:.2f}" if isinstance(x, (int, float)) else "-"
+
+
+def report(results: dict) -> str:
+    lines = []
+    fl = results.get("frame_loop")
+    if fl:
+        if "status" in fl:
+            lines.append(f"frame loop: {fl['status']}")
+        else:
+            lines.append("frame loop: frames/s delivered by the backend (both directions summed), median of runs; "
+                         "± = half the min-max spread")
+            lines.append(f"  {'size':>6s}  {'baseline (DPDK net_vhost)':32s}  {'vhostni':32s}  vhostni/baseline")
+            for size, e in fl["sizes"].items():
+                lines.append(f"  {size + ' B':>6s}  {_mpps(e.get('baseline', {})):32s}  "
+                             f"{_mpps(e.get('vhostni', {})):32s}  {_ratio(e.get('ratio_vhostni_to_baseline'))}")
+    gt = results.get("guest_tcp")
+    if gt:
+        if gt.get("status") != "ran":
+            lines.append(f"guest TCP (iperf3): {gt.get('status')}")
+        else:
+            lines.append("guest TCP: iperf3 between two TCG guests, receiver rate, median of runs")
+            lines.append(f"  {'baseline (tap+bridge)':32s}  {'vhostni':32s}  vhostni/baseline")
+            lines.append(f"  {_gbit(gt.get('baseline', {})):32s}  {_gbit(gt.get('vhostni', {})):32s}  "
+                         f"{_ratio(gt.get('ratio_vhostni_to_baseline'))}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    logdir = Path(args.logdir) if args.logdir else out.parent / "logs"
+    logdir.mkdir(parents=True, exist_ok=True)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+
+    results: dict = {"meta": meta(args)}
+    vhostni_cmd = shlex.split(args.vhostni_cmd) if args.vhostni_cmd else None
+    vhostni_args = shlex.split(args.vhostni_args)
+    if args.no_vhostni:
+        unavailable = "not requested (--no-vhostni)"
+    else:
+        unavailable = vhostni_unavailable_reason(vhostni_cmd)
+    results["vhostni"] = {"available": unavailable is None, "reason": unavailable,
+                          "extra_args": vhostni_args, "command": args.vhostni_cmd}
+    if unavailable:
+        print(f"vhostni: unavailable: {unavailable}", file=sys.stderr)
+
+    def save() -> None:
+        results["meta"]["loadavg_now"] = os.getloadavg()
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
+        os.replace(tmp, out)
+
+    status = 0
+    try:
+        if args.only in (None, "frameloop"):
+            if testpmd_binary() is None:
+                results["frame_loop"] = {"status": "skipped: dpdk-testpmd not found (apt-get install dpdk-dev)"}
+            else:
+                cfg = frameloop.FrameLoopConfig(
+                    sizes=[int(s) for s in args.sizes.split(",") if s.strip()], runs=args.runs,
+                    duration=args.duration, warmup=args.warmup, tx_first_bursts=args.bursts,
+                    frontend_cpus=args.frontend_cpu, frontend_vdev_args=args.frontend_vdev_args,
+                    logdir=logdir)
+                backends = [DpdkVhostBackend(cpus=args.backend_cpu, vdev_args=args.baseline_vdev_args),
+                            VhostniBackend(cpus=args.backend_cpu, extra_args=vhostni_args, command=vhostni_cmd)]
+                print(f"frame loop: {len(cfg.sizes)} sizes x {cfg.runs} runs x {cfg.duration:g} s per backend",
+                      flush=True)
+                partial: list[dict] = []
+
+                def keep(r: dict) -> None:
+                    partial.append(r)
+                    results["frame_loop"] = {"status": "in progress", "runs_so_far": partial}
+                    save()
+
+                results["frame_loop"] = frameloop.run_frame_loop(
+                    backends, cfg, unavailable={"vhostni": unavailable} if unavailable else None,
+                    progress=lambda m: print(m, flush=True), on_result=keep)
+                save()
+        if args.only in (None, "guest-tcp"):
+            print("guest TCP: iperf3 between two TCG guests", flush=True)
+            tcfg = guest_tcp.GuestTcpConfig(
+                seconds=args.iperf_seconds, runs=args.iperf_runs, parallel=args.iperf_parallel,
+                vhostni_args=vhostni_args, vhostni_command=vhostni_cmd, vhostni_cpus=args.tcp_vhostni_cpu,
+                images=args.images, logdir=logdir)
+            results["guest_tcp"] = guest_tcp.run_guest_tcp(tcfg, unavailable,
+                                                           progress=lambda m: print(m, flush=True))
+            save()
+    except (KeyboardInterrupt, Interrupted) as exc:
+        results["interrupted"] = str(exc) or "KeyboardInterrupt"
+        print(f"interrupted ({results['interrupted']}); partial results saved", file=sys.stderr)
+        status = 130
+    finally:
+        results["meta"]["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        save()
+    print()
+    print(report(results))
+    print(f"\nresults: {out}  logs: {logdir}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
