@@ -14,8 +14,10 @@ vhost-user backends can map it.  The serial console is QEMU's stdio, driven with
 the guest print is written to the guest's console log (``test-logs/<name>.console.log`` unless given).
 
 ``run()`` sends one line of shell and reads its output between two unique markers, so it needs no prompt
-matching: ``echo B; eval 'CMD' </dev/null; echo E:$?``.  The command's stdin is /dev/null (a background
-``nc -l`` in the command does not steal the console); console echo is turned off once after boot.
+matching: ``echo B; command eval 'CMD' </dev/null; echo E:$?``.  The command's stdin is /dev/null (a
+background ``nc -l`` in the command does not steal the console).  After boot, the console's interactive shell
+is replaced by a non-interactive one (no prompts, no echo, background jobs immune to the Ctrl-C that
+interrupts a timed-out command); don't ``exit`` it.
 """
 from __future__ import annotations
 
@@ -92,6 +94,26 @@ class GuestImages:
     def manifest(self) -> dict:
         p = self.kernel.parent / "manifest.json"
         return json.loads(p.read_text()) if p.is_file() else {}
+
+
+class _ConsoleLog:
+    """The console log file, without the carriage returns of the serial line (for people reading it)."""
+
+    def __init__(self, path: Path):
+        self._f = open(path, "w", encoding="utf-8", errors="replace")
+
+    def write(self, text: str) -> None:
+        self._f.write(text.replace("\r", ""))
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    @property
+    def closed(self) -> bool:
+        return self._f.closed
+
+    def close(self) -> None:
+        self._f.close()
 
 
 def _crlf(text: str) -> str:
@@ -317,7 +339,7 @@ class Guest:
             self.qmp_path = os.path.join(self._workdir, "qmp.sock")
         argv = self.argv()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "w", encoding="utf-8", errors="replace")
+        self._log = _ConsoleLog(self.log_path)
         self._log.write(f"# vhostni guest {self.name}: {shlex.join(argv)}\n")
         self._log.flush()
         self._t0 = time.monotonic()
@@ -341,18 +363,21 @@ class Guest:
         if idx != 0:
             why = {1: f"kernel panic: {c.after.strip() if isinstance(c.after, str) else ''}",
                    2: f"QEMU exited ({self._exit_text()})",
-                   3: f"no {READY_MARKER} within {timeout:.0f} s"}[idx]
+                   3: f"no {READY_MARKER} within {timeout:g} s"}[idx]
             self._fail_boot(why)
         self.boot_seconds = time.monotonic() - self._t0
         errors = [line.strip() for line in self.boot_output.splitlines() if ERROR_MARKER in line]
         if errors:
             self._fail_boot("its /init reported:\n  " + "\n  ".join(errors))
-        # The console's shell now starts.  For run(): echo off (busybox then reads plain lines, no line
-        # editing), no prompts (they would land in outputs), no job control (no "[1]+ Done" notices in later
-        # outputs; background jobs ignore the Ctrl-C that interrupts a timed-out command).  Then synchronise.
+        # The console's interactive shell now starts.  run() needs a shell that reads plain lines, prints no
+        # prompts and survives signals, so replace it with a non-interactive one reading the console as a
+        # script (busybox's interactive ash with echo off takes a SIGCHLD during its read for end of input and
+        # exits).  Echo off first; Ctrl-C (used on timeouts) is trapped so only the command dies.
         tag = f"{self._token}_0"
-        c.sendline(f"stty -echo; PS1=''; PS2=''; set +m; echo '__VNI_S''_{tag}__'")
+        c.sendline(f"stty -echo; echo '__VNI_X''_{tag}__'; exec sh /proc/self/fd/0")
         try:
+            c.expect(f"__VNI_X_{tag}__\r*\n", timeout=max(30.0, timeout / 4))
+            c.sendline(f"trap : INT; echo '__VNI_S''_{tag}__'")
             c.expect(f"__VNI_S_{tag}__\r*\n", timeout=max(30.0, timeout / 4))
         except (pexpect.TIMEOUT, pexpect.EOF) as e:
             self._fail_boot(f"no shell on the console after the ready marker ({type(e).__name__})")
@@ -380,7 +405,7 @@ class Guest:
 
     def console_tail(self, lines: int = 40) -> str:
         try:
-            if self._log:
+            if self._log and not self._log.closed:
                 self._log.flush()
             text = self.log_path.read_text(encoding="utf-8", errors="replace")
         except OSError:
@@ -449,8 +474,8 @@ class Guest:
         tag = f"{self._token}_{n}"
         quoted = "'" + cmd.replace("'", "'\\''") + "'"
         # The markers are split by quotes so that, should echo ever come back on, the echoed line cannot match.
-        # The end marker is a line of its own: a syntax error in CMD aborts the rest of its line, not the next.
-        line = f"echo '__VNI_B''_{tag}__'; eval {quoted} </dev/null\necho \"__VNI_E\"\"_{tag}__:$?:\""
+        # `command eval`: a syntax error in CMD does not end the (non-interactive) shell.
+        line = f"echo '__VNI_B''_{tag}__'; command eval {quoted} </dev/null\necho \"__VNI_E\"\"_{tag}__:$?:\""
         if max(len(x) for x in line.split("\n")) > _MAX_LINE:
             raise ValueError(f"command line longer than {_MAX_LINE} bytes; split it or use put_file()")
         deadline = time.monotonic() + timeout

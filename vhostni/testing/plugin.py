@@ -176,6 +176,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
     outcome = yield
     rep = outcome.get_result()
     if rep.failed and (_live_guests or _live_daemons):
+        try:
+            _add_log_section(rep)
+        except Exception as e:  # never let a report helper break the run
+            rep.sections.append(("vhostni logs", f"(could not collect logs: {e!r})"))
+
+
+def _add_log_section(rep: pytest.TestReport) -> None:
+    if True:
         parts = []
         for g in list(_live_guests):
             parts.append(f"== guest {g.name}: {g.log_path}\n{g.console_tail(20)}")
