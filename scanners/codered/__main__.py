@@ -1,0 +1,89 @@
+"""The Code-Red scanner process: the detector in ``core`` wired to the vhostni scanner SDK.
+
+Run by the NI kernel as ``python3 scanners/codered`` (or ``python3 -m scanners.codered`` from the repository
+root).  It subscribes to the guest's DNS queries (read), the network's DNS responses (read) and the guest's
+TCP SYNs (contain), then decides each held SYN and sends the detector's alerts.  Settings come from the
+``config`` table of this scanner in the NI's policy (see scanners/README.md).
+
+Everything is imported before ``Scanner.connect()``: after it the seccomp lockdown forbids opening files.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+if __package__:
+    from .core import CodeRedDetector, ConfigError
+else:   # run as a directory (python3 scanners/codered): make the package importable by its own name
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from codered.core import CodeRedDetector, ConfigError   # type: ignore[no-redef]
+
+from vhostni.scanner import Refused, Scanner, ScannerError
+
+#: How long the frame loop waits before doing timed work (the end-of-attack re-evaluation).
+TICK = 0.5
+
+
+def subscriptions(dns_port: int) -> list[tuple[dict, bool]]:
+    """(match, contain) for the three subscriptions of section 5.3."""
+    return [
+        ({"direction": "from_guest", "proto": "udp", "dport": dns_port}, False),
+        ({"direction": "to_guest", "proto": "udp", "sport": dns_port}, False),
+        ({"direction": "from_guest", "proto": "tcp", "tcp_flags": "syn,!ack"}, True),
+    ]
+
+
+def log(msg: str) -> None:
+    print(f"codered: {msg}", file=sys.stderr, flush=True)
+
+
+def run(sc: Scanner) -> int:
+    try:
+        det = CodeRedDetector(sc.config, clock=time.monotonic)
+    except ConfigError as exc:
+        sc.alert(f"Code-Red scanner not started: bad configuration: {exc}", event="config_error")
+        log(f"bad configuration: {exc}")
+        return 2
+    for match, contain in subscriptions(det.cfg["dns_port"]):
+        try:
+            sc.subscribe(match, contain=contain)
+        except Refused as exc:
+            sc.alert(f"Code-Red scanner not started: subscription {match} refused: {exc}",
+                     event="subscription_refused")
+            log(f"subscription {match} refused: {exc}")
+            return 3
+    log(f"scanning on {sc.ni} as {sc.name}: more than {det.cfg['max_per_second']}/s or "
+        f"{det.cfg['max_per_minute']}/min unknown destinations is an attack")
+    for frame in sc.frames(timeout=TICK):
+        if frame is None:
+            alert = det.tick()
+        else:
+            verdict = det.handle_frame(frame.direction, frame.data)
+            alert = verdict.alert
+            if frame.held:
+                # Only SYNs are held (contain=True); DNS frames carry no objection (action None).
+                if verdict.action in (None, "pass"):
+                    sc.pass_(frame)
+                else:
+                    sc.cut(frame)
+        if alert is not None:
+            sc.alert(alert.message, **alert.fields)
+    return 0
+
+
+def main() -> int:
+    try:
+        sc = Scanner.connect()
+    except ScannerError as exc:
+        log(str(exc))
+        return 1
+    try:
+        return run(sc)
+    except ScannerError as exc:   # the NI kernel went away: nothing left to protect
+        log(str(exc))
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,559 @@
+"""The Code-Red scanner's detector (scanners/codered/core.py) with a fake clock, its frame parser, and (when the
+SDK is importable) the scanner process itself against a fake NI kernel.  No VM needed."""
+
+import ipaddress
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))   # scanners/ is not an installed package
+
+from scanners.codered import CodeRedDetector, ConfigError, DnsTable  # noqa: E402
+from scanners.codered.packet import PacketError, parse_frame  # noqa: E402
+
+from scapy.layers.dns import DNS, DNSQR, DNSRR  # noqa: E402
+from scapy.layers.inet import IP, TCP, UDP  # noqa: E402
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop  # noqa: E402
+from scapy.layers.l2 import Dot1Q, Ether  # noqa: E402
+
+GUEST = "10.0.0.2"
+GUEST6 = "fd00::2"
+RESOLVER = "10.0.0.1"
+RESOLVER6 = "fd00::1"
+MAC = "52:54:00:00:00:01"
+V4 = ipaddress.IPv4Address
+V6 = ipaddress.IPv6Address
+
+
+class Clock:
+    def __init__(self, t=1000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+    def advance(self, dt):
+        self.t += dt
+
+
+def detector(**config):
+    clock = Clock()
+    return CodeRedDetector(config, clock=clock), clock
+
+
+def eth(l3):
+    return bytes(Ether(src="52:54:00:00:00:02", dst="52:54:00:00:00:01") / l3)
+
+
+def syn(dst, dport=80, sport=40000, flags="S"):
+    ip = IPv6(src=GUEST6, dst=dst) if ":" in dst else IP(src=GUEST, dst=dst)
+    return eth(ip / TCP(sport=sport, dport=dport, flags=flags, seq=1))
+
+
+def dns_query(qname, qtype="A", txid=0x1111, sport=33333, server=RESOLVER):
+    ip = IPv6(src=GUEST6, dst=server) if ":" in server else IP(src=GUEST, dst=server)
+    return eth(ip / UDP(sport=sport, dport=53) / DNS(id=txid, rd=1, qd=[DNSQR(qname=qname, qtype=qtype)]))
+
+
+def dns_answer(qname, answers, qtype="A", txid=0x1111, dport=33333, server=RESOLVER, rcode=0):
+    """answers: [(owner, type, rdata, ttl)]"""
+    ip = IPv6(src=server, dst=GUEST6) if ":" in server else IP(src=server, dst=GUEST)
+    rrs = [DNSRR(rrname=o, type=t, rdata=r, ttl=ttl) for o, t, r, ttl in answers]
+    msg = DNS(id=txid, qr=1, rd=1, ra=1, rcode=rcode, qd=[DNSQR(qname=qname, qtype=qtype)], an=rrs)
+    return eth(ip / UDP(sport=53, dport=dport) / msg)
+
+
+def resolve(det, qname, answers, qtype="A", txid=0x1111, server=RESOLVER):
+    """The guest asks, the network answers: both frames through the detector."""
+    assert det.handle_frame("from_guest", dns_query(qname, qtype, txid, server=server)).action is None
+    assert det.handle_frame("to_guest", dns_answer(qname, answers, qtype, txid, server=server)).action is None
+
+
+def scan(det, clock, addrs, dt, dport=80):
+    """SYNs to each address, dt seconds apart; returns [(verdict, alert)]."""
+    out = []
+    for a in addrs:
+        out.append(det.decide_syn(a, dport))
+        clock.advance(dt)
+    return out
+
+
+def unknown(i):
+    return f"10.99.{i // 250}.{i % 250 + 1}"
+
+
+# ---- known destinations ----------------------------------------------------------------------------------------
+
+
+def test_resolved_addresses_pass_and_others_count():
+    det, clock = detector()
+    resolve(det, "www.example.com", [("www.example.com", "A", "192.0.2.10", 300)])
+    assert det.is_known(V4("192.0.2.10"))
+    v = det.handle_frame("from_guest", syn("192.0.2.10"))
+    assert (v.action, v.alert) == ("pass", None)
+    assert det.stats.syn_known == 1 and det.unknown_count(60) == 0
+    assert det.handle_frame("from_guest", syn("192.0.2.11")).action == "pass"   # unknown, below threshold
+    assert det.unknown_count(60) == 1 and det.stats.syn_unknown_passed == 1
+
+
+def test_cname_chain_addresses_are_known_under_the_queried_name():
+    det, clock = detector()
+    resolve(det, "www.example.com", [("www.example.com", "CNAME", "edge.cdn.example", 3600),
+                                      ("edge.cdn.example", "A", "192.0.2.20", 20),
+                                      ("edge.cdn.example", "A", "192.0.2.21", 20)])
+    for a in ("192.0.2.20", "192.0.2.21"):
+        e = det.table.get(V4(a))
+        assert e.name == "www.example.com" and e.expires == clock.t + 20
+
+
+def test_unsolicited_or_mismatched_answers_are_ignored():
+    det, clock = detector()
+    ans = [("evil.example", "A", "192.0.2.66", 300)]
+    det.handle_frame("to_guest", dns_answer("evil.example", ans))                     # no query at all
+    det.handle_frame("from_guest", dns_query("good.example", txid=7))
+    det.handle_frame("to_guest", dns_answer("evil.example", ans, txid=7))             # other question
+    det.handle_frame("to_guest", dns_answer("good.example", ans, txid=8))             # other ID
+    det.handle_frame("to_guest", dns_answer("good.example", ans, txid=7, server="10.0.0.99"))  # other server
+    assert not det.is_known(V4("192.0.2.66")) and det.stats.dns_unsolicited == 4
+    det.handle_frame("to_guest", dns_answer("GOOD.example", ans, txid=7))             # 0x20 case is fine
+    assert det.is_known(V4("192.0.2.66"))
+    det2, _ = detector(match_queries=False)
+    det2.handle_frame("to_guest", dns_answer("evil.example", ans))
+    assert det2.is_known(V4("192.0.2.66"))
+
+
+def test_queries_time_out():
+    det, clock = detector(query_timeout=5)
+    det.handle_frame("from_guest", dns_query("late.example"))
+    clock.advance(6)
+    det.handle_frame("to_guest", dns_answer("late.example", [("late.example", "A", "192.0.2.5", 60)]))
+    assert not det.is_known(V4("192.0.2.5"))
+
+
+def test_error_responses_add_nothing():
+    det, clock = detector()
+    det.handle_frame("from_guest", dns_query("nx.example"))
+    det.handle_frame("to_guest", dns_answer("nx.example", [("nx.example", "A", "192.0.2.9", 60)], rcode=3))
+    assert not det.is_known(V4("192.0.2.9")) and det.stats.dns_rejected == 1
+
+
+def test_ipv6_aaaa_and_ipv6_syns():
+    det, clock = detector()
+    resolve(det, "v6.example", [("v6.example", "AAAA", "2001:db8::80", 300)], qtype="AAAA", server=RESOLVER6)
+    assert det.handle_frame("from_guest", syn("2001:db8::80")).action == "pass"
+    assert det.stats.syn_known == 1
+    verdicts = [det.handle_frame("from_guest", syn(f"2001:db8:1::{i}")) for i in range(1, 4)]
+    assert [v.action for v in verdicts] == ["pass", "pass", "cut"]
+    assert verdicts[2].alert.fields["last_dst"] == "2001:db8:1::3"
+
+
+def test_known_networks():
+    det, clock = detector(known_networks=["10.0.0.0/24", "fd00::/64"])
+    for i in range(20):
+        assert det.decide_syn(f"10.0.0.{i + 10}", 22)[0] == "pass"
+        assert det.decide_syn(f"fd00::{i + 10:x}", 22)[0] == "pass"
+    assert det.stats.syn_known == 40 and not det.attack
+
+
+# ---- thresholds ------------------------------------------------------------------------------------------------
+
+
+def test_two_unknown_in_a_second_is_fine_three_is_an_attack():
+    det, clock = detector()
+    res = scan(det, clock, [unknown(i) for i in range(2)], 0.3)
+    assert [r for r in res] == [("pass", None), ("pass", None)]
+    assert not det.attack
+    verdict, alert = det.decide_syn(unknown(2), 8080)
+    assert verdict == "cut" and det.attack
+    assert alert.fields["event"] == "attack_detected"
+    assert alert.fields["count"] == 3 and alert.fields["count_last_second"] == 3
+    assert alert.fields["last_port"] == 8080 and alert.fields["last_dst"] == unknown(2)
+    assert "3 unknown destinations" in alert.message and "last port 8080" in alert.message
+
+
+def test_the_second_is_a_sliding_window():
+    det, clock = detector()
+    # two, then a pause just over a second, then two more: never more than 2 within one second
+    for dt in (0.5, 0.51, 0.5, 0.6):
+        assert det.decide_syn(unknown(int(dt * 1000)), 80)[0] == "pass"
+        clock.advance(dt)
+    assert not det.attack
+
+
+def test_repeated_syns_to_one_destination_count_once():
+    det, clock = detector()
+    for port in range(20):   # retransmissions, reconnections and a port scan of one host
+        assert det.decide_syn("10.99.0.1", port) == ("pass", None)
+    assert det.unknown_count(1) == 1 and not det.attack
+
+
+def test_ten_a_minute_is_fine_eleven_is_an_attack():
+    det, clock = detector()
+    res = scan(det, clock, [unknown(i) for i in range(10)], 5.5)    # 10 in 49.5 s
+    assert all(r == ("pass", None) for r in res) and not det.attack
+    verdict, alert = det.decide_syn(unknown(10), 443)
+    assert verdict == "cut" and alert.fields["count"] == 11 and alert.fields["count_last_second"] == 1
+
+
+def test_the_minute_is_a_sliding_window():
+    det, clock = detector()
+    res = scan(det, clock, [unknown(i) for i in range(30)], 6.1)    # 10 per 61 s, forever
+    assert all(r == ("pass", None) for r in res) and not det.attack
+
+
+def test_thresholds_come_from_the_config():
+    det, clock = detector(max_per_second=5, max_per_minute=100)
+    res = scan(det, clock, [unknown(i) for i in range(6)], 0.1)
+    assert [r[0] for r in res] == ["pass"] * 5 + ["cut"]
+    det, clock = detector(max_per_second=100, max_per_minute=3)
+    res = scan(det, clock, [unknown(i) for i in range(4)], 10)
+    assert [r[0] for r in res] == ["pass"] * 3 + ["cut"]
+
+
+# ---- attack mode -----------------------------------------------------------------------------------------------
+
+
+def enter_attack(det, clock):
+    scan(det, clock, [unknown(i) for i in range(2)], 0.125)
+    verdict, alert = det.decide_syn(unknown(2), 80)
+    assert verdict == "cut" and alert is not None and det.attack
+    return alert
+
+
+def test_attack_mode_passes_one_unknown_syn_every_six_seconds():
+    det, clock = detector()
+    resolve(det, "www.example.com", [("www.example.com", "A", "192.0.2.10", 300)])
+    enter_attack(det, clock)
+    start = clock.t
+    passed = []
+    i = 100
+    while clock.t < start + 59:         # a worm at 8 SYN/s for the rest of the minute (exact binary steps)
+        clock.advance(0.125)
+        verdict, alert = det.decide_syn(unknown(i), 80)
+        assert alert is None
+        if verdict == "pass":
+            passed.append(round(clock.t - start, 1))
+        i += 1
+        # known destinations pass at once, whatever the mode
+        assert det.decide_syn("192.0.2.10", 443) == ("pass", None)
+    assert passed == [6.0, 12.0, 18.0, 24.0, 30.0, 36.0, 42.0, 48.0, 54.0]
+    assert det.stats.syn_unknown_cut == i - 100 - len(passed) + 1
+
+
+def test_a_destination_let_through_keeps_passing_until_reevaluation():
+    det, clock = detector()
+    enter_attack(det, clock)
+    clock.advance(6)
+    assert det.decide_syn("10.98.0.1", 80)[0] == "pass"
+    assert det.decide_syn("10.98.0.2", 80)[0] == "cut"
+    clock.advance(1)
+    assert det.decide_syn("10.98.0.1", 80)[0] == "pass"   # its retransmission
+    assert det.decide_syn("10.98.0.2", 80)[0] == "cut"    # still waiting for a slot
+    clock.advance(5)
+    assert det.decide_syn("10.98.0.2", 80)[0] == "pass"   # retransmitted, 6 s later: its turn
+
+
+def test_reevaluation_alerts_again_while_the_scan_goes_on():
+    det, clock = detector()
+    first = enter_attack(det, clock)
+    assert first.fields["event"] == "attack_detected"
+    start = det.attack_since
+    alerts = []
+    prev_port = 80
+    for i in range(1040):                # 8 SYN/s for 130 s (exact binary steps)
+        clock.advance(0.125)
+        port = 8000 + i % 7
+        verdict, alert = det.decide_syn(unknown(1000 + i), port)
+        if alert:
+            alerts.append((clock.t - start, prev_port, alert))
+        prev_port = port
+    assert [(t, a.fields["event"]) for t, _, a in alerts] == [(60.0, "attack_continues"),
+                                                               (120.0, "attack_continues")]
+    for _, port, a in alerts:
+        # unique unknown destinations in the last minute: (t-60, t] holds 479 SYNs, the one deciding now
+        # is counted after the re-evaluation
+        assert a.fields["count"] == 479
+        assert a.fields["last_port"] == port        # the port of the most recent SYN before the re-evaluation
+        assert "continues" in a.message
+    assert det.attack and det.stats.attacks == 1 and det.stats.attack_continued == 2
+
+
+def test_reevaluation_ends_attack_mode_quietly_when_the_scan_stopped():
+    det, clock = detector()
+    enter_attack(det, clock)
+    clock.advance(59.9)
+    assert det.tick() is None and det.attack
+    clock.advance(0.2)
+    assert det.tick() is None            # re-evaluated: the 3 SYNs that started it are over a minute old
+    assert not det.attack and det.stats.attack_ended == 1
+    # back to normal: two unknown pass, the third starts a new attack with a new alert
+    res = scan(det, clock, [unknown(500 + i) for i in range(3)], 0.1)
+    assert [r[0] for r in res] == ["pass", "pass", "cut"]
+    assert res[2][1].fields["event"] == "attack_detected" and det.stats.attacks == 2
+
+
+def test_reevaluation_by_tick_alerts_when_the_rate_is_still_high():
+    det, clock = detector(attack_duration=10, pass_interval=2)
+    enter_attack(det, clock)
+    scan(det, clock, [unknown(100 + i) for i in range(20)], 0.45)   # 9 s of scanning in attack mode
+    clock.advance(1.5)
+    alert = det.tick()
+    assert alert is not None and alert.fields["event"] == "attack_continues"
+    assert alert.fields["count"] == 23 and alert.fields["attack_duration"] == 10
+    assert det.tick() is None            # one alert per re-evaluation
+
+
+def test_reevaluation_counts_only_the_last_minute():
+    det, clock = detector()
+    enter_attack(det, clock)
+    # a slow trickle in attack mode: 8 unknown in the minute (the 3 that triggered are > 60 s old by then)
+    clock.advance(1)
+    scan(det, clock, [unknown(200 + i) for i in range(8)], 7)
+    clock.advance(60 - 1 - 56 + 0.1)
+    assert det.tick() is None and not det.attack
+
+
+# ---- the DNS table ---------------------------------------------------------------------------------------------
+
+
+def test_table_keeps_expired_entries_until_space_is_needed():
+    t = DnsTable(3)
+    t.add(V4("192.0.2.1"), 10, "a", now=0)
+    t.add(V4("192.0.2.2"), 20, "b", now=0)
+    t.add(V4("192.0.2.3"), 30, "c", now=0)
+    # long after every TTL: all still there (programs reuse old gethostbyname() results)
+    assert all(V4(f"192.0.2.{i}") in t for i in (1, 2, 3))
+    t.add(V4("192.0.2.4"), 1040, "d", now=1000)     # full: the entry that expired first goes
+    assert V4("192.0.2.1") not in t and len(t) == 3 and t.evicted_expired == 1
+    t.add(V4("192.0.2.5"), 1040, "e", now=1000)
+    assert V4("192.0.2.2") not in t and V4("192.0.2.3") in t
+
+
+def test_table_prefers_expired_entries_and_respects_ttls():
+    t = DnsTable(3)
+    t.add(V4("192.0.2.1"), 100, "a", now=0)    # expires at 100
+    t.add(V4("192.0.2.2"), 5, "b", now=0)      # expires at 5 (added later, expires earlier)
+    t.add(V4("192.0.2.3"), 200, "c", now=0)
+    t.add(V4("192.0.2.4"), 60, "d", now=50)    # at 50 only b has expired: b goes, not a (the oldest added)
+    assert V4("192.0.2.2") not in t and V4("192.0.2.1") in t and t.evicted_live == 0
+    # nothing expired at 55: the one closest to expiring (d, at 60) goes, counted as a live eviction
+    t.add(V4("192.0.2.5"), 300, "e", now=55)
+    assert V4("192.0.2.4") not in t and t.evicted_live == 1
+
+
+def test_table_refresh_extends_never_shortens():
+    t = DnsTable(2)
+    t.add(V4("192.0.2.1"), 10, "a", now=0)
+    t.add(V4("192.0.2.2"), 20, "b", now=0)
+    t.add(V4("192.0.2.1"), 50, "a2", now=5)     # refreshed: now expires after b
+    t.add(V4("192.0.2.1"), 15, "a3", now=6)     # a shorter TTL does not shorten it
+    assert t.get(V4("192.0.2.1")).expires == 50 and t.get(V4("192.0.2.1")).name == "a2"
+    t.add(V4("192.0.2.3"), 100, "c", now=30)
+    assert V4("192.0.2.2") not in t and V4("192.0.2.1") in t
+
+
+def test_table_heap_stays_bounded_under_refreshes():
+    t = DnsTable(10)
+    for i in range(10000):
+        t.add(V4(f"192.0.2.{i % 10}"), i, "x", now=i)
+    assert len(t) == 10 and len(t._heap) <= 2 * 10 + 64
+
+
+def test_detector_table_capacity_and_ttl_from_dns():
+    det, clock = detector(table_capacity=2, max_ttl=100)
+    resolve(det, "a.example", [("a.example", "A", "192.0.2.1", 5)], txid=1)
+    resolve(det, "b.example", [("b.example", "A", "192.0.2.2", 100000)], txid=2)
+    assert det.table.get(V4("192.0.2.2")).expires == clock.t + 100     # capped at max_ttl
+    clock.advance(10)
+    assert det.is_known(V4("192.0.2.1"))        # expired but kept
+    resolve(det, "c.example", [("c.example", "A", "192.0.2.3", 60)], txid=3)
+    assert not det.is_known(V4("192.0.2.1")) and det.is_known(V4("192.0.2.2"))
+
+
+# ---- configuration ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config,why", [
+    ({"max_per_secnd": 3}, "unknown"),
+    ({"max_per_second": "2"}, "integer"),
+    ({"max_per_second": True}, "integer"),
+    ({"max_per_minute": -1}, "below"),
+    ({"pass_interval": 0}, "below"),
+    ({"attack_duration": float("nan")}, "below"),
+    ({"table_capacity": 0}, "below"),
+    ({"match_queries": "yes"}, "true or false"),
+    ({"known_networks": "10.0.0.0/8"}, "list"),
+    ({"known_networks": ["10.0.0.0/33"]}, "known_networks"),
+    ({"unparseable": "drop"}, "unparseable"),
+    ({"dns_port": 70000}, "65535"),
+])
+def test_bad_config(config, why):
+    with pytest.raises(ConfigError, match=why):
+        CodeRedDetector(config)
+
+
+def test_defaults():
+    det = CodeRedDetector()
+    assert (det.cfg["max_per_second"], det.cfg["max_per_minute"], det.cfg["pass_interval"],
+            det.cfg["attack_duration"]) == (2, 10, 6.0, 60.0)
+
+
+# ---- frames ----------------------------------------------------------------------------------------------------
+
+
+def test_frame_parser_handles_vlan_ipv6_extensions_and_padding():
+    p = parse_frame(bytes(Ether(dst=MAC) / Dot1Q(vlan=5) / IP(src=GUEST, dst="192.0.2.1") / TCP(dport=80, flags="S")))
+    assert (p.dst, p.dport, p.is_tcp_syn) == (V4("192.0.2.1"), 80, True)
+    p = parse_frame(bytes(Ether(dst=MAC) / IPv6(src=GUEST6, dst="2001:db8::1") / IPv6ExtHdrHopByHop()
+                          / IPv6ExtHdrFragment(offset=0, m=0) / TCP(dport=22, flags="S")))
+    assert (p.dst, p.dport, p.is_tcp_syn) == (V6("2001:db8::1"), 22, True)
+    p = parse_frame(bytes(Ether(dst=MAC) / IP(src=GUEST, dst=RESOLVER) / UDP(sport=5, dport=53) / b"abc") + bytes(30))
+    assert p.payload == b"abc"      # Ethernet padding is not UDP payload
+    assert not parse_frame(syn("192.0.2.1", flags="SA")).is_tcp_syn
+    assert not parse_frame(syn("192.0.2.1", flags="SR")).is_tcp_syn
+
+
+@pytest.mark.parametrize("frame,why", [
+    (b"\0" * 13, "Ethernet"),
+    (bytes(Ether(dst=MAC) / IP(dst="192.0.2.1", frag=10) / TCP()), "fragment"),
+    (bytes(Ether(dst=MAC) / IPv6(dst="2001:db8::1") / IPv6ExtHdrFragment(offset=3) / TCP()), "fragment"),
+    (bytes(Ether(dst=MAC) / IP(dst="192.0.2.1") / TCP())[:40], "total length"),
+    (bytes(Ether(dst=MAC) / IP(dst="192.0.2.1", ihl=4) / TCP()), "header length"),
+    (bytes(Ether(dst=MAC) / IP(dst="192.0.2.1") / TCP(dataofs=15)), "data offset"),
+    (bytes(Ether(dst=MAC) / IP(dst="192.0.2.1") / UDP(len=200) / b"x"), "UDP length"),
+    (bytes(Ether(dst=MAC) / IP(dst="192.0.2.1", proto=47) / (b"x" * 20)), "protocol 47"),
+    (bytes(Ether(dst=MAC, type=0x0806) / (b"x" * 28)), "ethertype"),
+])
+def test_frame_parser_rejects(frame, why):
+    with pytest.raises(PacketError, match=why):
+        parse_frame(frame)
+
+
+def test_held_frames_that_are_not_syns_follow_the_unparseable_setting():
+    det, _ = detector()
+    assert det.handle_frame("from_guest", b"garbage").action == "cut"
+    assert det.handle_frame("from_guest", syn("192.0.2.1", flags="SA")).action == "cut"
+    det, _ = detector(unparseable="pass")
+    assert det.handle_frame("from_guest", b"garbage").action == "pass"
+
+
+frame_bytes = st.one_of(
+    st.binary(max_size=200),
+    st.builds(lambda head, tail: head + tail,
+              st.sampled_from([syn("192.0.2.1")[:34], syn("2001:db8::1")[:54],
+                               dns_answer("a.example", [("a.example", "A", "192.0.2.1", 5)])[:42]]),
+              st.binary(max_size=200)),
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(frames=st.lists(st.tuples(st.sampled_from(["from_guest", "to_guest", 1, 2]), frame_bytes,
+                                 st.floats(0, 5)), max_size=12))
+def test_hostile_frames_never_raise(frames):
+    det, clock = detector(match_queries=False)
+    for direction, data, dt in frames:
+        clock.advance(dt)
+        v = det.handle_frame(direction, data)
+        assert v.action in (None, "pass", "cut")
+
+
+# ---- the scanner process, against a fake NI kernel (needs the SDK) -----------------------------------------------
+
+
+def test_scanner_process_with_fake_kernel(tmp_path):
+    wire = pytest.importorskip("vhostni.scanner.wire")
+    kernel, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    env = dict(os.environ, VHOSTNI_SCANNER_FD=str(child.fileno()))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    proc = subprocess.Popen([sys.executable, str(REPO / "scanners" / "codered")], env=env,
+                            pass_fds=[child.fileno()], stderr=subprocess.PIPE, cwd=tmp_path)
+    child.close()
+    kernel.settimeout(20)
+
+    def recv():
+        return wire.decode(kernel.recv(wire.MAX_MESSAGE))
+
+    try:
+        kernel.send(wire.encode_control({
+            "op": "hello", "version": 1, "scanner": "codered", "ni": "vm1",
+            "config": {"pass_interval": 0.5, "attack_duration": 2.0}, "injections": []}))
+        subs = []
+        for _ in range(3):
+            msg = recv()
+            assert msg.body["op"] == "subscribe"
+            subs.append((msg.body["match"], msg.body["contain"]))
+            kernel.send(wire.encode_control({"op": "reply", "id": msg.body["id"], "ok": True}))
+        assert [c for _, c in subs] == [False, False, True]
+        assert subs[2][0]["tcp_flags"] == "syn,!ack"
+
+        number = 0
+
+        def send(direction, data, held):
+            nonlocal number
+            number += 1
+            kernel.send(wire.encode_frame(number, direction, held, time.time_ns(), data))
+            return number
+
+        send(wire.FROM_GUEST, dns_query("www.example.com"), False)
+        send(wire.TO_GUEST, dns_answer("www.example.com", [("www.example.com", "A", "192.0.2.10", 300)]), False)
+        decisions, alerts = {}, []
+
+        def collect(n):
+            while len(decisions) < n:
+                msg = recv()
+                if isinstance(msg, wire.Decision):
+                    decisions[msg.number] = msg.verdict
+                else:
+                    assert msg.body["op"] == "alert"
+                    alerts.append(msg.body)
+
+        known = send(wire.FROM_GUEST, syn("192.0.2.10"), True)
+        scans = [send(wire.FROM_GUEST, syn(unknown(i), dport=445), True) for i in range(3)]
+        collect(4)
+        assert decisions[known] == wire.PASS
+        assert [decisions[n] for n in scans] == [wire.PASS, wire.PASS, wire.CUT]
+        while not alerts:
+            alerts.append(recv().body)
+        assert alerts[0]["fields"]["event"] == "attack_detected"
+        assert alerts[0]["fields"]["count"] == 3 and alerts[0]["fields"]["last_port"] == 445
+        # keep scanning: after the 2 s attack period the timer re-evaluates and alerts again
+        deadline = time.monotonic() + 10
+        i = 3
+        while len(alerts) < 2 and time.monotonic() < deadline:
+            send(wire.FROM_GUEST, syn(unknown(i)), True)
+            i += 1
+            time.sleep(0.1)
+            kernel.setblocking(False)
+            try:
+                while True:
+                    msg = wire.decode(kernel.recv(wire.MAX_MESSAGE))
+                    if isinstance(msg, wire.Control):
+                        alerts.append(msg.body)
+                    else:
+                        decisions[msg.number] = msg.verdict
+            except BlockingIOError:
+                pass
+            finally:
+                kernel.settimeout(20)
+        assert len(alerts) >= 2 and alerts[1]["fields"]["event"] == "attack_continues"
+        passed = [n for n in range(scans[-1] + 1, number + 1) if decisions.get(n) == wire.PASS]
+        assert 1 <= len(passed) <= (i - 3) // 4 + 1      # about one per 0.5 s of ~10 SYN/s
+    finally:
+        kernel.close()
+        try:
+            proc.wait(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    err = proc.stderr.read().decode()
+    assert proc.returncode == 0, err
+    assert "scanning on vm1 as codered" in err
