@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import frameloop, guest_tcp
 from .backends import DpdkVhostBackend, VhostniBackend, vhostni_unavailable_reason
-from .testpmd import dpdk_version, testpmd_binary
+from .testpmd import dpdk_version, reap_stale, testpmd_binary
 
 
 class Interrupted(Exception):
@@ -23,6 +23,9 @@ class Interrupted(Exception):
 
 
 def _on_signal(signum, _frame):
+    # Once: the teardown that follows must not be interrupted by a second signal.
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     raise Interrupted(f"signal {signum}")
 
 
@@ -148,9 +151,11 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     logdir = Path(args.logdir) if args.logdir else out.parent / "logs"
     logdir.mkdir(parents=True, exist_ok=True)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, _on_signal)
 
+    for path in reap_stale():
+        print(f"removed {path} (left by a killed earlier run)", file=sys.stderr)
     results: dict = {"meta": meta(args)}
     vhostni_cmd = shlex.split(args.vhostni_cmd) if args.vhostni_cmd else None
     vhostni_args = shlex.split(args.vhostni_args)

@@ -11,12 +11,18 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from .testpmd import TestPmd, TestPmdError, is_socket
+
+
+def pdeathsig_prefix() -> list[str]:
+    """``setpriv --pdeathsig KILL --``: the child dies with the benchmark even if that is SIGKILLed."""
+    return ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
 
 
 class BackendError(RuntimeError):
@@ -134,6 +140,7 @@ class VhostniBackend(Backend):
             raise BackendUnavailable(str(exc)) from None
         if self.cpus is not None:
             base = ["taskset", "-c", self.cpus, *base]
+        base = pdeathsig_prefix() + base
         extra = list(self.extra_args)
         if self.stats_file:
             self._stats_path = Path(socks[0]).parent / "vhostni-stats.json"

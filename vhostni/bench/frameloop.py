@@ -17,6 +17,7 @@ Frame sizes are the lengths testpmd puts on the virtio ring (Ethernet header + p
 """
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import tempfile
@@ -56,7 +57,7 @@ def measure_once(backend: Backend, size: int, cfg: FrameLoopConfig, tag: str) ->
     if the backend cannot run at all.
     """
     cfg.logdir.mkdir(parents=True, exist_ok=True)
-    sockdir = Path(tempfile.mkdtemp(prefix="vni-bench-"))      # short: sun_path holds 108 bytes
+    sockdir = Path(tempfile.mkdtemp(prefix=f"vni-bench-{os.getpid()}-", dir="/tmp"))      # short: sun_path holds 108 bytes
     socks = [str(sockdir / "a.sock"), str(sockdir / "b.sock")]
     front: TestPmd | None = None
     result: dict = {"size": size, "backend": backend.name, "tag": tag}

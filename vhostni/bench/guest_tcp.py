@@ -10,6 +10,7 @@ The figure is the receiver's rate.  Guests come from ``make images`` (vhostni.te
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import statistics
@@ -18,6 +19,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
+
+from .backends import pdeathsig_prefix
 
 ADDR_A, ADDR_B = "10.77.0.1", "10.77.0.2"
 _RATE = re.compile(r"([\d.]+)\s+([KMG]?)bits/sec.*?\b(sender|receiver)\s*$", re.M)
@@ -88,11 +91,12 @@ def _iperf_runs(a, b, cfg: GuestTcpConfig, progress: Callable[[str], None], labe
 def run_vhostni(cfg: GuestTcpConfig, progress: Callable[[str], None] = print) -> dict:
     from vhostni.testing import Guest, VhostniDaemon, VhostUserNic, boot_guests, vhostni_command
     images = _images(cfg)
-    sockdir = Path(tempfile.mkdtemp(prefix="vni-bt-"))
+    sockdir = Path(tempfile.mkdtemp(prefix=f"vni-bt-{os.getpid()}-", dir="/tmp"))
     sa, sb = sockdir / "a.sock", sockdir / "b.sock"
     cmd = list(cfg.vhostni_command or vhostni_command())
     if cfg.vhostni_cpus is not None:
         cmd = ["taskset", "-c", cfg.vhostni_cpus, *cmd]
+    cmd = pdeathsig_prefix() + cmd
     stats_path = sockdir / "stats.json"
     daemon = VhostniDaemon({"a": sa, "b": sb}, extra_args=[*cfg.vhostni_args, "--stats-file", str(stats_path)],
                            log_path=cfg.logdir / "tcp.vhostni.log", command=cmd)

@@ -81,6 +81,33 @@ def is_socket(path: str | os.PathLike) -> bool:
         return False
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_stale(tmp_prefixes: Sequence[str] = ("vni-bench-", "vni-bt-")) -> list[str]:
+    """Remove what a SIGKILLed earlier run left: DPDK runtime dirs ``vhostni-NAME-PID-N`` and temp dirs
+    ``/tmp/<prefix>PID-...`` whose PID is dead.  (Its processes died with it: PR_SET_PDEATHSIG.)"""
+    removed = []
+    candidates = []
+    if RUNTIME_DIR.is_dir():
+        candidates += [(p, re.fullmatch(r"vhostni-.+-(\d+)-\d+", p.name)) for p in RUNTIME_DIR.iterdir()]
+    tmp = Path("/tmp")
+    for pre in tmp_prefixes:
+        candidates += [(p, re.fullmatch(re.escape(pre) + r"(\d+)-.*", p.name)) for p in tmp.glob(pre + "*")]
+    for path, m in candidates:
+        if m and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(str(path))
+    return removed
+
+
 # --- output parsing -------------------------------------------------------------------------------------
 
 _STATS_HDR = re.compile(r"#+ NIC statistics for port (\d+)\s+#+")
