@@ -270,3 +270,20 @@ def test_build_is_incremental_and_reproducible(tmp_path, vhostni_images):
     r = subprocess.run(cmd + ["--out", str(tmp_path / "a")], capture_output=True, text=True)
     assert r.returncode == 0 and "up to date" in r.stderr, r.stderr
     assert (tmp_path / "a" / "initrd.cpio.gz").stat().st_mtime_ns == before
+
+
+def test_guest_programs_compile_statically_and_incrementally(tmp_path):
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc not installed")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "hello.c").write_text('#include <stdio.h>\nint main(void) { puts("hello"); return 0; }\n')
+    built = build.compile_guest_programs(src, tmp_path / "bin")
+    exe = built["hello"]
+    assert build.elf_dynamic(exe.read_bytes()) == ([], None)
+    assert subprocess.run([str(exe)], capture_output=True, text=True).stdout == "hello\n"
+    mtime = exe.stat().st_mtime_ns
+    assert build.compile_guest_programs(src, tmp_path / "bin")["hello"].stat().st_mtime_ns == mtime
+    (src / "broken.c").write_text("int main(void) { return }\n")
+    with pytest.raises(build.BuildError, match="broken.c"):
+        build.compile_guest_programs(src, tmp_path / "bin")

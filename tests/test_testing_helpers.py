@@ -1,0 +1,137 @@
+"""vhostni.testing without QEMU: QEMU command lines, the daemon runner, and the pytest plugin's fixtures."""
+from __future__ import annotations
+
+import signal
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from vhostni.testing import (DaemonError, Guest, GuestImages, ImagesMissing, TapNic, UserNic, VhostniDaemon,
+                             VhostUserNic, mac_for)
+
+pytest_plugins = ["pytester"]
+
+FAKE_IMAGES = GuestImages(Path("/images/vmlinuz"), Path("/images/initrd.cpio.gz"))
+
+
+def opt_after(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_qemu_command_line_for_vhost_user_under_tcg():
+    g = Guest("alpha", FAKE_IMAGES, accel="tcg",
+              nics=[VhostUserNic(socket="/tmp/s/a.sock"), TapNic(ifname="tap9"), UserNic(hostfwd=["tcp::2222-:22"])],
+              ip=["192.0.2.1/24", "dhcp", "none"], gw="192.0.2.254", mtu=[9000, 1500], dns="192.0.2.53")
+    argv = g.argv()
+    assert argv[:3] == ["qemu-system-x86_64", "-accel", "tcg"]
+    assert "memory-backend-memfd,id=mem,size=256M,share=on" in opt_after(argv, "-object")
+    assert "pc,memory-backend=mem" in opt_after(argv, "-machine")
+    assert opt_after(argv, "-chardev")[1] == "socket,id=c0,path=/tmp/s/a.sock,reconnect=1"
+    netdevs = opt_after(argv, "-netdev")
+    assert netdevs == ["vhost-user,id=n0,chardev=c0", "tap,id=n1,ifname=tap9,script=no,downscript=no",
+                       "user,id=n2,restrict=on,hostfwd=tcp::2222-:22"]
+    devices = opt_after(argv, "-device")
+    assert devices[0] == f"virtio-net-pci,netdev=n0,mac={mac_for('alpha', 0)},vectors=0"
+    assert devices[1] == f"virtio-net-pci,netdev=n1,mac={mac_for('alpha', 1)}"   # vectors=0 only for vhost-user
+    cmdline = opt_after(argv, "-append")[0].split()
+    assert {"console=ttyS0", "vhostni.hostname=alpha", "vhostni.ip=192.0.2.1/24,dhcp,none",
+            "vhostni.gw=192.0.2.254", "vhostni.mtu=9000,1500", "vhostni.dns=192.0.2.53"} <= set(cmdline)
+
+
+def test_qemu_command_line_variants():
+    g = Guest("beta", FAKE_IMAGES, accel="kvm", netns="ns1",
+              nics=[VhostUserNic(socket="/s", server=True, mac="52:54:00:00:00:01")])
+    argv = g.argv()
+    assert argv[:4] == ["ip", "netns", "exec", "ns1"]
+    assert opt_after(argv, "-chardev")[1] == "socket,id=c0,path=/s,server=on,wait=off"
+    assert opt_after(argv, "-device") == ["virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01"]   # no TCG, no vectors=0
+    assert "vhostni.ip" not in opt_after(argv, "-append")[0]
+    assert mac_for("beta", 0) != mac_for("beta", 1) and mac_for("beta", 0) == mac_for("beta", 0)
+    with pytest.raises(ValueError, match="guest name"):
+        Guest("bad name", FAKE_IMAGES)
+
+
+def test_images_locate(tmp_path):
+    with pytest.raises(ImagesMissing, match="make images"):
+        GuestImages.locate(tmp_path)
+    (tmp_path / "vmlinuz").write_bytes(b"k")
+    (tmp_path / "initrd.cpio.gz").write_bytes(b"i")
+    assert GuestImages.locate(tmp_path).kernel == tmp_path / "vmlinuz"
+
+
+FAKE_DAEMON = textwrap.dedent("""
+    import signal, socket, sys, time
+    args = sys.argv[1:]
+    assert args[0] == "run", args
+    socks = [a.split("=", 1)[1] for p, a in zip(args, args[1:]) if p == "--ni"]
+    mode = args[-1]
+    print("fake vhostni", args, file=sys.stderr, flush=True)
+    if mode == "--die":
+        sys.exit(3)
+    if mode != "--hang":
+        ls = []
+        for path in socks:
+            s = socket.socket(socket.AF_UNIX); s.bind(path); s.listen(); ls.append(s)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    while not stop:
+        time.sleep(0.05)
+    print("stopping", file=sys.stderr)
+""")
+
+
+def fake(tmp_path, mode, **kw):
+    return VhostniDaemon({"a": tmp_path / "a.sock", "b": tmp_path / "b.sock"}, extra_args=[mode],
+                         log_path=tmp_path / "d.log", command=[sys.executable, "-c", FAKE_DAEMON], **kw)
+
+
+def test_daemon_start_wait_and_stop(tmp_path):
+    (tmp_path / "a.sock").write_text("stale")      # a stale file must not count as the socket
+    d = fake(tmp_path, "--ok").start(timeout=20)
+    assert d.alive
+    assert d.stop() == 0
+    log = d.log_text()
+    assert "--ni a=" in log and "stopping" in log
+
+
+def test_daemon_that_exits_early_is_reported_with_its_log(tmp_path):
+    with pytest.raises(DaemonError, match=r"(?s)exited with status 3 .*fake vhostni"):
+        fake(tmp_path, "--die").start(timeout=20)
+
+
+def test_daemon_without_sockets_times_out(tmp_path):
+    d = fake(tmp_path, "--hang")
+    with pytest.raises(DaemonError, match="did not create .*a.sock.* within 1 s"):
+        d.start(timeout=1)
+    assert not d.alive
+
+
+def test_plugin_skips_without_images_but_fails_in_ci(pytester, monkeypatch, tmp_path):
+    pytester.makepyfile(test_x="def test_needs_images(vhostni_images):\n    pass\n")
+    missing = str(tmp_path / "nothing-here")
+    monkeypatch.delenv("CI", raising=False)
+    res = pytester.runpytest("--vhostni-images", missing, "-rs", "-p", "no:cacheprovider")
+    res.assert_outcomes(skipped=1)
+    res.stdout.fnmatch_lines(["*make images*"])
+    monkeypatch.setenv("CI", "true")
+    res = pytester.runpytest("--vhostni-images", missing, "-p", "no:cacheprovider")
+    res.assert_outcomes(errors=1)
+    res.stdout.fnmatch_lines(["*CI=true but guest images not found*"])
+
+
+def test_plugin_daemon_factory_logs_and_stops(pytester, tmp_path):
+    pytester.makepyfile(test_d=f"""
+        import sys
+        FAKE = {FAKE_DAEMON!r}
+        def test_daemon(vhostni_daemon_factory, vhostni_sockdir, vhostni_logdir):
+            d = vhostni_daemon_factory({{"a": vhostni_sockdir / "a.sock"}}, name="fake",
+                                       command=[sys.executable, "-c", FAKE], extra_args=["--ok"])
+            assert d.alive
+            assert d.log_path == vhostni_logdir / "test_d.fake.vhostni.log"
+            assert len(str(vhostni_sockdir / "a.sock")) < 100
+    """)
+    res = pytester.runpytest("--vhostni-logs", str(tmp_path / "logs"), "-p", "no:cacheprovider")
+    res.assert_outcomes(passed=1)
+    assert "stopping" in (tmp_path / "logs" / "test_d.fake.vhostni.log").read_text()   # stopped at teardown
