@@ -217,6 +217,8 @@ def decompress_module(path: Path) -> bytes:
             import zstandard  # type: ignore
             return zstandard.ZstdDecompressor().decompressobj().decompress(data)
         except ImportError:
+            if shutil.which("zstd") is None:
+                raise BuildError(f"{path.name} is zstd-compressed: install zstd (apt) or zstandard (pip)") from None
             return subprocess.run(["zstd", "-dc"], input=data, capture_output=True, check=True).stdout
     raise BuildError(f"unknown module compression: {path}")
 
