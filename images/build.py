@@ -572,14 +572,20 @@ def busybox_applets(busybox: Path) -> list[str]:
     return applets
 
 
+GUEST_CFLAGS = ["-static", "-O2", "-Wall", "-Wextra"]
+
+
 def compile_guest_programs(src_dir: Path, dest: Path) -> dict[str, Path]:
+    """Compile each ``*.c`` in src_dir into a static executable; a cached one is reused when the source and
+    flags are the same (its file name carries their digest)."""
     dest.mkdir(parents=True, exist_ok=True)
     built = {}
     for src in sorted(src_dir.glob("*.c")):
-        exe = dest / src.stem
-        if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
+        key = hashlib.sha256(src.read_bytes() + "\0".join(GUEST_CFLAGS).encode()).hexdigest()[:16]
+        exe = dest / f"{src.stem}.{key}"
+        if not exe.exists():
             log(f"compiling {src.relative_to(REPO) if src.is_relative_to(REPO) else src}")
-            run(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-o", str(exe) + ".tmp", str(src)])
+            run(["gcc", *GUEST_CFLAGS, "-o", str(exe) + ".tmp", str(src)])
             os.replace(str(exe) + ".tmp", exe)
         built[src.stem] = exe
     return built
