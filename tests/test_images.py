@@ -252,6 +252,7 @@ def test_initrd_boot_essentials(initrd):
 
 def test_guest_programs_are_static(initrd, vhostni_images):
     for name in sorted(p.stem for p in (REPO / "guests").glob("*.c")):
+        assert f"bin/{name}" in initrd, f"guests/{name}.c is not in {vhostni_images.initrd}: stale, run `make images`"
         mode, exe = initrd[f"bin/{name}"]
         assert mode & 0o111
         assert build.elf_dynamic(exe) == ([], None), f"{name} must be linked statically"
