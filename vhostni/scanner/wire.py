@@ -26,6 +26,9 @@ message is:
   "config": {...}, "injections": [names]}`` first, then ``{"op": "reply", "id": N,
   "ok": bool, "error": str}`` for each subscribe and inject.
 
+  A control message is at most MAX_JSON bytes of JSON whose lists and objects nest at
+  most MAX_DEPTH levels.
+
 This module is shared by the SDK and the kernel and imports nothing from either.
 """
 from __future__ import annotations
@@ -48,6 +51,9 @@ FRAME = struct.Struct("<cBBxQQI")
 DECISION = struct.Struct("<cB6xQ")
 MAX_FRAME = 65550
 MAX_JSON = 65536
+# how deeply a control message's lists and objects may nest: whoever handles one (and
+# re-encodes its fields, as alerts are) must never run out of stack
+MAX_DEPTH = 32
 # the largest message either side may send; receivers read with this buffer size
 MAX_MESSAGE = FRAME.size + MAX_FRAME
 
@@ -98,6 +104,18 @@ def encode_control(body: dict) -> bytes:
     return b"J" + data
 
 
+def _depth(obj) -> int:
+    """How deeply lists and objects nest in a decoded JSON value (iteratively)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, (dict, list)):
+            deepest = max(deepest, d)
+            if d <= MAX_DEPTH:
+                stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+    return deepest
+
+
 def decode(msg: bytes) -> Message:
     """Parses one message; raises WireError for anything malformed."""
     if not msg:
@@ -124,9 +142,11 @@ def decode(msg: bytes) -> Message:
             raise WireError("control message too large")
         try:
             body = json.loads(msg[1:].decode())
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise WireError(f"bad JSON: {exc}") from None
         if not isinstance(body, dict) or not isinstance(body.get("op"), str):
             raise WireError("control message must be a JSON object with an 'op' string")
+        if _depth(body) > MAX_DEPTH:
+            raise WireError(f"control message nested deeper than {MAX_DEPTH}")
         return Control(body)
     raise WireError(f"unknown message type {kind!r}")
