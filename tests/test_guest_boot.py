@@ -17,7 +17,7 @@ pytestmark = pytest.mark.guest
 
 @pytest.fixture(scope="module")
 def plain(vhostni_guest_factory):
-    return vhostni_guest_factory("plain")
+    return vhostni_guest_factory("plain", qmp=True)
 
 
 def test_boots_quickly_with_modules_loaded(plain):
@@ -87,6 +87,18 @@ def test_iperf3_runs_with_its_libraries(plain):
     plain.check("iperf3 -s -D -1 -p 5201 >/dev/null 2>&1; sleep 0.5")
     out = plain.check("iperf3 -c 127.0.0.1 -p 5201 -t 1 -J | grep -c bits_per_second", timeout=60)
     assert int(out) > 0
+
+
+def test_qmp_socket(plain):
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    assert plain.qmp_path and os.path.exists(plain.qmp_path)
+    mon = QEMUMonitorProtocol(plain.qmp_path)
+    mon.connect()
+    try:
+        assert mon.cmd_obj({"execute": "query-status"})["return"]["status"] == "running"
+    finally:
+        mon.close()
 
 
 def test_console_log_is_written(plain):
