@@ -66,7 +66,7 @@ class AlertLog:
                 continue
         return 0
 
-    def append(self, ni: str, scanner: Optional[str], message: str, **fields) -> dict:
+    def append(self, ni: str, scanner: Optional[str], message: str, /, **fields) -> dict:
         self.seq += 1
         rec = {"seq": self.seq, "time": time.time(), "ni": ni, "scanner": scanner,
                "message": message}
@@ -424,7 +424,8 @@ class ScannerProc:
 
     def _inject(self, body: dict) -> None:
         idx = body.get("index")
-        direction = wire.DIRECTIONS.get(body.get("direction"))
+        direction = body.get("direction")
+        direction = wire.DIRECTIONS.get(direction) if isinstance(direction, str) else None
         if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < len(self.spec.injections):
             self._reply(body, f"no pre-registered injection {idx!r}")
             self.nk.kernel.alerts.append(self.nk.name, self.name,

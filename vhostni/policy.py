@@ -174,7 +174,7 @@ def parse_match(where: str, d: Any) -> Match:
         raise PolicyError(f"{where}.{sorted(unknown)[0]}", f"unknown key (known: {', '.join(sorted(MATCH_KEYS))})")
     kw: dict[str, Any] = {}
     if "direction" in d:
-        if d["direction"] not in DIRECTIONS:
+        if not isinstance(d["direction"], str) or d["direction"] not in DIRECTIONS:
             raise PolicyError(f"{where}.direction", f"expected one of {', '.join(DIRECTIONS)}")
         kw["dirs"] = DIRECTIONS[d["direction"]]
         if kw["dirs"] == DIR_FROM | DIR_TO:

@@ -139,7 +139,7 @@ class Scanner:
             direction = wire.DIRECTION_NAMES[direction]
         self._request({"op": "inject", "index": int(index), "direction": direction})
 
-    def alert(self, message: str, **fields) -> None:
+    def alert(self, message: str, /, **fields) -> None:
         """Sends an alert to the administrator (the kernel rate-limits them)."""
         self.sock.send(wire.encode_control({"op": "alert", "message": str(message), "fields": fields}))
 
