@@ -103,11 +103,11 @@ def preexec(memory_mb: int, cpu_seconds: int, open_files: int,
     libc = ctypes.CDLL(None, use_errno=True)
 
     def run() -> None:
+        parent = os.getppid()
         os.setsid()
         if libc.unshare(CLONE_NEWNET) != 0:
             os.write(2, b"vhostni sandbox: unshare(CLONE_NEWNET) failed\n")
             os._exit(126)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         mem = memory_mb << 20
         resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 5))
@@ -117,6 +117,9 @@ def preexec(memory_mb: int, cpu_seconds: int, open_files: int,
         os.setgroups([])
         os.setgid(pw.pw_gid)
         os.setuid(pw.pw_uid)
+        # after setuid: changing credentials clears the parent-death signal
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent:
+            os._exit(126)
         if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             os._exit(126)
 
