@@ -1,8 +1,9 @@
 """The scanner's lockdown: a seccomp allow-list installed once start-up is over.
 
 After it, a scanner can only compute, allocate memory, talk over the sockets it already
-has and exit: opening files, creating sockets, spawning processes or threads, and every
-other system call fail with EPERM.  No new privileges is set first (required for an
+has, signal itself and exit: opening files, creating sockets, spawning processes or
+threads, signalling or setting limits of other processes, and every other system call
+fail with EPERM.  No new privileges is set first (required for an
 unprivileged filter, and so that nothing exec'd later could gain any).
 
 x86-64 only; elsewhere ``lockdown()`` raises NotImplementedError rather than pretend.
@@ -49,20 +50,53 @@ def _insn(code: int, jt: int, jf: int, k: int) -> bytes:
     return struct.pack("=HBBI", code, jt, jf, k)
 
 
-def build_filter(allowed: dict[str, int] = ALLOWED_X86_64, deny_errno: int = errno.EPERM) -> bytes:
-    """The BPF program: wrong arch -> kill; x32 -> deny; listed syscall -> allow; else deny."""
-    nrs = sorted(set(allowed.values()))
+# Allowed only when their first argument (a pid; the kernel reads it as a 32-bit int) names
+# the calling process, 0 also meaning itself for prlimit64.  Every scanner runs as the same
+# user, so without this one could signal another (tgkill) or set its limits (prlimit64: a
+# CPU limit of 0 kills it).
+SELF_ONLY_X86_64 = {"tgkill": (234, False), "prlimit64": (302, True)}
+SECCOMP_DATA_ARG0 = 16          # offsetof(struct seccomp_data, args[0]), low half on x86-64
+
+
+def build_filter(allowed: dict[str, int] = ALLOWED_X86_64, deny_errno: int = errno.EPERM,
+                 self_only: dict[str, tuple[int, bool]] = SELF_ONLY_X86_64,
+                 pid: int | None = None) -> bytes:
+    """The BPF program: wrong arch -> kill; x32 -> deny; listed syscall -> allow;
+    ``self_only`` syscall -> allow if its first argument is ``pid`` (or 0 where that means
+    the caller); else deny."""
+    pid = os.getpid() if pid is None else pid
+    nrs = sorted(set(allowed.values()) - {nr for nr, _ in self_only.values()})
+    checks = sorted(self_only.values())
+    # header (5) | a JEQ per self-only nr | a JEQ per nr | DENY | ALLOW | a check per
+    # self-only nr, each ending in its own DENY and ALLOW (classic BPF jumps only forward)
+    deny = 5 + len(checks) + len(nrs)
+    allow = deny + 1
+    check_at, at = [], allow + 1
+    for _, zero_ok in checks:
+        check_at.append(at)
+        at += 5 if zero_ok else 4
+    deny_ret = _insn(BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | deny_errno)
+    allow_ret = _insn(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW)
     prog = [
         _insn(BPF_LD_W_ABS, 0, 0, 4),                        # A = arch
         _insn(BPF_JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
         _insn(BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS),
         _insn(BPF_LD_W_ABS, 0, 0, 0),                        # A = nr
-        _insn(BPF_JGE_K, len(nrs), 0, X32_SYSCALL_BIT),      # x32 -> deny
+        _insn(BPF_JGE_K, deny - 5, 0, X32_SYSCALL_BIT),      # x32 -> deny
     ]
-    for i, nr in enumerate(nrs):
-        prog.append(_insn(BPF_JEQ_K, len(nrs) - i, 0, nr))   # -> allow, past the deny
-    prog.append(_insn(BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | deny_errno))
-    prog.append(_insn(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW))
+    for (nr, _), target in zip(checks, check_at):
+        prog.append(_insn(BPF_JEQ_K, target - len(prog) - 1, 0, nr))
+    for nr in nrs:
+        prog.append(_insn(BPF_JEQ_K, allow - len(prog) - 1, 0, nr))   # -> allow, past the deny
+    prog += [deny_ret, allow_ret]
+    for _, zero_ok in checks:
+        prog.append(_insn(BPF_LD_W_ABS, 0, 0, SECCOMP_DATA_ARG0))   # A = args[0] (low half)
+        if zero_ok:
+            prog.append(_insn(BPF_JEQ_K, 2, 0, 0))                  # 0 -> allow
+        prog.append(_insn(BPF_JEQ_K, 1, 0, pid & 0xFFFFFFFF))       # own pid -> allow
+        prog += [deny_ret, allow_ret]
+    assert all(i + 1 + max(jt, jf) < len(prog) for i, (code, jt, jf, _) in
+               enumerate(struct.iter_unpack("=HBBI", b"".join(prog))) if code & 7 == 5)
     return b"".join(prog)
 
 
