@@ -46,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--frontend-cpu", default="1", help="CPU(s) for the frontend testpmd")
     g.add_argument("--frontend-vdev-args", default="", help="appended to each net_virtio_user vdev, e.g. "
                                                              "',queue_size=1024'")
+    g.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                   help="before each run wait up to SECONDS for other processes to leave the CPUs idle")
+    g.add_argument("--quiet-cpus", type=float, default=0.3, help="idle means busy CPUs below this")
     g.add_argument("--baseline-vdev-args", default="", help="appended to each net_vhost vdev")
     v = p.add_argument_group("vhostni")
     v.add_argument("--vhostni-args", default="", help="extra args for `vhostni run` (shell words), e.g. '--poll'")
@@ -108,6 +111,11 @@ def _mpps(e: dict) -> str:
     return f"{s['median'] / 1e6:6.2f} Mpps {spread:>5s} (n={s['n']})"
 
 
+def _foreign(e: dict) -> str:
+    f = e.get("foreign_cpus")
+    return f"{f['median']:.2f}" if f else "-"
+
+
 def _gbit(e: dict) -> str:
     if "gbit_s" not in e:
         return e.get("status", "-").splitlines()[0][:60]
@@ -129,10 +137,14 @@ def report(results: dict) -> str:
         else:
             lines.append("frame loop: frames/s delivered by the backend (both directions summed), median of runs; "
                          "± = half the min-max spread")
-            lines.append(f"  {'size':>6s}  {'baseline (DPDK net_vhost)':32s}  {'vhostni':32s}  vhostni/baseline")
+            lines.append("  (others' CPU = CPUs used by other processes during the runs, median: "
+                         "0 on a quiet machine; it takes CPU from the benchmark)")
+            lines.append(f"  {'size':>6s}  {'baseline (DPDK net_vhost)':32s}  {'vhostni':32s}  vhostni/baseline"
+                         f"  others' CPU (base/vhostni)")
             for size, e in fl["sizes"].items():
-                lines.append(f"  {size + ' B':>6s}  {_mpps(e.get('baseline', {})):32s}  "
-                             f"{_mpps(e.get('vhostni', {})):32s}  {_ratio(e.get('ratio_vhostni_to_baseline'))}")
+                b, v = e.get("baseline", {}), e.get("vhostni", {})
+                lines.append(f"  {size + ' B':>6s}  {_mpps(b):32s}  {_mpps(v):32s}  "
+                             f"{_ratio(e.get('ratio_vhostni_to_baseline')):16s}  {_foreign(b)} / {_foreign(v)}")
     gt = results.get("guest_tcp")
     if gt:
         if gt.get("status") != "ran":
@@ -184,7 +196,7 @@ def main(argv=None) -> int:
                     sizes=[int(s) for s in args.sizes.split(",") if s.strip()], runs=args.runs,
                     duration=args.duration, warmup=args.warmup, tx_first_bursts=args.bursts,
                     frontend_cpus=args.frontend_cpu, frontend_vdev_args=args.frontend_vdev_args,
-                    logdir=logdir)
+                    wait_quiet=args.wait_quiet, quiet_cpus=args.quiet_cpus, logdir=logdir)
                 backends = [DpdkVhostBackend(cpus=args.backend_cpu, vdev_args=args.baseline_vdev_args),
                             VhostniBackend(cpus=args.backend_cpu, extra_args=vhostni_args, command=vhostni_cmd)]
                 print(f"frame loop: {len(cfg.sizes)} sizes x {cfg.runs} runs x {cfg.duration:g} s per backend",

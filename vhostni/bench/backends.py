@@ -40,6 +40,10 @@ class Backend:
     def start(self, socks: Sequence[str], logdir: Path, tag: str) -> None:
         raise NotImplementedError
 
+    def pid(self) -> int | None:
+        """The backend's process (for CPU accounting), if it has one."""
+        return None
+
     def check(self) -> None:
         """Raise BackendError if the backend died."""
 
@@ -77,6 +81,9 @@ class DpdkVhostBackend(Backend):
         if missing:
             self.stop()
             raise BackendError(f"net_vhost did not create {missing}")
+
+    def pid(self) -> int | None:
+        return self.pmd.pid if self.pmd else None
 
     def check(self) -> None:
         if self.pmd is None or not self.pmd.alive:
@@ -154,6 +161,9 @@ class VhostniBackend(Backend):
             self.daemon = None
             # It exited before listening: that is not one bad run, it cannot run at all.
             raise BackendUnavailable(_short(str(exc))) from None
+
+    def pid(self) -> int | None:
+        return self.daemon.pid if self.daemon else None
 
     def check(self) -> None:
         if self.daemon is None or not self.daemon.alive:

@@ -39,7 +39,45 @@ class FrameLoopConfig:
     tx_first_bursts: int = 32
     frontend_cpus: str | None = "1"
     frontend_vdev_args: str = ""     # appended to each net_virtio_user vdev, e.g. ",queue_size=1024"
+    wait_quiet: float = 0.0          # before a run, wait up to this many s for the machine to be idle
+    quiet_cpus: float = 0.3          # "idle": other processes use less than this many CPUs
     logdir: Path = field(default_factory=lambda: Path("bench/out/logs"))
+
+
+_HZ = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_busy_ticks() -> int:
+    """Busy jiffies of the whole machine (all CPUs), from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return sum(v[:8]) - idle          # user nice system idle iowait irq softirq steal
+
+
+def _proc_ticks(pids) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])        # utime + stime, all threads
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def wait_quiet(max_wait: float, threshold: float) -> dict:
+    """Wait (up to ``max_wait`` s) until the machine's busy CPUs over 1 s fall under ``threshold``."""
+    t_start = time.monotonic()
+    while True:
+        b0, t0 = _cpu_busy_ticks(), time.monotonic()
+        time.sleep(1.0)
+        busy = (_cpu_busy_ticks() - b0) / _HZ / (time.monotonic() - t0)
+        waited = time.monotonic() - t_start
+        if busy < threshold or waited >= max_wait:
+            return {"busy_cpus_before": round(busy, 3), "waited_s": round(waited, 1),
+                    "quiet": busy < threshold}
 
 
 def _stats_at(pmd: TestPmd):
@@ -61,6 +99,8 @@ def measure_once(backend: Backend, size: int, cfg: FrameLoopConfig, tag: str) ->
     socks = [str(sockdir / "a.sock"), str(sockdir / "b.sock")]
     front: TestPmd | None = None
     result: dict = {"size": size, "backend": backend.name, "tag": tag}
+    if cfg.wait_quiet > 0:
+        result["before"] = wait_quiet(cfg.wait_quiet, cfg.quiet_cpus)
     try:
         backend.start(socks, cfg.logdir, tag)
         vdevs = [f"net_virtio_user{i},path={s}{cfg.frontend_vdev_args}" for i, s in enumerate(socks)]
@@ -72,9 +112,12 @@ def measure_once(backend: Backend, size: int, cfg: FrameLoopConfig, tag: str) ->
         front.start_fwd("io", tx_first=cfg.tx_first_bursts, txpkts=size)
         time.sleep(cfg.warmup)
         backend.check()
+        pids = [p for p in (front.pid, backend.pid()) if p]
+        busy0, ours0 = _cpu_busy_ticks(), _proc_ticks(pids)
         s0, t0, lat0 = _stats_at(front)
         time.sleep(cfg.duration)
         s1, t1, lat1 = _stats_at(front)
+        busy1, ours1 = _cpu_busy_ticks(), _proc_ticks(pids)
         backend.check()
         fwd = front.stop_fwd()
         dt = t1 - t0
@@ -93,6 +136,10 @@ def measure_once(backend: Backend, size: int, cfg: FrameLoopConfig, tag: str) ->
             "rx_errors": sum(x.rx_errors for x in d.values()),
             "tx_errors": sum(x.tx_errors for x in d.values()),
             "tx_dropped_total": sum(v.get("tx_dropped", 0) for v in fwd.values()),
+            "loadavg_1min": os.getloadavg()[0],
+            # CPUs' worth of work done by *other* processes during the interval (0 = we had the machine)
+            "foreign_cpus": round(max(0, (busy1 - busy0) - (ours1 - ours0)) / _HZ / dt, 3),
+            "our_cpus": round((ours1 - ours0) / _HZ / dt, 3),
         })
         if rx == 0:
             result.update(ok=False, error="no frame came back through the backend during the interval")
@@ -165,7 +212,7 @@ def run_frame_loop(backends: Sequence[Backend], cfg: FrameLoopConfig,
                 if r["ok"]:
                     progress(f"  {size:5d} B  {b.name:9s} run {i + 1}/{cfg.runs}: {r['pps'] / 1e6:7.3f} Mpps "
                              f"(a->b {r['pps_a_to_b'] / 1e6:.3f}, b->a {r['pps_b_to_a'] / 1e6:.3f}), "
-                             f"{r['gbit_s']:.2f} Gbit/s")
+                             f"{r['gbit_s']:.2f} Gbit/s; others used {r['foreign_cpus']:.2f} CPU")
                 else:
                     progress(f"  {size:5d} B  {b.name:9s} run {i + 1}/{cfg.runs}: FAILED: "
                              f"{r['error'].splitlines()[0]}")
@@ -186,6 +233,7 @@ def run_frame_loop(backends: Sequence[Backend], cfg: FrameLoopConfig,
                 e["pps_a_to_b"] = summarize([r["pps_a_to_b"] for r in ok])
                 e["pps_b_to_a"] = summarize([r["pps_b_to_a"] for r in ok])
                 e["gbit_s"] = summarize([r["gbit_s"] for r in ok])
+                e["foreign_cpus"] = summarize([r["foreign_cpus"] for r in ok])
             entry[b.name] = e
         base, vni = entry.get("baseline", {}), entry.get("vhostni", {})
         if "pps" in base and "pps" in vni and base["pps"]["median"]:
