@@ -115,10 +115,12 @@ def _term_implies(mine, theirs) -> bool:
     toff, tval, tmask = theirs
     for k in range(len(tval)):
         pos = toff + k - moff
-        if tmask[k] == 0:
-            continue
+        # even a byte the right does not care about needs the frame to reach it (the C
+        # matcher fails a term that runs past the frame's end), so ``mine`` must cover it
         if not 0 <= pos < len(mval):
             return False
+        if tmask[k] == 0:
+            continue
         if (mmask[pos] & tmask[k]) != tmask[k] or (mval[pos] & tmask[k]) != (tval[k] & tmask[k]):
             return False
     return True
