@@ -212,9 +212,10 @@ def parse_match(where: str, d: Any) -> Match:
         kw["flags_mask"], kw["flags_value"] = mask, value
         if "proto" not in kw:
             kw["proto"] = 6
-    if (("sport" in kw or "dport" in kw or "flags_mask" in kw)
-            and kw.get("proto", -1) not in (6, 17, 132)):
-        raise PolicyError(where, "ports and tcp_flags need proto tcp, udp or sctp")
+    if ("sport" in kw or "dport" in kw) and kw.get("proto", -1) not in (6, 17, 132):
+        raise PolicyError(where, "ports need proto tcp, udp or sctp")
+    if "flags_mask" in kw and kw.get("proto") != 6:
+        raise PolicyError(where, "tcp_flags need proto tcp")
     if "terms" in d:
         terms = d["terms"]
         if not isinstance(terms, list) or len(terms) > lib.VN_MAX_TERMS:
@@ -371,6 +372,10 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
     p.held_bytes_max = _want(ni, "held_bytes_max", "ni", int, p.held_bytes_max)
     if p.held_frames_max < 1 or p.held_bytes_max < 65536:
         raise PolicyError("ni", "held_frames_max >= 1 and held_bytes_max >= 65536")
+    if p.held_frames_max > 0xFFFFFFFF:
+        raise PolicyError("ni.held_frames_max", "at most 4294967295")
+    if p.held_bytes_max > 0xFFFFFFFFFFFFFFFF:
+        raise PolicyError("ni.held_bytes_max", "at most 2**64 - 1")
     oc = _want(ni, "over_cap", "ni", str, "drop")
     if oc not in ("drop", "pass"):
         raise PolicyError("ni.over_cap", "expected 'drop' (fail closed) or 'pass'")
@@ -438,7 +443,7 @@ def load_policy(path: str) -> Policy:
             d = json.loads(raw)
         else:
             d = tomllib.loads(raw.decode())
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise PolicyError("", f"{path}: cannot parse: {exc}") from None
     try:
         return parse_policy(d, base=os.path.dirname(os.path.abspath(path)), source=path)
