@@ -6,5 +6,5 @@ if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
 $SUDO apt-get update -q
 $SUDO apt-get install -y -q --no-install-recommends \
     qemu-system-x86 qemu-utils dpdk-dev iproute2 iperf3 busybox-static cpio kmod \
-    gcc libc6-dev make ca-certificates
+    gcc libc6-dev make ca-certificates python3
 python3 -m pip install -q --upgrade pip setuptools wheel cffi
