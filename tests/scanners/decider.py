@@ -1,0 +1,47 @@
+"""A cooperative test scanner: subscribes as its config says and decides by markers in
+the frame's bytes.
+
+config: ``subscribe`` [{"match": {...}, "contain": bool}], ``report`` (send an alert
+"frame" with number, held, direction and the frame's hex for each frame), ``crash_after``
+N (exit with status 3 on receiving frame N+1, without deciding it), ``verdict`` ("pass" or
+"cut": decide every held frame so, markers aside), ``inject`` [index, direction] (ask for
+that pre-registered injection once subscribed).
+Markers: ``CUT`` cut; ``HOLD`` never decide; ``LATER`` hold until the next frame arrives,
+then pass it (and then decide the new one); anything else: pass.
+When subscribed it sends the alert "ready".
+"""
+import os
+
+from vhostni.scanner import Scanner, wire
+
+sc = Scanner.connect()
+cfg = sc.config
+for sub in cfg.get("subscribe", []):
+    sc.subscribe(sub["match"], contain=sub.get("contain", False))
+if cfg.get("inject") is not None:
+    sc.inject(*cfg["inject"])
+sc.alert("ready", pid=os.getpid())
+later = []
+n = 0
+for frame in sc.frames():
+    n += 1
+    if cfg.get("crash_after") is not None and n > cfg["crash_after"]:
+        os._exit(3)
+    if cfg.get("report"):
+        sc.alert("frame", number=frame.number, held=frame.held, direction=frame.direction,
+                 data=frame.data.hex())
+    if not frame.held:
+        continue
+    for f in later:
+        sc.pass_(f)
+    later = []
+    if cfg.get("verdict") in ("pass", "cut"):
+        sc.decide(frame, wire.CUT if cfg["verdict"] == "cut" else wire.PASS)
+    elif b"CUT" in frame.data:
+        sc.cut(frame)
+    elif b"HOLD" in frame.data:
+        pass
+    elif b"LATER" in frame.data:
+        later.append(frame)
+    else:
+        sc.pass_(frame)

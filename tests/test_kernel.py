@@ -1,0 +1,421 @@
+"""The NI kernel and the fast-path policy through a real daemon, with simulated guests.
+
+Guest a and guest b sit on two NIs of one ``Daemon`` (tests/nikit.py steps it); policies are
+files the daemon loads, scanners are real sandboxed processes (tests/scanners/decider.py
+decides by markers in the frame: CUT, HOLD, LATER, else pass).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nikit import (
+    A_IP, A_MAC, B_IP, B_MAC, BCAST, TCP_ACK, TCP_SYN, Kit, alive, arp, eth, ipv4, ipv6, policy,
+    scanner_spec, tcp, tcp_frame, time_limit, udp, udp_frame, write_policy,
+)
+from vhostni import kernel as kernel_mod
+from vhostni.kernel import AlertLog
+
+
+@pytest.fixture(autouse=True)
+def _fast(monkeypatch):
+    monkeypatch.setattr(kernel_mod, "RESTART_MIN", 0.05)
+    with time_limit(60, "the test"):
+        yield
+
+
+@pytest.fixture
+def kits():
+    made = []
+
+    def make(policies=None, **kw) -> Kit:
+        k = Kit(policies, **kw)
+        made.append(k)
+        return k
+
+    yield make
+    for k in made:
+        k.close()
+
+
+def decider(name="dec", subscribe=(), allow=None, **config):
+    """decider.py with the given subscriptions; its rights default to exactly those."""
+    subs = [dict(s) for s in subscribe]
+    rights = allow if allow is not None else [dict(s["match"], contain=s.get("contain", False)) for s in subs]
+    return scanner_spec(name, "decider.py", allow=rights, config=dict(config, subscribe=subs))
+
+
+HTTP_CONTAIN = {"match": {"direction": "from_guest", "proto": "tcp", "dport": 80}, "contain": True}
+
+
+# ---------------------------------------------------------------------------
+# Anti-spoofing
+# ---------------------------------------------------------------------------
+
+def test_anti_spoofing(kits):
+    k = kits({"a": policy(mac=A_MAC, addresses=[f"{A_IP}/32", "fd00::1/128"])})
+    good = [
+        tcp_frame(payload=b"good"),
+        eth(BCAST, A_MAC, 0x0806, arp(1, A_MAC, A_IP, b"\0" * 6, B_IP)),           # who-has
+        eth(BCAST, A_MAC, 0x0806, arp(1, A_MAC, "0.0.0.0", b"\0" * 6, A_IP)),      # ARP probe
+        eth(BCAST, A_MAC, 0x0800, ipv4("0.0.0.0", "255.255.255.255", 17, udp(68, 67, b"DISCOVER"))),
+        eth(B_MAC, A_MAC, 0x86DD, ipv6("fd00::1", "fd00::2", 17, udp(1, 2, b"v6"))),
+        eth(BCAST, A_MAC, 0x86DD, ipv6("::", "ff02::1:ff00:1", 58, b"\x87\0\0\0DAD")),  # DAD
+        eth(B_MAC, A_MAC, 0x0800, ipv4(A_IP, B_IP, 6, tcp(1, 2)), vlan=5),
+    ]
+    spoofed = [
+        tcp_frame(src_mac=bytes.fromhex("020000000a0b")),                       # wrong source MAC
+        tcp_frame(src_ip="10.0.0.99"),                                          # wrong source IP
+        tcp_frame(src_ip=B_IP),                                                 # b's address
+        eth(BCAST, A_MAC, 0x0806, arp(2, A_MAC, B_IP, B_MAC, B_IP)),            # ARP: forged sender IP
+        eth(BCAST, A_MAC, 0x0806, arp(1, B_MAC, A_IP, b"\0" * 6, B_IP)),        # ARP: forged sender MAC
+        eth(BCAST, A_MAC, 0x0806, arp(1, A_MAC, A_IP, b"\0" * 6, B_IP)[:20]),   # truncated ARP
+        eth(BCAST, A_MAC, 0x0800, ipv4("0.0.0.0", B_IP, 17, udp(68, 99))),      # 0.0.0.0, not DHCP
+        eth(BCAST, A_MAC, 0x0800, ipv4("0.0.0.0", B_IP, 6, tcp(68, 67))),       # 0.0.0.0, TCP
+        eth(B_MAC, A_MAC, 0x86DD, ipv6("fd00::99", "fd00::2", 17, udp(1, 2))),  # wrong IPv6 source
+        eth(B_MAC, A_MAC, 0x0800, ipv4("10.0.0.99", B_IP, 6, tcp(1, 2)), vlan=5),  # behind a VLAN tag
+    ]
+    for i, f in enumerate(spoofed):
+        k.send("a", f)
+    assert k.recv("b", 0.3) == []
+    assert k.stats("a")["drop_spoofed"] == len(spoofed)
+    for f in good:
+        k.send("a", f)
+    got = k.recv("b", 2.0, count=len(good))
+    assert got == good
+    assert k.stats("a")["drop_spoofed"] == len(spoofed)
+    # b has no policy: it may send anything, and what a receives is not checked
+    k.send("b", tcp_frame("b", "a", src_ip="192.0.2.7"))
+    assert len(k.recv("a", 1.0, 1)) == 1
+
+
+def test_anti_spoofing_off(kits):
+    k = kits({"a": policy(mac=A_MAC, addresses=[f"{A_IP}/32"], anti_spoof=False)})
+    k.send("a", tcp_frame(src_ip="10.0.0.99"), tcp_frame(src_mac=bytes.fromhex("02000000ffff")))
+    assert len(k.recv("b", 1.0, 2)) == 2
+    assert k.stats("a")["drop_spoofed"] == 0
+
+
+# ---------------------------------------------------------------------------
+# Prevent rules
+# ---------------------------------------------------------------------------
+
+def test_prevent_rules_each_direction(kits):
+    k = kits({"a": policy(prevent=[
+        {"direction": "from_guest", "proto": "tcp", "dport": 23},
+        {"direction": "to_guest", "proto": "udp", "sport": 53},
+        {"proto": "tcp", "dport": "6660-6669"},                          # both directions
+        {"direction": "from_guest", "proto": "tcp", "tcp_flags": "syn,!ack", "dport": 25},
+        {"direction": "from_guest", "dst": "10.0.0.0/30", "proto": "icmp"},
+        {"direction": "to_guest", "terms": [{"offset": 0, "value": "ffffffffffff"}], "ethertype": "arp"},
+    ])})
+    # (sender, frame, dropped?)
+    cases = [
+        ("a", tcp_frame(dport=23), True),
+        ("a", tcp_frame(dport=22), False),
+        ("b", tcp_frame("b", "a", dport=23), False),            # rule is from_guest only
+        ("b", udp_frame("b", "a", sport=53), True),             # to_guest rule
+        ("a", udp_frame(sport=53), False),
+        ("a", tcp_frame(dport=6667), True),
+        ("b", tcp_frame("b", "a", dport=6660), True),
+        ("b", tcp_frame("b", "a", dport=6670), False),
+        ("a", tcp_frame(dport=25, flags=TCP_SYN), True),
+        ("a", tcp_frame(dport=25, flags=TCP_SYN | TCP_ACK), False),
+        ("a", tcp_frame(dport=25, flags=TCP_ACK), False),
+        ("a", eth(B_MAC, A_MAC, 0x0800, ipv4(A_IP, B_IP, 1, b"\x08\0\0\0ping")), True),
+        ("a", eth(B_MAC, A_MAC, 0x0800, ipv4(A_IP, "10.0.0.9", 1, b"\x08\0\0\0ping")), False),
+        ("b", eth(BCAST, B_MAC, 0x0806, arp(1, B_MAC, B_IP, b"\0" * 6, A_IP)), True),
+        ("b", eth(A_MAC, B_MAC, 0x0806, arp(2, B_MAC, B_IP, A_MAC, A_IP)), False),
+        # a fragment (no TCP header) cannot dodge a port rule
+        ("a", eth(B_MAC, A_MAC, 0x0800, ipv4(A_IP, B_IP, 6, b"x" * 24, frag_offset=100)), True),
+    ]
+    dropped = 0
+    for i, (src, frame, drop) in enumerate(cases):
+        dst = "b" if src == "a" else "a"
+        k.send(src, frame)
+        got = k.recv(dst, 0.15 if drop else 2.0, 1)
+        assert got == ([] if drop else [frame]), f"case {i}"
+        dropped += drop
+        assert k.stats("a")["drop_prevented"] == dropped, f"case {i}"
+    assert k.stats("b")["drop_prevented"] == 0
+
+
+# ---------------------------------------------------------------------------
+# Contain subscriptions and decisions
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("direction", ["from_guest", "to_guest"])
+def test_contain_holds_until_the_scanner_decides(kits, direction):
+    sub = {"match": {"direction": direction, "proto": "tcp", "dport": 80}, "contain": True}
+    k = kits({"a": policy(hold_timeout_ms=5000, scanners=[decider(subscribe=[sub])])})
+    k.wait_subscribed("a", "dec")
+    src, dst = ("a", "b") if direction == "from_guest" else ("b", "a")
+
+    def frame(payload, dport=80):
+        return tcp_frame(src, dst, dport=dport, payload=payload)
+
+    # held until the scanner decides: LATER is held until the next frame reaches the scanner
+    later = frame(b"LATER")
+    k.send(src, later)
+    k.until(lambda: k.sp("a", "dec").pending, what="the frame to reach the scanner")
+    assert k.recv(dst, 0.4) == []
+    assert k.stats("a")["held"] == 1 and k.nk("a").info()["held"] == 1
+    # unsubscribed traffic is not held meanwhile
+    other = frame(b"other", dport=81)
+    k.send(src, other)
+    assert k.recv(dst, 2.0, 1) == [other]
+    passed = frame(b"PASS")
+    k.send(src, passed)
+    assert k.recv(dst, 3.0, 2) == [later, passed]
+    cut = frame(b"CUT")
+    k.send(src, cut)
+    k.until(lambda: k.stats("a")["held_cut"] == 1, what="the cut")
+    assert k.recv(dst, 0.2) == []
+    st = k.stats("a")
+    assert (st["held"], st["held_passed"], st["held_cut"]) == (3, 2, 1)
+    assert k.nk("a").decided_by_timeout == 0
+    assert k.sp("a", "dec").counters.frames == 3
+
+
+def test_every_contain_scanner_must_pass(kits):
+    match = {"direction": "from_guest", "proto": "tcp", "dport": 80}
+    scanners = [decider("yes", [{"match": match, "contain": True}], verdict="pass"),
+                decider("no", [{"match": dict(match, sport=1000), "contain": True}], verdict="cut"),
+                decider("ro", [{"match": match, "contain": False}])]
+    k = kits({"a": policy(hold_timeout_ms=5000, scanners=scanners)})
+    for s in ("yes", "no", "ro"):
+        k.wait_subscribed("a", s)
+    only_yes = tcp_frame(sport=999, payload=b"one")
+    both = tcp_frame(sport=1000, payload=b"two")
+    k.send("a", only_yes, both)
+    assert k.recv("b", 1.0) == [only_yes]
+    k.until(lambda: k.stats("a")["held_cut"] == 1, what="the cut")
+    assert k.sp("a", "yes").counters.decisions == 2
+    assert k.sp("a", "no").counters.decisions == 1
+    assert k.sp("a", "ro").counters.frames == 2 and k.sp("a", "ro").counters.decisions == 0
+
+
+@pytest.mark.parametrize("default", ["cut", "pass"])
+def test_timeout_applies_the_default_decision(kits, default):
+    k = kits({"a": policy(hold_timeout_ms=150, default_decision=default,
+                          scanners=[decider(subscribe=[HTTP_CONTAIN])])})
+    k.wait_subscribed("a", "dec")
+    held = tcp_frame(payload=b"HOLD")
+    t0 = time.monotonic()
+    k.send("a", held)
+    if default == "pass":
+        assert k.recv("b", 3.0, 1) == [held]
+        assert time.monotonic() - t0 >= 0.14
+    else:
+        k.until(lambda: k.stats("a")["held_cut"] == 1, what="the timeout")
+        assert k.recv("b", 0.1) == []
+    assert k.nk("a").decided_by_timeout == 1
+    assert k.sp("a", "dec").counters.timeouts == 1
+    assert k.nk("a").info()["held"] == 0
+    # a late decision is ignored, and the scanner is still trusted with the next frame
+    k.send("a", tcp_frame(payload=b"next"))
+    assert len(k.recv("b", 2.0, 1)) == 1
+    assert k.nk("a").decided_by_timeout == 1
+    assert k.sp("a", "dec").running
+
+
+def test_read_only_subscription_gets_copies_without_holding(kits):
+    sub = {"match": {"proto": "udp", "dport": 53}, "contain": False}
+    k = kits({"a": policy(scanners=[decider(subscribe=[sub], report=True)])})
+    k.wait_subscribed("a", "dec")
+    frames = [udp_frame(dport=53, payload=b"HOLD query %d" % i) for i in range(3)]
+    reply = udp_frame("b", "a", sport=53, dport=53, payload=b"CUT answer")
+    k.send("a", *frames)
+    assert k.recv("b", 2.0, 3) == frames          # not held: HOLD means nothing to a copy
+    k.send("b", reply)
+    assert k.recv("a", 2.0, 1) == [reply]          # CUT neither
+    k.until(lambda: len(k.alerts_matching("frame")) == 4, what="the scanner's reports")
+    seen = [a["fields"] for a in k.alerts_matching("frame")]
+    assert [bytes.fromhex(s["data"]) for s in seen] == frames + [reply]
+    assert [s["number"] for s in seen] == [1, 2, 3, 4]
+    assert [s["direction"] for s in seen] == [1, 1, 1, 2]
+    assert not any(s["held"] for s in seen)
+    st = k.stats("a")
+    assert (st["punted_copies"], st["held"]) == (4, 0)
+
+
+@pytest.mark.parametrize("over_cap", ["drop", "pass"])
+def test_memcap_exception_policy(kits, over_cap):
+    k = kits({"a": policy(hold_timeout_ms=20000, held_frames_max=3, over_cap=over_cap,
+                          scanners=[decider(subscribe=[HTTP_CONTAIN])])})
+    k.wait_subscribed("a", "dec")
+    frames = [tcp_frame(payload=b"HOLD %d" % i) for i in range(8)]
+    k.send("a", *frames)
+    k.until(lambda: k.stats("a")["held_over_cap"] == 5, what="the memcap")
+    got = k.recv("b", 0.3)
+    assert got == (frames[3:] if over_cap == "pass" else [])
+    st = k.stats("a")
+    assert (st["held"], st["held_over_cap"]) == (3, 5)
+    assert k.nk("a").info()["held"] == 3
+
+
+def test_injection_of_a_pre_registered_frame(kits):
+    canned = eth(A_MAC, B_MAC, 0x88B5, b"pre-registered RST stand-in")
+    spec = decider(subscribe=[HTTP_CONTAIN], inject=[0, "to_guest"])
+    spec["inject"] = [{"name": "rst", "frame": canned.hex()}]
+    k = kits({"a": policy(scanners=[spec])})
+    assert k.recv("a", 5.0, 1) == [canned]
+    assert k.stats("a")["injected"] == 1
+
+
+# ---------------------------------------------------------------------------
+# Policy changes on live traffic
+# ---------------------------------------------------------------------------
+
+def _reload_policy(block: int, contain_port: int = 8080) -> dict:
+    sub = {"match": {"direction": "from_guest", "proto": "tcp", "dport": contain_port}, "contain": True}
+    return policy(hold_timeout_ms=5000, prevent=[{"direction": "from_guest", "proto": "tcp", "dport": block}],
+                  scanners=[decider(subscribe=[sub], allow=[dict(sub["match"], contain=True)])])
+
+
+def test_reload_takes_effect_on_live_traffic(kits):
+    k = kits({"a": _reload_policy(block=23)})
+    k.wait_subscribed("a", "dec")
+    pid = k.sp("a", "dec").proc.pid
+    k.send("a", tcp_frame(dport=23), tcp_frame(dport=80, payload=b"open"))
+    assert k.recv("b", 1.0) == [tcp_frame(dport=80, payload=b"open")]
+    # a frame held across the reload keeps its place and is decided after it
+    later = tcp_frame(dport=8080, payload=b"LATER")
+    k.send("a", later)
+    k.until(lambda: k.sp("a", "dec").pending, what="the held frame")
+    k.reload("a", _reload_policy(block=80))
+    k.send("a", tcp_frame(dport=23, payload=b"now open"), tcp_frame(dport=80, payload=b"now shut"))
+    assert k.recv("b", 1.0) == [tcp_frame(dport=23, payload=b"now open")]
+    k.send("a", tcp_frame(dport=8080, payload=b"go"))
+    assert k.recv("b", 2.0, 2) == [later, tcp_frame(dport=8080, payload=b"go")]
+    assert k.sp("a", "dec").proc.pid == pid         # the scanner kept running
+    assert k.stats("a")["drop_prevented"] == 2
+    assert k.sp("a", "dec").counters.restarts == 0
+
+
+def test_reload_with_an_invalid_file_keeps_the_old_policy(kits, caplog):
+    k = kits({"a": _reload_policy(block=23)})
+    k.wait_subscribed("a", "dec")
+    old = k.nk("a").policy
+    for bad in ['{"ni": {"hold_timeout_ms": "soon"}}', '{"prevent": [{"dport": 99999, "proto": "tcp"}]}',
+                "{not json"]:
+        k.reload("a", bad)
+        assert k.nk("a").policy is old
+        k.send("a", tcp_frame(dport=23), tcp_frame(dport=80))
+        assert k.recv("b", 1.0) == [tcp_frame(dport=80)]
+    assert "not reloaded, keeping the old one" in caplog.text
+    assert k.sp("a", "dec").running and k.subscribed("a", "dec")
+
+
+def test_reload_revokes_subscriptions_outside_new_rights(kits):
+    k = kits({"a": _reload_policy(block=23, contain_port=8080)})
+    k.wait_subscribed("a", "dec")
+    narrower = _reload_policy(block=23, contain_port=8080)
+    narrower["scanner"][0]["allow"] = [{"direction": "from_guest", "proto": "tcp", "dport": 8080,
+                                        "contain": False}]            # read rights only now
+    k.reload("a", narrower)
+    assert not k.subscribed("a", "dec")
+    k.send("a", tcp_frame(dport=8080, payload=b"HOLD"))
+    assert len(k.recv("b", 1.0, 1)) == 1
+    assert k.stats("a")["held"] == 0
+    # a policy without the scanner stops it
+    pid = k.sp("a", "dec").proc.pid
+    k.reload("a", policy())
+    assert "dec" not in k.nk("a").scanners
+    k.until(lambda: not alive(pid), what="the removed scanner to end")
+
+
+def _wait_stats(path: str, pred, timeout: float = 10.0) -> dict:
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            if pred(data):
+                return data
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        if time.monotonic() > end:
+            raise AssertionError("stats file never showed the expected state")
+        time.sleep(0.05)
+
+
+def test_sighup_reloads_a_running_daemon(tmp_path):
+    """`vhostni run --policy`, real loop and signal handling, guests on its sockets."""
+    from vdriver import VirtioNetDriver
+    d = tmp_path
+    os.chmod(d, 0o755)
+    pol = d / "a.json"
+    write_policy(str(pol), _reload_policy(block=23))
+    stats = d / "stats.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vhostni", "run", "--ni", f"a={d}/a.sock", "--ni", f"b={d}/b.sock",
+         "--policy", f"a={pol}", "--alert-log", str(d / "alerts.jsonl"), "--stats-file", str(stats)],
+        stdout=subprocess.DEVNULL, stderr=open(d / "log", "w"))
+    drivers = []
+    try:
+        def scanner_up(s):
+            sc = s["nis"]["a"]["kernel"]["scanners"]["dec"]
+            return sc["locked_down"] and s["nis"]["a"]["kernel"]["subscriptions"] == 1
+        _wait_stats(str(stats), scanner_up)
+        a = VirtioNetDriver.connect(str(d / "a.sock"))
+        b = VirtioNetDriver.connect(str(d / "b.sock"))
+        drivers += [a, b]
+        b.post_rx_buffers(64)
+
+        def exchange(*frames):
+            for f in frames:
+                a.send_frame(f)
+            got = [f for _, f in b.recv_frames(timeout=1.0, count=len(frames))]
+            a.reclaim_tx()
+            return got
+
+        assert exchange(tcp_frame(dport=23), tcp_frame(dport=80)) == [tcp_frame(dport=80)]
+        write_policy(str(pol), _reload_policy(block=80))
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert exchange(tcp_frame(dport=80), tcp_frame(dport=23)) == [tcp_frame(dport=23)]
+        write_policy(str(pol), "{broken")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert proc.poll() is None
+        assert exchange(tcp_frame(dport=80), tcp_frame(dport=23)) == [tcp_frame(dport=23)]
+    finally:
+        for drv in drivers:
+            drv.close(graceful=False)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+    assert "not reloaded" in (d / "log").read_text()
+
+
+# ---------------------------------------------------------------------------
+# The alert log
+# ---------------------------------------------------------------------------
+
+def test_alert_log_lines_and_sequence_survive_a_restart(tmp_path):
+    path = str(tmp_path / "sub" / "alerts.jsonl")
+    log = AlertLog(path)
+    heard = []
+    log.listeners.append(heard.append)
+    log.append("a", "s1", "first", x=1)
+    log.append("b", None, "second")
+    log.close()
+    log = AlertLog(path)
+    rec = log.append("a", "s2", "third")
+    log.close()
+    lines = [json.loads(l) for l in open(path)]
+    assert [l["seq"] for l in lines] == [1, 2, 3] and rec["seq"] == 3
+    assert [l["message"] for l in lines] == ["first", "second", "third"]
+    assert lines[0]["fields"] == {"x": 1} and lines[1]["scanner"] is None
+    assert all(set(l) >= {"seq", "time", "ni", "scanner", "message"} for l in lines)
+    assert [h["seq"] for h in heard] == [1, 2]
+    # a torn last line (crash mid-write) does not reset the sequence
+    with open(path, "a") as f:
+        f.write('{"seq": 4, "ti')
+    assert AlertLog(path).seq == 3

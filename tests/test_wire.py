@@ -1,0 +1,146 @@
+"""The scanner wire codec (vhostni/scanner/wire.py): round trips, and malformed messages
+raise WireError and nothing else."""
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from vhostni.scanner import wire
+from vhostni.scanner.wire import Control, Decision, Frame, WireError
+
+u64 = st.integers(0, 2**64 - 1)
+json_scalars = st.none() | st.booleans() | st.integers(-2**63, 2**63) | st.text(max_size=20) | \
+    st.floats(allow_nan=False, allow_infinity=False)
+json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4) |
+                           st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=20)
+
+
+@given(number=u64, direction=st.sampled_from([wire.FROM_GUEST, wire.TO_GUEST]), held=st.booleans(),
+       time_ns=u64, data=st.binary(max_size=2000))
+def test_frame_round_trip(number, direction, held, time_ns, data):
+    msg = wire.decode(wire.encode_frame(number, direction, held, time_ns, data))
+    assert msg == Frame(number, direction, held, time_ns / 1e9, data)
+    assert msg.from_guest == (direction == wire.FROM_GUEST)
+
+
+def test_largest_frame_round_trips():
+    data = bytes(range(256)) * (wire.MAX_FRAME // 256) + b"x" * (wire.MAX_FRAME % 256)
+    raw = wire.encode_frame(1, wire.TO_GUEST, True, 0, data)
+    assert len(raw) == wire.MAX_MESSAGE
+    assert wire.decode(raw).data == data
+
+
+@given(number=u64, verdict=st.sampled_from([wire.PASS, wire.CUT]))
+def test_decision_round_trip(number, verdict):
+    raw = wire.encode_decision(number, verdict)
+    assert len(raw) == 16
+    assert wire.decode(raw) == Decision(number, verdict)
+
+
+@given(op=st.text(max_size=10), body=st.dictionaries(st.text(max_size=8), json_values, max_size=5))
+def test_control_round_trip(op, body):
+    body = dict(body, op=op)
+    assert wire.decode(wire.encode_control(body)) == Control(json.loads(json.dumps(body)))
+
+
+def test_control_too_large_is_refused_on_both_sides():
+    with pytest.raises(WireError):
+        wire.encode_control({"op": "alert", "message": "x" * wire.MAX_JSON})
+    with pytest.raises(WireError):
+        wire.decode(b"J" + json.dumps({"op": "x", "m": "y" * wire.MAX_JSON}).encode())
+
+
+@pytest.mark.parametrize("raw, why", [
+    (b"", "empty"),
+    (b"X", "unknown message type"),
+    (b"F", "truncated"),
+    (b"F" + b"\0" * 10, "truncated"),
+    (struct.pack("<cBBxQQI", b"F", 3, 0, 1, 0, 0), "bad direction 3"),
+    (struct.pack("<cBBxQQI", b"F", 0, 0, 1, 0, 0), "bad direction 0"),
+    (struct.pack("<cBBxQQI", b"F", 1, 0, 1, 0, 5) + b"abcd", "frame length"),
+    (struct.pack("<cBBxQQI", b"F", 1, 0, 1, 0, 3) + b"abcd", "frame length"),
+    (struct.pack("<cBBxQQI", b"F", 1, 0, 1, 0, wire.MAX_FRAME + 1) + b"a" * (wire.MAX_FRAME + 1),
+     "frame length"),
+    (b"D" + b"\0" * 14, "decision of 15 bytes"),
+    (b"D" + b"\0" * 16, "decision of 17 bytes"),
+    (struct.pack("<cB6xQ", b"D", 2, 1), "bad verdict 2"),
+    (b"J", "bad JSON"),
+    (b"J{", "bad JSON"),
+    (b"J\xff\xfe", "bad JSON"),
+    (b"J[]", "JSON object"),
+    (b'J"op"', "JSON object"),
+    (b'J{"op": 1}', "JSON object"),
+    (b'J{"id": 1}', "JSON object"),
+    (b"J" + b"[" * 32000 + b"]" * 32000, "bad JSON"),                     # deeper than the stack
+    (b'J{"op": "x", "f": ' + b"[" * 40 + b"]" * 40 + b"}", "nested deeper"),
+    (b'J{"op": "x", "n": 1' + b"0" * 5000 + b"}", "bad JSON"),            # int too long to convert
+    (b'J{"op": "x", "n": NaN}', None),                                      # Python's json accepts it
+])
+def test_malformed_messages(raw, why):
+    if why is None:
+        assert isinstance(wire.decode(raw), Control)
+        return
+    with pytest.raises(WireError, match=why):
+        wire.decode(raw)
+
+
+def test_nesting_up_to_the_limit_is_fine():
+    body = {"op": "x", "f": json.loads("[" * (wire.MAX_DEPTH - 1) + "]" * (wire.MAX_DEPTH - 1))}
+    assert wire.decode(wire.encode_control(body)).body == body
+    body["f"] = [body["f"]]
+    with pytest.raises(WireError):
+        wire.decode(wire.encode_control(body))
+
+
+def _decode_only_wire_errors(raw: bytes) -> None:
+    try:
+        msg = wire.decode(raw)
+    except WireError:
+        return
+    assert isinstance(msg, (Frame, Decision, Control))
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=200))
+@example(b"J" + b"{" * 1000)
+@example(b"J" + b'{"op":"a","x":' * 1000)
+def test_fuzz_random_bytes(raw):
+    _decode_only_wire_errors(raw)
+
+
+@settings(max_examples=500)
+@given(kind=st.sampled_from([b"F", b"D", b"J"]), rest=st.binary(max_size=120))
+def test_fuzz_typed_garbage(kind, rest):
+    _decode_only_wire_errors(kind + rest)
+
+
+valid_messages = st.one_of(
+    st.builds(wire.encode_frame, u64, st.sampled_from([1, 2]), st.booleans(), u64, st.binary(max_size=64)),
+    st.builds(wire.encode_decision, u64, st.sampled_from([0, 1])),
+    st.builds(lambda b: wire.encode_control(dict(b, op="subscribe")),
+              st.dictionaries(st.text(max_size=5), json_values, max_size=4)),
+)
+
+
+@settings(max_examples=500)
+@given(msg=valid_messages, data=st.data())
+def test_fuzz_mutated_valid_messages(msg, data):
+    """Flip, cut, extend: the result is a valid message or a WireError."""
+    raw = bytearray(msg)
+    for _ in range(data.draw(st.integers(1, 4))):
+        how = data.draw(st.sampled_from(["flip", "cut", "extend", "insert"]))
+        if how == "flip" and raw:
+            i = data.draw(st.integers(0, len(raw) - 1))
+            raw[i] = data.draw(st.integers(0, 255))
+        elif how == "cut":
+            del raw[data.draw(st.integers(0, len(raw))):]
+        elif how == "extend":
+            raw += data.draw(st.binary(min_size=1, max_size=8))
+        elif how == "insert":
+            i = data.draw(st.integers(0, len(raw)))
+            raw[i:i] = data.draw(st.binary(min_size=1, max_size=4))
+    _decode_only_wire_errors(bytes(raw))
