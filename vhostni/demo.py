@@ -1,8 +1,10 @@
-"""The main job, `make demo`: two real guests whose NICs are vhostni NIs, talking through it.
+"""The main job, `make demo`: two real guests whose NICs are vhostni NIs; one gets a worm.
 
-It starts `vhostni run` with two NIs, boots two QEMU guests (TCG) behind them, has them ping
-each other, move a file over TCP with its checksum verified and run iperf3, and then
-prints what the NIs did: their counters, read from the daemon's stats file.
+It starts `vhostni run` with two NIs (alice's with the Code-Red scanner policy), boots two
+QEMU guests (TCG) behind them, shows them talking (ping, 10 MB over HTTP with checksums,
+iperf3), then runs a Code-Red-style worm in alice: her NI slows it to one connection
+attempt every 6 s and alerts, while her normal traffic (resolve, then connect) flows.  It
+ends with the alert log as an administrator reads it and the NIs' counters.
 """
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ from pathlib import Path
 from .testing import Guest, GuestImages, VhostniDaemon, VhostUserNic, boot_guests
 
 WIDTH = 78
+LAN = "10.77.0"
+WORM_NET = "198.18.0.0/16"    # reserved for benchmarking; routed to bob, who drops it
+ALICE_MAC = "52:54:00:77:00:01"
 
 
 def say(text: str = "") -> None:
@@ -52,6 +57,11 @@ COUNTERS = [
     ("drop_oversize", "dropped: oversize"),
     ("drop_runt", "dropped: runt"),
     ("drop_bad_offload", "dropped: bad offload header"),
+    ("drop_spoofed", "dropped: spoofed source"),
+    ("held", "held for scanners"),
+    ("held_passed", "held, then passed"),
+    ("held_cut", "held, then cut"),
+    ("punted_copies", "copies to read-only scanners"),
 ]
 
 
@@ -78,45 +88,77 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="vhostni-demo-"))
     stats_file = work / "stats.json"
+    alert_log = logs / "alerts.jsonl"
+    if alert_log.exists():
+        alert_log.unlink()
     sock = {n: str(work / f"{n}.sock") for n in ("alice", "bob")}
+    policy = work / "alice.toml"
+    policy.write_text(alice_policy())
 
     banner("vhostni: two VMs whose NICs are served by vhostni")
-    daemon = VhostniDaemon(sock, extra_args=["--stats-file", str(stats_file)],
+    daemon = VhostniDaemon(sock, extra_args=["--stats-file", str(stats_file), "--policy",
+                                             f"alice={policy}", "--alert-log", str(alert_log)],
                            log_path=logs / "vhostni.log")
     daemon.start()
-    say(f"vhostni run --ni alice={sock['alice']} --ni bob={sock['bob']}   (pid {daemon.pid})")
-    alice = Guest("alice", images, nics=[VhostUserNic(sock["alice"])], ip="10.77.0.1/24",
-                  log_dir=logs)
-    bob = Guest("bob", images, nics=[VhostUserNic(sock["bob"])], ip="10.77.0.2/24", log_dir=logs)
+    say(f"vhostni run --ni alice={sock['alice']} --ni bob={sock['bob']} \\")
+    say(f"            --policy alice=<examples/codered.toml + alice's MAC and address>   (pid {daemon.pid})")
+    alice = Guest("alice", images, nics=[VhostUserNic(sock["alice"], mac=ALICE_MAC)],
+                  ip=f"{LAN}.1/24", dns=f"{LAN}.2", log_dir=logs)
+    bob = Guest("bob", images, nics=[VhostUserNic(sock["bob"])], ip=f"{LAN}.2/24", log_dir=logs)
+    ok = False
     try:
         t0 = time.monotonic()
         boot_guests([alice, bob])
-        say(f"booted alice (10.77.0.1) and bob (10.77.0.2) under QEMU/TCG in "
+        say(f"booted alice ({LAN}.1) and bob ({LAN}.2) under QEMU/TCG in "
             f"{time.monotonic() - t0:.1f} s; console logs in {logs}/")
 
-        banner("alice pings bob")
-        show(alice, "ping -c 3 10.77.0.2")
-
-        banner("bob serves 10 MB over HTTP; alice fetches it and checks it")
+        banner("1. alice and bob talk through vhostni")
+        show(alice, f"ping -c 2 {LAN}.2")
         show(bob, "mkdir -p /srv && dd if=/dev/urandom of=/srv/blob bs=1M count=10 2>/dev/null && "
-                  "md5sum /srv/blob && httpd -p 80 -h /srv")
-        show(alice, "wget -q -O /tmp/got http://10.77.0.2/blob && ls -l /tmp/got && md5sum /tmp/got",
-             timeout=120)
+                  "echo hello-from-bob > /srv/index.html && md5sum /srv/blob && httpd -p 80 -h /srv")
+        show(alice, f"wget -q -O /tmp/got http://{LAN}.2/blob && md5sum /tmp/got", timeout=120)
         a = alice.check("md5sum < /tmp/got").split()[0]
         b = bob.check("md5sum < /srv/blob").split()[0]
-        say(f"checksums {'MATCH' if a == b else 'DIFFER'}: {a}")
-
-        banner("iperf3, alice -> bob, 5 s")
+        say(f"10 MB over HTTP: checksums {'MATCH' if a == b else 'DIFFER'}")
         bob.check("iperf3 -s -D; sleep 0.5")
-        out = alice.check("iperf3 -c 10.77.0.2 -t 5 -f g", timeout=60)
+        out = alice.check(f"iperf3 -c {LAN}.2 -t 3 -f g", timeout=60)
         for line in out.splitlines():
-            if "sender" in line or "receiver" in line:
-                say("    " + line.strip())
+            if "receiver" in line:
+                say("iperf3 alice -> bob:  " + " ".join(line.split()[4:7]))
 
-        time.sleep(0.6)   # one more stats-file update
-        banner("what the NIs did (vhostni's counters)")
+        banner("2. alice is infected: a Code-Red-style worm scans random addresses")
+        say("alice's NI runs the Code-Red scanner (Siphon paper, 5.3): it shadows alice's DNS")
+        say("answers and holds every connection attempt until it has checked the destination.")
+        bob.check(f"(dnsd www.test={LAN}.2 > /tmp/dnsd.log 2>&1 &)")
+        alice.check(f"route add -net {WORM_NET} gw {LAN}.2")
+        before = json.loads(stats_file.read_text())["nis"]["alice"]
+        show(alice, f"(worm -n 100 -r 10 -p 80 -w 3 -s 1 {WORM_NET} > /tmp/worm.log 2>&1 &); "
+                    "sleep 3; head -4 /tmp/worm.log")
+        say("... meanwhile alice's normal traffic: resolve a name, then connect to it")
+        t1 = time.monotonic()
+        show(alice, "ip=$(nslookup www.test | awk '/^Address: /{a=$2} END{print a}') && "
+                    "echo \"www.test is $ip\" && timeout 10 wget -q -O - http://$ip/", timeout=30)
+        normal = time.monotonic() - t1
+        say(f"(took {normal:.2f} s: not delayed)")
+        alice.run("for i in $(seq 30); do grep -q '^done:' /tmp/worm.log && break; sleep 1; done",
+                  timeout=60)
+        show(alice, "grep -E '^(sent|done)' /tmp/worm.log")
+        time.sleep(0.6)
+        after = json.loads(stats_file.read_text())["nis"]["alice"]
+        passed = after["held_passed"] - before["held_passed"]
+        cut = after["held_cut"] - before["held_cut"]
+        say(f"alice's NI: {passed} connection attempts (SYNs, with retransmissions) passed, "
+            f"{cut} cut")
+
+        banner("3. what the administrator sees: the alert log")
+        for line in alert_log.read_text().splitlines():
+            rec = json.loads(line)
+            when = time.strftime("%H:%M:%S", time.localtime(rec["time"]))
+            say(f"#{rec['seq']} {when} NI {rec['ni']} / {rec['scanner']}: {rec['message']}")
+
+        banner("4. what the NIs did (vhostni's counters)")
         print_counters(json.loads(stats_file.read_text()))
-        ok = a == b
+        ok = a == b and cut > passed and normal < 5
     finally:
         for g in (alice, bob):
             g.close()
@@ -124,6 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     say()
     say("demo " + ("passed" if ok else "FAILED") + f"; logs in {logs}/")
     return 0 if ok else 1
+
+
+def alice_policy() -> str:
+    repo = Path(__file__).resolve().parent.parent
+    text = (repo / "examples" / "codered.toml").read_text()
+    text = text.replace('program = "../scanners/codered"',
+                        f'program = "{repo / "scanners" / "codered"}"')
+    text = text.replace('# mac = "52:54:00:12:34:56"', f'mac = "{ALICE_MAC}"')
+    return text.replace('# addresses = ["10.77.0.1/32"]', f'addresses = ["{LAN}.1/32", "fe80::/64"]')
 
 
 if __name__ == "__main__":
