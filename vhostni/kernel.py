@@ -497,6 +497,9 @@ class NIKernel:
     def replace_policy(self, policy: Policy) -> None:
         """A new policy for this NI, without dropping traffic: rules change at once,
         scanners that stay keep running, subscriptions outside new rights are revoked."""
+        # Frames the fast path already matched name their subscriptions by index into the
+        # current list: hand them out before revoking shifts those indices.
+        self.kernel.on_punts()
         old = self.scanners
         self.policy = policy
         new_specs = {s.name: s for s in policy.scanners}
