@@ -557,3 +557,66 @@ def test_scanner_process_with_fake_kernel(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.returncode == 0, err
     assert "scanning on vm1 as codered" in err
+
+
+# ---- guests/worm.c, built for the host and run against loopback (127/8 never leaves this machine) -------------
+
+import re  # noqa: E402
+import shutil  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def worm(tmp_path_factory):
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc not installed")
+    exe = tmp_path_factory.mktemp("worm") / "worm"
+    subprocess.run(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(exe),
+                    str(REPO / "guests" / "worm.c")], check=True, capture_output=True)
+    return exe
+
+
+def run_worm(exe, *args, timeout=30):
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_worm_scans_inside_the_prefix_at_the_rate(worm):
+    r = run_worm(worm, "-n", "20", "-r", "40", "-p", "9", "-s", "42", "-w", "1", "127.0.3.0/24")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "worm: seed 42 target 127.0.3.0/24 port 9 count 20 rate 40"
+    attempts = [re.fullmatch(r"attempt (\d+) ([\d.]+):9", ln) for ln in lines if ln.startswith("attempt")]
+    assert [int(m[1]) for m in attempts] == list(range(1, 21))
+    addrs = [ipaddress.ip_address(m[2]) for m in attempts]
+    assert len(set(addrs)) == 20
+    assert all(a in ipaddress.ip_network("127.0.3.0/24") and a.packed[3] not in (0, 255) for a in addrs)
+    sent = re.search(r"^sent 20 attempts in ([\d.]+) s$", r.stdout, re.M)
+    assert sent and 19 / 40 * 0.9 <= float(sent[1]) < 19 / 40 + 1.0      # 20 attempts at 40/s: ~0.475 s
+    # nothing listens on port 9 of 127.0.3.x: every SYN is answered by a RST
+    assert lines[-1] == "done: connected 0 refused 20 failed 0 pending 0"
+    again = run_worm(worm, "-n", "20", "-r", "1000", "-p", "9", "-s", "42", "127.0.3.0/24")
+    assert [ln for ln in again.stdout.splitlines() if ln.startswith("attempt")] == \
+           [ln for ln in lines if ln.startswith("attempt")]                  # same seed, same targets
+
+
+def test_worm_small_prefixes(worm):
+    r = run_worm(worm, "-n", "2", "-r", "1000", "-s", "1", "127.0.0.4/31")
+    assert sorted(re.findall(r"attempt \d+ ([\d.]+):80", r.stdout)) == ["127.0.0.4", "127.0.0.5"]
+    r = run_worm(worm, "-n", "1", "127.0.0.9/32")
+    assert "attempt 1 127.0.0.9:80" in r.stdout
+
+
+@pytest.mark.parametrize("args,why", [
+    (["10.0.0.0/7"], "refusing prefix /7"),
+    (["0.0.0.0/0"], "refusing prefix /0"),
+    ([], "usage"),
+    (["127.0.0.1/24"], "host bits"),
+    (["-n", "255", "127.0.0.0/24"], "only 254 addresses"),
+    (["-r", "0", "127.0.0.0/24"], "bad rate"),
+    (["-p", "65536", "127.0.0.0/24"], "bad port"),
+    (["-n", "x", "127.0.0.0/24"], "bad count"),
+    (["example.com/24"], "bad prefix"),
+    (["127.0.0.0/24", "127.0.1.0/24"], "usage"),
+])
+def test_worm_refuses(worm, args, why):
+    r = run_worm(worm, *args)
+    assert r.returncode == 2 and why in r.stderr and "attempt" not in r.stdout

@@ -299,3 +299,127 @@ def test_mutated_responses_only_raise_value_error(edits, cut):
         return
     for a in m.addresses():
         assert isinstance(a.address, (V4, V6))
+
+
+# ---- guests/dnsd.c, built for the host and queried over loopback; its answers must satisfy the strict parser -----
+
+import os  # noqa: E402
+import random  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def build_guest_program(name, out_dir):
+    """guests/NAME.c compiled as images/build.py does (static, -O2), warnings as errors; plus, when the
+    toolchain has them, AddressSanitizer and UBSan (dynamic) for the robustness tests.  Returns the path."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc not installed")
+    src = REPO / "guests" / f"{name}.c"
+    static = out_dir / name
+    subprocess.run(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(static), str(src)],
+                   check=True, capture_output=True)
+    asan = out_dir / f"{name}-asan"
+    r = subprocess.run(["gcc", "-O1", "-g", "-Wall", "-Wextra", "-fsanitize=address,undefined",
+                        "-fno-sanitize-recover=all", "-o", str(asan), str(src)], capture_output=True)
+    return asan if r.returncode == 0 else static
+
+
+@pytest.fixture(scope="module")
+def dnsd(tmp_path_factory):
+    exe = build_guest_program("dnsd", tmp_path_factory.mktemp("dnsd"))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    log = tmp_path_factory.mktemp("dnsd-log") / "dnsd.log"    # a file: a full pipe would stall dnsd
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(exe), "-b", "127.0.0.1", "-p", str(port), "www.example.com=10.1.2.3",
+                                 "WWW.Example.COM.=10.1.2.4", "mail.test=10.9.9.9"],
+                                stdout=out, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 10
+    while b"\n" not in log.read_bytes():
+        assert proc.poll() is None and time.monotonic() < deadline, "dnsd did not start"
+        time.sleep(0.02)
+    assert log.read_bytes().startswith(b"dnsd: serving 3 records on 127.0.0.1:")
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.settimeout(5)
+    client.connect(("127.0.0.1", port))
+    yield proc, client, log
+    client.close()
+    proc.terminate()
+    out, err = proc.communicate(timeout=10)
+    assert b"Sanitizer" not in err and b"runtime error" not in err, err.decode()
+
+
+PROBE = bytes(DNS(id=0xBEEF, rd=1, qd=[DNSQR(qname="mail.test")]))
+
+
+def exchange(client, query):
+    """Sends query, then a probe; returns the reply to query or None (replies come back in order)."""
+    client.send(query)
+    client.send(PROBE)
+    first = client.recv(65535)
+    if first[:2] == b"\xbe\xef" and query[:2] != b"\xbe\xef":
+        return None
+    assert client.recv(65535)[:2] == b"\xbe\xef"
+    return first
+
+
+def test_dnsd_answers(dnsd):
+    _, client, _ = dnsd
+    m = parse_response(exchange(client, bytes(DNS(id=5, rd=1, qd=[DNSQR(qname="Www.EXAMPLE.com.")]))))
+    assert m.id == 5 and m.flags & 0x0400 and m.flags & 0x0100       # AA, RD echoed
+    assert [(a.address, a.ttl, a.name) for a in m.addresses()] == [
+        (V4("10.1.2.3"), 300, "www.example.com"), (V4("10.1.2.4"), 300, "www.example.com")]
+    m = parse_response(exchange(client, bytes(DNS(id=6, qd=[DNSQR(qname="www.example.com", qtype="AAAA")]))))
+    assert m.answers == () and m.questions[0].qtype == 28                # NODATA
+    m = parse_message(exchange(client, bytes(DNS(id=7, qd=[DNSQR(qname="nope.example.com")]))))
+    assert m.rcode == 3 and m.qr and m.questions[0].name == "nope.example.com"
+    with_opt = bytes(DNS(id=8, qd=[DNSQR(qname="mail.test")], ar=[DNSRROPT(rclass=1232)]))
+    assert [a.address for a in parse_response(exchange(client, with_opt)).addresses()] == [V4("10.9.9.9")]
+
+
+@pytest.mark.parametrize("query,rcode", [
+    (b"abc", None),                                                               # shorter than a header
+    (bytes(DNS(id=9, qr=1, qd=[DNSQR(qname="mail.test")])), None),                # a response: never answered
+    (header(flags=0, qd=1) + b"\xc0\x0c" + Q_A, 1),                               # pointer in a query
+    (header(flags=0, qd=2) + qname(b"a") + Q_A + qname(b"b") + Q_A, 1),           # two questions
+    (header(flags=0, qd=1) + b"\x3fabc", 1),                                      # label past the end
+    (header(flags=0, qd=1) + qname(b"a"), 1),                                     # no type/class
+    (header(flags=0x2800, qd=1) + qname(b"a") + Q_A, 4),                          # opcode 5 (UPDATE)
+    (header(flags=0, qd=1) + qname(b"mail\x00", b"test") + Q_A, 3),               # odd bytes: no such name
+])
+def test_dnsd_malformed_queries(dnsd, query, rcode):
+    _, client, _ = dnsd
+    reply = exchange(client, query)
+    if rcode is None:
+        assert reply is None
+    else:
+        m = parse_message(reply)
+        assert m.qr and m.rcode == rcode and m.id == struct.unpack("!H", query[:2])[0]
+
+
+def test_dnsd_survives_fuzzing(dnsd):
+    proc, client, log = dnsd
+    rng = random.Random(1234)
+    base = bytes(DNS(id=0x4242, rd=1, qd=[DNSQR(qname="www.example.com")]))
+    for i in range(3000):
+        if i % 3 == 0:
+            q = rng.randbytes(rng.randint(0, 600))
+        else:
+            b = bytearray(base)
+            for _ in range(rng.randint(1, 4)):
+                b[rng.randrange(len(b))] = rng.randrange(256)
+            q = bytes(b[:rng.randint(0, len(b) + 3)])
+        if q[:2] == b"\xbe\xef":
+            continue
+        reply = exchange(client, q)
+        if reply is not None:
+            m = parse_message(reply)                 # every reply is a well-formed DNS message
+            assert m.qr and m.id == struct.unpack("!H", q[:2])[0] and len(reply) <= 512
+    assert proc.poll() is None
+    assert log.read_bytes().count(b"\nquery ") >= 6000 - 10     # it saw them all (and the probes)
