@@ -369,10 +369,10 @@ class ScannerProc:
     def _handle(self, msg) -> None:
         if isinstance(msg, wire.Decision):
             self.counters.decisions += 1
-            self.consecutive_timeouts = 0
             held_id = self.pending.pop(msg.number, None)
             if held_id is None:
                 return   # late (timed out), duplicate, or for a read-only frame: nothing to do
+            self.consecutive_timeouts = 0     # only a decision that was owed shows it alive
             self.nk.decide(held_id, self.name, msg.verdict == wire.PASS)
             return
         if isinstance(msg, wire.Frame):
