@@ -126,8 +126,9 @@ def test_crash_after_frames_settles_its_held_frames(kits, default):
     bystanders_work(k)
 
 
-def test_hung_scanner_is_killed_and_restarted(kits):
-    spec = hostile("hang", "hang.py", max_timeouts=3)
+@pytest.mark.parametrize("keepalive", [False, True], ids=["spins", "decides-frames-it-never-got"])
+def test_hung_scanner_is_killed_and_restarted(kits, keepalive):
+    spec = hostile("hang", "hang.py", max_timeouts=3, config={"keepalive": keepalive})
     k = kits(_with_bystanders([spec], hold_timeout_ms=100))
     _wait_good(k)
     k.wait_subscribed("a", "hang")

@@ -419,3 +419,36 @@ def test_alert_log_lines_and_sequence_survive_a_restart(tmp_path):
     with open(path, "a") as f:
         f.write('{"seq": 4, "ti')
     assert AlertLog(path).seq == 3
+
+
+def test_frames_queued_before_a_reload_keep_their_subscriptions(kits):
+    """Frames the fast path matched (and queued for the kernel) under the old subscription
+    list must be handed out under that list, not under the new one's shifted indices:
+    else a read-only scanner would get to decide a held frame, or a held frame would
+    leave without its contain scanner's decision."""
+    match = {"direction": "from_guest", "proto": "tcp", "dport": 80}
+    x = decider("x", [{"match": match, "contain": True}], verdict="cut")
+    y = decider("y", [{"match": match, "contain": False}], report=True)
+    k = kits({"a": policy(hold_timeout_ms=5000, scanners=[x, y])})
+    k.wait_subscribed("a", "x")
+    k.wait_subscribed("a", "y")
+    first = k.nk("a").subs[0].scanner
+    frame = tcp_frame(payload=b"queued across the reload")
+    k.drivers["a"].send_frame(frame)
+    d = k.daemon
+    for _ in range(100):                       # the data plane only: the punt stays queued
+        d.switch.run(2, False)
+        if k.stats("a")["held"]:
+            break
+    assert k.stats("a")["held"] == 1 and k.nk("a").info()["held"] == 0
+    new = policy(hold_timeout_ms=5000, scanners=[x, y])
+    for s in new["scanner"]:
+        if s["name"] == first:
+            s["allow"] = []                        # its subscription (index 0) goes
+    k.reload("a", new)
+    assert [s.scanner for s in k.nk("a").subs] == ["y" if first == "x" else "x"]
+    k.until(lambda: k.stats("a")["held_cut"] + k.stats("a")["held_passed"] == 1, what="a decision")
+    assert k.stats("a")["held_cut"] == 1, "the frame left without x's decision"
+    assert k.recv("b", 0.2) == []
+    k.until(lambda: k.alerts_matching("frame", "a", "y"), what="y's copy")
+    assert [a["fields"]["held"] for a in k.alerts_matching("frame", "a", "y")] == [False]
