@@ -415,8 +415,8 @@ class ScannerProc:
         ok = any(match.within(r.match) and (r.contain or not contain) for r in self.spec.rights)
         if not ok:
             self._reply(body, "outside this scanner's rights")
-            self.nk.kernel.alerts.append(
-                self.nk.name, self.name, "scanner asked for a subscription outside its rights",
+            self._alert_about(
+                "scanner asked for a subscription outside its rights",
                 match=body.get("match"), contain=contain)
             return
         err = self.nk.add_sub(Sub(match, contain, self.name))
@@ -428,8 +428,7 @@ class ScannerProc:
         direction = wire.DIRECTIONS.get(direction) if isinstance(direction, str) else None
         if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < len(self.spec.injections):
             self._reply(body, f"no pre-registered injection {idx!r}")
-            self.nk.kernel.alerts.append(self.nk.name, self.name,
-                                         "scanner asked for an injection it does not have", index=idx)
+            self._alert_about("scanner asked for an injection it does not have", index=idx)
             return
         if direction is None:
             self._reply(body, "direction must be to_guest or from_guest")
@@ -437,6 +436,14 @@ class ScannerProc:
         name, frame = self.spec.injections[idx]
         self.nk.port.inject(direction, frame)
         self._reply(body)
+
+    def _alert_about(self, message: str, **fields) -> None:
+        """An alert about something this scanner asked for: it can ask as often as it likes,
+        so these share its alert rate limit."""
+        if not self._alerts.take():
+            self.counters.alerts_suppressed += 1
+            return
+        self.nk.kernel.alerts.append(self.nk.name, self.name, message, **fields)
 
     def _alert(self, body: dict) -> None:
         message = body.get("message")
