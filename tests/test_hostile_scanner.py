@@ -372,3 +372,16 @@ def test_a_scanner_leaves_no_process_behind(kits):
     finally:
         if alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+def test_refusal_alerts_are_rate_limited_too(kits):
+    """Each refused request is alerted, and each alert is fsynced: unlimited, one scanner
+    could keep the daemon busy writing its log."""
+    spec = scanner_spec("pushy", "refusals.py", config={"count": 400}, alerts_per_second=5)
+    k = kits({"a": policy(scanners=[spec])})
+    sp = k.sp("a", "pushy")
+    k.until(lambda: sp.counters.refused == 800, 10, "800 refusals")
+    logged = len(k.alerts_matching("scanner asked", "a", "pushy"))
+    assert logged <= 15, f"{logged} alerts logged for one scanner's refusals"
+    assert sp.counters.alerts_suppressed >= 785
+    assert sp.running
