@@ -266,6 +266,9 @@ class ScannerProc:
     def stop(self) -> None:
         self.kill("stopped by the administrator", restart=False)
         self.state = "stopped"
+        if self.stage_root:
+            sandbox.remove_stage_root(self.stage_root)
+            self.stage_root = None
 
     def poll(self, now: float) -> None:
         """Housekeeping: notice death, enforce lockdown, restart when due."""

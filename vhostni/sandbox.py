@@ -95,6 +95,11 @@ def new_stage_root(name: str) -> str:
     return tempfile.mkdtemp(prefix=f"scanner-{name}-", dir=base)
 
 
+def remove_stage_root(root: str) -> None:
+    """Removes what stage() put under ``root`` (a scanner stopped for good)."""
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def preexec(memory_mb: int, cpu_seconds: int, open_files: int,
             user: str = "nobody") -> Callable[[], None]:
     """The function run in the child between fork and exec.  Order matters: the network
