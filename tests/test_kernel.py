@@ -324,11 +324,22 @@ def test_reload_revokes_subscriptions_outside_new_rights(kits):
     k.send("a", tcp_frame(dport=8080, payload=b"HOLD"))
     assert len(k.recv("b", 1.0, 1)) == 1
     assert k.stats("a")["held"] == 0
-    # a policy without the scanner stops it
-    pid = k.sp("a", "dec").proc.pid
+    # a policy without the scanner stops it, and removes its staged copy
+    pid, stage = k.sp("a", "dec").proc.pid, k.sp("a", "dec").stage_root
+    assert os.path.isdir(stage)
     k.reload("a", policy())
     assert "dec" not in k.nk("a").scanners
     k.until(lambda: not alive(pid), what="the removed scanner to end")
+    assert not os.path.exists(stage)
+
+
+def test_closing_the_daemon_stops_scanners_and_removes_their_stage(kits):
+    k = kits({"a": policy(scanners=[decider(subscribe=[HTTP_CONTAIN])])})
+    k.wait_subscribed("a", "dec")
+    pid, stage = k.sp("a", "dec").proc.pid, k.sp("a", "dec").stage_root
+    k.daemon.close()
+    k.daemon = None
+    assert not alive(pid) and not os.path.exists(stage)
 
 
 def _wait_stats(path: str, pred, timeout: float = 10.0) -> dict:
