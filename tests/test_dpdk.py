@@ -17,7 +17,15 @@ import pytest
 
 from dpdk import BURST, Endpoint, dpdk_vhost_backend, exchange, mac, skip_reason  # tests/ is on sys.path
 
-pytestmark = [pytest.mark.dpdk, pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))]
+# Tests that run testpmd carry this; the parsing tests at the end need no DPDK.
+needs_dpdk = [pytest.mark.dpdk, pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))]
+
+
+def dpdk_test(f):
+    for m in reversed(needs_dpdk):
+        f = m(f)
+    return f
+
 
 BURSTS = 4          # 4 x 32 = 128 frames per direction: fits the 256-entry rings without any polling race
 
@@ -80,6 +88,7 @@ def _check_both_ways(sockdir: Path, logdir: Path, tag: str, size: int) -> dict:
 
 # --- the machinery, proven against DPDK's own backend ------------------------------------------------------
 
+@dpdk_test
 @pytest.mark.parametrize("size", [64, 1518])
 def test_endpoints_exchange_frames_through_dpdk_vhost(sockdir, logdir, size):
     with dpdk_vhost_backend([sockdir / "a.sock", sockdir / "b.sock"], logdir=logdir,
@@ -91,6 +100,7 @@ def test_endpoints_exchange_frames_through_dpdk_vhost(sockdir, logdir, size):
     assert fwd[1]["rx_packets"] == n and fwd[0]["tx_packets"] == n, fwd
 
 
+@dpdk_test
 def test_endpoint_sees_nothing_without_a_peer(sockdir, logdir):
     """A frame sent into DPDK's vhost with nobody on the other port is not received anywhere."""
     with dpdk_vhost_backend([sockdir / "a.sock", sockdir / "b.sock"], logdir=logdir, name="dpdkvhost-lonely"):
@@ -101,6 +111,7 @@ def test_endpoint_sees_nothing_without_a_peer(sockdir, logdir):
 
 # --- vhostni ---------------------------------------------------------------------------------------------
 
+@dpdk_test
 @pytest.mark.parametrize("size", [64, 1518])
 def test_vhostni_exchanges_frames_with_virtio_user(sockdir, logdir, size):
     daemon, stats_path = _vhostni_daemon(sockdir, logdir, f"vni{size}")
@@ -120,6 +131,7 @@ def test_vhostni_exchanges_frames_with_virtio_user(sockdir, logdir, size):
     assert daemon.returncode == 0, daemon.log_tail()
 
 
+@dpdk_test
 def test_vhostni_survives_frontend_restart(sockdir, logdir):
     """testpmd quits and comes back on the same sockets (a VM reboot, seen from the NI): frames flow again."""
     daemon, _ = _vhostni_daemon(sockdir, logdir, "vni-restart")
@@ -135,6 +147,7 @@ def test_vhostni_survives_frontend_restart(sockdir, logdir):
         assert daemon.alive, daemon.log_tail()
 
 
+@dpdk_test
 def test_vhostni_frame_loop_smoke(logdir):
     """The benchmark's frame loop runs against vhostni for a moment, both directions moving."""
     pytest.importorskip("vhostni.cli", reason="vhostni.cli is not there yet: nothing to run against")
@@ -144,3 +157,90 @@ def test_vhostni_frame_loop_smoke(logdir):
     r = measure_once(VhostniBackend(cpus=None), 64, cfg, "smoke-loop")
     assert r["ok"], r.get("error")
     assert r["pps_a_to_b"] > 0 and r["pps_b_to_a"] > 0, r
+
+
+# --- parsing (no DPDK needed) ----------------------------------------------------------------------------
+
+PORT_STATS = """
+  ######################## NIC statistics for port 0  ########################
+  RX-packets: 25818624   RX-missed: 0          RX-bytes:  1652391936
+  RX-errors: 0
+  RX-nombuf:  0
+  TX-packets: 25819648   TX-errors: 0          TX-bytes:  1652457472
+
+  Throughput (since last show)
+  Rx-pps:      3550642          Rx-bps:   1817928960
+  Tx-pps:      3550629          Tx-bps:   1817922472
+  ############################################################################
+
+  ######################## NIC statistics for port 1  ########################
+  RX-packets: 25818656   RX-missed: 3          RX-bytes:  1652393984
+  RX-errors: 1
+  RX-nombuf:  2
+  TX-packets: 25819648   TX-errors: 0          TX-bytes:  1652457472
+
+  Throughput (since last show)
+  Rx-pps:      3550639          Rx-bps:   1817927336
+  Tx-pps:      3550645          Tx-bps:   1817930576
+  ############################################################################
+"""
+
+FWD_STATS = """
+Telling cores to stop...
+Waiting for lcores to finish...
+
+  ---------------------- Forward statistics for port 0  ----------------------
+  RX-packets: 25999520       RX-dropped: 0             RX-total: 25999520
+  TX-packets: 25998720       TX-dropped: 768           TX-total: 25999488
+  ----------------------------------------------------------------------------
+
+  ---------------------- Forward statistics for port 1  ----------------------
+  RX-packets: 25999488       RX-dropped: 0             RX-total: 25999488
+  TX-packets: 25998752       TX-dropped: 768           TX-total: 25999520
+  ----------------------------------------------------------------------------
+
+  +++++++++++++++ Accumulated forward statistics for all ports+++++++++++++++
+  RX-packets: 51999008       RX-dropped: 0             RX-total: 51999008
+  TX-packets: 51997472       TX-dropped: 1536          TX-total: 51999008
+  ++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++
+"""
+
+
+def test_parse_port_stats_reads_cumulative_counters_not_rates():
+    from vhostni.bench.testpmd import PortStats, parse_port_stats
+    st = parse_port_stats(PORT_STATS)
+    assert st[0] == PortStats(rx_packets=25818624, rx_bytes=1652391936, tx_packets=25819648,
+                              tx_bytes=1652457472)
+    assert st[1].rx_missed == 3 and st[1].rx_errors == 1 and st[1].rx_nombuf == 2
+    assert (st[1] - st[0]).rx_packets == 32
+
+
+def test_parse_fwd_stats_per_port_only():
+    from vhostni.bench.testpmd import parse_fwd_stats
+    fwd = parse_fwd_stats(FWD_STATS)
+    assert set(fwd) == {0, 1}
+    assert fwd[0]["tx_dropped"] == 768 and fwd[1]["rx_packets"] == 25999488
+
+
+def test_lcores_pin_both_lcores_to_the_given_cpus():
+    from vhostni.bench.testpmd import lcores_arg
+    assert lcores_arg("1") == "0@1,1@1"
+    assert lcores_arg("0-1") == "0@(0-1),1@(0-1)"
+
+
+def test_parse_iperf3_summary_lines():
+    from vhostni.bench.guest_tcp import parse_iperf3
+    out = ("[  5]   9.00-10.00  sec  75.0 MBytes   629 Mbits/sec    0    221 KBytes\n"
+           "- - - - - - - - - - - - - - - - - - - - - - - - -\n"
+           "[ ID] Interval           Transfer     Bitrate         Retr\n"
+           "[  5]   0.00-10.00  sec  1.46 GBytes  1256 Mbits/sec    3             sender\n"
+           "[  5]   0.00-10.04  sec  1.46 GBytes  1.25 Gbits/sec                  receiver\n")
+    r = parse_iperf3(out)
+    assert r == {"sender_gbit_s": pytest.approx(1.256), "receiver_gbit_s": pytest.approx(1.25)}
+
+
+def test_summarize_reports_median_and_spread():
+    from vhostni.bench.frameloop import summarize
+    s = summarize([1.0, 3.0, 2.0])
+    assert s["median"] == 2.0 and s["min"] == 1.0 and s["max"] == 3.0 and s["spread_pct"] == 100.0
+    assert summarize([]) == {"n": 0}
