@@ -1,11 +1,12 @@
 """The Code-Red scanner's detector (scanners/codered/core.py) with a fake clock, its frame parser, and (when the
-SDK is importable) the scanner process itself against a fake NI kernel.  No VM needed."""
+SDK is importable) the scanner process itself against a fake NI kernel; and the guests' worm (guests/worm.c),
+built for the host and aimed at loopback.  No VM needed: tests/test_worm.py runs them in real guests."""
 
 import ipaddress
-import json
 import os
+import re
+import shutil
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -561,8 +562,6 @@ def test_scanner_process_with_fake_kernel(tmp_path):
 
 # ---- guests/worm.c, built for the host and run against loopback (127/8 never leaves this machine) -------------
 
-import re  # noqa: E402
-import shutil  # noqa: E402
 
 
 @pytest.fixture(scope="module")

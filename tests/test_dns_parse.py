@@ -1,15 +1,22 @@
 """The Code-Red scanner's DNS parser (scanners/codered/dns.py): real-looking responses built with scapy's DNS
-layer, hand-made compression, malformed and hostile messages, and fuzzing (nothing but ValueError escapes)."""
+layer, hand-made compression, malformed and hostile messages, and fuzzing (nothing but ValueError escapes).
+Also the guests' DNS server (guests/dnsd.c), built for the host: its replies must pass the strict parser."""
 
 import ipaddress
+import random
+import shutil
+import socket
 import struct
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # scanners/ is not an installed package
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))   # scanners/ is not an installed package
 
 from scanners.codered import dns  # noqa: E402
 from scanners.codered.dns import DnsError, parse_message, parse_query, parse_response  # noqa: E402
@@ -302,15 +309,6 @@ def test_mutated_responses_only_raise_value_error(edits, cut):
 
 
 # ---- guests/dnsd.c, built for the host and queried over loopback; its answers must satisfy the strict parser -----
-
-import os  # noqa: E402
-import random  # noqa: E402
-import shutil  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def build_guest_program(name, out_dir):

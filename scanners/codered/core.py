@@ -45,11 +45,11 @@ import heapq
 import ipaddress
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Union
 
 from . import dns
-from .packet import PROTO_UDP, Packet, PacketError, parse_frame
+from .packet import PROTO_UDP, PacketError, parse_frame
 
 __all__ = ["CodeRedDetector", "Alert", "Verdict", "ConfigError", "DEFAULTS", "DnsTable"]
 
