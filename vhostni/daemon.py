@@ -135,6 +135,7 @@ class Daemon:
         self.nis: dict[str, NI] = {}
         self.uplinks: dict[str, Port] = {}
         self._handlers: dict[int, Callable[[], None]] = {}
+        self.housekeepers: list[Callable[[], None]] = []   # called every HOUSEKEEPING_MS
         self._stop = False
         self._reload = False
         self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -155,9 +156,14 @@ class Daemon:
             self.kernel.attach(name, ni.port, pol)
 
     # ---- the control epoll set
-    def register(self, fd: int, handler: Callable[[], None]) -> None:
+    def register(self, fd: int, handler: Callable[[], None], events: int = select.EPOLLIN) -> None:
         self._handlers[fd] = handler
-        self.ep.register(fd, select.EPOLLIN)
+        self.ep.register(fd, events)
+
+    def set_events(self, fd: int, events: int) -> None:
+        """Changes what a registered fd waits for (e.g. EPOLLOUT only while output is queued:
+        a level-triggered EPOLLOUT left on would wake the data-plane loop all the time)."""
+        self.ep.modify(fd, events)
 
     def unregister(self, fd: int) -> None:
         self._handlers.pop(fd, None)
@@ -174,12 +180,24 @@ class Daemon:
             except (OSError, PolicyError) as exc:
                 log.error("NI %s: policy %s not reloaded, keeping the old one: %s", name, path, exc)
                 continue
-            nk = self.kernel.nis.get(self.nis[name].port.index)
-            if nk is None:
-                self.kernel.attach(name, self.nis[name].port, pol)
-            else:
-                nk.replace_policy(pol)
+            self.set_policy(name, pol, path)
             log.info("NI %s: policy reloaded from %s", name, path)
+
+    def set_policy(self, name: str, pol, path: Optional[str] = None) -> None:
+        """Gives NI ``name`` a validated policy at once (attaching its NI kernel if it had
+        none).  ``path``: the file SIGHUP re-reads it from (None: none, e.g. set over the
+        admin plane without a state directory)."""
+        ni = self.nis[name]
+        nk = self.kernel.nis.get(ni.port.index)
+        if nk is None:
+            self.kernel.attach(name, ni.port, pol)
+        else:
+            nk.replace_policy(pol)
+        if path:
+            self.policy_files[name] = path
+        else:
+            self.policy_files.pop(name, None)
+        self.kernel.event("POLICY_CHANGED", ni=name, source=pol.source)
 
     # ---- configuration
     def add_ni(self, name: str, path: str) -> NI:
@@ -190,6 +208,22 @@ class Daemon:
         self.register(ni.listener.fileno(), lambda: self._accept(ni))
         log.info("NI %s listening on %s", name, path)
         return ni
+
+    def remove_ni(self, name: str) -> None:
+        """Removes an NI at run time: its scanners stop, held frames are dropped, its guest
+        is disconnected and its socket goes away.  KeyError if there is no such NI."""
+        ni = self.nis.pop(name)
+        self.kernel.detach(ni.port.index)
+        self._drop(ni)
+        self.unregister(ni.listener.fileno())
+        ni.listener.close()
+        try:
+            os.unlink(ni.path)
+        except OSError:
+            pass
+        ni.port.remove()
+        self.policy_files.pop(name, None)
+        log.info("NI %s removed", name)
 
     def add_uplink(self, spec: str) -> None:
         kind, _, arg = spec.partition(":")
@@ -261,6 +295,7 @@ class Daemon:
         self.register(conn.fileno(), lambda: self._serve(ni))
         ni.device.connected()
         log.info("NI %s: frontend connected", ni.name)
+        self.kernel.event("NI_UP", ni=ni.name)
 
     def _serve(self, ni: NI) -> None:
         reader = ni.reader
@@ -299,6 +334,7 @@ class Daemon:
         ni.reader.close()
         ni.reader = None
         ni.device.disconnected()
+        self.kernel.event("NI_DOWN", ni=ni.name)
 
     def _housekeeping(self) -> None:
         for ni in self.nis.values():
@@ -308,6 +344,8 @@ class Daemon:
                     log.error("NI %s: guest broke the virtio rules (%s); NIC stopped until the "
                               "guest driver resets it", ni.name, reason)
                 ni.broken_logged = reason
+        for fn in self.housekeepers:
+            fn()
         if self.stats_file:
             tmp = self.stats_file + ".tmp"
             with open(tmp, "w") as f:
