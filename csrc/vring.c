@@ -3,8 +3,9 @@
  *
  * The pipeline per chain: read the avail idx once (acquire) and check it moved by at most
  * the ring size; read the head once and check it is < num; walk the chain loading each
- * descriptor once into a local, checking direction, nesting of indirect tables, the next
- * index, the chain length (a chain longer than the ring is a loop) and translating every
+ * descriptor once into a local, checking direction, nesting of indirect tables (at most
+ * as many entries as the ring), the next index, the chain length (a chain longer than
+ * its ring or table is a loop) and translating every
  * buffer with its length capped at its region's end.  A violation breaks the port: its
  * rings are no longer touched until the frontend re-initialises them.
  */
@@ -117,10 +118,14 @@ int vn_vq_map_chain(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, u
             return -1;
         }
         if (d.flags & VRING_DESC_F_INDIRECT) {
-            /* one level only, never combined with NEXT, only if negotiated */
+            /* one level only, never combined with NEXT, only if negotiated, and no longer
+             * than the queue (2.7.5.3.1: no chain is; DPDK checks the same).  That bound
+             * is what keeps one pass short: the budget counts chains, and 256 chains
+             * through one 32768-entry table of zero-length descriptors (runts, not
+             * errors) walked 8M descriptors while no other NI moved. */
             if (indirect || (d.flags & VRING_DESC_F_NEXT) ||
                 !HAS_FEATURE(p->features, VIRTIO_RING_F_INDIRECT_DESC) ||
-                d.len == 0 || (d.len & 15) || d.len / 16 > VN_MAX_QUEUE_SIZE) {
+                d.len == 0 || (d.len & 15) || d.len / 16 > num) {
                 vn_port_break(p, VN_BROKEN_INDIRECT);
                 return -1;
             }
