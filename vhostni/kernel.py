@@ -38,16 +38,48 @@ STDERR_LINES_PER_S = 20
 
 class AlertLog:
     """Alerts are never lost: appended to a JSON-lines file and fsynced before anyone else
-    hears of them; each carries a sequence number that survives restarts."""
+    hears of them; each carries a sequence number that survives restarts.
 
-    def __init__(self, path: Optional[str]):
+    With ``max_bytes`` the log rotates by size: PATH becomes PATH.1 (PATH.1 becomes PATH.2
+    ...), ``keep`` rotated files are kept; :meth:`files` lists them oldest first."""
+
+    def __init__(self, path: Optional[str], max_bytes: int = 0, keep: int = 5):
         self.path = path
+        self.max_bytes = max_bytes
+        self.keep = keep
         self.seq = 0
         self.listeners: list[Callable[[dict], None]] = []
         self.recent: list[dict] = []
         self._f = None
+        self._size = 0
         if path:
-            self.seq = self._last_seq(path)
+            for p in reversed(self.files()):
+                self.seq = self._last_seq(p)
+                if self.seq:
+                    break
+
+    def files(self) -> list[str]:
+        """The log's files that exist, oldest first (rotated ones, then the current)."""
+        if not self.path:
+            return []
+        names = [f"{self.path}.{i}" for i in range(max(self.keep, 0), 0, -1)] + [self.path]
+        return [p for p in names if os.path.exists(p)]
+
+    def _rotate(self) -> None:
+        self._f.close()
+        self._f = None
+        if self.keep <= 0:
+            os.unlink(self.path)
+        else:
+            for i in range(self.keep - 1, 0, -1):
+                if os.path.exists(f"{self.path}.{i}"):
+                    os.replace(f"{self.path}.{i}", f"{self.path}.{i + 1}")
+            os.replace(self.path, f"{self.path}.1")
+        d = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(d)
+        finally:
+            os.close(d)
 
     @staticmethod
     def _last_seq(path: str) -> int:
@@ -73,10 +105,18 @@ class AlertLog:
         if fields:
             rec["fields"] = fields
         line = json.dumps(rec, default=str, separators=(",", ":"))
-        if self.path and self._f is None:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            self._f = open(self.path, "a", encoding="utf-8")
+        nbytes = len(line.encode()) + 1
+        for _ in range(2):
+            if self.path and self._f is None:
+                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+                self._f = open(self.path, "a", encoding="utf-8")
+                self._size = self._f.tell()
+            if self._f and self.max_bytes and self._size and self._size + nbytes > self.max_bytes:
+                self._rotate()
+                continue
+            break
         if self._f:
+            self._size += nbytes
             self._f.write(line + "\n")
             self._f.flush()
             os.fsync(self._f.fileno())

@@ -15,6 +15,7 @@ one of the scanner's rights (every constraint of the right holds for it).
 """
 from __future__ import annotations
 
+import copy
 import ipaddress
 import json
 import os
@@ -271,6 +272,7 @@ class Policy:
     prevent: list[Match] = field(default_factory=list)
     scanners: list[ScannerSpec] = field(default_factory=list)
     source: Optional[str] = None
+    doc: Optional[dict] = None      # the document it was parsed from (what ni-get-policy shows)
 
     def compile(self, subs: list[tuple[Match, bool]] = ()):
         """A ``struct vn_policy`` for the fast path, with the kernel's live subscriptions."""
@@ -340,7 +342,7 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
     if not isinstance(d, dict):
         raise PolicyError("", "a policy is a table")
     _check_keys(d, {"ni", "prevent", "scanner", "comment"}, "")
-    p = Policy(source=source)
+    p = Policy(source=source, doc=copy.deepcopy(d))
     ni = _want(d, "ni", "", dict, {})
     _check_keys(ni, {"mac", "addresses", "anti_spoof", "hold_timeout_ms", "default_decision",
                      "held_frames_max", "held_bytes_max", "over_cap", "comment"}, "ni")
