@@ -78,6 +78,8 @@ def worm_lab(vhostni_daemon_factory, vhostni_guest_factory, vhostni_sockdir, tmp
     ])
     bob.check(f"mkdir -p /srv && echo hello-from-bob > /srv/index.html && httpd -p 80 -h /srv && "
               f"(dnsd www.test={LAN}.2 > /tmp/dnsd.log 2>&1 &)")
+    bob.check("for i in $(seq 50); do grep -q serving /tmp/dnsd.log && break; sleep 0.1; done; "
+              "grep serving /tmp/dnsd.log")
     alice.check(f"route add -net {WORM_NET} gw {LAN}.2")
     return daemon, alice, bob, alerts, stats_file
 

@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         banner("2. alice is infected: a Code-Red-style worm scans random addresses")
         say("alice's NI runs the Code-Red scanner (Siphon paper, 5.3): it shadows alice's DNS")
         say("answers and holds every connection attempt until it has checked the destination.")
-        bob.check(f"(dnsd www.test={LAN}.2 > /tmp/dnsd.log 2>&1 &)")
+        bob.check(f"(dnsd www.test={LAN}.2 > /tmp/dnsd.log 2>&1 &); "
+                  "for i in $(seq 50); do grep -q serving /tmp/dnsd.log && break; sleep 0.1; done")
         alice.check(f"route add -net {WORM_NET} gw {LAN}.2")
         before = json.loads(stats_file.read_text())["nis"]["alice"]
         show(alice, f"(worm -n 100 -r 10 -p 80 -w 3 -s 1 {WORM_NET} > /tmp/worm.log 2>&1 &); "
