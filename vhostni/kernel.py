@@ -194,6 +194,7 @@ class ScannerProc:
         self.consecutive_timeouts = 0
         self.last_error = ""
         self.stage_root: Optional[str] = None
+        self.uid: Optional[int] = None
         self._msg_window = (0.0, 0)
         self._alerts = _Bucket(spec.alerts_per_second, max(2.0, 2 * spec.alerts_per_second))
         self._err_buf = b""
@@ -205,6 +206,7 @@ class ScannerProc:
 
     def info(self) -> dict:
         return {"name": self.name, "state": self.state, "pid": self.proc.pid if self.proc else None,
+                "uid": self.uid,
                 "locked_down": self.locked, "pending_decisions": len(self.pending),
                 "last_error": self.last_error,
                 "rights": [{"contain": r.contain, "match": repr(r.match)} for r in self.spec.rights],
@@ -216,6 +218,12 @@ class ScannerProc:
         if self.stage_root is None:
             self.stage_root = sandbox.new_stage_root(self.name)
         argv, pypath = sandbox.stage(self.spec.argv, self.stage_root)
+        try:
+            self.uid = k.uids.take()
+        except sandbox.SandboxError as exc:
+            self.last_error = str(exc)
+            self._schedule_restart()
+            return
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         child.set_inheritable(True)
         rerr, werr = os.pipe2(os.O_CLOEXEC)
@@ -227,8 +235,10 @@ class ScannerProc:
                 argv, stdin=subprocess.DEVNULL, stdout=werr, stderr=werr, env=env, cwd="/",
                 pass_fds=[child.fileno()], close_fds=True,
                 preexec_fn=sandbox.preexec(self.spec.memory_mb, self.spec.cpu_seconds,
-                                           self.spec.open_files))
+                                           self.spec.open_files, self.uid))
         except (OSError, subprocess.SubprocessError) as exc:
+            k.uids.give(self.uid)
+            self.uid = None
             parent.close()
             child.close()
             os.close(rerr)
@@ -285,6 +295,9 @@ class ScannerProc:
             os.close(self.err_fd)
             self.err_fd = None
         self.state = "stopped"
+        if self.uid is not None:
+            k.uids.give(self.uid)
+            self.uid = None
         owed = set(self.pending.values())
         self.pending.clear()
         for held_id in owed:
@@ -664,6 +677,7 @@ class Kernel:
         self.register = register
         self.unregister = unregister
         self.alerts = AlertLog(alert_log)
+        self.uids = sandbox.UidPool()
         self.nis: dict[int, NIKernel] = {}          # by port index
         self.events: list[Callable[[str, dict], None]] = []
         self._punt = ffi.new("struct vn_punt *")

@@ -3,6 +3,7 @@ privileges, bounded memory, CPU time and open files, and only its socket to the 
 The scanner adds the last wall itself once started (the SDK's seccomp allow-list), and
 the kernel checks that it did before granting it any traffic.
 
+Each scanner runs as a uid of its own (UidPool), so scanners cannot touch each other.
 A scanner's code runs as an unprivileged user, which cannot read a checkout under /root:
 ``stage()`` copies the program and the SDK into a world-readable directory per scanner,
 so what runs is exactly what the administrator's policy named, and nothing else is
@@ -100,15 +101,38 @@ def remove_stage_root(root: str) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def preexec(memory_mb: int, cpu_seconds: int, open_files: int,
-            user: str = "nobody") -> Callable[[], None]:
+UID_BASE = 62000
+UID_COUNT = 1000
+
+
+class UidPool:
+    """One uid (and gid of the same number) per running scanner, from a range no account
+    uses: scanners cannot signal, trace or share files with each other, and with
+    RLIMIT_NPROC at 1 a scanner cannot fork (so nothing it starts outlives it)."""
+
+    def __init__(self, base: int = UID_BASE, count: int = UID_COUNT):
+        taken = {p.pw_uid for p in pwd.getpwall()}
+        self.free = [u for u in range(base, base + count) if u not in taken]
+        self.used: set[int] = set()
+
+    def take(self) -> int:
+        for u in self.free:
+            if u not in self.used:
+                self.used.add(u)
+                return u
+        raise SandboxError("no free scanner uid")
+
+    def give(self, uid: int) -> None:
+        self.used.discard(uid)
+
+
+def preexec(memory_mb: int, cpu_seconds: int, open_files: int, uid: int) -> Callable[[], None]:
     """The function run in the child between fork and exec.  Order matters: the network
-    namespace needs privilege, so it comes before dropping it."""
-    pw = pwd.getpwnam(user)
+    namespace and the limits need privilege, so they come before dropping it; the
+    parent-death signal is cleared by setuid, so it comes after."""
     libc = ctypes.CDLL(None, use_errno=True)
 
     def run() -> None:
-        parent = os.getppid()
         os.setsid()
         if libc.unshare(CLONE_NEWNET) != 0:
             os.write(2, b"vhostni sandbox: unshare(CLONE_NEWNET) failed\n")
@@ -119,11 +143,11 @@ def preexec(memory_mb: int, cpu_seconds: int, open_files: int,
         resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))
         os.setgroups([])
-        os.setgid(pw.pw_gid)
-        os.setuid(pw.pw_uid)
-        # after setuid: changing credentials clears the parent-death signal
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent:
+        os.setgid(uid)
+        os.setuid(uid)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
             os._exit(126)
         if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             os._exit(126)
