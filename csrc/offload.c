@@ -51,7 +51,8 @@ int vn_offload_check(const struct vn_pkt *pkt)
     if (gso != VIRTIO_NET_HDR_GSO_NONE && gso != VIRTIO_NET_HDR_GSO_TCPV4 &&
         gso != VIRTIO_NET_HDR_GSO_TCPV6)
         return -1;
-    if (gso != VIRTIO_NET_HDR_GSO_NONE && h->gso_size == 0)
+    /* a tiny MSS would make one 64 KiB frame cost us thousands of segments */
+    if (gso != VIRTIO_NET_HDR_GSO_NONE && h->gso_size < VN_MIN_GSO_SIZE)
         return -1;
     return 0;
 }

@@ -22,6 +22,9 @@
 #define VIRTIO_RING_F_EVENT_IDX 29
 #define VIRTIO_F_VERSION_1 32
 
+/* smallest TSO segment size accepted from a guest (IPv4 minimum MTU 576 - 40) */
+#define VN_MIN_GSO_SIZE 536
+
 #define HAS_FEATURE(f, bit) (((f) >> (bit)) & 1ULL)
 
 /* split virtqueue layout (virtio 1.x, 2.7) */
