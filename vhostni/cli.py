@@ -26,6 +26,16 @@ def _policy_arg(text: str) -> tuple[str, str]:
     return name, path
 
 
+def _uid_arg(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    import pwd
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"{text!r}: no such user") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vhostni", description="Self-securing network interfaces for VMs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -44,6 +54,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the policy (TOML or JSON) of NI NAME; SIGHUP re-reads it")
     run.add_argument("--alert-log", metavar="PATH", default="vhostni-alerts.jsonl",
                      help="append-only JSON-lines alert log (default %(default)s)")
+    run.add_argument("--alert-log-max-bytes", type=int, default=0, metavar="N",
+                     help="rotate the alert log when it would grow past N bytes (default: never)")
+    run.add_argument("--alert-log-keep", type=int, default=5, metavar="N",
+                     help="rotated alert logs to keep (default %(default)s)")
+    run.add_argument("--syslog", nargs="?", const="/dev/log", metavar="SOCKET",
+                     help="also send every alert to syslog (default socket /dev/log)")
+    adm = run.add_argument_group("admin plane (QMP)")
+    adm.add_argument("--admin", action="append", default=[], metavar="unix:PATH|tcp:HOST:PORT",
+                     help="serve QMP there (repeatable); TCP requires --tls-cert/--tls-key/--tls-ca")
+    adm.add_argument("--admin-allow-uid", action="append", type=_uid_arg, default=[], metavar="UID",
+                     help="a user (uid or name) allowed on unix admin sockets besides root and the "
+                          "daemon's own uid (repeatable)")
+    adm.add_argument("--tls-cert", metavar="FILE", help="the daemon's TLS certificate (PEM)")
+    adm.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
+    adm.add_argument("--tls-ca", metavar="FILE",
+                     help="CA certificates admin clients' certificates must chain to (PEM)")
+    adm.add_argument("--state-dir", metavar="DIR",
+                     help="keep NIs added and policies set over QMP in DIR; restored at start")
     run.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -53,22 +81,54 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s vhostni %(levelname)s %(message)s", stream=sys.stderr)
     if args.command == "run":
-        if not args.ni and not args.uplink:
+        if not args.ni and not args.uplink and not args.admin and not args.state_dir:
             print("vhostni run: give at least one --ni NAME=SOCKET", file=sys.stderr)
             return 2
+        tls_given = [args.tls_cert, args.tls_key, args.tls_ca]
+        if any(tls_given) and not all(tls_given):
+            print("vhostni run: --tls-cert, --tls-key and --tls-ca go together", file=sys.stderr)
+            return 2
         from .daemon import Daemon
+        from .policy import PolicyError
+        admin = None
+        nis, policies, runtime = args.ni, dict(args.policy), []
         try:
-            d = Daemon(args.ni, args.uplink, poll=args.poll, offloads=args.offloads == "on",
-                       stats_file=args.stats_file, policies=dict(args.policy),
-                       alert_log=args.alert_log)
+            state = None
+            if args.state_dir:
+                from .admin import StateDir
+                state = StateDir(args.state_dir)
+                nis, policies, runtime = state.merge(nis, policies)
+            d = Daemon(nis, args.uplink, poll=args.poll, offloads=args.offloads == "on",
+                       stats_file=args.stats_file, policies=policies, alert_log=args.alert_log)
         except (OSError, ValueError) as exc:
             print(f"vhostni run: {exc}", file=sys.stderr)
+            return 1
+        d.kernel.alerts.max_bytes = max(0, args.alert_log_max_bytes)
+        d.kernel.alerts.keep = max(0, args.alert_log_keep)
+        sink = None
+        try:
+            if args.syslog:
+                from .admin.alerts import SyslogSink
+                sink = SyslogSink(args.syslog)
+                d.kernel.alerts.listeners.append(sink)
+            if args.admin or state:
+                from .admin import AdminServer, TLSFiles
+                tls = TLSFiles(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
+                admin = AdminServer(d, args.admin, allow_uids=args.admin_allow_uid, tls=tls,
+                                    state=state, runtime_nis=runtime)
+        except (OSError, ValueError, PolicyError) as exc:
+            print(f"vhostni run: {exc}", file=sys.stderr)
+            d.close()
             return 1
         try:
             d.run()
         finally:
+            if admin:
+                admin.close()
             print(json.dumps(d.stats(), indent=1), file=sys.stderr)
             d.close()
+            if sink:
+                sink.close()
         return 0
     return 2
 

@@ -1,0 +1,535 @@
+"""The admin plane: QMP over unix sockets and TCP+TLS, driven by qemu.qmp's own clients.
+
+Layers: the sans-I/O QMP server protocol and the alert-log reader and state directory
+alone; then ``vhostni run`` subprocesses with simulated guests (tests/vdriver.py) on their
+NIs, administered through ``qemu.qmp`` (the asyncio ``QMPClient``, its synchronous
+``legacy.QEMUMonitorProtocol`` and ``qmp-shell``) as an operator would; and an in-process
+daemon where a test needs to step the loop itself (a client that does not read).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+from qemu.qmp import QMPClient
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from nikit import policy, scanner_spec, tcp_frame, write_policy
+from vhostni.admin import protocol as qp
+from vhostni.admin.alerts import SyslogSink, read_alerts
+from vhostni.admin.protocol import (NEED_DATA, ConnectionClosed, Execute, InputError, MessageTooLarge,
+                                    Negotiated, QMPServerConnection)
+from vhostni.admin.state import StateDir, atomic_write
+from vhostni.kernel import AlertLog
+
+VERSION = {"qemu": {"major": 0, "minor": 1, "micro": 0}, "package": "vhostni test"}
+
+
+# ---------------------------------------------------------------------------
+# The protocol, sans I/O
+# ---------------------------------------------------------------------------
+
+def _out(conn) -> list[dict]:
+    data = conn.data_to_send()
+    assert data == b"" or data.endswith(b"\r\n")
+    return [json.loads(line) for line in data.split(b"\r\n") if line]
+
+
+def _events(conn) -> list:
+    evs = []
+    while (ev := conn.next_event()) is not NEED_DATA:
+        evs.append(ev)
+    return evs
+
+
+def _negotiated() -> QMPServerConnection:
+    c = QMPServerConnection(VERSION)
+    c.data_to_send()
+    c.receive_data(b'{"execute": "qmp_capabilities"}')
+    assert isinstance(_events(c)[0], Negotiated)
+    assert _out(c) == [{"return": {}}]
+    return c
+
+
+def test_greeting_and_negotiation_as_qemu_does():
+    c = QMPServerConnection(VERSION)
+    assert _out(c) == [{"QMP": {"version": VERSION, "capabilities": []}}]
+    # nothing but qmp_capabilities before negotiation, and no events
+    c.receive_data(b'{"execute": "query-nis", "id": 1}')
+    assert [type(e) for e in _events(c)] == [InputError]
+    assert _out(c) == [{"error": {"class": "CommandNotFound",
+                                  "desc": "Expecting capabilities negotiation with 'qmp_capabilities'"},
+                        "id": 1}]
+    assert c.send_event("NI_UP", {"ni": "a"}) is False and _out(c) == []
+    c.receive_data(b'{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}')
+    _events(c)
+    assert _out(c)[0]["error"]["desc"] == "Capability 'oob' not available"
+    c.receive_data(b'{"execute": "qmp_capabilities", "id": "x"}')
+    assert _events(c) == [Negotiated([])]
+    assert _out(c) == [{"return": {}, "id": "x"}]
+    c.receive_data(b'{"execute": "qmp_capabilities"}')
+    _events(c)
+    assert _out(c) == [{"error": {"class": "CommandNotFound",
+                                  "desc": "Capabilities negotiation is already complete, command ignored"}}]
+
+
+def test_execute_return_error_event():
+    c = _negotiated()
+    c.receive_data(b'{"execute": "ni-add", "arguments": {"name": "a"}, "id": {"n": [1]}}')
+    [ev] = _events(c)
+    assert ev == Execute("ni-add", {"name": "a"}, {"n": [1]})
+    c.send_return(ev, {"ok": 1})
+    c.send_error(ev, "GenericError", "no")
+    c.receive_data(b'{"execute": "query-nis"}')
+    [ev2] = _events(c)
+    c.send_return(ev2)                                   # no id in, no id out
+    assert c.send_event("NI_UP", {"ni": "a"}, when=1700000000.25)
+    assert _out(c) == [{"return": {"ok": 1}, "id": {"n": [1]}},
+                       {"error": {"class": "GenericError", "desc": "no"}, "id": {"n": [1]}},
+                       {"return": {}},
+                       {"event": "NI_UP", "data": {"ni": "a"},
+                        "timestamp": {"seconds": 1700000000, "microseconds": 250000}}]
+
+
+def test_a_stream_split_anywhere_and_messages_run_together():
+    msgs = [{"execute": "a", "id": 1}, {"execute": "b", "arguments": {"s": "}{][\"\\\\\\\"", "u": "\u00e9\u2603"}},
+            {"execute": "c", "arguments": {"deep": [[{"x": [1, 2, {"y": "]"}]}]]}, "id": "}"}]
+    stream = b"  \n".join(json.dumps(m).encode() for m in msgs) + b"\r\n"
+    for step in (1, 2, 3, 7, len(stream)):
+        c = _negotiated()
+        got = []
+        for i in range(0, len(stream), step):
+            c.receive_data(stream[i:i + step])
+            got += _events(c)
+        assert [(e.command, e.arguments, e.id) for e in got] == [
+            ("a", {}, 1), ("b", msgs[1]["arguments"], qp.NO_ID), ("c", msgs[2]["arguments"], "}")], step
+
+
+@pytest.mark.parametrize("data, desc", [
+    (b'{"execute": }', "JSON parse error"),
+    (b'[1, 2]', "QMP input must be a JSON object"),
+    (b'"just a string"', "QMP input must be a JSON object"),
+    (b'42 ', "QMP input must be a JSON object"),
+    (b'nonsense ', "JSON parse error, invalid token 'nonsense'"),
+    (b'}', "JSON parse error, expecting value"),
+    (b'{"execute": 1}', "QMP input member 'execute' must be a string"),
+    (b'{"execute": "x", "arguments": []}', "QMP input member 'arguments' must be an object"),
+    (b'{"execute": "x", "foo": 1}', "QMP input member 'foo' is unexpected"),
+    (b'{"arguments": {}}', "QMP input lacks member 'execute'"),
+    (b'{"execute": "x\xff\xfe"}', "JSON parse error"),
+    (b'{"a":' * 100 + b'1' + b'}' * 100, "nesting deeper than 64"),
+])
+def test_bad_input_gets_an_error_and_the_connection_goes_on(data, desc):
+    c = _negotiated()
+    c.receive_data(data)
+    evs = _events(c)
+    assert isinstance(evs[0], InputError) and desc in evs[0].desc
+    [err] = _out(c)
+    assert err["error"]["class"] == "GenericError" and desc in err["error"]["desc"]
+    c.receive_data(b' {"execute": "next", "id": 2}')
+    assert _events(c) == [Execute("next", {}, 2)]
+    assert not c.must_close
+
+
+def test_bad_input_with_an_id_answers_with_that_id():
+    c = _negotiated()
+    c.receive_data(b'{"id": 7, "execute": "x", "bogus": 1}')
+    _events(c)
+    assert _out(c)[0]["id"] == 7
+
+
+def test_an_oversized_message_is_an_error_and_closes():
+    c = QMPServerConnection(VERSION, max_message=1000)
+    c.data_to_send()
+    c.receive_data(b'{"execute": "qmp_capabilities"}{"execute": "x", "arguments": {"s": "' + b"A" * 600)
+    evs = _events(c)
+    assert isinstance(evs[0], Negotiated) and not c.must_close
+    c.receive_data(b"A" * 600)
+    assert isinstance(_events(c)[0], MessageTooLarge) and c.must_close
+    out = _out(c)
+    assert out[-1]["error"]["desc"].startswith("JSON message exceeds 1000 bytes")
+    c.receive_data(b'"}}{"execute": "y"}')               # ignored from now on
+    assert _events(c) == [] and _out(c) == []
+    assert c.send_event("X") is False
+    # a huge bare token, too
+    c = QMPServerConnection(VERSION, max_message=100)
+    c.receive_data(b"1" * 200)
+    assert isinstance(_events(c)[0], MessageTooLarge)
+
+
+def test_eof():
+    c = _negotiated()
+    c.receive_data(b'{"execute": "x"')
+    c.receive_data(b"")
+    assert _events(c) == [ConnectionClosed()]
+
+
+# ---------------------------------------------------------------------------
+# The alert log (rotation, reading it back) and the state directory
+# ---------------------------------------------------------------------------
+
+def test_alert_log_rotates_and_query_reads_across_files(tmp_path):
+    path = str(tmp_path / "alerts.jsonl")
+    log = AlertLog(path, max_bytes=2000, keep=3)
+    for i in range(100):
+        log.append("a" if i % 3 else "b", "s1" if i % 2 else "s2", f"alert {i}", i=i)
+    log.close()
+    files = log.files()
+    assert files[-1] == path and len(files) == 4
+    assert all(os.path.getsize(f) <= 2000 for f in files)
+    seqs = [json.loads(line)["seq"] for f in files for line in open(f)]
+    assert seqs == list(range(seqs[0], 101)) and seqs[0] > 1   # the oldest fell off, in order
+    assert AlertLog(path, max_bytes=2000, keep=3).seq == 100
+    oldest = seqs[0]
+    res = read_alerts(files, 0, limit=1000)
+    assert [a["seq"] for a in res["alerts"]] == seqs and not res["more"]
+    assert res["oldest-seq"] == oldest and res["next-seq"] == 100
+    res = read_alerts(files, 80, ni="b", limit=1000)
+    assert [a["seq"] for a in res["alerts"]] == [s for s in range(81, 101) if (s - 1) % 3 == 0]
+    # paging: limit, then continue from next-seq
+    got, since = [], 0
+    while True:
+        res = read_alerts(files, since, scanner="s1", limit=3)
+        got += [a["seq"] for a in res["alerts"]]
+        since = res["next-seq"]
+        if not res["more"]:
+            break
+    assert got == [s for s in seqs if (s - 1) % 2 == 1]
+    # a tiny scan budget still makes progress and loses nothing
+    got, since = [], 0
+    for _ in range(1000):
+        res = read_alerts(files, since, ni="a", limit=5, budget=300)
+        got += [a["seq"] for a in res["alerts"]]
+        assert res["next-seq"] >= since
+        since = res["next-seq"]
+        if not res["more"]:
+            break
+    assert got == [s for s in seqs if (s - 1) % 3]
+
+
+def test_alert_reader_finds_its_place_by_seq_in_a_big_file(tmp_path):
+    path = str(tmp_path / "big.jsonl")
+    with open(path, "w") as f:
+        for s in range(1, 20001):
+            f.write(json.dumps({"seq": s, "ni": "a", "scanner": None, "message": "x" * 40}) + "\n")
+        f.write('{"seq": 20001, "ni": "a", "mess')          # torn last line
+    res = read_alerts([path], 19990, limit=100, budget=4096)
+    assert [a["seq"] for a in res["alerts"]] == list(range(19991, 20001)) and not res["more"]
+
+
+def test_syslog_sink(tmp_path):
+    addr = str(tmp_path / "log")
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(addr)
+    rx.settimeout(2)
+    sink = SyslogSink(addr)
+    sink({"seq": 5, "time": time.time(), "ni": "a", "scanner": "s", "message": "hello", "fields": {"x": 1}})
+    msg = rx.recv(9000).decode()
+    assert re.match(r"<28>\w{3} [ \d]\d \d\d:\d\d:\d\d vhostni\[\d+\]: ALERT seq=5 ni=a scanner=s: hello "
+                    r'\{"x":1\}$', msg), msg
+    rx.close()
+    sink({"seq": 6, "ni": "a", "message": "nobody listens"})   # gone: counted, not raised
+    assert sink.sent == 1 and sink.dropped == 1
+
+
+def test_state_dir_atomic_and_merge(tmp_path):
+    st = StateDir(str(tmp_path / "st"))
+    st.save_nis([("x", "/run/x.sock"), ("a", "/elsewhere/a.sock")])
+    p = st.save_policy("a", {"prevent": []})
+    assert json.load(open(p)) == {"prevent": []}
+    assert not [f for f in os.listdir(st.path) if f.endswith(".tmp")]
+    nis, pols, runtime = st.merge([("a", "/run/a.sock")], {"a": "/etc/a.toml", "b": "/etc/b.toml"})
+    assert nis == [("a", "/run/a.sock"), ("x", "/run/x.sock")] and runtime == [("x", "/run/x.sock")]
+    assert pols == {"a": p, "b": "/etc/b.toml"}
+    atomic_write(st.nis_file, b"{broken")
+    with pytest.raises(ValueError, match="cannot parse"):
+        st.load_nis()
+
+
+# ---------------------------------------------------------------------------
+# `vhostni run` with an admin plane, simulated guests on its NIs
+# ---------------------------------------------------------------------------
+
+def _private_dir() -> str:
+    d = tempfile.mkdtemp(prefix="vna-", dir="/tmp")
+    os.chmod(d, 0o755)                     # scanners (and the uid test's child) run as others
+    return d
+
+
+class Run:
+    """``vhostni run`` in a subprocess with an admin socket; its log in ``dir/log``."""
+
+    def __init__(self, d: str, nis=("a", "b"), extra=(), admin=True, log_name="log"):
+        self.dir = d
+        self.qmp_path = os.path.join(d, "qmp.sock")
+        self.alert_log = os.path.join(d, "alerts.jsonl")
+        self.log_path = os.path.join(d, log_name)
+        argv = [sys.executable, "-m", "vhostni", "run", "--alert-log", self.alert_log]
+        for n in nis:
+            argv += ["--ni", f"{n}={self.sock(n)}"]
+        if admin:
+            argv += ["--admin", f"unix:{self.qmp_path}"]
+        argv += list(extra)
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
+        self.wait_log("QMP listening" if admin or "--admin" in extra else "listening on")
+
+    def sock(self, name: str) -> str:
+        return os.path.join(self.dir, f"{name}.sock")
+
+    def log_text(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()
+
+    def wait_log(self, pattern: str, timeout: float = 15.0) -> re.Match:
+        end = time.monotonic() + timeout
+        while True:
+            m = re.search(pattern, self.log_text())
+            if m:
+                return m
+            if self.proc.poll() is not None:
+                raise AssertionError(f"vhostni exited ({self.proc.returncode}):\n{self.log_text()}")
+            if time.monotonic() > end:
+                raise AssertionError(f"no {pattern!r} in the log:\n{self.log_text()}")
+            time.sleep(0.05)
+
+    def qmp(self) -> QEMUMonitorProtocol:
+        q = QEMUMonitorProtocol(self.qmp_path)
+        q.connect()
+        return q
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def run_dir():
+    d = _private_dir()
+    runs: list[Run] = []
+    closers = []
+
+    class Ctx:
+        dir = d
+
+        @staticmethod
+        def run(*a, **kw) -> Run:
+            r = Run(d, *a, **kw)
+            runs.append(r)
+            return r
+
+        @staticmethod
+        def closing(obj):
+            closers.append(obj)
+            return obj
+
+    yield Ctx
+    for obj in reversed(closers):
+        with contextlib.suppress(Exception):
+            obj.close()
+    for r in runs:
+        r.stop()
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _driver(path: str):
+    from vdriver import VirtioNetDriver
+    drv = VirtioNetDriver.connect(path)
+    drv.post_rx_buffers(128, 2048)
+    return drv
+
+
+def _exchange(a, b, *frames, wait: float = 1.0) -> list[bytes]:
+    """Sends frames from guest a; returns what guest b received meanwhile."""
+    for f in frames:
+        a.reclaim_tx()
+        a.send_frame(f)
+    got = [f for _, f in b.recv_frames(timeout=wait, count=len(frames))]
+    if len(b.queues[0].outstanding) < 64:
+        b.post_rx_buffers(64, 2048)
+    return got
+
+
+def _wait(cond, timeout: float = 10.0, what: str = "condition"):
+    end = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _events_until(q: QEMUMonitorProtocol, pred, timeout: float = 10.0) -> list[dict]:
+    """Events received until one satisfies ``pred`` (that one last)."""
+    got = []
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        ev = q.pull_event(wait=max(0.01, end - time.monotonic()))
+        if ev is None:
+            continue
+        got.append(ev)
+        if pred(ev):
+            return got
+    raise AssertionError(f"no such event; got {[e['event'] for e in got]}")
+
+
+def _block(port: int) -> dict:
+    return policy(prevent=[{"direction": "from_guest", "proto": "tcp", "dport": port}])
+
+
+def _decider(name="dec", contain_port=8080, **config) -> dict:
+    match = {"direction": "from_guest", "proto": "tcp", "dport": contain_port}
+    return scanner_spec(name, "decider.py", allow=[dict(match, contain=True)],
+                        config=dict(config, subscribe=[{"match": match, "contain": True}]))
+
+
+def test_policy_over_qmp_takes_effect_on_live_traffic(run_dir):
+    r = run_dir.run()
+    q = run_dir.closing(r.qmp())
+    a = run_dir.closing(_driver(r.sock("a")))
+    b = run_dir.closing(_driver(r.sock("b")))
+    _events_until(q, lambda e: e["event"] == "NI_UP" and e["data"]["ni"] == "b")
+    nis = {n["name"]: n for n in q.cmd("query-nis")}
+    assert nis["a"]["state"] == "up" and nis["a"]["features"] and nis["a"]["broken"] is None
+    assert _exchange(a, b, tcp_frame(dport=23), tcp_frame(dport=80)) == [tcp_frame(dport=23), tcp_frame(dport=80)]
+
+    assert q.cmd("ni-set-policy", name="a", policy=_block(23)) == {}
+    ev = _events_until(q, lambda e: e["event"] == "POLICY_CHANGED")[-1]
+    assert ev["data"] == {"ni": "a", "source": "qmp"} and set(ev["timestamp"]) == {"seconds", "microseconds"}
+    assert _exchange(a, b, tcp_frame(dport=23), tcp_frame(dport=80)) == [tcp_frame(dport=80)]
+
+    # the blocked port opens, the open one closes
+    q.cmd("ni-set-policy", name="a", policy=_block(80))
+    assert _exchange(a, b, tcp_frame(dport=23), tcp_frame(dport=80)) == [tcp_frame(dport=23)]
+    assert q.cmd("ni-get-policy", name="a") == {"source": "qmp", "policy": _block(80)}
+    counters = q.cmd("query-nis", name="a")[0]["counters"]
+    assert counters["drop_prevented"] == 2 and counters["in_frames"] >= 6
+
+    # an invalid policy changes nothing and the error names the key
+    bad = policy(prevent=[{"direction": "from_guest", "proto": "tcp", "dport": "80-70000"}])
+    res = q.cmd_raw("ni-set-policy", {"name": "a", "policy": bad})
+    assert res["error"]["class"] == "GenericError"
+    assert "prevent[0].dport" in res["error"]["desc"] and "70000" in res["error"]["desc"]
+    res = q.cmd_raw("ni-validate-policy", {"policy": {"ni": {"hold_timeout_ms": "soon"}}})
+    assert "ni.hold_timeout_ms" in res["error"]["desc"]
+    assert q.cmd("ni-validate-policy", policy=_block(22)) == {"scanners": [], "prevent": 1}
+    assert _exchange(a, b, tcp_frame(dport=23), tcp_frame(dport=80)) == [tcp_frame(dport=23)]
+    res = q.cmd_raw("ni-set-policy", {"name": "zz", "policy": _block(1)})
+    assert res["error"]["class"] == "DeviceNotFound"
+
+    a.close(graceful=False)
+    ev = _events_until(q, lambda e: e["event"] == "NI_DOWN")[-1]
+    assert ev["data"] == {"ni": "a"}
+    assert q.cmd("query-nis", name="a")[0]["state"] == "down"
+
+
+def test_scanners_over_qmp_events_and_alerts_after_a_reconnect(run_dir):
+    r = run_dir.run()
+    q = run_dir.closing(r.qmp())
+    a = run_dir.closing(_driver(r.sock("a")))
+    b = run_dir.closing(_driver(r.sock("b")))
+    pol = policy(hold_timeout_ms=5000, scanners=[_decider(report=True)])
+    q.cmd("ni-set-policy", name="a", policy=pol)
+    evs = _events_until(q, lambda e: e["event"] == "VHOSTNI_ALERT" and e["data"]["message"] == "ready")
+    names = [e["event"] for e in evs]
+    assert "POLICY_CHANGED" in names and "SCANNER_STARTED" in names
+    ready = evs[-1]["data"]
+    assert ready["ni"] == "a" and ready["scanner"] == "dec" and isinstance(ready["seq"], int)
+    [sc] = q.cmd("query-scanners", ni="a")
+    assert sc["state"] == "running" and sc["name"] == "dec" and sc["ni"] == "a"
+    assert sc["rights"] == [{"direction": "from_guest", "proto": "tcp", "dport": 8080, "contain": True}]
+    _wait(lambda: q.cmd("query-scanners")[0]["healthy"], what="the scanner to lock down")
+
+    # traffic through the scanner: held, decided
+    assert _exchange(a, b, tcp_frame(dport=8080, payload=b"ok"), tcp_frame(dport=8080, payload=b"CUT"),
+                     wait=2.0) == [tcp_frame(dport=8080, payload=b"ok")]
+
+    # stop it over QMP: held traffic now gets the default (cut)
+    assert q.cmd("scanner-stop", ni="a", name="dec") == {}
+    ev = _events_until(q, lambda e: e["event"] == "SCANNER_DIED")[-1]
+    assert ev["data"]["scanner"] == "dec" and "administrator" in ev["data"]["reason"]
+    assert q.cmd("query-scanners", ni="a")[0]["state"] == "stopped"
+    assert _exchange(a, b, tcp_frame(dport=8080, payload=b"nobody"), wait=0.5) == []
+    assert q.cmd_raw("scanner-stop", {"ni": "a", "name": "dec"})["error"]["class"] == "GenericError"
+    assert q.cmd_raw("scanner-start", {"ni": "a", "name": "nope"})["error"]["class"] == "DeviceNotFound"
+
+    last_seen = ready["seq"]
+    q.close()
+
+    # while no admin listens, the scanner is started again and alerts happen
+    q2 = run_dir.closing(r.qmp())
+    res = q2.cmd("scanner-start", ni="a", name="dec")
+    assert isinstance(res["pid"], int)
+    q2.close()
+    _wait(lambda: open(r.alert_log).read().count('"message":"ready"') >= 2, what="the second ready alert")
+    assert _exchange(a, b, tcp_frame(dport=8080, payload=b"seen"), wait=2.0) == [
+        tcp_frame(dport=8080, payload=b"seen")]
+    _wait(lambda: '"message":"frame"' in open(r.alert_log).read().split('"message":"ready"')[-1],
+          what="the frame alert")
+
+    # a new connection asks for what it missed, by seq
+    q3 = run_dir.closing(r.qmp())
+    res = q3.cmd("query-alerts", ni="a", **{"since-seq": last_seen})
+    msgs = [x["message"] for x in res["alerts"]]
+    assert [x["seq"] for x in res["alerts"]] == sorted(x["seq"] for x in res["alerts"])
+    assert all(x["seq"] > last_seen for x in res["alerts"])
+    assert "ready" in msgs and "frame" in msgs and not res["more"]
+    assert res["last-seq"] == res["alerts"][-1]["seq"] == res["next-seq"]
+    everything = q3.cmd("query-alerts", limit=1000)["alerts"]
+    assert [x["seq"] for x in everything] == list(range(1, res["last-seq"] + 1))
+    page = q3.cmd("query-alerts", limit=1, scanner="dec")
+    assert len(page["alerts"]) == 1 and page["more"]
+    assert q3.cmd_raw("query-alerts", {"limit": "ten"})["error"]["desc"] == \
+        "Invalid parameter type for 'limit', expected: integer"
+
+
+def test_scanner_started_over_qmp_with_the_async_client(run_dir):
+    """The asyncio QMPClient as a long-lived admin: events arrive while it awaits."""
+    r = run_dir.run(nis=("a",))
+    pol = policy(scanners=[_decider()])
+
+    async def main():
+        qmp = QMPClient("admin-test")
+        await qmp.connect(r.qmp_path)
+        try:
+            assert qmp.greeting.QMP.version["package"].startswith("vhostni")
+            with qmp.listener(("SCANNER_STARTED", "SCANNER_DIED", "VHOSTNI_ALERT")) as listener:
+                await qmp.execute("ni-set-policy", {"name": "a", "policy": pol})
+                ev = await asyncio.wait_for(listener.get(), 10)
+                assert ev["event"] == "SCANNER_STARTED" and ev["data"]["scanner"] == "dec"
+                await qmp.execute("scanner-stop", {"ni": "a", "name": "dec"})
+                while (ev := await asyncio.wait_for(listener.get(), 10))["event"] != "SCANNER_DIED":
+                    pass
+                res = await qmp.execute("scanner-start", {"ni": "a", "name": "dec"})
+                ev = await asyncio.wait_for(listener.get(), 10)
+                assert ev["event"] == "SCANNER_STARTED" and ev["data"]["pid"] == res["pid"]
+            cmds = {c["name"] for c in await qmp.execute("query-commands")}
+            assert {"query-nis", "ni-add", "ni-remove", "ni-set-policy", "ni-get-policy",
+                    "ni-validate-policy", "query-scanners", "scanner-start", "scanner-stop",
+                    "query-alerts", "query-version", "qmp_capabilities"} <= cmds
+        finally:
+            await qmp.disconnect()
+
+    asyncio.run(main())

@@ -1,0 +1,436 @@
+"""The admin plane's sockets: QMP over unix sockets and TCP+TLS, inside the daemon's epoll.
+
+Everything here runs on the daemon's one thread, so nothing may block:
+
+* sockets are non-blocking and registered with ``Daemon.register``; a client is served
+  only when epoll says it is ready, and at most READS_PER_WAKEUP reads at a time;
+* TLS runs through ``ssl.MemoryBIO`` (the socket stays non-blocking plain bytes; a peer
+  that stalls mid-handshake stalls only itself, and is dropped after HANDSHAKE_TIMEOUT);
+* input is bounded by the protocol (one unfinished message of at most ``max_message``
+  bytes; more: an error and the connection is closed);
+* output is bounded: while more than PAUSE_READ bytes wait for a client, its input is not
+  read (EPOLLIN off, EPOLLOUT on); a client with more than MAX_OUTPUT bytes queued (it
+  does not read its events) is dropped.  EPOLLOUT is on only while output is queued.
+
+Who may connect: on a unix socket, the peer's uid (SO_PEERCRED, from the kernel) must be
+root, the daemon's own, or one given with ``--admin-allow-uid``; the socket file is 0600
+unless other uids are allowed (then 0666: the uid check decides).  On TCP, mutual TLS: the
+client must present a certificate signed by ``--tls-ca``.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import ssl
+import stat
+import struct
+import time
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+from . import commands
+from .protocol import (DEFAULT_MAX_MESSAGE, ConnectionClosed, Execute, InputError, MessageTooLarge,
+                       NEED_DATA, Negotiated, QMPServerConnection, encode)
+
+log = logging.getLogger("vhostni.admin")
+
+MAX_CLIENTS = 16
+READ_CHUNK = 65536
+READS_PER_WAKEUP = 4
+PAUSE_READ = 256 << 10
+MAX_OUTPUT = 4 << 20
+HANDSHAKE_TIMEOUT = 10.0
+
+
+@dataclass
+class TLSFiles:
+    cert: str
+    key: str
+    ca: str
+
+
+def parse_endpoint(spec: str) -> tuple[str, object]:
+    """``unix:PATH`` -> ("unix", PATH); ``tcp:HOST:PORT`` (``tcp:[::1]:PORT``) -> ("tcp", (HOST, PORT))."""
+    kind, sep, rest = spec.partition(":")
+    if kind == "unix" and sep and rest:
+        return "unix", os.path.abspath(rest)
+    if kind == "tcp" and sep and rest:
+        host, sep, port = rest.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if sep and port.isdigit() and int(port) < 65536:
+            return "tcp", (host or "127.0.0.1", int(port))
+    raise ValueError(f"admin endpoint {spec!r}: expected unix:PATH or tcp:HOST:PORT")
+
+
+def server_tls_context(tls: TLSFiles) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(tls.cert, tls.key)
+    ctx.load_verify_locations(cafile=tls.ca)
+    ctx.verify_mode = ssl.CERT_REQUIRED          # mutual TLS: no client certificate, no QMP
+    return ctx
+
+
+class _Listener:
+    def __init__(self, kind: str, sock: socket.socket, where: str, path: Optional[str] = None):
+        self.kind, self.sock, self.where, self.path = kind, sock, where, path
+
+
+class Client:
+    """One admin connection: socket, optional TLS object, QMP state, queued output."""
+
+    def __init__(self, server: "AdminServer", sock: socket.socket, peer: str,
+                 tls: Optional[ssl.SSLObject] = None, incoming=None, outgoing=None):
+        self.server = server
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.tls, self._in_bio, self._out_bio = tls, incoming, outgoing
+        self.handshaken = tls is None
+        self.proto = QMPServerConnection(server.version, max_message=server.max_message)
+        self.raw_out = bytearray()
+        self.mask = select.EPOLLIN
+        self.created = time.monotonic()
+        self.closed = False
+        self.commands = 0
+        self.errors = 0
+
+    # ---- epoll
+    def on_ready(self) -> None:
+        if self.closed:
+            return
+        self._read()
+        if not self.closed:
+            self._flush()
+
+    def _read(self) -> None:
+        for _ in range(READS_PER_WAKEUP):
+            if self.closed or self.proto.must_close or len(self.raw_out) > PAUSE_READ:
+                return
+            try:
+                data = self.sock.recv(READ_CHUNK)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.info("admin: %s: connection lost (%s)", self.peer, exc)
+                self.close()
+                return
+            if self.tls is not None:
+                if not data:
+                    self._feed(b"")
+                    return
+                self._in_bio.write(data)
+                if not self._tls_read():
+                    return
+            else:
+                self._feed(data)
+                if not data:
+                    return
+
+    def _tls_read(self) -> bool:
+        if not self.handshaken:
+            try:
+                self.tls.do_handshake()
+            except ssl.SSLWantReadError:
+                return True
+            except (ssl.SSLError, OSError) as exc:
+                log.warning("admin: %s: TLS handshake failed, closing: %s", self.peer, exc)
+                self._send_raw_best_effort()
+                self.close()
+                return False
+            self.handshaken = True
+            cert = self.tls.getpeercert() or {}
+            subject = ", ".join(f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn)
+            log.info("admin: %s: TLS client %s connected", self.peer, subject or "?")
+        while True:
+            try:
+                plain = self.tls.read(READ_CHUNK)
+            except ssl.SSLWantReadError:
+                return True
+            except ssl.SSLZeroReturnError:
+                self._feed(b"")
+                return False
+            except (ssl.SSLError, OSError) as exc:
+                log.warning("admin: %s: TLS error, closing: %s", self.peer, exc)
+                self.close()
+                return False
+            if not plain:
+                self._feed(b"")
+                return False
+            self._feed(plain)
+            if self.closed or self.proto.must_close:
+                return False
+
+    def _feed(self, data: bytes) -> None:
+        self.proto.receive_data(data)
+        while not self.closed:
+            ev = self.proto.next_event()
+            if ev is NEED_DATA:
+                return
+            if isinstance(ev, Execute):
+                self.commands += 1
+                self._execute(ev)
+            elif isinstance(ev, Negotiated):
+                log.debug("admin: %s: capabilities negotiated", self.peer)
+            elif isinstance(ev, InputError):
+                self.errors += 1
+                log.debug("admin: %s: bad input: %s", self.peer, ev.desc)
+            elif isinstance(ev, MessageTooLarge):
+                self.errors += 1
+                log.warning("admin: %s: message larger than %d bytes; closing", self.peer, ev.limit)
+            elif isinstance(ev, ConnectionClosed):
+                log.info("admin: %s: disconnected", self.peer)
+                self._flush()
+                self.close()
+                return
+
+    def _execute(self, ev: Execute) -> None:
+        try:
+            value = commands.dispatch(self.server, ev.command, ev.arguments)
+        except commands.QMPError as exc:
+            self.errors += 1
+            self.proto.send_error(ev, exc.error_class, exc.desc)
+        except Exception as exc:          # a bug in a command must not take the daemon down
+            self.errors += 1
+            log.exception("admin: %s: command %s failed", self.peer, ev.command)
+            self.proto.send_error(ev, "GenericError", f"internal error in {ev.command}: {exc}")
+        else:
+            self.proto.send_return(ev, value)
+
+    # ---- output
+    def _send_raw_best_effort(self) -> None:
+        if self._out_bio is not None:
+            self.raw_out += self._out_bio.read()
+        try:
+            self.sock.send(self.raw_out)
+        except OSError:
+            pass
+
+    def _flush(self) -> None:
+        if self.closed:
+            return
+        if self.handshaken:
+            out = self.proto.data_to_send()
+            if out:
+                if self.tls is not None:
+                    try:
+                        self.tls.write(out)
+                    except (ssl.SSLError, OSError) as exc:
+                        log.warning("admin: %s: TLS error, closing: %s", self.peer, exc)
+                        self.close()
+                        return
+                else:
+                    self.raw_out += out
+        if self._out_bio is not None and self._out_bio.pending:
+            self.raw_out += self._out_bio.read()
+        while self.raw_out:
+            try:
+                n = self.sock.send(self.raw_out)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
+                    log.warning("admin: %s: send failed: %s", self.peer, exc)
+                self.close()
+                return
+            del self.raw_out[:n]
+        if len(self.raw_out) > MAX_OUTPUT:
+            log.warning("admin: %s: not reading (%d bytes queued); dropped", self.peer, len(self.raw_out))
+            self.close()
+            return
+        if self.proto.must_close and not self.raw_out:
+            self.close()
+            return
+        mask = 0 if (self.proto.must_close or len(self.raw_out) > PAUSE_READ) else select.EPOLLIN
+        if self.raw_out:
+            mask |= select.EPOLLOUT
+        if mask != self.mask:
+            self.mask = mask
+            self.server.daemon.set_events(self.fd, mask)
+
+    def event(self, name: str, data: dict, when: Optional[float]) -> None:
+        if self.closed or not self.handshaken:
+            return
+        if self.proto.send_event(name, data, when):
+            self._flush()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.server._forget(self)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class AdminServer:
+    """The QMP admin endpoints of one daemon; see the module docstring.  It is also the
+    ``ctx`` the commands (vhostni.admin.commands) get."""
+
+    def __init__(self, daemon, endpoints: Iterable[str], *, allow_uids: Iterable[int] = (),
+                 tls: Optional[TLSFiles] = None, state=None, runtime_nis: Iterable[tuple[str, str]] = (),
+                 max_message: int = DEFAULT_MAX_MESSAGE):
+        self.daemon = daemon
+        self.state = state
+        self.runtime_nis: dict[str, str] = dict(runtime_nis)
+        self.alert_log = daemon.kernel.alerts
+        self.max_message = max_message
+        self.version = commands.query_version(self, {})
+        self.extra_uids = set(allow_uids)
+        self.allow_uids = {0, os.getuid()} | self.extra_uids
+        self.ssl_ctx = server_tls_context(tls) if tls else None
+        self.listeners: dict[int, _Listener] = {}
+        self.clients: dict[int, Client] = {}
+        self._closed = False
+        try:
+            for spec in endpoints:
+                self._listen(spec)
+        except BaseException:
+            self.close()
+            raise
+        daemon.kernel.events.append(self._on_kernel_event)
+        self.alert_log.listeners.append(self._on_alert)
+        daemon.housekeepers.append(self._housekeeping)
+
+    # ---- listening
+    def _listen(self, spec: str) -> None:
+        kind, addr = parse_endpoint(spec)
+        if kind == "unix":
+            path = addr
+            try:
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    os.unlink(path)       # a stale socket from an earlier run
+            except FileNotFoundError:
+                pass
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            s.bind(path)
+            os.chmod(path, 0o666 if self.extra_uids - {0, os.getuid()} else 0o600)
+            where = f"unix:{path}"
+        else:
+            if self.ssl_ctx is None:
+                raise ValueError(f"admin endpoint {spec}: TCP needs --tls-cert, --tls-key and --tls-ca "
+                                 "(mutual TLS)")
+            host, port = addr
+            fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+            s = socket.socket(fam, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+            h, p = s.getsockname()[:2]
+            where = f"tcp:[{h}]:{p}" if fam == socket.AF_INET6 else f"tcp:{h}:{p}"
+            path = None
+        s.listen(8)
+        s.setblocking(False)
+        lst = _Listener(kind, s, where, path)
+        self.listeners[s.fileno()] = lst
+        self.daemon.register(s.fileno(), lambda: self._accept(lst))
+        log.info("admin: QMP listening on %s%s", where, " (mutual TLS)" if kind == "tcp" else "")
+
+    @property
+    def addresses(self) -> list[str]:
+        return [lst.where for lst in self.listeners.values()]
+
+    def _accept(self, lst: _Listener) -> None:
+        for _ in range(8):
+            try:
+                conn, addr = lst.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("admin: accept on %s failed: %s", lst.where, exc)
+                return
+            conn.setblocking(False)
+            if lst.kind == "unix":
+                pid, uid, gid = struct.unpack("3i", conn.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+                peer = f"unix pid {pid} uid {uid}"
+                if uid not in self.allow_uids:
+                    log.warning("admin: refused %s: uid %d may not administer this daemon", peer, uid)
+                    self._refuse(conn, f"uid {uid} may not administer this vhostni daemon")
+                    continue
+            else:
+                peer = f"tcp {addr[0]}:{addr[1]}"
+            if len(self.clients) >= MAX_CLIENTS:
+                log.warning("admin: refused %s: %d clients already", peer, MAX_CLIENTS)
+                if lst.kind == "unix":
+                    self._refuse(conn, f"too many admin clients ({MAX_CLIENTS})")
+                else:
+                    conn.close()
+                continue
+            if lst.kind == "tcp":
+                inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+                tls = self.ssl_ctx.wrap_bio(inc, out, server_side=True)
+                client = Client(self, conn, peer, tls, inc, out)
+            else:
+                client = Client(self, conn, peer)
+            self.clients[client.fd] = client
+            self.daemon.register(client.fd, client.on_ready)
+            log.info("admin: %s connected", peer)
+            client._flush()               # the greeting (after the handshake, on TLS)
+
+    @staticmethod
+    def _refuse(conn: socket.socket, desc: str) -> None:
+        try:
+            conn.send(encode({"error": {"class": "GenericError", "desc": desc}}))
+        except OSError:
+            pass
+        conn.close()
+
+    def _forget(self, client: Client) -> None:
+        if self.clients.pop(client.fd, None) is not None:
+            self.daemon.unregister(client.fd)
+
+    # ---- events
+    def emit(self, name: str, data: Optional[dict] = None, when: Optional[float] = None) -> None:
+        for client in list(self.clients.values()):
+            client.event(name, data or {}, when)
+
+    def _on_kernel_event(self, name: str, data: dict) -> None:
+        self.emit(name, dict(data))
+
+    def _on_alert(self, rec: dict) -> None:
+        self.emit("VHOSTNI_ALERT", dict(rec), rec.get("time"))
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        for client in list(self.clients.values()):
+            if not client.handshaken and now - client.created > HANDSHAKE_TIMEOUT:
+                log.warning("admin: %s: no TLS handshake within %.0f s; dropped", client.peer,
+                            HANDSHAKE_TIMEOUT)
+                client.close()
+
+    # ---- for the commands
+    def save_nis(self) -> None:
+        if self.state:
+            self.state.save_nis(self.runtime_nis.items())
+
+    def info(self) -> dict:
+        return {"listening": self.addresses,
+                "clients": [{"peer": c.peer, "commands": c.commands, "errors": c.errors,
+                             "queued": len(c.raw_out)} for c in self.clients.values()]}
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for client in list(self.clients.values()):
+            client._flush()
+            client.close()
+        for fd, lst in list(self.listeners.items()):
+            self.daemon.unregister(fd)
+            lst.sock.close()
+            if lst.path:
+                try:
+                    os.unlink(lst.path)
+                except OSError:
+                    pass
+        self.listeners.clear()
+        for lst, fn in ((self.daemon.kernel.events, self._on_kernel_event),
+                        (self.alert_log.listeners, self._on_alert),
+                        (self.daemon.housekeepers, self._housekeeping)):
+            if fn in lst:
+                lst.remove(fn)
