@@ -11,6 +11,7 @@ a separate process to see it survive and not leak from the outside.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import struct
@@ -18,7 +19,7 @@ import threading
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from nibench import (
     A_MAC, B_MAC, BCAST, Bench, DaemonProcess, MiB, Request, VirtioNetHdr, check_pair_works,
@@ -633,6 +634,34 @@ def test_bad_memory_tables(trio, what):
     trio.good_pair_works()
 
 
+@pytest.mark.parametrize("kind", ["eventfd", "pipe", "read-only-file", "sealed-memfd"])
+def test_memory_table_with_an_fd_that_is_not_guest_memory(trio, kind, tmp_path):
+    h, bench = trio.h, trio.bench
+    if kind == "eventfd":
+        fd, extra = os.eventfd(0), []
+    elif kind == "pipe":
+        fd, w = os.pipe()
+        extra = [w]
+    elif kind == "read-only-file":
+        path = tmp_path / "ram"
+        path.write_bytes(bytes(MiB))
+        fd, extra = os.open(path, os.O_RDONLY), []
+    else:
+        fd, extra = os.memfd_create("sealed", os.MFD_ALLOW_SEALING), []
+        os.ftruncate(fd, MiB)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+    try:
+        table = vu.MemoryTable([vu.MemoryRegion(0, MiB, 0x7F00_0000_0000, 0)], (fd,))
+        assert nacked(h.frontend, Request.SET_MEM_TABLE, table)
+    finally:
+        for x in [fd] + extra:
+            os.close(x)
+    frame = ether(A_MAC, H_MAC, pattern(64))
+    h.send_frame(frame)                # the old table is still in force
+    assert bench.recv(trio.a, 1)[0][1] == frame
+    trio.good_pair_works()
+
+
 def test_queue_index_beyond_the_device(trio):
     fe = trio.h.frontend
     assert nacked(fe, Request.SET_VRING_NUM, vu.VringState(16, 256))
@@ -1025,8 +1054,8 @@ RING = st.lists(DESC, min_size=FUZZ_Q, max_size=FUZZ_Q)
 TABLE = st.lists(DESC, max_size=6)
 HEADS = st.lists(st.one_of(st.integers(0, FUZZ_Q - 1), st.integers(0, FUZZ_Q + 1), st.integers(0, 0xFFFF)),
                  min_size=FUZZ_Q, max_size=FUZZ_Q)
-AVAIL_IDXS = st.one_of(st.integers(0, FUZZ_Q), st.integers(0, FUZZ_Q + 4), st.integers(0, 0xFFFF))
-VALID_SLOTS = st.lists(st.integers(0, FUZZ_Q - 1), max_size=5)
+AVAIL_IDXS = st.one_of(*[st.integers(1, FUZZ_Q)] * 4, st.integers(0, FUZZ_Q + 4), st.integers(0, 0xFFFF))
+VALID_SLOTS = st.lists(st.integers(0, FUZZ_Q - 1), max_size=12)
 RX_BUF = st.tuples(st.integers(0x9000, 0x1F000), st.integers(1, 3000))
 
 
@@ -1114,12 +1143,42 @@ def fuzzer():
     f.close()
 
 
-def ring_draws(data, valid_desc):
+def ring_draws(data, valid_chain):
+    """A random ring with some well-formed chains written over it (``valid_chain(data,
+    head)`` returns their [(slot, desc)]), heads that mostly name those chains, and an
+    avail index that is mostly plausible: so examples get past the first entry."""
     table = data.draw(TABLE, "table")
     ring = data.draw(RING, "ring")
-    for i in data.draw(VALID_SLOTS, "valid"):
-        ring[i] = valid_desc()
-    return table, ring, data.draw(HEADS, "heads"), data.draw(AVAIL_IDXS, "avail_idx")
+    valid = data.draw(VALID_SLOTS, "valid")
+    for head in valid:
+        for slot, desc in valid_chain(data, head):
+            ring[slot] = desc
+    head_st = [st.integers(0, FUZZ_Q - 1)] * 3 + [st.integers(0, FUZZ_Q + 1), st.integers(0, 0xFFFF)]
+    if valid:
+        head_st = [st.sampled_from(valid)] * 6 + head_st
+    heads = data.draw(st.lists(st.one_of(*head_st), min_size=FUZZ_Q, max_size=FUZZ_Q), "heads")
+    return table, ring, heads, data.draw(AVAIL_IDXS, "avail_idx")
+
+
+def tx_valid_chain(f):
+    def make(data, head):
+        n = len(f.frame)
+        if data.draw(st.booleans(), "split"):
+            nxt = data.draw(st.integers(0, FUZZ_Q - 1), "next")
+            if nxt != head:
+                return [(head, (FRAME_AT, FUZZ_HL, NEXT, nxt)), (nxt, (FRAME_AT + FUZZ_HL, n - FUZZ_HL, 0, 0))]
+        return [(head, (FRAME_AT, n, 0, 0))]
+    return make
+
+
+def rx_valid_chain(data, head):
+    a, n = data.draw(RX_BUF, "buf")
+    if data.draw(st.booleans(), "split"):
+        nxt = data.draw(st.integers(0, FUZZ_Q - 1), "next")
+        if nxt != head:
+            a2, n2 = data.draw(RX_BUF, "buf2")
+            return [(head, (a, n, WRITE | NEXT, nxt)), (nxt, (a2, n2, WRITE, 0))]
+    return [(head, (a, n, WRITE, 0))]
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
@@ -1131,7 +1190,7 @@ def test_fuzz_random_tx_rings(fuzzer, data):
     whether the port breaks and why, which chains are consumed, which are runts, oversize
     or bad offloads, and the bytes of every frame forwarded to b."""
     f, bench = fuzzer, fuzzer.bench
-    table, ring, heads, avail_idx = ring_draws(data, lambda: (FRAME_AT, len(f.frame), 0, 0))
+    table, ring, heads, avail_idx = ring_draws(data, tx_valid_chain(f))
     q = f.prepare(1, table, ring, heads, avail_idx)
     before = bench.stats("h")
     q.kick(force=True)
@@ -1177,6 +1236,8 @@ def test_fuzz_random_tx_rings(fuzzer, data):
     got = [fr for _, fr in got] + [fr for _, fr in f.b.recv_frames(timeout=0, count=10000)]
     if len(f.b.queues[0].outstanding) < 300:
         f.b.post_rx_buffers(300, 4096)
+    event(f"tx: {expect_reason or 'not broken'}")
+    event(f"tx: {min(len(consumed), 3)}+ chains consumed, {min(len(frames), 3)}+ forwarded")
     if not exact:
         f.learned_unknown = True
         return
@@ -1208,7 +1269,7 @@ def test_fuzz_random_rx_rings(fuzzer, data):
     lengths within them, in avail order; those bytes are the header (num_buffers right)
     and the frame.  Or h is broken, for one of the known reasons."""
     f, bench = fuzzer, fuzzer.bench
-    table, ring, heads, avail_idx = ring_draws(data, lambda: (*data.draw(RX_BUF), WRITE, 0))
+    table, ring, heads, avail_idx = ring_draws(data, rx_valid_chain)
     size = data.draw(st.integers(60, 5000), "size")
     q = f.prepare(0, table, ring, heads, avail_idx)
     frame = ether(BCAST, B_MAC, pattern(size - 14, size))
@@ -1252,6 +1313,7 @@ def test_fuzz_random_rx_rings(fuzzer, data):
         for x in f.changed(q):
             assert rings[2][0] <= x < rings[2][1] or any(a <= x < a + n for a, n in allowed), \
                 f"the backend wrote guest memory at {x:#x}, outside the buffers it was given"
+    event(f"rx: {reason or 'not broken'}, {min(used, 3)}+ buffers used")
     if used and exact:
         assert reason is None
         spans = sorted(allowed[:sum(len(c) for c in chains[:used])])
