@@ -108,7 +108,7 @@ def _mpps(e: dict) -> str:
         return e.get("status", "-").splitlines()[0][:60]
     s = e["pps"]
     spread = f"±{s['spread_pct'] / 2:.0f}%" if s.get("spread_pct") is not None else ""
-    return f"{s['median'] / 1e6:6.2f} Mpps {spread:>5s} (n={s['n']})"
+    return f"{s['median'] / 1e6:5.2f} Mpps {spread:>5s} best {s['max'] / 1e6:5.2f} (n={s['n']})"
 
 
 def _foreign(e: dict) -> str:
@@ -139,11 +139,11 @@ def report(results: dict) -> str:
                          "± = half the min-max spread")
             lines.append("  (others' CPU = CPUs used by other processes during the runs, median: "
                          "0 on a quiet machine; it takes CPU from the benchmark)")
-            lines.append(f"  {'size':>6s}  {'baseline (DPDK net_vhost)':32s}  {'vhostni':32s}  vhostni/baseline"
+            lines.append(f"  {'size':>6s}  {'baseline (DPDK net_vhost)':38s}  {'vhostni':38s}  vhostni/baseline"
                          f"  others' CPU (base/vhostni)")
             for size, e in fl["sizes"].items():
                 b, v = e.get("baseline", {}), e.get("vhostni", {})
-                lines.append(f"  {size + ' B':>6s}  {_mpps(b):32s}  {_mpps(v):32s}  "
+                lines.append(f"  {size + ' B':>6s}  {_mpps(b):38s}  {_mpps(v):38s}  "
                              f"{_ratio(e.get('ratio_vhostni_to_baseline')):16s}  {_foreign(b)} / {_foreign(v)}")
     gt = results.get("guest_tcp")
     if gt:
