@@ -287,6 +287,11 @@ class Daemon:
         except (BlockingIOError, InterruptedError):
             return
         if ni.connected:
+            # The old connection may be gone already, its EOF not yet seen in this batch of
+            # events (epoll need not report it first): finish it before judging, or a
+            # frontend that reconnects at once is refused.
+            self._serve(ni)
+        if ni.connected:
             log.warning("NI %s: refusing a second frontend connection", ni.name)
             conn.close()
             return
