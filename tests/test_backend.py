@@ -6,13 +6,14 @@ its TX ring must come out of B's RX ring byte-exact, and interrupt/kick counts a
 """
 from __future__ import annotations
 
+import socket
 import struct
 
 import pytest
 
 from nibench import (
-    A_MAC, B_MAC, BCAST, Bench, MiB, Request, VirtioNetHdr, check_pair_works, ether, pattern,
-    setup_features, vu,
+    A_MAC, B_MAC, BCAST, Bench, MiB, Request, SteppedFrontend, VirtioNetHdr, check_pair_works, ether,
+    pattern, setup_features, vu,
 )
 from vdriver import (
     Chain, DEFAULT_PROTOCOL_FEATURES, VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM,
@@ -773,6 +774,30 @@ def test_get_vring_base_and_reconnect(bench, clean):
     got = [f for _, f in bench.recv(b, 20)]
     assert got == more
     assert bench.broken("a") is None and bench.broken("b") is None
+
+
+@pytest.mark.parametrize("order", ["close-then-connect", "connect-then-close"])
+def test_reconnect_right_after_close_is_accepted(bench, order):
+    """A frontend that closes its connection and connects again at once must get the new
+    one, whichever of the two events the daemon sees first."""
+    a, b = pair(bench)
+    old = a.frontend.sock
+    new = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if order == "close-then-connect":
+        old.close()
+        new.connect(bench.sock_path("a"))
+    else:
+        new.connect(bench.sock_path("a"))
+        old.close()
+    bench.control()
+    fe = SteppedFrontend(new, bench)
+    bench.frontends.append(fe)
+    assert not fe.peer_closed(0.05), "the daemon refused the new connection"
+    a.frontend = fe
+    a.negotiate()
+    a.start_queues([q.used_idx() for q in a.queues])
+    assert bench.device("a").counters.sessions == 2
+    check_pair_works(bench, a, b)
 
 
 def test_rx_buffers_posted_before_the_ring_starts(bench):
