@@ -95,12 +95,13 @@ def measure_once(backend: Backend, size: int, cfg: FrameLoopConfig, tag: str) ->
     if the backend cannot run at all.
     """
     cfg.logdir.mkdir(parents=True, exist_ok=True)
-    sockdir = Path(tempfile.mkdtemp(prefix=f"vni-bench-{os.getpid()}-", dir="/tmp"))      # short: sun_path holds 108 bytes
-    socks = [str(sockdir / "a.sock"), str(sockdir / "b.sock")]
-    front: TestPmd | None = None
     result: dict = {"size": size, "backend": backend.name, "tag": tag}
     if cfg.wait_quiet > 0:
         result["before"] = wait_quiet(cfg.wait_quiet, cfg.quiet_cpus)
+    # short: sun_path holds 108 bytes; the PID lets reap_stale() clean up after a SIGKILLed run
+    sockdir = Path(tempfile.mkdtemp(prefix=f"vni-bench-{os.getpid()}-", dir="/tmp"))
+    socks = [str(sockdir / "a.sock"), str(sockdir / "b.sock")]
+    front: TestPmd | None = None
     try:
         backend.start(socks, cfg.logdir, tag)
         vdevs = [f"net_virtio_user{i},path={s}{cfg.frontend_vdev_args}" for i, s in enumerate(socks)]
