@@ -508,11 +508,11 @@ static struct vn_vq *rx_queue(struct vn_port *p, const struct vn_pkt *pkt)
         return NULL;
     if (n == 1 || pkt->len < 34)
         return cand[0];
-    /* hash of the IPv4 addresses, or of the last address bytes for anything else */
-    uint32_t h = 0;
+    /* FNV-1a over the IPv4 addresses (bytes 26..33 of an untagged frame): one flow, one queue */
+    uint32_t h = 2166136261u;
     for (unsigned i = 26; i < 34; i++)
-        h = h * 31 + pkt->data[i];
-    return cand[h % n];
+        h = (h ^ pkt->data[i]) * 16777619u;
+    return cand[(h ^ (h >> 16)) % n];
 }
 
 static void backlog_push(struct vn_port *p, const struct vn_pkt *pkt,
@@ -658,7 +658,22 @@ static void deliver_final(struct vn_switch *sw, int port, struct vn_pkt *pkt)
             p->st.drop_broken++;
             return;
         }
+        /* ask for a kick when buffers come, then look once more: buffers posted between
+         * our look and the flag would otherwise wait for the next housekeeping pass */
         vn_vq_notify_enable(p, vq, 1);
+        r = vn_vq_push_rx(sw, p, vq, &h, pkt->data, pkt->len);
+        if (r == VN_PUSH_OK) {
+            p->st.out_frames++;
+            p->st.out_bytes += pkt->len;
+            return;
+        }
+        if (r != VN_PUSH_NOBUF) {
+            if (r == VN_PUSH_TOOBIG)
+                p->st.drop_oversize++;
+            else
+                p->st.drop_broken++;
+            return;
+        }
     }
     backlog_push(p, pkt, &h);
 }
@@ -738,8 +753,8 @@ static int service_tx(struct vn_switch *sw, int port, struct vn_vq *vq, int poll
 {
     struct vn_port *p = &sw->ports[port];
     int done = 0, dropped = 0;
-    if (!poll_mode)
-        vn_vq_notify_enable(p, vq, 0);
+    /* polling or not, no kicks while we are on it (polling: never re-armed below) */
+    vn_vq_notify_enable(p, vq, 0);
     for (;;) {
         unsigned n = 0;
         while (n < VN_BATCH && done + dropped + (int)n < VN_BUDGET) {
