@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--frontend-cpu", default="1", help="CPU(s) for the frontend testpmd")
     g.add_argument("--frontend-vdev-args", default="", help="appended to each net_virtio_user vdev, e.g. "
                                                              "',queue_size=1024'")
-    g.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+    g.add_argument("--wait-quiet", type=float, default=20.0, metavar="SECONDS",
                    help="before each run wait up to SECONDS for other processes to leave the CPUs idle")
     g.add_argument("--quiet-cpus", type=float, default=0.3, help="idle means busy CPUs below this")
     g.add_argument("--baseline-vdev-args", default="", help="appended to each net_vhost vdev")
@@ -105,7 +105,7 @@ def meta(args: argparse.Namespace) -> dict:
 
 def _mpps(e: dict) -> str:
     if "pps" not in e:
-        return e.get("status", "-").splitlines()[0][:60]
+        return e.get("status", "-").splitlines()[0][:38]
     s = e["pps"]
     spread = f"±{s['spread_pct'] / 2:.0f}%" if s.get("spread_pct") is not None else ""
     return f"{s['median'] / 1e6:5.2f} Mpps {spread:>5s} best {s['max'] / 1e6:5.2f} (n={s['n']})"
