@@ -10,4 +10,18 @@
 
 A part that cannot run here (no testpmd, no vhostni, no guest images) is reported with the reason instead of a
 number.  Results go to JSON (``--out``) and a table on stdout; per-process logs to ``--logdir``.
+
+Examples::
+
+    python3 -m vhostni.bench                                   # everything, defaults (5 x 10 s per backend)
+    python3 -m vhostni.bench --only frameloop --runs 3 --duration 5
+    python3 -m vhostni.bench --only frameloop --vhostni-args=--poll     # '=' because the value starts with --
+    python3 -m vhostni.bench --only frameloop --no-vhostni              # the baseline alone
+    python3 -m vhostni.bench --only guest-tcp --iperf-runs 1
+
+The machines this runs on are shared 2-CPU boxes: whatever else runs takes CPU from the busy-polling
+processes and halves their rates.  Each frame-loop run therefore records ``foreign_cpus`` (CPUs used by other
+processes during its interval), waits up to ``--wait-quiet`` s for an idle machine first, and the table shows
+the best run beside the median.  Compare vhostni with the baseline of the same invocation, not with figures
+from another day.
 """
