@@ -269,16 +269,34 @@ static struct vn_held *record(const struct vn_pkt *pkt, int port, int dir, int e
     return r;
 }
 
+/* Quarantine: 1 if a quarantined port's policy allows this frame anyway. */
+static int quarantine_allows(const struct vn_policy *pol, int dir, const struct vn_pkt *pkt,
+                             const struct vn_hdrs *h)
+{
+    for (unsigned i = 0; i < pol->nqallow && i < VN_MAX_QALLOW; i++)
+        if (vn_match_frame(&pol->qallow[i], dir, pkt, h))
+            return 1;
+    return 0;
+}
+
 int vn_policy_apply(struct vn_switch *sw, int port, int dir, int egress_to, struct vn_pkt *pkt)
 {
     struct vn_port *p = &sw->ports[port];
     const struct vn_policy *pol = p->pol;
     if (!pol)
         return 0;
+    if (pol->isolation & VN_ISOLATE_LINK_DOWN) {
+        p->st.drop_isolated++;
+        return 1;
+    }
     struct vn_hdrs h;
     vn_parse(pkt, &h);
     if (dir == VN_DIR_FROM_GUEST && vn_spoofed(pol, pkt, &h)) {
         p->st.drop_spoofed++;
+        return 1;
+    }
+    if ((pol->isolation & VN_ISOLATE_QUARANTINE) && !quarantine_allows(pol, dir, pkt, &h)) {
+        p->st.drop_quarantine++;
         return 1;
     }
     for (unsigned i = 0; i < pol->nrules && i < VN_MAX_RULES; i++) {
@@ -379,6 +397,25 @@ static void punt_forget(struct vn_switch *sw, struct vn_held *r)
     }
 }
 
+/* 1 (counted) if the port's isolation drops a frame a scanner passed after it was held. */
+static int isolation_drops(struct vn_port *p, int dir, const struct vn_pkt *pkt)
+{
+    const struct vn_policy *pol = p->pol;
+    if (!pol || !pol->isolation)
+        return 0;
+    if (pol->isolation & VN_ISOLATE_LINK_DOWN) {
+        p->st.drop_isolated++;
+        return 1;
+    }
+    struct vn_hdrs h;
+    vn_parse(pkt, &h);
+    if (!quarantine_allows(pol, dir, pkt, &h)) {
+        p->st.drop_quarantine++;
+        return 1;
+    }
+    return 0;
+}
+
 static void release(struct vn_switch *sw, struct vn_held *r, int pass)
 {
     struct vn_port *p = &sw->ports[r->port];
@@ -396,6 +433,10 @@ static void release(struct vn_switch *sw, struct vn_held *r, int pass)
         pkt->len = r->len;
         pkt->hdr = r->hdr;
         memcpy(pkt->data, r->data, r->len);
+        if (isolation_drops(p, r->dir, pkt)) {
+            free(r);
+            return;   /* the NI was isolated while the frame waited for its decision */
+        }
         sw->now_ns = vn_now_ns();
         if (r->egress_to < 0)
             vn_forward_switch(sw, r->port, pkt);
@@ -467,8 +508,12 @@ int vn_port_set_policy(struct vn_switch *sw, int port, const struct vn_policy *p
 {
     if (port < 0 || port >= VN_MAX_PORTS || !sw->ports[port].kind)
         return VN_ENOPORT;
-    if (pol->naddrs > VN_MAX_ADDRS || pol->nrules > VN_MAX_RULES || pol->nsubs > VN_MAX_SUBS)
+    if (pol->naddrs > VN_MAX_ADDRS || pol->nrules > VN_MAX_RULES || pol->nsubs > VN_MAX_SUBS ||
+        pol->nqallow > VN_MAX_QALLOW)
         return VN_ERANGE;
+    for (unsigned i = 0; i < pol->nqallow; i++)
+        if (pol->qallow[i].nterms > VN_MAX_TERMS)
+            return VN_ERANGE;
     for (unsigned i = 0; i < pol->nrules; i++)
         if (pol->rules[i].nterms > VN_MAX_TERMS)
             return VN_ERANGE;
@@ -479,18 +524,67 @@ int vn_port_set_policy(struct vn_switch *sw, int port, const struct vn_policy *p
     if (!copy)
         return VN_ENOMEM;
     *copy = *pol;
+    copy->isolation = sw->ports[port].pol ? sw->ports[port].pol->isolation : 0;
     free(sw->ports[port].pol);
     sw->ports[port].pol = copy;
     return VN_OK;
+}
+
+/* An isolated port without a policy keeps an empty one that carries its isolation (and
+ * allows nothing in quarantine: fail closed). */
+static struct vn_policy *isolation_only(unsigned bits)
+{
+    struct vn_policy *pol = calloc(1, sizeof(*pol));
+    if (pol)
+        pol->isolation = bits;
+    return pol;
 }
 
 int vn_port_clear_policy(struct vn_switch *sw, int port)
 {
     if (port < 0 || port >= VN_MAX_PORTS || !sw->ports[port].kind)
         return VN_ENOPORT;
-    free(sw->ports[port].pol);
-    sw->ports[port].pol = NULL;
+    struct vn_policy *old = sw->ports[port].pol;
+    struct vn_policy *keep = old && old->isolation ? isolation_only(old->isolation) : NULL;
+    if (old && old->isolation && !keep)
+        return VN_ENOMEM;
+    free(old);
+    sw->ports[port].pol = keep;
     return VN_OK;
+}
+
+static int policy_empty(const struct vn_policy *pol)
+{
+    return !pol->anti_spoof && !pol->mac_set && !pol->naddrs && !pol->nrules && !pol->nsubs &&
+           !pol->nqallow;
+}
+
+int vn_port_set_isolation(struct vn_switch *sw, int port, unsigned bits)
+{
+    if (port < 0 || port >= VN_MAX_PORTS || !sw->ports[port].kind)
+        return VN_ENOPORT;
+    if (bits & ~(unsigned)(VN_ISOLATE_QUARANTINE | VN_ISOLATE_LINK_DOWN))
+        return VN_EINVAL;
+    struct vn_port *p = &sw->ports[port];
+    if (!p->pol) {
+        if (!bits)
+            return VN_OK;
+        p->pol = isolation_only(bits);
+        return p->pol ? VN_OK : VN_ENOMEM;
+    }
+    p->pol->isolation = bits;
+    if (!bits && policy_empty(p->pol)) {
+        free(p->pol);   /* only carried the isolation: forward without parsing again */
+        p->pol = NULL;
+    }
+    return VN_OK;
+}
+
+int vn_port_isolation(struct vn_switch *sw, int port)
+{
+    if (port < 0 || port >= VN_MAX_PORTS || !sw->ports[port].kind)
+        return VN_ENOPORT;
+    return sw->ports[port].pol ? (int)sw->ports[port].pol->isolation : 0;
 }
 
 int vn_port_inject(struct vn_switch *sw, int port, int dir, const uint8_t *frame, unsigned len)

@@ -96,6 +96,8 @@ struct vn_port_stats {
     uint64_t punted_copies;      /* copies for read-only subscriptions */
     uint64_t punt_queue_full;    /* read-only copies lost because the kernel lagged */
     uint64_t injected;           /* pre-registered frames sent by the kernel */
+    uint64_t drop_quarantine;    /* quarantined NI: matched no quarantine-allow rule */
+    uint64_t drop_isolated;      /* NI isolated (link set down): every frame either way */
 };
 
 struct vn_switch;
@@ -150,6 +152,14 @@ int vn_switch_service(struct vn_switch *sw);
 #define VN_MAX_RULES 256
 #define VN_MAX_SUBS 64
 #define VN_MAX_ADDRS 32
+#define VN_MAX_QALLOW 64
+
+/* Isolation of a port (bits of vn_port_set_isolation), each independent of the policy:
+ * QUARANTINE drops, both ways, every frame that matches none of the policy's quarantine-
+ * allow rules; LINK_DOWN drops every frame both ways (the NI's half of a link set down, so
+ * a guest that ignores its link state gains nothing). */
+#define VN_ISOLATE_QUARANTINE 1
+#define VN_ISOLATE_LINK_DOWN 2
 
 /* A raw term: frame[offset .. offset+len) & mask == value & mask. */
 struct vn_term {
@@ -199,6 +209,11 @@ struct vn_policy {
     uint64_t held_bytes_max;   /* memcap of frames held for decisions on this port */
     unsigned held_frames_max;
     int over_cap_pass;         /* exception policy past the memcap: 0 drop (fail closed), 1 pass */
+    unsigned nqallow;          /* what a quarantined NI may still send and receive */
+    struct vn_match qallow[VN_MAX_QALLOW];
+    /* VN_ISOLATE_* bits: owned by vn_port_set_isolation; vn_port_set_policy ignores the
+     * value given and keeps the port's, so isolation survives policy changes */
+    unsigned isolation;
 };
 
 /* A frame handed to the NI kernel because subscriptions matched it. */
@@ -224,6 +239,11 @@ int vn_punt_next(struct vn_switch *sw, struct vn_punt *out);
 int vn_held_release(struct vn_switch *sw, uint64_t id, int pass);
 /* Decides every frame held on a port (policy removed, NI gone). Returns how many. */
 int vn_held_release_port(struct vn_switch *sw, int port, int pass);
+/* Sets a port's VN_ISOLATE_* bits (installing an empty policy if it has none; held frames
+ * that are released later are checked against the isolation too).  Returns VN_OK. */
+int vn_port_set_isolation(struct vn_switch *sw, int port, unsigned bits);
+/* The port's VN_ISOLATE_* bits (>= 0) or a negative code. */
+int vn_port_isolation(struct vn_switch *sw, int port);
 /* Sends a frame (pre-registered by the kernel) to the guest of `port` or from it. */
 int vn_port_inject(struct vn_switch *sw, int port, int dir, const uint8_t *frame, unsigned len);
 /* VN_CDEF_END */

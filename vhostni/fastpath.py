@@ -14,6 +14,8 @@ STAT_FIELDS = tuple(name for name, _ in ffi.typeof("struct vn_port_stats").field
 
 RUN_TIMEOUT = lib.VN_RUN_TIMEOUT
 RUN_WAKE = lib.VN_RUN_WAKE
+ISOLATE_QUARANTINE = lib.VN_ISOLATE_QUARANTINE   # drop all but the policy's quarantine-allow rules
+ISOLATE_LINK_DOWN = lib.VN_ISOLATE_LINK_DOWN     # drop everything, both ways
 
 
 class FastPathError(Exception):
@@ -112,12 +114,46 @@ class Port:
             lib.vn_port_remove(self._sw, self.index)
             self.index = -1
 
+    # A MAC learned outside the policy (QEMU's NIC, over QMP): anti-spoofing uses it when the
+    # installed policy names no MAC of its own.
+    fallback_mac: Optional[bytes] = None
+    _cpolicy = None                 # the last policy installed, to re-apply a new fallback
+    _cpolicy_own_mac = False
+
     def set_policy(self, cpolicy) -> None:
-        """Installs a compiled ``struct vn_policy`` (see vhostni.policy)."""
+        """Installs a compiled ``struct vn_policy`` (see vhostni.policy).  The port's isolation
+        (quarantine, link down) is kept whatever the policy says."""
+        own = bool(cpolicy.mac_set)
+        if not own and self.fallback_mac is not None:
+            cpolicy.mac_set = 1
+            cpolicy.mac[0:6] = self.fallback_mac
         _check("set policy", lib.vn_port_set_policy(self._sw, self.index, cpolicy))
+        self._cpolicy, self._cpolicy_own_mac = cpolicy, own
+
+    def set_fallback_mac(self, mac: Optional[bytes]) -> None:
+        """The MAC anti-spoofing falls back to when the policy names none (None: forget it);
+        applied to the installed policy at once."""
+        if mac is not None and len(mac) != 6:
+            raise ValueError("a MAC address is 6 bytes")
+        self.fallback_mac = mac
+        c = self._cpolicy
+        if c is None or self._cpolicy_own_mac:
+            return
+        c.mac_set = 1 if mac is not None else 0
+        c.mac[0:6] = mac if mac is not None else bytes(6)
+        _check("set policy", lib.vn_port_set_policy(self._sw, self.index, c))
+
+    # ---- isolation (see VN_ISOLATE_* in csrc/vhostni.h)
+    def set_isolation(self, bits: int) -> None:
+        _check("set isolation", lib.vn_port_set_isolation(self._sw, self.index, bits))
+
+    @property
+    def isolation(self) -> int:
+        return _check("isolation", lib.vn_port_isolation(self._sw, self.index))
 
     def clear_policy(self) -> None:
         lib.vn_held_release_port(self._sw, self.index, 0)
+        self._cpolicy = None
         _check("clear policy", lib.vn_port_clear_policy(self._sw, self.index))
 
     def inject(self, direction: int, frame: bytes) -> None:

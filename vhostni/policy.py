@@ -2,7 +2,9 @@
 
 A policy file (TOML or JSON) holds the NI's anti-spoofing identity, prevent rules (a header
 firewall applied in C), the scanners to run with their rights (which subscriptions each may
-hold, with read or contain rights) and pre-registered injections.  Errors name the key:
+hold, with read or contain rights) and pre-registered injections, what a quarantined NI may
+still exchange (``[quarantine] allow``, matches) and the NI's own containment action when a
+scanner alerts (``[ni] on_alert``).  Errors name the key:
 ``scanner[0].allow[1].dport: port 70000 out of range``.
 
 A *match* (a prevent rule, a right, or a scanner's subscription request) is a table of
@@ -34,6 +36,9 @@ PROTOS = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "sctp": 132}
 TCP_FLAGS = {"fin": 0x01, "syn": 0x02, "rst": 0x04, "psh": 0x08, "ack": 0x10, "urg": 0x20,
              "ece": 0x40, "cwr": 0x80}
 MATCH_KEYS = {"direction", "ethertype", "proto", "src", "dst", "sport", "dport", "tcp_flags", "terms"}
+# [ni] on_alert: what the NI does by itself when one of its scanners raises an alert
+# (none; quarantine, see [quarantine]; link-down: QEMU's set_link plus dropping every frame).
+ON_ALERT = ("none", "quarantine", "link-down")
 
 
 class PolicyError(ValueError):
@@ -272,6 +277,8 @@ class Policy:
     prevent: list[Match] = field(default_factory=list)
     scanners: list[ScannerSpec] = field(default_factory=list)
     source: Optional[str] = None
+    quarantine_allow: list[Match] = field(default_factory=list)   # [quarantine] allow
+    on_alert: str = "none"       # containment when a scanner of this NI alerts (ON_ALERT)
     doc: Optional[dict] = None      # the document it was parsed from (what ni-get-policy shows)
 
     def compile(self, subs: list[tuple[Match, bool]] = ()):
@@ -299,6 +306,9 @@ class Policy:
         c.held_bytes_max = self.held_bytes_max
         c.held_frames_max = self.held_frames_max
         c.over_cap_pass = 1 if self.over_cap_pass else 0
+        c.nqallow = len(self.quarantine_allow)
+        for i, m in enumerate(self.quarantine_allow):
+            m.fill(c.qallow[i])
         return c
 
 
@@ -341,11 +351,11 @@ def _scanner_argv(where: str, program: str, args: list, base: str) -> list[str]:
 def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Policy:
     if not isinstance(d, dict):
         raise PolicyError("", "a policy is a table")
-    _check_keys(d, {"ni", "prevent", "scanner", "comment"}, "")
+    _check_keys(d, {"ni", "prevent", "scanner", "quarantine", "comment"}, "")
     p = Policy(source=source, doc=copy.deepcopy(d))
     ni = _want(d, "ni", "", dict, {})
     _check_keys(ni, {"mac", "addresses", "anti_spoof", "hold_timeout_ms", "default_decision",
-                     "held_frames_max", "held_bytes_max", "over_cap", "comment"}, "ni")
+                     "held_frames_max", "held_bytes_max", "over_cap", "on_alert", "comment"}, "ni")
     if "mac" in ni:
         m = _want(ni, "mac", "ni", str)
         if not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}", m):
@@ -382,6 +392,17 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
     if oc not in ("drop", "pass"):
         raise PolicyError("ni.over_cap", "expected 'drop' (fail closed) or 'pass'")
     p.over_cap_pass = oc == "pass"
+    p.on_alert = _want(ni, "on_alert", "ni", str, "none")
+    if p.on_alert not in ON_ALERT:
+        raise PolicyError("ni.on_alert", f"expected one of {', '.join(ON_ALERT)}")
+
+    q = _want(d, "quarantine", "", dict, {})
+    _check_keys(q, {"allow", "comment"}, "quarantine")
+    qallow = _want(q, "allow", "quarantine", list, [])
+    if len(qallow) > lib.VN_MAX_QALLOW:
+        raise PolicyError("quarantine.allow", f"at most {lib.VN_MAX_QALLOW} rules")
+    for i, r in enumerate(qallow):
+        p.quarantine_allow.append(parse_match(f"quarantine.allow[{i}]", r))
 
     rules = _want(d, "prevent", "", list, [])
     if len(rules) > lib.VN_MAX_RULES:
