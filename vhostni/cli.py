@@ -26,6 +26,13 @@ def _policy_arg(text: str) -> tuple[str, str]:
     return name, path
 
 
+def _qmp_arg(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not path or not NAME_RE.match(name):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=QMP_SOCKET[,nic=ID]")
+    return name, path
+
+
 def _uid_arg(text: str) -> int:
     if text.isdigit():
         return int(text)
@@ -41,7 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve NIs in the foreground")
     run.add_argument("--ni", action="append", type=_ni_arg, default=[], metavar="NAME=SOCKET",
-                     help="an NI: a vhost-user server socket QEMU connects to (repeatable)")
+                     help="an NI: a vhost-user server socket QEMU connects to, or client:SOCKET "
+                          "to connect to a QEMU listening there (server=on); repeatable")
+    run.add_argument("--qemu-qmp", action="append", type=_qmp_arg, default=[],
+                     metavar="NAME=QMP_SOCKET[,nic=ID]",
+                     help="NI NAME's QEMU QMP socket: learn the NIC's MAC, set its link "
+                          "(repeatable; nic=ID when the NIC cannot be told by its socket)")
     run.add_argument("--uplink", action="append", default=[], metavar="tap:IFNAME",
                      help="a host TAP device joined to the NIs' switch (repeatable)")
     run.add_argument("--poll", action="store_true",
@@ -102,6 +114,16 @@ def main(argv: list[str] | None = None) -> int:
                        stats_file=args.stats_file, policies=policies, alert_log=args.alert_log)
         except (OSError, ValueError) as exc:
             print(f"vhostni run: {exc}", file=sys.stderr)
+            return 1
+        try:
+            from .qemu import parse_qmp_spec
+            for name, spec in args.qemu_qmp:
+                if name not in d.nis:
+                    raise ValueError(f"--qemu-qmp for unknown NI {name!r}")
+                d.attach_qemu(name, *parse_qmp_spec(spec))
+        except ValueError as exc:
+            print(f"vhostni run: {exc}", file=sys.stderr)
+            d.close()
             return 1
         d.kernel.alerts.max_bytes = max(0, args.alert_log_max_bytes)
         d.kernel.alerts.keep = max(0, args.alert_log_keep)

@@ -4,6 +4,15 @@ The data plane runs inside the C loop (``Switch.run``) with the GIL released.  I
 to Python only when the control epoll set below becomes readable (a vhost-user message, a
 new connection, a signal) or its timeout passes, so control work and forwarding never race:
 the same thread does both, one after the other.
+
+An NI either listens on its socket (QEMU connects, with ``reconnect=N`` so it comes back
+after a daemon restart) or, given as ``client:PATH``, connects to a QEMU that listens there
+(``server=on,wait=off``), and connects again with back-off whenever the connection ends.
+An NI can be quarantined (only what its policy's ``[quarantine] allow`` rules match goes
+either way) and have its link set down (nothing goes either way; with ``--qemu-qmp`` QEMU
+also takes the guest's carrier away); both survive policy changes (see ``quarantine``,
+``set_link`` and vhostni/qemu.py).  Other threads (the QMP client's) hand work to this one
+with ``call_soon``.
 """
 from __future__ import annotations
 
@@ -16,12 +25,13 @@ import signal
 import socket
 import stat
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from . import tap
 from .device import CloseConnection, VhostUserDevice, rarp_frame
-from .fastpath import Port, Switch
+from .fastpath import ISOLATE_LINK_DOWN, ISOLATE_QUARANTINE, Port, Switch
 from .kernel import Kernel
 from .policy import PolicyError, load_policy
 from .vhost_user import proto
@@ -29,6 +39,9 @@ from .vhost_user import proto
 log = logging.getLogger("vhostni")
 
 HOUSEKEEPING_MS = 250
+CLIENT_BACKOFF_MIN = 0.25    # client-mode NIs: seconds between connection attempts, doubling
+CLIENT_BACKOFF_MAX = 4.0
+CLIENT_PREFIX = "client:"
 
 
 @dataclass
@@ -81,13 +94,22 @@ class NI:
     def __init__(self, daemon: "Daemon", name: str, path: str):
         self.daemon = daemon
         self.name = name
-        self.path = path
+        # "client:PATH": QEMU listens on PATH (server=on) and this NI connects to it
+        self.client = path.startswith(CLIENT_PREFIX)
+        self.path = path[len(CLIENT_PREFIX):] if self.client else path
+        if not self.path:
+            raise ValueError(f"NI {name!r}: no socket path")
         self.port = daemon.switch.add_vhost_port()
         self.device = VhostUserDevice(name, self.port, offloads=daemon.offloads)
         self.device.on_rarp = lambda mac: self.port.inject_from(rarp_frame(mac))
-        self.listener = _listen(path)
+        self.listener = None if self.client else _listen(self.path)
         self.reader: Optional[_Reader] = None
         self.broken_logged: Optional[str] = None
+        self.next_connect = 0.0            # client mode: when to try again
+        self.backoff = CLIENT_BACKOFF_MIN
+        self.connect_error = ""
+        self.qemu = None                   # a vhostni.qemu.QemuLink with --qemu-qmp
+        self.isolation_reason = {}         # "quarantine"/"link-down" -> why
 
     @property
     def connected(self) -> bool:
@@ -104,7 +126,14 @@ class NI:
             "protocol_errors": self.device.counters.errors,
             "sessions": self.device.counters.sessions,
             "mtu": self.device.mtu,
+            "mode": "client" if self.client else "server",
+            "quarantined": bool(self.port.isolation & ISOLATE_QUARANTINE),
+            "link": "down" if self.port.isolation & ISOLATE_LINK_DOWN else "up",
         }
+        if self.client and not self.connected and self.connect_error:
+            d["connect_error"] = self.connect_error
+        if self.qemu is not None:
+            d["qemu"] = self.qemu.info()
         d.update(self.port.stats())
         return d
 
@@ -142,6 +171,14 @@ class Daemon:
         self.ep.register(self._sig_r, select.EPOLLIN)
         self.kernel = Kernel(self.switch, self.register, self.unregister, alert_log)
         self.register(self.switch.punt_fd, self.kernel.on_punts)
+        # work other threads hand to this one (call_soon), and the pipe that wakes it
+        self._inbox: deque = deque()
+        self._inbox_r, self._inbox_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.register(self._inbox_r, self._run_inbox)
+        self.qemu_monitor = None           # vhostni.qemu.QemuMonitor, made by attach_qemu
+        self._alerts_by_scanner: dict = {}
+        self.kernel.alerts.listeners.append(self._on_alert)
+        self.housekeepers.append(self._connect_clients)
         self.policy_files = dict(policies or {})
         unknown = set(self.policy_files) - {name for name, _ in nis}
         if unknown:
@@ -205,6 +242,10 @@ class Daemon:
             raise ValueError(f"NI {name!r} defined twice")
         ni = NI(self, name, path)
         self.nis[name] = ni
+        if ni.client:
+            log.info("NI %s connects to %s (vhost-user client)", name, ni.path)
+            self._connect_client(ni)
+            return ni
         self.register(ni.listener.fileno(), lambda: self._accept(ni))
         log.info("NI %s listening on %s", name, path)
         return ni
@@ -215,12 +256,15 @@ class Daemon:
         ni = self.nis.pop(name)
         self.kernel.detach(ni.port.index)
         self._drop(ni)
-        self.unregister(ni.listener.fileno())
-        ni.listener.close()
-        try:
-            os.unlink(ni.path)
-        except OSError:
-            pass
+        if ni.qemu is not None and self.qemu_monitor is not None:
+            self.qemu_monitor.remove(ni.qemu)
+        if ni.listener is not None:
+            self.unregister(ni.listener.fileno())
+            ni.listener.close()
+            try:
+                os.unlink(ni.path)
+            except OSError:
+                pass
         ni.port.remove()
         self.policy_files.pop(name, None)
         log.info("NI %s removed", name)
@@ -295,12 +339,17 @@ class Daemon:
             log.warning("NI %s: refusing a second frontend connection", ni.name)
             conn.close()
             return
+        self._attach_frontend(ni, conn)
+
+    def _attach_frontend(self, ni: NI, conn: socket.socket) -> None:
         conn.setblocking(False)
         ni.reader = _Reader(conn)
         self.register(conn.fileno(), lambda: self._serve(ni))
         ni.device.connected()
         log.info("NI %s: frontend connected", ni.name)
         self.kernel.event("NI_UP", ni=ni.name)
+        if ni.qemu is not None:
+            ni.qemu.reassert()    # QEMU sets the link up itself when vhost-user (re)connects
 
     def _serve(self, ni: NI) -> None:
         reader = ni.reader
@@ -340,6 +389,8 @@ class Daemon:
         ni.reader = None
         ni.device.disconnected()
         self.kernel.event("NI_DOWN", ni=ni.name)
+        if ni.client:
+            ni.next_connect = time.monotonic() + ni.backoff   # QEMU restarting, or gone
 
     def _housekeeping(self) -> None:
         for ni in self.nis.values():
@@ -357,6 +408,171 @@ class Daemon:
                 json.dump(self.stats(), f, indent=1)
             os.replace(tmp, self.stats_file)
 
+    # ---- vhost-user client mode
+    def _connect_clients(self) -> None:
+        if self._stop:
+            return
+        now = time.monotonic()
+        for ni in list(self.nis.values()):
+            if ni.client and not ni.connected and now >= ni.next_connect:
+                self._connect_client(ni)
+
+    def _connect_client(self, ni: NI) -> None:
+        """One non-blocking attempt to reach the QEMU listening on ``ni.path``."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        try:
+            s.connect(ni.path)    # a unix connect completes at once, or fails (EAGAIN: backlog full)
+        except OSError as exc:
+            s.close()
+            why = exc.strerror or str(exc)
+            if why != ni.connect_error:
+                log.info("NI %s: cannot connect to %s (%s); retrying", ni.name, ni.path, why)
+                ni.connect_error = why
+            ni.next_connect = time.monotonic() + ni.backoff
+            ni.backoff = min(CLIENT_BACKOFF_MAX, ni.backoff * 2)
+            return
+        ni.connect_error = ""
+        ni.backoff = CLIENT_BACKOFF_MIN
+        self._attach_frontend(ni, s)
+
+    # ---- containment: quarantine and link
+    def quarantine(self, name: str, on: bool = True, reason: str = "") -> dict:
+        """Quarantines NI ``name`` (or releases it): while quarantined, frames either way that
+        match none of its policy's ``[quarantine] allow`` rules are dropped in the fast path
+        (counter ``drop_quarantine``).  Survives policy changes.  KeyError if no such NI."""
+        ni = self.nis[name]
+        self._set_isolation(ni, ISOLATE_QUARANTINE, on, "quarantine", reason)
+        log.warning("NI %s: %s%s", name, "quarantined" if on else "released from quarantine",
+                    f" ({reason})" if reason else "")
+        self.kernel.event("NI_QUARANTINE", ni=name, quarantined=on, reason=reason)
+        return self.containment(name)
+
+    def set_link(self, name: str, up: bool, reason: str = "") -> dict:
+        """Sets NI ``name``'s link: down drops every frame either way in the fast path
+        (counter ``drop_isolated``) and, with ``--qemu-qmp``, has QEMU take the guest's carrier
+        away (``set_link``, asynchronous: see ``containment()["qemu"]``).  Survives policy
+        changes; re-applied to QEMU whenever it comes back.  KeyError if no such NI."""
+        ni = self.nis[name]
+        self._set_isolation(ni, ISOLATE_LINK_DOWN, not up, "link-down", reason)
+        if ni.qemu is not None:
+            ni.qemu.set_link(up)
+        log.warning("NI %s: link set %s%s%s", name, "up" if up else "down",
+                    f" ({reason})" if reason else "", "" if ni.qemu else " (no QMP: the NI only)")
+        self.kernel.event("NI_LINK", ni=name, up=up, reason=reason)
+        return self.containment(name)
+
+    def _set_isolation(self, ni: NI, bit: int, on: bool, what: str, reason: str) -> None:
+        bits = ni.port.isolation
+        ni.port.set_isolation(bits | bit if on else bits & ~bit)
+        if on:
+            ni.isolation_reason[what] = reason
+        else:
+            ni.isolation_reason.pop(what, None)
+
+    def containment(self, name: str) -> dict:
+        ni = self.nis[name]
+        bits = ni.port.isolation
+        st = ni.port.stats()
+        return {"ni": name, "quarantined": bool(bits & ISOLATE_QUARANTINE),
+                "link": "down" if bits & ISOLATE_LINK_DOWN else "up",
+                "reasons": dict(ni.isolation_reason),
+                "drop_quarantine": st["drop_quarantine"], "drop_isolated": st["drop_isolated"],
+                "qemu": ni.qemu.info() if ni.qemu is not None else None}
+
+    def _on_alert(self, rec: dict) -> None:
+        """[ni] on_alert: an alert a scanner raised (not one the kernel raised about it)
+        triggers the NI's containment action, on this thread after the alert is logged."""
+        ni = self.nis.get(rec.get("ni"))
+        if ni is None or not rec.get("scanner"):
+            return
+        nk = self.kernel.nis.get(ni.port.index)
+        sp = nk.scanners.get(rec["scanner"]) if nk else None
+        if sp is None:
+            return
+        # a scanner's own alert bumps its counter right before it is logged; the kernel's
+        # alerts about a scanner (refusals, hangs) do not
+        key = id(sp)
+        if self._alerts_by_scanner.get(key, 0) == sp.counters.alerts:
+            return
+        self._alerts_by_scanner[key] = sp.counters.alerts
+        action = nk.policy.on_alert
+        if action != "none":
+            self.call_soon(lambda: self._contain(ni.name, action, rec))
+
+    def _contain(self, name: str, action: str, rec: dict) -> None:
+        ni = self.nis.get(name)
+        if ni is None:
+            return
+        bit = ISOLATE_QUARANTINE if action == "quarantine" else ISOLATE_LINK_DOWN
+        if ni.port.isolation & bit:
+            return
+        reason = f"policy on_alert after alert #{rec.get('seq')} from scanner {rec.get('scanner')}"
+        if action == "quarantine":
+            self.quarantine(name, True, reason)
+        else:
+            self.set_link(name, False, reason)
+        self.kernel.alerts.append(name, None, f"NI contained by its policy: {action}",
+                                  action=action, after_seq=rec.get("seq"), scanner=rec.get("scanner"))
+
+    # ---- QEMU's QMP (vhostni/qemu.py)
+    def attach_qemu(self, name: str, qmp_path: str, nic: Optional[str] = None):
+        """Makes NI ``name`` a QMP client of its QEMU at ``qmp_path``: it learns the NIC's MAC
+        (anti-spoofing's when the policy names none) and can set the guest's link."""
+        from .qemu import QemuMonitor
+        ni = self.nis[name]
+        if ni.qemu is not None:
+            raise ValueError(f"NI {name!r} already has a QEMU QMP socket")
+        if self.qemu_monitor is None:
+            self.qemu_monitor = QemuMonitor(self.call_soon)
+        ni.qemu = self.qemu_monitor.add(name, qmp_path, ni.path, nic, self._qemu_changed)
+        if ni.port.isolation & ISOLATE_LINK_DOWN:
+            ni.qemu.set_link(False)
+        return ni.qemu
+
+    def _qemu_changed(self, link, changes: dict) -> None:
+        ni = self.nis.get(link.ni)
+        if ni is None or ni.qemu is not link or not changes.get("mac"):
+            return
+        try:
+            mac = bytes.fromhex(changes["mac"].replace(":", ""))
+        except ValueError:
+            return
+        if len(mac) != 6 or mac == ni.port.fallback_mac:
+            return
+        ni.port.set_fallback_mac(mac)
+        nk = self.kernel.nis.get(ni.port.index)
+        own = nk.policy.mac if nk else None
+        if own and own != mac:
+            log.warning("NI %s: the policy's MAC %s is not the NIC's %s (QEMU): the guest's "
+                        "frames will be dropped as spoofed", ni.name, own.hex(":"), mac.hex(":"))
+        else:
+            log.info("NI %s: NIC MAC %s from QEMU%s", ni.name, mac.hex(":"),
+                     "" if own else " (anti-spoofing uses it)" if nk else "")
+
+    # ---- other threads
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Runs ``fn`` on the daemon's thread soon; safe from any thread, never blocks."""
+        self._inbox.append(fn)
+        try:
+            os.write(self._inbox_w, b"\0")
+        except BlockingIOError:
+            pass     # the pipe is full: the daemon is already awake for it
+        except OSError:
+            pass     # closed: the daemon is gone
+
+    def _run_inbox(self) -> None:
+        try:
+            while os.read(self._inbox_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while self._inbox:
+            fn = self._inbox.popleft()
+            try:
+                fn()
+            except Exception:   # noqa: BLE001 - one bad callback must not stop the daemon
+                log.exception("callback from another thread failed")
+
     def stats(self) -> dict:
         kernels = {nk.name: nk.info() for nk in self.kernel.nis.values()}
         return {
@@ -367,9 +583,13 @@ class Daemon:
         }
 
     def close(self) -> None:
+        if self.qemu_monitor is not None:
+            self.qemu_monitor.close()
         self.kernel.close()
         for ni in self.nis.values():
             self._drop(ni)
+            if ni.listener is None:
+                continue
             ni.listener.close()
             try:
                 os.unlink(ni.path)
@@ -379,3 +599,5 @@ class Daemon:
         self.ep.close()
         os.close(self._sig_r)
         os.close(self._sig_w)
+        os.close(self._inbox_r)
+        os.close(self._inbox_w)

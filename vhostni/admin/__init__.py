@@ -9,6 +9,7 @@
 ``qemu.qmp``'s clients and ``qmp-shell`` talk to it unchanged.
 """
 from .commands import COMMANDS, QMPError, command
+from . import containment  # noqa: F401  (registers ni-quarantine, ni-release, ni-set-link)
 from .protocol import QMPServerConnection
 from .server import AdminServer, TLSFiles, parse_endpoint
 from .state import StateDir
