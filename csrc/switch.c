@@ -186,6 +186,59 @@ int vn_port_add_tap(struct vn_switch *sw, int fd, int vnet_hdr_len)
     return VN_ERANGE;
 }
 
+int vn_port_add_sink(struct vn_switch *sw)
+{
+    for (int i = 0; i < VN_MAX_PORTS; i++) {
+        struct vn_port *p = &sw->ports[i];
+        if (p->kind)
+            continue;
+        memset(p, 0, sizeof(*p));
+        p->kind = VN_PORT_SINK;
+        p->id = i;
+        p->tapfd = -1;
+        for (unsigned q = 0; q < VN_MAX_QUEUES; q++)
+            vq_init(&p->vq[q]);
+        return i;
+    }
+    return VN_ERANGE;
+}
+
+/* Frees the queued sink frames of `port` (-1: of every port). */
+static void sink_clear(struct vn_switch *sw, int port)
+{
+    struct vn_sink_rec **pp = &sw->sink_head;
+    sw->sink_tail = NULL;
+    while (*pp) {
+        struct vn_sink_rec *r = *pp;
+        if (port < 0 || r->port == port) {
+            *pp = r->next;
+            free(r);
+            sw->sink_count--;
+        } else {
+            sw->sink_tail = r;
+            pp = &r->next;
+        }
+    }
+}
+
+int vn_sink_next(struct vn_switch *sw, struct vn_sink_frame *out)
+{
+    free(sw->sink_last);
+    sw->sink_last = NULL;
+    struct vn_sink_rec *r = sw->sink_head;
+    if (!r)
+        return 0;
+    sw->sink_head = r->next;
+    if (!sw->sink_head)
+        sw->sink_tail = NULL;
+    sw->sink_count--;
+    sw->sink_last = r;
+    out->port = r->port;
+    out->len = r->len;
+    out->data = r->data;
+    return 1;
+}
+
 int vn_port_remove(struct vn_switch *sw, int port)
 {
     struct vn_port *p = port_get(sw, port);
@@ -199,6 +252,8 @@ int vn_port_remove(struct vn_switch *sw, int port)
     }
     vn_mem_unmap(&p->mem);
     backlog_clear(p);
+    if (p->kind == VN_PORT_SINK)
+        sink_clear(sw, port);
     mac_forget_port(sw, port);
     vn_held_release_port(sw, port, 0);
     free(p->pol);
@@ -214,6 +269,8 @@ void vn_switch_free(struct vn_switch *sw)
         if (sw->ports[i].kind)
             vn_port_remove(sw, i);
     vn_held_free_all(sw);
+    sink_clear(sw, -1);
+    free(sw->sink_last);
     munmap(sw->batch, sizeof(struct vn_pkt) * (VN_BATCH + 2));
     close(sw->epfd);
     close(sw->punt_fd);
@@ -582,7 +639,7 @@ static void deliver(struct vn_switch *sw, int port, struct vn_pkt *pkt)
     if (p->kind == VN_PORT_TAP) {
         can_gso = can_csum = p->tap_hdr_len != 0;
     } else {
-        uint64_t f = p->features;
+        uint64_t f = p->features;   /* 0 for a sink: no offloads */
         can_csum = HAS_FEATURE(f, VIRTIO_NET_F_GUEST_CSUM);
         can_gso = can_csum &&
                   ((gso == VIRTIO_NET_HDR_GSO_TCPV4 && HAS_FEATURE(f, VIRTIO_NET_F_GUEST_TSO4)) ||
@@ -608,9 +665,37 @@ static void deliver(struct vn_switch *sw, int port, struct vn_pkt *pkt)
     deliver_final(sw, port, pkt);
 }
 
+/* Queues a frame delivered to a sink port for vn_sink_next(). */
+static void sink_push(struct vn_switch *sw, struct vn_port *p, const struct vn_pkt *pkt)
+{
+    struct vn_sink_rec *r = NULL;
+    if (sw->sink_count < VN_SINK_QUEUE)
+        r = malloc(sizeof(*r) + pkt->len);
+    if (!r) {
+        p->st.drop_no_rx_buffer++;
+        return;
+    }
+    r->next = NULL;
+    r->port = p->id;
+    r->len = pkt->len;
+    memcpy(r->data, pkt->data, pkt->len);
+    if (sw->sink_tail)
+        sw->sink_tail->next = r;
+    else
+        sw->sink_head = r;
+    sw->sink_tail = r;
+    sw->sink_count++;
+    p->st.out_frames++;
+    p->st.out_bytes += pkt->len;
+}
+
 static void deliver_final(struct vn_switch *sw, int port, struct vn_pkt *pkt)
 {
     struct vn_port *p = &sw->ports[port];
+    if (p->kind == VN_PORT_SINK) {
+        sink_push(sw, p, pkt);
+        return;
+    }
     if (p->kind == VN_PORT_TAP) {
         ssize_t w;
         if (p->tap_hdr_len) {

@@ -30,6 +30,7 @@
 /* Port kinds. */
 #define VN_PORT_VHOST 1
 #define VN_PORT_TAP 2
+#define VN_PORT_SINK 3
 
 /* Return codes of configuration calls (negative), see vn_strerror(). */
 #define VN_OK 0
@@ -134,8 +135,25 @@ int vn_vq_set_call(struct vn_switch *sw, int port, unsigned q, int fd);
 int vn_vq_set_enable(struct vn_switch *sw, int port, unsigned q, int enable);
 /* 1 if the ring is started (kick received, not stopped since), 0 if not, or a code. */
 int vn_vq_started(struct vn_switch *sw, int port, unsigned q);
-/* Injects a frame as if the guest behind `port` had sent it (SEND_RARP). */
+/* Sends a frame into the switch as if `port` had received it (the guest sent it, the TAP
+ * read it), through the whole ingress path: runt and offload checks, counters, the port's
+ * NI policy, switching.  For SEND_RARP, and for offline replay into a sink port. */
 int vn_port_inject_from(struct vn_switch *sw, int port, const uint8_t *frame, unsigned len);
+
+/* Sink ports (offline replay): the switch delivers to a sink port by queueing the frame for
+ * the caller, in delivery order across all sink ports (egress policy applied as for any
+ * port); frames enter from one with vn_port_inject_from().  A sink negotiates no offloads:
+ * partial checksums are completed and TSO frames segmented before a frame is queued.  At
+ * most VN_SINK_QUEUE frames wait; past that, deliveries count as drop_no_rx_buffer. */
+#define VN_SINK_QUEUE 65536
+struct vn_sink_frame {
+    int port;                  /* the sink port it was delivered to */
+    uint32_t len;
+    const uint8_t *data;       /* valid until the next vn_sink_next() */
+};
+int vn_port_add_sink(struct vn_switch *sw);
+/* 1: *out filled with the oldest queued frame; 0: none queued. */
+int vn_sink_next(struct vn_switch *sw, struct vn_sink_frame *out);
 
 /* The data plane loop.  Waits on every kick eventfd and TAP fd (or busy-polls when
  * poll_mode is set) and forwards frames until timeout_ms passes (-1: forever) or

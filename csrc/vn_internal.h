@@ -195,6 +195,14 @@ struct vn_held {
     uint8_t data[];
 };
 
+/* A frame delivered to a sink port, waiting for vn_sink_next(). */
+struct vn_sink_rec {
+    struct vn_sink_rec *next;
+    int port;
+    uint32_t len;
+    uint8_t data[];
+};
+
 #define VN_HELD_HASH 4096
 #define VN_PUNT_QUEUE 4096
 
@@ -216,6 +224,9 @@ struct vn_switch {
     struct vn_held *punt_q[VN_PUNT_QUEUE];
     unsigned punt_head, punt_count;
     struct vn_held *punt_last;    /* handed out by vn_punt_next; freed on the next call if a copy */
+    /* frames delivered to sink ports, oldest first */
+    struct vn_sink_rec *sink_head, *sink_tail, *sink_last;
+    unsigned sink_count;
 };
 
 /* mem.c */

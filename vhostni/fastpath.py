@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 from ._fastpath import ffi, lib
 
@@ -47,6 +47,7 @@ class Switch:
         self._sw = lib.vn_switch_new()
         if self._sw == ffi.NULL:
             raise MemoryError("vn_switch_new")
+        self._sink_out = ffi.new("struct vn_sink_frame *")
 
     def close(self) -> None:
         if self._sw != ffi.NULL:
@@ -66,6 +67,19 @@ class Switch:
     def add_tap_port(self, fd: int, vnet_hdr_len: int) -> "Port":
         """Adds a TAP uplink; the switch takes ownership of ``fd``."""
         return Port(self, _check("add tap port", lib.vn_port_add_tap(self._sw, fd, vnet_hdr_len)))
+
+    def add_sink_port(self) -> "Port":
+        """Adds a sink port (offline replay): frames enter through ``Port.inject_from`` (the
+        full ingress path, policy included), frames delivered to it queue for
+        :meth:`sink_frames`."""
+        return Port(self, _check("add sink port", lib.vn_port_add_sink(self._sw)))
+
+    def sink_frames(self) -> Iterator[tuple[int, bytes]]:
+        """(port index, frame) for each frame delivered to a sink port since the last call,
+        in delivery order."""
+        out = self._sink_out
+        while lib.vn_sink_next(self._sw, out):
+            yield out.port, bytes(ffi.buffer(out.data, out.len))
 
     # ---- the data plane loop
     def set_wake_fd(self, fd: int) -> None:
