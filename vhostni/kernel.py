@@ -192,6 +192,7 @@ class ScannerProc:
         self.next_start = 0.0
         self.locked = False
         self.consecutive_timeouts = 0
+        self.synced = 0                         # the last sync id the scanner answered
         self.last_error = ""
         self.stage_root: Optional[str] = None
         self.uid: Optional[int] = None
@@ -442,6 +443,10 @@ class ScannerProc:
             self._inject(body)
         elif op == "alert":
             self._alert(body)
+        elif op == "synced":
+            sid = body.get("id")
+            if isinstance(sid, int) and not isinstance(sid, bool):
+                self.synced = max(self.synced, sid)
         else:
             self._reply(body, f"unknown op {op!r}")
 
@@ -512,6 +517,11 @@ class ScannerProc:
             return
         self.counters.alerts += 1
         self.nk.kernel.alerts.append(self.nk.name, self.name, message[:4096], **fields)
+
+    def sync(self, sync_id: int) -> bool:
+        """Asks the scanner to answer ``synced`` with ``sync_id`` once it has handled every
+        frame sent so far (see :mod:`vhostni.scanner.wire`); False if it cannot be asked."""
+        return self._send(wire.encode_control({"op": "sync", "id": sync_id}))
 
     def send_frame(self, held_id: int, direction: int, time_ns: int, data: bytes) -> Optional[int]:
         number = self.next_number

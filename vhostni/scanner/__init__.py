@@ -102,6 +102,7 @@ class Scanner:
                 msg = self._pending.popleft()
                 if isinstance(msg, Frame):
                     return msg
+                self._control(msg)
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return None
@@ -110,6 +111,15 @@ class Scanner:
                 return None
             if isinstance(msg, Frame):
                 return msg
+            self._control(msg)
+
+    def _control(self, msg: wire.Message) -> None:
+        """A control message met between frames.  ``sync`` is answered here: the scanner
+        asks for its next frame only once it has handled every earlier one, so the answer
+        tells the kernel that everything sent before it has been seen, and every decision
+        and alert it caused sent (offline replay waits for this)."""
+        if isinstance(msg, wire.Control) and msg.body.get("op") == "sync":
+            self.sock.send(wire.encode_control({"op": "synced", "id": msg.body.get("id")}))
 
     def frames(self, timeout: Optional[float] = None) -> Iterator[Optional[Frame]]:
         """Yields frames forever; with ``timeout``, yields None after each quiet interval

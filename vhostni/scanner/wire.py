@@ -20,11 +20,14 @@ message is:
 
   scanner -> kernel: ``{"op": "subscribe", "id": N, "match": {...}, "contain": bool}``,
   ``{"op": "inject", "id": N, "index": I, "direction": "to_guest"|"from_guest"}``,
-  ``{"op": "alert", "message": str, "fields": {...}}``.
+  ``{"op": "alert", "message": str, "fields": {...}}``, ``{"op": "synced", "id": N}``.
 
   kernel -> scanner: ``{"op": "hello", "version": 1, "scanner": name, "ni": name,
   "config": {...}, "injections": [names]}`` first, then ``{"op": "reply", "id": N,
-  "ok": bool, "error": str}`` for each subscribe and inject.
+  "ok": bool, "error": str}`` for each subscribe and inject, and ``{"op": "sync", "id": N}``
+  when the kernel wants to know that the scanner has handled everything sent before it
+  (offline replay does, to stay deterministic): the SDK answers ``synced`` with the same id
+  when its frame loop asks for the next frame.
 
   A control message is at most MAX_JSON bytes of JSON whose lists and objects nest at
   most MAX_DEPTH levels.
