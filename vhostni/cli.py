@@ -1,4 +1,5 @@
-"""Command line: ``vhostni run --ni NAME=SOCKET [--ni ...] [--uplink tap:IFNAME]``."""
+"""Command line: ``vhostni run --ni NAME=SOCKET [--ni ...] [--uplink tap:IFNAME]``, and
+``vhostni replay --guest-mac MAC [--policy FILE] IN.pcap --out OUT.pcap --alerts OUT.jsonl``."""
 from __future__ import annotations
 
 import argparse
@@ -85,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     adm.add_argument("--state-dir", metavar="DIR",
                      help="keep NIs added and policies set over QMP in DIR; restored at start")
     run.add_argument("-v", "--verbose", action="store_true")
+    from .replay import add_arguments as add_replay_arguments
+    add_replay_arguments(sub.add_parser(
+        "replay", help="run an NI's policy and scanners over a capture file (offline)"))
     return p
 
 
@@ -152,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
             if sink:
                 sink.close()
         return 0
+    if args.command == "replay":
+        from .replay import main as replay_main
+        return replay_main(args)
     return 2
 
 

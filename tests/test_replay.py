@@ -1,0 +1,446 @@
+"""Offline replay (vhostni/replay.py, ``vhostni replay``): the NI's policy and scanners over
+capture files, and the sink ports of the C switch it is built on."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nikit import policy, scanner_spec, time_limit, write_policy  # tests/ is on sys.path
+from vhostni import cli, pcap
+from vhostni.fastpath import Switch
+from vhostni.policy import parse_policy
+from vhostni.replay import FROM_GUEST, TO_GUEST, Replay, direction_of, flow_of, parse_mac
+
+scapy = pytest.importorskip("scapy.all")
+from scapy.all import ARP, DNS, DNSQR, DNSRR, IP, TCP, UDP, Ether, Raw  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CODERED = os.path.join(ROOT, "examples", "codered.toml")
+
+GUEST = "52:54:00:12:34:56"
+ROUTER = "52:54:00:00:00:01"
+OTHER = "52:54:00:00:00:99"
+GIP, NS = "10.0.0.5", "10.0.0.53"
+T0 = 1_700_000_000
+
+
+@pytest.fixture(autouse=True)
+def _limit():
+    with time_limit(120, "the test"):
+        yield
+
+
+class Capture:
+    """Frames with timestamps 1 ms apart, written as a pcap file."""
+
+    def __init__(self):
+        self.frames: list[tuple[int, bytes]] = []
+
+    def add(self, pkt, gap_ns: int = 1_000_000) -> bytes:
+        ts = (self.frames[-1][0] if self.frames else T0 * 10**9) + gap_ns
+        data = bytes(pkt)
+        self.frames.append((ts, data))
+        return data
+
+    def write(self, path, nano: bool = True) -> str:
+        with open(path, "wb") as f:
+            w = pcap.PcapWriter(f, snaplen=65535, nanosecond=nano)
+            for ts, d in self.frames:
+                w.write(ts, d)
+        return str(path)
+
+
+def out_frames(path) -> list[tuple[int, bytes]]:
+    with open(path, "rb") as f:
+        return [(r.ts_ns, r.data) for r in pcap.decode(f.read())[1]]
+
+
+def alerts_of(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def from_guest(payload, dst_mac=ROUTER, src_ip=GIP, dst_ip="10.0.0.9"):
+    return Ether(src=GUEST, dst=dst_mac) / IP(src=src_ip, dst=dst_ip) / payload
+
+
+def to_guest(payload, src_ip="10.0.0.9", dst_mac=GUEST):
+    return Ether(src=ROUTER, dst=dst_mac) / IP(src=src_ip, dst=GIP) / payload
+
+
+def mixed_capture() -> Capture:
+    """A little of everything between the guest and the network, all of it the guest's."""
+    c = Capture()
+    c.add(Ether(src=ROUTER, dst="ff:ff:ff:ff:ff:ff") / ARP(psrc="10.0.0.9", pdst=GIP))
+    c.add(Ether(src=GUEST, dst=ROUTER) / ARP(op=2, hwsrc=GUEST, psrc=GIP, hwdst=ROUTER, pdst="10.0.0.9"))
+    for i in range(5):
+        c.add(from_guest(TCP(sport=40000 + i, dport=80, flags="S")))
+        c.add(to_guest(TCP(sport=80, dport=40000 + i, flags="SA")))
+        c.add(from_guest(TCP(sport=40000 + i, dport=23, flags="PA") / Raw(b"telnet %d" % i)))
+        c.add(to_guest(UDP(sport=9999, dport=5000) / Raw(b"x" * (100 + i))))
+    c.add(Ether(src=ROUTER, dst="33:33:00:00:00:01") / Raw(b"\x86\xdd" + bytes(60)))
+    return c
+
+
+def run_replay(tmp_path, cap: Capture, doc=None, nano=True, **kw):
+    """Replays ``cap`` through the CLI entry point; returns (status, frames out, alerts)."""
+    inp = cap.write(tmp_path / "in.pcap", nano)
+    argv = ["replay", "--guest-mac", GUEST, inp, "--out", str(tmp_path / "out.pcap"),
+            "--alerts", str(tmp_path / "alerts.jsonl")]
+    if doc is not None:
+        argv += ["--policy", write_policy(str(tmp_path / "policy.json"), doc)]
+    for k, v in kw.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    rc = cli.main(argv)
+    return rc, out_frames(tmp_path / "out.pcap"), alerts_of(tmp_path / "alerts.jsonl")
+
+
+# ---------------------------------------------------------------------------
+# Sink ports (csrc/switch.c)
+# ---------------------------------------------------------------------------
+
+def test_sink_ports_queue_deliveries_in_order_and_apply_the_policy():
+    g_mac, n_mac = parse_mac(GUEST), parse_mac(ROUTER)
+    pol = parse_policy({"ni": {"mac": GUEST, "addresses": [GIP + "/32"]},
+                        "prevent": [{"direction": "to_guest", "proto": "udp", "sport": 9999}]})
+    with Switch() as sw:
+        g, n = sw.add_sink_port(), sw.add_sink_port()
+        g.set_policy(pol.compile())
+        ok = bytes(from_guest(TCP(dport=80)))
+        forged = bytes(from_guest(TCP(dport=80), src_ip="10.0.0.66"))
+        blocked = bytes(to_guest(UDP(sport=9999, dport=1)))
+        fine = bytes(to_guest(UDP(sport=53, dport=1)))
+        bcast = bytes(Ether(src=ROUTER, dst="ff:ff:ff:ff:ff:ff") / ARP())
+        g.inject_from(ok)          # ingress policy of the guest's port: passes
+        g.inject_from(forged)      # anti-spoofing
+        n.inject_from(blocked)     # egress policy of the guest's port: prevent rule
+        n.inject_from(fine)
+        n.inject_from(bcast)
+        assert list(sw.sink_frames()) == [(n.index, ok), (g.index, fine), (g.index, bcast)]
+        assert list(sw.sink_frames()) == []
+        gs, ns = g.stats(), n.stats()
+        assert (gs["in_frames"], gs["out_frames"], gs["drop_spoofed"], gs["drop_prevented"]) == (2, 2, 1, 1)
+        assert (ns["in_frames"], ns["out_frames"]) == (3, 1)
+        assert g_mac != n_mac
+        # removing a port forgets what was queued for it, not what was queued for others
+        n.inject_from(fine)
+        g.inject_from(ok)
+        g.remove()
+        assert list(sw.sink_frames()) == [(n.index, ok)]
+
+
+def test_direction_and_flow_helpers():
+    mac = parse_mac(GUEST)
+    assert direction_of(bytes(from_guest(TCP())), mac) == FROM_GUEST
+    assert direction_of(bytes(to_guest(TCP())), mac) == TO_GUEST
+    assert direction_of(bytes(Ether(src=ROUTER, dst="01:00:5e:00:00:01") / IP()), mac) == TO_GUEST
+    assert direction_of(bytes(Ether(src=ROUTER, dst=OTHER) / IP()), mac) is None
+    assert direction_of(b"\x00" * 13, mac) is None
+    assert flow_of(bytes(from_guest(TCP(sport=1, dport=2)))) == {
+        "proto": "tcp", "src": GIP, "dst": "10.0.0.9", "sport": 1, "dport": 2}
+    assert flow_of(bytes(Ether() / scapy.IPv6(src="fd00::1", dst="fd00::2") / UDP(sport=3, dport=4))) == {
+        "proto": "udp", "src": "fd00::1", "dst": "fd00::2", "sport": 3, "dport": 4}
+    assert flow_of(bytes(Ether() / ARP())) is None
+    assert flow_of(b"\x00" * 20) is None
+    for bad in ("52:54:00:12:34", "zz:54:00:12:34:56", "01:00:5e:00:00:01", "52:54:00:12:34:56:78"):
+        with pytest.raises(ValueError):
+            parse_mac(bad)
+    assert parse_mac("52-54-00-12-34-56") == parse_mac("525400123456") == mac
+
+
+# ---------------------------------------------------------------------------
+# Policies without scanners
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("nano", [False, True])
+def test_without_a_policy_the_output_is_the_input(tmp_path, nano):
+    cap = mixed_capture()
+    rc, out, alerts = run_replay(tmp_path, cap, nano=nano)
+    assert rc == 0 and alerts == []
+    want = cap.frames if nano else [(ts // 1000 * 1000, d) for ts, d in cap.frames]
+    assert out == want
+    # byte for byte, header included
+    assert (tmp_path / "out.pcap").read_bytes() == (tmp_path / "in.pcap").read_bytes()
+
+
+def test_frames_that_are_not_the_guests_are_left_out(tmp_path):
+    cap = mixed_capture()
+    stranger = cap.add(Ether(src=ROUTER, dst=OTHER) / IP() / UDP())
+    rc, out, _ = run_replay(tmp_path, cap)
+    assert rc == 0
+    assert [d for _, d in out] == [d for _, d in cap.frames if d != stranger]
+
+
+def test_a_prevent_rule_removes_its_frames_each_way(tmp_path):
+    cap = mixed_capture()
+    doc = policy(prevent=[{"direction": "from_guest", "proto": "tcp", "dport": 23},
+                          {"direction": "to_guest", "proto": "udp", "sport": 9999}])
+    rc, out, _ = run_replay(tmp_path, cap, doc)
+    assert rc == 0
+
+    def blocked(d: bytes) -> bool:
+        p = Ether(d)
+        return (TCP in p and p[TCP].dport == 23) or (UDP in p and p[UDP].sport == 9999)
+
+    assert sum(map(blocked, (d for _, d in cap.frames))) == 10
+    assert out == [(ts, d) for ts, d in cap.frames if not blocked(d)]
+
+
+def test_anti_spoofing_removes_forged_frames(tmp_path):
+    cap = Capture()
+    good = [cap.add(from_guest(UDP(sport=1000 + i, dport=7))) for i in range(3)]
+    forged_ip = cap.add(from_guest(UDP(dport=7), src_ip="10.0.0.66"))
+    good.append(cap.add(to_guest(UDP(sport=7, dport=1000))))
+    forged_arp = cap.add(Ether(src=GUEST, dst="ff:ff:ff:ff:ff:ff") / ARP(hwsrc=GUEST, psrc="10.0.0.1"))
+    good.append(cap.add(Ether(src=GUEST, dst="ff:ff:ff:ff:ff:ff") / ARP(hwsrc=GUEST, psrc=GIP)))
+    forged_mac_in_arp = cap.add(Ether(src=GUEST, dst="ff:ff:ff:ff:ff:ff") / ARP(hwsrc=OTHER, psrc=GIP))
+    good.append(cap.add(from_guest(UDP(sport=2000, dport=7))))
+    # no [ni] mac in the policy: the guest's MAC from the command line is its identity
+    rc, out, _ = run_replay(tmp_path, cap, policy(addresses=[GIP + "/32"]))
+    assert rc == 0
+    assert [d for _, d in out] == good
+    assert not {forged_ip, forged_arp, forged_mac_in_arp} & {d for _, d in out}
+
+
+# ---------------------------------------------------------------------------
+# Scanners
+# ---------------------------------------------------------------------------
+
+def decider_policy(**ni) -> dict:
+    """tests/scanners/decider.py holding every UDP frame either way (markers decide)."""
+    sub = {"match": {"proto": "udp"}, "contain": True}
+    return policy(scanners=[scanner_spec("dec", "decider.py", allow=[{"proto": "udp", "contain": True}],
+                                         config={"subscribe": [sub]})], **ni)
+
+
+def test_held_frames_follow_the_scanner_and_the_timing_model(tmp_path):
+    cap = Capture()
+    f = [cap.add(from_guest(UDP(sport=1, dport=2) / Raw(m))) for m in
+         (b"pass-1", b"CUT-2", b"LATER-3", b"pass-4", b"HOLD-5", b"pass-6")]
+    tcp = cap.add(from_guest(TCP(dport=80)))          # not subscribed: straight through
+    rc, out, alerts = run_replay(tmp_path, cap, decider_policy(hold_timeout_ms=300,
+                                                               default_decision="pass"))
+    assert rc == 0
+    ts = [t for t, _ in cap.frames]
+    # CUT is missing; LATER leaves once the next held frame arrives, with that frame's time;
+    # HOLD is decided by the default (pass) after the hold timeout, at the end: the last time
+    assert out == [(ts[0], f[0]), (ts[3], f[2]), (ts[3], f[3]), (ts[5], f[5]), (ts[6], tcp),
+                   (ts[6], f[4])]
+    assert [a["message"] for a in alerts] == ["ready"]
+    assert alerts[0]["frame"] is None and alerts[0]["ni"] == "replay" and alerts[0]["scanner"] == "dec"
+
+
+def test_alerts_are_attributed_to_the_frame_that_caused_them(tmp_path):
+    cap = Capture()
+    for i in range(6):
+        cap.add(from_guest(UDP(sport=1000 + i, dport=53)) if i % 2
+                else to_guest(UDP(sport=53, dport=1000 + i)))
+    sub = {"match": {"proto": "udp"}, "contain": False}
+    doc = policy(scanners=[scanner_spec("rep", "decider.py", allow=[{"proto": "udp"}],
+                                        config={"subscribe": [sub], "report": True})])
+    rc, out, alerts = run_replay(tmp_path, cap, doc, ni="web1")
+    assert rc == 0 and len(out) == 6
+    frames = [a for a in alerts if a["message"] == "frame"]
+    assert [a["frame"] for a in frames] == [1, 2, 3, 4, 5, 6]
+    for a in frames:
+        ts, data = cap.frames[a["frame"] - 1]
+        assert a["capture_time"] == ts / 1e9
+        assert bytes.fromhex(a["fields"]["data"]) == data
+        assert a["fields"]["direction"] == (FROM_GUEST if a["frame"] % 2 == 0 else TO_GUEST)
+        p = Ether(data)
+        assert a["flow"] == {"proto": "udp", "src": p[IP].src, "dst": p[IP].dst,
+                             "sport": p[UDP].sport, "dport": p[UDP].dport}
+        assert a["ni"] == "web1" and isinstance(a["time"], float) and a["seq"] >= 1
+
+
+def codered_capture(rnd: random.Random) -> tuple[Capture, list[bytes], list[bytes]]:
+    """DNS lookups and SYNs to what they resolved (legitimate), then a worm's burst of SYNs
+    to random addresses."""
+    cap = Capture()
+    names = {"www.example.com": "93.184.216.34", "mail.example.org": "198.51.100.7"}
+    legit = []
+    for i, (name, addr) in enumerate(names.items()):
+        legit.append(cap.add(Ether(src=GUEST, dst=ROUTER) / IP(src=GIP, dst=NS)
+                             / UDP(sport=5000 + i, dport=53) / DNS(id=100 + i, rd=1, qd=DNSQR(qname=name))))
+        legit.append(cap.add(Ether(src=ROUTER, dst=GUEST) / IP(src=NS, dst=GIP)
+                             / UDP(sport=53, dport=5000 + i)
+                             / DNS(id=100 + i, qr=1, aa=1, qd=DNSQR(qname=name),
+                                   an=DNSRR(rrname=name, ttl=300, rdata=addr))))
+        for k in range(3):
+            legit.append(cap.add(from_guest(TCP(sport=40000 + 10 * i + k, dport=80, flags="S"), dst_ip=addr)))
+            legit.append(cap.add(to_guest(TCP(sport=80, dport=40000 + 10 * i + k, flags="SA"), src_ip=addr)))
+    worm = []
+    for k in range(40):
+        dst = f"{rnd.randint(11, 99)}.{rnd.randint(0, 255)}.{rnd.randint(0, 255)}.{rnd.randint(1, 254)}"
+        worm.append(cap.add(from_guest(TCP(sport=50000 + k, dport=rnd.choice([80, 443, 8080]), flags="S"),
+                                       dst_ip=dst)))
+    return cap, legit, worm
+
+
+def test_codered_scanner_on_a_synthetic_capture(tmp_path):
+    cap, legit, worm = codered_capture(random.Random(7))
+    with open(CODERED) as f:
+        doc = f.read().replace('program = "../scanners/codered"',
+                               f'program = "{os.path.join(ROOT, "scanners", "codered")}"')
+    inp = cap.write(tmp_path / "in.pcap")
+    pol = write_policy(str(tmp_path / "codered.toml"), doc)
+    rc = cli.main(["replay", "--policy", pol, "--guest-mac", GUEST, inp, "--out", str(tmp_path / "out.pcap"),
+                   "--alerts", str(tmp_path / "alerts.jsonl")])
+    assert rc == 0
+    out = [d for _, d in out_frames(tmp_path / "out.pcap")]
+    # every DNS frame and every SYN to a resolved address passed, in order
+    assert [d for d in out if d in legit] == legit
+    # the worm's burst: once more than 2 unknown destinations in a second, each is cut
+    passed = [d for d in out if d in worm]
+    assert passed == worm[:len(passed)] and len(passed) <= 2
+    assert len(out) == len(legit) + len(passed)
+    alerts = alerts_of(tmp_path / "alerts.jsonl")
+    assert len(alerts) == 1, alerts
+    a = alerts[0]
+    assert a["scanner"] == "codered" and a["ni"] == "replay" and "Code-Red" in a["message"]
+    assert a["fields"]["event"] == "attack_detected" and a["fields"]["count"] == 3
+    # attributed to the SYN that crossed the threshold: the first one cut
+    crossing = cap.frames[a["frame"] - 1][1]
+    assert crossing == worm[len(passed)]
+    assert a["flow"]["dport"] == a["fields"]["last_port"] == Ether(crossing)[TCP].dport
+    assert a["flow"]["dst"] == a["fields"]["last_dst"]
+
+
+def test_replay_api_and_pacing(tmp_path):
+    """The Replay class as tests and benchmarks use it, with --speed pacing."""
+    got, alerts = [], []
+    frames = [bytes(from_guest(UDP(sport=1, dport=2) / Raw(b"m%d" % i))) for i in range(5)]
+    pol = parse_policy(decider_policy(), base=str(tmp_path))
+    with Replay(parse_mac(GUEST), pol, on_frame=lambda ts, f, d: got.append((ts, f, d)),
+                on_alert=alerts.append, speed=4.0) as r:
+        r.start()
+        t = time.monotonic()
+        for i, f in enumerate(frames):
+            r.feed(i * 100_000_000, f)          # 0.1 s apart in the capture: 0.025 s at 4x
+        r.finish()
+        elapsed = time.monotonic() - t
+        s = r.summary()
+    assert got == [(i * 100_000_000, f, FROM_GUEST) for i, f in enumerate(frames)]
+    assert 0.09 <= elapsed < 5
+    assert s["ni"]["held"] == s["ni"]["held_passed"] == 5 and s["scanners"]["dec"]["decisions"] == 5
+    assert s["syncs"] == 5 and s["scanners_not_synced"] == [] and s["scanners"]["dec"]["refused"] == 0
+
+
+# ---------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------
+
+def _cli(args, capsys) -> tuple[int, str]:
+    try:
+        rc = cli.main(["replay", *args])
+    except SystemExit as exc:       # argparse's own errors
+        rc = exc.code
+    return rc, capsys.readouterr().err
+
+
+def test_cli_errors_are_clear_and_exit_2(tmp_path, capsys):
+    good = mixed_capture().write(tmp_path / "in.pcap")
+    out = str(tmp_path / "out.pcap")
+    rc, err = _cli(["--guest-mac", "52:54:00:12:34", good, "--out", out], capsys)
+    assert rc == 2 and "--guest-mac" in err and "not a MAC address" in err
+    rc, err = _cli(["--guest-mac", "01:00:5e:00:00:01", good, "--out", out], capsys)
+    assert rc == 2 and "multicast" in err
+    rc, err = _cli(["--guest-mac", GUEST, str(tmp_path / "nope.pcap"), "--out", out], capsys)
+    assert rc == 2 and "nope.pcap: no such file" in err
+    rc, err = _cli([good, "--out", out], capsys)
+    assert rc == 2 and "--guest-mac" in err
+    sll = tmp_path / "sll.pcap"
+    sll.write_bytes(pcap.encode_header(linktype=113) + pcap.encode_record(1, b"x" * 20))
+    rc, err = _cli(["--guest-mac", GUEST, str(sll), "--out", out], capsys)
+    assert rc == 2 and "link type 113 (LINUX_SLL" in err and "Ethernet" in err
+    junk = tmp_path / "junk.pcap"
+    junk.write_bytes(b"hello, not a capture at all")
+    rc, err = _cli(["--guest-mac", GUEST, str(junk), "--out", out], capsys)
+    assert rc == 2 and "not a pcap or pcapng file" in err
+    bad_pol = write_policy(str(tmp_path / "bad.json"), {"prevent": [{"dport": 70000, "proto": "tcp"}]})
+    rc, err = _cli(["--guest-mac", GUEST, good, "--policy", bad_pol, "--out", out], capsys)
+    assert rc == 2 and "prevent[0].dport" in err
+    rc, err = _cli(["--guest-mac", GUEST, good, "--policy", str(tmp_path / "none.toml")], capsys)
+    assert rc == 2 and "none.toml" in err
+    rc, err = _cli(["--guest-mac", GUEST, good, "--out", str(tmp_path / "no" / "dir.pcap")], capsys)
+    assert rc == 2 and "dir.pcap" in err
+    rc, err = _cli(["--guest-mac", GUEST, good, "--speed", "0"], capsys)
+    assert rc == 2 and "--speed" in err
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_truncated_capture_is_replayed_up_to_the_damage(tmp_path, capsys):
+    cap = mixed_capture()
+    inp = cap.write(tmp_path / "in.pcap")
+    data = open(inp, "rb").read()
+    open(inp, "wb").write(data[:-10])
+    rc, err = _cli(["--guest-mac", GUEST, inp, "--out", str(tmp_path / "out.pcap")], capsys)
+    n = len(cap.frames)
+    assert rc == 2 and f"record {n} truncated" in err and f"replayed the {n - 1} records before it" in err
+    assert out_frames(tmp_path / "out.pcap") == cap.frames[:-1]
+
+
+def test_the_installed_command(tmp_path):
+    """End to end in a process of its own: exit status, summary, no traceback."""
+    cap = mixed_capture()
+    inp = cap.write(tmp_path / "in.pcap")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-m", "vhostni", "replay", "--guest-mac", GUEST, inp,
+                        "--out", str(tmp_path / "out.pcap")], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    summary = json.loads(p.stderr)
+    delivered = summary["delivered_to_guest"] + summary["delivered_from_guest"]
+    assert summary["records"] == delivered == len(cap.frames)
+    p = subprocess.run([sys.executable, "-m", "vhostni", "replay", "--guest-mac", "nonsense", inp],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "not a MAC address" in p.stderr
+
+
+def test_a_scanner_that_does_not_answer_syncs_is_waited_for_by_its_decisions(tmp_path, caplog):
+    prog = tmp_path / "rawloop.py"
+    prog.write_text(
+        "from vhostni.scanner import Scanner, wire\n"
+        "sc = Scanner.connect()\n"
+        "sc.subscribe({'proto': 'udp'}, contain=True)\n"
+        "while True:\n"
+        "    msg = wire.decode(sc.sock.recv(wire.MAX_MESSAGE))   # its own loop: syncs unanswered\n"
+        "    if isinstance(msg, wire.Frame) and msg.held:\n"
+        "        sc.cut(msg.number) if b'CUT' in msg.data else sc.pass_(msg.number)\n")
+    doc = policy(scanners=[scanner_spec("raw", str(prog), allow=[{"proto": "udp", "contain": True}])])
+    frames = [bytes(from_guest(UDP(sport=1, dport=2) / Raw(m))) for m in (b"a", b"CUT", b"b")]
+    got = []
+    with Replay(parse_mac(GUEST), parse_policy(doc), on_frame=lambda ts, f, d: got.append(f),
+                start_timeout=1.0, sync_timeout=0.5) as r:
+        r.start()
+        for i, f in enumerate(frames):
+            r.feed(i, f)
+        r.finish()
+        s = r.summary()
+    assert got == [frames[0], frames[2]]
+    assert s["scanners_not_synced"] == ["raw"] and s["ni"]["decided_by_timeout"] == 0
+    assert "not ready" in caplog.text
+
+
+def test_a_window_lets_scanners_fall_behind_without_changing_what_is_delivered(tmp_path):
+    cap = Capture()
+    for i in range(60):
+        cap.add(from_guest(UDP(sport=1, dport=2) / Raw(b"CUT" if i % 7 == 3 else b"ok %d" % i)))
+        cap.add(from_guest(TCP(sport=i, dport=80)))
+    inp = cap.write(tmp_path / "in.pcap")
+    pol = write_policy(str(tmp_path / "p.json"), decider_policy())
+    results = []
+    for window in (1, 16):
+        out = tmp_path / f"out{window}.pcap"
+        assert cli.main(["replay", "--guest-mac", GUEST, "--policy", pol, inp, "--out", str(out),
+                         "--window", str(window)]) == 0
+        results.append(out_frames(out))
+    lockstep, windowed = results
+    assert lockstep == [(ts, d) for ts, d in cap.frames if b"CUT" not in d]
+    assert sorted(d for _, d in windowed) == sorted(d for _, d in lockstep)
