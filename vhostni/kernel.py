@@ -193,6 +193,7 @@ class ScannerProc:
         self.locked = False
         self.consecutive_timeouts = 0
         self.synced = 0                         # the last sync id the scanner answered
+        self.sent = 0                           # messages sent to it (frames, stream data, replies)
         self.last_error = ""
         self.stage_root: Optional[str] = None
         self.uid: Optional[int] = None
@@ -354,6 +355,7 @@ class ScannerProc:
             return False
         try:
             self.sock.send(data)
+            self.sent += 1
             return True
         except (BlockingIOError, InterruptedError):
             self.counters.send_failures += 1

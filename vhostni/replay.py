@@ -320,10 +320,12 @@ class Replay:
         if time.monotonic() - self._last_house >= HOUSEKEEPING_S:
             self._pump(0)     # restarts, hold timeouts, scanners' stderr: as the daemon does
         self.clock_ns = max(self.clock_ns, ts_ns)
-        sent = {sp.name: sp.counters.frames for sp in self._scanners()}
+        # a scanner was given something if the kernel sent it a message: a frame, or (streams)
+        # reassembled data
+        sent = {sp.name: sp.sent for sp in self._scanners()}
         (self.guest if direction == FROM_GUEST else self.net).inject_from(frame)
         self._collect()
-        touched = [sp for sp in self._scanners() if sp.counters.frames != sent[sp.name]]
+        touched = [sp for sp in self._scanners() if sp.sent != sent[sp.name]]
         for sp in touched:
             self._budget[sp.name][0] -= 1
             if sp.name not in self._unsynced and sp.running:
