@@ -605,5 +605,11 @@ def main(args) -> int:
         if s is not None:
             print(json.dumps(s, indent=1), file=sys.stderr)
         return fail(str(exc))
+    except OSError as exc:          # writing the outputs failed (disk full...)
+        print(f"vhostni replay: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("vhostni replay: interrupted", file=sys.stderr)
+        return 130
     print(json.dumps(summary, indent=1), file=sys.stderr)
     return 0
