@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                 from .admin.alerts import SyslogSink
                 sink = SyslogSink(args.syslog)
                 d.kernel.alerts.listeners.append(sink)
+                d.housekeepers.append(sink.flush)
             if args.admin or state:
                 from .admin import AdminServer, TLSFiles
                 tls = TLSFiles(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
@@ -155,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
             d.close()
             if sink:
                 sink.close()
+                logging.getLogger("vhostni").info(
+                    "syslog: %d alerts sent, %d dropped, %d not sent", sink.sent, sink.dropped,
+                    len(sink.backlog))
         return 0
     if args.command == "replay":
         from .replay import main as replay_main

@@ -12,6 +12,7 @@ order), and one call reads at most ``budget`` bytes.  A call that stops early sa
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import socket
@@ -159,14 +160,18 @@ class SyslogSink:
     """A copy of every alert to syslog, as an AlertLog listener.
 
     A non-blocking datagram to ``address`` (default /dev/log), RFC 3164 framing, facility
-    daemon, severity warning.  The log file is the record: a syslog daemon that is gone or
-    too slow costs syslog copies (counted in ``dropped``), never a stalled data path."""
+    daemon, severity warning.  The log file is the record, so this never blocks: when the
+    syslog daemon's queue is full, copies wait in a bounded backlog (``backlog`` messages,
+    in order) that :meth:`flush` (the daemon's housekeeping) retries; past that they are
+    dropped and counted in ``dropped``."""
 
-    def __init__(self, address: str = "/dev/log", ident: str = "vhostni"):
+    def __init__(self, address: str = "/dev/log", ident: str = "vhostni", backlog: int = 10000):
         self.address = address
         self.ident = ident
         self.sent = 0
         self.dropped = 0
+        self.backlog: collections.deque[bytes] = collections.deque()
+        self.max_backlog = backlog
         self.sock = socket.socket(socket.AF_UNIX,
                                   socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
 
@@ -181,11 +186,25 @@ class SyslogSink:
         return text.encode("utf-8", "replace")[:8000]
 
     def __call__(self, rec: dict) -> None:
-        try:
-            self.sock.sendto(self.format(rec), self.address)
-            self.sent += 1
-        except OSError:
+        if len(self.backlog) >= self.max_backlog:
             self.dropped += 1
+            return
+        self.backlog.append(self.format(rec))
+        self.flush()
+
+    def flush(self) -> None:
+        while self.backlog:
+            try:
+                self.sock.sendto(self.backlog[0], self.address)
+            except (BlockingIOError, InterruptedError):
+                return                       # its queue is full: retried at housekeeping
+            except OSError:
+                # no syslog daemon there (or it is restarting): this copy is lost
+                self.dropped += 1
+            else:
+                self.sent += 1
+            self.backlog.popleft()
 
     def close(self) -> None:
+        self.flush()
         self.sock.close()
