@@ -111,6 +111,13 @@ def _mpps(e: dict) -> str:
     return f"{s['median'] / 1e6:5.2f} Mpps {spread:>5s} best {s['max'] / 1e6:5.2f} (n={s['n']})"
 
 
+def _quiet(e: dict) -> str:
+    q = e.get("pps_quiet")
+    if not q or not q.get("n"):
+        return "no quiet run" if "pps" in e else "-"
+    return f"{q['median'] / 1e6:5.2f} Mpps (n={q['n']})"
+
+
 def _foreign(e: dict) -> str:
     f = e.get("foreign_cpus")
     return f"{f['median']:.2f}" if f else "-"
@@ -145,6 +152,12 @@ def report(results: dict) -> str:
                 b, v = e.get("baseline", {}), e.get("vhostni", {})
                 lines.append(f"  {size + ' B':>6s}  {_mpps(b):38s}  {_mpps(v):38s}  "
                              f"{_ratio(e.get('ratio_vhostni_to_baseline')):16s}  {_foreign(b)} / {_foreign(v)}")
+            thr = fl.get("config", {}).get("quiet_cpus")
+            lines.append(f"  quiet runs only (others used <= {thr} CPU):")
+            for size, e in fl["sizes"].items():
+                b, v = e.get("baseline", {}), e.get("vhostni", {})
+                lines.append(f"  {size + ' B':>6s}  {_quiet(b):38s}  {_quiet(v):38s}  "
+                             f"{_ratio(e.get('ratio_quiet_vhostni_to_baseline'))}")
     gt = results.get("guest_tcp")
     if gt:
         if gt.get("status") != "ran":

@@ -235,12 +235,18 @@ def run_frame_loop(backends: Sequence[Backend], cfg: FrameLoopConfig,
                 e["pps_b_to_a"] = summarize([r["pps_b_to_a"] for r in ok])
                 e["gbit_s"] = summarize([r["gbit_s"] for r in ok])
                 e["foreign_cpus"] = summarize([r["foreign_cpus"] for r in ok])
+                quiet = [r["pps"] for r in ok if r["foreign_cpus"] <= cfg.quiet_cpus]
+                e["pps_quiet"] = summarize(quiet)     # runs nobody else disturbed much
             entry[b.name] = e
         base, vni = entry.get("baseline", {}), entry.get("vhostni", {})
         if "pps" in base and "pps" in vni and base["pps"]["median"]:
             entry["ratio_vhostni_to_baseline"] = vni["pps"]["median"] / base["pps"]["median"]
         else:
             entry["ratio_vhostni_to_baseline"] = None
+        if base.get("pps_quiet", {}).get("n") and vni.get("pps_quiet", {}).get("n"):
+            entry["ratio_quiet_vhostni_to_baseline"] = vni["pps_quiet"]["median"] / base["pps_quiet"]["median"]
+        else:
+            entry["ratio_quiet_vhostni_to_baseline"] = None
         section["sizes"][str(size)] = entry
     section["unavailable"] = unavailable
     return section
