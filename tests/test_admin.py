@@ -1106,3 +1106,27 @@ def test_a_tls_handshake_that_never_comes_is_dropped(inproc, monkeypatch):
     mute.settimeout(2)
     assert mute.recv(100) == b""
     mute.close()
+
+
+def test_sockets_in_use_are_not_taken_over(run_dir):
+    r = run_dir.run(nis=("a",))
+    # a second daemon on the same admin socket refuses to start (the first keeps it)
+    p = subprocess.run([sys.executable, "-m", "vhostni", "run", "--admin", f"unix:{r.qmp_path}",
+                        "--alert-log", os.path.join(run_dir.dir, "x.jsonl")],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 1 and "listening there already" in p.stderr
+    q = run_dir.closing(r.qmp())
+    # ni-add does not replace a live socket or a file; a stale socket is fine
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.bind(os.path.join(run_dir.dir, "live.sock"))
+    other.listen(1)
+    run_dir.closing(other)
+    with open(os.path.join(run_dir.dir, "file"), "w"):
+        pass
+    for fn in ("live.sock", "file"):
+        res = q.cmd_raw("ni-add", {"name": "x", "socket": os.path.join(run_dir.dir, fn)})
+        assert "not a stale socket" in res["error"]["desc"]
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(os.path.join(run_dir.dir, "stale.sock"))
+    stale.close()
+    assert q.cmd("ni-add", name="x", socket=os.path.join(run_dir.dir, "stale.sock")) == {}

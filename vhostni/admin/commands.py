@@ -30,6 +30,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -38,7 +39,7 @@ from .. import __version__
 from ..policy import (DIR_FROM, DIR_TO, ETHERTYPES, PROTOS, TCP_FLAGS, Match, PolicyError,
                       parse_policy)
 from .alerts import read_alerts, read_recent
-from .state import NAME_RE, absolute_programs
+from .state import NAME_RE, absolute_programs, socket_in_use
 
 log = logging.getLogger("vhostni.admin")
 
@@ -230,6 +231,8 @@ def ni_add(ctx, args):
         raise QMPError(f"'socket': an absolute path, not {path!r}")
     if any(ni.path == path for ni in ctx.daemon.nis.values()):
         raise QMPError(f"'socket': {path} is already an NI's socket")
+    if os.path.lexists(path) and (not stat.S_ISSOCK(os.lstat(path).st_mode) or socket_in_use(path)):
+        raise QMPError(f"'socket': {path} exists and is not a stale socket")
     pol = doc = None
     if "policy" in args:
         pol, doc = _validate(args["policy"], "qmp")

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from . import commands
+from .state import socket_in_use
 from .protocol import (DEFAULT_MAX_MESSAGE, ConnectionClosed, Execute, InputError, MessageTooLarge,
                        NEED_DATA, Negotiated, QMPServerConnection, encode)
 
@@ -302,6 +303,8 @@ class AdminServer:
         kind, addr = parse_endpoint(spec)
         if kind == "unix":
             path = addr
+            if socket_in_use(path):
+                raise ValueError(f"admin endpoint {spec}: something is listening there already")
             try:
                 if stat.S_ISSOCK(os.lstat(path).st_mode):
                     os.unlink(path)       # a stale socket from an earlier run
@@ -390,10 +393,16 @@ class AdminServer:
             client.event(name, data or {}, when)
 
     def _on_kernel_event(self, name: str, data: dict) -> None:
-        self.emit(name, dict(data))
+        try:
+            self.emit(name, dict(data))
+        except Exception:        # the kernel called us: a bug here must not break it
+            log.exception("admin: event %s not sent", name)
 
     def _on_alert(self, rec: dict) -> None:
-        self.emit("VHOSTNI_ALERT", dict(rec), rec.get("time"))
+        try:
+            self.emit("VHOSTNI_ALERT", dict(rec), rec.get("time"))
+        except Exception:
+            log.exception("admin: alert #%s not sent as an event", rec.get("seq"))
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
