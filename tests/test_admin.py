@@ -24,6 +24,8 @@ import tempfile
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from qemu.qmp import QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
@@ -116,6 +118,37 @@ def test_a_stream_split_anywhere_and_messages_run_together():
             got += _events(c)
         assert [(e.command, e.arguments, e.id) for e in got] == [
             ("a", {}, 1), ("b", msgs[1]["arguments"], qp.NO_ID), ("c", msgs[2]["arguments"], "}")], step
+
+
+def _text(max_size, min_size=0):
+    return st.text(st.characters(blacklist_categories=("Cs",)), min_size=min_size, max_size=max_size)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | _text(8),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(_text(6), kids, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(_text(12, 1), st.dictionaries(_text(6), _json,
+                                                                            max_size=3), _json),
+                min_size=1, max_size=5),
+       st.lists(st.integers(1, 40), min_size=1, max_size=8), st.sampled_from(["", " ", "\r\n", "\n\t "]),
+       st.booleans())
+def test_splitter_property(msgs, cuts, sep, ascii_only):
+    """Any stream of requests, cut anywhere, gives exactly those requests back."""
+    stream = sep.join(json.dumps({"execute": n, "arguments": a, "id": i}, ensure_ascii=ascii_only)
+                      for n, a, i in msgs).encode()
+    c = _negotiated()
+    got, pos, k = [], 0, 0
+    while pos < len(stream):
+        step = cuts[k % len(cuts)]
+        k += 1
+        c.receive_data(stream[pos:pos + step])
+        pos += step
+        got += _events(c)
+    assert [(e.command, e.arguments, e.id) for e in got] == msgs
 
 
 @pytest.mark.parametrize("data, desc", [
