@@ -389,3 +389,22 @@ def test_refusal_alerts_are_rate_limited_too(kits):
     assert logged <= 15, f"{logged} alerts logged for one scanner's refusals"
     assert sp.counters.alerts_suppressed >= 785
     assert sp.running
+
+
+def test_scanner_uids_in_use_by_another_process_are_skipped():
+    """Another vhostni process (daemon, replay, test run) may run a scanner as a uid of the
+    range: with RLIMIT_NPROC 1 ours could not even start as that uid."""
+    from vhostni.sandbox import UidPool
+    first = UidPool().take()
+    other = subprocess.Popen(["sleep", "30"], preexec_fn=lambda: os.setuid(first))
+    try:
+        deadline = time.monotonic() + 5
+        while os.stat(f"/proc/{other.pid}").st_uid != first and time.monotonic() < deadline:
+            time.sleep(0.01)
+        pool = UidPool()
+        u = pool.take()
+        assert u != first and UID_BASE <= u < UID_BASE + UID_COUNT
+        assert pool.take() not in (u, first)
+    finally:
+        other.kill()
+        other.wait()

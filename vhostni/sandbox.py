@@ -105,10 +105,26 @@ UID_BASE = 62000
 UID_COUNT = 1000
 
 
+def uids_running() -> set[int]:
+    """The uids processes run as now (the owner of /proc/PID is the process's euid)."""
+    uids = set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                uids.add(os.stat(f"/proc/{pid}").st_uid)
+            except OSError:
+                pass        # it just ended
+    return uids
+
+
 class UidPool:
     """One uid (and gid of the same number) per running scanner, from a range no account
     uses: scanners cannot signal, trace or share files with each other, and with
-    RLIMIT_NPROC at 1 a scanner cannot fork (so nothing it starts outlives it)."""
+    RLIMIT_NPROC at 1 a scanner cannot fork (so nothing it starts outlives it).
+
+    Other vhostni processes on the host (another daemon, a replay, a test run) draw from the
+    same range: a uid one of their scanners runs as is skipped, or this scanner's exec would
+    fail with EAGAIN on RLIMIT_NPROC (and the two scanners could signal each other)."""
 
     def __init__(self, base: int = UID_BASE, count: int = UID_COUNT):
         taken = {p.pw_uid for p in pwd.getpwall()}
@@ -116,8 +132,9 @@ class UidPool:
         self.used: set[int] = set()
 
     def take(self) -> int:
+        busy = uids_running()
         for u in self.free:
-            if u not in self.used:
+            if u not in self.used and u not in busy:
                 self.used.add(u)
                 return u
         raise SandboxError("no free scanner uid")
