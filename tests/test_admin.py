@@ -1163,3 +1163,38 @@ def test_sockets_in_use_are_not_taken_over(run_dir):
     stale.bind(os.path.join(run_dir.dir, "stale.sock"))
     stale.close()
     assert q.cmd("ni-add", name="x", socket=os.path.join(run_dir.dir, "stale.sock")) == {}
+
+
+def test_ni_added_in_client_mode_comes_back_after_a_restart(run_dir):
+    """ni-add socket=client:PATH: the daemon connects to a QEMU listening at PATH (here the
+    test, with the simulated driver), and connects again after a daemon restart."""
+    from vdriver import VirtioNetDriver
+    state = os.path.join(run_dir.dir, "state")
+    qemu_path = os.path.join(run_dir.dir, "qemu-c.sock")
+    lsn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsn.bind(qemu_path)
+    lsn.listen(1)
+    lsn.settimeout(15)
+    run_dir.closing(lsn)
+    r = run_dir.run(nis=("a",), extra=["--state-dir", state])
+    q = r.qmp()
+    assert q.cmd("ni-add", name="c", socket=f"client:{qemu_path}") == {}
+    conn, _ = lsn.accept()
+    c = run_dir.closing(VirtioNetDriver.from_socket(conn))
+    c.post_rx_buffers(128, 2048)
+    a = run_dir.closing(_driver(r.sock("a")))
+    [info] = q.cmd("query-nis", name="c")
+    assert info["mode"] == "client" and info["added_at_run_time"]
+    _wait(lambda: q.cmd("query-nis", name="c")[0]["state"] == "up", what="c up")
+    f = tcp_frame("a", "b", payload=b"to c")           # c plays b (unknown unicast is flooded)
+    assert _exchange(a, c, f) == [f]
+    q.close()
+    assert r.stop() == 0
+    r = run_dir.run(nis=("a",), extra=["--state-dir", state], log_name="log2")
+    conn2, _ = lsn.accept()                             # the daemon came back and called again
+    c.reconnect(sock=conn2)
+    a.reconnect(r.sock("a"))
+    f = tcp_frame("a", "b", payload=b"to c again")
+    assert _exchange(a, c, f) == [f]
+    q = run_dir.closing(r.qmp())
+    assert q.cmd("query-nis", name="c")[0]["mode"] == "client"

@@ -220,27 +220,31 @@ def query_nis(ctx, args):
 
 @command("ni-add", {"name": "str", "socket": "str", "*policy": "object"})
 def ni_add(ctx, args):
-    """Adds an NI at run time: a vhost-user server socket (an absolute path) and, optionally,
-    its policy (validated first: nothing is created if it does not validate)."""
-    name, path = args["name"], args["socket"]
+    """Adds an NI at run time: a vhost-user server socket (an absolute path QEMU connects to)
+    or ``client:PATH`` (a QEMU listening at PATH, server=on), and optionally its policy
+    (validated first: nothing is created if it does not validate)."""
+    name, spec = args["name"], args["socket"]
+    client = spec.startswith("client:")
+    path = spec[len("client:"):] if client else spec
     if not NAME_RE.match(name):
         raise QMPError(f"'name': NI names are 1-32 of [A-Za-z0-9_.-], not {name!r}")
     if name in ctx.daemon.nis:
         raise QMPError(f"NI '{name}' already exists")
     if not os.path.isabs(path):
-        raise QMPError(f"'socket': an absolute path, not {path!r}")
+        raise QMPError(f"'socket': an absolute path (or client:PATH), not {spec!r}")
     if any(ni.path == path for ni in ctx.daemon.nis.values()):
         raise QMPError(f"'socket': {path} is already an NI's socket")
-    if os.path.lexists(path) and (not stat.S_ISSOCK(os.lstat(path).st_mode) or socket_in_use(path)):
+    if not client and os.path.lexists(path) and (not stat.S_ISSOCK(os.lstat(path).st_mode)
+                                                 or socket_in_use(path)):
         raise QMPError(f"'socket': {path} exists and is not a stale socket")
     pol = doc = None
     if "policy" in args:
         pol, doc = _validate(args["policy"], "qmp")
     try:
-        ctx.daemon.add_ni(name, path)
+        ctx.daemon.add_ni(name, spec)
     except (OSError, ValueError) as exc:
         raise QMPError(f"cannot listen on {path}: {exc}") from None
-    ctx.runtime_nis[name] = path
+    ctx.runtime_nis[name] = spec
     try:
         ctx.save_nis()
         if pol is not None:
