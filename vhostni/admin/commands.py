@@ -27,7 +27,6 @@ data)`` (to every negotiated client) and ``alert_log`` (the AlertLog).
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import stat

@@ -21,7 +21,7 @@ import os
 import re
 import socket
 import stat
-from typing import Iterable, Optional
+from typing import Iterable
 
 log = logging.getLogger("vhostni.admin")
 
