@@ -7,4 +7,8 @@ $SUDO apt-get update -q
 $SUDO apt-get install -y -q --no-install-recommends \
     qemu-system-x86 qemu-utils dpdk-dev iproute2 iperf3 busybox-static cpio kmod \
     gcc libc6-dev make ca-certificates python3
+# libvirt, to test attaching a libvirt domain (tests/test_libvirt.py starts libvirtd by hand:
+# no systemd here); libxml2-utils has the xmllint that virt-xml-validate runs
+$SUDO apt-get install -y -q --no-install-recommends \
+    libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libxml2-utils
 python3 -m pip install -q --upgrade pip setuptools wheel cffi
