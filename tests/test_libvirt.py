@@ -231,3 +231,54 @@ def test_libvirt_domain_on_vhostni(libvirtd, vhostni_images, vhostni_netns, vhos
             except OSError:
                 pass
         shutil.rmtree(files, ignore_errors=True)
+
+
+@pytest.mark.guest
+def test_libvirt_domain_as_vhost_user_server(libvirtd, vhostni_images, vhostni_netns, vhostni_daemon_factory,
+                                             vhostni_logdir):
+    """mode='server': QEMU listens, vhostni connects (--ni NAME=client:PATH), so QEMU needs
+    no access to a socket of vhostni's; the NIC works again after vhostni restarts."""
+    files = Path(tempfile.mkdtemp(prefix="vni-libvirt-", dir="/tmp"))
+    os.chmod(files, 0o1777)
+    for f in (vhostni_images.kernel, vhostni_images.initrd):
+        shutil.copy(f, files / f.name)
+        os.chmod(files / f.name, 0o644)
+    sock = str(files / "vm1.sock")
+    ns = vhostni_netns("vnilvs")
+    # a server-mode NI nobody uses: the harness waits for a socket of the daemon's own
+    args = ["--ni", f"vm1=client:{sock}", "--alert-log", str(files / "alerts.jsonl")]
+    idle = {"idle": str(files / "idle.sock")}
+    vhostni_daemon_factory(idle, uplink="tap:vnlvs0", netns=ns, name="libvirt-server1", extra_args=args)
+    ns.wait_link("vnlvs0")
+    ns.ip("addr", "add", f"{UPNET}.1/24", "dev", "vnlvs0")
+    ns.ip("link", "set", "vnlvs0", "up")
+    name = f"vhostni-test-{uuid.uuid4().hex[:8]}"
+    s = domain_xml(name, files)
+    client_src = (f"<source type='unix' path='{sock}' mode='client'>\n"
+                  f"        <reconnect enabled='yes' timeout='1'/>\n      </source>")
+    assert client_src in s
+    s = s.replace(client_src, f"<source type='unix' path='{sock}' mode='server'/>")
+    xml = files / "domain.xml"
+    xml.write_text(s)
+    virsh("create", str(xml), timeout=120)
+    try:
+        took = ns_ping(ns, f"{UPNET}.2", 120)
+        print(f"domain {name} (QEMU the vhost-user server) answered {took:.1f} s after virsh create")
+        for d in list(vhostni_daemon_factory.daemons):
+            d.stop()
+        daemon2 = vhostni_daemon_factory(idle, uplink="tap:vnlvs0", netns=ns, name="libvirt-server2",
+                                         extra_args=args)
+        ns.wait_link("vnlvs0")
+        ns.ip("addr", "replace", f"{UPNET}.1/24", "dev", "vnlvs0")
+        ns.ip("link", "set", "vnlvs0", "up")
+        took = ns_ping(ns, f"{UPNET}.2", 60)
+        print(f"domain {name} answered {took:.1f} s after vhostni restarted and connected to it")
+        assert "NI vm1: frontend connected" in daemon2.log_text()
+    finally:
+        virsh("destroy", name, check=False)
+        log = Path("/var/log/libvirt/qemu") / f"{name}.log"
+        try:
+            shutil.copy(log, vhostni_logdir / f"test_libvirt.{name}.qemu.log")
+        except OSError:
+            pass
+        shutil.rmtree(files, ignore_errors=True)
