@@ -303,3 +303,75 @@ def test_policy_parses_quarantine_and_on_alert():
     c = p.compile()
     assert c.nqallow == 4 and c.qallow[2].dport_lo == 53
     assert parse_policy({}).on_alert == "none"
+
+
+def test_containment_over_the_admin_plane(tmp_path):
+    """ni-quarantine / ni-release / ni-set-link / query-ni-containment with qemu.qmp's client,
+    and the NI_QUARANTINE / NI_LINK events, against a `vhostni run` process."""
+    import asyncio
+    import os
+    import subprocess
+    import sys
+
+    from qemu.qmp import ExecuteError, QMPClient
+
+    adm = str(tmp_path / "admin.qmp")
+    pol = tmp_path / "a.json"
+    pol.write_text('{"quarantine": {"allow": [{"proto": "udp", "dport": 53}]}}')
+    log = open(tmp_path / "vhostni.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "vhostni", "run", "--ni", f"a={tmp_path / 'a.sock'}",
+                             "--policy", f"a={pol}", "--admin", f"unix:{adm}",
+                             "--alert-log", str(tmp_path / "alerts.jsonl")],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    async def session():
+        for _ in range(200):
+            if os.path.exists(adm):
+                break
+            await asyncio.sleep(0.05)
+        c = QMPClient("test")
+        await c.connect(adm)
+        try:
+            with c.listener(("NI_QUARANTINE", "NI_LINK")) as events:
+                r = await c.execute("ni-quarantine", {"name": "a", "reason": "worm"})
+                assert r["quarantined"] and r["reasons"] == {"quarantine": "worm"}, r
+                ev = await asyncio.wait_for(events.get(), 5)
+                assert ev["event"] == "NI_QUARANTINE" and ev["data"]["quarantined"] is True
+                assert ev["data"]["ni"] == "a"
+                r = await c.execute("ni-set-link", {"name": "a", "up": False})
+                assert r["link"] == "down" and r["qemu"] is None, r
+                ev = await asyncio.wait_for(events.get(), 5)
+                assert ev["event"] == "NI_LINK" and ev["data"]["up"] is False
+                (st,) = await c.execute("query-ni-containment", {"name": "a"})
+                assert st["quarantined"] and st["link"] == "down"
+                nis = await c.execute("query-nis", {"name": "a"})
+                ni = nis[0] if isinstance(nis, list) else nis
+                assert ni["quarantined"] is True and ni["link"] == "down"
+                # the policy changes: the NI stays contained
+                await c.execute("ni-set-policy", {"name": "a", "policy": {"prevent": []}})
+                (st,) = await c.execute("query-ni-containment", {"name": "a"})
+                assert st["quarantined"] and st["link"] == "down"
+                await c.execute("ni-release", {"name": "a"})
+                await c.execute("ni-set-link", {"name": "a", "up": True})
+                (st,) = await c.execute("query-ni-containment")
+                assert not st["quarantined"] and st["link"] == "up"
+            try:
+                await c.execute("ni-quarantine", {"name": "nosuch"})
+                raise AssertionError("quarantined an NI that does not exist")
+            except ExecuteError as exc:
+                assert exc.error_class == "DeviceNotFound"
+            try:
+                await c.execute("ni-set-link", {"name": "a", "up": "no"})
+                raise AssertionError("accepted a string for a boolean")
+            except ExecuteError as exc:
+                assert exc.error_class == "GenericError"
+        finally:
+            await c.disconnect()
+
+    try:
+        asyncio.run(asyncio.wait_for(session(), 30))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+    assert proc.returncode == 0, (tmp_path / "vhostni.log").read_text()
