@@ -310,7 +310,7 @@ def test_guest_the_learned_mac_feeds_anti_spoofing(qlan):
     before = admin(adm, "query-nis", {"name": "a"})
     try:
         a.check("ip link set eth0 down; ip link set eth0 address 52:54:00:de:ad:01; ip link set eth0 up")
-        b.check(f"ip neigh flush dev eth0 || true")
+        b.check("ip neigh flush dev eth0 || true")
         ping_fails(a, f"{LAN}.2")
     finally:
         a.check(f"ip link set eth0 down; ip link set eth0 address {a.macs[0]}; ip link set eth0 up")
