@@ -402,12 +402,14 @@ def run_dir():
 
 def _driver(path: str):
     from vdriver import VirtioNetDriver
-    drv = VirtioNetDriver.connect(path)
+    # every setup message acknowledged: when connect() (or reconnect()) returns, the daemon
+    # has processed all of them, so a frame sent next cannot race the ring set-up
+    drv = VirtioNetDriver.connect(path, ack_all=True)
     drv.post_rx_buffers(128, 2048)
     return drv
 
 
-def _exchange(a, b, *frames, wait: float = 1.0) -> list[bytes]:
+def _exchange(a, b, *frames, wait: float = 3.0) -> list[bytes]:
     """Sends frames from guest a; returns what guest b received meanwhile."""
     for f in frames:
         a.reclaim_tx()
