@@ -42,15 +42,18 @@ void vn_parse(const struct vn_pkt *pkt, struct vn_hdrs *h)
         if (ihl < 20 || len < off + ihl)
             return;
         h->family = 4;
+        h->l3_off = (int)off;
         h->src = d + off + 12;
         h->dst = d + off + 16;
         h->proto = d[off + 9];
         frag_later = (rd16(d + off + 6) & 0x1fff) != 0;
+        h->frag = (rd16(d + off + 6) & 0x3fff) != 0;
         off += ihl;
     } else if (et == 0x86dd) {
         if (len < off + 40 || (d[off] >> 4) != 6)
             return;
         h->family = 6;
+        h->l3_off = (int)off;
         h->src = d + off + 8;
         h->dst = d + off + 24;
         int nh = d[off + 6];
@@ -66,6 +69,7 @@ void vn_parse(const struct vn_pkt *pkt, struct vn_hdrs *h)
                 if (len < off + 8)
                     return;
                 frag_later = (rd16(d + off + 2) & 0xfff8) != 0;
+                h->frag = 1;
                 nh = d[off];
                 off += 8;
             } else {
@@ -218,7 +222,7 @@ static uint64_t realtime_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ULL + ts.tv_nsec;
 }
 
-static void punt_signal(struct vn_switch *sw)
+void vn_punt_signal(struct vn_switch *sw)
 {
     uint64_t one = 1;
     if (sw->punt_fd >= 0 && write(sw->punt_fd, &one, sizeof(one)) < 0) {
@@ -246,12 +250,12 @@ static int punt_push(struct vn_switch *sw, struct vn_held *r)
         return -1;
     sw->punt_q[(sw->punt_head + sw->punt_count) % VN_PUNT_QUEUE] = r;
     if (sw->punt_count++ == 0)
-        punt_signal(sw);
+        vn_punt_signal(sw);
     return 0;
 }
 
-static struct vn_held *record(const struct vn_pkt *pkt, int port, int dir, int egress_to,
-                              uint64_t subs, uint64_t contain)
+struct vn_held *vn_held_record(const struct vn_pkt *pkt, int port, int dir, int egress_to,
+                               uint64_t subs, uint64_t contain)
 {
     struct vn_held *r = malloc(sizeof(*r) + pkt->len);
     if (!r)
@@ -305,6 +309,22 @@ int vn_policy_apply(struct vn_switch *sw, int port, int dir, int egress_to, stru
             return 1;
         }
     }
+    /* stream subscriptions first: a data segment they hold meets the frame subscriptions
+     * when the stream releases it, so every frame leaves with both kinds of decision */
+    if (h.proto == 6 && vn_tcp_active(sw, port) &&
+        vn_tcp_input(sw, port, dir, egress_to, pkt, &h) == VN_TCP_TAKEN)
+        return 1;
+    return vn_policy_subs(sw, port, dir, egress_to, pkt, &h);
+}
+
+int vn_policy_subs(struct vn_switch *sw, int port, int dir, int egress_to, struct vn_pkt *pkt,
+                   const struct vn_hdrs *hp)
+{
+    struct vn_port *p = &sw->ports[port];
+    const struct vn_policy *pol = p->pol;
+    if (!pol)
+        return 0;
+    const struct vn_hdrs h = *hp;
     uint64_t subs = 0, contain = 0;
     for (unsigned i = 0; i < pol->nsubs && i < VN_MAX_SUBS; i++) {
         if (vn_match_frame(&pol->subs[i], dir, pkt, &h)) {
@@ -321,7 +341,7 @@ int vn_policy_apply(struct vn_switch *sw, int port, int dir, int egress_to, stru
         (pkt->hdr.gso_type & ~VIRTIO_NET_HDR_GSO_ECN) == VIRTIO_NET_HDR_GSO_NONE)
         vn_csum_complete(pkt);
     if (!contain) {
-        struct vn_held *r = record(pkt, port, dir, egress_to, subs, 0);
+        struct vn_held *r = vn_held_record(pkt, port, dir, egress_to, subs, 0);
         if (!r || punt_push(sw, r) < 0) {
             free(r);
             p->st.punt_queue_full++;
@@ -335,7 +355,7 @@ int vn_policy_apply(struct vn_switch *sw, int port, int dir, int egress_to, stru
         p->st.held_over_cap++;
         return pol->over_cap_pass ? 0 : 1;
     }
-    struct vn_held *r = record(pkt, port, dir, egress_to, subs, contain);
+    struct vn_held *r = vn_held_record(pkt, port, dir, egress_to, subs, contain);
     if (!r) {
         p->st.held_over_cap++;
         return pol->over_cap_pass ? 0 : 1;
@@ -381,6 +401,8 @@ int vn_punt_next(struct vn_switch *sw, struct vn_punt *out)
         return 1;
     }
     uint64_t v;
+    if (vn_tcp_pending(sw))
+        return 0;              /* stream events wait: leave the eventfd readable */
     if (sw->punt_fd >= 0 && read(sw->punt_fd, &v, sizeof(v)) < 0) {
         /* EAGAIN: already clear */
     }
@@ -398,7 +420,7 @@ static void punt_forget(struct vn_switch *sw, struct vn_held *r)
 }
 
 /* 1 (counted) if the port's isolation drops a frame a scanner passed after it was held. */
-static int isolation_drops(struct vn_port *p, int dir, const struct vn_pkt *pkt)
+int vn_isolation_drops(struct vn_port *p, int dir, const struct vn_pkt *pkt)
 {
     const struct vn_policy *pol = p->pol;
     if (!pol || !pol->isolation)
@@ -433,7 +455,7 @@ static void release(struct vn_switch *sw, struct vn_held *r, int pass)
         pkt->len = r->len;
         pkt->hdr = r->hdr;
         memcpy(pkt->data, r->data, r->len);
-        if (isolation_drops(p, r->dir, pkt)) {
+        if (vn_isolation_drops(p, r->dir, pkt)) {
             free(r);
             return;   /* the NI was isolated while the frame waited for its decision */
         }
@@ -459,6 +481,7 @@ int vn_held_release(struct vn_switch *sw, uint64_t id, int pass)
 int vn_held_release_port(struct vn_switch *sw, int port, int pass)
 {
     int n = 0;
+    vn_tcp_port_gone(sw, port);
     for (unsigned b = 0; b < VN_HELD_HASH; b++) {
         struct vn_held **pp = &sw->held_hash[b];
         while (*pp) {
@@ -486,6 +509,7 @@ int vn_held_release_port(struct vn_switch *sw, int port, int pass)
 
 void vn_held_free_all(struct vn_switch *sw)
 {
+    vn_tcp_free_all(sw);
     for (unsigned b = 0; b < VN_HELD_HASH; b++) {
         while (sw->held_hash[b]) {
             struct vn_held *r = sw->held_hash[b];
@@ -520,6 +544,8 @@ int vn_port_set_policy(struct vn_switch *sw, int port, const struct vn_policy *p
     for (unsigned i = 0; i < pol->nsubs; i++)
         if (pol->subs[i].nterms > VN_MAX_TERMS)
             return VN_ERANGE;
+    if (pol->nstream_subs > VN_MAX_STREAM_SUBS)
+        return VN_ERANGE;
     struct vn_policy *copy = malloc(sizeof(*copy));
     if (!copy)
         return VN_ENOMEM;
@@ -544,6 +570,7 @@ int vn_port_clear_policy(struct vn_switch *sw, int port)
 {
     if (port < 0 || port >= VN_MAX_PORTS || !sw->ports[port].kind)
         return VN_ENOPORT;
+    vn_tcp_port_gone(sw, port);
     struct vn_policy *old = sw->ports[port].pol;
     struct vn_policy *keep = old && old->isolation ? isolation_only(old->isolation) : NULL;
     if (old && old->isolation && !keep)

@@ -99,6 +99,28 @@ struct vn_port_stats {
     uint64_t injected;           /* pre-registered frames sent by the kernel */
     uint64_t drop_quarantine;    /* quarantined NI: matched no quarantine-allow rule */
     uint64_t drop_isolated;      /* NI isolated (link set down): every frame either way */
+    /* TCP stream reconstruction (stream subscriptions, csrc/tcp.c) */
+    uint64_t tcp_flows_opened;   /* connections on subscribed ports taken into the flow table */
+    uint64_t tcp_flows_over;     /* new connections past tcp_flows_max: exception policy applied */
+    uint64_t tcp_no_flow;        /* data on a subscribed port of no tracked connection */
+    uint64_t tcp_bad_csum;       /* bad IPv4 header or TCP checksum (the receiver drops it too) */
+    uint64_t tcp_bad_header;     /* truncated or inconsistent IP/TCP header */
+    uint64_t tcp_bad_handshake;  /* SYN, SYN-ACK or ACK that does not fit the shadow state */
+    uint64_t tcp_conflict;       /* overlapping data differing from what was seen first: dropped */
+    uint64_t tcp_retransmit;     /* data seen before, byte for byte */
+    uint64_t tcp_out_of_window;  /* data beyond the receiver's window, or an ACK of unsent data */
+    uint64_t tcp_after_fin;      /* data beyond the sender's FIN, or a second FIN elsewhere */
+    uint64_t tcp_syn_data;       /* SYN or SYN-ACK carrying data: dropped */
+    uint64_t tcp_rst_data;       /* RST carrying data: dropped */
+    uint64_t tcp_rst_out_of_window;
+    uint64_t tcp_urg_cleared;    /* urgent flag and pointer cleared: the byte stays in the stream */
+    uint64_t tcp_frag_dropped;   /* IP fragments of TCP on subscribed ports */
+    uint64_t tcp_bytes_over;     /* segments past tcp_bytes_max: exception policy applied */
+    uint64_t tcp_depth_over;     /* out-of-order bytes past tcp_depth_max: exception policy */
+    uint64_t tcp_held_segments;  /* data segments held for stream scanners */
+    uint64_t tcp_released_segments;
+    uint64_t tcp_killed;         /* connections ended with forged RSTs (kill) */
+    uint64_t tcp_bypassed;       /* connections let through uninspected (exception policy pass) */
 };
 
 struct vn_switch;
@@ -207,6 +229,16 @@ struct vn_match {
     struct vn_term terms[VN_MAX_TERMS];
 };
 
+/* A stream subscription: TCP connections whose server port (the SYN's destination port)
+ * lies in [port_lo, port_hi]; dirs: which byte streams are read (VN_DIR_* of the data);
+ * contain: they are held until passed. */
+#define VN_MAX_STREAM_SUBS 64
+struct vn_stream_sub {
+    uint16_t port_lo, port_hi;
+    uint8_t dirs;
+    uint8_t contain;
+};
+
 struct vn_addr {
     uint8_t family;            /* 4 or 6 */
     uint8_t plen;
@@ -232,6 +264,17 @@ struct vn_policy {
     /* VN_ISOLATE_* bits: owned by vn_port_set_isolation; vn_port_set_policy ignores the
      * value given and keeps the port's, so isolation survives policy changes */
     unsigned isolation;
+    /* stream subscriptions (TCP, by server port) and the memcaps of their reassembly; an
+     * exception policy of 1 (pass) lets the connection through uninspected, 0 drops */
+    unsigned nstream_subs;
+    struct vn_stream_sub stream_subs[VN_MAX_STREAM_SUBS];
+    unsigned tcp_flows_max;    /* connections in the flow table */
+    int tcp_flows_over_pass;
+    uint64_t tcp_bytes_max;    /* bytes of frames kept by the flows of this port */
+    int tcp_bytes_over_pass;
+    uint64_t tcp_depth_max;    /* out-of-order bytes waiting for a gap, per direction */
+    int tcp_depth_over_pass;
+    uint32_t tcp_idle_ms;      /* an established connection silent this long is forgotten */
 };
 
 /* A frame handed to the NI kernel because subscriptions matched it. */
@@ -264,6 +307,54 @@ int vn_port_set_isolation(struct vn_switch *sw, int port, unsigned bits);
 int vn_port_isolation(struct vn_switch *sw, int port);
 /* Sends a frame (pre-registered by the kernel) to the guest of `port` or from it. */
 int vn_port_inject(struct vn_switch *sw, int port, int dir, const uint8_t *frame, unsigned len);
+
+/* ---- TCP streams (csrc/tcp.c): what the NI kernel sees of stream subscriptions ---- */
+#define VN_STREAM_OPEN 1           /* handshake completed: a new stream */
+#define VN_STREAM_DATA 2           /* avail[] / eof[] are current */
+#define VN_STREAM_CLOSED 4         /* over (reason); its frames are gone after the next call */
+#define VN_CLOSE_FIN 1             /* both FINs acknowledged */
+#define VN_CLOSE_RST 2             /* an endpoint reset it (RST in window) */
+#define VN_CLOSE_KILLED 3          /* vn_stream_kill */
+#define VN_CLOSE_IDLE 4            /* silent past tcp_idle_ms */
+#define VN_CLOSE_BYPASS 5          /* a memcap's exception policy let it through uninspected */
+#define VN_CLOSE_GONE 6            /* its NI or policy went away */
+
+/* A stream's state as vn_stream_next reports it.  Index [0] is the direction from the
+ * guest, [1] to the guest; offsets count payload bytes from 0 (the byte after the ISN). */
+struct vn_stream_event {
+    uint64_t stream;           /* id, never reused */
+    int port;
+    unsigned what;             /* VN_STREAM_* bits */
+    int reason;                /* VN_CLOSE_* when CLOSED */
+    int client;                /* VN_DIR_FROM_GUEST: the guest connected out; TO_GUEST: in */
+    uint64_t subs;             /* bit i: stream subscription i matched (at OPEN) */
+    uint8_t family;            /* 4 or 6 */
+    uint8_t guest_addr[16], remote_addr[16];
+    uint16_t guest_port, remote_port;
+    uint64_t avail[2];         /* bytes readable in order (read directions) */
+    uint8_t eof[2];            /* the sender's FIN follows avail */
+    uint8_t read[2], hold[2];  /* directions read / held for contain subscriptions */
+    uint64_t time_ns;
+};
+
+/* 1: *ev filled (a stream changed); 0: none.  Drains with the punt queue (same eventfd). */
+int vn_stream_next(struct vn_switch *sw, struct vn_stream_event *ev);
+/* Zero-copy read: points *data at the stream's bytes from `offset` (inside one held frame)
+ * and returns how many (0 at avail or when gone), or a negative VN_E* code. */
+int vn_stream_read(struct vn_switch *sw, uint64_t stream, int dir, uint64_t offset,
+                   const uint8_t **data);
+/* The kernel has read everything below `upto`: those frames may go once acknowledged. */
+int vn_stream_consume(struct vn_switch *sw, uint64_t stream, int dir, uint64_t upto);
+/* Every contain scanner passed the bytes below `upto` (2^64-1: all, including future
+ * ones): held segments whose bytes are all passed go to the receiver, in order. */
+int vn_stream_pass(struct vn_switch *sw, uint64_t stream, int dir, uint64_t upto);
+/* Forges RSTs to both ends (sequence numbers each accepts) and drops what is held. */
+int vn_stream_kill(struct vn_switch *sw, uint64_t stream);
+/* Idle connections, deferred releases, frames of reported closes.  Call periodically. */
+int vn_tcp_housekeeping(struct vn_switch *sw);
+/* Connections in the flow table of `port`, and bytes of frames they keep. */
+int vn_tcp_flows(struct vn_switch *sw, int port);
+uint64_t vn_tcp_bytes(struct vn_switch *sw, int port);
 /* VN_CDEF_END */
 
 #endif

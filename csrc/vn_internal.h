@@ -180,6 +180,8 @@ struct vn_hdrs {
     uint16_t sport, dport;
     uint8_t tcp_flags;
     int l4_off;
+    int frag;                  /* an IP fragment (first or later) */
+    int l3_off;                /* where the IP header starts (family != 0) */
 };
 
 /* A frame held for (or copied to) the NI kernel. */
@@ -227,6 +229,7 @@ struct vn_switch {
     /* frames delivered to sink ports, oldest first */
     struct vn_sink_rec *sink_head, *sink_tail, *sink_last;
     unsigned sink_count;
+    struct vn_tcp *tcp;           /* stream reconstruction state (tcp.c); NULL until needed */
 };
 
 /* mem.c */
@@ -259,7 +262,28 @@ int vn_match_frame(const struct vn_match *m, int dir, const struct vn_pkt *pkt, 
 int vn_spoofed(const struct vn_policy *pol, const struct vn_pkt *pkt, const struct vn_hdrs *h);
 /* 1: frame held or dropped (caller stops), 0: continue forwarding. */
 int vn_policy_apply(struct vn_switch *sw, int port, int dir, int egress_to, struct vn_pkt *pkt);
+/* The frame-subscription stage of vn_policy_apply alone (for frames a stream releases). */
+int vn_policy_subs(struct vn_switch *sw, int port, int dir, int egress_to, struct vn_pkt *pkt,
+                   const struct vn_hdrs *h);
 void vn_held_free_all(struct vn_switch *sw);
+/* A copy of pkt as a held-frame record (not yet in the hash or the punt queue). */
+struct vn_held *vn_held_record(const struct vn_pkt *pkt, int port, int dir, int egress_to,
+                               uint64_t subs, uint64_t contain);
+void vn_punt_signal(struct vn_switch *sw);
+/* 1 (counted) if the port's isolation (quarantine, link down) drops a frame released late. */
+int vn_isolation_drops(struct vn_port *p, int dir, const struct vn_pkt *pkt);
+
+/* tcp.c */
+#define VN_TCP_FORWARD 0           /* not the engine's business, or let through */
+#define VN_TCP_TAKEN 1             /* held (or already sent on) or dropped by the engine */
+/* Runs a TCP frame through the stream engine of `port` (whose policy is set). */
+int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct vn_pkt *pkt,
+                 const struct vn_hdrs *h);
+/* Does the engine of `port` want to see TCP frames (stream subscriptions or flows)? */
+int vn_tcp_active(struct vn_switch *sw, int port);
+int vn_tcp_pending(struct vn_switch *sw);
+void vn_tcp_port_gone(struct vn_switch *sw, int port);
+void vn_tcp_free_all(struct vn_switch *sw);
 
 /* switch.c, for policy.c */
 void vn_forward_switch(struct vn_switch *sw, int in, struct vn_pkt *pkt);

@@ -1,0 +1,1272 @@
+/*
+ * TCP stream reconstruction for stream subscriptions (Siphon 3.2/4.3, SafeCard 3.1).
+ *
+ * Each NI (port) with stream subscriptions keeps a bounded flow table.  A flow shadows both
+ * endpoints of one connection on a subscribed server port: the ISN each side chose (from
+ * the handshake), how far the receiver acknowledged and the right edge of its window (from
+ * its ACKs and window scale), FIN and RST.  Every data segment of a direction that a
+ * scanner reads is kept as a held-frame record (struct vn_held, the frame as it arrived:
+ * one copy out of the ring batch, none after) and the direction keeps a sorted list of
+ * references to the payload inside those records: zero-copy reassembly.  The NI kernel
+ * reads the in-order, contiguous bytes through pointers into the records
+ * (vn_stream_read), and a direction held for contain scanners sends a segment on only
+ * once every byte of it was passed (vn_stream_pass).
+ *
+ * Conservative rules, so that scanners see exactly the bytes the receiver will:
+ *  - the first copy of a byte wins: a segment whose bytes differ from a copy seen before
+ *    (held, or sent on and not yet acknowledged by the receiver) is dropped, in either
+ *    order; identical retransmissions pass (or wait for the held copy);
+ *  - records stay until the receiver acknowledges them, so a later, different copy of
+ *    bytes the receiver may have missed is still recognised;
+ *  - gaps are never bridged: out-of-order segments wait (within tcp_depth_max);
+ *  - bad IPv4 header or TCP checksums, data beyond the receiver's window, data beyond a
+ *    FIN, data on SYN, SYN-ACK or RST, RSTs outside the window, and ACKs of unsent data
+ *    (the receiver discards such a segment whole) are dropped;
+ *  - the urgent flag and pointer are cleared (checksum fixed): the receiver keeps the
+ *    urgent byte in the stream, where the scanners saw it;
+ *  - IP fragments of TCP on subscribed ports (or of tracked flows) are dropped: TCP stacks
+ *    send with DF, and a datagram whose first fragment never arrives is never assembled;
+ *  - data on a subscribed port of no tracked connection (established before the
+ *    subscription, forgotten, over the flow limit) is dropped unless the exception policy
+ *    says pass: nothing reaches a receiver that a scanner could not have seen.
+ * Every limit (flows, bytes kept, out-of-order depth) has an exception policy: drop (fail
+ * closed, the default) or pass (the connection goes on uninspected: "bypass").
+ *
+ * Releasing a held segment may happen inside another frame's processing (a released frame
+ * meets the destination NI's engine, which may release its own segments): emission uses
+ * a small stack of scratch frames, and defers past its depth.
+ */
+#define _GNU_SOURCE
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <time.h>
+#include "vn_internal.h"
+
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_PSH 0x08
+#define TCP_ACK 0x10
+#define TCP_URG 0x20
+
+#define VN_TCP_HASH 1024           /* flow table buckets per port (power of two) */
+#define VN_TCP_ID_HASH 4096        /* stream id -> flow */
+#define VN_TCP_DEPTH 4             /* nested emissions before deferring */
+#define VN_TCP_HANDSHAKE_NS (30ULL * 1000000000ULL)   /* a handshake that never completes */
+
+enum { ST_SYN_SENT = 1, ST_SYN_RCVD, ST_ESTABLISHED, ST_CLOSED };
+
+/* A reference to the payload of one kept frame. */
+struct vn_seg {
+    struct vn_seg *prev, *next;    /* sorted by start */
+    uint64_t start;                /* stream offset of its first payload byte */
+    uint32_t len;                  /* payload bytes */
+    uint32_t pay;                  /* where the payload starts in rec->data */
+    uint8_t fin;                   /* a FIN follows the payload */
+    uint8_t released;              /* sent on to the receiver */
+    struct vn_held *rec;           /* the frame, owned */
+};
+
+/* One direction of a connection: the bytes one endpoint sends. */
+struct vn_half {
+    uint32_t isn;
+    uint8_t have_isn;
+    int8_t wscale;                 /* its window-scale option (-1: none) */
+    uint16_t syn_win;              /* window in its SYN (unscaled) */
+    uint8_t read, hold;            /* a scanner reads / holds these bytes */
+    uint8_t fin, eof;              /* FIN seen (at fin_off); FIN in order */
+    uint64_t fin_off;
+    uint64_t contig;               /* bytes available in order */
+    uint64_t passed;               /* every contain scanner passed the bytes below */
+    uint64_t consumed;             /* the kernel read the bytes below */
+    uint64_t acked;                /* the receiver acknowledged the offsets below (FIN counts 1) */
+    uint64_t right;                /* the receiver's window right edge */
+    uint8_t have_right;
+    uint64_t highest;              /* end of the highest byte sent (FIN counts 1) */
+    uint64_t released_end;         /* end of what went on to the receiver (FIN counts 1) */
+    uint64_t ooo;                  /* bytes kept beyond contig */
+    struct vn_seg *head, *tail;
+    struct vn_seg *adv;            /* the record that last advanced contig (a hint) */
+    uint64_t rel_lim;              /* every record ending at or below this was released */
+    uint8_t eth[18];               /* L2 header of its latest frame, for forged RSTs */
+    uint8_t eth_len;
+};
+
+struct vn_flow {
+    struct vn_flow *next;          /* table bucket */
+    struct vn_flow *id_next;
+    struct vn_flow *dirty_next;
+    uint8_t dirty, in_table, announced, report_open, report_close, bypass, deferred;
+    int state;
+    int reason;
+    int port;
+    int client;                    /* VN_DIR_* of the client's data */
+    uint64_t id;
+    uint64_t subs;
+    uint64_t last_ns;
+    uint8_t family;
+    uint8_t gaddr[16], raddr[16];
+    uint16_t gport, rport;
+    struct vn_half half[2];        /* [0] from the guest, [1] to the guest */
+};
+
+struct vn_tcp_port {
+    struct vn_flow *buckets[VN_TCP_HASH];
+    unsigned nflows;
+    uint64_t bytes;
+};
+
+struct vn_tcp {
+    struct vn_tcp_port *ports[VN_MAX_PORTS];
+    struct vn_flow *ids[VN_TCP_ID_HASH];
+    struct vn_flow *dirty_head, *dirty_tail;
+    struct vn_flow *reported;      /* closed flows handed out by vn_stream_next; freed next call */
+    uint64_t next_id;
+    int depth;
+    int deferred;                  /* flows wait for a release past the emission depth */
+    struct vn_pkt *scratch;        /* VN_TCP_DEPTH frames, one mmap */
+};
+
+static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static inline void wr16(uint8_t *p, uint16_t v) { p[0] = v >> 8; p[1] = v & 0xff; }
+static inline uint32_t rd32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+static inline void wr32(uint8_t *p, uint32_t v)
+{
+    p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = v;
+}
+
+static int half_of(int dir) { return dir == VN_DIR_FROM_GUEST ? 0 : 1; }
+static int dir_of(int half) { return half == 0 ? VN_DIR_FROM_GUEST : VN_DIR_TO_GUEST; }
+
+static uint64_t realtime_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + ts.tv_nsec;
+}
+
+/* ---- checksums ---- */
+
+static uint32_t sum16(uint32_t sum, const uint8_t *p, size_t len)
+{
+    while (len > 1) {
+        sum += (uint32_t)p[0] << 8 | p[1];
+        p += 2;
+        len -= 2;
+        if (sum & 0x80000000u)
+            sum = (sum & 0xffff) + (sum >> 16);
+    }
+    if (len)
+        sum += (uint32_t)p[0] << 8;
+    return sum;
+}
+
+static uint16_t fold(uint32_t sum)
+{
+    while (sum >> 16)
+        sum = (sum & 0xffff) + (sum >> 16);
+    return (uint16_t)sum;
+}
+
+/* The pseudo-header sum of a TCP segment of `len` bytes. */
+static uint32_t pseudo(int family, const uint8_t *ip, uint32_t len)
+{
+    uint32_t s = family == 4 ? sum16(0, ip + 12, 8) : sum16(0, ip + 8, 32);
+    return s + 6 + (len >> 16) + (len & 0xffff);
+}
+
+/* RFC 1624: a checksum after 16-bit word `old` became `new`. */
+static uint16_t csum_update(uint16_t csum, uint16_t old, uint16_t new)
+{
+    uint32_t s = (uint16_t)~csum + (uint32_t)(uint16_t)~old + new;
+    return (uint16_t)~fold(s);
+}
+
+/* ---- tables ---- */
+
+static struct vn_tcp *tcp_get(struct vn_switch *sw)
+{
+    if (sw->tcp)
+        return sw->tcp;
+    struct vn_tcp *t = calloc(1, sizeof(*t));
+    if (!t)
+        return NULL;
+    void *b = mmap(NULL, sizeof(struct vn_pkt) * VN_TCP_DEPTH, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (b == MAP_FAILED) {
+        free(t);
+        return NULL;
+    }
+    t->scratch = b;
+    sw->tcp = t;
+    return t;
+}
+
+static struct vn_tcp_port *tport(struct vn_switch *sw, int port, int create)
+{
+    struct vn_tcp *t = create ? tcp_get(sw) : sw->tcp;
+    if (!t)
+        return NULL;
+    if (!t->ports[port] && create)
+        t->ports[port] = calloc(1, sizeof(struct vn_tcp_port));
+    return t->ports[port];
+}
+
+static unsigned flow_hash(int family, const uint8_t *ga, const uint8_t *ra, uint16_t gp, uint16_t rp)
+{
+    uint32_t h = 2166136261u;
+    unsigned n = family == 4 ? 4 : 16;
+    for (unsigned i = 0; i < n; i++)
+        h = (h ^ ga[i]) * 16777619u;
+    for (unsigned i = 0; i < n; i++)
+        h = (h ^ ra[i]) * 16777619u;
+    h = (h ^ gp) * 16777619u;
+    h = (h ^ rp) * 16777619u;
+    return h & (VN_TCP_HASH - 1);
+}
+
+static struct vn_flow *flow_find(struct vn_tcp_port *tp, int family, const uint8_t *ga,
+                                 const uint8_t *ra, uint16_t gp, uint16_t rp)
+{
+    if (!tp)
+        return NULL;
+    unsigned n = family == 4 ? 4 : 16;
+    for (struct vn_flow *f = tp->buckets[flow_hash(family, ga, ra, gp, rp)]; f; f = f->next)
+        if (f->family == family && f->gport == gp && f->rport == rp && !memcmp(f->gaddr, ga, n) &&
+            !memcmp(f->raddr, ra, n))
+            return f;
+    return NULL;
+}
+
+static struct vn_flow *flow_by_id(struct vn_switch *sw, uint64_t id)
+{
+    if (!sw->tcp)
+        return NULL;
+    for (struct vn_flow *f = sw->tcp->ids[id % VN_TCP_ID_HASH]; f; f = f->id_next)
+        if (f->id == id)
+            return f;
+    return NULL;
+}
+
+static void table_unlink(struct vn_switch *sw, struct vn_flow *f)
+{
+    if (!f->in_table)
+        return;
+    struct vn_tcp_port *tp = sw->tcp->ports[f->port];
+    struct vn_flow **pp = &tp->buckets[flow_hash(f->family, f->gaddr, f->raddr, f->gport, f->rport)];
+    for (; *pp; pp = &(*pp)->next)
+        if (*pp == f) {
+            *pp = f->next;
+            break;
+        }
+    f->in_table = 0;
+    tp->nflows--;
+}
+
+static void mark_dirty(struct vn_switch *sw, struct vn_flow *f)
+{
+    struct vn_tcp *t = sw->tcp;
+    if (f->dirty || !f->announced)
+        return;
+    f->dirty = 1;
+    f->dirty_next = NULL;
+    if (t->dirty_tail)
+        t->dirty_tail->dirty_next = f;
+    else
+        t->dirty_head = f;
+    t->dirty_tail = f;
+    vn_punt_signal(sw);
+}
+
+/* ---- segments ---- */
+
+static uint64_t seg_end(const struct vn_seg *s) { return s->start + s->len; }
+
+/* The first record (in start order) that may reach offset `pos`: no record is longer than
+ * a frame, so walking back from the tail stops a frame's length before `pos`.  Keeps the
+ * walks short while many records wait for acknowledgement. */
+static struct vn_seg *seg_from(const struct vn_half *hf, uint64_t pos)
+{
+    struct vn_seg *s = hf->tail;
+    if (!s)
+        return NULL;
+    while (s->prev && s->prev->start + VN_MAX_FRAME > pos)
+        s = s->prev;
+    return s;
+}
+
+static void seg_free(struct vn_switch *sw, struct vn_flow *f, struct vn_half *hf, struct vn_seg *s)
+{
+    if (hf->adv == s)
+        hf->adv = NULL;
+    if (s->prev)
+        s->prev->next = s->next;
+    else
+        hf->head = s->next;
+    if (s->next)
+        s->next->prev = s->prev;
+    else
+        hf->tail = s->prev;
+    struct vn_tcp_port *tp = sw->tcp->ports[f->port];
+    if (tp)
+        tp->bytes -= s->rec->len;
+    free(s->rec);
+    free(s);
+}
+
+/* Frees the records the receiver acknowledged and the kernel read (oldest first). */
+static void half_trim(struct vn_switch *sw, struct vn_flow *f, struct vn_half *hf)
+{
+    while (hf->head) {
+        struct vn_seg *s = hf->head;
+        uint64_t end = seg_end(s) + s->fin;
+        if (!s->released || end > hf->acked || (hf->read && seg_end(s) > hf->consumed))
+            break;
+        seg_free(sw, f, hf, s);
+    }
+}
+
+/* Drops every record not yet sent on (a reset or killed connection's held data). */
+static void half_drop_held(struct vn_switch *sw, struct vn_flow *f, struct vn_half *hf)
+{
+    for (struct vn_seg *s = hf->head, *n; s; s = n) {
+        n = s->next;
+        if (!s->released)
+            seg_free(sw, f, hf, s);
+    }
+    hf->ooo = 0;
+}
+
+static void half_free_all(struct vn_switch *sw, struct vn_flow *f, struct vn_half *hf)
+{
+    while (hf->head)
+        seg_free(sw, f, hf, hf->head);
+}
+
+/* Advances contig over the records that join up (one pass in start order, from the
+ * record that last moved it); recounts the out-of-order bytes, which are then exactly the
+ * records starting beyond contig: a suffix of the list. */
+static int half_advance(struct vn_half *hf)
+{
+    uint64_t before = hf->contig;
+    for (struct vn_seg *s = hf->adv ? hf->adv : hf->head; s && s->start <= hf->contig; s = s->next) {
+        if (seg_end(s) > hf->contig) {
+            hf->contig = seg_end(s);
+            hf->adv = s;
+        }
+    }
+    hf->ooo = 0;
+    for (struct vn_seg *s = hf->tail; s && seg_end(s) > hf->contig; s = s->prev)
+        hf->ooo += seg_end(s) - (s->start > hf->contig ? s->start : hf->contig);
+    int eof = hf->fin && hf->contig == hf->fin_off && !hf->eof;
+    if (eof)
+        hf->eof = 1;
+    return hf->contig != before || eof;
+}
+
+/* ---- emission ---- */
+
+static void emit_record(struct vn_switch *sw, struct vn_held *r)
+{
+    struct vn_tcp *t = sw->tcp;
+    struct vn_port *p = &sw->ports[r->port];
+    if (!p->kind)
+        return;
+    struct vn_pkt *pkt = &t->scratch[t->depth];
+    t->depth++;
+    pkt->len = r->len;
+    pkt->hdr = r->hdr;
+    memcpy(pkt->data, r->data, r->len);
+    if (vn_isolation_drops(p, r->dir, pkt)) {
+        t->depth--;                /* the NI was isolated while the bytes waited */
+        return;
+    }
+    struct vn_hdrs h;
+    vn_parse(pkt, &h);
+    sw->now_ns = vn_now_ns();
+    if (!vn_policy_subs(sw, r->port, r->dir, r->egress_to, pkt, &h)) {
+        if (r->egress_to < 0)
+            vn_forward_switch(sw, r->port, pkt);
+        else if (sw->ports[r->egress_to].kind)
+            vn_deliver_nopolicy(sw, r->egress_to, pkt);
+    }
+    t->depth--;
+}
+
+/* Sends on, in order, every held record whose bytes are all passed and in order. */
+static void half_release(struct vn_switch *sw, struct vn_flow *f, struct vn_half *hf)
+{
+    if (!hf->hold)
+        return;
+    if (sw->tcp->depth >= VN_TCP_DEPTH) {
+        f->deferred = 1;
+        sw->tcp->deferred = 1;
+        return;
+    }
+    uint64_t lim = hf->passed < hf->contig ? hf->passed : hf->contig;
+    struct vn_port *p = &sw->ports[f->port];
+    /* every record ending at or below the last limit went already */
+    for (struct vn_seg *s = seg_from(hf, hf->rel_lim); s && s->start <= lim; s = s->next) {
+        if (s->released || seg_end(s) > lim)
+            continue;
+        s->released = 1;
+        uint64_t end = seg_end(s) + s->fin;
+        if (end > hf->released_end)
+            hf->released_end = end;
+        p->st.tcp_released_segments++;
+        emit_record(sw, s->rec);
+    }
+    if (lim > hf->rel_lim)
+        hf->rel_lim = lim;
+}
+
+/* ---- forged RSTs ---- */
+
+/* Builds and sends an RST|ACK from the `from` half's endpoint to the other one. */
+static void forge_rst(struct vn_switch *sw, struct vn_flow *f, int from, uint32_t seq, uint32_t ack)
+{
+    struct vn_tcp *t = sw->tcp;
+    if (t->depth >= VN_TCP_DEPTH)
+        return;
+    struct vn_half *src = &f->half[from], *other = &f->half[!from];
+    struct vn_pkt *pkt = &t->scratch[t->depth];
+    uint8_t *d = pkt->data;
+    unsigned l2;
+    if (src->eth_len) {
+        l2 = src->eth_len;
+        memcpy(d, src->eth, l2);
+    } else if (other->eth_len) {
+        l2 = other->eth_len;
+        memcpy(d, other->eth, l2);
+        memcpy(d, other->eth + 6, 6);       /* swap the addresses */
+        memcpy(d + 6, other->eth, 6);
+    } else {
+        return;
+    }
+    int from_guest = from == 0;
+    const uint8_t *sa = from_guest ? f->gaddr : f->raddr, *da = from_guest ? f->raddr : f->gaddr;
+    uint16_t sp = from_guest ? f->gport : f->rport, dp = from_guest ? f->rport : f->gport;
+    uint8_t *ip = d + l2, *tcp;
+    if (f->family == 4) {
+        memset(ip, 0, 20);
+        ip[0] = 0x45;
+        wr16(ip + 2, 40);
+        wr16(ip + 6, 0x4000);
+        ip[8] = 64;
+        ip[9] = 6;
+        memcpy(ip + 12, sa, 4);
+        memcpy(ip + 16, da, 4);
+        wr16(ip + 10, (uint16_t)~fold(sum16(0, ip, 20)));
+        tcp = ip + 20;
+    } else {
+        memset(ip, 0, 40);
+        ip[0] = 0x60;
+        wr16(ip + 4, 20);
+        ip[6] = 6;
+        ip[7] = 64;
+        memcpy(ip + 8, sa, 16);
+        memcpy(ip + 24, da, 16);
+        tcp = ip + 40;
+    }
+    memset(tcp, 0, 20);
+    wr16(tcp, sp);
+    wr16(tcp + 2, dp);
+    wr32(tcp + 4, seq);
+    wr32(tcp + 8, ack);
+    tcp[12] = 5 << 4;
+    tcp[13] = TCP_RST | TCP_ACK;
+    wr16(tcp + 16, (uint16_t)~fold(sum16(pseudo(f->family, ip, 20), tcp, 20)));
+    pkt->len = (uint32_t)(tcp + 20 - d);
+    memset(&pkt->hdr, 0, sizeof(pkt->hdr));
+    t->depth++;
+    sw->now_ns = vn_now_ns();
+    if (from_guest)
+        vn_forward_switch(sw, f->port, pkt);       /* into the network, as the guest */
+    else
+        vn_deliver_nopolicy(sw, f->port, pkt);     /* to the guest, as the remote end */
+    t->depth--;
+}
+
+static uint32_t seq_at(const struct vn_half *hf, uint64_t off) { return hf->isn + 1 + (uint32_t)off; }
+
+/* RSTs to both ends with the sequence numbers each expects: where the receiver's stream
+ * stands is what the NI sent on; if it acknowledged less, a second RST covers that. */
+static void forge_rsts(struct vn_switch *sw, struct vn_flow *f)
+{
+    for (int from = 0; from < 2; from++) {
+        struct vn_half *s = &f->half[from], *r = &f->half[!from];
+        if (!s->have_isn || !r->have_isn)
+            continue;
+        uint32_t ack = seq_at(r, r->released_end);
+        forge_rst(sw, f, from, seq_at(s, s->released_end), ack);
+        if (s->acked != s->released_end)
+            forge_rst(sw, f, from, seq_at(s, s->acked), ack);
+    }
+}
+
+/* ---- life and death of flows ---- */
+
+static void flow_close(struct vn_switch *sw, struct vn_flow *f, int reason)
+{
+    if (f->state == ST_CLOSED)
+        return;
+    f->state = ST_CLOSED;
+    f->reason = reason;
+    table_unlink(sw, f);
+    if (reason != VN_CLOSE_FIN)
+        for (int i = 0; i < 2; i++)
+            half_drop_held(sw, f, &f->half[i]);
+    if (f->announced) {
+        f->report_close = 1;
+        mark_dirty(sw, f);
+    }
+}
+
+static void flow_free(struct vn_switch *sw, struct vn_flow *f)
+{
+    struct vn_tcp *t = sw->tcp;
+    table_unlink(sw, f);
+    for (int i = 0; i < 2; i++)
+        half_free_all(sw, f, &f->half[i]);
+    struct vn_flow **pp = &t->ids[f->id % VN_TCP_ID_HASH];
+    for (; *pp; pp = &(*pp)->id_next)
+        if (*pp == f) {
+            *pp = f->id_next;
+            break;
+        }
+    if (f->dirty) {                /* unlink from the dirty list */
+        struct vn_flow *prev = NULL;
+        for (struct vn_flow *x = t->dirty_head; x; prev = x, x = x->dirty_next)
+            if (x == f) {
+                if (prev)
+                    prev->dirty_next = f->dirty_next;
+                else
+                    t->dirty_head = f->dirty_next;
+                if (t->dirty_tail == f)
+                    t->dirty_tail = prev;
+                break;
+            }
+    }
+    free(f);
+}
+
+/* A flow that stays announced is closed and waits for its report; the rest go at once. */
+static void flow_end(struct vn_switch *sw, struct vn_flow *f, int reason)
+{
+    flow_close(sw, f, reason);
+    if (!f->announced)
+        flow_free(sw, f);
+}
+
+/* Gives up inspecting a connection (an exception policy said pass): what is held goes on
+ * in order, the scanners hear it closed, later frames pass untouched. */
+static void flow_bypass(struct vn_switch *sw, struct vn_flow *f)
+{
+    sw->ports[f->port].st.tcp_bypassed++;
+    f->bypass = 1;
+    for (int i = 0; i < 2; i++) {
+        struct vn_half *hf = &f->half[i];
+        hf->passed = UINT64_MAX;
+        hf->contig = UINT64_MAX;    /* gaps no longer matter: the receiver sorts them out */
+        half_release(sw, f, hf);
+        hf->read = hf->hold = 0;
+        half_free_all(sw, f, hf);
+    }
+    if (f->announced) {
+        f->report_close = 1;
+        f->reason = VN_CLOSE_BYPASS;
+        mark_dirty(sw, f);
+    }
+}
+
+static struct vn_flow *flow_new(struct vn_switch *sw, struct vn_tcp_port *tp, int port,
+                                int family, const uint8_t *ga, const uint8_t *ra,
+                                uint16_t gp, uint16_t rp)
+{
+    struct vn_tcp *t = sw->tcp;
+    struct vn_flow *f = calloc(1, sizeof(*f));
+    if (!f)
+        return NULL;
+    unsigned n = family == 4 ? 4 : 16;
+    f->family = (uint8_t)family;
+    memcpy(f->gaddr, ga, n);
+    memcpy(f->raddr, ra, n);
+    f->gport = gp;
+    f->rport = rp;
+    f->port = port;
+    f->id = ++t->next_id;
+    f->id_next = t->ids[f->id % VN_TCP_ID_HASH];
+    t->ids[f->id % VN_TCP_ID_HASH] = f;
+    unsigned b = flow_hash(family, ga, ra, gp, rp);
+    f->next = tp->buckets[b];
+    tp->buckets[b] = f;
+    f->in_table = 1;
+    tp->nflows++;
+    for (int i = 0; i < 2; i++)
+        f->half[i].wscale = -1;
+    return f;
+}
+
+static int port_subscribed(const struct vn_policy *pol, uint16_t port)
+{
+    for (unsigned i = 0; i < pol->nstream_subs && i < VN_MAX_STREAM_SUBS; i++)
+        if (pol->stream_subs[i].port_lo <= port && port <= pol->stream_subs[i].port_hi)
+            return 1;
+    return 0;
+}
+
+/* The handshake completed: which subscriptions want it now, and what each direction is. */
+static void flow_establish(struct vn_switch *sw, struct vn_flow *f, const struct vn_policy *pol)
+{
+    f->state = ST_ESTABLISHED;
+    uint16_t server_port = f->client == VN_DIR_FROM_GUEST ? f->rport : f->gport;
+    uint64_t subs = 0;
+    uint8_t read = 0, hold = 0;
+    for (unsigned i = 0; i < pol->nstream_subs && i < VN_MAX_STREAM_SUBS; i++) {
+        const struct vn_stream_sub *s = &pol->stream_subs[i];
+        if (s->port_lo <= server_port && server_port <= s->port_hi) {
+            uint8_t dirs = s->dirs ? s->dirs : (VN_DIR_FROM_GUEST | VN_DIR_TO_GUEST);
+            subs |= 1ULL << i;
+            read |= dirs;
+            if (s->contain)
+                hold |= dirs;
+        }
+    }
+    if (!subs) {                   /* unsubscribed meanwhile: nobody wants it */
+        f->bypass = 1;
+        return;
+    }
+    f->subs = subs;
+    for (int i = 0; i < 2; i++) {
+        f->half[i].read = !!(read & dir_of(i));
+        f->half[i].hold = !!(hold & dir_of(i));
+    }
+    f->announced = 1;
+    f->report_open = 1;
+    mark_dirty(sw, f);
+}
+
+/* ---- the input path ---- */
+
+/* Stream offset of sequence number `seq` in half `hf` (relative to its reference point);
+ * -1 if it lies before the first byte. */
+static int64_t seq_off(const struct vn_half *hf, uint32_t seq)
+{
+    uint64_t ref = hf->highest;
+    int32_t delta = (int32_t)(seq - seq_at(hf, ref));
+    if (delta < 0 && (uint64_t)(-(int64_t)delta) > ref)
+        return -1;
+    return (int64_t)ref + delta;
+}
+
+/* Parses TCP options of a SYN for the window scale. */
+static int8_t syn_wscale(const uint8_t *opt, unsigned len)
+{
+    unsigned i = 0;
+    while (i < len) {
+        uint8_t kind = opt[i];
+        if (kind == 0)
+            break;
+        if (kind == 1) {
+            i++;
+            continue;
+        }
+        if (i + 1 >= len || opt[i + 1] < 2 || i + opt[i + 1] > len)
+            break;
+        if (kind == 3 && opt[i + 1] == 3)
+            return (int8_t)(opt[i + 2] > 14 ? 14 : opt[i + 2]);
+        i += opt[i + 1];
+    }
+    return -1;
+}
+
+/* Compares a new payload with every kept record that overlaps it.  Returns -1 if a byte
+ * differs; else sets *covered (every byte already kept, FIN included) and *all_released
+ * (each covering record already went on). */
+static int half_compare(const struct vn_half *hf, uint64_t start, const uint8_t *pay, uint32_t len,
+                        int fin, uint64_t from, int *covered, int *all_released)
+{
+    uint64_t end = start + len;
+    /* coverage of [from, end) (+ the FIN) by the records, walked in start order */
+    uint64_t cov = from;
+    int fin_cov = !fin;
+    *all_released = 1;
+    for (const struct vn_seg *s = seg_from(hf, from); s; s = s->next) {
+        if (s->start >= end && !(fin && s->start == end))
+            break;
+        uint64_t a = s->start > start ? s->start : start;
+        uint64_t b = seg_end(s) < end ? seg_end(s) : end;
+        if (a < b) {
+            const uint8_t *mine = pay + (a - start);
+            const uint8_t *theirs = s->rec->data + s->pay + (a - s->start);
+            if (memcmp(mine, theirs, b - a))
+                return -1;
+        }
+        if (s->start <= cov && seg_end(s) > cov) {
+            if (!s->released)
+                *all_released = 0;
+            cov = seg_end(s);
+        } else if (a < b && !s->released) {
+            *all_released = 0;
+        }
+        if (fin && s->fin && seg_end(s) == end) {
+            fin_cov = 1;
+            if (!s->released)
+                *all_released = 0;
+        }
+    }
+    *covered = cov >= end && fin_cov;
+    return 0;
+}
+
+static void seg_insert(struct vn_half *hf, struct vn_seg *n)
+{
+    struct vn_seg *s = hf->tail;
+    while (s && s->start > n->start)
+        s = s->prev;
+    n->prev = s;
+    n->next = s ? s->next : hf->head;
+    if (n->next)
+        n->next->prev = n;
+    else
+        hf->tail = n;
+    if (s)
+        s->next = n;
+    else
+        hf->head = n;
+}
+
+static int drop(uint64_t *counter)
+{
+    (*counter)++;
+    return VN_TCP_TAKEN;
+}
+
+int vn_tcp_active(struct vn_switch *sw, int port)
+{
+    const struct vn_policy *pol = sw->ports[port].pol;
+    if (pol && pol->nstream_subs)
+        return 1;
+    return sw->tcp && sw->tcp->ports[port] && sw->tcp->ports[port]->nflows;
+}
+
+int vn_tcp_pending(struct vn_switch *sw)
+{
+    return sw->tcp && sw->tcp->dirty_head;
+}
+
+/* Verifies the IPv4 header and TCP checksums (after completing a partial one). */
+static int checksums_ok(struct vn_pkt *pkt, const struct vn_hdrs *h, unsigned ip_end)
+{
+    if (pkt->hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) {
+        if (vn_csum_complete(pkt) < 0)
+            return 0;
+    }
+    const uint8_t *ip = pkt->data + h->l3_off;
+    if (h->family == 4 && fold(sum16(0, ip, (ip[0] & 15) * 4u)) != 0xffff)
+        return 0;
+    uint32_t tlen = ip_end - (unsigned)h->l4_off;
+    return fold(sum16(pseudo(h->family, ip, tlen), pkt->data + h->l4_off, tlen)) == 0xffff;
+}
+
+int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct vn_pkt *pkt,
+                 const struct vn_hdrs *h)
+{
+    struct vn_port *p = &sw->ports[port];
+    const struct vn_policy *pol = p->pol;
+    struct vn_port_stats *st = &p->st;
+    if (!pol || !h->family || h->proto != 6)
+        return VN_TCP_FORWARD;
+    struct vn_tcp_port *tp = tport(sw, port, 0);
+    const uint8_t *ga = dir == VN_DIR_FROM_GUEST ? h->src : h->dst;
+    const uint8_t *ra = dir == VN_DIR_FROM_GUEST ? h->dst : h->src;
+    if (h->frag) {
+        if (!h->l4_known)
+            return VN_TCP_FORWARD;  /* a later fragment is nothing without its first */
+        uint16_t gp = dir == VN_DIR_FROM_GUEST ? h->sport : h->dport;
+        uint16_t rp = dir == VN_DIR_FROM_GUEST ? h->dport : h->sport;
+        if (port_subscribed(pol, h->sport) || port_subscribed(pol, h->dport) ||
+            flow_find(tp, h->family, ga, ra, gp, rp))
+            return drop(&st->tcp_frag_dropped);
+        return VN_TCP_FORWARD;
+    }
+    if (!h->l4_known)
+        return VN_TCP_FORWARD;
+    uint16_t gp = dir == VN_DIR_FROM_GUEST ? h->sport : h->dport;
+    uint16_t rp = dir == VN_DIR_FROM_GUEST ? h->dport : h->sport;
+    struct vn_flow *f = flow_find(tp, h->family, ga, ra, gp, rp);
+    if (!f && !port_subscribed(pol, h->dport) && !port_subscribed(pol, h->sport))
+        return VN_TCP_FORWARD;
+
+    /* lengths: the IP header's own for plain frames; a TSO frame is one segment of the
+     * whole payload (its length fields are the guest's business until segmentation) */
+    uint8_t *d = pkt->data;
+    int gso = (pkt->hdr.gso_type & ~VIRTIO_NET_HDR_GSO_ECN) != VIRTIO_NET_HDR_GSO_NONE;
+    unsigned l3 = (unsigned)h->l3_off, l4 = (unsigned)h->l4_off, ip_end;
+    if (gso) {
+        ip_end = pkt->len;
+    } else if (h->family == 4) {
+        unsigned tot = rd16(d + l3 + 2);
+        if (tot < (d[l3] & 15) * 4u || l3 + tot > pkt->len)
+            return drop(&st->tcp_bad_header);
+        ip_end = l3 + tot;
+    } else {
+        ip_end = l3 + 40 + rd16(d + l3 + 4);
+        if (ip_end > pkt->len)
+            return drop(&st->tcp_bad_header);
+    }
+    if (l4 + 20 > ip_end)
+        return drop(&st->tcp_bad_header);
+    unsigned doff = (d[l4 + 12] >> 4) * 4u;
+    if (doff < 20 || l4 + doff > ip_end)
+        return drop(&st->tcp_bad_header);
+    uint8_t *tcp = d + l4;
+    unsigned pay = l4 + doff;
+    uint32_t paylen = ip_end - pay;
+    uint8_t flags = tcp[13];
+    uint32_t seq = rd32(tcp + 4), ack = rd32(tcp + 8);
+    uint16_t win = rd16(tcp + 14);
+    if (!gso && !checksums_ok(pkt, h, ip_end))
+        return drop(&st->tcp_bad_csum);
+    if (flags & TCP_URG) {
+        /* the receiver would take the urgent byte out of the stream (no SO_OOBINLINE):
+         * clear the flag and the pointer so it stays where the scanners see it */
+        uint16_t old_w = rd16(tcp + 12), old_u = rd16(tcp + 18);
+        tcp[13] &= ~TCP_URG;
+        wr16(tcp + 18, 0);
+        flags = tcp[13];
+        if (!(pkt->hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM)) {
+            uint16_t c = rd16(tcp + 16);
+            c = csum_update(c, old_w, rd16(tcp + 12));
+            c = csum_update(c, old_u, 0);
+            wr16(tcp + 16, c);
+        }
+        st->tcp_urg_cleared++;
+    }
+
+    if (!f) {
+        if ((flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN)) == TCP_SYN &&
+            port_subscribed(pol, h->dport)) {
+            if (paylen)
+                return drop(&st->tcp_syn_data);
+            tp = tport(sw, port, 1);
+            if (!tp || tp->nflows >= pol->tcp_flows_max) {
+                st->tcp_flows_over++;
+                return pol->tcp_flows_over_pass ? VN_TCP_FORWARD : VN_TCP_TAKEN;
+            }
+            f = flow_new(sw, tp, port, h->family, ga, ra, gp, rp);
+            if (!f) {
+                st->tcp_flows_over++;
+                return pol->tcp_flows_over_pass ? VN_TCP_FORWARD : VN_TCP_TAKEN;
+            }
+            st->tcp_flows_opened++;
+            f->client = dir;
+            f->state = ST_SYN_SENT;
+            f->last_ns = sw->now_ns;
+            struct vn_half *c = &f->half[half_of(dir)];
+            c->isn = seq;
+            c->have_isn = 1;
+            c->wscale = syn_wscale(tcp + 20, doff - 20);
+            c->syn_win = win;
+            return VN_TCP_FORWARD;
+        }
+        if (paylen) {
+            st->tcp_no_flow++;
+            return pol->tcp_flows_over_pass ? VN_TCP_FORWARD : VN_TCP_TAKEN;
+        }
+        return VN_TCP_FORWARD;     /* no bytes to inspect: ACK, RST, FIN */
+    }
+
+    f->last_ns = sw->now_ns;
+    if (f->bypass)
+        return VN_TCP_FORWARD;
+    int hs = half_of(dir);
+    struct vn_half *S = &f->half[hs], *R = &f->half[!hs];
+    unsigned l2 = l3 < sizeof(S->eth) ? l3 : sizeof(S->eth);
+    memcpy(S->eth, d, l2);
+    S->eth_len = (uint8_t)l2;
+    int from_client = dir == f->client;
+
+    if (flags & TCP_SYN) {
+        if (flags & (TCP_RST | TCP_FIN))
+            return drop(&st->tcp_bad_handshake);
+        if (paylen)
+            return drop(&st->tcp_syn_data);
+        if (!(flags & TCP_ACK)) {
+            if (!from_client)
+                return drop(&st->tcp_bad_handshake);     /* simultaneous open */
+            if (f->state == ST_SYN_SENT) {
+                S->isn = seq;                            /* a new attempt may pick a new ISN */
+                S->wscale = syn_wscale(tcp + 20, doff - 20);
+                S->syn_win = win;
+                return VN_TCP_FORWARD;
+            }
+            return seq == S->isn ? VN_TCP_FORWARD : drop(&st->tcp_bad_handshake);
+        }
+        /* SYN-ACK */
+        if (from_client || ack != R->isn + 1)
+            return drop(&st->tcp_bad_handshake);
+        if (f->state == ST_SYN_SENT) {
+            S->isn = seq;
+            S->have_isn = 1;
+            S->wscale = syn_wscale(tcp + 20, doff - 20);
+            if (S->wscale < 0 || R->wscale < 0)
+                S->wscale = R->wscale = -1;              /* scaling needs both */
+            /* windows in SYNs are never scaled */
+            R->right = win;
+            R->have_right = 1;
+            S->right = R->syn_win;
+            S->have_right = 1;
+            f->state = ST_SYN_RCVD;
+            return VN_TCP_FORWARD;
+        }
+        return seq == S->isn ? VN_TCP_FORWARD : drop(&st->tcp_bad_handshake);
+    }
+
+    if (f->state == ST_SYN_SENT) {
+        /* only a refusal fits here: the server's RST acknowledging the SYN */
+        if ((flags & TCP_RST) && !from_client && (flags & TCP_ACK) && ack == R->isn + 1 && !paylen) {
+            flow_end(sw, f, VN_CLOSE_RST);
+            return VN_TCP_FORWARD;
+        }
+        return paylen || (flags & (TCP_FIN | TCP_RST)) ? drop(&st->tcp_bad_handshake)
+                                                       : VN_TCP_FORWARD;
+    }
+
+    if (flags & TCP_RST) {
+        if (paylen)
+            return drop(&st->tcp_rst_data);
+        int64_t off = seq_off(S, seq);
+        uint64_t hi = S->have_right && S->right > S->acked ? S->right : S->acked + 1;
+        if (off < 0 || (uint64_t)off < S->acked || (uint64_t)off >= hi)
+            return drop(&st->tcp_rst_out_of_window);
+        flow_end(sw, f, VN_CLOSE_RST);
+        return VN_TCP_FORWARD;
+    }
+
+    if (flags & TCP_ACK) {
+        int64_t aoff = seq_off(R, ack);
+        if (f->state == ST_SYN_RCVD) {
+            if (!from_client || aoff != 0)
+                return drop(&st->tcp_bad_handshake);
+            flow_establish(sw, f, pol);
+            if (f->bypass)
+                return VN_TCP_FORWARD;
+        }
+        if (aoff < 0 || (uint64_t)aoff > R->highest)
+            return drop(&st->tcp_out_of_window);         /* ACK of unsent data: discarded */
+        if ((uint64_t)aoff > R->acked)
+            R->acked = (uint64_t)aoff;
+        int ws = S->wscale >= 0 ? S->wscale : 0;
+        uint64_t edge = (uint64_t)aoff + ((uint64_t)win << ws);
+        if (!R->have_right || edge > R->right)
+            R->right = edge;
+        R->have_right = 1;
+        half_trim(sw, f, R);
+    } else if (paylen || (flags & TCP_FIN)) {
+        return drop(&st->tcp_bad_header);                /* data without ACK: discarded */
+    }
+    if (!paylen && !(flags & TCP_FIN)) {
+        /* a pure ACK or window update; the one acknowledging the second FIN ends it */
+        if (S->fin && S->acked > S->fin_off && R->fin && R->acked > R->fin_off)
+            flow_end(sw, f, VN_CLOSE_FIN);
+        return VN_TCP_FORWARD;
+    }
+
+    /* data and/or FIN from S */
+    int fin = !!(flags & TCP_FIN);
+    int64_t soff = seq_off(S, seq);
+    if (soff < 0)
+        return drop(&st->tcp_bad_header);
+    uint64_t start = (uint64_t)soff, end = start + paylen;
+    if (S->fin && (end > S->fin_off || (fin && end != S->fin_off)))
+        return drop(&st->tcp_after_fin);
+    if (paylen && S->have_right && end > S->right)
+        return drop(&st->tcp_out_of_window);
+    if (end + fin <= S->acked) {
+        st->tcp_retransmit++;
+        return VN_TCP_FORWARD;                           /* the receiver has all of it */
+    }
+    if (end + fin > S->highest)
+        S->highest = end + fin;
+    if (fin && !S->fin) {
+        S->fin = 1;
+        S->fin_off = end;
+    }
+    if (!S->read) {
+        if (end + fin > S->released_end)
+            S->released_end = end + fin;
+        return VN_TCP_FORWARD;
+    }
+    int covered, all_released;
+    const uint8_t *payload = d + pay;
+    if (half_compare(S, start, payload, paylen, fin, start > S->acked ? start : S->acked,
+                     &covered, &all_released) < 0)
+        return drop(&st->tcp_conflict);
+    if (covered) {
+        st->tcp_retransmit++;
+        return all_released ? VN_TCP_FORWARD : VN_TCP_TAKEN;
+    }
+    if (tp->bytes + pkt->len > pol->tcp_bytes_max) {
+        st->tcp_bytes_over++;
+        if (!pol->tcp_bytes_over_pass)
+            return VN_TCP_TAKEN;
+        flow_bypass(sw, f);
+        return VN_TCP_FORWARD;
+    }
+    if (start > S->contig && S->ooo + paylen > pol->tcp_depth_max) {
+        st->tcp_depth_over++;
+        if (!pol->tcp_depth_over_pass)
+            return VN_TCP_TAKEN;
+        flow_bypass(sw, f);
+        return VN_TCP_FORWARD;
+    }
+    struct vn_seg *s = calloc(1, sizeof(*s));
+    struct vn_held *rec = s ? vn_held_record(pkt, port, dir, egress_to, 0, 0) : NULL;
+    if (!rec) {
+        free(s);
+        st->tcp_bytes_over++;
+        return VN_TCP_TAKEN;
+    }
+    s->rec = rec;
+    s->start = start;
+    s->len = paylen;
+    s->pay = pay;
+    s->fin = (uint8_t)fin;
+    tp->bytes += rec->len;
+    seg_insert(S, s);
+    if (S->adv && s->start < S->adv->start)
+        S->adv = s;
+    if (half_advance(S))
+        mark_dirty(sw, f);
+    if (!S->hold) {
+        /* read, not held: it goes on now (the caller forwards the frame itself) */
+        s->released = 1;
+        if (end + fin > S->released_end)
+            S->released_end = end + fin;
+        return VN_TCP_FORWARD;
+    }
+    st->tcp_held_segments++;
+    half_release(sw, f, S);
+    return VN_TCP_TAKEN;
+}
+
+/* ---- the NI kernel's side ---- */
+
+int vn_stream_next(struct vn_switch *sw, struct vn_stream_event *ev)
+{
+    struct vn_tcp *t = sw->tcp;
+    if (!t)
+        return 0;
+    if (t->reported) {
+        flow_free(sw, t->reported);
+        t->reported = NULL;
+    }
+    struct vn_flow *f = t->dirty_head;
+    if (!f)
+        return 0;
+    t->dirty_head = f->dirty_next;
+    if (!t->dirty_head)
+        t->dirty_tail = NULL;
+    f->dirty = 0;
+    f->dirty_next = NULL;
+    memset(ev, 0, sizeof(*ev));
+    ev->stream = f->id;
+    ev->port = f->port;
+    ev->client = f->client;
+    ev->subs = f->subs;
+    ev->family = f->family;
+    memcpy(ev->guest_addr, f->gaddr, 16);
+    memcpy(ev->remote_addr, f->raddr, 16);
+    ev->guest_port = f->gport;
+    ev->remote_port = f->rport;
+    ev->time_ns = realtime_ns();
+    ev->what = VN_STREAM_DATA;
+    if (f->report_open)
+        ev->what |= VN_STREAM_OPEN;
+    f->report_open = 0;
+    for (int i = 0; i < 2; i++) {
+        struct vn_half *hf = &f->half[i];
+        ev->read[i] = hf->read;
+        ev->hold[i] = hf->hold;
+        ev->avail[i] = hf->read && hf->contig != UINT64_MAX ? hf->contig : hf->consumed;
+        ev->eof[i] = hf->eof;
+    }
+    if (f->report_close) {
+        ev->what |= VN_STREAM_CLOSED;
+        ev->reason = f->reason;
+        f->report_close = 0;
+        if (f->state == ST_CLOSED) {
+            t->reported = f;       /* its frames stay readable until the next call */
+        } else {                   /* bypassed: it stays in the table, silent */
+            f->announced = 0;
+            for (int i = 0; i < 2; i++)
+                half_free_all(sw, f, &f->half[i]);
+        }
+    }
+    return 1;
+}
+
+static struct vn_half *stream_half(struct vn_switch *sw, uint64_t stream, int dir, struct vn_flow **fp)
+{
+    if (dir != VN_DIR_FROM_GUEST && dir != VN_DIR_TO_GUEST)
+        return NULL;
+    struct vn_flow *f = flow_by_id(sw, stream);
+    if (!f)
+        return NULL;
+    *fp = f;
+    return &f->half[half_of(dir)];
+}
+
+int vn_stream_read(struct vn_switch *sw, uint64_t stream, int dir, uint64_t offset,
+                   const uint8_t **data)
+{
+    struct vn_flow *f;
+    struct vn_half *hf = stream_half(sw, stream, dir, &f);
+    if (!hf)
+        return VN_ENOPORT;
+    *data = NULL;
+    if (offset >= hf->contig)
+        return 0;
+    for (struct vn_seg *s = seg_from(hf, offset); s && s->start <= offset; s = s->next) {
+        if (seg_end(s) > offset) {
+            uint64_t n = seg_end(s) - offset;
+            if (n > hf->contig - offset)
+                n = hf->contig - offset;
+            *data = s->rec->data + s->pay + (offset - s->start);
+            return (int)n;
+        }
+    }
+    return 0;
+}
+
+int vn_stream_consume(struct vn_switch *sw, uint64_t stream, int dir, uint64_t upto)
+{
+    struct vn_flow *f;
+    struct vn_half *hf = stream_half(sw, stream, dir, &f);
+    if (!hf)
+        return VN_ENOPORT;
+    if (upto > hf->contig)
+        upto = hf->contig;
+    if (upto > hf->consumed)
+        hf->consumed = upto;
+    if (f->state != ST_CLOSED)
+        half_trim(sw, f, hf);
+    return VN_OK;
+}
+
+int vn_stream_pass(struct vn_switch *sw, uint64_t stream, int dir, uint64_t upto)
+{
+    struct vn_flow *f;
+    struct vn_half *hf = stream_half(sw, stream, dir, &f);
+    if (!hf)
+        return VN_ENOPORT;
+    if (f->state == ST_CLOSED || f->bypass)
+        return VN_ESTATE;
+    if (upto > hf->passed) {
+        hf->passed = upto;
+        half_release(sw, f, hf);
+        vn_signal_all(sw);
+    }
+    return VN_OK;
+}
+
+int vn_stream_kill(struct vn_switch *sw, uint64_t stream)
+{
+    struct vn_flow *f = flow_by_id(sw, stream);
+    if (!f)
+        return VN_ENOPORT;
+    if (f->state == ST_CLOSED || f->bypass)
+        return VN_ESTATE;
+    sw->ports[f->port].st.tcp_killed++;
+    forge_rsts(sw, f);
+    flow_close(sw, f, VN_CLOSE_KILLED);
+    vn_signal_all(sw);
+    return VN_OK;
+}
+
+int vn_tcp_housekeeping(struct vn_switch *sw)
+{
+    struct vn_tcp *t = sw->tcp;
+    if (!t)
+        return 0;
+    uint64_t now = vn_now_ns();
+    int n = 0;
+    for (int port = 0; port < VN_MAX_PORTS; port++) {
+        struct vn_tcp_port *tp = t->ports[port];
+        if (!tp || !tp->nflows)
+            continue;
+        const struct vn_policy *pol = sw->ports[port].pol;
+        uint64_t idle = pol ? (uint64_t)pol->tcp_idle_ms * 1000000ULL : 0;
+        for (unsigned b = 0; b < VN_TCP_HASH; b++) {
+            for (struct vn_flow *f = tp->buckets[b], *nx; f; f = nx) {
+                nx = f->next;
+                if (f->deferred && !f->bypass) {
+                    f->deferred = 0;
+                    for (int i = 0; i < 2; i++)
+                        half_release(sw, f, &f->half[i]);
+                }
+                uint64_t limit = f->state == ST_ESTABLISHED ? idle : VN_TCP_HANDSHAKE_NS;
+                if (f->bypass && f->state != ST_ESTABLISHED)
+                    limit = VN_TCP_HANDSHAKE_NS;
+                if (now - f->last_ns > limit) {
+                    flow_end(sw, f, VN_CLOSE_IDLE);
+                    n++;
+                }
+            }
+        }
+    }
+    t->deferred = 0;
+    vn_signal_all(sw);
+    return n;
+}
+
+int vn_tcp_flows(struct vn_switch *sw, int port)
+{
+    if (port < 0 || port >= VN_MAX_PORTS)
+        return VN_ENOPORT;
+    struct vn_tcp_port *tp = sw->tcp ? sw->tcp->ports[port] : NULL;
+    return tp ? (int)tp->nflows : 0;
+}
+
+uint64_t vn_tcp_bytes(struct vn_switch *sw, int port)
+{
+    if (port < 0 || port >= VN_MAX_PORTS)
+        return 0;
+    struct vn_tcp_port *tp = sw->tcp ? sw->tcp->ports[port] : NULL;
+    return tp ? tp->bytes : 0;
+}
+
+void vn_tcp_port_gone(struct vn_switch *sw, int port)
+{
+    struct vn_tcp *t = sw->tcp;
+    if (!t || port < 0 || port >= VN_MAX_PORTS || !t->ports[port])
+        return;
+    struct vn_tcp_port *tp = t->ports[port];
+    for (unsigned b = 0; b < VN_TCP_HASH; b++)
+        while (tp->buckets[b]) {
+            struct vn_flow *f = tp->buckets[b];
+            flow_end(sw, f, VN_CLOSE_GONE);
+            if (f->announced)       /* waits for its report; its frames go now */
+                for (int i = 0; i < 2; i++)
+                    half_free_all(sw, f, &f->half[i]);
+        }
+}
+
+void vn_tcp_free_all(struct vn_switch *sw)
+{
+    struct vn_tcp *t = sw->tcp;
+    if (!t)
+        return;
+    for (unsigned b = 0; b < VN_TCP_ID_HASH; b++)
+        while (t->ids[b])
+            flow_free(sw, t->ids[b]);
+    for (int i = 0; i < VN_MAX_PORTS; i++)
+        free(t->ports[i]);
+    munmap(t->scratch, sizeof(struct vn_pkt) * VN_TCP_DEPTH);
+    free(t);
+    sw->tcp = NULL;
+}
