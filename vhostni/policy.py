@@ -14,6 +14,13 @@ or a number; the type inside one VLAN tag), ``proto`` (tcp, udp, icmp, icmpv6, s
 listed flags set, !-prefixed clear) and ``terms`` (raw [{offset, value, mask}] byte tests on
 the frame, hex strings).  A subscription is granted only if it is at least as narrow as
 one of the scanner's rights (every constraint of the right holds for it).
+
+A *stream* right or subscription (``stream = true``) names reconstructed TCP streams instead
+of frames: ``port`` (the server port, i.e. the destination port of the connection's SYN; a
+port, "lo-hi" or [lo, hi]; all ports if absent) and ``direction`` (which bytes: from_guest,
+to_guest or both, the default).  A stream subscription is granted only if its ports and
+directions lie within one of the scanner's stream rights (and contain only if that right
+has contain).
 """
 from __future__ import annotations
 
@@ -243,9 +250,59 @@ def parse_match(where: str, d: Any) -> Match:
     return Match(**kw)
 
 
+@dataclass(frozen=True)
+class StreamMatch:
+    """TCP connections by server port, and which of their byte streams (data directions)."""
+    ports: tuple[int, int] = (0, 0xFFFF)
+    dirs: int = 0
+
+    def directions(self) -> int:
+        return self.dirs or (DIR_FROM | DIR_TO)
+
+    def within(self, right: "StreamMatch") -> bool:
+        return (right.ports[0] <= self.ports[0] and self.ports[1] <= right.ports[1]
+                and not self.directions() & ~right.directions())
+
+    def fill(self, c, contain: bool) -> None:
+        """Writes this into a ``struct vn_stream_sub``."""
+        c.port_lo, c.port_hi = self.ports
+        c.dirs = self.directions()
+        c.contain = 1 if contain else 0
+
+
+STREAM_KEYS = {"stream", "port", "direction"}
+
+
+def parse_stream_match(where: str, d: Any) -> StreamMatch:
+    if not isinstance(d, dict):
+        raise PolicyError(where, "expected a table of stream keys")
+    unknown = set(d) - STREAM_KEYS - {"contain", "comment"}
+    if unknown:
+        raise PolicyError(f"{where}.{sorted(unknown)[0]}",
+                          f"unknown key for a stream (known: {', '.join(sorted(STREAM_KEYS))})")
+    if d.get("stream") is not True:
+        raise PolicyError(f"{where}.stream", "expected true")
+    kw: dict[str, Any] = {}
+    if "port" in d:
+        kw["ports"] = _port_range(f"{where}.port", d["port"])
+    if "direction" in d:
+        if not isinstance(d["direction"], str) or d["direction"] not in DIRECTIONS:
+            raise PolicyError(f"{where}.direction", f"expected one of {', '.join(DIRECTIONS)}")
+        kw["dirs"] = DIRECTIONS[d["direction"]]
+        if kw["dirs"] == DIR_FROM | DIR_TO:
+            kw["dirs"] = 0
+    return StreamMatch(**kw)
+
+
 @dataclass
 class Right:
     match: Match
+    contain: bool
+
+
+@dataclass
+class StreamRight:
+    match: StreamMatch
     contain: bool
 
 
@@ -262,6 +319,7 @@ class ScannerSpec:
     max_timeouts: int = 3        # consecutive missed decisions before it counts as hung
     messages_per_second: int = 20000
     alerts_per_second: float = 10.0
+    stream_rights: list[StreamRight] = field(default_factory=list)
 
 
 @dataclass
@@ -274,6 +332,14 @@ class Policy:
     held_frames_max: int = 4096
     held_bytes_max: int = 16 << 20
     over_cap_pass: bool = False
+    # stream reassembly memcaps and their exception policies (False: drop, fail closed)
+    tcp_flows_max: int = 4096
+    tcp_flows_over_pass: bool = False
+    tcp_bytes_max: int = 64 << 20
+    tcp_bytes_over_pass: bool = False
+    tcp_depth_max: int = 4 << 20
+    tcp_depth_over_pass: bool = False
+    tcp_idle_timeout: float = 600.0
     prevent: list[Match] = field(default_factory=list)
     scanners: list[ScannerSpec] = field(default_factory=list)
     source: Optional[str] = None
@@ -281,7 +347,8 @@ class Policy:
     on_alert: str = "none"       # containment when a scanner of this NI alerts (ON_ALERT)
     doc: Optional[dict] = None      # the document it was parsed from (what ni-get-policy shows)
 
-    def compile(self, subs: list[tuple[Match, bool]] = ()):
+    def compile(self, subs: list[tuple[Match, bool]] = (),
+                stream_subs: list[tuple[StreamMatch, bool]] = ()):
         """A ``struct vn_policy`` for the fast path, with the kernel's live subscriptions."""
         c = ffi.new("struct vn_policy *")
         c.anti_spoof = 1 if self.anti_spoof else 0
@@ -309,6 +376,18 @@ class Policy:
         c.nqallow = len(self.quarantine_allow)
         for i, m in enumerate(self.quarantine_allow):
             m.fill(c.qallow[i])
+        if len(stream_subs) > lib.VN_MAX_STREAM_SUBS:
+            raise PolicyError("", f"more than {lib.VN_MAX_STREAM_SUBS} stream subscriptions on one NI")
+        c.nstream_subs = len(stream_subs)
+        for i, (m, contain) in enumerate(stream_subs):
+            m.fill(c.stream_subs[i], contain)
+        c.tcp_flows_max = self.tcp_flows_max
+        c.tcp_flows_over_pass = 1 if self.tcp_flows_over_pass else 0
+        c.tcp_bytes_max = self.tcp_bytes_max
+        c.tcp_bytes_over_pass = 1 if self.tcp_bytes_over_pass else 0
+        c.tcp_depth_max = self.tcp_depth_max
+        c.tcp_depth_over_pass = 1 if self.tcp_depth_over_pass else 0
+        c.tcp_idle_ms = int(self.tcp_idle_timeout * 1000)
         return c
 
 
@@ -355,7 +434,9 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
     p = Policy(source=source, doc=copy.deepcopy(d))
     ni = _want(d, "ni", "", dict, {})
     _check_keys(ni, {"mac", "addresses", "anti_spoof", "hold_timeout_ms", "default_decision",
-                     "held_frames_max", "held_bytes_max", "over_cap", "on_alert", "comment"}, "ni")
+                     "held_frames_max", "held_bytes_max", "over_cap", "on_alert", "comment",
+                     "tcp_flows_max", "tcp_flows_over", "tcp_bytes_max", "tcp_bytes_over",
+                     "tcp_depth_max", "tcp_depth_over", "tcp_idle_timeout_ms"}, "ni")
     if "mac" in ni:
         m = _want(ni, "mac", "ni", str)
         if not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}", m):
@@ -395,6 +476,22 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
     p.on_alert = _want(ni, "on_alert", "ni", str, "none")
     if p.on_alert not in ON_ALERT:
         raise PolicyError("ni.on_alert", f"expected one of {', '.join(ON_ALERT)}")
+    for key, lo, hi in (("tcp_flows_max", 1, 1 << 20), ("tcp_bytes_max", 1 << 17, (1 << 48)),
+                        ("tcp_depth_max", 0, 1 << 40)):
+        v = _want(ni, key, "ni", int, getattr(p, key))
+        if not lo <= v <= hi:
+            raise PolicyError(f"ni.{key}", f"expected {lo}..{hi}")
+        setattr(p, key, v)
+    for key in ("tcp_flows_over", "tcp_bytes_over", "tcp_depth_over"):
+        v = _want(ni, key, "ni", str, "drop")
+        if v not in ("drop", "pass"):
+            raise PolicyError(f"ni.{key}", "expected 'drop' (fail closed) or 'pass' (the connection "
+                                           "goes on uninspected)")
+        setattr(p, f"{key}_pass", v == "pass")
+    t = _want(ni, "tcp_idle_timeout_ms", "ni", int, int(p.tcp_idle_timeout * 1000))
+    if not 1000 <= t <= 86_400_000:
+        raise PolicyError("ni.tcp_idle_timeout_ms", "expected 1000..86400000")
+    p.tcp_idle_timeout = t / 1000
 
     q = _want(d, "quarantine", "", dict, {})
     _check_keys(q, {"allow", "comment"}, "quarantine")
@@ -426,12 +523,15 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
         if not all(isinstance(a, str) for a in args):
             raise PolicyError(f"{w}.args", "expected a list of strings")
         argv = _scanner_argv(w, _want(s, "program", w, str, required=True), args, base)
-        rights = []
+        rights, stream_rights = [], []
         for j, a in enumerate(_want(s, "allow", w, list, [])):
             contain = a.get("contain", False) if isinstance(a, dict) else False
             if not isinstance(contain, bool):
                 raise PolicyError(f"{w}.allow[{j}].contain", "expected true or false")
-            rights.append(Right(parse_match(f"{w}.allow[{j}]", a), contain))
+            if isinstance(a, dict) and "stream" in a:
+                stream_rights.append(StreamRight(parse_stream_match(f"{w}.allow[{j}]", a), contain))
+            else:
+                rights.append(Right(parse_match(f"{w}.allow[{j}]", a), contain))
         injections = []
         for j, inj in enumerate(_want(s, "inject", w, list, [])):
             iw = f"{w}.inject[{j}]"
@@ -442,7 +542,7 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
                 raise PolicyError(f"{iw}.frame", "shorter than an Ethernet header")
             injections.append((str(inj.get("name", f"inject{j}")), frame))
         spec = ScannerSpec(name=name, argv=argv, config=_want(s, "config", w, dict, {}),
-                           rights=rights, injections=injections)
+                           rights=rights, injections=injections, stream_rights=stream_rights)
         for key, lo, hi in (("memory_mb", 16, 65536), ("cpu_seconds", 1, 10**7), ("open_files", 8, 65536),
                             ("max_timeouts", 1, 1000), ("messages_per_second", 1, 10**7)):
             v = _want(s, key, w, int, getattr(spec, key))
