@@ -15,6 +15,28 @@ A scanner is an untrusted process: it gets only the traffic its subscriptions ma
 policy allows, decides held frames (pass or cut), sends alerts to the administrator and
 injects frames the administrator pre-registered.  This package imports nothing of the NI
 kernel; the wire format is documented in :mod:`vhostni.scanner.wire`.
+
+Reconstructed TCP streams work like accepting connections on a listening socket::
+
+    sc = Scanner.connect()
+    sc.subscribe_stream(port=25, direction="from_guest", contain=True)
+    while True:
+        stream = sc.accept()                     # a new connection (handshake done)
+        while (data := stream.read()) is not None:
+            if b"EICAR" in data.data:
+                stream.kill()                    # forged RSTs to both ends
+            else:
+                stream.pass_(data)               # these bytes may go on
+
+or, for a scanner watching many connections at once, one loop over every event::
+
+    for ev in sc.events():
+        if isinstance(ev, StreamData):
+            sc.pass_(ev)
+
+Bytes arrive in order, without gaps or overlaps, exactly as the receiver will get them
+(the NI kernel reassembles conservatively); a held chunk's bytes reach the receiver only
+after every scanner holding them passed them.
 """
 from __future__ import annotations
 
@@ -25,10 +47,13 @@ import socket
 import time
 from typing import Iterator, Optional, Union
 
-from . import wire
-from .wire import CUT, FROM_GUEST, PASS, TO_GUEST, Frame
+from dataclasses import dataclass
 
-__all__ = ["Scanner", "Frame", "ScannerError", "Refused", "FROM_GUEST", "TO_GUEST"]
+from . import wire
+from .wire import CUT, FROM_GUEST, PASS, PASS_ALL, TO_GUEST, Frame
+
+__all__ = ["Scanner", "Frame", "ScannerError", "Refused", "FROM_GUEST", "TO_GUEST", "Stream",
+           "StreamOpened", "StreamData", "StreamEnd", "StreamClosed", "PASS_ALL"]
 
 ENV_FD = "VHOSTNI_SCANNER_FD"
 
@@ -41,10 +66,134 @@ class Refused(ScannerError):
     """The NI kernel refused a request (outside this scanner's rights, or malformed)."""
 
 
+def _direction(d: Union[int, str]) -> int:
+    if isinstance(d, str):
+        if d not in wire.DIRECTIONS:
+            raise ValueError(f"direction must be one of {', '.join(wire.DIRECTIONS)}")
+        return wire.DIRECTIONS[d]
+    if d not in (FROM_GUEST, TO_GUEST):
+        raise ValueError(f"bad direction {d!r}")
+    return d
+
+
+class Stream:
+    """One reconstructed TCP connection.  Directions are FROM_GUEST (bytes the guest sends)
+    and TO_GUEST; offsets count each direction's bytes from 0."""
+
+    def __init__(self, sc: "Scanner", body: dict):
+        self._sc = sc
+        self.id: int = body["stream"]
+        self.family: int = body.get("family", 4)
+        self.client: str = body.get("client", "guest")        # who connected: guest or remote
+        self.guest: tuple = tuple(body.get("guest") or ("", 0))
+        self.remote: tuple = tuple(body.get("remote") or ("", 0))
+        self.port: int = body.get("port", 0)                    # the server port
+        self.reads = {wire.DIRECTIONS[d] for d in body.get("read", []) if d in wire.DIRECTIONS}
+        self.holds = {wire.DIRECTIONS[d] for d in body.get("held", []) if d in wire.DIRECTIONS}
+        self.received = {FROM_GUEST: 0, TO_GUEST: 0}            # bytes read so far
+        self.ended: dict[int, int] = {}                         # direction -> where its FIN is
+        self.closed = False
+        self.reason: Optional[str] = None
+
+    @property
+    def tuple(self) -> tuple:
+        """("tcp", client address, client port, server address, server port)."""
+        c, s = (self.guest, self.remote) if self.client == "guest" else (self.remote, self.guest)
+        return ("tcp", c[0], c[1], s[0], s[1])
+
+    def read(self, timeout: Optional[float] = None) -> Optional["StreamData"]:
+        """The next bytes of this stream (either direction), or None once it is closed (or
+        when ``timeout`` seconds pass).  Other streams' events stay queued meanwhile."""
+        while True:
+            ev = self._sc._next_event(
+                lambda e: isinstance(e, (StreamData, StreamEnd, StreamClosed)) and e.stream is self,
+                timeout)
+            if ev is None or isinstance(ev, StreamClosed):
+                return None
+            if isinstance(ev, StreamData):
+                return ev
+
+    def pass_(self, direction: Union[int, str, "StreamData"], offset: Optional[int] = None) -> None:
+        """Lets every byte of ``direction`` below ``offset`` go on (default: all read so
+        far); ``pass_(data)`` passes up to the end of a chunk."""
+        if isinstance(direction, StreamData):
+            direction, offset = direction.direction, direction.end
+        d = _direction(direction)
+        self._sc.sock.send(wire.encode_stream_pass(self.id, d, self.received[d] if offset is None
+                                                   else int(offset)))
+
+    def pass_all(self, direction: Union[int, str, None] = None) -> None:
+        """Lets this direction (default: both) go on from now on without holding it."""
+        for d in ((FROM_GUEST, TO_GUEST) if direction is None else (_direction(direction),)):
+            self._sc.sock.send(wire.encode_stream_pass(self.id, d, PASS_ALL))
+
+    def kill(self) -> None:
+        """Ends the connection: the NI forges RSTs to both ends and drops what it holds."""
+        self._sc.sock.send(wire.encode_control({"op": "kill", "stream": self.id}))
+
+    def cut(self, direction: Union[int, str], offset: int, length: int) -> None:
+        """Drops bytes [offset, offset+length) of a direction.  (In this version of the NI
+        kernel a cut kills the connection: the bytes are never passed.)"""
+        self._sc.sock.send(wire.encode_control({
+            "op": "cut", "stream": self.id, "direction": wire.DIRECTION_NAMES[_direction(direction)],
+            "offset": int(offset), "length": int(length)}))
+
+    def more(self, direction: Union[int, str]) -> None:
+        """Tells the NI kernel a decision needs more bytes of ``direction``."""
+        self._sc.sock.send(wire.encode_control({
+            "op": "more", "stream": self.id, "direction": wire.DIRECTION_NAMES[_direction(direction)]}))
+
+    def __repr__(self) -> str:
+        return f"<Stream {self.id} {self.tuple}{' closed' if self.closed else ''}>"
+
+
+@dataclass(frozen=True)
+class StreamOpened:
+    stream: Stream
+
+
+@dataclass(frozen=True)
+class StreamData:
+    stream: Stream
+    direction: int
+    offset: int
+    data: bytes
+    held: bool           # a pass is owed for these bytes
+
+    @property
+    def end(self) -> int:
+        return self.offset + len(self.data)
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """The sender of ``direction`` finished (FIN) after ``offset`` bytes."""
+    stream: Stream
+    direction: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class StreamClosed:
+    stream: Stream
+    reason: str          # fin, rst, killed, idle, bypass, gone, timeout, overrun, scanner
+
+
+Event = Union[Frame, StreamOpened, StreamData, StreamEnd, StreamClosed]
+
+
+@dataclass(frozen=True)
+class _Sync:
+    """A ``sync`` from the kernel, in its place among the events (see _answer_syncs)."""
+    id: object
+
+
 class Scanner:
     def __init__(self, sock: socket.socket, lockdown: bool = True):
         self.sock = sock
-        self._pending: collections.deque = collections.deque()
+        self._pending: collections.deque = collections.deque()     # events not yet taken
+        self._controls: collections.deque = collections.deque()    # replies not yet awaited
+        self.streams: dict[int, Stream] = {}
         self._next_id = 0
         hello = self._wait_control(lambda b: b.get("op") == "hello", timeout=30)
         self.name: str = hello.get("scanner", "")
@@ -82,50 +231,106 @@ class Scanner:
         except wire.WireError as exc:
             raise ScannerError(f"bad message from the NI kernel: {exc}") from None
 
+    def _ingest(self, msg: wire.Message) -> None:
+        """Turns a message from the kernel into an event (or a reply someone awaits)."""
+        if isinstance(msg, Frame):
+            self._pending.append(msg)
+        elif isinstance(msg, wire.StreamData):
+            st = self.streams.get(msg.stream)
+            if st is None:
+                return
+            st.received[msg.direction] = max(st.received[msg.direction], msg.offset + len(msg.data))
+            self._pending.append(StreamData(st, msg.direction, msg.offset, msg.data, msg.held))
+        elif isinstance(msg, wire.Control):
+            b = msg.body
+            op = b.get("op")
+            sid = b.get("stream")
+            if op == "stream_open" and isinstance(sid, int):
+                st = Stream(self, b)
+                self.streams[sid] = st
+                self._pending.append(StreamOpened(st))
+            elif op == "stream_end" and sid in self.streams:
+                st = self.streams[sid]
+                d = wire.DIRECTIONS.get(b.get("direction"), FROM_GUEST)
+                st.ended[d] = b.get("offset", 0)
+                self._pending.append(StreamEnd(st, d, st.ended[d]))
+            elif op == "stream_close" and sid in self.streams:
+                st = self.streams.pop(sid)
+                st.closed, st.reason = True, str(b.get("reason"))
+                self._pending.append(StreamClosed(st, st.reason))
+            elif op == "sync":
+                self._pending.append(_Sync(b.get("id")))
+            elif op not in ("stream_end", "stream_close"):
+                self._controls.append(b)
+
     def _wait_control(self, want, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
         while True:
+            for b in self._controls:
+                if want(b):
+                    self._controls.remove(b)
+                    return b
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ScannerError("the NI kernel did not answer in time")
             msg = self._recv(left)
-            if isinstance(msg, wire.Control) and want(msg.body):
-                return msg.body
             if msg is not None:
-                self._pending.append(msg)   # frames that arrived meanwhile
+                self._ingest(msg)
 
-    def recv(self, timeout: Optional[float] = None) -> Optional[Frame]:
-        """The next frame, or None if ``timeout`` seconds pass without one."""
+    def _next_event(self, want, timeout: Optional[float]):
+        """The first queued event ``want`` accepts (others stay queued), reading more as
+        needed; None if ``timeout`` seconds pass."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        seen = 0
         while True:
-            while self._pending:
-                msg = self._pending.popleft()
-                if isinstance(msg, Frame):
-                    return msg
-                self._control(msg)
+            if self._answer_syncs():
+                seen = 0
+            for i in range(seen, len(self._pending)):
+                ev = self._pending[i]
+                if not isinstance(ev, _Sync) and want(ev):
+                    del self._pending[i]
+                    return ev
+            seen = len(self._pending)
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return None
             msg = self._recv(left)
             if msg is None:
                 return None
-            if isinstance(msg, Frame):
-                return msg
-            self._control(msg)
+            self._ingest(msg)
 
-    def _control(self, msg: wire.Message) -> None:
-        """A control message met between frames.  ``sync`` is answered here: the scanner
-        asks for its next frame only once it has handled every earlier one, so the answer
+    def _answer_syncs(self) -> int:
+        """``sync`` is answered once every event queued before it was taken: the scanner
+        asks for its next event only once it has handled the earlier ones, so the answer
         tells the kernel that everything sent before it has been seen, and every decision
         and alert it caused sent (offline replay waits for this)."""
-        if isinstance(msg, wire.Control) and msg.body.get("op") == "sync":
-            self.sock.send(wire.encode_control({"op": "synced", "id": msg.body.get("id")}))
+        n = 0
+        while self._pending and isinstance(self._pending[0], _Sync):
+            self.sock.send(wire.encode_control({"op": "synced", "id": self._pending.popleft().id}))
+            n += 1
+        return n
+
+    def recv(self, timeout: Optional[float] = None) -> Optional[Frame]:
+        """The next frame, or None if ``timeout`` seconds pass without one."""
+        return self._next_event(lambda e: isinstance(e, Frame), timeout)
 
     def frames(self, timeout: Optional[float] = None) -> Iterator[Optional[Frame]]:
         """Yields frames forever; with ``timeout``, yields None after each quiet interval
         so the scanner can do timed work."""
         while True:
             yield self.recv(timeout)
+
+    def events(self, timeout: Optional[float] = None) -> Iterator[Optional[Event]]:
+        """Yields every event in arrival order: Frame, StreamOpened, StreamData, StreamEnd,
+        StreamClosed; with ``timeout``, None after each quiet interval."""
+        while True:
+            yield self._next_event(lambda e: True, timeout)
+
+    def accept(self, timeout: Optional[float] = None) -> Optional[Stream]:
+        """The next new stream (a connection whose handshake completed), or None after
+        ``timeout`` seconds."""
+        ev = self._next_event(lambda e: isinstance(e, StreamOpened), timeout)
+        return ev.stream if ev is not None else None
 
     # ---- requests
     def _request(self, body: dict) -> dict:
@@ -143,6 +348,16 @@ class Scanner:
         """Asks for frames matching ``match``; ``contain`` asks to hold and decide them."""
         self._request({"op": "subscribe", "match": match, "contain": bool(contain)})
 
+    def subscribe_stream(self, port: Union[int, str, list, None] = None, direction: str = "both",
+                         contain: bool = False) -> None:
+        """Asks for the reconstructed streams of TCP connections to server ``port`` (a port,
+        "lo-hi", [lo, hi], or None for all): the bytes of ``direction`` (from_guest,
+        to_guest or both); ``contain`` holds them until this scanner passes them."""
+        body = {"op": "subscribe", "stream": True, "direction": direction, "contain": bool(contain)}
+        if port is not None:
+            body["port"] = port
+        self._request(body)
+
     def inject(self, index: int, direction: Union[int, str] = TO_GUEST) -> None:
         """Sends pre-registered frame ``index`` to the guest (or from it, into the network)."""
         if isinstance(direction, int):
@@ -158,7 +373,11 @@ class Scanner:
         number = frame.number if isinstance(frame, Frame) else int(frame)
         self.sock.send(wire.encode_decision(number, verdict))
 
-    def pass_(self, frame: Union[Frame, int]) -> None:
+    def pass_(self, frame: Union[Frame, StreamData, int]) -> None:
+        """Passes a held frame, or the bytes of a stream chunk (and all before them)."""
+        if isinstance(frame, StreamData):
+            frame.stream.pass_(frame)
+            return
         self.decide(frame, PASS)
 
     def cut(self, frame: Union[Frame, int]) -> None:

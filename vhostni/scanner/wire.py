@@ -16,18 +16,53 @@ message is:
 
     'D' | verdict u8 (0 pass, 1 cut) | pad 6 | number u64
 
+``S`` stream data, kernel -> scanner (binary, the hot path of stream subscriptions)::
+
+    'S' | direction u8 | flags u8 | pad u8 | stream u64 | offset u64 | length u32 | bytes
+
+  the next in-order bytes of one direction of stream ``stream``, starting at byte
+  ``offset`` of that direction (0 is the first byte after the SYN); ``flags`` bit 0 says
+  they are held: this scanner (it has contain rights on them) owes a pass for them.
+  Chunks of one direction arrive in order, without gaps or overlaps.
+
+``P`` stream pass, scanner -> kernel (binary)::
+
+    'P' | direction u8 | pad 6 | stream u64 | upto u64
+
+  every byte of that direction below ``upto`` may go on, as far as this scanner is
+  concerned.  A held segment leaves when every contain scanner passed all its bytes (one
+  whose boundary a pass falls inside waits to be passed further).  Passing beyond the
+  bytes read so far passes them as they come (2**64-1: the rest of the direction).
+
 ``J`` control, both ways: ``'J'`` followed by one UTF-8 JSON object.
 
   scanner -> kernel: ``{"op": "subscribe", "id": N, "match": {...}, "contain": bool}``,
+  ``{"op": "subscribe", "id": N, "stream": true, "port": P|"lo-hi"|[lo, hi],
+  "direction": "from_guest"|"to_guest"|"both", "contain": bool}`` (reconstructed TCP
+  streams of connections to server port P: see vhostni.policy for how rights are checked),
   ``{"op": "inject", "id": N, "index": I, "direction": "to_guest"|"from_guest"}``,
-  ``{"op": "alert", "message": str, "fields": {...}}``, ``{"op": "synced", "id": N}``.
+  ``{"op": "alert", "message": str, "fields": {...}}``, ``{"op": "synced", "id": N}``,
+  and for streams (no reply; a request outside the scanner's rights is refused with an
+  alert to the administrator):
+  ``{"op": "kill", "stream": S}`` (forged RSTs to both ends, held bytes dropped),
+  ``{"op": "cut", "stream": S, "direction": d, "offset": o, "length": n}`` (stage A of the
+  stream interface: the kernel answers a cut by killing the connection, never by passing
+  the bytes), ``{"op": "more", "stream": S, "direction": d}`` (a decision needs more
+  bytes; recorded; opening the window beyond the receiver's comes later).
 
   kernel -> scanner: ``{"op": "hello", "version": 1, "scanner": name, "ni": name,
   "config": {...}, "injections": [names]}`` first, then ``{"op": "reply", "id": N,
-  "ok": bool, "error": str}`` for each subscribe and inject, and ``{"op": "sync", "id": N}``
-  when the kernel wants to know that the scanner has handled everything sent before it
-  (offline replay does, to stay deterministic): the SDK answers ``synced`` with the same id
-  when its frame loop asks for the next frame.
+  "ok": bool, "error": str}`` for each subscribe and inject, and for streams
+  ``{"op": "stream_open", "stream": S, "family": 4|6, "client": "guest"|"remote",
+  "guest": [addr, port], "remote": [addr, port], "port": server_port,
+  "read": [directions], "held": [directions]}`` when a connection's handshake completes
+  (before any of its bytes), ``{"op": "stream_end", "stream": S, "direction": d,
+  "offset": o}`` when that direction's FIN follows byte o-1, and ``{"op": "stream_close",
+  "stream": S, "reason": "fin"|"rst"|"killed"|"idle"|"bypass"|"gone"|"timeout"|
+  "overrun"|"scanner"}`` last; and ``{"op": "sync", "id": N}`` when the kernel wants to
+  know that the scanner has handled everything sent before it (offline replay does, to stay
+  deterministic): the SDK answers ``synced`` with the same id once every event before the
+  sync was taken and the scanner asks for its next one.
 
   A control message is at most MAX_JSON bytes of JSON whose lists and objects nest at
   most MAX_DEPTH levels.
@@ -52,6 +87,9 @@ FLAG_HELD = 1
 
 FRAME = struct.Struct("<cBBxQQI")
 DECISION = struct.Struct("<cB6xQ")
+STREAM = FRAME                      # 'S': same layout, (stream, offset) for (number, time)
+STREAM_PASS = struct.Struct("<cB6xQQ")
+PASS_ALL = (1 << 64) - 1
 MAX_FRAME = 65550
 MAX_JSON = 65536
 # how deeply a control message's lists and objects may nest: whoever handles one (and
@@ -85,11 +123,32 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class StreamData:
+    stream: int
+    direction: int
+    held: bool
+    offset: int
+    data: bytes
+
+    @property
+    def end(self) -> int:
+        """The offset just past these bytes (what to pass to let them all go)."""
+        return self.offset + len(self.data)
+
+
+@dataclass(frozen=True)
+class StreamPass:
+    stream: int
+    direction: int
+    upto: int
+
+
+@dataclass(frozen=True)
 class Control:
     body: dict
 
 
-Message = Union[Frame, Decision, Control]
+Message = Union[Frame, Decision, StreamData, StreamPass, Control]
 
 
 def encode_frame(number: int, direction: int, held: bool, time_ns: int, data: bytes) -> bytes:
@@ -98,6 +157,14 @@ def encode_frame(number: int, direction: int, held: bool, time_ns: int, data: by
 
 def encode_decision(number: int, verdict: int) -> bytes:
     return DECISION.pack(b"D", verdict, number)
+
+
+def encode_stream_data(stream: int, direction: int, held: bool, offset: int, data: bytes) -> bytes:
+    return STREAM.pack(b"S", direction, FLAG_HELD if held else 0, stream, offset, len(data)) + data
+
+
+def encode_stream_pass(stream: int, direction: int, upto: int) -> bytes:
+    return STREAM_PASS.pack(b"P", direction, stream, upto)
 
 
 def encode_control(body: dict) -> bytes:
@@ -140,6 +207,22 @@ def decode(msg: bytes) -> Message:
         if verdict not in (PASS, CUT):
             raise WireError(f"bad verdict {verdict}")
         return Decision(number, verdict)
+    if kind == b"S":
+        if len(msg) < STREAM.size:
+            raise WireError("truncated stream data header")
+        _, direction, flags, stream, offset, length = STREAM.unpack_from(msg)
+        if direction not in (FROM_GUEST, TO_GUEST):
+            raise WireError(f"bad direction {direction}")
+        if length != len(msg) - STREAM.size or length > MAX_FRAME:
+            raise WireError(f"stream data length {length} does not match the message")
+        return StreamData(stream, direction, bool(flags & FLAG_HELD), offset, msg[STREAM.size:])
+    if kind == b"P":
+        if len(msg) != STREAM_PASS.size:
+            raise WireError(f"stream pass of {len(msg)} bytes, expected {STREAM_PASS.size}")
+        _, direction, stream, upto = STREAM_PASS.unpack(msg)
+        if direction not in (FROM_GUEST, TO_GUEST):
+            raise WireError(f"bad direction {direction}")
+        return StreamPass(stream, direction, upto)
     if kind == b"J":
         if len(msg) - 1 > MAX_JSON:
             raise WireError("control message too large")
