@@ -1,4 +1,4 @@
-"""The NI kernel: scanners, their rights, held frames and alerts.
+"""The NI kernel: scanners, their rights, held frames, streams and alerts.
 
 The fast path (C) holds or copies the frames that subscriptions match and hands them over
 through the punt queue.  Here each one goes to the scanners whose subscriptions matched
@@ -8,14 +8,27 @@ sends is validated here, anything outside its rights is refused and alerted, and
 that crashes, hangs or floods is killed and restarted with back-off while the frames it
 owed decisions on get the policy's default decision.
 
+Stream subscriptions (reconstructed TCP streams, csrc/tcp.c) work the same way on byte
+ranges: the fast path reports streams that opened, grew or closed; each new stream is
+announced to the scanners whose stream subscriptions matched it, its in-order bytes are
+read from the held frames (zero-copy in C, one copy into the message here) and sent to
+them, and a held direction moves on as far as every contain scanner passed it.  The hold
+timeout and default decision apply to each chunk of bytes as to a frame: default pass lets
+the chunk go, default cut kills the connection.  In this first stage of the stream
+interface a ``cut`` kills the connection too (never passing the bytes), and ``more`` is
+recorded but does not open the receiver's window.
+
 Everything here runs on the daemon's one thread, between calls into the C loop.
 """
 from __future__ import annotations
 
+import collections
 import errno
+import ipaddress
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -24,7 +37,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from . import sandbox
-from .policy import Match, Policy, PolicyError, ScannerSpec, parse_match
+from .policy import (Match, Policy, PolicyError, ScannerSpec, StreamMatch, parse_match,
+                     parse_stream_match)
 from .scanner import seccomp, wire
 
 log = logging.getLogger("vhostni.kernel")
@@ -34,6 +48,10 @@ RESTART_MAX = 30.0
 STABLE_AFTER = 60.0        # a scanner up this long has its back-off reset
 LOCKDOWN_GRACE = 10.0      # seconds a scanner has to lock down before it is killed
 STDERR_LINES_PER_S = 20
+OUTQ_MAX = 64 << 20        # stream bytes queued for one scanner that does not keep up
+STREAM_CHUNK = 65536       # bytes of one stream-data message at most
+CLOSE_REASONS = {1: "fin", 2: "rst", 3: "killed", 4: "idle", 5: "bypass", 6: "gone"}
+DIR_NAMES = {1: "from_guest", 2: "to_guest"}
 
 
 class AlertLog:
@@ -156,9 +174,42 @@ class Sub:
 
 
 @dataclass
+class StreamSub:
+    match: StreamMatch
+    contain: bool
+    scanner: str
+
+
+@dataclass
 class Held:
     needed: set
     deadline: float
+
+
+class KStream:
+    """The kernel's side of one reconstructed TCP stream: who reads and holds which
+    direction, how far each holder passed, what was read from the fast path and what is
+    owed by when."""
+
+    def __init__(self, sid: int, info: dict):
+        self.id = sid
+        self.info = info
+        self.readers: dict[str, int] = {}          # scanner -> direction bits it reads
+        self.holders: dict[str, int] = {}          # scanner -> direction bits it holds
+        self.passed: dict[tuple[str, int], int] = {}
+        self.read_off = {1: 0, 2: 0}               # consumed from the fast path
+        self.released = {1: 0, 2: 0}               # passed on to the fast path
+        self.deadlines = {1: collections.deque(), 2: collections.deque()}
+        self.hold_dirs = 0
+        self.ended: set[int] = set()
+        self.more: dict[str, int] = {}
+        self.closing: Optional[str] = None          # a reason of ours, overriding the fast path's
+
+    def holders_of(self, d: int) -> list[str]:
+        return [n for n, dirs in self.holders.items() if dirs & d]
+
+    def readers_of(self, d: int) -> list[str]:
+        return [n for n, dirs in self.readers.items() if dirs & d]
 
 
 @dataclass
@@ -171,6 +222,11 @@ class ScannerCounters:
     alerts: int = 0
     alerts_suppressed: int = 0
     send_failures: int = 0
+    streams: int = 0
+    stream_bytes: int = 0
+    stream_passes: int = 0
+    stream_kills: int = 0
+    stream_mores: int = 0
 
 
 class ScannerProc:
@@ -201,6 +257,9 @@ class ScannerProc:
         self._alerts = _Bucket(spec.alerts_per_second, max(2.0, 2 * spec.alerts_per_second))
         self._err_buf = b""
         self._err_bucket = _Bucket(STDERR_LINES_PER_S, 2 * STDERR_LINES_PER_S)
+        self.outq: collections.deque = collections.deque()   # stream messages waiting for room
+        self.outq_bytes = 0
+        self._out_armed = False
 
     @property
     def running(self) -> bool:
@@ -211,7 +270,8 @@ class ScannerProc:
                 "uid": self.uid,
                 "locked_down": self.locked, "pending_decisions": len(self.pending),
                 "last_error": self.last_error,
-                "rights": [{"contain": r.contain, "match": repr(r.match)} for r in self.spec.rights],
+                "rights": [{"contain": r.contain, "match": repr(r.match)} for r in self.spec.rights]
+                + [{"contain": r.contain, "stream": repr(r.match)} for r in self.spec.stream_rights],
                 **self.counters.__dict__}
 
     # ---- lifecycle
@@ -260,7 +320,10 @@ class ScannerProc:
         self.next_number = 1
         self.locked = False
         self.consecutive_timeouts = 0
-        k.register(parent.fileno(), self.on_readable)
+        self.outq.clear()
+        self.outq_bytes = 0
+        self._out_armed = False
+        k.register(parent.fileno(), self.on_io)
         k.register(rerr, self.on_stderr)
         self._send(wire.encode_control({
             "op": "hello", "version": wire.VERSION, "scanner": self.name, "ni": self.nk.name,
@@ -297,6 +360,9 @@ class ScannerProc:
             os.close(self.err_fd)
             self.err_fd = None
         self.state = "stopped"
+        self.outq.clear()
+        self.outq_bytes = 0
+        self._out_armed = False
         if self.uid is not None:
             k.uids.give(self.uid)
             self.uid = None
@@ -304,10 +370,12 @@ class ScannerProc:
         self.pending.clear()
         for held_id in owed:
             self.nk.settle_default(held_id, self.name)
+        owed_streams = self.nk.stream_scanner_gone(self.name)
         if restart:
             self._schedule_restart()
             k.alerts.append(self.nk.name, self.name, f"scanner stopped: {reason}; restarting in "
-                            f"{self.backoff:.1f} s", decisions_defaulted=len(owed))
+                            f"{self.backoff:.1f} s", decisions_defaulted=len(owed),
+                            streams_defaulted=owed_streams)
         k.event("SCANNER_DIED", ni=self.nk.name, scanner=self.name, reason=reason)
 
     def _schedule_restart(self) -> None:
@@ -363,6 +431,62 @@ class ScannerProc:
         except OSError:
             self.counters.send_failures += 1
             return False
+
+    def send_stream(self, data: bytes, force: bool = False) -> bool:
+        """Sends a stream message in order behind any already queued; False if this scanner
+        is gone or ``OUTQ_MAX`` bytes already wait for it (unless ``force``: a close)."""
+        if not self.sock:
+            return False
+        if not self.outq:
+            try:
+                self.sock.send(data)
+                self.sent += 1
+                return True
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                self.counters.send_failures += 1
+                return False
+        if self.outq_bytes + len(data) > OUTQ_MAX and not force:
+            self.counters.send_failures += 1
+            return False
+        self.outq.append(data)
+        self.outq_bytes += len(data)
+        self.sent += 1
+        self._arm_output(True)
+        return True
+
+    def _arm_output(self, on: bool) -> None:
+        """Waits for room in the socket (EPOLLOUT) only while stream messages are queued."""
+        if on == self._out_armed or not self.sock:
+            return
+        k = self.nk.kernel
+        fd = self.sock.fileno()
+        k.unregister(fd)
+        try:
+            k.register(fd, self.on_io, select.EPOLLIN | (select.EPOLLOUT if on else 0))
+        except TypeError:          # a register() without events: flushed by housekeeping
+            k.register(fd, self.on_io)
+        self._out_armed = on
+
+    def flush(self) -> None:
+        while self.outq and self.sock:
+            try:
+                self.sock.send(self.outq[0])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.outq.clear()
+                self.outq_bytes = 0
+                break
+            self.outq_bytes -= len(self.outq.popleft())
+        if not self.outq:
+            self._arm_output(False)
+
+    def on_io(self) -> None:
+        if self.outq:
+            self.flush()
+        self.on_readable()
 
     def on_stderr(self) -> None:
         self._drain_stderr()
@@ -426,6 +550,14 @@ class ScannerProc:
 
     # ---- requests
     def _handle(self, msg) -> None:
+        if isinstance(msg, wire.StreamPass):
+            self.counters.stream_passes += 1
+            self.nk.stream_pass(self.name, msg.stream, msg.direction, msg.upto)
+            return
+        if isinstance(msg, wire.StreamData):
+            self.kill("sent stream data: scanners cannot write into streams, only pass, cut "
+                      "and inject pre-registered bytes")
+            return
         if isinstance(msg, wire.Decision):
             self.counters.decisions += 1
             held_id = self.pending.pop(msg.number, None)
@@ -449,6 +581,8 @@ class ScannerProc:
             sid = body.get("id")
             if isinstance(sid, int) and not isinstance(sid, bool):
                 self.synced = max(self.synced, sid)
+        elif op in ("kill", "cut", "more"):
+            self._stream_request(op, body)
         else:
             self._reply(body, f"unknown op {op!r}")
 
@@ -470,6 +604,9 @@ class ScannerProc:
         if not isinstance(contain, bool):
             self._reply(body, "contain must be true or false")
             return
+        if "stream" in body:
+            self._subscribe_stream(body, contain)
+            return
         try:
             match = parse_match("match", body.get("match"))
         except PolicyError as exc:
@@ -484,6 +621,40 @@ class ScannerProc:
             return
         err = self.nk.add_sub(Sub(match, contain, self.name))
         self._reply(body, err)
+
+    def _subscribe_stream(self, body: dict, contain: bool) -> None:
+        try:
+            match = parse_stream_match("subscription", {k: body[k] for k in ("stream", "port", "direction")
+                                                        if k in body})
+        except PolicyError as exc:
+            self._reply(body, str(exc))
+            return
+        ok = any(match.within(r.match) and (r.contain or not contain) for r in self.spec.stream_rights)
+        if not ok:
+            self._reply(body, "outside this scanner's rights")
+            self._alert_about("scanner asked for a stream subscription outside its rights",
+                              port=body.get("port"), direction=body.get("direction"), contain=contain)
+            return
+        self._reply(body, self.nk.add_stream_sub(StreamSub(match, contain, self.name)))
+
+    def _stream_request(self, op: str, body: dict) -> None:
+        sid = body.get("stream")
+        if isinstance(sid, bool) or not isinstance(sid, int):
+            self.counters.refused += 1
+            return
+        direction = body.get("direction")
+        d = wire.DIRECTIONS.get(direction) if isinstance(direction, str) else None
+        if op == "kill":
+            self.counters.stream_kills += 1
+            self.nk.stream_kill(self.name, sid, "kill")
+        elif op == "cut":
+            # stage A: a cut ends the connection; the bytes are never passed
+            self.counters.stream_kills += 1
+            self.nk.stream_kill(self.name, sid, "cut", direction=direction,
+                                offset=body.get("offset"), length=body.get("length"))
+        else:
+            self.counters.stream_mores += 1
+            self.nk.stream_more(self.name, sid, d)
 
     def _inject(self, body: dict) -> None:
         idx = body.get("index")
@@ -523,7 +694,9 @@ class ScannerProc:
     def sync(self, sync_id: int) -> bool:
         """Asks the scanner to answer ``synced`` with ``sync_id`` once it has handled every
         frame sent so far (see :mod:`vhostni.scanner.wire`); False if it cannot be asked."""
-        return self._send(wire.encode_control({"op": "sync", "id": sync_id}))
+        msg = wire.encode_control({"op": "sync", "id": sync_id})
+        # behind any stream messages still queued for it: a sync answers for all before it
+        return self.send_stream(msg, force=True) if self.outq else self._send(msg)
 
     def send_frame(self, held_id: int, direction: int, time_ns: int, data: bytes) -> Optional[int]:
         number = self.next_number
@@ -537,7 +710,8 @@ class ScannerProc:
 
 
 class NIKernel:
-    """The kernel state of one NI: its policy, scanners, subscriptions and held frames."""
+    """The kernel state of one NI: its policy, scanners, subscriptions, held frames and
+    streams."""
 
     def __init__(self, kernel: "Kernel", name: str, port, policy: Policy):
         self.kernel = kernel
@@ -545,6 +719,9 @@ class NIKernel:
         self.port = port
         self.policy = policy
         self.subs: list[Sub] = []
+        self.stream_subs: list[StreamSub] = []
+        self.streams: dict[int, KStream] = {}
+        self.streams_killed = 0
         self.held: dict[int, Held] = {}
         self.scanners: dict[str, ScannerProc] = {}
         self.decided_by_timeout = 0
@@ -557,7 +734,17 @@ class NIKernel:
             sp.start()
 
     def apply(self) -> None:
-        self.port.set_policy(self.policy.compile([(s.match, s.contain) for s in self.subs]))
+        self.port.set_policy(self.policy.compile([(s.match, s.contain) for s in self.subs],
+                                                 [(s.match, s.contain) for s in self.stream_subs]))
+
+    def add_stream_sub(self, sub: StreamSub) -> Optional[str]:
+        if sub in self.stream_subs:
+            return None
+        if len(self.stream_subs) >= 64:
+            return "this NI has no room for more stream subscriptions (64)"
+        self.stream_subs.append(sub)
+        self.apply()
+        return None
 
     def add_sub(self, sub: Sub) -> Optional[str]:
         for s in self.subs:
@@ -591,6 +778,9 @@ class NIKernel:
                 old[name].start()
         self.subs = [s for s in self.subs if s.scanner in old and any(
             s.match.within(r.match) and (r.contain or not s.contain) for r in old[s.scanner].spec.rights)]
+        self.stream_subs = [s for s in self.stream_subs if s.scanner in old and any(
+            s.match.within(r.match) and (r.contain or not s.contain)
+            for r in old[s.scanner].spec.stream_rights)]
         self.apply()
 
     # ---- held frames
@@ -641,6 +831,7 @@ class NIKernel:
     def expire(self, now: float) -> float:
         """Applies the default to held frames past their deadline; returns the next deadline."""
         nxt = float("inf")
+        self.expire_streams(now)
         late = [(i, h) for i, h in self.held.items() if h.deadline <= now]
         for held_id, h in late:
             del self.held[held_id]
@@ -660,9 +851,7 @@ class NIKernel:
                         missed=sp.consecutive_timeouts,
                         default="pass" if self.policy.default_pass else "cut")
                     sp.kill(f"hung: {sp.consecutive_timeouts} decisions missed in a row")
-        for h in self.held.values():
-            nxt = min(nxt, h.deadline)
-        return nxt
+        return min(nxt, self.deadline())
 
     def shutdown(self) -> None:
         for sp in self.scanners.values():
@@ -670,12 +859,239 @@ class NIKernel:
         for held_id in list(self.held):
             self.kernel.release(held_id, self.policy.default_pass)
         self.held.clear()
+        self.streams.clear()
         self.port.clear_policy()
 
+    def deadline(self) -> float:
+        """The earliest moment a held frame or stream chunk is owed a decision by."""
+        t = min((h.deadline for h in self.held.values()), default=float("inf"))
+        for st in self.streams.values():
+            for q in st.deadlines.values():
+                if q:
+                    t = min(t, q[0][1])
+        return t
+
     def info(self) -> dict:
+        lib, sw = self.kernel.lib, self.kernel.switch._sw
         return {"policy": self.policy.source, "subscriptions": len(self.subs),
+                "stream_subscriptions": len(self.stream_subs), "streams": len(self.streams),
+                "streams_killed": self.streams_killed,
+                "tcp_flows": lib.vn_tcp_flows(sw, self.port.index),
+                "tcp_bytes": int(lib.vn_tcp_bytes(sw, self.port.index)),
                 "held": len(self.held), "decided_by_timeout": self.decided_by_timeout,
                 "scanners": {n: sp.info() for n, sp in self.scanners.items()}}
+
+    # ---- streams
+    def stream_event(self, ev) -> None:
+        """A stream opened, grew or closed in the fast path (one vn_stream_event)."""
+        sid = int(ev.stream)
+        st = self.streams.get(sid)
+        if ev.what & self.kernel.lib.VN_STREAM_OPEN:
+            st = self._stream_open(ev)
+        if st is None:
+            # not ours (opened under another kernel): nobody will read or decide it
+            if not ev.what & self.kernel.lib.VN_STREAM_CLOSED:
+                self.kernel.lib.vn_stream_kill(self.kernel.switch._sw, sid)
+            return
+        if st.closing is None:
+            for i, d in ((0, 1), (1, 2)):
+                if ev.read[i]:
+                    self._stream_data(st, d, int(ev.avail[i]), bool(ev.eof[i]))
+        if ev.what & self.kernel.lib.VN_STREAM_CLOSED:
+            reason = st.closing or CLOSE_REASONS.get(ev.reason, "closed")
+            self._stream_closed(st, reason)
+
+    def _stream_open(self, ev) -> Optional[KStream]:
+        n = 4 if ev.family == 4 else 16
+        g = str(ipaddress.ip_address(bytes(ev.guest_addr[0:n])))
+        r = str(ipaddress.ip_address(bytes(ev.remote_addr[0:n])))
+        client = "guest" if ev.client == 1 else "remote"
+        server_port = ev.remote_port if client == "guest" else ev.guest_port
+        st = KStream(int(ev.stream), {"family": ev.family, "client": client,
+                                      "guest": [g, ev.guest_port], "remote": [r, ev.remote_port],
+                                      "port": server_port})
+        for i, sub in enumerate(self.stream_subs):
+            if ev.subs >> i & 1:
+                dirs = sub.match.directions()
+                st.readers[sub.scanner] = st.readers.get(sub.scanner, 0) | dirs
+                if sub.contain:
+                    st.holders[sub.scanner] = st.holders.get(sub.scanner, 0) | dirs
+        st.hold_dirs = (1 if ev.hold[0] else 0) | (2 if ev.hold[1] else 0)
+        self.streams[st.id] = st
+        for name in list(st.readers):
+            sp = self.scanners.get(name)
+            if sp is None or not sp.running:
+                if self._stream_lose_scanner(st, name, "scanner"):
+                    return st
+                continue
+            sp.counters.streams += 1
+            msg = {"op": "stream_open", "stream": st.id, **st.info,
+                   "read": [DIR_NAMES[d] for d in (1, 2) if st.readers[name] & d],
+                   "held": [DIR_NAMES[d] for d in (1, 2) if st.holders.get(name, 0) & d]}
+            if not sp.send_stream(wire.encode_control(msg)):
+                if self._stream_lose_scanner(st, name, "overrun"):
+                    return st
+        self._stream_settle(st)
+        return st
+
+    def _stream_data(self, st: KStream, d: int, avail: int, eof: bool) -> None:
+        if st.closing is not None:
+            return
+        lib, ffi, sw = self.kernel.lib, self.kernel.ffi, self.kernel.switch._sw
+        ptr = self.kernel._sptr
+        start = st.read_off[d]
+        while st.read_off[d] < avail:
+            n = lib.vn_stream_read(sw, st.id, d, st.read_off[d], ptr)
+            if n <= 0:
+                break
+            data = ffi.buffer(ptr[0], n)[:]
+            off = st.read_off[d]
+            for name in st.readers_of(d):
+                sp = self.scanners.get(name)
+                held = bool(st.holders.get(name, 0) & d)
+                ok = sp is not None
+                for k in range(0, n, STREAM_CHUNK):
+                    if not ok:
+                        break
+                    piece = data[k:k + STREAM_CHUNK]
+                    ok = sp.send_stream(wire.encode_stream_data(st.id, d, held, off + k, piece))
+                    if ok:
+                        sp.counters.stream_bytes += len(piece)
+                if not ok and self._stream_lose_scanner(st, name, "overrun"):
+                    return
+            st.read_off[d] = off + n
+        if st.read_off[d] > start:
+            lib.vn_stream_consume(sw, st.id, d, st.read_off[d])
+            if st.hold_dirs & d and st.read_off[d] > st.released[d]:
+                st.deadlines[d].append((st.read_off[d], time.monotonic() + self.policy.hold_timeout))
+        if eof and st.read_off[d] >= avail and d not in st.ended:
+            st.ended.add(d)
+            msg = wire.encode_control({"op": "stream_end", "stream": st.id,
+                                       "direction": DIR_NAMES[d], "offset": st.read_off[d]})
+            for name in st.readers_of(d):
+                sp = self.scanners.get(name)
+                if sp is not None and not sp.send_stream(msg):
+                    if self._stream_lose_scanner(st, name, "overrun"):
+                        return
+
+    def _stream_closed(self, st: KStream, reason: str) -> None:
+        self.streams.pop(st.id, None)
+        msg = wire.encode_control({"op": "stream_close", "stream": st.id, "reason": reason})
+        for name in st.readers:
+            sp = self.scanners.get(name)
+            if sp is not None and sp.running:
+                sp.send_stream(msg, force=True)
+
+    def _stream_settle(self, st: KStream) -> None:
+        """Tells the fast path how far each held direction may go: as far as every holder
+        passed; a held direction nobody holds any longer goes on entirely."""
+        lib, sw = self.kernel.lib, self.kernel.switch._sw
+        for d in (1, 2):
+            if not st.hold_dirs & d:
+                continue
+            holders = st.holders_of(d)
+            upto = min((st.passed.get((n, d), 0) for n in holders), default=wire.PASS_ALL)
+            if upto > st.released[d]:
+                st.released[d] = upto
+                lib.vn_stream_pass(sw, st.id, d, upto)
+                q = st.deadlines[d]
+                while q and q[0][0] <= upto:
+                    q.popleft()
+
+    def _stream_lose_scanner(self, st: KStream, name: str, reason: str) -> bool:
+        """Scanner ``name`` no longer takes part in ``st`` (gone, or it could not keep up):
+        the default decision stands in for what it holds.  True if that killed the stream."""
+        holds = st.holders.pop(name, 0)
+        st.readers.pop(name, None)
+        sp = self.scanners.get(name)
+        if sp is not None and sp.running and reason == "overrun":
+            sp.send_stream(wire.encode_control({"op": "stream_close", "stream": st.id,
+                                                "reason": "overrun"}), force=True)
+        if holds and not self.policy.default_pass:
+            self._kill_stream(st, reason)
+            return True
+        self._stream_settle(st)
+        return False
+
+    def stream_scanner_gone(self, name: str) -> int:
+        n = 0
+        for st in list(self.streams.values()):
+            if name in st.readers or name in st.holders:
+                n += 1
+                self._stream_lose_scanner(st, name, "scanner")
+        return n
+
+    def _kill_stream(self, st: KStream, reason: str) -> None:
+        if st.closing is None:
+            st.closing = reason
+            self.streams_killed += 1
+            self.kernel.lib.vn_stream_kill(self.kernel.switch._sw, st.id)
+
+    def stream_pass(self, scanner: str, sid: int, d: int, upto: int) -> None:
+        st = self.streams.get(sid)
+        if st is None or st.closing is not None or not st.holders.get(scanner, 0) & d:
+            return     # late (closed), or not this scanner's to decide: nothing to do
+        key = (scanner, d)
+        if upto <= st.passed.get(key, 0):
+            return
+        st.passed[key] = upto
+        sp = self.scanners.get(scanner)
+        if sp is not None:
+            sp.consecutive_timeouts = 0
+        self._stream_settle(st)
+
+    def stream_kill(self, scanner: str, sid: int, how: str, **fields) -> None:
+        st = self.streams.get(sid)
+        sp = self.scanners.get(scanner)
+        if st is None or st.closing is not None:
+            return
+        if not st.holders.get(scanner):
+            if sp is not None:
+                sp.counters.refused += 1
+                sp._alert_about(f"scanner asked to {how} a stream it has no contain rights on",
+                                stream=sid)
+            return
+        self._kill_stream(st, "killed")
+        if how == "cut":
+            log.info("NI %s: scanner %s cut stream %d (%s): killed (cut is killing in this "
+                     "stage)", self.name, scanner, sid, fields)
+
+    def stream_more(self, scanner: str, sid: int, d: Optional[int]) -> None:
+        st = self.streams.get(sid)
+        if st is not None and st.holders.get(scanner):
+            st.more[scanner] = st.more.get(scanner, 0) + 1
+
+    def expire_streams(self, now: float) -> None:
+        """The hold timeout on stream chunks: default pass lets a chunk go in place of the
+        holders that did not pass it; default cut kills the connection."""
+        for st in list(self.streams.values()):
+            for d in (1, 2):
+                q = st.deadlines[d]
+                while q and q[0][1] <= now and st.closing is None:
+                    end, _ = q.popleft()
+                    late = [n for n in st.holders_of(d) if st.passed.get((n, d), 0) < end]
+                    if not late:
+                        continue
+                    self.decided_by_timeout += 1
+                    for name in late:
+                        sp = self.scanners.get(name)
+                        if sp is not None:
+                            sp.counters.timeouts += 1
+                            sp.consecutive_timeouts += 1
+                    if self.policy.default_pass:
+                        for name in late:
+                            st.passed[(name, d)] = end
+                        self._stream_settle(st)
+                    else:
+                        self._kill_stream(st, "timeout")
+                    for name in late:
+                        sp = self.scanners.get(name)
+                        if sp is not None and sp.running and sp.consecutive_timeouts >= sp.spec.max_timeouts:
+                            self.kernel.alerts.append(
+                                self.name, name, "scanner hung: missed decisions, default applied",
+                                missed=sp.consecutive_timeouts,
+                                default="pass" if self.policy.default_pass else "cut")
+                            sp.kill(f"hung: {sp.consecutive_timeouts} decisions missed in a row")
 
 
 class Kernel:
@@ -693,6 +1109,8 @@ class Kernel:
         self.nis: dict[int, NIKernel] = {}          # by port index
         self.events: list[Callable[[str, dict], None]] = []
         self._punt = ffi.new("struct vn_punt *")
+        self._sev = ffi.new("struct vn_stream_event *")
+        self._sptr = ffi.new("const uint8_t **")
         self.next_deadline = float("inf")
 
     def event(self, name: str, **data) -> None:
@@ -725,11 +1143,20 @@ class Kernel:
                     self.release(p.id, False)
                 continue
             nk.punted(p)
+        ev = self._sev
+        for _ in range(4096):
+            if not self.lib.vn_stream_next(sw, ev):
+                break
+            nk = self.nis.get(ev.port)
+            if nk is None:
+                if not ev.what & self.lib.VN_STREAM_CLOSED:
+                    self.lib.vn_stream_kill(sw, ev.stream)
+                continue
+            nk.stream_event(ev)
         self._update_deadline()
 
     def _update_deadline(self) -> None:
-        self.next_deadline = min((min((h.deadline for h in nk.held.values()), default=float("inf"))
-                                  for nk in self.nis.values()), default=float("inf"))
+        self.next_deadline = min((nk.deadline() for nk in self.nis.values()), default=float("inf"))
 
     def housekeeping(self) -> None:
         now = time.monotonic()
@@ -738,7 +1165,11 @@ class Kernel:
             nxt = min(nxt, nk.expire(now))
             for sp in list(nk.scanners.values()):
                 sp.poll(now)
-        self.next_deadline = nxt
+                if sp.outq:
+                    sp.flush()
+        self.lib.vn_tcp_housekeeping(self.switch._sw)
+        self.next_deadline = min(nxt, min((nk.deadline() for nk in self.nis.values()),
+                                          default=float("inf")))
 
     def close(self) -> None:
         for idx in list(self.nis):
