@@ -6,37 +6,8 @@
 #include <arpa/inet.h>
 #include "vn_internal.h"
 
-static uint32_t csum_add(uint32_t sum, const uint8_t *p, size_t len)
-{
-    while (len > 1) {
-        sum += (uint32_t)p[0] << 8 | p[1];
-        p += 2;
-        len -= 2;
-        if (sum & 0x80000000u)
-            sum = (sum & 0xffff) + (sum >> 16);
-    }
-    if (len)
-        sum += (uint32_t)p[0] << 8;
-    return sum;
-}
 
-static uint16_t csum_fold(uint32_t sum)
-{
-    while (sum >> 16)
-        sum = (sum & 0xffff) + (sum >> 16);
-    return (uint16_t)~sum;
-}
 
-static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
-static inline void wr16(uint8_t *p, uint16_t v) { p[0] = v >> 8; p[1] = v & 0xff; }
-static inline uint32_t rd32(const uint8_t *p)
-{
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
-static inline void wr32(uint8_t *p, uint32_t v)
-{
-    p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = v;
-}
 
 /* Validates the offload request in a guest's header against the frame it came with.
  * 0: fine; -1: reject the frame. */
@@ -67,9 +38,9 @@ int vn_csum_complete(struct vn_pkt *pkt)
     uint32_t start = h->csum_start, field = start + h->csum_offset;
     if (field + 2 > pkt->len || start >= pkt->len)
         return -1;
-    uint16_t c = csum_fold(csum_add(0, pkt->data + start, pkt->len - start));
+    uint16_t c = (uint16_t)~vn_fold(vn_sum16(0, pkt->data + start, pkt->len - start));
     /* a computed 0 is sent as 0xffff for UDP; harmless for TCP (both mean "ok") */
-    wr16(pkt->data + field, c ? c : 0xffff);
+    vn_wr16(pkt->data + field, c ? c : 0xffff);
     h->flags &= ~VIRTIO_NET_HDR_F_NEEDS_CSUM;
     h->flags |= VIRTIO_NET_HDR_F_DATA_VALID;
     return 0;
@@ -80,12 +51,12 @@ static int l3_offset(const struct vn_pkt *pkt, uint16_t *etype)
 {
     if (pkt->len < 14)
         return -1;
-    uint16_t t = rd16(pkt->data + 12);
+    uint16_t t = vn_rd16(pkt->data + 12);
     unsigned off = 14;
     if (t == 0x8100) {
         if (pkt->len < 18)
             return -1;
-        t = rd16(pkt->data + 16);
+        t = vn_rd16(pkt->data + 16);
         off = 18;
     }
     *etype = t;
@@ -115,7 +86,7 @@ int vn_gso_segment(struct vn_switch *sw, int port, const struct vn_pkt *pkt, vn_
         l3len = (d[l3] & 15) * 4u;
         if (l3len < 20 || len < l3 + l3len || d[l3 + 9] != 6)
             return -1;
-        if (rd16(d + l3 + 6) & 0x3fff)   /* a fragment cannot be TSO */
+        if (vn_rd16(d + l3 + 6) & 0x3fff)   /* a fragment cannot be TSO */
             return -1;
         v4 = 1;
     } else if (etype == 0x86dd) {
@@ -137,8 +108,8 @@ int vn_gso_segment(struct vn_switch *sw, int port, const struct vn_pkt *pkt, vn_
     if (mss == 0 || mss > VN_MAX_FRAME - hdrs)
         return -1;
     uint32_t payload = len - hdrs;
-    uint32_t seq = rd32(d + l4 + 4);
-    uint16_t ipid = v4 ? rd16(d + l3 + 4) : 0;
+    uint32_t seq = vn_rd32(d + l4 + 4);
+    uint16_t ipid = v4 ? vn_rd16(d + l3 + 4) : 0;
     uint8_t flags = d[l4 + 13];
     int nseg = 0;
     uint32_t off = 0;
@@ -158,23 +129,23 @@ int vn_gso_segment(struct vn_switch *sw, int port, const struct vn_pkt *pkt, vn_
         if (nseg > 0)
             f &= ~0x80;                   /* CWR */
         tcp[13] = f;
-        wr32(tcp + 4, seq + off);
+        vn_wr32(tcp + 4, seq + off);
         uint32_t seglen = tcplen + take;
         uint32_t sum;
         if (v4) {
-            wr16(ip + 2, (uint16_t)(l3len + seglen));
-            wr16(ip + 4, (uint16_t)(ipid + nseg));
-            wr16(ip + 10, 0);
-            wr16(ip + 10, csum_fold(csum_add(0, ip, l3len)));
-            sum = csum_add(0, ip + 12, 8);
+            vn_wr16(ip + 2, (uint16_t)(l3len + seglen));
+            vn_wr16(ip + 4, (uint16_t)(ipid + nseg));
+            vn_wr16(ip + 10, 0);
+            vn_wr16(ip + 10, (uint16_t)~vn_fold(vn_sum16(0, ip, l3len)));
+            sum = vn_sum16(0, ip + 12, 8);
         } else {
-            wr16(ip + 4, (uint16_t)seglen);
-            sum = csum_add(0, ip + 8, 32);
+            vn_wr16(ip + 4, (uint16_t)seglen);
+            sum = vn_sum16(0, ip + 8, 32);
         }
         sum += 6 + seglen;
-        wr16(tcp + 16, 0);
-        sum = csum_add(sum, tcp, seglen);
-        wr16(tcp + 16, csum_fold(sum));
+        vn_wr16(tcp + 16, 0);
+        sum = vn_sum16(sum, tcp, seglen);
+        vn_wr16(tcp + 16, (uint16_t)~vn_fold(sum));
         cb(sw, port, s);
         nseg++;
         off += take;

@@ -15,7 +15,6 @@
 #include <unistd.h>
 #include "vn_internal.h"
 
-static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
 
 void vn_parse(const struct vn_pkt *pkt, struct vn_hdrs *h)
 {
@@ -26,11 +25,11 @@ void vn_parse(const struct vn_pkt *pkt, struct vn_hdrs *h)
     if (len < 14)
         return;
     uint32_t off = 14;
-    uint16_t et = rd16(d + 12);
+    uint16_t et = vn_rd16(d + 12);
     if (et == 0x8100 || et == 0x88a8) {
         if (len < 18)
             return;
-        et = rd16(d + 16);
+        et = vn_rd16(d + 16);
         off = 18;
     }
     h->ethertype = et;
@@ -46,8 +45,8 @@ void vn_parse(const struct vn_pkt *pkt, struct vn_hdrs *h)
         h->src = d + off + 12;
         h->dst = d + off + 16;
         h->proto = d[off + 9];
-        frag_later = (rd16(d + off + 6) & 0x1fff) != 0;
-        h->frag = (rd16(d + off + 6) & 0x3fff) != 0;
+        frag_later = (vn_rd16(d + off + 6) & 0x1fff) != 0;
+        h->frag = (vn_rd16(d + off + 6) & 0x3fff) != 0;
         off += ihl;
     } else if (et == 0x86dd) {
         if (len < off + 40 || (d[off] >> 4) != 6)
@@ -68,7 +67,7 @@ void vn_parse(const struct vn_pkt *pkt, struct vn_hdrs *h)
             } else if (nh == 44) {
                 if (len < off + 8)
                     return;
-                frag_later = (rd16(d + off + 2) & 0xfff8) != 0;
+                frag_later = (vn_rd16(d + off + 2) & 0xfff8) != 0;
                 h->frag = 1;
                 nh = d[off];
                 off += 8;
@@ -94,8 +93,8 @@ void vn_parse(const struct vn_pkt *pkt, struct vn_hdrs *h)
         h->l4_off = (int)off;
         return;
     }
-    h->sport = rd16(d + off);
-    h->dport = rd16(d + off + 2);
+    h->sport = vn_rd16(d + off);
+    h->dport = vn_rd16(d + off + 2);
     h->l4_known = 1;
     h->l4_off = (int)off;
 }
@@ -187,11 +186,11 @@ int vn_spoofed(const struct vn_policy *pol, const struct vn_pkt *pkt, const stru
     if (pol->mac_set && memcmp(d + 6, pol->mac, 6))
         return 1;
     if (h->ethertype == 0x0806) {
-        unsigned off = (rd16(d + 12) == 0x8100 || rd16(d + 12) == 0x88a8) ? 18 : 14;
+        unsigned off = (vn_rd16(d + 12) == 0x8100 || vn_rd16(d + 12) == 0x88a8) ? 18 : 14;
         if (pkt->len < off + 28)
             return 1;   /* a truncated ARP packet has no business leaving the guest */
         const uint8_t *a = d + off;
-        if (rd16(a) != 1 || rd16(a + 2) != 0x0800 || a[4] != 6 || a[5] != 4)
+        if (vn_rd16(a) != 1 || vn_rd16(a + 2) != 0x0800 || a[4] != 6 || a[5] != 4)
             return 0;   /* not Ethernet/IPv4 ARP: nothing to check */
         if (pol->mac_set && memcmp(a + 8, pol->mac, 6))
             return 1;

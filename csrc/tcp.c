@@ -127,16 +127,6 @@ struct vn_tcp {
     struct vn_pkt *scratch;        /* VN_TCP_DEPTH frames, one mmap */
 };
 
-static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
-static inline void wr16(uint8_t *p, uint16_t v) { p[0] = v >> 8; p[1] = v & 0xff; }
-static inline uint32_t rd32(const uint8_t *p)
-{
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
-static inline void wr32(uint8_t *p, uint32_t v)
-{
-    p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = v;
-}
 
 static int half_of(int dir) { return dir == VN_DIR_FROM_GUEST ? 0 : 1; }
 static int dir_of(int half) { return half == 0 ? VN_DIR_FROM_GUEST : VN_DIR_TO_GUEST; }
@@ -150,31 +140,12 @@ static uint64_t realtime_ns(void)
 
 /* ---- checksums ---- */
 
-static uint32_t sum16(uint32_t sum, const uint8_t *p, size_t len)
-{
-    while (len > 1) {
-        sum += (uint32_t)p[0] << 8 | p[1];
-        p += 2;
-        len -= 2;
-        if (sum & 0x80000000u)
-            sum = (sum & 0xffff) + (sum >> 16);
-    }
-    if (len)
-        sum += (uint32_t)p[0] << 8;
-    return sum;
-}
 
-static uint16_t fold(uint32_t sum)
-{
-    while (sum >> 16)
-        sum = (sum & 0xffff) + (sum >> 16);
-    return (uint16_t)sum;
-}
 
 /* The pseudo-header sum of a TCP segment of `len` bytes. */
 static uint32_t pseudo(int family, const uint8_t *ip, uint32_t len)
 {
-    uint32_t s = family == 4 ? sum16(0, ip + 12, 8) : sum16(0, ip + 8, 32);
+    uint32_t s = family == 4 ? vn_sum16(0, ip + 12, 8) : vn_sum16(0, ip + 8, 32);
     return s + 6 + (len >> 16) + (len & 0xffff);
 }
 
@@ -182,7 +153,7 @@ static uint32_t pseudo(int family, const uint8_t *ip, uint32_t len)
 static uint16_t csum_update(uint16_t csum, uint16_t old, uint16_t new)
 {
     uint32_t s = (uint16_t)~csum + (uint32_t)(uint16_t)~old + new;
-    return (uint16_t)~fold(s);
+    return (uint16_t)~vn_fold(s);
 }
 
 /* ---- tables ---- */
@@ -453,18 +424,18 @@ static void forge_rst(struct vn_switch *sw, struct vn_flow *f, int from, uint32_
     if (f->family == 4) {
         memset(ip, 0, 20);
         ip[0] = 0x45;
-        wr16(ip + 2, 40);
-        wr16(ip + 6, 0x4000);
+        vn_wr16(ip + 2, 40);
+        vn_wr16(ip + 6, 0x4000);
         ip[8] = 64;
         ip[9] = 6;
         memcpy(ip + 12, sa, 4);
         memcpy(ip + 16, da, 4);
-        wr16(ip + 10, (uint16_t)~fold(sum16(0, ip, 20)));
+        vn_wr16(ip + 10, (uint16_t)~vn_fold(vn_sum16(0, ip, 20)));
         tcp = ip + 20;
     } else {
         memset(ip, 0, 40);
         ip[0] = 0x60;
-        wr16(ip + 4, 20);
+        vn_wr16(ip + 4, 20);
         ip[6] = 6;
         ip[7] = 64;
         memcpy(ip + 8, sa, 16);
@@ -472,13 +443,13 @@ static void forge_rst(struct vn_switch *sw, struct vn_flow *f, int from, uint32_
         tcp = ip + 40;
     }
     memset(tcp, 0, 20);
-    wr16(tcp, sp);
-    wr16(tcp + 2, dp);
-    wr32(tcp + 4, seq);
-    wr32(tcp + 8, ack);
+    vn_wr16(tcp, sp);
+    vn_wr16(tcp + 2, dp);
+    vn_wr32(tcp + 4, seq);
+    vn_wr32(tcp + 8, ack);
     tcp[12] = 5 << 4;
     tcp[13] = TCP_RST | TCP_ACK;
-    wr16(tcp + 16, (uint16_t)~fold(sum16(pseudo(f->family, ip, 20), tcp, 20)));
+    vn_wr16(tcp + 16, (uint16_t)~vn_fold(vn_sum16(pseudo(f->family, ip, 20), tcp, 20)));
     pkt->len = (uint32_t)(tcp + 20 - d);
     memset(&pkt->hdr, 0, sizeof(pkt->hdr));
     t->depth++;
@@ -766,10 +737,10 @@ static int checksums_ok(struct vn_pkt *pkt, const struct vn_hdrs *h, unsigned ip
             return 0;
     }
     const uint8_t *ip = pkt->data + h->l3_off;
-    if (h->family == 4 && fold(sum16(0, ip, (ip[0] & 15) * 4u)) != 0xffff)
+    if (h->family == 4 && vn_fold(vn_sum16(0, ip, (ip[0] & 15) * 4u)) != 0xffff)
         return 0;
     uint32_t tlen = ip_end - (unsigned)h->l4_off;
-    return fold(sum16(pseudo(h->family, ip, tlen), pkt->data + h->l4_off, tlen)) == 0xffff;
+    return vn_fold(vn_sum16(pseudo(h->family, ip, tlen), pkt->data + h->l4_off, tlen)) == 0xffff;
 }
 
 int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct vn_pkt *pkt,
@@ -809,12 +780,12 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
     if (gso) {
         ip_end = pkt->len;
     } else if (h->family == 4) {
-        unsigned tot = rd16(d + l3 + 2);
+        unsigned tot = vn_rd16(d + l3 + 2);
         if (tot < (d[l3] & 15) * 4u || l3 + tot > pkt->len)
             return drop(&st->tcp_bad_header);
         ip_end = l3 + tot;
     } else {
-        ip_end = l3 + 40 + rd16(d + l3 + 4);
+        ip_end = l3 + 40 + vn_rd16(d + l3 + 4);
         if (ip_end > pkt->len)
             return drop(&st->tcp_bad_header);
     }
@@ -827,22 +798,22 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
     unsigned pay = l4 + doff;
     uint32_t paylen = ip_end - pay;
     uint8_t flags = tcp[13];
-    uint32_t seq = rd32(tcp + 4), ack = rd32(tcp + 8);
-    uint16_t win = rd16(tcp + 14);
+    uint32_t seq = vn_rd32(tcp + 4), ack = vn_rd32(tcp + 8);
+    uint16_t win = vn_rd16(tcp + 14);
     if (!gso && !checksums_ok(pkt, h, ip_end))
         return drop(&st->tcp_bad_csum);
     if (flags & TCP_URG) {
         /* the receiver would take the urgent byte out of the stream (no SO_OOBINLINE):
          * clear the flag and the pointer so it stays where the scanners see it */
-        uint16_t old_w = rd16(tcp + 12), old_u = rd16(tcp + 18);
+        uint16_t old_w = vn_rd16(tcp + 12), old_u = vn_rd16(tcp + 18);
         tcp[13] &= ~TCP_URG;
-        wr16(tcp + 18, 0);
+        vn_wr16(tcp + 18, 0);
         flags = tcp[13];
         if (!(pkt->hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM)) {
-            uint16_t c = rd16(tcp + 16);
-            c = csum_update(c, old_w, rd16(tcp + 12));
+            uint16_t c = vn_rd16(tcp + 16);
+            c = csum_update(c, old_w, vn_rd16(tcp + 12));
             c = csum_update(c, old_u, 0);
-            wr16(tcp + 16, c);
+            vn_wr16(tcp + 16, c);
         }
         st->tcp_urg_cleared++;
     }

@@ -256,6 +256,41 @@ int vn_vq_push_rx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq,
                   const struct vn_net_hdr *hdr, const uint8_t *data, uint32_t len);
 void vn_port_break(struct vn_port *p, int reason);
 
+/* ---- big-endian field access and the Internet checksum, shared by the .c files ---- */
+static inline uint16_t vn_rd16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static inline void vn_wr16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
+static inline uint32_t vn_rd32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+static inline void vn_wr32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 24); p[1] = (uint8_t)(v >> 16); p[2] = (uint8_t)(v >> 8); p[3] = (uint8_t)v;
+}
+
+/* One's-complement sum of 16-bit big-endian words added to `sum` (not folded). */
+static inline uint32_t vn_sum16(uint32_t sum, const uint8_t *p, size_t len)
+{
+    while (len > 1) {
+        sum += (uint32_t)p[0] << 8 | p[1];
+        p += 2;
+        len -= 2;
+        if (sum & 0x80000000u)
+            sum = (sum & 0xffff) + (sum >> 16);
+    }
+    if (len)
+        sum += (uint32_t)p[0] << 8;
+    return sum;
+}
+
+/* Folds a sum to 16 bits (not inverted: ~vn_fold(sum) is the checksum field). */
+static inline uint16_t vn_fold(uint32_t sum)
+{
+    while (sum >> 16)
+        sum = (sum & 0xffff) + (sum >> 16);
+    return (uint16_t)sum;
+}
+
 /* policy.c */
 void vn_parse(const struct vn_pkt *pkt, struct vn_hdrs *h);
 int vn_match_frame(const struct vn_match *m, int dir, const struct vn_pkt *pkt, const struct vn_hdrs *h);
