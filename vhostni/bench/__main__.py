@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import frameloop, guest_tcp
+from . import frameloop, guest_tcp, scanners
 from .backends import DpdkVhostBackend, VhostniBackend, vhostni_unavailable_reason
 from .testpmd import dpdk_version, reap_stale, testpmd_binary
 
@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="bench/out/results.json", help="JSON results file")
     p.add_argument("--logdir", default=None, help="process logs (default: <out dir>/logs)")
-    p.add_argument("--only", choices=("frameloop", "guest-tcp"), help="run one part only")
+    p.add_argument("--only", choices=("frameloop", "guest-tcp", "scanners"), help="run one part only")
     p.add_argument("--no-vhostni", action="store_true", help="baseline only")
     g = p.add_argument_group("frame loop")
     g.add_argument("--sizes", default="64,1518", help="frame sizes, comma separated")
@@ -61,6 +61,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--images", default=None, help="guest images directory (default images/out)")
     t.add_argument("--tcp-vhostni-cpu", default=None, help="taskset for vhostni in the guest test "
                                                            "(default: none; the guests need both CPUs)")
+    s = p.add_argument_group("scanner overheads (guests; plain vs null scanner vs Code-Red)")
+    s.add_argument("--scanner-configs", default=",".join(scanners.CONFIGS), help="configurations, comma separated")
+    s.add_argument("--scanner-rounds", type=int, default=10,
+                   help="latency rounds; each measures every configuration")
+    s.add_argument("--scanner-count", type=int, default=20,
+                   help="handshakes, connects, lookups, pings per configuration and round")
+    s.add_argument("--scanner-iperf-rounds", type=int, default=3, help="throughput rounds")
+    s.add_argument("--scanner-iperf-seconds", type=int, default=5)
+    s.add_argument("--scanner-hold-rounds", type=int, default=3,
+                   help="host-side rounds (replay harness, no guests): SYN in to SYN out of the NI")
+    s.add_argument("--scanner-hold-count", type=int, default=1000, help="SYNs per configuration and hold round")
+    s.add_argument("--scanner-wait-quiet", type=float, default=3.0, metavar="SECONDS",
+                   help="before each round wait up to SECONDS for other processes to idle")
     return p.parse_args(argv)
 
 
@@ -167,6 +180,9 @@ def report(results: dict) -> str:
             lines.append(f"  {'baseline (tap+bridge)':32s}  {'vhostni':32s}  vhostni/baseline")
             lines.append(f"  {_gbit(gt.get('baseline', {})):32s}  {_gbit(gt.get('vhostni', {})):32s}  "
                          f"{_ratio(gt.get('ratio_vhostni_to_baseline'))}")
+    sc = results.get("scanners")
+    if sc:
+        lines += scanners.report_lines(sc)
     return "\n".join(lines)
 
 
@@ -179,7 +195,7 @@ def main(argv=None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, _on_signal)
 
-    for path in reap_stale():
+    for path in reap_stale(("vni-bench-", "vni-bt-", "vni-bs-")):
         print(f"removed {path} (left by a killed earlier run)", file=sys.stderr)
     results: dict = {"meta": meta(args)}
     vhostni_cmd = shlex.split(args.vhostni_cmd) if args.vhostni_cmd else None
@@ -233,6 +249,18 @@ def main(argv=None) -> int:
                 images=args.images, logdir=logdir)
             results["guest_tcp"] = guest_tcp.run_guest_tcp(tcfg, unavailable,
                                                            progress=lambda m: print(m, flush=True))
+            save()
+        if args.only in (None, "scanners"):
+            print("scanners: overheads of a null and the Code-Red scanner against plain forwarding (two guests)",
+                  flush=True)
+            scfg = scanners.ScannerBenchConfig(
+                configs=tuple(c.strip() for c in args.scanner_configs.split(",") if c.strip()),
+                rounds=args.scanner_rounds, count=args.scanner_count, iperf_rounds=args.scanner_iperf_rounds,
+                iperf_seconds=args.scanner_iperf_seconds, hold_rounds=args.scanner_hold_rounds,
+                hold_count=args.scanner_hold_count,
+                wait_quiet=args.scanner_wait_quiet, quiet_cpus=args.quiet_cpus, vhostni_args=vhostni_args,
+                vhostni_command=vhostni_cmd, images=args.images, logdir=logdir)
+            results["scanners"] = scanners.run_scanners(scfg, unavailable, progress=lambda m: print(m, flush=True))
             save()
     except (KeyboardInterrupt, Interrupted) as exc:
         results["interrupted"] = str(exc) or "KeyboardInterrupt"
