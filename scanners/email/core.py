@@ -1,0 +1,305 @@
+"""The e-mail virus scanner, sans-I/O (section 5.2 of the self-securing NI paper).
+
+    sc = EmailScanner(config, engine=clamd.scan)      # engine: bytes -> None or a signature name
+    acts = sc.open(sid, port, client_is_guest)
+    acts = sc.data(sid, direction, offset, data)      # direction: 1 from the guest, 2 to it
+    acts = sc.end(sid, direction)                     # the sender of direction sent its FIN
+    sc.close(sid)
+
+Actions are tuples: ("pass", direction, offset), ("pass_all", direction), ("more", direction),
+("kill", reason), ("alert", message, fields).  SMTP (client to server) and POP3 (server to
+client) are followed by :mod:`proto`; a message's bytes are held (nothing of it passed) until
+the whole message is there, then its parts (:mod:`mime`) are checked against the SHA-256 table
+and by the engine.  Clean: everything up to the message's end passes, byte for byte.  A hit:
+alert (part name, digest, engine verdict, the first bytes of the original message) and kill.
+
+Stage B (cut + inject in the NI kernel) will replace the infected part instead:
+:func:`replacement_plan` computes the stream byte range to cut and the text/plain part to inject.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from typing import Any, Callable, Mapping, Optional
+
+from .mime import MailError, Part, parse_message
+from .proto import CLIENT, SERVER, Message, Pop3Tracker, SmtpTracker, Violation
+
+__all__ = ["EmailScanner", "ConfigError", "DEFAULTS", "load_config", "replacement_plan", "Hit",
+           "EngineError"]
+
+FROM_GUEST, TO_GUEST = 1, 2
+
+DEFAULTS: dict[str, Any] = {
+    "smtp_ports": [25],
+    "pop3_ports": [110],
+    "max_message_bytes": 10 << 20,
+    "bad_sha256": [],                 # "HEX" or "HEX NAME"
+    "clamd_socket": "",               # "" : the hash table only
+    "clamd_timeout": 30.0,
+    "clamd_ping_interval": 10.0,      # below clamd's IdleTimeout (30 s by default)
+    "scan_whole_message": True,       # also hand the raw message to the engine (it parses mail too)
+    "engine_error": "kill",           # the engine failed on a message: kill or pass
+    "unparseable": "kill",            # MIME beyond the bounds: kill, or scan the raw message as one part
+    "starttls": "kill",               # STARTTLS / STLS: kill, or pass the rest uninspected
+    "oversize": "kill",               # message above max_message_bytes: kill, or pass it unscanned
+    "smuggling": "kill",              # ambiguous end of message: always kill (only "kill" accepted)
+    "max_depth": 10,
+    "max_parts": 1000,
+    "alert_message_bytes": 32768,     # of the original message, base64, in the alert (max 40000)
+    "replacement": ("Content-Type: text/plain; charset=us-ascii\r\n\r\n"
+                    "An attachment of this message was removed by the network interface: "
+                    "it contained a virus.\r\n"),
+}
+
+_CHOICES = {"engine_error": ("kill", "pass"), "unparseable": ("kill", "scan_raw"),
+            "starttls": ("kill", "pass"), "oversize": ("kill", "pass"), "smuggling": ("kill",)}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class EngineError(Exception):
+    """The virus engine could not scan (raised by the engine callable)."""
+
+
+def _ports(key: str, v) -> list[int]:
+    if not isinstance(v, list) or not all(isinstance(p, int) and not isinstance(p, bool)
+                                          and 0 < p < 65536 for p in v):
+        raise ConfigError(f"{key}: expected a list of ports")
+    return v
+
+
+def load_config(cfg: Optional[Mapping]) -> dict:
+    cfg = dict(cfg or {})
+    unknown = set(cfg) - set(DEFAULTS)
+    if unknown:
+        raise ConfigError(f"unknown keys: {', '.join(sorted(unknown))}")
+    out = dict(DEFAULTS, **cfg)
+    _ports("smtp_ports", out["smtp_ports"])
+    _ports("pop3_ports", out["pop3_ports"])
+    if set(out["smtp_ports"]) & set(out["pop3_ports"]):
+        raise ConfigError("a port cannot be both SMTP and POP3")
+    for key in ("max_message_bytes", "max_depth", "max_parts", "alert_message_bytes"):
+        v = out[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ConfigError(f"{key}: expected a non-negative integer")
+    if out["alert_message_bytes"] > 40000:
+        raise ConfigError("alert_message_bytes: at most 40000 (an alert is at most 64 KiB)")
+    for key in ("clamd_timeout", "clamd_ping_interval"):
+        if not isinstance(out[key], (int, float)) or isinstance(out[key], bool) or out[key] <= 0:
+            raise ConfigError(f"{key}: expected a positive number")
+    for key, ok in _CHOICES.items():
+        if out[key] not in ok:
+            raise ConfigError(f"{key}: expected one of {', '.join(ok)}")
+    if not isinstance(out["clamd_socket"], str):
+        raise ConfigError("clamd_socket: expected a path")
+    if not isinstance(out["scan_whole_message"], bool):
+        raise ConfigError("scan_whole_message: expected true or false")
+    rep = out["replacement"]
+    if not isinstance(rep, str) or not rep.isascii() or "\r\n\r\n" not in rep \
+            or re.search(r"(^|\n)\.", rep) or re.search(r"(?<!\r)\n|\r(?!\n)", rep):
+        raise ConfigError("replacement: ASCII, CRLF line ends, headers + blank line + body, "
+                          "no line starting with '.'")
+    table = {}
+    if not isinstance(out["bad_sha256"], list):
+        raise ConfigError("bad_sha256: expected a list of \"HEX [NAME]\"")
+    for entry in out["bad_sha256"]:
+        words = entry.split(None, 1) if isinstance(entry, str) else []
+        if not words or not re.fullmatch(r"[0-9a-fA-F]{64}", words[0]):
+            raise ConfigError(f"bad_sha256: {entry!r} is not a SHA-256 digest in hex")
+        table[words[0].lower()] = words[1].strip() if len(words) > 1 else "known-bad"
+    out["_table"] = table
+    return out
+
+
+class Hit:
+    def __init__(self, part: Optional[Part], engine: str, verdict: str, digest: str):
+        self.part, self.engine, self.verdict, self.digest = part, engine, verdict, digest
+
+    def fields(self) -> dict:
+        p = self.part
+        return {"part": p.path if p else None, "filename": p.filename if p else None,
+                "content_type": p.content_type if p else None, "sha256": self.digest,
+                "engine": self.engine, "verdict": self.verdict}
+
+
+def replacement_plan(msg: Message, part: Optional[Part], replacement: str) -> Optional[dict]:
+    """Stage B: the stream bytes to cut and the bytes to inject in their place so the infected
+    part becomes ``replacement`` (a whole MIME entity: headers, blank line, body).  The range is
+    the part's headers and body (between its delimiter line and the CRLF before the next one),
+    mapped through the dot-stuffing onto stream offsets.  None where a cut cannot work: a
+    top-level (not multipart) body, BDAT (the chunk sizes would no longer match) or a hit on the
+    whole message only."""
+    if part is None or not part.in_multipart or msg.how == "bdat":
+        return None
+    inject = replacement.encode("ascii")
+    if inject.endswith(b"\r\n"):
+        inject = inject[:-2]     # the CRLF before the next delimiter stays in the stream
+    a, b = msg.wire.start(part.start), msg.wire.end(part.end)
+    direction_side = msg.side
+    return {"side": direction_side, "cut": [a, b - a], "inject_at": a, "inject": inject}
+
+
+class _Conn:
+    def __init__(self, tracker, client_dir: int):
+        self.tracker = tracker
+        self.dirs = {CLIENT: client_dir, SERVER: TO_GUEST if client_dir == FROM_GUEST else FROM_GUEST}
+        self.side_of = {v: k for k, v in self.dirs.items()}
+        self.passed = {FROM_GUEST: 0, TO_GUEST: 0}
+        self.asked_more: Optional[int] = None     # the message start we asked more for
+        self.done = False
+        self.tuple: Any = None
+
+
+class EmailScanner:
+    def __init__(self, config: Optional[Mapping] = None,
+                 engine: Optional[Callable[[bytes], Optional[str]]] = None):
+        self.cfg = load_config(config)
+        self.engine = engine
+        self.conns: dict[int, _Conn] = {}
+        self.stats = {"messages": 0, "clean": 0, "infected": 0, "parts": 0, "engine_errors": 0,
+                      "violations": 0}
+
+    # ---- connections
+    def open(self, sid: int, port: int, client_is_guest: bool, tuple_=None) -> list:
+        client_dir = FROM_GUEST if client_is_guest else TO_GUEST
+        if port in self.cfg["smtp_ports"]:
+            tracker = SmtpTracker(self.cfg["max_message_bytes"])
+        elif port in self.cfg["pop3_ports"]:
+            tracker = Pop3Tracker(self.cfg["max_message_bytes"])
+        else:
+            return [("pass_all", FROM_GUEST), ("pass_all", TO_GUEST)]
+        c = _Conn(tracker, client_dir)
+        c.tuple = list(tuple_) if tuple_ else None
+        self.conns[sid] = c
+        return []
+
+    def close(self, sid: int) -> None:
+        self.conns.pop(sid, None)
+
+    def data(self, sid: int, direction: int, offset: int, data: bytes) -> list:
+        c = self.conns.get(sid)
+        if c is None or c.done:
+            return []
+        t = c.tracker
+        side = c.side_of[direction]
+        acts: list = []
+        for ev in t.feed(side, data):
+            if isinstance(ev, Violation):
+                acts += self._violation(c, ev)
+            else:
+                acts += self._message(c, ev)
+                d = c.dirs[ev.side]
+                if not c.done and ev.end > c.passed[d]:
+                    c.passed[d] = ev.end          # a clean message goes on at once
+                    acts.append(("pass", d, ev.end))
+            if c.done:
+                return acts
+        for d, s in c.dirs.items():
+            p = t.passable(d)
+            if p > c.passed[s]:
+                c.passed[s] = p
+                acts.append(("pass", s, p))
+        if t.in_message():
+            start = t.hold_from[t.msg_side]
+            if c.asked_more != start:
+                c.asked_more = start
+                acts.append(("more", c.dirs[t.msg_side]))
+        return acts
+
+    # ---- decisions
+    def _violation(self, c: _Conn, v: Violation) -> list:
+        self.stats["violations"] += 1
+        choice = self.cfg.get(v.reason, "kill")
+        fields = {"event": v.reason, "protocol": c.tracker.protocol, "tuple": c.tuple,
+                  "offset": v.offset, "detail": v.detail}
+        if v.reason in ("starttls", "oversize") and choice == "pass":
+            c.done = True
+            return [("alert", f"e-mail: {v.detail}; the rest of the connection passes uninspected",
+                     dict(fields, action="pass")),
+                    ("pass_all", FROM_GUEST), ("pass_all", TO_GUEST)]
+        c.done = True
+        return [("alert", f"e-mail: {v.detail}; connection killed", dict(fields, action="kill")),
+                ("kill", v.reason)]
+
+    def _message(self, c: _Conn, msg: Message) -> list:
+        self.stats["messages"] += 1
+        hits, errors, notes = self.check(msg.data)
+        if errors and self.cfg["engine_error"] == "kill" or "unparseable" in notes:
+            self.stats["engine_errors"] += bool(errors)
+            if not hits:
+                c.done = True
+                what = "; ".join(errors + notes)[:500]
+                return [("alert", f"e-mail: message not checked ({what}); connection killed",
+                         dict(self._msg_fields(c, msg), event="unchecked", errors=errors + notes)),
+                        ("kill", "unchecked")]
+        if not hits:
+            self.stats["clean"] += 1
+            return []
+        self.stats["infected"] += 1
+        c.done = True
+        first = hits[0]
+        plan = replacement_plan(msg, first.part, self.cfg["replacement"])
+        fields = dict(self._msg_fields(c, msg), event="virus", **first.fields(),
+                      hits=[h.fields() for h in hits[:20]])
+        if plan is not None:
+            fields["stage_b_cut"] = plan["cut"]
+        # TODO(stage B): with cut/inject in the NI kernel, instead of the kill:
+        #   stream.cut(c.dirs[plan["side"]], *plan["cut"]); inject the pre-registered
+        #   replacement at plan["inject_at"]; pass up to msg.end.  Until then: kill.
+        name = first.part.filename if first.part and first.part.filename else \
+            (first.part.path if first.part else "the message")
+        return [("alert", f"e-mail virus {first.verdict} in {name!r} ({msg.protocol}); connection killed",
+                 fields), ("kill", "virus")]
+
+    def _msg_fields(self, c: _Conn, msg: Message) -> dict:
+        n = self.cfg["alert_message_bytes"]
+        return {"protocol": msg.protocol, "how": msg.how, "tuple": c.tuple,
+                "message_offset": msg.start, "message_size": len(msg.data),
+                "message_sha256": hashlib.sha256(msg.data).hexdigest(),
+                "envelope": msg.envelope or None,
+                "message_b64": base64.b64encode(msg.data[:n]).decode(),
+                "message_truncated": len(msg.data) > n}
+
+    def check(self, raw: bytes) -> tuple[list, list, list]:
+        """(hits, engine errors, notes) for one whole message."""
+        hits: list[Hit] = []
+        errors: list[str] = []
+        notes: list[str] = []
+        try:
+            parts = parse_message(raw, self.cfg["max_depth"], self.cfg["max_parts"])
+        except MailError as exc:
+            if self.cfg["unparseable"] == "kill":
+                notes.append("unparseable")
+                notes.append(str(exc))
+                parts = []
+            else:
+                parts = [Part("", "application/octet-stream", "7bit", None, raw, 0, 0, len(raw),
+                              False, [str(exc)])]
+        table = self.cfg["_table"]
+        for p in parts:
+            self.stats["parts"] += 1
+            digest = hashlib.sha256(p.data).hexdigest()
+            if digest in table:
+                hits.append(Hit(p, "sha256", table[digest], digest))
+                continue
+            if self.engine is not None and p.data:
+                try:
+                    v = self.engine(p.data)
+                except EngineError as exc:
+                    errors.append(str(exc))
+                    continue
+                if v:
+                    hits.append(Hit(p, "clamd", v, digest))
+        if not hits and self.engine is not None and self.cfg["scan_whole_message"] and raw:
+            try:
+                v = self.engine(raw)
+            except EngineError as exc:
+                errors.append(str(exc))
+                v = None
+            if v:
+                hits.append(Hit(None, "clamd", v, hashlib.sha256(raw).hexdigest()))
+        return hits, errors, notes
