@@ -483,3 +483,100 @@ def test_real_clamd_with_a_test_built_database(real_clamd):
     (alert,) = [a for a in acts if a[0] == "alert"]
     assert alert[2]["filename"] == "eicar.com" and alert[2]["verdict"] == "Test.EICAR.UNOFFICIAL"
     c.close()
+
+
+# ---------------------------------------------------------------------------
+# End to end: the scanner process in the NI kernel, simulated guests a (client) and b
+# ---------------------------------------------------------------------------
+
+def _e2e_kit(kits_made, config: dict, hold_timeout_ms: int = 10000):
+    sys.path.insert(0, str(REPO / "tests"))
+    from nikit import Kit, policy, scanner_spec
+    spec = scanner_spec("email", str(REPO / "scanners" / "email"),
+                        allow=[{"stream": True, "port": p, "direction": "both", "contain": True}
+                               for p in (25, 110)],
+                        alerts_per_second=1000,
+                        config=dict({"smtp_ports": [25], "pop3_ports": [110]}, **config))
+    k = Kit({"a": policy(scanners=[spec], hold_timeout_ms=hold_timeout_ms)})
+    kits_made.append(k)
+    k.wait_alert("e-mail scanner ready", "a", "email", timeout=20)
+    return k
+
+
+@pytest.fixture
+def kits_made():
+    made: list = []
+    yield made
+    for k in made:
+        k.close()
+
+
+def _got(k, name: str, want: int, wait: float = 5.0) -> bytes:
+    from tcpkit import segments
+    out = b""
+    end = time.monotonic() + wait
+    while len(out) < want and time.monotonic() < end:
+        out += b"".join(s.payload for s in segments(k.recv(name, 0.1)))
+    return out
+
+
+@pytest.mark.parametrize("pieces", [1, 9])
+def test_e2e_clean_mail_arrives_byte_for_byte(kits_made, pieces):
+    from tcpkit import Conn
+    k = _e2e_kit(kits_made, {"bad_sha256": [VIRUS_SHA]})
+    c = Conn(k)
+    c.open()
+    wire = smtp_session(mail(b"clean attachment" * 50), mail(b"second"))
+    size = -(-len(wire) // pieces)
+    c.send("b", c.data("b", b"220 hi\r\n"))
+    assert _got(k, "a", 8) == b"220 hi\r\n"
+    for i in range(0, len(wire), size):
+        c.send("a", c.data("a", wire[i:i + size]))
+    assert _got(k, "b", len(wire)) == wire
+    assert not k.alerts_matching("virus", "a", "email") and k.nk("a").streams_killed == 0
+
+
+def test_e2e_infected_mail_is_killed_and_alerted(kits_made):
+    from tcpkit import RST, Conn, segments
+    k = _e2e_kit(kits_made, {"bad_sha256": [f"{VIRUS_SHA} Test.Payload"]})
+    c = Conn(k)
+    c.open()
+    head = b"EHLO me\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n"
+    body = stuff(mail(VIRUS, name="evil.exe")) + b".\r\n"
+    c.send("a", c.data("a", head))
+    assert _got(k, "b", len(head)) == head
+    half = len(body) // 2
+    c.send("a", c.data("a", body[:half]))
+    assert _got(k, "b", 1, 0.5) == b""                  # the body waits for its end
+    c.send("a", c.data("a", body[half:]))
+    alert = k.wait_alert("e-mail virus", "a", "email")
+    f = alert["fields"]
+    assert f["filename"] == "evil.exe" and f["sha256"] == VIRUS_SHA and f["verdict"] == "Test.Payload"
+    assert base64.b64decode(f["message_b64"]) == mail(VIRUS, name="evil.exe")
+    to_b = segments(k.recv("b", 1.0, 2))
+    assert to_b and all(s.has(RST) and not s.payload for s in to_b)       # nothing of the body
+    k.until(lambda: k.nk("a").streams_killed == 1, what="the kill")
+
+
+def test_e2e_pop3_infected_retr_is_killed(kits_made):
+    from tcpkit import RST, Conn, segments
+    k = _e2e_kit(kits_made, {"bad_sha256": [VIRUS_SHA]})
+    c = Conn(k, client="a", server="b", sport=110)
+    c.open()
+    c.send("b", c.data("b", b"+OK ready\r\n"))
+    assert _got(k, "a", 11) == b"+OK ready\r\n"
+    c.send("a", c.data("a", b"RETR 1\r\n"))
+    assert _got(k, "b", 8) == b"RETR 1\r\n"
+    c.send("b", c.data("b", b"+OK\r\n" + stuff(mail(VIRUS)) + b".\r\n"))
+    k.wait_alert("e-mail virus", "a", "email")
+    got = b"".join(s.payload for s in segments(k.recv("a", 1.0)))
+    assert b"Content-Type" not in got
+
+
+def test_example_policy_loads_and_its_config_is_valid():
+    from vhostni.policy import load_policy
+    pol = load_policy(str(REPO / "examples" / "email.toml"))
+    (spec,) = pol.scanners
+    assert spec.argv[-1] == str(REPO / "scanners" / "email")
+    cfg = load_config(spec.config)
+    assert cfg["_table"][hashlib.sha256(EICAR).hexdigest()] == "EICAR-Test-File"
