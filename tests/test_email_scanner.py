@@ -559,7 +559,7 @@ def test_e2e_infected_mail_is_killed_and_alerted(kits_made):
 
 
 def test_e2e_pop3_infected_retr_is_killed(kits_made):
-    from tcpkit import RST, Conn, segments
+    from tcpkit import Conn, segments
     k = _e2e_kit(kits_made, {"bad_sha256": [VIRUS_SHA]})
     c = Conn(k, client="a", server="b", sport=110)
     c.open()
