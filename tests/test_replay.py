@@ -444,3 +444,29 @@ def test_a_window_lets_scanners_fall_behind_without_changing_what_is_delivered(t
     lockstep, windowed = results
     assert lockstep == [(ts, d) for ts, d in cap.frames if b"CUT" not in d]
     assert sorted(d for _, d in windowed) == sorted(d for _, d in lockstep)
+
+
+def test_finish_waits_for_stream_bytes_still_owed_a_decision(tmp_path):
+    # A stream scanner that never passes: the data's only way out is the hold timeout
+    # (default pass).  finish() must wait for it, as it does for held frames.
+    spec = scanner_spec("sd", "stream_decider.py",
+                        allow=[{"stream": True, "port": 25, "direction": "both", "contain": True}],
+                        config={"subscribe": [{"port": 25, "direction": "both", "contain": True}],
+                                "mode": "hold"})
+    doc = policy(scanners=[spec], hold_timeout_ms=400, default_decision="pass")
+    cs, ss = 1000, 5000
+    frames = [from_guest(TCP(sport=40000, dport=25, flags="S", seq=cs - 1)),
+              to_guest(TCP(sport=25, dport=40000, flags="SA", seq=ss - 1, ack=cs)),
+              from_guest(TCP(sport=40000, dport=25, flags="A", seq=cs, ack=ss)),
+              from_guest(TCP(sport=40000, dport=25, flags="PA", seq=cs, ack=ss) / Raw(b"HELO owed\r\n"))]
+    got = []
+    with Replay(parse_mac(GUEST), parse_policy(doc), on_frame=lambda ts, f, d: got.append(f)) as r:
+        r.start()
+        for i, f in enumerate(frames):
+            r.feed(i, bytes(f))
+        t0 = time.monotonic()
+        r.finish()
+        waited = time.monotonic() - t0
+        s = r.summary()
+        assert any(b"HELO owed" in f for f in got), "finish() returned with stream bytes still held"
+    assert waited >= 0.2 and s["ni"]["decided_by_timeout"] == 1

@@ -871,6 +871,12 @@ class NIKernel:
                     t = min(t, q[0][1])
         return t
 
+    def owes(self) -> bool:
+        """Whether a held frame, or a held stream chunk of a stream not being killed, still
+        awaits a decision (by its scanners or, at its deadline, by the policy's default)."""
+        return bool(self.held) or any(
+            st.closing is None and any(st.deadlines.values()) for st in self.streams.values())
+
     def info(self) -> dict:
         lib, sw = self.kernel.lib, self.kernel.switch._sw
         return {"policy": self.policy.source, "subscriptions": len(self.subs),

@@ -405,11 +405,11 @@ class Replay:
             self._pump(deadline - now if now < deadline else HOUSEKEEPING_S)
 
     def finish(self) -> None:
-        """The capture ended: waits until every held frame is decided (by a scanner, or by
-        the policy's default when its hold timeout passes)."""
+        """The capture ended: waits until every held frame and every held stream byte is
+        decided (by a scanner, or by the policy's default when its hold timeout passes)."""
         self._collect()
         self._wait(0)
-        while self.nk is not None and self.nk.held:
+        while self.nk is not None and self.nk.owes():
             self._pump(HOUSEKEEPING_S)
         self._collect()
 
