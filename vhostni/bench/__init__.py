@@ -7,6 +7,9 @@
   run`` -- alternating the two, several runs each, and reports frames/s (medians, spread, ratio);
 * **guest TCP throughput** (:mod:`vhostni.bench.guest_tcp`): iperf3 between two QEMU (TCG) guests joined by
   vhostni, against the same guests on taps on a Linux bridge.
+* **scanner overheads** (:mod:`vhostni.bench.scanners`): plain forwarding against the null and Code-Red scanners;
+* **streams** (:mod:`vhostni.bench.streams`): host-side replay of a synthetic capture: TCP stream reassembly
+  throughput under the null stream scanner against plain forwarding, and the e-mail scanner's per-message latency.
 
 A part that cannot run here (no testpmd, no vhostni, no guest images) is reported with the reason instead of a
 number.  Results go to JSON (``--out``) and a table on stdout; per-process logs to ``--logdir``.

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import frameloop, guest_tcp, scanners
+from . import frameloop, guest_tcp, scanners, streams
 from .backends import DpdkVhostBackend, VhostniBackend, vhostni_unavailable_reason
 from .testpmd import dpdk_version, reap_stale, testpmd_binary
 
@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="bench/out/results.json", help="JSON results file")
     p.add_argument("--logdir", default=None, help="process logs (default: <out dir>/logs)")
-    p.add_argument("--only", choices=("frameloop", "guest-tcp", "scanners"), help="run one part only")
+    p.add_argument("--only", choices=("frameloop", "guest-tcp", "scanners", "streams"), help="run one part only")
     p.add_argument("--no-vhostni", action="store_true", help="baseline only")
     g = p.add_argument_group("frame loop")
     g.add_argument("--sizes", default="64,1518", help="frame sizes, comma separated")
@@ -74,6 +74,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--scanner-hold-count", type=int, default=1000, help="SYNs per configuration and hold round")
     s.add_argument("--scanner-wait-quiet", type=float, default=3.0, metavar="SECONDS",
                    help="before each round wait up to SECONDS for other processes to idle")
+    r = p.add_argument_group("streams (host-side replay: reassembly throughput, e-mail scanner latency)")
+    r.add_argument("--stream-rounds", type=int, default=3, help="throughput rounds (plain and null stream each)")
+    r.add_argument("--stream-connections", type=int, default=16, help="TCP connections in the synthetic capture")
+    r.add_argument("--stream-bytes", type=int, default=4 << 20, help="payload bytes per connection")
+    r.add_argument("--stream-window", type=int, default=1, help="replay --window (1: lockstep)")
+    r.add_argument("--stream-cpu", default="0", help="CPU to pin replay and its scanner to ('' for none)")
+    r.add_argument("--email-rounds", type=int, default=3, help="e-mail latency rounds")
+    r.add_argument("--email-messages", type=int, default=50, help="messages per kind, configuration and round")
+    r.add_argument("--email-attachment", type=int, default=16384, help="attachment size, bytes (before base64)")
     return p.parse_args(argv)
 
 
@@ -183,6 +192,9 @@ def report(results: dict) -> str:
     sc = results.get("scanners")
     if sc:
         lines += scanners.report_lines(sc)
+    st = results.get("streams")
+    if st:
+        lines += streams.report_lines(st)
     return "\n".join(lines)
 
 
@@ -261,6 +273,16 @@ def main(argv=None) -> int:
                 wait_quiet=args.scanner_wait_quiet, quiet_cpus=args.quiet_cpus, vhostni_args=vhostni_args,
                 vhostni_command=vhostni_cmd, images=args.images, logdir=logdir)
             results["scanners"] = scanners.run_scanners(scfg, unavailable, progress=lambda m: print(m, flush=True))
+            save()
+        if args.only in (None, "streams"):
+            print("streams: reassembly throughput (null stream scanner) and e-mail scanner latency, host-side "
+                  "replay", flush=True)
+            stcfg = streams.StreamBenchConfig(
+                rounds=args.stream_rounds, connections=args.stream_connections,
+                bytes_per_connection=args.stream_bytes, window=args.stream_window,
+                cpu=int(args.stream_cpu) if args.stream_cpu.strip() else None, email_rounds=args.email_rounds,
+                email_messages=args.email_messages, attachment_bytes=args.email_attachment)
+            results["streams"] = streams.run_streams(stcfg, progress=lambda m: print(m, flush=True))
             save()
     except (KeyboardInterrupt, Interrupted) as exc:
         results["interrupted"] = str(exc) or "KeyboardInterrupt"
