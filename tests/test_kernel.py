@@ -375,26 +375,35 @@ def test_sighup_reloads_a_running_daemon(tmp_path):
             sc = s["nis"]["a"]["kernel"]["scanners"]["dec"]
             return sc["locked_down"] and s["nis"]["a"]["kernel"]["subscriptions"] == 1
         _wait_stats(str(stats), scanner_up)
-        a = VirtioNetDriver.connect(str(d / "a.sock"))
-        b = VirtioNetDriver.connect(str(d / "b.sock"))
+        # every setup message acknowledged: no frame can race the daemon's ring set-up
+        a = VirtioNetDriver.connect(str(d / "a.sock"), ack_all=True)
+        b = VirtioNetDriver.connect(str(d / "b.sock"), ack_all=True)
         drivers += [a, b]
         b.post_rx_buffers(64)
 
-        def exchange(*frames):
+        def exchange(*frames, expect=1):
+            """Sends frames a->b; waits up to 3 s for `expect` of them, then 0.3 s for more."""
             for f in frames:
                 a.send_frame(f)
-            got = [f for _, f in b.recv_frames(timeout=1.0, count=len(frames))]
+            got = [f for _, f in b.recv_frames(timeout=3.0, count=expect)]
+            got += [f for _, f in b.recv_frames(timeout=0.3, count=len(frames))]
             a.reclaim_tx()
             return got
 
         assert exchange(tcp_frame(dport=23), tcp_frame(dport=80)) == [tcp_frame(dport=80)]
+        def log_says(text, n):
+            end = time.monotonic() + 15
+            while (d / "log").read_text().count(text) < n:
+                assert time.monotonic() < end, f"daemon log never said {text!r} {n} times"
+                time.sleep(0.05)
+
         write_policy(str(pol), _reload_policy(block=80))
         proc.send_signal(signal.SIGHUP)
-        time.sleep(0.5)
+        log_says("policy reloaded", 1)
         assert exchange(tcp_frame(dport=80), tcp_frame(dport=23)) == [tcp_frame(dport=23)]
         write_policy(str(pol), "{broken")
         proc.send_signal(signal.SIGHUP)
-        time.sleep(0.5)
+        log_says("not reloaded", 1)
         assert proc.poll() is None
         assert exchange(tcp_frame(dport=80), tcp_frame(dport=23)) == [tcp_frame(dport=23)]
     finally:
