@@ -142,65 +142,61 @@ static void mac_forget_port(struct vn_switch *sw, int port)
             sw->macs[i].used = 0;
 }
 
-int vn_port_add_vhost(struct vn_switch *sw)
+/* A free port slot, zeroed, with idle rings; -1 if all VN_MAX_PORTS are taken.  The
+ * caller sets `kind`, which is what marks the slot used. */
+static int port_slot(struct vn_switch *sw)
 {
     for (int i = 0; i < VN_MAX_PORTS; i++) {
         struct vn_port *p = &sw->ports[i];
         if (p->kind)
             continue;
         memset(p, 0, sizeof(*p));
-        p->kind = VN_PORT_VHOST;
         p->id = i;
         p->tapfd = -1;
-        p->hdr_len = 12;
         for (unsigned q = 0; q < VN_MAX_QUEUES; q++)
             vq_init(&p->vq[q]);
         return i;
     }
-    return VN_ERANGE;
+    return -1;
+}
+
+int vn_port_add_vhost(struct vn_switch *sw)
+{
+    int i = port_slot(sw);
+    if (i < 0)
+        return VN_ERANGE;
+    sw->ports[i].kind = VN_PORT_VHOST;
+    sw->ports[i].hdr_len = 12;
+    return i;
 }
 
 int vn_port_add_tap(struct vn_switch *sw, int fd, int vnet_hdr_len)
 {
     if (fd < 0 || (vnet_hdr_len != 0 && vnet_hdr_len != 12))
         return VN_EINVAL;
-    for (int i = 0; i < VN_MAX_PORTS; i++) {
-        struct vn_port *p = &sw->ports[i];
-        if (p->kind)
-            continue;
-        memset(p, 0, sizeof(*p));
-        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = EV(EV_TAP, i, 0)};
-        int fl = fcntl(fd, F_GETFL);
-        if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0 ||
-            epoll_ctl(sw->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
-            return VN_ESYS;
-        p->kind = VN_PORT_TAP;
-        p->id = i;
-        p->tapfd = fd;
-        p->tap_hdr_len = (unsigned)vnet_hdr_len;
-        p->tap_readable = 1;
-        for (unsigned q = 0; q < VN_MAX_QUEUES; q++)
-            vq_init(&p->vq[q]);
-        return i;
-    }
-    return VN_ERANGE;
+    int i = port_slot(sw);
+    if (i < 0)
+        return VN_ERANGE;
+    struct vn_port *p = &sw->ports[i];
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = EV(EV_TAP, i, 0)};
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0 ||
+        epoll_ctl(sw->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
+        return VN_ESYS;   /* kind still 0: the slot stays free */
+    p->kind = VN_PORT_TAP;
+    p->tapfd = fd;
+    p->tap_hdr_len = (unsigned)vnet_hdr_len;
+    p->tap_readable = 1;
+    return i;
 }
 
 int vn_port_add_sink(struct vn_switch *sw)
 {
-    for (int i = 0; i < VN_MAX_PORTS; i++) {
-        struct vn_port *p = &sw->ports[i];
-        if (p->kind)
-            continue;
-        memset(p, 0, sizeof(*p));
-        p->kind = VN_PORT_SINK;
-        p->id = i;
-        p->tapfd = -1;
-        for (unsigned q = 0; q < VN_MAX_QUEUES; q++)
-            vq_init(&p->vq[q]);
-        return i;
-    }
-    return VN_ERANGE;
+    int i = port_slot(sw);
+    if (i < 0)
+        return VN_ERANGE;
+    sw->ports[i].kind = VN_PORT_SINK;
+    return i;
 }
 
 /* Frees the queued sink frames of `port` (-1: of every port). */
