@@ -218,6 +218,8 @@ def test_timeout_applies_the_default_decision(kits, default):
     assert k.nk("a").decided_by_timeout == 1
     assert k.sp("a", "dec").counters.timeouts == 1
     assert k.nk("a").info()["held"] == 0
+    missed = k.alerts_matching("decision missed", "a", "dec")
+    assert len(missed) == 1 and missed[0]["fields"]["default"] == default, missed
     # a late decision is ignored, and the scanner is still trusted with the next frame
     k.send("a", tcp_frame(payload=b"next"))
     assert len(k.recv("b", 2.0, 1)) == 1

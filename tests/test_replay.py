@@ -232,7 +232,10 @@ def test_held_frames_follow_the_scanner_and_the_timing_model(tmp_path):
     # HOLD is decided by the default (pass) after the hold timeout, at the end: the last time
     assert out == [(ts[0], f[0]), (ts[3], f[2]), (ts[3], f[3]), (ts[5], f[5]), (ts[6], tcp),
                    (ts[6], f[4])]
-    assert [a["message"] for a in alerts] == ["ready"]
+    # HOLD's missed decision is alerted too (the policy's default stood in for the scanner)
+    assert [a["message"] for a in alerts] == [
+        "ready", "decision missed: the policy's default applied after the hold timeout"]
+    assert alerts[1]["fields"]["default"] == "pass"
     assert alerts[0]["frame"] is None and alerts[0]["ni"] == "replay" and alerts[0]["scanner"] == "dec"
 
 

@@ -845,6 +845,10 @@ class NIKernel:
                 sp.consecutive_timeouts += 1
                 for num in [n for n, hid in sp.pending.items() if hid == held_id]:
                     del sp.pending[num]
+                # counted above, and told to the administrator (within the scanner's alert rate)
+                sp._alert_about("decision missed: the policy's default applied after the hold timeout",
+                                default="pass" if self.policy.default_pass else "cut",
+                                timeouts=sp.counters.timeouts)
                 if sp.running and sp.consecutive_timeouts >= sp.spec.max_timeouts:
                     self.kernel.alerts.append(
                         self.name, name, "scanner hung: missed decisions, default applied",
