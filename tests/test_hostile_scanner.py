@@ -17,7 +17,7 @@ from vhostni.sandbox import UID_BASE, UID_COUNT
 
 from nikit import (
     A_MAC, B_MAC, Kit, alive, eth, policy, proc_status, scanner_spec, tcp_frame, time_limit,
-    udp_frame, write_policy,
+    write_policy,
 )
 from vhostni import kernel as kernel_mod
 
@@ -29,20 +29,6 @@ def _fast(monkeypatch):
     monkeypatch.setattr(kernel_mod, "RESTART_MIN", 0.05)
     with time_limit(60, "the test"):
         yield
-
-
-@pytest.fixture
-def kits():
-    made = []
-
-    def make(policies=None, **kw) -> Kit:
-        k = Kit(policies, **kw)
-        made.append(k)
-        return k
-
-    yield make
-    for k in made:
-        k.close()
 
 
 def contain(direction="from_guest", dport=80, proto="tcp"):

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from nikit import (
-    A_IP, A_MAC, B_IP, B_MAC, BCAST, TCP_ACK, TCP_SYN, Kit, alive, arp, eth, ipv4, ipv6, policy,
+    A_IP, A_MAC, B_IP, B_MAC, BCAST, TCP_ACK, TCP_SYN, alive, arp, eth, ipv4, ipv6, policy,
     scanner_spec, tcp, tcp_frame, time_limit, udp, udp_frame, write_policy,
 )
 from vhostni import kernel as kernel_mod
@@ -28,20 +28,6 @@ def _fast(monkeypatch):
     monkeypatch.setattr(kernel_mod, "RESTART_MIN", 0.05)
     with time_limit(60, "the test"):
         yield
-
-
-@pytest.fixture
-def kits():
-    made = []
-
-    def make(policies=None, **kw) -> Kit:
-        k = Kit(policies, **kw)
-        made.append(k)
-        return k
-
-    yield make
-    for k in made:
-        k.close()
 
 
 def decider(name="dec", subscribe=(), allow=None, **config):

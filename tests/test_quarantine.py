@@ -34,20 +34,6 @@ def _fast(monkeypatch):
         yield
 
 
-@pytest.fixture
-def kits():
-    made = []
-
-    def make(policies=None, **kw) -> Kit:
-        k = Kit(policies, **kw)
-        made.append(k)
-        return k
-
-    yield make
-    for k in made:
-        k.close()
-
-
 def qpolicy(**kw) -> dict:
     doc = policy(mac=A_MAC, addresses=[f"{A_IP}/32"], **kw)
     doc["quarantine"] = QUARANTINE

@@ -33,20 +33,6 @@ def _fast(monkeypatch, request):
         yield
 
 
-@pytest.fixture
-def kits():
-    made = []
-
-    def make(policies=None, **kw) -> Kit:
-        k = Kit(policies, **kw)
-        made.append(k)
-        return k
-
-    yield make
-    for k in made:
-        k.close()
-
-
 def stream_right(port=25, direction="both", contain=True) -> dict:
     return {"stream": True, "port": port, "direction": direction, "contain": contain}
 
