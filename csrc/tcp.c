@@ -62,6 +62,7 @@ struct vn_seg {
     uint64_t start;                /* stream offset of its first payload byte */
     uint32_t len;                  /* payload bytes */
     uint32_t pay;                  /* where the payload starts in rec->data */
+    uint16_t l3, l4;               /* where the IP and TCP headers start */
     uint8_t fin;                   /* a FIN follows the payload */
     uint8_t released;              /* sent on to the receiver */
     struct vn_held *rec;           /* the frame, owned */
@@ -90,6 +91,34 @@ struct vn_half {
     uint64_t rel_lim;              /* every record ending at or below this was released */
     uint8_t eth[18];               /* L2 header of its latest frame, for forged RSTs */
     uint8_t eth_len;
+    uint16_t mss;                  /* the MSS this endpoint announced (for its peer's segments) */
+    /* stage B: what the receiver gets is this stream edited (cut, inject).  Offsets above
+     * are the sender's ("original"); the receiver sees "output" offsets. */
+    struct vn_edit *edits;         /* outstanding edits, in stream order */
+    unsigned nedits;
+    uint8_t edited;                /* ever edited: every later frame is rewritten */
+    int64_t base;                  /* output shift of the edits compacted away */
+    int64_t shift;                 /* output shift after every edit */
+    uint64_t edit_lim;             /* new edits start at or beyond this */
+    uint64_t acked_out;            /* the receiver acknowledged the output offsets below */
+    uint64_t out_sent;             /* end of the output sent to the receiver (edited only) */
+    uint64_t told;                 /* the sender was told (ACK) its bytes below this arrived */
+    uint8_t wire_set;              /* the latest ack and window this endpoint sent, as rewritten */
+    uint32_t wire_ack;
+    uint16_t wire_win;
+};
+
+/* One edit of a direction: inj_len bytes inserted before byte `off`, then `cut` bytes from
+ * `off` removed.  `before` is the output shift of everything ahead of it. */
+struct vn_edit {
+    uint64_t off;
+    uint64_t cut;
+    int64_t before;
+    uint8_t *inj;
+    uint32_t inj_len;
+    uint8_t inj_sent;
+    uint8_t tries;
+    uint64_t sent_ns;
 };
 
 struct vn_flow {
@@ -129,6 +158,8 @@ struct vn_tcp {
 
 
 static int half_of(int dir) { return dir == VN_DIR_FROM_GUEST ? 0 : 1; }
+static uint32_t seq_at(const struct vn_half *hf, uint64_t off);
+static int64_t seq_off(const struct vn_half *hf, uint32_t seq);
 static int dir_of(int half) { return half == 0 ? VN_DIR_FROM_GUEST : VN_DIR_TO_GUEST; }
 
 static uint64_t realtime_ns(void)
@@ -338,66 +369,238 @@ static int half_advance(struct vn_half *hf)
     return hf->contig != before || eof;
 }
 
-/* ---- emission ---- */
+/* ---- stage B: edited streams ---- */
 
-static void emit_record(struct vn_switch *sw, struct vn_held *r)
+/* Output offset of sender byte `o` (a byte inside a cut: where the cut collapsed). */
+static uint64_t out_pos(const struct vn_half *hf, uint64_t o)
+{
+    int64_t d = hf->base;
+    for (unsigned i = 0; i < hf->nedits; i++) {
+        const struct vn_edit *e = &hf->edits[i];
+        if (o < e->off)
+            break;
+        if (o < e->off + e->cut)
+            return (uint64_t)((int64_t)e->off + e->before + e->inj_len);
+        d = e->before + e->inj_len - (int64_t)e->cut;
+    }
+    return (uint64_t)((int64_t)o + d);
+}
+
+/* The sender offset the receiver's acknowledgement of output offset `x` stands for: every
+ * sender byte whose output lies below x, and the cut bytes right after them (the receiver
+ * has everything before a cut once it has acknowledged up to it). */
+static uint64_t orig_ack(const struct vn_half *hf, uint64_t x)
+{
+    int64_t d = hf->base;
+    for (unsigned i = 0; i < hf->nedits; i++) {
+        const struct vn_edit *e = &hf->edits[i];
+        int64_t ostart = (int64_t)e->off + e->before;
+        if ((int64_t)x < ostart)
+            break;
+        if ((int64_t)x < ostart + e->inj_len)
+            return e->off;
+        d = e->before + e->inj_len - (int64_t)e->cut;
+    }
+    int64_t o = (int64_t)x - d;
+    return o < 0 ? 0 : (uint64_t)o;
+}
+
+/* orig_ack, never beyond what the sender sent (a cut may reach into bytes not sent yet). */
+static uint64_t orig_ack_clamped(const struct vn_half *hf, uint64_t x)
+{
+    uint64_t a = orig_ack(hf, x);
+    return a > hf->highest ? hf->highest : a;
+}
+
+/* How far the receiver's stream stands, in output offsets. */
+static uint64_t sent_out(const struct vn_half *hf)
+{
+    return hf->edited ? hf->out_sent : hf->released_end;
+}
+
+/* Output offset of a sequence number the receiver uses (acknowledgements, SACK edges). */
+static int64_t seq_off_out(const struct vn_half *hf, uint32_t seq)
+{
+    uint64_t ref = sent_out(hf);
+    int32_t delta = (int32_t)(seq - seq_at(hf, ref));
+    if (delta < 0 && (uint64_t)(-(int64_t)delta) > ref)
+        return -1;
+    return (int64_t)ref + delta;
+}
+
+static uint16_t csum_update32(uint16_t c, uint32_t old, uint32_t new)
+{
+    c = csum_update(c, (uint16_t)(old >> 16), (uint16_t)(new >> 16));
+    return csum_update(c, (uint16_t)old, (uint16_t)new);
+}
+
+/* Rewrites the TCP header of a frame from half `hs` for the receiver: its sequence number
+ * to `seq` (when the sender's stream is edited), its acknowledgement, SACK blocks and window
+ * through the edits of the other direction.  `csum`: 1 update the checksum incrementally,
+ * 0 leave it (partial checksum, or the caller recomputes it).  Remembers what went out. */
+static void rewrite_tcp(struct vn_flow *f, int hs, uint8_t *tcp, unsigned doff, uint32_t seq,
+                        int csum)
+{
+    struct vn_half *S = &f->half[hs], *R = &f->half[!hs];
+    uint16_t c = vn_rd16(tcp + 16);
+    uint32_t old_seq = vn_rd32(tcp + 4);
+    if (S->edited && old_seq != seq) {
+        vn_wr32(tcp + 4, seq);
+        if (csum)
+            c = csum_update32(c, old_seq, seq);
+    }
+    if (R->edited && (tcp[13] & TCP_ACK)) {
+        uint32_t ack = vn_rd32(tcp + 8);
+        int64_t aout = seq_off_out(R, ack);
+        if (aout >= 0) {
+            uint64_t a = orig_ack_clamped(R, (uint64_t)aout);
+            uint32_t nack = seq_at(R, a);
+            vn_wr32(tcp + 8, nack);
+            if (csum)
+                c = csum_update32(c, ack, nack);
+            /* the window's right edge, mapped the same way */
+            int ws = S->wscale >= 0 ? S->wscale : 0;
+            uint16_t win = vn_rd16(tcp + 14);
+            uint64_t edge = orig_ack(R, (uint64_t)aout + ((uint64_t)win << ws));
+            uint64_t nw = edge > a ? (edge - a) >> ws : 0;
+            if (nw > 0xffff)
+                nw = 0xffff;
+            vn_wr16(tcp + 14, (uint16_t)nw);
+            if (csum)
+                c = csum_update(c, win, (uint16_t)nw);
+        }
+        /* SACK blocks (kind 5): both edges mapped; a block that maps to nothing goes */
+        for (unsigned i = 20; i < doff;) {
+            uint8_t kind = tcp[i];
+            if (kind == 0)
+                break;
+            if (kind == 1) {
+                i++;
+                continue;
+            }
+            if (i + 1 >= doff || tcp[i + 1] < 2 || i + tcp[i + 1] > doff)
+                break;
+            if (kind == 5) {
+                for (unsigned b = i + 2; b + 8 <= i + tcp[i + 1]; b += 8) {
+                    for (int k = 0; k < 2; k++) {
+                        uint32_t old = vn_rd32(tcp + b + 4 * k);
+                        int64_t o = seq_off_out(R, old);
+                        uint32_t nv = o < 0 ? old : seq_at(R, orig_ack_clamped(R, (uint64_t)o));
+                        vn_wr32(tcp + b + 4 * k, nv);
+                        if (csum)
+                            c = csum_update32(c, old, nv);
+                    }
+                }
+            }
+            i += tcp[i + 1];
+        }
+    }
+    if (csum)
+        vn_wr16(tcp + 16, c);
+    if (tcp[13] & TCP_ACK) {
+        S->wire_set = 1;
+        S->wire_ack = vn_rd32(tcp + 8);
+        S->wire_win = vn_rd16(tcp + 14);
+        int64_t a = seq_off(R, S->wire_ack);
+        if (a >= 0 && (uint64_t)a > R->told)
+            R->told = (uint64_t)a;
+    }
+}
+
+/* The full TCP checksum (and IPv4 header checksum) of a frame built here. */
+static void finish_csums(int family, uint8_t *ip, uint8_t *tcp, uint32_t tlen)
+{
+    if (family == 4) {
+        unsigned ihl = (ip[0] & 15) * 4u;
+        vn_wr16(ip + 10, 0);
+        vn_wr16(ip + 10, (uint16_t)~vn_fold(vn_sum16(0, ip, ihl)));
+    }
+    vn_wr16(tcp + 16, 0);
+    vn_wr16(tcp + 16, (uint16_t)~vn_fold(vn_sum16(pseudo(family, ip, tlen), tcp, tlen)));
+}
+
+/* A data frame of one direction as it arrived: a kept record, or the frame being input. */
+struct vn_fview {
+    const uint8_t *data;
+    const struct vn_net_hdr *hdr;
+    uint32_t pay, paylen;
+    uint16_t l3, l4;
+    uint64_t start;
+    uint8_t fin;
+    int port, dir, egress_to;
+};
+
+/* Sends a frame built in the scratch slot of the current depth on its way. */
+static void send_built(struct vn_switch *sw, int port, int dir, int egress_to, struct vn_pkt *pkt)
 {
     struct vn_tcp *t = sw->tcp;
-    struct vn_port *p = &sw->ports[r->port];
+    struct vn_port *p = &sw->ports[port];
     if (!p->kind)
         return;
-    struct vn_pkt *pkt = &t->scratch[t->depth];
     t->depth++;
-    pkt->len = r->len;
-    pkt->hdr = r->hdr;
-    memcpy(pkt->data, r->data, r->len);
-    if (vn_isolation_drops(p, r->dir, pkt)) {
+    if (vn_isolation_drops(p, dir, pkt)) {
         t->depth--;                /* the NI was isolated while the bytes waited */
         return;
     }
     struct vn_hdrs h;
     vn_parse(pkt, &h);
     sw->now_ns = vn_now_ns();
-    if (!vn_policy_subs(sw, r->port, r->dir, r->egress_to, pkt, &h)) {
-        if (r->egress_to < 0)
-            vn_forward_switch(sw, r->port, pkt);
-        else if (sw->ports[r->egress_to].kind)
-            vn_deliver_nopolicy(sw, r->egress_to, pkt);
+    if (!vn_policy_subs(sw, port, dir, egress_to, pkt, &h)) {
+        if (egress_to < 0)
+            vn_forward_switch(sw, port, pkt);
+        else if (sw->ports[egress_to].kind)
+            vn_deliver_nopolicy(sw, egress_to, pkt);
     }
     t->depth--;
 }
 
-/* Sends on, in order, every held record whose bytes are all passed and in order. */
-static void half_release(struct vn_switch *sw, struct vn_flow *f, struct vn_half *hf)
+static void note_out(struct vn_half *hf, uint64_t end)
 {
-    if (!hf->hold)
-        return;
-    if (sw->tcp->depth >= VN_TCP_DEPTH) {
-        f->deferred = 1;
-        sw->tcp->deferred = 1;
-        return;
-    }
-    uint64_t lim = hf->passed < hf->contig ? hf->passed : hf->contig;
-    struct vn_port *p = &sw->ports[f->port];
-    /* every record ending at or below the last limit went already */
-    for (struct vn_seg *s = seg_from(hf, hf->rel_lim); s && s->start <= lim; s = s->next) {
-        if (s->released || seg_end(s) > lim)
-            continue;
-        s->released = 1;
-        uint64_t end = seg_end(s) + s->fin;
-        if (end > hf->released_end)
-            hf->released_end = end;
-        p->st.tcp_released_segments++;
-        emit_record(sw, s->rec);
-    }
-    if (lim > hf->rel_lim)
-        hf->rel_lim = lim;
+    if (end > hf->out_sent)
+        hf->out_sent = end;
 }
 
-/* ---- forged RSTs ---- */
+/* Sends sender bytes [a, b) of a frame as plain segments (at most `chunk` bytes each) at
+ * their output offsets, the FIN on the last one if `fin`. */
+static void send_piece(struct vn_switch *sw, struct vn_flow *f, int hs, const struct vn_fview *v,
+                       uint64_t a, uint64_t b, int fin)
+{
+    struct vn_tcp *t = sw->tcp;
+    struct vn_half *S = &f->half[hs];
+    uint32_t chunk = v->hdr->gso_size && (v->hdr->gso_type & ~VIRTIO_NET_HDR_GSO_ECN) ? v->hdr->gso_size
+                                                                                    : v->paylen;
+    if (!chunk)
+        chunk = 1;
+    do {
+        if (t->depth >= VN_TCP_DEPTH)
+            return;
+        uint64_t e = b - a > chunk ? a + chunk : b;
+        int last_fin = fin && e == b;
+        struct vn_pkt *pkt = &t->scratch[t->depth];
+        uint32_t n = (uint32_t)(e - a);
+        memcpy(pkt->data, v->data, v->pay);
+        memcpy(pkt->data + v->pay, v->data + v->pay + (a - v->start), n);
+        pkt->len = v->pay + n;
+        memset(&pkt->hdr, 0, sizeof(pkt->hdr));
+        uint8_t *ip = pkt->data + v->l3, *tcp = pkt->data + v->l4;
+        if (f->family == 4)
+            vn_wr16(ip + 2, (uint16_t)(pkt->len - v->l3));
+        else
+            vn_wr16(ip + 4, (uint16_t)(pkt->len - v->l3 - 40));
+        tcp[13] = (uint8_t)((tcp[13] & ~TCP_FIN) | (last_fin ? TCP_FIN : 0));
+        uint64_t o = out_pos(S, a);
+        rewrite_tcp(f, hs, tcp, v->pay - v->l4, seq_at(S, o), 0);
+        finish_csums(f->family, ip, tcp, pkt->len - v->l4);
+        note_out(S, o + n + last_fin);
+        sw->ports[f->port].st.tcp_edit_segments++;
+        send_built(sw, v->port, v->dir, v->egress_to, pkt);
+        a = e;
+    } while (a < b);
+}
 
-/* Builds and sends an RST|ACK from the `from` half's endpoint to the other one. */
-static void forge_rst(struct vn_switch *sw, struct vn_flow *f, int from, uint32_t seq, uint32_t ack)
+/* Builds and sends a segment of our own from the `from` half's endpoint to the other one. */
+static void forge_seg(struct vn_switch *sw, struct vn_flow *f, int from, uint32_t seq, uint32_t ack,
+                      uint8_t flags, uint16_t win, const uint8_t *payload, uint32_t len)
 {
     struct vn_tcp *t = sw->tcp;
     if (t->depth >= VN_TCP_DEPTH)
@@ -424,18 +627,17 @@ static void forge_rst(struct vn_switch *sw, struct vn_flow *f, int from, uint32_
     if (f->family == 4) {
         memset(ip, 0, 20);
         ip[0] = 0x45;
-        vn_wr16(ip + 2, 40);
+        vn_wr16(ip + 2, (uint16_t)(40 + len));
         vn_wr16(ip + 6, 0x4000);
         ip[8] = 64;
         ip[9] = 6;
         memcpy(ip + 12, sa, 4);
         memcpy(ip + 16, da, 4);
-        vn_wr16(ip + 10, (uint16_t)~vn_fold(vn_sum16(0, ip, 20)));
         tcp = ip + 20;
     } else {
         memset(ip, 0, 40);
         ip[0] = 0x60;
-        vn_wr16(ip + 4, 20);
+        vn_wr16(ip + 4, (uint16_t)(20 + len));
         ip[6] = 6;
         ip[7] = 64;
         memcpy(ip + 8, sa, 16);
@@ -448,9 +650,12 @@ static void forge_rst(struct vn_switch *sw, struct vn_flow *f, int from, uint32_
     vn_wr32(tcp + 4, seq);
     vn_wr32(tcp + 8, ack);
     tcp[12] = 5 << 4;
-    tcp[13] = TCP_RST | TCP_ACK;
-    vn_wr16(tcp + 16, (uint16_t)~vn_fold(vn_sum16(pseudo(f->family, ip, 20), tcp, 20)));
-    pkt->len = (uint32_t)(tcp + 20 - d);
+    tcp[13] = flags;
+    vn_wr16(tcp + 14, win);
+    if (len)
+        memcpy(tcp + 20, payload, len);
+    finish_csums(f->family, ip, tcp, 20 + len);
+    pkt->len = (uint32_t)(tcp + 20 + len - d);
     memset(&pkt->hdr, 0, sizeof(pkt->hdr));
     t->depth++;
     sw->now_ns = vn_now_ns();
@@ -459,6 +664,224 @@ static void forge_rst(struct vn_switch *sw, struct vn_flow *f, int from, uint32_
     else
         vn_deliver_nopolicy(sw, f->port, pkt);     /* to the guest, as the remote end */
     t->depth--;
+}
+
+/* Sends (or resends) the injected bytes of edit `e` of half `hs` from output offset `from`
+ * on, in segments the receiver's MSS allows, as the sender. */
+static void send_inject(struct vn_switch *sw, struct vn_flow *f, int hs, struct vn_edit *e, uint64_t from)
+{
+    struct vn_half *S = &f->half[hs], *R = &f->half[!hs];
+    uint64_t ostart = (uint64_t)((int64_t)e->off + e->before), oend = ostart + e->inj_len;
+    if (from < ostart)
+        from = ostart;
+    uint32_t mss = R->mss ? R->mss : 536;
+    if (mss > 1400)
+        mss = 1400;
+    uint32_t ack = S->wire_set ? S->wire_ack : seq_at(R, R->released_end);
+    uint16_t win = S->wire_set ? S->wire_win : 0xffff;
+    for (uint64_t o = from; o < oend; o += mss) {
+        uint32_t n = oend - o > mss ? mss : (uint32_t)(oend - o);
+        forge_seg(sw, f, hs, seq_at(S, o), ack, TCP_ACK | TCP_PSH, win, e->inj + (o - ostart), n);
+        sw->ports[f->port].st.tcp_injected_bytes += n;
+    }
+    note_out(S, oend);
+    e->inj_sent = 1;
+    e->sent_ns = vn_now_ns();
+    e->tries++;
+}
+
+/* Sends sender bytes [from, to) of frame `v` edited: the pieces between cuts, and the
+ * injections at offsets in [from, to) before their bytes (those not sent yet; with
+ * `resend`, also those the receiver has not acknowledged).  The frame's FIN goes last. */
+static void send_edited(struct vn_switch *sw, struct vn_flow *f, int hs, const struct vn_fview *v,
+                        uint64_t from, uint64_t to, int fin, int resend)
+{
+    struct vn_half *S = &f->half[hs];
+    uint64_t cur = from;
+    int sent_fin = 0;
+    for (unsigned i = 0; i < S->nedits && cur < to; i++) {
+        struct vn_edit *e = &S->edits[i];
+        uint64_t cend = e->off + e->cut;
+        if (cend < cur || (cend == cur && e->off < cur))
+            continue;
+        if (e->off >= to)
+            break;
+        if (e->off > cur) {
+            send_piece(sw, f, hs, v, cur, e->off, 0);
+            cur = e->off;
+        }
+        if (e->inj_len && e->off >= from) {
+            uint64_t oend = (uint64_t)((int64_t)e->off + e->before) + e->inj_len;
+            if (!e->inj_sent || (resend && S->acked_out < oend))
+                send_inject(sw, f, hs, e, S->acked_out);
+        }
+        if (cend > cur)
+            cur = cend;
+    }
+    if (cur < to) {
+        send_piece(sw, f, hs, v, cur, to, fin);
+        sent_fin = fin;
+    }
+    if (fin && !sent_fin)
+        send_piece(sw, f, hs, v, to, to, 1);   /* the FIN alone: its bytes were cut */
+}
+
+/* Whether edits of half `hs` touch the bytes [a, b] of a frame (a boundary inside it, or
+ * an injection to send at one of its offsets). */
+static int edits_touch(const struct vn_half *hf, uint64_t a, uint64_t b)
+{
+    for (unsigned i = 0; i < hf->nedits; i++) {
+        const struct vn_edit *e = &hf->edits[i];
+        if (e->off >= b)
+            break;
+        if (e->off + e->cut > a)
+            return 1;
+    }
+    return 0;
+}
+
+/* Acknowledges to the sender of half `hs` the cut bytes the receiver is done with: the
+ * receiver never sees them, so it never acknowledges them itself. */
+static void ack_cut(struct vn_switch *sw, struct vn_flow *f, int hs)
+{
+    struct vn_half *S = &f->half[hs], *R = &f->half[!hs];
+    if (!S->edited)
+        return;
+    uint64_t a = orig_ack_clamped(S, S->acked_out);
+    if (a <= S->told || !R->have_isn)
+        return;
+    S->told = a;
+    forge_seg(sw, f, !hs, seq_at(R, sent_out(R)), seq_at(S, a), TCP_ACK,
+              R->wire_set ? R->wire_win : 0xffff, NULL, 0);
+    sw->ports[f->port].st.tcp_forged_acks++;
+}
+
+/* Drops the edits the receiver acknowledged entirely (their shift stays in `base`). */
+static void edits_compact(struct vn_half *hf)
+{
+    unsigned k = 0;
+    while (k < hf->nedits) {
+        struct vn_edit *e = &hf->edits[k];
+        uint64_t oend = (uint64_t)((int64_t)e->off + e->before) + e->inj_len;
+        if ((e->inj_len && (!e->inj_sent || hf->acked_out < oend)) || hf->acked < e->off + e->cut)
+            break;
+        hf->base = e->before + e->inj_len - (int64_t)e->cut;
+        free(e->inj);
+        k++;
+    }
+    if (k) {
+        memmove(hf->edits, hf->edits + k, (hf->nedits - k) * sizeof(*hf->edits));
+        hf->nedits -= k;
+    }
+}
+
+static void edits_free(struct vn_half *hf)
+{
+    for (unsigned i = 0; i < hf->nedits; i++)
+        free(hf->edits[i].inj);
+    free(hf->edits);
+    hf->edits = NULL;
+    hf->nedits = 0;
+}
+
+/* Sends the injections whose place the release frontier `lim` reached and whose bytes
+ * before were sent (those at the end of what arrived so far). */
+static void send_due_injections(struct vn_switch *sw, struct vn_flow *f, int hs, uint64_t lim)
+{
+    struct vn_half *S = &f->half[hs];
+    for (unsigned i = 0; i < S->nedits; i++) {
+        struct vn_edit *e = &S->edits[i];
+        if (e->off > lim)
+            break;
+        if (e->inj_len && !e->inj_sent)
+            send_inject(sw, f, hs, e, 0);
+    }
+}
+
+/* ---- emission ---- */
+
+static void view_of(struct vn_fview *v, const struct vn_seg *s)
+{
+    v->data = s->rec->data;
+    v->hdr = &s->rec->hdr;
+    v->pay = s->pay;
+    v->paylen = s->len;
+    v->l3 = s->l3;
+    v->l4 = s->l4;
+    v->start = s->start;
+    v->fin = s->fin;
+    v->port = s->rec->port;
+    v->dir = s->rec->dir;
+    v->egress_to = s->rec->egress_to;
+}
+
+/* Sends a kept frame on: as it arrived, or rewritten for the edits of its connection (its
+ * sequence and acknowledgement numbers shifted; split where an edit falls inside it). */
+static void emit_record(struct vn_switch *sw, struct vn_flow *f, int hs, struct vn_seg *s)
+{
+    struct vn_tcp *t = sw->tcp;
+    struct vn_held *r = s->rec;
+    struct vn_half *S = &f->half[hs];
+    if (!sw->ports[r->port].kind || t->depth >= VN_TCP_DEPTH)
+        return;
+    if (S->edited && edits_touch(S, s->start, seg_end(s))) {
+        struct vn_fview v;
+        view_of(&v, s);
+        send_edited(sw, f, hs, &v, s->start, seg_end(s), s->fin, 0);
+        return;
+    }
+    struct vn_pkt *pkt = &t->scratch[t->depth];
+    pkt->len = r->len;
+    pkt->hdr = r->hdr;
+    memcpy(pkt->data, r->data, r->len);
+    if (S->edited || f->half[!hs].edited) {
+        uint8_t *tcp = pkt->data + s->l4;
+        uint64_t o = out_pos(S, s->start);
+        rewrite_tcp(f, hs, tcp, s->pay - s->l4, seq_at(S, o),
+                    !(pkt->hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM));
+        if (S->edited)
+            note_out(S, o + s->len + s->fin);
+    }
+    send_built(sw, r->port, r->dir, r->egress_to, pkt);
+}
+
+/* Sends on, in order, every held record whose bytes are all passed and in order. */
+static void half_release(struct vn_switch *sw, struct vn_flow *f, struct vn_half *hf)
+{
+    if (!hf->hold)
+        return;
+    if (sw->tcp->depth >= VN_TCP_DEPTH) {
+        f->deferred = 1;
+        sw->tcp->deferred = 1;
+        return;
+    }
+    uint64_t lim = hf->passed < hf->contig ? hf->passed : hf->contig;
+    struct vn_port *p = &sw->ports[f->port];
+    /* every record ending at or below the last limit went already */
+    for (struct vn_seg *s = seg_from(hf, hf->rel_lim); s && s->start <= lim; s = s->next) {
+        if (s->released || seg_end(s) > lim)
+            continue;
+        s->released = 1;
+        uint64_t end = seg_end(s) + s->fin;
+        if (end > hf->released_end)
+            hf->released_end = end;
+        p->st.tcp_released_segments++;
+        emit_record(sw, f, (int)(hf - f->half), s);
+    }
+    if (lim > hf->rel_lim)
+        hf->rel_lim = lim;
+    if (hf->edited) {
+        send_due_injections(sw, f, (int)(hf - f->half), lim);
+        ack_cut(sw, f, (int)(hf - f->half));
+    }
+}
+
+/* ---- forged RSTs ---- */
+
+/* An RST|ACK from the `from` half's endpoint to the other one. */
+static void forge_rst(struct vn_switch *sw, struct vn_flow *f, int from, uint32_t seq, uint32_t ack)
+{
+    forge_seg(sw, f, from, seq, ack, TCP_RST | TCP_ACK, 0, NULL, 0);
 }
 
 static uint32_t seq_at(const struct vn_half *hf, uint64_t off) { return hf->isn + 1 + (uint32_t)off; }
@@ -472,9 +895,10 @@ static void forge_rsts(struct vn_switch *sw, struct vn_flow *f)
         if (!s->have_isn || !r->have_isn)
             continue;
         uint32_t ack = seq_at(r, r->released_end);
-        forge_rst(sw, f, from, seq_at(s, s->released_end), ack);
-        if (s->acked != s->released_end)
-            forge_rst(sw, f, from, seq_at(s, s->acked), ack);
+        uint64_t at = sent_out(s), acked = s->edited ? s->acked_out : s->acked;
+        forge_rst(sw, f, from, seq_at(s, at), ack);
+        if (acked != at)
+            forge_rst(sw, f, from, seq_at(s, acked), ack);
     }
 }
 
@@ -500,8 +924,10 @@ static void flow_free(struct vn_switch *sw, struct vn_flow *f)
 {
     struct vn_tcp *t = sw->tcp;
     table_unlink(sw, f);
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < 2; i++) {
         half_free_all(sw, f, &f->half[i]);
+        edits_free(&f->half[i]);
+    }
     struct vn_flow **pp = &t->ids[f->id % VN_TCP_ID_HASH];
     for (; *pp; pp = &(*pp)->id_next)
         if (*pp == f) {
@@ -633,6 +1059,27 @@ static int64_t seq_off(const struct vn_half *hf, uint32_t seq)
     return (int64_t)ref + delta;
 }
 
+/* Parses TCP options of a SYN for the MSS (0: none). */
+static uint16_t syn_mss(const uint8_t *opt, unsigned len)
+{
+    unsigned i = 0;
+    while (i < len) {
+        uint8_t kind = opt[i];
+        if (kind == 0)
+            break;
+        if (kind == 1) {
+            i++;
+            continue;
+        }
+        if (i + 1 >= len || opt[i + 1] < 2 || i + opt[i + 1] > len)
+            break;
+        if (kind == 2 && opt[i + 1] == 4)
+            return vn_rd16(opt + i + 2);
+        i += opt[i + 1];
+    }
+    return 0;
+}
+
 /* Parses TCP options of a SYN for the window scale. */
 static int8_t syn_wscale(const uint8_t *opt, unsigned len)
 {
@@ -743,6 +1190,41 @@ static int checksums_ok(struct vn_pkt *pkt, const struct vn_hdrs *h, unsigned ip
     return vn_fold(vn_sum16(pseudo(h->family, ip, tlen), pkt->data + h->l4_off, tlen)) == 0xffff;
 }
 
+/* A frame of a tracked connection goes on: rewritten if the connection was edited. */
+static int forward_edited(struct vn_flow *f, int hs, struct vn_pkt *pkt, uint8_t *tcp, unsigned doff)
+{
+    struct vn_half *S = &f->half[hs];
+    uint32_t seq = vn_rd32(tcp + 4), nseq = seq;
+    if (S->edited) {
+        int64_t o = seq_off(S, seq);
+        if (o >= 0)
+            nseq = seq_at(S, out_pos(S, (uint64_t)o));
+    }
+    rewrite_tcp(f, hs, tcp, doff, nseq, !(pkt->hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM));
+    return VN_TCP_FORWARD;
+}
+
+/* A retransmission of bytes of an edited stream that already went on: the receiver gets
+ * them again, edited (with the injections it has not acknowledged); if it has them all
+ * (or they were cut), the sender is acknowledged again instead. */
+static int resend(struct vn_switch *sw, struct vn_flow *f, int hs, const struct vn_fview *v)
+{
+    struct vn_half *S = &f->half[hs];
+    uint64_t end = v->start + v->paylen + v->fin;
+    if (orig_ack_clamped(S, S->acked_out) >= end) {
+        if (S->told >= end)
+            S->told = v->start;    /* the sender missed our ACK: say it again */
+        ack_cut(sw, f, hs);
+        return VN_TCP_TAKEN;
+    }
+    send_edited(sw, f, hs, v, v->start, v->start + v->paylen, v->fin, 1);
+    return VN_TCP_TAKEN;
+}
+
+#define FWD() (edited ? forward_edited(f, hs, pkt, tcp, doff) : VN_TCP_FORWARD)
+#define RESEND() resend(sw, f, hs, &(struct vn_fview){d, &pkt->hdr, pay, paylen, (uint16_t)l3, \
+                        (uint16_t)l4, start, (uint8_t)fin, port, dir, egress_to})
+
 int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct vn_pkt *pkt,
                  const struct vn_hdrs *h)
 {
@@ -841,6 +1323,7 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
             c->isn = seq;
             c->have_isn = 1;
             c->wscale = syn_wscale(tcp + 20, doff - 20);
+            c->mss = syn_mss(tcp + 20, doff - 20);
             c->syn_win = win;
             return VN_TCP_FORWARD;
         }
@@ -852,9 +1335,10 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
     }
 
     f->last_ns = sw->now_ns;
-    if (f->bypass)
-        return VN_TCP_FORWARD;
     int hs = half_of(dir);
+    int edited = f->half[0].edited || f->half[1].edited;     /* then f is announced: it stays */
+    if (f->bypass)
+        return FWD();
     struct vn_half *S = &f->half[hs], *R = &f->half[!hs];
     unsigned l2 = l3 < sizeof(S->eth) ? l3 : sizeof(S->eth);
     memcpy(S->eth, d, l2);
@@ -872,8 +1356,9 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
             if (f->state == ST_SYN_SENT) {
                 S->isn = seq;                            /* a new attempt may pick a new ISN */
                 S->wscale = syn_wscale(tcp + 20, doff - 20);
+                S->mss = syn_mss(tcp + 20, doff - 20);
                 S->syn_win = win;
-                return VN_TCP_FORWARD;
+                return FWD();
             }
             return seq == S->isn ? VN_TCP_FORWARD : drop(&st->tcp_bad_handshake);
         }
@@ -884,6 +1369,7 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
             S->isn = seq;
             S->have_isn = 1;
             S->wscale = syn_wscale(tcp + 20, doff - 20);
+            S->mss = syn_mss(tcp + 20, doff - 20);
             if (S->wscale < 0 || R->wscale < 0)
                 S->wscale = R->wscale = -1;              /* scaling needs both */
             /* windows in SYNs are never scaled */
@@ -892,7 +1378,7 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
             S->right = R->syn_win;
             S->have_right = 1;
             f->state = ST_SYN_RCVD;
-            return VN_TCP_FORWARD;
+            return FWD();
         }
         return seq == S->isn ? VN_TCP_FORWARD : drop(&st->tcp_bad_handshake);
     }
@@ -901,7 +1387,7 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
         /* only a refusal fits here: the server's RST acknowledging the SYN */
         if ((flags & TCP_RST) && !from_client && (flags & TCP_ACK) && ack == R->isn + 1 && !paylen) {
             flow_end(sw, f, VN_CLOSE_RST);
-            return VN_TCP_FORWARD;
+            return FWD();
         }
         return paylen || (flags & (TCP_FIN | TCP_RST)) ? drop(&st->tcp_bad_handshake)
                                                        : VN_TCP_FORWARD;
@@ -915,11 +1401,11 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
         if (off < 0 || (uint64_t)off < S->acked || (uint64_t)off >= hi)
             return drop(&st->tcp_rst_out_of_window);
         flow_end(sw, f, VN_CLOSE_RST);
-        return VN_TCP_FORWARD;
+        return FWD();
     }
 
     if (flags & TCP_ACK) {
-        int64_t aoff = seq_off(R, ack);
+        int64_t aoff = seq_off_out(R, ack);
         if (f->state == ST_SYN_RCVD) {
             if (!from_client || aoff != 0)
                 return drop(&st->tcp_bad_handshake);
@@ -927,16 +1413,31 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
             if (f->bypass)
                 return VN_TCP_FORWARD;
         }
-        if (aoff < 0 || (uint64_t)aoff > R->highest)
+        /* the receiver acknowledges what it got: output offsets (of an edited stream) */
+        if (aoff < 0 || (!R->edited && (uint64_t)aoff > R->highest))
             return drop(&st->tcp_out_of_window);         /* ACK of unsent data: discarded */
-        if ((uint64_t)aoff > R->acked)
-            R->acked = (uint64_t)aoff;
+        uint64_t aout = (uint64_t)aoff;
+        if (aout > sent_out(R)) {
+            /* it cannot have bytes the NI holds: only a forged ACK says so.  Its sender
+             * may believe it, the NI does not: what it holds still waits for the scanners
+             * and a copy arriving later is still compared, never waved through. */
+            st->tcp_ack_unsent++;
+            aout = sent_out(R);
+        }
+        if (aout > R->acked_out)
+            R->acked_out = aout;
+        uint64_t a = R->edited ? orig_ack_clamped(R, aout) : aout;
+        if (a > R->acked)
+            R->acked = a;
         int ws = S->wscale >= 0 ? S->wscale : 0;
-        uint64_t edge = (uint64_t)aoff + ((uint64_t)win << ws);
+        uint64_t eout = aout + ((uint64_t)win << ws);
+        uint64_t edge = R->edited ? orig_ack(R, eout) : eout;
         if (!R->have_right || edge > R->right)
             R->right = edge;
         R->have_right = 1;
         half_trim(sw, f, R);
+        if (R->edited)
+            edits_compact(R);
     } else if (paylen || (flags & TCP_FIN)) {
         return drop(&st->tcp_bad_header);                /* data without ACK: discarded */
     }
@@ -944,7 +1445,7 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
         /* a pure ACK or window update; the one acknowledging the second FIN ends it */
         if (S->fin && S->acked > S->fin_off && R->fin && R->acked > R->fin_off)
             flow_end(sw, f, VN_CLOSE_FIN);
-        return VN_TCP_FORWARD;
+        return FWD();
     }
 
     /* data and/or FIN from S */
@@ -958,8 +1459,8 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
     if (paylen && S->have_right && end > S->right)
         return drop(&st->tcp_out_of_window);
     if (end + fin <= S->acked) {
-        st->tcp_retransmit++;
-        return VN_TCP_FORWARD;                           /* the receiver has all of it */
+        st->tcp_retransmit++;                            /* the receiver has all of it */
+        return S->edited ? RESEND() : FWD();
     }
     if (end + fin > S->highest)
         S->highest = end + fin;
@@ -970,7 +1471,7 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
     if (!S->read) {
         if (end + fin > S->released_end)
             S->released_end = end + fin;
-        return VN_TCP_FORWARD;
+        return FWD();
     }
     int covered, all_released;
     const uint8_t *payload = d + pay;
@@ -979,21 +1480,23 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
         return drop(&st->tcp_conflict);
     if (covered) {
         st->tcp_retransmit++;
-        return all_released ? VN_TCP_FORWARD : VN_TCP_TAKEN;
+        if (!all_released)
+            return VN_TCP_TAKEN;
+        return S->edited ? RESEND() : FWD();
     }
     if (tp->bytes + pkt->len > pol->tcp_bytes_max) {
         st->tcp_bytes_over++;
         if (!pol->tcp_bytes_over_pass)
             return VN_TCP_TAKEN;
         flow_bypass(sw, f);
-        return VN_TCP_FORWARD;
+        return FWD();
     }
     if (start > S->contig && S->ooo + paylen > pol->tcp_depth_max) {
         st->tcp_depth_over++;
         if (!pol->tcp_depth_over_pass)
             return VN_TCP_TAKEN;
         flow_bypass(sw, f);
-        return VN_TCP_FORWARD;
+        return FWD();
     }
     struct vn_seg *s = calloc(1, sizeof(*s));
     struct vn_held *rec = s ? vn_held_record(pkt, port, dir, egress_to, 0, 0) : NULL;
@@ -1006,6 +1509,8 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
     s->start = start;
     s->len = paylen;
     s->pay = pay;
+    s->l3 = (uint16_t)l3;
+    s->l4 = (uint16_t)l4;
     s->fin = (uint8_t)fin;
     tp->bytes += rec->len;
     seg_insert(S, s);
@@ -1018,12 +1523,15 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
         s->released = 1;
         if (end + fin > S->released_end)
             S->released_end = end + fin;
-        return VN_TCP_FORWARD;
+        return FWD();
     }
     st->tcp_held_segments++;
     half_release(sw, f, S);
     return VN_TCP_TAKEN;
 }
+
+#undef FWD
+#undef RESEND
 
 /* ---- the NI kernel's side ---- */
 
@@ -1159,6 +1667,127 @@ int vn_stream_kill(struct vn_switch *sw, uint64_t stream)
     return VN_OK;
 }
 
+/* A new edit of a held direction: at `at` (not before the pass frontier or the previous
+ * edit; an injection may join a cut at the same offset).  Returns the edit or NULL (*err). */
+static struct vn_edit *edit_new(struct vn_switch *sw, uint64_t stream, int dir, uint64_t at,
+                                int inject, struct vn_flow **fp, struct vn_half **hp, int *err)
+{
+    struct vn_flow *f;
+    struct vn_half *hf = stream_half(sw, stream, dir, &f);
+    *err = VN_ENOPORT;
+    if (!hf)
+        return NULL;
+    *err = VN_ESTATE;
+    if (f->state == ST_CLOSED || f->bypass || !hf->hold || !hf->have_isn)
+        return NULL;
+    *err = VN_EINVAL;
+    if (at < hf->passed || at < hf->rel_lim)
+        return NULL;
+    *fp = f;
+    *hp = hf;
+    if (hf->nedits) {
+        struct vn_edit *last = &hf->edits[hf->nedits - 1];
+        if (inject && at == last->off && !last->inj_len)
+            return last;           /* inserted before the bytes that edit cuts */
+        if (!inject && at == last->off + last->cut && (last->cut || !last->inj_len || at == last->off))
+            return last;           /* a cut continuing the previous edit's */
+    }
+    if (at < hf->edit_lim)
+        return NULL;
+    *err = VN_ERANGE;
+    if (hf->nedits >= VN_TCP_EDITS_MAX)
+        return NULL;
+    *err = VN_ENOMEM;
+    if (!hf->edits) {
+        hf->edits = calloc(VN_TCP_EDITS_MAX, sizeof(*hf->edits));
+        if (!hf->edits)
+            return NULL;
+    }
+    if (!hf->edited) {             /* until now the output was the input */
+        hf->edited = 1;
+        hf->out_sent = hf->released_end;
+        hf->told = hf->acked;
+    }
+    struct vn_edit *e = &hf->edits[hf->nedits++];
+    memset(e, 0, sizeof(*e));
+    e->off = at;
+    e->before = hf->shift;
+    return e;
+}
+
+static void edit_done(struct vn_switch *sw, struct vn_flow *f, struct vn_half *hf, struct vn_edit *e)
+{
+    hf->shift = e->before + e->inj_len - (int64_t)e->cut;
+    if (e->off + e->cut > hf->edit_lim)
+        hf->edit_lim = e->off + e->cut;
+    int hs = (int)(hf - f->half);
+    half_release(sw, f, hf);
+    ack_cut(sw, f, hs);
+    vn_signal_all(sw);
+}
+
+int vn_stream_cut(struct vn_switch *sw, uint64_t stream, int dir, uint64_t from, uint64_t to)
+{
+    if (to <= from)
+        return VN_EINVAL;
+    struct vn_flow *f;
+    struct vn_half *hf;
+    int err;
+    struct vn_edit *e = edit_new(sw, stream, dir, from, 0, &f, &hf, &err);
+    if (!e)
+        return err;
+    if (e->off + e->cut == from)
+        e->cut += to - from;
+    else
+        e->cut = to - from;
+    sw->ports[f->port].st.tcp_cut_bytes += to - from;
+    edit_done(sw, f, hf, e);
+    return VN_OK;
+}
+
+int vn_stream_inject(struct vn_switch *sw, uint64_t stream, int dir, uint64_t at,
+                     const uint8_t *bytes, uint32_t len)
+{
+    if (!len || len > VN_TCP_INJECT_MAX || !bytes)
+        return VN_EINVAL;
+    uint8_t *copy = malloc(len);
+    if (!copy)
+        return VN_ENOMEM;
+    memcpy(copy, bytes, len);
+    struct vn_flow *f;
+    struct vn_half *hf;
+    int err;
+    struct vn_edit *e = edit_new(sw, stream, dir, at, 1, &f, &hf, &err);
+    if (!e) {
+        free(copy);
+        return err;
+    }
+    e->inj = copy;
+    e->inj_len = len;
+    /* the later edits' shifts are unaffected: this is the last edit or joins it */
+    edit_done(sw, f, hf, e);
+    return VN_OK;
+}
+
+/* Injected bytes the receiver has not acknowledged go again (back-off from 200 ms). */
+static void inject_retransmit(struct vn_switch *sw, struct vn_flow *f, uint64_t now)
+{
+    for (int hs = 0; hs < 2; hs++) {
+        struct vn_half *S = &f->half[hs];
+        for (unsigned i = 0; i < S->nedits; i++) {
+            struct vn_edit *e = &S->edits[i];
+            uint64_t oend = (uint64_t)((int64_t)e->off + e->before) + e->inj_len;
+            if (!e->inj_len || !e->inj_sent || S->acked_out >= oend || e->tries > 12)
+                continue;
+            uint64_t rto = 200000000ULL << (e->tries - 1 < 6 ? e->tries - 1 : 6);
+            if (now - e->sent_ns >= rto) {
+                sw->ports[f->port].st.tcp_inject_retransmits++;
+                send_inject(sw, f, hs, e, S->acked_out);
+            }
+        }
+    }
+}
+
 int vn_tcp_housekeeping(struct vn_switch *sw)
 {
     struct vn_tcp *t = sw->tcp;
@@ -1180,6 +1809,8 @@ int vn_tcp_housekeeping(struct vn_switch *sw)
                     for (int i = 0; i < 2; i++)
                         half_release(sw, f, &f->half[i]);
                 }
+                if (f->state == ST_ESTABLISHED && (f->half[0].nedits || f->half[1].nedits))
+                    inject_retransmit(sw, f, now);
                 uint64_t limit = f->state == ST_ESTABLISHED ? idle : VN_TCP_HANDSHAKE_NS;
                 if (f->bypass && f->state != ST_ESTABLISHED)
                     limit = VN_TCP_HANDSHAKE_NS;

@@ -121,6 +121,12 @@ struct vn_port_stats {
     uint64_t tcp_released_segments;
     uint64_t tcp_killed;         /* connections ended with forged RSTs (kill) */
     uint64_t tcp_bypassed;       /* connections let through uninspected (exception policy pass) */
+    uint64_t tcp_cut_bytes;      /* stream bytes scanners cut (stage B) */
+    uint64_t tcp_injected_bytes; /* stream bytes the NI sent for injections (retransmits too) */
+    uint64_t tcp_inject_retransmits;
+    uint64_t tcp_edit_segments;  /* segments built where an edit split a frame */
+    uint64_t tcp_forged_acks;    /* ACKs to a sender for bytes cut out of its stream */
+    uint64_t tcp_ack_unsent;     /* ACKs of bytes the NI still held: counted as acking what went */
 };
 
 struct vn_switch;
@@ -350,6 +356,22 @@ int vn_stream_consume(struct vn_switch *sw, uint64_t stream, int dir, uint64_t u
 int vn_stream_pass(struct vn_switch *sw, uint64_t stream, int dir, uint64_t upto);
 /* Forges RSTs to both ends (sequence numbers each accepts) and drops what is held. */
 int vn_stream_kill(struct vn_switch *sw, uint64_t stream);
+/* Stream editing (stage B).  Offsets are the sender's (as read); an edit may only touch
+ * bytes not yet passed (`from`/`at` >= the pass frontier) and edits come in stream order
+ * (at or beyond the end of the previous one).  The receiver gets the edited stream: every
+ * later segment's sequence number (and the other direction's acknowledgements, SACK blocks
+ * and windows) is shifted, segments are split at edit boundaries, cut bytes are
+ * acknowledged to the sender once the receiver has everything before them, and injected
+ * bytes are sent by the NI (and retransmitted until acknowledged).  A cut still needs the
+ * bytes passed (the pass releases the rest of the stream around it).
+ * Returns VN_OK; VN_ENOPORT (no such stream), VN_ESTATE (closed, bypassed), VN_EINVAL
+ * (before the frontier or the previous edit, empty, injection over VN_TCP_INJECT_MAX),
+ * VN_ERANGE (VN_TCP_EDITS_MAX edits outstanding in that direction), VN_ENOMEM. */
+#define VN_TCP_EDITS_MAX 256
+#define VN_TCP_INJECT_MAX 65536
+int vn_stream_cut(struct vn_switch *sw, uint64_t stream, int dir, uint64_t from, uint64_t to);
+int vn_stream_inject(struct vn_switch *sw, uint64_t stream, int dir, uint64_t at,
+                     const uint8_t *bytes, uint32_t len);
 /* Idle connections, deferred releases, frames of reported closes.  Call periodically. */
 int vn_tcp_housekeeping(struct vn_switch *sw);
 /* Connections in the flow table of `port`, and bytes of frames they keep. */

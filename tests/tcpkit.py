@@ -311,6 +311,25 @@ class Engine:
         self.kit.step()
         return rc
 
+    def cut(self, direction: int, start: int, end: int, stream: Optional[int] = None) -> int:
+        sid = stream if stream is not None else self.only().id
+        rc = self.lib.vn_stream_cut(self.sw, sid, direction, start, end)
+        self.kit.step()
+        return rc
+
+    def inject(self, direction: int, at: int, data: bytes, stream: Optional[int] = None) -> int:
+        sid = stream if stream is not None else self.only().id
+        rc = self.lib.vn_stream_inject(self.sw, sid, direction, at, data, len(data))
+        self.kit.step()
+        return rc
+
+    def housekeeping(self) -> None:
+        self.lib.vn_tcp_housekeeping(self.sw)
+        self.kit.step()
+
+    def stat(self, name: str) -> int:
+        return int(self.port.stats()[name])
+
     def flows(self) -> int:
         return self.lib.vn_tcp_flows(self.sw, self.port.index)
 

@@ -1,0 +1,340 @@
+"""Stream editing in the fast path (csrc/tcp.c, stage B): cut and inject.
+
+Simulated guests a and b (tests/tcpkit.py): a connects to b's port 25 and a's NI holds both
+directions; the test plays the NI kernel and edits what a sends (or b sends).  Every test
+looks at both ends: the receiver must get exactly the edited stream at consistent sequence
+numbers with valid checksums, and the sender must see its own numbering in every
+acknowledgement (cut bytes acknowledged once the receiver has everything before them).
+Real Linux stacks across many edits: tests/test_stream_edit_guests.py.
+"""
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hs
+
+from nikit import Kit, time_limit
+from tcpkit import ACK, FIN, PSH, Conn, Engine
+
+FROM, TO = 1, 2
+
+
+@pytest.fixture(autouse=True)
+def _limit():
+    with time_limit(120, "the test"):
+        yield
+
+
+@pytest.fixture
+def kit():
+    k = Kit()
+    yield k
+    k.close()
+
+
+def opened(kit, **kw):
+    e = Engine(kit, **{k: kw.pop(k) for k in list(kw) if k in ("subs", "auto_pass") or k.startswith("tcp_")})
+    c = Conn(kit, **kw)
+    c.open()
+    kit.step()
+    return e, c
+
+
+class Receiver:
+    """What a TCP receiver makes of the segments it got: bytes placed by sequence number
+    (a byte placed twice must agree), the contiguous stream from the start."""
+
+    def __init__(self, conn: Conn, name: str):
+        self.base = conn.seq(conn.other(name).name, 0)
+        self.bytes: dict[int, int] = {}
+        self.fin: int | None = None
+
+    def take(self, segs) -> None:
+        for s in segs:
+            assert s.csum_ok, f"bad checksum on {s}"
+            off = (s.seq - self.base) & 0xFFFFFFFF
+            for i, b in enumerate(s.payload):
+                old = self.bytes.setdefault(off + i, b)
+                assert old == b, f"byte {off + i} sent as {old} and {b}"
+            if s.flags & FIN:
+                end = off + len(s.payload)
+                assert self.fin in (None, end), "two FIN positions"
+                self.fin = end
+
+    def stream(self) -> bytes:
+        out = bytearray()
+        while len(out) in self.bytes:
+            out.append(self.bytes[len(out)])
+        return bytes(out)
+
+
+def acks(segs) -> list[int]:
+    return [s.ack for s in segs if s.flags & ACK]
+
+
+# ---------------------------------------------------------------------------
+# cut
+# ---------------------------------------------------------------------------
+
+def test_cut_inside_a_segment_splits_it_and_shifts_later_segments(kit):
+    e, c = opened(kit)
+    c.send("a", c.data("a", b"hello BAD world"), c.data("a", b"!next"))
+    assert bytes(e.only().data[FROM]) == b"hello BAD world!next"
+    assert e.cut(FROM, 6, 10) == 0
+    assert e.pass_(FROM, 20) == 0
+    rx = Receiver(c, "b")
+    got = c.recv("b", 1.0, 3)
+    rx.take(got)
+    assert rx.stream() == b"hello world!next"
+    assert [s.payload for s in got] == [b"hello ", b"world", b"!next"]
+    assert got[2].seq == c.seq("a", 11)            # shifted by the 4 cut bytes
+    assert kit.stats("a")["tcp_cut_bytes"] == 4
+    # b acknowledges all it got (output offset 16): a hears 20, its own numbering
+    c.send("b", c.segment("b", ACK, ack=c.seq("a", 16)))
+    assert acks(c.recv("a", 1.0, 1)) == [c.seq("a", 20)]
+
+
+def test_cut_of_a_whole_segment_sends_nothing_and_acks_it_to_the_sender(kit):
+    e, c = opened(kit)
+    c.send("a", c.data("a", b"keep "))
+    e.pass_(FROM, 5)
+    assert [s.payload for s in c.recv("b", 1.0, 1)] == [b"keep "]
+    c.send("b", c.segment("b", ACK, ack=c.seq("a", 5)))        # b has everything before the cut
+    assert acks(c.recv("a", 1.0, 1)) == [c.seq("a", 5)]
+    c.send("a", c.data("a", b"VIRUS"))
+    assert e.cut(FROM, 5, 10) == 0
+    assert e.pass_(FROM, 10) == 0
+    assert c.recv("b", 0.3) == []                  # nothing of it reaches b
+    got = c.recv("a", 1.0, 1)                      # but a hears the bytes arrived
+    assert acks(got) == [c.seq("a", 10)] and got[0].csum_ok
+    assert kit.stats("a")["tcp_forged_acks"] == 1
+    # a retransmits them (it missed the ACK): it is acknowledged again, b hears nothing
+    c.send("a", c.data("a", b"VIRUS", off=5))
+    assert acks(c.recv("a", 1.0, 1)) == [c.seq("a", 10)]
+    assert c.recv("b", 0.3) == []
+    # and the stream goes on at the shifted numbers
+    c.send("a", c.data("a", b"more"))
+    e.pass_(FROM, 14)
+    got = c.recv("b", 1.0, 1)
+    assert [(s.seq, s.payload) for s in got] == [(c.seq("a", 5), b"more")]
+
+
+def test_cut_reaching_beyond_what_arrived_cuts_future_bytes_too(kit):
+    e, c = opened(kit)
+    c.send("a", c.data("a", b"ab"))
+    assert e.cut(FROM, 1, 6) == 0
+    assert e.pass_(FROM, 2) == 0
+    rx = Receiver(c, "b")
+    rx.take(c.recv("b", 1.0, 1))
+    c.send("a", c.data("a", b"cdefgh"))            # offsets 2..7: 2..5 cut
+    e.pass_(FROM, 8)
+    rx.take(c.recv("b", 1.0, 1))
+    assert rx.stream() == b"agh"
+    # an acknowledgement never claims bytes a has not sent (the cut reached to 6 early)
+    c.send("b", c.segment("b", ACK, ack=c.seq("a", 1)))
+    assert all(a == c.seq("a", 6) or a == c.seq("a", 2) for a in acks(c.recv("a", 1.0, 2)))
+
+
+# ---------------------------------------------------------------------------
+# inject
+# ---------------------------------------------------------------------------
+
+def test_inject_inserts_bytes_and_the_receivers_acks_are_mapped_back(kit):
+    e, c = opened(kit)
+    c.send("a", c.data("a", b"Subject: x\r\n\r\nbody"))
+    assert e.inject(FROM, 14, b"X-Scanned: yes\r\n") == 0
+    assert e.pass_(FROM, 18) == 0
+    rx = Receiver(c, "b")
+    rx.take(c.recv("b", 1.0, 3))
+    assert rx.stream() == b"Subject: x\r\n\r\nX-Scanned: yes\r\nbody"
+    assert kit.stats("a")["tcp_injected_bytes"] == 16
+    # b acknowledges only part of the injection: a hears everything before it
+    c.send("b", c.segment("b", ACK, ack=c.seq("a", 20)))
+    assert acks(c.recv("a", 1.0, 1)) == [c.seq("a", 14)]
+    c.send("b", c.segment("b", ACK, ack=c.seq("a", 34)))
+    assert acks(c.recv("a", 1.0, 1)) == [c.seq("a", 18)]
+
+
+def test_injection_at_the_end_waits_for_the_pass_and_is_retransmitted_until_acked(kit):
+    e, c = opened(kit)
+    c.send("a", c.data("a", b"head"))
+    assert e.inject(FROM, 4, b"TAIL") == 0
+    assert c.recv("b", 0.3) == []                  # not passed yet
+    e.pass_(FROM, 4)
+    rx = Receiver(c, "b")
+    got = c.recv("b", 1.0, 2)
+    rx.take(got)
+    assert rx.stream() == b"headTAIL"
+    import time
+    time.sleep(0.25)
+    e.housekeeping()                               # not acknowledged: it goes again
+    again = c.recv("b", 1.0, 1)
+    assert [s.payload for s in again] == [b"TAIL"] and again[0].seq == c.seq("a", 4)
+    assert kit.stats("a")["tcp_inject_retransmits"] == 1
+    c.send("b", c.segment("b", ACK, ack=c.seq("a", 8)))
+    assert acks(c.recv("a", 1.0, 1)) == [c.seq("a", 4)]
+    time.sleep(0.5)
+    e.housekeeping()
+    assert c.recv("b", 0.3) == []                  # acknowledged: no more
+
+
+def test_replace_a_range_inject_then_cut_at_the_same_offset(kit):
+    e, c = opened(kit)
+    c.send("a", c.data("a", b"--b\r\nEVIL PART\r\n--b--\r\n"))
+    assert e.inject(FROM, 5, b"clean") == 0
+    assert e.cut(FROM, 5, 14) == 0                 # joins the injection: replace
+    assert e.pass_(FROM, 23) == 0
+    rx = Receiver(c, "b")
+    rx.take(c.recv("b", 1.0, 3))
+    assert rx.stream() == b"--b\r\nclean\r\n--b--\r\n"
+    out_len = len(rx.stream())
+    c.send("b", c.segment("b", ACK, ack=c.seq("a", out_len)))
+    assert acks(c.recv("a", 1.0, 1)) == [c.seq("a", 23)]
+
+
+def test_other_direction_acks_sacks_and_window_are_rewritten(kit):
+    # b -> a is edited; a's acknowledgements (with SACK) must come out in b's numbering
+    e, c = opened(kit)
+    c.send("b", c.data("b", b"0123456789"))
+    assert e.cut(TO, 2, 5) == 0                    # a gets 01 56789 (7 bytes)
+    e.pass_(TO, 10)
+    got = c.recv("a", 1.0, 2)
+    rx = Receiver(c, "a")
+    rx.take(got)
+    assert rx.stream() == b"0156789"
+    base = c.seq("b", 0)
+    sack = struct.pack("!BBBBII", 1, 1, 5, 10, (base + 3) & 0xFFFFFFFF, (base + 7) & 0xFFFFFFFF)
+    c.send("a", c.segment("a", ACK, ack=c.seq("b", 2), options=sack, win=1000))
+    s = c.recv("b", 1.0, 1)[0]
+    assert s.csum_ok
+    assert s.ack == c.seq("b", 5)                  # everything before the cut, and the cut
+    opts = s.frame[14 + 20 + 20:14 + 20 + 32]
+    l, r = struct.unpack_from("!II", opts, 4)
+    assert ((l - base) & 0xFFFFFFFF, (r - base) & 0xFFFFFFFF) == (6, 10)
+    assert s.win == 1000                           # no injection ahead: same room
+
+
+# ---------------------------------------------------------------------------
+# the rules
+# ---------------------------------------------------------------------------
+
+def test_edits_are_refused_behind_the_frontier_out_of_order_or_on_a_free_direction(kit):
+    lib = kit.daemon.kernel.lib
+    e, c = opened(kit, subs=((25, "from_guest", True), (25, "to_guest", False)))
+    c.send("a", c.data("a", b"0123456789"))
+    e.pass_(FROM, 4)
+    assert e.cut(FROM, 2, 6) == lib.VN_EINVAL      # 2..3 already went
+    assert e.cut(FROM, 6, 6) == lib.VN_EINVAL      # empty
+    assert e.cut(FROM, 6, 8) == 0
+    assert e.cut(FROM, 5, 7) == lib.VN_EINVAL      # before the previous edit's end
+    assert e.inject(FROM, 7, b"x") == lib.VN_EINVAL
+    assert e.inject(FROM, 8, b"") == lib.VN_EINVAL
+    assert e.inject(FROM, 8, b"x" * (lib.VN_TCP_INJECT_MAX + 1)) == lib.VN_EINVAL
+    assert e.cut(TO, 0, 1) == lib.VN_ESTATE        # read, not held: nothing to edit
+    assert e.cut(FROM, 0, 1, stream=999) == lib.VN_ENOPORT
+    e.kill()
+    assert e.cut(FROM, 8, 9) == lib.VN_ENOPORT     # killed, its close reported: gone
+
+
+def test_edits_per_direction_are_bounded_and_freed_once_acknowledged(kit):
+    lib = kit.daemon.kernel.lib
+    e, c = opened(kit)
+    data = bytes(range(256)) * 4
+    c.send("a", *[c.data("a", data[i:i + 512]) for i in range(0, len(data), 512)])
+    for k in range(lib.VN_TCP_EDITS_MAX):
+        assert e.cut(FROM, 2 * k, 2 * k + 1) == 0
+    assert e.cut(FROM, 2 * 256 + 2, 2 * 256 + 3) == lib.VN_ERANGE
+    e.pass_(FROM, len(data))
+    rx = Receiver(c, "b")
+    rx.take(c.recv("b", 1.0, 1000))
+    expect = bytes(b for i, b in enumerate(data) if not (i < 512 and i % 2 == 0))
+    assert rx.stream() == expect
+    assert acks(c.recv("a", 0.3)) == [c.seq("a", 1)]   # byte 0 cut: b had all before it
+    c.send("b", c.segment("b", ACK, ack=c.seq("a", len(expect))))
+    assert acks(c.recv("a", 1.0, 1)) == [c.seq("a", len(data))]
+    assert e.cut(FROM, len(data) + 1, len(data) + 2) == 0     # room again
+
+
+def test_kill_after_edits_resets_at_the_numbers_each_end_expects(kit):
+    e, c = opened(kit)
+    c.send("a", c.data("a", b"abcdef"))
+    e.inject(FROM, 3, b"XYZW")
+    e.pass_(FROM, 6)
+    c.recv("b", 1.0, 3)
+    e.kill()
+    rst_b = [s for s in c.recv("b", 1.0, 2) if s.flags & 0x04]
+    assert rst_b and rst_b[0].seq == c.seq("a", 10)             # b's next expected byte
+    rst_a = [s for s in c.recv("a", 1.0, 2) if s.flags & 0x04]
+    assert rst_a and rst_a[0].csum_ok
+
+
+# ---------------------------------------------------------------------------
+# property: random segments, random edits, the receiver gets exactly the edited stream
+# ---------------------------------------------------------------------------
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(seed=hs.integers(0, 2**32 - 1))
+def test_random_segments_and_edits_give_exactly_the_edited_stream(seed):
+    rnd = random.Random(seed)
+    kit = Kit()
+    try:
+        e, c = opened(kit)
+        data = bytes(rnd.randrange(256) for _ in range(rnd.randrange(200, 3000)))
+        # segments of random sizes, some sent twice, in order
+        frames, o = [], 0
+        while o < len(data):
+            n = rnd.randrange(1, 400)
+            frames.append(c.data("a", data[o:o + n]))
+            if rnd.random() < 0.2:
+                frames.append(frames[-1])
+            o += n
+        # edits in stream order at random places, decided as the bytes arrive
+        expect, edits, pos = bytearray(), [], 0
+        while pos < len(data):
+            nxt = rnd.randrange(pos, len(data) + 1)
+            expect += data[pos:nxt]
+            pos = nxt
+            kind = rnd.choice(("cut", "inject", "replace", "none"))
+            if kind in ("inject", "replace"):
+                inj = bytes(rnd.randrange(256) for _ in range(rnd.randrange(1, 3000)))
+                edits.append(("inject", pos, inj))
+                expect += inj
+            if kind in ("cut", "replace") and pos < len(data):
+                end = min(len(data), pos + rnd.randrange(1, 500))
+                edits.append(("cut", pos, end))
+                pos = end
+            if kind == "none":
+                pos = min(len(data), pos + 1)
+                expect += data[nxt:pos]
+        rx = Receiver(c, "b")
+        i = 0
+        frontier = 0
+        for f in frames:
+            c.send("a", f)
+            kit.step()
+            have = len(e.only().data[FROM])
+            while i < len(edits) and edits[i][1] <= have:
+                kind, at, x = edits[i]
+                rc = e.inject(FROM, at, x) if kind == "inject" else e.cut(FROM, at, x)
+                assert rc == 0, (edits[i], rc)
+                i += 1
+            upto = min(have, edits[i][1]) if i < len(edits) else have
+            if upto > frontier:
+                e.pass_(FROM, upto)
+                frontier = upto
+            rx.take(c.recv("b", 0.05))
+        while i < len(edits):
+            kind, at, x = edits[i]
+            assert (e.inject(FROM, at, x) if kind == "inject" else e.cut(FROM, at, x)) == 0
+            i += 1
+        e.pass_(FROM, len(data))
+        rx.take(c.recv("b", 0.3))
+        assert rx.stream() == bytes(expect)
+        # b acknowledges all of it: a hears all of its bytes
+        c.send("b", c.segment("b", ACK, ack=c.seq("a", len(expect))))
+        assert acks(c.recv("a", 1.0))[-1:] == [c.seq("a", len(data))]
+    finally:
+        kit.close()
