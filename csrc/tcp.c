@@ -95,7 +95,7 @@ struct vn_half {
     /* stage B: what the receiver gets is this stream edited (cut, inject).  Offsets above
      * are the sender's ("original"); the receiver sees "output" offsets. */
     struct vn_edit *edits;         /* outstanding edits, in stream order */
-    unsigned nedits;
+    unsigned nedits, edits_cap;
     uint8_t edited;                /* ever edited: every later frame is rewritten */
     int64_t base;                  /* output shift of the edits compacted away */
     int64_t shift;                 /* output shift after every edit */
@@ -371,38 +371,67 @@ static int half_advance(struct vn_half *hf)
 
 /* ---- stage B: edited streams ---- */
 
-/* Output offset of sender byte `o` (a byte inside a cut: where the cut collapsed). */
+static int64_t edit_after(const struct vn_edit *e) { return e->before + e->inj_len - (int64_t)e->cut; }
+static int64_t edit_ostart(const struct vn_edit *e) { return (int64_t)e->off + e->before; }
+
+/* Output offset of sender byte `o` (a byte inside a cut: where the cut collapsed).  The
+ * last edit at or before it decides (binary search: edits are sorted by offset). */
 static uint64_t out_pos(const struct vn_half *hf, uint64_t o)
 {
-    int64_t d = hf->base;
-    for (unsigned i = 0; i < hf->nedits; i++) {
-        const struct vn_edit *e = &hf->edits[i];
-        if (o < e->off)
-            break;
-        if (o < e->off + e->cut)
-            return (uint64_t)((int64_t)e->off + e->before + e->inj_len);
-        d = e->before + e->inj_len - (int64_t)e->cut;
+    unsigned lo = 0, hi = hf->nedits;          /* first edit with off > o */
+    while (lo < hi) {
+        unsigned mid = (lo + hi) / 2;
+        if (hf->edits[mid].off <= o)
+            lo = mid + 1;
+        else
+            hi = mid;
     }
-    return (uint64_t)((int64_t)o + d);
+    if (!lo)
+        return (uint64_t)((int64_t)o + hf->base);
+    const struct vn_edit *e = &hf->edits[lo - 1];
+    if (o < e->off + e->cut)
+        return (uint64_t)(edit_ostart(e) + e->inj_len);
+    return (uint64_t)((int64_t)o + edit_after(e));
 }
 
 /* The sender offset the receiver's acknowledgement of output offset `x` stands for: every
  * sender byte whose output lies below x, and the cut bytes right after them (the receiver
- * has everything before a cut once it has acknowledged up to it). */
+ * has everything before a cut once it has acknowledged up to it).  Output starts of edits
+ * never decrease, so the last edit starting at or before x decides. */
 static uint64_t orig_ack(const struct vn_half *hf, uint64_t x)
 {
+    unsigned lo = 0, hi = hf->nedits;
+    while (lo < hi) {
+        unsigned mid = (lo + hi) / 2;
+        if (edit_ostart(&hf->edits[mid]) <= (int64_t)x)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
     int64_t d = hf->base;
-    for (unsigned i = 0; i < hf->nedits; i++) {
-        const struct vn_edit *e = &hf->edits[i];
-        int64_t ostart = (int64_t)e->off + e->before;
-        if ((int64_t)x < ostart)
-            break;
-        if ((int64_t)x < ostart + e->inj_len)
+    if (lo) {
+        const struct vn_edit *e = &hf->edits[lo - 1];
+        if ((int64_t)x < edit_ostart(e) + e->inj_len)
             return e->off;
-        d = e->before + e->inj_len - (int64_t)e->cut;
+        d = edit_after(e);
     }
     int64_t o = (int64_t)x - d;
     return o < 0 ? 0 : (uint64_t)o;
+}
+
+/* The first edit that ends after sender offset `a` (or injects at it). */
+static unsigned edit_first_after(const struct vn_half *hf, uint64_t a)
+{
+    unsigned lo = 0, hi = hf->nedits;          /* first edit ending after a (or at a, inject) */
+    while (lo < hi) {
+        unsigned mid = (lo + hi) / 2;
+        const struct vn_edit *e = &hf->edits[mid];
+        if (e->off + e->cut < a || (e->off + e->cut == a && e->off < a))
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
 }
 
 /* orig_ack, never beyond what the sender sent (a cut may reach into bytes not sent yet). */
@@ -699,7 +728,7 @@ static void send_edited(struct vn_switch *sw, struct vn_flow *f, int hs, const s
     struct vn_half *S = &f->half[hs];
     uint64_t cur = from;
     int sent_fin = 0;
-    for (unsigned i = 0; i < S->nedits && cur < to; i++) {
+    for (unsigned i = edit_first_after(S, from); i < S->nedits && cur < to; i++) {
         struct vn_edit *e = &S->edits[i];
         uint64_t cend = e->off + e->cut;
         if (cend < cur || (cend == cur && e->off < cur))
@@ -730,7 +759,7 @@ static void send_edited(struct vn_switch *sw, struct vn_flow *f, int hs, const s
  * an injection to send at one of its offsets). */
 static int edits_touch(const struct vn_half *hf, uint64_t a, uint64_t b)
 {
-    for (unsigned i = 0; i < hf->nedits; i++) {
+    for (unsigned i = edit_first_after(hf, a); i < hf->nedits; i++) {
         const struct vn_edit *e = &hf->edits[i];
         if (e->off >= b)
             break;
@@ -756,8 +785,17 @@ static void ack_cut(struct vn_switch *sw, struct vn_flow *f, int hs)
     sw->ports[f->port].st.tcp_forged_acks++;
 }
 
+static void edit_account(struct vn_switch *sw, struct vn_flow *f, int64_t delta)
+{
+    struct vn_tcp_port *tp = sw->tcp->ports[f->port];
+    if (tp)
+        tp->bytes += (uint64_t)delta;
+}
+
+static uint64_t edit_cost(const struct vn_edit *e) { return sizeof(*e) + e->inj_len; }
+
 /* Drops the edits the receiver acknowledged entirely (their shift stays in `base`). */
-static void edits_compact(struct vn_half *hf)
+static void edits_compact(struct vn_switch *sw, struct vn_flow *f, struct vn_half *hf)
 {
     unsigned k = 0;
     while (k < hf->nedits) {
@@ -765,7 +803,8 @@ static void edits_compact(struct vn_half *hf)
         uint64_t oend = (uint64_t)((int64_t)e->off + e->before) + e->inj_len;
         if ((e->inj_len && (!e->inj_sent || hf->acked_out < oend)) || hf->acked < e->off + e->cut)
             break;
-        hf->base = e->before + e->inj_len - (int64_t)e->cut;
+        hf->base = edit_after(e);
+        edit_account(sw, f, -(int64_t)edit_cost(e));
         free(e->inj);
         k++;
     }
@@ -775,10 +814,12 @@ static void edits_compact(struct vn_half *hf)
     }
 }
 
-static void edits_free(struct vn_half *hf)
+static void edits_free(struct vn_switch *sw, struct vn_flow *f, struct vn_half *hf)
 {
-    for (unsigned i = 0; i < hf->nedits; i++)
+    for (unsigned i = 0; i < hf->nedits; i++) {
+        edit_account(sw, f, -(int64_t)edit_cost(&hf->edits[i]));
         free(hf->edits[i].inj);
+    }
     free(hf->edits);
     hf->edits = NULL;
     hf->nedits = 0;
@@ -926,7 +967,7 @@ static void flow_free(struct vn_switch *sw, struct vn_flow *f)
     table_unlink(sw, f);
     for (int i = 0; i < 2; i++) {
         half_free_all(sw, f, &f->half[i]);
-        edits_free(&f->half[i]);
+        edits_free(sw, f, &f->half[i]);
     }
     struct vn_flow **pp = &t->ids[f->id % VN_TCP_ID_HASH];
     for (; *pp; pp = &(*pp)->id_next)
@@ -1437,7 +1478,7 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
         R->have_right = 1;
         half_trim(sw, f, R);
         if (R->edited)
-            edits_compact(R);
+            edits_compact(sw, f, R);
     } else if (paylen || (flags & TCP_FIN)) {
         return drop(&st->tcp_bad_header);                /* data without ACK: discarded */
     }
@@ -1667,10 +1708,10 @@ int vn_stream_kill(struct vn_switch *sw, uint64_t stream)
     return VN_OK;
 }
 
-/* A new edit of a held direction: at `at` (not before the pass frontier or the previous
+/* A new edit of a held direction (`inject`: bytes it will insert, 0 for a cut): at `at` (not before the pass frontier or the previous
  * edit; an injection may join a cut at the same offset).  Returns the edit or NULL (*err). */
 static struct vn_edit *edit_new(struct vn_switch *sw, uint64_t stream, int dir, uint64_t at,
-                                int inject, struct vn_flow **fp, struct vn_half **hp, int *err)
+                                uint32_t inject, struct vn_flow **fp, struct vn_half **hp, int *err)
 {
     struct vn_flow *f;
     struct vn_half *hf = stream_half(sw, stream, dir, &f);
@@ -1695,13 +1736,19 @@ static struct vn_edit *edit_new(struct vn_switch *sw, uint64_t stream, int dir, 
     if (at < hf->edit_lim)
         return NULL;
     *err = VN_ERANGE;
-    if (hf->nedits >= VN_TCP_EDITS_MAX)
+    struct vn_tcp_port *tp = sw->tcp->ports[f->port];
+    const struct vn_policy *pol = sw->ports[f->port].pol;
+    if (hf->nedits >= VN_TCP_EDITS_MAX ||
+        (tp && pol && tp->bytes + sizeof(struct vn_edit) + inject > pol->tcp_bytes_max))
         return NULL;
     *err = VN_ENOMEM;
-    if (!hf->edits) {
-        hf->edits = calloc(VN_TCP_EDITS_MAX, sizeof(*hf->edits));
-        if (!hf->edits)
+    if (hf->nedits == hf->edits_cap) {
+        unsigned cap = hf->edits_cap ? hf->edits_cap * 2 : 16;
+        struct vn_edit *n = realloc(hf->edits, cap * sizeof(*n));
+        if (!n)
             return NULL;
+        hf->edits = n;
+        hf->edits_cap = cap;
     }
     if (!hf->edited) {             /* until now the output was the input */
         hf->edited = 1;
@@ -1712,6 +1759,7 @@ static struct vn_edit *edit_new(struct vn_switch *sw, uint64_t stream, int dir, 
     memset(e, 0, sizeof(*e));
     e->off = at;
     e->before = hf->shift;
+    edit_account(sw, f, sizeof(*e));
     return e;
 }
 
@@ -1757,13 +1805,14 @@ int vn_stream_inject(struct vn_switch *sw, uint64_t stream, int dir, uint64_t at
     struct vn_flow *f;
     struct vn_half *hf;
     int err;
-    struct vn_edit *e = edit_new(sw, stream, dir, at, 1, &f, &hf, &err);
+    struct vn_edit *e = edit_new(sw, stream, dir, at, len, &f, &hf, &err);
     if (!e) {
         free(copy);
         return err;
     }
     e->inj = copy;
     e->inj_len = len;
+    edit_account(sw, f, len);
     /* the later edits' shifts are unaffected: this is the last edit or joins it */
     edit_done(sw, f, hf, e);
     return VN_OK;

@@ -366,8 +366,9 @@ int vn_stream_kill(struct vn_switch *sw, uint64_t stream);
  * bytes passed (the pass releases the rest of the stream around it).
  * Returns VN_OK; VN_ENOPORT (no such stream), VN_ESTATE (closed, bypassed), VN_EINVAL
  * (before the frontier or the previous edit, empty, injection over VN_TCP_INJECT_MAX),
- * VN_ERANGE (VN_TCP_EDITS_MAX edits outstanding in that direction), VN_ENOMEM. */
-#define VN_TCP_EDITS_MAX 256
+ * VN_ERANGE (VN_TCP_EDITS_MAX edits outstanding in that direction, or the NI's tcp_bytes_max
+ * reached: edits and injected bytes count with the frames kept), VN_ENOMEM. */
+#define VN_TCP_EDITS_MAX 65536
 #define VN_TCP_INJECT_MAX 65536
 int vn_stream_cut(struct vn_switch *sw, uint64_t stream, int dir, uint64_t from, uint64_t to);
 int vn_stream_inject(struct vn_switch *sw, uint64_t stream, int dir, uint64_t at,

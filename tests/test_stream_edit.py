@@ -239,23 +239,30 @@ def test_edits_are_refused_behind_the_frontier_out_of_order_or_on_a_free_directi
     assert e.cut(FROM, 8, 9) == lib.VN_ENOPORT     # killed, its close reported: gone
 
 
-def test_edits_per_direction_are_bounded_and_freed_once_acknowledged(kit):
+def test_edits_count_against_the_memcap_and_are_freed_once_acknowledged(kit):
     lib = kit.daemon.kernel.lib
-    e, c = opened(kit)
+    e, c = opened(kit, tcp_bytes_max=1 << 17)
     data = bytes(range(256)) * 4
     c.send("a", *[c.data("a", data[i:i + 512]) for i in range(0, len(data), 512)])
-    for k in range(lib.VN_TCP_EDITS_MAX):
-        assert e.cut(FROM, 2 * k, 2 * k + 1) == 0
-    assert e.cut(FROM, 2 * 256 + 2, 2 * 256 + 3) == lib.VN_ERANGE
+    for k in range(40):                            # more edits than the table starts with
+        assert e.cut(FROM, 10 * k, 10 * k + 1) == 0
+    kept = e.bytes_kept()
+    assert e.inject(FROM, 700, b"x" * 65536) == 0
+    assert e.bytes_kept() > kept + 65536           # injected bytes are kept bytes
+    assert e.inject(FROM, 701, b"y" * 65536) == lib.VN_ERANGE     # over tcp_bytes_max
     e.pass_(FROM, len(data))
     rx = Receiver(c, "b")
     rx.take(c.recv("b", 1.0, 1000))
-    expect = bytes(b for i, b in enumerate(data) if not (i < 512 and i % 2 == 0))
-    assert rx.stream() == expect
+    expect = bytearray(b for i, b in enumerate(data[:700]) if not (i < 400 and i % 10 == 0))
+    expect += b"x" * 65536 + data[700:]
+    assert rx.stream() == bytes(expect)
     assert acks(c.recv("a", 0.3)) == [c.seq("a", 1)]   # byte 0 cut: b had all before it
     c.send("b", c.segment("b", ACK, ack=c.seq("a", len(expect))))
     assert acks(c.recv("a", 1.0, 1)) == [c.seq("a", len(data))]
-    assert e.cut(FROM, len(data) + 1, len(data) + 2) == 0     # room again
+    c.send("a", c.segment("a", ACK))
+    kit.step()
+    assert e.bytes_kept() == 0                     # frames and edits all acknowledged: freed
+    assert e.inject(FROM, len(data), b"y" * 65536) == 0      # room again
 
 
 def test_kill_after_edits_resets_at_the_numbers_each_end_expects(kit):
