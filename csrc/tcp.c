@@ -106,6 +106,15 @@ struct vn_half {
     uint8_t wire_set;              /* the latest ack and window this endpoint sent, as rewritten */
     uint32_t wire_ack;
     uint16_t wire_win;
+    /* `more` (Siphon 4.3): the NI acknowledges held bytes on the receiver's behalf so the
+     * sender goes on past the receiver's window; it then owns those bytes (vouched) and
+     * resends them to the receiver until acknowledged */
+    uint8_t more;
+    uint64_t more_at;              /* contig when asked: a pass beyond it ends the request */
+    uint64_t vouched;              /* the NI acknowledged the sender's bytes below this */
+    uint64_t real_right;           /* the receiver's own window edge (its ACKs alone) */
+    uint64_t ack_ns;               /* when the receiver last acknowledged new bytes */
+    uint8_t rtx_tries;
 };
 
 /* One edit of a direction: inj_len bytes inserted before byte `off`, then `cut` bytes from
@@ -483,6 +492,8 @@ static void rewrite_tcp(struct vn_flow *f, int hs, uint8_t *tcp, unsigned doff, 
         int64_t aout = seq_off_out(R, ack);
         if (aout >= 0) {
             uint64_t a = orig_ack_clamped(R, (uint64_t)aout);
+            if (a < R->vouched)
+                a = R->vouched;    /* the NI acknowledged more already: never less */
             uint32_t nack = seq_at(R, a);
             vn_wr32(tcp + 8, nack);
             if (csum)
@@ -801,8 +812,9 @@ static void edits_compact(struct vn_switch *sw, struct vn_flow *f, struct vn_hal
     while (k < hf->nedits) {
         struct vn_edit *e = &hf->edits[k];
         uint64_t oend = (uint64_t)((int64_t)e->off + e->before) + e->inj_len;
-        if ((e->inj_len && (!e->inj_sent || hf->acked_out < oend)) || hf->acked < e->off + e->cut)
-            break;
+        if ((e->inj_len && (!e->inj_sent || hf->acked_out < oend)) || hf->acked < e->off + e->cut ||
+            hf->rel_lim < e->off + e->cut)
+            break;                 /* still needed: to send, or to map what comes back */
         hf->base = edit_after(e);
         edit_account(sw, f, -(int64_t)edit_cost(e));
         free(e->inj);
@@ -837,6 +849,52 @@ static void send_due_injections(struct vn_switch *sw, struct vn_flow *f, int hs,
         if (e->inj_len && !e->inj_sent)
             send_inject(sw, f, hs, e, 0);
     }
+}
+
+/* From now on every frame of this direction (and the acknowledgements of it) goes through
+ * rewrite_tcp: until now the output was the input. */
+static void rewrite_start(struct vn_half *hf)
+{
+    if (hf->edited)
+        return;
+    hf->edited = 1;
+    hf->out_sent = hf->released_end;
+    hf->told = hf->acked;
+}
+
+/* Tells the sender of half `hs` again how far its bytes are acknowledged (it resent some:
+ * it missed the NI's ACK). */
+static void reack(struct vn_switch *sw, struct vn_flow *f, int hs)
+{
+    struct vn_half *S = &f->half[hs], *R = &f->half[!hs];
+    if (!R->have_isn)
+        return;
+    forge_seg(sw, f, !hs, seq_at(R, sent_out(R)), seq_at(S, S->told), TCP_ACK,
+              R->wire_set ? R->wire_win : 0xffff, NULL, 0);
+    sw->ports[f->port].st.tcp_forged_acks++;
+}
+
+/* `more`: acknowledges to the sender of half `hs` the held bytes it sent in order, with
+ * the receiver's last window beyond them, so it sends on. */
+static void more_ack(struct vn_switch *sw, struct vn_flow *f, int hs)
+{
+    struct vn_half *S = &f->half[hs], *R = &f->half[!hs];
+    if (!S->more || !S->hold || !R->have_isn || !S->have_isn)
+        return;
+    uint64_t target = S->contig;
+    if (target < S->told)
+        target = S->told;
+    if (target <= S->vouched)
+        return;
+    rewrite_start(S);
+    uint16_t win = R->wire_set ? R->wire_win : 0xffff;
+    int ws = R->wscale >= 0 ? R->wscale : 0;
+    forge_seg(sw, f, !hs, seq_at(R, sent_out(R)), seq_at(S, target), TCP_ACK, win, NULL, 0);
+    S->told = S->vouched = target;
+    uint64_t edge = target + ((uint64_t)win << ws);
+    if (edge > S->right)
+        S->right = edge;
+    sw->ports[f->port].st.tcp_more_acks++;
 }
 
 /* ---- emission ---- */
@@ -897,6 +955,8 @@ static void half_release(struct vn_switch *sw, struct vn_flow *f, struct vn_half
         return;
     }
     uint64_t lim = hf->passed < hf->contig ? hf->passed : hf->contig;
+    if (hf->vouched > hf->acked && hf->real_right && lim > hf->real_right)
+        lim = hf->real_right;      /* bytes beyond the receiver's window wait with the NI */
     struct vn_port *p = &sw->ports[f->port];
     /* every record ending at or below the last limit went already */
     for (struct vn_seg *s = seg_from(hf, hf->rel_lim); s && s->start <= lim; s = s->next) {
@@ -907,12 +967,23 @@ static void half_release(struct vn_switch *sw, struct vn_flow *f, struct vn_half
         if (end > hf->released_end)
             hf->released_end = end;
         p->st.tcp_released_segments++;
+        if (hf->vouched > hf->acked)
+            hf->ack_ns = vn_now_ns();  /* the resend timer runs from the latest send */
         emit_record(sw, f, (int)(hf - f->half), s);
     }
     if (lim > hf->rel_lim)
         hf->rel_lim = lim;
     if (hf->edited) {
-        send_due_injections(sw, f, (int)(hf - f->half), lim);
+        /* injections at the end of what went: never ahead of bytes still held before
+         * them (the receiver's stream stays contiguous; an acknowledgement beyond it
+         * is a lie the NI does not believe) */
+        uint64_t front = lim;
+        for (struct vn_seg *s = hf->head; s && s->start < front; s = s->next)
+            if (!s->released) {
+                front = s->start;
+                break;
+            }
+        send_due_injections(sw, f, (int)(hf - f->half), front);
         ack_cut(sw, f, (int)(hf - f->half));
     }
 }
@@ -1252,6 +1323,10 @@ static int resend(struct vn_switch *sw, struct vn_flow *f, int hs, const struct 
 {
     struct vn_half *S = &f->half[hs];
     uint64_t end = v->start + v->paylen + v->fin;
+    if (S->vouched >= end) {
+        reack(sw, f, hs);          /* the NI owns these bytes: it resends them itself */
+        return VN_TCP_TAKEN;
+    }
     if (orig_ack_clamped(S, S->acked_out) >= end) {
         if (S->told >= end)
             S->told = v->start;    /* the sender missed our ACK: say it again */
@@ -1414,9 +1489,9 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
             if (S->wscale < 0 || R->wscale < 0)
                 S->wscale = R->wscale = -1;              /* scaling needs both */
             /* windows in SYNs are never scaled */
-            R->right = win;
+            R->right = R->real_right = win;
             R->have_right = 1;
-            S->right = R->syn_win;
+            S->right = S->real_right = R->syn_win;
             S->have_right = 1;
             f->state = ST_SYN_RCVD;
             return FWD();
@@ -1468,17 +1543,31 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
         if (aout > R->acked_out)
             R->acked_out = aout;
         uint64_t a = R->edited ? orig_ack_clamped(R, aout) : aout;
-        if (a > R->acked)
+        if (a > R->acked) {
             R->acked = a;
+            R->ack_ns = sw->now_ns;
+            R->rtx_tries = 0;
+        }
         int ws = S->wscale >= 0 ? S->wscale : 0;
         uint64_t eout = aout + ((uint64_t)win << ws);
         uint64_t edge = R->edited ? orig_ack(R, eout) : eout;
+        uint64_t old_right = R->right;
         if (!R->have_right || edge > R->right)
             R->right = edge;
         R->have_right = 1;
+        if (edge > R->real_right)
+            R->real_right = edge;
         half_trim(sw, f, R);
         if (R->edited)
             edits_compact(sw, f, R);
+        if (R->vouched > a) {
+            /* the NI acknowledged further for this receiver: its window may let more of
+             * what waits go now; its pure ACKs below what the sender heard are news to
+             * the sender only if they open the window further */
+            half_release(sw, f, R);
+            if (!paylen && !(flags & (TCP_FIN | TCP_RST)) && edge <= old_right)
+                return drop(&st->tcp_acks_absorbed);
+        }
     } else if (paylen || (flags & TCP_FIN)) {
         return drop(&st->tcp_bad_header);                /* data without ACK: discarded */
     }
@@ -1521,8 +1610,11 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
         return drop(&st->tcp_conflict);
     if (covered) {
         st->tcp_retransmit++;
-        if (!all_released)
+        if (!all_released) {
+            if (S->vouched >= end + fin)
+                reack(sw, f, hs);            /* it missed the NI's acknowledgement */
             return VN_TCP_TAKEN;
+        }
         return S->edited ? RESEND() : FWD();
     }
     if (tp->bytes + pkt->len > pol->tcp_bytes_max) {
@@ -1557,8 +1649,11 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
     seg_insert(S, s);
     if (S->adv && s->start < S->adv->start)
         S->adv = s;
-    if (half_advance(S))
+    if (half_advance(S)) {
         mark_dirty(sw, f);
+        if (S->more)
+            more_ack(sw, f, hs);
+    }
     if (!S->hold) {
         /* read, not held: it goes on now (the caller forwards the frame itself) */
         s->released = 1;
@@ -1688,6 +1783,8 @@ int vn_stream_pass(struct vn_switch *sw, uint64_t stream, int dir, uint64_t upto
         return VN_ESTATE;
     if (upto > hf->passed) {
         hf->passed = upto;
+        if (hf->more && upto > hf->more_at)
+            hf->more = 0;          /* the decision that needed more was made */
         half_release(sw, f, hf);
         vn_signal_all(sw);
     }
@@ -1750,11 +1847,7 @@ static struct vn_edit *edit_new(struct vn_switch *sw, uint64_t stream, int dir, 
         hf->edits = n;
         hf->edits_cap = cap;
     }
-    if (!hf->edited) {             /* until now the output was the input */
-        hf->edited = 1;
-        hf->out_sent = hf->released_end;
-        hf->told = hf->acked;
-    }
+    rewrite_start(hf);
     struct vn_edit *e = &hf->edits[hf->nedits++];
     memset(e, 0, sizeof(*e));
     e->off = at;
@@ -1818,6 +1911,45 @@ int vn_stream_inject(struct vn_switch *sw, uint64_t stream, int dir, uint64_t at
     return VN_OK;
 }
 
+int vn_stream_more(struct vn_switch *sw, uint64_t stream, int dir)
+{
+    struct vn_flow *f;
+    struct vn_half *hf = stream_half(sw, stream, dir, &f);
+    if (!hf)
+        return VN_ENOPORT;
+    if (f->state != ST_ESTABLISHED || f->bypass || !hf->hold)
+        return VN_ESTATE;
+    hf->more = 1;
+    hf->more_at = hf->contig;
+    more_ack(sw, f, (int)(hf - f->half));
+    vn_signal_all(sw);
+    return VN_OK;
+}
+
+/* Bytes the NI vouched for and sent on but the receiver has not acknowledged go again
+ * (the sender will not resend them): back-off from 200 ms. */
+static void vouched_retransmit(struct vn_switch *sw, struct vn_flow *f, uint64_t now)
+{
+    for (int hs = 0; hs < 2; hs++) {
+        struct vn_half *S = &f->half[hs];
+        if (S->vouched <= S->acked || S->rtx_tries > 12 || !S->head)
+            continue;
+        uint64_t rto = 200000000ULL << (S->rtx_tries < 6 ? S->rtx_tries : 6);
+        if (now - S->ack_ns < rto)
+            continue;
+        S->rtx_tries++;
+        S->ack_ns = now;
+        for (struct vn_seg *s = S->head; s; s = s->next) {
+            if (!s->released)
+                break;
+            if (seg_end(s) + s->fin > S->acked) {
+                sw->ports[f->port].st.tcp_vouched_retransmits++;
+                emit_record(sw, f, hs, s);
+            }
+        }
+    }
+}
+
 /* Injected bytes the receiver has not acknowledged go again (back-off from 200 ms). */
 static void inject_retransmit(struct vn_switch *sw, struct vn_flow *f, uint64_t now)
 {
@@ -1860,6 +1992,8 @@ int vn_tcp_housekeeping(struct vn_switch *sw)
                 }
                 if (f->state == ST_ESTABLISHED && (f->half[0].nedits || f->half[1].nedits))
                     inject_retransmit(sw, f, now);
+                if (f->state == ST_ESTABLISHED && (f->half[0].vouched || f->half[1].vouched))
+                    vouched_retransmit(sw, f, now);
                 uint64_t limit = f->state == ST_ESTABLISHED ? idle : VN_TCP_HANDSHAKE_NS;
                 if (f->bypass && f->state != ST_ESTABLISHED)
                     limit = VN_TCP_HANDSHAKE_NS;

@@ -127,6 +127,9 @@ struct vn_port_stats {
     uint64_t tcp_edit_segments;  /* segments built where an edit split a frame */
     uint64_t tcp_forged_acks;    /* ACKs to a sender for bytes cut out of its stream */
     uint64_t tcp_ack_unsent;     /* ACKs of bytes the NI still held: counted as acking what went */
+    uint64_t tcp_more_acks;      /* ACKs the NI sent for held bytes on the receiver's behalf (more) */
+    uint64_t tcp_acks_absorbed;  /* receiver ACKs below what the NI acknowledged already: dropped */
+    uint64_t tcp_vouched_retransmits;  /* segments the NI resent for bytes it acknowledged */
 };
 
 struct vn_switch;
@@ -370,6 +373,13 @@ int vn_stream_kill(struct vn_switch *sw, uint64_t stream);
  * reached: edits and injected bytes count with the frames kept), VN_ENOMEM. */
 #define VN_TCP_EDITS_MAX 65536
 #define VN_TCP_INJECT_MAX 65536
+/* `more` (Siphon 4.3): a decision on `dir` needs bytes beyond the receiver's window.  The
+ * NI acknowledges the held bytes on the receiver's behalf (the receiver's last window beyond
+ * them) as they arrive in order, so the sender goes on; it then owns those bytes: they go to
+ * the receiver as its own window allows and are resent until it acknowledges them.  Ends
+ * with a pass beyond what had arrived when asked.  VN_OK, VN_ENOPORT, VN_ESTATE (not held,
+ * not established). */
+int vn_stream_more(struct vn_switch *sw, uint64_t stream, int dir);
 int vn_stream_cut(struct vn_switch *sw, uint64_t stream, int dir, uint64_t from, uint64_t to);
 int vn_stream_inject(struct vn_switch *sw, uint64_t stream, int dir, uint64_t at,
                      const uint8_t *bytes, uint32_t len);

@@ -323,6 +323,12 @@ class Engine:
         self.kit.step()
         return rc
 
+    def more(self, direction: int, stream: Optional[int] = None) -> int:
+        sid = stream if stream is not None else self.only().id
+        rc = self.lib.vn_stream_more(self.sw, sid, direction)
+        self.kit.step()
+        return rc
+
     def housekeeping(self) -> None:
         self.lib.vn_tcp_housekeeping(self.sw)
         self.kit.step()

@@ -217,6 +217,90 @@ def test_other_direction_acks_sacks_and_window_are_rewritten(kit):
     assert s.win == 1000                           # no injection ahead: same room
 
 
+def test_an_ack_ahead_of_held_bytes_neither_frees_edits_nor_lets_cut_bytes_through(kit):
+    # b acknowledges bytes it never got (the NI holds them), then the scanner replaces a
+    # range inside the held segment: the injection must not overtake the bytes before it,
+    # and no acknowledgement may retire the edit before the segment went out edited
+    e, c = opened(kit)
+    data = bytes(range(48, 58)) * 100
+    c.send("a", c.data("a", data))
+    e.pass_(FROM, 47)
+    c.send("b", c.segment("b", ACK, ack=c.seq("a", 1000)))
+    kit.step()
+    assert kit.stats("a")["tcp_ack_unsent"] == 1
+    c.send("a", c.data("a", b"z" * 300))
+    assert e.inject(FROM, 264, b"INJ") == 0
+    assert e.cut(FROM, 264, 600) == 0
+    e.pass_(FROM, 600)
+    c.send("b", c.segment("b", ACK, ack=c.seq("a", 1000)))     # again, after the injection
+    e.pass_(FROM, 1300)
+    got = c.recv("b", 0.5)
+    rx = Receiver(c, "b")
+    rx.take(got)
+    assert rx.stream() == data[:264] + b"INJ" + data[600:] + b"z" * 300
+    first = min(got, key=lambda s: (s.seq - c.seq("a", 0)) & 0xFFFFFFFF)
+    assert got[0] is first                         # in order: nothing ahead of a gap
+
+
+# ---------------------------------------------------------------------------
+# more: beyond the receiver's window
+# ---------------------------------------------------------------------------
+
+def test_more_acknowledges_held_bytes_so_the_sender_goes_past_the_receivers_window(kit):
+    e, c = opened(kit, win=1000)
+    data = bytes(range(256)) * 20                   # 5120 bytes, five windows of b's
+    c.send("a", c.data("a", data[:1000]))
+    c.send("a", c.data("a", data[1000:2000]))      # beyond b's window: dropped as b would
+    assert len(e.only().data[FROM]) == 1000
+    assert e.more(FROM) == 0
+    assert acks(c.recv("a", 1.0, 1)) == [c.seq("a", 1000)]       # on b's behalf
+    for o in range(1000, len(data), 1000):         # a goes on, acknowledged as it sends
+        c.send("a", c.data("a", data[o:o + 1000], off=o))
+        end = min(o + 1000, len(data))
+        assert acks(c.recv("a", 1.0, 1)) == [c.seq("a", end)]
+    assert bytes(e.only().data[FROM]) == data and c.recv("b", 0.2) == []
+    assert kit.stats("a")["tcp_more_acks"] == 6
+    # the decision: everything passes; b gets it as its own window allows
+    e.pass_(FROM, len(data))
+    rx = Receiver(c, "b")
+    got_to = 0
+    for _ in range(20):
+        segs = c.recv("b", 0.3)
+        assert all((s.seq - c.seq("a", 0)) & 0xFFFFFFFF < got_to + 1000 for s in segs)
+        rx.take(segs)
+        got_to = len(rx.stream())
+        if got_to == len(data):
+            break
+        c.send("b", c.segment("b", ACK, ack=c.seq("a", got_to)))   # b's ACKs: absorbed
+        assert [s for s in c.recv("a", 0.1) if s.flags & ACK and s.ack != c.seq("a", len(data))] == []
+    assert rx.stream() == data
+    assert kit.stats("a")["tcp_acks_absorbed"] >= 4
+    c.send("b", c.segment("b", ACK, ack=c.seq("a", len(data))))
+    kit.step()
+    c.send("a", c.segment("a", ACK))
+    kit.step()
+    assert e.bytes_kept() == 0
+
+
+def test_more_bytes_the_receiver_misses_are_resent_by_the_ni(kit):
+    e, c = opened(kit, win=1000)
+    c.send("a", c.data("a", b"x" * 1000))
+    e.more(FROM)
+    c.send("a", c.data("a", b"y" * 1000))
+    e.pass_(FROM, 2000)
+    assert [s.payload for s in c.recv("b", 0.5, 1)] == [b"x" * 1000]
+    # b lost it (no ACK): a will not resend what the NI acknowledged, the NI does (its
+    # housekeeping, from 200 ms on)
+    assert [s.payload for s in c.recv("b", 2.0, 1)] == [b"x" * 1000]
+    assert kit.stats("a")["tcp_vouched_retransmits"] >= 1
+    c.send("b", c.segment("b", ACK, ack=c.seq("a", 1000)))
+    assert [s.payload for s in c.recv("b", 0.5, 1)] == [b"y" * 1000]
+    # a resending what the NI acknowledged (it missed the ACK) is acknowledged again
+    c.recv("a", 0.2)
+    c.send("a", c.data("a", b"y" * 1000, off=1000))
+    assert acks(c.recv("a", 1.0, 1)) == [c.seq("a", 2000)]
+
+
 # ---------------------------------------------------------------------------
 # the rules
 # ---------------------------------------------------------------------------
