@@ -1,5 +1,5 @@
-"""The e-mail virus scanner (scanners/email): SMTP/POP3 state machines, MIME, the stage-B
-replacement plan, the decisions, the clamd INSTREAM client against a fake clamd and (when
+"""The e-mail virus scanner (scanners/email): SMTP/POP3 state machines, MIME, the
+replacement of infected parts, the decisions, the clamd INSTREAM client against a fake clamd and (when
 Debian's clamav-daemon is installed) a real clamd with a database the test builds, and the
 scanner end to end in the NI kernel over simulated TCP conversations.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import os
 import shutil
 import socket
@@ -24,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))   # scanners/ is not an installed package
 
 from scanners.email import EmailScanner, EngineError, replacement_plan  # noqa: E402
+from vhostni._fastpath import lib as _lib  # noqa: E402
 from scanners.email.clamd import Clamd, ClamdError, parse_reply  # noqa: E402
 from scanners.email.core import ConfigError, load_config  # noqa: E402
 from scanners.email.mime import MailError, parse_message  # noqa: E402
@@ -250,8 +252,30 @@ def test_trackers_fuzz_never_raise(data, step):
 
 
 # ---------------------------------------------------------------------------
-# Decisions and the stage-B replacement plan
+# Decisions and the replacement of infected parts
 # ---------------------------------------------------------------------------
+
+def example_replacement() -> bytes:
+    """The stream injection examples/email.toml registers for the scanner."""
+    from vhostni.policy import load_policy
+    (spec,) = load_policy(str(REPO / "examples" / "email.toml")).scanners
+    return dict(spec.stream_injections)["replacement"]
+
+
+def edited(wire: bytes, acts: list, direction: int, injections: dict) -> bytes:
+    """What the receiver of ``direction`` gets when the NI applies the inject and cut actions
+    (in stream order, offsets of the original stream) to ``wire``."""
+    out, pos = b"", 0
+    for a in acts:
+        if a[0] == "inject" and a[1] == direction:
+            out += wire[pos:a[2]] + injections[a[3]]
+            pos = a[2]
+        elif a[0] == "cut" and a[1] == direction:
+            assert a[2] >= pos and a[3] > 0
+            out += wire[pos:a[2]]
+            pos = a[2] + a[3]
+    return out + wire[pos:]
+
 
 def run_core(core: EmailScanner, client: bytes, server: bytes = b"", port: int = 25, step: int = 0):
     acts = core.open(1, port, True)
@@ -289,10 +313,123 @@ def test_clean_mail_passes_all_bytes_and_infected_mail_is_killed(step):
     kills = [a for a in acts if a[0] == "kill"]
     (alert,) = [a for a in acts if a[0] == "alert"]
     assert kills == [("kill", "virus")] and "Test.Virus" in alert[1] and "evil.exe" in alert[1]
+    # the policy registered no replacement: the attachment cannot be replaced, so: killed
+    assert "connection killed (no replacement injection 'replacement' registered)" in alert[1]
     f = alert[2]
     assert f["filename"] == "evil.exe" and f["sha256"] == VIRUS_SHA and f["engine"] == "sha256"
     assert base64.b64decode(f["message_b64"]) == mail(VIRUS, name="evil.exe")
-    assert f["stage_b_cut"][1] > 0
+    assert f["action"] == "kill" and not [a for a in acts if a[0] in ("cut", "inject")]
+
+
+@pytest.mark.parametrize("step", [0, 5, 64])
+def test_infected_attachment_is_replaced_and_the_connection_goes_on(step):
+    core = EmailScanner({"bad_sha256": [f"{VIRUS_SHA} Test.Virus"]}, stream_injections=["replacement"])
+    m1, m3 = mail(b"clean"), mail(b"clean again", name="c.txt")
+    bad = mail(VIRUS, name="evil.exe", body=".a\r\n..b\r\nc\r\n")     # dots: stuffing moves offsets
+    wire = smtp_session(m1, bad, m3)
+    acts = run_core(core, wire, step=step)
+    assert not [a for a in acts if a[0] == "kill"] and core.stats["replaced"] == 1
+    edits = [a for a in acts if a[0] in ("inject", "cut")]
+    (inject, cut) = edits
+    assert inject == ("inject", 1, cut[2], "replacement") and cut[0:2] == ("cut", 1) and cut[3] > 0
+    # the order the NI kernel needs: the edits (injection first, then the cut at the same
+    # offset), then the alert, then the pass of the rest of the message
+    i = acts.index(inject)
+    assert acts[i + 1] == cut and acts[i + 2][0] == "alert"
+    alert = acts[i + 2]
+    assert alert[1] == "e-mail virus Test.Virus in 'evil.exe' (smtp); attachment replaced"
+    f = alert[2]
+    assert f["action"] == "replace" and f["replaced"] == [list(cut[2:])] and f["filename"] == "evil.exe"
+    assert base64.b64decode(f["message_b64"]) == bad
+    bad_end = len(smtp_session(m1, bad)) - len(b"QUIT\r\n")
+    assert ("pass", 1, bad_end) in acts[i + 3:] and acts.index(("pass", 1, bad_end)) > i
+    assert passed(acts, 1) == len(wire)          # and the third message, clean, went on as well
+    # what the server gets: the three messages, the second with its attachment replaced
+    rep = example_replacement()
+    got = [e for e in SmtpTracker().feed(CLIENT, edited(wire, acts, 1, {"replacement": rep}))
+           if isinstance(e, Message)]
+    assert [g.data for g in got][0::2] == [m1, m3]
+    parts = parse_message(got[1].data)
+    assert [p.data for p in parts] == [parse_message(bad)[0].data, b"An attachment of this message was "
+                                       b"removed by the network interface: it contained a virus."]
+    assert parts[1].content_type == "text/plain" and parts[1].filename is None
+
+
+def test_every_infected_part_is_replaced():
+    core = EmailScanner({"bad_sha256": [VIRUS_SHA]}, stream_injections=["x", "replacement"])
+    m = mail(VIRUS, name="one.exe").replace(b"--XYZ--\r\n", b"--XYZ\r\nContent-Type: application/x-y"
+                                            b"\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+                                            + base64.b64encode(VIRUS) + b"\r\n--XYZ--\r\n")
+    wire = smtp_session(m)
+    acts = run_core(core, wire)
+    edits = [a for a in acts if a[0] in ("inject", "cut")]
+    assert [a[0] for a in edits] == ["inject", "cut", "inject", "cut"]
+    assert edits[2][2] >= edits[1][2] + edits[1][3]                    # in stream order
+    (alert,) = [a for a in acts if a[0] == "alert"]
+    assert alert[1].endswith("; 2 attachments replaced") and len(alert[2]["replaced"]) == 2
+    got = [e for e in SmtpTracker().feed(CLIENT, edited(wire, acts, 1, {"replacement": b"X: y\r\n\r\nz"}))
+           if isinstance(e, Message)]
+    assert [p.data for p in parse_message(got[0].data)] == [parse_message(m)[0].data, b"z", b"z"]
+
+
+def test_what_cannot_be_replaced_is_killed():
+    inj = ["replacement"]
+    table = {"bad_sha256": [VIRUS_SHA]}
+    cases = {
+        # an infected body of a single-part message: no multipart to put a part into
+        "message's body": smtp_session(b"Subject: v\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+                                       + base64.b64encode(VIRUS) + b"\r\n"),
+        # BDAT: the chunk sizes would no longer match
+        "BDAT": (b"MAIL FROM:<a>\r\nRCPT TO:<b>\r\n" + b"BDAT %d LAST\r\n" % len(mail(VIRUS))
+                 + mail(VIRUS)),
+    }
+    for why, wire in cases.items():
+        acts = run_core(EmailScanner(table, stream_injections=inj), wire)
+        (alert,) = [a for a in acts if a[0] == "alert"]
+        assert ("kill", "virus") in acts and why in alert[1] and alert[2]["action"] == "kill", why
+        assert not [a for a in acts if a[0] in ("cut", "inject")]
+    # a hit on the whole message only (the engine's, no part matched)
+    whole = mail(b"innocent-looking")
+    core = EmailScanner({}, engine=lambda d: "Mail.Sig" if d == whole else None, stream_injections=inj)
+    acts = run_core(core, smtp_session(whole))
+    assert ("kill", "virus") in acts and "whole message" in [a for a in acts if a[0] == "alert"][0][1]
+    # replacement switched off in the config
+    acts = run_core(EmailScanner(dict(table, replacement_injection=""), stream_injections=inj),
+                    smtp_session(mail(VIRUS)))
+    assert ("kill", "virus") in acts and not [a for a in acts if a[0] == "cut"]
+
+
+def test_the_rest_of_a_replaced_message_gets_the_whole_message_scan():
+    """Parts that hit skip the engine's whole-message scan: before the rest goes on without
+    them, it gets that scan, and a hit there (say, uuencoded in the text) kills."""
+    m = mail(EICAR, name="eicar.com", body="begin 644 x\r\nUUENCODED-VIRUS\r\nend\r\n")
+    seen = []
+
+    def engine(data):
+        seen.append(data)
+        if data == EICAR:
+            return "Eicar"
+        return "Uu.Virus" if b"UUENCODED-VIRUS" in data and len(data) > 100 else None
+    acts = run_core(EmailScanner({}, engine=engine, stream_injections=["replacement"]), smtp_session(m))
+    (alert,) = [a for a in acts if a[0] == "alert"]
+    assert ("kill", "virus") in acts and "the rest of the message is infected too (Uu.Virus)" in alert[1]
+    assert base64.b64encode(EICAR) not in seen[-1] and b"UUENCODED-VIRUS" in seen[-1]
+    clean = mail(EICAR, name="eicar.com")
+    acts = run_core(EmailScanner({}, engine=engine, stream_injections=["replacement"]), smtp_session(clean))
+    assert [a[0] for a in acts if a[0] in ("inject", "cut", "kill")] == ["inject", "cut"]
+
+
+def test_a_refused_edit_kills_the_connection():
+    core = EmailScanner({"bad_sha256": [f"{VIRUS_SHA} Test.Virus"]}, stream_injections=["replacement"])
+    acts = run_core(core, smtp_session(mail(VIRUS, name="evil.exe"), mail(b"later")))
+    cut = next(a for a in acts if a[0] == "cut")
+    again = core.edit_refused(1, cut, "cut refused by the fast path: too many")
+    (alert, kill) = again
+    assert kill == ("kill", "virus") and alert[2]["action"] == "kill"
+    assert alert[1] == ("e-mail virus Test.Virus in 'evil.exe' (smtp); connection killed (the NI refused "
+                        "the replacement: cut refused by the fast path: too many)")
+    assert alert[2]["filename"] == "evil.exe" and core.stats["replace_refused"] == 1
+    assert core.data(1, 1, 10**6, b"MAIL FROM:<x>\r\n") == []         # the connection is done
 
 
 def test_engine_verdicts_and_errors():
@@ -322,6 +459,16 @@ def test_pop3_infected_retr_is_killed_and_violations():
     server = b"+OK\r\n+OK\r\n" + stuff(mail(VIRUS)) + b".\r\n"
     acts = run_core(core, b"RETR 1\r\nQUIT\r\n", server, port=110)
     assert ("kill", "virus") in acts and passed(acts, 2) <= 10
+    # with the replacement registered, the RETR reply goes on with the part replaced
+    core = EmailScanner({"bad_sha256": [VIRUS_SHA]}, stream_injections=["replacement"])
+    acts = run_core(core, b"RETR 1\r\nQUIT\r\n", server, port=110)
+    assert [a[:2] for a in acts if a[0] in ("inject", "cut")] == [("inject", 2), ("cut", 2)]
+    assert passed(acts, 2) == len(server) and "(pop3); attachment replaced" in \
+        [a for a in acts if a[0] == "alert"][0][1]
+    t = Pop3Tracker()
+    t.feed(CLIENT, b"RETR 1\r\n")
+    (got,) = t.feed(SERVER, edited(server, acts, 2, {"replacement": example_replacement()}))
+    assert [p.content_type for p in parse_message(got.data)] == ["text/plain", "text/plain"]
     core = EmailScanner({})
     acts = run_core(core, b"DATA\r\na\n.\nb", b"")
     assert ("kill", "smuggling") in acts
@@ -332,7 +479,7 @@ def test_pop3_infected_retr_is_killed_and_violations():
 
 def test_config_is_checked():
     for bad in ({"nope": 1}, {"smtp_ports": [0]}, {"bad_sha256": ["xyz"]}, {"starttls": "maybe"},
-                {"replacement": "no blank line\r\n"}, {"replacement": "A: b\r\n\r\n.dot\r\n"},
+                {"replacement": "the bytes are the policy's now"}, {"replacement_injection": 1},
                 {"alert_message_bytes": 100000}, {"smtp_ports": [25], "pop3_ports": [25]}):
         with pytest.raises(ConfigError):
             load_config(bad)
@@ -341,8 +488,8 @@ def test_config_is_checked():
 
 @pytest.mark.parametrize("attachment", [VIRUS, b".leading dot\r\n" * 40])
 def test_replacement_plan_edits_the_stream_into_a_valid_message(attachment):
-    """Stage B: applying the cut and the inject to the wire bytes gives a message whose
-    infected part is the replacement and whose other parts are unchanged."""
+    """Applying the cut and the example policy's injection to the wire bytes gives a message
+    whose infected part is the replacement and whose other parts are unchanged."""
     original = mail(attachment, name="evil.exe", body=".a\r\n..b\r\nc\r\n")
     # a text attachment with dot lines, so the stuffing moves offsets
     if attachment != VIRUS:
@@ -354,16 +501,16 @@ def test_replacement_plan_edits_the_stream_into_a_valid_message(attachment):
     assert msg.data == original
     parts = parse_message(msg.data)
     bad = next(p for p in parts if p.filename == "evil.exe")
-    rep = load_config({})["replacement"]
-    plan = replacement_plan(msg, bad, rep)
+    plan = replacement_plan(msg, bad)
     off, length = plan["cut"]
-    edited = wire[:off] + plan["inject"] + wire[off + length:]
-    (msg2,) = [e for e in SmtpTracker().feed(CLIENT, edited) if isinstance(e, Message)]
+    assert plan["inject_at"] == off and plan["side"] == CLIENT
+    new = wire[:off] + example_replacement() + wire[off + length:]
+    (msg2,) = [e for e in SmtpTracker().feed(CLIENT, new) if isinstance(e, Message)]
     parts2 = parse_message(msg2.data)
     assert [p.data for p in parts2] == [parts[0].data, b"An attachment of this message was removed by the "
                                         b"network interface: it contained a virus."]
     assert parts2[1].content_type == "text/plain"
-    assert replacement_plan(msg, None, rep) is None
+    assert replacement_plan(msg, None) is None
 
 
 # ---------------------------------------------------------------------------
@@ -489,13 +636,13 @@ def test_real_clamd_with_a_test_built_database(real_clamd):
 # End to end: the scanner process in the NI kernel, simulated guests a (client) and b
 # ---------------------------------------------------------------------------
 
-def _e2e_kit(kits_made, config: dict, hold_timeout_ms: int = 10000):
+def _e2e_kit(kits_made, config: dict, hold_timeout_ms: int = 10000, inject: tuple = ()):
     sys.path.insert(0, str(REPO / "tests"))
     from nikit import Kit, policy, scanner_spec
     spec = scanner_spec("email", str(REPO / "scanners" / "email"),
                         allow=[{"stream": True, "port": p, "direction": "both", "contain": True}
                                for p in (25, 110)],
-                        alerts_per_second=1000,
+                        alerts_per_second=1000, inject=list(inject),
                         config=dict({"smtp_ports": [25], "pop3_ports": [110]}, **config))
     k = Kit({"a": policy(scanners=[spec], hold_timeout_ms=hold_timeout_ms)})
     kits_made.append(k)
@@ -544,10 +691,12 @@ def test_e2e_infected_mail_is_killed_and_alerted(kits_made):
     head = b"EHLO me\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n"
     body = stuff(mail(VIRUS, name="evil.exe")) + b".\r\n"
     c.send("a", c.data("a", head))
-    assert _got(k, "b", len(head)) == head
+    # (placed by sequence number: b does not acknowledge, and once the scanner asked for
+    # more at DATA the NI owns those bytes and resends them itself)
+    assert _stream_at(k, c, "b", len(head)) == head
     half = len(body) // 2
     c.send("a", c.data("a", body[:half]))
-    assert _got(k, "b", 1, 0.5) == b""                  # the body waits for its end
+    assert _stream_at(k, c, "b", len(head) + 1, 0.5) == head      # the body waits for its end
     c.send("a", c.data("a", body[half:]))
     alert = k.wait_alert("e-mail virus", "a", "email")
     f = alert["fields"]
@@ -556,6 +705,49 @@ def test_e2e_infected_mail_is_killed_and_alerted(kits_made):
     to_b = segments(k.recv("b", 1.0, 2))
     assert to_b and all(s.has(RST) and not s.payload for s in to_b)       # nothing of the body
     k.until(lambda: k.nk("a").streams_killed == 1, what="the kill")
+
+
+def _stream_at(k, c, name: str, want: int, wait: float = 5.0) -> bytes:
+    """The contiguous bytes guest ``name`` received, placed by sequence number (the NI
+    retransmits injected bytes until they are acknowledged)."""
+    from tcpkit import segments
+    base = c.seq(c.other(name).name, 0)
+    got: dict[int, int] = {}
+    end = time.monotonic() + wait
+    out = b""
+    while len(out) < want and time.monotonic() < end:
+        for seg in segments(k.recv(name, 0.1)):
+            for i, b in enumerate(seg.payload):
+                got.setdefault(((seg.seq - base) & 0xFFFFFFFF) + i, b)
+        out = bytes(itertools.takewhile(lambda b: b is not None, (got.get(i) for i in range(len(got)))))
+    return out
+
+
+@pytest.mark.skipif(not hasattr(_lib, "vn_stream_cut"), reason="the fast path has no stream editing "
+                    "(vn_stream_cut/vn_stream_inject) in this build")
+def test_e2e_infected_attachment_is_replaced_and_alerted(kits_made):
+    from tcpkit import Conn
+    rep = example_replacement()
+    k = _e2e_kit(kits_made, {"bad_sha256": [f"{VIRUS_SHA} Test.Payload"]},
+                 inject=[{"name": "replacement", "stream": rep.decode()}])
+    ready = k.wait_alert("e-mail scanner ready", "a", "email")
+    assert ready["fields"]["replacement"] == "replacement"
+    c = Conn(k)
+    c.open()
+    bad = mail(VIRUS, name="evil.exe")
+    wire = smtp_session(bad, mail(b"after"))
+    c.send("a", c.data("a", wire))
+    alert = k.wait_alert("attachment replaced", "a", "email")
+    f = alert["fields"]
+    assert f["action"] == "replace" and f["filename"] == "evil.exe" and f["verdict"] == "Test.Payload"
+    assert base64.b64decode(f["message_b64"]) == bad
+    (cut,) = f["replaced"]
+    want = wire[:cut[0]] + rep + wire[cut[0] + cut[1]:]
+    assert _stream_at(k, c, "b", len(want)) == want
+    sp = k.sp("a", "email")
+    assert (sp.counters.stream_cuts, sp.counters.stream_cut_bytes) == (1, cut[1])
+    assert (sp.counters.stream_injects, sp.counters.stream_inject_bytes) == (1, len(rep))
+    assert k.nk("a").streams_killed == 0 and sp.counters.refused == 0
 
 
 def test_e2e_pop3_infected_retr_is_killed(kits_made):
@@ -580,3 +772,8 @@ def test_example_policy_loads_and_its_config_is_valid():
     assert spec.argv[-1] == str(REPO / "scanners" / "email")
     cfg = load_config(spec.config)
     assert cfg["_table"][hashlib.sha256(EICAR).hexdigest()] == "EICAR-Test-File"
+    # the replacement it registers can stand in for a MIME part in a dot-stuffed stream
+    rep = dict(spec.stream_injections)[cfg["replacement_injection"]]
+    assert rep.isascii() and b"\r\n\r\n" in rep and not rep.endswith(b"\r\n")
+    assert b"\n" not in rep.replace(b"\r\n", b"") and b"\r" not in rep.replace(b"\r\n", b"")
+    assert not rep.startswith(b".") and b"\r\n." not in rep

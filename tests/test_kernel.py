@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import pytest
 
@@ -21,6 +22,7 @@ from nikit import (
 )
 from vhostni import kernel as kernel_mod
 from vhostni.kernel import AlertLog
+from vhostni.scanner import wire
 
 
 @pytest.fixture(autouse=True)
@@ -460,3 +462,84 @@ def test_frames_queued_before_a_reload_keep_their_subscriptions(kits):
     assert k.recv("b", 0.2) == []
     k.until(lambda: k.alerts_matching("frame", "a", "y"), what="y's copy")
     assert [a["fields"]["held"] for a in k.alerts_matching("frame", "a", "y")] == [False]
+
+
+# ---------------------------------------------------------------------------
+# Stream edits: a contain scanner's cut and inject requests
+# ---------------------------------------------------------------------------
+
+def _stream_editors(kits):
+    """Guest a's NI with stream scanner "ed" holding port 25 (it never passes by itself) with
+    a frame and a stream injection, and "ro" reading it (with a stream injection but no
+    contain rights); a connection to b with 11 bytes from a read."""
+    from tcpkit import Conn
+    sub = {"port": 25, "direction": "both"}
+    ed = scanner_spec("ed", "stream_decider.py", allow=[dict(sub, stream=True, contain=True)],
+                      config={"subscribe": [dict(sub, contain=True)], "mode": "hold"},
+                      inject=[{"name": "rst", "frame": eth(A_MAC, B_MAC, 0x88B5, b"x").hex()},
+                              {"name": "note", "stream": "NOTE"}])
+    ro = scanner_spec("ro", "stream_decider.py", allow=[dict(sub, stream=True)],
+                      config={"subscribe": [sub], "mode": "pass"}, inject=[{"name": "note", "stream": "NOTE"}])
+    k = kits({"a": policy(scanners=[ed, ro], hold_timeout_ms=10000)})
+    k.wait_alert("ready", "a", "ed")
+    k.wait_alert("ready", "a", "ro")
+    c = Conn(k)
+    c.open()
+    c.send("a", c.data("a", b"hello world"))
+    st = k.until(lambda: next((s for s in k.nk("a").streams.values() if s.read_off[1] == 11), None),
+                 what="the bytes read")
+    return k, c, st
+
+
+def _ask(k, scanner: str, body: dict) -> Optional[str]:
+    """Hands the kernel one control request as if ``scanner`` had sent it: its reply's error."""
+    sp = k.sp("a", scanner)
+    replies = []
+    real = sp._reply
+    sp._reply = lambda b, error=None: (replies.append(error), real(b, error))
+    try:
+        sp._handle(wire.Control(dict(body, id=99)))
+    finally:
+        del sp._reply
+    (error,) = replies
+    return error
+
+
+def test_stream_cut_and_inject_are_checked_and_edit_the_stream(kits):
+    from tcpkit import segments
+    k, c, st = _stream_editors(kits)
+    sid = st.id
+    edit = {"stream": sid, "direction": "from_guest"}
+    # malformed: refused with a reason, counted
+    for body, why in (({"stream": "x"}, "stream id"), ({"direction": "up"}, "direction"),
+                      ({"offset": -1}, "offset"), ({"offset": True}, "offset"),
+                      ({"offset": 0, "length": 0}, "length"), ({"offset": 0, "length": True}, "length"),
+                      ({"offset": 0, "length": 2**64}, "length")):
+        assert why in _ask(k, "ed", {**edit, "op": "cut", "offset": 0, "length": 1, **body})
+    assert "no stream 12345" in _ask(k, "ed", dict(edit, op="cut", stream=12345, offset=0, length=1))
+    # outside its rights: no contain rights on the stream, an injection it does not have
+    assert "no contain rights" in _ask(k, "ro", dict(edit, op="cut", offset=0, length=1))
+    assert k.alerts_matching("scanner asked to cut a stream it has no contain rights on", "a", "ro")
+    assert "no contain rights" in _ask(k, "ro", dict(edit, op="inject", offset=0, index=0))
+    assert k.alerts_matching("scanner asked to inject into a stream it has no contain rights on", "a", "ro")
+    for which in ({"index": 1}, {"index": True}, {"name": "rst"}, {"name": "none"}, {"index": 0, "name": "note"}):
+        assert "no pre-registered stream injection" in _ask(k, "ed", dict(edit, op="inject", offset=0, **which))
+    assert len(k.alerts_matching("scanner asked for an injection it does not have", "a", "ed")) == 5
+    refused = k.sp("a", "ed").counters.refused
+    assert refused == 7 + 1 + 5 and k.sp("a", "ro").counters.refused == 2
+    # replace "world" by the pre-registered "NOTE": inject at 6, then cut [6, 11)
+    assert _ask(k, "ed", dict(edit, op="inject", offset=6, name="note")) is None
+    assert _ask(k, "ed", dict(edit, op="cut", offset=6, length=5)) is None
+    ctr = k.sp("a", "ed").counters
+    assert (ctr.stream_injects, ctr.stream_inject_bytes, ctr.stream_cuts, ctr.stream_cut_bytes) == (1, 4, 1, 5)
+    # the cut is ed's decision on [6, 11) and it holds alone: everything up to 11 leaves, edited
+    assert st.passed[("ed", 1)] == 11 and st.released[1] == 11
+    got = b""
+    end = time.monotonic() + 5
+    while len(got) < 10 and time.monotonic() < end:
+        got += b"".join(s.payload for s in segments(k.recv("b", 0.1)))
+    assert got[:10] == b"hello NOTE"
+    # what ed passed (its cut) cannot be edited any more
+    assert "before what this scanner passed" in _ask(k, "ed", dict(edit, op="cut", offset=8, length=1))
+    assert "before what this scanner passed" in _ask(k, "ed", dict(edit, op="inject", offset=3, index=0))
+    assert k.nk("a").streams_killed == 0 and k.sp("a", "ed").counters.refused == refused + 2

@@ -198,6 +198,25 @@ S = {"name": "s", "program": NULL}
     ({"scanner": [dict(S, inject=[{"frame": "zz"}])]}, "scanner[0].inject[0].frame"),
     ({"scanner": [dict(S, inject=[{"frame": "ff" * 13}])]}, "scanner[0].inject[0].frame"),
     ({"scanner": [dict(S, inject=[{"name": "x"}])]}, "scanner[0].inject[0]"),
+    ({"scanner": [dict(S, inject=[{"name": "x", "frame": "ff" * 14, "stream": "x"}])]}, "scanner[0].inject[0]"),
+    ({"scanner": [dict(S, inject=[{"name": "x", "stream": "x", "stream_hex": "78"}])]}, "scanner[0].inject[0]"),
+    ({"scanner": [dict(S, inject=[{"name": "x", "stream": "x", "bogus": 1}])]}, "scanner[0].inject[0]"),
+    ({"scanner": [dict(S, inject=["x"])]}, "scanner[0].inject[0]"),
+    ({"scanner": [dict(S, inject=[{"stream": "x"}])]}, "scanner[0].inject[0].name"),
+    ({"scanner": [dict(S, inject=[{"name": 5, "stream": "x"}])]}, "scanner[0].inject[0].name"),
+    ({"scanner": [dict(S, inject=[{"name": "a b", "stream": "x"}])]}, "scanner[0].inject[0].name"),
+    ({"scanner": [dict(S, inject=[{"name": "r", "stream": "x"}, {"name": "r", "stream_hex": "00"}])]},
+     "scanner[0].inject[1].name"),
+    ({"scanner": [dict(S, inject=[{"name": "r", "stream": ""}])]}, "scanner[0].inject[0].stream"),
+    ({"scanner": [dict(S, inject=[{"name": "r", "stream": "x" * 65537}])]}, "scanner[0].inject[0].stream"),
+    ({"scanner": [dict(S, inject=[{"name": "r", "stream": "\u00e9" * 32769}])]}, "scanner[0].inject[0].stream"),
+    ({"scanner": [dict(S, inject=[{"name": "r", "stream": b"x"}])]}, "scanner[0].inject[0].stream"),
+    ({"scanner": [dict(S, inject=[{"name": "r", "stream": ["x"]}])]}, "scanner[0].inject[0].stream"),
+    ({"scanner": [dict(S, inject=[{"name": "r", "stream_hex": "zz"}])]}, "scanner[0].inject[0].stream_hex"),
+    ({"scanner": [dict(S, inject=[{"name": "r", "stream_hex": ""}])]}, "scanner[0].inject[0].stream_hex"),
+    ({"scanner": [dict(S, inject=[{"name": "r", "stream_hex": "00" * 65537}])]},
+     "scanner[0].inject[0].stream_hex"),
+    ({"scanner": [dict(S, inject=[{"name": "r", "stream_hex": 0}])]}, "scanner[0].inject[0].stream_hex"),
     ({"scanner": [dict(S, memory_mb=8)]}, "scanner[0].memory_mb"),
     ({"scanner": [dict(S, cpu_seconds=0)]}, "scanner[0].cpu_seconds"),
     ({"scanner": [dict(S, open_files=4)]}, "scanner[0].open_files"),
@@ -239,6 +258,40 @@ def test_bad_files(tmp_path, text, ext, what):
     with pytest.raises(PolicyError) as exc:
         load_policy(str(p))
     assert what in str(exc.value) and str(p) in str(exc.value)
+
+
+def test_stream_injections(tmp_path):
+    """[[scanner.inject]] stream / stream_hex: bytes for a contain scanner's streams, numbered
+    apart from the frame injections of the same array, text taken exactly as TOML gives it."""
+    p = _load(tmp_path, f"""
+[[scanner]]
+name = "s"
+program = "{NULL}"
+[[scanner.inject]]
+name = "rst"
+frame = "{'ff' * 14}"
+[[scanner.inject]]
+name = "replacement"
+stream = "Content-Type: text/plain\\r\\n\\r\\nRemoved: caf\u00e9."
+[[scanner.inject]]
+name = "raw.bytes-1"
+stream_hex = "00 ff:0d0a"
+[[scanner.inject]]
+name = "rst"
+stream = "same name as the frame: another namespace"
+[[scanner.inject]]
+name = "max"
+stream_hex = "{'41' * 65536}"
+""", "toml")
+    (s,) = p.scanners
+    assert s.injections == [("rst", b"\xff" * 14)]
+    assert [n for n, _ in s.stream_injections] == ["replacement", "raw.bytes-1", "rst", "max"]
+    assert s.stream_injections[0][1] == "Content-Type: text/plain\r\n\r\nRemoved: café.".encode()
+    assert s.stream_injections[1][1] == b"\x00\xff\r\n" and len(s.stream_injections[3][1]) == 65536
+    assert parse_policy({"scanner": [S]}).scanners[0].stream_injections == []
+    if hasattr(lib, "VN_TCP_INJECT_MAX"):       # the fast path takes every injection allowed
+        from vhostni.policy import STREAM_INJECT_MAX
+        assert STREAM_INJECT_MAX == lib.VN_TCP_INJECT_MAX
 
 
 def test_compiled_policy_is_accepted_by_the_fast_path():

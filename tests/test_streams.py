@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from nikit import Kit, policy, scanner_spec, time_limit
-from tcpkit import ACK, FIN, RST, Conn, segments
+from tcpkit import ACK, FIN, PSH, RST, Conn, segments
 from vhostni import kernel as kernel_mod
 from vhostni.scanner import wire
 
@@ -181,10 +181,9 @@ def test_read_only_scanner_sees_the_stream_without_holding_it(kits):
     assert reports(k, "open")[0]["reads"] == [1] and reports(k, "open")[0]["holds"] == []
 
 
-@pytest.mark.parametrize("how", ["kill", "cut"])
-def test_kill_resets_both_ends(kits, how):
+def test_kill_resets_both_ends(kits):
     spec = scanner_spec("killer", "stream_kill.py", allow=[stream_right()],
-                        config={"port": 25, "marker": "VIRUS", "how": how})
+                        config={"port": 25, "marker": "VIRUS"})
     k = started(kits, [spec])
     c = Conn(k)
     c.open()
@@ -202,6 +201,27 @@ def test_kill_resets_both_ends(kits, how):
     # the connection is gone for the NI: more data of it is dropped, not let through unseen
     c.send("a", c.data("a", b"after"))
     assert got_payload(k, "b", 5, 0.3) == b""
+
+
+@pytest.mark.parametrize("inject", [None, "<removed>"])
+def test_cut_and_inject_edit_the_stream_and_the_connection_goes_on(kits, inject):
+    spec = scanner_spec("editor", "stream_edit.py", allow=[stream_right()],
+                        config={"port": 25, "marker": "VIRUS", "injection": "note" if inject else None},
+                        inject=[{"name": "note", "stream": inject}] if inject else [])
+    k = started(kits, [spec])
+    c = Conn(k)
+    c.open()
+    c.send("a", c.data("a", b"hello "), c.data("a", b"here is a VIRUS, "),
+           c.data("a", b"and more", flags=ACK | PSH | FIN))      # (its end lets the tail go)
+    want = b"hello here is a " + (inject or "").encode() + b", and more"
+    assert got_payload(k, "b", len(want)) == want
+    # b acknowledges what it got: a hears every byte it sent, in its own numbering
+    c.send("b", c.segment("b", ACK, ack=c.seq("a", len(want) + 1)))     # (+1: the FIN)
+    acks = [s.ack for s in segments(k.recv("a", 1.0)) if s.has(ACK)]
+    assert acks and acks[-1] == c.seq("a", 32)
+    st = k.stats("a")
+    assert st["tcp_cut_bytes"] == 5 and st["tcp_injected_bytes"] == len(inject or "")
+    assert st["tcp_killed"] == 0 and k.sp("a", "editor").counters.stream_cuts == 1
 
 
 def test_stream_rights_are_checked(kits):

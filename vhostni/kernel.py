@@ -14,9 +14,12 @@ announced to the scanners whose stream subscriptions matched it, its in-order by
 read from the held frames (zero-copy in C, one copy into the message here) and sent to
 them, and a held direction moves on as far as every contain scanner passed it.  The hold
 timeout and default decision apply to each chunk of bytes as to a frame: default pass lets
-the chunk go, default cut kills the connection.  In this first stage of the stream
-interface a ``cut`` kills the connection too (never passing the bytes), and ``more`` is
-recorded but does not open the receiver's window.
+the chunk go, default cut kills the connection.  A contain scanner may also edit what it
+holds: ``cut`` drops a byte range (the receiver never gets it; the fast path rewrites the
+sequence numbers) and counts as that scanner's pass of those bytes, and ``inject`` inserts
+bytes the policy pre-registered for it (``[[scanner.inject]] stream``), both only on bytes
+it has not passed yet.  ``more`` has the fast path acknowledge held bytes on the
+receiver's behalf, so a decision can wait for more than the receiver's window.
 
 Everything here runs on the daemon's one thread, between calls into the C loop.
 """
@@ -227,6 +230,10 @@ class ScannerCounters:
     stream_passes: int = 0
     stream_kills: int = 0
     stream_mores: int = 0
+    stream_cuts: int = 0
+    stream_cut_bytes: int = 0
+    stream_injects: int = 0
+    stream_inject_bytes: int = 0
 
 
 class ScannerProc:
@@ -327,7 +334,8 @@ class ScannerProc:
         k.register(rerr, self.on_stderr)
         self._send(wire.encode_control({
             "op": "hello", "version": wire.VERSION, "scanner": self.name, "ni": self.nk.name,
-            "config": self.spec.config, "injections": [n for n, _ in self.spec.injections]}))
+            "config": self.spec.config, "injections": [n for n, _ in self.spec.injections],
+            "stream_injections": [n for n, _ in self.spec.stream_injections]}))
         log.info("NI %s: scanner %s started (pid %d): %s", self.nk.name, self.name,
                  self.proc.pid, " ".join(argv))
         k.event("SCANNER_STARTED", ni=self.nk.name, scanner=self.name, pid=self.proc.pid)
@@ -573,15 +581,19 @@ class ScannerProc:
         op = body.get("op")
         if op == "subscribe":
             self._subscribe(body)
+        elif op == "inject" and "stream" in body:
+            self._stream_inject(body)
         elif op == "inject":
             self._inject(body)
+        elif op == "cut":
+            self._stream_cut(body)
         elif op == "alert":
             self._alert(body)
         elif op == "synced":
             sid = body.get("id")
             if isinstance(sid, int) and not isinstance(sid, bool):
                 self.synced = max(self.synced, sid)
-        elif op in ("kill", "cut", "more"):
+        elif op in ("kill", "more"):
             self._stream_request(op, body)
         else:
             self._reply(body, f"unknown op {op!r}")
@@ -647,14 +659,62 @@ class ScannerProc:
         if op == "kill":
             self.counters.stream_kills += 1
             self.nk.stream_kill(self.name, sid, "kill")
-        elif op == "cut":
-            # stage A: a cut ends the connection; the bytes are never passed
-            self.counters.stream_kills += 1
-            self.nk.stream_kill(self.name, sid, "cut", direction=direction,
-                                offset=body.get("offset"), length=body.get("length"))
         else:
             self.counters.stream_mores += 1
             self.nk.stream_more(self.name, sid, d)
+
+    def _stream_edit_target(self, body: dict) -> tuple[Optional[tuple[int, int, int]], Optional[str]]:
+        """The (stream, direction, offset) of a cut or inject request, or why it is malformed."""
+        sid, direction, offset = body.get("stream"), body.get("direction"), body.get("offset")
+        if isinstance(sid, bool) or not isinstance(sid, int):
+            return None, "stream must be a stream id"
+        d = wire.DIRECTIONS.get(direction) if isinstance(direction, str) else None
+        if d is None:
+            return None, "direction must be to_guest or from_guest"
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < wire.PASS_ALL:
+            return None, "offset must be a stream offset (an integer >= 0)"
+        return (sid, d, offset), None
+
+    def _stream_cut(self, body: dict) -> None:
+        target, err = self._stream_edit_target(body)
+        length = body.get("length")
+        if err is None and (isinstance(length, bool) or not isinstance(length, int)
+                            or not 1 <= length < wire.PASS_ALL - target[2]):
+            err = "length must be an integer >= 1"
+        if err is None:
+            err = self.nk.stream_cut(self.name, *target, length)
+        if err is None:
+            self.counters.stream_cuts += 1
+            self.counters.stream_cut_bytes += length
+        self._reply(body, err)
+
+    def _stream_inject(self, body: dict) -> None:
+        idx = self._stream_injection(body)
+        if idx is None:
+            return
+        target, err = self._stream_edit_target(body)
+        data = self.spec.stream_injections[idx][1]
+        if err is None:
+            err = self.nk.stream_inject(self.name, *target, data)
+        if err is None:
+            self.counters.stream_injects += 1
+            self.counters.stream_inject_bytes += len(data)
+        self._reply(body, err)
+
+    def _stream_injection(self, body: dict) -> Optional[int]:
+        """The index of the stream injection a request names (by ``index`` or ``name``);
+        None, answered and alerted, if this scanner has no such injection."""
+        idx, name = body.get("index"), body.get("name")
+        names = [n for n, _ in self.spec.stream_injections]
+        if "index" not in body and isinstance(name, str) and name in names:
+            return names.index(name)
+        if "name" not in body and not isinstance(idx, bool) and isinstance(idx, int) \
+                and 0 <= idx < len(names):
+            return idx
+        what = name if "index" not in body else idx
+        self._reply(body, f"no pre-registered stream injection {what!r}")
+        self._alert_about("scanner asked for an injection it does not have", stream_injection=what)
+        return None
 
     def _inject(self, body: dict) -> None:
         idx = body.get("index")
@@ -1050,7 +1110,7 @@ class NIKernel:
             sp.consecutive_timeouts = 0
         self._stream_settle(st)
 
-    def stream_kill(self, scanner: str, sid: int, how: str, **fields) -> None:
+    def stream_kill(self, scanner: str, sid: int, how: str = "kill") -> None:
         st = self.streams.get(sid)
         sp = self.scanners.get(scanner)
         if st is None or st.closing is not None:
@@ -1062,14 +1122,68 @@ class NIKernel:
                                 stream=sid)
             return
         self._kill_stream(st, "killed")
-        if how == "cut":
-            log.info("NI %s: scanner %s cut stream %d (%s): killed (cut is killing in this "
-                     "stage)", self.name, scanner, sid, fields)
+
+    def _stream_uneditable(self, scanner: str, how: str, sid: int, d: int,
+                           offset: int) -> Optional[str]:
+        """Why ``scanner`` may not edit direction ``d`` of stream ``sid`` at ``offset`` (None
+        if it may): it must hold that direction (else alerted, as for a kill), and neither
+        it nor the NI may have passed that byte already (passed bytes may have left)."""
+        st = self.streams.get(sid)
+        if st is None:
+            return f"no stream {sid} (closed)"
+        if st.closing is not None:
+            return f"stream {sid} is closing ({st.closing})"
+        if not st.holders.get(scanner, 0) & d:
+            sp = self.scanners.get(scanner)
+            if sp is not None:
+                sp._alert_about(f"scanner asked to {how} a stream it has no contain rights on",
+                                stream=sid, direction=DIR_NAMES[d])
+            return f"no contain rights on {DIR_NAMES[d]} of stream {sid}"
+        mine = st.passed.get((scanner, d), 0)
+        if offset < mine:
+            return f"offset {offset} is before what this scanner passed ({mine})"
+        if offset < st.released[d]:
+            return f"offset {offset} is before what the NI already let go ({st.released[d]})"
+        return None
+
+    def _edit_error(self, how: str, rc: int) -> str:
+        ffi, lib = self.kernel.ffi, self.kernel.lib
+        return f"{how} refused by the fast path: {ffi.string(lib.vn_strerror(rc)).decode()}"
+
+    def stream_cut(self, scanner: str, sid: int, d: int, offset: int, length: int) -> Optional[str]:
+        """Drops bytes [offset, offset+length) of direction ``d``: None, or why not.  A cut
+        is also the scanner's decision on those bytes, so it counts as its pass of them."""
+        err = self._stream_uneditable(scanner, "cut", sid, d, offset)
+        if err is not None:
+            return err
+        rc = self.kernel.lib.vn_stream_cut(self.kernel.switch._sw, sid, d, offset, offset + length)
+        if rc < 0:
+            return self._edit_error("cut", rc)
+        # the fast path lets the bytes around a cut go only once they are passed
+        self.stream_pass(scanner, sid, d, offset + length)
+        return None
+
+    def stream_inject(self, scanner: str, sid: int, d: int, offset: int, data: bytes) -> Optional[str]:
+        """Inserts ``data`` (a pre-registered injection) before byte ``offset`` of direction
+        ``d``: None, or why not."""
+        err = self._stream_uneditable(scanner, "inject into", sid, d, offset)
+        if err is not None:
+            return err
+        rc = self.kernel.lib.vn_stream_inject(self.kernel.switch._sw, sid, d, offset, data, len(data))
+        return self._edit_error("inject", rc) if rc < 0 else None
 
     def stream_more(self, scanner: str, sid: int, d: Optional[int]) -> None:
+        """A decision of ``scanner`` on direction ``d`` (None: each it holds) needs bytes
+        beyond the receiver's window: the fast path acknowledges the held bytes on the
+        receiver's behalf until the scanner passes beyond what had arrived."""
         st = self.streams.get(sid)
-        if st is not None and st.holders.get(scanner):
-            st.more[scanner] = st.more.get(scanner, 0) + 1
+        held = st.holders.get(scanner, 0) if st is not None and st.closing is None else 0
+        if not held:
+            return
+        st.more[scanner] = st.more.get(scanner, 0) + 1
+        for dd in (1, 2):
+            if held & dd and (d is None or d == dd):
+                self.kernel.lib.vn_stream_more(self.kernel.switch._sw, sid, dd)
 
     def expire_streams(self, now: float) -> None:
         """The hold timeout on stream chunks: default pass lets a chunk go in place of the

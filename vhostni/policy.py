@@ -21,6 +21,13 @@ port, "lo-hi" or [lo, hi]; all ports if absent) and ``direction`` (which bytes: 
 to_guest or both, the default).  A stream subscription is granted only if its ports and
 directions lie within one of the scanner's stream rights (and contain only if that right
 has contain).
+
+``[[scanner.inject]]`` pre-registers what a scanner may put on the wire, by index or name:
+``{name, frame}`` a whole Ethernet frame (hex), or ``{name, stream}`` / ``{name, stream_hex}``
+bytes a contain scanner may insert into a TCP stream it holds (text, as given: TOML basic
+strings write CR LF as ``\\r\\n``; or hex).  The two kinds are numbered separately, each in
+the order of the array (``ScannerSpec.injections`` and ``.stream_injections``): a scanner
+never chooses the bytes it sends, only which of the administrator's.
 """
 from __future__ import annotations
 
@@ -46,6 +53,9 @@ MATCH_KEYS = {"direction", "ethertype", "proto", "src", "dst", "sport", "dport",
 # [ni] on_alert: what the NI does by itself when one of its scanners raises an alert
 # (none; quarantine, see [quarantine]; link-down: QEMU's set_link plus dropping every frame).
 ON_ALERT = ("none", "quarantine", "link-down")
+# the longest stream injection (csrc/vhostni.h VN_TCP_INJECT_MAX: what vn_stream_inject takes)
+STREAM_INJECT_MAX = 65536
+INJECT_KEYS = ("frame", "stream", "stream_hex")
 
 
 class PolicyError(ValueError):
@@ -312,7 +322,7 @@ class ScannerSpec:
     argv: list[str]
     config: dict
     rights: list[Right]
-    injections: list[tuple[str, bytes]]
+    injections: list[tuple[str, bytes]]          # whole Ethernet frames ([[scanner.inject]] frame =)
     memory_mb: int = 512
     cpu_seconds: int = 3600
     open_files: int = 64
@@ -320,6 +330,8 @@ class ScannerSpec:
     messages_per_second: int = 20000
     alerts_per_second: float = 10.0
     stream_rights: list[StreamRight] = field(default_factory=list)
+    # bytes to insert into held TCP streams ([[scanner.inject]] stream = / stream_hex =)
+    stream_injections: list[tuple[str, bytes]] = field(default_factory=list)
 
 
 @dataclass
@@ -427,6 +439,42 @@ def _scanner_argv(where: str, program: str, args: list, base: str) -> list[str]:
     return [path] + args
 
 
+def _injections(w: str, entries: list) -> tuple[list, list]:
+    """A scanner's ``[[scanner.inject]]`` array: (frame injections, stream injections)."""
+    frames: list[tuple[str, bytes]] = []
+    streams: list[tuple[str, bytes]] = []
+    for j, inj in enumerate(entries):
+        iw = f"{w}.inject[{j}]"
+        kinds = [k for k in INJECT_KEYS if isinstance(inj, dict) and k in inj]
+        if not isinstance(inj, dict) or set(inj) - {"name", "comment", *INJECT_KEYS} or len(kinds) != 1:
+            raise PolicyError(iw, "expected {name, frame (hex)}, {name, stream (text)} or "
+                                  "{name, stream_hex}: exactly one of frame, stream, stream_hex")
+        if kinds[0] == "frame":
+            frame = _hex(f"{iw}.frame", inj["frame"], 65550)
+            if len(frame) < 14:
+                raise PolicyError(f"{iw}.frame", "shorter than an Ethernet header")
+            frames.append((str(inj.get("name", f"inject{j}")), frame))
+            continue
+        # a scanner finds a stream injection by name (Stream.inject): it must have one, once
+        name = inj.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+            raise PolicyError(f"{iw}.name", "a stream injection needs a name: 1-64 of [A-Za-z0-9_.-]")
+        if any(n == name for n, _ in streams):
+            raise PolicyError(f"{iw}.name", f"{name!r}: another stream injection of this scanner "
+                                            "has that name")
+        if kinds[0] == "stream_hex":
+            data = _hex(f"{iw}.stream_hex", inj["stream_hex"], STREAM_INJECT_MAX)
+        else:
+            text = inj["stream"]
+            if not isinstance(text, str):
+                raise PolicyError(f"{iw}.stream", "expected a string (stream_hex for bytes in hex)")
+            data = text.encode("utf-8")
+            if not 0 < len(data) <= STREAM_INJECT_MAX:
+                raise PolicyError(f"{iw}.stream", f"{len(data)} bytes; 1..{STREAM_INJECT_MAX} allowed")
+        streams.append((name, data))
+    return frames, streams
+
+
 def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Policy:
     if not isinstance(d, dict):
         raise PolicyError("", "a policy is a table")
@@ -532,17 +580,10 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
                 stream_rights.append(StreamRight(parse_stream_match(f"{w}.allow[{j}]", a), contain))
             else:
                 rights.append(Right(parse_match(f"{w}.allow[{j}]", a), contain))
-        injections = []
-        for j, inj in enumerate(_want(s, "inject", w, list, [])):
-            iw = f"{w}.inject[{j}]"
-            if not isinstance(inj, dict) or set(inj) - {"name", "frame", "comment"} or "frame" not in inj:
-                raise PolicyError(iw, "expected {name, frame (hex)}")
-            frame = _hex(f"{iw}.frame", inj["frame"], 65550)
-            if len(frame) < 14:
-                raise PolicyError(f"{iw}.frame", "shorter than an Ethernet header")
-            injections.append((str(inj.get("name", f"inject{j}")), frame))
+        injections, stream_injections = _injections(w, _want(s, "inject", w, list, []))
         spec = ScannerSpec(name=name, argv=argv, config=_want(s, "config", w, dict, {}),
-                           rights=rights, injections=injections, stream_rights=stream_rights)
+                           rights=rights, injections=injections, stream_rights=stream_rights,
+                           stream_injections=stream_injections)
         for key, lo, hi in (("memory_mb", 16, 65536), ("cpu_seconds", 1, 10**7), ("open_files", 8, 65536),
                             ("max_timeouts", 1, 1000), ("messages_per_second", 1, 10**7)):
             v = _want(s, key, w, int, getattr(spec, key))

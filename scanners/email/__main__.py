@@ -53,10 +53,14 @@ class Engine:
             raise EngineError(str(exc)) from None
 
 
-def apply(sc: Scanner, stream, acts: list) -> None:
+def apply(sc: Scanner, core: EmailScanner, stream, acts: list) -> None:
     for act in acts:
         kind = act[0]
-        if kind == "pass":
+        if kind in ("inject", "cut"):
+            # the rest of acts (the alert, the pass of the message) assumes the edit worked
+            if not edit(sc, core, stream, act):
+                return
+        elif kind == "pass":
             if act[1] in stream.holds and not stream.closed:
                 stream.pass_(act[1], act[2])
         elif kind == "pass_all":
@@ -72,6 +76,23 @@ def apply(sc: Scanner, stream, acts: list) -> None:
             sc.alert(act[1], **act[2])
 
 
+def edit(sc: Scanner, core: EmailScanner, stream, act: tuple) -> bool:
+    """Asks the NI kernel for a cut or inject; if it refuses, what the core decides instead
+    (kill and alert) is applied and False returned."""
+    try:
+        if stream.closed:
+            raise Refused(f"the stream closed ({stream.reason})")
+        if act[0] == "cut":
+            stream.cut(act[1], act[2], act[3])
+        else:
+            stream.inject(act[1], act[2], act[3])
+        return True
+    except Refused as exc:
+        log(f"stream {stream.id}: {act[0]} refused: {exc}")
+        apply(sc, core, stream, core.edit_refused(stream.id, act, str(exc)))
+        return False
+
+
 def run(sc: Scanner, core: EmailScanner, engine) -> int:
     ports = list(core.cfg["smtp_ports"]) + list(core.cfg["pop3_ports"])
     for port in ports:
@@ -81,16 +102,23 @@ def run(sc: Scanner, core: EmailScanner, engine) -> int:
             sc.alert(f"e-mail scanner not started: stream subscription to port {port} refused: {exc}",
                      event="subscription_refused", port=port)
             return 3
+    # the policy's stream injections are names here (the bytes stay with the kernel): without
+    # the configured one, infected attachments cannot be replaced and kill their connection
+    replacement = core.cfg["replacement_injection"]
+    if replacement not in core.stream_injections:
+        replacement = None
     sc.alert("e-mail scanner ready", event="ready", ports=ports,
-             engine="clamd" if engine else "sha256 only", hashes=len(core.cfg["_table"]))
+             engine="clamd" if engine else "sha256 only", hashes=len(core.cfg["_table"]),
+             replacement=replacement)
     log(f"scanning ports {ports} on {sc.ni} with {'clamd + ' if engine else ''}"
-        f"{len(core.cfg['_table'])} known-bad digests")
+        f"{len(core.cfg['_table'])} known-bad digests; infected attachments "
+        + (f"replaced by injection {replacement!r}" if replacement else "kill their connection"))
     for ev in sc.events(timeout=TICK):
         if isinstance(ev, StreamOpened):
             s = ev.stream
-            apply(sc, s, core.open(s.id, s.port, s.client == "guest", s.tuple))
+            apply(sc, core, s, core.open(s.id, s.port, s.client == "guest", s.tuple))
         elif isinstance(ev, StreamData):
-            apply(sc, ev.stream, core.data(ev.stream.id, ev.direction, ev.offset, ev.data))
+            apply(sc, core, ev.stream, core.data(ev.stream.id, ev.direction, ev.offset, ev.data))
         elif isinstance(ev, StreamClosed):
             core.close(ev.stream.id)
         if engine is not None:
@@ -115,7 +143,7 @@ def main() -> int:
         log(str(exc))
         return 1
     try:
-        core = EmailScanner(sc.config)
+        core = EmailScanner(sc.config, stream_injections=sc.stream_injections)
     except ConfigError as exc:
         sc.alert(f"e-mail scanner not started: bad configuration: {exc}", event="config_error")
         return 2

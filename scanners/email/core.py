@@ -1,33 +1,37 @@
 """The e-mail virus scanner, sans-I/O (section 5.2 of the self-securing NI paper).
 
-    sc = EmailScanner(config, engine=clamd.scan)      # engine: bytes -> None or a signature name
+    sc = EmailScanner(config, engine=clamd.scan,      # engine: bytes -> None or a signature name
+                      stream_injections=names)        # the policy's, from the kernel's hello
     acts = sc.open(sid, port, client_is_guest)
     acts = sc.data(sid, direction, offset, data)      # direction: 1 from the guest, 2 to it
-    acts = sc.end(sid, direction)                     # the sender of direction sent its FIN
+    acts = sc.edit_refused(sid, act, error)           # the kernel refused a cut or inject
     sc.close(sid)
 
 Actions are tuples: ("pass", direction, offset), ("pass_all", direction), ("more", direction),
+("inject", direction, offset, injection name), ("cut", direction, offset, length),
 ("kill", reason), ("alert", message, fields).  SMTP (client to server) and POP3 (server to
 client) are followed by :mod:`proto`; a message's bytes are held (nothing of it passed) until
 the whole message is there, then its parts (:mod:`mime`) are checked against the SHA-256 table
-and by the engine.  Clean: everything up to the message's end passes, byte for byte.  A hit:
-alert (part name, digest, engine verdict, the first bytes of the original message) and kill.
-
-Stage B (cut + inject in the NI kernel) will replace the infected part instead:
-:func:`replacement_plan` computes the stream byte range to cut and the text/plain part to inject.
+and by the engine.  Clean: everything up to the message's end passes, byte for byte.  A hit
+on parts of a multipart: each infected part is replaced in the stream by the policy's
+pre-registered stream injection ``replacement_injection`` (inject at the part's start, cut
+the part: :func:`replacement_plan`), the rest of the message passes, and an alert carries
+the part's name, digest, engine verdict and the first bytes of the original message.  A hit
+that cannot be replaced (the message's only body, BDAT, the whole message, no injection
+registered, the kernel refusing the edit): the same alert, and the connection is killed.
 """
 from __future__ import annotations
 
 import base64
 import hashlib
 import re
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 from .mime import MailError, Part, parse_message
 from .proto import CLIENT, SERVER, Message, Pop3Tracker, SmtpTracker, Violation
 
-__all__ = ["EmailScanner", "ConfigError", "DEFAULTS", "load_config", "replacement_plan", "Hit",
-           "EngineError"]
+__all__ = ["EmailScanner", "ConfigError", "DEFAULTS", "load_config", "replacement_plan",
+           "unreplaceable", "Hit", "EngineError"]
 
 FROM_GUEST, TO_GUEST = 1, 2
 
@@ -48,9 +52,9 @@ DEFAULTS: dict[str, Any] = {
     "max_depth": 10,
     "max_parts": 1000,
     "alert_message_bytes": 32768,     # of the original message, base64, in the alert (max 40000)
-    "replacement": ("Content-Type: text/plain; charset=us-ascii\r\n\r\n"
-                    "An attachment of this message was removed by the network interface: "
-                    "it contained a virus.\r\n"),
+    # the policy's [[scanner.inject]] stream injection that replaces an infected part ("": none,
+    # infected messages are always killed); its bytes are the administrator's, see replacement_plan
+    "replacement_injection": "replacement",
 }
 
 _CHOICES = {"engine_error": ("kill", "pass"), "unparseable": ("kill", "scan_raw"),
@@ -98,11 +102,8 @@ def load_config(cfg: Optional[Mapping]) -> dict:
         raise ConfigError("clamd_socket: expected a path")
     if not isinstance(out["scan_whole_message"], bool):
         raise ConfigError("scan_whole_message: expected true or false")
-    rep = out["replacement"]
-    if not isinstance(rep, str) or not rep.isascii() or "\r\n\r\n" not in rep \
-            or re.search(r"(^|\n)\.", rep) or re.search(r"(?<!\r)\n|\r(?!\n)", rep):
-        raise ConfigError("replacement: ASCII, CRLF line ends, headers + blank line + body, "
-                          "no line starting with '.'")
+    if not isinstance(out["replacement_injection"], str):
+        raise ConfigError("replacement_injection: expected the name of a stream injection, or \"\"")
     table = {}
     if not isinstance(out["bad_sha256"], list):
         raise ConfigError("bad_sha256: expected a list of \"HEX [NAME]\"")
@@ -126,21 +127,31 @@ class Hit:
                 "engine": self.engine, "verdict": self.verdict}
 
 
-def replacement_plan(msg: Message, part: Optional[Part], replacement: str) -> Optional[dict]:
-    """Stage B: the stream bytes to cut and the bytes to inject in their place so the infected
-    part becomes ``replacement`` (a whole MIME entity: headers, blank line, body).  The range is
-    the part's headers and body (between its delimiter line and the CRLF before the next one),
-    mapped through the dot-stuffing onto stream offsets.  None where a cut cannot work: a
-    top-level (not multipart) body, BDAT (the chunk sizes would no longer match) or a hit on the
-    whole message only."""
-    if part is None or not part.in_multipart or msg.how == "bdat":
+def unreplaceable(msg: Message, part: Optional[Part]) -> Optional[str]:
+    """Why an infected ``part`` of ``msg`` cannot be replaced in the stream (None if it can)."""
+    if part is None:
+        return "the whole message matched, not one part of it"
+    if not part.in_multipart:
+        return "the infected part is the message's body, not a part of a multipart"
+    if msg.how == "bdat":
+        return "a BDAT message: its chunk sizes would no longer match"
+    if msg.wire.end(part.end) <= msg.wire.start(part.start):
+        return "the infected part is empty"
+    return None
+
+
+def replacement_plan(msg: Message, part: Optional[Part]) -> Optional[dict]:
+    """Where an injection takes the place of an infected ``part`` in the stream: cut the part's
+    headers and body (between its delimiter line and the CRLF before the next delimiter, mapped
+    through the dot-stuffing onto stream offsets) and inject at the cut's start.  The range does
+    not depend on the injected bytes, which the policy holds ([[scanner.inject]] stream): a whole
+    MIME entity (headers, blank line, body) with CRLF line ends, no line starting with '.' (they
+    go on the wire as they are, not dot-stuffed) and no CRLF at the end (the CRLF before the
+    next delimiter stays in the stream).  None where a cut cannot work (:func:`unreplaceable`)."""
+    if unreplaceable(msg, part) is not None:
         return None
-    inject = replacement.encode("ascii")
-    if inject.endswith(b"\r\n"):
-        inject = inject[:-2]     # the CRLF before the next delimiter stays in the stream
     a, b = msg.wire.start(part.start), msg.wire.end(part.end)
-    direction_side = msg.side
-    return {"side": direction_side, "cut": [a, b - a], "inject_at": a, "inject": inject}
+    return {"side": msg.side, "cut": [a, b - a], "inject_at": a}
 
 
 class _Conn:
@@ -151,17 +162,20 @@ class _Conn:
         self.passed = {FROM_GUEST: 0, TO_GUEST: 0}
         self.asked_more: Optional[int] = None     # the message start we asked more for
         self.done = False
+        self.replacing: dict = {}     # edit action of the last data() -> (alert title, fields)
         self.tuple: Any = None
 
 
 class EmailScanner:
     def __init__(self, config: Optional[Mapping] = None,
-                 engine: Optional[Callable[[bytes], Optional[str]]] = None):
+                 engine: Optional[Callable[[bytes], Optional[str]]] = None,
+                 stream_injections: Iterable[str] = ()):
         self.cfg = load_config(config)
         self.engine = engine
+        self.stream_injections = set(stream_injections)    # names the policy registered
         self.conns: dict[int, _Conn] = {}
-        self.stats = {"messages": 0, "clean": 0, "infected": 0, "parts": 0, "engine_errors": 0,
-                      "violations": 0}
+        self.stats = {"messages": 0, "clean": 0, "infected": 0, "replaced": 0, "parts": 0,
+                      "engine_errors": 0, "violations": 0, "replace_refused": 0}
 
     # ---- connections
     def open(self, sid: int, port: int, client_is_guest: bool, tuple_=None) -> list:
@@ -187,6 +201,7 @@ class EmailScanner:
         t = c.tracker
         side = c.side_of[direction]
         acts: list = []
+        c.replacing.clear()          # the caller applied the previous call's actions
         for ev in t.feed(side, data):
             if isinstance(ev, Violation):
                 acts += self._violation(c, ev)
@@ -240,20 +255,83 @@ class EmailScanner:
             self.stats["clean"] += 1
             return []
         self.stats["infected"] += 1
-        c.done = True
+        return self._infected(c, msg, hits)
+
+    def _infected(self, c: _Conn, msg: Message, hits: list) -> list:
+        """Replaces every infected part (data() then passes the rest of the message as for a
+        clean one), or kills the connection when that cannot be done."""
         first = hits[0]
-        plan = replacement_plan(msg, first.part, self.cfg["replacement"])
-        fields = dict(self._msg_fields(c, msg), event="virus", **first.fields(),
-                      hits=[h.fields() for h in hits[:20]])
-        if plan is not None:
-            fields["stage_b_cut"] = plan["cut"]
-        # TODO(stage B): with cut/inject in the NI kernel, instead of the kill:
-        #   stream.cut(c.dirs[plan["side"]], *plan["cut"]); inject the pre-registered
-        #   replacement at plan["inject_at"]; pass up to msg.end.  Until then: kill.
         name = first.part.filename if first.part and first.part.filename else \
             (first.part.path if first.part else "the message")
-        return [("alert", f"e-mail virus {first.verdict} in {name!r} ({msg.protocol}); connection killed",
-                 fields), ("kill", "virus")]
+        title = f"e-mail virus {first.verdict} in {name!r} ({msg.protocol})"
+        fields = dict(self._msg_fields(c, msg), event="virus", **first.fields(),
+                      hits=[h.fields() for h in hits[:20]])
+        plans, why = self._plans(msg, hits)
+        if plans is None:
+            c.done = True
+            return [("alert", f"{title}; connection killed ({why})", dict(fields, action="kill", why=why)),
+                    ("kill", "virus")]
+        d = c.dirs[msg.side]
+        injection = self.cfg["replacement_injection"]
+        acts: list = []
+        for plan in plans:    # in stream order, each injection before the bytes it replaces
+            acts += [("inject", d, plan["inject_at"], injection), ("cut", d, *plan["cut"])]
+        for act in acts:
+            c.replacing[act] = (title, fields)
+        self.stats["replaced"] += len(plans)
+        what = "attachment replaced" if len(plans) == 1 else f"{len(plans)} attachments replaced"
+        # the alert after the edits: if the kernel refuses one, edit_refused alerts instead
+        return acts + [("alert", f"{title}; {what}",
+                        dict(fields, action="replace", replaced=[p["cut"] for p in plans]))]
+
+    def _plans(self, msg: Message, hits: list) -> tuple[Optional[list], str]:
+        """A replacement plan for every hit, in stream order, or (None, why not)."""
+        plans = []
+        for h in hits:
+            why = unreplaceable(msg, h.part)
+            if why:
+                return None, why
+            plans.append(replacement_plan(msg, h.part))
+        injection = self.cfg["replacement_injection"]
+        if not injection:
+            return None, "replacement_injection is off"
+        if injection not in self.stream_injections:
+            return None, f"no replacement injection {injection!r} registered"
+        why = self._rest_infected(msg, hits)
+        if why:
+            return None, why
+        return sorted(plans, key=lambda p: p["inject_at"]), ""
+
+    def _rest_infected(self, msg: Message, hits: list) -> Optional[str]:
+        """check() hands the whole message to the engine only when no part hit: what goes on
+        after the replacement (the message without its infected parts) gets that scan now."""
+        if self.engine is None or not self.cfg["scan_whole_message"]:
+            return None
+        rest, at = [], 0
+        for h in sorted(hits, key=lambda h: h.part.start):
+            rest.append(msg.data[at:h.part.start])
+            at = h.part.end
+        rest.append(msg.data[at:])
+        try:
+            verdict = self.engine(b"".join(rest))
+        except EngineError as exc:
+            self.stats["engine_errors"] += 1
+            if self.cfg["engine_error"] == "kill":
+                return f"the rest of the message not checked ({exc})"[:500]
+            return None
+        return f"the rest of the message is infected too ({verdict})" if verdict else None
+
+    def edit_refused(self, sid: int, act: tuple, error: str) -> list:
+        """The NI kernel refused a cut or inject of a replacement: the infected part would go on
+        (or the message be left half edited), so the connection is killed instead."""
+        self.stats["replace_refused"] += 1
+        c = self.conns.get(sid)
+        title, fields = c.replacing.get(act, ("e-mail virus", {})) if c else ("e-mail virus", {})
+        if c is not None:
+            c.done = True
+        why = f"the NI refused the replacement: {error}"[:500]
+        return [("alert", f"{title}; connection killed ({why})", dict(fields, action="kill", why=why)),
+                ("kill", "virus")]
 
     def _msg_fields(self, c: _Conn, msg: Message) -> dict:
         n = self.cfg["alert_message_bytes"]

@@ -1,8 +1,7 @@
 """A stream scanner written like a socket server: accept a connection, read it, and kill
 it when a marker shows up (passing everything before).
 
-config: ``port``, ``marker`` (default "KILL"), ``how``: "kill" (default) or "cut" (which
-this version of the NI kernel answers by killing the connection too).
+config: ``port``, ``marker`` (default "KILL").
 Alerts "ready" once subscribed, "killed" when it kills.
 """
 from vhostni.scanner import Scanner
@@ -20,12 +19,8 @@ while True:
         window = seen[data.direction][-len(marker):] + data.data
         seen[data.direction] = data.data
         if marker in window:
-            if cfg.get("how") == "cut":
-                at = max(data.offset + data.data.find(marker), data.offset)
-                stream.cut(data.direction, at, len(marker))
-            else:
-                stream.kill()
-            sc.alert("killed", stream=stream.id, tuple=list(stream.tuple), how=cfg.get("how", "kill"))
+            stream.kill()
+            sc.alert("killed", stream=stream.id, tuple=list(stream.tuple))
             while stream.read() is not None:      # until the kernel reports it closed
                 pass
             break

@@ -13,8 +13,9 @@
 
 A scanner is an untrusted process: it gets only the traffic its subscriptions match and its
 policy allows, decides held frames (pass or cut), sends alerts to the administrator and
-injects frames the administrator pre-registered.  This package imports nothing of the NI
-kernel; the wire format is documented in :mod:`vhostni.scanner.wire`.
+injects frames (or, into streams it holds, bytes) the administrator pre-registered.  This
+package imports nothing of the NI kernel; the wire format is documented in
+:mod:`vhostni.scanner.wire`.
 
 Reconstructed TCP streams work like accepting connections on a listening socket::
 
@@ -37,6 +38,16 @@ or, for a scanner watching many connections at once, one loop over every event::
 Bytes arrive in order, without gaps or overlaps, exactly as the receiver will get them
 (the NI kernel reassembles conservatively); a held chunk's bytes reach the receiver only
 after every scanner holding them passed them.
+
+A scanner holding a direction may also edit it, on bytes it has not passed yet and in
+stream order: ``stream.cut(direction, offset, length)`` removes bytes (and counts as its
+pass of them), ``stream.inject(direction, offset, name)`` inserts bytes the administrator
+pre-registered (``Scanner.stream_injections``); the NI rewrites sequence numbers so both
+ends see a consistent connection.  Replacing a range::
+
+    stream.inject(FROM_GUEST, start, "notice")       # before byte ``start``
+    stream.cut(FROM_GUEST, start, end - start)       # then drop [start, end)
+    stream.pass_(FROM_GUEST, message_end)            # and let the rest go
 """
 from __future__ import annotations
 
@@ -132,11 +143,34 @@ class Stream:
         self._sc.sock.send(wire.encode_control({"op": "kill", "stream": self.id}))
 
     def cut(self, direction: Union[int, str], offset: int, length: int) -> None:
-        """Drops bytes [offset, offset+length) of a direction.  (In this version of the NI
-        kernel a cut kills the connection: the bytes are never passed.)"""
-        self._sc.sock.send(wire.encode_control({
-            "op": "cut", "stream": self.id, "direction": wire.DIRECTION_NAMES[_direction(direction)],
-            "offset": int(offset), "length": int(length)}))
+        """Removes bytes [offset, offset+length) of a direction this scanner holds: the
+        receiver never gets them, and the NI rewrites the sequence numbers of everything
+        after them (and the acknowledgements coming back) so that neither end notices a
+        gap.  The cut is this scanner's decision on those bytes: it counts as its pass of
+        them, there is nothing to pass for them afterwards.  Only bytes this scanner has not
+        passed yet can be cut, and edits of one direction go in stream order (each at or
+        after the end of the previous one).  Waits for the NI kernel's answer; raises
+        Refused if the cut is not possible (outside this scanner's rights, already passed,
+        the stream closed, too many edits outstanding)."""
+        self._sc._request({"op": "cut", "stream": self.id,
+                           "direction": wire.DIRECTION_NAMES[_direction(direction)],
+                           "offset": int(offset), "length": int(length)})
+
+    def inject(self, direction: Union[int, str], offset: int, injection: Union[int, str]) -> None:
+        """Inserts pre-registered bytes before byte ``offset`` of a direction this scanner
+        holds: ``injection`` is an index into, or a name from, ``Scanner.stream_injections``
+        (the policy's ``[[scanner.inject]] stream`` entries; a scanner never chooses the
+        bytes themselves).  The receiver gets them between bytes offset-1 and offset; the NI
+        sends them and retransmits them until they are acknowledged.  Same rules as
+        :meth:`cut`: bytes not passed yet, in stream order (to replace a range, inject at
+        its start, then cut it).  Raises Refused if not possible."""
+        body = {"op": "inject", "stream": self.id,
+                "direction": wire.DIRECTION_NAMES[_direction(direction)], "offset": int(offset)}
+        if isinstance(injection, str):
+            body["name"] = injection
+        else:
+            body["index"] = int(injection)
+        self._sc._request(body)
 
     def more(self, direction: Union[int, str]) -> None:
         """Tells the NI kernel a decision needs more bytes of ``direction``."""
@@ -199,7 +233,8 @@ class Scanner:
         self.name: str = hello.get("scanner", "")
         self.ni: str = hello.get("ni", "")
         self.config: dict = hello.get("config") or {}
-        self.injections: list = hello.get("injections") or []
+        self.injections: list = hello.get("injections") or []                # frames
+        self.stream_injections: list = hello.get("stream_injections") or []  # stream bytes
         if lockdown:
             from . import seccomp
             seccomp.lockdown()

@@ -40,19 +40,29 @@ message is:
   ``{"op": "subscribe", "id": N, "stream": true, "port": P|"lo-hi"|[lo, hi],
   "direction": "from_guest"|"to_guest"|"both", "contain": bool}`` (reconstructed TCP
   streams of connections to server port P: see vhostni.policy for how rights are checked),
-  ``{"op": "inject", "id": N, "index": I, "direction": "to_guest"|"from_guest"}``,
+  ``{"op": "inject", "id": N, "index": I, "direction": "to_guest"|"from_guest"}`` (frame
+  injection I of the hello's ``injections``),
   ``{"op": "alert", "message": str, "fields": {...}}``, ``{"op": "synced", "id": N}``,
-  and for streams (no reply; a request outside the scanner's rights is refused with an
-  alert to the administrator):
-  ``{"op": "kill", "stream": S}`` (forged RSTs to both ends, held bytes dropped),
-  ``{"op": "cut", "stream": S, "direction": d, "offset": o, "length": n}`` (stage A of the
-  stream interface: the kernel answers a cut by killing the connection, never by passing
-  the bytes), ``{"op": "more", "stream": S, "direction": d}`` (a decision needs more
-  bytes; recorded; opening the window beyond the receiver's comes later).
+  and for streams (a request outside the scanner's rights is refused with an alert to the
+  administrator):
+  ``{"op": "kill", "stream": S}`` (no reply; forged RSTs to both ends, held bytes dropped),
+  ``{"op": "more", "stream": S, "direction": d}`` (no reply; a decision needs more bytes;
+  recorded; opening the window beyond the receiver's comes later),
+  ``{"op": "cut", "id": N, "stream": S, "direction": d, "offset": o, "length": n}`` (bytes
+  [o, o+n) of direction d never reach the receiver; the NI rewrites sequence numbers
+  around them; the cut also counts as this scanner's pass of them), and
+  ``{"op": "inject", "id": N, "stream": S, "direction": d, "offset": o, "index": I}`` (the
+  hello's ``stream_injections`` I, or ``"name": str`` in place of ``"index"``: its bytes
+  are inserted before byte o of direction d).  Offsets are the
+  sender's, as read; a cut or inject needs contain rights on that direction and may only
+  touch bytes neither this scanner nor the NI passed yet, and edits of one direction come
+  in stream order (each at or after the end of the previous one).  The kernel handles a
+  scanner's messages in the order sent, so a ``P`` sent before a cut counts before it.
 
   kernel -> scanner: ``{"op": "hello", "version": 1, "scanner": name, "ni": name,
-  "config": {...}, "injections": [names]}`` first, then ``{"op": "reply", "id": N,
-  "ok": bool, "error": str}`` for each subscribe and inject, and for streams
+  "config": {...}, "injections": [names], "stream_injections": [names]}`` first, then
+  ``{"op": "reply", "id": N, "ok": bool, "error": str}`` for each subscribe, inject and
+  cut, and for streams
   ``{"op": "stream_open", "stream": S, "family": 4|6, "client": "guest"|"remote",
   "guest": [addr, port], "remote": [addr, port], "port": server_port,
   "read": [directions], "held": [directions]}`` when a connection's handshake completes
