@@ -32,6 +32,15 @@
  * Every limit (flows, bytes kept, out-of-order depth) has an exception policy: drop (fail
  * closed, the default) or pass (the connection goes on uninspected: "bypass").
  *
+ * Editing (vn_stream_cut, vn_stream_inject): a held direction keeps its edits in stream
+ * order and maps sender offsets to what the receiver sees (out_pos) and the receiver's
+ * acknowledgements back (orig_ack).  Once a direction was edited, every frame of the
+ * connection is rewritten on its way (sequence and acknowledgement numbers, SACK blocks,
+ * windows); records an edit falls into are sent as pieces; injected bytes go as segments
+ * of the NI's own, resent until acknowledged; cut bytes are acknowledged to the sender by
+ * the NI.  `more` (vn_stream_more) has the NI acknowledge held bytes on the receiver's
+ * behalf; it then resends them to the receiver itself until acknowledged.
+ *
  * Releasing a held segment may happen inside another frame's processing (a released frame
  * meets the destination NI's engine, which may release its own segments): emission uses
  * a small stack of scratch frames, and defers past its depth.
@@ -92,7 +101,7 @@ struct vn_half {
     uint8_t eth[18];               /* L2 header of its latest frame, for forged RSTs */
     uint8_t eth_len;
     uint16_t mss;                  /* the MSS this endpoint announced (for its peer's segments) */
-    /* stage B: what the receiver gets is this stream edited (cut, inject).  Offsets above
+    /* What the receiver gets is this stream edited (cut, inject).  Offsets above
      * are the sender's ("original"); the receiver sees "output" offsets. */
     struct vn_edit *edits;         /* outstanding edits, in stream order */
     unsigned nedits, edits_cap;
@@ -378,7 +387,7 @@ static int half_advance(struct vn_half *hf)
     return hf->contig != before || eof;
 }
 
-/* ---- stage B: edited streams ---- */
+/* ---- edited streams (cut, inject) and bytes the NI vouches for (more) ---- */
 
 static int64_t edit_after(const struct vn_edit *e) { return e->before + e->inj_len - (int64_t)e->cut; }
 static int64_t edit_ostart(const struct vn_edit *e) { return (int64_t)e->off + e->before; }

@@ -121,7 +121,7 @@ struct vn_port_stats {
     uint64_t tcp_released_segments;
     uint64_t tcp_killed;         /* connections ended with forged RSTs (kill) */
     uint64_t tcp_bypassed;       /* connections let through uninspected (exception policy pass) */
-    uint64_t tcp_cut_bytes;      /* stream bytes scanners cut (stage B) */
+    uint64_t tcp_cut_bytes;      /* stream bytes scanners cut */
     uint64_t tcp_injected_bytes; /* stream bytes the NI sent for injections (retransmits too) */
     uint64_t tcp_inject_retransmits;
     uint64_t tcp_edit_segments;  /* segments built where an edit split a frame */
@@ -359,7 +359,7 @@ int vn_stream_consume(struct vn_switch *sw, uint64_t stream, int dir, uint64_t u
 int vn_stream_pass(struct vn_switch *sw, uint64_t stream, int dir, uint64_t upto);
 /* Forges RSTs to both ends (sequence numbers each accepts) and drops what is held. */
 int vn_stream_kill(struct vn_switch *sw, uint64_t stream);
-/* Stream editing (stage B).  Offsets are the sender's (as read); an edit may only touch
+/* Stream editing.  Offsets are the sender's (as read); an edit may only touch
  * bytes not yet passed (`from`/`at` >= the pass frontier) and edits come in stream order
  * (at or beyond the end of the previous one).  The receiver gets the edited stream: every
  * later segment's sequence number (and the other direction's acknowledgements, SACK blocks

@@ -1,4 +1,4 @@
-"""Stream editing in the fast path (csrc/tcp.c, stage B): cut and inject.
+"""Stream editing in the fast path (csrc/tcp.c): cut, inject and more.
 
 Simulated guests a and b (tests/tcpkit.py): a connects to b's port 25 and a's NI holds both
 directions; the test plays the NI kernel and edits what a sends (or b sends).  Every test
