@@ -114,7 +114,9 @@ struct vn_port_stats {
     uint64_t tcp_rst_data;       /* RST carrying data: dropped */
     uint64_t tcp_rst_out_of_window;
     uint64_t tcp_urg_cleared;    /* urgent flag and pointer cleared: the byte stays in the stream */
-    uint64_t tcp_frag_dropped;   /* IP fragments of TCP on subscribed ports */
+    uint64_t tcp_frag_dropped;   /* IP fragments of TCP dropped: malformed, duplicate, over limits, late */
+    uint64_t tcp_frag_overlap;   /* fragments of a datagram whose fragments overlap: all dropped */
+    uint64_t tcp_frag_reassembled;  /* TCP datagrams reassembled from fragments, inspected whole */
     uint64_t tcp_bytes_over;     /* segments past tcp_bytes_max: exception policy applied */
     uint64_t tcp_depth_over;     /* out-of-order bytes past tcp_depth_max: exception policy */
     uint64_t tcp_held_segments;  /* data segments held for stream scanners */

@@ -1,5 +1,5 @@
 """Fixtures shared by the NI kernel's tests (test_kernel, test_hostile_scanner, test_quarantine,
-test_streams).  tests/ is on sys.path (rootdir conftest), so helpers import as `nikit`, `vdriver`."""
+test_streams, test_tcp_reassembly, test_stream_edit).  tests/ is on sys.path (rootdir conftest), so helpers import as `nikit`, `vdriver`."""
 import pytest
 
 from nikit import Kit
@@ -18,3 +18,11 @@ def kits():
     yield make
     for k in made:
         k.close()
+
+
+@pytest.fixture
+def kit():
+    """One running Kit with default policies, closed after."""
+    k = Kit()
+    yield k
+    k.close()

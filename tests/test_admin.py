@@ -500,7 +500,8 @@ def test_scanners_over_qmp_events_and_alerts_after_a_reconnect(run_dir):
     q = run_dir.closing(r.qmp())
     a = run_dir.closing(_driver(r.sock("a")))
     b = run_dir.closing(_driver(r.sock("b")))
-    pol = policy(hold_timeout_ms=5000, scanners=[_decider(report=True)])
+    pol = policy(hold_timeout_ms=5000, scanners=[dict(_decider(report=True),
+                                                      inject=[{"name": "note", "stream": "n"}])])
     q.cmd("ni-set-policy", name="a", policy=pol)
     evs = _events_until(q, lambda e: e["event"] == "VHOSTNI_ALERT" and e["data"]["message"] == "ready")
     names = [e["event"] for e in evs]
@@ -510,6 +511,7 @@ def test_scanners_over_qmp_events_and_alerts_after_a_reconnect(run_dir):
     [sc] = q.cmd("query-scanners", ni="a")
     assert sc["state"] == "running" and sc["name"] == "dec" and sc["ni"] == "a"
     assert sc["rights"] == [{"direction": "from_guest", "proto": "tcp", "dport": 8080, "contain": True}]
+    assert sc["injections"] == [] and sc["stream_injections"] == ["note"]
     _wait(lambda: q.cmd("query-scanners")[0]["healthy"], what="the scanner to lock down")
 
     # traffic through the scanner: held, decided

@@ -28,13 +28,6 @@ def _limit():
         yield
 
 
-@pytest.fixture
-def kit():
-    k = Kit()
-    yield k
-    k.close()
-
-
 def opened(kit, **kw):
     e = Engine(kit, **{k: kw.pop(k) for k in list(kw) if k in ("subs", "auto_pass") or k.startswith("tcp_")})
     c = Conn(kit, **kw)

@@ -26,7 +26,6 @@ Everything here runs on the daemon's one thread, between calls into the C loop.
 from __future__ import annotations
 
 import collections
-import errno
 import ipaddress
 import json
 import logging
@@ -36,7 +35,7 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 from . import sandbox

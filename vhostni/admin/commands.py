@@ -316,6 +316,7 @@ def _scanner_info(nk, sp) -> dict:
     info["ni"] = nk.name
     info["rights"] = [dict(match_to_dict(r.match), contain=r.contain) for r in sp.spec.rights]
     info["injections"] = [n for n, _ in sp.spec.injections]
+    info["stream_injections"] = [n for n, _ in sp.spec.stream_injections]
     info["uptime"] = round(time.monotonic() - sp.started_at, 3) if sp.running else None
     info["healthy"] = sp.running and sp.locked and sp.consecutive_timeouts == 0
     return info
