@@ -24,6 +24,8 @@
  *    (the receiver discards such a segment whole) are dropped;
  *  - the urgent flag and pointer are cleared (checksum fixed): the receiver keeps the
  *    urgent byte in the stream, where the scanners saw it;
+ *  - with timestamps on, segments older than the sender's last in-order one are dropped
+ *    (PAWS, as the receiver does);
  *  - IP fragments of TCP are reassembled first (overlapping ones dropped, see frag_input);
  *  - data on a subscribed port of no tracked connection (established before the
  *    subscription, forgotten, over the flow limit) is dropped unless the exception policy
@@ -100,6 +102,9 @@ struct vn_half {
     uint8_t eth[18];               /* L2 header of its latest frame, for forged RSTs */
     uint8_t eth_len;
     uint16_t mss;                  /* the MSS this endpoint announced (for its peer's segments) */
+    uint8_t ts;                    /* its SYN carried a timestamp option */
+    uint8_t have_ts_recent;
+    uint32_t ts_recent;            /* TSval of its latest in-order segment (PAWS, RFC 7323) */
     /* What the receiver gets is this stream edited (cut, inject).  Offsets above
      * are the sender's ("original"); the receiver sees "output" offsets. */
     struct vn_edit *edits;         /* outstanding edits, in stream order */
@@ -1644,6 +1649,7 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
             c->have_isn = 1;
             c->wscale = syn_wscale(tcp + 20, doff - 20);
             c->mss = syn_mss(tcp + 20, doff - 20);
+            c->ts = tcp_opt(tcp + 20, doff - 20, 8) != NULL;
             c->syn_win = win;
             return VN_TCP_FORWARD;
         }
@@ -1677,6 +1683,7 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
                 S->isn = seq;                            /* a new attempt may pick a new ISN */
                 S->wscale = syn_wscale(tcp + 20, doff - 20);
                 S->mss = syn_mss(tcp + 20, doff - 20);
+                S->ts = tcp_opt(tcp + 20, doff - 20, 8) != NULL;
                 S->syn_win = win;
                 return FWD();
             }
@@ -1690,6 +1697,7 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
             S->have_isn = 1;
             S->wscale = syn_wscale(tcp + 20, doff - 20);
             S->mss = syn_mss(tcp + 20, doff - 20);
+            S->ts = tcp_opt(tcp + 20, doff - 20, 8) != NULL;
             if (S->wscale < 0 || R->wscale < 0)
                 S->wscale = R->wscale = -1;              /* scaling needs both */
             /* windows in SYNs are never scaled */
@@ -1792,6 +1800,19 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
         return drop(&st->tcp_after_fin);
     if (paylen && S->have_right && end > S->right)
         return drop(&st->tcp_out_of_window);
+    /* PAWS (RFC 7323): with timestamps on, the receiver drops a segment whose TSval is
+     * older than the one it last took in order; so does the NI, or a scanner would see
+     * bytes the receiver never takes (a stale-timestamp insertion) */
+    const uint8_t *tso = S->ts && R->ts ? tcp_opt(tcp + 20, doff - 20, 8) : NULL;
+    if (tso && tso[1] == 10) {
+        uint32_t tsval = vn_rd32(tso + 2);
+        if (S->have_ts_recent && (int32_t)(S->ts_recent - tsval) > 1)
+            return drop(&st->tcp_paws);
+        if (start <= S->contig && (!S->have_ts_recent || (int32_t)(tsval - S->ts_recent) > 0)) {
+            S->ts_recent = tsval;
+            S->have_ts_recent = 1;
+        }
+    }
     if (end + fin <= S->acked) {
         st->tcp_retransmit++;                            /* the receiver has all of it */
         return S->edited ? RESEND() : FWD();

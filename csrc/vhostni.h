@@ -113,6 +113,7 @@ struct vn_port_stats {
     uint64_t tcp_syn_data;       /* SYN or SYN-ACK carrying data: dropped */
     uint64_t tcp_rst_data;       /* RST carrying data: dropped */
     uint64_t tcp_rst_out_of_window;
+    uint64_t tcp_paws;           /* data with a timestamp older than the sender's last in-order one */
     uint64_t tcp_urg_cleared;    /* urgent flag and pointer cleared: the byte stays in the stream */
     uint64_t tcp_frag_dropped;   /* IP fragments of TCP dropped: malformed, duplicate, over limits, late */
     uint64_t tcp_frag_overlap;   /* fragments of a datagram whose fragments overlap: all dropped */

@@ -17,7 +17,7 @@ virtual NIC with no router between it and the guest, so every frame it sends the
 arrives with the TTL it had; towards the network, a segment that expires on the way only
 makes the remote receiver miss bytes the scanners saw, never see bytes they did not (the
 first copy of a byte wins, and records stay until the receiver acknowledges them).
-Stale-timestamp (PAWS) insertion reduces to the same case.
+Stale-timestamp (PAWS) insertion is closed the receiver's way: an old TSval is dropped.
 """
 from __future__ import annotations
 
@@ -367,6 +367,37 @@ def test_handshake_that_does_not_fit_is_dropped(kit):
     c.send("a", c.data("a", b"early", ack=c.seq("b", 0) + 9))    # the final ACK must fit
     assert c.recv("b") == [] and kit.stats("a")["tcp_bad_handshake"] == 3
     assert e.streams == {}
+
+
+def _ts(val: int, ecr: int = 0) -> bytes:
+    return b"\x01\x01\x08\x0a" + struct.pack("!II", val, ecr)
+
+
+def test_stale_timestamps_are_dropped_as_the_receiver_drops_them(kit):
+    # PAWS: with timestamps on, a segment whose TSval is older than the sender's last
+    # in-order one never reaches the receiver's stream, so it must not reach the scanners'
+    e = Engine(kit, auto_pass=True)
+    c = Conn(kit)
+    a_isn, b_isn = c.ends["a"].isn, c.ends["b"].isn
+    for frm, frame in (("a", c.segment("a", 0x02, seq=a_isn, ack=0, options=_ts(100))),
+                       ("b", c.segment("b", 0x12, seq=b_isn, ack=c.seq("a", 0), options=_ts(5000, 100))),
+                       ("a", c.segment("a", ACK, options=_ts(101, 5000)))):
+        c.send(frm, frame)
+        assert len(kit.recv(c.other(frm).name, 1.0, 1)) == 1
+    kit.step()
+    c.send("a", c.data("a", b"new", options=_ts(200, 5000)))
+    assert payloads(c.recv("b", 1.0, 1)) == [b"new"]
+    c.send("a", c.data("a", b"old", options=_ts(150, 5000)))     # stale: the receiver drops it
+    assert c.recv("b", 0.3) == [] and bytes(e.only().data[FROM]) == b"new"
+    assert kit.stats("a")["tcp_paws"] == 1
+    c.send("a", c.data("a", b"NEW", off=3, options=_ts(201, 5000)))   # the fresh copy goes
+    assert payloads(c.recv("b", 1.0, 1)) == [b"NEW"] and bytes(e.only().data[FROM]) == b"newNEW"
+    # a connection without timestamps is not affected
+    c2 = Conn(kit, cport=40001)
+    c2.open()
+    kit.step()
+    c2.send("a", c2.data("a", b"plain"))
+    assert payloads(c2.recv("b", 1.0, 1)) == [b"plain"]
 
 
 # ---------------------------------------------------------------------------
