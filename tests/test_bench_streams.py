@@ -40,7 +40,7 @@ def test_bench_streams_smoke(tmp_path):
         assert sec["throughput_gbit_s"][c]["n"] == 1 and _positive(sec["throughput_gbit_s"][c]["median"])
     assert _positive(sec["ratio_null_stream_to_plain"])
     for c in ("plain", "email"):
-        for kind in ("text", "attachment"):
+        for kind in ("text", "attachment", "infected"):
             assert _positive(sec["email_latency_us"][c][kind]["median"]), (c, kind)
     for b in sec["blocks"]:
         m = b["metrics"]
@@ -51,4 +51,6 @@ def test_bench_streams_smoke(tmp_path):
             assert m["n"] == 2 and m["lost"] == 0, m
             # under the e-mail scanner the message is held whole until its last byte is in
             assert m["held_whole"] == (2 if b["config"] == "email" or b["kind"] == "text" else 0), b
+            if b["config"] == "email" and b["kind"] == "infected":
+                assert any("attachment replaced" in a for a in m["alerts"]), m["alerts"]
     assert sec["paper"]["email_ms"] == {"no_scanner": 22, "md5_scanner": 107}

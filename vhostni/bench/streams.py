@@ -17,7 +17,9 @@ sandboxed scanner processes, as in a running daemon), fed a synthetic capture bu
   raises ``messages_per_second`` so that replay's rate limiter (which keeps scanners under the kill
   threshold) does not cap the figure.
 * **e-mail latency**: SMTP sessions from the guest (the client) to a server, one message each: a short
-  text message, and one with a base64 attachment (``attachment_bytes``, random, clean).  The figure is the time
+  text message, one with a base64 attachment (``attachment_bytes``, random, clean), and one whose attachment
+  is in the policy's digest table ("infected": the scanner replaces it, the NI cuts and injects, and the
+  message's last segment leaves rewritten).  The figure is the time
   from handing the segment that carries the message's last byte (the ``.`` line) to the switch to its
   delivery on the far port: under plain forwarding the C path alone, under ``examples/email.toml`` (digest table
   only, no clamd) the scanner's wait for the whole message, its MIME parse and hashing, and the release of the
@@ -30,6 +32,7 @@ the median over rounds.  Every run checks that all the payload came out (``deliv
 from __future__ import annotations
 
 import base64
+import hashlib
 import importlib
 import os
 import random
@@ -163,12 +166,18 @@ def bulk_capture(connections: int, nbytes: int, mss: int, seed: int = 1) -> tupl
     return frames, connections * nbytes
 
 
-def email_message(attachment: int, rng: random.Random) -> bytes:
+def infected_attachment(size: int) -> bytes:
+    """The attachment of the "infected" kind: fixed bytes whose SHA-256 the bench policy lists."""
+    return bytes((i * 131 + 7) % 251 for i in range(size))
+
+
+def email_message(attachment: int, rng: random.Random, infected: bool = False) -> bytes:
     body = b"Hello,\r\n\r\nthe figures are attached.\r\n\r\n-- \r\nbench\r\n"
     head = b"From: a@bench.test\r\nTo: b@bench.test\r\nSubject: figures\r\nMIME-Version: 1.0\r\n"
     if not attachment:
         return head + b"Content-Type: text/plain\r\n\r\n" + body
-    data = base64.encodebytes(bytes(rng.getrandbits(8) for _ in range(attachment))).replace(b"\n", b"\r\n")
+    raw = infected_attachment(attachment) if infected else bytes(rng.getrandbits(8) for _ in range(attachment))
+    data = base64.encodebytes(raw).replace(b"\n", b"\r\n")
     return (head + b'Content-Type: multipart/mixed; boundary="BND"\r\n\r\n--BND\r\nContent-Type: text/plain\r\n\r\n'
             + body + b'--BND\r\nContent-Type: application/octet-stream; name="f.bin"\r\n'
             b'Content-Disposition: attachment; filename="f.bin"\r\nContent-Transfer-Encoding: base64\r\n\r\n'
@@ -195,6 +204,15 @@ def smtp_session(fr: Frames, cport: int, msg: bytes, mss: int) -> tuple[list[byt
     return out + c.close(), first, last
 
 
+def _payload(frame: bytes) -> bytes:
+    if len(frame) < 54 or frame[12:14] != b"\x08\x00" or frame[23] != 6:
+        return b""
+    ihl = (frame[14] & 15) * 4
+    tot = int.from_bytes(frame[16:18], "big")
+    doff = (frame[14 + ihl + 12] >> 4) * 4
+    return frame[14 + ihl + doff:14 + tot]
+
+
 def _payload_len(frame: bytes) -> int:
     if len(frame) < 54 or frame[12:14] != b"\x08\x00" or frame[23] != 6:
         return 0
@@ -206,7 +224,7 @@ def _payload_len(frame: bytes) -> int:
 
 # --- policies ---------------------------------------------------------------------------------------------
 
-def policy_doc(config: str) -> Optional[dict]:
+def policy_doc(config: str, attachment: int = 16384) -> Optional[dict]:
     if config == "plain":
         return None
     if config == "null_stream":
@@ -225,6 +243,8 @@ def policy_doc(config: str) -> Optional[dict]:
             sc["program"] = str((path.parent / sc["program"]).resolve())
             sc["messages_per_second"] = 1_000_000
             sc.setdefault("config", {})["clamd_socket"] = ""
+            digest = hashlib.sha256(infected_attachment(attachment)).hexdigest()
+            sc["config"]["bad_sha256"] = list(sc["config"].get("bad_sha256", [])) + [f"{digest} Bench.Infected"]
         return doc
     raise ValueError(f"unknown configuration {config!r}")
 
@@ -282,12 +302,13 @@ def measure_throughput(config: str, cfg: StreamBenchConfig, frames: list[bytes],
                          for n, v in s.get("scanners", {}).items()}}
 
 
-def measure_email(config: str, cfg: StreamBenchConfig, attachment: int, n: int, seed: int) -> dict:
+def measure_email(config: str, cfg: StreamBenchConfig, attachment: int, n: int, seed: int,
+                  infected: bool = False) -> dict:
     from vhostni.replay import Replay
-    pol = _parse(policy_doc(config), config)
+    pol = _parse(policy_doc(config, attachment), config)
     rng = random.Random(seed)
     fr = Frames()
-    sessions = [smtp_session(fr, 40000 + i, email_message(attachment, rng), 1460) for i in range(n)]
+    sessions = [smtp_session(fr, 40000 + i, email_message(attachment, rng, infected), 1460) for i in range(n)]
     seen: list[tuple[float, bytes]] = []
 
     def on_frame(_ts, frame, _d):
@@ -305,17 +326,22 @@ def measure_email(config: str, cfg: StreamBenchConfig, attachment: int, n: int, 
                         k += 1
                         continue
                     mark = len(seen)
+                    # the message's end leaves as the segment ending with it (rewritten and
+                    # split where the NI replaced an attachment)
+                    tail = _payload(f)[-5:]
                     t0 = time.perf_counter()
                     r.feed(k, f)
                     k += 1
                     deadline = t0 + 10.0
-                    while not any(x == f for _, x in seen[mark:]) and time.perf_counter() < deadline:
+                    while not any(_payload(x).endswith(tail) for _, x in seen[mark:]) \
+                            and time.perf_counter() < deadline:
                         r._pump(0.002)
-                    hit = [t for t, x in seen[mark:] if x == f]
+                    hit = [t for t, x in seen[mark:] if _payload(x).endswith(tail)]
                     if hit:
                         ops.append(hit[0] - t0)
                         # the message's first segment left only once its last one was in: held whole
-                        held_whole += first == last or any(x == frames[first] for _, x in seen[mark:])
+                        head = _payload(frames[first])[:64]     # (the rest may be cut)
+                        held_whole += first == last or any(_payload(x).startswith(head) for _, x in seen[mark:])
                     else:
                         lost += 1
             r.finish()
@@ -355,12 +381,12 @@ def run_streams(cfg: StreamBenchConfig, progress: Callable[[str], None] = print)
             progress(f"  streams round {r + 1}/{cfg.rounds} {c:11s} "
                      + (f"{m['gbit_s']:.3f} Gbit/s ({m['frames_per_s'] / 1e3:.0f} kframes/s)"
                         + ("" if m["complete"] else " INCOMPLETE") if "gbit_s" in m else f"FAILED: {m['error']}"))
-    kinds = {"text": 0, "attachment": cfg.attachment_bytes}
+    kinds = {"text": 0, "attachment": cfg.attachment_bytes, "infected": cfg.attachment_bytes}
     for r in range(cfg.email_rounds):
         for c in (("plain", "email") if r % 2 == 0 else ("email", "plain")):
             for kind, att in kinds.items():
                 try:
-                    m = measure_email(c, cfg, att, cfg.email_messages, seed=r)
+                    m = measure_email(c, cfg, att, cfg.email_messages, seed=r, infected=kind == "infected")
                 except Exception as exc:  # noqa: BLE001
                     _reraise_interrupt(exc)
                     m = {"error": f"{type(exc).__name__}: {exc}"[-2000:]}
@@ -410,7 +436,9 @@ def report_lines(sec: dict) -> list[str]:
              f"ratio {ratio:.3f}" if ratio is not None else "  payload throughput: -",
              "  e-mail: last byte of the message in -> released (median over rounds of per-round medians)",
              f"  {'':14s}{'plain':>22s}  {'e-mail scanner':>22s}  added"]
-    for kind in ("text", "attachment"):
+    for kind in ("text", "attachment", "infected"):
+        if kind not in lat["plain"]:
+            continue
         add = sec["email_added_us"].get(kind)
         lines.append(f"  {kind:14s}{u(lat['plain'][kind]):>22s}  {u(lat['email'][kind]):>22s}  "
                      + (f"{add / 1e3:+.2f} ms" if add is not None else "-"))
