@@ -8,6 +8,9 @@ daemon SIGHUP (the guests boot once):
 * ``null``: examples/null-scanner.toml: every TCP SYN a sends is held until the null scanner passes it;
 * ``codered``: examples/codered.toml with a's MAC and address filled in: the Code-Red scanner reads the DNS
   exchanges (copies, nothing held) and holds each SYN until it has checked the destination.
+* ``null_stream``: the null stream scanner (scanners/null_stream.py) holds iperf3's connections (port 5201)
+  both ways, every byte passed by the scanner process before it goes on: what a stream scanner costs a bulk
+  transfer in the running daemon (not in lockstep, unlike the streams section's replay figure).
 
 Before measuring, the daemon's stats file must show the new scanner running, locked down and subscribed (or
 no scanner for ``plain``).  Then, from guest a, timed inside the guest (busybox ``ts %.s`` stamps each loop
@@ -60,7 +63,7 @@ from .frameloop import _HZ, _cpu_busy_ticks, _proc_ticks, summarize
 from .guest_tcp import parse_iperf3
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = ("plain", "null", "codered")
+CONFIGS = ("plain", "null", "codered", "null_stream")
 ADDR_A, ADDR_B = "10.77.0.1", "10.77.0.2"
 MAC_A, MAC_B = "52:54:00:5c:00:01", "52:54:00:5c:00:02"
 NAME = "www.bench.test"
@@ -113,6 +116,13 @@ def policy_doc(config: str, cfg: ScannerBenchConfig) -> dict:
     """The policy (as a JSON-able dict) guest a's NI gets in ``config``."""
     if config == "plain":
         return {"comment": "bench: no scanner, no rule: plain forwarding", "ni": {"anti_spoof": False}}
+    if config == "null_stream":
+        return {"comment": "bench: the null stream scanner holds iperf3's connection both ways",
+                "ni": {"mac": MAC_A, "addresses": [f"{ADDR_A}/32"], "hold_timeout_ms": 10000},
+                "scanner": [{"name": "null_stream", "program": str(REPO / "scanners" / "null_stream.py"),
+                             "messages_per_second": 1_000_000,
+                             "allow": [{"stream": True, "port": 5201, "direction": "both", "contain": True}],
+                             "config": {"port": 5201}}]}
     files = {"null": "null-scanner.toml", "codered": "codered.toml"}
     if config not in files:
         raise ValueError(f"unknown configuration {config!r} (known: {', '.join(CONFIGS)})")
@@ -379,7 +389,7 @@ def _ready(kernel: dict | None, expected: dict[str, int]) -> bool:
         sc = scanners[name]
         if sc.get("state") != "running" or not sc.get("locked_down"):
             return False
-    return kernel.get("subscriptions", 0) >= sum(expected.values())
+    return kernel.get("subscriptions", 0) + kernel.get("stream_subscriptions", 0) >= sum(expected.values())
 
 
 def switch_policy(daemon, policy_path: Path, stats_path: Path, doc: dict, timeout: float) -> dict:
@@ -407,7 +417,7 @@ def switch_policy(daemon, policy_path: Path, stats_path: Path, doc: dict, timeou
 
 
 _COUNTERS = ("held", "held_passed", "held_cut", "held_over_cap", "punted_copies", "punt_queue_full",
-             "drop_spoofed", "in_frames", "out_frames")
+             "drop_spoofed", "in_frames", "out_frames", "tcp_held_segments", "tcp_released_segments")
 
 
 def _counters(s: dict) -> dict:
