@@ -2151,14 +2151,18 @@ int vn_stream_more(struct vn_switch *sw, uint64_t stream, int dir)
     return VN_OK;
 }
 
+#define VN_TCP_RTX_TRIES 12        /* the NI's own resends (200 ms doubling to 12.8 s: ~2 min) */
+
 /* Bytes the NI vouched for and sent on but the receiver has not acknowledged go again
- * (the sender will not resend them): back-off from 200 ms. */
-static void vouched_retransmit(struct vn_switch *sw, struct vn_flow *f, uint64_t now)
+ * (the sender will not resend them): back-off from 200 ms.  1 if the NI gives up. */
+static int vouched_retransmit(struct vn_switch *sw, struct vn_flow *f, uint64_t now)
 {
     for (int hs = 0; hs < 2; hs++) {
         struct vn_half *S = &f->half[hs];
-        if (S->vouched <= S->acked || S->rtx_tries > 12 || !S->head)
+        if (S->vouched <= S->acked || !S->head)
             continue;
+        if (S->rtx_tries >= VN_TCP_RTX_TRIES)
+            return 1;
         uint64_t rto = 200000000ULL << (S->rtx_tries < 6 ? S->rtx_tries : 6);
         if (now - S->ack_ns < rto)
             continue;
@@ -2173,18 +2177,22 @@ static void vouched_retransmit(struct vn_switch *sw, struct vn_flow *f, uint64_t
             }
         }
     }
+    return 0;
 }
 
-/* Injected bytes the receiver has not acknowledged go again (back-off from 200 ms). */
-static void inject_retransmit(struct vn_switch *sw, struct vn_flow *f, uint64_t now)
+/* Injected bytes the receiver has not acknowledged go again (back-off from 200 ms).  1 if
+ * the NI gives up. */
+static int inject_retransmit(struct vn_switch *sw, struct vn_flow *f, uint64_t now)
 {
     for (int hs = 0; hs < 2; hs++) {
         struct vn_half *S = &f->half[hs];
         for (unsigned i = 0; i < S->nedits; i++) {
             struct vn_edit *e = &S->edits[i];
             uint64_t oend = (uint64_t)((int64_t)e->off + e->before) + e->inj_len;
-            if (!e->inj_len || !e->inj_sent || S->acked_out >= oend || e->tries > 12)
+            if (!e->inj_len || !e->inj_sent || S->acked_out >= oend)
                 continue;
+            if (e->tries > VN_TCP_RTX_TRIES)
+                return 1;
             uint64_t rto = 200000000ULL << (e->tries - 1 < 6 ? e->tries - 1 : 6);
             if (now - e->sent_ns >= rto) {
                 sw->ports[f->port].st.tcp_inject_retransmits++;
@@ -2192,6 +2200,7 @@ static void inject_retransmit(struct vn_switch *sw, struct vn_flow *f, uint64_t 
             }
         }
     }
+    return 0;
 }
 
 int vn_tcp_housekeeping(struct vn_switch *sw)
@@ -2217,10 +2226,17 @@ int vn_tcp_housekeeping(struct vn_switch *sw)
                     for (int i = 0; i < 2; i++)
                         half_release(sw, f, &f->half[i]);
                 }
-                if (f->state == ST_ESTABLISHED && (f->half[0].nedits || f->half[1].nedits))
-                    inject_retransmit(sw, f, now);
-                if (f->state == ST_ESTABLISHED && (f->half[0].vouched || f->half[1].vouched))
-                    vouched_retransmit(sw, f, now);
+                if (f->state == ST_ESTABLISHED &&
+                    (((f->half[0].nedits || f->half[1].nedits) && inject_retransmit(sw, f, now)) ||
+                     ((f->half[0].vouched || f->half[1].vouched) && vouched_retransmit(sw, f, now)))) {
+                    /* the receiver never took what the NI owes it: the connection cannot go
+                     * on intact, so both ends hear it end */
+                    sw->ports[port].st.tcp_ni_gave_up++;
+                    forge_rsts(sw, f);
+                    flow_close(sw, f, VN_CLOSE_KILLED);
+                    n++;
+                    continue;
+                }
                 uint64_t limit = f->state == ST_ESTABLISHED ? idle : VN_TCP_HANDSHAKE_NS;
                 if (f->bypass && f->state != ST_ESTABLISHED)
                     limit = VN_TCP_HANDSHAKE_NS;

@@ -133,6 +133,7 @@ struct vn_port_stats {
     uint64_t tcp_more_acks;      /* ACKs the NI sent for held bytes on the receiver's behalf (more) */
     uint64_t tcp_acks_absorbed;  /* receiver ACKs below what the NI acknowledged already: dropped */
     uint64_t tcp_vouched_retransmits;  /* segments the NI resent for bytes it acknowledged */
+    uint64_t tcp_ni_gave_up;     /* connections reset: the receiver never took what the NI owed it */
 };
 
 struct vn_switch;
