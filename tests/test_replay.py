@@ -473,3 +473,65 @@ def test_finish_waits_for_stream_bytes_still_owed_a_decision(tmp_path):
         s = r.summary()
         assert any(b"HELO owed" in f for f in got), "finish() returned with stream bytes still held"
     assert waited >= 0.2 and s["ni"]["decided_by_timeout"] == 1
+
+
+def test_email_scanner_replaces_an_infected_attachment_in_a_capture(tmp_path):
+    """examples/email.toml as it ships, over a capture of the guest sending an infected
+    message: the output's SMTP stream carries the message with the attachment replaced by
+    the policy's injection (sequence numbers rewritten), and the alert names the flow."""
+    import base64
+    eicar = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+    part = (b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+            + base64.encodebytes(eicar).replace(b"\n", b"\r\n"))
+    msg = (b"From: a@x\r\nTo: b@y\r\nSubject: s\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/mixed; boundary=\"B\"\r\n\r\n--B\r\nContent-Type: text/plain\r\n\r\n"
+           b"hello\r\n" + b"filler\r\n" * 200 + b"--B\r\n" + part + b"--B--\r\n")
+    client = [b"EHLO me\r\n", b"MAIL FROM:<a@x>\r\n", b"RCPT TO:<b@y>\r\n", b"DATA\r\n", msg + b".\r\n",
+              b"QUIT\r\n"]
+    server = [b"220 hi\r\n", b"250 ok\r\n", b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n", b"250 queued\r\n",
+              b"221 bye\r\n"]
+    cap, cs, ss = Capture(), 1000, 5000
+    co, so = 0, 0
+
+    def c2s(flags, data=b""):
+        nonlocal co
+        cap.add(from_guest(TCP(sport=40000, dport=25, flags=flags, seq=cs + co, ack=ss + so) / Raw(data)))
+        co += len(data)
+
+    def s2c(flags, data=b""):
+        nonlocal so
+        cap.add(to_guest(TCP(sport=25, dport=40000, flags=flags, seq=ss + so, ack=cs + co) / Raw(data)))
+        so += len(data)
+
+    cap.add(from_guest(TCP(sport=40000, dport=25, flags="S", seq=cs - 1)))
+    cap.add(to_guest(TCP(sport=25, dport=40000, flags="SA", seq=ss - 1, ack=cs)))
+    c2s("A")
+    s2c("PA", server[0])
+    for cmd, reply in zip(client, server[1:]):
+        for i in range(0, len(cmd), 1000):
+            c2s("PA", cmd[i:i + 1000])
+        s2c("PA", reply)
+    with open(os.path.join(ROOT, "examples", "email.toml")) as f:
+        doc = f.read().replace('program = "../scanners/email"',
+                               f'program = "{os.path.join(ROOT, "scanners", "email")}"')
+    inp = cap.write(tmp_path / "in.pcap")
+    pol = write_policy(str(tmp_path / "email.toml"), doc)
+    rc = cli.main(["replay", "--policy", pol, "--guest-mac", GUEST, inp, "--out", str(tmp_path / "out.pcap"),
+                   "--alerts", str(tmp_path / "alerts.jsonl")])
+    assert rc == 0
+    stream = {}
+    for _, d in out_frames(tmp_path / "out.pcap"):
+        p = Ether(d)
+        if TCP in p and p[TCP].dport == 25 and Raw in p:
+            off = p[TCP].seq - cs
+            for i, b in enumerate(bytes(p[Raw].load)):
+                assert stream.setdefault(off + i, b) == b, f"byte {off + i} sent twice, differently"
+    got = bytes(stream[i] for i in range(len(stream)))
+    from vhostni.policy import load_policy
+    (rep,) = [b for n, b in load_policy(pol).scanners[0].stream_injections if n == "replacement"]
+    start = msg.index(b"--B\r\n" + part) + len(b"--B\r\n")
+    edited = msg[:start] + rep + msg[start + len(part) - 2:]
+    assert got == b"".join(client[:4]) + edited + b".\r\n" + b"QUIT\r\n"
+    virus = [a for a in alerts_of(tmp_path / "alerts.jsonl") if a["fields"].get("event") == "virus"]
+    assert len(virus) == 1 and virus[0]["fields"]["action"] == "replace", virus
+    assert virus[0]["flow"]["dport"] == 25 and virus[0]["fields"]["verdict"] == "EICAR-Test-File"
