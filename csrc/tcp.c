@@ -105,6 +105,8 @@ struct vn_half {
     uint8_t ts;                    /* its SYN carried a timestamp option */
     uint8_t have_ts_recent;
     uint32_t ts_recent;            /* TSval of its latest in-order segment (PAWS, RFC 7323) */
+    uint8_t ts_seen;               /* the timestamps of its latest segment, for the NI's own */
+    uint32_t ts_val, ts_ecr;
     /* What the receiver gets is this stream edited (cut, inject).  Offsets above
      * are the sender's ("original"); the receiver sees "output" offsets. */
     struct vn_edit *edits;         /* outstanding edits, in stream order */
@@ -688,11 +690,13 @@ static void forge_seg(struct vn_switch *sw, struct vn_flow *f, int from, uint32_
     int from_guest = from == 0;
     const uint8_t *sa = from_guest ? f->gaddr : f->raddr, *da = from_guest ? f->raddr : f->gaddr;
     uint16_t sp = from_guest ? f->gport : f->rport, dp = from_guest ? f->rport : f->gport;
+    /* with timestamps on, the sender's latest ones (the receiver's PAWS check takes them) */
+    unsigned th = !(flags & TCP_RST) && src->ts_seen && src->ts && other->ts ? 32 : 20;
     uint8_t *ip = d + l2, *tcp;
     if (f->family == 4) {
         memset(ip, 0, 20);
         ip[0] = 0x45;
-        vn_wr16(ip + 2, (uint16_t)(40 + len));
+        vn_wr16(ip + 2, (uint16_t)(20 + th + len));
         vn_wr16(ip + 6, 0x4000);
         ip[8] = 64;
         ip[9] = 6;
@@ -702,25 +706,31 @@ static void forge_seg(struct vn_switch *sw, struct vn_flow *f, int from, uint32_
     } else {
         memset(ip, 0, 40);
         ip[0] = 0x60;
-        vn_wr16(ip + 4, (uint16_t)(20 + len));
+        vn_wr16(ip + 4, (uint16_t)(th + len));
         ip[6] = 6;
         ip[7] = 64;
         memcpy(ip + 8, sa, 16);
         memcpy(ip + 24, da, 16);
         tcp = ip + 40;
     }
-    memset(tcp, 0, 20);
+    memset(tcp, 0, th);
     vn_wr16(tcp, sp);
     vn_wr16(tcp + 2, dp);
     vn_wr32(tcp + 4, seq);
     vn_wr32(tcp + 8, ack);
-    tcp[12] = 5 << 4;
+    tcp[12] = (uint8_t)((th / 4) << 4);
     tcp[13] = flags;
     vn_wr16(tcp + 14, win);
+    if (th > 20) {
+        static const uint8_t ts_head[4] = {1, 1, 8, 10};
+        memcpy(tcp + 20, ts_head, 4);
+        vn_wr32(tcp + 24, src->ts_val);
+        vn_wr32(tcp + 28, src->ts_ecr);
+    }
     if (len)
-        memcpy(tcp + 20, payload, len);
-    finish_csums(f->family, ip, tcp, 20 + len);
-    pkt->len = (uint32_t)(tcp + 20 + len - d);
+        memcpy(tcp + th, payload, len);
+    finish_csums(f->family, ip, tcp, th + len);
+    pkt->len = (uint32_t)(tcp + th + len - d);
     memset(&pkt->hdr, 0, sizeof(pkt->hdr));
     t->depth++;
     sw->now_ns = vn_now_ns();
@@ -1670,6 +1680,15 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
     memcpy(S->eth, d, l2);
     S->eth_len = (uint8_t)l2;
     int from_client = dir == f->client;
+    if (S->ts && R->ts && !(flags & TCP_SYN)) {
+        /* its latest timestamps, for segments the NI sends as this end */
+        const uint8_t *o = tcp_opt(tcp + 20, doff - 20, 8);
+        if (o && o[1] == 10 && (!S->ts_seen || (int32_t)(vn_rd32(o + 2) - S->ts_val) >= 0)) {
+            S->ts_seen = 1;
+            S->ts_val = vn_rd32(o + 2);
+            S->ts_ecr = vn_rd32(o + 6);
+        }
+    }
 
     if (flags & TCP_SYN) {
         if (flags & (TCP_RST | TCP_FIN))

@@ -235,6 +235,42 @@ def test_an_ack_ahead_of_held_bytes_neither_frees_edits_nor_lets_cut_bytes_throu
     assert got[0] is first                         # in order: nothing ahead of a gap
 
 
+def _ts(val: int, ecr: int = 0) -> bytes:
+    return b"\x01\x01\x08\x0a" + struct.pack("!II", val, ecr)
+
+
+def _tsval(seg):
+    opts = seg.frame[14 + 20 + 20:14 + 20 + ((seg.frame[14 + 20 + 12] >> 4) * 4)]
+    i = opts.find(b"\x08\x0a")
+    return struct.unpack_from("!II", opts, i + 2) if i >= 0 else None
+
+
+def test_the_nis_own_segments_carry_the_senders_timestamps(kit):
+    # with timestamps negotiated, injected bytes and the NI's ACKs carry the latest
+    # timestamps of the end they speak for (a receiver's PAWS check takes them)
+    e = Engine(kit)
+    c = Conn(kit)
+    for frm, frame in (("a", c.segment("a", 0x02, seq=c.ends["a"].isn, ack=0, options=_ts(100))),
+                       ("b", c.segment("b", 0x12, seq=c.ends["b"].isn, ack=c.seq("a", 0), options=_ts(7000, 100))),
+                       ("a", c.segment("a", ACK, options=_ts(101, 7000)))):
+        c.send(frm, frame)
+        assert len(kit.recv(c.other(frm).name, 1.0, 1)) == 1
+    kit.step()
+    c.send("a", c.data("a", b"01234", options=_ts(150, 7000)), c.data("a", b"56789", options=_ts(150, 7000)))
+    e.pass_(FROM, 5)
+    assert [s.payload for s in c.recv("b", 1.0, 1)] == [b"01234"]
+    c.send("b", c.segment("b", ACK, ack=c.seq("a", 5), options=_ts(7100, 150)))
+    c.recv("a", 0.3)
+    assert e.cut(FROM, 5, 10) == 0                 # b has all before: the NI acknowledges for it
+    forged = [s for s in c.recv("a", 1.0, 1) if s.flags & ACK]
+    assert forged and forged[0].ack == c.seq("a", 10) and forged[0].csum_ok
+    assert _tsval(forged[0]) == (7100, 150)
+    assert e.inject(FROM, 10, b"INJ") == 0
+    e.pass_(FROM, 10)
+    inj = [s for s in c.recv("b", 1.0, 1) if s.payload == b"INJ"]
+    assert inj and inj[0].csum_ok and inj[0].seq == c.seq("a", 5) and _tsval(inj[0]) == (150, 7000)
+
+
 # ---------------------------------------------------------------------------
 # more: beyond the receiver's window
 # ---------------------------------------------------------------------------
