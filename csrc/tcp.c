@@ -2170,7 +2170,13 @@ int vn_stream_more(struct vn_switch *sw, uint64_t stream, int dir)
     return VN_OK;
 }
 
-#define VN_TCP_RTX_TRIES 12        /* the NI's own resends (200 ms doubling to 12.8 s: ~2 min) */
+/* The NI's own resends (200 ms doubling, at most 12.8 s apart: 12 take ~90 s) before it
+ * gives up: the policy's tcp_resend_max (12 if unset). */
+static unsigned resend_max(struct vn_switch *sw, const struct vn_flow *f)
+{
+    const struct vn_policy *pol = sw->ports[f->port].pol;
+    return pol && pol->tcp_resend_max ? pol->tcp_resend_max : 12;
+}
 
 /* Bytes the NI vouched for and sent on but the receiver has not acknowledged go again
  * (the sender will not resend them): back-off from 200 ms.  1 if the NI gives up. */
@@ -2178,22 +2184,24 @@ static int vouched_retransmit(struct vn_switch *sw, struct vn_flow *f, uint64_t 
 {
     for (int hs = 0; hs < 2; hs++) {
         struct vn_half *S = &f->half[hs];
-        if (S->vouched <= S->acked || !S->head)
+        if (S->vouched <= S->acked)
             continue;
-        if (S->rtx_tries >= VN_TCP_RTX_TRIES)
-            return 1;
+        /* only what went on and waits for the receiver: what is still held is not late */
+        struct vn_seg *first = S->head;
+        while (first && first->released && seg_end(first) + first->fin <= S->acked)
+            first = first->next;
+        if (!first || !first->released)
+            continue;
         uint64_t rto = 200000000ULL << (S->rtx_tries < 6 ? S->rtx_tries : 6);
         if (now - S->ack_ns < rto)
             continue;
+        if (S->rtx_tries >= resend_max(sw, f))
+            return 1;
         S->rtx_tries++;
         S->ack_ns = now;
-        for (struct vn_seg *s = S->head; s; s = s->next) {
-            if (!s->released)
-                break;
-            if (seg_end(s) + s->fin > S->acked) {
-                sw->ports[f->port].st.tcp_vouched_retransmits++;
-                emit_record(sw, f, hs, s);
-            }
+        for (struct vn_seg *s = first; s && s->released; s = s->next) {
+            sw->ports[f->port].st.tcp_vouched_retransmits++;
+            emit_record(sw, f, hs, s);
         }
     }
     return 0;
@@ -2210,10 +2218,10 @@ static int inject_retransmit(struct vn_switch *sw, struct vn_flow *f, uint64_t n
             uint64_t oend = (uint64_t)((int64_t)e->off + e->before) + e->inj_len;
             if (!e->inj_len || !e->inj_sent || S->acked_out >= oend)
                 continue;
-            if (e->tries > VN_TCP_RTX_TRIES)
-                return 1;
             uint64_t rto = 200000000ULL << (e->tries - 1 < 6 ? e->tries - 1 : 6);
             if (now - e->sent_ns >= rto) {
+                if (e->tries > resend_max(sw, f))
+                    return 1;
                 sw->ports[f->port].st.tcp_inject_retransmits++;
                 send_inject(sw, f, hs, e, S->acked_out);
             }

@@ -288,6 +288,7 @@ struct vn_policy {
     uint64_t tcp_depth_max;    /* out-of-order bytes waiting for a gap, per direction */
     int tcp_depth_over_pass;
     uint32_t tcp_idle_ms;      /* an established connection silent this long is forgotten */
+    unsigned tcp_resend_max;   /* the NI's own resends of bytes it owes a receiver, then RSTs */
 };
 
 /* A frame handed to the NI kernel because subscriptions matched it. */

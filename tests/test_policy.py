@@ -217,6 +217,8 @@ S = {"name": "s", "program": NULL}
     ({"scanner": [dict(S, inject=[{"name": "r", "stream_hex": "00" * 65537}])]},
      "scanner[0].inject[0].stream_hex"),
     ({"scanner": [dict(S, inject=[{"name": "r", "stream_hex": 0}])]}, "scanner[0].inject[0].stream_hex"),
+    ({"ni": {"tcp_resend_max": 0}}, "ni.tcp_resend_max"),
+    ({"ni": {"tcp_resend_max": 21}}, "ni.tcp_resend_max"),
     ({"scanner": [dict(S, memory_mb=8)]}, "scanner[0].memory_mb"),
     ({"scanner": [dict(S, cpu_seconds=0)]}, "scanner[0].cpu_seconds"),
     ({"scanner": [dict(S, open_files=4)]}, "scanner[0].open_files"),

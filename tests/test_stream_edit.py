@@ -330,6 +330,21 @@ def test_more_bytes_the_receiver_misses_are_resent_by_the_ni(kit):
     assert acks(c.recv("a", 1.0, 1)) == [c.seq("a", 2000)]
 
 
+def test_the_ni_resets_both_ends_when_the_receiver_never_takes_what_it_owes(kit):
+    # b never acknowledges: after tcp_resend_max resends of the vouched bytes the NI stops
+    # pretending, and both ends hear the connection end
+    e, c = opened(kit, win=1000, tcp_resend_max=1)
+    c.send("a", c.data("a", b"x" * 1000))
+    e.more(FROM)
+    e.pass_(FROM, 1000)
+    assert [s.payload for s in c.recv("b", 0.5, 1)] == [b"x" * 1000]
+    rst_b = [s for s in c.recv("b", 3.0) if s.flags & 0x04]
+    rst_a = [s for s in c.recv("a", 0.5) if s.flags & 0x04]
+    assert rst_b and rst_a and rst_b[0].seq == c.seq("a", 1000), (rst_a, rst_b)
+    assert kit.stats("a")["tcp_ni_gave_up"] == 1 and kit.stats("a")["tcp_vouched_retransmits"] == 1
+    assert e.only().closed == kit.daemon.kernel.lib.VN_CLOSE_KILLED
+
+
 # ---------------------------------------------------------------------------
 # the rules
 # ---------------------------------------------------------------------------

@@ -352,6 +352,7 @@ class Policy:
     tcp_depth_max: int = 4 << 20
     tcp_depth_over_pass: bool = False
     tcp_idle_timeout: float = 600.0
+    tcp_resend_max: int = 12         # the NI's own resends (injected / vouched bytes) before a reset
     prevent: list[Match] = field(default_factory=list)
     scanners: list[ScannerSpec] = field(default_factory=list)
     source: Optional[str] = None
@@ -400,6 +401,7 @@ class Policy:
         c.tcp_depth_max = self.tcp_depth_max
         c.tcp_depth_over_pass = 1 if self.tcp_depth_over_pass else 0
         c.tcp_idle_ms = int(self.tcp_idle_timeout * 1000)
+        c.tcp_resend_max = self.tcp_resend_max
         return c
 
 
@@ -484,7 +486,7 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
     _check_keys(ni, {"mac", "addresses", "anti_spoof", "hold_timeout_ms", "default_decision",
                      "held_frames_max", "held_bytes_max", "over_cap", "on_alert", "comment",
                      "tcp_flows_max", "tcp_flows_over", "tcp_bytes_max", "tcp_bytes_over",
-                     "tcp_depth_max", "tcp_depth_over", "tcp_idle_timeout_ms"}, "ni")
+                     "tcp_depth_max", "tcp_depth_over", "tcp_idle_timeout_ms", "tcp_resend_max"}, "ni")
     if "mac" in ni:
         m = _want(ni, "mac", "ni", str)
         if not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}", m):
@@ -525,7 +527,7 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
     if p.on_alert not in ON_ALERT:
         raise PolicyError("ni.on_alert", f"expected one of {', '.join(ON_ALERT)}")
     for key, lo, hi in (("tcp_flows_max", 1, 1 << 20), ("tcp_bytes_max", 1 << 17, (1 << 48)),
-                        ("tcp_depth_max", 0, 1 << 40)):
+                        ("tcp_depth_max", 0, 1 << 40), ("tcp_resend_max", 1, 20)):
         v = _want(ni, key, "ni", int, getattr(p, key))
         if not lo <= v <= hi:
             raise PolicyError(f"ni.{key}", f"expected {lo}..{hi}")
