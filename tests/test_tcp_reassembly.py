@@ -681,6 +681,26 @@ def test_policy_cleared_forgets_the_flows(kit):
 # The promise, as a property
 # ---------------------------------------------------------------------------
 
+def _receiver_saw_only_the_scanners_bytes(kit, e, c, sid) -> None:
+    """Every byte b was handed has one value across its segments, and it is the scanner's
+    at that offset; then the stream is killed and both ends drained."""
+    kit.step()
+    view = bytes(e.streams[sid].data[FROM])
+    got: dict[int, set] = {}
+    for s in c.recv("b", 0.2):
+        if s.dport != 25 or s.sport != c.ends["a"].port or not s.payload:
+            continue
+        start = (s.seq - c.seq("a", 0)) & 0xFFFFFFFF
+        for i, byte in enumerate(s.payload):
+            got.setdefault(start + i, set()).add(byte)
+    for off, vals in got.items():
+        assert len(vals) == 1, f"two versions of byte {off} reached the receiver"
+        assert off < len(view) and vals == {view[off]}, f"byte {off} unseen or different"
+    e.kill(sid)
+    kit.recv("a", 0.05)
+    kit.recv("b", 0.05)
+
+
 def test_receiver_and_scanner_never_disagree(kit):
     """Any segmentation, order, duplication and conflicting copies from the sender: every
     byte the receiver is handed has one value across all segments it gets, and that value
@@ -710,21 +730,7 @@ def test_receiver_and_scanner_never_disagree(kit):
             frames += [c.data("a", base[o:o + 500], off=o, advance=False) for o in range(0, 1500, 500)]
         for i in range(0, len(frames), 8):
             c.send("a", *frames[i:i + 8])
-        kit.step()
-        view = bytes(e.streams[sid].data[FROM])
-        got = {}
-        for s in c.recv("b", 0.2):
-            if s.dport != 25 or s.sport != c.ends["a"].port or not s.payload:
-                continue
-            start = (s.seq - c.seq("a", 0)) & 0xFFFFFFFF
-            for i, byte in enumerate(s.payload):
-                got.setdefault(start + i, set()).add(byte)
-        for off, vals in got.items():
-            assert len(vals) == 1, f"two versions of byte {off} reached the receiver"
-            assert off < len(view) and vals == {view[off]}, f"byte {off} unseen or different"
-        e.kill(sid)
-        kit.recv("a", 0.05)
-        kit.recv("b", 0.05)
+        _receiver_saw_only_the_scanners_bytes(kit, e, c, sid)
 
     run()
 
@@ -768,21 +774,7 @@ def test_fragroute_style_fragments_never_let_unseen_bytes_through(kit):
             frames += frs
         for i in range(0, len(frames), 8):
             c.send("a", *frames[i:i + 8])
-        kit.step()
-        view = bytes(e.streams[sid].data[FROM])
-        got = {}
-        for s in c.recv("b", 0.2):
-            if s.dport != 25 or s.sport != c.ends["a"].port or not s.payload:
-                continue
-            start = (s.seq - c.seq("a", 0)) & 0xFFFFFFFF
-            for i, byte in enumerate(s.payload):
-                got.setdefault(start + i, set()).add(byte)
-        for off, vals in got.items():
-            assert len(vals) == 1, f"two versions of byte {off} reached the receiver"
-            assert off < len(view) and vals == {view[off]}, f"byte {off} unseen or different"
-        e.kill(sid)
-        kit.recv("a", 0.05)
-        kit.recv("b", 0.05)
+        _receiver_saw_only_the_scanners_bytes(kit, e, c, sid)
 
     run()
     assert kit.stats("a")["tcp_frag_reassembled"] > 0 and kit.stats("a")["tcp_frag_overlap"] > 0
