@@ -1680,14 +1680,15 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
     memcpy(S->eth, d, l2);
     S->eth_len = (uint8_t)l2;
     int from_client = dir == f->client;
-    if (S->ts && R->ts && !(flags & TCP_SYN)) {
-        /* its latest timestamps, for segments the NI sends as this end */
-        const uint8_t *o = tcp_opt(tcp + 20, doff - 20, 8);
-        if (o && o[1] == 10 && (!S->ts_seen || (int32_t)(vn_rd32(o + 2) - S->ts_val) >= 0)) {
-            S->ts_seen = 1;
-            S->ts_val = vn_rd32(o + 2);
-            S->ts_ecr = vn_rd32(o + 6);
-        }
+    /* the timestamp option (both ends negotiated it): parsed once, for PAWS below and for
+     * the segments the NI sends as this end (its latest timestamps) */
+    const uint8_t *tso = S->ts && R->ts && !(flags & TCP_SYN) ? tcp_opt(tcp + 20, doff - 20, 8) : NULL;
+    if (tso && tso[1] != 10)
+        tso = NULL;
+    if (tso && (!S->ts_seen || (int32_t)(vn_rd32(tso + 2) - S->ts_val) >= 0)) {
+        S->ts_seen = 1;
+        S->ts_val = vn_rd32(tso + 2);
+        S->ts_ecr = vn_rd32(tso + 6);
     }
 
     if (flags & TCP_SYN) {
@@ -1822,8 +1823,7 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
     /* PAWS (RFC 7323): with timestamps on, the receiver drops a segment whose TSval is
      * older than the one it last took in order; so does the NI, or a scanner would see
      * bytes the receiver never takes (a stale-timestamp insertion) */
-    const uint8_t *tso = S->ts && R->ts ? tcp_opt(tcp + 20, doff - 20, 8) : NULL;
-    if (tso && tso[1] == 10) {
+    if (tso) {
         uint32_t tsval = vn_rd32(tso + 2);
         if (S->have_ts_recent && (int32_t)(S->ts_recent - tsval) > 1)
             return drop(&st->tcp_paws);
