@@ -136,6 +136,19 @@ class Stuck(AssertionError):
     pass
 
 
+def wait_until(cond, timeout: float = 10.0, what: str = "condition", interval: float = 0.05):
+    """Polls ``cond()`` until it returns something true (returned), or fails after ``timeout`` s
+    naming ``what``."""
+    end = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
 @contextlib.contextmanager
 def time_limit(seconds: float, what: str = "the daemon"):
     """Raises Stuck in the main thread if the block runs longer than ``seconds`` (a daemon

@@ -30,6 +30,7 @@ from qemu.qmp import QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from nikit import policy, scanner_spec, tcp_frame, write_policy
+from nikit import wait_until as _wait
 from vhostni.admin import protocol as qp
 from vhostni.admin.alerts import SyslogSink, read_alerts
 from vhostni.admin.protocol import (NEED_DATA, ConnectionClosed, Execute, InputError, MessageTooLarge,
@@ -418,17 +419,6 @@ def _exchange(a, b, *frames, wait: float = 3.0) -> list[bytes]:
     if len(b.queues[0].outstanding) < 64:
         b.post_rx_buffers(64, 2048)
     return got
-
-
-def _wait(cond, timeout: float = 10.0, what: str = "condition"):
-    end = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _events_until(q: QEMUMonitorProtocol, pred, timeout: float = 10.0) -> list[dict]:

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from nikit import Kit, time_limit
+from nikit import Kit, time_limit, wait_until
 from vhostni.qemu import parse_info_network, parse_qmp_spec
 from vhostni.testing import VhostUserNic
 
@@ -236,14 +236,7 @@ def carrier(g) -> str:
 
 
 def wait_for(cond, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.2)
+    return wait_until(cond, timeout, what, interval=0.2)
 
 
 @pytest.fixture(scope="module")
