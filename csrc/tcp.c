@@ -143,6 +143,8 @@ struct vn_edit {
     uint8_t inj_sent;
     uint8_t tries;
     uint64_t sent_ns;
+    uint8_t has_ts;                /* the timestamps its segments carry: those of the bytes */
+    uint32_t ts_val, ts_ecr;       /* before it, never newer than those after (PAWS) */
 };
 
 struct vn_flow {
@@ -667,7 +669,8 @@ static void send_piece(struct vn_switch *sw, struct vn_flow *f, int hs, const st
 
 /* Builds and sends a segment of our own from the `from` half's endpoint to the other one. */
 static void forge_seg(struct vn_switch *sw, struct vn_flow *f, int from, uint32_t seq, uint32_t ack,
-                      uint8_t flags, uint16_t win, const uint8_t *payload, uint32_t len)
+                      uint8_t flags, uint16_t win, const uint8_t *payload, uint32_t len,
+                      const struct vn_edit *inj)
 {
     struct vn_tcp *t = sw->tcp;
     if (t->depth >= VN_TCP_DEPTH)
@@ -690,8 +693,10 @@ static void forge_seg(struct vn_switch *sw, struct vn_flow *f, int from, uint32_
     int from_guest = from == 0;
     const uint8_t *sa = from_guest ? f->gaddr : f->raddr, *da = from_guest ? f->raddr : f->gaddr;
     uint16_t sp = from_guest ? f->gport : f->rport, dp = from_guest ? f->rport : f->gport;
-    /* with timestamps on, the sender's latest ones (the receiver's PAWS check takes them) */
-    unsigned th = !(flags & TCP_RST) && src->ts_seen && src->ts && other->ts ? 32 : 20;
+    /* with timestamps on: an ACK carries the end's latest ones; injected bytes those of
+     * the bytes before them (later data must not look older to the receiver's PAWS) */
+    uint32_t tsv = inj ? inj->ts_val : src->ts_val, tse = inj ? inj->ts_ecr : src->ts_ecr;
+    unsigned th = !(flags & TCP_RST) && (inj ? inj->has_ts : src->ts_seen) && src->ts && other->ts ? 32 : 20;
     uint8_t *ip = d + l2, *tcp;
     if (f->family == 4) {
         memset(ip, 0, 20);
@@ -724,8 +729,8 @@ static void forge_seg(struct vn_switch *sw, struct vn_flow *f, int from, uint32_
     if (th > 20) {
         static const uint8_t ts_head[4] = {1, 1, 8, 10};
         memcpy(tcp + 20, ts_head, 4);
-        vn_wr32(tcp + 24, src->ts_val);
-        vn_wr32(tcp + 28, src->ts_ecr);
+        vn_wr32(tcp + 24, tsv);
+        vn_wr32(tcp + 28, tse);
     }
     if (len)
         memcpy(tcp + th, payload, len);
@@ -743,8 +748,14 @@ static void forge_seg(struct vn_switch *sw, struct vn_flow *f, int from, uint32_
 
 /* Sends (or resends) the injected bytes of edit `e` of half `hs` from output offset `from`
  * on, in segments the receiver's MSS allows, as the sender. */
-static void send_inject(struct vn_switch *sw, struct vn_flow *f, int hs, struct vn_edit *e, uint64_t from)
+static void send_inject(struct vn_switch *sw, struct vn_flow *f, int hs, struct vn_edit *e, uint64_t from,
+                        const uint8_t *tsopt)
 {
+    if (!e->has_ts && tsopt) {     /* first send: the timestamps of the bytes around it */
+        e->has_ts = 1;
+        e->ts_val = vn_rd32(tsopt + 2);
+        e->ts_ecr = vn_rd32(tsopt + 6);
+    }
     struct vn_half *S = &f->half[hs], *R = &f->half[!hs];
     uint64_t ostart = (uint64_t)((int64_t)e->off + e->before), oend = ostart + e->inj_len;
     if (from < ostart)
@@ -756,13 +767,37 @@ static void send_inject(struct vn_switch *sw, struct vn_flow *f, int hs, struct 
     uint16_t win = S->wire_set ? S->wire_win : 0xffff;
     for (uint64_t o = from; o < oend; o += mss) {
         uint32_t n = oend - o > mss ? mss : (uint32_t)(oend - o);
-        forge_seg(sw, f, hs, seq_at(S, o), ack, TCP_ACK | TCP_PSH, win, e->inj + (o - ostart), n);
+        forge_seg(sw, f, hs, seq_at(S, o), ack, TCP_ACK | TCP_PSH, win, e->inj + (o - ostart), n, e);
         sw->ports[f->port].st.tcp_injected_bytes += n;
     }
     note_out(S, oend);
     e->inj_sent = 1;
     e->sent_ns = vn_now_ns();
     e->tries++;
+}
+
+/* The timestamp option of a kept frame (NULL: none). */
+static const uint8_t *frame_ts(const struct vn_fview *v)
+{
+    unsigned doff = v->pay - v->l4;
+    const uint8_t *o = doff > 20 ? tcp_opt(v->data + v->l4 + 20, doff - 20, 8) : NULL;
+    return o && o[1] == 10 ? o : NULL;
+}
+
+/* The timestamp option of the kept frame with the byte before sender offset `off`. */
+static const uint8_t *ts_before(const struct vn_half *hf, uint64_t off)
+{
+    if (!off)
+        return NULL;
+    for (const struct vn_seg *s = seg_from(hf, off - 1); s && s->start < off; s = s->next)
+        if (seg_end(s) >= off) {
+            struct vn_fview v;
+            v.data = s->rec->data;
+            v.pay = s->pay;
+            v.l4 = s->l4;
+            return frame_ts(&v);
+        }
+    return NULL;
 }
 
 /* Sends sender bytes [from, to) of frame `v` edited: the pieces between cuts, and the
@@ -788,7 +823,7 @@ static void send_edited(struct vn_switch *sw, struct vn_flow *f, int hs, const s
         if (e->inj_len && e->off >= from) {
             uint64_t oend = (uint64_t)((int64_t)e->off + e->before) + e->inj_len;
             if (!e->inj_sent || (resend && S->acked_out < oend))
-                send_inject(sw, f, hs, e, S->acked_out);
+                send_inject(sw, f, hs, e, S->acked_out, frame_ts(v));
         }
         if (cend > cur)
             cur = cend;
@@ -827,7 +862,7 @@ static void ack_cut(struct vn_switch *sw, struct vn_flow *f, int hs)
         return;
     S->told = a;
     forge_seg(sw, f, !hs, seq_at(R, sent_out(R)), seq_at(S, a), TCP_ACK,
-              R->wire_set ? R->wire_win : 0xffff, NULL, 0);
+              R->wire_set ? R->wire_win : 0xffff, NULL, 0, NULL);
     sw->ports[f->port].st.tcp_forged_acks++;
 }
 
@@ -882,7 +917,7 @@ static void send_due_injections(struct vn_switch *sw, struct vn_flow *f, int hs,
         if (e->off > lim)
             break;
         if (e->inj_len && !e->inj_sent)
-            send_inject(sw, f, hs, e, 0);
+            send_inject(sw, f, hs, e, 0, ts_before(S, e->off));
     }
 }
 
@@ -905,7 +940,7 @@ static void reack(struct vn_switch *sw, struct vn_flow *f, int hs)
     if (!R->have_isn)
         return;
     forge_seg(sw, f, !hs, seq_at(R, sent_out(R)), seq_at(S, S->told), TCP_ACK,
-              R->wire_set ? R->wire_win : 0xffff, NULL, 0);
+              R->wire_set ? R->wire_win : 0xffff, NULL, 0, NULL);
     sw->ports[f->port].st.tcp_forged_acks++;
 }
 
@@ -924,7 +959,7 @@ static void more_ack(struct vn_switch *sw, struct vn_flow *f, int hs)
     rewrite_start(S);
     uint16_t win = R->wire_set ? R->wire_win : 0xffff;
     int ws = R->wscale >= 0 ? R->wscale : 0;
-    forge_seg(sw, f, !hs, seq_at(R, sent_out(R)), seq_at(S, target), TCP_ACK, win, NULL, 0);
+    forge_seg(sw, f, !hs, seq_at(R, sent_out(R)), seq_at(S, target), TCP_ACK, win, NULL, 0, NULL);
     S->told = S->vouched = target;
     uint64_t edge = target + ((uint64_t)win << ws);
     if (edge > S->right)
@@ -1028,7 +1063,7 @@ static void half_release(struct vn_switch *sw, struct vn_flow *f, struct vn_half
 /* An RST|ACK from the `from` half's endpoint to the other one. */
 static void forge_rst(struct vn_switch *sw, struct vn_flow *f, int from, uint32_t seq, uint32_t ack)
 {
-    forge_seg(sw, f, from, seq, ack, TCP_RST | TCP_ACK, 0, NULL, 0);
+    forge_seg(sw, f, from, seq, ack, TCP_RST | TCP_ACK, 0, NULL, 0, NULL);
 }
 
 static uint32_t seq_at(const struct vn_half *hf, uint64_t off) { return hf->isn + 1 + (uint32_t)off; }
@@ -2223,7 +2258,7 @@ static int inject_retransmit(struct vn_switch *sw, struct vn_flow *f, uint64_t n
                 if (e->tries > resend_max(sw, f))
                     return 1;
                 sw->ports[f->port].st.tcp_inject_retransmits++;
-                send_inject(sw, f, hs, e, S->acked_out);
+                send_inject(sw, f, hs, e, S->acked_out, NULL);
             }
         }
     }
