@@ -44,6 +44,11 @@ def scan(stream, d: int, final: bool) -> None:
     upto = len(buf) - keep
     if upto > 0:                                   # (below what a cut passed: no-op)
         stream.pass_(d, base + upto)
+    if keep:
+        # the segment with those bytes waits, and so may the sender: with nothing of it
+        # acknowledged, Nagle holds back its next small write, and no byte comes that
+        # would decide these.  more: the NI acknowledges them for the receiver.
+        stream.more(d)
     pending[(stream.id, d)] = (base + upto, buf[upto:])
 
 
