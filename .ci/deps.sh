@@ -6,7 +6,7 @@ if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
 $SUDO apt-get update -q
 $SUDO apt-get install -y -q --no-install-recommends \
     qemu-system-x86 qemu-utils dpdk-dev iproute2 iperf3 busybox-static cpio kmod \
-    gcc libc6-dev make ca-certificates python3
+    gcc libc6-dev make ca-certificates python3 python3-venv python3-dev
 # libvirt, to test attaching a libvirt domain (tests/test_libvirt.py starts libvirtd by hand:
 # no systemd here); libxml2-utils has the xmllint that virt-xml-validate runs
 $SUDO apt-get install -y -q --no-install-recommends \
@@ -14,4 +14,5 @@ $SUDO apt-get install -y -q --no-install-recommends \
 # ClamAV's clamd, the real engine behind the e-mail scanner (tests/test_email_scanner.py
 # starts its own clamd offline with a signature database it writes: no freshclam needed)
 $SUDO apt-get install -y -q --no-install-recommends clamav-daemon
-python3 -m pip install -q --upgrade pip setuptools wheel cffi
+# Python packages go into the project's own venv (`make venv`, run by `make deps`), never into the
+# system interpreter: Debian's python3 refuses that (PEP 668).
