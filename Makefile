@@ -9,6 +9,8 @@ PYTHON ?= $(VENV)/bin/python
 IMAGES ?= images/out
 PREFIX ?= /opt/vhostni
 BINDIR ?= /usr/local/bin
+UNITDIR ?= /etc/systemd/system
+CONFDIR ?= /etc/vhostni
 
 .PHONY: help deps venv build images test test-unit bench demo install clean
 
@@ -51,13 +53,17 @@ demo: build images
 	$(PYTHON) -m vhostni.demo
 
 # A production install: its own venv under PREFIX (not editable: the checkout can go away),
-# and `vhostni` on the PATH as a symlink into it.
+# `vhostni` on the PATH as a symlink into it, the systemd units and an example daemon config.
 install:
 	$(SYSTEM_PYTHON) -m venv $(DESTDIR)$(PREFIX)
 	$(DESTDIR)$(PREFIX)/bin/python -m pip install -q --upgrade pip setuptools wheel 'cffi>=1.15'
 	$(DESTDIR)$(PREFIX)/bin/python -m pip install -q --no-build-isolation .
 	install -d $(DESTDIR)$(BINDIR)
 	ln -sf $(PREFIX)/bin/vhostni $(DESTDIR)$(BINDIR)/vhostni
+	install -d $(DESTDIR)$(UNITDIR) $(DESTDIR)$(CONFDIR)
+	install -m 0644 examples/systemd/vhostni.service examples/systemd/vhostni@.service $(DESTDIR)$(UNITDIR)/
+	install -m 0644 examples/systemd/vhostni.toml $(DESTDIR)$(CONFDIR)/vhostni.toml.example
+	install -m 0644 README.md $(DESTDIR)$(PREFIX)/README.md
 
 clean:
 	rm -rf build *.egg-info vhostni/_fastpath*.so vhostni/_fastpath.c $(IMAGES) bench/out test-logs

@@ -44,13 +44,30 @@ def _uid_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r}: no such user") from None
 
 
+def _gid_arg(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    import grp
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"{text!r}: no such group") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vhostni", description="Self-securing network interfaces for VMs")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve NIs in the foreground")
+    p.run_parser = run
+    run.add_argument("--config", action="append", default=[], metavar="FILE",
+                     help="a daemon config file (TOML) saying what these options say; the "
+                          "command line adds to it (see vhostni/service.py)")
     run.add_argument("--ni", action="append", type=_ni_arg, default=[], metavar="NAME=SOCKET",
                      help="an NI: a vhost-user server socket QEMU connects to, or client:SOCKET "
                           "to connect to a QEMU listening there (server=on); repeatable")
+    run.add_argument("--socket-group", type=_gid_arg, metavar="GROUP",
+                     help="NI sockets vhostni listens on belong to GROUP, mode 0660 (e.g. "
+                          "libvirt-qemu, so libvirt's QEMU may connect)")
     run.add_argument("--qemu-qmp", action="append", type=_qmp_arg, default=[],
                      metavar="NAME=QMP_SOCKET[,nic=ID]",
                      help="NI NAME's QEMU QMP socket: learn the NIC's MAC, set its link "
@@ -93,7 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    from .service import ConfigError, expand_config
+    try:
+        argv = expand_config(list(sys.argv[1:] if argv is None else argv), parser,
+                             parser.run_parser)
+    except ConfigError as exc:
+        print(f"vhostni run: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s vhostni %(levelname)s %(message)s", stream=sys.stderr)
     if args.command == "run":
@@ -115,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                 state = StateDir(args.state_dir)
                 nis, policies, runtime = state.merge(nis, policies)
             d = Daemon(nis, args.uplink, poll=args.poll, offloads=args.offloads == "on",
-                       stats_file=args.stats_file, policies=policies, alert_log=args.alert_log)
+                       stats_file=args.stats_file, policies=policies, alert_log=args.alert_log,
+                       socket_group=args.socket_group)
         except (OSError, ValueError) as exc:
             print(f"vhostni run: {exc}", file=sys.stderr)
             return 1

@@ -35,6 +35,7 @@ from .fastpath import ISOLATE_LINK_DOWN, ISOLATE_QUARANTINE, Port, Switch
 from .kernel import Kernel
 from .policy import PolicyError, load_policy
 from .vhost_user import proto
+from .service import notify
 
 log = logging.getLogger("vhostni")
 
@@ -102,7 +103,7 @@ class NI:
         self.port = daemon.switch.add_vhost_port()
         self.device = VhostUserDevice(name, self.port, offloads=daemon.offloads)
         self.device.on_rarp = lambda mac: self.port.inject_from(rarp_frame(mac))
-        self.listener = None if self.client else _listen(self.path)
+        self.listener = None if self.client else _listen(self.path, daemon.socket_group)
         self.reader: Optional[_Reader] = None
         self.broken_logged: Optional[str] = None
         self.next_connect = 0.0            # client mode: when to try again
@@ -138,7 +139,9 @@ class NI:
         return d
 
 
-def _listen(path: str) -> socket.socket:
+def _listen(path: str, group: Optional[int] = None) -> socket.socket:
+    """A vhost-user server socket at ``path``; with ``group``, that group (e.g. libvirt's QEMU
+    user's) may connect to it (mode 0660) and nobody else but the daemon's user."""
     try:
         if stat.S_ISSOCK(os.lstat(path).st_mode):
             os.unlink(path)  # a stale socket from an earlier run
@@ -146,6 +149,9 @@ def _listen(path: str) -> socket.socket:
         pass
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     s.bind(path)
+    if group is not None:
+        os.chown(path, -1, group)
+        os.chmod(path, 0o660)
     s.listen(4)
     s.setblocking(False)
     return s
@@ -154,7 +160,9 @@ def _listen(path: str) -> socket.socket:
 class Daemon:
     def __init__(self, nis: list[tuple[str, str]], uplinks: list[str] = (), poll: bool = False,
                  offloads: bool = True, stats_file: Optional[str] = None,
-                 policies: Optional[dict[str, str]] = None, alert_log: Optional[str] = None):
+                 policies: Optional[dict[str, str]] = None, alert_log: Optional[str] = None,
+                 socket_group: Optional[int] = None):
+        self.socket_group = socket_group
         self.switch = Switch()
         self.poll = poll
         self.offloads = offloads
@@ -289,6 +297,7 @@ class Daemon:
         handlers = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self.request_reload)
         last_house = 0.0
+        notify("READY=1\nSTATUS=serving %d NIs" % len(self.nis))   # every socket listens now
         try:
             while not self._stop:
                 wait = HOUSEKEEPING_MS
@@ -300,7 +309,9 @@ class Daemon:
                     self._control_event(fd)
                 if self._reload:
                     self._reload = False
+                    notify("RELOADING=1")
                     self.reload_policies()
+                    notify("READY=1")
                 now = time.monotonic()
                 if now - last_house >= HOUSEKEEPING_MS / 1000 or now >= self.kernel.next_deadline:
                     self.kernel.housekeeping()
@@ -308,6 +319,7 @@ class Daemon:
                     last_house = now
                     self._housekeeping()
         finally:
+            notify("STOPPING=1")
             signal.set_wakeup_fd(old)
             for s, h in handlers.items():
                 signal.signal(s, h)
