@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CA certificates admin clients' certificates must chain to (PEM)")
     adm.add_argument("--state-dir", metavar="DIR",
                      help="keep NIs added and policies set over QMP in DIR; restored at start")
+    run.add_argument("--metrics", metavar="tcp:HOST:PORT",
+                     help="serve Prometheus metrics over HTTP there (plain HTTP, read-only: bind "
+                          "it to loopback or a management network)")
     run.add_argument("-v", "--verbose", action="store_true")
     from .replay import add_arguments as add_replay_arguments
     add_replay_arguments(sub.add_parser(
@@ -157,8 +160,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         d.kernel.alerts.max_bytes = max(0, args.alert_log_max_bytes)
         d.kernel.alerts.keep = max(0, args.alert_log_keep)
-        sink = None
+        sink = metrics = None
         try:
+            if args.metrics:
+                from .metrics import MetricsServer
+                metrics = MetricsServer(d, args.metrics)
             if args.syslog:
                 from .admin.alerts import SyslogSink
                 sink = SyslogSink(args.syslog)
@@ -171,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                                     state=state, runtime_nis=runtime)
         except (OSError, ValueError, PolicyError) as exc:
             print(f"vhostni run: {exc}", file=sys.stderr)
+            if metrics:
+                metrics.close()
             d.close()
             return 1
         try:
@@ -178,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if admin:
                 admin.close()
+            if metrics:
+                metrics.close()
             print(json.dumps(d.stats(), indent=1), file=sys.stderr)
             d.close()
             if sink:
