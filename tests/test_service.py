@@ -222,3 +222,30 @@ def test_make_install_into_prefix(tmp_path):
                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert loc.returncode == 0, loc.stderr
     assert str(dest / "opt/vhostni") in loc.stdout
+
+
+def test_too_many_nis_is_a_clear_error(tmp_path):
+    """One NI more than the switch has ports: a one-line error naming the limit, exit 1, no
+    traceback (it was `FastPathError: add vhost port: value out of range`)."""
+    from vhostni.fastpath import MAX_PORTS
+    argv = [sys.executable, "-m", "vhostni", "run", "--alert-log", str(tmp_path / "al")]
+    for i in range(MAX_PORTS + 1):
+        argv += ["--ni", f"n{i}={tmp_path}/n{i}.sock"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert f"at most {MAX_PORTS} ports" in r.stderr
+
+
+def test_a_socket_that_fails_does_not_cost_a_port(tmp_path):
+    """An NI whose socket cannot be made gives its switch port back."""
+    from vhostni.daemon import Daemon
+    from vhostni.fastpath import MAX_PORTS
+    d = Daemon([], alert_log=str(tmp_path / "al"))
+    try:
+        for _ in range(MAX_PORTS + 5):
+            with pytest.raises(OSError):
+                d.add_ni("x", str(tmp_path / "no" / "such" / "dir.sock"))
+        d.add_ni("ok", str(tmp_path / "ok.sock"))
+    finally:
+        d.close()

@@ -103,7 +103,11 @@ class NI:
         self.port = daemon.switch.add_vhost_port()
         self.device = VhostUserDevice(name, self.port, offloads=daemon.offloads)
         self.device.on_rarp = lambda mac: self.port.inject_from(rarp_frame(mac))
-        self.listener = None if self.client else _listen(self.path, daemon.socket_group)
+        try:
+            self.listener = None if self.client else _listen(self.path, daemon.socket_group)
+        except BaseException:
+            self.port.remove()              # the slot is not lost to a socket that failed
+            raise
         self.reader: Optional[_Reader] = None
         self.broken_logged: Optional[str] = None
         self.next_connect = 0.0            # client mode: when to try again
@@ -282,7 +286,11 @@ class Daemon:
         if kind != "tap" or not arg:
             raise ValueError(f"uplink {spec!r}: expected tap:IFNAME")
         fd = tap.open_tap(arg, offloads=self.offloads)
-        self.uplinks[spec] = self.switch.add_tap_port(fd, tap.VNET_HDR_LEN)
+        try:
+            self.uplinks[spec] = self.switch.add_tap_port(fd, tap.VNET_HDR_LEN)
+        except BaseException:
+            os.close(fd)                    # refused: the switch did not take it
+            raise
         log.info("uplink %s attached", spec)
 
     # ---- the loop

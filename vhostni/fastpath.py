@@ -18,6 +18,13 @@ ISOLATE_QUARANTINE = lib.VN_ISOLATE_QUARANTINE   # drop all but the policy's qua
 ISOLATE_LINK_DOWN = lib.VN_ISOLATE_LINK_DOWN     # drop everything, both ways
 
 
+MAX_PORTS = lib.VN_MAX_PORTS
+
+
+class SwitchFull(ValueError):
+    """Every port slot of the switch is taken."""
+
+
 class FastPathError(Exception):
     """A configuration call the fast path refused; ``code`` is the VN_E* value."""
 
@@ -62,17 +69,25 @@ class Switch:
 
     # ---- ports
     def add_vhost_port(self) -> "VhostPort":
-        return VhostPort(self, _check("add vhost port", lib.vn_port_add_vhost(self._sw)))
+        return VhostPort(self, self._slot("add vhost port", lib.vn_port_add_vhost(self._sw)))
+
+    @staticmethod
+    def _slot(what: str, rc: int) -> int:
+        if rc == lib.VN_ERANGE:
+            raise SwitchFull(f"the switch is full: one daemon serves at most {MAX_PORTS} ports "
+                             "(NIs and uplinks); run another daemon for more (vhostni@.service "
+                             "runs one per tenant)")
+        return _check(what, rc)
 
     def add_tap_port(self, fd: int, vnet_hdr_len: int) -> "Port":
         """Adds a TAP uplink; the switch takes ownership of ``fd``."""
-        return Port(self, _check("add tap port", lib.vn_port_add_tap(self._sw, fd, vnet_hdr_len)))
+        return Port(self, self._slot("add tap port", lib.vn_port_add_tap(self._sw, fd, vnet_hdr_len)))
 
     def add_sink_port(self) -> "Port":
         """Adds a sink port (offline replay): frames enter through ``Port.inject_from`` (the
         full ingress path, policy included), frames delivered to it queue for
         :meth:`sink_frames`."""
-        return Port(self, _check("add sink port", lib.vn_port_add_sink(self._sw)))
+        return Port(self, self._slot("add sink port", lib.vn_port_add_sink(self._sw)))
 
     def sink_frames(self) -> Iterator[tuple[int, bytes]]:
         """(port index, frame) for each frame delivered to a sink port since the last call,
