@@ -353,6 +353,8 @@ class Policy:
     tcp_depth_over_pass: bool = False
     tcp_idle_timeout: float = 600.0
     tcp_resend_max: int = 12         # the NI's own resends (injected / vouched bytes) before a reset
+    unparsed_pass: bool = False      # [ni] unparsed: frames the parser cannot walk (drop, fail closed)
+    ipv6_router: bool = False        # [ni] ipv6_router: the guest may send RAs and redirects
     prevent: list[Match] = field(default_factory=list)
     scanners: list[ScannerSpec] = field(default_factory=list)
     source: Optional[str] = None
@@ -402,6 +404,8 @@ class Policy:
         c.tcp_depth_over_pass = 1 if self.tcp_depth_over_pass else 0
         c.tcp_idle_ms = int(self.tcp_idle_timeout * 1000)
         c.tcp_resend_max = self.tcp_resend_max
+        c.unparsed_pass = 1 if self.unparsed_pass else 0
+        c.ipv6_router = 1 if self.ipv6_router else 0
         return c
 
 
@@ -486,7 +490,8 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
     _check_keys(ni, {"mac", "addresses", "anti_spoof", "hold_timeout_ms", "default_decision",
                      "held_frames_max", "held_bytes_max", "over_cap", "on_alert", "comment",
                      "tcp_flows_max", "tcp_flows_over", "tcp_bytes_max", "tcp_bytes_over",
-                     "tcp_depth_max", "tcp_depth_over", "tcp_idle_timeout_ms", "tcp_resend_max"}, "ni")
+                     "tcp_depth_max", "tcp_depth_over", "tcp_idle_timeout_ms", "tcp_resend_max",
+                     "unparsed", "ipv6_router"}, "ni")
     if "mac" in ni:
         m = _want(ni, "mac", "ni", str)
         if not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}", m):
@@ -503,6 +508,12 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
         except (ValueError, TypeError):
             raise PolicyError(f"ni.addresses[{i}]", f"not an address or prefix: {a!r}") from None
     p.anti_spoof = _want(ni, "anti_spoof", "ni", bool, True)
+    up = _want(ni, "unparsed", "ni", str, "drop")
+    if up not in ("drop", "pass"):
+        raise PolicyError("ni.unparsed", "expected 'drop' (fail closed) or 'pass' (frames whose "
+                                         "headers the NI cannot walk go on, checked as far as walked)")
+    p.unparsed_pass = up == "pass"
+    p.ipv6_router = _want(ni, "ipv6_router", "ni", bool, False)
     t = _want(ni, "hold_timeout_ms", "ni", int, 1000)
     if not 1 <= t <= 600_000:
         raise PolicyError("ni.hold_timeout_ms", "expected 1..600000")
