@@ -270,11 +270,14 @@ struct vn_term {
 };
 
 /* What a prevent rule or a subscription matches.  Every field left at its "any" value
- * matches everything.  L4 fields of a frame whose L4 header cannot be seen (a non-first
- * IP fragment) count as matching, so a rule cannot be dodged by fragmenting. */
+ * matches everything.  A later IP fragment is matched with the transport header of its
+ * datagram's first fragment (csrc/parse.c); L4 fields of a frame whose transport header
+ * nobody saw (a later fragment whose first is unknown, a cut header let through by
+ * unparsed = pass) count as matching a prevent rule or subscription, so a rule cannot be
+ * dodged by fragmenting, and as not matching a quarantine-allow rule. */
 struct vn_match {
     uint8_t dirs;              /* VN_DIR_* bits; 0: both */
-    uint16_t ethertype;        /* 0: any (VLAN tag skipped) */
+    uint16_t ethertype;        /* 0: any; the innermost (VLAN tags, SNAP skipped) */
     int16_t proto;             /* IP protocol, -1: any */
     uint8_t src_family;        /* 0: any, 4, 6 */
     uint8_t src_plen;

@@ -9,7 +9,7 @@ scanner alerts (``[ni] on_alert``).  Errors name the key:
 
 A *match* (a prevent rule, a right, or a scanner's subscription request) is a table of
 optional keys: ``direction`` (from_guest, to_guest, both), ``ethertype`` (ipv4, ipv6, arp,
-or a number; the type inside one VLAN tag), ``proto`` (tcp, udp, icmp, icmpv6, sctp or a number), ``src`` and ``dst``
+or a number; the innermost type, inside VLAN tags and LLC/SNAP), ``proto`` (tcp, udp, icmp, icmpv6, sctp or a number), ``src`` and ``dst``
 (CIDR), ``sport`` and ``dport`` (a port, "lo-hi" or [lo, hi]), ``tcp_flags`` ("syn,!ack":
 listed flags set, !-prefixed clear) and ``terms`` (raw [{offset, value, mask}] byte tests on
 the frame, hex strings).  A subscription is granted only if it is at least as narrow as
@@ -45,7 +45,7 @@ from ._fastpath import ffi, lib
 DIR_FROM = lib.VN_DIR_FROM_GUEST
 DIR_TO = lib.VN_DIR_TO_GUEST
 DIRECTIONS = {"from_guest": DIR_FROM, "to_guest": DIR_TO, "both": DIR_FROM | DIR_TO}
-ETHERTYPES = {"ipv4": 0x0800, "ipv6": 0x86DD, "arp": 0x0806}  # the inner type: one VLAN tag is skipped
+ETHERTYPES = {"ipv4": 0x0800, "ipv6": 0x86DD, "arp": 0x0806}  # the innermost type (csrc/parse.c)
 PROTOS = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "sctp": 132}
 TCP_FLAGS = {"fin": 0x01, "syn": 0x02, "rst": 0x04, "psh": 0x08, "ack": 0x10, "urg": 0x20,
              "ece": 0x40, "cwr": 0x80}
