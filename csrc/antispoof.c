@@ -148,8 +148,9 @@ static int ipv6_spoofed(const struct vn_policy *pol, const struct vn_pkt *pkt,
     int unspecified = !memcmp(h->src, zero16, 16);
     if (pol->naddrs) {
         if (unspecified) {
-            /* RFC 4862 5.4 (DAD) and RFC 3810 5.2.13 (MLD reports before an address) */
-            if (type != ND_NS && type != 131 && type != 143)
+            /* RFC 4862 5.4 (DAD), RFC 4861 6.3.7 (a router solicitation before any
+             * address) and RFC 3810 5.2.13 (MLD reports before an address) */
+            if (type != ND_NS && type != ND_RS && type != 131 && type != 143)
                 return 1;
         } else if (!guest_ipv6(pol, h->src)) {
             return 1;

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
 from scapy.layers.inet6 import (
-    ICMPv6EchoRequest, ICMPv6MLReport2, ICMPv6ND_NA, ICMPv6ND_NS, ICMPv6ND_RA,
+    ICMPv6EchoRequest, ICMPv6MLReport2, ICMPv6ND_NA, ICMPv6ND_NS, ICMPv6ND_RA, ICMPv6ND_RS,
     ICMPv6NDOptDstLLAddr, ICMPv6NDOptSrcLLAddr, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment,
     IPv6ExtHdrHopByHop, fragment6,
 )
@@ -218,6 +218,8 @@ def test_unspecified_ipv6_source_only_for_dad_and_mld(net):
     mld = (Ether(src=GMAC, dst="33:33:00:00:00:16") / IPv6(src="::", dst="ff02::16")
            / IPv6ExtHdrHopByHop(options=[]) / ICMPv6MLReport2())
     assert n.from_guest(mld)
+    assert n.from_guest(g6(ICMPv6ND_RS(), src="::", dst="ff02::2"))        # no address yet
+    assert not n.from_guest(g6(ICMPv6ND_RS() / ICMPv6NDOptSrcLLAddr(lladdr=GMAC), src="::"))
 
 
 def test_unspecified_ipv4_source_only_for_dhcp_naming_the_guest(net):
