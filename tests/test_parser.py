@@ -213,7 +213,8 @@ def test_unspecified_ipv6_source_only_for_dad_and_mld(net):
     assert not n.from_guest(g6(UDP(dport=53), src="::"))
     assert not n.from_guest(g6(ICMPv6EchoRequest(), src="::"))
     assert n.stats()["drop_spoofed"] == 3
-    dad = Ether(src=GMAC, dst="33:33:ff:00:00:01") / IPv6(src="::", dst="ff02::1:ff00:1") / ICMPv6ND_NS(tgt=GIP6)
+    dad = (Ether(src=GMAC, dst="33:33:ff:00:00:01") / IPv6(src="::", dst="ff02::1:ff00:1")
+           / ICMPv6ND_NS(tgt=GIP6))
     assert n.from_guest(dad)
     mld = (Ether(src=GMAC, dst="33:33:00:00:00:16") / IPv6(src="::", dst="ff02::16")
            / IPv6ExtHdrHopByHop(options=[]) / ICMPv6MLReport2())
