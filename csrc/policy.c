@@ -221,6 +221,10 @@ int vn_policy_apply(struct vn_switch *sw, int port, int dir, int egress_to, stru
         p->st.drop_frag_unmatched++;
         return 1;
     }
+    if (dir == VN_DIR_FROM_GUEST && h.nvlan && pol->guest_vlan_drop) {
+        p->st.drop_guest_vlan++;
+        return 1;
+    }
     if (dir == VN_DIR_FROM_GUEST && vn_spoofed(pol, pkt, &h)) {
         p->st.drop_spoofed++;
         return 1;

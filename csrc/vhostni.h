@@ -110,6 +110,7 @@ struct vn_port_stats {
                                          * later one overlapping the TCP header (RFC 1858) */
     uint64_t unparsed_passed;    /* unparsed frames let through (unparsed = pass) */
     uint64_t drop_frag_unmatched;  /* later IP fragment whose first fragment was not seen */
+    uint64_t drop_guest_vlan;    /* VLAN-tagged from the guest, and the policy says guest_vlan = drop */
     /* TCP stream reconstruction (stream subscriptions, csrc/tcp.c) */
     uint64_t tcp_flows_opened;   /* connections on subscribed ports taken into the flow table */
     uint64_t tcp_flows_over;     /* new connections past tcp_flows_max: exception policy applied */
@@ -341,6 +342,7 @@ struct vn_policy {
     unsigned tcp_resend_max;   /* the NI's own resends of bytes it owes a receiver, then RSTs */
     int unparsed_pass;         /* frames the parser cannot walk: 0 drop (counted), 1 pass */
     int ipv6_router;           /* the guest may send router advertisements and redirects */
+    int guest_vlan_drop;       /* VLAN-tagged frames from the guest: 0 checked inside, 1 dropped */
 };
 
 /* A frame handed to the NI kernel because subscriptions matched it. */

@@ -125,6 +125,14 @@ def test_stacked_vlan_tags_meet_rules_and_anti_spoofing(net, tags):
                           / IP(src=NIP, dst=GIP) / TCP(dport=23))
 
 
+def test_guest_vlan_drop_refuses_tagged_frames_from_the_guest_only(net):
+    n = net(ni(guest_vlan="drop"))
+    assert not n.from_guest(Ether(src=GMAC, dst=NMAC) / Dot1Q(vlan=5) / IP(src=GIP, dst=NIP) / TCP())
+    assert n.from_guest(g4(TCP()))
+    assert n.to_guest(Ether(src=NMAC, dst=GMAC) / Dot1Q(vlan=5) / IP(src=NIP, dst=GIP) / TCP())
+    assert n.stats()["drop_guest_vlan"] == 1
+
+
 def test_more_vlan_tags_than_the_parser_walks_are_unparsed(net):
     three = (Ether(src=GMAC, dst=NMAC) / Dot1AD(vlan=1) / Dot1Q(vlan=2) / Dot1Q(vlan=3)
              / IP(src=GIP, dst=NIP) / TCP(dport=80))
@@ -373,6 +381,10 @@ def test_policy_keys():
     assert parse_policy({"ni": {"unparsed": "pass"}}).unparsed_pass
     assert not parse_policy({}).unparsed_pass and not parse_policy({}).ipv6_router
     assert parse_policy({"ni": {"ipv6_router": True}}).ipv6_router
+    assert parse_policy({"ni": {"guest_vlan": "drop"}}).guest_vlan_drop
+    assert not parse_policy({}).guest_vlan_drop
+    with pytest.raises(PolicyError, match="ni.guest_vlan"):
+        parse_policy({"ni": {"guest_vlan": "no"}})
     with pytest.raises(PolicyError, match="ni.unparsed"):
         parse_policy({"ni": {"unparsed": "maybe"}})
     with pytest.raises(PolicyError, match="ni.ipv6_router"):

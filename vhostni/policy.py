@@ -355,6 +355,7 @@ class Policy:
     tcp_resend_max: int = 12         # the NI's own resends (injected / vouched bytes) before a reset
     unparsed_pass: bool = False      # [ni] unparsed: frames the parser cannot walk (drop, fail closed)
     ipv6_router: bool = False        # [ni] ipv6_router: the guest may send RAs and redirects
+    guest_vlan_drop: bool = False    # [ni] guest_vlan: VLAN-tagged frames from the guest (allow)
     prevent: list[Match] = field(default_factory=list)
     scanners: list[ScannerSpec] = field(default_factory=list)
     source: Optional[str] = None
@@ -406,6 +407,7 @@ class Policy:
         c.tcp_resend_max = self.tcp_resend_max
         c.unparsed_pass = 1 if self.unparsed_pass else 0
         c.ipv6_router = 1 if self.ipv6_router else 0
+        c.guest_vlan_drop = 1 if self.guest_vlan_drop else 0
         return c
 
 
@@ -491,7 +493,7 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
                      "held_frames_max", "held_bytes_max", "over_cap", "on_alert", "comment",
                      "tcp_flows_max", "tcp_flows_over", "tcp_bytes_max", "tcp_bytes_over",
                      "tcp_depth_max", "tcp_depth_over", "tcp_idle_timeout_ms", "tcp_resend_max",
-                     "unparsed", "ipv6_router"}, "ni")
+                     "unparsed", "ipv6_router", "guest_vlan"}, "ni")
     if "mac" in ni:
         m = _want(ni, "mac", "ni", str)
         if not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}", m):
@@ -514,6 +516,10 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
                                          "headers the NI cannot walk go on, checked as far as walked)")
     p.unparsed_pass = up == "pass"
     p.ipv6_router = _want(ni, "ipv6_router", "ni", bool, False)
+    gv = _want(ni, "guest_vlan", "ni", str, "allow")
+    if gv not in ("allow", "drop"):
+        raise PolicyError("ni.guest_vlan", "expected 'allow' (checked inside the tags) or 'drop'")
+    p.guest_vlan_drop = gv == "drop"
     t = _want(ni, "hold_timeout_ms", "ni", int, 1000)
     if not 1 <= t <= 600_000:
         raise PolicyError("ni.hold_timeout_ms", "expected 1..600000")
