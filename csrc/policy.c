@@ -15,90 +15,6 @@
 #include <unistd.h>
 #include "vn_internal.h"
 
-
-void vn_parse(const struct vn_pkt *pkt, struct vn_hdrs *h)
-{
-    const uint8_t *d = pkt->data;
-    uint32_t len = pkt->len;
-    memset(h, 0, sizeof(*h));
-    h->proto = -1;
-    if (len < 14)
-        return;
-    uint32_t off = 14;
-    uint16_t et = vn_rd16(d + 12);
-    if (et == 0x8100 || et == 0x88a8) {
-        if (len < 18)
-            return;
-        et = vn_rd16(d + 16);
-        off = 18;
-    }
-    h->ethertype = et;
-    int frag_later = 0;
-    if (et == 0x0800) {
-        if (len < off + 20 || (d[off] >> 4) != 4)
-            return;
-        unsigned ihl = (d[off] & 15) * 4u;
-        if (ihl < 20 || len < off + ihl)
-            return;
-        h->family = 4;
-        h->l3_off = (int)off;
-        h->src = d + off + 12;
-        h->dst = d + off + 16;
-        h->proto = d[off + 9];
-        frag_later = (vn_rd16(d + off + 6) & 0x1fff) != 0;
-        h->frag = (vn_rd16(d + off + 6) & 0x3fff) != 0;
-        off += ihl;
-    } else if (et == 0x86dd) {
-        if (len < off + 40 || (d[off] >> 4) != 6)
-            return;
-        h->family = 6;
-        h->l3_off = (int)off;
-        h->src = d + off + 8;
-        h->dst = d + off + 24;
-        int nh = d[off + 6];
-        off += 40;
-        /* walk the extension headers a rule could be hidden behind (bounded) */
-        for (int i = 0; i < 8; i++) {
-            if (nh == 0 || nh == 43 || nh == 60) {
-                if (len < off + 8)
-                    return;
-                nh = d[off];
-                off += (d[off + 1] + 1u) * 8;
-            } else if (nh == 44) {
-                if (len < off + 8)
-                    return;
-                frag_later = (vn_rd16(d + off + 2) & 0xfff8) != 0;
-                h->frag = 1;
-                nh = d[off];
-                off += 8;
-            } else {
-                break;
-            }
-        }
-        h->proto = nh;
-    } else {
-        return;
-    }
-    if (frag_later)
-        return;   /* no L4 header in this fragment */
-    if (h->proto == 6) {
-        if (len < off + 20)
-            return;
-        h->tcp_flags = d[off + 13];
-    } else if (h->proto == 17 || h->proto == 132) {
-        if (len < off + 8)
-            return;
-    } else {
-        h->l4_known = 1;
-        h->l4_off = (int)off;
-        return;
-    }
-    h->sport = vn_rd16(d + off);
-    h->dport = vn_rd16(d + off + 2);
-    h->l4_known = 1;
-    h->l4_off = (int)off;
-}
-
 static int prefix_match(const uint8_t *addr, const uint8_t *pfx, unsigned plen)
 {
     unsigned full = plen / 8, rest = plen % 8;
@@ -150,7 +66,8 @@ int vn_match_frame(const struct vn_match *m, int dir, const struct vn_pkt *pkt,
             if ((h->tcp_flags & m->tcp_flags_mask) != m->tcp_flags_value)
                 return 0;
         }
-        /* L4 unknown (later fragment): counts as a match, see vhostni.h */
+        /* L4 unknown (a later fragment whose first was not seen, a truncated header let
+         * through by unparsed = pass): counts as a match, see vhostni.h */
     }
     for (unsigned i = 0; i < m->nterms && i < VN_MAX_TERMS; i++) {
         const struct vn_term *t = &m->terms[i];
@@ -162,54 +79,6 @@ int vn_match_frame(const struct vn_match *m, int dir, const struct vn_pkt *pkt,
                 return 0;
     }
     return 1;
-}
-
-static int addr_allowed(const struct vn_policy *pol, int fam, const uint8_t *a)
-{
-    for (unsigned i = 0; i < pol->naddrs && i < VN_MAX_ADDRS; i++) {
-        const struct vn_addr *x = &pol->addrs[i];
-        if (x->family == fam &&
-            prefix_match(a, x->addr, x->plen > (fam == 4 ? 32 : 128) ? (fam == 4 ? 32 : 128) : x->plen))
-            return 1;
-    }
-    return 0;
-}
-
-static const uint8_t zero16[16];
-
-/* 1 if a frame from the guest claims a MAC or an address the policy did not give it. */
-int vn_spoofed(const struct vn_policy *pol, const struct vn_pkt *pkt, const struct vn_hdrs *h)
-{
-    if (!pol->anti_spoof)
-        return 0;
-    const uint8_t *d = pkt->data;
-    if (pol->mac_set && memcmp(d + 6, pol->mac, 6))
-        return 1;
-    if (h->ethertype == 0x0806) {
-        unsigned off = (vn_rd16(d + 12) == 0x8100 || vn_rd16(d + 12) == 0x88a8) ? 18 : 14;
-        if (pkt->len < off + 28)
-            return 1;   /* a truncated ARP packet has no business leaving the guest */
-        const uint8_t *a = d + off;
-        if (vn_rd16(a) != 1 || vn_rd16(a + 2) != 0x0800 || a[4] != 6 || a[5] != 4)
-            return 0;   /* not Ethernet/IPv4 ARP: nothing to check */
-        if (pol->mac_set && memcmp(a + 8, pol->mac, 6))
-            return 1;
-        if (pol->naddrs && memcmp(a + 14, zero16, 4) && !addr_allowed(pol, 4, a + 14))
-            return 1;
-        return 0;
-    }
-    if (!pol->naddrs || !h->family)
-        return 0;
-    if (h->family == 4) {
-        /* DHCP discovery comes from 0.0.0.0 */
-        if (!memcmp(h->src, zero16, 4) && h->proto == 17 && h->l4_known && h->sport == 68 &&
-            h->dport == 67)
-            return 0;
-        return !addr_allowed(pol, 4, h->src);
-    }
-    if (!memcmp(h->src, zero16, 16))
-        return 0;   /* duplicate address detection */
-    return !addr_allowed(pol, 6, h->src);
 }
 
 /* ---- held frames and the punt queue ---- */
@@ -272,14 +141,59 @@ struct vn_held *vn_held_record(const struct vn_pkt *pkt, int port, int dir, int 
     return r;
 }
 
-/* Quarantine: 1 if a quarantined port's policy allows this frame anyway. */
+/* Does the match look at the transport (protocol, ports, flags)? */
+static int match_needs_l4(const struct vn_match *m)
+{
+    return m->proto >= 0 || m->sport_lo > 0 || m->sport_hi < 0xffff || m->dport_lo > 0 ||
+           m->dport_hi < 0xffff || m->tcp_flags_mask;
+}
+
+/* Quarantine: 1 if a quarantined port's policy allows this frame anyway.  An allow rule
+ * does not stretch to a transport header nobody saw. */
 static int quarantine_allows(const struct vn_policy *pol, int dir, const struct vn_pkt *pkt,
                              const struct vn_hdrs *h)
 {
     for (unsigned i = 0; i < pol->nqallow && i < VN_MAX_QALLOW; i++)
-        if (vn_match_frame(&pol->qallow[i], dir, pkt, h))
+        if ((h->l4_known || !match_needs_l4(&pol->qallow[i])) &&
+            vn_match_frame(&pol->qallow[i], dir, pkt, h))
             return 1;
     return 0;
+}
+
+/* Would any verdict on this port depend on a transport header (prevent rules, frame
+ * subscriptions, quarantine-allow rules while quarantined)? */
+static int policy_needs_l4(const struct vn_policy *pol)
+{
+    for (unsigned i = 0; i < pol->nrules && i < VN_MAX_RULES; i++)
+        if (match_needs_l4(&pol->rules[i]))
+            return 1;
+    for (unsigned i = 0; i < pol->nsubs && i < VN_MAX_SUBS; i++)
+        if (match_needs_l4(&pol->subs[i]))
+            return 1;
+    if (pol->isolation & VN_ISOLATE_QUARANTINE)
+        for (unsigned i = 0; i < pol->nqallow && i < VN_MAX_QALLOW; i++)
+            if (match_needs_l4(&pol->qallow[i]))
+                return 1;
+    return 0;
+}
+
+/* Counts an unparsed frame under its reason; 1 if the policy drops it. */
+static int unparsed_drops(struct vn_port *p, const struct vn_policy *pol, int reason)
+{
+    struct vn_port_stats *st = &p->st;
+    if (pol->unparsed_pass) {
+        st->unparsed_passed++;
+        return 0;
+    }
+    switch (reason) {
+    case VN_UNPARSED_TRUNCATED: st->drop_unparsed_truncated++; break;
+    case VN_UNPARSED_BAD_HEADER: st->drop_unparsed_bad_header++; break;
+    case VN_UNPARSED_VLAN_DEPTH: st->drop_unparsed_vlan_depth++; break;
+    case VN_UNPARSED_ENCAP: st->drop_unparsed_encap++; break;
+    case VN_UNPARSED_IPV6_CHAIN: st->drop_unparsed_ipv6_chain++; break;
+    default: st->drop_unparsed_fragment++; break;
+    }
+    return 1;
 }
 
 int vn_policy_apply(struct vn_switch *sw, int port, int dir, int egress_to, struct vn_pkt *pkt)
@@ -292,8 +206,25 @@ int vn_policy_apply(struct vn_switch *sw, int port, int dir, int egress_to, stru
         p->st.drop_isolated++;
         return 1;
     }
+    /* a frame is understood fully, or it is not forwarded (unless the policy says so):
+     * either way, since a receiver on either side may act on what the NI did not see */
     struct vn_hdrs h;
-    vn_parse(pkt, &h);
+    if (vn_parse(pkt, &h) && unparsed_drops(p, pol, h.unparsed))
+        return 1;
+    /* a later fragment is matched by its datagram: the first fragment's transport header.
+     * Without one (out of order, or more than VN_FRAG_FIRSTS datagrams in flight), TCP
+     * with a stream engine goes to its reassembly (the whole datagram is checked); else it
+     * is dropped if any verdict here would look at the transport. */
+    int orphan = vn_frag_track(p, dir, sw->now_ns, &h) < 0;
+    int to_engine = orphan && h.proto == 6 && vn_tcp_active(sw, port);
+    if (orphan && !to_engine && policy_needs_l4(pol)) {
+        p->st.drop_frag_unmatched++;
+        return 1;
+    }
+    if (dir == VN_DIR_FROM_GUEST && h.nvlan && pol->guest_vlan_drop) {
+        p->st.drop_guest_vlan++;
+        return 1;
+    }
     if (dir == VN_DIR_FROM_GUEST && vn_spoofed(pol, pkt, &h)) {
         p->st.drop_spoofed++;
         return 1;
@@ -302,6 +233,8 @@ int vn_policy_apply(struct vn_switch *sw, int port, int dir, int egress_to, stru
         p->st.drop_quarantine++;
         return 1;
     }
+    if (to_engine)
+        return vn_tcp_input(sw, port, dir, egress_to, pkt, &h) == VN_TCP_TAKEN;
     for (unsigned i = 0; i < pol->nrules && i < VN_MAX_RULES; i++) {
         if (vn_match_frame(&pol->rules[i], dir, pkt, &h)) {
             p->st.drop_prevented++;

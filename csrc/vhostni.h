@@ -99,6 +99,18 @@ struct vn_port_stats {
     uint64_t injected;           /* pre-registered frames sent by the kernel */
     uint64_t drop_quarantine;    /* quarantined NI: matched no quarantine-allow rule */
     uint64_t drop_isolated;      /* NI isolated (link set down): every frame either way */
+    /* frames whose headers the parser (csrc/parse.c) could not walk to the end, by reason
+     * (VN_UNPARSED_*), either way: dropped unless the policy says unparsed = pass */
+    uint64_t drop_unparsed_truncated;   /* a header runs past the frame or the IP length */
+    uint64_t drop_unparsed_bad_header;  /* IP version, header or total length inconsistent */
+    uint64_t drop_unparsed_vlan_depth;  /* more than VN_PARSE_MAX_VLAN VLAN tags */
+    uint64_t drop_unparsed_encap;       /* 802.3 LLC other than SNAP, MPLS, PPPoE, 802.1ah */
+    uint64_t drop_unparsed_ipv6_chain;  /* IPv6 extension chain too long or of an unknown kind */
+    uint64_t drop_unparsed_fragment;    /* first fragment without the whole header chain, or a
+                                         * later one overlapping the TCP header (RFC 1858) */
+    uint64_t unparsed_passed;    /* unparsed frames let through (unparsed = pass) */
+    uint64_t drop_frag_unmatched;  /* later IP fragment whose first fragment was not seen */
+    uint64_t drop_guest_vlan;    /* VLAN-tagged from the guest, and the policy says guest_vlan = drop */
     /* TCP stream reconstruction (stream subscriptions, csrc/tcp.c) */
     uint64_t tcp_flows_opened;   /* connections on subscribed ports taken into the flow table */
     uint64_t tcp_flows_over;     /* new connections past tcp_flows_max: exception policy applied */
@@ -197,6 +209,42 @@ int vn_switch_set_wake_fd(struct vn_switch *sw, int fd);
 int vn_switch_run(struct vn_switch *sw, int timeout_ms, int poll_mode);
 /* One non-blocking pass over all ports (tests). Returns frames forwarded. */
 int vn_switch_service(struct vn_switch *sw);
+/* ---- The frame parser (csrc/parse.c) ----
+ * A frame is parsed when every header from Ethernet to the transport header could be walked:
+ * Ethernet, up to VN_PARSE_MAX_VLAN VLAN tags (0x8100, 0x88a8, 0x9100), 802.3 LLC/SNAP with
+ * an Ethernet type inside, IPv4 (options, AH) or IPv6 (up to VN_PARSE_MAX_EXT extension
+ * headers: hop-by-hop, routing, fragment, destination options, AH) or ARP, and the TCP, UDP,
+ * SCTP, ICMP or ICMPv6 header.  ESP and protocols the NI does not know end the walk: the
+ * frame is parsed, its transport is that protocol (no ports).  Types of Ethernet the NI
+ * does not know (not IP, ARP or an encapsulation of IP) are parsed at layer 2.  Anything
+ * else is unparsed, for the reason below. */
+#define VN_PARSE_MAX_VLAN 2
+#define VN_PARSE_MAX_EXT 16
+#define VN_UNPARSED_NONE 0
+#define VN_UNPARSED_TRUNCATED 1
+#define VN_UNPARSED_BAD_HEADER 2
+#define VN_UNPARSED_VLAN_DEPTH 3
+#define VN_UNPARSED_ENCAP 4
+#define VN_UNPARSED_IPV6_CHAIN 5
+#define VN_UNPARSED_FRAGMENT 6
+
+/* What the parser made of a frame (for tests and tools; the fast path keeps its own). */
+struct vn_parse_result {
+    int reason;                /* VN_UNPARSED_*: 0 if parsed */
+    uint16_t ethertype;        /* the innermost type (after VLAN tags and SNAP) */
+    uint8_t nvlan;
+    uint8_t snap;
+    uint8_t family;            /* 0, 4, 6 */
+    int16_t proto;             /* transport protocol, -1: none */
+    uint8_t l4_known;          /* the transport header was seen (ports valid) */
+    uint8_t frag, frag_later;
+    uint16_t sport, dport;
+    int16_t icmp_type;         /* -1: none */
+    uint32_t l4_off;
+};
+/* Parses one frame (no virtio-net header).  Returns result->reason. */
+int vn_parse_frame(const uint8_t *frame, uint32_t len, struct vn_parse_result *result);
+
 /* ---- NI policy: anti-spoofing, prevent rules, subscriptions (the NI kernel's hooks) ---- */
 #define VN_DIR_FROM_GUEST 1
 #define VN_DIR_TO_GUEST 2
@@ -223,11 +271,14 @@ struct vn_term {
 };
 
 /* What a prevent rule or a subscription matches.  Every field left at its "any" value
- * matches everything.  L4 fields of a frame whose L4 header cannot be seen (a non-first
- * IP fragment) count as matching, so a rule cannot be dodged by fragmenting. */
+ * matches everything.  A later IP fragment is matched with the transport header of its
+ * datagram's first fragment (csrc/parse.c); L4 fields of a frame whose transport header
+ * nobody saw (a later fragment whose first is unknown, a cut header let through by
+ * unparsed = pass) count as matching a prevent rule or subscription, so a rule cannot be
+ * dodged by fragmenting, and as not matching a quarantine-allow rule. */
 struct vn_match {
     uint8_t dirs;              /* VN_DIR_* bits; 0: both */
-    uint16_t ethertype;        /* 0: any (VLAN tag skipped) */
+    uint16_t ethertype;        /* 0: any; the innermost (VLAN tags, SNAP skipped) */
     int16_t proto;             /* IP protocol, -1: any */
     uint8_t src_family;        /* 0: any, 4, 6 */
     uint8_t src_plen;
@@ -289,6 +340,9 @@ struct vn_policy {
     int tcp_depth_over_pass;
     uint32_t tcp_idle_ms;      /* an established connection silent this long is forgotten */
     unsigned tcp_resend_max;   /* the NI's own resends of bytes it owes a receiver, then RSTs */
+    int unparsed_pass;         /* frames the parser cannot walk: 0 drop (counted), 1 pass */
+    int ipv6_router;           /* the guest may send router advertisements and redirects */
+    int guest_vlan_drop;       /* VLAN-tagged frames from the guest: 0 checked inside, 1 dropped */
 };
 
 /* A frame handed to the NI kernel because subscriptions matched it. */

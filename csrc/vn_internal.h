@@ -133,6 +133,20 @@ struct vn_backlog_frame {
 
 #define VN_BACKLOG 256
 
+/* Transport headers of recent first fragments, per port: later fragments are matched by
+ * the datagram they belong to (vn_frag_track). */
+#define VN_FRAG_FIRSTS 128
+#define VN_FRAG_FIRST_NS (30ULL * 1000000000ULL)
+struct vn_frag_first {
+    uint64_t seen_ns;          /* 0: free */
+    uint32_t id;
+    uint8_t family, dir, key_proto, l4_known;
+    uint8_t src[16], dst[16];
+    int16_t proto;
+    uint16_t sport, dport;
+    uint8_t tcp_flags;
+};
+
 struct vn_port {
     int kind;                     /* 0: free slot */
     int id;
@@ -156,6 +170,7 @@ struct vn_port {
     struct vn_policy *pol;
     uint64_t held_bytes;
     unsigned held_frames;
+    struct vn_frag_first frag_first[VN_FRAG_FIRSTS];
 };
 
 #define VN_MAC_TABLE 4096         /* power of two */
@@ -170,19 +185,30 @@ struct vn_mac_entry {
 
 #define VN_MAX_IOV 4096
 
-/* Parsed view of a frame's headers, filled once per frame. */
+/* Parsed view of a frame's headers, filled once per frame by vn_parse (parse.c). */
 struct vn_hdrs {
-    uint16_t ethertype;
+    uint16_t ethertype;        /* innermost: after VLAN tags and LLC/SNAP */
+    uint8_t nvlan;             /* VLAN tags walked */
+    uint8_t snap;              /* the type came from an 802.3 LLC/SNAP header */
+    int unparsed;              /* VN_UNPARSED_*: where the walk stopped (0: it got through) */
     int family;                /* 0, 4, 6 */
     const uint8_t *src, *dst;  /* IP addresses inside the frame */
-    int proto;                 /* -1: none */
-    int l4_known;              /* L4 header present (not a non-first fragment) */
+    int proto;                 /* transport protocol; -1: none */
+    int l4_known;              /* transport header seen, or taken from the first fragment */
+    int l4_from_first;         /* ports are the first fragment's (vn_frag_track) */
     uint16_t sport, dport;
     uint8_t tcp_flags;
-    int l4_off;
-    int frag;                  /* an IP fragment (first or later) */
-    int l3_off;                /* where the IP header starts (family != 0) */
+    int icmp_type, icmp_code;  /* ICMP / ICMPv6; -1: none */
+    int l4_off;                /* transport header (or a later fragment's payload) */
+    int frag;                  /* an IP fragment (first or later; IPv6 atomic ones too) */
+    int frag_later;            /* offset > 0: no transport header in this frame */
+    int frag_more;             /* more fragments follow */
+    uint32_t frag_id;
+    uint8_t frag_key_proto;    /* IPv4 header's protocol field (part of the datagram key) */
+    int l3_off;                /* where the IP (or ARP) header starts */
+    uint32_t ip_end;           /* end of the IP datagram by its length field */
 };
+
 
 /* A frame held for (or copied to) the NI kernel. */
 struct vn_held {
@@ -291,10 +317,27 @@ static inline uint16_t vn_fold(uint32_t sum)
     return (uint16_t)sum;
 }
 
-/* policy.c */
-void vn_parse(const struct vn_pkt *pkt, struct vn_hdrs *h);
-int vn_match_frame(const struct vn_match *m, int dir, const struct vn_pkt *pkt, const struct vn_hdrs *h);
+/* parse.c */
+/* Walks the frame's headers into *h; returns h->unparsed (0: parsed to the end). */
+int vn_parse(const struct vn_pkt *pkt, struct vn_hdrs *h);
+/* Bounds-checked view of n bytes at off of a buffer whose valid bytes end at `end`: NULL if
+ * they do not all lie inside.  Every read of frame bytes in parse.c and antispoof.c goes
+ * through it. */
+static inline const uint8_t *vn_get(const uint8_t *d, uint32_t end, uint32_t off, uint32_t n)
+{
+    return off <= end && n <= end - off ? d + off : NULL;
+}
+/* For an IP fragment: a first fragment notes its transport header; a later one takes it
+ * (h->l4_known, ports, flags, proto).  Returns -1 for a later fragment whose first was not
+ * seen within VN_FRAG_FIRST_NS, else 0. */
+int vn_frag_track(struct vn_port *p, int dir, uint64_t now, struct vn_hdrs *h);
+
+/* antispoof.c */
+/* 1 if a frame from the guest claims a MAC or an address the policy did not give it. */
 int vn_spoofed(const struct vn_policy *pol, const struct vn_pkt *pkt, const struct vn_hdrs *h);
+
+/* policy.c */
+int vn_match_frame(const struct vn_match *m, int dir, const struct vn_pkt *pkt, const struct vn_hdrs *h);
 /* 1: frame held or dropped (caller stops), 0: continue forwarding. */
 int vn_policy_apply(struct vn_switch *sw, int port, int dir, int egress_to, struct vn_pkt *pkt);
 /* The frame-subscription stage of vn_policy_apply alone (for frames a stream releases). */

@@ -83,6 +83,12 @@ def arp(op: int, sha: bytes, spa: str, tha: bytes, tpa: str) -> bytes:
             + tha + socket.inet_aton(tpa))
 
 
+def bootp_request(chaddr: bytes, msg_type: int = 1) -> bytes:
+    """A DHCP client message (DISCOVER by default): BOOTREQUEST, Ethernet, ``chaddr``."""
+    return (struct.pack("!BBBBIHH", 1, 1, 6, 0, 0x1234, 0, 0) + b"\0" * 16 + chaddr.ljust(16, b"\0")
+            + b"\0" * 192 + b"\x63\x82\x53\x63" + bytes([53, 1, msg_type, 255]))
+
+
 def tcp_frame(src: str = "a", dst: str = "b", sport: int = 40000, dport: int = 80,
               flags: int = TCP_ACK, payload: bytes = b"", src_mac: Optional[bytes] = None,
               src_ip: Optional[str] = None) -> bytes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from typing import Optional
 import pytest
 
 from nikit import (
-    A_IP, A_MAC, B_IP, B_MAC, BCAST, TCP_ACK, TCP_SYN, alive, arp, eth, ipv4, ipv6, policy,
+    A_IP, A_MAC, B_IP, B_MAC, BCAST, TCP_ACK, TCP_SYN, alive, arp, bootp_request, eth, ipv4, ipv6, policy,
     scanner_spec, tcp, tcp_frame, time_limit, udp, udp_frame, write_policy,
 )
 from vhostni import kernel as kernel_mod
@@ -52,9 +53,10 @@ def test_anti_spoofing(kits):
         tcp_frame(payload=b"good"),
         eth(BCAST, A_MAC, 0x0806, arp(1, A_MAC, A_IP, b"\0" * 6, B_IP)),           # who-has
         eth(BCAST, A_MAC, 0x0806, arp(1, A_MAC, "0.0.0.0", b"\0" * 6, A_IP)),      # ARP probe
-        eth(BCAST, A_MAC, 0x0800, ipv4("0.0.0.0", "255.255.255.255", 17, udp(68, 67, b"DISCOVER"))),
+        eth(BCAST, A_MAC, 0x0800, ipv4("0.0.0.0", "255.255.255.255", 17, udp(68, 67, bootp_request(A_MAC)))),
         eth(B_MAC, A_MAC, 0x86DD, ipv6("fd00::1", "fd00::2", 17, udp(1, 2, b"v6"))),
-        eth(BCAST, A_MAC, 0x86DD, ipv6("::", "ff02::1:ff00:1", 58, b"\x87\0\0\0DAD")),  # DAD
+        eth(BCAST, A_MAC, 0x86DD, ipv6("::", "ff02::1:ff00:1", 58,
+                                       b"\x87\0\0\0" + b"\0" * 4 + socket.inet_pton(socket.AF_INET6, "fd00::1"))),  # DAD
         eth(B_MAC, A_MAC, 0x0800, ipv4(A_IP, B_IP, 6, tcp(1, 2)), vlan=5),
     ]
     spoofed = [
@@ -63,7 +65,6 @@ def test_anti_spoofing(kits):
         tcp_frame(src_ip=B_IP),                                                 # b's address
         eth(BCAST, A_MAC, 0x0806, arp(2, A_MAC, B_IP, B_MAC, B_IP)),            # ARP: forged sender IP
         eth(BCAST, A_MAC, 0x0806, arp(1, B_MAC, A_IP, b"\0" * 6, B_IP)),        # ARP: forged sender MAC
-        eth(BCAST, A_MAC, 0x0806, arp(1, A_MAC, A_IP, b"\0" * 6, B_IP)[:20]),   # truncated ARP
         eth(BCAST, A_MAC, 0x0800, ipv4("0.0.0.0", B_IP, 17, udp(68, 99))),      # 0.0.0.0, not DHCP
         eth(BCAST, A_MAC, 0x0800, ipv4("0.0.0.0", B_IP, 6, tcp(68, 67))),       # 0.0.0.0, TCP
         eth(B_MAC, A_MAC, 0x86DD, ipv6("fd00::99", "fd00::2", 17, udp(1, 2))),  # wrong IPv6 source
@@ -73,6 +74,9 @@ def test_anti_spoofing(kits):
         k.send("a", f)
     assert k.recv("b", 0.3) == []
     assert k.stats("a")["drop_spoofed"] == len(spoofed)
+    # a truncated ARP packet has no business leaving the guest: it is not even parsed
+    k.send("a", eth(BCAST, A_MAC, 0x0806, arp(1, A_MAC, A_IP, b"\0" * 6, B_IP)[:20]))
+    assert k.recv("b", 0.3) == [] and k.stats("a")["drop_unparsed_truncated"] == 1
     for f in good:
         k.send("a", f)
     got = k.recv("b", 2.0, count=len(good))
@@ -120,8 +124,6 @@ def test_prevent_rules_each_direction(kits):
         ("a", eth(B_MAC, A_MAC, 0x0800, ipv4(A_IP, "10.0.0.9", 1, b"\x08\0\0\0ping")), False),
         ("b", eth(BCAST, B_MAC, 0x0806, arp(1, B_MAC, B_IP, b"\0" * 6, A_IP)), True),
         ("b", eth(A_MAC, B_MAC, 0x0806, arp(2, B_MAC, B_IP, A_MAC, A_IP)), False),
-        # a fragment (no TCP header) cannot dodge a port rule
-        ("a", eth(B_MAC, A_MAC, 0x0800, ipv4(A_IP, B_IP, 6, b"x" * 24, frag_offset=100)), True),
     ]
     dropped = 0
     for i, (src, frame, drop) in enumerate(cases):
@@ -132,6 +134,9 @@ def test_prevent_rules_each_direction(kits):
         dropped += drop
         assert k.stats("a")["drop_prevented"] == dropped, f"case {i}"
     assert k.stats("b")["drop_prevented"] == 0
+    # a later fragment whose first fragment was not seen cannot dodge a port rule either
+    k.send("a", eth(B_MAC, A_MAC, 0x0800, ipv4(A_IP, B_IP, 6, b"x" * 24, frag_offset=100)))
+    assert k.recv("b", 0.15) == [] and k.stats("a")["drop_frag_unmatched"] == 1
 
 
 # ---------------------------------------------------------------------------

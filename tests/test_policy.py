@@ -33,6 +33,8 @@ default_decision = "pass"
 held_frames_max = 100
 held_bytes_max = 1048576
 over_cap = "pass"
+unparsed = "pass"
+ipv6_router = true
 
 [[prevent]]
 direction = "from_guest"
@@ -84,6 +86,7 @@ def test_toml_and_json_load_the_same_policy(tmp_path):
         assert [str(a) for a in p.addresses] == ["10.0.0.1/32", "fd00::1/128"]
         assert (p.hold_timeout, p.default_pass, p.over_cap_pass) == (0.25, True, True)
         assert (p.held_frames_max, p.held_bytes_max) == (100, 1 << 20)
+        assert p.unparsed_pass and p.ipv6_router
         r0, r1 = p.prevent
         assert (r0.dirs, r0.proto, r0.dport, r0.flags_mask, r0.flags_value) == (DIR_FROM, 6, (6660, 6669), 0x12, 0x02)
         assert r1.ethertype == 0x88B5 and r1.terms == ((14, b"\xde\xad", b"\xff\xf0"),)
@@ -113,6 +116,7 @@ def test_relative_program_paths_resolve_against_the_policy_file(tmp_path):
 def test_defaults_fail_closed():
     p = parse_policy({})
     assert (p.anti_spoof, p.default_pass, p.over_cap_pass, p.hold_timeout) == (True, False, False, 1.0)
+    assert (p.unparsed_pass, p.ipv6_router) == (False, False)
     assert p.mac is None and p.prevent == [] and p.scanners == []
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from nikit import (
-    A_IP, A_MAC, B_MAC, BCAST, Kit, eth, ipv4, policy, scanner_spec, tcp_frame, time_limit,
+    A_IP, A_MAC, B_MAC, BCAST, Kit, bootp_request, eth, ipv4, policy, scanner_spec, tcp_frame, time_limit,
     udp, udp_frame,
 )
 from vhostni import kernel as kernel_mod
@@ -41,7 +41,7 @@ def qpolicy(**kw) -> dict:
 
 
 def dhcp_discover() -> bytes:
-    return eth(BCAST, A_MAC, 0x0800, ipv4("0.0.0.0", "255.255.255.255", 17, udp(68, 67, b"DISCOVER")))
+    return eth(BCAST, A_MAC, 0x0800, ipv4("0.0.0.0", "255.255.255.255", 17, udp(68, 67, bootp_request(A_MAC))))
 
 
 def dhcp_offer() -> bytes:

@@ -10,7 +10,7 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(os.path.dirname(HERE), "csrc")
-SOURCES = ["mem.c", "vring.c", "offload.c", "policy.c", "tcp.c", "switch.c"]
+SOURCES = ["mem.c", "vring.c", "offload.c", "parse.c", "antispoof.c", "policy.c", "tcp.c", "switch.c"]
 
 
 def _cdef() -> str:

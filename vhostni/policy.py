@@ -9,7 +9,7 @@ scanner alerts (``[ni] on_alert``).  Errors name the key:
 
 A *match* (a prevent rule, a right, or a scanner's subscription request) is a table of
 optional keys: ``direction`` (from_guest, to_guest, both), ``ethertype`` (ipv4, ipv6, arp,
-or a number; the type inside one VLAN tag), ``proto`` (tcp, udp, icmp, icmpv6, sctp or a number), ``src`` and ``dst``
+or a number; the innermost type, inside VLAN tags and LLC/SNAP), ``proto`` (tcp, udp, icmp, icmpv6, sctp or a number), ``src`` and ``dst``
 (CIDR), ``sport`` and ``dport`` (a port, "lo-hi" or [lo, hi]), ``tcp_flags`` ("syn,!ack":
 listed flags set, !-prefixed clear) and ``terms`` (raw [{offset, value, mask}] byte tests on
 the frame, hex strings).  A subscription is granted only if it is at least as narrow as
@@ -45,7 +45,7 @@ from ._fastpath import ffi, lib
 DIR_FROM = lib.VN_DIR_FROM_GUEST
 DIR_TO = lib.VN_DIR_TO_GUEST
 DIRECTIONS = {"from_guest": DIR_FROM, "to_guest": DIR_TO, "both": DIR_FROM | DIR_TO}
-ETHERTYPES = {"ipv4": 0x0800, "ipv6": 0x86DD, "arp": 0x0806}  # the inner type: one VLAN tag is skipped
+ETHERTYPES = {"ipv4": 0x0800, "ipv6": 0x86DD, "arp": 0x0806}  # the innermost type (csrc/parse.c)
 PROTOS = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "sctp": 132}
 TCP_FLAGS = {"fin": 0x01, "syn": 0x02, "rst": 0x04, "psh": 0x08, "ack": 0x10, "urg": 0x20,
              "ece": 0x40, "cwr": 0x80}
@@ -353,6 +353,9 @@ class Policy:
     tcp_depth_over_pass: bool = False
     tcp_idle_timeout: float = 600.0
     tcp_resend_max: int = 12         # the NI's own resends (injected / vouched bytes) before a reset
+    unparsed_pass: bool = False      # [ni] unparsed: frames the parser cannot walk (drop, fail closed)
+    ipv6_router: bool = False        # [ni] ipv6_router: the guest may send RAs and redirects
+    guest_vlan_drop: bool = False    # [ni] guest_vlan: VLAN-tagged frames from the guest (allow)
     prevent: list[Match] = field(default_factory=list)
     scanners: list[ScannerSpec] = field(default_factory=list)
     source: Optional[str] = None
@@ -402,6 +405,9 @@ class Policy:
         c.tcp_depth_over_pass = 1 if self.tcp_depth_over_pass else 0
         c.tcp_idle_ms = int(self.tcp_idle_timeout * 1000)
         c.tcp_resend_max = self.tcp_resend_max
+        c.unparsed_pass = 1 if self.unparsed_pass else 0
+        c.ipv6_router = 1 if self.ipv6_router else 0
+        c.guest_vlan_drop = 1 if self.guest_vlan_drop else 0
         return c
 
 
@@ -486,7 +492,8 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
     _check_keys(ni, {"mac", "addresses", "anti_spoof", "hold_timeout_ms", "default_decision",
                      "held_frames_max", "held_bytes_max", "over_cap", "on_alert", "comment",
                      "tcp_flows_max", "tcp_flows_over", "tcp_bytes_max", "tcp_bytes_over",
-                     "tcp_depth_max", "tcp_depth_over", "tcp_idle_timeout_ms", "tcp_resend_max"}, "ni")
+                     "tcp_depth_max", "tcp_depth_over", "tcp_idle_timeout_ms", "tcp_resend_max",
+                     "unparsed", "ipv6_router", "guest_vlan"}, "ni")
     if "mac" in ni:
         m = _want(ni, "mac", "ni", str)
         if not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}", m):
@@ -503,6 +510,16 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
         except (ValueError, TypeError):
             raise PolicyError(f"ni.addresses[{i}]", f"not an address or prefix: {a!r}") from None
     p.anti_spoof = _want(ni, "anti_spoof", "ni", bool, True)
+    up = _want(ni, "unparsed", "ni", str, "drop")
+    if up not in ("drop", "pass"):
+        raise PolicyError("ni.unparsed", "expected 'drop' (fail closed) or 'pass' (frames whose "
+                                         "headers the NI cannot walk go on, checked as far as walked)")
+    p.unparsed_pass = up == "pass"
+    p.ipv6_router = _want(ni, "ipv6_router", "ni", bool, False)
+    gv = _want(ni, "guest_vlan", "ni", str, "allow")
+    if gv not in ("allow", "drop"):
+        raise PolicyError("ni.guest_vlan", "expected 'allow' (checked inside the tags) or 'drop'")
+    p.guest_vlan_drop = gv == "drop"
     t = _want(ni, "hold_timeout_ms", "ni", int, 1000)
     if not 1 <= t <= 600_000:
         raise PolicyError("ni.hold_timeout_ms", "expected 1..600000")

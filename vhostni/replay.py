@@ -418,7 +418,10 @@ class Replay:
         g = self.guest.stats()
         d["ni"] = {k: g[k] for k in ("drop_spoofed", "drop_prevented", "held", "held_passed",
                                      "held_cut", "held_over_cap", "punted_copies",
-                                     "punt_queue_full", "injected", "drop_runt", "drop_bad_offload")}
+                                     "punt_queue_full", "injected", "drop_runt", "drop_bad_offload",
+                                     "drop_frag_unmatched", "unparsed_passed")}
+        # frames the parser could not walk, by reason (csrc/parse.c)
+        d["ni"].update({k: v for k, v in g.items() if k.startswith("drop_unparsed_")})
         if self.nk is not None:
             d["ni"]["decided_by_timeout"] = self.nk.decided_by_timeout
             d["scanners"] = {n: {k: v for k, v in sp.info().items()
