@@ -890,7 +890,10 @@ static int service_tap(struct vn_switch *sw, int port)
             struct vn_pkt *pkt = &sw->batch[n];
             ssize_t r;
             if (p->tap_hdr_len) {
-                r = read(p->tapfd, &pkt->hdr, 12 + VN_MAX_FRAME);
+                /* the TAP writes its virtio-net header, then the frame: one read, two pieces
+                 * (not one read across both fields, which writes past the header's) */
+                struct iovec iov[2] = {{&pkt->hdr, 12}, {pkt->data, VN_MAX_FRAME}};
+                r = readv(p->tapfd, iov, 2);
                 if (r >= 0 && r < 12) {
                     p->st.drop_runt++;
                     n--;
