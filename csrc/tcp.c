@@ -2341,10 +2341,13 @@ void vn_tcp_port_gone(struct vn_switch *sw, int port)
     for (unsigned b = 0; b < VN_TCP_HASH; b++)
         while (tp->buckets[b]) {
             struct vn_flow *f = tp->buckets[b];
+            if (!f->announced) {    /* freed at once */
+                flow_end(sw, f, VN_CLOSE_GONE);
+                continue;
+            }
             flow_end(sw, f, VN_CLOSE_GONE);
-            if (f->announced)       /* waits for its report; its frames go now */
-                for (int i = 0; i < 2; i++)
-                    half_free_all(sw, f, &f->half[i]);
+            for (int i = 0; i < 2; i++)     /* waits for its report; its frames go now */
+                half_free_all(sw, f, &f->half[i]);
         }
 }
 
