@@ -503,6 +503,43 @@ def test_a_fragment_alone_is_kept_not_forwarded_and_other_ports_are_normalised(k
     assert kit.stats("a")["tcp_frag_reassembled"] == 1
 
 
+def test_a_whole_datagram_too_short_for_a_tcp_header_is_dropped_and_counted(kit):
+    e, c = opened(kit, auto_pass=True)
+    seg = c.data("a", b"x" * 64, off=0, advance=False)
+    body = _ip_parts(seg)[2]
+    # two 8-byte fragments: a whole datagram of 16 bytes, short of any TCP header
+    frs = [ip_fragment(seg, 0, body[:8], True, 11), ip_fragment(seg, 8, body[8:16], False, 11)]
+    c.send("a", *frs)
+    assert kit.recv("b", 0.3) == []
+    st = kit.stats("a")
+    assert st["tcp_frag_dropped"] == 2 and st["tcp_frag_reassembled"] == 0
+
+
+def test_frames_built_past_the_emission_depth_are_dropped_and_counted(kit):
+    """Emissions nest (a released frame meets another NI's engine, which sends its own);
+    past the depth limit a built frame cannot go, and says so in tcp_emit_dropped.  The
+    limit is lowered to reach those paths from the top level."""
+    e, c = opened(kit, auto_pass=True)
+    lib = kit.daemon.kernel.lib
+    assert lib.vn_tcp_set_emit_depth(e.sw, 5) == lib.VN_EINVAL
+    assert lib.vn_tcp_set_emit_depth(e.sw, 0) == 0
+    frs = fragments(c.data("a", b"y" * 64), [32])
+    c.send("a", *frs)                                    # whole, but nowhere to build it
+    assert kit.recv("b", 0.3) == []
+    st = kit.stats("a")
+    assert st["tcp_emit_dropped"] == 1 and st["tcp_frag_reassembled"] == 0
+    assert e.kill() == 0                                 # its RSTs are built at depth 0 too
+    assert kit.recv("a", 0.3) == [] and kit.recv("b", 0.3) == []
+    assert kit.stats("a")["tcp_emit_dropped"] >= 3       # one RST each way at least
+    assert lib.vn_tcp_set_emit_depth(e.sw, 4) == 0       # the default: frames go again
+    d = Conn(kit, cport=40002)
+    d.open()
+    kit.step()
+    d.send("a", *fragments(d.data("a", b"z" * 64), [32], ident=12))
+    assert payloads(d.recv("b", 1.0, 1)) == [b"z" * 64]
+    assert kit.stats("a")["tcp_frag_reassembled"] == 1
+
+
 def test_reassembled_datagram_larger_than_a_frame_goes_as_tso(kit):
     e, c = opened(kit, auto_pass=True)
     body = bytes(range(256)) * 12                        # 3072 bytes
