@@ -779,8 +779,10 @@ void vn_forward_switch(struct vn_switch *sw, int in, struct vn_pkt *pkt)
     mac_learn(sw, pkt->data + 6, in);
     const uint8_t *dst = pkt->data;
     int out = (dst[0] & 1) ? -1 : mac_lookup(sw, dst);
-    if (out == in)
-        return;   /* the destination sits behind the port it came from */
+    if (out == in) {
+        src->st.drop_same_port++;   /* the destination sits behind the port it came from */
+        return;
+    }
     if (out >= 0 && sw->ports[out].kind) {
         deliver_policy(sw, out, pkt);
         return;

@@ -138,6 +138,8 @@ struct vn_port_stats {
                                     past its depth (a reassembled datagram, a released record,
                                     an edited piece, a forged segment), or no Ethernet header
                                     to forge one with */
+    uint64_t drop_same_port;     /* destination learned behind the port the frame came from:
+                                    a switch never sends a frame back where it came from */
 };
 
 struct vn_switch;

@@ -972,3 +972,14 @@ def test_tap_uplink_frames_arrive_whole_after_their_virtio_net_header():
             sw.run(20)
             got += [f for _, f in sw.sink_frames() if f[12:14] == b"\x88\xb5"]
         assert got == frames
+
+
+def test_a_frame_for_the_port_it_came_from_is_dropped_and_counted(bench):
+    """A switch never sends a frame back out of the port it came in by; that drop counts."""
+    a, b = pair(bench)
+    a.send_frame(ether(BCAST, A_MAC, b"learn me"))       # A_MAC now sits behind a's port
+    assert len(bench.recv(b, 1)) == 1
+    a.send_frame(ether(A_MAC, A_MAC, b"to myself"))
+    bench.step()
+    assert bench.recv(b, 1, steps=10) == [] and bench.recv(a, 1, steps=10) == []
+    assert bench.stats("a")["drop_same_port"] == 1
