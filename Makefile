@@ -3,7 +3,8 @@
 # Everything Python runs from a virtual environment the project owns ($(VENV), made by `make deps`
 # from the system's python3 with Debian's python3-venv): a stock Debian 12 python3 refuses
 # `pip install` outside one (PEP 668), and nothing here is installed into the system interpreter.
-SYSTEM_PYTHON ?= python3
+# Debian's own interpreter where there is one (not a private one that happens to be first on PATH)
+SYSTEM_PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 VENV ?= .venv
 PYTHON ?= $(VENV)/bin/python
 IMAGES ?= images/out
@@ -12,13 +13,15 @@ BINDIR ?= /usr/local/bin
 UNITDIR ?= /etc/systemd/system
 CONFDIR ?= /etc/vhostni
 
-.PHONY: help deps venv build images test test-unit bench demo install clean
+.PHONY: help deps venv build build-asan images test test-unit test-sanitize bench demo install clean
 
 help:
 	@echo "deps    install system packages (apt-get; needs root) and the Python ones into $(VENV)/"
 	@echo "build   compile the C fast path (csrc/) into vhostni._fastpath, install vhostni into $(VENV)/"
+	@echo "build-asan  the fast path again with ASan and UBSan, as vhostni._fastpath_asan"
 	@echo "images  build the guest kernel + initramfs from Debian packages into $(IMAGES)/"
-	@echo "test    run all tests (unit, simulated-driver, DPDK and real-guest)"
+	@echo "test    run all tests (test-sanitize first, then unit, simulated-driver, DPDK and real-guest)"
+	@echo "test-sanitize  the tests that feed the fast path hostile input, under ASan and UBSan"
 	@echo "bench   run the benchmarks; writes bench/out/results.json"
 	@echo "demo    boot two guests behind vhostni and show a worm contained"
 	@echo "install install for production: a venv in PREFIX=$(PREFIX), the command in BINDIR=$(BINDIR)"
@@ -29,19 +32,44 @@ deps:
 
 # The project's virtual environment, with the build tools the editable install needs.
 venv: $(VENV)/.deps-stamp
-$(VENV)/.deps-stamp: pyproject.toml
+$(VENV)/bin/python:
 	$(SYSTEM_PYTHON) -m venv $(VENV)
+$(VENV)/.deps-stamp: pyproject.toml | $(VENV)/bin/python
 	$(PYTHON) -m pip install -q --upgrade pip setuptools wheel 'cffi>=1.15'
 	touch $@
 
 build: venv
 	$(PYTHON) -m pip install --no-build-isolation -q -e '.[test]'
 
+# The fast path with AddressSanitizer and UndefinedBehaviorSanitizer, beside the normal one;
+# VHOSTNI_SANITIZE=1 makes `import vhostni` use it (see vhostni/_build_fastpath.py).
+build-asan: build
+	$(PYTHON) vhostni/_build_fastpath.py --sanitize
+
 images: venv
 	$(PYTHON) images/build.py --out $(IMAGES)
 
-test: build images
+test: build images test-sanitize
 	$(PYTHON) -m pytest -ra tests
+
+# The tests that feed the fast path hostile input (hostile and simulated drivers, DPDK's
+# frontend, TCP reassembly and editing, fragments, frame parsing and prevent rules, captures
+# replayed through the switch) against the sanitizer build.  Python is not
+# built with ASan, so its runtime is preloaded; Python's own allocations at exit are not leaks
+# of ours (detect_leaks=0).  Reports go to files, not to the stderr pytest captures (and loses
+# when the process aborts); any report fails the target, even one from a subprocess (the
+# daemon some tests start) whose test passed.
+SANITIZE_CC ?= gcc
+SANITIZE_TESTS ?= tests/test_hostile_driver.py tests/test_vdriver.py tests/test_backend.py \
+	tests/test_tcp_reassembly.py tests/test_stream_edit.py tests/test_policy.py tests/test_replay.py
+SANITIZE_LOGS ?= test-logs/sanitize
+SANITIZE_ENV = VHOSTNI_SANITIZE=1 LD_PRELOAD=$$($(SANITIZE_CC) -print-file-name=libasan.so) \
+	ASAN_OPTIONS=detect_leaks=0:log_path=$(abspath $(SANITIZE_LOGS))/asan \
+	UBSAN_OPTIONS=print_stacktrace=1:log_path=$(abspath $(SANITIZE_LOGS))/ubsan
+test-sanitize: build-asan
+	rm -rf $(SANITIZE_LOGS) && mkdir -p $(SANITIZE_LOGS)
+	$(SANITIZE_ENV) $(PYTHON) -m pytest -ra $(SANITIZE_TESTS) || { cat $(SANITIZE_LOGS)/* 2>/dev/null; exit 1; }
+	@if [ -n "$$(ls -A $(SANITIZE_LOGS))" ]; then cat $(SANITIZE_LOGS)/*; echo "sanitizer reports above"; exit 1; fi
 
 test-unit: build
 	$(PYTHON) -m pytest -ra -m "not guest and not dpdk" tests

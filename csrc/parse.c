@@ -140,7 +140,11 @@ static int parse_ipv6(const uint8_t *d, uint32_t len, int gso, uint32_t off, str
     if ((ip[0] >> 4) != 6)
         return stop(h, VN_UNPARSED_BAD_HEADER);
     unsigned plen = vn_rd16(ip + 4);
-    /* 0: a jumbogram or a TSO frame past 64 KiB; the frame's end is the datagram's */
+    /* 0: a TSO frame past 64 KiB (BIG TCP); the frame's end is the datagram's. Outside
+     * segmentation offload, a payload length of 0 with data after the header is not a
+     * datagram any receiver reads the same way: unparsed. */
+    if (plen == 0 && !gso && len > off + 40)
+        return stop(h, VN_UNPARSED_BAD_HEADER);
     uint32_t end = plen ? off + 40 + plen : len;
     if (end > len)
         return stop(h, VN_UNPARSED_TRUNCATED);

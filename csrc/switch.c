@@ -779,8 +779,10 @@ void vn_forward_switch(struct vn_switch *sw, int in, struct vn_pkt *pkt)
     mac_learn(sw, pkt->data + 6, in);
     const uint8_t *dst = pkt->data;
     int out = (dst[0] & 1) ? -1 : mac_lookup(sw, dst);
-    if (out == in)
-        return;   /* the destination sits behind the port it came from */
+    if (out == in) {
+        src->st.drop_same_port++;   /* the destination sits behind the port it came from */
+        return;
+    }
     if (out >= 0 && sw->ports[out].kind) {
         deliver_policy(sw, out, pkt);
         return;
@@ -890,7 +892,10 @@ static int service_tap(struct vn_switch *sw, int port)
             struct vn_pkt *pkt = &sw->batch[n];
             ssize_t r;
             if (p->tap_hdr_len) {
-                r = read(p->tapfd, &pkt->hdr, 12 + VN_MAX_FRAME);
+                /* the TAP writes its virtio-net header, then the frame: one read, two pieces
+                 * (not one read across both fields, which writes past the header's) */
+                struct iovec iov[2] = {{&pkt->hdr, 12}, {pkt->data, VN_MAX_FRAME}};
+                r = readv(p->tapfd, iov, 2);
                 if (r >= 0 && r < 12) {
                     p->st.drop_runt++;
                     n--;

@@ -182,6 +182,7 @@ struct vn_tcp {
     struct vn_flow *reported;      /* closed flows handed out by vn_stream_next; freed next call */
     uint64_t next_id;
     int depth;
+    int depth_max;                 /* VN_TCP_DEPTH unless a test lowered it */
     int deferred;                  /* flows wait for a release past the emission depth */
     struct vn_pkt *scratch;        /* VN_TCP_DEPTH frames, one mmap */
 };
@@ -254,6 +255,7 @@ static struct vn_tcp *tcp_get(struct vn_switch *sw)
         return NULL;
     }
     t->scratch = b;
+    t->depth_max = VN_TCP_DEPTH;
     sw->tcp = t;
     return t;
 }
@@ -641,8 +643,10 @@ static void send_piece(struct vn_switch *sw, struct vn_flow *f, int hs, const st
     if (!chunk)
         chunk = 1;
     do {
-        if (t->depth >= VN_TCP_DEPTH)
+        if (t->depth >= t->depth_max) {
+            sw->ports[f->port].st.tcp_emit_dropped++;
             return;
+        }
         uint64_t e = b - a > chunk ? a + chunk : b;
         int last_fin = fin && e == b;
         struct vn_pkt *pkt = &t->scratch[t->depth];
@@ -673,8 +677,10 @@ static void forge_seg(struct vn_switch *sw, struct vn_flow *f, int from, uint32_
                       const struct vn_edit *inj)
 {
     struct vn_tcp *t = sw->tcp;
-    if (t->depth >= VN_TCP_DEPTH)
+    if (t->depth >= t->depth_max) {
+        sw->ports[f->port].st.tcp_emit_dropped++;
         return;
+    }
     struct vn_half *src = &f->half[from], *other = &f->half[!from];
     struct vn_pkt *pkt = &t->scratch[t->depth];
     uint8_t *d = pkt->data;
@@ -688,6 +694,7 @@ static void forge_seg(struct vn_switch *sw, struct vn_flow *f, int from, uint32_
         memcpy(d, other->eth + 6, 6);       /* swap the addresses */
         memcpy(d + 6, other->eth, 6);
     } else {
+        sw->ports[f->port].st.tcp_emit_dropped++;
         return;
     }
     int from_guest = from == 0;
@@ -991,8 +998,12 @@ static void emit_record(struct vn_switch *sw, struct vn_flow *f, int hs, struct 
     struct vn_tcp *t = sw->tcp;
     struct vn_held *r = s->rec;
     struct vn_half *S = &f->half[hs];
-    if (!sw->ports[r->port].kind || t->depth >= VN_TCP_DEPTH)
+    if (!sw->ports[r->port].kind)
+        return;                    /* its port went, and with it where it was going */
+    if (t->depth >= t->depth_max) {
+        sw->ports[f->port].st.tcp_emit_dropped++;
         return;
+    }
     if (S->edited && edits_touch(S, s->start, seg_end(s))) {
         struct vn_fview v;
         view_of(&v, s);
@@ -1019,7 +1030,7 @@ static void half_release(struct vn_switch *sw, struct vn_flow *f, struct vn_half
 {
     if (!hf->hold)
         return;
-    if (sw->tcp->depth >= VN_TCP_DEPTH) {
+    if (sw->tcp->depth >= sw->tcp->depth_max) {
         f->deferred = 1;
         sw->tcp->deferred = 1;
         return;
@@ -1469,9 +1480,15 @@ static int frag_input(struct vn_switch *sw, int port, int dir, int egress_to, st
 
     /* whole: one frame, through the policy again */
     struct vn_tcp *t = sw->tcp;
-    int ok = t->depth < VN_TCP_DEPTH && g->head_len + g->total <= VN_MAX_FRAME &&
+    int ok = g->head_len + g->total <= VN_MAX_FRAME &&
              (g->family == 4 ? g->head_len - g->l3 + g->total <= 0xffff : g->total <= 0xffff) &&
              g->total >= 20;
+    if (!ok) {                     /* too large for a frame, or too short for a TCP header */
+        st->tcp_frag_dropped += g->npieces;
+    } else if (t->depth >= t->depth_max) {
+        ok = 0;
+        st->tcp_emit_dropped++;
+    }
     struct vn_pkt *out = ok ? &t->scratch[t->depth] : NULL;
     if (ok) {
         memcpy(out->data, g->head, g->head_len);
@@ -2314,6 +2331,17 @@ int vn_tcp_housekeeping(struct vn_switch *sw)
     return n;
 }
 
+int vn_tcp_set_emit_depth(struct vn_switch *sw, int depth)
+{
+    struct vn_tcp *t = tcp_get(sw);
+    if (!t)
+        return VN_ENOMEM;
+    if (depth < 0 || depth > VN_TCP_DEPTH)
+        return VN_EINVAL;
+    t->depth_max = depth;
+    return VN_OK;
+}
+
 int vn_tcp_flows(struct vn_switch *sw, int port)
 {
     if (port < 0 || port >= VN_MAX_PORTS)
@@ -2341,10 +2369,13 @@ void vn_tcp_port_gone(struct vn_switch *sw, int port)
     for (unsigned b = 0; b < VN_TCP_HASH; b++)
         while (tp->buckets[b]) {
             struct vn_flow *f = tp->buckets[b];
+            if (!f->announced) {    /* freed at once */
+                flow_end(sw, f, VN_CLOSE_GONE);
+                continue;
+            }
             flow_end(sw, f, VN_CLOSE_GONE);
-            if (f->announced)       /* waits for its report; its frames go now */
-                for (int i = 0; i < 2; i++)
-                    half_free_all(sw, f, &f->half[i]);
+            for (int i = 0; i < 2; i++)     /* waits for its report; its frames go now */
+                half_free_all(sw, f, &f->half[i]);
         }
 }
 

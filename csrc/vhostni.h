@@ -146,6 +146,12 @@ struct vn_port_stats {
     uint64_t tcp_acks_absorbed;  /* receiver ACKs below what the NI acknowledged already: dropped */
     uint64_t tcp_vouched_retransmits;  /* segments the NI resent for bytes it acknowledged */
     uint64_t tcp_ni_gave_up;     /* connections reset: the receiver never took what the NI owed it */
+    uint64_t tcp_emit_dropped;   /* frames the TCP engine built but could not send: emission nested
+                                    past its depth (a reassembled datagram, a released record,
+                                    an edited piece, a forged segment), or no Ethernet header
+                                    to forge one with */
+    uint64_t drop_same_port;     /* destination learned behind the port the frame came from:
+                                    a switch never sends a frame back where it came from */
 };
 
 struct vn_switch;
@@ -447,6 +453,10 @@ int vn_tcp_housekeeping(struct vn_switch *sw);
 /* Connections in the flow table of `port`, and bytes of frames they keep. */
 int vn_tcp_flows(struct vn_switch *sw, int port);
 uint64_t vn_tcp_bytes(struct vn_switch *sw, int port);
+/* Lowers how deep frame emissions of the TCP engine may nest (0..4, 4 the default and the
+ * most); past it, releases wait and built frames are dropped and counted (tcp_emit_dropped).
+ * For tests of those paths: the default is never too deep for a real topology's nesting. */
+int vn_tcp_set_emit_depth(struct vn_switch *sw, int depth);
 /* VN_CDEF_END */
 
 #endif

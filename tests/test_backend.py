@@ -944,3 +944,42 @@ def test_stats_file_lists_every_ni(bench):
         ni = st["nis"][name]
         assert ni["connected"] and ni["broken"] is None
         assert ni["in_frames"] == 1 and ni["out_frames"] == 1
+
+
+def test_tap_uplink_frames_arrive_whole_after_their_virtio_net_header():
+    """A TAP opened with IFF_VNET_HDR hands each frame after a 12-byte virtio-net header, in
+    one read; the switch reads the two into their own fields (readv), and the frame arrives
+    byte for byte, however long."""
+    import os
+    import time
+
+    from vhostni import tap
+    from vhostni.fastpath import Switch
+
+    name = f"vnt{os.getpid() % 1000000}"
+    with Switch() as sw:
+        sw.add_tap_port(tap.open_tap(name), tap.VNET_HDR_LEN)
+        sw.add_sink_port()
+        frames = [b"\xff" * 6 + bytes.fromhex("02000000a001") + b"\x88\xb5" + bytes([n % 251]) * n
+                  for n in (46, 1000, 1500)]
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+            s.bind((name, 0))
+            for f in frames:
+                s.send(f)
+        got: list[bytes] = []
+        end = time.monotonic() + 5
+        while len(got) < len(frames) and time.monotonic() < end:
+            sw.run(20)
+            got += [f for _, f in sw.sink_frames() if f[12:14] == b"\x88\xb5"]
+        assert got == frames
+
+
+def test_a_frame_for_the_port_it_came_from_is_dropped_and_counted(bench):
+    """A switch never sends a frame back out of the port it came in by; that drop counts."""
+    a, b = pair(bench)
+    a.send_frame(ether(BCAST, A_MAC, b"learn me"))       # A_MAC now sits behind a's port
+    assert len(bench.recv(b, 1)) == 1
+    a.send_frame(ether(A_MAC, A_MAC, b"to myself"))
+    bench.step()
+    assert bench.recv(b, 1, steps=10) == [] and bench.recv(a, 1, steps=10) == []
+    assert bench.stats("a")["drop_same_port"] == 1

@@ -471,7 +471,7 @@ def test_hostile_frames_never_raise(frames):
 
 
 def test_scanner_process_with_fake_kernel(tmp_path):
-    wire = pytest.importorskip("vhostni.scanner.wire")
+    from vhostni.scanner import wire
     kernel, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     env = dict(os.environ, VHOSTNI_SCANNER_FD=str(child.fileno()))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))

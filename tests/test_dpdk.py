@@ -45,8 +45,7 @@ def logdir() -> Path:
 
 
 def _vhostni_daemon(sockdir: Path, logdir: Path, name: str, extra_args=()):
-    pytest.importorskip("vhostni.cli", reason="vhostni.cli is not there yet: nothing to run against")
-    testing = pytest.importorskip("vhostni.testing.daemon", reason="vhostni.testing.daemon is missing")
+    from vhostni.testing import daemon as testing
     stats = sockdir / "stats.json"
     d = testing.VhostniDaemon({"a": sockdir / "a.sock", "b": sockdir / "b.sock"},
                               extra_args=["--stats-file", str(stats), *extra_args],
@@ -150,7 +149,6 @@ def test_vhostni_survives_frontend_restart(sockdir, logdir):
 @dpdk_test
 def test_vhostni_frame_loop_smoke(logdir):
     """The benchmark's frame loop runs against vhostni for a moment, both directions moving."""
-    pytest.importorskip("vhostni.cli", reason="vhostni.cli is not there yet: nothing to run against")
     from vhostni.bench.backends import VhostniBackend
     from vhostni.bench.frameloop import FrameLoopConfig, measure_once
     cfg = FrameLoopConfig(duration=1.0, warmup=0.5, frontend_cpus=None, logdir=logdir)

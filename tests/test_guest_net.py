@@ -16,9 +16,7 @@ import urllib.request
 
 import pytest
 
-pytest.importorskip("vhostni.cli", reason="`vhostni run` (vhostni.cli) does not exist yet")
-
-from vhostni.testing import VhostUserNic  # noqa: E402
+from vhostni.testing import VhostUserNic
 
 pytestmark = pytest.mark.guest
 

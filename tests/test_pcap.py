@@ -169,7 +169,7 @@ def test_reader_and_writer_on_files(tmp_path):
 
 
 def test_scapy_reads_ours_and_we_read_scapys(tmp_path):
-    scapy = pytest.importorskip("scapy.all")
+    import scapy.all as scapy
     pkts = [scapy.Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / scapy.IP(dst="10.0.0.2")
             / scapy.UDP(dport=53) / (b"q" * i) for i in range(5)]
     for i, p in enumerate(pkts):

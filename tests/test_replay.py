@@ -17,7 +17,7 @@ from vhostni.fastpath import Switch
 from vhostni.policy import parse_policy
 from vhostni.replay import FROM_GUEST, TO_GUEST, Replay, direction_of, flow_of, parse_mac
 
-scapy = pytest.importorskip("scapy.all")
+import scapy.all as scapy  # noqa: E402
 from scapy.all import ARP, DNS, DNSQR, DNSRR, IP, TCP, UDP, Ether, Raw  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

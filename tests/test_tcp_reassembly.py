@@ -292,6 +292,25 @@ def test_syn_with_data_is_dropped(kit):
     assert c.recv("a") == [] and kit.stats("a")["tcp_syn_data"] == 2
 
 
+def test_removing_a_port_frees_its_flows_announced_or_not(kit):
+    """A port going away ends every flow of its table: one still in its handshake (never
+    announced: freed at once) and one announced (kept for its report).  The C code read
+    the first after freeing it; `make test-sanitize` (ASan) caught that here."""
+    e = Engine(kit)
+    half_open = Conn(kit, cport=40001)
+    half_open.send("a", half_open.syn())
+    assert len(half_open.recv("b", 1.0, 1)) == 1
+    c = Conn(kit)
+    c.open()
+    kit.step()
+    c.send("a", c.data("a", b"held bytes"))
+    assert bytes(e.only().data[FROM]) == b"held bytes"
+    assert e.flows() == 2
+    kit.daemon.remove_ni("a")
+    kit.step()
+    assert c.recv("b") == []                       # the held bytes went with the port
+
+
 def test_rst_inside_the_window_resets_the_stream_and_drops_held_data(kit):
     e, c = opened(kit)
     c.send("a", c.data("a", b"held bytes"))
@@ -481,6 +500,43 @@ def test_a_fragment_alone_is_kept_not_forwarded_and_other_ports_are_normalised(k
     c.send("a", *frs)                                    # an unsubscribed port: one frame now
     got = segments(kit.recv("b", 1.0, 1))
     assert [s.payload for s in got] == [b"h" * 64] and got[0].dport == 80
+    assert kit.stats("a")["tcp_frag_reassembled"] == 1
+
+
+def test_a_whole_datagram_too_short_for_a_tcp_header_is_dropped_and_counted(kit):
+    e, c = opened(kit, auto_pass=True)
+    seg = c.data("a", b"x" * 64, off=0, advance=False)
+    body = _ip_parts(seg)[2]
+    # two 8-byte fragments: a whole datagram of 16 bytes, short of any TCP header
+    frs = [ip_fragment(seg, 0, body[:8], True, 11), ip_fragment(seg, 8, body[8:16], False, 11)]
+    c.send("a", *frs)
+    assert kit.recv("b", 0.3) == []
+    st = kit.stats("a")
+    assert st["tcp_frag_dropped"] == 2 and st["tcp_frag_reassembled"] == 0
+
+
+def test_frames_built_past_the_emission_depth_are_dropped_and_counted(kit):
+    """Emissions nest (a released frame meets another NI's engine, which sends its own);
+    past the depth limit a built frame cannot go, and says so in tcp_emit_dropped.  The
+    limit is lowered to reach those paths from the top level."""
+    e, c = opened(kit, auto_pass=True)
+    lib = kit.daemon.kernel.lib
+    assert lib.vn_tcp_set_emit_depth(e.sw, 5) == lib.VN_EINVAL
+    assert lib.vn_tcp_set_emit_depth(e.sw, 0) == 0
+    frs = fragments(c.data("a", b"y" * 64), [32])
+    c.send("a", *frs)                                    # whole, but nowhere to build it
+    assert kit.recv("b", 0.3) == []
+    st = kit.stats("a")
+    assert st["tcp_emit_dropped"] == 1 and st["tcp_frag_reassembled"] == 0
+    assert e.kill() == 0                                 # its RSTs are built at depth 0 too
+    assert kit.recv("a", 0.3) == [] and kit.recv("b", 0.3) == []
+    assert kit.stats("a")["tcp_emit_dropped"] >= 3       # one RST each way at least
+    assert lib.vn_tcp_set_emit_depth(e.sw, 4) == 0       # the default: frames go again
+    d = Conn(kit, cport=40002)
+    d.open()
+    kit.step()
+    d.send("a", *fragments(d.data("a", b"z" * 64), [32], ident=12))
+    assert payloads(d.recv("b", 1.0, 1)) == [b"z" * 64]
     assert kit.stats("a")["tcp_frag_reassembled"] == 1
 
 

@@ -41,6 +41,26 @@ _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _TOKEN = re.compile(r"[^\s()<>@,;:\\\"/\[\]?=]+")
 
 
+def _header_block(msg: bytes, start: int, end: int) -> tuple[int, int]:
+    """(end of the header block, start of the body) of the entity at msg[start:end].  The
+    block ends at the empty line, or before the first line that is neither a field nor a
+    continuation: mail clients (and Python's email) read the body from there, so the
+    scanner must see those bytes as body too, not skip them as a malformed header."""
+    m = _HEADER_END.search(msg, start, end)
+    stop = m.start() if m else end
+    pos = start
+    while pos < stop:
+        nl = msg.find(b"\n", pos, stop)
+        line_end = stop if nl < 0 else nl
+        line = msg[pos:line_end]
+        if line[:1] not in (b" ", b"\t", b"\r", b""):
+            name, sep, _ = line.partition(b":")
+            if not sep or not name.strip():
+                return pos, pos
+        pos = line_end + 1
+    return (stop, m.end()) if m else (end, end)
+
+
 def parse_headers(block: bytes, limit: int = 1 << 20) -> list[tuple[str, str]]:
     """(lower-case name, unfolded value) pairs; malformed lines are skipped."""
     if len(block) > limit:
@@ -181,13 +201,8 @@ class _Parser:
             body_start = start + (2 if msg.startswith(b"\r\n", start) else 1)   # no headers
             headers = []
         else:
-            m = _HEADER_END.search(msg, start, end)
-            if m is None:
-                body_start = end
-                headers = parse_headers(msg[start:end], self.max_header_bytes)
-            else:
-                body_start = m.end()
-                headers = parse_headers(msg[start:m.start()], self.max_header_bytes)
+            header_stop, body_start = _header_block(msg, start, end)
+            headers = parse_headers(msg[start:header_stop], self.max_header_bytes)
         hdr = {}
         for k, v in headers:
             hdr.setdefault(k, v)          # the first copy wins, as most clients do
