@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                 state = StateDir(args.state_dir)
                 nis, policies, runtime = state.merge(nis, policies)
             d = Daemon(nis, args.uplink, poll=args.poll, offloads=args.offloads == "on",
-                       stats_file=args.stats_file, policies=policies, alert_log=args.alert_log)
+                       stats_file=args.stats_file, policies=policies, alert_log=args.alert_log,
+                       state_dir=args.state_dir)
         except (OSError, ValueError) as exc:
             print(f"vhostni run: {exc}", file=sys.stderr)
             return 1
