@@ -953,7 +953,19 @@ class NIKernel:
                         missed=sp.consecutive_timeouts,
                         default="pass" if self.policy.default_pass else "cut")
                     sp.kill(f"hung: {sp.consecutive_timeouts} decisions missed in a row")
+        self._prune_pending()
         return min(nxt, self.deadline())
+
+    def _prune_pending(self) -> None:
+        """Forgets the numbers of frames a scanner still owes a decision on that are no
+        longer held: another contain scanner cut them first.  A scanner that never decides
+        those would otherwise grow its ``pending`` without bound (nothing times them out).
+        Each held frame has at most one entry per scanner, so more entries than held
+        frames means stale ones: only then is the table walked."""
+        for sp in self.scanners.values():
+            if len(sp.pending) > len(self.held):
+                for num in [n for n, hid in sp.pending.items() if hid not in self.held]:
+                    del sp.pending[num]
 
     def shutdown(self) -> None:
         for sp in self.scanners.values():
