@@ -106,6 +106,16 @@ def test_oversize_checkpoint_is_refused_and_alerted(kits):
     assert k.daemon.kernel.checkpoints.get("a", "cp") is not None
 
 
+def test_a_checkpoint_above_a_lowered_limit_is_not_handed_back(kits):
+    k = kits({"a": policy(scanners=[counter(pad=300)])})
+    count_frames(k, 1)
+    k.reload("a", policy(scanners=[counter(pad=300, checkpoint_max_bytes=100)]))
+    os.kill(k.sp("a", "cp").proc.pid, signal.SIGKILL)
+    got = restored(k, n=2)
+    assert got["state"] is None and got["limit"] == 100
+    assert k.daemon.kernel.checkpoints.get("a", "cp") is None
+
+
 def test_checkpoints_off_by_policy(kits):
     k = kits({"a": policy(scanners=[counter(checkpoint_max_bytes=0, raw=1)])})
     assert restored(k)["limit"] == 0

@@ -609,8 +609,11 @@ class ScannerProc:
     # ---- checkpoints (vhostni/scanstate.py): kept for this scanner, never parsed here
     def _checkpoint_hello(self) -> dict:
         """The hello's checkpoint fields: the limit, and the saved one's length (or None)."""
-        saved = self.nk.kernel.checkpoints.get(self.nk.name, self.name) \
-            if self.spec.checkpoint_max_bytes else None
+        limit = self.spec.checkpoint_max_bytes
+        saved = self.nk.kernel.checkpoints.get(self.nk.name, self.name) if limit else None
+        if saved and len(saved[1]) > limit:      # the policy's limit went down since
+            self.nk.kernel.checkpoints.drop(self.nk.name, self.name)
+            saved = None
         self._restore = saved
         return {"checkpoint_max": self.spec.checkpoint_max_bytes,
                 "checkpoint": len(saved[1]) if saved else None}
