@@ -10,7 +10,7 @@ IMAGES ?= images/out
 PREFIX ?= /opt/vhostni
 BINDIR ?= /usr/local/bin
 
-.PHONY: help deps venv build images test test-unit bench demo install clean
+.PHONY: help deps venv build images test test-unit bench soak demo install clean
 
 help:
 	@echo "deps    install system packages (apt-get; needs root) and the Python ones into $(VENV)/"
@@ -18,6 +18,8 @@ help:
 	@echo "images  build the guest kernel + initramfs from Debian packages into $(IMAGES)/"
 	@echo "test    run all tests (unit, simulated-driver, DPDK and real-guest)"
 	@echo "bench   run the benchmarks; writes bench/out/results.json"
+	@echo "soak    run the daemon under checked traffic for SOAK_SECONDS (default 600), sampling its RSS and fds;"
+	@echo "        writes bench/out/soak.json and soak.csv"
 	@echo "demo    boot two guests behind vhostni and show a worm contained"
 	@echo "install install for production: a venv in PREFIX=$(PREFIX), the command in BINDIR=$(BINDIR)"
 
@@ -46,6 +48,11 @@ test-unit: build
 
 bench: build images
 	$(PYTHON) -m vhostni.bench --out bench/out/results.json
+
+# Not part of `test`: a long run looking for growth (memory, fds) that does not level off.
+SOAK_SECONDS ?= 600
+soak: build
+	$(PYTHON) -m vhostni.bench.soak --seconds $(SOAK_SECONDS) --out bench/out/soak.json
 
 demo: build images
 	$(PYTHON) -m vhostni.demo
