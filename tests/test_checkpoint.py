@@ -160,6 +160,18 @@ def test_checkpoint_dropped_when_the_scanner_leaves_the_policy(kits, tmp_path):
     assert not os.path.exists(path)
 
 
+def test_removing_an_ni_drops_its_checkpoints(kits, tmp_path):
+    state = str(tmp_path / "state")
+    k = kits({"a": policy(scanners=[counter()])}, state_dir=state)
+    count_frames(k, 1)
+    k.daemon.kernel.checkpoints.flush(force=True)
+    assert os.path.exists(os.path.join(state, "scanners", "a", "cp.ckpt"))
+    k.drivers.pop("a").close(graceful=False)
+    k.daemon.remove_ni("a")
+    assert k.daemon.kernel.checkpoints.get("a", "cp") is None
+    assert not os.path.exists(os.path.join(state, "scanners", "a"))
+
+
 def test_writes_are_coalesced(tmp_path, monkeypatch):
     store = CheckpointStore(str(tmp_path), flush_interval=1.0)
     fsyncs = []
