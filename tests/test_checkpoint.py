@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import struct
-import time
 
 import pytest
 
