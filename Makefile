@@ -13,7 +13,11 @@ BINDIR ?= /usr/local/bin
 UNITDIR ?= /etc/systemd/system
 CONFDIR ?= /etc/vhostni
 
+<<<<<<< HEAD
 .PHONY: help deps venv build build-asan images test test-unit test-sanitize bench demo install clean
+=======
+.PHONY: help deps venv build images test test-unit bench soak demo install clean
+>>>>>>> state
 
 help:
 	@echo "deps    install system packages (apt-get; needs root) and the Python ones into $(VENV)/"
@@ -23,6 +27,8 @@ help:
 	@echo "test    run all tests (test-sanitize first, then unit, simulated-driver, DPDK and real-guest)"
 	@echo "test-sanitize  the tests that feed the fast path hostile input, under ASan and UBSan"
 	@echo "bench   run the benchmarks; writes bench/out/results.json"
+	@echo "soak    run the daemon under checked traffic for SOAK_SECONDS (default 600), sampling its RSS and fds;"
+	@echo "        writes bench/out/soak.json and soak.csv"
 	@echo "demo    boot two guests behind vhostni and show a worm contained"
 	@echo "install install for production: a venv in PREFIX=$(PREFIX), the command in BINDIR=$(BINDIR)"
 
@@ -76,6 +82,11 @@ test-unit: build
 
 bench: build images
 	$(PYTHON) -m vhostni.bench --out bench/out/results.json
+
+# Not part of `test`: a long run looking for growth (memory, fds) that does not level off.
+SOAK_SECONDS ?= 600
+soak: build
+	$(PYTHON) -m vhostni.bench.soak --seconds $(SOAK_SECONDS) --out bench/out/soak.json
 
 demo: build images
 	$(PYTHON) -m vhostni.demo

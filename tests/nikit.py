@@ -188,10 +188,11 @@ class _SteppedFrontend(VhostUserFrontend):
 
 class Kit:
     """A daemon with NIs ``names``, policy documents ``policies`` {ni: dict or TOML/JSON str},
-    an alert log and a stats file in a private temporary directory."""
+    an alert log and a stats file in a private temporary directory; ``state_dir`` is the
+    daemon's ``--state-dir`` (scanner checkpoints)."""
 
     def __init__(self, policies: Optional[dict] = None, names: Iterable[str] = ("a", "b"),
-                 connect: bool = True, rx: int = 64):
+                 connect: bool = True, rx: int = 64, state_dir: Optional[str] = None):
         self.dir = tempfile.mkdtemp(prefix="vnk-", dir="/tmp")
         os.chmod(self.dir, 0o755)
         self.names = list(names)
@@ -204,7 +205,8 @@ class Kit:
         self.daemon: Optional[Daemon] = None
         self.drivers: dict[str, VirtioNetDriver] = {}
         self.daemon = Daemon([(n, self.sock_path(n)) for n in self.names], policies=self.policy_files,
-                             alert_log=self.alert_log, stats_file=self.stats_file)
+                             alert_log=self.alert_log, stats_file=self.stats_file,
+                             state_dir=state_dir)
         if connect:
             for n in self.names:
                 self.connect(n, rx=rx)

@@ -3,6 +3,7 @@ SDK is importable) the scanner process itself against a fake NI kernel; and the 
 built for the host and aimed at loopback.  No VM needed: tests/test_worm.py runs them in real guests."""
 
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -619,3 +620,90 @@ def test_worm_small_prefixes(worm):
 def test_worm_refuses(worm, args, why):
     r = run_worm(worm, *args)
     assert r.returncode == 2 and why in r.stderr and "attempt" not in r.stdout
+
+
+# ---- the scanner under a real NI kernel: its state survives a kill and a daemon restart (Scanner.checkpoint) ----
+
+def _codered_kit(kits, **kw):
+    from nikit import policy, scanner_spec
+    spec = scanner_spec("codered", str(REPO / "scanners" / "codered"), allow=[
+        {"direction": "from_guest", "proto": "udp", "dport": 53},
+        {"direction": "to_guest", "proto": "udp", "sport": 53},
+        {"direction": "from_guest", "proto": "tcp", "tcp_flags": "syn", "contain": True}],
+        config={"pass_interval": 30.0, "attack_duration": 60.0})
+    # default pass: a SYN the scanner failed to decide would get through, so "cut" means the scanner cut it
+    k = kits({"a": policy(hold_timeout_ms=5000, default_decision="pass", scanners=[spec])}, **kw)
+    _codered_ready(k)
+    return k
+
+
+def _codered_ready(k):
+    k.until(lambda: k.sp("a", "codered").locked
+            and sum(s.scanner == "codered" for s in k.nk("a").subs) == 3, 20, "the Code-Red scanner")
+
+
+def _syn_passes(k, i: int) -> bool:
+    """Guest a opens a connection to unknown address 198.18.x.y: does its SYN reach the network (guest b)?"""
+    from nikit import A_IP, A_MAC, B_MAC, TCP_SYN, eth, ipv4, tcp
+    sp = k.sp("a", "codered")
+    before = sp.counters.decisions
+    k.send("a", eth(B_MAC, A_MAC, 0x0800, ipv4(A_IP, f"198.18.{i // 250}.{i % 250 + 1}", 6,
+                                                tcp(40000 + i, 445, TCP_SYN))))
+    k.until(lambda: sp.counters.decisions > before, 10, "the scanner's decision")
+    return len(k.recv("b", wait=0.2)) == 1
+
+
+def test_attack_mode_survives_a_scanner_kill(kits):
+    k = _codered_kit(kits)
+    assert [_syn_passes(k, i) for i in range(3)] == [True, True, False]      # the third starts attack mode
+    k.wait_alert("Code-Red-like scanning detected", "a", "codered")
+    pid = k.sp("a", "codered").proc.pid
+    os.kill(pid, 9)
+    k.until(lambda: k.sp("a", "codered").proc.pid != pid, 10, "the restart")
+    _codered_ready(k)
+    # without its checkpoint the new process would start afresh and let two more unknown destinations out
+    assert [_syn_passes(k, i) for i in range(3, 8)] == [False] * 5
+    assert k.sp("a", "codered").counters.restarts == 1
+
+
+def test_attack_mode_survives_a_daemon_restart(kits, tmp_path):
+    state = str(tmp_path / "state")
+    k = _codered_kit(kits, state_dir=state)
+    assert [_syn_passes(k, i) for i in range(3)] == [True, True, False]
+    k.daemon.close()
+    k.daemon = None
+    k2 = _codered_kit(kits, state_dir=state)
+    assert [_syn_passes(k2, i) for i in range(3, 8)] == [False] * 5
+    # and without the state directory a new daemon starts afresh (what the checkpoint prevents)
+    k3 = _codered_kit(kits)
+    assert [_syn_passes(k3, i) for i in range(3)] == [True, True, False]
+
+
+def test_snapshot_round_trip_ages_by_wall_time_and_fits():
+    det, clock = detector(pass_interval=6, attack_duration=60)
+    resolve(det, "www.example.com", [("www.example.com", "A", "192.0.2.10", 300)])
+    assert det.dirty and not det.urgent
+    for i in range(3):
+        det.decide_syn(unknown(i), 80)
+        clock.advance(0.1)
+    assert det.attack and det.urgent
+    doc = det.snapshot(wall=5000.0)
+    assert not det.dirty and not det.urgent
+    # a new process, another monotonic origin, 10 s later by the wall clock
+    det2, clock2 = detector(pass_interval=6, attack_duration=60)
+    clock2.t = 7.0
+    assert det2.restore(doc, wall=5010.0)
+    assert det2.attack and det2.is_known(V4("192.0.2.10")) and det2.unknown_count(60) == 3
+    assert abs(det2.attack_until - (7.0 - 10 + 60 - 0.1)) < 0.01
+    # 10 s after detection, more than pass_interval: one unknown SYN may pass, the next is cut
+    assert det2.decide_syn("203.0.113.77", 80)[0] == "pass"
+    assert det2.decide_syn("203.0.113.78", 80)[0] == "cut"
+    # bounded: a big DNS table is shortened to fit
+    for i in range(2000):
+        det.table.add(ipaddress.ip_address(f"10.9.{i // 250}.{i % 250}"), clock() + 100 + i, "x" * 200, clock())
+    small = det.snapshot(max_bytes=4096, wall=5000.0)
+    assert len(json.dumps(small, separators=(",", ":"))) <= 4096 and small["attack"] and len(small["unknown"]) == 3
+    # anything else is refused whole
+    for bad in (None, [], {"v": 2}, dict(doc, unknown=[["not an address", 1]]), dict(doc, wall="x")):
+        det3, _ = detector()
+        assert not det3.restore(bad) and not det3.attack and det3.unknown_count(60) == 0

@@ -548,3 +548,21 @@ def test_stream_cut_and_inject_are_checked_and_edit_the_stream(kits):
     assert "before what this scanner passed" in _ask(k, "ed", dict(edit, op="cut", offset=8, length=1))
     assert "before what this scanner passed" in _ask(k, "ed", dict(edit, op="inject", offset=3, index=0))
     assert k.nk("a").streams_killed == 0 and k.sp("a", "ed").counters.refused == refused + 2
+
+
+def test_a_frame_another_scanner_cut_is_not_owed_forever(kits):
+    """A frame two contain scanners hold, cut by one: the other's entry for it must go even
+    if it never decides (nothing times that frame out any more), or a scanner that ignores
+    such frames grows the kernel's table without bound (issue 16, item 6)."""
+    match = {"direction": "from_guest", "proto": "tcp", "dport": 80}
+    scanners = [decider("cutter", [{"match": match, "contain": True}], verdict="cut"),
+                decider("mute", [{"match": match, "contain": True}])]
+    k = kits({"a": policy(hold_timeout_ms=60000, scanners=scanners)})
+    for s in ("cutter", "mute"):
+        k.wait_subscribed("a", s)
+    k.send("a", *[tcp_frame(sport=2000 + i, payload=b"HOLD") for i in range(20)])
+    k.until(lambda: k.stats("a")["held_cut"] == 20, what="the cuts")
+    k.until(lambda: k.sp("a", "mute").counters.frames == 20, what="the frames to reach the mute scanner")
+    k.run_for(0.3)
+    assert k.sp("a", "mute").pending == {} and k.nk("a").held == {}
+    assert k.recv("b", 0.2) == []

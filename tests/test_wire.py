@@ -47,6 +47,19 @@ def test_control_round_trip(op, body):
     assert wire.decode(wire.encode_control(body)) == Control(json.loads(json.dumps(body)))
 
 
+@given(kind=st.sampled_from([wire.CHECKPOINT_BYTES, wire.CHECKPOINT_JSON]), data=st.binary(max_size=300))
+def test_checkpoint_round_trip(kind, data):
+    assert wire.decode(wire.encode_checkpoint(kind, data)) == wire.Checkpoint(kind, data)
+
+
+def test_largest_checkpoint_round_trips_and_larger_is_refused():
+    big = bytes(range(256)) * (wire.MAX_CHECKPOINT // 256)
+    raw = wire.encode_checkpoint(wire.CHECKPOINT_BYTES, big)
+    assert len(raw) <= wire.MAX_MESSAGE and wire.decode(raw).data == big
+    with pytest.raises(wire.WireError):
+        wire.encode_checkpoint(wire.CHECKPOINT_BYTES, big + b"x")
+
+
 def test_control_too_large_is_refused_on_both_sides():
     with pytest.raises(WireError):
         wire.encode_control({"op": "alert", "message": "x" * wire.MAX_JSON})
@@ -101,7 +114,7 @@ def _decode_only_wire_errors(raw: bytes) -> None:
         msg = wire.decode(raw)
     except WireError:
         return
-    assert isinstance(msg, (Frame, Decision, Control))
+    assert isinstance(msg, (Frame, Decision, Control, wire.Checkpoint, wire.StreamData, wire.StreamPass))
 
 
 @settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
@@ -113,7 +126,7 @@ def test_fuzz_random_bytes(raw):
 
 
 @settings(max_examples=500)
-@given(kind=st.sampled_from([b"F", b"D", b"J"]), rest=st.binary(max_size=120))
+@given(kind=st.sampled_from([b"F", b"D", b"J", b"K"]), rest=st.binary(max_size=120))
 def test_fuzz_typed_garbage(kind, rest):
     _decode_only_wire_errors(kind + rest)
 
@@ -121,6 +134,7 @@ def test_fuzz_typed_garbage(kind, rest):
 valid_messages = st.one_of(
     st.builds(wire.encode_frame, u64, st.sampled_from([1, 2]), st.booleans(), u64, st.binary(max_size=64)),
     st.builds(wire.encode_decision, u64, st.sampled_from([0, 1])),
+    st.builds(wire.encode_checkpoint, st.sampled_from([0, 1]), st.binary(max_size=64)),
     st.builds(lambda b: wire.encode_control(dict(b, op="subscribe")),
               st.dictionaries(st.text(max_size=5), json_values, max_size=4)),
 )

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 nis, policies, runtime = state.merge(nis, policies)
             d = Daemon(nis, args.uplink, poll=args.poll, offloads=args.offloads == "on",
                        stats_file=args.stats_file, policies=policies, alert_log=args.alert_log,
-                       socket_group=args.socket_group)
+                       socket_group=args.socket_group, state_dir=args.state_dir)
         except (OSError, ValueError) as exc:
             print(f"vhostni run: {exc}", file=sys.stderr)
             return 1

@@ -165,7 +165,7 @@ class Daemon:
     def __init__(self, nis: list[tuple[str, str]], uplinks: list[str] = (), poll: bool = False,
                  offloads: bool = True, stats_file: Optional[str] = None,
                  policies: Optional[dict[str, str]] = None, alert_log: Optional[str] = None,
-                 socket_group: Optional[int] = None):
+                 socket_group: Optional[int] = None, state_dir: Optional[str] = None):
         self.socket_group = socket_group
         self.switch = Switch()
         self.poll = poll
@@ -181,7 +181,7 @@ class Daemon:
         self._reload = False
         self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.ep.register(self._sig_r, select.EPOLLIN)
-        self.kernel = Kernel(self.switch, self.register, self.unregister, alert_log)
+        self.kernel = Kernel(self.switch, self.register, self.unregister, alert_log, state_dir)
         self.register(self.switch.punt_fd, self.kernel.on_punts)
         # work other threads hand to this one (call_soon), and the pipe that wakes it
         self._inbox: deque = deque()
@@ -267,6 +267,7 @@ class Daemon:
         is disconnected and its socket goes away.  KeyError if there is no such NI."""
         ni = self.nis.pop(name)
         self.kernel.detach(ni.port.index)
+        self.kernel.checkpoints.drop_ni(name)
         self._drop(ni)
         if ni.qemu is not None and self.qemu_monitor is not None:
             self.qemu_monitor.remove(ni.qemu)
@@ -599,6 +600,7 @@ class Daemon:
             "time": time.time(),
             "nis": {name: dict(ni.info(), kernel=kernels.get(name)) for name, ni in self.nis.items()},
             "alerts": self.kernel.alerts.seq,
+            "checkpoints": self.kernel.checkpoints.info(),
             "uplinks": {name: port.stats() for name, port in self.uplinks.items()},
         }
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from . import sandbox
+from .scanstate import CheckpointStore
 from .policy import (Match, Policy, PolicyError, ScannerSpec, StreamMatch, parse_match,
                      parse_stream_match)
 from .scanner import seccomp, wire
@@ -233,6 +234,8 @@ class ScannerCounters:
     stream_cut_bytes: int = 0
     stream_injects: int = 0
     stream_inject_bytes: int = 0
+    checkpoints: int = 0
+    checkpoint_bytes: int = 0          # of the latest one
 
 
 class ScannerProc:
@@ -266,6 +269,7 @@ class ScannerProc:
         self.outq: collections.deque = collections.deque()   # stream messages waiting for room
         self.outq_bytes = 0
         self._out_armed = False
+        self._restore: Optional[tuple[int, bytes]] = None   # the checkpoint the hello announced
 
     @property
     def running(self) -> bool:
@@ -334,7 +338,9 @@ class ScannerProc:
         self._send(wire.encode_control({
             "op": "hello", "version": wire.VERSION, "scanner": self.name, "ni": self.nk.name,
             "config": self.spec.config, "injections": [n for n, _ in self.spec.injections],
-            "stream_injections": [n for n, _ in self.spec.stream_injections]}))
+            "stream_injections": [n for n, _ in self.spec.stream_injections],
+            **self._checkpoint_hello()}))
+        self._send_checkpoint()
         log.info("NI %s: scanner %s started (pid %d): %s", self.nk.name, self.name,
                  self.proc.pid, " ".join(argv))
         k.event("SCANNER_STARTED", ni=self.nk.name, scanner=self.name, pid=self.proc.pid)
@@ -576,6 +582,9 @@ class ScannerProc:
         if isinstance(msg, wire.Frame):
             self.kill("sent a frame: scanners cannot send frames, only pre-registered injections")
             return
+        if isinstance(msg, wire.Checkpoint):
+            self._checkpoint(msg)
+            return
         body = msg.body
         op = body.get("op")
         if op == "subscribe":
@@ -596,6 +605,37 @@ class ScannerProc:
             self._stream_request(op, body)
         else:
             self._reply(body, f"unknown op {op!r}")
+
+    # ---- checkpoints (vhostni/scanstate.py): kept for this scanner, never parsed here
+    def _checkpoint_hello(self) -> dict:
+        """The hello's checkpoint fields: the limit, and the saved one's length (or None)."""
+        limit = self.spec.checkpoint_max_bytes
+        saved = self.nk.kernel.checkpoints.get(self.nk.name, self.name) if limit else None
+        if saved and len(saved[1]) > limit:      # the policy's limit went down since
+            self.nk.kernel.checkpoints.drop(self.nk.name, self.name)
+            saved = None
+        self._restore = saved
+        return {"checkpoint_max": self.spec.checkpoint_max_bytes,
+                "checkpoint": len(saved[1]) if saved else None}
+
+    def _send_checkpoint(self) -> None:
+        """Hands the saved checkpoint back, right behind the hello that announced it."""
+        saved, self._restore = self._restore, None
+        if saved and self._send(wire.encode_checkpoint(*saved)):
+            self.nk.kernel.checkpoints.counters.restored += 1
+
+    def _checkpoint(self, msg: wire.Checkpoint) -> None:
+        limit = self.spec.checkpoint_max_bytes
+        if len(msg.data) > limit:
+            self.counters.refused += 1
+            self._alert_about("scanner checkpoint refused: " + (
+                f"{len(msg.data)} bytes exceed its limit of {limit} (checkpoint_max_bytes)"
+                if limit else "checkpoints are off for this scanner (checkpoint_max_bytes = 0)"),
+                size=len(msg.data), limit=limit)
+            return
+        self.counters.checkpoints += 1
+        self.counters.checkpoint_bytes = len(msg.data)
+        self.nk.kernel.checkpoints.put(self.nk.name, self.name, msg.kind, msg.data)
 
     def _reply(self, body: dict, error: Optional[str] = None) -> None:
         rid = body.get("id")
@@ -829,6 +869,8 @@ class NIKernel:
             if spec is None or spec.argv != sp.spec.argv:
                 sp.stop()
                 del old[name]
+            if spec is None or not spec.checkpoint_max_bytes:
+                self.kernel.checkpoints.drop(self.name, name)
         for name, spec in new_specs.items():
             if name in old:
                 old[name].spec = spec
@@ -914,7 +956,19 @@ class NIKernel:
                         missed=sp.consecutive_timeouts,
                         default="pass" if self.policy.default_pass else "cut")
                     sp.kill(f"hung: {sp.consecutive_timeouts} decisions missed in a row")
+        self._prune_pending()
         return min(nxt, self.deadline())
+
+    def _prune_pending(self) -> None:
+        """Forgets the numbers of frames a scanner still owes a decision on that are no
+        longer held: another contain scanner cut them first.  A scanner that never decides
+        those would otherwise grow its ``pending`` without bound (nothing times them out).
+        Each held frame has at most one entry per scanner, so more entries than held
+        frames means stale ones: only then is the table walked."""
+        for sp in self.scanners.values():
+            if len(sp.pending) > len(self.held):
+                for num in [n for n, hid in sp.pending.items() if hid not in self.held]:
+                    del sp.pending[num]
 
     def shutdown(self) -> None:
         for sp in self.scanners.values():
@@ -1221,13 +1275,16 @@ class Kernel:
     """All NI kernels of a daemon; glued to its epoll set by register/unregister."""
 
     def __init__(self, switch, register: Callable[[int, Callable[[], None]], None],
-                 unregister: Callable[[int], None], alert_log: Optional[str]):
+                 unregister: Callable[[int], None], alert_log: Optional[str],
+                 state_dir: Optional[str] = None):
         from ._fastpath import ffi, lib
         self.ffi, self.lib = ffi, lib
         self.switch = switch
         self.register = register
         self.unregister = unregister
         self.alerts = AlertLog(alert_log)
+        # scanner checkpoints: in memory, and in state_dir (if any) across daemon restarts
+        self.checkpoints = CheckpointStore(state_dir)
         self.uids = sandbox.UidPool()
         self.nis: dict[int, NIKernel] = {}          # by port index
         self.events: list[Callable[[str, dict], None]] = []
@@ -1241,6 +1298,7 @@ class Kernel:
             fn(name, data)
 
     def attach(self, name: str, port, policy: Policy) -> NIKernel:
+        self.checkpoints.keep_only(name, [s.name for s in policy.scanners if s.checkpoint_max_bytes])
         nk = NIKernel(self, name, port, policy)
         self.nis[port.index] = nk
         nk.start()
@@ -1291,10 +1349,12 @@ class Kernel:
                 if sp.outq:
                     sp.flush()
         self.lib.vn_tcp_housekeeping(self.switch._sw)
+        self.checkpoints.flush()
         self.next_deadline = min(nxt, min((nk.deadline() for nk in self.nis.values()),
                                           default=float("inf")))
 
     def close(self) -> None:
         for idx in list(self.nis):
             self.detach(idx)
+        self.checkpoints.flush(force=True)
         self.alerts.close()

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ._fastpath import ffi, lib
+from .scanner import wire
 
 DIR_FROM = lib.VN_DIR_FROM_GUEST
 DIR_TO = lib.VN_DIR_TO_GUEST
@@ -329,6 +330,8 @@ class ScannerSpec:
     max_timeouts: int = 3        # consecutive missed decisions before it counts as hung
     messages_per_second: int = 20000
     alerts_per_second: float = 10.0
+    # the largest state the scanner may keep with the NI kernel (Scanner.checkpoint); 0: none
+    checkpoint_max_bytes: int = 65536
     stream_rights: list[StreamRight] = field(default_factory=list)
     # bytes to insert into held TCP streams ([[scanner.inject]] stream = / stream_hex =)
     stream_injections: list[tuple[str, bytes]] = field(default_factory=list)
@@ -581,7 +584,7 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
             raise PolicyError(w, "expected a table")
         _check_keys(s, {"name", "program", "args", "config", "allow", "inject", "memory_mb",
                         "cpu_seconds", "open_files", "max_timeouts", "messages_per_second",
-                        "alerts_per_second", "comment"}, w)
+                        "alerts_per_second", "checkpoint_max_bytes", "comment"}, w)
         name = _want(s, "name", w, str, required=True)
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", name) or name in names:
             raise PolicyError(f"{w}.name", f"{name!r}: 1-32 of [A-Za-z0-9_.-], unique")
@@ -604,7 +607,8 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
                            rights=rights, injections=injections, stream_rights=stream_rights,
                            stream_injections=stream_injections)
         for key, lo, hi in (("memory_mb", 16, 65536), ("cpu_seconds", 1, 10**7), ("open_files", 8, 65536),
-                            ("max_timeouts", 1, 1000), ("messages_per_second", 1, 10**7)):
+                            ("max_timeouts", 1, 1000), ("messages_per_second", 1, 10**7),
+                            ("checkpoint_max_bytes", 0, wire.MAX_CHECKPOINT)):
             v = _want(s, key, w, int, getattr(spec, key))
             if not lo <= v <= hi:
                 raise PolicyError(f"{w}.{key}", f"expected {lo}..{hi}")

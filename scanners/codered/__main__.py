@@ -6,6 +6,12 @@ TCP SYNs (contain), then decides each held SYN and sends the detector's alerts. 
 ``config`` table of this scanner in the NI's policy (see scanners/README.md).
 
 Everything is imported before ``Scanner.connect()``: after it the seccomp lockdown forbids opening files.
+
+The detector's state (attack mode, the recent unknown destinations, the DNS table) is kept with the NI kernel
+(``Scanner.checkpoint``) and restored at start, so killing the scanner (or restarting the daemon with
+``--state-dir``) lets no more unknown destinations out than if it had kept running: a change a later decision
+depends on is checkpointed before the decision that caused it is sent, other changes at most every
+``CHECKPOINT_EVERY`` seconds.
 """
 from __future__ import annotations
 
@@ -23,6 +29,8 @@ from vhostni.scanner import Refused, Scanner, ScannerError
 
 #: How long the frame loop waits before doing timed work (the end-of-attack re-evaluation).
 TICK = 0.5
+#: How often changes no decision depends on yet (DNS answers, SYNs cut in attack mode) are checkpointed.
+CHECKPOINT_EVERY = 1.0
 
 
 def subscriptions(dns_port: int) -> list[tuple[dict, bool]]:
@@ -45,6 +53,28 @@ def run(sc: Scanner) -> int:
         sc.alert(f"Code-Red scanner not started: bad configuration: {exc}", event="config_error")
         log(f"bad configuration: {exc}")
         return 2
+    saved = sc.restore()
+    if saved is not None:
+        if det.restore(saved, wall=time.time()):
+            log(f"restored: {'attack mode' if det.attack else 'no attack'}, "
+                f"{det.unknown_count(60)} unknown destinations in the last minute, {len(det.table)} known")
+        else:
+            log("ignoring a saved state this version cannot read")
+    last_checkpoint = time.monotonic()
+
+    def checkpoint(force: bool) -> None:
+        nonlocal last_checkpoint
+        now = time.monotonic()
+        due = det.urgent or (det.dirty and (force or now - last_checkpoint >= CHECKPOINT_EVERY))
+        if sc.checkpoint_max <= 0 or not due:
+            return
+        try:
+            sc.checkpoint(det.snapshot(max_bytes=sc.checkpoint_max, wall=time.time()))
+        except ValueError as exc:      # a limit too small for even the attack state
+            log(f"state not saved: {exc}")
+            det.dirty = det.urgent = False
+        last_checkpoint = now
+
     for match, contain in subscriptions(det.cfg["dns_port"]):
         try:
             sc.subscribe(match, contain=contain)
@@ -58,9 +88,11 @@ def run(sc: Scanner) -> int:
     for frame in sc.frames(timeout=TICK):
         if frame is None:
             alert = det.tick()
+            checkpoint(force=True)
         else:
             verdict = det.handle_frame(frame.direction, frame.data)
             alert = verdict.alert
+            checkpoint(force=False)       # before the decision: the kernel keeps it first
             if frame.held:
                 # Only SYNs are held (contain=True); DNS frames carry no objection (action None).
                 if verdict.action in (None, "pass"):

@@ -37,12 +37,25 @@ shadowed (nor are fragmented UDP responses): names resolved that way look unknow
     alert = det.tick()       # call now and then when no frames come: re-evaluation is time-driven
 
 All methods take an optional ``now`` (seconds, any monotonic origin); by default the injected clock is read.
+
+What the detector knows can outlive its process (the scanner keeps it with the NI kernel: ``Scanner.checkpoint``),
+so a restart in attack mode does not reopen the door to a worm::
+
+    doc = det.snapshot(max_bytes=65536, wall=time.time())   # a JSON-able dict that fits in max_bytes
+    det.restore(doc, wall=time.time())                       # in a new process: attack mode, windows, table
+    det.dirty, det.urgent        # something changed since the last snapshot; ... that a decision depends on
+
+Times are saved relative to the snapshot and its wall-clock time, so they mean the same in a process with another
+monotonic origin (a daemon restart, a reboot).  ``urgent`` is set when an unknown destination passed or attack
+mode started, continued or ended: snapshot *before* sending that decision, and no unknown destination can get
+out twice across a restart; other changes (cut SYNs in attack mode, DNS answers) can wait a second.
 """
 from __future__ import annotations
 
 import collections
 import heapq
 import ipaddress
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -241,6 +254,8 @@ class CodeRedDetector:
         self._granted: set[IPAddress] = set()
         self.last_port: Optional[int] = None
         self.last_dst: Optional[IPAddress] = None
+        self.dirty = False        # changed since the last snapshot
+        self.urgent = False       # ... in a way a later decision depends on (see the module doc)
 
     # ---- time
     def _now(self, now: Optional[float]) -> float:
@@ -335,6 +350,7 @@ class CodeRedDetector:
         for rec in msg.addresses():
             name = rec.aliases[0] if rec.aliases else rec.name
             self.table.add(rec.address, t + min(rec.ttl, max_ttl), name, t)
+            self.dirty = True
             n += 1
         self.stats.addresses_added += n
         return n
@@ -356,7 +372,9 @@ class CodeRedDetector:
             return "pass", alert
         self.last_port, self.last_dst = int(dport), addr
         self._note_unknown(addr, t)
+        self.dirty = True
         if not self.attack:
+            self.urgent = True
             if self._rate_exceeded(t):
                 self._enter_attack(t)
                 alert = self._alert("attack_detected", t)
@@ -370,6 +388,7 @@ class CodeRedDetector:
         if t >= self._next_pass:
             self._granted.add(addr)
             self._next_pass = t + self.cfg["pass_interval"]
+            self.urgent = True
             self.stats.syn_unknown_passed += 1
             return "pass", alert
         self.stats.syn_unknown_cut += 1
@@ -423,6 +442,7 @@ class CodeRedDetector:
     def _reevaluate(self, t: float) -> Optional[Alert]:
         if not self.attack or t < self.attack_until:
             return None
+        self.dirty = self.urgent = True
         self._granted.clear()
         if self._rate_exceeded(t):
             self.attack_until = t + self.cfg["attack_duration"]
@@ -453,3 +473,91 @@ class CodeRedDetector:
             "attack_duration": self.cfg["attack_duration"],
             "count_saturated": count >= self.cfg["max_tracked"],
         })
+
+    # ---- state across restarts
+    SNAPSHOT_VERSION = 1
+    SNAPSHOT_UNKNOWN = 512      # most recent unknown destinations kept (more than any threshold needs)
+    SNAPSHOT_GRANTED = 256
+    SNAPSHOT_DNS = 512          # DNS table entries kept, latest expiry first
+    SNAPSHOT_NAME = 64          # characters of a DNS name kept
+
+    def snapshot(self, max_bytes: int = 65536, wall: Optional[float] = None, now: Optional[float] = None) -> dict:
+        """What the detector knows, as a JSON-able dict whose compact JSON fits in ``max_bytes`` (the DNS
+        table and then the unknown destinations are shortened, most recent kept, until it does).  Clears
+        ``dirty`` and ``urgent``."""
+        t = self._now(now)
+        wall = time.time() if wall is None else float(wall)
+        unknown = [[str(a), round(t - seen, 3)] for a, seen in reversed(self._unknown.items())]
+        unknown = unknown[:self.SNAPSHOT_UNKNOWN]
+        dns_entries = sorted(self.table.items(), key=lambda kv: kv[1].expires, reverse=True)
+        table = [[str(a), round(e.expires - t, 3), e.name[:self.SNAPSHOT_NAME]]
+                 for a, e in dns_entries[:self.SNAPSHOT_DNS]]
+        doc = {
+            "v": self.SNAPSHOT_VERSION, "wall": wall,
+            "attack": self.attack,
+            "since": round(t - self.attack_since, 3) if self.attack else 0,
+            "until": round(self.attack_until - t, 3) if self.attack else 0,
+            "next_pass": round(self._next_pass - t, 3) if self.attack else 0,
+            "granted": [str(a) for a in list(self._granted)[:self.SNAPSHOT_GRANTED]],
+            "last_port": self.last_port,
+            "last_dst": str(self.last_dst) if self.last_dst is not None else None,
+            "unknown": unknown,
+            "dns": table,
+            "stats": dict(self.stats.__dict__),
+        }
+        while len(json.dumps(doc, separators=(",", ":"))) > max_bytes:
+            if doc["dns"]:
+                doc["dns"] = doc["dns"][:len(doc["dns"]) // 2]
+            elif len(doc["unknown"]) > self.cfg["max_per_minute"] + 1:
+                doc["unknown"] = doc["unknown"][:max(self.cfg["max_per_minute"] + 1, len(doc["unknown"]) // 2)]
+            elif doc["granted"]:
+                doc["granted"] = doc["granted"][:len(doc["granted"]) // 2]
+            else:
+                break    # the caller's limit is smaller than any useful state
+        self.dirty = self.urgent = False
+        return doc
+
+    def restore(self, doc: Any, wall: Optional[float] = None, now: Optional[float] = None) -> bool:
+        """Takes back what :meth:`snapshot` saved (in this or an earlier process), aged by the wall-clock time
+        since.  False, and nothing changed, if ``doc`` is not a snapshot of this version."""
+        t = self._now(now)
+        wall = time.time() if wall is None else float(wall)
+
+        def num(v: Any) -> float:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"not a number: {v!r}")
+            return float(v)
+
+        try:
+            if not isinstance(doc, dict) or doc.get("v") != self.SNAPSHOT_VERSION:
+                return False
+            elapsed = max(0.0, wall - num(doc["wall"]))       # a clock set back counts as no time
+            base = t - elapsed                                 # the snapshot's "now", on our clock
+            unknown = [(ipaddress.ip_address(a), base - max(0.0, num(age))) for a, age in doc["unknown"]]
+            table = [(ipaddress.ip_address(a), base + num(left), str(name)) for a, left, name in doc["dns"]]
+            granted = {ipaddress.ip_address(a) for a in doc["granted"]}
+            attack = doc["attack"] is True
+            since, until, next_pass = base - num(doc["since"]), base + num(doc["until"]), base + num(doc["next_pass"])
+            port = doc.get("last_port")
+            port = int(port) if isinstance(port, int) and not isinstance(port, bool) and 0 <= port <= 65535 else None
+            dst = ipaddress.ip_address(doc["last_dst"]) if doc.get("last_dst") else None
+            stats = {k: v for k, v in (doc.get("stats") or {}).items()
+                     if k in self.stats.__dict__ and isinstance(v, int) and not isinstance(v, bool) and v >= 0}
+        except (KeyError, TypeError, ValueError):
+            return False
+        horizon = t - _MINUTE
+        for addr, seen in sorted(unknown, key=lambda x: x[1]):      # oldest first, as _note_unknown keeps them
+            if seen > horizon and addr not in self._unknown:
+                self._unknown[addr] = min(seen, t)
+        while len(self._unknown) > self.cfg["max_tracked"]:
+            self._unknown.popitem(last=False)
+        for addr, expires, name in table[:self.cfg["table_capacity"]]:
+            self.table.add(addr, expires, name, t)
+        self.attack = attack
+        if attack:
+            self.attack_since, self.attack_until, self._next_pass = since, until, next_pass
+            self._granted = granted
+        self.last_port, self.last_dst = port, dst
+        for k, v in stats.items():
+            setattr(self.stats, k, v)
+        return True

@@ -48,10 +48,25 @@ ends see a consistent connection.  Replacing a range::
     stream.inject(FROM_GUEST, start, "notice")       # before byte ``start``
     stream.cut(FROM_GUEST, start, end - start)       # then drop [start, end)
     stream.pass_(FROM_GUEST, message_end)            # and let the rest go
+
+State that must outlive the scanner process (a crash, a kill, a daemon restart) is kept by
+the NI kernel, for this scanner of this NI only::
+
+    sc = Scanner.connect()
+    state = sc.restore() or {"attack": False}     # what the last run saved, or None
+    ...
+    sc.checkpoint(state)                         # bytes, or anything json.dumps takes
+
+The kernel keeps only the latest checkpoint, at most ``sc.checkpoint_max`` bytes (64 KiB
+unless the policy says less), writes it to the daemon's ``--state-dir`` at most about once
+a second, and forgets it when the scanner is removed from the policy.  A checkpoint is
+ordered with the scanner's other messages: one sent before a decision is kept before the
+decision takes effect.
 """
 from __future__ import annotations
 
 import collections
+import json
 import os
 import select
 import socket
@@ -235,6 +250,18 @@ class Scanner:
         self.config: dict = hello.get("config") or {}
         self.injections: list = hello.get("injections") or []                # frames
         self.stream_injections: list = hello.get("stream_injections") or []  # stream bytes
+        cmax = hello.get("checkpoint_max", 0)
+        self.checkpoint_max: int = cmax if isinstance(cmax, int) and not isinstance(cmax, bool) else 0
+        self._restored: Optional[wire.Checkpoint] = None
+        if hello.get("checkpoint") is not None:
+            # the kernel sends the saved checkpoint right behind the hello
+            deadline = time.monotonic() + 30
+            while self._restored is None:
+                left = deadline - time.monotonic()
+                msg = self._recv(left) if left > 0 else None
+                if msg is None:
+                    raise ScannerError("the NI kernel announced a checkpoint but did not send it")
+                self._ingest(msg)
         if lockdown:
             from . import seccomp
             seccomp.lockdown()
@@ -270,6 +297,8 @@ class Scanner:
         """Turns a message from the kernel into an event (or a reply someone awaits)."""
         if isinstance(msg, Frame):
             self._pending.append(msg)
+        elif isinstance(msg, wire.Checkpoint):
+            self._restored = msg
         elif isinstance(msg, wire.StreamData):
             st = self.streams.get(msg.stream)
             if st is None:
@@ -402,6 +431,35 @@ class Scanner:
     def alert(self, message: str, /, **fields) -> None:
         """Sends an alert to the administrator (the kernel rate-limits them)."""
         self.sock.send(wire.encode_control({"op": "alert", "message": str(message), "fields": fields}))
+
+    # ---- state kept by the NI kernel
+    def checkpoint(self, state) -> None:
+        """Has the NI kernel keep ``state`` (bytes, or anything ``json.dumps`` takes) for
+        this scanner, replacing the one before; ``b""`` clears it.  Returns at once (no
+        round trip); the kernel handles it before anything this scanner sends after it.
+        Raises ValueError if it does not fit in ``checkpoint_max`` bytes (0: checkpoints are
+        off for this scanner)."""
+        if isinstance(state, (bytes, bytearray, memoryview)):
+            kind, data = wire.CHECKPOINT_BYTES, bytes(state)
+        else:
+            kind, data = wire.CHECKPOINT_JSON, json.dumps(state, separators=(",", ":")).encode()
+        if len(data) > self.checkpoint_max:
+            raise ValueError(f"checkpoint of {len(data)} bytes exceeds this scanner's limit of "
+                             f"{self.checkpoint_max} bytes")
+        self.sock.send(wire.encode_checkpoint(kind, data))
+
+    def restore(self):
+        """The state this scanner last saved with :meth:`checkpoint` (bytes, or the JSON
+        value decoded), or None if there is none (or it cannot be decoded)."""
+        cp = self._restored
+        if cp is None or not cp.data:
+            return None
+        if cp.kind == wire.CHECKPOINT_BYTES:
+            return cp.data
+        try:
+            return json.loads(cp.data)
+        except (ValueError, RecursionError):
+            return None
 
     # ---- decisions
     def decide(self, frame: Union[Frame, int], verdict: int) -> None:

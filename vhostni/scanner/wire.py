@@ -34,6 +34,20 @@ message is:
   whose boundary a pass falls inside waits to be passed further).  Passing beyond the
   bytes read so far passes them as they come (2**64-1: the rest of the direction).
 
+``K`` checkpoint, both ways (binary)::
+
+    'K' | kind u8 (0 bytes, 1 JSON) | pad 2 | length u32 | data
+
+  scanner -> kernel: the scanner's latest state, which the NI kernel keeps for it (the
+  previous one is replaced; an empty one clears it) and hands back, and only to the same
+  scanner of the same NI, when it is started again (after a crash, a kill or a daemon
+  restart with ``--state-dir``).  The kernel never parses ``data``; ``kind`` only says how
+  the SDK encoded it.  At most MAX_CHECKPOINT bytes on the wire; the policy's
+  ``checkpoint_max_bytes`` may set a lower limit (0: checkpoints off), and the kernel
+  refuses (and alerts) a larger one.
+  kernel -> scanner: right after the hello, if the hello's ``checkpoint`` is not null (it
+  is then the checkpoint's length): the checkpoint the scanner saved last.
+
 ``J`` control, both ways: ``'J'`` followed by one UTF-8 JSON object.
 
   scanner -> kernel: ``{"op": "subscribe", "id": N, "match": {...}, "contain": bool}``,
@@ -60,7 +74,9 @@ message is:
   scanner's messages in the order sent, so a ``P`` sent before a cut counts before it.
 
   kernel -> scanner: ``{"op": "hello", "version": 1, "scanner": name, "ni": name,
-  "config": {...}, "injections": [names], "stream_injections": [names]}`` first, then
+  "config": {...}, "injections": [names], "stream_injections": [names]}`` first
+  (the hello also carries ``"checkpoint_max": bytes`` and ``"checkpoint": length|null``,
+  see ``K``), then
   ``{"op": "reply", "id": N, "ok": bool, "error": str}`` for each subscribe, inject and
   cut, and for streams
   ``{"op": "stream_open", "stream": S, "family": 4|6, "client": "guest"|"remote",
@@ -99,6 +115,11 @@ FRAME = struct.Struct("<cBBxQQI")
 DECISION = struct.Struct("<cB6xQ")
 STREAM = FRAME                      # 'S': same layout, (stream, offset) for (number, time)
 STREAM_PASS = struct.Struct("<cB6xQQ")
+CHECKPOINT = struct.Struct("<cB2xI")
+CHECKPOINT_BYTES = 0
+CHECKPOINT_JSON = 1
+# the largest checkpoint a scanner may keep with the NI kernel (a policy may set less)
+MAX_CHECKPOINT = 65536
 PASS_ALL = (1 << 64) - 1
 MAX_FRAME = 65550
 MAX_JSON = 65536
@@ -107,6 +128,7 @@ MAX_JSON = 65536
 MAX_DEPTH = 32
 # the largest message either side may send; receivers read with this buffer size
 MAX_MESSAGE = FRAME.size + MAX_FRAME
+assert CHECKPOINT.size + MAX_CHECKPOINT <= MAX_MESSAGE
 
 
 class WireError(ValueError):
@@ -158,7 +180,13 @@ class Control:
     body: dict
 
 
-Message = Union[Frame, Decision, StreamData, StreamPass, Control]
+@dataclass(frozen=True)
+class Checkpoint:
+    kind: int            # CHECKPOINT_BYTES or CHECKPOINT_JSON: how the SDK encoded data
+    data: bytes
+
+
+Message = Union[Frame, Decision, StreamData, StreamPass, Checkpoint, Control]
 
 
 def encode_frame(number: int, direction: int, held: bool, time_ns: int, data: bytes) -> bytes:
@@ -175,6 +203,12 @@ def encode_stream_data(stream: int, direction: int, held: bool, offset: int, dat
 
 def encode_stream_pass(stream: int, direction: int, upto: int) -> bytes:
     return STREAM_PASS.pack(b"P", direction, stream, upto)
+
+
+def encode_checkpoint(kind: int, data: bytes) -> bytes:
+    if len(data) > MAX_CHECKPOINT:
+        raise WireError(f"checkpoint of {len(data)} bytes exceeds {MAX_CHECKPOINT}")
+    return CHECKPOINT.pack(b"K", kind, len(data)) + data
 
 
 def encode_control(body: dict) -> bytes:
@@ -233,6 +267,16 @@ def decode(msg: bytes) -> Message:
         if direction not in (FROM_GUEST, TO_GUEST):
             raise WireError(f"bad direction {direction}")
         return StreamPass(stream, direction, upto)
+    if kind == b"K":
+        if len(msg) < CHECKPOINT.size:
+            raise WireError("truncated checkpoint header")
+        _, ckind, length = CHECKPOINT.unpack_from(msg)
+        if ckind not in (CHECKPOINT_BYTES, CHECKPOINT_JSON):
+            raise WireError(f"bad checkpoint kind {ckind}")
+        if length != len(msg) - CHECKPOINT.size or length > MAX_CHECKPOINT:
+            raise WireError(f"checkpoint length {length} does not match the message "
+                            f"(or exceeds {MAX_CHECKPOINT})")
+        return Checkpoint(ckind, msg[CHECKPOINT.size:])
     if kind == b"J":
         if len(msg) - 1 > MAX_JSON:
             raise WireError("control message too large")
