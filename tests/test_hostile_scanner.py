@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -333,6 +335,38 @@ def test_confinement_is_imposed_not_volunteered(kits):
     finally:
         if key in _shm_keys():                              # the old sandbox leaked it
             subprocess.run(["ipcrm", "-M", str(key)], check=False)
+
+
+def test_only_the_unix_sockets_the_policy_grants_are_reachable():
+    """``sockets`` binds a unix socket (clamd's) into one scanner's view; any other stays
+    out of reach, however readable its path is on the host."""
+    d = tempfile.mkdtemp(prefix="vhostni-sockets-test-")
+    os.chmod(d, 0o755)
+    servers = {}
+    try:
+        for n in ("granted", "other"):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind(os.path.join(d, n))
+            os.chmod(os.path.join(d, n), 0o666)
+            s.listen(1)
+            servers[n] = s
+        granted, other = (os.path.join(d, n) for n in ("granted", "other"))
+        spec = scanner_spec("probe", "unixprobe.py", config={"paths": [granted, other]},
+                            sockets=[granted])
+        k = Kit({"a": policy(scanners=[spec])})
+        try:
+            rep = k.report("a", "probe")
+            assert rep == {granted: "ok", other: "FileNotFoundError ENOENT"}, rep
+            servers["granted"].settimeout(2)
+            conn, _ = servers["granted"].accept()
+            with conn:
+                assert conn.recv(10) == b"hello"
+        finally:
+            k.close()
+    finally:
+        for s in servers.values():
+            s.close()
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_check_confined_refuses_what_the_launcher_did_not_impose():

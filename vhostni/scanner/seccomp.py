@@ -1,4 +1,6 @@
-"""The scanner's lockdown: a seccomp allow-list installed once start-up is over.
+"""The scanner's lockdown: a seccomp allow-list installed once start-up is over, on top of
+the one the launcher (``vhostni.sandbox``) loaded before the scanner's first instruction.
+The daemon's launcher builds its filter with ``build_filter`` too.
 
 After it, a scanner can only compute, allocate memory, talk over the sockets it already
 has, signal itself and exit: opening files, creating sockets, spawning processes or
