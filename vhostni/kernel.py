@@ -347,8 +347,10 @@ class ScannerProc:
         self._out_armed = False
         k.register(parent.fileno(), self.on_io)
         k.register(rerr, self.on_stderr)
-        if self.pid is None:             # bwrap failed before starting it: its stderr says why
-            self.kill("the launcher (bwrap) did not start it")
+        if self.pid is None:     # ended at once, or bwrap failed (its stderr is logged)
+            cause = self._exit_cause(wait=1.0)
+            self.kill(f"ended as it started: {cause}" if cause else
+                      "its launcher (bwrap) did not start it")
             return
         self._send(wire.encode_control({
             "op": "hello", "version": wire.VERSION, "scanner": self.name, "ni": self.nk.name,
