@@ -377,11 +377,12 @@ def test_check_confined_refuses_what_the_launcher_did_not_impose():
     os.chmod(root, 0o755)
     pool = sandbox.UidPool()
 
-    def launch(seccomp_filter: bool, cmd=("/usr/bin/python3", "-c", "import time; time.sleep(30)")):
+    def launch(seccomp_filter: bool, cmd=("/usr/bin/python3", "-c", "import time; time.sleep(30)"),
+               filt: bytes = sandbox.launch_filter()):
         uid = pool.take()
         info_r, info_w = os.pipe()
         filt_r, filt_w = os.pipe()
-        os.write(filt_w, sandbox.launch_filter())
+        os.write(filt_w, filt)
         os.close(filt_w)
         argv = sandbox.command(list(cmd), root, uid, filt_r, info_w)
         if not seccomp_filter:
@@ -405,7 +406,10 @@ def test_check_confined_refuses_what_the_launcher_did_not_impose():
         proc, init, pid, uid = launch(True)
         procs.append(proc)
         time.sleep(0.5)
-        assert sandbox.check_confined(pid, uid, parent=init, launcher=proc.pid) is None
+        mine = sandbox.launch_filter()
+        assert sandbox.check_confined(pid, uid, parent=init, launcher=proc.pid, first=mine) is None
+        assert sandbox.first_filter(pid) == mine
+        assert proc_status(pid)["State"].split()[0] == "S"      # ptrace let it go on
         assert sandbox.check_confined(pid, uid + 1, parent=init).startswith("Uid ")
         assert sandbox.check_confined(pid, uid, parent=proc.pid).startswith("parent ")
         assert sandbox.check_confined(pid, uid, parent=init, launcher=os.getpid()).startswith(
@@ -414,6 +418,17 @@ def test_check_confined_refuses_what_the_launcher_did_not_impose():
             "1 seccomp filters, the launcher loads 2"
         assert sandbox.check_confined(pid, uid, reference=pid) == \
             "shares the daemon's user namespace"
+        # a filter as wide as the launcher's but not its program (a scanner's own, had the
+        # launcher loaded none): refused, though the count and the rest look alike
+        from vhostni.scanner import seccomp
+        other = seccomp.build_filter(dict(sandbox.LAUNCH_ALLOWED_X86_64, kill=62), self_only={},
+                                     pid=1, arg_rules=sandbox.LAUNCH_ARG_RULES)
+        proc, init, pid, uid = launch(True, filt=other)
+        procs.append(proc)
+        time.sleep(0.5)
+        assert sandbox.check_confined(pid, uid, parent=init, launcher=proc.pid) is None
+        assert sandbox.check_confined(pid, uid, parent=init, launcher=proc.pid, first=mine) == \
+            "its first seccomp filter is not the launcher's"
     finally:
         for p in procs:
             p.kill()

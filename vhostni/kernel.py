@@ -261,6 +261,7 @@ class ScannerProc:
         self.uid: Optional[int] = None
         self.pid: Optional[int] = None          # the scanner's host pid (self.proc is bwrap)
         self.init_pid: Optional[int] = None     # bwrap's init, PID 1 of the scanner's namespace
+        self.launch_filter: Optional[bytes] = None   # the seccomp program bwrap loaded
         self._msg_window = (0.0, 0)
         self._alerts = _Bucket(spec.alerts_per_second, max(2.0, 2 * spec.alerts_per_second))
         self._err_buf = b""
@@ -300,7 +301,7 @@ class ScannerProc:
         child.set_inheritable(True)
         rerr, werr = os.pipe2(os.O_CLOEXEC)
         info_r, info_w = os.pipe2(os.O_CLOEXEC)
-        filt = sandbox.launch_filter()
+        filt = self.launch_filter = sandbox.launch_filter()
         filt_r, filt_w = os.pipe2(os.O_CLOEXEC)
         os.write(filt_w, filt)           # a few hundred bytes: fits the pipe
         os.close(filt_w)
@@ -468,11 +469,12 @@ class ScannerProc:
 
     def _check_confinement(self) -> Optional[str]:
         """None if the scanner runs in the confinement its launch imposed, else why not
-        (sandbox.check_confined: namespaces, seccomp filters, uid, parent)."""
+        (sandbox.check_confined: namespaces, seccomp filters and the launcher's one first,
+        uid, parent)."""
         if self.pid is None or self.uid is None or self.proc is None:
             return "not running"
         return sandbox.check_confined(self.pid, self.uid, parent=self.init_pid,
-                                      launcher=self.proc.pid)
+                                      launcher=self.proc.pid, first=self.launch_filter)
 
     # ---- I/O
     def _send(self, data: bytes) -> bool:

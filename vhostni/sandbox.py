@@ -35,6 +35,7 @@ stages whose owner is dead (``remove_stale_stage_roots()``).
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import json
 import os
@@ -390,6 +391,58 @@ def find_scanner_pid(init: int, timeout: float = 5.0) -> Optional[int]:
         time.sleep(0.002)
 
 
+SYS_ptrace = 101
+PTRACE_DETACH = 17
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+PTRACE_SECCOMP_GET_FILTER = 0x420C
+WALL = 0x40000000
+
+
+def first_filter(pid: int, timeout: float = 1.0) -> bytes:
+    """The oldest seccomp filter of ``pid`` (the one its launcher loaded), as BPF bytes.
+    Needs CAP_SYS_ADMIN (the daemon runs as root): it attaches with PTRACE_SEIZE, stops the
+    process for the moment of PTRACE_SECCOMP_GET_FILTER and detaches; the process's system
+    calls restart as if nothing happened.  Raises OSError."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    sc = libc.syscall
+    sc.restype = ctypes.c_long
+
+    def call(req: int, addr: int = 0, data=None) -> int:
+        r = sc(ctypes.c_long(SYS_ptrace), ctypes.c_long(req), ctypes.c_long(pid),
+               ctypes.c_void_p(addr), data)
+        if r < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"ptrace({req:#x}): {os.strerror(e)}")
+        return r
+
+    call(PTRACE_SEIZE)
+    try:
+        call(PTRACE_INTERRUPT)
+        end = time.monotonic() + timeout
+        while True:
+            wpid, status = os.waitpid(pid, os.WNOHANG | WALL)
+            if wpid == pid:
+                if not os.WIFSTOPPED(status):
+                    raise OSError(errno.ESRCH, "it ended")
+                break
+            if time.monotonic() > end:
+                raise OSError(errno.ETIMEDOUT, "it did not stop")
+            time.sleep(0.001)
+        n = call(PTRACE_SECCOMP_GET_FILTER, 0, None)
+        if not 0 < n <= 4096:
+            raise OSError(errno.EINVAL, f"a filter of {n} instructions")
+        buf = ctypes.create_string_buffer(8 * n)
+        if call(PTRACE_SECCOMP_GET_FILTER, 0, buf) != n:
+            raise OSError(errno.EINVAL, "its filter changed size")
+        return buf.raw
+    finally:
+        try:
+            call(PTRACE_DETACH)
+        except OSError:
+            pass                           # it ended meanwhile
+
+
 def _status(pid: int) -> dict[str, str]:
     out = {}
     with open(f"/proc/{pid}/status") as f:
@@ -401,14 +454,17 @@ def _status(pid: int) -> dict[str, str]:
 
 def check_confined(pid: int, uid: int, parent: Optional[int] = None,
                    reference: int | str = "self", filters: int = LAUNCH_FILTERS,
-                   launcher: Optional[int] = None) -> Optional[str]:
+                   launcher: Optional[int] = None,
+                   first: Optional[bytes] = None) -> Optional[str]:
     """None if process ``pid`` runs in the confinement the launcher imposed, else why not.
 
     What is checked is what the kernel shows and a confined process cannot change: each of
     its namespaces differs from ``reference``'s (the daemon's), seccomp is in filter mode
-    with at least the launcher's filters (filters only stack: none can be removed), no new
-    privileges, no capabilities, every uid and gid is its own, and it is the child of
-    ``parent`` (bwrap's init), itself the child of ``launcher`` (the bwrap the daemon ran)."""
+    with at least the launcher's filters (filters only stack: none can be removed) and, with
+    ``first``, the oldest of them is exactly that program (a scanner can add filters, never
+    put one beneath the launcher's); no new privileges, no capabilities, every uid and gid
+    is its own, and it is the child of ``parent`` (bwrap's init), itself the child of
+    ``launcher`` (the bwrap the daemon ran)."""
     try:
         for ns in NAMESPACES:
             if os.readlink(f"/proc/{pid}/ns/{ns}") == os.readlink(f"/proc/{reference}/ns/{ns}"):
@@ -441,6 +497,13 @@ def check_confined(pid: int, uid: int, parent: Optional[int] = None,
             up = None
         if up != str(launcher):
             return f"its parent {parent} is not a child of its launcher {launcher}"
+    if first is not None:
+        try:
+            got = first_filter(pid)
+        except OSError as exc:
+            return f"cannot read its seccomp filter: {exc.strerror or exc}"
+        if got != first:
+            return "its first seccomp filter is not the launcher's"
     return None
 
 
