@@ -288,16 +288,20 @@ def bwrap() -> str:
     return path
 
 
-def _interpreter_binds(interp: str) -> list[str]:
-    """What a Python interpreter needs in the view: itself, its stdlib, the shared libraries
-    (Debian: /usr/lib, /usr/lib64; another prefix: its lib/)."""
-    real = os.path.realpath(interp)
-    out = ["--ro-bind", real, real]
-    if real != interp:
-        out += ["--symlink", real, interp]
-    prefix = os.path.dirname(os.path.dirname(real))
-    for d in ("/usr/lib", "/usr/lib64", os.path.join(prefix, "lib")):
-        if os.path.isdir(d) and d not in out:
+def _library_binds(interp: Optional[str]) -> list[str]:
+    """What a program needs in the view besides itself: the shared libraries (Debian:
+    /usr/lib, /usr/lib64, /lib and /lib64 as links into them) and, for a Python program,
+    the interpreter (``interp``) and its stdlib (under /usr/lib, or its own prefix's lib/)."""
+    out: list[str] = []
+    dirs = ["/usr/lib", "/usr/lib64"]
+    if interp:
+        real = os.path.realpath(interp)
+        out += ["--ro-bind", real, real]
+        if real != interp:
+            out += ["--symlink", real, interp]
+        dirs.append(os.path.join(os.path.dirname(os.path.dirname(real)), "lib"))
+    for d in dict.fromkeys(dirs):
+        if os.path.isdir(d):
             out += ["--ro-bind", d, d]
     for link in ("/lib", "/lib64"):             # merged /usr: /lib64/ld-linux-x86-64.so.2
         if os.path.islink(link):
@@ -318,7 +322,7 @@ def command(argv: list[str], root: str, uid: int, seccomp_fd: int, info_fd: int,
            "--unshare-net", "--unshare-cgroup-try", "--uid", str(uid), "--gid", str(uid),
            "--hostname", "scanner", "--die-with-parent", "--new-session",
            "--cap-drop", "ALL", "--info-fd", str(info_fd), "--seccomp", str(seccomp_fd)]
-    cmd += _interpreter_binds(argv[0]) if not argv[0].startswith(root + os.sep) else []
+    cmd += _library_binds(None if argv[0].startswith(root + os.sep) else argv[0])
     cmd += ["--ro-bind", root, INSIDE,
             "--dev-bind", "/dev/null", "/dev/null", "--dev-bind", "/dev/urandom", "/dev/urandom"]
     for sock in sockets:
