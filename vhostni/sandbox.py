@@ -12,8 +12,8 @@ The daemon never relies on a scanner to confine itself: assume its author is the
   (policy ``sockets``): no /etc, no host /proc, no /run/vhostni, no other scanner's stage;
 * loads the launcher's seccomp allow-list (``launch_filter()``, passed as ``--seccomp FD``)
   right before exec: enough for CPython to start, import from its view and talk over its
-  socket; no fork, clone or exec of anything not in its view, no sockets but unix ones, no
-  SysV IPC, ptrace, mount, namespaces, keys or BPF.  The SDK may stack its stricter
+  socket; no fork or clone (exec only of what is in its view), no sockets but unix ones,
+  no kill, SysV IPC, ptrace, mount, namespaces, keys or BPF.  The SDK may stack its stricter
   run-time filter on top after start-up (``Scanner.connect()`` does);
 * keeps it in its per-scanner uid (UidPool), with no new privileges, no capabilities, and
   bounded memory, CPU time, open files and processes (``preexec()``, which runs bwrap as
@@ -21,11 +21,13 @@ The daemon never relies on a scanner to confine itself: assume its author is the
   scanner to host uid 0), dying with the daemon (parent-death signal on bwrap,
   ``--die-with-parent`` on the scanner).
 
-Why bubblewrap: it is the namespace launcher Flatpak and GNOME use, packaged by Debian,
-small (~3k lines of C), audited and fuzzed, and it does in one exec what would otherwise be
-several hundred lines of hand-written clone/mount/pivot_root code here, loading a caller's
-seccomp program last.  ``check_confined()`` then verifies from outside what it imposed
-(namespaces, seccomp filter count, uid, parent) before the kernel grants any traffic.
+Why bubblewrap: it is the namespace launcher Flatpak runs every application under, packaged
+by Debian, a few thousand lines of C that many eyes have been on, and it does in one exec
+what would otherwise be hundreds of lines of hand-written clone/mount/pivot_root code here,
+loading the caller's seccomp program last, after its own set-up.  This module keeps only the
+policy: what to bind, which system calls.  ``check_confined()`` then verifies from outside
+what was imposed (namespaces, the launcher's program as the oldest seccomp filter, uid,
+parentage) before the kernel grants any traffic.
 
 ``stage()`` copies the program and the SDK into a directory per scanner under
 /run/vhostni, which the scanner sees read-only as ``/scanner``; each such directory carries
