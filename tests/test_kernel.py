@@ -350,7 +350,11 @@ def test_stale_stages_are_removed_and_live_ones_kept(tmp_path):
 
     dead, live = stage("dead"), stage("live")
     old, young = stage("legacy-old", lock=False), stage("legacy-young", lock=False)
-    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    used = stage("legacy-used", lock=False)       # an old daemon's scanner runs from it
+    for d in (old, used):
+        os.utime(d, (time.time() - 3600, time.time() - 3600))
+    runner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                               os.path.join(used, "prog", "x.py")])
     other = tmp_path / "not-a-stage"
     other.mkdir()
     holder = subprocess.Popen(   # another daemon, alive: holds its stage's lock
@@ -363,10 +367,13 @@ def test_stale_stages_are_removed_and_live_ones_kept(tmp_path):
         assert sorted(sandbox.remove_stale_stage_roots(base)) == sorted([dead, old])
         assert not os.path.exists(dead) and not os.path.exists(old)
         assert os.path.isdir(live) and os.path.isdir(young) and other.is_dir()
+        assert os.path.isdir(used)
     finally:
         holder.kill()
         holder.wait()
-    assert sandbox.remove_stale_stage_roots(base) == [live]      # its owner died: stale now
+        runner.kill()
+        runner.wait()
+    assert sorted(sandbox.remove_stale_stage_roots(base)) == sorted([live, used])   # owners died
 
 
 def test_a_daemon_killed_hard_leaves_stages_the_next_one_removes(tmp_path):

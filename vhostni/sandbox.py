@@ -192,13 +192,27 @@ def remove_stage_root(root: str) -> None:
 LEGACY_STALE_AFTER = 600.0     # an unlocked stage from before locks: untouched this long
 
 
+def _cmdlines() -> list[bytes]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    out.append(f.read())
+            except OSError:
+                pass
+    return out
+
+
 def remove_stale_stage_roots(base: Optional[str] = None) -> list[str]:
     """Removes the stage directories under ``base`` whose owner daemon is dead: their
     ``.owner`` lock can be taken.  Those of a running daemon (or test run) sharing ``base``
     are locked and kept.  A stage without ``.owner`` (made by a vhostni before these locks)
-    goes only when untouched for LEGACY_STALE_AFTER seconds.  Returns what was removed."""
+    goes only when untouched for LEGACY_STALE_AFTER seconds and no process runs a program
+    from it.  Returns what was removed."""
     base = base or stage_base()
     removed = []
+    cmdlines: Optional[list[bytes]] = None
     try:
         names = os.listdir(base)
     except OSError:
@@ -215,6 +229,10 @@ def remove_stale_stage_roots(base: Optional[str] = None) -> list[str]:
             except OSError:
                 continue
             if stale:
+                if cmdlines is None:
+                    cmdlines = _cmdlines()
+                if any(os.fsencode(path + os.sep) in c for c in cmdlines):
+                    continue                        # an old daemon's scanner runs from it
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
             continue
