@@ -104,6 +104,9 @@ def test_restart_alert_says_how_the_scanner_died_and_when_it_restarts(kits, monk
     t0 = time.monotonic()
     alert = k.wait_alert("scanner stopped", "a", "hang")
     assert alert["message"] == "scanner stopped: killed by signal 9 (SIGKILL); restarting in 0.50 s"
+    # the daemon's loop wakes when the restart is due, not at its next 250 ms tick
+    assert t0 + 0.5 <= sp.next_start <= time.monotonic() + 0.5
+    assert k.daemon.kernel.next_deadline <= sp.next_start
     k.until(lambda: sp.counters.restarts == 1 and sp.running, 5, "the restart")
     took = time.monotonic() - t0
     assert 0.5 <= took < 1.0, took

@@ -419,6 +419,8 @@ class ScannerProc:
         self.next_start = now + delay
         self.state = "restarting"
         self.backoff = min(RESTART_MAX, self.backoff * 2)
+        k = self.nk.kernel
+        k.next_deadline = min(k.next_deadline, self.next_start)     # the loop wakes for it
         return delay
 
     def _exit_cause(self, wait: float = 0.0) -> Optional[str]:
@@ -1343,7 +1345,14 @@ class Kernel:
         self._update_deadline()
 
     def _update_deadline(self) -> None:
-        self.next_deadline = min((nk.deadline() for nk in self.nis.values()), default=float("inf"))
+        self.next_deadline = min(min((nk.deadline() for nk in self.nis.values()), default=float("inf")),
+                                 self._restarts_due())
+
+    def _restarts_due(self) -> float:
+        """When the earliest scanner restart is due: the loop wakes for it, so the delay a
+        restart alert states is the one taken (not rounded up to the housekeeping tick)."""
+        return min((sp.next_start for nk in self.nis.values() for sp in nk.scanners.values()
+                    if sp.state == "restarting"), default=float("inf"))
 
     def housekeeping(self) -> None:
         now = time.monotonic()
@@ -1356,7 +1365,7 @@ class Kernel:
                     sp.flush()
         self.lib.vn_tcp_housekeeping(self.switch._sw)
         self.next_deadline = min(nxt, min((nk.deadline() for nk in self.nis.values()),
-                                          default=float("inf")))
+                                          default=float("inf")), self._restarts_due())
 
     def close(self) -> None:
         for idx in list(self.nis):
