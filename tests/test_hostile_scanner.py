@@ -412,7 +412,10 @@ def test_check_confined_refuses_what_the_launcher_did_not_impose():
         mine = sandbox.launch_filter()
         assert sandbox.check_confined(pid, uid, parent=init, launcher=proc.pid, first=mine) is None
         assert sandbox.first_filter(pid) == mine
-        assert proc_status(pid)["State"].split()[0] == "S"      # ptrace let it go on
+        end = time.monotonic() + 2                              # ptrace let it go on
+        while proc_status(pid)["State"].split()[0] != "S":      # (back to its sleep)
+            assert time.monotonic() < end, proc_status(pid)["State"]
+            time.sleep(0.01)
         assert sandbox.check_confined(pid, uid + 1, parent=init).startswith("Uid ")
         assert sandbox.check_confined(pid, uid, parent=proc.pid).startswith("parent ")
         assert sandbox.check_confined(pid, uid, parent=init, launcher=os.getpid()).startswith(
