@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -78,12 +81,35 @@ def test_crash_right_away_is_restarted_with_back_off(kits):
     k.until(lambda: k.sp("a", "crash").counters.restarts >= 4, 10, "four restarts")
     delays = [float(m) for a in k.alerts_matching("scanner stopped", "a", "crash")
               for m in re.findall(r"restarting in ([\d.]+) s", a["message"])]
-    assert len(delays) >= 4
-    assert all(b >= 2 * a * 0.99 for a, b in zip(delays, delays[1:4])), delays   # doubling
-    first = k.alerts_matching("scanner stopped", "a", "crash")[0]["message"]
-    assert "killed by signal 6" in first or "closed its socket" in first    # whichever is seen first
+    # the delay each alert states is the one applied: RESTART_MIN first, then doubling
+    assert delays[:4] == [0.05, 0.1, 0.2, 0.4], delays
+    for a in k.alerts_matching("scanner stopped", "a", "crash"):      # the cause, not the socket
+        assert a["message"].startswith("scanner stopped: killed by signal 6 (SIGABRT); "), a
     bystanders_work(k)
     assert (k.sp("a", "good").proc.pid, k.sp("b", "good").proc.pid) == pids
+
+
+def test_restart_alert_says_how_the_scanner_died_and_when_it_restarts(kits, monkeypatch):
+    """A scanner killed with -9 while frames wait unread in its socket: the daemon's recv
+    sees ECONNRESET first, but the alert names the signal, and the delay it states is the
+    one the restart then takes."""
+    monkeypatch.setattr(kernel_mod, "RESTART_MIN", 0.5)
+    spec = hostile("hang", "hang.py", config={"keepalive": False})
+    k = kits({"a": policy(scanners=[spec], hold_timeout_ms=5000)})
+    k.wait_subscribed("a", "hang")
+    sp = k.sp("a", "hang")
+    k.send("a", *[tcp_frame(payload=b"%d" % i) for i in range(20)])
+    k.until(lambda: sp.sent >= 20, 3, "the frames sent to it")
+    os.kill(sp.info()["pid"], signal.SIGKILL)
+    t0 = time.monotonic()
+    alert = k.wait_alert("scanner stopped", "a", "hang")
+    assert alert["message"] == "scanner stopped: killed by signal 9 (SIGKILL); restarting in 0.50 s"
+    # the daemon's loop wakes when the restart is due, not at its next 250 ms tick
+    assert t0 + 0.5 <= sp.next_start <= time.monotonic() + 0.5
+    assert k.daemon.kernel.next_deadline <= sp.next_start
+    k.until(lambda: sp.counters.restarts == 1 and sp.running, 5, "the restart")
+    took = time.monotonic() - t0
+    assert 0.5 <= took < 1.0, took
 
 
 @pytest.mark.parametrize("default", ["cut", "pass"])
@@ -227,14 +253,14 @@ def test_malformed_requests_are_refused_and_the_daemon_survives(kits):
 def test_sandbox_walls(kits):
     k = kits({"a": policy(scanners=[scanner_spec("esc", "escape.py")])})
     rep = k.report("a", "esc")
-    pid = k.sp("a", "esc").proc.pid
-    uid = k.sp("a", "esc").uid
+    sp = k.sp("a", "esc")
+    pid, uid = sp.pid, sp.uid
+    assert pid != sp.proc.pid                     # the scanner, not its launcher
     assert UID_BASE <= uid < UID_BASE + UID_COUNT
     assert (rep["uid"], rep["euid"], rep["gid"], rep["groups"]) == (uid, uid, uid, [])
-    # its own network namespace: a loopback that is down, nothing else
-    assert rep["interfaces"] == ["lo"] and rep["lo_up"] is False
-    assert rep["pre_connect_localhost"] == "OSError ENETUNREACH"
-    assert rep["pre_connect_remote"] == "OSError ENETUNREACH"
+    # before the SDK's lockdown the launcher's filter already allows no socket but AF_UNIX
+    for what in ("interfaces", "lo_up", "pre_connect_localhost", "pre_connect_remote"):
+        assert rep[what] == "PermissionError EPERM", (what, rep[what])
     # after lockdown: no files, sockets, processes or threads
     for what in ("open_read", "open_write", "listdir", "socket_inet", "socket_unix", "socketpair",
                  "connect_on_own_socket", "fork", "execve", "kill_init", "setuid_root"):
@@ -244,24 +270,176 @@ def test_sandbox_walls(kits):
     assert st["Uid"].split() == [str(uid)] * 4 and st["Gid"].split() == [str(uid)] * 4
     assert st["Groups"].strip() == ""
     assert st["NoNewPrivs"].strip() == "1" and st["Seccomp"].strip() == "2"
+    assert int(st["Seccomp_filters"]) == 2                  # the launcher's, then the SDK's
     assert st["CapEff"].strip("0\t ") == "" and st["CapPrm"].strip("0\t ") == ""
     limits = open(f"/proc/{pid}/limits").read()
     assert re.search(r"Max address space\s+536870912\s+536870912", limits)
     assert re.search(r"Max open files\s+64\s+64", limits)
     assert re.search(r"Max file size\s+0\s+0", limits)
-    assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
-    assert os.getsid(pid) == pid
+    assert re.search(r"Max processes\s+3\s+3", limits)
+    for ns in ("net", "ipc", "pid", "mnt", "uts", "user"):
+        assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
+    assert os.getsid(pid) == sp.init_pid != os.getsid(0)   # bwrap --new-session
+    assert sp._check_confinement() is None                  # what the kernel checks
 
 
-def test_scanner_that_never_locks_down(kits, monkeypatch):
+def test_scanner_not_in_its_confinement_gets_nothing_and_is_killed(kits, monkeypatch):
+    """Whatever makes the check fail (here: a launcher that did not impose it), the scanner
+    gets no subscription, the administrator an alert, and after the grace it is killed."""
     monkeypatch.setattr(kernel_mod, "LOCKDOWN_GRACE", 0.5)
+    monkeypatch.setattr(kernel_mod.sandbox, "check_confined",
+                        lambda *a, **kw: "shares the daemon's net namespace")
     k = kits({"a": policy(scanners=[scanner_spec("lax", "nolockdown.py", allow=[
         {"direction": "from_guest", "proto": "tcp", "contain": True}])])})
     rep = k.report("a", "lax")
-    assert rep["subscribe"].startswith("refused: lock down first")
+    assert rep["subscribe"] == "refused: not confined: shares the daemon's net namespace"
     assert not k.subscribed("a", "lax")
+    assert k.alerts_matching("scanner is not in the confinement it was launched in", "a", "lax")
     k.until(lambda: k.sp("a", "lax").counters.restarts >= 1, 5, "the kill")
-    assert k.alerts_matching("scanner stopped: did not lock down", "a", "lax")
+    assert k.alerts_matching("scanner stopped: not confined 0 s after its start: shares the "
+                             "daemon's net namespace", "a", "lax")
+
+
+def _shm_keys() -> set[int]:
+    with open("/proc/sysvipc/shm") as f:
+        return {int(line.split()[0]) for line in list(f)[1:]}
+
+
+def test_confinement_is_imposed_not_volunteered(kits):
+    """A scanner whose first act is to install its own allow-all seccomp filter, and which
+    never calls the SDK's lockdown, still cannot read, connect, look around, leave SysV
+    memory behind or fork: the launcher confined it before that first act."""
+    other = kits({"a": policy(scanners=[decider("good", contain(dport=443))])})
+    other.wait_subscribed("a", "good")
+    other_stage = other.sp("a", "good").stage_root
+    key = 0x7EC00000 | (os.getpid() & 0xFFFF)
+    spec = scanner_spec("vol", "allowall.py", allow=[{"direction": "from_guest", "proto": "tcp",
+                                                     "contain": True}],
+                        config={"daemon_pid": os.getpid(), "other_stage": other_stage,
+                                "shm_key": key})
+    k = kits({"a": policy(scanners=[spec])})
+    try:
+        rep = k.report("a", "vol")
+        assert rep["installed"] is True
+        for what in ("shadow", "passwd", "cmdline", "own_proc", "other_stage", "run"):
+            assert rep[what] == "FileNotFoundError ENOENT", (what, rep[what])
+        root = eval(rep["root"][3:])                         # "ok [...]"
+        assert set(root) <= {"usr", "lib", "lib64", "bin", "dev", "scanner"}, root
+        for what in ("inet", "netlink", "shm", "fork"):
+            assert rep[what] == "PermissionError EPERM", (what, rep[what])
+        # its own filter on top of the launcher's changes nothing: it runs confined, so it
+        # may subscribe (the SDK's lockdown is an extra wall, not the one that counts)
+        assert rep["subscribe"] == "granted"
+        sp = k.sp("a", "vol")
+        assert proc_status(sp.pid)["Seccomp_filters"].strip() == "2"
+        assert key not in _shm_keys()
+        sp.stop()
+        assert key not in _shm_keys()
+    finally:
+        if key in _shm_keys():                              # the old sandbox leaked it
+            subprocess.run(["ipcrm", "-M", str(key)], check=False)
+
+
+def test_only_the_unix_sockets_the_policy_grants_are_reachable():
+    """``sockets`` binds a unix socket (clamd's) into one scanner's view; any other stays
+    out of reach, however readable its path is on the host."""
+    d = tempfile.mkdtemp(prefix="vhostni-sockets-test-")
+    os.chmod(d, 0o755)
+    servers = {}
+    try:
+        for n in ("granted", "other"):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind(os.path.join(d, n))
+            os.chmod(os.path.join(d, n), 0o666)
+            s.listen(1)
+            servers[n] = s
+        granted, other = (os.path.join(d, n) for n in ("granted", "other"))
+        spec = scanner_spec("probe", "unixprobe.py", config={"paths": [granted, other]},
+                            sockets=[granted])
+        k = Kit({"a": policy(scanners=[spec])})
+        try:
+            rep = k.report("a", "probe")
+            assert rep == {granted: "ok", other: "FileNotFoundError ENOENT"}, rep
+            servers["granted"].settimeout(2)
+            conn, _ = servers["granted"].accept()
+            with conn:
+                assert conn.recv(10) == b"hello"
+        finally:
+            k.close()
+    finally:
+        for s in servers.values():
+            s.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_check_confined_refuses_what_the_launcher_did_not_impose():
+    """The kernel's check, on processes confined in part: each missing wall is named."""
+    from vhostni import sandbox
+    assert sandbox.check_confined(os.getpid(), 0) == "shares the daemon's user namespace"
+    root = tempfile.mkdtemp(prefix="vhostni-confine-test-")   # reachable by the scanner uid
+    os.chmod(root, 0o755)
+    pool = sandbox.UidPool()
+
+    def launch(seccomp_filter: bool, cmd=("/usr/bin/python3", "-c", "import time; time.sleep(30)"),
+               filt: bytes = sandbox.launch_filter()):
+        uid = pool.take()
+        info_r, info_w = os.pipe()
+        filt_r, filt_w = os.pipe()
+        os.write(filt_w, filt)
+        os.close(filt_w)
+        argv = sandbox.command(list(cmd), root, uid, filt_r, info_w)
+        if not seccomp_filter:
+            i = argv.index("--seccomp")
+            del argv[i:i + 2]
+        proc = subprocess.Popen(argv, pass_fds=[info_w, filt_r],
+                                preexec_fn=sandbox.preexec(256, 60, 64, uid))
+        os.close(info_w)
+        os.close(filt_r)
+        init = sandbox.read_child_pid(info_r)
+        os.close(info_r)
+        return proc, init, sandbox.find_scanner_pid(init), uid
+
+    procs = []
+    try:
+        proc, init, pid, uid = launch(False)
+        procs.append(proc)
+        time.sleep(0.5)
+        assert sandbox.check_confined(pid, uid, parent=init, launcher=proc.pid) == \
+            "no seccomp filter (mode '0')"
+        proc, init, pid, uid = launch(True)
+        procs.append(proc)
+        time.sleep(0.5)
+        mine = sandbox.launch_filter()
+        assert sandbox.check_confined(pid, uid, parent=init, launcher=proc.pid, first=mine) is None
+        assert sandbox.first_filter(pid) == mine
+        end = time.monotonic() + 2                              # ptrace let it go on
+        while proc_status(pid)["State"].split()[0] != "S":      # (back to its sleep)
+            assert time.monotonic() < end, proc_status(pid)["State"]
+            time.sleep(0.01)
+        assert sandbox.check_confined(pid, uid + 1, parent=init).startswith("Uid ")
+        assert sandbox.check_confined(pid, uid, parent=proc.pid).startswith("parent ")
+        assert sandbox.check_confined(pid, uid, parent=init, launcher=os.getpid()).startswith(
+            f"its parent {init} is not a child of its launcher")
+        assert sandbox.check_confined(pid, uid, filters=2) == \
+            "1 seccomp filters, the launcher loads 2"
+        assert sandbox.check_confined(pid, uid, reference=pid) == \
+            "shares the daemon's user namespace"
+        # a filter as wide as the launcher's but not its program (a scanner's own, had the
+        # launcher loaded none): refused, though the count and the rest look alike
+        from vhostni.scanner import seccomp
+        other = seccomp.build_filter(dict(sandbox.LAUNCH_ALLOWED_X86_64, kill=62), self_only={},
+                                     pid=1, arg_rules=sandbox.LAUNCH_ARG_RULES)
+        proc, init, pid, uid = launch(True, filt=other)
+        procs.append(proc)
+        time.sleep(0.5)
+        assert sandbox.check_confined(pid, uid, parent=init, launcher=proc.pid) is None
+        assert sandbox.check_confined(pid, uid, parent=init, launcher=proc.pid, first=mine) == \
+            "its first seccomp filter is not the launcher's"
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        os.rmdir(root)
 
 
 def test_memory_bomb_hits_its_limit(kits):
@@ -333,7 +511,7 @@ def test_scanners_die_with_the_daemon(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# Known gaps: before lockdown a scanner is only as contained as uid nobody makes it
+# Before the SDK's lockdown: the launcher's confinement alone
 # ---------------------------------------------------------------------------
 
 def test_scanners_cannot_signal_each_other_before_lockdown(kits):
@@ -351,6 +529,7 @@ def test_a_scanner_leaves_no_process_behind(kits):
     k = kits({"a": policy(scanners=[scanner_spec("forker", "forker.py")])})
     rep = k.report("a", "forker")
     child = rep["child"]
+<<<<<<< HEAD
     # RLIMIT_NPROC 1 under a uid of its own: the fork itself is refused
     assert child is None and rep["error"] == "Resource temporarily unavailable", rep
     # and the scanner itself does not outlive its stop
@@ -359,6 +538,20 @@ def test_a_scanner_leaves_no_process_behind(kits):
     assert alive(pid)
     sp.stop()
     k.until(lambda: not alive(pid), 5, "the scanner gone after its stop")
+=======
+    # the launcher's filter refuses the fork (and RLIMIT_NPROC, at bwrap + its init + the
+    # scanner under a uid of its own, would too)
+    assert child is None and rep["error"] == "Operation not permitted", rep
+    if child is None:
+        return
+    try:
+        k.sp("a", "forker").stop()
+        time.sleep(0.2)
+        assert not alive(child), "the scanner's child outlived it"
+    finally:
+        if alive(child):
+            os.kill(child, signal.SIGKILL)
+>>>>>>> confine
 
 
 def test_refusal_alerts_are_rate_limited_too(kits):

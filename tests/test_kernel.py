@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Optional
 
 import pytest
 
 from nikit import (
+<<<<<<< HEAD
     A_IP, A_MAC, B_IP, B_MAC, BCAST, TCP_ACK, TCP_SYN, alive, arp, bootp_request, eth, ipv4, ipv6, policy,
+=======
+    A_IP, A_MAC, B_IP, B_MAC, BCAST, TCP_ACK, TCP_SYN, Kit, alive, arp, eth, ipv4, ipv6, policy,
+>>>>>>> confine
     scanner_spec, tcp, tcp_frame, time_limit, udp, udp_frame, write_policy,
 )
 from vhostni import kernel as kernel_mod
@@ -335,6 +341,79 @@ def test_closing_the_daemon_stops_scanners_and_removes_their_stage(kits):
     k.daemon.close()
     k.daemon = None
     assert not alive(pid) and not os.path.exists(stage)
+
+
+def test_stale_stages_are_removed_and_live_ones_kept(tmp_path):
+    """A daemon killed with -9 leaves its stages behind; the next one removes those whose
+    owner is dead, never those of a daemon (or test run) still running beside it."""
+    from vhostni import sandbox
+    base = str(tmp_path)
+
+    def stage(name: str, lock: bool = True) -> str:
+        path = os.path.join(base, f"scanner-{name}-x")
+        os.makedirs(os.path.join(path, "prog"))
+        if lock:
+            with open(os.path.join(path, sandbox.LOCK_NAME), "w") as f:
+                f.write("1\n")
+        return path
+
+    dead, live = stage("dead"), stage("live")
+    old, young = stage("legacy-old", lock=False), stage("legacy-young", lock=False)
+    used = stage("legacy-used", lock=False)       # an old daemon's scanner runs from it
+    for d in (old, used):
+        os.utime(d, (time.time() - 3600, time.time() - 3600))
+    runner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                               os.path.join(used, "prog", "x.py")])
+    other = tmp_path / "not-a-stage"
+    other.mkdir()
+    holder = subprocess.Popen(   # another daemon, alive: holds its stage's lock
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         f"fd = os.open({os.path.join(live, sandbox.LOCK_NAME)!r}, os.O_RDWR)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        assert sorted(sandbox.remove_stale_stage_roots(base)) == sorted([dead, old])
+        assert not os.path.exists(dead) and not os.path.exists(old)
+        assert os.path.isdir(live) and os.path.isdir(young) and other.is_dir()
+        assert os.path.isdir(used)
+    finally:
+        holder.kill()
+        holder.wait()
+        runner.kill()
+        runner.wait()
+    assert sorted(sandbox.remove_stale_stage_roots(base)) == sorted([live, used])   # owners died
+
+
+def test_a_daemon_killed_hard_leaves_stages_the_next_one_removes(tmp_path):
+    os.chmod(tmp_path, 0o755)
+    name = f"stale{os.getpid()}"
+    pol = write_policy(str(tmp_path / "a.json"),
+                       policy(scanners=[decider(name, subscribe=[HTTP_CONTAIN])]))
+    stats = tmp_path / "stats.json"
+    base = "/run/vhostni" if os.access("/run", os.W_OK) else tempfile.gettempdir()
+
+    def stages() -> list[str]:
+        return [os.path.join(base, n) for n in os.listdir(base) if n.startswith(f"scanner-{name}-")]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vhostni", "run", "--ni", f"a={tmp_path}/a.sock", "--policy", f"a={pol}",
+         "--alert-log", str(tmp_path / "alerts.jsonl"), "--stats-file", str(stats)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_stats(str(stats), lambda s: s["nis"]["a"]["kernel"]["scanners"][name]["locked_down"])
+        left = stages()
+        assert len(left) == 1
+    finally:
+        proc.kill()
+        proc.wait(5)
+    assert os.path.isdir(left[0])                   # kill -9: nothing cleaned up
+    k = Kit({"a": policy()})                        # the next daemon starts
+    try:
+        assert stages() == []
+    finally:
+        k.close()
+        for d in stages():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _wait_stats(path: str, pred, timeout: float = 10.0) -> dict:

@@ -126,6 +126,8 @@ def mail_lab(vhostni_daemon_factory, vhostni_guest_factory, vhostni_sockdir, tmp
         assert 'program = "../scanners/email"' in text and 'clamd_socket = ""' in text
         text = text.replace('program = "../scanners/email"', f'program = "{REPO / "scanners" / "email"}"')
         text = text.replace('clamd_socket = ""', f'clamd_socket = "{clamd_sock}"')
+        if clamd_sock:           # bound into the scanner's sandbox: nothing else of the host is
+            text = text.replace('# sockets = ["/var/run/clamav/clamd.ctl"]', f'sockets = ["{clamd_sock}"]')
         policy = work / "alice.toml"
         policy.write_text(text)
         alerts = work / "alerts.jsonl"

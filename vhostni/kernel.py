@@ -42,14 +42,14 @@ from . import sandbox
 from .scanstate import CheckpointStore
 from .policy import (Match, Policy, PolicyError, ScannerSpec, StreamMatch, parse_match,
                      parse_stream_match)
-from .scanner import seccomp, wire
+from .scanner import wire
 
 log = logging.getLogger("vhostni.kernel")
 
 RESTART_MIN = 0.5
 RESTART_MAX = 30.0
 STABLE_AFTER = 60.0        # a scanner up this long has its back-off reset
-LOCKDOWN_GRACE = 10.0      # seconds a scanner has to lock down before it is killed
+LOCKDOWN_GRACE = 10.0      # seconds after its start by which a scanner must show its confinement
 STDERR_LINES_PER_S = 20
 OUTQ_MAX = 64 << 20        # stream bytes queued for one scanner that does not keep up
 STREAM_CHUNK = 65536       # bytes of one stream-data message at most
@@ -262,6 +262,9 @@ class ScannerProc:
         self.last_error = ""
         self.stage_root: Optional[str] = None
         self.uid: Optional[int] = None
+        self.pid: Optional[int] = None          # the scanner's host pid (self.proc is bwrap)
+        self.init_pid: Optional[int] = None     # bwrap's init, PID 1 of the scanner's namespace
+        self.launch_filter: Optional[bytes] = None   # the seccomp program bwrap loaded
         self._msg_window = (0.0, 0)
         self._alerts = _Bucket(spec.alerts_per_second, max(2.0, 2 * spec.alerts_per_second))
         self._err_buf = b""
@@ -276,7 +279,7 @@ class ScannerProc:
         return self.state == "running"
 
     def info(self) -> dict:
-        return {"name": self.name, "state": self.state, "pid": self.proc.pid if self.proc else None,
+        return {"name": self.name, "state": self.state, "pid": self.pid,
                 "uid": self.uid,
                 "locked_down": self.locked, "pending_decisions": len(self.pending),
                 "last_error": self.last_error,
@@ -286,10 +289,12 @@ class ScannerProc:
 
     # ---- lifecycle
     def start(self) -> None:
+        """Launches the scanner confined (sandbox.command: bwrap with namespaces, a read-only
+        view and the launcher's seccomp filter before its first instruction)."""
         k = self.nk.kernel
         if self.stage_root is None:
             self.stage_root = sandbox.new_stage_root(self.name)
-        argv, pypath = sandbox.stage(self.spec.argv, self.stage_root)
+        argv, _ = sandbox.stage(self.spec.argv, self.stage_root)
         try:
             self.uid = k.uids.take()
         except sandbox.SandboxError as exc:
@@ -299,28 +304,40 @@ class ScannerProc:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         child.set_inheritable(True)
         rerr, werr = os.pipe2(os.O_CLOEXEC)
-        env = {"VHOSTNI_SCANNER_FD": str(child.fileno()), "PYTHONPATH": pypath,
+        info_r, info_w = os.pipe2(os.O_CLOEXEC)
+        filt = self.launch_filter = sandbox.launch_filter()
+        filt_r, filt_w = os.pipe2(os.O_CLOEXEC)
+        os.write(filt_w, filt)           # a few hundred bytes: fits the pipe
+        os.close(filt_w)
+        env = {"VHOSTNI_SCANNER_FD": str(child.fileno()), "PYTHONPATH": sandbox.sdk_path_inside(),
                "PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "PYTHONDONTWRITEBYTECODE": "1",
                "PYTHONUNBUFFERED": "1", "LANG": "C.UTF-8"}
         try:
+            cmd = sandbox.command(argv, self.stage_root, self.uid, filt_r, info_w,
+                                  self.spec.sockets)
             self.proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=werr, stderr=werr, env=env, cwd="/",
-                pass_fds=[child.fileno()], close_fds=True,
+                cmd, stdin=subprocess.DEVNULL, stdout=werr, stderr=werr, env=env, cwd="/",
+                pass_fds=[child.fileno(), info_w, filt_r], close_fds=True,
                 preexec_fn=sandbox.preexec(self.spec.memory_mb, self.spec.cpu_seconds,
                                            self.spec.open_files, self.uid))
-        except (OSError, subprocess.SubprocessError) as exc:
+        except (OSError, subprocess.SubprocessError, sandbox.SandboxError) as exc:
             k.uids.give(self.uid)
             self.uid = None
+            for fd in (rerr, werr, info_r, info_w, filt_r):
+                os.close(fd)
             parent.close()
             child.close()
-            os.close(rerr)
-            os.close(werr)
             self.last_error = f"cannot start: {exc}"
-            self._schedule_restart()
-            k.alerts.append(self.nk.name, self.name, f"scanner failed to start: {exc}")
+            delay = self._schedule_restart()
+            k.alerts.append(self.nk.name, self.name, f"scanner failed to start: {exc}; "
+                            f"restarting in {delay:.2f} s")
             return
         child.close()
-        os.close(werr)
+        for fd in (werr, info_w, filt_r):
+            os.close(fd)
+        self.init_pid = sandbox.read_child_pid(info_r)
+        os.close(info_r)
+        self.pid = sandbox.find_scanner_pid(self.init_pid) if self.init_pid else None
         parent.setblocking(False)
         self.sock = parent
         self.err_fd = rerr
@@ -335,15 +352,20 @@ class ScannerProc:
         self._out_armed = False
         k.register(parent.fileno(), self.on_io)
         k.register(rerr, self.on_stderr)
+        if self.pid is None:     # ended at once, or bwrap failed (its stderr is logged)
+            cause = self._exit_cause(wait=1.0)
+            self.kill(f"ended as it started: {cause}" if cause else
+                      "its launcher (bwrap) did not start it")
+            return
         self._send(wire.encode_control({
             "op": "hello", "version": wire.VERSION, "scanner": self.name, "ni": self.nk.name,
             "config": self.spec.config, "injections": [n for n, _ in self.spec.injections],
             "stream_injections": [n for n, _ in self.spec.stream_injections],
             **self._checkpoint_hello()}))
         self._send_checkpoint()
-        log.info("NI %s: scanner %s started (pid %d): %s", self.nk.name, self.name,
-                 self.proc.pid, " ".join(argv))
-        k.event("SCANNER_STARTED", ni=self.nk.name, scanner=self.name, pid=self.proc.pid)
+        log.info("NI %s: scanner %s started (pid %d, launcher %d): %s", self.nk.name, self.name,
+                 self.pid, self.proc.pid, " ".join(argv))
+        k.event("SCANNER_STARTED", ni=self.nk.name, scanner=self.name, pid=self.pid)
 
     def kill(self, reason: str, restart: bool = True) -> None:
         """Ends the process and settles everything it owed."""
@@ -351,10 +373,12 @@ class ScannerProc:
             return
         self.last_error = reason
         if self.proc and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            for target in (self.pid, -self.proc.pid):     # the scanner, then bwrap's group
+                if target:
+                    try:
+                        os.kill(target, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
             try:
                 self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
@@ -373,6 +397,7 @@ class ScannerProc:
             os.close(self.err_fd)
             self.err_fd = None
         self.state = "stopped"
+        self.pid = self.init_pid = None
         self.outq.clear()
         self.outq_bytes = 0
         self._out_armed = False
@@ -385,19 +410,46 @@ class ScannerProc:
             self.nk.settle_default(held_id, self.name)
         owed_streams = self.nk.stream_scanner_gone(self.name)
         if restart:
-            self._schedule_restart()
+            delay = self._schedule_restart()
             k.alerts.append(self.nk.name, self.name, f"scanner stopped: {reason}; restarting in "
-                            f"{self.backoff:.1f} s", decisions_defaulted=len(owed),
+                            f"{delay:.2f} s", decisions_defaulted=len(owed),
                             streams_defaulted=owed_streams)
         k.event("SCANNER_DIED", ni=self.nk.name, scanner=self.name, reason=reason)
 
-    def _schedule_restart(self) -> None:
+    def _schedule_restart(self) -> float:
+        """Sets when to start again; returns that delay (the back-off doubles after it)."""
         now = time.monotonic()
         if self.started_at and now - self.started_at > STABLE_AFTER:
             self.backoff = RESTART_MIN
-        self.next_start = now + self.backoff
+        delay = self.backoff
+        self.next_start = now + delay
         self.state = "restarting"
         self.backoff = min(RESTART_MAX, self.backoff * 2)
+        k = self.nk.kernel
+        k.next_deadline = min(k.next_deadline, self.next_start)     # the loop wakes for it
+        return delay
+
+    def _exit_cause(self, wait: float = 0.0) -> Optional[str]:
+        """How the scanner ended ("killed by signal N" / "exited with status N"), waiting up
+        to ``wait`` s for its launcher; None while it runs.  bwrap exits with the scanner's
+        status, or 128+N when signal N killed it."""
+        try:
+            code = self.proc.wait(timeout=wait) if wait else self.proc.poll()
+        except subprocess.TimeoutExpired:
+            return None
+        if code is None:
+            return None
+        if code < 0:                       # bwrap itself was killed
+            sig = -code
+        elif code > 128 and code - 128 < signal.NSIG:
+            sig = code - 128
+        else:
+            return f"exited with status {code}"
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = "?"
+        return f"killed by signal {sig} ({name})"
 
     def stop(self) -> None:
         self.kill("stopped by the administrator", restart=False)
@@ -407,28 +459,30 @@ class ScannerProc:
             self.stage_root = None
 
     def poll(self, now: float) -> None:
-        """Housekeeping: notice death, enforce lockdown, restart when due."""
+        """Housekeeping: notice death, check the confinement, restart when due."""
         if self.state == "running":
-            if self.proc.poll() is not None:
-                code = self.proc.returncode
-                what = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            what = self._exit_cause()
+            if what is not None:
                 self.last_error = what
                 self._reap(what, restart=True)
                 return
             if not self.locked and now - self.started_at > LOCKDOWN_GRACE:
-                self.locked = self._check_lockdown()
+                why = self._check_confinement()
+                self.locked = why is None
                 if not self.locked:
-                    self.kill("did not lock down (seccomp) within "
-                              f"{LOCKDOWN_GRACE:.0f} s of starting")
+                    self.kill(f"not confined {LOCKDOWN_GRACE:.0f} s after its start: {why}")
         elif self.state == "restarting" and now >= self.next_start:
             self.counters.restarts += 1
             self.start()
 
-    def _check_lockdown(self) -> bool:
-        try:
-            return seccomp.status(self.proc.pid) == 2
-        except OSError:
-            return False
+    def _check_confinement(self) -> Optional[str]:
+        """None if the scanner runs in the confinement its launch imposed, else why not
+        (sandbox.check_confined: namespaces, seccomp filters and the launcher's one first,
+        uid, parent)."""
+        if self.pid is None or self.uid is None or self.proc is None:
+            return "not running"
+        return sandbox.check_confined(self.pid, self.uid, parent=self.init_pid,
+                                      launcher=self.proc.pid, first=self.launch_filter)
 
     # ---- I/O
     def _send(self, data: bytes) -> bool:
@@ -533,12 +587,10 @@ class ScannerProc:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                self.kill(f"socket error: {exc}")
+                self._lost(f"socket error: {exc}")
                 return
             if not data:
-                self.poll(time.monotonic())
-                if self.state == "running":
-                    self.kill("closed its socket")
+                self._lost("closed its socket")
                 return
             if not self._count_message():
                 self.kill(f"flooding: more than {self.spec.messages_per_second} messages/s")
@@ -551,6 +603,16 @@ class ScannerProc:
                 self.kill(f"protocol violation: {exc}")
                 return
             self._handle(msg)
+
+    def _lost(self, what: str) -> None:
+        """The socket broke or closed: most often because the scanner died, so say how it
+        did (its exit status or signal) rather than what the socket saw."""
+        cause = self._exit_cause(wait=0.2)
+        if cause is not None:
+            self.last_error = cause
+            self._reap(cause, restart=True)
+        else:
+            self.kill(what)
 
     def _count_message(self) -> bool:
         now = time.monotonic()
@@ -646,10 +708,12 @@ class ScannerProc:
 
     def _subscribe(self, body: dict) -> None:
         if not self.locked:
-            self.locked = self._check_lockdown()
+            why = self._check_confinement()
+            self.locked = why is None
             if not self.locked:
-                self._reply(body, "lock down first: the SDK's Scanner.connect() installs the "
-                                  "seccomp allow-list")
+                self._reply(body, f"not confined: {why}")
+                self._alert_about("scanner is not in the confinement it was launched in",
+                                  reason=why)
                 return
         contain = body.get("contain", False)
         if not isinstance(contain, bool):
@@ -1286,6 +1350,8 @@ class Kernel:
         # scanner checkpoints: in memory, and in state_dir (if any) across daemon restarts
         self.checkpoints = CheckpointStore(state_dir)
         self.uids = sandbox.UidPool()
+        for gone in sandbox.remove_stale_stage_roots():   # left by a daemon killed hard
+            log.info("removed the stale scanner stage %s (its daemon is gone)", gone)
         self.nis: dict[int, NIKernel] = {}          # by port index
         self.events: list[Callable[[str, dict], None]] = []
         self._punt = ffi.new("struct vn_punt *")
@@ -1337,7 +1403,14 @@ class Kernel:
         self._update_deadline()
 
     def _update_deadline(self) -> None:
-        self.next_deadline = min((nk.deadline() for nk in self.nis.values()), default=float("inf"))
+        self.next_deadline = min(min((nk.deadline() for nk in self.nis.values()), default=float("inf")),
+                                 self._restarts_due())
+
+    def _restarts_due(self) -> float:
+        """When the earliest scanner restart is due: the loop wakes for it, so the delay a
+        restart alert states is the one taken (not rounded up to the housekeeping tick)."""
+        return min((sp.next_start for nk in self.nis.values() for sp in nk.scanners.values()
+                    if sp.state == "restarting"), default=float("inf"))
 
     def housekeeping(self) -> None:
         now = time.monotonic()
@@ -1351,7 +1424,7 @@ class Kernel:
         self.lib.vn_tcp_housekeeping(self.switch._sw)
         self.checkpoints.flush()
         self.next_deadline = min(nxt, min((nk.deadline() for nk in self.nis.values()),
-                                          default=float("inf")))
+                                          default=float("inf")), self._restarts_due())
 
     def close(self) -> None:
         for idx in list(self.nis):

@@ -335,6 +335,8 @@ class ScannerSpec:
     stream_rights: list[StreamRight] = field(default_factory=list)
     # bytes to insert into held TCP streams ([[scanner.inject]] stream = / stream_hex =)
     stream_injections: list[tuple[str, bytes]] = field(default_factory=list)
+    # unix sockets (absolute paths) bound into its sandbox, which it may connect to (clamd)
+    sockets: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -584,7 +586,7 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
             raise PolicyError(w, "expected a table")
         _check_keys(s, {"name", "program", "args", "config", "allow", "inject", "memory_mb",
                         "cpu_seconds", "open_files", "max_timeouts", "messages_per_second",
-                        "alerts_per_second", "checkpoint_max_bytes", "comment"}, w)
+                        "alerts_per_second", "checkpoint_max_bytes", "sockets", "comment"}, w)
         name = _want(s, "name", w, str, required=True)
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", name) or name in names:
             raise PolicyError(f"{w}.name", f"{name!r}: 1-32 of [A-Za-z0-9_.-], unique")
@@ -617,6 +619,13 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
         if not 0 < aps <= 10000:
             raise PolicyError(f"{w}.alerts_per_second", "expected 0..10000")
         spec.alerts_per_second = float(aps)
+        sockets = _want(s, "sockets", w, list, [])
+        for j, sock in enumerate(sockets):
+            if not (isinstance(sock, str) and os.path.isabs(sock) and len(sock) < 108
+                    and os.path.normpath(sock) == sock and "\0" not in sock):
+                raise PolicyError(f"{w}.sockets[{j}]", "expected an absolute, normalised path "
+                                  "of a unix socket")
+        spec.sockets = list(sockets)
         p.scanners.append(spec)
     return p
 

@@ -1,6 +1,6 @@
 """A hostile test scanner that tries to get out of its sandbox, and reports (alert
-"report") what the sandbox let it do: before lockdown its network namespace, after it
-files, sockets, processes and threads."""
+"report") what the sandbox let it do: before the SDK's lockdown the network (the launcher's
+filter and namespaces already hold), after it files, sockets, processes and threads."""
 import errno
 import fcntl
 import os
@@ -26,10 +26,16 @@ def attempt(name, fn):
 
 
 # ---- before lockdown: the network namespace
-out["interfaces"] = [n for _, n in socket.if_nameindex()]
-with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-    flags = struct.unpack("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sH", b"lo", 0)))[1]
-out["lo_up"] = bool(flags & IFF_UP)
+attempt("interfaces", lambda: [n for _, n in socket.if_nameindex()])
+
+
+def lo_up():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        flags = struct.unpack("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sH", b"lo", 0)))[1]
+    return bool(flags & IFF_UP)
+
+
+attempt("lo_up", lo_up)
 
 
 def pre_connect():

@@ -346,7 +346,7 @@ def scanner_start(ctx, args):
     sp.start()
     if not sp.running:
         raise QMPError(f"scanner '{sp.name}' did not start: {sp.last_error}")
-    return {"pid": sp.proc.pid}
+    return {"pid": sp.pid}
 
 
 @command("scanner-stop", {"ni": "str", "name": "str"})

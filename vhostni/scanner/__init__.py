@@ -269,8 +269,10 @@ class Scanner:
     @classmethod
     def connect(cls, fd: Optional[int] = None, lockdown: bool = True) -> "Scanner":
         """Attaches to the socket the NI kernel gave this process (``$VHOSTNI_SCANNER_FD``)
-        and, unless ``lockdown=False``, installs the seccomp allow-list: do any start-up that
-        needs files before calling this."""
+        and, unless ``lockdown=False``, installs the SDK's seccomp allow-list: do any start-up
+        that needs files (in the sandbox's read-only view) before calling this.  The process
+        is confined already (the launcher's namespaces and filter); this filter stacks on
+        top of the launcher's and takes away files and new sockets too."""
         if fd is None:
             try:
                 fd = int(os.environ[ENV_FD])

@@ -1,4 +1,6 @@
-"""The scanner's lockdown: a seccomp allow-list installed once start-up is over.
+"""The scanner's lockdown: a seccomp allow-list installed once start-up is over, on top of
+the one the launcher (``vhostni.sandbox``) loaded before the scanner's first instruction.
+The daemon's launcher builds its filter with ``build_filter`` too.
 
 After it, a scanner can only compute, allocate memory, talk over the sockets it already
 has, signal itself and exit: opening files, creating sockets, spawning processes or
@@ -60,21 +62,26 @@ SECCOMP_DATA_ARG0 = 16          # offsetof(struct seccomp_data, args[0]), low ha
 
 def build_filter(allowed: dict[str, int] = ALLOWED_X86_64, deny_errno: int = errno.EPERM,
                  self_only: dict[str, tuple[int, bool]] = SELF_ONLY_X86_64,
-                 pid: int | None = None) -> bytes:
+                 pid: int | None = None,
+                 arg_rules: dict[int, tuple[int, frozenset[int]]] | None = None) -> bytes:
     """The BPF program: wrong arch -> kill; x32 -> deny; listed syscall -> allow;
     ``self_only`` syscall -> allow if its first argument is ``pid`` (or 0 where that means
-    the caller); else deny."""
+    the caller); ``arg_rules`` syscall nr -> (argument index, values): allow if that
+    argument (its low 32 bits) is one of the values; else deny."""
     pid = os.getpid() if pid is None else pid
-    nrs = sorted(set(allowed.values()) - {nr for nr, _ in self_only.values()})
-    checks = sorted(self_only.values())
-    # header (5) | a JEQ per self-only nr | a JEQ per nr | DENY | ALLOW | a check per
-    # self-only nr, each ending in its own DENY and ALLOW (classic BPF jumps only forward)
+    rules = {nr: (0, frozenset({pid & 0xFFFFFFFF} | ({0} if zero_ok else set())))
+             for nr, zero_ok in self_only.values()}
+    rules.update(arg_rules or {})
+    nrs = sorted(set(allowed.values()) - set(rules))
+    checks = sorted((nr, idx, sorted(vals)) for nr, (idx, vals) in rules.items())
+    # header (5) | a JEQ per rule nr | a JEQ per nr | DENY | ALLOW | a block per rule: load
+    # its argument, a JEQ per value, its own DENY and ALLOW (classic BPF jumps only forward)
     deny = 5 + len(checks) + len(nrs)
     allow = deny + 1
     check_at, at = [], allow + 1
-    for _, zero_ok in checks:
+    for _, _, vals in checks:
         check_at.append(at)
-        at += 5 if zero_ok else 4
+        at += 3 + len(vals)
     deny_ret = _insn(BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | deny_errno)
     allow_ret = _insn(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW)
     prog = [
@@ -84,16 +91,15 @@ def build_filter(allowed: dict[str, int] = ALLOWED_X86_64, deny_errno: int = err
         _insn(BPF_LD_W_ABS, 0, 0, 0),                        # A = nr
         _insn(BPF_JGE_K, deny - 5, 0, X32_SYSCALL_BIT),      # x32 -> deny
     ]
-    for (nr, _), target in zip(checks, check_at):
+    for (nr, _, _), target in zip(checks, check_at):
         prog.append(_insn(BPF_JEQ_K, target - len(prog) - 1, 0, nr))
     for nr in nrs:
         prog.append(_insn(BPF_JEQ_K, allow - len(prog) - 1, 0, nr))   # -> allow, past the deny
     prog += [deny_ret, allow_ret]
-    for _, zero_ok in checks:
-        prog.append(_insn(BPF_LD_W_ABS, 0, 0, SECCOMP_DATA_ARG0))   # A = args[0] (low half)
-        if zero_ok:
-            prog.append(_insn(BPF_JEQ_K, 2, 0, 0))                  # 0 -> allow
-        prog.append(_insn(BPF_JEQ_K, 1, 0, pid & 0xFFFFFFFF))       # own pid -> allow
+    for _, idx, vals in checks:
+        prog.append(_insn(BPF_LD_W_ABS, 0, 0, SECCOMP_DATA_ARG0 + 8 * idx))   # low half
+        for i, v in enumerate(vals):
+            prog.append(_insn(BPF_JEQ_K, len(vals) - i, 0, v))     # -> this block's allow
         prog += [deny_ret, allow_ret]
     assert all(i + 1 + max(jt, jf) < len(prog) for i, (code, jt, jf, _) in
                enumerate(struct.iter_unpack("=HBBI", b"".join(prog))) if code & 7 == 5)
