@@ -13,11 +13,7 @@ BINDIR ?= /usr/local/bin
 UNITDIR ?= /etc/systemd/system
 CONFDIR ?= /etc/vhostni
 
-<<<<<<< HEAD
-.PHONY: help deps venv build build-asan images test test-unit test-sanitize bench demo install clean
-=======
-.PHONY: help deps venv build images test test-unit bench soak demo install clean
->>>>>>> state
+.PHONY: help deps venv build build-asan images test test-unit test-sanitize bench soak demo install clean
 
 help:
 	@echo "deps    install system packages (apt-get; needs root) and the Python ones into $(VENV)/"

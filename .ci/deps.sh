@@ -7,14 +7,11 @@ $SUDO apt-get update -q
 $SUDO apt-get install -y -q --no-install-recommends \
     qemu-system-x86 qemu-utils dpdk-dev iproute2 iperf3 busybox-static cpio kmod \
     gcc libc6-dev make ca-certificates python3 python3-venv python3-dev
-<<<<<<< HEAD
 # the sanitizer runtimes of `make test-sanitize` (gcc pulls them in; named, as they are used)
 $SUDO apt-get install -y -q --no-install-recommends libasan8 libubsan1
-=======
 # bubblewrap confines each scanner process (vhostni/sandbox.py): namespaces, a read-only
 # view, the launcher's seccomp filter loaded before the scanner's first instruction
 $SUDO apt-get install -y -q --no-install-recommends bubblewrap
->>>>>>> confine
 # libvirt, to test attaching a libvirt domain (tests/test_libvirt.py starts libvirtd by hand:
 # no systemd here); libxml2-utils has the xmllint that virt-xml-validate runs
 $SUDO apt-get install -y -q --no-install-recommends \

@@ -20,11 +20,7 @@ from typing import Optional
 import pytest
 
 from nikit import (
-<<<<<<< HEAD
-    A_IP, A_MAC, B_IP, B_MAC, BCAST, TCP_ACK, TCP_SYN, alive, arp, bootp_request, eth, ipv4, ipv6, policy,
-=======
-    A_IP, A_MAC, B_IP, B_MAC, BCAST, TCP_ACK, TCP_SYN, Kit, alive, arp, eth, ipv4, ipv6, policy,
->>>>>>> confine
+    A_IP, A_MAC, B_IP, B_MAC, BCAST, TCP_ACK, TCP_SYN, Kit, alive, arp, bootp_request, eth, ipv4, ipv6, policy,
     scanner_spec, tcp, tcp_frame, time_limit, udp, udp_frame, write_policy,
 )
 from vhostni import kernel as kernel_mod
