@@ -111,10 +111,12 @@ def _reachable_by_others(path: str) -> bool:
 
 
 def interpreter() -> str:
-    """A Python the unprivileged scanner user can execute."""
+    """A Python the unprivileged scanner user can execute: the real file, not a venv's link
+    to it, so the scanner's view holds the interpreter and its stdlib and no path of the
+    daemon's install (a scanner imports only the staged SDK and its own program)."""
     for cand in (sys.executable, "/usr/bin/python3"):
         if cand and os.path.exists(cand) and _reachable_by_others(cand):
-            return cand
+            return os.path.realpath(cand)
     raise SandboxError("no Python interpreter the scanner user can execute "
                        f"({sys.executable} is not reachable by others; install python3)")
 
