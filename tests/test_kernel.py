@@ -18,7 +18,8 @@ import pytest
 
 from nikit import (
     A_IP, A_MAC, B_IP, B_MAC, BCAST, TCP_ACK, TCP_SYN, alive, arp, eth, ipv4, ipv6, policy,
-    scanner_spec, tcp, tcp_frame, time_limit, udp, udp_frame, write_policy,
+    scanner_spec, tcp, tcp_frame, time_limit, udp, udp_frame, write_policy, fill_fs, tiny_tmpfs,
+    unsendable_configs,
 )
 from vhostni import kernel as kernel_mod
 from vhostni.kernel import AlertLog
@@ -303,6 +304,35 @@ def test_reload_with_an_invalid_file_keeps_the_old_policy(kits, caplog):
     assert k.sp("a", "dec").running and k.subscribed("a", "dec")
 
 
+@pytest.mark.parametrize("kind", ["oversize", "deep"])
+def test_a_policy_whose_hello_cannot_be_sent_is_never_applied(kits, caplog, kind):
+    """Validation refuses it (SIGHUP keeps the old policy); and were one to get past
+    validation, applying it fails before anything changed or any scanner started."""
+    from vhostni.policy import PolicyError, load_policy
+    k = kits({"a": _reload_policy(block=23)})
+    k.wait_subscribed("a", "dec")
+    old, pid = k.nk("a").policy, k.sp("a", "dec").proc.pid
+    bad = _reload_policy(block=80)
+    bad["scanner"].append(scanner_spec("big", "decider.py", config=unsendable_configs()[kind]))
+    k.reload("a", bad)
+    assert k.nk("a").policy is old and "not reloaded, keeping the old one" in caplog.text
+    assert "hello" in caplog.text
+    # past validation (a bug, or a policy changed after it): nothing changes, nothing starts
+    pol = load_policy(write_policy(os.path.join(k.dir, "ok.json"), _reload_policy(block=80)))
+    pol.scanners.append(kernel_mod.ScannerSpec(name="big", argv=pol.scanners[0].argv,
+                                               config=unsendable_configs()[kind], rights=[],
+                                               injections=[]))
+    for apply in (lambda: k.daemon.set_policy("a", pol),
+                  lambda: k.daemon.kernel.attach("b", k.daemon.nis["b"].port, pol)):
+        with pytest.raises(PolicyError, match="hello"):
+            apply()
+    assert k.nk("a").policy is old and set(k.nk("a").scanners) == {"dec"}
+    assert k.daemon.kernel.nis.get(k.daemon.nis["b"].port.index) is None
+    assert k.sp("a", "dec").proc.pid == pid and k.sp("a", "dec").running
+    k.send("a", tcp_frame(dport=23), tcp_frame(dport=80))
+    assert k.recv("b", 1.0) == [tcp_frame(dport=80)]
+
+
 def test_reload_revokes_subscriptions_outside_new_rights(kits):
     k = kits({"a": _reload_policy(block=23, contain_port=8080)})
     k.wait_subscribed("a", "dec")
@@ -543,3 +573,75 @@ def test_stream_cut_and_inject_are_checked_and_edit_the_stream(kits):
     assert "before what this scanner passed" in _ask(k, "ed", dict(edit, op="cut", offset=8, length=1))
     assert "before what this scanner passed" in _ask(k, "ed", dict(edit, op="inject", offset=3, index=0))
     assert k.nk("a").streams_killed == 0 and k.sp("a", "ed").counters.refused == refused + 2
+
+
+def _strict(line: str) -> dict:
+    def refuse(name):
+        raise ValueError(f"{name} in the alert log")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_alert_log_is_strict_json_and_the_daemon_log_a_bounded_escaped_summary(tmp_path, caplog):
+    path = str(tmp_path / "alerts.jsonl")
+    log = AlertLog(path)
+    heard = []
+    log.listeners.append(heard.append)
+    caplog.set_level("WARNING", logger="vhostni.kernel")
+    forged = "worm found\n2026-01-01 vhostni INFO all clear \x1b[2J\u202egnp.exe\\x41"
+    log.append("a", "mail", forged, ratio=float("nan"), rates=[float("inf"), -float("inf"), 1.5],
+               message_b64="QUJD" * 2_500_000, nested={"x": {"y": float("nan")}})
+    log.close()
+    [line] = open(path).read().splitlines()
+    rec = _strict(line)
+    assert rec["message"] == forged                       # the record keeps it all, as data
+    assert rec["fields"]["ratio"] == "NaN" and rec["fields"]["rates"] == ["Infinity", "-Infinity", 1.5]
+    assert rec["fields"]["nested"] == {"x": {"y": "NaN"}}
+    assert len(rec["fields"]["message_b64"]) == 10_000_000
+    assert heard[0]["fields"]["ratio"] == "NaN"            # listeners (QMP events) get the same
+    [logged] = [r.getMessage() for r in caplog.records if "ALERT #1" in r.getMessage()]
+    assert "\n" not in logged and "\x1b" not in logged and "\u202e" not in logged
+    assert "worm found\\x0a2026-01-01" in logged and "\\x1b[2J" in logged and "\\u202e" in logged
+    assert "\\\\x41" in logged                           # a backslash is escaped too: no ambiguity
+    assert len(logged) < 1000 and "message_b64=<str of 10000000>" in logged
+
+
+def test_a_full_alert_log_file_system_holds_counts_and_marks_what_was_lost(monkeypatch):
+    """ENOSPC (a 64 KiB tmpfs): appends go on, nothing is raised, alerts reach their
+    listeners marked not durable, a bounded number are held, the rest counted; when space
+    returns the held ones are written, then a marker for the lost ones."""
+    monkeypatch.setattr(kernel_mod, "ALERT_RETRY_S", 0.0)
+    with tiny_tmpfs(64) as d:
+        path = os.path.join(d, "alerts.jsonl")
+        log = AlertLog(path, max_pending=4)
+        heard, status = [], []
+        log.listeners.append(heard.append)
+        log.on_status.append(lambda name, data: status.append((name, data)))
+        log.append("a", "s", "before")
+        filler = fill_fs(d, leave_pages=1)
+        size0 = os.path.getsize(path)
+        for i in range(7):                  # the first write is torn: one page, then ENOSPC
+            log.append("a", "s", f"during {i}", pad="p" * 9000, i=i)
+        assert os.path.getsize(path) == size0             # cut back: no torn line left
+        assert [n for n, _ in status] == ["ALERT_LOG_FAILED"]
+        assert "No space left" in status[0][1]["error"]
+        assert [h.get("durable", True) for h in heard] == [True] + [False] * 7
+        info = log.info()
+        assert (info["pending"], info["lost"]) == (4, 3) and info["error"] and info["write_errors"] >= 1
+        log.retry()                                        # still full: still failing, quietly
+        assert len(status) == 1 and log.info()["pending"] == 4
+        os.unlink(filler)
+        log.retry()
+        assert [n for n, _ in status] == ["ALERT_LOG_FAILED", "ALERT_LOG_RECOVERED"]
+        assert status[1][1]["lost"] == 3
+        after = log.append("a", "s", "after")
+        assert "durable" not in heard[-1] and log.info()["error"] is None
+        log.close()
+        recs = [_strict(line) for line in open(path).read().splitlines()]
+        assert [r["message"] for r in recs[:5]] == ["before"] + [f"during {i}" for i in range(4)]
+        marker = recs[5]
+        assert marker["ni"] is None and marker["fields"]["lost"] == 3
+        assert (marker["fields"]["first_seq"], marker["fields"]["last_seq"]) == (6, 8)
+        assert recs[6]["message"] == "after" and recs[6]["seq"] == after["seq"]
+        seqs = [r["seq"] for r in recs]
+        assert seqs == sorted(set(seqs)) and seqs == [1, 2, 3, 4, 5, 9, 10]
+        assert AlertLog(path).seq == 10

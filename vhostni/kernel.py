@@ -39,8 +39,9 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from . import sandbox
-from .policy import (Match, Policy, PolicyError, ScannerSpec, StreamMatch, parse_match,
-                     parse_stream_match)
+from .policy import (Match, Policy, PolicyError, ScannerSpec, StreamMatch, check_wire,
+                     parse_match, parse_stream_match)
+from .logtext import printable
 from .scanner import seccomp, wire
 
 log = logging.getLogger("vhostni.kernel")
@@ -56,22 +57,102 @@ CLOSE_REASONS = {1: "fin", 2: "rst", 3: "killed", 4: "idle", 5: "bypass", 6: "go
 DIR_NAMES = {1: "from_guest", 2: "to_guest"}
 
 
+ALERT_PENDING_MAX = 10000      # alerts held in memory while the log cannot be written
+ALERT_RETRY_S = 1.0            # how often a failing alert log is tried again
+ALERT_LOG_FIELDS = 8           # fields the daemon's log line for an alert names at most
+
+
+def _finite(v, depth: int = 0):
+    """``v`` with non-finite floats as the strings "NaN", "Infinity", "-Infinity"."""
+    if isinstance(v, float) and v != v:
+        return "NaN"
+    if isinstance(v, float) and v in (float("inf"), float("-inf")):
+        return "Infinity" if v > 0 else "-Infinity"
+    if depth < 64 and isinstance(v, dict):
+        return {k: _finite(x, depth + 1) for k, x in v.items()}
+    if depth < 64 and isinstance(v, (list, tuple)):
+        return [_finite(x, depth + 1) for x in v]
+    return v
+
+
+def encode_alert(rec: dict) -> str:
+    """One alert as one line of strict JSON (RFC 8259): a non-finite float (NaN, Infinity,
+    which Python's json would write bare and strict parsers refuse) is written as a string;
+    a value JSON has no type for, as its str()."""
+    try:
+        return json.dumps(rec, default=str, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(rec), default=str, separators=(",", ":"), allow_nan=False)
+
+
+def alert_summary(rec: dict) -> str:
+    """The daemon's log line for an alert: bounded and escaped (the alert log has it all)."""
+    text = (f"ALERT #{rec['seq']} ni={printable(rec.get('ni'), 64)} "
+            f"scanner={printable(rec.get('scanner') or '-', 64)}: {printable(rec.get('message'), 300)}")
+    fields = rec.get("fields") or {}
+    parts = []
+    for k, v in list(fields.items())[:ALERT_LOG_FIELDS]:
+        if isinstance(v, (bool, int, float)) or v is None:
+            shown = str(v)
+        elif isinstance(v, str) and len(v) <= 64:
+            shown = printable(v, 64)
+        elif isinstance(v, (str, bytes, list, dict)):
+            shown = f"<{type(v).__name__} of {len(v)}>"
+        else:
+            shown = f"<{type(v).__name__}>"
+        parts.append(f"{printable(k, 32)}={shown}")
+    if len(fields) > ALERT_LOG_FIELDS:
+        parts.append(f"(+{len(fields) - ALERT_LOG_FIELDS} fields)")
+    return text + (" [" + " ".join(parts) + "]" if parts else "")
+
+
 class AlertLog:
-    """Alerts are never lost: appended to a JSON-lines file and fsynced before anyone else
-    hears of them; each carries a sequence number that survives restarts.
+    """Alerts are never lost while the log can be written: each is appended to a JSON-lines
+    file (strict JSON, one alert a line) and fsynced before anyone else hears of it (the
+    ``listeners``: QMP events, syslog, containment); each carries a sequence number that
+    survives restarts.
 
     With ``max_bytes`` the log rotates by size: PATH becomes PATH.1 (PATH.1 becomes PATH.2
-    ...), ``keep`` rotated files are kept; :meth:`files` lists them oldest first."""
+    ...), ``keep`` rotated files are kept; :meth:`files` lists them oldest first.
 
-    def __init__(self, path: Optional[str], max_bytes: int = 0, keep: int = 5):
+    When the log cannot be written (a full file system, an I/O error) nothing stops: the
+    NIs keep forwarding under their policies, and
+
+    * the failure is loud: a log line, the status event ALERT_LOG_FAILED (``on_status``:
+      the kernel's events, so QMP clients get it), and :meth:`info` (``error``,
+      ``pending``, ``lost``, ``write_errors``) in ``query-alert-log`` and the stats;
+    * alerts raised meanwhile are held in memory, in order, up to ``max_pending``, and go to
+      the listeners at once, marked ``"durable": false`` (containment and the administrator
+      must not wait for a disk); beyond that they are counted as lost (still heard, never
+      written);
+    * the log is tried again every ALERT_RETRY_S (and at each new alert after that); once it
+      can be written, what was held is written (after cutting off any torn line the failure
+      left), then, if alerts were lost, a marker alert (``ni`` and ``scanner`` null,
+      ``fields.lost`` = how many, ``first_seq``/``last_seq`` = which) with the next seq,
+      and ALERT_LOG_RECOVERED is sent.  Seqs in the file stay increasing; a gap is always
+      explained by a marker.
+    """
+
+    def __init__(self, path: Optional[str], max_bytes: int = 0, keep: int = 5,
+                 max_pending: int = ALERT_PENDING_MAX):
         self.path = path
         self.max_bytes = max_bytes
         self.keep = keep
+        self.max_pending = max_pending
         self.seq = 0
         self.listeners: list[Callable[[dict], None]] = []
+        self.on_status: list[Callable[[str, dict], None]] = []   # ALERT_LOG_FAILED/RECOVERED
         self.recent: list[dict] = []
-        self._f = None
-        self._size = 0
+        self.pending: collections.deque = collections.deque()  # lines not yet durable
+        self.lost = 0                  # alerts never written (held queue full), since start
+        self.write_errors = 0
+        self.error: Optional[str] = None          # why the log cannot be written now
+        self.failed_at: Optional[float] = None
+        self._gap: Optional[list] = None          # [first seq, last seq, count] lost, unmarked
+        self._next_retry = 0.0
+        self._fd: Optional[int] = None
+        self._size = 0                 # bytes of the current file known durable
+        self._torn = False             # the file ends without a newline (an earlier crash)
         if path:
             for p in reversed(self.files()):
                 self.seq = self._last_seq(p)
@@ -85,9 +166,15 @@ class AlertLog:
         names = [f"{self.path}.{i}" for i in range(max(self.keep, 0), 0, -1)] + [self.path]
         return [p for p in names if os.path.exists(p)]
 
+    def info(self) -> dict:
+        return {"path": self.path, "seq": self.seq, "pending": len(self.pending), "lost": self.lost,
+                "write_errors": self.write_errors, "error": self.error,
+                "failing_for": round(time.monotonic() - self.failed_at, 3) if self.failed_at else None}
+
     def _rotate(self) -> None:
-        self._f.close()
-        self._f = None
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
         if self.keep <= 0:
             os.unlink(self.path)
         else:
@@ -118,40 +205,166 @@ class AlertLog:
                 continue
         return 0
 
+    def _open(self) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            size = os.fstat(fd).st_size
+            # a last line without its newline (the daemon died writing it): end it, so the
+            # next alert is a line of its own (readers skip the torn one)
+            self._torn = size > 0 and self._last_byte(size) != b"\n"
+        except OSError:
+            os.close(fd)
+            raise
+        self._fd, self._size = fd, size
+
+    def _last_byte(self, size: int) -> bytes:
+        rfd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.pread(rfd, 1, size - 1)
+        finally:
+            os.close(rfd)
+
+    def _write_pending(self) -> None:
+        """Writes and fsyncs every held line, in order; OSError leaves the ones not yet
+        durable held and the file cut back to its last durable size."""
+        try:
+            if self._fd is None:
+                self._open()
+            elif os.fstat(self._fd).st_size != self._size:
+                os.ftruncate(self._fd, self._size)   # a torn or unsynced tail of a failed write
+            buf = bytearray(b"\n" if self._torn else b"")
+            written = 0            # pending lines in buf
+            for line in self.pending:
+                data = line.encode() + b"\n"
+                if (self.max_bytes and self._size + len(buf) + len(data) > self.max_bytes
+                        and self._size + len(buf)):
+                    self._write_all(buf)
+                    self._durable(written, len(buf))
+                    buf, written = bytearray(), 0
+                    self._rotate()
+                    self._open()
+                buf += data
+                written += 1
+            self._write_all(buf)
+            self._durable(written, len(buf))
+        except OSError:
+            if self._fd is not None:
+                try:
+                    os.ftruncate(self._fd, self._size)
+                except OSError:
+                    pass          # tried again before the next write
+            raise
+
+    def _write_all(self, buf: bytes) -> None:
+        view = memoryview(buf)
+        while view:
+            view = view[os.write(self._fd, view):]
+        os.fsync(self._fd)
+
+    def _durable(self, lines: int, nbytes: int) -> None:
+        self._size += nbytes
+        self._torn = False
+        for _ in range(lines):
+            self.pending.popleft()
+
+    def _failed(self, exc: OSError) -> None:
+        self.write_errors += 1
+        self._next_retry = time.monotonic() + ALERT_RETRY_S
+        if self.error is None:
+            self.failed_at = time.monotonic()
+            self.error = str(exc)
+            log.error("alert log %s cannot be written (%s): alerts go on to their listeners "
+                      "without being durable; up to %d are held and written when it can be",
+                      self.path, exc, self.max_pending)
+            self._status("ALERT_LOG_FAILED", path=self.path, error=self.error,
+                         pending=len(self.pending), lost=self.lost)
+        else:
+            self.error = str(exc)
+
+    def _status(self, name: str, **data) -> None:
+        for fn in self.on_status:
+            try:
+                fn(name, data)
+            except Exception:      # noqa: BLE001 - a listener's bug must not stop alerts
+                log.exception("alert log: %s not delivered", name)
+
+    def _flush(self) -> bool:
+        """Writes what is held; True if everything (and a lost-alerts marker) is durable."""
+        if not self.pending and self._gap is None:
+            return True
+        try:
+            self._write_pending()
+        except OSError as exc:
+            self._failed(exc)
+            return False
+        if self.error is not None:
+            log.warning("alert log %s written again after %.1f s; %d alerts lost meanwhile",
+                        self.path, time.monotonic() - self.failed_at, self._gap[2] if self._gap else 0)
+            gap, error, self.error, self.failed_at = self._gap, self.error, None, None
+            self._gap = None
+            self._status("ALERT_LOG_RECOVERED", path=self.path, lost=gap[2] if gap else 0,
+                         lost_total=self.lost)
+            if gap is not None:
+                self._append(None, None, f"alert log: {gap[2]} alerts lost while it could not be "
+                             f"written ({error})", {"lost": gap[2], "first_seq": gap[0],
+                                                    "last_seq": gap[1], "error": error})
+        return self.error is None
+
+    def retry(self) -> None:
+        """Housekeeping: tries a failing log again (at most every ALERT_RETRY_S)."""
+        if self.error is not None and time.monotonic() >= self._next_retry:
+            self._flush()
+
     def append(self, ni: str, scanner: Optional[str], message: str, /, **fields) -> dict:
+        return self._append(ni, scanner, message, fields)
+
+    def _append(self, ni, scanner, message, fields: dict) -> dict:
         self.seq += 1
         rec = {"seq": self.seq, "time": time.time(), "ni": ni, "scanner": scanner,
                "message": message}
         if fields:
             rec["fields"] = fields
-        line = json.dumps(rec, default=str, separators=(",", ":"))
-        nbytes = len(line.encode()) + 1
-        for _ in range(2):
-            if self.path and self._f is None:
-                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-                self._f = open(self.path, "a", encoding="utf-8")
-                self._size = self._f.tell()
-            if self._f and self.max_bytes and self._size and self._size + nbytes > self.max_bytes:
-                self._rotate()
-                continue
-            break
-        if self._f:
-            self._size += nbytes
-            self._f.write(line + "\n")
-            self._f.flush()
-            os.fsync(self._f.fileno())
-        log.warning("ALERT #%d ni=%s scanner=%s: %s %s", self.seq, ni, scanner or "-", message,
-                    json.dumps(fields, default=str) if fields else "")
+        try:
+            line = json.dumps(rec, default=str, separators=(",", ":"), allow_nan=False)
+        except ValueError:      # NaN/Infinity: as strings, in the file and for the listeners
+            rec = _finite(rec)
+            line = encode_alert(rec)
+        durable = True
+        if self.path:
+            if len(self.pending) >= self.max_pending:
+                self.lost += 1
+                if self._gap is None:
+                    self._gap = [rec["seq"], rec["seq"], 0]
+                self._gap[1] = rec["seq"]
+                self._gap[2] += 1
+                durable = False
+            else:
+                self.pending.append(line)
+                if self.error is None or time.monotonic() >= self._next_retry:
+                    durable = self._flush() and not self.pending
+                else:
+                    durable = False
+        log.warning("%s", alert_summary(rec))
         self.recent.append(rec)
         del self.recent[:-1000]
+        heard = rec if durable else dict(rec, durable=False)
         for fn in self.listeners:
-            fn(rec)
+            try:
+                fn(heard)
+            except Exception:      # noqa: BLE001 - one listener's bug must not stop the others
+                log.exception("alert #%d: a listener failed", rec["seq"])
         return rec
 
     def close(self) -> None:
-        if self._f:
-            self._f.close()
-            self._f = None
+        if self.pending and self.path:
+            self._flush()
+        if self.pending or self._gap:
+            log.error("alert log %s: %d alerts held in memory and %d lost were never written",
+                      self.path, len(self.pending), self._gap[2] if self._gap else 0)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class _Bucket:
@@ -331,10 +544,9 @@ class ScannerProc:
         self._out_armed = False
         k.register(parent.fileno(), self.on_io)
         k.register(rerr, self.on_stderr)
-        self._send(wire.encode_control({
-            "op": "hello", "version": wire.VERSION, "scanner": self.name, "ni": self.nk.name,
-            "config": self.spec.config, "injections": [n for n, _ in self.spec.injections],
-            "stream_injections": [n for n, _ in self.spec.stream_injections]}))
+        self._send(wire.encode_hello(
+            self.name, self.nk.name, self.spec.config, [n for n, _ in self.spec.injections],
+            [n for n, _ in self.spec.stream_injections]))
         log.info("NI %s: scanner %s started (pid %d): %s", self.nk.name, self.name,
                  self.proc.pid, " ".join(argv))
         k.event("SCANNER_STARTED", ni=self.nk.name, scanner=self.name, pid=self.proc.pid)
@@ -516,7 +728,7 @@ class ScannerProc:
         for line in lines:
             if self._err_bucket.take():
                 log.info("scanner %s/%s: %s", self.nk.name, self.name,
-                         line.decode("utf-8", "replace")[:500])
+                         printable(line.decode("utf-8", "replace"), 500))
 
     def on_readable(self) -> None:
         for _ in range(256):       # bounded per wakeup so one scanner cannot starve the rest
@@ -818,6 +1030,8 @@ class NIKernel:
     def replace_policy(self, policy: Policy) -> None:
         """A new policy for this NI, without dropping traffic: rules change at once,
         scanners that stay keep running, subscriptions outside new rights are revoked."""
+        for spec in policy.scanners:      # PolicyError before anything changes or starts
+            check_wire(spec, self.name)
         # Frames the fast path already matched name their subscriptions by index into the
         # current list: hand them out before revoking shifts those indices.
         self.kernel.on_punts()
@@ -1228,6 +1442,7 @@ class Kernel:
         self.register = register
         self.unregister = unregister
         self.alerts = AlertLog(alert_log)
+        self.alerts.on_status.append(lambda name, data: self.event(name, **data))
         self.uids = sandbox.UidPool()
         self.nis: dict[int, NIKernel] = {}          # by port index
         self.events: list[Callable[[str, dict], None]] = []
@@ -1241,6 +1456,8 @@ class Kernel:
             fn(name, data)
 
     def attach(self, name: str, port, policy: Policy) -> NIKernel:
+        for spec in policy.scanners:      # PolicyError before any scanner starts
+            check_wire(spec, name)
         nk = NIKernel(self, name, port, policy)
         self.nis[port.index] = nk
         nk.start()
@@ -1282,6 +1499,7 @@ class Kernel:
         self.next_deadline = min((nk.deadline() for nk in self.nis.values()), default=float("inf"))
 
     def housekeeping(self) -> None:
+        self.alerts.retry()
         now = time.monotonic()
         nxt = float("inf")
         for nk in list(self.nis.values()):
