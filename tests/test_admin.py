@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from qemu.qmp import QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from nikit import policy, scanner_spec, tcp_frame, write_policy
+from nikit import fill_fs, policy, scanner_spec, tcp_frame, tiny_tmpfs, unsendable_configs, write_policy
 from nikit import wait_until as _wait
 from vhostni.admin import protocol as qp
 from vhostni.admin.alerts import SyslogSink, read_alerts
@@ -274,9 +274,13 @@ def test_syslog_sink(tmp_path):
     msg = rx.recv(9000).decode()
     assert re.match(r"<28>\w{3} [ \d]\d \d\d:\d\d:\d\d vhostni\[\d+\]: ALERT seq=5 ni=a scanner=s: hello "
                     r'\{"x":1\}$', msg), msg
+    sink({"seq": 7, "ni": "a", "scanner": "s", "message": "x\n<28>Jan  1 00:00:00 vhostni[1]: all clear\x1b[0m"})
+    msg = rx.recv(9000).decode()
+    assert "\n" not in msg and "\x1b" not in msg and msg.endswith("x\\x0a<28>Jan  1 00:00:00 vhostni[1]: "
+                                                                 "all clear\\x1b[0m")
     rx.close()
     sink({"seq": 6, "ni": "a", "message": "nobody listens"})   # gone: counted, not raised
-    assert sink.sent == 1 and sink.dropped == 1 and not sink.backlog
+    assert sink.sent == 2 and sink.dropped == 1 and not sink.backlog
     # a syslog daemon that does not keep up: copies wait (in order), never block
     rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     rx.bind(addr + "2")
@@ -483,6 +487,25 @@ def test_policy_over_qmp_takes_effect_on_live_traffic(run_dir):
     ev = _events_until(q, lambda e: e["event"] == "NI_DOWN")[-1]
     assert ev["data"] == {"ni": "a"}
     assert q.cmd("query-nis", name="a")[0]["state"] == "down"
+
+
+@pytest.mark.parametrize("kind", ["oversize", "deep"])
+def test_a_policy_the_scanner_wire_cannot_carry_is_refused_and_changes_nothing(run_dir, kind):
+    """It used to validate, then start the scanner and answer "internal error"."""
+    state = os.path.join(run_dir.dir, "state")
+    r = run_dir.run(nis=("a",), extra=["--state-dir", state])
+    q = run_dir.closing(r.qmp())
+    q.cmd("ni-set-policy", name="a", policy=_block(23))
+    bad = policy(scanners=[scanner_spec("big", "decider.py", config=unsendable_configs()[kind])])
+    for cmd, args in (("ni-validate-policy", {"policy": bad}), ("ni-set-policy", {"name": "a", "policy": bad})):
+        res = q.cmd_raw(cmd, args)
+        desc = res["error"]["desc"]
+        assert "scanner[0].config" in desc and "hello" in desc and "internal error" not in desc, desc
+    assert q.cmd("ni-get-policy", name="a")["policy"] == _block(23)
+    assert q.cmd("query-scanners") == []
+    with open(os.path.join(state, "policies", "a.json")) as f:
+        assert json.load(f) == _block(23)
+    assert "Traceback" not in r.log_text() and r.proc.poll() is None
 
 
 def test_scanners_over_qmp_events_and_alerts_after_a_reconnect(run_dir):
@@ -1192,3 +1215,43 @@ def test_ni_added_in_client_mode_comes_back_after_a_restart(run_dir):
     assert _exchange(a, c, f) == [f]
     q = run_dir.closing(r.qmp())
     assert q.cmd("query-nis", name="c")[0]["mode"] == "client"
+
+
+# ---------------------------------------------------------------------------
+# A full alert log file system (issue 16.1)
+# ---------------------------------------------------------------------------
+
+def test_a_full_alert_log_disk_never_stops_the_network(run_dir):
+    """The alert log on a full tmpfs: the daemon lives, the NIs forward, alerts still reach
+    QMP (marked not durable), the failure is an event and a counter; when space returns
+    the held alerts are written and ALERT_LOG_RECOVERED says so."""
+    with tiny_tmpfs(128) as d:
+        alog = os.path.join(d, "alerts.jsonl")
+        r = run_dir.run(nis=("a", "b"), extra=["--alert-log", alog])
+        q = run_dir.closing(r.qmp())
+        a = run_dir.closing(_driver(r.sock("a")))
+        b = run_dir.closing(_driver(r.sock("b")))
+        _events_until(q, lambda e: e["event"] == "NI_UP" and e["data"]["ni"] == "b")
+        filler = fill_fs(d)
+        q.cmd("ni-set-policy", name="a", policy=policy(scanners=[scanner_spec(
+            "flood", "alertflood.py", config={"count": 30}, alerts_per_second=5000)]))
+        evs = _events_until(q, lambda e: e["event"] == "VHOSTNI_ALERT" and e["data"].get("fields", {}).get("i") == 29)
+        assert "ALERT_LOG_FAILED" in [e["event"] for e in evs]
+        floods = [e["data"] for e in evs if e["event"] == "VHOSTNI_ALERT" and e["data"]["scanner"] == "flood"]
+        assert len(floods) == 30 and all(f["durable"] is False for f in floods)
+        info = q.cmd("query-alert-log")
+        assert "No space left" in info["error"] and info["pending"] >= 30 and info["lost"] == 0
+        assert _exchange(a, b, tcp_frame(dport=80, payload=b"still up")) == [tcp_frame(dport=80, payload=b"still up")]
+        assert r.proc.poll() is None
+        os.unlink(filler)
+        ev = _events_until(q, lambda e: e["event"] == "ALERT_LOG_RECOVERED")[-1]
+        assert ev["data"]["lost"] == 0
+        info = q.cmd("query-alert-log")
+        assert info["error"] is None and info["pending"] == 0
+        with open(alog) as f:
+            recs = [json.loads(line, parse_constant=lambda c: 1 / 0) for line in f]
+        assert [x["fields"]["i"] for x in recs if x["scanner"] == "flood"] == list(range(30))
+        assert [x["seq"] for x in recs] == sorted(x["seq"] for x in recs)
+        assert q.cmd("query-alerts", scanner="flood", limit=100)["alerts"][-1]["fields"]["i"] == 29
+        assert "cannot be written" in r.log_text() and "written again" in r.log_text()
+        assert r.stop() == 0

@@ -426,6 +426,14 @@ def test_sighup_reloads_a_running_daemon(tmp_path):
         log_says("not reloaded", 1)
         assert proc.poll() is None
         assert exchange(tcp_frame(dport=80), tcp_frame(dport=23)) == [tcp_frame(dport=23)]
+        # a scanner config the wire cannot carry: it used to stop the daemon, every NI down
+        big = _reload_policy(block=23)
+        big["scanner"][0]["config"]["blob"] = unsendable_configs()["oversize"]["blob"]
+        write_policy(str(pol), big)
+        proc.send_signal(signal.SIGHUP)
+        log_says("not reloaded", 2)
+        assert proc.poll() is None
+        assert exchange(tcp_frame(dport=80), tcp_frame(dport=23)) == [tcp_frame(dport=23)]
     finally:
         for drv in drivers:
             drv.close(graceful=False)
