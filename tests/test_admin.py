@@ -855,6 +855,75 @@ def test_unix_socket_peer_credentials(run_dir):
     assert head == "connected" and b'"package"' in data and b"error" not in data
 
 
+def _hold_as(uid: int, path: str, n: int):
+    """A forked child running as ``uid`` opens ``n`` connections to ``path``, reads each
+    one's first line, reports them (one line each) and holds them open until released.
+    Returns (pid, lines, release): write to ``release`` (a fd) to let it go."""
+    rfd, wfd = os.pipe()
+    gor, gow = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(rfd)
+            os.close(gow)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            held, out = [], []
+            for _ in range(n):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.settimeout(5)
+                try:
+                    s.connect(path)
+                    data = b""
+                    while b"\r\n" not in data:
+                        chunk = s.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    out.append(data.split(b"\r\n")[0].replace(b"\n", b" ") or b"EOF")
+                except OSError as exc:
+                    out.append(f"OSError {exc.strerror}".encode())
+                held.append(s)
+            os.write(wfd, b"\n".join(out) + b"\n.\n")
+            os.read(gor, 1)
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    os.close(gor)
+    buf = b""
+    while not buf.endswith(b"\n.\n"):
+        chunk = os.read(rfd, 65536)
+        if not chunk:
+            break
+        buf += chunk
+    os.close(rfd)
+    return pid, buf.decode().splitlines()[:-1], gow
+
+
+def test_one_uid_cannot_starve_another_on_the_unix_socket(run_dir):
+    from vhostni.admin import server as server_mod
+    cap = server_mod.MAX_SESSIONS_PER_PRINCIPAL
+    r = run_dir.run(nis=(), extra=["--admin-allow-uid", "65534", "--admin-allow-uid", "12345"])
+    pid, lines, release = _hold_as(65534, r.qmp_path, 20)
+    try:
+        greeted = [l for l in lines if '"QMP"' in l]
+        refused = [l for l in lines if f"too many admin sessions of uid 65534 ({cap})" in l]
+        assert len(greeted) == cap and len(refused) == 20 - cap, lines
+        # while it holds its sessions, another allowed uid and root get in at once
+        pid2, lines2, release2 = _hold_as(12345, r.qmp_path, 2)
+        os.write(release2, b"x")
+        os.waitpid(pid2, 0)
+        assert all('"QMP"' in l for l in lines2), lines2
+        q = run_dir.closing(r.qmp())
+        info = q.cmd("query-admin")
+        assert info["session_refused"] == 20 - cap
+        assert sorted(c["principal"] for c in info["clients"]) == ["uid 0"] + ["uid 65534"] * cap
+    finally:
+        os.write(release, b"x")
+        os.waitpid(pid, 0)
+
+
 # ---------------------------------------------------------------------------
 # TCP with mutual TLS
 # ---------------------------------------------------------------------------
@@ -977,6 +1046,83 @@ def test_tcp_needs_mutual_tls(run_dir, monkeypatch):
     _wait(lambda: r.log_text().count("TLS handshake failed") >= 3, what="three refused handshakes")
     assert asyncio.run(session("client"))                  # and the daemon serves on
     assert r.proc.poll() is None
+
+
+def test_unauthenticated_connections_cannot_lock_the_administrator_out(run_dir, monkeypatch):
+    """Attackers without a certificate hold as many TCP connections open as they can, from
+    many source addresses, reopening each one the daemon drops; an administrator with a
+    valid certificate still gets a session, quickly, every time."""
+    import threading
+    from vhostni.admin import server as server_mod
+    _no_zero_watermark_flush(monkeypatch)
+    pki = _make_pki(run_dir.dir)
+    r = run_dir.run(nis=("a",), admin=False, extra=[
+        "--admin", "tcp:127.0.0.1:0", "--tls-cert", pki["server_cert"], "--tls-key", pki["server_key"],
+        "--tls-ca", pki["ca"]])
+    port = int(r.wait_log(r"QMP listening on tcp:127\.0\.0\.1:(\d+)").group(1))
+    sources = [f"127.0.0.{i}" for i in range(1, 25)]
+    per_source = server_mod.MAX_PENDING_PER_SOURCE + 2
+    stop = threading.Event()
+    opened = [0]
+
+    def attacker():                # keeps per_source silent connections open from each source
+        socks: list = []
+        while not stop.is_set():
+            alive = []
+            for s in socks:
+                try:
+                    gone = s.recv(1, socket.MSG_DONTWAIT) == b""
+                except BlockingIOError:
+                    gone = False
+                except OSError:
+                    gone = True
+                if gone:
+                    s.close()
+                else:
+                    alive.append(s)
+            socks = alive
+            for src in sources:
+                while sum(1 for s in socks if s.getsockname()[0] == src) < per_source:
+                    s = socket.socket()
+                    s.bind((src, 0))
+                    s.setblocking(False)
+                    with contextlib.suppress(BlockingIOError):
+                        s.connect(("127.0.0.1", port))
+                    socks.append(s)
+                    opened[0] += 1
+            time.sleep(0.02)
+        for s in socks:
+            s.close()
+
+    th = threading.Thread(target=attacker, daemon=True)
+    th.start()
+
+    async def session():
+        qmp = QMPClient("admin")
+        await asyncio.wait_for(qmp.connect(("127.0.0.1", port), ssl=_client_ctx(pki, "client")), 10)
+        try:
+            return await asyncio.wait_for(qmp.execute("query-admin"), 10)
+        finally:
+            await qmp.disconnect()
+
+    try:
+        _wait(lambda: opened[0] > 2 * server_mod.MAX_PENDING, what="the attackers' connections")
+        time.sleep(1.0)
+        took = []
+        for _ in range(5):
+            t0 = time.monotonic()
+            info = asyncio.run(session())
+            took.append(time.monotonic() - t0)
+            assert [c["principal"] for c in info["clients"]] == ["certificate commonName=admin"]
+            assert info["pending"] <= server_mod.MAX_PENDING
+        assert info["pending_evicted"] > 0
+        print("admin session times under attack:", [round(t, 3) for t in took], info["pending_evicted"])
+        assert max(took) < 3.0, took
+    finally:
+        stop.set()
+        th.join(10)
+    assert r.proc.poll() is None
+    assert r.log_text().count("evicted for a new connection") <= 3      # rate-limited log lines
 
 
 def test_qmp_shell_works_unchanged(run_dir):

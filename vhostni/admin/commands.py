@@ -394,6 +394,15 @@ def query_alerts(ctx, args):
     return res
 
 
+@command("query-admin")
+def query_admin(ctx, args):
+    """The admin plane: ``listening`` endpoints, authenticated ``clients`` (peer,
+    principal, counters), ``pending`` connections (TLS handshake not done), and how many
+    peers were refused (``refused_uid``, ``session_refused``), evicted while pending
+    (``pending_evicted``) or dropped at the handshake deadline (``handshake_timeouts``)."""
+    return ctx.info()
+
+
 @command("query-alert-log")
 def query_alert_log(ctx, args):
     """The alert log's health: ``path``, ``seq`` (the newest alert's number), ``error``
