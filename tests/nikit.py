@@ -344,7 +344,10 @@ class Kit:
                    timeout, f"scanner {ni}/{scanner} to subscribe")
 
     def alerts(self) -> list[dict]:
-        """The alert log, parsed (every line must be a JSON object)."""
+        """The alert log, parsed (every line must be a JSON object); what was appended
+        before is in it (the log is written by a thread of its own: wait for it)."""
+        if self.daemon is not None:
+            self.daemon.kernel.alerts.flush()
         try:
             with open(self.alert_log) as f:
                 return [json.loads(line) for line in f]

@@ -653,3 +653,42 @@ def test_a_full_alert_log_file_system_holds_counts_and_marks_what_was_lost(monke
         seqs = [r["seq"] for r in recs]
         assert seqs == sorted(set(seqs)) and seqs == [1, 2, 3, 4, 5, 9, 10]
         assert AlertLog(path).seq == 10
+
+
+def test_the_alert_log_writer_group_commits_off_the_callers_thread(tmp_path, monkeypatch):
+    """With a writer thread an fsync never stalls the thread that appends (the data plane's):
+    appends return at once, one fsync covers a batch, and each alert is heard only after
+    the fsync that made it durable, in order, on the appending thread."""
+    import select
+    real_fsync, fsyncs = os.fsync, []
+
+    def slow_fsync(fd):
+        time.sleep(0.2)
+        real_fsync(fd)
+        fsyncs.append(time.monotonic())
+    monkeypatch.setattr(kernel_mod.os, "fsync", slow_fsync)
+    path = str(tmp_path / "alerts.jsonl")
+    log = AlertLog(path)
+    handlers = {}
+    log.start_writer(handlers.__setitem__, lambda fd: handlers.pop(fd, None))
+    heard, when = [], []
+
+    def listener(rec):
+        assert any(json.loads(line)["seq"] == rec["seq"] for line in open(path))
+        heard.append(rec["seq"])
+        when.append(time.monotonic())
+    log.listeners.append(listener)
+    t0 = time.monotonic()
+    for i in range(50):
+        log.append("a", "s", "m", i=i)
+    assert time.monotonic() - t0 < 0.15 and heard == []
+    [(fd, on_wake)] = handlers.items()
+    end = time.monotonic() + 10
+    while len(heard) < 50 and time.monotonic() < end:
+        if select.select([fd], [], [], 1)[0]:
+            on_wake()
+    assert heard == list(range(1, 51))
+    assert len(fsyncs) <= 3                           # group commit: not one fsync per alert
+    assert all(w >= fsyncs[0] for w in when)
+    log.close()
+    assert not handlers and [json.loads(line)["fields"]["i"] for line in open(path)] == list(range(50))

@@ -174,6 +174,8 @@ class Daemon:
         self.ep.register(self._sig_r, select.EPOLLIN)
         self.kernel = Kernel(self.switch, self.register, self.unregister, alert_log)
         self.register(self.switch.punt_fd, self.kernel.on_punts)
+        # the alert log's fsyncs on a thread of their own: they never stall forwarding
+        self.kernel.alerts.start_writer(self.register, self.unregister)
         # work other threads hand to this one (call_soon), and the pipe that wakes it
         self._inbox: deque = deque()
         self._inbox_r, self._inbox_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
