@@ -1373,7 +1373,8 @@ def test_a_full_alert_log_disk_never_stops_the_network(run_dir):
     the held alerts are written and ALERT_LOG_RECOVERED says so."""
     with tiny_tmpfs(128) as d:
         alog = os.path.join(d, "alerts.jsonl")
-        r = run_dir.run(nis=("a", "b"), extra=["--alert-log", alog])
+        stats = os.path.join(d, "stats.json")
+        r = run_dir.run(nis=("a", "b"), extra=["--alert-log", alog, "--stats-file", stats])
         q = run_dir.closing(r.qmp())
         a = run_dir.closing(_driver(r.sock("a")))
         b = run_dir.closing(_driver(r.sock("b")))
@@ -1383,6 +1384,8 @@ def test_a_full_alert_log_disk_never_stops_the_network(run_dir):
             "flood", "alertflood.py", config={"count": 30}, alerts_per_second=5000)]))
         evs = _events_until(q, lambda e: e["event"] == "VHOSTNI_ALERT" and e["data"].get("fields", {}).get("i") == 29)
         assert "ALERT_LOG_FAILED" in [e["event"] for e in evs]
+        if "STATS_FILE_FAILED" not in [e["event"] for e in evs]:      # every 250 ms
+            _events_until(q, lambda e: e["event"] == "STATS_FILE_FAILED")
         floods = [e["data"] for e in evs if e["event"] == "VHOSTNI_ALERT" and e["data"]["scanner"] == "flood"]
         assert len(floods) == 30 and all(f["durable"] is False for f in floods)
         info = q.cmd("query-alert-log")
@@ -1390,8 +1393,16 @@ def test_a_full_alert_log_disk_never_stops_the_network(run_dir):
         assert _exchange(a, b, tcp_frame(dport=80, payload=b"still up")) == [tcp_frame(dport=80, payload=b"still up")]
         assert r.proc.poll() is None
         os.unlink(filler)
-        ev = _events_until(q, lambda e: e["event"] == "ALERT_LOG_RECOVERED")[-1]
-        assert ev["data"]["lost"] == 0
+        evs = _events_until(q, lambda e: e["event"] == "ALERT_LOG_RECOVERED")
+        assert evs[-1]["data"]["lost"] == 0
+        if "STATS_FILE_RECOVERED" not in [e["event"] for e in evs]:
+            _events_until(q, lambda e: e["event"] == "STATS_FILE_RECOVERED")
+
+        def stats_now():
+            with open(stats) as f:
+                return json.load(f)
+        _wait(lambda: stats_now()["alert_log"]["error"] is None, what="the stats to show the recovery")
+        assert stats_now()["stats_write_errors"] > 0
         info = q.cmd("query-alert-log")
         assert info["error"] is None and info["pending"] == 0
         with open(alog) as f:

@@ -251,7 +251,10 @@ def ni_add(ctx, args):
     except (OSError, QMPError) as exc:
         ctx.daemon.remove_ni(name)
         ctx.runtime_nis.pop(name, None)
-        ctx.save_nis()
+        try:
+            ctx.save_nis()
+        except OSError as exc2:
+            log.error("admin: NI %s: state directory not updated: %s", name, exc2)
         raise QMPError(f"NI '{name}' not added: {exc}") from None
     log.info("admin: NI %s added on %s", name, path)
 
@@ -263,11 +266,16 @@ def ni_remove(ctx, args):
     name = args["name"]
     find_ni(ctx, name)
     ctx.daemon.remove_ni(name)
-    if ctx.runtime_nis.pop(name, None) is not None:
-        ctx.save_nis()
-    if ctx.state:
-        ctx.state.remove_policy(name)
     log.info("admin: NI %s removed", name)
+    try:
+        if ctx.runtime_nis.pop(name, None) is not None:
+            ctx.save_nis()
+        if ctx.state:
+            ctx.state.remove_policy(name)
+    except OSError as exc:
+        log.error("admin: NI %s: state directory not updated: %s", name, exc)
+        raise QMPError(f"NI '{name}' removed, but the state directory could not be updated "
+                       f"({exc}): it comes back after a restart") from None
 
 
 def _set_policy(ctx, name: str, pol, doc: dict) -> None:
