@@ -692,3 +692,20 @@ def test_the_alert_log_writer_group_commits_off_the_callers_thread(tmp_path, mon
     assert all(w >= fsyncs[0] for w in when)
     log.close()
     assert not handlers and [json.loads(line)["fields"]["i"] for line in open(path)] == list(range(50))
+
+
+def test_listeners_hear_alerts_in_seq_order_even_when_one_raises_another(tmp_path):
+    log = AlertLog(str(tmp_path / "alerts.jsonl"))
+    heard = []
+
+    def containment(rec):             # as a listener that alerts about what it did
+        heard.append(rec["seq"])
+        if rec["message"] == "worm":
+            log.append("a", None, "contained", after=rec["seq"])
+    log.listeners.append(containment)
+    log.listeners.append(lambda rec: 1 / 0)          # a broken listener stops nothing
+    log.append("a", "s", "worm")
+    log.append("a", "s", "more")
+    log.close()
+    assert heard == [1, 2, 3]
+    assert [json.loads(line)["message"] for line in open(tmp_path / "alerts.jsonl")] == ["worm", "contained", "more"]

@@ -162,6 +162,7 @@ class AlertLog:
         self._gap: Optional[list] = None          # [first seq, last seq, count] lost, unmarked
         self._next_retry = 0.0
         self._stop = False
+        self._delivering = False
         self._thread: Optional[threading.Thread] = None
         self._wake_r = self._wake_w = None
         self._unregister: Optional[Callable[[int], None]] = None
@@ -375,27 +376,39 @@ class AlertLog:
 
     # ---- hearing (the daemon's thread)
     def _deliver_ready(self) -> None:
-        with self._lock:
-            items = list(self._ready)
-            self._ready.clear()
-        for item in items:
-            if item[0] == "alert":
-                self._hear(item[1], item[2])
-            elif item[0] == "status":
-                _, name, data = item
-                if name == "ALERT_LOG_FAILED":
-                    log.error("alert log %s cannot be written (%s): alerts go on to their "
-                              "listeners without being durable; up to %d are held and written "
-                              "when it can be", self.path, data["error"], self.max_pending)
-                else:
-                    log.warning("alert log %s written again after %.1f s; %d alerts lost meanwhile",
-                                self.path, data["failed_for"], data["lost"])
-                self._status(name, **data)
+        # one item at a time, never re-entered (a listener may append an alert): listeners
+        # hear everything in the order it became ready
+        if self._delivering:
+            return
+        self._delivering = True
+        try:
+            while True:
+                with self._lock:
+                    if not self._ready:
+                        return
+                    item = self._ready.popleft()
+                self._deliver(item)
+        finally:
+            self._delivering = False
+
+    def _deliver(self, item: tuple) -> None:
+        if item[0] == "alert":
+            self._hear(item[1], item[2])
+        elif item[0] == "status":
+            _, name, data = item
+            if name == "ALERT_LOG_FAILED":
+                log.error("alert log %s cannot be written (%s): alerts go on to their "
+                          "listeners without being durable; up to %d are held and written "
+                          "when it can be", self.path, data["error"], self.max_pending)
             else:
-                _, gap, error = item
-                self._append(None, None, f"alert log: {gap[2]} alerts lost while it could not "
-                             f"be written ({error})", {"lost": gap[2], "first_seq": gap[0],
-                                                       "last_seq": gap[1], "error": error})
+                log.warning("alert log %s written again after %.1f s; %d alerts lost meanwhile",
+                            self.path, data["failed_for"], data["lost"])
+            self._status(name, **data)
+        else:
+            _, gap, error = item
+            self._append(None, None, f"alert log: {gap[2]} alerts lost while it could not "
+                         f"be written ({error})", {"lost": gap[2], "first_seq": gap[0],
+                                                   "last_seq": gap[1], "error": error})
 
     def _hear(self, rec: dict, durable: bool) -> None:
         heard = rec if durable else dict(rec, durable=False)
@@ -480,12 +493,17 @@ class AlertLog:
             with self._cv:
                 self._stop = True
                 self._cv.notify()
-            self._thread.join()
+            self._thread.join(10)
+            stuck = self._thread.is_alive()  # in an fsync that does not return (a dead disk)
             self._thread = None
             if self._unregister is not None:
                 self._unregister(self._wake_r)
             os.close(self._wake_r)
             os.close(self._wake_w)
+            if stuck:
+                log.error("alert log %s: the writer is stuck in a write; %d alerts not known "
+                          "durable", self.path, len(self.pending))
+                return
         if self.pending and self.path:
             self._write_step()               # a last try, on this thread
         self._deliver_ready()
