@@ -1060,7 +1060,9 @@ def test_unauthenticated_connections_cannot_lock_the_administrator_out(run_dir, 
         "--admin", "tcp:127.0.0.1:0", "--tls-cert", pki["server_cert"], "--tls-key", pki["server_key"],
         "--tls-ca", pki["ca"]])
     port = int(r.wait_log(r"QMP listening on tcp:127\.0\.0\.1:(\d+)").group(1))
-    sources = [f"127.0.0.{i}" for i in range(1, 25)]
+    # from 24 addresses other than the administrator's (one sharing its address competes with
+    # it for that address's MAX_PENDING_PER_SOURCE slots: see vhostni/admin/server.py)
+    sources = [f"127.0.0.{i}" for i in range(2, 26)]
     per_source = server_mod.MAX_PENDING_PER_SOURCE + 2
     stop = threading.Event()
     opened = [0]
@@ -1122,7 +1124,7 @@ def test_unauthenticated_connections_cannot_lock_the_administrator_out(run_dir, 
         stop.set()
         th.join(10)
     assert r.proc.poll() is None
-    assert r.log_text().count("evicted for a new connection") <= 3      # rate-limited log lines
+    assert r.log_text().count("evicted for a new connection") <= server_mod.WARN_BURST + 2   # rate-limited
 
 
 def test_qmp_shell_works_unchanged(run_dir):

@@ -24,15 +24,19 @@ connections never take a session's place:
 
 * pending: at most MAX_PENDING_PER_SOURCE from one source address and MAX_PENDING in all;
   a new connection over either cap evicts the oldest pending one that sent nothing yet (or
-  else the oldest) of its source, or of the source with the most, so an attacker must complete more than MAX_PENDING connections
-  within one administrator's handshake to keep them out, not merely hold sockets open; a
-  pending connection has HANDSHAKE_TIMEOUT seconds to authenticate;
+  else the oldest) of its source, or of the source with the most, so an attacker must
+  complete more than MAX_PENDING connections within one administrator's handshake to keep
+  them out, not merely hold sockets open (an attacker that shares the administrator's source
+  address competes with it for that address's slots only); a pending connection has
+  HANDSHAKE_TIMEOUT seconds to authenticate;
 * sessions: at most MAX_SESSIONS_PER_PRINCIPAL per principal (a unix uid, a TLS client
   certificate's subject), so that one uid or certificate cannot starve another, and
   MAX_SESSIONS in all (root's and the daemon's own uid's unix sessions are not held to that
   one).  A session over a cap is refused with a QMP error saying which.
 
-``info()`` (``query-admin``) counts what was refused, evicted and timed out.
+``info()`` (``query-admin``) counts what was refused, evicted, failed its handshake and
+timed out; the log lines for these (anyone can cause them at will) are rate-limited: a burst
+of WARN_BURST, then one every WARN_EVERY seconds saying how many were not logged.
 """
 from __future__ import annotations
 
@@ -62,7 +66,8 @@ MAX_PENDING = 32                  # TCP connections still in their TLS handshake
 MAX_PENDING_PER_SOURCE = 4        # ... from one source address
 HANDSHAKE_TIMEOUT = 3.0           # seconds a pending connection has to authenticate
 ACCEPTS_PER_WAKEUP = 64
-WARN_EVERY = 10.0                 # seconds between log lines about refused/evicted peers
+WARN_BURST = 10                   # log lines about refused/evicted peers, at once
+WARN_EVERY = 10.0                 # ... then one every this many seconds
 READ_CHUNK = 65536
 READS_PER_WAKEUP = 4
 PAUSE_READ = 256 << 10
@@ -166,7 +171,8 @@ class Client:
             except ssl.SSLWantReadError:
                 return True
             except (ssl.SSLError, OSError) as exc:
-                log.warning("admin: %s: TLS handshake failed, closing: %s", self.peer, exc)
+                self.server.note("handshake_failed", "admin: %s: TLS handshake failed, closing: %s",
+                                 self.peer, exc)
                 self._send_raw_best_effort()
                 self.close()
                 return False
@@ -338,8 +344,8 @@ class AdminServer:
         self.listeners: dict[int, _Listener] = {}
         self.clients: dict[int, Client] = {}
         self.counters = {"refused_uid": 0, "session_refused": 0, "pending_evicted": 0,
-                         "handshake_timeouts": 0}
-        self._warned: dict[str, tuple[float, int]] = {}   # counter -> (last log line, count then)
+                         "handshake_failed": 0, "handshake_timeouts": 0}
+        self._warned: dict[str, list] = {}   # counter -> [tokens, when, not logged]
         self._closed = False
         try:
             for spec in endpoints:
@@ -459,16 +465,20 @@ class AdminServer:
         victim.close()
 
     def note(self, counter: str, msg: str, *args) -> None:
-        """Counts an event of a kind an attacker can repeat at will, and logs it at most every
-        WARN_EVERY seconds (with how many were not logged)."""
+        """Counts an event of a kind an attacker can repeat at will, and logs it within a
+        budget (WARN_BURST lines, then one every WARN_EVERY seconds, saying how many were
+        not logged)."""
         self.counters[counter] += 1
         now = time.monotonic()
-        last, seen = self._warned.get(counter, (0.0, 0))
-        if now - last >= WARN_EVERY:
-            skipped = self.counters[counter] - seen - 1
-            log.warning(msg + (f" (and {skipped} more since the last such line)" if skipped > 0 else ""),
-                        *args)
-            self._warned[counter] = (now, self.counters[counter])
+        w = self._warned.setdefault(counter, [float(WARN_BURST), now, 0])
+        w[0] = min(float(WARN_BURST), w[0] + (now - w[1]) / WARN_EVERY)
+        w[1] = now
+        if w[0] < 1:
+            w[2] += 1
+            return
+        w[0] -= 1
+        skipped, w[2] = w[2], 0
+        log.warning(msg + (f" (and {skipped} more not logged)" if skipped else ""), *args)
 
     @staticmethod
     def _refuse(conn: socket.socket, desc: str) -> None:
