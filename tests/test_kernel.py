@@ -709,3 +709,17 @@ def test_listeners_hear_alerts_in_seq_order_even_when_one_raises_another(tmp_pat
     log.close()
     assert heard == [1, 2, 3]
     assert [json.loads(line)["message"] for line in open(tmp_path / "alerts.jsonl")] == ["worm", "contained", "more"]
+
+
+def test_a_scanner_cannot_forge_log_lines_or_put_nan_in_the_alert_log(kits, caplog):
+    caplog.set_level("INFO", logger="vhostni.kernel")
+    spec = scanner_spec("forger", "flood.py", config={"mode": "forge"})
+    k = kits({"a": policy(scanners=[spec])})
+    alert = k.wait_alert("scanner broke the protocol", "a", "forger")
+    assert "NaN is not JSON" in alert["message"]
+    for line in open(k.alert_log):
+        _strict(line)
+    k.until(lambda: "all clear" in caplog.text, what="the scanner's stderr line")
+    [line] = [r.getMessage() for r in caplog.records if "all clear" in r.getMessage()]
+    assert "\r" not in line and "\x1b" not in line
+    assert line.endswith("ok\\x0d2026-01-01 00:00:00 vhostni INFO all clear\\x1b[2K")
