@@ -1,7 +1,9 @@
 """Reading the alert log for ``query-alerts``, and the syslog sink.
 
 The JSON-lines log (vhostni.kernel.AlertLog) is the record: every alert is on disk,
-fsynced, before anyone hears of it, numbered by ``seq``.  ``query-alerts`` reads it back, so
+fsynced, before anyone hears of it, numbered by ``seq`` (while the log cannot be written,
+alerts are heard first, marked not durable, and written later or counted as lost, a
+marker alert saying which seqs: see AlertLog).  ``query-alerts`` reads it back, so
 an administrator who was not connected (or whose client was dropped) asks for everything
 after the last ``seq`` it saw and misses nothing the log still holds, across rotations.
 
