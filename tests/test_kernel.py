@@ -723,3 +723,24 @@ def test_a_scanner_cannot_forge_log_lines_or_put_nan_in_the_alert_log(kits, capl
     [line] = [r.getMessage() for r in caplog.records if "all clear" in r.getMessage()]
     assert "\r" not in line and "\x1b" not in line
     assert line.endswith("ok\\x0d2026-01-01 00:00:00 vhostni INFO all clear\\x1b[2K")
+
+
+def test_an_unexpected_exception_in_control_work_does_not_end_the_daemon(kits, caplog):
+    """A bug (here: a housekeeper that raises) is logged and counted; the loop goes on."""
+    k = kits({})
+    calls = []
+
+    def buggy():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in some housekeeping")
+        if len(calls) >= 3:
+            k.daemon.request_stop()
+    k.daemon.housekeepers.append(buggy)
+    with time_limit(10, "the daemon loop"):
+        k.daemon.run()
+    assert len(calls) >= 3 and k.daemon.uncaught == 1
+    assert k.daemon.stats()["internal_errors"] == 1
+    assert "a bug in some housekeeping" in caplog.text and "the daemon goes on" in caplog.text
+    k.send("a", tcp_frame(payload=b"still forwarding"))
+    assert k.recv("b", 1.0) == [tcp_frame(payload=b"still forwarding")]
