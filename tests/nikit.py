@@ -114,6 +114,53 @@ def scanner_spec(name: str, program: str, allow: Iterable[dict] = (), **kw) -> d
     return {"name": name, "program": path, "allow": list(allow), **kw}
 
 
+@contextlib.contextmanager
+def tiny_tmpfs(kib: int = 64):
+    """A private tmpfs of ``kib`` KiB (needs root), unmounted after."""
+    import subprocess
+    d = tempfile.mkdtemp(prefix="vntmpfs-", dir="/tmp")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k,mode=0755", "tmpfs", d],
+                       capture_output=True, text=True)
+    if r.returncode:
+        os.rmdir(d)
+        import pytest
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", d], check=False)
+        os.rmdir(d)
+
+
+def fill_fs(d: str, leave_pages: int = 0) -> str:
+    """Fills the file system of directory ``d`` with one file, then frees ``leave_pages``
+    4 KiB pages of it; returns the file's path (unlink it to free the space)."""
+    path = os.path.join(d, "filler")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    size = 0
+    try:
+        while True:
+            size += os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    os.truncate(path, max(0, size - leave_pages * 4096))
+    return path
+
+
+def unsendable_configs() -> dict[str, dict]:
+    """Scanner configs a policy file can hold that the scanner wire's hello cannot carry:
+    over MAX_JSON bytes, or nested so the hello is one level deeper than MAX_DEPTH."""
+    from vhostni.scanner import wire
+    deep: dict = {}
+    cur = deep
+    for _ in range(wire.MAX_DEPTH - 1):
+        cur["d"] = {}
+        cur = cur["d"]
+    return {"oversize": {"blob": "x" * (wire.MAX_JSON + 1)}, "deep": deep}
+
+
 def policy(mac: Optional[bytes] = None, addresses: Iterable[str] = (), prevent: Iterable[dict] = (),
            scanners: Iterable[dict] = (), **ni) -> dict:
     """A policy document: ``ni`` keys (hold_timeout_ms=..., default_decision=...) as keywords."""
@@ -305,7 +352,10 @@ class Kit:
                    timeout, f"scanner {ni}/{scanner} to subscribe")
 
     def alerts(self) -> list[dict]:
-        """The alert log, parsed (every line must be a JSON object)."""
+        """The alert log, parsed (every line must be a JSON object); what was appended
+        before is in it (the log is written by a thread of its own: wait for it)."""
+        if self.daemon is not None:
+            self.daemon.kernel.alerts.flush()
         try:
             with open(self.alert_log) as f:
                 return [json.loads(line) for line in f]

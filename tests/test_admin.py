@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from qemu.qmp import QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from nikit import policy, scanner_spec, tcp_frame, write_policy
+from nikit import fill_fs, policy, scanner_spec, tcp_frame, tiny_tmpfs, unsendable_configs, write_policy
 from nikit import wait_until as _wait
 from vhostni.admin import protocol as qp
 from vhostni.admin.alerts import SyslogSink, read_alerts
@@ -274,9 +274,13 @@ def test_syslog_sink(tmp_path):
     msg = rx.recv(9000).decode()
     assert re.match(r"<28>\w{3} [ \d]\d \d\d:\d\d:\d\d vhostni\[\d+\]: ALERT seq=5 ni=a scanner=s: hello "
                     r'\{"x":1\}$', msg), msg
+    sink({"seq": 7, "ni": "a", "scanner": "s", "message": "x\n<28>Jan  1 00:00:00 vhostni[1]: all clear\x1b[0m"})
+    msg = rx.recv(9000).decode()
+    assert "\n" not in msg and "\x1b" not in msg and msg.endswith("x\\x0a<28>Jan  1 00:00:00 vhostni[1]: "
+                                                                 "all clear\\x1b[0m")
     rx.close()
     sink({"seq": 6, "ni": "a", "message": "nobody listens"})   # gone: counted, not raised
-    assert sink.sent == 1 and sink.dropped == 1 and not sink.backlog
+    assert sink.sent == 2 and sink.dropped == 1 and not sink.backlog
     # a syslog daemon that does not keep up: copies wait (in order), never block
     rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     rx.bind(addr + "2")
@@ -483,6 +487,25 @@ def test_policy_over_qmp_takes_effect_on_live_traffic(run_dir):
     ev = _events_until(q, lambda e: e["event"] == "NI_DOWN")[-1]
     assert ev["data"] == {"ni": "a"}
     assert q.cmd("query-nis", name="a")[0]["state"] == "down"
+
+
+@pytest.mark.parametrize("kind", ["oversize", "deep"])
+def test_a_policy_the_scanner_wire_cannot_carry_is_refused_and_changes_nothing(run_dir, kind):
+    """It used to validate, then start the scanner and answer "internal error"."""
+    state = os.path.join(run_dir.dir, "state")
+    r = run_dir.run(nis=("a",), extra=["--state-dir", state])
+    q = run_dir.closing(r.qmp())
+    q.cmd("ni-set-policy", name="a", policy=_block(23))
+    bad = policy(scanners=[scanner_spec("big", "decider.py", config=unsendable_configs()[kind])])
+    for cmd, args in (("ni-validate-policy", {"policy": bad}), ("ni-set-policy", {"name": "a", "policy": bad})):
+        res = q.cmd_raw(cmd, args)
+        desc = res["error"]["desc"]
+        assert "scanner[0].config" in desc and "hello" in desc and "internal error" not in desc, desc
+    assert q.cmd("ni-get-policy", name="a")["policy"] == _block(23)
+    assert q.cmd("query-scanners") == []
+    with open(os.path.join(state, "policies", "a.json")) as f:
+        assert json.load(f) == _block(23)
+    assert "Traceback" not in r.log_text() and r.proc.poll() is None
 
 
 def test_scanners_over_qmp_events_and_alerts_after_a_reconnect(run_dir):
@@ -832,6 +855,75 @@ def test_unix_socket_peer_credentials(run_dir):
     assert head == "connected" and b'"package"' in data and b"error" not in data
 
 
+def _hold_as(uid: int, path: str, n: int):
+    """A forked child running as ``uid`` opens ``n`` connections to ``path``, reads each
+    one's first line, reports them (one line each) and holds them open until released.
+    Returns (pid, lines, release): write to ``release`` (a fd) to let it go."""
+    rfd, wfd = os.pipe()
+    gor, gow = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(rfd)
+            os.close(gow)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            held, out = [], []
+            for _ in range(n):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.settimeout(5)
+                try:
+                    s.connect(path)
+                    data = b""
+                    while b"\r\n" not in data:
+                        chunk = s.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    out.append(data.split(b"\r\n")[0].replace(b"\n", b" ") or b"EOF")
+                except OSError as exc:
+                    out.append(f"OSError {exc.strerror}".encode())
+                held.append(s)
+            os.write(wfd, b"\n".join(out) + b"\n.\n")
+            os.read(gor, 1)
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    os.close(gor)
+    buf = b""
+    while not buf.endswith(b"\n.\n"):
+        chunk = os.read(rfd, 65536)
+        if not chunk:
+            break
+        buf += chunk
+    os.close(rfd)
+    return pid, buf.decode().splitlines()[:-1], gow
+
+
+def test_one_uid_cannot_starve_another_on_the_unix_socket(run_dir):
+    from vhostni.admin import server as server_mod
+    cap = server_mod.MAX_SESSIONS_PER_PRINCIPAL
+    r = run_dir.run(nis=(), extra=["--admin-allow-uid", "65534", "--admin-allow-uid", "12345"])
+    pid, lines, release = _hold_as(65534, r.qmp_path, 20)
+    try:
+        greeted = [l for l in lines if '"QMP"' in l]
+        refused = [l for l in lines if f"too many admin sessions of uid 65534 ({cap})" in l]
+        assert len(greeted) == cap and len(refused) == 20 - cap, lines
+        # while it holds its sessions, another allowed uid and root get in at once
+        pid2, lines2, release2 = _hold_as(12345, r.qmp_path, 2)
+        os.write(release2, b"x")
+        os.waitpid(pid2, 0)
+        assert all('"QMP"' in l for l in lines2), lines2
+        q = run_dir.closing(r.qmp())
+        info = q.cmd("query-admin")
+        assert info["session_refused"] == 20 - cap
+        assert sorted(c["principal"] for c in info["clients"]) == ["uid 0"] + ["uid 65534"] * cap
+    finally:
+        os.write(release, b"x")
+        os.waitpid(pid, 0)
+
+
 # ---------------------------------------------------------------------------
 # TCP with mutual TLS
 # ---------------------------------------------------------------------------
@@ -954,6 +1046,85 @@ def test_tcp_needs_mutual_tls(run_dir, monkeypatch):
     _wait(lambda: r.log_text().count("TLS handshake failed") >= 3, what="three refused handshakes")
     assert asyncio.run(session("client"))                  # and the daemon serves on
     assert r.proc.poll() is None
+
+
+def test_unauthenticated_connections_cannot_lock_the_administrator_out(run_dir, monkeypatch):
+    """Attackers without a certificate hold as many TCP connections open as they can, from
+    many source addresses, reopening each one the daemon drops; an administrator with a
+    valid certificate still gets a session, quickly, every time."""
+    import threading
+    from vhostni.admin import server as server_mod
+    _no_zero_watermark_flush(monkeypatch)
+    pki = _make_pki(run_dir.dir)
+    r = run_dir.run(nis=("a",), admin=False, extra=[
+        "--admin", "tcp:127.0.0.1:0", "--tls-cert", pki["server_cert"], "--tls-key", pki["server_key"],
+        "--tls-ca", pki["ca"]])
+    port = int(r.wait_log(r"QMP listening on tcp:127\.0\.0\.1:(\d+)").group(1))
+    # from 24 addresses other than the administrator's (one sharing its address competes with
+    # it for that address's MAX_PENDING_PER_SOURCE slots: see vhostni/admin/server.py)
+    sources = [f"127.0.0.{i}" for i in range(2, 26)]
+    per_source = server_mod.MAX_PENDING_PER_SOURCE + 2
+    stop = threading.Event()
+    opened = [0]
+
+    def attacker():                # keeps per_source silent connections open from each source
+        socks: list = []
+        while not stop.is_set():
+            alive = []
+            for s in socks:
+                try:
+                    gone = s.recv(1, socket.MSG_DONTWAIT) == b""
+                except BlockingIOError:
+                    gone = False
+                except OSError:
+                    gone = True
+                if gone:
+                    s.close()
+                else:
+                    alive.append(s)
+            socks = alive
+            for src in sources:
+                while sum(1 for s in socks if s.getsockname()[0] == src) < per_source:
+                    s = socket.socket()
+                    s.bind((src, 0))
+                    s.setblocking(False)
+                    with contextlib.suppress(BlockingIOError):
+                        s.connect(("127.0.0.1", port))
+                    socks.append(s)
+                    opened[0] += 1
+            time.sleep(0.02)
+        for s in socks:
+            s.close()
+
+    th = threading.Thread(target=attacker, daemon=True)
+    th.start()
+
+    async def session():
+        qmp = QMPClient("admin")
+        await asyncio.wait_for(qmp.connect(("127.0.0.1", port), ssl=_client_ctx(pki, "client")), 10)
+        try:
+            return await asyncio.wait_for(qmp.execute("query-admin"), 10)
+        finally:
+            await qmp.disconnect()
+
+    try:
+        _wait(lambda: opened[0] > 2 * server_mod.MAX_PENDING, what="the attackers' connections")
+        time.sleep(1.0)
+        took = []
+        for _ in range(5):
+            t0 = time.monotonic()
+            info = asyncio.run(session())
+            took.append(time.monotonic() - t0)
+            assert [c["principal"] for c in info["clients"]] == ["certificate commonName=admin"]
+            assert info["pending"] <= server_mod.MAX_PENDING
+        assert info["pending_evicted"] > 0
+        print("admin session times under attack:", [round(t, 3) for t in took], info["pending_evicted"])
+        assert max(took) < 3.0, took
+    finally:
+        stop.set()
+        th.join(10)
+    assert r.proc.poll() is None
+    assert r.log_text().count("evicted for a new connection") <= server_mod.WARN_BURST + 2   # rate-limited
 
 
 def test_qmp_shell_works_unchanged(run_dir):
@@ -1192,3 +1363,54 @@ def test_ni_added_in_client_mode_comes_back_after_a_restart(run_dir):
     assert _exchange(a, c, f) == [f]
     q = run_dir.closing(r.qmp())
     assert q.cmd("query-nis", name="c")[0]["mode"] == "client"
+
+
+# ---------------------------------------------------------------------------
+# A full alert log file system (issue 16.1)
+# ---------------------------------------------------------------------------
+
+def test_a_full_alert_log_disk_never_stops_the_network(run_dir):
+    """The alert log on a full tmpfs: the daemon lives, the NIs forward, alerts still reach
+    QMP (marked not durable), the failure is an event and a counter; when space returns
+    the held alerts are written and ALERT_LOG_RECOVERED says so."""
+    with tiny_tmpfs(128) as d:
+        alog = os.path.join(d, "alerts.jsonl")
+        stats = os.path.join(d, "stats.json")
+        r = run_dir.run(nis=("a", "b"), extra=["--alert-log", alog, "--stats-file", stats])
+        q = run_dir.closing(r.qmp())
+        a = run_dir.closing(_driver(r.sock("a")))
+        b = run_dir.closing(_driver(r.sock("b")))
+        _events_until(q, lambda e: e["event"] == "NI_UP" and e["data"]["ni"] == "b")
+        filler = fill_fs(d)
+        q.cmd("ni-set-policy", name="a", policy=policy(scanners=[scanner_spec(
+            "flood", "alertflood.py", config={"count": 30}, alerts_per_second=5000)]))
+        evs = _events_until(q, lambda e: e["event"] == "VHOSTNI_ALERT" and e["data"].get("fields", {}).get("i") == 29)
+        assert "ALERT_LOG_FAILED" in [e["event"] for e in evs]
+        if "STATS_FILE_FAILED" not in [e["event"] for e in evs]:      # every 250 ms
+            _events_until(q, lambda e: e["event"] == "STATS_FILE_FAILED")
+        floods = [e["data"] for e in evs if e["event"] == "VHOSTNI_ALERT" and e["data"]["scanner"] == "flood"]
+        assert len(floods) == 30 and all(f["durable"] is False for f in floods)
+        info = q.cmd("query-alert-log")
+        assert "No space left" in info["error"] and info["pending"] >= 30 and info["lost"] == 0
+        assert _exchange(a, b, tcp_frame(dport=80, payload=b"still up")) == [tcp_frame(dport=80, payload=b"still up")]
+        assert r.proc.poll() is None
+        os.unlink(filler)
+        evs = _events_until(q, lambda e: e["event"] == "ALERT_LOG_RECOVERED")
+        assert evs[-1]["data"]["lost"] == 0
+        if "STATS_FILE_RECOVERED" not in [e["event"] for e in evs]:
+            _events_until(q, lambda e: e["event"] == "STATS_FILE_RECOVERED")
+
+        def stats_now():
+            with open(stats) as f:
+                return json.load(f)
+        _wait(lambda: stats_now()["alert_log"]["error"] is None, what="the stats to show the recovery")
+        assert stats_now()["stats_write_errors"] > 0
+        info = q.cmd("query-alert-log")
+        assert info["error"] is None and info["pending"] == 0
+        with open(alog) as f:
+            recs = [json.loads(line, parse_constant=lambda c: 1 / 0) for line in f]
+        assert [x["fields"]["i"] for x in recs if x["scanner"] == "flood"] == list(range(30))
+        assert [x["seq"] for x in recs] == sorted(x["seq"] for x in recs)
+        assert q.cmd("query-alerts", scanner="flood", limit=100)["alerts"][-1]["fields"]["i"] == 29
+        assert "cannot be written" in r.log_text() and "written again" in r.log_text()
+        assert r.stop() == 0

@@ -21,7 +21,8 @@ import pytest
 
 from nikit import (
     A_IP, A_MAC, B_IP, B_MAC, BCAST, TCP_ACK, TCP_SYN, Kit, alive, arp, bootp_request, eth, ipv4, ipv6, policy,
-    scanner_spec, tcp, tcp_frame, time_limit, udp, udp_frame, write_policy,
+    scanner_spec, tcp, tcp_frame, time_limit, udp, udp_frame, write_policy, fill_fs, tiny_tmpfs,
+    unsendable_configs,
 )
 from vhostni import kernel as kernel_mod
 from vhostni.kernel import AlertLog
@@ -310,6 +311,35 @@ def test_reload_with_an_invalid_file_keeps_the_old_policy(kits, caplog):
     assert k.sp("a", "dec").running and k.subscribed("a", "dec")
 
 
+@pytest.mark.parametrize("kind", ["oversize", "deep"])
+def test_a_policy_whose_hello_cannot_be_sent_is_never_applied(kits, caplog, kind):
+    """Validation refuses it (SIGHUP keeps the old policy); and were one to get past
+    validation, applying it fails before anything changed or any scanner started."""
+    from vhostni.policy import PolicyError, load_policy
+    k = kits({"a": _reload_policy(block=23)})
+    k.wait_subscribed("a", "dec")
+    old, pid = k.nk("a").policy, k.sp("a", "dec").proc.pid
+    bad = _reload_policy(block=80)
+    bad["scanner"].append(scanner_spec("big", "decider.py", config=unsendable_configs()[kind]))
+    k.reload("a", bad)
+    assert k.nk("a").policy is old and "not reloaded, keeping the old one" in caplog.text
+    assert "hello" in caplog.text
+    # past validation (a bug, or a policy changed after it): nothing changes, nothing starts
+    pol = load_policy(write_policy(os.path.join(k.dir, "ok.json"), _reload_policy(block=80)))
+    pol.scanners.append(kernel_mod.ScannerSpec(name="big", argv=pol.scanners[0].argv,
+                                               config=unsendable_configs()[kind], rights=[],
+                                               injections=[]))
+    for apply in (lambda: k.daemon.set_policy("a", pol),
+                  lambda: k.daemon.kernel.attach("b", k.daemon.nis["b"].port, pol)):
+        with pytest.raises(PolicyError, match="hello"):
+            apply()
+    assert k.nk("a").policy is old and set(k.nk("a").scanners) == {"dec"}
+    assert k.daemon.kernel.nis.get(k.daemon.nis["b"].port.index) is None
+    assert k.sp("a", "dec").proc.pid == pid and k.sp("a", "dec").running
+    k.send("a", tcp_frame(dport=23), tcp_frame(dport=80))
+    assert k.recv("b", 1.0) == [tcp_frame(dport=80)]
+
+
 def test_reload_revokes_subscriptions_outside_new_rights(kits):
     k = kits({"a": _reload_policy(block=23, contain_port=8080)})
     k.wait_subscribed("a", "dec")
@@ -474,6 +504,14 @@ def test_sighup_reloads_a_running_daemon(tmp_path):
         write_policy(str(pol), "{broken")
         proc.send_signal(signal.SIGHUP)
         log_says("not reloaded", 1)
+        assert proc.poll() is None
+        assert exchange(tcp_frame(dport=80), tcp_frame(dport=23)) == [tcp_frame(dport=23)]
+        # a scanner config the wire cannot carry: it used to stop the daemon, every NI down
+        big = _reload_policy(block=23)
+        big["scanner"][0]["config"]["blob"] = unsendable_configs()["oversize"]["blob"]
+        write_policy(str(pol), big)
+        proc.send_signal(signal.SIGHUP)
+        log_says("not reloaded", 2)
         assert proc.poll() is None
         assert exchange(tcp_frame(dport=80), tcp_frame(dport=23)) == [tcp_frame(dport=23)]
     finally:
@@ -641,3 +679,166 @@ def test_a_frame_another_scanner_cut_is_not_owed_forever(kits):
     k.run_for(0.3)
     assert k.sp("a", "mute").pending == {} and k.nk("a").held == {}
     assert k.recv("b", 0.2) == []
+
+
+def _strict(line: str) -> dict:
+    def refuse(name):
+        raise ValueError(f"{name} in the alert log")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_alert_log_is_strict_json_and_the_daemon_log_a_bounded_escaped_summary(tmp_path, caplog):
+    path = str(tmp_path / "alerts.jsonl")
+    log = AlertLog(path)
+    heard = []
+    log.listeners.append(heard.append)
+    caplog.set_level("WARNING", logger="vhostni.kernel")
+    forged = "worm found\n2026-01-01 vhostni INFO all clear \x1b[2J\u202egnp.exe\\x41"
+    log.append("a", "mail", forged, ratio=float("nan"), rates=[float("inf"), -float("inf"), 1.5],
+               message_b64="QUJD" * 2_500_000, nested={"x": {"y": float("nan")}})
+    log.close()
+    [line] = open(path).read().splitlines()
+    rec = _strict(line)
+    assert rec["message"] == forged                       # the record keeps it all, as data
+    assert rec["fields"]["ratio"] == "NaN" and rec["fields"]["rates"] == ["Infinity", "-Infinity", 1.5]
+    assert rec["fields"]["nested"] == {"x": {"y": "NaN"}}
+    assert len(rec["fields"]["message_b64"]) == 10_000_000
+    assert heard[0]["fields"]["ratio"] == "NaN"            # listeners (QMP events) get the same
+    [logged] = [r.getMessage() for r in caplog.records if "ALERT #1" in r.getMessage()]
+    assert "\n" not in logged and "\x1b" not in logged and "\u202e" not in logged
+    assert "worm found\\x0a2026-01-01" in logged and "\\x1b[2J" in logged and "\\u202e" in logged
+    assert "\\\\x41" in logged                           # a backslash is escaped too: no ambiguity
+    assert len(logged) < 1000 and "message_b64=<str of 10000000>" in logged
+
+
+def test_a_full_alert_log_file_system_holds_counts_and_marks_what_was_lost(monkeypatch):
+    """ENOSPC (a 64 KiB tmpfs): appends go on, nothing is raised, alerts reach their
+    listeners marked not durable, a bounded number are held, the rest counted; when space
+    returns the held ones are written, then a marker for the lost ones."""
+    monkeypatch.setattr(kernel_mod, "ALERT_RETRY_S", 0.0)
+    with tiny_tmpfs(64) as d:
+        path = os.path.join(d, "alerts.jsonl")
+        log = AlertLog(path, max_pending=4)
+        heard, status = [], []
+        log.listeners.append(heard.append)
+        log.on_status.append(lambda name, data: status.append((name, data)))
+        log.append("a", "s", "before")
+        filler = fill_fs(d, leave_pages=1)
+        size0 = os.path.getsize(path)
+        for i in range(7):                  # the first write is torn: one page, then ENOSPC
+            log.append("a", "s", f"during {i}", pad="p" * 9000, i=i)
+        assert os.path.getsize(path) == size0             # cut back: no torn line left
+        assert [n for n, _ in status] == ["ALERT_LOG_FAILED"]
+        assert "No space left" in status[0][1]["error"]
+        assert [h.get("durable", True) for h in heard] == [True] + [False] * 7
+        info = log.info()
+        assert (info["pending"], info["lost"]) == (4, 3) and info["error"] and info["write_errors"] >= 1
+        log.retry()                                        # still full: still failing, quietly
+        assert len(status) == 1 and log.info()["pending"] == 4
+        os.unlink(filler)
+        log.retry()
+        assert [n for n, _ in status] == ["ALERT_LOG_FAILED", "ALERT_LOG_RECOVERED"]
+        assert status[1][1]["lost"] == 3
+        after = log.append("a", "s", "after")
+        assert "durable" not in heard[-1] and log.info()["error"] is None
+        log.close()
+        recs = [_strict(line) for line in open(path).read().splitlines()]
+        assert [r["message"] for r in recs[:5]] == ["before"] + [f"during {i}" for i in range(4)]
+        marker = recs[5]
+        assert marker["ni"] is None and marker["fields"]["lost"] == 3
+        assert (marker["fields"]["first_seq"], marker["fields"]["last_seq"]) == (6, 8)
+        assert recs[6]["message"] == "after" and recs[6]["seq"] == after["seq"]
+        seqs = [r["seq"] for r in recs]
+        assert seqs == sorted(set(seqs)) and seqs == [1, 2, 3, 4, 5, 9, 10]
+        assert AlertLog(path).seq == 10
+
+
+def test_the_alert_log_writer_group_commits_off_the_callers_thread(tmp_path, monkeypatch):
+    """With a writer thread an fsync never stalls the thread that appends (the data plane's):
+    appends return at once, one fsync covers a batch, and each alert is heard only after
+    the fsync that made it durable, in order, on the appending thread."""
+    import select
+    real_fsync, fsyncs = os.fsync, []
+
+    def slow_fsync(fd):
+        time.sleep(0.2)
+        real_fsync(fd)
+        fsyncs.append(time.monotonic())
+    monkeypatch.setattr(kernel_mod.os, "fsync", slow_fsync)
+    path = str(tmp_path / "alerts.jsonl")
+    log = AlertLog(path)
+    handlers = {}
+    log.start_writer(handlers.__setitem__, lambda fd: handlers.pop(fd, None))
+    heard, when = [], []
+
+    def listener(rec):
+        assert any(json.loads(line)["seq"] == rec["seq"] for line in open(path))
+        heard.append(rec["seq"])
+        when.append(time.monotonic())
+    log.listeners.append(listener)
+    t0 = time.monotonic()
+    for i in range(50):
+        log.append("a", "s", "m", i=i)
+    assert time.monotonic() - t0 < 0.15 and heard == []
+    [(fd, on_wake)] = handlers.items()
+    end = time.monotonic() + 10
+    while len(heard) < 50 and time.monotonic() < end:
+        if select.select([fd], [], [], 1)[0]:
+            on_wake()
+    assert heard == list(range(1, 51))
+    assert len(fsyncs) <= 3                           # group commit: not one fsync per alert
+    assert all(w >= fsyncs[0] for w in when)
+    log.close()
+    assert not handlers and [json.loads(line)["fields"]["i"] for line in open(path)] == list(range(50))
+
+
+def test_listeners_hear_alerts_in_seq_order_even_when_one_raises_another(tmp_path):
+    log = AlertLog(str(tmp_path / "alerts.jsonl"))
+    heard = []
+
+    def containment(rec):             # as a listener that alerts about what it did
+        heard.append(rec["seq"])
+        if rec["message"] == "worm":
+            log.append("a", None, "contained", after=rec["seq"])
+    log.listeners.append(containment)
+    log.listeners.append(lambda rec: 1 / 0)          # a broken listener stops nothing
+    log.append("a", "s", "worm")
+    log.append("a", "s", "more")
+    log.close()
+    assert heard == [1, 2, 3]
+    assert [json.loads(line)["message"] for line in open(tmp_path / "alerts.jsonl")] == ["worm", "contained", "more"]
+
+
+def test_a_scanner_cannot_forge_log_lines_or_put_nan_in_the_alert_log(kits, caplog):
+    caplog.set_level("INFO", logger="vhostni.kernel")
+    spec = scanner_spec("forger", "flood.py", config={"mode": "forge"})
+    k = kits({"a": policy(scanners=[spec])})
+    alert = k.wait_alert("scanner broke the protocol", "a", "forger")
+    assert "NaN is not JSON" in alert["message"]
+    for line in open(k.alert_log):
+        _strict(line)
+    k.until(lambda: "all clear" in caplog.text, what="the scanner's stderr line")
+    [line] = [r.getMessage() for r in caplog.records if "all clear" in r.getMessage()]
+    assert "\r" not in line and "\x1b" not in line
+    assert line.endswith("ok\\x0d2026-01-01 00:00:00 vhostni INFO all clear\\x1b[2K")
+
+
+def test_an_unexpected_exception_in_control_work_does_not_end_the_daemon(kits, caplog):
+    """A bug (here: a housekeeper that raises) is logged and counted; the loop goes on."""
+    k = kits({})
+    calls = []
+
+    def buggy():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in some housekeeping")
+        if len(calls) >= 3:
+            k.daemon.request_stop()
+    k.daemon.housekeepers.append(buggy)
+    with time_limit(10, "the daemon loop"):
+        k.daemon.run()
+    assert len(calls) >= 3 and k.daemon.uncaught == 1
+    assert k.daemon.stats()["internal_errors"] == 1
+    assert "a bug in some housekeeping" in caplog.text and "the daemon goes on" in caplog.text
+    k.send("a", tcp_frame(payload=b"still forwarding"))
+    assert k.recv("b", 1.0) == [tcp_frame(payload=b"still forwarding")]

@@ -13,12 +13,13 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from nikit import SCANNERS, arp, eth, ipv4, ipv6, tcp, udp
+from nikit import SCANNERS, arp, eth, ipv4, ipv6, tcp, udp, unsendable_configs
 from vhostni._fastpath import ffi, lib
 from vhostni.fastpath import Switch
 from vhostni.policy import (
     DIR_FROM, DIR_TO, Match, Policy, PolicyError, load_policy, parse_match, parse_policy,
 )
+from vhostni.scanner import wire
 
 NULL = os.path.join(SCANNERS, "decider.py")
 
@@ -565,3 +566,57 @@ def test_the_matcher_harness_sees_matches(matcher):
     matcher.set([m(direction="from_guest", proto="tcp", dport=80), m(src="10.1.2.0/24"),
                  m(direction="to_guest", tcp_flags="syn,!ack"), m(proto="udp")])
     assert matcher.matched(f) == {DIR_FROM: 0b0011, DIR_TO: 0b0110}
+
+
+# ---------------------------------------------------------------------------
+# What the scanner wire carries (the hello: config, injection names) is validated
+# ---------------------------------------------------------------------------
+
+def _with_config(config) -> dict:
+    return {"scanner": [{"name": "s" * 32, "program": NULL, "config": config}]}
+
+
+@pytest.mark.parametrize("kind", ["oversize", "deep"])
+def test_a_config_the_wire_cannot_carry_does_not_validate(kind, tmp_path):
+    doc = _with_config(unsendable_configs()[kind])
+    with pytest.raises(PolicyError, match=r"scanner\[0\]\.config: .*hello") as info:
+        parse_policy(doc)
+    assert ("exceeds" if kind == "oversize" else "nested deeper") in str(info.value)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(PolicyError, match="hello"):
+        load_policy(str(path))
+
+
+def test_the_largest_and_deepest_config_the_wire_carries_validates():
+    # as deep as a hello can carry it, and as long as fits with the longest NI name
+    deep = unsendable_configs()["deep"]["d"]
+    assert parse_policy(_with_config(deep)).scanners[0].config == deep
+    n = wire.MAX_JSON - len(wire.encode_hello("s" * 32, "n" * 32, {"b": ""}, [], [])) + 1
+    assert parse_policy(_with_config({"b": "x" * n})).scanners[0].config == {"b": "x" * n}
+    with pytest.raises(PolicyError, match="exceeds"):
+        parse_policy(_with_config({"b": "x" * (n + 1)}))
+    # long injection names count too
+    doc = _with_config({"b": "x" * (n - 100)})
+    doc["scanner"][0]["inject"] = [{"name": "i" * 200, "frame": "00" * 14}]
+    with pytest.raises(PolicyError, match="exceeds"):
+        parse_policy(doc)
+
+
+def test_a_document_nested_beyond_any_use_is_refused_before_it_is_walked():
+    doc = _with_config({})
+    doc["comment"] = json.loads("[" * 900 + "]" * 900)
+    with pytest.raises(PolicyError, match="nested deeper than"):
+        parse_policy(doc)
+
+
+def test_non_json_values_in_a_config_do_not_validate(tmp_path):
+    """NaN (JSON policy files as Python reads them) and TOML dates have no strict-JSON form."""
+    js = tmp_path / "p.json"
+    js.write_text('{"scanner": [{"name": "s", "program": "%s", "config": {"r": NaN}}]}' % NULL)
+    with pytest.raises(PolicyError, match="not strict JSON"):
+        load_policy(str(js))
+    tm = tmp_path / "p.toml"
+    tm.write_text(f'[[scanner]]\nname = "s"\nprogram = "{NULL}"\nconfig = {{ when = 2026-01-01 }}\n')
+    with pytest.raises(PolicyError, match="not strict JSON"):
+        load_policy(str(tm))

@@ -535,3 +535,22 @@ def test_email_scanner_replaces_an_infected_attachment_in_a_capture(tmp_path):
     virus = [a for a in alerts_of(tmp_path / "alerts.jsonl") if a["fields"].get("event") == "virus"]
     assert len(virus) == 1 and virus[0]["fields"]["action"] == "replace", virus
     assert virus[0]["flow"]["dport"] == 25 and virus[0]["fields"]["verdict"] == "EICAR-Test-File"
+
+
+@pytest.mark.parametrize("kind", ["oversize", "deep"])
+def test_a_policy_whose_scanner_hello_cannot_be_sent_is_a_clear_error(tmp_path, kind):
+    """It used to pass validation and crash replay with a traceback when the kernel could
+    not encode the scanner's hello."""
+    from nikit import unsendable_configs
+    good = mixed_capture().write(tmp_path / "in.pcap")
+    pol = write_policy(str(tmp_path / "big.json"), policy(scanners=[
+        scanner_spec("big", "decider.py", config=unsendable_configs()[kind])]))
+    p = subprocess.run([sys.executable, "-m", "vhostni", "replay", "--guest-mac", GUEST, good,
+                        "--policy", pol, "--out", str(tmp_path / "out.pcap")],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "scanner[0].config" in p.stderr and "hello" in p.stderr
+    assert "Traceback" not in p.stderr
+    # an NI name longer than any NI can have is refused (the hello carries it)
+    p = subprocess.run([sys.executable, "-m", "vhostni", "replay", "--guest-mac", GUEST, good,
+                        "--ni", "n" * 33], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--ni" in p.stderr and "Traceback" not in p.stderr

@@ -2,6 +2,7 @@
 raise WireError and nothing else."""
 from __future__ import annotations
 
+import datetime
 import json
 import struct
 
@@ -91,14 +92,30 @@ def test_control_too_large_is_refused_on_both_sides():
     (b"J" + b"[" * 32000 + b"]" * 32000, "bad JSON"),                     # deeper than the stack
     (b'J{"op": "x", "f": ' + b"[" * 40 + b"]" * 40 + b"}", "nested deeper"),
     (b'J{"op": "x", "n": 1' + b"0" * 5000 + b"}", "bad JSON"),            # int too long to convert
-    (b'J{"op": "x", "n": NaN}', None),                                      # Python's json accepts it
+    (b'J{"op": "x", "n": NaN}', "NaN is not JSON"),                         # Python's json takes it
+    (b'J{"op": "x", "n": [-Infinity]}', "-Infinity is not JSON"),
 ])
 def test_malformed_messages(raw, why):
-    if why is None:
-        assert isinstance(wire.decode(raw), Control)
-        return
     with pytest.raises(WireError, match=why):
         wire.decode(raw)
+
+
+@pytest.mark.parametrize("value, why", [
+    (float("nan"), "not strict JSON"), ([float("inf")], "not strict JSON"),
+    (datetime.date(2026, 1, 1), "not strict JSON"),          # what a TOML config can hold
+    (json.loads("[" * wire.MAX_DEPTH + "]" * wire.MAX_DEPTH), "nested deeper"),
+])
+def test_the_encoder_refuses_what_the_decoder_would(value, why):
+    """Strict JSON within the limits both ways: a scanner's alert with a NaN fails at the call,
+    and the kernel never sends a hello the SDK cannot read."""
+    with pytest.raises(WireError, match=why):
+        wire.encode_control({"op": "alert", "message": "m", "fields": {"v": value}})
+    with pytest.raises(WireError, match=why):
+        wire.encode_hello("s", "ni", {"v": value}, [], [])
+    ok = wire.encode_hello("s", "ni", {"v": 1.5}, ["f"], ["g"])
+    assert wire.decode(ok).body == {"op": "hello", "version": wire.VERSION, "scanner": "s", "ni": "ni",
+                                    "config": {"v": 1.5}, "injections": ["f"],
+                                    "stream_injections": ["g"]}
 
 
 def test_nesting_up_to_the_limit_is_fine():

@@ -179,10 +179,15 @@ class Daemon:
         self.housekeepers: list[Callable[[], None]] = []   # called every HOUSEKEEPING_MS
         self._stop = False
         self._reload = False
+        self.uncaught = 0                  # exceptions _guarded caught: bugs, see the log
+        self.stats_error: Optional[str] = None   # why --stats-file cannot be written now
+        self.stats_write_errors = 0
         self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.ep.register(self._sig_r, select.EPOLLIN)
         self.kernel = Kernel(self.switch, self.register, self.unregister, alert_log, state_dir)
         self.register(self.switch.punt_fd, self.kernel.on_punts)
+        # the alert log's fsyncs on a thread of their own: they never stall forwarding
+        self.kernel.alerts.start_writer(self.register, self.unregister)
         # work other threads hand to this one (call_soon), and the pipe that wakes it
         self._inbox: deque = deque()
         self._inbox_r, self._inbox_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -222,14 +227,18 @@ class Daemon:
             pass
 
     def reload_policies(self) -> None:
-        """Re-reads every policy file; a file that does not validate keeps the old policy."""
-        for name, path in self.policy_files.items():
+        """Re-reads every policy file; a file that does not validate (or cannot be applied)
+        keeps the old policy, and nothing here stops the daemon."""
+        for name, path in list(self.policy_files.items()):
             try:
                 pol = load_policy(path)
+                self.set_policy(name, pol, path)
             except (OSError, PolicyError) as exc:
                 log.error("NI %s: policy %s not reloaded, keeping the old one: %s", name, path, exc)
                 continue
-            self.set_policy(name, pol, path)
+            except Exception:     # noqa: BLE001 - a bug must not take every NI down
+                log.exception("NI %s: policy %s not reloaded", name, path)
+                continue
             log.info("NI %s: policy reloaded from %s", name, path)
 
     def set_policy(self, name: str, pol, path: Optional[str] = None) -> None:
@@ -315,24 +324,34 @@ class Daemon:
                     wait = max(1, min(wait, int(left) + 1))
                 self.switch.run(wait, self.poll)
                 for fd, _ in self.ep.poll(0):
-                    self._control_event(fd)
+                    self._guarded(self._control_event, fd)
                 if self._reload:
                     self._reload = False
                     notify("RELOADING=1")
-                    self.reload_policies()
+                    self._guarded(self.reload_policies)
                     notify("READY=1")
                 now = time.monotonic()
                 if now - last_house >= HOUSEKEEPING_MS / 1000 or now >= self.kernel.next_deadline:
-                    self.kernel.housekeeping()
+                    self._guarded(self.kernel.housekeeping)
                 if now - last_house >= HOUSEKEEPING_MS / 1000:
                     last_house = now
-                    self._housekeeping()
+                    self._guarded(self._housekeeping)
         finally:
             notify("STOPPING=1")
             signal.set_wakeup_fd(old)
             for s, h in handlers.items():
                 signal.signal(s, h)
             self._housekeeping()
+
+    def _guarded(self, fn: Callable, *args) -> None:
+        """Runs one piece of control work; an exception it did not handle (a bug, an I/O
+        error nobody expected) is logged and counted, and the data plane goes on: it never
+        ends the daemon and every NI with it."""
+        try:
+            fn(*args)
+        except Exception:     # noqa: BLE001
+            self.uncaught += 1
+            log.exception("internal error (%d so far); the daemon goes on", self.uncaught)
 
     def _control_event(self, fd: int) -> None:
         if fd == self._sig_r:
@@ -424,10 +443,34 @@ class Daemon:
         for fn in self.housekeepers:
             fn()
         if self.stats_file:
-            tmp = self.stats_file + ".tmp"
+            self._write_stats()
+
+    def _write_stats(self) -> None:
+        """--stats-file, replaced atomically; a failure (full disk...) is logged once, counted,
+        and retried at the next housekeeping: the NIs go on."""
+        tmp = self.stats_file + ".tmp"
+        try:
+            data = json.dumps(self.stats(), indent=1)
             with open(tmp, "w") as f:
-                json.dump(self.stats(), f, indent=1)
+                f.write(data)
             os.replace(tmp, self.stats_file)
+        except OSError as exc:
+            self.stats_write_errors += 1
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            if self.stats_error is None:
+                log.error("stats file %s not written: %s (retrying; the NIs go on)",
+                          self.stats_file, exc)
+                self.kernel.event("STATS_FILE_FAILED", path=self.stats_file, error=str(exc))
+            self.stats_error = str(exc)
+            return
+        if self.stats_error is not None:
+            log.warning("stats file %s written again", self.stats_file)
+            self.kernel.event("STATS_FILE_RECOVERED", path=self.stats_file,
+                              failures=self.stats_write_errors)
+            self.stats_error = None
 
     # ---- vhost-user client mode
     def _connect_clients(self) -> None:
@@ -601,6 +644,9 @@ class Daemon:
             "nis": {name: dict(ni.info(), kernel=kernels.get(name)) for name, ni in self.nis.items()},
             "alerts": self.kernel.alerts.seq,
             "checkpoints": self.kernel.checkpoints.info(),
+            "alert_log": self.kernel.alerts.info(),
+            "internal_errors": self.uncaught,
+            "stats_write_errors": self.stats_write_errors,
             "uplinks": {name: port.stats() for name, port in self.uplinks.items()},
         }
 

@@ -57,6 +57,10 @@ ON_ALERT = ("none", "quarantine", "link-down")
 # the longest stream injection (csrc/vhostni.h VN_TCP_INJECT_MAX: what vn_stream_inject takes)
 STREAM_INJECT_MAX = 65536
 INJECT_KEYS = ("frame", "stream", "stream_hex")
+NI_NAME_MAX = 32       # NI names are 1-32 of [A-Za-z0-9_.-] (vhostni.cli, admin/state.py)
+# how deeply a policy document may nest at all: a scanner's config sits 3 levels down
+# (document, scanner array, scanner table) and may nest as deep as the wire lets its hello
+DOC_MAX_DEPTH = wire.MAX_DEPTH + 3
 
 
 class PolicyError(ValueError):
@@ -488,9 +492,32 @@ def _injections(w: str, entries: list) -> tuple[list, list]:
     return frames, streams
 
 
+def check_wire(spec: "ScannerSpec", ni: str = "n" * NI_NAME_MAX) -> None:
+    """PolicyError unless the hello the kernel sends this scanner (its config and injection
+    names, :func:`vhostni.scanner.wire.encode_hello`) fits the wire's limits for an NI
+    named ``ni`` (default: the longest name an NI can have), so that a policy that
+    validates can always be applied."""
+    why = _hello_error(spec, ni)
+    if why:
+        raise PolicyError(f"scanner {spec.name!r}", why)
+
+
+def _hello_error(spec: "ScannerSpec", ni: str = "n" * NI_NAME_MAX) -> Optional[str]:
+    try:
+        wire.encode_hello(spec.name, ni, spec.config, [n for n, _ in spec.injections],
+                          [n for n, _ in spec.stream_injections],
+                          spec.checkpoint_max_bytes, spec.checkpoint_max_bytes)
+    except wire.WireError as exc:
+        return f"its config and injection names must fit the scanner wire's hello message: {exc}"
+    return None
+
+
 def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Policy:
     if not isinstance(d, dict):
         raise PolicyError("", "a policy is a table")
+    if wire.depth(d, DOC_MAX_DEPTH) > DOC_MAX_DEPTH:
+        raise PolicyError("", f"nested deeper than {DOC_MAX_DEPTH} levels (a scanner's config "
+                              f"at most {wire.MAX_DEPTH - 1})")
     _check_keys(d, {"ni", "prevent", "scanner", "quarantine", "comment"}, "")
     p = Policy(source=source, doc=copy.deepcopy(d))
     ni = _want(d, "ni", "", dict, {})
@@ -626,6 +653,9 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
                 raise PolicyError(f"{w}.sockets[{j}]", "expected an absolute, normalised path "
                                   "of a unix socket")
         spec.sockets = list(sockets)
+        why = _hello_error(spec)
+        if why:
+            raise PolicyError(f"{w}.config", why)
         p.scanners.append(spec)
     return p
 

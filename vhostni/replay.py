@@ -59,7 +59,7 @@ from typing import Callable, Optional
 
 from . import pcap
 from .fastpath import Switch
-from .kernel import Kernel, ScannerProc
+from .kernel import Kernel, ScannerProc, encode_alert
 from .policy import Policy
 
 log = logging.getLogger("vhostni.replay")
@@ -513,7 +513,7 @@ def _run(reader, hdr, guest_mac, policy, fout, falerts, ni, speed, sync_timeout,
 
     def on_alert(rec: dict) -> None:
         if falerts is not None:
-            falerts.write(json.dumps(rec, default=str, separators=(",", ":")) + "\n")
+            falerts.write(encode_alert(rec) + "\n")       # strict JSON, one alert a line
             falerts.flush()
 
     error = None
@@ -591,9 +591,12 @@ def main(args) -> int:
         return fail("--sync-timeout must be positive")
     if not os.path.exists(args.input):
         return fail(f"{args.input}: no such file")
+    from .cli import NAME_RE
+    if not NAME_RE.match(args.ni):
+        return fail(f"--ni {args.ni!r}: NI names are 1-32 of [A-Za-z0-9_.-]")
+    from .policy import PolicyError, load_policy
     pol = None
     if args.policy:
-        from .policy import PolicyError, load_policy
         try:
             pol = load_policy(args.policy)
         except OSError as exc:
@@ -608,6 +611,8 @@ def main(args) -> int:
         if s is not None:
             print(json.dumps(s, indent=1), file=sys.stderr)
         return fail(str(exc))
+    except PolicyError as exc:      # validated, yet cannot be applied (a bug): said clearly
+        return fail(f"--policy: {exc}")
     except OSError as exc:          # writing the outputs failed (disk full...)
         print(f"vhostni replay: {exc}", file=sys.stderr)
         return 1

@@ -1,7 +1,9 @@
 """Reading the alert log for ``query-alerts``, and the syslog sink.
 
 The JSON-lines log (vhostni.kernel.AlertLog) is the record: every alert is on disk,
-fsynced, before anyone hears of it, numbered by ``seq``.  ``query-alerts`` reads it back, so
+fsynced, before anyone hears of it, numbered by ``seq`` (while the log cannot be written,
+alerts are heard first, marked not durable, and written later or counted as lost, a
+marker alert saying which seqs: see AlertLog).  ``query-alerts`` reads it back, so
 an administrator who was not connected (or whose client was dropped) asks for everything
 after the last ``seq`` it saw and misses nothing the log still holds, across rotations.
 
@@ -18,6 +20,8 @@ import os
 import socket
 import time
 from typing import IO, Iterable, Optional
+
+from ..logtext import printable
 
 SCAN_BUDGET = 4 << 20           # bytes of log one query-alerts reads at most
 REPLY_BUDGET = 1 << 20          # bytes of alerts one reply carries at most
@@ -179,8 +183,10 @@ class SyslogSink:
         pri = LOG_DAEMON * 8 + LOG_WARNING
         stamp = time.strftime("%b %d %H:%M:%S", time.localtime(rec.get("time", time.time())))
         fields = rec.get("fields")
+        # one line of text: a scanner's newline or escape sequence must not forge another
         text = (f"<{pri}>{stamp} {self.ident}[{os.getpid()}]: ALERT seq={rec.get('seq')} "
-                f"ni={rec.get('ni')} scanner={rec.get('scanner') or '-'}: {rec.get('message')}")
+                f"ni={printable(rec.get('ni'), 64)} scanner={printable(rec.get('scanner') or '-', 64)}: "
+                f"{printable(rec.get('message'), 4096)}")
         if fields:
             text += " " + json.dumps(fields, default=str, separators=(",", ":"))
         return text.encode("utf-8", "replace")[:8000]

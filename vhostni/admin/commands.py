@@ -251,7 +251,10 @@ def ni_add(ctx, args):
     except (OSError, QMPError) as exc:
         ctx.daemon.remove_ni(name)
         ctx.runtime_nis.pop(name, None)
-        ctx.save_nis()
+        try:
+            ctx.save_nis()
+        except OSError as exc2:
+            log.error("admin: NI %s: state directory not updated: %s", name, exc2)
         raise QMPError(f"NI '{name}' not added: {exc}") from None
     log.info("admin: NI %s added on %s", name, path)
 
@@ -263,19 +266,41 @@ def ni_remove(ctx, args):
     name = args["name"]
     find_ni(ctx, name)
     ctx.daemon.remove_ni(name)
-    if ctx.runtime_nis.pop(name, None) is not None:
-        ctx.save_nis()
-    if ctx.state:
-        ctx.state.remove_policy(name)
     log.info("admin: NI %s removed", name)
+    try:
+        if ctx.runtime_nis.pop(name, None) is not None:
+            ctx.save_nis()
+        if ctx.state:
+            ctx.state.remove_policy(name)
+    except OSError as exc:
+        log.error("admin: NI %s: state directory not updated: %s", name, exc)
+        raise QMPError(f"NI '{name}' removed, but the state directory could not be updated "
+                       f"({exc}): it comes back after a restart") from None
 
 
 def _set_policy(ctx, name: str, pol, doc: dict) -> None:
     path = None
+    old_doc = None
     if ctx.state:
+        nk = find_nk(ctx, name)
+        old_doc = nk.policy.doc if nk is not None and nk.policy.source == ctx.state.policy_path(name) else None
         path = ctx.state.save_policy(name, doc)
         pol.source = path
-    ctx.daemon.set_policy(name, pol, path)
+    try:
+        ctx.daemon.set_policy(name, pol, path)
+    except Exception as exc:
+        # the policy in effect is still the old one: so is the stored one
+        if ctx.state:
+            try:
+                if old_doc is not None:
+                    ctx.state.save_policy(name, old_doc)
+                else:
+                    ctx.state.remove_policy(name)
+            except OSError:
+                log.exception("admin: NI %s: stored policy not restored", name)
+        if not isinstance(exc, PolicyError):
+            log.exception("admin: NI %s: policy not applied", name)
+        raise QMPError(f"policy not applied, the old one stays: {exc}") from None
 
 
 @command("ni-set-policy", {"name": "str", "policy": "object"})
@@ -375,6 +400,25 @@ def query_alerts(ctx, args):
         res = read_recent(alog.recent, since, args.get("ni"), args.get("scanner"), limit)
     res["last-seq"] = alog.seq
     return res
+
+
+@command("query-admin")
+def query_admin(ctx, args):
+    """The admin plane: ``listening`` endpoints, authenticated ``clients`` (peer,
+    principal, counters), ``pending`` connections (TLS handshake not done), and how many
+    peers were refused (``refused_uid``, ``session_refused``), evicted while pending
+    (``pending_evicted``) or dropped at the handshake deadline (``handshake_timeouts``)."""
+    return ctx.info()
+
+
+@command("query-alert-log")
+def query_alert_log(ctx, args):
+    """The alert log's health: ``path``, ``seq`` (the newest alert's number), ``error``
+    (why it cannot be written now, or null), ``pending`` (alerts held in memory, not yet
+    durable), ``lost`` (alerts never written since the daemon started), ``write_errors``
+    and ``failing_for`` (seconds, or null).  ALERT_LOG_FAILED and ALERT_LOG_RECOVERED events
+    say when it changes."""
+    return ctx.alert_log.info()
 
 
 @command("quit")

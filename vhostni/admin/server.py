@@ -16,6 +16,27 @@ Who may connect: on a unix socket, the peer's uid (SO_PEERCRED, from the kernel)
 root, the daemon's own, or one given with ``--admin-allow-uid``; the socket file is 0600
 unless other uids are allowed (then 0666: the uid check decides).  On TCP, mutual TLS: the
 client must present a certificate signed by ``--tls-ca``.
+
+Nobody can lock the administrator out.  A connection is *pending* until it is
+authenticated (TCP: the TLS handshake completed with a valid client certificate; unix: at
+once, by its uid) and a *session* after.  The two are bounded separately, so that pending
+connections never take a session's place:
+
+* pending: at most MAX_PENDING_PER_SOURCE from one source address and MAX_PENDING in all;
+  a new connection over either cap evicts the oldest pending one that sent nothing yet (or
+  else the oldest) of its source, or of the source with the most, so an attacker must
+  complete more than MAX_PENDING connections within one administrator's handshake to keep
+  them out, not merely hold sockets open (an attacker that shares the administrator's source
+  address competes with it for that address's slots only); a pending connection has
+  HANDSHAKE_TIMEOUT seconds to authenticate;
+* sessions: at most MAX_SESSIONS_PER_PRINCIPAL per principal (a unix uid, a TLS client
+  certificate's subject), so that one uid or certificate cannot starve another, and
+  MAX_SESSIONS in all (root's and the daemon's own uid's unix sessions are not held to that
+  one).  A session over a cap is refused with a QMP error saying which.
+
+``info()`` (``query-admin``) counts what was refused, evicted, failed its handshake and
+timed out; the log lines for these (anyone can cause them at will) are rate-limited: a burst
+of WARN_BURST, then one every WARN_EVERY seconds saying how many were not logged.
 """
 from __future__ import annotations
 
@@ -32,18 +53,25 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from . import commands
+from ..logtext import printable
 from .state import socket_in_use
 from .protocol import (DEFAULT_MAX_MESSAGE, ConnectionClosed, Execute, InputError, MessageTooLarge,
                        NEED_DATA, Negotiated, QMPServerConnection, encode)
 
 log = logging.getLogger("vhostni.admin")
 
-MAX_CLIENTS = 16
+MAX_SESSIONS = 64                 # authenticated clients, all principals
+MAX_SESSIONS_PER_PRINCIPAL = 8    # ... of one unix uid / one TLS client certificate
+MAX_PENDING = 32                  # TCP connections still in their TLS handshake
+MAX_PENDING_PER_SOURCE = 4        # ... from one source address
+HANDSHAKE_TIMEOUT = 3.0           # seconds a pending connection has to authenticate
+ACCEPTS_PER_WAKEUP = 64
+WARN_BURST = 10                   # log lines about refused/evicted peers, at once
+WARN_EVERY = 10.0                 # ... then one every this many seconds
 READ_CHUNK = 65536
 READS_PER_WAKEUP = 4
 PAUSE_READ = 256 << 10
 MAX_OUTPUT = 4 << 20
-HANDSHAKE_TIMEOUT = 10.0
 
 
 @dataclass
@@ -84,11 +112,14 @@ class Client:
     """One admin connection: socket, optional TLS object, QMP state, queued output."""
 
     def __init__(self, server: "AdminServer", sock: socket.socket, peer: str,
-                 tls: Optional[ssl.SSLObject] = None, incoming=None, outgoing=None):
+                 tls: Optional[ssl.SSLObject] = None, incoming=None, outgoing=None,
+                 source: Optional[str] = None, principal: Optional[str] = None):
         self.server = server
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer
+        self.source = source            # TCP: the peer's address (pending caps)
+        self.principal = principal      # who it is once authenticated (session caps)
         self.tls, self._in_bio, self._out_bio = tls, incoming, outgoing
         self.handshaken = tls is None
         self.proto = QMPServerConnection(server.version, max_message=server.max_message)
@@ -98,6 +129,7 @@ class Client:
         self.closed = False
         self.commands = 0
         self.errors = 0
+        self.bytes_in = 0               # a pending peer that sent nothing is evicted first
 
     # ---- epoll
     def on_ready(self) -> None:
@@ -119,6 +151,7 @@ class Client:
                 log.info("admin: %s: connection lost (%s)", self.peer, exc)
                 self.close()
                 return
+            self.bytes_in += len(data)
             if self.tls is not None:
                 if not data:
                     self._feed(b"")
@@ -138,14 +171,28 @@ class Client:
             except ssl.SSLWantReadError:
                 return True
             except (ssl.SSLError, OSError) as exc:
-                log.warning("admin: %s: TLS handshake failed, closing: %s", self.peer, exc)
+                self.server.note("handshake_failed", "admin: %s: TLS handshake failed, closing: %s",
+                                 self.peer, exc)
+                self._send_raw_best_effort()
+                self.close()
+                return False
+            cert = self.tls.getpeercert() or {}
+            subject = printable(", ".join(f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn)
+                                or "?", 200)
+            why = self.server.session_refusal(f"certificate {subject}")
+            if why:
+                self.server.note("session_refused", "admin: %s: TLS client %s refused: %s",
+                                 self.peer, subject, why)
+                try:
+                    self.tls.write(encode({"error": {"class": "GenericError", "desc": why}}))
+                except (ssl.SSLError, OSError):
+                    pass
                 self._send_raw_best_effort()
                 self.close()
                 return False
             self.handshaken = True
-            cert = self.tls.getpeercert() or {}
-            subject = ", ".join(f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn)
-            log.info("admin: %s: TLS client %s connected", self.peer, subject or "?")
+            self.principal = f"certificate {subject}"
+            log.info("admin: %s: TLS client %s connected", self.peer, subject)
         while True:
             try:
                 plain = self.tls.read(READ_CHUNK)
@@ -196,10 +243,19 @@ class Client:
             self.proto.send_error(ev, exc.error_class, exc.desc)
         except Exception as exc:          # a bug in a command must not take the daemon down
             self.errors += 1
-            log.exception("admin: %s: command %s failed", self.peer, ev.command)
+            log.exception("admin: %s: command %s failed", self.peer, printable(ev.command, 64))
             self.proto.send_error(ev, "GenericError", f"internal error in {ev.command}: {exc}")
         else:
             self.proto.send_return(ev, value)
+
+    def has_spoken(self) -> bool:
+        """Has the peer sent anything (read already, or waiting in the socket)?"""
+        if self.bytes_in:
+            return True
+        try:
+            return bool(self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:
+            return False
 
     # ---- output
     def _send_raw_best_effort(self) -> None:
@@ -287,6 +343,9 @@ class AdminServer:
         self.ssl_ctx = server_tls_context(tls) if tls else None
         self.listeners: dict[int, _Listener] = {}
         self.clients: dict[int, Client] = {}
+        self.counters = {"refused_uid": 0, "session_refused": 0, "pending_evicted": 0,
+                         "handshake_failed": 0, "handshake_timeouts": 0}
+        self._warned: dict[str, list] = {}   # counter -> [tokens, when, not logged]
         self._closed = False
         try:
             for spec in endpoints:
@@ -326,7 +385,7 @@ class AdminServer:
             h, p = s.getsockname()[:2]
             where = f"tcp:[{h}]:{p}" if fam == socket.AF_INET6 else f"tcp:{h}:{p}"
             path = None
-        s.listen(8)
+        s.listen(64)       # drained ACCEPTS_PER_WAKEUP at a time; pending peers are capped after
         s.setblocking(False)
         lst = _Listener(kind, s, where, path)
         self.listeners[s.fileno()] = lst
@@ -338,7 +397,7 @@ class AdminServer:
         return [lst.where for lst in self.listeners.values()]
 
     def _accept(self, lst: _Listener) -> None:
-        for _ in range(8):
+        for _ in range(ACCEPTS_PER_WAKEUP):
             try:
                 conn, addr = lst.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -352,28 +411,74 @@ class AdminServer:
                     socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
                 peer = f"unix pid {pid} uid {uid}"
                 if uid not in self.allow_uids:
-                    log.warning("admin: refused %s: uid %d may not administer this daemon", peer, uid)
+                    self.note("refused_uid", "admin: refused %s: uid %d may not administer this daemon",
+                              peer, uid)
                     self._refuse(conn, f"uid {uid} may not administer this vhostni daemon")
                     continue
+                principal = f"uid {uid}"
+                why = self.session_refusal(principal, exempt=uid in (0, os.getuid()))
+                if why:
+                    self.note("session_refused", "admin: refused %s: %s", peer, why)
+                    self._refuse(conn, why)
+                    continue
+                client = Client(self, conn, peer, principal=principal)
             else:
                 peer = f"tcp {addr[0]}:{addr[1]}"
-            if len(self.clients) >= MAX_CLIENTS:
-                log.warning("admin: refused %s: %d clients already", peer, MAX_CLIENTS)
-                if lst.kind == "unix":
-                    self._refuse(conn, f"too many admin clients ({MAX_CLIENTS})")
-                else:
-                    conn.close()
-                continue
-            if lst.kind == "tcp":
+                self._make_room(addr[0])
                 inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
                 tls = self.ssl_ctx.wrap_bio(inc, out, server_side=True)
-                client = Client(self, conn, peer, tls, inc, out)
-            else:
-                client = Client(self, conn, peer)
+                client = Client(self, conn, peer, tls, inc, out, source=addr[0])
             self.clients[client.fd] = client
             self.daemon.register(client.fd, client.on_ready)
-            log.info("admin: %s connected", peer)
+            # a TCP peer is only pending: logged when authenticated (anyone can connect)
+            log.log(logging.DEBUG if lst.kind == "tcp" else logging.INFO, "admin: %s connected", peer)
             client._flush()               # the greeting (after the handshake, on TLS)
+
+    def session_refusal(self, principal: str, exempt: bool = False) -> Optional[str]:
+        """Why ``principal`` may not open one more session now (None: it may)."""
+        sessions = [c for c in self.clients.values() if c.handshaken and not c.closed]
+        mine = sum(1 for c in sessions if c.principal == principal)
+        if mine >= MAX_SESSIONS_PER_PRINCIPAL:
+            return f"too many admin sessions of {principal} ({MAX_SESSIONS_PER_PRINCIPAL})"
+        if len(sessions) >= MAX_SESSIONS and not exempt:
+            return f"too many admin sessions ({MAX_SESSIONS})"
+        return None
+
+    def _make_room(self, source: str) -> None:
+        """Before a new pending connection from ``source``: evicts the oldest pending one of
+        that source at its cap, or of the busiest source when all pending slots are taken."""
+        pending = [c for c in self.clients.values() if not c.handshaken and not c.closed]
+        same = [c for c in pending if c.source == source]
+        def first(cands):          # silent ones first (a real client talks at once), oldest first
+            return min(cands, key=lambda c: (c.has_spoken(), c.created))
+        if len(same) >= MAX_PENDING_PER_SOURCE:
+            victim = first(same)
+        elif len(pending) >= MAX_PENDING:
+            by_source: dict = {}
+            for c in pending:
+                by_source.setdefault(c.source, []).append(c)
+            victim = first(max(by_source.values(), key=len))
+        else:
+            return
+        self.note("pending_evicted", "admin: %s: still not authenticated, evicted for a new "
+                  "connection (%d pending)", victim.peer, len(pending))
+        victim.close()
+
+    def note(self, counter: str, msg: str, *args) -> None:
+        """Counts an event of a kind an attacker can repeat at will, and logs it within a
+        budget (WARN_BURST lines, then one every WARN_EVERY seconds, saying how many were
+        not logged)."""
+        self.counters[counter] += 1
+        now = time.monotonic()
+        w = self._warned.setdefault(counter, [float(WARN_BURST), now, 0])
+        w[0] = min(float(WARN_BURST), w[0] + (now - w[1]) / WARN_EVERY)
+        w[1] = now
+        if w[0] < 1:
+            w[2] += 1
+            return
+        w[0] -= 1
+        skipped, w[2] = w[2], 0
+        log.warning(msg + (f" (and {skipped} more not logged)" if skipped else ""), *args)
 
     @staticmethod
     def _refuse(conn: socket.socket, desc: str) -> None:
@@ -408,8 +513,8 @@ class AdminServer:
         now = time.monotonic()
         for client in list(self.clients.values()):
             if not client.handshaken and now - client.created > HANDSHAKE_TIMEOUT:
-                log.warning("admin: %s: no TLS handshake within %.0f s; dropped", client.peer,
-                            HANDSHAKE_TIMEOUT)
+                self.note("handshake_timeouts", "admin: %s: no TLS handshake within %.0f s; dropped",
+                          client.peer, HANDSHAKE_TIMEOUT)
                 client.close()
 
     # ---- for the commands
@@ -419,8 +524,11 @@ class AdminServer:
 
     def info(self) -> dict:
         return {"listening": self.addresses,
-                "clients": [{"peer": c.peer, "commands": c.commands, "errors": c.errors,
-                             "queued": len(c.raw_out)} for c in self.clients.values()]}
+                "clients": [{"peer": c.peer, "principal": c.principal, "commands": c.commands,
+                             "errors": c.errors, "queued": len(c.raw_out)}
+                            for c in self.clients.values() if c.handshaken],
+                "pending": sum(1 for c in self.clients.values() if not c.handshaken),
+                **self.counters}
 
     def close(self) -> None:
         if self._closed:

@@ -431,7 +431,9 @@ class Scanner:
         self._request({"op": "inject", "index": int(index), "direction": direction})
 
     def alert(self, message: str, /, **fields) -> None:
-        """Sends an alert to the administrator (the kernel rate-limits them)."""
+        """Sends an alert to the administrator (the kernel rate-limits them).  ``fields``
+        must be strict JSON within the wire's limits: a NaN or Infinity, a value JSON has no
+        type for, or more than wire.MAX_JSON bytes raises WireError here (a ValueError)."""
         self.sock.send(wire.encode_control({"op": "alert", "message": str(message), "fields": fields}))
 
     # ---- state kept by the NI kernel

@@ -90,8 +90,12 @@ message is:
   deterministic): the SDK answers ``synced`` with the same id once every event before the
   sync was taken and the scanner asks for its next one.
 
-  A control message is at most MAX_JSON bytes of JSON whose lists and objects nest at
-  most MAX_DEPTH levels.
+  A control message is at most MAX_JSON bytes of strict JSON (RFC 8259: no NaN or
+  Infinity) whose lists and objects nest at most MAX_DEPTH levels.  Both sides check this
+  when they encode (:func:`encode_control` raises WireError, so a scanner's ``alert`` with
+  a NaN field fails at the call) and when they decode; the policy validator checks the
+  hello it will send (:func:`encode_hello`) against the same limits, so a policy that
+  validates can always be sent.
 
 This module is shared by the SDK and the kernel and imports nothing from either.
 """
@@ -100,7 +104,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 VERSION = 1
 FROM_GUEST = 1
@@ -212,22 +216,47 @@ def encode_checkpoint(kind: int, data: bytes) -> bytes:
 
 
 def encode_control(body: dict) -> bytes:
-    data = json.dumps(body, separators=(",", ":")).encode()
+    """``'J'`` + ``body`` as compact strict JSON; WireError if it is nested deeper than
+    MAX_DEPTH, longer than MAX_JSON, holds a non-finite float or a value JSON has no
+    type for (e.g. a TOML date)."""
+    if depth(body) > MAX_DEPTH:
+        raise WireError(f"control message nested deeper than {MAX_DEPTH} levels")
+    try:
+        data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise WireError(f"control message is not strict JSON: {exc}") from None
     if len(data) > MAX_JSON:
         raise WireError(f"control message of {len(data)} bytes exceeds {MAX_JSON}")
     return b"J" + data
 
 
-def _depth(obj) -> int:
-    """How deeply lists and objects nest in a decoded JSON value (iteratively)."""
+def encode_hello(scanner: str, ni: str, config: dict, injections: list[str],
+                 stream_injections: list[str], checkpoint_max: int = 0,
+                 checkpoint: Optional[int] = None) -> bytes:
+    """The kernel's first message to a scanner (one place, so that the policy validator
+    checks exactly what the kernel will send). ``checkpoint_max`` is the scanner's limit for
+    checkpoints; ``checkpoint`` the length of the saved one the kernel sends next (None: none)."""
+    return encode_control({"op": "hello", "version": VERSION, "scanner": scanner, "ni": ni,
+                           "config": config, "injections": injections,
+                           "stream_injections": stream_injections,
+                           "checkpoint_max": checkpoint_max, "checkpoint": checkpoint})
+
+
+def depth(obj, limit: int = MAX_DEPTH) -> int:
+    """How deeply lists and objects nest in a decoded JSON value (iteratively; counting
+    stops just past ``limit``)."""
     deepest, stack = 0, [(obj, 1)]
     while stack:
         o, d = stack.pop()
-        if isinstance(o, (dict, list)):
+        if isinstance(o, (dict, list, tuple)):
             deepest = max(deepest, d)
-            if d <= MAX_DEPTH:
+            if d <= limit:
                 stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
     return deepest
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def decode(msg: bytes) -> Message:
@@ -281,12 +310,12 @@ def decode(msg: bytes) -> Message:
         if len(msg) - 1 > MAX_JSON:
             raise WireError("control message too large")
         try:
-            body = json.loads(msg[1:].decode())
+            body = json.loads(msg[1:].decode(), parse_constant=_no_constant)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise WireError(f"bad JSON: {exc}") from None
         if not isinstance(body, dict) or not isinstance(body.get("op"), str):
             raise WireError("control message must be a JSON object with an 'op' string")
-        if _depth(body) > MAX_DEPTH:
+        if depth(body) > MAX_DEPTH:
             raise WireError(f"control message nested deeper than {MAX_DEPTH}")
         return Control(body)
     raise WireError(f"unknown message type {kind!r}")
