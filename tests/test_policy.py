@@ -592,7 +592,7 @@ def test_the_largest_and_deepest_config_the_wire_carries_validates():
     # as deep as a hello can carry it, and as long as fits with the longest NI name
     deep = unsendable_configs()["deep"]["d"]
     assert parse_policy(_with_config(deep)).scanners[0].config == deep
-    n = wire.MAX_JSON - len(wire.encode_hello("s" * 32, "n" * 32, {"b": ""}, [], [])) + 1
+    n = wire.MAX_JSON - len(wire.encode_hello("s" * 32, "n" * 32, {"b": ""}, [], [], 65536, 65536)) + 1
     assert parse_policy(_with_config({"b": "x" * n})).scanners[0].config == {"b": "x" * n}
     with pytest.raises(PolicyError, match="exceeds"):
         parse_policy(_with_config({"b": "x" * (n + 1)}))
