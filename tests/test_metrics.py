@@ -31,7 +31,9 @@ def test_parse_listen():
 def test_collector_labels_are_bounded():
     """Labels come from NI and scanner names and the C counter names; figures of a guest's
     choosing (addresses, ports) never become labels."""
-    snap = {"alerts": 3, "nis": {"vm1": {
+    snap = {"alerts": 3, "internal_errors": 1,
+            "alert_log": {"pending": 2, "lost": 1, "write_errors": 4, "error": "ENOSPC", "path": "/x"},
+            "checkpoints": {"scanners": 2, "bytes": 100, "dir": "/var/lib"}, "nis": {"vm1": {
         "connected": True, "link": "up", "in_frames": 5, "out_bytes": 7, "drop_spoofed": 2,
         "tcp_killed": 1, "backlog_max": 4, "socket": "/run/x", "features": "0x1",
         "kernel": {"held": 2, "tcp_bytes": 10, "decided_by_timeout": 1, "scanners": {
@@ -50,6 +52,11 @@ def test_collector_labels_are_bounded():
                                               ("state", "running")))] == 1
     assert samples[("vhostni_alerts_total", ())] == 3
     assert samples[("vhostni_scrape_stale", ())] == 0
+    assert samples[("vhostni_alert_log_pending", ())] == 2
+    assert samples[("vhostni_alert_log_lost_total", ())] == 1
+    assert samples[("vhostni_alert_log_failing", ())] == 1
+    assert samples[("vhostni_internal_errors_total", ())] == 1
+    assert samples[("vhostni_checkpoints_bytes", ())] == 100
     labels = {k for (_, ls) in samples for k, _ in ls}
     assert labels <= {"ni", "scanner", "state", "reason", "event", "direction"}
     assert not any("pid" in n or "uid" in n for n, _ in samples)

@@ -75,9 +75,29 @@ class DaemonCollector:
         c = CounterMetricFamily("vhostni_alerts", "alerts written to the alert log")
         c.add_metric([], snap.get("alerts", 0))
         yield c
-        for key, value in sorted(snap.get("alert_log", {}).items()):
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                g = GaugeMetricFamily(f"vhostni_alert_log_{key}", f"alert log: {key}")
+        al = snap.get("alert_log") or {}
+        for key, kind, doc in (("pending", GaugeMetricFamily, "alerts held in memory while the "
+                                "alert log cannot be written"),
+                               ("lost", CounterMetricFamily, "alerts lost: the log could not be "
+                                "written and the memory queue was full"),
+                               ("write_errors", CounterMetricFamily, "alert log writes that failed")):
+            if isinstance(al.get(key), int):
+                m = kind(f"vhostni_alert_log_{key}", doc)
+                m.add_metric([], al[key])
+                yield m
+        if "error" in al:
+            g = GaugeMetricFamily("vhostni_alert_log_failing", "1 while the alert log cannot be written")
+            g.add_metric([], 1 if al.get("error") else 0)
+            yield g
+        for key, doc in (("internal_errors", "unexpected errors the daemon logged and survived"),
+                         ("stats_write_errors", "failed writes of the stats file")):
+            if isinstance(snap.get(key), int):
+                c = CounterMetricFamily(f"vhostni_{key}", doc)
+                c.add_metric([], snap[key])
+                yield c
+        for key, value in sorted((snap.get("checkpoints") or {}).items()):
+            if isinstance(value, int) and not isinstance(value, bool):
+                g = GaugeMetricFamily(f"vhostni_checkpoints_{key}", f"scanner checkpoints: {key}")
                 g.add_metric([], value)
                 yield g
 
