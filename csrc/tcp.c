@@ -28,8 +28,10 @@
  *    (PAWS, as the receiver does);
  *  - IP fragments of TCP are reassembled first (overlapping ones dropped, see frag_input);
  *  - data on a subscribed port of no tracked connection (established before the
- *    subscription, forgotten, over the flow limit) is dropped unless the exception policy
- *    says pass: nothing reaches a receiver that a scanner could not have seen.
+ *    subscription or a restart of the NI, forgotten, over the flow limit) gets the
+ *    policy's midstream exception policy (VN_MIDSTREAM_*): dropped, reset both ways (forged
+ *    RSTs each end accepts, so applications learn at once instead of hanging) or passed
+ *    uninspected; nothing reaches a receiver as if a scanner had seen it.
  * Every limit (flows, bytes kept, out-of-order depth) has an exception policy: drop (fail
  * closed, the default) or pass (the connection goes on uninspected: "bypass").
  *
@@ -1564,6 +1566,64 @@ static int checksums_ok(struct vn_pkt *pkt, const struct vn_hdrs *h, unsigned ip
     return vn_fold(vn_sum16(pseudo(h->family, ip, tlen), pkt->data + h->l4_off, tlen)) == 0xffff;
 }
 
+/* Data of a connection the NI never saw open, on a subscribed port (the NI restarted, the
+ * subscription is newer than the connection, the flow was forgotten): the policy's
+ * tcp_midstream says what happens (VN_MIDSTREAM_*).  Nothing of it reaches a receiver
+ * inspected, so the choices are drop, reset or pass; never "forwarded as if seen". */
+static int midstream(struct vn_switch *sw, struct vn_tcp_port *tp, int port, int dir,
+                     const struct vn_pkt *pkt, const struct vn_hdrs *h, const uint8_t *tcp,
+                     uint32_t seq, uint32_t ack, uint32_t paylen)
+{
+    const struct vn_policy *pol = sw->ports[port].pol;
+    struct vn_port_stats *st = &sw->ports[port].st;
+    const uint8_t *ga = dir == VN_DIR_FROM_GUEST ? h->src : h->dst;
+    const uint8_t *ra = dir == VN_DIR_FROM_GUEST ? h->dst : h->src;
+    uint16_t gp = dir == VN_DIR_FROM_GUEST ? h->sport : h->dport;
+    uint16_t rp = dir == VN_DIR_FROM_GUEST ? h->dport : h->sport;
+    if (pol->tcp_flows_over_pass)
+        return VN_TCP_FORWARD;     /* it may be one the full table let through uninspected */
+    if (pol->tcp_midstream == VN_MIDSTREAM_PASS) {
+        /* remembered as bypassed, so that the rest of it passes without a count each */
+        st->tcp_midstream_pass++;
+        tp = tport(sw, port, 1);
+        if (tp && tp->nflows < pol->tcp_flows_max) {
+            struct vn_flow *f = flow_new(sw, tp, port, h->family, ga, ra, gp, rp);
+            if (f) {
+                f->state = ST_ESTABLISHED;
+                f->bypass = 1;
+                f->client = port_subscribed(pol, h->dport) ? dir
+                          : (dir == VN_DIR_FROM_GUEST ? VN_DIR_TO_GUEST : VN_DIR_FROM_GUEST);
+                f->last_ns = sw->now_ns;
+            }
+        }
+        return VN_TCP_FORWARD;
+    }
+    if (pol->tcp_midstream != VN_MIDSTREAM_RESET || !(tcp[13] & TCP_ACK) || !tcp_get(sw))
+        return VN_TCP_TAKEN;       /* drop; and data without ACK the receiver discards too */
+    /* RSTs both ways, from what the segment says: its sender's receive point is its ACK
+     * (an exact match, which RFC 5961 stacks insist on), its receiver's is (for the
+     * retransmission a sender resumes with) the segment's own sequence number.  A flow
+     * on the stack (never in the table) carries the addresses for forge_seg. */
+    struct vn_flow f;
+    memset(&f, 0, sizeof(f));
+    unsigned n = h->family == 4 ? 4 : 16;
+    f.family = (uint8_t)h->family;
+    memcpy(f.gaddr, ga, n);
+    memcpy(f.raddr, ra, n);
+    f.gport = gp;
+    f.rport = rp;
+    f.port = port;
+    int hs = half_of(dir);
+    unsigned l2 = (unsigned)h->l3_off < sizeof(f.half[hs].eth) ? (unsigned)h->l3_off
+                                                               : sizeof(f.half[hs].eth);
+    memcpy(f.half[hs].eth, pkt->data, l2);
+    f.half[hs].eth_len = (uint8_t)l2;
+    st->tcp_midstream_reset++;
+    forge_rst(sw, &f, !hs, ack, seq + paylen);   /* to the sender, as its peer */
+    forge_rst(sw, &f, hs, seq, ack);             /* to the receiver, as the sender */
+    return VN_TCP_TAKEN;
+}
+
 /* A frame of a tracked connection goes on: rewritten if the connection was edited. */
 static int forward_edited(struct vn_flow *f, int hs, struct vn_pkt *pkt, uint8_t *tcp, unsigned doff)
 {
@@ -1700,7 +1760,7 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
         }
         if (paylen) {
             st->tcp_no_flow++;
-            return pol->tcp_flows_over_pass ? VN_TCP_FORWARD : VN_TCP_TAKEN;
+            return midstream(sw, tp, port, dir, pkt, h, tcp, seq, ack, paylen);
         }
         return VN_TCP_FORWARD;     /* no bytes to inspect: ACK, RST, FIN */
     }

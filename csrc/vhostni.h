@@ -103,6 +103,9 @@ struct vn_port_stats {
     uint64_t tcp_flows_opened;   /* connections on subscribed ports taken into the flow table */
     uint64_t tcp_flows_over;     /* new connections past tcp_flows_max: exception policy applied */
     uint64_t tcp_no_flow;        /* data on a subscribed port of no tracked connection */
+    uint64_t tcp_midstream_reset;   /* ... of which reset both ways (tcp_midstream reset) */
+    uint64_t tcp_midstream_pass;    /* connections picked up mid-stream let through uninspected */
+    uint64_t tcp_midstream_adopt;   /* connections picked up mid-stream and inspected from there */
     uint64_t tcp_bad_csum;       /* bad IPv4 header or TCP checksum (the receiver drops it too) */
     uint64_t tcp_bad_header;     /* truncated or inconsistent IP/TCP header */
     uint64_t tcp_bad_handshake;  /* SYN, SYN-ACK or ACK that does not fit the shadow state */
@@ -288,8 +291,20 @@ struct vn_policy {
     uint64_t tcp_depth_max;    /* out-of-order bytes waiting for a gap, per direction */
     int tcp_depth_over_pass;
     uint32_t tcp_idle_ms;      /* an established connection silent this long is forgotten */
+    int tcp_midstream;         /* VN_MIDSTREAM_*: data of a connection on a subscribed port that
+                                * the NI never saw open (a daemon restart, a new subscription) */
     unsigned tcp_resend_max;   /* the NI's own resends of bytes it owes a receiver, then RSTs */
 };
+
+/* Exception policy for a connection picked up mid-stream (no handshake seen, Suricata's
+ * "midstream"): its data segment is dropped (the sender retries, and hangs until it gives
+ * up), answered with RSTs to both ends (the applications learn at once and may retry), let
+ * through uninspected (the connection joins the flow table as bypassed), or adopted (the
+ * flow starts at that segment and is inspected from there; see vn_stream_event.midstream). */
+#define VN_MIDSTREAM_DROP 0
+#define VN_MIDSTREAM_RESET 1
+#define VN_MIDSTREAM_PASS 2
+#define VN_MIDSTREAM_ADOPT 3
 
 /* A frame handed to the NI kernel because subscriptions matched it. */
 struct vn_punt {

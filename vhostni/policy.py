@@ -53,6 +53,12 @@ MATCH_KEYS = {"direction", "ethertype", "proto", "src", "dst", "sport", "dport",
 # [ni] on_alert: what the NI does by itself when one of its scanners raises an alert
 # (none; quarantine, see [quarantine]; link-down: QEMU's set_link plus dropping every frame).
 ON_ALERT = ("none", "quarantine", "link-down")
+# [ni] tcp_midstream: data of a TCP connection the NI never saw open, on a port a stream
+# subscription covers (after a daemon restart, say): what the fast path does with it
+# (with tcp_flows_over = "pass" such data passes: it may be a connection the full flow
+# table let through uninspected)
+MIDSTREAM = {"drop": lib.VN_MIDSTREAM_DROP, "reset": lib.VN_MIDSTREAM_RESET,
+             "pass": lib.VN_MIDSTREAM_PASS}
 # the longest stream injection (csrc/vhostni.h VN_TCP_INJECT_MAX: what vn_stream_inject takes)
 STREAM_INJECT_MAX = 65536
 INJECT_KEYS = ("frame", "stream", "stream_hex")
@@ -353,6 +359,9 @@ class Policy:
     tcp_depth_over_pass: bool = False
     tcp_idle_timeout: float = 600.0
     tcp_resend_max: int = 12         # the NI's own resends (injected / vouched bytes) before a reset
+    # data of a connection the NI never saw open, on a subscribed port (MIDSTREAM): reset
+    # both ends (fail closed, the default), drop, or pass uninspected
+    tcp_midstream: str = "reset"
     prevent: list[Match] = field(default_factory=list)
     scanners: list[ScannerSpec] = field(default_factory=list)
     source: Optional[str] = None
@@ -402,6 +411,7 @@ class Policy:
         c.tcp_depth_over_pass = 1 if self.tcp_depth_over_pass else 0
         c.tcp_idle_ms = int(self.tcp_idle_timeout * 1000)
         c.tcp_resend_max = self.tcp_resend_max
+        c.tcp_midstream = MIDSTREAM[self.tcp_midstream]
         return c
 
 
@@ -486,7 +496,8 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
     _check_keys(ni, {"mac", "addresses", "anti_spoof", "hold_timeout_ms", "default_decision",
                      "held_frames_max", "held_bytes_max", "over_cap", "on_alert", "comment",
                      "tcp_flows_max", "tcp_flows_over", "tcp_bytes_max", "tcp_bytes_over",
-                     "tcp_depth_max", "tcp_depth_over", "tcp_idle_timeout_ms", "tcp_resend_max"}, "ni")
+                     "tcp_depth_max", "tcp_depth_over", "tcp_idle_timeout_ms", "tcp_resend_max",
+                     "tcp_midstream"}, "ni")
     if "mac" in ni:
         m = _want(ni, "mac", "ni", str)
         if not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}", m):
@@ -538,6 +549,11 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
             raise PolicyError(f"ni.{key}", "expected 'drop' (fail closed) or 'pass' (the connection "
                                            "goes on uninspected)")
         setattr(p, f"{key}_pass", v == "pass")
+    ms = _want(ni, "tcp_midstream", "ni", str, "pass" if p.default_pass else "reset")
+    if ms not in MIDSTREAM:
+        raise PolicyError("ni.tcp_midstream", "expected 'reset' (forged RSTs to both ends), 'drop' "
+                                              "or 'pass' (the connection goes on uninspected)")
+    p.tcp_midstream = ms
     t = _want(ni, "tcp_idle_timeout_ms", "ni", int, int(p.tcp_idle_timeout * 1000))
     if not 1000 <= t <= 86_400_000:
         raise PolicyError("ni.tcp_idle_timeout_ms", "expected 1000..86400000")
