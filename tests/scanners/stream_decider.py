@@ -17,6 +17,7 @@ cfg = sc.config
 for sub in cfg.get("subscribe", []):
     sc.subscribe_stream(port=sub.get("port"), direction=sub.get("direction", "both"),
                         contain=sub.get("contain", False))
+sc.ready()          # subscribed: the kernel stops holding back what its rights cover
 sc.alert("ready", pid=os.getpid())
 mode = cfg.get("mode", "pass")
 marks = {k: cfg[k].encode() for k in ("kill_on", "cut_on", "more_on", "crash_on") if cfg.get(k)}

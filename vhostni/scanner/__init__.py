@@ -345,6 +345,18 @@ class Scanner:
             n += 1
         return n
 
+    def ready(self) -> None:
+        """Tells the NI kernel this scanner has made its subscriptions.  Until it knows, the
+        kernel holds back what this scanner's contain rights cover (it could not yet have
+        asked for it); the first wait for an event (recv, events, accept, ...) says so too,
+        so a scanner calls this only to be ready before it waits."""
+        while True:
+            msg = self._recv(0)
+            if msg is None:
+                break
+            self._ingest(msg)
+        self._answer_syncs()
+
     def recv(self, timeout: Optional[float] = None) -> Optional[Frame]:
         """The next frame, or None if ``timeout`` seconds pass without one."""
         return self._next_event(lambda e: isinstance(e, Frame), timeout)
