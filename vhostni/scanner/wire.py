@@ -72,7 +72,9 @@ message is:
   "overrun"|"scanner"}`` last; and ``{"op": "sync", "id": N}`` when the kernel wants to
   know that the scanner has handled everything sent before it (offline replay does, to stay
   deterministic): the SDK answers ``synced`` with the same id once every event before the
-  sync was taken and the scanner asks for its next one.
+  sync was taken and the scanner asks for its next one.  Every scanner gets one sync with
+  id -1 right after ``hello``: its answer says the scanner is ready (done subscribing), and
+  until then the kernel holds back what the scanner's contain rights cover.
 
   A control message is at most MAX_JSON bytes of JSON whose lists and objects nest at
   most MAX_DEPTH levels.
