@@ -299,8 +299,11 @@ struct vn_policy {
 /* Exception policy for a connection picked up mid-stream (no handshake seen, Suricata's
  * "midstream"): its data segment is dropped (the sender retries, and hangs until it gives
  * up), answered with RSTs to both ends (the applications learn at once and may retry), let
- * through uninspected (the connection joins the flow table as bypassed), or adopted (the
- * flow starts at that segment and is inspected from there; see vn_stream_event.midstream). */
+ * through uninspected (the connection joins the flow table as bypassed), or adopted: the
+ * segment is dropped and the NI asks its receiver where it stands (an out-of-window ACK
+ * draws the receiver's own ACK); that answer starts the stream, inspected from there, at the
+ * byte each receiver expects next (vn_stream_event.midstream).  Window scales are unknown:
+ * the largest is assumed, so no good byte is dropped; edits and `more` are refused. */
 #define VN_MIDSTREAM_DROP 0
 #define VN_MIDSTREAM_RESET 1
 #define VN_MIDSTREAM_PASS 2
@@ -364,6 +367,7 @@ struct vn_stream_event {
     uint8_t eof[2];            /* the sender's FIN follows avail */
     uint8_t read[2], hold[2];  /* directions read / held for contain subscriptions */
     uint64_t time_ns;
+    uint8_t midstream;         /* adopted mid-stream: offset 0 is where the NI picked it up */
 };
 
 /* 1: *ev filled (a stream changed); 0: none.  Drains with the punt queue (same eventfd). */

@@ -9,6 +9,8 @@ connection open, and its policy's ``[ni] tcp_midstream`` decides what happens to
 * ``reset`` (the default): both ends get an RST they accept, so alice's nc ends within
   seconds of the restart instead of retrying into a black hole;
 * ``pass``: the connection goes on, uninspected, and bob keeps receiving ticks;
+* ``adopt``: the NI asks bob's stack where it stands and inspects the connection from there
+  (the new scanner holds and passes every tick), and bob keeps receiving ticks;
 * ``drop``: the old black hole, shown for contrast: alice's nc is still stuck long after
   the restart, and bob receives nothing more.
 """
@@ -94,7 +96,7 @@ def _alice_done(alice) -> str:
     return "rc=" in out and out
 
 
-@pytest.mark.parametrize("midstream", ["reset", "pass", "drop"])
+@pytest.mark.parametrize("midstream", ["reset", "pass", "adopt", "drop"])
 def test_inspected_connection_across_a_daemon_kill(lab, midstream):
     alice, bob, stats = lab["alice"], lab["bob"], lab["stats"]
     _wait(lambda: _ready(stats), 60, "the NI to be connected and its scanner ready")
@@ -127,6 +129,15 @@ def test_inspected_connection_across_a_daemon_kill(lab, midstream):
             assert not _alice_done(alice) and _resets(alice) == resets0
             s = _alice_stats(stats)
             assert s["tcp_midstream_pass"] == 1 and s["tcp_midstream_reset"] == 0, s
+        elif midstream == "adopt":
+            _wait(lambda: _lines(bob) >= before + 5, 60, "ticks to flow again, inspected")
+            print(f"ticks flow again, inspected, {time.monotonic() - t0:.1f} s after the restart")
+            assert not _alice_done(alice) and _resets(alice) == resets0
+            _wait(lambda: _alice_stats(stats).get("tcp_held_segments", 0) >= 3, 10,
+                  "the new NI to hold the ticks for its scanner")
+            s = _alice_stats(stats)
+            assert s["tcp_midstream_adopt"] == 1 and s["tcp_midstream_reset"] == 0, s
+            assert s["kernel"]["streams"] == 1, s["kernel"]
         else:
             time.sleep(30)
             assert not _alice_done(alice) and _resets(alice) == resets0, "not black-holed"

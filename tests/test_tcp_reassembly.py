@@ -419,12 +419,66 @@ def test_midstream_pass_lets_the_connection_through_uninspected_counted_once(kit
     assert len(e.streams) == 1
 
 
+@pytest.mark.parametrize("client", ["a", "b"])
+def test_midstream_adopt_asks_the_receiver_and_inspects_from_where_it_stands(kit, client):
+    """adopt: the first data segment is dropped and its receiver is asked where it stands (a
+    bare ACK far behind its window, which a stack answers with its own ACK); that answer
+    starts a stream, flagged mid-stream, at the byte each end expects next.  Either end may
+    be the first to send, and the guest either client or server."""
+    e = Engine(kit, tcp_midstream="adopt")
+    server = "b" if client == "a" else "a"
+    c = Conn(kit, client=client, server=server)
+    c.ends[client].sent, c.ends[server].sent = 5000, 7000
+    p, o = client, server                       # the prober (sends first) and the other end
+    d_p = FROM if p == "a" else TO
+    d_o = TO if d_p == FROM else FROM
+    c.send(p, c.data(p, b"resumed", advance=False))
+    probe = c.recv(o, 1.0, 1)
+    assert [(s.flags, s.seq, s.ack, s.payload) for s in probe] == \
+        [(ACK, (c.seq(p, 5000) - 0x40000000) & 0xFFFFFFFF, c.seq(o, 7000), b"")]
+    assert probe[0].csum_ok and e.streams == {}
+    assert kit.stats("a")["tcp_midstream_adopt"] == 1
+    c.send(p, c.data(p, b"resumed", advance=False))              # retransmitted at once
+    assert c.recv(o) == []                                       # dropped; no second probe yet
+    # the other end's answer: where it stands (p's byte 5000), forwarded, and the stream opens
+    c.send(o, c.segment(o, ACK, ack=c.seq(p, 5000)))
+    assert [s.flags for s in c.recv(p, 1.0, 1)] == [ACK]
+    st = e.only()
+    assert st.event["midstream"] and st.event["hold"] == (1, 1)
+    assert st.event["client"] == (FROM if client == "a" else TO)
+    # the sender's retransmission is now inspected from offset 0, and held until passed
+    c.send(p, c.data(p, b"resumed"))
+    assert bytes(st.data[d_p]) == b"resumed" and c.recv(o) == []
+    e.pass_(d_p, 7)
+    assert payloads(c.recv(o, 1.0, 1)) == [b"resumed"]
+    c.send(o, c.data(o, b"ok"))
+    assert bytes(st.data[d_o]) == b"ok" and c.recv(p) == []
+    e.pass_(d_o, 2)
+    assert payloads(c.recv(p, 1.0, 1)) == [b"ok"]
+    # windows: the scale was never seen, so the largest is assumed (no good byte dropped)
+    c.send(p, c.data(p, b"far", off=5007 + 70000, advance=False))
+    assert kit.stats("a")["tcp_out_of_window"] == 0
+    # edits and `more` rewrite windows and sequence numbers: refused on an adopted stream
+    lib = kit.daemon.kernel.lib
+    assert e.cut(d_p, 7, 8) == lib.VN_ESTATE and e.more(d_p) == lib.VN_ESTATE
+
+
+def test_midstream_adopt_without_an_answer_is_forgotten_and_rsts_end_it(kit):
+    e, c = midstream_conn(kit, tcp_midstream="adopt")
+    c.send("a", c.data("a", b"resumed", advance=False))
+    assert len(c.recv("b", 1.0, 1)) == 1 and e.flows() == 1
+    c.send("b", c.segment("b", RST | ACK, ack=c.seq("a", 5000)))   # b knows nothing of it
+    assert [s.flags & RST for s in c.recv("a", 1.0, 1)] == [RST]
+    assert e.flows() == 0 and e.streams == {}
+
+
 def test_midstream_policy_key_is_validated():
     from vhostni.policy import PolicyError, parse_policy
     assert parse_policy({}).tcp_midstream == "reset"
     assert parse_policy({"ni": {"default_decision": "pass"}}).tcp_midstream == "pass"
     assert parse_policy({"ni": {"tcp_midstream": "drop"}}).tcp_midstream == "drop"
-    for bad in ("adopt", "RESET", 1, True):
+    assert parse_policy({"ni": {"tcp_midstream": "adopt"}}).tcp_midstream == "adopt"
+    for bad in ("adopted", "RESET", 1, True):
         with pytest.raises(PolicyError):
             parse_policy({"ni": {"tcp_midstream": bad}})
 

@@ -1092,7 +1092,7 @@ class NIKernel:
         server_port = ev.remote_port if client == "guest" else ev.guest_port
         st = KStream(int(ev.stream), {"family": ev.family, "client": client,
                                       "guest": [g, ev.guest_port], "remote": [r, ev.remote_port],
-                                      "port": server_port})
+                                      "port": server_port, "midstream": bool(ev.midstream)})
         covers = []
         for i, (names, is_cover) in enumerate(self._stream_owners):
             if not ev.subs >> i & 1:

@@ -58,7 +58,7 @@ ON_ALERT = ("none", "quarantine", "link-down")
 # (with tcp_flows_over = "pass" such data passes: it may be a connection the full flow
 # table let through uninspected)
 MIDSTREAM = {"drop": lib.VN_MIDSTREAM_DROP, "reset": lib.VN_MIDSTREAM_RESET,
-             "pass": lib.VN_MIDSTREAM_PASS}
+             "pass": lib.VN_MIDSTREAM_PASS, "adopt": lib.VN_MIDSTREAM_ADOPT}
 # the longest stream injection (csrc/vhostni.h VN_TCP_INJECT_MAX: what vn_stream_inject takes)
 STREAM_INJECT_MAX = 65536
 INJECT_KEYS = ("frame", "stream", "stream_hex")
@@ -360,7 +360,8 @@ class Policy:
     tcp_idle_timeout: float = 600.0
     tcp_resend_max: int = 12         # the NI's own resends (injected / vouched bytes) before a reset
     # data of a connection the NI never saw open, on a subscribed port (MIDSTREAM): reset
-    # both ends (fail closed, the default), drop, or pass uninspected
+    # both ends (fail closed, the default), drop, pass uninspected, or adopt (inspect it
+    # from where the NI picked it up)
     tcp_midstream: str = "reset"
     prevent: list[Match] = field(default_factory=list)
     scanners: list[ScannerSpec] = field(default_factory=list)
@@ -551,8 +552,9 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
         setattr(p, f"{key}_pass", v == "pass")
     ms = _want(ni, "tcp_midstream", "ni", str, "pass" if p.default_pass else "reset")
     if ms not in MIDSTREAM:
-        raise PolicyError("ni.tcp_midstream", "expected 'reset' (forged RSTs to both ends), 'drop' "
-                                              "or 'pass' (the connection goes on uninspected)")
+        raise PolicyError("ni.tcp_midstream", "expected 'reset' (forged RSTs to both ends), 'drop', "
+                                              "'pass' (the connection goes on uninspected) or "
+                                              "'adopt' (inspected from where the NI picked it up)")
     p.tcp_midstream = ms
     t = _want(ni, "tcp_idle_timeout_ms", "ni", int, int(p.tcp_idle_timeout * 1000))
     if not 1000 <= t <= 86_400_000:

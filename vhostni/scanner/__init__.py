@@ -99,6 +99,9 @@ class Stream:
         self.guest: tuple = tuple(body.get("guest") or ("", 0))
         self.remote: tuple = tuple(body.get("remote") or ("", 0))
         self.port: int = body.get("port", 0)                    # the server port
+        # picked up mid-stream (the NI restarted, say): offset 0 is where the NI joined it,
+        # not the connection's first byte
+        self.midstream: bool = bool(body.get("midstream", False))
         self.reads = {wire.DIRECTIONS[d] for d in body.get("read", []) if d in wire.DIRECTIONS}
         self.holds = {wire.DIRECTIONS[d] for d in body.get("held", []) if d in wire.DIRECTIONS}
         self.received = {FROM_GUEST: 0, TO_GUEST: 0}            # bytes read so far
