@@ -56,6 +56,7 @@ LOCKDOWN_GRACE = 10.0      # seconds a scanner has to lock down before it is kil
 # READY_GRACE seconds (and the administrator is told).  Negative: never a replay sync id.
 READY_SYNC = -1
 READY_GRACE = LOCKDOWN_GRACE
+MIDSTREAM_ALERT_EVERY = 10.0   # at most one alert per NI this often about mid-stream pick-ups
 STDERR_LINES_PER_S = 20
 OUTQ_MAX = 64 << 20        # stream bytes queued for one scanner that does not keep up
 STREAM_CHUNK = 65536       # bytes of one stream-data message at most
@@ -822,6 +823,8 @@ class NIKernel:
         self.decided_by_timeout = 0
         self.cut_before_ready = 0      # frames and connections covered by a scanner not ready
         self.covered: frozenset = frozenset()
+        self._midstream_seen: dict[str, int] = {}   # tcp_midstream_* counts already alerted
+        self._midstream_next = 0.0
         self._owners: list = []        # per compiled subscription: (scanner names, is_cover)
         self._stream_owners: list = []
         for spec in policy.scanners:
@@ -889,6 +892,22 @@ class NIKernel:
                 sp._became_ready("grace")
         if self._not_ready() != self.covered:
             self._reapply()
+
+    def note_midstream(self, now: float) -> None:
+        """Tells the administrator (at most every MIDSTREAM_ALERT_EVERY s) about connections
+        the fast path picked up mid-stream and reset, passed uninspected or adopted."""
+        if now < self._midstream_next:
+            return
+        st = self.port.stats()
+        counts = {k: st.get(f"tcp_midstream_{k}", 0) for k in ("reset", "pass", "adopt")}
+        new = {k: v - self._midstream_seen.get(k, 0) for k, v in counts.items()}
+        if not any(v > 0 for v in new.values()):
+            return
+        self._midstream_seen = counts
+        self._midstream_next = now + MIDSTREAM_ALERT_EVERY
+        self.kernel.alerts.append(
+            self.name, None, "TCP connections picked up mid-stream (no handshake seen): "
+            f"tcp_midstream = {self.policy.tcp_midstream}", **{k: v for k, v in new.items() if v > 0})
 
     def _cover_verdict(self, names) -> Optional[bool]:
         """What a frame or connection that only a cover of ``names`` matched gets: cut
@@ -1417,6 +1436,7 @@ class Kernel:
                 if sp.outq:
                     sp.flush()
             nk.check_ready(now)
+            nk.note_midstream(now)
         self.lib.vn_tcp_housekeeping(self.switch._sw)
         self.next_deadline = min(nxt, min((nk.deadline() for nk in self.nis.values()),
                                           default=float("inf")))

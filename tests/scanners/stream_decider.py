@@ -29,7 +29,7 @@ for ev in sc.events():
         s = ev.stream
         if report:
             sc.alert("open", stream=s.id, tuple=list(s.tuple), client=s.client, port=s.port,
-                     reads=sorted(s.reads), holds=sorted(s.holds))
+                     reads=sorted(s.reads), holds=sorted(s.holds), midstream=s.midstream)
     elif isinstance(ev, StreamData):
         s = ev.stream
         if report:
