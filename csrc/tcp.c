@@ -30,8 +30,9 @@
  *  - data on a subscribed port of no tracked connection (established before the
  *    subscription or a restart of the NI, forgotten, over the flow limit) gets the
  *    policy's midstream exception policy (VN_MIDSTREAM_*): dropped, reset both ways (forged
- *    RSTs each end accepts, so applications learn at once instead of hanging) or passed
- *    uninspected; nothing reaches a receiver as if a scanner had seen it.
+ *    RSTs each end accepts, so applications learn at once instead of hanging), passed
+ *    uninspected, or adopted (inspected from the byte each receiver says it expects next,
+ *    see adopt_probe); nothing reaches a receiver as if a scanner had seen it.
  * Every limit (flows, bytes kept, out-of-order depth) has an exception policy: drop (fail
  * closed, the default) or pass (the connection goes on uninspected: "bypass").
  *
@@ -1584,8 +1585,9 @@ static void adopt_probe(struct vn_switch *sw, struct vn_flow *f, uint32_t seq, u
 
 /* Data of a connection the NI never saw open, on a subscribed port (the NI restarted, the
  * subscription is newer than the connection, the flow was forgotten): the policy's
- * tcp_midstream says what happens (VN_MIDSTREAM_*).  Nothing of it reaches a receiver
- * inspected, so the choices are drop, reset or pass; never "forwarded as if seen". */
+ * tcp_midstream says what happens (VN_MIDSTREAM_*): drop, reset both ends, pass (the
+ * connection is remembered as bypassed) or adopt (ST_ADOPTING until the receiver's answer
+ * to a probe says where it stands).  Nothing reaches a receiver as if a scanner had seen it. */
 static int midstream(struct vn_switch *sw, struct vn_tcp_port *tp, int port, int dir,
                      const struct vn_pkt *pkt, const struct vn_hdrs *h, const uint8_t *tcp,
                      uint32_t seq, uint32_t ack, uint32_t paylen)
