@@ -28,8 +28,11 @@
  *    (PAWS, as the receiver does);
  *  - IP fragments of TCP are reassembled first (overlapping ones dropped, see frag_input);
  *  - data on a subscribed port of no tracked connection (established before the
- *    subscription, forgotten, over the flow limit) is dropped unless the exception policy
- *    says pass: nothing reaches a receiver that a scanner could not have seen.
+ *    subscription or a restart of the NI, forgotten, over the flow limit) gets the
+ *    policy's midstream exception policy (VN_MIDSTREAM_*): dropped, reset both ways (forged
+ *    RSTs each end accepts, so applications learn at once instead of hanging), passed
+ *    uninspected, or adopted (inspected from the byte each receiver says it expects next,
+ *    see adopt_probe); nothing reaches a receiver as if a scanner had seen it.
  * Every limit (flows, bytes kept, out-of-order depth) has an exception policy: drop (fail
  * closed, the default) or pass (the connection goes on uninspected: "bypass").
  *
@@ -64,7 +67,10 @@
 #define VN_TCP_DEPTH 4             /* nested emissions before deferring */
 #define VN_TCP_HANDSHAKE_NS (30ULL * 1000000000ULL)   /* a handshake that never completes */
 
-enum { ST_SYN_SENT = 1, ST_SYN_RCVD, ST_ESTABLISHED, ST_CLOSED };
+/* ST_ADOPTING: picked up mid-stream (VN_MIDSTREAM_ADOPT), waiting for the receiver's word */
+enum { ST_SYN_SENT = 1, ST_SYN_RCVD, ST_ESTABLISHED, ST_CLOSED, ST_ADOPTING };
+#define VN_TCP_PROBE_NS (200ULL * 1000000ULL)          /* between probes of one adoption */
+#define VN_TCP_ADOPT_WSCALE 14     /* window scale assumed for an adopted connection */
 
 /* A reference to the payload of one kept frame. */
 struct vn_seg {
@@ -152,6 +158,9 @@ struct vn_flow {
     struct vn_flow *id_next;
     struct vn_flow *dirty_next;
     uint8_t dirty, in_table, announced, report_open, report_close, bypass, deferred;
+    uint8_t midstream;             /* adopted: no handshake seen (no edits, no more) */
+    uint8_t prober;                /* adopting: the half whose data started it */
+    uint64_t probe_ns;             /* adopting: when the receiver was last asked */
     int state;
     int reason;
     int port;
@@ -1581,6 +1590,106 @@ static int checksums_ok(struct vn_pkt *pkt, const struct vn_hdrs *h, unsigned ip
     return vn_fold(vn_sum16(pseudo(h->family, ip, tlen), pkt->data + h->l4_off, tlen)) == 0xffff;
 }
 
+/* Adopting: asks the receiver of the prober's data where it stands.  A bare ACK whose
+ * sequence number lies far behind its window is unacceptable to it, and a stack answers an
+ * unacceptable segment with an ACK of its own (RFC 793 3.9; Linux rate-limits these to one
+ * per 500 ms): that ACK's acknowledgement number is where the prober's stream stands. */
+static void adopt_probe(struct vn_switch *sw, struct vn_flow *f, uint32_t seq, uint32_t ack, uint16_t win)
+{
+    f->probe_ns = sw->now_ns;
+    forge_seg(sw, f, f->prober, seq - 0x40000000u, ack, TCP_ACK, win, NULL, 0, NULL);
+}
+
+/* Data of a connection the NI never saw open, on a subscribed port (the NI restarted, the
+ * subscription is newer than the connection, the flow was forgotten): the policy's
+ * tcp_midstream says what happens (VN_MIDSTREAM_*): drop, reset both ends, pass (the
+ * connection is remembered as bypassed) or adopt (ST_ADOPTING until the receiver's answer
+ * to a probe says where it stands).  Nothing reaches a receiver as if a scanner had seen it. */
+static int midstream(struct vn_switch *sw, struct vn_tcp_port *tp, int port, int dir,
+                     const struct vn_pkt *pkt, const struct vn_hdrs *h, const uint8_t *tcp,
+                     uint32_t seq, uint32_t ack, uint32_t paylen)
+{
+    const struct vn_policy *pol = sw->ports[port].pol;
+    struct vn_port_stats *st = &sw->ports[port].st;
+    const uint8_t *ga = dir == VN_DIR_FROM_GUEST ? h->src : h->dst;
+    const uint8_t *ra = dir == VN_DIR_FROM_GUEST ? h->dst : h->src;
+    uint16_t gp = dir == VN_DIR_FROM_GUEST ? h->sport : h->dport;
+    uint16_t rp = dir == VN_DIR_FROM_GUEST ? h->dport : h->sport;
+    if (pol->tcp_flows_over_pass)
+        return VN_TCP_FORWARD;     /* it may be one the full table let through uninspected */
+    if (pol->tcp_midstream == VN_MIDSTREAM_ADOPT) {
+        if (!(tcp[13] & TCP_ACK))
+            return VN_TCP_TAKEN;   /* data without ACK: the receiver discards it too */
+        tp = tport(sw, port, 1);
+        struct vn_flow *f = tp && tp->nflows < pol->tcp_flows_max
+                          ? flow_new(sw, tp, port, h->family, ga, ra, gp, rp) : NULL;
+        if (!f) {
+            st->tcp_flows_over++;
+            return VN_TCP_TAKEN;
+        }
+        st->tcp_midstream_adopt++;
+        f->state = ST_ADOPTING;
+        f->midstream = 1;
+        f->client = port_subscribed(pol, h->dport) ? dir
+                  : (dir == VN_DIR_FROM_GUEST ? VN_DIR_TO_GUEST : VN_DIR_FROM_GUEST);
+        f->last_ns = sw->now_ns;
+        int hs = half_of(dir);
+        f->prober = (uint8_t)hs;
+        /* the sender's acknowledgement is exactly where its peer's stream stands for it */
+        struct vn_half *O = &f->half[!hs];
+        O->isn = ack - 1;
+        O->have_isn = 1;
+        for (int i = 0; i < 2; i++)
+            f->half[i].wscale = VN_TCP_ADOPT_WSCALE;
+        unsigned l2 = (unsigned)h->l3_off < sizeof(f->half[hs].eth) ? (unsigned)h->l3_off
+                                                                    : sizeof(f->half[hs].eth);
+        memcpy(f->half[hs].eth, pkt->data, l2);
+        f->half[hs].eth_len = (uint8_t)l2;
+        adopt_probe(sw, f, seq, ack, vn_rd16(tcp + 14));
+        return VN_TCP_TAKEN;       /* its sender retransmits it once the flow is whole */
+    }
+    if (pol->tcp_midstream == VN_MIDSTREAM_PASS) {
+        /* remembered as bypassed, so that the rest of it passes without a count each */
+        st->tcp_midstream_pass++;
+        tp = tport(sw, port, 1);
+        if (tp && tp->nflows < pol->tcp_flows_max) {
+            struct vn_flow *f = flow_new(sw, tp, port, h->family, ga, ra, gp, rp);
+            if (f) {
+                f->state = ST_ESTABLISHED;
+                f->bypass = 1;
+                f->client = port_subscribed(pol, h->dport) ? dir
+                          : (dir == VN_DIR_FROM_GUEST ? VN_DIR_TO_GUEST : VN_DIR_FROM_GUEST);
+                f->last_ns = sw->now_ns;
+            }
+        }
+        return VN_TCP_FORWARD;
+    }
+    if (pol->tcp_midstream != VN_MIDSTREAM_RESET || !(tcp[13] & TCP_ACK) || !tcp_get(sw))
+        return VN_TCP_TAKEN;       /* drop; and data without ACK the receiver discards too */
+    /* RSTs both ways, from what the segment says: its sender's receive point is its ACK
+     * (an exact match, which RFC 5961 stacks insist on), its receiver's is (for the
+     * retransmission a sender resumes with) the segment's own sequence number.  A flow
+     * on the stack (never in the table) carries the addresses for forge_seg. */
+    struct vn_flow f;
+    memset(&f, 0, sizeof(f));
+    unsigned n = h->family == 4 ? 4 : 16;
+    f.family = (uint8_t)h->family;
+    memcpy(f.gaddr, ga, n);
+    memcpy(f.raddr, ra, n);
+    f.gport = gp;
+    f.rport = rp;
+    f.port = port;
+    int hs = half_of(dir);
+    unsigned l2 = (unsigned)h->l3_off < sizeof(f.half[hs].eth) ? (unsigned)h->l3_off
+                                                               : sizeof(f.half[hs].eth);
+    memcpy(f.half[hs].eth, pkt->data, l2);
+    f.half[hs].eth_len = (uint8_t)l2;
+    st->tcp_midstream_reset++;
+    forge_rst(sw, &f, !hs, ack, seq + paylen);   /* to the sender, as its peer */
+    forge_rst(sw, &f, hs, seq, ack);             /* to the receiver, as the sender */
+    return VN_TCP_TAKEN;
+}
+
 /* A frame of a tracked connection goes on: rewritten if the connection was edited. */
 static int forward_edited(struct vn_flow *f, int hs, struct vn_pkt *pkt, uint8_t *tcp, unsigned doff)
 {
@@ -1717,7 +1826,7 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
         }
         if (paylen) {
             st->tcp_no_flow++;
-            return pol->tcp_flows_over_pass ? VN_TCP_FORWARD : VN_TCP_TAKEN;
+            return midstream(sw, tp, port, dir, pkt, h, tcp, seq, ack, paylen);
         }
         return VN_TCP_FORWARD;     /* no bytes to inspect: ACK, RST, FIN */
     }
@@ -1731,6 +1840,28 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
     unsigned l2 = l3 < sizeof(S->eth) ? l3 : sizeof(S->eth);
     memcpy(S->eth, d, l2);
     S->eth_len = (uint8_t)l2;
+    if (f->state == ST_ADOPTING) {
+        if (flags & TCP_RST) {
+            flow_end(sw, f, VN_CLOSE_RST);
+            return VN_TCP_FORWARD;
+        }
+        if (hs == f->prober || (flags & TCP_SYN) || !(flags & TCP_ACK)) {
+            if (!paylen && !(flags & (TCP_FIN | TCP_SYN)))
+                return VN_TCP_FORWARD;     /* a bare ACK: nothing to inspect */
+            if (hs == f->prober && (flags & TCP_ACK) && sw->now_ns - f->probe_ns > VN_TCP_PROBE_NS)
+                adopt_probe(sw, f, seq, ack, win);
+            st->tcp_no_flow++;
+            return VN_TCP_TAKEN;           /* waits for the receiver's word */
+        }
+        /* the receiver's word: its acknowledgement is where the prober's stream stands;
+         * from here on it is an established connection, this segment included */
+        R->isn = ack - 1;
+        R->have_isn = 1;
+        S->ts = R->ts = tcp_opt(tcp + 20, doff - 20, 8) != NULL;
+        flow_establish(sw, f, pol);
+        if (f->bypass)
+            return VN_TCP_FORWARD;
+    }
     int from_client = dir == f->client;
     /* the timestamp option (both ends negotiated it): parsed once, for PAWS below and for
      * the segments the NI sends as this end (its latest timestamps) */
@@ -1995,6 +2126,7 @@ int vn_stream_next(struct vn_switch *sw, struct vn_stream_event *ev)
     ev->guest_port = f->gport;
     ev->remote_port = f->rport;
     ev->time_ns = realtime_ns();
+    ev->midstream = f->midstream;
     ev->what = VN_STREAM_DATA;
     if (f->report_open)
         ev->what |= VN_STREAM_OPEN;
@@ -2112,8 +2244,8 @@ static struct vn_edit *edit_new(struct vn_switch *sw, uint64_t stream, int dir, 
     if (!hf)
         return NULL;
     *err = VN_ESTATE;
-    if (f->state == ST_CLOSED || f->bypass || !hf->hold || !hf->have_isn)
-        return NULL;
+    if (f->state == ST_CLOSED || f->bypass || !hf->hold || !hf->have_isn || f->midstream)
+        return NULL;               /* adopted: its windows' scale is a guess, never rewritten */
     *err = VN_EINVAL;
     if (at < hf->passed || at < hf->rel_lim)
         return NULL;
@@ -2213,8 +2345,8 @@ int vn_stream_more(struct vn_switch *sw, uint64_t stream, int dir)
     struct vn_half *hf = stream_half(sw, stream, dir, &f);
     if (!hf)
         return VN_ENOPORT;
-    if (f->state != ST_ESTABLISHED || f->bypass || !hf->hold)
-        return VN_ESTATE;
+    if (f->state != ST_ESTABLISHED || f->bypass || !hf->hold || f->midstream)
+        return VN_ESTATE;          /* adopted: the receiver's real window is unknown */
     hf->more = 1;
     hf->more_at = hf->contig;
     more_ack(sw, f, (int)(hf - f->half));

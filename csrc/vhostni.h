@@ -115,6 +115,9 @@ struct vn_port_stats {
     uint64_t tcp_flows_opened;   /* connections on subscribed ports taken into the flow table */
     uint64_t tcp_flows_over;     /* new connections past tcp_flows_max: exception policy applied */
     uint64_t tcp_no_flow;        /* data on a subscribed port of no tracked connection */
+    uint64_t tcp_midstream_reset;   /* ... of which reset both ways (tcp_midstream reset) */
+    uint64_t tcp_midstream_pass;    /* connections picked up mid-stream let through uninspected */
+    uint64_t tcp_midstream_adopt;   /* connections picked up mid-stream and inspected from there */
     uint64_t tcp_bad_csum;       /* bad IPv4 header or TCP checksum (the receiver drops it too) */
     uint64_t tcp_bad_header;     /* truncated or inconsistent IP/TCP header */
     uint64_t tcp_bad_handshake;  /* SYN, SYN-ACK or ACK that does not fit the shadow state */
@@ -345,11 +348,26 @@ struct vn_policy {
     uint64_t tcp_depth_max;    /* out-of-order bytes waiting for a gap, per direction */
     int tcp_depth_over_pass;
     uint32_t tcp_idle_ms;      /* an established connection silent this long is forgotten */
+    int tcp_midstream;         /* VN_MIDSTREAM_*: data of a connection on a subscribed port that
+                                * the NI never saw open (a daemon restart, a new subscription) */
     unsigned tcp_resend_max;   /* the NI's own resends of bytes it owes a receiver, then RSTs */
     int unparsed_pass;         /* frames the parser cannot walk: 0 drop (counted), 1 pass */
     int ipv6_router;           /* the guest may send router advertisements and redirects */
     int guest_vlan_drop;       /* VLAN-tagged frames from the guest: 0 checked inside, 1 dropped */
 };
+
+/* Exception policy for a connection picked up mid-stream (no handshake seen, Suricata's
+ * "midstream"): its data segment is dropped (the sender retries, and hangs until it gives
+ * up), answered with RSTs to both ends (the applications learn at once and may retry), let
+ * through uninspected (the connection joins the flow table as bypassed), or adopted: the
+ * segment is dropped and the NI asks its receiver where it stands (an out-of-window ACK
+ * draws the receiver's own ACK); that answer starts the stream, inspected from there, at the
+ * byte each receiver expects next (vn_stream_event.midstream).  Window scales are unknown:
+ * the largest is assumed, so no good byte is dropped; edits and `more` are refused. */
+#define VN_MIDSTREAM_DROP 0
+#define VN_MIDSTREAM_RESET 1
+#define VN_MIDSTREAM_PASS 2
+#define VN_MIDSTREAM_ADOPT 3
 
 /* A frame handed to the NI kernel because subscriptions matched it. */
 struct vn_punt {
@@ -409,6 +427,7 @@ struct vn_stream_event {
     uint8_t eof[2];            /* the sender's FIN follows avail */
     uint8_t read[2], hold[2];  /* directions read / held for contain subscriptions */
     uint64_t time_ns;
+    uint8_t midstream;         /* adopted mid-stream: offset 0 is where the NI picked it up */
 };
 
 /* 1: *ev filled (a stream changed); 0: none.  Drains with the punt queue (same eventfd). */

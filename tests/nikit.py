@@ -239,7 +239,8 @@ class Kit:
     daemon's ``--state-dir`` (scanner checkpoints)."""
 
     def __init__(self, policies: Optional[dict] = None, names: Iterable[str] = ("a", "b"),
-                 connect: bool = True, rx: int = 64, state_dir: Optional[str] = None):
+                 connect: bool = True, rx: int = 64, state_dir: Optional[str] = None,
+                 clients: Iterable[str] = ()):
         self.dir = tempfile.mkdtemp(prefix="vnk-", dir="/tmp")
         os.chmod(self.dir, 0o755)
         self.names = list(names)
@@ -251,7 +252,15 @@ class Kit:
             self.policy_files[ni] = write_policy(os.path.join(self.dir, f"{ni}-policy{ext}"), doc)
         self.daemon: Optional[Daemon] = None
         self.drivers: dict[str, VirtioNetDriver] = {}
-        self.daemon = Daemon([(n, self.sock_path(n)) for n in self.names], policies=self.policy_files,
+        # NIs in vhost-user client mode: the test's frontend listens (as QEMU with server=on)
+        self.listeners: dict[str, socket.socket] = {}
+        for n in clients:
+            ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            ls.bind(self.sock_path(n))
+            ls.listen(1)
+            self.listeners[n] = ls
+        self.daemon = Daemon([(n, ("client:" if n in self.listeners else "") + self.sock_path(n))
+                              for n in self.names], policies=self.policy_files,
                              alert_log=self.alert_log, stats_file=self.stats_file,
                              state_dir=state_dir)
         if connect:
@@ -301,8 +310,13 @@ class Kit:
 
     # ---- guests
     def connect(self, name: str, rx: int = 64) -> VirtioNetDriver:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(self.sock_path(name))
+        if name in self.listeners:
+            self.listeners[name].settimeout(10)
+            sock, _ = self.listeners[name].accept()    # the daemon connected (client mode)
+            sock.settimeout(None)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(self.sock_path(name))
         self.control()
         drv = VirtioNetDriver(_SteppedFrontend(sock, self))
         drv.tx_wait = 0
@@ -345,7 +359,9 @@ class Kit:
         return self.daemon.nis[ni].port.stats()
 
     def subscribed(self, ni: str, scanner: str) -> bool:
-        return any(s.scanner == scanner for s in self.nk(ni).subs)
+        """It subscribed and told the kernel it is done (ready): what its rights cover is
+        no longer held back."""
+        return any(s.scanner == scanner for s in self.nk(ni).subs) and self.sp(ni, scanner).ready
 
     def wait_subscribed(self, ni: str, scanner: str, timeout: float = 10.0) -> None:
         self.until(lambda: self.subscribed(ni, scanner) and self.sp(ni, scanner).running,
@@ -388,6 +404,8 @@ class Kit:
                 pass
         if self.daemon is not None:
             self.daemon.close()
+        for ls in self.listeners.values():
+            ls.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

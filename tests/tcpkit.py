@@ -273,7 +273,8 @@ class Engine:
             e = {"stream": ev.stream, "what": ev.what, "reason": ev.reason, "client": ev.client,
                  "subs": ev.subs, "avail": (ev.avail[0], ev.avail[1]), "eof": (ev.eof[0], ev.eof[1]),
                  "read": (ev.read[0], ev.read[1]), "hold": (ev.hold[0], ev.hold[1]),
-                 "guest_port": ev.guest_port, "remote_port": ev.remote_port, "family": ev.family}
+                 "guest_port": ev.guest_port, "remote_port": ev.remote_port, "family": ev.family,
+                 "midstream": ev.midstream}
             self.events.append(e)
             st = self.streams.get(ev.stream)
             if ev.what & lib.VN_STREAM_OPEN:

@@ -583,6 +583,85 @@ def test_frames_queued_before_a_reload_keep_their_subscriptions(kits):
 
 
 # ---------------------------------------------------------------------------
+# No traffic before the policy is whole: scanners not yet subscribed (ready)
+# ---------------------------------------------------------------------------
+
+SLOW = 4.0      # a scanner that sleeps this long, locked down, before it subscribes
+
+
+def _slow_policy(**ni):
+    return policy(scanners=[decider(subscribe=[HTTP_CONTAIN], delay=SLOW)], **ni)
+
+
+def _early_frames_are_not_forwarded(k, ni="a", peer="b"):
+    """Frames its contain rights cover, sent while the scanner sleeps before subscribing,
+    never reach the peer; others do; once it is ready, covered frames go by its decision."""
+    t0 = time.monotonic()
+    early = [tcp_frame(payload=b"early %d" % i) for i in range(3)]
+    k.send(ni, *early)
+    other = udp_frame(payload=b"outside its rights")
+    k.send(ni, other)
+    assert k.recv(peer, 0.5) == [other]
+    assert not k.subscribed(ni, "dec") and time.monotonic() - t0 < SLOW   # still asleep
+    assert k.nk(ni).info()["scanners_not_ready"] == ["dec"]
+    assert k.nk(ni).info()["cut_before_ready"] == 3
+    k.wait_subscribed(ni, "dec")
+    assert k.nk(ni).info()["scanners_not_ready"] == []
+    k.send(ni, tcp_frame(payload=b"CUT"), tcp_frame(payload=b"seen"))
+    assert k.recv(peer, 2.0, 1) == [tcp_frame(payload=b"seen")]
+    assert k.recv(peer, 0.2) == []
+
+
+def test_frames_before_a_slow_scanner_subscribes_are_held_back(kits):
+    k = kits({"a": _slow_policy()})
+    _early_frames_are_not_forwarded(k)
+
+
+def test_client_mode_frames_before_the_scanners_subscribe_are_held_back(kits):
+    """The daemon connects to its frontend (QEMU with server=on) as it starts, long before a
+    slow scanner has subscribed: the ordering is the cover's job, not timing luck."""
+    k = kits({"a": _slow_policy()}, clients=("a",))
+    assert k.daemon.nis["a"].client and k.daemon.nis["a"].connected
+    _early_frames_are_not_forwarded(k)
+
+
+def test_failed_scanner_cover_gets_the_default_decision(kits, monkeypatch):
+    """A scanner that dies before it subscribes: what its rights cover gets the policy's
+    default (here pass: the administrator chose availability), not a cut for ever."""
+    monkeypatch.setattr(kernel_mod, "RESTART_MIN", 30.0)
+    spec = decider(subscribe=[HTTP_CONTAIN], crash_before_subscribe=True)
+    k = kits({"a": policy(default_decision="pass", scanners=[spec])})
+    k.until(lambda: not k.sp("a", "dec").running, what="the scanner to die")
+    f = tcp_frame(payload=b"while it is down")
+    k.send("a", f)
+    assert k.recv("b", 1.0, 1) == [f]
+
+
+@pytest.mark.parametrize("how", ["reload", "admin"])
+def test_a_scanner_added_by_a_new_policy_holds_back_until_ready(kits, how):
+    k = kits({"a": policy()})
+    f = tcp_frame(payload=b"before")
+    k.send("a", f)
+    assert k.recv("b", 1.0, 1) == [f]
+    if how == "reload":
+        k.reload("a", _slow_policy())
+    else:
+        from vhostni.policy import parse_policy
+        k.daemon.set_policy("a", parse_policy(_slow_policy()))
+    _early_frames_are_not_forwarded(k)
+
+
+def test_scanner_that_never_says_ready_is_taken_as_ready_after_the_grace(kits, monkeypatch):
+    monkeypatch.setattr(kernel_mod, "READY_GRACE", 1.0)
+    spec = decider(subscribe=[HTTP_CONTAIN], no_ready=True)
+    k = kits({"a": policy(scanners=[spec])})
+    k.until(lambda: any(s.scanner == "dec" for s in k.nk("a").subs), what="the subscription")
+    assert not k.sp("a", "dec").ready
+    k.wait_alert("did not say it was ready", "a", "dec")
+    assert k.sp("a", "dec").ready and k.nk("a").info()["scanners_not_ready"] == []
+
+
+# ---------------------------------------------------------------------------
 # Stream edits: a contain scanner's cut and inject requests
 # ---------------------------------------------------------------------------
 

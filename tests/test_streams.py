@@ -309,6 +309,33 @@ def test_reload_revokes_stream_subscriptions_outside_new_rights(kits):
     assert got_payload(k, "b", 9) == b"unwatched"
 
 
+def test_midstream_reset_is_alerted_to_the_administrator(kits):
+    """A daemon restart leaves connections the new NI never saw open: the default reset is
+    counted and told to the administrator (one alert per interval, with the counts)."""
+    k = started(kits, [decider(mode="pass")])
+    c = Conn(k)
+    c.ends["a"].sent, c.ends["b"].sent = 5000, 7000
+    c.send("a", c.data("a", b"resumed"))
+    assert [s.flags & RST for s in c.recv("a", 1.0, 1)] == [RST]
+    a = k.wait_alert("picked up mid-stream", "a")
+    assert a["scanner"] is None and a["fields"] == {"reset": 1} and "reset" in a["message"]
+
+
+def test_midstream_adopt_reaches_the_scanner_flagged(kits):
+    k = started(kits, [decider(mode="pass", report=True)], tcp_midstream="adopt")
+    c = Conn(k)
+    c.ends["a"].sent, c.ends["b"].sent = 5000, 7000
+    c.send("a", c.data("a", b"resumed", advance=False))
+    assert len(c.recv("b", 1.0, 1)) == 1                         # the probe
+    c.send("b", c.segment("b", ACK, ack=c.seq("a", 5000)))       # b's answer
+    c.send("a", c.data("a", b"resumed"))
+    assert got_payload(k, "b", 7) == b"resumed"                  # held, passed by the scanner
+    (o,) = reports(k, "open")
+    assert o["midstream"] is True and o["tuple"] == ["tcp", "10.0.0.1", 40000, "10.0.0.2", 25]
+    k.until(lambda: seen(k, FROM) == b"resumed", what="the scanner's report")
+    assert k.wait_alert("picked up mid-stream", "a")["fields"] == {"adopt": 1}
+
+
 # ---------------------------------------------------------------------------
 # Real guest TCP stacks
 # ---------------------------------------------------------------------------

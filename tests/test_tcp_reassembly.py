@@ -322,9 +322,10 @@ def test_rst_inside_the_window_resets_the_stream_and_drops_held_data(kit):
     assert st.closed == kit.daemon.kernel.lib.VN_CLOSE_RST
     assert e.flows() == 0
     assert c.recv("b") == []                                    # the held bytes never go
-    # a's further data has no connection any more: dropped, not forwarded unseen
+    # a's further data has no connection any more: never forwarded unseen (the midstream
+    # policy, reset by default, answers it with RSTs: tests below)
     c.send("a", c.data("a", b"after the reset"))
-    assert c.recv("b") == [] and kit.stats("a")["tcp_no_flow"] == 1
+    assert payloads(c.recv("b")) == [] and kit.stats("a")["tcp_no_flow"] == 1
 
 
 def test_rst_outside_the_window_and_rst_with_data_are_dropped(kit):
@@ -369,7 +370,136 @@ def test_data_without_handshake_or_after_fin_is_dropped(kit):
     # a connection the NI never saw start (established before the subscription)
     old = Conn(kit, cport=41000)
     c.send("a", old.data("a", b"mid-stream", off=5000))
-    assert c.recv("b") == [] and kit.stats("a")["tcp_no_flow"] == 1
+    assert payloads(c.recv("b")) == [] and kit.stats("a")["tcp_no_flow"] == 1
+
+
+# ---------------------------------------------------------------------------
+# Connections picked up mid-stream ([ni] tcp_midstream): after a daemon restart, say
+# ---------------------------------------------------------------------------
+
+def midstream_conn(kit, **engine_keys):
+    """An Engine over a's NI and a connection a -> b:25 it never saw open; a sends a data
+    segment at offset 5000 acknowledging b's byte 7000."""
+    e = Engine(kit, **engine_keys)
+    c = Conn(kit)
+    c.ends["a"].sent, c.ends["b"].sent = 5000, 7000
+    return e, c
+
+
+@pytest.mark.parametrize("client", ["a", "b"])
+def test_midstream_reset_answers_both_ends_with_rsts_they_accept(kit, client):
+    """The default (fail closed): instead of a black hole the sender retries into until it
+    gives up, both ends get an RST at the exact point each expects (RFC 5961 stacks take
+    only that), so applications see a reset at once.  Either end may send first."""
+    e = Engine(kit)
+    server = "b" if client == "a" else "a"
+    c = Conn(kit, client=client, server=server)
+    c.ends[client].sent, c.ends[server].sent = 5000, 7000
+    frm, to = client, server
+    seg = c.data(frm, b"resumed after a restart")
+    c.send(frm, seg)
+    got_to = c.recv(to, 1.0, 1)
+    got_frm = c.recv(frm, 1.0, 1)
+    # the receiver: an RST from the sender at the segment's sequence number
+    assert [(s.flags, s.seq, s.ack, s.payload) for s in got_to] == \
+        [(RST | ACK, c.seq(frm, 5000), c.seq(to, 7000), b"")]
+    assert (got_to[0].sport, got_to[0].dport) == (c.ends[frm].port, c.ends[to].port) and got_to[0].csum_ok
+    # the sender: an RST from its peer at the sender's own ACK, acknowledging the segment
+    assert [(s.flags, s.seq, s.ack, s.payload) for s in got_frm] == \
+        [(RST | ACK, c.seq(to, 7000), c.seq(frm, 5000 + 23), b"")]
+    assert (got_frm[0].sport, got_frm[0].dport) == (c.ends[to].port, c.ends[frm].port) and got_frm[0].csum_ok
+    st = kit.stats("a")
+    assert (st["tcp_no_flow"], st["tcp_midstream_reset"], st["tcp_midstream_pass"]) == (1, 1, 0)
+    assert e.flows() == 0 and e.streams == {}
+
+
+def test_midstream_drop_is_the_old_black_hole(kit):
+    e, c = midstream_conn(kit, tcp_midstream="drop")
+    c.send("a", c.data("a", b"resumed"))
+    assert c.recv("b") == [] and c.recv("a") == []
+    st = kit.stats("a")
+    assert (st["tcp_no_flow"], st["tcp_midstream_reset"], st["tcp_midstream_pass"]) == (1, 0, 0)
+
+
+def test_midstream_pass_lets_the_connection_through_uninspected_counted_once(kit):
+    e, c = midstream_conn(kit, tcp_midstream="pass")
+    frames = [c.data("a", b"one"), c.data("a", b"two")]
+    c.send("a", *frames)
+    assert payloads(c.recv("b", 1.0, 2)) == [b"one", b"two"]
+    c.send("b", c.data("b", b"reply"))
+    assert payloads(c.recv("a", 1.0, 1)) == [b"reply"]
+    st = kit.stats("a")
+    assert (st["tcp_midstream_pass"], st["tcp_midstream_reset"]) == (1, 0)   # one connection
+    assert e.streams == {} and e.flows() == 1                                 # bypassed: no stream
+    # a new connection on the port is still inspected
+    n = Conn(kit, cport=41000)
+    n.open()
+    kit.step()
+    assert len(e.streams) == 1
+
+
+@pytest.mark.parametrize("client", ["a", "b"])
+def test_midstream_adopt_asks_the_receiver_and_inspects_from_where_it_stands(kit, client):
+    """adopt: the first data segment is dropped and its receiver is asked where it stands (a
+    bare ACK far behind its window, which a stack answers with its own ACK); that answer
+    starts a stream, flagged mid-stream, at the byte each end expects next.  Either end may
+    be the first to send, and the guest either client or server."""
+    e = Engine(kit, tcp_midstream="adopt")
+    server = "b" if client == "a" else "a"
+    c = Conn(kit, client=client, server=server)
+    c.ends[client].sent, c.ends[server].sent = 5000, 7000
+    p, o = client, server                       # the prober (sends first) and the other end
+    d_p = FROM if p == "a" else TO
+    d_o = TO if d_p == FROM else FROM
+    c.send(p, c.data(p, b"resumed", advance=False))
+    probe = c.recv(o, 1.0, 1)
+    assert [(s.flags, s.seq, s.ack, s.payload) for s in probe] == \
+        [(ACK, (c.seq(p, 5000) - 0x40000000) & 0xFFFFFFFF, c.seq(o, 7000), b"")]
+    assert probe[0].csum_ok and e.streams == {}
+    assert kit.stats("a")["tcp_midstream_adopt"] == 1
+    c.send(p, c.data(p, b"resumed", advance=False))              # retransmitted at once
+    assert c.recv(o) == []                                       # dropped; no second probe yet
+    # the other end's answer: where it stands (p's byte 5000), forwarded, and the stream opens
+    c.send(o, c.segment(o, ACK, ack=c.seq(p, 5000)))
+    assert [s.flags for s in c.recv(p, 1.0, 1)] == [ACK]
+    st = e.only()
+    assert st.event["midstream"] and st.event["hold"] == (1, 1)
+    assert st.event["client"] == (FROM if client == "a" else TO)
+    # the sender's retransmission is now inspected from offset 0, and held until passed
+    c.send(p, c.data(p, b"resumed"))
+    assert bytes(st.data[d_p]) == b"resumed" and c.recv(o) == []
+    e.pass_(d_p, 7)
+    assert payloads(c.recv(o, 1.0, 1)) == [b"resumed"]
+    c.send(o, c.data(o, b"ok"))
+    assert bytes(st.data[d_o]) == b"ok" and c.recv(p) == []
+    e.pass_(d_o, 2)
+    assert payloads(c.recv(p, 1.0, 1)) == [b"ok"]
+    # windows: the scale was never seen, so the largest is assumed (no good byte dropped)
+    c.send(p, c.data(p, b"far", off=5007 + 70000, advance=False))
+    assert kit.stats("a")["tcp_out_of_window"] == 0
+    # edits and `more` rewrite windows and sequence numbers: refused on an adopted stream
+    lib = kit.daemon.kernel.lib
+    assert e.cut(d_p, 7, 8) == lib.VN_ESTATE and e.more(d_p) == lib.VN_ESTATE
+
+
+def test_midstream_adopt_without_an_answer_is_forgotten_and_rsts_end_it(kit):
+    e, c = midstream_conn(kit, tcp_midstream="adopt")
+    c.send("a", c.data("a", b"resumed", advance=False))
+    assert len(c.recv("b", 1.0, 1)) == 1 and e.flows() == 1
+    c.send("b", c.segment("b", RST | ACK, ack=c.seq("a", 5000)))   # b knows nothing of it
+    assert [s.flags & RST for s in c.recv("a", 1.0, 1)] == [RST]
+    assert e.flows() == 0 and e.streams == {}
+
+
+def test_midstream_policy_key_is_validated():
+    from vhostni.policy import PolicyError, parse_policy
+    assert parse_policy({}).tcp_midstream == "reset"
+    assert parse_policy({"ni": {"default_decision": "pass"}}).tcp_midstream == "pass"
+    assert parse_policy({"ni": {"tcp_midstream": "drop"}}).tcp_midstream == "drop"
+    assert parse_policy({"ni": {"tcp_midstream": "adopt"}}).tcp_midstream == "adopt"
+    for bad in ("adopted", "RESET", 1, True):
+        with pytest.raises(PolicyError):
+            parse_policy({"ni": {"tcp_midstream": bad}})
 
 
 def test_handshake_that_does_not_fit_is_dropped(kit):

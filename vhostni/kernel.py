@@ -52,6 +52,14 @@ RESTART_MIN = 0.5
 RESTART_MAX = 30.0
 STABLE_AFTER = 60.0        # a scanner up this long has its back-off reset
 LOCKDOWN_GRACE = 10.0      # seconds after its start by which a scanner must show its confinement
+# Readiness: right after starting a scanner the kernel sends it a sync with this id; the
+# SDK answers it when the scanner first waits for an event (Scanner.ready() earlier), i.e.
+# once it has made its subscriptions.  Until then what its contain rights cover is held
+# back (see NIKernel.apply); a scanner that never answers is taken as ready after
+# READY_GRACE seconds (and the administrator is told).  Negative: never a replay sync id.
+READY_SYNC = -1
+READY_GRACE = LOCKDOWN_GRACE
+MIDSTREAM_ALERT_EVERY = 10.0   # at most one alert per NI this often about mid-stream pick-ups
 STDERR_LINES_PER_S = 20
 OUTQ_MAX = 64 << 20        # stream bytes queued for one scanner that does not keep up
 STREAM_CHUNK = 65536       # bytes of one stream-data message at most
@@ -634,10 +642,35 @@ class ScannerProc:
         self.outq_bytes = 0
         self._out_armed = False
         self._restore: Optional[tuple[int, bytes]] = None   # the checkpoint the hello announced
+        self.ready_for = -1.0                   # started_at of the run that said it is ready
+        self.ready_asked = -1.0                 # started_at of the run the readiness sync went to
 
     @property
     def running(self) -> bool:
         return self.state == "running"
+
+    @property
+    def ready(self) -> bool:
+        """Running, locked down and done subscribing (it answered the readiness sync, or
+        READY_GRACE passed): its subscriptions alone say what it is handed from now on."""
+        return self.state == "running" and self.ready_for == self.started_at
+
+    def ask_ready(self) -> None:
+        """Sends this run the readiness sync (once per run)."""
+        if self.state == "running" and self.ready_asked != self.started_at:
+            self.ready_asked = self.started_at
+            self.sync(READY_SYNC)
+
+    def _became_ready(self, why: str) -> None:
+        if self.ready or self.state != "running":
+            return
+        if not self.locked:
+            self.locked = self._check_lockdown()
+            if not self.locked:
+                return             # not locked down: it cannot have subscribed either
+        self.ready_for = self.started_at
+        log.info("NI %s: scanner %s ready (%s)", self.nk.name, self.name, why)
+        self.nk.scanner_ready(self)
 
     def info(self) -> dict:
         return {"name": self.name, "state": self.state, "pid": self.pid,
@@ -945,6 +978,8 @@ class ScannerProc:
                 data = self.sock.recv(wire.MAX_MESSAGE)
             except (BlockingIOError, InterruptedError):
                 return
+            except ConnectionResetError:
+                data = b""         # it closed its end with messages of ours unread: an end
             except OSError as exc:
                 self._lost(f"socket error: {exc}")
                 return
@@ -1022,6 +1057,8 @@ class ScannerProc:
             sid = body.get("id")
             if isinstance(sid, int) and not isinstance(sid, bool):
                 self.synced = max(self.synced, sid)
+                if sid == READY_SYNC:
+                    self._became_ready("subscribed")
         elif op in ("kill", "more"):
             self._stream_request(op, body)
         else:
@@ -1247,19 +1284,103 @@ class NIKernel:
         self.held: dict[int, Held] = {}
         self.scanners: dict[str, ScannerProc] = {}
         self.decided_by_timeout = 0
-        self.apply()
+        self.cut_before_ready = 0      # frames and connections covered by a scanner not ready
+        self.covered: frozenset = frozenset()
+        self._midstream_seen: dict[str, int] = {}   # tcp_midstream_* counts already alerted
+        self._midstream_next = 0.0
+        self._owners: list = []        # per compiled subscription: (scanner names, is_cover)
+        self._stream_owners: list = []
         for spec in policy.scanners:
             self.scanners[spec.name] = ScannerProc(self, spec)
+        self.apply()
 
     def start(self) -> None:
         for sp in self.scanners.values():
             sp.start()
+        self.check_ready(time.monotonic())
+
+    def _not_ready(self) -> frozenset:
+        return frozenset(n for n, sp in self.scanners.items() if not sp.ready)
 
     def apply(self) -> None:
-        self.port.set_policy(self.policy.compile([(s.match, s.contain) for s in self.subs],
-                                                 [(s.match, s.contain) for s in self.stream_subs]))
+        """Installs the policy with the live subscriptions, and a *cover* for every scanner
+        not ready (starting, restarting, not yet subscribed): its contain rights, as contain
+        subscriptions.  What a cover alone matches is cut (a running scanner) or gets the
+        default decision (a failed one): never forwarded unseen before the scanner could have
+        asked for it.  Too many to fit: one cover of everything."""
+        self.covered = self._not_ready()
+        subs = [(s.match, s.contain) for s in self.subs]
+        owners = [((s.scanner,), False) for s in self.subs]
+        ssubs = [(s.match, s.contain) for s in self.stream_subs]
+        sowners = [((s.scanner,), False) for s in self.stream_subs]
+        cover, scover = [], []
+        for name in sorted(self.covered):
+            spec = self.scanners[name].spec
+            cover += [(r.match, name) for r in spec.rights if r.contain]
+            scover += [(r.match, name) for r in spec.stream_rights if r.contain]
+        lib = self.kernel.lib
+        subs, owners = self._with_cover(subs, owners, cover, Match(), lib.VN_MAX_SUBS)
+        ssubs, sowners = self._with_cover(ssubs, sowners, scover, StreamMatch(), lib.VN_MAX_STREAM_SUBS)
+        self._owners, self._stream_owners = owners, sowners
+        self.port.set_policy(self.policy.compile(subs, ssubs))
+
+    def _with_cover(self, subs, owners, cover, everything, room):
+        if len(subs) + len(cover) <= room:
+            return subs + [(m, True) for m, _ in cover], owners + [((n,), True) for _, n in cover]
+        if len(subs) >= room:
+            log.error("NI %s: no room for the cover of scanners not ready: %d subscriptions",
+                      self.name, len(subs))
+            subs, owners = subs[:room - 1], owners[:room - 1]
+        return subs + [(everything, True)], owners + [(tuple(sorted({n for _, n in cover})), True)]
+
+    def _reapply(self) -> None:
+        # frames the fast path matched name subscriptions by index: hand them out first
+        self.kernel.on_punts()
+        self.apply()
+
+    def scanner_ready(self, sp: ScannerProc) -> None:
+        if sp.name in self.covered and self.scanners.get(sp.name) is sp:
+            self._reapply()
+
+    def check_ready(self, now: float) -> None:
+        """Asks newly started scanners whether they are ready; takes one that never answers
+        as ready after READY_GRACE; reinstalls the covers when who is ready changed."""
+        for sp in self.scanners.values():
+            sp.ask_ready()
+            if sp.running and not sp.ready and sp.locked and now - sp.started_at > READY_GRACE:
+                self.kernel.alerts.append(
+                    self.name, sp.name, f"scanner did not say it was ready within {READY_GRACE:.0f} s "
+                    "of starting (not written with the SDK?): taken as ready, with the "
+                    "subscriptions it made")
+                sp._became_ready("grace")
+        if self._not_ready() != self.covered:
+            self._reapply()
+
+    def note_midstream(self, now: float) -> None:
+        """Tells the administrator (at most every MIDSTREAM_ALERT_EVERY s) about connections
+        the fast path picked up mid-stream and reset, passed uninspected or adopted."""
+        if now < self._midstream_next:
+            return
+        st = self.port.stats()
+        counts = {k: st.get(f"tcp_midstream_{k}", 0) for k in ("reset", "pass", "adopt")}
+        new = {k: v - self._midstream_seen.get(k, 0) for k, v in counts.items()}
+        if not any(v > 0 for v in new.values()):
+            return
+        self._midstream_seen = counts
+        self._midstream_next = now + MIDSTREAM_ALERT_EVERY
+        self.kernel.alerts.append(
+            self.name, None, "TCP connections picked up mid-stream (no handshake seen): "
+            f"tcp_midstream = {self.policy.tcp_midstream}", **{k: v for k, v in new.items() if v > 0})
+
+    def _cover_verdict(self, names) -> Optional[bool]:
+        """What a frame or connection that only a cover of ``names`` matched gets: cut
+        while one of them runs but is not ready, else the policy's default (they failed)."""
+        if any((sp := self.scanners.get(n)) is not None and sp.running and not sp.ready for n in names):
+            return False
+        return self.policy.default_pass
 
     def add_stream_sub(self, sub: StreamSub) -> Optional[str]:
+        self.kernel.on_punts()         # compiled indices shift: hand out what matched first
         if sub in self.stream_subs:
             return None
         if len(self.stream_subs) >= 64:
@@ -1269,6 +1390,7 @@ class NIKernel:
         return None
 
     def add_sub(self, sub: Sub) -> Optional[str]:
+        self.kernel.on_punts()         # compiled indices shift: hand out what matched first
         for s in self.subs:
             if s == sub:
                 return None
@@ -1302,6 +1424,7 @@ class NIKernel:
             else:
                 old[name] = ScannerProc(self, spec)
                 old[name].start()
+                old[name].ask_ready()
         self.subs = [s for s in self.subs if s.scanner in old and any(
             s.match.within(r.match) and (r.contain or not s.contain) for r in old[s.scanner].spec.rights)]
         self.stream_subs = [s for s in self.stream_subs if s.scanner in old and any(
@@ -1312,13 +1435,22 @@ class NIKernel:
     # ---- held frames
     def punted(self, p) -> None:
         targets: dict[str, bool] = {}
-        for i, sub in enumerate(self.subs):
+        covers = []
+        for i, (names, is_cover) in enumerate(self._owners):
             if p.subs >> i & 1:
-                targets[sub.scanner] = targets.get(sub.scanner, False) or bool(p.contain >> i & 1)
+                if is_cover:
+                    covers.append(names)
+                else:
+                    targets[names[0]] = targets.get(names[0], False) or bool(p.contain >> i & 1)
         data = bytes(self.kernel.ffi.buffer(p.data, p.len))
         held_id = p.id
         needed = set()
         cut = False
+        for names in covers:
+            if not any(n in targets for n in names) and not self._cover_verdict(names):
+                cut = True
+                self.cut_before_ready += 1
+                break
         for name, contain in targets.items():
             sp = self.scanners.get(name)
             hid = held_id if contain else 0
@@ -1427,6 +1559,7 @@ class NIKernel:
                 "tcp_flows": lib.vn_tcp_flows(sw, self.port.index),
                 "tcp_bytes": int(lib.vn_tcp_bytes(sw, self.port.index)),
                 "held": len(self.held), "decided_by_timeout": self.decided_by_timeout,
+                "scanners_not_ready": sorted(self.covered), "cut_before_ready": self.cut_before_ready,
                 "scanners": {n: sp.info() for n, sp in self.scanners.items()}}
 
     # ---- streams
@@ -1457,15 +1590,27 @@ class NIKernel:
         server_port = ev.remote_port if client == "guest" else ev.guest_port
         st = KStream(int(ev.stream), {"family": ev.family, "client": client,
                                       "guest": [g, ev.guest_port], "remote": [r, ev.remote_port],
-                                      "port": server_port})
-        for i, sub in enumerate(self.stream_subs):
-            if ev.subs >> i & 1:
-                dirs = sub.match.directions()
-                st.readers[sub.scanner] = st.readers.get(sub.scanner, 0) | dirs
-                if sub.contain:
-                    st.holders[sub.scanner] = st.holders.get(sub.scanner, 0) | dirs
+                                      "port": server_port, "midstream": bool(ev.midstream)})
+        covers = []
+        for i, (names, is_cover) in enumerate(self._stream_owners):
+            if not ev.subs >> i & 1:
+                continue
+            if is_cover:
+                covers.append(names)
+                continue
+            sub = self.stream_subs[i]
+            dirs = sub.match.directions()
+            st.readers[sub.scanner] = st.readers.get(sub.scanner, 0) | dirs
+            if sub.contain:
+                st.holders[sub.scanner] = st.holders.get(sub.scanner, 0) | dirs
         st.hold_dirs = (1 if ev.hold[0] else 0) | (2 if ev.hold[1] else 0)
         self.streams[st.id] = st
+        for names in covers:
+            if not any(n in st.readers for n in names) and not self._cover_verdict(names):
+                # opened before a scanner that may want it was ready: reset, never unseen
+                self.cut_before_ready += 1
+                self._kill_stream(st, "scanner not ready")
+                return st
         for name in list(st.readers):
             sp = self.scanners.get(name)
             if sp is None or not sp.running:
@@ -1786,6 +1931,8 @@ class Kernel:
                 sp.poll(now)
                 if sp.outq:
                     sp.flush()
+            nk.check_ready(now)
+            nk.note_midstream(now)
         self.lib.vn_tcp_housekeeping(self.switch._sw)
         self.checkpoints.flush()
         self.next_deadline = min(nxt, min((nk.deadline() for nk in self.nis.values()),

@@ -54,6 +54,12 @@ MATCH_KEYS = {"direction", "ethertype", "proto", "src", "dst", "sport", "dport",
 # [ni] on_alert: what the NI does by itself when one of its scanners raises an alert
 # (none; quarantine, see [quarantine]; link-down: QEMU's set_link plus dropping every frame).
 ON_ALERT = ("none", "quarantine", "link-down")
+# [ni] tcp_midstream: data of a TCP connection the NI never saw open, on a port a stream
+# subscription covers (after a daemon restart, say): what the fast path does with it
+# (with tcp_flows_over = "pass" such data passes: it may be a connection the full flow
+# table let through uninspected)
+MIDSTREAM = {"drop": lib.VN_MIDSTREAM_DROP, "reset": lib.VN_MIDSTREAM_RESET,
+             "pass": lib.VN_MIDSTREAM_PASS, "adopt": lib.VN_MIDSTREAM_ADOPT}
 # the longest stream injection (csrc/vhostni.h VN_TCP_INJECT_MAX: what vn_stream_inject takes)
 STREAM_INJECT_MAX = 65536
 INJECT_KEYS = ("frame", "stream", "stream_hex")
@@ -365,6 +371,10 @@ class Policy:
     unparsed_pass: bool = False      # [ni] unparsed: frames the parser cannot walk (drop, fail closed)
     ipv6_router: bool = False        # [ni] ipv6_router: the guest may send RAs and redirects
     guest_vlan_drop: bool = False    # [ni] guest_vlan: VLAN-tagged frames from the guest (allow)
+    # data of a connection the NI never saw open, on a subscribed port (MIDSTREAM): reset
+    # both ends (fail closed, the default), drop, pass uninspected, or adopt (inspect it
+    # from where the NI picked it up)
+    tcp_midstream: str = "reset"
     prevent: list[Match] = field(default_factory=list)
     scanners: list[ScannerSpec] = field(default_factory=list)
     source: Optional[str] = None
@@ -417,6 +427,7 @@ class Policy:
         c.unparsed_pass = 1 if self.unparsed_pass else 0
         c.ipv6_router = 1 if self.ipv6_router else 0
         c.guest_vlan_drop = 1 if self.guest_vlan_drop else 0
+        c.tcp_midstream = MIDSTREAM[self.tcp_midstream]
         return c
 
 
@@ -525,7 +536,7 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
                      "held_frames_max", "held_bytes_max", "over_cap", "on_alert", "comment",
                      "tcp_flows_max", "tcp_flows_over", "tcp_bytes_max", "tcp_bytes_over",
                      "tcp_depth_max", "tcp_depth_over", "tcp_idle_timeout_ms", "tcp_resend_max",
-                     "unparsed", "ipv6_router", "guest_vlan"}, "ni")
+                     "unparsed", "ipv6_router", "guest_vlan", "tcp_midstream"}, "ni")
     if "mac" in ni:
         m = _want(ni, "mac", "ni", str)
         if not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}", m):
@@ -587,6 +598,12 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
             raise PolicyError(f"ni.{key}", "expected 'drop' (fail closed) or 'pass' (the connection "
                                            "goes on uninspected)")
         setattr(p, f"{key}_pass", v == "pass")
+    ms = _want(ni, "tcp_midstream", "ni", str, "pass" if p.default_pass else "reset")
+    if ms not in MIDSTREAM:
+        raise PolicyError("ni.tcp_midstream", "expected 'reset' (forged RSTs to both ends), 'drop', "
+                                              "'pass' (the connection goes on uninspected) or "
+                                              "'adopt' (inspected from where the NI picked it up)")
+    p.tcp_midstream = ms
     t = _want(ni, "tcp_idle_timeout_ms", "ni", int, int(p.tcp_idle_timeout * 1000))
     if not 1000 <= t <= 86_400_000:
         raise PolicyError("ni.tcp_idle_timeout_ms", "expected 1000..86400000")

@@ -107,6 +107,7 @@ def run(sc: Scanner, core: EmailScanner, engine) -> int:
     replacement = core.cfg["replacement_injection"]
     if replacement not in core.stream_injections:
         replacement = None
+    sc.ready()        # subscribed: the kernel stops resetting connections to these ports
     sc.alert("e-mail scanner ready", event="ready", ports=ports,
              engine="clamd" if engine else "sha256 only", hashes=len(core.cfg["_table"]),
              replacement=replacement)

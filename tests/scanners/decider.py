@@ -5,21 +5,32 @@ config: ``subscribe`` [{"match": {...}, "contain": bool}], ``report`` (send an a
 "frame" with number, held, direction and the frame's hex for each frame), ``crash_after``
 N (exit with status 3 on receiving frame N+1, without deciding it), ``verdict`` ("pass" or
 "cut": decide every held frame so, markers aside), ``inject`` [index, direction] (ask for
-that pre-registered injection once subscribed).
+that pre-registered injection once subscribed), ``delay`` (seconds to sleep, locked down,
+before subscribing: a scanner slow to start), ``crash_before_subscribe`` (exit with status 3
+instead), ``no_ready`` (answer nothing, never wait for an event: a scanner not written with
+the SDK's loop).
 Markers: ``CUT`` cut; ``HOLD`` never decide; ``LATER`` hold until the next frame arrives,
 then pass it (and then decide the new one); anything else: pass.
 When subscribed it sends the alert "ready".
 """
 import os
+import time
 
 from vhostni.scanner import Scanner, wire
 
 sc = Scanner.connect()
 cfg = sc.config
+time.sleep(cfg.get("delay", 0))
+if cfg.get("crash_before_subscribe"):
+    os._exit(3)
 for sub in cfg.get("subscribe", []):
     sc.subscribe(sub["match"], contain=sub.get("contain", False))
 if cfg.get("inject") is not None:
     sc.inject(*cfg["inject"])
+if cfg.get("no_ready"):
+    while True:
+        time.sleep(1)
+sc.ready()          # subscribed: the kernel stops holding back what its rights cover
 sc.alert("ready", pid=os.getpid())
 later = []
 n = 0

@@ -8,6 +8,7 @@ from vhostni.scanner import Scanner
 sc = Scanner.connect()
 for sub in sc.config.get("subscribe", []):
     sc.subscribe(sub["match"], contain=sub.get("contain", False))
+sc.ready()          # subscribed: the kernel stops holding back what its rights cover
 sc.alert("ready")
 if sc.config.get("keepalive"):
     n = 10**9

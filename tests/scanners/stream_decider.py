@@ -17,6 +17,7 @@ cfg = sc.config
 for sub in cfg.get("subscribe", []):
     sc.subscribe_stream(port=sub.get("port"), direction=sub.get("direction", "both"),
                         contain=sub.get("contain", False))
+sc.ready()          # subscribed: the kernel stops holding back what its rights cover
 sc.alert("ready", pid=os.getpid())
 mode = cfg.get("mode", "pass")
 marks = {k: cfg[k].encode() for k in ("kill_on", "cut_on", "more_on", "crash_on") if cfg.get(k)}
@@ -28,7 +29,7 @@ for ev in sc.events():
         s = ev.stream
         if report:
             sc.alert("open", stream=s.id, tuple=list(s.tuple), client=s.client, port=s.port,
-                     reads=sorted(s.reads), holds=sorted(s.holds))
+                     reads=sorted(s.reads), holds=sorted(s.holds), midstream=s.midstream)
     elif isinstance(ev, StreamData):
         s = ev.stream
         if report:

@@ -15,6 +15,7 @@ cfg = sc.config
 marker = cfg["marker"].encode()
 injection = cfg.get("injection")
 sc.subscribe_stream(port=cfg.get("port"), direction="both", contain=True)
+sc.ready()          # subscribed: the kernel stops holding back what its rights cover
 sc.alert("ready")
 
 pending: dict = {}       # (stream id, direction) -> (offset of buf[0], bytearray not yet passed)

@@ -10,6 +10,7 @@ sc = Scanner.connect()
 cfg = sc.config
 marker = cfg.get("marker", "KILL").encode()
 sc.subscribe_stream(port=cfg.get("port"), direction="both", contain=True)
+sc.ready()          # subscribed: the kernel stops holding back what its rights cover
 sc.alert("ready")
 while True:
     stream = sc.accept()

@@ -10,6 +10,7 @@ sc = Scanner.connect()
 cfg = sc.config
 sc.subscribe_stream(port=cfg.get("port"), direction=cfg.get("direction", "both"),
                     contain=cfg.get("contain", True))
+sc.ready()          # subscribed: the kernel stops holding back what its rights cover
 sc.alert("ready")
 for ev in sc.events():
     if isinstance(ev, StreamData):

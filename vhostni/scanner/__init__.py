@@ -114,6 +114,9 @@ class Stream:
         self.guest: tuple = tuple(body.get("guest") or ("", 0))
         self.remote: tuple = tuple(body.get("remote") or ("", 0))
         self.port: int = body.get("port", 0)                    # the server port
+        # picked up mid-stream (the NI restarted, say): offset 0 is where the NI joined it,
+        # not the connection's first byte
+        self.midstream: bool = bool(body.get("midstream", False))
         self.reads = {wire.DIRECTIONS[d] for d in body.get("read", []) if d in wire.DIRECTIONS}
         self.holds = {wire.DIRECTIONS[d] for d in body.get("held", []) if d in wire.DIRECTIONS}
         self.received = {FROM_GUEST: 0, TO_GUEST: 0}            # bytes read so far
@@ -375,6 +378,18 @@ class Scanner:
             self.sock.send(wire.encode_control({"op": "synced", "id": self._pending.popleft().id}))
             n += 1
         return n
+
+    def ready(self) -> None:
+        """Tells the NI kernel this scanner has made its subscriptions.  Until it knows, the
+        kernel holds back what this scanner's contain rights cover (it could not yet have
+        asked for it); the first wait for an event (recv, events, accept, ...) says so too,
+        so a scanner calls this only to be ready before it waits."""
+        while True:
+            msg = self._recv(0)
+            if msg is None:
+                break
+            self._ingest(msg)
+        self._answer_syncs()
 
     def recv(self, timeout: Optional[float] = None) -> Optional[Frame]:
         """The next frame, or None if ``timeout`` seconds pass without one."""

@@ -80,15 +80,18 @@ message is:
   ``{"op": "reply", "id": N, "ok": bool, "error": str}`` for each subscribe, inject and
   cut, and for streams
   ``{"op": "stream_open", "stream": S, "family": 4|6, "client": "guest"|"remote",
-  "guest": [addr, port], "remote": [addr, port], "port": server_port,
+  "guest": [addr, port], "remote": [addr, port], "port": server_port, "midstream": bool,
   "read": [directions], "held": [directions]}`` when a connection's handshake completes
-  (before any of its bytes), ``{"op": "stream_end", "stream": S, "direction": d,
+  (before any of its bytes; ``midstream``: no handshake was seen, the NI adopted it and
+  offset 0 is where it joined), ``{"op": "stream_end", "stream": S, "direction": d,
   "offset": o}`` when that direction's FIN follows byte o-1, and ``{"op": "stream_close",
   "stream": S, "reason": "fin"|"rst"|"killed"|"idle"|"bypass"|"gone"|"timeout"|
   "overrun"|"scanner"}`` last; and ``{"op": "sync", "id": N}`` when the kernel wants to
   know that the scanner has handled everything sent before it (offline replay does, to stay
   deterministic): the SDK answers ``synced`` with the same id once every event before the
-  sync was taken and the scanner asks for its next one.
+  sync was taken and the scanner asks for its next one.  Every scanner gets one sync with
+  id -1 right after ``hello``: its answer says the scanner is ready (done subscribing), and
+  until then the kernel holds back what the scanner's contain rights cover.
 
   A control message is at most MAX_JSON bytes of strict JSON (RFC 8259: no NaN or
   Infinity) whose lists and objects nest at most MAX_DEPTH levels.  Both sides check this
