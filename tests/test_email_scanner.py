@@ -780,3 +780,11 @@ def test_example_policy_loads_and_its_config_is_valid():
     assert rep.isascii() and b"\r\n\r\n" in rep and not rep.endswith(b"\r\n")
     assert b"\n" not in rep.replace(b"\r\n", b"") and b"\r" not in rep.replace(b"\r\n", b"")
     assert not rep.startswith(b".") and b"\r\n." not in rep
+
+
+def test_an_empty_part_between_back_to_back_delimiters_stays_in_bounds():
+    """Found by the fuzz test: a part that ends before it starts (two delimiter lines with
+    nothing between them) gave a body that began before the part."""
+    msg = b"Content-Type: multipart/mixed; boundary=b\r\n--b\r\n--b\r\n"
+    for p in parse_message(msg, max_depth=8, max_parts=50):
+        assert 0 <= p.start <= p.body_start <= p.end <= len(msg)

@@ -665,9 +665,9 @@ class ScannerProc:
         if self.ready or self.state != "running":
             return
         if not self.locked:
-            self.locked = self._check_lockdown()
+            self.locked = self._check_confinement() is None
             if not self.locked:
-                return             # not locked down: it cannot have subscribed either
+                return             # not confined: it cannot have subscribed either
         self.ready_for = self.started_at
         log.info("NI %s: scanner %s ready (%s)", self.nk.name, self.name, why)
         self.nk.scanner_ready(self)

@@ -197,8 +197,9 @@ class _Parser:
         if depth > self.max_depth:
             raise MailError(f"MIME nesting deeper than {self.max_depth}")
         msg = self.msg
-        if msg.startswith(b"\r\n", start) or msg.startswith(b"\n", start):
-            body_start = start + (2 if msg.startswith(b"\r\n", start) else 1)   # no headers
+        start = min(start, end)           # an empty part (two delimiters back to back)
+        if msg.startswith(b"\r\n", start, end) or msg.startswith(b"\n", start, end):
+            body_start = start + (2 if msg.startswith(b"\r\n", start, end) else 1)   # no headers
             headers = []
         else:
             header_stop, body_start = _header_block(msg, start, end)
