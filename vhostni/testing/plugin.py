@@ -98,7 +98,8 @@ class GuestFactory:
     def create(self, name: str, **kw) -> Guest:
         """A Guest configured like make() but not started (for boot_guests or custom control)."""
         kw.setdefault("log_path", self.logdir / f"{self.tag}.{name}.console.log")
-        g = Guest(name, self.images, **kw)
+        images = kw.pop("images", None) or self.images
+        g = Guest(name, images, **kw)
         self.guests.append(g)
         _live_guests.add(g)
         return g
