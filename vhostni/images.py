@@ -898,7 +898,8 @@ def _add_arg(text: str) -> Addition:
 def add_arguments(ap: argparse.ArgumentParser, default_out: Path | None = None,
                   default_cache: Path | None = None) -> None:
     out_help = f"default {default_out}" if default_out else "default $VHOSTNI_IMAGES or ~/.cache/vhostni/images"
-    cache_help = f"default {default_cache}" if default_cache else "default ~/.cache/vhostni/debs"
+    cache_help = (f"default {default_cache}" if default_cache
+                  else "default $VHOSTNI_IMAGES_CACHE or ~/.cache/vhostni/debs")
     ap.add_argument("--out", type=Path, default=default_out, help=f"output directory ({out_help})")
     ap.add_argument("--cache", type=Path, default=default_cache,
                     help=f"where Debian packages are downloaded and unpacked ({cache_help})")

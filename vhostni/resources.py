@@ -91,8 +91,10 @@ def default_images_dir() -> Path:
 
 
 def default_package_cache() -> Path:
-    """Where downloaded and unpacked Debian packages are kept between image builds."""
-    return _cache_home() / "debs"
+    """Where downloaded and unpacked Debian packages are kept between image builds:
+    ``$VHOSTNI_IMAGES_CACHE``, else ``~/.cache/vhostni/debs``."""
+    env = os.environ.get("VHOSTNI_IMAGES_CACHE")
+    return Path(env) if env else _cache_home() / "debs"
 
 
 def _cache_home() -> Path:
