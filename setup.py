@@ -13,7 +13,7 @@ from setuptools.command.build_py import build_py
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_DIRS = ("guests", "scanners", "examples")      # keep in step with vhostni/resources.py
 DATA_FILES = ("images/init.sh",)
-IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "*.o")
+IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "*.o", "test-logs", ".pytest_cache")
 
 
 class build_py_with_data(build_py):

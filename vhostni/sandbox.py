@@ -45,11 +45,19 @@ def _reachable_by_others(path: str) -> bool:
     return bool(os.stat(path).st_mode & (stat.S_IXOTH | stat.S_IROTH))
 
 
+def _dirs_searchable_by_others(path: str) -> bool:
+    """Can others walk every directory of ``path`` as written (not resolved)?"""
+    parts = os.path.abspath(path).split(os.sep)
+    return all(os.stat(os.sep.join(parts[:i])).st_mode & stat.S_IXOTH for i in range(2, len(parts)))
+
+
 def interpreter() -> str:
-    """A Python the unprivileged scanner user can execute."""
+    """A Python the unprivileged scanner user can execute: this one by the path it was started as,
+    or by its real path when the scanner user cannot walk that one (a venv in a private directory,
+    e.g. a home or a test's temporary directory, links to a system python it can run)."""
     for cand in (sys.executable, "/usr/bin/python3"):
         if cand and os.path.exists(cand) and _reachable_by_others(cand):
-            return cand
+            return cand if _dirs_searchable_by_others(cand) else os.path.realpath(cand)
     raise SandboxError("no Python interpreter the scanner user can execute "
                        f"({sys.executable} is not reachable by others; install python3)")
 
