@@ -12,12 +12,13 @@ BINDIR ?= /usr/local/bin
 UNITDIR ?= /etc/systemd/system
 CONFDIR ?= /etc/vhostni
 
-.PHONY: help deps venv build images test test-unit bench demo install clean
+.PHONY: help deps venv build images dist test test-unit bench demo install clean
 
 help:
 	@echo "deps    install system packages (apt-get; needs root) and the Python ones into $(VENV)/"
 	@echo "build   compile the C fast path (csrc/) into vhostni._fastpath, install vhostni into $(VENV)/"
 	@echo "images  build the guest kernel + initramfs from Debian packages into $(IMAGES)/"
+	@echo "dist    build the sdist and the wheel into dist/ (what other projects install for their CI)"
 	@echo "test    run all tests (unit, simulated-driver, DPDK and real-guest)"
 	@echo "bench   run the benchmarks; writes bench/out/results.json"
 	@echo "demo    boot two guests behind vhostni and show a worm contained"
@@ -39,6 +40,16 @@ build: venv
 
 images: venv
 	$(PYTHON) images/build.py --out $(IMAGES)
+
+# The sdist and a wheel built from it, as pip would (they carry guests/, scanners/, examples/, init.sh).
+dist: venv
+	rm -rf dist/.sdist && mkdir -p dist/.sdist
+	$(PYTHON) -c "import sys; from setuptools import build_meta as b; b.build_sdist(sys.argv[1])" dist
+	tar -xzf dist/vhostni-*.tar.gz -C dist/.sdist
+	cd dist/.sdist/vhostni-* && $(abspath $(PYTHON)) -c \
+		"import sys; from setuptools import build_meta as b; b.build_wheel(sys.argv[1])" $(abspath dist)
+	rm -rf dist/.sdist
+	@ls dist/
 
 test: build images
 	$(PYTHON) -m pytest -ra tests
