@@ -76,14 +76,15 @@ def vhostni_logdir(pytestconfig: pytest.Config) -> Path:
     return d
 
 
-def _images_dir(config: pytest.Config) -> Path:
+def _images_dir(config: pytest.Config) -> tuple[Path, Path | None]:
+    """Where the images are or go, and the package cache to build them with (None: the default)."""
     given = config.getoption("--vhostni-images") or os.environ.get("VHOSTNI_IMAGES")
     if given:
-        return Path(given)
-    checkout = config.rootpath / "images" / "out"       # `make images` in a vhostni checkout
-    if (checkout / "vmlinuz").is_file():
-        return checkout
-    return default_images_dir()
+        return Path(given), None
+    images = config.rootpath / "images"
+    if (images / "out" / "vmlinuz").is_file() or (images / "build.py").is_file():
+        return images / "out", images / "cache"         # a vhostni checkout: where `make images` puts them
+    return default_images_dir(), None
 
 
 def _say(config: pytest.Config, text: str) -> None:
@@ -96,12 +97,14 @@ def _say(config: pytest.Config, text: str) -> None:
         tr.write_line(text)
 
 
-def build_images(config: pytest.Config, d: Path, logdir: Path) -> str | None:
+def build_images(config: pytest.Config, d: Path, logdir: Path, cache: Path | None = None) -> str | None:
     """Run ``vhostni images build --out d``; None when it worked, else why not (one line and the log)."""
     log = logdir / "vhostni-images-build.log"
     _say(config, f"vhostni: building guest images into {d} (Debian packages; a few minutes the first time), "
                  f"log: {log}")
     cmd = [sys.executable, "-m", "vhostni", "images", "build", "--out", str(d)]
+    if cache is not None and not os.environ.get("VHOSTNI_IMAGES_CACHE"):
+        cmd += ["--cache", str(cache)]
     with open(log, "wb") as f:
         r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
     if r.returncode == 0:
@@ -113,7 +116,7 @@ def build_images(config: pytest.Config, d: Path, logdir: Path) -> str | None:
 
 @pytest.fixture(scope="session")
 def vhostni_images(pytestconfig: pytest.Config, vhostni_logdir: Path) -> GuestImages:
-    d = _images_dir(pytestconfig)
+    d, cache = _images_dir(pytestconfig)
     command = f"vhostni images build --out {d}"
     try:
         return GuestImages.locate(d)
@@ -121,7 +124,7 @@ def vhostni_images(pytestconfig: pytest.Config, vhostni_logdir: Path) -> GuestIm
         if pytestconfig.getoption("--vhostni-no-build") or os.environ.get("VHOSTNI_IMAGES_BUILD") == "0":
             why = f"{e}"
         else:
-            failure = build_images(pytestconfig, d, vhostni_logdir)
+            failure = build_images(pytestconfig, d, vhostni_logdir, cache)
             if failure is None:
                 return GuestImages.locate(d)
             why = f"guest images not found in {d} and building them failed: {failure}"
