@@ -218,3 +218,56 @@ def test_plugin_daemon_factory_logs_and_stops(pytester, tmp_path):
     res = pytester.runpytest("--vhostni-logs", str(tmp_path / "logs"), "-p", "no:cacheprovider")
     res.assert_outcomes(passed=1)
     assert "stopping" in (tmp_path / "logs" / "test_d.fake.vhostni.log").read_text()   # stopped at teardown
+
+
+FAKE_CONSOLE = textwrap.dedent("""
+    # A stand-in for QEMU running a distribution: a getty-like login on the terminal, then a shell.
+    import os, sys, time
+    stub_dir, want_user, want_password = sys.argv[1:4]
+    w = sys.stdout.write
+    w("[    1.234] Linux version 6.1.0 #1 SMP\\r\\nDebian GNU/Linux 12 ttyS0\\r\\n\\r\\ndebian login: ")
+    sys.stdout.flush()
+    user = sys.stdin.readline().strip()
+    w("Password: "); sys.stdout.flush()
+    password = sys.stdin.readline().strip()
+    if (user, password) != (want_user, want_password):
+        w("\\r\\nLogin incorrect\\r\\ndebian login: "); sys.stdout.flush()
+        time.sleep(60)
+        sys.exit(1)
+    os.environ["PATH"] = stub_dir + os.pathsep + os.environ["PATH"]
+    os.environ["PS1"] = "user@debian:~$ "
+    os.execvp("sh", ["sh", "-i"])
+""")
+
+
+def fake_distribution(tmp_path, password):
+    """A Guest whose "QEMU" is FAKE_CONSOLE (it ignores QEMU's arguments); `hostname` is a stub that records
+    what the harness sets, so the host's own name is never touched."""
+    stubs = tmp_path / "stubs"
+    stubs.mkdir(exist_ok=True)
+    (stubs / "hostname").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/hostname.set\n")
+    (stubs / "hostname").chmod(0o755)
+    fake = tmp_path / "fake-qemu"
+    fake.write_text(f"#!/bin/sh\nexec {sys.executable} -c '{FAKE_CONSOLE}' {stubs} alice {password}\n")
+    fake.chmod(0o755)
+    (tmp_path / "vmlinuz").write_bytes(b"k")
+    own = GuestImages.user(tmp_path / "vmlinuz", login=GuestLogin(user="alice", password="s3cret"))
+    return Guest("own", own, qemu=str(fake), log_dir=tmp_path, boot_timeout=20)
+
+
+def test_login_with_password_on_a_guest_of_your_own(tmp_path):
+    g = fake_distribution(tmp_path, "s3cret")
+    try:
+        g.boot()
+        assert g.run("echo $((6 * 7)); false") == ("42\n", 1)
+        assert (tmp_path / "hostname.set").read_text() == "own\n"
+    finally:
+        g.close()
+
+
+def test_a_failed_login_is_a_boot_error_naming_the_user(tmp_path):
+    from vhostni.testing import GuestBootError
+    g = fake_distribution(tmp_path, "other")
+    with pytest.raises(GuestBootError, match=r"login as 'alice' failed \(Login incorrect\)"):
+        g.boot()
+    assert not g.alive
