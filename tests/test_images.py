@@ -382,7 +382,8 @@ def test_added_program_and_hook_run_in_the_guest(custom_image, vhostni_guest_fac
     g = vhostni_guest_factory("custom", images=GuestImages.locate(t / "out"), nics=[UserNic()],
                               ip="10.0.2.15/24")
     out = g.check("cat /tmp/hook.out; hello; /opt/tree/run.sh; cat /opt/tree/sub/data.txt")
-    assert out.split("\n")[:4] == ["hook-ran on custom with 10.0.2.15/24", "hello-from-user", "tree-ran", "payload"], out
+    want = ["hook-ran on custom with 10.0.2.15/24", "hello-from-user", "tree-ran", "payload"]
+    assert out.split("\n")[:4] == want, out
 
 
 @pytest.mark.guest

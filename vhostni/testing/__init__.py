@@ -16,7 +16,8 @@ from .netns import NetNamespace
 
 __all__ = [
     "DaemonError", "VhostniDaemon", "vhostni_command",
-    "READY_MARKER", "Guest", "GuestBootError", "GuestCommandError", "GuestError", "GuestImages", "GuestLogin", "GuestTimeout",
+    "READY_MARKER", "Guest", "GuestBootError", "GuestCommandError", "GuestError", "GuestImages", "GuestLogin",
+    "GuestTimeout",
     "ImagesMissing", "Nic", "TapNic", "UserNic", "VhostUserNic", "boot_guests", "mac_for",
     "NetNamespace",
 ]
