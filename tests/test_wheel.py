@@ -81,7 +81,8 @@ def venv(dists, tmp_path_factory) -> Path:
     """A fresh venv from the system's python3 with the wheel and pytest installed (dependencies from PyPI)."""
     sdist, wheel = dists
     v = tmp_path_factory.mktemp("venv") / "venv"
-    python3 = os.path.realpath(getattr(sys, "_base_executable", None) or "/usr/bin/python3")
+    # Debian's python3 (this checkout's venv may come from another python, e.g. pyenv's)
+    python3 = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys._base_executable
     run([python3, "-m", "venv", v], env=clean_env())
     run([v / "bin" / "python", "-m", "pip", "install", "-q", "--disable-pip-version-check", wheel, "pytest"],
         env=clean_env())
@@ -145,3 +146,25 @@ def test_example_ci_project_runs_from_the_installed_wheel(venv, installed_images
                        text=True, timeout=600)
     assert r.returncode == 0 and "1 passed" in r.stdout, f"{r.stdout[-6000:]}\n{r.stderr[-2000:]}"
     assert "worm:" in r.stdout and " cut" in r.stdout
+
+
+def test_scanner_interpreter_from_a_venv_in_a_private_directory(tmp_path, monkeypatch):
+    """A venv's python is a symlink: when the scanner user cannot walk to the link (a venv in a 0700 home or
+    pytest's tmp), the sandbox must run the interpreter by its real path, or every scanner fails with EACCES."""
+    from vhostni import sandbox
+    real = os.path.realpath("/usr/bin/python3")      # the system's python, which others can run
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (private / "python").symlink_to(real)
+    monkeypatch.setattr(sys, "executable", str(private / "python"))
+    assert sandbox.interpreter() == real
+    import tempfile
+    public = Path(tempfile.mkdtemp(prefix="vni-venv-", dir="/tmp"))
+    try:
+        public.chmod(0o755)
+        (public / "python").symlink_to(real)
+        monkeypatch.setattr(sys, "executable", str(public / "python"))
+        assert sandbox.interpreter() == str(public / "python")        # walkable: the venv's own python
+    finally:
+        (public / "python").unlink()
+        public.rmdir()
