@@ -923,6 +923,8 @@ def run_build(args: argparse.Namespace, prog: str = "vhostni images build") -> i
     except BuildError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
+    if out.resolve() != default_images_dir().resolve():
+        log(f"tests find them with VHOSTNI_IMAGES={out.resolve()} (or pytest --vhostni-images {out.resolve()})")
     return 0
 
 
