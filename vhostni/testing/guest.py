@@ -1,8 +1,9 @@
-"""Real QEMU guests for tests: boot the image from ``images/build.py`` and drive its serial console.
+"""Real QEMU guests for tests: boot vhostni's guest image (``vhostni images build``) or a guest of your own
+(``GuestImages.user``: a kernel, initrd or disk image) and drive its serial console.
 
     from vhostni.testing import Guest, GuestImages, VhostUserNic, boot_guests
 
-    images = GuestImages.locate()                      # images/out, or $VHOSTNI_IMAGES
+    images = GuestImages.locate()     # $VHOSTNI_IMAGES, images/out of a checkout, or ~/.cache/vhostni/images
     a = Guest("a", images, nics=[VhostUserNic("/tmp/vni/a.sock")], ip="10.77.0.1/24")
     b = Guest("b", images, nics=[VhostUserNic("/tmp/vni/b.sock")], ip="10.77.0.2/24")
     boot_guests([a, b])                                # both boot at once
@@ -513,6 +514,9 @@ class Guest:
         each NIC (found by its MAC address) with its address, MTU, then the default route and nameservers."""
         cmds = [f"hostname {shlex.quote(self.name)} 2>/dev/null || true"]
         for i, mac in enumerate(self.macs):
+            mac = mac.lower()                   # as sysfs shows it
+            if not re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", mac):
+                raise GuestError(f"NIC {i}: bad MAC address {mac!r}")
             conf = self.ip[i] if i < len(self.ip) else None
             mtu = self.mtu[i] if i < len(self.mtu) else None
             if conf is None and mtu is None:
