@@ -77,4 +77,4 @@ install:
 	install -m 0644 README.md $(DESTDIR)$(PREFIX)/README.md
 
 clean:
-	rm -rf build *.egg-info vhostni/_fastpath*.so vhostni/_fastpath.c $(IMAGES) bench/out test-logs
+	rm -rf build dist *.egg-info vhostni/_fastpath*.so vhostni/_fastpath.c $(IMAGES) bench/out test-logs
