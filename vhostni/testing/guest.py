@@ -433,7 +433,7 @@ class Guest:
         timeout = self.boot_timeout if timeout is None else timeout
         c = self._child
         if self.images.login is not None:
-            self._login(time.monotonic() + timeout)
+            self._login(time.monotonic() + timeout, timeout)
         else:
             idx = c.expect([re.escape(READY_MARKER) + r"[^\n]*\n", r"Kernel panic[^\n]*", pexpect.EOF,
                             pexpect.TIMEOUT], timeout=timeout)
@@ -467,7 +467,7 @@ class Guest:
                 self._fail_boot(f"configuring it through the console failed: {e}")
         return self
 
-    def _login(self, deadline: float) -> None:
+    def _login(self, deadline: float, timeout: float) -> None:
         """A guest of your own: log in on the console (or find its shell), until a shell answers."""
         lg = self.images.login
         assert lg is not None
@@ -485,7 +485,7 @@ class Guest:
                              3: f"QEMU exited ({self._exit_text()})",
                              4: f"no login prompt ({lg.login_prompt!r}) nor shell prompt ({lg.shell_prompt!r}) "
                                 "on the serial console (ttyS0) within "
-                                f"{self.boot_timeout:g} s"}[idx])
+                                f"{timeout:g} s"}[idx])
         if idx == 0:
             c.sendline(lg.user)
             if lg.password is not None:
@@ -506,7 +506,7 @@ class Guest:
             if i == 2:
                 self._fail_boot(f"QEMU exited ({self._exit_text()})")
             if time.monotonic() >= deadline:
-                self._fail_boot(f"no shell answered on the console within {self.boot_timeout:g} s"
+                self._fail_boot(f"no shell answered on the console within {timeout:g} s"
                                 + (f" after logging in as {lg.user!r}" if idx == 0 else ""))
 
     def _configure_user_guest(self) -> None:
