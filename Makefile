@@ -13,13 +13,14 @@ BINDIR ?= /usr/local/bin
 UNITDIR ?= /etc/systemd/system
 CONFDIR ?= /etc/vhostni
 
-.PHONY: help deps venv build build-asan images test test-unit test-sanitize bench soak demo install clean
+.PHONY: help deps venv build build-asan images dist test test-unit test-sanitize bench soak demo install clean
 
 help:
 	@echo "deps    install system packages (apt-get; needs root) and the Python ones into $(VENV)/"
 	@echo "build   compile the C fast path (csrc/) into vhostni._fastpath, install vhostni into $(VENV)/"
 	@echo "build-asan  the fast path again with ASan and UBSan, as vhostni._fastpath_asan"
 	@echo "images  build the guest kernel + initramfs from Debian packages into $(IMAGES)/"
+	@echo "dist    build the sdist and the wheel into dist/ (what other projects install for their CI)"
 	@echo "test    run all tests (test-sanitize first, then unit, simulated-driver, DPDK and real-guest)"
 	@echo "test-sanitize  the tests that feed the fast path hostile input, under ASan and UBSan"
 	@echo "bench   run the benchmarks; writes bench/out/results.json"
@@ -50,6 +51,16 @@ build-asan: build
 
 images: venv
 	$(PYTHON) images/build.py --out $(IMAGES)
+
+# The sdist and a wheel built from it, as pip would (they carry guests/, scanners/, examples/, init.sh).
+dist: venv
+	rm -rf dist/.sdist && mkdir -p dist/.sdist
+	$(PYTHON) -c "import sys; from setuptools import build_meta as b; b.build_sdist(sys.argv[1])" dist
+	tar -xzf dist/vhostni-*.tar.gz -C dist/.sdist
+	cd dist/.sdist/vhostni-* && $(abspath $(PYTHON)) -c \
+		"import sys; from setuptools import build_meta as b; b.build_wheel(sys.argv[1])" $(abspath dist)
+	rm -rf dist/.sdist
+	@ls dist/
 
 test: build images test-sanitize
 	$(PYTHON) -m pytest -ra tests
@@ -101,4 +112,4 @@ install:
 	install -m 0644 README.md $(DESTDIR)$(PREFIX)/README.md
 
 clean:
-	rm -rf build *.egg-info vhostni/_fastpath*.so vhostni/_fastpath.c $(IMAGES) bench/out test-logs
+	rm -rf build dist *.egg-info vhostni/_fastpath*.so vhostni/_fastpath.c $(IMAGES) bench/out test-logs

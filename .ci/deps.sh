@@ -6,6 +6,7 @@ if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
 $SUDO apt-get update -q
 $SUDO apt-get install -y -q --no-install-recommends \
     qemu-system-x86 qemu-utils dpdk-dev iproute2 iperf3 busybox-static cpio kmod \
+    syslinux syslinux-common mtools dosfstools \
     gcc libc6-dev make ca-certificates python3 python3-venv python3-dev
 # the sanitizer runtimes of `make test-sanitize` (gcc pulls them in; named, as they are used)
 $SUDO apt-get install -y -q --no-install-recommends libasan8 libubsan1

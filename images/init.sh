@@ -1,5 +1,6 @@
 #!/bin/sh
-# /init (PID 1) of the vhostni test guest.  Built into the initramfs by images/build.py.
+# /init (PID 1) of the vhostni test guest.  Built into the initramfs by vhostni/images.py
+# (`vhostni images build`, or images/build.py in a checkout).
 #
 # Configuration comes from the kernel command line (all keys optional):
 #   vhostni.hostname=NAME            host name (default: vhostni-guest)
@@ -83,6 +84,13 @@ done
 if [ -n "$DNS" ]; then
     for ns in $(echo "$DNS" | tr , ' '); do echo "nameserver $ns"; done > /etc/resolv.conf
 fi
+
+# Boot hooks (`vhostni images build --hook SCRIPT`), in order, with the network up.  A hook that starts a
+# server must put it in the background; a hook that fails is a boot error.
+for hook in /etc/vhostni/hooks/*; do
+    [ -f "$hook" ] || continue
+    sh "$hook" || err "boot hook ${hook##*/} failed (status $?)"
+done
 
 dmesg -n 1
 echo "VHOSTNI-GUEST-READY hostname=$HOSTNAME kernel=$(uname -r)"

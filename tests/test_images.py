@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import importlib.util
 import io
+import json
 import lzma
 import os
 import shutil
@@ -288,3 +289,106 @@ def test_guest_programs_compile_statically_and_incrementally(tmp_path):
     (src / "broken.c").write_text("int main(void) { return }\n")
     with pytest.raises(build.BuildError, match="broken.c"):
         build.compile_guest_programs(src, tmp_path / "bin")
+
+
+# ---- a user's own files and boot hooks (--add, --hook) -------------------------------------------------------
+
+def test_parse_add():
+    assert build.parse_add("prog.c") == build.Addition(Path("prog.c"), None)
+    assert build.parse_add("dir/x:/opt/x") == build.Addition(Path("dir/x"), "/opt/x")
+    assert build.parse_add("a:b") == build.Addition(Path("a:b"), None)        # DEST must be absolute
+    assert build.parse_add("/srv/f.txt:/etc/") == build.Addition(Path("/srv/f.txt"), "/etc/")
+    with pytest.raises(build.BuildError, match=r"\.\."):
+        build.parse_add("f:/etc/../x")
+
+
+HOOK = """grep -q vhostni.test_hook_fail /proc/cmdline && exit 3
+echo "hook-ran on $(hostname) with $(ip -o -4 addr show dev eth0 | awk '{print $4}')" > /tmp/hook.out
+"""
+
+
+@pytest.fixture(scope="module")
+def custom_image(tmp_path_factory):
+    """An image built through `vhostni images build` with a C program, a directory, a data file, a hook."""
+    if shutil.which("gcc") is None or shutil.which("apt-get") is None:
+        pytest.skip("needs gcc and apt-get")
+    t = tmp_path_factory.mktemp("custom")
+    (t / "hello.c").write_text('#include <stdio.h>\nint main(void) { puts("hello-from-user"); return 0; }\n')
+    (t / "tree" / "sub").mkdir(parents=True)
+    (t / "tree" / "sub" / "data.txt").write_text("payload\n")
+    (t / "tree" / "run.sh").write_text("#!/bin/sh\necho tree-ran\n")
+    (t / "tree" / "run.sh").chmod(0o755)
+    (t / "notes.txt").write_text("notes\n")
+    (t / "hook.sh").write_text(HOOK)
+    cmd = [sys.executable, "-m", "vhostni", "images", "build", "--out", str(t / "out"),
+           "--cache", str(REPO / "images" / "cache"), "--add", str(t / "hello.c"),
+           "--add", f"{t / 'tree'}:/opt/tree", "--add", str(t / "notes.txt"), "--hook", str(t / "hook.sh")]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return t, cmd
+
+
+def test_build_adds_user_files_and_hooks(custom_image):
+    t, cmd = custom_image
+    entries = build.read_cpio(gzip.decompress((t / "out" / "initrd.cpio.gz").read_bytes()))
+    mode, hello = entries["bin/hello"]
+    assert mode & 0o111 and build.elf_dynamic(hello) == ([], None)          # compiled static
+    assert entries["opt/tree/sub/data.txt"][1] == b"payload\n"
+    assert entries["opt/tree/run.sh"][0] & 0o111
+    assert entries["root/notes.txt"] == (stat.S_IFREG | 0o644, b"notes\n")
+    assert entries["etc/vhostni/hooks/00-hook.sh"][0] & 0o111
+    assert "bin/worm" in entries and "bin/dnsd" in entries                  # the project's guest programs too
+    manifest = json.loads((t / "out" / "manifest.json").read_text())
+    assert manifest["hooks"] == ["/etc/vhostni/hooks/00-hook.sh"]
+    assert manifest["added"]["/root/notes.txt"] == hashlib.sha256(b"notes\n").hexdigest()
+    # nothing changed: up to date; a changed hook: rebuilt
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0 and "up to date" in r.stderr, r.stderr
+    shutil.copytree(t / "out", t / "out2")
+    changed = t / "changed"
+    changed.mkdir()
+    (changed / "hook.sh").write_text("echo changed > /tmp/hook.out\n")
+    cmd2 = [str(t / "out2") if a == str(t / "out") else str(changed / "hook.sh") if a == str(t / "hook.sh")
+            else a for a in cmd]
+    r = subprocess.run(cmd2, capture_output=True, text=True)
+    assert r.returncode == 0 and "up to date" not in r.stderr, r.stderr
+    entries2 = build.read_cpio(gzip.decompress((t / "out2" / "initrd.cpio.gz").read_bytes()))
+    assert entries2["etc/vhostni/hooks/00-hook.sh"][1] == b"echo changed > /tmp/hook.out\n"
+
+
+def test_build_refuses_bad_additions_before_downloading(tmp_path):
+    base = [sys.executable, "-m", "vhostni", "images", "build", "--out", str(tmp_path / "out"),
+            "--cache", str(tmp_path / "empty-cache")]
+    r = subprocess.run(base + ["--add", str(tmp_path / "nothing")], capture_output=True, text=True)
+    assert r.returncode == 1 and "no such file" in r.stderr and not (tmp_path / "empty-cache").exists()
+    r = subprocess.run(base + ["--hook", str(tmp_path / "nothing.sh")], capture_output=True, text=True)
+    assert r.returncode == 1 and "--hook" in r.stderr and not (tmp_path / "empty-cache").exists()
+
+
+def test_build_refuses_a_dynamic_program_the_image_cannot_run(tmp_path):
+    if shutil.which("apt-get") is None:
+        pytest.skip("needs apt-get")
+    ls = shutil.which("ls")
+    r = subprocess.run([sys.executable, "-m", "vhostni", "images", "build", "--out", str(tmp_path / "out"),
+                        "--cache", str(REPO / "images" / "cache"), "--add", ls], capture_output=True, text=True)
+    assert r.returncode == 1 and "link it statically" in r.stderr, r.stderr
+    assert not (tmp_path / "out" / "initrd.cpio.gz").exists()
+
+
+@pytest.mark.guest
+def test_added_program_and_hook_run_in_the_guest(custom_image, vhostni_guest_factory):
+    t, _ = custom_image
+    from vhostni.testing import GuestImages, UserNic
+    g = vhostni_guest_factory("custom", images=GuestImages.locate(t / "out"), nics=[UserNic()],
+                              ip="10.0.2.15/24")
+    out = g.check("cat /tmp/hook.out; hello; /opt/tree/run.sh; cat /opt/tree/sub/data.txt")
+    want = ["hook-ran on custom with 10.0.2.15/24", "hello-from-user", "tree-ran", "payload"]
+    assert out.split("\n")[:4] == want, out
+
+
+@pytest.mark.guest
+def test_a_failing_hook_is_a_boot_error(custom_image, vhostni_guest_factory):
+    t, _ = custom_image
+    from vhostni.testing import GuestBootError, GuestImages
+    with pytest.raises(GuestBootError, match=r"boot hook 00-hook.sh failed \(status 3\)"):
+        vhostni_guest_factory("hookfail", images=GuestImages.locate(t / "out"), cmdline="vhostni.test_hook_fail")

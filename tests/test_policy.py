@@ -114,6 +114,25 @@ def test_relative_program_paths_resolve_against_the_policy_file(tmp_path):
     assert p.scanners[0].argv == [sys.executable, str(d)]
 
 
+def test_shipped_scanners_by_name(tmp_path):
+    """``program = "vhostni:NAME"`` names a scanner vhostni ships, wherever the policy file is; a plain
+    relative path still resolves against the policy's directory, even when it looks like a name."""
+    from vhostni import resources
+    root = resources.data_root() / "scanners"
+    p = _load(tmp_path, '[[scanner]]\nname = "c"\nprogram = "vhostni:codered"\n', "toml")
+    assert p.scanners[0].argv == [sys.executable, str(root / "codered")]
+    p = parse_policy({"scanner": [{"name": "n", "program": "vhostni:null"}]})
+    assert p.scanners[0].argv == [sys.executable, str(root / "null.py")]
+    (tmp_path / "codered.py").write_text("pass\n")       # a local file called like a shipped scanner
+    p = _load(tmp_path, '[[scanner]]\nname = "c"\nprogram = "codered.py"\n', "toml")
+    assert p.scanners[0].argv == [sys.executable, str(tmp_path / "codered.py")]
+    for bad in ("vhostni:nope", "vhostni:../codered", "vhostni:", "vhostni:/etc/passwd"):
+        with pytest.raises(PolicyError, match=r"scanner\[0\]\.program.*vhostni:codered"):
+            parse_policy({"scanner": [{"name": "s", "program": bad}]})
+    # the example policies name ../scanners/...: that works from the checkout and from an install
+    assert load_policy(str(resources.path("examples/codered.toml"))).scanners[0].argv[1] == str(root / "codered")
+
+
 def test_defaults_fail_closed():
     p = parse_policy({})
     assert (p.anti_spoof, p.default_pass, p.over_cap_pass, p.hold_timeout) == (True, False, False, 1.0)

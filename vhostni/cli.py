@@ -1,5 +1,6 @@
-"""Command line: ``vhostni run --ni NAME=SOCKET [--ni ...] [--uplink tap:IFNAME]``, and
-``vhostni replay --guest-mac MAC [--policy FILE] IN.pcap --out OUT.pcap --alerts OUT.jsonl``."""
+"""Command line: ``vhostni run --ni NAME=SOCKET [--ni ...] [--uplink tap:IFNAME]``,
+``vhostni replay --guest-mac MAC [--policy FILE] IN.pcap --out OUT.pcap --alerts OUT.jsonl``, and
+``vhostni images build [--out DIR] [--add SRC[:DEST]] [--hook SCRIPT]`` (guest images for tests)."""
 from __future__ import annotations
 
 import argparse
@@ -109,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .replay import add_arguments as add_replay_arguments
     add_replay_arguments(sub.add_parser(
         "replay", help="run an NI's policy and scanners over a capture file (offline)"))
+    images = sub.add_parser("images", help="the guest images vhostni.testing boots (kernel + initramfs)")
+    images_sub = images.add_subparsers(dest="images_command", required=True)
+    from .images import add_arguments as add_images_arguments
+    add_images_arguments(images_sub.add_parser(
+        "build", help="build the guest kernel and initramfs from Debian packages (cached, reproducible)",
+        description="Build the test guest's kernel and busybox initramfs from Debian packages, with "
+                    "vhostni's guest programs (worm, dnsd, minimail) and your own --add files and --hook "
+                    "scripts.  Nothing is installed on the host; an up-to-date build does nothing."))
     return p
 
 
@@ -122,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vhostni run: {exc}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s vhostni %(levelname)s %(message)s", stream=sys.stderr)
     if args.command == "run":
         if not args.ni and not args.uplink and not args.admin and not args.state_dir:
@@ -199,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "replay":
         from .replay import main as replay_main
         return replay_main(args)
+    if args.command == "images":
+        from .images import run_build
+        return run_build(args)
     return 2
 
 

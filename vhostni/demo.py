@@ -79,7 +79,8 @@ def print_counters(stats: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vhostni.demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--images", help="guest images directory (default: images/out)")
+    ap.add_argument("--images", help="guest images directory (default: $VHOSTNI_IMAGES, images/out, "
+                                     "~/.cache/vhostni/images; `vhostni images build` makes them)")
     ap.add_argument("--logs", default="test-logs/demo", help="where console and daemon logs go")
     args = ap.parse_args(argv)
 
@@ -170,10 +171,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def alice_policy() -> str:
-    repo = Path(__file__).resolve().parent.parent
-    text = (repo / "examples" / "codered.toml").read_text()
-    text = text.replace('program = "../scanners/codered"',
-                        f'program = "{repo / "scanners" / "codered"}"')
+    from .resources import path
+    text = path("examples/codered.toml").read_text()
+    text = text.replace('program = "../scanners/codered"', 'program = "vhostni:codered"')
     text = text.replace('# mac = "52:54:00:12:34:56"', f'mac = "{ALICE_MAC}"')
     return text.replace('# addresses = ["10.77.0.1/32"]', f'addresses = ["{LAN}.1/32", "fe80::/64"]')
 

@@ -453,7 +453,15 @@ def _check_keys(d: dict, allowed: set, where: str) -> None:
 
 def _scanner_argv(where: str, program: str, args: list, base: str) -> list[str]:
     import sys
-    path = program if os.path.isabs(program) else os.path.normpath(os.path.join(base, program))
+    from .resources import ResourceError, shipped_scanner
+    try:
+        shipped = shipped_scanner(program)      # "vhostni:NAME": a scanner vhostni ships
+    except ResourceError as exc:
+        raise PolicyError(f"{where}.program", str(exc)) from None
+    if shipped is not None:
+        path = str(shipped)
+    else:
+        path = program if os.path.isabs(program) else os.path.normpath(os.path.join(base, program))
     if not os.path.exists(path):
         raise PolicyError(f"{where}.program", f"{path} does not exist")
     if os.path.isdir(path):

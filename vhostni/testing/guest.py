@@ -1,8 +1,9 @@
-"""Real QEMU guests for tests: boot the image from ``images/build.py`` and drive its serial console.
+"""Real QEMU guests for tests: boot vhostni's guest image (``vhostni images build``) or a guest of your own
+(``GuestImages.user``: a kernel, initrd or disk image) and drive its serial console.
 
     from vhostni.testing import Guest, GuestImages, VhostUserNic, boot_guests
 
-    images = GuestImages.locate()                      # images/out, or $VHOSTNI_IMAGES
+    images = GuestImages.locate()     # $VHOSTNI_IMAGES, images/out of a checkout, or ~/.cache/vhostni/images
     a = Guest("a", images, nics=[VhostUserNic("/tmp/vni/a.sock")], ip="10.77.0.1/24")
     b = Guest("b", images, nics=[VhostUserNic("/tmp/vni/b.sock")], ip="10.77.0.2/24")
     boot_guests([a, b])                                # both boot at once
@@ -45,6 +46,7 @@ READY_MARKER = "VHOSTNI-GUEST-READY"
 ERROR_MARKER = "VHOSTNI-GUEST-ERROR:"
 DEFAULT_LOG_DIR = "test-logs"
 QEMU = "qemu-system-x86_64"
+QEMU_PACKAGE = "qemu-system-x86"      # the Debian package with QEMU
 _MAX_LINE = 3500          # a canonical-mode tty line holds at most 4095 bytes
 
 
@@ -73,27 +75,85 @@ class ImagesMissing(FileNotFoundError):
 
 
 @dataclass(frozen=True)
-class GuestImages:
-    """The kernel and initramfs a guest boots (``make images`` builds them into images/out)."""
+class GuestLogin:
+    """How the harness gets a shell on a guest of your own (not vhostni's initramfs): the guest must have a
+    serial console on ttyS0 and a POSIX ``sh``, ``stty`` and (to configure NICs) ``ip``.
 
-    kernel: Path
-    initrd: Path
+    The harness waits for ``login_prompt`` (then sends ``user``, and ``password`` at ``password_prompt``) or,
+    for a guest that logs in by itself (autologin, or a shell on the console), for ``shell_prompt``; then it
+    makes sure the shell answers before taking over the console as for vhostni's own guests.  Patterns are
+    Python regular expressions matched against the console's output (``$`` is the end of what arrived)."""
+
+    user: str = "root"
+    password: str | None = None
+    login_prompt: str = r"login: $"
+    password_prompt: str = r"[Pp]assword: ?$"
+    #: "# " or "$ " at the end of the output, maybe followed by terminal queries (busybox asks ESC[6n)
+    shell_prompt: str = r"[#$] ?(?:\x1b\[[0-9;?]*[A-Za-z])*$"
+
+
+@dataclass(frozen=True)
+class GuestImages:
+    """What a guest boots.
+
+    vhostni's own images (``vhostni images build``, or ``make images`` in a checkout): ``kernel`` and
+    ``initrd``, whose /init configures the network from the kernel command line and prints a ready marker
+    (:meth:`locate`).  Your own guest (:meth:`user`): a kernel, with or without an initrd, and/or a
+    ``disk`` image (qcow2 or raw; booted by its own boot loader when there is no kernel), reached through
+    ``login`` on the serial console; the harness configures its NICs through the console, finding each by
+    its MAC address."""
+
+    kernel: Path | None
+    initrd: Path | None = None
+    disk: Path | None = None
+    disk_format: str = "qcow2"
+    append: str = ""
+    login: GuestLogin | None = None      # None: vhostni's own initramfs
 
     @classmethod
     def locate(cls, directory: str | os.PathLike | None = None) -> "GuestImages":
-        """Images in ``directory``, else ``$VHOSTNI_IMAGES``, else ``./images/out``; ImagesMissing if absent."""
-        d = Path(directory or os.environ.get("VHOSTNI_IMAGES") or "images/out")
+        """vhostni's images in ``directory``, else ``$VHOSTNI_IMAGES``, else ``./images/out`` (a vhostni
+        checkout's ``make images``) if it has them, else ``~/.cache/vhostni/images``; ImagesMissing if absent."""
+        if directory:
+            d = Path(directory)
+        elif os.environ.get("VHOSTNI_IMAGES"):
+            d = Path(os.environ["VHOSTNI_IMAGES"])
+        elif Path("images/out/vmlinuz").is_file():
+            d = Path("images/out")
+        else:
+            from ..resources import default_images_dir
+            d = default_images_dir()
         imgs = cls(d / "vmlinuz", d / "initrd.cpio.gz")
         missing = [str(p) for p in (imgs.kernel, imgs.initrd) if not p.is_file()]
         if missing:
-            raise ImagesMissing(f"guest images not found ({', '.join(missing)}); build them with `make images` "
-                                "(python3 images/build.py --out images/out) or set VHOSTNI_IMAGES")
+            raise ImagesMissing(f"guest images not found ({', '.join(missing)}); build them with "
+                                f"`vhostni images build --out {d}` (in a vhostni checkout: `make images`)")
         return imgs
+
+    @classmethod
+    def user(cls, kernel: str | os.PathLike | None = None, initrd: str | os.PathLike | None = None, *,
+             disk: str | os.PathLike | None = None, disk_format: str | None = None, append: str = "",
+             login: GuestLogin | None = None) -> "GuestImages":
+        """Your own guest: ``kernel`` (+ ``initrd``) booted directly with ``console=ttyS0`` and ``append`` on
+        its command line, and/or a ``disk`` image (attached as a virtio disk, copy-on-write: the file is
+        never written).  ImagesMissing if a file is absent."""
+        if kernel is None and disk is None:
+            raise ValueError("a guest of your own needs a kernel or a disk image")
+        if initrd is not None and kernel is None:
+            raise ValueError("an initrd needs a kernel")
+        paths = [Path(p) if p is not None else None for p in (kernel, initrd, disk)]
+        missing = [str(p) for p in paths if p is not None and not p.is_file()]
+        if missing:
+            raise ImagesMissing(f"guest image files not found: {', '.join(missing)}")
+        fmt = disk_format or ("raw" if paths[2] is not None and paths[2].suffix in (".img", ".raw") else "qcow2")
+        if fmt not in ("qcow2", "raw"):
+            raise ValueError(f"disk_format {fmt!r}: qcow2 or raw")
+        return cls(paths[0], paths[1], paths[2], fmt, append, login or GuestLogin())
 
     @property
     def manifest(self) -> dict:
-        p = self.kernel.parent / "manifest.json"
-        return json.loads(p.read_text()) if p.is_file() else {}
+        p = self.kernel.parent / "manifest.json" if self.kernel else None
+        return json.loads(p.read_text()) if p is not None and p.is_file() else {}
 
 
 class _ConsoleLog:
@@ -225,6 +285,11 @@ class UserNic(Nic):
 # ---- the guest -----------------------------------------------------------------------------------------------
 
 
+def _qemu_opt(value: str) -> str:
+    """A value inside a QEMU -drive/-device option list: commas are doubled."""
+    return value.replace(",", ",,")
+
+
 def _listify(v) -> list[str]:
     if v is None:
         return []
@@ -284,6 +349,8 @@ class Guest:
     # -- command line --
 
     def kernel_cmdline(self) -> str:
+        if self.images.login is not None:       # a guest of your own: its NICs are configured after login
+            return " ".join(p for p in ("console=ttyS0", "panic=-1", self.images.append, self.cmdline_extra) if p)
         parts = ["console=ttyS0", "loglevel=4", "panic=-1", f"vhostni.hostname={self.name}"]
         if self.ip:
             parts.append("vhostni.ip=" + ",".join(self.ip))
@@ -304,9 +371,16 @@ class Guest:
                 # vhost-user backends map guest memory: it must be a shared memfd.
                 "-object", f"memory-backend-memfd,id=mem,size={m}M,share=on",
                 "-machine", "pc,memory-backend=mem",
-                "-chardev", "stdio,id=ser0,signal=off", "-serial", "chardev:ser0",
-                "-kernel", str(self.images.kernel), "-initrd", str(self.images.initrd),
-                "-append", self.kernel_cmdline()]
+                "-chardev", "stdio,id=ser0,signal=off", "-serial", "chardev:ser0"]
+        im = self.images
+        if im.kernel is not None:
+            argv += ["-kernel", str(im.kernel)]
+            if im.initrd is not None:
+                argv += ["-initrd", str(im.initrd)]
+            argv += ["-append", self.kernel_cmdline()]
+        if im.disk is not None:
+            # snapshot=on: writes go to a temporary overlay, so the image is never changed and guests share it
+            argv += ["-drive", f"file={_qemu_opt(str(im.disk))},if=virtio,format={im.disk_format},snapshot=on"]
         if self.cpu:
             argv += ["-cpu", self.cpu]
         if self.qmp_path:
@@ -333,7 +407,8 @@ class Guest:
         if self._child is not None:
             raise GuestError(f"guest {self.name} already started")
         if shutil.which(self.qemu) is None:
-            raise GuestError(f"{self.qemu} not found: install qemu-system-x86 (bash .ci/deps.sh)")
+            raise GuestError(f"{self.qemu} not found: install Debian's {QEMU_PACKAGE} "
+                             f"(apt-get install {QEMU_PACKAGE})")
         self._workdir = tempfile.mkdtemp(prefix=f"vni-{self.name[:20]}-", dir="/tmp")
         if self._want_qmp:
             self.qmp_path = os.path.join(self._workdir, "qmp.sock")
@@ -357,18 +432,21 @@ class Guest:
             return self
         timeout = self.boot_timeout if timeout is None else timeout
         c = self._child
-        idx = c.expect([re.escape(READY_MARKER) + r"[^\n]*\n", r"Kernel panic[^\n]*", pexpect.EOF,
-                        pexpect.TIMEOUT], timeout=timeout)
-        self.boot_output = (c.before or "") + (c.after if isinstance(c.after, str) else "")
-        if idx != 0:
-            why = {1: f"kernel panic: {c.after.strip() if isinstance(c.after, str) else ''}",
-                   2: f"QEMU exited ({self._exit_text()})",
-                   3: f"no {READY_MARKER} within {timeout:g} s"}[idx]
-            self._fail_boot(why)
+        if self.images.login is not None:
+            self._login(time.monotonic() + timeout, timeout)
+        else:
+            idx = c.expect([re.escape(READY_MARKER) + r"[^\n]*\n", r"Kernel panic[^\n]*", pexpect.EOF,
+                            pexpect.TIMEOUT], timeout=timeout)
+            self.boot_output = (c.before or "") + (c.after if isinstance(c.after, str) else "")
+            if idx != 0:
+                why = {1: f"kernel panic: {c.after.strip() if isinstance(c.after, str) else ''}",
+                       2: f"QEMU exited ({self._exit_text()})",
+                       3: f"no {READY_MARKER} within {timeout:g} s"}[idx]
+                self._fail_boot(why)
+            errors = [line.strip() for line in self.boot_output.splitlines() if ERROR_MARKER in line]
+            if errors:
+                self._fail_boot("its /init reported:\n  " + "\n  ".join(errors))
         self.boot_seconds = time.monotonic() - self._t0
-        errors = [line.strip() for line in self.boot_output.splitlines() if ERROR_MARKER in line]
-        if errors:
-            self._fail_boot("its /init reported:\n  " + "\n  ".join(errors))
         # The console's interactive shell now starts.  run() needs a shell that reads plain lines, prints no
         # prompts and survives signals, so replace it with a non-interactive one reading the console as a
         # script (busybox's interactive ash with echo off takes a SIGCHLD during its read for end of input and
@@ -382,7 +460,86 @@ class Guest:
         except (pexpect.TIMEOUT, pexpect.EOF) as e:
             self._fail_boot(f"no shell on the console after the ready marker ({type(e).__name__})")
         self._ready = True
+        if self.images.login is not None:
+            try:
+                self._configure_user_guest()
+            except GuestError as e:
+                self._fail_boot(f"configuring it through the console failed: {e}")
         return self
+
+    def _login(self, deadline: float, timeout: float) -> None:
+        """A guest of your own: log in on the console (or find its shell), until a shell answers."""
+        lg = self.images.login
+        assert lg is not None
+        c = self._child
+        assert c is not None
+
+        def left(cap: float = 1e9) -> float:
+            return max(0.1, min(cap, deadline - time.monotonic()))
+
+        panic, incorrect = r"Kernel panic[^\n]*", r"Login incorrect"
+        idx = c.expect([lg.login_prompt, lg.shell_prompt, panic, pexpect.EOF, pexpect.TIMEOUT], timeout=left())
+        self.boot_output = (c.before or "") + (c.after if isinstance(c.after, str) else "")
+        if idx >= 2:
+            self._fail_boot({2: f"kernel panic: {c.after.strip() if isinstance(c.after, str) else ''}",
+                             3: f"QEMU exited ({self._exit_text()})",
+                             4: f"no login prompt ({lg.login_prompt!r}) nor shell prompt ({lg.shell_prompt!r}) "
+                                "on the serial console (ttyS0) within "
+                                f"{timeout:g} s"}[idx])
+        if idx == 0:
+            c.sendline(lg.user)
+            if lg.password is not None:
+                i = c.expect([lg.password_prompt, lg.shell_prompt, pexpect.EOF, pexpect.TIMEOUT], timeout=left(60))
+                if i == 0:
+                    c.sendline(lg.password)
+                elif i >= 2:
+                    self._fail_boot(f"no password prompt after logging in as {lg.user!r}")
+        # The prompt may come before the shell reads its input (or be a false match): ask until it answers.
+        for n in itertools.count(1):
+            tag = f"{self._token}_p{n}"
+            c.sendline(f"echo '__VNI_P''_{tag}__'")
+            i = c.expect([f"__VNI_P_{tag}__\r*\n", incorrect, pexpect.EOF, pexpect.TIMEOUT], timeout=left(3))
+            if i == 0:
+                return
+            if i == 1:
+                self._fail_boot(f"login as {lg.user!r} failed (Login incorrect)")
+            if i == 2:
+                self._fail_boot(f"QEMU exited ({self._exit_text()})")
+            if time.monotonic() >= deadline:
+                self._fail_boot(f"no shell answered on the console within {timeout:g} s"
+                                + (f" after logging in as {lg.user!r}" if idx == 0 else ""))
+
+    def _configure_user_guest(self) -> None:
+        """What vhostni's /init does from the kernel command line, through the console: the host name and
+        each NIC (found by its MAC address) with its address, MTU, then the default route and nameservers."""
+        cmds = [f"hostname {shlex.quote(self.name)} 2>/dev/null || true"]
+        for i, mac in enumerate(self.macs):
+            mac = mac.lower()                   # as sysfs shows it
+            if not re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", mac):
+                raise GuestError(f"NIC {i}: bad MAC address {mac!r}")
+            conf = self.ip[i] if i < len(self.ip) else None
+            mtu = self.mtu[i] if i < len(self.mtu) else None
+            if conf is None and mtu is None:
+                continue
+            find = (f"d=; for f in /sys/class/net/*; do [ \"$(cat $f/address 2>/dev/null)\" = {mac} ] && "
+                    f"d=${{f##*/}}; done; [ -n \"$d\" ] || {{ echo 'no network interface with MAC {mac}'; "
+                    "exit 1; }")
+            up = f"ip link set \"$d\" up" + (f" mtu {int(mtu)}" if mtu else "")
+            if conf in (None, "", "none"):
+                addr = "true"
+            elif conf == "dhcp":
+                addr = ("if command -v dhclient >/dev/null; then dhclient -1 \"$d\"; "
+                        "else udhcpc -i \"$d\" -q -n -t 5 -T 1; fi")
+            else:
+                addr = f"ip -4 addr flush dev \"$d\" && ip addr add {shlex.quote(conf)} dev \"$d\""
+            cmds.append(f"{find}; {up} && {addr}")
+        if self.gw:
+            cmds.append(f"ip route replace default via {shlex.quote(self.gw)}")
+        if self.dns:
+            cmds.append("printf 'nameserver %s\\n' " + " ".join(shlex.quote(d) for d in self.dns)
+                        + " > /etc/resolv.conf")
+        for cmd in cmds:
+            self.check(f"( {cmd} )", timeout=90)
 
     def boot(self, timeout: float | None = None) -> "Guest":
         """start() + wait_ready()."""

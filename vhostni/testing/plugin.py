@@ -1,13 +1,18 @@
 """pytest plugin (entry point ``pytest11: vhostni``): fixtures for tests with real guests and vhostni.
 
 Fixtures
-    vhostni_images          session  GuestImages; skips the test when ``make images`` was not run
-                                     (fails instead when CI=true, so CI cannot skip guest tests by accident)
+    vhostni_images          session  GuestImages: from ``--vhostni-images``, $VHOSTNI_IMAGES, ``<rootdir>/images/out``
+                                     (a vhostni checkout) or ``~/.cache/vhostni/images``, in that order; built
+                                     there (``vhostni images build``, a few minutes the first time) when missing,
+                                     unless ``--vhostni-no-build``.  When there are none and they cannot be built,
+                                     the test is skipped with the reason and the exact command (fails instead
+                                     when CI=true, so CI cannot skip guest tests by accident)
     vhostni_logdir          session  where console and daemon logs go (``--vhostni-logs``, $VHOSTNI_TEST_LOGS,
                                      default ``<rootdir>/test-logs``)
     vhostni_sockdir         module   a short private directory for unix sockets (paths must stay < 108 bytes)
     vhostni_guest_factory   module   ``make(name, **Guest kwargs) -> Guest`` (booted), ``make.many([...])``
-                                     boots several in parallel; all closed at the end of the module
+                                     boots several in parallel; all closed at the end of the module.
+                                     ``images=`` boots other images (your own kernel, initrd or disk)
     vhostni_daemon_factory  module   ``start({name: socket}, uplink=None, netns=None, ...) -> VhostniDaemon``;
                                      stopped (SIGTERM) at the end of the module
     vhostni_netns           module   ``new() -> NetNamespace``; deleted at the end of the module
@@ -20,6 +25,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import weakref
 from pathlib import Path
@@ -28,7 +35,8 @@ from typing import Any, Mapping, Sequence
 import pytest
 
 from .daemon import VhostniDaemon
-from .guest import Guest, GuestImages, ImagesMissing, boot_guests
+from ..resources import default_images_dir
+from .guest import QEMU, QEMU_PACKAGE, Guest, GuestImages, ImagesMissing, boot_guests
 from .netns import NetNamespace
 
 # Guests and daemons alive now, for the failure report.
@@ -39,7 +47,10 @@ _live_daemons: "weakref.WeakSet[VhostniDaemon]" = weakref.WeakSet()
 def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("vhostni", "vhostni guests and daemons")
     g.addoption("--vhostni-images", default=None,
-                help="directory with vmlinuz and initrd.cpio.gz (default $VHOSTNI_IMAGES or images/out)")
+                help="directory with vmlinuz and initrd.cpio.gz (default $VHOSTNI_IMAGES, images/out in a "
+                     "vhostni checkout, else ~/.cache/vhostni/images); built there if missing")
+    g.addoption("--vhostni-no-build", action="store_true", default=False,
+                help="do not build missing guest images (skip, or fail when CI=true, instead)")
     g.addoption("--vhostni-logs", default=None,
                 help="directory for guest console and daemon logs (default $VHOSTNI_TEST_LOGS or test-logs)")
 
@@ -65,16 +76,62 @@ def vhostni_logdir(pytestconfig: pytest.Config) -> Path:
     return d
 
 
+def _images_dir(config: pytest.Config) -> tuple[Path, Path | None]:
+    """Where the images are or go, and the package cache to build them with (None: the default)."""
+    given = config.getoption("--vhostni-images") or os.environ.get("VHOSTNI_IMAGES")
+    if given:
+        return Path(given), None
+    images = config.rootpath / "images"
+    if (images / "out" / "vmlinuz").is_file() or (images / "build.py").is_file():
+        return images / "out", images / "cache"         # a vhostni checkout: where `make images` puts them
+    return default_images_dir(), None
+
+
+def _say(config: pytest.Config, text: str) -> None:
+    """A line on the terminal now, even while pytest captures output."""
+    capman = config.pluginmanager.getplugin("capturemanager")
+    tr = config.pluginmanager.getplugin("terminalreporter")
+    if capman is None or tr is None:
+        return
+    with capman.global_and_fixture_disabled():
+        tr.write_line(text)
+
+
+def build_images(config: pytest.Config, d: Path, logdir: Path, cache: Path | None = None) -> str | None:
+    """Run ``vhostni images build --out d``; None when it worked, else why not (one line and the log)."""
+    log = logdir / "vhostni-images-build.log"
+    _say(config, f"vhostni: building guest images into {d} (Debian packages; a few minutes the first time), "
+                 f"log: {log}")
+    cmd = [sys.executable, "-m", "vhostni", "images", "build", "--out", str(d)]
+    if cache is not None and not os.environ.get("VHOSTNI_IMAGES_CACHE"):
+        cmd += ["--cache", str(cache)]
+    with open(log, "wb") as f:
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode == 0:
+        return None
+    lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
+    errors = [x for x in lines if "error:" in x] or lines[-1:]
+    return f"{errors[-1] if errors else f'exit status {r.returncode}'} (log: {log})"
+
+
 @pytest.fixture(scope="session")
-def vhostni_images(pytestconfig: pytest.Config) -> GuestImages:
-    d = (pytestconfig.getoption("--vhostni-images") or os.environ.get("VHOSTNI_IMAGES")
-         or pytestconfig.rootpath / "images" / "out")
+def vhostni_images(pytestconfig: pytest.Config, vhostni_logdir: Path) -> GuestImages:
+    d, cache = _images_dir(pytestconfig)
+    command = f"vhostni images build --out {d}"
     try:
         return GuestImages.locate(d)
     except ImagesMissing as e:
+        if pytestconfig.getoption("--vhostni-no-build") or os.environ.get("VHOSTNI_IMAGES_BUILD") == "0":
+            why = f"{e}"
+        else:
+            failure = build_images(pytestconfig, d, vhostni_logdir, cache)
+            if failure is None:
+                return GuestImages.locate(d)
+            why = f"guest images not found in {d} and building them failed: {failure}"
+        why += f"; build them with: {command}"
         if _in_ci():
-            pytest.fail(f"CI=true but {e}", pytrace=False)
-        pytest.skip(str(e))
+            pytest.fail(f"CI=true but {why}", pytrace=False)
+        pytest.skip(why)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +155,8 @@ class GuestFactory:
     def create(self, name: str, **kw) -> Guest:
         """A Guest configured like make() but not started (for boot_guests or custom control)."""
         kw.setdefault("log_path", self.logdir / f"{self.tag}.{name}.console.log")
-        g = Guest(name, self.images, **kw)
+        images = kw.pop("images", None) or self.images
+        g = Guest(name, images, **kw)
         self.guests.append(g)
         _live_guests.add(g)
         return g
@@ -121,6 +179,12 @@ class GuestFactory:
 @pytest.fixture(scope="module")
 def vhostni_guest_factory(request: pytest.FixtureRequest, vhostni_images: GuestImages,
                           vhostni_logdir: Path) -> Any:
+    qemu = os.environ.get("VHOSTNI_QEMU", QEMU)
+    if shutil.which(qemu) is None:
+        why = f"{qemu} not found: install Debian's {QEMU_PACKAGE} (apt-get install {QEMU_PACKAGE})"
+        if _in_ci():
+            pytest.fail(f"CI=true but {why}", pytrace=False)
+        pytest.skip(why)
     f = GuestFactory(vhostni_images, vhostni_logdir, _module_tag(request))
     yield f
     f.close()
