@@ -53,6 +53,7 @@ struct sig_rule {
     uint32_t nitems, anchor;
     uint32_t anchor_off, anchor_len;
     uint8_t disabled;           /* left out at build (its error is reported) */
+    uint8_t resumable;          /* the anchor is item 0, every later item reads only after it */
     struct sig_item *items;
 };
 
@@ -75,12 +76,14 @@ struct vn_sig_db {
     uint32_t *seen;             /* block mode: seen[rule] == gen when already a candidate */
     uint32_t gen;
     uint64_t *hitat;            /* stream mode: the end of a candidate's last anchor hit */
+    uint64_t *firstat;          /* stream mode: the end of its first anchor hit in this scan */
     struct vn_sig_stats st;
 };
 
 struct pending {
     uint32_t rule;
     uint64_t hit;               /* stream offset of the anchor hit's end */
+    uint64_t resume;            /* resumable rules: item 0 occurrences before this are decided */
 };
 
 struct vn_sig_stream {
@@ -173,6 +176,7 @@ void vn_sig_db_free(struct vn_sig_db *db)
     free(db->cand);
     free(db->seen);
     free(db->hitat);
+    free(db->firstat);
     free(db->view);
     if (db->scratch)
         hs_free_scratch(db->scratch);
@@ -279,6 +283,16 @@ static int read_rule(struct rd *r, struct sig_rule *rule, int mode, struct vn_si
         if (a->kind == VN_SIG_K_CONTENT &&
             (rule->anchor_len == 0 || rule->anchor_off > a->len || a->len - rule->anchor_off < rule->anchor_len))
             return -1;
+    }
+    /* Resumable: the anchor is item 0 (a positive content) and every later item is positioned
+     * after it (relative, no negative distance).  Then a confirmation reads nothing before an
+     * occurrence of item 0, and occurrences already decided need not be searched again. */
+    rule->resumable = rule->anchor == 0 && rule->items[0].kind == VN_SIG_K_CONTENT &&
+                      !(rule->items[0].flags & VN_SIG_I_NEGATED);
+    for (uint32_t j = 1; j < rule->nitems && rule->resumable; j++) {
+        const struct sig_item *it = &rule->items[j];
+        if (!(it->flags & VN_SIG_I_RELATIVE) || ((it->flags & VN_SIG_I_DISTANCE) && it->distance < 0))
+            rule->resumable = 0;
     }
     /* which positive items have a later item positioned relative to them (backtracking needed) */
     for (uint32_t j = 0; j < rule->nitems; j++) {
@@ -448,9 +462,10 @@ struct vn_sig_db *vn_sig_db_build(const uint8_t *blob, size_t len, int mode, uin
     db->cand = calloc(nrules ? nrules : 1, sizeof *db->cand);
     db->seen = calloc(nrules ? nrules : 1, sizeof *db->seen);
     db->hitat = calloc(nrules ? nrules : 1, sizeof *db->hitat);
+    db->firstat = calloc(nrules ? nrules : 1, sizeof *db->firstat);
     db->md = pcre2_match_data_create(1, NULL);
     db->mctx = pcre2_match_context_create(NULL);
-    if (!db->rules || !db->always || !db->cand || !db->seen || !db->hitat || !db->md || !db->mctx) {
+    if (!db->rules || !db->always || !db->cand || !db->seen || !db->hitat || !db->firstat || !db->md || !db->mctx) {
         *rc = VN_SIG_ENOMEM;
         goto fail;
     }
@@ -534,6 +549,9 @@ struct ectx {
     const struct view *v;
     int steps;
     int64_t matchend;           /* stream offset past the last byte of the successful path */
+    int64_t resume;             /* resumable rules: item 0 is searched from here ... */
+    int64_t hit_end;            /* ... to the end of the last anchor hit (INF_POS otherwise) */
+    int64_t undecided;          /* out: the first item 0 occurrence more data could still decide */
 };
 
 static int eval_items(struct ectx *c, uint32_t i, int64_t prev, int64_t maxend);
@@ -562,6 +580,15 @@ static int eval_content(struct ectx *c, uint32_t i, int64_t prev, int64_t maxend
     int64_t ws, we, end = v->base + v->len;
     item_window(it, v, prev, &ws, &we);
     int truncated = we > end && !v->final;
+    if (i == 0 && c->hit_end != INF_POS) {
+        /* A resumable rule's item 0 holds its anchor: every occurrence of it is a Hyperscan hit,
+         * so none lies past the last hit, and one still to come brings its own hit. */
+        if (ws < c->resume)
+            ws = c->resume;
+        if (we > c->hit_end)
+            we = c->hit_end;
+        truncated = 0;
+    }
     int64_t from = ws - v->base, to = (we > end ? end : we) - v->base;
     int nocase = it->flags & VN_SIG_I_NOCASE;
     if (it->flags & VN_SIG_I_NEGATED) {
@@ -579,8 +606,11 @@ static int eval_content(struct ectx *c, uint32_t i, int64_t prev, int64_t maxend
         int rest = eval_items(c, i + 1, mend, mend > maxend ? mend : maxend);
         if (rest == EVAL_MATCH)
             return EVAL_MATCH;
-        if (rest == EVAL_MORE)
+        if (rest == EVAL_MORE) {
             more = 1;
+            if (i == 0 && v->base + at < c->undecided)
+                c->undecided = v->base + at;
+        }
         if (!it->dependent || ++c->steps > EVAL_STEPS_MAX)
             break;
         from = at + 1;
@@ -672,18 +702,27 @@ static int eval_items(struct ectx *c, uint32_t i, int64_t prev, int64_t maxend)
     }
 }
 
-/* Confirms rule `ri` over the view; on a match fills *end. */
-static int confirm(struct vn_sig_db *db, uint32_t ri, const struct view *v, int64_t *end)
+/* Confirms rule `ri` over the view; on a match fills *end.  Resumable rules search item 0 only
+ * in [resume, hit_end) (see struct pending); on EVAL_MORE, *undecided says where the next
+ * confirmation may resume. */
+static int confirm(struct vn_sig_db *db, uint32_t ri, const struct view *v, int64_t *end,
+                   int64_t resume, int64_t hit_end, int64_t *undecided)
 {
     const struct sig_rule *r = &db->rules[ri];
     db->st.evals++;
+    if (!r->resumable) {
+        resume = 0;
+        hit_end = INF_POS;
+    }
     if (r->flags & VN_SIG_R_DSIZE) {
         int in = v->dsize >= (int64_t)r->dsize_lo && v->dsize <= (int64_t)r->dsize_hi;
         if (v->dsize < 0 || in == !!(r->flags & VN_SIG_R_DSIZE_NOT))
             return EVAL_NOMATCH;
     }
-    struct ectx c = {db, r, v, 0, 0};
+    struct ectx c = {db, r, v, 0, 0, resume, hit_end, INF_POS};
     int res = eval_items(&c, 0, 0, 0);
+    if (undecided)
+        *undecided = c.undecided;
     if (c.steps > EVAL_STEPS_MAX) {
         db->st.steps_exceeded++;
         return EVAL_NOMATCH;
@@ -748,10 +787,10 @@ int vn_sig_scan_block(struct vn_sig_db *db, const uint8_t *data, size_t len,
     struct out o = {out, max, 0};
     int64_t end;
     for (uint32_t k = 0; k < db->nalways; k++)
-        if (confirm(db, db->always[k], &v, &end) == EVAL_MATCH)
+        if (confirm(db, db->always[k], &v, &end, 0, INF_POS, NULL) == EVAL_MATCH)
             emit(db, &o, db->always[k], end);
     for (uint32_t k = 0; k < db->ncand; k++)
-        if (confirm(db, db->cand[k], &v, &end) == EVAL_MATCH)
+        if (confirm(db, db->cand[k], &v, &end, 0, INF_POS, NULL) == EVAL_MATCH)
             emit(db, &o, db->cand[k], end);
     return (int)o.n;
 }
@@ -811,21 +850,30 @@ static void mark_matched(struct vn_sig_db *db, struct vn_sig_stream *st, uint32_
     st->matched[ri >> 3] |= (uint8_t)(1u << (ri & 7));
 }
 
-/* The view over the history ring plus `chunk`; only built when some candidate needs it. */
+/* The view over the history ring from stream offset `from` on, plus `chunk`; only built when
+ * some candidate needs it, and only from where the candidates need it. */
 static void build_view(struct vn_sig_db *db, struct vn_sig_stream *st, const uint8_t *chunk, size_t len,
-                       struct view *v, int final)
+                       struct view *v, int final, uint64_t from)
 {
-    uint32_t W = db->lookback, start = (st->hist_head + W - st->hist_len) % (W ? W : 1);
-    uint32_t first = st->hist_len < W - start ? st->hist_len : W - start;
-    if (W) {
+    uint32_t W = db->lookback, hl = st->hist_len;
+    uint64_t hstart = st->off - hl;
+    uint32_t skip = from <= hstart ? 0 : (from >= st->off ? hl : (uint32_t)(from - hstart));
+    uint32_t n = hl - skip;
+    if (W && n) {
+        uint32_t start = (uint32_t)(((uint64_t)st->hist_head + W - hl + skip) % W);
+        uint32_t first = n < W - start ? n : W - start;
         memcpy(db->view, st->hist + start, first);
-        memcpy(db->view + first, st->hist, st->hist_len - first);
+        memcpy(db->view + first, st->hist, n - first);
     }
-    if (len)
-        memcpy(db->view + st->hist_len, chunk, len);
-    v->buf = db->view;
-    v->base = (int64_t)(st->off - st->hist_len);
-    v->len = (int64_t)st->hist_len + (int64_t)len;
+    if (n == 0 && len) {
+        v->buf = chunk;         /* nothing from the history: the chunk itself is the view */
+    } else {
+        if (len)
+            memcpy(db->view + n, chunk, len);
+        v->buf = db->view;
+    }
+    v->base = (int64_t)(st->off - n);
+    v->len = (int64_t)n + (int64_t)len;
     v->final = final;
     v->dsize = -1;
 }
@@ -833,16 +881,19 @@ static void build_view(struct vn_sig_db *db, struct vn_sig_stream *st, const uin
 /* Decides an entry now (force) or keeps it; returns 1 when it leaves the pending list. */
 static int settle(struct sctx *c, struct pending *p, int force)
 {
-    int64_t end;
+    int64_t end, undecided;
     struct view fv = *c->v;
     if (force)
         fv.final = 1;
-    int res = confirm(c->db, p->rule, &fv, &end);
+    int res = confirm(c->db, p->rule, &fv, &end, (int64_t)p->resume, (int64_t)p->hit, &undecided);
     if (res == EVAL_MATCH) {
         mark_matched(c->db, c->st, p->rule);
         emit(c->db, c->o, p->rule, end);
         return 1;
     }
+    if (res == EVAL_MORE && c->db->rules[p->rule].resumable && undecided != INF_POS &&
+        undecided > (int64_t)p->resume)
+        p->resume = (uint64_t)undecided;
     return res == EVAL_NOMATCH || force;
 }
 
@@ -859,6 +910,7 @@ static int on_stream_hit(unsigned int id, unsigned long long from, unsigned long
     if (db->seen[id] != db->gen) {
         db->seen[id] = db->gen;
         db->cand[db->ncand++] = id;
+        db->firstat[id] = to;
     }
     db->hitat[id] = to;
     return 0;
@@ -866,17 +918,40 @@ static int on_stream_hit(unsigned int id, unsigned long long from, unsigned long
 
 /* After a scan: decide the pending rules and this scan's candidates over the view; those that
  * cannot be decided yet stay pending (a full list decides the newcomer on the data there is). */
-static void settle_all(struct sctx *c, uint64_t end, int final)
+static void settle_all(struct sctx *c, const uint8_t *chunk, size_t len, int final)
 {
     struct vn_sig_db *db = c->db;
     struct vn_sig_stream *st = c->st;
+    uint64_t end = st->off + len, need = end;
+    /* Where the view must begin: a new candidate of a resumable rule at its first hit's item 0
+     * (earlier occurrences were hits before, and decided), a pending one where it resumes,
+     * anything else at the start of the history. */
+    for (uint32_t k = 0; k < st->npending; k++) {
+        struct pending *p = &st->pending[k];
+        if (db->seen[p->rule] == db->gen) {
+            p->hit = db->hitat[p->rule];
+            db->seen[p->rule] = 0;          /* consumed: not a newcomer below */
+        }
+        uint64_t from = db->rules[p->rule].resumable ? p->resume : 0;
+        need = from < need ? from : need;
+    }
+    for (uint32_t k = 0; k < db->ncand; k++) {
+        uint32_t ri = db->cand[k];
+        if (db->seen[ri] != db->gen)
+            continue;
+        const struct sig_rule *r = &db->rules[ri];
+        uint64_t back = (uint64_t)r->anchor_off + r->anchor_len, from = 0;
+        if (r->resumable)
+            from = db->firstat[ri] > back ? db->firstat[ri] - back : 0;
+        db->firstat[ri] = from;
+        need = from < need ? from : need;
+    }
+    struct view v;
+    build_view(db, st, chunk, len, &v, final, need);
+    c->v = &v;
     uint32_t keep = 0;
     for (uint32_t k = 0; k < st->npending; k++) {
         struct pending p = st->pending[k];
-        if (db->seen[p.rule] == db->gen) {
-            p.hit = db->hitat[p.rule];
-            db->seen[p.rule] = 0;           /* consumed: not a newcomer below */
-        }
         int expired = !final && p.hit + db->lookback < end;
         if (expired)
             db->st.pending_expired++;
@@ -888,7 +963,7 @@ static void settle_all(struct sctx *c, uint64_t end, int final)
         uint32_t ri = db->cand[k];
         if (db->seen[ri] != db->gen)
             continue;
-        struct pending p = {ri, db->hitat[ri]};
+        struct pending p = {ri, db->hitat[ri], db->firstat[ri]};
         int full = st->npending == VN_SIG_PENDING_MAX;
         if (settle(c, &p, final || full)) {
             if (full)
@@ -897,6 +972,7 @@ static void settle_all(struct sctx *c, uint64_t end, int final)
         }
         st->pending[st->npending++] = p;
     }
+    c->v = NULL;
 }
 
 static void hist_append(struct vn_sig_db *db, struct vn_sig_stream *st, const uint8_t *d, size_t len)
@@ -927,12 +1003,8 @@ static int scan_piece(struct vn_sig_db *db, struct vn_sig_stream *st, const uint
     if (st->hs && hs_scan_stream(st->hs, (const char *)data, (unsigned)len, 0, db->scratch,
                                  on_stream_hit, &c) != HS_SUCCESS)
         return VN_SIG_ESCAN;
-    if (st->npending || db->ncand) {
-        struct view v;
-        build_view(db, st, data, len, &v, 0);
-        c.v = &v;
-        settle_all(&c, st->off + len, 0);
-    }
+    if (st->npending || db->ncand)
+        settle_all(&c, data, len, 0);
     hist_append(db, st, data, len);
     st->off += len;
     return 0;
@@ -965,16 +1037,75 @@ int vn_sig_stream_close(struct vn_sig_db *db, struct vn_sig_stream *st, struct v
     next_gen(db);
     if (st->hs && hs_close_stream(st->hs, db->scratch, on_stream_hit, &c) != HS_SUCCESS)
         rc = VN_SIG_ESCAN;
-    if (st->npending || db->ncand) {
-        struct view v;
-        build_view(db, st, NULL, 0, &v, 1);
-        c.v = &v;
-        settle_all(&c, st->off, 1);
-    }
+    if (st->npending || db->ncand)
+        settle_all(&c, NULL, 0, 1);
     db->st.stream_mem -= st->mem;
     db->st.streams_open--;
     free(st->matched);
     free(st->hist);
     free(st);
     return rc < 0 ? rc : (int)o.n;
+}
+
+/* ---------------------------------------------------------------- benchmark inner loop */
+
+static int on_bench_hit(unsigned int id, unsigned long long from, unsigned long long to,
+                        unsigned int flags, void *ctx)
+{
+    (void)id; (void)from; (void)to; (void)flags;
+    (*(int64_t *)ctx)++;
+    return 0;
+}
+
+/* vhostni/bench/signatures.py's inner loop, in C so that Python's per-call cost does not hide
+ * the engine's: `len` bytes in `chunk`-byte pieces, round-robin over `nstreams` streams, through
+ * the engine (raw = 0: returns the matches) or through Hyperscan alone on the same database and
+ * scratch (raw = 1: its physical limit; returns the hits).  A VN_SIG_E* code on error. */
+int64_t vn_sig_bench_streams(struct vn_sig_db *db, const uint8_t *data, size_t len, uint32_t chunk,
+                             uint32_t nstreams, int raw)
+{
+    enum { MAXS = 1024 };
+    if (!db || db->mode != VN_SIG_MODE_STREAM || !db->hs || (!data && len) || chunk == 0 ||
+        chunk > VN_SIG_MAX_CHUNK || nstreams == 0 || nstreams > MAXS)
+        return VN_SIG_EINVAL;
+    hs_stream_t *hs[MAXS];
+    struct vn_sig_stream *st[MAXS];
+    struct vn_sig_match out[64];
+    int64_t n = 0;
+    int rc = 0;
+    uint32_t opened = 0;
+    for (; opened < nstreams; opened++) {
+        if (raw) {
+            if (hs_open_stream(db->hs, 0, &hs[opened]) != HS_SUCCESS) {
+                rc = VN_SIG_ENOMEM;
+                break;
+            }
+        } else if (!(st[opened] = vn_sig_stream_open(db, &rc))) {
+            break;
+        }
+    }
+    for (size_t off = 0, i = 0; rc == 0 && off < len; off += chunk, i++) {
+        size_t n1 = len - off < chunk ? len - off : chunk;
+        if (raw) {
+            if (hs_scan_stream(hs[i % nstreams], (const char *)data + off, (unsigned)n1, 0, db->scratch,
+                               on_bench_hit, &n) != HS_SUCCESS)
+                rc = VN_SIG_ESCAN;
+        } else {
+            int m = vn_sig_stream_scan(db, st[i % nstreams], data + off, n1, out, 64);
+            if (m < 0)
+                rc = m;
+            else
+                n += m;
+        }
+    }
+    for (uint32_t k = 0; k < opened; k++) {
+        if (raw)
+            hs_close_stream(hs[k], db->scratch, on_bench_hit, &n);
+        else {
+            int m = vn_sig_stream_close(db, st[k], out, 64);
+            if (m > 0)
+                n += m;
+        }
+    }
+    return rc < 0 ? rc : n;
 }

@@ -107,6 +107,8 @@ int vn_sig_stream_scan(struct vn_sig_db *db, struct vn_sig_stream *st, const uin
                        size_t len, struct vn_sig_match *out, uint32_t max);
 int vn_sig_stream_close(struct vn_sig_db *db, struct vn_sig_stream *st,
                         struct vn_sig_match *out, uint32_t max);
+int64_t vn_sig_bench_streams(struct vn_sig_db *db, const uint8_t *data, size_t len, uint32_t chunk,
+                             uint32_t nstreams, int raw);
 /* VN_CDEF_END */
 
 #endif
