@@ -511,3 +511,78 @@ def test_stream_mode_over_any_chunking_equals_block_mode(opts, data, cuts):
         chunks.append(left)
     with SignatureDB(rules, "stream") as s:
         assert _feed(s, data, chunks) == want
+
+
+# ---------------------------------------------------------------- policy and CLI
+
+def _policy(tmp_path, rules_text: str, extra: str = "", ni: str = 'addresses = ["10.9.0.1/32"]'):
+    from vhostni.policy import load_policy
+    (tmp_path / "a.rules").write_text(rules_text)
+    (tmp_path / "p.toml").write_text(f'[ni]\n{ni}\n[signatures]\nrules = ["a.rules"]\n{extra}\n')
+    return load_policy(str(tmp_path / "p.toml"))
+
+
+GOOD = 'drop tcp any any -> $HOME_NET $WEB (msg:"x"; content:"evil"; sid:1;)\n'
+BAD = 'alert tcp any any -> any any (http.uri; content:"x"; sid:2;)\n'
+
+
+def test_policy_signatures_section(tmp_path):
+    p = _policy(tmp_path, GOOD, 'vars = { WEB = "[80,8080]" }')
+    (r,) = p.signatures.ruleset.rules
+    assert "10.9.0.1" in r.dst and "10.9.0.2" not in r.dst        # $HOME_NET from [ni] addresses
+    assert 8080 in r.dport and 81 not in r.dport
+    assert p.signatures.on_unsupported == "fail" and p.signatures.lookback == 8192
+
+
+def test_policy_unsupported_rules_fail_or_skip(tmp_path):
+    from vhostni.policy import PolicyError
+    with pytest.raises(PolicyError, match=r"1 rule cannot be enforced exactly.*a.rules:2: sid 2: http.uri"):
+        _policy(tmp_path, GOOD + BAD, 'vars = { WEB = "80" }')
+    p = _policy(tmp_path, GOOD + BAD, 'on_unsupported = "skip"\nvars = { WEB = "80" }')
+    assert [r.sid for r in p.signatures.ruleset.rules] == [1]
+    assert [(q.line, q.sid) for q in p.signatures.problems] == [(2, 2)]
+    # a pattern only PCRE2 rejects is found at load time too
+    with pytest.raises(PolicyError, match="PCRE2"):
+        _policy(tmp_path, 'alert tcp any any -> any any (pcre:"/(?P=nope)/"; sid:3;)\n')
+
+
+@pytest.mark.parametrize("extra,where", [
+    ('on_unsupported = "maybe"', "signatures.on_unsupported"),
+    ("lookback = -1", "signatures.lookback"),
+    ("stream_memcap = 5", "signatures.stream_memcap"),
+    ("frob = 1", "signatures.frob"),
+    ('vars = { "bad name" = "1" }', "signatures.vars"),
+])
+def test_policy_signatures_validation(tmp_path, extra, where):
+    from vhostni.policy import PolicyError
+    with pytest.raises(PolicyError) as e:
+        _policy(tmp_path, GOOD, extra)
+    assert e.value.where == where
+
+
+def test_policy_missing_rule_file_always_fails(tmp_path):
+    from vhostni.policy import PolicyError, load_policy
+    (tmp_path / "p.toml").write_text('[signatures]\nrules = ["nope.rules"]\non_unsupported = "skip"\n')
+    with pytest.raises(PolicyError, match="cannot read"):
+        load_policy(str(tmp_path / "p.toml"))
+
+
+def test_example_policy_loads():
+    from vhostni.policy import load_policy
+    p = load_policy(os.path.join(ROOT, "examples", "signatures.toml"))
+    assert p.signatures.ruleset.accepted == 10 and not p.signatures.problems
+
+
+def test_cli_rules_check(tmp_path, capsys):
+    from vhostni.cli import main
+    f = tmp_path / "a.rules"
+    f.write_text(GOOD + BAD)
+    assert main(["rules", "check", str(f), "--var", "WEB=80"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"{f}:2: sid 2: http.uri: a sticky buffer / application-layer keyword: needs the L7 stage",
+                   "1 rule accepted (1 stream), 1 skipped"]
+    assert main(["rules", "check", WEB_RULES, "--home-net", "10.0.0.2"]) == 0
+    assert capsys.readouterr().out.strip() == "10 rules accepted (1 packet, 9 stream), 0 skipped"
+    assert main(["rules", "check", str(tmp_path / "missing.rules")]) == 2
+    assert main(["rules", "check", str(f)]) == 1          # $WEB undefined: a problem at line 1
+    assert "a.rules:1: sid 1: $WEB: undefined variable" in capsys.readouterr().out

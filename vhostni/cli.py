@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .replay import add_arguments as add_replay_arguments
     add_replay_arguments(sub.add_parser(
         "replay", help="run an NI's policy and scanners over a capture file (offline)"))
+    from .signatures.config import add_arguments as add_rules_arguments
+    add_rules_arguments(sub.add_parser(
+        "rules", help="Suricata-syntax signature rules: `rules check FILE...` lists what cannot be enforced"))
     return p
 
 
@@ -199,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "replay":
         from .replay import main as replay_main
         return replay_main(args)
+    if args.command == "rules":
+        from .signatures.config import main as rules_main
+        return rules_main(args)
     return 2
 
 

@@ -358,6 +358,7 @@ class Policy:
     source: Optional[str] = None
     quarantine_allow: list[Match] = field(default_factory=list)   # [quarantine] allow
     on_alert: str = "none"       # containment when a scanner of this NI alerts (ON_ALERT)
+    signatures: Optional[Any] = None    # [signatures]: a vhostni.signatures.config.SignatureConfig
     doc: Optional[dict] = None      # the document it was parsed from (what ni-get-policy shows)
 
     def compile(self, subs: list[tuple[Match, bool]] = (),
@@ -480,7 +481,7 @@ def _injections(w: str, entries: list) -> tuple[list, list]:
 def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Policy:
     if not isinstance(d, dict):
         raise PolicyError("", "a policy is a table")
-    _check_keys(d, {"ni", "prevent", "scanner", "quarantine", "comment"}, "")
+    _check_keys(d, {"ni", "prevent", "scanner", "quarantine", "signatures", "comment"}, "")
     p = Policy(source=source, doc=copy.deepcopy(d))
     ni = _want(d, "ni", "", dict, {})
     _check_keys(ni, {"mac", "addresses", "anti_spoof", "hold_timeout_ms", "default_decision",
@@ -597,6 +598,12 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
             raise PolicyError(f"{w}.alerts_per_second", "expected 0..10000")
         spec.alerts_per_second = float(aps)
         p.scanners.append(spec)
+    if "signatures" in d:
+        from .signatures.config import SignatureConfigError, parse_section
+        try:
+            p.signatures = parse_section(d["signatures"], base, p.addresses)
+        except SignatureConfigError as exc:
+            raise PolicyError(exc.where, str(exc)) from None
     return p
 
 
