@@ -224,6 +224,7 @@ class Vars:
 
     def __init__(self, given: Optional[Mapping[str, str]] = None, home: Sequence = ()):
         self.values = dict(DEFAULT_VARS)
+        self.cache: dict = {}       # parsed address and port specs (results are never mutated)
         nets = [str(ipaddress.ip_network(a, strict=False)) for a in home]
         self.values["HOME_NET"] = f"[{','.join(nets)}]" if nets else PRIVATE_NETS
         self.values["EXTERNAL_NET"] = "!$HOME_NET"
@@ -245,6 +246,15 @@ class Vars:
 
 
 def parse_addr(text: str, vars: Vars, depth: int = 0) -> AddrSet:
+    if depth == 0:                  # rule sets repeat a few address specs thousands of times
+        hit = vars.cache.get(("a", text))
+        if hit is None:
+            hit = vars.cache[("a", text)] = _parse_addr(text, vars, 0)
+        return hit
+    return _parse_addr(text, vars, depth)
+
+
+def _parse_addr(text: str, vars: Vars, depth: int) -> AddrSet:
     text = text.strip()
     what = f"address {text!r}"
     if depth > MAX_VAR_DEPTH:
@@ -283,6 +293,15 @@ def parse_addr(text: str, vars: Vars, depth: int = 0) -> AddrSet:
 
 
 def parse_ports(text: str, vars: Vars, depth: int = 0) -> RangeSet:
+    if depth == 0:
+        hit = vars.cache.get(("p", text))
+        if hit is None:
+            hit = vars.cache[("p", text)] = _parse_ports(text, vars, 0)
+        return hit
+    return _parse_ports(text, vars, depth)
+
+
+def _parse_ports(text: str, vars: Vars, depth: int) -> RangeSet:
     text = text.strip()
     what = f"port {text!r}"
     if depth > MAX_VAR_DEPTH:
@@ -449,23 +468,18 @@ def logical_lines(text: str) -> Iterable[tuple[int, str]]:
         yield start, buf.strip()
 
 
+_OPTION = re.compile(r"((?:[^;\\]+|\\.)*);", re.S)
+
+
 def _split_options(body: str) -> list[tuple[str, Optional[str]]]:
     """'k:v; k2; ...' into (key, raw value) pairs; ';' inside a value is escaped as '\\;'."""
-    out, cur, i = [], "", 0
-    while i < len(body):
-        ch = body[i]
-        if ch == "\\" and i + 1 < len(body):
-            cur += body[i:i + 2]
-            i += 2
-            continue
-        if ch == ";":
-            out.append(cur)
-            cur = ""
-        else:
-            cur += ch
-        i += 1
-    if cur.strip():
-        raise RuleError(f"option {cur.strip()[:40]!r} is not ended by ';'")
+    out, end = [], 0
+    for m in _OPTION.finditer(body):
+        out.append(m.group(1))
+        end = m.end()
+    rest = body[end:]
+    if rest.strip():
+        raise RuleError(f"option {rest.strip()[:40]!r} is not ended by ';'")
     opts = []
     for o in out:
         o = o.strip()
@@ -622,8 +636,8 @@ def parse_rule(text: str, vars: Vars, file: str = "<rules>", line: int = 0) -> R
         raise RuleError("expected 'action proto src sport -> dst dport (options)'")
     head, body = text[:op].strip(), text[op + 1:-1]
     # header tokens; [a, b] lists may contain blanks
-    toks, depth, cur = [], 0, ""
-    for ch in head:
+    toks, depth, cur = ([], 0, "") if "[" in head else (head.split(), 0, "")
+    for ch in head if "[" in head else "":
         depth += ch == "["
         depth -= ch == "]"
         if ch.isspace() and depth == 0:
