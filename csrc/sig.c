@@ -34,7 +34,8 @@
 #define EVAL_NOMATCH 0
 #define EVAL_MORE 1
 #define EVAL_MATCH 2
-#define EVAL_STEPS_MAX 4096
+#define EVAL_LIMIT 3                /* undecidable within the limits: the caller's policy decides */
+#define EVAL_STEPS_MAX 20000
 #define PCRE_MATCH_LIMIT 100000
 #define INF_POS INT64_MAX
 
@@ -552,6 +553,7 @@ struct ectx {
     int64_t resume;             /* resumable rules: item 0 is searched from here ... */
     int64_t hit_end;            /* ... to the end of the last anchor hit (INF_POS otherwise) */
     int64_t undecided;          /* out: the first item 0 occurrence more data could still decide */
+    int limit;                  /* out: PCRE2's match limit (or an error) cut a search short */
 };
 
 static int eval_items(struct ectx *c, uint32_t i, int64_t prev, int64_t maxend);
@@ -643,6 +645,7 @@ static int eval_pcre(struct ectx *c, uint32_t i, int64_t prev, int64_t maxend)
         int n = pcre2_match(it->re, subj, slen, from, opts, c->db->md, c->db->mctx);
         if (n < 0 && n != PCRE2_ERROR_NOMATCH) {
             c->db->st.pcre_errors++;
+            c->limit = 1;
             return EVAL_NOMATCH;
         }
         if (it->flags & VN_SIG_I_NEGATED) {
@@ -719,20 +722,24 @@ static int confirm(struct vn_sig_db *db, uint32_t ri, const struct view *v, int6
         if (v->dsize < 0 || in == !!(r->flags & VN_SIG_R_DSIZE_NOT))
             return EVAL_NOMATCH;
     }
-    struct ectx c = {db, r, v, 0, 0, resume, hit_end, INF_POS};
+    struct ectx c = {db, r, v, 0, 0, resume, hit_end, INF_POS, 0};
     int res = eval_items(&c, 0, 0, 0);
     if (undecided)
         *undecided = c.undecided;
-    if (c.steps > EVAL_STEPS_MAX) {
-        db->st.steps_exceeded++;
-        return EVAL_NOMATCH;
+    if (res != EVAL_MATCH && (c.steps > EVAL_STEPS_MAX || c.limit)) {
+        /* Traffic that makes a confirmation too costly must not be a way past a rule: this
+         * is reported as a match flagged VN_SIG_F_LIMIT and the caller's policy decides. */
+        if (c.steps > EVAL_STEPS_MAX)
+            db->st.steps_exceeded++;
+        *end = v->base + v->len;
+        return EVAL_LIMIT;
     }
     if (res == EVAL_MATCH)
         *end = c.matchend > 0 ? c.matchend : v->base + v->len;
     return res;
 }
 
-static void emit(struct vn_sig_db *db, struct out *o, uint32_t ri, int64_t end)
+static void emit(struct vn_sig_db *db, struct out *o, uint32_t ri, int64_t end, int res)
 {
     db->st.matches++;
     if (o->n >= o->max) {
@@ -740,7 +747,7 @@ static void emit(struct vn_sig_db *db, struct out *o, uint32_t ri, int64_t end)
         return;
     }
     o->m[o->n].rule = db->rules[ri].id;
-    o->m[o->n].flags = 0;
+    o->m[o->n].flags = res == EVAL_LIMIT ? VN_SIG_F_LIMIT : 0;
     o->m[o->n].offset = (uint64_t)end;
     o->n++;
 }
@@ -786,12 +793,12 @@ int vn_sig_scan_block(struct vn_sig_db *db, const uint8_t *data, size_t len,
     struct view v = {data, 0, (int64_t)len, 1, (int)(len > 0x7fffffff ? 0x7fffffff : len)};
     struct out o = {out, max, 0};
     int64_t end;
-    for (uint32_t k = 0; k < db->nalways; k++)
-        if (confirm(db, db->always[k], &v, &end, 0, INF_POS, NULL) == EVAL_MATCH)
-            emit(db, &o, db->always[k], end);
-    for (uint32_t k = 0; k < db->ncand; k++)
-        if (confirm(db, db->cand[k], &v, &end, 0, INF_POS, NULL) == EVAL_MATCH)
-            emit(db, &o, db->cand[k], end);
+    for (uint32_t k = 0; k < db->nalways + db->ncand; k++) {
+        uint32_t ri = k < db->nalways ? db->always[k] : db->cand[k - db->nalways];
+        int res = confirm(db, ri, &v, &end, 0, INF_POS, NULL);
+        if (res == EVAL_MATCH || res == EVAL_LIMIT)
+            emit(db, &o, ri, end, res);
+    }
     return (int)o.n;
 }
 
@@ -886,9 +893,9 @@ static int settle(struct sctx *c, struct pending *p, int force)
     if (force)
         fv.final = 1;
     int res = confirm(c->db, p->rule, &fv, &end, (int64_t)p->resume, (int64_t)p->hit, &undecided);
-    if (res == EVAL_MATCH) {
+    if (res == EVAL_MATCH || res == EVAL_LIMIT) {
         mark_matched(c->db, c->st, p->rule);
-        emit(c->db, c->o, p->rule, end);
+        emit(c->db, c->o, p->rule, end, res);
         return 1;
     }
     if (res == EVAL_MORE && c->db->rules[p->rule].resumable && undecided != INF_POS &&

@@ -55,6 +55,11 @@
 #define VN_SIG_P_DOLLAR_ENDONLY 32
 #define VN_SIG_P_UNGREEDY 64
 
+/* A confirmation that hit a limit (PCRE2's match limit, the backtracking step limit) cannot say
+ * whether the rule matches; it is reported as a match with this flag, so that traffic crafted to
+ * make confirmations costly is not a way past a rule, and the caller's policy decides. */
+#define VN_SIG_F_LIMIT 1
+
 #define VN_SIG_EINVAL -1
 #define VN_SIG_ENOMEM -2
 #define VN_SIG_EMEMCAP -3
@@ -63,7 +68,7 @@
 
 struct vn_sig_match {
     uint32_t rule;        /* the rule's id from the blob */
-    uint32_t flags;       /* 0 */
+    uint32_t flags;       /* VN_SIG_F_LIMIT: not a proven match, see below */
     uint64_t offset;      /* stream (or packet) offset just past the last byte the match needed */
 };
 
@@ -81,8 +86,8 @@ struct vn_sig_stats {
     uint64_t evals;              /* exact confirmations run */
     uint64_t matches;            /* rules that matched */
     uint64_t matches_lost;       /* matches beyond the caller's output array */
-    uint64_t pcre_errors;        /* PCRE2 match limit or error: counted as no match */
-    uint64_t steps_exceeded;     /* confirmations cut at the backtracking step limit */
+    uint64_t pcre_errors;        /* PCRE2 match limit or error (the match is flagged LIMIT) */
+    uint64_t steps_exceeded;     /* confirmations cut at the step limit (flagged LIMIT) */
     uint64_t pending_evicted;    /* pending candidates decided early: the list was full */
     uint64_t pending_expired;    /* pending candidates decided when they left the look-back */
     uint64_t streams_open;

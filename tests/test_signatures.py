@@ -586,3 +586,34 @@ def test_cli_rules_check(tmp_path, capsys):
     assert main(["rules", "check", str(tmp_path / "missing.rules")]) == 2
     assert main(["rules", "check", str(f)]) == 1          # $WEB undefined: a problem at line 1
     assert "a.rules:1: sid 1: $WEB: undefined variable" in capsys.readouterr().out
+
+
+def test_costly_confirmations_are_flagged_not_passed():
+    """Padding a stream with thousands of a rule's first content (or feeding a pcre that
+    backtracks catastrophically) must not be a way past the rule: the match is reported with
+    the limit flag, for the caller's exception policy."""
+    t = 'alert tcp any any -> any any (content:"a"; content:"b"; distance:1; within:1; sid:1;)'
+    db = SignatureDB(ruleset(t).rules, "packet")
+    (m,) = db.scan(b"a" * 30000 + b"a.b")
+    assert m.rule.sid == 1 and m.limit and db.stats()["steps_exceeded"] == 1
+    (m,) = db.scan(b"a" * 300 + b"a.b")
+    assert not m.limit                                   # within the limit: a proven match
+    assert db.scan(b"a" * 300) == []                     # and a proven miss
+    p = 'alert tcp any any -> any any (content:"x"; pcre:"/^(a|aa)+$/R"; sid:2;)'
+    pdb = SignatureDB(ruleset(p).rules, "packet")
+    (m,) = pdb.scan(b"x" + b"a" * 5000 + b"b")
+    assert m.limit and pdb.stats()["pcre_errors"] == 1
+    s = SignatureDB(ruleset(p).rules, "stream").open_stream()
+    got = s.scan(b"x" + b"a" * 5000 + b"b") + s.close()
+    assert [(g.rule.sid, g.limit) for g in got] == [(2, True)]
+
+
+def test_closing_a_database_closes_its_streams():
+    db = SignatureDB(ruleset('alert tcp any any -> any any (content:"abc"; sid:1;)').rules, "stream")
+    s = db.open_stream()
+    s.scan(b"ab")
+    db.close()
+    with pytest.raises(ValueError):
+        s.scan(b"c")
+    with pytest.raises(ValueError):
+        db.open_stream()

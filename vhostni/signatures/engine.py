@@ -3,6 +3,7 @@ blocks and streams.  Configuration and tests cross this boundary; the data path 
 functions directly (no Python per packet)."""
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -30,6 +31,8 @@ class Match:
     rule: Rule
     index: int        # the rule's position in the database's rule list
     offset: int       # stream/packet offset just past the last byte the match needed
+    limit: bool = False   # a confirmation hit a limit (PCRE2's, the step limit): not proven; the
+    #                       caller's exception policy decides (fail closed by default)
 
 
 class SignatureDB:
@@ -60,11 +63,19 @@ class SignatureDB:
             self.problems.append(Problem(r.file if r else "<rules>", r.line if r else 0,
                                          r.sid if r else None, msg))
         self._out = ffi.new("struct vn_sig_match[]", max(1, len(self.rules)))
+        self._streams: "weakref.WeakSet[Stream]" = weakref.WeakSet()
 
     def close(self) -> None:
         if self._db != ffi.NULL:
+            for s in list(self._streams):     # their state belongs to this database
+                s.close()
             lib.vn_sig_db_free(self._db)
             self._db = ffi.NULL
+
+    def _live(self):
+        if self._db == ffi.NULL:
+            raise ValueError("signature database closed")
+        return self._db
 
     def __enter__(self) -> "SignatureDB":
         return self
@@ -81,24 +92,26 @@ class SignatureDB:
     def _matches(self, n: int, what: str) -> list[Match]:
         if n < 0:
             raise SigError(what, n)
-        return [Match(self.rules[self._out[i].rule], self._out[i].rule, self._out[i].offset)
-                for i in range(n)]
+        return [Match(self.rules[self._out[i].rule], self._out[i].rule, self._out[i].offset,
+                      bool(self._out[i].flags & lib.VN_SIG_F_LIMIT)) for i in range(n)]
 
     def scan(self, data: bytes) -> list[Match]:
         """Block mode: the rules that match this one payload."""
-        return self._matches(lib.vn_sig_scan_block(self._db, data, len(data), self._out, len(self.rules)),
-                             "scan")
+        return self._matches(lib.vn_sig_scan_block(self._live(), data, len(data), self._out,
+                                                   len(self.rules)), "scan")
 
     def open_stream(self) -> "Stream":
         rc = ffi.new("int *")
-        st = lib.vn_sig_stream_open(self._db, rc)
+        st = lib.vn_sig_stream_open(self._live(), rc)
         if st == ffi.NULL:
             raise SigError("open stream", rc[0])
-        return Stream(self, st)
+        s = Stream(self, st)
+        self._streams.add(s)
+        return s
 
     def stats(self) -> dict:
         s = ffi.new("struct vn_sig_stats *")
-        lib.vn_sig_db_stats(self._db, s)
+        lib.vn_sig_db_stats(self._live(), s)
         return {k: getattr(s, k) for k in STAT_FIELDS}
 
 
@@ -113,11 +126,19 @@ class Stream:
         if self._st is None:
             raise ValueError("stream closed")
         d = self.db
-        return d._matches(lib.vn_sig_stream_scan(d._db, self._st, data, len(data), d._out, len(d.rules)),
-                          "stream scan")
+        return d._matches(lib.vn_sig_stream_scan(d._live(), self._st, data, len(data), d._out,
+                                                 len(d.rules)), "stream scan")
 
     def close(self) -> list[Match]:
         if self._st is None:
             return []
         d, st, self._st = self.db, self._st, None
-        return d._matches(lib.vn_sig_stream_close(d._db, st, d._out, len(d.rules)), "stream close")
+        d._streams.discard(self)
+        return d._matches(lib.vn_sig_stream_close(d._live(), st, d._out, len(d.rules)), "stream close")
+
+    def __del__(self) -> None:
+        try:
+            if self._st is not None and self.db._db != ffi.NULL:
+                self.close()
+        except Exception:
+            pass
