@@ -92,8 +92,8 @@ struct vn_sig_stream {
     uint64_t off;               /* bytes scanned so far */
     uint8_t *hist;              /* ring of the last `lookback` bytes */
     uint32_t hist_len, hist_head;
-    uint32_t npending;
-    struct pending pending[VN_SIG_PENDING_MAX];
+    uint32_t npending, cap;     /* the pending list grows by doubling, up to VN_SIG_PENDING_MAX */
+    struct pending *pending;
     uint8_t *matched;           /* bitmap over rules, allocated at the first match */
     size_t mem;
 };
@@ -923,6 +923,22 @@ static int on_stream_hit(unsigned int id, unsigned long long from, unsigned long
     return 0;
 }
 
+static int grow_pending(struct vn_sig_db *db, struct vn_sig_stream *st)
+{
+    uint32_t cap = st->cap ? st->cap * 2 : 8;
+    size_t add = (size_t)(cap - st->cap) * sizeof *st->pending;
+    if (cap > VN_SIG_PENDING_MAX || db->st.stream_mem + add > db->stream_memcap)
+        return -1;
+    struct pending *p = realloc(st->pending, (size_t)cap * sizeof *p);
+    if (!p)
+        return -1;
+    st->pending = p;
+    st->cap = cap;
+    st->mem += add;
+    db->st.stream_mem += add;
+    return 0;
+}
+
 /* After a scan: decide the pending rules and this scan's candidates over the view; those that
  * cannot be decided yet stay pending (a full list decides the newcomer on the data there is). */
 static void settle_all(struct sctx *c, const uint8_t *chunk, size_t len, int final)
@@ -971,10 +987,14 @@ static void settle_all(struct sctx *c, const uint8_t *chunk, size_t len, int fin
         if (db->seen[ri] != db->gen)
             continue;
         struct pending p = {ri, db->hitat[ri], db->firstat[ri]};
-        int full = st->npending == VN_SIG_PENDING_MAX;
-        if (settle(c, &p, final || full)) {
-            if (full)
-                db->st.pending_evicted++;
+        if (settle(c, &p, final))
+            continue;
+        if (st->npending == st->cap && grow_pending(db, st) < 0) {
+            /* Undecided and no room to wait: flooding a stream with candidates must not be a
+             * way past a rule, so it is reported flagged LIMIT for the caller's policy. */
+            db->st.pending_evicted++;
+            mark_matched(db, st, ri);
+            emit(db, c->o, ri, (int64_t)end, EVAL_LIMIT);
             continue;
         }
         st->pending[st->npending++] = p;
@@ -1050,6 +1070,7 @@ int vn_sig_stream_close(struct vn_sig_db *db, struct vn_sig_stream *st, struct v
     db->st.streams_open--;
     free(st->matched);
     free(st->hist);
+    free(st->pending);
     free(st);
     return rc < 0 ? rc : (int)o.n;
 }

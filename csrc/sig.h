@@ -29,7 +29,7 @@
 #define VN_SIG_MAX_PATTERN 8192
 #define VN_SIG_MAX_LOOKBACK 1048576
 #define VN_SIG_MAX_CHUNK 65536
-#define VN_SIG_PENDING_MAX 32
+#define VN_SIG_PENDING_MAX 1024
 #define VN_SIG_NO_ANCHOR 4294967295
 
 #define VN_SIG_R_DSIZE 1
@@ -88,7 +88,7 @@ struct vn_sig_stats {
     uint64_t matches_lost;       /* matches beyond the caller's output array */
     uint64_t pcre_errors;        /* PCRE2 match limit or error (the match is flagged LIMIT) */
     uint64_t steps_exceeded;     /* confirmations cut at the step limit (flagged LIMIT) */
-    uint64_t pending_evicted;    /* pending candidates decided early: the list was full */
+    uint64_t pending_evicted;    /* undecided candidates with no room to wait (flagged LIMIT) */
     uint64_t pending_expired;    /* pending candidates decided when they left the look-back */
     uint64_t streams_open;
     uint64_t stream_mem;         /* bytes of stream state now allocated */
