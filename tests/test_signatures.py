@@ -627,3 +627,32 @@ def test_closing_a_database_closes_its_streams():
         s.scan(b"c")
     with pytest.raises(ValueError):
         db.open_stream()
+
+
+def test_matcher_under_address_and_undefined_behaviour_sanitizers(tmp_path):
+    """csrc/sig.c built with -fsanitize=address,undefined, driven by tests/c/sig_fuzz.c over
+    the example rules (valid and randomly mutated blobs, blocks and streams of many chunkings):
+    any out-of-bounds access, leak or undefined behaviour aborts it."""
+    import subprocess
+    with open(WEB_RULES) as f:
+        rs = parse_rules(f.read() + "\n" + open(SV_RULES).read(), V, "w")
+    blob = tmp_path / "rules.blob"
+    blob.write_bytes(R.encode([r for r in rs.rules if r.mode == "stream"]))
+    pblob = tmp_path / "packet.blob"
+    pblob.write_bytes(R.encode(rs.rules))
+    data = tmp_path / "data"
+    data.write_bytes(b"GET /default.ida?" + b"N" * 300 + b"%u9090 ${jndi:ldap://x} () { :; }; "
+                     b"../etc/passwd union select \x90" * 3 + b"boundary=abcdefgh\r\n--abcdefgh--abcdefgh"
+                     + bytes(range(256)) * 8)
+    exe = tmp_path / "sig_fuzz"
+    cc = ["gcc", "-O1", "-g", "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-fsanitize=address,undefined",
+          "-fno-sanitize-recover=all", "-I", os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "sig.c"),
+          os.path.join(HERE, "c", "sig_fuzz.c"), "-o", str(exe), "-lhs", "-lpcre2-8"]
+    subprocess.run(cc, check=True)
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=1",
+               UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
+    for b, rounds in ((blob, 300), (pblob, 300)):
+        p = subprocess.run([str(exe), str(b), str(data), "7", str(rounds)], env=env, capture_output=True,
+                           text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert int(p.stdout.split()[1]) > 0
