@@ -584,12 +584,13 @@ static int eval_content(struct ectx *c, uint32_t i, int64_t prev, int64_t maxend
     int truncated = we > end && !v->final;
     if (i == 0 && c->hit_end != INF_POS) {
         /* A resumable rule's item 0 holds its anchor: every occurrence of it is a Hyperscan hit,
-         * so none lies past the last hit, and one still to come brings its own hit. */
+         * so none ends past the last hit (plus what a chopped fast pattern leaves out), and one
+         * still to come brings its own hit. */
         if (ws < c->resume)
             ws = c->resume;
         if (we > c->hit_end)
             we = c->hit_end;
-        truncated = 0;
+        truncated = we > end && !v->final;     /* a chopped hit's content not all here yet */
     }
     int64_t from = ws - v->base, to = (we > end ? end : we) - v->base;
     int nocase = it->flags & VN_SIG_I_NOCASE;
@@ -716,6 +717,9 @@ static int confirm(struct vn_sig_db *db, uint32_t ri, const struct view *v, int6
     if (!r->resumable) {
         resume = 0;
         hit_end = INF_POS;
+    } else if (hit_end != INF_POS) {
+        /* a chopped fast pattern's hit ends before item 0 does */
+        hit_end += (int64_t)r->items[0].len - r->anchor_off - r->anchor_len;
     }
     if (r->flags & VN_SIG_R_DSIZE) {
         int in = v->dsize >= (int64_t)r->dsize_lo && v->dsize <= (int64_t)r->dsize_hi;

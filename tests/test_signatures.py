@@ -479,6 +479,9 @@ def _rule_opts(draw):
         w = draw(_word)
         neg = i > 0 and draw(st.booleans()) and draw(st.booleans())
         parts.append(f'content:{"!" if neg else ""}"{w.decode()}";')
+        if i == 0 and not neg and draw(st.booleans()):
+            off = draw(st.integers(0, len(w) - 1))
+            parts.append(f"fast_pattern:{off},{draw(st.integers(1, len(w) - off))};")
         if draw(st.booleans()):
             parts.append("nocase;")
         kind = draw(st.sampled_from(["none", "abs", "rel"]))
@@ -656,3 +659,12 @@ def test_matcher_under_address_and_undefined_behaviour_sanitizers(tmp_path):
                            text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-3000:]
         assert int(p.stdout.split()[1]) > 0
+
+
+def test_chopped_fast_pattern_of_a_chained_rule():
+    """fast_pattern:offset,length puts only part of item 0 into Hyperscan: its hit ends before
+    the content does, and the confirmation must still see the whole content."""
+    t = 'alert tcp any any -> any any (content:"abcdef"; fast_pattern:1,2; content:"X"; distance:0; sid:1;)'
+    data = b"..abcdef..X.."
+    assert both(t, data) == {1}
+    assert both(t, b"..abcdeX..") == set()
