@@ -668,3 +668,46 @@ def test_chopped_fast_pattern_of_a_chained_rule():
     data = b"..abcdef..X.."
     assert both(t, data) == {1}
     assert both(t, b"..abcdeX..") == set()
+
+
+@st.composite
+def _chained_case(draw):
+    """A chained rule (item 0, maybe with a chopped fast pattern, then relative items) and data
+    that carries its words, so that matches and near misses are common."""
+    words = [draw(st.binary(min_size=2, max_size=5).map(lambda b: bytes(ALPHA[c % 4] for c in b)))
+             for _ in range(draw(st.integers(2, 3)))]
+    parts = [f'content:"{words[0].decode()}";']
+    if draw(st.booleans()):
+        off = draw(st.integers(0, len(words[0]) - 1))
+        parts.append(f"fast_pattern:{off},{draw(st.integers(1, len(words[0]) - off))};")
+    for w in words[1:]:
+        parts.append(f'content:{"!" if draw(st.integers(0, 4)) == 0 else ""}"{w.decode()}"; '
+                     f"distance:{draw(st.integers(0, 3))};")
+        if draw(st.booleans()):
+            parts.append(f"within:{draw(st.integers(len(w), len(w) + 4))};")
+    if draw(st.booleans()):
+        parts.append(f"isdataat:{draw(st.integers(0, 3))},relative;")
+    pieces = draw(st.lists(st.one_of(st.sampled_from(words), st.binary(max_size=3).map(
+        lambda b: bytes(ALPHA[c % 4] for c in b))), max_size=12))
+    return " ".join(parts), b"".join(pieces)
+
+
+@settings(max_examples=400, deadline=None)
+@given(case=_chained_case(), cuts=st.lists(st.integers(1, 4), max_size=60))
+def test_chained_rules_stream_equals_block(case, cuts):
+    opts, data = case
+    rs = parse_rules(f"alert tcp any any -> any any ({opts} sid:1;)", V, "c.rules")
+    if rs.problems or rs.rules[0].mode != "stream":
+        return
+    with SignatureDB(rs.rules, "packet") as b:
+        want = {m.rule.sid for m in b.scan(data)}
+    chunks, left = [], len(data)
+    for c in cuts:
+        if left <= 0:
+            break
+        chunks.append(min(c, left))
+        left -= c
+    if left > 0:
+        chunks.append(left)
+    with SignatureDB(rs.rules, "stream") as s:
+        assert _feed(s, data, chunks) == want
