@@ -456,8 +456,8 @@ struct vn_sig_db *vn_sig_db_build(const uint8_t *blob, size_t len, int mode, uin
     db->st.lookback = lookback;
     struct rd r = {blob, len, 4};
     uint32_t nrules;
-    if (rd_u32(&r, &nrules) || nrules > VN_SIG_MAX_RULES)
-        goto fail;
+    if (rd_u32(&r, &nrules) || nrules > VN_SIG_MAX_RULES || (len - 8) / 32 < nrules)
+        goto fail;                  /* each rule takes at least its 32-byte head */
     db->rules = calloc(nrules ? nrules : 1, sizeof *db->rules);
     db->always = calloc(nrules ? nrules : 1, sizeof *db->always);
     db->cand = calloc(nrules ? nrules : 1, sizeof *db->cand);
