@@ -15,9 +15,16 @@
  * it completes.  A confirmation that cannot be decided yet (a positive item whose window reaches
  * past the data, a negated item whose window is not complete, isdataat beyond the data) leaves the
  * rule *pending*: it is confirmed again after each chunk until it is decided, and decided on the
- * data there is once its anchor hit leaves the look-back (or the stream closes).  Every length and
- * offset from the blob and from callers is checked; memory is bounded by the build caps and the
- * per-database stream memcap.
+ * data there is once its anchor hit leaves the look-back (or the stream closes).  A *resumable*
+ * rule (anchor = item 0, everything else after it) is re-confirmed only from its first undecided
+ * occurrence of item 0, so a fast pattern that traffic carries all the time does not make each
+ * chunk re-search the whole look-back.
+ *
+ * Never fail open on cost: a confirmation cut short by PCRE2's match limit or EVAL_STEPS_MAX, and
+ * an undecided candidate with no room left on its stream's pending list, are reported as matches
+ * flagged VN_SIG_F_LIMIT for the caller's exception policy.  Every length and offset from the blob
+ * and from callers is checked; memory is bounded by the build caps and the per-database stream
+ * memcap.
  */
 #define _GNU_SOURCE
 #include "sig.h"
@@ -558,9 +565,8 @@ struct ectx {
 
 static int eval_items(struct ectx *c, uint32_t i, int64_t prev, int64_t maxend);
 
-/* The stream window [ws, we) an item searches, with `truncated` when it reaches past the data. */
-static void item_window(const struct sig_item *it, const struct view *v, int64_t prev, int64_t *ws,
-                        int64_t *we)
+/* The stream window [ws, we) a content searches (INF_POS: no end). */
+static void item_window(const struct sig_item *it, int64_t prev, int64_t *ws, int64_t *we)
 {
     if (it->flags & (VN_SIG_I_RELATIVE | VN_SIG_I_DISTANCE | VN_SIG_I_WITHIN)) {
         int64_t d = (it->flags & VN_SIG_I_DISTANCE) ? it->distance : 0;
@@ -572,7 +578,6 @@ static void item_window(const struct sig_item *it, const struct view *v, int64_t
         *ws = (it->flags & VN_SIG_I_OFFSET) ? it->offset : 0;
         *we = (it->flags & VN_SIG_I_DEPTH) ? *ws + it->depth : INF_POS;
     }
-    (void)v;
 }
 
 static int eval_content(struct ectx *c, uint32_t i, int64_t prev, int64_t maxend)
@@ -580,7 +585,7 @@ static int eval_content(struct ectx *c, uint32_t i, int64_t prev, int64_t maxend
     const struct sig_item *it = &c->r->items[i];
     const struct view *v = c->v;
     int64_t ws, we, end = v->base + v->len;
-    item_window(it, v, prev, &ws, &we);
+    item_window(it, prev, &ws, &we);
     int truncated = we > end && !v->final;
     if (i == 0 && c->hit_end != INF_POS) {
         /* A resumable rule's item 0 holds its anchor: every occurrence of it is a Hyperscan hit,
