@@ -711,3 +711,38 @@ def test_chained_rules_stream_equals_block(case, cuts):
         chunks.append(left)
     with SignatureDB(rs.rules, "stream") as s:
         assert _feed(s, data, chunks) == want
+
+
+_RULE_CHARS = st.sampled_from(list('alertcpudiny$HOME_NET0123456789.:/,![]-><();"|\\ #\n\tkonsmgd=') +
+                              ['content', 'pcre', 'sid', 'msg', 'nocase', 'depth', 'within', 'flow',
+                               'isdataat', 'dsize', 'fast_pattern', '"/a(b)\\1/R"', '|0d 0a|'])
+
+
+@settings(max_examples=500, deadline=None)
+@given(chunks=st.lists(_RULE_CHARS, max_size=80), prefix=st.sampled_from(
+    ["", "alert tcp any any -> any any (", "drop udp $HOME_NET any <> [1.2.3.4,!5.6.7.8] 53 ("]))
+def test_hostile_rule_text_never_crashes_the_parser(chunks, prefix):
+    """Whatever a rule file holds: problems with a line number, never an exception; and what is
+    accepted compiles (or is reported) in C."""
+    text = prefix + "".join(chunks)
+    rs = parse_rules(text, V, "f.rules")
+    assert all(p.line >= 1 for p in rs.problems)
+    for (mode, _, _), group in rs.groups().items():
+        with SignatureDB(group, mode) as db:
+            if mode == "stream":
+                s = db.open_stream()
+                s.scan(text.encode(errors="replace"))
+                s.close()
+            else:
+                db.scan(text.encode(errors="replace"))
+
+
+def test_an_unterminated_option_is_refused_in_linear_time():
+    """A backtracking regex once took exponential time on an option without its ';' (found by
+    the hostile-text property test): a rule file must not be able to hang a policy load."""
+    import time
+    for body in ('content:"' + "a" * 60000, "msg:" + "\\;" * 30000 + "x", ";" * 30000 + "x" * 30000):
+        t = time.monotonic()
+        with pytest.raises(RuleError):
+            parse_rule(f"alert tcp any any -> any any ({body})", V)
+        assert time.monotonic() - t < 2
