@@ -597,6 +597,8 @@ def test_cli_rules_check(tmp_path, capsys):
     assert main(["rules", "check", WEB_RULES, "--home-net", "10.0.0.2"]) == 0
     assert capsys.readouterr().out.strip() == "10 rules accepted (1 packet, 9 stream), 0 skipped"
     assert main(["rules", "check", str(tmp_path / "missing.rules")]) == 2
+    assert main(["rules", "check", str(f), "--vars", "$WEB=[80,81]"]) == 1
+    assert "1 rule accepted" in capsys.readouterr().out
     assert main(["rules", "check", str(f)]) == 1          # $WEB undefined: a problem at line 1
     assert "a.rules:1: sid 1: $WEB: undefined variable" in capsys.readouterr().out
 

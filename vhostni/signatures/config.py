@@ -118,7 +118,7 @@ def add_arguments(p) -> None:
     c = sub.add_parser("check", help="parse and compile rule files; list every rule that cannot be "
                                      "enforced exactly, with file:line and why")
     c.add_argument("files", nargs="+", metavar="FILE")
-    c.add_argument("--var", action="append", default=[], metavar="NAME=VALUE",
+    c.add_argument("--var", "--vars", action="append", default=[], metavar="NAME=VALUE",
                    help="a rule variable, e.g. HOME_NET=[10.0.0.0/24] (repeatable)")
     c.add_argument("--home-net", action="append", default=[], metavar="CIDR",
                    help="the NI's own addresses, the default of $HOME_NET (repeatable; "
