@@ -20,5 +20,7 @@ $SUDO apt-get install -y -q --no-install-recommends \
 # ClamAV's clamd, the real engine behind the e-mail scanner (tests/test_email_scanner.py
 # starts its own clamd offline with a signature database it writes: no freshclam needed)
 $SUDO apt-get install -y -q --no-install-recommends clamav-daemon
+# Hyperscan and PCRE2: the signature matcher (csrc/sig.c, the payload stage) links -lhs -lpcre2-8
+$SUDO apt-get install -y -q --no-install-recommends libhyperscan-dev libpcre2-dev
 # Python packages go into the project's own venv (`make venv`, run by `make deps`), never into the
 # system interpreter: Debian's python3 refuses that (PEP 668).

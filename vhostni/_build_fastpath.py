@@ -1,7 +1,8 @@
 """cffi build of the C fast path in csrc/ into the extension module vhostni._fastpath.
 
-The cdef is read from csrc/vhostni.h between its VN_CDEF markers, so the C header is the
-single source of the Python-visible API.
+The cdef is read from csrc/vhostni.h and csrc/sig.h between their VN_CDEF markers, so the C
+headers are the single source of the Python-visible API.  sig.c (the signature matcher) links
+Debian's Hyperscan (-lhs) and PCRE2 (-lpcre2-8).
 
 Every build compiles with -Wall -Wextra -Werror: a warning in csrc/ fails the build.  The flags
 apply to cffi's generated wrapper too (one extension, one set of flags); that wrapper compiles
@@ -23,7 +24,9 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CSRC = os.path.join(ROOT, "csrc")
-SOURCES = ["mem.c", "vring.c", "offload.c", "parse.c", "antispoof.c", "policy.c", "tcp.c", "switch.c"]
+SOURCES = ["mem.c", "vring.c", "offload.c", "parse.c", "antispoof.c", "policy.c", "tcp.c", "switch.c",
+           "sig.c"]
+HEADERS = ["vhostni.h", "sig.h"]
 CFLAGS = ["-O2", "-g", "-std=gnu11", "-Wall", "-Wextra", "-Werror"]
 # -fno-sanitize-recover: undefined behaviour aborts like a memory error does, so a test run
 # cannot pass over it with a line on stderr nobody reads
@@ -31,12 +34,14 @@ SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "
 
 
 def _cdef() -> str:
-    with open(os.path.join(CSRC, "vhostni.h")) as f:
-        text = f.read()
-    body = re.search(r"/\* VN_CDEF_BEGIN \*/(.*)/\* VN_CDEF_END \*/", text, re.S).group(1)
-    body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
-    # cffi wants '#define NAME VALUE' with plain integer values, which these are
-    return body
+    parts = []
+    for header in HEADERS:
+        with open(os.path.join(CSRC, header)) as f:
+            text = f.read()
+        body = re.search(r"/\* VN_CDEF_BEGIN \*/(.*)/\* VN_CDEF_END \*/", text, re.S).group(1)
+        # cffi wants '#define NAME VALUE' with plain integer values, which these are
+        parts.append(re.sub(r"/\*.*?\*/", "", body, flags=re.S))
+    return "\n".join(parts)
 
 
 def builder(sanitize: bool = False) -> FFI:
@@ -47,12 +52,13 @@ def builder(sanitize: bool = False) -> FFI:
     ffi.cdef(_cdef())
     ffi.set_source(
         "vhostni._fastpath_asan" if sanitize else "vhostni._fastpath",
-        '#include "vhostni.h"',
+        '#include "vhostni.h"\n#include "sig.h"',
         sources=[path(os.path.join(CSRC, s)) for s in SOURCES],
         include_dirs=[path(CSRC)],
+        libraries=["hs", "pcre2-8"],
         extra_compile_args=CFLAGS + (SANITIZE_FLAGS if sanitize else []),
         extra_link_args=SANITIZE_FLAGS if sanitize else [],
-        depends=[path(os.path.join(CSRC, h)) for h in ("vhostni.h", "vn_internal.h")],
+        depends=[path(os.path.join(CSRC, h)) for h in (*HEADERS, "vn_internal.h")],
     )
     return ffi
 

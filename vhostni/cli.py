@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build the test guest's kernel and busybox initramfs from Debian packages, with "
                     "vhostni's guest programs (worm, dnsd, minimail) and your own --add files and --hook "
                     "scripts.  Nothing is installed on the host; an up-to-date build does nothing."))
+    from .signatures.config import add_arguments as add_rules_arguments
+    add_rules_arguments(sub.add_parser(
+        "rules", help="Suricata-syntax signature rules: `rules check FILE...` lists what cannot be enforced"))
     return p
 
 
@@ -211,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "images":
         from .images import run_build
         return run_build(args)
+    if args.command == "rules":
+        from .signatures.config import main as rules_main
+        return rules_main(args)
     return 2
 
 

@@ -380,6 +380,7 @@ class Policy:
     source: Optional[str] = None
     quarantine_allow: list[Match] = field(default_factory=list)   # [quarantine] allow
     on_alert: str = "none"       # containment when a scanner of this NI alerts (ON_ALERT)
+    signatures: Optional[Any] = None    # [signatures]: a vhostni.signatures.config.SignatureConfig
     doc: Optional[dict] = None      # the document it was parsed from (what ni-get-policy shows)
 
     def compile(self, subs: list[tuple[Match, bool]] = (),
@@ -537,7 +538,7 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
     if wire.depth(d, DOC_MAX_DEPTH) > DOC_MAX_DEPTH:
         raise PolicyError("", f"nested deeper than {DOC_MAX_DEPTH} levels (a scanner's config "
                               f"at most {wire.MAX_DEPTH - 1})")
-    _check_keys(d, {"ni", "prevent", "scanner", "quarantine", "comment"}, "")
+    _check_keys(d, {"ni", "prevent", "scanner", "quarantine", "signatures", "comment"}, "")
     p = Policy(source=source, doc=copy.deepcopy(d))
     ni = _want(d, "ni", "", dict, {})
     _check_keys(ni, {"mac", "addresses", "anti_spoof", "hold_timeout_ms", "default_decision",
@@ -682,6 +683,12 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
         if why:
             raise PolicyError(f"{w}.config", why)
         p.scanners.append(spec)
+    if "signatures" in d:
+        from .signatures.config import SignatureConfigError, parse_section
+        try:
+            p.signatures = parse_section(d["signatures"], base, p.addresses)
+        except SignatureConfigError as exc:
+            raise PolicyError(exc.where, str(exc)) from None
     return p
 
 

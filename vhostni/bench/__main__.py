@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import frameloop, guest_tcp, scanners, streams
+from . import frameloop, guest_tcp, scanners, signatures, streams
 from .backends import DpdkVhostBackend, VhostniBackend, vhostni_unavailable_reason
 from .testpmd import dpdk_version, reap_stale, testpmd_binary
 
@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="bench/out/results.json", help="JSON results file")
     p.add_argument("--logdir", default=None, help="process logs (default: <out dir>/logs)")
-    p.add_argument("--only", choices=("frameloop", "guest-tcp", "scanners", "streams"), help="run one part only")
+    p.add_argument("--only", choices=("frameloop", "guest-tcp", "scanners", "streams", "signatures"), help="run one part only")
     p.add_argument("--no-vhostni", action="store_true", help="baseline only")
     g = p.add_argument_group("frame loop")
     g.add_argument("--sizes", default="64,1518", help="frame sizes, comma separated")
@@ -83,6 +83,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--email-rounds", type=int, default=3, help="e-mail latency rounds")
     r.add_argument("--email-messages", type=int, default=50, help="messages per kind, configuration and round")
     r.add_argument("--email-attachment", type=int, default=16384, help="attachment size, bytes (before base64)")
+    sg = p.add_argument_group("signatures (the payload stage's matcher, host-side, one process)")
+    sg.add_argument("--sig-rules", type=int, default=1500, help="never-matching rules")
+    sg.add_argument("--sig-pcre-share", type=float, default=0.1, help="share of rules with a pcre")
+    sg.add_argument("--sig-near-share", type=float, default=0.02,
+                    help="share of rules whose fast pattern the data carries (confirmations run)")
+    sg.add_argument("--sig-mbytes", type=int, default=64, help="MiB scanned per round")
+    sg.add_argument("--sig-streams", type=int, default=16)
+    sg.add_argument("--sig-rounds", type=int, default=5)
+    sg.add_argument("--sig-compile-rules", type=int, default=10000, help="rules for the compile-time figure")
     return p.parse_args(argv)
 
 
@@ -195,6 +204,9 @@ def report(results: dict) -> str:
     st = results.get("streams")
     if st:
         lines += streams.report_lines(st)
+    for key in ("signatures", "signatures_never_hit"):
+        if results.get(key):
+            lines += signatures.report_lines(results[key])
     return "\n".join(lines)
 
 
@@ -284,6 +296,18 @@ def main(argv=None) -> int:
                 email_messages=args.email_messages, attachment_bytes=args.email_attachment)
             results["streams"] = streams.run_streams(stcfg, progress=lambda m: print(m, flush=True))
             save()
+        if args.only in (None, "signatures"):
+            sgcfg = signatures.SigBenchConfig(
+                rules=args.sig_rules, pcre_share=args.sig_pcre_share, near_share=args.sig_near_share,
+                mbytes=args.sig_mbytes, streams=args.sig_streams, rounds=args.sig_rounds,
+                compile_rules=args.sig_compile_rules)
+            results["signatures"] = signatures.run_signatures(sgcfg, progress=lambda m: print(m, flush=True))
+            save()
+            if args.sig_near_share:     # and the case: no fast pattern ever in the data
+                sgcfg.near_share, sgcfg.compile_rules = 0.0, 0
+                results["signatures_never_hit"] = signatures.run_signatures(
+                    sgcfg, progress=lambda m: print(m, flush=True))
+                save()
     except (KeyboardInterrupt, Interrupted) as exc:
         results["interrupted"] = str(exc) or "KeyboardInterrupt"
         print(f"interrupted ({results['interrupted']}); partial results saved", file=sys.stderr)

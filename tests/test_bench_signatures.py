@@ -1,0 +1,23 @@
+"""The signature bench (vhostni/bench/signatures.py) runs, and its rules never match its data."""
+from vhostni.bench import signatures as sb
+from vhostni.bench.__main__ import report
+from vhostni.signatures.engine import SignatureDB
+from vhostni.signatures.rules import Vars, parse_rules
+
+
+def test_signature_bench_small_run():
+    r = sb.run_signatures(sb.SigBenchConfig(rules=300, mbytes=1, rounds=1, compile_rules=400),
+                          progress=lambda m: None)
+    assert r["status"] == "ran", r
+    assert r["engine_gbit_median"] > 0 and r["hyperscan_gbit_median"] > 0
+    assert r["anchor_hits"] > 0                        # the near rules' fast patterns are in the data
+    assert r["compile_rules"] == 400
+    text = report({"signatures": r})
+    assert "engine/Hyperscan" in text and "compile 400 rules" in text
+
+
+def test_bench_rules_never_match_in_block_mode_either():
+    rs = parse_rules(sb.make_rules(300, 0.1, 0.05), Vars(home=["10.0.0.2"]), "b")
+    assert not rs.problems and rs.accepted == 300
+    with SignatureDB(rs.rules, "packet") as db:
+        assert db.scan(sb.make_data(1 << 20)) == []
