@@ -1298,6 +1298,18 @@ class NIKernel:
         for sp in self.scanners.values():
             sp.start()
         self.check_ready(time.monotonic())
+        self.note_signatures()
+
+    def note_signatures(self) -> None:
+        """A policy's [signatures] are parsed and compiled but not yet matched in the data
+        path: say so loudly (log and alert log), so no administrator takes them for a wall."""
+        sig = self.policy.signatures
+        if sig is not None:
+            log.warning("NI %s: %d signature rules loaded but NOT enforced: the in-line "
+                        "payload stage is not in this version", self.name, sig.ruleset.accepted)
+            self.kernel.alerts.append(self.name, None, "signature rules loaded but not enforced "
+                                      "(the in-line payload stage is not in this version)",
+                                      rules=sig.ruleset.accepted, skipped=sig.ruleset.skipped)
 
     def _not_ready(self) -> frozenset:
         return frozenset(n for n, sp in self.scanners.items() if not sp.ready)
@@ -1431,6 +1443,7 @@ class NIKernel:
             s.match.within(r.match) and (r.contain or not s.contain)
             for r in old[s.scanner].spec.stream_rights)]
         self.apply()
+        self.note_signatures()
 
     # ---- held frames
     def punted(self, p) -> None:
