@@ -159,3 +159,47 @@ def test_bad_metrics_address_is_a_clear_error(workdir):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "expected tcp:HOST:PORT" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_stranger_cannot_exhaust_the_endpoint():
+    """Connections that send nothing are bounded in number (more are closed at once) and in
+    time; a scrape still gets through afterwards, and tight scraping shares snapshots."""
+    import socket as sk
+    from vhostni import metrics
+
+    class FakeDaemon:
+        calls = 0
+
+        def call_soon(self, fn):
+            fn()
+
+        def stats(self):
+            FakeDaemon.calls += 1
+            return {"alerts": 0, "nis": {}}
+
+    srv = metrics.MetricsServer(FakeDaemon(), "tcp:127.0.0.1:0")
+    try:
+        host, port = srv.address
+        idle = [sk.create_connection((host, port)) for _ in range(metrics.MAX_CLIENTS + 20)]
+        wait_until(lambda: srv.server.refused >= 20, 5, "connections past the cap refused")
+        import threading as th
+        assert sum(t.name.startswith("Thread") for t in th.enumerate()) <= metrics.MAX_CLIENTS + 2
+        # the idle ones still open: their deadline frees the slots (slowloris)
+        text = wait_until(lambda: _try_scrape(f"http://{host}:{port}/metrics"),
+                          metrics.CLIENT_TIMEOUT_S + 10, "a scrape once the idle ones timed out")
+        for c in idle:
+            c.close()
+        assert "vhostni_alerts_total" in text
+        for _ in range(20):
+            _try_scrape(f"http://{host}:{port}/metrics")
+        assert FakeDaemon.calls <= 3
+    finally:
+        srv.close()
+
+
+def _try_scrape(url):
+    try:
+        with urllib.request.urlopen(url, timeout=3) as r:
+            return r.read().decode()
+    except OSError:
+        return None

@@ -16,12 +16,57 @@ import threading
 import time
 from typing import Callable, Iterable, Optional
 
-from prometheus_client import CollectorRegistry, start_http_server
+import socket
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 log = logging.getLogger("vhostni")
 
 SCRAPE_WAIT_S = 2.0
+SNAPSHOT_MIN_AGE_S = 1.0     # scrapes closer together than this share one snapshot
+MAX_CLIENTS = 8              # HTTP connections served at once; more are closed at once
+CLIENT_TIMEOUT_S = 5.0       # a client that sends nothing (slowloris) is dropped after this
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, *args) -> None:     # one line per scrape on stderr helps nobody
+        pass
+
+
+class _BoundedServer(ThreadingMixIn, WSGIServer):
+    """A thread per connection, but at most MAX_CLIENTS of them, each with a deadline: a
+    stranger who can reach the port cannot grow the daemon's threads or memory without bound
+    (the endpoint has no authentication: bind it to loopback or a management network)."""
+    daemon_threads = True
+    refused = 0
+
+    def server_activate(self) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        super().server_activate()
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        request.settimeout(CLIENT_TIMEOUT_S)
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self._slots.release()
+            raise
+
+    def handle_error(self, request, client_address) -> None:
+        pass      # a client that timed out or went away: nothing for the daemon's log
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 # port counters that are not monotonic
 _PORT_GAUGES = {"backlog_max": "deepest receive backlog seen"}
@@ -185,11 +230,21 @@ class MetricsServer:
         self._lock = threading.Lock()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(DaemonCollector(self._snapshot))
-        self.server, self.thread = start_http_server(port, addr=host, registry=self.registry)
+        server_class = type("MetricsServer", (_BoundedServer,), {
+            "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
+        self.server = make_server(host, port, make_wsgi_app(self.registry), server_class,
+                                  handler_class=_QuietHandler)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="vhostni-metrics",
+                                       daemon=True)
+        self.thread.start()
+        self._taken = 0.0
         self.address = self.server.server_address[:2]
         log.info("metrics on http://%s:%d/metrics", host, self.address[1])
 
     def _snapshot(self) -> tuple[Optional[dict], bool]:
+        with self._lock:      # scrapes in a tight loop cost the data plane one snapshot a second
+            if self._last is not None and time.monotonic() - self._taken < SNAPSHOT_MIN_AGE_S:
+                return self._last, False
         done = threading.Event()
         box: list = []
 
@@ -202,7 +257,7 @@ class MetricsServer:
         self.daemon.call_soon(take)
         if done.wait(SCRAPE_WAIT_S) and box:
             with self._lock:
-                self._last = box[0]
+                self._last, self._taken = box[0], time.monotonic()
             return box[0], False
         with self._lock:
             return self._last, True
