@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from nibench import Bench
+from nibench import Bench, Request, vu
 from nikit import A_MAC, B_MAC, policy, tcp_frame, udp_frame, write_policy
 from vhostni.fastpath import ISOLATE_QUARANTINE
 from vhostni.metrics import DaemonCollector
@@ -44,6 +44,16 @@ def rx_all(drv, pairs: int, count: int = 64) -> dict[int, list[bytes]]:
     """Frames waiting on each receive queue (by pair)."""
     return {qp: [f for _, f in drv.recv_frames(timeout=0, queue=2 * qp, count=count)]
             for qp in range(pairs)}
+
+
+def test_device_offers_mq(make_bench):
+    """QEMU clears VIRTIO_NET_F_MQ from what the guest sees unless the backend offers it:
+    PROTOCOL_F_MQ and GET_QUEUE_NUM alone leave a guest with one queue pair."""
+    bench = make_bench()
+    a = bench.connect("a", queue_pairs=2)
+    assert a.frontend.call(Request.GET_FEATURES).value & (1 << vu.VIRTIO_NET_F_MQ)
+    assert a.frontend.protocol_features & vu.ProtocolFeature.MQ
+    assert a.frontend.call(Request.GET_QUEUE_NUM).value == 8
 
 
 def test_queue_counters_count_each_pair(make_bench):
