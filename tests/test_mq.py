@@ -188,3 +188,18 @@ def test_queue_metrics():
     assert samples[("vhostni_ni_queue_ready", (("ni", "vm1"), ("queue", "1")))] == 0
     assert samples[("vhostni_ni_frames_total", (("direction", "in"), ("ni", "vm1")))] == 5
     assert not any(n.startswith("vhostni_ni_queues") for n, _ in samples)
+
+
+def test_queue_stats_refuse_bad_calls():
+    """The C accessor takes no count past its queues and no port without rings."""
+    from vhostni.fastpath import MAX_QUEUES, Switch, ffi, lib
+    with Switch() as sw:
+        p = sw.add_vhost_port()
+        sink = sw.add_sink_port()
+        out = ffi.new("struct vn_queue_stats[]", MAX_QUEUES + 1)
+        assert lib.vn_port_queue_stats(sw._sw, p.index, out, MAX_QUEUES + 1) == lib.VN_EINVAL
+        assert lib.vn_port_queue_stats(sw._sw, sink.index, out, 2) == lib.VN_ENOPORT
+        assert lib.vn_port_queue_stats(sw._sw, 99, out, 2) == lib.VN_ENOPORT
+        assert lib.vn_port_queue_stats(sw._sw, -1, out, 2) == lib.VN_ENOPORT
+        assert lib.vn_port_queue_stats(sw._sw, p.index, out, MAX_QUEUES) == MAX_QUEUES
+        assert p.queue_stats() == []          # no ring configured, nothing carried
