@@ -89,6 +89,8 @@ def _used(pairs: list[dict], before: list[dict], key: str) -> list[int]:
 
 
 def _set_channels(g, n: int) -> str:
+    out, status = g.run("command -v ethtool")
+    assert status == 0, "no ethtool in the guest image: it is stale, run `make images`"
     g.check(f"ethtool -L eth0 combined {n}")
     out = g.check("ethtool -l eth0; ls /sys/class/net/eth0/queues")
     assert f"rx-{n - 1}" in out and f"rx-{n}" not in out, out
