@@ -203,3 +203,43 @@ def test_queue_stats_refuse_bad_calls():
         assert lib.vn_port_queue_stats(sw._sw, -1, out, 2) == lib.VN_ENOPORT
         assert lib.vn_port_queue_stats(sw._sw, p.index, out, MAX_QUEUES) == MAX_QUEUES
         assert p.queue_stats() == []          # no ring configured, nothing carried
+
+
+def test_a_connection_spread_over_every_queue_is_one_held_stream(kits):
+    """Each end puts its segments round-robin on its 4 transmit queues (and the NI picks the
+    receive queues): the scanner still sees one in-order stream each way and holds it, the
+    receivers get exactly the bytes sent, and the prevent rule drops on every queue."""
+    from test_streams import FROM, TO, decider, got_payload, reports, seen
+    from tcpkit import ACK, FIN, Conn
+    scanners = [decider(mode="pass", report=True)]
+    k = kits({"a": policy(scanners=scanners, hold_timeout_ms=5000, prevent=[
+        {"direction": "from_guest", "proto": "tcp", "dport": 26}])}, queue_pairs=4)
+    k.wait_alert("ready", "a", "sd")
+    c = Conn(k)
+    c.open()
+    client = [bytes([i]) * (100 + 50 * i) for i in range(12)]
+    server = [b"%d ok\r\n" % i for i in range(8)]
+    k.send("a", *[c.data("a", m) for m in client])
+    k.send("b", *[c.data("b", m) for m in server])
+    want_a, want_b = b"".join(server), b"".join(client)
+    assert got_payload(k, "b", len(want_b)) == want_b
+    assert got_payload(k, "a", len(want_a)) == want_a
+    k.until(lambda: len(seen(k, FROM)) == len(want_b) and len(seen(k, TO)) == len(want_a),
+            what="the scanner's reports")
+    assert seen(k, FROM) == want_b and seen(k, TO) == want_a
+    assert len(reports(k, "open")) == 1
+    c.send("a", c.data("a", b"", flags=ACK | FIN))
+    c.send("b", c.data("b", b"", flags=ACK | FIN))
+    c.send("a", c.segment("a", ACK))
+    k.until(lambda: reports(k, "close"), what="the close")
+    assert reports(k, "close")[0]["reason"] == "fin"
+    st = k.stats("a")
+    assert st["tcp_held_segments"] >= len(client) and st["tcp_conflict"] == 0
+    qa = k.daemon.nis["a"].port.queue_stats()
+    assert all(q["in_frames"] >= 3 for q in qa), qa              # every TX queue carried the stream
+    assert sum(q["out_frames"] > 0 for q in qa) >= 1
+    # the prevent rule, on every queue
+    k.send("a", *[tcp_frame("a", "b", sport=45000 + i, dport=26) for i in range(4)])
+    assert [q["in_frames"] for q in k.daemon.nis["a"].port.queue_stats()] == \
+        [q["in_frames"] + 1 for q in qa]
+    assert k.stats("a")["drop_prevented"] == 4
