@@ -73,7 +73,7 @@ test: build images test-sanitize
 # when the process aborts); any report fails the target, even one from a subprocess (the
 # daemon some tests start) whose test passed.
 SANITIZE_CC ?= gcc
-SANITIZE_TESTS ?= tests/test_hostile_driver.py tests/test_vdriver.py tests/test_backend.py \
+SANITIZE_TESTS ?= tests/test_hostile_driver.py tests/test_vdriver.py tests/test_backend.py tests/test_mq.py \
 	tests/test_tcp_reassembly.py tests/test_stream_edit.py tests/test_policy.py tests/test_replay.py
 SANITIZE_LOGS ?= test-logs/sanitize
 SANITIZE_ENV = VHOSTNI_SANITIZE=1 LD_PRELOAD=$$($(SANITIZE_CC) -print-file-name=libasan.so) \

@@ -279,6 +279,31 @@ const struct vn_port_stats *vn_port_stats(struct vn_switch *sw, int port)
     return p ? &p->st : NULL;
 }
 
+int vn_port_queue_stats(struct vn_switch *sw, int port, struct vn_queue_stats *out, unsigned n)
+{
+    struct vn_port *p = port_get(sw, port);
+    if (!p || p->kind != VN_PORT_VHOST)
+        return VN_ENOPORT;
+    if (n > VN_MAX_QUEUES)
+        return VN_EINVAL;
+    for (unsigned q = 0; q < n; q++) {
+        out[q].frames = p->qst[q].frames;
+        out[q].bytes = p->qst[q].bytes;
+        out[q].num = p->vq[q].num;
+        out[q].ready = (uint8_t)vn_vq_ready(p, &p->vq[q]);
+    }
+    return (int)n;
+}
+
+/* Counts a frame put on a receive queue of p (per port and per queue). */
+static inline void count_rx(struct vn_port *p, const struct vn_vq *vq, uint32_t len)
+{
+    p->st.out_frames++;
+    p->st.out_bytes += len;
+    p->qst[vq - p->vq].frames++;
+    p->qst[vq - p->vq].bytes += len;
+}
+
 int vn_port_broken(struct vn_switch *sw, int port)
 {
     struct vn_port *p = port_get(sw, port);
@@ -561,10 +586,27 @@ static struct vn_vq *rx_queue(struct vn_port *p, const struct vn_pkt *pkt)
         return NULL;
     if (n == 1 || pkt->len < 34)
         return cand[0];
-    /* FNV-1a over the IPv4 addresses (bytes 26..33 of an untagged frame): one flow, one queue */
+    /* FNV-1a over the addresses and, for TCP and UDP, the ports of an untagged frame: one
+     * flow, one queue, and the connections between two hosts spread over the pairs.  A
+     * fragment hashes without ports, so every fragment of a datagram takes one queue. */
+    const uint8_t *d = pkt->data;
+    uint16_t type = (uint16_t)(d[12] << 8 | d[13]);
+    unsigned lo = 26, hi = 34, l4 = 0;
+    if (type == 0x0800) {
+        unsigned ihl = (d[14] & 0x0f) * 4u;
+        if ((d[23] == 6 || d[23] == 17) && !(d[20] & 0x3f) && !d[21] && ihl >= 20)
+            l4 = 14 + ihl;
+    } else if (type == 0x86dd && pkt->len >= 54) {
+        lo = 22, hi = 54;
+        if (d[20] == 6 || d[20] == 17)
+            l4 = 54;
+    }
     uint32_t h = 2166136261u;
-    for (unsigned i = 26; i < 34; i++)
-        h = (h ^ pkt->data[i]) * 16777619u;
+    for (unsigned i = lo; i < hi; i++)
+        h = (h ^ d[i]) * 16777619u;
+    if (l4 && pkt->len >= l4 + 4)
+        for (unsigned i = l4; i < l4 + 4; i++)
+            h = (h ^ d[i]) * 16777619u;
     return cand[(h ^ (h >> 16)) % n];
 }
 
@@ -595,22 +637,24 @@ static int backlog_flush(struct vn_switch *sw, struct vn_port *p)
     while (p->bl_count) {
         struct vn_backlog_frame *f = p->backlog[p->bl_head];
         struct vn_vq *vq = NULL;
-        for (unsigned qp = 0; qp < VN_MAX_QUEUE_PAIRS && !vq; qp++)
-            if (vn_vq_ready(p, &p->vq[2 * qp]))
-                vq = &p->vq[2 * qp];
-        if (!vq)
-            return 0;
-        int r = vn_vq_push_rx(sw, p, vq, &f->hdr, f->data, f->len);
-        if (r == VN_PUSH_NOBUF) {
-            vn_vq_notify_enable(p, vq, 1);
-            /* buffers may have arrived between our look and the flag */
-            r = vn_vq_push_rx(sw, p, vq, &f->hdr, f->data, f->len);
-            if (r == VN_PUSH_NOBUF)
-                return 0;
-        }
+        int r = VN_PUSH_NOBUF;
+        /* the first enabled receive queue with a buffer (with MQ, one pair's ring may be full
+         * while another's has room); if none has one, ask each for a kick and look once more:
+         * buffers may have arrived between our look and the flag */
+        for (int pass = 0; pass < 2 && r == VN_PUSH_NOBUF; pass++)
+            for (unsigned qp = 0; qp < VN_MAX_QUEUE_PAIRS && r == VN_PUSH_NOBUF; qp++) {
+                struct vn_vq *c = &p->vq[2 * qp];
+                if (!vn_vq_ready(p, c))
+                    continue;
+                if (pass)
+                    vn_vq_notify_enable(p, c, 1);
+                vq = c;
+                r = vn_vq_push_rx(sw, p, c, &f->hdr, f->data, f->len);
+            }
+        if (r == VN_PUSH_NOBUF)
+            return 0;     /* no enabled queue (vq NULL), or no buffer on any */
         if (r == VN_PUSH_OK) {
-            p->st.out_frames++;
-            p->st.out_bytes += f->len;
+            count_rx(p, vq, f->len);
         } else if (r == VN_PUSH_TOOBIG) {
             p->st.drop_oversize++;
         } else {
@@ -727,8 +771,7 @@ static void deliver_final(struct vn_switch *sw, int port, struct vn_pkt *pkt)
     if (p->bl_count == 0) {
         int r = vn_vq_push_rx(sw, p, vq, &h, pkt->data, pkt->len);
         if (r == VN_PUSH_OK) {
-            p->st.out_frames++;
-            p->st.out_bytes += pkt->len;
+            count_rx(p, vq, pkt->len);
             return;
         }
         if (r == VN_PUSH_TOOBIG) {
@@ -744,8 +787,7 @@ static void deliver_final(struct vn_switch *sw, int port, struct vn_pkt *pkt)
         vn_vq_notify_enable(p, vq, 1);
         r = vn_vq_push_rx(sw, p, vq, &h, pkt->data, pkt->len);
         if (r == VN_PUSH_OK) {
-            p->st.out_frames++;
-            p->st.out_bytes += pkt->len;
+            count_rx(p, vq, pkt->len);
             return;
         }
         if (r != VN_PUSH_NOBUF) {
@@ -836,6 +878,7 @@ static int service_tx(struct vn_switch *sw, int port, struct vn_vq *vq, int poll
 {
     struct vn_port *p = &sw->ports[port];
     int done = 0, dropped = 0;
+    struct vn_qcount *qs = &p->qst[vq - p->vq];
     /* polling or not, no kicks while we are on it (polling: never re-armed below) */
     vn_vq_notify_enable(p, vq, 0);
     for (;;) {
@@ -853,8 +896,11 @@ static int service_tx(struct vn_switch *sw, int port, struct vn_vq *vq, int poll
         if (vq->call_pending) {
             vn_vq_publish_used(vq);
         }
-        for (unsigned i = 0; i < n; i++)
+        for (unsigned i = 0; i < n; i++) {
+            qs->bytes += sw->batch[i].len;   /* before forward: it may segment in place */
             forward(sw, port, &sw->batch[i]);
+        }
+        qs->frames += n;
         done += n;
         vn_signal_all(sw);
         if (p->broken) {

@@ -157,6 +157,18 @@ struct vn_port_stats {
                                     a switch never sends a frame back where it came from */
 };
 
+/* What one virtqueue of a vhost port carried (vn_port_queue_stats): queue 2i is pair i's
+ * receive queue (frames the switch delivered to the guest), 2i+1 its transmit queue (frames
+ * the guest sent, as popped, before any check).  With VIRTIO_NET_F_MQ a guest spreads its
+ * flows over the pairs it enabled; the NI's policy, held frames and streams are the port's,
+ * whatever queue a frame used. */
+struct vn_queue_stats {
+    uint64_t frames;
+    uint64_t bytes;
+    uint32_t num;              /* ring size the frontend set; 0: queue not configured */
+    uint8_t ready;             /* started, enabled and mapped: the queue carries frames now */
+};
+
 struct vn_switch;
 
 /* Switch lifetime.  vn_switch_new returns NULL on allocation failure. */
@@ -171,6 +183,9 @@ int vn_port_add_tap(struct vn_switch *sw, int fd, int vnet_hdr_len);
 int vn_port_remove(struct vn_switch *sw, int port);
 /* Returns a stable pointer into the switch; valid until the port is removed. */
 const struct vn_port_stats *vn_port_stats(struct vn_switch *sw, int port);
+/* Copies the counters of queues 0..n-1 (n <= VN_MAX_QUEUES) of a vhost port into out[];
+ * returns n, or VN_ENOPORT (not a vhost port) / VN_EINVAL (n too large). */
+int vn_port_queue_stats(struct vn_switch *sw, int port, struct vn_queue_stats *out, unsigned n);
 int vn_port_broken(struct vn_switch *sw, int port);
 int vn_port_set_mac(struct vn_switch *sw, int port, const uint8_t *mac);
 

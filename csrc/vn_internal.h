@@ -151,6 +151,8 @@ struct vn_port {
     int kind;                     /* 0: free slot */
     int id;
     struct vn_port_stats st;
+    /* frames and bytes per virtqueue (indexed like vq[]); not reset with the device */
+    struct vn_qcount { uint64_t frames, bytes; } qst[VN_MAX_QUEUES];
     /* vhost */
     struct vn_mem mem;
     struct vn_vq vq[VN_MAX_QUEUES];

@@ -236,11 +236,14 @@ class _SteppedFrontend(VhostUserFrontend):
 class Kit:
     """A daemon with NIs ``names``, policy documents ``policies`` {ni: dict or TOML/JSON str},
     an alert log and a stats file in a private temporary directory; ``state_dir`` is the
-    daemon's ``--state-dir`` (scanner checkpoints)."""
+    daemon's ``--state-dir`` (scanner checkpoints).  With ``queue_pairs`` > 1 each guest
+    sends its frames round-robin over its transmit queues and receives on all its pairs."""
 
     def __init__(self, policies: Optional[dict] = None, names: Iterable[str] = ("a", "b"),
                  connect: bool = True, rx: int = 64, state_dir: Optional[str] = None,
-                 clients: Iterable[str] = ()):
+                 clients: Iterable[str] = (), queue_pairs: int = 1):
+        self.queue_pairs = queue_pairs
+        self._next_tx: dict[str, int] = {}
         self.dir = tempfile.mkdtemp(prefix="vnk-", dir="/tmp")
         os.chmod(self.dir, 0o755)
         self.names = list(names)
@@ -318,11 +321,12 @@ class Kit:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.connect(self.sock_path(name))
         self.control()
-        drv = VirtioNetDriver(_SteppedFrontend(sock, self))
+        drv = VirtioNetDriver(_SteppedFrontend(sock, self), queue_pairs=self.queue_pairs)
         drv.tx_wait = 0
         drv.setup()
         if rx:
-            drv.post_rx_buffers(rx, 2048)
+            for qp in range(self.queue_pairs):
+                drv.post_rx_buffers(rx, 2048, queue=2 * qp)
         self.drivers[name] = drv
         self.step()
         return drv
@@ -330,8 +334,10 @@ class Kit:
     def send(self, name: str, *frames: bytes) -> None:
         drv = self.drivers[name]
         for f in frames:
-            drv.reclaim_tx()
-            drv.send_frame(f)
+            qp = self._next_tx.get(name, 0)
+            self._next_tx[name] = (qp + 1) % self.queue_pairs
+            drv.reclaim_tx(queue=2 * qp + 1)
+            drv.send_frame(f, queue=2 * qp + 1)
         self.step()
 
     def recv(self, name: str, wait: float = 0.3, count: int = 1000) -> list[bytes]:
@@ -341,9 +347,11 @@ class Kit:
         got: list[bytes] = []
         end = time.monotonic() + wait
         while True:
-            got += [f for _, f in drv.recv_frames(timeout=0, count=count - len(got))]
-            if len(drv.queues[0].outstanding) < 16:
-                drv.post_rx_buffers(32, 2048)
+            for qp in range(self.queue_pairs):
+                if len(got) < count:
+                    got += [f for _, f in drv.recv_frames(timeout=0, count=count - len(got), queue=2 * qp)]
+                if len(drv.queues[2 * qp].outstanding) < 16:
+                    drv.post_rx_buffers(32, 2048, queue=2 * qp)
             if len(got) >= count or time.monotonic() > end:
                 return got
             self.step()

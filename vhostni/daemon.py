@@ -140,6 +140,7 @@ class NI:
         if self.qemu is not None:
             d["qemu"] = self.qemu.info()
         d.update(self.port.stats())
+        d["queues"] = self.port.queue_stats()
         return d
 
 

@@ -31,6 +31,9 @@ BASE_FEATURES = proto.feature_mask(
     proto.VHOST_USER_F_PROTOCOL_FEATURES,
     proto.VIRTIO_F_VERSION_1,
     proto.VIRTIO_NET_F_MTU,
+    # several queue pairs (QEMU's netdev queues=N): QEMU keeps this bit only if the backend
+    # offers it; the control queue that sets the pairs in use is QEMU's own
+    proto.VIRTIO_NET_F_MQ,
 )
 OFFLOAD_FEATURES = proto.feature_mask(
     proto.VIRTIO_NET_F_CSUM,

@@ -19,6 +19,7 @@ ISOLATE_LINK_DOWN = lib.VN_ISOLATE_LINK_DOWN     # drop everything, both ways
 
 
 MAX_PORTS = lib.VN_MAX_PORTS
+MAX_QUEUES = lib.VN_MAX_QUEUES      # virtqueues of a vhost port: 2 per queue pair
 
 
 class SwitchFull(ValueError):
@@ -196,6 +197,27 @@ class Port:
 
 class VhostPort(Port):
     """The device state of one vhost-user NIC, as its frontend configures it."""
+
+    _qstats = None
+
+    def queue_stats(self) -> list[dict]:
+        """What each queue pair carried: ``in_frames``/``in_bytes`` the guest sent on the
+        pair's transmit queue, ``out_frames``/``out_bytes`` the switch put on its receive
+        queue, and ``ready`` (both rings run now: the guest enabled the pair).  Pairs 0 up
+        to the last one the frontend configured or that ever carried a frame."""
+        if self._qstats is None:
+            self._qstats = ffi.new("struct vn_queue_stats[]", MAX_QUEUES)
+        qs = self._qstats
+        _check("queue stats", lib.vn_port_queue_stats(self._sw, self.index, qs, MAX_QUEUES))
+        pairs = []
+        for i in range(MAX_QUEUES // 2):
+            rx, tx = qs[2 * i], qs[2 * i + 1]
+            pairs.append({"pair": i, "in_frames": int(tx.frames), "in_bytes": int(tx.bytes),
+                          "out_frames": int(rx.frames), "out_bytes": int(rx.bytes),
+                          "ready": bool(rx.ready and tx.ready)})
+        used = [i for i in range(MAX_QUEUES // 2)
+                if qs[2 * i].num or qs[2 * i + 1].num or qs[2 * i].frames or qs[2 * i + 1].frames]
+        return pairs[:used[-1] + 1] if used else []
 
     def set_features(self, features: int) -> None:
         _check("set features", lib.vn_dev_set_features(self._sw, self.index, features))

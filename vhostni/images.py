@@ -9,7 +9,7 @@ directory and unpacked there with `dpkg -x`:
 * the kernel: the package the metapackage ``linux-image-<flavour>`` depends on (default flavour
   ``cloud-amd64``: the smallest Debian 6.1 kernel, virtio_net as a module);
 * busybox-static, whose applets become symlinks to /bin/busybox;
-* iperf3 and the shared libraries it needs, found by reading DT_NEEDED / PT_INTERP with pyelftools and
+* iperf3 and ethtool and the shared libraries they need, found by reading DT_NEEDED / PT_INTERP with pyelftools and
   searching the unpacked packages (and, on demand, the packages they depend on) -- never the host's /usr/lib.
 
 The initramfs holds the virtio transport and virtio_net modules with everything they depend on.  Their load
@@ -52,7 +52,8 @@ from . import resources
 #: .modinfo; builtin ones (listed in modules.builtin) are skipped.
 ROOT_MODULES = ("virtio_pci", "virtio_net")
 #: Programs taken from Debian packages with their shared libraries: (package, path inside the package).
-DYNAMIC_PROGRAMS = (("iperf3", "usr/bin/iperf3"),)
+#: ethtool sets a multi-queue NIC's channels (``ethtool -L eth0 combined N``), which busybox cannot.
+DYNAMIC_PROGRAMS = (("iperf3", "usr/bin/iperf3"), ("ethtool", "sbin/ethtool"))
 LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64", "lib", "usr/lib")
 MANIFEST_VERSION = 1
 #: busybox udhcpc calls this with the lease in its environment ($ip, $mask = prefix length, $router, $dns).

@@ -5,8 +5,9 @@ data-plane thread. So a scrape asks that thread for one snapshot (``Daemon.stats
 ``call_soon``) and waits for it a bounded time; a daemon too busy to answer is served its last
 snapshot with ``vhostni_scrape_stale 1``, never blocked on. Nothing is computed between scrapes.
 
-Label sets are bounded by what the administrator configured: NI names, scanner names, and the
-fixed counter names of the C fast path (``reason`` of a drop, ``event`` of the TCP engine).
+Label sets are bounded by what the administrator configured: NI names, scanner names, the
+fixed counter names of the C fast path (``reason`` of a drop, ``event`` of the TCP engine), and
+queue pair numbers (``queue``, 0..7: VN_MAX_QUEUE_PAIRS).
 No address, port or other value a guest chooses ever becomes a label.
 """
 from __future__ import annotations
@@ -194,6 +195,18 @@ class DaemonCollector:
                 else:
                     counter(f"vhostni_ni_{field}", f"NI counter {field}", ["ni"]) \
                         .add_metric([name], value)
+            for q in ni.get("queues") or ():
+                # one series per queue pair the frontend configured (at most 8): bounded
+                labels = [name, str(q["pair"])]
+                for d in ("in", "out"):
+                    counter("vhostni_ni_queue_frames", "frames per queue pair: sent by the guest "
+                            "on its transmit queue (in), put on its receive queue (out)",
+                            ["ni", "queue", "direction"]).add_metric(labels + [d], q[f"{d}_frames"])
+                    counter("vhostni_ni_queue_bytes", "bytes per queue pair: sent by the guest "
+                            "on its transmit queue (in), put on its receive queue (out)",
+                            ["ni", "queue", "direction"]).add_metric(labels + [d], q[f"{d}_bytes"])
+                gauge("vhostni_ni_queue_ready", "1 while the guest has the queue pair enabled",
+                      ["ni", "queue"]).add_metric(labels, 1 if q.get("ready") else 0)
             k = ni.get("kernel") or {}
             for key, (metric, doc) in _KERNEL_GAUGES.items():
                 if key in k:
