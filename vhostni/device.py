@@ -31,6 +31,7 @@ BASE_FEATURES = proto.feature_mask(
     proto.VHOST_USER_F_PROTOCOL_FEATURES,
     proto.VIRTIO_F_VERSION_1,
     proto.VIRTIO_NET_F_MTU,
+    proto.VHOST_F_LOG_ALL,
 )
 OFFLOAD_FEATURES = proto.feature_mask(
     proto.VIRTIO_NET_F_CSUM,
@@ -44,6 +45,7 @@ OFFLOAD_FEATURES = proto.feature_mask(
 )
 PROTOCOL_FEATURES = int(
     ProtocolFeature.MQ | ProtocolFeature.RARP | ProtocolFeature.REPLY_ACK | ProtocolFeature.NET_MTU
+    | ProtocolFeature.LOG_SHMFD
 )
 
 
@@ -174,7 +176,22 @@ class VhostUserDevice:
 
     def _set_vring_addr(self, msg):
         b = msg.body
-        self.port.set_vring_addr(self._queue(b.index), b.desc, b.used, b.avail)
+        q = self._queue(b.index)
+        self.port.set_vring_addr(q, b.desc, b.used, b.avail)
+        # QEMU re-sends the address with VRING_F_LOG set when a migration starts (and
+        # without when it ends); b.log is the used ring's guest-physical address
+        self.port.set_vring_log(q, bool(b.flags & proto.VRING_F_LOG), b.log)
+
+    def _set_log_base(self, msg):
+        if not self.protocol_features & ProtocolFeature.LOG_SHMFD:
+            raise _Refused("SET_LOG_BASE without LOG_SHMFD")
+        fd = msg.take_fd()
+        try:
+            self.port.set_log(fd, msg.body.mmap_size, msg.body.mmap_offset)
+        finally:
+            proto.close_fds([fd])
+        # under LOG_SHMFD the frontend waits for a reply (libvhost-user sends a u64 0)
+        return proto.U64(0)
 
     def _set_vring_base(self, msg):
         self.port.set_vring_base(self._queue(msg.body.index), msg.body.num)
@@ -221,6 +238,7 @@ class VhostUserDevice:
         Request.SET_VRING_NUM: _set_vring_num,
         Request.SET_VRING_ADDR: _set_vring_addr,
         Request.SET_VRING_BASE: _set_vring_base,
+        Request.SET_LOG_BASE: _set_log_base,
         Request.GET_VRING_BASE: _get_vring_base,
         Request.SET_VRING_KICK: _set_vring_kick,
         Request.SET_VRING_CALL: _set_vring_call,
