@@ -238,3 +238,168 @@ def test_log_flag_with_a_used_address_elsewhere_is_refused(bench):
     _, reply = b.frontend.recv_reply()
     assert reply.value != 0
     assert "vring 0 log" in bench.device("b").counters.last_error
+
+
+# ---------------------------------------------------------------------------
+# The hand-over: the destination QEMU connects to the same NI socket
+# ---------------------------------------------------------------------------
+
+def standby_frontend(bench: Bench, name: str, drv: VirtioNetDriver):
+    """The destination QEMU's connection as it is while the migration runs: it negotiates
+    and hands over its call fds (vhost_dev_init), nothing else."""
+    fe = bench.frontend(name)
+    offered = fe.call(Request.GET_FEATURES).value
+    assert offered >> vu.VHOST_USER_F_PROTOCOL_FEATURES & 1
+    pf = fe.call(Request.GET_PROTOCOL_FEATURES).value & drv.wanted_protocol_features
+    fe.call(Request.SET_PROTOCOL_FEATURES, vu.U64(pf))
+    fe.protocol_features = pf
+    fe.call(Request.GET_QUEUE_NUM)
+    fe.call(Request.SET_OWNER)
+    for q in drv.queues:
+        fe.call(Request.SET_VRING_CALL, vu.VringFile(q.index, False, q.call_fd))
+    return fe
+
+
+def copy_pages(src: VirtioNetDriver, dst_mem, pages) -> None:
+    for pg in sorted(pages):
+        gpa = pg * PAGE
+        try:
+            src.mem.region_at(gpa)
+        except (KeyError, ValueError, LookupError):
+            continue
+        dst_mem.write(gpa, src.mem.read(gpa, PAGE))
+
+
+def all_pages(drv: VirtioNetDriver) -> set[int]:
+    return {(r.gpa + off) // PAGE for r in drv.mem.regions for off in range(0, r.size, PAGE)}
+
+
+def move_guest(drv: VirtioNetDriver, fe, dst_mem) -> None:
+    """The guest runs on the destination from now on: its memory, its connection."""
+    old = drv.mem
+    drv.mem = dst_mem
+    for q in drv.queues:
+        q.mem = dst_mem
+    drv.frontend = fe
+    drv.stop_logging(send=False)
+    old.close()
+
+
+def test_migration_hand_over_keeps_every_byte_and_the_quarantine(bench):
+    from vdriver import GuestMemory
+    a, b = bench.connect("a"), bench.connect("b")
+    a.post_rx_buffers(32, 2048)
+    b.post_rx_buffers(32, 2048)
+    bench.step()
+    check_pair_works(bench, a, b)
+    # the destination connects while the source runs: the source keeps working
+    dest = standby_frontend(bench, "a", a)
+    assert bench.daemon.nis["a"].info()["standby_frontend"]
+    check_pair_works(bench, a, b, seed=1)
+    # migration: log, copy everything, then copy what was dirtied while traffic flows
+    a.start_logging()
+    dst_mem = GuestMemory([(r.gpa, r.size) for r in a.mem.regions])
+    copy_pages(a, dst_mem, all_pages(a))
+    a.dirty_pages()
+    to_a = [ether(A_MAC, B_MAC, pattern(200 + 50 * i, seed=100 + i)) for i in range(10)]
+    for f in to_a:
+        b.send_frame(f)
+    pending = [ether(B_MAC, A_MAC, pattern(300, seed=200 + i)) for i in range(2)]
+    for f in pending:                  # queued by the guest, not yet seen by the backend
+        a.send_frame(f, kick=False)
+    for _ in range(5):
+        bench.step()
+    # what the guest wrote itself, QEMU tracks (KVM's log); here: copy the driver's pages
+    copy_pages(a, dst_mem, a.dirty_pages() | {q.avail // PAGE for q in a.queues}
+               | {q.desc // PAGE for q in a.queues} | buffer_pages(a, 1))
+    bench.daemon.quarantine("a", reason="scanner said so")
+    # the source stops: rings stopped, their state handed over, the last dirty pages
+    bases = a.stop()
+    copy_pages(a, dst_mem, a.dirty_pages())
+    src_pages = snapshot(a)
+    # the destination's memory is the source's, byte for byte
+    move_guest(a, dest, dst_mem)
+    dst_pages = snapshot(a)
+    assert [pg for pg in src_pages if src_pages[pg] != dst_pages[pg]] == []
+    # the destination starts the device: it takes the NI over
+    a.negotiate()
+    a.start_queues(bases)
+    ni = bench.daemon.nis["a"]
+    assert ni.handovers == 1 and ni.device.standby is False
+    assert ni.info()["quarantined"], "the quarantine did not follow the VM"
+    dropped = bench.stats("a")["drop_quarantine"]
+    # the frames delivered to the source during the migration are in the destination
+    got = [f for _, f in bench.recv(a, len(to_a))]
+    assert got == to_a
+    # quarantined: the guest's frames go nowhere, counted
+    a.queues[1].kick(force=True)
+    for _ in range(5):
+        bench.step()
+    assert b.recv_frames(timeout=0, count=10) == []
+    assert bench.stats("a")["drop_quarantine"] >= dropped + len(pending)
+    bench.daemon.quarantine("a", on=False)
+    # the source QEMU quits: the NI stays with the destination
+    src_fe = ni.standby
+    assert src_fe is not None
+    bench.frontends[0].close()
+    bench.control()
+    assert ni.standby is None and ni.reader is not None
+    check_pair_works(bench, a, b, seed=2)
+    assert bench.broken("a") is None
+
+
+def test_second_frontend_cannot_take_a_running_nic(bench):
+    a, b = bench.connect("a"), bench.connect("b")
+    check_pair_works(bench, a, b)
+    dest = standby_frontend(bench, "a", a)
+    from vdriver import GuestMemory
+    mem = GuestMemory()
+    try:
+        dest.send(Request.SET_MEM_TABLE, mem.table())
+        assert dest.peer_closed(1.0), "a second QEMU configured a NIC whose rings run"
+    finally:
+        mem.close()
+    assert "still run" in bench.device("a").counters.last_error
+    assert bench.daemon.nis["a"].standby is None
+    check_pair_works(bench, a, b, seed=1)
+
+
+def test_third_frontend_is_refused(bench):
+    a = bench.connect("a")
+    standby_frontend(bench, "a", a)
+    third = bench.raw_socket("a")
+    try:
+        third.settimeout(1.0)
+        assert third.recv(1) == b""
+    finally:
+        third.close()
+
+
+def test_standby_becomes_the_frontend_when_the_source_goes(bench):
+    """The source QEMU dies (or is killed after the guest moved) before the destination
+    configured anything: the destination is the NI's only frontend."""
+    a, b = bench.connect("a"), bench.connect("b")
+    dest = standby_frontend(bench, "a", a)
+    bases = [q.used_idx() for q in a.queues]
+    a.frontend.close()
+    bench.control()
+    ni = bench.daemon.nis["a"]
+    assert ni.reader is not None and ni.reader.device is ni.device and ni.standby is None
+    a.frontend = dest
+    a.negotiate()
+    a.start_queues(bases)
+    check_pair_works(bench, a, b)
+
+
+def test_failed_migration_the_source_resumes(bench):
+    """The destination goes away after the source stopped: the source starts again."""
+    a, b = bench.connect("a"), bench.connect("b")
+    check_pair_works(bench, a, b)
+    dest = standby_frontend(bench, "a", a)
+    bases = a.stop()
+    dest.close()
+    bench.control()
+    assert bench.daemon.nis["a"].standby is None
+    a.negotiate()
+    a.start_queues(bases)
+    check_pair_works(bench, a, b, seed=3)
