@@ -403,3 +403,39 @@ def test_failed_migration_the_source_resumes(bench):
     a.negotiate()
     a.start_queues(bases)
     check_pair_works(bench, a, b, seed=3)
+
+
+def test_standby_sessions_leak_no_fds_or_maps(bench):
+    """A standby that hands over call fds (kept for later) and then goes, many times; and
+    log bases replaced and dropped: nothing stays open or mapped."""
+    from nibench import fd_count, map_count
+    a, b = bench.connect("a"), bench.connect("b")
+    check_pair_works(bench, a, b)
+    fds, maps = fd_count(), map_count()
+    for _ in range(5):
+        fe = standby_frontend(bench, "a", a)
+        for q in range(4):                       # twice per ring: the first is replaced
+            efd = os.eventfd(0, os.EFD_CLOEXEC)
+            try:
+                fe.call(Request.SET_VRING_CALL, vu.VringFile(q % 2, False, efd))
+            finally:
+                os.close(efd)
+        fe.close()
+        bench.control()
+        bench.frontends.remove(fe)
+    for _ in range(3):
+        a.start_logging()
+    a.stop_logging()
+    a.frontend.call(Request.RESET_OWNER)
+    a.frontend.close()
+    bench.control()
+    check_pair_works(bench, reconnected(bench, a), b, seed=5)
+    a.stop_logging(send=False)
+    assert fd_count() == fds and map_count() == maps
+
+
+def reconnected(bench: Bench, drv: VirtioNetDriver) -> VirtioNetDriver:
+    drv.frontend = bench.frontend("a")
+    drv.negotiate()
+    drv.start_queues([q.used_idx() for q in drv.queues])
+    return drv
