@@ -63,6 +63,7 @@ int vn_mem_iov(struct vn_mem *m, uint64_t gpa, uint64_t len,
             take = UINT32_MAX;
         iov[*n].p = hit->host + (gpa - hit->gpa);
         iov[*n].len = (uint32_t)take;
+        iov[*n].gpa = gpa;
         (*n)++;
         gpa += take;
         len -= take;
@@ -144,4 +145,66 @@ int vn_mem_map(struct vn_mem *m, unsigned n, const struct vn_region_spec *spec, 
 bad:
     vn_mem_unmap(&next);
     return VN_EMAP;
+}
+
+/* ---- dirty-page log (live migration) ---- */
+
+#define VN_LOG_PAGE_SHIFT 12
+/* 1 GiB of bitmap covers 32 TiB of guest memory: anything larger is not a real log */
+#define VN_LOG_MAX (1ULL << 30)
+
+void vn_log_unmap(struct vn_port *p)
+{
+    if (p->log_map)
+        munmap(p->log_map, p->log_map_len);
+    p->log = NULL;
+    p->log_map = NULL;
+    p->log_map_len = 0;
+    p->log_size = 0;
+}
+
+/* Maps the bitmap of SET_LOG_BASE.  Refuses (leaving the old log in place) a size of 0 or
+ * beyond VN_LOG_MAX, an offset+size that overflows or runs past the end of the file (a
+ * write there would be SIGBUS), and a bitmap too small for the memory table. */
+int vn_log_map(struct vn_port *p, int fd, uint64_t size, uint64_t offset)
+{
+    struct stat st;
+    if (size == 0 || size > VN_LOG_MAX || offset > UINT64_MAX - size)
+        return VN_ERANGE;
+    if (fstat(fd, &st) < 0 || st.st_size < 0 || (uint64_t)st.st_size < offset + size)
+        return VN_EMAP;
+    for (unsigned i = 0; i < p->mem.n; i++) {
+        uint64_t last = (p->mem.r[i].gpa + p->mem.r[i].size - 1) >> VN_LOG_PAGE_SHIFT;
+        if (last / 8 >= size)
+            return VN_ERANGE;
+    }
+    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+    uint64_t off_pages = offset & ~(page - 1);
+    uint64_t lead = offset - off_pages;
+    size_t len = (size_t)(lead + size);
+    void *base = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (off_t)off_pages);
+    if (base == MAP_FAILED)
+        return VN_EMAP;
+    vn_log_unmap(p);
+    p->log_map = base;
+    p->log_map_len = len;
+    p->log = (uint8_t *)base + lead;
+    p->log_size = size;
+    return VN_OK;
+}
+
+/* Sets the bits of every page of [gpa, gpa+len) (atomic OR: QEMU reads and clears the
+ * bitmap concurrently).  Called after the write, so a bit QEMU clears is for data it will
+ * read.  Pages beyond the bitmap are ignored (vn_log_map checked it covers the memory
+ * table; a later, larger table comes with a new log). */
+void vn_log_write(struct vn_port *p, uint64_t gpa, uint64_t len)
+{
+    if (!p->log || !len || !HAS_FEATURE(p->features, VHOST_F_LOG_ALL))
+        return;
+    if (len > UINT64_MAX - gpa)
+        len = UINT64_MAX - gpa;
+    uint64_t first = gpa >> VN_LOG_PAGE_SHIFT;
+    uint64_t last = (gpa + len - 1) >> VN_LOG_PAGE_SHIFT;
+    for (uint64_t pg = first; pg <= last && pg / 8 < p->log_size; pg++)
+        __atomic_fetch_or(&p->log[pg / 8], (uint8_t)(1u << (pg % 8)), __ATOMIC_RELAXED);
 }

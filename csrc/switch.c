@@ -247,6 +247,7 @@ int vn_port_remove(struct vn_switch *sw, int port)
         close(p->tapfd);
     }
     vn_mem_unmap(&p->mem);
+    vn_log_unmap(p);
     backlog_clear(p);
     if (p->kind == VN_PORT_SINK)
         sink_clear(sw, port);
@@ -365,11 +366,47 @@ int vn_dev_reset(struct vn_switch *sw, int port)
         vq_init(&p->vq[q]);
     }
     vn_mem_unmap(&p->mem);
+    vn_log_unmap(p);
     backlog_clear(p);
     mac_forget_port(sw, port);
     p->features = 0;
     p->hdr_len = 12;
     p->broken = 0;
+    return VN_OK;
+}
+
+int vn_dev_set_log(struct vn_switch *sw, int port, int fd, uint64_t size, uint64_t offset)
+{
+    struct vn_port *p = port_get(sw, port);
+    if (!p || p->kind != VN_PORT_VHOST)
+        return VN_ENOPORT;
+    if (size == 0) {
+        vn_log_unmap(p);
+        return VN_OK;
+    }
+    return vn_log_map(p, fd, size, offset);
+}
+
+int vn_vq_set_log(struct vn_switch *sw, int port, unsigned q, int on, uint64_t used_gpa)
+{
+    struct vn_port *p;
+    struct vn_vq *vq = vq_get(sw, port, q, &p);
+    if (!vq)
+        return VN_ENOPORT;
+    if (!on) {
+        vq->log_used = 0;
+        return VN_OK;
+    }
+    /* the used ring must be where the log says it is: the same host bytes through both
+     * translations, or we would log pages other than those we write */
+    if (vq->num == 0 || !vq->used)
+        return VN_ESTATE;
+    uint64_t len = 6 + 8ULL * vq->num;
+    uint8_t *h = vn_mem_gpa(&p->mem, used_gpa, len);
+    if (h != (uint8_t *)vq->used)
+        return VN_EMAP;
+    vq->log_used = 1;
+    vq->log_used_gpa = used_gpa;
     return VN_OK;
 }
 
@@ -435,6 +472,12 @@ int vn_vq_get_base(struct vn_switch *sw, int port, unsigned q)
     struct vn_vq *vq = vq_get(sw, port, q, &p);
     if (!vq)
         return VN_ENOPORT;
+    /* everything written to the ring is visible (and logged) before the frontend reads
+     * the state it hands over */
+    if (vq->used && vq->call_pending) {
+        vn_vq_publish_used(p, vq);
+        vn_vq_signal(p, vq);
+    }
     vq->started = 0;
     vq->active = 0;
     if (vq->kickfd >= 0) {
@@ -865,7 +908,7 @@ void vn_signal_all(struct vn_switch *sw)
         for (unsigned q = 0; q < VN_MAX_QUEUES; q++) {
             struct vn_vq *vq = &p->vq[q];
             if (vq->call_pending && vq->used) {
-                vn_vq_publish_used(vq);
+                vn_vq_publish_used(p, vq);
                 vn_vq_signal(p, vq);
             }
         }
@@ -894,7 +937,7 @@ static int service_tx(struct vn_switch *sw, int port, struct vn_vq *vq, int poll
         }
         /* return the TX buffers first: the guest may reuse them while we deliver */
         if (vq->call_pending) {
-            vn_vq_publish_used(vq);
+            vn_vq_publish_used(p, vq);
         }
         for (unsigned i = 0; i < n; i++) {
             qs->bytes += sw->batch[i].len;   /* before forward: it may segment in place */

@@ -194,6 +194,14 @@ int vn_dev_set_features(struct vn_switch *sw, int port, uint64_t features);
 int vn_dev_set_mem(struct vn_switch *sw, int port, unsigned n,
                    const struct vn_region_spec *regions, const int *fds);
 int vn_dev_reset(struct vn_switch *sw, int port);
+/* Live migration's dirty-page log (SET_LOG_BASE): maps [offset, offset+size) of fd (which
+ * stays the caller's), a bitmap of one bit per 4 KiB guest-physical page that must cover
+ * the memory table.  Every write to guest memory sets its pages' bits while the features
+ * include VHOST_F_LOG_ALL.  size 0 unmaps it. */
+int vn_dev_set_log(struct vn_switch *sw, int port, int fd, uint64_t size, uint64_t offset);
+/* VHOST_VRING_F_LOG of SET_VRING_ADDR: on, writes to ring q's used ring are logged at
+ * guest-physical used_gpa (the ring must lie in guest memory there). */
+int vn_vq_set_log(struct vn_switch *sw, int port, unsigned q, int on, uint64_t used_gpa);
 int vn_vq_set_num(struct vn_switch *sw, int port, unsigned q, unsigned num);
 int vn_vq_set_addr(struct vn_switch *sw, int port, unsigned q,
                    uint64_t desc_uva, uint64_t used_uva, uint64_t avail_uva);

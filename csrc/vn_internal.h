@@ -18,6 +18,7 @@
 #define VIRTIO_NET_F_HOST_TSO4 11
 #define VIRTIO_NET_F_HOST_TSO6 12
 #define VIRTIO_NET_F_MRG_RXBUF 15
+#define VHOST_F_LOG_ALL 26
 #define VIRTIO_RING_F_INDIRECT_DESC 28
 #define VIRTIO_RING_F_EVENT_IDX 29
 #define VIRTIO_F_VERSION_1 32
@@ -105,6 +106,7 @@ struct vn_mem {
 struct vn_iov {
     uint8_t *p;
     uint32_t len;
+    uint64_t gpa;      /* guest-physical address of p (for the dirty log) */
 };
 
 struct vn_vq {
@@ -123,6 +125,8 @@ struct vn_vq {
     int enabled;
     int active;                   /* has (or may have) work: serviced without a kick */
     int call_pending;             /* used entries written since the last interrupt */
+    int log_used;                 /* VHOST_VRING_F_LOG: log used-ring writes at log_used_gpa */
+    uint64_t log_used_gpa;        /* guest-physical address of the used ring */
 };
 
 struct vn_backlog_frame {
@@ -159,6 +163,12 @@ struct vn_port {
     uint64_t features;
     unsigned hdr_len;             /* 10 or 12 */
     int broken;
+    /* dirty-page log of a live migration (SET_LOG_BASE): one bit per 4 KiB guest page,
+     * written while VHOST_F_LOG_ALL is negotiated; NULL: none */
+    uint8_t *log;
+    uint64_t log_size;            /* bytes of the bitmap */
+    void *log_map;                /* what mmap returned */
+    size_t log_map_len;
     /* frames waiting for guest receive buffers, oldest first */
     struct vn_backlog_frame *backlog[VN_BACKLOG];
     unsigned bl_head, bl_count;
@@ -267,6 +277,10 @@ int vn_mem_read(struct vn_mem *m, uint64_t gpa, void *dst, uint64_t len);
 int vn_mem_iov(struct vn_mem *m, uint64_t gpa, uint64_t len,
                struct vn_iov *iov, unsigned max, unsigned *n);
 void vn_mem_unmap(struct vn_mem *m);
+/* Dirty log: marks the pages of guest-physical [gpa, gpa+len) written, if logging. */
+void vn_log_write(struct vn_port *p, uint64_t gpa, uint64_t len);
+int vn_log_map(struct vn_port *p, int fd, uint64_t size, uint64_t offset);
+void vn_log_unmap(struct vn_port *p);
 int vn_mem_map(struct vn_mem *m, unsigned n, const struct vn_region_spec *spec, const int *fds);
 
 /* vring.c */
@@ -275,8 +289,8 @@ int vn_vq_ready(struct vn_port *p, struct vn_vq *vq);
 int vn_vq_avail_count(struct vn_port *p, struct vn_vq *vq);
 int vn_vq_map_chain(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, uint16_t head,
                     int writable, unsigned *niov, uint64_t *total);
-void vn_vq_push_used(struct vn_vq *vq, uint16_t head, uint32_t len);
-void vn_vq_publish_used(struct vn_vq *vq);
+void vn_vq_push_used(struct vn_port *p, struct vn_vq *vq, uint16_t head, uint32_t len);
+void vn_vq_publish_used(struct vn_port *p, struct vn_vq *vq);
 void vn_vq_notify_enable(struct vn_port *p, struct vn_vq *vq, int on);
 void vn_vq_signal(struct vn_port *p, struct vn_vq *vq);
 int vn_vq_pop_tx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, struct vn_pkt *pkt);

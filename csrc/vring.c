@@ -159,18 +159,28 @@ int vn_vq_map_chain(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, u
     }
 }
 
-void vn_vq_push_used(struct vn_vq *vq, uint16_t head, uint32_t len)
+/* Logs a write of len bytes at offset off of the used ring (VHOST_VRING_F_LOG). */
+static inline void log_used(struct vn_port *p, struct vn_vq *vq, uint64_t off, uint64_t len)
 {
-    volatile struct vring_used_elem *e = &vq->used->ring[vq->used_idx % vq->num];
+    if (vq->log_used)
+        vn_log_write(p, vq->log_used_gpa + off, len);
+}
+
+void vn_vq_push_used(struct vn_port *p, struct vn_vq *vq, uint16_t head, uint32_t len)
+{
+    unsigned slot = vq->used_idx % vq->num;
+    volatile struct vring_used_elem *e = &vq->used->ring[slot];
     e->id = head;
     e->len = len;
+    log_used(p, vq, offsetof(struct vring_used, ring) + 8ULL * slot, 8);
     vq->used_idx++;
     vq->call_pending = 1;
 }
 
-void vn_vq_publish_used(struct vn_vq *vq)
+void vn_vq_publish_used(struct vn_port *p, struct vn_vq *vq)
 {
     __atomic_store_n(&vq->used->idx, vq->used_idx, __ATOMIC_RELEASE);
+    log_used(p, vq, offsetof(struct vring_used, idx), 2);
 }
 
 static inline volatile uint16_t *avail_event(struct vn_vq *vq)
@@ -189,9 +199,11 @@ void vn_vq_notify_enable(struct vn_port *p, struct vn_vq *vq, int on)
     if (HAS_FEATURE(p->features, VIRTIO_RING_F_EVENT_IDX)) {
         /* on: kick for the next head; off: an index one ring-wrap away */
         *avail_event(vq) = on ? vq->last_avail : (uint16_t)(vq->last_avail - 1);
+        log_used(p, vq, offsetof(struct vring_used, ring) + 8ULL * vq->num, 2);
     } else {
         uint16_t f = vq->used->flags;
         vq->used->flags = on ? (f & ~VRING_USED_F_NO_NOTIFY) : (f | VRING_USED_F_NO_NOTIFY);
+        log_used(p, vq, offsetof(struct vring_used, flags), 2);
     }
     /* the flag must be visible before we re-read avail idx (the lost-wakeup race) */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
@@ -248,8 +260,10 @@ static uint64_t iov_to_buf(const struct vn_iov *iov, unsigned n, uint64_t skip, 
     return done;
 }
 
-static uint64_t buf_to_iov(const struct vn_iov *iov, unsigned n, uint64_t skip,
-                           const uint8_t *src, uint64_t len)
+/* Copies src into iov[skip..], at most len bytes, logging the pages written; returns
+ * bytes copied. */
+static uint64_t buf_to_iov(struct vn_port *p, const struct vn_iov *iov, unsigned n,
+                           uint64_t skip, const uint8_t *src, uint64_t len)
 {
     uint64_t done = 0;
     for (unsigned i = 0; i < n && done < len; i++) {
@@ -262,6 +276,7 @@ static uint64_t buf_to_iov(const struct vn_iov *iov, unsigned n, uint64_t skip,
         if (take > len - done)
             take = len - done;
         memcpy(iov[i].p + skip, src + done, take);
+        vn_log_write(p, iov[i].gpa + skip, take);
         done += take;
         skip = 0;
     }
@@ -306,7 +321,7 @@ int vn_vq_pop_tx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, stru
         pkt->hdr.num_buffers = 0;
         pkt->len = (uint32_t)(total - hl);
     }
-    vn_vq_push_used(vq, head, 0);
+    vn_vq_push_used(p, vq, head, 0);
     return ret;
 }
 
@@ -355,14 +370,14 @@ int vn_vq_push_rx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq,
                 return VN_PUSH_TOOBIG;
             memcpy(sw->iov_first, sw->iov, niov * sizeof(struct vn_iov));
             nfirst = niov;
-            placed = buf_to_iov(sw->iov, niov, 0, (const uint8_t *)&h, hl);
+            placed = buf_to_iov(p, sw->iov, niov, 0, (const uint8_t *)&h, hl);
             uint64_t take = total - hl < len ? total - hl : len;
-            placed += buf_to_iov(sw->iov, niov, hl, data, take);
+            placed += buf_to_iov(p, sw->iov, niov, hl, data, take);
             lens[used] = (uint32_t)(hl + take);
         } else {
             uint64_t off = placed - hl;
             uint64_t take = total < len - off ? total : len - off;
-            placed += buf_to_iov(sw->iov, niov, 0, data + off, take);
+            placed += buf_to_iov(p, sw->iov, niov, 0, data + off, take);
             lens[used] = (uint32_t)take;
         }
         heads[used++] = head;
@@ -370,11 +385,11 @@ int vn_vq_push_rx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq,
     }
     if (mrg && used > 1) {
         uint16_t nb = (uint16_t)used;
-        buf_to_iov(sw->iov_first, nfirst, offsetof(struct vn_net_hdr, num_buffers),
+        buf_to_iov(p, sw->iov_first, nfirst, offsetof(struct vn_net_hdr, num_buffers),
                    (const uint8_t *)&nb, sizeof(nb));
     }
     for (unsigned i = 0; i < used; i++)
-        vn_vq_push_used(vq, heads[i], lens[i]);
+        vn_vq_push_used(p, vq, heads[i], lens[i]);
     vq->last_avail = avail;
     return VN_PUSH_OK;
 }

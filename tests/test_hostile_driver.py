@@ -532,9 +532,12 @@ def test_set_vring_base_above_16_bits_is_refused(make_trio, base):
     assert bench.device("h").counters.errors == 1
     # the connection lives on; without REPLY_ACK the same message closes it
     assert not fe.peer_closed(0.01)
-    drv2 = trio.bench.frontend("h")      # refused: h already has a frontend
-    assert drv2.peer_closed(0.2)
+    drv2 = trio.bench.frontend("h")      # a standby (a migration's destination) ...
+    drv3 = trio.bench.frontend("h")      # ... but a third is refused
+    assert not drv2.peer_closed(0.05)
+    assert drv3.peer_closed(0.2)
     trio.good_pair_works()
+    drv2.close()
     fe.close()
     bench.control()
     plain = bench.frontend("h")
@@ -938,7 +941,13 @@ def test_frontend_that_never_reads_replies_is_dropped(trio):
 
 
 def test_second_frontend_on_a_busy_ni_is_refused(trio):
+    """A second connection is accepted as a standby (a migration's destination), but it
+    cannot configure the NIC while the first one's rings run; a third is refused."""
     intruder = trio.bench.frontend("h")
+    assert not intruder.peer_closed(0.05)
+    third = trio.bench.frontend("h")
+    assert third.peer_closed(0.2)
+    intruder.send(Request.SET_VRING_NUM, vu.VringState(0, 256))
     assert intruder.peer_closed(0.2)
     frame = ether(A_MAC, H_MAC, pattern(70))
     trio.h.send_frame(frame)

@@ -82,7 +82,7 @@ DEFAULT_FEATURES = vu.feature_mask(
     vu.VIRTIO_NET_F_CSUM, vu.VIRTIO_NET_F_GUEST_CSUM, vu.VIRTIO_NET_F_HOST_TSO4,
     vu.VIRTIO_NET_F_HOST_TSO6, vu.VIRTIO_NET_F_GUEST_TSO4, vu.VIRTIO_NET_F_GUEST_TSO6,
     vu.VHOST_USER_F_PROTOCOL_FEATURES)
-DEFAULT_PROTOCOL_FEATURES = vu.ProtocolFeature.MQ | vu.ProtocolFeature.REPLY_ACK
+DEFAULT_PROTOCOL_FEATURES = vu.ProtocolFeature.MQ | vu.ProtocolFeature.REPLY_ACK | vu.ProtocolFeature.LOG_SHMFD
 
 _barrier_lock = threading.Lock()
 
@@ -345,10 +345,12 @@ class Virtqueue:
         self.last_used = 0          # next used entry the driver will read
         self.outstanding: dict[int, Chain] = {}
 
-    def addr(self) -> vu.VringAddr:
-        """SET_VRING_ADDR payload: user addresses of the three parts."""
-        return vu.VringAddr(self.index, 0, self.mem.uva(self.desc), self.mem.uva(self.used),
-                            self.mem.uva(self.avail), 0)
+    def addr(self, log: bool = False) -> vu.VringAddr:
+        """SET_VRING_ADDR payload: user addresses of the three parts; with ``log``, the
+        VRING_F_LOG flag and the used ring's guest-physical address (as QEMU sends it while
+        a migration logs dirty pages)."""
+        return vu.VringAddr(self.index, vu.VRING_F_LOG if log else 0, self.mem.uva(self.desc),
+                            self.mem.uva(self.used), self.mem.uva(self.avail), self.used if log else 0)
 
     # -- low-level hooks (no checks: hostile tests use them directly) --
     def write_desc(self, i: int, addr: int, length: int, flags: int = 0, next: int = 0,
@@ -745,6 +747,52 @@ class VirtioNetDriver:
             raise vu.ProtocolError(Request.GET_VRING_BASE, f"reply for ring {reply.index}, asked {index}")
         return reply.num
 
+    # -- live migration: the dirty log, as QEMU keeps it --
+    def start_logging(self, size: Optional[int] = None, offset: int = 0) -> None:
+        """What QEMU does when a migration starts: SET_LOG_BASE with a memfd bitmap (one
+        bit per 4 KiB guest page; by default just big enough for guest memory, rounded up
+        to 8 bytes as QEMU's u64 chunks are), SET_FEATURES with VHOST_F_LOG_ALL, and every
+        ring's address again with VRING_F_LOG."""
+        if size is None:
+            end = max(r.end for r in self.mem.regions)
+            size = -(-end // (PAGE * 64)) * 8
+        fd = os.memfd_create("vdriver-log", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, offset + size)
+            log_map = mmap.mmap(fd, offset + size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.frontend.call(Request.SET_LOG_BASE, vu.Log(size, offset), fds=[fd])
+        finally:
+            os.close(fd)
+        self.stop_logging(send=False)
+        self.log_map, self.log_offset, self.log_size = log_map, offset, size
+        self.features |= 1 << vu.VHOST_F_LOG_ALL
+        self.frontend.call(Request.SET_FEATURES, vu.U64(self.features), need_reply=self._ack())
+        for q in self.queues:
+            self.frontend.call(Request.SET_VRING_ADDR, q.addr(log=True), need_reply=self._ack())
+
+    def dirty_pages(self, clear: bool = True) -> set[int]:
+        """Guest page numbers (gpa >> 12) whose bits the backend set; cleared (as QEMU's
+        sync does) unless ``clear`` is False."""
+        log_map = getattr(self, "log_map", None)
+        if log_map is None:
+            return set()
+        data = log_map[self.log_offset:self.log_offset + self.log_size]
+        if clear:
+            log_map[self.log_offset:self.log_offset + self.log_size] = bytes(self.log_size)
+        return {8 * i + b for i, byte in enumerate(data) if byte for b in range(8) if byte >> b & 1}
+
+    def stop_logging(self, send: bool = True, unmap: bool = True) -> None:
+        """The end of a migration: features without LOG_ALL, rings without VRING_F_LOG
+        (``unmap`` False: keep the bitmap for dirty_pages to look at)."""
+        if send:
+            self.features &= ~(1 << vu.VHOST_F_LOG_ALL)
+            self.frontend.call(Request.SET_FEATURES, vu.U64(self.features), need_reply=self._ack())
+            for q in self.queues:
+                self.frontend.call(Request.SET_VRING_ADDR, q.addr(), need_reply=self._ack())
+        if unmap and getattr(self, "log_map", None) is not None:
+            self.log_map.close()
+            self.log_map = None
+
     def set_vring_enable(self, index: int, enable: bool) -> None:
         self.frontend.call(Request.SET_VRING_ENABLE, vu.VringState(index, int(enable)), need_reply=self._ack())
 
@@ -923,6 +971,7 @@ class VirtioNetDriver:
             self.frontend.close()
             for q in self.queues:
                 q.close()
+            self.stop_logging(send=False)
             self.mem.close()
 
     def __enter__(self) -> "VirtioNetDriver":

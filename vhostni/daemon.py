@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from . import tap
-from .device import CloseConnection, VhostUserDevice, rarp_frame
+from .device import MAX_QUEUE_PAIRS, CloseConnection, VhostUserDevice, rarp_frame
 from .fastpath import ISOLATE_LINK_DOWN, ISOLATE_QUARANTINE, Port, Switch
 from .kernel import Kernel
 from .policy import PolicyError, load_policy
@@ -52,6 +52,7 @@ class _Reader:
     them belong to it.  A frontend that stalls mid-message stalls only itself."""
 
     sock: socket.socket
+    device: Optional[VhostUserDevice] = None     # the session this connection drives
     buf: bytearray = field(default_factory=bytearray)
     fds: list = field(default_factory=list)
     header: Optional[proto.Header] = None
@@ -101,20 +102,31 @@ class NI:
         if not self.path:
             raise ValueError(f"NI {name!r}: no socket path")
         self.port = daemon.switch.add_vhost_port()
-        self.device = VhostUserDevice(name, self.port, offloads=daemon.offloads)
-        self.device.on_rarp = lambda mac: self.port.inject_from(rarp_frame(mac))
+        self.device = self._new_device()
         try:
             self.listener = None if self.client else _listen(self.path, daemon.socket_group)
         except BaseException:
             self.port.remove()              # the slot is not lost to a socket that failed
             raise
         self.reader: Optional[_Reader] = None
+        # live migration: a second frontend on the socket (the destination QEMU) waits
+        # here until it configures the device (see Daemon._promote)
+        self.standby: Optional[_Reader] = None
+        self.handovers = 0
         self.broken_logged: Optional[str] = None
         self.next_connect = 0.0            # client mode: when to try again
         self.backoff = CLIENT_BACKOFF_MIN
         self.connect_error = ""
         self.qemu = None                   # a vhostni.qemu.QemuLink with --qemu-qmp
         self.isolation_reason = {}         # "quarantine"/"link-down" -> why
+
+    def _new_device(self, counters=None) -> VhostUserDevice:
+        dev = VhostUserDevice(self.name, self.port, offloads=self.daemon.offloads)
+        if counters is not None:
+            dev.counters = counters                  # one NI, one set of counters
+        dev.on_rarp = lambda mac: self.port.inject_from(rarp_frame(mac))
+        dev.on_promote = lambda d: self.daemon._promote(self, d)
+        return dev
 
     @property
     def connected(self) -> bool:
@@ -134,6 +146,8 @@ class NI:
             "mode": "client" if self.client else "server",
             "quarantined": bool(self.port.isolation & ISOLATE_QUARANTINE),
             "link": "down" if self.port.isolation & ISOLATE_LINK_DOWN else "up",
+            "standby_frontend": self.standby is not None,
+            "handovers": self.handovers,
         }
         if self.client and not self.connected and self.connect_error:
             d["connect_error"] = self.connect_error
@@ -278,6 +292,7 @@ class Daemon:
         ni = self.nis.pop(name)
         self.kernel.detach(ni.port.index)
         self.kernel.checkpoints.drop_ni(name)
+        self._drop(ni, ni.standby)
         self._drop(ni)
         if ni.qemu is not None and self.qemu_monitor is not None:
             self.qemu_monitor.remove(ni.qemu)
@@ -375,25 +390,67 @@ class Daemon:
             # The old connection may be gone already, its EOF not yet seen in this batch of
             # events (epoll need not report it first): finish it before judging, or a
             # frontend that reconnects at once is refused.
-            self._serve(ni)
-        if ni.connected:
-            log.warning("NI %s: refusing a second frontend connection", ni.name)
+            self._serve(ni, ni.reader)
+        if ni.connected and ni.standby is not None:
+            self._serve(ni, ni.standby)
+        if ni.connected and ni.standby is not None:
+            log.warning("NI %s: refusing a third frontend connection", ni.name)
             conn.close()
+            return
+        if ni.connected:
+            # live migration: the destination QEMU connects while the source runs
+            self._attach_standby(ni, conn)
             return
         self._attach_frontend(ni, conn)
 
     def _attach_frontend(self, ni: NI, conn: socket.socket) -> None:
         conn.setblocking(False)
-        ni.reader = _Reader(conn)
-        self.register(conn.fileno(), lambda: self._serve(ni))
+        ni.reader = reader = _Reader(conn, ni.device)
+        self.register(conn.fileno(), lambda: self._serve(ni, reader))
         ni.device.connected()
         log.info("NI %s: frontend connected", ni.name)
         self.kernel.event("NI_UP", ni=ni.name)
         if ni.qemu is not None:
             ni.qemu.reassert()    # QEMU sets the link up itself when vhost-user (re)connects
 
-    def _serve(self, ni: NI) -> None:
-        reader = ni.reader
+    def _attach_standby(self, ni: NI, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        dev = ni._new_device(counters=ni.device.counters)
+        dev.standby = True
+        ni.standby = reader = _Reader(conn, dev)
+        self.register(conn.fileno(), lambda: self._serve(ni, reader))
+        dev.connected()
+        log.info("NI %s: second frontend connected (standby: a migration's destination)", ni.name)
+
+    def _promote(self, ni: NI, dev: VhostUserDevice) -> None:
+        """The standby session configures the device: it becomes the NI's frontend, if the
+        active one's rings are stopped (GET_VRING_BASE: QEMU stopped the source VM) or it
+        is gone.  Two QEMUs running one NI at once would corrupt both guests: refused."""
+        if ni.standby is None or ni.standby.device is not dev:
+            raise CloseConnection("not this NI's standby session")
+        if ni.reader is not None:
+            running = [q for q in range(2 * MAX_QUEUE_PAIRS) if ni.port.vring_started(q)]
+            if running:
+                raise CloseConnection(
+                    f"second frontend configures the device while rings {running} of the "
+                    "first still run (migrate only a stopped source)")
+        old_reader, old_dev = ni.reader, ni.device
+        ni.port.reset()          # the source's memory, rings and fds; policy, held frames stay
+        if old_dev is not None:
+            old_dev.demote()
+        ni.reader, ni.device = ni.standby, dev
+        ni.standby = old_reader
+        dev.activate()
+        ni.handovers += 1
+        log.info("NI %s: the second frontend took over (migration hand-over %d)", ni.name,
+                 ni.handovers)
+        self.kernel.event("NI_UP", ni=ni.name)
+        if ni.qemu is not None:
+            ni.qemu.reassert()
+
+    def _serve(self, ni: NI, reader: Optional[_Reader]) -> None:
+        if reader is None:
+            return
         try:
             for header, payload, fds in reader.messages():
                 try:
@@ -401,35 +458,51 @@ class Daemon:
                 except proto.ProtocolError:
                     proto.close_fds(fds)
                     raise
-                reply = ni.device.handle(msg)
+                reply = reader.device.handle(msg)
                 if reply is not None:
                     reader.sock.sendall(reply)
         except EOFError:
             log.info("NI %s: frontend disconnected", ni.name)
-            self._drop(ni)
+            self._drop(ni, reader)
         except proto.ProtocolError as exc:
-            ni.device.counters.errors += 1
-            ni.device.counters.last_error = str(exc)
+            reader.device.counters.errors += 1
+            reader.device.counters.last_error = str(exc)
             log.error("NI %s: protocol error, closing the connection: %s", ni.name, exc)
-            self._drop(ni)
+            self._drop(ni, reader)
         except CloseConnection as exc:
+            reader.device.counters.errors += 1
+            reader.device.counters.last_error = str(exc)
             log.error("NI %s: closing the connection: %s", ni.name, exc)
-            self._drop(ni)
+            self._drop(ni, reader)
         except OSError as exc:
             if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.EAGAIN):
                 log.exception("NI %s: connection failed", ni.name)
             else:
                 log.info("NI %s: connection lost (%s)", ni.name, exc)
-            self._drop(ni)
+            self._drop(ni, reader)
 
-    def _drop(self, ni: NI) -> None:
-        if ni.reader is None:
+    def _drop(self, ni: NI, reader: Optional[_Reader] = None) -> None:
+        if reader is None:
+            reader = ni.reader
+        if reader is None or reader not in (ni.reader, ni.standby):
             return
-        self.unregister(ni.reader.sock.fileno())
-        ni.reader.close()
+        self.unregister(reader.sock.fileno())
+        reader.close()
+        reader.device.disconnected()      # a standby's: its own state only
+        if reader is ni.standby:
+            ni.standby = None
+            return
         ni.reader = None
-        ni.device.disconnected()
         self.kernel.event("NI_DOWN", ni=ni.name)
+        if ni.standby is not None:
+            # the source went away first (or a migration failed on the other side): the
+            # standby is now the only frontend; it takes the port when it configures it
+            log.info("NI %s: the standby frontend is now the only one", ni.name)
+            ni.reader, ni.standby = ni.standby, None
+            ni.device = ni.reader.device
+            ni.device.activate()
+            self.kernel.event("NI_UP", ni=ni.name)
+            return
         if ni.client:
             ni.next_connect = time.monotonic() + ni.backoff   # QEMU restarting, or gone
 
@@ -656,6 +729,7 @@ class Daemon:
             self.qemu_monitor.close()
         self.kernel.close()
         for ni in self.nis.values():
+            self._drop(ni, ni.standby)
             self._drop(ni)
             if ni.listener is None:
                 continue

@@ -34,6 +34,8 @@ BASE_FEATURES = proto.feature_mask(
     # several queue pairs (QEMU's netdev queues=N): QEMU keeps this bit only if the backend
     # offers it; the control queue that sets the pairs in use is QEMU's own
     proto.VIRTIO_NET_F_MQ,
+    # dirty-page logging while QEMU migrates the guest (SET_LOG_BASE with LOG_SHMFD)
+    proto.VHOST_F_LOG_ALL,
 )
 OFFLOAD_FEATURES = proto.feature_mask(
     proto.VIRTIO_NET_F_CSUM,
@@ -47,6 +49,7 @@ OFFLOAD_FEATURES = proto.feature_mask(
 )
 PROTOCOL_FEATURES = int(
     ProtocolFeature.MQ | ProtocolFeature.RARP | ProtocolFeature.REPLY_ACK | ProtocolFeature.NET_MTU
+    | ProtocolFeature.LOG_SHMFD
 )
 
 
@@ -70,9 +73,17 @@ class VhostUserDevice:
     counters: DeviceCounters = field(default_factory=DeviceCounters)
     # set by the daemon: called with the guest MAC from SEND_RARP
     on_rarp: Optional[Callable[[bytes], None]] = None
+    # Live migration: a second frontend on the NI's socket (the destination QEMU) is a
+    # *standby* session.  It negotiates (features, protocol features, owner, call fds,
+    # ring enables: all kept in the session) without touching the port; the first request
+    # that configures the device (memory table, rings, log) calls on_promote, which makes
+    # it the NI's active session or raises CloseConnection.
+    standby: bool = False
+    on_promote: Optional[Callable[["VhostUserDevice"], None]] = None
 
     def __post_init__(self) -> None:
         self.features_offered = BASE_FEATURES | (OFFLOAD_FEATURES if self.offloads else 0)
+        self.deferred_calls: dict[int, Optional[int]] = {}
         self._reset_session()
 
     def _reset_session(self) -> None:
@@ -80,6 +91,13 @@ class VhostUserDevice:
         self.protocol_features = 0
         self.owner = False
         self.mtu: Optional[int] = None
+        self.bases: dict[int, int] = {}           # GET_VRING_BASE answers given while active
+        self.deferred_enable: dict[int, bool] = {}
+        self._close_deferred()
+
+    def _close_deferred(self) -> None:
+        proto.close_fds(fd for fd in self.deferred_calls.values() if fd is not None)
+        self.deferred_calls = {}
 
     # ---- connection lifetime
     def connected(self) -> None:
@@ -88,9 +106,28 @@ class VhostUserDevice:
 
     def disconnected(self) -> None:
         """The frontend went away (QEMU quit, crashed or will reconnect): forget its memory,
-        rings and fds; the NI keeps its place on the switch."""
-        self.port.reset()
+        rings and fds; the NI keeps its place on the switch.  A standby session never
+        configured the port: only its own state goes."""
+        if not self.standby:
+            self.port.reset()
         self._reset_session()
+
+    def activate(self) -> None:
+        """This (standby) session takes the port over (the caller reset it): what it
+        negotiated while standby is applied."""
+        self.standby = False
+        if self.features:
+            self._apply_features(self.features)
+        for q, fd in self.deferred_calls.items():
+            self.port.set_vring_call(q, fd)          # takes the fd
+        self.deferred_calls = {}
+        for q, on in self.deferred_enable.items():
+            self.port.set_vring_enable(q, on)
+        self.deferred_enable = {}
+
+    def demote(self) -> None:
+        """Another session took the port over; this one stays connected as the standby."""
+        self.standby = True
 
     # ---- requests
     def handle(self, msg: proto.Message) -> Optional[bytes]:
@@ -100,6 +137,14 @@ class VhostUserDevice:
         log.debug("%s: %s %s", self.name, msg.request.name, msg.body)
         handler = self._HANDLERS.get(msg.request)
         try:
+            if self.standby and handler is not None:
+                local = self._STANDBY_HANDLERS.get(msg.request)
+                if local is not None:
+                    handler = local
+                elif self.on_promote is None:
+                    raise CloseConnection("a standby session cannot configure the device")
+                else:
+                    self.on_promote(self)     # raises CloseConnection if refused
             if handler is None:
                 raise _Refused(f"{msg.request.name} is not supported")
             body = handler(self, msg)
@@ -134,6 +179,9 @@ class VhostUserDevice:
         if f & ~self.features_offered:
             raise _Refused(f"features {f & ~self.features_offered:#x} were not offered")
         self.features = f
+        self._apply_features(f)
+
+    def _apply_features(self, f: int) -> None:
         self.port.set_features(f)
         if not f & (1 << proto.VHOST_USER_F_PROTOCOL_FEATURES):
             # without protocol features there is no SET_VRING_ENABLE: rings are enabled
@@ -177,14 +225,56 @@ class VhostUserDevice:
 
     def _set_vring_addr(self, msg):
         b = msg.body
-        self.port.set_vring_addr(self._queue(b.index), b.desc, b.used, b.avail)
+        q = self._queue(b.index)
+        self.port.set_vring_addr(q, b.desc, b.used, b.avail)
+        # QEMU re-sends the address with VRING_F_LOG set when a migration starts (and
+        # without when it ends); b.log is the used ring's guest-physical address
+        self.port.set_vring_log(q, bool(b.flags & proto.VRING_F_LOG), b.log)
+
+    def _set_log_base(self, msg):
+        if not self.protocol_features & ProtocolFeature.LOG_SHMFD:
+            raise _Refused("SET_LOG_BASE without LOG_SHMFD")
+        fd = msg.take_fd()
+        try:
+            self.port.set_log(fd, msg.body.mmap_size, msg.body.mmap_offset)
+        finally:
+            proto.close_fds([fd])
+        # under LOG_SHMFD the frontend waits for a reply (libvhost-user sends a u64 0)
+        return proto.U64(0)
 
     def _set_vring_base(self, msg):
         self.port.set_vring_base(self._queue(msg.body.index), msg.body.num)
 
     def _get_vring_base(self, msg):
         q = self._queue(msg.body.index)
-        return proto.VringState(q, self.port.get_vring_base(q))
+        self.bases[q] = self.port.get_vring_base(q)
+        return proto.VringState(q, self.bases[q])
+
+    # ---- a standby session: kept in the session, the port untouched
+    def _standby_set_features(self, msg):
+        f = msg.body.value
+        if f & ~self.features_offered:
+            raise _Refused(f"features {f & ~self.features_offered:#x} were not offered")
+        self.features = f
+
+    def _standby_get_vring_base(self, msg):
+        # the source QEMU, demoted after the hand-over, asking again: what it was told
+        q = self._queue(msg.body.index)
+        return proto.VringState(q, self.bases.get(q, 0))
+
+    def _standby_set_vring_call(self, msg):
+        q = self._queue(msg.body.index)
+        fd = msg.take_fd()
+        old = self.deferred_calls.pop(q, None)
+        if old is not None:
+            proto.close_fds([old])
+        self.deferred_calls[q] = fd
+
+    def _standby_set_vring_enable(self, msg):
+        self.deferred_enable[self._queue(msg.body.index)] = bool(msg.body.num)
+
+    def _standby_reset_owner(self, msg):
+        self._reset_session()
 
     def _set_vring_kick(self, msg):
         q = self._queue(msg.body.index)
@@ -224,6 +314,7 @@ class VhostUserDevice:
         Request.SET_VRING_NUM: _set_vring_num,
         Request.SET_VRING_ADDR: _set_vring_addr,
         Request.SET_VRING_BASE: _set_vring_base,
+        Request.SET_LOG_BASE: _set_log_base,
         Request.GET_VRING_BASE: _get_vring_base,
         Request.SET_VRING_KICK: _set_vring_kick,
         Request.SET_VRING_CALL: _set_vring_call,
@@ -232,6 +323,24 @@ class VhostUserDevice:
         Request.SEND_RARP: _send_rarp,
         Request.NET_SET_MTU: _net_set_mtu,
     }
+
+
+# What a standby session may do without taking the port over.  Everything else that has a
+# handler (SET_MEM_TABLE, SET_VRING_NUM/ADDR/BASE/KICK, SET_LOG_BASE, SEND_RARP) promotes it.
+VhostUserDevice._STANDBY_HANDLERS = {
+    Request.GET_FEATURES: VhostUserDevice._get_features,
+    Request.SET_FEATURES: VhostUserDevice._standby_set_features,
+    Request.SET_OWNER: VhostUserDevice._set_owner,
+    Request.RESET_OWNER: VhostUserDevice._standby_reset_owner,
+    Request.GET_PROTOCOL_FEATURES: VhostUserDevice._get_protocol_features,
+    Request.SET_PROTOCOL_FEATURES: VhostUserDevice._set_protocol_features,
+    Request.GET_QUEUE_NUM: VhostUserDevice._get_queue_num,
+    Request.GET_VRING_BASE: VhostUserDevice._standby_get_vring_base,
+    Request.SET_VRING_CALL: VhostUserDevice._standby_set_vring_call,
+    Request.SET_VRING_ERR: VhostUserDevice._set_vring_err,
+    Request.SET_VRING_ENABLE: VhostUserDevice._standby_set_vring_enable,
+    Request.NET_SET_MTU: VhostUserDevice._net_set_mtu,
+}
 
 
 class _Refused(Exception):

@@ -238,6 +238,15 @@ class VhostPort(Port):
     def reset(self) -> None:
         _check("reset", lib.vn_dev_reset(self._sw, self.index))
 
+    def set_log(self, fd: int, size: int, offset: int) -> None:
+        """Maps the dirty-page log of a live migration (SET_LOG_BASE); size 0 unmaps it.
+        ``fd`` stays the caller's to close."""
+        _check("set log base", lib.vn_dev_set_log(self._sw, self.index, fd, size, offset))
+
+    def set_vring_log(self, q: int, on: bool, used_gpa: int = 0) -> None:
+        """VHOST_VRING_F_LOG: log used-ring writes at guest-physical ``used_gpa``."""
+        _check(f"vring {q} log", lib.vn_vq_set_log(self._sw, self.index, q, 1 if on else 0, used_gpa))
+
     def set_vring_num(self, q: int, num: int) -> None:
         _check(f"vring {q} num", lib.vn_vq_set_num(self._sw, self.index, q, num))
 

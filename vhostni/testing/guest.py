@@ -30,6 +30,7 @@ import re
 import secrets
 import shlex
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -610,6 +611,86 @@ class Guest:
     def __repr__(self) -> str:
         return f"<Guest {self.name} pid={self.pid} {'ready' if self._ready else 'not ready'}>"
 
+    # -- live migration --
+
+    def qmp(self, command: str, timeout: float = 10.0, **arguments) -> object:
+        """Run one QMP command on this guest's QEMU (needs ``qmp=True``); returns its "return"."""
+        if not self.qmp_path:
+            raise GuestError(f"guest {self.name}: started without qmp=True")
+        return qmp_command(self.qmp_path, command, arguments or None, timeout)
+
+    def migrate(self, timeout: float = 300.0, max_bandwidth: int = 1 << 30,
+                downtime_ms: int = 500) -> dict:
+        """Live-migrate this guest to a new QEMU on this host: the same command line plus
+        ``-incoming unix:...`` (so the same vhost-user sockets: the destination joins the
+        NI, see the README's "Live migration"), ``migrate`` over QMP, then the source quits.
+        The console, ``run()`` and ``qmp()`` follow the guest.  Returns the final
+        ``query-migrate`` (status "completed", total-time, downtime, ram).  GuestError if
+        the migration fails (the source keeps running then)."""
+        if not self._ready or self._child is None:
+            raise GuestError(f"guest {self.name} is not booted")
+        n = next(self._seq)
+        src_qmp, src_child = self.qmp_path, self._child
+        mig = os.path.join(self._workdir, f"mig{n}.sock")
+        self.qmp_path = dst_qmp = os.path.join(self._workdir, f"qmp{n}.sock")
+        argv = self.argv() + ["-incoming", f"unix:{mig}"]
+        self.qmp_path = src_qmp
+        self._log.write(f"\n# vhostni guest {self.name}: migrating to {shlex.join(argv)}\n")
+        dst = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", codec_errors="replace",
+                            timeout=None, echo=False, dimensions=(50, 250))
+        dst.logfile_read = self._log
+        dst.delaybeforesend = None
+        try:
+            deadline = time.monotonic() + 30
+            while not os.path.exists(mig) and time.monotonic() < deadline:
+                if not dst.isalive():
+                    raise GuestError(f"guest {self.name}: the destination QEMU exited; log: {self.log_path}")
+                self._drain(dst)
+            self.qmp("migrate-set-parameters", **{"max-bandwidth": max_bandwidth,
+                                                   "downtime-limit": downtime_ms})
+            self.qmp("migrate", uri=f"unix:{mig}")
+            deadline = time.monotonic() + timeout
+            while True:
+                info = self.qmp("query-migrate")
+                status = info.get("status") if isinstance(info, dict) else None
+                if status == "completed":
+                    break
+                if status in ("failed", "cancelled") or time.monotonic() > deadline:
+                    if status not in ("failed", "cancelled"):
+                        self.qmp("migrate_cancel")
+                    raise GuestError(f"guest {self.name}: migration {status or 'timed out'}: "
+                                     f"{info.get('error-desc', '') if isinstance(info, dict) else info}")
+                self._drain(dst)
+                self._drain(src_child)
+        except BaseException:
+            dst.close(force=True)
+            raise
+        # the guest runs on the destination (it starts by itself after -incoming): switch over
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if qmp_command(dst_qmp, "query-status").get("status") == "running":
+                    break
+            except (OSError, GuestError):
+                pass
+            self._drain(dst)
+        try:
+            qmp_command(src_qmp, "quit")
+        except (OSError, GuestError):
+            pass
+        src_child.expect(pexpect.EOF, timeout=30)
+        src_child.close(force=True)
+        self._child, self.qmp_path = dst, dst_qmp
+        return info
+
+    @staticmethod
+    def _drain(child: pexpect.spawn) -> None:
+        """Read what a QEMU printed (into the console log) so it never blocks on its pty."""
+        try:
+            child.read_nonblocking(65536, timeout=0.1)
+        except (pexpect.TIMEOUT, pexpect.EOF, OSError):
+            pass
+
     # -- commands --
 
     def run(self, cmd: str, timeout: float = 60.0) -> tuple[str, int]:
@@ -685,6 +766,36 @@ class Guest:
             self.check(f"echo {b64[i:i + 3000]} >> {shlex.quote(tmp)}", timeout)
         self.check(f"base64 -d {shlex.quote(tmp)} > {shlex.quote(path)} && rm {shlex.quote(tmp)} && "
                    f"chmod {mode:o} {shlex.quote(path)}", timeout)
+
+
+def qmp_command(path: str, command: str, arguments: dict | None = None, timeout: float = 10.0) -> object:
+    """One QMP command over the unix socket at ``path`` (a connection of its own); returns
+    its "return", raises GuestError with QEMU's error."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        f = s.makefile("rwb")
+
+        def call(cmd: str, args: dict | None) -> object:
+            msg = {"execute": cmd}
+            if args:
+                msg["arguments"] = args
+            f.write(json.dumps(msg).encode() + b"\n")
+            f.flush()
+            while True:
+                line = f.readline()
+                if not line:
+                    raise GuestError(f"QMP {path}: connection closed during {cmd}")
+                reply = json.loads(line)
+                if "return" in reply:
+                    return reply["return"]
+                if "error" in reply:
+                    raise GuestError(f"QMP {cmd}: {reply['error'].get('desc', reply['error'])}")
+                # events: skipped
+
+        json.loads(f.readline() or b"{}")      # greeting
+        call("qmp_capabilities", None)
+        return call(command, arguments)
 
 
 def boot_guests(guests: Sequence[Guest], timeout: float | None = None) -> list[Guest]:
