@@ -24,8 +24,9 @@ from nikit import (
     scanner_spec, tcp, tcp_frame, time_limit, udp, udp_frame, write_policy, fill_fs, tiny_tmpfs,
     unsendable_configs,
 )
+from vhostni import alertlog as alertlog_mod
 from vhostni import kernel as kernel_mod
-from vhostni.kernel import AlertLog
+from vhostni.alertlog import AlertLog
 from vhostni.scanner import wire
 
 
@@ -794,7 +795,7 @@ def test_a_full_alert_log_file_system_holds_counts_and_marks_what_was_lost(monke
     """ENOSPC (a 64 KiB tmpfs): appends go on, nothing is raised, alerts reach their
     listeners marked not durable, a bounded number are held, the rest counted; when space
     returns the held ones are written, then a marker for the lost ones."""
-    monkeypatch.setattr(kernel_mod, "ALERT_RETRY_S", 0.0)
+    monkeypatch.setattr(alertlog_mod, "ALERT_RETRY_S", 0.0)
     with tiny_tmpfs(64) as d:
         path = os.path.join(d, "alerts.jsonl")
         log = AlertLog(path, max_pending=4)
@@ -843,7 +844,7 @@ def test_the_alert_log_writer_group_commits_off_the_callers_thread(tmp_path, mon
         time.sleep(0.2)
         real_fsync(fd)
         fsyncs.append(time.monotonic())
-    monkeypatch.setattr(kernel_mod.os, "fsync", slow_fsync)
+    monkeypatch.setattr(alertlog_mod.os, "fsync", slow_fsync)
     path = str(tmp_path / "alerts.jsonl")
     log = AlertLog(path)
     handlers = {}
