@@ -26,13 +26,14 @@ from nikit import (
 )
 from vhostni import alertlog as alertlog_mod
 from vhostni import kernel as kernel_mod
+from vhostni import scannerproc as scannerproc_mod
 from vhostni.alertlog import AlertLog
 from vhostni.scanner import wire
 
 
 @pytest.fixture(autouse=True)
 def _fast(monkeypatch):
-    monkeypatch.setattr(kernel_mod, "RESTART_MIN", 0.05)
+    monkeypatch.setattr(scannerproc_mod, "RESTART_MIN", 0.05)
     with time_limit(60, "the test"):
         yield
 
@@ -327,7 +328,7 @@ def test_a_policy_whose_hello_cannot_be_sent_is_never_applied(kits, caplog, kind
     assert "hello" in caplog.text
     # past validation (a bug, or a policy changed after it): nothing changes, nothing starts
     pol = load_policy(write_policy(os.path.join(k.dir, "ok.json"), _reload_policy(block=80)))
-    pol.scanners.append(kernel_mod.ScannerSpec(name="big", argv=pol.scanners[0].argv,
+    pol.scanners.append(scannerproc_mod.ScannerSpec(name="big", argv=pol.scanners[0].argv,
                                                config=unsendable_configs()[kind], rights=[],
                                                injections=[]))
     for apply in (lambda: k.daemon.set_policy("a", pol),
@@ -629,7 +630,7 @@ def test_client_mode_frames_before_the_scanners_subscribe_are_held_back(kits):
 def test_failed_scanner_cover_gets_the_default_decision(kits, monkeypatch):
     """A scanner that dies before it subscribes: what its rights cover gets the policy's
     default (here pass: the administrator chose availability), not a cut for ever."""
-    monkeypatch.setattr(kernel_mod, "RESTART_MIN", 30.0)
+    monkeypatch.setattr(scannerproc_mod, "RESTART_MIN", 30.0)
     spec = decider(subscribe=[HTTP_CONTAIN], crash_before_subscribe=True)
     k = kits({"a": policy(default_decision="pass", scanners=[spec])})
     k.until(lambda: not k.sp("a", "dec").running, what="the scanner to die")

@@ -14,7 +14,7 @@ from nikit import (
     A_IP, A_MAC, B_MAC, BCAST, Kit, bootp_request, eth, ipv4, policy, scanner_spec, tcp_frame, time_limit,
     udp, udp_frame,
 )
-from vhostni import kernel as kernel_mod
+from vhostni import scannerproc as scannerproc_mod
 from vhostni.fastpath import ISOLATE_LINK_DOWN, ISOLATE_QUARANTINE
 from vhostni.policy import PolicyError, parse_policy
 
@@ -29,7 +29,7 @@ QUARANTINE = {"allow": [
 
 @pytest.fixture(autouse=True)
 def _fast(monkeypatch):
-    monkeypatch.setattr(kernel_mod, "RESTART_MIN", 0.05)
+    monkeypatch.setattr(scannerproc_mod, "RESTART_MIN", 0.05)
     with time_limit(60, "the test"):
         yield
 

@@ -60,7 +60,8 @@ from typing import Callable, Optional
 from . import pcap
 from .fastpath import Switch
 from .alertlog import encode_alert
-from .kernel import Kernel, ScannerProc
+from .kernel import Kernel
+from .scannerproc import ScannerProc
 from .policy import Policy
 
 log = logging.getLogger("vhostni.replay")
