@@ -37,6 +37,7 @@ from typing import Callable, Optional
 
 from . import sandbox
 from .alertlog import AlertLog
+from .fastpath import MAX_STREAM_SUBS, MAX_SUBS
 from .scanstate import CheckpointStore
 from .policy import Match, Policy, StreamMatch, check_wire
 from .scannerproc import LOCKDOWN_GRACE, ScannerProc, StreamSub, Sub
@@ -104,9 +105,8 @@ class NIKernel(StreamBroker):
             spec = self.scanners[name].spec
             cover += [(r.match, name) for r in spec.rights if r.contain]
             scover += [(r.match, name) for r in spec.stream_rights if r.contain]
-        lib = self.kernel.lib
-        subs, owners = self._with_cover(subs, owners, cover, Match(), lib.VN_MAX_SUBS)
-        ssubs, sowners = self._with_cover(ssubs, sowners, scover, StreamMatch(), lib.VN_MAX_STREAM_SUBS)
+        subs, owners = self._with_cover(subs, owners, cover, Match(), MAX_SUBS)
+        ssubs, sowners = self._with_cover(ssubs, sowners, scover, StreamMatch(), MAX_STREAM_SUBS)
         self._owners, self._stream_owners = owners, sowners
         self.port.set_policy(self.policy.compile(subs, ssubs))
 
@@ -228,7 +228,7 @@ class NIKernel(StreamBroker):
                     covers.append(names)
                 else:
                     targets[names[0]] = targets.get(names[0], False) or bool(p.contain >> i & 1)
-        data = bytes(self.kernel.ffi.buffer(p.data, p.len))
+        data = p.data
         held_id = p.id
         needed = set()
         cut = False
@@ -338,12 +338,12 @@ class NIKernel(StreamBroker):
             st.closing is None and any(st.deadlines.values()) for st in self.streams.values())
 
     def info(self) -> dict:
-        lib, sw = self.kernel.lib, self.kernel.switch._sw
+        sw = self.kernel.switch
         return {"policy": self.policy.source, "subscriptions": len(self.subs),
                 "stream_subscriptions": len(self.stream_subs), "streams": len(self.streams),
                 "streams_killed": self.streams_killed,
-                "tcp_flows": lib.vn_tcp_flows(sw, self.port.index),
-                "tcp_bytes": int(lib.vn_tcp_bytes(sw, self.port.index)),
+                "tcp_flows": sw.tcp_flows(self.port.index),
+                "tcp_bytes": sw.tcp_bytes(self.port.index),
                 "held": len(self.held), "decided_by_timeout": self.decided_by_timeout,
                 "scanners_not_ready": sorted(self.covered), "cut_before_ready": self.cut_before_ready,
                 "scanners": {n: sp.info() for n, sp in self.scanners.items()}}
@@ -357,8 +357,6 @@ class Kernel:
     def __init__(self, switch, register: Callable[[int, Callable[[], None]], None],
                  unregister: Callable[[int], None], alert_log: Optional[str],
                  state_dir: Optional[str] = None):
-        from ._fastpath import ffi, lib
-        self.ffi, self.lib = ffi, lib
         self.switch = switch
         self.register = register
         self.unregister = unregister
@@ -371,9 +369,6 @@ class Kernel:
             log.info("removed the stale scanner stage %s (its daemon is gone)", gone)
         self.nis: dict[int, NIKernel] = {}          # by port index
         self.events: list[Callable[[str, dict], None]] = []
-        self._punt = ffi.new("struct vn_punt *")
-        self._sev = ffi.new("struct vn_stream_event *")
-        self._sptr = ffi.new("const uint8_t **")
         self.next_deadline = float("inf")
 
     def event(self, name: str, **data) -> None:
@@ -395,13 +390,13 @@ class Kernel:
             nk.shutdown()
 
     def release(self, held_id: int, passed: bool) -> None:
-        self.lib.vn_held_release(self.switch._sw, held_id, 1 if passed else 0)
+        self.switch.release_held(held_id, passed)
 
     def on_punts(self) -> None:
-        p = self._punt
-        sw = self.switch._sw
+        sw = self.switch
         for _ in range(4096):
-            if not self.lib.vn_punt_next(sw, p):
+            p = sw.next_punt()
+            if p is None:
                 break
             nk = self.nis.get(p.port)
             if nk is None:
@@ -409,14 +404,14 @@ class Kernel:
                     self.release(p.id, False)
                 continue
             nk.punted(p)
-        ev = self._sev
         for _ in range(4096):
-            if not self.lib.vn_stream_next(sw, ev):
+            ev = sw.next_stream_event()
+            if ev is None:
                 break
             nk = self.nis.get(ev.port)
             if nk is None:
-                if not ev.what & self.lib.VN_STREAM_CLOSED:
-                    self.lib.vn_stream_kill(sw, ev.stream)
+                if not ev.closed:
+                    sw.stream_kill(ev.stream)
                 continue
             nk.stream_event(ev)
         self._update_deadline()
@@ -443,7 +438,7 @@ class Kernel:
                     sp.flush()
             nk.check_ready(now)
             nk.note_midstream(now)
-        self.lib.vn_tcp_housekeeping(self.switch._sw)
+        self.switch.tcp_housekeeping()
         self.checkpoints.flush()
         self.next_deadline = min(nxt, min((nk.deadline() for nk in self.nis.values()),
                                           default=float("inf")), self._restarts_due())

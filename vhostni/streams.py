@@ -14,6 +14,7 @@ import logging
 import time
 from typing import Optional
 
+from .fastpath import strerror
 from .scanner import wire
 
 log = logging.getLogger("vhostni.kernel")    # the kernel's logger, as before this module split
@@ -55,32 +56,31 @@ class StreamBroker:
 
     def stream_event(self, ev) -> None:
         """A stream opened, grew or closed in the fast path (one vn_stream_event)."""
-        sid = int(ev.stream)
+        sid = ev.stream
         st = self.streams.get(sid)
-        if ev.what & self.kernel.lib.VN_STREAM_OPEN:
+        if ev.opened:
             st = self._stream_open(ev)
         if st is None:
             # not ours (opened under another kernel): nobody will read or decide it
-            if not ev.what & self.kernel.lib.VN_STREAM_CLOSED:
-                self.kernel.lib.vn_stream_kill(self.kernel.switch._sw, sid)
+            if not ev.closed:
+                self.kernel.switch.stream_kill(sid)
             return
         if st.closing is None:
             for i, d in ((0, 1), (1, 2)):
                 if ev.read[i]:
-                    self._stream_data(st, d, int(ev.avail[i]), bool(ev.eof[i]))
-        if ev.what & self.kernel.lib.VN_STREAM_CLOSED:
+                    self._stream_data(st, d, ev.avail[i], ev.eof[i])
+        if ev.closed:
             reason = st.closing or CLOSE_REASONS.get(ev.reason, "closed")
             self._stream_closed(st, reason)
 
     def _stream_open(self, ev) -> Optional[KStream]:
-        n = 4 if ev.family == 4 else 16
-        g = str(ipaddress.ip_address(bytes(ev.guest_addr[0:n])))
-        r = str(ipaddress.ip_address(bytes(ev.remote_addr[0:n])))
+        g = str(ipaddress.ip_address(ev.guest_addr))
+        r = str(ipaddress.ip_address(ev.remote_addr))
         client = "guest" if ev.client == 1 else "remote"
         server_port = ev.remote_port if client == "guest" else ev.guest_port
-        st = KStream(int(ev.stream), {"family": ev.family, "client": client,
+        st = KStream(ev.stream, {"family": ev.family, "client": client,
                                       "guest": [g, ev.guest_port], "remote": [r, ev.remote_port],
-                                      "port": server_port, "midstream": bool(ev.midstream)})
+                                      "port": server_port, "midstream": ev.midstream})
         covers = []
         for i, (names, is_cover) in enumerate(self._stream_owners):
             if not ev.subs >> i & 1:
@@ -120,14 +120,13 @@ class StreamBroker:
     def _stream_data(self, st: KStream, d: int, avail: int, eof: bool) -> None:
         if st.closing is not None:
             return
-        lib, ffi, sw = self.kernel.lib, self.kernel.ffi, self.kernel.switch._sw
-        ptr = self.kernel._sptr
+        sw = self.kernel.switch
         start = st.read_off[d]
         while st.read_off[d] < avail:
-            n = lib.vn_stream_read(sw, st.id, d, st.read_off[d], ptr)
-            if n <= 0:
+            data = sw.stream_read(st.id, d, st.read_off[d])
+            if not data:
                 break
-            data = ffi.buffer(ptr[0], n)[:]
+            n = len(data)
             off = st.read_off[d]
             for name in st.readers_of(d):
                 sp = self.scanners.get(name)
@@ -144,7 +143,7 @@ class StreamBroker:
                     return
             st.read_off[d] = off + n
         if st.read_off[d] > start:
-            lib.vn_stream_consume(sw, st.id, d, st.read_off[d])
+            sw.stream_consume(st.id, d, st.read_off[d])
             if st.hold_dirs & d and st.read_off[d] > st.released[d]:
                 st.deadlines[d].append((st.read_off[d], time.monotonic() + self.policy.hold_timeout))
         if eof and st.read_off[d] >= avail and d not in st.ended:
@@ -168,7 +167,7 @@ class StreamBroker:
     def _stream_settle(self, st: KStream) -> None:
         """Tells the fast path how far each held direction may go: as far as every holder
         passed; a held direction nobody holds any longer goes on entirely."""
-        lib, sw = self.kernel.lib, self.kernel.switch._sw
+        sw = self.kernel.switch
         for d in (1, 2):
             if not st.hold_dirs & d:
                 continue
@@ -176,7 +175,7 @@ class StreamBroker:
             upto = min((st.passed.get((n, d), 0) for n in holders), default=wire.PASS_ALL)
             if upto > st.released[d]:
                 st.released[d] = upto
-                lib.vn_stream_pass(sw, st.id, d, upto)
+                sw.stream_pass(st.id, d, upto)
                 q = st.deadlines[d]
                 while q and q[0][0] <= upto:
                     q.popleft()
@@ -208,7 +207,7 @@ class StreamBroker:
         if st.closing is None:
             st.closing = reason
             self.streams_killed += 1
-            self.kernel.lib.vn_stream_kill(self.kernel.switch._sw, st.id)
+            self.kernel.switch.stream_kill(st.id)
 
     def stream_pass(self, scanner: str, sid: int, d: int, upto: int) -> None:
         st = self.streams.get(sid)
@@ -260,8 +259,7 @@ class StreamBroker:
         return None
 
     def _edit_error(self, how: str, rc: int) -> str:
-        ffi, lib = self.kernel.ffi, self.kernel.lib
-        return f"{how} refused by the fast path: {ffi.string(lib.vn_strerror(rc)).decode()}"
+        return f"{how} refused by the fast path: {strerror(rc)}"
 
     def stream_cut(self, scanner: str, sid: int, d: int, offset: int, length: int) -> Optional[str]:
         """Drops bytes [offset, offset+length) of direction ``d``: None, or why not.  A cut
@@ -269,7 +267,7 @@ class StreamBroker:
         err = self._stream_uneditable(scanner, "cut", sid, d, offset)
         if err is not None:
             return err
-        rc = self.kernel.lib.vn_stream_cut(self.kernel.switch._sw, sid, d, offset, offset + length)
+        rc = self.kernel.switch.stream_cut(sid, d, offset, offset + length)
         if rc < 0:
             return self._edit_error("cut", rc)
         # the fast path lets the bytes around a cut go only once they are passed
@@ -282,7 +280,7 @@ class StreamBroker:
         err = self._stream_uneditable(scanner, "inject into", sid, d, offset)
         if err is not None:
             return err
-        rc = self.kernel.lib.vn_stream_inject(self.kernel.switch._sw, sid, d, offset, data, len(data))
+        rc = self.kernel.switch.stream_inject(sid, d, offset, data)
         return self._edit_error("inject", rc) if rc < 0 else None
 
     def stream_more(self, scanner: str, sid: int, d: Optional[int]) -> None:
@@ -296,7 +294,7 @@ class StreamBroker:
         st.more[scanner] = st.more.get(scanner, 0) + 1
         for dd in (1, 2):
             if held & dd and (d is None or d == dd):
-                self.kernel.lib.vn_stream_more(self.kernel.switch._sw, sid, dd)
+                self.kernel.switch.stream_more(sid, dd)
 
     def expire_streams(self, now: float) -> None:
         """The hold timeout on stream chunks: default pass lets a chunk go in place of the
