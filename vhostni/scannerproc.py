@@ -530,28 +530,42 @@ class ScannerProc:
         if isinstance(msg, wire.Checkpoint):
             self._checkpoint(msg)
             return
-        body = msg.body
-        op = body.get("op")
-        if op == "subscribe":
-            self._subscribe(body)
-        elif op == "inject" and "stream" in body:
-            self._stream_inject(body)
-        elif op == "inject":
-            self._inject(body)
-        elif op == "cut":
-            self._stream_cut(body)
-        elif op == "alert":
-            self._alert(body)
-        elif op == "synced":
-            sid = body.get("id")
-            if isinstance(sid, int) and not isinstance(sid, bool):
-                self.synced = max(self.synced, sid)
-                if sid == READY_SYNC:
-                    self._became_ready("subscribed")
-        elif op in ("kill", "more"):
-            self._stream_request(op, body)
-        else:
-            self._reply(body, f"unknown op {op!r}")
+        try:
+            req = wire.decode_request(msg.body)
+        except wire.RequestError as exc:
+            self._refuse(exc)
+            return
+        if isinstance(req, (wire.Subscribe, wire.StreamSubscribe)):
+            self._subscribe(req)
+        elif isinstance(req, wire.StreamInject):
+            self._stream_inject(req)
+        elif isinstance(req, wire.Inject):
+            self._inject(req)
+        elif isinstance(req, wire.StreamCut):
+            self._stream_cut(req)
+        elif isinstance(req, wire.Alert):
+            self._alert(req)
+        elif isinstance(req, wire.Synced):
+            self.synced = max(self.synced, req.id)
+            if req.id == READY_SYNC:
+                self._became_ready("subscribed")
+        elif isinstance(req, wire.StreamKill):
+            self.counters.stream_kills += 1
+            self.nk.stream_kill(self.name, req.stream, "kill")
+        elif isinstance(req, wire.StreamMore):
+            self.counters.stream_mores += 1
+            self.nk.stream_more(self.name, req.stream, req.direction)
+
+    def _refuse(self, exc: wire.RequestError) -> None:
+        """A malformed request (wire.decode_request said why): answered, counted, alerted
+        as the error says."""
+        if exc.reply:
+            self._reply(exc.id, exc.reason)
+        elif exc.counted:
+            self.counters.refused += 1
+        if exc.alert is not None:
+            message, fields = exc.alert
+            self._alert_about(message, **fields)
 
     # ---- checkpoints (vhostni/scanstate.py): kept for this scanner, never parsed here
     def _checkpoint_hello(self) -> dict:
@@ -584,140 +598,87 @@ class ScannerProc:
         self.counters.checkpoint_bytes = len(msg.data)
         self.nk.kernel.checkpoints.put(self.nk.name, self.name, msg.kind, msg.data)
 
-    def _reply(self, body: dict, error: Optional[str] = None) -> None:
-        rid = body.get("id")
+    def _reply(self, rid: Optional[int], error: Optional[str] = None) -> None:
         if error:
             self.counters.refused += 1
-        self._send(wire.encode_control({"op": "reply", "id": rid if isinstance(rid, int) else None,
+        self._send(wire.encode_control({"op": "reply", "id": rid,
                                         "ok": error is None, **({"error": error} if error else {})}))
 
-    def _subscribe(self, body: dict) -> None:
+    def _subscribe(self, req: "wire.Subscribe | wire.StreamSubscribe") -> None:
         if not self.locked:
             why = self._check_confinement()
             self.locked = why is None
             if not self.locked:
-                self._reply(body, f"not confined: {why}")
+                self._reply(req.id, f"not confined: {why}")
                 self._alert_about("scanner is not in the confinement it was launched in",
                                   reason=why)
                 return
-        contain = body.get("contain", False)
-        if not isinstance(contain, bool):
-            self._reply(body, "contain must be true or false")
+        if isinstance(req, wire.StreamSubscribe):
+            self._subscribe_stream(req)
             return
-        if "stream" in body:
-            self._subscribe_stream(body, contain)
-            return
+        contain = req.contain
         try:
-            match = parse_match("match", body.get("match"))
+            match = parse_match("match", req.match)
         except PolicyError as exc:
-            self._reply(body, str(exc))
+            self._reply(req.id, str(exc))
             return
         ok = any(match.within(r.match) and (r.contain or not contain) for r in self.spec.rights)
         if not ok:
-            self._reply(body, "outside this scanner's rights")
+            self._reply(req.id, "outside this scanner's rights")
             self._alert_about(
                 "scanner asked for a subscription outside its rights",
-                match=body.get("match"), contain=contain)
+                match=req.match, contain=contain)
             return
         err = self.nk.add_sub(Sub(match, contain, self.name))
-        self._reply(body, err)
+        self._reply(req.id, err)
 
-    def _subscribe_stream(self, body: dict, contain: bool) -> None:
+    def _subscribe_stream(self, req: wire.StreamSubscribe) -> None:
+        contain = req.contain
         try:
-            match = parse_stream_match("subscription", {k: body[k] for k in ("stream", "port", "direction")
-                                                        if k in body})
+            match = parse_stream_match("subscription", req.fields)
         except PolicyError as exc:
-            self._reply(body, str(exc))
+            self._reply(req.id, str(exc))
             return
         ok = any(match.within(r.match) and (r.contain or not contain) for r in self.spec.stream_rights)
         if not ok:
-            self._reply(body, "outside this scanner's rights")
+            self._reply(req.id, "outside this scanner's rights")
             self._alert_about("scanner asked for a stream subscription outside its rights",
-                              port=body.get("port"), direction=body.get("direction"), contain=contain)
+                              port=req.fields.get("port"), direction=req.fields.get("direction"),
+                              contain=contain)
             return
-        self._reply(body, self.nk.add_stream_sub(StreamSub(match, contain, self.name)))
+        self._reply(req.id, self.nk.add_stream_sub(StreamSub(match, contain, self.name)))
 
-    def _stream_request(self, op: str, body: dict) -> None:
-        sid = body.get("stream")
-        if isinstance(sid, bool) or not isinstance(sid, int):
-            self.counters.refused += 1
-            return
-        direction = body.get("direction")
-        d = wire.DIRECTIONS.get(direction) if isinstance(direction, str) else None
-        if op == "kill":
-            self.counters.stream_kills += 1
-            self.nk.stream_kill(self.name, sid, "kill")
-        else:
-            self.counters.stream_mores += 1
-            self.nk.stream_more(self.name, sid, d)
-
-    def _stream_edit_target(self, body: dict) -> tuple[Optional[tuple[int, int, int]], Optional[str]]:
-        """The (stream, direction, offset) of a cut or inject request, or why it is malformed."""
-        sid, direction, offset = body.get("stream"), body.get("direction"), body.get("offset")
-        if isinstance(sid, bool) or not isinstance(sid, int):
-            return None, "stream must be a stream id"
-        d = wire.DIRECTIONS.get(direction) if isinstance(direction, str) else None
-        if d is None:
-            return None, "direction must be to_guest or from_guest"
-        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < wire.PASS_ALL:
-            return None, "offset must be a stream offset (an integer >= 0)"
-        return (sid, d, offset), None
-
-    def _stream_cut(self, body: dict) -> None:
-        target, err = self._stream_edit_target(body)
-        length = body.get("length")
-        if err is None and (isinstance(length, bool) or not isinstance(length, int)
-                            or not 1 <= length < wire.PASS_ALL - target[2]):
-            err = "length must be an integer >= 1"
-        if err is None:
-            err = self.nk.stream_cut(self.name, *target, length)
+    def _stream_cut(self, req: wire.StreamCut) -> None:
+        err = self.nk.stream_cut(self.name, req.stream, req.direction, req.offset, req.length)
         if err is None:
             self.counters.stream_cuts += 1
-            self.counters.stream_cut_bytes += length
-        self._reply(body, err)
+            self.counters.stream_cut_bytes += req.length
+        self._reply(req.id, err)
 
-    def _stream_inject(self, body: dict) -> None:
-        idx = self._stream_injection(body)
+    def _stream_inject(self, req: wire.StreamInject) -> None:
+        names = [n for n, _ in self.spec.stream_injections]
+        which = req.injection
+        idx = names.index(which) if isinstance(which, str) and which in names else \
+            which if not isinstance(which, str) and which < len(names) else None
         if idx is None:
+            self._reply(req.id, f"no pre-registered stream injection {which!r}")
+            self._alert_about("scanner asked for an injection it does not have", stream_injection=which)
             return
-        target, err = self._stream_edit_target(body)
         data = self.spec.stream_injections[idx][1]
-        if err is None:
-            err = self.nk.stream_inject(self.name, *target, data)
+        err = self.nk.stream_inject(self.name, req.stream, req.direction, req.offset, data)
         if err is None:
             self.counters.stream_injects += 1
             self.counters.stream_inject_bytes += len(data)
-        self._reply(body, err)
+        self._reply(req.id, err)
 
-    def _stream_injection(self, body: dict) -> Optional[int]:
-        """The index of the stream injection a request names (by ``index`` or ``name``);
-        None, answered and alerted, if this scanner has no such injection."""
-        idx, name = body.get("index"), body.get("name")
-        names = [n for n, _ in self.spec.stream_injections]
-        if "index" not in body and isinstance(name, str) and name in names:
-            return names.index(name)
-        if "name" not in body and not isinstance(idx, bool) and isinstance(idx, int) \
-                and 0 <= idx < len(names):
-            return idx
-        what = name if "index" not in body else idx
-        self._reply(body, f"no pre-registered stream injection {what!r}")
-        self._alert_about("scanner asked for an injection it does not have", stream_injection=what)
-        return None
-
-    def _inject(self, body: dict) -> None:
-        idx = body.get("index")
-        direction = body.get("direction")
-        direction = wire.DIRECTIONS.get(direction) if isinstance(direction, str) else None
-        if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < len(self.spec.injections):
-            self._reply(body, f"no pre-registered injection {idx!r}")
-            self._alert_about("scanner asked for an injection it does not have", index=idx)
+    def _inject(self, req: wire.Inject) -> None:
+        if req.index >= len(self.spec.injections):
+            self._reply(req.id, f"no pre-registered injection {req.index!r}")
+            self._alert_about("scanner asked for an injection it does not have", index=req.index)
             return
-        if direction is None:
-            self._reply(body, "direction must be to_guest or from_guest")
-            return
-        name, frame = self.spec.injections[idx]
-        self.nk.port.inject(direction, frame)
-        self._reply(body)
+        name, frame = self.spec.injections[req.index]
+        self.nk.port.inject(req.direction, frame)
+        self._reply(req.id)
 
     def _alert_about(self, message: str, **fields) -> None:
         """An alert about something this scanner asked for: it can ask as often as it likes,
@@ -727,17 +688,12 @@ class ScannerProc:
             return
         self.nk.kernel.alerts.append(self.nk.name, self.name, message, **fields)
 
-    def _alert(self, body: dict) -> None:
-        message = body.get("message")
-        fields = body.get("fields") or {}
-        if not isinstance(message, str) or not isinstance(fields, dict):
-            self.counters.refused += 1
-            return
+    def _alert(self, req: wire.Alert) -> None:
         if not self._alerts.take():
             self.counters.alerts_suppressed += 1
             return
         self.counters.alerts += 1
-        self.nk.kernel.alerts.append(self.nk.name, self.name, message[:4096], **fields)
+        self.nk.kernel.alerts.append(self.nk.name, self.name, req.message[:4096], **req.fields)
 
     def sync(self, sync_id: int) -> bool:
         """Asks the scanner to answer ``synced`` with ``sync_id`` once it has handled every
