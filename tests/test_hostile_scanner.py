@@ -153,7 +153,7 @@ def test_hung_scanner_is_killed_and_restarted(kits, keepalive):
     k.wait_alert("scanner hung", "a", "hang")
     assert k.wait_alert("scanner stopped", "a", "hang")["message"].startswith(
         "scanner stopped: hung: 3 decisions missed")
-    assert not alive(first)
+    k.until(lambda: not alive(first), 5, "the hung scanner gone")    # reaped in housekeeping
     k.until(lambda: k.sp("a", "hang").counters.restarts == 1 and k.sp("a", "hang").running, 5,
             "the restart")
     assert k.recv("b", 0.1) == [] and k.stats("a")["held_cut"] == 3

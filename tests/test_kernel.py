@@ -923,3 +923,31 @@ def test_an_unexpected_exception_in_control_work_does_not_end_the_daemon(kits, c
     assert "a bug in some housekeeping" in caplog.text and "the daemon goes on" in caplog.text
     k.send("a", tcp_frame(payload=b"still forwarding"))
     assert k.recv("b", 1.0) == [tcp_frame(payload=b"still forwarding")]
+
+
+def test_killing_a_scanner_does_not_wait_for_its_process_on_the_data_plane(kits, monkeypatch):
+    """A killed scanner that does not go at once (here its SIGKILL becomes a SIGSTOP, as
+    for a process stuck in uninterruptible sleep) is not waited for on the thread that moves
+    frames: kill returns at once, and housekeeping reaps the process once it is gone and
+    only then gives its uid back."""
+    import signal as signal_mod
+    import types
+    k = kits({"a": policy(scanners=[decider()])})
+    k.wait_alert("ready", "a", "dec")
+    sp = k.sp("a", "dec")
+    proc, uid, pid = sp.proc, sp.uid, sp.pid
+    monkeypatch.setattr(scannerproc_mod, "signal", types.SimpleNamespace(
+        SIGKILL=signal_mod.SIGSTOP, NSIG=signal_mod.NSIG, Signals=signal_mod.Signals))
+    kernel = k.daemon.kernel
+    try:
+        t = time.monotonic()
+        sp.kill("test", restart=False)
+        assert time.monotonic() - t < 1.0
+        assert sp.state == "stopped" and proc.poll() is None
+        k.step()
+        assert (proc, uid) in kernel.dying and uid in kernel.uids.used
+    finally:
+        for target in (pid, -proc.pid):
+            os.kill(target, signal_mod.SIGKILL)
+    k.until(lambda: not kernel.dying, 10, "the killed scanner reaped")
+    assert proc.poll() is not None and uid not in kernel.uids.used

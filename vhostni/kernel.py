@@ -31,6 +31,7 @@ path's punt and stream queues.
 from __future__ import annotations
 
 import logging
+import subprocess
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -368,6 +369,8 @@ class Kernel:
         for gone in sandbox.remove_stale_stage_roots():   # left by a daemon killed hard
             log.info("removed the stale scanner stage %s (its daemon is gone)", gone)
         self.nis: dict[int, NIKernel] = {}          # by port index
+        # killed scanner launchers not reaped yet, with the uid each frees once it is gone
+        self.dying: list[tuple[subprocess.Popen, Optional[int]]] = []
         self.events: list[Callable[[str, dict], None]] = []
         self.next_deadline = float("inf")
 
@@ -426,8 +429,27 @@ class Kernel:
         return min((sp.next_start for nk in self.nis.values() for sp in nk.scanners.values()
                     if sp.state == "restarting"), default=float("inf"))
 
+    def reap_later(self, proc: subprocess.Popen, uid: Optional[int]) -> None:
+        """A killed scanner's launcher that has not exited yet: housekeeping reaps it (and
+        frees its uid) once it has, so no wait for it stalls the data plane."""
+        self.dying.append((proc, uid))
+
+    def _reap_dying(self, wait: float = 0.0) -> None:
+        left = []
+        for proc, uid in self.dying:
+            try:
+                gone = proc.wait(timeout=wait) if wait else proc.poll()
+            except subprocess.TimeoutExpired:
+                gone = None
+            if gone is None:
+                left.append((proc, uid))
+            elif uid is not None:
+                self.uids.give(uid)
+        self.dying = left
+
     def housekeeping(self) -> None:
         self.alerts.retry()
+        self._reap_dying()
         now = time.monotonic()
         nxt = float("inf")
         for nk in list(self.nis.values()):
@@ -446,5 +468,8 @@ class Kernel:
     def close(self) -> None:
         for idx in list(self.nis):
             self.detach(idx)
+        self._reap_dying(wait=5.0)          # shutting down: no frames to move any more
+        if self.dying:
+            log.error("%d scanner launchers did not exit after SIGKILL", len(self.dying))
         self.checkpoints.flush(force=True)
         self.alerts.close()

@@ -249,7 +249,8 @@ class ScannerProc:
         k.event("SCANNER_STARTED", ni=self.nk.name, scanner=self.name, pid=self.pid)
 
     def kill(self, reason: str, restart: bool = True) -> None:
-        """Ends the process and settles everything it owed."""
+        """Ends the process and settles everything it owed.  Does not wait for the process
+        to go (the data plane runs on this thread): the kernel reaps it in housekeeping."""
         if self.state != "running":
             return
         self.last_error = reason
@@ -260,10 +261,6 @@ class ScannerProc:
                         os.kill(target, signal.SIGKILL)
                     except (ProcessLookupError, PermissionError):
                         pass
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
         self._reap(reason, restart)
 
     def _reap(self, reason: str, restart: bool) -> None:
@@ -282,9 +279,11 @@ class ScannerProc:
         self.outq.clear()
         self.outq_bytes = 0
         self._out_armed = False
-        if self.uid is not None:
+        if self.proc is not None and self.proc.poll() is None:
+            k.reap_later(self.proc, self.uid)   # killed, not gone yet: its uid is free once it is
+        elif self.uid is not None:
             k.uids.give(self.uid)
-            self.uid = None
+        self.uid = None
         owed = set(self.pending.values())
         self.pending.clear()
         for held_id in owed:
