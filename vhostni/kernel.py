@@ -4,7 +4,8 @@ The fast path (C) holds or copies the frames that subscriptions match and hands 
 through the punt queue.  Here each one goes to the scanners whose subscriptions matched
 it, numbered per scanner; a held frame leaves the NI iff every scanner with contain rights
 on it said pass.  Scanners are untrusted processes (see sandbox.py): anything a scanner
-sends is validated here, anything outside its rights is refused and alerted, and a scanner
+sends is validated (scanner/wire.py decodes typed requests, scannerproc.py checks them
+against its rights), anything outside its rights is refused and alerted, and a scanner
 that crashes, hangs or floods is killed and restarted with back-off while the frames it
 owed decisions on get the policy's default decision.
 
