@@ -951,3 +951,23 @@ def test_killing_a_scanner_does_not_wait_for_its_process_on_the_data_plane(kits,
             os.kill(target, signal_mod.SIGKILL)
     k.until(lambda: not kernel.dying, 10, "the killed scanner reaped")
     assert proc.poll() is not None and uid not in kernel.uids.used
+
+
+def test_a_scanner_whose_socket_closes_is_not_waited_for_on_the_data_plane(kits):
+    """The socket closed but the scanner's process has not ended (here: it is stopped):
+    the data-plane thread goes on at once; housekeeping kills it LOST_GRACE later, settles
+    what it owed and restarts it."""
+    k = kits({"a": policy(scanners=[decider()])})
+    k.wait_alert("ready", "a", "dec")
+    sp = k.sp("a", "dec")
+    first = sp.proc.pid
+    os.kill(sp.pid, signal.SIGSTOP)
+    sp.sock.shutdown(socket.SHUT_RDWR)          # reads see the end, as if it closed its socket
+    t = time.monotonic()
+    sp.on_readable()
+    assert time.monotonic() - t < 0.1
+    assert sp.running and sp.lost is not None and sp.sock is None
+    alert = k.wait_alert("scanner stopped", "a", "dec")
+    assert alert["message"].startswith("scanner stopped: closed its socket")
+    k.until(lambda: sp.running and sp.proc.pid != first, 10, "the restart")
+    assert sp.lost is None

@@ -425,10 +425,13 @@ class Kernel:
                                  self._restarts_due())
 
     def _restarts_due(self) -> float:
-        """When the earliest scanner restart is due: the loop wakes for it, so the delay a
-        restart alert states is the one taken (not rounded up to the housekeeping tick)."""
-        return min((sp.next_start for nk in self.nis.values() for sp in nk.scanners.values()
-                    if sp.state == "restarting"), default=float("inf"))
+        """When the earliest scanner restart is due (or a scanner whose socket closed is to be
+        killed, ScannerProc.lost): the loop wakes for it, so the delay a restart alert states
+        is the one taken (not rounded up to the housekeeping tick)."""
+        return min((sp.next_start if sp.state == "restarting" else sp.lost[0]
+                    for nk in self.nis.values() for sp in nk.scanners.values()
+                    if sp.state == "restarting" or (sp.running and sp.lost is not None)),
+                   default=float("inf"))
 
     def reap_later(self, proc: subprocess.Popen, uid: Optional[int]) -> None:
         """A killed scanner's launcher that has not exited yet: housekeeping reaps it (and

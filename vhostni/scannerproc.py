@@ -33,6 +33,7 @@ RESTART_MIN = 0.5
 RESTART_MAX = 30.0
 STABLE_AFTER = 60.0        # a scanner up this long has its back-off reset
 LOCKDOWN_GRACE = 10.0      # seconds after its start by which a scanner must show its confinement
+LOST_GRACE = 0.2           # seconds a scanner whose socket closed has to exit (to say how it ended)
 # Readiness: right after starting a scanner the kernel sends it a sync with this id; the
 # SDK answers it when the scanner first waits for an event (Scanner.ready() earlier), i.e.
 # once it has made its subscriptions.  Until then what its contain rights cover is held
@@ -131,6 +132,7 @@ class ScannerProc:
         self.outq_bytes = 0
         self._out_armed = False
         self._restore: Optional[tuple[int, bytes]] = None   # the checkpoint the hello announced
+        self.lost: Optional[tuple[float, str]] = None   # socket gone, process not yet: (deadline, why)
         self.ready_for = -1.0                   # started_at of the run that said it is ready
         self.ready_asked = -1.0                 # started_at of the run the readiness sync went to
 
@@ -226,6 +228,7 @@ class ScannerProc:
         self.err_fd = rerr
         os.set_blocking(rerr, False)
         self.state = "running"
+        self.lost = None
         self.started_at = time.monotonic()
         self.next_number = 1
         self.locked = False
@@ -346,6 +349,10 @@ class ScannerProc:
                 self.last_error = what
                 self._reap(what, restart=True)
                 return
+            if self.lost is not None:
+                if now >= self.lost[0]:
+                    self.kill(self.lost[1])
+                return
             if not self.locked and now - self.started_at > LOCKDOWN_GRACE:
                 why = self._check_confinement()
                 self.locked = why is None
@@ -436,13 +443,22 @@ class ScannerProc:
         self.on_readable()
 
     def on_stderr(self) -> None:
-        self._drain_stderr()
+        if self._drain_stderr():
+            # nobody writes it any more (the scanner is ending): stop watching it, or its
+            # end would be reported readable on every turn until the scanner is reaped
+            self._drain_stderr(final=True)
+            self.nk.kernel.unregister(self.err_fd)
+            os.close(self.err_fd)
+            self.err_fd = None
 
-    def _drain_stderr(self, final: bool = False) -> None:
+    def _drain_stderr(self, final: bool = False) -> bool:
+        """Logs what the scanner wrote to stderr (rate-limited); True at its end (EOF)."""
+        eof = False
         try:
             while True:
                 chunk = os.read(self.err_fd, 65536)
                 if not chunk:
+                    eof = True
                     break
                 self._err_buf += chunk
                 if len(self._err_buf) > 65536:
@@ -457,6 +473,7 @@ class ScannerProc:
             if self._err_bucket.take():
                 log.info("scanner %s/%s: %s", self.nk.name, self.name,
                          printable(line.decode("utf-8", "replace"), 500))
+        return eof
 
     def on_readable(self) -> None:
         for _ in range(256):       # bounded per wakeup so one scanner cannot starve the rest
@@ -488,13 +505,21 @@ class ScannerProc:
 
     def _lost(self, what: str) -> None:
         """The socket broke or closed: most often because the scanner died, so say how it
-        did (its exit status or signal) rather than what the socket saw."""
-        cause = self._exit_cause(wait=0.2)
+        did (its exit status or signal) rather than what the socket saw.  Its launcher may
+        not have exited yet: rather than wait for it here, on the data-plane thread, stop
+        reading and let housekeeping (poll) say how it ended, or kill it after LOST_GRACE."""
+        cause = self._exit_cause()
         if cause is not None:
             self.last_error = cause
             self._reap(cause, restart=True)
-        else:
-            self.kill(what)
+            return
+        k = self.nk.kernel
+        if self.sock:
+            k.unregister(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+        self.lost = (time.monotonic() + LOST_GRACE, what)
+        k.next_deadline = min(k.next_deadline, self.lost[0])     # the loop wakes for it
 
     def _count_message(self) -> bool:
         now = time.monotonic()
