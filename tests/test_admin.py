@@ -36,7 +36,7 @@ from vhostni.admin.alerts import SyslogSink, read_alerts
 from vhostni.admin.protocol import (NEED_DATA, ConnectionClosed, Execute, InputError, MessageTooLarge,
                                     Negotiated, QMPServerConnection)
 from vhostni.admin.state import StateDir, atomic_write
-from vhostni.kernel import AlertLog
+from vhostni.alertlog import AlertLog
 
 VERSION = {"qemu": {"major": 0, "minor": 1, "micro": 0}, "package": "vhostni test"}
 

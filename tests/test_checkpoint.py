@@ -16,7 +16,7 @@ import struct
 import pytest
 
 from nikit import policy, scanner_spec, tcp_frame, time_limit
-from vhostni import kernel as kernel_mod
+from vhostni import scannerproc as scannerproc_mod
 from vhostni import scanstate
 from vhostni.scanner import Scanner, wire
 from vhostni.scanstate import CheckpointStore
@@ -26,7 +26,7 @@ HTTP = {"match": {"direction": "from_guest", "proto": "tcp", "dport": 80}, "cont
 
 @pytest.fixture(autouse=True)
 def _fast(monkeypatch):
-    monkeypatch.setattr(kernel_mod, "RESTART_MIN", 0.05)
+    monkeypatch.setattr(scannerproc_mod, "RESTART_MIN", 0.05)
     with time_limit(60, "the test"):
         yield
 

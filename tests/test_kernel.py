@@ -24,14 +24,16 @@ from nikit import (
     scanner_spec, tcp, tcp_frame, time_limit, udp, udp_frame, write_policy, fill_fs, tiny_tmpfs,
     unsendable_configs,
 )
+from vhostni import alertlog as alertlog_mod
 from vhostni import kernel as kernel_mod
-from vhostni.kernel import AlertLog
+from vhostni import scannerproc as scannerproc_mod
+from vhostni.alertlog import AlertLog
 from vhostni.scanner import wire
 
 
 @pytest.fixture(autouse=True)
 def _fast(monkeypatch):
-    monkeypatch.setattr(kernel_mod, "RESTART_MIN", 0.05)
+    monkeypatch.setattr(scannerproc_mod, "RESTART_MIN", 0.05)
     with time_limit(60, "the test"):
         yield
 
@@ -326,7 +328,7 @@ def test_a_policy_whose_hello_cannot_be_sent_is_never_applied(kits, caplog, kind
     assert "hello" in caplog.text
     # past validation (a bug, or a policy changed after it): nothing changes, nothing starts
     pol = load_policy(write_policy(os.path.join(k.dir, "ok.json"), _reload_policy(block=80)))
-    pol.scanners.append(kernel_mod.ScannerSpec(name="big", argv=pol.scanners[0].argv,
+    pol.scanners.append(scannerproc_mod.ScannerSpec(name="big", argv=pol.scanners[0].argv,
                                                config=unsendable_configs()[kind], rights=[],
                                                injections=[]))
     for apply in (lambda: k.daemon.set_policy("a", pol),
@@ -628,7 +630,7 @@ def test_client_mode_frames_before_the_scanners_subscribe_are_held_back(kits):
 def test_failed_scanner_cover_gets_the_default_decision(kits, monkeypatch):
     """A scanner that dies before it subscribes: what its rights cover gets the policy's
     default (here pass: the administrator chose availability), not a cut for ever."""
-    monkeypatch.setattr(kernel_mod, "RESTART_MIN", 30.0)
+    monkeypatch.setattr(scannerproc_mod, "RESTART_MIN", 30.0)
     spec = decider(subscribe=[HTTP_CONTAIN], crash_before_subscribe=True)
     k = kits({"a": policy(default_decision="pass", scanners=[spec])})
     k.until(lambda: not k.sp("a", "dec").running, what="the scanner to die")
@@ -794,7 +796,7 @@ def test_a_full_alert_log_file_system_holds_counts_and_marks_what_was_lost(monke
     """ENOSPC (a 64 KiB tmpfs): appends go on, nothing is raised, alerts reach their
     listeners marked not durable, a bounded number are held, the rest counted; when space
     returns the held ones are written, then a marker for the lost ones."""
-    monkeypatch.setattr(kernel_mod, "ALERT_RETRY_S", 0.0)
+    monkeypatch.setattr(alertlog_mod, "ALERT_RETRY_S", 0.0)
     with tiny_tmpfs(64) as d:
         path = os.path.join(d, "alerts.jsonl")
         log = AlertLog(path, max_pending=4)
@@ -843,7 +845,7 @@ def test_the_alert_log_writer_group_commits_off_the_callers_thread(tmp_path, mon
         time.sleep(0.2)
         real_fsync(fd)
         fsyncs.append(time.monotonic())
-    monkeypatch.setattr(kernel_mod.os, "fsync", slow_fsync)
+    monkeypatch.setattr(alertlog_mod.os, "fsync", slow_fsync)
     path = str(tmp_path / "alerts.jsonl")
     log = AlertLog(path)
     handlers = {}
@@ -921,3 +923,51 @@ def test_an_unexpected_exception_in_control_work_does_not_end_the_daemon(kits, c
     assert "a bug in some housekeeping" in caplog.text and "the daemon goes on" in caplog.text
     k.send("a", tcp_frame(payload=b"still forwarding"))
     assert k.recv("b", 1.0) == [tcp_frame(payload=b"still forwarding")]
+
+
+def test_killing_a_scanner_does_not_wait_for_its_process_on_the_data_plane(kits, monkeypatch):
+    """A killed scanner that does not go at once (here its SIGKILL becomes a SIGSTOP, as
+    for a process stuck in uninterruptible sleep) is not waited for on the thread that moves
+    frames: kill returns at once, and housekeeping reaps the process once it is gone and
+    only then gives its uid back."""
+    import signal as signal_mod
+    import types
+    k = kits({"a": policy(scanners=[decider()])})
+    k.wait_alert("ready", "a", "dec")
+    sp = k.sp("a", "dec")
+    proc, uid, pid = sp.proc, sp.uid, sp.pid
+    monkeypatch.setattr(scannerproc_mod, "signal", types.SimpleNamespace(
+        SIGKILL=signal_mod.SIGSTOP, NSIG=signal_mod.NSIG, Signals=signal_mod.Signals))
+    kernel = k.daemon.kernel
+    try:
+        t = time.monotonic()
+        sp.kill("test", restart=False)
+        assert time.monotonic() - t < 1.0
+        assert sp.state == "stopped" and proc.poll() is None
+        k.step()
+        assert (proc, uid) in kernel.dying and uid in kernel.uids.used
+    finally:
+        for target in (pid, -proc.pid):
+            os.kill(target, signal_mod.SIGKILL)
+    k.until(lambda: not kernel.dying, 10, "the killed scanner reaped")
+    assert proc.poll() is not None and uid not in kernel.uids.used
+
+
+def test_a_scanner_whose_socket_closes_is_not_waited_for_on_the_data_plane(kits):
+    """The socket closed but the scanner's process has not ended (here: it is stopped):
+    the data-plane thread goes on at once; housekeeping kills it LOST_GRACE later, settles
+    what it owed and restarts it."""
+    k = kits({"a": policy(scanners=[decider()])})
+    k.wait_alert("ready", "a", "dec")
+    sp = k.sp("a", "dec")
+    first = sp.proc.pid
+    os.kill(sp.pid, signal.SIGSTOP)
+    sp.sock.shutdown(socket.SHUT_RDWR)          # reads see the end, as if it closed its socket
+    t = time.monotonic()
+    sp.on_readable()
+    assert time.monotonic() - t < 0.1
+    assert sp.running and sp.lost is not None and sp.sock is None
+    alert = k.wait_alert("scanner stopped", "a", "dec")
+    assert alert["message"].startswith("scanner stopped: closed its socket")
+    k.until(lambda: sp.running and sp.proc.pid != first, 10, "the restart")
+    assert sp.lost is None

@@ -14,9 +14,10 @@ from nikit import (
     A_IP, A_MAC, B_MAC, BCAST, Kit, bootp_request, eth, ipv4, policy, scanner_spec, tcp_frame, time_limit,
     udp, udp_frame,
 )
-from vhostni import kernel as kernel_mod
+from vhostni import scannerproc as scannerproc_mod
 from vhostni.fastpath import ISOLATE_LINK_DOWN, ISOLATE_QUARANTINE
 from vhostni.policy import PolicyError, parse_policy
+from vhostni.scanner import wire
 
 RESOLVER = "10.0.0.2"          # guest b plays the resolver
 QUARANTINE = {"allow": [
@@ -29,7 +30,7 @@ QUARANTINE = {"allow": [
 
 @pytest.fixture(autouse=True)
 def _fast(monkeypatch):
-    monkeypatch.setattr(kernel_mod, "RESTART_MIN", 0.05)
+    monkeypatch.setattr(scannerproc_mod, "RESTART_MIN", 0.05)
     with time_limit(60, "the test"):
         yield
 
@@ -213,7 +214,7 @@ def test_on_alert_quarantine_is_triggered_by_a_scanners_own_alert_only(kits):
     d.kernel.alerts.append("a", "dec", "scanner asked for a subscription outside its rights")
     k.run_for(0.2)
     assert not d.containment("a")["quarantined"]
-    sp._alert({"message": "worm seen"})
+    sp._alert(wire.Alert("worm seen", {}))
     k.until(lambda: d.containment("a")["quarantined"], what="quarantine after the scanner's alert")
 
 

@@ -18,6 +18,7 @@ from hypothesis import strategies as hs
 
 from nikit import Kit, time_limit
 from tcpkit import ACK, FIN, PSH, Conn, Engine
+from vhostni._fastpath import lib as fplib
 
 FROM, TO = 1, 2
 
@@ -98,7 +99,7 @@ def test_an_edited_resend_past_the_emission_depth_is_dropped_and_counted(kit):
     c.send("a", seg)
     assert e.cut(FROM, 6, 10) == 0 and e.pass_(FROM, 15) == 0
     assert [s.payload for s in c.recv("b", 1.0, 2)] == [b"hello ", b"world"]
-    lib = kit.daemon.kernel.lib
+    lib = fplib
     assert lib.vn_tcp_set_emit_depth(e.sw, 0) == 0
     c.send("a", seg)                               # a resends before b acknowledged anything
     assert c.recv("b", 0.3) == []
@@ -360,7 +361,7 @@ def test_the_ni_resets_both_ends_when_the_receiver_never_takes_what_it_owes(kit)
     rst_a = [s for s in c.recv("a", 0.5) if s.flags & 0x04]
     assert rst_b and rst_a and rst_b[0].seq == c.seq("a", 1000), (rst_a, rst_b)
     assert kit.stats("a")["tcp_ni_gave_up"] == 1 and kit.stats("a")["tcp_vouched_retransmits"] == 1
-    assert e.only().closed == kit.daemon.kernel.lib.VN_CLOSE_KILLED
+    assert e.only().closed == fplib.VN_CLOSE_KILLED
 
 
 # ---------------------------------------------------------------------------
@@ -368,7 +369,7 @@ def test_the_ni_resets_both_ends_when_the_receiver_never_takes_what_it_owes(kit)
 # ---------------------------------------------------------------------------
 
 def test_edits_are_refused_behind_the_frontier_out_of_order_or_on_a_free_direction(kit):
-    lib = kit.daemon.kernel.lib
+    lib = fplib
     e, c = opened(kit, subs=((25, "from_guest", True), (25, "to_guest", False)))
     c.send("a", c.data("a", b"0123456789"))
     e.pass_(FROM, 4)
@@ -386,7 +387,7 @@ def test_edits_are_refused_behind_the_frontier_out_of_order_or_on_a_free_directi
 
 
 def test_edits_count_against_the_memcap_and_are_freed_once_acknowledged(kit):
-    lib = kit.daemon.kernel.lib
+    lib = fplib
     e, c = opened(kit, tcp_bytes_max=1 << 17)
     data = bytes(range(256)) * 4
     c.send("a", *[c.data("a", data[i:i + 512]) for i in range(0, len(data), 512)])

@@ -16,7 +16,7 @@ import pytest
 
 from nikit import Kit, policy, scanner_spec, time_limit
 from tcpkit import ACK, FIN, PSH, RST, Conn, segments
-from vhostni import kernel as kernel_mod
+from vhostni import scannerproc as scannerproc_mod
 from vhostni.scanner import wire
 
 FROM, TO = 1, 2
@@ -25,7 +25,7 @@ SMTP_CONTAIN = {"port": 25, "direction": "both", "contain": True}
 
 @pytest.fixture(autouse=True)
 def _fast(monkeypatch, request):
-    monkeypatch.setattr(kernel_mod, "RESTART_MIN", 0.05)
+    monkeypatch.setattr(scannerproc_mod, "RESTART_MIN", 0.05)
     if request.node.get_closest_marker("guest"):
         yield
         return

@@ -28,6 +28,7 @@ import pytest
 from nikit import time_limit
 from tcpkit import ACK, FIN, PSH, RST, URG, Conn, Engine, checksum, segments
 from vdriver import VirtioNetHdr
+from vhostni._fastpath import lib as fplib
 
 FROM, TO = 1, 2
 
@@ -59,7 +60,7 @@ def test_new_connection_is_a_new_stream_with_its_five_tuple(kit):
     e, c = opened(kit)
     st = e.only()
     ev = st.event
-    assert ev["what"] & kit.daemon.kernel.lib.VN_STREAM_OPEN
+    assert ev["what"] & fplib.VN_STREAM_OPEN
     assert (ev["client"], ev["guest_port"], ev["remote_port"], ev["family"]) == (FROM, 40000, 25, 4)
     assert ev["read"] == (1, 1) and ev["hold"] == (1, 1)
     assert e.flows() == 1
@@ -319,7 +320,7 @@ def test_rst_inside_the_window_resets_the_stream_and_drops_held_data(kit):
     rst = c.segment("b", RST | ACK)
     c.send("b", rst)
     assert [s.flags & RST for s in c.recv("a", 1.0, 1)] == [RST]
-    assert st.closed == kit.daemon.kernel.lib.VN_CLOSE_RST
+    assert st.closed == fplib.VN_CLOSE_RST
     assert e.flows() == 0
     assert c.recv("b") == []                                    # the held bytes never go
     # a's further data has no connection any more: never forwarded unseen (the midstream
@@ -478,7 +479,7 @@ def test_midstream_adopt_asks_the_receiver_and_inspects_from_where_it_stands(kit
     c.send(p, c.data(p, b"far", off=5007 + 70000, advance=False))
     assert kit.stats("a")["tcp_out_of_window"] == 0
     # edits and `more` rewrite windows and sequence numbers: refused on an adopted stream
-    lib = kit.daemon.kernel.lib
+    lib = fplib
     assert e.cut(d_p, 7, 8) == lib.VN_ESTATE and e.more(d_p) == lib.VN_ESTATE
 
 
@@ -652,7 +653,7 @@ def test_frames_built_past_the_emission_depth_are_dropped_and_counted(kit):
     past the depth limit a built frame cannot go, and says so in tcp_emit_dropped.  The
     limit is lowered to reach those paths from the top level."""
     e, c = opened(kit, auto_pass=True)
-    lib = kit.daemon.kernel.lib
+    lib = fplib
     assert lib.vn_tcp_set_emit_depth(e.sw, 5) == lib.VN_EINVAL
     assert lib.vn_tcp_set_emit_depth(e.sw, 0) == 0
     frs = fragments(c.data("a", b"y" * 64), [32])
@@ -747,7 +748,7 @@ def test_fin_in_order_ends_a_direction_and_closes_after_both_are_acknowledged(ki
     assert [s.has(FIN) for s in c.recv("a", 1.0, 1)] == [True]
     c.send("a", c.segment("a", ACK))
     kit.step()
-    assert st.closed == kit.daemon.kernel.lib.VN_CLOSE_FIN and e.flows() == 0
+    assert st.closed == fplib.VN_CLOSE_FIN and e.flows() == 0
 
 
 def test_kill_sends_rsts_both_ends_accept_and_drops_held_data(kit):
@@ -763,7 +764,7 @@ def test_kill_sends_rsts_both_ends_accept_and_drops_held_data(kit):
     assert to_b[0].csum_ok and to_a[0].csum_ok
     assert (to_a[0].sport, to_a[0].dport, to_b[0].sport, to_b[0].dport) == (25, 40000, 40000, 25)
     assert b"and held" not in b"".join(s.payload for s in to_b)
-    assert e.only().closed == kit.daemon.kernel.lib.VN_CLOSE_KILLED
+    assert e.only().closed == fplib.VN_CLOSE_KILLED
     assert kit.stats("a")["tcp_killed"] == 1 and e.flows() == 0
     assert e.kill() < 0                                          # once
 
@@ -809,7 +810,7 @@ def test_bytes_memcap(kit, over):
         assert e.only().closed is None
     else:
         assert st_["tcp_bypassed"] == 1
-        assert e.only().closed == kit.daemon.kernel.lib.VN_CLOSE_BYPASS
+        assert e.only().closed == fplib.VN_CLOSE_BYPASS
         assert b"".join(payloads(c.recv("b", 2.0, 100))) == chunk * 100
         assert e.bytes_kept() == 0
 
@@ -853,7 +854,7 @@ def test_idle_connection_is_forgotten(kit):
     e, c = opened(kit, tcp_idle_timeout_ms=1000)
     kit.run_for(1.4)
     assert e.flows() == 0
-    assert e.only().closed == kit.daemon.kernel.lib.VN_CLOSE_IDLE
+    assert e.only().closed == fplib.VN_CLOSE_IDLE
 
 
 def test_policy_cleared_forgets_the_flows(kit):
@@ -862,7 +863,7 @@ def test_policy_cleared_forgets_the_flows(kit):
     e.port.clear_policy()
     kit.step()
     assert e.flows() == 0 and e.bytes_kept() == 0
-    assert e.only().closed == kit.daemon.kernel.lib.VN_CLOSE_GONE
+    assert e.only().closed == fplib.VN_CLOSE_GONE
 
 
 # ---------------------------------------------------------------------------

@@ -176,3 +176,64 @@ def test_fuzz_mutated_valid_messages(msg, data):
             i = data.draw(st.integers(0, len(raw)))
             raw[i:i] = data.draw(st.binary(min_size=1, max_size=4))
     _decode_only_wire_errors(bytes(raw))
+
+
+# ---- typed scanner requests (decode_request)
+@pytest.mark.parametrize("req", [
+    wire.Subscribe({"proto": "udp", "dport": 53}, True, 1),
+    wire.StreamSubscribe({"stream": True, "port": 25, "direction": "both"}, False, 2),
+    wire.Inject(0, wire.TO_GUEST, 3),
+    wire.StreamCut(7, wire.FROM_GUEST, 10, 5, 4),
+    wire.StreamInject(7, wire.TO_GUEST, 0, "note", 5),
+    wire.StreamInject(7, wire.TO_GUEST, 0, 1, 6),
+    wire.StreamKill(7),
+    wire.StreamMore(7, wire.TO_GUEST),
+    wire.StreamMore(7),
+    wire.Alert("hi", {"x": 1}),
+    wire.Synced(-1),
+])
+def test_requests_round_trip_through_their_body(req):
+    """What the SDK sends is exactly what the kernel decodes."""
+    body = wire.decode(wire.encode_control(req.body())).body
+    assert wire.decode_request(body) == req
+
+
+@pytest.mark.parametrize("body, reason, reply, counted, alert", [
+    ({"op": "nonsense", "id": 4}, "unknown op 'nonsense'", True, True, False),
+    ({"op": "subscribe", "match": None, "contain": "yes"}, "contain must be", True, True, False),
+    ({"op": "subscribe", "stream": True, "contain": 1}, "contain must be", True, True, False),
+    ({"op": "inject", "index": [0], "direction": "to_guest"}, "no pre-registered injection [0]",
+     True, True, True),
+    ({"op": "inject", "index": True, "direction": "to_guest"}, "no pre-registered injection True",
+     True, True, True),
+    ({"op": "inject", "index": 0, "direction": ["to_guest"]}, "direction must be", True, True, False),
+    ({"op": "cut", "stream": "x", "direction": "to_guest", "offset": 0, "length": 1}, "stream id",
+     True, True, False),
+    ({"op": "cut", "stream": 1, "direction": "up", "offset": 0, "length": 1}, "direction", True, True, False),
+    ({"op": "cut", "stream": 1, "direction": "to_guest", "offset": -1, "length": 1}, "offset",
+     True, True, False),
+    ({"op": "cut", "stream": 1, "direction": "to_guest", "offset": 0, "length": 2**64}, "length",
+     True, True, False),
+    ({"op": "inject", "stream": 1, "direction": "to_guest", "offset": 0, "name": 3},
+     "no pre-registered stream injection 3", True, True, True),
+    ({"op": "inject", "stream": 1, "direction": "to_guest", "offset": 0, "name": "a", "index": 0},
+     "no pre-registered stream injection 0", True, True, True),
+    ({"op": "inject", "stream": 1, "direction": "to_guest", "offset": 0},
+     "no pre-registered stream injection None", True, True, True),
+    ({"op": "kill", "stream": "x"}, "stream id", False, True, False),
+    ({"op": "more", "stream": None}, "stream id", False, True, False),
+    ({"op": "alert", "message": ["x"]}, "alert needs", False, True, False),
+    ({"op": "alert", "message": "x", "fields": [1]}, "alert needs", False, True, False),
+    ({"op": "synced", "id": "x"}, "synced", False, False, False),
+])
+def test_malformed_requests_say_why_and_how_to_refuse_them(body, reason, reply, counted, alert):
+    with pytest.raises(wire.RequestError) as ei:
+        wire.decode_request(dict(body, id=body.get("id", 9)) if reply else body)
+    exc = ei.value
+    assert reason in exc.reason
+    assert (exc.reply, exc.counted, exc.alert is not None) == (reply, counted, alert)
+    assert exc.id == (body.get("id", 9) if reply else None)
+
+
+def test_a_more_with_no_valid_direction_asks_for_each_held_one():
+    assert wire.decode_request({"op": "more", "stream": 3, "direction": "up"}) == wire.StreamMore(3, None)

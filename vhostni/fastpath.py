@@ -48,7 +48,134 @@ class Region:
     mmap_offset: int
 
 
-class Switch:
+# ---- the NI kernel's side of the fast path (kernel.py, streams.py): punted frames, held
+# frames and reconstructed TCP streams.  The kernel asks the C core through these methods
+# only, never through the raw cffi ``lib``/``ffi`` or ``Switch._sw``.
+MAX_SUBS = lib.VN_MAX_SUBS                  # frame subscriptions one NI's policy compiles
+MAX_STREAM_SUBS = lib.VN_MAX_STREAM_SUBS    # stream subscriptions one NI's policy compiles
+
+
+def strerror(code: int) -> str:
+    """The fast path's words for a VN_E* code."""
+    return ffi.string(lib.vn_strerror(code)).decode()
+
+
+@dataclass(slots=True)
+class Punt:
+    """A frame a subscription matched (one vn_punt), copied out of the fast path."""
+    id: int            # held frame id; 0 if only read subscriptions matched
+    port: int          # the NI whose policy matched
+    dir: int           # 1: from its guest, 2: to its guest
+    subs: int          # bit i: compiled subscription i matched
+    contain: int       # the matching subscriptions with contain rights
+    time_ns: int
+    data: bytes
+
+
+@dataclass(slots=True)
+class StreamEvent:
+    """A stream opened, grew or closed (one vn_stream_event); pairs are per direction
+    (index 0: from the guest, 1: to it)."""
+    stream: int
+    port: int
+    opened: bool
+    closed: bool
+    reason: int        # VN_CLOSE_* when closed
+    client: int        # 1: the guest connected out; 2: in
+    subs: int          # bit i: stream subscription i matched (at open)
+    family: int        # 4 or 6
+    guest_addr: bytes  # 4 or 16 bytes
+    remote_addr: bytes
+    guest_port: int
+    remote_port: int
+    avail: tuple       # bytes readable in order
+    eof: tuple         # the sender's FIN follows avail
+    read: tuple        # directions read for subscriptions
+    hold: tuple        # directions held for contain subscriptions
+    midstream: bool    # adopted mid-stream: offset 0 is where the NI picked it up
+
+
+class _KernelSide:
+    """Switch methods for the NI kernel (mixed into Switch)."""
+    _sw: object
+
+    def _scratch(self, name: str, ctype: str):
+        buf = self.__dict__.get(name)
+        if buf is None:
+            buf = self.__dict__[name] = ffi.new(ctype)
+        return buf
+
+    def next_punt(self) -> Optional[Punt]:
+        """The next frame waiting for the kernel, or None."""
+        p = self._scratch("_punt", "struct vn_punt *")
+        if not lib.vn_punt_next(self._sw, p):
+            return None
+        return Punt(p.id, p.port, p.dir, p.subs, p.contain, p.time_ns,
+                    bytes(ffi.buffer(p.data, p.len)))
+
+    def release_held(self, held_id: int, passed: bool) -> None:
+        """Decides a held frame: it leaves the NI (``passed``) or is dropped."""
+        lib.vn_held_release(self._sw, held_id, 1 if passed else 0)
+
+    def next_stream_event(self) -> Optional[StreamEvent]:
+        """The next stream event waiting for the kernel, or None."""
+        ev = self._scratch("_sev", "struct vn_stream_event *")
+        if not lib.vn_stream_next(self._sw, ev):
+            return None
+        n = 4 if ev.family == 4 else 16
+        return StreamEvent(
+            int(ev.stream), ev.port, bool(ev.what & lib.VN_STREAM_OPEN),
+            bool(ev.what & lib.VN_STREAM_CLOSED), ev.reason, ev.client, ev.subs, ev.family,
+            bytes(ev.guest_addr[0:n]), bytes(ev.remote_addr[0:n]), ev.guest_port, ev.remote_port,
+            (int(ev.avail[0]), int(ev.avail[1])), (bool(ev.eof[0]), bool(ev.eof[1])),
+            (bool(ev.read[0]), bool(ev.read[1])), (bool(ev.hold[0]), bool(ev.hold[1])),
+            bool(ev.midstream))
+
+    def stream_read(self, stream: int, direction: int, offset: int) -> bytes:
+        """In-order bytes of a stream direction from ``offset`` (one contiguous piece,
+        copied); empty when none are readable there."""
+        ptr = self._scratch("_sptr", "const uint8_t **")
+        n = lib.vn_stream_read(self._sw, stream, direction, offset, ptr)
+        return ffi.buffer(ptr[0], n)[:] if n > 0 else b""
+
+    def stream_consume(self, stream: int, direction: int, upto: int) -> None:
+        """The kernel has read a direction up to ``upto``."""
+        lib.vn_stream_consume(self._sw, stream, direction, upto)
+
+    def stream_pass(self, stream: int, direction: int, upto: int) -> None:
+        """A held direction may go on up to byte ``upto``."""
+        lib.vn_stream_pass(self._sw, stream, direction, upto)
+
+    def stream_kill(self, stream: int) -> None:
+        """Ends a connection (forged RSTs both ways)."""
+        lib.vn_stream_kill(self._sw, stream)
+
+    def stream_more(self, stream: int, direction: int) -> None:
+        """Acknowledges held bytes of a direction on the receiver's behalf."""
+        lib.vn_stream_more(self._sw, stream, direction)
+
+    def stream_cut(self, stream: int, direction: int, start: int, end: int) -> int:
+        """Drops bytes [start, end) of a held direction; a VN_E* code (< 0) if refused."""
+        return lib.vn_stream_cut(self._sw, stream, direction, start, end)
+
+    def stream_inject(self, stream: int, direction: int, offset: int, data: bytes) -> int:
+        """Inserts ``data`` before byte ``offset``; a VN_E* code (< 0) if refused."""
+        return lib.vn_stream_inject(self._sw, stream, direction, offset, data, len(data))
+
+    def tcp_flows(self, port: int) -> int:
+        """TCP connections the fast path tracks for a port."""
+        return lib.vn_tcp_flows(self._sw, port)
+
+    def tcp_bytes(self, port: int) -> int:
+        """Bytes of frames the fast path keeps for a port's TCP connections."""
+        return int(lib.vn_tcp_bytes(self._sw, port))
+
+    def tcp_housekeeping(self) -> None:
+        """Idle timers and retransmissions of the TCP engine."""
+        lib.vn_tcp_housekeeping(self._sw)
+
+
+class Switch(_KernelSide):
     """The L2 switch and its ports; one per daemon.  Not thread-safe: one thread owns it."""
 
     def __init__(self) -> None:

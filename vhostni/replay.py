@@ -59,7 +59,9 @@ from typing import Callable, Optional
 
 from . import pcap
 from .fastpath import Switch
-from .kernel import Kernel, ScannerProc, encode_alert
+from .alertlog import encode_alert
+from .kernel import Kernel
+from .scannerproc import ScannerProc
 from .policy import Policy
 
 log = logging.getLogger("vhostni.replay")

@@ -1,6 +1,6 @@
 """Reading the alert log for ``query-alerts``, and the syslog sink.
 
-The JSON-lines log (vhostni.kernel.AlertLog) is the record: every alert is on disk,
+The JSON-lines log (vhostni.alertlog.AlertLog) is the record: every alert is on disk,
 fsynced, before anyone hears of it, numbered by ``seq`` (while the log cannot be written,
 alerts are heard first, marked not durable, and written later or counted as lost, a
 marker alert saying which seqs: see AlertLog).  ``query-alerts`` reads it back, so
@@ -21,34 +21,11 @@ import socket
 import time
 from typing import IO, Iterable, Optional
 
+from ..alertlog import last_seq as _last_seq, line_seq as _seq
 from ..logtext import printable
 
 SCAN_BUDGET = 4 << 20           # bytes of log one query-alerts reads at most
 REPLY_BUDGET = 1 << 20          # bytes of alerts one reply carries at most
-
-
-def _seq(line: bytes) -> Optional[int]:
-    try:
-        v = json.loads(line)["seq"]
-    except (ValueError, KeyError, TypeError):
-        return None
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-
-def _last_seq(path: str) -> Optional[int]:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 65536))
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        s = _seq(line)
-        if s is not None:
-            return s
-    return None
 
 
 def _first_seq(path: str) -> Optional[int]:

@@ -158,7 +158,7 @@ class Stream:
 
     def kill(self) -> None:
         """Ends the connection: the NI forges RSTs to both ends and drops what it holds."""
-        self._sc.sock.send(wire.encode_control({"op": "kill", "stream": self.id}))
+        self._sc.sock.send(wire.encode_control(wire.StreamKill(self.id).body()))
 
     def cut(self, direction: Union[int, str], offset: int, length: int) -> None:
         """Removes bytes [offset, offset+length) of a direction this scanner holds: the
@@ -170,9 +170,11 @@ class Stream:
         after the end of the previous one).  Waits for the NI kernel's answer; raises
         Refused if the cut is not possible (outside this scanner's rights, already passed,
         the stream closed, too many edits outstanding)."""
-        self._sc._request({"op": "cut", "stream": self.id,
-                           "direction": wire.DIRECTION_NAMES[_direction(direction)],
-                           "offset": int(offset), "length": int(length)})
+        try:
+            body = wire.StreamCut(self.id, _direction(direction), int(offset), int(length)).body()
+        except wire.RequestError as exc:       # as the kernel would have answered it
+            raise Refused(exc.reason) from None
+        self._sc._request(body)
 
     def inject(self, direction: Union[int, str], offset: int, injection: Union[int, str]) -> None:
         """Inserts pre-registered bytes before byte ``offset`` of a direction this scanner
@@ -182,18 +184,16 @@ class Stream:
         sends them and retransmits them until they are acknowledged.  Same rules as
         :meth:`cut`: bytes not passed yet, in stream order (to replace a range, inject at
         its start, then cut it).  Raises Refused if not possible."""
-        body = {"op": "inject", "stream": self.id,
-                "direction": wire.DIRECTION_NAMES[_direction(direction)], "offset": int(offset)}
-        if isinstance(injection, str):
-            body["name"] = injection
-        else:
-            body["index"] = int(injection)
+        which = injection if isinstance(injection, str) else int(injection)
+        try:
+            body = wire.StreamInject(self.id, _direction(direction), int(offset), which).body()
+        except wire.RequestError as exc:       # as the kernel would have answered it
+            raise Refused(exc.reason) from None
         self._sc._request(body)
 
     def more(self, direction: Union[int, str]) -> None:
         """Tells the NI kernel a decision needs more bytes of ``direction``."""
-        self._sc.sock.send(wire.encode_control({
-            "op": "more", "stream": self.id, "direction": wire.DIRECTION_NAMES[_direction(direction)]}))
+        self._sc.sock.send(wire.encode_control(wire.StreamMore(self.id, _direction(direction)).body()))
 
     def __repr__(self) -> str:
         return f"<Stream {self.id} {self.tuple}{' closed' if self.closed else ''}>"
@@ -375,7 +375,7 @@ class Scanner:
         and alert it caused sent (offline replay waits for this)."""
         n = 0
         while self._pending and isinstance(self._pending[0], _Sync):
-            self.sock.send(wire.encode_control({"op": "synced", "id": self._pending.popleft().id}))
+            self.sock.send(wire.encode_control(wire.Synced(self._pending.popleft().id).body()))
             n += 1
         return n
 
@@ -427,29 +427,30 @@ class Scanner:
 
     def subscribe(self, match: dict, contain: bool = False) -> None:
         """Asks for frames matching ``match``; ``contain`` asks to hold and decide them."""
-        self._request({"op": "subscribe", "match": match, "contain": bool(contain)})
+        self._request(wire.Subscribe(match, bool(contain)).body())
 
     def subscribe_stream(self, port: Union[int, str, list, None] = None, direction: str = "both",
                          contain: bool = False) -> None:
         """Asks for the reconstructed streams of TCP connections to server ``port`` (a port,
         "lo-hi", [lo, hi], or None for all): the bytes of ``direction`` (from_guest,
         to_guest or both); ``contain`` holds them until this scanner passes them."""
-        body = {"op": "subscribe", "stream": True, "direction": direction, "contain": bool(contain)}
-        if port is not None:
-            body["port"] = port
-        self._request(body)
+        fields = {"stream": True, "direction": direction, **({"port": port} if port is not None else {})}
+        self._request(wire.StreamSubscribe(fields, bool(contain)).body())
 
     def inject(self, index: int, direction: Union[int, str] = TO_GUEST) -> None:
         """Sends pre-registered frame ``index`` to the guest (or from it, into the network)."""
-        if isinstance(direction, int):
-            direction = wire.DIRECTION_NAMES[direction]
-        self._request({"op": "inject", "index": int(index), "direction": direction})
+        d = wire.DIRECTIONS.get(direction) if isinstance(direction, str) else direction
+        try:
+            body = wire.Inject(int(index), d).body()
+        except wire.RequestError as exc:       # as the kernel would have answered it
+            raise Refused(exc.reason) from None
+        self._request(body)
 
     def alert(self, message: str, /, **fields) -> None:
         """Sends an alert to the administrator (the kernel rate-limits them).  ``fields``
         must be strict JSON within the wire's limits: a NaN or Infinity, a value JSON has no
         type for, or more than wire.MAX_JSON bytes raises WireError here (a ValueError)."""
-        self.sock.send(wire.encode_control({"op": "alert", "message": str(message), "fields": fields}))
+        self.sock.send(wire.encode_control(wire.Alert(str(message), fields).body()))
 
     # ---- state kept by the NI kernel
     def checkpoint(self, state) -> None:

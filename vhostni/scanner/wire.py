@@ -322,3 +322,236 @@ def decode(msg: bytes) -> Message:
             raise WireError(f"control message nested deeper than {MAX_DEPTH}")
         return Control(body)
     raise WireError(f"unknown message type {kind!r}")
+
+
+# ---- scanner requests: what a scanner's control messages ask of the kernel, typed
+#
+# decode_request turns the body of a scanner's ``J`` message into one of these, each of
+# which checks its own fields on construction (as h11's events do), so the kernel handles
+# only well-formed requests; the SDK builds its requests from the same classes.  What the
+# kernel checks against the policy (rights, the match grammar of vhostni.policy, which
+# injections exist) is not checked here.
+
+class RequestError(WireError):
+    """A scanner request with malformed fields: refused with ``reason`` (answered with a
+    reply to ``id`` if ``reply``; counted as refused if ``counted``), and alerted to the
+    administrator as ``alert`` (message, fields) if that is set."""
+
+    def __init__(self, reason: str, id: Optional[int] = None, reply: bool = True,
+                 counted: bool = True, alert: Optional[tuple[str, dict]] = None):
+        super().__init__(reason)
+        self.reason, self.id, self.reply, self.counted, self.alert = reason, id, reply, counted, alert
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _direction_of(v) -> Optional[int]:
+    return DIRECTIONS.get(v) if isinstance(v, str) else None
+
+
+@dataclass(frozen=True)
+class Subscribe:
+    """Frames matching ``match`` (vhostni.policy's match grammar, checked by the kernel)."""
+    match: object
+    contain: bool = False
+    id: Optional[int] = None
+
+    def __post_init__(self):
+        if not isinstance(self.contain, bool):
+            raise RequestError("contain must be true or false", self.id)
+
+    def body(self) -> dict:
+        return _with_id({"op": "subscribe", "match": self.match, "contain": self.contain}, self.id)
+
+
+@dataclass(frozen=True)
+class StreamSubscribe:
+    """Reconstructed TCP streams: ``fields`` holds the request's ``stream``, ``port`` and
+    ``direction`` as sent (vhostni.policy's stream-match grammar, checked by the kernel)."""
+    fields: dict
+    contain: bool = False
+    id: Optional[int] = None
+
+    def __post_init__(self):
+        if not isinstance(self.contain, bool):
+            raise RequestError("contain must be true or false", self.id)
+
+    def body(self) -> dict:
+        return _with_id({"op": "subscribe", **self.fields, "contain": self.contain}, self.id)
+
+
+@dataclass(frozen=True)
+class Inject:
+    """Pre-registered frame injection ``index`` (the hello's ``injections``)."""
+    index: int
+    direction: int
+    id: Optional[int] = None
+
+    def __post_init__(self):
+        if not _is_int(self.index) or self.index < 0:
+            raise RequestError(f"no pre-registered injection {self.index!r}", self.id,
+                               alert=("scanner asked for an injection it does not have",
+                                      {"index": self.index}))
+        if self.direction not in (FROM_GUEST, TO_GUEST):
+            raise RequestError("direction must be to_guest or from_guest", self.id)
+
+    def body(self) -> dict:
+        return _with_id({"op": "inject", "index": self.index,
+                         "direction": DIRECTION_NAMES[self.direction]}, self.id)
+
+
+def _check_edit_target(stream, direction, offset, id) -> None:
+    if not _is_int(stream):
+        raise RequestError("stream must be a stream id", id)
+    if direction not in (FROM_GUEST, TO_GUEST):
+        raise RequestError("direction must be to_guest or from_guest", id)
+    if not _is_int(offset) or not 0 <= offset < PASS_ALL:
+        raise RequestError("offset must be a stream offset (an integer >= 0)", id)
+
+
+@dataclass(frozen=True)
+class StreamCut:
+    """Bytes [offset, offset+length) of a held direction never reach the receiver."""
+    stream: int
+    direction: int
+    offset: int
+    length: int
+    id: Optional[int] = None
+
+    def __post_init__(self):
+        _check_edit_target(self.stream, self.direction, self.offset, self.id)
+        if not _is_int(self.length) or not 1 <= self.length < PASS_ALL - self.offset:
+            raise RequestError("length must be an integer >= 1", self.id)
+
+    def body(self) -> dict:
+        return _with_id({"op": "cut", "stream": self.stream,
+                         "direction": DIRECTION_NAMES[self.direction],
+                         "offset": self.offset, "length": self.length}, self.id)
+
+
+@dataclass(frozen=True)
+class StreamInject:
+    """Pre-registered stream injection ``injection`` (an index into, or a name from, the
+    hello's ``stream_injections``) inserted before byte ``offset`` of a held direction."""
+    stream: int
+    direction: int
+    offset: int
+    injection: Union[int, str]
+    id: Optional[int] = None
+
+    def __post_init__(self):
+        if not (isinstance(self.injection, str) or (_is_int(self.injection) and self.injection >= 0)):
+            raise _no_stream_injection(self.injection, self.id)
+        _check_edit_target(self.stream, self.direction, self.offset, self.id)
+
+    def body(self) -> dict:
+        key = "name" if isinstance(self.injection, str) else "index"
+        return _with_id({"op": "inject", "stream": self.stream,
+                         "direction": DIRECTION_NAMES[self.direction], "offset": self.offset,
+                         key: self.injection}, self.id)
+
+
+def _no_stream_injection(what, id) -> RequestError:
+    return RequestError(f"no pre-registered stream injection {what!r}", id,
+                        alert=("scanner asked for an injection it does not have",
+                               {"stream_injection": what}))
+
+
+@dataclass(frozen=True)
+class StreamKill:
+    """End the connection (no reply)."""
+    stream: int
+
+    def __post_init__(self):
+        if not _is_int(self.stream):
+            raise RequestError("stream must be a stream id", reply=False)
+
+    def body(self) -> dict:
+        return {"op": "kill", "stream": self.stream}
+
+
+@dataclass(frozen=True)
+class StreamMore:
+    """A decision needs more bytes of ``direction`` (None: of each held one; no reply)."""
+    stream: int
+    direction: Optional[int] = None
+
+    def __post_init__(self):
+        if not _is_int(self.stream):
+            raise RequestError("stream must be a stream id", reply=False)
+
+    def body(self) -> dict:
+        return {"op": "more", "stream": self.stream,
+                **({"direction": DIRECTION_NAMES[self.direction]} if self.direction else {})}
+
+
+@dataclass(frozen=True)
+class Alert:
+    """A message for the administrator (no reply)."""
+    message: str
+    fields: dict
+
+    def __post_init__(self):
+        if not isinstance(self.message, str) or not isinstance(self.fields, dict):
+            raise RequestError("alert needs a message string and a fields object", reply=False)
+
+    def body(self) -> dict:
+        return {"op": "alert", "message": self.message, "fields": self.fields}
+
+
+@dataclass(frozen=True)
+class Synced:
+    """The answer to the kernel's sync ``id``: everything before it was handled."""
+    id: int
+
+    def __post_init__(self):
+        if not _is_int(self.id):
+            raise RequestError("synced needs an integer id", reply=False, counted=False)
+
+    def body(self) -> dict:
+        return {"op": "synced", "id": self.id}
+
+
+Request = Union[Subscribe, StreamSubscribe, Inject, StreamCut, StreamInject, StreamKill,
+                StreamMore, Alert, Synced]
+
+
+def _with_id(body: dict, id: Optional[int]) -> dict:
+    return body if id is None else dict(body, id=id)
+
+
+def decode_request(body: dict) -> Request:
+    """The typed request of a scanner's control message body (a decoded ``J`` message);
+    raises RequestError for an unknown op or malformed fields."""
+    rid = body.get("id")
+    rid = rid if _is_int(rid) else None
+    op = body.get("op")
+    if op == "subscribe":
+        contain = body.get("contain", False)
+        if "stream" in body:
+            return StreamSubscribe({k: body[k] for k in ("stream", "port", "direction") if k in body},
+                                   contain, rid)
+        return Subscribe(body.get("match"), contain, rid)
+    if op == "inject" and "stream" in body:
+        has_index, has_name = "index" in body, "name" in body
+        what = body.get("index") if has_index else body.get("name")
+        if has_index == has_name or not (_is_int(what) if has_index else isinstance(what, str)):
+            raise _no_stream_injection(what, rid)
+        return StreamInject(body.get("stream"), _direction_of(body.get("direction")),
+                            body.get("offset"), what, rid)
+    if op == "inject":
+        return Inject(body.get("index"), _direction_of(body.get("direction")), rid)
+    if op == "cut":
+        return StreamCut(body.get("stream"), _direction_of(body.get("direction")),
+                         body.get("offset"), body.get("length"), rid)
+    if op == "alert":
+        return Alert(body.get("message"), body.get("fields") or {})
+    if op == "synced":
+        return Synced(body.get("id"))
+    if op == "kill":
+        return StreamKill(body.get("stream"))
+    if op == "more":
+        return StreamMore(body.get("stream"), _direction_of(body.get("direction")))
+    raise RequestError(f"unknown op {op!r}", rid)
