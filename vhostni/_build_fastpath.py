@@ -23,7 +23,8 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CSRC = os.path.join(ROOT, "csrc")
-SOURCES = ["mem.c", "vring.c", "offload.c", "parse.c", "antispoof.c", "policy.c", "tcp.c", "switch.c"]
+SOURCES = ["mem.c", "vring.c", "offload.c", "parse.c", "antispoof.c", "policy.c", "tcp.c", "tcp_edit.c",
+           "tcp_frag.c", "tcp_api.c", "switch.c"]
 CFLAGS = ["-O2", "-g", "-std=gnu11", "-Wall", "-Wextra", "-Werror"]
 # -fno-sanitize-recover: undefined behaviour aborts like a memory error does, so a test run
 # cannot pass over it with a line on stderr nobody reads
@@ -52,7 +53,7 @@ def builder(sanitize: bool = False) -> FFI:
         include_dirs=[path(CSRC)],
         extra_compile_args=CFLAGS + (SANITIZE_FLAGS if sanitize else []),
         extra_link_args=SANITIZE_FLAGS if sanitize else [],
-        depends=[path(os.path.join(CSRC, h)) for h in ("vhostni.h", "vn_internal.h")],
+        depends=[path(os.path.join(CSRC, h)) for h in ("vhostni.h", "vn_internal.h", "tcp_internal.h")],
     )
     return ffi
 
