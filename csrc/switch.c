@@ -559,12 +559,13 @@ static struct vn_vq *rx_queue(struct vn_port *p, const struct vn_pkt *pkt)
             cand[n++] = &p->vq[2 * qp];
     if (n == 0)
         return NULL;
-    if (n == 1 || pkt->len < 34)
+    const uint8_t *a = vn_get(pkt->data, pkt->len, 26, 8);
+    if (n == 1 || !a)
         return cand[0];
     /* FNV-1a over the IPv4 addresses (bytes 26..33 of an untagged frame): one flow, one queue */
     uint32_t h = 2166136261u;
-    for (unsigned i = 26; i < 34; i++)
-        h = (h ^ pkt->data[i]) * 16777619u;
+    for (unsigned i = 0; i < 8; i++)
+        h = (h ^ a[i]) * 16777619u;
     return cand[(h ^ (h >> 16)) % n];
 }
 

@@ -458,11 +458,16 @@ static int checksums_ok(struct vn_pkt *pkt, const struct vn_hdrs *h, unsigned ip
         if (vn_csum_complete(pkt) < 0)
             return 0;
     }
-    const uint8_t *ip = pkt->data + h->l3_off;
-    if (h->family == 4 && vn_fold(vn_sum16(0, ip, (ip[0] & 15) * 4u)) != 0xffff)
+    unsigned l3 = (unsigned)h->l3_off, l4 = (unsigned)h->l4_off;
+    const uint8_t *ip = vn_get(pkt->data, ip_end, l3, h->family == 4 ? 20 : 40);
+    if (!ip || l4 > ip_end)
         return 0;
-    uint32_t tlen = ip_end - (unsigned)h->l4_off;
-    return vn_fold(vn_sum16(pseudo(h->family, ip, tlen), pkt->data + h->l4_off, tlen)) == 0xffff;
+    if (h->family == 4 && (!vn_get(pkt->data, ip_end, l3, (ip[0] & 15) * 4u) ||
+                           vn_fold(vn_sum16(0, ip, (ip[0] & 15) * 4u)) != 0xffff))
+        return 0;
+    uint32_t tlen = ip_end - l4;
+    const uint8_t *tcp = vn_get(pkt->data, ip_end, l4, tlen);
+    return tcp && vn_fold(vn_sum16(pseudo(h->family, ip, tlen), tcp, tlen)) == 0xffff;
 }
 
 /* Adopting: asks the receiver of the prober's data where it stands.  A bare ACK whose
@@ -630,24 +635,27 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
     uint8_t *d = pkt->data;
     int gso = (pkt->hdr.gso_type & ~VIRTIO_NET_HDR_GSO_ECN) != VIRTIO_NET_HDR_GSO_NONE;
     unsigned l3 = (unsigned)h->l3_off, l4 = (unsigned)h->l4_off, ip_end;
+    const uint8_t *ip = vn_get(d, pkt->len, l3, h->family == 4 ? 20 : 40);
+    if (!ip)
+        return drop(&st->tcp_bad_header);
     if (gso) {
         ip_end = pkt->len;
     } else if (h->family == 4) {
-        unsigned tot = vn_rd16(d + l3 + 2);
-        if (tot < (d[l3] & 15) * 4u || l3 + tot > pkt->len)
+        unsigned tot = vn_rd16(ip + 2);
+        if (tot < (ip[0] & 15) * 4u || !vn_get(d, pkt->len, l3, tot))
             return drop(&st->tcp_bad_header);
         ip_end = l3 + tot;
     } else {
-        ip_end = l3 + 40 + vn_rd16(d + l3 + 4);
-        if (ip_end > pkt->len)
+        if (!vn_get(d, pkt->len, l3, 40 + vn_rd16(ip + 4)))
             return drop(&st->tcp_bad_header);
+        ip_end = l3 + 40 + vn_rd16(ip + 4);
     }
-    if (l4 + 20 > ip_end)
+    uint8_t *tcp = vn_getw(d, ip_end, l4, 20);
+    if (!tcp)
         return drop(&st->tcp_bad_header);
-    unsigned doff = (d[l4 + 12] >> 4) * 4u;
-    if (doff < 20 || l4 + doff > ip_end)
+    unsigned doff = (tcp[12] >> 4) * 4u;
+    if (doff < 20 || !vn_get(d, ip_end, l4, doff))
         return drop(&st->tcp_bad_header);
-    uint8_t *tcp = d + l4;
     unsigned pay = l4 + doff;
     uint32_t paylen = ip_end - pay;
     uint8_t flags = tcp[13];

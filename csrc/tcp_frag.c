@@ -60,27 +60,31 @@ int frag_input(struct vn_switch *sw, int port, int dir, int egress_to, struct vn
     int more;
     uint8_t nh = 6;
     if (h->family == 4) {
-        unsigned ihl = (d[l3] & 15) * 4u, tot = vn_rd16(d + l3 + 2);
-        if (tot < ihl || l3 + tot > pkt->len ||
-            vn_fold(vn_sum16(0, d + l3, ihl)) != 0xffff)
+        const uint8_t *ip = vn_get(d, pkt->len, l3, 20);
+        if (!ip)
             return drop(&st->tcp_frag_dropped);
-        uint16_t fr = vn_rd16(d + l3 + 6);
-        id = vn_rd16(d + l3 + 4);
+        unsigned ihl = (ip[0] & 15) * 4u, tot = vn_rd16(ip + 2);
+        if (tot < ihl || !vn_get(d, pkt->len, l3, tot) ||
+            vn_fold(vn_sum16(0, ip, ihl)) != 0xffff)
+            return drop(&st->tcp_frag_dropped);
+        uint16_t fr = vn_rd16(ip + 6);
+        id = vn_rd16(ip + 4);
         off = (fr & 0x1fffu) * 8;
         more = !!(fr & 0x2000);
         pay = l3 + ihl;
         end = l3 + tot;
     } else {
         /* the fragment header right after the base header; other layouts are not taken apart */
-        if (d[l3 + 6] != 44 || l3 + 48 > pkt->len || l3 + 40 + vn_rd16(d + l3 + 4) > pkt->len)
+        const uint8_t *ip = vn_get(d, pkt->len, l3, 48);
+        if (!ip || ip[6] != 44 || !vn_get(d, pkt->len, l3, 40 + vn_rd16(ip + 4)))
             return drop(&st->tcp_frag_dropped);
-        const uint8_t *fh = d + l3 + 40;
+        const uint8_t *fh = ip + 40;
         nh = fh[0];
         off = vn_rd16(fh + 2) & 0xfff8u;
         more = fh[3] & 1;
         id = vn_rd32(fh + 4);
         pay = l3 + 48;
-        end = l3 + 40 + vn_rd16(d + l3 + 4);
+        end = l3 + 40 + vn_rd16(ip + 4);
     }
     if (end < pay)
         return drop(&st->tcp_frag_dropped);

@@ -186,23 +186,22 @@ static inline uint32_t pseudo(int family, const uint8_t *ip, uint32_t len)
     return s + 6 + (len >> 16) + (len & 0xffff);
 }
 
-/* The first TCP option of `kind` in opt[0, len) (pointing at its kind byte, its length
- * byte within bounds), NULL if there is none before the end or a malformed option. */
+/* The first TCP option of `kind` in opt[0, len) (pointing at its kind byte; all of its
+ * o[1] bytes lie within bounds), NULL if there is none before the end or a malformed option. */
 static inline const uint8_t *tcp_opt(const uint8_t *opt, unsigned len, uint8_t kind)
 {
     unsigned i = 0;
-    while (i < len) {
-        if (opt[i] == 0)
-            break;
-        if (opt[i] == 1) {
+    const uint8_t *o;
+    while ((o = vn_get(opt, len, i, 1)) && o[0] != 0) {
+        if (o[0] == 1) {
             i++;
             continue;
         }
-        if (i + 1 >= len || opt[i + 1] < 2 || i + opt[i + 1] > len)
+        if (!(o = vn_get(opt, len, i, 2)) || o[1] < 2 || !vn_get(opt, len, i, o[1]))
             break;
-        if (opt[i] == kind)
-            return opt + i;
-        i += opt[i + 1];
+        if (o[0] == kind)
+            return o;
+        i += o[1];
     }
     return NULL;
 }
