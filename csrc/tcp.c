@@ -605,36 +605,57 @@ static int resend(struct vn_switch *sw, struct vn_flow *f, int hs, const struct 
     return VN_TCP_TAKEN;
 }
 
-#define FWD() (edited ? forward_edited(f, hs, pkt, tcp, doff) : VN_TCP_FORWARD)
-#define RESEND() resend(sw, f, hs, &(struct vn_fview){d, &pkt->hdr, pay, paylen, (uint16_t)l3, \
-                        (uint16_t)l4, start, (uint8_t)fin, port, dir, egress_to})
+/* One TCP segment on its way through the engine: the frame, where its headers are and what
+ * they say (seg_parse), and (once its flow is known) which half sent it.  The steps below
+ * take it in the order a receiver would: the connection's state first (no flow, adopting,
+ * the handshake), then RST, ACK and data. */
+struct vn_tcp_in {
+    struct vn_switch *sw;
+    int port, dir, egress_to;
+    struct vn_pkt *pkt;
+    const struct vn_hdrs *h;
+    const struct vn_policy *pol;
+    struct vn_port_stats *st;
+    struct vn_tcp_port *tp;
+    uint8_t *d, *tcp;
+    unsigned l3, l4, doff, pay;
+    uint32_t paylen, seq, ack;
+    uint16_t win;
+    uint8_t flags;
+    /* of a tracked flow */
+    int hs;                        /* the sender's half */
+    int edited;                    /* either half was edited (then the flow is announced: it stays) */
+    int from_client;
+    const uint8_t *tso;            /* its timestamp option, if both ends negotiated them */
+};
 
-int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct vn_pkt *pkt,
-                 const struct vn_hdrs *h)
+/* A step's verdict when the segment goes on to the next step. */
+#define SEG_NEXT (-1)
+
+/* Forwards the segment, rewritten if the connection was edited. */
+static int fwd(const struct vn_tcp_in *in, struct vn_flow *f)
 {
-    struct vn_port *p = &sw->ports[port];
-    const struct vn_policy *pol = p->pol;
-    struct vn_port_stats *st = &p->st;
-    if (!pol || !h->family || h->proto != 6)
-        return VN_TCP_FORWARD;
-    struct vn_tcp_port *tp = tport(sw, port, 0);
-    const uint8_t *ga = dir == VN_DIR_FROM_GUEST ? h->src : h->dst;
-    const uint8_t *ra = dir == VN_DIR_FROM_GUEST ? h->dst : h->src;
-    if (h->frag)
-        return frag_input(sw, port, dir, egress_to, pkt, h);
-    if (!h->l4_known)
-        return VN_TCP_FORWARD;
-    uint16_t gp = dir == VN_DIR_FROM_GUEST ? h->sport : h->dport;
-    uint16_t rp = dir == VN_DIR_FROM_GUEST ? h->dport : h->sport;
-    struct vn_flow *f = flow_find(tp, h->family, ga, ra, gp, rp);
-    if (!f && !port_subscribed(pol, h->dport) && !port_subscribed(pol, h->sport))
-        return VN_TCP_FORWARD;
+    return in->edited ? forward_edited(f, in->hs, in->pkt, in->tcp, in->doff) : VN_TCP_FORWARD;
+}
 
-    /* lengths: the IP header's own for plain frames; a TSO frame is one segment of the
-     * whole payload (its length fields are the guest's business until segmentation) */
-    uint8_t *d = pkt->data;
+static int resend_in(const struct vn_tcp_in *in, struct vn_flow *f, uint64_t start, int fin)
+{
+    return resend(in->sw, f, in->hs, &(struct vn_fview){in->d, &in->pkt->hdr, in->pay, in->paylen,
+                                                        (uint16_t)in->l3, (uint16_t)in->l4, start,
+                                                        (uint8_t)fin, in->port, in->dir, in->egress_to});
+}
+
+/* The headers: lengths (the IP header's own for plain frames; a TSO frame is one segment
+ * of the whole payload, its length fields the guest's business until segmentation),
+ * checksums, and the urgent pointer cleared. */
+static int seg_parse(struct vn_tcp_in *in)
+{
+    struct vn_pkt *pkt = in->pkt;
+    const struct vn_hdrs *h = in->h;
+    struct vn_port_stats *st = in->st;
+    uint8_t *d = in->d = pkt->data;
     int gso = (pkt->hdr.gso_type & ~VIRTIO_NET_HDR_GSO_ECN) != VIRTIO_NET_HDR_GSO_NONE;
-    unsigned l3 = (unsigned)h->l3_off, l4 = (unsigned)h->l4_off, ip_end;
+    unsigned l3 = in->l3 = (unsigned)h->l3_off, l4 = in->l4 = (unsigned)h->l4_off, ip_end;
     const uint8_t *ip = vn_get(d, pkt->len, l3, h->family == 4 ? 20 : 40);
     if (!ip)
         return drop(&st->tcp_bad_header);
@@ -650,26 +671,27 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
             return drop(&st->tcp_bad_header);
         ip_end = l3 + 40 + vn_rd16(ip + 4);
     }
-    uint8_t *tcp = vn_getw(d, ip_end, l4, 20);
+    uint8_t *tcp = in->tcp = vn_getw(d, ip_end, l4, 20);
     if (!tcp)
         return drop(&st->tcp_bad_header);
-    unsigned doff = (tcp[12] >> 4) * 4u;
+    unsigned doff = in->doff = (tcp[12] >> 4) * 4u;
     if (doff < 20 || !vn_get(d, ip_end, l4, doff))
         return drop(&st->tcp_bad_header);
-    unsigned pay = l4 + doff;
-    uint32_t paylen = ip_end - pay;
-    uint8_t flags = tcp[13];
-    uint32_t seq = vn_rd32(tcp + 4), ack = vn_rd32(tcp + 8);
-    uint16_t win = vn_rd16(tcp + 14);
+    in->pay = l4 + doff;
+    in->paylen = ip_end - in->pay;
+    in->flags = tcp[13];
+    in->seq = vn_rd32(tcp + 4);
+    in->ack = vn_rd32(tcp + 8);
+    in->win = vn_rd16(tcp + 14);
     if (!gso && !checksums_ok(pkt, h, ip_end))
         return drop(&st->tcp_bad_csum);
-    if (flags & TCP_URG) {
+    if (in->flags & TCP_URG) {
         /* the receiver would take the urgent byte out of the stream (no SO_OOBINLINE):
          * clear the flag and the pointer so it stays where the scanners see it */
         uint16_t old_w = vn_rd16(tcp + 12), old_u = vn_rd16(tcp + 18);
         tcp[13] &= ~TCP_URG;
         vn_wr16(tcp + 18, 0);
-        flags = tcp[13];
+        in->flags = tcp[13];
         if (!(pkt->hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM)) {
             uint16_t c = vn_rd16(tcp + 16);
             c = csum_update(c, old_w, vn_rd16(tcp + 12));
@@ -678,207 +700,229 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
         }
         st->tcp_urg_cleared++;
     }
+    return SEG_NEXT;
+}
 
-    if (!f) {
-        if ((flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN)) == TCP_SYN &&
-            port_subscribed(pol, h->dport)) {
-            if (paylen)
-                return drop(&st->tcp_syn_data);
-            tp = tport(sw, port, 1);
-            if (!tp || tp->nflows >= pol->tcp_flows_max) {
-                st->tcp_flows_over++;
-                return pol->tcp_flows_over_pass ? VN_TCP_FORWARD : VN_TCP_TAKEN;
-            }
-            f = flow_new(sw, tp, port, h->family, ga, ra, gp, rp);
-            if (!f) {
-                st->tcp_flows_over++;
-                return pol->tcp_flows_over_pass ? VN_TCP_FORWARD : VN_TCP_TAKEN;
-            }
-            st->tcp_flows_opened++;
-            f->client = dir;
-            f->state = ST_SYN_SENT;
-            f->last_ns = sw->now_ns;
-            struct vn_half *c = &f->half[half_of(dir)];
-            c->isn = seq;
-            c->have_isn = 1;
-            c->wscale = syn_wscale(tcp + 20, doff - 20);
-            c->mss = syn_mss(tcp + 20, doff - 20);
-            c->ts = tcp_opt(tcp + 20, doff - 20, 8) != NULL;
-            c->syn_win = win;
-            return VN_TCP_FORWARD;
+/* No flow: a client's SYN to a subscribed port opens one (ST_SYN_SENT); data is midstream. */
+static int st_none(struct vn_tcp_in *in, const uint8_t *ga, const uint8_t *ra, uint16_t gp, uint16_t rp)
+{
+    const struct vn_policy *pol = in->pol;
+    struct vn_port_stats *st = in->st;
+    const struct vn_hdrs *h = in->h;
+    if ((in->flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN)) == TCP_SYN &&
+        port_subscribed(pol, h->dport)) {
+        if (in->paylen)
+            return drop(&st->tcp_syn_data);
+        struct vn_tcp_port *tp = in->tp = tport(in->sw, in->port, 1);
+        if (!tp || tp->nflows >= pol->tcp_flows_max) {
+            st->tcp_flows_over++;
+            return pol->tcp_flows_over_pass ? VN_TCP_FORWARD : VN_TCP_TAKEN;
         }
-        if (paylen) {
-            st->tcp_no_flow++;
-            return midstream(sw, tp, port, dir, pkt, h, tcp, seq, ack, paylen);
+        struct vn_flow *f = flow_new(in->sw, tp, in->port, h->family, ga, ra, gp, rp);
+        if (!f) {
+            st->tcp_flows_over++;
+            return pol->tcp_flows_over_pass ? VN_TCP_FORWARD : VN_TCP_TAKEN;
         }
-        return VN_TCP_FORWARD;     /* no bytes to inspect: ACK, RST, FIN */
+        st->tcp_flows_opened++;
+        f->client = in->dir;
+        f->state = ST_SYN_SENT;
+        f->last_ns = in->sw->now_ns;
+        struct vn_half *c = &f->half[half_of(in->dir)];
+        c->isn = in->seq;
+        c->have_isn = 1;
+        c->wscale = syn_wscale(in->tcp + 20, in->doff - 20);
+        c->mss = syn_mss(in->tcp + 20, in->doff - 20);
+        c->ts = tcp_opt(in->tcp + 20, in->doff - 20, 8) != NULL;
+        c->syn_win = in->win;
+        return VN_TCP_FORWARD;
     }
+    if (in->paylen) {
+        st->tcp_no_flow++;
+        return midstream(in->sw, in->tp, in->port, in->dir, in->pkt, h, in->tcp, in->seq, in->ack,
+                         in->paylen);
+    }
+    return VN_TCP_FORWARD;         /* no bytes to inspect: ACK, RST, FIN */
+}
 
-    f->last_ns = sw->now_ns;
-    int hs = half_of(dir);
-    int edited = f->half[0].edited || f->half[1].edited;     /* then f is announced: it stays */
-    if (f->bypass)
-        return FWD();
-    struct vn_half *S = &f->half[hs], *R = &f->half[!hs];
-    unsigned l2 = l3 < sizeof(S->eth) ? l3 : sizeof(S->eth);
-    memcpy(S->eth, d, l2);
-    S->eth_len = (uint8_t)l2;
-    if (f->state == ST_ADOPTING) {
-        if (flags & TCP_RST) {
-            flow_end(sw, f, VN_CLOSE_RST);
-            return VN_TCP_FORWARD;
+/* ST_ADOPTING: everything waits for the receiver's answer to a probe; that answer makes
+ * the flow established (SEG_NEXT: the answer itself goes on as a segment of it). */
+static int st_adopting(struct vn_tcp_in *in, struct vn_flow *f)
+{
+    struct vn_switch *sw = in->sw;
+    struct vn_half *S = &f->half[in->hs], *R = &f->half[!in->hs];
+    uint8_t flags = in->flags;
+    if (flags & TCP_RST) {
+        flow_end(sw, f, VN_CLOSE_RST);
+        return VN_TCP_FORWARD;
+    }
+    if (in->hs == f->prober || (flags & TCP_SYN) || !(flags & TCP_ACK)) {
+        if (!in->paylen && !(flags & (TCP_FIN | TCP_SYN)))
+            return VN_TCP_FORWARD;     /* a bare ACK: nothing to inspect */
+        if (in->hs == f->prober && (flags & TCP_ACK) && sw->now_ns - f->probe_ns > VN_TCP_PROBE_NS)
+            adopt_probe(sw, f, in->seq, in->ack, in->win);
+        in->st->tcp_no_flow++;
+        return VN_TCP_TAKEN;           /* waits for the receiver's word */
+    }
+    /* the receiver's word: its acknowledgement is where the prober's stream stands;
+     * from here on it is an established connection, this segment included */
+    R->isn = in->ack - 1;
+    R->have_isn = 1;
+    S->ts = R->ts = tcp_opt(in->tcp + 20, in->doff - 20, 8) != NULL;
+    flow_establish(sw, f, in->pol);
+    return f->bypass ? VN_TCP_FORWARD : SEG_NEXT;
+}
+
+/* A SYN or SYN-ACK of a known flow: the handshake (ST_SYN_SENT to ST_SYN_RCVD), or a
+ * retransmission of it. */
+static int seg_syn(struct vn_tcp_in *in, struct vn_flow *f)
+{
+    struct vn_port_stats *st = in->st;
+    struct vn_half *S = &f->half[in->hs], *R = &f->half[!in->hs];
+    uint8_t flags = in->flags;
+    const uint8_t *opt = in->tcp + 20;
+    unsigned optlen = in->doff - 20;
+    if (flags & (TCP_RST | TCP_FIN))
+        return drop(&st->tcp_bad_handshake);
+    if (in->paylen)
+        return drop(&st->tcp_syn_data);
+    if (!(flags & TCP_ACK)) {
+        if (!in->from_client)
+            return drop(&st->tcp_bad_handshake);     /* simultaneous open */
+        if (f->state == ST_SYN_SENT) {
+            S->isn = in->seq;                        /* a new attempt may pick a new ISN */
+            S->wscale = syn_wscale(opt, optlen);
+            S->mss = syn_mss(opt, optlen);
+            S->ts = tcp_opt(opt, optlen, 8) != NULL;
+            S->syn_win = in->win;
+            return fwd(in, f);
         }
-        if (hs == f->prober || (flags & TCP_SYN) || !(flags & TCP_ACK)) {
-            if (!paylen && !(flags & (TCP_FIN | TCP_SYN)))
-                return VN_TCP_FORWARD;     /* a bare ACK: nothing to inspect */
-            if (hs == f->prober && (flags & TCP_ACK) && sw->now_ns - f->probe_ns > VN_TCP_PROBE_NS)
-                adopt_probe(sw, f, seq, ack, win);
-            st->tcp_no_flow++;
-            return VN_TCP_TAKEN;           /* waits for the receiver's word */
-        }
-        /* the receiver's word: its acknowledgement is where the prober's stream stands;
-         * from here on it is an established connection, this segment included */
-        R->isn = ack - 1;
-        R->have_isn = 1;
-        S->ts = R->ts = tcp_opt(tcp + 20, doff - 20, 8) != NULL;
-        flow_establish(sw, f, pol);
+        return in->seq == S->isn ? VN_TCP_FORWARD : drop(&st->tcp_bad_handshake);
+    }
+    /* SYN-ACK */
+    if (in->from_client || in->ack != R->isn + 1)
+        return drop(&st->tcp_bad_handshake);
+    if (f->state == ST_SYN_SENT) {
+        S->isn = in->seq;
+        S->have_isn = 1;
+        S->wscale = syn_wscale(opt, optlen);
+        S->mss = syn_mss(opt, optlen);
+        S->ts = tcp_opt(opt, optlen, 8) != NULL;
+        if (S->wscale < 0 || R->wscale < 0)
+            S->wscale = R->wscale = -1;              /* scaling needs both */
+        /* windows in SYNs are never scaled */
+        R->right = R->real_right = in->win;
+        R->have_right = 1;
+        S->right = S->real_right = R->syn_win;
+        S->have_right = 1;
+        f->state = ST_SYN_RCVD;
+        return fwd(in, f);
+    }
+    return in->seq == S->isn ? VN_TCP_FORWARD : drop(&st->tcp_bad_handshake);
+}
+
+/* ST_SYN_SENT, anything but a SYN: only a refusal fits here, the server's RST
+ * acknowledging the SYN. */
+static int st_syn_sent(struct vn_tcp_in *in, struct vn_flow *f)
+{
+    uint8_t flags = in->flags;
+    if ((flags & TCP_RST) && !in->from_client && (flags & TCP_ACK) &&
+        in->ack == f->half[!in->hs].isn + 1 && !in->paylen) {
+        flow_end(in->sw, f, VN_CLOSE_RST);
+        return fwd(in, f);
+    }
+    return in->paylen || (flags & (TCP_FIN | TCP_RST)) ? drop(&in->st->tcp_bad_handshake)
+                                                       : VN_TCP_FORWARD;
+}
+
+/* A RST of a synchronized connection: taken only inside the receiver's window. */
+static int seg_rst(struct vn_tcp_in *in, struct vn_flow *f)
+{
+    struct vn_half *S = &f->half[in->hs];
+    if (in->paylen)
+        return drop(&in->st->tcp_rst_data);
+    int64_t off = seq_off(S, in->seq);
+    uint64_t hi = S->have_right && S->right > S->acked ? S->right : S->acked + 1;
+    if (off < 0 || (uint64_t)off < S->acked || (uint64_t)off >= hi)
+        return drop(&in->st->tcp_rst_out_of_window);
+    flow_end(in->sw, f, VN_CLOSE_RST);
+    return fwd(in, f);
+}
+
+/* The acknowledgement (ST_SYN_RCVD: the one completing the handshake): what the receiver
+ * R of the other direction got, and its window. */
+static int seg_ack(struct vn_tcp_in *in, struct vn_flow *f)
+{
+    struct vn_switch *sw = in->sw;
+    struct vn_port_stats *st = in->st;
+    struct vn_half *S = &f->half[in->hs], *R = &f->half[!in->hs];
+    uint8_t flags = in->flags;
+    if (!(flags & TCP_ACK)) {
+        if (in->paylen || (flags & TCP_FIN))
+            return drop(&st->tcp_bad_header);        /* data without ACK: discarded */
+        return SEG_NEXT;
+    }
+    int64_t aoff = seq_off_out(R, in->ack);
+    if (f->state == ST_SYN_RCVD) {
+        if (!in->from_client || aoff != 0)
+            return drop(&st->tcp_bad_handshake);
+        flow_establish(sw, f, in->pol);
         if (f->bypass)
             return VN_TCP_FORWARD;
     }
-    int from_client = dir == f->client;
-    /* the timestamp option (both ends negotiated it): parsed once, for PAWS below and for
-     * the segments the NI sends as this end (its latest timestamps) */
-    const uint8_t *tso = S->ts && R->ts && !(flags & TCP_SYN) ? tcp_opt(tcp + 20, doff - 20, 8) : NULL;
-    if (tso && tso[1] != 10)
-        tso = NULL;
-    if (tso && (!S->ts_seen || (int32_t)(vn_rd32(tso + 2) - S->ts_val) >= 0)) {
-        S->ts_seen = 1;
-        S->ts_val = vn_rd32(tso + 2);
-        S->ts_ecr = vn_rd32(tso + 6);
+    /* the receiver acknowledges what it got: output offsets (of an edited stream) */
+    if (aoff < 0 || (!R->edited && (uint64_t)aoff > R->highest))
+        return drop(&st->tcp_out_of_window);         /* ACK of unsent data: discarded */
+    uint64_t aout = (uint64_t)aoff;
+    if (aout > sent_out(R)) {
+        /* it cannot have bytes the NI holds: only a forged ACK says so.  Its sender
+         * may believe it, the NI does not: what it holds still waits for the scanners
+         * and a copy arriving later is still compared, never waved through. */
+        st->tcp_ack_unsent++;
+        aout = sent_out(R);
     }
+    if (aout > R->acked_out)
+        R->acked_out = aout;
+    uint64_t a = R->edited ? orig_ack_clamped(R, aout) : aout;
+    if (a > R->acked) {
+        R->acked = a;
+        R->ack_ns = sw->now_ns;
+        R->rtx_tries = 0;
+    }
+    int ws = S->wscale >= 0 ? S->wscale : 0;
+    uint64_t eout = aout + ((uint64_t)in->win << ws);
+    uint64_t edge = R->edited ? orig_ack(R, eout) : eout;
+    uint64_t old_right = R->right;
+    if (!R->have_right || edge > R->right)
+        R->right = edge;
+    R->have_right = 1;
+    if (edge > R->real_right)
+        R->real_right = edge;
+    half_trim(sw, f, R);
+    if (R->edited)
+        edits_compact(sw, f, R);
+    if (R->vouched > a) {
+        /* the NI acknowledged further for this receiver: its window may let more of
+         * what waits go now; its pure ACKs below what the sender heard are news to
+         * the sender only if they open the window further */
+        half_release(sw, f, R);
+        if (!in->paylen && !(flags & (TCP_FIN | TCP_RST)) && edge <= old_right)
+            return drop(&st->tcp_acks_absorbed);
+    }
+    return SEG_NEXT;
+}
 
-    if (flags & TCP_SYN) {
-        if (flags & (TCP_RST | TCP_FIN))
-            return drop(&st->tcp_bad_handshake);
-        if (paylen)
-            return drop(&st->tcp_syn_data);
-        if (!(flags & TCP_ACK)) {
-            if (!from_client)
-                return drop(&st->tcp_bad_handshake);     /* simultaneous open */
-            if (f->state == ST_SYN_SENT) {
-                S->isn = seq;                            /* a new attempt may pick a new ISN */
-                S->wscale = syn_wscale(tcp + 20, doff - 20);
-                S->mss = syn_mss(tcp + 20, doff - 20);
-                S->ts = tcp_opt(tcp + 20, doff - 20, 8) != NULL;
-                S->syn_win = win;
-                return FWD();
-            }
-            return seq == S->isn ? VN_TCP_FORWARD : drop(&st->tcp_bad_handshake);
-        }
-        /* SYN-ACK */
-        if (from_client || ack != R->isn + 1)
-            return drop(&st->tcp_bad_handshake);
-        if (f->state == ST_SYN_SENT) {
-            S->isn = seq;
-            S->have_isn = 1;
-            S->wscale = syn_wscale(tcp + 20, doff - 20);
-            S->mss = syn_mss(tcp + 20, doff - 20);
-            S->ts = tcp_opt(tcp + 20, doff - 20, 8) != NULL;
-            if (S->wscale < 0 || R->wscale < 0)
-                S->wscale = R->wscale = -1;              /* scaling needs both */
-            /* windows in SYNs are never scaled */
-            R->right = R->real_right = win;
-            R->have_right = 1;
-            S->right = S->real_right = R->syn_win;
-            S->have_right = 1;
-            f->state = ST_SYN_RCVD;
-            return FWD();
-        }
-        return seq == S->isn ? VN_TCP_FORWARD : drop(&st->tcp_bad_handshake);
-    }
-
-    if (f->state == ST_SYN_SENT) {
-        /* only a refusal fits here: the server's RST acknowledging the SYN */
-        if ((flags & TCP_RST) && !from_client && (flags & TCP_ACK) && ack == R->isn + 1 && !paylen) {
-            flow_end(sw, f, VN_CLOSE_RST);
-            return FWD();
-        }
-        return paylen || (flags & (TCP_FIN | TCP_RST)) ? drop(&st->tcp_bad_handshake)
-                                                       : VN_TCP_FORWARD;
-    }
-
-    if (flags & TCP_RST) {
-        if (paylen)
-            return drop(&st->tcp_rst_data);
-        int64_t off = seq_off(S, seq);
-        uint64_t hi = S->have_right && S->right > S->acked ? S->right : S->acked + 1;
-        if (off < 0 || (uint64_t)off < S->acked || (uint64_t)off >= hi)
-            return drop(&st->tcp_rst_out_of_window);
-        flow_end(sw, f, VN_CLOSE_RST);
-        return FWD();
-    }
-
-    if (flags & TCP_ACK) {
-        int64_t aoff = seq_off_out(R, ack);
-        if (f->state == ST_SYN_RCVD) {
-            if (!from_client || aoff != 0)
-                return drop(&st->tcp_bad_handshake);
-            flow_establish(sw, f, pol);
-            if (f->bypass)
-                return VN_TCP_FORWARD;
-        }
-        /* the receiver acknowledges what it got: output offsets (of an edited stream) */
-        if (aoff < 0 || (!R->edited && (uint64_t)aoff > R->highest))
-            return drop(&st->tcp_out_of_window);         /* ACK of unsent data: discarded */
-        uint64_t aout = (uint64_t)aoff;
-        if (aout > sent_out(R)) {
-            /* it cannot have bytes the NI holds: only a forged ACK says so.  Its sender
-             * may believe it, the NI does not: what it holds still waits for the scanners
-             * and a copy arriving later is still compared, never waved through. */
-            st->tcp_ack_unsent++;
-            aout = sent_out(R);
-        }
-        if (aout > R->acked_out)
-            R->acked_out = aout;
-        uint64_t a = R->edited ? orig_ack_clamped(R, aout) : aout;
-        if (a > R->acked) {
-            R->acked = a;
-            R->ack_ns = sw->now_ns;
-            R->rtx_tries = 0;
-        }
-        int ws = S->wscale >= 0 ? S->wscale : 0;
-        uint64_t eout = aout + ((uint64_t)win << ws);
-        uint64_t edge = R->edited ? orig_ack(R, eout) : eout;
-        uint64_t old_right = R->right;
-        if (!R->have_right || edge > R->right)
-            R->right = edge;
-        R->have_right = 1;
-        if (edge > R->real_right)
-            R->real_right = edge;
-        half_trim(sw, f, R);
-        if (R->edited)
-            edits_compact(sw, f, R);
-        if (R->vouched > a) {
-            /* the NI acknowledged further for this receiver: its window may let more of
-             * what waits go now; its pure ACKs below what the sender heard are news to
-             * the sender only if they open the window further */
-            half_release(sw, f, R);
-            if (!paylen && !(flags & (TCP_FIN | TCP_RST)) && edge <= old_right)
-                return drop(&st->tcp_acks_absorbed);
-        }
-    } else if (paylen || (flags & TCP_FIN)) {
-        return drop(&st->tcp_bad_header);                /* data without ACK: discarded */
-    }
-    if (!paylen && !(flags & TCP_FIN)) {
-        /* a pure ACK or window update; the one acknowledging the second FIN ends it */
-        if (S->fin && S->acked > S->fin_off && R->fin && R->acked > R->fin_off)
-            flow_end(sw, f, VN_CLOSE_FIN);
-        return FWD();
-    }
-
-    /* data and/or FIN from S */
-    int fin = !!(flags & TCP_FIN);
-    int64_t soff = seq_off(S, seq);
+/* Data and/or FIN from S: checked against what came before (window, FIN, PAWS, earlier
+ * copies), then kept as a record, and held or sent on. */
+static int seg_data(struct vn_tcp_in *in, struct vn_flow *f)
+{
+    struct vn_switch *sw = in->sw;
+    const struct vn_policy *pol = in->pol;
+    struct vn_port_stats *st = in->st;
+    struct vn_tcp_port *tp = in->tp;
+    struct vn_half *S = &f->half[in->hs];
+    uint32_t paylen = in->paylen;
+    int fin = !!(in->flags & TCP_FIN);
+    int64_t soff = seq_off(S, in->seq);
     if (soff < 0)
         return drop(&st->tcp_bad_header);
     uint64_t start = (uint64_t)soff, end = start + paylen;
@@ -889,8 +933,8 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
     /* PAWS (RFC 7323): with timestamps on, the receiver drops a segment whose TSval is
      * older than the one it last took in order; so does the NI, or a scanner would see
      * bytes the receiver never takes (a stale-timestamp insertion) */
-    if (tso) {
-        uint32_t tsval = vn_rd32(tso + 2);
+    if (in->tso) {
+        uint32_t tsval = vn_rd32(in->tso + 2);
         if (S->have_ts_recent && (int32_t)(S->ts_recent - tsval) > 1)
             return drop(&st->tcp_paws);
         if (start <= S->contig && (!S->have_ts_recent || (int32_t)(tsval - S->ts_recent) > 0)) {
@@ -900,7 +944,7 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
     }
     if (end + fin <= S->acked) {
         st->tcp_retransmit++;                            /* the receiver has all of it */
-        return S->edited ? RESEND() : FWD();
+        return S->edited ? resend_in(in, f, start, fin) : fwd(in, f);
     }
     if (end + fin > S->highest)
         S->highest = end + fin;
@@ -911,10 +955,10 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
     if (!S->read) {
         if (end + fin > S->released_end)
             S->released_end = end + fin;
-        return FWD();
+        return fwd(in, f);
     }
     int covered, all_released;
-    const uint8_t *payload = d + pay;
+    const uint8_t *payload = in->d + in->pay;
     if (half_compare(S, start, payload, paylen, fin, start > S->acked ? start : S->acked,
                      &covered, &all_released) < 0)
         return drop(&st->tcp_conflict);
@@ -922,27 +966,27 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
         st->tcp_retransmit++;
         if (!all_released) {
             if (S->vouched >= end + fin)
-                reack(sw, f, hs);            /* it missed the NI's acknowledgement */
+                reack(sw, f, in->hs);        /* it missed the NI's acknowledgement */
             return VN_TCP_TAKEN;
         }
-        return S->edited ? RESEND() : FWD();
+        return S->edited ? resend_in(in, f, start, fin) : fwd(in, f);
     }
-    if (tp->bytes + pkt->len > pol->tcp_bytes_max) {
+    if (tp->bytes + in->pkt->len > pol->tcp_bytes_max) {
         st->tcp_bytes_over++;
         if (!pol->tcp_bytes_over_pass)
             return VN_TCP_TAKEN;
         flow_bypass(sw, f);
-        return FWD();
+        return fwd(in, f);
     }
     if (start > S->contig && S->ooo + paylen > pol->tcp_depth_max) {
         st->tcp_depth_over++;
         if (!pol->tcp_depth_over_pass)
             return VN_TCP_TAKEN;
         flow_bypass(sw, f);
-        return FWD();
+        return fwd(in, f);
     }
     struct vn_seg *s = calloc(1, sizeof(*s));
-    struct vn_held *rec = s ? vn_held_record(pkt, port, dir, egress_to, 0, 0) : NULL;
+    struct vn_held *rec = s ? vn_held_record(in->pkt, in->port, in->dir, in->egress_to, 0, 0) : NULL;
     if (!rec) {
         free(s);
         st->tcp_bytes_over++;
@@ -951,9 +995,9 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
     s->rec = rec;
     s->start = start;
     s->len = paylen;
-    s->pay = pay;
-    s->l3 = (uint16_t)l3;
-    s->l4 = (uint16_t)l4;
+    s->pay = in->pay;
+    s->l3 = (uint16_t)in->l3;
+    s->l4 = (uint16_t)in->l4;
     s->fin = (uint8_t)fin;
     tp->bytes += rec->len;
     seg_insert(S, s);
@@ -962,22 +1006,91 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
     if (half_advance(S)) {
         mark_dirty(sw, f);
         if (S->more)
-            more_ack(sw, f, hs);
+            more_ack(sw, f, in->hs);
     }
     if (!S->hold) {
         /* read, not held: it goes on now (the caller forwards the frame itself) */
         s->released = 1;
         if (end + fin > S->released_end)
             S->released_end = end + fin;
-        return FWD();
+        return fwd(in, f);
     }
     st->tcp_held_segments++;
     half_release(sw, f, S);
     return VN_TCP_TAKEN;
 }
 
-#undef FWD
-#undef RESEND
+int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct vn_pkt *pkt,
+                 const struct vn_hdrs *h)
+{
+    struct vn_port *p = &sw->ports[port];
+    const struct vn_policy *pol = p->pol;
+    if (!pol || !h->family || h->proto != 6)
+        return VN_TCP_FORWARD;
+    struct vn_tcp_port *tp = tport(sw, port, 0);
+    const uint8_t *ga = dir == VN_DIR_FROM_GUEST ? h->src : h->dst;
+    const uint8_t *ra = dir == VN_DIR_FROM_GUEST ? h->dst : h->src;
+    if (h->frag)
+        return frag_input(sw, port, dir, egress_to, pkt, h);
+    if (!h->l4_known)
+        return VN_TCP_FORWARD;
+    uint16_t gp = dir == VN_DIR_FROM_GUEST ? h->sport : h->dport;
+    uint16_t rp = dir == VN_DIR_FROM_GUEST ? h->dport : h->sport;
+    struct vn_flow *f = flow_find(tp, h->family, ga, ra, gp, rp);
+    if (!f && !port_subscribed(pol, h->dport) && !port_subscribed(pol, h->sport))
+        return VN_TCP_FORWARD;
+
+    struct vn_tcp_in in = {.sw = sw, .port = port, .dir = dir, .egress_to = egress_to, .pkt = pkt,
+                           .h = h, .pol = pol, .st = &p->st, .tp = tp};
+    int r = seg_parse(&in);
+    if (r != SEG_NEXT)
+        return r;
+    if (!f)
+        return st_none(&in, ga, ra, gp, rp);
+
+    f->last_ns = sw->now_ns;
+    in.hs = half_of(dir);
+    in.edited = f->half[0].edited || f->half[1].edited;
+    if (f->bypass)
+        return fwd(&in, f);
+    struct vn_half *S = &f->half[in.hs], *R = &f->half[!in.hs];
+    unsigned l2 = in.l3 < sizeof(S->eth) ? in.l3 : sizeof(S->eth);
+    memcpy(S->eth, in.d, l2);
+    S->eth_len = (uint8_t)l2;
+    if (f->state == ST_ADOPTING && (r = st_adopting(&in, f)) != SEG_NEXT)
+        return r;
+    in.from_client = dir == f->client;
+    /* the timestamp option (both ends negotiated it): parsed once, for PAWS and for the
+     * segments the NI sends as this end (its latest timestamps) */
+    const uint8_t *tso = S->ts && R->ts && !(in.flags & TCP_SYN)
+                       ? tcp_opt(in.tcp + 20, in.doff - 20, 8) : NULL;
+    if (tso && tso[1] != 10)
+        tso = NULL;
+    if (tso && (!S->ts_seen || (int32_t)(vn_rd32(tso + 2) - S->ts_val) >= 0)) {
+        S->ts_seen = 1;
+        S->ts_val = vn_rd32(tso + 2);
+        S->ts_ecr = vn_rd32(tso + 6);
+    }
+    in.tso = tso;
+
+    if (in.flags & TCP_SYN)
+        return seg_syn(&in, f);
+    if (f->state == ST_SYN_SENT)
+        return st_syn_sent(&in, f);
+    if (in.flags & TCP_RST)
+        return seg_rst(&in, f);
+    if ((r = seg_ack(&in, f)) != SEG_NEXT)
+        return r;
+    if (!in.paylen && !(in.flags & TCP_FIN)) {
+        /* a pure ACK or window update; the one acknowledging the second FIN ends it */
+        if (S->fin && S->acked > S->fin_off && R->fin && R->acked > R->fin_off)
+            flow_end(sw, f, VN_CLOSE_FIN);
+        return fwd(&in, f);
+    }
+    return seg_data(&in, f);
+}
+
+#undef SEG_NEXT
 
 /* The NI's own resends (200 ms doubling, at most 12.8 s apart: 12 take ~90 s) before it
  * gives up: the policy's tcp_resend_max (12 if unset). */
