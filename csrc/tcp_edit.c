@@ -80,22 +80,6 @@ uint64_t orig_ack_clamped(const struct vn_half *hf, uint64_t x)
     return a > hf->highest ? hf->highest : a;
 }
 
-/* How far the receiver's stream stands, in output offsets. */
-uint64_t sent_out(const struct vn_half *hf)
-{
-    return hf->edited ? hf->out_sent : hf->released_end;
-}
-
-/* Output offset of a sequence number the receiver uses (acknowledgements, SACK edges). */
-int64_t seq_off_out(const struct vn_half *hf, uint32_t seq)
-{
-    uint64_t ref = sent_out(hf);
-    int32_t delta = (int32_t)(seq - seq_at(hf, ref));
-    if (delta < 0 && (uint64_t)(-(int64_t)delta) > ref)
-        return -1;
-    return (int64_t)ref + delta;
-}
-
 static uint16_t csum_update32(uint16_t c, uint32_t old, uint32_t new)
 {
     c = csum_update(c, (uint16_t)(old >> 16), (uint16_t)(new >> 16));

@@ -247,6 +247,22 @@ static inline int drop(uint64_t *counter)
     return VN_TCP_TAKEN;
 }
 
+/* How far the receiver's stream stands, in output offsets. */
+static inline uint64_t sent_out(const struct vn_half *hf)
+{
+    return hf->edited ? hf->out_sent : hf->released_end;
+}
+
+/* Output offset of a sequence number the receiver uses (acknowledgements, SACK edges). */
+static inline int64_t seq_off_out(const struct vn_half *hf, uint32_t seq)
+{
+    uint64_t ref = sent_out(hf);
+    int32_t delta = (int32_t)(seq - seq_at(hf, ref));
+    if (delta < 0 && (uint64_t)(-(int64_t)delta) > ref)
+        return -1;
+    return (int64_t)ref + delta;
+}
+
 /* ---- calls between the engine's files (hidden: not exported from the module) ---- */
 #pragma GCC visibility push(hidden)
 
@@ -266,8 +282,6 @@ void more_ack(struct vn_switch *sw, struct vn_flow *f, int hs);
 void forge_rsts(struct vn_switch *sw, struct vn_flow *f);
 void edit_account(struct vn_switch *sw, struct vn_flow *f, int64_t delta);
 void ack_cut(struct vn_switch *sw, struct vn_flow *f, int hs);
-int64_t seq_off_out(const struct vn_half *hf, uint32_t seq);
-uint64_t sent_out(const struct vn_half *hf);
 void send_inject(struct vn_switch *sw, struct vn_flow *f, int hs, struct vn_edit *e, uint64_t from,
                  const uint8_t *tsopt);
 void send_edited(struct vn_switch *sw, struct vn_flow *f, int hs, const struct vn_fview *v,
