@@ -1,7 +1,8 @@
 /*
  * What the virtio-net offloads imply for a switch: completing partial checksums
  * (VIRTIO_NET_HDR_F_NEEDS_CSUM) and cutting TSO frames into MSS-sized segments for a peer
- * that did not negotiate them.  Every header field comes from a guest: parse with bounds.
+ * that did not negotiate them.  Every header field comes from a guest: every read goes
+ * through vn_get() (vn_internal.h), against the frame's length.
  */
 #include <arpa/inet.h>
 #include "vn_internal.h"
@@ -15,7 +16,7 @@ int vn_offload_check(const struct vn_pkt *pkt)
 {
     const struct vn_net_hdr *h = &pkt->hdr;
     if (h->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) {
-        if ((uint32_t)h->csum_start + h->csum_offset + 2 > pkt->len)
+        if (!vn_get(pkt->data, pkt->len, (uint32_t)h->csum_start + h->csum_offset, 2))
             return -1;
     }
     uint8_t gso = h->gso_type & ~VIRTIO_NET_HDR_GSO_ECN;
@@ -35,12 +36,14 @@ int vn_csum_complete(struct vn_pkt *pkt)
     struct vn_net_hdr *h = &pkt->hdr;
     if (!(h->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM))
         return 0;
-    uint32_t start = h->csum_start, field = start + h->csum_offset;
-    if (field + 2 > pkt->len || start >= pkt->len)
+    uint32_t start = h->csum_start;
+    uint8_t *field = vn_getw(pkt->data, pkt->len, start + h->csum_offset, 2);
+    const uint8_t *covered = vn_get(pkt->data, pkt->len, start, 1);
+    if (!field || !covered)
         return -1;
-    uint16_t c = (uint16_t)~vn_fold(vn_sum16(0, pkt->data + start, pkt->len - start));
+    uint16_t c = (uint16_t)~vn_fold(vn_sum16(0, covered, pkt->len - start));
     /* a computed 0 is sent as 0xffff for UDP; harmless for TCP (both mean "ok") */
-    vn_wr16(pkt->data + field, c ? c : 0xffff);
+    vn_wr16(field, c ? c : 0xffff);
     h->flags &= ~VIRTIO_NET_HDR_F_NEEDS_CSUM;
     h->flags |= VIRTIO_NET_HDR_F_DATA_VALID;
     return 0;
@@ -49,14 +52,13 @@ int vn_csum_complete(struct vn_pkt *pkt)
 /* Where the L3 header starts, and its ethertype, skipping one VLAN tag.  -1 if runt. */
 static int l3_offset(const struct vn_pkt *pkt, uint16_t *etype)
 {
-    if (pkt->len < 14)
+    uint16_t t;
+    if (vn_get16(pkt->data, pkt->len, 12, &t) < 0)
         return -1;
-    uint16_t t = vn_rd16(pkt->data + 12);
     unsigned off = 14;
     if (t == 0x8100) {
-        if (pkt->len < 18)
+        if (vn_get16(pkt->data, pkt->len, 16, &t) < 0)
             return -1;
-        t = vn_rd16(pkt->data + 16);
         off = 18;
     }
     *etype = t;
@@ -80,17 +82,18 @@ int vn_gso_segment(struct vn_switch *sw, int port, const struct vn_pkt *pkt, vn_
     uint32_t len = pkt->len;
     unsigned l4, l3len;
     int v4;
+    const uint8_t *ip, *th;
     if (etype == 0x0800) {
-        if (len < (unsigned)l3 + 20 || (d[l3] >> 4) != 4)
+        if (!(ip = vn_get(d, len, (unsigned)l3, 20)) || (ip[0] >> 4) != 4)
             return -1;
-        l3len = (d[l3] & 15) * 4u;
-        if (l3len < 20 || len < l3 + l3len || d[l3 + 9] != 6)
+        l3len = (ip[0] & 15) * 4u;
+        if (l3len < 20 || !vn_get(d, len, (unsigned)l3, l3len) || ip[9] != 6)
             return -1;
-        if (vn_rd16(d + l3 + 6) & 0x3fff)   /* a fragment cannot be TSO */
+        if (vn_rd16(ip + 6) & 0x3fff)   /* a fragment cannot be TSO */
             return -1;
         v4 = 1;
     } else if (etype == 0x86dd) {
-        if (len < (unsigned)l3 + 40 || (d[l3] >> 4) != 6 || d[l3 + 6] != 6)
+        if (!(ip = vn_get(d, len, (unsigned)l3, 40)) || (ip[0] >> 4) != 6 || ip[6] != 6)
             return -1;                   /* extension headers are not segmented */
         l3len = 40;
         v4 = 0;
@@ -98,19 +101,19 @@ int vn_gso_segment(struct vn_switch *sw, int port, const struct vn_pkt *pkt, vn_
         return -1;
     }
     l4 = l3 + l3len;
-    if (len < l4 + 20)
+    if (!(th = vn_get(d, len, l4, 20)))
         return -1;
-    unsigned tcplen = (d[l4 + 12] >> 4) * 4u;
-    if (tcplen < 20 || len < l4 + tcplen)
+    unsigned tcplen = (th[12] >> 4) * 4u;
+    if (tcplen < 20 || !vn_get(d, len, l4, tcplen))
         return -1;
     unsigned hdrs = l4 + tcplen;
     unsigned mss = pkt->hdr.gso_size;
     if (mss == 0 || mss > VN_MAX_FRAME - hdrs)
         return -1;
     uint32_t payload = len - hdrs;
-    uint32_t seq = vn_rd32(d + l4 + 4);
-    uint16_t ipid = v4 ? vn_rd16(d + l3 + 4) : 0;
-    uint8_t flags = d[l4 + 13];
+    uint32_t seq = vn_rd32(th + 4);
+    uint16_t ipid = v4 ? vn_rd16(ip + 4) : 0;
+    uint8_t flags = th[13];
     int nseg = 0;
     uint32_t off = 0;
     do {

@@ -72,10 +72,11 @@ int vn_match_frame(const struct vn_match *m, int dir, const struct vn_pkt *pkt,
     for (unsigned i = 0; i < m->nterms && i < VN_MAX_TERMS; i++) {
         const struct vn_term *t = &m->terms[i];
         unsigned tl = t->len > VN_TERM_BYTES ? VN_TERM_BYTES : t->len;
-        if ((uint32_t)t->offset + tl > pkt->len)
+        const uint8_t *b = vn_get(pkt->data, pkt->len, t->offset, tl);
+        if (!b)
             return 0;
         for (unsigned k = 0; k < tl; k++)
-            if ((pkt->data[t->offset + k] & t->mask[k]) != (t->value[k] & t->mask[k]))
+            if ((b[k] & t->mask[k]) != (t->value[k] & t->mask[k]))
                 return 0;
     }
     return 1;

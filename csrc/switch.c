@@ -627,7 +627,8 @@ static struct vn_vq *rx_queue(struct vn_port *p, const struct vn_pkt *pkt)
             cand[n++] = &p->vq[2 * qp];
     if (n == 0)
         return NULL;
-    if (n == 1 || pkt->len < 34)
+    const uint8_t *a = vn_get(pkt->data, pkt->len, 26, 8);
+    if (n == 1 || !a)
         return cand[0];
     /* FNV-1a over the addresses and, for TCP and UDP, the ports of an untagged frame: one
      * flow, one queue, and the connections between two hosts spread over the pairs.  A
@@ -647,9 +648,10 @@ static struct vn_vq *rx_queue(struct vn_port *p, const struct vn_pkt *pkt)
     uint32_t h = 2166136261u;
     for (unsigned i = lo; i < hi; i++)
         h = (h ^ d[i]) * 16777619u;
-    if (l4 && pkt->len >= l4 + 4)
-        for (unsigned i = l4; i < l4 + 4; i++)
-            h = (h ^ d[i]) * 16777619u;
+    const uint8_t *ports = l4 ? vn_get(d, pkt->len, l4, 4) : NULL;
+    if (ports)
+        for (unsigned i = 0; i < 4; i++)
+            h = (h ^ ports[i]) * 16777619u;
     return cand[(h ^ (h >> 16)) % n];
 }
 

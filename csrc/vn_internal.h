@@ -337,11 +337,26 @@ static inline uint16_t vn_fold(uint32_t sum)
 /* Walks the frame's headers into *h; returns h->unparsed (0: parsed to the end). */
 int vn_parse(const struct vn_pkt *pkt, struct vn_hdrs *h);
 /* Bounds-checked view of n bytes at off of a buffer whose valid bytes end at `end`: NULL if
- * they do not all lie inside.  Every read of frame bytes in parse.c and antispoof.c goes
- * through it. */
+ * they do not all lie inside.  Every parser of frame bytes (parse.c, antispoof.c, offload.c,
+ * policy.c, the TCP engine, the switch's flow hash) reads through it or the helpers below,
+ * so a length check is written in one place: take the view, then read inside it. */
 static inline const uint8_t *vn_get(const uint8_t *d, uint32_t end, uint32_t off, uint32_t n)
 {
     return off <= end && n <= end - off ? d + off : NULL;
+}
+/* The same for bytes about to be rewritten in place. */
+static inline uint8_t *vn_getw(uint8_t *d, uint32_t end, uint32_t off, uint32_t n)
+{
+    return off <= end && n <= end - off ? d + off : NULL;
+}
+/* A big-endian 16-bit field at off: 0 and *v, or -1 if it does not lie inside. */
+static inline int vn_get16(const uint8_t *d, uint32_t end, uint32_t off, uint16_t *v)
+{
+    const uint8_t *p = vn_get(d, end, off, 2);
+    if (!p)
+        return -1;
+    *v = vn_rd16(p);
+    return 0;
 }
 /* For an IP fragment: a first fragment notes its transport header; a later one takes it
  * (h->l4_known, ports, flags, proto).  Returns -1 for a later fragment whose first was not

@@ -24,8 +24,8 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CSRC = os.path.join(ROOT, "csrc")
-SOURCES = ["mem.c", "vring.c", "offload.c", "parse.c", "antispoof.c", "policy.c", "tcp.c", "switch.c",
-           "sig.c"]
+SOURCES = ["mem.c", "vring.c", "offload.c", "parse.c", "antispoof.c", "policy.c", "tcp.c", "tcp_edit.c",
+           "tcp_frag.c", "tcp_api.c", "switch.c", "sig.c"]
 HEADERS = ["vhostni.h", "sig.h"]
 CFLAGS = ["-O2", "-g", "-std=gnu11", "-Wall", "-Wextra", "-Werror"]
 # -fno-sanitize-recover: undefined behaviour aborts like a memory error does, so a test run
@@ -58,7 +58,7 @@ def builder(sanitize: bool = False) -> FFI:
         libraries=["hs", "pcre2-8"],
         extra_compile_args=CFLAGS + (SANITIZE_FLAGS if sanitize else []),
         extra_link_args=SANITIZE_FLAGS if sanitize else [],
-        depends=[path(os.path.join(CSRC, h)) for h in (*HEADERS, "vn_internal.h")],
+        depends=[path(os.path.join(CSRC, h)) for h in (*HEADERS, "vn_internal.h", "tcp_internal.h")],
     )
     return ffi
 
