@@ -11,25 +11,12 @@
 
 static const uint8_t zero16[16];
 
-static int prefix_has(const uint8_t *addr, const uint8_t *pfx, unsigned plen)
-{
-    unsigned full = plen / 8, rest = plen % 8;
-    if (memcmp(addr, pfx, full))
-        return 0;
-    if (rest) {
-        uint8_t m = (uint8_t)(0xff << (8 - rest));
-        if ((addr[full] & m) != (pfx[full] & m))
-            return 0;
-    }
-    return 1;
-}
-
 static int listed(const struct vn_policy *pol, int fam, const uint8_t *a)
 {
     unsigned maxlen = fam == 4 ? 32 : 128;
     for (unsigned i = 0; i < pol->naddrs && i < VN_MAX_ADDRS; i++) {
         const struct vn_addr *x = &pol->addrs[i];
-        if (x->family == fam && prefix_has(a, x->addr, x->plen > maxlen ? maxlen : x->plen))
+        if (x->family == fam && vn_prefix_match(a, x->addr, x->plen > maxlen ? maxlen : x->plen))
             return 1;
     }
     return 0;

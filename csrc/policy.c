@@ -15,19 +15,6 @@
 #include <unistd.h>
 #include "vn_internal.h"
 
-static int prefix_match(const uint8_t *addr, const uint8_t *pfx, unsigned plen)
-{
-    unsigned full = plen / 8, rest = plen % 8;
-    if (memcmp(addr, pfx, full))
-        return 0;
-    if (rest) {
-        uint8_t m = (uint8_t)(0xff << (8 - rest));
-        if ((addr[full] & m) != (pfx[full] & m))
-            return 0;
-    }
-    return 1;
-}
-
 static int addr_match(int fam, uint8_t plen, const uint8_t *pfx, const struct vn_hdrs *h,
                       const uint8_t *addr)
 {
@@ -35,7 +22,7 @@ static int addr_match(int fam, uint8_t plen, const uint8_t *pfx, const struct vn
         return 1;
     if (h->family != fam)
         return 0;
-    return prefix_match(addr, pfx, plen > (fam == 4 ? 32 : 128) ? (fam == 4 ? 32 : 128) : plen);
+    return vn_prefix_match(addr, pfx, plen > (fam == 4 ? 32 : 128) ? (fam == 4 ? 32 : 128) : plen);
 }
 
 int vn_match_frame(const struct vn_match *m, int dir, const struct vn_pkt *pkt,

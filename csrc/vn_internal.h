@@ -336,6 +336,21 @@ static inline uint16_t vn_fold(uint32_t sum)
 /* parse.c */
 /* Walks the frame's headers into *h; returns h->unparsed (0: parsed to the end). */
 int vn_parse(const struct vn_pkt *pkt, struct vn_hdrs *h);
+/* Do the first ``plen`` bits of ``addr`` equal those of ``pfx``?  (``plen`` at most the
+ * address's length in bits: the caller caps it.) */
+static inline int vn_prefix_match(const uint8_t *addr, const uint8_t *pfx, unsigned plen)
+{
+    unsigned full = plen / 8, rest = plen % 8;
+    if (memcmp(addr, pfx, full))
+        return 0;
+    if (rest) {
+        uint8_t m = (uint8_t)(0xff << (8 - rest));
+        if ((addr[full] & m) != (pfx[full] & m))
+            return 0;
+    }
+    return 1;
+}
+
 /* Bounds-checked view of n bytes at off of a buffer whose valid bytes end at `end`: NULL if
  * they do not all lie inside.  Every parser of frame bytes (parse.c, antispoof.c, offload.c,
  * policy.c, the TCP engine, the switch's flow hash) reads through it or the helpers below,
