@@ -22,25 +22,6 @@ from vdriver import (
 )
 
 
-@pytest.fixture
-def make_bench():
-    benches = []
-
-    def make(names=("a", "b"), **kw) -> Bench:
-        b = Bench(names, **kw)
-        benches.append(b)
-        return b
-
-    yield make
-    for b in benches:
-        b.close()
-
-
-@pytest.fixture
-def bench(make_bench):
-    return make_bench()
-
-
 def pair(bench: Bench, a_kw=None, b_kw=None, rx=32, rx_size=2048):
     a = bench.connect("a", **(a_kw or {}))
     b = bench.connect("b", **(b_kw or {}))

@@ -20,25 +20,6 @@ from nibench import A_MAC, B_MAC, Bench, MiB, Request, check_pair_works, ether, 
 from vdriver import PAGE, VirtioNetDriver
 
 
-@pytest.fixture
-def make_bench():
-    benches = []
-
-    def make(names=("a", "b"), **kw) -> Bench:
-        b = Bench(names, **kw)
-        benches.append(b)
-        return b
-
-    yield make
-    for b in benches:
-        b.close()
-
-
-@pytest.fixture
-def bench(make_bench):
-    return make_bench()
-
-
 def snapshot(drv: VirtioNetDriver) -> dict[int, bytes]:
     """Every page of guest memory, by guest page number."""
     pages = {}

@@ -16,20 +16,6 @@ from vhostni.fastpath import ISOLATE_QUARANTINE
 from vhostni.metrics import DaemonCollector
 
 
-@pytest.fixture
-def make_bench():
-    benches = []
-
-    def make(**kw) -> Bench:
-        b = Bench(("a", "b"), **kw)
-        benches.append(b)
-        return b
-
-    yield make
-    for b in benches:
-        b.close()
-
-
 def mq_pair(bench: Bench, pairs: int = 2, rx: int = 64):
     a = bench.connect("a", queue_pairs=pairs)
     b = bench.connect("b", queue_pairs=pairs)
