@@ -96,6 +96,12 @@ def _alice_done(alice) -> str:
     return "rc=" in out and out
 
 
+def _counted(stats, counter: str):
+    """alice's stats once ``counter`` is non-zero there (None before)."""
+    s = _alice_stats(stats)
+    return s if s.get(counter, 0) >= 1 else None
+
+
 @pytest.mark.parametrize("midstream", ["reset", "pass", "adopt", "drop"])
 def test_inspected_connection_across_a_daemon_kill(lab, midstream):
     alice, bob, stats = lab["alice"], lab["bob"], lab["stats"]
@@ -121,13 +127,14 @@ def test_inspected_connection_across_a_daemon_kill(lab, midstream):
             took = time.monotonic() - t0
             print(f"alice's nc ended {took:.1f} s after the restart: {out.strip()}")
             assert _resets(alice) == resets0 + 1          # by an RST (busybox nc exits 0 on it)
-            s = _alice_stats(stats)
+            # the stats file lags the counters by up to a housekeeping interval
+            s = _wait(lambda: _counted(stats, "tcp_midstream_reset"), 10, "the reset counted")
             assert s["tcp_midstream_reset"] >= 1 and s["tcp_midstream_pass"] == 0, s
         elif midstream == "pass":
             _wait(lambda: _lines(bob) >= before + 5, 45, "ticks to flow again, uninspected")
             print(f"ticks flow again {time.monotonic() - t0:.1f} s after the restart")
             assert not _alice_done(alice) and _resets(alice) == resets0
-            s = _alice_stats(stats)
+            s = _wait(lambda: _counted(stats, "tcp_midstream_pass"), 10, "the pass counted")
             assert s["tcp_midstream_pass"] == 1 and s["tcp_midstream_reset"] == 0, s
         elif midstream == "adopt":
             _wait(lambda: _lines(bob) >= before + 5, 60, "ticks to flow again, inspected")
@@ -135,7 +142,7 @@ def test_inspected_connection_across_a_daemon_kill(lab, midstream):
             assert not _alice_done(alice) and _resets(alice) == resets0
             _wait(lambda: _alice_stats(stats).get("tcp_held_segments", 0) >= 3, 10,
                   "the new NI to hold the ticks for its scanner")
-            s = _alice_stats(stats)
+            s = _wait(lambda: _counted(stats, "tcp_midstream_adopt"), 10, "the adoption counted")
             assert s["tcp_midstream_adopt"] == 1 and s["tcp_midstream_reset"] == 0, s
             assert s["kernel"]["streams"] == 1, s["kernel"]
         else:
