@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from nikit import wait_until
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from vhostni.testing import VhostUserNic
@@ -33,13 +35,8 @@ CONNS = [(s, r, 7000 + i, 40000 + i, i % 2)
 
 
 def _wait(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.3)
+    """nikit.wait_until, polling the guests' consoles less often."""
+    return wait_until(cond, timeout, what, interval=0.3)
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from nikit import wait_until
+
 from vhostni.testing import VhostUserNic
 
 pytestmark = pytest.mark.guest
@@ -34,13 +36,8 @@ PORT = 7000
 
 
 def _wait(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.3)
+    """nikit.wait_until, polling the guests' consoles less often."""
+    return wait_until(cond, timeout, what, interval=0.3)
 
 
 @pytest.fixture(scope="module")
