@@ -375,21 +375,15 @@ static void release(struct vn_switch *sw, struct vn_held *r, int pass)
         pkt->len = r->len;
         pkt->hdr = r->hdr;
         memcpy(pkt->data, r->data, r->len);
-        if (vn_isolation_drops(p, r->dir, pkt)) {
-            free(r);
-            return;   /* the NI was isolated while the frame waited for its decision */
-        }
-        sw->now_ns = vn_now_ns();
-        if (r->egress_to < 0)
-            vn_forward_switch(sw, r->port, pkt);
-        else if (sw->ports[r->egress_to].kind)
-            vn_deliver_nopolicy(sw, r->egress_to, pkt);
-        vn_signal_all(sw);
+        /* unless the NI was isolated while the frame waited for its decision, it goes on
+         * where it was going (into the switch, or to its receiver) once the switch drains */
+        if (!vn_isolation_drops(p, r->dir, pkt))
+            vn_emit_push(sw, VN_EMIT_OUT, r->port, r->dir, r->egress_to, pkt);
     }
     free(r);
 }
 
-int vn_held_release(struct vn_switch *sw, uint64_t id, int pass)
+int vn_policy_release(struct vn_switch *sw, uint64_t id, int pass)
 {
     struct vn_held *r = held_take(sw, id);
     if (!r)
@@ -398,7 +392,7 @@ int vn_held_release(struct vn_switch *sw, uint64_t id, int pass)
     return VN_OK;
 }
 
-int vn_held_release_port(struct vn_switch *sw, int port, int pass)
+int vn_policy_release_port(struct vn_switch *sw, int port, int pass)
 {
     int n = 0;
     vn_tcp_port_gone(sw, port);
@@ -532,24 +526,4 @@ int vn_port_isolation(struct vn_switch *sw, int port)
     if (port < 0 || port >= VN_MAX_PORTS || !sw->ports[port].kind)
         return VN_ENOPORT;
     return sw->ports[port].pol ? (int)sw->ports[port].pol->isolation : 0;
-}
-
-int vn_port_inject(struct vn_switch *sw, int port, int dir, const uint8_t *frame, unsigned len)
-{
-    if (port < 0 || port >= VN_MAX_PORTS || !sw->ports[port].kind)
-        return VN_ENOPORT;
-    if (len < 14 || len > VN_MAX_FRAME || (dir != VN_DIR_FROM_GUEST && dir != VN_DIR_TO_GUEST))
-        return VN_EINVAL;
-    struct vn_pkt *pkt = sw->rel;
-    memset(&pkt->hdr, 0, sizeof(pkt->hdr));
-    memcpy(pkt->data, frame, len);
-    pkt->len = len;
-    sw->now_ns = vn_now_ns();
-    if (dir == VN_DIR_FROM_GUEST)
-        vn_forward_switch(sw, port, pkt);
-    else
-        vn_deliver_nopolicy(sw, port, pkt);
-    sw->ports[port].st.injected++;
-    vn_signal_all(sw);
-    return VN_OK;
 }

@@ -2,6 +2,14 @@
  * The L2 learning switch joining a daemon's NIs (vhost-user ports) and TAP uplinks, and
  * the data-plane loop that drives it: epoll on kick eventfds and TAP fds (or busy
  * polling), batch dequeue, learn, look up, deliver, interrupt.
+ *
+ * Calls go one way: the switch calls an NI's policy (policy.c), which calls its TCP engine
+ * (tcp*.c); neither calls back.  The frames they produce (a held frame a scanner passed, a
+ * released or rebuilt segment, a reassembled datagram, the NI's own segments) join the emit
+ * queue (emit.c) with the stage they have left, and the switch drains it (emit_drain) after
+ * each ingress frame and at the end of every call from the NI kernel that can release
+ * frames (vn_held_release, vn_stream_*, vn_tcp_housekeeping, vn_port_inject): those public
+ * functions are at the end of this file.  Guests are interrupted once per batch or call.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -73,13 +81,15 @@ struct vn_switch *vn_switch_new(void)
     /* the packet buffer: untouched pages cost nothing */
     size_t blen = sizeof(struct vn_pkt) * (VN_BATCH + 2);
     void *b = mmap(NULL, blen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (sw->epfd < 0 || sw->punt_fd < 0 || b == MAP_FAILED) {
+    int eq = vn_emit_init(&sw->emit);
+    if (sw->epfd < 0 || sw->punt_fd < 0 || b == MAP_FAILED || eq < 0) {
         if (sw->epfd >= 0)
             close(sw->epfd);
         if (sw->punt_fd >= 0)
             close(sw->punt_fd);
         if (b != MAP_FAILED)
             munmap(b, blen);
+        vn_emit_free(&sw->emit);
         free(sw);
         return NULL;
     }
@@ -252,7 +262,7 @@ int vn_port_remove(struct vn_switch *sw, int port)
     if (p->kind == VN_PORT_SINK)
         sink_clear(sw, port);
     mac_forget_port(sw, port);
-    vn_held_release_port(sw, port, 0);
+    vn_policy_release_port(sw, port, 0);
     free(p->pol);
     memset(p, 0, sizeof(*p));
     return VN_OK;
@@ -269,6 +279,7 @@ void vn_switch_free(struct vn_switch *sw)
     sink_clear(sw, -1);
     free(sw->sink_last);
     munmap(sw->batch, sizeof(struct vn_pkt) * (VN_BATCH + 2));
+    vn_emit_free(&sw->emit);
     close(sw->epfd);
     close(sw->punt_fd);
     free(sw);
@@ -854,13 +865,8 @@ static void deliver_policy(struct vn_switch *sw, int port, struct vn_pkt *pkt)
     deliver(sw, port, pkt);
 }
 
-void vn_deliver_nopolicy(struct vn_switch *sw, int port, struct vn_pkt *pkt)
-{
-    deliver(sw, port, pkt);
-}
-
 /* Switching proper: learn the source, find the destination (or flood), deliver. */
-void vn_forward_switch(struct vn_switch *sw, int in, struct vn_pkt *pkt)
+static void vn_forward_switch(struct vn_switch *sw, int in, struct vn_pkt *pkt)
 {
     struct vn_port *src = &sw->ports[in];
     mac_learn(sw, pkt->data + 6, in);
@@ -901,7 +907,49 @@ static void forward(struct vn_switch *sw, int in, struct vn_pkt *pkt)
     vn_forward_switch(sw, in, pkt);
 }
 
-void vn_signal_all(struct vn_switch *sw)
+/* Sends on what the policy and the TCP engines produced, oldest first, each frame through
+ * the stages it has left, exactly those a frame made there went through when policy and
+ * engine called the switch themselves: a reassembled datagram the whole policy of its NI, a
+ * segment a stream released that NI's frame subscriptions, then the switch (and the
+ * destination NI's policy, its to_guest stage) or, for a frame on its way to a guest, that
+ * guest.  What they produce in turn joins the queue's end and goes in the same loop. */
+static void emit_drain(struct vn_switch *sw)
+{
+    if (sw->draining)
+        return;                    /* never: nothing below calls back into the switch */
+    sw->draining = 1;
+    struct vn_pkt *pkt = sw->rel;
+    struct vn_emit_to m;
+    while (vn_emit_pop(&sw->emit, &m, pkt)) {
+        if (!sw->ports[m.port].kind)
+            continue;              /* its NI went, and with it where it was going */
+        sw->now_ns = vn_now_ns();
+        if (m.stage == VN_EMIT_POLICY) {
+            if (vn_policy_apply(sw, m.port, m.dir, m.egress_to, pkt))
+                continue;
+        } else if (m.stage == VN_EMIT_SUBS) {
+            struct vn_hdrs h;
+            vn_parse(pkt, &h);
+            if (vn_policy_subs(sw, m.port, m.dir, m.egress_to, pkt, &h))
+                continue;
+        }
+        if (m.egress_to < 0)
+            vn_forward_switch(sw, m.port, pkt);
+        else if (sw->ports[m.egress_to].kind)
+            deliver(sw, m.egress_to, pkt);
+    }
+    sw->draining = 0;
+}
+
+/* One frame into the switch from port `in`, and what its policy produced meanwhile. */
+static inline void forward_drain(struct vn_switch *sw, int in, struct vn_pkt *pkt)
+{
+    forward(sw, in, pkt);
+    if (sw->emit.count)
+        emit_drain(sw);
+}
+
+static void vn_signal_all(struct vn_switch *sw)
 {
     for (int i = 0; i < VN_MAX_PORTS; i++) {
         struct vn_port *p = &sw->ports[i];
@@ -943,7 +991,7 @@ static int service_tx(struct vn_switch *sw, int port, struct vn_vq *vq, int poll
         }
         for (unsigned i = 0; i < n; i++) {
             qs->bytes += sw->batch[i].len;   /* before forward: it may segment in place */
-            forward(sw, port, &sw->batch[i]);
+            forward_drain(sw, port, &sw->batch[i]);
         }
         qs->frames += n;
         done += n;
@@ -1003,7 +1051,7 @@ static int service_tap(struct vn_switch *sw, int port)
             pkt->len = (uint32_t)r;
         }
         for (unsigned i = 0; i < n; i++)
-            forward(sw, port, &sw->batch[i]);
+            forward_drain(sw, port, &sw->batch[i]);
         done += n;
         vn_signal_all(sw);
         if (n < VN_BATCH) {
@@ -1069,7 +1117,7 @@ int vn_port_inject_from(struct vn_switch *sw, int port, const uint8_t *frame, un
     memcpy(pkt->data, frame, len);
     pkt->len = len;
     sw->now_ns = vn_now_ns();
-    forward(sw, port, pkt);
+    forward_drain(sw, port, pkt);
     vn_signal_all(sw);
     return VN_OK;
 }
@@ -1121,4 +1169,74 @@ int vn_switch_run(struct vn_switch *sw, int timeout_ms, int poll_mode)
         if (woke)
             return VN_RUN_WAKE;
     }
+}
+
+/* ---- calls from the NI kernel that send frames: each drains the emit queue, then
+ * interrupts the guests once ---- */
+
+static int drained(struct vn_switch *sw, int ret)
+{
+    emit_drain(sw);
+    vn_signal_all(sw);
+    return ret;
+}
+
+int vn_port_inject(struct vn_switch *sw, int port, int dir, const uint8_t *frame, unsigned len)
+{
+    if (!port_get(sw, port))
+        return VN_ENOPORT;
+    if (len < 14 || len > VN_MAX_FRAME || (dir != VN_DIR_FROM_GUEST && dir != VN_DIR_TO_GUEST))
+        return VN_EINVAL;
+    struct vn_pkt *pkt = sw->seg;
+    memset(&pkt->hdr, 0, sizeof(pkt->hdr));
+    memcpy(pkt->data, frame, len);
+    pkt->len = len;
+    sw->now_ns = vn_now_ns();
+    if (dir == VN_DIR_FROM_GUEST)
+        vn_forward_switch(sw, port, pkt);
+    else
+        deliver(sw, port, pkt);
+    sw->ports[port].st.injected++;
+    return drained(sw, VN_OK);
+}
+
+int vn_held_release(struct vn_switch *sw, uint64_t id, int pass)
+{
+    return drained(sw, vn_policy_release(sw, id, pass));
+}
+
+int vn_held_release_port(struct vn_switch *sw, int port, int pass)
+{
+    return drained(sw, vn_policy_release_port(sw, port, pass));
+}
+
+int vn_stream_pass(struct vn_switch *sw, uint64_t stream, int dir, uint64_t upto)
+{
+    return drained(sw, vn_tcp_stream_pass(sw, stream, dir, upto));
+}
+
+int vn_stream_kill(struct vn_switch *sw, uint64_t stream)
+{
+    return drained(sw, vn_tcp_stream_kill(sw, stream));
+}
+
+int vn_stream_cut(struct vn_switch *sw, uint64_t stream, int dir, uint64_t from, uint64_t to)
+{
+    return drained(sw, vn_tcp_stream_cut(sw, stream, dir, from, to));
+}
+
+int vn_stream_inject(struct vn_switch *sw, uint64_t stream, int dir, uint64_t at,
+                     const uint8_t *bytes, uint32_t len)
+{
+    return drained(sw, vn_tcp_stream_inject(sw, stream, dir, at, bytes, len));
+}
+
+int vn_stream_more(struct vn_switch *sw, uint64_t stream, int dir)
+{
+    return drained(sw, vn_tcp_stream_more(sw, stream, dir));
+}
+
+int vn_tcp_housekeeping(struct vn_switch *sw)
+{
+    return drained(sw, vn_tcp_timers(sw));
 }

@@ -45,9 +45,10 @@
  * the NI.  `more` (vn_stream_more) has the NI acknowledge held bytes on the receiver's
  * behalf; it then resends them to the receiver itself until acknowledged.
  *
- * Releasing a held segment may happen inside another frame's processing (a released frame
- * meets the destination NI's engine, which may release its own segments): emission uses
- * a small stack of scratch frames, and defers past its depth.
+ * The engine never sends a frame itself: what it releases, rebuilds, reassembles or forges
+ * goes into the switch's emit queue (send_built, forge_seg, frag_input), which the switch
+ * drains once the engine has returned.  A released frame meets the destination NI's policy
+ * and engine then, never from inside this one's: nothing nests, one scratch frame suffices.
  */
 #define _GNU_SOURCE
 #include <stdlib.h>
@@ -63,14 +64,13 @@ static struct vn_tcp *tcp_get(struct vn_switch *sw)
     struct vn_tcp *t = calloc(1, sizeof(*t));
     if (!t)
         return NULL;
-    void *b = mmap(NULL, sizeof(struct vn_pkt) * VN_TCP_DEPTH, PROT_READ | PROT_WRITE,
+    void *b = mmap(NULL, sizeof(struct vn_pkt), PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (b == MAP_FAILED) {
         free(t);
         return NULL;
     }
     t->scratch = b;
-    t->depth_max = VN_TCP_DEPTH;
     sw->tcp = t;
     return t;
 }
@@ -1152,7 +1152,7 @@ static int inject_retransmit(struct vn_switch *sw, struct vn_flow *f, uint64_t n
     return 0;
 }
 
-int vn_tcp_housekeeping(struct vn_switch *sw)
+int vn_tcp_timers(struct vn_switch *sw)
 {
     struct vn_tcp *t = sw->tcp;
     if (!t)
@@ -1170,11 +1170,6 @@ int vn_tcp_housekeeping(struct vn_switch *sw)
         for (unsigned b = 0; b < VN_TCP_HASH; b++) {
             for (struct vn_flow *f = tp->buckets[b], *nx; f; f = nx) {
                 nx = f->next;
-                if (f->deferred && !f->bypass) {
-                    f->deferred = 0;
-                    for (int i = 0; i < 2; i++)
-                        half_release(sw, f, &f->half[i]);
-                }
                 if (f->state == ST_ESTABLISHED &&
                     (((f->half[0].nedits || f->half[1].nedits) && inject_retransmit(sw, f, now)) ||
                      ((f->half[0].vouched || f->half[1].vouched) && vouched_retransmit(sw, f, now)))) {
@@ -1196,20 +1191,7 @@ int vn_tcp_housekeeping(struct vn_switch *sw)
             }
         }
     }
-    t->deferred = 0;
-    vn_signal_all(sw);
     return n;
-}
-
-int vn_tcp_set_emit_depth(struct vn_switch *sw, int depth)
-{
-    struct vn_tcp *t = tcp_get(sw);
-    if (!t)
-        return VN_ENOMEM;
-    if (depth < 0 || depth > VN_TCP_DEPTH)
-        return VN_EINVAL;
-    t->depth_max = depth;
-    return VN_OK;
 }
 
 int vn_tcp_flows(struct vn_switch *sw, int port)
@@ -1262,7 +1244,7 @@ void vn_tcp_free_all(struct vn_switch *sw)
             frag_free(sw, i, &t->ports[i]->frags);
         free(t->ports[i]);
     }
-    munmap(t->scratch, sizeof(struct vn_pkt) * VN_TCP_DEPTH);
+    munmap(t->scratch, sizeof(struct vn_pkt));
     free(t);
     sw->tcp = NULL;
 }

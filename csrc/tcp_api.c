@@ -1,6 +1,8 @@
 /*
  * The TCP engine's side facing the NI kernel (see tcp.c): stream events (vn_stream_next),
- * reading, consuming, passing held bytes, killing, editing (cut, inject) and `more`.
+ * reading, consuming, passing held bytes, killing, editing (cut, inject) and `more`.  What
+ * passing, killing, editing and `more` send joins the switch's emit queue: the public
+ * vn_stream_pass/_kill/_cut/_inject/_more, in switch.c, call these and then drain it.
  */
 #define _GNU_SOURCE
 #include <stdlib.h>
@@ -111,7 +113,7 @@ int vn_stream_consume(struct vn_switch *sw, uint64_t stream, int dir, uint64_t u
     return VN_OK;
 }
 
-int vn_stream_pass(struct vn_switch *sw, uint64_t stream, int dir, uint64_t upto)
+int vn_tcp_stream_pass(struct vn_switch *sw, uint64_t stream, int dir, uint64_t upto)
 {
     struct vn_flow *f;
     struct vn_half *hf = stream_half(sw, stream, dir, &f);
@@ -124,12 +126,11 @@ int vn_stream_pass(struct vn_switch *sw, uint64_t stream, int dir, uint64_t upto
         if (hf->more && upto > hf->more_at)
             hf->more = 0;          /* the decision that needed more was made */
         half_release(sw, f, hf);
-        vn_signal_all(sw);
     }
     return VN_OK;
 }
 
-int vn_stream_kill(struct vn_switch *sw, uint64_t stream)
+int vn_tcp_stream_kill(struct vn_switch *sw, uint64_t stream)
 {
     struct vn_flow *f = flow_by_id(sw, stream);
     if (!f)
@@ -139,7 +140,6 @@ int vn_stream_kill(struct vn_switch *sw, uint64_t stream)
     sw->ports[f->port].st.tcp_killed++;
     forge_rsts(sw, f);
     flow_close(sw, f, VN_CLOSE_KILLED);
-    vn_signal_all(sw);
     return VN_OK;
 }
 
@@ -202,10 +202,9 @@ static void edit_done(struct vn_switch *sw, struct vn_flow *f, struct vn_half *h
     int hs = (int)(hf - f->half);
     half_release(sw, f, hf);
     ack_cut(sw, f, hs);
-    vn_signal_all(sw);
 }
 
-int vn_stream_cut(struct vn_switch *sw, uint64_t stream, int dir, uint64_t from, uint64_t to)
+int vn_tcp_stream_cut(struct vn_switch *sw, uint64_t stream, int dir, uint64_t from, uint64_t to)
 {
     if (to <= from)
         return VN_EINVAL;
@@ -224,8 +223,8 @@ int vn_stream_cut(struct vn_switch *sw, uint64_t stream, int dir, uint64_t from,
     return VN_OK;
 }
 
-int vn_stream_inject(struct vn_switch *sw, uint64_t stream, int dir, uint64_t at,
-                     const uint8_t *bytes, uint32_t len)
+int vn_tcp_stream_inject(struct vn_switch *sw, uint64_t stream, int dir, uint64_t at,
+                         const uint8_t *bytes, uint32_t len)
 {
     if (!len || len > VN_TCP_INJECT_MAX || !bytes)
         return VN_EINVAL;
@@ -249,7 +248,7 @@ int vn_stream_inject(struct vn_switch *sw, uint64_t stream, int dir, uint64_t at
     return VN_OK;
 }
 
-int vn_stream_more(struct vn_switch *sw, uint64_t stream, int dir)
+int vn_tcp_stream_more(struct vn_switch *sw, uint64_t stream, int dir)
 {
     struct vn_flow *f;
     struct vn_half *hf = stream_half(sw, stream, dir, &f);
@@ -260,6 +259,5 @@ int vn_stream_more(struct vn_switch *sw, uint64_t stream, int dir)
     hf->more = 1;
     hf->more_at = hf->contig;
     more_ack(sw, f, (int)(hf - f->half));
-    vn_signal_all(sw);
     return VN_OK;
 }

@@ -2,7 +2,9 @@
  * The TCP engine's edited streams and emission (see tcp.c): mapping sender offsets to what
  * the receiver sees and back (out_pos, orig_ack), rewriting frames of an edited connection,
  * sending held records on (emit_record, half_release), injected bytes and forged segments.
- * send_built() is where every frame the engine makes leaves it for the switch.
+ * send_built() and forge_seg() are where the frames the engine makes leave it: into the
+ * switch's emit queue, built in the one scratch frame (nothing nests: the switch sends them
+ * on after the engine returned).
  */
 #define _GNU_SOURCE
 #include <stdlib.h>
@@ -160,28 +162,16 @@ static void finish_csums(int family, uint8_t *ip, uint8_t *tcp, uint32_t tlen)
     vn_wr16(tcp + 16, (uint16_t)~vn_fold(vn_sum16(pseudo(family, ip, tlen), tcp, tlen)));
 }
 
-/* Sends a frame built in the scratch slot of the current depth on its way. */
+/* Sends a frame built in the scratch frame on its way: into the emit queue, to meet the
+ * frame subscriptions of its NI, then the switch (or its receiver). */
 static void send_built(struct vn_switch *sw, int port, int dir, int egress_to, struct vn_pkt *pkt)
 {
-    struct vn_tcp *t = sw->tcp;
     struct vn_port *p = &sw->ports[port];
     if (!p->kind)
         return;
-    t->depth++;
-    if (vn_isolation_drops(p, dir, pkt)) {
-        t->depth--;                /* the NI was isolated while the bytes waited */
-        return;
-    }
-    struct vn_hdrs h;
-    vn_parse(pkt, &h);
-    sw->now_ns = vn_now_ns();
-    if (!vn_policy_subs(sw, port, dir, egress_to, pkt, &h)) {
-        if (egress_to < 0)
-            vn_forward_switch(sw, port, pkt);
-        else if (sw->ports[egress_to].kind)
-            vn_deliver_nopolicy(sw, egress_to, pkt);
-    }
-    t->depth--;
+    if (vn_isolation_drops(p, dir, pkt))
+        return;                    /* the NI was isolated while the bytes waited */
+    vn_emit_push(sw, VN_EMIT_SUBS, port, dir, egress_to, pkt);
 }
 
 static void note_out(struct vn_half *hf, uint64_t end)
@@ -202,13 +192,9 @@ static void send_piece(struct vn_switch *sw, struct vn_flow *f, int hs, const st
     if (!chunk)
         chunk = 1;
     do {
-        if (t->depth >= t->depth_max) {
-            sw->ports[f->port].st.tcp_emit_dropped++;
-            return;
-        }
         uint64_t e = b - a > chunk ? a + chunk : b;
         int last_fin = fin && e == b;
-        struct vn_pkt *pkt = &t->scratch[t->depth];
+        struct vn_pkt *pkt = t->scratch;
         uint32_t n = (uint32_t)(e - a);
         memcpy(pkt->data, v->data, v->pay);
         memcpy(pkt->data + v->pay, v->data + v->pay + (a - v->start), n);
@@ -236,12 +222,8 @@ void forge_seg(struct vn_switch *sw, struct vn_flow *f, int from, uint32_t seq, 
                const struct vn_edit *inj)
 {
     struct vn_tcp *t = sw->tcp;
-    if (t->depth >= t->depth_max) {
-        sw->ports[f->port].st.tcp_emit_dropped++;
-        return;
-    }
     struct vn_half *src = &f->half[from], *other = &f->half[!from];
-    struct vn_pkt *pkt = &t->scratch[t->depth];
+    struct vn_pkt *pkt = t->scratch;
     uint8_t *d = pkt->data;
     unsigned l2;
     if (src->eth_len) {
@@ -303,13 +285,10 @@ void forge_seg(struct vn_switch *sw, struct vn_flow *f, int from, uint32_t seq, 
     finish_csums(f->family, ip, tcp, th + len);
     pkt->len = (uint32_t)(tcp + th + len - d);
     memset(&pkt->hdr, 0, sizeof(pkt->hdr));
-    t->depth++;
-    sw->now_ns = vn_now_ns();
-    if (from_guest)
-        vn_forward_switch(sw, f->port, pkt);       /* into the network, as the guest */
-    else
-        vn_deliver_nopolicy(sw, f->port, pkt);     /* to the guest, as the remote end */
-    t->depth--;
+    if (from_guest)                                /* into the network, as the guest */
+        vn_emit_push(sw, VN_EMIT_OUT, f->port, VN_DIR_FROM_GUEST, -1, pkt);
+    else                                           /* to the guest, as the remote end */
+        vn_emit_push(sw, VN_EMIT_OUT, f->port, VN_DIR_TO_GUEST, f->port, pkt);
 }
 
 /* Sends (or resends) the injected bytes of edit `e` of half `hs` from output offset `from`
@@ -559,17 +538,13 @@ void emit_record(struct vn_switch *sw, struct vn_flow *f, int hs, struct vn_seg 
     struct vn_half *S = &f->half[hs];
     if (!sw->ports[r->port].kind)
         return;                    /* its port went, and with it where it was going */
-    if (t->depth >= t->depth_max) {
-        sw->ports[f->port].st.tcp_emit_dropped++;
-        return;
-    }
     if (S->edited && edits_touch(S, s->start, seg_end(s))) {
         struct vn_fview v;
         view_of(&v, s);
         send_edited(sw, f, hs, &v, s->start, seg_end(s), s->fin, 0);
         return;
     }
-    struct vn_pkt *pkt = &t->scratch[t->depth];
+    struct vn_pkt *pkt = t->scratch;
     pkt->len = r->len;
     pkt->hdr = r->hdr;
     memcpy(pkt->data, r->data, r->len);
@@ -589,11 +564,6 @@ void half_release(struct vn_switch *sw, struct vn_flow *f, struct vn_half *hf)
 {
     if (!hf->hold)
         return;
-    if (sw->tcp->depth >= sw->tcp->depth_max) {
-        f->deferred = 1;
-        sw->tcp->deferred = 1;
-        return;
-    }
     uint64_t lim = hf->passed < hf->contig ? hf->passed : hf->contig;
     if (hf->vouched > hf->acked && hf->real_right && lim > hf->real_right)
         lim = hf->real_right;      /* bytes beyond the receiver's window wait with the NI */

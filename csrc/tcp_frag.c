@@ -165,13 +165,9 @@ int frag_input(struct vn_switch *sw, int port, int dir, int egress_to, struct vn
     int ok = g->head_len + g->total <= VN_MAX_FRAME &&
              (g->family == 4 ? g->head_len - g->l3 + g->total <= 0xffff : g->total <= 0xffff) &&
              g->total >= 20;
-    if (!ok) {                     /* too large for a frame, or too short for a TCP header */
+    if (!ok)                       /* too large for a frame, or too short for a TCP header */
         st->tcp_frag_dropped += g->npieces;
-    } else if (t->depth >= t->depth_max) {
-        ok = 0;
-        st->tcp_emit_dropped++;
-    }
-    struct vn_pkt *out = ok ? &t->scratch[t->depth] : NULL;
+    struct vn_pkt *out = ok ? t->scratch : NULL;
     if (ok) {
         memcpy(out->data, g->head, g->head_len);
         memcpy(out->data + g->head_len, g->payload, g->total);
@@ -210,15 +206,9 @@ int frag_input(struct vn_switch *sw, int port, int dir, int egress_to, struct vn
     if (!ok)
         return VN_TCP_TAKEN;
     st->tcp_frag_reassembled++;
-    t->depth++;
-    sw->now_ns = vn_now_ns();
-    if (!vn_policy_apply(sw, port, dir, egress_to, out)) {
-        if (egress_to < 0)
-            vn_forward_switch(sw, port, out);
-        else if (sw->ports[egress_to].kind)
-            vn_deliver_nopolicy(sw, egress_to, out);
-    }
-    t->depth--;
+    /* through this NI's policy again (the whole datagram, as one frame), once the switch
+     * drains its emit queue */
+    vn_emit_push(sw, VN_EMIT_POLICY, port, dir, egress_to, out);
     return VN_TCP_TAKEN;
 }
 

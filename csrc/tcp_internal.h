@@ -2,11 +2,12 @@
  * Private to the TCP stream engine (tcp.c, tcp_edit.c, tcp_frag.c, tcp_api.c): its state
  * and the calls between its files.  See tcp.c for what the engine does.
  *
- * Frames leave the engine for the switch and the policy (vn_forward_switch,
- * vn_deliver_nopolicy, vn_policy_subs, vn_policy_apply) at three points only: send_built()
- * (released and edited frames) and forge_seg() (the NI's own segments) in tcp_edit.c, and
- * frag_input() (a reassembled datagram) in tcp_frag.c.  Besides those the engine only wakes
- * the switch (vn_signal_all) and the kernel (vn_punt_signal).
+ * Frames leave the engine at three points only, into the switch's emit queue
+ * (vn_emit_push) with the stage they still have to pass: send_built() (released and edited
+ * frames: the NI's frame subscriptions) and forge_seg() (the NI's own segments: none) in
+ * tcp_edit.c, and frag_input() (a reassembled datagram: the NI's whole policy) in
+ * tcp_frag.c.  The engine calls nothing in the switch (but its clock, vn_now_ns) and wakes
+ * only the kernel (vn_punt_signal).
  */
 #ifndef VN_TCP_INTERNAL_H
 #define VN_TCP_INTERNAL_H
@@ -23,7 +24,6 @@
 
 #define VN_TCP_HASH 1024           /* flow table buckets per port (power of two) */
 #define VN_TCP_ID_HASH 4096        /* stream id -> flow */
-#define VN_TCP_DEPTH 4             /* nested emissions before deferring */
 #define VN_TCP_HANDSHAKE_NS (30ULL * 1000000000ULL)   /* a handshake that never completes */
 
 /* ST_ADOPTING: picked up mid-stream (VN_MIDSTREAM_ADOPT), waiting for the receiver's word */
@@ -116,7 +116,7 @@ struct vn_flow {
     struct vn_flow *next;          /* table bucket */
     struct vn_flow *id_next;
     struct vn_flow *dirty_next;
-    uint8_t dirty, in_table, announced, report_open, report_close, bypass, deferred;
+    uint8_t dirty, in_table, announced, report_open, report_close, bypass;
     uint8_t midstream;             /* adopted: no handshake seen (no edits, no more) */
     uint8_t prober;                /* adopting: the half whose data started it */
     uint64_t probe_ns;             /* adopting: when the receiver was last asked */
@@ -149,10 +149,7 @@ struct vn_tcp {
     struct vn_flow *dirty_head, *dirty_tail;
     struct vn_flow *reported;      /* closed flows handed out by vn_stream_next; freed next call */
     uint64_t next_id;
-    int depth;
-    int depth_max;                 /* VN_TCP_DEPTH unless a test lowered it */
-    int deferred;                  /* flows wait for a release past the emission depth */
-    struct vn_pkt *scratch;        /* VN_TCP_DEPTH frames, one mmap */
+    struct vn_pkt *scratch;        /* where a frame is built before it joins the emit queue */
 };
 
 /* A data frame of one direction as it arrived: a kept record, or the frame being input. */

@@ -149,12 +149,14 @@ struct vn_port_stats {
     uint64_t tcp_acks_absorbed;  /* receiver ACKs below what the NI acknowledged already: dropped */
     uint64_t tcp_vouched_retransmits;  /* segments the NI resent for bytes it acknowledged */
     uint64_t tcp_ni_gave_up;     /* connections reset: the receiver never took what the NI owed it */
-    uint64_t tcp_emit_dropped;   /* frames the TCP engine built but could not send: emission nested
-                                    past its depth (a reassembled datagram, a released record,
-                                    an edited piece, a forged segment), or no Ethernet header
-                                    to forge one with */
+    uint64_t tcp_emit_dropped;   /* segments the TCP engine could not forge: no Ethernet header
+                                    seen on the connection to build one with */
     uint64_t drop_same_port;     /* destination learned behind the port the frame came from:
                                     a switch never sends a frame back where it came from */
+    uint64_t emit_queue_full;    /* frames this NI's policy or TCP engine produced (a released
+                                    held frame or segment, a reassembled datagram, an edited
+                                    piece, a forged segment) dropped: the switch's emit queue
+                                    was full (see vn_switch_set_emit_max) */
 };
 
 /* What one virtqueue of a vhost port carried (vn_port_queue_stats): queue 2i is pair i's
@@ -490,15 +492,21 @@ int vn_stream_more(struct vn_switch *sw, uint64_t stream, int dir);
 int vn_stream_cut(struct vn_switch *sw, uint64_t stream, int dir, uint64_t from, uint64_t to);
 int vn_stream_inject(struct vn_switch *sw, uint64_t stream, int dir, uint64_t at,
                      const uint8_t *bytes, uint32_t len);
-/* Idle connections, deferred releases, frames of reported closes.  Call periodically. */
+/* Idle connections, resends the NI owes a receiver, frames of reported closes.  Call
+ * periodically. */
 int vn_tcp_housekeeping(struct vn_switch *sw);
 /* Connections in the flow table of `port`, and bytes of frames they keep. */
 int vn_tcp_flows(struct vn_switch *sw, int port);
 uint64_t vn_tcp_bytes(struct vn_switch *sw, int port);
-/* Lowers how deep frame emissions of the TCP engine may nest (0..4, 4 the default and the
- * most); past it, releases wait and built frames are dropped and counted (tcp_emit_dropped).
- * For tests of those paths: the default is never too deep for a real topology's nesting. */
-int vn_tcp_set_emit_depth(struct vn_switch *sw, int depth);
+/* Frames the policy and the TCP engine produce (released, reassembled, rebuilt, forged,
+ * injected) wait in the switch's emit queue until the call that made them (ingress of a
+ * frame, vn_held_release, vn_stream_*, vn_tcp_housekeeping, vn_port_inject) sends them on,
+ * through the stages they have left, before it returns.  The queue holds 64 MiB of frames
+ * and at most `frames` of them (0..VN_EMIT_FRAMES, the default); past either, a produced frame
+ * is dropped and counted (emit_queue_full on the NI that produced it).  Lowering it is for
+ * tests of that path.  VN_OK, VN_ERANGE. */
+#define VN_EMIT_FRAMES 65536
+int vn_switch_set_emit_max(struct vn_switch *sw, unsigned frames);
 /* VN_CDEF_END */
 
 #endif

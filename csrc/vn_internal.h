@@ -246,6 +246,27 @@ struct vn_sink_rec {
 #define VN_HELD_HASH 4096
 #define VN_PUNT_QUEUE 4096
 
+/* The switch's emit queue (emit.c): frames the policy and the TCP engine produce wait there,
+ * copied, for the switch to send them on through the stages they have left. */
+enum {
+    VN_EMIT_POLICY = 1,        /* the whole policy of `port` in `dir` (a reassembled datagram) */
+    VN_EMIT_SUBS,              /* the frame subscriptions of `port` (a segment a stream released) */
+    VN_EMIT_OUT,               /* no stage of `port` left: switched, or delivered to egress_to */
+};
+#define VN_EMIT_BYTES (64u << 20)  /* one buffer, touched as used */
+#define VN_EMIT_KEEP (1u << 20)    /* bytes kept touched when the queue empties */
+struct vn_emitq {
+    uint8_t *buf;
+    uint32_t head, tail;       /* records in [head, tail), or from head to a wrap and [0, tail) */
+    uint32_t hi;               /* highest tail since the queue was last empty */
+    unsigned count, max;       /* frames queued; at most (vn_switch_set_emit_max) */
+};
+/* Where a frame popped from the queue goes next. */
+struct vn_emit_to {
+    int stage, port, dir;
+    int egress_to;             /* -1: into the switch from `port`; else delivered to this port */
+};
+
 struct vn_switch {
     struct vn_port ports[VN_MAX_PORTS];
     struct vn_mac_entry macs[VN_MAC_TABLE];
@@ -256,7 +277,9 @@ struct vn_switch {
     struct vn_pkt *seg;           /* scratch for one GSO segment */
     struct vn_iov iov[VN_MAX_IOV];
     struct vn_iov iov_first[64];  /* first RX buffer's pieces, for num_buffers */
-    struct vn_pkt *rel;           /* scratch for a released held frame */
+    struct vn_pkt *rel;           /* a released held frame, then a frame leaving the emit queue */
+    struct vn_emitq emit;
+    int draining;
     /* NI kernel hand-off */
     int punt_fd;
     uint64_t next_held_id;
@@ -382,6 +405,16 @@ int vn_frag_track(struct vn_port *p, int dir, uint64_t now, struct vn_hdrs *h);
 /* 1 if a frame from the guest claims a MAC or an address the policy did not give it. */
 int vn_spoofed(const struct vn_policy *pol, const struct vn_pkt *pkt, const struct vn_hdrs *h);
 
+/* emit.c: the producers' side (policy.c, the TCP engine) and the switch's */
+int vn_emit_init(struct vn_emitq *q);
+void vn_emit_free(struct vn_emitq *q);
+/* Queues a copy of pkt that still has to pass `stage` of `port` (then the switch, or
+ * egress_to).  0, or -1 if the queue is full: the frame is dropped, counted on `port`. */
+int vn_emit_push(struct vn_switch *sw, int stage, int port, int dir, int egress_to,
+                 const struct vn_pkt *pkt);
+/* The oldest queued frame into *pkt and where it goes into *m; 0 if none. */
+int vn_emit_pop(struct vn_emitq *q, struct vn_emit_to *m, struct vn_pkt *pkt);
+
 /* policy.c */
 int vn_match_frame(const struct vn_match *m, int dir, const struct vn_pkt *pkt, const struct vn_hdrs *h);
 /* 1: frame held or dropped (caller stops), 0: continue forwarding. */
@@ -394,6 +427,10 @@ void vn_held_free_all(struct vn_switch *sw);
 struct vn_held *vn_held_record(const struct vn_pkt *pkt, int port, int dir, int egress_to,
                                uint64_t subs, uint64_t contain);
 void vn_punt_signal(struct vn_switch *sw);
+/* vn_held_release and vn_held_release_port without sending anything on: what a pass
+ * releases joins the emit queue (the switch's wrappers drain it). */
+int vn_policy_release(struct vn_switch *sw, uint64_t id, int pass);
+int vn_policy_release_port(struct vn_switch *sw, int port, int pass);
 /* 1 (counted) if the port's isolation (quarantine, link down) drops a frame released late. */
 int vn_isolation_drops(struct vn_port *p, int dir, const struct vn_pkt *pkt);
 
@@ -408,11 +445,18 @@ int vn_tcp_active(struct vn_switch *sw, int port);
 int vn_tcp_pending(struct vn_switch *sw);
 void vn_tcp_port_gone(struct vn_switch *sw, int port);
 void vn_tcp_free_all(struct vn_switch *sw);
+/* The stream API (vn_stream_pass, _kill, _cut, _inject, _more) and the timers
+ * (vn_tcp_housekeeping) without sending anything on: what they emit joins the emit queue;
+ * the public functions, in switch.c, drain it and signal the guests once. */
+int vn_tcp_stream_pass(struct vn_switch *sw, uint64_t stream, int dir, uint64_t upto);
+int vn_tcp_stream_kill(struct vn_switch *sw, uint64_t stream);
+int vn_tcp_stream_cut(struct vn_switch *sw, uint64_t stream, int dir, uint64_t from, uint64_t to);
+int vn_tcp_stream_inject(struct vn_switch *sw, uint64_t stream, int dir, uint64_t at,
+                         const uint8_t *bytes, uint32_t len);
+int vn_tcp_stream_more(struct vn_switch *sw, uint64_t stream, int dir);
+int vn_tcp_timers(struct vn_switch *sw);
 
-/* switch.c, for policy.c */
-void vn_forward_switch(struct vn_switch *sw, int in, struct vn_pkt *pkt);
-void vn_deliver_nopolicy(struct vn_switch *sw, int port, struct vn_pkt *pkt);
-void vn_signal_all(struct vn_switch *sw);
+/* switch.c: the clock (the one call policy.c and the TCP engine make into it) */
 uint64_t vn_now_ns(void);
 
 /* offload.c */

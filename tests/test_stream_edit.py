@@ -91,20 +91,20 @@ def test_cut_inside_a_segment_splits_it_and_shifts_later_segments(kit):
     assert acks(c.recv("a", 1.0, 1)) == [c.seq("a", 20)]
 
 
-def test_an_edited_resend_past_the_emission_depth_is_dropped_and_counted(kit):
-    """A retransmission of edited bytes is rebuilt in pieces; a piece that cannot be built
-    (emission nested past its depth, here lowered to 0) is counted, not lost silently."""
+def test_an_edited_resend_past_the_emit_queue_is_dropped_and_counted(kit):
+    """A retransmission of edited bytes is rebuilt in pieces; a piece that finds the
+    switch's emit queue full (its limit here lowered to 0) is counted, not lost silently."""
     e, c = opened(kit)
     seg = c.data("a", b"hello BAD world")
     c.send("a", seg)
     assert e.cut(FROM, 6, 10) == 0 and e.pass_(FROM, 15) == 0
     assert [s.payload for s in c.recv("b", 1.0, 2)] == [b"hello ", b"world"]
     lib = fplib
-    assert lib.vn_tcp_set_emit_depth(e.sw, 0) == 0
+    assert lib.vn_switch_set_emit_max(e.sw, 0) == 0
     c.send("a", seg)                               # a resends before b acknowledged anything
     assert c.recv("b", 0.3) == []
-    assert kit.stats("a")["tcp_emit_dropped"] == 2   # the pieces before and after the cut
-    assert lib.vn_tcp_set_emit_depth(e.sw, 4) == 0
+    assert kit.stats("a")["emit_queue_full"] == 2   # the pieces before and after the cut
+    assert lib.vn_switch_set_emit_max(e.sw, lib.VN_EMIT_FRAMES) == 0
     c.send("a", seg)
     assert [s.payload for s in c.recv("b", 1.0, 2)] == [b"hello ", b"world"]
 

@@ -648,29 +648,48 @@ def test_a_whole_datagram_too_short_for_a_tcp_header_is_dropped_and_counted(kit)
     assert st["drop_unparsed_fragment"] == 2 and st["tcp_frag_reassembled"] == 0
 
 
-def test_frames_built_past_the_emission_depth_are_dropped_and_counted(kit):
-    """Emissions nest (a released frame meets another NI's engine, which sends its own);
-    past the depth limit a built frame cannot go, and says so in tcp_emit_dropped.  The
-    limit is lowered to reach those paths from the top level."""
+def test_frames_produced_past_the_emit_queue_are_dropped_and_counted(kit):
+    """What the engine produces (a reassembled datagram, forged RSTs) waits in the switch's
+    emit queue; a frame that finds it full is dropped and says so in emit_queue_full, never
+    silently.  The queue's limit is lowered (0 frames) to reach that path."""
     e, c = opened(kit, auto_pass=True)
     lib = fplib
-    assert lib.vn_tcp_set_emit_depth(e.sw, 5) == lib.VN_EINVAL
-    assert lib.vn_tcp_set_emit_depth(e.sw, 0) == 0
+    assert lib.vn_switch_set_emit_max(e.sw, lib.VN_EMIT_FRAMES + 1) == lib.VN_ERANGE
+    assert lib.vn_switch_set_emit_max(e.sw, 0) == 0
     frs = fragments(c.data("a", b"y" * 64), [32])
-    c.send("a", *frs)                                    # whole, but nowhere to build it
+    c.send("a", *frs)                                    # whole, but no room to send it on
     assert kit.recv("b", 0.3) == []
     st = kit.stats("a")
-    assert st["tcp_emit_dropped"] == 1 and st["tcp_frag_reassembled"] == 0
-    assert e.kill() == 0                                 # its RSTs are built at depth 0 too
+    assert st["emit_queue_full"] == 1 and st["tcp_frag_reassembled"] == 1
+    assert e.kill() == 0                                 # its RSTs find no room either
     assert kit.recv("a", 0.3) == [] and kit.recv("b", 0.3) == []
-    assert kit.stats("a")["tcp_emit_dropped"] >= 3       # one RST each way at least
-    assert lib.vn_tcp_set_emit_depth(e.sw, 4) == 0       # the default: frames go again
+    assert kit.stats("a")["emit_queue_full"] >= 3        # one RST each way at least
+    assert kit.stats("a")["tcp_emit_dropped"] == 0       # not for want of an Ethernet header
+    assert lib.vn_switch_set_emit_max(e.sw, lib.VN_EMIT_FRAMES) == 0   # the default
     d = Conn(kit, cport=40002)
     d.open()
     kit.step()
     d.send("a", *fragments(d.data("a", b"z" * 64), [32], ident=12))
     assert payloads(d.recv("b", 1.0, 1)) == [b"z" * 64]
-    assert kit.stats("a")["tcp_frag_reassembled"] == 1
+    assert kit.stats("a")["tcp_frag_reassembled"] == 2
+
+
+def test_a_release_larger_than_the_emit_queue_sends_what_fits_and_counts_the_rest(kit):
+    """One pass releases three held segments into an emit queue with room for one: the
+    first goes to the receiver, the other two are dropped and counted, and a retransmission
+    of them (the sender never heard them acknowledged) goes through once there is room."""
+    e, c = opened(kit)
+    segs = [c.data("a", b"one "), c.data("a", b"two "), c.data("a", b"three ")]
+    c.send("a", *segs)
+    assert c.recv("b") == []                             # held
+    assert fplib.vn_switch_set_emit_max(e.sw, 1) == 0
+    e.pass_(FROM, 14)
+    assert payloads(c.recv("b", 1.0, 1)) == [b"one "]
+    assert c.recv("b", 0.3) == []
+    assert kit.stats("a")["emit_queue_full"] == 2
+    assert fplib.vn_switch_set_emit_max(e.sw, fplib.VN_EMIT_FRAMES) == 0
+    c.send("a", segs[1], segs[2])                        # resent: identical bytes, passed already
+    assert payloads(c.recv("b", 1.0, 2)) == [b"two ", b"three "]
 
 
 def test_reassembled_datagram_larger_than_a_frame_goes_as_tso(kit):

@@ -24,7 +24,7 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CSRC = os.path.join(ROOT, "csrc")
-SOURCES = ["mem.c", "vring.c", "offload.c", "parse.c", "antispoof.c", "policy.c", "tcp.c", "tcp_edit.c",
+SOURCES = ["mem.c", "vring.c", "offload.c", "parse.c", "antispoof.c", "emit.c", "policy.c", "tcp.c", "tcp_edit.c",
            "tcp_frag.c", "tcp_api.c", "switch.c", "sig.c"]
 HEADERS = ["vhostni.h", "sig.h"]
 CFLAGS = ["-O2", "-g", "-std=gnu11", "-Wall", "-Wextra", "-Werror"]
