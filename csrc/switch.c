@@ -79,7 +79,7 @@ struct vn_switch *vn_switch_new(void)
     sw->punt_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     sw->wake_fd = -1;
     /* the packet buffer: untouched pages cost nothing */
-    size_t blen = sizeof(struct vn_pkt) * (VN_BATCH + 2);
+    size_t blen = sizeof(struct vn_pkt) * (VN_BATCH + 3);
     void *b = mmap(NULL, blen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     int eq = vn_emit_init(&sw->emit);
     if (sw->epfd < 0 || sw->punt_fd < 0 || b == MAP_FAILED || eq < 0) {
@@ -96,6 +96,7 @@ struct vn_switch *vn_switch_new(void)
     sw->batch = b;
     sw->seg = &sw->batch[VN_BATCH];
     sw->rel = &sw->batch[VN_BATCH + 1];
+    sw->flood = &sw->batch[VN_BATCH + 2];
     return sw;
 }
 
@@ -278,7 +279,7 @@ void vn_switch_free(struct vn_switch *sw)
     vn_held_free_all(sw);
     sink_clear(sw, -1);
     free(sw->sink_last);
-    munmap(sw->batch, sizeof(struct vn_pkt) * (VN_BATCH + 2));
+    munmap(sw->batch, sizeof(struct vn_pkt) * (VN_BATCH + 3));
     vn_emit_free(&sw->emit);
     close(sw->epfd);
     close(sw->punt_fd);
@@ -882,9 +883,22 @@ static void vn_forward_switch(struct vn_switch *sw, int in, struct vn_pkt *pkt)
     }
     if (!(dst[0] & 1))
         src->st.unknown_unicast++;
-    for (int i = 0; i < VN_MAX_PORTS; i++)
-        if (i != in && sw->ports[i].kind)
+    /* every port gets the frame as it came: a port whose egress may edit it (its policy's
+     * TCP engine rewrites the segments of an edited connection, a subscription completes a
+     * checksum) gets its own copy */
+    for (int i = 0; i < VN_MAX_PORTS; i++) {
+        if (i == in || !sw->ports[i].kind)
+            continue;
+        if (sw->ports[i].pol) {
+            struct vn_pkt *c = sw->flood;
+            c->len = pkt->len;
+            c->hdr = pkt->hdr;
+            memcpy(c->data, pkt->data, pkt->len);
+            deliver_policy(sw, i, c);
+        } else {
             deliver_policy(sw, i, pkt);
+        }
+    }
 }
 
 /* Ingress: validate, count, apply the source NI's policy, switch. */

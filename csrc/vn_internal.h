@@ -278,6 +278,7 @@ struct vn_switch {
     struct vn_iov iov[VN_MAX_IOV];
     struct vn_iov iov_first[64];  /* first RX buffer's pieces, for num_buffers */
     struct vn_pkt *rel;           /* a released held frame, then a frame leaving the emit queue */
+    struct vn_pkt *flood;         /* a flooded frame's copy for a port whose egress may edit it */
     struct vn_emitq emit;
     int draining;
     /* NI kernel hand-off */

@@ -109,6 +109,24 @@ def test_an_edited_resend_past_the_emit_queue_is_dropped_and_counted(kit):
     assert [s.payload for s in c.recv("b", 1.0, 2)] == [b"hello ", b"world"]
 
 
+def test_a_flooded_segment_reaches_every_port_as_it_was_sent(kits):
+    """A frame to an unknown MAC floods to every other port; one port's egress rewrites it
+    (a's engine maps b's acknowledgement of the edited stream back to a's numbering), and
+    that rewrite is a's alone: c, after a in the flood, gets the frame as b sent it."""
+    kit = kits(names=("a", "b", "c"))
+    e, c = opened(kit)
+    c.send("a", c.data("a", b"hello BAD world"))
+    assert e.cut(FROM, 6, 10) == 0 and e.pass_(FROM, 15) == 0
+    assert [s.payload for s in c.recv("b", 1.0, 2)] == [b"hello ", b"world"]
+    kit.recv("c", 0.3)                             # the handshake's floods
+    ack = c.segment("b", ACK, ack=c.seq("a", 11))  # b has output offset 11
+    flooded = bytes.fromhex("02000000abcd") + ack[6:]
+    c.send("b", flooded)
+    assert acks(c.recv("a", 1.0, 1)) == [c.seq("a", 15)]   # a's own numbering
+    assert kit.recv("c", 1.0, 1) == [flooded]              # untouched
+    assert kit.stats("b")["unknown_unicast"] == 1
+
+
 def test_cut_of_a_whole_segment_sends_nothing_and_acks_it_to_the_sender(kit):
     e, c = opened(kit)
     c.send("a", c.data("a", b"keep "))
