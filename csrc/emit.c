@@ -8,8 +8,8 @@
  *
  * One preallocated buffer (pages untouched until used), records of any frame length in
  * arrival order, as a ring; no allocation per frame.  Full (bytes or frames): the frame is
- * dropped and counted on the port that produced it (emit_queue_full).  This file calls
- * nothing outside itself.
+ * dropped and counted on the port that produced it (drop_emit_queue_full).  This file
+ * calls nothing outside itself.
  */
 #define _GNU_SOURCE
 #include <stddef.h>
@@ -87,7 +87,7 @@ int vn_emit_push(struct vn_switch *sw, int stage, int port, int dir, int egress_
     q->count++;
     return 0;
 full:
-    sw->ports[port].st.emit_queue_full++;
+    sw->ports[port].st.drop_emit_queue_full++;
     return -1;
 }
 

@@ -153,10 +153,10 @@ struct vn_port_stats {
                                     seen on the connection to build one with */
     uint64_t drop_same_port;     /* destination learned behind the port the frame came from:
                                     a switch never sends a frame back where it came from */
-    uint64_t emit_queue_full;    /* frames this NI's policy or TCP engine produced (a released
-                                    held frame or segment, a reassembled datagram, an edited
-                                    piece, a forged segment) dropped: the switch's emit queue
-                                    was full (see vn_switch_set_emit_max) */
+    uint64_t drop_emit_queue_full;  /* frames this NI's policy or TCP engine produced (a
+                                    released held frame or segment, a reassembled datagram, an
+                                    edited piece, a forged segment) dropped: the switch's emit
+                                    queue was full (see vn_switch_set_emit_max) */
 };
 
 /* What one virtqueue of a vhost port carried (vn_port_queue_stats): queue 2i is pair i's
@@ -503,8 +503,8 @@ uint64_t vn_tcp_bytes(struct vn_switch *sw, int port);
  * frame, vn_held_release, vn_stream_*, vn_tcp_housekeeping, vn_port_inject) sends them on,
  * through the stages they have left, before it returns.  The queue holds 64 MiB of frames
  * and at most `frames` of them (0..VN_EMIT_FRAMES, the default); past either, a produced frame
- * is dropped and counted (emit_queue_full on the NI that produced it).  Lowering it is for
- * tests of that path.  VN_OK, VN_ERANGE. */
+ * is dropped and counted (drop_emit_queue_full on the NI that produced it).  Lowering it is
+ * for tests of that path.  VN_OK, VN_ERANGE. */
 #define VN_EMIT_FRAMES 65536
 int vn_switch_set_emit_max(struct vn_switch *sw, unsigned frames);
 /* VN_CDEF_END */

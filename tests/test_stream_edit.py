@@ -103,7 +103,7 @@ def test_an_edited_resend_past_the_emit_queue_is_dropped_and_counted(kit):
     assert lib.vn_switch_set_emit_max(e.sw, 0) == 0
     c.send("a", seg)                               # a resends before b acknowledged anything
     assert c.recv("b", 0.3) == []
-    assert kit.stats("a")["emit_queue_full"] == 2   # the pieces before and after the cut
+    assert kit.stats("a")["drop_emit_queue_full"] == 2   # the pieces before and after the cut
     assert lib.vn_switch_set_emit_max(e.sw, lib.VN_EMIT_FRAMES) == 0
     c.send("a", seg)
     assert [s.payload for s in c.recv("b", 1.0, 2)] == [b"hello ", b"world"]

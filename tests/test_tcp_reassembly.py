@@ -650,8 +650,8 @@ def test_a_whole_datagram_too_short_for_a_tcp_header_is_dropped_and_counted(kit)
 
 def test_frames_produced_past_the_emit_queue_are_dropped_and_counted(kit):
     """What the engine produces (a reassembled datagram, forged RSTs) waits in the switch's
-    emit queue; a frame that finds it full is dropped and says so in emit_queue_full, never
-    silently.  The queue's limit is lowered (0 frames) to reach that path."""
+    emit queue; a frame that finds it full is dropped and says so in drop_emit_queue_full,
+    never silently.  The queue's limit is lowered (0 frames) to reach that path."""
     e, c = opened(kit, auto_pass=True)
     lib = fplib
     assert lib.vn_switch_set_emit_max(e.sw, lib.VN_EMIT_FRAMES + 1) == lib.VN_ERANGE
@@ -660,10 +660,10 @@ def test_frames_produced_past_the_emit_queue_are_dropped_and_counted(kit):
     c.send("a", *frs)                                    # whole, but no room to send it on
     assert kit.recv("b", 0.3) == []
     st = kit.stats("a")
-    assert st["emit_queue_full"] == 1 and st["tcp_frag_reassembled"] == 1
+    assert st["drop_emit_queue_full"] == 1 and st["tcp_frag_reassembled"] == 1
     assert e.kill() == 0                                 # its RSTs find no room either
     assert kit.recv("a", 0.3) == [] and kit.recv("b", 0.3) == []
-    assert kit.stats("a")["emit_queue_full"] >= 3        # one RST each way at least
+    assert kit.stats("a")["drop_emit_queue_full"] >= 3   # one RST each way at least
     assert kit.stats("a")["tcp_emit_dropped"] == 0       # not for want of an Ethernet header
     assert lib.vn_switch_set_emit_max(e.sw, lib.VN_EMIT_FRAMES) == 0   # the default
     d = Conn(kit, cport=40002)
@@ -686,7 +686,7 @@ def test_a_release_larger_than_the_emit_queue_sends_what_fits_and_counts_the_res
     e.pass_(FROM, 14)
     assert payloads(c.recv("b", 1.0, 1)) == [b"one "]
     assert c.recv("b", 0.3) == []
-    assert kit.stats("a")["emit_queue_full"] == 2
+    assert kit.stats("a")["drop_emit_queue_full"] == 2
     assert fplib.vn_switch_set_emit_max(e.sw, fplib.VN_EMIT_FRAMES) == 0
     c.send("a", segs[1], segs[2])                        # resent: identical bytes, passed already
     assert payloads(c.recv("b", 1.0, 2)) == [b"two ", b"three "]
