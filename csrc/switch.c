@@ -934,9 +934,16 @@ static void emit_drain(struct vn_switch *sw)
     sw->draining = 1;
     struct vn_pkt *pkt = sw->rel;
     struct vn_emit_to m;
+    unsigned n = 0;
     while (vn_emit_pop(&sw->emit, &m, pkt)) {
         if (!sw->ports[m.port].kind)
             continue;              /* its NI went, and with it where it was going */
+        if (++n > VN_EMIT_DRAIN_MAX) {
+            /* frames whose sending makes more frames (NIs answering each other's forged
+             * segments) cannot keep the data plane here: the rest is dropped, counted */
+            sw->ports[m.port].st.drop_emit_queue_full++;
+            continue;
+        }
         sw->now_ns = vn_now_ns();
         if (m.stage == VN_EMIT_POLICY) {
             if (vn_policy_apply(sw, m.port, m.dir, m.egress_to, pkt))

@@ -503,8 +503,10 @@ uint64_t vn_tcp_bytes(struct vn_switch *sw, int port);
  * frame, vn_held_release, vn_stream_*, vn_tcp_housekeeping, vn_port_inject) sends them on,
  * through the stages they have left, before it returns.  The queue holds 64 MiB of frames
  * and at most `frames` of them (0..VN_EMIT_FRAMES, the default); past either, a produced frame
- * is dropped and counted (drop_emit_queue_full on the NI that produced it).  Lowering it is
- * for tests of that path.  VN_OK, VN_ERANGE. */
+ * is dropped and counted (drop_emit_queue_full on the NI that produced it).  One drain
+ * sends on at most 4 * VN_EMIT_FRAMES frames, those that sending them produced included; the
+ * rest are dropped and counted alike (NIs answering each other's frames cannot hold the data
+ * plane).  Lowering the limit is for tests of that path.  VN_OK, VN_ERANGE. */
 #define VN_EMIT_FRAMES 65536
 int vn_switch_set_emit_max(struct vn_switch *sw, unsigned frames);
 /* VN_CDEF_END */

@@ -255,6 +255,7 @@ enum {
 };
 #define VN_EMIT_BYTES (64u << 20)  /* one buffer, touched as used */
 #define VN_EMIT_KEEP (1u << 20)    /* bytes kept touched when the queue empties */
+#define VN_EMIT_DRAIN_MAX (4u * VN_EMIT_FRAMES)   /* frames one drain sends on at most */
 struct vn_emitq {
     uint8_t *buf;
     uint32_t head, tail;       /* records in [head, tail), or from head to a wrap and [0, tail) */
