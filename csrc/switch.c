@@ -311,6 +311,14 @@ int vn_port_broken(struct vn_switch *sw, int port)
     return p ? p->broken : VN_ENOPORT;
 }
 
+int vn_ports_broken(struct vn_switch *sw)
+{
+    int n = 0;
+    for (int i = 0; i < VN_MAX_PORTS; i++)
+        n += sw->ports[i].kind && sw->ports[i].broken;
+    return n;
+}
+
 int vn_port_set_mac(struct vn_switch *sw, int port, const uint8_t *mac)
 {
     struct vn_port *p = port_get(sw, port);

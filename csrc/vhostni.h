@@ -19,7 +19,7 @@
 
 /* VN_CDEF_BEGIN */
 #define VN_MAX_REGIONS 32
-#define VN_MAX_PORTS 64
+#define VN_MAX_PORTS 256
 #define VN_MAX_QUEUE_PAIRS 8
 #define VN_MAX_QUEUES 16
 #define VN_MAX_QUEUE_SIZE 32768
@@ -187,6 +187,8 @@ const struct vn_port_stats *vn_port_stats(struct vn_switch *sw, int port);
  * returns n, or VN_ENOPORT (not a vhost port) / VN_EINVAL (n too large). */
 int vn_port_queue_stats(struct vn_switch *sw, int port, struct vn_queue_stats *out, unsigned n);
 int vn_port_broken(struct vn_switch *sw, int port);
+/* How many ports are broken now (one pass over the port table, for an idle daemon's tick). */
+int vn_ports_broken(struct vn_switch *sw);
 int vn_port_set_mac(struct vn_switch *sw, int port, const uint8_t *mac);
 
 /* vhost-user device state of a VN_PORT_VHOST port. */

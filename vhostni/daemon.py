@@ -195,6 +195,7 @@ class Daemon:
         self._stop = False
         self._reload = False
         self.uncaught = 0                  # exceptions _guarded caught: bugs, see the log
+        self._broken_seen = 0               # ports broken at the last housekeeping tick
         self.stats_error: Optional[str] = None   # why --stats-file cannot be written now
         self.stats_write_errors = 0
         self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -507,13 +508,18 @@ class Daemon:
             ni.next_connect = time.monotonic() + ni.backoff   # QEMU restarting, or gone
 
     def _housekeeping(self) -> None:
-        for ni in self.nis.values():
-            reason = ni.port.broken_reason()
-            if reason != ni.broken_logged:
-                if reason:
-                    log.error("NI %s: guest broke the virtio rules (%s); NIC stopped until the "
-                              "guest driver resets it", ni.name, reason)
-                ni.broken_logged = reason
+        # Per NI only while some port is (or just was) broken: with hundreds of idle NIs the
+        # tick stays one C call.
+        broken = self.switch.ports_broken()
+        if broken or self._broken_seen:
+            for ni in self.nis.values():
+                reason = ni.port.broken_reason()
+                if reason != ni.broken_logged:
+                    if reason:
+                        log.error("NI %s: guest broke the virtio rules (%s); NIC stopped until the "
+                                  "guest driver resets it", ni.name, reason)
+                    ni.broken_logged = reason
+            self._broken_seen = broken
         for fn in self.housekeepers:
             fn()
         if self.stats_file:

@@ -192,6 +192,11 @@ class Switch(_KernelSide):
     def __enter__(self) -> "Switch":
         return self
 
+    def ports_broken(self) -> int:
+        """How many ports are broken now: one C call whatever the port count, so an idle
+        daemon's housekeeping need not ask every port."""
+        return lib.vn_ports_broken(self._sw)
+
     def __exit__(self, *exc: object) -> None:
         self.close()
 

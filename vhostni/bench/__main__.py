@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import frameloop, guest_tcp, scanners, signatures, streams
+from . import frameloop, guest_tcp, scale, scanners, signatures, streams
 from .backends import DpdkVhostBackend, VhostniBackend, vhostni_unavailable_reason
 from .testpmd import dpdk_version, reap_stale, testpmd_binary
 
@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="bench/out/results.json", help="JSON results file")
     p.add_argument("--logdir", default=None, help="process logs (default: <out dir>/logs)")
-    p.add_argument("--only", choices=("frameloop", "guest-tcp", "scanners", "streams", "signatures"), help="run one part only")
+    p.add_argument("--only", choices=("frameloop", "guest-tcp", "scanners", "streams", "signatures", "scale"), help="run one part only")
     p.add_argument("--no-vhostni", action="store_true", help="baseline only")
     g = p.add_argument_group("frame loop")
     g.add_argument("--sizes", default="64,1518", help="frame sizes, comma separated")
@@ -92,6 +92,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     sg.add_argument("--sig-streams", type=int, default=16)
     sg.add_argument("--sig-rounds", type=int, default=5)
     sg.add_argument("--sig-compile-rules", type=int, default=10000, help="rules for the compile-time figure")
+    sl = p.add_argument_group("scale (one daemon, many NIs with idle frontends)")
+    sl.add_argument("--scale-counts", default="1,256", help="NI counts, comma separated (256: the switch's limit)")
+    sl.add_argument("--scale-idle-seconds", type=float, default=30.0, help="idle CPU measured over this long")
+    sl.add_argument("--scale-queries", type=int, default=50, help="query-nis calls timed")
     return p.parse_args(argv)
 
 
@@ -207,6 +211,8 @@ def report(results: dict) -> str:
     for key in ("signatures", "signatures_never_hit"):
         if results.get(key):
             lines += signatures.report_lines(results[key])
+    if results.get("scale"):
+        lines += scale.report_lines(results["scale"])
     return "\n".join(lines)
 
 
@@ -308,6 +314,14 @@ def main(argv=None) -> int:
                 results["signatures_never_hit"] = signatures.run_signatures(
                     sgcfg, progress=lambda m: print(m, flush=True))
                 save()
+        if args.only in (None, "scale"):
+            print("scale: one daemon with many idle NIs (start-up, idle CPU, memory, query-nis)", flush=True)
+            results["scale"] = scale.run_scale(
+                scale.ScaleConfig(counts=[int(c) for c in args.scale_counts.split(",") if c.strip()],
+                                  idle_seconds=args.scale_idle_seconds, queries=args.scale_queries,
+                                  vhostni_command=vhostni_cmd, logdir=logdir),
+                progress=lambda m: print(m, flush=True))
+            save()
     except (KeyboardInterrupt, Interrupted) as exc:
         results["interrupted"] = str(exc) or "KeyboardInterrupt"
         print(f"interrupted ({results['interrupted']}); partial results saved", file=sys.stderr)
