@@ -71,12 +71,6 @@ int vn_match_frame(const struct vn_match *m, int dir, const struct vn_pkt *pkt,
 
 /* ---- held frames and the punt queue ---- */
 
-static uint64_t realtime_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + ts.tv_nsec;
-}
 
 void vn_punt_signal(struct vn_switch *sw)
 {
@@ -110,7 +104,7 @@ static int punt_push(struct vn_switch *sw, struct vn_held *r)
     return 0;
 }
 
-struct vn_held *vn_held_record(const struct vn_pkt *pkt, int port, int dir, int egress_to,
+struct vn_held *vn_held_record(const struct vn_switch *sw, const struct vn_pkt *pkt, int port, int dir, int egress_to,
                                uint64_t subs, uint64_t contain)
 {
     struct vn_held *r = malloc(sizeof(*r) + pkt->len);
@@ -122,7 +116,7 @@ struct vn_held *vn_held_record(const struct vn_pkt *pkt, int port, int dir, int 
     r->egress_to = egress_to;
     r->subs = subs;
     r->contain = contain;
-    r->time_ns = realtime_ns();
+    r->time_ns = vn_clock_real(sw);
     r->len = pkt->len;
     r->hdr = pkt->hdr;
     memcpy(r->data, pkt->data, pkt->len);
@@ -261,7 +255,7 @@ int vn_policy_subs(struct vn_switch *sw, int port, int dir, int egress_to, struc
         (pkt->hdr.gso_type & ~VIRTIO_NET_HDR_GSO_ECN) == VIRTIO_NET_HDR_GSO_NONE)
         vn_csum_complete(pkt);
     if (!contain) {
-        struct vn_held *r = vn_held_record(pkt, port, dir, egress_to, subs, 0);
+        struct vn_held *r = vn_held_record(sw, pkt, port, dir, egress_to, subs, 0);
         if (!r || punt_push(sw, r) < 0) {
             free(r);
             p->st.punt_queue_full++;
@@ -275,7 +269,7 @@ int vn_policy_subs(struct vn_switch *sw, int port, int dir, int egress_to, struc
         p->st.held_over_cap++;
         return pol->over_cap_pass ? 0 : 1;
     }
-    struct vn_held *r = vn_held_record(pkt, port, dir, egress_to, subs, contain);
+    struct vn_held *r = vn_held_record(sw, pkt, port, dir, egress_to, subs, contain);
     if (!r) {
         p->st.held_over_cap++;
         return pol->over_cap_pass ? 0 : 1;
@@ -379,7 +373,7 @@ static void release(struct vn_switch *sw, struct vn_held *r, int pass)
             free(r);
             return;   /* the NI was isolated while the frame waited for its decision */
         }
-        sw->now_ns = vn_now_ns();
+        sw->now_ns = vn_clock(sw);
         if (r->egress_to < 0)
             vn_forward_switch(sw, r->port, pkt);
         else if (sw->ports[r->egress_to].kind)
@@ -544,7 +538,7 @@ int vn_port_inject(struct vn_switch *sw, int port, int dir, const uint8_t *frame
     memset(&pkt->hdr, 0, sizeof(pkt->hdr));
     memcpy(pkt->data, frame, len);
     pkt->len = len;
-    sw->now_ns = vn_now_ns();
+    sw->now_ns = vn_clock(sw);
     if (dir == VN_DIR_FROM_GUEST)
         vn_forward_switch(sw, port, pkt);
     else

@@ -30,6 +30,22 @@ uint64_t vn_now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ULL + ts.tv_nsec;
 }
 
+uint64_t vn_realtime_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + ts.tv_nsec;
+}
+
+int vn_switch_set_clock(struct vn_switch *sw, uint64_t now_ns)
+{
+    if (now_ns && now_ns < sw->manual_ns)
+        return VN_EINVAL;          /* a clock handed in never goes back */
+    sw->manual_ns = now_ns;
+    sw->now_ns = vn_clock(sw);
+    return VN_OK;
+}
+
 const char *vn_strerror(int code)
 {
     switch (code) {
@@ -1029,7 +1045,7 @@ static int service_pass(struct vn_switch *sw, int poll_mode, int *busy)
 {
     int total = 0;
     *busy = 0;
-    sw->now_ns = vn_now_ns();
+    sw->now_ns = vn_clock(sw);
     for (int i = 0; i < VN_MAX_PORTS; i++) {
         struct vn_port *p = &sw->ports[i];
         if (p->kind == VN_PORT_TAP) {
@@ -1076,7 +1092,7 @@ int vn_port_inject_from(struct vn_switch *sw, int port, const uint8_t *frame, un
     memset(&pkt->hdr, 0, sizeof(pkt->hdr));
     memcpy(pkt->data, frame, len);
     pkt->len = len;
-    sw->now_ns = vn_now_ns();
+    sw->now_ns = vn_clock(sw);
     forward(sw, port, pkt);
     vn_signal_all(sw);
     return VN_OK;

@@ -986,7 +986,7 @@ static int seg_data(struct vn_tcp_in *in, struct vn_flow *f)
         return fwd(in, f);
     }
     struct vn_seg *s = calloc(1, sizeof(*s));
-    struct vn_held *rec = s ? vn_held_record(in->pkt, in->port, in->dir, in->egress_to, 0, 0) : NULL;
+    struct vn_held *rec = s ? vn_held_record(sw, in->pkt, in->port, in->dir, in->egress_to, 0, 0) : NULL;
     if (!rec) {
         free(s);
         st->tcp_bytes_over++;
@@ -1157,7 +1157,7 @@ int vn_tcp_housekeeping(struct vn_switch *sw)
     struct vn_tcp *t = sw->tcp;
     if (!t)
         return 0;
-    uint64_t now = vn_now_ns();
+    uint64_t now = vn_clock(sw);
     int n = 0;
     for (int port = 0; port < VN_MAX_PORTS; port++) {
         struct vn_tcp_port *tp = t->ports[port];

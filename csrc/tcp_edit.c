@@ -174,7 +174,7 @@ static void send_built(struct vn_switch *sw, int port, int dir, int egress_to, s
     }
     struct vn_hdrs h;
     vn_parse(pkt, &h);
-    sw->now_ns = vn_now_ns();
+    sw->now_ns = vn_clock(sw);
     if (!vn_policy_subs(sw, port, dir, egress_to, pkt, &h)) {
         if (egress_to < 0)
             vn_forward_switch(sw, port, pkt);
@@ -304,7 +304,7 @@ void forge_seg(struct vn_switch *sw, struct vn_flow *f, int from, uint32_t seq, 
     pkt->len = (uint32_t)(tcp + th + len - d);
     memset(&pkt->hdr, 0, sizeof(pkt->hdr));
     t->depth++;
-    sw->now_ns = vn_now_ns();
+    sw->now_ns = vn_clock(sw);
     if (from_guest)
         vn_forward_switch(sw, f->port, pkt);       /* into the network, as the guest */
     else
@@ -338,7 +338,7 @@ void send_inject(struct vn_switch *sw, struct vn_flow *f, int hs, struct vn_edit
     }
     note_out(S, oend);
     e->inj_sent = 1;
-    e->sent_ns = vn_now_ns();
+    e->sent_ns = vn_clock(sw);
     e->tries++;
 }
 
@@ -608,7 +608,7 @@ void half_release(struct vn_switch *sw, struct vn_flow *f, struct vn_half *hf)
             hf->released_end = end;
         p->st.tcp_released_segments++;
         if (hf->vouched > hf->acked)
-            hf->ack_ns = vn_now_ns();  /* the resend timer runs from the latest send */
+            hf->ack_ns = vn_clock(sw);  /* the resend timer runs from the latest send */
         emit_record(sw, f, (int)(hf - f->half), s);
     }
     if (lim > hf->rel_lim)

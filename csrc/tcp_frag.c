@@ -211,7 +211,7 @@ int frag_input(struct vn_switch *sw, int port, int dir, int egress_to, struct vn
         return VN_TCP_TAKEN;
     st->tcp_frag_reassembled++;
     t->depth++;
-    sw->now_ns = vn_now_ns();
+    sw->now_ns = vn_clock(sw);
     if (!vn_policy_apply(sw, port, dir, egress_to, out)) {
         if (egress_to < 0)
             vn_forward_switch(sw, port, out);

@@ -172,13 +172,6 @@ static inline int half_of(int dir) { return dir == VN_DIR_FROM_GUEST ? 0 : 1; }
 
 static inline int dir_of(int half) { return half == 0 ? VN_DIR_FROM_GUEST : VN_DIR_TO_GUEST; }
 
-static inline uint64_t realtime_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + ts.tv_nsec;
-}
-
 /* The pseudo-header sum of a TCP segment of `len` bytes. */
 static inline uint32_t pseudo(int family, const uint8_t *ip, uint32_t len)
 {

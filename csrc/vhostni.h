@@ -174,6 +174,11 @@ struct vn_switch;
 /* Switch lifetime.  vn_switch_new returns NULL on allocation failure. */
 struct vn_switch *vn_switch_new(void);
 void vn_switch_free(struct vn_switch *sw);
+/* The switch's clock: 0 (the default) runs every timer and timestamp on the system's
+ * clocks; a time (ns) makes the switch use it instead, for timers and for the timestamps
+ * scanners see, until the next call (offline replay on a capture's timestamps).  A time
+ * handed in never goes back: VN_EINVAL. */
+int vn_switch_set_clock(struct vn_switch *sw, uint64_t now_ns);
 const char *vn_strerror(int code);
 const char *vn_broken_reason(int code);
 

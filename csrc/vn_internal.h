@@ -252,6 +252,7 @@ struct vn_switch {
     int epfd;
     int wake_fd;
     uint64_t now_ns;
+    uint64_t manual_ns;           /* 0: the system clocks; else the time handed in (replay) */
     struct vn_pkt *batch;         /* VN_BATCH frames, one mmap */
     struct vn_pkt *seg;           /* scratch for one GSO segment */
     struct vn_iov iov[VN_MAX_IOV];
@@ -391,7 +392,7 @@ int vn_policy_subs(struct vn_switch *sw, int port, int dir, int egress_to, struc
                    const struct vn_hdrs *h);
 void vn_held_free_all(struct vn_switch *sw);
 /* A copy of pkt as a held-frame record (not yet in the hash or the punt queue). */
-struct vn_held *vn_held_record(const struct vn_pkt *pkt, int port, int dir, int egress_to,
+struct vn_held *vn_held_record(const struct vn_switch *sw, const struct vn_pkt *pkt, int port, int dir, int egress_to,
                                uint64_t subs, uint64_t contain);
 void vn_punt_signal(struct vn_switch *sw);
 /* 1 (counted) if the port's isolation (quarantine, link down) drops a frame released late. */
@@ -414,6 +415,21 @@ void vn_forward_switch(struct vn_switch *sw, int in, struct vn_pkt *pkt);
 void vn_deliver_nopolicy(struct vn_switch *sw, int port, struct vn_pkt *pkt);
 void vn_signal_all(struct vn_switch *sw);
 uint64_t vn_now_ns(void);
+uint64_t vn_realtime_ns(void);
+
+/* The switch's clock.  Every timer and timestamp of the data path reads it here: the
+ * monotonic clock (vn_clock) and Unix time (vn_clock_real, what scanners are told), or,
+ * once vn_switch_set_clock handed a time in, that time for both (offline replay on a
+ * capture's timestamps: deterministic, and as fast as the frames can be fed). */
+static inline uint64_t vn_clock(const struct vn_switch *sw)
+{
+    return sw->manual_ns ? sw->manual_ns : vn_now_ns();
+}
+
+static inline uint64_t vn_clock_real(const struct vn_switch *sw)
+{
+    return sw->manual_ns ? sw->manual_ns : vn_realtime_ns();
+}
 
 /* offload.c */
 int vn_csum_complete(struct vn_pkt *pkt);

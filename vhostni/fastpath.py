@@ -192,6 +192,12 @@ class Switch(_KernelSide):
     def __enter__(self) -> "Switch":
         return self
 
+    def set_clock(self, now_ns: int) -> None:
+        """Runs the switch on a time handed in (ns; replay on a capture's timestamps) instead
+        of the system clocks; 0 goes back to those.  It never goes back: ValueError."""
+        if lib.vn_switch_set_clock(self._sw, now_ns) != lib.VN_OK:
+            raise ValueError("the switch's clock does not go back")
+
     def ports_broken(self) -> int:
         """How many ports are broken now: one C call whatever the port count, so an idle
         daemon's housekeeping need not ask every port."""
