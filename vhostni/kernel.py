@@ -268,7 +268,9 @@ class NIKernel(StreamBroker):
         elif not needed:
             self.kernel.release(held_id, True)
         else:
-            self.held[held_id] = Held(needed, time.monotonic() + self.policy.hold_timeout)
+            deadline = self.kernel.clock() + self.policy.hold_timeout
+            self.held[held_id] = Held(needed, deadline)
+            self.kernel.hold_deadline = min(self.kernel.hold_deadline, deadline)
 
     def decide(self, held_id: int, scanner: str, passed: bool) -> None:
         h = self.held.get(held_id)
@@ -387,6 +389,44 @@ class Kernel:
         self.dying: list[tuple[subprocess.Popen, Optional[int]]] = []
         self.events: list[Callable[[str, dict], None]] = []
         self.next_deadline = float("inf")
+        # The NI clock: what hold deadlines (frames and stream bytes) run on, in seconds.  The
+        # system's monotonic clock, or (set_clock) a time someone hands in: offline replay
+        # runs the NI on a capture's timestamps.  Scanner lifecycle (restarts, liveness, the
+        # readiness grace) stays on the system clock: a hung scanner is killed in real time.
+        self.clock: Callable[[], float] = time.monotonic
+        self.clock_mode = "system"
+        self.hold_deadline = float("inf")    # the earliest hold deadline, on self.clock
+
+    def set_clock(self, clock: Callable[[], float]) -> None:
+        """Runs hold deadlines on ``clock`` (seconds, never going back) instead of the system
+        clock, and tells scanners started from now on that time is handed in (the SDK's
+        ``clock()``/``time()`` then follow the frames' timestamps and ``tick`` messages)."""
+        self.clock = clock
+        self.clock_mode = "capture"
+
+    def timers(self) -> None:
+        """The work the NI clock drives: held frames and stream bytes past their deadline get
+        the policy's default, and the C core's TCP timers run (on the switch's clock)."""
+        now = self.clock()
+        nxt = float("inf")
+        for nk in list(self.nis.values()):
+            nxt = min(nxt, nk.expire(now))
+        self.switch.tcp_housekeeping()
+        self.hold_deadline = min(nxt, min((nk.deadline() for nk in self.nis.values()),
+                                          default=float("inf")))
+
+    def tick(self, every: float) -> int:
+        """With a handed-in clock: tells each running scanner the time if ``every`` seconds of
+        it passed since it was last told (frames carry their own time; a quiet scanner
+        learns of time passing only so), so its timed work runs on the same clock as the NI.
+        Returns how many were told."""
+        now = self.clock()
+        n = 0
+        for nk in self.nis.values():
+            for sp in nk.scanners.values():
+                if sp.running and now - sp.last_tick >= every:
+                    n += sp.send_tick(now)
+        return n
 
     def event(self, name: str, **data) -> None:
         for fn in self.events:
@@ -464,23 +504,24 @@ class Kernel:
                 self.uids.give(uid)
         self.dying = left
 
-    def housekeeping(self) -> None:
+    def housekeeping(self, timers: bool = True) -> None:
+        """Periodic work: alert log retries, reaping, scanner lifecycle, checkpoints and (unless
+        ``timers`` is False: replay on a capture's clock runs them itself) :meth:`timers`."""
         self.alerts.retry()
         self._reap_dying()
+        if timers:
+            self.timers()
         now = time.monotonic()
-        nxt = float("inf")
         for nk in list(self.nis.values()):
-            nxt = min(nxt, nk.expire(now))
             for sp in list(nk.scanners.values()):
                 sp.poll(now)
                 if sp.outq:
                     sp.flush()
             nk.check_ready(now)
             nk.note_midstream(now)
-        self.switch.tcp_housekeeping()
         self.checkpoints.flush()
-        self.next_deadline = min(nxt, min((nk.deadline() for nk in self.nis.values()),
-                                          default=float("inf")), self._restarts_due())
+        holds = self.hold_deadline if self.clock is time.monotonic else float("inf")
+        self.next_deadline = min(holds, self._restarts_due())
 
     def close(self) -> None:
         for idx in list(self.nis):

@@ -118,6 +118,7 @@ class ScannerProc:
         self.consecutive_timeouts = 0
         self.synced = 0                         # the last sync id the scanner answered
         self.sent = 0                           # messages sent to it (frames, stream data, replies)
+        self.last_tick = float("-inf")          # NI-clock time it was last told (Kernel.tick)
         self.last_error = ""
         self.stage_root: Optional[str] = None
         self.uid: Optional[int] = None
@@ -245,7 +246,8 @@ class ScannerProc:
             return
         self._send(wire.encode_hello(
             self.name, self.nk.name, self.spec.config, [n for n, _ in self.spec.injections],
-            [n for n, _ in self.spec.stream_injections], **self._checkpoint_hello()))
+            [n for n, _ in self.spec.stream_injections], clock=k.clock_mode,
+            now=k.clock() if k.clock_mode == "capture" else None, **self._checkpoint_hello()))
         self._send_checkpoint()
         log.info("NI %s: scanner %s started (pid %d, launcher %d): %s", self.nk.name, self.name,
                  self.pid, self.proc.pid, " ".join(argv))
@@ -725,6 +727,14 @@ class ScannerProc:
         msg = wire.encode_control({"op": "sync", "id": sync_id})
         # behind any stream messages still queued for it: a sync answers for all before it
         return self.send_stream(msg, force=True) if self.outq else self._send(msg)
+
+    def send_tick(self, now: float) -> bool:
+        """Tells the scanner the NI clock's time (``tick``), in order behind what it was sent."""
+        msg = wire.encode_control({"op": "tick", "now": now})
+        ok = self.send_stream(msg, force=True) if self.outq else self._send(msg)
+        if ok:
+            self.last_tick = now
+        return ok
 
     def send_frame(self, held_id: int, direction: int, time_ns: int, data: bytes) -> Optional[int]:
         number = self.next_number

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 if __package__:
     from .core import CodeRedDetector, ConfigError
@@ -48,28 +47,29 @@ def log(msg: str) -> None:
 
 def run(sc: Scanner) -> int:
     try:
-        det = CodeRedDetector(sc.config, clock=time.monotonic)
+        # the NI's clock: the system's, or a capture's when replayed on it (its own rates)
+        det = CodeRedDetector(sc.config, clock=sc.clock)
     except ConfigError as exc:
         sc.alert(f"Code-Red scanner not started: bad configuration: {exc}", event="config_error")
         log(f"bad configuration: {exc}")
         return 2
     saved = sc.restore()
     if saved is not None:
-        if det.restore(saved, wall=time.time()):
+        if det.restore(saved, wall=sc.time()):
             log(f"restored: {'attack mode' if det.attack else 'no attack'}, "
                 f"{det.unknown_count(60)} unknown destinations in the last minute, {len(det.table)} known")
         else:
             log("ignoring a saved state this version cannot read")
-    last_checkpoint = time.monotonic()
+    last_checkpoint = sc.clock()
 
     def checkpoint(force: bool) -> None:
         nonlocal last_checkpoint
-        now = time.monotonic()
+        now = sc.clock()
         due = det.urgent or (det.dirty and (force or now - last_checkpoint >= CHECKPOINT_EVERY))
         if sc.checkpoint_max <= 0 or not due:
             return
         try:
-            sc.checkpoint(det.snapshot(max_bytes=sc.checkpoint_max, wall=time.time()))
+            sc.checkpoint(det.snapshot(max_bytes=sc.checkpoint_max, wall=sc.time()))
         except ValueError as exc:      # a limit too small for even the attack state
             log(f"state not saved: {exc}")
             det.dirty = det.urgent = False

@@ -253,6 +253,11 @@ class Scanner:
         self.config: dict = hello.get("config") or {}
         self.injections: list = hello.get("injections") or []                # frames
         self.stream_injections: list = hello.get("stream_injections") or []  # stream bytes
+        # "capture": the NI runs on a time handed in (offline replay on a capture's clock);
+        # clock(), time() and every timeout then follow the frames' times and ``tick``s
+        self.clock_mode: str = "capture" if hello.get("clock") == "capture" else "system"
+        now = hello.get("now")            # capture clock: the latest time the kernel told
+        self._now: float = float(now) if isinstance(now, (int, float)) and not isinstance(now, bool) else 0.0
         cmax = hello.get("checkpoint_max", 0)
         self.checkpoint_max: int = cmax if isinstance(cmax, int) and not isinstance(cmax, bool) else 0
         self._restored: Optional[wire.Checkpoint] = None
@@ -298,9 +303,24 @@ class Scanner:
         except wire.WireError as exc:
             raise ScannerError(f"bad message from the NI kernel: {exc}") from None
 
+    # ---- time
+    def clock(self) -> float:
+        """Seconds on the NI's clock, for measuring intervals (rates, timeouts): the system's
+        monotonic clock, or, when the NI runs on a capture's timestamps (offline replay with
+        ``--clock capture``), the capture's time as the kernel has told it so far.  A
+        scanner that times things with this (and not ``time.monotonic()``) sees a replayed
+        capture at its own pace, however fast it is fed."""
+        return self._now if self.clock_mode == "capture" else time.monotonic()
+
+    def time(self) -> float:
+        """Unix time on the NI's clock (``time.time()``, or the capture's time)."""
+        return self._now if self.clock_mode == "capture" else time.time()
+
     def _ingest(self, msg: wire.Message) -> None:
         """Turns a message from the kernel into an event (or a reply someone awaits)."""
         if isinstance(msg, Frame):
+            if self.clock_mode == "capture":
+                self._now = max(self._now, msg.time)
             self._pending.append(msg)
         elif isinstance(msg, wire.Checkpoint):
             self._restored = msg
@@ -329,6 +349,10 @@ class Scanner:
                 self._pending.append(StreamClosed(st, st.reason))
             elif op == "sync":
                 self._pending.append(_Sync(b.get("id")))
+            elif op == "tick":
+                now = b.get("now")
+                if isinstance(now, (int, float)) and not isinstance(now, bool):
+                    self._now = max(self._now, float(now))
             elif op not in ("stream_end", "stream_close"):
                 self._controls.append(b)
 
@@ -349,7 +373,11 @@ class Scanner:
     def _next_event(self, want, timeout: Optional[float]):
         """The first queued event ``want`` accepts (others stay queued), reading more as
         needed; None if ``timeout`` seconds pass."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        capture = self.clock_mode == "capture"
+        # on a capture's clock the timeout runs on it: it passes when a frame or tick says
+        # so, not after wall seconds (a replay may feed a minute of capture in a millisecond,
+        # or take a second over one frame)
+        deadline = None if timeout is None else self.clock() + timeout
         seen = 0
         while True:
             if self._answer_syncs():
@@ -360,10 +388,10 @@ class Scanner:
                     del self._pending[i]
                     return ev
             seen = len(self._pending)
-            left = None if deadline is None else deadline - time.monotonic()
+            left = None if deadline is None else deadline - self.clock()
             if left is not None and left <= 0:
                 return None
-            msg = self._recv(left)
+            msg = self._recv(None if capture else left)
             if msg is None:
                 return None
             self._ingest(msg)

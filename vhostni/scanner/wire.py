@@ -92,6 +92,11 @@ message is:
   sync was taken and the scanner asks for its next one.  Every scanner gets one sync with
   id -1 right after ``hello``: its answer says the scanner is ready (done subscribing), and
   until then the kernel holds back what the scanner's contain rights cover.
+  The hello's ``"clock"`` is ``"system"``, or ``"capture"`` when the NI runs on a time
+  handed in (``vhostni replay --clock capture``: a capture's timestamps); then the hello's
+  ``"now"`` is that time at the start, frames' ``time_ns`` is that time, and ``{"op": "tick", "now": seconds}`` (Unix time, a float)
+  tells a scanner that time passed without a frame for it.  The SDK's ``clock()`` and
+  ``time()`` follow it, and its timeouts run on it.
 
   A control message is at most MAX_JSON bytes of strict JSON (RFC 8259: no NaN or
   Infinity) whose lists and objects nest at most MAX_DEPTH levels.  Both sides check this
@@ -235,14 +240,22 @@ def encode_control(body: dict) -> bytes:
 
 def encode_hello(scanner: str, ni: str, config: dict, injections: list[str],
                  stream_injections: list[str], checkpoint_max: int = 0,
-                 checkpoint: Optional[int] = None) -> bytes:
+                 checkpoint: Optional[int] = None, clock: str = "system",
+                 now: Optional[float] = None) -> bytes:
     """The kernel's first message to a scanner (one place, so that the policy validator
     checks exactly what the kernel will send). ``checkpoint_max`` is the scanner's limit for
-    checkpoints; ``checkpoint`` the length of the saved one the kernel sends next (None: none)."""
-    return encode_control({"op": "hello", "version": VERSION, "scanner": scanner, "ni": ni,
-                           "config": config, "injections": injections,
-                           "stream_injections": stream_injections,
-                           "checkpoint_max": checkpoint_max, "checkpoint": checkpoint})
+    checkpoints; ``checkpoint`` the length of the saved one the kernel sends next (None: none);
+    ``clock``: "system", or "capture" when the NI runs on a time handed in (offline replay on
+    a capture's timestamps: the kernel then sends ``tick`` messages as that time passes, and
+    ``now`` is that time at the start, Unix seconds)."""
+    if clock not in ("system", "capture"):
+        raise ValueError(f"bad clock {clock!r}")
+    body = {"op": "hello", "version": VERSION, "scanner": scanner, "ni": ni, "config": config,
+            "injections": injections, "stream_injections": stream_injections,
+            "checkpoint_max": checkpoint_max, "checkpoint": checkpoint, "clock": clock}
+    if clock == "capture":
+        body["now"] = float(now or 0.0)
+    return encode_control(body)
 
 
 def depth(obj, limit: int = MAX_DEPTH) -> int:
