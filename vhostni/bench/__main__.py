@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import frameloop, guest_tcp, scale, scanners, signatures, streams
+from . import frameloop, guest_tcp, scale, scanners, signatures, streams, workers
 from .backends import DpdkVhostBackend, VhostniBackend, vhostni_unavailable_reason
 from .testpmd import dpdk_version, reap_stale, testpmd_binary
 
@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="bench/out/results.json", help="JSON results file")
     p.add_argument("--logdir", default=None, help="process logs (default: <out dir>/logs)")
-    p.add_argument("--only", choices=("frameloop", "guest-tcp", "scanners", "streams", "signatures", "scale"), help="run one part only")
+    p.add_argument("--only", choices=("frameloop", "guest-tcp", "scanners", "streams", "signatures", "scale", "workers"), help="run one part only")
     p.add_argument("--no-vhostni", action="store_true", help="baseline only")
     g = p.add_argument_group("frame loop")
     g.add_argument("--sizes", default="64,1518", help="frame sizes, comma separated")
@@ -96,6 +96,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     sl.add_argument("--scale-counts", default="1,256", help="NI counts, comma separated (256: the switch's limit)")
     sl.add_argument("--scale-idle-seconds", type=float, default=30.0, help="idle CPU measured over this long")
     sl.add_argument("--scale-queries", type=int, default=50, help="query-nis calls timed")
+    wk = p.add_argument_group("workers (frame loops side by side, one daemon each)")
+    wk.add_argument("--workers-counts", default="1,2", help="daemon counts, comma separated")
+    wk.add_argument("--workers-runs", type=int, default=3, help="runs per count and size")
+    wk.add_argument("--workers-duration", type=float, default=10.0, help="measured seconds per run")
     return p.parse_args(argv)
 
 
@@ -213,6 +217,8 @@ def report(results: dict) -> str:
             lines += signatures.report_lines(results[key])
     if results.get("scale"):
         lines += scale.report_lines(results["scale"])
+    if results.get("workers"):
+        lines += workers.report_lines(results["workers"])
     return "\n".join(lines)
 
 
@@ -322,6 +328,18 @@ def main(argv=None) -> int:
                                   vhostni_command=vhostni_cmd, logdir=logdir),
                 progress=lambda m: print(m, flush=True))
             save()
+        if args.only in (None, "workers"):
+            if testpmd_binary() is None:
+                results["workers"] = {"status": "skipped: dpdk-testpmd not found (apt-get install dpdk-dev)"}
+            else:
+                print("workers: frame loops side by side, one vhostni daemon each", flush=True)
+                results["workers"] = workers.run_workers(workers.WorkersConfig(
+                    counts=[int(c) for c in args.workers_counts.split(",") if c.strip()],
+                    sizes=[int(s) for s in args.sizes.split(",") if s.strip()], runs=args.workers_runs,
+                    duration=args.workers_duration, warmup=args.warmup, tx_first_bursts=args.bursts,
+                    vhostni_args=vhostni_args, vhostni_command=vhostni_cmd, logdir=logdir),
+                    progress=lambda m: print(m, flush=True))
+                save()
     except (KeyboardInterrupt, Interrupted) as exc:
         results["interrupted"] = str(exc) or "KeyboardInterrupt"
         print(f"interrupted ({results['interrupted']}); partial results saved", file=sys.stderr)
