@@ -200,6 +200,7 @@ class Ambiguity:
     detail: str
     offset: int
     fatal: bool = False                  # the side stopped: no more events from it
+    request: Optional[Request] = field(default=None, repr=False, compare=False)  # (server side) answered
 
     def fields(self) -> dict:
         return {"side": self.side, "kind": self.kind, "detail": self.detail, "offset": self.offset,
@@ -235,7 +236,7 @@ class _Side:
 
     # ---- helpers
     def amb(self, kind: str, detail: str, at: int, fatal: bool = False) -> None:
-        self.out.append(Ambiguity(self.side, kind, detail, at, fatal))
+        self.out.append(Ambiguity(self.side, kind, detail, at, fatal, self.pending() if self.pending else None))
         if fatal:
             self.dead = True
             raise _Stop()
