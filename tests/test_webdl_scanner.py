@@ -324,3 +324,93 @@ def test_e2e_infected_download_is_killed_and_alerted(kits_made, evasion):
     to_a = segments(k.recv("a", 1.0, 4))
     assert to_a and all(s.has(RST) and not s.payload for s in to_a)       # nothing of the response
     k.until(lambda: k.nk("a").streams_killed == 1, what="the kill")
+
+
+# ---------------------------------------------------------------------------
+# Offline replay: the HTTP Evader deliveries and clean downloads as one capture, through the
+# NI kernel and the scanner process as examples/webdl.toml ships them
+# ---------------------------------------------------------------------------
+
+def _capture(conversations: list) -> tuple:
+    """One TCP connection per (request, response): the guest (client) asks, the server answers
+    in 1400-byte segments and closes.  Returns (Capture, {client port: (request, response)})."""
+    from scapy.all import IP, TCP, Ether, Raw
+    from test_replay import GUEST, ROUTER, Capture
+    cap, flows = Capture(), {}
+    gip, sip = "10.0.0.5", "10.0.0.80"
+    for i, (req, res) in enumerate(conversations):
+        port = 20000 + i
+        flows[port] = (req, res)
+        cs, ss = 1000, 500000
+
+        def g(flags, seq, ack, data=b""):
+            cap.add(Ether(src=GUEST, dst=ROUTER) / IP(src=gip, dst=sip) / TCP(sport=port, dport=80, flags=flags,
+                                                                              seq=seq, ack=ack) / Raw(data))
+
+        def s(flags, seq, ack, data=b""):
+            cap.add(Ether(src=ROUTER, dst=GUEST) / IP(src=sip, dst=gip) / TCP(sport=80, dport=port, flags=flags,
+                                                                              seq=seq, ack=ack) / Raw(data))
+        cap.add(Ether(src=GUEST, dst=ROUTER) / IP(src=gip, dst=sip) / TCP(sport=port, dport=80, flags="S", seq=cs - 1))
+        s("SA", ss - 1, cs)
+        g("A", cs, ss)
+        g("PA", cs, ss, req)
+        for o in range(0, len(res), 1400):
+            s("PA", ss + o, cs + len(req), res[o:o + 1400])
+        s("FA", ss + len(res), cs + len(req))
+        # the guest acknowledges as a receiver does, segment by segment: here after the whole
+        # response, since a scanner holds it until its end (the NI sends only what the
+        # guest's window allows, and more as it is acknowledged)
+        for o in range(1400, len(res), 1400):
+            g("A", cs + len(req), ss + o)
+        g("A", cs + len(req), ss + len(res) + 1)
+    return cap, flows
+
+
+def _delivered(out: list, flows: dict) -> dict:
+    """Bytes of each flow's server stream that reached the guest, by client port (in order
+    from offset 0, as far as contiguous)."""
+    from scapy.all import TCP, Ether, Raw
+    got: dict = {p: {} for p in flows}
+    for _, d in out:
+        p = Ether(d)
+        if TCP in p and p[TCP].sport == 80 and p[TCP].dport in got and Raw in p:
+            off = (p[TCP].seq - 500000) & 0xFFFFFFFF
+            for i, b in enumerate(bytes(p[Raw].load)):
+                got[p[TCP].dport].setdefault(off + i, b)
+    out_bytes = {}
+    for port, m in got.items():
+        n = 0
+        while n in m:
+            n += 1
+        out_bytes[port] = bytes(m[i] for i in range(n))
+    return out_bytes
+
+
+def test_replay_of_http_evader_and_clean_downloads(tmp_path):
+    from nikit import write_policy
+    from vhostni import cli
+    from test_replay import GUEST, out_frames, alerts_of
+    evasive = [(base64.b64decode(c["request"]), base64.b64decode(c["response"])) for c in evader_cases()]
+    clean = [(c, s) for c, s in CLEAN_CONVERSATIONS.values() if c.count(b"\r\n\r\n") == 1 and b"POST" not in c]
+    clean += [(GET, resp(bytes(range(256)) * 400))]          # 100 KiB: beyond a window
+    cap, flows = _capture(evasive + clean)
+    doc = (REPO / "examples" / "webdl.toml").read_text().replace(
+        'program = "../scanners/webdl"', f'program = "{REPO / "scanners" / "webdl"}"\nalerts_per_second = 10000')
+    inp = cap.write(tmp_path / "in.pcap")
+    pol = write_policy(str(tmp_path / "webdl.toml"), doc)
+    rc = cli.main(["replay", "--policy", pol, "--guest-mac", GUEST, inp, "--out", str(tmp_path / "out.pcap"),
+                   "--alerts", str(tmp_path / "alerts.jsonl")])
+    assert rc == 0
+    got = _delivered(out_frames(tmp_path / "out.pcap"), flows)
+    ports = sorted(flows)
+    leaked = []
+    for port in ports[:len(evasive)]:
+        req, res = flows[port]
+        d = got[port]
+        if len(d) >= len(res) or EICAR[:12] in d:
+            leaked.append(port)
+    assert not leaked, [flows[p][0].split(b"\r\n")[0] for p in leaked]
+    for port in ports[len(evasive):]:
+        assert got[port] == flows[port][1], f"clean download {port - 20000} damaged"
+    kills = [a for a in alerts_of(tmp_path / "alerts.jsonl") if a["fields"].get("action") == "kill"]
+    assert sorted(a["flow"]["dport"] for a in kills) == ports[:len(evasive)]    # one per delivery
