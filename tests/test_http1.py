@@ -301,3 +301,24 @@ def test_fuzz_never_raises_and_pieces_do_not_matter(client, server, step):
     assert responses(whole) == responses(pieces)
     for r, body, _ in responses(whole):
         decode_content(body, content_codings(r.headers), max_bytes=4096)
+
+
+def test_a_head_sent_a_byte_at_a_time_costs_linear_time():
+    """A server (or client) trickling a large head one byte per segment must not make the
+    codec rescan it on every byte (it did: quadratic, ~20 s for this head)."""
+    import time
+    head = OK + b"".join(b"X-Field-%04d: some value here\r\n" % i for i in range(1000)) + b"Content-Length: 2\r\n\r\nok"
+    c = HttpConnection(Limits(max_headers=2000))
+    c.feed(CLIENT, GET)
+    t0 = time.perf_counter()
+    evs = []
+    for i in range(len(head)):
+        evs += c.feed(SERVER, head[i:i + 1])
+    took = time.perf_counter() - t0
+    assert responses(evs)[0][1] == b"ok" and not kinds(evs)
+    assert took < 3.0, f"{len(head)} bytes one at a time took {took:.1f} s"
+
+
+def test_chunked_answering_an_http10_request_is_ambiguous():
+    evs = run(b"GET / HTTP/1.0\r\n\r\n", OK + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(b"abc"))
+    assert kinds(evs) == ["te_in_http10"]

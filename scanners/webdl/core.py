@@ -202,7 +202,7 @@ class WebDownloadScanner:
                 acts += self._ambiguity(c, ev.kind, ev.detail, ev.fatal, ev.side, ev.request)
             elif isinstance(ev, Tunnel):
                 acts += self._tunnel(c, ev)
-            elif isinstance(ev, Response) and ev.framing != "none" and not ev.interim:
+            elif isinstance(ev, Response) and ev.framing in ("length", "chunked", "close"):
                 acts += self._pass(c, sd, ev.start)
                 c.held = _Held(ev)
                 acts.append(("more", sd))

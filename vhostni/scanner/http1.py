@@ -231,6 +231,7 @@ class _Side:
         self.state = "head"
         self.msg: Optional[Union[Request, Response]] = None
         self.left = 0               # body bytes left (length) or chunk bytes left
+        self.scanned = 0            # bytes of buf searched for a line's or head's end in vain
         self.dead = False
         self.out: list = []
 
@@ -245,14 +246,16 @@ class _Side:
         piece = bytes(self.buf[:n])
         del self.buf[:n]
         self.base += n
+        self.scanned = 0
         return piece
 
     def line(self, limit: int) -> Optional[tuple[bytes, int]]:
         """The next line without its end (CRLF, or bare LF: ambiguity), and its raw length."""
-        i = self.buf.find(b"\n", 0, limit + 2)
+        i = self.buf.find(b"\n", self.scanned, limit + 2)
         if i < 0:
             if len(self.buf) > limit + 1:
                 self.amb("head_too_long", f"a line longer than {limit} bytes", self.base, True)
+            self.scanned = len(self.buf)      # a byte at a time must not cost a rescan each
             return None
         raw = bytes(self.buf[:i])
         if raw.endswith(b"\r"):
@@ -368,6 +371,19 @@ class _Side:
     # ---- heads
     def split_head(self) -> Optional[tuple[list, int]]:
         """The head's lines (CR-stripped) and its raw length, once its empty line arrived."""
+        if self.buf[:1] != b"\n" and self.buf[:2] != b"\r\n":
+            # not complete yet unless an empty line arrived since the last look (so that a head
+            # sent a byte at a time costs a linear scan, not a quadratic one)
+            at = max(0, self.scanned - 2)
+            if self.buf.find(b"\n\n", at) < 0 and self.buf.find(b"\n\r\n", at) < 0:
+                nl = self.buf.rfind(b"\n")
+                if len(self.buf) - (nl + 1) > self.lim.max_line + 1:
+                    self.amb("head_too_long", f"a head line longer than {self.lim.max_line} bytes",
+                             self.base + nl + 1, True)
+                if len(self.buf) > self.lim.max_head:
+                    self.amb("head_too_long", f"a head longer than {self.lim.max_head} bytes", self.base, True)
+                self.scanned = len(self.buf)
+                return None
         lines: list = []
         pos = 0
         while True:
@@ -585,6 +601,8 @@ class _Side:
                 self.amb("te_and_cl", "a response with Transfer-Encoding and Content-Length", resp.start)
             if resp.version == b"HTTP/1.0":
                 self.amb("te_in_http10", "an HTTP/1.0 response with Transfer-Encoding", resp.start)
+            elif req.version != b"HTTP/1.1":
+                self.amb("te_in_http10", "Transfer-Encoding in a response to an HTTP/1.0 request", resp.start)
             if codings != [b"chunked"]:
                 self.amb("te_not_chunked", f"response Transfer-Encoding {_show(b', '.join(te))!r}", resp.start)
             if codings and codings[-1] == b"chunked":
