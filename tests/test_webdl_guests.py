@@ -10,10 +10,11 @@ What this checks:
 * clean downloads arrive byte for byte: a small file, and 3 MiB of random bytes (far beyond the
   guest's TCP window: the scanner holds the whole response and asks the NI for `more`), served
   with Content-Length, and a close-delimited CGI response;
-* EICAR is stopped: served as a file (Content-Length), from the CGI gzip-compressed without a
-  length (Content-Encoding undone, close-delimited), and behind a Transfer-Encoding next to a
-  Content-Length (ambiguous: killed whatever the body holds); wget fails, nothing of it is on
-  alice's disk, and the alert names the URL, the file and the digest;
+* EICAR is stopped: served as a file (Content-Length) and from the CGI gzip-compressed without a
+  length (Content-Encoding undone, close-delimited), it is replaced by the policy's "403 blocked"
+  response (wget reports the 403); behind a Transfer-Encoding next to a Content-Length
+  (ambiguous, whatever the body holds) the connection is killed.  Nothing of it is on alice's
+  disk, and the alert names the URL, the file and the digest;
 * with clamd, the payload only clamd knows is stopped too;
 * browsing goes on: a clean download afterwards is intact.
 """
@@ -143,9 +144,12 @@ def test_eicar_downloads_are_stopped(web_lab, path, event):
     alice, alerts = web_lab["alice"], web_lab["alerts"]
     out, rc = _wget(alice, path, "/tmp/got")
     assert rc != 0, f"wget succeeded: {out}"
+    if event == "virus":
+        assert "403" in out, out          # the policy's "blocked" response took its place
     a = _wait_alert(alerts, lambda a: a["fields"].get("url", "").endswith(path), f"alert for {path}")
     f = a["fields"]
-    assert a["ni"] == "alice" and f["event"] == event and f["action"] == "kill", a
+    assert a["ni"] == "alice" and f["event"] == event, a
+    assert f["action"] == ("replace" if event == "virus" else "kill"), a
     assert f["url"] == f"http://{LAN}.2{path}" and f["method"] == "GET", f
     if event == "virus":
         assert f["sha256"] == EICAR_SHA and f["verdict"] == "EICAR-Test-File", f
@@ -163,6 +167,19 @@ def test_clamd_finds_what_the_digest_table_does_not(web_lab):
     assert rc != 0, out
     a = _wait_alert(alerts, lambda a: a["fields"].get("filename") == "payload.bin", "clamd alert")
     assert a["fields"]["engine"] == "clamd" and a["fields"]["verdict"] == "Test.Payload.UNOFFICIAL", a
+    assert a["fields"]["action"] == "replace" and "403" in out, (a, out)
+
+
+def test_a_blocked_download_leaves_the_blocked_page_and_nothing_else(web_lab):
+    """wget -S saves nothing on an error; busybox nc shows what the guest's client really got:
+    the policy's response, byte for byte, where the infected one was."""
+    from vhostni.policy import load_policy
+    (spec,) = load_policy(str(REPO / "examples" / "webdl.toml")).scanners
+    rep = dict(spec.stream_injections)["blocked"]
+    alice = web_lab["alice"]
+    out = alice.check(f"printf 'GET /eicar.com HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n' | timeout 20 nc {LAN}.2 80 "
+                      f"> /tmp/raw.out; sha256sum /tmp/raw.out", timeout=30)
+    assert out.split()[0] == hashlib.sha256(rep).hexdigest(), alice.check("cat /tmp/raw.out")
 
 
 def test_browsing_goes_on_after_the_kills(web_lab):

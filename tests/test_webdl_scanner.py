@@ -147,6 +147,42 @@ def test_infected_downloads_are_killed_with_an_alert(server, step):
     assert base64.b64decode(f["object_b64"]) in (EICAR, server[-len(base64.b64decode(f["object_b64"])):])
 
 
+def edited(wire: bytes, acts: list, direction: int, injections: dict) -> bytes:
+    """``wire`` as the receiver gets it after the acts' injects and cuts."""
+    out, at = b"", 0
+    for a in acts:
+        if a[0] == "inject" and a[1] == direction:
+            out += wire[at:a[2]] + injections[a[3]]
+            at = a[2]
+        elif a[0] == "cut" and a[1] == direction:
+            out += wire[at:a[2]]
+            at = a[2] + a[3]
+    return out + wire[at:]
+
+
+@pytest.mark.parametrize("step", [0, 5])
+def test_an_infected_response_is_replaced_and_the_connection_goes_on(step):
+    rep = example_replacement()
+    core = scanner(replacement_injection="blocked")
+    assert core.replacement is None                   # not registered: kill
+    core = WebDownloadScanner({"bad_sha256": [f"{EICAR_SHA} EICAR-Test-File"], "replacement_injection": "blocked"},
+                              stream_injections=["blocked"])
+    first, bad, after = resp(b"first"), resp(gzip.compress(EICAR), b"Content-Encoding: gzip"), resp(CLEAN)
+    server = first + bad + after
+    acts = run_core(core, GET * 3, server, step)
+    assert not killed(acts)
+    assert [a for a in acts if a[0] in ("inject", "cut")] == [
+        ("inject", TO_GUEST, len(first), "blocked"), ("cut", TO_GUEST, len(first), len(bad))]
+    assert passed(acts, TO_GUEST) == len(server)
+    assert edited(server, acts, TO_GUEST, {"blocked": rep}) == first + rep + after
+    (alert,) = alerts(acts)
+    assert alert[2]["action"] == "replace" and alert[2]["replaced"] == [len(first), len(bad)]
+    assert "response replaced" in alert[1] and alert[2]["verdict"] == "EICAR-Test-File"
+    # the kernel refusing the edit kills instead
+    acts = core.edit_refused(1, ("cut", TO_GUEST, len(first), len(bad)), "too many edits")
+    assert killed(acts) and "refused" in alerts(acts)[0][1] and alerts(acts)[0][2]["action"] == "kill"
+
+
 def test_guest_servers_are_scanned_only_when_the_policy_says():
     acts = run_core(scanner(), GET, resp(EICAR), client_is_guest=False)
     assert ("pass_all", FROM_GUEST) in acts and not killed(acts)
@@ -242,13 +278,29 @@ def test_config_is_checked():
             load_config(bad)
 
 
+def example_replacement() -> bytes:
+    from vhostni.policy import load_policy
+    (spec,) = load_policy(str(REPO / "examples" / "webdl.toml")).scanners
+    return dict(spec.stream_injections)[load_config(spec.config)["replacement_injection"]]
+
+
 def test_example_policy_loads_and_its_config_is_valid():
     from vhostni.policy import load_policy
+    from vhostni.scanner.http1 import CLIENT, SERVER, Ambiguity, HttpConnection, MessageEnd, Response
     pol = load_policy(str(REPO / "examples" / "webdl.toml"))
     (spec,) = pol.scanners
     assert spec.argv[-1] == str(REPO / "scanners" / "webdl")
     cfg = load_config(spec.config)
     assert cfg["_table"][EICAR_SHA] == "EICAR-Test-File" and cfg["uninspectable"] == "kill"
+    # the replacement it registers is one whole, unambiguous HTTP/1.1 response that closes
+    rep = example_replacement()
+    c = HttpConnection()
+    c.feed(CLIENT, GET)
+    evs = c.feed(SERVER, rep)
+    assert not [e for e in evs if isinstance(e, Ambiguity)], evs
+    (r,) = [e for e in evs if isinstance(e, Response)]
+    assert r.framing == "length" and (b"connection", b"close") in r.headers
+    assert [e.end for e in evs if isinstance(e, MessageEnd)] == [len(rep)]
 
 
 # ---------------------------------------------------------------------------
@@ -263,12 +315,12 @@ def kits_made():
         k.close()
 
 
-def _e2e_kit(kits_made, config: dict, hold_timeout_ms: int = 10000):
+def _e2e_kit(kits_made, config: dict, hold_timeout_ms: int = 10000, inject: tuple = ()):
     sys.path.insert(0, str(REPO / "tests"))
     from nikit import Kit, policy, scanner_spec
     spec = scanner_spec("webdl", str(REPO / "scanners" / "webdl"),
                         allow=[{"stream": True, "port": 80, "direction": "both", "contain": True}],
-                        alerts_per_second=1000,
+                        alerts_per_second=1000, inject=list(inject),
                         config=dict({"ports": [80], "bad_sha256": [f"{EICAR_SHA} EICAR-Test-File"]}, **config))
     k = Kit({"a": policy(scanners=[spec], hold_timeout_ms=hold_timeout_ms)})
     kits_made.append(k)
@@ -324,6 +376,45 @@ def test_e2e_infected_download_is_killed_and_alerted(kits_made, evasion):
     to_a = segments(k.recv("a", 1.0, 4))
     assert to_a and all(s.has(RST) and not s.payload for s in to_a)       # nothing of the response
     k.until(lambda: k.nk("a").streams_killed == 1, what="the kill")
+
+
+def _stream_at(k, c, name: str, want: int, wait: float = 5.0) -> bytes:
+    """The contiguous bytes guest ``name`` received, placed by sequence number (the NI
+    retransmits injected bytes until they are acknowledged)."""
+    import itertools
+    from tcpkit import segments
+    base = c.seq(c.other(name).name, 0)
+    got: dict[int, int] = {}
+    end = time.monotonic() + wait
+    out = b""
+    while len(out) < want and time.monotonic() < end:
+        for seg in segments(k.recv(name, 0.1)):
+            for i, b in enumerate(seg.payload):
+                got.setdefault(((seg.seq - base) & 0xFFFFFFFF) + i, b)
+        out = bytes(itertools.takewhile(lambda b: b is not None, (got.get(i) for i in range(len(got)))))
+    return out
+
+
+def test_e2e_infected_response_is_replaced_and_alerted(kits_made):
+    from tcpkit import Conn
+    rep = example_replacement()
+    k = _e2e_kit(kits_made, {"replacement_injection": "blocked"},
+                 inject=[{"name": "blocked", "stream": rep.decode()}])
+    ready = k.wait_alert("web-download scanner ready", "a", "webdl")
+    assert ready["fields"]["replacement"] == "blocked"
+    c = Conn(k, sport=80)
+    c.open()
+    c.send("a", c.data("a", GET + GET))
+    assert _got(k, "b", 2 * len(GET)) == GET + GET
+    first, bad = resp(b"first, clean"), resp(chunked(EICAR, 10), b"Transfer-Encoding: chunked", length=False)
+    c.send("b", c.data("b", first + bad))
+    alert = k.wait_alert("response replaced", "a", "webdl")
+    assert alert["fields"]["action"] == "replace" and alert["fields"]["verdict"] == "EICAR-Test-File"
+    assert _stream_at(k, c, "a", len(first + rep)) == first + rep
+    sp = k.sp("a", "webdl")
+    assert (sp.counters.stream_cuts, sp.counters.stream_cut_bytes) == (1, len(bad))
+    assert (sp.counters.stream_injects, sp.counters.stream_inject_bytes) == (1, len(rep))
+    assert k.nk("a").streams_killed == 0 and sp.counters.refused == 0
 
 
 # ---------------------------------------------------------------------------
@@ -402,15 +493,21 @@ def test_replay_of_http_evader_and_clean_downloads(tmp_path):
                    "--alerts", str(tmp_path / "alerts.jsonl")])
     assert rc == 0
     got = _delivered(out_frames(tmp_path / "out.pcap"), flows)
+    rep = example_replacement()
     ports = sorted(flows)
     leaked = []
     for port in ports[:len(evasive)]:
         req, res = flows[port]
         d = got[port]
-        if len(d) >= len(res) or EICAR[:12] in d:
+        if rep in d:                  # replaced: what came before it is the original's, and nothing after
+            assert d.endswith(rep), d
+            d = d[:-len(rep)]
+        if len(d) >= len(res) or not res.startswith(d) or EICAR[:12] in d:
             leaked.append(port)
     assert not leaked, [flows[p][0].split(b"\r\n")[0] for p in leaked]
     for port in ports[len(evasive):]:
         assert got[port] == flows[port][1], f"clean download {port - 20000} damaged"
-    kills = [a for a in alerts_of(tmp_path / "alerts.jsonl") if a["fields"].get("action") == "kill"]
-    assert sorted(a["flow"]["dport"] for a in kills) == ports[:len(evasive)]    # one per delivery
+    stopped = [a for a in alerts_of(tmp_path / "alerts.jsonl") if a["fields"].get("action") in ("kill", "replace")]
+    # every delivery stopped (one replaced may then be killed for what the server sent after it)
+    assert sorted({a["flow"]["dport"] for a in stopped}) == ports[:len(evasive)]
+    assert sum(a["fields"]["action"] == "replace" for a in stopped) >= 100

@@ -27,10 +27,14 @@ def log(msg: str) -> None:
     print(f"webdl: {msg}", file=sys.stderr, flush=True)
 
 
-def apply(sc: Scanner, stream, acts: list) -> None:
+def apply(sc: Scanner, core: WebDownloadScanner, stream, acts: list) -> None:
     for act in acts:
         kind = act[0]
-        if kind == "alert":
+        if kind in ("inject", "cut"):
+            # the rest of acts (the alert) assumes the edit worked
+            if not edit(sc, core, stream, act):
+                return
+        elif kind == "alert":
             sc.alert(act[1], **act[2])
         elif stream.closed:
             continue
@@ -42,6 +46,22 @@ def apply(sc: Scanner, stream, acts: list) -> None:
             stream.more(act[1])
         elif kind == "kill":
             stream.kill()
+
+
+def edit(sc: Scanner, core: WebDownloadScanner, stream, act: tuple) -> bool:
+    """Asks the NI kernel for a cut or inject; if it refuses, the core's kill is applied."""
+    try:
+        if stream.closed:
+            raise Refused(f"the stream closed ({stream.reason})")
+        if act[0] == "cut":
+            stream.cut(act[1], act[2], act[3])
+        else:
+            stream.inject(act[1], act[2], act[3])
+        return True
+    except Refused as exc:
+        log(f"stream {stream.id}: {act[0]} refused: {exc}")
+        apply(sc, core, stream, core.edit_refused(stream.id, act, str(exc)))
+        return False
 
 
 def run(sc: Scanner, core: WebDownloadScanner, engine) -> int:
@@ -56,17 +76,20 @@ def run(sc: Scanner, core: WebDownloadScanner, engine) -> int:
     sc.ready()        # subscribed: the kernel stops resetting connections to these ports
     sc.alert("web-download scanner ready", event="ready", ports=ports,
              engine="clamd" if engine else "sha256 only", hashes=len(core.cfg["_table"]),
-             uninspectable=core.cfg["uninspectable"], tolerate=core.cfg["tolerate"])
+             uninspectable=core.cfg["uninspectable"], tolerate=core.cfg["tolerate"],
+             replacement=core.replacement)
     log(f"scanning HTTP on ports {ports} of {sc.ni} with {'clamd + ' if engine else ''}"
-        f"{len(core.cfg['_table'])} known-bad digests; ambiguous responses: {core.cfg['uninspectable']}")
+        f"{len(core.cfg['_table'])} known-bad digests; ambiguous responses: {core.cfg['uninspectable']}; "
+        + (f"infected responses replaced by injection {core.replacement!r}" if core.replacement
+           else "infected responses kill their connection"))
     for ev in sc.events(timeout=TICK):
         if isinstance(ev, StreamOpened):
             s = ev.stream
-            apply(sc, s, core.open(s.id, s.port, s.client == "guest", s.tuple))
+            apply(sc, core, s, core.open(s.id, s.port, s.client == "guest", s.tuple))
         elif isinstance(ev, StreamData):
-            apply(sc, ev.stream, core.data(ev.stream.id, ev.direction, ev.offset, ev.data))
+            apply(sc, core, ev.stream, core.data(ev.stream.id, ev.direction, ev.offset, ev.data))
         elif isinstance(ev, StreamEnd):
-            apply(sc, ev.stream, core.end(ev.stream.id, ev.direction, ev.offset))
+            apply(sc, core, ev.stream, core.end(ev.stream.id, ev.direction, ev.offset))
         elif isinstance(ev, StreamClosed):
             core.close(ev.stream.id)
         if engine is not None:
@@ -85,7 +108,7 @@ def main() -> int:
         log(str(exc))
         return 1
     try:
-        core = WebDownloadScanner(sc.config)
+        core = WebDownloadScanner(sc.config, stream_injections=sc.stream_injections)
     except ConfigError as exc:
         sc.alert(f"web-download scanner not started: bad configuration: {exc}", event="config_error")
         return 2

@@ -1,13 +1,16 @@
 """The web-download scanner, sans-I/O: the e-mail scanner's protection for HTTP downloads.
 
-    sc = WebDownloadScanner(config, engine=clamd)     # engine: bytes -> None or a signature name
+    sc = WebDownloadScanner(config, engine=clamd,     # engine: bytes -> None or a signature name
+                            stream_injections=names)  # the policy's, from the kernel's hello
     acts = sc.open(sid, port, client_is_guest, tuple_)
     acts = sc.data(sid, direction, offset, data)      # direction: 1 from the guest, 2 to it
     acts = sc.end(sid, direction, offset)             # that direction's sender finished (FIN)
+    acts = sc.edit_refused(sid, act, error)           # the kernel refused a cut or inject
     sc.close(sid)
 
 Actions are tuples: ("pass", direction, offset), ("pass_all", direction), ("more", direction),
-("kill", reason), ("alert", message, fields).
+("inject", direction, offset, injection name), ("cut", direction, offset, length), ("kill", reason),
+("alert", message, fields).
 
 Both directions of an HTTP/1.x connection go through :class:`vhostni.scanner.http1.HttpConnection`.
 The client's bytes pass as soon as they are parsed.  The server's bytes pass up to the start of
@@ -18,7 +21,11 @@ transfer coding removed, is decoded as a browser would (Content-Encoding, bounde
 differs, are looked up in the SHA-256 table and given to the engine.  Clean: the response passes,
 byte for byte, and the next one on the connection is read.  Infected: the connection is killed
 before any byte of the response reached the client, with an alert naming the URL, the headers, the
-object's digest, name and engine verdict and carrying the object's first bytes.
+object's digest, name and engine verdict and carrying the object's first bytes.  Or, with
+``replacement_injection`` naming one of the policy's stream injections (a whole HTTP response of the
+administrator's: a "blocked" page), the infected response is replaced by it in the stream (inject at
+the response's start, cut the response: it was held whole, so the client never saw any of it) and
+the connection goes on.
 
 Ambiguity is an attack: every :class:`~vhostni.scanner.http1.Ambiguity` the codec or the decoder
 reports (a kind not in ``tolerate``) means the scanner cannot be sure how the client reads the
@@ -60,6 +67,9 @@ DEFAULTS: dict[str, Any] = {
     "engine_error": "kill",           # the engine failed: kill, or pass with the digest check only
     "alert_object_bytes": 32768,      # of the infected object, base64, in the alert (max 40000)
     "alert_header_bytes": 4096,       # of the request and response heads in an alert
+    # the policy's [[scanner.inject]] stream injection that takes an infected response's place (a
+    # whole HTTP response of its own, see scanners/README.md); "": infected responses kill
+    "replacement_injection": "",
 }
 
 _CHOICES = {"uninspectable": ("kill", "alert"), "tunnels": ("kill", "pass"), "oversize": ("kill", "pass"),
@@ -97,6 +107,8 @@ def load_config(cfg: Optional[Mapping]) -> dict:
         raise ConfigError("guest_servers: expected true or false")
     if not isinstance(out["clamd_socket"], str):
         raise ConfigError("clamd_socket: expected a path")
+    if not isinstance(out["replacement_injection"], str):
+        raise ConfigError("replacement_injection: expected the name of a stream injection, or \"\"")
     if not isinstance(out["tolerate"], list) or not all(k in AMBIGUITIES for k in out["tolerate"]):
         raise ConfigError(f"tolerate: expected a list of ambiguity kinds ({', '.join(AMBIGUITIES)})")
     try:
@@ -155,18 +167,20 @@ class _Conn:
         self.held: Optional[_Held] = None
         self.done = False
         self.alerted: set = set()          # ambiguity kinds alerted (alert mode: once each)
+        self.replacing: dict = {}          # edit action -> (alert title, fields), for edit_refused
         self.ambiguities: list = []        # every ambiguity seen, for the alerts
         self.tuple = list(tuple_) if tuple_ else None
 
 
 class WebDownloadScanner:
     def __init__(self, config: Optional[Mapping] = None,
-                 engine: Optional[Callable[[bytes], Optional[str]]] = None):
+                 engine: Optional[Callable[[bytes], Optional[str]]] = None, stream_injections=()):
         self.cfg = load_config(config)
         self.engine = engine
+        self.stream_injections = set(stream_injections)    # names the policy registered
         self.conns: dict[int, _Conn] = {}
-        self.stats = {"responses": 0, "clean": 0, "infected": 0, "ambiguous": 0, "tunnels": 0,
-                      "oversize": 0, "engine_errors": 0, "bytes_scanned": 0}
+        self.stats = {"responses": 0, "clean": 0, "infected": 0, "replaced": 0, "replace_refused": 0,
+                      "ambiguous": 0, "tunnels": 0, "oversize": 0, "engine_errors": 0, "bytes_scanned": 0}
 
     # ---- connections
     def open(self, sid: int, port: int, client_is_guest: bool, tuple_=None) -> list:
@@ -213,7 +227,7 @@ class WebDownloadScanner:
             elif isinstance(ev, MessageEnd) and ev.side == SERVER:
                 if c.held is not None and c.held.resp is ev.message:
                     held, c.held = c.held, None
-                    acts += self._response(c, held)
+                    acts += self._response(c, held, ev.end)
                     if not c.done:
                         acts += self._pass(c, sd, ev.end)
                 else:
@@ -288,7 +302,24 @@ class WebDownloadScanner:
         return self._let_go(c, title, fields)
 
     # ---- the check
-    def _response(self, c: _Conn, held: _Held) -> list:
+    @property
+    def replacement(self) -> Optional[str]:
+        """The stream injection infected responses are replaced by, if the policy registered it."""
+        name = self.cfg["replacement_injection"]
+        return name if name and name in self.stream_injections else None
+
+    def edit_refused(self, sid: int, act: tuple, error: str) -> list:
+        """The NI kernel refused the inject or cut of a replacement: the infected response would go
+        on (or be left half edited), so the connection is killed instead."""
+        self.stats["replace_refused"] += 1
+        c = self.conns.get(sid)
+        if c is None:
+            return [("kill", "virus")]
+        title, fields = c.replacing.get(act, ("web download: virus", {"event": "virus"}))
+        why = f"the NI refused the replacement: {error}"[:500]
+        return self._kill(c, f"{title} ({why})", dict(fields, why=why))
+
+    def _response(self, c: _Conn, held: _Held, end: int) -> list:
         self.stats["responses"] += 1
         resp, raw = held.resp, bytes(held.body)
         dec = decode_content(raw, content_codings(resp.headers), self.cfg["max_encoding_layers"],
@@ -314,12 +345,15 @@ class WebDownloadScanner:
             if verdict:
                 self.stats["infected"] += 1
                 n = self.cfg["alert_object_bytes"]
-                return self._kill(c, f"web download: virus {verdict} in {fields['filename']!r} from {fields.get('url')}",
-                                  dict(fields, event="virus", engine=engine, verdict=verdict, object=what,
-                                       object_sha256=digest, object_b64=base64.b64encode(obj[:n]).decode(),
-                                       object_truncated=len(obj) > n,
-                                       ambiguities=[{"kind": k, "detail": d[:200]} for k, d in dec.ambiguities]
-                                       + c.ambiguities[-10:]))
+                title = f"web download: virus {verdict} in {fields['filename']!r} from {fields.get('url')}"
+                fields = dict(fields, event="virus", engine=engine, verdict=verdict, object=what,
+                              object_sha256=digest, object_b64=base64.b64encode(obj[:n]).decode(),
+                              object_truncated=len(obj) > n,
+                              ambiguities=[{"kind": k, "detail": d[:200]} for k, d in dec.ambiguities]
+                              + c.ambiguities[-10:])
+                if self.replacement is None:
+                    return self._kill(c, title, fields)
+                return self._replace(c, resp, end, title, fields)
         if errors:
             self.stats["engine_errors"] += 1
             if self.cfg["engine_error"] == "kill":
@@ -338,6 +372,20 @@ class WebDownloadScanner:
                 return acts
         self.stats["clean"] += 1
         return acts
+
+
+    def _replace(self, c: _Conn, resp: Response, end: int, title: str, fields: dict) -> list:
+        """The infected response [start, end), held whole, gives way to the policy's injection; the
+        connection goes on (the cut is the scanner's decision on those bytes)."""
+        sd = c.dirs[SERVER]
+        acts = [("inject", sd, resp.start, self.replacement), ("cut", sd, resp.start, end - resp.start)]
+        for act in acts:
+            c.replacing[act] = (title, fields)
+        c.passed[sd] = end
+        self.stats["replaced"] += 1
+        return acts + [("alert", f"{title}; response replaced",
+                        dict(fields, action="replace", replaced=[resp.start, end - resp.start],
+                             replacement=self.replacement))]
 
 
 def _hval(resp: Response, name: bytes) -> Optional[str]:

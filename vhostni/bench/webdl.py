@@ -15,7 +15,7 @@ synthetic captures built in memory, one TCP connection per download, the guest a
   delivery to the guest, with no policy (the C path alone) and with the scanner (its wait for the whole
   response, decoding, SHA-256, the release of the held segments), for responses that fit the guest's window
   (larger ones are released as the guest acknowledges, which a capture cannot pace), and for an infected one the
-  time to the RST that kills it.
+  time to the policy's "blocked" response that replaces it (or the RST that kills it).
 
 Each round runs both configurations in alternating order; a figure is the median over rounds.
 """
@@ -61,6 +61,16 @@ def policy_doc(config: str) -> Optional[dict]:
     return doc
 
 
+def _replacement() -> bytes:
+    """The stream injection examples/webdl.toml replaces infected responses with (b"" if none)."""
+    doc = tomllib.loads((REPO / "examples" / "webdl.toml").read_text())
+    name = doc["scanner"][0].get("config", {}).get("replacement_injection", "")
+    for inj in doc["scanner"][0].get("inject", []):
+        if inj.get("name") == name and "stream" in inj:
+            return inj["stream"].encode()
+    return b""
+
+
 def _get(path: str) -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: dl.bench.test\r\nUser-Agent: Wget\r\n\r\n".encode()
 
@@ -96,7 +106,7 @@ def latency_downloads() -> dict:
     rnd = bytes((i * 131 + (i >> 7)) % 251 for i in range(61440))
     return {"1 KiB": _resp(rnd[:1024]), "60 KiB": _resp(rnd),
             "gzip 60 KiB": _resp(gzip.compress(rnd), b"Content-Encoding: gzip"),
-            "infected (killed)": _resp(EICAR)}
+            "infected (replaced)": _resp(EICAR)}
 
 
 def download(fr: Frames, cport: int, req: bytes, res: bytes) -> tuple[list, int, int]:
@@ -136,6 +146,7 @@ def _replay(config: str, captures: list, cpu: Optional[int], timed: bool = False
                 got.setdefault(dport, {})[seq] = _payload(f)
 
     lat: list = []
+    rep = _replacement()
     with _Pinned(cpu):
         with Replay(_mac(MAC_G), pol, ni="w", on_frame=on_frame, on_alert=alerts.append) as r:
             r.start()
@@ -151,11 +162,11 @@ def _replay(config: str, captures: list, cpu: Optional[int], timed: bool = False
                     tail = _payload(f)
                     deadline = t0 + 10.0
 
-                    def done():
-                        return any(_payload(x) == tail or _rst_to_guest(x) for _, x in seen[mark:])
-                    while not done() and time.perf_counter() < deadline:
+                    def ends(x: bytes) -> bool:       # the last byte, the RST of a kill, or the replacement
+                        return _payload(x) == tail or _rst_to_guest(x) or bool(rep) and _payload(x).endswith(rep)
+                    while not any(ends(x) for _, x in seen[mark:]) and time.perf_counter() < deadline:
                         r._pump(0.002)
-                    hit = [t for t, x in seen[mark:] if _payload(x) == tail or _rst_to_guest(x)]
+                    hit = [t for t, x in seen[mark:] if ends(x)]
                     if hit:
                         lat.append(hit[0] - t0)
             r.finish()
@@ -193,16 +204,23 @@ def run_webdl(cfg: WebBenchConfig, progress: Callable[[str], None] = print) -> d
         t0 = time.perf_counter()
         got, _, alerts = _replay("webdl", caps, cfg.cpu)
         wall = time.perf_counter() - t0
+        rep = _replacement()
         through, how = [], {}
         for i, (c, (_, _, base)) in enumerate(zip(cases, caps)):
             res = base64.b64decode(c["response"])
-            if len(_stream(got.get(20000 + i, {}), base)) >= len(res):
+            d = _stream(got.get(20000 + i, {}), base)
+            if rep and d.endswith(rep):       # replaced by the policy's "blocked" response
+                d = d[:-len(rep)]
+            if len(d) >= len(res) or not res.startswith(d):
                 through.append(c["case"])
+        first: dict = {}
         for a in alerts:
             f = a.get("fields", {})
-            if f.get("action") == "kill":
-                key = f.get("kind") if f.get("event") == "ambiguity" else f.get("event")
-                how[key] = how.get(key, 0) + 1
+            if f.get("action") in ("kill", "replace") and a.get("flow"):
+                first.setdefault(a["flow"].get("dport"), f)
+        for f in first.values():
+            key = f.get("kind") if f.get("event") == "ambiguity" else f"{f.get('event')} ({f.get('action')})"
+            how[key] = how.get(key, 0) + 1
         section["evasions"] = {"cases": len(cases), "reached_guest": len(through), "share": len(through) / len(cases),
                                "through": through[:50], "stopped_as": dict(sorted(how.items(), key=lambda x: -x[1])),
                                "wall_s": round(wall, 2)}
