@@ -322,3 +322,12 @@ def test_a_head_sent_a_byte_at_a_time_costs_linear_time():
 def test_chunked_answering_an_http10_request_is_ambiguous():
     evs = run(b"GET / HTTP/1.0\r\n\r\n", OK + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(b"abc"))
     assert kinds(evs) == ["te_in_http10"]
+
+
+def test_server_bytes_waiting_for_a_request_are_bounded():
+    """While a request's head is still coming, the server's bytes wait for it, but not without end."""
+    c = HttpConnection(Limits(max_head=1000))
+    c.feed(CLIENT, b"GET / HTTP/1.1\r\nX: ")
+    assert not c.feed(SERVER, b"x" * 900)
+    evs = c.feed(SERVER, b"x" * 200)
+    assert kinds(evs) == ["head_too_long"] and evs[-1].fatal

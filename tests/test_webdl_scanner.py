@@ -511,3 +511,33 @@ def test_replay_of_http_evader_and_clean_downloads(tmp_path):
     # every delivery stopped (one replaced may then be killed for what the server sent after it)
     assert sorted({a["flow"]["dport"] for a in stopped}) == ports[:len(evasive)]
     assert sum(a["fields"]["action"] == "replace" for a in stopped) >= 100
+
+
+# ---------------------------------------------------------------------------
+# Fuzzing the decisions
+# ---------------------------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_PIECES = [GET, b"HEAD / HTTP/1.1\r\n\r\n", resp(b"ok"), resp(EICAR), resp(gzip.compress(EICAR), b"Content-Encoding: gzip"),
+           b"HTTP/1.1 200 OK\r\n", b"Transfer-Encoding: chunked\r\n", b"Content-Length: 3\r\n", b"\r\n", b"5\r\nhello\r\n",
+           b"0\r\n\r\n", b"\n", b"\r", b"\0", b" ", EICAR[:20], EICAR[20:]]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES) | st.binary(max_size=10), max_size=12),
+       st.lists(st.sampled_from(_PIECES) | st.binary(max_size=10), max_size=16), st.integers(1, 13), st.booleans())
+def test_fuzz_decisions_are_well_formed_and_eicar_never_passes(client, server, step, fin):
+    c, s = b"".join(client), b"".join(server)
+    acts = run_core(scanner(max_line=64, max_head=512), c, s, step, fin=fin)
+    fed = {FROM_GUEST: len(c), TO_GUEST: len(s)}
+    last = {FROM_GUEST: 0, TO_GUEST: 0}
+    for a in acts:
+        assert a[0] in ("pass", "pass_all", "more", "kill", "alert"), a
+        if a[0] == "pass":
+            assert last[a[1]] < a[2] <= fed[a[1]], (a, last)
+            last[a[1]] = a[2]
+        if a[0] == "alert":
+            json.dumps(a[2])                  # an alert is JSON
+    if ("pass_all", TO_GUEST) not in acts:
+        assert EICAR not in s[:last[TO_GUEST]]

@@ -212,7 +212,7 @@ class WebDownloadScanner:
         sd, cd = c.dirs[SERVER], c.dirs[CLIENT]
         for ev in events:
             if isinstance(ev, Ambiguity):
-                c.ambiguities.append(ev.fields())
+                c.ambiguities = c.ambiguities[-19:] + [ev.fields()]      # the last 20, for the alerts
                 acts += self._ambiguity(c, ev.kind, ev.detail, ev.fatal, ev.side, ev.request)
             elif isinstance(ev, Tunnel):
                 acts += self._tunnel(c, ev)
@@ -364,7 +364,8 @@ class WebDownloadScanner:
         else:
             acts = []
         for kind, detail in dec.ambiguities:
-            c.ambiguities.append({"side": SERVER, "kind": kind, "detail": detail[:200], "offset": resp.head_end})
+            c.ambiguities = c.ambiguities[-19:] + [{"side": SERVER, "kind": kind, "detail": detail[:200],
+                                                    "offset": resp.head_end}]
             c.held = held
             acts += self._ambiguity(c, kind, detail, False, SERVER)
             c.held = None

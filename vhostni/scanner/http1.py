@@ -720,11 +720,14 @@ class HttpConnection:
             self.client.take(len(self.client.buf))
         # bytes from the server nobody asked for: not while a request is still coming in
         # (a server may answer a request it has not read whole), otherwise an ambiguity
-        if not s.dead and s.buf and s.state == "head" and not self.queue and not self.client.buf:
+        if not s.dead and s.buf and s.state == "head" and not self.queue:
             s.out = []
             try:
-                s.amb("unsolicited_response", f"server bytes with no request to answer: {_show(s.buf)!r}",
-                      s.base, True)
+                if not self.client.buf:
+                    s.amb("unsolicited_response", f"server bytes with no request to answer: {_show(s.buf)!r}",
+                          s.base, True)
+                elif len(s.buf) > self.limits.max_head:     # waiting for a request that does not come
+                    s.amb("head_too_long", f"{len(s.buf)} server bytes wait for a request", s.base, True)
             except _Stop:
                 pass
             out += s.out
