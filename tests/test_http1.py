@@ -331,3 +331,11 @@ def test_server_bytes_waiting_for_a_request_are_bounded():
     assert not c.feed(SERVER, b"x" * 900)
     evs = c.feed(SERVER, b"x" * 200)
     assert kinds(evs) == ["head_too_long"] and evs[-1].fatal
+
+
+def test_pipelined_requests_are_bounded():
+    c = HttpConnection(Limits(max_pipelined=5))
+    assert not kinds(c.feed(CLIENT, GET * 5))
+    evs = c.feed(CLIENT, GET)
+    assert kinds(evs) == ["too_many_pipelined"] and evs[-1].fatal
+    assert not c.feed(CLIENT, GET)            # the side stopped

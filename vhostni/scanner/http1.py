@@ -73,6 +73,7 @@ AMBIGUITIES = {
     "unsolicited_response": "server bytes with no request to answer",
     "head_too_long": "a head beyond Limits.max_head or a line beyond Limits.max_line",
     "too_many_headers": "more header fields than Limits.max_headers",
+    "too_many_pipelined": "more requests waiting for their responses than Limits.max_pipelined",
     "unknown_content_encoding": "a Content-Encoding this decoder (and some browsers) do not know",
     "unsupported_content_encoding": "a Content-Encoding browsers decode but this decoder cannot (br, zstd)",
     "odd_content_encoding": "an empty element in a Content-Encoding list",
@@ -102,6 +103,7 @@ class Limits:
     max_head: int = 65536             # a whole head (start line and fields), or a trailer section
     max_headers: int = 256            # fields in a head or trailer section
     max_chunk_size: int = 1 << 40     # a single chunk's announced size
+    max_pipelined: int = 256          # requests waiting for their responses
 
 
 Headers = list  # [(name lower-cased bytes, value bytes)] in order, as sent (names lowered)
@@ -627,8 +629,8 @@ class _Side:
         if self.side == SERVER and isinstance(self.msg, Response) and not self.msg.interim:
             self.done_response()
 
-    def done_response(self) -> None:      # replaced by HttpConnection
-        pass
+    def done_response(self) -> None:
+        """A final response ended (HttpConnection sets this to drop the request it answered)."""
 
     # ---- chunked
     def chunk_size(self) -> bool:
@@ -695,7 +697,6 @@ class HttpConnection:
         self.client = _Side(CLIENT, limits)
         self.server = _Side(SERVER, limits, pending=lambda: self.queue[0] if self.queue else None)
         self.server.done_response = self._answered
-        self.client_eof = False
 
     def _answered(self) -> None:
         if self.queue:
@@ -707,6 +708,14 @@ class HttpConnection:
             for ev in out:
                 if isinstance(ev, Request):
                     self.queue.append(ev)
+            if len(self.queue) > self.limits.max_pipelined and not self.client.dead:
+                self.client.out = []
+                try:
+                    self.client.amb("too_many_pipelined", f"{len(self.queue)} requests wait for responses",
+                                    self.queue[-1].start, True)
+                except _Stop:
+                    pass
+                out += self.client.out
             if self.server.buf and not self.server.dead:    # a request lets waiting bytes go on
                 out += self._server(b"")
             return out
@@ -735,7 +744,6 @@ class HttpConnection:
 
     def eof(self, side: str) -> list:
         if side == CLIENT:
-            self.client_eof = True
             return self.client.eof()
         if self.server.state == "head" and self.server.buf and not self.queue:
             return self._server(b"") or self.server.eof()
