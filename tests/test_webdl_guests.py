@@ -188,3 +188,10 @@ def test_browsing_goes_on_after_the_kills(web_lab):
         out, rc = _wget(alice, "/clean.bin", "/tmp/again.bin")
         assert rc == 0, out
         assert _sha(alice, "/tmp/again.bin") == hashlib.sha256(CLEAN).hexdigest()
+
+
+def test_the_webdl_demo_passes(tmp_path, vhostni_images):
+    """`make demo-webdl` (vhostni/demo_webdl.py) with its own daemon and guests."""
+    from vhostni import demo_webdl
+    images = str(Path(vhostni_images.kernel).parent)
+    assert demo_webdl.main(["--images", images, "--logs", str(tmp_path / "logs")]) == 0
