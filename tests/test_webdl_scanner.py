@@ -541,3 +541,27 @@ def test_fuzz_decisions_are_well_formed_and_eicar_never_passes(client, server, s
             json.dumps(a[2])                  # an alert is JSON
     if ("pass_all", TO_GUEST) not in acts:
         assert EICAR not in s[:last[TO_GUEST]]
+
+
+def test_an_alert_too_large_for_the_wire_still_goes_without_its_largest_fields():
+    """Hostile heads (8-bit bytes become \\u00XX in JSON) and a large object can make an alert
+    larger than the wire allows; it is then sent without them rather than crashing the scanner."""
+    from scanners.webdl.__main__ import alert
+    from vhostni.scanner import wire
+
+    class Sc:
+        sent: list = []
+
+        def alert(self, message, /, **fields):
+            wire.encode_control(wire.Alert(str(message), fields).body())     # raises as the SDK does
+            self.sent.append((message, fields))
+
+    big = bytes(range(128, 256)) * 30
+    server = resp(EICAR + b"\0" * 40000, *[b"X-%d: %s" % (i, big) for i in range(1)])
+    core = WebDownloadScanner({"bad_sha256": [hashlib.sha256(EICAR + b"\0" * 40000).hexdigest()],
+                               "alert_object_bytes": 40000, "alert_header_bytes": 8192})
+    (a,) = alerts(run_core(core, GET, server))
+    sc = Sc()
+    alert(sc, a[1], a[2])
+    ((msg, fields),) = sc.sent
+    assert fields["alert_truncated"] and fields["sha256"] == a[2]["sha256"] and "object_b64" not in fields

@@ -35,7 +35,7 @@ def apply(sc: Scanner, core: WebDownloadScanner, stream, acts: list) -> None:
             if not edit(sc, core, stream, act):
                 return
         elif kind == "alert":
-            sc.alert(act[1], **act[2])
+            alert(sc, act[1], act[2])
         elif stream.closed:
             continue
         elif kind == "pass" and act[1] in stream.holds:
@@ -46,6 +46,17 @@ def apply(sc: Scanner, core: WebDownloadScanner, stream, acts: list) -> None:
             stream.more(act[1])
         elif kind == "kill":
             stream.kill()
+
+
+def alert(sc: Scanner, message: str, fields: dict) -> None:
+    """Sends an alert; one too large for the wire (hostile heads, a large object) goes without its
+    largest fields rather than not at all."""
+    try:
+        sc.alert(message, **fields)
+    except ValueError:
+        slim = {k: v for k, v in fields.items()
+                if k not in ("object_b64", "request_headers", "response_headers", "ambiguities")}
+        sc.alert(message, **slim, alert_truncated=True)
 
 
 def edit(sc: Scanner, core: WebDownloadScanner, stream, act: tuple) -> bool:
