@@ -339,3 +339,13 @@ def test_pipelined_requests_are_bounded():
     evs = c.feed(CLIENT, GET)
     assert kinds(evs) == ["too_many_pipelined"] and evs[-1].fatal
     assert not c.feed(CLIENT, GET)            # the side stopped
+
+
+def test_body_offsets_are_where_the_bytes_are_on_the_wire():
+    head = b"HTTP/1.0 200 OK\r\n\r\n"
+    c = HttpConnection()
+    c.feed(CLIENT, GET)
+    evs = c.feed(SERVER, head + b"abc")
+    c.server.buf += b"def"              # arrived with the FIN, say, not parsed yet
+    evs += c.eof(SERVER)
+    assert [(e.data, e.offset) for e in evs if isinstance(e, Body)] == [(b"abc", len(head)), (b"def", len(head) + 3)]

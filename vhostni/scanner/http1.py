@@ -291,7 +291,8 @@ class _Side:
         try:
             if self.state == "close":
                 if self.buf:
-                    self.out.append(Body(self.side, self.take(len(self.buf)), self.base))
+                    at = self.base
+                    self.out.append(Body(self.side, self.take(len(self.buf)), at))
                 self.out.append(MessageEnd(self.side, self.msg, self.base))
                 self.state = "head"
             elif self.state == "tunnel":
