@@ -13,7 +13,7 @@ BINDIR ?= /usr/local/bin
 UNITDIR ?= /etc/systemd/system
 CONFDIR ?= /etc/vhostni
 
-.PHONY: help deps venv build build-asan images dist test test-unit test-sanitize bench soak demo install clean
+.PHONY: help deps venv build build-asan images dist test test-unit test-sanitize bench soak demo demo-webdl install clean
 
 help:
 	@echo "deps    install system packages (apt-get; needs root) and the Python ones into $(VENV)/"
@@ -27,6 +27,7 @@ help:
 	@echo "soak    run the daemon under checked traffic for SOAK_SECONDS (default 600), sampling its RSS and fds;"
 	@echo "        writes bench/out/soak.json and soak.csv"
 	@echo "demo    boot two guests behind vhostni and show a worm contained"
+	@echo "demo-webdl  two guests: infected web downloads stopped while normal browsing flows"
 	@echo "install install for production: a venv in PREFIX=$(PREFIX), the command in BINDIR=$(BINDIR)"
 
 deps:
@@ -97,6 +98,9 @@ soak: build
 
 demo: build images
 	$(PYTHON) -m vhostni.demo
+
+demo-webdl: build images
+	$(PYTHON) -m vhostni.demo_webdl
 
 # A production install: its own venv under PREFIX (not editable: the checkout can go away),
 # `vhostni` on the PATH as a symlink into it, the systemd units and an example daemon config.

@@ -10,6 +10,8 @@
 * **scanner overheads** (:mod:`vhostni.bench.scanners`): plain forwarding against the null and Code-Red scanners;
 * **streams** (:mod:`vhostni.bench.streams`): host-side replay of a synthetic capture: TCP stream reassembly
   throughput under the null stream scanner against plain forwarding, and the e-mail scanner's per-message latency;
+* **webdl** (:mod:`vhostni.bench.webdl`): host-side replay under ``examples/webdl.toml``: the share of the 502
+  HTTP Evader deliveries of EICAR that reach the guest, the share of clean downloads damaged, the latency added;
 * **signatures** (:mod:`vhostni.bench.signatures`): the payload stage's matcher (csrc/sig.c) against Hyperscan's
   own stream-mode scan of the same bytes in the same process, and the compile time of 10,000 rules.
 

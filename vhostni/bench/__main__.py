@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import frameloop, guest_tcp, scale, scanners, signatures, streams, workers
+from . import frameloop, guest_tcp, scale, scanners, signatures, streams, webdl, workers
 from .backends import DpdkVhostBackend, VhostniBackend, vhostni_unavailable_reason
 from .testpmd import dpdk_version, reap_stale, testpmd_binary
 
@@ -34,7 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="bench/out/results.json", help="JSON results file")
     p.add_argument("--logdir", default=None, help="process logs (default: <out dir>/logs)")
-    p.add_argument("--only", choices=("frameloop", "guest-tcp", "scanners", "streams", "signatures", "scale", "workers"), help="run one part only")
+    p.add_argument("--only", choices=("frameloop", "guest-tcp", "scanners", "streams", "signatures", "webdl",
+                                      "scale", "workers"), help="run one part only")
     p.add_argument("--no-vhostni", action="store_true", help="baseline only")
     g = p.add_argument_group("frame loop")
     g.add_argument("--sizes", default="64,1518", help="frame sizes, comma separated")
@@ -83,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--email-rounds", type=int, default=3, help="e-mail latency rounds")
     r.add_argument("--email-messages", type=int, default=50, help="messages per kind, configuration and round")
     r.add_argument("--email-attachment", type=int, default=16384, help="attachment size, bytes (before base64)")
+    w = p.add_argument_group("webdl (host-side replay: the web-download scanner)")
+    w.add_argument("--webdl-rounds", type=int, default=3, help="latency rounds")
+    w.add_argument("--webdl-downloads", type=int, default=30, help="downloads per kind, configuration and round")
     sg = p.add_argument_group("signatures (the payload stage's matcher, host-side, one process)")
     sg.add_argument("--sig-rules", type=int, default=1500, help="never-matching rules")
     sg.add_argument("--sig-pcre-share", type=float, default=0.1, help="share of rules with a pcre")
@@ -212,6 +216,8 @@ def report(results: dict) -> str:
     st = results.get("streams")
     if st:
         lines += streams.report_lines(st)
+    if results.get("webdl"):
+        lines += webdl.report_lines(results["webdl"])
     for key in ("signatures", "signatures_never_hit"):
         if results.get(key):
             lines += signatures.report_lines(results[key])
@@ -307,6 +313,13 @@ def main(argv=None) -> int:
                 cpu=int(args.stream_cpu) if args.stream_cpu.strip() else None, email_rounds=args.email_rounds,
                 email_messages=args.email_messages, attachment_bytes=args.email_attachment)
             results["streams"] = streams.run_streams(stcfg, progress=lambda m: print(m, flush=True))
+            save()
+        if args.only in (None, "webdl"):
+            print("webdl: the web-download scanner (HTTP Evader, clean downloads, latency), host-side replay",
+                  flush=True)
+            wcfg = webdl.WebBenchConfig(rounds=args.webdl_rounds, downloads=args.webdl_downloads,
+                                        cpu=int(args.stream_cpu) if args.stream_cpu.strip() else None)
+            results["webdl"] = webdl.run_webdl(wcfg, progress=lambda m: print(m, flush=True))
             save()
         if args.only in (None, "signatures"):
             sgcfg = signatures.SigBenchConfig(
