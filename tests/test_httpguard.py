@@ -348,11 +348,32 @@ def test_a_blocked_request_is_answered_in_the_server_s_place(step):
     assert killed(acts) and alerts(acts)[0][2]["action"] == "kill"
 
 
-def test_reply_falls_back_to_a_kill_when_an_earlier_request_is_unanswered():
+@pytest.mark.parametrize("step", [0, 3, 100])
+def test_a_reply_behind_pipelined_requests_waits_for_their_answers(step):
+    """The requests before the worm's pass and are answered; the worm's is cut at once, and the
+    reply goes in where the last answer before it ends."""
     g = reply_guard()
-    acts = run(g, GET + CODERED)
-    assert killed(acts) and not [a for a in acts if a[0] in ("inject", "cut")] and passed(acts) == len(GET)
+    client = GET + post(b"/p", b"abc") + CODERED + GET
+    head100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+    server = head100 + OK + OK + b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n"
+    acts = run(g, client, server, step)
+    assert not killed(acts)
+    assert edited(client, acts, TO_GUEST, {}) == GET + post(b"/p", b"abc")
+    assert edited(server, acts, FROM_GUEST, {"bad_request": REPLY}) == head100 + OK + OK + REPLY
+    assert [a for a in acts if a[0] == "inject"] == [("inject", FROM_GUEST, len(head100 + OK + OK), "bad_request")]
+    assert "after the 2 response(s) before it" in alerts(acts, "overflow")[0][1]
+
+
+def test_reply_falls_back_to_a_kill():
     assert HttpGuard({"block": "reply", "reply_injection": "bad_request"}).reply is None   # not registered
+    # the answers before the blocked request cannot be followed: killed then
+    g = reply_guard()
+    acts = run(g, GET + CODERED, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+    assert killed(acts) and not [a for a in acts if a[0] == "inject"]
+    assert "cannot be followed" in alerts(acts, "killed")[0][1]
+    # a request not held from its first byte (a bad chunk after its head passed)
+    req = post(b"/x", b"A" * 10, chunk=5)[:-5] + b"FFFFFFFF0\r\n"
+    assert killed(run(reply_guard(), req, step=4))
 
 
 # ---------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from vhostni.scanner.http1 import (AMBIGUITIES, CLIENT, SERVER, Ambiguity, Body, Chunk, HttpConnection,
-                                   Limits, MessageEnd, Request, Tunnel, headers_all)
+                                   Limits, MessageEnd, Request, Response, Tunnel, headers_all)
 from vhostni.scanner.httpuri import URI_ANOMALIES, normalise
 
 __all__ = ["HttpGuard", "ConfigError", "DEFAULTS", "BUILTIN_SIGNATURES", "FIELDS", "Signature",
@@ -264,7 +264,9 @@ class _Conn:
         self.more_at = -1                 # client offset `more` was asked at (-1: not asked)
         self.held_since: Optional[float] = None
         self.done = False
-        self.replied = False              # the reply was injected: cut whatever comes later
+        self.replied = False              # a request was blocked with a reply: the client's bytes are cut
+        self.owed = 0                     # responses still owed before the reply goes in (-1: it went in)
+        self.reply_why: tuple = ("", {})
         self.cut_to = {FROM_GUEST: 0, TO_GUEST: 0}
         self.alerted: set = set()
         self.edits: dict = {}             # edit action -> (title, fields) for edit_refused
@@ -304,6 +306,8 @@ class HttpGuard:
             return []
         c.fed[direction] = offset + len(data)
         if c.replied:
+            if direction == c.sd and c.owed > 0:
+                return self._owed_responses(c, c.http.feed(SERVER, data))
             return self._cut_rest(c, direction)
         if c.done:
             return []
@@ -311,8 +315,10 @@ class HttpGuard:
 
     def end(self, sid: int, direction: int, offset: int, now: float = 0.0) -> list:
         c = self.conns.get(sid)
-        if c is None or c.done or c.replied or direction not in c.side_of:
+        if c is None or c.done or direction not in c.side_of:
             return []
+        if c.replied:
+            return self._owed_responses(c, c.http.eof(SERVER)) if direction == c.sd and c.owed > 0 else []
         return self._events(c, c.http.eof(c.side_of[direction]), now)
 
     def tick(self, now: float) -> list:
@@ -505,35 +511,62 @@ class HttpGuard:
 
     def _block(self, c: _Conn, start: Optional[int], title: str, fields: dict) -> list:
         """The server gets nothing more of this connection's requests.  With a reply injection,
-        a request held from its first byte (``start``, None: not held whole) whose predecessors
-        were all answered is cut, and the client answered in the server's place; otherwise the
-        connection is killed."""
+        a request held from its first byte (``start``; None: not held whole) is cut with
+        everything the client sends after it, and the client is answered in the server's place
+        once the server answered the requests before it (their responses pass as they come);
+        otherwise the connection is killed."""
         rep = self.reply
-        if rep is None or start is None or start != c.safe or any(r.start < start for r in c.http.queue) \
-                or c.http.server.buf or c.http.server.state != "head":
+        owed = sum(1 for r in c.http.queue if r.start < (start or 0))
+        if rep is None or start is None or start != c.safe or c.http.server.dead or \
+                owed == 0 and (c.http.server.buf or c.http.server.state != "head"):
             return self._kill(c, title, fields)
-        cd, sd = c.cd, c.sd
+        cd = c.cd
         self.stats["blocked"] += 1
         self.stats["replied"] += 1
         c.replied = True
+        c.owed = owed
+        c.reply_why = (title, fields)
         acts: list = []
-        if c.fed[sd] > c.passed[sd]:         # the server's bytes so far (answers to earlier requests)
-            c.passed[sd] = c.fed[sd]
-            acts.append(("pass", sd, c.fed[sd]))
         if start > c.passed[cd]:
             c.passed[cd] = start
             acts.append(("pass", cd, start))
-        edits = [("inject", sd, c.passed[sd], rep)]
-        c.cut_to[sd] = c.passed[sd]
         c.cut_to[cd] = start
-        for d in (cd, sd):
-            if c.fed[d] > c.cut_to[d]:
-                edits.append(("cut", d, c.cut_to[d], c.fed[d] - c.cut_to[d]))
-                c.cut_to[d] = c.fed[d]
-        for e in edits:
-            c.edits[e] = (title, fields)
-        return acts + edits + [("alert", f"{title}; request answered with {rep!r}",
-                                dict(fields, action="reply", reply=rep))]
+        acts += self._cut_rest(c, cd)
+        if owed == 0:
+            acts += self._answer(c)
+        return acts + [("alert", f"{title}; request answered with {rep!r}"
+                        + (f" after the {owed} response(s) before it" if owed else ""),
+                        dict(fields, action="reply", reply=rep))]
+
+    def _answer(self, c: _Conn) -> list:
+        """The reply goes in at what the server has passed so far; the server's later bytes are cut."""
+        sd = c.sd
+        acts = [("inject", sd, c.passed[sd], self.reply)]
+        c.cut_to[sd] = c.passed[sd]
+        c.owed = -1
+        acts += self._cut_rest(c, sd)
+        for e in acts:
+            c.edits[e] = c.reply_why
+        return acts
+
+    def _owed_responses(self, c: _Conn, events: list) -> list:
+        """After a reply was decided, before it went in: the server's answers to the requests
+        before the blocked one pass; at the end of the last of them the reply goes in."""
+        acts: list = []
+        for ev in events:
+            if isinstance(ev, MessageEnd) and ev.side == SERVER and isinstance(ev.message, Response) \
+                    and not ev.message.interim:
+                c.passed[c.sd] = max(c.passed[c.sd], ev.end)
+                acts.append(("pass", c.sd, ev.end))
+                c.owed -= 1
+                if c.owed == 0:
+                    return acts + self._answer(c)
+            elif isinstance(ev, (Tunnel, Ambiguity)) and (isinstance(ev, Tunnel) or ev.fatal):
+                title, fields = c.reply_why
+                c.replied = False
+                return acts + self._kill(c, f"{title} (the server's answers before it cannot be followed)",
+                                         fields)
+        return acts
 
     def _cut_rest(self, c: _Conn, d: int) -> list:
         """After a reply: what either side sends later never arrives (the client was told the
@@ -542,7 +575,7 @@ class HttpGuard:
             return []
         act = ("cut", d, c.cut_to[d], c.fed[d] - c.cut_to[d])
         c.cut_to[d] = c.fed[d]
-        c.edits[act] = ("http guard: after a reply", {"event": "after_reply"})
+        c.edits[act] = c.reply_why
         return [act]
 
     def edit_refused(self, sid: int, act: tuple, error: str) -> list:
