@@ -131,8 +131,8 @@ def test_query_lengths_count_decoded_code_units():
     # 224 N, 22 whole %u escapes (one unit each), and "%u00=a" kept as it is (a malformed escape)
     assert len(u.query) == 224 + 22 + 6 and len(u.raw_query) == 224 + len(CR_SHELL)
     assert set(u.kinds()) >= {"percent_u", "bad_percent"}
-    u = normalise(b"/s?q=a+b%20c&q=%41%41&empty&=v")
-    assert u.params == [("q", "a b c"), ("q", "AA"), ("empty", ""), ("", "v")]
+    u = normalise(b"/s?q=a+b%20c&q=%41%41&empty&=v&p=1%2B1")
+    assert u.params == [("q", "a b c"), ("q", "AA"), ("empty", ""), ("", "v"), ("p", "1+1")]
 
 
 # ---------------------------------------------------------------------------

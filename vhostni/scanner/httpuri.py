@@ -40,9 +40,9 @@ URI_ANOMALIES = {
     "fragment": "a # fragment in a request target",
 }
 
-_HEX2 = re.compile(r"[0-9A-Fa-f]{2}")
-_HEX4 = re.compile(r"[0-9A-Fa-f]{4}")
 _ESCAPE = re.compile(r"%(?:[0-9A-Fa-f]{2}|[uU][0-9A-Fa-f]{4})")
+_ANY_ESCAPE = re.compile(r"%(?:([0-9A-Fa-f]{2})|[uU]([0-9A-Fa-f]{4}))")
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2}|[uU][0-9A-Fa-f]{4})")
 _OVERLONG2 = re.compile("[\xc0\xc1][\x80-\xbf]")
 _OVERLONG3 = re.compile("\xe0[\x80-\x9f][\x80-\xbf]")
 _SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*")
@@ -55,31 +55,21 @@ def percent_decode(s: str, plus: bool = False, anomalies: list | None = None) ->
     it is.  ``plus``: ``+`` is a space (query strings).  Overlong UTF-8 sequences are read as the
     character they encode.  Anomalies are appended to ``anomalies``."""
     amb = anomalies if anomalies is not None else []
-    out = []
-    i, n = 0, len(s)
-    bad = pct_u = False
-    while i < n:
-        ch = s[i]
-        if ch == "%":
-            if _HEX2.fullmatch(s, i + 1, i + 3):
-                out.append(chr(int(s[i + 1:i + 3], 16)))
-                i += 3
-                continue
-            if s[i + 1:i + 2] in ("u", "U") and _HEX4.fullmatch(s, i + 2, i + 6):
-                out.append(chr(int(s[i + 2:i + 6], 16)))
-                pct_u = True
-                i += 6
-                continue
-            bad = True
-        elif ch == "+" and plus:
-            ch = " "
-        out.append(ch)
-        i += 1
-    if bad:
+    if plus:
+        s = s.replace("+", " ")           # before decoding: %2B stays a +
+    if _BAD_ESCAPE.search(s):
         amb.append(("bad_percent", f"a malformed escape in {s[:_MAX_ANOMALY_DETAIL]!r}"))
+    pct_u = False
+
+    def one(m: re.Match) -> str:
+        nonlocal pct_u
+        if m.group(1) is not None:
+            return chr(int(m.group(1), 16))
+        pct_u = True
+        return chr(int(m.group(2), 16))
+    text = _ANY_ESCAPE.sub(one, s) if "%" in s else s
     if pct_u:
         amb.append(("percent_u", f"%u escapes in {s[:_MAX_ANOMALY_DETAIL]!r}"))
-    text = "".join(out)
     if _OVERLONG2.search(text) or _OVERLONG3.search(text):
         amb.append(("overlong_utf8", f"overlong UTF-8 in {s[:_MAX_ANOMALY_DETAIL]!r}"))
         text = _OVERLONG3.sub(lambda m: chr(((ord(m.group()[1]) & 0x3F) << 6) | (ord(m.group()[2]) & 0x3F)), text)
