@@ -362,6 +362,8 @@ def test_a_reply_behind_pipelined_requests_waits_for_their_answers(step):
     assert edited(server, acts, FROM_GUEST, {"bad_request": REPLY}) == head100 + OK + OK + REPLY
     assert [a for a in acts if a[0] == "inject"] == [("inject", FROM_GUEST, len(head100 + OK + OK), "bad_request")]
     assert "after the 2 response(s) before it" in alerts(acts, "overflow")[0][1]
+    # a replied connection is not "held too long" later: the client was answered
+    assert g.tick(1000.0) == []
 
 
 def test_reply_falls_back_to_a_kill():

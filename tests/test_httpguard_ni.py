@@ -127,6 +127,24 @@ def test_e2e_a_blocked_request_is_answered_with_the_policy_s_400(kits_made):
     assert k.nk("a").streams_killed == 0 and sp.counters.refused == 0
 
 
+def test_e2e_outbound_an_infected_guest_does_not_spread_the_worm(kits_made):
+    """outbound = true: the guest (a) is the client; its Code-Red request never leaves its NI,
+    while its normal requests do."""
+    from tcpkit import Conn
+    k = _kit(kits_made, {"outbound": True, "inbound": False})
+    c = Conn(k, client="a", server="b", sport=80)
+    c.open()
+    _send(c, "a", GET, 1460)
+    assert _stream(k, c, "b", len(GET)) == GET
+    _send(c, "b", OK, 1460)
+    assert _stream(k, c, "a", len(OK)) == OK
+    _send(c, "a", CODERED, 1460)
+    f = k.wait_alert("http overflow", "a", "httpguard", timeout=20)["fields"]
+    assert f["direction"] == "outbound" and f["signature"] == "iis-ida-codered" and f["action"] == "kill"
+    assert _stream(k, c, "b", 1, wait=1.0, start=len(GET)) == b""
+    k.until(lambda: k.nk("a").streams_killed == 1, what="the kill")
+
+
 # ---------------------------------------------------------------------------
 # Offline replay: Code-Red (I and II, and evasive deliveries of it) and normal requests to the
 # guest's web server, through examples/httpguard.toml as it ships

@@ -326,7 +326,8 @@ class HttpGuard:
         request trickled to keep the NI holding it): killed.  Returns [(sid, action), ...]."""
         out = []
         for sid, c in list(self.conns.items()):
-            if not c.done and c.held_since is not None and now - c.held_since > self.cfg["max_hold_seconds"]:
+            if not c.done and not c.replied and c.held_since is not None \
+                    and now - c.held_since > self.cfg["max_hold_seconds"]:
                 self.stats["held_too_long"] += 1
                 fields = dict(self._fields(c, c.req if c.hold_body else None), event="held_too_long",
                               held_bytes=c.fed[c.cd] - c.safe, seconds=round(now - c.held_since, 3))
@@ -524,6 +525,7 @@ class HttpGuard:
         self.stats["blocked"] += 1
         self.stats["replied"] += 1
         c.replied = True
+        c.held_since = None               # nothing of it is held for a decision any more
         c.owed = owed
         c.reply_why = (title, fields)
         acts: list = []
