@@ -209,6 +209,12 @@ def test_each_shipped_signature_stops_its_overflow(name):
     assert f["signature"] == name and f["field"] == sig["field"] and f["length"] > f["limit"] == sig["max"]
 
 
+def test_the_host_of_an_absolute_form_target_counts_as_the_host_header():
+    req = b"GET http://" + b"A" * 420 + b"/NULL.printer HTTP/1.1\r\nHost: short\r\n\r\n"
+    acts = run(HttpGuard(), req)
+    assert killed(acts) and overflow(acts)["signature"] == "iis-printer-host" and overflow(acts)["length"] == 420
+
+
 def test_disabling_a_shipped_signature_lets_its_request_through():
     acts = run(HttpGuard({"disable": ["iis-printer-host"]}), HISTORIC["iis-printer-host"])
     assert not killed(acts)
@@ -228,7 +234,8 @@ def test_a_request_line_beyond_the_parser_s_limit_is_blocked_and_named():
 @pytest.mark.parametrize("target", [
     b"/%64efault.%69da", b"/DEFAULT.IDA", b"/scripts/../default.ida", b"\\default.ida", b"//default.ida",
     b"/default.ida.", b"/default.ida%00.html", b"http://victim/default.ida", b"/default%2eida",
-    b"/x%u002f..%u002fdefault.ida", b"/default.idq",
+    b"/x%u002f..%u002fdefault.ida", b"/default.idq", b"/default.ida;x", b"/default.ida/extra/path",
+    b"/default.ida%3bx",
 ])
 def test_the_path_pattern_sees_through_encodings(target):
     req = b"GET " + target + b"?" + b"%4e" * 230 + b" HTTP/1.0\r\n\r\n"

@@ -418,6 +418,8 @@ class HttpGuard:
         if f == "header":
             want = s.name_of_field.encode("latin-1")
             vals = [len(v) for n, v in req.headers if want == b"*" or n == want]
+            if want == b"host" and u.authority is not None:      # absolute-form names the host too
+                vals.append(len(u.authority))
             return max(vals) if vals else None
         return None                       # body, chunk_size: as they come
 

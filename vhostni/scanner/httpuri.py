@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Optional
 
 __all__ = ["URI_ANOMALIES", "NormalisedURI", "normalise", "percent_decode", "normalise_path"]
 
@@ -123,6 +124,7 @@ class NormalisedURI:
     params: list                        # [(name, value)] decoded, "+" as space
     anomalies: list = field(default_factory=list)   # [(kind, detail)]
     has_query: bool = False             # a ? was there (even with nothing after it)
+    authority: Optional[bytes] = None   # absolute-form: the host[:port] it names (servers prefer it to Host)
 
     @property
     def decoded_length(self) -> int:
@@ -142,6 +144,7 @@ def normalise(target: bytes) -> NormalisedURI:
     amb: list = []
     m = _SCHEME.match(target)
     rest = target[m.end():] if m else target
+    authority = target[target.index(b"://") + 3:m.end()] if m else None
     if b"#" in rest:
         amb.append(("fragment", "a # in the request target"))
         rest = rest.split(b"#", 1)[0]
@@ -165,6 +168,14 @@ def normalise(target: bytes) -> NormalisedURI:
     for p in list(paths):
         if "\0" in p:
             paths.append(normalise_path(p.split("\0", 1)[0]))
+        if ";" in p:                                 # path parameters: /default.ida;x
+            paths.append(re.sub(r";[^/]*", "", p))
+    for p in list(paths):
+        # a script mapped by its extension runs with the rest of the path as PATH_INFO
+        # (/default.ida/x runs default.ida): every prefix at a segment boundary is a reading
+        segs = p.split("/")
+        paths += ["/".join(segs[:i]) for i in range(2, len(segs))]
+    for p in list(paths):
         # Windows drops trailing dots and spaces of a file name: /default.ida. is /default.ida
         stripped = p.rstrip(". ")
         if stripped != p and stripped:
@@ -183,4 +194,4 @@ def normalise(target: bytes) -> NormalisedURI:
             params.append((percent_decode(name, plus=True), percent_decode(value, plus=True)))
     amb += [a for a in qamb if a not in amb]
     return NormalisedURI(raw_path, raw_query, decoded, path, list(dict.fromkeys(paths)), query, params, amb,
-                         bool(qmark))
+                         bool(qmark), authority)
