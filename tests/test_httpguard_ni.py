@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from test_httpguard import CODERED, CODERED2, GET, OK, chunked, post  # noqa: E402
+from test_httpguard import CODERED, CODERED2, GET, OK, post  # noqa: E402
 
 GUARD = str(REPO / "scanners" / "httpguard")
 
