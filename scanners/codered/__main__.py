@@ -1,8 +1,11 @@
 """The Code-Red scanner process: the detector in ``core`` wired to the vhostni scanner SDK.
 
 Run by the NI kernel as ``python3 scanners/codered`` (or ``python3 -m scanners.codered`` from the repository
-root).  It subscribes to the guest's DNS queries (read), the network's DNS responses (read) and the guest's
-TCP SYNs (contain), then decides each held SYN and sends the detector's alerts.  Settings come from the
+root).  It subscribes to what reaches a new destination from the guest, held (contain): TCP SYNs, UDP
+datagrams (DNS queries among them), ICMP/ICMPv6 (echo requests are decided, the rest passed at once); and,
+read only, to what reaches the guest: TCP SYNs and ICMP (peers that contact it first), UDP (DNS responses and
+peers), and the reassembled streams of TCP/53 (DNS over TCP).  ``protocols`` and ``dns_over_tcp`` in the
+config narrow that.  It decides each held frame and sends the detector's alerts.  Settings come from the
 ``config`` table of this scanner in the NI's policy (see scanners/README.md).
 
 Everything is imported before ``Scanner.connect()``: after it the seccomp lockdown forbids opening files.
@@ -25,7 +28,7 @@ else:   # run as a directory (python3 scanners/codered): make the package import
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from codered.core import CodeRedDetector, ConfigError   # type: ignore[no-redef]
 
-from vhostni.scanner import Refused, Scanner, ScannerError
+from vhostni.scanner import Frame, Refused, Scanner, ScannerError, StreamClosed, StreamData
 
 #: How long the frame loop waits before doing timed work (the end-of-attack re-evaluation).
 TICK = 0.5
@@ -33,13 +36,25 @@ TICK = 0.5
 CHECKPOINT_EVERY = 1.0
 
 
-def subscriptions(dns_port: int) -> list[tuple[dict, bool]]:
-    """(match, contain) for the three subscriptions of section 5.3."""
-    return [
-        ({"direction": "from_guest", "proto": "udp", "dport": dns_port}, False),
-        ({"direction": "to_guest", "proto": "udp", "sport": dns_port}, False),
-        ({"direction": "from_guest", "proto": "tcp", "tcp_flags": "syn,!ack"}, True),
-    ]
+def subscriptions(dns_port: int, protocols=("tcp", "udp", "icmp"), learn_inbound: bool = True
+                  ) -> list[tuple[dict, bool]]:
+    """(match, contain) for the frame subscriptions: section 5.3's three, widened to UDP and ICMP."""
+    subs = [({"direction": "from_guest", "proto": "tcp", "tcp_flags": "syn,!ack"}, True)]
+    if "udp" in protocols:
+        subs.append(({"direction": "from_guest", "proto": "udp"}, True))
+    else:
+        subs.append(({"direction": "from_guest", "proto": "udp", "dport": dns_port}, False))
+    subs.append(({"direction": "to_guest", "proto": "udp"} if learn_inbound
+                 else {"direction": "to_guest", "proto": "udp", "sport": dns_port}, False))
+    if "icmp" in protocols:
+        subs += [({"direction": "from_guest", "proto": "icmp"}, True),
+                 ({"direction": "from_guest", "proto": "icmpv6"}, True)]
+    if learn_inbound:
+        subs += [({"direction": "to_guest", "proto": "tcp", "tcp_flags": "syn,!ack"}, False)]
+        if "icmp" in protocols:
+            subs += [({"direction": "to_guest", "proto": "icmp"}, False),
+                     ({"direction": "to_guest", "proto": "icmpv6"}, False)]
+    return subs
 
 
 def log(msg: str) -> None:
@@ -75,30 +90,46 @@ def run(sc: Scanner) -> int:
             det.dirty = det.urgent = False
         last_checkpoint = now
 
-    for match, contain in subscriptions(det.cfg["dns_port"]):
-        try:
+    cfg = det.cfg
+    try:
+        for match, contain in subscriptions(cfg["dns_port"], cfg["protocols"], cfg["learn_inbound"]):
             sc.subscribe(match, contain=contain)
-        except Refused as exc:
-            sc.alert(f"Code-Red scanner not started: subscription {match} refused: {exc}",
-                     event="subscription_refused")
-            log(f"subscription {match} refused: {exc}")
-            return 3
+        if cfg["dns_over_tcp"]:
+            match = {"stream": True, "port": cfg["dns_port"], "direction": "both"}
+            sc.subscribe_stream(port=cfg["dns_port"], direction="both", contain=False)
+    except Refused as exc:
+        sc.alert(f"Code-Red scanner not started: subscription {match} refused: {exc}",
+                 event="subscription_refused")
+        log(f"subscription {match} refused: {exc}")
+        return 3
     log(f"scanning on {sc.ni} as {sc.name}: more than {det.cfg['max_per_second']}/s or "
-        f"{det.cfg['max_per_minute']}/min unknown destinations is an attack")
-    for frame in sc.frames(timeout=TICK):
-        if frame is None:
+        f"{det.cfg['max_per_minute']}/min or {det.cfg['max_per_10_minutes']}/10 min unknown destinations "
+        f"({'/'.join(cfg['protocols'])}) is an attack")
+    for ev in sc.events(timeout=TICK):
+        alert = None
+        if ev is None:
             alert = det.tick()
             checkpoint(force=True)
-        else:
-            verdict = det.handle_frame(frame.direction, frame.data)
+        elif isinstance(ev, Frame):
+            verdict = det.handle_frame(ev.direction, ev.data)
             alert = verdict.alert
             checkpoint(force=False)       # before the decision: the kernel keeps it first
-            if frame.held:
-                # Only SYNs are held (contain=True); DNS frames carry no objection (action None).
+            if ev.held:
+                # frames that need no decision (DNS responses, inbound) carry no objection (action None)
                 if verdict.action in (None, "pass"):
-                    sc.pass_(frame)
+                    sc.pass_(ev)
                 else:
-                    sc.cut(frame)
+                    sc.cut(ev)
+        elif isinstance(ev, StreamData):
+            st = ev.stream
+            # DNS over TCP with the guest as the client; a stream picked up mid-way has no message framing
+            if st.client == "guest" and not st.midstream:
+                det.observe_dns_stream(st.id, ev.direction, ev.data, (st.guest[0], st.guest[1], st.remote[0]))
+                checkpoint(force=False)
+            if ev.held:
+                sc.pass_(ev)
+        elif isinstance(ev, StreamClosed):
+            det.close_dns_stream(ev.stream.id)
         if alert is not None:
             sc.alert(alert.message, **alert.fields)
     return 0
