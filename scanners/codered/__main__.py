@@ -24,9 +24,13 @@ import time
 
 if __package__:
     from .core import CodeRedDetector, ConfigError
+    from .synbomb import SynBombConfigError, SynBombDetector
+    from .trw import TrwConfigError, TrwDetector
 else:   # run as a directory (python3 scanners/codered): make the package importable by its own name
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from codered.core import CodeRedDetector, ConfigError   # type: ignore[no-redef]
+    from codered.synbomb import SynBombConfigError, SynBombDetector   # type: ignore[no-redef]
+    from codered.trw import TrwConfigError, TrwDetector   # type: ignore[no-redef]
 
 from vhostni.scanner import Frame, Refused, Scanner, ScannerError, StreamClosed, StreamData
 
@@ -135,13 +139,91 @@ def run(sc: Scanner) -> int:
     return 0
 
 
+#: the detectors this program runs, by the config's ``detector`` key (default: the DNS-shadow worm scanner)
+DETECTORS = ("dns-shadow", "trw", "synbomb")
+
+#: (match, contain) for the TRW port-scan detector: attempts both ways (held, so a scanner can be blocked),
+#: and the answers that decide them (read)
+TRW_SUBSCRIPTIONS = [
+    ({"direction": "from_guest", "proto": "tcp", "tcp_flags": "syn,!ack"}, True),
+    ({"direction": "to_guest", "proto": "tcp", "tcp_flags": "syn,!ack"}, True),
+    ({"direction": "to_guest", "proto": "tcp", "tcp_flags": "syn,ack"}, False),
+    ({"direction": "from_guest", "proto": "tcp", "tcp_flags": "syn,ack"}, False),
+    ({"direction": "to_guest", "proto": "tcp", "tcp_flags": "rst"}, False),
+    ({"direction": "from_guest", "proto": "tcp", "tcp_flags": "rst"}, False),
+    ({"direction": "to_guest", "proto": "icmp"}, False),
+    ({"direction": "from_guest", "proto": "icmp"}, False),
+]
+
+#: (match, contain) for the SYN-bomb detector: the guest's SYNs (held, to throttle them), the victims'
+#: SYN-ACKs and the guest's RSTs (read)
+SYNBOMB_SUBSCRIPTIONS = [
+    ({"direction": "from_guest", "proto": "tcp", "tcp_flags": "syn,!ack"}, True),
+    ({"direction": "to_guest", "proto": "tcp", "tcp_flags": "syn,ack"}, False),
+    ({"direction": "from_guest", "proto": "tcp", "tcp_flags": "rst"}, False),
+]
+
+
+def run_flows(sc: Scanner, kind: str, config: dict) -> int:
+    """The TRW port-scan detector or the SYN-bomb detector (scanners/codered/trw.py, synbomb.py)."""
+    try:
+        det = TrwDetector(config) if kind == "trw" else SynBombDetector(config)
+    except (TrwConfigError, SynBombConfigError) as exc:
+        sc.alert(f"{kind} scanner not started: bad configuration: {exc}", event="config_error")
+        log(f"bad configuration: {exc}")
+        return 2
+    subs = TRW_SUBSCRIPTIONS if kind == "trw" else SYNBOMB_SUBSCRIPTIONS
+    if kind == "trw":
+        subs = [(m, c) for m, c in subs
+                if det.cfg["outbound"] or m["direction"] != ("from_guest" if c else "to_guest")]
+        subs = [(m, c) for m, c in subs
+                if det.cfg["inbound"] or m["direction"] != ("to_guest" if c else "from_guest")]
+    for match, contain in subs:
+        try:
+            sc.subscribe(match, contain=contain)
+        except Refused as exc:
+            sc.alert(f"{kind} scanner not started: subscription {match} refused: {exc}",
+                     event="subscription_refused")
+            log(f"subscription {match} refused: {exc}")
+            return 3
+    log(f"{kind} on {sc.ni} as {sc.name}")
+    for frame in sc.frames(timeout=TICK):
+        if frame is None:
+            alerts, resets = det.tick(), ()
+        else:
+            v = det.handle_frame(frame.direction, frame.data)
+            alerts, resets = v.alerts, getattr(v, "resets", ())
+            if frame.held:
+                if v.action in (None, "pass"):
+                    sc.pass_(frame)
+                else:
+                    sc.cut(frame)
+        for r in resets:
+            try:
+                sc.reset(r.src, r.sport, r.dst, r.dport, r.seq, r.ack, r.mac)
+            except Refused as exc:
+                log(f"reset refused: {exc}")
+        for a in alerts:
+            sc.alert(a.message, **a.fields)
+    return 0
+
+
 def main() -> int:
     try:
         sc = Scanner.connect()
     except ScannerError as exc:
         log(str(exc))
         return 1
+    config = dict(sc.config)
+    kind = config.pop("detector", "dns-shadow")
+    if kind not in DETECTORS:
+        sc.alert(f"scanner not started: detector {kind!r} is not one of {', '.join(DETECTORS)}",
+                 event="config_error")
+        return 2
     try:
+        if kind != "dns-shadow":
+            return run_flows(sc, kind, config)
+        sc.config = config
         return run(sc)
     except ScannerError as exc:   # the NI kernel went away: nothing left to protect
         log(str(exc))
