@@ -677,10 +677,29 @@ def test_worm_small_prefixes(worm):
     (["-n", "x", "127.0.0.0/24"], "bad count"),
     (["example.com/24"], "bad prefix"),
     (["127.0.0.0/24", "127.0.1.0/24"], "usage"),
+    (["-m", "ptr", "127.0.0.0/24"], "needs -d DNS"),
+    (["-m", "lookup", "www.test"], "needs -d DNS"),
+    (["-m", "synbomb", "127.0.0.1/32"], "needs -S SRC"),
+    (["-m", "worm", "127.0.0.0/24"], "bad mode"),
+    (["-m", "synbomb", "-S", "10.0.0.300", "127.0.0.1/32"], "bad address"),
 ])
 def test_worm_refuses(worm, args, why):
     r = run_worm(worm, *args)
     assert r.returncode == 2 and why in r.stderr and "attempt" not in r.stdout
+
+
+@pytest.mark.parametrize("mode, port", [("udp", 1434), ("icmp", 0), ("synbomb", 9)])
+def test_worm_datagram_styles_send_once_per_address(worm, mode, port):
+    extra = ["-S", "127.0.0.9"] if mode == "synbomb" else []
+    target = "127.0.0.1/32" if mode == "synbomb" else "127.0.3.0/24"
+    r = run_worm(worm, "-m", mode, "-n", "5", "-r", "100", "-s", "3", *(["-p", "9"] if mode == "synbomb" else []),
+                 *extra, target)
+    assert r.returncode == 0, r.stderr
+    attempts = [ln for ln in r.stdout.splitlines() if ln.startswith("attempt")]
+    assert len(attempts) == 5 and all(ln.endswith(f":{port}") for ln in attempts), r.stdout
+    assert "done: connected 0 refused 0 failed 0 pending 0" in r.stdout
+    if mode != "synbomb":
+        assert len({ln.split()[2] for ln in attempts}) == 5     # distinct addresses
 
 
 # ---- the scanner under a real NI kernel: its state survives a kill and a daemon restart (Scanner.checkpoint) ----
