@@ -246,7 +246,7 @@ def enter_attack(det, clock):
 def test_attack_mode_releases_one_queued_destination_every_six_seconds():
     """Williamson's delay queue: unknown destinations wait in order; one is released per tick of a fixed
     six-second clock, and a released destination's retransmitted SYN passes."""
-    det, clock = detector()
+    det, clock = detector(release_share=1)   # the paper's fixed 6 s (see the slow-scanner test)
     resolve(det, "www.example.com", [("www.example.com", "A", "192.0.2.10", 300)])
     enter_attack(det, clock)
     start = clock.t
@@ -288,7 +288,7 @@ def test_the_delay_queue_slows_a_slow_scanner_and_loses_idle_ticks():
 
 
 def test_a_released_destination_keeps_passing_until_reevaluation():
-    det, clock = detector()
+    det, clock = detector(release_share=1)
     enter_attack(det, clock)
     assert det.decide_syn("10.98.0.1", 80)[0] == "cut"     # queued behind unknown(2)
     assert det.decide_syn("10.98.0.2", 80)[0] == "cut"
@@ -304,17 +304,31 @@ def test_a_released_destination_keeps_passing_until_reevaluation():
     assert det.decide_syn("10.98.0.2", 80)[0] == "pass"
 
 
-def test_continued_attack_doubles_the_release_interval():
-    det, clock = detector(pass_interval=6, max_pass_interval=20)
-    enter_attack(det, clock)
+def test_the_release_interval_follows_the_scanners_pace():
+    """The tick is pass_interval for a fast scanner, and long enough for a slow one that at most
+    release_share of its pace gets out: a slow scanner is really slowed."""
+    det, clock = detector(pass_interval=6, max_pass_interval=600)
     intervals = []
-    for i in range(8 * 200):            # 8 new destinations a second for 200 s
+    for i in range(8 * 130):            # 8 new destinations a second for 130 s
         clock.advance(0.125)
         _, alert = det.decide_syn(unknown(1000 + i), 80)
         if alert:
             intervals.append(alert.fields["pass_interval"])
-    assert intervals == [12.0, 20.0, 20.0]
-    assert det.queued()[:1] and len(det.queued()) == det.cfg["queue_capacity"] and det.stats.queue_full > 0
+    # 8/s: 5 % of that is one every 2.5 s, below the floor of 6 s
+    assert intervals == [6.0, 6.0, 6.0]
+    assert len(det.queued()) == det.cfg["queue_capacity"] and det.stats.queue_full > 0
+    # a slow scanner: one new destination every 5 s trips the minute window at the 11th
+    det, clock = detector()
+    for i in range(11):
+        _, alert = det.decide_syn(unknown(i), 80)
+        clock.advance(5)
+    assert alert is not None and alert.fields["pass_interval"] == pytest.approx(5 / 0.05)
+    # and its next addresses wait: in the next 100 s (20 more) at most one is released
+    released = det.stats.released
+    for i in range(11, 31):
+        det.decide_syn(unknown(i), 80)
+        clock.advance(5)
+    assert det.stats.released - released <= 1
 
 
 def test_reevaluation_alerts_again_while_the_scan_goes_on():
@@ -540,7 +554,7 @@ def test_scanner_process_with_fake_kernel(tmp_path):
     try:
         kernel.send(wire.encode_control({
             "op": "hello", "version": 1, "scanner": "codered", "ni": "vm1",
-            "config": {"pass_interval": 0.5, "attack_duration": 2.0}, "injections": []}))
+            "config": {"pass_interval": 0.5, "release_share": 1, "attack_duration": 2.0}, "injections": []}))
         subs = []
         while not subs or "stream" not in subs[-1][0]:
             msg = recv()

@@ -27,12 +27,14 @@ without first asking DNS for it, or being contacted by it.  So the detector
    one cut;
 5. in attack mode, for ``attack_duration`` seconds (default 60), throttles like Williamson's virus throttle:
    every unknown destination goes into a *delay queue* (bounded, ``queue_capacity``; its packets cut), and
-   one destination leaves the queue every ``pass_interval`` seconds on a fixed clock, whatever the worm's
-   pace (a tick with an empty queue is lost, so a slow worm cannot save up releases).  A released destination
-   then passes (TCP's retransmission of the SYN gets through; for UDP and ICMP the next datagram to it) for
-   ``attack_duration`` seconds.  Known destinations always pass at once, never queued.  Each re-evaluation
-   that finds the attack going on doubles the interval (up to ``max_pass_interval``), so a worm that keeps
-   scanning is slowed further and further, a slow one included;
+   one destination leaves the queue per tick of a fixed clock, whatever the worm's pace afterwards (a tick
+   with an empty queue is lost, so a slow worm cannot save up releases).  The tick is ``pass_interval``
+   seconds (default 6, the paper's), or longer for a slower scanner: at most ``release_share`` (5 %) of the
+   pace at which unknown destinations came when the attack was detected or re-evaluated (those of the last
+   ten minutes over the time they span), and at least one every ``max_pass_interval`` seconds; so a scanner at one address
+   every 10 s is released one address every 200 s, not one every 6 s.  A released destination then passes
+   (TCP's retransmission of the SYN gets through; for UDP and ICMP the next datagram to it) for
+   ``attack_duration`` seconds.  Known destinations always pass at once, never queued;
 6. alerts when attack mode starts and at every re-evaluation (when ``attack_duration`` has passed) that finds
    the rate still above a threshold, with the count of unique unknown destinations over the last minute, the
    most recent protocol, destination and port; otherwise attack mode ends quietly (``stats`` records it);
@@ -92,8 +94,9 @@ DEFAULTS: dict[str, Any] = {
     "max_per_second": 2,        # more unique unknown destinations than this in 1 s: attack
     "max_per_minute": 10,       # ... or more than this in 60 s
     "max_per_10_minutes": 20,   # ... or more than this in 600 s (slow scanners)
-    "pass_interval": 6.0,       # attack mode: one queued unknown destination is released every this many s
-    "max_pass_interval": 60.0,  # ... doubled at each re-evaluation that finds the attack going on, up to this
+    "pass_interval": 6.0,       # attack mode: one queued unknown destination is released every this many s,
+    "release_share": 0.05,      # ... or slower: at most this share of the scanner's observed pace,
+    "max_pass_interval": 600.0,  # ... but at least one every this many seconds
     "queue_capacity": 256,      # unknown destinations waiting in attack mode (more are cut and forgotten)
     "attack_duration": 60.0,    # attack mode lasts this long, then the rate is re-evaluated
     "table_capacity": 4096,     # DNS shadow table entries (the paper saw at most 293 per desktop)
@@ -172,6 +175,10 @@ def load_config(config: Optional[Mapping[str, Any]]) -> dict:
     number("dns_port", 1, integer=True)
     if out["dns_port"] > 65535:
         raise ConfigError("dns_port: must be at most 65535")
+    number("release_share", 0.000001)
+    if out["release_share"] > 1:
+        raise ConfigError("release_share: at most 1")
+    out["release_share"] = float(out["release_share"])
     for key in ("pass_interval", "max_pass_interval", "attack_duration", "query_timeout",
                 "anomaly_alert_interval"):
         number(key, 0.001)
@@ -702,11 +709,24 @@ class CodeRedDetector:
                 or self.unknown_count(_MINUTE, t) > self.cfg["max_per_minute"]
                 or self.unknown_count(_TEN_MINUTES, t) > self.cfg["max_per_10_minutes"])
 
+    def _release_interval(self, t: float) -> float:
+        """The delay queue's tick: ``pass_interval``, or long enough that at most ``release_share`` of the
+        scanner's pace gets out (the pace: the unknown destinations of the last ten minutes over the time
+        they span), capped at ``max_pass_interval``."""
+        self._forget_unknown(t)
+        n = len(self._unknown)
+        if n < 2:
+            return self.cfg["max_pass_interval"]
+        first = next(iter(self._unknown.values()))
+        span = max(t - first, 1e-3)
+        want = span / ((n - 1) * self.cfg["release_share"])
+        return min(max(self.cfg["pass_interval"], want), self.cfg["max_pass_interval"])
+
     def _enter_attack(self, t: float) -> None:
         self.attack = True
         self.attack_since = t
         self.attack_until = t + self.cfg["attack_duration"]
-        self.interval = self.cfg["pass_interval"]
+        self.interval = self._release_interval(t)
         self._next_release = t + self.interval
         self._granted.clear()
         self._queue.clear()
@@ -721,8 +741,10 @@ class CodeRedDetector:
         self._granted = {a: when for a, when in self._granted.items() if when > horizon}
         if self._rate_exceeded(t):
             self.attack_until = t + self.cfg["attack_duration"]
-            self.interval = min(self.interval * 2, self.cfg["max_pass_interval"])
-            self._next_release = max(self._next_release, t + self.interval)
+            interval = self._release_interval(t)
+            if interval > self.interval:      # a slower scanner now: the next tick moves out too
+                self._next_release += interval - self.interval
+            self.interval = interval
             self.stats.attack_continued += 1
             return self._alert("attack_continues", t)
         self.attack = False

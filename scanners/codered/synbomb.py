@@ -5,8 +5,11 @@ A SYN bomb from the guest opens TCP handshakes it never completes: the victim an
 and keeps the half-open connection, retransmitting the SYN-ACK while it waits for the final ACK.  The NI sees
 both halves.  A connection is *half-open* once the victim's SYN-ACK for it comes a second time (the victim
 retransmits only when the guest did not answer; a guest that refused it sends a RST, which the detector also
-sees).  More than ``max_half_open`` half-open connections to one victim within ``window`` seconds is a SYN bomb
-(anti-spoofing keeps the guest to its own addresses, so the victim is always answering the guest).  Then, for
+sees).  More than ``max_half_open`` half-open connections to one victim within ``window`` seconds, and at least
+``min_half_open_share`` of the handshakes it answered in that time (up to a second ago: a SYN-ACK repeats after
+about a second), is a SYN bomb (a busy client whose final ACKs
+are sometimes lost leaves a few half-open connections among many completed ones; anti-spoofing keeps the guest
+to its own addresses, so the victim is always answering the guest).  Then, for
 ``block_duration`` seconds (extended while it goes on):
 
 * an alert names the victim and the count;
@@ -27,7 +30,7 @@ from __future__ import annotations
 import collections
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Union
 
 from .packet import PROTO_TCP, TCP_ACK, TCP_RST, TCP_SYN, PacketError, parse_frame
@@ -38,7 +41,8 @@ SYNBOMB_DEFAULTS: dict[str, Any] = {
     "max_half_open": 8,          # more half-open connections to one victim than this within the window: a bomb
     "window": 10.0,
     "block_duration": 60.0,      # throttle and repair this long after the last half-open connection found
-    "throttle_interval": 1.0,    # in a bomb: one SYN to the victim passes every this many seconds
+    "min_half_open_share": 0.5,  # ... and at least this share of the handshakes it answered in the window
+    "throttle_interval": 5.0,    # in a bomb: one SYN to the victim passes every this many seconds
     "repair": True,              # reset the victim's half-open connections
     "max_connections": 65536,
 }
@@ -85,6 +89,9 @@ def load_synbomb_config(config: Optional[Mapping[str, Any]]) -> dict:
         v = out[k]
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "max_half_open" else 1):
             raise SynBombConfigError(f"{k}: expected a non-negative integer, got {v!r}")
+    v = out["min_half_open_share"]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+        raise SynBombConfigError(f"min_half_open_share: expected 0..1, got {v!r}")
     for k in ("window", "block_duration", "throttle_interval"):
         v = out[k]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
@@ -109,6 +116,7 @@ class _Conn:
 @dataclass
 class _Victim:
     half_open: "collections.deque[float]"
+    answered: "collections.deque[float]" = field(default_factory=collections.deque)
     bomb_until: float = -math.inf
     next_pass: float = -math.inf
     alerted: int = 0
@@ -203,6 +211,9 @@ class SynBombDetector:
         if c.victim_isn != seq:
             c.victim_isn, c.synacks = seq, 1
             c.mac = mac
+            v = self._victim(victim)
+            v.answered.append(t)
+            self._trim(v.answered, t)
             return [], []
         c.synacks += 1
         if c.half_open:
@@ -210,21 +221,17 @@ class SynBombDetector:
         # the victim repeats its SYN-ACK: the guest never completed the handshake
         c.half_open = True
         self.stats.half_open += 1
-        v = self.victims.get(victim)
-        if v is None:
-            v = self.victims[victim] = _Victim(collections.deque())
-            if len(self.victims) > self.cfg["max_connections"]:
-                self.victims.pop(next(iter(self.victims)))
+        v = self._victim(victim)
         v.half_open.append(t)
-        horizon = t - self.cfg["window"]
-        while v.half_open and v.half_open[0] <= horizon:
-            v.half_open.popleft()
+        self._trim(v.half_open, t)
+        self._trim(v.answered, t)
         alerts: list = []
         resets: list = []
         if t < v.bomb_until:
             v.bomb_until = max(v.bomb_until, t + self.cfg["block_duration"])
             resets = self._repair(guest, gport, victim, vport, c, t)
-        elif len(v.half_open) > self.cfg["max_half_open"]:
+        elif (len(v.half_open) > self.cfg["max_half_open"]
+              and len(v.half_open) >= self.cfg["min_half_open_share"] * max(1, self._answered_before(v, t - 1.0))):
             v.bomb_until = t + self.cfg["block_duration"]
             v.next_pass = t + self.cfg["throttle_interval"]
             self.stats.bombs += 1
@@ -241,6 +248,32 @@ class SynBombDetector:
                  "block_duration": self.cfg["block_duration"]}))
         return alerts, resets
 
+    def _victim(self, victim) -> _Victim:
+        v = self.victims.get(victim)
+        if v is None:
+            v = self.victims[victim] = _Victim(collections.deque())
+            if len(self.victims) > self.cfg["max_connections"]:
+                self.victims.pop(next(iter(self.victims)))
+        return v
+
+    @staticmethod
+    def _answered_before(v: _Victim, when: float) -> int:
+        """Handshakes answered by ``when`` (in the window): those whose SYN-ACK could have been repeated by
+        now (a victim repeats it after about a second), the base of the half-open share."""
+        n = 0
+        for x in v.answered:
+            if x > when:
+                break
+            n += 1
+        return n
+
+    def _trim(self, q: "collections.deque[float]", t: float) -> None:
+        horizon = t - self.cfg["window"]
+        while q and q[0] <= horizon:
+            q.popleft()
+        while len(q) > self.cfg["max_connections"]:
+            q.popleft()
+
     def _repair(self, guest, gport, victim, vport, c: _Conn, t: float) -> list:
         if not self.cfg["repair"] or c.victim_isn is None or not c.mac:
             return []
@@ -253,7 +286,8 @@ class SynBombDetector:
         """Ends bomb mode for victims whose time is up (quietly), forgets old connections."""
         t = self._now(now)
         for victim in [v for v, s in self.victims.items() if s.bomb_until < t and
-                       (not s.half_open or s.half_open[-1] <= t - self.cfg["window"])]:
+                       (not s.half_open or s.half_open[-1] <= t - self.cfg["window"])
+                       and (not s.answered or s.answered[-1] <= t - self.cfg["window"])]:
             del self.victims[victim]
         horizon = t - max(self.cfg["window"], 120.0)
         while self.conns:
