@@ -256,3 +256,21 @@ def test_a_warm_dns_cache_peers_and_the_queue_survive_a_restart():
     v1["v"] = 1
     det3, _ = detector()
     assert det3.restore(v1, wall=1001.0) and det3.attack and det3.is_known(V4("192.0.2.10"))
+
+
+# ---- a policy written for section 5.3's scanner still runs it, narrowed ---------------------------------------
+
+
+def test_a_policy_granting_only_the_old_rights_runs_the_scanner_narrowed(kits):
+    from nikit import policy, scanner_spec
+    from test_codered import _syn_passes
+    spec = scanner_spec("codered", str(REPO / "scanners" / "codered"), allow=[
+        {"direction": "from_guest", "proto": "udp", "dport": 53},
+        {"direction": "to_guest", "proto": "udp", "sport": 53},
+        {"direction": "from_guest", "proto": "tcp", "tcp_flags": "syn", "contain": True}])
+    k = kits({"a": policy(hold_timeout_ms=5000, default_decision="pass", scanners=[spec])})
+    alert = k.wait_alert("running narrowed", "a", "codered", timeout=20)
+    assert alert["fields"]["event"] == "narrowed" and len(alert["fields"]["refused"]) == 8   # 7 + DNS over TCP
+    k.until(lambda: sum(s.scanner == "codered" for s in k.nk("a").subs) == 3, 20, "the narrowed scanner")
+    assert [_syn_passes(k, i) for i in range(3)] == [True, True, False]
+    k.wait_alert("Code-Red-like scanning detected", "a", "codered")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import Optional
 
 if __package__:
     from .core import CodeRedDetector, ConfigError
@@ -41,24 +42,35 @@ CHECKPOINT_EVERY = 1.0
 
 
 def subscriptions(dns_port: int, protocols=("tcp", "udp", "icmp"), learn_inbound: bool = True
-                  ) -> list[tuple[dict, bool]]:
-    """(match, contain) for the frame subscriptions: section 5.3's three, widened to UDP and ICMP."""
-    subs = [({"direction": "from_guest", "proto": "tcp", "tcp_flags": "syn,!ack"}, True)]
-    if "udp" in protocols:
-        subs.append(({"direction": "from_guest", "proto": "udp"}, True))
-    else:
-        subs.append(({"direction": "from_guest", "proto": "udp", "dport": dns_port}, False))
-    subs.append(({"direction": "to_guest", "proto": "udp"} if learn_inbound
-                 else {"direction": "to_guest", "proto": "udp", "sport": dns_port}, False))
+                  ) -> list[tuple[dict, bool, Optional[dict]]]:
+    """(match, contain, fallback) for the frame subscriptions: section 5.3's three, widened to UDP and ICMP.
+    ``fallback`` is section 5.3's narrower read-only subscription, taken when a policy written for it does
+    not grant the wider one (the scanner then runs narrowed and says so); None: required as it is, or (for
+    what only widens) skipped when refused."""
+    dns_out = {"direction": "from_guest", "proto": "udp", "dport": dns_port}
+    dns_in = {"direction": "to_guest", "proto": "udp", "sport": dns_port}
+    subs: list = [({"direction": "from_guest", "proto": "tcp", "tcp_flags": "syn,!ack"}, True, None)]
+    subs.append(({"direction": "from_guest", "proto": "udp"}, True, dns_out) if "udp" in protocols
+                else (dns_out, False, None))
+    subs.append(({"direction": "to_guest", "proto": "udp"}, False, dns_in) if learn_inbound
+                else (dns_in, False, None))
     if "icmp" in protocols:
-        subs += [({"direction": "from_guest", "proto": "icmp"}, True),
-                 ({"direction": "from_guest", "proto": "icmpv6"}, True)]
+        subs += [({"direction": "from_guest", "proto": "icmp"}, True, OPTIONAL),
+                 ({"direction": "from_guest", "proto": "icmpv6"}, True, OPTIONAL)]
     if learn_inbound:
-        subs += [({"direction": "to_guest", "proto": "tcp", "tcp_flags": "syn,!ack"}, False)]
+        subs += [({"direction": "to_guest", "proto": "tcp", "tcp_flags": "syn,!ack"}, False, OPTIONAL)]
         if "icmp" in protocols:
-            subs += [({"direction": "to_guest", "proto": "icmp"}, False),
-                     ({"direction": "to_guest", "proto": "icmpv6"}, False)]
+            subs += [({"direction": "to_guest", "proto": "icmp"}, False, OPTIONAL),
+                     ({"direction": "to_guest", "proto": "icmpv6"}, False, OPTIONAL)]
     return subs
+
+
+#: a subscription's fallback: nothing (the scanner runs without it when the policy does not grant it)
+OPTIONAL: dict = {}
+
+
+def json_safe(m: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in m.items())
 
 
 def log(msg: str) -> None:
@@ -95,17 +107,37 @@ def run(sc: Scanner) -> int:
         last_checkpoint = now
 
     cfg = det.cfg
+    narrowed = []
+    match: dict = {}
     try:
-        for match, contain in subscriptions(cfg["dns_port"], cfg["protocols"], cfg["learn_inbound"]):
-            sc.subscribe(match, contain=contain)
+        for match, contain, fallback in subscriptions(cfg["dns_port"], cfg["protocols"], cfg["learn_inbound"]):
+            try:
+                sc.subscribe(match, contain=contain)
+            except Refused:
+                if fallback is None:
+                    raise
+                narrowed.append(match)
+                if fallback is not OPTIONAL:
+                    match = fallback
+                    sc.subscribe(fallback, contain=False)
         if cfg["dns_over_tcp"]:
             match = {"stream": True, "port": cfg["dns_port"], "direction": "both"}
-            sc.subscribe_stream(port=cfg["dns_port"], direction="both", contain=False)
+            try:
+                sc.subscribe_stream(port=cfg["dns_port"], direction="both", contain=False)
+            except Refused:
+                narrowed.append(match)
     except Refused as exc:
         sc.alert(f"Code-Red scanner not started: subscription {match} refused: {exc}",
                  event="subscription_refused")
         log(f"subscription {match} refused: {exc}")
         return 3
+    if narrowed:
+        # a policy written for section 5.3's scanner: it still decides TCP SYNs over UDP DNS, but what the
+        # policy does not grant goes unwatched; the administrator should know
+        sc.alert(f"worm scanner running narrowed: the policy does not grant {len(narrowed)} of its "
+                 f"subscriptions (see examples/codered.toml)", event="narrowed",
+                 refused=[json_safe(m) for m in narrowed])
+        log(f"narrowed: not granted {narrowed}")
     log(f"scanning on {sc.ni} as {sc.name}: more than {det.cfg['max_per_second']}/s or "
         f"{det.cfg['max_per_minute']}/min or {det.cfg['max_per_10_minutes']}/10 min unknown destinations "
         f"({'/'.join(cfg['protocols'])}) is an attack")
