@@ -62,3 +62,11 @@ def test_syn_bombs_are_caught_within_two_seconds(figures):
         r = pick(figures, "SYN bomb", prefix)
         assert r.seconds_to_detection <= 2.0 and r.escaped_minute_after_detection <= 0.05
     assert pick(figures, "SYN bomb", "SYN bomb, 100").escaped_first_minute <= 0.05
+
+
+def test_the_bench_reports_the_same_figures():
+    from vhostni.bench import detectors
+    d = detectors.run_detectors(progress=lambda m: None)
+    assert d["status"] == "ran" and len(d["rows"]) == len(sim.run_all())
+    lines = detectors.report_lines(d)
+    assert any("UDP (Slammer)" in ln and "3 / 0.0 s" in ln for ln in lines)

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import frameloop, guest_tcp, scanners, signatures, streams
+from . import detectors, frameloop, guest_tcp, scanners, signatures, streams
 from .backends import DpdkVhostBackend, VhostniBackend, vhostni_unavailable_reason
 from .testpmd import dpdk_version, reap_stale, testpmd_binary
 
@@ -34,7 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="bench/out/results.json", help="JSON results file")
     p.add_argument("--logdir", default=None, help="process logs (default: <out dir>/logs)")
-    p.add_argument("--only", choices=("frameloop", "guest-tcp", "scanners", "streams", "signatures"), help="run one part only")
+    p.add_argument("--only", choices=("frameloop", "guest-tcp", "scanners", "streams", "signatures",
+                                                           "detectors"), help="run one part only")
     p.add_argument("--no-vhostni", action="store_true", help="baseline only")
     g = p.add_argument_group("frame loop")
     g.add_argument("--sizes", default="64,1518", help="frame sizes, comma separated")
@@ -207,6 +208,8 @@ def report(results: dict) -> str:
     for key in ("signatures", "signatures_never_hit"):
         if results.get(key):
             lines += signatures.report_lines(results[key])
+    if results.get("detectors"):
+        lines += detectors.report_lines(results["detectors"])
     return "\n".join(lines)
 
 
@@ -308,6 +311,9 @@ def main(argv=None) -> int:
                 results["signatures_never_hit"] = signatures.run_signatures(
                     sgcfg, progress=lambda m: print(m, flush=True))
                 save()
+        if args.only in (None, "detectors"):
+            results["detectors"] = detectors.run_detectors(progress=lambda m: print(m, flush=True))
+            save()
     except (KeyboardInterrupt, Interrupted) as exc:
         results["interrupted"] = str(exc) or "KeyboardInterrupt"
         print(f"interrupted ({results['interrupted']}); partial results saved", file=sys.stderr)
