@@ -339,3 +339,29 @@ def test_reset_frames_are_well_formed():
     assert p6[IPv6].nh == 6 and p6[TCP].flags == "RA"
     del p6[TCP].chksum
     assert bytes(p6) == f6
+
+
+def test_trw_scanner_blocks_a_remote_port_scanner_under_a_real_kernel(kits):
+    """b scans a's ports; a's stack answers closed ports with RSTs: after four, b's SYNs no longer reach a."""
+    from nikit import A_IP, A_MAC, B_IP, B_MAC, TCP_ACK, TCP_RST, TCP_SYN, eth, ipv4, policy, scanner_spec
+
+    def tcp(sport, dport, flags):
+        return struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, flags, 65535, 0, 0)
+
+    spec = scanner_spec("trw", str(REPO / "scanners" / "codered"), allow=[
+        {"direction": "both", "proto": "tcp", "tcp_flags": "syn", "contain": True},
+        {"direction": "both", "proto": "tcp", "tcp_flags": "rst"},
+        {"direction": "both", "proto": "icmp"}], config={"detector": "trw"})
+    k = kits({"a": policy(hold_timeout_ms=5000, default_decision="pass", scanners=[spec])})
+    k.until(lambda: k.sp("a", "trw").locked and k.subscribed("a", "trw"), 20, "the scanner")
+    reached = []
+    for port in range(20, 27):
+        k.send("b", eth(A_MAC, B_MAC, 0x0800, ipv4(B_IP, A_IP, 6, tcp(6000, port, TCP_SYN))))
+        got = [f for f in k.recv("a", wait=0.5) if len(f) >= 54 and f[23] == 6 and f[47] == TCP_SYN]
+        reached.append(bool(got))
+        if got:         # a's closed port answers
+            k.send("a", eth(B_MAC, A_MAC, 0x0800, ipv4(A_IP, B_IP, 6, tcp(port, 6000, TCP_RST | TCP_ACK))))
+            k.recv("b", wait=0.3)
+    assert reached == [True] * 4 + [False] * 3
+    alert = k.wait_alert("port scan of the guest from 10.0.0.2", "a", "trw")
+    assert alert["fields"]["direction"] == "inbound" and alert["fields"]["failures"] == 4
