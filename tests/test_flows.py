@@ -365,3 +365,53 @@ def test_trw_scanner_blocks_a_remote_port_scanner_under_a_real_kernel(kits):
     assert reached == [True] * 4 + [False] * 3
     alert = k.wait_alert("port scan of the guest from 10.0.0.2", "a", "trw")
     assert alert["fields"]["direction"] == "inbound" and alert["fields"]["failures"] == 4
+
+
+# ---- hostile input: nothing a frame or a stream carries makes a detector raise -----------------------------
+
+from hypothesis import given, settings, strategies as hst  # noqa: E402
+
+_seeds = [out_syn(host(1), 80), in_synack(host(1), 80), in_rst(host(1), 80),
+          frame("10.0.0.1", GUEST, ICMP(type=3, code=1) / IP(src=GUEST, dst=host(1)) / TCP(sport=40000, dport=80),
+                True)]
+_frames = hst.one_of(hst.binary(max_size=120),
+                     hst.builds(lambda i, cut, tail: _seeds[i][:cut] + tail, hst.integers(0, len(_seeds) - 1),
+                                hst.integers(0, 90), hst.binary(max_size=40)))
+
+
+@settings(max_examples=800, deadline=None)
+@given(hst.lists(hst.tuples(hst.sampled_from(["from_guest", "to_guest", 3]), _frames, hst.floats(0, 4)),
+                 max_size=10))
+def test_hostile_frames_never_raise_in_trw_or_synbomb(steps):
+    clock = Clock()
+    dets = [TrwDetector({}, clock=clock), SynBombDetector({"max_half_open": 0}, clock=clock)]
+    for d, f, dt in steps:
+        clock.advance(dt)
+        for det in dets:
+            v = det.handle_frame(d, f)
+            assert v.action in (None, "pass", "cut")
+            det.tick()
+
+
+@settings(max_examples=400, deadline=None)
+@given(hst.lists(hst.tuples(hst.sampled_from(["from_guest", "to_guest", "x"]), hst.binary(max_size=300)),
+                 max_size=12))
+def test_hostile_dns_streams_never_raise(chunks):
+    from scanners.codered import CodeRedDetector
+    det = CodeRedDetector({"match_queries": False}, clock=Clock())
+    for d, data in chunks:
+        assert det.observe_dns_stream(1, d, data, (GUEST, 1234, "10.0.0.1")) >= 0
+    assert det.observe_dns_stream(2, "to_guest", b"\0\1x", ("not an address", 1, 2)) == 0
+
+
+def test_the_reset_right_is_off_unless_the_policy_says_so(tmp_path):
+    from vhostni.policy import PolicyError, load_policy
+    base = f'[[scanner]]\nname = "s"\nprogram = "{REPO / "scanners" / "codered"}"\n'
+    p = tmp_path / "p.toml"
+    p.write_text(base)
+    assert load_policy(str(p)).scanners[0].resets is False
+    p.write_text(base + "resets = true\n")
+    assert load_policy(str(p)).scanners[0].resets is True
+    p.write_text(base + 'resets = "yes"\n')
+    with pytest.raises(PolicyError, match=r"scanner\[0\]\.resets"):
+        load_policy(str(p))
