@@ -274,3 +274,15 @@ def test_a_policy_granting_only_the_old_rights_runs_the_scanner_narrowed(kits):
     k.until(lambda: sum(s.scanner == "codered" for s in k.nk("a").subs) == 3, 20, "the narrowed scanner")
     assert [_syn_passes(k, i) for i in range(3)] == [True, True, False]
     k.wait_alert("Code-Red-like scanning detected", "a", "codered")
+
+
+def test_multicast_and_broadcast_are_not_new_hosts():
+    det, clock = detector()
+    for i in range(3):
+        det.handle_frame("from_guest", udp(unknown(i)))
+    assert det.attack
+    # DHCP, mDNS and SSDP chatter goes on in attack mode and counts for nothing
+    for dst, port in (("255.255.255.255", 67), ("224.0.0.251", 5353), ("239.255.255.250", 1900)):
+        assert det.handle_frame("from_guest", udp(dst, dport=port)).action == "pass"
+    assert det.handle_frame("from_guest", ping("ff02::1")).action == "pass"
+    assert det.stats.multicast == 4 and det.unknown_count(60) == 3

@@ -18,7 +18,8 @@ without first asking DNS for it, or being contacted by it.  So the detector
    forgotten first, ``peer_capacity``);
 3. decides every new destination from the guest: a TCP SYN (SYN set, ACK clear), a UDP datagram, an ICMP or
    ICMPv6 echo request.  A destination in the DNS table, a peer, or in the administrator's ``known_networks``
-   is *known* and always passes at once.  Any other destination is *unknown*: it is one "random connection"
+   is *known* and always passes at once; so do multicast groups and the broadcast address (DHCP, mDNS, SSDP:
+   the link, not a host a worm picked).  Any other destination is *unknown*: it is one "random connection"
    in the paper's words;
 4. counts *unique unknown destination addresses* in three sliding windows: the last second, minute and ten
    minutes (one address counts once per window however many packets, ports, protocols or retransmissions go
@@ -116,6 +117,7 @@ DEFAULTS: dict[str, Any] = {
     "dns_over_tcp": True,       # shadow DNS answers over TCP/53 too (a read-only stream subscription)
 }
 
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 _SECOND = 1.0
 _MINUTE = 60.0
 _TEN_MINUTES = 600.0
@@ -288,6 +290,7 @@ class _Stats:
     syn_unknown_passed: int = 0     # ... unknown and passed
     syn_unknown_cut: int = 0        # ... unknown and cut
     udp_unknown: int = 0
+    multicast: int = 0              # to multicast groups or the broadcast address: not counted
     icmp_unknown: int = 0
     queued: int = 0
     queue_full: int = 0
@@ -617,6 +620,10 @@ class CodeRedDetector:
         self._release(t)
         if self.is_known(addr):
             self.stats.syn_known += 1
+            return "pass", alert
+        if addr.is_multicast or addr == _BROADCAST:
+            # DHCP, mDNS, SSDP, neighbour discovery: a group or the link, not a host a worm picked
+            self.stats.multicast += 1
             return "pass", alert
         self.last_port, self.last_dst, self.last_proto = int(dport), addr, proto
         if proto == "udp":
