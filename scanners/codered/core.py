@@ -444,7 +444,7 @@ class CodeRedDetector:
 
     def observe_inbound(self, src: Union[IPAddress, str], now: Optional[float] = None) -> None:
         """``src`` contacted the guest first (a SYN, a datagram, an echo request to it): a known peer."""
-        t = self._now(now)
+        self._now(now)
         if not self.cfg["learn_inbound"]:
             return
         addr = ipaddress.ip_address(src) if isinstance(src, str) else src
@@ -453,7 +453,6 @@ class CodeRedDetector:
             self.dirty = True
         self.peers.add(addr, "inbound")
         self._queue.pop(addr, None)
-        del t
 
     def _anomaly(self, t: float, exc: FragmentError, d: Optional[str]) -> Optional[Alert]:
         self.stats.anomalies += 1

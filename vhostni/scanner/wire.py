@@ -109,6 +109,7 @@ This module is shared by the SDK and the kernel and imports nothing from either.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import struct
@@ -535,7 +536,6 @@ class Reset:
     id: Optional[int] = None
 
     def __post_init__(self):
-        import ipaddress
         try:
             a, b = ipaddress.ip_address(self.src), ipaddress.ip_address(self.dst)
         except (TypeError, ValueError):
