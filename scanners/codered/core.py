@@ -767,7 +767,7 @@ class CodeRedDetector:
         msg = (f"Code-Red-like scanning {what}: {count} unknown destinations in the last minute "
                f"({last_second} in the last second, {last_10} in ten minutes), last port {port} "
                f"({self.last_proto} to {self.last_dst}); releasing one unknown destination every "
-               f"{self.interval:g} s for {self.cfg['attack_duration']:g} s")
+               f"{self.interval:.3g} s for {self.cfg['attack_duration']:g} s")
         return Alert(msg, {
             "event": event,
             "count": count,
