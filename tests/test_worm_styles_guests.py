@@ -8,6 +8,8 @@ router toward the worm's targets (198.18.0.0/16, which he drops: `InAddrErrors` 
 every probe that got out), the DNS server (guests/dnsd.c over UDP and TCP, with a synthesised reverse zone),
 a web server on four addresses, and the SYN bomb's victim.
 
+Last, bob port-scans alice: her NI's TRW detector blocks him.
+
 Normal traffic, checked while the worm is contained: a name resolved over UDP then connected to, a name
 resolved only over TCP/53 then connected to, a peer (one of bob's addresses nothing resolved) that pinged alice
 first and that she then connects to: each connects at once.
@@ -39,14 +41,16 @@ def toml_value(v) -> str:
 
 
 def policy_text() -> str:
-    """examples/codered.toml and examples/synbomb.toml as one policy for alice."""
+    """examples/codered.toml, synbomb.toml and trw.toml (inbound only) as one policy for alice."""
     cod = tomllib.loads((REPO / "examples" / "codered.toml").read_text())
     bomb = tomllib.loads((REPO / "examples" / "synbomb.toml").read_text())
     cod["scanner"][0]["config"].update(attack_duration=5.0)          # re-evaluate (and alert) often
     bomb["scanner"][0]["config"].update(max_half_open=3)            # httpd's small listen backlog
+    trw = tomllib.loads((REPO / "examples" / "trw.toml").read_text())
+    trw["scanner"][0]["config"].update(outbound=False)               # here: remote hosts scanning alice
     out = [f'[ni]\nmac = "{ALICE_MAC}"\naddresses = ["{LAN}.1/32", "{BOMB_SRC}/32"]\nanti_spoof = true\n'
            'hold_timeout_ms = 2000\ndefault_decision = "cut"\n']
-    for sc in cod["scanner"] + bomb["scanner"]:
+    for sc in cod["scanner"] + bomb["scanner"] + trw["scanner"]:
         out.append("[[scanner]]")
         for k in ("name", "resets"):
             if k in sc:
@@ -202,3 +206,20 @@ def test_syn_bomb_is_stopped_and_the_victim_repaired(lab):
           f"{a['message']}")
     assert during >= 2, "the bomb left no half-open connections to repair"
     assert after == 0, f"{after} half-open connections left on the victim"
+
+
+def test_a_remote_port_scanner_is_blocked(lab):
+    alice, bob, alerts = lab
+    alice.check("mkdir -p /www && echo hello-from-alice > /www/index.html && httpd -p 8080 -h /www")
+    assert "hello-from-alice" in bob.check(f"timeout 10 wget -q -O - http://{LAN}.1:8080/", timeout=30)
+    t0 = time.time()
+    # a connect scan of alice's closed ports from bob: her stack answers each with a RST
+    bob.check(f"for p in $(seq 20 29); do timeout 2 nc {LAN}.1 $p </dev/null; done; true", timeout=60)
+    a = wait_alert(alerts, lambda r: r["scanner"] == "trw" and r["time"] >= t0
+                   and r.get("fields", {}).get("event") == "scan_detected")
+    assert a["fields"]["direction"] == "inbound" and a["fields"]["source"] == f"{LAN}.2"
+    # its earlier successful connection walked the ratio down by 4: a fifth failure decides
+    assert (a["fields"]["successes"], a["fields"]["failures"]) == (1, 5)
+    # now bob cannot reach alice's open port either; the guest's other peers could
+    out, status = bob.run(f"timeout 5 wget -q -O - http://{LAN}.1:8080/", timeout=30)
+    assert status != 0 and "hello-from-alice" not in out
