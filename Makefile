@@ -26,7 +26,7 @@ help:
 	@echo "bench   run the benchmarks; writes bench/out/results.json"
 	@echo "soak    run the daemon under checked traffic for SOAK_SECONDS (default 600), sampling its RSS and fds;"
 	@echo "        writes bench/out/soak.json and soak.csv"
-	@echo "demo    boot two guests behind vhostni and show a worm contained"
+	@echo "demo    boot two guests behind vhostni and show a worm and a SYN bomb contained"
 	@echo "demo-webdl  two guests: infected web downloads stopped while normal browsing flows"
 	@echo "demo-http   two guests: Code-Red's and other overflow requests stopped before a web server gets them"
 	@echo "install install for production: a venv in PREFIX=$(PREFIX), the command in BINDIR=$(BINDIR)"

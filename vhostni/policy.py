@@ -27,7 +27,10 @@ has contain).
 bytes a contain scanner may insert into a TCP stream it holds (text, as given: TOML basic
 strings write CR LF as ``\\r\\n``; or hex).  The two kinds are numbered separately, each in
 the order of the array (``ScannerSpec.injections`` and ``.stream_injections``): a scanner
-never chooses the bytes it sends, only which of the administrator's.
+never chooses the bytes it sends, only which of the administrator's.  ``resets = true`` on a
+``[[scanner]]`` lets it have the NI send TCP resets from the guest's own addresses
+(``Scanner.reset``, to repair a SYN bomb's victim): the NI builds them, from an address
+in ``[ni] addresses`` and the guest's MAC, and sends them through the guest's own checks.
 """
 from __future__ import annotations
 
@@ -347,6 +350,9 @@ class ScannerSpec:
     stream_injections: list[tuple[str, bytes]] = field(default_factory=list)
     # unix sockets (absolute paths) bound into its sandbox, which it may connect to (clamd)
     sockets: list[str] = field(default_factory=list)
+    # may have the NI send TCP resets from the guest's own address (Scanner.reset): nothing
+    # the guest could not send itself, but a scanner needs the administrator's word for it
+    resets: bool = False
 
 
 @dataclass
@@ -639,7 +645,7 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
             raise PolicyError(w, "expected a table")
         _check_keys(s, {"name", "program", "args", "config", "allow", "inject", "memory_mb",
                         "cpu_seconds", "open_files", "max_timeouts", "messages_per_second",
-                        "alerts_per_second", "checkpoint_max_bytes", "sockets", "comment"}, w)
+                        "alerts_per_second", "checkpoint_max_bytes", "sockets", "resets", "comment"}, w)
         name = _want(s, "name", w, str, required=True)
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", name) or name in names:
             raise PolicyError(f"{w}.name", f"{name!r}: 1-32 of [A-Za-z0-9_.-], unique")
@@ -661,6 +667,7 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
         spec = ScannerSpec(name=name, argv=argv, config=_want(s, "config", w, dict, {}),
                            rights=rights, injections=injections, stream_rights=stream_rights,
                            stream_injections=stream_injections)
+        spec.resets = _want(s, "resets", w, bool, False)
         for key, lo, hi in (("memory_mb", 16, 65536), ("cpu_seconds", 1, 10**7), ("open_files", 8, 65536),
                             ("max_timeouts", 1, 1000), ("messages_per_second", 1, 10**7),
                             ("checkpoint_max_bytes", 0, wire.MAX_CHECKPOINT)):

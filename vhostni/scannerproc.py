@@ -8,12 +8,14 @@ one thread.
 from __future__ import annotations
 
 import collections
+import ipaddress
 import logging
 import os
 import select
 import signal
 import socket
 import subprocess
+import struct
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
@@ -88,6 +90,7 @@ class ScannerCounters:
     stream_bytes: int = 0
     stream_passes: int = 0
     stream_kills: int = 0
+    resets: int = 0
     stream_mores: int = 0
     stream_cuts: int = 0
     stream_cut_bytes: int = 0
@@ -575,6 +578,8 @@ class ScannerProc:
             self.synced = max(self.synced, req.id)
             if req.id == READY_SYNC:
                 self._became_ready("subscribed")
+        elif isinstance(req, wire.Reset):
+            self._reset(req)
         elif isinstance(req, wire.StreamKill):
             self.counters.stream_kills += 1
             self.nk.stream_kill(self.name, req.stream, "kill")
@@ -706,6 +711,26 @@ class ScannerProc:
         self.nk.port.inject(req.direction, frame)
         self._reply(req.id)
 
+    def _reset(self, req: wire.Reset) -> None:
+        """A TCP RST|ACK from the guest's own address, sent as if the guest had sent it (through
+        anti-spoofing, prevent rules and subscriptions): the NI builds it, the scanner only names
+        the connection and its sequence numbers."""
+        if not self.spec.resets:
+            self._reply(req.id, "this scanner may not send resets (resets = true in its policy)")
+            self._alert_about("scanner asked to send a TCP reset without the right to", dst=req.dst)
+            return
+        pol = self.nk.policy
+        src = ipaddress.ip_address(req.src)
+        if pol.mac is None or not any(src in net for net in pol.addresses if net.version == src.version):
+            self._reply(req.id, f"{req.src} is not one of the guest's addresses ([ni] mac and addresses)")
+            self._alert_about("scanner asked for a TCP reset from an address not the guest's", src=req.src)
+            return
+        self.nk.port.inject_from(tcp_reset_frame(pol.mac, bytes.fromhex(req.mac.replace(":", "")), src,
+                                                 req.sport, ipaddress.ip_address(req.dst), req.dport,
+                                                 req.seq, req.ack))
+        self.counters.resets += 1
+        self._reply(req.id)
+
     def _alert_about(self, message: str, **fields) -> None:
         """An alert about something this scanner asked for: it can ask as often as it likes,
         so these share its alert rate limit."""
@@ -745,3 +770,28 @@ class ScannerProc:
         if held_id:
             self.pending[number] = held_id
         return number
+
+
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def tcp_reset_frame(src_mac: bytes, dst_mac: bytes, src, sport: int, dst, dport: int, seq: int,
+                    ack: int) -> bytes:
+    """An Ethernet frame with a TCP RST|ACK (IPv4 or IPv6, checksums filled in)."""
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, 0x14, 0, 0, 0)
+    if src.version == 4:
+        pseudo = src.packed + dst.packed + struct.pack("!BBH", 0, 6, len(tcp))
+        tcp = tcp[:16] + struct.pack("!H", _csum(pseudo + tcp)) + tcp[18:]
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0, src.packed, dst.packed)
+        ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+        return dst_mac + src_mac + b"\x08\x00" + ip + tcp
+    pseudo = src.packed + dst.packed + struct.pack("!I3xB", len(tcp), 6)
+    tcp = tcp[:16] + struct.pack("!H", _csum(pseudo + tcp)) + tcp[18:]
+    ip = struct.pack("!IHBB", 6 << 28, len(tcp), 6, 64) + src.packed + dst.packed
+    return dst_mac + src_mac + b"\x86\xdd" + ip + tcp

@@ -16,7 +16,10 @@
   overflow requests (Code-Red and others, delivered evasively too) that reach the guest's server, normal requests
   damaged, the latency the held request adds;
 * **signatures** (:mod:`vhostni.bench.signatures`): the payload stage's matcher (csrc/sig.c) against Hyperscan's
-  own stream-mode scan of the same bytes in the same process, and the compile time of 10,000 rules.
+  own stream-mode scan of the same bytes in the same process, and the compile time of 10,000 rules;
+* **detectors** (:mod:`vhostni.bench.detectors`): the worm, port-scan and SYN-bomb detectors against simulated
+  worms (TCP, UDP, ICMP, PTR-laundered, slow), scans, bombs and normal hosts on a fake clock: detection, share
+  of probes out, false alarms (a few seconds, no guests).
 
 A part that cannot run here (no testpmd, no vhostni, no guest images) is reported with the reason instead of a
 number.  Results go to JSON (``--out``) and a table on stdout; per-process logs to ``--logdir``.

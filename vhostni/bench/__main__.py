@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import frameloop, guest_tcp, httpguard, scale, scanners, signatures, streams, webdl, workers
+from . import detectors, frameloop, guest_tcp, httpguard, scale, scanners, signatures, streams, webdl, workers
 from .backends import DpdkVhostBackend, VhostniBackend, vhostni_unavailable_reason
 from .testpmd import dpdk_version, reap_stale, testpmd_binary
 
@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="bench/out/results.json", help="JSON results file")
     p.add_argument("--logdir", default=None, help="process logs (default: <out dir>/logs)")
     p.add_argument("--only", choices=("frameloop", "guest-tcp", "scanners", "streams", "signatures", "webdl", "httpguard",
-                                      "scale", "workers"), help="run one part only")
+                                      "scale", "workers", "detectors"), help="run one part only")
     p.add_argument("--no-vhostni", action="store_true", help="baseline only")
     g = p.add_argument_group("frame loop")
     g.add_argument("--sizes", default="64,1518", help="frame sizes, comma separated")
@@ -230,6 +230,8 @@ def report(results: dict) -> str:
         lines += scale.report_lines(results["scale"])
     if results.get("workers"):
         lines += workers.report_lines(results["workers"])
+    if results.get("detectors"):
+        lines += detectors.report_lines(results["detectors"])
     return "\n".join(lines)
 
 
@@ -365,6 +367,9 @@ def main(argv=None) -> int:
                     vhostni_args=vhostni_args, vhostni_command=vhostni_cmd, logdir=logdir),
                     progress=lambda m: print(m, flush=True))
                 save()
+        if args.only in (None, "detectors"):
+            results["detectors"] = detectors.run_detectors(progress=lambda m: print(m, flush=True))
+            save()
     except (KeyboardInterrupt, Interrupted) as exc:
         results["interrupted"] = str(exc) or "KeyboardInterrupt"
         print(f"interrupted ({results['interrupted']}); partial results saved", file=sys.stderr)

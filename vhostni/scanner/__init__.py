@@ -474,6 +474,19 @@ class Scanner:
             raise Refused(exc.reason) from None
         self._request(body)
 
+    def reset(self, src: str, sport: int, dst: str, dport: int, seq: int, ack: int, mac: str) -> None:
+        """Has the NI send a TCP RST|ACK from the guest's address ``src``:``sport`` to
+        ``dst``:``dport`` (Ethernet destination ``mac``, the next hop) with these sequence
+        and acknowledgement numbers, as if the guest had sent it: it goes through the NI's
+        anti-spoofing and prevent rules.  It repairs a connection the guest left half-open
+        (a SYN bomb's victim).  Needs ``resets = true`` in this scanner's policy; raises
+        Refused otherwise, or if ``src`` is not the guest's."""
+        try:
+            body = wire.Reset(str(src), sport, str(dst), dport, seq, ack, mac).body()
+        except wire.RequestError as exc:       # as the kernel would have answered it
+            raise Refused(exc.reason) from None
+        self._request(body)
+
     def alert(self, message: str, /, **fields) -> None:
         """Sends an alert to the administrator (the kernel rate-limits them).  ``fields``
         must be strict JSON within the wire's limits: a NaN or Infinity, a value JSON has no

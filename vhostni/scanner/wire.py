@@ -57,6 +57,11 @@ message is:
   ``{"op": "inject", "id": N, "index": I, "direction": "to_guest"|"from_guest"}`` (frame
   injection I of the hello's ``injections``),
   ``{"op": "alert", "message": str, "fields": {...}}``, ``{"op": "synced", "id": N}``,
+  ``{"op": "reset", "id": N, "src": addr, "sport": p, "dst": addr, "dport": p, "seq": n,
+  "ack": n, "mac": "aa:bb:..."}`` (the kernel builds a TCP RST|ACK from the guest's own
+  address ``src`` to ``dst`` and sends it into the network as if the guest had sent it,
+  through anti-spoofing and the prevent rules: needs ``resets = true`` in the scanner's
+  policy; ``mac`` is the next hop's Ethernet address),
   and for streams (a request outside the scanner's rights is refused with an alert to the
   administrator):
   ``{"op": "kill", "stream": S}`` (no reply; forged RSTs to both ends, held bytes dropped),
@@ -109,7 +114,9 @@ This module is shared by the SDK and the kernel and imports nothing from either.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 import struct
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -527,8 +534,45 @@ class Synced:
         return {"op": "synced", "id": self.id}
 
 
+@dataclass(frozen=True)
+class Reset:
+    """A TCP RST|ACK from the guest's address ``src`` to ``dst`` with the given sequence and
+    acknowledgement numbers, sent to Ethernet address ``mac`` (repairs a connection the guest
+    left half-open: the kernel checks ``src`` is the guest's)."""
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    seq: int
+    ack: int
+    mac: str
+    id: Optional[int] = None
+
+    def __post_init__(self):
+        try:
+            a, b = ipaddress.ip_address(self.src), ipaddress.ip_address(self.dst)
+        except (TypeError, ValueError):
+            raise RequestError("reset: src and dst must be IP addresses", self.id) from None
+        if a.version != b.version:
+            raise RequestError("reset: src and dst of different IP versions", self.id)
+        for name in ("sport", "dport"):
+            v = getattr(self, name)
+            if not _is_int(v) or not 1 <= v <= 65535:
+                raise RequestError(f"reset: {name} must be a port 1..65535", self.id)
+        for name in ("seq", "ack"):
+            v = getattr(self, name)
+            if not _is_int(v) or not 0 <= v <= 0xFFFFFFFF:
+                raise RequestError(f"reset: {name} must be a 32-bit number", self.id)
+        if not isinstance(self.mac, str) or not re.fullmatch(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}", self.mac):
+            raise RequestError("reset: mac must be an Ethernet address aa:bb:cc:dd:ee:ff", self.id)
+
+    def body(self) -> dict:
+        return _with_id({"op": "reset", "src": self.src, "sport": self.sport, "dst": self.dst,
+                         "dport": self.dport, "seq": self.seq, "ack": self.ack, "mac": self.mac}, self.id)
+
+
 Request = Union[Subscribe, StreamSubscribe, Inject, StreamCut, StreamInject, StreamKill,
-                StreamMore, Alert, Synced]
+                StreamMore, Alert, Synced, Reset]
 
 
 def _with_id(body: dict, id: Optional[int]) -> dict:
@@ -567,4 +611,7 @@ def decode_request(body: dict) -> Request:
         return StreamKill(body.get("stream"))
     if op == "more":
         return StreamMore(body.get("stream"), _direction_of(body.get("direction")))
+    if op == "reset":
+        return Reset(body.get("src"), body.get("sport"), body.get("dst"), body.get("dport"),
+                     body.get("seq"), body.get("ack"), body.get("mac"), rid)
     raise RequestError(f"unknown op {op!r}", rid)
