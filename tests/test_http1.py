@@ -126,6 +126,16 @@ def test_chunk_extensions_and_trailers():
     assert kinds(evs) == ["framing_in_trailer"]
 
 
+def test_a_lone_cr_waits_for_what_follows_it():
+    """A CRLF before a status line sent a byte at a time is the same empty line as sent at once
+    (the CR alone was read as an HTTP/0.9 response's first byte)."""
+    c = HttpConnection()
+    c.feed(CLIENT, GET)
+    evs = c.feed(SERVER, b"\r") + c.feed(SERVER, b"\n") + c.feed(SERVER, b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert kinds(evs) == ["leading_blank_line"]
+    assert [(e.status, e.version) for e in evs if isinstance(e, Response)] == [(204, b"HTTP/1.1")]
+
+
 def test_unsolicited_and_truncated():
     evs = run(GET, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA")
     assert kinds(evs) == ["unsolicited_response"] and evs[-1].fatal

@@ -431,8 +431,8 @@ class _Side:
             n = 2 if self.buf[:1] == b"\r" else 1
             self.amb("leading_blank_line", "an empty line before a start line", self.base)
             self.take(n)
-        if not self.buf:
-            return False
+        if not self.buf or self.buf == b"\r":
+            return False            # (a lone CR may yet be an empty line: wait for what follows)
         if self.side == SERVER:
             req = self.pending()
             if req is None:
