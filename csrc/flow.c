@@ -562,14 +562,17 @@ int vn_flow_pending(struct vn_switch *sw)
 int vn_flow_next(struct vn_switch *sw, struct vn_flow_event *ev)
 {
     struct vn_flows *f = sw->flows;
-    if (!f || !f->qcount)
-        return 0;
-    *ev = f->q[f->qhead];
-    f->qhead = (f->qhead + 1) % VN_FLOW_QUEUE;
-    f->qcount--;
-    if (ev->port >= 0 && ev->port < VN_MAX_PORTS && f->queued[ev->port])
-        f->queued[ev->port]--;
-    return 1;
+    while (f && f->qcount) {
+        *ev = f->q[f->qhead];
+        f->qhead = (f->qhead + 1) % VN_FLOW_QUEUE;
+        f->qcount--;
+        if (ev->port < 0)
+            continue;          /* its port went away before the kernel saw it */
+        if (ev->port < VN_MAX_PORTS && f->queued[ev->port])
+            f->queued[ev->port]--;
+        return 1;
+    }
+    return 0;
 }
 
 /* Expires the heads of one table's class lists; returns flows closed. */
@@ -631,7 +634,18 @@ int vn_flow_count(struct vn_switch *sw, int port)
 void vn_flow_port_gone(struct vn_switch *sw, int port)
 {
     struct vn_flows *f = sw->flows;
-    if (!f || port < 0 || port >= VN_MAX_PORTS || !f->t[port])
+    if (!f || port < 0 || port >= VN_MAX_PORTS)
+        return;
+    /* events still queued must not reach whoever gets this port index next */
+    if (f->queued[port]) {
+        for (unsigned i = 0; i < f->qcount; i++) {
+            struct vn_flow_event *ev = &f->q[(f->qhead + i) % VN_FLOW_QUEUE];
+            if (ev->port == port)
+                ev->port = -1;
+        }
+        f->queued[port] = 0;
+    }
+    if (!f->t[port])
         return;
     sw->ports[port].st.flows_closed += f->t[port]->count;
     sw->ports[port].st.flows_active = 0;

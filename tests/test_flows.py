@@ -324,6 +324,15 @@ def test_hostile_quoted_headers_are_never_attributed(net, name):
     assert st["flow_icmp_unmatched"] == 1 and st["flow_icmp_errors"] == 0
 
 
+def test_quoted_ipv6_extension_headers_are_walked(net):
+    from scapy.layers.inet6 import IPv6ExtHdrDestOpt, IPv6ExtHdrHopByHop
+    n = net()
+    probe = g6(IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt() / UDP(sport=41000, dport=9))
+    n.out(probe)
+    n.into(n6(ICMPv6DestUnreach(code=4) / Raw(bytes(probe[IPv6]))))
+    assert n.kinds() == [("open", ""), ("state", "icmp_error")]
+
+
 def test_hostile_quoted_ipv6_extension_chain(net):
     n = net()
     n.out(g6(UDP(sport=41000, dport=9)))
@@ -450,6 +459,15 @@ def test_turning_the_stage_off_frees_the_table(net):
     n.guest.set_policy(parse_policy({"ni": {"mac": GMAC}}).compile())
     n.advance(0.1)
     assert n.flows() == 0 and n.stats()["flows_active"] == 0
+
+
+def test_events_of_a_removed_port_never_reach_its_successor(net):
+    n = net()
+    n.guest.inject_from(bytes(syn()))
+    n.guest.remove()
+    assert n.sw.next_flow_event() is None
+    again = n.sw.add_sink_port()
+    assert again.index == 0 and n.sw.flow_count(again.index) == 0
 
 
 def test_summaries_of_long_flows(net):
