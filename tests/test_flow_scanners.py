@@ -108,3 +108,32 @@ def test_replay_on_the_capture_clock_expires_flows_on_capture_time(tmp_path):
         ("flow close", 80, "unanswered", ts[4]),
     ]
     assert all(f["clock"] >= f["time"] - 1e-6 for _, f in runs[0])   # the SDK's clock followed
+
+
+def test_a_real_connection_beside_a_stream_scanner(kits):
+    """A whole connection (tcpkit's Conn: real sequence numbers) through an NI whose TCP
+    engine holds it for a stream scanner: the flow stage sees the same frames first and
+    tells its scanner the handshake, then the close with the final counters."""
+    from tcpkit import ACK, FIN, Conn
+    streams = scanner_spec("sp", "stream_pass.py", allow=[{"stream": True, "port": 25, "contain": True}],
+                           config={"port": 25})
+    k = kits({"a": policy(A_MAC, [IPS["a"] + "/32"], scanners=[flow_scanner(), streams],
+                          flow_tcp_syn_ms=200)})
+    k.wait_alert("ready", "a", "sp")
+    k.until(lambda: subscribed(k), what="the flows subscription")
+    c = Conn(k, "a", "b", cport=40000, sport=25)
+    c.open()
+    c.send("a", c.data("a", b"HELO x\r\n"))
+    assert b"HELO" in b"".join(s.payload for s in c.recv("b", 2.0, 1))
+    c.send("b", c.data("b", b"250 ok\r\n"))
+    assert c.recv("a", 2.0, 1)
+    c.send("a", c.data("a", b"", flags=FIN | ACK))
+    c.send("b", c.data("b", b"", flags=FIN | ACK))
+    c.send("a", c.segment("a", ACK))
+    k.until(lambda: any(e["reason"] for e in events(k)), timeout=10, what="the close")
+    evs = events(k)
+    assert [e["change"] or e["reason"] for e in evs] == [None, "synack", "established", "fin"]
+    close = evs[-1]
+    assert close["packets"] == [5, 3]
+    assert close["bytes"][0] == 5 * 40 + 8 and close["bytes"][1] == 3 * 40 + 8
+    assert k.stats("a")["tcp_flows_opened"] == 1          # the stream engine saw it too

@@ -431,6 +431,17 @@ def test_event_queue_overflow_is_counted_never_blocking(net):
     assert st["flow_events"] == 5 and st["flow_events_dropped"] == 5 and st["flows_opened"] == 10
 
 
+def test_the_punt_eventfd_stays_readable_while_flow_events_wait(net):
+    import select
+    n = net()
+    n.guest.inject_from(bytes(syn()))
+    assert n.sw.next_punt() is None                 # no frames: the kernel looks at the rest
+    assert select.select([n.sw.punt_fd], [], [], 0)[0], "a flow event waits unannounced"
+    assert n.sw.next_flow_event() is not None
+    assert n.sw.next_punt() is None
+    assert not select.select([n.sw.punt_fd], [], [], 0)[0]
+
+
 def test_events_not_subscribed_are_not_queued(net):
     n = net(events=["close"])
     n.out(syn())
