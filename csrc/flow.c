@@ -36,7 +36,6 @@ struct vn_fent {
     uint64_t id;
     uint64_t deadline_from;        /* ns its class's timeout runs from */
     uint64_t start_ns, last_ns;    /* switch clock (monotonic or handed in) */
-    uint64_t start_real, last_real;
     uint64_t summary_ns;           /* last summary (or start) */
     uint64_t packets[2], bytes[2];
     uint32_t hash;
@@ -237,9 +236,13 @@ static void emit(struct vn_switch *sw, int port, const struct vn_fent *e, int ki
         ev->packets[d] = e->packets[d];
         ev->bytes[d] = e->bytes[d];
     }
-    ev->start_ns = e->start_real;
-    ev->last_ns = e->last_real;
-    ev->time_ns = vn_clock_real(sw);
+    /* Unix times from the switch's clock, read here rather than per packet: the flow
+     * keeps monotonic times, shifted by the clocks' offset now (the same clock when a
+     * time is handed in) */
+    uint64_t real = vn_clock_real(sw), mono = vn_clock(sw);
+    ev->start_ns = real - (mono > e->start_ns ? mono - e->start_ns : 0);
+    ev->last_ns = real - (mono > e->last_ns ? mono - e->last_ns : 0);
+    ev->time_ns = real;
     ev->icmp_type = e->icmp_type;
     ev->icmp_code = e->icmp_code;
     memcpy(ev->icmp_from, e->icmp_from, 16);
@@ -475,7 +478,6 @@ int vn_flow_input(struct vn_switch *sw, int port, int dir, const struct vn_pkt *
     uint32_t hash = key_hash(t->seed, k.family, k.proto, k.g, k.r, k.gp, k.rp);
     struct vn_fent *e = lookup(t, hash, k.family, k.proto, k.g, k.r, k.gp, k.rp);
     int d = from ? 0 : 1;
-    uint64_t real = vn_clock_real(sw);
     int opened = 0;
     if (!e) {
         if (t->count >= pol->flows_max) {
@@ -498,7 +500,6 @@ int vn_flow_input(struct vn_switch *sw, int port, int dir, const struct vn_pkt *
         e->rport = k.rp;
         e->icmp_type = e->icmp_code = -1;
         e->start_ns = e->summary_ns = now;
-        e->start_real = real;
         e->prev = e->next = e;
         e->hnext = t->buckets[hash & t->mask];
         t->buckets[hash & t->mask] = e;
@@ -525,7 +526,6 @@ int vn_flow_input(struct vn_switch *sw, int port, int dir, const struct vn_pkt *
     if (h->ip_end > (uint32_t)h->l3_off)
         e->bytes[d] += h->ip_end - (uint32_t)h->l3_off;
     e->last_ns = now;
-    e->last_real = real;
     int fwd = dir == e->initiator;
     if (opened) {
         if (proto == 6 && !h->l4_from_first && (h->tcp_flags & 0x12) == 0x02)
