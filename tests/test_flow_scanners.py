@@ -137,3 +137,20 @@ def test_a_real_connection_beside_a_stream_scanner(kits):
     assert close["packets"] == [5, 3]
     assert close["bytes"][0] == 5 * 40 + 8 and close["bytes"][1] == 3 * 40 + 8
     assert k.stats("a")["tcp_flows_opened"] == 1          # the stream engine saw it too
+
+
+HOSTILE_FLOW_REQUESTS = [
+    {"proto": {"x": 1}}, {"proto": []}, {"proto": [1] * 17}, {"proto": True}, {"proto": -1},
+    {"proto": 256}, {"proto": 1.5}, {"proto": [[1]]}, {"proto": ["nosuch"]}, {"direction": 5},
+    {"direction": "sideways"}, {"events": "open"}, {"events": [1]}, {"events": []},
+    {"events": [[]]}, {"port": 80}, {"contain": 1}]
+
+
+def test_hostile_flow_subscriptions_are_policy_errors_never_crashes():
+    from vhostni.policy import PolicyError, parse_flow_match
+    for extra in HOSTILE_FLOW_REQUESTS:
+        try:
+            parse_flow_match("subscription", {"flows": True, **extra}, subscription=True)
+        except PolicyError:
+            continue
+        raise AssertionError(f"{extra} accepted")

@@ -210,6 +210,16 @@ def test_established_flow_expires_idle_on_the_tcp_timeout(net):
     assert n.events[-1].bytes == (40 + 40 + 50, 40)
 
 
+def test_ipv6_handshake(net):
+    n = net()
+    n.out(g6(TCP(sport=40000, dport=443, flags="S", seq=1)))
+    n.into(n6(TCP(sport=443, dport=40000, flags="SA", seq=7, ack=2)))
+    n.out(g6(TCP(sport=40000, dport=443, flags="A", seq=2, ack=8)))
+    assert n.kinds() == [("open", ""), ("state", "synack"), ("state", "established")]
+    ev = n.events[-1]
+    assert ev.family == 6 and len(ev.guest_addr) == 16 and ev.bytes == (120, 60)
+
+
 def test_midstream_tcp_is_tracked_without_a_handshake(net):
     n = net()
     n.out(g4(TCP(sport=40000, dport=80, flags="PA", seq=1) / Raw(b"hi")))
