@@ -223,6 +223,9 @@ int vn_policy_apply(struct vn_switch *sw, int port, int dir, int egress_to, stru
             return 1;
         }
     }
+    /* the flow stage sees what the header filter let through, before anyone holds it */
+    if (pol->flows && vn_flow_input(sw, port, dir, pkt, &h))
+        return 1;
     /* stream subscriptions first: a data segment they hold meets the frame subscriptions
      * when the stream releases it, so every frame leaves with both kinds of decision */
     if (h.proto == 6 && vn_tcp_active(sw, port) &&
@@ -315,8 +318,8 @@ int vn_punt_next(struct vn_switch *sw, struct vn_punt *out)
         return 1;
     }
     uint64_t v;
-    if (vn_tcp_pending(sw))
-        return 0;              /* stream events wait: leave the eventfd readable */
+    if (vn_tcp_pending(sw) || vn_flow_pending(sw))
+        return 0;              /* stream or flow events wait: leave the eventfd readable */
     if (sw->punt_fd >= 0 && read(sw->punt_fd, &v, sizeof(v)) < 0) {
         /* EAGAIN: already clear */
     }
@@ -396,6 +399,7 @@ int vn_held_release_port(struct vn_switch *sw, int port, int pass)
 {
     int n = 0;
     vn_tcp_port_gone(sw, port);
+    vn_flow_port_gone(sw, port);
     for (unsigned b = 0; b < VN_HELD_HASH; b++) {
         struct vn_held **pp = &sw->held_hash[b];
         while (*pp) {
@@ -424,6 +428,7 @@ int vn_held_release_port(struct vn_switch *sw, int port, int pass)
 void vn_held_free_all(struct vn_switch *sw)
 {
     vn_tcp_free_all(sw);
+    vn_flow_free_all(sw);
     for (unsigned b = 0; b < VN_HELD_HASH; b++) {
         while (sw->held_hash[b]) {
             struct vn_held *r = sw->held_hash[b];
@@ -485,6 +490,7 @@ int vn_port_clear_policy(struct vn_switch *sw, int port)
     if (port < 0 || port >= VN_MAX_PORTS || !sw->ports[port].kind)
         return VN_ENOPORT;
     vn_tcp_port_gone(sw, port);
+    vn_flow_port_gone(sw, port);
     struct vn_policy *old = sw->ports[port].pol;
     struct vn_policy *keep = old && old->isolation ? isolation_only(old->isolation) : NULL;
     if (old && old->isolation && !keep)

@@ -269,6 +269,7 @@ struct vn_switch {
     struct vn_sink_rec *sink_head, *sink_tail, *sink_last;
     unsigned sink_count;
     struct vn_tcp *tcp;           /* stream reconstruction state (tcp.c); NULL until needed */
+    struct vn_flows *flows;       /* the flow stage (flow.c); NULL until a policy turns it on */
 };
 
 /* mem.c */
@@ -430,6 +431,17 @@ static inline uint64_t vn_clock_real(const struct vn_switch *sw)
 {
     return sw->manual_ns ? sw->manual_ns : vn_realtime_ns();
 }
+
+/* flow.c: the flow stage, for policy.c */
+/* Accounts a parsed frame to its flow (vn_policy.flows set).  1: drop it (a new flow
+ * found the table full and flows_over is drop), 0: go on. */
+int vn_flow_input(struct vn_switch *sw, int port, int dir, const struct vn_pkt *pkt,
+                  const struct vn_hdrs *h);
+/* Are flow events waiting (the punt eventfd must stay readable)? */
+int vn_flow_pending(struct vn_switch *sw);
+/* Forgets a port's flows (no events: nobody is left to tell). */
+void vn_flow_port_gone(struct vn_switch *sw, int port);
+void vn_flow_free_all(struct vn_switch *sw);
 
 /* offload.c */
 int vn_csum_complete(struct vn_pkt *pkt);

@@ -31,6 +31,7 @@ path's punt and stream queues.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import subprocess
 import time
@@ -42,7 +43,8 @@ from .alertlog import AlertLog
 from .fastpath import MAX_STREAM_SUBS, MAX_SUBS
 from .scanstate import CheckpointStore
 from .policy import Match, Policy, StreamMatch, check_wire
-from .scannerproc import LOCKDOWN_GRACE, ScannerProc, StreamSub, Sub
+from .scannerproc import LOCKDOWN_GRACE, FlowSub, ScannerProc, StreamSub, Sub
+from .scanner import wire
 from .streams import KStream, StreamBroker
 
 log = logging.getLogger("vhostni.kernel")
@@ -68,6 +70,7 @@ class NIKernel(StreamBroker):
         self.policy = policy
         self.subs: list[Sub] = []
         self.stream_subs: list[StreamSub] = []
+        self.flow_subs: list[FlowSub] = []
         self.streams: dict[int, KStream] = {}
         self.streams_killed = 0
         self.held: dict[int, Held] = {}
@@ -122,7 +125,9 @@ class NIKernel(StreamBroker):
         subs, owners = self._with_cover(subs, owners, cover, Match(), MAX_SUBS)
         ssubs, sowners = self._with_cover(ssubs, sowners, scover, StreamMatch(), MAX_STREAM_SUBS)
         self._owners, self._stream_owners = owners, sowners
-        self.port.set_policy(self.policy.compile(subs, ssubs))
+        flow_events = frozenset().union(*(s.match.events for s in self.flow_subs)) \
+            if self.flow_subs else None
+        self.port.set_policy(self.policy.compile(subs, ssubs, flow_events))
 
     def _with_cover(self, subs, owners, cover, everything, room):
         if len(subs) + len(cover) <= room:
@@ -189,6 +194,27 @@ class NIKernel(StreamBroker):
         self.apply()
         return None
 
+    def add_flow_sub(self, sub: FlowSub) -> Optional[str]:
+        if sub in self.flow_subs:
+            return None
+        if len(self.flow_subs) >= 64:
+            return "this NI has no room for more flows subscriptions (64)"
+        self.flow_subs.append(sub)
+        self.apply()
+        return None
+
+    def flow_event(self, ev) -> None:
+        """Sends one flow event of the fast path to each scanner whose flows subscription
+        covers it (one message per scanner, however many of its subscriptions match)."""
+        names = {s.scanner for s in self.flow_subs if s.match.matches(ev.proto, ev.initiator, ev.kind)}
+        if not names:
+            return
+        msg = wire.encode_control(flow_message(ev))
+        for name in sorted(names):
+            sp = self.scanners.get(name)
+            if sp is not None and sp.running:
+                sp.send_flow(msg)
+
     def add_sub(self, sub: Sub) -> Optional[str]:
         self.kernel.on_punts()         # compiled indices shift: hand out what matched first
         for s in self.subs:
@@ -230,6 +256,8 @@ class NIKernel(StreamBroker):
         self.stream_subs = [s for s in self.stream_subs if s.scanner in old and any(
             s.match.within(r.match) and (r.contain or not s.contain)
             for r in old[s.scanner].spec.stream_rights)]
+        self.flow_subs = [s for s in self.flow_subs if s.scanner in old and any(
+            s.match.within(r) for r in old[s.scanner].spec.flow_rights)]
         self.apply()
         self.note_signatures()
 
@@ -358,6 +386,8 @@ class NIKernel(StreamBroker):
         sw = self.kernel.switch
         return {"policy": self.policy.source, "subscriptions": len(self.subs),
                 "stream_subscriptions": len(self.stream_subs), "streams": len(self.streams),
+                "flow_subscriptions": len(self.flow_subs),
+                "flows": sw.flow_count(self.port.index),
                 "streams_killed": self.streams_killed,
                 "tcp_flows": sw.tcp_flows(self.port.index),
                 "tcp_bytes": sw.tcp_bytes(self.port.index),
@@ -366,6 +396,27 @@ class NIKernel(StreamBroker):
                 "scanners": {n: sp.info() for n, sp in self.scanners.items()}}
 
 
+
+
+def _addr(raw: bytes) -> str:
+    return str(ipaddress.ip_address(raw))
+
+
+def flow_message(ev) -> dict:
+    """The ``flow`` control message of one fast-path flow event (scanner/wire.py)."""
+    body = {"op": "flow", "event": ev.kind, "flow": ev.flow, "family": ev.family,
+            "proto": ev.proto, "initiator": "guest" if ev.initiator == 1 else "remote",
+            "guest": [_addr(ev.guest_addr), ev.guest_port],
+            "remote": [_addr(ev.remote_addr), ev.remote_port],
+            "state": list(ev.state), "packets": list(ev.packets), "bytes": list(ev.bytes),
+            "start": ev.start_ns / 1e9, "last": ev.last_ns / 1e9, "time": ev.time_ns / 1e9}
+    if ev.change:
+        body["change"] = ev.change
+    if ev.reason:
+        body["reason"] = ev.reason
+    if ev.icmp_type >= 0:
+        body["icmp"] = {"type": ev.icmp_type, "code": ev.icmp_code, "from": _addr(ev.icmp_from)}
+    return body
 
 
 class Kernel:
@@ -471,6 +522,13 @@ class Kernel:
                     sw.stream_kill(ev.stream)
                 continue
             nk.stream_event(ev)
+        for _ in range(4096):
+            fev = sw.next_flow_event()
+            if fev is None:
+                break
+            nk = self.nis.get(fev.port)
+            if nk is not None:
+                nk.flow_event(fev)
         self._update_deadline()
 
     def _update_deadline(self) -> None:
