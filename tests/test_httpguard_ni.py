@@ -127,6 +127,19 @@ def test_e2e_a_blocked_request_is_answered_with_the_policy_s_400(kits_made):
     assert k.nk("a").streams_killed == 0 and sp.counters.refused == 0
 
 
+def test_e2e_a_trickled_head_is_killed_after_max_hold_seconds(kits_made):
+    """A slowloris head keeps the NI holding bytes: the scanner's clock kills it, the server got none."""
+    from tcpkit import Conn
+    k = _kit(kits_made, {"max_hold_seconds": 1.0})
+    c = Conn(k, client="b", server="a", sport=80)
+    c.open()
+    _send(c, "b", b"GET /index.html HTTP/1.1\r\nHost: a\r\n", 1460)
+    f = k.wait_alert("still incomplete", "a", "httpguard", timeout=10)["fields"]
+    assert f["event"] == "held_too_long" and f["action"] == "kill" and f["held_bytes"] > 0
+    k.until(lambda: k.nk("a").streams_killed == 1, what="the kill")
+    assert _stream(k, c, "a", 1, wait=0.5) == b""
+
+
 def test_e2e_outbound_an_infected_guest_does_not_spread_the_worm(kits_made):
     """outbound = true: the guest (a) is the client; its Code-Red request never leaves its NI,
     while its normal requests do."""
