@@ -229,6 +229,9 @@ int vn_policy_apply(struct vn_switch *sw, int port, int dir, int egress_to, stru
             return 1;
         }
     }
+    /* packet signature rules (the stream rules run inside the TCP engine) */
+    if (p->sig && vn_sig_packet(sw, port, dir, pkt, &h))
+        return 1;
     /* stream subscriptions first: a data segment they hold meets the frame subscriptions
      * when the stream releases it, so every frame leaves with both kinds of decision */
     if (h.proto == 6 && vn_tcp_active(sw, port) &&

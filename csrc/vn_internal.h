@@ -183,6 +183,7 @@ struct vn_port {
     uint64_t held_bytes;
     unsigned held_frames;
     struct vn_frag_first frag_first[VN_FRAG_FIRSTS];
+    struct vn_sigport *sig;       /* the signature stage (sigstage.c); NULL: none */
 };
 
 #define VN_MAC_TABLE 4096         /* power of two */
@@ -408,6 +409,15 @@ int vn_tcp_active(struct vn_switch *sw, int port);
 int vn_tcp_pending(struct vn_switch *sw);
 void vn_tcp_port_gone(struct vn_switch *sw, int port);
 void vn_tcp_free_all(struct vn_switch *sw);
+
+/* sigstage.c (the signature stage) */
+/* Packet rules on one frame: 1 if a drop/reject rule (or a failed scan) drops it. */
+int vn_sig_packet(struct vn_switch *sw, int port, int dir, struct vn_pkt *pkt, const struct vn_hdrs *h);
+/* Does a stream rule's port set name either port (the engine then tracks the connection)? */
+int vn_sig_tracks(struct vn_switch *sw, int port, uint16_t a, uint16_t b);
+/* Has the port's stage stream rules (the engine must see its TCP frames)? */
+int vn_sig_streams(struct vn_switch *sw, int port);
+void vn_sigport_free(struct vn_switch *sw, int port);
 
 /* switch.c, for policy.c */
 void vn_forward_switch(struct vn_switch *sw, int in, struct vn_pkt *pkt);
