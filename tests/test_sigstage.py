@@ -14,7 +14,7 @@ import shutil
 import pytest
 
 from nikit import IP6S, IPS, time_limit
-from tcpkit import ACK, FIN, PSH, RST, Conn, segments
+from tcpkit import ACK, FIN, FROM_GUEST as FROM, RST, Conn
 from test_tcp_reassembly import fragments, ip_fragment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -364,3 +364,71 @@ def test_example_policy_blocks_code_red_while_normal_traffic_flows(kits, tmp_pat
     assert sig_alerts(k, 1000001)
     c.send("a", c.data("a", req))                          # the first connection goes on
     assert got(c) == req
+
+
+# ---------------------------------------------------------------------------
+# Offline: vhostni replay runs the same stage (as Suricata -r does)
+# ---------------------------------------------------------------------------
+
+def test_replay_a_capture_with_rules_gives_delivered_pcap_and_alerts(tmp_path, rules_file):
+    import json
+    from scapy.all import IP, TCP, Ether, Raw
+    from test_replay import GIP, GUEST, ROUTER, Capture, alerts_of, out_frames
+    from vhostni import cli
+
+    def to_guest(cport, flags, seq, ack, data=b""):
+        p = Ether(src=ROUTER, dst=GUEST) / IP(src="10.0.0.9", dst=GIP) / TCP(
+            sport=cport, dport=80, flags=flags, seq=seq, ack=ack)
+        return p / Raw(data) if data else p
+
+    def from_guest(cport, flags, seq, ack):
+        return Ether(src=GUEST, dst=ROUTER) / IP(src=GIP, dst="10.0.0.9") / TCP(
+            sport=80, dport=cport, flags=flags, seq=seq, ack=ack)
+
+    cap = Capture()
+    for cport, body in ((41000, [b"GET / HTTP/1.0\r\n", b"\r\n"]), (41001, [b"GET /?x=${jn", b"di:ldap://e/}"])):
+        cs, ss = 1000, 5000
+        cap.add(to_guest(cport, "S", cs - 1, 0))
+        cap.add(from_guest(cport, "SA", ss - 1, cs))
+        cap.add(to_guest(cport, "A", cs, ss))
+        off = 0
+        for piece in body:
+            cap.add(to_guest(cport, "PA", cs + off, ss, piece))
+            off += len(piece)
+    inp = cap.write(tmp_path / "in.pcap")
+    pol = tmp_path / "policy.json"
+    pol.write_text(json.dumps({"ni": {"addresses": [f"{GIP}/32"]}, "signatures": {"rules": [rules_file]}}))
+    rc = cli.main(["replay", "--guest-mac", GUEST, inp, "--policy", str(pol), "--out", str(tmp_path / "out.pcap"),
+                   "--alerts", str(tmp_path / "alerts.jsonl")])
+    assert rc == 0
+    payloads = [bytes(Ether(d)[TCP].payload) for _, d in out_frames(tmp_path / "out.pcap") if TCP in Ether(d)]
+    assert b"GET / HTTP/1.0\r\n" in payloads and b"\r\n" in payloads
+    assert b"GET /?x=${jn" in payloads and b"di:ldap://e/}" not in payloads
+    alerts = [a for a in alerts_of(tmp_path / "alerts.jsonl") if a.get("fields", {}).get("alert")]
+    assert [a["fields"]["alert"]["signature_id"] for a in alerts] == [101]
+    assert alerts[0]["fields"]["src_port"] == 41001 and alerts[0]["fields"]["stream_offset"] == len(b"GET /?x=${jndi:")
+
+
+# ---------------------------------------------------------------------------
+# Another holder: a contain scanner on the same stream
+# ---------------------------------------------------------------------------
+
+def test_a_byte_leaves_only_when_the_scanner_and_the_stage_both_passed_it(kit, tmp_path):
+    from tcpkit import Engine
+    from vhostni.signatures.rules import Vars, parse_rules
+    from vhostni.signatures.stage import Stage
+    e = Engine(kit, ni="a", subs=((25, "both", True),))
+    rs = parse_rules('drop tcp any any -> any 25 (msg:"x"; flow:to_server,established; content:"EVILCMD"; sid:9;)',
+                     Vars({}, home=[]))
+    stage = Stage(rs.rules)
+    kit.daemon.nis["a"].port.set_sigstage(stage)
+    c = Conn(kit)                                         # a -> b:25, seen by both holders
+    c.open()
+    kit.step()
+    c.send("a", c.data("a", b"HELO x\r\n"), c.data("a", b"EVILCMD\r\n"))
+    st = e.only()
+    assert bytes(st.data[FROM]) == b"HELO x\r\nEVILCMD\r\n"     # the scanner reads all of it
+    assert got(c) == b""                                  # the scanner has passed nothing
+    e.pass_(FROM, 100)                                    # the scanner passes everything ...
+    assert got(c) == b"HELO x\r\n"                        # ... the stage only what preceded the match
+    assert kit.stats("a")["sig_dropped"] == 1
