@@ -169,9 +169,17 @@ static int read_hdr(struct hrd *r, struct sig_hdr *h)
 
 static void mark_ports(uint8_t *map, const struct sig_r16 *r, uint32_t n)
 {
-    for (uint32_t k = 0; k < n; k++)
-        for (uint32_t p = r[k].lo; p <= r[k].hi && p < 65536; p++)
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t p = r[k].lo, hi = r[k].hi;
+        for (; p <= hi && (p & 7); p++)
             map[p >> 3] |= (uint8_t)(1u << (p & 7));
+        if (p + 7 <= hi) {                   /* whole bytes at once: "any" is 8 KiB, not 65536 steps */
+            memset(map + (p >> 3), 0xff, (hi + 1 - p) >> 3);
+            p += (hi + 1 - p) & ~7u;
+        }
+        for (; p <= hi; p++)
+            map[p >> 3] |= (uint8_t)(1u << (p & 7));
+    }
 }
 
 struct vn_sigstage *vn_sigstage_build(const uint8_t *hdrs, size_t hlen, struct vn_sig_db *stream,
@@ -485,11 +493,26 @@ int vn_sig_packet(struct vn_switch *sw, int port, int dir, struct vn_pkt *pkt, c
 
 /* ---------------------------------------------------------------- stream rules */
 
+static int in_ports(const struct sig_r16 *r, uint32_t n, uint16_t p);
+
 int vn_sig_tracks(struct vn_switch *sw, int port, uint16_t a, uint16_t b)
 {
     struct vn_sigport *sp = sw->ports[port].sig;
     struct vn_sigstage *st = sp ? sp->cur : NULL;
-    return st && st->nstream && ((st->ports[a >> 3] >> (a & 7) & 1) || (st->ports[b >> 3] >> (b & 7) & 1));
+    if (!st || !st->nstream)
+        return 0;
+    /* quick no: neither port is in any stream rule's port sets */
+    if (!(st->ports[a >> 3] >> (a & 7) & 1) && !(st->ports[b >> 3] >> (b & 7) & 1))
+        return 0;
+    /* some stream rule's (source, destination) ports fit the pair, either way round (a rule
+     * may be about either direction of the connection) */
+    for (uint32_t i = 0; i < st->nstream; i++) {
+        const struct sig_hdr *h = &st->rules[i];
+        if ((in_ports(h->sport, h->n[4], a) && in_ports(h->dport, h->n[5], b)) ||
+            (in_ports(h->sport, h->n[4], b) && in_ports(h->dport, h->n[5], a)))
+            return 1;
+    }
+    return 0;
 }
 
 int vn_sig_streams(struct vn_switch *sw, int port)
@@ -697,4 +720,26 @@ void sig_flow_free(struct vn_switch *sw, struct vn_flow *f)
     stage_release(sf->stage);
     free(sf);
     f->sig = NULL;
+}
+
+/* ---------------------------------------------------------------- bench */
+
+int64_t vn_sig_bench_switch(struct vn_switch *sw, int a, int b, const uint8_t *pack, size_t len)
+{
+    size_t off = 0;
+    int64_t delivered = 0;
+    struct vn_sink_frame out;
+    while (off < len) {
+        if (len - off < 3)
+            return -1;
+        int which = pack[off];
+        unsigned n = (unsigned)pack[off + 1] | (unsigned)pack[off + 2] << 8;
+        off += 3;
+        if (n > len - off || vn_port_inject_from(sw, which ? b : a, pack + off, n) < 0)
+            return -1;
+        off += n;
+        while (vn_sink_next(sw, &out))
+            delivered += out.len;
+    }
+    return delivered;
 }

@@ -61,6 +61,11 @@ int vn_sig_alerts_next(struct vn_switch *sw, int port, struct vn_sig_alert *out)
 uint64_t vn_sig_alerts_lost(struct vn_switch *sw, int port);
 int vn_sig_rule_counts(struct vn_switch *sw, int port, uint64_t *matches, uint64_t *drops, uint32_t n);
 int vn_sigstage_db_stats(struct vn_sigstage *st, int stream, struct vn_sig_stats *out);
+/* The in-line bench's inner loop (vhostni/bench/signatures.py): frames packed as
+ * [u8 0: into port a, 1: into port b][u16 length, little-endian][frame], each injected
+ * (vn_port_inject_from) and every frame the sink ports got drained at once; returns the
+ * bytes delivered, or -1 on a malformed pack or a refused frame. */
+int64_t vn_sig_bench_switch(struct vn_switch *sw, int a, int b, const uint8_t *pack, size_t len);
 /* VN_CDEF_END */
 
 #endif

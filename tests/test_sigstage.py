@@ -432,3 +432,16 @@ def test_a_byte_leaves_only_when_the_scanner_and_the_stage_both_passed_it(kit, t
     e.pass_(FROM, 100)                                    # the scanner passes everything ...
     assert got(c) == b"HELO x\r\n"                        # ... the stage only what preceded the match
     assert kit.stats("a")["sig_dropped"] == 1
+
+
+def test_only_connections_a_stream_rule_can_cover_are_tracked(kits, tmp_path):
+    rules = tmp_path / "ports.rules"
+    rules.write_text('drop tcp any any -> $HOME_NET [7,8080:8090] (msg:"p"; flow:to_server,established; '
+                     'content:"BAD"; sid:1;)\n')
+    k = kits({"b": sig_policy(str(rules))})
+    for port, tracked in ((80, False), (8079, False), (8080, True), (8090, True), (8091, False), (7, True),
+                          (8, False)):
+        c = conn(k, cport=41000 + port, sport=port)
+        c.send("a", c.data("a", b"a BAD thing"))
+        assert (got(c) == b"") == tracked, port
+    assert k.stats("b")["tcp_flows_opened"] == 3
