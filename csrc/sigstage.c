@@ -568,8 +568,18 @@ static void sig_block(struct vn_switch *sw, struct vn_flow *f, int hs, uint64_t 
     if (reject)
         forge_rsts(sw, f);
     sig_let_go(sw, f);
-    for (int i = 0; i < 2; i++)
-        f->half[i].sig_ok = i == hs ? stop : f->half[i].rel_lim;
+    for (int i = 0; i < 2; i++) {
+        struct vn_half *hf = &f->half[i];
+        hf->sig_ok = i == hs ? stop : hf->rel_lim;
+        /* what the others passed below the stop goes; then, if the stage alone held the
+         * connection, every record is freed: the rest never goes, and with every later frame
+         * dropped no copy needs comparing any more, so a blocked connection does not sit on
+         * the port's tcp_bytes_max until it idles out.  Scanners' connections keep theirs
+         * for the kernel to read (it ends them by its own hold timeout or kill). */
+        half_release(sw, f, hf);
+        if (!f->announced)
+            half_free_all(sw, f, hf);
+    }
 }
 
 /* Handles one scan's matches on half hs: the stream offset of the match's end decides which
@@ -690,8 +700,11 @@ void sig_flow_scan(struct vn_switch *sw, struct vn_flow *f, int hs)
             return;
         }
         hf->sig_ok = to;
-        if (n)
+        if (n) {
             stream_matches(sw, f, hs, n);
+            if (sf->done)
+                return;            /* blocked (its records are gone) or passed */
+        }
     }
     if (!sf->done && hf->eof && sf->pos[hs] == hf->fin_off) {
         /* the end of this direction: candidates that waited for more bytes are decided now */

@@ -89,6 +89,8 @@ def test_drop_stops_the_segment_completing_the_match_and_everything_after(sk):
     assert got(c, "a") == b""                             # both ways
     st = sk.stats("b")
     assert st["sig_dropped"] == 1 and st["sig_flow_dropped"] >= 3
+    # a stopped connection keeps nothing: it must not fill tcp_bytes_max until it idles out
+    assert sk.daemon.switch.tcp_bytes(sk.daemon.nis["b"].port.index) == 0
     a = sk.wait_alert("signature 101", "b")
     f = a["fields"]
     assert f["alert"] == {**f["alert"], "action": "blocked", "signature_id": 101, "rev": 3, "gid": 1,
