@@ -103,9 +103,16 @@ static int take_u32(struct hrd *r, uint32_t *v)
     return 0;
 }
 
+/* References: the creator's (Python's, dropped by vn_sigstage_free on whichever thread its
+ * garbage collector runs), each port's and each open connection's (data-plane thread): atomic. */
+static void stage_hold(struct vn_sigstage *st)
+{
+    __atomic_fetch_add(&st->refs, 1, __ATOMIC_RELAXED);
+}
+
 static void stage_release(struct vn_sigstage *st)
 {
-    if (!st || --st->refs)
+    if (!st || __atomic_sub_fetch(&st->refs, 1, __ATOMIC_ACQ_REL))
         return;
     for (uint32_t i = 0; i < st->nrules; i++) {
         struct sig_hdr *h = &st->rules[i];
@@ -255,7 +262,7 @@ int vn_port_set_sigstage(struct vn_switch *sw, int port, struct vn_sigstage *st)
         return VN_OK;
     /* the swap: connections open keep a reference to the stage they started with */
     if (st)
-        st->refs++;
+        stage_hold(st);
     stage_release(p->sig->cur);
     p->sig->cur = st;
     return VN_OK;
@@ -619,6 +626,7 @@ static void stream_matches(struct vn_switch *sw, struct vn_flow *f, int hs, int 
     if (v == VN_SIGA_PASS) {
         ps->sig_passed_flows++;
         sig_let_go(sw, f);
+        half_release(sw, f, &f->half[!hs]);    /* what the other direction held for the stage */
         return;
     }
     if (v != VN_SIGA_DROP && v != VN_SIGA_REJECT)
@@ -655,7 +663,7 @@ int sig_flow_open(struct vn_switch *sw, struct vn_flow *f)
     }
     f->sig = sf;
     sf->stage = st;
-    st->refs++;
+    stage_hold(st);
     for (int hs = 0; hs < 2; hs++) {
         sf->on[hs] = on[hs];
         sf->pos[hs] = f->half[hs].contig;
