@@ -724,6 +724,18 @@ void sig_flow_scan(struct vn_switch *sw, struct vn_flow *f, int hs)
     }
 }
 
+/* May the frame of record `s`, just scanned, go on as it is, now (instead of being held and
+ * sent again as a copy)?  Only if the stage alone holds the direction (no contain scanner,
+ * no edits, no `more`), the scan passed all of it, it is the last record and every record
+ * before it went already: then sending it now changes nothing the receiver sees. */
+int sig_flow_forwards(const struct vn_flow *f, const struct vn_half *hf, const struct vn_seg *s)
+{
+    const struct vn_sigflow *sf = f->sig;
+    return sf && !sf->blocked && hf->passed == UINT64_MAX && !hf->edited && !hf->more &&
+           hf->vouched <= hf->acked && s == hf->tail && !s->released && seg_end(s) <= hf->sig_ok &&
+           seg_end(s) <= hf->contig && (!s->prev || s->prev->released);
+}
+
 int sig_flow_blocked(const struct vn_flow *f)
 {
     return f->sig && f->sig->blocked;

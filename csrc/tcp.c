@@ -1040,9 +1040,18 @@ static int seg_data(struct vn_tcp_in *in, struct vn_flow *f)
             S->released_end = end + fin;
         return fwd(in, f);
     }
-    st->tcp_held_segments++;
-    if (f->sig)
+    if (f->sig) {
         sig_flow_scan(sw, f, in->hs);     /* the new in-order bytes, before any leaves */
+        if (sig_flow_forwards(f, S, s)) {
+            /* the stage alone held it, scanned it whole, and nothing waits before it: the
+             * frame itself goes on (the record stays for later copies to be compared with) */
+            s->released = 1;
+            if (end + fin > S->released_end)
+                S->released_end = end + fin;
+            return fwd(in, f);
+        }
+    }
+    st->tcp_held_segments++;
     half_release(sw, f, S);
     return VN_TCP_TAKEN;
 }

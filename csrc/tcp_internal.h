@@ -311,6 +311,7 @@ void frag_expire(struct vn_switch *sw, int port, uint64_t now);
 int sig_flow_open(struct vn_switch *sw, struct vn_flow *f);
 void sig_flow_scan(struct vn_switch *sw, struct vn_flow *f, int hs);
 int sig_flow_blocked(const struct vn_flow *f);
+int sig_flow_forwards(const struct vn_flow *f, const struct vn_half *hf, const struct vn_seg *s);
 void sig_flow_free(struct vn_switch *sw, struct vn_flow *f);
 
 #pragma GCC visibility pop
