@@ -45,6 +45,12 @@
  * the NI.  `more` (vn_stream_more) has the NI acknowledge held bytes on the receiver's
  * behalf; it then resends them to the receiver itself until acknowledged.
  *
+ * The signature stage (sigstage.c) is a holder like a contain scanner: connections its stream
+ * rules' ports fit are tracked even without a subscription, the new in-order bytes are scanned
+ * as soon as they are contiguous (seg_data), and a record goes on only below both frontiers,
+ * the scanners' (`passed`) and the stage's (`sig_ok`).  A connection a rule stopped drops every
+ * later frame (sig_flow_blocked).
+ *
  * Releasing a held segment may happen inside another frame's processing (a released frame
  * meets the destination NI's engine, which may release its own segments): emission uses
  * a small stack of scratch frames, and defers past its depth.
@@ -288,6 +294,7 @@ static void flow_bypass(struct vn_switch *sw, struct vn_flow *f)
     for (int i = 0; i < 2; i++) {
         struct vn_half *hf = &f->half[i];
         hf->passed = UINT64_MAX;
+        hf->sig_ok = UINT64_MAX;    /* the signature stage lets go too: uninspected means that */
         hf->contig = UINT64_MAX;    /* gaps no longer matter: the receiver sorts them out */
         half_release(sw, f, hf);
         hf->read = hf->hold = 0;
