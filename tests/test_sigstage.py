@@ -501,3 +501,16 @@ def test_a_memcap_pass_lets_the_stage_go_too(kits, rules_file):
     rx = c.recv("b", 0.6)
     assert sorted(s.payload for s in rx) == [b"B" * 10, b"C" * 10]
     assert k.stats("b")["tcp_bypassed"] == 1
+
+
+def test_packet_rules_needing_flow_state_are_reported_not_half_enforced(tmp_path):
+    """A packet rule's flow:to_server/established cannot be told without flow state: reported
+    with file:line (the policy's on_unsupported decides), never enforced as if it were absent."""
+    from vhostni.signatures.config import SignatureConfigError, parse_section
+    p = tmp_path / "f.rules"
+    p.write_text('drop udp any any -> any 53 (msg:"x"; flow:to_server; content:"abc"; sid:5;)\n'
+                 'drop udp any any -> any 53 (msg:"y"; content:"abc"; sid:7;)\n')
+    with pytest.raises(SignatureConfigError, match=r"f.rules:1: sid 5: flow:to_server on a packet rule"):
+        parse_section({"rules": [str(p)]}, str(tmp_path), [])
+    cfg = parse_section({"rules": [str(p)], "on_unsupported": "skip"}, str(tmp_path), [])
+    assert [r.sid for r in cfg.ruleset.rules] == [7] and [r.sid for r in cfg.stage.rules] == [7]

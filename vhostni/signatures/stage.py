@@ -67,11 +67,22 @@ class Stage:
 
     def __init__(self, rules: Sequence[Rule], lookback: int = DEFAULT_LOOKBACK,
                  stream_memcap: int = DEFAULT_STREAM_MEMCAP):
+        self.problems: list[Problem] = []
         stream = [r for r in rules if r.mode == "stream"]
-        packet = [r for r in rules if r.mode != "stream"]
+        packet = []
+        for r in rules:
+            if r.mode == "stream":
+                continue
+            state = r.flow & {"to_server", "from_client", "to_client", "from_server", "established",
+                              "not_established"}
+            if state:
+                # the packet stage keeps no flow state: it cannot tell a direction or a handshake
+                self.problems.append(Problem(r.file, r.line, r.sid, f"flow:{','.join(sorted(state))} on a "
+                                             "packet rule: the packet stage keeps no flow state to enforce it"))
+                continue
+            packet.append(r)
         self.rules = stream + packet
         self.nstream = len(stream)
-        self.problems: list[Problem] = []
         dbs = []
         try:
             for group, mode in ((stream, "stream"), (packet, "packet")):
