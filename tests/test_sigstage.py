@@ -101,6 +101,11 @@ def test_drop_stops_the_segment_completing_the_match_and_everything_after(sk):
     assert f["stream_offset"] == len(b"GET / HTTP/1.1\r\nX: ${jndi:")
     info = sk.nk("b").info()["signatures"]
     assert info["per_rule"]["101"] == {"matches": 1, "drops": 1, "msg": "EXPLOIT Log4j JNDI lookup"}
+    from types import SimpleNamespace
+    from vhostni.admin.commands import ni_info               # what query-nis answers
+    q = ni_info(SimpleNamespace(daemon=sk.daemon, runtime_nis=set()), sk.daemon.nis["b"])
+    assert q["signatures"]["per_rule"]["101"]["drops"] == 1 and q["signatures"]["sig_dropped"] == 1
+    assert q["counters"]["sig_dropped"] == 1
 
 
 def test_alert_rule_only_alerts_and_benign_traffic_flows(sk):
