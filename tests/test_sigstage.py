@@ -519,3 +519,16 @@ def test_packet_rules_needing_flow_state_are_reported_not_half_enforced(tmp_path
         parse_section({"rules": [str(p)]}, str(tmp_path), [])
     cfg = parse_section({"rules": [str(p)], "on_unsupported": "skip"}, str(tmp_path), [])
     assert [r.sid for r in cfg.ruleset.rules] == [7] and [r.sid for r in cfg.stage.rules] == [7]
+
+
+def test_a_retransmission_with_other_content_after_release_is_dropped(sk):
+    """The benign copy already went to the receiver (not yet acknowledged); a 'retransmission'
+    carrying the attack over the same bytes is dropped by the engine, so the stage's view and
+    the receiver's stay the benign one."""
+    c = conn(sk)
+    benign = b"x=${jndX:rmi://e/}"
+    c.send("a", c.data("a", benign))
+    assert got(c) == benign
+    c.send("a", c.data("a", b"x=${jndi:rmi://e/}", off=0))
+    assert got(c) == b"" and not sig_alerts(sk, 101)
+    assert sk.stats("b")["tcp_conflict"] == 1 and sk.stats("b")["sig_stream_bytes"] == len(benign)
