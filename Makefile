@@ -70,16 +70,20 @@ test: build images test-sanitize
 # The tests that feed the fast path hostile input (hostile and simulated drivers, DPDK's
 # frontend, TCP reassembly and editing, fragments, frame parsing and prevent rules, captures
 # replayed through the switch) against the sanitizer build.  Python is not
-# built with ASan, so its runtime is preloaded; Python's own allocations at exit are not leaks
+# built with ASan, so its runtime is preloaded (and libstdc++ after it: Hyperscan's compiler throws
+# C++ exceptions, which ASan's __cxa_throw interceptor can only forward to a libstdc++ loaded
+# at start); Python's own allocations at exit are not leaks
 # of ours (detect_leaks=0).  Reports go to files, not to the stderr pytest captures (and loses
 # when the process aborts); any report fails the target, even one from a subprocess (the
 # daemon some tests start) whose test passed.
 SANITIZE_CC ?= gcc
 SANITIZE_TESTS ?= tests/test_hostile_driver.py tests/test_vdriver.py tests/test_backend.py tests/test_mq.py \
 	tests/test_tcp_reassembly.py tests/test_stream_edit.py tests/test_policy.py tests/test_replay.py \
-	tests/test_flows.py tests/test_flow_scanners.py
+	tests/test_flows.py tests/test_flow_scanners.py \
+	tests/test_sigstage.py
 SANITIZE_LOGS ?= test-logs/sanitize
-SANITIZE_ENV = VHOSTNI_SANITIZE=1 LD_PRELOAD=$$($(SANITIZE_CC) -print-file-name=libasan.so) \
+SANITIZE_ENV = VHOSTNI_SANITIZE=1 \
+	LD_PRELOAD="$$($(SANITIZE_CC) -print-file-name=libasan.so) $$($(SANITIZE_CC) -print-file-name=libstdc++.so)" \
 	ASAN_OPTIONS=detect_leaks=0:log_path=$(abspath $(SANITIZE_LOGS))/asan \
 	UBSAN_OPTIONS=print_stacktrace=1:log_path=$(abspath $(SANITIZE_LOGS))/ubsan
 test-sanitize: build-asan

@@ -226,6 +226,9 @@ int vn_policy_apply(struct vn_switch *sw, int port, int dir, int egress_to, stru
     /* the flow stage sees what the header filter let through, before anyone holds it */
     if (pol->flows && vn_flow_input(sw, port, dir, pkt, &h))
         return 1;
+    /* packet signature rules (the stream rules run inside the TCP engine) */
+    if (p->sig && vn_sig_packet(sw, port, dir, pkt, &h))
+        return 1;
     /* stream subscriptions first: a data segment they hold meets the frame subscriptions
      * when the stream releases it, so every frame leaves with both kinds of decision */
     if (h.proto == 6 && vn_tcp_active(sw, port) &&

@@ -167,6 +167,17 @@ struct vn_port_stats {
     uint64_t flow_unattributed;  /* IP packets no flow could take: a later fragment whose first
                                     was not seen, an ICMP message that is neither echo-like
                                     nor an error (neighbour discovery, ...) */
+    uint64_t sig_matches;        /* signature rule matches (alert, drop, reject, pass) */
+    uint64_t sig_dropped;        /* frames (packet rules) or connections (stream rules) a
+                                    drop/reject rule stopped, or a failed scan (fail closed) */
+    uint64_t sig_flow_dropped;   /* frames of connections stopped by a rule, dropped */
+    uint64_t sig_passed_flows;   /* connections a pass rule let go uninspected */
+    uint64_t sig_packets_scanned;
+    uint64_t sig_stream_bytes;   /* stream bytes scanned */
+    uint64_t sig_frag_dropped;   /* IP fragments of a protocol packet rules cover (not reassembled) */
+    uint64_t sig_streams_refused;  /* connections dropped: stream state over the stage's memcap */
+    uint64_t sig_scan_errors;    /* Hyperscan scan errors (the frame or connection is dropped) */
+    uint64_t sig_alerts_lost;    /* alerts beyond the alert ring (the kernel drains it) */
 };
 
 /* What one virtqueue of a vhost port carried (vn_port_queue_stats): queue 2i is pair i's

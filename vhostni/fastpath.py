@@ -350,6 +350,7 @@ class Port:
     # installed policy names no MAC of its own.
     fallback_mac: Optional[bytes] = None
     _cpolicy = None                 # the last policy installed, to re-apply a new fallback
+    _sigstage = None                # the signature stage installed (kept alive while it is)
     _cpolicy_own_mac = False
 
     def set_policy(self, cpolicy) -> None:
@@ -361,6 +362,30 @@ class Port:
             cpolicy.mac[0:6] = self.fallback_mac
         _check("set policy", lib.vn_port_set_policy(self._sw, self.index, cpolicy))
         self._cpolicy, self._cpolicy_own_mac = cpolicy, own
+
+    def set_sigstage(self, stage) -> None:
+        """Installs a compiled signature stage (vhostni.signatures.stage.Stage; None: none) at
+        once: new connections use it, open ones finish with the stage they started with."""
+        _check("set signature stage",
+               lib.vn_port_set_sigstage(self._sw, self.index, stage.ptr if stage is not None else ffi.NULL))
+        self._sigstage = stage
+
+    def sig_alerts(self, limit: int = 4096) -> list:
+        """The signature stage's matches since the last call (``struct vn_sig_alert`` copies)."""
+        out = []
+        for _ in range(limit):
+            a = ffi.new("struct vn_sig_alert *")
+            if not lib.vn_sig_alerts_next(self._sw, self.index, a):
+                break
+            out.append(a)
+        return out
+
+    def sig_rule_counts(self, n: int) -> tuple[list[int], list[int]]:
+        """Per rule of the installed stage (its index order): matches, drops."""
+        m = ffi.new("uint64_t[]", max(n, 1))
+        d = ffi.new("uint64_t[]", max(n, 1))
+        k = lib.vn_sig_rule_counts(self._sw, self.index, m, d, n)
+        return [int(m[i]) for i in range(max(k, 0))], [int(d[i]) for i in range(max(k, 0))]
 
     def set_fallback_mac(self, mac: Optional[bytes]) -> None:
         """The MAC anti-spoofing falls back to when the policy names none (None: forget it);

@@ -84,24 +84,55 @@ class NIKernel(StreamBroker):
         self._stream_owners: list = []
         for spec in policy.scanners:
             self.scanners[spec.name] = ScannerProc(self, spec)
+        self._sig_rules: list = []
+        self._sig_by_sid: dict = {}
         self.apply()
+        self.install_signatures()
 
     def start(self) -> None:
         for sp in self.scanners.values():
             sp.start()
         self.check_ready(time.monotonic())
-        self.note_signatures()
 
-    def note_signatures(self) -> None:
-        """A policy's [signatures] are parsed and compiled but not yet matched in the data
-        path: say so loudly (log and alert log), so no administrator takes them for a wall."""
+    def install_signatures(self) -> None:
+        """The policy's [signatures] stage goes into the data path (csrc/sigstage.c): one
+        pointer swap on this (the data-plane) thread, the rules were compiled where the policy
+        was loaded.  New connections use the new rules; open ones finish with the rules they
+        started with (a stream never restarts mid-way)."""
+        self.drain_signatures()     # alerts name rules by their index in the stage they came from
         sig = self.policy.signatures
-        if sig is not None:
-            log.warning("NI %s: %d signature rules loaded but NOT enforced: the in-line "
-                        "payload stage is not in this version", self.name, sig.ruleset.accepted)
-            self.kernel.alerts.append(self.name, None, "signature rules loaded but not enforced "
-                                      "(the in-line payload stage is not in this version)",
-                                      rules=sig.ruleset.accepted, skipped=sig.ruleset.skipped)
+        stage = sig.stage if sig is not None else None
+        self.port.set_sigstage(stage)
+        if stage is not None:
+            self._sig_rules = stage.rules
+            for r in stage.rules:
+                self._sig_by_sid[(r.gid, r.sid)] = r
+            log.info("NI %s: %d signature rules in the data path (%d stream, %d packet)",
+                     self.name, sig.ruleset.accepted, stage.nstream, len(stage.rules) - stage.nstream)
+
+    def drain_signatures(self) -> None:
+        """The signature stage's matches into the alert log (durable, EVE field names)."""
+        from .signatures.stage import alert_fields
+        for a in self.port.sig_alerts():
+            rule = None
+            if a.rule < len(self._sig_rules) and self._sig_rules[a.rule].sid == a.sid:
+                rule = self._sig_rules[a.rule]
+            else:           # from a connection still on the rules of an older policy
+                rule = next((r for (g, s), r in self._sig_by_sid.items() if s == a.sid), None)
+            msg, fields = alert_fields(a, rule)
+            self.kernel.alerts.append(self.name, None, msg, **fields)
+
+    def signature_counts(self) -> Optional[dict]:
+        """Per-rule matches and drops of the installed stage (rules that matched at least once)."""
+        if self.policy.signatures is None or not self._sig_rules:
+            return None
+        m, d = self.port.sig_rule_counts(len(self._sig_rules))
+        st = self.port.stats()
+        per = {str(r.sid): {"matches": m[i], "drops": d[i], "msg": r.msg}
+               for i, r in enumerate(self._sig_rules[:len(m)]) if m[i]}
+        return {"rules": self.policy.signatures.ruleset.accepted,
+                "skipped": self.policy.signatures.ruleset.skipped,
+                **{k: v for k, v in st.items() if k.startswith("sig_")}, "per_rule": per}
 
     def _not_ready(self) -> frozenset:
         return frozenset(n for n, sp in self.scanners.items() if not sp.ready)
@@ -259,7 +290,7 @@ class NIKernel(StreamBroker):
         self.flow_subs = [s for s in self.flow_subs if s.scanner in old and any(
             s.match.within(r) for r in old[s.scanner].spec.flow_rights)]
         self.apply()
-        self.note_signatures()
+        self.install_signatures()
 
     # ---- held frames
     def punted(self, p) -> None:
@@ -365,6 +396,8 @@ class NIKernel(StreamBroker):
             self.kernel.release(held_id, self.policy.default_pass)
         self.held.clear()
         self.streams.clear()
+        self.drain_signatures()
+        self.port.set_sigstage(None)
         self.port.clear_policy()
 
     def deadline(self) -> float:
@@ -393,7 +426,8 @@ class NIKernel(StreamBroker):
                 "tcp_bytes": sw.tcp_bytes(self.port.index),
                 "held": len(self.held), "decided_by_timeout": self.decided_by_timeout,
                 "scanners_not_ready": sorted(self.covered), "cut_before_ready": self.cut_before_ready,
-                "scanners": {n: sp.info() for n, sp in self.scanners.items()}}
+                "scanners": {n: sp.info() for n, sp in self.scanners.items()},
+                "signatures": self.signature_counts()}
 
 
 
@@ -529,11 +563,16 @@ class Kernel:
             nk = self.nis.get(fev.port)
             if nk is not None:
                 nk.flow_event(fev)
+        for nk in self.nis.values():
+            if nk.policy.signatures is not None:
+                nk.drain_signatures()
         self._update_deadline()
 
     def _update_deadline(self) -> None:
-        self.next_deadline = min(min((nk.deadline() for nk in self.nis.values()), default=float("inf")),
-                                 self._restarts_due())
+        self.hold_deadline = min((nk.deadline() for nk in self.nis.values()), default=float("inf"))
+        # hold deadlines are on self.clock: the loop waits for them only when that is its own clock
+        holds = self.hold_deadline if self.clock is time.monotonic else float("inf")
+        self.next_deadline = min(holds, self._restarts_due())
 
     def _restarts_due(self) -> float:
         """When the earliest scanner restart is due (or a scanner whose socket closed is to be
