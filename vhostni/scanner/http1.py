@@ -956,11 +956,13 @@ def _brotli_pass(data: bytes, max_bytes: int, fine_from: int) -> tuple[bytearray
         piece = data[pos:pos + step]
         try:
             out += d.process(piece, output_buffer_limit=1)
-            while len(out) <= max_bytes:
+            idle = False
+            while len(out) <= max_bytes:     # empty input until it can take more (its API's rule)
                 more = d.process(b"", output_buffer_limit=1)
                 out += more
-                if not more and d.can_accept_more_data():
-                    break
+                if not more and (idle or d.can_accept_more_data()):
+                    break                    # (a decoder stuck without output: the next piece fails)
+                idle = not more
             finished = d.is_finished()
         except _brotli.error:
             return out, "error", pos
