@@ -984,7 +984,8 @@ def _unbrotli(data: bytes, max_bytes: int, amb: list) -> tuple[bytes, bool]:
     if outcome == "error":
         out, outcome, pos = _brotli_pass(data, max_bytes, pos)
     if outcome == "bomb":
-        return bytes(out[:max_bytes]), True
+        del out[max_bytes:]
+        return bytes(out), True
     if outcome == "error":
         amb.append(("compressed_corrupt", f"brotli data that does not decode (at byte {pos})"))
     elif outcome == "more":
@@ -996,6 +997,7 @@ def _unbrotli(data: bytes, max_bytes: int, amb: list) -> tuple[bytes, bool]:
 
 ZSTD_STEP = 65536        # input fed per call: what a frame's end leaves over (unused_data) is copied
 ZSTD_MAX_FRAMES = 1024   # a decoder per frame costs ~20 us: 4 M empty frames in 32 MiB would take 80 s
+ZSTD_OUT = 1 << 20       # output taken per call: never a second copy of the whole object in flight
 
 
 def _unzstd(data: bytes, max_bytes: int, max_window: int, amb: list) -> tuple[bytes, bool]:
@@ -1018,9 +1020,9 @@ def _unzstd(data: bytes, max_bytes: int, max_window: int, amb: list) -> tuple[by
         while True:
             piece = view[pos:pos + ZSTD_STEP]
             try:
-                out += d.decompress(piece, max_length=max_bytes + 1 - len(out))
+                out += d.decompress(piece, max_length=min(ZSTD_OUT, max_bytes + 1 - len(out)))
                 while not d.eof and not d.needs_input and len(out) <= max_bytes:
-                    out += d.decompress(b"", max_length=max_bytes + 1 - len(out))
+                    out += d.decompress(b"", max_length=min(ZSTD_OUT, max_bytes + 1 - len(out)))
             except _zstd.ZstdError as exc:
                 if "too much memory" in str(exc):
                     amb.append(("compressed_corrupt", f"a zstd frame whose window is beyond {max_window} "
@@ -1029,9 +1031,11 @@ def _unzstd(data: bytes, max_bytes: int, max_window: int, amb: list) -> tuple[by
                     amb.append(("compressed_trailing_data", f"{len(data) - pos} bytes after the last zstd frame"))
                 else:
                     amb.append(("compressed_corrupt", f"zstd data that does not decode ({str(exc)[:100]})"))
-                return bytes(out[:max_bytes]), False
+                del out[max_bytes:]
+                return bytes(out), False
             if len(out) > max_bytes:
-                return bytes(out[:max_bytes]), True
+                del out[max_bytes:]
+                return bytes(out), True
             if d.eof:
                 pos += len(piece) - len(d.unused_data)
                 break
