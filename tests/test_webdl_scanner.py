@@ -591,6 +591,8 @@ def test_replay_of_http_evader_and_clean_downloads(tmp_path):
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 _PIECES = [GET, b"HEAD / HTTP/1.1\r\n\r\n", resp(b"ok"), resp(EICAR), resp(gzip.compress(EICAR), b"Content-Encoding: gzip"),
+           resp(brotli.compress(EICAR), b"Content-Encoding: br"), resp(zstd.compress(EICAR), b"Content-Encoding: zstd"),
+           brotli.compress(EICAR)[:9], zstd.compress(EICAR)[9:], b"Content-Encoding: br, zstd\r\n",
            b"HTTP/1.1 200 OK\r\n", b"Transfer-Encoding: chunked\r\n", b"Content-Length: 3\r\n", b"\r\n", b"5\r\nhello\r\n",
            b"0\r\n\r\n", b"\n", b"\r", b"\0", b" ", EICAR[:20], EICAR[20:]]
 
