@@ -293,6 +293,25 @@ def test_br_and_zstd_are_decoded_stacked_with_the_others():
     assert decode_content(zstd.compress(big), [b"zstd"]).data == big
 
 
+def test_br_and_zstd_across_the_decoders_input_pieces():
+    """Streams longer than the pieces the decoders are fed (4 KiB for br, 64 KiB for zstd):
+    frames and the end of a stream fall anywhere, trailing data is still told from corruption."""
+    import random
+    noise = random.Random(7).randbytes(300_000)
+    br = brotli.compress(noise, quality=1)
+    for tail in (b"", b"x", b"\0" * 5000):
+        d = decode_content(br + tail, [b"br"])
+        assert d.data == noise and [k for k, _ in d.ambiguities] == (["compressed_trailing_data"] if tail else [])
+    zs = zstd.compress(noise[:150_000]) + SKIPPABLE + zstd.compress(noise[150_000:])
+    for tail in (b"", b"garbage", b"\0" * 70_000):
+        d = decode_content(zs + tail, [b"zstd"])
+        assert d.data == noise and [k for k, _ in d.ambiguities] == (["compressed_trailing_data"] if tail else [])
+    d = decode_content(zs[:200_000], [b"zstd"])
+    assert d.data == noise[:len(d.data)] and [k for k, _ in d.ambiguities] == ["compressed_truncated"]
+    d = decode_content(br[:200_000], [b"br"])
+    assert d.data == noise[:len(d.data)] and [k for k, _ in d.ambiguities] == ["compressed_truncated"]
+
+
 BR, ZS = brotli.compress(EICAR), zstd.compress(EICAR)
 
 
