@@ -71,12 +71,6 @@ int vn_match_frame(const struct vn_match *m, int dir, const struct vn_pkt *pkt,
 
 /* ---- held frames and the punt queue ---- */
 
-static uint64_t realtime_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + ts.tv_nsec;
-}
 
 void vn_punt_signal(struct vn_switch *sw)
 {
@@ -110,7 +104,7 @@ static int punt_push(struct vn_switch *sw, struct vn_held *r)
     return 0;
 }
 
-struct vn_held *vn_held_record(const struct vn_pkt *pkt, int port, int dir, int egress_to,
+struct vn_held *vn_held_record(const struct vn_switch *sw, const struct vn_pkt *pkt, int port, int dir, int egress_to,
                                uint64_t subs, uint64_t contain)
 {
     struct vn_held *r = malloc(sizeof(*r) + pkt->len);
@@ -122,7 +116,7 @@ struct vn_held *vn_held_record(const struct vn_pkt *pkt, int port, int dir, int 
     r->egress_to = egress_to;
     r->subs = subs;
     r->contain = contain;
-    r->time_ns = realtime_ns();
+    r->time_ns = vn_clock_real(sw);
     r->len = pkt->len;
     r->hdr = pkt->hdr;
     memcpy(r->data, pkt->data, pkt->len);
@@ -229,6 +223,12 @@ int vn_policy_apply(struct vn_switch *sw, int port, int dir, int egress_to, stru
             return 1;
         }
     }
+    /* the flow stage sees what the header filter let through, before anyone holds it */
+    if (pol->flows && vn_flow_input(sw, port, dir, pkt, &h))
+        return 1;
+    /* packet signature rules (the stream rules run inside the TCP engine) */
+    if (p->sig && vn_sig_packet(sw, port, dir, pkt, &h))
+        return 1;
     /* stream subscriptions first: a data segment they hold meets the frame subscriptions
      * when the stream releases it, so every frame leaves with both kinds of decision */
     if (h.proto == 6 && vn_tcp_active(sw, port) &&
@@ -261,7 +261,7 @@ int vn_policy_subs(struct vn_switch *sw, int port, int dir, int egress_to, struc
         (pkt->hdr.gso_type & ~VIRTIO_NET_HDR_GSO_ECN) == VIRTIO_NET_HDR_GSO_NONE)
         vn_csum_complete(pkt);
     if (!contain) {
-        struct vn_held *r = vn_held_record(pkt, port, dir, egress_to, subs, 0);
+        struct vn_held *r = vn_held_record(sw, pkt, port, dir, egress_to, subs, 0);
         if (!r || punt_push(sw, r) < 0) {
             free(r);
             p->st.punt_queue_full++;
@@ -275,7 +275,7 @@ int vn_policy_subs(struct vn_switch *sw, int port, int dir, int egress_to, struc
         p->st.held_over_cap++;
         return pol->over_cap_pass ? 0 : 1;
     }
-    struct vn_held *r = vn_held_record(pkt, port, dir, egress_to, subs, contain);
+    struct vn_held *r = vn_held_record(sw, pkt, port, dir, egress_to, subs, contain);
     if (!r) {
         p->st.held_over_cap++;
         return pol->over_cap_pass ? 0 : 1;
@@ -321,8 +321,8 @@ int vn_punt_next(struct vn_switch *sw, struct vn_punt *out)
         return 1;
     }
     uint64_t v;
-    if (vn_tcp_pending(sw))
-        return 0;              /* stream events wait: leave the eventfd readable */
+    if (vn_tcp_pending(sw) || vn_flow_pending(sw))
+        return 0;              /* stream or flow events wait: leave the eventfd readable */
     if (sw->punt_fd >= 0 && read(sw->punt_fd, &v, sizeof(v)) < 0) {
         /* EAGAIN: already clear */
     }
@@ -396,6 +396,7 @@ int vn_policy_release_port(struct vn_switch *sw, int port, int pass)
 {
     int n = 0;
     vn_tcp_port_gone(sw, port);
+    vn_flow_port_gone(sw, port);
     for (unsigned b = 0; b < VN_HELD_HASH; b++) {
         struct vn_held **pp = &sw->held_hash[b];
         while (*pp) {
@@ -424,6 +425,7 @@ int vn_policy_release_port(struct vn_switch *sw, int port, int pass)
 void vn_held_free_all(struct vn_switch *sw)
 {
     vn_tcp_free_all(sw);
+    vn_flow_free_all(sw);
     for (unsigned b = 0; b < VN_HELD_HASH; b++) {
         while (sw->held_hash[b]) {
             struct vn_held *r = sw->held_hash[b];
@@ -485,6 +487,7 @@ int vn_port_clear_policy(struct vn_switch *sw, int port)
     if (port < 0 || port >= VN_MAX_PORTS || !sw->ports[port].kind)
         return VN_ENOPORT;
     vn_tcp_port_gone(sw, port);
+    vn_flow_port_gone(sw, port);
     struct vn_policy *old = sw->ports[port].pol;
     struct vn_policy *keep = old && old->isolation ? isolation_only(old->isolation) : NULL;
     if (old && old->isolation && !keep)

@@ -38,6 +38,22 @@ uint64_t vn_now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ULL + ts.tv_nsec;
 }
 
+uint64_t vn_realtime_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + ts.tv_nsec;
+}
+
+int vn_switch_set_clock(struct vn_switch *sw, uint64_t now_ns)
+{
+    if (now_ns && now_ns < sw->manual_ns)
+        return VN_EINVAL;          /* a clock handed in never goes back */
+    sw->manual_ns = now_ns;
+    sw->now_ns = vn_clock(sw);
+    return VN_OK;
+}
+
 const char *vn_strerror(int code)
 {
     switch (code) {
@@ -264,6 +280,7 @@ int vn_port_remove(struct vn_switch *sw, int port)
         sink_clear(sw, port);
     mac_forget_port(sw, port);
     vn_policy_release_port(sw, port, 0);
+    vn_sigport_free(sw, port);
     free(p->pol);
     memset(p, 0, sizeof(*p));
     return VN_OK;
@@ -321,6 +338,14 @@ int vn_port_broken(struct vn_switch *sw, int port)
 {
     struct vn_port *p = port_get(sw, port);
     return p ? p->broken : VN_ENOPORT;
+}
+
+int vn_ports_broken(struct vn_switch *sw)
+{
+    int n = 0;
+    for (int i = 0; i < VN_MAX_PORTS; i++)
+        n += sw->ports[i].kind && sw->ports[i].broken;
+    return n;
 }
 
 int vn_port_set_mac(struct vn_switch *sw, int port, const uint8_t *mac)
@@ -944,7 +969,7 @@ static void emit_drain(struct vn_switch *sw)
             sw->ports[m.port].st.drop_emit_queue_full++;
             continue;
         }
-        sw->now_ns = vn_now_ns();
+        sw->now_ns = vn_clock(sw);
         if (m.stage == VN_EMIT_POLICY) {
             if (vn_policy_apply(sw, m.port, m.dir, m.egress_to, pkt))
                 continue;
@@ -1090,7 +1115,7 @@ static int service_pass(struct vn_switch *sw, int poll_mode, int *busy)
 {
     int total = 0;
     *busy = 0;
-    sw->now_ns = vn_now_ns();
+    sw->now_ns = vn_clock(sw);
     for (int i = 0; i < VN_MAX_PORTS; i++) {
         struct vn_port *p = &sw->ports[i];
         if (p->kind == VN_PORT_TAP) {
@@ -1137,7 +1162,7 @@ int vn_port_inject_from(struct vn_switch *sw, int port, const uint8_t *frame, un
     memset(&pkt->hdr, 0, sizeof(pkt->hdr));
     memcpy(pkt->data, frame, len);
     pkt->len = len;
-    sw->now_ns = vn_now_ns();
+    sw->now_ns = vn_clock(sw);
     forward_drain(sw, port, pkt);
     vn_signal_all(sw);
     return VN_OK;
@@ -1212,7 +1237,7 @@ int vn_port_inject(struct vn_switch *sw, int port, int dir, const uint8_t *frame
     memset(&pkt->hdr, 0, sizeof(pkt->hdr));
     memcpy(pkt->data, frame, len);
     pkt->len = len;
-    sw->now_ns = vn_now_ns();
+    sw->now_ns = vn_clock(sw);
     if (dir == VN_DIR_FROM_GUEST)
         vn_forward_switch(sw, port, pkt);
     else

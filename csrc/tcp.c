@@ -45,8 +45,15 @@
  * the NI.  `more` (vn_stream_more) has the NI acknowledge held bytes on the receiver's
  * behalf; it then resends them to the receiver itself until acknowledged.
  *
+ * The signature stage (sigstage.c) is a holder like a contain scanner: connections its stream
+ * rules' ports fit are tracked even without a subscription, the new in-order bytes are scanned
+ * as soon as they are contiguous (seg_data), and a record goes on only below both frontiers,
+ * the scanners' (`passed`) and the stage's (`sig_ok`).  A connection a rule stopped drops every
+ * later frame (sig_flow_blocked).
+ *
  * The engine never sends a frame itself: what it releases, rebuilds, reassembles or forges
- * goes into the switch's emit queue (send_built, forge_seg, frag_input), which the switch
+ * goes into the switch's emit queue (send_built, forge_seg, frag_input, and seg_data's
+ * segment that only the signature stage held, which goes on as the frame itself), which the switch
  * drains once the engine has returned.  A released frame meets the destination NI's policy
  * and engine then, never from inside this one's: nothing nests, one scratch frame suffices.
  */
@@ -248,6 +255,7 @@ void flow_free(struct vn_switch *sw, struct vn_flow *f)
         half_free_all(sw, f, &f->half[i]);
         edits_free(sw, f, &f->half[i]);
     }
+    sig_flow_free(sw, f);
     struct vn_flow **pp = &t->ids[f->id % VN_TCP_ID_HASH];
     for (; *pp; pp = &(*pp)->id_next)
         if (*pp == f) {
@@ -287,6 +295,7 @@ static void flow_bypass(struct vn_switch *sw, struct vn_flow *f)
     for (int i = 0; i < 2; i++) {
         struct vn_half *hf = &f->half[i];
         hf->passed = UINT64_MAX;
+        hf->sig_ok = UINT64_MAX;    /* the signature stage lets go too: uninspected means that */
         hf->contig = UINT64_MAX;    /* gaps no longer matter: the receiver sorts them out */
         half_release(sw, f, hf);
         hf->read = hf->hold = 0;
@@ -322,8 +331,10 @@ static struct vn_flow *flow_new(struct vn_switch *sw, struct vn_tcp_port *tp, in
     tp->buckets[b] = f;
     f->in_table = 1;
     tp->nflows++;
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < 2; i++) {
         f->half[i].wscale = -1;
+        f->half[i].sig_ok = UINT64_MAX;
+    }
     return f;
 }
 
@@ -333,6 +344,14 @@ static int port_subscribed(const struct vn_policy *pol, uint16_t port)
         if (pol->stream_subs[i].port_lo <= port && port <= pol->stream_subs[i].port_hi)
             return 1;
     return 0;
+}
+
+/* Does a holder want connections of this server port: a scanner's stream subscription, or
+ * the signature stage (a stream rule's ports name either end's)? */
+static int port_tracked(struct vn_switch *sw, int port, const struct vn_policy *pol, uint16_t sport,
+                        uint16_t dport)
+{
+    return port_subscribed(pol, dport) || vn_sig_tracks(sw, port, sport, dport);
 }
 
 /* The handshake completed: which subscriptions want it now, and what each direction is. */
@@ -352,15 +371,27 @@ static void flow_establish(struct vn_switch *sw, struct vn_flow *f, const struct
                 hold |= dirs;
         }
     }
-    if (!subs) {                   /* unsubscribed meanwhile: nobody wants it */
+    /* the signature stage is a holder too: it holds the directions its rules cover */
+    int sig = sig_flow_open(sw, f);
+    if (!subs && !sig) {           /* unsubscribed meanwhile: nobody wants it */
         f->bypass = 1;
         return;
     }
     f->subs = subs;
     for (int i = 0; i < 2; i++) {
-        f->half[i].read = !!(read & dir_of(i));
-        f->half[i].hold = !!(hold & dir_of(i));
+        struct vn_half *hf = &f->half[i];
+        hf->read = !!(read & dir_of(i));
+        hf->hold = !!(hold & dir_of(i));
+        if (sig && hf->sig_ok != UINT64_MAX) {
+            if (!hf->hold)
+                hf->passed = UINT64_MAX;     /* no scanner holds it: the stage alone */
+            if (!hf->read)
+                hf->consumed = UINT64_MAX;   /* kept for the stage, never read by the kernel */
+            hf->read = hf->hold = 1;
+        }
     }
+    if (!subs)
+        return;                    /* the stage's alone: the kernel never hears of it */
     f->announced = 1;
     f->report_open = 1;
     mark_dirty(sw, f);
@@ -443,6 +474,8 @@ int vn_tcp_active(struct vn_switch *sw, int port)
     const struct vn_policy *pol = sw->ports[port].pol;
     if (pol && pol->nstream_subs)
         return 1;
+    if (vn_sig_streams(sw, port))
+        return 1;
     return sw->tcp && sw->tcp->ports[port] && (sw->tcp->ports[port]->nflows || sw->tcp->ports[port]->nfrags);
 }
 
@@ -510,7 +543,7 @@ static int midstream(struct vn_switch *sw, struct vn_tcp_port *tp, int port, int
         st->tcp_midstream_adopt++;
         f->state = ST_ADOPTING;
         f->midstream = 1;
-        f->client = port_subscribed(pol, h->dport) ? dir
+        f->client = port_tracked(sw, port, pol, h->dport, h->dport) ? dir
                   : (dir == VN_DIR_FROM_GUEST ? VN_DIR_TO_GUEST : VN_DIR_FROM_GUEST);
         f->last_ns = sw->now_ns;
         int hs = half_of(dir);
@@ -537,7 +570,7 @@ static int midstream(struct vn_switch *sw, struct vn_tcp_port *tp, int port, int
             if (f) {
                 f->state = ST_ESTABLISHED;
                 f->bypass = 1;
-                f->client = port_subscribed(pol, h->dport) ? dir
+                f->client = port_tracked(sw, port, pol, h->dport, h->dport) ? dir
                           : (dir == VN_DIR_FROM_GUEST ? VN_DIR_TO_GUEST : VN_DIR_FROM_GUEST);
                 f->last_ns = sw->now_ns;
             }
@@ -710,7 +743,7 @@ static int st_none(struct vn_tcp_in *in, const uint8_t *ga, const uint8_t *ra, u
     struct vn_port_stats *st = in->st;
     const struct vn_hdrs *h = in->h;
     if ((in->flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN)) == TCP_SYN &&
-        port_subscribed(pol, h->dport)) {
+        port_tracked(in->sw, in->port, pol, h->sport, h->dport)) {
         if (in->paylen)
             return drop(&st->tcp_syn_data);
         struct vn_tcp_port *tp = in->tp = tport(in->sw, in->port, 1);
@@ -986,7 +1019,7 @@ static int seg_data(struct vn_tcp_in *in, struct vn_flow *f)
         return fwd(in, f);
     }
     struct vn_seg *s = calloc(1, sizeof(*s));
-    struct vn_held *rec = s ? vn_held_record(in->pkt, in->port, in->dir, in->egress_to, 0, 0) : NULL;
+    struct vn_held *rec = s ? vn_held_record(sw, in->pkt, in->port, in->dir, in->egress_to, 0, 0) : NULL;
     if (!rec) {
         free(s);
         st->tcp_bytes_over++;
@@ -1015,6 +1048,22 @@ static int seg_data(struct vn_tcp_in *in, struct vn_flow *f)
             S->released_end = end + fin;
         return fwd(in, f);
     }
+    if (f->sig) {
+        sig_flow_scan(sw, f, in->hs);     /* the new in-order bytes, before any leaves */
+        if (sig_flow_forwards(f, S, s)) {
+            /* the stage alone held it, scanned it whole, and nothing waits before it: the
+             * frame itself goes on (the record stays for later copies to be compared with),
+             * into the emit queue like every release, so it cannot overtake the segments
+             * before it that a release in this same drain queued and the switch has not
+             * yet sent */
+            s->released = 1;
+            if (end + fin > S->released_end)
+                S->released_end = end + fin;
+            if (fwd(in, f) == VN_TCP_FORWARD)
+                vn_emit_push(sw, VN_EMIT_SUBS, in->port, in->dir, in->egress_to, in->pkt);
+            return VN_TCP_TAKEN;
+        }
+    }
     st->tcp_held_segments++;
     half_release(sw, f, S);
     return VN_TCP_TAKEN;
@@ -1037,7 +1086,8 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
     uint16_t gp = dir == VN_DIR_FROM_GUEST ? h->sport : h->dport;
     uint16_t rp = dir == VN_DIR_FROM_GUEST ? h->dport : h->sport;
     struct vn_flow *f = flow_find(tp, h->family, ga, ra, gp, rp);
-    if (!f && !port_subscribed(pol, h->dport) && !port_subscribed(pol, h->sport))
+    if (!f && !port_tracked(sw, port, pol, h->sport, h->dport) &&
+        !port_tracked(sw, port, pol, h->dport, h->sport))
         return VN_TCP_FORWARD;
 
     struct vn_tcp_in in = {.sw = sw, .port = port, .dir = dir, .egress_to = egress_to, .pkt = pkt,
@@ -1053,6 +1103,8 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
     in.edited = f->half[0].edited || f->half[1].edited;
     if (f->bypass)
         return fwd(&in, f);
+    if (sig_flow_blocked(f))
+        return drop(&p->st.sig_flow_dropped);   /* a rule stopped it: nothing more goes */
     struct vn_half *S = &f->half[in.hs], *R = &f->half[!in.hs];
     unsigned l2 = in.l3 < sizeof(S->eth) ? in.l3 : sizeof(S->eth);
     memcpy(S->eth, in.d, l2);
@@ -1157,7 +1209,7 @@ int vn_tcp_timers(struct vn_switch *sw)
     struct vn_tcp *t = sw->tcp;
     if (!t)
         return 0;
-    uint64_t now = vn_now_ns();
+    uint64_t now = vn_clock(sw);
     int n = 0;
     for (int port = 0; port < VN_MAX_PORTS; port++) {
         struct vn_tcp_port *tp = t->ports[port];

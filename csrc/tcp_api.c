@@ -37,7 +37,7 @@ int vn_stream_next(struct vn_switch *sw, struct vn_stream_event *ev)
     memcpy(ev->remote_addr, f->raddr, 16);
     ev->guest_port = f->gport;
     ev->remote_port = f->rport;
-    ev->time_ns = realtime_ns();
+    ev->time_ns = vn_clock_real(sw);
     ev->midstream = f->midstream;
     ev->what = VN_STREAM_DATA;
     if (f->report_open)

@@ -317,7 +317,7 @@ void send_inject(struct vn_switch *sw, struct vn_flow *f, int hs, struct vn_edit
     }
     note_out(S, oend);
     e->inj_sent = 1;
-    e->sent_ns = vn_now_ns();
+    e->sent_ns = vn_clock(sw);
     e->tries++;
 }
 
@@ -565,6 +565,8 @@ void half_release(struct vn_switch *sw, struct vn_flow *f, struct vn_half *hf)
     if (!hf->hold)
         return;
     uint64_t lim = hf->passed < hf->contig ? hf->passed : hf->contig;
+    if (lim > hf->sig_ok)
+        lim = hf->sig_ok;          /* the signature stage holds the rest (sigstage.c) */
     if (hf->vouched > hf->acked && hf->real_right && lim > hf->real_right)
         lim = hf->real_right;      /* bytes beyond the receiver's window wait with the NI */
     struct vn_port *p = &sw->ports[f->port];
@@ -578,7 +580,7 @@ void half_release(struct vn_switch *sw, struct vn_flow *f, struct vn_half *hf)
             hf->released_end = end;
         p->st.tcp_released_segments++;
         if (hf->vouched > hf->acked)
-            hf->ack_ns = vn_now_ns();  /* the resend timer runs from the latest send */
+            hf->ack_ns = vn_clock(sw);  /* the resend timer runs from the latest send */
         emit_record(sw, f, (int)(hf - f->half), s);
     }
     if (lim > hf->rel_lim)

@@ -2,11 +2,12 @@
  * Private to the TCP stream engine (tcp.c, tcp_edit.c, tcp_frag.c, tcp_api.c): its state
  * and the calls between its files.  See tcp.c for what the engine does.
  *
- * Frames leave the engine at three points only, into the switch's emit queue
+ * Frames leave the engine at four points only, into the switch's emit queue
  * (vn_emit_push) with the stage they still have to pass: send_built() (released and edited
  * frames: the NI's frame subscriptions) and forge_seg() (the NI's own segments: none) in
- * tcp_edit.c, and frag_input() (a reassembled datagram: the NI's whole policy) in
- * tcp_frag.c.  The engine calls nothing in the switch (but its clock, vn_now_ns) and wakes
+ * tcp_edit.c, frag_input() (a reassembled datagram: the NI's whole policy) in tcp_frag.c,
+ * and seg_data() in tcp.c (a segment only the signature stage held, scanned: the frame
+ * itself, to the frame subscriptions).  The engine calls nothing in the switch (but its clock, vn_clock) and wakes
  * only the kernel (vn_punt_signal).
  */
 #ifndef VN_TCP_INTERNAL_H
@@ -54,6 +55,7 @@ struct vn_half {
     uint64_t fin_off;
     uint64_t contig;               /* bytes available in order */
     uint64_t passed;               /* every contain scanner passed the bytes below */
+    uint64_t sig_ok;               /* the signature stage passed the bytes below (sigstage.c) */
     uint64_t consumed;             /* the kernel read the bytes below */
     uint64_t acked;                /* the receiver acknowledged the offsets below (FIN counts 1) */
     uint64_t right;                /* the receiver's window right edge */
@@ -131,6 +133,7 @@ struct vn_flow {
     uint8_t gaddr[16], raddr[16];
     uint16_t gport, rport;
     struct vn_half half[2];        /* [0] from the guest, [1] to the guest */
+    struct vn_sigflow *sig;        /* the signature stage's state (sigstage.c); NULL: none */
 };
 
 struct vn_frag;
@@ -168,13 +171,6 @@ struct vn_fview {
 static inline int half_of(int dir) { return dir == VN_DIR_FROM_GUEST ? 0 : 1; }
 
 static inline int dir_of(int half) { return half == 0 ? VN_DIR_FROM_GUEST : VN_DIR_TO_GUEST; }
-
-static inline uint64_t realtime_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + ts.tv_nsec;
-}
 
 /* The pseudo-header sum of a TCP segment of `len` bytes. */
 static inline uint32_t pseudo(int family, const uint8_t *ip, uint32_t len)
@@ -301,6 +297,13 @@ void frag_free(struct vn_switch *sw, int port, struct vn_frag **pp);
 int frag_input(struct vn_switch *sw, int port, int dir, int egress_to, struct vn_pkt *pkt,
                const struct vn_hdrs *h);
 void frag_expire(struct vn_switch *sw, int port, uint64_t now);
+
+/* sigstage.c: the signature stage as a holder of streams */
+int sig_flow_open(struct vn_switch *sw, struct vn_flow *f);
+void sig_flow_scan(struct vn_switch *sw, struct vn_flow *f, int hs);
+int sig_flow_blocked(const struct vn_flow *f);
+int sig_flow_forwards(const struct vn_flow *f, const struct vn_half *hf, const struct vn_seg *s);
+void sig_flow_free(struct vn_switch *sw, struct vn_flow *f);
 
 #pragma GCC visibility pop
 

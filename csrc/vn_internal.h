@@ -183,6 +183,7 @@ struct vn_port {
     uint64_t held_bytes;
     unsigned held_frames;
     struct vn_frag_first frag_first[VN_FRAG_FIRSTS];
+    struct vn_sigport *sig;       /* the signature stage (sigstage.c); NULL: none */
 };
 
 #define VN_MAC_TABLE 4096         /* power of two */
@@ -274,6 +275,7 @@ struct vn_switch {
     int epfd;
     int wake_fd;
     uint64_t now_ns;
+    uint64_t manual_ns;           /* 0: the system clocks; else the time handed in (replay) */
     struct vn_pkt *batch;         /* VN_BATCH frames, one mmap */
     struct vn_pkt *seg;           /* scratch for one GSO segment */
     struct vn_iov iov[VN_MAX_IOV];
@@ -293,6 +295,7 @@ struct vn_switch {
     struct vn_sink_rec *sink_head, *sink_tail, *sink_last;
     unsigned sink_count;
     struct vn_tcp *tcp;           /* stream reconstruction state (tcp.c); NULL until needed */
+    struct vn_flows *flows;       /* the flow stage (flow.c); NULL until a policy turns it on */
 };
 
 /* mem.c */
@@ -338,6 +341,23 @@ static inline void vn_wr32(uint8_t *p, uint32_t v)
 /* One's-complement sum of 16-bit big-endian words added to `sum` (not folded). */
 static inline uint32_t vn_sum16(uint32_t sum, const uint8_t *p, size_t len)
 {
+    if (len >= 64) {
+        /* 4 bytes a step into 64 bits (RFC 1071: the sum does not depend on the byte order
+         * of its words, so native words are summed and the folded result swapped): the TCP
+         * engine checks every payload byte, and 2 bytes a step cost more than the matcher */
+        uint64_t acc = 0;
+        for (; len >= 4; p += 4, len -= 4) {
+            uint32_t w;
+            memcpy(&w, p, 4);
+            acc += w;
+        }
+        while (acc >> 16)
+            acc = (acc & 0xffff) + (acc >> 16);
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        acc = (uint16_t)(acc << 8 | acc >> 8);
+#endif
+        sum = (sum & 0xffff) + (sum >> 16) + (uint32_t)acc;
+    }
     while (len > 1) {
         sum += (uint32_t)p[0] << 8 | p[1];
         p += 2;
@@ -426,7 +446,7 @@ int vn_policy_subs(struct vn_switch *sw, int port, int dir, int egress_to, struc
                    const struct vn_hdrs *h);
 void vn_held_free_all(struct vn_switch *sw);
 /* A copy of pkt as a held-frame record (not yet in the hash or the punt queue). */
-struct vn_held *vn_held_record(const struct vn_pkt *pkt, int port, int dir, int egress_to,
+struct vn_held *vn_held_record(const struct vn_switch *sw, const struct vn_pkt *pkt, int port, int dir, int egress_to,
                                uint64_t subs, uint64_t contain);
 void vn_punt_signal(struct vn_switch *sw);
 /* vn_held_release and vn_held_release_port without sending anything on: what a pass
@@ -458,8 +478,43 @@ int vn_tcp_stream_inject(struct vn_switch *sw, uint64_t stream, int dir, uint64_
 int vn_tcp_stream_more(struct vn_switch *sw, uint64_t stream, int dir);
 int vn_tcp_timers(struct vn_switch *sw);
 
-/* switch.c: the clock (the one call policy.c and the TCP engine make into it) */
+/* sigstage.c (the signature stage) */
+/* Packet rules on one frame: 1 if a drop/reject rule (or a failed scan) drops it. */
+int vn_sig_packet(struct vn_switch *sw, int port, int dir, struct vn_pkt *pkt, const struct vn_hdrs *h);
+/* Does a stream rule's port set name either port (the engine then tracks the connection)? */
+int vn_sig_tracks(struct vn_switch *sw, int port, uint16_t a, uint16_t b);
+/* Has the port's stage stream rules (the engine must see its TCP frames)? */
+int vn_sig_streams(struct vn_switch *sw, int port);
+void vn_sigport_free(struct vn_switch *sw, int port);
+
+/* switch.c: the clocks behind vn_clock / vn_clock_real (the data path reads those) */
 uint64_t vn_now_ns(void);
+uint64_t vn_realtime_ns(void);
+
+/* The switch's clock.  Every timer and timestamp of the data path reads it here: the
+ * monotonic clock (vn_clock) and Unix time (vn_clock_real, what scanners are told), or,
+ * once vn_switch_set_clock handed a time in, that time for both (offline replay on a
+ * capture's timestamps: deterministic, and as fast as the frames can be fed). */
+static inline uint64_t vn_clock(const struct vn_switch *sw)
+{
+    return sw->manual_ns ? sw->manual_ns : vn_now_ns();
+}
+
+static inline uint64_t vn_clock_real(const struct vn_switch *sw)
+{
+    return sw->manual_ns ? sw->manual_ns : vn_realtime_ns();
+}
+
+/* flow.c: the flow stage, for policy.c */
+/* Accounts a parsed frame to its flow (vn_policy.flows set).  1: drop it (a new flow
+ * found the table full and flows_over is drop), 0: go on. */
+int vn_flow_input(struct vn_switch *sw, int port, int dir, const struct vn_pkt *pkt,
+                  const struct vn_hdrs *h);
+/* Are flow events waiting (the punt eventfd must stay readable)? */
+int vn_flow_pending(struct vn_switch *sw);
+/* Forgets a port's flows (no events: nobody is left to tell). */
+void vn_flow_port_gone(struct vn_switch *sw, int port);
+void vn_flow_free_all(struct vn_switch *sw);
 
 /* offload.c */
 int vn_csum_complete(struct vn_pkt *pkt);

@@ -1,7 +1,7 @@
 /*
  * dnsd: a minimal authoritative DNS server over UDP, for vhostni's test guests.
  *
- *     dnsd [-p PORT] [-b ADDR] NAME=IPV4 [NAME=IPV4 ...]
+ *     dnsd [-p PORT] [-b ADDR] [-t] [-r ZONE] NAME=IPV4 [NAME=IPV4 ...]
  *
  * Answers standard queries (opcode QUERY, one question, class IN or ANY) for the names given: type A (or ANY)
  * gets every address listed for the name (TTL 300, authoritative), another type or class for a known name
@@ -9,6 +9,11 @@
  * A query it cannot parse gets FORMERR, another opcode NOTIMP; a message too short for a header, or a response
  * (QR=1), gets nothing, so two servers can never ping-pong.  EDNS OPT records in a query are ignored and not
  * echoed; answers longer than 512 bytes are truncated (TC=1) at a record boundary.
+ *
+ * With -t it also answers over TCP (RFC 1035 4.2.2: a two-byte length, then the message; one connection at a
+ * time, queries until the client closes, 2 s of silence ends it).  With -r ZONE it synthesises a reverse zone
+ * for any IPv4 address, as ISPs do: a PTR query for d.c.b.a.in-addr.arpa gets h-a-b-c-d.ZONE, and an A query
+ * for h-a-b-c-d.ZONE gets a.b.c.d (what the worm's PTR-laundering style needs).
  *
  * Every read of the query is bounds-checked; the query is never trusted for a length.  It logs one line per
  * query to stdout: "query NAME TYPE from ADDR:PORT -> RCODE ANSWERS".  Defaults: port 53, all addresses.
@@ -18,11 +23,13 @@
 #include <ctype.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #define MAX_NAME 255        /* presentation form, without the trailing dot */
@@ -31,6 +38,7 @@
 #define TTL 300
 
 #define T_A 1
+#define T_PTR 12
 #define T_ANY 255
 #define C_IN 1
 #define C_ANY 255
@@ -46,6 +54,7 @@ struct record {
 
 static struct record records[MAX_RECORDS];
 static int n_records;
+static const char *rev_zone;    /* -r */
 
 /* Lower-cases and strips one trailing dot; rejects empty labels, labels over 63 and names over 253 chars. */
 static int normalize_name(const char *in, char *out, size_t outsz)
@@ -179,6 +188,58 @@ static size_t answer(const uint8_t *q, size_t qlen, uint8_t *r, char *name, size
             put16(r + 4, 1);
             rlen = 12 + qsize;
             int known = 0, n = 0;
+            unsigned o[4];
+            char tail[MAX_NAME + 2];
+            int k = 0;
+            if (rev_zone && !odd && qtype == T_PTR &&
+                sscanf(name, "%u.%u.%u.%u.in-addr.arpa%n", &o[3], &o[2], &o[1], &o[0], &k) == 4 &&
+                name[k] == '\0' && o[0] < 256 && o[1] < 256 && o[2] < 256 && o[3] < 256) {
+                char target[MAX_NAME + 2];
+                int tl = snprintf(target, sizeof(target), "h-%u-%u-%u-%u.%s", o[0], o[1], o[2], o[3], rev_zone);
+                uint8_t wire[MAX_NAME + 2];
+                size_t wl = 0;
+                for (const char *lp = target; tl > 0 && *lp;) {     /* presentation -> wire form */
+                    const char *dot = strchr(lp, '.');
+                    size_t ll = dot ? (size_t)(dot - lp) : strlen(lp);
+                    if (ll == 0 || ll > 63 || wl + ll + 2 > sizeof(wire))
+                        break;
+                    wire[wl++] = (uint8_t)ll;
+                    memcpy(wire + wl, lp, ll);
+                    wl += ll;
+                    lp += ll + (dot ? 1 : 0);
+                }
+                wire[wl++] = 0;
+                known = 1;
+                if (rlen + 12 + wl <= UDP_MAX) {
+                    uint8_t *a = r + rlen;
+                    put16(a, 0xC00C);
+                    put16(a + 2, T_PTR);
+                    put16(a + 4, C_IN);
+                    put16(a + 6, 0);
+                    put16(a + 8, TTL);
+                    put16(a + 10, (uint16_t)wl);
+                    memcpy(a + 12, wire, wl);
+                    rlen += 12 + wl;
+                    n++;
+                }
+            } else if (rev_zone && !odd &&
+                       sscanf(name, "h-%u-%u-%u-%u.%257s", &o[0], &o[1], &o[2], &o[3], tail) == 5 &&
+                       !strcmp(tail, rev_zone) && o[0] < 256 && o[1] < 256 && o[2] < 256 && o[3] < 256) {
+                known = 1;
+                if ((qtype == T_A || qtype == T_ANY) && rlen + 16 <= UDP_MAX) {
+                    uint8_t *a = r + rlen;
+                    put16(a, 0xC00C);
+                    put16(a + 2, T_A);
+                    put16(a + 4, C_IN);
+                    put16(a + 6, 0);
+                    put16(a + 8, TTL);
+                    put16(a + 10, 4);
+                    for (int b = 0; b < 4; b++)
+                        a[12 + b] = (uint8_t)o[b];
+                    rlen += 16;
+                    n++;
+                }
+            }
             for (int i = 0; i < n_records && !odd; i++) {
                 if (strcmp(records[i].name, name) != 0)
                     continue;
@@ -224,16 +285,26 @@ static const char *rcode_name(int rc)
 
 static void usage(void)
 {
-    fprintf(stderr, "usage: dnsd [-p PORT] [-b ADDR] NAME=IPV4 [NAME=IPV4 ...]\n");
+    fprintf(stderr, "usage: dnsd [-p PORT] [-b ADDR] [-t] [-r ZONE] NAME=IPV4 [NAME=IPV4 ...]\n");
 }
 
 int main(int argc, char **argv)
 {
     long port = 53;
     const char *bind_addr = "0.0.0.0";
-    int opt;
-    while ((opt = getopt(argc, argv, "p:b:h")) != -1) {
+    int opt, tcp = 0;
+    while ((opt = getopt(argc, argv, "p:b:tr:h")) != -1) {
         switch (opt) {
+        case 't':
+            tcp = 1;
+            break;
+        case 'r':
+            if (strlen(optarg) > 200) {
+                fprintf(stderr, "dnsd: reverse zone too long\n");
+                return 2;
+            }
+            rev_zone = optarg;
+            break;
         case 'p': {
             char *end;
             errno = 0;
@@ -252,7 +323,7 @@ int main(int argc, char **argv)
             return opt == 'h' ? 0 : 2;
         }
     }
-    if (optind >= argc) {
+    if (optind >= argc && !rev_zone) {
         usage();
         return 2;
     }
@@ -295,13 +366,65 @@ int main(int argc, char **argv)
         perror("dnsd: bind");
         return 1;
     }
-    printf("dnsd: serving %d records on %s:%ld\n", n_records, bind_addr, port);
+    int lfd = -1;
+    if (tcp) {
+        lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (lfd < 0 || setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) < 0 ||
+            bind(lfd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(lfd, 16) < 0) {
+            perror("dnsd: tcp");
+            return 1;
+        }
+    }
+    printf("dnsd: serving %d records on %s:%ld%s\n", n_records, bind_addr, port, tcp ? " (udp and tcp)" : "");
     fflush(stdout);
 
     for (;;) {
         uint8_t q[65536], r[UDP_MAX];
         struct sockaddr_in from;
         socklen_t fromlen = sizeof(from);
+        if (lfd >= 0) {
+            struct pollfd pf[2] = {{.fd = fd, .events = POLLIN}, {.fd = lfd, .events = POLLIN}};
+            if (poll(pf, 2, -1) < 0)
+                continue;
+            if (pf[1].revents & POLLIN) {
+                int c = accept4(lfd, (struct sockaddr *)&from, &fromlen, SOCK_CLOEXEC);
+                if (c < 0)
+                    continue;
+                struct timeval tv = {.tv_sec = 2};
+                setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+                setsockopt(c, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+                for (;;) {          /* queries on this connection until it closes or goes quiet */
+                    uint8_t lb[2];
+                    if (recv(c, lb, 2, MSG_WAITALL) != 2)
+                        break;
+                    size_t ql = (size_t)(lb[0] << 8 | lb[1]);
+                    if (ql == 0 || recv(c, q, ql, MSG_WAITALL) != (ssize_t)ql)
+                        break;
+                    char name[MAX_NAME + 2];
+                    int qtype, rcode, answers;
+                    size_t rlen = answer(q, ql, r, name, sizeof(name), &qtype, &rcode, &answers);
+                    char fs[INET_ADDRSTRLEN];
+                    inet_ntop(AF_INET, &from.sin_addr, fs, sizeof(fs));
+                    printf("query %s %d from %s:%d tcp -> %s %d\n", name, qtype, fs, ntohs(from.sin_port),
+                           rcode_name(rcode), answers);
+                    fflush(stdout);
+                    if (rlen == 0)
+                        break;
+                    uint8_t out[2 + UDP_MAX];
+                    out[0] = (uint8_t)(rlen >> 8);
+                    out[1] = (uint8_t)rlen;
+                    memcpy(out + 2, r, rlen);
+                    /* in two pieces, so a reader must put the message together across segments */
+                    if (send(c, out, 3, 0) != 3 || send(c, out + 3, rlen - 1, 0) != (ssize_t)(rlen - 1))
+                        break;
+                }
+                close(c);
+                continue;
+            }
+            if (!(pf[0].revents & POLLIN))
+                continue;
+            fromlen = sizeof(from);
+        }
         ssize_t n = recvfrom(fd, q, sizeof(q), 0, (struct sockaddr *)&from, &fromlen);
         if (n < 0) {
             if (errno == EINTR)

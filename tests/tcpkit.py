@@ -15,6 +15,7 @@ test's command (or passes everything with ``auto_pass``).
 from __future__ import annotations
 
 import socket
+import time
 import struct
 from dataclasses import dataclass, field
 from typing import Optional
@@ -333,6 +334,14 @@ class Engine:
     def housekeeping(self) -> None:
         self.lib.vn_tcp_housekeeping(self.sw)
         self.kit.step()
+
+    def advance(self, seconds: float) -> None:
+        """Moves the switch's clock on by ``seconds`` without waiting for them: from the first
+        call on, the switch runs on a clock handed in (vn_switch_set_clock), starting from
+        the system's monotonic clock (the one it read until then)."""
+        now = getattr(self, "_clock_ns", 0) or time.monotonic_ns()
+        self._clock_ns = now + int(seconds * 1e9)
+        assert self.lib.vn_switch_set_clock(self.sw, self._clock_ns) == 0
 
     def stat(self, name: str) -> int:
         return int(self.port.stats()[name])

@@ -76,7 +76,7 @@ def dns_answer(qname, answers, qtype="A", txid=0x1111, dport=33333, server=RESOL
 
 def resolve(det, qname, answers, qtype="A", txid=0x1111, server=RESOLVER):
     """The guest asks, the network answers: both frames through the detector."""
-    assert det.handle_frame("from_guest", dns_query(qname, qtype, txid, server=server)).action is None
+    assert det.handle_frame("from_guest", dns_query(qname, qtype, txid, server=server)).action == "pass"
     assert det.handle_frame("to_guest", dns_answer(qname, answers, qtype, txid, server=server)).action is None
 
 
@@ -207,8 +207,20 @@ def test_ten_a_minute_is_fine_eleven_is_an_attack():
 
 
 def test_the_minute_is_a_sliding_window():
-    det, clock = detector()
+    det, clock = detector(max_per_10_minutes=1000)
     res = scan(det, clock, [unknown(i) for i in range(30)], 6.1)    # 10 per 61 s, forever
+    assert all(r == ("pass", None) for r in res) and not det.attack
+
+
+def test_ten_minutes_catch_a_slow_scanner():
+    # 10 per 61 s never trips the minute; the ten-minute window (20) does, at the 21st
+    det, clock = detector()
+    res = scan(det, clock, [unknown(i) for i in range(21)], 6.1)
+    assert all(r == ("pass", None) for r in res[:20]) and res[20][0] == "cut" and det.attack
+    assert res[20][1].fields["count_last_10_minutes"] == 21
+    # a slower one still: one new address per 30 s, 20 in ten minutes is fine, the window slides
+    det, clock = detector()
+    res = scan(det, clock, [unknown(i) for i in range(40)], 30.1)
     assert all(r == ("pass", None) for r in res) and not det.attack
 
 
@@ -231,37 +243,92 @@ def enter_attack(det, clock):
     return alert
 
 
-def test_attack_mode_passes_one_unknown_syn_every_six_seconds():
-    det, clock = detector()
+def test_attack_mode_releases_one_queued_destination_every_six_seconds():
+    """Williamson's delay queue: unknown destinations wait in order; one is released per tick of a fixed
+    six-second clock, and a released destination's retransmitted SYN passes."""
+    det, clock = detector(release_share=1)   # the paper's fixed 6 s (see the slow-scanner test)
     resolve(det, "www.example.com", [("www.example.com", "A", "192.0.2.10", 300)])
     enter_attack(det, clock)
     start = clock.t
-    passed = []
+    assert det.queued() == [V4(unknown(2))]
     i = 100
-    while clock.t < start + 59:         # a worm at 8 SYN/s for the rest of the minute (exact binary steps)
+    while clock.t < start + 59:         # a worm at 8 SYN/s that never retries (exact binary steps)
         clock.advance(0.125)
         verdict, alert = det.decide_syn(unknown(i), 80)
-        assert alert is None
-        if verdict == "pass":
-            passed.append(round(clock.t - start, 1))
+        assert verdict == "cut" and alert is None
         i += 1
-        # known destinations pass at once, whatever the mode
+        # known destinations pass at once, whatever the mode, and are never queued
         assert det.decide_syn("192.0.2.10", 443) == ("pass", None)
-    assert passed == [6.0, 12.0, 18.0, 24.0, 30.0, 36.0, 42.0, 48.0, 54.0]
-    assert det.stats.syn_unknown_cut == i - 100 - len(passed) + 1
+    assert V4("192.0.2.10") not in det.queued()
+    # nine ticks (6, 12, ..., 54 s) released the nine oldest queued destinations, whatever the worm's pace
+    assert det.stats.released == 9
+    assert sorted(det._granted, key=lambda a: det._granted[a])[:2] == [V4(unknown(2)), V4(unknown(100))]
+    assert det.decide_syn(unknown(2), 80)[0] == "pass"          # the first one's retransmission
+    assert det.decide_syn(unknown(i - 1), 80)[0] == "cut"      # the newest still waits
+    assert det.stats.syn_unknown_passed == 3                    # two before the attack, one retransmission
 
 
-def test_a_destination_let_through_keeps_passing_until_reevaluation():
-    det, clock = detector()
+def test_the_delay_queue_slows_a_slow_scanner_and_loses_idle_ticks():
+    det, clock = detector(pass_interval=6, max_pass_interval=6, attack_duration=300)
     enter_attack(det, clock)
-    clock.advance(6)
-    assert det.decide_syn("10.98.0.1", 80)[0] == "pass"
+    clock.advance(30)                   # five idle ticks: lost, not saved up
+    det.tick()
+    assert det.stats.released == 1     # the one queued at detection
+    # a slow worm, one new destination every 10 s, retrying each one 1 s and 3 s later (Linux SYN retries)
+    out = []
+    for k in range(5):
+        for dt, retry in ((0, False), (1, True), (2, True)):
+            clock.advance(dt)
+            out.append((k, retry, det.decide_syn(unknown(300 + k), 80)[0]))
+        clock.advance(7)
+    passed = {k for k, _, v in out if v == "pass"}
+    first = [v for k, retry, v in out if not retry]
+    assert first == ["cut"] * 5          # no first SYN of a new destination ever passes in attack mode
+    assert len(passed) <= 5 and det.stats.queue_full == 0
+
+
+def test_a_released_destination_keeps_passing_until_reevaluation():
+    det, clock = detector(release_share=1)
+    enter_attack(det, clock)
+    assert det.decide_syn("10.98.0.1", 80)[0] == "cut"     # queued behind unknown(2)
     assert det.decide_syn("10.98.0.2", 80)[0] == "cut"
+    clock.advance(6)
+    det.tick()                                              # releases unknown(2)
+    assert det.decide_syn("10.98.0.1", 80)[0] == "cut"
+    clock.advance(6)
+    assert det.decide_syn("10.98.0.1", 80)[0] == "pass"   # its turn
     clock.advance(1)
-    assert det.decide_syn("10.98.0.1", 80)[0] == "pass"   # its retransmission
-    assert det.decide_syn("10.98.0.2", 80)[0] == "cut"    # still waiting for a slot
+    assert det.decide_syn("10.98.0.1", 80)[0] == "pass"   # and its retransmissions and reconnections
+    assert det.decide_syn("10.98.0.2", 80)[0] == "cut"    # still waiting for a tick
     clock.advance(5)
-    assert det.decide_syn("10.98.0.2", 80)[0] == "pass"   # retransmitted, 6 s later: its turn
+    assert det.decide_syn("10.98.0.2", 80)[0] == "pass"
+
+
+def test_the_release_interval_follows_the_scanners_pace():
+    """The tick is pass_interval for a fast scanner, and long enough for a slow one that at most
+    release_share of its pace gets out: a slow scanner is really slowed."""
+    det, clock = detector(pass_interval=6, max_pass_interval=600)
+    intervals = []
+    for i in range(8 * 130):            # 8 new destinations a second for 130 s
+        clock.advance(0.125)
+        _, alert = det.decide_syn(unknown(1000 + i), 80)
+        if alert:
+            intervals.append(alert.fields["pass_interval"])
+    # 8/s: 5 % of that is one every 2.5 s, below the floor of 6 s
+    assert intervals == [6.0, 6.0, 6.0]
+    assert len(det.queued()) == det.cfg["queue_capacity"] and det.stats.queue_full > 0
+    # a slow scanner: one new destination every 5 s trips the minute window at the 11th
+    det, clock = detector()
+    for i in range(11):
+        _, alert = det.decide_syn(unknown(i), 80)
+        clock.advance(5)
+    assert alert is not None and alert.fields["pass_interval"] == pytest.approx(5 / 0.05)
+    # and its next addresses wait: in the next 100 s (20 more) at most one is released
+    released = det.stats.released
+    for i in range(11, 31):
+        det.decide_syn(unknown(i), 80)
+        clock.advance(5)
+    assert det.stats.released - released <= 1
 
 
 def test_reevaluation_alerts_again_while_the_scan_goes_on():
@@ -487,15 +554,19 @@ def test_scanner_process_with_fake_kernel(tmp_path):
     try:
         kernel.send(wire.encode_control({
             "op": "hello", "version": 1, "scanner": "codered", "ni": "vm1",
-            "config": {"pass_interval": 0.5, "attack_duration": 2.0}, "injections": []}))
+            "config": {"pass_interval": 0.5, "release_share": 1, "attack_duration": 2.0}, "injections": []}))
         subs = []
-        for _ in range(3):
+        while not subs or "stream" not in subs[-1][0]:
             msg = recv()
             assert msg.body["op"] == "subscribe"
-            subs.append((msg.body["match"], msg.body["contain"]))
+            subs.append((msg.body.get("match") or msg.body, msg.body["contain"]))
             kernel.send(wire.encode_control({"op": "reply", "id": msg.body["id"], "ok": True}))
-        assert [c for _, c in subs] == [False, False, True]
-        assert subs[2][0]["tcp_flags"] == "syn,!ack"
+        held = sorted((m["direction"], m["proto"]) for m, c in subs if c)
+        assert held == [("from_guest", "icmp"), ("from_guest", "icmpv6"), ("from_guest", "tcp"),
+                        ("from_guest", "udp")]
+        assert [m["tcp_flags"] for m, c in subs if c and m["proto"] == "tcp"] == ["syn,!ack"]
+        assert subs[-1] == ({"op": "subscribe", "stream": True, "port": 53, "direction": "both",
+                             "contain": False, "id": subs[-1][0]["id"]}, False)
 
         number = 0
 
@@ -548,7 +619,11 @@ def test_scanner_process_with_fake_kernel(tmp_path):
                 kernel.settimeout(20)
         assert len(alerts) >= 2 and alerts[1]["fields"]["event"] == "attack_continues"
         passed = [n for n in range(scans[-1] + 1, number + 1) if decisions.get(n) == wire.PASS]
-        assert 1 <= len(passed) <= (i - 3) // 4 + 1      # about one per 0.5 s of ~10 SYN/s
+        assert passed == []            # new destinations wait in the delay queue, none passes at once
+        # the first one queued (the SYN cut at detection) was released long since: its retransmission passes
+        again = send(wire.FROM_GUEST, syn(unknown(2), dport=445), True)
+        collect(len(decisions) + 1)
+        assert decisions[again] == wire.PASS
     finally:
         kernel.close()
         try:
@@ -616,21 +691,49 @@ def test_worm_small_prefixes(worm):
     (["-n", "x", "127.0.0.0/24"], "bad count"),
     (["example.com/24"], "bad prefix"),
     (["127.0.0.0/24", "127.0.1.0/24"], "usage"),
+    (["-m", "ptr", "127.0.0.0/24"], "needs -d DNS"),
+    (["-m", "lookup", "www.test"], "needs -d DNS"),
+    (["-m", "synbomb", "127.0.0.1/32"], "needs -S SRC"),
+    (["-m", "worm", "127.0.0.0/24"], "bad mode"),
+    (["-m", "synbomb", "-S", "10.0.0.300", "127.0.0.1/32"], "bad address"),
 ])
 def test_worm_refuses(worm, args, why):
     r = run_worm(worm, *args)
     assert r.returncode == 2 and why in r.stderr and "attempt" not in r.stdout
 
 
+@pytest.mark.parametrize("mode, port", [("udp", 1434), ("icmp", 0), ("synbomb", 9)])
+def test_worm_datagram_styles_send_once_per_address(worm, mode, port):
+    extra = ["-S", "127.0.0.9"] if mode == "synbomb" else []
+    target = "127.0.0.1/32" if mode == "synbomb" else "127.0.3.0/24"
+    r = run_worm(worm, "-m", mode, "-n", "5", "-r", "100", "-s", "3", *(["-p", "9"] if mode == "synbomb" else []),
+                 *extra, target)
+    assert r.returncode == 0, r.stderr
+    attempts = [ln for ln in r.stdout.splitlines() if ln.startswith("attempt")]
+    assert len(attempts) == 5 and all(ln.endswith(f":{port}") for ln in attempts), r.stdout
+    assert "done: connected 0 refused 0 failed 0 pending 0" in r.stdout
+    if mode != "synbomb":
+        assert len({ln.split()[2] for ln in attempts}) == 5     # distinct addresses
+
+
 # ---- the scanner under a real NI kernel: its state survives a kill and a daemon restart (Scanner.checkpoint) ----
+
+CODERED_RIGHTS = [
+    {"direction": "from_guest", "proto": "udp", "contain": True},
+    {"direction": "from_guest", "proto": "icmp", "contain": True},
+    {"direction": "from_guest", "proto": "icmpv6", "contain": True},
+    {"direction": "to_guest", "proto": "udp"},
+    {"direction": "to_guest", "proto": "icmp"},
+    {"direction": "to_guest", "proto": "icmpv6"},
+    {"direction": "to_guest", "proto": "tcp", "tcp_flags": "syn"},
+    {"direction": "from_guest", "proto": "tcp", "tcp_flags": "syn", "contain": True},
+    {"stream": True, "port": 53, "direction": "both"}]
+
 
 def _codered_kit(kits, **kw):
     from nikit import policy, scanner_spec
-    spec = scanner_spec("codered", str(REPO / "scanners" / "codered"), allow=[
-        {"direction": "from_guest", "proto": "udp", "dport": 53},
-        {"direction": "to_guest", "proto": "udp", "sport": 53},
-        {"direction": "from_guest", "proto": "tcp", "tcp_flags": "syn", "contain": True}],
-        config={"pass_interval": 30.0, "attack_duration": 60.0})
+    spec = scanner_spec("codered", str(REPO / "scanners" / "codered"), allow=CODERED_RIGHTS,
+                        config={"pass_interval": 30.0, "attack_duration": 60.0})
     # default pass: a SYN the scanner failed to decide would get through, so "cut" means the scanner cut it
     k = kits({"a": policy(hold_timeout_ms=5000, default_decision="pass", scanners=[spec])}, **kw)
     _codered_ready(k)
@@ -639,7 +742,7 @@ def _codered_kit(kits, **kw):
 
 def _codered_ready(k):
     k.until(lambda: k.sp("a", "codered").locked
-            and sum(s.scanner == "codered" for s in k.nk("a").subs) == 3, 20, "the Code-Red scanner")
+            and sum(s.scanner == "codered" for s in k.nk("a").subs) == 8, 20, "the Code-Red scanner")
 
 
 def _syn_passes(k, i: int) -> bool:
@@ -695,15 +798,17 @@ def test_snapshot_round_trip_ages_by_wall_time_and_fits():
     assert det2.restore(doc, wall=5010.0)
     assert det2.attack and det2.is_known(V4("192.0.2.10")) and det2.unknown_count(60) == 3
     assert abs(det2.attack_until - (7.0 - 10 + 60 - 0.1)) < 0.01
-    # 10 s after detection, more than pass_interval: one unknown SYN may pass, the next is cut
-    assert det2.decide_syn("203.0.113.77", 80)[0] == "pass"
-    assert det2.decide_syn("203.0.113.78", 80)[0] == "cut"
+    # 10 s after detection, more than pass_interval: the delay queue's head (the SYN cut at detection) is
+    # released, a new destination waits
+    assert det2.queued() == [V4(unknown(2))]
+    assert det2.decide_syn("203.0.113.77", 80)[0] == "cut"
+    assert det2.decide_syn(unknown(2), 80)[0] == "pass"
     # bounded: a big DNS table is shortened to fit
     for i in range(2000):
         det.table.add(ipaddress.ip_address(f"10.9.{i // 250}.{i % 250}"), clock() + 100 + i, "x" * 200, clock())
     small = det.snapshot(max_bytes=4096, wall=5000.0)
     assert len(json.dumps(small, separators=(",", ":"))) <= 4096 and small["attack"] and len(small["unknown"]) == 3
     # anything else is refused whole
-    for bad in (None, [], {"v": 2}, dict(doc, unknown=[["not an address", 1]]), dict(doc, wall="x")):
+    for bad in (None, [], {"v": 3}, {"v": 2}, dict(doc, unknown=[["not an address", 1]]), dict(doc, wall="x")):
         det3, _ = detector()
         assert not det3.restore(bad) and not det3.attack and det3.unknown_count(60) == 0

@@ -242,3 +242,15 @@ def test_summarize_reports_median_and_spread():
     s = summarize([1.0, 3.0, 2.0])
     assert s["median"] == 2.0 and s["min"] == 1.0 and s["max"] == 3.0 and s["spread_pct"] == 100.0
     assert summarize([]) == {"n": 0}
+
+
+@dpdk_test
+def test_two_worker_daemons_loop_side_by_side(logdir):
+    """The workers benchmark: two daemons, each with its own frame loop, both moving frames at once."""
+    from vhostni.bench.workers import WorkersConfig, measure_workers, tiny
+    cfg = tiny(WorkersConfig(logdir=logdir))
+    r = measure_workers(2, 64, cfg, "smoke-workers")
+    assert r["ok"], r.get("error")
+    assert len(r["per_worker"]) == 2 and all(w["pps_a_to_b"] > 0 and w["pps_b_to_a"] > 0
+                                             for w in r["per_worker"])
+    assert r["pps"] == sum(w["pps"] for w in r["per_worker"])

@@ -1438,3 +1438,24 @@ def test_daemon_process_survives_hostile_guests_and_does_not_leak(proc):
     assert map_count(pid) == maps
     errors = sum(1 for i in range(100) if i % 3 == 0 or not sorted(MALFORMED)[i % len(MALFORMED)].startswith("truncated"))
     assert proc.stats(fresh_after=time.time())["nis"]["h"]["protocol_errors"] >= errors
+
+
+def test_a_broken_nic_is_logged_once_and_counted_by_the_switch(trio, caplog):
+    """The daemon's housekeeping names a broken NI in the log once (not every tick), and
+    asks every port only while some port is broken: Switch.ports_broken() is one C call,
+    so hundreds of idle NIs cost the tick nothing per NI."""
+    import logging
+    h, bench = trio.h, trio.bench
+    sw = bench.daemon.switch
+    assert sw.ports_broken() == 0
+    post_raw(h.queues[1], [(0, FAR, 64, 0, 0)])
+    bench.step(2)
+    assert bench.broken("h") == "descriptor buffer outside guest memory"
+    assert sw.ports_broken() == 1
+    with caplog.at_level(logging.ERROR, logger="vhostni"):
+        for _ in range(3):
+            bench.daemon._housekeeping()
+    logged = [r.getMessage() for r in caplog.records if "broke the virtio rules" in r.getMessage()]
+    assert logged == ["NI h: guest broke the virtio rules (descriptor buffer outside guest memory); "
+                      "NIC stopped until the guest driver resets it"]
+    assert bench.broken("a") is None and bench.broken("b") is None

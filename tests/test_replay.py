@@ -224,14 +224,17 @@ def test_held_frames_follow_the_scanner_and_the_timing_model(tmp_path):
     f = [cap.add(from_guest(UDP(sport=1, dport=2) / Raw(m))) for m in
          (b"pass-1", b"CUT-2", b"LATER-3", b"pass-4", b"HOLD-5", b"pass-6")]
     tcp = cap.add(from_guest(TCP(dport=80)))          # not subscribed: straight through
+    # on the capture's clock, so that a loaded machine's pace cannot move the hold timeout
     rc, out, alerts = run_replay(tmp_path, cap, decider_policy(hold_timeout_ms=300,
-                                                               default_decision="pass"))
+                                                               default_decision="pass"),
+                                 clock="capture")
     assert rc == 0
     ts = [t for t, _ in cap.frames]
     # CUT is missing; LATER leaves once the next held frame arrives, with that frame's time;
-    # HOLD is decided by the default (pass) after the hold timeout, at the end: the last time
-    assert out == [(ts[0], f[0]), (ts[3], f[2]), (ts[3], f[3]), (ts[5], f[5]), (ts[6], tcp),
-                   (ts[6], f[4])]
+    # HOLD is decided by the default (pass) after the hold timeout, at the end, when time runs
+    # on to its deadline (300 ms after it was held)
+    assert out[:-1] == [(ts[0], f[0]), (ts[3], f[2]), (ts[3], f[3]), (ts[5], f[5]), (ts[6], tcp)]
+    assert out[-1][1] == f[4] and abs(out[-1][0] - (ts[4] + 300_000_000)) < 10_000
     # HOLD's missed decision is alerted too (the policy's default stood in for the scanner)
     assert [a["message"] for a in alerts] == [
         "ready", "decision missed: the policy's default applied after the hold timeout"]
@@ -554,3 +557,100 @@ def test_a_policy_whose_scanner_hello_cannot_be_sent_is_a_clear_error(tmp_path, 
     p = subprocess.run([sys.executable, "-m", "vhostni", "replay", "--guest-mac", GUEST, good,
                         "--ni", "n" * 33], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "--ni" in p.stderr and "Traceback" not in p.stderr
+
+
+# ---------------------------------------------------------------------------
+# --clock capture: the whole NI, scanners included, on the capture's timestamps
+# ---------------------------------------------------------------------------
+
+def test_hold_timeouts_run_on_the_capture_clock(tmp_path):
+    """A frame nobody decides is settled by the hold timeout when *capture* time says so:
+    before a frame ten capture-seconds later (on the system clock, replay feeds that frame
+    within milliseconds, and the held one leaves only at the end)."""
+    cap = Capture()
+    held = cap.add(from_guest(UDP(sport=1, dport=2) / Raw(b"HOLD-1")))
+    later = cap.add(from_guest(UDP(sport=1, dport=2) / Raw(b"pass-2")), gap_ns=10 * 10**9)
+    # 2 s: long enough that feeding two frames on a loaded machine never takes that long
+    doc = decider_policy(hold_timeout_ms=2000, default_decision="pass")
+    ts = [t for t, _ in cap.frames]
+    rc, out, alerts = run_replay(tmp_path, cap, doc, clock="capture")
+    assert rc == 0
+    assert out == [(ts[1], held), (ts[1], later)]
+    missed = [a for a in alerts if a["message"].startswith("decision missed")]
+    assert len(missed) == 1
+    rc, out, _ = run_replay(tmp_path, cap, doc)          # the system clock, as before
+    assert rc == 0 and [d for _, d in out] == [later, held]
+
+
+def test_scanners_time_and_timeouts_follow_the_capture(tmp_path):
+    """The SDK's clock(), time(), frame times and frames(timeout=...) run on capture time:
+    a 4.5 s gap in the capture is one quiet interval for the scanner, however fast it is fed,
+    and two runs say exactly the same."""
+    cap = Capture()
+    for gap in (1_000_000, 500_000_000, 4_500_000_000, 200_000_000):
+        cap.add(from_guest(UDP(sport=7, dport=9) / Raw(b"x")), gap_ns=gap)
+    ts = [t / 1e9 for t, _ in cap.frames]
+    doc = policy(scanners=[scanner_spec("cw", "clockwatch.py", allow=[{"proto": "udp"}],
+                                        config={"timeout": 1.0})])
+    runs = []
+    for _ in range(2):
+        rc, out, alerts = run_replay(tmp_path, cap, doc, clock="capture")
+        assert rc == 0 and len(out) == 4
+        runs.append([(a["message"], a["fields"], a["frame"]) for a in alerts])
+    assert runs[0] == runs[1]
+    got = runs[0]
+    assert got[0][0] == "hello" and got[0][1]["mode"] == "capture"
+    assert got[0][1]["clock"] == got[0][1]["time"] == ts[0]        # started at the first frame's time
+    frames = [(f, n) for m, f, n in got if m == "frame"]
+    assert [n for _, n in frames] == [1, 2, 3, 4]
+    for (f, n) in frames:
+        assert f["frame_time"] == f["clock"] == f["time"] == ts[n - 1]
+    # one quiet interval, in the gap, told when capture time reached the third frame
+    order = [m for m, _, _ in got[1:]]
+    assert order == ["frame", "frame", "quiet", "frame", "frame"]
+    quiet = [f for m, f, _ in got if m == "quiet"][0]
+    assert quiet["clock"] == ts[2]
+
+
+def test_codered_sees_a_slow_scan_at_its_own_pace_on_the_capture_clock(tmp_path):
+    """A scan of one unknown address every 7 s (8-9 a minute, under Code-Red's 10) is not an
+    attack; compressed into milliseconds on the system clock it looks like one.  On the
+    capture's clock the scanner sees the capture's rates: no alert, every SYN through."""
+    cap = Capture()
+    rnd = random.Random(3)
+    syns = [cap.add(from_guest(TCP(sport=50000 + k, dport=80, flags="S"),
+                               dst_ip=f"{rnd.randint(11, 99)}.{rnd.randint(0, 255)}.1.{k + 1}"),
+                    gap_ns=7 * 10**9) for k in range(20)]
+    with open(CODERED) as f:
+        doc = f.read().replace('program = "../scanners/codered"',
+                               f'program = "{os.path.join(ROOT, "scanners", "codered")}"')
+    pol = write_policy(str(tmp_path / "codered.toml"), doc)
+    inp = cap.write(tmp_path / "in.pcap")
+    results = {}
+    for clock in ("capture", "system"):
+        rc = cli.main(["replay", "--policy", pol, "--guest-mac", GUEST, inp, "--clock", clock,
+                       "--out", str(tmp_path / f"{clock}.pcap"), "--alerts", str(tmp_path / f"{clock}.jsonl")])
+        assert rc == 0
+        results[clock] = ([d for _, d in out_frames(tmp_path / f"{clock}.pcap")],
+                          [a["fields"].get("event") for a in alerts_of(tmp_path / f"{clock}.jsonl")])
+    assert results["capture"] == (syns, [])
+    out, events = results["system"]
+    assert "attack_detected" in events and len(out) < len(syns)
+
+
+def test_clock_arguments_are_checked(tmp_path, capsys):
+    cap = Capture()
+    cap.add(from_guest(UDP(sport=1, dport=2)))
+    inp = cap.write(tmp_path / "in.pcap")
+    rc = cli.main(["replay", "--guest-mac", GUEST, inp, "--clock", "capture", "--speed", "1"])
+    assert rc == 2 and "--speed" in capsys.readouterr().err
+    with pytest.raises(ValueError):
+        Replay(parse_mac(GUEST), clock="sundial")
+    sw = Switch()
+    try:
+        sw.set_clock(2 * 10**18)
+        with pytest.raises(ValueError):
+            sw.set_clock(10**18)                           # never back
+        sw.set_clock(0)                                    # the system clocks again
+    finally:
+        sw.close()

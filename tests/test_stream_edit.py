@@ -198,15 +198,14 @@ def test_injection_at_the_end_waits_for_the_pass_and_is_retransmitted_until_acke
     got = c.recv("b", 1.0, 2)
     rx.take(got)
     assert rx.stream() == b"headTAIL"
-    import time
-    time.sleep(0.25)
+    e.advance(0.25)
     e.housekeeping()                               # not acknowledged: it goes again
     again = c.recv("b", 1.0, 1)
     assert [s.payload for s in again] == [b"TAIL"] and again[0].seq == c.seq("a", 4)
     assert kit.stats("a")["tcp_inject_retransmits"] == 1
     c.send("b", c.segment("b", ACK, ack=c.seq("a", 8)))
     assert acks(c.recv("a", 1.0, 1)) == [c.seq("a", 4)]
-    time.sleep(0.5)
+    e.advance(0.5)
     e.housekeeping()
     assert c.recv("b", 0.3) == []                  # acknowledged: no more
 

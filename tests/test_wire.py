@@ -116,7 +116,7 @@ def test_the_encoder_refuses_what_the_decoder_would(value, why):
     assert wire.decode(ok).body == {"op": "hello", "version": wire.VERSION, "scanner": "s", "ni": "ni",
                                     "config": {"v": 1.5}, "injections": ["f"],
                                     "stream_injections": ["g"], "checkpoint_max": 0,
-                                    "checkpoint": None}
+                                    "checkpoint": None, "clock": "system"}
 
 
 def test_nesting_up_to_the_limit_is_fine():

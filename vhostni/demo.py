@@ -2,9 +2,11 @@
 
 It starts `vhostni run` with two NIs (alice's with the Code-Red scanner policy), boots two
 QEMU guests (TCG) behind them, shows them talking (ping, 10 MB over HTTP with checksums,
-iperf3), then runs a Code-Red-style worm in alice: her NI slows it to one connection
-attempt every 6 s and alerts, while her normal traffic (resolve, then connect) flows.  It
-ends with the alert log as an administrator reads it and the NIs' counters.
+iperf3), then runs a Code-Red-style worm in alice: her NI queues its connection attempts,
+releasing one every 6 s or slower, and alerts, while her normal traffic (resolve, then
+connect) flows.  Then alice SYN-bombs bob: her NI alerts, throttles her SYNs to him and
+resets the half-open connections she left on him.  It ends with the alert log as an
+administrator reads it and the NIs' counters.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ WIDTH = 78
 LAN = "10.77.0"
 WORM_NET = "198.18.0.0/16"    # reserved for benchmarking; routed to bob, who drops it
 ALICE_MAC = "52:54:00:77:00:01"
+BOMB_SRC = f"{LAN}.11"        # alice's in her policy, not configured on her interface (see guests/worm.c)
 
 
 def say(text: str = "") -> None:
@@ -152,15 +155,17 @@ def main(argv: list[str] | None = None) -> int:
         say(f"alice's NI: {passed} connection attempts (SYNs, with retransmissions) passed, "
             f"{cut} cut")
 
-        banner("3. what the administrator sees: the alert log")
+        bombed = synbomb_step(alice, bob, alert_log)
+
+        banner("4. what the administrator sees: the alert log")
         for line in alert_log.read_text().splitlines():
             rec = json.loads(line)
             when = time.strftime("%H:%M:%S", time.localtime(rec["time"]))
             say(f"#{rec['seq']} {when} NI {rec['ni']} / {rec['scanner']}: {rec['message']}")
 
-        banner("4. what the NIs did (vhostni's counters)")
+        banner("5. what the NIs did (vhostni's counters)")
         print_counters(json.loads(stats_file.read_text()))
-        ok = a == b and cut > passed and normal < 5
+        ok = a == b and cut > passed and normal < 5 and bombed
     finally:
         for g in (alice, bob):
             g.close()
@@ -170,12 +175,45 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
+def synbomb_step(alice: Guest, bob: Guest, alert_log: Path) -> bool:
+    """alice SYN-bombs bob's web server; True if her NI alerted and bob's half-open connections went."""
+    banner("3. alice SYN-bombs bob: her NI throttles her and repairs him")
+    say("alice's NI also runs the SYN-bomb detector: a handshake is half-open when bob repeats his")
+    say("SYN-ACK.  A burst of them: alert, alice's SYNs to bob throttled, and a RST to bob, from")
+    say("alice's address with the sequence numbers he accepts, for each half-open connection.")
+    # bob answers the bomb's source (an address of alice's she has not configured, so her kernel
+    # drops his SYN-ACKs instead of resetting them); httpd listens on [::]:80, hence tcp6 too
+    bob.check(f"arp -s {BOMB_SRC} {ALICE_MAC}")
+    count = "echo $(cat /proc/net/tcp /proc/net/tcp6 | awk '$4 == \"03\" && $2 ~ /:0050$/' | wc -l)"
+    t0 = time.time()
+    show(alice, f"(worm -m synbomb -S {BOMB_SRC} -n 30 -r 10 -p 80 {LAN}.2/32 > /tmp/bomb.log 2>&1 &); "
+                "sleep 1; head -3 /tmp/bomb.log")
+    during = int(bob.check(count).split()[-1])
+    say(f"bob's half-open connections to port 80 during the bomb: {during}")
+    alerted = False
+    for _ in range(40):
+        recs = [json.loads(line) for line in alert_log.read_text().splitlines()] if alert_log.exists() else []
+        if any(r["scanner"] == "synbomb" and r["time"] >= t0 for r in recs):
+            alerted = True
+            break
+        time.sleep(0.5)
+    alice.run("for i in $(seq 30); do grep -q '^done' /tmp/bomb.log && break; sleep 0.5; done", timeout=60)
+    time.sleep(3)
+    after = int(bob.check(count).split()[-1])
+    say(f"... and 3 s after it: {after} (without the repair they would stay about a minute)")
+    return alerted and during > 0 and after == 0
+
+
 def alice_policy() -> str:
     from .resources import path
     text = path("examples/codered.toml").read_text()
     text = text.replace('program = "../scanners/codered"', 'program = "vhostni:codered"')
     text = text.replace('# mac = "52:54:00:12:34:56"', f'mac = "{ALICE_MAC}"')
-    return text.replace('# addresses = ["10.77.0.1/32"]', f'addresses = ["{LAN}.1/32", "fe80::/64"]')
+    text = text.replace('# addresses = ["10.77.0.1/32"]', f'addresses = ["{LAN}.1/32", "{BOMB_SRC}/32", "fe80::/64"]')
+    bomb = path("examples/synbomb.toml").read_text()
+    bomb = bomb[bomb.index("[[scanner]]"):].replace('program = "../scanners/codered"', 'program = "vhostni:codered"')
+    # bob's httpd has a small listen backlog: a handful of half-open connections is all a bomb leaves
+    return text + "\n" + bomb.replace("max_half_open = 8", "max_half_open = 3")
 
 
 if __name__ == "__main__":

@@ -22,12 +22,29 @@ to_guest or both, the default).  A stream subscription is granted only if its po
 directions lie within one of the scanner's stream rights (and contain only if that right
 has contain).
 
+A *flows* right or subscription (``flows = true``) names the events of the NI's flow stage
+(csrc/flow.c: one entry per 5-tuple, both directions) instead of frames: ``proto`` (a
+protocol name or number, or a list of them; all if absent), ``direction`` (who opened the
+flow: from_guest, to_guest, or both, the default) and, in a subscription only, ``events``
+(open, state, close, summary; all if absent).  Flows are read rights only: an event
+reports, it holds nothing.  A flows subscription is granted only if its protocols and
+directions lie within one of the scanner's flows rights.  The stage runs on an NI only
+while a scanner subscribes to flows or ``[ni] flows = true``; ``[ni] flows_max`` bounds its
+table (``flows_over``: drop, fail closed, or pass), ``flow_events_max`` the events waiting
+for the kernel, ``flow_tcp_idle_ms``, ``flow_udp_idle_ms`` and ``flow_other_idle_ms`` expire
+idle flows, ``flow_tcp_syn_ms`` is how long a SYN waits for its answer (and how long a reset
+or finished connection lingers) and ``flow_summary_ms`` how often a long flow is summarised
+(0: never).
+
 ``[[scanner.inject]]`` pre-registers what a scanner may put on the wire, by index or name:
 ``{name, frame}`` a whole Ethernet frame (hex), or ``{name, stream}`` / ``{name, stream_hex}``
 bytes a contain scanner may insert into a TCP stream it holds (text, as given: TOML basic
 strings write CR LF as ``\\r\\n``; or hex).  The two kinds are numbered separately, each in
 the order of the array (``ScannerSpec.injections`` and ``.stream_injections``): a scanner
-never chooses the bytes it sends, only which of the administrator's.
+never chooses the bytes it sends, only which of the administrator's.  ``resets = true`` on a
+``[[scanner]]`` lets it have the NI send TCP resets from the guest's own addresses
+(``Scanner.reset``, to repair a SYN bomb's victim): the NI builds them, from an address
+in ``[ni] addresses`` and the guest's MAC, and sends them through the guest's own checks.
 """
 from __future__ import annotations
 
@@ -315,6 +332,63 @@ def parse_stream_match(where: str, d: Any) -> StreamMatch:
     return StreamMatch(**kw)
 
 
+FLOW_KEYS = {"flows", "proto", "direction", "events"}
+FLOW_EVENT_KINDS = ("open", "state", "close", "summary")
+
+
+@dataclass(frozen=True)
+class FlowMatch:
+    """Flows by protocol and by who opened them, and which of their events."""
+    protos: Optional[frozenset] = None     # None: every protocol
+    dirs: int = 0                          # who initiated; 0: either
+    events: frozenset = frozenset(FLOW_EVENT_KINDS)
+
+    def directions(self) -> int:
+        return self.dirs or (DIR_FROM | DIR_TO)
+
+    def within(self, right: "FlowMatch") -> bool:
+        protos_ok = right.protos is None or (self.protos is not None and self.protos <= right.protos)
+        return protos_ok and not self.directions() & ~right.directions()
+
+    def matches(self, proto: int, initiator: int, kind: str) -> bool:
+        return (kind in self.events and (self.protos is None or proto in self.protos)
+                and bool(self.directions() & initiator))
+
+
+def parse_flow_match(where: str, d: Any, subscription: bool = False) -> FlowMatch:
+    if not isinstance(d, dict):
+        raise PolicyError(where, "expected a table of flows keys")
+    known = FLOW_KEYS if subscription else FLOW_KEYS - {"events"}
+    unknown = set(d) - known - {"comment", "contain"}
+    if unknown:
+        raise PolicyError(f"{where}.{sorted(unknown)[0]}",
+                          f"unknown key for flows (known: {', '.join(sorted(known))})")
+    if d.get("flows") is not True:
+        raise PolicyError(f"{where}.flows", "expected true")
+    if d.get("contain", False) is not False:
+        raise PolicyError(f"{where}.contain", "flows are read rights only: an event holds nothing")
+    kw: dict[str, Any] = {}
+    if "proto" in d:
+        v = d["proto"]
+        items = v if isinstance(v, list) else [v]
+        if not items or len(items) > 16:
+            raise PolicyError(f"{where}.proto", "expected a protocol or a list of 1-16")
+        kw["protos"] = frozenset(_named_int(f"{where}.proto", x, PROTOS, 255) for x in items)
+    if "direction" in d:
+        if not isinstance(d["direction"], str) or d["direction"] not in DIRECTIONS:
+            raise PolicyError(f"{where}.direction", f"expected one of {', '.join(DIRECTIONS)}")
+        kw["dirs"] = DIRECTIONS[d["direction"]]
+        if kw["dirs"] == DIR_FROM | DIR_TO:
+            kw["dirs"] = 0
+    if "events" in d:
+        ev = d["events"]
+        if not isinstance(ev, list) or not ev or not all(isinstance(x, str) and x in FLOW_EVENT_KINDS
+                                                         for x in ev):
+            raise PolicyError(f"{where}.events", f"expected a list of {', '.join(FLOW_EVENT_KINDS)}")
+        kw["events"] = frozenset(ev)
+    return FlowMatch(**kw)
+
+
 @dataclass
 class Right:
     match: Match
@@ -347,6 +421,11 @@ class ScannerSpec:
     stream_injections: list[tuple[str, bytes]] = field(default_factory=list)
     # unix sockets (absolute paths) bound into its sandbox, which it may connect to (clamd)
     sockets: list[str] = field(default_factory=list)
+    # may have the NI send TCP resets from the guest's own address (Scanner.reset): nothing
+    # the guest could not send itself, but a scanner needs the administrator's word for it
+    resets: bool = False
+    # the flow stage's events it may subscribe to ([[scanner.allow]] flows = true)
+    flow_rights: list[FlowMatch] = field(default_factory=list)
 
 
 @dataclass
@@ -375,6 +454,17 @@ class Policy:
     # both ends (fail closed, the default), drop, pass uninspected, or adopt (inspect it
     # from where the NI picked it up)
     tcp_midstream: str = "reset"
+    # the flow stage (csrc/flow.c): on while a scanner subscribes to flows, or always if
+    # `flows`; its table's bound and exception policy, its event queue, its timeouts
+    flows: bool = False
+    flows_max: int = 16384
+    flows_over_pass: bool = False
+    flow_events_max: int = 4096
+    flow_tcp_idle_ms: int = 600_000
+    flow_tcp_syn_ms: int = 3000
+    flow_udp_idle_ms: int = 60_000
+    flow_other_idle_ms: int = 30_000
+    flow_summary_ms: int = 60_000
     prevent: list[Match] = field(default_factory=list)
     scanners: list[ScannerSpec] = field(default_factory=list)
     source: Optional[str] = None
@@ -384,9 +474,22 @@ class Policy:
     doc: Optional[dict] = None      # the document it was parsed from (what ni-get-policy shows)
 
     def compile(self, subs: list[tuple[Match, bool]] = (),
-                stream_subs: list[tuple[StreamMatch, bool]] = ()):
-        """A ``struct vn_policy`` for the fast path, with the kernel's live subscriptions."""
+                stream_subs: list[tuple[StreamMatch, bool]] = (),
+                flow_events: Optional[frozenset] = None):
+        """A ``struct vn_policy`` for the fast path, with the kernel's live subscriptions;
+        ``flow_events``: the flow events (FLOW_EVENT_KINDS) scanners subscribed to (None:
+        no flows subscription; the stage then runs only if ``flows``)."""
         c = ffi.new("struct vn_policy *")
+        c.flows = 1 if self.flows or flow_events is not None else 0
+        c.flow_events = sum(1 << getattr(lib, f"VN_FLOW_EV_{k.upper()}") for k in flow_events or ())
+        c.flows_max = self.flows_max
+        c.flows_over_pass = 1 if self.flows_over_pass else 0
+        c.flow_events_max = self.flow_events_max
+        c.flow_tcp_idle_ms = self.flow_tcp_idle_ms
+        c.flow_tcp_syn_ms = self.flow_tcp_syn_ms
+        c.flow_udp_idle_ms = self.flow_udp_idle_ms
+        c.flow_other_idle_ms = self.flow_other_idle_ms
+        c.flow_summary_ms = self.flow_summary_ms
         c.anti_spoof = 1 if self.anti_spoof else 0
         if self.mac:
             c.mac_set = 1
@@ -545,7 +648,10 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
                      "held_frames_max", "held_bytes_max", "over_cap", "on_alert", "comment",
                      "tcp_flows_max", "tcp_flows_over", "tcp_bytes_max", "tcp_bytes_over",
                      "tcp_depth_max", "tcp_depth_over", "tcp_idle_timeout_ms", "tcp_resend_max",
-                     "unparsed", "ipv6_router", "guest_vlan", "tcp_midstream"}, "ni")
+                     "unparsed", "ipv6_router", "guest_vlan", "tcp_midstream",
+                     "flows", "flows_max", "flows_over", "flow_events_max", "flow_tcp_idle_ms",
+                     "flow_tcp_syn_ms", "flow_udp_idle_ms", "flow_other_idle_ms",
+                     "flow_summary_ms"}, "ni")
     if "mac" in ni:
         m = _want(ni, "mac", "ni", str)
         if not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}", m):
@@ -617,6 +723,20 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
     if not 1000 <= t <= 86_400_000:
         raise PolicyError("ni.tcp_idle_timeout_ms", "expected 1000..86400000")
     p.tcp_idle_timeout = t / 1000
+    p.flows = _want(ni, "flows", "ni", bool, False)
+    for key, lo, hi in (("flows_max", 1, 1 << 20), ("flow_events_max", 1, 16384),
+                        ("flow_tcp_idle_ms", 1000, 86_400_000), ("flow_tcp_syn_ms", 100, 600_000),
+                        ("flow_udp_idle_ms", 1000, 86_400_000),
+                        ("flow_other_idle_ms", 1000, 86_400_000), ("flow_summary_ms", 0, 86_400_000)):
+        v = _want(ni, key, "ni", int, getattr(p, key))
+        if not lo <= v <= hi:
+            raise PolicyError(f"ni.{key}", f"expected {lo}..{hi}")
+        setattr(p, key, v)
+    fo = _want(ni, "flows_over", "ni", str, "drop")
+    if fo not in ("drop", "pass"):
+        raise PolicyError("ni.flows_over", "expected 'drop' (fail closed: a new flow that finds the "
+                                           "table full is dropped) or 'pass' (it goes on untracked)")
+    p.flows_over_pass = fo == "pass"
 
     q = _want(d, "quarantine", "", dict, {})
     _check_keys(q, {"allow", "comment"}, "quarantine")
@@ -639,7 +759,7 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
             raise PolicyError(w, "expected a table")
         _check_keys(s, {"name", "program", "args", "config", "allow", "inject", "memory_mb",
                         "cpu_seconds", "open_files", "max_timeouts", "messages_per_second",
-                        "alerts_per_second", "checkpoint_max_bytes", "sockets", "comment"}, w)
+                        "alerts_per_second", "checkpoint_max_bytes", "sockets", "resets", "comment"}, w)
         name = _want(s, "name", w, str, required=True)
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", name) or name in names:
             raise PolicyError(f"{w}.name", f"{name!r}: 1-32 of [A-Za-z0-9_.-], unique")
@@ -648,19 +768,22 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
         if not all(isinstance(a, str) for a in args):
             raise PolicyError(f"{w}.args", "expected a list of strings")
         argv = _scanner_argv(w, _want(s, "program", w, str, required=True), args, base)
-        rights, stream_rights = [], []
+        rights, stream_rights, flow_rights = [], [], []
         for j, a in enumerate(_want(s, "allow", w, list, [])):
             contain = a.get("contain", False) if isinstance(a, dict) else False
             if not isinstance(contain, bool):
                 raise PolicyError(f"{w}.allow[{j}].contain", "expected true or false")
-            if isinstance(a, dict) and "stream" in a:
+            if isinstance(a, dict) and "flows" in a:
+                flow_rights.append(parse_flow_match(f"{w}.allow[{j}]", a))
+            elif isinstance(a, dict) and "stream" in a:
                 stream_rights.append(StreamRight(parse_stream_match(f"{w}.allow[{j}]", a), contain))
             else:
                 rights.append(Right(parse_match(f"{w}.allow[{j}]", a), contain))
         injections, stream_injections = _injections(w, _want(s, "inject", w, list, []))
         spec = ScannerSpec(name=name, argv=argv, config=_want(s, "config", w, dict, {}),
                            rights=rights, injections=injections, stream_rights=stream_rights,
-                           stream_injections=stream_injections)
+                           stream_injections=stream_injections, flow_rights=flow_rights)
+        spec.resets = _want(s, "resets", w, bool, False)
         for key, lo, hi in (("memory_mb", 16, 65536), ("cpu_seconds", 1, 10**7), ("open_files", 8, 65536),
                             ("max_timeouts", 1, 1000), ("messages_per_second", 1, 10**7),
                             ("checkpoint_max_bytes", 0, wire.MAX_CHECKPOINT)):

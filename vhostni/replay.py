@@ -28,15 +28,22 @@ Timing model
 * A frame costs a scanner up to two messages (its decision, its sync answer), and the kernel
   kills a scanner that sends more than its policy's ``messages_per_second``: replay feeds
   each scanner at most 0.4 times that many frames a second, so it never gets one killed.
-* Scanners and the kernel see wall-clock time, not capture time: frame timestamps handed to
-  scanners are when the NI took the frame, hold timeouts run on the wall clock.  By default
-  replay feeds as fast as the scanners keep up, so a capture's minutes may pass in a second:
-  a rate-based scanner (Code-Red's "more than 10 new destinations a minute") sees the
-  compressed rate.  ``speed`` (``--speed``) paces the feed instead, at that many times the
-  capture's own pace (1: real time).
+* ``clock`` (``--clock``) says what time the NI runs on.  ``"capture"``: the capture's
+  timestamps, for everything — the C core's timers and the timestamps scanners are given,
+  hold timeouts, the scanners' own clocks (the SDK's ``clock()``/``time()`` and timeouts,
+  told by ``tick`` messages as capture time passes: every ``TICK_S`` of it at most) — so a
+  rate-based scanner (Code-Red's "more than 10 new destinations a minute") sees the
+  capture's own rates while replay feeds as fast as the scanners keep up, and two runs
+  give the same output.  Timers fire between frames, at the first frame at or past their
+  time; at the end, time runs on to each remaining hold deadline until nothing is held.
+  ``"system"`` (the default, as a live NI): the wall clock; frame timestamps handed to
+  scanners are when the NI took the frame, so a capture's minutes may pass in a second;
+  ``speed`` (``--speed``) then paces the feed at that many times the capture's own pace
+  (1: real time).
 * An output frame carries the capture timestamp of the input frame whose processing
   delivered it: its own, unless it was held past later frames (a scanner waiting for more
-  data) or released by a timeout at the end, when it carries the last frame's.
+  data) or released by a timeout at the end, when it carries the last frame's (on the
+  capture's clock: the time of the deadline that released it).
 * An alert carries the wall-clock ``time`` it was raised and, when a scanner raised it while
   handling an input frame (before answering that frame's sync), ``frame`` (that record's
   number in IN.pcap, from 1), ``capture_time`` (its timestamp, s) and ``flow`` (its
@@ -48,6 +55,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -70,6 +78,7 @@ FROM_GUEST = 1
 TO_GUEST = 2
 MAX_FRAME = 65550
 HOUSEKEEPING_S = 0.25
+TICK_S = 0.1          # capture clock: scanners are told the time after at most this much of it
 
 MAC_RE = re.compile(r"^([0-9a-fA-F]{2})([:-]?)([0-9a-fA-F]{2})(\2[0-9a-fA-F]{2}){4}$")
 
@@ -159,13 +168,18 @@ class Replay:
                  on_frame: Callable[[int, bytes, int], None] = lambda ts, f, d: None,
                  on_alert: Callable[[dict], None] = lambda rec: None,
                  speed: Optional[float] = None, sync_timeout: float = 10.0,
-                 start_timeout: float = 20.0, window: int = 1):
+                 start_timeout: float = 20.0, window: int = 1, clock: str = "system"):
         if len(guest_mac) != 6:
             raise ValueError("a MAC address is 6 bytes")
         if speed is not None and not speed > 0:
             raise ValueError("speed must be positive")
         if window < 1:
             raise ValueError("window must be at least 1")
+        if clock not in ("system", "capture"):
+            raise ValueError("clock is 'system' or 'capture'")
+        if clock == "capture" and speed is not None:
+            raise ValueError("speed paces the system clock; with the capture's clock there is nothing to pace")
+        self.capture_clock = clock == "capture"
         self.guest_mac = guest_mac
         self.ni = ni
         self.on_frame = on_frame
@@ -188,6 +202,8 @@ class Replay:
         self.guest = self.switch.add_sink_port()
         self.net = self.switch.add_sink_port()
         self.kernel = Kernel(self.switch, self._register, self._unregister, None)
+        if self.capture_clock:
+            self.kernel.set_clock(lambda: self.clock_ns / 1e9)
         self.kernel.alerts.listeners.append(self._alerted)
         self._policy = policy
         self.nk = None
@@ -199,6 +215,7 @@ class Replay:
         self._budget: dict[str, list[float]] = {}   # scanner -> [frames it may take now, when]
         self._unsynced: set[str] = set()     # scanners that do not answer syncs
         self._last_house = 0.0
+        self._timers_ns = 0                  # capture clock: when the NI's timers last ran
         self._pace0: Optional[tuple[float, int]] = None
         self._closed = False
 
@@ -226,8 +243,22 @@ class Replay:
         now = time.monotonic()
         if now >= self.kernel.next_deadline or now - self._last_house >= HOUSEKEEPING_S:
             self._last_house = now
-            self.kernel.housekeeping()
+            # on the capture's clock, the NI's timers run between frames (_advance), at
+            # points the capture decides, not the wall clock
+            self.kernel.housekeeping(timers=not self.capture_clock)
         self._collect()
+
+    def _advance(self, ts_ns: int) -> None:
+        """On the capture's clock: time moves to ``ts_ns``; the switch's timers and the hold
+        deadlines that passed fire, and scanners are told the time (``tick``)."""
+        self.clock_ns = max(self.clock_ns, ts_ns, 1)     # 0 would mean the system clock
+        self.switch.set_clock(self.clock_ns)
+        if (self.clock_ns / 1e9 >= self.kernel.hold_deadline
+                or self.clock_ns - self._timers_ns >= HOUSEKEEPING_S * 1e9):
+            self._timers_ns = self.clock_ns
+            self.kernel.timers()
+            self._collect()
+        self.kernel.tick(TICK_S)
 
     def _collect(self) -> None:
         """Hands punted frames to the kernel and delivered frames to ``on_frame``."""
@@ -252,7 +283,7 @@ class Replay:
         q = self._outstanding.get(rec.get("scanner"))
         if q:
             self._settle(rec.get("scanner"))
-        if q:
+        if q and q[0][2] is not None:
             number, ts, frame = q[0][2]
             self.stats.alerts_attributed += 1
             out["frame"] = number
@@ -267,9 +298,14 @@ class Replay:
         self.on_alert(out)
 
     # ---- lifecycle
-    def start(self) -> None:
+    def start(self, at_ns: Optional[int] = None) -> None:
         """Starts the policy's scanners and waits until each has subscribed and entered its
-        frame loop (answered a sync), has died trying, or ``start_timeout`` passed."""
+        frame loop (answered a sync), has died trying, or ``start_timeout`` passed.  On the
+        capture's clock, ``at_ns`` is the time to start at (the first frame's: scanners
+        that read the time while starting see the capture's)."""
+        if self.capture_clock and at_ns is not None and at_ns > 0:
+            self.clock_ns = self._timers_ns = at_ns
+            self.switch.set_clock(at_ns)
         if self._policy is None:
             return
         self.nk = self.kernel.attach(self.ni, self.guest, self._policy)
@@ -321,23 +357,33 @@ class Replay:
         self._throttle()
         if time.monotonic() - self._last_house >= HOUSEKEEPING_S:
             self._pump(0)     # restarts, hold timeouts, scanners' stderr: as the daemon does
-        self.clock_ns = max(self.clock_ns, ts_ns)
-        # a scanner was given something if the kernel sent it a message: a frame, or (streams)
-        # reassembled data
+        # a scanner was given something if the kernel sent it a message: a frame, (streams)
+        # reassembled data, or (capture clock) the time
         sent = {sp.name: sp.sent for sp in self._scanners()}
+        if self.capture_clock:
+            self._advance(ts_ns)
+        else:
+            self.clock_ns = max(self.clock_ns, ts_ns)
         (self.guest if direction == FROM_GUEST else self.net).inject_from(frame)
         self._collect()
-        touched = [sp for sp in self._scanners() if sp.sent != sent[sp.name]]
+        if self._sync_touched(sent, (number, ts_ns, frame)):
+            self._wait(self.window - 1)
+        return direction
+
+    def _sync_touched(self, sent: dict, what: Optional[tuple]) -> int:
+        """Sends a sync to each scanner the kernel sent something since ``sent`` (its
+        message counts then), recording ``what`` it follows: (number, ts_ns, frame) of an
+        input frame, or None (time passing).  Returns how many were touched."""
+        touched = [sp for sp in self._scanners() if sp.sent != sent.get(sp.name, sp.sent)]
         for sp in touched:
-            self._budget[sp.name][0] -= 1
+            if sp.name in self._budget:
+                self._budget[sp.name][0] -= 1
             if sp.name not in self._unsynced and sp.running:
                 self._sync_id += 1
                 if sp.sync(self._sync_id):
                     self.stats.syncs += 1
-                    self._outstanding[sp.name].append((self._sync_id, sp.proc.pid, (number, ts_ns, frame)))
-        if touched:
-            self._wait(self.window - 1)
-        return direction
+                    self._outstanding[sp.name].append((self._sync_id, sp.proc.pid, what))
+        return len(touched)
 
     def _throttle(self) -> None:
         """Keeps each scanner under its policy's ``messages_per_second``, past which the
@@ -412,7 +458,22 @@ class Replay:
         self._collect()
         self._wait(0)
         while self.nk is not None and self.nk.owes():
-            self._pump(HOUSEKEEPING_S)
+            if self.capture_clock:
+                # nothing more comes: time runs on to the next hold deadline
+                nxt = self.kernel.hold_deadline
+                if nxt == float("inf"):
+                    self.kernel.timers()
+                    nxt = self.kernel.hold_deadline
+                if nxt == float("inf"):
+                    break                    # held by nothing with a deadline: close() settles
+                sent = {sp.name: sp.sent for sp in self._scanners()}
+                # (+1 us: the deadline is a float of Unix seconds, good to ~0.3 us)
+                self._advance(max(self.clock_ns, int(nxt * 1e9) + 1000))
+                self._pump(0)
+                self._sync_touched(sent, None)
+                self._wait(0)
+            else:
+                self._pump(HOUSEKEEPING_S)
         self._collect()
 
     def summary(self) -> dict:
@@ -463,7 +524,7 @@ class InputError(Exception):
 def replay_file(in_path: str, guest_mac: bytes, policy: Optional[Policy] = None,
                 out_path: Optional[str] = None, alerts_path: Optional[str] = None,
                 ni: str = "replay", speed: Optional[float] = None,
-                sync_timeout: float = 10.0, window: int = 1) -> dict:
+                sync_timeout: float = 10.0, window: int = 1, clock: str = "system") -> dict:
     """Replays a capture file; returns the summary.  Raises InputError for an unreadable or
     unsupported capture or unwritable outputs (after replaying what could be read, for a
     capture that turns out corrupt or truncated part-way: the summary is then in the
@@ -492,14 +553,14 @@ def replay_file(in_path: str, guest_mac: bytes, policy: Optional[Policy] = None,
             raise InputError(f"{exc.filename}: {exc.strerror}") from None
         try:
             return _run(reader, hdr, guest_mac, policy, fout, falerts, ni, speed, sync_timeout,
-                        window, in_path)
+                        window, in_path, clock)
         finally:
             for f in outs:
                 f.close()
 
 
 def _run(reader, hdr, guest_mac, policy, fout, falerts, ni, speed, sync_timeout, window,
-         in_path) -> dict:
+         in_path, clock="system") -> dict:
     writer = pcap.PcapWriter(fout, snaplen=hdr.snaplen, nanosecond=hdr.nanosecond,
                              big_endian=hdr.big_endian and hdr.format == "pcap") if fout else None
     current: list = [None]
@@ -521,10 +582,19 @@ def _run(reader, hdr, guest_mac, policy, fout, falerts, ni, speed, sync_timeout,
     error = None
     t0 = time.monotonic()
     first_ts = last_ts = None
-    with Replay(guest_mac, policy, ni, on_frame, on_alert, speed, sync_timeout, window=window) as r:
-        r.start()
+    records = iter(reader)
+    head = []
+    try:
+        head = [next(records)]               # its time is the capture clock's start
+    except StopIteration:
+        pass
+    except pcap.PcapError as exc:
+        error = f"{in_path}: {exc}"
+    with Replay(guest_mac, policy, ni, on_frame, on_alert, speed, sync_timeout, window=window,
+                clock=clock) as r:
+        r.start(at_ns=head[0].ts_ns if head else None)
         try:
-            for rec in reader:
+            for rec in itertools.chain(head, records if error is None else ()):
                 current[0] = rec
                 first_ts = rec.ts_ns if first_ts is None else first_ts
                 last_ts = rec.ts_ns
@@ -563,6 +633,11 @@ def add_arguments(p) -> None:
     p.add_argument("--speed", type=float, metavar="X",
                    help="feed at X times the capture's pace (1: real time); default: as fast as "
                         "the scanners keep up")
+    p.add_argument("--clock", choices=("system", "capture"), default="system",
+                   help="what time the NI and its scanners run on: the system's (default, as a "
+                        "live NI: the capture's minutes may pass in a second) or the capture's "
+                        "timestamps (hold timeouts, TCP timers, the scanners' clocks and "
+                        "timeouts: fast and deterministic)")
     p.add_argument("--window", type=int, default=1, metavar="N",
                    help="let a scanner fall up to N frames behind the feed (default 1: lockstep, "
                         "the output depends only on the scanners' decisions; more is faster but "
@@ -589,6 +664,8 @@ def main(args) -> int:
         return fail("--speed must be positive")
     if args.window < 1:
         return fail("--window must be at least 1")
+    if args.clock == "capture" and args.speed is not None:
+        return fail("--speed paces the system clock; it does not go with --clock capture")
     if not args.sync_timeout > 0:
         return fail("--sync-timeout must be positive")
     if not os.path.exists(args.input):
@@ -607,7 +684,7 @@ def main(args) -> int:
             return fail(f"--policy: {exc}")
     try:
         summary = replay_file(args.input, mac, pol, args.out, args.alerts, args.ni, args.speed,
-                              args.sync_timeout, args.window)
+                              args.sync_timeout, args.window, args.clock)
     except InputError as exc:
         s = getattr(exc, "summary", None)
         if s is not None:

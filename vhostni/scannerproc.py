@@ -8,19 +8,21 @@ one thread.
 from __future__ import annotations
 
 import collections
+import ipaddress
 import logging
 import os
 import select
 import signal
 import socket
 import subprocess
+import struct
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 from . import sandbox
-from .policy import (Match, PolicyError, ScannerSpec, StreamMatch, parse_match,
-                     parse_stream_match)
+from .policy import (FlowMatch, Match, PolicyError, ScannerSpec, StreamMatch, parse_flow_match,
+                     parse_match, parse_stream_match)
 from .logtext import printable
 from .scanner import wire
 
@@ -72,6 +74,12 @@ class StreamSub:
     scanner: str
 
 
+@dataclass
+class FlowSub:
+    match: FlowMatch
+    scanner: str
+
+
 
 
 @dataclass
@@ -84,10 +92,12 @@ class ScannerCounters:
     alerts: int = 0
     alerts_suppressed: int = 0
     send_failures: int = 0
+    flow_events: int = 0               # flow events sent to it
     streams: int = 0
     stream_bytes: int = 0
     stream_passes: int = 0
     stream_kills: int = 0
+    resets: int = 0
     stream_mores: int = 0
     stream_cuts: int = 0
     stream_cut_bytes: int = 0
@@ -118,6 +128,7 @@ class ScannerProc:
         self.consecutive_timeouts = 0
         self.synced = 0                         # the last sync id the scanner answered
         self.sent = 0                           # messages sent to it (frames, stream data, replies)
+        self.last_tick = float("-inf")          # NI-clock time it was last told (Kernel.tick)
         self.last_error = ""
         self.stage_root: Optional[str] = None
         self.uid: Optional[int] = None
@@ -169,7 +180,8 @@ class ScannerProc:
                 "locked_down": self.locked, "pending_decisions": len(self.pending),
                 "last_error": self.last_error,
                 "rights": [{"contain": r.contain, "match": repr(r.match)} for r in self.spec.rights]
-                + [{"contain": r.contain, "stream": repr(r.match)} for r in self.spec.stream_rights],
+                + [{"contain": r.contain, "stream": repr(r.match)} for r in self.spec.stream_rights]
+                + [{"contain": False, "flows": repr(r)} for r in self.spec.flow_rights],
                 **self.counters.__dict__}
 
     # ---- lifecycle
@@ -245,7 +257,8 @@ class ScannerProc:
             return
         self._send(wire.encode_hello(
             self.name, self.nk.name, self.spec.config, [n for n, _ in self.spec.injections],
-            [n for n, _ in self.spec.stream_injections], **self._checkpoint_hello()))
+            [n for n, _ in self.spec.stream_injections], clock=k.clock_mode,
+            now=k.clock() if k.clock_mode == "capture" else None, **self._checkpoint_hello()))
         self._send_checkpoint()
         log.info("NI %s: scanner %s started (pid %d, launcher %d): %s", self.nk.name, self.name,
                  self.pid, self.proc.pid, " ".join(argv))
@@ -559,7 +572,7 @@ class ScannerProc:
         except wire.RequestError as exc:
             self._refuse(exc)
             return
-        if isinstance(req, (wire.Subscribe, wire.StreamSubscribe)):
+        if isinstance(req, (wire.Subscribe, wire.StreamSubscribe, wire.FlowSubscribe)):
             self._subscribe(req)
         elif isinstance(req, wire.StreamInject):
             self._stream_inject(req)
@@ -573,6 +586,8 @@ class ScannerProc:
             self.synced = max(self.synced, req.id)
             if req.id == READY_SYNC:
                 self._became_ready("subscribed")
+        elif isinstance(req, wire.Reset):
+            self._reset(req)
         elif isinstance(req, wire.StreamKill):
             self.counters.stream_kills += 1
             self.nk.stream_kill(self.name, req.stream, "kill")
@@ -640,6 +655,9 @@ class ScannerProc:
         if isinstance(req, wire.StreamSubscribe):
             self._subscribe_stream(req)
             return
+        if isinstance(req, wire.FlowSubscribe):
+            self._subscribe_flows(req)
+            return
         contain = req.contain
         try:
             match = parse_match("match", req.match)
@@ -671,6 +689,26 @@ class ScannerProc:
                               contain=contain)
             return
         self._reply(req.id, self.nk.add_stream_sub(StreamSub(match, contain, self.name)))
+
+    def _subscribe_flows(self, req: wire.FlowSubscribe) -> None:
+        try:
+            match = parse_flow_match("subscription", req.fields, subscription=True)
+        except PolicyError as exc:
+            self._reply(req.id, str(exc))
+            return
+        if not any(match.within(r) for r in self.spec.flow_rights):
+            self._reply(req.id, "outside this scanner's rights")
+            self._alert_about("scanner asked for a flows subscription outside its rights",
+                              proto=req.fields.get("proto"), direction=req.fields.get("direction"))
+            return
+        self._reply(req.id, self.nk.add_flow_sub(FlowSub(match, self.name)))
+
+    def send_flow(self, msg: bytes) -> bool:
+        """Sends one flow event, in order behind the stream messages queued for it."""
+        if self.send_stream(msg):
+            self.counters.flow_events += 1
+            return True
+        return False
 
     def _stream_cut(self, req: wire.StreamCut) -> None:
         err = self.nk.stream_cut(self.name, req.stream, req.direction, req.offset, req.length)
@@ -704,6 +742,26 @@ class ScannerProc:
         self.nk.port.inject(req.direction, frame)
         self._reply(req.id)
 
+    def _reset(self, req: wire.Reset) -> None:
+        """A TCP RST|ACK from the guest's own address, sent as if the guest had sent it (through
+        anti-spoofing, prevent rules and subscriptions): the NI builds it, the scanner only names
+        the connection and its sequence numbers."""
+        if not self.spec.resets:
+            self._reply(req.id, "this scanner may not send resets (resets = true in its policy)")
+            self._alert_about("scanner asked to send a TCP reset without the right to", dst=req.dst)
+            return
+        pol = self.nk.policy
+        src = ipaddress.ip_address(req.src)
+        if pol.mac is None or not any(src in net for net in pol.addresses if net.version == src.version):
+            self._reply(req.id, f"{req.src} is not one of the guest's addresses ([ni] mac and addresses)")
+            self._alert_about("scanner asked for a TCP reset from an address not the guest's", src=req.src)
+            return
+        self.nk.port.inject_from(tcp_reset_frame(pol.mac, bytes.fromhex(req.mac.replace(":", "")), src,
+                                                 req.sport, ipaddress.ip_address(req.dst), req.dport,
+                                                 req.seq, req.ack))
+        self.counters.resets += 1
+        self._reply(req.id)
+
     def _alert_about(self, message: str, **fields) -> None:
         """An alert about something this scanner asked for: it can ask as often as it likes,
         so these share its alert rate limit."""
@@ -726,6 +784,14 @@ class ScannerProc:
         # behind any stream messages still queued for it: a sync answers for all before it
         return self.send_stream(msg, force=True) if self.outq else self._send(msg)
 
+    def send_tick(self, now: float) -> bool:
+        """Tells the scanner the NI clock's time (``tick``), in order behind what it was sent."""
+        msg = wire.encode_control({"op": "tick", "now": now})
+        ok = self.send_stream(msg, force=True) if self.outq else self._send(msg)
+        if ok:
+            self.last_tick = now
+        return ok
+
     def send_frame(self, held_id: int, direction: int, time_ns: int, data: bytes) -> Optional[int]:
         number = self.next_number
         if not self._send(wire.encode_frame(number, direction, held_id != 0, time_ns, data)):
@@ -735,3 +801,28 @@ class ScannerProc:
         if held_id:
             self.pending[number] = held_id
         return number
+
+
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def tcp_reset_frame(src_mac: bytes, dst_mac: bytes, src, sport: int, dst, dport: int, seq: int,
+                    ack: int) -> bytes:
+    """An Ethernet frame with a TCP RST|ACK (IPv4 or IPv6, checksums filled in)."""
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, 0x14, 0, 0, 0)
+    if src.version == 4:
+        pseudo = src.packed + dst.packed + struct.pack("!BBH", 0, 6, len(tcp))
+        tcp = tcp[:16] + struct.pack("!H", _csum(pseudo + tcp)) + tcp[18:]
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0, src.packed, dst.packed)
+        ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+        return dst_mac + src_mac + b"\x08\x00" + ip + tcp
+    pseudo = src.packed + dst.packed + struct.pack("!I3xB", len(tcp), 6)
+    tcp = tcp[:16] + struct.pack("!H", _csum(pseudo + tcp)) + tcp[18:]
+    ip = struct.pack("!IHBB", 6 << 28, len(tcp), 6, 64) + src.packed + dst.packed
+    return dst_mac + src_mac + b"\x86\xdd" + ip + tcp

@@ -145,7 +145,9 @@ class StreamBroker:
         if st.read_off[d] > start:
             sw.stream_consume(st.id, d, st.read_off[d])
             if st.hold_dirs & d and st.read_off[d] > st.released[d]:
-                st.deadlines[d].append((st.read_off[d], time.monotonic() + self.policy.hold_timeout))
+                deadline = self.kernel.clock() + self.policy.hold_timeout
+                st.deadlines[d].append((st.read_off[d], deadline))
+                self.kernel.hold_deadline = min(self.kernel.hold_deadline, deadline)
         if eof and st.read_off[d] >= avail and d not in st.ended:
             st.ended.add(d)
             msg = wire.encode_control({"op": "stream_end", "stream": st.id,

@@ -1,8 +1,11 @@
 """The Code-Red scanner process: the detector in ``core`` wired to the vhostni scanner SDK.
 
 Run by the NI kernel as ``python3 scanners/codered`` (or ``python3 -m scanners.codered`` from the repository
-root).  It subscribes to the guest's DNS queries (read), the network's DNS responses (read) and the guest's
-TCP SYNs (contain), then decides each held SYN and sends the detector's alerts.  Settings come from the
+root).  It subscribes to what reaches a new destination from the guest, held (contain): TCP SYNs, UDP
+datagrams (DNS queries among them), ICMP/ICMPv6 (echo requests are decided, the rest passed at once); and,
+read only, to what reaches the guest: TCP SYNs and ICMP (peers that contact it first), UDP (DNS responses and
+peers), and the reassembled streams of TCP/53 (DNS over TCP).  ``protocols`` and ``dns_over_tcp`` in the
+config narrow that.  It decides each held frame and sends the detector's alerts.  Settings come from the
 ``config`` table of this scanner in the NI's policy (see scanners/README.md).
 
 Everything is imported before ``Scanner.connect()``: after it the seccomp lockdown forbids opening files.
@@ -17,15 +20,19 @@ from __future__ import annotations
 
 import os
 import sys
-import time
+from typing import Optional
 
 if __package__:
     from .core import CodeRedDetector, ConfigError
+    from .synbomb import SynBombConfigError, SynBombDetector
+    from .trw import TrwConfigError, TrwDetector
 else:   # run as a directory (python3 scanners/codered): make the package importable by its own name
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from codered.core import CodeRedDetector, ConfigError   # type: ignore[no-redef]
+    from codered.synbomb import SynBombConfigError, SynBombDetector   # type: ignore[no-redef]
+    from codered.trw import TrwConfigError, TrwDetector   # type: ignore[no-redef]
 
-from vhostni.scanner import Refused, Scanner, ScannerError
+from vhostni.scanner import Frame, Refused, Scanner, ScannerError, StreamClosed, StreamData
 
 #: How long the frame loop waits before doing timed work (the end-of-attack re-evaluation).
 TICK = 0.5
@@ -33,13 +40,36 @@ TICK = 0.5
 CHECKPOINT_EVERY = 1.0
 
 
-def subscriptions(dns_port: int) -> list[tuple[dict, bool]]:
-    """(match, contain) for the three subscriptions of section 5.3."""
-    return [
-        ({"direction": "from_guest", "proto": "udp", "dport": dns_port}, False),
-        ({"direction": "to_guest", "proto": "udp", "sport": dns_port}, False),
-        ({"direction": "from_guest", "proto": "tcp", "tcp_flags": "syn,!ack"}, True),
-    ]
+def subscriptions(dns_port: int, protocols=("tcp", "udp", "icmp"), learn_inbound: bool = True
+                  ) -> list[tuple[dict, bool, Optional[dict]]]:
+    """(match, contain, fallback) for the frame subscriptions: section 5.3's three, widened to UDP and ICMP.
+    ``fallback`` is section 5.3's narrower read-only subscription, taken when a policy written for it does
+    not grant the wider one (the scanner then runs narrowed and says so); None: required as it is, or (for
+    what only widens) skipped when refused."""
+    dns_out = {"direction": "from_guest", "proto": "udp", "dport": dns_port}
+    dns_in = {"direction": "to_guest", "proto": "udp", "sport": dns_port}
+    subs: list = [({"direction": "from_guest", "proto": "tcp", "tcp_flags": "syn,!ack"}, True, None)]
+    subs.append(({"direction": "from_guest", "proto": "udp"}, True, dns_out) if "udp" in protocols
+                else (dns_out, False, None))
+    subs.append(({"direction": "to_guest", "proto": "udp"}, False, dns_in) if learn_inbound
+                else (dns_in, False, None))
+    if "icmp" in protocols:
+        subs += [({"direction": "from_guest", "proto": "icmp"}, True, OPTIONAL),
+                 ({"direction": "from_guest", "proto": "icmpv6"}, True, OPTIONAL)]
+    if learn_inbound:
+        subs += [({"direction": "to_guest", "proto": "tcp", "tcp_flags": "syn,!ack"}, False, OPTIONAL)]
+        if "icmp" in protocols:
+            subs += [({"direction": "to_guest", "proto": "icmp"}, False, OPTIONAL),
+                     ({"direction": "to_guest", "proto": "icmpv6"}, False, OPTIONAL)]
+    return subs
+
+
+#: a subscription's fallback: nothing (the scanner runs without it when the policy does not grant it)
+OPTIONAL: dict = {}
+
+
+def json_safe(m: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in m.items())
 
 
 def log(msg: str) -> None:
@@ -48,59 +78,167 @@ def log(msg: str) -> None:
 
 def run(sc: Scanner) -> int:
     try:
-        det = CodeRedDetector(sc.config, clock=time.monotonic)
+        # the NI's clock: the system's, or a capture's when replayed on it (its own rates)
+        det = CodeRedDetector(sc.config, clock=sc.clock)
     except ConfigError as exc:
         sc.alert(f"Code-Red scanner not started: bad configuration: {exc}", event="config_error")
         log(f"bad configuration: {exc}")
         return 2
     saved = sc.restore()
     if saved is not None:
-        if det.restore(saved, wall=time.time()):
+        if det.restore(saved, wall=sc.time()):
             log(f"restored: {'attack mode' if det.attack else 'no attack'}, "
                 f"{det.unknown_count(60)} unknown destinations in the last minute, {len(det.table)} known")
         else:
             log("ignoring a saved state this version cannot read")
-    last_checkpoint = time.monotonic()
+    last_checkpoint = sc.clock()
 
     def checkpoint(force: bool) -> None:
         nonlocal last_checkpoint
-        now = time.monotonic()
+        now = sc.clock()
         due = det.urgent or (det.dirty and (force or now - last_checkpoint >= CHECKPOINT_EVERY))
         if sc.checkpoint_max <= 0 or not due:
             return
         try:
-            sc.checkpoint(det.snapshot(max_bytes=sc.checkpoint_max, wall=time.time()))
+            sc.checkpoint(det.snapshot(max_bytes=sc.checkpoint_max, wall=sc.time()))
         except ValueError as exc:      # a limit too small for even the attack state
             log(f"state not saved: {exc}")
             det.dirty = det.urgent = False
         last_checkpoint = now
 
-    for match, contain in subscriptions(det.cfg["dns_port"]):
+    cfg = det.cfg
+    narrowed = []
+    match: dict = {}
+    try:
+        for match, contain, fallback in subscriptions(cfg["dns_port"], cfg["protocols"], cfg["learn_inbound"]):
+            try:
+                sc.subscribe(match, contain=contain)
+            except Refused:
+                if fallback is None:
+                    raise
+                narrowed.append(match)
+                if fallback is not OPTIONAL:
+                    match = fallback
+                    sc.subscribe(fallback, contain=False)
+        if cfg["dns_over_tcp"]:
+            match = {"stream": True, "port": cfg["dns_port"], "direction": "both"}
+            try:
+                sc.subscribe_stream(port=cfg["dns_port"], direction="both", contain=False)
+            except Refused:
+                narrowed.append(match)
+    except Refused as exc:
+        sc.alert(f"Code-Red scanner not started: subscription {match} refused: {exc}",
+                 event="subscription_refused")
+        log(f"subscription {match} refused: {exc}")
+        return 3
+    if narrowed:
+        # a policy written for section 5.3's scanner: it still decides TCP SYNs over UDP DNS, but what the
+        # policy does not grant goes unwatched; the administrator should know
+        sc.alert(f"worm scanner running narrowed: the policy does not grant {len(narrowed)} of its "
+                 f"subscriptions (see examples/codered.toml)", event="narrowed",
+                 refused=[json_safe(m) for m in narrowed])
+        log(f"narrowed: not granted {narrowed}")
+    log(f"scanning on {sc.ni} as {sc.name}: more than {det.cfg['max_per_second']}/s or "
+        f"{det.cfg['max_per_minute']}/min or {det.cfg['max_per_10_minutes']}/10 min unknown destinations "
+        f"({'/'.join(cfg['protocols'])}) is an attack")
+    for ev in sc.events(timeout=TICK):
+        alert = None
+        if ev is None:
+            alert = det.tick()
+            checkpoint(force=True)
+        elif isinstance(ev, Frame):
+            verdict = det.handle_frame(ev.direction, ev.data)
+            alert = verdict.alert
+            checkpoint(force=False)       # before the decision: the kernel keeps it first
+            if ev.held:
+                # frames that need no decision (DNS responses, inbound) carry no objection (action None)
+                if verdict.action in (None, "pass"):
+                    sc.pass_(ev)
+                else:
+                    sc.cut(ev)
+        elif isinstance(ev, StreamData):
+            st = ev.stream
+            # DNS over TCP with the guest as the client; a stream picked up mid-way has no message framing
+            if st.client == "guest" and not st.midstream:
+                det.observe_dns_stream(st.id, ev.direction, ev.data, (st.guest[0], st.guest[1], st.remote[0]))
+                checkpoint(force=False)
+            if ev.held:
+                sc.pass_(ev)
+        elif isinstance(ev, StreamClosed):
+            det.close_dns_stream(ev.stream.id)
+        if alert is not None:
+            sc.alert(alert.message, **alert.fields)
+    return 0
+
+
+#: the detectors this program runs, by the config's ``detector`` key (default: the DNS-shadow worm scanner)
+DETECTORS = ("dns-shadow", "trw", "synbomb")
+
+#: (match, contain) for the TRW port-scan detector: attempts both ways (held, so a scanner can be blocked),
+#: and the answers that decide them (read)
+TRW_SUBSCRIPTIONS = [
+    ({"direction": "from_guest", "proto": "tcp", "tcp_flags": "syn,!ack"}, True),
+    ({"direction": "to_guest", "proto": "tcp", "tcp_flags": "syn,!ack"}, True),
+    ({"direction": "to_guest", "proto": "tcp", "tcp_flags": "syn,ack"}, False),
+    ({"direction": "from_guest", "proto": "tcp", "tcp_flags": "syn,ack"}, False),
+    ({"direction": "to_guest", "proto": "tcp", "tcp_flags": "rst"}, False),
+    ({"direction": "from_guest", "proto": "tcp", "tcp_flags": "rst"}, False),
+    ({"direction": "to_guest", "proto": "icmp"}, False),
+    ({"direction": "from_guest", "proto": "icmp"}, False),
+]
+
+#: (match, contain) for the SYN-bomb detector: the guest's SYNs (held, to throttle them), the victims'
+#: SYN-ACKs and the guest's RSTs (read)
+SYNBOMB_SUBSCRIPTIONS = [
+    ({"direction": "from_guest", "proto": "tcp", "tcp_flags": "syn,!ack"}, True),
+    ({"direction": "to_guest", "proto": "tcp", "tcp_flags": "syn,ack"}, False),
+    ({"direction": "from_guest", "proto": "tcp", "tcp_flags": "rst"}, False),
+]
+
+
+def run_flows(sc: Scanner, kind: str, config: dict) -> int:
+    """The TRW port-scan detector or the SYN-bomb detector (scanners/codered/trw.py, synbomb.py)."""
+    try:
+        # on the NI's clock (a capture's under replay --clock capture)
+        det = (TrwDetector(config, clock=sc.clock) if kind == "trw"
+               else SynBombDetector(config, clock=sc.clock))
+    except (TrwConfigError, SynBombConfigError) as exc:
+        sc.alert(f"{kind} scanner not started: bad configuration: {exc}", event="config_error")
+        log(f"bad configuration: {exc}")
+        return 2
+    subs = TRW_SUBSCRIPTIONS if kind == "trw" else SYNBOMB_SUBSCRIPTIONS
+    if kind == "trw":
+        subs = [(m, c) for m, c in subs
+                if det.cfg["outbound"] or m["direction"] != ("from_guest" if c else "to_guest")]
+        subs = [(m, c) for m, c in subs
+                if det.cfg["inbound"] or m["direction"] != ("to_guest" if c else "from_guest")]
+    for match, contain in subs:
         try:
             sc.subscribe(match, contain=contain)
         except Refused as exc:
-            sc.alert(f"Code-Red scanner not started: subscription {match} refused: {exc}",
+            sc.alert(f"{kind} scanner not started: subscription {match} refused: {exc}",
                      event="subscription_refused")
             log(f"subscription {match} refused: {exc}")
             return 3
-    log(f"scanning on {sc.ni} as {sc.name}: more than {det.cfg['max_per_second']}/s or "
-        f"{det.cfg['max_per_minute']}/min unknown destinations is an attack")
+    log(f"{kind} on {sc.ni} as {sc.name}")
     for frame in sc.frames(timeout=TICK):
         if frame is None:
-            alert = det.tick()
-            checkpoint(force=True)
+            alerts, resets = det.tick(), ()
         else:
-            verdict = det.handle_frame(frame.direction, frame.data)
-            alert = verdict.alert
-            checkpoint(force=False)       # before the decision: the kernel keeps it first
+            v = det.handle_frame(frame.direction, frame.data)
+            alerts, resets = v.alerts, getattr(v, "resets", ())
             if frame.held:
-                # Only SYNs are held (contain=True); DNS frames carry no objection (action None).
-                if verdict.action in (None, "pass"):
+                if v.action in (None, "pass"):
                     sc.pass_(frame)
                 else:
                     sc.cut(frame)
-        if alert is not None:
-            sc.alert(alert.message, **alert.fields)
+        for r in resets:
+            try:
+                sc.reset(r.src, r.sport, r.dst, r.dport, r.seq, r.ack, r.mac)
+            except Refused as exc:
+                log(f"reset refused: {exc}")
+        for a in alerts:
+            sc.alert(a.message, **a.fields)
     return 0
 
 
@@ -110,7 +248,16 @@ def main() -> int:
     except ScannerError as exc:
         log(str(exc))
         return 1
+    config = dict(sc.config)
+    kind = config.pop("detector", "dns-shadow")
+    if kind not in DETECTORS:
+        sc.alert(f"scanner not started: detector {kind!r} is not one of {', '.join(DETECTORS)}",
+                 event="config_error")
+        return 2
     try:
+        if kind != "dns-shadow":
+            return run_flows(sc, kind, config)
+        sc.config = config
         return run(sc)
     except ScannerError as exc:   # the NI kernel went away: nothing left to protect
         log(str(exc))

@@ -1,45 +1,68 @@
 """The Code-Red detector, sans-I/O: frames and a clock in, verdicts and alerts out.
 
-From section 5.3 of the self-securing NI paper.  A worm like Code-Red connects to random addresses; a host
-rarely connects to a new address without first asking DNS for it.  So the detector
+From section 5.3 of the self-securing NI paper, widened to every way a worm reaches a new host.  A worm like
+Code-Red (TCP), Slammer (UDP) or a ping sweep contacts random addresses; a host rarely contacts a new address
+without first asking DNS for it, or being contacted by it.  So the detector
 
-1. shadows the guest's DNS answers: every A/AAAA address in a response (answer, authority and additional
-   sections; CNAME chains noted) goes into a table with its TTL.  An entry is *kept* after its TTL expires,
-   because programs reuse gethostbyname() results long after; expired entries are pruned only when the table
-   is full, earliest expiry first, and only when nothing has expired is an unexpired entry evicted (again the
-   one that expires first), so memory stays bounded whatever the network sends;
-2. checks the destination of every outbound TCP SYN (SYN set, ACK clear) against that table.  A destination in
-   the table (or in the administrator's ``known_networks``) is *known* and always passes at once.  Any other
-   destination is *unknown*: it is one "random connection" in the paper's words;
-3. counts *unique unknown destination addresses* in two sliding windows: the last second and the last minute
-   (one address counts once per window however many SYNs, ports or retransmissions go to it; ports do not
-   make destinations distinct, so this watches address-space scans, not port scans of one host).  More than
-   ``max_per_second`` (default 2) in the last second or more than ``max_per_minute`` (default 10) in the last
-   minute is an attack.  The SYN that crosses the threshold is the first one cut;
-4. in attack mode, for ``attack_duration`` seconds (default 60): one SYN to an unknown destination passes every
-   ``pass_interval`` seconds (default 6; the first one ``pass_interval`` after the attack was detected), the
-   others are cut (TCP retransmits them, so slow legitimate connections still get through eventually).  A
-   destination let through once in attack mode keeps passing until the next re-evaluation, so its
-   retransmissions and reconnections do not use up the next slot.  Known destinations always pass;
-5. alerts when attack mode starts and at every re-evaluation (when ``attack_duration`` has passed) that finds
-   the rate still above a threshold, with the count of unique unknown destinations over the last minute and
-   the most recent destination port; otherwise attack mode ends quietly (``stats`` records it).
+1. shadows the guest's DNS answers, over UDP and over TCP (``observe_dns_stream``: length-prefixed messages,
+   which may span segments, reassembled with bounds): every A/AAAA address in a response (answer, authority
+   and additional sections; CNAME chains noted) goes into a table with its TTL.  An entry is *kept* after its
+   TTL expires, because programs reuse gethostbyname() results long after; expired entries are pruned only
+   when the table is full, earliest expiry first, and only when nothing has expired is an unexpired entry
+   evicted (again the one that expires first), so memory stays bounded whatever the network sends.
+   *PTR laundering* is refused: a worm that reverse-resolves a random address and then forward-resolves the
+   name it got back would otherwise make that address "resolved"; an A/AAAA answer for a name the guest
+   learned from a PTR answer does not add the address the PTR was about (``stats.ptr_laundered``);
+2. learns *peers*: an address that contacted the guest first (a TCP SYN, a UDP datagram, an ICMP echo request
+   to the guest) is known, and so is a DNS server that answered one of the guest's queries (bounded, oldest
+   forgotten first, ``peer_capacity``);
+3. decides every new destination from the guest: a TCP SYN (SYN set, ACK clear), a UDP datagram, an ICMP or
+   ICMPv6 echo request.  A destination in the DNS table, a peer, or in the administrator's ``known_networks``
+   is *known* and always passes at once; so do multicast groups and the broadcast address (DHCP, mDNS, SSDP:
+   the link, not a host a worm picked).  Any other destination is *unknown*: it is one "random connection"
+   in the paper's words;
+4. counts *unique unknown destination addresses* in three sliding windows: the last second, minute and ten
+   minutes (one address counts once per window however many packets, ports, protocols or retransmissions go
+   to it).  More than ``max_per_second`` (default 2), ``max_per_minute`` (10) or ``max_per_10_minutes`` (20)
+   is an attack (the last window catches slow scanners).  The packet that crosses the threshold is the first
+   one cut;
+5. in attack mode, for ``attack_duration`` seconds (default 60), throttles like Williamson's virus throttle:
+   every unknown destination goes into a *delay queue* (bounded, ``queue_capacity``; its packets cut), and
+   one destination leaves the queue per tick of a fixed clock, whatever the worm's pace afterwards (a tick
+   with an empty queue is lost, so a slow worm cannot save up releases).  The tick is ``pass_interval``
+   seconds (default 6, the paper's), or longer for a slower scanner: at most ``release_share`` (5 %) of the
+   pace at which unknown destinations came when the attack was detected or re-evaluated (those of the last
+   ten minutes over the time they span), and at least one every ``max_pass_interval`` seconds; so a scanner at one address
+   every 10 s is released one address every 200 s, not one every 6 s.  A released destination then passes
+   (TCP's retransmission of the SYN gets through; for UDP and ICMP the next datagram to it) for
+   ``attack_duration`` seconds.  Known destinations always pass at once, never queued;
+6. alerts when attack mode starts and at every re-evaluation (when ``attack_duration`` has passed) that finds
+   the rate still above a threshold, with the count of unique unknown destinations over the last minute, the
+   most recent protocol, destination and port; otherwise attack mode ends quietly (``stats`` records it);
+7. alerts *protocol anomalies it cuts*: a fragment of a held packet without its transport header (a SYN
+   hidden in IP fragments), at most one alert per ``anomaly_alert_interval`` seconds with a count.
 
-DNS responses are accepted only if they answer a query the guest sent (same addresses and ports, transaction
-ID and question) within ``query_timeout`` seconds, unless ``match_queries`` is false: that keeps a host on the
-network from whitelisting addresses by spraying unsolicited answers at the guest.  DNS over TCP is not
-shadowed (nor are fragmented UDP responses): names resolved that way look unknown (see scanners/README.md).
+Each protocol gets its containment action: a cut TCP SYN is retransmitted by the guest's stack (so a released
+destination connects on the next retransmission), a cut UDP datagram or echo request is lost (Slammer sends
+each probe once: released destinations only let later packets through).
+
+DNS responses are accepted only if they answer a query the guest sent (same addresses and ports, transport,
+transaction ID and question) within ``query_timeout`` seconds, unless ``match_queries`` is false: that keeps a
+host on the network from whitelisting addresses by spraying unsolicited answers at the guest.  Fragmented UDP
+responses are not shadowed: names resolved that way look unknown (see scanners/README.md).
 
     det = CodeRedDetector(config, clock=time.monotonic)
     v = det.handle_frame(direction, frame_bytes)     # direction: "from_guest" / "to_guest" (or 1 / 2)
-    v.action                 # "pass" / "cut" for SYNs, None for frames that need no decision (DNS)
+    v.action                 # "pass" / "cut" for new destinations, None for frames that need no decision
     v.alert                  # an Alert or None
-    alert = det.tick()       # call now and then when no frames come: re-evaluation is time-driven
+    det.observe_dns_stream(key, direction, data, flow)   # bytes of a TCP/53 connection, in order
+    alert = det.tick()       # call now and then when no frames come: releases and re-evaluation are timed
 
 All methods take an optional ``now`` (seconds, any monotonic origin); by default the injected clock is read.
 
 What the detector knows can outlive its process (the scanner keeps it with the NI kernel: ``Scanner.checkpoint``),
-so a restart in attack mode does not reopen the door to a worm::
+so a restart in attack mode does not reopen the door to a worm, and a restart does not forget the guest's warm
+DNS cache (the table and the peers are saved too)::
 
     doc = det.snapshot(max_bytes=65536, wall=time.time())   # a JSON-able dict that fits in max_bytes
     det.restore(doc, wall=time.time())                       # in a new process: attack mode, windows, table
@@ -48,7 +71,7 @@ so a restart in attack mode does not reopen the door to a worm::
 Times are saved relative to the snapshot and its wall-clock time, so they mean the same in a process with another
 monotonic origin (a daemon restart, a reboot).  ``urgent`` is set when an unknown destination passed or attack
 mode started, continued or ended: snapshot *before* sending that decision, and no unknown destination can get
-out twice across a restart; other changes (cut SYNs in attack mode, DNS answers) can wait a second.
+out twice across a restart; other changes (cut packets in attack mode, DNS answers) can wait a second.
 """
 from __future__ import annotations
 
@@ -62,7 +85,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Union
 
 from . import dns
-from .packet import PROTO_UDP, PacketError, parse_frame
+from .packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FragmentError, PacketError, parse_frame
 
 __all__ = ["CodeRedDetector", "Alert", "Verdict", "ConfigError", "DEFAULTS", "DnsTable"]
 
@@ -71,22 +94,43 @@ IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 DEFAULTS: dict[str, Any] = {
     "max_per_second": 2,        # more unique unknown destinations than this in 1 s: attack
     "max_per_minute": 10,       # ... or more than this in 60 s
-    "pass_interval": 6.0,       # attack mode: one unknown SYN passes every this many seconds
+    "max_per_10_minutes": 20,   # ... or more than this in 600 s (slow scanners)
+    "pass_interval": 6.0,       # attack mode: one queued unknown destination is released every this many s,
+    "release_share": 0.05,      # ... or slower: at most this share of the scanner's observed pace,
+    "max_pass_interval": 600.0,  # ... but at least one every this many seconds
+    "queue_capacity": 256,      # unknown destinations waiting in attack mode (more are cut and forgotten)
     "attack_duration": 60.0,    # attack mode lasts this long, then the rate is re-evaluated
     "table_capacity": 4096,     # DNS shadow table entries (the paper saw at most 293 per desktop)
+    "peer_capacity": 4096,      # addresses that contacted the guest first, DNS servers that answered
     "max_ttl": 86400,           # longer TTLs are cut to this (expiry order only: entries outlive TTLs anyway)
     "match_queries": True,      # accept only responses to queries the guest sent
     "query_timeout": 30.0,      # how long a query waits for its response
     "max_pending_queries": 1024,
     "max_tracked": 65536,       # unknown destinations remembered for the windows (counts saturate here)
     "known_networks": [],       # CIDRs always treated as known (e.g. the local subnet's servers)
+    "learn_inbound": True,      # a peer that contacted the guest first is known
     "dns_port": 53,
-    "unparseable": "cut",       # verdict for a held frame that is not a parseable TCP SYN
+    "unparseable": "cut",       # verdict for a held frame that is not a parseable new destination
+    "anomaly_alert_interval": 10.0,   # at most one protocol-anomaly alert per this many seconds
+    # what the scanner process subscribes to (scanners/codered/__main__.py; the policy must allow it):
+    "protocols": ["tcp", "udp", "icmp"],   # new destinations decided: TCP SYNs, UDP datagrams, echo requests
+    "dns_over_tcp": True,       # shadow DNS answers over TCP/53 too (a read-only stream subscription)
 }
 
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 _SECOND = 1.0
 _MINUTE = 60.0
+_TEN_MINUTES = 600.0
 _DIRECTIONS = {"from_guest": "from_guest", "to_guest": "to_guest", 1: "from_guest", 2: "to_guest"}
+_PROTO_NAMES = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp", PROTO_ICMPV6: "icmp"}
+#: TCP/53 connections followed at once, and the bytes buffered per direction (a length prefix and the
+#: largest DNS message: RFC 1035 4.2.2)
+MAX_DNS_STREAMS = 256
+MAX_DNS_STREAM_BUFFER = 2 + dns.MAX_MESSAGE
+#: servers the guest may query before they answered once (see _resolver_allowed)
+MAX_NEW_RESOLVERS = 4
+#: names learned from PTR answers, remembered against laundering
+MAX_PTR_NAMES = 4096
 
 
 class ConfigError(ValueError):
@@ -125,21 +169,32 @@ def load_config(config: Optional[Mapping[str, Any]]) -> dict:
         if not math.isfinite(v) or v < lo:
             raise ConfigError(f"{key}: {v!r} is below {lo}")
 
-    for key in ("max_per_second", "max_per_minute"):
+    for key in ("max_per_second", "max_per_minute", "max_per_10_minutes"):
         number(key, 0, integer=True)
-    for key in ("table_capacity", "max_pending_queries", "max_tracked"):
+    for key in ("table_capacity", "max_pending_queries", "max_tracked", "queue_capacity", "peer_capacity"):
         number(key, 1, integer=True)
     number("max_ttl", 0, integer=True)
     number("dns_port", 1, integer=True)
     if out["dns_port"] > 65535:
         raise ConfigError("dns_port: must be at most 65535")
-    for key in ("pass_interval", "attack_duration", "query_timeout"):
+    number("release_share", 0.000001)
+    if out["release_share"] > 1:
+        raise ConfigError("release_share: at most 1")
+    out["release_share"] = float(out["release_share"])
+    for key in ("pass_interval", "max_pass_interval", "attack_duration", "query_timeout",
+                "anomaly_alert_interval"):
         number(key, 0.001)
-    out["pass_interval"] = float(out["pass_interval"])
-    out["attack_duration"] = float(out["attack_duration"])
-    out["query_timeout"] = float(out["query_timeout"])
-    if not isinstance(out["match_queries"], bool):
-        raise ConfigError("match_queries: expected true or false")
+        out[key] = float(out[key])
+    if out["max_pass_interval"] < out["pass_interval"]:
+        raise ConfigError("max_pass_interval: must be at least pass_interval")
+    protos = out["protocols"]
+    if (isinstance(protos, str) or not isinstance(protos, (list, tuple)) or "tcp" not in protos
+            or any(p not in ("tcp", "udp", "icmp") for p in protos)):
+        raise ConfigError("protocols: expected a list of tcp, udp, icmp (tcp included)")
+    out["protocols"] = tuple(dict.fromkeys(protos))
+    for key in ("match_queries", "learn_inbound", "dns_over_tcp"):
+        if not isinstance(out[key], bool):
+            raise ConfigError(f"{key}: expected true or false")
     if out["unparseable"] not in ("pass", "cut"):
         raise ConfigError("unparseable: expected 'pass' or 'cut'")
     nets = out["known_networks"]
@@ -226,13 +281,75 @@ class _Stats:
     dns_responses: int = 0
     dns_unsolicited: int = 0
     dns_rejected: int = 0
+    dns_tcp_messages: int = 0
+    dns_tcp_overrun: int = 0
     addresses_added: int = 0
-    syn_known: int = 0
-    syn_unknown_passed: int = 0
-    syn_unknown_cut: int = 0
+    ptr_laundered: int = 0
+    peers_learned: int = 0
+    syn_known: int = 0              # new destinations (any protocol) that were known
+    syn_unknown_passed: int = 0     # ... unknown and passed
+    syn_unknown_cut: int = 0        # ... unknown and cut
+    udp_unknown: int = 0
+    multicast: int = 0              # to multicast groups or the broadcast address: not counted
+    icmp_unknown: int = 0
+    queued: int = 0
+    queue_full: int = 0
+    released: int = 0
+    anomalies: int = 0
     attacks: int = 0
     attack_continued: int = 0
     attack_ended: int = 0
+
+
+class _LruSet:
+    """Keys with a value, oldest forgotten first beyond ``capacity``."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.d: "collections.OrderedDict[Any, Any]" = collections.OrderedDict()
+
+    def add(self, key: Any, value: Any = True) -> bool:
+        new = key not in self.d
+        self.d[key] = value
+        self.d.move_to_end(key)
+        while len(self.d) > self.capacity:
+            self.d.popitem(last=False)
+        return new
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self.d
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self.d.get(key, default)
+
+    def __len__(self) -> int:
+        return len(self.d)
+
+
+class _DnsStream:
+    """One TCP/53 connection's bytes in one direction, cut into length-prefixed DNS messages."""
+
+    def __init__(self):
+        self.buf = bytearray()
+        self.broken = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self.broken:
+            return []
+        if len(self.buf) + len(data) > MAX_DNS_STREAM_BUFFER + 65535:
+            # more than one whole message could need: nothing legitimate sends that much unframed
+            self.broken = True
+            self.buf.clear()
+            return []
+        self.buf += data
+        out = []
+        while len(self.buf) >= 2:
+            n = int.from_bytes(self.buf[:2], "big")
+            if len(self.buf) < 2 + n:
+                break
+            out.append(bytes(self.buf[2:2 + n]))
+            del self.buf[:2 + n]
+        return out
 
 
 class CodeRedDetector:
@@ -241,19 +358,30 @@ class CodeRedDetector:
         self.cfg = load_config(config)
         self.clock = clock
         self.table = DnsTable(self.cfg["table_capacity"])
+        self.peers = _LruSet(self.cfg["peer_capacity"])        # address -> "inbound" / "dns server"
         self.stats = _Stats()
-        # unknown destination -> when a SYN last went to it; ordered oldest first
+        # unknown destination -> when a packet last went to it; ordered oldest first
         self._unknown: "collections.OrderedDict[IPAddress, float]" = collections.OrderedDict()
-        # (client addr, client port, server addr, txid) -> (question, when sent); ordered oldest first
+        # (flow, txid) -> (question, when sent); ordered oldest first.  flow is (transport, client addr,
+        # client port, server addr)
         self._pending: "collections.OrderedDict[tuple, tuple[dns.Question, float]]" = collections.OrderedDict()
+        # PTR answers: name -> the address it was the reverse of
+        self._ptr_names = _LruSet(MAX_PTR_NAMES)
+        self._new_resolvers: dict[IPAddress, float] = {}     # servers queried before they answered -> when
+        self._dns_streams: "collections.OrderedDict[tuple, _DnsStream]" = collections.OrderedDict()
         self._last_now = -math.inf
         self.attack = False
         self.attack_since = 0.0
         self.attack_until = 0.0
-        self._next_pass = 0.0
-        self._granted: set[IPAddress] = set()
+        self.interval = self.cfg["pass_interval"]     # the delay queue's current release interval
+        self._next_release = 0.0
+        self._queue: "collections.OrderedDict[IPAddress, float]" = collections.OrderedDict()
+        self._granted: dict[IPAddress, float] = {}
         self.last_port: Optional[int] = None
         self.last_dst: Optional[IPAddress] = None
+        self.last_proto: str = "tcp"
+        self._anomaly_next = -math.inf
+        self._anomaly_unreported = 0
         self.dirty = False        # changed since the last snapshot
         self.urgent = False       # ... in a way a later decision depends on (see the module doc)
 
@@ -267,9 +395,10 @@ class CodeRedDetector:
 
     # ---- frames
     def handle_frame(self, direction: Union[str, int], frame: bytes, now: Optional[float] = None) -> Verdict:
-        """Routes one frame: outbound DNS queries and inbound DNS responses are observed (no decision), an
-        outbound TCP SYN is decided.  Anything else yields the ``unparseable`` verdict (applied by the caller
-        only if the frame is held)."""
+        """Routes one frame: DNS queries and responses are observed, a new destination from the guest (TCP
+        SYN, UDP datagram, ICMP echo request) is decided, what reaches the guest first teaches peers.
+        Anything else yields the ``unparseable`` verdict (applied by the caller only if the frame is held),
+        with an alert for a fragment without its transport header."""
         t = self._now(now)
         self.stats.frames += 1
         d = _DIRECTIONS.get(direction)
@@ -277,39 +406,99 @@ class CodeRedDetector:
             if d is None:
                 raise PacketError(f"bad direction {direction!r}")
             pkt = parse_frame(frame)
+        except FragmentError as exc:
+            self.stats.unparseable += 1
+            action = self.cfg["unparseable"]
+            alert = self._anomaly(t, exc, d) if action == "cut" and d == "from_guest" else None
+            return Verdict(action, alert or self.tick(t), f"fragment: {exc}")
         except PacketError as exc:
             self.stats.unparseable += 1
             return Verdict(self.cfg["unparseable"], None, f"unparseable: {exc}")
         port = self.cfg["dns_port"]
-        if d == "from_guest" and pkt.is_tcp_syn:
-            action, alert = self.decide_syn(pkt.dst, pkt.dport, t)
-            return Verdict(action, alert, "syn")
-        if pkt.proto == PROTO_UDP and d == "from_guest" and pkt.dport == port:
-            self.observe_dns_query(pkt.payload, t, flow=(pkt.src, pkt.sport, pkt.dst))
-            return Verdict(None, self.tick(t), "dns query")
-        if pkt.proto == PROTO_UDP and d == "to_guest" and pkt.sport == port:
-            self.observe_dns_response(pkt.payload, t, flow=(pkt.dst, pkt.dport, pkt.src))
-            return Verdict(None, self.tick(t), "dns response")
+        if d == "from_guest":
+            if pkt.is_tcp_syn:
+                action, alert = self.decide_new(pkt.dst, pkt.dport, t, proto="tcp")
+                return Verdict(action, alert, "syn")
+            if pkt.proto == PROTO_UDP:
+                if (pkt.dport == port
+                        and self.observe_dns_query(pkt.payload, t, flow=("udp", pkt.src, pkt.sport, pkt.dst))
+                        and self._resolver_allowed(pkt.dst, t)):
+                    return Verdict("pass", self.tick(t), "dns query")
+                action, alert = self.decide_new(pkt.dst, pkt.dport, t, proto="udp")
+                return Verdict(action, alert, "udp")
+            if pkt.is_echo_request:
+                action, alert = self.decide_new(pkt.dst, 0, t, proto="icmp")
+                return Verdict(action, alert, "echo request")
+            if pkt.proto in (PROTO_ICMP, PROTO_ICMPV6):
+                return Verdict("pass", self.tick(t), "icmp")        # replies, errors, neighbour discovery
+        else:
+            if pkt.proto == PROTO_UDP and pkt.sport == port:
+                self.observe_dns_response(pkt.payload, t, flow=("udp", pkt.dst, pkt.dport, pkt.src))
+                return Verdict(None, self.tick(t), "dns response")
+            if pkt.is_tcp_syn or pkt.proto == PROTO_UDP or pkt.is_echo_request:
+                self.observe_inbound(pkt.src, t)
+                return Verdict(None, self.tick(t), "inbound")
+            return Verdict(None, self.tick(t), "to guest")
         self.stats.unparseable += 1
-        return Verdict(self.cfg["unparseable"], self.tick(t), "not a SYN or DNS")
+        return Verdict(self.cfg["unparseable"], self.tick(t), "not a new destination or DNS")
+
+    def observe_inbound(self, src: Union[IPAddress, str], now: Optional[float] = None) -> None:
+        """``src`` contacted the guest first (a SYN, a datagram, an echo request to it): a known peer."""
+        self._now(now)
+        if not self.cfg["learn_inbound"]:
+            return
+        addr = ipaddress.ip_address(src) if isinstance(src, str) else src
+        if addr not in self.peers and not self.is_known(addr):
+            self.stats.peers_learned += 1
+            self.dirty = True
+        self.peers.add(addr, "inbound")
+        self._queue.pop(addr, None)
+
+    def _anomaly(self, t: float, exc: FragmentError, d: Optional[str]) -> Optional[Alert]:
+        self.stats.anomalies += 1
+        self._anomaly_unreported += 1
+        if t < self._anomaly_next:
+            return None
+        self._anomaly_next = t + self.cfg["anomaly_alert_interval"]
+        n, self._anomaly_unreported = self._anomaly_unreported, 0
+        proto = _PROTO_NAMES.get(exc.proto, str(exc.proto))
+        return Alert(f"protocol anomaly cut: {exc} ({proto} {exc.src} -> {exc.dst}); "
+                     f"{n} such frame{'s' if n != 1 else ''} since the last alert", {
+                         "event": "anomaly", "anomaly": "fragment", "detail": str(exc), "proto": proto,
+                         "src": str(exc.src), "dst": str(exc.dst), "count": n})
 
     # ---- DNS
     def observe_dns_query(self, payload: bytes, now: Optional[float] = None,
                           flow: Optional[tuple] = None) -> bool:
-        """Remembers a query the guest sent.  ``flow`` is (client address, client port, server address)."""
+        """Remembers a query the guest sent.  ``flow`` is (transport, client address, client port, server
+        address), or the older (client address, client port, server address) for UDP."""
         t = self._now(now)
         try:
             q = dns.parse_query(payload)
         except dns.DnsError:
             return False
         self.stats.dns_queries += 1
-        key = (flow, q.id) if flow is not None else (None, q.id)
+        key = (_flow(flow), q.id)
         self._expire_queries(t)
         self._pending.pop(key, None)
         self._pending[key] = (q.questions[0], t)
         while len(self._pending) > self.cfg["max_pending_queries"]:
             self._pending.popitem(last=False)
         return True
+
+    def _resolver_allowed(self, server: IPAddress, t: float) -> bool:
+        """A well-formed query to a server that has not answered yet passes uncounted, for at most
+        ``MAX_NEW_RESOLVERS`` such servers in ten minutes (the guest's resolvers before their first answer);
+        beyond that, a query to a new server is a new destination like any other (a scan over UDP/53)."""
+        if self.is_known(server):
+            return True
+        horizon = t - _TEN_MINUTES
+        for a in [a for a, when in self._new_resolvers.items() if when <= horizon]:
+            del self._new_resolvers[a]
+        if server in self._new_resolvers or len(self._new_resolvers) < MAX_NEW_RESOLVERS:
+            self._new_resolvers.setdefault(server, t)
+            return True
+        return False
 
     def _expire_queries(self, now: float) -> None:
         horizon = now - self.cfg["query_timeout"]
@@ -321,16 +510,17 @@ class CodeRedDetector:
 
     def observe_dns_response(self, payload: bytes, now: Optional[float] = None,
                              flow: Optional[tuple] = None) -> int:
-        """Adds the addresses of a DNS response (UDP payload) to the table; returns how many it carried.
-        ``flow`` is (client address, client port, server address): the guest's side first, as for the query.
-        Without a flow, or with ``match_queries`` false, the response is taken as it is."""
+        """Adds the addresses of a DNS response to the table; returns how many it added.  ``flow`` as for
+        the query, the guest's side first.  Without a flow, or with ``match_queries`` false, the response is
+        taken as it is."""
         t = self._now(now)
         matching = self.cfg["match_queries"] and flow is not None
+        key_flow = _flow(flow)
         if matching:
             # Look for the query before parsing: unsolicited responses cost no parsing (a worst-case 64 KB
-            # response takes ~0.2 s to parse, so a flood of them could otherwise stall the SYN decisions).
+            # response takes ~0.2 s to parse, so a flood of them could otherwise stall the decisions).
             self._expire_queries(t)
-            if len(payload) < 2 or (flow, int.from_bytes(payload[:2], "big")) not in self._pending:
+            if len(payload) < 2 or (key_flow, int.from_bytes(payload[:2], "big")) not in self._pending:
                 self.stats.dns_unsolicited += 1
                 return 0
         try:
@@ -339,38 +529,106 @@ class CodeRedDetector:
             self.stats.dns_rejected += 1
             return 0
         if matching:
-            pending = self._pending.get((flow, msg.id))
+            pending = self._pending.get((key_flow, msg.id))
             if pending is None or len(msg.questions) != 1 or msg.questions[0] != pending[0]:
                 self.stats.dns_unsolicited += 1
                 return 0
-            del self._pending[(flow, msg.id)]
+            del self._pending[(key_flow, msg.id)]
+            server = key_flow[3]
+            if server is not None and server not in self.peers:
+                self.peers.add(server, "dns server")     # it answered the guest: the guest's resolver
+                self.dirty = True
+            self._new_resolvers.pop(server, None)
         self.stats.dns_responses += 1
+        # PTR answers: remember which names stand for which reversed address
+        for rr in msg.answers:
+            if rr.rtype == dns.TYPE_PTR and rr.rclass == dns.CLASS_IN and isinstance(rr.data, str):
+                rev = dns.reverse_address(rr.name)
+                if rev is not None:
+                    self._ptr_names.add(rr.data, rev)
         n = 0
         max_ttl = self.cfg["max_ttl"]
         for rec in msg.addresses():
+            names = (rec.name,) + rec.aliases
+            if any(self._ptr_names.get(nm) == rec.address for nm in names):
+                self.stats.ptr_laundered += 1     # a name it got by reverse lookup of this very address
+                continue
             name = rec.aliases[0] if rec.aliases else rec.name
             self.table.add(rec.address, t + min(rec.ttl, max_ttl), name, t)
+            self._queue.pop(rec.address, None)
             self.dirty = True
             n += 1
         self.stats.addresses_added += n
         return n
 
+    def observe_dns_stream(self, key: Any, direction: Union[str, int], data: bytes, flow: tuple,
+                           now: Optional[float] = None) -> int:
+        """Bytes of a DNS-over-TCP connection, in stream order (``key`` names the connection, ``flow`` is
+        (guest address, guest port, server address)): every whole length-prefixed message is a query (from
+        the guest) or a response (to it).  Returns the addresses added."""
+        t = self._now(now)
+        d = _DIRECTIONS.get(direction)
+        if d is None:
+            return 0
+        sk = (key, d)
+        st = self._dns_streams.get(sk)
+        if st is None:
+            st = self._dns_streams[sk] = _DnsStream()
+            while len(self._dns_streams) > 2 * MAX_DNS_STREAMS:
+                self._dns_streams.popitem(last=False)
+        was_broken = st.broken
+        msgs = st.feed(data)
+        if st.broken and not was_broken:
+            self.stats.dns_tcp_overrun += 1
+        n = 0
+        try:
+            g, gp, r = flow
+            tflow = ("tcp", ipaddress.ip_address(g), int(gp), ipaddress.ip_address(r))
+        except (TypeError, ValueError):
+            return 0
+        for m in msgs:
+            self.stats.dns_tcp_messages += 1
+            if d == "from_guest":
+                self.observe_dns_query(m, t, flow=tflow)
+            else:
+                n += self.observe_dns_response(m, t, flow=tflow)
+        return n
+
+    def close_dns_stream(self, key: Any) -> None:
+        for d in ("from_guest", "to_guest"):
+            self._dns_streams.pop((key, d), None)
+
     def is_known(self, addr: IPAddress) -> bool:
-        if addr in self.table:
+        if addr in self.table or addr in self.peers:
             return True
         return any(addr in net for net in self.cfg["known_networks"] if net.version == addr.version)
 
-    # ---- SYNs
+    # ---- new destinations
     def decide_syn(self, dst: Union[IPAddress, str], dport: int,
                    now: Optional[float] = None) -> tuple[str, Optional[Alert]]:
         """The verdict on an outbound TCP SYN to ``dst``:``dport``, and an alert if one is due."""
+        return self.decide_new(dst, dport, now, proto="tcp")
+
+    def decide_new(self, dst: Union[IPAddress, str], dport: int, now: Optional[float] = None,
+                   proto: str = "tcp") -> tuple[str, Optional[Alert]]:
+        """The verdict on a packet from the guest to a possibly new destination (``proto``: tcp for a SYN,
+        udp, icmp for an echo request), and an alert if one is due."""
         t = self._now(now)
         addr = ipaddress.ip_address(dst) if isinstance(dst, str) else dst
         alert = self._reevaluate(t)
+        self._release(t)
         if self.is_known(addr):
             self.stats.syn_known += 1
             return "pass", alert
-        self.last_port, self.last_dst = int(dport), addr
+        if addr.is_multicast or addr == _BROADCAST:
+            # DHCP, mDNS, SSDP, neighbour discovery: a group or the link, not a host a worm picked
+            self.stats.multicast += 1
+            return "pass", alert
+        self.last_port, self.last_dst, self.last_proto = int(dport), addr, proto
+        if proto == "udp":
+            self.stats.udp_unknown += 1
+        elif proto == "icmp":
+            self.stats.icmp_unknown += 1
         self._note_unknown(addr, t)
         self.dirty = True
         if not self.attack:
@@ -378,6 +636,7 @@ class CodeRedDetector:
             if self._rate_exceeded(t):
                 self._enter_attack(t)
                 alert = self._alert("attack_detected", t)
+                self._enqueue(addr, t)
                 self.stats.syn_unknown_cut += 1
                 return "cut", alert
             self.stats.syn_unknown_passed += 1
@@ -385,18 +644,42 @@ class CodeRedDetector:
         if addr in self._granted:
             self.stats.syn_unknown_passed += 1
             return "pass", alert
-        if t >= self._next_pass:
-            self._granted.add(addr)
-            self._next_pass = t + self.cfg["pass_interval"]
-            self.urgent = True
-            self.stats.syn_unknown_passed += 1
-            return "pass", alert
+        self._enqueue(addr, t)
         self.stats.syn_unknown_cut += 1
         return "cut", alert
 
+    def _enqueue(self, addr: IPAddress, t: float) -> None:
+        if addr in self._queue:
+            return
+        if len(self._queue) >= self.cfg["queue_capacity"]:
+            self.stats.queue_full += 1
+            return
+        self._queue[addr] = t
+        self.stats.queued += 1
+
+    def _release(self, t: float) -> None:
+        """The delay queue's clock: one destination leaves per tick; a tick with nothing queued is lost."""
+        if not self.attack:
+            return
+        while t >= self._next_release:
+            if self._queue:
+                addr, _ = self._queue.popitem(last=False)
+                self._granted[addr] = self._next_release
+                self.stats.released += 1
+                self.urgent = self.dirty = True
+            self._next_release += self.interval
+
+    def queued(self) -> list[IPAddress]:
+        """The destinations waiting in the delay queue, oldest first."""
+        return list(self._queue)
+
     def tick(self, now: Optional[float] = None) -> Optional[Alert]:
-        """Time-driven work: the end-of-attack re-evaluation.  Call it when no frame came for a while."""
-        return self._reevaluate(self._now(now))
+        """Time-driven work: the delay queue's releases and the end-of-attack re-evaluation.  Call it when no
+        frame came for a while."""
+        t = self._now(now)
+        alert = self._reevaluate(t)
+        self._release(t)
+        return alert
 
     def _note_unknown(self, addr: IPAddress, t: float) -> None:
         self._unknown[addr] = t
@@ -406,7 +689,7 @@ class CodeRedDetector:
             self._unknown.popitem(last=False)
 
     def _forget_unknown(self, t: float) -> None:
-        horizon = t - _MINUTE
+        horizon = t - _TEN_MINUTES
         while self._unknown:
             addr, seen = next(iter(self._unknown.items()))
             if seen > horizon:
@@ -414,10 +697,10 @@ class CodeRedDetector:
             del self._unknown[addr]
 
     def unknown_count(self, window: float, now: Optional[float] = None) -> int:
-        """Unique unknown destinations contacted in the last ``window`` seconds (at most a minute)."""
+        """Unique unknown destinations contacted in the last ``window`` seconds (at most ten minutes)."""
         t = self._now(now)
         self._forget_unknown(t)
-        if window >= _MINUTE:
+        if window >= _TEN_MINUTES:
             return len(self._unknown)
         horizon = t - window
         n = 0
@@ -429,62 +712,92 @@ class CodeRedDetector:
 
     def _rate_exceeded(self, t: float) -> bool:
         return (self.unknown_count(_SECOND, t) > self.cfg["max_per_second"]
-                or self.unknown_count(_MINUTE, t) > self.cfg["max_per_minute"])
+                or self.unknown_count(_MINUTE, t) > self.cfg["max_per_minute"]
+                or self.unknown_count(_TEN_MINUTES, t) > self.cfg["max_per_10_minutes"])
+
+    def _release_interval(self, t: float) -> float:
+        """The delay queue's tick: ``pass_interval``, or long enough that at most ``release_share`` of the
+        scanner's pace gets out (the pace: the unknown destinations of the last ten minutes over the time
+        they span), capped at ``max_pass_interval``."""
+        self._forget_unknown(t)
+        n = len(self._unknown)
+        if n < 2:
+            return self.cfg["max_pass_interval"]
+        first = next(iter(self._unknown.values()))
+        span = max(t - first, 1e-3)
+        want = span / ((n - 1) * self.cfg["release_share"])
+        return min(max(self.cfg["pass_interval"], want), self.cfg["max_pass_interval"])
 
     def _enter_attack(self, t: float) -> None:
         self.attack = True
         self.attack_since = t
         self.attack_until = t + self.cfg["attack_duration"]
-        self._next_pass = t + self.cfg["pass_interval"]
+        self.interval = self._release_interval(t)
+        self._next_release = t + self.interval
         self._granted.clear()
+        self._queue.clear()
         self.stats.attacks += 1
 
     def _reevaluate(self, t: float) -> Optional[Alert]:
         if not self.attack or t < self.attack_until:
             return None
+        self._release(min(t, self.attack_until))     # the ticks due before the re-evaluation
         self.dirty = self.urgent = True
-        self._granted.clear()
+        horizon = t - self.cfg["attack_duration"]      # a release is good for one attack period
+        self._granted = {a: when for a, when in self._granted.items() if when > horizon}
         if self._rate_exceeded(t):
             self.attack_until = t + self.cfg["attack_duration"]
+            interval = self._release_interval(t)
+            if interval > self.interval:      # a slower scanner now: the next tick moves out too
+                self._next_release += interval - self.interval
+            self.interval = interval
             self.stats.attack_continued += 1
             return self._alert("attack_continues", t)
         self.attack = False
+        self._queue.clear()
         self.stats.attack_ended += 1
         return None
 
     def _alert(self, event: str, t: float) -> Alert:
         count = self.unknown_count(_MINUTE, t)
         last_second = self.unknown_count(_SECOND, t)
+        last_10 = self.unknown_count(_TEN_MINUTES, t)
         what = "detected" if event == "attack_detected" else "continues"
         port = self.last_port if self.last_port is not None else 0
         msg = (f"Code-Red-like scanning {what}: {count} unknown destinations in the last minute "
-               f"({last_second} in the last second), last port {port}; "
-               f"letting one unknown SYN through every {self.cfg['pass_interval']:g} s "
-               f"for {self.cfg['attack_duration']:g} s")
+               f"({last_second} in the last second, {last_10} in ten minutes), last port {port} "
+               f"({self.last_proto} to {self.last_dst}); releasing one unknown destination every "
+               f"{self.interval:.3g} s for {self.cfg['attack_duration']:g} s")
         return Alert(msg, {
             "event": event,
             "count": count,
             "count_last_second": last_second,
+            "count_last_10_minutes": last_10,
             "last_port": port,
+            "last_proto": self.last_proto,
             "last_dst": str(self.last_dst) if self.last_dst is not None else "",
             "max_per_second": self.cfg["max_per_second"],
             "max_per_minute": self.cfg["max_per_minute"],
-            "pass_interval": self.cfg["pass_interval"],
+            "max_per_10_minutes": self.cfg["max_per_10_minutes"],
+            "pass_interval": self.interval,
             "attack_duration": self.cfg["attack_duration"],
-            "count_saturated": count >= self.cfg["max_tracked"],
+            "queued": len(self._queue),
+            "count_saturated": last_10 >= self.cfg["max_tracked"],
         })
 
     # ---- state across restarts
-    SNAPSHOT_VERSION = 1
+    SNAPSHOT_VERSION = 2
     SNAPSHOT_UNKNOWN = 512      # most recent unknown destinations kept (more than any threshold needs)
     SNAPSHOT_GRANTED = 256
+    SNAPSHOT_QUEUE = 256
     SNAPSHOT_DNS = 512          # DNS table entries kept, latest expiry first
+    SNAPSHOT_PEERS = 512        # peers kept, most recent first
     SNAPSHOT_NAME = 64          # characters of a DNS name kept
 
     def snapshot(self, max_bytes: int = 65536, wall: Optional[float] = None, now: Optional[float] = None) -> dict:
         """What the detector knows, as a JSON-able dict whose compact JSON fits in ``max_bytes`` (the DNS
-        table and then the unknown destinations are shortened, most recent kept, until it does).  Clears
-        ``dirty`` and ``urgent``."""
+        table, the peers and then the unknown destinations are shortened, most recent kept, until it does).
+        Clears ``dirty`` and ``urgent``."""
         t = self._now(now)
         wall = time.time() if wall is None else float(wall)
         unknown = [[str(a), round(t - seen, 3)] for a, seen in reversed(self._unknown.items())]
@@ -492,24 +805,34 @@ class CodeRedDetector:
         dns_entries = sorted(self.table.items(), key=lambda kv: kv[1].expires, reverse=True)
         table = [[str(a), round(e.expires - t, 3), e.name[:self.SNAPSHOT_NAME]]
                  for a, e in dns_entries[:self.SNAPSHOT_DNS]]
+        peers = [[str(a), v] for a, v in list(reversed(self.peers.d.items()))[:self.SNAPSHOT_PEERS]]
         doc = {
             "v": self.SNAPSHOT_VERSION, "wall": wall,
             "attack": self.attack,
             "since": round(t - self.attack_since, 3) if self.attack else 0,
             "until": round(self.attack_until - t, 3) if self.attack else 0,
-            "next_pass": round(self._next_pass - t, 3) if self.attack else 0,
+            "next_pass": round(self._next_release - t, 3) if self.attack else 0,
+            "interval": self.interval,
             "granted": [str(a) for a in list(self._granted)[:self.SNAPSHOT_GRANTED]],
+            "queue": [str(a) for a in list(self._queue)[:self.SNAPSHOT_QUEUE]],
             "last_port": self.last_port,
             "last_dst": str(self.last_dst) if self.last_dst is not None else None,
+            "last_proto": self.last_proto,
             "unknown": unknown,
             "dns": table,
+            "peers": peers,
             "stats": dict(self.stats.__dict__),
         }
+        floor = self.cfg["max_per_10_minutes"] + 1
         while len(json.dumps(doc, separators=(",", ":"))) > max_bytes:
             if doc["dns"]:
                 doc["dns"] = doc["dns"][:len(doc["dns"]) // 2]
-            elif len(doc["unknown"]) > self.cfg["max_per_minute"] + 1:
-                doc["unknown"] = doc["unknown"][:max(self.cfg["max_per_minute"] + 1, len(doc["unknown"]) // 2)]
+            elif doc["peers"]:
+                doc["peers"] = doc["peers"][:len(doc["peers"]) // 2]
+            elif doc["queue"]:
+                doc["queue"] = doc["queue"][:len(doc["queue"]) // 2]
+            elif len(doc["unknown"]) > floor:
+                doc["unknown"] = doc["unknown"][:max(floor, len(doc["unknown"]) // 2)]
             elif doc["granted"]:
                 doc["granted"] = doc["granted"][:len(doc["granted"]) // 2]
             else:
@@ -518,8 +841,8 @@ class CodeRedDetector:
         return doc
 
     def restore(self, doc: Any, wall: Optional[float] = None, now: Optional[float] = None) -> bool:
-        """Takes back what :meth:`snapshot` saved (in this or an earlier process), aged by the wall-clock time
-        since.  False, and nothing changed, if ``doc`` is not a snapshot of this version."""
+        """Takes back what :meth:`snapshot` saved (in this or an earlier process, version 1 or 2), aged by
+        the wall-clock time since.  False, and nothing changed, if ``doc`` is not such a snapshot."""
         t = self._now(now)
         wall = time.time() if wall is None else float(wall)
 
@@ -529,23 +852,28 @@ class CodeRedDetector:
             return float(v)
 
         try:
-            if not isinstance(doc, dict) or doc.get("v") != self.SNAPSHOT_VERSION:
+            if not isinstance(doc, dict) or doc.get("v") not in (1, self.SNAPSHOT_VERSION):
                 return False
             elapsed = max(0.0, wall - num(doc["wall"]))       # a clock set back counts as no time
             base = t - elapsed                                 # the snapshot's "now", on our clock
             unknown = [(ipaddress.ip_address(a), base - max(0.0, num(age))) for a, age in doc["unknown"]]
             table = [(ipaddress.ip_address(a), base + num(left), str(name)) for a, left, name in doc["dns"]]
             granted = {ipaddress.ip_address(a) for a in doc["granted"]}
+            queue = [ipaddress.ip_address(a) for a in doc.get("queue", [])]
+            peers = [(ipaddress.ip_address(a), str(v)[:16]) for a, v in doc.get("peers", [])]
             attack = doc["attack"] is True
             since, until, next_pass = base - num(doc["since"]), base + num(doc["until"]), base + num(doc["next_pass"])
+            interval = num(doc.get("interval", self.cfg["pass_interval"]))
+            interval = min(max(interval, self.cfg["pass_interval"]), self.cfg["max_pass_interval"])
             port = doc.get("last_port")
             port = int(port) if isinstance(port, int) and not isinstance(port, bool) and 0 <= port <= 65535 else None
             dst = ipaddress.ip_address(doc["last_dst"]) if doc.get("last_dst") else None
+            proto = doc.get("last_proto") if doc.get("last_proto") in ("tcp", "udp", "icmp") else "tcp"
             stats = {k: v for k, v in (doc.get("stats") or {}).items()
                      if k in self.stats.__dict__ and isinstance(v, int) and not isinstance(v, bool) and v >= 0}
         except (KeyError, TypeError, ValueError):
             return False
-        horizon = t - _MINUTE
+        horizon = t - _TEN_MINUTES
         for addr, seen in sorted(unknown, key=lambda x: x[1]):      # oldest first, as _note_unknown keeps them
             if seen > horizon and addr not in self._unknown:
                 self._unknown[addr] = min(seen, t)
@@ -553,11 +881,26 @@ class CodeRedDetector:
             self._unknown.popitem(last=False)
         for addr, expires, name in table[:self.cfg["table_capacity"]]:
             self.table.add(addr, expires, name, t)
+        for addr, why in reversed(peers[:self.cfg["peer_capacity"]]):   # oldest first
+            self.peers.add(addr, why)
         self.attack = attack
         if attack:
-            self.attack_since, self.attack_until, self._next_pass = since, until, next_pass
-            self._granted = granted
-        self.last_port, self.last_dst = port, dst
+            self.attack_since, self.attack_until, self._next_release = since, until, next_pass
+            self.interval = interval
+            self._granted = {a: t for a in granted}
+            for a in queue[:self.cfg["queue_capacity"]]:
+                self._queue[a] = t
+        self.last_port, self.last_dst, self.last_proto = port, dst, proto
         for k, v in stats.items():
             setattr(self.stats, k, v)
         return True
+
+
+def _flow(flow: Optional[tuple]) -> tuple:
+    """A query's flow key as (transport, client addr, client port, server addr); the three-element form
+    (client addr, client port, server addr) is UDP.  None (unknown) matches only None."""
+    if flow is None:
+        return (None, None, None, None)
+    if len(flow) == 3:
+        return ("udp",) + tuple(flow)
+    return tuple(flow)

@@ -1,8 +1,8 @@
 """A strict DNS message parser (RFC 1035, 3596), for messages that cross the NI and may be hostile.
 
 Only what the Code-Red scanner needs: the header, the question section, and every resource record of the
-answer, authority and additional sections, with A (4-byte), AAAA (16-byte) and CNAME data decoded and every
-other type kept as raw bytes.  Names may use compression pointers; a pointer must point past the header and
+answer, authority and additional sections, with A (4-byte), AAAA (16-byte), CNAME and PTR data decoded and
+every other type kept as raw bytes.  Names may use compression pointers; a pointer must point past the header and
 strictly before every octet of the name read so far, so each jump goes backwards and loops are impossible; a
 name is limited to 255 octets on the wire (63 per label, the two high bits of a length byte say whether it is
 a label or a pointer) and 64 pointers.  Bytes left over after the last record are an error.
@@ -23,7 +23,7 @@ from typing import Iterator, Optional, Union
 
 __all__ = [
     "DnsError", "Question", "Record", "Message", "AddressRecord", "parse_message", "parse_response",
-    "parse_query", "TYPE_A", "TYPE_AAAA", "TYPE_CNAME", "CLASS_IN",
+    "parse_query", "TYPE_A", "TYPE_AAAA", "TYPE_CNAME", "TYPE_PTR", "CLASS_IN", "reverse_address",
 ]
 
 HEADER = struct.Struct("!HHHHHH")
@@ -32,6 +32,7 @@ Q_FIXED = struct.Struct("!HH")
 
 TYPE_A = 1
 TYPE_CNAME = 5
+TYPE_PTR = 12
 TYPE_AAAA = 28
 TYPE_OPT = 41
 CLASS_IN = 1
@@ -210,11 +211,11 @@ def _read_record(msg: bytes, pos: int) -> tuple[Record, int]:
         if rdlength != 16:
             raise DnsError(f"AAAA record with {rdlength} bytes of data")
         data = ipaddress.IPv6Address(msg[pos:end])
-    elif rtype == TYPE_CNAME:
+    elif rtype in (TYPE_CNAME, TYPE_PTR):
         # The name must fill RDATA exactly; pointers may reach back anywhere before it.
         data, after = _read_name(msg, pos, limit=end)
         if after != end:
-            raise DnsError("CNAME data longer than its name")
+            raise DnsError(f"{'CNAME' if rtype == TYPE_CNAME else 'PTR'} data longer than its name")
     else:
         data = bytes(msg[pos:end])
     return Record(name, rtype, rclass, ttl, data), end
@@ -270,3 +271,22 @@ def parse_query(msg: bytes) -> Message:
     if len(m.questions) != 1:
         raise DnsError(f"{len(m.questions)} questions, expected 1")
     return m
+
+
+def reverse_address(name: str) -> Optional[Union[ipaddress.IPv4Address, ipaddress.IPv6Address]]:
+    """The address a reverse-lookup name stands for (``4.3.2.1.in-addr.arpa`` -> 1.2.3.4, the 32-nibble
+    ``ip6.arpa`` form -> an IPv6 address), or None if ``name`` is not a whole one."""
+    labels = name.lower().rstrip(".").split(".")
+    try:
+        if labels[-2:] == ["in-addr", "arpa"] and len(labels) == 6:
+            octets = labels[3::-1]
+            if all(o.isdigit() and len(o) <= 3 and int(o) <= 255 for o in octets):
+                return ipaddress.IPv4Address(".".join(str(int(o)) for o in octets))
+        if labels[-2:] == ["ip6", "arpa"] and len(labels) == 34:
+            nibbles = labels[31::-1]
+            if all(len(n) == 1 and n in "0123456789abcdef" for n in nibbles):
+                h = "".join(nibbles)
+                return ipaddress.IPv6Address(":".join(h[i:i + 4] for i in range(0, 32, 4)))
+    except ValueError:
+        return None
+    return None

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 if __package__:
-    from .clamd import Clamd, ClamdError
     from .core import ConfigError, EmailScanner, EngineError
 else:   # run as a directory (python3 scanners/email): "email" is a standard library package,
     # so load this one under another name
@@ -23,34 +21,17 @@ else:   # run as a directory (python3 scanners/email): "email" is a standard lib
     _mod = importlib.util.module_from_spec(_spec)
     sys.modules[_spec.name] = _mod
     _spec.loader.exec_module(_mod)
-    from vhostni_email_scanner.clamd import Clamd, ClamdError   # type: ignore  # noqa: E402
     from vhostni_email_scanner.core import ConfigError, EmailScanner, EngineError  # type: ignore  # noqa: E402,E501
 
 from vhostni.scanner import (Refused, Scanner, ScannerError, StreamClosed, StreamData,
                              StreamOpened)
+from vhostni.scanner.clamd import Clamd, ClamdEngine, ClamdError
 
 TICK = 1.0
 
 
 def log(msg: str) -> None:
     print(f"email: {msg}", file=sys.stderr, flush=True)
-
-
-class Engine:
-    def __init__(self, clamd: Clamd):
-        self.clamd = clamd
-        self.lost: str = ""
-
-    def __call__(self, data: bytes):
-        if self.lost:
-            raise EngineError(self.lost)
-        try:
-            return self.clamd.scan(data)
-        except ClamdError as exc:
-            if "connection" in str(exc) or "closed" in str(exc) or "in time" in str(exc) \
-                    or "does not read" in str(exc):
-                self.lost = str(exc)
-            raise EngineError(str(exc)) from None
 
 
 def apply(sc: Scanner, core: EmailScanner, stream, acts: list) -> None:
@@ -123,11 +104,7 @@ def run(sc: Scanner, core: EmailScanner, engine) -> int:
         elif isinstance(ev, StreamClosed):
             core.close(ev.stream.id)
         if engine is not None:
-            if not engine.lost and time.monotonic() - engine.clamd.last_used > core.cfg["clamd_ping_interval"]:
-                try:
-                    engine.clamd.ping()
-                except ClamdError as exc:
-                    engine.lost = str(exc)
+            engine.keepalive(core.cfg["clamd_ping_interval"])
             if engine.lost:
                 sc.alert(f"e-mail scanner: clamd lost ({engine.lost}); restarting to reconnect",
                          event="engine_lost")
@@ -158,7 +135,7 @@ def main() -> int:
             sc.alert(f"e-mail scanner not started: {exc}", event="engine_unreachable")
             log(str(exc))
             return 2
-        engine = Engine(clamd)
+        engine = ClamdEngine(clamd)
         core.engine = engine
     from vhostni.scanner import seccomp
     seccomp.lockdown()

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import re
 from typing import Any, Callable, Iterable, Mapping, Optional
+
+from vhostni.scanner.clamd import EngineError, digest_table
 
 from .mime import MailError, Part, parse_message
 from .proto import CLIENT, SERVER, Message, Pop3Tracker, SmtpTracker, Violation
@@ -65,10 +66,6 @@ class ConfigError(ValueError):
     pass
 
 
-class EngineError(Exception):
-    """The virus engine could not scan (raised by the engine callable)."""
-
-
 def _ports(key: str, v) -> list[int]:
     if not isinstance(v, list) or not all(isinstance(p, int) and not isinstance(p, bool)
                                           and 0 < p < 65536 for p in v):
@@ -104,14 +101,10 @@ def load_config(cfg: Optional[Mapping]) -> dict:
         raise ConfigError("scan_whole_message: expected true or false")
     if not isinstance(out["replacement_injection"], str):
         raise ConfigError("replacement_injection: expected the name of a stream injection, or \"\"")
-    table = {}
-    if not isinstance(out["bad_sha256"], list):
-        raise ConfigError("bad_sha256: expected a list of \"HEX [NAME]\"")
-    for entry in out["bad_sha256"]:
-        words = entry.split(None, 1) if isinstance(entry, str) else []
-        if not words or not re.fullmatch(r"[0-9a-fA-F]{64}", words[0]):
-            raise ConfigError(f"bad_sha256: {entry!r} is not a SHA-256 digest in hex")
-        table[words[0].lower()] = words[1].strip() if len(words) > 1 else "known-bad"
+    try:
+        table = digest_table(out["bad_sha256"])
+    except ValueError as exc:
+        raise ConfigError(f"bad_sha256: {exc}") from None
     out["_table"] = table
     return out
 

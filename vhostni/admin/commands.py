@@ -188,6 +188,7 @@ def ni_info(ctx, ni) -> dict:
     d["scanners"] = sorted(nk.scanners) if nk else []
     d["held"] = len(nk.held) if nk else 0
     d["subscriptions"] = len(nk.subs) if nk else 0
+    d["signatures"] = nk.signature_counts() if nk else None     # per-rule matches and drops
     d["added_at_run_time"] = ni.name in ctx.runtime_nis
     return d
 

@@ -10,8 +10,16 @@
 * **scanner overheads** (:mod:`vhostni.bench.scanners`): plain forwarding against the null and Code-Red scanners;
 * **streams** (:mod:`vhostni.bench.streams`): host-side replay of a synthetic capture: TCP stream reassembly
   throughput under the null stream scanner against plain forwarding, and the e-mail scanner's per-message latency;
+* **webdl** (:mod:`vhostni.bench.webdl`): host-side replay under ``examples/webdl.toml``: the share of the 502
+  HTTP Evader deliveries of EICAR that reach the guest, the share of clean downloads damaged, the latency added;
+* **httpguard** (:mod:`vhostni.bench.httpguard`): host-side replay under ``examples/httpguard.toml``: historic
+  overflow requests (Code-Red and others, delivered evasively too) that reach the guest's server, normal requests
+  damaged, the latency the held request adds;
 * **signatures** (:mod:`vhostni.bench.signatures`): the payload stage's matcher (csrc/sig.c) against Hyperscan's
-  own stream-mode scan of the same bytes in the same process, and the compile time of 10,000 rules.
+  own stream-mode scan of the same bytes in the same process, and the compile time of 10,000 rules;
+* **detectors** (:mod:`vhostni.bench.detectors`): the worm, port-scan and SYN-bomb detectors against simulated
+  worms (TCP, UDP, ICMP, PTR-laundered, slow), scans, bombs and normal hosts on a fake clock: detection, share
+  of probes out, false alarms (a few seconds, no guests).
 
 A part that cannot run here (no testpmd, no vhostni, no guest images) is reported with the reason instead of a
 number.  Results go to JSON (``--out``) and a table on stdout; per-process logs to ``--logdir``.

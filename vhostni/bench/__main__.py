@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import frameloop, guest_tcp, scanners, signatures, streams
+from . import detectors, frameloop, guest_tcp, httpguard, scale, scanners, signatures, streams, webdl, workers
 from .backends import DpdkVhostBackend, VhostniBackend, vhostni_unavailable_reason
 from .testpmd import dpdk_version, reap_stale, testpmd_binary
 
@@ -34,7 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="bench/out/results.json", help="JSON results file")
     p.add_argument("--logdir", default=None, help="process logs (default: <out dir>/logs)")
-    p.add_argument("--only", choices=("frameloop", "guest-tcp", "scanners", "streams", "signatures"), help="run one part only")
+    p.add_argument("--only", choices=("frameloop", "guest-tcp", "scanners", "streams", "signatures", "webdl", "httpguard",
+                                      "scale", "workers", "detectors"), help="run one part only")
     p.add_argument("--no-vhostni", action="store_true", help="baseline only")
     g = p.add_argument_group("frame loop")
     g.add_argument("--sizes", default="64,1518", help="frame sizes, comma separated")
@@ -83,6 +84,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--email-rounds", type=int, default=3, help="e-mail latency rounds")
     r.add_argument("--email-messages", type=int, default=50, help="messages per kind, configuration and round")
     r.add_argument("--email-attachment", type=int, default=16384, help="attachment size, bytes (before base64)")
+    w = p.add_argument_group("webdl (host-side replay: the web-download scanner)")
+    w.add_argument("--webdl-rounds", type=int, default=3, help="latency rounds")
+    w.add_argument("--webdl-downloads", type=int, default=30, help="downloads per kind, configuration and round")
+    hg = p.add_argument_group("httpguard (host-side replay: the HTTP overflow stage)")
+    hg.add_argument("--httpguard-rounds", type=int, default=3, help="latency rounds")
+    hg.add_argument("--httpguard-requests", type=int, default=30, help="requests per kind, configuration and round")
     sg = p.add_argument_group("signatures (the payload stage's matcher, host-side, one process)")
     sg.add_argument("--sig-rules", type=int, default=1500, help="never-matching rules")
     sg.add_argument("--sig-pcre-share", type=float, default=0.1, help="share of rules with a pcre")
@@ -92,6 +99,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     sg.add_argument("--sig-streams", type=int, default=16)
     sg.add_argument("--sig-rounds", type=int, default=5)
     sg.add_argument("--sig-compile-rules", type=int, default=10000, help="rules for the compile-time figure")
+    sl = p.add_argument_group("scale (one daemon, many NIs with idle frontends)")
+    sl.add_argument("--scale-counts", default="1,256", help="NI counts, comma separated (256: the switch's limit)")
+    sl.add_argument("--scale-idle-seconds", type=float, default=30.0, help="idle CPU measured over this long")
+    sl.add_argument("--scale-queries", type=int, default=50, help="query-nis calls timed")
+    wk = p.add_argument_group("workers (frame loops side by side, one daemon each)")
+    wk.add_argument("--workers-counts", default="1,2", help="daemon counts, comma separated")
+    wk.add_argument("--workers-runs", type=int, default=3, help="runs per count and size")
+    wk.add_argument("--workers-duration", type=float, default=10.0, help="measured seconds per run")
     return p.parse_args(argv)
 
 
@@ -204,9 +219,19 @@ def report(results: dict) -> str:
     st = results.get("streams")
     if st:
         lines += streams.report_lines(st)
+    if results.get("webdl"):
+        lines += webdl.report_lines(results["webdl"])
+    if results.get("httpguard"):
+        lines += httpguard.report_lines(results["httpguard"])
     for key in ("signatures", "signatures_never_hit"):
         if results.get(key):
             lines += signatures.report_lines(results[key])
+    if results.get("scale"):
+        lines += scale.report_lines(results["scale"])
+    if results.get("workers"):
+        lines += workers.report_lines(results["workers"])
+    if results.get("detectors"):
+        lines += detectors.report_lines(results["detectors"])
     return "\n".join(lines)
 
 
@@ -296,6 +321,20 @@ def main(argv=None) -> int:
                 email_messages=args.email_messages, attachment_bytes=args.email_attachment)
             results["streams"] = streams.run_streams(stcfg, progress=lambda m: print(m, flush=True))
             save()
+        if args.only in (None, "webdl"):
+            print("webdl: the web-download scanner (HTTP Evader, clean downloads, latency), host-side replay",
+                  flush=True)
+            wcfg = webdl.WebBenchConfig(rounds=args.webdl_rounds, downloads=args.webdl_downloads,
+                                        cpu=int(args.stream_cpu) if args.stream_cpu.strip() else None)
+            results["webdl"] = webdl.run_webdl(wcfg, progress=lambda m: print(m, flush=True))
+            save()
+        if args.only in (None, "httpguard"):
+            print("httpguard: the HTTP overflow stage (historic overflows, normal requests, latency), host-side replay",
+                  flush=True)
+            hcfg = httpguard.HttpBenchConfig(rounds=args.httpguard_rounds, requests=args.httpguard_requests,
+                                             cpu=int(args.stream_cpu) if args.stream_cpu.strip() else None)
+            results["httpguard"] = httpguard.run_httpguard(hcfg, progress=lambda m: print(m, flush=True))
+            save()
         if args.only in (None, "signatures"):
             sgcfg = signatures.SigBenchConfig(
                 rules=args.sig_rules, pcre_share=args.sig_pcre_share, near_share=args.sig_near_share,
@@ -308,6 +347,29 @@ def main(argv=None) -> int:
                 results["signatures_never_hit"] = signatures.run_signatures(
                     sgcfg, progress=lambda m: print(m, flush=True))
                 save()
+        if args.only in (None, "scale"):
+            print("scale: one daemon with many idle NIs (start-up, idle CPU, memory, query-nis)", flush=True)
+            results["scale"] = scale.run_scale(
+                scale.ScaleConfig(counts=[int(c) for c in args.scale_counts.split(",") if c.strip()],
+                                  idle_seconds=args.scale_idle_seconds, queries=args.scale_queries,
+                                  vhostni_command=vhostni_cmd, logdir=logdir),
+                progress=lambda m: print(m, flush=True))
+            save()
+        if args.only in (None, "workers"):
+            if testpmd_binary() is None:
+                results["workers"] = {"status": "skipped: dpdk-testpmd not found (apt-get install dpdk-dev)"}
+            else:
+                print("workers: frame loops side by side, one vhostni daemon each", flush=True)
+                results["workers"] = workers.run_workers(workers.WorkersConfig(
+                    counts=[int(c) for c in args.workers_counts.split(",") if c.strip()],
+                    sizes=[int(s) for s in args.sizes.split(",") if s.strip()], runs=args.workers_runs,
+                    duration=args.workers_duration, warmup=args.warmup, tx_first_bursts=args.bursts,
+                    vhostni_args=vhostni_args, vhostni_command=vhostni_cmd, logdir=logdir),
+                    progress=lambda m: print(m, flush=True))
+                save()
+        if args.only in (None, "detectors"):
+            results["detectors"] = detectors.run_detectors(progress=lambda m: print(m, flush=True))
+            save()
     except (KeyboardInterrupt, Interrupted) as exc:
         results["interrupted"] = str(exc) or "KeyboardInterrupt"
         print(f"interrupted ({results['interrupted']}); partial results saved", file=sys.stderr)

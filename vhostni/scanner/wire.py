@@ -54,9 +54,20 @@ message is:
   ``{"op": "subscribe", "id": N, "stream": true, "port": P|"lo-hi"|[lo, hi],
   "direction": "from_guest"|"to_guest"|"both", "contain": bool}`` (reconstructed TCP
   streams of connections to server port P: see vhostni.policy for how rights are checked),
+  ``{"op": "subscribe", "id": N, "flows": true, "events": ["open", "state", "close",
+  "summary"], "proto": P|[P, ...], "direction": "from_guest"|"to_guest"|"both"}`` (events of
+  the NI's flow stage: flows of those protocols (names or numbers; all if absent) opened by
+  the guest, by the remote side or either; all four kinds of event if ``events`` is
+  absent; a read right, checked against the scanner's ``flows`` rights, see
+  vhostni.policy),
   ``{"op": "inject", "id": N, "index": I, "direction": "to_guest"|"from_guest"}`` (frame
   injection I of the hello's ``injections``),
   ``{"op": "alert", "message": str, "fields": {...}}``, ``{"op": "synced", "id": N}``,
+  ``{"op": "reset", "id": N, "src": addr, "sport": p, "dst": addr, "dport": p, "seq": n,
+  "ack": n, "mac": "aa:bb:..."}`` (the kernel builds a TCP RST|ACK from the guest's own
+  address ``src`` to ``dst`` and sends it into the network as if the guest had sent it,
+  through anti-spoofing and the prevent rules: needs ``resets = true`` in the scanner's
+  policy; ``mac`` is the next hop's Ethernet address),
   and for streams (a request outside the scanner's rights is refused with an alert to the
   administrator):
   ``{"op": "kill", "stream": S}`` (no reply; forged RSTs to both ends, held bytes dropped),
@@ -86,12 +97,37 @@ message is:
   offset 0 is where it joined), ``{"op": "stream_end", "stream": S, "direction": d,
   "offset": o}`` when that direction's FIN follows byte o-1, and ``{"op": "stream_close",
   "stream": S, "reason": "fin"|"rst"|"killed"|"idle"|"bypass"|"gone"|"timeout"|
-  "overrun"|"scanner"}`` last; and ``{"op": "sync", "id": N}`` when the kernel wants to
+  "overrun"|"scanner"}`` last; for flows subscriptions, one message per event of a flow
+  they cover::
+
+      {"op": "flow", "event": "open"|"state"|"close"|"summary", "flow": F, "family": 4|6,
+       "proto": P, "initiator": "guest"|"remote", "guest": [addr, port],
+       "remote": [addr, port], "state": [names], "change": name, "reason": name,
+       "packets": [from_guest, to_guest], "bytes": [from_guest, to_guest],
+       "start": s, "last": s, "time": s, "icmp": {"type": t, "code": c, "from": addr}}
+
+  ``flow`` is the flow's id (never reused); ports of ICMP echo-like flows are the message's
+  identifier; ``state`` lists what is true of the flow now: ``syn``, ``synack``,
+  ``established``, ``reset``, ``fin_initiator``, ``fin_responder``, ``unanswered`` (no
+  SYN-ACK within the policy's ``flow_tcp_syn_ms``), ``incomplete`` (SYN-ACK, but the
+  initiator never completed the handshake), ``answered`` (a packet came back),
+  ``icmp_error`` (an ICMP error quoting one of its packets came; ``icmp`` says which and
+  from whom), ``midstream`` (TCP first seen without its SYN); ``change`` (state events only)
+  names the one that just became true; ``reason`` (close only) is ``idle``, ``fin``,
+  ``reset``, ``unanswered`` or ``gone``; counters are IP bytes and packets (a TSO frame is
+  one packet) so far, final on close; times are Unix seconds on the NI's clock (the
+  capture's with ``--clock capture``).  Events the NI could not queue (the kernel lagged)
+  are lost and counted in the NI's ``flow_events_dropped``; and ``{"op": "sync", "id": N}`` when the kernel wants to
   know that the scanner has handled everything sent before it (offline replay does, to stay
   deterministic): the SDK answers ``synced`` with the same id once every event before the
   sync was taken and the scanner asks for its next one.  Every scanner gets one sync with
   id -1 right after ``hello``: its answer says the scanner is ready (done subscribing), and
   until then the kernel holds back what the scanner's contain rights cover.
+  The hello's ``"clock"`` is ``"system"``, or ``"capture"`` when the NI runs on a time
+  handed in (``vhostni replay --clock capture``: a capture's timestamps); then the hello's
+  ``"now"`` is that time at the start, frames' ``time_ns`` is that time, and ``{"op": "tick", "now": seconds}`` (Unix time, a float)
+  tells a scanner that time passed without a frame for it.  The SDK's ``clock()`` and
+  ``time()`` follow it, and its timeouts run on it.
 
   A control message is at most MAX_JSON bytes of strict JSON (RFC 8259: no NaN or
   Infinity) whose lists and objects nest at most MAX_DEPTH levels.  Both sides check this
@@ -104,7 +140,9 @@ This module is shared by the SDK and the kernel and imports nothing from either.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 import struct
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -235,14 +273,22 @@ def encode_control(body: dict) -> bytes:
 
 def encode_hello(scanner: str, ni: str, config: dict, injections: list[str],
                  stream_injections: list[str], checkpoint_max: int = 0,
-                 checkpoint: Optional[int] = None) -> bytes:
+                 checkpoint: Optional[int] = None, clock: str = "system",
+                 now: Optional[float] = None) -> bytes:
     """The kernel's first message to a scanner (one place, so that the policy validator
     checks exactly what the kernel will send). ``checkpoint_max`` is the scanner's limit for
-    checkpoints; ``checkpoint`` the length of the saved one the kernel sends next (None: none)."""
-    return encode_control({"op": "hello", "version": VERSION, "scanner": scanner, "ni": ni,
-                           "config": config, "injections": injections,
-                           "stream_injections": stream_injections,
-                           "checkpoint_max": checkpoint_max, "checkpoint": checkpoint})
+    checkpoints; ``checkpoint`` the length of the saved one the kernel sends next (None: none);
+    ``clock``: "system", or "capture" when the NI runs on a time handed in (offline replay on
+    a capture's timestamps: the kernel then sends ``tick`` messages as that time passes, and
+    ``now`` is that time at the start, Unix seconds)."""
+    if clock not in ("system", "capture"):
+        raise ValueError(f"bad clock {clock!r}")
+    body = {"op": "hello", "version": VERSION, "scanner": scanner, "ni": ni, "config": config,
+            "injections": injections, "stream_injections": stream_injections,
+            "checkpoint_max": checkpoint_max, "checkpoint": checkpoint, "clock": clock}
+    if clock == "capture":
+        body["now"] = float(now or 0.0)
+    return encode_control(body)
 
 
 def depth(obj, limit: int = MAX_DEPTH) -> int:
@@ -383,6 +429,22 @@ class StreamSubscribe:
 
 
 @dataclass(frozen=True)
+class FlowSubscribe:
+    """Events of the NI's flow stage: ``fields`` holds the request's ``flows``, ``events``,
+    ``proto`` and ``direction`` as sent (vhostni.policy's flows grammar, checked by the
+    kernel).  Read only: there is no ``contain``."""
+    fields: dict
+    id: Optional[int] = None
+
+    def __post_init__(self):
+        if self.fields.get("flows") is not True:
+            raise RequestError("flows must be true", self.id)
+
+    def body(self) -> dict:
+        return _with_id({"op": "subscribe", **self.fields}, self.id)
+
+
+@dataclass(frozen=True)
 class Inject:
     """Pre-registered frame injection ``index`` (the hello's ``injections``)."""
     index: int
@@ -514,8 +576,45 @@ class Synced:
         return {"op": "synced", "id": self.id}
 
 
-Request = Union[Subscribe, StreamSubscribe, Inject, StreamCut, StreamInject, StreamKill,
-                StreamMore, Alert, Synced]
+@dataclass(frozen=True)
+class Reset:
+    """A TCP RST|ACK from the guest's address ``src`` to ``dst`` with the given sequence and
+    acknowledgement numbers, sent to Ethernet address ``mac`` (repairs a connection the guest
+    left half-open: the kernel checks ``src`` is the guest's)."""
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    seq: int
+    ack: int
+    mac: str
+    id: Optional[int] = None
+
+    def __post_init__(self):
+        try:
+            a, b = ipaddress.ip_address(self.src), ipaddress.ip_address(self.dst)
+        except (TypeError, ValueError):
+            raise RequestError("reset: src and dst must be IP addresses", self.id) from None
+        if a.version != b.version:
+            raise RequestError("reset: src and dst of different IP versions", self.id)
+        for name in ("sport", "dport"):
+            v = getattr(self, name)
+            if not _is_int(v) or not 1 <= v <= 65535:
+                raise RequestError(f"reset: {name} must be a port 1..65535", self.id)
+        for name in ("seq", "ack"):
+            v = getattr(self, name)
+            if not _is_int(v) or not 0 <= v <= 0xFFFFFFFF:
+                raise RequestError(f"reset: {name} must be a 32-bit number", self.id)
+        if not isinstance(self.mac, str) or not re.fullmatch(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}", self.mac):
+            raise RequestError("reset: mac must be an Ethernet address aa:bb:cc:dd:ee:ff", self.id)
+
+    def body(self) -> dict:
+        return _with_id({"op": "reset", "src": self.src, "sport": self.sport, "dst": self.dst,
+                         "dport": self.dport, "seq": self.seq, "ack": self.ack, "mac": self.mac}, self.id)
+
+
+Request = Union[Subscribe, StreamSubscribe, FlowSubscribe, Inject, StreamCut, StreamInject, StreamKill,
+                StreamMore, Alert, Synced, Reset]
 
 
 def _with_id(body: dict, id: Optional[int]) -> dict:
@@ -530,6 +629,11 @@ def decode_request(body: dict) -> Request:
     op = body.get("op")
     if op == "subscribe":
         contain = body.get("contain", False)
+        if "flows" in body:
+            if contain is not False:
+                raise RequestError("flows are read only: contain must be false", rid)
+            return FlowSubscribe({k: body[k] for k in ("flows", "events", "proto", "direction")
+                                  if k in body}, rid)
         if "stream" in body:
             return StreamSubscribe({k: body[k] for k in ("stream", "port", "direction") if k in body},
                                    contain, rid)
@@ -554,4 +658,7 @@ def decode_request(body: dict) -> Request:
         return StreamKill(body.get("stream"))
     if op == "more":
         return StreamMore(body.get("stream"), _direction_of(body.get("direction")))
+    if op == "reset":
+        return Reset(body.get("src"), body.get("sport"), body.get("dst"), body.get("dport"),
+                     body.get("seq"), body.get("ack"), body.get("mac"), rid)
     raise RequestError(f"unknown op {op!r}", rid)

@@ -1,0 +1,288 @@
+"""The widened worm detector (scanners/codered/core.py) with a fake clock: every new destination counts (UDP
+datagrams, ICMP echo requests, TCP SYNs), DNS over TCP is shadowed, PTR answers do not launder addresses,
+peers that contacted the guest first are known, fragments it cuts are alerted, and what it learned survives a
+restart.  No VM needed."""
+
+import ipaddress
+import struct
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))   # scanners/ is not an installed package
+
+from scanners.codered import CodeRedDetector  # noqa: E402
+from scanners.codered.packet import FragmentError, parse_frame  # noqa: E402
+
+from scapy.layers.dns import DNS, DNSQR, DNSRR  # noqa: E402
+from scapy.layers.inet import ICMP, IP, TCP, UDP  # noqa: E402
+from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6  # noqa: E402
+from scapy.layers.l2 import Ether  # noqa: E402
+
+from test_codered import GUEST, GUEST6, RESOLVER, Clock, detector, dns_answer, dns_query, eth, resolve, syn, \
+    unknown  # noqa: E402
+
+V4 = ipaddress.IPv4Address
+
+
+def udp(dst, dport=1434, sport=40000, payload=b"\x04" + b"A" * 40):
+    return eth(IP(src=GUEST, dst=dst) / UDP(sport=sport, dport=dport) / payload)
+
+
+def ping(dst, seq=1):
+    if ":" in dst:
+        return eth(IPv6(src=GUEST6, dst=dst) / ICMPv6EchoRequest(id=7, seq=seq))
+    return eth(IP(src=GUEST, dst=dst) / ICMP(type=8, id=7, seq=seq))
+
+
+def inbound(src, l4):
+    return eth(IP(src=src, dst=GUEST) / l4)
+
+
+# ---- every protocol's new destinations count --------------------------------------------------------------------
+
+
+def test_a_slammer_style_udp_scan_is_detected_and_cut():
+    det, clock = detector()
+    out = []
+    for i in range(6):
+        out.append(det.handle_frame("from_guest", udp(unknown(i))))
+        clock.advance(0.1)
+    assert [v.action for v in out] == ["pass", "pass", "cut", "cut", "cut", "cut"]
+    a = out[2].alert
+    assert a.fields["event"] == "attack_detected" and a.fields["last_proto"] == "udp"
+    assert a.fields["last_port"] == 1434 and "udp" in a.message
+    assert det.stats.udp_unknown == 6
+
+
+def test_an_icmp_echo_sweep_is_detected_and_cut_and_other_icmp_passes():
+    det, clock = detector()
+    out = [det.handle_frame("from_guest", ping(unknown(i))) for i in range(3)]
+    assert [v.action for v in out] == ["pass", "pass", "cut"] and out[2].alert.fields["last_proto"] == "icmp"
+    assert det.handle_frame("from_guest", ping("fd00::99")).action == "cut"      # ICMPv6 too, in attack mode
+    # an echo reply or an error from the guest is no new destination
+    reply = eth(IP(src=GUEST, dst=unknown(50)) / ICMP(type=0, id=7, seq=1))
+    unreach = eth(IP(src=GUEST, dst=unknown(51)) / ICMP(type=3, code=3) / IP(src=unknown(51), dst=GUEST) / UDP())
+    assert det.handle_frame("from_guest", reply).action == "pass"
+    assert det.handle_frame("from_guest", unreach).action == "pass"
+
+
+def test_protocols_mix_into_one_count_of_destinations():
+    det, clock = detector()
+    assert det.handle_frame("from_guest", syn(unknown(0))).action == "pass"
+    assert det.handle_frame("from_guest", udp(unknown(0))).action == "pass"    # same address: counted once
+    assert det.handle_frame("from_guest", udp(unknown(1))).action == "pass"
+    assert det.handle_frame("from_guest", ping(unknown(2))).action == "cut" and det.attack
+
+
+def test_udp_and_icmp_to_resolved_names_pass_in_attack_mode():
+    det, clock = detector()
+    resolve(det, "ntp.example", [("ntp.example", "A", "192.0.2.123", 60)])
+    for i in range(3):
+        det.handle_frame("from_guest", udp(unknown(i)))
+    assert det.attack
+    assert det.handle_frame("from_guest", udp("192.0.2.123", dport=123)).action == "pass"
+    assert det.handle_frame("from_guest", ping("192.0.2.123")).action == "pass"
+    assert V4("192.0.2.123") not in det.queued()
+
+
+# ---- DNS servers ----------------------------------------------------------------------------------------------
+
+
+def test_the_resolver_is_neither_counted_nor_delayed_but_a_udp53_scan_is():
+    det, clock = detector()
+    resolve(det, "a.example", [("a.example", "A", "192.0.2.1", 60)])
+    assert det.unknown_count(60) == 0 and det.is_known(V4(RESOLVER))     # it answered: a known peer
+    # a worm sending well-formed queries to random servers: the first four pass uncounted, then they count
+    verdicts = [det.handle_frame("from_guest", dns_query("x.example", server=unknown(i), txid=i)).action
+                for i in range(8)]
+    assert verdicts[:6] == ["pass"] * 6 and verdicts[6] == "cut" and det.attack
+    # the guest's own resolver still answers it in attack mode
+    assert det.handle_frame("from_guest", dns_query("b.example", txid=77)).action == "pass"
+
+
+# ---- DNS over TCP ---------------------------------------------------------------------------------------------
+
+
+def framed(msg) -> bytes:
+    raw = bytes(msg)
+    return struct.pack("!H", len(raw)) + raw
+
+
+def test_dns_over_tcp_answers_are_shadowed_across_segments():
+    det, clock = detector()
+    flow = (GUEST, 41000, RESOLVER)
+    q = framed(DNS(id=9, rd=1, qd=[DNSQR(qname="big.example")]))
+    a = framed(DNS(id=9, qr=1, rd=1, ra=1, qd=[DNSQR(qname="big.example")],
+                   an=[DNSRR(rrname="big.example", type="A", rdata=f"198.51.100.{i}", ttl=60)
+                       for i in range(1, 40)]))
+    det.observe_dns_stream(1, "from_guest", q, flow)
+    # the response arrives one byte, then a few bytes at a time: the length prefix itself is split
+    added = det.observe_dns_stream(1, "to_guest", a[:1], flow)
+    for k in range(1, len(a), 97):
+        added += det.observe_dns_stream(1, "to_guest", a[k:k + 97], flow)
+    assert added == 39 and det.stats.dns_tcp_messages == 2
+    for i in range(1, 40):
+        assert det.handle_frame("from_guest", syn(f"198.51.100.{i}")).action == "pass"
+    assert det.unknown_count(60) == 0 and not det.attack
+
+
+def test_dns_over_tcp_needs_a_matching_query_and_is_bounded():
+    det, clock = detector()
+    flow = (GUEST, 41001, RESOLVER)
+    a = framed(DNS(id=5, qr=1, qd=[DNSQR(qname="x.example")], an=[DNSRR(rrname="x.example", rdata="203.0.113.5")]))
+    assert det.observe_dns_stream(2, "to_guest", a, flow) == 0 and det.stats.dns_unsolicited == 1
+    # the buffer never holds more than one unfinished message: a length prefix and 64 KiB
+    det.observe_dns_stream(3, "to_guest", b"\xff\xff", flow)
+    for _ in range(40):
+        det.observe_dns_stream(3, "to_guest", b"\xee" * 4096, flow)
+        assert all(len(s.buf) < 2 + 65535 for s in det._dns_streams.values())
+    # a chunk bigger than any message could need breaks the stream's framing for good
+    det.observe_dns_stream(4, "to_guest", b"\0\5" * 100000, flow)
+    assert det.stats.dns_tcp_overrun == 1 and not det._dns_streams[(4, "to_guest")].buf
+    assert det.observe_dns_stream(4, "to_guest", a, flow) == 0
+    det.close_dns_stream(3)
+    assert (3, "to_guest") not in det._dns_streams
+
+
+# ---- PTR laundering -------------------------------------------------------------------------------------------
+
+
+def ptr_lookup(det, addr, name, txid):
+    rev = ipaddress.ip_address(addr).reverse_pointer
+    resolve(det, rev, [(rev, "PTR", name, 300)], qtype="PTR", txid=txid)
+
+
+def test_ptr_answers_do_not_launder_addresses():
+    det, clock = detector()
+    # the worm of section 5.3's evasion: reverse-resolve a random address, forward-resolve the name it got
+    for i in range(5):
+        ptr_lookup(det, unknown(i), f"host{i}.isp.example", 100 + i)
+        resolve(det, f"host{i}.isp.example", [(f"host{i}.isp.example", "A", unknown(i), 300)], txid=200 + i)
+    assert det.stats.ptr_laundered == 5 and not any(det.is_known(V4(unknown(i))) for i in range(5))
+    out = [det.handle_frame("from_guest", syn(unknown(i))).action for i in range(5)]
+    assert out == ["pass", "pass", "cut", "cut", "cut"] and det.attack
+    # a name that came from a PTR answer but resolves to another address is an ordinary answer
+    ptr_lookup(det, "192.0.2.50", "www.example", 300)
+    resolve(det, "www.example", [("www.example", "A", "192.0.2.80", 300)], txid=301)
+    assert det.is_known(V4("192.0.2.80"))
+    # and a forward lookup the guest made without a reverse one is resolved as ever
+    resolve(det, "mail.example", [("mail.example", "A", unknown(9), 300)], txid=302)
+    assert det.is_known(V4(unknown(9)))
+
+
+# ---- peers that contacted the guest first --------------------------------------------------------------------
+
+
+def test_peers_that_contact_the_guest_first_are_known():
+    det, clock = detector()
+    for i in range(3):
+        det.handle_frame("from_guest", syn(unknown(i)))
+    assert det.attack
+    # inbound: a TCP client, a UDP sender, a pinger; the guest answers each (its replies are new to it)
+    assert det.handle_frame("to_guest", inbound("198.51.100.1", TCP(sport=5000, dport=22, flags="S"))).action is None
+    assert det.handle_frame("to_guest", inbound("198.51.100.2", UDP(sport=5001, dport=161))).action is None
+    assert det.handle_frame("to_guest", inbound("198.51.100.3", ICMP(type=8))).action is None
+    assert det.handle_frame("from_guest", udp("198.51.100.2", dport=5001, sport=161)).action == "pass"
+    assert det.handle_frame("from_guest", syn("198.51.100.1")).action == "pass"
+    assert det.handle_frame("from_guest", ping("198.51.100.3")).action == "pass"
+    assert det.stats.peers_learned == 3
+    # unless the administrator says otherwise
+    det, clock = detector(learn_inbound=False)
+    det.handle_frame("to_guest", inbound("198.51.100.1", TCP(sport=5000, dport=22, flags="S")))
+    assert not det.is_known(V4("198.51.100.1"))
+
+
+def test_a_syn_ack_from_a_probed_host_teaches_nothing():
+    det, clock = detector()
+    det.handle_frame("from_guest", syn(unknown(0)))
+    det.handle_frame("to_guest", inbound(unknown(0), TCP(sport=80, dport=40000, flags="SA")))
+    assert not det.is_known(V4(unknown(0)))
+
+
+# ---- protocol anomalies ---------------------------------------------------------------------------------------
+
+
+def fragments_of_a_syn():
+    """A SYN in two IPv4 fragments: 8 bytes of TCP header, then the rest (RFC 1858's tiny fragment)."""
+    tcp = bytes(TCP(sport=40000, dport=80, flags="S"))
+    first = eth(IP(src=GUEST, dst="203.0.113.9", proto=6, flags="MF", id=77) / tcp[:8])
+    later = eth(IP(src=GUEST, dst="203.0.113.9", proto=6, frag=1, id=77) / tcp[8:])
+    return first, later
+
+
+def test_a_syn_hidden_in_fragments_is_cut_and_alerted():
+    det, clock = detector()
+    first, later = fragments_of_a_syn()
+    for f in (first, later):
+        try:
+            parse_frame(f)
+            raise AssertionError("parsed")
+        except FragmentError as exc:
+            assert exc.proto == 6 and str(exc.dst) == "203.0.113.9"
+    v1 = det.handle_frame("from_guest", first)
+    assert v1.action == "cut" and v1.alert is not None
+    assert v1.alert.fields["event"] == "anomaly" and v1.alert.fields["dst"] == "203.0.113.9"
+    assert "fragment" in v1.alert.message
+    v2 = det.handle_frame("from_guest", later)
+    assert v2.action == "cut" and v2.alert is None           # rate-limited, counted
+    clock.advance(11)
+    v3 = det.handle_frame("from_guest", later)
+    assert v3.alert is not None and v3.alert.fields["count"] == 2
+    assert det.stats.anomalies == 3
+    # a fragment reaching the guest is not the guest's doing: no alert
+    assert det.handle_frame("to_guest", later).alert is None
+
+
+# ---- state across a restart -----------------------------------------------------------------------------------
+
+
+def test_a_warm_dns_cache_peers_and_the_queue_survive_a_restart():
+    det, clock = detector()
+    resolve(det, "www.example", [("www.example", "A", "192.0.2.10", 300)])
+    det.handle_frame("to_guest", inbound("198.51.100.1", TCP(sport=5000, dport=22, flags="S")))
+    for i in range(4):
+        det.handle_frame("from_guest", syn(unknown(i)))
+    assert det.attack and det.queued() == [V4(unknown(2)), V4(unknown(3))]
+    doc = det.snapshot(wall=1000.0)
+    det2, clock2 = detector()
+    assert det2.restore(doc, wall=1002.0)
+    assert det2.is_known(V4("192.0.2.10")) and det2.is_known(V4("198.51.100.1")) and det2.is_known(V4(RESOLVER))
+    assert det2.queued() == [V4(unknown(2)), V4(unknown(3))] and det2.attack
+    # the guest's cached answer, used after the restart, is no unknown destination
+    assert det2.handle_frame("from_guest", syn("192.0.2.10")).action == "pass"
+    # a version-1 snapshot (no peers, no queue) still restores
+    v1 = {k: v for k, v in doc.items() if k not in ("peers", "queue", "interval", "last_proto")}
+    v1["v"] = 1
+    det3, _ = detector()
+    assert det3.restore(v1, wall=1001.0) and det3.attack and det3.is_known(V4("192.0.2.10"))
+
+
+# ---- a policy written for section 5.3's scanner still runs it, narrowed ---------------------------------------
+
+
+def test_a_policy_granting_only_the_old_rights_runs_the_scanner_narrowed(kits):
+    from nikit import policy, scanner_spec
+    from test_codered import _syn_passes
+    spec = scanner_spec("codered", str(REPO / "scanners" / "codered"), allow=[
+        {"direction": "from_guest", "proto": "udp", "dport": 53},
+        {"direction": "to_guest", "proto": "udp", "sport": 53},
+        {"direction": "from_guest", "proto": "tcp", "tcp_flags": "syn", "contain": True}])
+    k = kits({"a": policy(hold_timeout_ms=5000, default_decision="pass", scanners=[spec])})
+    alert = k.wait_alert("running narrowed", "a", "codered", timeout=20)
+    assert alert["fields"]["event"] == "narrowed" and len(alert["fields"]["refused"]) == 8   # 7 + DNS over TCP
+    k.until(lambda: sum(s.scanner == "codered" for s in k.nk("a").subs) == 3, 20, "the narrowed scanner")
+    assert [_syn_passes(k, i) for i in range(3)] == [True, True, False]
+    k.wait_alert("Code-Red-like scanning detected", "a", "codered")
+
+
+def test_multicast_and_broadcast_are_not_new_hosts():
+    det, clock = detector()
+    for i in range(3):
+        det.handle_frame("from_guest", udp(unknown(i)))
+    assert det.attack
+    # DHCP, mDNS and SSDP chatter goes on in attack mode and counts for nothing
+    for dst, port in (("255.255.255.255", 67), ("224.0.0.251", 5353), ("239.255.255.250", 1900)):
+        assert det.handle_frame("from_guest", udp(dst, dport=port)).action == "pass"
+    assert det.handle_frame("from_guest", ping("ff02::1")).action == "pass"
+    assert det.stats.multicast == 4 and det.unknown_count(60) == 3
