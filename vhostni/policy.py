@@ -353,6 +353,8 @@ class ScannerSpec:
     # may have the NI send TCP resets from the guest's own address (Scanner.reset): nothing
     # the guest could not send itself, but a scanner needs the administrator's word for it
     resets: bool = False
+    # at most this many resets a second (a bucket as deep as one second's): past it, refused
+    resets_per_second: float = 1000.0
 
 
 @dataclass
@@ -645,7 +647,8 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
             raise PolicyError(w, "expected a table")
         _check_keys(s, {"name", "program", "args", "config", "allow", "inject", "memory_mb",
                         "cpu_seconds", "open_files", "max_timeouts", "messages_per_second",
-                        "alerts_per_second", "checkpoint_max_bytes", "sockets", "resets", "comment"}, w)
+                        "alerts_per_second", "checkpoint_max_bytes", "sockets", "resets", "resets_per_second",
+                        "comment"}, w)
         name = _want(s, "name", w, str, required=True)
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", name) or name in names:
             raise PolicyError(f"{w}.name", f"{name!r}: 1-32 of [A-Za-z0-9_.-], unique")
@@ -679,6 +682,10 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
         if not 0 < aps <= 10000:
             raise PolicyError(f"{w}.alerts_per_second", "expected 0..10000")
         spec.alerts_per_second = float(aps)
+        rps = _want(s, "resets_per_second", w, (int, float), spec.resets_per_second)
+        if not 1 <= rps <= 100000:
+            raise PolicyError(f"{w}.resets_per_second", "expected 1..100000")
+        spec.resets_per_second = float(rps)
         sockets = _want(s, "sockets", w, list, [])
         for j, sock in enumerate(sockets):
             if not (isinstance(sock, str) and os.path.isabs(sock) and len(sock) < 108
