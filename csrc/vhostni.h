@@ -177,7 +177,9 @@ void vn_switch_free(struct vn_switch *sw);
 /* The switch's clock: 0 (the default) runs every timer and timestamp on the system's
  * clocks; a time (ns) makes the switch use it instead, for timers and for the timestamps
  * scanners see, until the next call (offline replay on a capture's timestamps).  A time
- * handed in never goes back: VN_EINVAL. */
+ * handed in never goes back, nor past VN_CLOCK_MAX_NS (2^62 ns, year 2116: far enough from
+ * 2^64 that no timer added to it wraps): VN_EINVAL. */
+#define VN_CLOCK_MAX_NS 4611686018427387904ULL
 int vn_switch_set_clock(struct vn_switch *sw, uint64_t now_ns);
 const char *vn_strerror(int code);
 const char *vn_broken_reason(int code);
