@@ -378,7 +378,11 @@ class _Side:
             # not complete yet unless an empty line arrived since the last look (so that a head
             # sent a byte at a time costs a linear scan, not a quadratic one)
             at = max(0, self.scanned - 2)
-            if self.buf.find(b"\n\n", at) < 0 and self.buf.find(b"\n\r\n", at) < 0:
+            # and only within max_head: bytes past it (pipelined messages behind this one) are
+            # not searched once per head, which made many small heads in one feed quadratic
+            end = self.lim.max_head + 3
+            crlf = self.buf.find(b"\n\r\n", at, end)
+            if self.buf.find(b"\n\n", at, crlf + 2 if crlf >= 0 else end) < 0 and crlf < 0:
                 nl = self.buf.rfind(b"\n")
                 if len(self.buf) - (nl + 1) > self.lim.max_line + 1:
                     self.amb("head_too_long", f"a head line longer than {self.lim.max_line} bytes",
