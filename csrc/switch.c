@@ -19,6 +19,8 @@
 #define EV_KICK 1ULL
 #define EV_TAP 2ULL
 #define EV(kind, port, q) ((kind) << 32 | (uint64_t)(port) << 8 | (q))
+/* the port and queue fields of EV are 8 bits each (decoded with & 0xff in vn_switch_run) */
+_Static_assert(VN_MAX_PORTS <= 256 && VN_MAX_QUEUES <= 256, "EV() packs a port and a queue in 8 bits each");
 
 /* frames one ring or TAP may forward before the loop moves on to others (fairness) */
 #define VN_BUDGET 256
