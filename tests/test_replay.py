@@ -723,3 +723,24 @@ def test_capture_clock_replay_does_not_wait_forever_for_a_silent_scanner(tmp_pat
     assert [f for _, f in got] == frames
     # each left when capture time passed its deadline: at the next frame's time, the last at the end
     assert [ts for ts, _ in got[:3]] == [T0 * 10**9 + (i + 1) * 10**9 for i in range(3)]
+
+
+def test_ticks_are_not_queued_past_the_limit_for_a_scanner_that_stopped_reading(kits):
+    """A tick behind a full output queue used to be queued regardless (forced, as a close
+    is), one per advance of the capture's clock, without bound; it is dropped instead (the
+    next tick says a later time) and the queue stays within OUTQ_MAX."""
+    from vhostni.scannerproc import OUTQ_MAX
+    k = kits({"a": policy(scanners=[scanner_spec("cw", "clockwatch.py", allow=[{"proto": "udp"}])])})
+    k.until(lambda: k.sp("a", "cw").running and k.subscribed("a", "cw"), 20, "the scanner")
+    sp = k.sp("a", "cw")
+    saved = (sp.outq.copy(), sp.outq_bytes)
+    sp.outq.append(b"")                  # a backlog at the limit (not sent: restored below)
+    sp.outq_bytes = OUTQ_MAX
+    try:
+        before = len(sp.outq)
+        assert not any(sp.send_tick(1000.0 + i) for i in range(100))
+        assert len(sp.outq) == before and sp.outq_bytes == OUTQ_MAX
+    finally:
+        sp.outq.clear()
+        sp.outq.extend(saved[0])
+        sp.outq_bytes = saved[1]

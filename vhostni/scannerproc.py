@@ -777,9 +777,11 @@ class ScannerProc:
         return self.send_stream(msg, force=True) if self.outq else self._send(msg)
 
     def send_tick(self, now: float) -> bool:
-        """Tells the scanner the NI clock's time (``tick``), in order behind what it was sent."""
+        """Tells the scanner the NI clock's time (``tick``), in order behind what it was sent.
+        Not past OUTQ_MAX (False): a tick only says the time, and the next one says a later
+        time, so a scanner that stopped reading gets no more queued for it."""
         msg = wire.encode_control({"op": "tick", "now": now})
-        ok = self.send_stream(msg, force=True) if self.outq else self._send(msg)
+        ok = self.send_stream(msg) if self.outq else self._send(msg)
         if ok:
             self.last_tick = now
         return ok
