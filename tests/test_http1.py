@@ -338,6 +338,14 @@ def test_many_small_heads_in_one_feed_cost_linear_time():
     took = time.perf_counter() - t0
     assert responses(evs)[-1][1] == b"ok"
     assert took < 6.0, f"{n} 1xx heads in one feed took {took:.1f} s"
+    # heads ending in bare LFs (tolerated by a caller) are found line by line too, not by a
+    # search through max_head bytes for a CRLF end they do not have
+    t0 = time.perf_counter()
+    c = HttpConnection(Limits(max_pipelined=n + 1))
+    evs = c.feed(CLIENT, GET.replace(b"\r\n", b"\n") * n)
+    took = time.perf_counter() - t0
+    assert sum(isinstance(e, Request) for e in evs) == n and set(kinds(evs)) == {"bare_lf"}
+    assert took < 6.0, f"{n} bare-LF pipelined requests in one feed took {took:.1f} s"
 
 
 def test_chunked_answering_an_http10_request_is_ambiguous():
