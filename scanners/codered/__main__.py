@@ -45,13 +45,17 @@ TICK = 0.5
 CHECKPOINT_EVERY = 1.0
 
 
-def subscriptions(dns_port: int, protocols=("tcp", "udp", "icmp"), learn_inbound: bool = True
-                  ) -> list[tuple[dict, bool, Optional[dict]]]:
+def subscriptions(dns_port: int, protocols=("tcp", "udp", "icmp"), learn_inbound: bool = True,
+                  hold_established: bool = False) -> list[tuple[dict, bool, Optional[dict]]]:
     """(match, contain, fallback) for the frame subscriptions: section 5.3's three, widened to UDP and ICMP.
     ``fallback`` is section 5.3's narrower read-only subscription, taken when a policy written for it does
     not grant the wider one (the scanner then runs narrowed and says so); None: required as it is, or (for
     what only widens) skipped when refused.  UDP and ICMP are held or read only where they open a flow
-    (``"flow": "new"``); a right without that key grants it too (vhostni.policy)."""
+    (``"flow": "new"``; a right without that key grants it too, vhostni.policy), every one with
+    ``hold_established`` (the scanner before flow = "new")."""
+    if hold_established:
+        return [({k: v for k, v in m.items() if k != "flow"}, c, f)
+                for m, c, f in subscriptions(dns_port, protocols, learn_inbound)]
     dns_out = {"direction": "from_guest", "proto": "udp", "dport": dns_port}
     dns_in = {"direction": "to_guest", "proto": "udp", "sport": dns_port}
     subs: list = [({"direction": "from_guest", "proto": "tcp", "tcp_flags": "syn,!ack"}, True, None)]
@@ -123,7 +127,8 @@ def run(sc: Scanner) -> int:
     granted: list = []     # (match, contain) subscribed: a fallback taken is not asked for twice
     match: dict = {}
     try:
-        for match, contain, fallback in subscriptions(cfg["dns_port"], cfg["protocols"], cfg["learn_inbound"]):
+        for match, contain, fallback in subscriptions(cfg["dns_port"], cfg["protocols"], cfg["learn_inbound"],
+                                                       cfg["hold_established"]):
             if (match, contain) in granted:
                 continue
             try:
