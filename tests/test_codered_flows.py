@@ -71,3 +71,16 @@ def test_every_dns_query_is_read_so_a_second_on_one_flow_is_answered(kits):
     k.send("a", eth(B_MAC, A_MAC, 0x0800, ipv4(A_IP, "203.0.113.2", 6, tcp(40100, 443, TCP_SYN))))
     k.until(lambda: sp.counters.decisions > before, 10, "the SYN's decision")
     assert len(k.recv("b", wait=2.0, count=1)) == 1        # resolved through the flow's second query: passes
+
+
+def test_hold_established_subscribes_without_the_flow_key_and_is_validated():
+    import pytest
+    from scanners.codered import CodeRedDetector
+    from scanners.codered.__main__ import subscriptions
+    from scanners.codered.core import ConfigError
+    new = subscriptions(53)
+    every = subscriptions(53, hold_established=True)
+    assert any(m.get("flow") == "new" and c for m, c, _ in new)
+    assert len(every) == len(new) and not any("flow" in m for m, _, _ in every)
+    with pytest.raises(ConfigError):
+        CodeRedDetector({"hold_established": "yes"})
