@@ -284,3 +284,10 @@ def test_a_right_without_the_key_covers_a_subscription_with_it():
     assert narrow.within(wide)
     assert not wide.within(narrow)            # the reverse is refused
     assert narrow.within(narrow)
+
+
+def test_the_admin_plane_shows_the_key_of_a_right():
+    from vhostni.admin.commands import match_to_dict
+    m = parse_match("r", UDP_NEW)
+    assert match_to_dict(m) == UDP_NEW
+    assert parse_match("r", match_to_dict(m)) == m
