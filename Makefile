@@ -13,7 +13,7 @@ BINDIR ?= /usr/local/bin
 UNITDIR ?= /etc/systemd/system
 CONFDIR ?= /etc/vhostni
 
-.PHONY: help deps venv build build-asan images dist test test-unit test-sanitize bench soak demo demo-webdl install clean
+.PHONY: help deps venv build build-asan images dist test test-unit test-sanitize bench soak demo demo-webdl demo-http install clean
 
 help:
 	@echo "deps    install system packages (apt-get; needs root) and the Python ones into $(VENV)/"
@@ -28,6 +28,7 @@ help:
 	@echo "        writes bench/out/soak.json and soak.csv"
 	@echo "demo    boot two guests behind vhostni and show a worm and a SYN bomb contained"
 	@echo "demo-webdl  two guests: infected web downloads stopped while normal browsing flows"
+	@echo "demo-http   two guests: Code-Red's and other overflow requests stopped before a web server gets them"
 	@echo "install install for production: a venv in PREFIX=$(PREFIX), the command in BINDIR=$(BINDIR)"
 
 deps:
@@ -102,6 +103,9 @@ demo: build images
 
 demo-webdl: build images
 	$(PYTHON) -m vhostni.demo_webdl
+
+demo-http: build images
+	$(PYTHON) -m vhostni.demo_http
 
 # A production install: its own venv under PREFIX (not editable: the checkout can go away),
 # `vhostni` on the PATH as a symlink into it, the systemd units and an example daemon config.

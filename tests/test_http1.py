@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from vhostni.scanner.http1 import (AMBIGUITIES, CLIENT, SERVER, Ambiguity, Body, ChunkExtension,
+from vhostni.scanner.http1 import (AMBIGUITIES, CLIENT, SERVER, Ambiguity, Body, Chunk, ChunkExtension,
                                    HttpConnection, Limits, MessageEnd, Request, Response, Trailers,
                                    Tunnel, content_codings, decode_content)
 
@@ -116,8 +116,24 @@ def test_chunk_extensions_and_trailers():
     (tr,) = [e for e in evs if isinstance(e, Trailers)]
     assert tr.headers == [(b"x-sum", b"1")]
     assert responses(evs)[0][1] == b"hello world"
+    # each chunk-size line is reported with its size and where the chunk's data starts
+    head = len(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    chunks = [(e.size, e.offset - head, e.end - head) for e in evs if isinstance(e, Chunk)]
+    starts = [0, body.index(b"6 ; x"), body.index(b"0;last")]
+    ends = [body.index(b"hello"), body.index(b" world"), body.index(b"X-Sum")]
+    assert chunks == list(zip([5, 6, 0], starts, ends))
     evs = run(GET, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nContent-Length: 5\r\n\r\n")
     assert kinds(evs) == ["framing_in_trailer"]
+
+
+def test_a_lone_cr_waits_for_what_follows_it():
+    """A CRLF before a status line sent a byte at a time is the same empty line as sent at once
+    (the CR alone was read as an HTTP/0.9 response's first byte)."""
+    c = HttpConnection()
+    c.feed(CLIENT, GET)
+    evs = c.feed(SERVER, b"\r") + c.feed(SERVER, b"\n") + c.feed(SERVER, b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert kinds(evs) == ["leading_blank_line"]
+    assert [(e.status, e.version) for e in evs if isinstance(e, Response)] == [(204, b"HTTP/1.1")]
 
 
 def test_unsolicited_and_truncated():

@@ -2,7 +2,7 @@
 
     conn = HttpConnection()                       # Limits() bound every line, head, count
     for ev in conn.feed(CLIENT, data):            # CLIENT: bytes the client sent; SERVER: the server's
-        ...                                       # Request, Response, Body, ChunkExtension, Trailers,
+        ...                                       # Request, Response, Body, Chunk, ChunkExtension, Trailers,
     conn.eof(SERVER)                              # MessageEnd, Tunnel, Ambiguity
 
     body, amb = decode_content(raw, content_codings(resp.headers))   # Content-Encoding, bounded
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
 __all__ = ["CLIENT", "SERVER", "Limits", "HttpConnection", "Request", "Response", "Body",
-           "ChunkExtension", "Trailers", "MessageEnd", "Tunnel", "Ambiguity", "AMBIGUITIES",
+           "Chunk", "ChunkExtension", "Trailers", "MessageEnd", "Tunnel", "Ambiguity", "AMBIGUITIES",
            "Decoded", "decode_content", "content_codings", "header", "headers_all"]
 
 CLIENT, SERVER = "client", "server"
@@ -167,6 +167,16 @@ class Body:
 
 
 @dataclass
+class Chunk:
+    """A chunk-size line was read: the chunk of ``size`` bytes (0: the last) starts at ``end``;
+    the line itself is [offset, end).  Layer-7 checks bound chunk sizes with it (CVE-2002-0392)."""
+    side: str
+    size: int
+    offset: int
+    end: int
+
+
+@dataclass
 class ChunkExtension:
     side: str
     ext: bytes
@@ -209,7 +219,7 @@ class Ambiguity:
                 "fatal": self.fatal}
 
 
-Event = Union[Request, Response, Body, ChunkExtension, Trailers, MessageEnd, Tunnel, Ambiguity]
+Event = Union[Request, Response, Body, Chunk, ChunkExtension, Trailers, MessageEnd, Tunnel, Ambiguity]
 
 
 def _show(b: bytes, n: int = 60) -> str:
@@ -421,8 +431,8 @@ class _Side:
             n = 2 if self.buf[:1] == b"\r" else 1
             self.amb("leading_blank_line", "an empty line before a start line", self.base)
             self.take(n)
-        if not self.buf:
-            return False
+        if not self.buf or self.buf == b"\r":
+            return False            # (a lone CR may yet be an empty line: wait for what follows)
         if self.side == SERVER:
             req = self.pending()
             if req is None:
@@ -651,6 +661,7 @@ class _Side:
         if len(m.group().lstrip(b"0")) > 16 or size > self.lim.max_chunk_size:
             self.amb("chunk_size_overflow", f"chunk size {_show(m.group())!r}", at, True)
         rest = raw[m.end():].strip(b" \t") if m.string is raw else b""
+        self.out.append(Chunk(self.side, size, at, at + n))
         if rest:
             self.out.append(ChunkExtension(self.side, rest, at))
         self.take(n)
