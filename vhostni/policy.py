@@ -28,7 +28,8 @@ pass``) counts as opening one: it is matched (held), never waved through.  Such 
 subscription turns the flow stage on for the NI.  A right without ``flow`` covers a
 subscription with it (it is narrower); a right with it covers only such subscriptions.
 TCP data that a stream subscription held meets frame subscriptions again when released, and
-then counts as opening its flow (no flow stage sees it there).
+then counts as opening its flow (no flow stage sees it there); a SYN that reuses the 5-tuple of a
+connection still in the table does not open a new flow: for TCP, match ``tcp_flags`` instead.
 
 A *stream* right or subscription (``stream = true``) names reconstructed TCP streams instead
 of frames: ``port`` (the server port, i.e. the destination port of the connection's SYN; a
