@@ -34,6 +34,8 @@ int vn_match_frame(const struct vn_match *m, int dir, const struct vn_pkt *pkt,
         return 0;
     if (m->proto >= 0 && (h->family == 0 || h->proto != m->proto))
         return 0;
+    if (m->flow_new && h->flow_admitted)
+        return 0;
     if (!addr_match(m->src_family, m->src_plen, m->src, h, h->src))
         return 0;
     if (!addr_match(m->dst_family, m->dst_plen, m->dst, h, h->dst))
@@ -253,6 +255,8 @@ int vn_policy_subs(struct vn_switch *sw, int port, int dir, int egress_to, struc
                 contain |= 1ULL << i;
         }
     }
+    if (!contain && h.flow_id && !h.flow_admitted)
+        vn_flow_admit(sw, port, dir, h.flow_id, h.flow_hash);   /* it leaves unheld */
     if (!subs)
         return 0;
     /* scanners see the bytes the receiver will: complete a partial checksum (TSO frames
@@ -280,6 +284,8 @@ int vn_policy_subs(struct vn_switch *sw, int port, int dir, int egress_to, struc
         p->st.held_over_cap++;
         return pol->over_cap_pass ? 0 : 1;
     }
+    r->flow_id = h.flow_id;
+    r->flow_hash = h.flow_hash;
     r->id = ++sw->next_held_id;
     r->hnext = sw->held_hash[r->id % VN_HELD_HASH];
     sw->held_hash[r->id % VN_HELD_HASH] = r;
@@ -380,6 +386,7 @@ static void release(struct vn_switch *sw, struct vn_held *r, int pass)
             return;   /* the NI was isolated while the frame waited for its decision */
         }
         sw->now_ns = vn_clock(sw);
+        vn_flow_admit(sw, r->port, r->dir, r->flow_id, r->flow_hash);
         if (r->egress_to < 0)
             vn_forward_switch(sw, r->port, pkt);
         else if (sw->ports[r->egress_to].kind)

@@ -351,6 +351,13 @@ struct vn_match {
     uint16_t sport_lo, sport_hi;   /* 0..65535: any */
     uint16_t dport_lo, dport_hi;
     uint8_t tcp_flags_mask, tcp_flags_value;
+    /* 1 (subscriptions only): just the frames that open their flow in their direction,
+     * i.e. of a flow in the NI's flow table (csrc/flow.c) no frame of which has yet left
+     * the NI that way: the first, and every later one until one is forwarded unheld or
+     * passed by every containing scanner.  A frame the flow stage could not put in a flow
+     * (a later fragment without its first, an unparsed header, ICMP other than echo-like,
+     * the table full with flows_over = pass, the stage off) counts as opening one. */
+    uint8_t flow_new;
     uint8_t nterms;
     struct vn_term terms[VN_MAX_TERMS];
 };

@@ -220,6 +220,12 @@ struct vn_hdrs {
     uint8_t frag_key_proto;    /* IPv4 header's protocol field (part of the datagram key) */
     int l3_off;                /* where the IP (or ARP) header starts */
     uint32_t ip_end;           /* end of the IP datagram by its length field */
+    /* set by the flow stage (vn_flow_input), zero otherwise: the frame's flow (id and
+     * table hash; 0: none), and 1 if a frame of it already left the NI in this direction
+     * (vn_match.flow_new does not match it) */
+    uint64_t flow_id;
+    uint32_t flow_hash;
+    uint8_t flow_admitted;
 };
 
 
@@ -231,6 +237,8 @@ struct vn_held {
     int dir;
     int egress_to;             /* -1: held at ingress from `port`; else deliver to this port */
     uint64_t subs, contain, time_ns;
+    uint64_t flow_id;          /* its flow (vn_hdrs.flow_id): admitted when passed */
+    uint32_t flow_hash;
     uint32_t len;
     struct vn_net_hdr hdr;
     uint8_t data[];
@@ -460,10 +468,14 @@ static inline uint64_t vn_clock_real(const struct vn_switch *sw)
 }
 
 /* flow.c: the flow stage, for policy.c */
-/* Accounts a parsed frame to its flow (vn_policy.flows set).  1: drop it (a new flow
- * found the table full and flows_over is drop), 0: go on. */
+/* Accounts a parsed frame to its flow (vn_policy.flows set) and notes the flow in h
+ * (flow_id, flow_hash, flow_admitted).  1: drop it (a new flow found the table full and
+ * flows_over is drop), 0: go on. */
 int vn_flow_input(struct vn_switch *sw, int port, int dir, const struct vn_pkt *pkt,
-                  const struct vn_hdrs *h);
+                  struct vn_hdrs *h);
+/* A frame of flow `id` (0: none) left the NI in direction `dir`: later frames that way
+ * no longer open it (vn_match.flow_new).  A flow that expired meanwhile is left alone. */
+void vn_flow_admit(struct vn_switch *sw, int port, int dir, uint64_t id, uint32_t hash);
 /* Are flow events waiting (the punt eventfd must stay readable)? */
 int vn_flow_pending(struct vn_switch *sw);
 /* Forgets a port's flows (no events: nobody is left to tell). */

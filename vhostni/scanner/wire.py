@@ -50,7 +50,10 @@ message is:
 
 ``J`` control, both ways: ``'J'`` followed by one UTF-8 JSON object.
 
-  scanner -> kernel: ``{"op": "subscribe", "id": N, "match": {...}, "contain": bool}``,
+  scanner -> kernel: ``{"op": "subscribe", "id": N, "match": {...}, "contain": bool}``
+  (frames; a match may say ``"flow": "new"``: only frames that open their flow in their
+  direction in the NI's flow table, i.e. until one of its frames left the NI that way;
+  frames the flow stage cannot place count as opening one; see vhostni.policy),
   ``{"op": "subscribe", "id": N, "stream": true, "port": P|"lo-hi"|[lo, hi],
   "direction": "from_guest"|"to_guest"|"both", "contain": bool}`` (reconstructed TCP
   streams of connections to server port P: see vhostni.policy for how rights are checked),
