@@ -13,7 +13,7 @@ BINDIR ?= /usr/local/bin
 UNITDIR ?= /etc/systemd/system
 CONFDIR ?= /etc/vhostni
 
-.PHONY: help deps venv build build-asan images dist test test-unit test-sanitize bench soak demo demo-webdl install clean
+.PHONY: help deps venv build build-asan images dist test test-unit test-sanitize bench soak demo demo-webdl demo-http install clean
 
 help:
 	@echo "deps    install system packages (apt-get; needs root) and the Python ones into $(VENV)/"
@@ -28,6 +28,7 @@ help:
 	@echo "        writes bench/out/soak.json and soak.csv"
 	@echo "demo    boot two guests behind vhostni and show a worm and a SYN bomb contained"
 	@echo "demo-webdl  two guests: infected web downloads stopped while normal browsing flows"
+	@echo "demo-http   two guests: Code-Red's and other overflow requests stopped before a web server gets them"
 	@echo "install install for production: a venv in PREFIX=$(PREFIX), the command in BINDIR=$(BINDIR)"
 
 deps:
@@ -69,15 +70,20 @@ test: build images test-sanitize
 # The tests that feed the fast path hostile input (hostile and simulated drivers, DPDK's
 # frontend, TCP reassembly and editing, fragments, frame parsing and prevent rules, captures
 # replayed through the switch) against the sanitizer build.  Python is not
-# built with ASan, so its runtime is preloaded; Python's own allocations at exit are not leaks
+# built with ASan, so its runtime is preloaded (and libstdc++ after it: Hyperscan's compiler throws
+# C++ exceptions, which ASan's __cxa_throw interceptor can only forward to a libstdc++ loaded
+# at start); Python's own allocations at exit are not leaks
 # of ours (detect_leaks=0).  Reports go to files, not to the stderr pytest captures (and loses
 # when the process aborts); any report fails the target, even one from a subprocess (the
 # daemon some tests start) whose test passed.
 SANITIZE_CC ?= gcc
 SANITIZE_TESTS ?= tests/test_hostile_driver.py tests/test_vdriver.py tests/test_backend.py tests/test_mq.py \
-	tests/test_tcp_reassembly.py tests/test_stream_edit.py tests/test_policy.py tests/test_replay.py
+	tests/test_tcp_reassembly.py tests/test_stream_edit.py tests/test_policy.py tests/test_replay.py \
+	tests/test_flows.py tests/test_flow_scanners.py tests/test_flow_new.py \
+	tests/test_sigstage.py
 SANITIZE_LOGS ?= test-logs/sanitize
-SANITIZE_ENV = VHOSTNI_SANITIZE=1 LD_PRELOAD=$$($(SANITIZE_CC) -print-file-name=libasan.so) \
+SANITIZE_ENV = VHOSTNI_SANITIZE=1 \
+	LD_PRELOAD="$$($(SANITIZE_CC) -print-file-name=libasan.so) $$($(SANITIZE_CC) -print-file-name=libstdc++.so)" \
 	ASAN_OPTIONS=detect_leaks=0:log_path=$(abspath $(SANITIZE_LOGS))/asan \
 	UBSAN_OPTIONS=print_stacktrace=1:log_path=$(abspath $(SANITIZE_LOGS))/ubsan
 test-sanitize: build-asan
@@ -101,6 +107,9 @@ demo: build images
 
 demo-webdl: build images
 	$(PYTHON) -m vhostni.demo_webdl
+
+demo-http: build images
+	$(PYTHON) -m vhostni.demo_http
 
 # A production install: its own venv under PREFIX (not editable: the checkout can go away),
 # `vhostni` on the PATH as a symlink into it, the systemd units and an example daemon config.

@@ -34,6 +34,8 @@ int vn_match_frame(const struct vn_match *m, int dir, const struct vn_pkt *pkt,
         return 0;
     if (m->proto >= 0 && (h->family == 0 || h->proto != m->proto))
         return 0;
+    if (m->flow_new && h->flow_admitted)
+        return 0;
     if (!addr_match(m->src_family, m->src_plen, m->src, h, h->src))
         return 0;
     if (!addr_match(m->dst_family, m->dst_plen, m->dst, h, h->dst))
@@ -223,6 +225,12 @@ int vn_policy_apply(struct vn_switch *sw, int port, int dir, int egress_to, stru
             return 1;
         }
     }
+    /* the flow stage sees what the header filter let through, before anyone holds it */
+    if (pol->flows && vn_flow_input(sw, port, dir, pkt, &h))
+        return 1;
+    /* packet signature rules (the stream rules run inside the TCP engine) */
+    if (p->sig && vn_sig_packet(sw, port, dir, pkt, &h))
+        return 1;
     /* stream subscriptions first: a data segment they hold meets the frame subscriptions
      * when the stream releases it, so every frame leaves with both kinds of decision */
     if (h.proto == 6 && vn_tcp_active(sw, port) &&
@@ -247,6 +255,8 @@ int vn_policy_subs(struct vn_switch *sw, int port, int dir, int egress_to, struc
                 contain |= 1ULL << i;
         }
     }
+    if (!contain && h.flow_id && !h.flow_admitted)
+        vn_flow_admit(sw, port, dir, h.flow_id, h.flow_hash);   /* it leaves unheld */
     if (!subs)
         return 0;
     /* scanners see the bytes the receiver will: complete a partial checksum (TSO frames
@@ -274,6 +284,8 @@ int vn_policy_subs(struct vn_switch *sw, int port, int dir, int egress_to, struc
         p->st.held_over_cap++;
         return pol->over_cap_pass ? 0 : 1;
     }
+    r->flow_id = h.flow_id;
+    r->flow_hash = h.flow_hash;
     r->id = ++sw->next_held_id;
     r->hnext = sw->held_hash[r->id % VN_HELD_HASH];
     sw->held_hash[r->id % VN_HELD_HASH] = r;
@@ -315,8 +327,8 @@ int vn_punt_next(struct vn_switch *sw, struct vn_punt *out)
         return 1;
     }
     uint64_t v;
-    if (vn_tcp_pending(sw))
-        return 0;              /* stream events wait: leave the eventfd readable */
+    if (vn_tcp_pending(sw) || vn_flow_pending(sw))
+        return 0;              /* stream or flow events wait: leave the eventfd readable */
     if (sw->punt_fd >= 0 && read(sw->punt_fd, &v, sizeof(v)) < 0) {
         /* EAGAIN: already clear */
     }
@@ -374,6 +386,7 @@ static void release(struct vn_switch *sw, struct vn_held *r, int pass)
             return;   /* the NI was isolated while the frame waited for its decision */
         }
         sw->now_ns = vn_clock(sw);
+        vn_flow_admit(sw, r->port, r->dir, r->flow_id, r->flow_hash);
         if (r->egress_to < 0)
             vn_forward_switch(sw, r->port, pkt);
         else if (sw->ports[r->egress_to].kind)
@@ -396,6 +409,7 @@ int vn_held_release_port(struct vn_switch *sw, int port, int pass)
 {
     int n = 0;
     vn_tcp_port_gone(sw, port);
+    vn_flow_port_gone(sw, port);
     for (unsigned b = 0; b < VN_HELD_HASH; b++) {
         struct vn_held **pp = &sw->held_hash[b];
         while (*pp) {
@@ -424,6 +438,7 @@ int vn_held_release_port(struct vn_switch *sw, int port, int pass)
 void vn_held_free_all(struct vn_switch *sw)
 {
     vn_tcp_free_all(sw);
+    vn_flow_free_all(sw);
     for (unsigned b = 0; b < VN_HELD_HASH; b++) {
         while (sw->held_hash[b]) {
             struct vn_held *r = sw->held_hash[b];
@@ -485,6 +500,7 @@ int vn_port_clear_policy(struct vn_switch *sw, int port)
     if (port < 0 || port >= VN_MAX_PORTS || !sw->ports[port].kind)
         return VN_ENOPORT;
     vn_tcp_port_gone(sw, port);
+    vn_flow_port_gone(sw, port);
     struct vn_policy *old = sw->ports[port].pol;
     struct vn_policy *keep = old && old->isolation ? isolation_only(old->isolation) : NULL;
     if (old && old->isolation && !keep)

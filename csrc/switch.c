@@ -271,6 +271,7 @@ int vn_port_remove(struct vn_switch *sw, int port)
         sink_clear(sw, port);
     mac_forget_port(sw, port);
     vn_held_release_port(sw, port, 0);
+    vn_sigport_free(sw, port);
     free(p->pol);
     memset(p, 0, sizeof(*p));
     return VN_OK;

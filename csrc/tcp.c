@@ -45,6 +45,12 @@
  * the NI.  `more` (vn_stream_more) has the NI acknowledge held bytes on the receiver's
  * behalf; it then resends them to the receiver itself until acknowledged.
  *
+ * The signature stage (sigstage.c) is a holder like a contain scanner: connections its stream
+ * rules' ports fit are tracked even without a subscription, the new in-order bytes are scanned
+ * as soon as they are contiguous (seg_data), and a record goes on only below both frontiers,
+ * the scanners' (`passed`) and the stage's (`sig_ok`).  A connection a rule stopped drops every
+ * later frame (sig_flow_blocked).
+ *
  * Releasing a held segment may happen inside another frame's processing (a released frame
  * meets the destination NI's engine, which may release its own segments): emission uses
  * a small stack of scratch frames, and defers past its depth.
@@ -248,6 +254,7 @@ void flow_free(struct vn_switch *sw, struct vn_flow *f)
         half_free_all(sw, f, &f->half[i]);
         edits_free(sw, f, &f->half[i]);
     }
+    sig_flow_free(sw, f);
     struct vn_flow **pp = &t->ids[f->id % VN_TCP_ID_HASH];
     for (; *pp; pp = &(*pp)->id_next)
         if (*pp == f) {
@@ -287,6 +294,7 @@ static void flow_bypass(struct vn_switch *sw, struct vn_flow *f)
     for (int i = 0; i < 2; i++) {
         struct vn_half *hf = &f->half[i];
         hf->passed = UINT64_MAX;
+        hf->sig_ok = UINT64_MAX;    /* the signature stage lets go too: uninspected means that */
         hf->contig = UINT64_MAX;    /* gaps no longer matter: the receiver sorts them out */
         half_release(sw, f, hf);
         hf->read = hf->hold = 0;
@@ -322,8 +330,10 @@ static struct vn_flow *flow_new(struct vn_switch *sw, struct vn_tcp_port *tp, in
     tp->buckets[b] = f;
     f->in_table = 1;
     tp->nflows++;
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < 2; i++) {
         f->half[i].wscale = -1;
+        f->half[i].sig_ok = UINT64_MAX;
+    }
     return f;
 }
 
@@ -333,6 +343,14 @@ static int port_subscribed(const struct vn_policy *pol, uint16_t port)
         if (pol->stream_subs[i].port_lo <= port && port <= pol->stream_subs[i].port_hi)
             return 1;
     return 0;
+}
+
+/* Does a holder want connections of this server port: a scanner's stream subscription, or
+ * the signature stage (a stream rule's ports name either end's)? */
+static int port_tracked(struct vn_switch *sw, int port, const struct vn_policy *pol, uint16_t sport,
+                        uint16_t dport)
+{
+    return port_subscribed(pol, dport) || vn_sig_tracks(sw, port, sport, dport);
 }
 
 /* The handshake completed: which subscriptions want it now, and what each direction is. */
@@ -352,15 +370,27 @@ static void flow_establish(struct vn_switch *sw, struct vn_flow *f, const struct
                 hold |= dirs;
         }
     }
-    if (!subs) {                   /* unsubscribed meanwhile: nobody wants it */
+    /* the signature stage is a holder too: it holds the directions its rules cover */
+    int sig = sig_flow_open(sw, f);
+    if (!subs && !sig) {           /* unsubscribed meanwhile: nobody wants it */
         f->bypass = 1;
         return;
     }
     f->subs = subs;
     for (int i = 0; i < 2; i++) {
-        f->half[i].read = !!(read & dir_of(i));
-        f->half[i].hold = !!(hold & dir_of(i));
+        struct vn_half *hf = &f->half[i];
+        hf->read = !!(read & dir_of(i));
+        hf->hold = !!(hold & dir_of(i));
+        if (sig && hf->sig_ok != UINT64_MAX) {
+            if (!hf->hold)
+                hf->passed = UINT64_MAX;     /* no scanner holds it: the stage alone */
+            if (!hf->read)
+                hf->consumed = UINT64_MAX;   /* kept for the stage, never read by the kernel */
+            hf->read = hf->hold = 1;
+        }
     }
+    if (!subs)
+        return;                    /* the stage's alone: the kernel never hears of it */
     f->announced = 1;
     f->report_open = 1;
     mark_dirty(sw, f);
@@ -443,6 +473,8 @@ int vn_tcp_active(struct vn_switch *sw, int port)
     const struct vn_policy *pol = sw->ports[port].pol;
     if (pol && pol->nstream_subs)
         return 1;
+    if (vn_sig_streams(sw, port))
+        return 1;
     return sw->tcp && sw->tcp->ports[port] && (sw->tcp->ports[port]->nflows || sw->tcp->ports[port]->nfrags);
 }
 
@@ -510,7 +542,7 @@ static int midstream(struct vn_switch *sw, struct vn_tcp_port *tp, int port, int
         st->tcp_midstream_adopt++;
         f->state = ST_ADOPTING;
         f->midstream = 1;
-        f->client = port_subscribed(pol, h->dport) ? dir
+        f->client = port_tracked(sw, port, pol, h->dport, h->dport) ? dir
                   : (dir == VN_DIR_FROM_GUEST ? VN_DIR_TO_GUEST : VN_DIR_FROM_GUEST);
         f->last_ns = sw->now_ns;
         int hs = half_of(dir);
@@ -537,7 +569,7 @@ static int midstream(struct vn_switch *sw, struct vn_tcp_port *tp, int port, int
             if (f) {
                 f->state = ST_ESTABLISHED;
                 f->bypass = 1;
-                f->client = port_subscribed(pol, h->dport) ? dir
+                f->client = port_tracked(sw, port, pol, h->dport, h->dport) ? dir
                           : (dir == VN_DIR_FROM_GUEST ? VN_DIR_TO_GUEST : VN_DIR_FROM_GUEST);
                 f->last_ns = sw->now_ns;
             }
@@ -710,7 +742,7 @@ static int st_none(struct vn_tcp_in *in, const uint8_t *ga, const uint8_t *ra, u
     struct vn_port_stats *st = in->st;
     const struct vn_hdrs *h = in->h;
     if ((in->flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN)) == TCP_SYN &&
-        port_subscribed(pol, h->dport)) {
+        port_tracked(in->sw, in->port, pol, h->sport, h->dport)) {
         if (in->paylen)
             return drop(&st->tcp_syn_data);
         struct vn_tcp_port *tp = in->tp = tport(in->sw, in->port, 1);
@@ -1015,6 +1047,17 @@ static int seg_data(struct vn_tcp_in *in, struct vn_flow *f)
             S->released_end = end + fin;
         return fwd(in, f);
     }
+    if (f->sig) {
+        sig_flow_scan(sw, f, in->hs);     /* the new in-order bytes, before any leaves */
+        if (sig_flow_forwards(f, S, s)) {
+            /* the stage alone held it, scanned it whole, and nothing waits before it: the
+             * frame itself goes on (the record stays for later copies to be compared with) */
+            s->released = 1;
+            if (end + fin > S->released_end)
+                S->released_end = end + fin;
+            return fwd(in, f);
+        }
+    }
     st->tcp_held_segments++;
     half_release(sw, f, S);
     return VN_TCP_TAKEN;
@@ -1037,7 +1080,8 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
     uint16_t gp = dir == VN_DIR_FROM_GUEST ? h->sport : h->dport;
     uint16_t rp = dir == VN_DIR_FROM_GUEST ? h->dport : h->sport;
     struct vn_flow *f = flow_find(tp, h->family, ga, ra, gp, rp);
-    if (!f && !port_subscribed(pol, h->dport) && !port_subscribed(pol, h->sport))
+    if (!f && !port_tracked(sw, port, pol, h->sport, h->dport) &&
+        !port_tracked(sw, port, pol, h->dport, h->sport))
         return VN_TCP_FORWARD;
 
     struct vn_tcp_in in = {.sw = sw, .port = port, .dir = dir, .egress_to = egress_to, .pkt = pkt,
@@ -1053,6 +1097,8 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
     in.edited = f->half[0].edited || f->half[1].edited;
     if (f->bypass)
         return fwd(&in, f);
+    if (sig_flow_blocked(f))
+        return drop(&p->st.sig_flow_dropped);   /* a rule stopped it: nothing more goes */
     struct vn_half *S = &f->half[in.hs], *R = &f->half[!in.hs];
     unsigned l2 = in.l3 < sizeof(S->eth) ? in.l3 : sizeof(S->eth);
     memcpy(S->eth, in.d, l2);

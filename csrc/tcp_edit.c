@@ -595,6 +595,8 @@ void half_release(struct vn_switch *sw, struct vn_flow *f, struct vn_half *hf)
         return;
     }
     uint64_t lim = hf->passed < hf->contig ? hf->passed : hf->contig;
+    if (lim > hf->sig_ok)
+        lim = hf->sig_ok;          /* the signature stage holds the rest (sigstage.c) */
     if (hf->vouched > hf->acked && hf->real_right && lim > hf->real_right)
         lim = hf->real_right;      /* bytes beyond the receiver's window wait with the NI */
     struct vn_port *p = &sw->ports[f->port];

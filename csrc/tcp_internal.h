@@ -54,6 +54,7 @@ struct vn_half {
     uint64_t fin_off;
     uint64_t contig;               /* bytes available in order */
     uint64_t passed;               /* every contain scanner passed the bytes below */
+    uint64_t sig_ok;               /* the signature stage passed the bytes below (sigstage.c) */
     uint64_t consumed;             /* the kernel read the bytes below */
     uint64_t acked;                /* the receiver acknowledged the offsets below (FIN counts 1) */
     uint64_t right;                /* the receiver's window right edge */
@@ -131,6 +132,7 @@ struct vn_flow {
     uint8_t gaddr[16], raddr[16];
     uint16_t gport, rport;
     struct vn_half half[2];        /* [0] from the guest, [1] to the guest */
+    struct vn_sigflow *sig;        /* the signature stage's state (sigstage.c); NULL: none */
 };
 
 struct vn_frag;
@@ -297,6 +299,13 @@ void frag_free(struct vn_switch *sw, int port, struct vn_frag **pp);
 int frag_input(struct vn_switch *sw, int port, int dir, int egress_to, struct vn_pkt *pkt,
                const struct vn_hdrs *h);
 void frag_expire(struct vn_switch *sw, int port, uint64_t now);
+
+/* sigstage.c: the signature stage as a holder of streams */
+int sig_flow_open(struct vn_switch *sw, struct vn_flow *f);
+void sig_flow_scan(struct vn_switch *sw, struct vn_flow *f, int hs);
+int sig_flow_blocked(const struct vn_flow *f);
+int sig_flow_forwards(const struct vn_flow *f, const struct vn_half *hf, const struct vn_seg *s);
+void sig_flow_free(struct vn_switch *sw, struct vn_flow *f);
 
 #pragma GCC visibility pop
 

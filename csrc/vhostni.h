@@ -155,6 +155,29 @@ struct vn_port_stats {
                                     to forge one with */
     uint64_t drop_same_port;     /* destination learned behind the port the frame came from:
                                     a switch never sends a frame back where it came from */
+    /* the flow stage (csrc/flow.c), while the policy turns it on */
+    uint64_t flows_active;       /* flows in the table now (a gauge, not a counter) */
+    uint64_t flows_opened;
+    uint64_t flows_closed;
+    uint64_t flows_over;         /* new flows past flows_max: exception policy applied */
+    uint64_t flow_events;        /* flow events queued for the NI kernel */
+    uint64_t flow_events_dropped;  /* ... lost: the queue was full (the kernel lagged) */
+    uint64_t flow_icmp_errors;   /* ICMP errors attributed to the flow whose packet they quote */
+    uint64_t flow_icmp_unmatched;  /* ICMP errors quoting no known flow, or a cut header */
+    uint64_t flow_unattributed;  /* IP packets no flow could take: a later fragment whose first
+                                    was not seen, an ICMP message that is neither echo-like
+                                    nor an error (neighbour discovery, ...) */
+    uint64_t sig_matches;        /* signature rule matches (alert, drop, reject, pass) */
+    uint64_t sig_dropped;        /* frames (packet rules) or connections (stream rules) a
+                                    drop/reject rule stopped, or a failed scan (fail closed) */
+    uint64_t sig_flow_dropped;   /* frames of connections stopped by a rule, dropped */
+    uint64_t sig_passed_flows;   /* connections a pass rule let go uninspected */
+    uint64_t sig_packets_scanned;
+    uint64_t sig_stream_bytes;   /* stream bytes scanned */
+    uint64_t sig_frag_dropped;   /* IP fragments of a protocol packet rules cover (not reassembled) */
+    uint64_t sig_streams_refused;  /* connections dropped: stream state over the stage's memcap */
+    uint64_t sig_scan_errors;    /* Hyperscan scan errors (the frame or connection is dropped) */
+    uint64_t sig_alerts_lost;    /* alerts beyond the alert ring (the kernel drains it) */
 };
 
 /* What one virtqueue of a vhost port carried (vn_port_queue_stats): queue 2i is pair i's
@@ -330,6 +353,13 @@ struct vn_match {
     uint16_t sport_lo, sport_hi;   /* 0..65535: any */
     uint16_t dport_lo, dport_hi;
     uint8_t tcp_flags_mask, tcp_flags_value;
+    /* 1 (subscriptions only): just the frames that open their flow in their direction,
+     * i.e. of a flow in the NI's flow table (csrc/flow.c) no frame of which has yet left
+     * the NI that way: the first, and every later one until one is forwarded unheld or
+     * passed by every containing scanner.  A frame the flow stage could not put in a flow
+     * (a later fragment without its first, an unparsed header, ICMP other than echo-like,
+     * the table full with flows_over = pass, the stage off) counts as opening one. */
+    uint8_t flow_new;
     uint8_t nterms;
     struct vn_term terms[VN_MAX_TERMS];
 };
@@ -386,6 +416,19 @@ struct vn_policy {
     int unparsed_pass;         /* frames the parser cannot walk: 0 drop (counted), 1 pass */
     int ipv6_router;           /* the guest may send router advertisements and redirects */
     int guest_vlan_drop;       /* VLAN-tagged frames from the guest: 0 checked inside, 1 dropped */
+    /* the flow stage (csrc/flow.c; 0: off, nothing runs): its table's bound and exception
+     * policy (1 pass: a new flow past flows_max goes on untracked; 0 drop, fail closed),
+     * which events (bit 1 << VN_FLOW_EV_*; 0: none, counters only) are queued for the kernel
+     * and how many may wait, idle timeouts per protocol, how long a SYN waits for its
+     * answer (and a reset or finished connection lingers), and how often a long flow is
+     * summarised (0: never) */
+    int flows;
+    unsigned flows_max;
+    int flows_over_pass;
+    unsigned flow_events;
+    unsigned flow_events_max;
+    uint32_t flow_tcp_idle_ms, flow_tcp_syn_ms, flow_udp_idle_ms, flow_other_idle_ms;
+    uint32_t flow_summary_ms;
 };
 
 /* Exception policy for a connection picked up mid-stream (no handshake seen, Suricata's
@@ -508,6 +551,68 @@ uint64_t vn_tcp_bytes(struct vn_switch *sw, int port);
  * most); past it, releases wait and built frames are dropped and counted (tcp_emit_dropped).
  * For tests of those paths: the default is never too deep for a real topology's nesting. */
 int vn_tcp_set_emit_depth(struct vn_switch *sw, int depth);
+/* ---- The flow stage (csrc/flow.c): per NI, a bounded table of flows ----
+ * A flow is keyed as the guest sees it: family, protocol, guest address and port, remote
+ * address and port (ICMP echo-like messages: the identifier as both ports); both directions
+ * are one flow.  The table keeps what aggregate detectors need (times, packets and bytes
+ * each way, who initiated, the TCP handshake, ICMP errors that answered it) and reports
+ * changes as events on a bounded queue the NI kernel drains with the punt queue (same
+ * eventfd).  A full queue drops the event (flow_events_dropped), never blocks a frame. */
+#define VN_FLOW_QUEUE 16384        /* events waiting, all ports together */
+
+/* Event kinds; 1 << kind is its bit in vn_policy.flow_events. */
+#define VN_FLOW_EV_OPEN 1          /* a new flow (its first packet) */
+#define VN_FLOW_EV_STATE 2         /* `change` became true */
+#define VN_FLOW_EV_CLOSE 3         /* gone from the table (`reason`), final counters */
+#define VN_FLOW_EV_SUMMARY 4       /* a long flow's counters, every flow_summary_ms */
+
+/* Flow state bits (vn_flow_event.state; `change` names one). */
+#define VN_FLOW_SYN 0x1            /* TCP: the initiator's SYN seen */
+#define VN_FLOW_SYNACK 0x2         /* TCP: answered with a SYN-ACK */
+#define VN_FLOW_ESTABLISHED 0x4    /* TCP: the initiator acknowledged the SYN-ACK */
+#define VN_FLOW_RESET 0x8          /* TCP: a RST, either way */
+#define VN_FLOW_FIN_INIT 0x10      /* TCP: the initiator's FIN */
+#define VN_FLOW_FIN_RESP 0x20      /* TCP: the responder's FIN */
+#define VN_FLOW_UNANSWERED 0x40    /* TCP: no SYN-ACK within flow_tcp_syn_ms of the SYN */
+#define VN_FLOW_INCOMPLETE 0x80    /* TCP: SYN-ACK, but the initiator never completed */
+#define VN_FLOW_ANSWERED 0x100     /* a packet came back (non-TCP: the event; TCP: SYNACK's) */
+#define VN_FLOW_ICMP_ERROR 0x200   /* an ICMP error quoting one of its packets came */
+#define VN_FLOW_MIDSTREAM 0x400    /* TCP: first seen without a SYN */
+
+/* Why a flow closed. */
+#define VN_FLOW_END_IDLE 1         /* silent past its protocol's idle timeout */
+#define VN_FLOW_END_FIN 2          /* both FINs, then flow_tcp_syn_ms of lingering */
+#define VN_FLOW_END_RESET 3        /* a RST, then lingering */
+#define VN_FLOW_END_UNANSWERED 4   /* a handshake that never completed, then lingering */
+#define VN_FLOW_END_GONE 5         /* the NI, its policy or its flow stage went away */
+
+/* One event.  Pairs are per direction: [0] from the guest, [1] to it. */
+struct vn_flow_event {
+    uint64_t flow;             /* id, never reused */
+    int port;
+    int kind;                  /* VN_FLOW_EV_* */
+    unsigned change;           /* STATE: the VN_FLOW_* bit that became set */
+    int reason;                /* CLOSE: VN_FLOW_END_* */
+    unsigned state;            /* VN_FLOW_* bits */
+    uint8_t family;            /* 4 or 6 */
+    uint8_t proto;
+    uint8_t initiator;         /* VN_DIR_FROM_GUEST: the guest sent the first packet */
+    uint8_t guest_addr[16], remote_addr[16];
+    uint16_t guest_port, remote_port;   /* ICMP echo-like: its identifier, both */
+    uint64_t packets[2], bytes[2];      /* IP bytes */
+    uint64_t start_ns, last_ns;         /* Unix time (the switch's clock) */
+    uint64_t time_ns;          /* when the event happened */
+    int16_t icmp_type, icmp_code;       /* the last ICMP error that answered it; -1: none */
+    uint8_t icmp_from[16];     /* who sent that error (a router, or the remote host) */
+};
+
+/* 1: *ev filled; 0: none waiting. */
+int vn_flow_next(struct vn_switch *sw, struct vn_flow_event *ev);
+/* Idle flows and lingering handshakes: expires them (CLOSE events); frees the tables of NIs
+ * whose policy turned the stage off.  Called on the TCP engine's housekeeping tick. */
+int vn_flow_housekeeping(struct vn_switch *sw);
+/* Flows in the table of `port` (0 if none), or VN_ENOPORT. */
+int vn_flow_count(struct vn_switch *sw, int port);
 /* VN_CDEF_END */
 
 #endif

@@ -183,6 +183,7 @@ struct vn_port {
     uint64_t held_bytes;
     unsigned held_frames;
     struct vn_frag_first frag_first[VN_FRAG_FIRSTS];
+    struct vn_sigport *sig;       /* the signature stage (sigstage.c); NULL: none */
 };
 
 #define VN_MAC_TABLE 4096         /* power of two */
@@ -219,6 +220,12 @@ struct vn_hdrs {
     uint8_t frag_key_proto;    /* IPv4 header's protocol field (part of the datagram key) */
     int l3_off;                /* where the IP (or ARP) header starts */
     uint32_t ip_end;           /* end of the IP datagram by its length field */
+    /* set by the flow stage (vn_flow_input), zero otherwise: the frame's flow (id and
+     * table hash; 0: none), and 1 if a frame of it already left the NI in this direction
+     * (vn_match.flow_new does not match it) */
+    uint64_t flow_id;
+    uint32_t flow_hash;
+    uint8_t flow_admitted;
 };
 
 
@@ -230,6 +237,8 @@ struct vn_held {
     int dir;
     int egress_to;             /* -1: held at ingress from `port`; else deliver to this port */
     uint64_t subs, contain, time_ns;
+    uint64_t flow_id;          /* its flow (vn_hdrs.flow_id): admitted when passed */
+    uint32_t flow_hash;
     uint32_t len;
     struct vn_net_hdr hdr;
     uint8_t data[];
@@ -269,6 +278,7 @@ struct vn_switch {
     struct vn_sink_rec *sink_head, *sink_tail, *sink_last;
     unsigned sink_count;
     struct vn_tcp *tcp;           /* stream reconstruction state (tcp.c); NULL until needed */
+    struct vn_flows *flows;       /* the flow stage (flow.c); NULL until a policy turns it on */
 };
 
 /* mem.c */
@@ -314,6 +324,23 @@ static inline void vn_wr32(uint8_t *p, uint32_t v)
 /* One's-complement sum of 16-bit big-endian words added to `sum` (not folded). */
 static inline uint32_t vn_sum16(uint32_t sum, const uint8_t *p, size_t len)
 {
+    if (len >= 64) {
+        /* 4 bytes a step into 64 bits (RFC 1071: the sum does not depend on the byte order
+         * of its words, so native words are summed and the folded result swapped): the TCP
+         * engine checks every payload byte, and 2 bytes a step cost more than the matcher */
+        uint64_t acc = 0;
+        for (; len >= 4; p += 4, len -= 4) {
+            uint32_t w;
+            memcpy(&w, p, 4);
+            acc += w;
+        }
+        while (acc >> 16)
+            acc = (acc & 0xffff) + (acc >> 16);
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        acc = (uint16_t)(acc << 8 | acc >> 8);
+#endif
+        sum = (sum & 0xffff) + (sum >> 16) + (uint32_t)acc;
+    }
     while (len > 1) {
         sum += (uint32_t)p[0] << 8 | p[1];
         p += 2;
@@ -410,6 +437,15 @@ int vn_tcp_pending(struct vn_switch *sw);
 void vn_tcp_port_gone(struct vn_switch *sw, int port);
 void vn_tcp_free_all(struct vn_switch *sw);
 
+/* sigstage.c (the signature stage) */
+/* Packet rules on one frame: 1 if a drop/reject rule (or a failed scan) drops it. */
+int vn_sig_packet(struct vn_switch *sw, int port, int dir, struct vn_pkt *pkt, const struct vn_hdrs *h);
+/* Does a stream rule's port set name either port (the engine then tracks the connection)? */
+int vn_sig_tracks(struct vn_switch *sw, int port, uint16_t a, uint16_t b);
+/* Has the port's stage stream rules (the engine must see its TCP frames)? */
+int vn_sig_streams(struct vn_switch *sw, int port);
+void vn_sigport_free(struct vn_switch *sw, int port);
+
 /* switch.c, for policy.c */
 void vn_forward_switch(struct vn_switch *sw, int in, struct vn_pkt *pkt);
 void vn_deliver_nopolicy(struct vn_switch *sw, int port, struct vn_pkt *pkt);
@@ -430,6 +466,21 @@ static inline uint64_t vn_clock_real(const struct vn_switch *sw)
 {
     return sw->manual_ns ? sw->manual_ns : vn_realtime_ns();
 }
+
+/* flow.c: the flow stage, for policy.c */
+/* Accounts a parsed frame to its flow (vn_policy.flows set) and notes the flow in h
+ * (flow_id, flow_hash, flow_admitted).  1: drop it (a new flow found the table full and
+ * flows_over is drop), 0: go on. */
+int vn_flow_input(struct vn_switch *sw, int port, int dir, const struct vn_pkt *pkt,
+                  struct vn_hdrs *h);
+/* A frame of flow `id` (0: none) left the NI in direction `dir`: later frames that way
+ * no longer open it (vn_match.flow_new).  A flow that expired meanwhile is left alone. */
+void vn_flow_admit(struct vn_switch *sw, int port, int dir, uint64_t id, uint32_t hash);
+/* Are flow events waiting (the punt eventfd must stay readable)? */
+int vn_flow_pending(struct vn_switch *sw);
+/* Forgets a port's flows (no events: nobody is left to tell). */
+void vn_flow_port_gone(struct vn_switch *sw, int port);
+void vn_flow_free_all(struct vn_switch *sw);
 
 /* offload.c */
 int vn_csum_complete(struct vn_pkt *pkt);

@@ -6,7 +6,7 @@ from vhostni.signatures.rules import Vars, parse_rules
 
 
 def test_signature_bench_small_run():
-    r = sb.run_signatures(sb.SigBenchConfig(rules=300, mbytes=1, rounds=1, compile_rules=400),
+    r = sb.run_signatures(sb.SigBenchConfig(rules=300, mbytes=1, rounds=1, compile_rules=400, inline_mbytes=1),
                           progress=lambda m: None)
     assert r["status"] == "ran", r
     assert r["engine_gbit_median"] > 0 and r["hyperscan_gbit_median"] > 0
@@ -14,6 +14,10 @@ def test_signature_bench_small_run():
     assert r["compile_rules"] == 400
     text = report({"signatures": r})
     assert "engine/Hyperscan" in text and "compile 400 rules" in text
+    # in-line: every payload byte went through the stage and came out, in one run with the others
+    assert r["inline_status"] == "ran", r
+    assert r["inline_stage_gbit"] > 0 and r["inline_forward_gbit"] > 0 and r["inline_hyperscan_gbit"] > 0
+    assert "with the signature stage" in text
 
 
 def test_bench_rules_never_match_in_block_mode_either():

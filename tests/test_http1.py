@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from vhostni.scanner.http1 import (AMBIGUITIES, CLIENT, SERVER, Ambiguity, Body, ChunkExtension,
+from vhostni.scanner.http1 import (AMBIGUITIES, CLIENT, SERVER, Ambiguity, Body, Chunk, ChunkExtension,
                                    HttpConnection, Limits, MessageEnd, Request, Response, Trailers,
                                    Tunnel, content_codings, decode_content)
 
@@ -116,8 +116,24 @@ def test_chunk_extensions_and_trailers():
     (tr,) = [e for e in evs if isinstance(e, Trailers)]
     assert tr.headers == [(b"x-sum", b"1")]
     assert responses(evs)[0][1] == b"hello world"
+    # each chunk-size line is reported with its size and where the chunk's data starts
+    head = len(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    chunks = [(e.size, e.offset - head, e.end - head) for e in evs if isinstance(e, Chunk)]
+    starts = [0, body.index(b"6 ; x"), body.index(b"0;last")]
+    ends = [body.index(b"hello"), body.index(b" world"), body.index(b"X-Sum")]
+    assert chunks == list(zip([5, 6, 0], starts, ends))
     evs = run(GET, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nContent-Length: 5\r\n\r\n")
     assert kinds(evs) == ["framing_in_trailer"]
+
+
+def test_a_lone_cr_waits_for_what_follows_it():
+    """A CRLF before a status line sent a byte at a time is the same empty line as sent at once
+    (the CR alone was read as an HTTP/0.9 response's first byte)."""
+    c = HttpConnection()
+    c.feed(CLIENT, GET)
+    evs = c.feed(SERVER, b"\r") + c.feed(SERVER, b"\n") + c.feed(SERVER, b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert kinds(evs) == ["leading_blank_line"]
+    assert [(e.status, e.version) for e in evs if isinstance(e, Response)] == [(204, b"HTTP/1.1")]
 
 
 def test_unsolicited_and_truncated():
@@ -217,7 +233,7 @@ def test_content_encodings_as_browsers_decode_them():
 @pytest.mark.parametrize("body,codings,kind", [
     (gzip.compress(EICAR), [b"gzip", b"gzip", b"gzip", b"gzip"], "too_many_encodings"),
     (EICAR, [b"foo"], "unknown_content_encoding"),
-    (EICAR, [b"br"], "unsupported_content_encoding"),
+    (EICAR, [b"compress"], "unsupported_content_encoding"),
     (gzip.compress(EICAR), [b"", b"gzip"], "odd_content_encoding"),
     (EICAR, [b"gzip"], "compressed_corrupt"),
     (gzip.compress(EICAR)[:-12], [b"gzip"], "compressed_truncated"),
@@ -238,6 +254,153 @@ def test_a_bomb_is_never_followed():
     bomb = zlib.compress(zlib.compress(b"\0" * (50 << 20)))     # 50 MiB in about 1 KiB... twice
     d = decode_content(bomb, [b"deflate", b"deflate"], max_bytes=1 << 20)
     assert d.bomb and len(d.data) <= 1 << 20
+
+
+# ---------------------------------------------------------------------------
+# br and zstd: decoded as browsers do, bounded, every oddity reported
+# ---------------------------------------------------------------------------
+
+import brotli  # noqa: E402
+from backports import zstd  # noqa: E402
+
+from vhostni.scanner import http1  # noqa: E402
+
+
+def zstd_frame(window_byte: int, payload: bytes = b"hello") -> bytes:
+    """One zstd frame by hand: no content size, so its window descriptor (``window_byte``:
+    exponent << 3 | mantissa, window 2**(10 + exponent)) is what a decoder must allocate."""
+    return b"\x28\xb5\x2f\xfd\x00" + bytes([window_byte]) + (1 | len(payload) << 3).to_bytes(3, "little") + payload
+
+
+SKIPPABLE = (0x184D2A50).to_bytes(4, "little") + (3).to_bytes(4, "little") + b"abc"
+
+
+def test_br_and_zstd_are_decoded_stacked_with_the_others():
+    assert http1.MISSING_DECODERS == {}
+    d = decode_content(brotli.compress(EICAR), [b"br"])
+    assert (d.data, d.layers, d.ambiguities) == (EICAR, ["br"], [])
+    d = decode_content(zstd.compress(EICAR), [b"zstd"])
+    assert (d.data, d.layers, d.ambiguities) == (EICAR, ["zstd"], [])
+    d = decode_content(zstd.compress(brotli.compress(gzip.compress(EICAR))), [b"gzip", b"br", b"zstd"])
+    assert (d.data, d.layers, d.ambiguities) == (EICAR, ["zstd", "br", "gzip"], [])
+    # concatenated frames and skippable frames, as libzstd's streaming decoder (browsers') reads them
+    d = decode_content(zstd.compress(EICAR[:30]) + SKIPPABLE + zstd.compress(EICAR[30:]), [b"zstd"])
+    assert (d.data, d.ambiguities) == (EICAR, [])
+    assert decode_content(b"", [b"br"]).data == b"" and not decode_content(b"", [b"zstd"]).ambiguities
+    # a large clean object, stream-compressed as a server does
+    big = bytes((i * 7 + 3) % 251 for i in range(3 << 20))
+    assert decode_content(brotli.compress(big, quality=1), [b"br"]).data == big
+    assert decode_content(zstd.compress(big), [b"zstd"]).data == big
+
+
+def test_br_and_zstd_across_the_decoders_input_pieces():
+    """Streams longer than the pieces the decoders are fed (4 KiB for br, 64 KiB for zstd):
+    frames and the end of a stream fall anywhere, trailing data is still told from corruption."""
+    import random
+    noise = random.Random(7).randbytes(300_000)
+    br = brotli.compress(noise, quality=1)
+    for tail in (b"", b"x", b"\0" * 5000):
+        d = decode_content(br + tail, [b"br"])
+        assert d.data == noise and [k for k, _ in d.ambiguities] == (["compressed_trailing_data"] if tail else [])
+    zs = zstd.compress(noise[:150_000]) + SKIPPABLE + zstd.compress(noise[150_000:])
+    for tail in (b"", b"garbage", b"\0" * 70_000):
+        d = decode_content(zs + tail, [b"zstd"])
+        assert d.data == noise and [k for k, _ in d.ambiguities] == (["compressed_trailing_data"] if tail else [])
+    d = decode_content(zs[:200_000], [b"zstd"])
+    assert d.data == noise[:len(d.data)] and [k for k, _ in d.ambiguities] == ["compressed_truncated"]
+    d = decode_content(br[:200_000], [b"br"])
+    assert d.data == noise[:len(d.data)] and [k for k, _ in d.ambiguities] == ["compressed_truncated"]
+
+
+BR, ZS = brotli.compress(EICAR), zstd.compress(EICAR)
+
+
+@pytest.mark.parametrize("body,codings,kind", [
+    (BR[:-3], [b"br"], "compressed_truncated"),
+    (BR + b"garbage", [b"br"], "compressed_trailing_data"),
+    (BR + BR, [b"br"], "compressed_trailing_data"),
+    (b"\xff" * 40, [b"br"], "compressed_corrupt"),
+    (BR[:5] + bytes([BR[5] ^ 0x55]) + BR[6:], [b"br"], "compressed_corrupt"),
+    (brotli.compress(b"\0" * (4 << 20)), [b"br"], "decompression_bomb"),
+    (ZS[:-3], [b"zstd"], "compressed_truncated"),
+    (ZS + b"garbage!", [b"zstd"], "compressed_trailing_data"),
+    (b"\x28\xb5\x2f\xfdgarbage", [b"zstd"], "compressed_corrupt"),
+    (zstd_frame(0xA0), [b"zstd"], "compressed_corrupt"),              # a 1 GiB window
+    (zstd.compress(b"\0" * (4 << 20)), [b"zstd"], "decompression_bomb"),
+    (zstd.compress(b"") * 2000, [b"zstd"], "decompression_bomb"),    # a bomb of decoding time
+    (brotli.compress(zstd.compress(b"\0" * (4 << 20))), [b"zstd", b"br"], "decompression_bomb"),
+])
+def test_br_and_zstd_ambiguities(body, codings, kind):
+    d = decode_content(body, codings, max_layers=3, max_bytes=1 << 16)
+    assert kind in [k for k, _ in d.ambiguities], d.ambiguities
+    assert len(d.data) <= 1 << 16 and len([k for k, _ in d.ambiguities if k == kind]) == 1
+
+
+def test_the_zstd_window_bound_is_the_callers():
+    assert decode_content(zstd_frame(0x68), [b"zstd"]).data == b"hello"            # 8 MiB: what browsers take
+    assert decode_content(zstd_frame(0x70), [b"zstd"]).ambiguities[0][0] == "compressed_corrupt"   # 16 MiB
+    assert decode_content(zstd_frame(0x70), [b"zstd"], max_window=16 << 20).data == b"hello"
+    d = decode_content(zstd_frame(0x68), [b"zstd"], max_window=1 << 20)
+    assert "window" in d.ambiguities[0][1]
+
+
+@pytest.mark.parametrize("coding", [b"br", b"zstd"])
+def test_a_br_or_zstd_bomb_is_never_materialised(coding):
+    """A gigabyte from a few kilobytes: decoding stops at the bound, never holding more than it
+    and one output block (the libraries' one-shot calls would allocate the whole gigabyte)."""
+    import tracemalloc
+    if coding == b"br":
+        c = brotli.Compressor(quality=1)
+        bomb = b"".join(c.process(b"\0" * (64 << 20)) for _ in range(16)) + c.finish()
+    else:
+        c = zstd.ZstdCompressor()
+        bomb = b"".join(c.compress(b"\0" * (64 << 20)) for _ in range(16)) + c.flush()
+    assert len(bomb) < 1 << 20
+    tracemalloc.start()
+    try:
+        d = decode_content(bomb, [coding], max_bytes=4 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert d.bomb and len(d.data) == 4 << 20
+    assert peak < 2 * (4 << 20) + (1 << 20), peak        # the output, its bytes copy, a block
+
+
+def test_without_their_libraries_br_and_zstd_are_unsupported_as_before():
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['brotli'] = None; sys.modules['backports.zstd'] = None\n"
+            "sys.modules['compression.zstd'] = None\n"
+            "from vhostni.scanner.http1 import MISSING_DECODERS, decode_content\n"
+            "print(sorted(MISSING_DECODERS))\n"
+            "for c in (b'br', b'zstd'): print(decode_content(b'x', [c]).ambiguities[0][0])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:3] == ["['br', 'zstd']", "unsupported_content_encoding", "unsupported_content_encoding"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=3000), st.sampled_from([b"br", b"zstd"]), st.data())
+def test_fuzz_br_and_zstd_round_trip_and_mutants_stay_bounded(payload, coding, data):
+    """Whatever is compressed decodes back without ambiguity; any cut, flipped byte or tail
+    gives output within the bound and known ambiguity kinds, never an exception."""
+    comp = brotli.compress(payload, quality=data.draw(st.integers(0, 11))) if coding == b"br" \
+        else zstd.compress(payload, level=data.draw(st.integers(1, 19)))
+    d = decode_content(comp, [coding], max_bytes=4096)
+    if len(payload) <= 4096:
+        assert (d.data, d.ambiguities) == (payload, [])
+    else:
+        assert d.bomb and d.data == payload[:4096]
+    mutant = bytearray(comp)
+    for _ in range(data.draw(st.integers(1, 4))):
+        op = data.draw(st.sampled_from(["cut", "flip", "tail"]))
+        if op == "cut" and mutant:
+            del mutant[data.draw(st.integers(0, len(mutant) - 1)):]
+        elif op == "flip" and mutant:
+            mutant[data.draw(st.integers(0, len(mutant) - 1))] ^= data.draw(st.integers(1, 255))
+        else:
+            mutant += data.draw(st.binary(min_size=1, max_size=20))
+    d = decode_content(bytes(mutant), [coding], max_bytes=4096)
+    assert len(d.data) <= 4096 and all(k in AMBIGUITIES for k, _ in d.ambiguities)
 
 
 # ---------------------------------------------------------------------------

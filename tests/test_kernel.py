@@ -371,6 +371,23 @@ def test_closing_the_daemon_stops_scanners_and_removes_their_stage(kits):
     assert not alive(pid) and not os.path.exists(stage)
 
 
+def test_the_sdks_libraries_are_staged_beside_it_and_missing_ones_skipped(tmp_path, monkeypatch):
+    """The decoders the SDK uses (br, zstd) are copied from the daemon's environment, so the
+    bare interpreter the scanner runs imports them from the stage alone; one the daemon cannot
+    import is left out (the SDK then says that coding is undecodable)."""
+    from vhostni import sandbox
+    monkeypatch.setattr(sandbox, "SDK_LIBRARIES", sandbox.SDK_LIBRARIES + ("no_such_module_here",))
+    argv, lib = sandbox.stage([sys.executable, os.path.join(os.path.dirname(__file__), "scanners", "decider.py")],
+                              str(tmp_path / "stage"))
+    assert sorted(os.listdir(lib)) == sorted(["vhostni", "backports", "brotli.py"]
+                                             + [n for n in os.listdir(lib) if n.startswith("_brotli.")])
+    code = ("import sys; from vhostni.scanner.http1 import MISSING_DECODERS as M; import brotli\n"
+            "print(M, brotli.__file__.startswith(sys.argv[1]))")
+    out = subprocess.run([argv[0], "-I", "-c", f"import sys; sys.path.insert(0, {lib!r})\n" + code, lib],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["{}", "True"]
+
+
 def test_stale_stages_are_removed_and_live_ones_kept(tmp_path):
     """A daemon killed with -9 leaves its stages behind; the next one removes those whose
     owner is dead, never those of a daemon (or test run) still running beside it."""

@@ -224,14 +224,17 @@ def test_held_frames_follow_the_scanner_and_the_timing_model(tmp_path):
     f = [cap.add(from_guest(UDP(sport=1, dport=2) / Raw(m))) for m in
          (b"pass-1", b"CUT-2", b"LATER-3", b"pass-4", b"HOLD-5", b"pass-6")]
     tcp = cap.add(from_guest(TCP(dport=80)))          # not subscribed: straight through
+    # on the capture's clock, so that a loaded machine's pace cannot move the hold timeout
     rc, out, alerts = run_replay(tmp_path, cap, decider_policy(hold_timeout_ms=300,
-                                                               default_decision="pass"))
+                                                               default_decision="pass"),
+                                 clock="capture")
     assert rc == 0
     ts = [t for t, _ in cap.frames]
     # CUT is missing; LATER leaves once the next held frame arrives, with that frame's time;
-    # HOLD is decided by the default (pass) after the hold timeout, at the end: the last time
-    assert out == [(ts[0], f[0]), (ts[3], f[2]), (ts[3], f[3]), (ts[5], f[5]), (ts[6], tcp),
-                   (ts[6], f[4])]
+    # HOLD is decided by the default (pass) after the hold timeout, at the end, when time runs
+    # on to its deadline (300 ms after it was held)
+    assert out[:-1] == [(ts[0], f[0]), (ts[3], f[2]), (ts[3], f[3]), (ts[5], f[5]), (ts[6], tcp)]
+    assert out[-1][1] == f[4] and abs(out[-1][0] - (ts[4] + 300_000_000)) < 10_000
     # HOLD's missed decision is alerted too (the policy's default stood in for the scanner)
     assert [a["message"] for a in alerts] == [
         "ready", "decision missed: the policy's default applied after the hold timeout"]
@@ -567,7 +570,8 @@ def test_hold_timeouts_run_on_the_capture_clock(tmp_path):
     cap = Capture()
     held = cap.add(from_guest(UDP(sport=1, dport=2) / Raw(b"HOLD-1")))
     later = cap.add(from_guest(UDP(sport=1, dport=2) / Raw(b"pass-2")), gap_ns=10 * 10**9)
-    doc = decider_policy(hold_timeout_ms=300, default_decision="pass")
+    # 2 s: long enough that feeding two frames on a loaded machine never takes that long
+    doc = decider_policy(hold_timeout_ms=2000, default_decision="pass")
     ts = [t for t, _ in cap.frames]
     rc, out, alerts = run_replay(tmp_path, cap, doc, clock="capture")
     assert rc == 0

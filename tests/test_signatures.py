@@ -748,17 +748,3 @@ def test_an_unterminated_option_is_refused_in_linear_time():
         with pytest.raises(RuleError):
             parse_rule(f"alert tcp any any -> any any ({body})", V)
         assert time.monotonic() - t < 2
-
-
-def test_an_ni_with_signatures_says_they_are_not_enforced_yet(kits, tmp_path):
-    """Until the in-line stage exists, a policy's [signatures] must not pass for a wall: the
-    NI writes an alert (and a warning) each time such a policy is applied."""
-    from nikit import policy as make_policy
-    import shutil
-    rules = tmp_path / "web.rules"
-    shutil.copy(os.path.join(ROOT, "examples", "signatures", "web.rules"), rules)
-    doc = make_policy()
-    doc["signatures"] = {"rules": [str(rules)]}
-    k = kits({"a": doc})
-    alert = k.wait_alert("signature rules loaded but not enforced", "a", None)
-    assert alert["fields"]["rules"] > 0

@@ -10,8 +10,10 @@ What this checks:
 * clean downloads arrive byte for byte: a small file, and 3 MiB of random bytes (far beyond the
   guest's TCP window: the scanner holds the whole response and asks the NI for `more`), served
   with Content-Length, and a close-delimited CGI response;
-* EICAR is stopped: served as a file (Content-Length) and from the CGI gzip-compressed without a
-  length (Content-Encoding undone, close-delimited), it is replaced by the policy's "403 blocked"
+* clean downloads compressed with br and zstd (from a CGI that says so in Content-Encoding, as a
+  server answering a browser's Accept-Encoding does) arrive byte for byte as they were sent;
+* EICAR is stopped: served as a file (Content-Length) and from the CGI gzip-, br- or
+  zstd-compressed without a length (Content-Encoding undone, close-delimited), it is replaced by the policy's "403 blocked"
   response (wget reports the 403); behind a Transfer-Encoding next to a Content-Length
   (ambiguous, whatever the body holds) the connection is killed.  Nothing of it is on alice's
   disk, and the alert names the URL, the file and the digest;
@@ -28,7 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import brotli
 import pytest
+from backports import zstd
 
 from vhostni.testing import VhostUserNic
 
@@ -88,10 +92,20 @@ def web_lab(vhostni_daemon_factory, vhostni_guest_factory, vhostni_sockdir, tmp_
         bob.put_file("/www/eicar.com", EICAR)
         bob.put_file("/www/payload.bin", PAYLOAD)
         bob.put_file("/www/eicar.txt", EICAR)
+        bob.put_file("/www/eicar.br", brotli.compress(EICAR))
+        bob.put_file("/www/eicar.zst", zstd.compress(EICAR))
+        bob.put_file("/www/clean.br", brotli.compress(CLEAN))
+        bob.put_file("/www/clean.zst", zstd.compress(CLEAN))
         bob.check("dd if=/dev/urandom of=/www/big.bin bs=1024 count=3072 2>/dev/null")
         # CGI: no Content-Length, so busybox httpd ends the body by closing (close-delimited)
         bob.put_file("/www/cgi-bin/gz", b"#!/bin/sh\nprintf 'Content-Type: application/octet-stream\\r\\n"
                      b"Content-Encoding: gzip\\r\\n\\r\\n'\ngzip -c /www/eicar.txt\n", mode=0o755)
+        for coding, ext in (("br", "br"), ("zstd", "zst")):     # what the file is, in Content-Encoding
+            for name in ("eicar", "clean"):
+                bob.put_file(f"/www/cgi-bin/{name}-{coding}",
+                             b"#!/bin/sh\nprintf 'Content-Type: application/octet-stream\\r\\n"
+                             b"Content-Encoding: %s\\r\\n\\r\\n'\ncat /www/%s.%s\n" % (
+                                 coding.encode(), name.encode(), ext.encode()), mode=0o755)
         bob.put_file("/www/cgi-bin/plain", b"#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\n"
                      b"cat /www/clean.bin\n", mode=0o755)
         bob.put_file("/www/cgi-bin/smuggle", b"#!/bin/sh\nprintf 'Content-Type: application/octet-stream\\r\\n"
@@ -131,6 +145,10 @@ def test_clean_downloads_arrive_byte_for_byte(web_lab):
     out, rc = _wget(alice, "/cgi-bin/plain", "/tmp/plain")        # close-delimited
     assert rc == 0, out
     assert _sha(alice, "/tmp/plain") == hashlib.sha256(CLEAN).hexdigest()
+    for coding, data in (("br", brotli.compress(CLEAN)), ("zstd", zstd.compress(CLEAN))):
+        out, rc = _wget(alice, f"/cgi-bin/clean-{coding}", "/tmp/clean.enc")   # wget keeps the coding
+        assert rc == 0, out
+        assert _sha(alice, "/tmp/clean.enc") == hashlib.sha256(data).hexdigest()
     out, rc = _wget(alice, "/big.bin", "/tmp/big.bin", timeout=120)
     assert rc == 0, out
     assert _sha(alice, "/tmp/big.bin") == _sha(bob, "/www/big.bin")
@@ -150,6 +168,7 @@ def test_clean_downloads_arrive_byte_for_byte(web_lab):
 
 
 @pytest.mark.parametrize("path,event", [("/eicar.com", "virus"), ("/cgi-bin/gz", "virus"),
+                                        ("/cgi-bin/eicar-br", "virus"), ("/cgi-bin/eicar-zstd", "virus"),
                                         ("/cgi-bin/smuggle", "ambiguity")])
 def test_eicar_downloads_are_stopped(web_lab, path, event):
     alice, alerts = web_lab["alice"], web_lab["alerts"]

@@ -14,7 +14,9 @@ import time
 import zlib
 from pathlib import Path
 
+import brotli
 import pytest
+from backports import zstd
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))   # scanners/ is not an installed package
@@ -82,6 +84,10 @@ CLEAN_CONVERSATIONS = {
     "content-length": (GET, resp(CLEAN)),
     "chunked": (GET, resp(chunked(CLEAN), b"Transfer-Encoding: chunked", length=False)),
     "gzip": (GET, resp(gzip.compress(CLEAN), b"Content-Encoding: gzip")),
+    "br": (GET, resp(brotli.compress(CLEAN), b"Content-Encoding: br")),
+    "zstd chunked": (GET, resp(chunked(zstd.compress(CLEAN)), b"Content-Encoding: zstd",
+                               b"Transfer-Encoding: chunked", length=False)),
+    "gzip, br": (GET, resp(brotli.compress(gzip.compress(CLEAN)), b"Content-Encoding: gzip, br")),
     "deflate chunked": (GET, resp(chunked(zlib.compress(CLEAN)), b"Content-Encoding: deflate",
                                   b"Transfer-Encoding: chunked", length=False)),
     "close-delimited 1.0": (b"GET / HTTP/1.0\r\n\r\n", b"HTTP/1.0 200 OK\r\nContent-Type: text/html\r\n\r\n" + CLEAN),
@@ -129,6 +135,9 @@ def test_a_response_is_held_until_its_last_byte_and_more_is_asked_once():
     resp(chunked(EICAR, 5), b"Transfer-Encoding: chunked", length=False),
     resp(gzip.compress(gzip.compress(EICAR)), b"Content-Encoding: gzip, gzip"),
     resp(gzip.compress(EICAR), b"Content-Encoding: gzip", b"Content-Disposition: attachment; filename=\"e.com\""),
+    resp(brotli.compress(EICAR), b"Content-Encoding: br"),
+    resp(chunked(zstd.compress(EICAR), 7), b"Content-Encoding: zstd", b"Transfer-Encoding: chunked", length=False),
+    resp(zstd.compress(brotli.compress(EICAR)), b"Content-Encoding: br", b"Content-Encoding: zstd"),
     b"HTTP/1.0 200 OK\r\n\r\n" + EICAR,
 ])
 @pytest.mark.parametrize("step", [0, 3])
@@ -271,9 +280,26 @@ def test_bombs_oversize_and_tunnels():
     assert not killed(acts) and ("pass_all", TO_GUEST) in acts
 
 
+def test_br_and_zstd_bombs_and_big_windows_are_ambiguities():
+    for coding, bomb in ((b"br", brotli.compress(b"\0" * (4 << 20))), (b"zstd", zstd.compress(b"\0" * (4 << 20)))):
+        acts = run_core(scanner(max_decoded_bytes=1 << 20), GET, resp(bomb, b"Content-Encoding: " + coding))
+        assert killed(acts) and alerts(acts)[0][2]["kind"] == "decompression_bomb" and passed(acts, TO_GUEST) == 0
+    # a frame that asks for a 16 MiB window: refused (browsers stop at 8 MiB) unless the config allows it
+    frame = b"\x28\xb5\x2f\xfd\x00\x70" + (1 | len(EICAR) << 3).to_bytes(3, "little") + EICAR
+    acts = run_core(scanner(), GET, resp(frame, b"Content-Encoding: zstd"))
+    assert killed(acts) and "window" in alerts(acts)[0][2]["detail"]
+    acts = run_core(scanner(max_window_size=16 << 20), GET, resp(frame, b"Content-Encoding: zstd"))
+    assert killed(acts) and alerts(acts)[0][2]["verdict"] == "EICAR-Test-File"
+    # alert mode: a truncated br response goes on, with what it decoded to checked
+    acts = run_core(scanner(uninspectable="alert"), GET, resp(brotli.compress(b"clean " * 100)[:-2],
+                                                              b"Content-Encoding: br"))
+    assert not killed(acts) and alerts(acts)[0][2]["kind"] == "compressed_truncated"
+
+
 def test_config_is_checked():
     for bad in ({"ports": []}, {"uninspectable": "maybe"}, {"tolerate": ["nonsense"]}, {"bad_sha256": ["xyz"]},
-                {"alert_object_bytes": 50000}, {"frobnicate": 1}, {"max_body_bytes": 0}):
+                {"alert_object_bytes": 50000}, {"frobnicate": 1}, {"max_body_bytes": 0},
+                {"max_window_size": 512}, {"max_window_size": 1 << 32}):
         with pytest.raises(ConfigError):
             load_config(bad)
 
@@ -417,6 +443,51 @@ def test_e2e_infected_response_is_replaced_and_alerted(kits_made):
     assert k.nk("a").streams_killed == 0 and sp.counters.refused == 0
 
 
+def test_e2e_br_and_zstd_in_the_sandboxed_scanner(kits_made):
+    """The scanner process, confined as always, imports the br and zstd decoders staged beside
+    the SDK: a clean br download arrives byte for byte, a zstd-compressed EICAR is replaced."""
+    from tcpkit import Conn
+    rep = example_replacement()
+    k = _e2e_kit(kits_made, {"replacement_injection": "blocked"},
+                 inject=[{"name": "blocked", "stream": rep.decode()}])
+    ready = k.wait_alert("web-download scanner ready", "a", "webdl")
+    assert ready["fields"]["undecodable"] == []
+    assert k.sp("a", "webdl")._check_confinement() is None        # the real sandbox
+    c = Conn(k, sport=80)
+    c.open()
+    c.send("a", c.data("a", GET + GET))
+    assert _got(k, "b", 2 * len(GET)) == GET + GET
+    good = resp(brotli.compress(CLEAN[:3000]), b"Content-Encoding: br")
+    bad = resp(chunked(zstd.compress(EICAR), 10), b"Content-Encoding: zstd", b"Transfer-Encoding: chunked",
+               length=False)
+    c.send("b", c.data("b", good + bad))
+    alert = k.wait_alert("response replaced", "a", "webdl")
+    f = alert["fields"]
+    assert (f["verdict"], f["content_encoding"], f["decoded_layers"]) == ("EICAR-Test-File", ["zstd"], ["zstd"])
+    assert _stream_at(k, c, "a", len(good + rep)) == good + rep
+    assert k.nk("a").streams_killed == 0
+
+
+def test_e2e_without_the_decoder_libraries_br_is_uninspectable_and_said_so(kits_made, monkeypatch):
+    """Where the libraries cannot be staged, the scanner says so once at start and a br response
+    is what it was before the decoders: uninspectable (killed by default)."""
+    from tcpkit import Conn
+    from vhostni import sandbox
+    monkeypatch.setattr(sandbox, "SDK_LIBRARIES", ())
+    k = _e2e_kit(kits_made, {})
+    missing = k.wait_alert("cannot decode Content-Encoding br", "a", "webdl")
+    assert missing["fields"]["event"] == "decoder_missing" and missing["fields"]["coding"] == "br"
+    assert k.wait_alert("cannot decode Content-Encoding zstd", "a", "webdl")["fields"]["coding"] == "zstd"
+    c = Conn(k, sport=80)
+    c.open()
+    c.send("a", c.data("a", GET))
+    assert _got(k, "b", len(GET)) == GET
+    c.send("b", c.data("b", resp(brotli.compress(CLEAN[:3000]), b"Content-Encoding: br")))
+    alert = k.wait_alert("ambiguous HTTP", "a", "webdl")
+    assert alert["fields"]["kind"] == "unsupported_content_encoding" and alert["fields"]["action"] == "kill"
+    assert len(k.alerts_matching("cannot decode Content-Encoding br", "a", "webdl")) == 1
+
+
 # ---------------------------------------------------------------------------
 # Offline replay: the HTTP Evader deliveries and clean downloads as one capture, through the
 # NI kernel and the scanner process as examples/webdl.toml ships them
@@ -520,6 +591,8 @@ def test_replay_of_http_evader_and_clean_downloads(tmp_path):
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 _PIECES = [GET, b"HEAD / HTTP/1.1\r\n\r\n", resp(b"ok"), resp(EICAR), resp(gzip.compress(EICAR), b"Content-Encoding: gzip"),
+           resp(brotli.compress(EICAR), b"Content-Encoding: br"), resp(zstd.compress(EICAR), b"Content-Encoding: zstd"),
+           brotli.compress(EICAR)[:9], zstd.compress(EICAR)[9:], b"Content-Encoding: br, zstd\r\n",
            b"HTTP/1.1 200 OK\r\n", b"Transfer-Encoding: chunked\r\n", b"Content-Length: 3\r\n", b"\r\n", b"5\r\nhello\r\n",
            b"0\r\n\r\n", b"\n", b"\r", b"\0", b" ", EICAR[:20], EICAR[20:]]
 

@@ -24,6 +24,7 @@ import select
 import signal
 import socket
 import stat
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -194,6 +195,7 @@ class Daemon:
         self.housekeepers: list[Callable[[], None]] = []   # called every HOUSEKEEPING_MS
         self._stop = False
         self._reload = False
+        self._reloading = False       # a background reload is loading (reload_policies_in_background)
         self.uncaught = 0                  # exceptions _guarded caught: bugs, see the log
         self._broken_seen = 0               # ports broken at the last housekeeping tick
         self.stats_error: Optional[str] = None   # why --stats-file cannot be written now
@@ -256,6 +258,49 @@ class Daemon:
                 log.exception("NI %s: policy %s not reloaded", name, path)
                 continue
             log.info("NI %s: policy reloaded from %s", name, path)
+
+    def reload_policies_in_background(self) -> None:
+        """SIGHUP: reload_policies with the loading (parsing, compiling signature rules: seconds
+        for 10,000 rules) on a worker thread, so the data plane never waits for it; each policy
+        that loaded is applied on this thread (call_soon), an atomic switch between batches."""
+        if self._reloading:
+            self._reload = True        # one more after the one running: the file changed again
+            return
+        self._reloading = True
+        files = list(self.policy_files.items())
+
+        def load() -> None:
+            done = []
+            for name, path in files:
+                try:
+                    done.append((name, path, load_policy(path), None))
+                except (OSError, PolicyError) as exc:
+                    done.append((name, path, None, exc))
+                except Exception as exc:  # noqa: BLE001 - a bug must not take every NI down
+                    log.exception("NI %s: policy %s not reloaded", name, path)
+                    done.append((name, path, None, exc))
+            self.call_soon(lambda: apply(done))
+
+        def apply(done) -> None:
+            self._reloading = False
+            for name, path, pol, exc in done:
+                if pol is None:
+                    log.error("NI %s: policy %s not reloaded, keeping the old one: %s", name, path, exc)
+                    continue
+                if name not in self.nis or self.policy_files.get(name) != path:
+                    continue           # removed or given another policy meanwhile
+                try:
+                    self.set_policy(name, pol, path)
+                except PolicyError as exc:
+                    log.error("NI %s: policy %s not reloaded, keeping the old one: %s", name, path, exc)
+                    continue
+                except Exception:     # noqa: BLE001
+                    log.exception("NI %s: policy %s not reloaded", name, path)
+                    continue
+                log.info("NI %s: policy reloaded from %s", name, path)
+            notify("READY=1")
+
+        threading.Thread(target=load, name="vhostni-policy-load", daemon=True).start()
 
     def set_policy(self, name: str, pol, path: Optional[str] = None) -> None:
         """Gives NI ``name`` a validated policy at once (attaching its NI kernel if it had
@@ -345,8 +390,8 @@ class Daemon:
                 if self._reload:
                     self._reload = False
                     notify("RELOADING=1")
-                    self._guarded(self.reload_policies)
-                    notify("READY=1")
+                    self._guarded(self.reload_policies_in_background)
+
                 now = time.monotonic()
                 if now - last_house >= HOUSEKEEPING_MS / 1000 or now >= self.kernel.next_deadline:
                     self._guarded(self.kernel.housekeeping)

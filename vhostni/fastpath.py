@@ -95,6 +95,48 @@ class StreamEvent:
     midstream: bool    # adopted mid-stream: offset 0 is where the NI picked it up
 
 
+FLOW_EVENTS = {"open": lib.VN_FLOW_EV_OPEN, "state": lib.VN_FLOW_EV_STATE,
+               "close": lib.VN_FLOW_EV_CLOSE, "summary": lib.VN_FLOW_EV_SUMMARY}
+FLOW_EVENT_NAMES = {v: k for k, v in FLOW_EVENTS.items()}
+# the flow state bits (csrc/vhostni.h VN_FLOW_*), by the names scanners see
+FLOW_STATES = {"syn": lib.VN_FLOW_SYN, "synack": lib.VN_FLOW_SYNACK,
+               "established": lib.VN_FLOW_ESTABLISHED, "reset": lib.VN_FLOW_RESET,
+               "fin_initiator": lib.VN_FLOW_FIN_INIT, "fin_responder": lib.VN_FLOW_FIN_RESP,
+               "unanswered": lib.VN_FLOW_UNANSWERED, "incomplete": lib.VN_FLOW_INCOMPLETE,
+               "answered": lib.VN_FLOW_ANSWERED, "icmp_error": lib.VN_FLOW_ICMP_ERROR,
+               "midstream": lib.VN_FLOW_MIDSTREAM}
+FLOW_END_REASONS = {lib.VN_FLOW_END_IDLE: "idle", lib.VN_FLOW_END_FIN: "fin",
+                    lib.VN_FLOW_END_RESET: "reset", lib.VN_FLOW_END_UNANSWERED: "unanswered",
+                    lib.VN_FLOW_END_GONE: "gone"}
+
+
+@dataclass(slots=True)
+class FlowEvent:
+    """A flow opened, changed state, closed or was summarised (one vn_flow_event); pairs
+    are per direction (index 0: from the guest, 1: to it), times Unix ns."""
+    flow: int
+    port: int
+    kind: str          # open, state, close, summary
+    change: str        # state: the FLOW_STATES name that became true; else ""
+    reason: str        # close: FLOW_END_REASONS; else ""
+    state: tuple       # FLOW_STATES names true now
+    family: int
+    proto: int
+    initiator: int     # 1: the guest sent the first packet; 2: the remote did
+    guest_addr: bytes
+    remote_addr: bytes
+    guest_port: int
+    remote_port: int
+    packets: tuple
+    bytes: tuple
+    start_ns: int
+    last_ns: int
+    time_ns: int
+    icmp_type: int     # the last ICMP error that answered it; -1: none
+    icmp_code: int
+    icmp_from: bytes
+
+
 class _KernelSide:
     """Switch methods for the NI kernel (mixed into Switch)."""
     _sw: object
@@ -171,8 +213,30 @@ class _KernelSide:
         return int(lib.vn_tcp_bytes(self._sw, port))
 
     def tcp_housekeeping(self) -> None:
-        """Idle timers and retransmissions of the TCP engine."""
+        """Idle timers and retransmissions of the TCP engine, and the flow stage's expiry."""
         lib.vn_tcp_housekeeping(self._sw)
+        lib.vn_flow_housekeeping(self._sw)
+
+    def next_flow_event(self) -> Optional[FlowEvent]:
+        """The next flow event waiting for the kernel, or None."""
+        ev = self._scratch("_fev", "struct vn_flow_event *")
+        if not lib.vn_flow_next(self._sw, ev):
+            return None
+        n = 4 if ev.family == 4 else 16
+        st = ev.state
+        return FlowEvent(
+            int(ev.flow), ev.port, FLOW_EVENT_NAMES.get(ev.kind, "?"),
+            next((k for k, v in FLOW_STATES.items() if v == ev.change), ""),
+            FLOW_END_REASONS.get(ev.reason, "") if ev.kind == lib.VN_FLOW_EV_CLOSE else "",
+            tuple(k for k, v in FLOW_STATES.items() if st & v), ev.family, ev.proto,
+            ev.initiator, bytes(ev.guest_addr[0:n]), bytes(ev.remote_addr[0:n]),
+            ev.guest_port, ev.remote_port, (int(ev.packets[0]), int(ev.packets[1])),
+            (int(ev.bytes[0]), int(ev.bytes[1])), int(ev.start_ns), int(ev.last_ns),
+            int(ev.time_ns), ev.icmp_type, ev.icmp_code, bytes(ev.icmp_from[0:n]))
+
+    def flow_count(self, port: int) -> int:
+        """Flows in the flow table of a port (0 while its policy has the stage off)."""
+        return max(0, lib.vn_flow_count(self._sw, port))
 
 
 class Switch(_KernelSide):
@@ -289,6 +353,7 @@ class Port:
     # installed policy names no MAC of its own.
     fallback_mac: Optional[bytes] = None
     _cpolicy = None                 # the last policy installed, to re-apply a new fallback
+    _sigstage = None                # the signature stage installed (kept alive while it is)
     _cpolicy_own_mac = False
 
     def set_policy(self, cpolicy) -> None:
@@ -300,6 +365,30 @@ class Port:
             cpolicy.mac[0:6] = self.fallback_mac
         _check("set policy", lib.vn_port_set_policy(self._sw, self.index, cpolicy))
         self._cpolicy, self._cpolicy_own_mac = cpolicy, own
+
+    def set_sigstage(self, stage) -> None:
+        """Installs a compiled signature stage (vhostni.signatures.stage.Stage; None: none) at
+        once: new connections use it, open ones finish with the stage they started with."""
+        _check("set signature stage",
+               lib.vn_port_set_sigstage(self._sw, self.index, stage.ptr if stage is not None else ffi.NULL))
+        self._sigstage = stage
+
+    def sig_alerts(self, limit: int = 4096) -> list:
+        """The signature stage's matches since the last call (``struct vn_sig_alert`` copies)."""
+        out = []
+        for _ in range(limit):
+            a = ffi.new("struct vn_sig_alert *")
+            if not lib.vn_sig_alerts_next(self._sw, self.index, a):
+                break
+            out.append(a)
+        return out
+
+    def sig_rule_counts(self, n: int) -> tuple[list[int], list[int]]:
+        """Per rule of the installed stage (its index order): matches, drops."""
+        m = ffi.new("uint64_t[]", max(n, 1))
+        d = ffi.new("uint64_t[]", max(n, 1))
+        k = lib.vn_sig_rule_counts(self._sw, self.index, m, d, n)
+        return [int(m[i]) for i in range(max(k, 0))], [int(d[i]) for i in range(max(k, 0))]
 
     def set_fallback_mac(self, mac: Optional[bytes]) -> None:
         """The MAC anti-spoofing falls back to when the policy names none (None: forget it);

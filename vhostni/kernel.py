@@ -31,6 +31,7 @@ path's punt and stream queues.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import subprocess
 import time
@@ -42,7 +43,8 @@ from .alertlog import AlertLog
 from .fastpath import MAX_STREAM_SUBS, MAX_SUBS
 from .scanstate import CheckpointStore
 from .policy import Match, Policy, StreamMatch, check_wire
-from .scannerproc import LOCKDOWN_GRACE, ScannerProc, StreamSub, Sub
+from .scannerproc import LOCKDOWN_GRACE, FlowSub, ScannerProc, StreamSub, Sub
+from .scanner import wire
 from .streams import KStream, StreamBroker
 
 log = logging.getLogger("vhostni.kernel")
@@ -68,6 +70,7 @@ class NIKernel(StreamBroker):
         self.policy = policy
         self.subs: list[Sub] = []
         self.stream_subs: list[StreamSub] = []
+        self.flow_subs: list[FlowSub] = []
         self.streams: dict[int, KStream] = {}
         self.streams_killed = 0
         self.held: dict[int, Held] = {}
@@ -81,24 +84,55 @@ class NIKernel(StreamBroker):
         self._stream_owners: list = []
         for spec in policy.scanners:
             self.scanners[spec.name] = ScannerProc(self, spec)
+        self._sig_rules: list = []
+        self._sig_by_sid: dict = {}
         self.apply()
+        self.install_signatures()
 
     def start(self) -> None:
         for sp in self.scanners.values():
             sp.start()
         self.check_ready(time.monotonic())
-        self.note_signatures()
 
-    def note_signatures(self) -> None:
-        """A policy's [signatures] are parsed and compiled but not yet matched in the data
-        path: say so loudly (log and alert log), so no administrator takes them for a wall."""
+    def install_signatures(self) -> None:
+        """The policy's [signatures] stage goes into the data path (csrc/sigstage.c): one
+        pointer swap on this (the data-plane) thread, the rules were compiled where the policy
+        was loaded.  New connections use the new rules; open ones finish with the rules they
+        started with (a stream never restarts mid-way)."""
+        self.drain_signatures()     # alerts name rules by their index in the stage they came from
         sig = self.policy.signatures
-        if sig is not None:
-            log.warning("NI %s: %d signature rules loaded but NOT enforced: the in-line "
-                        "payload stage is not in this version", self.name, sig.ruleset.accepted)
-            self.kernel.alerts.append(self.name, None, "signature rules loaded but not enforced "
-                                      "(the in-line payload stage is not in this version)",
-                                      rules=sig.ruleset.accepted, skipped=sig.ruleset.skipped)
+        stage = sig.stage if sig is not None else None
+        self.port.set_sigstage(stage)
+        if stage is not None:
+            self._sig_rules = stage.rules
+            for r in stage.rules:
+                self._sig_by_sid[(r.gid, r.sid)] = r
+            log.info("NI %s: %d signature rules in the data path (%d stream, %d packet)",
+                     self.name, sig.ruleset.accepted, stage.nstream, len(stage.rules) - stage.nstream)
+
+    def drain_signatures(self) -> None:
+        """The signature stage's matches into the alert log (durable, EVE field names)."""
+        from .signatures.stage import alert_fields
+        for a in self.port.sig_alerts():
+            rule = None
+            if a.rule < len(self._sig_rules) and self._sig_rules[a.rule].sid == a.sid:
+                rule = self._sig_rules[a.rule]
+            else:           # from a connection still on the rules of an older policy
+                rule = next((r for (g, s), r in self._sig_by_sid.items() if s == a.sid), None)
+            msg, fields = alert_fields(a, rule)
+            self.kernel.alerts.append(self.name, None, msg, **fields)
+
+    def signature_counts(self) -> Optional[dict]:
+        """Per-rule matches and drops of the installed stage (rules that matched at least once)."""
+        if self.policy.signatures is None or not self._sig_rules:
+            return None
+        m, d = self.port.sig_rule_counts(len(self._sig_rules))
+        st = self.port.stats()
+        per = {str(r.sid): {"matches": m[i], "drops": d[i], "msg": r.msg}
+               for i, r in enumerate(self._sig_rules[:len(m)]) if m[i]}
+        return {"rules": self.policy.signatures.ruleset.accepted,
+                "skipped": self.policy.signatures.ruleset.skipped,
+                **{k: v for k, v in st.items() if k.startswith("sig_")}, "per_rule": per}
 
     def _not_ready(self) -> frozenset:
         return frozenset(n for n, sp in self.scanners.items() if not sp.ready)
@@ -122,7 +156,9 @@ class NIKernel(StreamBroker):
         subs, owners = self._with_cover(subs, owners, cover, Match(), MAX_SUBS)
         ssubs, sowners = self._with_cover(ssubs, sowners, scover, StreamMatch(), MAX_STREAM_SUBS)
         self._owners, self._stream_owners = owners, sowners
-        self.port.set_policy(self.policy.compile(subs, ssubs))
+        flow_events = frozenset().union(*(s.match.events for s in self.flow_subs)) \
+            if self.flow_subs else None
+        self.port.set_policy(self.policy.compile(subs, ssubs, flow_events))
 
     def _with_cover(self, subs, owners, cover, everything, room):
         if len(subs) + len(cover) <= room:
@@ -189,6 +225,27 @@ class NIKernel(StreamBroker):
         self.apply()
         return None
 
+    def add_flow_sub(self, sub: FlowSub) -> Optional[str]:
+        if sub in self.flow_subs:
+            return None
+        if len(self.flow_subs) >= 64:
+            return "this NI has no room for more flows subscriptions (64)"
+        self.flow_subs.append(sub)
+        self.apply()
+        return None
+
+    def flow_event(self, ev) -> None:
+        """Sends one flow event of the fast path to each scanner whose flows subscription
+        covers it (one message per scanner, however many of its subscriptions match)."""
+        names = {s.scanner for s in self.flow_subs if s.match.matches(ev.proto, ev.initiator, ev.kind)}
+        if not names:
+            return
+        msg = wire.encode_control(flow_message(ev))
+        for name in sorted(names):
+            sp = self.scanners.get(name)
+            if sp is not None and sp.running:
+                sp.send_flow(msg)
+
     def add_sub(self, sub: Sub) -> Optional[str]:
         self.kernel.on_punts()         # compiled indices shift: hand out what matched first
         for s in self.subs:
@@ -230,8 +287,10 @@ class NIKernel(StreamBroker):
         self.stream_subs = [s for s in self.stream_subs if s.scanner in old and any(
             s.match.within(r.match) and (r.contain or not s.contain)
             for r in old[s.scanner].spec.stream_rights)]
+        self.flow_subs = [s for s in self.flow_subs if s.scanner in old and any(
+            s.match.within(r) for r in old[s.scanner].spec.flow_rights)]
         self.apply()
-        self.note_signatures()
+        self.install_signatures()
 
     # ---- held frames
     def punted(self, p) -> None:
@@ -337,6 +396,8 @@ class NIKernel(StreamBroker):
             self.kernel.release(held_id, self.policy.default_pass)
         self.held.clear()
         self.streams.clear()
+        self.drain_signatures()
+        self.port.set_sigstage(None)
         self.port.clear_policy()
 
     def deadline(self) -> float:
@@ -358,14 +419,38 @@ class NIKernel(StreamBroker):
         sw = self.kernel.switch
         return {"policy": self.policy.source, "subscriptions": len(self.subs),
                 "stream_subscriptions": len(self.stream_subs), "streams": len(self.streams),
+                "flow_subscriptions": len(self.flow_subs),
+                "flows": sw.flow_count(self.port.index),
                 "streams_killed": self.streams_killed,
                 "tcp_flows": sw.tcp_flows(self.port.index),
                 "tcp_bytes": sw.tcp_bytes(self.port.index),
                 "held": len(self.held), "decided_by_timeout": self.decided_by_timeout,
                 "scanners_not_ready": sorted(self.covered), "cut_before_ready": self.cut_before_ready,
-                "scanners": {n: sp.info() for n, sp in self.scanners.items()}}
+                "scanners": {n: sp.info() for n, sp in self.scanners.items()},
+                "signatures": self.signature_counts()}
 
 
+
+
+def _addr(raw: bytes) -> str:
+    return str(ipaddress.ip_address(raw))
+
+
+def flow_message(ev) -> dict:
+    """The ``flow`` control message of one fast-path flow event (scanner/wire.py)."""
+    body = {"op": "flow", "event": ev.kind, "flow": ev.flow, "family": ev.family,
+            "proto": ev.proto, "initiator": "guest" if ev.initiator == 1 else "remote",
+            "guest": [_addr(ev.guest_addr), ev.guest_port],
+            "remote": [_addr(ev.remote_addr), ev.remote_port],
+            "state": list(ev.state), "packets": list(ev.packets), "bytes": list(ev.bytes),
+            "start": ev.start_ns / 1e9, "last": ev.last_ns / 1e9, "time": ev.time_ns / 1e9}
+    if ev.change:
+        body["change"] = ev.change
+    if ev.reason:
+        body["reason"] = ev.reason
+    if ev.icmp_type >= 0:
+        body["icmp"] = {"type": ev.icmp_type, "code": ev.icmp_code, "from": _addr(ev.icmp_from)}
+    return body
 
 
 class Kernel:
@@ -471,11 +556,23 @@ class Kernel:
                     sw.stream_kill(ev.stream)
                 continue
             nk.stream_event(ev)
+        for _ in range(4096):
+            fev = sw.next_flow_event()
+            if fev is None:
+                break
+            nk = self.nis.get(fev.port)
+            if nk is not None:
+                nk.flow_event(fev)
+        for nk in self.nis.values():
+            if nk.policy.signatures is not None:
+                nk.drain_signatures()
         self._update_deadline()
 
     def _update_deadline(self) -> None:
-        self.next_deadline = min(min((nk.deadline() for nk in self.nis.values()), default=float("inf")),
-                                 self._restarts_due())
+        self.hold_deadline = min((nk.deadline() for nk in self.nis.values()), default=float("inf"))
+        # hold deadlines are on self.clock: the loop waits for them only when that is its own clock
+        holds = self.hold_deadline if self.clock is time.monotonic else float("inf")
+        self.next_deadline = min(holds, self._restarts_due())
 
     def _restarts_due(self) -> float:
         """When the earliest scanner restart is due (or a scanner whose socket closed is to be

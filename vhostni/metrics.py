@@ -70,7 +70,8 @@ class _BoundedServer(ThreadingMixIn, WSGIServer):
             self._slots.release()
 
 # port counters that are not monotonic
-_PORT_GAUGES = {"backlog_max": "deepest receive backlog seen"}
+_PORT_GAUGES = {"backlog_max": "deepest receive backlog seen",
+                "flows_active": "flows in the NI's flow table now (csrc/flow.c)"}
 # kernel figures (NIKernel.info) that are levels, not counts
 _KERNEL_GAUGES = {
     "held": ("vhostni_ni_held_frames", "frames held for scanner decisions now"),
@@ -79,6 +80,7 @@ _KERNEL_GAUGES = {
     "streams": ("vhostni_ni_streams", "reconstructed streams handed to scanners now"),
     "subscriptions": ("vhostni_ni_subscriptions", "frame subscriptions granted"),
     "stream_subscriptions": ("vhostni_ni_stream_subscriptions", "stream subscriptions granted"),
+    "flow_subscriptions": ("vhostni_ni_flow_subscriptions", "flows subscriptions granted"),
 }
 _KERNEL_COUNTERS = {
     "decided_by_timeout": ("vhostni_ni_decided_by_timeout", "held frames decided by the hold timeout"),

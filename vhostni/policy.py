@@ -15,12 +15,42 @@ listed flags set, !-prefixed clear) and ``terms`` (raw [{offset, value, mask}] b
 the frame, hex strings).  A subscription is granted only if it is at least as narrow as
 one of the scanner's rights (every constraint of the right holds for it).
 
+A subscription or right (not a prevent or quarantine rule: those run before the flow stage)
+may add ``flow = "new"``: only the frames that open their flow in their direction, in the
+NI's flow table (csrc/flow.c, one entry per 5-tuple): a flow's first frame, and every later
+one that way until one of them left the NI (forwarded unheld, or passed by every scanner
+holding it).  So a scanner that decides destinations holds a UDP flow's or an echo's first
+datagram, not the rest; a frame it cut leaves the flow unopened, so the next one is held
+too, and frames that come while the first waits for its decision are held with it.  A
+frame the flow stage cannot put in a flow (a later fragment whose first was not seen, an
+unparsed header let through, ICMP other than echo-like, the table full with ``flows_over =
+pass``) counts as opening one: it is matched (held), never waved through.  Such a
+subscription turns the flow stage on for the NI.  A right without ``flow`` covers a
+subscription with it (it is narrower); a right with it covers only such subscriptions.
+TCP data that a stream subscription held meets frame subscriptions again when released, and
+then counts as opening its flow (no flow stage sees it there); a SYN that reuses the 5-tuple of a
+connection still in the table does not open a new flow: for TCP, match ``tcp_flags`` instead.
+
 A *stream* right or subscription (``stream = true``) names reconstructed TCP streams instead
 of frames: ``port`` (the server port, i.e. the destination port of the connection's SYN; a
 port, "lo-hi" or [lo, hi]; all ports if absent) and ``direction`` (which bytes: from_guest,
 to_guest or both, the default).  A stream subscription is granted only if its ports and
 directions lie within one of the scanner's stream rights (and contain only if that right
 has contain).
+
+A *flows* right or subscription (``flows = true``) names the events of the NI's flow stage
+(csrc/flow.c: one entry per 5-tuple, both directions) instead of frames: ``proto`` (a
+protocol name or number, or a list of them; all if absent), ``direction`` (who opened the
+flow: from_guest, to_guest, or both, the default) and, in a subscription only, ``events``
+(open, state, close, summary; all if absent).  Flows are read rights only: an event
+reports, it holds nothing.  A flows subscription is granted only if its protocols and
+directions lie within one of the scanner's flows rights.  The stage runs on an NI only
+while a scanner subscribes to flows or ``[ni] flows = true``; ``[ni] flows_max`` bounds its
+table (``flows_over``: drop, fail closed, or pass), ``flow_events_max`` the events waiting
+for the kernel, ``flow_tcp_idle_ms``, ``flow_udp_idle_ms`` and ``flow_other_idle_ms`` expire
+idle flows, ``flow_tcp_syn_ms`` is how long a SYN waits for its answer (and how long a reset
+or finished connection lingers) and ``flow_summary_ms`` how often a long flow is summarised
+(0: never).
 
 ``[[scanner.inject]]`` pre-registers what a scanner may put on the wire, by index or name:
 ``{name, frame}`` a whole Ethernet frame (hex), or ``{name, stream}`` / ``{name, stream_hex}``
@@ -53,7 +83,10 @@ ETHERTYPES = {"ipv4": 0x0800, "ipv6": 0x86DD, "arp": 0x0806}  # the innermost ty
 PROTOS = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "sctp": 132}
 TCP_FLAGS = {"fin": 0x01, "syn": 0x02, "rst": 0x04, "psh": 0x08, "ack": 0x10, "urg": 0x20,
              "ece": 0x40, "cwr": 0x80}
-MATCH_KEYS = {"direction", "ethertype", "proto", "src", "dst", "sport", "dport", "tcp_flags", "terms"}
+MATCH_KEYS = {"direction", "ethertype", "proto", "src", "dst", "sport", "dport", "tcp_flags", "terms",
+              "flow"}
+# a match's ``flow`` key (subscriptions and rights only): "new", frames that open their flow
+FLOW_MATCH = ("new",)
 # [ni] on_alert: what the NI does by itself when one of its scanners raises an alert
 # (none; quarantine, see [quarantine]; link-down: QEMU's set_link plus dropping every frame).
 ON_ALERT = ("none", "quarantine", "link-down")
@@ -92,6 +125,7 @@ class Match:
     flags_mask: int = 0
     flags_value: int = 0
     terms: tuple[tuple[int, bytes, bytes], ...] = ()
+    flow_new: bool = False     # flow = "new": only frames that open their flow
 
     def directions(self) -> int:
         return self.dirs or (DIR_FROM | DIR_TO)
@@ -104,6 +138,8 @@ class Match:
             return False
         if right.proto >= 0 and self.proto != right.proto:
             return False
+        if right.flow_new and not self.flow_new:
+            return False       # a right to flow-opening frames only does not cover the rest
         for mine, theirs in ((self.src, right.src), (self.dst, right.dst)):
             if theirs is not None and (mine is None or mine.version != theirs.version
                                        or not mine.subnet_of(theirs)):
@@ -138,6 +174,7 @@ class Match:
         c.dport_lo, c.dport_hi = self.dport
         c.tcp_flags_mask = self.flags_mask
         c.tcp_flags_value = self.flags_value
+        c.flow_new = 1 if self.flow_new else 0
         c.nterms = len(self.terms)
         for i, (off, val, mask) in enumerate(self.terms):
             c.terms[i].offset = off
@@ -205,13 +242,22 @@ def _hex(where: str, v: Any, maxlen: int) -> bytes:
     return b
 
 
-def parse_match(where: str, d: Any) -> Match:
+def parse_match(where: str, d: Any, flow_ok: bool = True) -> Match:
+    """A match (see the module doc); ``flow_ok``: the ``flow`` key is allowed (subscriptions and
+    rights, not prevent or quarantine rules, which run before the flow stage)."""
     if not isinstance(d, dict):
         raise PolicyError(where, "expected a table of match keys")
     unknown = set(d) - MATCH_KEYS - {"contain", "action", "comment"}
     if unknown:
         raise PolicyError(f"{where}.{sorted(unknown)[0]}", f"unknown key (known: {', '.join(sorted(MATCH_KEYS))})")
     kw: dict[str, Any] = {}
+    if "flow" in d:
+        if not flow_ok:
+            raise PolicyError(f"{where}.flow", "only subscriptions and rights match by flow "
+                                               "(rules run before the flow stage)")
+        if d["flow"] not in FLOW_MATCH:
+            raise PolicyError(f"{where}.flow", f"expected one of {', '.join(FLOW_MATCH)}, not {d['flow']!r}")
+        kw["flow_new"] = True
     if "direction" in d:
         if not isinstance(d["direction"], str) or d["direction"] not in DIRECTIONS:
             raise PolicyError(f"{where}.direction", f"expected one of {', '.join(DIRECTIONS)}")
@@ -318,6 +364,63 @@ def parse_stream_match(where: str, d: Any) -> StreamMatch:
     return StreamMatch(**kw)
 
 
+FLOW_KEYS = {"flows", "proto", "direction", "events"}
+FLOW_EVENT_KINDS = ("open", "state", "close", "summary")
+
+
+@dataclass(frozen=True)
+class FlowMatch:
+    """Flows by protocol and by who opened them, and which of their events."""
+    protos: Optional[frozenset] = None     # None: every protocol
+    dirs: int = 0                          # who initiated; 0: either
+    events: frozenset = frozenset(FLOW_EVENT_KINDS)
+
+    def directions(self) -> int:
+        return self.dirs or (DIR_FROM | DIR_TO)
+
+    def within(self, right: "FlowMatch") -> bool:
+        protos_ok = right.protos is None or (self.protos is not None and self.protos <= right.protos)
+        return protos_ok and not self.directions() & ~right.directions()
+
+    def matches(self, proto: int, initiator: int, kind: str) -> bool:
+        return (kind in self.events and (self.protos is None or proto in self.protos)
+                and bool(self.directions() & initiator))
+
+
+def parse_flow_match(where: str, d: Any, subscription: bool = False) -> FlowMatch:
+    if not isinstance(d, dict):
+        raise PolicyError(where, "expected a table of flows keys")
+    known = FLOW_KEYS if subscription else FLOW_KEYS - {"events"}
+    unknown = set(d) - known - {"comment", "contain"}
+    if unknown:
+        raise PolicyError(f"{where}.{sorted(unknown)[0]}",
+                          f"unknown key for flows (known: {', '.join(sorted(known))})")
+    if d.get("flows") is not True:
+        raise PolicyError(f"{where}.flows", "expected true")
+    if d.get("contain", False) is not False:
+        raise PolicyError(f"{where}.contain", "flows are read rights only: an event holds nothing")
+    kw: dict[str, Any] = {}
+    if "proto" in d:
+        v = d["proto"]
+        items = v if isinstance(v, list) else [v]
+        if not items or len(items) > 16:
+            raise PolicyError(f"{where}.proto", "expected a protocol or a list of 1-16")
+        kw["protos"] = frozenset(_named_int(f"{where}.proto", x, PROTOS, 255) for x in items)
+    if "direction" in d:
+        if not isinstance(d["direction"], str) or d["direction"] not in DIRECTIONS:
+            raise PolicyError(f"{where}.direction", f"expected one of {', '.join(DIRECTIONS)}")
+        kw["dirs"] = DIRECTIONS[d["direction"]]
+        if kw["dirs"] == DIR_FROM | DIR_TO:
+            kw["dirs"] = 0
+    if "events" in d:
+        ev = d["events"]
+        if not isinstance(ev, list) or not ev or not all(isinstance(x, str) and x in FLOW_EVENT_KINDS
+                                                         for x in ev):
+            raise PolicyError(f"{where}.events", f"expected a list of {', '.join(FLOW_EVENT_KINDS)}")
+        kw["events"] = frozenset(ev)
+    return FlowMatch(**kw)
+
+
 @dataclass
 class Right:
     match: Match
@@ -355,6 +458,8 @@ class ScannerSpec:
     resets: bool = False
     # at most this many resets a second (a bucket as deep as one second's): past it, refused
     resets_per_second: float = 1000.0
+    # the flow stage's events it may subscribe to ([[scanner.allow]] flows = true)
+    flow_rights: list[FlowMatch] = field(default_factory=list)
 
 
 @dataclass
@@ -383,6 +488,17 @@ class Policy:
     # both ends (fail closed, the default), drop, pass uninspected, or adopt (inspect it
     # from where the NI picked it up)
     tcp_midstream: str = "reset"
+    # the flow stage (csrc/flow.c): on while a scanner subscribes to flows, or always if
+    # `flows`; its table's bound and exception policy, its event queue, its timeouts
+    flows: bool = False
+    flows_max: int = 16384
+    flows_over_pass: bool = False
+    flow_events_max: int = 4096
+    flow_tcp_idle_ms: int = 600_000
+    flow_tcp_syn_ms: int = 3000
+    flow_udp_idle_ms: int = 60_000
+    flow_other_idle_ms: int = 30_000
+    flow_summary_ms: int = 60_000
     prevent: list[Match] = field(default_factory=list)
     scanners: list[ScannerSpec] = field(default_factory=list)
     source: Optional[str] = None
@@ -392,9 +508,24 @@ class Policy:
     doc: Optional[dict] = None      # the document it was parsed from (what ni-get-policy shows)
 
     def compile(self, subs: list[tuple[Match, bool]] = (),
-                stream_subs: list[tuple[StreamMatch, bool]] = ()):
-        """A ``struct vn_policy`` for the fast path, with the kernel's live subscriptions."""
+                stream_subs: list[tuple[StreamMatch, bool]] = (),
+                flow_events: Optional[frozenset] = None):
+        """A ``struct vn_policy`` for the fast path, with the kernel's live subscriptions;
+        ``flow_events``: the flow events (FLOW_EVENT_KINDS) scanners subscribed to (None:
+        no flows subscription; the stage then runs only if ``flows`` or a subscription has
+        ``flow = "new"``)."""
         c = ffi.new("struct vn_policy *")
+        # a subscription to flow-opening frames needs the stage to know the flows
+        c.flows = 1 if self.flows or flow_events is not None or any(m.flow_new for m, _ in subs) else 0
+        c.flow_events = sum(1 << getattr(lib, f"VN_FLOW_EV_{k.upper()}") for k in flow_events or ())
+        c.flows_max = self.flows_max
+        c.flows_over_pass = 1 if self.flows_over_pass else 0
+        c.flow_events_max = self.flow_events_max
+        c.flow_tcp_idle_ms = self.flow_tcp_idle_ms
+        c.flow_tcp_syn_ms = self.flow_tcp_syn_ms
+        c.flow_udp_idle_ms = self.flow_udp_idle_ms
+        c.flow_other_idle_ms = self.flow_other_idle_ms
+        c.flow_summary_ms = self.flow_summary_ms
         c.anti_spoof = 1 if self.anti_spoof else 0
         if self.mac:
             c.mac_set = 1
@@ -553,7 +684,10 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
                      "held_frames_max", "held_bytes_max", "over_cap", "on_alert", "comment",
                      "tcp_flows_max", "tcp_flows_over", "tcp_bytes_max", "tcp_bytes_over",
                      "tcp_depth_max", "tcp_depth_over", "tcp_idle_timeout_ms", "tcp_resend_max",
-                     "unparsed", "ipv6_router", "guest_vlan", "tcp_midstream"}, "ni")
+                     "unparsed", "ipv6_router", "guest_vlan", "tcp_midstream",
+                     "flows", "flows_max", "flows_over", "flow_events_max", "flow_tcp_idle_ms",
+                     "flow_tcp_syn_ms", "flow_udp_idle_ms", "flow_other_idle_ms",
+                     "flow_summary_ms"}, "ni")
     if "mac" in ni:
         m = _want(ni, "mac", "ni", str)
         if not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}", m):
@@ -625,6 +759,20 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
     if not 1000 <= t <= 86_400_000:
         raise PolicyError("ni.tcp_idle_timeout_ms", "expected 1000..86400000")
     p.tcp_idle_timeout = t / 1000
+    p.flows = _want(ni, "flows", "ni", bool, False)
+    for key, lo, hi in (("flows_max", 1, 1 << 20), ("flow_events_max", 1, 16384),
+                        ("flow_tcp_idle_ms", 1000, 86_400_000), ("flow_tcp_syn_ms", 100, 600_000),
+                        ("flow_udp_idle_ms", 1000, 86_400_000),
+                        ("flow_other_idle_ms", 1000, 86_400_000), ("flow_summary_ms", 0, 86_400_000)):
+        v = _want(ni, key, "ni", int, getattr(p, key))
+        if not lo <= v <= hi:
+            raise PolicyError(f"ni.{key}", f"expected {lo}..{hi}")
+        setattr(p, key, v)
+    fo = _want(ni, "flows_over", "ni", str, "drop")
+    if fo not in ("drop", "pass"):
+        raise PolicyError("ni.flows_over", "expected 'drop' (fail closed: a new flow that finds the "
+                                           "table full is dropped) or 'pass' (it goes on untracked)")
+    p.flows_over_pass = fo == "pass"
 
     q = _want(d, "quarantine", "", dict, {})
     _check_keys(q, {"allow", "comment"}, "quarantine")
@@ -632,13 +780,13 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
     if len(qallow) > lib.VN_MAX_QALLOW:
         raise PolicyError("quarantine.allow", f"at most {lib.VN_MAX_QALLOW} rules")
     for i, r in enumerate(qallow):
-        p.quarantine_allow.append(parse_match(f"quarantine.allow[{i}]", r))
+        p.quarantine_allow.append(parse_match(f"quarantine.allow[{i}]", r, flow_ok=False))
 
     rules = _want(d, "prevent", "", list, [])
     if len(rules) > lib.VN_MAX_RULES:
         raise PolicyError("prevent", f"at most {lib.VN_MAX_RULES} rules")
     for i, r in enumerate(rules):
-        p.prevent.append(parse_match(f"prevent[{i}]", r))
+        p.prevent.append(parse_match(f"prevent[{i}]", r, flow_ok=False))
 
     names = set()
     for i, s in enumerate(_want(d, "scanner", "", list, [])):
@@ -657,19 +805,21 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
         if not all(isinstance(a, str) for a in args):
             raise PolicyError(f"{w}.args", "expected a list of strings")
         argv = _scanner_argv(w, _want(s, "program", w, str, required=True), args, base)
-        rights, stream_rights = [], []
+        rights, stream_rights, flow_rights = [], [], []
         for j, a in enumerate(_want(s, "allow", w, list, [])):
             contain = a.get("contain", False) if isinstance(a, dict) else False
             if not isinstance(contain, bool):
                 raise PolicyError(f"{w}.allow[{j}].contain", "expected true or false")
-            if isinstance(a, dict) and "stream" in a:
+            if isinstance(a, dict) and "flows" in a:
+                flow_rights.append(parse_flow_match(f"{w}.allow[{j}]", a))
+            elif isinstance(a, dict) and "stream" in a:
                 stream_rights.append(StreamRight(parse_stream_match(f"{w}.allow[{j}]", a), contain))
             else:
                 rights.append(Right(parse_match(f"{w}.allow[{j}]", a), contain))
         injections, stream_injections = _injections(w, _want(s, "inject", w, list, []))
         spec = ScannerSpec(name=name, argv=argv, config=_want(s, "config", w, dict, {}),
                            rights=rights, injections=injections, stream_rights=stream_rights,
-                           stream_injections=stream_injections)
+                           stream_injections=stream_injections, flow_rights=flow_rights)
         spec.resets = _want(s, "resets", w, bool, False)
         for key, lo, hi in (("memory_mb", 16, 65536), ("cpu_seconds", 1, 10**7), ("open_files", 8, 65536),
                             ("max_timeouts", 1, 1000), ("messages_per_second", 1, 10**7),

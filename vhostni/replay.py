@@ -42,7 +42,8 @@ Timing model
   (1: real time).
 * An output frame carries the capture timestamp of the input frame whose processing
   delivered it: its own, unless it was held past later frames (a scanner waiting for more
-  data) or released by a timeout at the end, when it carries the last frame's.
+  data) or released by a timeout at the end, when it carries the last frame's (on the
+  capture's clock: the time of the deadline that released it).
 * An alert carries the wall-clock ``time`` it was raised and, when a scanner raised it while
   handling an input frame (before answering that frame's sync), ``frame`` (that record's
   number in IN.pcap, from 1), ``capture_time`` (its timestamp, s) and ``flow`` (its

@@ -6,8 +6,8 @@ The daemon never relies on a scanner to confine itself: assume its author is the
 * puts it in new user, PID, IPC, UTS, mount, network (and cgroup) namespaces: no network
   (only a loopback nobody listens on), no other process visible (it is PID 2 of its own PID
   namespace under bwrap's init, with no /proc), SysV IPC objects that die with it;
-* gives it a read-only file-system view of only what it needs: its staged program and the
-  SDK (``/scanner``), the interpreter and ``/usr/lib`` (stdlib, shared libraries),
+* gives it a read-only file-system view of only what it needs: its staged program, the
+  SDK and the libraries the SDK uses (``/scanner``, see ``stage()``), the interpreter and ``/usr/lib`` (stdlib, shared libraries),
   ``/dev/null``, ``/dev/urandom``, and the unix sockets the administrator granted it
   (policy ``sockets``): no /etc, no host /proc, no /run/vhostni, no other scanner's stage;
 * loads the launcher's seccomp allow-list (``launch_filter()``, passed as ``--seccomp FD``)
@@ -121,14 +121,47 @@ def interpreter() -> str:
                        f"({sys.executable} is not reachable by others; install python3)")
 
 
+# Modules from outside the standard library that the SDK uses where they are installed (its
+# Content-Encoding decoders in scanner/http1.py: br, zstd).  They are staged beside the SDK from
+# wherever the daemon imports them (its venv, or Debian's dist-packages), so a scanner runs the
+# same code the daemon's install has, without seeing the install's path.  One that is missing
+# is skipped: the SDK then reports that coding as undecodable.
+SDK_LIBRARIES = ("brotli", "_brotli", "backports.zstd")
+
+
+def _stage_libraries(lib: str) -> list[str]:
+    """Copies each of SDK_LIBRARIES that this interpreter can import into ``lib`` (a package
+    as its directory, a module as its file); returns the names staged."""
+    import importlib.util
+    staged = []
+    for name in SDK_LIBRARIES:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+            continue
+        dest = os.path.join(lib, *name.split("."))
+        if spec.submodule_search_locations:
+            shutil.copytree(os.path.dirname(spec.origin), dest, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyi", "tests"))
+        else:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            shutil.copy2(spec.origin, os.path.join(os.path.dirname(dest), os.path.basename(spec.origin)))
+        staged.append(name)
+    return staged
+
+
 def stage(argv: list[str], root: str) -> tuple[list[str], str]:
-    """Copies the scanner program (file or directory) and the SDK under ``root``; returns
-    the argv to run and the PYTHONPATH that makes ``vhostni.scanner`` importable."""
+    """Copies the scanner program (file or directory), the SDK and the libraries it uses
+    (SDK_LIBRARIES) under ``root``; returns the argv to run and the PYTHONPATH that makes
+    ``vhostni.scanner`` importable."""
     os.makedirs(root, exist_ok=True)
     os.chmod(root, 0o755)
     lib = os.path.join(root, "lib")
     pkg = os.path.join(lib, "vhostni")
     if not os.path.exists(pkg):
+        _stage_libraries(lib)
         shutil.copytree(SDK_DIR, os.path.join(pkg, "scanner"),
                         ignore=shutil.ignore_patterns("__pycache__"))
         with open(os.path.join(pkg, "__init__.py"), "w") as f:

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 from . import sandbox
-from .policy import (Match, PolicyError, ScannerSpec, StreamMatch, parse_match,
-                     parse_stream_match)
+from .policy import (FlowMatch, Match, PolicyError, ScannerSpec, StreamMatch, parse_flow_match,
+                     parse_match, parse_stream_match)
 from .logtext import printable
 from .scanner import wire
 
@@ -74,6 +74,12 @@ class StreamSub:
     scanner: str
 
 
+@dataclass
+class FlowSub:
+    match: FlowMatch
+    scanner: str
+
+
 
 
 @dataclass
@@ -86,6 +92,7 @@ class ScannerCounters:
     alerts: int = 0
     alerts_suppressed: int = 0
     send_failures: int = 0
+    flow_events: int = 0               # flow events sent to it
     streams: int = 0
     stream_bytes: int = 0
     stream_passes: int = 0
@@ -175,7 +182,8 @@ class ScannerProc:
                 "locked_down": self.locked, "pending_decisions": len(self.pending),
                 "last_error": self.last_error,
                 "rights": [{"contain": r.contain, "match": repr(r.match)} for r in self.spec.rights]
-                + [{"contain": r.contain, "stream": repr(r.match)} for r in self.spec.stream_rights],
+                + [{"contain": r.contain, "stream": repr(r.match)} for r in self.spec.stream_rights]
+                + [{"contain": False, "flows": repr(r)} for r in self.spec.flow_rights],
                 **self.counters.__dict__}
 
     # ---- lifecycle
@@ -566,7 +574,7 @@ class ScannerProc:
         except wire.RequestError as exc:
             self._refuse(exc)
             return
-        if isinstance(req, (wire.Subscribe, wire.StreamSubscribe)):
+        if isinstance(req, (wire.Subscribe, wire.StreamSubscribe, wire.FlowSubscribe)):
             self._subscribe(req)
         elif isinstance(req, wire.StreamInject):
             self._stream_inject(req)
@@ -649,6 +657,9 @@ class ScannerProc:
         if isinstance(req, wire.StreamSubscribe):
             self._subscribe_stream(req)
             return
+        if isinstance(req, wire.FlowSubscribe):
+            self._subscribe_flows(req)
+            return
         contain = req.contain
         try:
             match = parse_match("match", req.match)
@@ -680,6 +691,26 @@ class ScannerProc:
                               contain=contain)
             return
         self._reply(req.id, self.nk.add_stream_sub(StreamSub(match, contain, self.name)))
+
+    def _subscribe_flows(self, req: wire.FlowSubscribe) -> None:
+        try:
+            match = parse_flow_match("subscription", req.fields, subscription=True)
+        except PolicyError as exc:
+            self._reply(req.id, str(exc))
+            return
+        if not any(match.within(r) for r in self.spec.flow_rights):
+            self._reply(req.id, "outside this scanner's rights")
+            self._alert_about("scanner asked for a flows subscription outside its rights",
+                              proto=req.fields.get("proto"), direction=req.fields.get("direction"))
+            return
+        self._reply(req.id, self.nk.add_flow_sub(FlowSub(match, self.name)))
+
+    def send_flow(self, msg: bytes) -> bool:
+        """Sends one flow event, in order behind the stream messages queued for it."""
+        if self.send_stream(msg):
+            self.counters.flow_events += 1
+            return True
+        return False
 
     def _stream_cut(self, req: wire.StreamCut) -> None:
         err = self.nk.stream_cut(self.name, req.stream, req.direction, req.offset, req.length)

@@ -19,6 +19,7 @@ else:   # run as a directory (python3 scanners/webdl): make the package importab
 from vhostni.scanner import (Scanner, ScannerError, StreamClosed, StreamData, StreamEnd,
                              StreamOpened, Refused)
 from vhostni.scanner.clamd import Clamd, ClamdEngine, ClamdError
+from vhostni.scanner.http1 import MISSING_DECODERS
 
 TICK = 1.0
 
@@ -88,7 +89,12 @@ def run(sc: Scanner, core: WebDownloadScanner, engine) -> int:
     sc.alert("web-download scanner ready", event="ready", ports=ports,
              engine="clamd" if engine else "sha256 only", hashes=len(core.cfg["_table"]),
              uninspectable=core.cfg["uninspectable"], tolerate=core.cfg["tolerate"],
-             replacement=core.replacement)
+             replacement=core.replacement, undecodable=sorted(MISSING_DECODERS))
+    for coding, why in sorted(MISSING_DECODERS.items()):
+        sc.alert(f"web-download scanner: cannot decode Content-Encoding {coding} here ({why}): "
+                 f"{coding} responses are uninspectable (uninspectable = {core.cfg['uninspectable']})",
+                 event="decoder_missing", coding=coding, why=why)
+        log(f"Content-Encoding {coding} cannot be decoded here: {why}")
     log(f"scanning HTTP on ports {ports} of {sc.ni} with {'clamd + ' if engine else ''}"
         f"{len(core.cfg['_table'])} known-bad digests; ambiguous responses: {core.cfg['uninspectable']}; "
         + (f"infected responses replaced by injection {core.replacement!r}" if core.replacement

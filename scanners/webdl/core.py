@@ -16,8 +16,9 @@ Both directions of an HTTP/1.x connection go through :class:`vhostni.scanner.htt
 The client's bytes pass as soon as they are parsed.  The server's bytes pass up to the start of
 each response with a body; from there the response is held (``more`` once per response, so a
 body larger than the receiver's window keeps coming) until its last byte arrived.  Then its body,
-transfer coding removed, is decoded as a browser would (Content-Encoding, bounded:
-:func:`~vhostni.scanner.http1.decode_content`) and the decoded object, and the undecoded one if it
+transfer coding removed, is decoded as a browser would (Content-Encoding: gzip, deflate, br, zstd,
+bounded: :func:`~vhostni.scanner.http1.decode_content`; br and zstd where their libraries are
+installed, else they are uninspectable as any coding the decoder lacks) and the decoded object, and the undecoded one if it
 differs, are looked up in the SHA-256 table and given to the engine.  Clean: the response passes,
 byte for byte, and the next one on the connection is read.  Infected: the connection is killed
 before any byte of the response reached the client, with an alert naming the URL, the headers, the
@@ -55,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "max_body_bytes": 32 << 20,       # a response body held (transfer coding removed)
     "max_decoded_bytes": 64 << 20,    # its Content-Encoding undone; beyond: decompression_bomb
     "max_encoding_layers": 3,
+    "max_window_size": 8 << 20,       # a zstd frame's window (decoder memory); beyond: compressed_corrupt
     "max_line": 8192, "max_head": 65536, "max_headers": 256,
     "bad_sha256": [],                 # "HEX" or "HEX NAME"
     "clamd_socket": "",               # "": the digest table only
@@ -89,11 +91,13 @@ def load_config(cfg: Optional[Mapping]) -> dict:
     if not isinstance(out["ports"], list) or not out["ports"] or not all(
             isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in out["ports"]):
         raise ConfigError("ports: expected a non-empty list of ports")
-    for key in ("max_body_bytes", "max_decoded_bytes", "max_encoding_layers", "max_line", "max_head",
+    for key in ("max_body_bytes", "max_decoded_bytes", "max_encoding_layers", "max_window_size", "max_line", "max_head",
                 "max_headers", "alert_object_bytes", "alert_header_bytes"):
         v = out[key]
         if not isinstance(v, int) or isinstance(v, bool) or v < (0 if key.startswith("alert") else 1):
             raise ConfigError(f"{key}: expected a positive integer")
+    if not 1 << 10 <= out["max_window_size"] <= 1 << 31:
+        raise ConfigError("max_window_size: expected 1024 to 2147483648 bytes (zstd's range)")
     if out["alert_object_bytes"] > 40000 or out["alert_header_bytes"] > 8192:
         raise ConfigError("alert_object_bytes at most 40000, alert_header_bytes at most 8192 "
                           "(an alert is at most 64 KiB)")
@@ -323,7 +327,7 @@ class WebDownloadScanner:
         self.stats["responses"] += 1
         resp, raw = held.resp, bytes(held.body)
         dec = decode_content(raw, content_codings(resp.headers), self.cfg["max_encoding_layers"],
-                             self.cfg["max_decoded_bytes"])
+                             self.cfg["max_decoded_bytes"], self.cfg["max_window_size"])
         objects = [("decoded", dec.data)]
         if dec.data != raw:
             objects.append(("raw", raw))      # a client may save it as it came (a .gz, say)

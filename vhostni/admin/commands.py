@@ -156,6 +156,8 @@ def match_to_dict(m: Match) -> dict:
                                   for name, bit in TCP_FLAGS.items() if m.flags_mask & bit)
     if m.terms:
         d["terms"] = [{"offset": off, "value": val.hex(), "mask": mask.hex()} for off, val, mask in m.terms]
+    if m.flow_new:
+        d["flow"] = "new"
     return d
 
 
@@ -188,6 +190,7 @@ def ni_info(ctx, ni) -> dict:
     d["scanners"] = sorted(nk.scanners) if nk else []
     d["held"] = len(nk.held) if nk else 0
     d["subscriptions"] = len(nk.subs) if nk else 0
+    d["signatures"] = nk.signature_counts() if nk else None     # per-rule matches and drops
     d["added_at_run_time"] = ni.name in ctx.runtime_nis
     return d
 

@@ -12,6 +12,9 @@
   throughput under the null stream scanner against plain forwarding, and the e-mail scanner's per-message latency;
 * **webdl** (:mod:`vhostni.bench.webdl`): host-side replay under ``examples/webdl.toml``: the share of the 502
   HTTP Evader deliveries of EICAR that reach the guest, the share of clean downloads damaged, the latency added;
+* **httpguard** (:mod:`vhostni.bench.httpguard`): host-side replay under ``examples/httpguard.toml``: historic
+  overflow requests (Code-Red and others, delivered evasively too) that reach the guest's server, normal requests
+  damaged, the latency the held request adds;
 * **signatures** (:mod:`vhostni.bench.signatures`): the payload stage's matcher (csrc/sig.c) against Hyperscan's
   own stream-mode scan of the same bytes in the same process, and the compile time of 10,000 rules;
 * **detectors** (:mod:`vhostni.bench.detectors`): the worm, port-scan and SYN-bomb detectors against simulated

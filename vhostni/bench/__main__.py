@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import detectors, frameloop, guest_tcp, scale, scanners, signatures, streams, webdl, workers
+from . import detectors, frameloop, guest_tcp, httpguard, scale, scanners, signatures, streams, webdl, workers
 from .backends import DpdkVhostBackend, VhostniBackend, vhostni_unavailable_reason
 from .testpmd import dpdk_version, reap_stale, testpmd_binary
 
@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="bench/out/results.json", help="JSON results file")
     p.add_argument("--logdir", default=None, help="process logs (default: <out dir>/logs)")
-    p.add_argument("--only", choices=("frameloop", "guest-tcp", "scanners", "streams", "signatures", "webdl",
+    p.add_argument("--only", choices=("frameloop", "guest-tcp", "scanners", "streams", "signatures", "webdl", "httpguard",
                                       "scale", "workers", "detectors"), help="run one part only")
     p.add_argument("--no-vhostni", action="store_true", help="baseline only")
     g = p.add_argument_group("frame loop")
@@ -87,6 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     w = p.add_argument_group("webdl (host-side replay: the web-download scanner)")
     w.add_argument("--webdl-rounds", type=int, default=3, help="latency rounds")
     w.add_argument("--webdl-downloads", type=int, default=30, help="downloads per kind, configuration and round")
+    hg = p.add_argument_group("httpguard (host-side replay: the HTTP overflow stage)")
+    hg.add_argument("--httpguard-rounds", type=int, default=3, help="latency rounds")
+    hg.add_argument("--httpguard-requests", type=int, default=30, help="requests per kind, configuration and round")
     sg = p.add_argument_group("signatures (the payload stage's matcher, host-side, one process)")
     sg.add_argument("--sig-rules", type=int, default=1500, help="never-matching rules")
     sg.add_argument("--sig-pcre-share", type=float, default=0.1, help="share of rules with a pcre")
@@ -218,6 +221,8 @@ def report(results: dict) -> str:
         lines += streams.report_lines(st)
     if results.get("webdl"):
         lines += webdl.report_lines(results["webdl"])
+    if results.get("httpguard"):
+        lines += httpguard.report_lines(results["httpguard"])
     for key in ("signatures", "signatures_never_hit"):
         if results.get(key):
             lines += signatures.report_lines(results[key])
@@ -322,6 +327,13 @@ def main(argv=None) -> int:
             wcfg = webdl.WebBenchConfig(rounds=args.webdl_rounds, downloads=args.webdl_downloads,
                                         cpu=int(args.stream_cpu) if args.stream_cpu.strip() else None)
             results["webdl"] = webdl.run_webdl(wcfg, progress=lambda m: print(m, flush=True))
+            save()
+        if args.only in (None, "httpguard"):
+            print("httpguard: the HTTP overflow stage (historic overflows, normal requests, latency), host-side replay",
+                  flush=True)
+            hcfg = httpguard.HttpBenchConfig(rounds=args.httpguard_rounds, requests=args.httpguard_requests,
+                                             cpu=int(args.stream_cpu) if args.stream_cpu.strip() else None)
+            results["httpguard"] = httpguard.run_httpguard(hcfg, progress=lambda m: print(m, flush=True))
             save()
         if args.only in (None, "signatures"):
             sgcfg = signatures.SigBenchConfig(

@@ -6,16 +6,25 @@ pending bookkeeping), both over ``streams`` streams fed round-robin in ``chunk``
 C loop (``vn_sig_bench_streams``: no Python per chunk).  The rules never match the data, as in the
 issue's goal (1,000+ rules, mostly content, some pcre); then the time to parse and compile
 ``compile_rules`` rules.
+
+In-line (``inline``): the same rules as a policy's signature stage on an NI of the C switch, host-side,
+one core: ``streams`` TCP connections (even ones upload, odd ones download; an ACK every second segment;
+handshakes and FINs) carrying make_data()'s text in ``chunk``-byte segments, injected by a C loop
+(``vn_sig_bench_switch``) into two sink ports and drained as they come out.  Three figures in one run,
+as payload Gbit/s: plain forwarding (the NI has a policy, no rules), forwarding with the stage (the TCP
+engine tracks, holds and reassembles every connection, the stage scans each byte before release), and
+Hyperscan's own stream scan of the same payload in the same chunks (``vn_sig_bench_streams`` raw).
 """
 from __future__ import annotations
 
 import os
 import random
 import statistics
+import struct
 import time
 from dataclasses import dataclass
 
-from .._fastpath import lib
+from .._fastpath import ffi, lib
 from ..signatures.engine import SignatureDB
 from ..signatures.rules import Vars, parse_rules
 
@@ -30,6 +39,8 @@ class SigBenchConfig:
     streams: int = 16
     rounds: int = 5
     compile_rules: int = 10000
+    inline: bool = True
+    inline_mbytes: int = 32
 
 
 def vocabulary(seed: int = 2) -> list[bytes]:
@@ -129,6 +140,8 @@ def run_signatures(cfg: SigBenchConfig, progress=print) -> dict:
         "loadavg": os.getloadavg(),
     }
     db.close()
+    if cfg.inline:
+        res.update(run_inline(cfg, make_rules(cfg.rules, cfg.pcre_share, cfg.near_share), progress))
     if cfg.compile_rules <= 0:
         return res
     progress(f"signatures: compiling {cfg.compile_rules} rules")
@@ -146,6 +159,91 @@ def run_signatures(cfg: SigBenchConfig, progress=print) -> dict:
     return res
 
 
+def inline_capture(streams: int, nbytes: int, mss: int) -> tuple[bytes, bytes, int]:
+    """(the pack vn_sig_bench_switch reads, the payload in the order it is sent, payload bytes)."""
+    from .streams import ACK, PSH, Conn, Frames
+    fr = Frames()
+    data = make_data(nbytes * streams)
+    conns = [Conn(fr, 30000 + i, 80) for i in range(streams)]
+    out, payload = [], []
+
+    def put(from_guest: bool, frame: bytes) -> None:
+        out.append(struct.pack("<BH", 0 if from_guest else 1, len(frame)) + frame)
+
+    for c in conns:
+        for k, f in enumerate(c.open()):
+            put(k != 1, f)
+    left, pos, sent = [nbytes] * streams, 0, [0] * streams
+    while any(left):
+        for i, c in enumerate(conns):
+            if not left[i]:
+                continue
+            up = i % 2 == 0
+            n = min(mss, left[i])
+            piece = data[pos:pos + n]
+            pos += n
+            payload.append(piece)
+            put(up, c.seg(up, ACK | PSH, piece))
+            left[i] -= n
+            sent[i] += 1
+            if sent[i] % 2 == 0 or not left[i]:
+                put(not up, c.seg(not up, ACK))
+    for c in conns:
+        for k, f in enumerate(c.close()):
+            put(k != 1, f)
+    return b"".join(out), b"".join(payload), nbytes * streams
+
+
+def run_inline(cfg: SigBenchConfig, text: str, progress=print) -> dict:
+    """Forwarding with and without the stage, and Hyperscan alone, in one run (see the module doc)."""
+    from ..fastpath import Switch
+    from ..policy import parse_policy
+    from ..signatures.stage import Stage
+    vars = Vars(home=["10.78.0.1"])
+    rs = parse_rules(text.replace("flow:to_server,established;", "flow:established;")
+                     .replace("-> $HOME_NET any", "-> any any"), vars, "bench.rules")   # both ways
+    stage = Stage(rs.rules)
+    if stage.problems:
+        return {"inline_status": f"bench rules rejected: {stage.problems[0]}"}
+    per = (cfg.inline_mbytes << 20) // cfg.streams
+    pack, payload, nbytes = inline_capture(cfg.streams, per, cfg.chunk)
+    progress(f"signatures in-line: {len(rs.rules)} rules, {nbytes >> 20} MiB over {cfg.streams} TCP "
+             f"connections through the switch, {cfg.rounds} rounds")
+    db = SignatureDB(rs.rules, "stream")
+    fwd_s, sig_s, raw_s = [], [], []
+    delivered = {}
+    try:
+        for r in range(cfg.rounds):
+            order = (("plain", fwd_s), ("stage", sig_s)) if r % 2 == 0 else (("stage", sig_s), ("plain", fwd_s))
+            for what, acc in order:
+                with Switch() as sw:
+                    g, n = sw.add_sink_port(), sw.add_sink_port()
+                    g.set_policy(parse_policy({"ni": {}}).compile([], []))
+                    if what == "stage":
+                        g.set_sigstage(stage)
+                    t = time.perf_counter()
+                    got = lib.vn_sig_bench_switch(sw._sw, g.index, n.index, pack, len(pack))
+                    acc.append(time.perf_counter() - t)
+                    st = g.stats()
+                    delivered[what] = got
+                    if what == "stage" and (st["sig_matches"] or st["sig_stream_bytes"] != nbytes):
+                        return {"inline_status": f"stage scanned {st['sig_stream_bytes']} of {nbytes} bytes, "
+                                                 f"{st['sig_matches']} matches"}
+                    g.set_sigstage(None)
+            t = time.perf_counter()
+            lib.vn_sig_bench_streams(db._db, payload, len(payload), cfg.chunk, cfg.streams, 1)
+            raw_s.append(time.perf_counter() - t)
+    finally:
+        db.close()
+    if delivered.get("plain") != delivered.get("stage") or (delivered.get("plain") or 0) < nbytes:
+        return {"inline_status": f"delivered bytes differ: {delivered}"}
+    f, s_, h = (statistics.median(x) for x in (fwd_s, sig_s, raw_s))
+    return {"inline_status": "ran", "inline_bytes": nbytes, "inline_rules": len(rs.rules),
+            "inline_forward_gbit": _gbit(nbytes, f), "inline_stage_gbit": _gbit(nbytes, s_),
+            "inline_hyperscan_gbit": _gbit(nbytes, h),
+            "inline_ratio_stage_to_forward": f / s_, "inline_ratio_stage_to_hyperscan": h / s_}
+
+
 def report_lines(r: dict) -> list[str]:
     if r.get("status") != "ran":
         return [f"signatures: {r.get('status')}"]
@@ -159,6 +257,16 @@ def report_lines(r: dict) -> list[str]:
         f"  anchor hits {r['anchor_hits']}, exact confirmations {r['confirmations']}; load average "
         f"{r['loadavg'][0]:.1f} at the end (others' load makes both figures swing)",
     ]
+    if r.get("inline_status") == "ran":
+        lines += [
+            f"  in-line, {r['streams']} TCP connections through the switch ({r['inline_bytes'] >> 20} MiB payload):",
+            f"    plain forwarding             {r['inline_forward_gbit']:6.2f} Gbit/s",
+            f"    with the signature stage     {r['inline_stage_gbit']:6.2f} Gbit/s   "
+            f"stage/plain {r['inline_ratio_stage_to_forward']:.2f}",
+            f"    Hyperscan alone, same bytes  {r['inline_hyperscan_gbit']:6.2f} Gbit/s   "
+            f"stage/Hyperscan {r['inline_ratio_stage_to_hyperscan']:.2f} (goal >= 0.6; >= 3 Gbit/s)"]
+    elif "inline_status" in r:
+        lines.append(f"  in-line: {r['inline_status']}")
     if "compile_total_s" in r:
         lines.append(f"  compile {r['compile_rules']} rules: {r['compile_total_s']:.2f} s (parse "
                      f"{r['compile_parse_s']:.2f} s, Hyperscan+PCRE2 {r['compile_build_s']:.2f} s; goal <= 10 s)")

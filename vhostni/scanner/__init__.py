@@ -49,6 +49,17 @@ ends see a consistent connection.  Replacing a range::
     stream.cut(FROM_GUEST, start, end - start)       # then drop [start, end)
     stream.pass_(FROM_GUEST, message_end)            # and let the rest go
 
+Aggregate detectors (scans, worms, SYN bombs) need not see every packet: the NI's flow
+stage keeps one entry per flow (5-tuple, both directions) and reports it as it opens,
+changes state (established, reset, unanswered, icmp_error, ...), is summarised and closes::
+
+    sc.subscribe_flows(events=["open", "state"], proto="tcp", direction="from_guest")
+    for ev in sc.flows():
+        if ev.change == "unanswered":
+            failures[ev.guest[0]] += 1
+
+This needs a ``flows`` right in the scanner's policy (``[[scanner.allow]] flows = true``).
+
 State that must outlive the scanner process (a crash, a kill, a daemon restart) is kept by
 the NI kernel, for this scanner of this NI only::
 
@@ -79,7 +90,7 @@ from . import wire
 from .wire import CUT, FROM_GUEST, PASS, PASS_ALL, TO_GUEST, Frame
 
 __all__ = ["Scanner", "Frame", "ScannerError", "Refused", "FROM_GUEST", "TO_GUEST", "Stream",
-           "StreamOpened", "StreamData", "StreamEnd", "StreamClosed", "PASS_ALL"]
+           "StreamOpened", "StreamData", "StreamEnd", "StreamClosed", "FlowEvent", "PASS_ALL"]
 
 ENV_FD = "VHOSTNI_SCANNER_FD"
 
@@ -231,7 +242,52 @@ class StreamClosed:
     reason: str          # fin, rst, killed, idle, bypass, gone, timeout, overrun, scanner
 
 
-Event = Union[Frame, StreamOpened, StreamData, StreamEnd, StreamClosed]
+def _num(v, default=0):
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else default
+
+
+def _pair(v) -> tuple:
+    return (_num(v[0]), _num(v[1])) if isinstance(v, list) and len(v) == 2 else (0, 0)
+
+
+def _endpoint(v) -> tuple:
+    return (str(v[0]), _num(v[1])) if isinstance(v, list) and len(v) == 2 else ("", 0)
+
+
+@dataclass(frozen=True)
+class FlowEvent:
+    """An event of the NI's flow stage (see :mod:`vhostni.scanner.wire`, ``flow``): pairs
+    are (from the guest, to the guest); times are Unix seconds on the NI's clock."""
+    event: str           # open, state, close, summary
+    flow: int            # the flow's id, never reused
+    family: int
+    proto: int
+    initiator: str       # guest or remote: who sent the first packet
+    guest: tuple         # (address, port); ICMP echo-like: the identifier as port
+    remote: tuple
+    state: frozenset     # syn, synack, established, reset, unanswered, icmp_error, ...
+    change: Optional[str]    # state events: what just became true
+    reason: Optional[str]    # close events: idle, fin, reset, unanswered, gone
+    packets: tuple
+    bytes: tuple
+    start: float
+    last: float
+    time: float
+    icmp: Optional[dict]     # the ICMP error that answered it: type, code, from
+
+    @classmethod
+    def from_body(cls, b: dict) -> "FlowEvent":
+        icmp = b.get("icmp")
+        return cls(str(b.get("event")), _num(b.get("flow")), _num(b.get("family"), 4),
+                   _num(b.get("proto")), str(b.get("initiator")), _endpoint(b.get("guest")),
+                   _endpoint(b.get("remote")),
+                   frozenset(x for x in b.get("state") or () if isinstance(x, str)),
+                   b.get("change"), b.get("reason"), _pair(b.get("packets")),
+                   _pair(b.get("bytes")), float(_num(b.get("start"))), float(_num(b.get("last"))),
+                   float(_num(b.get("time"))), icmp if isinstance(icmp, dict) else None)
+
+
+Event = Union[Frame, StreamOpened, StreamData, StreamEnd, StreamClosed, FlowEvent]
 
 
 @dataclass(frozen=True)
@@ -347,6 +403,11 @@ class Scanner:
                 st = self.streams.pop(sid)
                 st.closed, st.reason = True, str(b.get("reason"))
                 self._pending.append(StreamClosed(st, st.reason))
+            elif op == "flow":
+                ev = FlowEvent.from_body(b)
+                if self.clock_mode == "capture":
+                    self._now = max(self._now, ev.time)
+                self._pending.append(ev)
             elif op == "sync":
                 self._pending.append(_Sync(b.get("id")))
             elif op == "tick":
@@ -435,6 +496,12 @@ class Scanner:
         while True:
             yield self._next_event(lambda e: True, timeout)
 
+    def flows(self, timeout: Optional[float] = None) -> Iterator[Optional[FlowEvent]]:
+        """Yields flow events forever (other events stay queued for their own calls); with
+        ``timeout``, None after each quiet interval."""
+        while True:
+            yield self._next_event(lambda e: isinstance(e, FlowEvent), timeout)
+
     def accept(self, timeout: Optional[float] = None) -> Optional[Stream]:
         """The next new stream (a connection whose handshake completed), or None after
         ``timeout`` seconds."""
@@ -464,6 +531,19 @@ class Scanner:
         to_guest or both); ``contain`` holds them until this scanner passes them."""
         fields = {"stream": True, "direction": direction, **({"port": port} if port is not None else {})}
         self._request(wire.StreamSubscribe(fields, bool(contain)).body())
+
+    def subscribe_flows(self, events: Optional[list] = None, proto: Union[int, str, list, None] = None,
+                        direction: str = "both") -> None:
+        """Asks for events of the NI's flow stage: ``events`` of open, state, close, summary
+        (None: all), of flows of protocol ``proto`` (a name such as "tcp", a number, or a
+        list; None: all) opened by the guest (``direction="from_guest"``), by the remote side
+        ("to_guest") or either ("both").  Read only; needs a ``flows`` right."""
+        fields: dict = {"flows": True, "direction": direction}
+        if events is not None:
+            fields["events"] = list(events)
+        if proto is not None:
+            fields["proto"] = proto
+        self._request(wire.FlowSubscribe(fields).body())
 
     def inject(self, index: int, direction: Union[int, str] = TO_GUEST) -> None:
         """Sends pre-registered frame ``index`` to the guest (or from it, into the network)."""

@@ -2,7 +2,7 @@
 
     conn = HttpConnection()                       # Limits() bound every line, head, count
     for ev in conn.feed(CLIENT, data):            # CLIENT: bytes the client sent; SERVER: the server's
-        ...                                       # Request, Response, Body, ChunkExtension, Trailers,
+        ...                                       # Request, Response, Body, Chunk, ChunkExtension, Trailers,
     conn.eof(SERVER)                              # MessageEnd, Tunnel, Ambiguity
 
     body, amb = decode_content(raw, content_codings(resp.headers))   # Content-Encoding, bounded
@@ -23,8 +23,10 @@ bytes the server sends nobody asked for, heads and lines beyond the :class:`Limi
 reading can still be chosen the codec goes on with the one RFC 9112 (and browsers, where they
 agree) take, so a caller that tolerates a kind still gets events; where it cannot (``fatal``), the
 side stops: no more events from it.  The same holds for Content-Encoding (:func:`decode_content`):
-gzip, x-gzip, deflate (zlib or raw, as browsers accept), stacked, with a bound on layers and on the
-decoded size (a bomb is reported, never followed).
+gzip, x-gzip, deflate (zlib or raw, as browsers accept), br and zstd (where their libraries are
+installed: :data:`MISSING_DECODERS` says which are not), stacked, with a bound on layers, on the
+decoded size (a bomb is reported, never followed, never materialised beyond the bound) and on the
+zstd window.
 
 The module imports nothing of vhostni's kernel: scanners (the web-download scanner, a layer-7 field
 length scanner) use it from inside their sandbox.
@@ -38,8 +40,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
 __all__ = ["CLIENT", "SERVER", "Limits", "HttpConnection", "Request", "Response", "Body",
-           "ChunkExtension", "Trailers", "MessageEnd", "Tunnel", "Ambiguity", "AMBIGUITIES",
-           "Decoded", "decode_content", "content_codings", "header", "headers_all"]
+           "Chunk", "ChunkExtension", "Trailers", "MessageEnd", "Tunnel", "Ambiguity", "AMBIGUITIES",
+           "Decoded", "decode_content", "content_codings", "header", "headers_all", "MISSING_DECODERS"]
 
 CLIENT, SERVER = "client", "server"
 
@@ -75,7 +77,8 @@ AMBIGUITIES = {
     "too_many_headers": "more header fields than Limits.max_headers",
     "too_many_pipelined": "more requests waiting for their responses than Limits.max_pipelined",
     "unknown_content_encoding": "a Content-Encoding this decoder (and some browsers) do not know",
-    "unsupported_content_encoding": "a Content-Encoding browsers decode but this decoder cannot (br, zstd)",
+    "unsupported_content_encoding": "a Content-Encoding browsers decode but this decoder cannot (compress; "
+                                    "br or zstd where their library is missing)",
     "odd_content_encoding": "an empty element in a Content-Encoding list",
     "too_many_encodings": "more Content-Encoding layers than allowed",
     "compressed_corrupt": "compressed data that does not decode",
@@ -167,6 +170,16 @@ class Body:
 
 
 @dataclass
+class Chunk:
+    """A chunk-size line was read: the chunk of ``size`` bytes (0: the last) starts at ``end``;
+    the line itself is [offset, end).  Layer-7 checks bound chunk sizes with it (CVE-2002-0392)."""
+    side: str
+    size: int
+    offset: int
+    end: int
+
+
+@dataclass
 class ChunkExtension:
     side: str
     ext: bytes
@@ -209,7 +222,7 @@ class Ambiguity:
                 "fatal": self.fatal}
 
 
-Event = Union[Request, Response, Body, ChunkExtension, Trailers, MessageEnd, Tunnel, Ambiguity]
+Event = Union[Request, Response, Body, Chunk, ChunkExtension, Trailers, MessageEnd, Tunnel, Ambiguity]
 
 
 def _show(b: bytes, n: int = 60) -> str:
@@ -429,8 +442,8 @@ class _Side:
             n = 2 if self.buf[:1] == b"\r" else 1
             self.amb("leading_blank_line", "an empty line before a start line", self.base)
             self.take(n)
-        if not self.buf:
-            return False
+        if not self.buf or self.buf == b"\r":
+            return False            # (a lone CR may yet be an empty line: wait for what follows)
         if self.side == SERVER:
             req = self.pending()
             if req is None:
@@ -659,6 +672,7 @@ class _Side:
         if len(m.group().lstrip(b"0")) > 16 or size > self.lim.max_chunk_size:
             self.amb("chunk_size_overflow", f"chunk size {_show(m.group())!r}", at, True)
         rest = raw[m.end():].strip(b" \t") if m.string is raw else b""
+        self.out.append(Chunk(self.side, size, at, at + n))
         if rest:
             self.out.append(ChunkExtension(self.side, rest, at))
         self.take(n)
@@ -763,8 +777,33 @@ class HttpConnection:
 # Content-Encoding
 # ---------------------------------------------------------------------------
 
-KNOWN_CODINGS = {b"gzip", b"x-gzip", b"deflate", b"identity"}
-UNSUPPORTED_CODINGS = {b"br", b"zstd", b"compress", b"x-compress"}
+# br and zstd need a library outside the standard library (Python < 3.14): each is used only if
+# its decoder can bound its output (brotli >= 1.2: ``process(data, output_buffer_limit)``; zstd:
+# the standard library's ``compression.zstd`` or its backport ``backports.zstd``, whose
+# ``decompress(data, max_length)`` works like zlib's).  Without one, that coding is
+# unsupported_content_encoding, as before these decoders (a scanner says so once, at start).
+MISSING_DECODERS: dict = {}          # coding -> why it cannot be decoded here
+try:
+    import brotli as _brotli
+    if not hasattr(_brotli.Decompressor(), "can_accept_more_data"):
+        MISSING_DECODERS["br"] = (f"brotli {getattr(_brotli, '__version__', '?')} cannot bound its output "
+                                  "(brotli >= 1.2 needed)")
+        _brotli = None
+except ImportError:
+    _brotli = None
+    MISSING_DECODERS["br"] = "no brotli module (pip install 'brotli>=1.2')"
+try:
+    from compression import zstd as _zstd          # type: ignore[import-not-found]  # Python >= 3.14
+except ImportError:
+    try:
+        from backports import zstd as _zstd        # type: ignore[no-redef]
+    except ImportError:
+        _zstd = None
+        MISSING_DECODERS["zstd"] = "no compression.zstd or backports.zstd module (pip install backports.zstd)"
+
+KNOWN_CODINGS = {b"gzip", b"x-gzip", b"deflate", b"identity", b"br", b"zstd"} - {
+    c.encode() for c in MISSING_DECODERS}
+UNSUPPORTED_CODINGS = {b"compress", b"x-compress"} | {c.encode() for c in MISSING_DECODERS}
 
 
 def content_codings(headers: Headers) -> list[bytes]:
@@ -781,12 +820,14 @@ class Decoded:
     bomb: bool = False
 
 
-def decode_content(body: bytes, codings: list, max_layers: int = 3, max_bytes: int = 64 << 20) -> Decoded:
+def decode_content(body: bytes, codings: list, max_layers: int = 3, max_bytes: int = 64 << 20,
+                   max_window: int = 8 << 20) -> Decoded:
     """Undoes ``codings`` (as listed in Content-Encoding: the last applied last) as a browser
     would, never producing more than ``max_bytes``.  Ambiguities: unknown or undecodable codings
     (the data stays as it is from there on), empty list elements, more than ``max_layers`` real
     layers, corrupt, truncated or trailing compressed data, gzip header flags or trailers that
-    browsers treat differently; ``bomb`` when the output would exceed ``max_bytes``."""
+    browsers treat differently, zstd frames whose window is beyond ``max_window`` (RFC 9659: 8 MiB,
+    where browsers stop); ``bomb`` when the output would exceed ``max_bytes``."""
     out = Decoded(body, [], [])
     real = [c for c in codings if c not in (b"", b"identity")]
     if any(c == b"" for c in codings):
@@ -805,13 +846,18 @@ def decode_content(body: bytes, codings: list, max_layers: int = 3, max_bytes: i
         amb: list = []
         if c in (b"gzip", b"x-gzip"):
             data, bomb = _gunzip(data, max_bytes, amb)
+        elif c == b"br":
+            data, bomb = _unbrotli(data, max_bytes, amb)
+        elif c == b"zstd":
+            data, bomb = _unzstd(data, max_bytes, max_window, amb)
         else:
             data, bomb = _inflate(data, max_bytes, amb)
         out.ambiguities += amb
         out.layers.append(c.decode("latin-1"))
         if bomb:
             out.bomb = True
-            out.ambiguities.append(("decompression_bomb", f"{c.decode()} decodes beyond {max_bytes} bytes"))
+            if not any(k == "decompression_bomb" for k, _ in amb):
+                out.ambiguities.append(("decompression_bomb", f"{c.decode()} decodes beyond {max_bytes} bytes"))
             break
         if any(k in ("compressed_corrupt",) for k, _ in amb) and not data:
             break
@@ -898,3 +944,112 @@ def _gunzip(data: bytes, max_bytes: int, amb: list) -> tuple[bytes, bool]:
         amb.append(("compressed_trailing_data", f"{len(tail) - 8} bytes after the gzip member"
                     + (" (another gzip member)" if tail[8:10] == b"\x1f\x8b" else "")))
     return got, False
+
+
+BROTLI_STEP = 4096      # input fed per call; the call's output is bounded by output_buffer_limit
+
+
+def _brotli_pass(data: bytes, max_bytes: int, fine_from: int) -> tuple[bytearray, str, int]:
+    """One run of a brotli decoder over ``data``, ``BROTLI_STEP`` bytes a call up to ``fine_from``
+    and a byte a call from there (so that the end of the stream is seen before bytes after it).
+    Returns (output, outcome, input offset): outcome "end" (the stream ended at the offset),
+    "more" (the input ran out first), "bomb" or "error" (the decoder failed in the piece at the
+    offset).  Each call yields at most about 32 KiB (output_buffer_limit=1: one output block),
+    so no more than ``max_bytes`` and one block are ever held."""
+    d = _brotli.Decompressor()
+    out = bytearray()
+    pos = 0
+    while pos < len(data):
+        step = 1 if pos >= fine_from else min(BROTLI_STEP, fine_from - pos)
+        piece = data[pos:pos + step]
+        try:
+            out += d.process(piece, output_buffer_limit=1)
+            idle = False
+            while len(out) <= max_bytes:     # empty input until it can take more (its API's rule)
+                more = d.process(b"", output_buffer_limit=1)
+                out += more
+                if not more and (idle or d.can_accept_more_data()):
+                    break                    # (a decoder stuck without output: the next piece fails)
+                idle = not more
+            finished = d.is_finished()
+        except _brotli.error:
+            return out, "error", pos
+        pos += len(piece)
+        if len(out) > max_bytes:
+            return out, "bomb", pos
+        if finished:
+            return out, "end", pos
+    return out, "more", pos
+
+
+def _unbrotli(data: bytes, max_bytes: int, amb: list) -> tuple[bytes, bool]:
+    """br (RFC 7932), bounded.  The decoder refuses bytes after the end of a stream with the same
+    error as corrupt ones; where that error comes, the stream is decoded again from the start,
+    a byte a call through the failing piece, to tell the two apart."""
+    if not data:
+        return b"", False            # an empty body: nothing to hide, whatever a client makes of it
+    out, outcome, pos = _brotli_pass(data, max_bytes, len(data))
+    if outcome == "error":
+        out, outcome, pos = _brotli_pass(data, max_bytes, pos)
+    if outcome == "bomb":
+        del out[max_bytes:]
+        return bytes(out), True
+    if outcome == "error":
+        amb.append(("compressed_corrupt", f"brotli data that does not decode (at byte {pos})"))
+    elif outcome == "more":
+        amb.append(("compressed_truncated", "the brotli stream stops before its end"))
+    elif pos < len(data):
+        amb.append(("compressed_trailing_data", f"{len(data) - pos} bytes after the brotli stream"))
+    return bytes(out), False
+
+
+ZSTD_STEP = 65536        # input fed per call: what a frame's end leaves over (unused_data) is copied
+ZSTD_MAX_FRAMES = 1024   # a decoder per frame costs ~20 us: 4 M empty frames in 32 MiB would take 80 s
+ZSTD_OUT = 1 << 20       # output taken per call: never a second copy of the whole object in flight
+
+
+def _unzstd(data: bytes, max_bytes: int, max_window: int, amb: list) -> tuple[bytes, bool]:
+    """zstd (RFC 8878), bounded: each frame (skippable ones too) in turn, as libzstd's streaming
+    decoder in browsers reads concatenated frames; a window beyond ``max_window`` is refused by
+    the decoder (never allocated), as browsers refuse one beyond 8 MiB.  More than
+    ``ZSTD_MAX_FRAMES`` frames is a bomb of decoding time."""
+    if not data:
+        return b"", False            # an empty body: nothing to hide, whatever a client makes of it
+    window_log = max(10, min(31, max_window.bit_length() - 1))
+    view = memoryview(data)
+    out = bytearray()
+    pos = frames = 0
+    while pos < len(data):
+        if frames == ZSTD_MAX_FRAMES:
+            amb.append(("decompression_bomb", f"more than {ZSTD_MAX_FRAMES} zstd frames"))
+            return bytes(out), True
+        d = _zstd.ZstdDecompressor(options={_zstd.DecompressionParameter.window_log_max: window_log})
+        start = pos
+        while True:
+            piece = view[pos:pos + ZSTD_STEP]
+            try:
+                out += d.decompress(piece, max_length=min(ZSTD_OUT, max_bytes + 1 - len(out)))
+                while not d.eof and not d.needs_input and len(out) <= max_bytes:
+                    out += d.decompress(b"", max_length=min(ZSTD_OUT, max_bytes + 1 - len(out)))
+            except _zstd.ZstdError as exc:
+                if "too much memory" in str(exc):
+                    amb.append(("compressed_corrupt", f"a zstd frame whose window is beyond {max_window} "
+                                "bytes (browsers refuse more than 8 MiB)"))
+                elif frames and pos == start:
+                    amb.append(("compressed_trailing_data", f"{len(data) - pos} bytes after the last zstd frame"))
+                else:
+                    amb.append(("compressed_corrupt", f"zstd data that does not decode ({str(exc)[:100]})"))
+                del out[max_bytes:]
+                return bytes(out), False
+            if len(out) > max_bytes:
+                del out[max_bytes:]
+                return bytes(out), True
+            if d.eof:
+                pos += len(piece) - len(d.unused_data)
+                break
+            pos += len(piece)
+            if pos >= len(data):
+                amb.append(("compressed_truncated", "the zstd frame stops before its end"))
+                return bytes(out), False
+        frames += 1
+    return bytes(out), False

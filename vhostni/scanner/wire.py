@@ -50,10 +50,19 @@ message is:
 
 ``J`` control, both ways: ``'J'`` followed by one UTF-8 JSON object.
 
-  scanner -> kernel: ``{"op": "subscribe", "id": N, "match": {...}, "contain": bool}``,
+  scanner -> kernel: ``{"op": "subscribe", "id": N, "match": {...}, "contain": bool}``
+  (frames; a match may say ``"flow": "new"``: only frames that open their flow in their
+  direction in the NI's flow table, i.e. until one of its frames left the NI that way;
+  frames the flow stage cannot place count as opening one; see vhostni.policy),
   ``{"op": "subscribe", "id": N, "stream": true, "port": P|"lo-hi"|[lo, hi],
   "direction": "from_guest"|"to_guest"|"both", "contain": bool}`` (reconstructed TCP
   streams of connections to server port P: see vhostni.policy for how rights are checked),
+  ``{"op": "subscribe", "id": N, "flows": true, "events": ["open", "state", "close",
+  "summary"], "proto": P|[P, ...], "direction": "from_guest"|"to_guest"|"both"}`` (events of
+  the NI's flow stage: flows of those protocols (names or numbers; all if absent) opened by
+  the guest, by the remote side or either; all four kinds of event if ``events`` is
+  absent; a read right, checked against the scanner's ``flows`` rights, see
+  vhostni.policy),
   ``{"op": "inject", "id": N, "index": I, "direction": "to_guest"|"from_guest"}`` (frame
   injection I of the hello's ``injections``),
   ``{"op": "alert", "message": str, "fields": {...}}``, ``{"op": "synced", "id": N}``,
@@ -92,7 +101,27 @@ message is:
   offset 0 is where it joined), ``{"op": "stream_end", "stream": S, "direction": d,
   "offset": o}`` when that direction's FIN follows byte o-1, and ``{"op": "stream_close",
   "stream": S, "reason": "fin"|"rst"|"killed"|"idle"|"bypass"|"gone"|"timeout"|
-  "overrun"|"scanner"}`` last; and ``{"op": "sync", "id": N}`` when the kernel wants to
+  "overrun"|"scanner"}`` last; for flows subscriptions, one message per event of a flow
+  they cover::
+
+      {"op": "flow", "event": "open"|"state"|"close"|"summary", "flow": F, "family": 4|6,
+       "proto": P, "initiator": "guest"|"remote", "guest": [addr, port],
+       "remote": [addr, port], "state": [names], "change": name, "reason": name,
+       "packets": [from_guest, to_guest], "bytes": [from_guest, to_guest],
+       "start": s, "last": s, "time": s, "icmp": {"type": t, "code": c, "from": addr}}
+
+  ``flow`` is the flow's id (never reused); ports of ICMP echo-like flows are the message's
+  identifier; ``state`` lists what is true of the flow now: ``syn``, ``synack``,
+  ``established``, ``reset``, ``fin_initiator``, ``fin_responder``, ``unanswered`` (no
+  SYN-ACK within the policy's ``flow_tcp_syn_ms``), ``incomplete`` (SYN-ACK, but the
+  initiator never completed the handshake), ``answered`` (a packet came back),
+  ``icmp_error`` (an ICMP error quoting one of its packets came; ``icmp`` says which and
+  from whom), ``midstream`` (TCP first seen without its SYN); ``change`` (state events only)
+  names the one that just became true; ``reason`` (close only) is ``idle``, ``fin``,
+  ``reset``, ``unanswered`` or ``gone``; counters are IP bytes and packets (a TSO frame is
+  one packet) so far, final on close; times are Unix seconds on the NI's clock (the
+  capture's with ``--clock capture``).  Events the NI could not queue (the kernel lagged)
+  are lost and counted in the NI's ``flow_events_dropped``; and ``{"op": "sync", "id": N}`` when the kernel wants to
   know that the scanner has handled everything sent before it (offline replay does, to stay
   deterministic): the SDK answers ``synced`` with the same id once every event before the
   sync was taken and the scanner asks for its next one.  Every scanner gets one sync with
@@ -404,6 +433,22 @@ class StreamSubscribe:
 
 
 @dataclass(frozen=True)
+class FlowSubscribe:
+    """Events of the NI's flow stage: ``fields`` holds the request's ``flows``, ``events``,
+    ``proto`` and ``direction`` as sent (vhostni.policy's flows grammar, checked by the
+    kernel).  Read only: there is no ``contain``."""
+    fields: dict
+    id: Optional[int] = None
+
+    def __post_init__(self):
+        if self.fields.get("flows") is not True:
+            raise RequestError("flows must be true", self.id)
+
+    def body(self) -> dict:
+        return _with_id({"op": "subscribe", **self.fields}, self.id)
+
+
+@dataclass(frozen=True)
 class Inject:
     """Pre-registered frame injection ``index`` (the hello's ``injections``)."""
     index: int
@@ -588,7 +633,7 @@ class Reset:
                          "dport": self.dport, "seq": self.seq, "ack": self.ack, "mac": self.mac}, self.id)
 
 
-Request = Union[Subscribe, StreamSubscribe, Inject, StreamCut, StreamInject, StreamKill,
+Request = Union[Subscribe, StreamSubscribe, FlowSubscribe, Inject, StreamCut, StreamInject, StreamKill,
                 StreamMore, Alert, Synced, Reset]
 
 
@@ -604,6 +649,11 @@ def decode_request(body: dict) -> Request:
     op = body.get("op")
     if op == "subscribe":
         contain = body.get("contain", False)
+        if "flows" in body:
+            if contain is not False:
+                raise RequestError("flows are read only: contain must be false", rid)
+            return FlowSubscribe({k: body[k] for k in ("flows", "events", "proto", "direction")
+                                  if k in body}, rid)
         if "stream" in body:
             return StreamSubscribe({k: body[k] for k in ("stream", "port", "direction") if k in body},
                                    contain, rid)

@@ -37,6 +37,7 @@ class SignatureConfig:
     lookback: int = 8192
     stream_memcap: int = 256 << 20
     ruleset: RuleSet = field(default_factory=RuleSet)
+    stage: Any = None          # vhostni.signatures.stage.Stage: what the NI's data path runs
 
     @property
     def problems(self) -> list[Problem]:
@@ -44,19 +45,25 @@ class SignatureConfig:
 
 
 def check_rules(paths: Sequence[str], vars: Vars, lookback: int = 8192) -> RuleSet:
-    """Parses the files and compiles every group with the engine; the RuleSet keeps only the
+    """Parses the files and compiles every rule with the engine; the RuleSet keeps only the
     rules both accept, and lists every other one as a problem."""
-    from .engine import SignatureDB
+    return compile_rules(paths, vars, lookback)[0]
+
+
+def compile_rules(paths: Sequence[str], vars: Vars, lookback: int = 8192,
+                  stream_memcap: int = 256 << 20):
+    """check_rules, and the compiled in-line stage (vhostni.signatures.stage.Stage) of the rules
+    accepted (the rejected ones are in it too, left out of its databases: they never match)."""
+    from .stage import Stage
     rs = load_rule_files(paths, vars)
-    bad: set[int] = set()
-    for (mode, _, _), group in rs.groups().items():
-        with SignatureDB(group, mode, lookback=lookback) as db:
-            for p in db.problems:
-                rs.problems.append(p)
-                bad.update(id(r) for r in group if (r.file, r.line) == (p.file, p.line))
-    rs.rules = [r for r in rs.rules if id(r) not in bad]
+    stage = Stage(rs.rules, lookback=lookback, stream_memcap=stream_memcap)
+    bad: set = set()
+    for p in stage.problems:
+        rs.problems.append(p)
+        bad.update((r.file, r.line) for r in rs.rules if (r.file, r.line) == (p.file, p.line))
+    rs.rules = [r for r in rs.rules if (r.file, r.line) not in bad]
     rs.problems.sort(key=lambda p: (p.file, p.line))
-    return rs
+    return rs, stage
 
 
 def parse_section(d: Any, base: str, home: Sequence) -> SignatureConfig:
@@ -88,7 +95,7 @@ def parse_section(d: Any, base: str, home: Sequence) -> SignatureConfig:
         if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
             raise SignatureConfigError(f"signatures.{key}", f"expected an integer {lo}..{hi}")
         setattr(cfg, key, v)
-    cfg.ruleset = check_rules(files, vars, cfg.lookback)
+    cfg.ruleset, cfg.stage = compile_rules(files, vars, cfg.lookback, cfg.stream_memcap)
     unreadable = [p for p in cfg.problems if not p.unsupported]
     if unreadable:
         raise SignatureConfigError("signatures.rules", str(unreadable[0]))

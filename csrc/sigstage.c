@@ -1,0 +1,778 @@
+/*
+ * The in-line signature stage (SafeCard's payload stage): Suricata-syntax rules, compiled by
+ * vhostni/signatures/stage.py into the matcher of sig.c, enforced on the switch's path.
+ *
+ *  - Packet rules (udp, icmp, ip; tcp with dsize or flow:stateless/no_stream): Hyperscan block
+ *    mode over each frame's transport payload, from vn_policy_apply, after the prevent rules.
+ *    IP fragments of a protocol packet rules cover are dropped (counted): the stage does not
+ *    reassemble them, and a rule must not be evaded by fragmenting (fail closed).
+ *  - Stream rules (tcp): Hyperscan stream mode per direction over the bytes the receiver gets,
+ *    after the TCP engine's conservative reassembly (tcp.c): the engine tracks every connection
+ *    a stream rule's ports may cover (as it does for a scanner's stream subscription), holds
+ *    its segments, and calls sig_flow_scan whenever the in-order bytes grow.  The new bytes are
+ *    scanned at once; the scanned frontier (vn_half.sig_ok) is the stage's "pass", and
+ *    half_release sends a record on only when every holder (scanners' `passed`, this stage's
+ *    sig_ok) passed all of it.  Stream offsets count from the first byte after the handshake
+ *    (or the adoption point) and run across segments and joined IP fragments, since the scan
+ *    is over the engine's reassembled stream, never over frames.
+ *
+ * Actions, as Suricata in IPS mode: `drop` stops the record that completes the match (and
+ * everything after it on the connection: both directions, every later frame dropped);
+ * `reject` does the same and resets both ends; `alert` only alerts; `pass` ends inspection of
+ * the connection (the stage lets go of it).  Several rules matching in one scan: pass wins,
+ * then reject, drop, alert (Suricata's default action order).
+ *
+ * Reload: vn_port_set_sigstage swaps a port's stage at a frame boundary on the data-plane
+ * thread (the database was compiled on another thread).  New connections use the new stage;
+ * connections already open keep scanning with the stage they started with (it is reference
+ * counted and freed with its last connection), so no stream restarts mid-way.
+ *
+ * Memory: a connection's stream state (Hyperscan's stream state plus the look-back history,
+ * per direction) is bounded by the flow table (tcp_flows_max) and the stage's memcap; a
+ * connection whose state the memcap refuses is dropped (fail closed, counted).
+ */
+#include <stdlib.h>
+#include <string.h>
+#include "tcp_internal.h"
+#include "sig.h"
+#include "sigstage.h"
+
+struct sig_v6 { uint8_t lo[16], hi[16]; };
+struct sig_r32 { uint32_t lo, hi; };
+struct sig_r16 { uint16_t lo, hi; };
+
+struct sig_hdr {
+    uint8_t action, proto, dir, flags;
+    uint32_t sid, rev;
+    uint32_t n[6];              /* src4 src6 dst4 dst6 sport dport */
+    struct sig_r32 *src4, *dst4;
+    struct sig_v6 *src6, *dst6;
+    struct sig_r16 *sport, *dport;
+};
+
+struct vn_sigstage {
+    unsigned refs;
+    uint32_t nrules;
+    struct sig_hdr *rules;
+    uint64_t *matches, *drops;  /* per rule */
+    struct vn_sig_db *stream, *pkt;
+    uint32_t nstream, npkt;
+    uint8_t pkt_protos;         /* bit 0 ip, 1 icmp, 2 tcp, 3 udp: packet rules exist for it */
+    uint8_t *ports;             /* 65536-bit map: a stream rule's port set names the port */
+    struct vn_sig_match *out;   /* scan results, max(nrules, 1) */
+};
+
+struct vn_sigport {
+    struct vn_sigstage *cur;
+    struct vn_sig_alert ring[VN_SIG_ALERT_RING];
+    unsigned head, count;
+    uint64_t lost;
+};
+
+struct vn_sigflow {
+    struct vn_sigstage *stage;
+    struct vn_sig_stream *st[2];
+    uint64_t pos[2];            /* stream bytes scanned per half */
+    uint8_t on[2];              /* some stream rule's header covers the half */
+    uint8_t blocked;            /* a drop/reject matched (or state was refused): nothing more goes */
+    uint8_t done;               /* inspection ended (pass rule, or blocked) */
+};
+
+/* ---------------------------------------------------------------- building */
+
+struct hrd {
+    const uint8_t *p;
+    size_t len, off;
+};
+
+static const uint8_t *take(struct hrd *r, size_t n)
+{
+    if (n > r->len - r->off)
+        return NULL;
+    const uint8_t *p = r->p + r->off;
+    r->off += n;
+    return p;
+}
+
+static int take_u32(struct hrd *r, uint32_t *v)
+{
+    const uint8_t *p = take(r, 4);
+    if (!p)
+        return -1;
+    *v = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+    return 0;
+}
+
+/* References: the creator's (Python's, dropped by vn_sigstage_free on whichever thread its
+ * garbage collector runs), each port's and each open connection's (data-plane thread): atomic. */
+static void stage_hold(struct vn_sigstage *st)
+{
+    __atomic_fetch_add(&st->refs, 1, __ATOMIC_RELAXED);
+}
+
+static void stage_release(struct vn_sigstage *st)
+{
+    if (!st || __atomic_sub_fetch(&st->refs, 1, __ATOMIC_ACQ_REL))
+        return;
+    for (uint32_t i = 0; i < st->nrules; i++) {
+        struct sig_hdr *h = &st->rules[i];
+        free(h->src4); free(h->dst4); free(h->src6); free(h->dst6); free(h->sport); free(h->dport);
+    }
+    free(st->rules);
+    free(st->matches);
+    free(st->drops);
+    free(st->ports);
+    free(st->out);
+    vn_sig_db_free(st->stream);
+    vn_sig_db_free(st->pkt);
+    free(st);
+}
+
+void vn_sigstage_free(struct vn_sigstage *st)
+{
+    stage_release(st);
+}
+
+static int read_hdr(struct hrd *r, struct sig_hdr *h)
+{
+    const uint8_t *b = take(r, 4);
+    if (!b || take_u32(r, &h->sid) || take_u32(r, &h->rev))
+        return -1;
+    h->action = b[0], h->proto = b[1], h->dir = b[2], h->flags = b[3];
+    if (h->action > VN_SIGA_PASS || (h->proto != 0 && h->proto != 1 && h->proto != 6 && h->proto != 17) ||
+        h->dir > 2 || (h->flags & ~(VN_SIGH_BIDIR | VN_SIGH_STREAM)))
+        return -1;
+    for (int i = 0; i < 6; i++)
+        if (take_u32(r, &h->n[i]) || h->n[i] > 65536)
+            return -1;
+    const size_t sz[6] = {8, 32, 8, 32, 4, 4};
+    void **dst[6] = {(void **)&h->src4, (void **)&h->src6, (void **)&h->dst4, (void **)&h->dst6,
+                     (void **)&h->sport, (void **)&h->dport};
+    for (int i = 0; i < 6; i++) {
+        const uint8_t *p = take(r, sz[i] * h->n[i]);
+        if (!p)
+            return -1;
+        if (!h->n[i])
+            continue;
+        if (!(*dst[i] = malloc(sz[i] * h->n[i])))
+            return -2;
+        for (uint32_t k = 0; k < h->n[i]; k++) {
+            const uint8_t *q = p + sz[i] * k;
+            if (sz[i] == 8) {
+                struct sig_r32 *x = (struct sig_r32 *)*dst[i] + k;
+                x->lo = (uint32_t)q[0] | (uint32_t)q[1] << 8 | (uint32_t)q[2] << 16 | (uint32_t)q[3] << 24;
+                x->hi = (uint32_t)q[4] | (uint32_t)q[5] << 8 | (uint32_t)q[6] << 16 | (uint32_t)q[7] << 24;
+            } else if (sz[i] == 32) {
+                memcpy((struct sig_v6 *)*dst[i] + k, q, 32);
+            } else {
+                struct sig_r16 *x = (struct sig_r16 *)*dst[i] + k;
+                x->lo = (uint16_t)(q[0] | q[1] << 8);
+                x->hi = (uint16_t)(q[2] | q[3] << 8);
+            }
+        }
+    }
+    return 0;
+}
+
+static void mark_ports(uint8_t *map, const struct sig_r16 *r, uint32_t n)
+{
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t p = r[k].lo, hi = r[k].hi;
+        for (; p <= hi && (p & 7); p++)
+            map[p >> 3] |= (uint8_t)(1u << (p & 7));
+        if (p + 7 <= hi) {                   /* whole bytes at once: "any" is 8 KiB, not 65536 steps */
+            memset(map + (p >> 3), 0xff, (hi + 1 - p) >> 3);
+            p += (hi + 1 - p) & ~7u;
+        }
+        for (; p <= hi; p++)
+            map[p >> 3] |= (uint8_t)(1u << (p & 7));
+    }
+}
+
+struct vn_sigstage *vn_sigstage_build(const uint8_t *hdrs, size_t hlen, struct vn_sig_db *stream,
+                                      struct vn_sig_db *pkt, int *rc)
+{
+    *rc = VN_SIG_EINVAL;
+    struct hrd r = {hdrs, hlen, 0};
+    const uint8_t *magic = take(&r, 4);
+    uint32_t n;
+    if (!hdrs || !magic || memcmp(magic, "VSH1", 4) || take_u32(&r, &n) || n > VN_SIG_MAX_RULES)
+        return NULL;
+    struct vn_sigstage *st = calloc(1, sizeof *st);
+    *rc = VN_SIG_ENOMEM;
+    if (!st)
+        return NULL;
+    st->refs = 1;
+    st->rules = calloc(n ? n : 1, sizeof *st->rules);
+    st->matches = calloc(n ? n : 1, sizeof *st->matches);
+    st->drops = calloc(n ? n : 1, sizeof *st->drops);
+    st->out = calloc(n ? n : 1, sizeof *st->out);
+    st->ports = calloc(65536 / 8, 1);
+    if (!st->rules || !st->matches || !st->drops || !st->out || !st->ports)
+        goto fail;
+    st->nrules = n;
+    for (uint32_t i = 0; i < n; i++) {
+        int e = read_hdr(&r, &st->rules[i]);
+        if (e) {
+            *rc = e == -2 ? VN_SIG_ENOMEM : VN_SIG_EINVAL;
+            goto fail;
+        }
+        struct sig_hdr *h = &st->rules[i];
+        if (h->flags & VN_SIGH_STREAM) {
+            if (h->proto != 6 || st->npkt)       /* stream rules first */
+                goto bad;
+            st->nstream++;
+            mark_ports(st->ports, h->sport, h->n[4]);
+            mark_ports(st->ports, h->dport, h->n[5]);
+        } else {
+            st->npkt++;
+            st->pkt_protos |= (uint8_t)(h->proto == 0 ? 1 : h->proto == 1 ? 2 : h->proto == 6 ? 4 : 8);
+        }
+    }
+    struct vn_sig_stats s1, s2;
+    if (r.off != r.len || (st->nstream && !stream) || (st->npkt && !pkt) ||
+        (stream && (vn_sig_db_stats(stream, &s1) < 0 || s1.nrules != st->nstream)) ||
+        (pkt && (vn_sig_db_stats(pkt, &s2) < 0 || s2.nrules != st->npkt)))
+        goto bad;
+    st->stream = st->nstream ? stream : NULL;
+    st->pkt = st->npkt ? pkt : NULL;
+    if (stream && !st->stream)
+        vn_sig_db_free(stream);
+    if (pkt && !st->pkt)
+        vn_sig_db_free(pkt);
+    *rc = 0;
+    return st;
+bad:
+    *rc = VN_SIG_EINVAL;
+fail:
+    stage_release(st);
+    return NULL;
+}
+
+/* ---------------------------------------------------------------- per port */
+
+int vn_port_set_sigstage(struct vn_switch *sw, int port, struct vn_sigstage *st)
+{
+    if (port < 0 || port >= VN_MAX_PORTS || !sw->ports[port].kind)
+        return VN_ENOPORT;
+    struct vn_port *p = &sw->ports[port];
+    if (!p->sig && st && !(p->sig = calloc(1, sizeof *p->sig)))
+        return VN_ENOMEM;
+    if (!p->sig)
+        return VN_OK;
+    /* the swap: connections open keep a reference to the stage they started with */
+    if (st)
+        stage_hold(st);
+    stage_release(p->sig->cur);
+    p->sig->cur = st;
+    return VN_OK;
+}
+
+void vn_sigport_free(struct vn_switch *sw, int port)
+{
+    struct vn_port *p = &sw->ports[port];
+    if (!p->sig)
+        return;
+    stage_release(p->sig->cur);
+    free(p->sig);
+    p->sig = NULL;
+}
+
+int vn_sig_alerts_next(struct vn_switch *sw, int port, struct vn_sig_alert *out)
+{
+    if (port < 0 || port >= VN_MAX_PORTS)
+        return 0;
+    struct vn_sigport *sp = sw->ports[port].sig;
+    if (!sp || !sp->count)
+        return 0;
+    *out = sp->ring[sp->head];
+    sp->head = (sp->head + 1) % VN_SIG_ALERT_RING;
+    sp->count--;
+    return 1;
+}
+
+uint64_t vn_sig_alerts_lost(struct vn_switch *sw, int port)
+{
+    if (port < 0 || port >= VN_MAX_PORTS || !sw->ports[port].sig)
+        return 0;
+    return sw->ports[port].sig->lost;
+}
+
+int vn_sig_rule_counts(struct vn_switch *sw, int port, uint64_t *matches, uint64_t *drops, uint32_t n)
+{
+    if (port < 0 || port >= VN_MAX_PORTS)
+        return VN_ENOPORT;
+    struct vn_sigport *sp = sw->ports[port].sig;
+    if (!sp || !sp->cur)
+        return 0;
+    uint32_t k = n < sp->cur->nrules ? n : sp->cur->nrules;
+    memcpy(matches, sp->cur->matches, k * sizeof *matches);
+    memcpy(drops, sp->cur->drops, k * sizeof *drops);
+    return (int)k;
+}
+
+int vn_sigstage_db_stats(struct vn_sigstage *st, int stream, struct vn_sig_stats *out)
+{
+    struct vn_sig_db *db = st ? (stream ? st->stream : st->pkt) : NULL;
+    if (!db) {
+        memset(out, 0, sizeof *out);
+        return 0;
+    }
+    return vn_sig_db_stats(db, out);
+}
+
+/* ---------------------------------------------------------------- headers */
+
+static int in_v4(const struct sig_r32 *r, uint32_t n, const uint8_t *a)
+{
+    uint32_t v = vn_rd32(a);
+    for (uint32_t k = 0; k < n; k++)
+        if (r[k].lo <= v && v <= r[k].hi)
+            return 1;
+    return 0;
+}
+
+static int in_v6(const struct sig_v6 *r, uint32_t n, const uint8_t *a)
+{
+    for (uint32_t k = 0; k < n; k++)
+        if (memcmp(r[k].lo, a, 16) <= 0 && memcmp(a, r[k].hi, 16) <= 0)
+            return 1;
+    return 0;
+}
+
+static int in_ports(const struct sig_r16 *r, uint32_t n, uint16_t p)
+{
+    for (uint32_t k = 0; k < n; k++)
+        if (r[k].lo <= p && p <= r[k].hi)
+            return 1;
+    return 0;
+}
+
+static int one_way(const struct sig_hdr *h, int family, const uint8_t *s, uint16_t sp, const uint8_t *d,
+                   uint16_t dp)
+{
+    if (family == 4 ? !in_v4(h->src4, h->n[0], s) || !in_v4(h->dst4, h->n[2], d)
+                    : !in_v6(h->src6, h->n[1], s) || !in_v6(h->dst6, h->n[3], d))
+        return 0;
+    return in_ports(h->sport, h->n[4], sp) && in_ports(h->dport, h->n[5], dp);
+}
+
+/* The rule's addresses and ports (both ways if <>) against one direction's. */
+static int hdr_match(const struct sig_hdr *h, int family, const uint8_t *s, uint16_t sp, const uint8_t *d,
+                     uint16_t dp)
+{
+    return one_way(h, family, s, sp, d, dp) || ((h->flags & VN_SIGH_BIDIR) && one_way(h, family, d, dp, s, sp));
+}
+
+/* ---------------------------------------------------------------- alerts and actions */
+
+static void alert_push(struct vn_switch *sw, int port, const struct vn_sigstage *st, uint32_t ri, int taken,
+                       int limit, int stream, int family, int proto, int to_server, int dir,
+                       const uint8_t *src, uint16_t sport, const uint8_t *dst, uint16_t dport,
+                       uint64_t offset, uint64_t flow)
+{
+    struct vn_sigport *sp = sw->ports[port].sig;
+    if (!sp)
+        return;
+    if (sp->count >= VN_SIG_ALERT_RING) {
+        sp->lost++;
+        sw->ports[port].st.sig_alerts_lost++;
+        return;
+    }
+    struct vn_sig_alert *a = &sp->ring[(sp->head + sp->count++) % VN_SIG_ALERT_RING];
+    memset(a, 0, sizeof *a);
+    a->rule = ri;
+    a->sid = st->rules[ri].sid;
+    a->rev = st->rules[ri].rev;
+    a->action = st->rules[ri].action;
+    a->taken = (uint8_t)taken;
+    a->limit = (uint8_t)limit;
+    a->stream = (uint8_t)stream;
+    a->family = (uint8_t)family;
+    a->proto = (uint8_t)proto;
+    a->to_server = (uint8_t)to_server;
+    a->dir = (uint8_t)dir;
+    unsigned n = family == 4 ? 4 : 16;
+    memcpy(a->src, src, n);
+    memcpy(a->dst, dst, n);
+    a->sport = sport;
+    a->dport = dport;
+    a->offset = offset;
+    a->flow = flow;
+    vn_punt_signal(sw);
+}
+
+/* The verdict of one scan's matches (already filtered to the rules that apply): the
+ * strongest action among them (pass > reject > drop > alert); -1 if none. */
+static int verdict(const struct vn_sigstage *st, const struct vn_sig_match *m, int n, const uint8_t *ok)
+{
+    int v = -1;
+    static const int rank[4] = {1, 2, 3, 4};     /* alert drop reject pass */
+    for (int i = 0; i < n; i++) {
+        if (!ok[i])
+            continue;
+        int a = st->rules[m[i].rule].action;
+        if (v < 0 || rank[a] > rank[v])
+            v = a;
+    }
+    return v;
+}
+
+/* ---------------------------------------------------------------- packet rules */
+
+static int proto_bit(int proto)
+{
+    return proto == 6 ? 4 : proto == 17 ? 8 : (proto == 1 || proto == 58) ? 2 : 0;
+}
+
+int vn_sig_packet(struct vn_switch *sw, int port, int dir, struct vn_pkt *pkt, const struct vn_hdrs *h)
+{
+    struct vn_sigport *sp = sw->ports[port].sig;
+    struct vn_sigstage *st = sp ? sp->cur : NULL;
+    if (!st || !st->pkt || !h->family)
+        return 0;
+    int bit = proto_bit(h->proto);
+    if (!(st->pkt_protos & (bit | 1)))
+        return 0;
+    struct vn_port_stats *ps = &sw->ports[port].st;
+    if (h->frag) {
+        if (h->proto == 6 && !(st->pkt_protos & 5))
+            return 0;
+        ps->sig_frag_dropped++;
+        return 1;
+    }
+    /* the transport payload (what Suricata's packet rules see) */
+    uint32_t end = h->ip_end < pkt->len ? h->ip_end : pkt->len;
+    uint32_t l4 = (uint32_t)h->l4_off, off = l4;
+    if (h->l4_known && h->proto == 17)
+        off = l4 + 8;
+    else if (h->l4_known && (h->proto == 1 || h->proto == 58))
+        off = l4 + 8;
+    else if (h->l4_known && h->proto == 6) {
+        const uint8_t *t = vn_get(pkt->data, end, l4, 20);
+        if (!t)
+            return 0;
+        off = l4 + (uint32_t)(t[12] >> 4) * 4;
+    }
+    if (off > end)
+        off = end;
+    int n = vn_sig_scan_block(st->pkt, pkt->data + off, end - off, st->out, st->nrules ? st->nrules : 1);
+    ps->sig_packets_scanned++;
+    if (n < 0) {
+        ps->sig_scan_errors++;
+        return 1;                  /* fail closed */
+    }
+    if (!n)
+        return 0;
+    uint8_t ok[n];
+    int proto = h->proto == 58 ? 1 : h->proto;
+    for (int i = 0; i < n; i++) {
+        ok[i] = 0;
+        if (st->out[i].rule >= st->npkt)
+            continue;
+        st->out[i].rule += st->nstream;      /* the packet database's ids follow the stream rules' */
+        const struct sig_hdr *r = &st->rules[st->out[i].rule];
+        ok[i] = (r->proto == 0 || r->proto == proto) &&
+                hdr_match(r, h->family, h->src, h->sport, h->dst, h->dport);
+    }
+    int v = verdict(st, st->out, n, ok);
+    if (v < 0)
+        return 0;
+    int taken = v == VN_SIGA_PASS ? VN_SIGA_PASS : v;
+    for (int i = 0; i < n; i++) {
+        if (!ok[i])
+            continue;
+        uint32_t ri = st->out[i].rule;
+        st->matches[ri]++;
+        ps->sig_matches++;
+        if (taken == VN_SIGA_DROP || taken == VN_SIGA_REJECT)
+            st->drops[ri]++;
+        if (st->rules[ri].action != VN_SIGA_PASS)
+            alert_push(sw, port, st, ri, taken, !!(st->out[i].flags & VN_SIG_F_LIMIT), 0, h->family, proto, 2,
+                       dir, h->src, h->sport, h->dst, h->dport, st->out[i].offset, 0);
+    }
+    if (taken == VN_SIGA_DROP || taken == VN_SIGA_REJECT) {
+        ps->sig_dropped++;
+        return 1;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- stream rules */
+
+static int in_ports(const struct sig_r16 *r, uint32_t n, uint16_t p);
+
+int vn_sig_tracks(struct vn_switch *sw, int port, uint16_t a, uint16_t b)
+{
+    struct vn_sigport *sp = sw->ports[port].sig;
+    struct vn_sigstage *st = sp ? sp->cur : NULL;
+    if (!st || !st->nstream)
+        return 0;
+    /* quick no: neither port is in any stream rule's port sets */
+    if (!(st->ports[a >> 3] >> (a & 7) & 1) && !(st->ports[b >> 3] >> (b & 7) & 1))
+        return 0;
+    /* some stream rule's (source, destination) ports fit the pair, either way round (a rule
+     * may be about either direction of the connection) */
+    for (uint32_t i = 0; i < st->nstream; i++) {
+        const struct sig_hdr *h = &st->rules[i];
+        if ((in_ports(h->sport, h->n[4], a) && in_ports(h->dport, h->n[5], b)) ||
+            (in_ports(h->sport, h->n[4], b) && in_ports(h->dport, h->n[5], a)))
+            return 1;
+    }
+    return 0;
+}
+
+int vn_sig_streams(struct vn_switch *sw, int port)
+{
+    struct vn_sigport *sp = sw->ports[port].sig;
+    return sp && sp->cur && sp->cur->nstream;
+}
+
+/* Sender and receiver of half `hs`. */
+static void half_ends(const struct vn_flow *f, int hs, const uint8_t **s, uint16_t *sp, const uint8_t **d,
+                      uint16_t *dp)
+{
+    if (hs == 0) {
+        *s = f->gaddr, *sp = f->gport, *d = f->raddr, *dp = f->rport;
+    } else {
+        *s = f->raddr, *sp = f->rport, *d = f->gaddr, *dp = f->gport;
+    }
+}
+
+static int applies(const struct sig_hdr *r, const struct vn_flow *f, int hs)
+{
+    if (!(r->flags & VN_SIGH_STREAM))
+        return 0;
+    int to_server = dir_of(hs) == f->client;
+    if ((r->dir == 1 && !to_server) || (r->dir == 2 && to_server))
+        return 0;
+    const uint8_t *s, *d;
+    uint16_t sp, dp;
+    half_ends(f, hs, &s, &sp, &d, &dp);
+    return hdr_match(r, f->family, s, sp, d, dp);
+}
+
+/* The stage stops holding the connection: what it held goes on as far as the others allow. */
+static void sig_let_go(struct vn_switch *sw, struct vn_flow *f)
+{
+    struct vn_sigflow *sf = f->sig;
+    (void)sw;
+    sf->done = 1;
+    for (int hs = 0; hs < 2; hs++) {
+        if (sf->st[hs]) {
+            vn_sig_stream_close(sf->stage->stream, sf->st[hs], NULL, 0);
+            sf->st[hs] = NULL;
+        }
+        f->half[hs].sig_ok = UINT64_MAX;
+    }
+}
+
+/* Blocks the connection: nothing more of it goes either way.  Half hs stops before `stop`
+ * (the record that completed the match); of the other half, what went, went. */
+static void sig_block(struct vn_switch *sw, struct vn_flow *f, int hs, uint64_t stop, int reject)
+{
+    f->sig->blocked = 1;
+    if (reject)
+        forge_rsts(sw, f);
+    sig_let_go(sw, f);
+    for (int i = 0; i < 2; i++) {
+        struct vn_half *hf = &f->half[i];
+        hf->sig_ok = i == hs ? stop : hf->rel_lim;
+        /* what the others passed below the stop goes; then, if the stage alone held the
+         * connection, every record is freed: the rest never goes, and with every later frame
+         * dropped no copy needs comparing any more, so a blocked connection does not sit on
+         * the port's tcp_bytes_max until it idles out.  Scanners' connections keep theirs
+         * for the kernel to read (it ends them by its own hold timeout or kill). */
+        half_release(sw, f, hf);
+        if (!f->announced)
+            half_free_all(sw, f, hf);
+    }
+}
+
+/* Handles one scan's matches on half hs: the stream offset of the match's end decides which
+ * record completed it. */
+static void stream_matches(struct vn_switch *sw, struct vn_flow *f, int hs, int n)
+{
+    struct vn_sigflow *sf = f->sig;
+    struct vn_sigstage *st = sf->stage;
+    struct vn_port_stats *ps = &sw->ports[f->port].st;
+    uint8_t ok[n > 0 ? n : 1];
+    for (int i = 0; i < n; i++)
+        ok[i] = st->out[i].rule < st->nstream && applies(&st->rules[st->out[i].rule], f, hs);
+    int v = verdict(st, st->out, n, ok);
+    if (v < 0)
+        return;
+    const uint8_t *s, *d;
+    uint16_t sp, dp;
+    half_ends(f, hs, &s, &sp, &d, &dp);
+    int to_server = dir_of(hs) == f->client;
+    uint64_t first_end = UINT64_MAX;
+    for (int i = 0; i < n; i++) {
+        if (!ok[i])
+            continue;
+        uint32_t ri = st->out[i].rule;
+        st->matches[ri]++;
+        ps->sig_matches++;
+        if (v == VN_SIGA_DROP || v == VN_SIGA_REJECT) {
+            st->drops[ri]++;
+            uint32_t a = st->rules[ri].action;
+            if ((a == VN_SIGA_DROP || a == VN_SIGA_REJECT) && st->out[i].offset < first_end)
+                first_end = st->out[i].offset;
+        }
+        if (st->rules[ri].action != VN_SIGA_PASS)
+            alert_push(sw, f->port, st, ri, v, !!(st->out[i].flags & VN_SIG_F_LIMIT), 1, f->family, 6,
+                       to_server, dir_of(hs), s, sp, d, dp, st->out[i].offset, f->id);
+    }
+    if (v == VN_SIGA_PASS) {
+        ps->sig_passed_flows++;
+        sig_let_go(sw, f);
+        half_release(sw, f, &f->half[!hs]);    /* what the other direction held for the stage */
+        return;
+    }
+    if (v != VN_SIGA_DROP && v != VN_SIGA_REJECT)
+        return;
+    /* the record holding the match's last byte, and everything after it, stays */
+    struct vn_half *hf = &f->half[hs];
+    uint64_t last = first_end ? first_end - 1 : 0, stop = first_end ? first_end - 1 : 0;
+    for (struct vn_seg *x = seg_from(hf, last); x; x = x->next)
+        if (x->start <= last && last < seg_end(x) && x->start < stop)
+            stop = x->start;
+    if (stop < hf->rel_lim)          /* released already (the match completed later, e.g. at EOF) */
+        stop = hf->rel_lim;
+    ps->sig_dropped++;
+    sig_block(sw, f, hs, stop, v == VN_SIGA_REJECT);
+}
+
+int sig_flow_open(struct vn_switch *sw, struct vn_flow *f)
+{
+    struct vn_sigport *sp = sw->ports[f->port].sig;
+    struct vn_sigstage *st = sp ? sp->cur : NULL;
+    if (!st || !st->nstream)
+        return 0;
+    uint8_t on[2] = {0, 0};
+    for (uint32_t i = 0; i < st->nrules && !(on[0] && on[1]); i++)
+        for (int hs = 0; hs < 2; hs++)
+            if (!on[hs] && applies(&st->rules[i], f, hs))
+                on[hs] = 1;
+    if (!on[0] && !on[1])
+        return 0;
+    struct vn_sigflow *sf = calloc(1, sizeof *sf);
+    if (!sf) {
+        sw->ports[f->port].st.sig_streams_refused++;
+        return -1;
+    }
+    f->sig = sf;
+    sf->stage = st;
+    stage_hold(st);
+    for (int hs = 0; hs < 2; hs++) {
+        sf->on[hs] = on[hs];
+        sf->pos[hs] = f->half[hs].contig;
+        if (!on[hs])
+            continue;
+        int rc;
+        if (!(sf->st[hs] = vn_sig_stream_open(st->stream, &rc))) {
+            /* over the stage's memcap: fail closed */
+            sw->ports[f->port].st.sig_streams_refused++;
+            sf->blocked = sf->done = 1;
+            for (int i = 0; i < 2; i++)
+                f->half[i].sig_ok = f->half[i].contig;
+            return 1;
+        }
+        f->half[hs].sig_ok = sf->pos[hs];
+    }
+    return 1;
+}
+
+void sig_flow_scan(struct vn_switch *sw, struct vn_flow *f, int hs)
+{
+    struct vn_sigflow *sf = f->sig;
+    struct vn_half *hf = &f->half[hs];
+    if (sf->done || !sf->st[hs])
+        return;
+    struct vn_sigstage *st = sf->stage;
+    struct vn_port_stats *ps = &sw->ports[f->port].st;
+    uint64_t upto = hf->contig;
+    /* the new in-order bytes, record by record (records may overlap: identical copies) */
+    for (struct vn_seg *s = seg_from(hf, sf->pos[hs]); s && sf->pos[hs] < upto && !sf->done; s = s->next) {
+        if (s->start > sf->pos[hs] || seg_end(s) <= sf->pos[hs])
+            continue;
+        uint64_t from = sf->pos[hs], to = seg_end(s) < upto ? seg_end(s) : upto;
+        int n = vn_sig_stream_scan(st->stream, sf->st[hs], s->rec->data + s->pay + (from - s->start),
+                                   (size_t)(to - from), st->out, st->nrules ? st->nrules : 1);
+        ps->sig_stream_bytes += to - from;
+        sf->pos[hs] = to;
+        if (n < 0) {
+            ps->sig_scan_errors++;
+            ps->sig_dropped++;
+            sig_block(sw, f, hs, s->start, 0);     /* fail closed */
+            return;
+        }
+        hf->sig_ok = to;
+        if (n) {
+            stream_matches(sw, f, hs, n);
+            if (sf->done)
+                return;            /* blocked (its records are gone) or passed */
+        }
+    }
+    if (!sf->done && hf->eof && sf->pos[hs] == hf->fin_off) {
+        /* the end of this direction: candidates that waited for more bytes are decided now */
+        struct vn_sig_stream *x = sf->st[hs];
+        sf->st[hs] = NULL;
+        int n = vn_sig_stream_close(st->stream, x, st->out, st->nrules ? st->nrules : 1);
+        if (n > 0)
+            stream_matches(sw, f, hs, n);
+    }
+}
+
+/* May the frame of record `s`, just scanned, go on as it is, now (instead of being held and
+ * sent again as a copy)?  Only if the stage alone holds the direction (no contain scanner,
+ * no edits, no `more`), the scan passed all of it, it is the last record and every record
+ * before it went already: then sending it now changes nothing the receiver sees. */
+int sig_flow_forwards(const struct vn_flow *f, const struct vn_half *hf, const struct vn_seg *s)
+{
+    const struct vn_sigflow *sf = f->sig;
+    return sf && !sf->blocked && hf->passed == UINT64_MAX && !hf->edited && !hf->more &&
+           hf->vouched <= hf->acked && s == hf->tail && !s->released && seg_end(s) <= hf->sig_ok &&
+           seg_end(s) <= hf->contig && (!s->prev || s->prev->released);
+}
+
+int sig_flow_blocked(const struct vn_flow *f)
+{
+    return f->sig && f->sig->blocked;
+}
+
+void sig_flow_free(struct vn_switch *sw, struct vn_flow *f)
+{
+    struct vn_sigflow *sf = f->sig;
+    if (!sf)
+        return;
+    (void)sw;
+    for (int hs = 0; hs < 2; hs++)
+        if (sf->st[hs])
+            vn_sig_stream_close(sf->stage->stream, sf->st[hs], NULL, 0);
+    stage_release(sf->stage);
+    free(sf);
+    f->sig = NULL;
+}
+
+/* ---------------------------------------------------------------- bench */
+
+int64_t vn_sig_bench_switch(struct vn_switch *sw, int a, int b, const uint8_t *pack, size_t len)
+{
+    size_t off = 0;
+    int64_t delivered = 0;
+    struct vn_sink_frame out;
+    while (off < len) {
+        if (len - off < 3)
+            return -1;
+        int which = pack[off];
+        unsigned n = (unsigned)pack[off + 1] | (unsigned)pack[off + 2] << 8;
+        off += 3;
+        if (n > len - off || vn_port_inject_from(sw, which ? b : a, pack + off, n) < 0)
+            return -1;
+        off += n;
+        while (vn_sink_next(sw, &out))
+            delivered += out.len;
+    }
+    return delivered;
+}

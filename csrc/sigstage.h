@@ -1,0 +1,71 @@
+/* vhostni's in-line signature stage (SafeCard's payload stage in the data path): the rule
+ * databases of csrc/sig.c bound to one NI, with the rules' headers, the actions and the
+ * alerts.  See sigstage.c.
+ *
+ * Header blob (little-endian), written by vhostni/signatures/stage.py, bounds-checked here:
+ *   "VSH1" u32 nrules
+ *   per rule: u8 action (VN_SIGA_*), u8 proto (0 ip, 1 icmp, 6 tcp, 17 udp), u8 dir
+ *             (0 any, 1 to_server, 2 to_client), u8 flags (VN_SIGH_*), u32 sid, u32 rev,
+ *             u32 n_src4, n_src6, n_dst4, n_dst6, n_sport, n_dport, then the ranges:
+ *             src v4 (u32 lo, u32 hi), src v6 (16 bytes lo, 16 bytes hi, big-endian),
+ *             dst v4, dst v6, sport (u16 lo, u16 hi), dport (u16 lo, u16 hi)
+ * Stream rules come first in the header list, then packet rules (VN_SIGH_STREAM says which).
+ */
+#ifndef VN_SIGSTAGE_H
+#define VN_SIGSTAGE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* VN_CDEF_BEGIN */
+#define VN_SIGA_ALERT 0
+#define VN_SIGA_DROP 1
+#define VN_SIGA_REJECT 2
+#define VN_SIGA_PASS 3
+
+#define VN_SIGH_BIDIR 1
+#define VN_SIGH_STREAM 2
+
+#define VN_SIG_ALERT_RING 4096
+
+/* One match, as the alert log gets it (drained by vn_sig_alerts_next). */
+struct vn_sig_alert {
+    uint32_t rule;              /* index into the stage's rules */
+    uint32_t sid, rev;
+    uint8_t action;             /* the rule's VN_SIGA_* */
+    uint8_t taken;              /* what the NI did: VN_SIGA_* (a pass rule's match is taken as pass) */
+    uint8_t limit;              /* VN_SIG_F_LIMIT: a confirmation hit a limit (not proven) */
+    uint8_t stream;             /* 1: a stream match (offset is the stream offset) */
+    uint8_t family, proto;
+    uint8_t to_server;          /* 1: client to server, 0: server to client, 2: unknown (packet) */
+    uint8_t dir;                /* VN_DIR_* as seen from the guest */
+    uint8_t src[16], dst[16];
+    uint16_t sport, dport;
+    uint64_t offset;            /* stream offset just past the match (packet: within the payload) */
+    uint64_t flow;              /* the TCP engine's flow id (0: a packet rule) */
+};
+
+struct vn_sigstage;
+struct vn_switch;
+
+/* A stage from the rules' headers and the two databases (either may be NULL if there are no
+ * such rules): the stream database's rule ids are header indexes 0.., the packet database's
+ * follow them (its id k is header nstream + k).  Takes the databases on success (rc 0).
+ * The stage is reference counted: the caller's reference goes with vn_sigstage_free, each
+ * port and each open connection holds its own. */
+struct vn_sigstage *vn_sigstage_build(const uint8_t *hdrs, size_t hlen, struct vn_sig_db *stream,
+                                      struct vn_sig_db *pkt, int *rc);
+void vn_sigstage_free(struct vn_sigstage *st);
+int vn_port_set_sigstage(struct vn_switch *sw, int port, struct vn_sigstage *st);
+int vn_sig_alerts_next(struct vn_switch *sw, int port, struct vn_sig_alert *out);
+uint64_t vn_sig_alerts_lost(struct vn_switch *sw, int port);
+int vn_sig_rule_counts(struct vn_switch *sw, int port, uint64_t *matches, uint64_t *drops, uint32_t n);
+int vn_sigstage_db_stats(struct vn_sigstage *st, int stream, struct vn_sig_stats *out);
+/* The in-line bench's inner loop (vhostni/bench/signatures.py): frames packed as
+ * [u8 0: into port a, 1: into port b][u16 length, little-endian][frame], each injected
+ * (vn_port_inject_from) and every frame the sink ports got drained at once; returns the
+ * bytes delivered, or -1 on a malformed pack or a refused frame. */
+int64_t vn_sig_bench_switch(struct vn_switch *sw, int a, int b, const uint8_t *pack, size_t len);
+/* VN_CDEF_END */
+
+#endif

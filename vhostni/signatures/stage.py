@@ -1,0 +1,154 @@
+"""The in-line signature stage of one policy (csrc/sigstage.c): the rules' headers and the two
+matcher databases (stream rules, packet rules) as one C object an NI's switch port runs.
+
+Building one compiles every rule with Hyperscan and PCRE2 (seconds for 10,000 rules): it is done
+where the policy is loaded, which for a SIGHUP reload is a worker thread (vhostni/daemon.py);
+cffi releases the GIL for the compile, so the data plane goes on meanwhile.  Installing it on a
+port (``Port.set_sigstage``) is one pointer swap on the data-plane thread between batches.
+
+Also here: what a match in the stage's alert ring becomes in the alert log (Suricata EVE
+``alert`` field names).
+"""
+from __future__ import annotations
+
+import ipaddress
+import struct
+from typing import Optional, Sequence
+
+from .._fastpath import ffi, lib
+from .engine import DEFAULT_LOOKBACK, DEFAULT_STREAM_MEMCAP, SigError, SignatureDB
+from .rules import Problem, Rule
+
+ACTION_CODES = {"alert": 0, "drop": 1, "reject": 2, "pass": 3}
+ACTION_NAMES = {v: k for k, v in ACTION_CODES.items()}
+PROTO_CODES = {"ip": 0, "icmp": 1, "tcp": 6, "udp": 17}
+PROTO_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP"}
+DIR_CODES = {"any": 0, "to_server": 1, "to_client": 2}
+# Suricata's default priorities of the classtypes its rules use most (classification.config)
+CLASSTYPE_PRIORITY = {
+    "attempted-admin": 1, "successful-admin": 1, "attempted-user": 1, "successful-user": 1,
+    "shellcode-detect": 1, "trojan-activity": 1, "web-application-attack": 1, "exploit-kit": 1,
+    "command-and-control": 1, "domain-c2": 1, "targeted-activity": 1, "credential-theft": 1,
+    "attempted-dos": 2, "attempted-recon": 2, "bad-unknown": 2, "web-application-activity": 2,
+    "policy-violation": 1, "misc-attack": 2, "successful-recon-limited": 2, "denial-of-service": 2,
+    "misc-activity": 3, "not-suspicious": 3, "protocol-command-decode": 3, "unknown": 3,
+    "network-scan": 3, "icmp-event": 3,
+}
+
+
+def _proto(r: Rule) -> int:
+    return PROTO_CODES["tcp" if r.proto.startswith("tcp") else r.proto]
+
+
+def _header(r: Rule) -> bytes:
+    flags = (1 if r.bidirectional else 0) | (2 if r.mode == "stream" else 0)
+    src4, src6 = r.src.v4.ranges, r.src.v6.ranges
+    dst4, dst6 = r.dst.v4.ranges, r.dst.v6.ranges
+    out = [struct.pack("<BBBBII6I", ACTION_CODES[r.action], _proto(r), DIR_CODES[r.direction], flags,
+                       r.sid & 0xFFFFFFFF, r.rev & 0xFFFFFFFF, len(src4), len(src6), len(dst4), len(dst6),
+                       len(r.sport.ranges), len(r.dport.ranges))]
+    out += [struct.pack("<II", lo, hi) for lo, hi in src4]
+    out += [lo.to_bytes(16, "big") + hi.to_bytes(16, "big") for lo, hi in src6]
+    out += [struct.pack("<II", lo, hi) for lo, hi in dst4]
+    out += [lo.to_bytes(16, "big") + hi.to_bytes(16, "big") for lo, hi in dst6]
+    out += [struct.pack("<HH", lo, hi) for lo, hi in r.sport.ranges]
+    out += [struct.pack("<HH", lo, hi) for lo, hi in r.dport.ranges]
+    return b"".join(out)
+
+
+def encode_headers(rules: Sequence[Rule]) -> bytes:
+    """csrc/sigstage.h's header blob: stream rules first, then packet rules."""
+    return b"".join([b"VSH1", struct.pack("<I", len(rules))] + [_header(r) for r in rules])
+
+
+class Stage:
+    """The compiled stage of one rule set.  ``rules``: stream rules then packet rules, the index
+    the C stage names a rule by.  ``problems``: rules Hyperscan or PCRE2 rejected (left out)."""
+
+    def __init__(self, rules: Sequence[Rule], lookback: int = DEFAULT_LOOKBACK,
+                 stream_memcap: int = DEFAULT_STREAM_MEMCAP):
+        self.problems: list[Problem] = []
+        stream = [r for r in rules if r.mode == "stream"]
+        packet = []
+        for r in rules:
+            if r.mode == "stream":
+                continue
+            state = r.flow & {"to_server", "from_client", "to_client", "from_server", "established",
+                              "not_established"}
+            if state:
+                # the packet stage keeps no flow state: it cannot tell a direction or a handshake
+                self.problems.append(Problem(r.file, r.line, r.sid, f"flow:{','.join(sorted(state))} on a "
+                                             "packet rule: the packet stage keeps no flow state to enforce it"))
+                continue
+            packet.append(r)
+        self.rules = stream + packet
+        self.nstream = len(stream)
+        dbs = []
+        try:
+            for group, mode in ((stream, "stream"), (packet, "packet")):
+                db = SignatureDB(group, mode, lookback=lookback, stream_memcap=stream_memcap) if group else None
+                dbs.append(db)
+                if db is not None:
+                    self.problems += db.problems
+            hdr = encode_headers(self.rules)
+            rc = ffi.new("int *")
+            st = lib.vn_sigstage_build(hdr, len(hdr), dbs[0]._db if dbs[0] else ffi.NULL,
+                                       dbs[1]._db if dbs[1] else ffi.NULL, rc)
+            if st == ffi.NULL:
+                raise SigError("signature stage", rc[0])
+            for db in dbs:          # the stage owns their C databases now
+                if db is not None:
+                    db._db = ffi.NULL
+            self._st = ffi.gc(st, lib.vn_sigstage_free)
+        finally:
+            for db in dbs:
+                if db is not None:
+                    db.close()
+
+    @property
+    def ptr(self):
+        return self._st
+
+    def db_stats(self, stream: bool) -> dict:
+        s = ffi.new("struct vn_sig_stats *")
+        lib.vn_sigstage_db_stats(self._st, 1 if stream else 0, s)
+        return {k: getattr(s, k) for k, _ in ffi.typeof("struct vn_sig_stats").fields}
+
+
+def _addr(family: int, raw) -> str:
+    b = bytes(raw)
+    return str(ipaddress.ip_address(b[:4] if family == 4 else b[:16]))
+
+
+def alert_fields(a, rule: Optional[Rule]) -> tuple[str, dict]:
+    """One ``struct vn_sig_alert`` as (message, fields) for the alert log, with Suricata EVE's
+    names: ``alert`` {action, gid, signature_id, rev, signature, category, severity}, the flow's
+    src_ip/src_port/dest_ip/dest_port/proto, ``direction`` and the stream offset."""
+    taken = ACTION_NAMES.get(a.taken, "alert")
+    action = ACTION_NAMES.get(a.action, "alert")
+    sev = None
+    if rule is not None:
+        sev = rule.priority if rule.priority is not None else CLASSTYPE_PRIORITY.get(rule.classtype or "", 3)
+    alert = {"action": "blocked" if taken in ("drop", "reject") else "allowed",
+             "rule_action": action, "taken": taken,
+             "gid": rule.gid if rule else 1, "signature_id": int(a.sid), "rev": int(a.rev),
+             "signature": rule.msg if rule else "", "category": (rule.classtype or "") if rule else "",
+             "severity": sev}
+    if rule is not None:
+        alert["metadata"] = list(rule.metadata)
+        alert["source"] = rule.where()
+    if a.limit:
+        alert["unproven"] = "a confirmation hit its limit (PCRE2 match limit or step limit)"
+    fields = {"event_type": "alert", "alert": alert,
+              "src_ip": _addr(a.family, a.src), "src_port": int(a.sport),
+              "dest_ip": _addr(a.family, a.dst), "dest_port": int(a.dport),
+              "proto": PROTO_NAMES.get(a.proto, str(a.proto)),
+              "direction": {0: "to_client", 1: "to_server"}.get(a.to_server),
+              "ni_direction": "from_guest" if a.dir == lib.VN_DIR_FROM_GUEST else "to_guest"}
+    if a.stream:
+        fields["stream_offset"] = int(a.offset)
+        fields["flow_id"] = int(a.flow)
+    else:
+        fields["payload_offset"] = int(a.offset)
+    msg = f"signature {a.sid}: {rule.msg if rule else ''} ({alert['action']})"
+    return msg, fields
