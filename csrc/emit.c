@@ -22,6 +22,9 @@ struct vn_emit_rec {
     uint32_t len;
     int16_t port, egress_to;
     uint8_t dir, stage;
+    uint8_t flow_admitted;         /* the flow stage's note on the frame (vn_hdrs.flow_*) */
+    uint32_t flow_hash;
+    uint64_t flow_id;
     struct vn_net_hdr hdr;
     uint8_t data[];
 };
@@ -53,6 +56,12 @@ void vn_emit_free(struct vn_emitq *q)
 int vn_emit_push(struct vn_switch *sw, int stage, int port, int dir, int egress_to,
                  const struct vn_pkt *pkt)
 {
+    return vn_emit_push_flow(sw, stage, port, dir, egress_to, pkt, NULL);
+}
+
+int vn_emit_push_flow(struct vn_switch *sw, int stage, int port, int dir, int egress_to,
+                      const struct vn_pkt *pkt, const struct vn_hdrs *h)
+{
     struct vn_emitq *q = &sw->emit;
     uint32_t need = rec_size(pkt->len), at;
     if (q->count >= q->max || pkt->len > VN_MAX_FRAME)
@@ -79,6 +88,9 @@ int vn_emit_push(struct vn_switch *sw, int stage, int port, int dir, int egress_
     r->egress_to = (int16_t)egress_to;
     r->dir = (uint8_t)dir;
     r->stage = (uint8_t)stage;
+    r->flow_id = h ? h->flow_id : 0;
+    r->flow_hash = h ? h->flow_hash : 0;
+    r->flow_admitted = h ? h->flow_admitted : 0;
     r->hdr = pkt->hdr;
     memcpy(r->data, pkt->data, pkt->len);
     q->tail = at + need;
@@ -102,6 +114,9 @@ int vn_emit_pop(struct vn_emitq *q, struct vn_emit_to *m, struct vn_pkt *pkt)
     m->port = r->port;
     m->dir = r->dir;
     m->egress_to = r->egress_to;
+    m->flow_id = r->flow_id;
+    m->flow_hash = r->flow_hash;
+    m->flow_admitted = r->flow_admitted;
     pkt->len = r->len;
     pkt->hdr = r->hdr;
     memcpy(pkt->data, r->data, r->len);

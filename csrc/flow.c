@@ -47,6 +47,7 @@ struct vn_fent {
     int16_t icmp_type, icmp_code;
     uint8_t icmp_from[16];
     int close_reason;              /* FC_LINGER: why it will close */
+    uint8_t admitted;              /* VN_DIR_* bits: a frame of it left the NI that way */
 };
 
 struct vn_ftable {
@@ -429,7 +430,7 @@ static void tcp_track(struct vn_switch *sw, int port, struct vn_ftable *t, struc
 }
 
 int vn_flow_input(struct vn_switch *sw, int port, int dir, const struct vn_pkt *pkt,
-                  const struct vn_hdrs *h)
+                  struct vn_hdrs *h)
 {
     struct vn_port *p = &sw->ports[port];
     const struct vn_policy *pol = p->pol;
@@ -522,6 +523,10 @@ int vn_flow_input(struct vn_switch *sw, int port, int dir, const struct vn_pkt *
         }
         list_tail(t, e, cls, now);
     }
+    /* for subscriptions to flow-opening frames (vn_match.flow_new) */
+    h->flow_id = e->id;
+    h->flow_hash = e->hash;
+    h->flow_admitted = (e->admitted & dir) != 0;
     e->packets[d]++;
     if (h->ip_end > (uint32_t)h->l3_off)
         e->bytes[d] += h->ip_end - (uint32_t)h->l3_off;
@@ -550,6 +555,20 @@ int vn_flow_input(struct vn_switch *sw, int port, int dir, const struct vn_pkt *
         emit(sw, port, e, VN_FLOW_EV_SUMMARY, 0, 0);
     }
     return 0;
+}
+
+void vn_flow_admit(struct vn_switch *sw, int port, int dir, uint64_t id, uint32_t hash)
+{
+    struct vn_ftable *t;
+    if (!id || !sw->flows || port < 0 || port >= VN_MAX_PORTS || !(t = sw->flows->t[port]))
+        return;
+    /* by id, not by pointer: the flow may have expired (and its memory gone) while the
+     * frame waited for its scanners */
+    for (struct vn_fent *e = t->buckets[hash & t->mask]; e; e = e->hnext)
+        if (e->id == id) {
+            e->admitted |= (uint8_t)(dir & (VN_DIR_FROM_GUEST | VN_DIR_TO_GUEST));
+            return;
+        }
 }
 
 /* ---- the kernel's side ---- */

@@ -34,6 +34,8 @@ int vn_match_frame(const struct vn_match *m, int dir, const struct vn_pkt *pkt,
         return 0;
     if (m->proto >= 0 && (h->family == 0 || h->proto != m->proto))
         return 0;
+    if (m->flow_new && h->flow_admitted)
+        return 0;
     if (!addr_match(m->src_family, m->src_plen, m->src, h, h->src))
         return 0;
     if (!addr_match(m->dst_family, m->dst_plen, m->dst, h, h->dst))
@@ -253,6 +255,8 @@ int vn_policy_subs(struct vn_switch *sw, int port, int dir, int egress_to, struc
                 contain |= 1ULL << i;
         }
     }
+    if (!contain && h.flow_id && !h.flow_admitted)
+        vn_flow_admit(sw, port, dir, h.flow_id, h.flow_hash);   /* it leaves unheld */
     if (!subs)
         return 0;
     /* scanners see the bytes the receiver will: complete a partial checksum (TSO frames
@@ -280,6 +284,8 @@ int vn_policy_subs(struct vn_switch *sw, int port, int dir, int egress_to, struc
         p->st.held_over_cap++;
         return pol->over_cap_pass ? 0 : 1;
     }
+    r->flow_id = h.flow_id;
+    r->flow_hash = h.flow_hash;
     r->id = ++sw->next_held_id;
     r->hnext = sw->held_hash[r->id % VN_HELD_HASH];
     sw->held_hash[r->id % VN_HELD_HASH] = r;
@@ -376,9 +382,11 @@ static void release(struct vn_switch *sw, struct vn_held *r, int pass)
         pkt->hdr = r->hdr;
         memcpy(pkt->data, r->data, r->len);
         /* unless the NI was isolated while the frame waited for its decision, it goes on
-         * where it was going (into the switch, or to its receiver) once the switch drains */
-        if (!vn_isolation_drops(p, r->dir, pkt))
-            vn_emit_push(sw, VN_EMIT_OUT, r->port, r->dir, r->egress_to, pkt);
+         * where it was going (into the switch, or to its receiver) once the switch drains;
+         * its flow counts as admitted that way once it is queued to leave */
+        if (!vn_isolation_drops(p, r->dir, pkt) &&
+            vn_emit_push(sw, VN_EMIT_OUT, r->port, r->dir, r->egress_to, pkt) == 0)
+            vn_flow_admit(sw, r->port, r->dir, r->flow_id, r->flow_hash);
     }
     free(r);
 }

@@ -27,6 +27,8 @@
 #define EV_KICK 1ULL
 #define EV_TAP 2ULL
 #define EV(kind, port, q) ((kind) << 32 | (uint64_t)(port) << 8 | (q))
+/* the port and queue fields of EV are 8 bits each (decoded with & 0xff in vn_switch_run) */
+_Static_assert(VN_MAX_PORTS <= 256 && VN_MAX_QUEUES <= 256, "EV() packs a port and a queue in 8 bits each");
 
 /* frames one ring or TAP may forward before the loop moves on to others (fairness) */
 #define VN_BUDGET 256
@@ -47,8 +49,8 @@ uint64_t vn_realtime_ns(void)
 
 int vn_switch_set_clock(struct vn_switch *sw, uint64_t now_ns)
 {
-    if (now_ns && now_ns < sw->manual_ns)
-        return VN_EINVAL;          /* a clock handed in never goes back */
+    if ((now_ns && now_ns < sw->manual_ns) || now_ns > VN_CLOCK_MAX_NS)
+        return VN_EINVAL;          /* a clock handed in never goes back, nor wraps a timer */
     sw->manual_ns = now_ns;
     sw->now_ns = vn_clock(sw);
     return VN_OK;
@@ -976,6 +978,9 @@ static void emit_drain(struct vn_switch *sw)
         } else if (m.stage == VN_EMIT_SUBS) {
             struct vn_hdrs h;
             vn_parse(pkt, &h);
+            h.flow_id = m.flow_id;
+            h.flow_hash = m.flow_hash;
+            h.flow_admitted = m.flow_admitted;
             if (vn_policy_subs(sw, m.port, m.dir, m.egress_to, pkt, &h))
                 continue;
         }

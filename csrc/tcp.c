@@ -1060,7 +1060,8 @@ static int seg_data(struct vn_tcp_in *in, struct vn_flow *f)
             if (end + fin > S->released_end)
                 S->released_end = end + fin;
             if (fwd(in, f) == VN_TCP_FORWARD)
-                vn_emit_push(sw, VN_EMIT_SUBS, in->port, in->dir, in->egress_to, in->pkt);
+                vn_emit_push_flow(sw, VN_EMIT_SUBS, in->port, in->dir, in->egress_to, in->pkt,
+                                  in->h);
             return VN_TCP_TAKEN;
         }
     }

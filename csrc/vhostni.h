@@ -202,7 +202,9 @@ void vn_switch_free(struct vn_switch *sw);
 /* The switch's clock: 0 (the default) runs every timer and timestamp on the system's
  * clocks; a time (ns) makes the switch use it instead, for timers and for the timestamps
  * scanners see, until the next call (offline replay on a capture's timestamps).  A time
- * handed in never goes back: VN_EINVAL. */
+ * handed in never goes back, nor past VN_CLOCK_MAX_NS (2^62 ns, year 2116: far enough from
+ * 2^64 that no timer added to it wraps): VN_EINVAL. */
+#define VN_CLOCK_MAX_NS 4611686018427387904ULL
 int vn_switch_set_clock(struct vn_switch *sw, uint64_t now_ns);
 const char *vn_strerror(int code);
 const char *vn_broken_reason(int code);
@@ -353,6 +355,13 @@ struct vn_match {
     uint16_t sport_lo, sport_hi;   /* 0..65535: any */
     uint16_t dport_lo, dport_hi;
     uint8_t tcp_flags_mask, tcp_flags_value;
+    /* 1 (subscriptions only): just the frames that open their flow in their direction,
+     * i.e. of a flow in the NI's flow table (csrc/flow.c) no frame of which has yet left
+     * the NI that way: the first, and every later one until one is forwarded unheld or
+     * passed by every containing scanner.  A frame the flow stage could not put in a flow
+     * (a later fragment without its first, an unparsed header, ICMP other than echo-like,
+     * the table full with flows_over = pass, the stage off) counts as opening one. */
+    uint8_t flow_new;
     uint8_t nterms;
     struct vn_term terms[VN_MAX_TERMS];
 };

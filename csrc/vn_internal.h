@@ -220,6 +220,12 @@ struct vn_hdrs {
     uint8_t frag_key_proto;    /* IPv4 header's protocol field (part of the datagram key) */
     int l3_off;                /* where the IP (or ARP) header starts */
     uint32_t ip_end;           /* end of the IP datagram by its length field */
+    /* set by the flow stage (vn_flow_input), zero otherwise: the frame's flow (id and
+     * table hash; 0: none), and 1 if a frame of it already left the NI in this direction
+     * (vn_match.flow_new does not match it) */
+    uint64_t flow_id;
+    uint32_t flow_hash;
+    uint8_t flow_admitted;
 };
 
 
@@ -231,6 +237,8 @@ struct vn_held {
     int dir;
     int egress_to;             /* -1: held at ingress from `port`; else deliver to this port */
     uint64_t subs, contain, time_ns;
+    uint64_t flow_id;          /* its flow (vn_hdrs.flow_id): admitted when passed */
+    uint32_t flow_hash;
     uint32_t len;
     struct vn_net_hdr hdr;
     uint8_t data[];
@@ -267,6 +275,9 @@ struct vn_emitq {
 struct vn_emit_to {
     int stage, port, dir;
     int egress_to;             /* -1: into the switch from `port`; else delivered to this port */
+    uint64_t flow_id;          /* VN_EMIT_SUBS: the flow stage's note on the frame, if it */
+    uint32_t flow_hash;        /* passed the stage before it was queued (vn_hdrs.flow_*) */
+    uint8_t flow_admitted;
 };
 
 struct vn_switch {
@@ -434,6 +445,10 @@ void vn_emit_free(struct vn_emitq *q);
  * egress_to).  0, or -1 if the queue is full: the frame is dropped, counted on `port`. */
 int vn_emit_push(struct vn_switch *sw, int stage, int port, int dir, int egress_to,
                  const struct vn_pkt *pkt);
+/* The same, keeping what the flow stage noted on the frame (h->flow_*), for a frame that
+ * passed the stage and still meets the subscriptions (which admit its flow). */
+int vn_emit_push_flow(struct vn_switch *sw, int stage, int port, int dir, int egress_to,
+                      const struct vn_pkt *pkt, const struct vn_hdrs *h);
 /* The oldest queued frame into *pkt and where it goes into *m; 0 if none. */
 int vn_emit_pop(struct vn_emitq *q, struct vn_emit_to *m, struct vn_pkt *pkt);
 
@@ -506,10 +521,14 @@ static inline uint64_t vn_clock_real(const struct vn_switch *sw)
 }
 
 /* flow.c: the flow stage, for policy.c */
-/* Accounts a parsed frame to its flow (vn_policy.flows set).  1: drop it (a new flow
- * found the table full and flows_over is drop), 0: go on. */
+/* Accounts a parsed frame to its flow (vn_policy.flows set) and notes the flow in h
+ * (flow_id, flow_hash, flow_admitted).  1: drop it (a new flow found the table full and
+ * flows_over is drop), 0: go on. */
 int vn_flow_input(struct vn_switch *sw, int port, int dir, const struct vn_pkt *pkt,
-                  const struct vn_hdrs *h);
+                  struct vn_hdrs *h);
+/* A frame of flow `id` (0: none) left the NI in direction `dir`: later frames that way
+ * no longer open it (vn_match.flow_new).  A flow that expired meanwhile is left alone. */
+void vn_flow_admit(struct vn_switch *sw, int port, int dir, uint64_t id, uint32_t hash);
 /* Are flow events waiting (the punt eventfd must stay readable)? */
 int vn_flow_pending(struct vn_switch *sw);
 /* Forgets a port's flows (no events: nobody is left to tell). */

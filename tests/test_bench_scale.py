@@ -29,3 +29,23 @@ def test_bench_scale_smoke(tmp_path):
         assert x["startup_s"] > 0 and x["rss_kib"] > x["rss_kib_before_frontends"] * 0.5
         assert 0 <= x["idle_cpu_share"] < 1 and x["query_nis_ms"]["n"] == 3
     assert "per_ni_kib" in sec and "per NI:" in r.stdout
+
+
+def test_the_last_of_256_ports_sends_and_receives():
+    """Every port of a full switch is reachable: a broadcast from port 255 (its kick decoded
+    from the epoll event's 8-bit port field) reaches ports 0 and 128, and port 0's answer is
+    delivered to port 255 by the address it learned there."""
+    from nikit import Kit, eth, ipv4, udp
+    names = [f"n{i}" for i in range(MAX_PORTS)]
+    k = Kit(None, names=names, connect=False)
+    try:
+        for n in (names[0], names[128], names[-1]):
+            k.connect(n)
+        last, first = bytes.fromhex("02000000ff01"), bytes.fromhex("020000000001")
+        k.send(names[-1], eth(b"\xff" * 6, last, 0x0800, ipv4("10.0.0.9", "10.0.0.1", 17, udp(1, 2, b"hi"))))
+        assert len(k.recv(names[0], wait=0.5)) == 1 and len(k.recv(names[128], wait=0.2)) == 1
+        k.send(names[0], eth(last, first, 0x0800, ipv4("10.0.0.1", "10.0.0.9", 17, udp(2, 1, b"back"))))
+        got = k.recv(names[-1], wait=0.5)
+        assert len(got) == 1 and got[0].endswith(b"back") and k.recv(names[128], wait=0.2) == []
+    finally:
+        k.close()

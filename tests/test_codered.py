@@ -742,7 +742,7 @@ def _codered_kit(kits, **kw):
 
 def _codered_ready(k):
     k.until(lambda: k.sp("a", "codered").locked
-            and sum(s.scanner == "codered" for s in k.nk("a").subs) == 8, 20, "the Code-Red scanner")
+            and sum(s.scanner == "codered" for s in k.nk("a").subs) == 10, 20, "the Code-Red scanner")
 
 
 def _syn_passes(k, i: int) -> bool:

@@ -482,6 +482,35 @@ def test_a_head_sent_a_byte_at_a_time_costs_linear_time():
     assert took < 3.0, f"{len(head)} bytes one at a time took {took:.1f} s"
 
 
+def test_many_small_heads_in_one_feed_cost_linear_time():
+    """A client pipelining thousands of requests, or a server sending thousands of 1xx heads,
+    in one segment: finding each head's end searched the whole rest of the buffer (for a
+    "\\n\\n" a CRLF head never has), quadratic: ~36 s for 80000 requests (2 MB)."""
+    import time
+    n = 60000
+    t0 = time.perf_counter()
+    c = HttpConnection(Limits(max_pipelined=n + 1))
+    evs = c.feed(CLIENT, GET * n)
+    took = time.perf_counter() - t0
+    assert sum(isinstance(e, Request) for e in evs) == n and not kinds(evs)
+    assert took < 6.0, f"{n} pipelined requests in one feed took {took:.1f} s"
+    c = HttpConnection()
+    c.feed(CLIENT, GET)
+    t0 = time.perf_counter()
+    evs = c.feed(SERVER, b"HTTP/1.1 100 Continue\r\n\r\n" * n + OK + b"Content-Length: 2\r\n\r\nok")
+    took = time.perf_counter() - t0
+    assert responses(evs)[-1][1] == b"ok"
+    assert took < 6.0, f"{n} 1xx heads in one feed took {took:.1f} s"
+    # heads ending in bare LFs (tolerated by a caller) are found line by line too, not by a
+    # search through max_head bytes for a CRLF end they do not have
+    t0 = time.perf_counter()
+    c = HttpConnection(Limits(max_pipelined=n + 1))
+    evs = c.feed(CLIENT, GET.replace(b"\r\n", b"\n") * n)
+    took = time.perf_counter() - t0
+    assert sum(isinstance(e, Request) for e in evs) == n and set(kinds(evs)) == {"bare_lf"}
+    assert took < 6.0, f"{n} bare-LF pipelined requests in one feed took {took:.1f} s"
+
+
 def test_chunked_answering_an_http10_request_is_ambiguous():
     evs = run(b"GET / HTTP/1.0\r\n\r\n", OK + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(b"abc"))
     assert kinds(evs) == ["te_in_http10"]

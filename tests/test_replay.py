@@ -654,3 +654,97 @@ def test_clock_arguments_are_checked(tmp_path, capsys):
         sw.set_clock(0)                                    # the system clocks again
     finally:
         sw.close()
+
+
+# ---- hostile captures and scanners on the capture clock ----------------------------------
+
+def _pcapng(path, ticks, tsresol: int) -> str:
+    """A little-endian pcapng file: one Ethernet interface of resolution 10^-tsresol s,
+    one enhanced packet block per (ticks, frame)."""
+    import struct
+
+    def block(t, body):
+        body += b"\0" * (-len(body) % 4)
+        return struct.pack("<II", t, 12 + len(body)) + body + struct.pack("<I", 12 + len(body))
+    opts = struct.pack("<HHB3x", 9, 1, tsresol) + struct.pack("<HH", 0, 0)
+    out = block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1))
+    out += block(1, struct.pack("<HHI", 1, 0, 65535) + opts)
+    for t, d in ticks:
+        out += block(6, struct.pack("<IIIII", 0, t >> 32, t & 0xFFFFFFFF, len(d), len(d)) + d)
+    with open(path, "wb") as f:
+        f.write(out)
+    return str(path)
+
+
+def test_the_switch_clock_refuses_times_it_cannot_hold():
+    """A time past what the C clock holds (a timer added to it would wrap) or below zero is a
+    ValueError, not an OverflowError from cffi or a clock that wraps its timers."""
+    from vhostni.fastpath import lib
+    with Switch() as sw:
+        for bad in (-1, 1 << 64, (1 << 64) - 1, lib.VN_CLOCK_MAX_NS + 1):
+            with pytest.raises(ValueError):
+                sw.set_clock(bad)
+        sw.set_clock(lib.VN_CLOCK_MAX_NS)
+        with pytest.raises(ValueError):
+            sw.set_clock(5)
+        sw.set_clock(0)
+
+
+def test_capture_clock_survives_hostile_timestamps(tmp_path):
+    """pcapng timestamps in seconds up to 2^64 - 1 (past any clock), going back, zero: on the
+    capture's clock every frame is replayed (times past the pcap range count as its end),
+    with no traceback."""
+    from vhostni.replay import replay_file
+    frames = [bytes(from_guest(UDP(sport=1, dport=2) / Raw(b"f%d" % i))) for i in range(5)]
+    top = (1 << 64) - 1
+    inp = _pcapng(tmp_path / "in.pcapng", list(zip([top, top, 5, 0, 1 << 40], frames)), tsresol=0)
+    out = tmp_path / "out.pcap"
+    s = replay_file(inp, parse_mac(GUEST), parse_policy(decider_policy(hold_timeout_ms=200)),
+                    out_path=str(out), clock="capture")
+    assert s["records"] == 5
+    assert [d for _, d in out_frames(out)] == frames
+
+
+def test_capture_clock_replay_does_not_wait_forever_for_a_silent_scanner(tmp_path):
+    """A scanner that holds frames and then neither answers syncs nor decides: on the
+    system clock hold timeouts end replay's wait; on the capture's clock time stands still
+    while replay waits, so it used to wait forever.  Now it stops waiting for such a scanner
+    after sync_timeout and its frames go when capture time passes their hold deadline."""
+    from nikit import time_limit
+    frames = [bytes(from_guest(UDP(sport=1, dport=2) / Raw(b"HOLD-%d" % i))) for i in range(4)]
+    doc = policy(hold_timeout_ms=300, default_decision="pass", scanners=[
+        scanner_spec("mute", "decider.py", allow=[{"proto": "udp", "contain": True}],
+                     config={"subscribe": [{"match": {"proto": "udp"}, "contain": True}], "no_ready": True})])
+    got = []
+    with time_limit(40, "replay"):
+        with Replay(parse_mac(GUEST), parse_policy(doc, base=str(tmp_path)),
+                    on_frame=lambda ts, f, d: got.append((ts, f)), clock="capture",
+                    sync_timeout=0.5, start_timeout=1.0) as r:
+            r.start(at_ns=T0 * 10**9)
+            for i, f in enumerate(frames):
+                r.feed(T0 * 10**9 + i * 10**9, f)       # a second apart: each hold times out by the next
+            r.finish()
+    assert [f for _, f in got] == frames
+    # each left when capture time passed its deadline: at the next frame's time, the last at the end
+    assert [ts for ts, _ in got[:3]] == [T0 * 10**9 + (i + 1) * 10**9 for i in range(3)]
+
+
+def test_ticks_are_not_queued_past_the_limit_for_a_scanner_that_stopped_reading(kits):
+    """A tick behind a full output queue used to be queued regardless (forced, as a close
+    is), one per advance of the capture's clock, without bound; it is dropped instead (the
+    next tick says a later time) and the queue stays within OUTQ_MAX."""
+    from vhostni.scannerproc import OUTQ_MAX
+    k = kits({"a": policy(scanners=[scanner_spec("cw", "clockwatch.py", allow=[{"proto": "udp"}])])})
+    k.until(lambda: k.sp("a", "cw").running and k.subscribed("a", "cw"), 20, "the scanner")
+    sp = k.sp("a", "cw")
+    saved = (sp.outq.copy(), sp.outq_bytes)
+    sp.outq.append(b"")                  # a backlog at the limit (not sent: restored below)
+    sp.outq_bytes = OUTQ_MAX
+    try:
+        before = len(sp.outq)
+        assert not any(sp.send_tick(1000.0 + i) for i in range(100))
+        assert len(sp.outq) == before and sp.outq_bytes == OUTQ_MAX
+    finally:
+        sp.outq.clear()
+        sp.outq.extend(saved[0])
+        sp.outq_bytes = saved[1]

@@ -11,6 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -249,3 +250,43 @@ def test_a_socket_that_fails_does_not_cost_a_port(tmp_path):
         d.add_ni("ok", str(tmp_path / "ok.sock"))
     finally:
         d.close()
+
+
+def test_a_sighup_during_a_reload_starts_one_more_not_a_storm(tmp_path):
+    """Reloads load on a worker thread; a SIGHUP that comes while one runs waits for it and
+    then starts exactly one more: two RELOADING=1 in all (the loop used to re-announce the
+    pending reload on every pass while the first one compiled)."""
+    rules = tmp_path / "many.rules"
+    rules.write_text("".join(f'alert tcp any any -> $HOME_NET any (msg:"r{i}"; content:"never-{i:05d}-xyz"; '
+                             f'sid:{1000 + i};)\n' for i in range(4000)))
+    pol = tmp_path / "vm1.toml"
+    pol.write_text(f'[ni]\naddresses = ["10.1.2.3/32"]\n[signatures]\nrules = ["{rules}"]\n')
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(60)
+    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify"))
+    log = open(tmp_path / "daemon.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "vhostni", "run", "--ni", f"vm1={tmp_path}/vm1.sock",
+                             "--policy", f"vm1={pol}", "--alert-log", str(tmp_path / "alerts.jsonl")],
+                            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    try:
+        _recv(notify, "READY=1")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGHUP)           # while the first reload compiles
+        seen = _recv(notify, "READY=1")            # the first reload applied
+        seen += _recv(notify, "READY=1")           # and the one more
+        notify.settimeout(2)
+        try:
+            while True:
+                seen.append(notify.recv(4096).decode())
+        except socket.timeout:
+            pass
+        reloading = [m for m in seen if "RELOADING=1" in m]
+        assert len(reloading) == 2, seen
+    finally:
+        proc.kill()
+        proc.wait()
+        notify.close()
+        log.seek(0)
+        print(log.read()[-3000:])

@@ -321,6 +321,66 @@ def test_reset_requests_are_checked_at_the_boundary():
             wire.decode_request(dict(ok, **bad))
 
 
+def test_reset_requests_name_unicast_peers_only():
+    """A reset goes to one peer host: group, broadcast, unspecified and loopback addresses, a
+    multicast or broadcast MAC (it would flood every NI on the switch), an address that is a
+    number, not a string, or has an IPv6 scope are refused before the kernel builds anything."""
+    from vhostni.scanner import wire
+    ok = {"op": "reset", "id": 1, "src": "10.0.0.1", "sport": 1, "dst": "10.0.0.2", "dport": 80, "seq": 5,
+          "ack": 6, "mac": "02:00:00:00:0b:0b"}
+    for bad in ({"mac": "ff:ff:ff:ff:ff:ff"}, {"mac": "01:00:5e:00:00:01"}, {"mac": "33:33:00:00:00:01"},
+                {"mac": "00:00:00:00:00:00"}, {"dst": "255.255.255.255"}, {"dst": "224.0.0.1"},
+                {"dst": "0.0.0.0"}, {"dst": "127.0.0.1"}, {"src": "0.0.0.0"}, {"dst": "10.0.0.1"},
+                {"src": 167772161}, {"dst": 167772162}, {"src": "fe80::1%eth0", "dst": "fe80::2"},
+                {"src": "fd00::1", "dst": "ff02::1"}, {"src": "fd00::1", "dst": "::1"}):
+        with pytest.raises(wire.RequestError):
+            wire.decode_request(dict(ok, **bad))
+    assert isinstance(wire.decode_request(dict(ok, src="fd00::1", dst="fe80::2")), wire.Reset)
+
+
+def test_the_kernel_refuses_resets_to_the_guest_or_a_broadcast_and_past_their_rate(kits):
+    """A scanner with the reset right still cannot have the NI send RSTs to the guest's own MAC
+    or its prefix's broadcast address, nor flood them: past ``resets_per_second`` they are
+    refused, counted and alerted, and no more reach the network."""
+    from nikit import A_MAC, B_MAC, mac_str, policy, scanner_spec
+    from vhostni.scanner import wire
+    spec = scanner_spec("resetter", "clockwatch.py", allow=[{"proto": "udp"}], resets=True,
+                        resets_per_second=50)
+    k = kits({"a": policy(mac=A_MAC, addresses=["10.0.0.0/24"], scanners=[spec])})
+    k.until(lambda: k.sp("a", "resetter").running and k.subscribed("a", "resetter"), 20, "the scanner")
+    sp = k.sp("a", "resetter")
+
+    def ask(dst="10.0.0.3", mac=B_MAC, sport=1000):
+        sp._handle(wire.decode(wire.encode_control(
+            {"op": "reset", "id": 7, "src": "10.0.0.1", "sport": sport, "dst": dst, "dport": 80,
+             "seq": 1, "ack": 2, "mac": mac_str(mac)})))
+
+    def rsts():
+        return [f for f in k.recv("b", wait=0.5) if len(f) >= 54 and f[12:14] == b"\x08\x00" and f[47] & 0x04]
+
+    ask(mac=A_MAC)                  # to the guest's own MAC
+    ask(dst="10.0.0.255")           # to its prefix's broadcast address
+    assert rsts() == [] and sp.counters.resets == 0 and sp.counters.resets_refused == 2
+    k.wait_alert("to the guest itself or a broadcast", "a", "resetter")
+    for i in range(400):            # a flood: the bucket holds one second's worth
+        ask(sport=1000 + i)
+    assert 50 <= sp.counters.resets < 100
+    assert sp.counters.resets_refused >= 300
+    assert len(rsts()) == sp.counters.resets
+    k.wait_alert("faster than its policy allows", "a", "resetter")
+
+
+def test_reset_rate_in_the_policy_is_checked(tmp_path):
+    from vhostni.policy import PolicyError, load_policy
+    for bad in ("0", "true", "1e9", "nan"):
+        p = tmp_path / "p.toml"
+        p.write_text(f'[[scanner]]\nname = "s"\nprogram = "/bin/true"\nresets_per_second = {bad}\n')
+        with pytest.raises(PolicyError):
+            load_policy(str(p))
+    p.write_text('[[scanner]]\nname = "s"\nprogram = "/bin/true"\nresets_per_second = 20\n')
+    assert load_policy(str(p)).scanners[0].resets_per_second == 20
+
+
 def test_reset_frames_are_well_formed():
     from scapy.layers.inet6 import IPv6
     from vhostni.scannerproc import tcp_reset_frame

@@ -387,7 +387,8 @@ class Daemon:
                 self.switch.run(wait, self.poll)
                 for fd, _ in self.ep.poll(0):
                     self._guarded(self._control_event, fd)
-                if self._reload:
+                if self._reload and not self._reloading:
+                    # (a SIGHUP during a reload waits for it to finish, then starts one more)
                     self._reload = False
                     notify("RELOADING=1")
                     self._guarded(self.reload_policies_in_background)

@@ -258,7 +258,10 @@ class Switch(_KernelSide):
 
     def set_clock(self, now_ns: int) -> None:
         """Runs the switch on a time handed in (ns; replay on a capture's timestamps) instead
-        of the system clocks; 0 goes back to those.  It never goes back: ValueError."""
+        of the system clocks; 0 goes back to those.  It never goes back, nor past
+        VN_CLOCK_MAX_NS (where its timers could overflow): ValueError."""
+        if not 0 <= now_ns <= lib.VN_CLOCK_MAX_NS:
+            raise ValueError(f"the switch's clock runs from 0 to {lib.VN_CLOCK_MAX_NS} ns, not {now_ns}")
         if lib.vn_switch_set_clock(self._sw, now_ns) != lib.VN_OK:
             raise ValueError("the switch's clock does not go back")
 

@@ -15,6 +15,22 @@ listed flags set, !-prefixed clear) and ``terms`` (raw [{offset, value, mask}] b
 the frame, hex strings).  A subscription is granted only if it is at least as narrow as
 one of the scanner's rights (every constraint of the right holds for it).
 
+A subscription or right (not a prevent or quarantine rule: those run before the flow stage)
+may add ``flow = "new"``: only the frames that open their flow in their direction, in the
+NI's flow table (csrc/flow.c, one entry per 5-tuple): a flow's first frame, and every later
+one that way until one of them left the NI (forwarded unheld, or passed by every scanner
+holding it).  So a scanner that decides destinations holds a UDP flow's or an echo's first
+datagram, not the rest; a frame it cut leaves the flow unopened, so the next one is held
+too, and frames that come while the first waits for its decision are held with it.  A
+frame the flow stage cannot put in a flow (a later fragment whose first was not seen, an
+unparsed header let through, ICMP other than echo-like, the table full with ``flows_over =
+pass``) counts as opening one: it is matched (held), never waved through.  Such a
+subscription turns the flow stage on for the NI.  A right without ``flow`` covers a
+subscription with it (it is narrower); a right with it covers only such subscriptions.
+TCP data that a stream subscription held meets frame subscriptions again when released, and
+then counts as opening its flow (no flow stage sees it there); a SYN that reuses the 5-tuple of a
+connection still in the table does not open a new flow: for TCP, match ``tcp_flags`` instead.
+
 A *stream* right or subscription (``stream = true``) names reconstructed TCP streams instead
 of frames: ``port`` (the server port, i.e. the destination port of the connection's SYN; a
 port, "lo-hi" or [lo, hi]; all ports if absent) and ``direction`` (which bytes: from_guest,
@@ -67,7 +83,10 @@ ETHERTYPES = {"ipv4": 0x0800, "ipv6": 0x86DD, "arp": 0x0806}  # the innermost ty
 PROTOS = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "sctp": 132}
 TCP_FLAGS = {"fin": 0x01, "syn": 0x02, "rst": 0x04, "psh": 0x08, "ack": 0x10, "urg": 0x20,
              "ece": 0x40, "cwr": 0x80}
-MATCH_KEYS = {"direction", "ethertype", "proto", "src", "dst", "sport", "dport", "tcp_flags", "terms"}
+MATCH_KEYS = {"direction", "ethertype", "proto", "src", "dst", "sport", "dport", "tcp_flags", "terms",
+              "flow"}
+# a match's ``flow`` key (subscriptions and rights only): "new", frames that open their flow
+FLOW_MATCH = ("new",)
 # [ni] on_alert: what the NI does by itself when one of its scanners raises an alert
 # (none; quarantine, see [quarantine]; link-down: QEMU's set_link plus dropping every frame).
 ON_ALERT = ("none", "quarantine", "link-down")
@@ -106,6 +125,7 @@ class Match:
     flags_mask: int = 0
     flags_value: int = 0
     terms: tuple[tuple[int, bytes, bytes], ...] = ()
+    flow_new: bool = False     # flow = "new": only frames that open their flow
 
     def directions(self) -> int:
         return self.dirs or (DIR_FROM | DIR_TO)
@@ -118,6 +138,8 @@ class Match:
             return False
         if right.proto >= 0 and self.proto != right.proto:
             return False
+        if right.flow_new and not self.flow_new:
+            return False       # a right to flow-opening frames only does not cover the rest
         for mine, theirs in ((self.src, right.src), (self.dst, right.dst)):
             if theirs is not None and (mine is None or mine.version != theirs.version
                                        or not mine.subnet_of(theirs)):
@@ -152,6 +174,7 @@ class Match:
         c.dport_lo, c.dport_hi = self.dport
         c.tcp_flags_mask = self.flags_mask
         c.tcp_flags_value = self.flags_value
+        c.flow_new = 1 if self.flow_new else 0
         c.nterms = len(self.terms)
         for i, (off, val, mask) in enumerate(self.terms):
             c.terms[i].offset = off
@@ -219,13 +242,22 @@ def _hex(where: str, v: Any, maxlen: int) -> bytes:
     return b
 
 
-def parse_match(where: str, d: Any) -> Match:
+def parse_match(where: str, d: Any, flow_ok: bool = True) -> Match:
+    """A match (see the module doc); ``flow_ok``: the ``flow`` key is allowed (subscriptions and
+    rights, not prevent or quarantine rules, which run before the flow stage)."""
     if not isinstance(d, dict):
         raise PolicyError(where, "expected a table of match keys")
     unknown = set(d) - MATCH_KEYS - {"contain", "action", "comment"}
     if unknown:
         raise PolicyError(f"{where}.{sorted(unknown)[0]}", f"unknown key (known: {', '.join(sorted(MATCH_KEYS))})")
     kw: dict[str, Any] = {}
+    if "flow" in d:
+        if not flow_ok:
+            raise PolicyError(f"{where}.flow", "only subscriptions and rights match by flow "
+                                               "(rules run before the flow stage)")
+        if d["flow"] not in FLOW_MATCH:
+            raise PolicyError(f"{where}.flow", f"expected one of {', '.join(FLOW_MATCH)}, not {d['flow']!r}")
+        kw["flow_new"] = True
     if "direction" in d:
         if not isinstance(d["direction"], str) or d["direction"] not in DIRECTIONS:
             raise PolicyError(f"{where}.direction", f"expected one of {', '.join(DIRECTIONS)}")
@@ -424,6 +456,8 @@ class ScannerSpec:
     # may have the NI send TCP resets from the guest's own address (Scanner.reset): nothing
     # the guest could not send itself, but a scanner needs the administrator's word for it
     resets: bool = False
+    # at most this many resets a second (a bucket as deep as one second's): past it, refused
+    resets_per_second: float = 1000.0
     # the flow stage's events it may subscribe to ([[scanner.allow]] flows = true)
     flow_rights: list[FlowMatch] = field(default_factory=list)
 
@@ -478,9 +512,11 @@ class Policy:
                 flow_events: Optional[frozenset] = None):
         """A ``struct vn_policy`` for the fast path, with the kernel's live subscriptions;
         ``flow_events``: the flow events (FLOW_EVENT_KINDS) scanners subscribed to (None:
-        no flows subscription; the stage then runs only if ``flows``)."""
+        no flows subscription; the stage then runs only if ``flows`` or a subscription has
+        ``flow = "new"``)."""
         c = ffi.new("struct vn_policy *")
-        c.flows = 1 if self.flows or flow_events is not None else 0
+        # a subscription to flow-opening frames needs the stage to know the flows
+        c.flows = 1 if self.flows or flow_events is not None or any(m.flow_new for m, _ in subs) else 0
         c.flow_events = sum(1 << getattr(lib, f"VN_FLOW_EV_{k.upper()}") for k in flow_events or ())
         c.flows_max = self.flows_max
         c.flows_over_pass = 1 if self.flows_over_pass else 0
@@ -744,13 +780,13 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
     if len(qallow) > lib.VN_MAX_QALLOW:
         raise PolicyError("quarantine.allow", f"at most {lib.VN_MAX_QALLOW} rules")
     for i, r in enumerate(qallow):
-        p.quarantine_allow.append(parse_match(f"quarantine.allow[{i}]", r))
+        p.quarantine_allow.append(parse_match(f"quarantine.allow[{i}]", r, flow_ok=False))
 
     rules = _want(d, "prevent", "", list, [])
     if len(rules) > lib.VN_MAX_RULES:
         raise PolicyError("prevent", f"at most {lib.VN_MAX_RULES} rules")
     for i, r in enumerate(rules):
-        p.prevent.append(parse_match(f"prevent[{i}]", r))
+        p.prevent.append(parse_match(f"prevent[{i}]", r, flow_ok=False))
 
     names = set()
     for i, s in enumerate(_want(d, "scanner", "", list, [])):
@@ -759,7 +795,8 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
             raise PolicyError(w, "expected a table")
         _check_keys(s, {"name", "program", "args", "config", "allow", "inject", "memory_mb",
                         "cpu_seconds", "open_files", "max_timeouts", "messages_per_second",
-                        "alerts_per_second", "checkpoint_max_bytes", "sockets", "resets", "comment"}, w)
+                        "alerts_per_second", "checkpoint_max_bytes", "sockets", "resets", "resets_per_second",
+                        "comment"}, w)
         name = _want(s, "name", w, str, required=True)
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", name) or name in names:
             raise PolicyError(f"{w}.name", f"{name!r}: 1-32 of [A-Za-z0-9_.-], unique")
@@ -795,6 +832,10 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
         if not 0 < aps <= 10000:
             raise PolicyError(f"{w}.alerts_per_second", "expected 0..10000")
         spec.alerts_per_second = float(aps)
+        rps = _want(s, "resets_per_second", w, (int, float), spec.resets_per_second)
+        if not 1 <= rps <= 100000:
+            raise PolicyError(f"{w}.resets_per_second", "expected 1..100000")
+        spec.resets_per_second = float(rps)
         sockets = _want(s, "sockets", w, list, [])
         for j, sock in enumerate(sockets):
             if not (isinstance(sock, str) and os.path.isabs(sock) and len(sock) < 108

@@ -66,7 +66,7 @@ import time
 from typing import Callable, Optional
 
 from . import pcap
-from .fastpath import Switch
+from .fastpath import Switch, lib
 from .alertlog import encode_alert
 from .kernel import Kernel
 from .scannerproc import ScannerProc
@@ -79,6 +79,10 @@ TO_GUEST = 2
 MAX_FRAME = 65550
 HOUSEKEEPING_S = 0.25
 TICK_S = 0.1          # capture clock: scanners are told the time after at most this much of it
+# capture clock: the latest frame time it takes (the last a pcap record can carry; a pcapng
+# timestamp past it counts as this time).  Hold deadlines past it still come: the switch's
+# clock goes on to VN_CLOCK_MAX_NS, some ten years later.
+CLOCK_MAX_NS = (1 << 32) * 1_000_000_000 - 1
 
 MAC_RE = re.compile(r"^([0-9a-fA-F]{2})([:-]?)([0-9a-fA-F]{2})(\2[0-9a-fA-F]{2}){4}$")
 
@@ -214,6 +218,9 @@ class Replay:
         self._sync_id = 0
         self._budget: dict[str, list[float]] = {}   # scanner -> [frames it may take now, when]
         self._unsynced: set[str] = set()     # scanners that do not answer syncs
+        # capture clock: scanners that neither answer syncs nor decide in time; nothing
+        # but capture time passing settles their frames, so replay does not wait for them
+        self._undeciding: set[str] = set()
         self._last_house = 0.0
         self._timers_ns = 0                  # capture clock: when the NI's timers last ran
         self._pace0: Optional[tuple[float, int]] = None
@@ -251,7 +258,8 @@ class Replay:
     def _advance(self, ts_ns: int) -> None:
         """On the capture's clock: time moves to ``ts_ns``; the switch's timers and the hold
         deadlines that passed fire, and scanners are told the time (``tick``)."""
-        self.clock_ns = max(self.clock_ns, ts_ns, 1)     # 0 would mean the system clock
+        # 0 would mean the system clock; a capture's time never goes back, nor past the C clock's end
+        self.clock_ns = min(max(self.clock_ns, ts_ns, 1), lib.VN_CLOCK_MAX_NS)
         self.switch.set_clock(self.clock_ns)
         if (self.clock_ns / 1e9 >= self.kernel.hold_deadline
                 or self.clock_ns - self._timers_ns >= HOUSEKEEPING_S * 1e9):
@@ -304,7 +312,7 @@ class Replay:
         capture's clock, ``at_ns`` is the time to start at (the first frame's: scanners
         that read the time while starting see the capture's)."""
         if self.capture_clock and at_ns is not None and at_ns > 0:
-            self.clock_ns = self._timers_ns = at_ns
+            self.clock_ns = self._timers_ns = at_ns = min(at_ns, CLOCK_MAX_NS)
             self.switch.set_clock(at_ns)
         if self._policy is None:
             return
@@ -361,7 +369,7 @@ class Replay:
         # reassembled data, or (capture clock) the time
         sent = {sp.name: sp.sent for sp in self._scanners()}
         if self.capture_clock:
-            self._advance(ts_ns)
+            self._advance(min(ts_ns, CLOCK_MAX_NS))
         else:
             self.clock_ns = max(self.clock_ns, ts_ns)
         (self.guest if direction == FROM_GUEST else self.net).inject_from(frame)
@@ -423,6 +431,8 @@ class Replay:
         not answer syncs, decisions owed."""
         late = []
         for sp in self._scanners():
+            if sp.name in self._undeciding:
+                continue
             if sp.name in self._unsynced:
                 # decisions owed on frames still held (a frame another scanner cut stays in
                 # its pending list until it decides, which it may never do)
@@ -450,6 +460,15 @@ class Replay:
                 for n in syncing:
                     self._outstanding[n].clear()
                 continue
+            if now >= deadline and self.capture_clock:
+                # owed decisions only: on the system clock their hold timeouts end the wait,
+                # on the capture's the clock stands still while replay waits here
+                log.warning("scanner(s) %s neither answer syncs nor decide within %.0f s: "
+                            "replay no longer waits for them, their frames are settled by "
+                            "hold timeouts on the capture's clock", ", ".join(late),
+                            self.sync_timeout)
+                self._undeciding.update(late)
+                continue
             self._pump(deadline - now if now < deadline else HOUSEKEEPING_S)
 
     def finish(self) -> None:
@@ -464,7 +483,7 @@ class Replay:
                 if nxt == float("inf"):
                     self.kernel.timers()
                     nxt = self.kernel.hold_deadline
-                if nxt == float("inf"):
+                if nxt == float("inf") or self.clock_ns >= lib.VN_CLOCK_MAX_NS:
                     break                    # held by nothing with a deadline: close() settles
                 sent = {sp.name: sp.sent for sp in self._scanners()}
                 # (+1 us: the deadline is a float of Unix seconds, good to ~0.3 us)

@@ -98,6 +98,7 @@ class ScannerCounters:
     stream_passes: int = 0
     stream_kills: int = 0
     resets: int = 0
+    resets_refused: int = 0     # outside its right, not from/to where it may, or over its rate
     stream_mores: int = 0
     stream_cuts: int = 0
     stream_cut_bytes: int = 0
@@ -137,6 +138,7 @@ class ScannerProc:
         self.launch_filter: Optional[bytes] = None   # the seccomp program bwrap loaded
         self._msg_window = (0.0, 0)
         self._alerts = _Bucket(spec.alerts_per_second, max(2.0, 2 * spec.alerts_per_second))
+        self._resets = _Bucket(spec.resets_per_second, spec.resets_per_second)
         self._err_buf = b""
         self._err_bucket = _Bucket(STDERR_LINES_PER_S, 2 * STDERR_LINES_PER_S)
         self.outq: collections.deque = collections.deque()   # stream messages waiting for room
@@ -747,17 +749,38 @@ class ScannerProc:
         anti-spoofing, prevent rules and subscriptions): the NI builds it, the scanner only names
         the connection and its sequence numbers."""
         if not self.spec.resets:
+            self.counters.resets_refused += 1
             self._reply(req.id, "this scanner may not send resets (resets = true in its policy)")
             self._alert_about("scanner asked to send a TCP reset without the right to", dst=req.dst)
             return
         pol = self.nk.policy
-        src = ipaddress.ip_address(req.src)
-        if pol.mac is None or not any(src in net for net in pol.addresses if net.version == src.version):
+        src, dst = ipaddress.ip_address(req.src), ipaddress.ip_address(req.dst)
+        mac = bytes.fromhex(req.mac.replace(":", ""))
+        nets = [net for net in pol.addresses if net.version == src.version]
+        if pol.mac is None or not any(src in net for net in nets):
+            self.counters.resets_refused += 1
             self._reply(req.id, f"{req.src} is not one of the guest's addresses ([ni] mac and addresses)")
             self._alert_about("scanner asked for a TCP reset from an address not the guest's", src=req.src)
             return
-        self.nk.port.inject_from(tcp_reset_frame(pol.mac, bytes.fromhex(req.mac.replace(":", "")), src,
-                                                 req.sport, ipaddress.ip_address(req.dst), req.dport,
+        # wire.Reset let through unicast addresses only; what only the NI knows: the guest's own
+        # MAC and the broadcast addresses of its prefixes are not a peer either
+        if mac == pol.mac or any(net.prefixlen < net.max_prefixlen - 1 and dst == net.broadcast_address
+                                 for net in nets):
+            self.counters.resets_refused += 1
+            self._reply(req.id, "a reset goes to a peer of the guest, not to the guest itself or a broadcast")
+            self._alert_about("scanner asked for a TCP reset to the guest itself or a broadcast",
+                              dst=req.dst, mac=req.mac)
+            return
+        if not self._resets.take():
+            # the guest's own connections bound what a detector has to repair; past the policy's
+            # rate a scanner is flooding the network in the guest's name
+            self.counters.resets_refused += 1
+            self._reply(req.id, f"more than {self.spec.resets_per_second:g} resets a second "
+                                "(resets_per_second in its policy)")
+            self._alert_about("scanner asked for TCP resets faster than its policy allows",
+                              rate=self.spec.resets_per_second)
+            return
+        self.nk.port.inject_from(tcp_reset_frame(pol.mac, mac, src, req.sport, dst, req.dport,
                                                  req.seq, req.ack))
         self.counters.resets += 1
         self._reply(req.id)
@@ -785,9 +808,11 @@ class ScannerProc:
         return self.send_stream(msg, force=True) if self.outq else self._send(msg)
 
     def send_tick(self, now: float) -> bool:
-        """Tells the scanner the NI clock's time (``tick``), in order behind what it was sent."""
+        """Tells the scanner the NI clock's time (``tick``), in order behind what it was sent.
+        Not past OUTQ_MAX (False): a tick only says the time, and the next one says a later
+        time, so a scanner that stopped reading gets no more queued for it."""
         msg = wire.encode_control({"op": "tick", "now": now})
-        ok = self.send_stream(msg, force=True) if self.outq else self._send(msg)
+        ok = self.send_stream(msg) if self.outq else self._send(msg)
         if ok:
             self.last_tick = now
         return ok

@@ -1,11 +1,16 @@
 """The Code-Red scanner process: the detector in ``core`` wired to the vhostni scanner SDK.
 
 Run by the NI kernel as ``python3 scanners/codered`` (or ``python3 -m scanners.codered`` from the repository
-root).  It subscribes to what reaches a new destination from the guest, held (contain): TCP SYNs, UDP
-datagrams (DNS queries among them), ICMP/ICMPv6 (echo requests are decided, the rest passed at once); and,
-read only, to what reaches the guest: TCP SYNs and ICMP (peers that contact it first), UDP (DNS responses and
-peers), and the reassembled streams of TCP/53 (DNS over TCP).  ``protocols`` and ``dns_over_tcp`` in the
-config narrow that.  It decides each held frame and sends the detector's alerts.  Settings come from the
+root).  It subscribes to what reaches a new destination from the guest, held (contain): TCP SYNs, and the UDP
+datagrams and ICMP/ICMPv6 messages that open a flow in the NI's flow table (``"flow": "new"``: a flow's first
+datagram or echo, and the next ones only while none has been let out, so a cut probe's retries are held too;
+echo requests are decided, other ICMP passed at once), so an established UDP flow (DNS, QUIC, games, VoIP)
+no longer waits for the scanner per datagram; read only: the guest's DNS queries (every one: a resolver may
+send several over one flow) and what reaches the guest: DNS responses, and TCP SYNs, UDP datagrams and ICMP
+that open a flow (peers that contact it first), and the reassembled streams of TCP/53 (DNS over TCP).
+``protocols`` and ``dns_over_tcp`` in the config narrow that.  A datagram of a flow already let out is not
+decided again, even in attack mode: as with TCP, where only SYNs are held, what the worm sent to a destination
+before the attack was detected has gone.  It decides each held frame and sends the detector's alerts.  Settings come from the
 ``config`` table of this scanner in the NI's policy (see scanners/README.md).
 
 Everything is imported before ``Scanner.connect()``: after it the seccomp lockdown forbids opening files.
@@ -40,27 +45,38 @@ TICK = 0.5
 CHECKPOINT_EVERY = 1.0
 
 
-def subscriptions(dns_port: int, protocols=("tcp", "udp", "icmp"), learn_inbound: bool = True
-                  ) -> list[tuple[dict, bool, Optional[dict]]]:
+def subscriptions(dns_port: int, protocols=("tcp", "udp", "icmp"), learn_inbound: bool = True,
+                  hold_established: bool = False) -> list[tuple[dict, bool, Optional[dict]]]:
     """(match, contain, fallback) for the frame subscriptions: section 5.3's three, widened to UDP and ICMP.
     ``fallback`` is section 5.3's narrower read-only subscription, taken when a policy written for it does
     not grant the wider one (the scanner then runs narrowed and says so); None: required as it is, or (for
-    what only widens) skipped when refused."""
+    what only widens) skipped when refused.  UDP and ICMP are held or read only where they open a flow
+    (``"flow": "new"``; a right without that key grants it too, vhostni.policy), every one with
+    ``hold_established`` (the scanner before flow = "new")."""
+    if hold_established:
+        return [({k: v for k, v in m.items() if k != "flow"}, c, f)
+                for m, c, f in subscriptions(dns_port, protocols, learn_inbound)]
     dns_out = {"direction": "from_guest", "proto": "udp", "dport": dns_port}
     dns_in = {"direction": "to_guest", "proto": "udp", "sport": dns_port}
     subs: list = [({"direction": "from_guest", "proto": "tcp", "tcp_flags": "syn,!ack"}, True, None)]
-    subs.append(({"direction": "from_guest", "proto": "udp"}, True, dns_out) if "udp" in protocols
-                else (dns_out, False, None))
-    subs.append(({"direction": "to_guest", "proto": "udp"}, False, dns_in) if learn_inbound
-                else (dns_in, False, None))
+    if "udp" in protocols:
+        # the datagrams that may reach a new destination, held; every DNS query, read (a query that does not
+        # open its flow is not held, and its response is matched against it)
+        subs += [({"direction": "from_guest", "proto": "udp", "flow": "new"}, True, dns_out),
+                 (dns_out, False, OPTIONAL)]
+    else:
+        subs.append((dns_out, False, None))
+    subs.append((dns_in, False, None))
+    if learn_inbound:
+        subs.append(({"direction": "to_guest", "proto": "udp", "flow": "new"}, False, OPTIONAL))
     if "icmp" in protocols:
-        subs += [({"direction": "from_guest", "proto": "icmp"}, True, OPTIONAL),
-                 ({"direction": "from_guest", "proto": "icmpv6"}, True, OPTIONAL)]
+        subs += [({"direction": "from_guest", "proto": "icmp", "flow": "new"}, True, OPTIONAL),
+                 ({"direction": "from_guest", "proto": "icmpv6", "flow": "new"}, True, OPTIONAL)]
     if learn_inbound:
         subs += [({"direction": "to_guest", "proto": "tcp", "tcp_flags": "syn,!ack"}, False, OPTIONAL)]
         if "icmp" in protocols:
-            subs += [({"direction": "to_guest", "proto": "icmp"}, False, OPTIONAL),
-                     ({"direction": "to_guest", "proto": "icmpv6"}, False, OPTIONAL)]
+            subs += [({"direction": "to_guest", "proto": "icmp", "flow": "new"}, False, OPTIONAL),
+                     ({"direction": "to_guest", "proto": "icmpv6", "flow": "new"}, False, OPTIONAL)]
     return subs
 
 
@@ -108,11 +124,16 @@ def run(sc: Scanner) -> int:
 
     cfg = det.cfg
     narrowed = []
+    granted: list = []     # (match, contain) subscribed: a fallback taken is not asked for twice
     match: dict = {}
     try:
-        for match, contain, fallback in subscriptions(cfg["dns_port"], cfg["protocols"], cfg["learn_inbound"]):
+        for match, contain, fallback in subscriptions(cfg["dns_port"], cfg["protocols"], cfg["learn_inbound"],
+                                                       cfg["hold_established"]):
+            if (match, contain) in granted:
+                continue
             try:
                 sc.subscribe(match, contain=contain)
+                granted.append((match, contain))
             except Refused:
                 if fallback is None:
                     raise
@@ -120,6 +141,7 @@ def run(sc: Scanner) -> int:
                 if fallback is not OPTIONAL:
                     match = fallback
                     sc.subscribe(fallback, contain=False)
+                    granted.append((fallback, False))
         if cfg["dns_over_tcp"]:
             match = {"stream": True, "port": cfg["dns_port"], "direction": "both"}
             try:

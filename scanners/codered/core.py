@@ -115,6 +115,7 @@ DEFAULTS: dict[str, Any] = {
     # what the scanner process subscribes to (scanners/codered/__main__.py; the policy must allow it):
     "protocols": ["tcp", "udp", "icmp"],   # new destinations decided: TCP SYNs, UDP datagrams, echo requests
     "dns_over_tcp": True,       # shadow DNS answers over TCP/53 too (a read-only stream subscription)
+    "hold_established": False,  # hold every UDP datagram / ICMP message, not only those that open a flow
 }
 
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
@@ -192,7 +193,7 @@ def load_config(config: Optional[Mapping[str, Any]]) -> dict:
             or any(p not in ("tcp", "udp", "icmp") for p in protos)):
         raise ConfigError("protocols: expected a list of tcp, udp, icmp (tcp included)")
     out["protocols"] = tuple(dict.fromkeys(protos))
-    for key in ("match_queries", "learn_inbound", "dns_over_tcp"):
+    for key in ("match_queries", "learn_inbound", "dns_over_tcp", "hold_established"):
         if not isinstance(out[key], bool):
             raise ConfigError(f"{key}: expected true or false")
     if out["unparseable"] not in ("pass", "cut"):

@@ -156,6 +156,8 @@ def match_to_dict(m: Match) -> dict:
                                   for name, bit in TCP_FLAGS.items() if m.flags_mask & bit)
     if m.terms:
         d["terms"] = [{"offset": off, "value": val.hex(), "mask": mask.hex()} for off, val, mask in m.terms]
+    if m.flow_new:
+        d["flow"] = "new"
     return d
 
 

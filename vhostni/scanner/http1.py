@@ -391,7 +391,15 @@ class _Side:
             # not complete yet unless an empty line arrived since the last look (so that a head
             # sent a byte at a time costs a linear scan, not a quadratic one)
             at = max(0, self.scanned - 2)
-            if self.buf.find(b"\n\n", at) < 0 and self.buf.find(b"\n\r\n", at) < 0:
+            # and only within max_head: bytes past it (pipelined messages behind this one) are
+            # not searched once per head, which made many small heads in one feed quadratic
+            end, pos, complete = self.lim.max_head + 3, at, False
+            while (i := self.buf.find(b"\n", pos, end)) >= 0:     # line by line: each byte once
+                if self.buf[i + 1:i + 2] == b"\n" or self.buf[i + 1:i + 3] == b"\r\n":
+                    complete = True
+                    break
+                pos = i + 1
+            if not complete:
                 nl = self.buf.rfind(b"\n")
                 if len(self.buf) - (nl + 1) > self.lim.max_line + 1:
                     self.amb("head_too_long", f"a head line longer than {self.lim.max_line} bytes",

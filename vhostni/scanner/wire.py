@@ -50,7 +50,10 @@ message is:
 
 ``J`` control, both ways: ``'J'`` followed by one UTF-8 JSON object.
 
-  scanner -> kernel: ``{"op": "subscribe", "id": N, "match": {...}, "contain": bool}``,
+  scanner -> kernel: ``{"op": "subscribe", "id": N, "match": {...}, "contain": bool}``
+  (frames; a match may say ``"flow": "new"``: only frames that open their flow in their
+  direction in the NI's flow table, i.e. until one of its frames left the NI that way;
+  frames the flow stage cannot place count as opening one; see vhostni.policy),
   ``{"op": "subscribe", "id": N, "stream": true, "port": P|"lo-hi"|[lo, hi],
   "direction": "from_guest"|"to_guest"|"both", "contain": bool}`` (reconstructed TCP
   streams of connections to server port P: see vhostni.policy for how rights are checked),
@@ -67,7 +70,8 @@ message is:
   "ack": n, "mac": "aa:bb:..."}`` (the kernel builds a TCP RST|ACK from the guest's own
   address ``src`` to ``dst`` and sends it into the network as if the guest had sent it,
   through anti-spoofing and the prevent rules: needs ``resets = true`` in the scanner's
-  policy; ``mac`` is the next hop's Ethernet address),
+  policy and at most its ``resets_per_second``; ``mac`` is the next hop's Ethernet address:
+  ``src``, ``dst`` and ``mac`` must be unicast, strings, ``src`` != ``dst``),
   and for streams (a request outside the scanner's rights is refused with an alert to the
   administrator):
   ``{"op": "kill", "stream": S}`` (no reply; forged RSTs to both ends, held bytes dropped),
@@ -591,12 +595,23 @@ class Reset:
     id: Optional[int] = None
 
     def __post_init__(self):
+        # strings only (ip_address would take a number too), no IPv6 scope ("fe80::1%eth0")
+        if not (isinstance(self.src, str) and isinstance(self.dst, str)) or "%" in self.src + self.dst:
+            raise RequestError("reset: src and dst must be IP addresses", self.id)
         try:
             a, b = ipaddress.ip_address(self.src), ipaddress.ip_address(self.dst)
-        except (TypeError, ValueError):
+        except ValueError:
             raise RequestError("reset: src and dst must be IP addresses", self.id) from None
         if a.version != b.version:
             raise RequestError("reset: src and dst of different IP versions", self.id)
+        for name, addr in (("src", a), ("dst", b)):
+            # a connection is between two unicast hosts: a reset to a group, a broadcast, an
+            # unspecified or loopback address repairs nothing and would reach hosts that had none
+            if (addr.is_multicast or addr.is_unspecified or addr.is_loopback
+                    or (addr.version == 4 and addr == ipaddress.IPv4Address("255.255.255.255"))):
+                raise RequestError(f"reset: {name} must be a unicast address", self.id)
+        if a == b:
+            raise RequestError("reset: src and dst are the same address", self.id)
         for name in ("sport", "dport"):
             v = getattr(self, name)
             if not _is_int(v) or not 1 <= v <= 65535:
@@ -607,6 +622,11 @@ class Reset:
                 raise RequestError(f"reset: {name} must be a 32-bit number", self.id)
         if not isinstance(self.mac, str) or not re.fullmatch(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}", self.mac):
             raise RequestError("reset: mac must be an Ethernet address aa:bb:cc:dd:ee:ff", self.id)
+        first = int(self.mac[:2], 16)
+        if first & 1 or self.mac.replace(":", "").strip("0") == "":
+            # the next hop is one host: a group or broadcast address would flood the RST to
+            # every port of the switch (every other NI's guest)
+            raise RequestError("reset: mac must be a unicast Ethernet address", self.id)
 
     def body(self) -> dict:
         return _with_id({"op": "reset", "src": self.src, "sport": self.sport, "dst": self.dst,
