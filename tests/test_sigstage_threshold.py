@@ -212,3 +212,10 @@ def test_hostile_threshold_headers_are_refused_by_the_c_stage():
     assert not builds(patched(off, "<B", 9))                   # no such type
     assert not builds(patched(off + 2, "<B", 1))               # a detection_filter with no count
 
+
+def test_query_nis_shows_the_threshold_table(kits, tmp_path):
+    k = kit(kits, tmp_path, 'alert udp any any -> $HOME_NET 7009 (msg:"q"; content:"HIT"; '
+                            'threshold: type limit, track by_src, count 1, seconds 60; sid:9;)\n')
+    send(k, 3, b"HIT", 7009)
+    th = k.nk("b").signature_counts()["thresholds"]
+    assert th["entries"] == 16384 and th["used"] == 1 and th["alerts_suppressed"] == 2
