@@ -219,3 +219,27 @@ def test_query_nis_shows_the_threshold_table(kits, tmp_path):
     send(k, 3, b"HIT", 7009)
     th = k.nk("b").signature_counts()["thresholds"]
     assert th["entries"] == 16384 and th["used"] == 1 and th["alerts_suppressed"] == 2
+
+
+@pytest.mark.parametrize("clock,delivered", [("capture", 4), ("system", 2)])
+def test_replay_counts_windows_on_the_capture_clock(tmp_path, clock, delivered):
+    """With --clock capture the windows are the capture's: a pause of 20 s in it starts a new
+    one, however fast the replay runs; on the system clock the whole replay is one window."""
+    import json
+    from scapy.all import IP, UDP, Ether, Raw
+    from test_replay import GIP, GUEST, ROUTER, Capture, out_frames
+    from vhostni import cli
+    rules = tmp_path / "r.rules"
+    rules.write_text('drop udp any any -> $HOME_NET 1812 (msg:"brute"; content:"LOGIN"; '
+                     'detection_filter: track by_src, count 2, seconds 10; sid:11;)\n')
+    cap = Capture()
+    for i in range(6):
+        cap.add(Ether(src=ROUTER, dst=GUEST) / IP(src="10.0.0.9", dst=GIP) / UDP(sport=5000 + i, dport=1812)
+                / Raw(b"LOGIN x"), gap_ns=(20 if i == 3 else 1) * 10**9)
+    inp = cap.write(tmp_path / "in.pcap")
+    pol = tmp_path / "policy.json"
+    pol.write_text(json.dumps({"ni": {"addresses": [f"{GIP}/32"]}, "signatures": {"rules": [str(rules)]}}))
+    assert cli.main(["replay", "--guest-mac", GUEST, inp, "--policy", str(pol), "--clock", clock,
+                     "--out", str(tmp_path / "out.pcap"), "--alerts", str(tmp_path / "alerts.jsonl")]) == 0
+    got = [d for _, d in out_frames(tmp_path / "out.pcap") if UDP in Ether(d)]
+    assert len(got) == delivered
