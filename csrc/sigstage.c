@@ -33,7 +33,8 @@
  * limit` - the action on every match, an alert for the first N per S; `type threshold` - the
  * Nth match within S acts and alerts, then counting starts over; `type both` - nothing before
  * the Nth match within S, the Nth acts and alerts, later ones in the window act without an
- * alert.  A match the filter holds back is no match: no action, no alert, no per-rule count
+ * alert.  A window is [first match, first match + S] (inclusive, as Suricata compares).  A
+ * match the filter holds back is no match: no action, no alert, no per-rule count
  * (counted as matches_filtered).  Keys (rule, source/destination/both/none) live in a fixed
  * table of track_entries slots, VN_SIG_TRACK_WAYS per bucket, hashed with a per-stage random
  * seed; a new key takes a free or expired slot of its bucket, else the least recently used
@@ -513,7 +514,7 @@ static int trk_rank(const struct vn_sigstage *st, const struct sig_trk *c, uint6
 {
     if (!c->used)
         return 0;
-    return now >= c->start && now - c->start >= secs_ns(trk_secs(st, c)) ? 1 : 2;
+    return now >= c->start && now - c->start > secs_ns(trk_secs(st, c)) ? 1 : 2;
 }
 
 /* The slot of key (rule, kind, what `track` names of src/dst), its window started over if it
@@ -567,7 +568,7 @@ static struct sig_trk *track(struct vn_sigstage *st, uint64_t now, uint32_t ri, 
         memcpy(e->a, a, 16);
         memcpy(e->b, b, 16);
         e->start = now;
-    } else if (now < e->start || now - e->start >= secs_ns(secs)) {
+    } else if (now < e->start || now - e->start > secs_ns(secs)) {
         e->start = now, e->count = 0;         /* the window ran out: a new one from this match */
     }
     if (e->count < UINT32_MAX)

@@ -88,7 +88,9 @@ def test_both_acts_from_the_nth_match_and_alerts_once_per_window(kits, tmp_path)
     assert send(k, 1, b"HIT", 7004) == 1              # before the count: no match at all
     assert send(k, 4, b"HIT", 7004) == 0              # the 2nd and later: dropped
     assert len(alerts(k, 4)) == 1
-    at(k, 10)
+    at(k, 10)                                         # the window's last instant (inclusive)
+    assert send(k, 1, b"HIT", 7004) == 0 and len(alerts(k, 4)) == 1
+    at(k, 10.001)
     assert send(k, 1, b"HIT", 7004) == 1 and send(k, 1, b"HIT", 7004) == 0
     assert len(alerts(k, 4)) == 2
 
