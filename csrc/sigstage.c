@@ -27,12 +27,28 @@
  * connections already open keep scanning with the stage they started with (it is reference
  * counted and freed with its last connection), so no stream restarts mid-way.
  *
+ * Thresholds, per rule, as Suricata 8 applies them (its thresholding docs), in the data path:
+ * `detection_filter: track T, count N, seconds S` - the rule matches (acts and alerts) only on
+ * the matches after the Nth within S seconds of the first, per tracked key; `threshold: type
+ * limit` - the action on every match, an alert for the first N per S; `type threshold` - the
+ * Nth match within S acts and alerts, then counting starts over; `type both` - nothing before
+ * the Nth match within S, the Nth acts and alerts, later ones in the window act without an
+ * alert.  A window is [first match, first match + S] (inclusive, as Suricata compares).  A
+ * match the filter holds back is no match: no action, no alert, no per-rule count
+ * (counted as matches_filtered).  Keys (rule, source/destination/both/none) live in a fixed
+ * table of track_entries slots, VN_SIG_TRACK_WAYS per bucket, hashed with a per-stage random
+ * seed; a new key takes a free or expired slot of its bucket, else the least recently used
+ * one (counted as an eviction: that key's counting starts over).  Time is the switch's clock
+ * (vn_clock: a replay on capture time applies them on capture time).  The table belongs to
+ * the stage: a reload starts counting afresh.
+ *
  * Memory: a connection's stream state (Hyperscan's stream state plus the look-back history,
  * per direction) is bounded by the flow table (tcp_flows_max) and the stage's memcap; a
  * connection whose state the memcap refuses is dropped (fail closed, counted).
  */
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include "tcp_internal.h"
 #include "sig.h"
 #include "sigstage.h"
@@ -44,6 +60,8 @@ struct sig_r16 { uint16_t lo, hi; };
 struct sig_hdr {
     uint8_t action, proto, dir, flags;
     uint32_t sid, rev;
+    uint8_t th_type, th_track, df_track;
+    uint32_t th_count, th_secs, df_count, df_secs;
     uint32_t n[6];              /* src4 src6 dst4 dst6 sport dport */
     struct sig_r32 *src4, *dst4;
     struct sig_v6 *src6, *dst6;
@@ -60,6 +78,18 @@ struct vn_sigstage {
     uint8_t pkt_protos;         /* bit 0 ip, 1 icmp, 2 tcp, 3 udp: packet rules exist for it */
     uint8_t *ports;             /* 65536-bit map: a stream rule's port set names the port */
     struct vn_sig_match *out;   /* scan results, max(nrules, 1) */
+    struct sig_trk *trk;        /* the threshold table, ntrk slots (NULL: no thresholds) */
+    uint32_t ntrk, nused;
+    uint64_t seed;
+    uint64_t evictions, suppressed, filtered;
+};
+
+/* One tracked key of a threshold (kind 0) or detection_filter (kind 1). */
+struct sig_trk {
+    uint64_t start, last;       /* the window's first match, the last match (switch clock, ns) */
+    uint32_t rule, count;       /* matches in the window */
+    uint8_t kind, used, family, zero;
+    uint8_t a[16], b[16];       /* the tracked address(es) */
 };
 
 struct vn_sigport {
@@ -123,6 +153,7 @@ static void stage_release(struct vn_sigstage *st)
     free(st->drops);
     free(st->ports);
     free(st->out);
+    free(st->trk);
     vn_sig_db_free(st->stream);
     vn_sig_db_free(st->pkt);
     free(st);
@@ -141,6 +172,18 @@ static int read_hdr(struct hrd *r, struct sig_hdr *h)
     h->action = b[0], h->proto = b[1], h->dir = b[2], h->flags = b[3];
     if (h->action > VN_SIGA_PASS || (h->proto != 0 && h->proto != 1 && h->proto != 6 && h->proto != 17) ||
         h->dir > 2 || (h->flags & ~(VN_SIGH_BIDIR | VN_SIGH_STREAM)))
+        return -1;
+    const uint8_t *t = take(r, 4);
+    if (!t || take_u32(r, &h->th_count) || take_u32(r, &h->th_secs) || take_u32(r, &h->df_count) ||
+        take_u32(r, &h->df_secs))
+        return -1;
+    h->th_type = t[0], h->th_track = t[1], h->df_track = t[2];
+    /* a threshold is all set or all zero, within the bounds the parser enforces */
+    if (t[3] || h->th_type > VN_SIGT_BOTH || h->th_track > VN_SIGK_BOTH || h->df_track > VN_SIGK_BOTH ||
+        !h->th_type != !h->th_track || !h->th_type != !h->th_count || !h->th_type != !h->th_secs ||
+        !h->df_track != !h->df_count || !h->df_track != !h->df_secs ||
+        h->th_count > VN_SIG_TRACK_COUNT_MAX || h->df_count > VN_SIG_TRACK_COUNT_MAX ||
+        h->th_secs > VN_SIG_TRACK_SECONDS_MAX || h->df_secs > VN_SIG_TRACK_SECONDS_MAX)
         return -1;
     for (int i = 0; i < 6; i++)
         if (take_u32(r, &h->n[i]) || h->n[i] > 65536)
@@ -195,8 +238,9 @@ struct vn_sigstage *vn_sigstage_build(const uint8_t *hdrs, size_t hlen, struct v
     *rc = VN_SIG_EINVAL;
     struct hrd r = {hdrs, hlen, 0};
     const uint8_t *magic = take(&r, 4);
-    uint32_t n;
-    if (!hdrs || !magic || memcmp(magic, "VSH1", 4) || take_u32(&r, &n) || n > VN_SIG_MAX_RULES)
+    uint32_t n, ntrk;
+    if (!hdrs || !magic || memcmp(magic, "VSH2", 4) || take_u32(&r, &n) || n > VN_SIG_MAX_RULES ||
+        take_u32(&r, &ntrk) || (ntrk && (ntrk < VN_SIG_TRACK_MIN || ntrk > VN_SIG_TRACK_MAX || (ntrk & (ntrk - 1)))))
         return NULL;
     struct vn_sigstage *st = calloc(1, sizeof *st);
     *rc = VN_SIG_ENOMEM;
@@ -218,6 +262,8 @@ struct vn_sigstage *vn_sigstage_build(const uint8_t *hdrs, size_t hlen, struct v
             goto fail;
         }
         struct sig_hdr *h = &st->rules[i];
+        if ((h->th_type || h->df_track) && !ntrk)  /* thresholds need the table */
+            goto bad;
         if (h->flags & VN_SIGH_STREAM) {
             if (h->proto != 6 || st->npkt)       /* stream rules first */
                 goto bad;
@@ -234,6 +280,13 @@ struct vn_sigstage *vn_sigstage_build(const uint8_t *hdrs, size_t hlen, struct v
         (stream && (vn_sig_db_stats(stream, &s1) < 0 || s1.nrules != st->nstream)) ||
         (pkt && (vn_sig_db_stats(pkt, &s2) < 0 || s2.nrules != st->npkt)))
         goto bad;
+    if (ntrk) {
+        if (!(st->trk = calloc(ntrk, sizeof *st->trk)))
+            goto fail;
+        st->ntrk = ntrk;
+        if (getrandom(&st->seed, sizeof st->seed, GRND_NONBLOCK) != sizeof st->seed)
+            st->seed = vn_now_ns() ^ (uint64_t)(uintptr_t)st;
+    }
     st->stream = st->nstream ? stream : NULL;
     st->pkt = st->npkt ? pkt : NULL;
     if (stream && !st->stream)
@@ -309,6 +362,19 @@ int vn_sig_rule_counts(struct vn_switch *sw, int port, uint64_t *matches, uint64
     memcpy(matches, sp->cur->matches, k * sizeof *matches);
     memcpy(drops, sp->cur->drops, k * sizeof *drops);
     return (int)k;
+}
+
+int vn_sigstage_track_stats(struct vn_sigstage *st, struct vn_sig_track_stats *out)
+{
+    memset(out, 0, sizeof *out);
+    if (!st)
+        return 0;
+    out->entries = st->ntrk;
+    out->used = st->nused;
+    out->evictions = st->evictions;
+    out->alerts_suppressed = st->suppressed;
+    out->matches_filtered = st->filtered;
+    return 0;
 }
 
 int vn_sigstage_db_stats(struct vn_sigstage *st, int stream, struct vn_sig_stats *out)
@@ -418,6 +484,136 @@ static int verdict(const struct vn_sigstage *st, const struct vn_sig_match *m, i
     return v;
 }
 
+/* ---------------------------------------------------------------- thresholds */
+
+#define SIG_ACT 1               /* the match counts: its action applies */
+#define SIG_ALERT 2             /* and it alerts */
+
+static uint64_t mix(uint64_t x)
+{
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ull;
+    return x ^ (x >> 33);
+}
+
+static uint64_t secs_ns(uint32_t s)
+{
+    return (uint64_t)s * 1000000000ull;
+}
+
+static uint32_t trk_secs(const struct vn_sigstage *st, const struct sig_trk *e)
+{
+    const struct sig_hdr *h = &st->rules[e->rule];
+    return e->kind ? h->df_secs : h->th_secs;
+}
+
+/* 0: a free slot, 1: its window ran out, 2: live */
+static int trk_rank(const struct vn_sigstage *st, const struct sig_trk *c, uint64_t now)
+{
+    if (!c->used)
+        return 0;
+    return now >= c->start && now - c->start > secs_ns(trk_secs(st, c)) ? 1 : 2;
+}
+
+/* The slot of key (rule, kind, what `track` names of src/dst), its window started over if it
+ * ran out, and this match counted in it. */
+static struct sig_trk *track(struct vn_sigstage *st, uint64_t now, uint32_t ri, int kind, int trk,
+                             uint32_t secs, int family, const uint8_t *src, const uint8_t *dst)
+{
+    uint8_t a[16] = {0}, b[16] = {0};
+    unsigned n = family == 4 ? 4 : 16;
+    if (trk == VN_SIGK_SRC || trk == VN_SIGK_BOTH)
+        memcpy(a, src, n);
+    if (trk == VN_SIGK_DST)
+        memcpy(a, dst, n);
+    if (trk == VN_SIGK_BOTH)
+        memcpy(b, dst, n);
+    uint8_t fam = trk == VN_SIGK_RULE ? 0 : (uint8_t)family;
+    /* FNV-1a over the key, seeded per stage and finished with a mixer: a sender cannot aim its
+     * addresses at one bucket to evict someone else's tracker without knowing the seed */
+    uint64_t x = 1469598103934665603ull ^ st->seed;
+    const uint8_t hd[6] = {(uint8_t)ri, (uint8_t)(ri >> 8), (uint8_t)(ri >> 16), (uint8_t)(ri >> 24),
+                           (uint8_t)kind, fam};
+    for (int i = 0; i < 6; i++)
+        x = (x ^ hd[i]) * 1099511628211ull;
+    for (int i = 0; i < 16; i++)
+        x = (x ^ a[i]) * 1099511628211ull;
+    for (int i = 0; i < 16; i++)
+        x = (x ^ b[i]) * 1099511628211ull;
+    uint32_t nb = st->ntrk / VN_SIG_TRACK_WAYS;
+    struct sig_trk *bk = &st->trk[(mix(x) & (nb - 1)) * VN_SIG_TRACK_WAYS], *e = NULL, *spare = NULL;
+    int spare_rank = 3;
+    for (int w = 0; w < VN_SIG_TRACK_WAYS; w++) {
+        struct sig_trk *c = &bk[w];
+        if (c->used && c->rule == ri && c->kind == kind && c->family == fam && !memcmp(c->a, a, 16) &&
+            !memcmp(c->b, b, 16)) {
+            e = c;
+            break;
+        }
+        /* a spare: a free slot, else one whose window ran out, else the least recently used */
+        int rk = trk_rank(st, c, now);
+        if (!spare || rk < spare_rank || (rk == spare_rank && c->last < spare->last))
+            spare = c, spare_rank = rk;
+    }
+    if (!e) {
+        e = spare;
+        if (spare_rank == 0)
+            st->nused++;
+        else if (spare_rank == 2)
+            st->evictions++;          /* a live key goes: its counting starts over */
+        memset(e, 0, sizeof *e);
+        e->used = 1, e->rule = ri, e->kind = (uint8_t)kind, e->family = fam;
+        memcpy(e->a, a, 16);
+        memcpy(e->b, b, 16);
+        e->start = now;
+    } else if (now < e->start || now - e->start > secs_ns(secs)) {
+        e->start = now, e->count = 0;         /* the window ran out: a new one from this match */
+    }
+    if (e->count < UINT32_MAX)
+        e->count++;
+    e->last = now;
+    return e;
+}
+
+/* What one match of rule ri (its header matched) does under the rule's detection_filter and
+ * threshold: SIG_ACT and/or SIG_ALERT (see the top of the file). */
+static int gate(struct vn_switch *sw, struct vn_sigstage *st, uint32_t ri, int family, const uint8_t *src,
+                const uint8_t *dst)
+{
+    const struct sig_hdr *h = &st->rules[ri];
+    if (!h->th_type && !h->df_track)
+        return SIG_ACT | SIG_ALERT;
+    uint64_t now = vn_clock(sw);
+    if (h->df_track) {
+        struct sig_trk *e = track(st, now, ri, 1, h->df_track, h->df_secs, family, src, dst);
+        if (e->count <= h->df_count) {
+            st->filtered++;
+            return 0;
+        }
+    }
+    if (!h->th_type)
+        return SIG_ACT | SIG_ALERT;
+    struct sig_trk *e = track(st, now, ri, 0, h->th_track, h->th_secs, family, src, dst);
+    int g = 0;
+    if (h->th_type == VN_SIGT_LIMIT) {
+        g = e->count <= h->th_count ? SIG_ACT | SIG_ALERT : SIG_ACT;
+    } else if (h->th_type == VN_SIGT_THRESHOLD) {
+        if (e->count >= h->th_count) {
+            g = SIG_ACT | SIG_ALERT;
+            e->count = 0;                     /* every Nth match */
+        }
+    } else {                                  /* both: from the Nth, one alert per window */
+        g = e->count < h->th_count ? 0 : e->count == h->th_count ? SIG_ACT | SIG_ALERT : SIG_ACT;
+    }
+    if (!(g & SIG_ACT))
+        st->filtered++;
+    else if (!(g & SIG_ALERT))
+        st->suppressed++;
+    return g;
+}
+
 /* ---------------------------------------------------------------- packet rules */
 
 static int proto_bit(int proto)
@@ -464,16 +660,17 @@ int vn_sig_packet(struct vn_switch *sw, int port, int dir, struct vn_pkt *pkt, c
     }
     if (!n)
         return 0;
-    uint8_t ok[n];
+    uint8_t ok[n], g[n];
     int proto = h->proto == 58 ? 1 : h->proto;
     for (int i = 0; i < n; i++) {
-        ok[i] = 0;
+        ok[i] = g[i] = 0;
         if (st->out[i].rule >= st->npkt)
             continue;
         st->out[i].rule += st->nstream;      /* the packet database's ids follow the stream rules' */
         const struct sig_hdr *r = &st->rules[st->out[i].rule];
-        ok[i] = (r->proto == 0 || r->proto == proto) &&
-                hdr_match(r, h->family, h->src, h->sport, h->dst, h->dport);
+        if ((r->proto == 0 || r->proto == proto) && hdr_match(r, h->family, h->src, h->sport, h->dst, h->dport))
+            g[i] = (uint8_t)gate(sw, st, st->out[i].rule, h->family, h->src, h->dst);
+        ok[i] = g[i] & SIG_ACT;
     }
     int v = verdict(st, st->out, n, ok);
     if (v < 0)
@@ -487,7 +684,7 @@ int vn_sig_packet(struct vn_switch *sw, int port, int dir, struct vn_pkt *pkt, c
         ps->sig_matches++;
         if (taken == VN_SIGA_DROP || taken == VN_SIGA_REJECT)
             st->drops[ri]++;
-        if (st->rules[ri].action != VN_SIGA_PASS)
+        if (st->rules[ri].action != VN_SIGA_PASS && (g[i] & SIG_ALERT))
             alert_push(sw, port, st, ri, taken, !!(st->out[i].flags & VN_SIG_F_LIMIT), 0, h->family, proto, 2,
                        dir, h->src, h->sport, h->dst, h->dport, st->out[i].offset, 0);
     }
@@ -596,15 +793,18 @@ static void stream_matches(struct vn_switch *sw, struct vn_flow *f, int hs, int 
     struct vn_sigflow *sf = f->sig;
     struct vn_sigstage *st = sf->stage;
     struct vn_port_stats *ps = &sw->ports[f->port].st;
-    uint8_t ok[n > 0 ? n : 1];
-    for (int i = 0; i < n; i++)
-        ok[i] = st->out[i].rule < st->nstream && applies(&st->rules[st->out[i].rule], f, hs);
-    int v = verdict(st, st->out, n, ok);
-    if (v < 0)
-        return;
+    uint8_t ok[n > 0 ? n : 1], g[n > 0 ? n : 1];
     const uint8_t *s, *d;
     uint16_t sp, dp;
     half_ends(f, hs, &s, &sp, &d, &dp);
+    for (int i = 0; i < n; i++) {
+        g[i] = st->out[i].rule < st->nstream && applies(&st->rules[st->out[i].rule], f, hs)
+                   ? (uint8_t)gate(sw, st, st->out[i].rule, f->family, s, d) : 0;
+        ok[i] = g[i] & SIG_ACT;
+    }
+    int v = verdict(st, st->out, n, ok);
+    if (v < 0)
+        return;
     int to_server = dir_of(hs) == f->client;
     uint64_t first_end = UINT64_MAX;
     for (int i = 0; i < n; i++) {
@@ -619,7 +819,7 @@ static void stream_matches(struct vn_switch *sw, struct vn_flow *f, int hs, int 
             if ((a == VN_SIGA_DROP || a == VN_SIGA_REJECT) && st->out[i].offset < first_end)
                 first_end = st->out[i].offset;
         }
-        if (st->rules[ri].action != VN_SIGA_PASS)
+        if (st->rules[ri].action != VN_SIGA_PASS && (g[i] & SIG_ALERT))
             alert_push(sw, f->port, st, ri, v, !!(st->out[i].flags & VN_SIG_F_LIMIT), 1, f->family, 6,
                        to_server, dir_of(hs), s, sp, d, dp, st->out[i].offset, f->id);
     }

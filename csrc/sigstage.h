@@ -3,9 +3,13 @@
  * alerts.  See sigstage.c.
  *
  * Header blob (little-endian), written by vhostni/signatures/stage.py, bounds-checked here:
- *   "VSH1" u32 nrules
+ *   "VSH2" u32 nrules, u32 track_entries (the threshold table's size: 0 if no rule has
+ *          threshold or detection_filter, else a power of two, VN_SIG_TRACK_MIN..MAX)
  *   per rule: u8 action (VN_SIGA_*), u8 proto (0 ip, 1 icmp, 6 tcp, 17 udp), u8 dir
  *             (0 any, 1 to_server, 2 to_client), u8 flags (VN_SIGH_*), u32 sid, u32 rev,
+ *             u8 th_type (VN_SIGT_*), u8 th_track (VN_SIGK_*), u8 df_track (VN_SIGK_*, 0: no
+ *             detection_filter), u8 zero, u32 th_count, th_seconds, df_count, df_seconds
+ *             (counts 1..VN_SIG_TRACK_COUNT_MAX, seconds 1..VN_SIG_TRACK_SECONDS_MAX when set),
  *             u32 n_src4, n_src6, n_dst4, n_dst6, n_sport, n_dport, then the ranges:
  *             src v4 (u32 lo, u32 hi), src v6 (16 bytes lo, 16 bytes hi, big-endian),
  *             dst v4, dst v6, sport (u16 lo, u16 hi), dport (u16 lo, u16 hi)
@@ -27,6 +31,31 @@
 #define VN_SIGH_STREAM 2
 
 #define VN_SIG_ALERT_RING 4096
+
+/* threshold types and what a threshold or detection_filter tracks */
+#define VN_SIGT_NONE 0
+#define VN_SIGT_LIMIT 1
+#define VN_SIGT_THRESHOLD 2
+#define VN_SIGT_BOTH 3
+#define VN_SIGK_NONE 0
+#define VN_SIGK_SRC 1
+#define VN_SIGK_DST 2
+#define VN_SIGK_RULE 3
+#define VN_SIGK_BOTH 4
+#define VN_SIG_TRACK_COUNT_MAX 1000000
+#define VN_SIG_TRACK_SECONDS_MAX 604800
+#define VN_SIG_TRACK_MIN 8
+#define VN_SIG_TRACK_MAX 1048576
+#define VN_SIG_TRACK_WAYS 8
+
+/* The threshold table of a stage (vn_sigstage_track_stats). */
+struct vn_sig_track_stats {
+    uint64_t entries;           /* slots (0: no rule thresholds) */
+    uint64_t used;              /* slots holding a key now */
+    uint64_t evictions;         /* a live key's slot taken for another (its counting restarts) */
+    uint64_t alerts_suppressed; /* matches whose alert a threshold held back */
+    uint64_t matches_filtered;  /* matches a detection_filter or threshold kept from acting at all */
+};
 
 /* One match, as the alert log gets it (drained by vn_sig_alerts_next). */
 struct vn_sig_alert {
@@ -61,6 +90,7 @@ int vn_sig_alerts_next(struct vn_switch *sw, int port, struct vn_sig_alert *out)
 uint64_t vn_sig_alerts_lost(struct vn_switch *sw, int port);
 int vn_sig_rule_counts(struct vn_switch *sw, int port, uint64_t *matches, uint64_t *drops, uint32_t n);
 int vn_sigstage_db_stats(struct vn_sigstage *st, int stream, struct vn_sig_stats *out);
+int vn_sigstage_track_stats(struct vn_sigstage *st, struct vn_sig_track_stats *out);
 /* The in-line bench's inner loop (vhostni/bench/signatures.py): frames packed as
  * [u8 0: into port a, 1: into port b][u16 length, little-endian][frame], each injected
  * (vn_port_inject_from) and every frame the sink ports got drained at once; returns the

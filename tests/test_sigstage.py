@@ -473,7 +473,7 @@ def test_hostile_header_blobs_are_refused_not_crashed():
         for _ in range(rng.randint(1, 4)):
             b[rng.randrange(len(b))] = rng.randrange(256)
         cases.append(bytes(b))
-    cases.append(b"VSH1" + (70000).to_bytes(4, "little"))
+    cases.append(b"VSH2" + (70000).to_bytes(4, "little"))
     for b in cases:
         st = lib.vn_sigstage_build(b, len(b), ffi.NULL, ffi.NULL, rc)
         if st != ffi.NULL:

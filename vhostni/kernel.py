@@ -130,9 +130,15 @@ class NIKernel(StreamBroker):
         st = self.port.stats()
         per = {str(r.sid): {"matches": m[i], "drops": d[i], "msg": r.msg}
                for i, r in enumerate(self._sig_rules[:len(m)]) if m[i]}
-        return {"rules": self.policy.signatures.ruleset.accepted,
-                "skipped": self.policy.signatures.ruleset.skipped,
-                **{k: v for k, v in st.items() if k.startswith("sig_")}, "per_rule": per}
+        out = {"rules": self.policy.signatures.ruleset.accepted,
+               "skipped": self.policy.signatures.ruleset.skipped,
+               **{k: v for k, v in st.items() if k.startswith("sig_")}, "per_rule": per}
+        stage = self.policy.signatures.stage
+        if stage is not None:
+            th = stage.track_stats()
+            if th["entries"]:
+                out["thresholds"] = th
+        return out
 
     def _not_ready(self) -> frozenset:
         return frozenset(n for n, sp in self.scanners.items() if not sp.ready)

@@ -6,6 +6,7 @@
     on_unsupported = "fail"                 # or "skip": leave out rules that cannot be enforced exactly
     lookback = 8192                         # stream bytes kept per direction for confirmations
     stream_memcap = 268435456               # bytes of matcher state for all streams of the NI
+    track_entries = 16384                   # threshold/detection_filter table slots (power of two)
 
 Loading compiles every group with the C engine too, so a pattern Hyperscan or PCRE2 rejects is
 found at load time (off the data path), with its file:line, like a parse problem.
@@ -19,7 +20,7 @@ from typing import Any, Optional, Sequence
 
 from .rules import MAX_RULES, Problem, RuleError, RuleSet, Vars, load_rule_files
 
-KEYS = {"rules", "vars", "on_unsupported", "lookback", "stream_memcap", "comment"}
+KEYS = {"rules", "vars", "on_unsupported", "lookback", "stream_memcap", "track_entries", "comment"}
 MAX_FILES = 64
 
 
@@ -36,6 +37,7 @@ class SignatureConfig:
     on_unsupported: str = "fail"
     lookback: int = 8192
     stream_memcap: int = 256 << 20
+    track_entries: int = 16384
     ruleset: RuleSet = field(default_factory=RuleSet)
     stage: Any = None          # vhostni.signatures.stage.Stage: what the NI's data path runs
 
@@ -51,12 +53,12 @@ def check_rules(paths: Sequence[str], vars: Vars, lookback: int = 8192) -> RuleS
 
 
 def compile_rules(paths: Sequence[str], vars: Vars, lookback: int = 8192,
-                  stream_memcap: int = 256 << 20):
+                  stream_memcap: int = 256 << 20, track_entries: int = 16384):
     """check_rules, and the compiled in-line stage (vhostni.signatures.stage.Stage) of the rules
     accepted (the rejected ones are in it too, left out of its databases: they never match)."""
     from .stage import Stage
     rs = load_rule_files(paths, vars)
-    stage = Stage(rs.rules, lookback=lookback, stream_memcap=stream_memcap)
+    stage = Stage(rs.rules, lookback=lookback, stream_memcap=stream_memcap, track_entries=track_entries)
     bad: set = set()
     for p in stage.problems:
         rs.problems.append(p)
@@ -95,7 +97,11 @@ def parse_section(d: Any, base: str, home: Sequence) -> SignatureConfig:
         if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
             raise SignatureConfigError(f"signatures.{key}", f"expected an integer {lo}..{hi}")
         setattr(cfg, key, v)
-    cfg.ruleset, cfg.stage = compile_rules(files, vars, cfg.lookback, cfg.stream_memcap)
+    v = d.get("track_entries", cfg.track_entries)
+    if not isinstance(v, int) or isinstance(v, bool) or not 8 <= v <= 1 << 20 or v & (v - 1):
+        raise SignatureConfigError("signatures.track_entries", "expected a power of two 8..1048576")
+    cfg.track_entries = v
+    cfg.ruleset, cfg.stage = compile_rules(files, vars, cfg.lookback, cfg.stream_memcap, cfg.track_entries)
     unreadable = [p for p in cfg.problems if not p.unsupported]
     if unreadable:
         raise SignatureConfigError("signatures.rules", str(unreadable[0]))

@@ -21,7 +21,8 @@ Accepted subset (see README, "Signatures (payload stage)"):
   fast_pattern (plain, only, offset,length) startswith rawbytes; pcre "/re/flags" (i s m x A E G R,
   O and B accepted) with !negation; flow (to_server from_client to_client from_server established
   not_established stateless only_stream no_stream); dsize (N <N >N <=N >=N N<>M !N);
-  isdataat ([!]N[,relative]); threshold and detection_filter (parsed and carried for the alert stage).
+  isdataat ([!]N[,relative]); threshold and detection_filter (applied per rule by the in-line stage,
+  csrc/sigstage.c; count 1..1000000, seconds 1..604800).
 """
 from __future__ import annotations
 
@@ -556,6 +557,10 @@ def decode_content(s: str) -> bytes:
     return bytes(out)
 
 
+THRESHOLD_COUNT_MAX = 1_000_000         # VN_SIG_TRACK_COUNT_MAX
+THRESHOLD_SECONDS_MAX = 7 * 86400       # VN_SIG_TRACK_SECONDS_MAX
+
+
 def _int(v: Optional[str], what: str, lo: int, hi: int) -> int:
     if v is None or not re.fullmatch(r"-?\d{1,10}", v.strip()):
         raise RuleError(f"{what}: expected an integer, not {v!r}")
@@ -581,8 +586,10 @@ def _threshold(v: Optional[str], what: str, need_type: bool) -> dict:
         raise RuleError(f"{what}: detection_filter has no type")
     if d.get("track") not in ("by_src", "by_dst", "by_rule", "by_both"):
         raise RuleError(f"{what}: track by_src, by_dst, by_rule or by_both")
-    d["count"] = _int(d.get("count"), f"{what} count", 1, 2**31 - 1)
-    d["seconds"] = _int(d.get("seconds"), f"{what} seconds", 1, 2**31 - 1)
+    # bounded as the C stage checks them (csrc/sigstage.h): a count past a million or a window
+    # past a week is a typo or a way to pin tracker slots, not a rule
+    d["count"] = _int(d.get("count"), f"{what} count", 1, THRESHOLD_COUNT_MAX)
+    d["seconds"] = _int(d.get("seconds"), f"{what} seconds", 1, THRESHOLD_SECONDS_MAX)
     return d
 
 

@@ -24,6 +24,9 @@ ACTION_NAMES = {v: k for k, v in ACTION_CODES.items()}
 PROTO_CODES = {"ip": 0, "icmp": 1, "tcp": 6, "udp": 17}
 PROTO_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP"}
 DIR_CODES = {"any": 0, "to_server": 1, "to_client": 2}
+THRESHOLD_TYPES = {"limit": 1, "threshold": 2, "both": 3}
+TRACK_CODES = {"by_src": 1, "by_dst": 2, "by_rule": 3, "by_both": 4}
+DEFAULT_TRACK_ENTRIES = 16384           # threshold table slots (64 bytes each), if a rule needs it
 # Suricata's default priorities of the classtypes its rules use most (classification.config)
 CLASSTYPE_PRIORITY = {
     "attempted-admin": 1, "successful-admin": 1, "attempted-user": 1, "successful-user": 1,
@@ -44,9 +47,13 @@ def _header(r: Rule) -> bytes:
     flags = (1 if r.bidirectional else 0) | (2 if r.mode == "stream" else 0)
     src4, src6 = r.src.v4.ranges, r.src.v6.ranges
     dst4, dst6 = r.dst.v4.ranges, r.dst.v6.ranges
-    out = [struct.pack("<BBBBII6I", ACTION_CODES[r.action], _proto(r), DIR_CODES[r.direction], flags,
-                       r.sid & 0xFFFFFFFF, r.rev & 0xFFFFFFFF, len(src4), len(src6), len(dst4), len(dst6),
-                       len(r.sport.ranges), len(r.dport.ranges))]
+    th, df = r.threshold or {}, r.detection_filter or {}
+    out = [struct.pack("<BBBBIIBBBBIIII6I", ACTION_CODES[r.action], _proto(r), DIR_CODES[r.direction], flags,
+                       r.sid & 0xFFFFFFFF, r.rev & 0xFFFFFFFF,
+                       THRESHOLD_TYPES.get(th.get("type"), 0), TRACK_CODES.get(th.get("track"), 0),
+                       TRACK_CODES.get(df.get("track"), 0), 0, th.get("count", 0), th.get("seconds", 0),
+                       df.get("count", 0), df.get("seconds", 0),
+                       len(src4), len(src6), len(dst4), len(dst6), len(r.sport.ranges), len(r.dport.ranges))]
     out += [struct.pack("<II", lo, hi) for lo, hi in src4]
     out += [lo.to_bytes(16, "big") + hi.to_bytes(16, "big") for lo, hi in src6]
     out += [struct.pack("<II", lo, hi) for lo, hi in dst4]
@@ -56,9 +63,12 @@ def _header(r: Rule) -> bytes:
     return b"".join(out)
 
 
-def encode_headers(rules: Sequence[Rule]) -> bytes:
-    """csrc/sigstage.h's header blob: stream rules first, then packet rules."""
-    return b"".join([b"VSH1", struct.pack("<I", len(rules))] + [_header(r) for r in rules])
+def encode_headers(rules: Sequence[Rule], track_entries: int = DEFAULT_TRACK_ENTRIES) -> bytes:
+    """csrc/sigstage.h's header blob: stream rules first, then packet rules.  The threshold
+    table gets ``track_entries`` slots if some rule has threshold or detection_filter."""
+    need = any(r.threshold or r.detection_filter for r in rules)
+    return b"".join([b"VSH2", struct.pack("<II", len(rules), track_entries if need else 0)]
+                    + [_header(r) for r in rules])
 
 
 class Stage:
@@ -66,7 +76,7 @@ class Stage:
     the C stage names a rule by.  ``problems``: rules Hyperscan or PCRE2 rejected (left out)."""
 
     def __init__(self, rules: Sequence[Rule], lookback: int = DEFAULT_LOOKBACK,
-                 stream_memcap: int = DEFAULT_STREAM_MEMCAP):
+                 stream_memcap: int = DEFAULT_STREAM_MEMCAP, track_entries: int = DEFAULT_TRACK_ENTRIES):
         self.problems: list[Problem] = []
         stream = [r for r in rules if r.mode == "stream"]
         packet = []
@@ -90,7 +100,7 @@ class Stage:
                 dbs.append(db)
                 if db is not None:
                     self.problems += db.problems
-            hdr = encode_headers(self.rules)
+            hdr = encode_headers(self.rules, track_entries)
             rc = ffi.new("int *")
             st = lib.vn_sigstage_build(hdr, len(hdr), dbs[0]._db if dbs[0] else ffi.NULL,
                                        dbs[1]._db if dbs[1] else ffi.NULL, rc)
@@ -113,6 +123,13 @@ class Stage:
         s = ffi.new("struct vn_sig_stats *")
         lib.vn_sigstage_db_stats(self._st, 1 if stream else 0, s)
         return {k: getattr(s, k) for k, _ in ffi.typeof("struct vn_sig_stats").fields}
+
+
+    def track_stats(self) -> dict:
+        """The threshold table: entries, used, evictions, alerts_suppressed, matches_filtered."""
+        s = ffi.new("struct vn_sig_track_stats *")
+        lib.vn_sigstage_track_stats(self._st, s)
+        return {k: getattr(s, k) for k, _ in ffi.typeof("struct vn_sig_track_stats").fields}
 
 
 def _addr(family: int, raw) -> str:
