@@ -49,8 +49,10 @@ uint64_t vn_realtime_ns(void)
 
 int vn_switch_set_clock(struct vn_switch *sw, uint64_t now_ns)
 {
-    if ((now_ns && now_ns < sw->manual_ns) || now_ns > VN_CLOCK_MAX_NS)
-        return VN_EINVAL;          /* a clock handed in never goes back, nor wraps a timer */
+    if (now_ns < sw->manual_ns || now_ns > VN_CLOCK_MAX_NS)
+        return VN_EINVAL;          /* a clock handed in never goes back (not even to the system's,
+                                      whose times the timers already set could not be compared
+                                      with), nor wraps a timer */
     sw->manual_ns = now_ns;
     sw->now_ns = vn_clock(sw);
     return VN_OK;

@@ -199,10 +199,10 @@ struct vn_switch;
 /* Switch lifetime.  vn_switch_new returns NULL on allocation failure. */
 struct vn_switch *vn_switch_new(void);
 void vn_switch_free(struct vn_switch *sw);
-/* The switch's clock: 0 (the default) runs every timer and timestamp on the system's
- * clocks; a time (ns) makes the switch use it instead, for timers and for the timestamps
- * scanners see, until the next call (offline replay on a capture's timestamps).  A time
- * handed in never goes back, nor past VN_CLOCK_MAX_NS (2^62 ns, year 2116: far enough from
+/* The switch's clock: the system's clocks until a time (ns) is handed in; from then on the
+ * switch uses the time handed in last, for timers and for the timestamps scanners see
+ * (offline replay on a capture's timestamps).  A time handed in never goes back (not to 0,
+ * the system's clocks, either: timers already set on the handed-in time would misfire), nor past VN_CLOCK_MAX_NS (2^62 ns, year 2116: far enough from
  * 2^64 that no timer added to it wraps): VN_EINVAL. */
 #define VN_CLOCK_MAX_NS 4611686018427387904ULL
 int vn_switch_set_clock(struct vn_switch *sw, uint64_t now_ns);

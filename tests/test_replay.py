@@ -651,7 +651,8 @@ def test_clock_arguments_are_checked(tmp_path, capsys):
         sw.set_clock(2 * 10**18)
         with pytest.raises(ValueError):
             sw.set_clock(10**18)                           # never back
-        sw.set_clock(0)                                    # the system clocks again
+        with pytest.raises(ValueError):
+            sw.set_clock(0)                                # nor back to the system's
     finally:
         sw.close()
 
@@ -685,9 +686,9 @@ def test_the_switch_clock_refuses_times_it_cannot_hold():
             with pytest.raises(ValueError):
                 sw.set_clock(bad)
         sw.set_clock(lib.VN_CLOCK_MAX_NS)
-        with pytest.raises(ValueError):
-            sw.set_clock(5)
-        sw.set_clock(0)
+        for back in (5, 0):
+            with pytest.raises(ValueError):
+                sw.set_clock(back)
 
 
 def test_capture_clock_survives_hostile_timestamps(tmp_path):

@@ -258,7 +258,7 @@ class Switch(_KernelSide):
 
     def set_clock(self, now_ns: int) -> None:
         """Runs the switch on a time handed in (ns; replay on a capture's timestamps) instead
-        of the system clocks; 0 goes back to those.  It never goes back, nor past
+        of the system clocks, from now on.  It never goes back (nor to 0, the system's), nor past
         VN_CLOCK_MAX_NS (where its timers could overflow): ValueError."""
         if not 0 <= now_ns <= lib.VN_CLOCK_MAX_NS:
             raise ValueError(f"the switch's clock runs from 0 to {lib.VN_CLOCK_MAX_NS} ns, not {now_ns}")
