@@ -671,6 +671,16 @@ static int fwd(const struct vn_tcp_in *in, struct vn_flow *f)
     return in->edited ? forward_edited(f, in->hs, in->pkt, in->tcp, in->doff) : VN_TCP_FORWARD;
 }
 
+/* Forwards the segment through the emit queue, behind what a release queued before it in
+ * this same drain (which the switch has not yet sent): returned to the caller, it would go
+ * on at once and overtake those segments. */
+static int fwd_queued(const struct vn_tcp_in *in, struct vn_flow *f)
+{
+    if (fwd(in, f) == VN_TCP_FORWARD)
+        vn_emit_push_flow(in->sw, VN_EMIT_SUBS, in->port, in->dir, in->egress_to, in->pkt, in->h);
+    return VN_TCP_TAKEN;
+}
+
 static int resend_in(const struct vn_tcp_in *in, struct vn_flow *f, uint64_t start, int fin)
 {
     return resend(in->sw, f, in->hs, &(struct vn_fview){in->d, &in->pkt->hdr, in->pay, in->paylen,
@@ -1008,15 +1018,15 @@ static int seg_data(struct vn_tcp_in *in, struct vn_flow *f)
         st->tcp_bytes_over++;
         if (!pol->tcp_bytes_over_pass)
             return VN_TCP_TAKEN;
-        flow_bypass(sw, f);
-        return fwd(in, f);
+        flow_bypass(sw, f);          /* queues what was held: this segment goes behind it */
+        return fwd_queued(in, f);
     }
     if (start > S->contig && S->ooo + paylen > pol->tcp_depth_max) {
         st->tcp_depth_over++;
         if (!pol->tcp_depth_over_pass)
             return VN_TCP_TAKEN;
-        flow_bypass(sw, f);
-        return fwd(in, f);
+        flow_bypass(sw, f);          /* queues what was held: this segment goes behind it */
+        return fwd_queued(in, f);
     }
     struct vn_seg *s = calloc(1, sizeof(*s));
     struct vn_held *rec = s ? vn_held_record(sw, in->pkt, in->port, in->dir, in->egress_to, 0, 0) : NULL;
@@ -1059,10 +1069,7 @@ static int seg_data(struct vn_tcp_in *in, struct vn_flow *f)
             s->released = 1;
             if (end + fin > S->released_end)
                 S->released_end = end + fin;
-            if (fwd(in, f) == VN_TCP_FORWARD)
-                vn_emit_push_flow(sw, VN_EMIT_SUBS, in->port, in->dir, in->egress_to, in->pkt,
-                                  in->h);
-            return VN_TCP_TAKEN;
+            return fwd_queued(in, f);
         }
     }
     st->tcp_held_segments++;

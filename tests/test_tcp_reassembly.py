@@ -868,6 +868,28 @@ def test_reassembly_depth_memcap(kit, over):
         assert sorted(payloads(c.recv("b", 2.0, 6))) == sorted(bytes([48 + i]) * 1000 for i in range(6))
 
 
+@pytest.mark.parametrize("limit", ["bytes", "depth"])
+def test_memcap_pass_sends_the_segment_over_it_behind_the_held_ones(kit, limit):
+    """A limit whose policy says pass lets the held segments go on (through the emit
+    queue); the segment that went over the limit must go through that queue too, behind
+    them, or b gets it before them.  Distinct payloads, so that b's order shows."""
+    if limit == "bytes":
+        e, c = opened(kit, tcp_bytes_max=1 << 17, tcp_bytes_over="pass", cwscale=7, swscale=7)
+        c.send("b", c.segment("b", ACK))                        # b's window, scaled: 8 MB
+        chunks = [struct.pack("!H", i) * 700 for i in range(100)]
+        frames = [c.data("a", ch) for ch in chunks]             # ~145 KB, all held until over
+    else:
+        e, c = opened(kit, tcp_depth_max=3000, tcp_depth_over="pass")
+        chunks = [bytes([48 + i]) * 1000 for i in range(6)]
+        frames = [c.data("a", ch) for ch in chunks]
+        frames, chunks = frames[:1] + frames[2:], chunks[:1] + chunks[2:]  # held, then beyond a gap
+    for i in range(0, len(frames), 20):
+        c.send("a", *frames[i:i + 20])
+    st_ = kit.stats("a")
+    assert st_[f"tcp_{limit}_over"] == 1 and st_["tcp_bypassed"] == 1
+    assert payloads(c.recv("b", 2.0, len(chunks))) == chunks    # the one over it last, not first
+
+
 def test_policy_keys_validate(tmp_path):
     from vhostni.policy import PolicyError, parse_policy
     p = parse_policy({"ni": {"tcp_flows_max": 10, "tcp_bytes_max": 1 << 20, "tcp_depth_max": 0,
