@@ -567,8 +567,25 @@ void half_release(struct vn_switch *sw, struct vn_flow *f, struct vn_half *hf)
     uint64_t lim = hf->passed < hf->contig ? hf->passed : hf->contig;
     if (lim > hf->sig_ok)
         lim = hf->sig_ok;          /* the signature stage holds the rest (sigstage.c) */
-    if (hf->vouched > hf->acked && hf->real_right && lim > hf->real_right)
+    if (hf->vouched > hf->acked && hf->real_right && lim > hf->real_right) {
+        uint64_t cap = lim;
         lim = hf->real_right;      /* bytes beyond the receiver's window wait with the NI */
+        if (hf->real_right > hf->acked && hf->acked >= hf->released_end) {
+            /* ... but the NI never splits a record: one longer than the window the receiver
+             * has open would wait for good once the receiver took all before it (it has
+             * nothing left to acknowledge, so its window never grows; the sender, already
+             * acknowledged, sends nothing).  As a sender's window probe: the next record
+             * goes whole, alone, while the window is open and nothing is in flight (a
+             * receiver takes a segment that starts inside its window; what it drops the
+             * NI's resend timer sends again). */
+            for (struct vn_seg *s = seg_from(hf, hf->acked); s && s->start <= hf->acked; s = s->next)
+                if (!s->released && seg_end(s) > hf->acked) {
+                    if (seg_end(s) > lim && seg_end(s) <= cap)
+                        lim = seg_end(s);
+                    break;
+                }
+        }
+    }
     struct vn_port *p = &sw->ports[f->port];
     /* every record ending at or below the last limit went already */
     for (struct vn_seg *s = seg_from(hf, hf->rel_lim); s && s->start <= lim; s = s->next) {

@@ -366,6 +366,43 @@ def test_more_bytes_the_receiver_misses_are_resent_by_the_ni(kit):
     assert acks(c.recv("a", 1.0, 1)) == [c.seq("a", 2000)]
 
 
+def test_a_held_record_longer_than_the_receivers_open_window_still_goes(kit):
+    # the NI does not split records: with the sender acknowledged (more) and the receiver's
+    # window reopened to less than the next record, nothing was in flight, so the receiver
+    # had nothing to acknowledge and the transfer stalled for good (a 3 MiB wget through
+    # the webdl scanner on a loaded host: 64 KiB GSO frames, a guest window clamped small).
+    # Like a sender's window probe, the next record now goes whole, alone.
+    e, c = opened(kit, win=1000)
+    c.send("a", c.data("a", b"x" * 1000))
+    e.more(FROM)
+    c.send("a", c.data("a", b"y" * 1000, off=1000))
+    c.send("a", c.data("a", b"z" * 1000, off=2000))
+    e.pass_(FROM, 3000)
+    assert [s.payload for s in c.recv("b", 0.5, 1)] == [b"x" * 1000]
+    c.send("b", c.segment("b", ACK, ack=c.seq("a", 1000), win=400))    # took it; room for 400
+    assert [s.payload for s in c.recv("b", 1.0, 1)] == [b"y" * 1000]
+    # one at a time: z waits for y's ACK (the resend timer may send y again meanwhile)
+    assert {s.payload for s in c.recv("b", 0.3)} <= {b"y" * 1000}
+    c.send("b", c.segment("b", ACK, ack=c.seq("a", 2000), win=400))
+    assert [s.payload for s in c.recv("b", 1.0, 1)] == [b"z" * 1000]
+    c.send("b", c.segment("b", ACK, ack=c.seq("a", 3000), win=0))
+    assert {s.payload for s in c.recv("b", 0.3)} <= {b"z" * 1000}
+    assert kit.stats("a")["tcp_ni_gave_up"] == 0
+
+
+def test_a_held_record_waits_while_the_receivers_window_is_shut(kit):
+    e, c = opened(kit, win=1000)
+    c.send("a", c.data("a", b"x" * 1000))
+    e.more(FROM)
+    c.send("a", c.data("a", b"y" * 1000, off=1000))
+    e.pass_(FROM, 2000)
+    assert [s.payload for s in c.recv("b", 0.5, 1)] == [b"x" * 1000]
+    c.send("b", c.segment("b", ACK, ack=c.seq("a", 1000), win=0))      # zero window
+    assert [s for s in c.recv("b", 0.5) if s.payload == b"y" * 1000] == []
+    c.send("b", c.segment("b", ACK, ack=c.seq("a", 1000), win=1000))   # its window update
+    assert [s.payload for s in c.recv("b", 1.0, 1)] == [b"y" * 1000]
+
+
 def test_the_ni_resets_both_ends_when_the_receiver_never_takes_what_it_owes(kit):
     # b never acknowledges: after tcp_resend_max resends of the vouched bytes the NI stops
     # pretending, and both ends hear the connection end
