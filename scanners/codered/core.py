@@ -86,6 +86,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 from . import dns
 from .packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FragmentError, PacketError, parse_frame
+from .settings import overlay
 
 __all__ = ["CodeRedDetector", "Alert", "Verdict", "ConfigError", "DEFAULTS", "DnsTable"]
 
@@ -157,11 +158,7 @@ class Verdict:
 def load_config(config: Optional[Mapping[str, Any]]) -> dict:
     """DEFAULTS overlaid with ``config``, type-checked; unknown keys are errors (a typo must not silently
     leave a default in force)."""
-    out = dict(DEFAULTS)
-    for key, value in (config or {}).items():
-        if key not in DEFAULTS:
-            raise ConfigError(f"unknown Code-Red scanner setting {key!r} (known: {', '.join(sorted(DEFAULTS))})")
-        out[key] = value
+    out = overlay(DEFAULTS, config, "Code-Red scanner", ConfigError)
 
     def number(key: str, lo: float, integer: bool = False) -> None:
         v = out[key]

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Union
 
+from .settings import overlay
 from .packet import PROTO_TCP, TCP_ACK, TCP_RST, TCP_SYN, PacketError, parse_frame
 
 __all__ = ["SynBombDetector", "SYNBOMB_DEFAULTS", "SynBombConfigError", "Reset", "SynBombVerdict"]
@@ -80,11 +81,7 @@ class SynBombVerdict:
 
 
 def load_synbomb_config(config: Optional[Mapping[str, Any]]) -> dict:
-    out = dict(SYNBOMB_DEFAULTS)
-    for k, v in (config or {}).items():
-        if k not in SYNBOMB_DEFAULTS:
-            raise SynBombConfigError(f"unknown SYN-bomb setting {k!r} (known: {', '.join(sorted(SYNBOMB_DEFAULTS))})")
-        out[k] = v
+    out = overlay(SYNBOMB_DEFAULTS, config, "SYN-bomb", SynBombConfigError)
     for k in ("max_half_open", "max_connections"):
         v = out[k]
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "max_half_open" else 1):

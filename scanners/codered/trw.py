@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Union
 
+from .settings import overlay
 from .packet import PROTO_TCP, TCP_ACK, TCP_RST, TCP_SYN, PacketError, parse_frame
 
 __all__ = ["TrwDetector", "TRW_DEFAULTS", "TrwConfigError", "TrwVerdict"]
@@ -77,11 +78,7 @@ class TrwVerdict:
 
 
 def load_trw_config(config: Optional[Mapping[str, Any]]) -> dict:
-    out = dict(TRW_DEFAULTS)
-    for k, v in (config or {}).items():
-        if k not in TRW_DEFAULTS:
-            raise TrwConfigError(f"unknown TRW setting {k!r} (known: {', '.join(sorted(TRW_DEFAULTS))})")
-        out[k] = v
+    out = overlay(TRW_DEFAULTS, config, "TRW", TrwConfigError)
     for k in ("theta0", "theta1", "alpha", "beta"):
         v = out[k]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
