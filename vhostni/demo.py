@@ -80,41 +80,88 @@ def print_counters(stats: dict) -> None:
             f"{nis[n]['messages']} vhost-user messages, {nis[n]['protocol_errors']} refused")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vhostni.demo", description=__doc__.splitlines()[0])
+def demo_args(prog: str, doc: str, logs: str, argv: list[str] | None) -> argparse.Namespace:
+    """The command line every demo takes: --images and --logs (default ``logs``)."""
+    ap = argparse.ArgumentParser(prog=f"python -m {prog}", description=doc.splitlines()[0])
     ap.add_argument("--images", help="guest images directory (default: $VHOSTNI_IMAGES, images/out, "
                                      "~/.cache/vhostni/images; `vhostni images build` makes them)")
-    ap.add_argument("--logs", default="test-logs/demo", help="where console and daemon logs go")
-    args = ap.parse_args(argv)
+    ap.add_argument("--logs", default=logs, help="where console and daemon logs go")
+    return ap.parse_args(argv)
 
-    images = GuestImages.locate(args.images)
-    logs = Path(args.logs)
-    logs.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="vhostni-demo-"))
+
+class DemoSetup:
+    """A demo's images, logs directory, scratch directory, a fresh alert log and alice's and bob's sockets;
+    ``ni``'s policy (text) is written to the scratch directory."""
+
+    def __init__(self, args: argparse.Namespace, prefix: str, ni: str, policy_text: str):
+        self.images = GuestImages.locate(args.images)
+        self.logs = Path(args.logs)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.work = Path(tempfile.mkdtemp(prefix=prefix))
+        self.alert_log = self.logs / "alerts.jsonl"
+        if self.alert_log.exists():
+            self.alert_log.unlink()
+        self.sock = {n: str(self.work / f"{n}.sock") for n in ("alice", "bob")}
+        self.ni = ni
+        self.policy = self.work / f"{ni}.toml"
+        self.policy.write_text(policy_text)
+
+    def start_daemon(self, shown_policy: str, pre_args: tuple = ()) -> VhostniDaemon:
+        """Starts `vhostni run` with the two NIs, the policy on ``ni`` and the alert log; says so."""
+        daemon = VhostniDaemon(self.sock, extra_args=[*pre_args, "--policy", f"{self.ni}={self.policy}",
+                                                      "--alert-log", str(self.alert_log)],
+                               log_path=self.logs / "vhostni.log")
+        daemon.start()
+        say(f"vhostni run --ni alice={self.sock['alice']} --ni bob={self.sock['bob']} \\")
+        say(f"            --policy {self.ni}={shown_policy}   (pid {daemon.pid})")
+        return daemon
+
+
+def boot_pair(alice: Guest, bob: Guest, lan: str, suffix: str = "") -> None:
+    """Boots both guests and says how long it took."""
+    t0 = time.monotonic()
+    boot_guests([alice, bob])
+    say(f"booted alice ({lan}.1) and bob ({lan}.2) under QEMU/TCG in {time.monotonic() - t0:.1f} s{suffix}")
+
+
+def print_alerts(alert_log: Path, cut: int | None = None, detail=None) -> None:
+    """The alert log as an administrator reads it; ``detail(fields)`` may add a line (or None) per alert."""
+    for line in alert_log.read_text().splitlines():
+        rec = json.loads(line)
+        when = time.strftime("%H:%M:%S", time.localtime(rec["time"]))
+        say(f"#{rec['seq']} {when} NI {rec['ni']} / {rec['scanner']}: {rec['message'][:cut]}")
+        extra = detail(rec.get("fields", {})) if detail else None
+        if extra:
+            say(extra)
+
+
+def end_demo(guests: list, daemon: VhostniDaemon) -> None:
+    for g in guests:
+        g.close()
+    daemon.stop()
+
+
+def verdict(ok: bool, logs: Path) -> int:
+    say()
+    say("demo " + ("passed" if ok else "FAILED") + f"; logs in {logs}/")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = demo_args("vhostni.demo", __doc__, "test-logs/demo", argv)
+    setup = DemoSetup(args, "vhostni-demo-", "alice", alice_policy())
+    images, logs, work, alert_log, sock = setup.images, setup.logs, setup.work, setup.alert_log, setup.sock
     stats_file = work / "stats.json"
-    alert_log = logs / "alerts.jsonl"
-    if alert_log.exists():
-        alert_log.unlink()
-    sock = {n: str(work / f"{n}.sock") for n in ("alice", "bob")}
-    policy = work / "alice.toml"
-    policy.write_text(alice_policy())
 
     banner("vhostni: two VMs whose NICs are served by vhostni")
-    daemon = VhostniDaemon(sock, extra_args=["--stats-file", str(stats_file), "--policy",
-                                             f"alice={policy}", "--alert-log", str(alert_log)],
-                           log_path=logs / "vhostni.log")
-    daemon.start()
-    say(f"vhostni run --ni alice={sock['alice']} --ni bob={sock['bob']} \\")
-    say(f"            --policy alice=<examples/codered.toml + alice's MAC and address>   (pid {daemon.pid})")
+    daemon = setup.start_daemon("<examples/codered.toml + alice's MAC and address>",
+                                ("--stats-file", str(stats_file)))
     alice = Guest("alice", images, nics=[VhostUserNic(sock["alice"], mac=ALICE_MAC)],
                   ip=f"{LAN}.1/24", dns=f"{LAN}.2", log_dir=logs)
     bob = Guest("bob", images, nics=[VhostUserNic(sock["bob"])], ip=f"{LAN}.2/24", log_dir=logs)
     ok = False
     try:
-        t0 = time.monotonic()
-        boot_guests([alice, bob])
-        say(f"booted alice ({LAN}.1) and bob ({LAN}.2) under QEMU/TCG in "
-            f"{time.monotonic() - t0:.1f} s; console logs in {logs}/")
+        boot_pair(alice, bob, LAN, f"; console logs in {logs}/")
 
         banner("1. alice and bob talk through vhostni")
         show(alice, f"ping -c 2 {LAN}.2")
@@ -158,21 +205,14 @@ def main(argv: list[str] | None = None) -> int:
         bombed = synbomb_step(alice, bob, alert_log)
 
         banner("4. what the administrator sees: the alert log")
-        for line in alert_log.read_text().splitlines():
-            rec = json.loads(line)
-            when = time.strftime("%H:%M:%S", time.localtime(rec["time"]))
-            say(f"#{rec['seq']} {when} NI {rec['ni']} / {rec['scanner']}: {rec['message']}")
+        print_alerts(alert_log)
 
         banner("5. what the NIs did (vhostni's counters)")
         print_counters(json.loads(stats_file.read_text()))
         ok = a == b and cut > passed and normal < 5 and bombed
     finally:
-        for g in (alice, bob):
-            g.close()
-        daemon.stop()
-    say()
-    say("demo " + ("passed" if ok else "FAILED") + f"; logs in {logs}/")
-    return 0 if ok else 1
+        end_demo([alice, bob], daemon)
+    return verdict(ok, logs)
 
 
 def synbomb_step(alice: Guest, bob: Guest, alert_log: Path) -> bool:

@@ -11,15 +11,11 @@ normal requests (a long but allowed one among them) did.  It ends with the alert
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-from .demo import banner, say, show
-from .testing import Guest, GuestImages, VhostniDaemon, VhostUserNic, boot_guests
+from .demo import DemoSetup, banner, boot_pair, demo_args, end_demo, print_alerts, say, show, verdict
+from .testing import Guest, VhostUserNic
 
 LAN = "10.81.0"
 BOB_MAC = "52:54:00:81:00:02"
@@ -47,36 +43,17 @@ def bob_policy() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vhostni.demo_http", description=__doc__.splitlines()[0])
-    ap.add_argument("--images", help="guest images directory (default: $VHOSTNI_IMAGES, images/out, "
-                                     "~/.cache/vhostni/images; `vhostni images build` makes them)")
-    ap.add_argument("--logs", default="test-logs/demo-http", help="where console and daemon logs go")
-    args = ap.parse_args(argv)
-
-    images = GuestImages.locate(args.images)
-    logs = Path(args.logs)
-    logs.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="vhostni-demo-http-"))
-    alert_log = logs / "alerts.jsonl"
-    if alert_log.exists():
-        alert_log.unlink()
-    sock = {n: str(work / f"{n}.sock") for n in ("alice", "bob")}
-    policy = work / "bob.toml"
-    policy.write_text(bob_policy())
+    args = demo_args("vhostni.demo_http", __doc__, "test-logs/demo-http", argv)
+    setup = DemoSetup(args, "vhostni-demo-http-", "bob", bob_policy())
+    images, logs, alert_log, sock = setup.images, setup.logs, setup.alert_log, setup.sock
 
     banner("vhostni: bob's NI guards his web server against overflow requests")
-    daemon = VhostniDaemon(sock, extra_args=["--policy", f"bob={policy}", "--alert-log", str(alert_log)],
-                           log_path=logs / "vhostni.log")
-    daemon.start()
-    say(f"vhostni run --ni alice={sock['alice']} --ni bob={sock['bob']} \\")
-    say(f"            --policy bob=examples/httpguard.toml   (pid {daemon.pid})")
+    daemon = setup.start_daemon("examples/httpguard.toml")
     alice = Guest("alice", images, nics=[VhostUserNic(sock["alice"])], ip=f"{LAN}.1/24", log_dir=logs)
     bob = Guest("bob", images, nics=[VhostUserNic(sock["bob"], mac=BOB_MAC)], ip=f"{LAN}.2/24", log_dir=logs)
     ok = False
     try:
-        t0 = time.monotonic()
-        boot_guests([alice, bob])
-        say(f"booted alice ({LAN}.1) and bob ({LAN}.2) under QEMU/TCG in {time.monotonic() - t0:.1f} s")
+        boot_pair(alice, bob, LAN)
         bob.check("mkdir -p /www && echo '<h1>hello from bob</h1>' > /www/index.html && "
                   "(httpd -f -vv -p 80 -h /www 2> /tmp/httpd.log &); sleep 0.5")
         alice.put_file("/tmp/codered.req", codered_request(b"N"))
@@ -108,27 +85,18 @@ def main(argv: list[str] | None = None) -> int:
             "(the one /default.ida there is the short, allowed query)")
 
         banner("4. what the administrator sees: the alert log")
-        for line in alert_log.read_text().splitlines():
-            rec = json.loads(line)
-            f = rec.get("fields", {})
-            when = time.strftime("%H:%M:%S", time.localtime(rec["time"]))
-            say(f"#{rec['seq']} {when} NI {rec['ni']} / {rec['scanner']}: {rec['message'][:150]}")
-            if f.get("event") == "overflow":
-                say(f"      signature {f['signature']} ({f['cve']})  field {f['field']}"
-                    f"{' ' + f['field_name'] if f.get('field_name') else ''}  length {f['length']}  "
-                    f"limit {f['limit']}  action {f['action']}")
+        print_alerts(alert_log, 150, lambda f: (
+            f"      signature {f['signature']} ({f['cve']})  field {f['field']}"
+            f"{' ' + f['field_name'] if f.get('field_name') else ''}  length {f['length']}  "
+            f"limit {f['limit']}  action {f['action']}") if f.get("event") == "overflow" else None)
         stopped = [json.loads(line)["fields"] for line in alert_log.read_text().splitlines()]
         sigs = sorted(f["signature"] for f in stopped if f.get("event") == "overflow")
         ok = ("hello from bob" in page and "hello from bob" in long_ok and not reached
               and all("400 Bad Request" in o for o in (out1, out2, out3))
               and sigs == ["iis-ida-codered", "iis-ida-codered", "iis-printer-host"])
     finally:
-        for g in (alice, bob):
-            g.close()
-        daemon.stop()
-    say()
-    say("demo " + ("passed" if ok else "FAILED") + f"; logs in {logs}/")
-    return 0 if ok else 1
+        end_demo([alice, bob], daemon)
+    return verdict(ok, logs)
 
 
 if __name__ == "__main__":

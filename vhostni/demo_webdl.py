@@ -9,15 +9,11 @@ with the alert log as an administrator reads it.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-from .demo import banner, say, show
-from .testing import Guest, GuestImages, VhostniDaemon, VhostUserNic, boot_guests
+from .demo import DemoSetup, banner, boot_pair, demo_args, end_demo, print_alerts, say, show, verdict
+from .testing import Guest, VhostUserNic
 
 LAN = "10.79.0"
 ALICE_MAC = "52:54:00:79:00:11"
@@ -31,37 +27,18 @@ def alice_policy() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vhostni.demo_webdl", description=__doc__.splitlines()[0])
-    ap.add_argument("--images", help="guest images directory (default: $VHOSTNI_IMAGES, images/out, "
-                                     "~/.cache/vhostni/images; `vhostni images build` makes them)")
-    ap.add_argument("--logs", default="test-logs/demo-webdl", help="where console and daemon logs go")
-    args = ap.parse_args(argv)
-
-    images = GuestImages.locate(args.images)
-    logs = Path(args.logs)
-    logs.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="vhostni-demo-webdl-"))
-    alert_log = logs / "alerts.jsonl"
-    if alert_log.exists():
-        alert_log.unlink()
-    sock = {n: str(work / f"{n}.sock") for n in ("alice", "bob")}
-    policy = work / "alice.toml"
-    policy.write_text(alice_policy())
+    args = demo_args("vhostni.demo_webdl", __doc__, "test-logs/demo-webdl", argv)
+    setup = DemoSetup(args, "vhostni-demo-webdl-", "alice", alice_policy())
+    images, logs, alert_log, sock = setup.images, setup.logs, setup.alert_log, setup.sock
 
     banner("vhostni: alice's NI checks her web downloads")
-    daemon = VhostniDaemon(sock, extra_args=["--policy", f"alice={policy}", "--alert-log", str(alert_log)],
-                           log_path=logs / "vhostni.log")
-    daemon.start()
-    say(f"vhostni run --ni alice={sock['alice']} --ni bob={sock['bob']} \\")
-    say(f"            --policy alice=examples/webdl.toml   (pid {daemon.pid})")
+    daemon = setup.start_daemon("examples/webdl.toml")
     alice = Guest("alice", images, nics=[VhostUserNic(sock["alice"], mac=ALICE_MAC)], ip=f"{LAN}.1/24",
                   log_dir=logs)
     bob = Guest("bob", images, nics=[VhostUserNic(sock["bob"])], ip=f"{LAN}.2/24", log_dir=logs)
     ok = False
     try:
-        t0 = time.monotonic()
-        boot_guests([alice, bob])
-        say(f"booted alice ({LAN}.1) and bob ({LAN}.2) under QEMU/TCG in {time.monotonic() - t0:.1f} s")
+        boot_pair(alice, bob, LAN)
         bob.check("mkdir -p /www/cgi-bin && echo '<h1>hello from bob</h1>' > /www/index.html && "
                   "dd if=/dev/urandom of=/www/blob bs=1M count=5 2>/dev/null")
         bob.put_file("/www/eicar.com", EICAR)
@@ -96,22 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         say(f"(took {time.monotonic() - t1:.2f} s)")
 
         banner("4. what the administrator sees: the alert log")
-        for line in alert_log.read_text().splitlines():
-            rec = json.loads(line)
-            f = rec.get("fields", {})
-            when = time.strftime("%H:%M:%S", time.localtime(rec["time"]))
-            say(f"#{rec['seq']} {when} NI {rec['ni']} / {rec['scanner']}: {rec['message']}")
-            if f.get("event") == "virus":
-                say(f"      url {f['url']}  sha256 {f['sha256'][:16]}...  engine {f['engine']}  "
-                    f"action {f['action']}")
+        print_alerts(alert_log, None, lambda f: (
+            f"      url {f['url']}  sha256 {f['sha256'][:16]}...  engine {f['engine']}  "
+            f"action {f['action']}") if f.get("event") == "virus" else None)
         ok = same and "403" in out1 and "403" in out2 and "403" not in out3 and "EICAR" not in got
     finally:
-        for g in (alice, bob):
-            g.close()
-        daemon.stop()
-    say()
-    say("demo " + ("passed" if ok else "FAILED") + f"; logs in {logs}/")
-    return 0 if ok else 1
+        end_demo([alice, bob], daemon)
+    return verdict(ok, logs)
 
 
 if __name__ == "__main__":

@@ -19,15 +19,15 @@ Each round runs both configurations in alternating order; a figure is the median
 """
 from __future__ import annotations
 
-import statistics
 import time
 import tomllib
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
-from .frameloop import summarize
-from .scanners import REPO, _reraise_interrupt
-from .streams import ACK, FIN, MAC_G, PSH, SYN, Frames, _mac, _Pinned, _parse, _payload
+from ._replaykit import latency_lines, latency_rounds, replay, summarize_latency
+from ._replaykit import stream as _stream
+from .scanners import REPO
+from .streams import ACK, FIN, MAC_G, PSH, SYN, Frames, _mac, _parse, _payload
 
 MSS = 1460
 HOST = b"Host: www.bench.test\r\n"
@@ -157,14 +157,10 @@ def connection(fr: Frames, cport: int, segments: list) -> tuple:
 def _replay(config: str, captures: list, cpu: Optional[int], timed: bool = False) -> tuple:
     """Replays the connections; returns {client port: {seq: payload}} of what reached the guest, the latencies
     (s) of the last request bytes, and the alerts."""
-    from vhostni.replay import Replay
     pol = _parse(policy_doc(config), config)
     got: dict = {}
-    seen: list = []
-    alerts: list = []
 
-    def on_frame(_ts, f, _d):
-        seen.append((time.perf_counter(), f))
+    def collect(f):
         if len(f) >= 54 and f[12:14] == b"\x08\x00" and f[23] == 6 and f[:6] == _mac(MAC_G):
             ihl = (f[14] & 15) * 4
             sport, dport = int.from_bytes(f[14 + ihl:16 + ihl], "big"), int.from_bytes(f[16 + ihl:18 + ihl], "big")
@@ -172,36 +168,8 @@ def _replay(config: str, captures: list, cpu: Optional[int], timed: bool = False
             if dport == 80 and _payload(f):
                 got.setdefault(sport, {})[seq] = _payload(f)
 
-    lat: list = []
-    with _Pinned(cpu):
-        with Replay(_mac(MAC_G), pol, ni="h", on_frame=on_frame, on_alert=alerts.append) as r:
-            r.start()
-            k = 0
-            for frames, last, _base in captures:
-                for j, f in enumerate(frames):
-                    mark = len(seen)
-                    t0 = time.perf_counter()
-                    r.feed(k, f)
-                    k += 1
-                    if j != last or not timed:
-                        continue
-                    tail = _payload(f)
-                    deadline = t0 + 10.0
-                    while not any(_payload(x) == tail for _, x in seen[mark:]) and time.perf_counter() < deadline:
-                        r._pump(0.002)
-                    hit = [t for t, x in seen[mark:] if _payload(x) == tail]
-                    if hit:
-                        lat.append(hit[0] - t0)
-            r.finish()
+    lat, alerts = replay(pol, "h", captures, cpu, timed, collect)
     return got, lat, alerts
-
-
-def _stream(pieces: dict, base: int) -> bytes:
-    out, at = bytearray(), base
-    while at in pieces and pieces[at]:
-        out += pieces[at]
-        at += len(pieces[at])
-    return bytes(out)
 
 
 def run_httpguard(cfg: HttpBenchConfig, progress: Callable[[str], None] = print) -> dict:
@@ -238,37 +206,14 @@ def run_httpguard(cfg: HttpBenchConfig, progress: Callable[[str], None] = print)
     # latency
     kinds = {"GET": benign["GET"], "long allowed query": benign["long allowed query"],
              "POST form": benign["POST form"]}
-    blocks = []
-    for r in range(cfg.rounds):
-        for c in (("plain", "httpguard") if r % 2 == 0 else ("httpguard", "plain")):
-            for kind, req in kinds.items():
-                fr = Frames()
-                caps = [connection(fr, 40000 + i, [req]) for i in range(cfg.requests)]
-                try:
-                    _, lat, _ = _replay(c, caps, cfg.cpu, timed=True)
-                except Exception as exc:  # noqa: BLE001 - a failed run is a result
-                    _reraise_interrupt(exc)
-                    blocks.append({"round": r, "config": c, "kind": kind, "error": str(exc)[-500:]})
-                    failures += 1
-                    continue
-                us = sorted(x * 1e6 for x in lat)
-                m = {"n": len(us), "lost": cfg.requests - len(us)}
-                if us:
-                    m["median_us"] = statistics.median(us)
-                failures += m["lost"] > 0
-                blocks.append({"round": r, "config": c, "kind": kind, "metrics": m})
-                progress(f"  httpguard round {r + 1}/{cfg.rounds} {c:9s} {kind:18s} "
-                         + (f"median {m['median_us']:.0f} us (n={m['n']})" if us else "nothing released"))
-    section["blocks"] = blocks
-    lat: dict = {}
-    for c in ("plain", "httpguard"):
-        for kind in kinds:
-            lat.setdefault(c, {})[kind] = summarize([b["metrics"]["median_us"] for b in blocks
-                                                     if b.get("metrics", {}).get("median_us") is not None
-                                                     and b["config"] == c and b["kind"] == kind])
-    section["latency_us"] = lat
-    section["added_us"] = {k: lat["httpguard"][k]["median"] - lat["plain"][k]["median"]
-                           if lat["httpguard"][k].get("n") and lat["plain"][k].get("n") else None for k in kinds}
+
+    def caps_of(req):
+        fr = Frames()
+        return [connection(fr, 40000 + i, [req]) for i in range(cfg.requests)]
+    blocks, failed = latency_rounds("httpguard", 9, cfg.rounds, kinds, cfg.requests, caps_of,
+                                    lambda c, caps: _replay(c, caps, cfg.cpu, timed=True)[1], progress)
+    failures += failed
+    summarize_latency(section, "httpguard", kinds, blocks)
     section["status"] = "ran" if not failures else f"ran ({failures} failures, see the section)"
     return section
 
@@ -276,16 +221,9 @@ def run_httpguard(cfg: HttpBenchConfig, progress: Callable[[str], None] = print)
 def report_lines(sec: dict) -> list[str]:
     if not sec.get("status", "").startswith("ran"):
         return [f"httpguard: {sec.get('status')}"]
-    ov, nm, lat = sec["overflows"], sec["normal"], sec["latency_us"]
+    ov, nm = sec["overflows"], sec["normal"]
     lines = [f"httpguard ({sec['status']}): examples/httpguard.toml in the replay harness, one core",
              f"  overflow requests reaching the server: {ov['reached_server']}/{ov['requests']} {ov['through'] or ''}",
              f"  normal requests damaged or stopped: {len(nm['damaged'])}/{nm['requests']} {nm['damaged'] or ''}",
              "  last byte of the request in -> delivered to the server (median over rounds of per-round medians)"]
-
-    def u(e):
-        return f"{e['median']:9.0f} us" if e.get("n") else "-"
-    for kind in lat.get("httpguard", {}):
-        add = sec["added_us"].get(kind)
-        lines.append(f"  {kind:18s} plain {u(lat['plain'].get(kind, {})):>12s}  httpguard "
-                     f"{u(lat['httpguard'][kind]):>12s}  " + (f"{add / 1e3:+.2f} ms" if add is not None else ""))
-    return lines
+    return lines + latency_lines(sec, "httpguard")

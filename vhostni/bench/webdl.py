@@ -24,16 +24,16 @@ from __future__ import annotations
 import base64
 import gzip
 import json
-import statistics
 import time
 import tomllib
 import zlib
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
-from .frameloop import summarize
-from .scanners import REPO, _reraise_interrupt
-from .streams import ACK, FIN, MAC_G, PSH, RST, Conn, Frames, _mac, _Pinned, _parse, _payload
+from ._replaykit import latency_lines, latency_rounds, replay, summarize_latency
+from ._replaykit import stream as _stream
+from .scanners import REPO
+from .streams import ACK, FIN, MAC_G, PSH, RST, Conn, Frames, _mac, _parse, _payload
 
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 CASES = REPO / "tests" / "data" / "http-evader" / "cases.jsonl.gz"
@@ -130,14 +130,10 @@ def download(fr: Frames, cport: int, req: bytes, res: bytes) -> tuple[list, int,
 def _replay(config: str, captures: list, cpu: Optional[int], timed: bool = False) -> tuple[dict, list, list]:
     """Replays the downloads (frames, last, base) one after another; returns the delivered server bytes by
     client port, the latencies (s) of the last bytes (or kills), and the alerts."""
-    from vhostni.replay import Replay
     pol = _parse(policy_doc(config), config)
     got: dict = {}
-    seen: list = []
-    alerts: list = []
 
-    def on_frame(_ts, f, _d):
-        seen.append((time.perf_counter(), f))
+    def collect(f):
         if len(f) >= 54 and f[12:14] == b"\x08\x00" and f[23] == 6:
             ihl = (f[14] & 15) * 4
             sport, dport, seq = int.from_bytes(f[14 + ihl:16 + ihl], "big"), \
@@ -145,45 +141,17 @@ def _replay(config: str, captures: list, cpu: Optional[int], timed: bool = False
             if sport == 80:
                 got.setdefault(dport, {})[seq] = _payload(f)
 
-    lat: list = []
     rep = _replacement()
-    with _Pinned(cpu):
-        with Replay(_mac(MAC_G), pol, ni="w", on_frame=on_frame, on_alert=alerts.append) as r:
-            r.start()
-            k = 0
-            for frames, last, _base in captures:
-                for j, f in enumerate(frames):
-                    mark = len(seen)
-                    t0 = time.perf_counter()
-                    r.feed(k, f)
-                    k += 1
-                    if j != last or not timed:
-                        continue
-                    tail = _payload(f)
-                    deadline = t0 + 10.0
 
-                    def ends(x: bytes) -> bool:       # the last byte, the RST of a kill, or the replacement
-                        return _payload(x) == tail or _rst_to_guest(x) or bool(rep) and _payload(x).endswith(rep)
-                    while not any(ends(x) for _, x in seen[mark:]) and time.perf_counter() < deadline:
-                        r._pump(0.002)
-                    hit = [t for t, x in seen[mark:] if ends(x)]
-                    if hit:
-                        lat.append(hit[0] - t0)
-            r.finish()
+    def ends(x: bytes, tail: bytes) -> bool:       # the last byte, the RST of a kill, or the replacement
+        return _payload(x) == tail or _rst_to_guest(x) or bool(rep) and _payload(x).endswith(rep)
+    lat, alerts = replay(pol, "w", captures, cpu, timed, collect, ends)
     return got, lat, alerts
 
 
 def _rst_to_guest(f: bytes) -> bool:
     return len(f) >= 54 and f[12:14] == b"\x08\x00" and f[23] == 6 and f[:6] == _mac(MAC_G) \
         and bool(f[14 + (f[14] & 15) * 4 + 13] & RST)
-
-
-def _stream(pieces: dict, base: int) -> bytes:
-    out, at = bytearray(), base
-    while at in pieces and pieces[at]:
-        out += pieces[at]
-        at += len(pieces[at])
-    return bytes(out)
 
 
 def run_webdl(cfg: WebBenchConfig, progress: Callable[[str], None] = print) -> dict:
@@ -241,39 +209,15 @@ def run_webdl(cfg: WebBenchConfig, progress: Callable[[str], None] = print) -> d
     progress(f"  webdl clean downloads: {len(damaged)}/{len(kinds)} damaged or killed")
     # latency
     lat_kinds = latency_downloads()
-    blocks = []
-    for r in range(cfg.rounds):
-        for c in (("plain", "webdl") if r % 2 == 0 else ("webdl", "plain")):
-            for kind, res in lat_kinds.items():
-                if c == "plain" and kind.startswith("infected"):
-                    continue
-                fr = Frames()
-                caps = [download(fr, 40000 + i, _get("/x"), res) for i in range(cfg.downloads)]
-                try:
-                    _, lat, _ = _replay(c, caps, cfg.cpu, timed=True)
-                except Exception as exc:  # noqa: BLE001 - a failed run is a result
-                    _reraise_interrupt(exc)
-                    blocks.append({"round": r, "config": c, "kind": kind, "error": str(exc)[-500:]})
-                    failures += 1
-                    continue
-                us = sorted(x * 1e6 for x in lat)
-                m = {"n": len(us), "lost": cfg.downloads - len(us)}
-                if us:
-                    m["median_us"] = statistics.median(us)
-                failures += m["lost"] > 0
-                blocks.append({"round": r, "config": c, "kind": kind, "metrics": m})
-                progress(f"  webdl round {r + 1}/{cfg.rounds} {c:6s} {kind:18s} "
-                         + (f"median {m['median_us']:.0f} us (n={m['n']})" if us else "nothing released"))
-    section["blocks"] = blocks
-    lat: dict = {}
-    for c in ("plain", "webdl"):
-        for kind in lat_kinds:
-            lat.setdefault(c, {})[kind] = summarize([b["metrics"]["median_us"] for b in blocks
-                                                     if b.get("metrics", {}).get("median_us") is not None
-                                                     and b["config"] == c and b["kind"] == kind])
-    section["latency_us"] = lat
-    section["added_us"] = {k: lat["webdl"][k]["median"] - lat["plain"][k]["median"]
-                           if lat["webdl"][k].get("n") and lat["plain"][k].get("n") else None for k in lat_kinds}
+
+    def caps_of(res):
+        fr = Frames()
+        return [download(fr, 40000 + i, _get("/x"), res) for i in range(cfg.downloads)]
+    blocks, failed = latency_rounds("webdl", 6, cfg.rounds, lat_kinds, cfg.downloads, caps_of,
+                                    lambda c, caps: _replay(c, caps, cfg.cpu, timed=True)[1], progress,
+                                    skip=lambda c, kind: c == "plain" and kind.startswith("infected"))
+    failures += failed
+    summarize_latency(section, "webdl", lat_kinds, blocks)
     section["status"] = "ran" if not failures else f"ran ({failures} failures, see the section)"
     return section
 
@@ -281,7 +225,7 @@ def run_webdl(cfg: WebBenchConfig, progress: Callable[[str], None] = print) -> d
 def report_lines(sec: dict) -> list[str]:
     if not sec.get("status", "").startswith("ran"):
         return [f"webdl: {sec.get('status')}"]
-    ev, cl, lat = sec.get("evasions", {}), sec["clean"], sec["latency_us"]
+    ev, cl = sec.get("evasions", {}), sec["clean"]
     lines = [f"webdl ({sec['status']}): examples/webdl.toml in the replay harness, one core"]
     if "cases" in ev:
         lines.append(f"  HTTP Evader deliveries of EICAR reaching the guest: {ev['reached_guest']}/{ev['cases']}")
@@ -289,11 +233,4 @@ def report_lines(sec: dict) -> list[str]:
         lines.append(f"  HTTP Evader: {ev.get('status')}")
     lines.append(f"  clean downloads damaged or killed: {len(cl['damaged'])}/{cl['downloads']} {cl['damaged'] or ''}")
     lines.append("  last byte of the response in -> delivered (median over rounds of per-round medians)")
-
-    def u(e):
-        return f"{e['median']:9.0f} us" if e.get("n") else "-"
-    for kind in lat.get("webdl", {}):
-        add = sec["added_us"].get(kind)
-        lines.append(f"  {kind:18s} plain {u(lat['plain'].get(kind, {})):>12s}  webdl {u(lat['webdl'][kind]):>12s}  "
-                     + (f"{add / 1e3:+.2f} ms" if add is not None else ""))
-    return lines
+    return lines + latency_lines(sec, "webdl")
