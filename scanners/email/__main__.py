@@ -25,6 +25,7 @@ else:   # run as a directory (python3 scanners/email): "email" is a standard lib
 
 from vhostni.scanner import (Refused, Scanner, ScannerError, StreamClosed, StreamData,
                              StreamOpened)
+from vhostni.scanner.streamacts import apply_actions
 from vhostni.scanner.clamd import Clamd, ClamdEngine, ClamdError
 
 TICK = 1.0
@@ -35,43 +36,7 @@ def log(msg: str) -> None:
 
 
 def apply(sc: Scanner, core: EmailScanner, stream, acts: list) -> None:
-    for act in acts:
-        kind = act[0]
-        if kind in ("inject", "cut"):
-            # the rest of acts (the alert, the pass of the message) assumes the edit worked
-            if not edit(sc, core, stream, act):
-                return
-        elif kind == "pass":
-            if act[1] in stream.holds and not stream.closed:
-                stream.pass_(act[1], act[2])
-        elif kind == "pass_all":
-            if act[1] in stream.holds and not stream.closed:
-                stream.pass_all(act[1])
-        elif kind == "more":
-            if act[1] in stream.holds and not stream.closed:
-                stream.more(act[1])
-        elif kind == "kill":
-            if not stream.closed:
-                stream.kill()
-        elif kind == "alert":
-            sc.alert(act[1], **act[2])
-
-
-def edit(sc: Scanner, core: EmailScanner, stream, act: tuple) -> bool:
-    """Asks the NI kernel for a cut or inject; if it refuses, what the core decides instead
-    (kill and alert) is applied and False returned."""
-    try:
-        if stream.closed:
-            raise Refused(f"the stream closed ({stream.reason})")
-        if act[0] == "cut":
-            stream.cut(act[1], act[2], act[3])
-        else:
-            stream.inject(act[1], act[2], act[3])
-        return True
-    except Refused as exc:
-        log(f"stream {stream.id}: {act[0]} refused: {exc}")
-        apply(sc, core, stream, core.edit_refused(stream.id, act, str(exc)))
-        return False
+    apply_actions(sc, core, stream, acts, log)
 
 
 def run(sc: Scanner, core: EmailScanner, engine) -> int:

@@ -16,6 +16,7 @@ else:   # run as a directory (python3 scanners/httpguard): make the package impo
 
 from vhostni.scanner import (Refused, Scanner, ScannerError, StreamClosed, StreamData, StreamEnd,
                              StreamOpened)
+from vhostni.scanner.streamacts import apply_actions
 
 TICK = 1.0
 
@@ -24,42 +25,12 @@ def log(msg: str) -> None:
     print(f"httpguard: {msg}", file=sys.stderr, flush=True)
 
 
-def alert(sc: Scanner, message: str, fields: dict) -> None:
-    """An alert too large for the wire (a hostile URI) goes without its largest fields."""
-    try:
-        sc.alert(message, **fields)
-    except ValueError:
-        slim = {k: v for k, v in fields.items() if k not in ("uri", "path", "detail")}
-        sc.alert(message, **slim, alert_truncated=True)
+# alerts too large for the wire (a hostile URI) go without these fields
+SLIM = ("uri", "path", "detail")
 
 
 def apply(sc: Scanner, core: HttpGuard, stream, acts: list) -> None:
-    for act in acts:
-        kind = act[0]
-        if kind == "alert":
-            alert(sc, act[1], act[2])
-        elif kind in ("inject", "cut"):
-            try:
-                if stream.closed:
-                    raise Refused(f"the stream closed ({stream.reason})")
-                if kind == "cut":
-                    stream.cut(act[1], act[2], act[3])
-                else:
-                    stream.inject(act[1], act[2], act[3])
-            except Refused as exc:
-                log(f"stream {stream.id}: {kind} refused: {exc}")
-                apply(sc, core, stream, core.edit_refused(stream.id, act, str(exc)))
-                return
-        elif stream.closed:
-            continue
-        elif kind == "pass" and act[1] in stream.holds:
-            stream.pass_(act[1], act[2])
-        elif kind == "pass_all" and act[1] in stream.holds:
-            stream.pass_all(act[1])
-        elif kind == "more" and act[1] in stream.holds:
-            stream.more(act[1])
-        elif kind == "kill":
-            stream.kill()
+    apply_actions(sc, core, stream, acts, log, SLIM)
 
 
 def run(sc: Scanner, core: HttpGuard) -> int:

@@ -18,6 +18,7 @@ else:   # run as a directory (python3 scanners/webdl): make the package importab
 
 from vhostni.scanner import (Scanner, ScannerError, StreamClosed, StreamData, StreamEnd,
                              StreamOpened, Refused)
+from vhostni.scanner.streamacts import apply_actions, send_alert
 from vhostni.scanner.clamd import Clamd, ClamdEngine, ClamdError
 from vhostni.scanner.http1 import MISSING_DECODERS
 
@@ -28,52 +29,17 @@ def log(msg: str) -> None:
     print(f"webdl: {msg}", file=sys.stderr, flush=True)
 
 
+# alerts too large for the wire (hostile heads, a large object) go without these fields
+SLIM = ("object_b64", "request_headers", "response_headers", "ambiguities")
+
+
 def apply(sc: Scanner, core: WebDownloadScanner, stream, acts: list) -> None:
-    for act in acts:
-        kind = act[0]
-        if kind in ("inject", "cut"):
-            # the rest of acts (the alert) assumes the edit worked
-            if not edit(sc, core, stream, act):
-                return
-        elif kind == "alert":
-            alert(sc, act[1], act[2])
-        elif stream.closed:
-            continue
-        elif kind == "pass" and act[1] in stream.holds:
-            stream.pass_(act[1], act[2])
-        elif kind == "pass_all" and act[1] in stream.holds:
-            stream.pass_all(act[1])
-        elif kind == "more" and act[1] in stream.holds:
-            stream.more(act[1])
-        elif kind == "kill":
-            stream.kill()
+    apply_actions(sc, core, stream, acts, log, SLIM)
 
 
 def alert(sc: Scanner, message: str, fields: dict) -> None:
-    """Sends an alert; one too large for the wire (hostile heads, a large object) goes without its
-    largest fields rather than not at all."""
-    try:
-        sc.alert(message, **fields)
-    except ValueError:
-        slim = {k: v for k, v in fields.items()
-                if k not in ("object_b64", "request_headers", "response_headers", "ambiguities")}
-        sc.alert(message, **slim, alert_truncated=True)
-
-
-def edit(sc: Scanner, core: WebDownloadScanner, stream, act: tuple) -> bool:
-    """Asks the NI kernel for a cut or inject; if it refuses, the core's kill is applied."""
-    try:
-        if stream.closed:
-            raise Refused(f"the stream closed ({stream.reason})")
-        if act[0] == "cut":
-            stream.cut(act[1], act[2], act[3])
-        else:
-            stream.inject(act[1], act[2], act[3])
-        return True
-    except Refused as exc:
-        log(f"stream {stream.id}: {act[0]} refused: {exc}")
-        apply(sc, core, stream, core.edit_refused(stream.id, act, str(exc)))
-        return False
+    """Sends an alert; one too large for the wire goes without its SLIM fields."""
+    send_alert(sc, message, fields, SLIM)
 
 
 def run(sc: Scanner, core: WebDownloadScanner, engine) -> int:
