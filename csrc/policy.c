@@ -247,24 +247,35 @@ int vn_policy_subs(struct vn_switch *sw, int port, int dir, int egress_to, struc
     if (!pol)
         return 0;
     const struct vn_hdrs h = *hp;
-    uint64_t subs = 0, contain = 0;
+    /* who the matching subscriptions belong to: the NI kernel (punted) or a scanner ring */
+    uint64_t subs = 0, contain = 0, ring_read = 0, ring_hold = 0;
     for (unsigned i = 0; i < pol->nsubs && i < VN_MAX_SUBS; i++) {
-        if (vn_match_frame(&pol->subs[i], dir, pkt, &h)) {
+        if (!vn_match_frame(&pol->subs[i], dir, pkt, &h))
+            continue;
+        unsigned c = pol->sub_chan[i];
+        if (c && c <= VN_CHANS) {
+            ring_read |= 1ULL << (c - 1);
+            if (pol->sub_contain[i])
+                ring_hold |= 1ULL << (c - 1);
+        } else {
             subs |= 1ULL << i;
             if (pol->sub_contain[i])
                 contain |= 1ULL << i;
         }
     }
-    if (!contain && h.flow_id && !h.flow_admitted)
+    if (!contain && !ring_hold && h.flow_id && !h.flow_admitted)
         vn_flow_admit(sw, port, dir, h.flow_id, h.flow_hash);   /* it leaves unheld */
-    if (!subs)
+    if (!subs && !ring_read)
         return 0;
     /* scanners see the bytes the receiver will: complete a partial checksum (TSO frames
      * keep theirs, the receiver or segmentation computes it from the same bytes) */
     if ((pkt->hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) &&
         (pkt->hdr.gso_type & ~VIRTIO_NET_HDR_GSO_ECN) == VIRTIO_NET_HDR_GSO_NONE)
         vn_csum_complete(pkt);
-    if (!contain) {
+    /* read-only copies: on rings, and to the kernel */
+    for (uint64_t ro = ring_read & ~ring_hold; ro; ro &= ro - 1)
+        vn_chan_push(sw, port, __builtin_ctzll(ro), pkt, dir, 0);
+    if (subs && !contain) {
         struct vn_held *r = vn_held_record(sw, pkt, port, dir, egress_to, subs, 0);
         if (!r || punt_push(sw, r) < 0) {
             free(r);
@@ -272,14 +283,16 @@ int vn_policy_subs(struct vn_switch *sw, int port, int dir, int egress_to, struc
         } else {
             p->st.punted_copies++;
         }
-        return 0;
     }
+    if (!contain && !ring_hold)
+        return 0;
     if (p->held_frames >= pol->held_frames_max ||
-        p->held_bytes + pkt->len > pol->held_bytes_max || sw->punt_count >= VN_PUNT_QUEUE) {
+        p->held_bytes + pkt->len > pol->held_bytes_max ||
+        (contain && sw->punt_count >= VN_PUNT_QUEUE)) {
         p->st.held_over_cap++;
         return pol->over_cap_pass ? 0 : 1;
     }
-    struct vn_held *r = vn_held_record(sw, pkt, port, dir, egress_to, subs, contain);
+    struct vn_held *r = vn_held_record(sw, pkt, port, dir, egress_to, contain ? subs : 0, contain);
     if (!r) {
         p->st.held_over_cap++;
         return pol->over_cap_pass ? 0 : 1;
@@ -287,9 +300,31 @@ int vn_policy_subs(struct vn_switch *sw, int port, int dir, int egress_to, struc
     r->flow_id = h.flow_id;
     r->flow_hash = h.flow_hash;
     r->id = ++sw->next_held_id;
+    r->need = contain ? VN_NEED_KERNEL : 0;
+    /* each scanner ring holding it gets a copy; one whose ring is full stands for the
+     * policy's default decision at once */
+    int cut = 0;
+    for (uint64_t hold = ring_hold; hold; hold &= hold - 1) {
+        int slot = __builtin_ctzll(hold);
+        if (vn_chan_push(sw, port, slot, pkt, dir, r->id) == 0)
+            r->need |= 1ULL << slot;
+        else if (!pol->hold_default_pass)
+            cut = 1;
+    }
+    if (cut || !r->need) {
+        free(r);               /* what rings got of it is settled: their decisions are stale */
+        if (cut) {
+            p->st.drop_ring_full++;
+            return 1;
+        }
+        if (h.flow_id && !h.flow_admitted)
+            vn_flow_admit(sw, port, dir, h.flow_id, h.flow_hash);
+        return 0;
+    }
     r->hnext = sw->held_hash[r->id % VN_HELD_HASH];
     sw->held_hash[r->id % VN_HELD_HASH] = r;
-    punt_push(sw, r);
+    if (contain)
+        punt_push(sw, r);
     p->held_frames++;
     p->held_bytes += pkt->len;
     p->st.held++;
@@ -389,6 +424,28 @@ static void release(struct vn_switch *sw, struct vn_held *r, int pass)
             vn_flow_admit(sw, r->port, r->dir, r->flow_id, r->flow_hash);
     }
     free(r);
+}
+
+static struct vn_held *held_find(struct vn_switch *sw, uint64_t id)
+{
+    struct vn_held *h = sw->held_hash[id % VN_HELD_HASH];
+    while (h && h->id != id)
+        h = h->hnext;
+    return h;
+}
+
+int vn_held_settle(struct vn_switch *sw, uint64_t id, uint64_t bit, int pass)
+{
+    struct vn_held *r = held_find(sw, id);
+    if (!r || !(r->need & bit))
+        return VN_ENOPORT;
+    if (!pass)
+        return vn_policy_release(sw, id, 0);
+    r->need &= ~bit;
+    if (!r->need)
+        return vn_policy_release(sw, id, 1);
+    /* others still owe their pass; the kernel has seen it if it was punted */
+    return VN_OK;
 }
 
 int vn_policy_release(struct vn_switch *sw, uint64_t id, int pass)

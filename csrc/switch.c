@@ -26,6 +26,7 @@
 #define EV_WAKE 0ULL
 #define EV_KICK 1ULL
 #define EV_TAP 2ULL
+#define EV_CHAN 3ULL               /* a scanner ring's kick (ring.c) */
 #define EV(kind, port, q) ((kind) << 32 | (uint64_t)(port) << 8 | (q))
 /* the port and queue fields of EV are 8 bits each (decoded with & 0xff in vn_switch_run) */
 _Static_assert(VN_MAX_PORTS <= 256 && VN_MAX_QUEUES <= 256, "EV() packs a port and a queue in 8 bits each");
@@ -283,6 +284,7 @@ int vn_port_remove(struct vn_switch *sw, int port)
     if (p->kind == VN_PORT_SINK)
         sink_clear(sw, port);
     mac_forget_port(sw, port);
+    vn_chan_port_gone(sw, port);
     vn_policy_release_port(sw, port, 0);
     vn_sigport_free(sw, port);
     free(p->pol);
@@ -1004,6 +1006,8 @@ static inline void forward_drain(struct vn_switch *sw, int in, struct vn_pkt *pk
 
 static void vn_signal_all(struct vn_switch *sw)
 {
+    if (sw->ndirty)
+        vn_chan_flush(sw);     /* scanner rings: one publication per burst */
     for (int i = 0; i < VN_MAX_PORTS; i++) {
         struct vn_port *p = &sw->ports[i];
         if (p->kind != VN_PORT_VHOST)
@@ -1123,6 +1127,13 @@ static int service_pass(struct vn_switch *sw, int poll_mode, int *busy)
     int total = 0;
     *busy = 0;
     sw->now_ns = vn_clock(sw);
+    if (sw->nchans) {
+        /* scanner rings: decisions and hold timeouts, before new frames come */
+        if (vn_chan_service(sw) || sw->emit.count) {
+            emit_drain(sw);
+            vn_signal_all(sw);
+        }
+    }
     for (int i = 0; i < VN_MAX_PORTS; i++) {
         struct vn_port *p = &sw->ports[i];
         if (p->kind == VN_PORT_TAP) {
@@ -1198,6 +1209,19 @@ int vn_switch_run(struct vn_switch *sw, int timeout_ms, int poll_mode)
             wait_ms = -1;
         else
             wait_ms = (int)((deadline - t + 999999) / 1000000);
+        if (wait_ms != 0 && sw->nchans) {
+            /* scanner rings: ask for a kick before sleeping, and wake for hold timeouts */
+            if (vn_chan_arm(sw)) {
+                wait_ms = 0;
+            } else {
+                uint64_t dl = vn_chan_deadline(sw), now = vn_clock(sw);
+                if (dl != UINT64_MAX) {
+                    uint64_t ms = dl > now ? (dl - now + 999999) / 1000000 : 0;
+                    if (wait_ms < 0 || ms < (uint64_t)wait_ms)
+                        wait_ms = (int)ms;
+                }
+            }
+        }
         int n = epoll_wait(sw->epfd, evs, 64, wait_ms);
         if (n < 0 && errno != EINTR)
             return VN_ESYS;
@@ -1216,6 +1240,8 @@ int vn_switch_run(struct vn_switch *sw, int timeout_ms, int poll_mode)
                 vq->active = 1;
             } else if (kind == EV_TAP && port < VN_MAX_PORTS) {
                 sw->ports[port].tap_readable = 1;
+            } else if (kind == EV_CHAN && port < VN_MAX_PORTS && q < VN_CHANS) {
+                vn_chan_kicked(sw, (int)port, (int)q);
             }
         }
         service_pass(sw, poll_mode, &busy);
@@ -1291,5 +1317,23 @@ int vn_stream_more(struct vn_switch *sw, uint64_t stream, int dir)
 
 int vn_tcp_housekeeping(struct vn_switch *sw)
 {
+    sw->now_ns = vn_clock(sw);
+    vn_chan_service(sw);
     return drained(sw, vn_tcp_timers(sw));
+}
+
+int vn_held_decide(struct vn_switch *sw, uint64_t id, int pass)
+{
+    return drained(sw, vn_held_settle(sw, id, VN_NEED_KERNEL, pass));
+}
+
+int vn_chan_close(struct vn_switch *sw, int port, int slot, int pass)
+{
+    return drained(sw, vn_chan_close_core(sw, port, slot, pass));
+}
+
+int vn_chan_poll(struct vn_switch *sw)
+{
+    sw->now_ns = vn_clock(sw);
+    return drained(sw, vn_chan_service(sw));
 }

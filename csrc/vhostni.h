@@ -180,6 +180,9 @@ struct vn_port_stats {
     uint64_t sig_streams_refused;  /* connections dropped: stream state over the stage's memcap */
     uint64_t sig_scan_errors;    /* Hyperscan scan errors (the frame or connection is dropped) */
     uint64_t sig_alerts_lost;    /* alerts beyond the alert ring (the kernel drains it) */
+    uint64_t ring_frames;        /* frame copies published on scanner rings */
+    uint64_t drop_ring_full;     /* frames cut at once: a full scanner ring could not take
+                                    them and the default decision is cut */
 };
 
 /* What one virtqueue of a vhost port carried (vn_port_queue_stats): queue 2i is pair i's
@@ -431,6 +434,13 @@ struct vn_policy {
     unsigned flow_events_max;
     uint32_t flow_tcp_idle_ms, flow_tcp_syn_ms, flow_udp_idle_ms, flow_other_idle_ms;
     uint32_t flow_summary_ms;
+    /* scanner rings (csrc/ring.c): which ring each frame subscription delivers to (its
+     * slot + 1 on this port; 0: the NI kernel's punt queue), and what a scanner on a ring
+     * owes: a decision within hold_timeout_ms (0: 1000), else the default (1 pass, 0 cut),
+     * which a frame its full ring could not take gets at once */
+    uint8_t sub_chan[VN_MAX_SUBS];
+    uint32_t hold_timeout_ms;
+    int hold_default_pass;
 };
 
 /* Exception policy for a connection picked up mid-stream (no handshake seen, Suricata's
@@ -465,6 +475,10 @@ int vn_port_clear_policy(struct vn_switch *sw, int port);
 int vn_punt_fd(struct vn_switch *sw);
 /* 1: *out filled; 0: queue empty. */
 int vn_punt_next(struct vn_switch *sw, struct vn_punt *out);
+/* The NI kernel's own decision on a held frame it was punted: a cut is final (as
+ * vn_held_release), a pass counts once every scanner ring holding the frame passed it too.
+ * VN_ENOPORT if the frame is no longer held. */
+int vn_held_decide(struct vn_switch *sw, uint64_t id, int pass);
 /* Decides a held frame: pass (1) sends it on its way, 0 drops it.  VN_ENOPORT if unknown. */
 int vn_held_release(struct vn_switch *sw, uint64_t id, int pass);
 /* Decides every frame held on a port (policy removed, NI gone). Returns how many. */
@@ -623,6 +637,37 @@ int vn_flow_next(struct vn_switch *sw, struct vn_flow_event *ev);
 int vn_flow_housekeeping(struct vn_switch *sw);
 /* Flows in the table of `port` (0 if none), or VN_ENOPORT. */
 int vn_flow_count(struct vn_switch *sw, int port);
+/* ---- Scanner rings (csrc/ring.c, ABI in csrc/vnring.h) ----
+ * A ring carries the frames a scanner's subscriptions matched to it, and its decisions
+ * back, through shared memory: the switch's loop fills and reads it, no Python per frame.
+ * Up to VN_CHANS rings per port (one per scanner process). */
+#define VN_CHANS 62
+struct vn_chan_info {
+    int ni_fd, sc_fd, kick_scanner_fd, kick_ni_fd;   /* what the scanner inherits */
+    int broken;                /* VNR_BROKEN_*: the scanner broke the protocol */
+    uint64_t delivered;        /* descriptors published */
+    uint64_t held;             /* of them held for a decision */
+    uint64_t passed, cut;      /* decisions applied */
+    uint64_t stale;            /* decisions for frames already settled (ignored) */
+    uint64_t timeouts;         /* held frames given the default at the hold timeout */
+    uint64_t timeouts_in_a_row;/* since the last decision applied */
+    uint64_t ring_full;        /* frames the full ring (or data area) could not take */
+    uint64_t owed;             /* held frames still waiting for this scanner */
+    uint64_t desc_prod, desc_cons, dec_cons;
+};
+/* Opens a ring on `port`: desc_slots and dec_slots powers of two (64..65536), data_bytes
+ * of data area (>= 256 KiB, <= 1 GiB).  Returns its slot (>= 0) or a VN_E* code. */
+int vn_chan_open(struct vn_switch *sw, int port, unsigned desc_slots, unsigned dec_slots,
+                 uint64_t data_bytes);
+/* Closes it: what its scanner still owed gets `pass` (1) or a cut (0); fds closed. */
+int vn_chan_close(struct vn_switch *sw, int port, int slot, int pass);
+int vn_chan_info(struct vn_switch *sw, int port, int slot, struct vn_chan_info *out);
+/* Reads every ring's decisions and applies hold timeouts now (the switch's loop does this
+ * on its own; offline replay calls it after a scanner answered a sync).  Returns decisions
+ * applied. */
+int vn_chan_poll(struct vn_switch *sw);
+/* The earliest hold deadline of a ring (vn_clock time), or UINT64_MAX. */
+uint64_t vn_chan_deadline(struct vn_switch *sw);
 /* VN_CDEF_END */
 
 #endif

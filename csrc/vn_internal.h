@@ -184,6 +184,7 @@ struct vn_port {
     unsigned held_frames;
     struct vn_frag_first frag_first[VN_FRAG_FIRSTS];
     struct vn_sigport *sig;       /* the signature stage (sigstage.c); NULL: none */
+    struct vn_chan *chan[VN_CHANS];   /* scanner rings (ring.c); NULL: free slot */
 };
 
 #define VN_MAC_TABLE 4096         /* power of two */
@@ -238,6 +239,8 @@ struct vn_held {
     int egress_to;             /* -1: held at ingress from `port`; else deliver to this port */
     uint64_t subs, contain, time_ns;
     uint64_t flow_id;          /* its flow (vn_hdrs.flow_id): admitted when passed */
+    uint64_t need;             /* who still owes a pass: bit k the ring in slot k of `port`,
+                                * VN_NEED_KERNEL the NI kernel; released when none is left */
     uint32_t flow_hash;
     uint32_t len;
     struct vn_net_hdr hdr;
@@ -251,6 +254,9 @@ struct vn_sink_rec {
     uint32_t len;
     uint8_t data[];
 };
+
+#define VN_NEED_KERNEL (1ULL << 63)
+#define VN_CHAN_MAX 1024           /* scanner rings per switch */
 
 #define VN_HELD_HASH 4096
 #define VN_PUNT_QUEUE 4096
@@ -307,7 +313,29 @@ struct vn_switch {
     unsigned sink_count;
     struct vn_tcp *tcp;           /* stream reconstruction state (tcp.c); NULL until needed */
     struct vn_flows *flows;       /* the flow stage (flow.c); NULL until a policy turns it on */
+    /* scanner rings (ring.c): all open ones, and those with descriptors not yet published */
+    struct vn_chan *chans[VN_CHAN_MAX];
+    unsigned nchans;
+    struct vn_chan *dirty[VN_CHAN_MAX];
+    unsigned ndirty;
 };
+
+/* ring.c */
+/* Publishes a frame on ring `slot` of `port` (held_id 0: a read-only copy).  0: taken;
+ * -1: the ring is full, broken or gone (counted). */
+int vn_chan_push(struct vn_switch *sw, int port, int slot, const struct vn_pkt *pkt, int dir,
+                 uint64_t held_id);
+/* Publishes what was pushed and kicks scanners that sleep (once per batch). */
+void vn_chan_flush(struct vn_switch *sw);
+/* Before the switch sleeps: asks scanners to kick; 1 if a decision is waiting already. */
+int vn_chan_arm(struct vn_switch *sw);
+void vn_chan_kicked(struct vn_switch *sw, int port, int slot);
+void vn_chan_port_gone(struct vn_switch *sw, int port);
+/* vn_chan_close and vn_chan_poll without draining the emit queue (switch.c drains) */
+int vn_chan_close_core(struct vn_switch *sw, int port, int slot, int pass);
+int vn_chan_service(struct vn_switch *sw);
+/* policy.c: a party's decision on held frame `id` (bit: its `need` bit) */
+int vn_held_settle(struct vn_switch *sw, uint64_t id, uint64_t bit, int pass);
 
 /* mem.c */
 uint8_t *vn_mem_gpa(struct vn_mem *m, uint64_t gpa, uint64_t len);

@@ -2,7 +2,7 @@
  * vhostni scanner rings: the shared-memory data plane between an NI and one scanner.
  *
  * This header is the ABI.  It depends on nothing else of vhostni, so a scanner written in C
- * includes it alone (tests/c/null_ring_scanner.c is one); the Python SDK
+ * includes it alone (the VN_CDEF markers only feed its constants to the NI's cffi build) (tests/c/null_ring_scanner.c is one); the Python SDK
  * (vhostni/scanner/ring.py) reads the same layout.
  *
  * Each scanner process gets, for its lifetime, four file descriptors (their numbers in
@@ -65,9 +65,11 @@
 
 #include <stdint.h>
 
-#define VNR_MAGIC 0x31524e56u      /* "VNR1" little-endian */
-#define VNR_VERSION 1
 #define VNR_ENV "VHOSTNI_RING_FDS"
+
+/* VN_CDEF_BEGIN */
+#define VNR_MAGIC 0x31524e56      /* "VNR1" little-endian */
+#define VNR_VERSION 1
 
 /* vnr_desc.kind */
 #define VNR_KIND_FRAME 1           /* a whole Ethernet frame */
@@ -87,6 +89,7 @@
 #define VNR_BROKEN_VERDICT 4       /* a verdict neither PASS nor CUT */
 
 #define VNR_DATA_ALIGN 64          /* every frame's bytes start at a multiple of this */
+/* VN_CDEF_END */
 
 /* Region A starts with this (one 4 KiB page); all offsets are from the start of region A. */
 struct vnr_ni {

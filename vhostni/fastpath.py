@@ -156,8 +156,37 @@ class _KernelSide:
                     bytes(ffi.buffer(p.data, p.len)))
 
     def release_held(self, held_id: int, passed: bool) -> None:
-        """Decides a held frame: it leaves the NI (``passed``) or is dropped."""
+        """Decides a held frame: it leaves the NI (``passed``) or is dropped, whoever else
+        holds it."""
         lib.vn_held_release(self._sw, held_id, 1 if passed else 0)
+
+    def decide_held(self, held_id: int, passed: bool) -> None:
+        """The NI kernel's own decision on a frame it was punted: a cut is final; a pass
+        lets the frame go once every scanner ring holding it passed it too."""
+        lib.vn_held_decide(self._sw, held_id, 1 if passed else 0)
+
+    # ---- scanner rings (csrc/ring.c, ABI csrc/vnring.h)
+    def ring_open(self, port: int, desc_slots: int = 4096, dec_slots: int = 4096,
+                  data_bytes: int = 4 << 20) -> int:
+        """Opens a scanner ring on ``port``; returns its slot (its fds: ring_info)."""
+        r = lib.vn_chan_open(self._sw, port, desc_slots, dec_slots, data_bytes)
+        if r < 0:
+            raise FastPathError("ring open", r)
+        return r
+
+    def ring_close(self, port: int, slot: int, passed: bool) -> None:
+        """Closes a ring: what its scanner still owed gets ``passed`` (or is cut)."""
+        lib.vn_chan_close(self._sw, port, slot, 1 if passed else 0)
+
+    def ring_info(self, port: int, slot: int) -> Optional[dict]:
+        info = self._scratch("_rinfo", "struct vn_chan_info *")
+        if lib.vn_chan_info(self._sw, port, slot, info) != lib.VN_OK:
+            return None
+        return {name: int(getattr(info, name)) for name, _ in ffi.typeof("struct vn_chan_info").fields}
+
+    def ring_poll(self) -> int:
+        """Applies the rings' decisions and hold timeouts now; returns decisions applied."""
+        return lib.vn_chan_poll(self._sw)
 
     def next_stream_event(self) -> Optional[StreamEvent]:
         """The next stream event waiting for the kernel, or None."""

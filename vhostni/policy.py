@@ -71,7 +71,7 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from ._fastpath import ffi, lib
 from .scanner import wire
@@ -509,8 +509,10 @@ class Policy:
 
     def compile(self, subs: list[tuple[Match, bool]] = (),
                 stream_subs: list[tuple[StreamMatch, bool]] = (),
-                flow_events: Optional[frozenset] = None):
+                flow_events: Optional[frozenset] = None, sub_rings: Sequence[int] = ()):
         """A ``struct vn_policy`` for the fast path, with the kernel's live subscriptions;
+        ``sub_rings``: per subscription, the scanner ring it delivers to (the ring's slot + 1;
+        0 or missing: the kernel's punt queue);
         ``flow_events``: the flow events (FLOW_EVENT_KINDS) scanners subscribed to (None:
         no flows subscription; the stage then runs only if ``flows`` or a subscription has
         ``flow = "new"``)."""
@@ -545,6 +547,9 @@ class Policy:
         for i, (m, contain) in enumerate(subs):
             m.fill(c.subs[i])
             c.sub_contain[i] = 1 if contain else 0
+            c.sub_chan[i] = sub_rings[i] if i < len(sub_rings) else 0
+        c.hold_timeout_ms = max(1, round(self.hold_timeout * 1000))
+        c.hold_default_pass = 1 if self.default_pass else 0
         c.held_bytes_max = self.held_bytes_max
         c.held_frames_max = self.held_frames_max
         c.over_cap_pass = 1 if self.over_cap_pass else 0

@@ -1,0 +1,109 @@
+"""A scanner's end of a ring (csrc/vnring.h) written from the ABI alone, with no SDK: tests
+drive the NI's side (csrc/ring.c) with it, well-behaved or hostile (it writes any value it
+likes into region B)."""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+NI_HDR = struct.Struct("<IIIIQQQQQQ")
+DESC = struct.Struct("<QQIIBBB5x")
+DEC = struct.Struct("<QII")
+DEC_OFF = 256
+HELD = 1
+
+
+@dataclass
+class Desc:
+    seq: int
+    time_ns: int
+    data: int
+    len: int
+    kind: int
+    dir: int
+    flags: int
+
+    @property
+    def held(self) -> bool:
+        return bool(self.flags & HELD)
+
+
+class RawRing:
+    def __init__(self, info: dict):
+        self.info = info
+        self.a = mmap.mmap(info["ni_fd"], 0, mmap.MAP_SHARED, mmap.PROT_READ)
+        (self.magic, self.version, self.desc_slots, self.dec_slots, self.desc_off, self.data_off,
+         self.data_size, self.size, self.sc_size, _) = NI_HDR.unpack_from(self.a, 0)
+        self.b = mmap.mmap(info["sc_fd"], self.sc_size, mmap.MAP_SHARED,
+                           mmap.PROT_READ | mmap.PROT_WRITE)
+        self.seen = 0            # descriptors read
+        self.dec_prod = 0
+
+    # NI words
+    @property
+    def desc_prod(self) -> int:
+        return struct.unpack_from("<Q", self.a, 64)[0]
+
+    @property
+    def dec_cons(self) -> int:
+        return struct.unpack_from("<Q", self.a, 128)[0]
+
+    @property
+    def ni_want_kick(self) -> int:
+        return struct.unpack_from("<I", self.a, 192)[0]
+
+    @property
+    def broken(self) -> int:
+        return struct.unpack_from("<I", self.a, 196)[0]
+
+    # reading
+    def desc(self, seq: int) -> Desc:
+        off = self.desc_off + DESC.size * (seq & (self.desc_slots - 1))
+        return Desc(*DESC.unpack_from(self.a, off))
+
+    def data(self, d: Desc) -> bytes:
+        start = self.data_off + d.data
+        return bytes(self.a[start:start + d.len])
+
+    def poll(self) -> list[Desc]:
+        prod = self.desc_prod
+        got = [self.desc(q) for q in range(self.seen, prod)]
+        self.seen = prod
+        return got
+
+    # scanner words (any value: hostile tests write nonsense on purpose)
+    def set_desc_cons(self, v: int) -> None:
+        struct.pack_into("<Q", self.b, 0, v)
+
+    def set_dec_prod(self, v: int) -> None:
+        struct.pack_into("<Q", self.b, 64, v)
+        self.dec_prod = v
+
+    def set_want_kick(self, v: int) -> None:
+        struct.pack_into("<I", self.b, 128, v)
+
+    def write_dec(self, index: int, seq: int, verdict: int) -> None:
+        struct.pack_into("<QII", self.b, DEC_OFF + DEC.size * (index & (self.dec_slots - 1)),
+                         seq, verdict, 0)
+
+    def decide(self, *pairs) -> None:
+        """Publishes decisions (seq, verdict) ... in one batch."""
+        for seq, verdict in pairs:
+            self.write_dec(self.dec_prod, seq, verdict)
+            self.dec_prod += 1
+        self.set_dec_prod(self.dec_prod)
+
+    def consume(self, upto: int | None = None) -> None:
+        self.set_desc_cons(self.seen if upto is None else upto)
+
+    def kicks_pending(self) -> int:
+        try:
+            return os.eventfd_read(self.info["kick_scanner_fd"])
+        except BlockingIOError:
+            return 0
+
+    def close(self) -> None:
+        self.a.close()
+        self.b.close()
