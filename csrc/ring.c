@@ -112,12 +112,19 @@ int vn_chan_open(struct vn_switch *sw, int port, unsigned desc_slots, unsigned d
         data_bytes < (256u << 10) || data_bytes > (1ULL << 30))
         return VN_EINVAL;
     struct vn_port *p = &sw->ports[port];
+    /* a free slot the port's policy does not name: a subscription still routed to a
+     * closed ring must never reach another scanner's (until the kernel installs a policy
+     * without it, its frames get the default) */
     int slot = -1;
-    for (int i = 0; i < VN_CHANS; i++)
-        if (!p->chan[i]) {
+    for (int i = 0; i < VN_CHANS && slot < 0; i++) {
+        if (p->chan[i])
+            continue;
+        int named = 0;
+        for (unsigned k = 0; p->pol && k < p->pol->nsubs && k < VN_MAX_SUBS; k++)
+            named |= p->pol->sub_chan[k] == i + 1;
+        if (!named)
             slot = i;
-            break;
-        }
+    }
     if (slot < 0 || sw->nchans >= VN_CHAN_MAX)
         return VN_ERANGE;
     struct vn_chan *c = calloc(1, sizeof(*c));

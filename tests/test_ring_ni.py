@@ -241,6 +241,20 @@ def test_close_settles_what_the_scanner_owed(net):
     assert n.guest.stats()["drop_ring_full"] == 1
 
 
+def test_a_closed_rings_slot_is_not_reused_while_the_policy_names_it(net):
+    """Scanner A's ring closes (it died) while the policy still routes A's subscription to
+    it: a ring opened meanwhile for scanner B must not receive A's frames."""
+    n = net()
+    slot_a = n.rings[0][0]
+    n.sw.ring_close(n.guest.index, slot_a, False)
+    slot_b = n.sw.ring_open(n.guest.index, 256, 256, 256 << 10)
+    assert slot_b != slot_a
+    b = RawRing(n.sw.ring_info(n.guest.index, slot_b))
+    n.out(frame(1))
+    assert b.poll() == [] and n.sw.ring_info(n.guest.index, slot_b)["delivered"] == 0
+    b.close()
+
+
 def test_port_removed_with_rings_open(net):
     n = net()
     n.out(frame(1))

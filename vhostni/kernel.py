@@ -164,7 +164,14 @@ class NIKernel(StreamBroker):
         self._owners, self._stream_owners = owners, sowners
         flow_events = frozenset().union(*(s.match.events for s in self.flow_subs)) \
             if self.flow_subs else None
-        self.port.set_policy(self.policy.compile(subs, ssubs, flow_events))
+        # a running scanner that asked for its ring gets its frames there, in C; covers and
+        # everyone else through the punt queue, here
+        rings = []
+        for names, is_cover in owners:
+            sp = None if is_cover else self.scanners.get(names[0])
+            slot = sp.ring_slot_routed if sp is not None else None
+            rings.append(0 if slot is None else slot + 1)
+        self.port.set_policy(self.policy.compile(subs, ssubs, flow_events, sub_rings=rings))
 
     def _with_cover(self, subs, owners, cover, everything, room):
         if len(subs) + len(cover) <= room:
@@ -538,7 +545,12 @@ class Kernel:
             nk.shutdown()
 
     def release(self, held_id: int, passed: bool) -> None:
-        self.switch.release_held(held_id, passed)
+        """The kernel's decision on a frame it was punted: a cut is final; a pass lets it go
+        once the scanner rings holding it too (if any) passed it."""
+        if passed:
+            self.switch.decide_held(held_id, True)
+        else:
+            self.switch.release_held(held_id, False)
 
     def on_punts(self) -> None:
         sw = self.switch

@@ -367,7 +367,7 @@ class Replay:
             self._pump(0)     # restarts, hold timeouts, scanners' stderr: as the daemon does
         # a scanner was given something if the kernel sent it a message: a frame, (streams)
         # reassembled data, or (capture clock) the time
-        sent = {sp.name: sp.sent for sp in self._scanners()}
+        sent = {sp.name: sp.given() for sp in self._scanners()}
         if self.capture_clock:
             self._advance(min(ts_ns, CLOCK_MAX_NS))
         else:
@@ -382,7 +382,7 @@ class Replay:
         """Sends a sync to each scanner the kernel sent something since ``sent`` (its
         message counts then), recording ``what`` it follows: (number, ts_ns, frame) of an
         input frame, or None (time passing).  Returns how many were touched."""
-        touched = [sp for sp in self._scanners() if sp.sent != sent.get(sp.name, sp.sent)]
+        touched = [sp for sp in self._scanners() if sp.given() != sent.get(sp.name, sp.given())]
         for sp in touched:
             if sp.name in self._budget:
                 self._budget[sp.name][0] -= 1
@@ -436,7 +436,7 @@ class Replay:
             if sp.name in self._unsynced:
                 # decisions owed on frames still held (a frame another scanner cut stays in
                 # its pending list until it decides, which it may never do)
-                owed = sum(1 for hid in sp.pending.values() if hid in self.nk.held)
+                owed = sum(1 for hid in sp.pending.values() if hid in self.nk.held) + sp.ring_owed()
                 if sp.running and owed > limit:
                     late.append(sp.name)
             else:
@@ -485,7 +485,7 @@ class Replay:
                     nxt = self.kernel.hold_deadline
                 if nxt == float("inf") or self.clock_ns >= lib.VN_CLOCK_MAX_NS:
                     break                    # held by nothing with a deadline: close() settles
-                sent = {sp.name: sp.sent for sp in self._scanners()}
+                sent = {sp.name: sp.given() for sp in self._scanners()}
                 # (+1 us: the deadline is a float of Unix seconds, good to ~0.3 us)
                 self._advance(max(self.clock_ns, int(nxt * 1e9) + 1000))
                 self._pump(0)

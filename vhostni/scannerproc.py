@@ -34,6 +34,12 @@ if TYPE_CHECKING:
 RESTART_MIN = 0.5
 RESTART_MAX = 30.0
 STABLE_AFTER = 60.0        # a scanner up this long has its back-off reset
+# the ring fds' numbers, in the environment of a scanner that has one (csrc/vnring.h)
+RING_ENV = "VHOSTNI_RING_FDS"
+RING_BROKEN = {1: "its consumer index went back or past what it was given",
+               2: "its decision index went back or jumped more than the ring holds",
+               3: "a decision for a frame it was never given",
+               4: "a verdict neither pass nor cut"}
 LOCKDOWN_GRACE = 10.0      # seconds after its start by which a scanner must show its confinement
 LOST_GRACE = 0.2           # seconds a scanner whose socket closed has to exit (to say how it ended)
 # Readiness: right after starting a scanner the kernel sends it a sync with this id; the
@@ -87,6 +93,7 @@ class ScannerCounters:
     frames: int = 0
     decisions: int = 0
     timeouts: int = 0
+    ring_full: int = 0          # frames its full ring could not take (the default applied)
     restarts: int = 0
     refused: int = 0
     alerts: int = 0
@@ -148,6 +155,11 @@ class ScannerProc:
         self.lost: Optional[tuple[float, str]] = None   # socket gone, process not yet: (deadline, why)
         self.ready_for = -1.0                   # started_at of the run that said it is ready
         self.ready_asked = -1.0                 # started_at of the run the readiness sync went to
+        # its ring (csrc/ring.c): the slot on the NI's port while the process runs, whether
+        # the scanner asked for its frames there, and the ring's counters last seen
+        self.ring_slot: Optional[int] = None
+        self.ring_on = False
+        self.ring_seen: dict = {}
 
     @property
     def running(self) -> bool:
@@ -179,7 +191,9 @@ class ScannerProc:
     def info(self) -> dict:
         return {"name": self.name, "state": self.state, "pid": self.pid,
                 "uid": self.uid,
-                "locked_down": self.locked, "pending_decisions": len(self.pending),
+                "locked_down": self.locked,
+                "pending_decisions": len(self.pending) + self.ring_seen.get("owed", 0),
+                "ring": self.ring_slot_routed is not None,
                 "last_error": self.last_error,
                 "rights": [{"contain": r.contain, "match": repr(r.match)} for r in self.spec.rights]
                 + [{"contain": r.contain, "stream": repr(r.match)} for r in self.spec.stream_rights]
@@ -211,12 +225,15 @@ class ScannerProc:
         env = {"VHOSTNI_SCANNER_FD": str(child.fileno()), "PYTHONPATH": sandbox.sdk_path_inside(),
                "PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "PYTHONDONTWRITEBYTECODE": "1",
                "PYTHONUNBUFFERED": "1", "LANG": "C.UTF-8"}
+        ring_fds = self._open_ring()
+        if ring_fds:
+            env[RING_ENV] = ",".join(str(fd) for fd in ring_fds)
         try:
             cmd = sandbox.command(argv, self.stage_root, self.uid, filt_r, info_w,
                                   self.spec.sockets)
             self.proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=werr, stderr=werr, env=env, cwd="/",
-                pass_fds=[child.fileno(), info_w, filt_r], close_fds=True,
+                pass_fds=[child.fileno(), info_w, filt_r, *ring_fds], close_fds=True,
                 preexec_fn=sandbox.preexec(self.spec.memory_mb, self.spec.cpu_seconds,
                                            self.spec.open_files, self.uid))
         except (OSError, subprocess.SubprocessError, sandbox.SandboxError) as exc:
@@ -226,6 +243,7 @@ class ScannerProc:
                 os.close(fd)
             parent.close()
             child.close()
+            self._close_ring()
             self.last_error = f"cannot start: {exc}"
             delay = self._schedule_restart()
             k.alerts.append(self.nk.name, self.name, f"scanner failed to start: {exc}; "
@@ -306,13 +324,107 @@ class ScannerProc:
         self.pending.clear()
         for held_id in owed:
             self.nk.settle_default(held_id, self.name)
+        owed_on_ring = self._close_ring()
         owed_streams = self.nk.stream_scanner_gone(self.name)
         if restart:
             delay = self._schedule_restart()
             k.alerts.append(self.nk.name, self.name, f"scanner stopped: {reason}; restarting in "
-                            f"{delay:.2f} s", decisions_defaulted=len(owed),
+                            f"{delay:.2f} s", decisions_defaulted=len(owed) + owed_on_ring,
                             streams_defaulted=owed_streams)
         k.event("SCANNER_DIED", ni=self.nk.name, scanner=self.name, reason=reason)
+
+    # ---- its ring
+    def _open_ring(self) -> list:
+        """Opens this run's ring on the NI's port; returns the fds the process inherits
+        (ni, sc, kick_scanner, kick_ni), or [] (no room: its frames go over the socket)."""
+        self._close_ring()
+        sw, port = self.nk.kernel.switch, self.nk.port.index
+        try:
+            self.ring_slot = sw.ring_open(port)
+        except Exception as exc:        # FastPathError: the port's rings are all taken
+            log.warning("NI %s: no ring for scanner %s (%s): frames go over its socket",
+                        self.nk.name, self.name, exc)
+            return []
+        info = sw.ring_info(port, self.ring_slot)
+        self.ring_seen = info
+        return [info["ni_fd"], info["sc_fd"], info["kick_scanner_fd"], info["kick_ni_fd"]]
+
+    def _close_ring(self) -> int:
+        """Closes the ring: what the scanner owed on it gets the policy's default.  Returns
+        how many held frames that was."""
+        if self.ring_slot is None:
+            return 0
+        sw, port = self.nk.kernel.switch, self.nk.port.index
+        self.ring_check(final=True)
+        owed = self.ring_seen.get("owed", 0)
+        sw.ring_close(port, self.ring_slot, self.nk.policy.default_pass)
+        self.ring_slot = None
+        self.ring_on = False
+        return owed
+
+    @property
+    def ring_slot_routed(self) -> Optional[int]:
+        """The ring slot this scanner's frame subscriptions deliver to, or None (socket)."""
+        return self.ring_slot if self.ring_on and self.running else None
+
+    def _ring_request(self, rid) -> None:
+        if self.ring_slot is None:
+            self._reply(rid, "no ring for this scanner: its frames come over the socket")
+            return
+        if not self.ring_on:
+            self.nk.kernel.on_punts()  # frames matched so far go the old way first
+            self.ring_on = True
+            self.nk.apply()
+        self._reply(rid)
+
+    def given(self) -> int:
+        """What it was given so far: messages sent, and descriptors on its ring (offline
+        replay syncs with the scanners it gave something)."""
+        if self.ring_slot is None:
+            return self.sent
+        info = self.nk.kernel.switch.ring_info(self.nk.port.index, self.ring_slot)
+        return self.sent + (info["delivered"] if info else 0)
+
+    def ring_owed(self) -> int:
+        if self.ring_slot is None:
+            return 0
+        info = self.nk.kernel.switch.ring_info(self.nk.port.index, self.ring_slot)
+        return info["owed"] if info else 0
+
+    def ring_check(self, final: bool = False) -> None:
+        """Housekeeping of the ring: its counters into the scanner's, decisions missed
+        alerted, a scanner that broke the ring's protocol or stopped deciding killed."""
+        if self.ring_slot is None:
+            return
+        info = self.nk.kernel.switch.ring_info(self.nk.port.index, self.ring_slot)
+        if info is None:
+            return
+        old, self.ring_seen = self.ring_seen, info
+        c = self.counters
+        c.frames += info["delivered"] - old.get("delivered", 0)
+        c.decisions += (info["passed"] + info["cut"] + info["stale"]
+                        - old.get("passed", 0) - old.get("cut", 0) - old.get("stale", 0))
+        missed = info["timeouts"] - old.get("timeouts", 0)
+        c.timeouts += missed
+        c.ring_full += info["ring_full"] - old.get("ring_full", 0)
+        if final:
+            return
+        if missed > 0:
+            self._alert_about("decision missed: the policy's default applied after the hold timeout",
+                              default="pass" if self.nk.policy.default_pass else "cut",
+                              timeouts=c.timeouts)
+        if info["broken"] and not old.get("broken"):
+            why = RING_BROKEN.get(info["broken"], str(info["broken"]))
+            self.nk.kernel.alerts.append(self.nk.name, self.name,
+                                         f"scanner broke its ring: {why}", ring=self.ring_slot)
+            self.kill(f"protocol violation on its ring: {why}")
+            return
+        if self.running and info["timeouts_in_a_row"] >= self.spec.max_timeouts and missed > 0:
+            self.nk.kernel.alerts.append(
+                self.nk.name, self.name, "scanner hung: missed decisions, default applied",
+                missed=info["timeouts_in_a_row"],
+                default="pass" if self.nk.policy.default_pass else "cut")
+            self.kill(f"hung: {info['timeouts_in_a_row']} decisions missed in a row")
 
     def _schedule_restart(self) -> float:
         """Sets when to start again; returns that delay (the back-off doubles after it)."""
@@ -373,6 +485,8 @@ class ScannerProc:
                 self.locked = why is None
                 if not self.locked:
                     self.kill(f"not confined {LOCKDOWN_GRACE:.0f} s after its start: {why}")
+                    return
+            self.ring_check()
         elif self.state == "restarting" and now >= self.next_start:
             self.counters.restarts += 1
             self.start()
@@ -491,6 +605,10 @@ class ScannerProc:
         return eof
 
     def on_readable(self) -> None:
+        if self.ring_on:
+            # decisions it wrote on its ring before these messages take effect first (a
+            # sync answer then means its decisions are applied, as over the socket)
+            self.nk.kernel.switch.ring_poll()
         for _ in range(256):       # bounded per wakeup so one scanner cannot starve the rest
             if not self.sock:
                 return
@@ -596,6 +714,8 @@ class ScannerProc:
         elif isinstance(req, wire.StreamMore):
             self.counters.stream_mores += 1
             self.nk.stream_more(self.name, req.stream, req.direction)
+        elif isinstance(req, wire.Ring):
+            self._ring_request(req.id)
 
     def _refuse(self, exc: wire.RequestError) -> None:
         """A malformed request (wire.decode_request said why): answered, counted, alerted

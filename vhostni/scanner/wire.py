@@ -633,8 +633,25 @@ class Reset:
                          "dport": self.dport, "seq": self.seq, "ack": self.ack, "mac": self.mac}, self.id)
 
 
+@dataclass(frozen=True)
+class Ring:
+    """Asks for this scanner's frames on its shared-memory ring (csrc/vnring.h) rather than
+    as ``frame`` messages (reply: ok, or an error if it has none)."""
+    version: int
+    id: Optional[int] = None
+
+    def __post_init__(self):
+        if self.version != RING_VERSION or not _is_int(self.version):
+            raise RequestError(f"ring: version must be {RING_VERSION}", self.id)
+
+    def body(self) -> dict:
+        return _with_id({"op": "ring", "version": self.version}, self.id)
+
+
+RING_VERSION = 1
+
 Request = Union[Subscribe, StreamSubscribe, FlowSubscribe, Inject, StreamCut, StreamInject, StreamKill,
-                StreamMore, Alert, Synced, Reset]
+                StreamMore, Alert, Synced, Reset, Ring]
 
 
 def _with_id(body: dict, id: Optional[int]) -> dict:
@@ -681,4 +698,6 @@ def decode_request(body: dict) -> Request:
     if op == "reset":
         return Reset(body.get("src"), body.get("sport"), body.get("dst"), body.get("dport"),
                      body.get("seq"), body.get("ack"), body.get("mac"), rid)
+    if op == "ring":
+        return Ring(body.get("version"), rid)
     raise RequestError(f"unknown op {op!r}", rid)
