@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import datetime
 import json
+import select
 import os
 import re
 import shutil
@@ -1414,3 +1415,30 @@ def test_a_full_alert_log_disk_never_stops_the_network(run_dir):
         assert q.cmd("query-alerts", scanner="flood", limit=100)["alerts"][-1]["fields"]["i"] == 29
         assert "cannot be written" in r.log_text() and "written again" in r.log_text()
         assert r.stop() == 0
+
+
+def test_a_policy_that_compiles_for_seconds_stalls_neither_traffic_nor_other_clients(run_dir, tmp_path):
+    """ni-set-policy parses and compiles (10,000 signature rules: seconds) on a worker thread:
+    frames keep flowing and another client is answered meanwhile; the client that asked
+    gets its answer, then the answers of the commands it sent behind it, in order."""
+    rules = tmp_path / "many.rules"
+    rules.write_text("".join(f'alert tcp any any -> any 80 (msg:"r{i}"; content:"needle-{i:05d}-q"; '
+                             f'sid:{i + 1};)\n' for i in range(10000)))
+    r = run_dir.run()
+    q = run_dir.closing(r.qmp())
+    a = run_dir.closing(_driver(r.sock("a")))
+    b = run_dir.closing(_driver(r.sock("b")))
+    _events_until(q, lambda e: e["event"] == "NI_UP" and e["data"]["ni"] == "b")
+    slow = run_dir.closing(_Raw(r.qmp_path))
+    doc = {"ni": {}, "signatures": {"rules": [str(rules)]}}
+    slow.sendall(json.dumps({"execute": "ni-set-policy", "arguments": {"name": "a", "policy": doc},
+                             "id": 1}).encode()
+                 + b'{"execute": "query-version", "id": 2}')
+    # meanwhile: the data path and the other client are served before it is answered
+    assert _exchange(a, b, tcp_frame(dport=81, payload=b"during")) == [tcp_frame(dport=81, payload=b"during")]
+    assert "vhostni" in json.dumps(q.cmd("query-version"))
+    assert select.select([slow.sock], [], [], 0)[0] == [], "answered before the others: it ran on the daemon's thread"
+    replies = _answers(slow, 2)
+    assert replies == [{"return": {}, "id": 1}, {"return": replies[1]["return"], "id": 2}]
+    assert q.cmd("ni-get-policy", name="a")["policy"]["signatures"]["rules"] == [str(rules)]
+    assert q.cmd("query-nis", name="a")[0]["signatures"]["rules"] == 10000

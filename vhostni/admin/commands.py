@@ -101,6 +101,17 @@ def check_arguments(cmd: Command, args: dict) -> dict:
     return args
 
 
+class Deferred:
+    """What a command returns whose work must not run on the daemon's thread: ``work()``
+    runs on a worker thread (it must touch no daemon state), then ``finish(result)`` on the
+    daemon's thread, and its return value (or QMPError) is the answer.  The client's later
+    commands wait for it."""
+
+    def __init__(self, work: Callable[[], Any], finish: Callable[[Any], Any]):
+        self.work = work
+        self.finish = finish
+
+
 def dispatch(ctx, name: str, args: dict) -> Any:
     cmd = COMMANDS.get(name)
     if cmd is None:
@@ -314,12 +325,17 @@ def ni_set_policy(ctx, args):
     and survives a restart."""
     name = args["name"]
     find_ni(ctx, name)
-    pol, doc = _validate(args["policy"], "qmp")
-    try:
-        _set_policy(ctx, name, pol, doc)
-    except OSError as exc:
-        raise QMPError(f"policy not stored, nothing changed: {exc}") from None
-    log.info("admin: NI %s has a new policy", name)
+
+    def finish(validated):
+        pol, doc = validated
+        find_ni(ctx, name)             # it may have gone while the policy compiled
+        try:
+            _set_policy(ctx, name, pol, doc)
+        except OSError as exc:
+            raise QMPError(f"policy not stored, nothing changed: {exc}") from None
+        log.info("admin: NI %s has a new policy", name)
+    # parsing and compiling (signature rules: seconds for 10,000) off the daemon's thread
+    return Deferred(lambda: _validate(args["policy"], "qmp"), finish)
 
 
 @command("ni-get-policy", {"name": "str"})

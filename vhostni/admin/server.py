@@ -48,6 +48,7 @@ import socket
 import ssl
 import stat
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -130,6 +131,10 @@ class Client:
         self.commands = 0
         self.errors = 0
         self.bytes_in = 0               # a pending peer that sent nothing is evicted first
+        # a command whose work runs on a worker thread (commands.Deferred): until it is
+        # answered this client's later commands wait (QMP answers in order) and its socket
+        # is not read
+        self.waiting: Optional[Execute] = None
 
     # ---- epoll
     def on_ready(self) -> None:
@@ -141,7 +146,7 @@ class Client:
 
     def _read(self) -> None:
         for _ in range(READS_PER_WAKEUP):
-            if self.closed or self.proto.must_close or len(self.raw_out) > PAUSE_READ:
+            if self.closed or self.proto.must_close or len(self.raw_out) > PAUSE_READ or self.waiting:
                 return
             try:
                 data = self.sock.recv(READ_CHUNK)
@@ -214,7 +219,10 @@ class Client:
 
     def _feed(self, data: bytes) -> None:
         self.proto.receive_data(data)
-        while not self.closed:
+        self._process()
+
+    def _process(self) -> None:
+        while not self.closed and self.waiting is None:
             ev = self.proto.next_event()
             if ev is NEED_DATA:
                 return
@@ -236,8 +244,11 @@ class Client:
                 return
 
     def _execute(self, ev: Execute) -> None:
+        self._answer(ev, lambda: commands.dispatch(self.server, ev.command, ev.arguments))
+
+    def _answer(self, ev: Execute, run) -> None:
         try:
-            value = commands.dispatch(self.server, ev.command, ev.arguments)
+            value = run()
         except commands.QMPError as exc:
             self.errors += 1
             self.proto.send_error(ev, exc.error_class, exc.desc)
@@ -246,7 +257,43 @@ class Client:
             log.exception("admin: %s: command %s failed", self.peer, printable(ev.command, 64))
             self.proto.send_error(ev, "GenericError", f"internal error in {ev.command}: {exc}")
         else:
-            self.proto.send_return(ev, value)
+            if isinstance(value, commands.Deferred):
+                self._defer(ev, value)
+            else:
+                self.proto.send_return(ev, value)
+
+    def _defer(self, ev: Execute, d: "commands.Deferred") -> None:
+        """Runs ``d.work`` on a worker thread (compiling a policy's signature rules takes
+        seconds: the data plane must not wait for it), then ``d.finish`` on the daemon's
+        thread, which answers.  The command takes effect even if the client left meanwhile."""
+        self.waiting = ev
+        daemon = self.server.daemon
+
+        def work() -> None:
+            try:
+                res: tuple = (d.work(), None)
+            except BaseException as exc:  # noqa: BLE001 - carried to the daemon's thread
+                res = (None, exc)
+            daemon.call_soon(lambda: self._resume(ev, d, res))
+
+        threading.Thread(target=work, name=f"vhostni-admin-{ev.command}", daemon=True).start()
+
+    def _resume(self, ev: Execute, d: "commands.Deferred", res: tuple) -> None:
+        value, exc = res
+
+        def finish():
+            if exc is not None:
+                raise exc
+            out = d.finish(value)
+            return {} if out is None else out
+        self.waiting = None
+        self._answer(ev, finish)
+        if not self.closed:
+            self._process()         # the commands that waited behind it
+            self._flush()
+            if not self.closed and self.mask & select.EPOLLIN:
+                self._read()        # what the socket held meanwhile
+                self._flush()
 
     def has_spoken(self) -> bool:
         """Has the peer sent anything (read already, or waiting in the socket)?"""
