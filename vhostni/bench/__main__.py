@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import detectors, frameloop, guest_tcp, httpguard, scale, scanners, signatures, streams, webdl, workers
+from . import (detectors, frameloop, guest_tcp, httpguard, ringloop, scale, scanners, signatures, streams, webdl,
+               workers)
 from .backends import DpdkVhostBackend, VhostniBackend, vhostni_unavailable_reason
 from .testpmd import dpdk_version, reap_stale, testpmd_binary
 
@@ -34,8 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="bench/out/results.json", help="JSON results file")
     p.add_argument("--logdir", default=None, help="process logs (default: <out dir>/logs)")
-    p.add_argument("--only", choices=("frameloop", "guest-tcp", "scanners", "streams", "signatures", "webdl", "httpguard",
-                                      "scale", "workers", "detectors"), help="run one part only")
+    p.add_argument("--only", choices=("frameloop", "ringloop", "guest-tcp", "scanners", "streams", "signatures", "webdl",
+                                      "httpguard", "scale", "workers", "detectors"), help="run one part only")
     p.add_argument("--no-vhostni", action="store_true", help="baseline only")
     g = p.add_argument_group("frame loop")
     g.add_argument("--sizes", default="64,1518", help="frame sizes, comma separated")
@@ -289,6 +290,19 @@ def main(argv=None) -> int:
                 results["frame_loop"] = frameloop.run_frame_loop(
                     backends, cfg, unavailable={"vhostni": unavailable} if unavailable else None,
                     progress=lambda m: print(m, flush=True), on_result=keep)
+                save()
+        if args.only in (None, "ringloop"):
+            if testpmd_binary() is None:
+                results["ring_loop"] = {"status": "skipped: dpdk-testpmd not found (apt-get install dpdk-dev)"}
+            else:
+                cfg = frameloop.FrameLoopConfig(
+                    sizes=[int(s) for s in args.sizes.split(",") if s.strip()], runs=args.runs,
+                    duration=args.duration, warmup=args.warmup, tx_first_bursts=args.bursts,
+                    frontend_cpus=args.frontend_cpu, frontend_vdev_args=args.frontend_vdev_args,
+                    wait_quiet=args.wait_quiet, quiet_cpus=args.quiet_cpus, logdir=logdir)
+                print("ring loop: every frame held for a null scanner, against plain forwarding", flush=True)
+                results["ring_loop"] = ringloop.run_ring_loop(
+                    cfg, vhostni_args, vhostni_cmd, args.backend_cpu, progress=lambda m: print(m, flush=True))
                 save()
         if args.only in (None, "guest-tcp"):
             print("guest TCP: iperf3 between two TCG guests", flush=True)
