@@ -161,7 +161,7 @@ def test_contain_holds_until_the_scanner_decides(kits, direction):
     # held until the scanner decides: LATER is held until the next frame reaches the scanner
     later = frame(b"LATER")
     k.send(src, later)
-    k.until(lambda: k.sp("a", "dec").pending, what="the frame to reach the scanner")
+    k.until(lambda: k.sp("a", "dec").owed(), what="the frame to reach the scanner")
     assert k.recv(dst, 0.4) == []
     assert k.stats("a")["held"] == 1 and k.nk("a").info()["held"] == 1
     # unsubscribed traffic is not held meanwhile
@@ -288,7 +288,7 @@ def test_reload_takes_effect_on_live_traffic(kits):
     # a frame held across the reload keeps its place and is decided after it
     later = tcp_frame(dport=8080, payload=b"LATER")
     k.send("a", later)
-    k.until(lambda: k.sp("a", "dec").pending, what="the held frame")
+    k.until(lambda: k.sp("a", "dec").owed(), what="the held frame")
     k.reload("a", _reload_policy(block=80))
     k.send("a", tcp_frame(dport=23, payload=b"now open"), tcp_frame(dport=80, payload=b"now shut"))
     assert k.recv("b", 1.0) == [tcp_frame(dport=23, payload=b"now open")]

@@ -179,7 +179,7 @@ def test_a_frame_held_before_quarantine_is_dropped_when_passed_after(kits):
     k = kits({"a": qpolicy(hold_timeout_ms=60000, default_decision="pass", scanners=[dec])})
     k.wait_subscribed("a", "dec")
     k.send("a", tcp_frame(payload=b"LATER"))      # held until the scanner decides
-    k.until(lambda: k.sp("a", "dec").pending, what="the frame to reach the scanner")
+    k.until(lambda: k.sp("a", "dec").owed(), what="the frame to reach the scanner")
     k.daemon.quarantine("a", True)
     # the hold ends in a pass (the policy's default, at its deadline) while quarantined
     for h in k.nk("a").held.values():

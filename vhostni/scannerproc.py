@@ -128,7 +128,7 @@ class ScannerProc:
         self.state = "stopped"
         self.next_number = 1
         self.pending: dict[int, int] = {}       # frame number -> held id
-        self.counters = ScannerCounters()
+        self._counters = ScannerCounters()
         self.started_at = 0.0
         self.backoff = RESTART_MIN
         self.next_start = 0.0
@@ -159,7 +159,8 @@ class ScannerProc:
         # the scanner asked for its frames there, and the ring's counters last seen
         self.ring_slot: Optional[int] = None
         self.ring_on = False
-        self.ring_seen: dict = {}
+        self.ring_seen: dict = {}       # the ring's counters last folded into ours
+        self._ring_alerted: dict = {}   # ... last looked at for alerts
 
     @property
     def running(self) -> bool:
@@ -346,7 +347,7 @@ class ScannerProc:
                         self.nk.name, self.name, exc)
             return []
         info = sw.ring_info(port, self.ring_slot)
-        self.ring_seen = info
+        self.ring_seen = self._ring_alerted = info
         return [info["ni_fd"], info["sc_fd"], info["kick_scanner_fd"], info["kick_ni_fd"]]
 
     def _close_ring(self) -> int:
@@ -391,28 +392,47 @@ class ScannerProc:
         info = self.nk.kernel.switch.ring_info(self.nk.port.index, self.ring_slot)
         return info["owed"] if info else 0
 
-    def ring_check(self, final: bool = False) -> None:
-        """Housekeeping of the ring: its counters into the scanner's, decisions missed
-        alerted, a scanner that broke the ring's protocol or stopped deciding killed."""
+    def _ring_sync(self) -> None:
+        """Folds the ring's counters (kept by the C core) into the scanner's."""
         if self.ring_slot is None:
             return
         info = self.nk.kernel.switch.ring_info(self.nk.port.index, self.ring_slot)
         if info is None:
             return
         old, self.ring_seen = self.ring_seen, info
-        c = self.counters
+        c = self._counters
         c.frames += info["delivered"] - old.get("delivered", 0)
         c.decisions += (info["passed"] + info["cut"] + info["stale"]
                         - old.get("passed", 0) - old.get("cut", 0) - old.get("stale", 0))
-        missed = info["timeouts"] - old.get("timeouts", 0)
-        c.timeouts += missed
+        c.timeouts += info["timeouts"] - old.get("timeouts", 0)
         c.ring_full += info["ring_full"] - old.get("ring_full", 0)
-        if final:
+
+    @property
+    def counters(self) -> ScannerCounters:
+        """Its counters, the ring's included (read now)."""
+        self._ring_sync()
+        return self._counters
+
+    def owed(self) -> int:
+        """Held frames it owes a decision on, over its socket and on its ring."""
+        self._ring_sync()
+        return len(self.pending) + self.ring_seen.get("owed", 0)
+
+    def ring_check(self, final: bool = False) -> None:
+        """Housekeeping of the ring: its counters into the scanner's, decisions missed
+        alerted, a scanner that broke the ring's protocol or stopped deciding killed."""
+        if self.ring_slot is None:
             return
+        self._ring_sync()
+        info, old = self.ring_seen, self._ring_alerted
+        self._ring_alerted = info
+        if final or not info:
+            return
+        missed = info["timeouts"] - old.get("timeouts", 0)
         if missed > 0:
             self._alert_about("decision missed: the policy's default applied after the hold timeout",
                               default="pass" if self.nk.policy.default_pass else "cut",
-                              timeouts=c.timeouts)
+                              timeouts=self._counters.timeouts)
         if info["broken"] and not old.get("broken"):
             why = RING_BROKEN.get(info["broken"], str(info["broken"]))
             self.nk.kernel.alerts.append(self.nk.name, self.name,
