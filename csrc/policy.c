@@ -434,6 +434,11 @@ static struct vn_held *held_find(struct vn_switch *sw, uint64_t id)
     return h;
 }
 
+int vn_held_exists(struct vn_switch *sw, uint64_t id)
+{
+    return held_find(sw, id) != NULL;
+}
+
 int vn_held_settle(struct vn_switch *sw, uint64_t id, uint64_t bit, int pass)
 {
     struct vn_held *r = held_find(sw, id);

@@ -266,7 +266,13 @@ int vn_chan_info(struct vn_switch *sw, int port, int slot, struct vn_chan_info *
     if (!c)
         return VN_ENOPORT;
     *out = c->st;
-    out->owed = c->owed;
+    /* held frames it still owes a decision on: not those another party settled already */
+    uint64_t owed = 0;
+    for (uint64_t q = c->oldest; q < c->prod; q++) {
+        uint64_t id = c->slots[q & (c->desc_slots - 1)].held_id;
+        owed += id && vn_held_exists(sw, id);
+    }
+    out->owed = owed;
     out->desc_prod = c->prod;
     out->desc_cons = c->cons;
     out->dec_cons = c->dec_cons;
@@ -431,8 +437,12 @@ static void chan_timeouts(struct vn_switch *sw, struct vn_chan *c, uint64_t now)
         if (s->held_id) {
             if (s->deadline_ns > now)
                 break;
-            c->st.timeouts++;
-            c->st.timeouts_in_a_row++;
+            /* a frame another party cut (or the kernel released) meanwhile was not the
+             * scanner's to miss: settled without counting against it */
+            if (vn_held_exists(sw, s->held_id)) {
+                c->st.timeouts++;
+                c->st.timeouts_in_a_row++;
+            }
             slot_settle(sw, c, s, port_default_pass(sw, c->port));
         }
         c->oldest++;

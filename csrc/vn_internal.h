@@ -336,6 +336,7 @@ int vn_chan_close_core(struct vn_switch *sw, int port, int slot, int pass);
 int vn_chan_service(struct vn_switch *sw);
 /* policy.c: a party's decision on held frame `id` (bit: its `need` bit) */
 int vn_held_settle(struct vn_switch *sw, uint64_t id, uint64_t bit, int pass);
+int vn_held_exists(struct vn_switch *sw, uint64_t id);
 
 /* mem.c */
 uint8_t *vn_mem_gpa(struct vn_mem *m, uint64_t gpa, uint64_t len);

@@ -334,6 +334,20 @@ def test_decision_index_jumping_breaks_the_ring(net, jump):
     _broken(n, lib.VNR_BROKEN_DEC_PROD)
 
 
+def test_frames_another_party_cut_are_not_owed_nor_missed(net):
+    """The kernel cuts a frame the ring also holds: the scanner no longer owes it, and its
+    hold timeout does not count against the scanner (which would end in a hung kill)."""
+    n = net(kernel_subs=((ALL_OUT, True),), hold_timeout_ms=500)
+    n.out(frame(1), frame(2))
+    punts = [p for p in iter(n.sw.next_punt, None)]
+    n.sw.release_held(punts[0].id, False)
+    assert n.info()["owed"] == 1
+    n.sw.set_clock(T0 + 10**9)
+    n.sw.ring_poll()
+    st = n.info()
+    assert st["timeouts"] == 1 and st["owed"] == 0          # frame 2 only
+
+
 def test_duplicate_and_stale_decisions_are_counted_not_applied(net):
     n = net(kernel_subs=((ALL_OUT, True),))
     n.out(frame(1))
