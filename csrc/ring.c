@@ -43,6 +43,15 @@ struct chan_slot {
     uint64_t held_id;          /* 0: not held, or settled */
     uint64_t deadline_ns;      /* vn_clock time of its hold timeout */
     uint64_t data_start;       /* free-running byte position of its bytes */
+    uint64_t stream, end;      /* a held stream chunk: its stream, and where its bytes end */
+    uint8_t sowed, sdir;       /* ... not yet passed (its direction) */
+};
+
+/* A stream this ring was given, by handle (what its stream passes name). */
+struct chan_stream {
+    uint64_t stream;
+    uint64_t close_seq;        /* the CLOSE descriptor: the handle is free once it is consumed */
+    uint8_t used, closing;
 };
 
 struct vn_chan {
@@ -64,8 +73,14 @@ struct vn_chan {
     uint64_t owed;
     int dirty, armed, broken;
     struct chan_slot *slots;
+    struct chan_stream *strm;  /* by handle */
+    uint32_t strm_cap, strm_next;
+    uint32_t *closing;         /* handles whose CLOSE waits to be consumed, in order */
+    uint32_t nclosing, closing_cap;
     struct vn_chan_info st;
 };
+
+static void handles_reclaim(struct vn_chan *c);
 
 static inline uint64_t load_sc64(const struct vn_chan *c, size_t off)
 {
@@ -100,6 +115,8 @@ static void chan_unmap(struct vn_chan *c)
         if (fds[i] >= 0)
             close(fds[i]);
     free(c->slots);
+    free(c->strm);
+    free(c->closing);
     free(c);
 }
 
@@ -122,6 +139,8 @@ int vn_chan_open(struct vn_switch *sw, int port, unsigned desc_slots, unsigned d
         int named = 0;
         for (unsigned k = 0; p->pol && k < p->pol->nsubs && k < VN_MAX_SUBS; k++)
             named |= p->pol->sub_chan[k] == i + 1;
+        for (unsigned k = 0; p->pol && k < p->pol->nstream_subs && k < VN_MAX_STREAM_SUBS; k++)
+            named |= p->pol->stream_sub_chan[k] == i + 1;
         if (!named)
             slot = i;
     }
@@ -197,17 +216,47 @@ static void slot_settle(struct vn_switch *sw, struct vn_chan *c, struct chan_slo
 }
 
 /* Every descriptor below `oldest` is settled: moves it up past settled ones. */
-static void oldest_advance(struct vn_chan *c)
+/* A held stream chunk is settled once its holder passed it (or its stream is gone). */
+static int chunk_settled(struct vn_switch *sw, struct vn_chan *c, struct chan_slot *s)
 {
-    while (c->oldest < c->prod && !c->slots[c->oldest & (c->desc_slots - 1)].held_id)
-        c->oldest++;
+    if (!s->sowed)
+        return 1;
+    if (vn_tcp_ring_chunk(sw, s->stream, c->port, c->slot, s->sdir, s->end, 0, 0)) {
+        s->sowed = 0;
+        c->owed--;
+        return 1;
+    }
+    return 0;
 }
+
+static void oldest_advance_sw(struct vn_switch *sw, struct vn_chan *c)
+{
+    while (c->oldest < c->prod) {
+        struct chan_slot *s = &c->slots[c->oldest & (c->desc_slots - 1)];
+        if (s->held_id || !chunk_settled(sw, c, s))
+            break;
+        c->oldest++;
+    }
+}
+
 
 static void chan_settle_all(struct vn_switch *sw, struct vn_chan *c, int pass)
 {
-    for (uint64_t q = c->oldest; q < c->prod; q++)
-        slot_settle(sw, c, &c->slots[q & (c->desc_slots - 1)], pass);
+    for (uint64_t q = c->oldest; q < c->prod; q++) {
+        struct chan_slot *s = &c->slots[q & (c->desc_slots - 1)];
+        slot_settle(sw, c, s, pass);
+        if (s->sowed) {
+            s->sowed = 0;
+            c->owed--;
+        }
+    }
     c->oldest = c->prod;
+    /* its streams: what it held gets `pass`, or the connection is killed */
+    for (uint32_t h = 0; h < c->strm_cap; h++)
+        if (c->strm[h].used && !c->strm[h].closing) {
+            c->strm[h].closing = 1;
+            vn_tcp_ring_gone(sw, c->strm[h].stream, c->port, c->slot, pass);
+        }
 }
 
 static int port_default_pass(struct vn_switch *sw, int port)
@@ -269,8 +318,8 @@ int vn_chan_info(struct vn_switch *sw, int port, int slot, struct vn_chan_info *
     /* held frames it still owes a decision on: not those another party settled already */
     uint64_t owed = 0;
     for (uint64_t q = c->oldest; q < c->prod; q++) {
-        uint64_t id = c->slots[q & (c->desc_slots - 1)].held_id;
-        owed += id && vn_held_exists(sw, id);
+        struct chan_slot *s = &c->slots[q & (c->desc_slots - 1)];
+        owed += (s->held_id && vn_held_exists(sw, s->held_id)) || s->sowed;
     }
     out->owed = owed;
     out->desc_prod = c->prod;
@@ -290,6 +339,8 @@ static int chan_consumed(struct vn_switch *sw, struct vn_chan *c)
         return -1;
     }
     c->cons = v;
+    if (c->nclosing)
+        handles_reclaim(c);
     return 0;
 }
 
@@ -299,24 +350,21 @@ static uint64_t data_tail(const struct vn_chan *c)
     return c->cons == c->prod ? c->data_head : c->slots[c->cons & (c->desc_slots - 1)].data_start;
 }
 
-int vn_chan_push(struct vn_switch *sw, int port, int slot, const struct vn_pkt *pkt, int dir,
-                 uint64_t held_id)
+/* Room for one descriptor and `len` bytes: 0 and the bytes' free-running position, or -1
+ * (counted: the ring or its data area is full). */
+static int chan_reserve(struct vn_switch *sw, struct vn_chan *c, uint64_t len, uint64_t *at_pos)
 {
-    struct vn_chan *c = chan_get(sw, port, slot);
-    struct vn_port *p = &sw->ports[port];
-    if (!c || c->broken)
-        return -1;
     if (c->prod - c->oldest >= c->desc_slots || c->prod - c->cons >= c->desc_slots) {
         /* full: has the scanner moved on since we last looked? */
         if (chan_consumed(sw, c) < 0)
             return -1;
-        oldest_advance(c);
+        oldest_advance_sw(sw, c);
         if (c->prod - c->oldest >= c->desc_slots || c->prod - c->cons >= c->desc_slots) {
             c->st.ring_full++;
             return -1;
         }
     }
-    uint64_t need = ((uint64_t)pkt->len + VNR_DATA_ALIGN - 1) & ~(uint64_t)(VNR_DATA_ALIGN - 1);
+    uint64_t need = (len + VNR_DATA_ALIGN - 1) & ~(uint64_t)(VNR_DATA_ALIGN - 1);
     uint64_t pos = c->data_head;
     uint64_t at = pos % c->data_size;
     if (at + need > c->data_size)
@@ -329,37 +377,166 @@ int vn_chan_push(struct vn_switch *sw, int port, int slot, const struct vn_pkt *
             return -1;
         }
     }
+    *at_pos = pos;
+    return 0;
+}
+
+/* Fills the next descriptor for `len` bytes at `pos` (already written) and queues it for
+ * publication; returns its slot record. */
+static struct chan_slot *chan_commit(struct vn_switch *sw, struct vn_chan *c, uint64_t pos,
+                                     uint32_t len, int kind, int dir, int flags)
+{
     uint64_t seq = c->prod;
     struct chan_slot *s = &c->slots[seq & (c->desc_slots - 1)];
-    uint32_t off = (uint32_t)(pos % c->data_size);
-    memcpy(c->data + off, pkt->data, pkt->len);
     struct vnr_desc *d = &c->desc[seq & (c->desc_slots - 1)];
     d->seq = seq;
     d->time_ns = vn_clock_real(sw);
-    d->data = off;
-    d->len = pkt->len;
-    d->kind = VNR_KIND_FRAME;
+    d->data = (uint32_t)(pos % c->data_size);
+    d->len = len;
+    d->kind = (uint8_t)kind;
     d->dir = (uint8_t)dir;
-    d->flags = held_id ? VNR_F_HELD : 0;
+    d->flags = (uint8_t)flags;
+    memset(s, 0, sizeof(*s));
     s->seq = seq;
     s->data_start = pos;
-    s->held_id = held_id;
-    if (held_id) {
-        const struct vn_policy *pol = p->pol;
-        uint64_t ms = pol && pol->hold_timeout_ms ? pol->hold_timeout_ms : 1000;
-        s->deadline_ns = vn_clock(sw) + ms * 1000000ULL;
-        c->owed++;
-        c->st.held++;
-    }
-    c->data_head = pos + need;
+    c->data_head = pos + ((len + VNR_DATA_ALIGN - 1) & ~(uint64_t)(VNR_DATA_ALIGN - 1));
     c->prod = seq + 1;
     c->st.delivered++;
-    p->st.ring_frames++;
     if (!c->dirty) {
         c->dirty = 1;
         sw->dirty[sw->ndirty++] = c;
     }
+    return s;
+}
+
+static uint64_t hold_deadline(struct vn_switch *sw, int port)
+{
+    const struct vn_policy *pol = sw->ports[port].pol;
+    uint64_t ms = pol && pol->hold_timeout_ms ? pol->hold_timeout_ms : 1000;
+    return vn_clock(sw) + ms * 1000000ULL;
+}
+
+int vn_chan_push(struct vn_switch *sw, int port, int slot, const struct vn_pkt *pkt, int dir,
+                 uint64_t held_id)
+{
+    struct vn_chan *c = chan_get(sw, port, slot);
+    uint64_t pos;
+    if (!c || c->broken || chan_reserve(sw, c, pkt->len, &pos) < 0)
+        return -1;
+    memcpy(c->data + pos % c->data_size, pkt->data, pkt->len);
+    struct chan_slot *s = chan_commit(sw, c, pos, pkt->len, VNR_KIND_FRAME, dir,
+                                      held_id ? VNR_F_HELD : 0);
+    s->held_id = held_id;
+    if (held_id) {
+        s->deadline_ns = hold_deadline(sw, port);
+        c->owed++;
+        c->st.held++;
+    }
+    sw->ports[port].st.ring_frames++;
     return 0;
+}
+
+/* ---- TCP streams on rings ---- */
+
+int vn_chan_stream_handle(struct vn_switch *sw, int port, int slot, uint64_t stream, uint32_t *handle)
+{
+    struct vn_chan *c = chan_get(sw, port, slot);
+    if (!c || c->broken)
+        return -1;
+    for (uint32_t n = 0; n < c->strm_cap; n++) {
+        uint32_t h = (c->strm_next + n) % c->strm_cap;
+        if (!c->strm[h].used) {
+            c->strm_next = h + 1;
+            c->strm[h] = (struct chan_stream){.stream = stream, .used = 1};
+            *handle = h;
+            return 0;
+        }
+    }
+    uint32_t cap = c->strm_cap ? c->strm_cap * 2 : 64;
+    if (cap > VN_CHAN_STREAMS)
+        return -1;
+    struct chan_stream *n = realloc(c->strm, cap * sizeof(*n));
+    if (!n)
+        return -1;
+    memset(n + c->strm_cap, 0, (cap - c->strm_cap) * sizeof(*n));
+    c->strm = n;
+    *handle = c->strm_cap;
+    c->strm[*handle] = (struct chan_stream){.stream = stream, .used = 1};
+    c->strm_next = *handle + 1;
+    c->strm_cap = cap;
+    return 0;
+}
+
+/* Handles whose CLOSE the scanner consumed are free again. */
+static void handles_reclaim(struct vn_chan *c)
+{
+    unsigned k = 0;
+    while (k < c->nclosing && c->strm[c->closing[k]].close_seq < c->cons) {
+        c->strm[c->closing[k]].used = 0;
+        k++;
+    }
+    if (k) {
+        memmove(c->closing, c->closing + k, (c->nclosing - k) * sizeof(*c->closing));
+        c->nclosing -= k;
+    }
+}
+
+int vn_chan_stream_push(struct vn_switch *sw, int port, int slot, int kind, uint32_t handle,
+                        uint64_t stream, int dir, uint64_t offset, uint32_t len, int held,
+                        uint32_t reason, const void *extra, uint32_t extra_len,
+                        vn_chan_copy_fn copy, void *arg)
+{
+    struct vn_chan *c = chan_get(sw, port, slot);
+    uint64_t pos;
+    if (!c || c->broken || handle >= c->strm_cap || !c->strm[handle].used ||
+        chan_reserve(sw, c, sizeof(struct vnr_stream) + extra_len + len, &pos) < 0)
+        return -1;
+    uint8_t *at = c->data + pos % c->data_size;
+    struct vnr_stream hdr = {.stream = stream, .offset = offset, .handle = handle, .reason = reason};
+    memcpy(at, &hdr, sizeof(hdr));
+    if (extra_len)
+        memcpy(at + sizeof(hdr), extra, extra_len);
+    if (len)
+        copy(arg, at + sizeof(hdr) + extra_len, offset, len);
+    struct chan_slot *s = chan_commit(sw, c, pos, (uint32_t)(sizeof(hdr) + extra_len + len), kind,
+                                      kind == VNR_KIND_STREAM_OPEN || kind == VNR_KIND_STREAM_CLOSE ? 0 : dir,
+                                      held ? VNR_F_HELD : 0);
+    if (held) {
+        s->stream = stream;
+        s->end = offset + len;
+        s->sdir = (uint8_t)dir;
+        s->sowed = 1;
+        s->deadline_ns = hold_deadline(sw, port);
+        c->owed++;
+        c->st.held++;
+    }
+    if (kind == VNR_KIND_STREAM_DATA)
+        sw->ports[port].st.ring_stream_bytes += len;
+    return 0;
+}
+
+void vn_chan_stream_closed(struct vn_switch *sw, int port, int slot, uint32_t handle, int pushed)
+{
+    struct vn_chan *c = chan_get(sw, port, slot);
+    if (!c || handle >= c->strm_cap || !c->strm[handle].used || c->strm[handle].closing)
+        return;
+    c->strm[handle].closing = 1;
+    if (!pushed) {             /* the scanner never hears of its end: free it now */
+        c->strm[handle].used = 0;
+        return;
+    }
+    c->strm[handle].close_seq = c->prod - 1;
+    if (c->nclosing == c->closing_cap) {
+        uint32_t cap = c->closing_cap ? c->closing_cap * 2 : 64;
+        uint32_t *n = realloc(c->closing, cap * sizeof(*n));
+        if (!n) {
+            c->strm[handle].used = 0;   /* no room to wait: freed now (a late pass is stale) */
+            return;
+        }
+        c->closing = n;
+        c->closing_cap = cap;
+    }
+    c->closing[c->nclosing++] = handle;
 }
 
 static void kick(int fd)
@@ -401,6 +578,25 @@ static int chan_decisions(struct vn_switch *sw, struct vn_chan *c)
         const struct vnr_dec *e = &ring[q & (c->dec_slots - 1)];
         uint64_t seq = __atomic_load_n(&e->seq, __ATOMIC_RELAXED);
         uint32_t verdict = __atomic_load_n(&e->verdict, __ATOMIC_RELAXED);
+        if ((verdict & ~3u) == VNR_STREAM_PASS && (verdict & 3u)) {
+            /* a stream pass: seq is the offset, handle the stream */
+            uint32_t h = __atomic_load_n(&e->handle, __ATOMIC_RELAXED);
+            int dir = (int)(verdict & 3u);
+            if (h >= c->strm_cap || dir == 3) {
+                chan_break(sw, c, h >= c->strm_cap ? VNR_BROKEN_HANDLE : VNR_BROKEN_VERDICT);
+                return n;
+            }
+            struct chan_stream *cs = &c->strm[h];
+            if (!cs->used || cs->closing ||
+                vn_tcp_ring_pass(sw, cs->stream, c->port, c->slot, dir, seq) < 0) {
+                c->st.stale++;
+                continue;
+            }
+            c->st.passed++;
+            c->st.timeouts_in_a_row = 0;
+            n++;
+            continue;
+        }
         if (seq >= c->prod) {
             chan_break(sw, c, VNR_BROKEN_DEC_SEQ);
             return n;
@@ -424,16 +620,27 @@ static int chan_decisions(struct vn_switch *sw, struct vn_chan *c)
     }
     c->dec_cons = prod;
     __atomic_store_n(&c->ni->dec_cons, prod, __ATOMIC_RELEASE);
-    oldest_advance(c);
+    oldest_advance_sw(sw, c);
     return n;
 }
 
 /* Held frames past their hold timeout get the policy's default. */
 static void chan_timeouts(struct vn_switch *sw, struct vn_chan *c, uint64_t now)
 {
-    oldest_advance(c);
+    oldest_advance_sw(sw, c);
     while (c->oldest < c->prod) {
         struct chan_slot *s = &c->slots[c->oldest & (c->desc_slots - 1)];
+        if (s->sowed && !chunk_settled(sw, c, s)) {
+            if (s->deadline_ns > now)
+                break;
+            /* a stream chunk its scanner did not pass in time: the default for it */
+            c->st.timeouts++;
+            c->st.timeouts_in_a_row++;
+            s->sowed = 0;
+            c->owed--;
+            vn_tcp_ring_chunk(sw, s->stream, c->port, c->slot, s->sdir, s->end, 1,
+                              port_default_pass(sw, c->port));
+        }
         if (s->held_id) {
             if (s->deadline_ns > now)
                 break;
@@ -453,6 +660,7 @@ int vn_chan_service(struct vn_switch *sw)
 {
     int n = 0;
     uint64_t now = vn_clock(sw);
+    vn_tcp_ring_service(sw);
     for (unsigned i = 0; i < sw->nchans; i++) {
         struct vn_chan *c = sw->chans[i];
         if (c->armed) {
@@ -473,7 +681,7 @@ uint64_t vn_chan_deadline(struct vn_switch *sw)
         struct vn_chan *c = sw->chans[i];
         if (!c->owed)
             continue;
-        oldest_advance(c);
+        oldest_advance_sw(sw, c);
         if (c->oldest < c->prod) {
             uint64_t d = c->slots[c->oldest & (c->desc_slots - 1)].deadline_ns;
             if (d < t)

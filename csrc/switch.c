@@ -1332,6 +1332,12 @@ int vn_chan_close(struct vn_switch *sw, int port, int slot, int pass)
     return drained(sw, vn_chan_close_core(sw, port, slot, pass));
 }
 
+int vn_stream_ring_pass(struct vn_switch *sw, uint64_t stream, int port, int slot, int dir,
+                        uint64_t upto)
+{
+    return drained(sw, vn_tcp_stream_ring_pass(sw, stream, port, slot, dir, upto));
+}
+
 int vn_chan_poll(struct vn_switch *sw)
 {
     sw->now_ns = vn_clock(sw);

@@ -237,6 +237,7 @@ void flow_close(struct vn_switch *sw, struct vn_flow *f, int reason)
         return;
     f->state = ST_CLOSED;
     f->reason = reason;
+    sring_close(sw, f, reason);    /* VN_CLOSE_* and VNR_CLOSE_* agree */
     table_unlink(sw, f);
     if (reason != VN_CLOSE_FIN)
         for (int i = 0; i < 2; i++)
@@ -251,6 +252,7 @@ void flow_free(struct vn_switch *sw, struct vn_flow *f)
 {
     struct vn_tcp *t = sw->tcp;
     table_unlink(sw, f);
+    sring_close(sw, f, VN_CLOSE_GONE);
     for (int i = 0; i < 2; i++) {
         half_free_all(sw, f, &f->half[i]);
         edits_free(sw, f, &f->half[i]);
@@ -291,6 +293,7 @@ static void flow_end(struct vn_switch *sw, struct vn_flow *f, int reason)
 static void flow_bypass(struct vn_switch *sw, struct vn_flow *f)
 {
     sw->ports[f->port].st.tcp_bypassed++;
+    sring_close(sw, f, VN_CLOSE_BYPASS);
     f->bypass = 1;
     for (int i = 0; i < 2; i++) {
         struct vn_half *hf = &f->half[i];
@@ -360,11 +363,23 @@ static void flow_establish(struct vn_switch *sw, struct vn_flow *f, const struct
     f->state = ST_ESTABLISHED;
     uint16_t server_port = f->client == VN_DIR_FROM_GUEST ? f->rport : f->gport;
     uint64_t subs = 0;
-    uint8_t read = 0, hold = 0;
+    uint8_t read = 0, hold = 0;    /* the kernel's (scanners on the socket) */
+    uint8_t rread[VN_CHANS], rhold[VN_CHANS];   /* each scanner ring's */
+    uint8_t rings = 0;
+    memset(rread, 0, sizeof(rread));
+    memset(rhold, 0, sizeof(rhold));
     for (unsigned i = 0; i < pol->nstream_subs && i < VN_MAX_STREAM_SUBS; i++) {
         const struct vn_stream_sub *s = &pol->stream_subs[i];
         if (s->port_lo <= server_port && server_port <= s->port_hi) {
             uint8_t dirs = s->dirs ? s->dirs : (VN_DIR_FROM_GUEST | VN_DIR_TO_GUEST);
+            unsigned c = pol->stream_sub_chan[i];
+            if (c && c <= VN_CHANS) {
+                rread[c - 1] |= dirs;
+                if (s->contain)
+                    rhold[c - 1] |= dirs;
+                rings |= dirs;
+                continue;
+            }
             subs |= 1ULL << i;
             read |= dirs;
             if (s->contain)
@@ -373,25 +388,33 @@ static void flow_establish(struct vn_switch *sw, struct vn_flow *f, const struct
     }
     /* the signature stage is a holder too: it holds the directions its rules cover */
     int sig = sig_flow_open(sw, f);
-    if (!subs && !sig) {           /* unsubscribed meanwhile: nobody wants it */
+    if (!subs && !sig && !rings) { /* unsubscribed meanwhile: nobody wants it */
         f->bypass = 1;
         return;
     }
     f->subs = subs;
     for (int i = 0; i < 2; i++) {
         struct vn_half *hf = &f->half[i];
-        hf->read = !!(read & dir_of(i));
-        hf->hold = !!(hold & dir_of(i));
-        if (sig && hf->sig_ok != UINT64_MAX) {
-            if (!hf->hold)
-                hf->passed = UINT64_MAX;     /* no scanner holds it: the stage alone */
-            if (!hf->read)
-                hf->consumed = UINT64_MAX;   /* kept for the stage, never read by the kernel */
-            hf->read = hf->hold = 1;
+        hf->kread = !!(read & dir_of(i));
+        hf->khold = !!(hold & dir_of(i));
+        hf->read = hf->kread;
+        hf->hold = hf->khold;
+    }
+    if (rings)
+        sring_open(sw, f, rread, rhold);
+    for (unsigned k = 0; k < f->nrings; k++)
+        for (int i = 0; i < 2; i++) {
+            f->half[i].read |= !!(f->rings[k].read & dir_of(i));
+            f->half[i].hold |= !!(f->rings[k].hold & dir_of(i));
         }
+    for (int i = 0; i < 2; i++) {
+        struct vn_half *hf = &f->half[i];
+        sring_settle(f, hf);       /* nobody holds: passed = all; nobody reads: consumed = all */
+        if (sig && hf->sig_ok != UINT64_MAX)
+            hf->read = hf->hold = 1;     /* kept for the stage (its own frontier, sig_ok) */
     }
     if (!subs)
-        return;                    /* the stage's alone: the kernel never hears of it */
+        return;                    /* rings' and the stage's alone: the kernel never hears of it */
     f->announced = 1;
     f->report_open = 1;
     mark_dirty(sw, f);
@@ -1048,6 +1071,7 @@ static int seg_data(struct vn_tcp_in *in, struct vn_flow *f)
         S->adv = s;
     if (half_advance(S)) {
         mark_dirty(sw, f);
+        sring_feed(sw, f);
         if (S->more)
             more_ack(sw, f, in->hs);
     }

@@ -45,9 +45,9 @@ int vn_stream_next(struct vn_switch *sw, struct vn_stream_event *ev)
     f->report_open = 0;
     for (int i = 0; i < 2; i++) {
         struct vn_half *hf = &f->half[i];
-        ev->read[i] = hf->read;
-        ev->hold[i] = hf->hold;
-        ev->avail[i] = hf->read && hf->contig != UINT64_MAX ? hf->contig : hf->consumed;
+        ev->read[i] = hf->kread;   /* the kernel's part (rings read theirs on the ring) */
+        ev->hold[i] = hf->khold;
+        ev->avail[i] = hf->kread && hf->contig != UINT64_MAX ? hf->contig : hf->kconsumed;
         ev->eof[i] = hf->eof;
     }
     if (f->report_close) {
@@ -106,8 +106,10 @@ int vn_stream_consume(struct vn_switch *sw, uint64_t stream, int dir, uint64_t u
         return VN_ENOPORT;
     if (upto > hf->contig)
         upto = hf->contig;
-    if (upto > hf->consumed)
-        hf->consumed = upto;
+    if (upto > hf->kconsumed) {
+        hf->kconsumed = upto;
+        sring_settle(f, hf);
+    }
     if (f->state != ST_CLOSED)
         half_trim(sw, f, hf);
     return VN_OK;
@@ -121,11 +123,15 @@ int vn_tcp_stream_pass(struct vn_switch *sw, uint64_t stream, int dir, uint64_t 
         return VN_ENOPORT;
     if (f->state == ST_CLOSED || f->bypass)
         return VN_ESTATE;
-    if (upto > hf->passed) {
-        hf->passed = upto;
-        if (hf->more && upto > hf->more_at)
-            hf->more = 0;          /* the decision that needed more was made */
-        half_release(sw, f, hf);
+    if (upto > hf->kpassed) {
+        hf->kpassed = upto;
+        uint64_t before = hf->passed;
+        sring_settle(f, hf);       /* scanner rings holding it too must have passed it */
+        if (hf->passed > before) {
+            if (hf->more && hf->passed > hf->more_at)
+                hf->more = 0;      /* the decision that needed more was made */
+            half_release(sw, f, hf);
+        }
     }
     return VN_OK;
 }

@@ -57,6 +57,10 @@ struct vn_half {
     uint64_t passed;               /* every contain scanner passed the bytes below */
     uint64_t sig_ok;               /* the signature stage passed the bytes below (sigstage.c) */
     uint64_t consumed;             /* the kernel read the bytes below */
+    /* the parties: the NI kernel (its scanners on the socket) and scanner rings
+     * (vn_flow.rings); passed and consumed above are the least of theirs (sring_settle) */
+    uint8_t kread, khold;          /* the kernel reads / holds this direction */
+    uint64_t kpassed, kconsumed;   /* how far the kernel passed / read it */
     uint64_t acked;                /* the receiver acknowledged the offsets below (FIN counts 1) */
     uint64_t right;                /* the receiver's window right edge */
     uint8_t have_right;
@@ -134,6 +138,18 @@ struct vn_flow {
     uint16_t gport, rport;
     struct vn_half half[2];        /* [0] from the guest, [1] to the guest */
     struct vn_sigflow *sig;        /* the signature stage's state (sigstage.c); NULL: none */
+    struct vn_sring *rings;        /* scanner rings reading it (tcp_ring.c) */
+    uint8_t nrings;
+};
+
+/* A scanner ring's part in a stream (tcp_ring.c). */
+struct vn_sring {
+    uint8_t slot;                  /* the ring on the flow's port */
+    uint8_t read, hold;            /* VN_DIR_* bits */
+    uint8_t ended;                 /* END published (VN_DIR_* bits) */
+    uint32_t handle;
+    uint64_t given[2];             /* bytes published on the ring */
+    uint64_t passed[2];            /* bytes it passed */
 };
 
 struct vn_frag;
@@ -153,6 +169,8 @@ struct vn_tcp {
     struct vn_flow *reported;      /* closed flows handed out by vn_stream_next; freed next call */
     uint64_t next_id;
     struct vn_pkt *scratch;        /* where a frame is built before it joins the emit queue */
+    uint64_t ring_kill[256];       /* connections a full ring lost, to kill (tcp_ring.c) */
+    unsigned nring_kill;
 };
 
 /* A data frame of one direction as it arrived: a kept record, or the frame being input. */
@@ -291,6 +309,12 @@ void forge_rst(struct vn_switch *sw, struct vn_flow *f, int from, uint32_t seq, 
 void emit_record(struct vn_switch *sw, struct vn_flow *f, int hs, struct vn_seg *s);
 void edits_free(struct vn_switch *sw, struct vn_flow *f, struct vn_half *hf);
 void edits_compact(struct vn_switch *sw, struct vn_flow *f, struct vn_half *hf);
+
+/* tcp_ring.c: streams on scanner rings */
+void sring_open(struct vn_switch *sw, struct vn_flow *f, const uint8_t *read, const uint8_t *hold);
+void sring_feed(struct vn_switch *sw, struct vn_flow *f);
+void sring_close(struct vn_switch *sw, struct vn_flow *f, int reason);
+void sring_settle(struct vn_flow *f, struct vn_half *hf);
 
 /* tcp_frag.c: IP fragments of TCP */
 void frag_free(struct vn_switch *sw, int port, struct vn_frag **pp);

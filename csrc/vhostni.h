@@ -181,6 +181,8 @@ struct vn_port_stats {
     uint64_t sig_scan_errors;    /* Hyperscan scan errors (the frame or connection is dropped) */
     uint64_t sig_alerts_lost;    /* alerts beyond the alert ring (the kernel drains it) */
     uint64_t ring_frames;        /* frame copies published on scanner rings */
+    uint64_t ring_stream_bytes;  /* stream bytes published on scanner rings */
+    uint64_t ring_streams_lost;  /* streams a scanner ring could not take more bytes of */
     uint64_t drop_ring_full;     /* frames cut at once: a full scanner ring could not take
                                     them and the default decision is cut */
 };
@@ -408,6 +410,7 @@ struct vn_policy {
      * exception policy of 1 (pass) lets the connection through uninspected, 0 drops */
     unsigned nstream_subs;
     struct vn_stream_sub stream_subs[VN_MAX_STREAM_SUBS];
+    uint8_t stream_sub_chan[VN_MAX_STREAM_SUBS];   /* as sub_chan, for stream subscriptions */
     unsigned tcp_flows_max;    /* connections in the flow table */
     int tcp_flows_over_pass;
     uint64_t tcp_bytes_max;    /* bytes of frames kept by the flows of this port */
@@ -666,6 +669,19 @@ int vn_chan_info(struct vn_switch *sw, int port, int slot, struct vn_chan_info *
  * on its own; offline replay calls it after a scanner answered a sync).  Returns decisions
  * applied. */
 int vn_chan_poll(struct vn_switch *sw);
+/* A scanner ring's part in a stream (vn_stream_ring_part): the directions it reads and
+ * holds (VN_DIR_* bits), how far it passed and was given each ([0] from the guest), and how
+ * far the NI let each go (every party's pass). */
+struct vn_stream_ring_part {
+    unsigned read, hold;
+    uint64_t passed[2], given[2], released[2];
+};
+int vn_stream_ring_part(struct vn_switch *sw, uint64_t stream, int port, int slot,
+                        struct vn_stream_ring_part *out);
+/* The ring's pass of a stream's direction up to `upto` (what its edits count as): VN_OK, or
+ * VN_ENOPORT if it does not hold that direction of a live stream. */
+int vn_stream_ring_pass(struct vn_switch *sw, uint64_t stream, int port, int slot, int dir,
+                        uint64_t upto);
 /* The earliest hold deadline of a ring (vn_clock time), or UINT64_MAX. */
 uint64_t vn_chan_deadline(struct vn_switch *sw);
 /* VN_CDEF_END */

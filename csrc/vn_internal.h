@@ -325,6 +325,28 @@ struct vn_switch {
  * -1: the ring is full, broken or gone (counted). */
 int vn_chan_push(struct vn_switch *sw, int port, int slot, const struct vn_pkt *pkt, int dir,
                  uint64_t held_id);
+/* TCP streams on rings: a handle for a stream given to ring `slot` (0, or -1 if none
+ * left); a descriptor of kind VNR_KIND_STREAM_* (`extra`: what follows the header, `copy`
+ * writes the `len` payload bytes from stream offset `offset`); the stream is over for the
+ * ring (`pushed`: its CLOSE was published, the handle is free once consumed) */
+#define VN_CHAN_STREAMS 65536
+typedef void (*vn_chan_copy_fn)(void *arg, uint8_t *dst, uint64_t off, uint32_t len);
+int vn_chan_stream_handle(struct vn_switch *sw, int port, int slot, uint64_t stream, uint32_t *handle);
+int vn_chan_stream_push(struct vn_switch *sw, int port, int slot, int kind, uint32_t handle,
+                        uint64_t stream, int dir, uint64_t offset, uint32_t len, int held,
+                        uint32_t reason, const void *extra, uint32_t extra_len,
+                        vn_chan_copy_fn copy, void *arg);
+void vn_chan_stream_closed(struct vn_switch *sw, int port, int slot, uint32_t handle, int pushed);
+/* tcp_ring.c, for ring.c: a ring's stream pass (0 applied, -1 not its to pass); a held
+ * chunk [.., end) of `dir`: settled? (timeout 0: 1 if passed or gone), or its hold timeout
+ * (timeout 1: the default `pass`, else the connection is killed); the ring is gone */
+int vn_tcp_ring_pass(struct vn_switch *sw, uint64_t stream, int port, int slot, int dir, uint64_t upto);
+int vn_tcp_ring_chunk(struct vn_switch *sw, uint64_t stream, int port, int slot, int dir,
+                      uint64_t end, int timeout, int pass);
+void vn_tcp_ring_gone(struct vn_switch *sw, uint64_t stream, int port, int slot, int pass);
+/* Connections whose ring could not take their bytes and whose default is cut: killed here,
+ * out of the input path (ring.c calls it each service pass) */
+void vn_tcp_ring_service(struct vn_switch *sw);
 /* Publishes what was pushed and kicks scanners that sleep (once per batch). */
 void vn_chan_flush(struct vn_switch *sw);
 /* Before the switch sleeps: asks scanners to kick; 1 if a decision is waiting already. */
@@ -515,6 +537,8 @@ void vn_tcp_free_all(struct vn_switch *sw);
  * (vn_tcp_housekeeping) without sending anything on: what they emit joins the emit queue;
  * the public functions, in switch.c, drain it and signal the guests once. */
 int vn_tcp_stream_pass(struct vn_switch *sw, uint64_t stream, int dir, uint64_t upto);
+int vn_tcp_stream_ring_pass(struct vn_switch *sw, uint64_t stream, int port, int slot, int dir,
+                            uint64_t upto);
 int vn_tcp_stream_kill(struct vn_switch *sw, uint64_t stream);
 int vn_tcp_stream_cut(struct vn_switch *sw, uint64_t stream, int dir, uint64_t from, uint64_t to);
 int vn_tcp_stream_inject(struct vn_switch *sw, uint64_t stream, int dir, uint64_t at,

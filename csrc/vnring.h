@@ -73,6 +73,13 @@
 
 /* vnr_desc.kind */
 #define VNR_KIND_FRAME 1           /* a whole Ethernet frame */
+/* Reconstructed TCP streams (a scanner whose ring request said "streams": true): the bytes
+ * start with a struct vnr_stream */
+#define VNR_KIND_STREAM_OPEN 2     /* a new stream: a struct vnr_stream_open follows the header */
+#define VNR_KIND_STREAM_DATA 3     /* in-order bytes of direction `dir` follow the header */
+#define VNR_KIND_STREAM_END 4      /* direction `dir` ended (FIN) at header.offset */
+#define VNR_KIND_STREAM_CLOSE 5    /* the stream is over (header.reason); its handle is free
+                                    * for a new stream once the scanner consumed this */
 /* vnr_desc.dir: as the guest sees it */
 #define VNR_FROM_GUEST 1
 #define VNR_TO_GUEST 2
@@ -81,12 +88,27 @@
 /* vnr_dec.verdict (the wire protocol's values) */
 #define VNR_PASS 0
 #define VNR_CUT 1
+/* A stream pass: VNR_STREAM_PASS | dir, with vnr_dec.seq the offset below which every byte
+ * of that direction is passed (2^64-1: all of it, later bytes too) and vnr_dec.handle the
+ * stream's handle.  Only a held direction can be passed; a pass never goes back. */
+#define VNR_STREAM_PASS 0x10
 /* vnr_ni.broken: why the NI stopped reading the ring (first reason wins) */
 #define VNR_BROKEN_NONE 0
 #define VNR_BROKEN_DESC_CONS 1     /* desc_cons went back or past desc_prod */
 #define VNR_BROKEN_DEC_PROD 2      /* dec_prod went back or more than dec_slots ahead */
 #define VNR_BROKEN_DEC_SEQ 3       /* a decision for a descriptor never given */
-#define VNR_BROKEN_VERDICT 4       /* a verdict neither PASS nor CUT */
+#define VNR_BROKEN_VERDICT 4       /* a verdict none of the above */
+#define VNR_BROKEN_HANDLE 5        /* a stream handle the ring never had */
+
+/* vnr_stream.reason of a CLOSE */
+#define VNR_CLOSE_FIN 1
+#define VNR_CLOSE_RST 2
+#define VNR_CLOSE_KILLED 3
+#define VNR_CLOSE_IDLE 4
+#define VNR_CLOSE_BYPASS 5
+#define VNR_CLOSE_GONE 6
+#define VNR_CLOSE_OVERRUN 7        /* this ring could not take its bytes: the scanner lost it */
+#define VNR_STREAM_CHUNK 65536     /* payload bytes of one DATA descriptor at most */
 
 #define VNR_DATA_ALIGN 64          /* every frame's bytes start at a multiple of this */
 /* VN_CDEF_END */
@@ -136,9 +158,30 @@ struct vnr_sc {
 #define VNR_DEC_OFF 256
 
 struct vnr_dec {                   /* 16 bytes */
-    uint64_t seq;                  /* the descriptor decided */
-    uint32_t verdict;              /* VNR_PASS, VNR_CUT */
-    uint32_t _pad;
+    uint64_t seq;                  /* the descriptor decided (a stream pass: the offset) */
+    uint32_t verdict;              /* VNR_PASS, VNR_CUT, VNR_STREAM_PASS | dir */
+    uint32_t handle;               /* a stream pass: the stream's handle; else 0 */
+};
+
+/* The head of a stream descriptor's bytes (VNR_DATA_ALIGN-aligned, like every record). */
+struct vnr_stream {                /* 32 bytes */
+    uint64_t stream;               /* the NI's stream id: what socket requests name it by */
+    uint64_t offset;               /* DATA: offset of its first byte; END: where the FIN is */
+    uint32_t handle;               /* what this ring's stream passes name it by */
+    uint32_t reason;               /* CLOSE: VNR_CLOSE_* */
+    uint64_t _res;
+};
+
+struct vnr_stream_open {           /* 48 bytes, after the header of an OPEN */
+    uint8_t family;                /* 4 or 6 */
+    uint8_t client;                /* VNR_FROM_GUEST: the guest connected out; VNR_TO_GUEST: in */
+    uint8_t read;                  /* directions (VNR_FROM_GUEST | VNR_TO_GUEST bits) read */
+    uint8_t held;                  /* ... held until this scanner passes them */
+    uint8_t midstream;             /* picked up mid-stream: offset 0 is where the NI joined */
+    uint8_t _pad[3];
+    uint16_t guest_port, remote_port, server_port, _pad2;
+    uint8_t guest_addr[16];        /* IPv4: the first 4 bytes */
+    uint8_t remote_addr[16];
 };
 
 #endif

@@ -107,3 +107,41 @@ class RawRing:
     def close(self) -> None:
         self.a.close()
         self.b.close()
+
+
+# ---- stream descriptors (kinds 2..5): a struct vnr_stream heads their bytes
+STREAM_HDR = struct.Struct("<QQII8x")
+STREAM_OPEN = struct.Struct("<BBBBB3xHHHxx16s16s")
+OPEN, DATA, END, CLOSE = 2, 3, 4, 5
+STREAM_PASS = 0x10
+
+
+@dataclass
+class StreamDesc:
+    desc: Desc
+    stream: int
+    offset: int
+    handle: int
+    reason: int
+    payload: bytes
+    open: dict | None = None
+
+
+def stream_desc(ring: RawRing, d: Desc) -> StreamDesc:
+    raw = ring.data(d)
+    stream, offset, handle, reason = STREAM_HDR.unpack_from(raw, 0)
+    body, info = raw[STREAM_HDR.size:], None
+    if d.kind == OPEN:
+        fam, client, read, held, mid, gp, rp, sp, ga, ra = STREAM_OPEN.unpack_from(body, 0)
+        info = {"family": fam, "client": client, "read": read, "held": held, "midstream": mid,
+                "guest_port": gp, "remote_port": rp, "server_port": sp,
+                "guest_addr": ga[:4] if fam == 4 else ga, "remote_addr": ra[:4] if fam == 4 else ra}
+        body = b""
+    return StreamDesc(d, stream, offset, handle, reason, body, info)
+
+
+def stream_pass(ring: RawRing, handle: int, direction: int, upto: int) -> None:
+    """Publishes one stream pass (VNR_STREAM_PASS | direction up to ``upto``)."""
+    ring.write_dec(ring.dec_prod, upto, STREAM_PASS | direction)
+    struct.pack_into("<I", ring.b, DEC_OFF + DEC.size * (ring.dec_prod & (ring.dec_slots - 1)) + 12, handle)
+    ring.set_dec_prod(ring.dec_prod + 1)

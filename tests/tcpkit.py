@@ -240,7 +240,7 @@ class Engine:
     plays the NI kernel: ``streams`` holds what was read, ``pass_``/``kill`` decide."""
 
     def __init__(self, kit: Kit, ni: str = "a", subs=((25, "both", True),), auto_pass: bool = False,
-                 **ni_keys):
+                 ring_subs=(), ring_slots: int = 4096, **ni_keys):
         from vhostni._fastpath import ffi, lib
         from vhostni.policy import DIRECTIONS, StreamMatch, parse_policy
         self.kit, self.ffi, self.lib = kit, ffi, lib
@@ -249,12 +249,15 @@ class Engine:
         self.sw = d.switch._sw
         pol = parse_policy({"ni": dict(ni_keys)})
         self.policy = pol
-        stream_subs = []
-        for port, direction, contain in subs:
+        stream_subs, rings = [], []
+        # ring_subs: stream subscriptions of a scanner ring (the test reads it: self.ring)
+        self.ring_slot = d.switch.ring_open(self.port.index, ring_slots) if ring_subs else None
+        for k, (port, direction, contain) in enumerate(list(subs) + list(ring_subs)):
             lo, hi = (port, port) if isinstance(port, int) else port
             dirs = DIRECTIONS[direction]
             stream_subs.append((StreamMatch((lo, hi), 0 if dirs == 3 else dirs), contain))
-        self.cpol = pol.compile([], stream_subs)
+            rings.append(self.ring_slot + 1 if k >= len(subs) else 0)
+        self.cpol = pol.compile([], stream_subs, stream_sub_rings=rings)
         self.port.set_policy(self.cpol)
         d._handlers[d.switch.punt_fd] = self.on_punts
         self.auto_pass = auto_pass

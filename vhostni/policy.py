@@ -509,10 +509,12 @@ class Policy:
 
     def compile(self, subs: list[tuple[Match, bool]] = (),
                 stream_subs: list[tuple[StreamMatch, bool]] = (),
-                flow_events: Optional[frozenset] = None, sub_rings: Sequence[int] = ()):
+                flow_events: Optional[frozenset] = None, sub_rings: Sequence[int] = (),
+                stream_sub_rings: Sequence[int] = ()):
         """A ``struct vn_policy`` for the fast path, with the kernel's live subscriptions;
         ``sub_rings``: per subscription, the scanner ring it delivers to (the ring's slot + 1;
-        0 or missing: the kernel's punt queue);
+        0 or missing: the kernel's punt queue); ``stream_sub_rings`` the same for the stream
+        subscriptions;
         ``flow_events``: the flow events (FLOW_EVENT_KINDS) scanners subscribed to (None:
         no flows subscription; the stage then runs only if ``flows`` or a subscription has
         ``flow = "new"``)."""
@@ -561,6 +563,7 @@ class Policy:
         c.nstream_subs = len(stream_subs)
         for i, (m, contain) in enumerate(stream_subs):
             m.fill(c.stream_subs[i], contain)
+            c.stream_sub_chan[i] = stream_sub_rings[i] if i < len(stream_sub_rings) else 0
         c.tcp_flows_max = self.tcp_flows_max
         c.tcp_flows_over_pass = 1 if self.tcp_flows_over_pass else 0
         c.tcp_bytes_max = self.tcp_bytes_max
