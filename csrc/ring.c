@@ -510,8 +510,12 @@ int vn_chan_stream_push(struct vn_switch *sw, int port, int slot, int kind, uint
         c->owed++;
         c->st.held++;
     }
-    if (kind == VNR_KIND_STREAM_DATA)
+    if (kind == VNR_KIND_STREAM_DATA) {
         sw->ports[port].st.ring_stream_bytes += len;
+        c->st.stream_bytes += len;
+    } else if (kind == VNR_KIND_STREAM_OPEN) {
+        c->st.streams++;
+    }
     return 0;
 }
 

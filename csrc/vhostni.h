@@ -655,7 +655,9 @@ struct vn_chan_info {
     uint64_t timeouts;         /* held frames given the default at the hold timeout */
     uint64_t timeouts_in_a_row;/* since the last decision applied */
     uint64_t ring_full;        /* frames the full ring (or data area) could not take */
-    uint64_t owed;             /* held frames still waiting for this scanner */
+    uint64_t owed;             /* held frames (and stream chunks) still waiting for this scanner */
+    uint64_t streams;          /* streams given (OPEN) */
+    uint64_t stream_bytes;     /* stream bytes given (DATA) */
     uint64_t desc_prod, desc_cons, dec_cons;
 };
 /* Opens a ring on `port`: desc_slots and dec_slots powers of two (64..65536), data_bytes

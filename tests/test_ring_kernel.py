@@ -113,3 +113,37 @@ def test_a_ring_carries_only_what_its_scanner_subscribed_to(kits):
     k.until(lambda: len(k.alerts_matching("frame")) >= 2, 5, "the reports")
     seen = {a["scanner"]: a["fields"]["data"] for a in k.alerts_matching("frame")}
     assert seen == {"web": web.hex(), "ssh": ssh.hex()}
+
+
+def stream_scanner(name="sraw", **config):
+    spec = scanner_spec(name, "ring_raw.py", allow=[{"stream": True, "port": 25, "contain": True}],
+                        config=dict(config, streams=25))
+    return spec
+
+
+def test_streams_on_the_ring_pass_and_cut_through_the_daemon(kits):
+    """A scanner with its streams on its ring: the bytes reach it and the receiver as it
+    passes them, and its cut (a socket request on a stream the kernel does not broker) is
+    checked against its ring's part and edits the stream."""
+    from tcpkit import ACK, FIN, Conn, payload_of
+    k = kits({"a": policy(hold_timeout_ms=5000, scanners=[stream_scanner(cut="EVIL")])})
+    ready(k, name="sraw")
+    c = Conn(k)
+    c.open()
+    c.send("a", c.data("a", b"hello "))
+    assert payload_of(k.recv("b", 3.0, 1)) == b"hello "
+    c.send("b", c.segment("b", ACK))
+    c.send("a", c.data("a", b"good EVIL rest"))
+    assert payload_of(k.recv("b", 3.0, 1)) == b"good "
+    c.send("b", c.segment("b", ACK, ack=c.seq("a", 11)))
+    c.send("a", c.data("a", b"next"))
+    got = k.recv("b", 3.0, 1)
+    assert payload_of(got) == b"next"
+    c.send("a", c.data("a", b"", flags=FIN | ACK))
+    c.send("b", c.data("b", b"", flags=FIN | ACK))
+    c.send("a", c.segment("a", ACK))
+    rep = k.wait_alert("stream", "a", "sraw")["fields"]
+    assert bytes.fromhex(rep["from_guest"]) == b"hello good EVIL restnext"
+    sp = k.sp("a", "sraw")
+    assert sp.counters.streams == 1 and sp.counters.stream_bytes >= 24
+    assert k.nk("a").streams == {}               # never brokered by the kernel

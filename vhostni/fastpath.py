@@ -184,6 +184,20 @@ class _KernelSide:
             return None
         return {name: int(getattr(info, name)) for name, _ in ffi.typeof("struct vn_chan_info").fields}
 
+    def stream_ring_part(self, stream: int, port: int, slot: int) -> Optional[dict]:
+        """Ring ``slot``'s part in a live stream: read/hold (direction bits), and per
+        direction ([0] from the guest) how far it passed, was given, and the NI released."""
+        part = self._scratch("_rpart", "struct vn_stream_ring_part *")
+        if lib.vn_stream_ring_part(self._sw, stream, port, slot, part) != lib.VN_OK:
+            return None
+        return {"read": part.read, "hold": part.hold,
+                "passed": (int(part.passed[0]), int(part.passed[1])),
+                "given": (int(part.given[0]), int(part.given[1])),
+                "released": (int(part.released[0]), int(part.released[1]))}
+
+    def stream_ring_pass(self, stream: int, port: int, slot: int, direction: int, upto: int) -> int:
+        return lib.vn_stream_ring_pass(self._sw, stream, port, slot, direction, upto)
+
     def ring_poll(self) -> int:
         """Applies the rings' decisions and hold timeouts now; returns decisions applied."""
         return lib.vn_chan_poll(self._sw)

@@ -171,7 +171,13 @@ class NIKernel(StreamBroker):
             sp = None if is_cover else self.scanners.get(names[0])
             slot = sp.ring_slot_routed if sp is not None else None
             rings.append(0 if slot is None else slot + 1)
-        self.port.set_policy(self.policy.compile(subs, ssubs, flow_events, sub_rings=rings))
+        srings = []                    # stream subscriptions: if the scanner asked for them too
+        for names, is_cover in sowners:
+            sp = None if is_cover else self.scanners.get(names[0])
+            slot = sp.ring_slot_routed if sp is not None and sp.ring_streams else None
+            srings.append(0 if slot is None else slot + 1)
+        self.port.set_policy(self.policy.compile(subs, ssubs, flow_events, sub_rings=rings,
+                                                 stream_sub_rings=srings))
 
     def _with_cover(self, subs, owners, cover, everything, room):
         if len(subs) + len(cover) <= room:

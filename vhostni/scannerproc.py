@@ -159,6 +159,7 @@ class ScannerProc:
         # the scanner asked for its frames there, and the ring's counters last seen
         self.ring_slot: Optional[int] = None
         self.ring_on = False
+        self.ring_streams = False       # ... its stream subscriptions too
         self.ring_seen: dict = {}       # the ring's counters last folded into ours
         self._ring_alerted: dict = {}   # ... last looked at for alerts
 
@@ -360,7 +361,7 @@ class ScannerProc:
         owed = self.ring_seen.get("owed", 0)
         sw.ring_close(port, self.ring_slot, self.nk.policy.default_pass)
         self.ring_slot = None
-        self.ring_on = False
+        self.ring_on = self.ring_streams = False
         return owed
 
     @property
@@ -368,15 +369,23 @@ class ScannerProc:
         """The ring slot this scanner's frame subscriptions deliver to, or None (socket)."""
         return self.ring_slot if self.ring_on and self.running else None
 
-    def _ring_request(self, rid) -> None:
+    def _ring_request(self, rid, streams: bool = False) -> None:
         if self.ring_slot is None:
             self._reply(rid, "no ring for this scanner: its frames come over the socket")
             return
-        if not self.ring_on:
+        if not self.ring_on or streams != self.ring_streams:
             self.nk.kernel.on_punts()  # frames matched so far go the old way first
             self.ring_on = True
+            # streams already open stay with the kernel; new ones go on the ring
+            self.ring_streams = streams
             self.nk.apply()
         self._reply(rid)
+
+    def ring_part(self, sid: int) -> Optional[dict]:
+        """Its ring's part in stream ``sid`` (None: it has none, or the stream is over)."""
+        if self.ring_slot is None or not self.ring_streams:
+            return None
+        return self.nk.kernel.switch.stream_ring_part(sid, self.nk.port.index, self.ring_slot)
 
     def given(self) -> int:
         """What it was given so far: messages sent, and descriptors on its ring (offline
@@ -406,6 +415,8 @@ class ScannerProc:
                         - old.get("passed", 0) - old.get("cut", 0) - old.get("stale", 0))
         c.timeouts += info["timeouts"] - old.get("timeouts", 0)
         c.ring_full += info["ring_full"] - old.get("ring_full", 0)
+        c.streams += info["streams"] - old.get("streams", 0)
+        c.stream_bytes += info["stream_bytes"] - old.get("stream_bytes", 0)
 
     @property
     def counters(self) -> ScannerCounters:
@@ -735,7 +746,7 @@ class ScannerProc:
             self.counters.stream_mores += 1
             self.nk.stream_more(self.name, req.stream, req.direction)
         elif isinstance(req, wire.Ring):
-            self._ring_request(req.id)
+            self._ring_request(req.id, req.streams)
 
     def _refuse(self, exc: wire.RequestError) -> None:
         """A malformed request (wire.decode_request said why): answered, counted, alerted

@@ -211,9 +211,21 @@ class StreamBroker:
             self.streams_killed += 1
             self.kernel.switch.stream_kill(st.id)
 
+    def _ring_part(self, scanner: str, sid: int) -> Optional[dict]:
+        """The part of ``scanner``'s ring in stream ``sid`` (streams on its ring are not
+        brokered here: the C core keeps who holds what and how far each passed)."""
+        sp = self.scanners.get(scanner)
+        return sp.ring_part(sid) if sp is not None else None
+
     def stream_pass(self, scanner: str, sid: int, d: int, upto: int) -> None:
         st = self.streams.get(sid)
-        if st is None or st.closing is not None or not st.holders.get(scanner, 0) & d:
+        if st is None or scanner not in st.readers:
+            part = self._ring_part(scanner, sid)
+            if part is not None and part["hold"] & d:
+                self.kernel.switch.stream_ring_pass(sid, self.port.index,
+                                                    self.scanners[scanner].ring_slot, d, upto)
+            return
+        if st.closing is not None or not st.holders.get(scanner, 0) & d:
             return     # late (closed), or not this scanner's to decide: nothing to do
         key = (scanner, d)
         if upto <= st.passed.get(key, 0):
@@ -227,6 +239,17 @@ class StreamBroker:
     def stream_kill(self, scanner: str, sid: int, how: str = "kill") -> None:
         st = self.streams.get(sid)
         sp = self.scanners.get(scanner)
+        if st is None or scanner not in st.readers:
+            part = self._ring_part(scanner, sid)
+            if part is not None:
+                if not part["hold"]:
+                    sp.counters.refused += 1
+                    sp._alert_about(f"scanner asked to {how} a stream it has no contain rights on",
+                                    stream=sid)
+                    return
+                self.streams_killed += 1
+                self.kernel.switch.stream_kill(sid)
+                return
         if st is None or st.closing is not None:
             return
         if not st.holders.get(scanner):
@@ -243,6 +266,20 @@ class StreamBroker:
         if it may): it must hold that direction (else alerted, as for a kill), and neither
         it nor the NI may have passed that byte already (passed bytes may have left)."""
         st = self.streams.get(sid)
+        if st is None or scanner not in st.readers:
+            part = self._ring_part(scanner, sid)
+            if part is not None:
+                if not part["hold"] & d:
+                    self.scanners[scanner]._alert_about(
+                        f"scanner asked to {how} a stream it has no contain rights on",
+                        stream=sid, direction=DIR_NAMES[d])
+                    return f"no contain rights on {DIR_NAMES[d]} of stream {sid}"
+                i = 0 if d == 1 else 1
+                if offset < part["passed"][i]:
+                    return f"offset {offset} is before what this scanner passed ({part['passed'][i]})"
+                if offset < part["released"][i]:
+                    return f"offset {offset} is before what the NI already let go ({part['released'][i]})"
+                return None
         if st is None:
             return f"no stream {sid} (closed)"
         if st.closing is not None:
@@ -291,6 +328,14 @@ class StreamBroker:
         receiver's behalf until the scanner passes beyond what had arrived."""
         st = self.streams.get(sid)
         held = st.holders.get(scanner, 0) if st is not None and st.closing is None else 0
+        if not held and (st is None or scanner not in st.readers):
+            part = self._ring_part(scanner, sid)
+            held = part["hold"] if part is not None else 0
+            if held:
+                for dd in (1, 2):
+                    if held & dd and (d is None or d == dd):
+                        self.kernel.switch.stream_more(sid, dd)
+            return
         if not held:
             return
         st.more[scanner] = st.more.get(scanner, 0) + 1

@@ -11,6 +11,10 @@ the seq, held flag and hex of every frame seen), and ``attack``:
   silent      never consume, never decide (its ring fills; it still answers syncs)
   remap       first try to map region A writable and to resize both regions (alert "remap"
               with what each attempt got), then behave
+With ``streams`` (a port), it also subscribes to that port's streams (both directions, held)
+on its ring, passes their bytes as they come, and alerts "stream" with each stream's bytes
+(hex, per direction) when it closes; with ``cut`` (a marker), bytes from the marker on to the
+end of the chunk are cut (the socket's cut request) instead of passed.
 """
 import errno
 import mmap
@@ -53,9 +57,12 @@ if attack == "remap":
     attack = "none"
 
 seccomp.lockdown()
-sc._request({"op": "ring", "version": 1})
+sc._request({"op": "ring", "version": 1, **({"streams": True} if cfg.get("streams") else {})})
 for sub in cfg.get("subscribe", []):
     sc.subscribe(sub["match"], contain=sub.get("contain", False))
+if cfg.get("streams"):
+    sc.subscribe_stream(port=cfg["streams"], direction="both", contain=True)
+streams = {}
 sc.ready()
 sc.alert("ready", pid=os.getpid())
 
@@ -94,9 +101,28 @@ while True:
         struct.pack_into("<I", b, 128, 0)
         continue
     pairs = []
+    spasses = []
     for s in range(seen, prod):
         off = desc_off + 32 * (s & (desc_slots - 1))
         seq, t, data, ln, kind, direction, flags = struct.unpack_from("<QQIIBBB5x", a, off)
+        if kind != 1:                                 # a stream descriptor
+            body = bytes(a[data_off + data:data_off + data + ln])
+            sid, soff, handle, reason = struct.unpack_from("<QQII8x", body, 0)
+            if kind == 2:
+                streams[sid] = {1: b"", 2: b""}
+            elif kind == 3 and sid in streams:
+                chunk = body[32:]
+                streams[sid][direction] += chunk
+                marker = cfg.get("cut", "").encode()
+                at = chunk.find(marker) if marker else -1
+                if at >= 0:
+                    sc._request({"op": "cut", "stream": sid, "direction": "from_guest" if direction == 1
+                                 else "to_guest", "offset": soff + at, "length": len(chunk) - at})
+                spasses.append((handle, direction, soff + len(chunk)))
+            elif kind == 5 and sid in streams:
+                got = streams.pop(sid)
+                sc.alert("stream", stream=sid, reason=reason, from_guest=got[1].hex(), to_guest=got[2].hex())
+            continue
         if cfg.get("report"):
             body = a[data_off + data:data_off + data + ln]
             sc.alert("frame", seq=seq, held=bool(flags & 1), data=bytes(body).hex())
@@ -121,4 +147,7 @@ while True:
         dec_prod += 1 << 40
         done = True
     struct.pack_into("<Q", b, 0, seen)                # consumed
+    for handle, direction, upto in spasses:           # stream passes: seq = offset, then handle
+        struct.pack_into("<QII", b, 256 + 16 * (dec_prod & (dec_slots - 1)), upto, 0x10 | direction, handle)
+        dec_prod += 1
     publish(pairs)

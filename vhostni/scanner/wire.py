@@ -639,13 +639,17 @@ class Ring:
     as ``frame`` messages (reply: ok, or an error if it has none)."""
     version: int
     id: Optional[int] = None
+    streams: bool = False          # its stream subscriptions' streams on the ring too
 
     def __post_init__(self):
         if self.version != RING_VERSION or not _is_int(self.version):
             raise RequestError(f"ring: version must be {RING_VERSION}", self.id)
+        if not isinstance(self.streams, bool):
+            raise RequestError("ring: streams must be true or false", self.id)
 
     def body(self) -> dict:
-        return _with_id({"op": "ring", "version": self.version}, self.id)
+        return _with_id({"op": "ring", "version": self.version,
+                         **({"streams": True} if self.streams else {})}, self.id)
 
 
 RING_VERSION = 1
@@ -699,5 +703,5 @@ def decode_request(body: dict) -> Request:
         return Reset(body.get("src"), body.get("sport"), body.get("dst"), body.get("dport"),
                      body.get("seq"), body.get("ack"), body.get("mac"), rid)
     if op == "ring":
-        return Ring(body.get("version"), rid)
+        return Ring(body.get("version"), rid, body.get("streams", False))
     raise RequestError(f"unknown op {op!r}", rid)
