@@ -821,6 +821,11 @@ static void deliver_final(struct vn_switch *sw, int port, struct vn_pkt *pkt)
 {
     struct vn_port *p = &sw->ports[port];
     if (p->kind == VN_PORT_SINK) {
+        if (p->sink_discard) {
+            p->st.out_frames++;
+            p->st.out_bytes += pkt->len;
+            return;
+        }
         sink_push(sw, p, pkt);
         return;
     }
@@ -1184,6 +1189,37 @@ int vn_port_inject_from(struct vn_switch *sw, int port, const uint8_t *frame, un
     forward_drain(sw, port, pkt);
     vn_signal_all(sw);
     return VN_OK;
+}
+
+int vn_port_sink_discard(struct vn_switch *sw, int port, int on)
+{
+    struct vn_port *p = port_get(sw, port);
+    if (!p || p->kind != VN_PORT_SINK)
+        return VN_ENOPORT;
+    p->sink_discard = on ? 1 : 0;
+    return VN_OK;
+}
+
+int vn_port_inject_batch(struct vn_switch *sw, int port, const uint8_t *frames,
+                         const uint32_t *lens, unsigned n)
+{
+    if (!port_get(sw, port))
+        return VN_ENOPORT;
+    struct vn_pkt *pkt = sw->seg;
+    unsigned i;
+    size_t off = 0;
+    sw->now_ns = vn_clock(sw);
+    for (i = 0; i < n; i++) {
+        if (lens[i] < 14 || lens[i] > VN_MAX_FRAME)
+            break;
+        memset(&pkt->hdr, 0, sizeof(pkt->hdr));
+        memcpy(pkt->data, frames + off, lens[i]);
+        pkt->len = lens[i];
+        off += lens[i];
+        forward_drain(sw, port, pkt);
+    }
+    vn_signal_all(sw);
+    return i == 0 && n ? VN_EINVAL : (int)i;
 }
 
 static void drain_eventfd(int fd)

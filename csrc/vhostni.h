@@ -270,6 +270,15 @@ struct vn_sink_frame {
     const uint8_t *data;       /* valid until the next vn_sink_next() */
 };
 int vn_port_add_sink(struct vn_switch *sw);
+/* A sink that counts what is delivered to it (out_frames, out_bytes) and keeps nothing
+ * (benchmarks: the receiver's cost is no part of the NI's).  VN_OK, VN_ENOPORT. */
+int vn_port_sink_discard(struct vn_switch *sw, int port, int on);
+/* vn_port_inject_from for `n` frames laid end to end in `frames` (lens[i] bytes each), with
+ * one interrupt of the guests at the end.  Returns how many went in, or a VN_E* code if
+ * the port is unknown; stops at the first frame of a bad length (VN_EINVAL if it is the
+ * first). */
+int vn_port_inject_batch(struct vn_switch *sw, int port, const uint8_t *frames,
+                         const uint32_t *lens, unsigned n);
 /* 1: *out filled with the oldest queued frame; 0: none queued. */
 int vn_sink_next(struct vn_switch *sw, struct vn_sink_frame *out);
 

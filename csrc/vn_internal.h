@@ -185,6 +185,7 @@ struct vn_port {
     struct vn_frag_first frag_first[VN_FRAG_FIRSTS];
     struct vn_sigport *sig;       /* the signature stage (sigstage.c); NULL: none */
     struct vn_chan *chan[VN_CHANS];   /* scanner rings (ring.c); NULL: free slot */
+    uint8_t sink_discard;         /* a sink that keeps nothing (vn_port_sink_discard) */
 };
 
 #define VN_MAC_TABLE 4096         /* power of two */

@@ -415,3 +415,19 @@ def test_scanner_cannot_write_region_a_or_resize_either(net):
         assert ctypes.get_errno() == errno.EACCES
     finally:
         libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
+
+
+def test_batch_injection_and_a_discarding_sink(net):
+    """The harness the ring benchmarks feed from C with: frames end to end in one call, into
+    a sink that only counts."""
+    n = net(rings=())
+    n.net.sink_discard()
+    frames = [frame(i, size=60 + i) for i in range(100)]
+    assert n.guest.inject_batch(b"".join(frames), [len(f) for f in frames]) == 100
+    st = n.net.stats()
+    assert st["out_frames"] == 100 and st["out_bytes"] == sum(map(len, frames))
+    assert list(n.sw.sink_frames()) == []
+    # a bad length stops the batch there
+    assert n.guest.inject_batch(b"".join(frames[:3]) + b"x" * 10, [len(f) for f in frames[:3]] + [10]) == 3
+    with pytest.raises(Exception):
+        n.guest.inject_batch(b"x" * 10, [10])

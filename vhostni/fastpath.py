@@ -387,6 +387,22 @@ class Port:
             raise ValueError("a MAC address is 6 bytes")
         _check("set mac", lib.vn_port_set_mac(self._sw, self.index, mac))
 
+    def sink_discard(self, on: bool = True) -> None:
+        """A sink port that counts what it is delivered and keeps nothing (benchmarks)."""
+        rc = lib.vn_port_sink_discard(self._sw, self.index, 1 if on else 0)
+        if rc != lib.VN_OK:
+            raise FastPathError("sink discard", rc)
+
+    def inject_batch(self, frames: bytes, lens) -> int:
+        """Sends frames laid end to end in ``frames`` (``lens``: their lengths, a cffi
+        ``uint32_t[]`` or a list) into the switch from this port; returns how many went in."""
+        if not isinstance(lens, ffi.CData):
+            lens = ffi.new("uint32_t[]", list(lens))
+        rc = lib.vn_port_inject_batch(self._sw, self.index, ffi.from_buffer(frames), lens, len(lens))
+        if rc < 0:
+            raise FastPathError("inject batch", rc)
+        return rc
+
     def remove(self) -> None:
         if self.index >= 0:
             lib.vn_port_remove(self._sw, self.index)
