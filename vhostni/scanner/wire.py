@@ -152,6 +152,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 VERSION = 1
+RING_VERSION = 1                    # csrc/vnring.h's VNR_VERSION
 FROM_GUEST = 1
 TO_GUEST = 2
 DIRECTIONS = {"from_guest": FROM_GUEST, "to_guest": TO_GUEST}
@@ -633,8 +634,27 @@ class Reset:
                          "dport": self.dport, "seq": self.seq, "ack": self.ack, "mac": self.mac}, self.id)
 
 
+@dataclass(frozen=True)
+class RingRequest:
+    """Deliver this scanner's frames on its shared-memory ring (csrc/vnring.h) from now on,
+    not as ``F`` messages: the scanner mapped the ring ($VHOSTNI_RING_FDS) and speaks ring
+    ABI ``version``.  Answered with a reply; not ok leaves frames on the socket."""
+    version: int
+    id: Optional[int] = None
+
+    FIELDS = frozenset({"op", "id", "version"})
+
+    def __post_init__(self):
+        if not _is_int(self.version) or self.version != RING_VERSION:
+            raise RequestError(f"ring version {self.version!r} not supported "
+                               f"(this kernel speaks {RING_VERSION})", self.id)
+
+    def body(self) -> dict:
+        return _with_id({"op": "ring", "version": self.version}, self.id)
+
+
 Request = Union[Subscribe, StreamSubscribe, FlowSubscribe, Inject, StreamCut, StreamInject, StreamKill,
-                StreamMore, Alert, Synced, Reset]
+                StreamMore, Alert, Synced, Reset, RingRequest]
 
 
 def _with_id(body: dict, id: Optional[int]) -> dict:
@@ -681,4 +701,9 @@ def decode_request(body: dict) -> Request:
     if op == "reset":
         return Reset(body.get("src"), body.get("sport"), body.get("dst"), body.get("dport"),
                      body.get("seq"), body.get("ack"), body.get("mac"), rid)
+    if op == "ring":
+        extra = sorted(set(body) - RingRequest.FIELDS)
+        if extra:
+            raise RequestError(f"ring: unknown fields {', '.join(map(repr, extra))}", rid)
+        return RingRequest(body.get("version"), rid)
     raise RequestError(f"unknown op {op!r}", rid)
