@@ -11,6 +11,13 @@
         else:
             sc.pass_(frame)
 
+``frame.data`` is a read-only memoryview of the frame's bytes, valid until the scanner asks
+for its next event: when the kernel gives the scanner a shared-memory ring
+($VHOSTNI_RING_FDS, see :mod:`vhostni.scanner.ring` and csrc/vnring.h), it points into the
+ring and decisions are published in batches; ``sc.frames_batch()`` takes every frame there
+is in one call.  Copy (``bytes(frame.data)``) what you keep, and compare with ``bytes``:
+``b"x" in view`` is always False.
+
 A scanner is an untrusted process: it gets only the traffic its subscriptions match and its
 policy allows, decides held frames (pass or cut), sends alerts to the administrator and
 injects frames (or, into streams it holds, bytes) the administrator pre-registered.  This
