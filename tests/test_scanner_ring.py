@@ -550,3 +550,53 @@ def test_the_c_null_scanner_runs_in_the_sandbox(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_the_null_scanner_works_its_ring_under_the_sdk_lockdown():
+    """scanners/null.py as the kernel runs it (Scanner.connect() from the environment, the
+    SDK's seccomp lockdown after the ring is mapped): the ring, the barrier and the kicks
+    need nothing the lockdown takes away."""
+    k = FakeKernel()
+    ni = FakeNI(desc_slots=256, dec_slots=64)
+    n = 5000
+    proc = None
+    try:
+        for fd in ni.fds:
+            os.set_inheritable(fd, True)
+        env = dict(os.environ, VHOSTNI_SCANNER_FD=str(k.child.fileno()), VHOSTNI_RING_FDS=ni.env(),
+                   PYTHONPATH=os.path.join(HERE, ".."))
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "..", "scanners", "null.py")], env=env,
+                                pass_fds=(k.child.fileno(),) + ni.fds)
+        k.child.close()
+        ring = k.recv_control("ring")
+        k.reply(ring["id"])
+        sub = k.recv_control("subscribe")
+        k.reply(sub["id"])
+        k.send({"op": "sync", "id": -1})
+        assert k.recv_control("synced")["id"] == -1
+        sent, t0 = 0, time.monotonic()
+        while sent < n:
+            assert time.monotonic() - t0 < 60 and proc.poll() is None
+            ni.read_decisions()
+            room = min(ni.room(), n - sent, 64)
+            if room:
+                ni.publish([(frame(i), wire.FROM_GUEST, i % 2 == 0) for i in range(sent, sent + room)])
+                sent += room
+            else:
+                ni.sleep_for_decisions(0.01)
+        k.send({"op": "sync", "id": 1})
+        while not select.select([k.sock], [], [], 0.001)[0]:
+            ni.read_decisions()
+        assert k.recv_control("synced")["id"] == 1
+        ni.read_decisions()
+        assert ni.decisions == [(i, wire.PASS) for i in range(0, n, 2)]
+        with open(f"/proc/{proc.pid}/status") as f:
+            assert "Seccomp:\t2" in f.read()
+        k.sock.close()
+        proc.wait(timeout=10)                        # it ends when the kernel goes away
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        k.sock.close()
+        ni.close()

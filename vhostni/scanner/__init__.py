@@ -490,6 +490,11 @@ class Scanner:
         if ring is not None:
             # the frames handed out before are done with: their bytes go back to the NI
             ring.consume(self._ring_next)
+            pending = self._pending
+            if pending and type(pending[0]) is RingFrame and want(pending[0]):
+                ev = pending.popleft()          # the common case, in short
+                self._ring_next = ev.number + 1
+                return ev
         seen = 0
         while True:
             if self._answer_syncs():
