@@ -11,7 +11,6 @@ import fcntl
 import os
 import select
 import socket
-import struct
 import threading
 from typing import Optional
 
@@ -190,10 +189,3 @@ class Thread(threading.Thread):
         if self.exc is not None:
             raise self.exc
         return self.result
-
-
-def header_bytes(ni: FakeNI) -> bytes:
-    return bytes(ni.a[:R.NI_HEAD.size])
-
-
-__all__ = ["FakeNI", "FakeKernel", "Thread", "struct"]

@@ -600,3 +600,35 @@ def test_the_null_scanner_works_its_ring_under_the_sdk_lockdown():
             proc.wait()
         k.sock.close()
         ni.close()
+
+
+def test_events_interleave_ring_frames_with_socket_events(pair):
+    k, ni, sc = pair()
+    k.send({"op": "stream_open", "stream": 4, "guest": ["10.0.0.2", 1234], "remote": ["10.0.0.1", 25],
+            "port": 25, "read": ["from_guest"], "held": []})
+    ni.publish([(frame(0), wire.FROM_GUEST, True)])
+    k.sock.send(wire.encode_stream_data(4, wire.FROM_GUEST, False, 0, b"HELO"))
+    kinds = []
+    for ev in sc.events(timeout=0.1):
+        if ev is None:
+            break
+        kinds.append(type(ev).__name__)
+        if isinstance(ev, Frame):
+            assert isinstance(ev, RingFrame) and ev.data == frame(0)
+            sc.pass_(ev)
+    assert sorted(kinds) == ["RingFrame", "StreamData", "StreamOpened"]
+    assert kinds.index("StreamOpened") < kinds.index("StreamData")
+    assert ni.read_decisions() == [(0, wire.PASS)]
+
+
+def test_frames_batch_on_the_socket_path(pair):
+    k, ni, sc = pair(reply=False)
+    for i in range(5):
+        k.sock.send(wire.encode_frame(i + 1, wire.FROM_GUEST, True, 0, frame(i)))
+    got = []
+    while len(got) < 5:
+        got += sc.frames_batch(max=3, timeout=1)
+    assert [f.number for f in got] == [1, 2, 3, 4, 5]
+    assert [bytes(f.data) for f in got] == [frame(i) for i in range(5)]
+    sc.pass_(got[0])
+    assert k.recv() == wire.Decision(1, wire.PASS)
