@@ -632,3 +632,28 @@ def test_frames_batch_on_the_socket_path(pair):
     assert [bytes(f.data) for f in got] == [frame(i) for i in range(5)]
     sc.pass_(got[0])
     assert k.recv() == wire.Decision(1, wire.PASS)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.fixed_dictionaries({}, optional={
+    "magic": st.sampled_from([R.MAGIC, 0, R.MAGIC ^ 1]), "version": st.integers(0, 3),
+    "desc_slots": st.integers(0, 2**32 - 1) | st.sampled_from([1, 2, 64, 4096]),
+    "dec_slots": st.integers(0, 2**32 - 1) | st.sampled_from([1, 2, 16, 4096]),
+    "desc_off": st.integers(0, 2**64 - 1) | st.integers(0, 70000),
+    "data_off": st.integers(0, 2**64 - 1) | st.integers(0, 70000),
+    "data_size": st.integers(0, 2**64 - 1) | st.integers(0, 70000),
+    "size": st.integers(0, 2**64 - 1) | st.integers(0, 70000),
+    "sc_size": st.integers(0, 2**64 - 1) | st.integers(0, 70000)}))
+def test_any_header_maps_a_consistent_ring_or_is_an_error(header):
+    ni = FakeNI(desc_slots=16, dec_slots=16, slot_bytes=256, header=header, seal=False)
+    try:
+        try:
+            ring = R.Ring(ni.fds)
+        except R.RingError:
+            return
+        assert ring.desc_off + ring.desc_slots * R.DESC.size <= len(ring.a)
+        assert ring.data_off + ring.data_size <= len(ring.a)
+        assert R.DEC_OFF + ring.dec_slots * R.DEC.size <= len(ring.b)
+        ring.close()
+    finally:
+        ni.close()

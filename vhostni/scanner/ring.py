@@ -14,8 +14,9 @@ and written with a single ``struct`` access on the mapping (one load or store). 
 targets x86-64, whose memory model (TSO) makes every load an acquire and every store a
 release; the one reordering TSO allows, a later load passing an earlier store, is what
 the want_kick protocol must forbid, so :func:`full_barrier` issues a locked instruction
-(glibc's ``pthread_spin_trylock`` is an ``xchg``/``lock cmpxchg``) between the store that
-publishes and the load of the other side's want_kick.  Elsewhere Ring raises
+(glibc's ``pthread_spin_trylock`` on x86-64 is one ``lock cmpxchg``, executed whether or not
+it takes the lock: a full barrier, and no system call, so it works under the lockdown)
+between the store that publishes and the load of the other side's want_kick.  Elsewhere Ring raises
 ScannerError rather than run without the barrier.
 
 Nothing the NI wrote is trusted to be sane: a header or descriptor that points outside
