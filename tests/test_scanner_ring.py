@@ -448,11 +448,13 @@ def build_null_ring_scanner(tmp_path) -> str:
     return exe
 
 
-def drive_c_scanner(k: FakeKernel, ni: FakeNI, n: int, proc) -> None:
+def drive_c_scanner(k: FakeKernel, ni: FakeNI, n: int, proc, running=lambda: None) -> None:
     """Answers the C scanner's subscribe and ring requests, feeds ``n`` frames through
     the ring, and checks it passed every held one, answered a sync after them, and exits
-    when the socket closes."""
+    when the socket closes.  ``running`` is called once it has spoken (so it runs its own
+    program, not its launcher's)."""
     sub = k.recv_control("subscribe")
+    running()
     assert sub["contain"] is True and isinstance(sub["match"], dict)
     k.reply(sub["id"])
     ring = k.recv_control("ring")
@@ -503,6 +505,10 @@ def test_a_null_scanner_in_c_passes_every_held_frame(tmp_path):
         ni.close()
 
 
+def assert_confined(why) -> None:
+    assert why is None, why
+
+
 @pytest.mark.skipif(shutil.which("bwrap") is None or os.geteuid() != 0,
                     reason="the sandbox needs bubblewrap, run as root")
 def test_the_c_null_scanner_runs_in_the_sandbox(tmp_path):
@@ -522,7 +528,8 @@ def test_the_c_null_scanner_runs_in_the_sandbox(tmp_path):
             os.set_inheritable(fd, True)
         info_r, info_w = os.pipe2(os.O_CLOEXEC)
         filt_r, filt_w = os.pipe2(os.O_CLOEXEC)
-        os.write(filt_w, sandbox.launch_filter())
+        filt = sandbox.launch_filter()
+        os.write(filt_w, filt)
         os.close(filt_w)
         k.send({"op": "sync", "id": -1})
         env = {"VHOSTNI_SCANNER_FD": str(k.child.fileno()), "VHOSTNI_RING_FDS": ni.env()}
@@ -537,8 +544,9 @@ def test_the_c_null_scanner_runs_in_the_sandbox(tmp_path):
         os.close(info_r)
         pid = sandbox.find_scanner_pid(init) if init else None
         assert pid is not None
-        assert sandbox.check_confined(pid, uid, parent=init) is None
-        drive_c_scanner(k, ni, 2000, proc)
+        drive_c_scanner(k, ni, 2000, proc,
+                        running=lambda: assert_confined(sandbox.check_confined(
+                            pid, uid, parent=init, launcher=proc.pid, first=filt)))
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
@@ -657,3 +665,16 @@ def test_any_header_maps_a_consistent_ring_or_is_an_error(header):
         ring.close()
     finally:
         ni.close()
+
+
+def test_the_ring_request_decodes_and_refuses_what_it_does_not_know():
+    assert wire.decode_request({"op": "ring", "version": 1, "id": 4}) == wire.RingRequest(1, 4)
+    assert wire.decode_request(wire.RingRequest(1, 2).body()).body() == {"op": "ring", "version": 1, "id": 2}
+    for body, why in (({"op": "ring", "id": 4}, "version None"),
+                      ({"op": "ring", "version": 2, "id": 4}, "version 2"),
+                      ({"op": "ring", "version": True, "id": 4}, "version True"),
+                      ({"op": "ring", "version": "1", "id": 4}, "version '1'"),
+                      ({"op": "ring", "version": 1, "id": 4, "fds": [3]}, "unknown fields 'fds'")):
+        with pytest.raises(wire.RequestError, match=why) as exc:
+            wire.decode_request(body)
+        assert exc.value.id == 4 and exc.value.reply
