@@ -590,7 +590,9 @@ class Scanner:
         self._answer_syncs()
 
     def recv(self, timeout: Optional[float] = None) -> Optional[Frame]:
-        """The next frame, or None if ``timeout`` seconds pass without one."""
+        """The next frame, or None if ``timeout`` seconds pass without one.  Its ``data``
+        (a read-only memoryview) is valid until the scanner asks for its next event; copy
+        it (``bytes(frame.data)``) to keep it."""
         return self._next_event(lambda e: isinstance(e, Frame), timeout)
 
     def frames_batch(self, max: int = 256, timeout: Optional[float] = None) -> list:
