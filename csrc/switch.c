@@ -1286,6 +1286,34 @@ int vn_switch_run(struct vn_switch *sw, int timeout_ms, int poll_mode)
     }
 }
 
+int vn_switch_step(struct vn_switch *sw, int timeout_ms)
+{
+    struct epoll_event evs[64];
+    if (timeout_ms != 0 && sw->nchans && vn_chan_arm(sw))
+        timeout_ms = 0;            /* a scanner's decisions wait already */
+    int n = epoll_wait(sw->epfd, evs, 64, timeout_ms);
+    if (n < 0 && errno != EINTR)
+        return VN_ESYS;
+    for (int i = 0; i < n; i++) {
+        uint64_t d = evs[i].data.u64;
+        unsigned kind = (unsigned)(d >> 32), port = (d >> 8) & 0xff, q = d & 0xff;
+        if (kind == EV_KICK && port < VN_MAX_PORTS && q < VN_MAX_QUEUES) {
+            struct vn_vq *vq = &sw->ports[port].vq[q];
+            if (vq->kickfd >= 0)
+                drain_eventfd(vq->kickfd);
+            sw->ports[port].st.kicks++;
+            vq->active = 1;
+        } else if (kind == EV_TAP && port < VN_MAX_PORTS) {
+            sw->ports[port].tap_readable = 1;
+        } else if (kind == EV_CHAN && port < VN_MAX_PORTS && q < VN_CHANS) {
+            vn_chan_kicked(sw, (int)port, (int)q);
+        }
+    }
+    int busy;
+    service_pass(sw, 0, &busy);
+    return n < 0 ? 0 : n;
+}
+
 /* ---- calls from the NI kernel that send frames: each drains the emit queue, then
  * interrupts the guests once ---- */
 

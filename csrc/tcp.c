@@ -477,6 +477,8 @@ static int half_compare(const struct vn_half *hf, uint64_t start, const uint8_t 
 
 static void seg_insert(struct vn_half *hf, struct vn_seg *n)
 {
+    if (n->len > hf->seg_max)
+        hf->seg_max = n->len;      /* bounds seg_from's walk back */
     struct vn_seg *s = hf->tail;
     while (s && s->start > n->start)
         s = s->prev;

@@ -68,6 +68,7 @@ struct vn_half {
     uint64_t released_end;         /* end of what went on to the receiver (FIN counts 1) */
     uint64_t ooo;                  /* bytes kept beyond contig */
     struct vn_seg *head, *tail;
+    uint32_t seg_max;              /* the longest record's payload ever kept (seg_from) */
     struct vn_seg *adv;            /* the record that last advanced contig (a hint) */
     uint64_t rel_lim;              /* every record ending at or below this was released */
     uint8_t eth[18];               /* L2 header of its latest frame, for forged RSTs */
@@ -227,14 +228,15 @@ static inline uint16_t csum_update(uint16_t csum, uint16_t old, uint16_t new)
 static inline uint64_t seg_end(const struct vn_seg *s) { return s->start + s->len; }
 
 /* The first record (in start order) that may reach offset `pos`: no record is longer than
- * a frame, so walking back from the tail stops a frame's length before `pos`.  Keeps the
- * walks short while many records wait for acknowledgement. */
+ * the longest one kept (seg_max, at most a frame), so walking back from the tail stops that
+ * far before `pos`.  Keeps the walks short while many records wait for acknowledgement (a
+ * frame's length would walk back over some 45 full-sized segments each time). */
 static inline struct vn_seg *seg_from(const struct vn_half *hf, uint64_t pos)
 {
     struct vn_seg *s = hf->tail;
     if (!s)
         return NULL;
-    while (s->prev && s->prev->start + VN_MAX_FRAME > pos)
+    while (s->prev && s->prev->start + hf->seg_max > pos)
         s = s->prev;
     return s;
 }

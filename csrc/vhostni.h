@@ -287,6 +287,10 @@ int vn_sink_next(struct vn_switch *sw, struct vn_sink_frame *out);
  * wake_fd becomes readable (returns VN_RUN_WAKE; wake_fd is not read). */
 int vn_switch_set_wake_fd(struct vn_switch *sw, int fd);
 int vn_switch_run(struct vn_switch *sw, int timeout_ms, int poll_mode);
+/* One turn of that loop: waits up to timeout_ms (0: not at all) for any event (a scanner
+ * ring's kick included: it asks for one first), then one pass.  Returns the events seen
+ * (>= 0) or VN_ESYS.  For harnesses that feed the switch themselves. */
+int vn_switch_step(struct vn_switch *sw, int timeout_ms);
 /* One non-blocking pass over all ports (tests). Returns frames forwarded. */
 int vn_switch_service(struct vn_switch *sw);
 /* ---- The frame parser (csrc/parse.c) ----

@@ -198,6 +198,11 @@ class _KernelSide:
     def stream_ring_pass(self, stream: int, port: int, slot: int, direction: int, upto: int) -> int:
         return lib.vn_stream_ring_pass(self._sw, stream, port, slot, direction, upto)
 
+    def step(self, timeout_ms: int) -> int:
+        """One turn of the data-plane loop: wait up to ``timeout_ms`` for an event (a
+        scanner's kick included), then one pass."""
+        return lib.vn_switch_step(self._sw, timeout_ms)
+
     def ring_poll(self) -> int:
         """Applies the rings' decisions and hold timeouts now; returns decisions applied."""
         return lib.vn_chan_poll(self._sw)

@@ -745,7 +745,7 @@ class ScannerProc:
         elif isinstance(req, wire.StreamMore):
             self.counters.stream_mores += 1
             self.nk.stream_more(self.name, req.stream, req.direction)
-        elif isinstance(req, wire.Ring):
+        elif isinstance(req, wire.RingRequest):
             self._ring_request(req.id, req.streams)
 
     def _refuse(self, exc: wire.RequestError) -> None:

@@ -35,12 +35,13 @@ sc.alert("ready", pid=os.getpid())
 later = []
 n = 0
 for frame in sc.frames():
+    data = bytes(frame.data)        # a view into the ring: ``in`` on a memoryview looks for ints
     n += 1
     if cfg.get("crash_after") is not None and n > cfg["crash_after"]:
         os._exit(3)
     if cfg.get("report"):
         sc.alert("frame", number=frame.number, held=frame.held, direction=frame.direction,
-                 data=frame.data.hex())
+                 data=data.hex())
     if not frame.held:
         continue
     for f in later:
@@ -48,11 +49,11 @@ for frame in sc.frames():
     later = []
     if cfg.get("verdict") in ("pass", "cut"):
         sc.decide(frame, wire.CUT if cfg["verdict"] == "cut" else wire.PASS)
-    elif b"CUT" in frame.data:
+    elif b"CUT" in data:
         sc.cut(frame)
-    elif b"HOLD" in frame.data:
+    elif b"HOLD" in data:
         pass
-    elif b"LATER" in frame.data:
+    elif b"LATER" in data:
         later.append(frame)
     else:
         sc.pass_(frame)

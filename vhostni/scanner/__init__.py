@@ -11,6 +11,13 @@
         else:
             sc.pass_(frame)
 
+``frame.data`` is a read-only memoryview of the frame's bytes, valid until the scanner asks
+for its next event: when the kernel gives the scanner a shared-memory ring
+($VHOSTNI_RING_FDS, see :mod:`vhostni.scanner.ring` and csrc/vnring.h), it points into the
+ring and decisions are published in batches; ``sc.frames_batch()`` takes every frame there
+is in one call.  Copy (``bytes(frame.data)``) what you keep, and compare with ``bytes``:
+``b"x" in view`` is always False.
+
 A scanner is an untrusted process: it gets only the traffic its subscriptions match and its
 policy allows, decides held frames (pass or cut), sends alerts to the administrator and
 injects frames (or, into streams it holds, bytes) the administrator pre-registered.  This
@@ -87,6 +94,7 @@ from typing import Iterator, Optional, Union
 from dataclasses import dataclass
 
 from . import wire
+from .ring import ENV as ENV_RING, Ring, RingError, RingFrame, parse_fds
 from .wire import CUT, FROM_GUEST, PASS, PASS_ALL, TO_GUEST, Frame
 
 __all__ = ["Scanner", "Frame", "ScannerError", "Refused", "FROM_GUEST", "TO_GUEST", "Stream",
@@ -297,8 +305,15 @@ class _Sync:
 
 
 class Scanner:
-    def __init__(self, sock: socket.socket, lockdown: bool = True):
+    #: buffered ring decisions published at once when this many are waiting (they are also
+    #: published whenever the scanner waits for an event and before a sync is answered)
+    RING_BATCH = 64
+
+    def __init__(self, sock: socket.socket, lockdown: bool = True,
+                 ring_fds: Optional[tuple] = None):
         self.sock = sock
+        self.ring: Optional[Ring] = None      # frames on the shared-memory ring (see _start_ring)
+        self._ring_next = 0                   # 1 + the seq of the last ring frame handed out
         self._pending: collections.deque = collections.deque()     # events not yet taken
         self._controls: collections.deque = collections.deque()    # replies not yet awaited
         self.streams: dict[int, Stream] = {}
@@ -326,6 +341,8 @@ class Scanner:
                 if msg is None:
                     raise ScannerError("the NI kernel announced a checkpoint but did not send it")
                 self._ingest(msg)
+        if ring_fds is not None:
+            self._start_ring(ring_fds)
         if lockdown:
             from . import seccomp
             seccomp.lockdown()
@@ -337,13 +354,37 @@ class Scanner:
         that needs files (in the sandbox's read-only view) before calling this.  The process
         is confined already (the launcher's namespaces and filter); this filter stacks on
         top of the launcher's and takes away files and new sockets too."""
+        ring_fds = None
         if fd is None:
             try:
                 fd = int(os.environ[ENV_FD])
             except (KeyError, ValueError):
                 raise ScannerError(f"not started by a vhostni NI kernel (${ENV_FD} unset)") from None
+            if os.environ.get(ENV_RING):
+                try:
+                    ring_fds = parse_fds(os.environ[ENV_RING])
+                except RingError as exc:
+                    raise ScannerError(str(exc)) from None
         sock = socket.socket(fileno=fd)
-        return cls(sock, lockdown=lockdown)
+        return cls(sock, lockdown=lockdown, ring_fds=ring_fds)
+
+    def _start_ring(self, fds: tuple) -> None:
+        """Maps the shared-memory ring the kernel gave this process and asks the kernel to
+        deliver frames on it (``{"op": "ring", "version": 1}``).  A kernel that refuses
+        (an older one) keeps sending frames on the socket; a ring whose header does not
+        hold together raises ScannerError.  Runs before the lockdown: mapping needs mmap of
+        new files, which nothing does afterwards."""
+        try:
+            ring = Ring(tuple(fds))
+        except RingError as exc:
+            raise ScannerError(f"bad ring from the NI kernel: {exc}") from None
+        try:
+            self._request(wire.RingRequest(wire.RING_VERSION).body())
+        except Refused:
+            ring.close()
+            return
+        self.ring = ring
+        self._ring_next = ring.polled
 
     # ---- receiving
     def _recv(self, timeout: Optional[float]) -> Optional[wire.Message]:
@@ -377,7 +418,9 @@ class Scanner:
         if isinstance(msg, Frame):
             if self.clock_mode == "capture":
                 self._now = max(self._now, msg.time)
-            self._pending.append(msg)
+            # a view, as ring frames have: a scanner behaves the same on either path
+            self._pending.append(Frame(msg.number, msg.direction, msg.held, msg.time,
+                                       memoryview(msg.data)))
         elif isinstance(msg, wire.Checkpoint):
             self._restored = msg
         elif isinstance(msg, wire.StreamData):
@@ -409,6 +452,10 @@ class Scanner:
                     self._now = max(self._now, ev.time)
                 self._pending.append(ev)
             elif op == "sync":
+                # the kernel sends a sync after the frames it published on the ring before
+                # it: take them in first, so that they come before the sync
+                if self.ring is not None:
+                    self._ring_poll()
                 self._pending.append(_Sync(b.get("id")))
             elif op == "tick":
                 now = b.get("now")
@@ -439,6 +486,15 @@ class Scanner:
         # so, not after wall seconds (a replay may feed a minute of capture in a millisecond,
         # or take a second over one frame)
         deadline = None if timeout is None else self.clock() + timeout
+        ring = self.ring
+        if ring is not None:
+            # the frames handed out before are done with: their bytes go back to the NI
+            ring.consume(self._ring_next)
+            pending = self._pending
+            if pending and type(pending[0]) is RingFrame and want(pending[0]):
+                ev = pending.popleft()          # the common case, in short
+                self._ring_next = ev.number + 1
+                return ev
         seen = 0
         while True:
             if self._answer_syncs():
@@ -447,15 +503,66 @@ class Scanner:
                 ev = self._pending[i]
                 if not isinstance(ev, _Sync) and want(ev):
                     del self._pending[i]
+                    if isinstance(ev, RingFrame):
+                        self._ring_next = ev.number + 1
                     return ev
             seen = len(self._pending)
+            if ring is not None and self._ring_fill():
+                continue
             left = None if deadline is None else deadline - self.clock()
             if left is not None and left <= 0:
                 return None
-            msg = self._recv(None if capture else left)
-            if msg is None:
-                return None
-            self._ingest(msg)
+            if ring is None:
+                msg = self._recv(None if capture else left)
+                if msg is None:
+                    return None
+                self._ingest(msg)
+                continue
+            self._ring_flush()              # about to sleep: the NI gets our decisions first
+            if ring.wait(None if capture else left, [self.sock]):
+                msg = self._recv(None)
+                if msg is not None:
+                    self._ingest(msg)
+
+    # ---- the ring
+    def _ring_poll(self, limit: Optional[int] = None) -> int:
+        """Queues the frames the NI published on the ring since the last poll."""
+        try:
+            frames = self.ring.poll(limit)
+        except RingError as exc:
+            raise ScannerError(f"bad ring from the NI kernel: {exc}") from None
+        if frames:
+            if self.clock_mode == "capture":
+                self._now = max(self._now, max(f.time for f in frames))
+            self._pending.extend(frames)
+        return len(frames)
+
+    def _ring_fill(self) -> bool:
+        """Takes in what is there without waiting: socket messages first (a sync among
+        them takes in the ring's frames published before it), then the ring's frames."""
+        n = len(self._pending)
+        for _ in range(64):
+            r, _, _ = select.select([self.sock], [], [], 0)
+            if not r:
+                break
+            msg = self._recv(None)
+            if msg is not None:
+                self._ingest(msg)
+        self._ring_poll()
+        return len(self._pending) != n
+
+    def _ring_flush(self) -> None:
+        if self.ring is not None and self.ring.decisions:
+            try:
+                self.ring.flush()
+            except RingError as exc:
+                raise ScannerError(f"ring: {exc}") from None
+
+    def flush(self) -> None:
+        """Publishes the decisions buffered for the ring now (the SDK does this by itself
+        before it waits for an event, every RING_BATCH decisions and before it answers a
+        sync; a scanner about to spend long on other work may call it first)."""
+        self._ring_flush()
 
     def _answer_syncs(self) -> int:
         """``sync`` is answered once every event queued before it was taken: the scanner
@@ -464,6 +571,8 @@ class Scanner:
         and alert it caused sent (offline replay waits for this)."""
         n = 0
         while self._pending and isinstance(self._pending[0], _Sync):
+            if n == 0:
+                self._ring_flush()      # the decisions made so far, before the answer
             self.sock.send(wire.encode_control(wire.Synced(self._pending.popleft().id).body()))
             n += 1
         return n
@@ -481,8 +590,40 @@ class Scanner:
         self._answer_syncs()
 
     def recv(self, timeout: Optional[float] = None) -> Optional[Frame]:
-        """The next frame, or None if ``timeout`` seconds pass without one."""
+        """The next frame, or None if ``timeout`` seconds pass without one.  Its ``data``
+        (a read-only memoryview) is valid until the scanner asks for its next event; copy
+        it (``bytes(frame.data)``) to keep it."""
         return self._next_event(lambda e: isinstance(e, Frame), timeout)
+
+    def frames_batch(self, max: int = 256, timeout: Optional[float] = None) -> list:
+        """Every frame there is now, at least one and at most ``max`` (waiting up to
+        ``timeout`` seconds for the first; [] if none came).  Their ``data`` views stay
+        valid until the next frames_batch, recv or other request for an event; decisions
+        on them are batched as ever.  The way to keep up with a fast NI: one call per burst
+        instead of one per frame."""
+        if max < 1:
+            raise ValueError("max must be at least 1")
+        first = self.recv(timeout)
+        if first is None:
+            return []
+        out = [first]
+        if self.ring is not None and not any(isinstance(e, Frame) for e in self._pending):
+            self._ring_poll(max - 1)
+        rest: collections.deque = collections.deque()
+        pending = self._pending
+        while pending and len(out) < max:
+            ev = pending.popleft()
+            if isinstance(ev, _Sync):
+                pending.appendleft(ev)      # answered when the scanner asks again
+                break
+            (out if isinstance(ev, Frame) else rest).append(ev)
+        if rest:
+            rest.extend(pending)
+            self._pending = rest
+        last = out[-1]
+        if isinstance(last, RingFrame):
+            self._ring_next = last.number + 1
+        return out
 
     def frames(self, timeout: Optional[float] = None) -> Iterator[Optional[Frame]]:
         """Yields frames forever; with ``timeout``, yields None after each quiet interval
@@ -604,6 +745,16 @@ class Scanner:
 
     # ---- decisions
     def decide(self, frame: Union[Frame, int], verdict: int) -> None:
+        """Decides a held frame (PASS or CUT).  A frame that came on the ring is decided on
+        the ring: buffered, and published in a batch (RING_BATCH decisions, or when the
+        scanner next waits, or :meth:`flush`).  A bare number names a ring frame while the
+        ring is in use."""
+        ring = self.ring
+        if ring is not None and (isinstance(frame, RingFrame) or not isinstance(frame, Frame)):
+            ring.decide(frame.number if isinstance(frame, Frame) else int(frame), verdict)
+            if len(ring.decisions) >= self.RING_BATCH:
+                self._ring_flush()
+            return
         number = frame.number if isinstance(frame, Frame) else int(frame)
         self.sock.send(wire.encode_decision(number, verdict))
 
@@ -618,4 +769,9 @@ class Scanner:
         self.decide(frame, CUT)
 
     def close(self) -> None:
+        if self.ring is not None:
+            try:
+                self._ring_flush()
+            finally:
+                self.ring.close()
         self.sock.close()

@@ -12,6 +12,23 @@ message is:
   held and a decision is owed, ``number`` counts the frames this scanner has been given
   (1, 2, 3, ...), ``time_ns`` is when the NI took the frame (Unix time, ns).
 
+  Frames on the ring (the fast path).  A kernel that gives the scanner a shared-memory ring
+  sets ``$VHOSTNI_RING_FDS`` = "ni,sc,kick_scanner,kick_ni" (beside ``$VHOSTNI_SCANNER_FD``):
+  region A (a sealed memfd the scanner maps read-only: header, descriptor ring, the bytes of
+  the matched frames), region B (the scanner's cursors and its decision ring) and two
+  eventfds; csrc/vnring.h is the ABI (layout, memory ordering, the want_kick protocol,
+  what the NI does with bad decisions).  The scanner maps both, validates the header and
+  sends the ``ring`` request (below); once the reply is ok, the kernel delivers the frames
+  of this scanner's frame subscriptions as ring descriptors, not ``F`` messages, and the
+  scanner decides them on the decision ring (``{seq, verdict}``, the descriptor's ``seq``
+  being the number), not with ``D``.  Everything else stays on this socket: streams, flows,
+  alerts, checkpoints, syncs, ticks, replies.  ``F`` messages the kernel sent before the
+  reply are decided with ``D`` as before.  No variable, or a reply not ok (an older kernel):
+  frames stay on the socket.  A ``sync`` covers the ring too: the kernel sends it after
+  publishing (storing ``desc_prod`` for) every descriptor it must cover; the scanner reads
+  ``desc_prod`` after receiving the sync, takes in every descriptor below it and publishes
+  its decisions on them before it answers ``synced``.
+
 ``D`` decision, scanner -> kernel (binary)::
 
     'D' | verdict u8 (0 pass, 1 cut) | pad 6 | number u64
@@ -66,6 +83,9 @@ message is:
   ``{"op": "inject", "id": N, "index": I, "direction": "to_guest"|"from_guest"}`` (frame
   injection I of the hello's ``injections``),
   ``{"op": "alert", "message": str, "fields": {...}}``, ``{"op": "synced", "id": N}``,
+  ``{"op": "ring", "id": N, "version": 1}`` (deliver frames on the ring of
+  ``$VHOSTNI_RING_FDS`` from now on, see "Frames on the ring" above; ``version`` is the ABI's
+  VNR_VERSION; no other fields; not ok: frames stay on the socket),
   ``{"op": "reset", "id": N, "src": addr, "sport": p, "dst": addr, "dport": p, "seq": n,
   "ack": n, "mac": "aa:bb:..."}`` (the kernel builds a TCP RST|ACK from the guest's own
   address ``src`` to ``dst`` and sends it into the network as if the guest had sent it,
@@ -92,8 +112,8 @@ message is:
   "config": {...}, "injections": [names], "stream_injections": [names]}`` first
   (the hello also carries ``"checkpoint_max": bytes`` and ``"checkpoint": length|null``,
   see ``K``), then
-  ``{"op": "reply", "id": N, "ok": bool, "error": str}`` for each subscribe, inject and
-  cut, and for streams
+  ``{"op": "reply", "id": N, "ok": bool, "error": str}`` for each subscribe, inject,
+  cut and ring request, and for streams
   ``{"op": "stream_open", "stream": S, "family": 4|6, "client": "guest"|"remote",
   "guest": [addr, port], "remote": [addr, port], "port": server_port, "midstream": bool,
   "read": [directions], "held": [directions]}`` when a connection's handshake completes
@@ -152,6 +172,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 VERSION = 1
+RING_VERSION = 1                    # csrc/vnring.h's VNR_VERSION
 FROM_GUEST = 1
 TO_GUEST = 2
 DIRECTIONS = {"from_guest": FROM_GUEST, "to_guest": TO_GUEST}
@@ -634,16 +655,21 @@ class Reset:
 
 
 @dataclass(frozen=True)
-class Ring:
-    """Asks for this scanner's frames on its shared-memory ring (csrc/vnring.h) rather than
-    as ``frame`` messages (reply: ok, or an error if it has none)."""
+class RingRequest:
+    """Deliver this scanner's frames on its shared-memory ring (csrc/vnring.h) from now on,
+    not as ``F`` messages: the scanner mapped the ring ($VHOSTNI_RING_FDS) and speaks ring
+    ABI ``version``; with ``streams``, the streams its stream subscriptions match go on the
+    ring too (new connections).  Answered with a reply; not ok leaves frames on the socket."""
     version: int
     id: Optional[int] = None
-    streams: bool = False          # its stream subscriptions' streams on the ring too
+    streams: bool = False
+
+    FIELDS = frozenset({"op", "id", "version", "streams"})
 
     def __post_init__(self):
-        if self.version != RING_VERSION or not _is_int(self.version):
-            raise RequestError(f"ring: version must be {RING_VERSION}", self.id)
+        if not _is_int(self.version) or self.version != RING_VERSION:
+            raise RequestError(f"ring version {self.version!r} not supported "
+                               f"(this kernel speaks {RING_VERSION})", self.id)
         if not isinstance(self.streams, bool):
             raise RequestError("ring: streams must be true or false", self.id)
 
@@ -652,10 +678,8 @@ class Ring:
                          **({"streams": True} if self.streams else {})}, self.id)
 
 
-RING_VERSION = 1
-
 Request = Union[Subscribe, StreamSubscribe, FlowSubscribe, Inject, StreamCut, StreamInject, StreamKill,
-                StreamMore, Alert, Synced, Reset, Ring]
+                StreamMore, Alert, Synced, Reset, RingRequest]
 
 
 def _with_id(body: dict, id: Optional[int]) -> dict:
@@ -703,5 +727,8 @@ def decode_request(body: dict) -> Request:
         return Reset(body.get("src"), body.get("sport"), body.get("dst"), body.get("dport"),
                      body.get("seq"), body.get("ack"), body.get("mac"), rid)
     if op == "ring":
-        return Ring(body.get("version"), rid, body.get("streams", False))
+        extra = sorted(set(body) - RingRequest.FIELDS)
+        if extra:
+            raise RequestError(f"ring: unknown fields {', '.join(map(repr, extra))}", rid)
+        return RingRequest(body.get("version"), rid, body.get("streams", False))
     raise RequestError(f"unknown op {op!r}", rid)
