@@ -272,11 +272,16 @@ int vn_policy_subs(struct vn_switch *sw, int port, int dir, int egress_to, struc
     if ((pkt->hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) &&
         (pkt->hdr.gso_type & ~VIRTIO_NET_HDR_GSO_ECN) == VIRTIO_NET_HDR_GSO_NONE)
         vn_csum_complete(pkt);
-    /* read-only copies: on rings, and to the kernel */
+    /* read-only copies: on rings, and to the kernel (which learns which rings got it: a
+     * scanner not ready yet is covered by the kernel, unless its own ring has the frame) */
+    uint64_t ring_got = 0;
     for (uint64_t ro = ring_read & ~ring_hold; ro; ro &= ro - 1)
-        vn_chan_push(sw, port, __builtin_ctzll(ro), pkt, dir, 0);
+        if (vn_chan_push(sw, port, __builtin_ctzll(ro), pkt, dir, 0) == 0)
+            ring_got |= ro & -ro;
     if (subs && !contain) {
         struct vn_held *r = vn_held_record(sw, pkt, port, dir, egress_to, subs, 0);
+        if (r)
+            r->rings = ring_got;
         if (!r || punt_push(sw, r) < 0) {
             free(r);
             p->st.punt_queue_full++;
@@ -306,8 +311,10 @@ int vn_policy_subs(struct vn_switch *sw, int port, int dir, int egress_to, struc
     int cut = 0;
     for (uint64_t hold = ring_hold; hold; hold &= hold - 1) {
         int slot = __builtin_ctzll(hold);
-        if (vn_chan_push(sw, port, slot, pkt, dir, r->id) == 0)
+        if (vn_chan_push(sw, port, slot, pkt, dir, r->id) == 0) {
             r->need |= 1ULL << slot;
+            ring_got |= 1ULL << slot;
+        }
         else if (!pol->hold_default_pass)
             cut = 1;
     }
@@ -321,6 +328,7 @@ int vn_policy_subs(struct vn_switch *sw, int port, int dir, int egress_to, struc
             vn_flow_admit(sw, port, dir, h.flow_id, h.flow_hash);
         return 0;
     }
+    r->rings = ring_got;
     r->hnext = sw->held_hash[r->id % VN_HELD_HASH];
     sw->held_hash[r->id % VN_HELD_HASH] = r;
     if (contain)
@@ -354,6 +362,7 @@ int vn_punt_next(struct vn_switch *sw, struct vn_punt *out)
         out->dir = r->dir;
         out->subs = r->subs;
         out->contain = r->contain;
+        out->rings = r->rings;
         out->time_ns = r->time_ns;
         out->len = r->len;
         out->data = r->data;

@@ -479,6 +479,7 @@ struct vn_punt {
     int dir;                   /* VN_DIR_* seen from that NI's guest */
     uint64_t subs;             /* bit i: subscription i matched */
     uint64_t contain;          /* the matching subscriptions with contain rights */
+    uint64_t rings;            /* bit k: scanner ring k got it too (frame subscriptions) */
     uint64_t time_ns;          /* CLOCK_REALTIME when the NI took it */
     uint32_t len;
     const uint8_t *data;       /* valid until the next vn_punt_next() */

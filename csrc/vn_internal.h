@@ -239,6 +239,7 @@ struct vn_held {
     int dir;
     int egress_to;             /* -1: held at ingress from `port`; else deliver to this port */
     uint64_t subs, contain, time_ns;
+    uint64_t rings;            /* the scanner rings that got it too (vn_punt.rings) */
     uint64_t flow_id;          /* its flow (vn_hdrs.flow_id): admitted when passed */
     uint64_t need;             /* who still owes a pass: bit k the ring in slot k of `port`,
                                 * VN_NEED_KERNEL the NI kernel; released when none is left */

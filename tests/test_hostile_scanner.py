@@ -99,7 +99,7 @@ def test_restart_alert_says_how_the_scanner_died_and_when_it_restarts(kits, monk
     k.wait_subscribed("a", "hang")
     sp = k.sp("a", "hang")
     k.send("a", *[tcp_frame(payload=b"%d" % i) for i in range(20)])
-    k.until(lambda: sp.sent >= 20, 3, "the frames sent to it")
+    k.until(lambda: sp.given() >= 20, 3, "the frames sent to it")
     os.kill(sp.info()["pid"], signal.SIGKILL)
     t0 = time.monotonic()
     alert = k.wait_alert("scanner stopped", "a", "hang")

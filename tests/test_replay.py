@@ -412,7 +412,9 @@ def test_the_installed_command(tmp_path):
 def test_a_scanner_that_does_not_answer_syncs_is_waited_for_by_its_decisions(tmp_path, caplog):
     prog = tmp_path / "rawloop.py"
     prog.write_text(
+        "import os\n"
         "from vhostni.scanner import Scanner, wire\n"
+        "os.environ.pop('VHOSTNI_RING_FDS', None)   # the socket protocol by hand: no ring\n"
         "sc = Scanner.connect()\n"
         "sc.subscribe({'proto': 'udp'}, contain=True)\n"
         "while True:\n"

@@ -171,6 +171,7 @@ def test_kernel_and_ring_both_holding_need_both_passes(net):
     n = net(kernel_subs=((ALL_OUT, True),))
     assert n.out(frame(1)) == 0
     (p,) = [p for p in iter(n.sw.next_punt, None)]
+    assert p.rings == 1 << n.rings[0][0]                  # the kernel learns the ring got it
     (d,) = n.ring().poll()
     n.sw.decide_held(p.id, True)
     assert n.delivered() == 0                             # the scanner has not passed it

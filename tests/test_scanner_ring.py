@@ -678,3 +678,29 @@ def test_the_ring_request_decodes_and_refuses_what_it_does_not_know():
         with pytest.raises(wire.RequestError, match=why) as exc:
             wire.decode_request(body)
         assert exc.value.id == 4 and exc.value.reply
+
+
+def test_ring_decisions_after_a_checkpoint_wait_until_the_kernel_kept_it(pair):
+    """The kernel applies ring decisions on its own loop, so a decision published right
+    after a checkpoint could take effect before the kernel read the checkpoint off the
+    socket.  The SDK asks for a barrier first and publishes only once it is answered."""
+    k, ni, sc = pair(hello={"checkpoint_max": 1024})
+    sc.checkpoint_max = 1024
+    ni.publish([(frame(0), wire.FROM_GUEST, True), (frame(1), wire.FROM_GUEST, True)])
+    f0 = sc.recv(timeout=1)
+    sc.checkpoint({"state": 1})
+    sc.pass_(f0)
+    done = []
+    t = Thread(lambda: done.append(sc.flush()))
+    t.start()
+    assert isinstance(k.recv(), wire.Checkpoint)
+    barrier = k.recv_control("barrier")
+    time.sleep(0.1)
+    assert ni.read_decisions() == [], "published before the barrier was answered"
+    k.reply(barrier["id"])
+    t.join()
+    assert ni.read_decisions() == [(0, wire.PASS)]
+    # no checkpoint since: no barrier
+    sc.pass_(sc.recv(timeout=1))
+    sc.flush()
+    assert ni.read_decisions() == [(1, wire.PASS)]

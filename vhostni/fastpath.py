@@ -70,6 +70,7 @@ class Punt:
     contain: int       # the matching subscriptions with contain rights
     time_ns: int
     data: bytes
+    rings: int = 0     # bit k: scanner ring k got the frame too
 
 
 @dataclass(slots=True)
@@ -153,7 +154,7 @@ class _KernelSide:
         if not lib.vn_punt_next(self._sw, p):
             return None
         return Punt(p.id, p.port, p.dir, p.subs, p.contain, p.time_ns,
-                    bytes(ffi.buffer(p.data, p.len)))
+                    bytes(ffi.buffer(p.data, p.len)), p.rings)
 
     def release_held(self, held_id: int, passed: bool) -> None:
         """Decides a held frame: it leaves the NI (``passed``) or is dropped, whoever else
@@ -202,6 +203,12 @@ class _KernelSide:
         """One turn of the data-plane loop: wait up to ``timeout_ms`` for an event (a
         scanner's kick included), then one pass."""
         return lib.vn_switch_step(self._sw, timeout_ms)
+
+    def ring_deadline(self) -> float:
+        """The earliest hold deadline of a frame or stream chunk on a scanner ring, in
+        seconds on the switch's clock (the monotonic clock, or the time handed in), or inf."""
+        t = lib.vn_chan_deadline(self._sw)
+        return float("inf") if t == 2**64 - 1 else t / 1e9
 
     def ring_poll(self) -> int:
         """Applies the rings' decisions and hold timeouts now; returns decisions applied."""

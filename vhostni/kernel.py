@@ -325,8 +325,11 @@ class NIKernel(StreamBroker):
         held_id = p.id
         needed = set()
         cut = False
+        # a scanner whose own ring got the frame saw it: its cover does not stand in for it
+        on_ring = {n for n, sp in self.scanners.items() if p.rings and sp.ring_slot_routed is not None
+                   and p.rings >> sp.ring_slot_routed & 1}
         for names in covers:
-            if not any(n in targets for n in names) and not self._cover_verdict(names):
+            if not any(n in targets or n in on_ring for n in names) and not self._cover_verdict(names):
                 cut = True
                 self.cut_before_ready += 1
                 break
@@ -422,6 +425,8 @@ class NIKernel(StreamBroker):
     def deadline(self) -> float:
         """The earliest moment a held frame or stream chunk is owed a decision by."""
         t = min((h.deadline for h in self.held.values()), default=float("inf"))
+        if any(sp.ring_slot is not None for sp in self.scanners.values()):
+            t = min(t, self.kernel.switch.ring_deadline())   # what scanner rings hold (C)
         for st in self.streams.values():
             for q in st.deadlines.values():
                 if q:
@@ -432,7 +437,14 @@ class NIKernel(StreamBroker):
         """Whether a held frame, or a held stream chunk of a stream not being killed, still
         awaits a decision (by its scanners or, at its deadline, by the policy's default)."""
         return bool(self.held) or any(
-            st.closing is None and any(st.deadlines.values()) for st in self.streams.values())
+            st.closing is None and any(st.deadlines.values()) for st in self.streams.values()) or any(
+            sp.ring_owed() for sp in self.scanners.values())
+
+    def held_now(self) -> int:
+        """Frames the NI holds now for decisions: those punted here and those on scanner
+        rings (the C core holds both)."""
+        st = self.port.stats()
+        return st["held"] - st["held_passed"] - st["held_cut"]
 
     def info(self) -> dict:
         sw = self.kernel.switch
@@ -443,7 +455,7 @@ class NIKernel(StreamBroker):
                 "streams_killed": self.streams_killed,
                 "tcp_flows": sw.tcp_flows(self.port.index),
                 "tcp_bytes": sw.tcp_bytes(self.port.index),
-                "held": len(self.held), "decided_by_timeout": self.decided_by_timeout,
+                "held": self.held_now(), "decided_by_timeout": self.decided_by_timeout,
                 "scanners_not_ready": sorted(self.covered), "cut_before_ready": self.cut_before_ready,
                 "scanners": {n: sp.info() for n, sp in self.scanners.items()},
                 "signatures": self.signature_counts()}
@@ -515,7 +527,11 @@ class Kernel:
         nxt = float("inf")
         for nk in list(self.nis.values()):
             nxt = min(nxt, nk.expire(now))
-        self.switch.tcp_housekeeping()
+        self.switch.tcp_housekeeping()          # the rings' hold timeouts too
+        for nk in list(self.nis.values()):      # ... alerted (and a hung scanner killed) now
+            for sp in list(nk.scanners.values()):
+                if sp.running:
+                    sp.ring_check()
         self.hold_deadline = min(nxt, min((nk.deadline() for nk in self.nis.values()),
                                           default=float("inf")))
 

@@ -413,7 +413,9 @@ class ScannerProc:
         c.frames += info["delivered"] - old.get("delivered", 0)
         c.decisions += (info["passed"] + info["cut"] + info["stale"]
                         - old.get("passed", 0) - old.get("cut", 0) - old.get("stale", 0))
-        c.timeouts += info["timeouts"] - old.get("timeouts", 0)
+        missed = info["timeouts"] - old.get("timeouts", 0)
+        c.timeouts += missed
+        self.nk.decided_by_timeout += missed
         c.ring_full += info["ring_full"] - old.get("ring_full", 0)
         c.streams += info["streams"] - old.get("streams", 0)
         c.stream_bytes += info["stream_bytes"] - old.get("stream_bytes", 0)
@@ -745,6 +747,8 @@ class ScannerProc:
         elif isinstance(req, wire.StreamMore):
             self.counters.stream_mores += 1
             self.nk.stream_more(self.name, req.stream, req.direction)
+        elif isinstance(req, wire.Barrier):
+            self._reply(req.id)        # everything before it was handled: it is in order
         elif isinstance(req, wire.RingRequest):
             self._ring_request(req.id, req.streams)
 

@@ -313,8 +313,14 @@ class Scanner:
                  ring_fds: Optional[tuple] = None):
         self.sock = sock
         self.ring: Optional[Ring] = None      # frames on the shared-memory ring (see _start_ring)
+        self._ring_barrier = False            # a checkpoint was sent: barrier before the next flush
         self._ring_next = 0                   # 1 + the seq of the last ring frame handed out
         self._pending: collections.deque = collections.deque()     # events not yet taken
+        # capture clock: the time ticks had told when each queued ring frame was taken in (a
+        # tick on the socket and a frame on the ring are not ordered by one stream: a frame
+        # taken in after a tick came after it)
+        self._told = 0.0
+        self._after_tick: dict = {}
         self._controls: collections.deque = collections.deque()    # replies not yet awaited
         self.streams: dict[int, Stream] = {}
         self._next_id = 0
@@ -461,6 +467,7 @@ class Scanner:
                 now = b.get("now")
                 if isinstance(now, (int, float)) and not isinstance(now, bool):
                     self._now = max(self._now, float(now))
+                    self._told = max(self._told, float(now))
             elif op not in ("stream_end", "stream_close"):
                 self._controls.append(b)
 
@@ -491,7 +498,8 @@ class Scanner:
             # the frames handed out before are done with: their bytes go back to the NI
             ring.consume(self._ring_next)
             pending = self._pending
-            if pending and type(pending[0]) is RingFrame and want(pending[0]):
+            if (pending and type(pending[0]) is RingFrame and want(pending[0])
+                    and not (capture and self._after_tick)):
                 ev = pending.popleft()          # the common case, in short
                 self._ring_next = ev.number + 1
                 return ev
@@ -502,16 +510,22 @@ class Scanner:
             for i in range(seen, len(self._pending)):
                 ev = self._pending[i]
                 if not isinstance(ev, _Sync) and want(ev):
-                    del self._pending[i]
                     if isinstance(ev, RingFrame):
+                        if (capture and deadline is not None
+                                and self._after_tick.get(ev.number, 0.0) >= deadline):
+                            return None     # time ran out (a tick said so) before it came
+                        self._after_tick.pop(ev.number, None)
                         self._ring_next = ev.number + 1
+                    del self._pending[i]
                     return ev
             seen = len(self._pending)
-            if ring is not None and self._ring_fill():
-                continue
+            if ring is not None and self._sock_fill():
+                continue                    # socket messages first: a sync, a tick, stream data
             left = None if deadline is None else deadline - self.clock()
             if left is not None and left <= 0:
-                return None
+                return None                 # (a tick may have moved the clock past it)
+            if ring is not None and self._ring_poll():
+                continue
             if ring is None:
                 msg = self._recv(None if capture else left)
                 if msg is None:
@@ -519,6 +533,8 @@ class Scanner:
                 self._ingest(msg)
                 continue
             self._ring_flush()              # about to sleep: the NI gets our decisions first
+            if len(self._pending) != seen:
+                continue                    # a barrier's wait took in events (a sync): no sleep
             if ring.wait(None if capture else left, [self.sock]):
                 msg = self._recv(None)
                 if msg is not None:
@@ -534,12 +550,18 @@ class Scanner:
         if frames:
             if self.clock_mode == "capture":
                 self._now = max(self._now, max(f.time for f in frames))
+                if self._told:
+                    if len(self._after_tick) > 4096:    # taken by frames_batch: forget them
+                        self._after_tick = {k: v for k, v in self._after_tick.items()
+                                            if k >= self._ring_next}
+                    for f in frames:
+                        self._after_tick[f.number] = self._told
             self._pending.extend(frames)
         return len(frames)
 
-    def _ring_fill(self) -> bool:
-        """Takes in what is there without waiting: socket messages first (a sync among
-        them takes in the ring's frames published before it), then the ring's frames."""
+    def _sock_fill(self) -> bool:
+        """Takes in the socket's messages without waiting (a sync among them takes in the
+        ring's frames published before it); True if any event was queued."""
         n = len(self._pending)
         for _ in range(64):
             r, _, _ = select.select([self.sock], [], [], 0)
@@ -548,11 +570,21 @@ class Scanner:
             msg = self._recv(None)
             if msg is not None:
                 self._ingest(msg)
-        self._ring_poll()
         return len(self._pending) != n
+
+    def _ring_fill(self) -> bool:
+        """Takes in what is there without waiting: socket messages first, then the
+        ring's frames."""
+        a = self._sock_fill()
+        return bool(self._ring_poll()) or a
 
     def _ring_flush(self) -> None:
         if self.ring is not None and self.ring.decisions:
+            if self._ring_barrier:
+                # a checkpoint went ahead of these decisions on the socket; the NI applies
+                # ring decisions on its own loop: wait until the kernel has kept it
+                self._ring_barrier = False
+                self._request(wire.Barrier().body())
             try:
                 self.ring.flush()
             except RingError as exc:
@@ -729,6 +761,8 @@ class Scanner:
             raise ValueError(f"checkpoint of {len(data)} bytes exceeds this scanner's limit of "
                              f"{self.checkpoint_max} bytes")
         self.sock.send(wire.encode_checkpoint(kind, data))
+        if self.ring is not None:
+            self._ring_barrier = True       # the next ring decisions wait until it is kept
 
     def restore(self):
         """The state this scanner last saved with :meth:`checkpoint` (bytes, or the JSON

@@ -678,8 +678,20 @@ class RingRequest:
                          **({"streams": True} if self.streams else {})}, self.id)
 
 
+@dataclass(frozen=True)
+class Barrier:
+    """Answered (ok) once the kernel has handled everything this scanner sent before it.
+    The SDK sends one before it publishes ring decisions made after a checkpoint: the
+    kernel applies ring decisions on its own loop, so without it a decision could take
+    effect before the checkpoint sent ahead of it was kept."""
+    id: Optional[int] = None
+
+    def body(self) -> dict:
+        return _with_id({"op": "barrier"}, self.id)
+
+
 Request = Union[Subscribe, StreamSubscribe, FlowSubscribe, Inject, StreamCut, StreamInject, StreamKill,
-                StreamMore, Alert, Synced, Reset, RingRequest]
+                StreamMore, Alert, Synced, Reset, RingRequest, Barrier]
 
 
 def _with_id(body: dict, id: Optional[int]) -> dict:
@@ -726,6 +738,8 @@ def decode_request(body: dict) -> Request:
     if op == "reset":
         return Reset(body.get("src"), body.get("sport"), body.get("dst"), body.get("dport"),
                      body.get("seq"), body.get("ack"), body.get("mac"), rid)
+    if op == "barrier":
+        return Barrier(rid)
     if op == "ring":
         extra = sorted(set(body) - RingRequest.FIELDS)
         if extra:
