@@ -895,8 +895,9 @@ static int st_syn_sent(struct vn_tcp_in *in, struct vn_flow *f)
     uint8_t flags = in->flags;
     if ((flags & TCP_RST) && !in->from_client && (flags & TCP_ACK) &&
         in->ack == f->half[!in->hs].isn + 1 && !in->paylen) {
+        int r = fwd(in, f);        /* before flow_end, which may free f */
         flow_end(in->sw, f, VN_CLOSE_RST);
-        return fwd(in, f);
+        return r;
     }
     return in->paylen || (flags & (TCP_FIN | TCP_RST)) ? drop(&in->st->tcp_bad_handshake)
                                                        : VN_TCP_FORWARD;
@@ -912,8 +913,9 @@ static int seg_rst(struct vn_tcp_in *in, struct vn_flow *f)
     uint64_t hi = S->have_right && S->right > S->acked ? S->right : S->acked + 1;
     if (off < 0 || (uint64_t)off < S->acked || (uint64_t)off >= hi)
         return drop(&in->st->tcp_rst_out_of_window);
+    int r = fwd(in, f);            /* before flow_end, which may free f */
     flow_end(in->sw, f, VN_CLOSE_RST);
-    return fwd(in, f);
+    return r;
 }
 
 /* The acknowledgement (ST_SYN_RCVD: the one completing the handshake): what the receiver
@@ -1169,9 +1171,10 @@ int vn_tcp_input(struct vn_switch *sw, int port, int dir, int egress_to, struct 
         return r;
     if (!in.paylen && !(in.flags & TCP_FIN)) {
         /* a pure ACK or window update; the one acknowledging the second FIN ends it */
+        int r = fwd(&in, f);       /* before flow_end, which may free f (not announced) */
         if (S->fin && S->acked > S->fin_off && R->fin && R->acked > R->fin_off)
             flow_end(sw, f, VN_CLOSE_FIN);
-        return fwd(&in, f);
+        return r;
     }
     return seg_data(&in, f);
 }
