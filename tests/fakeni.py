@@ -107,6 +107,25 @@ class FakeNI:
         self.set_desc_prod(self.desc_prod)
         return seqs
 
+    def publish_raw(self, records: list) -> list:
+        """Publishes (kind, direction, flags, bytes) descriptors as given (stream records)."""
+        seqs = []
+        for kind, direction, flags, data in records:
+            self.write_desc(self.desc_prod, data, direction, bool(flags & R.F_HELD), kind=kind)
+            seqs.append(self.desc_prod)
+            self.desc_prod += 1
+        self.set_desc_prod(self.desc_prod)
+        return seqs
+
+    def read_raw_decisions(self) -> list:
+        """Decisions as (seq, verdict, handle): stream passes carry a handle."""
+        prod = R.U64.unpack_from(self.b, R.SC_DEC_PROD)[0]
+        got = [R.DEC.unpack_from(self.b, R.DEC_OFF + (i & (self.dec_slots - 1)) * R.DEC.size)
+               for i in range(self.dec_cons, prod)]
+        self.dec_cons = prod
+        R.U64.pack_into(self.a, R.NI_DEC_CONS, prod)
+        return got
+
     def set_desc_prod(self, v: int) -> None:
         R.U64.pack_into(self.a, R.NI_DESC_PROD, v)
         R.full_barrier()
@@ -120,7 +139,8 @@ class FakeNI:
         assert self.dec_cons <= prod <= self.dec_cons + self.dec_slots, (self.dec_cons, prod)
         got = []
         for i in range(self.dec_cons, prod):
-            got.append(R.DEC.unpack_from(self.b, R.DEC_OFF + (i & (self.dec_slots - 1)) * R.DEC.size))
+            seq, verdict, _handle = R.DEC.unpack_from(self.b, R.DEC_OFF + (i & (self.dec_slots - 1)) * R.DEC.size)
+            got.append((seq, verdict))
         self.dec_cons = prod
         R.U64.pack_into(self.a, R.NI_DEC_CONS, prod)
         self.decisions += got

@@ -147,3 +147,29 @@ def test_streams_on_the_ring_pass_and_cut_through_the_daemon(kits):
     sp = k.sp("a", "sraw")
     assert sp.counters.streams == 1 and sp.counters.stream_bytes >= 24
     assert k.nk("a").streams == {}               # never brokered by the kernel
+
+
+def test_the_sdk_null_stream_scanner_passes_on_its_ring(kits):
+    """scanners/null_stream.py asks for its streams on the ring: the bytes reach the
+    receiver as it passes them, the kernel never brokers the stream, and the ring's counters
+    are the scanner's."""
+    import os
+    from tcpkit import Conn, payload_of
+    from nikit import scanner_spec as spec_of
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = spec_of("ns", os.path.join(root, "scanners", "null_stream.py"),
+                   allow=[{"stream": True, "port": 25, "contain": True}], config={"port": 25})
+    k = kits({"a": policy(hold_timeout_ms=5000, scanners=[spec])})
+    k.until(lambda: k.sp("a", "ns").info()["ring"] and k.sp("a", "ns").ring_streams
+            and k.nk("a").stream_subs, 20, "the null stream scanner on its ring")
+    c = Conn(k)
+    c.open()
+    for i in range(20):
+        c.send("a", c.data("a", b"chunk %02d " % i))
+        assert payload_of(k.recv("b", 3.0, 1)) == b"chunk %02d " % i
+        c.send("b", c.segment("b", 0x10))
+    assert k.nk("a").streams == {}
+    st = k.stats("a")
+    assert st["ring_stream_bytes"] == 180 and st["tcp_released_segments"] == 20
+    sp = k.sp("a", "ns")
+    assert sp.counters.streams == 1 and sp.counters.stream_bytes == 180 and sp.counters.timeouts == 0

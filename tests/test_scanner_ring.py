@@ -7,6 +7,7 @@ from __future__ import annotations
 import mmap
 import os
 import select
+import struct
 import shutil
 import subprocess
 import sys
@@ -704,3 +705,51 @@ def test_ring_decisions_after_a_checkpoint_wait_until_the_kernel_kept_it(pair):
     sc.pass_(sc.recv(timeout=1))
     sc.flush()
     assert ni.read_decisions() == [(1, wire.PASS)]
+
+
+def _stream_record(stream, offset, handle, payload=b"", reason=0, info=None):
+    head = struct.pack("<QQII8x", stream, offset, handle, reason)
+    if info is not None:
+        ga = bytes([10, 0, 0, 1]) + b"\0" * 12
+        ra = bytes([10, 0, 0, 2]) + b"\0" * 12
+        head += struct.pack("<BBBBB3xHHHxx16s16s", 4, wire.FROM_GUEST, 3, info, 0, 40000, 25, 25, ga, ra)
+    return head + payload
+
+
+def test_streams_on_the_ring_become_stream_events_and_passes_go_back_on_the_ring():
+    """A scanner that asks for its streams on the ring: OPEN, DATA, END and CLOSE records are
+    the same events as over the socket, and its passes are ring decisions naming the
+    stream's handle (VNR_STREAM_PASS | direction, the offset)."""
+    from vhostni.scanner import StreamClosed, StreamData, StreamEnd, StreamOpened
+    from vhostni.scanner import ring as R
+    k = FakeKernel()
+    ni = FakeNI(desc_slots=64, dec_slots=16)
+    try:
+        k.reply(1)
+        sc = Scanner(k.child, lockdown=False, ring_fds=ni.fds, ring_streams=True)
+        assert k.recv_control("ring") == {"op": "ring", "version": 1, "streams": True, "id": 1}
+        ni.publish_raw([(R.KIND_STREAM_OPEN, 0, 0, _stream_record(77, 0, 5, info=3)),
+                        (R.KIND_STREAM_DATA, wire.FROM_GUEST, 1, _stream_record(77, 0, 5, b"HELO x")),
+                        (R.KIND_STREAM_DATA, wire.TO_GUEST, 1, _stream_record(77, 0, 5, b"250 ok")),
+                        (R.KIND_STREAM_END, wire.FROM_GUEST, 0, _stream_record(77, 6, 5)),
+                        (R.KIND_STREAM_CLOSE, 0, 0, _stream_record(77, 0, 5, reason=1))])
+        ev = sc.events(timeout=1)
+        o = next(ev)
+        assert isinstance(o, StreamOpened) and o.stream.id == 77 and o.stream.port == 25
+        assert o.stream.guest == ("10.0.0.1", 40000) and o.stream.holds == {1, 2}
+        d = next(ev)
+        assert isinstance(d, StreamData) and (d.direction, d.offset, d.data, d.held) == (1, 0, b"HELO x", True)
+        assert isinstance(d.data, bytes) and bytes(d.view) == b"HELO x"
+        sc.pass_(d)
+        d2 = next(ev)
+        d2.stream.pass_all(wire.TO_GUEST)
+        e = next(ev)
+        assert isinstance(e, StreamEnd) and (e.direction, e.offset) == (1, 6)
+        c = next(ev)
+        assert isinstance(c, StreamClosed) and c.reason == "fin" and 77 not in sc.streams
+        sc.flush()
+        got = ni.read_raw_decisions()
+        assert got == [(6, R.STREAM_PASS | 1, 5), ((1 << 64) - 1, R.STREAM_PASS | 2, 5)]
+    finally:
+        k.close()
+        ni.close()

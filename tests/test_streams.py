@@ -238,12 +238,11 @@ def test_stream_rights_are_checked(kits):
 
 def test_read_only_scanner_cannot_kill(kits):
     ro = {"port": 25, "contain": False}
-    k = started(kits, [decider(subscribe=[ro], kill_on="KILL", mode="pass")])
+    k = started(kits, [decider(subscribe=[ro], kill_on="KILL", mode="pass", report=True)])
     # stream_decider only acts on held chunks: drive the kill through the kernel instead
     c = Conn(k)
     c.open()
-    k.until(lambda: k.nk("a").streams, what="the stream")
-    sid = next(iter(k.nk("a").streams))
+    sid = k.wait_alert("open", "a", "sd")["fields"]["stream"]   # (on its ring, or brokered)
     k.nk("a").stream_kill("sd", sid, "kill")
     assert k.nk("a").streams_killed == 0 and k.sp("a", "sd").counters.refused == 1
     assert k.alerts_matching("no contain rights", "a", "sd")

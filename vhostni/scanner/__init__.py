@@ -94,7 +94,8 @@ from typing import Iterator, Optional, Union
 from dataclasses import dataclass
 
 from . import wire
-from .ring import ENV as ENV_RING, Ring, RingError, RingFrame, parse_fds
+from .ring import (ENV as ENV_RING, KIND_STREAM_CLOSE, KIND_STREAM_DATA, KIND_STREAM_END,
+                   KIND_STREAM_OPEN, Ring, RingError, RingFrame, RingStream, parse_fds)
 from .wire import CUT, FROM_GUEST, PASS, PASS_ALL, TO_GUEST, Frame
 
 __all__ = ["Scanner", "Frame", "ScannerError", "Refused", "FROM_GUEST", "TO_GUEST", "Stream",
@@ -142,6 +143,7 @@ class Stream:
         self.ended: dict[int, int] = {}                         # direction -> where its FIN is
         self.closed = False
         self.reason: Optional[str] = None
+        self._ring_handle: Optional[int] = body.get("_ring_handle")   # it came on the ring
 
     @property
     def tuple(self) -> tuple:
@@ -167,13 +169,19 @@ class Stream:
         if isinstance(direction, StreamData):
             direction, offset = direction.direction, direction.end
         d = _direction(direction)
-        self._sc.sock.send(wire.encode_stream_pass(self.id, d, self.received[d] if offset is None
-                                                   else int(offset)))
+        upto = self.received[d] if offset is None else int(offset)
+        if self._ring_handle is not None:
+            self._sc._ring_stream_pass(self._ring_handle, d, upto)
+            return
+        self._sc.sock.send(wire.encode_stream_pass(self.id, d, upto))
 
     def pass_all(self, direction: Union[int, str, None] = None) -> None:
         """Lets this direction (default: both) go on from now on without holding it."""
         for d in ((FROM_GUEST, TO_GUEST) if direction is None else (_direction(direction),)):
-            self._sc.sock.send(wire.encode_stream_pass(self.id, d, PASS_ALL))
+            if self._ring_handle is not None:
+                self._sc._ring_stream_pass(self._ring_handle, d, PASS_ALL)
+            else:
+                self._sc.sock.send(wire.encode_stream_pass(self.id, d, PASS_ALL))
 
     def kill(self) -> None:
         """Ends the connection: the NI forges RSTs to both ends and drops what it holds."""
@@ -237,6 +245,20 @@ class StreamData:
 
 
 @dataclass(frozen=True)
+class _RingOpened(StreamOpened):
+    seq: int = -1           # its ring descriptor (its bytes go back once it is taken)
+
+
+@dataclass(frozen=True)
+class _RingData(StreamData):
+    """Stream bytes that came on the ring: ``data`` is a copy (bytes: ``in``, ``+``, regular
+    expressions and keeping it all work as on the socket), ``view`` the zero-copy view of the
+    ring's bytes, valid until the scanner asks for its next event."""
+    seq: int = -1
+    view: Optional[memoryview] = None
+
+
+@dataclass(frozen=True)
 class StreamEnd:
     """The sender of ``direction`` finished (FIN) after ``offset`` bytes."""
     stream: Stream
@@ -248,6 +270,23 @@ class StreamEnd:
 class StreamClosed:
     stream: Stream
     reason: str          # fin, rst, killed, idle, bypass, gone, timeout, overrun, scanner
+
+
+@dataclass(frozen=True)
+class _RingEnd(StreamEnd):
+    seq: int = -1
+
+
+@dataclass(frozen=True)
+class _RingClosed(StreamClosed):
+    seq: int = -1
+
+
+def _ring_seq(ev) -> Optional[int]:
+    """The ring descriptor an event came in (None: the socket)."""
+    if type(ev) is RingFrame:
+        return ev.number
+    return getattr(ev, "seq", None)
 
 
 def _num(v, default=0):
@@ -310,7 +349,7 @@ class Scanner:
     RING_BATCH = 64
 
     def __init__(self, sock: socket.socket, lockdown: bool = True,
-                 ring_fds: Optional[tuple] = None):
+                 ring_fds: Optional[tuple] = None, ring_streams: bool = False):
         self.sock = sock
         self.ring: Optional[Ring] = None      # frames on the shared-memory ring (see _start_ring)
         self._ring_barrier = False            # a checkpoint was sent: barrier before the next flush
@@ -347,6 +386,7 @@ class Scanner:
                 if msg is None:
                     raise ScannerError("the NI kernel announced a checkpoint but did not send it")
                 self._ingest(msg)
+        self.ring_streams = bool(ring_streams)
         if ring_fds is not None:
             self._start_ring(ring_fds)
         if lockdown:
@@ -354,7 +394,8 @@ class Scanner:
             seccomp.lockdown()
 
     @classmethod
-    def connect(cls, fd: Optional[int] = None, lockdown: bool = True) -> "Scanner":
+    def connect(cls, fd: Optional[int] = None, lockdown: bool = True,
+                streams_on_ring: bool = False) -> "Scanner":
         """Attaches to the socket the NI kernel gave this process (``$VHOSTNI_SCANNER_FD``)
         and, unless ``lockdown=False``, installs the SDK's seccomp allow-list: do any start-up
         that needs files (in the sandbox's read-only view) before calling this.  The process
@@ -372,7 +413,7 @@ class Scanner:
                 except RingError as exc:
                     raise ScannerError(str(exc)) from None
         sock = socket.socket(fileno=fd)
-        return cls(sock, lockdown=lockdown, ring_fds=ring_fds)
+        return cls(sock, lockdown=lockdown, ring_fds=ring_fds, ring_streams=streams_on_ring)
 
     def _start_ring(self, fds: tuple) -> None:
         """Maps the shared-memory ring the kernel gave this process and asks the kernel to
@@ -385,10 +426,11 @@ class Scanner:
         except RingError as exc:
             raise ScannerError(f"bad ring from the NI kernel: {exc}") from None
         try:
-            self._request(wire.RingRequest(wire.RING_VERSION).body())
+            self._request(wire.RingRequest(wire.RING_VERSION, streams=self.ring_streams).body())
         except Refused:
             ring.close()
             return
+        ring.streams = self.ring_streams
         self.ring = ring
         self._ring_next = ring.polled
 
@@ -495,8 +537,9 @@ class Scanner:
         deadline = None if timeout is None else self.clock() + timeout
         ring = self.ring
         if ring is not None:
-            # the frames handed out before are done with: their bytes go back to the NI
-            ring.consume(self._ring_next)
+            # the events handed out before are done with: their bytes go back to the NI (up
+            # to the first ring event still queued: a scanner may take events out of order)
+            ring.consume(self._ring_low())
             pending = self._pending
             if (pending and type(pending[0]) is RingFrame and want(pending[0])
                     and not (capture and self._after_tick)):
@@ -510,12 +553,13 @@ class Scanner:
             for i in range(seen, len(self._pending)):
                 ev = self._pending[i]
                 if not isinstance(ev, _Sync) and want(ev):
-                    if isinstance(ev, RingFrame):
+                    seq = _ring_seq(ev)
+                    if seq is not None:
                         if (capture and deadline is not None
-                                and self._after_tick.get(ev.number, 0.0) >= deadline):
+                                and self._after_tick.get(seq, 0.0) >= deadline):
                             return None     # time ran out (a tick said so) before it came
-                        self._after_tick.pop(ev.number, None)
-                        self._ring_next = ev.number + 1
+                        self._after_tick.pop(seq, None)
+                        self._ring_next = seq + 1
                     del self._pending[i]
                     return ev
             seen = len(self._pending)
@@ -547,17 +591,56 @@ class Scanner:
             frames = self.ring.poll(limit)
         except RingError as exc:
             raise ScannerError(f"bad ring from the NI kernel: {exc}") from None
+        tmax = max((f.time for f in frames), default=0.0)
+        if frames and any(type(f) is RingStream for f in frames):
+            frames = [self._ring_stream_event(f) if type(f) is RingStream else f for f in frames]
+            frames = [f for f in frames if f is not None]
         if frames:
             if self.clock_mode == "capture":
-                self._now = max(self._now, max(f.time for f in frames))
+                self._now = max(self._now, tmax)
                 if self._told:
                     if len(self._after_tick) > 4096:    # taken by frames_batch: forget them
                         self._after_tick = {k: v for k, v in self._after_tick.items()
                                             if k >= self._ring_next}
                     for f in frames:
-                        self._after_tick[f.number] = self._told
+                        self._after_tick[_ring_seq(f)] = self._told
             self._pending.extend(frames)
         return len(frames)
+
+    def _ring_stream_event(self, d: RingStream):
+        """The event of one stream descriptor from the ring (None: a stream we never
+        opened, whose bytes we leave)."""
+        if d.kind == KIND_STREAM_OPEN:
+            st = Stream(self, dict(d.info, _ring_handle=d.handle))
+            self.streams[d.stream] = st
+            return _RingOpened(st, seq=d.seq)
+        st = self.streams.get(d.stream)
+        if st is None:
+            return None
+        if d.kind == KIND_STREAM_DATA:
+            st.received[d.direction] = max(st.received[d.direction], d.offset + len(d.data))
+            return _RingData(st, d.direction, d.offset, bytes(d.data), d.held, seq=d.seq, view=d.data)
+        if d.kind == KIND_STREAM_END:
+            st.ended[d.direction] = d.offset
+            return _RingEnd(st, d.direction, d.offset, seq=d.seq)
+        self.streams.pop(d.stream, None)
+        st.closed, st.reason = True, d.reason
+        return _RingClosed(st, d.reason, seq=d.seq)
+
+    def _ring_stream_pass(self, handle: int, direction: int, upto: int) -> None:
+        ring = self.ring
+        ring.stream_pass(handle, direction, upto)
+        if len(ring.decisions) >= self.RING_BATCH:
+            self._ring_flush()
+
+    def _ring_low(self) -> int:
+        """Where the ring's bytes still in use begin: the first ring event still queued (the
+        queue is in arrival order), else everything polled."""
+        for ev in self._pending:
+            seq = _ring_seq(ev)
+            if seq is not None:
+                return seq
+        return self.ring.polled
 
     def _sock_fill(self) -> bool:
         """Takes in the socket's messages without waiting (a sync among them takes in the

@@ -42,6 +42,8 @@ ENV = "VHOSTNI_RING_FDS"
 MAGIC = 0x31524E56                  # "VNR1"
 VERSION = 1
 KIND_FRAME = 1
+KIND_STREAM_OPEN, KIND_STREAM_DATA, KIND_STREAM_END, KIND_STREAM_CLOSE = 2, 3, 4, 5
+STREAM_PASS = 0x10                  # verdict of a stream pass: STREAM_PASS | direction
 F_HELD = 1
 DATA_ALIGN = 64
 BROKEN = {0: "none", 1: "desc_cons went back or past desc_prod",
@@ -62,11 +64,33 @@ SC_DESC_CONS = 0
 SC_DEC_PROD = 64
 SC_WANT_KICK = 128
 DEC_OFF = 256
-DEC = struct.Struct("<QI4x")
+DEC = struct.Struct("<QII")           # seq (a stream pass: the offset), verdict, handle
+# struct vnr_stream (the head of a stream descriptor's bytes) and struct vnr_stream_open
+STREAM_HDR = struct.Struct("<QQII8x")
+STREAM_OPEN = struct.Struct("<BBBBB3xHHHxx16s16s")
+CLOSE_REASONS = {1: "fin", 2: "rst", 3: "killed", 4: "idle", 5: "bypass", 6: "gone", 7: "overrun"}
 U64 = struct.Struct("<Q")
 U32 = struct.Struct("<I")
 MAX_SLOTS = 1 << 24                 # sanity bound on a header's slot counts
 assert NI_HEAD.size == 64 and DESC.size == 32 and DEC.size == 16
+
+
+@dataclass(frozen=True)
+class RingStream:
+    """A stream descriptor (kinds 2..5): which stream (the NI's id, and the ring's handle
+    its passes name), the offset, and for DATA a read-only view of the bytes; for OPEN the
+    connection (``info``); for CLOSE the reason."""
+    seq: int
+    kind: int
+    direction: int
+    held: bool
+    time: float
+    stream: int
+    handle: int
+    offset: int
+    data: memoryview
+    reason: str = ""
+    info: Optional[dict] = None
 
 
 class RingError(Exception):
@@ -129,7 +153,8 @@ class Ring:
         self.polled = U64.unpack_from(self.b, SC_DESC_CONS)[0]    # next descriptor to read
         self.consumed = self.polled
         self.dec_prod = U64.unpack_from(self.b, SC_DEC_PROD)[0]
-        self.decisions: list = []         # (seq, verdict) not yet written
+        self.decisions: list = []         # (seq, verdict, handle) not yet written
+        self.streams = False              # the kernel puts our streams on the ring too
         self.kicks_sent = 0
         self.waits = 0
 
@@ -229,15 +254,42 @@ class Ring:
             seq, time_ns, data, length, kind, direction, flags = unpack(a, off + (i & mask) * 32)
             if seq != i:
                 raise RingError(f"descriptor {i} says seq {seq}")
-            if kind != KIND_FRAME or direction not in (FROM_GUEST, TO_GUEST):
-                raise RingError(f"descriptor {i}: kind {kind}, direction {direction}")
             if data + length > size:
                 raise RingError(f"descriptor {i}: bytes [{data}, +{length}) outside the "
                                 f"data area of {size}")
+            if kind != KIND_FRAME and self.streams and KIND_STREAM_OPEN <= kind <= KIND_STREAM_CLOSE:
+                out.append(self._stream_desc(i, kind, direction, flags, time_ns, base + data, length))
+                continue
+            if kind != KIND_FRAME or direction not in (FROM_GUEST, TO_GUEST):
+                raise RingError(f"descriptor {i}: kind {kind}, direction {direction}")
             out.append(RingFrame(seq, direction, bool(flags & F_HELD), time_ns / 1e9,
                                  view[base + data:base + data + length]))
         self.polled = prod
         return out
+
+    def _stream_desc(self, i, kind, direction, flags, time_ns, at, length) -> RingStream:
+        if length < STREAM_HDR.size or (kind == KIND_STREAM_OPEN and length < STREAM_HDR.size + STREAM_OPEN.size):
+            raise RingError(f"descriptor {i}: a stream record of {length} bytes")
+        if kind in (KIND_STREAM_DATA, KIND_STREAM_END) and direction not in (FROM_GUEST, TO_GUEST):
+            raise RingError(f"descriptor {i}: stream direction {direction}")
+        stream, offset, handle, reason = STREAM_HDR.unpack_from(self.a, at)
+        info = None
+        if kind == KIND_STREAM_OPEN:
+            fam, client, read, held, mid, gport, rport, sport, ga, ra = STREAM_OPEN.unpack_from(
+                self.a, at + STREAM_HDR.size)
+            if fam not in (4, 6):
+                raise RingError(f"descriptor {i}: stream family {fam}")
+            import ipaddress
+            n = 4 if fam == 4 else 16
+            dirs = {FROM_GUEST: "from_guest", TO_GUEST: "to_guest"}
+            info = {"stream": stream, "family": fam, "client": "guest" if client == FROM_GUEST else "remote",
+                    "guest": [str(ipaddress.ip_address(ga[:n])), gport],
+                    "remote": [str(ipaddress.ip_address(ra[:n])), rport], "port": sport,
+                    "midstream": bool(mid), "read": [v for d, v in dirs.items() if read & d],
+                    "held": [v for d, v in dirs.items() if held & d]}
+        body = self.view[at + STREAM_HDR.size:at + length] if kind == KIND_STREAM_DATA else self.view[at:at]
+        return RingStream(i, kind, direction, bool(flags & F_HELD), time_ns / 1e9, stream, handle, offset,
+                          body, CLOSE_REASONS.get(reason, "closed") if kind == KIND_STREAM_CLOSE else "", info)
 
     def consume(self, upto: int) -> None:
         """Gives the bytes of every descriptor below ``upto`` back to the NI (their views
@@ -252,7 +304,11 @@ class Ring:
     def decide(self, seq: int, verdict: int) -> None:
         if verdict not in (PASS, CUT):
             raise ValueError(f"verdict must be PASS or CUT, not {verdict!r}")
-        self.decisions.append((seq, verdict))
+        self.decisions.append((seq, verdict, 0))
+
+    def stream_pass(self, handle: int, direction: int, upto: int) -> None:
+        """Buffers a stream pass: every byte of ``direction`` below ``upto`` may go."""
+        self.decisions.append((min(upto, (1 << 64) - 1), STREAM_PASS | direction, handle))
 
     def flush(self) -> None:
         """Writes every buffered decision and publishes them (one store of dec_prod per
@@ -275,8 +331,8 @@ class Ring:
                 self._publish(prod)
                 self._wait_dec_cons(prod - slots)
                 continue
-            for seq, verdict in pending[i:i + room]:
-                DEC.pack_into(b, DEC_OFF + (prod & mask) * 16, seq, verdict)
+            for seq, verdict, handle in pending[i:i + room]:
+                DEC.pack_into(b, DEC_OFF + (prod & mask) * 16, seq, verdict, handle)
                 prod += 1
             i += room
         self._publish(prod)
