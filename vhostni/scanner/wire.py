@@ -29,6 +29,17 @@ message is:
   ``desc_prod`` after receiving the sync, takes in every descriptor below it and publishes
   its decisions on them before it answers ``synced``.
 
+  Streams on the ring: with ``"streams": true`` in the ring request the streams this
+  scanner's stream subscriptions match (connections opened from then on) come on the ring
+  too, as OPEN / DATA / END / CLOSE records (``struct vnr_stream`` heads their bytes: the
+  stream id the socket requests name, its ring handle, the offset; OPEN adds the connection,
+  CLOSE the reason), not as ``stream_*`` messages and ``S`` data.  A pass is a ring decision
+  ``{offset, VNR_STREAM_PASS | direction, handle}``; ``cut``, ``inject``, ``more`` and
+  ``kill`` stay requests here, checked against what the ring holds.  A checkpoint is
+  ordered before later ring decisions by a ``barrier`` request (below): the kernel applies
+  ring decisions on its own loop, so the scanner publishes decisions made after a
+  checkpoint only once the barrier is answered.
+
 ``D`` decision, scanner -> kernel (binary)::
 
     'D' | verdict u8 (0 pass, 1 cut) | pad 6 | number u64
@@ -83,9 +94,11 @@ message is:
   ``{"op": "inject", "id": N, "index": I, "direction": "to_guest"|"from_guest"}`` (frame
   injection I of the hello's ``injections``),
   ``{"op": "alert", "message": str, "fields": {...}}``, ``{"op": "synced", "id": N}``,
-  ``{"op": "ring", "id": N, "version": 1}`` (deliver frames on the ring of
-  ``$VHOSTNI_RING_FDS`` from now on, see "Frames on the ring" above; ``version`` is the ABI's
-  VNR_VERSION; no other fields; not ok: frames stay on the socket),
+  ``{"op": "ring", "id": N, "version": 1[, "streams": true]}`` (deliver frames, and with
+  ``streams`` new streams, on the ring of ``$VHOSTNI_RING_FDS`` from now on, see "Frames on
+  the ring" above; ``version`` is the ABI's VNR_VERSION; no other fields; not ok: they stay on
+  the socket), ``{"op": "barrier", "id": N}`` (answered once everything sent before it was
+  handled),
   ``{"op": "reset", "id": N, "src": addr, "sport": p, "dst": addr, "dport": p, "seq": n,
   "ack": n, "mac": "aa:bb:..."}`` (the kernel builds a TCP RST|ACK from the guest's own
   address ``src`` to ``dst`` and sends it into the network as if the guest had sent it,
