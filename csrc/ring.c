@@ -560,8 +560,33 @@ void vn_chan_flush(struct vn_switch *sw)
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
         if (load_sc32(c, offsetof(struct vnr_sc, want_kick)))
             kick(c->kick_sc);
+        sw->chan_pub_ns = vn_now_ns();
     }
     sw->ndirty = 0;
+}
+
+int vn_chan_spin(struct vn_switch *sw)
+{
+    /* a scanner that owes decisions on what was just published usually answers within
+     * microseconds: look at the decision rings for a little while before sleeping (two
+     * sleeps and wake-ups, the NI's and the scanner's, cost far more) */
+    if (!sw->nchans || vn_now_ns() - sw->chan_pub_ns > VN_CHAN_SPIN_AFTER_NS)
+        return 0;
+    int owed = 0;
+    for (unsigned i = 0; i < sw->nchans && !owed; i++)
+        owed = sw->chans[i]->owed && !sw->chans[i]->broken;
+    if (!owed)
+        return 0;
+    uint64_t end = vn_now_ns() + VN_CHAN_SPIN_NS;
+    do {
+        for (unsigned i = 0; i < sw->nchans; i++) {
+            struct vn_chan *c = sw->chans[i];
+            if (!c->broken && load_sc64(c, offsetof(struct vnr_sc, dec_prod)) != c->dec_cons)
+                return 1;
+        }
+        __builtin_ia32_pause();
+    } while (vn_now_ns() < end);
+    return 0;
 }
 
 /* Reads the decisions published on one ring; returns how many were applied. */

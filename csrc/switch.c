@@ -1246,8 +1246,9 @@ int vn_switch_run(struct vn_switch *sw, int timeout_ms, int poll_mode)
         else
             wait_ms = (int)((deadline - t + 999999) / 1000000);
         if (wait_ms != 0 && sw->nchans) {
-            /* scanner rings: ask for a kick before sleeping, and wake for hold timeouts */
-            if (vn_chan_arm(sw)) {
+            /* scanner rings: a moment's look for decisions, else ask for a kick before
+             * sleeping, and wake for hold timeouts */
+            if (vn_chan_spin(sw) || vn_chan_arm(sw)) {
                 wait_ms = 0;
             } else {
                 uint64_t dl = vn_chan_deadline(sw), now = vn_clock(sw);
@@ -1289,7 +1290,7 @@ int vn_switch_run(struct vn_switch *sw, int timeout_ms, int poll_mode)
 int vn_switch_step(struct vn_switch *sw, int timeout_ms)
 {
     struct epoll_event evs[64];
-    if (timeout_ms != 0 && sw->nchans && vn_chan_arm(sw))
+    if (timeout_ms != 0 && sw->nchans && (vn_chan_spin(sw) || vn_chan_arm(sw)))
         timeout_ms = 0;            /* a scanner's decisions wait already */
     int n = epoll_wait(sw->epfd, evs, 64, timeout_ms);
     if (n < 0 && errno != EINTR)

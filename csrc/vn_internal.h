@@ -320,6 +320,7 @@ struct vn_switch {
     unsigned nchans;
     struct vn_chan *dirty[VN_CHAN_MAX];
     unsigned ndirty;
+    uint64_t chan_pub_ns;         /* when descriptors were last published (vn_chan_spin) */
 };
 
 /* ring.c */
@@ -353,6 +354,11 @@ void vn_tcp_ring_service(struct vn_switch *sw);
 void vn_chan_flush(struct vn_switch *sw);
 /* Before the switch sleeps: asks scanners to kick; 1 if a decision is waiting already. */
 int vn_chan_arm(struct vn_switch *sw);
+/* Before the switch sleeps, shortly after publishing to a scanner that owes decisions: polls
+ * the decision rings up to VN_CHAN_SPIN_NS; 1 if a decision came. */
+#define VN_CHAN_SPIN_NS 20000ULL
+#define VN_CHAN_SPIN_AFTER_NS 200000ULL
+int vn_chan_spin(struct vn_switch *sw);
 void vn_chan_kicked(struct vn_switch *sw, int port, int slot);
 void vn_chan_port_gone(struct vn_switch *sw, int port);
 /* vn_chan_close and vn_chan_poll without draining the emit queue (switch.c drains) */

@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import (detectors, frameloop, guest_tcp, httpguard, ringloop, scale, scanners, signatures, streams, webdl,
-               workers)
+from . import (detectors, frameloop, guest_tcp, httpguard, ringlatency, ringloop, ringstreams, scale, scanners,
+               signatures, streams, webdl, workers)
 from .backends import DpdkVhostBackend, VhostniBackend, vhostni_unavailable_reason
 from .testpmd import dpdk_version, reap_stale, testpmd_binary
 
@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="bench/out/results.json", help="JSON results file")
     p.add_argument("--logdir", default=None, help="process logs (default: <out dir>/logs)")
-    p.add_argument("--only", choices=("frameloop", "ringloop", "guest-tcp", "scanners", "streams", "signatures", "webdl",
+    p.add_argument("--only", choices=("frameloop", "ringloop", "ringstreams", "ringlatency", "guest-tcp", "scanners", "streams", "signatures", "webdl",
                                       "httpguard", "scale", "workers", "detectors"), help="run one part only")
     p.add_argument("--no-vhostni", action="store_true", help="baseline only")
     g = p.add_argument_group("frame loop")
@@ -304,6 +304,16 @@ def main(argv=None) -> int:
                 results["ring_loop"] = ringloop.run_ring_loop(
                     cfg, vhostni_args, vhostni_cmd, args.backend_cpu, progress=lambda m: print(m, flush=True))
                 save()
+        if args.only in (None, "ringstreams"):
+            print("ring streams: 16 TCP connections held for a null scanner on a ring, fed from C", flush=True)
+            results["ring_streams"] = ringstreams.run_ring_streams(
+                ringstreams.RingStreamsConfig(runs=args.runs), progress=lambda m: print(m, flush=True))
+            save()
+        if args.only in (None, "ringlatency"):
+            print("ring latency: one SYN at a time held for a null scanner on a ring", flush=True)
+            results["ring_latency"] = ringlatency.run_ring_latency(
+                ringlatency.RingLatencyConfig(), progress=lambda m: print(m, flush=True))
+            save()
         if args.only in (None, "guest-tcp"):
             print("guest TCP: iperf3 between two TCG guests", flush=True)
             tcfg = guest_tcp.GuestTcpConfig(

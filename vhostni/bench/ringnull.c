@@ -60,6 +60,10 @@ int main(void)
     struct pollfd pf[2] = {{.fd = fd[2], .events = POLLIN}, {.fd = 0, .events = POLLIN}};
     for (;;) {
         uint64_t prod = ld64(&ni->desc_prod);
+        for (int spin = 0; prod == seen && spin < 2000; spin++) {
+            __builtin_ia32_pause();    /* the NI's next burst usually follows at once */
+            prod = ld64(&ni->desc_prod);
+        }
         if (prod == seen) {
             __atomic_store_n(&sc->want_kick, 1, __ATOMIC_RELAXED);
             __atomic_thread_fence(__ATOMIC_SEQ_CST);
