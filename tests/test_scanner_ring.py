@@ -753,3 +753,22 @@ def test_streams_on_the_ring_become_stream_events_and_passes_go_back_on_the_ring
     finally:
         k.close()
         ni.close()
+
+
+def test_a_machine_without_the_rings_memory_model_stays_on_the_socket(monkeypatch):
+    """The SDK's side of a ring needs x86-64; elsewhere it does not ask for the ring, and its
+    frames keep coming on the socket (no crash, no request)."""
+    from vhostni.scanner import ring as R
+    monkeypatch.setattr(R.platform, "machine", lambda: "aarch64")
+    k = FakeKernel()
+    ni = FakeNI()
+    try:
+        sc = Scanner(k.child, lockdown=False, ring_fds=ni.fds)
+        assert sc.ring is None
+        k.sock.send(wire.encode_frame(1, wire.FROM_GUEST, True, 0, b"abc"))
+        f = sc.recv(timeout=1)
+        sc.pass_(f)
+        assert k.recv() == wire.Decision(1, wire.PASS)   # the first message: no ring request
+    finally:
+        k.close()
+        ni.close()

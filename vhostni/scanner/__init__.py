@@ -95,7 +95,8 @@ from dataclasses import dataclass
 
 from . import wire
 from .ring import (ENV as ENV_RING, KIND_STREAM_CLOSE, KIND_STREAM_DATA, KIND_STREAM_END,
-                   KIND_STREAM_OPEN, Ring, RingError, RingFrame, RingStream, parse_fds)
+                   KIND_STREAM_OPEN, Ring, RingError, RingFrame, RingStream, RingUnsupported,
+                   parse_fds)
 from .wire import CUT, FROM_GUEST, PASS, PASS_ALL, TO_GUEST, Frame
 
 __all__ = ["Scanner", "Frame", "ScannerError", "Refused", "FROM_GUEST", "TO_GUEST", "Stream",
@@ -423,6 +424,8 @@ class Scanner:
         new files, which nothing does afterwards."""
         try:
             ring = Ring(tuple(fds))
+        except RingUnsupported:
+            return                          # not asked for: frames stay on the socket
         except RingError as exc:
             raise ScannerError(f"bad ring from the NI kernel: {exc}") from None
         try:

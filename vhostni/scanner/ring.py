@@ -97,6 +97,10 @@ class RingError(Exception):
     """A ring the NI handed over is unusable (the SDK reports it as ScannerError)."""
 
 
+class RingUnsupported(RingError):
+    """This machine cannot run the SDK's side of a ring: frames stay on the socket."""
+
+
 @dataclass(frozen=True)
 class RingFrame(Frame):
     """A frame delivered on the ring: ``data`` is a read-only memoryview into region A,
@@ -142,7 +146,7 @@ class Ring:
 
     def __init__(self, fds: tuple[int, int, int, int]):
         if platform.machine() != "x86_64":
-            raise RingError(f"the rings need x86-64's memory model (this is {platform.machine()})")
+            raise RingUnsupported(f"the rings need x86-64's memory model (this is {platform.machine()})")
         self.fd_ni, self.fd_sc, self.kick_scanner, self.kick_ni = fds
         self.a: Optional[mmap.mmap] = None
         self.b: Optional[mmap.mmap] = None
