@@ -174,6 +174,15 @@ static void mac_forget_port(struct vn_switch *sw, int port)
             sw->macs[i].used = 0;
 }
 
+static void live_rebuild(struct vn_switch *sw)
+{
+    unsigned n = 0;
+    for (int i = 0; i < VN_MAX_PORTS; i++)
+        if (sw->ports[i].kind)
+            sw->live[n++] = (uint8_t)i;
+    sw->nlive = n;
+}
+
 /* A free port slot, zeroed, with idle rings; -1 if all VN_MAX_PORTS are taken.  The
  * caller sets `kind`, which is what marks the slot used. */
 static int port_slot(struct vn_switch *sw)
@@ -199,6 +208,7 @@ int vn_port_add_vhost(struct vn_switch *sw)
         return VN_ERANGE;
     sw->ports[i].kind = VN_PORT_VHOST;
     sw->ports[i].hdr_len = 12;
+    live_rebuild(sw);
     return i;
 }
 
@@ -219,6 +229,7 @@ int vn_port_add_tap(struct vn_switch *sw, int fd, int vnet_hdr_len)
     p->tapfd = fd;
     p->tap_hdr_len = (unsigned)vnet_hdr_len;
     p->tap_readable = 1;
+    live_rebuild(sw);
     return i;
 }
 
@@ -228,6 +239,7 @@ int vn_port_add_sink(struct vn_switch *sw)
     if (i < 0)
         return VN_ERANGE;
     sw->ports[i].kind = VN_PORT_SINK;
+    live_rebuild(sw);
     return i;
 }
 
@@ -289,6 +301,7 @@ int vn_port_remove(struct vn_switch *sw, int port)
     vn_sigport_free(sw, port);
     free(p->pol);
     memset(p, 0, sizeof(*p));
+    live_rebuild(sw);
     return VN_OK;
 }
 
@@ -505,6 +518,7 @@ int vn_vq_set_base(struct vn_switch *sw, int port, unsigned q, unsigned base)
     if (vq->started)
         return VN_ESTATE;
     vq->last_avail = (uint16_t)base;
+    vq->avail_known = 0;
     vq->used_idx = (uint16_t)base;
     return VN_OK;
 }
@@ -559,6 +573,8 @@ int vn_vq_set_kick(struct vn_switch *sw, int port, unsigned q, int fd)
     }
     vq->started = 1;
     vq->active = 1;   /* the driver may have queued buffers before telling us */
+    if (q / 2 + 1 > p->nqp)
+        p->nqp = q / 2 + 1;
     return VN_OK;
 }
 
@@ -665,7 +681,7 @@ static struct vn_vq *rx_queue(struct vn_port *p, const struct vn_pkt *pkt)
 {
     struct vn_vq *cand[VN_MAX_QUEUE_PAIRS];
     unsigned n = 0;
-    for (unsigned qp = 0; qp < VN_MAX_QUEUE_PAIRS; qp++)
+    for (unsigned qp = 0; qp < p->nqp; qp++)
         if (vn_vq_ready(p, &p->vq[2 * qp]))
             cand[n++] = &p->vq[2 * qp];
     if (n == 0)
@@ -730,7 +746,7 @@ static int backlog_flush(struct vn_switch *sw, struct vn_port *p)
          * while another's has room); if none has one, ask each for a kick and look once more:
          * buffers may have arrived between our look and the flag */
         for (int pass = 0; pass < 2 && r == VN_PUSH_NOBUF; pass++)
-            for (unsigned qp = 0; qp < VN_MAX_QUEUE_PAIRS && r == VN_PUSH_NOBUF; qp++) {
+            for (unsigned qp = 0; qp < p->nqp && r == VN_PUSH_NOBUF; qp++) {
                 struct vn_vq *c = &p->vq[2 * qp];
                 if (!vn_vq_ready(p, c))
                     continue;
@@ -917,7 +933,8 @@ static void vn_forward_switch(struct vn_switch *sw, int in, struct vn_pkt *pkt)
     /* every port gets the frame as it came: a port whose egress may edit it (its policy's
      * TCP engine rewrites the segments of an edited connection, a subscription completes a
      * checksum) gets its own copy */
-    for (int i = 0; i < VN_MAX_PORTS; i++) {
+    for (unsigned k = 0; k < sw->nlive; k++) {
+        int i = sw->live[k];
         if (i == in || !sw->ports[i].kind)
             continue;
         if (sw->ports[i].pol) {
@@ -1008,11 +1025,11 @@ static void vn_signal_all(struct vn_switch *sw)
 {
     if (sw->ndirty)
         vn_chan_flush(sw);     /* scanner rings: one publication per burst */
-    for (int i = 0; i < VN_MAX_PORTS; i++) {
-        struct vn_port *p = &sw->ports[i];
+    for (unsigned k = 0; k < sw->nlive; k++) {
+        struct vn_port *p = &sw->ports[sw->live[k]];
         if (p->kind != VN_PORT_VHOST)
             continue;
-        for (unsigned q = 0; q < VN_MAX_QUEUES; q++) {
+        for (unsigned q = 0; q < 2 * p->nqp; q++) {
             struct vn_vq *vq = &p->vq[q];
             if (vq->call_pending && vq->used) {
                 vn_vq_publish_used(p, vq);
@@ -1134,7 +1151,8 @@ static int service_pass(struct vn_switch *sw, int poll_mode, int *busy)
             vn_signal_all(sw);
         }
     }
-    for (int i = 0; i < VN_MAX_PORTS; i++) {
+    for (unsigned k = 0; k < sw->nlive; k++) {
+        int i = sw->live[k];
         struct vn_port *p = &sw->ports[i];
         if (p->kind == VN_PORT_TAP) {
             if (p->tap_readable || poll_mode)
@@ -1148,7 +1166,7 @@ static int service_pass(struct vn_switch *sw, int poll_mode, int *busy)
             backlog_flush(sw, p);
             vn_signal_all(sw);
         }
-        for (unsigned q = 1; q < VN_MAX_QUEUES; q += 2) {
+        for (unsigned q = 1; q < 2 * p->nqp; q += 2) {
             struct vn_vq *vq = &p->vq[q];
             if (!(vq->active || poll_mode) || !vn_vq_ready(p, vq))
                 continue;

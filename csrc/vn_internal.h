@@ -99,6 +99,7 @@ struct vn_region {
 
 struct vn_mem {
     unsigned n;
+    unsigned hint;     /* the region the last translation hit: tried first */
     struct vn_region r[VN_MAX_REGIONS];
 };
 
@@ -117,6 +118,8 @@ struct vn_vq {
     volatile struct vring_avail *avail;
     volatile struct vring_used *used;
     uint16_t last_avail;          /* next avail ring entry we consume */
+    uint16_t avail_known;         /* heads from last_avail on that the last read of avail idx
+                                   * showed (checked then): taken without reading it again */
     uint16_t used_idx;            /* our copy of used->idx */
     uint16_t signalled_used;      /* used idx at the last interrupt */
     int signalled_valid;
@@ -160,6 +163,8 @@ struct vn_port {
     /* vhost */
     struct vn_mem mem;
     struct vn_vq vq[VN_MAX_QUEUES];
+    unsigned nqp;                 /* queue pairs [0, nqp) were ever started (SET_VRING_KICK):
+                                   * no later one can be ready, so the loops stop there */
     uint64_t features;
     unsigned hdr_len;             /* 10 or 12 */
     int broken;
@@ -288,6 +293,10 @@ struct vn_emit_to {
 
 struct vn_switch {
     struct vn_port ports[VN_MAX_PORTS];
+    /* the slots in use (kind != 0), ascending: what the per-burst and flood loops walk
+     * instead of VN_MAX_PORTS slots of a few KiB each (live_rebuild, on add and remove) */
+    uint8_t live[VN_MAX_PORTS];
+    unsigned nlive;
     struct vn_mac_entry macs[VN_MAC_TABLE];
     int epfd;
     int wake_fd;
@@ -345,14 +354,22 @@ int vn_mem_iov(struct vn_mem *m, uint64_t gpa, uint64_t len,
                struct vn_iov *iov, unsigned max, unsigned *n);
 void vn_mem_unmap(struct vn_mem *m);
 /* Dirty log: marks the pages of guest-physical [gpa, gpa+len) written, if logging. */
-void vn_log_write(struct vn_port *p, uint64_t gpa, uint64_t len);
+void vn_log_mark(struct vn_port *p, uint64_t gpa, uint64_t len);
+static inline void vn_log_write(struct vn_port *p, uint64_t gpa, uint64_t len)
+{
+    if (__builtin_expect(p->log != NULL, 0))
+        vn_log_mark(p, gpa, len);
+}
 int vn_log_map(struct vn_port *p, int fd, uint64_t size, uint64_t offset);
 void vn_log_unmap(struct vn_port *p);
 int vn_mem_map(struct vn_mem *m, unsigned n, const struct vn_region_spec *spec, const int *fds);
 
 /* vring.c */
 int vn_vq_map(struct vn_port *p, struct vn_vq *vq);
-int vn_vq_ready(struct vn_port *p, struct vn_vq *vq);
+static inline int vn_vq_ready(const struct vn_port *p, const struct vn_vq *vq)
+{
+    return !p->broken && vq->started && vq->enabled && vq->desc && vq->num;
+}
 int vn_vq_avail_count(struct vn_port *p, struct vn_vq *vq);
 int vn_vq_map_chain(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, uint16_t head,
                     int writable, unsigned *niov, uint64_t *total);

@@ -36,6 +36,7 @@ int vn_vq_map(struct vn_port *p, struct vn_vq *vq)
     vq->desc = NULL;
     vq->avail = NULL;
     vq->used = NULL;
+    vq->avail_known = 0;
     if (!vq->addr_set || vq->num == 0)
         return 0;
     uint8_t *d = vn_mem_uva(&p->mem, vq->desc_uva, desc_bytes(vq->num));
@@ -52,21 +53,30 @@ int vn_vq_map(struct vn_port *p, struct vn_vq *vq)
     return 0;
 }
 
-int vn_vq_ready(struct vn_port *p, struct vn_vq *vq)
-{
-    return !p->broken && vq->started && vq->enabled && vq->desc && vq->num;
-}
-
-/* How many new heads the driver made available; -1 (and broken) if the index is absurd. */
+/* How many new heads the driver made available; -1 (and broken) if the index is absurd.
+ * Reads avail idx (and remembers the count in avail_known). */
 int vn_vq_avail_count(struct vn_port *p, struct vn_vq *vq)
 {
     uint16_t idx = __atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE);
     uint16_t n = (uint16_t)(idx - vq->last_avail);
     if (n > vq->num) {
+        vq->avail_known = 0;
         vn_port_break(p, VN_BROKEN_AVAIL_IDX);
         return -1;
     }
+    vq->avail_known = n;
     return n;
+}
+
+/* The same, but without touching avail idx (a cache line the driver keeps writing) while
+ * heads of its last reading are left: once per burst, not once per frame.  The entries
+ * those heads sit in were published before the idx we read (acquire), and every head and
+ * chain is still checked as it is taken. */
+static inline int avail_heads(struct vn_port *p, struct vn_vq *vq)
+{
+    if (vq->avail_known)
+        return vq->avail_known;
+    return vn_vq_avail_count(p, vq);
 }
 
 static inline void load_desc(const volatile struct vring_desc *src, struct vring_desc *d)
@@ -290,7 +300,7 @@ static uint64_t buf_to_iov(struct vn_port *p, const struct vn_iov *iov, unsigned
  */
 int vn_vq_pop_tx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, struct vn_pkt *pkt)
 {
-    int n = vn_vq_avail_count(p, vq);
+    int n = avail_heads(p, vq);
     if (n <= 0)
         return n;
     uint16_t head = load16(&vq->avail->ring[vq->last_avail % vq->num]);
@@ -305,6 +315,7 @@ int vn_vq_pop_tx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, stru
         return -1;
     }
     vq->last_avail++;
+    vq->avail_known--;
     int ret = 1;
     unsigned hl = p->hdr_len;
     if (total < hl + 14) {
@@ -333,7 +344,8 @@ int vn_vq_pop_tx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, stru
 int vn_vq_push_rx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq,
                   const struct vn_net_hdr *hdr, const uint8_t *data, uint32_t len)
 {
-    int n = vn_vq_avail_count(p, vq);
+    int fresh = !vq->avail_known;   /* n will come from reading avail idx now */
+    int n = avail_heads(p, vq);
     if (n < 0)
         return VN_PUSH_BROKEN;
     unsigned hl = p->hdr_len;
@@ -350,8 +362,15 @@ int vn_vq_push_rx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq,
     uint32_t lens[64];
 
     while (placed < need) {
-        if ((int)used >= n)
-            return VN_PUSH_NOBUF;
+        if ((int)used >= n) {
+            /* the heads we knew of are not enough: has the driver added some since? */
+            if (fresh)
+                return VN_PUSH_NOBUF;
+            fresh = 1;
+            if ((n = vn_vq_avail_count(p, vq)) < 0)
+                return VN_PUSH_BROKEN;
+            continue;
+        }
         if (used >= 64 || (!mrg && used >= 1))
             return VN_PUSH_TOOBIG;
         uint16_t head = load16(&vq->avail->ring[avail % vq->num]);
@@ -391,5 +410,6 @@ int vn_vq_push_rx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq,
     for (unsigned i = 0; i < used; i++)
         vn_vq_push_used(p, vq, heads[i], lens[i]);
     vq->last_avail = avail;
+    vq->avail_known = (uint16_t)(vq->avail_known - used);
     return VN_PUSH_OK;
 }
