@@ -636,6 +636,14 @@ static void mac_learn(struct vn_switch *sw, const uint8_t *mac, int port)
 {
     if (mac[0] & 1)
         return;   /* never learn a group address as a source */
+    /* a burst mostly comes from one sender: the entry the last frame found (a MAC has at
+     * most one entry, in its probe window, so this is the one the probe would find) */
+    struct vn_mac_entry *c = sw->mac_hint_src;
+    if (c && c->used && !memcmp(c->mac, mac, 6)) {
+        c->port = (int16_t)port;
+        c->seen_ns = sw->now_ns;
+        return;
+    }
     unsigned h = mac_hash(mac);
     struct vn_mac_entry *victim = NULL;
     for (unsigned i = 0; i < 8; i++) {
@@ -643,6 +651,7 @@ static void mac_learn(struct vn_switch *sw, const uint8_t *mac, int port)
         if (e->used && !memcmp(e->mac, mac, 6)) {
             e->port = (int16_t)port;
             e->seen_ns = sw->now_ns;
+            sw->mac_hint_src = e;
             return;
         }
         if (!victim && (!e->used || sw->now_ns - e->seen_ns > VN_MAC_AGE_NS))
@@ -658,20 +667,29 @@ static void mac_learn(struct vn_switch *sw, const uint8_t *mac, int port)
     victim->used = 1;
     victim->port = (int16_t)port;
     victim->seen_ns = sw->now_ns;
+    sw->mac_hint_src = victim;
+}
+
+static inline int mac_found(struct vn_switch *sw, struct vn_mac_entry *e)
+{
+    if (sw->now_ns - e->seen_ns > VN_MAC_AGE_NS) {
+        e->used = 0;
+        return -1;
+    }
+    sw->mac_hint_dst = e;
+    return e->port;
 }
 
 static int mac_lookup(struct vn_switch *sw, const uint8_t *mac)
 {
+    struct vn_mac_entry *c = sw->mac_hint_dst;   /* as in mac_learn */
+    if (c && c->used && !memcmp(c->mac, mac, 6))
+        return mac_found(sw, c);
     unsigned h = mac_hash(mac);
     for (unsigned i = 0; i < 8; i++) {
         struct vn_mac_entry *e = &sw->macs[(h + i) & (VN_MAC_TABLE - 1)];
-        if (e->used && !memcmp(e->mac, mac, 6)) {
-            if (sw->now_ns - e->seen_ns > VN_MAC_AGE_NS) {
-                e->used = 0;
-                return -1;
-            }
-            return e->port;
-        }
+        if (e->used && !memcmp(e->mac, mac, 6))
+            return mac_found(sw, e);
     }
     return -1;
 }

@@ -298,6 +298,7 @@ struct vn_switch {
     uint8_t live[VN_MAX_PORTS];
     unsigned nlive;
     struct vn_mac_entry macs[VN_MAC_TABLE];
+    struct vn_mac_entry *mac_hint_src, *mac_hint_dst;   /* the entries last found (hints) */
     int epfd;
     int wake_fd;
     uint64_t now_ns;

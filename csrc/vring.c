@@ -293,6 +293,33 @@ static uint64_t buf_to_iov(struct vn_port *p, const struct vn_iov *iov, unsigned
     return done;
 }
 
+/* Prefetches for the chains the driver made available after the one being taken: the
+ * descriptor of the one `ahead` + 1 slots on, and the first buffer of the next one (whose
+ * descriptor an earlier call prefetched), for writing on a receive queue.  The guest's
+ * values here are hints only: a head outside the ring or an address outside the region
+ * the last translation hit is not prefetched, and nothing is decided on them. */
+static inline void prefetch_next(struct vn_port *p, struct vn_vq *vq, uint16_t avail,
+                                 unsigned ahead, int rw)
+{
+    if (ahead < 2)
+        return;
+    unsigned mask = vq->num - 1;
+    uint16_t h1 = load16(&vq->avail->ring[(uint16_t)(avail + 1) & mask]);
+    uint16_t h2 = load16(&vq->avail->ring[(uint16_t)(avail + 2) & mask]);
+    if (h2 < vq->num)
+        __builtin_prefetch((const void *)&vq->desc[h2], 0);
+    if (h1 < vq->num) {
+        uint64_t a = *(const volatile uint64_t *)&vq->desc[h1].addr;
+        const struct vn_region *r = &p->mem.r[p->mem.hint];
+        if (p->mem.hint < p->mem.n && a >= r->gpa && a - r->gpa < r->size) {
+            if (rw)
+                __builtin_prefetch(r->host + (a - r->gpa), 1);
+            else
+                __builtin_prefetch(r->host + (a - r->gpa), 0);
+        }
+    }
+}
+
 /*
  * Takes the next frame the guest sent on TX queue `vq` into pkt.
  * Returns 1 (frame in pkt), 0 (nothing available), 2 (a chain was consumed but its frame
@@ -308,6 +335,7 @@ int vn_vq_pop_tx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, stru
         vn_port_break(p, VN_BROKEN_HEAD);
         return -1;
     }
+    prefetch_next(p, vq, vq->last_avail, (unsigned)n, 0);
     unsigned niov;
     uint64_t total;
     if (vn_vq_map_chain(sw, p, vq, head, 0, &niov, &total) < 0) {
@@ -325,10 +353,17 @@ int vn_vq_pop_tx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, stru
         p->st.drop_oversize++;
         ret = 2;
     } else {
-        memset(&pkt->hdr, 0, sizeof(pkt->hdr));
-        /* header and data are contiguous in vn_pkt: one gather copy */
-        iov_to_buf(sw->iov, niov, 0, (uint8_t *)&pkt->hdr, hl);
-        iov_to_buf(sw->iov, niov, hl, pkt->data, total - hl);
+        /* header and data are contiguous in vn_pkt: one gather copy of each byte, all but
+         * num_buffers (which a 10-byte header lacks) overwritten */
+        _Static_assert(offsetof(struct vn_pkt, data) ==
+                       offsetof(struct vn_pkt, hdr) + sizeof(struct vn_net_hdr),
+                       "vn_pkt: data follows hdr");
+        if (hl == sizeof(pkt->hdr)) {
+            iov_to_buf(sw->iov, niov, 0, (uint8_t *)&pkt->hdr, total);
+        } else {
+            iov_to_buf(sw->iov, niov, 0, (uint8_t *)&pkt->hdr, hl);
+            iov_to_buf(sw->iov, niov, hl, pkt->data, total - hl);
+        }
         pkt->hdr.num_buffers = 0;
         pkt->len = (uint32_t)(total - hl);
     }
@@ -357,6 +392,8 @@ int vn_vq_push_rx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq,
     unsigned nfirst = 0;
     struct vn_net_hdr h = *hdr;
     h.num_buffers = 1;
+    if (n > 0)
+        prefetch_next(p, vq, avail, (unsigned)n, 1);
     /* (head, len) of each buffer, written to the used ring only once all fit */
     uint16_t heads[64];
     uint32_t lens[64];
@@ -380,6 +417,8 @@ int vn_vq_push_rx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq,
         }
         unsigned niov;
         uint64_t total;
+        if (used == 1)   /* sw->iov is about to be reused: keep the first buffer's pieces */
+            memcpy(sw->iov_first, sw->iov, nfirst * sizeof(struct vn_iov));
         if (vn_vq_map_chain(sw, p, vq, head, 1, &niov, &total) < 0)
             return VN_PUSH_BROKEN;
         if (!mrg && total < need)
@@ -387,7 +426,6 @@ int vn_vq_push_rx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq,
         if (used == 0) {
             if (total < hl || niov > 64)
                 return VN_PUSH_TOOBIG;
-            memcpy(sw->iov_first, sw->iov, niov * sizeof(struct vn_iov));
             nfirst = niov;
             placed = buf_to_iov(p, sw->iov, niov, 0, (const uint8_t *)&h, hl);
             uint64_t take = total - hl < len ? total - hl : len;
