@@ -33,6 +33,8 @@ _Static_assert(VN_MAX_PORTS <= 256 && VN_MAX_QUEUES <= 256, "EV() packs a port a
 
 /* frames one ring or TAP may forward before the loop moves on to others (fairness) */
 #define VN_BUDGET 256
+/* polling: while frames move, epoll (kicks, the wake fd, scanner rings) at most this often */
+#define VN_POLL_EPOLL_NS 20000ULL
 
 uint64_t vn_now_ns(void)
 {
@@ -503,6 +505,7 @@ int vn_vq_set_addr(struct vn_switch *sw, int port, unsigned q,
     /* the frontend re-initialising a ring is how a broken device comes back */
     p->broken = 0;
     vq->used_idx = vq->used->idx;
+    vq->nshadow = 0;
     vq->signalled_valid = 0;
     return VN_OK;
 }
@@ -520,6 +523,7 @@ int vn_vq_set_base(struct vn_switch *sw, int port, unsigned q, unsigned base)
     vq->last_avail = (uint16_t)base;
     vq->avail_known = 0;
     vq->used_idx = (uint16_t)base;
+    vq->nshadow = 0;
     return VN_OK;
 }
 
@@ -1233,12 +1237,21 @@ int vn_switch_run(struct vn_switch *sw, int timeout_ms, int poll_mode)
 {
     uint64_t deadline = timeout_ms < 0 ? UINT64_MAX : vn_now_ns() + (uint64_t)timeout_ms * 1000000ULL;
     struct epoll_event evs[64];
-    int busy = 1;
+    int busy = 1, moved = 0;
+    uint64_t last_wait = 0;
     for (;;) {
         int wait_ms;
         uint64_t t = vn_now_ns();
         if (t >= deadline)
             return VN_RUN_TIMEOUT;
+        if (poll_mode && moved && t - last_wait < VN_POLL_EPOLL_NS) {
+            /* polling and frames moving: everything is serviced anyway, and what only
+             * epoll tells (the wake fd, scanner kicks) waits a few microseconds, not a
+             * system call per pass */
+            moved = service_pass(sw, poll_mode, &busy);
+            continue;
+        }
+        last_wait = t;
         if (busy || poll_mode)
             wait_ms = 0;
         else if (deadline == UINT64_MAX)
@@ -1280,7 +1293,7 @@ int vn_switch_run(struct vn_switch *sw, int timeout_ms, int poll_mode)
                 vn_chan_kicked(sw, (int)port, (int)q);
             }
         }
-        service_pass(sw, poll_mode, &busy);
+        moved = service_pass(sw, poll_mode, &busy);
         if (woke)
             return VN_RUN_WAKE;
     }

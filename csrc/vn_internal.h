@@ -110,6 +110,7 @@ struct vn_iov {
     uint64_t gpa;      /* guest-physical address of p (for the dirty log) */
 };
 
+#define VN_USED_SHADOW 32
 struct vn_vq {
     unsigned num;                 /* 0: not configured */
     uint64_t desc_uva, used_uva, avail_uva;
@@ -121,6 +122,9 @@ struct vn_vq {
     uint16_t avail_known;         /* heads from last_avail on that the last read of avail idx
                                    * showed (checked then): taken without reading it again */
     uint16_t used_idx;            /* our copy of used->idx */
+    uint16_t shadow_idx;          /* the used index of shadow[0] */
+    uint16_t nshadow;             /* used entries not yet written to the ring (vn_vq_push_used) */
+    struct { uint32_t id, len; } shadow[VN_USED_SHADOW];
     uint16_t signalled_used;      /* used idx at the last interrupt */
     int signalled_valid;
     int kickfd, callfd;

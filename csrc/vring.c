@@ -176,19 +176,38 @@ static inline void log_used(struct vn_port *p, struct vn_vq *vq, uint64_t off, u
         vn_log_write(p, vq->log_used_gpa + off, len);
 }
 
+/* Writes the shadowed used entries to the ring (not yet visible: idx is not moved). */
+static void flush_used(struct vn_port *p, struct vn_vq *vq)
+{
+    unsigned mask = vq->num - 1;     /* a power of two (vn_vq_set_num) */
+    for (unsigned k = 0; k < vq->nshadow; k++) {
+        unsigned slot = (uint16_t)(vq->shadow_idx + k) & mask;
+        volatile struct vring_used_elem *e = &vq->used->ring[slot];
+        e->id = vq->shadow[k].id;
+        e->len = vq->shadow[k].len;
+        log_used(p, vq, offsetof(struct vring_used, ring) + 8ULL * slot, 8);
+    }
+    vq->nshadow = 0;
+}
+
+/* Returns a chain to the driver.  The entry is kept in vq->shadow and written with the
+ * others of its burst when they are published (or the shadow fills): the used ring's lines,
+ * which the driver reads, are written once per burst, not once per frame. */
 void vn_vq_push_used(struct vn_port *p, struct vn_vq *vq, uint16_t head, uint32_t len)
 {
-    unsigned slot = vq->used_idx % vq->num;
-    volatile struct vring_used_elem *e = &vq->used->ring[slot];
-    e->id = head;
-    e->len = len;
-    log_used(p, vq, offsetof(struct vring_used, ring) + 8ULL * slot, 8);
+    if (vq->nshadow == 0)
+        vq->shadow_idx = vq->used_idx;
+    vq->shadow[vq->nshadow].id = head;
+    vq->shadow[vq->nshadow].len = len;
+    if (++vq->nshadow == VN_USED_SHADOW)
+        flush_used(p, vq);
     vq->used_idx++;
     vq->call_pending = 1;
 }
 
 void vn_vq_publish_used(struct vn_port *p, struct vn_vq *vq)
 {
+    flush_used(p, vq);
     __atomic_store_n(&vq->used->idx, vq->used_idx, __ATOMIC_RELEASE);
     log_used(p, vq, offsetof(struct vring_used, idx), 2);
 }
@@ -206,17 +225,26 @@ static inline volatile uint16_t *used_event(struct vn_vq *vq)
 /* Asks the driver to kick us (on) or not (off) when it adds buffers. */
 void vn_vq_notify_enable(struct vn_port *p, struct vn_vq *vq, int on)
 {
+    /* Written only when it changes: the field shares its cache line with what the driver
+     * polls (used idx beside the flags), and a poll loop asks for "off" on every pass. */
     if (HAS_FEATURE(p->features, VIRTIO_RING_F_EVENT_IDX)) {
         /* on: kick for the next head; off: an index one ring-wrap away */
-        *avail_event(vq) = on ? vq->last_avail : (uint16_t)(vq->last_avail - 1);
-        log_used(p, vq, offsetof(struct vring_used, ring) + 8ULL * vq->num, 2);
+        uint16_t v = on ? vq->last_avail : (uint16_t)(vq->last_avail - 1);
+        if (load16(avail_event(vq)) != v) {
+            *avail_event(vq) = v;
+            log_used(p, vq, offsetof(struct vring_used, ring) + 8ULL * vq->num, 2);
+        }
     } else {
-        uint16_t f = vq->used->flags;
-        vq->used->flags = on ? (f & ~VRING_USED_F_NO_NOTIFY) : (f | VRING_USED_F_NO_NOTIFY);
-        log_used(p, vq, offsetof(struct vring_used, flags), 2);
+        uint16_t f = load16(&vq->used->flags);
+        uint16_t nf = on ? (f & ~VRING_USED_F_NO_NOTIFY) : (f | VRING_USED_F_NO_NOTIFY);
+        if (nf != f) {
+            vq->used->flags = nf;
+            log_used(p, vq, offsetof(struct vring_used, flags), 2);
+        }
     }
-    /* the flag must be visible before we re-read avail idx (the lost-wakeup race) */
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    /* on: the flag must be visible before we re-read avail idx (the lost-wakeup race) */
+    if (on)
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
 }
 
 /* Sends an interrupt if used entries were published and the driver wants one. */
