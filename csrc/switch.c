@@ -775,7 +775,7 @@ static int backlog_flush(struct vn_switch *sw, struct vn_port *p)
                 if (pass)
                     vn_vq_notify_enable(p, c, 1);
                 vq = c;
-                r = vn_vq_push_rx(sw, p, c, &f->hdr, f->data, f->len);
+                r = vn_vq_push_rx(sw, p, c, &f->hdr, f->data, f->len, NULL);
             }
         if (r == VN_PUSH_NOBUF)
             return 0;     /* no enabled queue (vq NULL), or no buffer on any */
@@ -814,6 +814,7 @@ static void deliver(struct vn_switch *sw, int port, struct vn_pkt *pkt)
                    HAS_FEATURE(f, VIRTIO_NET_F_GUEST_ECN));
     }
     if (gso != VIRTIO_NET_HDR_GSO_NONE && !can_gso) {
+        vn_pkt_fill(pkt);
         if (vn_gso_segment(sw, port, pkt, deliver_final) < 0)
             p->st.drop_bad_offload++;
         else
@@ -822,6 +823,7 @@ static void deliver(struct vn_switch *sw, int port, struct vn_pkt *pkt)
     }
     if ((pkt->hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) && !can_csum) {
         /* completing in place is right for every later receiver of this frame too */
+        vn_pkt_fill(pkt);
         if (vn_csum_complete(pkt) < 0) {
             p->st.drop_bad_offload++;
             return;
@@ -858,6 +860,8 @@ static void sink_push(struct vn_switch *sw, struct vn_port *p, const struct vn_p
 static void deliver_final(struct vn_switch *sw, int port, struct vn_pkt *pkt)
 {
     struct vn_port *p = &sw->ports[port];
+    if (p->kind != VN_PORT_VHOST)
+        vn_pkt_fill(pkt);
     if (p->kind == VN_PORT_SINK) {
         sink_push(sw, p, pkt);
         return;
@@ -895,7 +899,7 @@ static void deliver_final(struct vn_switch *sw, int port, struct vn_pkt *pkt)
     if (!HAS_FEATURE(p->features, VIRTIO_NET_F_GUEST_CSUM))
         memset(&h, 0, sizeof(h));
     if (p->bl_count == 0) {
-        int r = vn_vq_push_rx(sw, p, vq, &h, pkt->data, pkt->len);
+        int r = vn_vq_push_rx(sw, p, vq, &h, pkt->data, pkt->len, pkt);
         if (r == VN_PUSH_OK) {
             count_rx(p, vq, pkt->len);
             return;
@@ -909,9 +913,11 @@ static void deliver_final(struct vn_switch *sw, int port, struct vn_pkt *pkt)
             return;
         }
         /* ask for a kick when buffers come, then look once more: buffers posted between
-         * our look and the flag would otherwise wait for the next housekeeping pass */
+         * our look and the flag would otherwise wait for the next housekeeping pass (the
+         * frame whole first: its tail is read once, whatever becomes of it) */
+        vn_pkt_fill(pkt);
         vn_vq_notify_enable(p, vq, 1);
-        r = vn_vq_push_rx(sw, p, vq, &h, pkt->data, pkt->len);
+        r = vn_vq_push_rx(sw, p, vq, &h, pkt->data, pkt->len, NULL);
         if (r == VN_PUSH_OK) {
             count_rx(p, vq, pkt->len);
             return;
@@ -924,14 +930,18 @@ static void deliver_final(struct vn_switch *sw, int port, struct vn_pkt *pkt)
             return;
         }
     }
+    vn_pkt_fill(pkt);
     backlog_push(p, pkt, &h);
 }
 
 /* Egress: the destination NI's policy, then delivery. */
 static void deliver_policy(struct vn_switch *sw, int port, struct vn_pkt *pkt)
 {
-    if (sw->ports[port].pol && vn_policy_apply(sw, port, VN_DIR_TO_GUEST, port, pkt))
-        return;
+    if (sw->ports[port].pol) {
+        vn_pkt_fill(pkt);
+        if (vn_policy_apply(sw, port, VN_DIR_TO_GUEST, port, pkt))
+            return;
+    }
     deliver(sw, port, pkt);
 }
 
@@ -952,6 +962,20 @@ static void vn_forward_switch(struct vn_switch *sw, int in, struct vn_pkt *pkt)
     }
     if (!(dst[0] & 1))
         src->st.unknown_unicast++;
+    if (pkt->tail_len) {
+        /* a tail is read once: only one receiver without a policy may take it straight */
+        unsigned nd = 0;
+        int pol = 0;
+        for (unsigned k = 0; k < sw->nlive; k++) {
+            int i = sw->live[k];
+            if (i != in && sw->ports[i].kind) {
+                nd++;
+                pol |= sw->ports[i].pol != NULL;
+            }
+        }
+        if (nd != 1 || pol)
+            vn_pkt_fill(pkt);
+    }
     /* every port gets the frame as it came: a port whose egress may edit it (its policy's
      * TCP engine rewrites the segments of an edited connection, a subscription completes a
      * checksum) gets its own copy */
@@ -963,6 +987,7 @@ static void vn_forward_switch(struct vn_switch *sw, int in, struct vn_pkt *pkt)
             struct vn_pkt *c = sw->flood;
             c->len = pkt->len;
             c->hdr = pkt->hdr;
+            c->tail_len = 0;
             memcpy(c->data, pkt->data, pkt->len);
             deliver_policy(sw, i, c);
         } else {
@@ -986,8 +1011,11 @@ static void forward(struct vn_switch *sw, int in, struct vn_pkt *pkt)
     pkt->hdr.flags &= VIRTIO_NET_HDR_F_NEEDS_CSUM;   /* DATA_VALID is not a sender's claim */
     src->st.in_frames++;
     src->st.in_bytes += pkt->len;
-    if (src->pol && vn_policy_apply(sw, in, VN_DIR_FROM_GUEST, -1, pkt))
-        return;
+    if (src->pol) {
+        vn_pkt_fill(pkt);
+        if (vn_policy_apply(sw, in, VN_DIR_FROM_GUEST, -1, pkt))
+            return;
+    }
     vn_forward_switch(sw, in, pkt);
 }
 
@@ -1070,19 +1098,24 @@ static int service_tx(struct vn_switch *sw, int port, struct vn_vq *vq, int poll
     struct vn_qcount *qs = &p->qst[vq - p->vq];
     /* polling or not, no kicks while we are on it (polling: never re-armed below) */
     vn_vq_notify_enable(p, vq, 0);
+    /* frames may leave their tails in the guest's buffers (read once, straight into the
+     * receiver's) when no policy of this NI looks at them first */
+    int direct = p->pol == NULL;
     for (;;) {
         unsigned n = 0;
+        int tails = 0;
         while (n < VN_BATCH && done + dropped + (int)n < VN_BUDGET) {
-            int r = vn_vq_pop_tx(sw, p, vq, &sw->batch[n]);
+            int r = vn_vq_pop_tx(sw, p, vq, &sw->batch[n], direct);
             if (r == 1)
-                n++;
+                tails |= sw->batch[n++].tail_len != 0;
             else if (r == 2)
                 dropped++;
             else
                 break;
         }
-        /* return the TX buffers first: the guest may reuse them while we deliver */
-        if (vq->call_pending) {
+        /* return the TX buffers first, the guest may reuse them while we deliver; but
+         * not those frames' tails are still in (vn_signal_all below returns them) */
+        if (vq->call_pending && !tails) {
             vn_vq_publish_used(p, vq);
         }
         for (unsigned i = 0; i < n; i++) {
@@ -1145,6 +1178,7 @@ static int service_tap(struct vn_switch *sw, int port)
                 break;
             pkt->hdr.num_buffers = 0;
             pkt->len = (uint32_t)r;
+            pkt->tail_len = 0;
         }
         for (unsigned i = 0; i < n; i++)
             forward_drain(sw, port, &sw->batch[i]);
@@ -1245,9 +1279,10 @@ int vn_switch_run(struct vn_switch *sw, int timeout_ms, int poll_mode)
         if (t >= deadline)
             return VN_RUN_TIMEOUT;
         if (poll_mode && moved && t - last_wait < VN_POLL_EPOLL_NS) {
-            /* polling and frames moving: everything is serviced anyway, and what only
-             * epoll tells (the wake fd, scanner kicks) waits a few microseconds, not a
-             * system call per pass */
+            /* polling and frames moving: every ring is serviced anyway, and what only epoll
+             * tells (the wake fd, scanner kicks) waits a few microseconds, not a system
+             * call per pass (an idle pass still makes it: a pause between looks at rings
+             * the driver is writing) */
             moved = service_pass(sw, poll_mode, &busy);
             continue;
         }

@@ -80,12 +80,29 @@ struct vn_net_hdr {
     uint16_t num_buffers;
 };
 
+/* A piece of guest memory a chain maps to, already translated and bounds-checked. */
+struct vn_iov {
+    uint8_t *p;
+    uint32_t len;
+    uint64_t gpa;      /* guest-physical address of p (for the dirty log) */
+};
+
 /* One frame in the switch's packet buffer: header immediately followed by data, so a TAP
  * read or write of (header, frame) is one contiguous buffer. */
+/* A frame taken from a guest's TX ring may leave its bytes from VN_COPY_HEAD on in the
+ * guest's buffers (tail_len of them, in tail[]): when nothing but the receiver's ring needs
+ * them, vn_vq_push_rx copies them there straight, once; anything else that reads or keeps
+ * the frame calls vn_pkt_fill first.  The head holds every byte the switch reads (MACs, the
+ * receive-queue hash: at most 14 + 60 + 4). */
+#define VN_COPY_HEAD 128
+#define VN_TAIL_IOV 8
 struct vn_pkt {
     uint32_t len;
     struct vn_net_hdr hdr;
     uint8_t data[VN_MAX_FRAME];
+    uint32_t tail_len;             /* data[len - tail_len, len) is still in tail[] */
+    unsigned ntail;
+    struct vn_iov tail[VN_TAIL_IOV];
 };
 _Static_assert(offsetof(struct vn_pkt, data) == offsetof(struct vn_pkt, hdr) + 12,
                "header and data must be contiguous");
@@ -103,12 +120,6 @@ struct vn_mem {
     struct vn_region r[VN_MAX_REGIONS];
 };
 
-/* A piece of guest memory a chain maps to, already translated and bounds-checked. */
-struct vn_iov {
-    uint8_t *p;
-    uint32_t len;
-    uint64_t gpa;      /* guest-physical address of p (for the dirty log) */
-};
 
 #define VN_USED_SHADOW 32
 struct vn_vq {
@@ -382,9 +393,19 @@ void vn_vq_push_used(struct vn_port *p, struct vn_vq *vq, uint16_t head, uint32_
 void vn_vq_publish_used(struct vn_port *p, struct vn_vq *vq);
 void vn_vq_notify_enable(struct vn_port *p, struct vn_vq *vq, int on);
 void vn_vq_signal(struct vn_port *p, struct vn_vq *vq);
-int vn_vq_pop_tx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, struct vn_pkt *pkt);
+int vn_vq_pop_tx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, struct vn_pkt *pkt,
+                 int direct);
+/* data[0, len) is the frame; with src, its last src->tail_len bytes come from src->tail */
 int vn_vq_push_rx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq,
-                  const struct vn_net_hdr *hdr, const uint8_t *data, uint32_t len);
+                  const struct vn_net_hdr *hdr, const uint8_t *data, uint32_t len,
+                  const struct vn_pkt *src);
+/* Copies what is left of a frame in the sender's buffers into pkt->data. */
+void vn_pkt_fill_tail(struct vn_pkt *pkt);
+static inline void vn_pkt_fill(struct vn_pkt *pkt)
+{
+    if (pkt->tail_len)
+        vn_pkt_fill_tail(pkt);
+}
 void vn_port_break(struct vn_port *p, int reason);
 
 /* ---- big-endian field access and the Internet checksum, shared by the .c files ---- */

@@ -313,7 +313,9 @@ static uint64_t buf_to_iov(struct vn_port *p, const struct vn_iov *iov, unsigned
         uint64_t take = l - skip;
         if (take > len - done)
             take = len - done;
-        memcpy(iov[i].p + skip, src + done, take);
+        /* memmove: src may be another port's guest memory (a frame's tail), and two NIs
+         * of one guest share it, so a hostile guest can make the two overlap */
+        memmove(iov[i].p + skip, src + done, take);
         vn_log_write(p, iov[i].gpa + skip, take);
         done += take;
         skip = 0;
@@ -348,12 +350,81 @@ static inline void prefetch_next(struct vn_port *p, struct vn_vq *vq, uint16_t a
     }
 }
 
+/* Copies frame bytes [off, off + len) into iov[skip..]: data[0, head) first, then the
+ * tail src left in its sender's buffers (src NULL: none).  Returns bytes copied. */
+static uint64_t frame_to_iov(struct vn_port *p, const struct vn_iov *iov, unsigned n,
+                             uint64_t skip, const uint8_t *data, uint32_t head,
+                             const struct vn_pkt *src, uint64_t off, uint64_t len)
+{
+    uint64_t done = 0;
+    if (off < head) {
+        uint64_t t = head - off < len ? head - off : len;
+        done = buf_to_iov(p, iov, n, skip, data + off, t);
+        if (done < t)
+            return done;
+    }
+    if (!src)
+        return done;
+    uint64_t toff = off + done - head;          /* offset into the tail */
+    for (unsigned i = 0; i < src->ntail && done < len; i++) {
+        uint64_t l = src->tail[i].len;
+        if (toff >= l) {
+            toff -= l;
+            continue;
+        }
+        uint64_t t = l - toff;
+        if (t > len - done)
+            t = len - done;
+        uint64_t c = buf_to_iov(p, iov, n, skip + done, src->tail[i].p + toff, t);
+        done += c;
+        if (c < t)
+            break;
+        toff = 0;
+    }
+    return done;
+}
+
+void vn_pkt_fill_tail(struct vn_pkt *pkt)
+{
+    iov_to_buf(pkt->tail, pkt->ntail, 0, pkt->data + (pkt->len - pkt->tail_len),
+               pkt->tail_len);
+    pkt->tail_len = 0;
+    pkt->ntail = 0;
+}
+
+/* Notes in pkt the pieces of iov[0, n) after its first `skip` bytes; 0 if they are more
+ * than VN_TAIL_IOV (the frame is then copied whole). */
+static int tail_split(const struct vn_iov *iov, unsigned n, uint64_t skip, struct vn_pkt *pkt)
+{
+    unsigned k = 0;
+    for (unsigned i = 0; i < n; i++) {
+        uint64_t l = iov[i].len;
+        if (skip >= l) {
+            skip -= l;
+            continue;
+        }
+        if (k == VN_TAIL_IOV)
+            return 0;
+        pkt->tail[k].p = iov[i].p + skip;
+        pkt->tail[k].len = (uint32_t)(l - skip);
+        pkt->tail[k].gpa = iov[i].gpa + skip;
+        k++;
+        skip = 0;
+    }
+    pkt->ntail = k;
+    return 1;
+}
+
 /*
- * Takes the next frame the guest sent on TX queue `vq` into pkt.
+ * Takes the next frame the guest sent on TX queue `vq` into pkt.  With `direct`, a frame
+ * longer than VN_COPY_HEAD may leave the rest in the guest's buffers (pkt->tail_len): the
+ * caller must then not return the chain (publish the used entry) before the frame is
+ * delivered or filled (vn_pkt_fill).
  * Returns 1 (frame in pkt), 0 (nothing available), 2 (a chain was consumed but its frame
  * dropped and counted), or -1 (port broken).
  */
-int vn_vq_pop_tx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, struct vn_pkt *pkt)
+int vn_vq_pop_tx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, struct vn_pkt *pkt,
+                 int direct)
 {
     int n = avail_heads(p, vq);
     if (n <= 0)
@@ -386,14 +457,21 @@ int vn_vq_pop_tx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, stru
         _Static_assert(offsetof(struct vn_pkt, data) ==
                        offsetof(struct vn_pkt, hdr) + sizeof(struct vn_net_hdr),
                        "vn_pkt: data follows hdr");
+        uint64_t copy = total;           /* header and frame bytes copied now */
+        pkt->tail_len = 0;
+        pkt->ntail = 0;
+        if (direct && total - hl > VN_COPY_HEAD &&
+            tail_split(sw->iov, niov, hl + VN_COPY_HEAD, pkt))
+            copy = hl + VN_COPY_HEAD;
         if (hl == sizeof(pkt->hdr)) {
-            iov_to_buf(sw->iov, niov, 0, (uint8_t *)&pkt->hdr, total);
+            iov_to_buf(sw->iov, niov, 0, (uint8_t *)&pkt->hdr, copy);
         } else {
             iov_to_buf(sw->iov, niov, 0, (uint8_t *)&pkt->hdr, hl);
-            iov_to_buf(sw->iov, niov, hl, pkt->data, total - hl);
+            iov_to_buf(sw->iov, niov, hl, pkt->data, copy - hl);
         }
         pkt->hdr.num_buffers = 0;
         pkt->len = (uint32_t)(total - hl);
+        pkt->tail_len = (uint32_t)(total - copy);
     }
     vn_vq_push_used(p, vq, head, 0);
     return ret;
@@ -405,8 +483,13 @@ int vn_vq_pop_tx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, stru
  * Nothing is consumed unless the whole frame fits.  Returns VN_PUSH_*.
  */
 int vn_vq_push_rx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq,
-                  const struct vn_net_hdr *hdr, const uint8_t *data, uint32_t len)
+                  const struct vn_net_hdr *hdr, const uint8_t *data, uint32_t len,
+                  const struct vn_pkt *src)
 {
+    /* data[0, inbuf) is ours; the rest (if src) still in the sender's buffers */
+    uint32_t inbuf = src && src->tail_len <= len ? len - src->tail_len : len;
+    if (inbuf == len)
+        src = NULL;
     int fresh = !vq->avail_known;   /* n will come from reading avail idx now */
     int n = avail_heads(p, vq);
     if (n < 0)
@@ -457,12 +540,12 @@ int vn_vq_push_rx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq,
             nfirst = niov;
             placed = buf_to_iov(p, sw->iov, niov, 0, (const uint8_t *)&h, hl);
             uint64_t take = total - hl < len ? total - hl : len;
-            placed += buf_to_iov(p, sw->iov, niov, hl, data, take);
+            placed += frame_to_iov(p, sw->iov, niov, hl, data, inbuf, src, 0, take);
             lens[used] = (uint32_t)(hl + take);
         } else {
             uint64_t off = placed - hl;
             uint64_t take = total < len - off ? total : len - off;
-            placed += buf_to_iov(p, sw->iov, niov, 0, data + off, take);
+            placed += frame_to_iov(p, sw->iov, niov, 0, data, inbuf, src, off, take);
             lens[used] = (uint32_t)take;
         }
         heads[used++] = head;
