@@ -48,11 +48,17 @@ int vn_mem_iov(struct vn_mem *m, uint64_t gpa, uint64_t len,
         return -1;
     while (len > 0) {
         struct vn_region *hit = NULL;
-        for (unsigned i = 0; i < m->n; i++) {
-            struct vn_region *r = &m->r[i];
-            if (gpa >= r->gpa && gpa - r->gpa < r->size) {
-                hit = r;
-                break;
+        struct vn_region *h = &m->r[m->hint];
+        if (m->hint < m->n && gpa >= h->gpa && gpa - h->gpa < h->size) {
+            hit = h;
+        } else {
+            for (unsigned i = 0; i < m->n; i++) {
+                struct vn_region *r = &m->r[i];
+                if (gpa >= r->gpa && gpa - r->gpa < r->size) {
+                    hit = r;
+                    m->hint = i;
+                    break;
+                }
             }
         }
         if (!hit || *n >= max)
@@ -197,7 +203,7 @@ int vn_log_map(struct vn_port *p, int fd, uint64_t size, uint64_t offset)
  * bitmap concurrently).  Called after the write, so a bit QEMU clears is for data it will
  * read.  Pages beyond the bitmap are ignored (vn_log_map checked it covers the memory
  * table; a later, larger table comes with a new log). */
-void vn_log_write(struct vn_port *p, uint64_t gpa, uint64_t len)
+void vn_log_mark(struct vn_port *p, uint64_t gpa, uint64_t len)
 {
     if (!p->log || !len || !HAS_FEATURE(p->features, VHOST_F_LOG_ALL))
         return;

@@ -33,6 +33,8 @@ _Static_assert(VN_MAX_PORTS <= 256 && VN_MAX_QUEUES <= 256, "EV() packs a port a
 
 /* frames one ring or TAP may forward before the loop moves on to others (fairness) */
 #define VN_BUDGET 256
+/* polling: while frames move, epoll (kicks, the wake fd, scanner rings) at most this often */
+#define VN_POLL_EPOLL_NS 20000ULL
 
 uint64_t vn_now_ns(void)
 {
@@ -174,6 +176,15 @@ static void mac_forget_port(struct vn_switch *sw, int port)
             sw->macs[i].used = 0;
 }
 
+static void live_rebuild(struct vn_switch *sw)
+{
+    unsigned n = 0;
+    for (int i = 0; i < VN_MAX_PORTS; i++)
+        if (sw->ports[i].kind)
+            sw->live[n++] = (uint8_t)i;
+    sw->nlive = n;
+}
+
 /* A free port slot, zeroed, with idle rings; -1 if all VN_MAX_PORTS are taken.  The
  * caller sets `kind`, which is what marks the slot used. */
 static int port_slot(struct vn_switch *sw)
@@ -199,6 +210,7 @@ int vn_port_add_vhost(struct vn_switch *sw)
         return VN_ERANGE;
     sw->ports[i].kind = VN_PORT_VHOST;
     sw->ports[i].hdr_len = 12;
+    live_rebuild(sw);
     return i;
 }
 
@@ -219,6 +231,7 @@ int vn_port_add_tap(struct vn_switch *sw, int fd, int vnet_hdr_len)
     p->tapfd = fd;
     p->tap_hdr_len = (unsigned)vnet_hdr_len;
     p->tap_readable = 1;
+    live_rebuild(sw);
     return i;
 }
 
@@ -228,6 +241,7 @@ int vn_port_add_sink(struct vn_switch *sw)
     if (i < 0)
         return VN_ERANGE;
     sw->ports[i].kind = VN_PORT_SINK;
+    live_rebuild(sw);
     return i;
 }
 
@@ -289,6 +303,7 @@ int vn_port_remove(struct vn_switch *sw, int port)
     vn_sigport_free(sw, port);
     free(p->pol);
     memset(p, 0, sizeof(*p));
+    live_rebuild(sw);
     return VN_OK;
 }
 
@@ -490,6 +505,7 @@ int vn_vq_set_addr(struct vn_switch *sw, int port, unsigned q,
     /* the frontend re-initialising a ring is how a broken device comes back */
     p->broken = 0;
     vq->used_idx = vq->used->idx;
+    vq->nshadow = 0;
     vq->signalled_valid = 0;
     return VN_OK;
 }
@@ -505,7 +521,9 @@ int vn_vq_set_base(struct vn_switch *sw, int port, unsigned q, unsigned base)
     if (vq->started)
         return VN_ESTATE;
     vq->last_avail = (uint16_t)base;
+    vq->avail_known = 0;
     vq->used_idx = (uint16_t)base;
+    vq->nshadow = 0;
     return VN_OK;
 }
 
@@ -559,6 +577,8 @@ int vn_vq_set_kick(struct vn_switch *sw, int port, unsigned q, int fd)
     }
     vq->started = 1;
     vq->active = 1;   /* the driver may have queued buffers before telling us */
+    if (q / 2 + 1 > p->nqp)
+        p->nqp = q / 2 + 1;
     return VN_OK;
 }
 
@@ -620,6 +640,14 @@ static void mac_learn(struct vn_switch *sw, const uint8_t *mac, int port)
 {
     if (mac[0] & 1)
         return;   /* never learn a group address as a source */
+    /* a burst mostly comes from one sender: the entry the last frame found (a MAC has at
+     * most one entry, in its probe window, so this is the one the probe would find) */
+    struct vn_mac_entry *c = sw->mac_hint_src;
+    if (c && c->used && !memcmp(c->mac, mac, 6)) {
+        c->port = (int16_t)port;
+        c->seen_ns = sw->now_ns;
+        return;
+    }
     unsigned h = mac_hash(mac);
     struct vn_mac_entry *victim = NULL;
     for (unsigned i = 0; i < 8; i++) {
@@ -627,6 +655,7 @@ static void mac_learn(struct vn_switch *sw, const uint8_t *mac, int port)
         if (e->used && !memcmp(e->mac, mac, 6)) {
             e->port = (int16_t)port;
             e->seen_ns = sw->now_ns;
+            sw->mac_hint_src = e;
             return;
         }
         if (!victim && (!e->used || sw->now_ns - e->seen_ns > VN_MAC_AGE_NS))
@@ -642,20 +671,29 @@ static void mac_learn(struct vn_switch *sw, const uint8_t *mac, int port)
     victim->used = 1;
     victim->port = (int16_t)port;
     victim->seen_ns = sw->now_ns;
+    sw->mac_hint_src = victim;
+}
+
+static inline int mac_found(struct vn_switch *sw, struct vn_mac_entry *e)
+{
+    if (sw->now_ns - e->seen_ns > VN_MAC_AGE_NS) {
+        e->used = 0;
+        return -1;
+    }
+    sw->mac_hint_dst = e;
+    return e->port;
 }
 
 static int mac_lookup(struct vn_switch *sw, const uint8_t *mac)
 {
+    struct vn_mac_entry *c = sw->mac_hint_dst;   /* as in mac_learn */
+    if (c && c->used && !memcmp(c->mac, mac, 6))
+        return mac_found(sw, c);
     unsigned h = mac_hash(mac);
     for (unsigned i = 0; i < 8; i++) {
         struct vn_mac_entry *e = &sw->macs[(h + i) & (VN_MAC_TABLE - 1)];
-        if (e->used && !memcmp(e->mac, mac, 6)) {
-            if (sw->now_ns - e->seen_ns > VN_MAC_AGE_NS) {
-                e->used = 0;
-                return -1;
-            }
-            return e->port;
-        }
+        if (e->used && !memcmp(e->mac, mac, 6))
+            return mac_found(sw, e);
     }
     return -1;
 }
@@ -665,7 +703,7 @@ static struct vn_vq *rx_queue(struct vn_port *p, const struct vn_pkt *pkt)
 {
     struct vn_vq *cand[VN_MAX_QUEUE_PAIRS];
     unsigned n = 0;
-    for (unsigned qp = 0; qp < VN_MAX_QUEUE_PAIRS; qp++)
+    for (unsigned qp = 0; qp < p->nqp; qp++)
         if (vn_vq_ready(p, &p->vq[2 * qp]))
             cand[n++] = &p->vq[2 * qp];
     if (n == 0)
@@ -730,14 +768,14 @@ static int backlog_flush(struct vn_switch *sw, struct vn_port *p)
          * while another's has room); if none has one, ask each for a kick and look once more:
          * buffers may have arrived between our look and the flag */
         for (int pass = 0; pass < 2 && r == VN_PUSH_NOBUF; pass++)
-            for (unsigned qp = 0; qp < VN_MAX_QUEUE_PAIRS && r == VN_PUSH_NOBUF; qp++) {
+            for (unsigned qp = 0; qp < p->nqp && r == VN_PUSH_NOBUF; qp++) {
                 struct vn_vq *c = &p->vq[2 * qp];
                 if (!vn_vq_ready(p, c))
                     continue;
                 if (pass)
                     vn_vq_notify_enable(p, c, 1);
                 vq = c;
-                r = vn_vq_push_rx(sw, p, c, &f->hdr, f->data, f->len);
+                r = vn_vq_push_rx(sw, p, c, &f->hdr, f->data, f->len, NULL);
             }
         if (r == VN_PUSH_NOBUF)
             return 0;     /* no enabled queue (vq NULL), or no buffer on any */
@@ -776,6 +814,7 @@ static void deliver(struct vn_switch *sw, int port, struct vn_pkt *pkt)
                    HAS_FEATURE(f, VIRTIO_NET_F_GUEST_ECN));
     }
     if (gso != VIRTIO_NET_HDR_GSO_NONE && !can_gso) {
+        vn_pkt_fill(pkt);
         if (vn_gso_segment(sw, port, pkt, deliver_final) < 0)
             p->st.drop_bad_offload++;
         else
@@ -784,6 +823,7 @@ static void deliver(struct vn_switch *sw, int port, struct vn_pkt *pkt)
     }
     if ((pkt->hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) && !can_csum) {
         /* completing in place is right for every later receiver of this frame too */
+        vn_pkt_fill(pkt);
         if (vn_csum_complete(pkt) < 0) {
             p->st.drop_bad_offload++;
             return;
@@ -820,6 +860,8 @@ static void sink_push(struct vn_switch *sw, struct vn_port *p, const struct vn_p
 static void deliver_final(struct vn_switch *sw, int port, struct vn_pkt *pkt)
 {
     struct vn_port *p = &sw->ports[port];
+    if (p->kind != VN_PORT_VHOST)
+        vn_pkt_fill(pkt);
     if (p->kind == VN_PORT_SINK) {
         if (p->sink_discard) {
             p->st.out_frames++;
@@ -862,7 +904,7 @@ static void deliver_final(struct vn_switch *sw, int port, struct vn_pkt *pkt)
     if (!HAS_FEATURE(p->features, VIRTIO_NET_F_GUEST_CSUM))
         memset(&h, 0, sizeof(h));
     if (p->bl_count == 0) {
-        int r = vn_vq_push_rx(sw, p, vq, &h, pkt->data, pkt->len);
+        int r = vn_vq_push_rx(sw, p, vq, &h, pkt->data, pkt->len, pkt);
         if (r == VN_PUSH_OK) {
             count_rx(p, vq, pkt->len);
             return;
@@ -876,9 +918,11 @@ static void deliver_final(struct vn_switch *sw, int port, struct vn_pkt *pkt)
             return;
         }
         /* ask for a kick when buffers come, then look once more: buffers posted between
-         * our look and the flag would otherwise wait for the next housekeeping pass */
+         * our look and the flag would otherwise wait for the next housekeeping pass (the
+         * frame whole first: its tail is read once, whatever becomes of it) */
+        vn_pkt_fill(pkt);
         vn_vq_notify_enable(p, vq, 1);
-        r = vn_vq_push_rx(sw, p, vq, &h, pkt->data, pkt->len);
+        r = vn_vq_push_rx(sw, p, vq, &h, pkt->data, pkt->len, NULL);
         if (r == VN_PUSH_OK) {
             count_rx(p, vq, pkt->len);
             return;
@@ -891,14 +935,18 @@ static void deliver_final(struct vn_switch *sw, int port, struct vn_pkt *pkt)
             return;
         }
     }
+    vn_pkt_fill(pkt);
     backlog_push(p, pkt, &h);
 }
 
 /* Egress: the destination NI's policy, then delivery. */
 static void deliver_policy(struct vn_switch *sw, int port, struct vn_pkt *pkt)
 {
-    if (sw->ports[port].pol && vn_policy_apply(sw, port, VN_DIR_TO_GUEST, port, pkt))
-        return;
+    if (sw->ports[port].pol) {
+        vn_pkt_fill(pkt);
+        if (vn_policy_apply(sw, port, VN_DIR_TO_GUEST, port, pkt))
+            return;
+    }
     deliver(sw, port, pkt);
 }
 
@@ -919,16 +967,32 @@ static void vn_forward_switch(struct vn_switch *sw, int in, struct vn_pkt *pkt)
     }
     if (!(dst[0] & 1))
         src->st.unknown_unicast++;
+    if (pkt->tail_len) {
+        /* a tail is read once: only one receiver without a policy may take it straight */
+        unsigned nd = 0;
+        int pol = 0;
+        for (unsigned k = 0; k < sw->nlive; k++) {
+            int i = sw->live[k];
+            if (i != in && sw->ports[i].kind) {
+                nd++;
+                pol |= sw->ports[i].pol != NULL;
+            }
+        }
+        if (nd != 1 || pol)
+            vn_pkt_fill(pkt);
+    }
     /* every port gets the frame as it came: a port whose egress may edit it (its policy's
      * TCP engine rewrites the segments of an edited connection, a subscription completes a
      * checksum) gets its own copy */
-    for (int i = 0; i < VN_MAX_PORTS; i++) {
+    for (unsigned k = 0; k < sw->nlive; k++) {
+        int i = sw->live[k];
         if (i == in || !sw->ports[i].kind)
             continue;
         if (sw->ports[i].pol) {
             struct vn_pkt *c = sw->flood;
             c->len = pkt->len;
             c->hdr = pkt->hdr;
+            c->tail_len = 0;
             memcpy(c->data, pkt->data, pkt->len);
             deliver_policy(sw, i, c);
         } else {
@@ -952,8 +1016,11 @@ static void forward(struct vn_switch *sw, int in, struct vn_pkt *pkt)
     pkt->hdr.flags &= VIRTIO_NET_HDR_F_NEEDS_CSUM;   /* DATA_VALID is not a sender's claim */
     src->st.in_frames++;
     src->st.in_bytes += pkt->len;
-    if (src->pol && vn_policy_apply(sw, in, VN_DIR_FROM_GUEST, -1, pkt))
-        return;
+    if (src->pol) {
+        vn_pkt_fill(pkt);
+        if (vn_policy_apply(sw, in, VN_DIR_FROM_GUEST, -1, pkt))
+            return;
+    }
     vn_forward_switch(sw, in, pkt);
 }
 
@@ -1013,11 +1080,11 @@ static void vn_signal_all(struct vn_switch *sw)
 {
     if (sw->ndirty)
         vn_chan_flush(sw);     /* scanner rings: one publication per burst */
-    for (int i = 0; i < VN_MAX_PORTS; i++) {
-        struct vn_port *p = &sw->ports[i];
+    for (unsigned k = 0; k < sw->nlive; k++) {
+        struct vn_port *p = &sw->ports[sw->live[k]];
         if (p->kind != VN_PORT_VHOST)
             continue;
-        for (unsigned q = 0; q < VN_MAX_QUEUES; q++) {
+        for (unsigned q = 0; q < 2 * p->nqp; q++) {
             struct vn_vq *vq = &p->vq[q];
             if (vq->call_pending && vq->used) {
                 vn_vq_publish_used(p, vq);
@@ -1036,19 +1103,24 @@ static int service_tx(struct vn_switch *sw, int port, struct vn_vq *vq, int poll
     struct vn_qcount *qs = &p->qst[vq - p->vq];
     /* polling or not, no kicks while we are on it (polling: never re-armed below) */
     vn_vq_notify_enable(p, vq, 0);
+    /* frames may leave their tails in the guest's buffers (read once, straight into the
+     * receiver's) when no policy of this NI looks at them first */
+    int direct = p->pol == NULL;
     for (;;) {
         unsigned n = 0;
+        int tails = 0;
         while (n < VN_BATCH && done + dropped + (int)n < VN_BUDGET) {
-            int r = vn_vq_pop_tx(sw, p, vq, &sw->batch[n]);
+            int r = vn_vq_pop_tx(sw, p, vq, &sw->batch[n], direct);
             if (r == 1)
-                n++;
+                tails |= sw->batch[n++].tail_len != 0;
             else if (r == 2)
                 dropped++;
             else
                 break;
         }
-        /* return the TX buffers first: the guest may reuse them while we deliver */
-        if (vq->call_pending) {
+        /* return the TX buffers first, the guest may reuse them while we deliver; but
+         * not those frames' tails are still in (vn_signal_all below returns them) */
+        if (vq->call_pending && !tails) {
             vn_vq_publish_used(p, vq);
         }
         for (unsigned i = 0; i < n; i++) {
@@ -1111,6 +1183,7 @@ static int service_tap(struct vn_switch *sw, int port)
                 break;
             pkt->hdr.num_buffers = 0;
             pkt->len = (uint32_t)r;
+            pkt->tail_len = 0;
         }
         for (unsigned i = 0; i < n; i++)
             forward_drain(sw, port, &sw->batch[i]);
@@ -1139,7 +1212,8 @@ static int service_pass(struct vn_switch *sw, int poll_mode, int *busy)
             vn_signal_all(sw);
         }
     }
-    for (int i = 0; i < VN_MAX_PORTS; i++) {
+    for (unsigned k = 0; k < sw->nlive; k++) {
+        int i = sw->live[k];
         struct vn_port *p = &sw->ports[i];
         if (p->kind == VN_PORT_TAP) {
             if (p->tap_readable || poll_mode)
@@ -1153,7 +1227,7 @@ static int service_pass(struct vn_switch *sw, int poll_mode, int *busy)
             backlog_flush(sw, p);
             vn_signal_all(sw);
         }
-        for (unsigned q = 1; q < VN_MAX_QUEUES; q += 2) {
+        for (unsigned q = 1; q < 2 * p->nqp; q += 2) {
             struct vn_vq *vq = &p->vq[q];
             if (!(vq->active || poll_mode) || !vn_vq_ready(p, vq))
                 continue;
@@ -1233,12 +1307,22 @@ int vn_switch_run(struct vn_switch *sw, int timeout_ms, int poll_mode)
 {
     uint64_t deadline = timeout_ms < 0 ? UINT64_MAX : vn_now_ns() + (uint64_t)timeout_ms * 1000000ULL;
     struct epoll_event evs[64];
-    int busy = 1;
+    int busy = 1, moved = 0;
+    uint64_t last_wait = 0;
     for (;;) {
         int wait_ms;
         uint64_t t = vn_now_ns();
         if (t >= deadline)
             return VN_RUN_TIMEOUT;
+        if (poll_mode && moved && t - last_wait < VN_POLL_EPOLL_NS) {
+            /* polling and frames moving: every ring is serviced anyway, and what only epoll
+             * tells (the wake fd, scanner kicks) waits a few microseconds, not a system
+             * call per pass (an idle pass still makes it: a pause between looks at rings
+             * the driver is writing) */
+            moved = service_pass(sw, poll_mode, &busy);
+            continue;
+        }
+        last_wait = t;
         if (busy || poll_mode)
             wait_ms = 0;
         else if (deadline == UINT64_MAX)
@@ -1281,7 +1365,7 @@ int vn_switch_run(struct vn_switch *sw, int timeout_ms, int poll_mode)
                 vn_chan_kicked(sw, (int)port, (int)q);
             }
         }
-        service_pass(sw, poll_mode, &busy);
+        moved = service_pass(sw, poll_mode, &busy);
         if (woke)
             return VN_RUN_WAKE;
     }

@@ -80,12 +80,29 @@ struct vn_net_hdr {
     uint16_t num_buffers;
 };
 
+/* A piece of guest memory a chain maps to, already translated and bounds-checked. */
+struct vn_iov {
+    uint8_t *p;
+    uint32_t len;
+    uint64_t gpa;      /* guest-physical address of p (for the dirty log) */
+};
+
 /* One frame in the switch's packet buffer: header immediately followed by data, so a TAP
  * read or write of (header, frame) is one contiguous buffer. */
+/* A frame taken from a guest's TX ring may leave its bytes from VN_COPY_HEAD on in the
+ * guest's buffers (tail_len of them, in tail[]): when nothing but the receiver's ring needs
+ * them, vn_vq_push_rx copies them there straight, once; anything else that reads or keeps
+ * the frame calls vn_pkt_fill first.  The head holds every byte the switch reads (MACs, the
+ * receive-queue hash: at most 14 + 60 + 4). */
+#define VN_COPY_HEAD 128
+#define VN_TAIL_IOV 8
 struct vn_pkt {
     uint32_t len;
     struct vn_net_hdr hdr;
     uint8_t data[VN_MAX_FRAME];
+    uint32_t tail_len;             /* data[len - tail_len, len) is still in tail[] */
+    unsigned ntail;
+    struct vn_iov tail[VN_TAIL_IOV];
 };
 _Static_assert(offsetof(struct vn_pkt, data) == offsetof(struct vn_pkt, hdr) + 12,
                "header and data must be contiguous");
@@ -99,16 +116,12 @@ struct vn_region {
 
 struct vn_mem {
     unsigned n;
+    unsigned hint;     /* the region the last translation hit: tried first */
     struct vn_region r[VN_MAX_REGIONS];
 };
 
-/* A piece of guest memory a chain maps to, already translated and bounds-checked. */
-struct vn_iov {
-    uint8_t *p;
-    uint32_t len;
-    uint64_t gpa;      /* guest-physical address of p (for the dirty log) */
-};
 
+#define VN_USED_SHADOW 32
 struct vn_vq {
     unsigned num;                 /* 0: not configured */
     uint64_t desc_uva, used_uva, avail_uva;
@@ -117,7 +130,12 @@ struct vn_vq {
     volatile struct vring_avail *avail;
     volatile struct vring_used *used;
     uint16_t last_avail;          /* next avail ring entry we consume */
+    uint16_t avail_known;         /* heads from last_avail on that the last read of avail idx
+                                   * showed (checked then): taken without reading it again */
     uint16_t used_idx;            /* our copy of used->idx */
+    uint16_t shadow_idx;          /* the used index of shadow[0] */
+    uint16_t nshadow;             /* used entries not yet written to the ring (vn_vq_push_used) */
+    struct { uint32_t id, len; } shadow[VN_USED_SHADOW];
     uint16_t signalled_used;      /* used idx at the last interrupt */
     int signalled_valid;
     int kickfd, callfd;
@@ -160,6 +178,8 @@ struct vn_port {
     /* vhost */
     struct vn_mem mem;
     struct vn_vq vq[VN_MAX_QUEUES];
+    unsigned nqp;                 /* queue pairs [0, nqp) were ever started (SET_VRING_KICK):
+                                   * no later one can be ready, so the loops stop there */
     uint64_t features;
     unsigned hdr_len;             /* 10 or 12 */
     int broken;
@@ -290,7 +310,12 @@ struct vn_emit_to {
 
 struct vn_switch {
     struct vn_port ports[VN_MAX_PORTS];
+    /* the slots in use (kind != 0), ascending: what the per-burst and flood loops walk
+     * instead of VN_MAX_PORTS slots of a few KiB each (live_rebuild, on add and remove) */
+    uint8_t live[VN_MAX_PORTS];
+    unsigned nlive;
     struct vn_mac_entry macs[VN_MAC_TABLE];
+    struct vn_mac_entry *mac_hint_src, *mac_hint_dst;   /* the entries last found (hints) */
     int epfd;
     int wake_fd;
     uint64_t now_ns;
@@ -376,14 +401,22 @@ int vn_mem_iov(struct vn_mem *m, uint64_t gpa, uint64_t len,
                struct vn_iov *iov, unsigned max, unsigned *n);
 void vn_mem_unmap(struct vn_mem *m);
 /* Dirty log: marks the pages of guest-physical [gpa, gpa+len) written, if logging. */
-void vn_log_write(struct vn_port *p, uint64_t gpa, uint64_t len);
+void vn_log_mark(struct vn_port *p, uint64_t gpa, uint64_t len);
+static inline void vn_log_write(struct vn_port *p, uint64_t gpa, uint64_t len)
+{
+    if (__builtin_expect(p->log != NULL, 0))
+        vn_log_mark(p, gpa, len);
+}
 int vn_log_map(struct vn_port *p, int fd, uint64_t size, uint64_t offset);
 void vn_log_unmap(struct vn_port *p);
 int vn_mem_map(struct vn_mem *m, unsigned n, const struct vn_region_spec *spec, const int *fds);
 
 /* vring.c */
 int vn_vq_map(struct vn_port *p, struct vn_vq *vq);
-int vn_vq_ready(struct vn_port *p, struct vn_vq *vq);
+static inline int vn_vq_ready(const struct vn_port *p, const struct vn_vq *vq)
+{
+    return !p->broken && vq->started && vq->enabled && vq->desc && vq->num;
+}
 int vn_vq_avail_count(struct vn_port *p, struct vn_vq *vq);
 int vn_vq_map_chain(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, uint16_t head,
                     int writable, unsigned *niov, uint64_t *total);
@@ -391,9 +424,19 @@ void vn_vq_push_used(struct vn_port *p, struct vn_vq *vq, uint16_t head, uint32_
 void vn_vq_publish_used(struct vn_port *p, struct vn_vq *vq);
 void vn_vq_notify_enable(struct vn_port *p, struct vn_vq *vq, int on);
 void vn_vq_signal(struct vn_port *p, struct vn_vq *vq);
-int vn_vq_pop_tx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, struct vn_pkt *pkt);
+int vn_vq_pop_tx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, struct vn_pkt *pkt,
+                 int direct);
+/* data[0, len) is the frame; with src, its last src->tail_len bytes come from src->tail */
 int vn_vq_push_rx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq,
-                  const struct vn_net_hdr *hdr, const uint8_t *data, uint32_t len);
+                  const struct vn_net_hdr *hdr, const uint8_t *data, uint32_t len,
+                  const struct vn_pkt *src);
+/* Copies what is left of a frame in the sender's buffers into pkt->data. */
+void vn_pkt_fill_tail(struct vn_pkt *pkt);
+static inline void vn_pkt_fill(struct vn_pkt *pkt)
+{
+    if (pkt->tail_len)
+        vn_pkt_fill_tail(pkt);
+}
 void vn_port_break(struct vn_port *p, int reason);
 
 /* ---- big-endian field access and the Internet checksum, shared by the .c files ---- */

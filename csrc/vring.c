@@ -36,6 +36,7 @@ int vn_vq_map(struct vn_port *p, struct vn_vq *vq)
     vq->desc = NULL;
     vq->avail = NULL;
     vq->used = NULL;
+    vq->avail_known = 0;
     if (!vq->addr_set || vq->num == 0)
         return 0;
     uint8_t *d = vn_mem_uva(&p->mem, vq->desc_uva, desc_bytes(vq->num));
@@ -52,21 +53,30 @@ int vn_vq_map(struct vn_port *p, struct vn_vq *vq)
     return 0;
 }
 
-int vn_vq_ready(struct vn_port *p, struct vn_vq *vq)
-{
-    return !p->broken && vq->started && vq->enabled && vq->desc && vq->num;
-}
-
-/* How many new heads the driver made available; -1 (and broken) if the index is absurd. */
+/* How many new heads the driver made available; -1 (and broken) if the index is absurd.
+ * Reads avail idx (and remembers the count in avail_known). */
 int vn_vq_avail_count(struct vn_port *p, struct vn_vq *vq)
 {
     uint16_t idx = __atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE);
     uint16_t n = (uint16_t)(idx - vq->last_avail);
     if (n > vq->num) {
+        vq->avail_known = 0;
         vn_port_break(p, VN_BROKEN_AVAIL_IDX);
         return -1;
     }
+    vq->avail_known = n;
     return n;
+}
+
+/* The same, but without touching avail idx (a cache line the driver keeps writing) while
+ * heads of its last reading are left: once per burst, not once per frame.  The entries
+ * those heads sit in were published before the idx we read (acquire), and every head and
+ * chain is still checked as it is taken. */
+static inline int avail_heads(struct vn_port *p, struct vn_vq *vq)
+{
+    if (vq->avail_known)
+        return vq->avail_known;
+    return vn_vq_avail_count(p, vq);
 }
 
 static inline void load_desc(const volatile struct vring_desc *src, struct vring_desc *d)
@@ -166,19 +176,38 @@ static inline void log_used(struct vn_port *p, struct vn_vq *vq, uint64_t off, u
         vn_log_write(p, vq->log_used_gpa + off, len);
 }
 
+/* Writes the shadowed used entries to the ring (not yet visible: idx is not moved). */
+static void flush_used(struct vn_port *p, struct vn_vq *vq)
+{
+    unsigned mask = vq->num - 1;     /* a power of two (vn_vq_set_num) */
+    for (unsigned k = 0; k < vq->nshadow; k++) {
+        unsigned slot = (uint16_t)(vq->shadow_idx + k) & mask;
+        volatile struct vring_used_elem *e = &vq->used->ring[slot];
+        e->id = vq->shadow[k].id;
+        e->len = vq->shadow[k].len;
+        log_used(p, vq, offsetof(struct vring_used, ring) + 8ULL * slot, 8);
+    }
+    vq->nshadow = 0;
+}
+
+/* Returns a chain to the driver.  The entry is kept in vq->shadow and written with the
+ * others of its burst when they are published (or the shadow fills): the used ring's lines,
+ * which the driver reads, are written once per burst, not once per frame. */
 void vn_vq_push_used(struct vn_port *p, struct vn_vq *vq, uint16_t head, uint32_t len)
 {
-    unsigned slot = vq->used_idx % vq->num;
-    volatile struct vring_used_elem *e = &vq->used->ring[slot];
-    e->id = head;
-    e->len = len;
-    log_used(p, vq, offsetof(struct vring_used, ring) + 8ULL * slot, 8);
+    if (vq->nshadow == 0)
+        vq->shadow_idx = vq->used_idx;
+    vq->shadow[vq->nshadow].id = head;
+    vq->shadow[vq->nshadow].len = len;
+    if (++vq->nshadow == VN_USED_SHADOW)
+        flush_used(p, vq);
     vq->used_idx++;
     vq->call_pending = 1;
 }
 
 void vn_vq_publish_used(struct vn_port *p, struct vn_vq *vq)
 {
+    flush_used(p, vq);
     __atomic_store_n(&vq->used->idx, vq->used_idx, __ATOMIC_RELEASE);
     log_used(p, vq, offsetof(struct vring_used, idx), 2);
 }
@@ -196,17 +225,26 @@ static inline volatile uint16_t *used_event(struct vn_vq *vq)
 /* Asks the driver to kick us (on) or not (off) when it adds buffers. */
 void vn_vq_notify_enable(struct vn_port *p, struct vn_vq *vq, int on)
 {
+    /* Written only when it changes: the field shares its cache line with what the driver
+     * polls (used idx beside the flags), and a poll loop asks for "off" on every pass. */
     if (HAS_FEATURE(p->features, VIRTIO_RING_F_EVENT_IDX)) {
         /* on: kick for the next head; off: an index one ring-wrap away */
-        *avail_event(vq) = on ? vq->last_avail : (uint16_t)(vq->last_avail - 1);
-        log_used(p, vq, offsetof(struct vring_used, ring) + 8ULL * vq->num, 2);
+        uint16_t v = on ? vq->last_avail : (uint16_t)(vq->last_avail - 1);
+        if (load16(avail_event(vq)) != v) {
+            *avail_event(vq) = v;
+            log_used(p, vq, offsetof(struct vring_used, ring) + 8ULL * vq->num, 2);
+        }
     } else {
-        uint16_t f = vq->used->flags;
-        vq->used->flags = on ? (f & ~VRING_USED_F_NO_NOTIFY) : (f | VRING_USED_F_NO_NOTIFY);
-        log_used(p, vq, offsetof(struct vring_used, flags), 2);
+        uint16_t f = load16(&vq->used->flags);
+        uint16_t nf = on ? (f & ~VRING_USED_F_NO_NOTIFY) : (f | VRING_USED_F_NO_NOTIFY);
+        if (nf != f) {
+            vq->used->flags = nf;
+            log_used(p, vq, offsetof(struct vring_used, flags), 2);
+        }
     }
-    /* the flag must be visible before we re-read avail idx (the lost-wakeup race) */
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    /* on: the flag must be visible before we re-read avail idx (the lost-wakeup race) */
+    if (on)
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
 }
 
 /* Sends an interrupt if used entries were published and the driver wants one. */
@@ -275,7 +313,9 @@ static uint64_t buf_to_iov(struct vn_port *p, const struct vn_iov *iov, unsigned
         uint64_t take = l - skip;
         if (take > len - done)
             take = len - done;
-        memcpy(iov[i].p + skip, src + done, take);
+        /* memmove: src may be another port's guest memory (a frame's tail), and two NIs
+         * of one guest share it, so a hostile guest can make the two overlap */
+        memmove(iov[i].p + skip, src + done, take);
         vn_log_write(p, iov[i].gpa + skip, take);
         done += take;
         skip = 0;
@@ -283,14 +323,110 @@ static uint64_t buf_to_iov(struct vn_port *p, const struct vn_iov *iov, unsigned
     return done;
 }
 
+/* Prefetches for the chains the driver made available after the one being taken: the
+ * descriptor of the one `ahead` + 1 slots on, and the first buffer of the next one (whose
+ * descriptor an earlier call prefetched), for writing on a receive queue.  The guest's
+ * values here are hints only: a head outside the ring or an address outside the region
+ * the last translation hit is not prefetched, and nothing is decided on them. */
+static inline void prefetch_next(struct vn_port *p, struct vn_vq *vq, uint16_t avail,
+                                 unsigned ahead, int rw)
+{
+    if (ahead < 2)
+        return;
+    unsigned mask = vq->num - 1;
+    uint16_t h1 = load16(&vq->avail->ring[(uint16_t)(avail + 1) & mask]);
+    uint16_t h2 = load16(&vq->avail->ring[(uint16_t)(avail + 2) & mask]);
+    if (h2 < vq->num)
+        __builtin_prefetch((const void *)&vq->desc[h2], 0);
+    if (h1 < vq->num) {
+        uint64_t a = *(const volatile uint64_t *)&vq->desc[h1].addr;
+        const struct vn_region *r = &p->mem.r[p->mem.hint];
+        if (p->mem.hint < p->mem.n && a >= r->gpa && a - r->gpa < r->size) {
+            if (rw)
+                __builtin_prefetch(r->host + (a - r->gpa), 1);
+            else
+                __builtin_prefetch(r->host + (a - r->gpa), 0);
+        }
+    }
+}
+
+/* Copies frame bytes [off, off + len) into iov[skip..]: data[0, head) first, then the
+ * tail src left in its sender's buffers (src NULL: none).  Returns bytes copied. */
+static uint64_t frame_to_iov(struct vn_port *p, const struct vn_iov *iov, unsigned n,
+                             uint64_t skip, const uint8_t *data, uint32_t head,
+                             const struct vn_pkt *src, uint64_t off, uint64_t len)
+{
+    uint64_t done = 0;
+    if (off < head) {
+        uint64_t t = head - off < len ? head - off : len;
+        done = buf_to_iov(p, iov, n, skip, data + off, t);
+        if (done < t)
+            return done;
+    }
+    if (!src)
+        return done;
+    uint64_t toff = off + done - head;          /* offset into the tail */
+    for (unsigned i = 0; i < src->ntail && done < len; i++) {
+        uint64_t l = src->tail[i].len;
+        if (toff >= l) {
+            toff -= l;
+            continue;
+        }
+        uint64_t t = l - toff;
+        if (t > len - done)
+            t = len - done;
+        uint64_t c = buf_to_iov(p, iov, n, skip + done, src->tail[i].p + toff, t);
+        done += c;
+        if (c < t)
+            break;
+        toff = 0;
+    }
+    return done;
+}
+
+void vn_pkt_fill_tail(struct vn_pkt *pkt)
+{
+    iov_to_buf(pkt->tail, pkt->ntail, 0, pkt->data + (pkt->len - pkt->tail_len),
+               pkt->tail_len);
+    pkt->tail_len = 0;
+    pkt->ntail = 0;
+}
+
+/* Notes in pkt the pieces of iov[0, n) after its first `skip` bytes; 0 if they are more
+ * than VN_TAIL_IOV (the frame is then copied whole). */
+static int tail_split(const struct vn_iov *iov, unsigned n, uint64_t skip, struct vn_pkt *pkt)
+{
+    unsigned k = 0;
+    for (unsigned i = 0; i < n; i++) {
+        uint64_t l = iov[i].len;
+        if (skip >= l) {
+            skip -= l;
+            continue;
+        }
+        if (k == VN_TAIL_IOV)
+            return 0;
+        pkt->tail[k].p = iov[i].p + skip;
+        pkt->tail[k].len = (uint32_t)(l - skip);
+        pkt->tail[k].gpa = iov[i].gpa + skip;
+        k++;
+        skip = 0;
+    }
+    pkt->ntail = k;
+    return 1;
+}
+
 /*
- * Takes the next frame the guest sent on TX queue `vq` into pkt.
+ * Takes the next frame the guest sent on TX queue `vq` into pkt.  With `direct`, a frame
+ * longer than VN_COPY_HEAD may leave the rest in the guest's buffers (pkt->tail_len): the
+ * caller must then not return the chain (publish the used entry) before the frame is
+ * delivered or filled (vn_pkt_fill).
  * Returns 1 (frame in pkt), 0 (nothing available), 2 (a chain was consumed but its frame
  * dropped and counted), or -1 (port broken).
  */
-int vn_vq_pop_tx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, struct vn_pkt *pkt)
+int vn_vq_pop_tx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, struct vn_pkt *pkt,
+                 int direct)
 {
-    int n = vn_vq_avail_count(p, vq);
+    int n = avail_heads(p, vq);
     if (n <= 0)
         return n;
     uint16_t head = load16(&vq->avail->ring[vq->last_avail % vq->num]);
@@ -298,6 +434,7 @@ int vn_vq_pop_tx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, stru
         vn_port_break(p, VN_BROKEN_HEAD);
         return -1;
     }
+    prefetch_next(p, vq, vq->last_avail, (unsigned)n, 0);
     unsigned niov;
     uint64_t total;
     if (vn_vq_map_chain(sw, p, vq, head, 0, &niov, &total) < 0) {
@@ -305,6 +442,7 @@ int vn_vq_pop_tx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, stru
         return -1;
     }
     vq->last_avail++;
+    vq->avail_known--;
     int ret = 1;
     unsigned hl = p->hdr_len;
     if (total < hl + 14) {
@@ -314,12 +452,26 @@ int vn_vq_pop_tx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, stru
         p->st.drop_oversize++;
         ret = 2;
     } else {
-        memset(&pkt->hdr, 0, sizeof(pkt->hdr));
-        /* header and data are contiguous in vn_pkt: one gather copy */
-        iov_to_buf(sw->iov, niov, 0, (uint8_t *)&pkt->hdr, hl);
-        iov_to_buf(sw->iov, niov, hl, pkt->data, total - hl);
+        /* header and data are contiguous in vn_pkt: one gather copy of each byte, all but
+         * num_buffers (which a 10-byte header lacks) overwritten */
+        _Static_assert(offsetof(struct vn_pkt, data) ==
+                       offsetof(struct vn_pkt, hdr) + sizeof(struct vn_net_hdr),
+                       "vn_pkt: data follows hdr");
+        uint64_t copy = total;           /* header and frame bytes copied now */
+        pkt->tail_len = 0;
+        pkt->ntail = 0;
+        if (direct && total - hl > VN_COPY_HEAD &&
+            tail_split(sw->iov, niov, hl + VN_COPY_HEAD, pkt))
+            copy = hl + VN_COPY_HEAD;
+        if (hl == sizeof(pkt->hdr)) {
+            iov_to_buf(sw->iov, niov, 0, (uint8_t *)&pkt->hdr, copy);
+        } else {
+            iov_to_buf(sw->iov, niov, 0, (uint8_t *)&pkt->hdr, hl);
+            iov_to_buf(sw->iov, niov, hl, pkt->data, copy - hl);
+        }
         pkt->hdr.num_buffers = 0;
         pkt->len = (uint32_t)(total - hl);
+        pkt->tail_len = (uint32_t)(total - copy);
     }
     vn_vq_push_used(p, vq, head, 0);
     return ret;
@@ -331,9 +483,15 @@ int vn_vq_pop_tx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq, stru
  * Nothing is consumed unless the whole frame fits.  Returns VN_PUSH_*.
  */
 int vn_vq_push_rx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq,
-                  const struct vn_net_hdr *hdr, const uint8_t *data, uint32_t len)
+                  const struct vn_net_hdr *hdr, const uint8_t *data, uint32_t len,
+                  const struct vn_pkt *src)
 {
-    int n = vn_vq_avail_count(p, vq);
+    /* data[0, inbuf) is ours; the rest (if src) still in the sender's buffers */
+    uint32_t inbuf = src && src->tail_len <= len ? len - src->tail_len : len;
+    if (inbuf == len)
+        src = NULL;
+    int fresh = !vq->avail_known;   /* n will come from reading avail idx now */
+    int n = avail_heads(p, vq);
     if (n < 0)
         return VN_PUSH_BROKEN;
     unsigned hl = p->hdr_len;
@@ -345,13 +503,22 @@ int vn_vq_push_rx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq,
     unsigned nfirst = 0;
     struct vn_net_hdr h = *hdr;
     h.num_buffers = 1;
+    if (n > 0)
+        prefetch_next(p, vq, avail, (unsigned)n, 1);
     /* (head, len) of each buffer, written to the used ring only once all fit */
     uint16_t heads[64];
     uint32_t lens[64];
 
     while (placed < need) {
-        if ((int)used >= n)
-            return VN_PUSH_NOBUF;
+        if ((int)used >= n) {
+            /* the heads we knew of are not enough: has the driver added some since? */
+            if (fresh)
+                return VN_PUSH_NOBUF;
+            fresh = 1;
+            if ((n = vn_vq_avail_count(p, vq)) < 0)
+                return VN_PUSH_BROKEN;
+            continue;
+        }
         if (used >= 64 || (!mrg && used >= 1))
             return VN_PUSH_TOOBIG;
         uint16_t head = load16(&vq->avail->ring[avail % vq->num]);
@@ -361,6 +528,8 @@ int vn_vq_push_rx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq,
         }
         unsigned niov;
         uint64_t total;
+        if (used == 1)   /* sw->iov is about to be reused: keep the first buffer's pieces */
+            memcpy(sw->iov_first, sw->iov, nfirst * sizeof(struct vn_iov));
         if (vn_vq_map_chain(sw, p, vq, head, 1, &niov, &total) < 0)
             return VN_PUSH_BROKEN;
         if (!mrg && total < need)
@@ -368,16 +537,15 @@ int vn_vq_push_rx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq,
         if (used == 0) {
             if (total < hl || niov > 64)
                 return VN_PUSH_TOOBIG;
-            memcpy(sw->iov_first, sw->iov, niov * sizeof(struct vn_iov));
             nfirst = niov;
             placed = buf_to_iov(p, sw->iov, niov, 0, (const uint8_t *)&h, hl);
             uint64_t take = total - hl < len ? total - hl : len;
-            placed += buf_to_iov(p, sw->iov, niov, hl, data, take);
+            placed += frame_to_iov(p, sw->iov, niov, hl, data, inbuf, src, 0, take);
             lens[used] = (uint32_t)(hl + take);
         } else {
             uint64_t off = placed - hl;
             uint64_t take = total < len - off ? total : len - off;
-            placed += buf_to_iov(p, sw->iov, niov, 0, data + off, take);
+            placed += frame_to_iov(p, sw->iov, niov, 0, data, inbuf, src, off, take);
             lens[used] = (uint32_t)take;
         }
         heads[used++] = head;
@@ -391,5 +559,6 @@ int vn_vq_push_rx(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq,
     for (unsigned i = 0; i < used; i++)
         vn_vq_push_used(p, vq, heads[i], lens[i]);
     vq->last_avail = avail;
+    vq->avail_known = (uint16_t)(vq->avail_known - used);
     return VN_PUSH_OK;
 }

@@ -964,3 +964,52 @@ def test_a_frame_for_the_port_it_came_from_is_dropped_and_counted(bench):
     bench.step()
     assert bench.recv(b, 1, steps=10) == [] and bench.recv(a, 1, steps=10) == []
     assert bench.stats("a")["drop_same_port"] == 1
+
+
+# ---------------------------------------------------------------------------
+# Frames whose bytes past the first VN_COPY_HEAD (128) go from the sender's buffers
+# straight into the receiver's (csrc/vring.c): every path that takes a frame whole
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("send_kw", [
+    pytest.param(dict(), id="one-descriptor"),
+    pytest.param(dict(layout="scattered", chunk=300), id="few-pieces"),
+    pytest.param(dict(layout="scattered", chunk=60), id="more-pieces-than-kept"),
+])
+def test_long_frames_byte_exact_unicast_flooded_and_merged(make_bench, send_kw):
+    bench = make_bench(("a", "b", "c"))
+    a, b, c = (bench.connect(n) for n in "abc")
+    a.post_rx_buffers(16, 2048)
+    c.post_rx_buffers(16, 2048)
+    b.post_rx_buffers(64, 256)          # merged buffers: a 1000-byte frame takes five
+    bench.step()
+    b.send_frame(ether(BCAST, B_MAC, b"learn me"))   # B_MAC sits behind b's port now
+    assert len(bench.recv(a, 1)) == 1 and len(bench.recv(c, 1)) == 1
+    for i, size in enumerate((129, 130, 700, 1000, 1500)):
+        frame = ether(B_MAC, A_MAC, pattern(size, seed=i))
+        hdr, got = bench.send_recv(a, b, frame, **send_kw)
+        assert got == frame and hdr.num_buffers == -(-(12 + len(frame)) // 256)
+    # flooded to b and c: read once into the switch, then to both
+    frame = ether(BCAST, A_MAC, pattern(1200, seed=9))
+    a.send_frame(frame, **send_kw)
+    assert [f for _, f in bench.recv(b, 1)] == [frame]
+    assert [f for _, f in bench.recv(c, 1)] == [frame]
+    assert a.wait_tx_done(0)            # every TX buffer given back, once delivered
+    assert bench.broken("a") is None and bench.broken("b") is None
+
+
+def test_long_frames_wait_whole_in_the_backlog(bench):
+    """No receive buffer: a long frame is taken whole into the backlog, and the sender gets
+    its buffers back before the receiver posts any."""
+    a, b = pair(bench, rx=0)
+    frames = [ether(B_MAC, A_MAC, pattern(900 + 300 * i, seed=20 + i)) for i in range(3)]
+    for f in frames:
+        a.send_frame(f)
+    bench.step(3)
+    assert bench.stats("b")["backlog_max"] == 3
+    assert a.wait_tx_done(0)
+    for i in range(3):          # the sender reuses its buffers: the backlog has its own copy
+        a.send_frame(ether(B_MAC, A_MAC, bytes(900)), layout="scattered", chunk=300)
+    b.post_rx_buffers(32, 2048)
+    got = [f for _, f in bench.recv(b, 6)]
+    assert got[:3] == frames
