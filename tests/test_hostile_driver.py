@@ -1322,7 +1322,6 @@ def test_fuzz_random_rx_rings(fuzzer, data):
     reason = bench.broken("h")
     assert reason is None or reason in REASONS
     used = q.used_idx()
-    assert used <= min(avail_idx, FUZZ_Q)
     rings = [(q.desc, q.desc + 16 * FUZZ_Q), (q.avail, q.avail + 6 + 2 * FUZZ_Q),
              (q.used, q.used + 6 + 8 * FUZZ_Q), (TABLE_AT, TABLE_AT + 16 * 8)]
     # the model: the chains the driver made available, in order, up to the first bad one;
@@ -1340,6 +1339,11 @@ def test_fuzz_random_rx_rings(fuzzer, data):
         if any(overlaps(a, n, lo, hi) for a, n in pieces for lo, hi in rings):
             exact = False        # a buffer over the rings changes what the next walk reads
             break
+    if not exact and any(overlaps(a, n, q.used, q.used + 6 + 8 * FUZZ_Q) for pieces in chains
+                         for a, n in pieces):
+        return                   # the guest gave its own used ring as a buffer: the frame's
+                                 # bytes may stand where the used index is read back
+    assert used <= min(avail_idx, FUZZ_Q)
     allowed = [p for pieces in chains for p in pieces]
     written = b""
     for i in range(used):
