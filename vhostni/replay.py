@@ -317,11 +317,20 @@ class Replay:
         if self._policy is None:
             return
         self.nk = self.kernel.attach(self.ni, self.guest, self._policy)
-        asked: dict[str, int] = {}               # scanner -> pid the startup sync went to
         restarts0 = {sp.name: sp.counters.restarts for sp in self._scanners()}
+        deadline = time.monotonic() + self.start_timeout
+        # two syncs, one after the other: a scanner may answer the first while it is still
+        # starting (the SDK's ready() does), the second only once it waits for its first
+        # event, so whatever it says while starting ("ready" alerts) comes before any frame
+        for _ in range(2):
+            if not self._start_sync(restarts0, deadline):
+                return
+
+    def _start_sync(self, restarts0: dict, deadline: float) -> bool:
+        """One startup sync to every running scanner; False if replay gave up waiting."""
+        asked: dict[str, int] = {}               # scanner -> pid the startup sync went to
         self._sync_id += 1
         sid = self._sync_id
-        deadline = time.monotonic() + self.start_timeout
         while True:
             waiting = []
             for sp in self._scanners():
@@ -333,13 +342,13 @@ class Replay:
                 if not (sp.running and sp.synced >= sid):
                     waiting.append(sp.name)
             if not waiting:
-                return
+                return True
             if time.monotonic() >= deadline:
                 log.warning("scanner(s) %s not ready after %.0f s (no answer to sync: not "
                             "written with the SDK?); replaying anyway", ", ".join(waiting),
                             self.start_timeout)
                 self._unsynced.update(waiting)
-                return
+                return False
             self._pump(deadline - time.monotonic())
 
     def feed(self, ts_ns: int, frame: bytes, number: Optional[int] = None) -> Optional[int]:
