@@ -55,6 +55,8 @@ class FakeNI:
             fcntl.fcntl(self.fd_sc, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)
         self.kick_scanner = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.kick_ni = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.wa = R.Words(self.a, R.NI_SIZE)      # index words, stored whole
+        self.wb = R.Words(self.b, R.DEC_OFF)
         self.desc_prod = 0
         self.dec_cons = 0
         self.decisions: list = []           # (seq, verdict) in the order read
@@ -70,15 +72,17 @@ class FakeNI:
     def close(self) -> None:
         for fd in self.fds:
             os.close(fd)
+        self.wa.release()
+        self.wb.release()
         self.a.close()
         self.b.close()
 
     # ---- the scanner's words
     def desc_cons(self) -> int:
-        return R.U64.unpack_from(self.b, R.SC_DESC_CONS)[0]
+        return self.wb.u64(R.SC_DESC_CONS)
 
     def scanner_wants_kick(self) -> bool:
-        return bool(R.U32.unpack_from(self.b, R.SC_WANT_KICK)[0])
+        return bool(self.wb.u32(R.SC_WANT_KICK))
 
     # ---- publishing
     def room(self) -> int:
@@ -119,15 +123,15 @@ class FakeNI:
 
     def read_raw_decisions(self) -> list:
         """Decisions as (seq, verdict, handle): stream passes carry a handle."""
-        prod = R.U64.unpack_from(self.b, R.SC_DEC_PROD)[0]
+        prod = self.wb.u64(R.SC_DEC_PROD)
         got = [R.DEC.unpack_from(self.b, R.DEC_OFF + (i & (self.dec_slots - 1)) * R.DEC.size)
                for i in range(self.dec_cons, prod)]
         self.dec_cons = prod
-        R.U64.pack_into(self.a, R.NI_DEC_CONS, prod)
+        self.wa.set_u64(R.NI_DEC_CONS, prod)
         return got
 
     def set_desc_prod(self, v: int) -> None:
-        R.U64.pack_into(self.a, R.NI_DESC_PROD, v)
+        self.wa.set_u64(R.NI_DESC_PROD, v)
         R.full_barrier()
         if self.scanner_wants_kick():
             os.write(self.kick_scanner, R.U64.pack(1))
@@ -135,27 +139,27 @@ class FakeNI:
 
     # ---- decisions
     def read_decisions(self) -> list:
-        prod = R.U64.unpack_from(self.b, R.SC_DEC_PROD)[0]
+        prod = self.wb.u64(R.SC_DEC_PROD)
         assert self.dec_cons <= prod <= self.dec_cons + self.dec_slots, (self.dec_cons, prod)
         got = []
         for i in range(self.dec_cons, prod):
             seq, verdict, _handle = R.DEC.unpack_from(self.b, R.DEC_OFF + (i & (self.dec_slots - 1)) * R.DEC.size)
             got.append((seq, verdict))
         self.dec_cons = prod
-        R.U64.pack_into(self.a, R.NI_DEC_CONS, prod)
+        self.wa.set_u64(R.NI_DEC_CONS, prod)
         self.decisions += got
         return got
 
     def sleep_for_decisions(self, timeout: float) -> bool:
         """The NI's side of want_kick: sleeps until the scanner kicks (True) or timeout."""
-        R.U32.pack_into(self.a, R.NI_WANT_KICK, 1)
+        self.wa.set_u32(R.NI_WANT_KICK, 1)
         try:
             r, _, _ = select.select([self.kick_ni], [], [], timeout)
             if r:
                 os.read(self.kick_ni, 8)
             return bool(r)
         finally:
-            R.U32.pack_into(self.a, R.NI_WANT_KICK, 0)
+            self.wa.set_u32(R.NI_WANT_KICK, 0)
 
 
 class FakeKernel:

@@ -38,25 +38,34 @@ class RawRing:
          self.data_size, self.size, self.sc_size, _) = NI_HDR.unpack_from(self.a, 0)
         self.b = mmap.mmap(info["sc_fd"], self.sc_size, mmap.MAP_SHARED,
                            mmap.PROT_READ | mmap.PROT_WRITE)
+        # index words are loaded and stored whole, through casts: struct.pack_into zeroes a
+        # field before writing it, and the NI would catch the torn index
+        self.aq, self.ai = self._words(self.a)
+        self.bq, self.bi = self._words(self.b)
         self.seen = 0            # descriptors read
         self.dec_prod = 0
+
+    @staticmethod
+    def _words(m) -> tuple:
+        head = memoryview(m)[:256]
+        return head.cast("Q"), head.cast("I")
 
     # NI words
     @property
     def desc_prod(self) -> int:
-        return struct.unpack_from("<Q", self.a, 64)[0]
+        return self.aq[64 // 8]
 
     @property
     def dec_cons(self) -> int:
-        return struct.unpack_from("<Q", self.a, 128)[0]
+        return self.aq[128 // 8]
 
     @property
     def ni_want_kick(self) -> int:
-        return struct.unpack_from("<I", self.a, 192)[0]
+        return self.ai[192 // 4]
 
     @property
     def broken(self) -> int:
-        return struct.unpack_from("<I", self.a, 196)[0]
+        return self.ai[196 // 4]
 
     # reading
     def desc(self, seq: int) -> Desc:
@@ -75,14 +84,14 @@ class RawRing:
 
     # scanner words (any value: hostile tests write nonsense on purpose)
     def set_desc_cons(self, v: int) -> None:
-        struct.pack_into("<Q", self.b, 0, v)
+        self.bq[0] = v
 
     def set_dec_prod(self, v: int) -> None:
-        struct.pack_into("<Q", self.b, 64, v)
+        self.bq[64 // 8] = v
         self.dec_prod = v
 
     def set_want_kick(self, v: int) -> None:
-        struct.pack_into("<I", self.b, 128, v)
+        self.bi[128 // 4] = v
 
     def write_dec(self, index: int, seq: int, verdict: int) -> None:
         struct.pack_into("<QII", self.b, DEC_OFF + DEC.size * (index & (self.dec_slots - 1)),
@@ -105,6 +114,8 @@ class RawRing:
             return 0
 
     def close(self) -> None:
+        for w in (self.aq, self.ai, self.bq, self.bi):
+            w.release()
         self.a.close()
         self.b.close()
 

@@ -183,7 +183,7 @@ def test_a_sleeping_ni_is_kicked_and_an_awake_one_is_not(pair):
     t = Thread(lambda: ni.sleep_for_decisions(10))
     t.start()
     deadline = time.monotonic() + 5
-    while not R.U32.unpack_from(ni.a, R.NI_WANT_KICK)[0]:
+    while not ni.wa.u32(R.NI_WANT_KICK):
         assert time.monotonic() < deadline
         time.sleep(0.001)
     sc.cut(sc.recv(timeout=1))
@@ -225,7 +225,7 @@ def test_a_broken_ring_says_why(pair):
     ni.publish([(frame(i), wire.FROM_GUEST, True) for i in range(3)])
     for _ in range(3):
         sc.pass_(sc.recv(timeout=1))
-    R.U32.pack_into(ni.a, R.NI_BROKEN, 3)
+    ni.wa.set_u32(R.NI_BROKEN, 3)
     with pytest.raises(ScannerError, match="never given"):
         sc.flush()
 
@@ -413,7 +413,7 @@ def test_dec_cons_beyond_dec_prod_is_a_scanner_error(pair):
     k, ni, sc = pair()
     ni.publish([(b"a", wire.FROM_GUEST, True)])
     sc.pass_(sc.recv(timeout=1))
-    R.U64.pack_into(ni.a, R.NI_DEC_CONS, 1000)
+    ni.wa.set_u64(R.NI_DEC_CONS, 1000)
     with pytest.raises(ScannerError, match="dec_cons"):
         sc.flush()
 
@@ -772,3 +772,43 @@ def test_a_machine_without_the_rings_memory_model_stays_on_the_socket(monkeypatc
     finally:
         k.close()
         ni.close()
+
+
+# ---- index words are stored and loaded whole
+
+def test_index_words_are_never_seen_torn(tmp_path):
+    """The SDK's stores of its index words are single moves, so the NI (here a C loop
+    doing what it does) never sees one go back; and the SDK's loads of a word the other
+    side counts up never see it go back either.  struct.pack_into failed this: it zeroes
+    the field before writing it, and the NI broke healthy rings on the torn index."""
+    import mmap
+    exe = str(tmp_path / "word_watch")
+    subprocess.run(["cc", "-std=c11", "-O2", "-Wall", "-Werror", os.path.join(HERE, "c", "word_watch.c"),
+                    "-o", exe], check=True)
+    fd = os.memfd_create("word")
+    os.ftruncate(fd, 4096)
+    m = mmap.mmap(fd, 4096)
+    words = R.Words(m, R.DEC_OFF)
+    try:
+        n = 300_000
+        watch = subprocess.Popen([exe, "watch", str(fd), str(n)], pass_fds=(fd,), stdout=subprocess.PIPE)
+        for i in range(1, n + 1):
+            words.set_u64(R.SC_DESC_CONS, i)
+        assert watch.communicate(timeout=60)[0].strip() == b"0"
+        words.set_u64(R.SC_DESC_CONS, 0)
+        count = subprocess.Popen([exe, "count", str(fd), str(n)], pass_fds=(fd,))
+        last = back = 0
+        deadline = time.monotonic() + 60
+        while last < n:
+            v = words.u64(R.SC_DESC_CONS)
+            if v < last:
+                back += 1
+            else:
+                last = v
+            assert time.monotonic() < deadline, "the counting side stopped"
+        assert count.wait(timeout=10) == 0
+        assert back == 0
+    finally:
+        words.release()
+        m.close()
+        os.close(fd)

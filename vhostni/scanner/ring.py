@@ -69,7 +69,7 @@ DEC = struct.Struct("<QII")           # seq (a stream pass: the offset), verdict
 STREAM_HDR = struct.Struct("<QQII8x")
 STREAM_OPEN = struct.Struct("<BBBBB3xHHHxx16s16s")
 CLOSE_REASONS = {1: "fin", 2: "rst", 3: "killed", 4: "idle", 5: "bypass", 6: "gone", 7: "overrun"}
-U64 = struct.Struct("<Q")
+U64 = struct.Struct("<Q")           # for eventfd counters and records, never for index words
 U32 = struct.Struct("<I")
 MAX_SLOTS = 1 << 24                 # sanity bound on a header's slot counts
 assert NI_HEAD.size == 64 and DESC.size == 32 and DEC.size == 16
@@ -118,6 +118,38 @@ def full_barrier() -> None:
     _libc.pthread_spin_unlock(ctypes.byref(_barrier_lock))
 
 
+class Words:
+    """Single-copy-atomic loads and stores of a region's index words (64-bit at multiples
+    of 8, 32-bit at multiples of 4, within the first ``span`` bytes).
+
+    ``struct.pack_into`` cannot be used for a word the other side reads concurrently: it
+    zeroes the field before it writes it (and the standard-size codes go byte by byte),
+    so the NI could read an index of 0, or half of one, and rightly break the ring.  A
+    memoryview cast to ``Q``/``I`` loads and stores each element with one aligned move."""
+
+    def __init__(self, buf, span: int):
+        head = memoryview(buf)[:span]
+        self._q = head.cast("Q")
+        self._i = head.cast("I")
+        head.release()
+
+    def u64(self, off: int) -> int:
+        return self._q[off >> 3]
+
+    def set_u64(self, off: int, value: int) -> None:
+        self._q[off >> 3] = value
+
+    def u32(self, off: int) -> int:
+        return self._i[off >> 2]
+
+    def set_u32(self, off: int, value: int) -> None:
+        self._i[off >> 2] = value
+
+    def release(self) -> None:
+        self._q.release()
+        self._i.release()
+
+
 def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -155,9 +187,9 @@ class Ring:
         except BaseException:
             self.close()
             raise
-        self.polled = U64.unpack_from(self.b, SC_DESC_CONS)[0]    # next descriptor to read
+        self.polled = self.wb.u64(SC_DESC_CONS)    # next descriptor to read
         self.consumed = self.polled
-        self.dec_prod = U64.unpack_from(self.b, SC_DEC_PROD)[0]
+        self.dec_prod = self.wb.u64(SC_DEC_PROD)
         self.decisions: list = []         # (seq, verdict, handle) not yet written
         self.streams = False              # the kernel puts our streams on the ring too
         self.kicks_sent = 0
@@ -199,14 +231,16 @@ class Ring:
         except (OSError, ValueError) as exc:
             raise RingError(f"cannot map region B: {exc}") from None
         self.view = memoryview(self.a)
+        self.wa = Words(self.a, NI_SIZE)
+        self.wb = Words(self.b, DEC_OFF)
         self.data_end = self.data_off + self.data_size
         for fd in (self.kick_scanner, self.kick_ni):
             try:
                 os.set_blocking(fd, False)
             except OSError as exc:
                 raise RingError(f"bad kick eventfd {fd}: {exc}") from None
-        desc_prod = U64.unpack_from(self.a, NI_DESC_PROD)[0]
-        desc_cons = U64.unpack_from(self.b, SC_DESC_CONS)[0]
+        desc_prod = self.wa.u64(NI_DESC_PROD)
+        desc_cons = self.wb.u64(SC_DESC_CONS)
         if not desc_cons <= desc_prod <= desc_cons + self.desc_slots:
             raise RingError(f"ring starts with desc_cons {desc_cons}, desc_prod {desc_prod}")
 
@@ -218,6 +252,11 @@ class Ring:
             except BufferError:
                 return
             self.view = None
+        for name in ("wa", "wb"):
+            words = getattr(self, name, None)
+            if words is not None:
+                words.release()
+                setattr(self, name, None)
         for m in (self.a, self.b):
             if m is not None:
                 try:
@@ -228,7 +267,7 @@ class Ring:
 
     # ---- the NI's words
     def broken(self) -> int:
-        return U32.unpack_from(self.a, NI_BROKEN)[0]
+        return self.wa.u32(NI_BROKEN)
 
     def _check_broken(self) -> None:
         why = self.broken()
@@ -237,12 +276,12 @@ class Ring:
 
     def available(self) -> int:
         """How many descriptors are published and not yet polled."""
-        return U64.unpack_from(self.a, NI_DESC_PROD)[0] - self.polled
+        return self.wa.u64(NI_DESC_PROD) - self.polled
 
     # ---- descriptors
     def poll(self, limit: Optional[int] = None) -> list:
         """The frames published since the last poll (at most ``limit``), in order."""
-        prod = U64.unpack_from(self.a, NI_DESC_PROD)[0]
+        prod = self.wa.u64(NI_DESC_PROD)
         start = self.polled
         if prod == start:
             return []
@@ -303,7 +342,7 @@ class Ring:
             upto = self.polled
         if upto > self.consumed:
             self.consumed = upto
-            U64.pack_into(self.b, SC_DESC_CONS, upto)
+            self.wb.set_u64(SC_DESC_CONS, upto)
 
     # ---- decisions
     def decide(self, seq: int, verdict: int) -> None:
@@ -327,7 +366,7 @@ class Ring:
         prod = self.dec_prod
         i = 0
         while i < len(pending):
-            cons = U64.unpack_from(self.a, NI_DEC_CONS)[0]
+            cons = self.wa.u64(NI_DEC_CONS)
             if not cons <= prod <= cons + slots:
                 self._check_broken()
                 raise RingError(f"dec_cons {cons} is not within {slots} of dec_prod {prod}")
@@ -345,10 +384,10 @@ class Ring:
     def _publish(self, prod: int) -> None:
         if prod == self.dec_prod:
             return
-        U64.pack_into(self.b, SC_DEC_PROD, prod)
+        self.wb.set_u64(SC_DEC_PROD, prod)
         self.dec_prod = prod
         full_barrier()                  # the store above before the load below
-        if U32.unpack_from(self.a, NI_WANT_KICK)[0]:
+        if self.wa.u32(NI_WANT_KICK):
             self.kick(self.kick_ni)
 
     def kick(self, fd: int) -> None:
@@ -361,7 +400,7 @@ class Ring:
     def _wait_dec_cons(self, above: int) -> None:
         deadline = time.monotonic() + self.DEC_WAIT
         pause = 0.00005
-        while U64.unpack_from(self.a, NI_DEC_CONS)[0] <= above:
+        while self.wa.u64(NI_DEC_CONS) <= above:
             self._check_broken()
             if time.monotonic() > deadline:
                 raise RingError(f"the NI read no decision for {self.DEC_WAIT} s while the "
@@ -381,8 +420,7 @@ class Ring:
             while time.perf_counter() < end:
                 if self.available():
                     return []
-        b = self.b
-        U32.pack_into(b, SC_WANT_KICK, 1)
+        self.wb.set_u32(SC_WANT_KICK, 1)
         full_barrier()                  # want_kick stored before desc_prod is read again
         try:
             if self.available():
@@ -391,7 +429,7 @@ class Ring:
             r, _, _ = select.select([self.kick_scanner] + fds, [], [],
                                     None if timeout is None else max(0.0, timeout))
         finally:
-            U32.pack_into(b, SC_WANT_KICK, 0)
+            self.wb.set_u32(SC_WANT_KICK, 0)
         if self.kick_scanner in r:
             try:
                 os.read(self.kick_scanner, 8)
