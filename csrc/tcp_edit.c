@@ -505,6 +505,10 @@ void more_ack(struct vn_switch *sw, struct vn_flow *f, int hs)
     uint16_t win = R->wire_set ? R->wire_win : 0xffff;
     int ws = R->wscale >= 0 ? R->wscale : 0;
     forge_seg(sw, f, !hs, seq_at(R, sent_out(R)), seq_at(S, target), TCP_ACK, win, NULL, 0, NULL);
+    if (S->vouched <= S->acked)
+        /* nothing was owed: the resend timer runs from now, not from the receiver's last
+         * acknowledgement (bytes released before this `more` are not late yet) */
+        S->ack_ns = vn_clock(sw);
     S->told = S->vouched = target;
     uint64_t edge = target + ((uint64_t)win << ws);
     if (edge > S->right)

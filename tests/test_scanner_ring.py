@@ -755,6 +755,35 @@ def test_streams_on_the_ring_become_stream_events_and_passes_go_back_on_the_ring
         ni.close()
 
 
+def test_no_ring_pass_follows_a_kill():
+    """A kill goes on the socket, passes on the ring, which the NI applies on its own
+    loop: a pass made after the kill could release bytes before the kernel read the kill.
+    The SDK sends none (the kill is the scanner's last word on the stream)."""
+    from vhostni.scanner import StreamData, StreamOpened
+    from vhostni.scanner import ring as R
+    k = FakeKernel()
+    ni = FakeNI(desc_slots=64, dec_slots=16)
+    try:
+        k.reply(1)
+        sc = Scanner(k.child, lockdown=False, ring_fds=ni.fds, ring_streams=True)
+        k.recv_control("ring")
+        ni.publish_raw([(R.KIND_STREAM_OPEN, 0, 0, _stream_record(77, 0, 5, info=3)),
+                        (R.KIND_STREAM_DATA, wire.FROM_GUEST, 1, _stream_record(77, 0, 5, b"HELO x"))])
+        ev = sc.events(timeout=1)
+        assert isinstance(next(ev), StreamOpened)
+        d = next(ev)
+        assert isinstance(d, StreamData)
+        d.stream.kill()
+        d.stream.pass_(d)
+        d.stream.pass_all()
+        sc.flush()
+        assert k.recv_control("kill")["stream"] == 77
+        assert ni.read_raw_decisions() == []
+    finally:
+        k.close()
+        ni.close()
+
+
 def test_a_machine_without_the_rings_memory_model_stays_on_the_socket(monkeypatch):
     """The SDK's side of a ring needs x86-64; elsewhere it does not ask for the ring, and its
     frames keep coming on the socket (no crash, no request)."""

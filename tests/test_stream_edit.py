@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import struct
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -345,6 +346,24 @@ def test_more_acknowledges_held_bytes_so_the_sender_goes_past_the_receivers_wind
     c.send("a", c.segment("a", ACK))
     kit.step()
     assert e.bytes_kept() == 0
+
+
+def test_a_more_for_bytes_that_already_went_starts_the_resend_timer_then(kit):
+    """The resend timer of vouched bytes runs from the `more`, not from the receiver's last
+    acknowledgement: bytes released a moment before (a scanner's pass can overtake its
+    `more`) are not late, and are not sent twice at once."""
+    e, c = opened(kit, win=1000)
+    c.send("a", c.data("a", b"x" * 500))
+    e.pass_(FROM, 500)
+    assert [s.payload for s in c.recv("b", 0.5, 1)] == [b"x" * 500]
+    time.sleep(0.3)                       # b's last acknowledgement (the handshake) is old
+    t0 = time.monotonic()
+    assert e.more(FROM) == 0
+    assert acks(c.recv("a", 1.0, 1)) == [c.seq("a", 500)]
+    again = c.recv("b", 2.0, 1)
+    assert [s.payload for s in again] == [b"x" * 500]
+    assert time.monotonic() - t0 >= 0.19, "resent before the 200 ms resend timer ran out"
+    assert kit.stats("a")["tcp_vouched_retransmits"] == 1
 
 
 def test_more_bytes_the_receiver_misses_are_resent_by_the_ni(kit):

@@ -266,7 +266,7 @@ def run_flows(sc: Scanner, kind: str, config: dict) -> int:
 
 def main() -> int:
     try:
-        sc = Scanner.connect()
+        sc = Scanner.connect(streams_on_ring=True)
     except ScannerError as exc:
         log(str(exc))
         return 1

@@ -81,7 +81,7 @@ def main() -> int:
     # start-up: configuration and clamd come before the lockdown, so read the config from the
     # kernel's hello first without locking down, connect, then lock down
     try:
-        sc = Scanner.connect(lockdown=False)
+        sc = Scanner.connect(lockdown=False, streams_on_ring=True)
     except ScannerError as exc:
         log(str(exc))
         return 1

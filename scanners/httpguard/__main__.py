@@ -74,7 +74,7 @@ def run(sc: Scanner, core: HttpGuard) -> int:
 
 def main() -> int:
     try:
-        sc = Scanner.connect()
+        sc = Scanner.connect(streams_on_ring=True)
     except ScannerError as exc:
         log(str(exc))
         return 1

@@ -86,7 +86,7 @@ def run(sc: Scanner, core: WebDownloadScanner, engine) -> int:
 
 def main() -> int:
     try:
-        sc = Scanner.connect(lockdown=False)     # config first, clamd, then the lockdown
+        sc = Scanner.connect(lockdown=False, streams_on_ring=True)     # config first, clamd, then the lockdown
     except ScannerError as exc:
         log(str(exc))
         return 1

@@ -145,6 +145,7 @@ class Stream:
         self.closed = False
         self.reason: Optional[str] = None
         self._ring_handle: Optional[int] = body.get("_ring_handle")   # it came on the ring
+        self._killed = False
 
     @property
     def tuple(self) -> tuple:
@@ -171,6 +172,8 @@ class Stream:
             direction, offset = direction.direction, direction.end
         d = _direction(direction)
         upto = self.received[d] if offset is None else int(offset)
+        if self._killed:
+            return
         if self._ring_handle is not None:
             self._sc._ring_stream_pass(self._ring_handle, d, upto)
             return
@@ -178,6 +181,8 @@ class Stream:
 
     def pass_all(self, direction: Union[int, str, None] = None) -> None:
         """Lets this direction (default: both) go on from now on without holding it."""
+        if self._killed:
+            return
         for d in ((FROM_GUEST, TO_GUEST) if direction is None else (_direction(direction),)):
             if self._ring_handle is not None:
                 self._sc._ring_stream_pass(self._ring_handle, d, PASS_ALL)
@@ -187,6 +192,9 @@ class Stream:
     def kill(self) -> None:
         """Ends the connection: the NI forges RSTs to both ends and drops what it holds."""
         self._sc.sock.send(wire.encode_control(wire.StreamKill(self.id).body()))
+        # a later pass on the ring would reach the NI before the kill reaches the kernel
+        # (the NI applies ring passes on its own loop): there are none after a kill
+        self._killed = True
 
     def cut(self, direction: Union[int, str], offset: int, length: int) -> None:
         """Removes bytes [offset, offset+length) of a direction this scanner holds: the
