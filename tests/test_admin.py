@@ -1442,3 +1442,32 @@ def test_a_policy_that_compiles_for_seconds_stalls_neither_traffic_nor_other_cli
     assert replies == [{"return": {}, "id": 1}, {"return": replies[1]["return"], "id": 2}]
     assert q.cmd("ni-get-policy", name="a")["policy"]["signatures"]["rules"] == [str(rules)]
     assert q.cmd("query-nis", name="a")[0]["signatures"]["rules"] == 10000
+
+
+def test_ni_add_compiles_its_policy_off_the_daemons_thread_and_checks_again_after(run_dir, tmp_path):
+    """ni-add with a policy compiles it on a worker thread like ni-set-policy: other clients
+    are answered meanwhile.  What they did meanwhile counts: the name taken by another
+    client while the policy compiled makes the slow ni-add fail, and nothing of it is left."""
+    rules = tmp_path / "many.rules"
+    rules.write_text("".join(f'alert tcp any any -> any 80 (msg:"r{i}"; content:"needle-{i:05d}-q"; '
+                             f'sid:{i + 1};)\n' for i in range(10000)))
+    r = run_dir.run()
+    q = run_dir.closing(r.qmp())
+    c_sock = r.sock("c")
+    slow = run_dir.closing(_Raw(r.qmp_path))
+    doc = {"ni": {}, "signatures": {"rules": [str(rules)]}}
+    slow.sendall(json.dumps({"execute": "ni-add", "arguments": {"name": "c", "socket": c_sock, "policy": doc},
+                             "id": 1}).encode())
+    time.sleep(0.2)                         # it has started compiling
+    assert q.cmd("ni-add", name="c", socket=c_sock) == {}
+    [reply] = _answers(slow, 1)
+    assert "already exists" in reply["error"]["desc"], reply
+    [c] = q.cmd("query-nis", name="c")
+    assert c["policy"] is None and q.cmd("ni-get-policy", name="c")["policy"] is None
+    # and with nothing in its way it is added with its policy
+    d_sock = r.sock("d")
+    slow.sendall(json.dumps({"execute": "ni-add", "arguments": {"name": "d", "socket": d_sock, "policy": doc},
+                             "id": 2}).encode())
+    assert "vhostni" in json.dumps(q.cmd("query-version"))
+    assert _answers(slow, 1) == [{"return": {}, "id": 2}]
+    assert q.cmd("query-nis", name="d")[0]["signatures"]["rules"] == 10000

@@ -237,6 +237,19 @@ def ni_add(ctx, args):
     or ``client:PATH`` (a QEMU listening at PATH, server=on), and optionally its policy
     (validated first: nothing is created if it does not validate)."""
     name, spec = args["name"], args["socket"]
+    _check_new_ni(ctx, name, spec)
+    if "policy" not in args:
+        _add_ni(ctx, name, spec, None, None)
+        return None
+
+    def finish(validated):
+        _check_new_ni(ctx, name, spec)     # taken meanwhile (the policy compiled for a while)?
+        _add_ni(ctx, name, spec, *validated)
+    # parsing and compiling (signature rules: seconds for 10,000) off the daemon's thread
+    return Deferred(lambda: _validate(args["policy"], "qmp"), finish)
+
+
+def _check_new_ni(ctx, name: str, spec: str) -> None:
     client = spec.startswith("client:")
     path = spec[len("client:"):] if client else spec
     if not NAME_RE.match(name):
@@ -250,9 +263,10 @@ def ni_add(ctx, args):
     if not client and os.path.lexists(path) and (not stat.S_ISSOCK(os.lstat(path).st_mode)
                                                  or socket_in_use(path)):
         raise QMPError(f"'socket': {path} exists and is not a stale socket")
-    pol = doc = None
-    if "policy" in args:
-        pol, doc = _validate(args["policy"], "qmp")
+
+
+def _add_ni(ctx, name: str, spec: str, pol, doc) -> None:
+    path = spec[len("client:"):] if spec.startswith("client:") else spec
     try:
         ctx.daemon.add_ni(name, spec)
     except (OSError, ValueError) as exc:
