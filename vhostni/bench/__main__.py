@@ -236,6 +236,16 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+
+def _loop_config(args, logdir: str) -> "frameloop.FrameLoopConfig":
+    """The frame loop's settings from the command line (the ring loop uses the same)."""
+    from vhostni.bench import frameloop
+    return frameloop.FrameLoopConfig(
+        sizes=[int(s) for s in args.sizes.split(",") if s.strip()], runs=args.runs,
+        duration=args.duration, warmup=args.warmup, tx_first_bursts=args.bursts,
+        frontend_cpus=args.frontend_cpu, frontend_vdev_args=args.frontend_vdev_args,
+        wait_quiet=args.wait_quiet, quiet_cpus=args.quiet_cpus, logdir=logdir)
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
@@ -271,11 +281,7 @@ def main(argv=None) -> int:
             if testpmd_binary() is None:
                 results["frame_loop"] = {"status": "skipped: dpdk-testpmd not found (apt-get install dpdk-dev)"}
             else:
-                cfg = frameloop.FrameLoopConfig(
-                    sizes=[int(s) for s in args.sizes.split(",") if s.strip()], runs=args.runs,
-                    duration=args.duration, warmup=args.warmup, tx_first_bursts=args.bursts,
-                    frontend_cpus=args.frontend_cpu, frontend_vdev_args=args.frontend_vdev_args,
-                    wait_quiet=args.wait_quiet, quiet_cpus=args.quiet_cpus, logdir=logdir)
+                cfg = _loop_config(args, logdir)
                 backends = [DpdkVhostBackend(cpus=args.backend_cpu, vdev_args=args.baseline_vdev_args),
                             VhostniBackend(cpus=args.backend_cpu, extra_args=vhostni_args, command=vhostni_cmd)]
                 print(f"frame loop: {len(cfg.sizes)} sizes x {cfg.runs} runs x {cfg.duration:g} s per backend",
@@ -295,11 +301,7 @@ def main(argv=None) -> int:
             if testpmd_binary() is None:
                 results["ring_loop"] = {"status": "skipped: dpdk-testpmd not found (apt-get install dpdk-dev)"}
             else:
-                cfg = frameloop.FrameLoopConfig(
-                    sizes=[int(s) for s in args.sizes.split(",") if s.strip()], runs=args.runs,
-                    duration=args.duration, warmup=args.warmup, tx_first_bursts=args.bursts,
-                    frontend_cpus=args.frontend_cpu, frontend_vdev_args=args.frontend_vdev_args,
-                    wait_quiet=args.wait_quiet, quiet_cpus=args.quiet_cpus, logdir=logdir)
+                cfg = _loop_config(args, logdir)
                 print("ring loop: every frame held for a null scanner, against plain forwarding", flush=True)
                 results["ring_loop"] = ringloop.run_ring_loop(
                     cfg, vhostni_args, vhostni_cmd, args.backend_cpu, progress=lambda m: print(m, flush=True))
