@@ -53,4 +53,6 @@ def test_bench_streams_smoke(tmp_path):
             assert m["held_whole"] == (2 if b["config"] == "email" or b["kind"] == "text" else 0), b
             if b["config"] == "email" and b["kind"] == "infected":
                 assert any("attachment replaced" in a for a in m["alerts"]), m["alerts"]
+                # the message's end left at once, not with the NI's resend of the injection
+                assert m["inject_resends"] == 0, m
     assert sec["paper"]["email_ms"] == {"no_scanner": 22, "md5_scanner": 107}

@@ -686,6 +686,9 @@ def test_e2e_clean_mail_arrives_byte_for_byte(kits_made, pieces):
         c.send("a", c.data("a", wire[i:i + size]))
     assert _got(k, "b", len(wire)) == wire
     assert not k.alerts_matching("virus", "a", "email") and k.nk("a").streams_killed == 0
+    # the scanner read the conversation on its ring (issue 11), not over its socket
+    assert k.sp("a", "email").ring_streams
+    assert k.stats("a")["ring_stream_bytes"] >= len(wire) + 8
 
 
 def test_e2e_infected_mail_is_killed_and_alerted(kits_made):

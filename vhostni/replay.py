@@ -247,6 +247,9 @@ class Replay:
             handler = self._handlers.get(fd)
             if handler is not None:
                 handler()
+        # no switch thread here: decisions scanners published on their rings without a
+        # message after them (a pass after the sync it answered) are applied now
+        self.switch.ring_poll()
         now = time.monotonic()
         if now >= self.kernel.next_deadline or now - self._last_house >= HOUSEKEEPING_S:
             self._last_house = now

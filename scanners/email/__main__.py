@@ -81,9 +81,7 @@ def main() -> int:
     # start-up: configuration and clamd come before the lockdown, so read the config from the
     # kernel's hello first without locking down, connect, then lock down
     try:
-        # streams stay on the socket: on the ring, a replaced attachment's last segment waits
-        # for the NI's 200 ms resend timer in the replay bench (not understood yet; issue 11)
-        sc = Scanner.connect(lockdown=False)
+        sc = Scanner.connect(lockdown=False, streams_on_ring=True)
     except ScannerError as exc:
         log(str(exc))
         return 1

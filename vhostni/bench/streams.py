@@ -344,12 +344,15 @@ def measure_email(config: str, cfg: StreamBenchConfig, attachment: int, n: int, 
                         held_whole += first == last or any(_payload(x).startswith(head) for _, x in seen[mark:])
                     else:
                         lost += 1
+            # the NI's resends of injected bytes: a replaced message's end that waited for the
+            # resend timer shows here (it should leave at once)
+            inject_resends = r.guest.stats()["tcp_inject_retransmits"]
             r.finish()
     us = sorted(x * 1e6 for x in ops)
     _, first, last = sessions[0]
     out = {"n": len(us), "lost": lost, "held_whole": held_whole, "alerts": [a.get("message") for a in alerts][:5],
            "message_bytes": sum(_payload_len(f) for f in sessions[0][0][first:last + 1]),
-           "message_segments": last - first + 1}
+           "message_segments": last - first + 1, "inject_resends": inject_resends}
     if us:
         out.update(median_us=statistics.median(us), min_us=us[0], max_us=us[-1],
                    p90_us=us[min(len(us) - 1, int(round(0.9 * (len(us) - 1))))])
