@@ -62,10 +62,17 @@ int vn_emit_push(struct vn_switch *sw, int stage, int port, int dir, int egress_
 int vn_emit_push_flow(struct vn_switch *sw, int stage, int port, int dir, int egress_to,
                       const struct vn_pkt *pkt, const struct vn_hdrs *h)
 {
+    return vn_emit_push_raw(sw, stage, port, dir, egress_to, &pkt->hdr, pkt->data, pkt->len, h);
+}
+
+int vn_emit_push_raw(struct vn_switch *sw, int stage, int port, int dir, int egress_to,
+                     const struct vn_net_hdr *hdr, const uint8_t *data, uint32_t len,
+                     const struct vn_hdrs *h)
+{
     struct vn_emitq *q = &sw->emit;
-    uint32_t need = rec_size(pkt->len), at;
-    if (q->count >= q->max || pkt->len > VN_MAX_FRAME)
+    if (q->count >= q->max || len > VN_MAX_FRAME)
         goto full;
+    uint32_t need = rec_size(len), at;
     if (q->tail >= q->head) {          /* [head, tail) used: room after tail, or before head */
         if (need <= VN_EMIT_BYTES - q->tail) {
             at = q->tail;
@@ -83,7 +90,7 @@ int vn_emit_push_flow(struct vn_switch *sw, int stage, int port, int dir, int eg
     }
     struct vn_emit_rec *r = (struct vn_emit_rec *)(q->buf + at);
     r->size = need;
-    r->len = pkt->len;
+    r->len = len;
     r->port = (int16_t)port;
     r->egress_to = (int16_t)egress_to;
     r->dir = (uint8_t)dir;
@@ -91,8 +98,8 @@ int vn_emit_push_flow(struct vn_switch *sw, int stage, int port, int dir, int eg
     r->flow_id = h ? h->flow_id : 0;
     r->flow_hash = h ? h->flow_hash : 0;
     r->flow_admitted = h ? h->flow_admitted : 0;
-    r->hdr = pkt->hdr;
-    memcpy(r->data, pkt->data, pkt->len);
+    r->hdr = *hdr;
+    memcpy(r->data, data, len);
     q->tail = at + need;
     if (q->tail > q->hi)
         q->hi = q->tail;

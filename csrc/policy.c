@@ -106,22 +106,27 @@ static int punt_push(struct vn_switch *sw, struct vn_held *r)
     return 0;
 }
 
-struct vn_held *vn_held_record(const struct vn_switch *sw, const struct vn_pkt *pkt, int port, int dir, int egress_to,
-                               uint64_t subs, uint64_t contain)
+void vn_held_init(struct vn_held *r, const struct vn_pkt *pkt, int port, int dir, int egress_to,
+                  uint64_t subs, uint64_t contain, uint64_t time_ns)
 {
-    struct vn_held *r = malloc(sizeof(*r) + pkt->len);
-    if (!r)
-        return NULL;
     memset(r, 0, sizeof(*r));
     r->port = port;
     r->dir = dir;
     r->egress_to = egress_to;
     r->subs = subs;
     r->contain = contain;
-    r->time_ns = vn_clock_real(sw);
+    r->time_ns = time_ns;
     r->len = pkt->len;
     r->hdr = pkt->hdr;
     memcpy(r->data, pkt->data, pkt->len);
+}
+
+struct vn_held *vn_held_record(const struct vn_switch *sw, const struct vn_pkt *pkt, int port, int dir, int egress_to,
+                               uint64_t subs, uint64_t contain)
+{
+    struct vn_held *r = malloc(sizeof(*r) + pkt->len);
+    if (r)
+        vn_held_init(r, pkt, port, dir, egress_to, subs, contain, vn_clock_real(sw));
     return r;
 }
 
@@ -421,15 +426,24 @@ static void release(struct vn_switch *sw, struct vn_held *r, int pass)
             p->st.held_cut++;
     }
     if (pass && p->kind) {
-        struct vn_pkt *pkt = sw->rel;
-        pkt->len = r->len;
-        pkt->hdr = r->hdr;
-        memcpy(pkt->data, r->data, r->len);
         /* unless the NI was isolated while the frame waited for its decision, it goes on
          * where it was going (into the switch, or to its receiver) once the switch drains;
-         * its flow counts as admitted that way once it is queued to leave */
-        if (!vn_isolation_drops(p, r->dir, pkt) &&
-            vn_emit_push(sw, VN_EMIT_OUT, r->port, r->dir, r->egress_to, pkt) == 0)
+         * its flow counts as admitted that way once it is queued to leave.  Only an
+         * isolation check needs the frame as a vn_pkt: otherwise the record is queued as it
+         * is, one copy fewer */
+        int queued;
+        if (p->pol && p->pol->isolation) {
+            struct vn_pkt *pkt = sw->rel;
+            pkt->len = r->len;
+            pkt->hdr = r->hdr;
+            memcpy(pkt->data, r->data, r->len);
+            queued = !vn_isolation_drops(p, r->dir, pkt) &&
+                     vn_emit_push(sw, VN_EMIT_OUT, r->port, r->dir, r->egress_to, pkt) == 0;
+        } else {
+            queued = vn_emit_push_raw(sw, VN_EMIT_OUT, r->port, r->dir, r->egress_to, &r->hdr,
+                                      r->data, r->len, NULL) == 0;
+        }
+        if (queued)
             vn_flow_admit(sw, r->port, r->dir, r->flow_id, r->flow_hash);
     }
     free(r);

@@ -175,8 +175,36 @@ static void seg_free(struct vn_switch *sw, struct vn_flow *f, struct vn_half *hf
     struct vn_tcp_port *tp = sw->tcp->ports[f->port];
     if (tp)
         tp->bytes -= s->rec->len;
-    free(s->rec);
-    free(s);
+    struct vn_tcp *t = sw->tcp;
+    if (s->rec->len <= VN_SEG_SMALL && t->nseg_cache < VN_SEG_CACHE) {
+        *(void **)s = t->seg_cache;
+        t->seg_cache = s;
+        t->nseg_cache++;
+    } else {
+        free(s);
+    }
+}
+
+/* A new segment block holding a copy of the frame (see VN_SEG_SMALL); NULL if out of memory. */
+static struct vn_seg *seg_new(struct vn_switch *sw, const struct vn_pkt *pkt, int port, int dir,
+                              int egress_to)
+{
+    struct vn_tcp *t = sw->tcp;
+    uint32_t len = pkt->len;
+    struct vn_seg *s;
+    if (len <= VN_SEG_SMALL && t->seg_cache) {
+        s = t->seg_cache;
+        t->seg_cache = *(void **)s;
+        t->nseg_cache--;
+    } else {
+        s = malloc(sizeof(*s) + sizeof(struct vn_held) + (len <= VN_SEG_SMALL ? VN_SEG_SMALL : len));
+        if (!s)
+            return NULL;
+    }
+    memset(s, 0, sizeof(*s));
+    s->rec = (struct vn_held *)(s + 1);
+    vn_held_init(s->rec, pkt, port, dir, egress_to, 0, 0, 0);
+    return s;
 }
 
 /* Frees the records the receiver acknowledged and the kernel read (oldest first). */
@@ -1055,14 +1083,12 @@ static int seg_data(struct vn_tcp_in *in, struct vn_flow *f)
         flow_bypass(sw, f);          /* queues what was held: this segment goes behind it */
         return fwd_queued(in, f);
     }
-    struct vn_seg *s = calloc(1, sizeof(*s));
-    struct vn_held *rec = s ? vn_held_record(sw, in->pkt, in->port, in->dir, in->egress_to, 0, 0) : NULL;
-    if (!rec) {
-        free(s);
+    struct vn_seg *s = seg_new(sw, in->pkt, in->port, in->dir, in->egress_to);
+    if (!s) {
         st->tcp_bytes_over++;
         return VN_TCP_TAKEN;
     }
-    s->rec = rec;
+    struct vn_held *rec = s->rec;
     s->start = start;
     s->len = paylen;
     s->pay = in->pay;
@@ -1091,13 +1117,15 @@ static int seg_data(struct vn_tcp_in *in, struct vn_flow *f)
         if (sig_flow_forwards(f, S, s)) {
             /* the stage alone held it, scanned it whole, and nothing waits before it: the
              * frame itself goes on (the record stays for later copies to be compared with),
-             * into the emit queue like every release, so it cannot overtake the segments
-             * before it that a release in this same drain queued and the switch has not
-             * yet sent */
+             * into the emit queue like every release if anything is queued, so it cannot
+             * overtake the segments before it that a release in this same drain queued and
+             * the switch has not yet sent */
             s->released = 1;
             if (end + fin > S->released_end)
                 S->released_end = end + fin;
-            return fwd_queued(in, f);
+            /* with nothing queued it can overtake nothing: handed back, it goes on as the
+             * frame itself, without a copy into the queue and one out */
+            return sw->emit.count ? fwd_queued(in, f) : fwd(in, f);
         }
     }
     st->tcp_held_segments++;
@@ -1332,6 +1360,11 @@ void vn_tcp_free_all(struct vn_switch *sw)
         while (t->ports[i] && t->ports[i]->frags)
             frag_free(sw, i, &t->ports[i]->frags);
         free(t->ports[i]);
+    }
+    while (t->seg_cache) {
+        void *b = t->seg_cache;
+        t->seg_cache = *(void **)b;
+        free(b);
     }
     munmap(t->scratch, sizeof(struct vn_pkt));
     free(t);

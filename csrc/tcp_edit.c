@@ -548,6 +548,14 @@ void emit_record(struct vn_switch *sw, struct vn_flow *f, int hs, struct vn_seg 
         send_edited(sw, f, hs, &v, s->start, seg_end(s), s->fin, 0);
         return;
     }
+    const struct vn_policy *pol = sw->ports[r->port].pol;
+    if (!S->edited && !f->half[!hs].edited && !(pol && pol->isolation)) {
+        /* as it arrived, and no isolation check needs it as a vn_pkt: queued from the
+         * record itself, one copy fewer (send_built's path otherwise) */
+        vn_emit_push_raw(sw, VN_EMIT_SUBS, r->port, r->dir, r->egress_to, &r->hdr, r->data, r->len,
+                         NULL);
+        return;
+    }
     struct vn_pkt *pkt = t->scratch;
     pkt->len = r->len;
     pkt->hdr = r->hdr;
