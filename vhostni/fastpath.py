@@ -390,6 +390,15 @@ class Port:
             raise FastPathError("stats", lib.VN_ENOPORT)
         return {name: int(getattr(st, name)) for name in STAT_FIELDS}
 
+    def stat(self, name: str) -> int:
+        """One counter of stats(), without building the whole dict (a loop that polls one)."""
+        if name not in STAT_FIELDS:
+            raise KeyError(name)
+        st = lib.vn_port_stats(self._sw, self.index)
+        if st == ffi.NULL:
+            raise FastPathError("stats", lib.VN_ENOPORT)
+        return int(getattr(st, name))
+
     def broken_reason(self) -> Optional[str]:
         code = lib.vn_port_broken(self._sw, self.index)
         return ffi.string(lib.vn_broken_reason(code)).decode() if code > 0 else None

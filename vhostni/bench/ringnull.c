@@ -10,6 +10,7 @@
  */
 #define _GNU_SOURCE
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -60,9 +61,9 @@ int main(void)
     struct pollfd pf[2] = {{.fd = fd[2], .events = POLLIN}, {.fd = 0, .events = POLLIN}};
     for (;;) {
         uint64_t prod = ld64(&ni->desc_prod);
-        for (int spin = 0; prod == seen && spin < 2000; spin++) {
-            __builtin_ia32_pause();    /* the NI's next burst usually follows at once */
-            prod = ld64(&ni->desc_prod);
+        for (int spin = 0; prod == seen && spin < 40; spin++) {
+            sched_yield();             /* the NI's next burst usually follows at once; it */
+            prod = ld64(&ni->desc_prod);   /* may need this CPU to make it */
         }
         if (prod == seen) {
             __atomic_store_n(&sc->want_kick, 1, __ATOMIC_RELAXED);

@@ -415,11 +415,13 @@ class Ring:
         (empty: woken by the ring or the timeout)."""
         if timeout is None or timeout > 0:
             # the NI's next burst usually follows within microseconds: look a moment before
-            # sleeping (a sleep and a wake-up cost tens of them)
+            # sleeping (a sleep and a wake-up cost tens of them), yielding the CPU between
+            # looks, since the NI may need this very CPU to make that burst
             end = time.perf_counter() + self.SPIN
             while time.perf_counter() < end:
                 if self.available():
                     return []
+                os.sched_yield()
         self.wb.set_u32(SC_WANT_KICK, 1)
         full_barrier()                  # want_kick stored before desc_prod is read again
         try:
