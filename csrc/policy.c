@@ -121,14 +121,15 @@ void vn_held_init(struct vn_held *r, const struct vn_pkt *pkt, int port, int dir
     memcpy(r->data, pkt->data, pkt->len);
 }
 
-struct vn_held *vn_held_record(const struct vn_switch *sw, const struct vn_pkt *pkt, int port, int dir, int egress_to,
-                               uint64_t subs, uint64_t contain)
+static struct vn_held *held_new(const struct vn_pkt *pkt, int port, int dir, int egress_to,
+                                uint64_t subs, uint64_t contain, uint64_t time_ns)
 {
     struct vn_held *r = malloc(sizeof(*r) + pkt->len);
     if (r)
-        vn_held_init(r, pkt, port, dir, egress_to, subs, contain, vn_clock_real(sw));
+        vn_held_init(r, pkt, port, dir, egress_to, subs, contain, time_ns);
     return r;
 }
+
 
 /* Does the match look at the transport (protocol, ports, flags)? */
 static int match_needs_l4(const struct vn_match *m)
@@ -280,11 +281,12 @@ int vn_policy_subs(struct vn_switch *sw, int port, int dir, int egress_to, struc
     /* read-only copies: on rings, and to the kernel (which learns which rings got it: a
      * scanner not ready yet is covered by the kernel, unless its own ring has the frame) */
     uint64_t ring_got = 0;
+    uint64_t now_real = vn_clock_real(sw);     /* the frame's time, for every ring and record */
     for (uint64_t ro = ring_read & ~ring_hold; ro; ro &= ro - 1)
-        if (vn_chan_push(sw, port, __builtin_ctzll(ro), pkt, dir, 0) == 0)
+        if (vn_chan_push(sw, port, __builtin_ctzll(ro), pkt, dir, 0, now_real) == 0)
             ring_got |= ro & -ro;
     if (subs && !contain) {
-        struct vn_held *r = vn_held_record(sw, pkt, port, dir, egress_to, subs, 0);
+        struct vn_held *r = held_new(pkt, port, dir, egress_to, subs, 0, now_real);
         if (r)
             r->rings = ring_got;
         if (!r || punt_push(sw, r) < 0) {
@@ -302,7 +304,7 @@ int vn_policy_subs(struct vn_switch *sw, int port, int dir, int egress_to, struc
         p->st.held_over_cap++;
         return pol->over_cap_pass ? 0 : 1;
     }
-    struct vn_held *r = vn_held_record(sw, pkt, port, dir, egress_to, contain ? subs : 0, contain);
+    struct vn_held *r = held_new(pkt, port, dir, egress_to, contain ? subs : 0, contain, now_real);
     if (!r) {
         p->st.held_over_cap++;
         return pol->over_cap_pass ? 0 : 1;
@@ -316,7 +318,7 @@ int vn_policy_subs(struct vn_switch *sw, int port, int dir, int egress_to, struc
     int cut = 0;
     for (uint64_t hold = ring_hold; hold; hold &= hold - 1) {
         int slot = __builtin_ctzll(hold);
-        if (vn_chan_push(sw, port, slot, pkt, dir, r->id) == 0) {
+        if (vn_chan_push(sw, port, slot, pkt, dir, r->id, now_real) == 0) {
             r->need |= 1ULL << slot;
             ring_got |= 1ULL << slot;
         }

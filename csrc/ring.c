@@ -385,13 +385,13 @@ static int chan_reserve(struct vn_switch *sw, struct vn_chan *c, uint64_t len, u
 /* Fills the next descriptor for `len` bytes at `pos` (already written) and queues it for
  * publication; returns its slot record. */
 static struct chan_slot *chan_commit(struct vn_switch *sw, struct vn_chan *c, uint64_t pos,
-                                     uint32_t len, int kind, int dir, int flags)
+                                     uint32_t len, int kind, int dir, int flags, uint64_t time_ns)
 {
     uint64_t seq = c->prod;
     struct chan_slot *s = &c->slots[seq & (c->desc_slots - 1)];
     struct vnr_desc *d = &c->desc[seq & (c->desc_slots - 1)];
     d->seq = seq;
-    d->time_ns = vn_clock_real(sw);
+    d->time_ns = time_ns;
     d->data = (uint32_t)(pos % c->data_size);
     d->len = len;
     d->kind = (uint8_t)kind;
@@ -410,15 +410,19 @@ static struct chan_slot *chan_commit(struct vn_switch *sw, struct vn_chan *c, ui
     return s;
 }
 
-static uint64_t hold_deadline(struct vn_switch *sw, int port)
+/* From `now`: a held frame's, the switch's clock as the data path last read it (each pass,
+ * injection and drain reads it once: not a clock read per held frame), so at most one
+ * burst's work early; stream data's, the clock (it is also published from API calls, which
+ * do not read the clock first). */
+static uint64_t hold_deadline(struct vn_switch *sw, int port, uint64_t now)
 {
     const struct vn_policy *pol = sw->ports[port].pol;
     uint64_t ms = pol && pol->hold_timeout_ms ? pol->hold_timeout_ms : 1000;
-    return vn_clock(sw) + ms * 1000000ULL;
+    return now + ms * 1000000ULL;
 }
 
 int vn_chan_push(struct vn_switch *sw, int port, int slot, const struct vn_pkt *pkt, int dir,
-                 uint64_t held_id)
+                 uint64_t held_id, uint64_t time_ns)
 {
     struct vn_chan *c = chan_get(sw, port, slot);
     uint64_t pos;
@@ -426,10 +430,10 @@ int vn_chan_push(struct vn_switch *sw, int port, int slot, const struct vn_pkt *
         return -1;
     memcpy(c->data + pos % c->data_size, pkt->data, pkt->len);
     struct chan_slot *s = chan_commit(sw, c, pos, pkt->len, VNR_KIND_FRAME, dir,
-                                      held_id ? VNR_F_HELD : 0);
+                                      held_id ? VNR_F_HELD : 0, time_ns);
     s->held_id = held_id;
     if (held_id) {
-        s->deadline_ns = hold_deadline(sw, port);
+        s->deadline_ns = hold_deadline(sw, port, sw->now_ns ? sw->now_ns : vn_clock(sw));
         c->owed++;
         c->st.held++;
     }
@@ -501,13 +505,13 @@ int vn_chan_stream_push(struct vn_switch *sw, int port, int slot, int kind, uint
         copy(arg, at + sizeof(hdr) + extra_len, offset, len);
     struct chan_slot *s = chan_commit(sw, c, pos, (uint32_t)(sizeof(hdr) + extra_len + len), kind,
                                       kind == VNR_KIND_STREAM_OPEN || kind == VNR_KIND_STREAM_CLOSE ? 0 : dir,
-                                      held ? VNR_F_HELD : 0);
+                                      held ? VNR_F_HELD : 0, vn_clock_real(sw));
     if (held) {
         s->stream = stream;
         s->end = offset + len;
         s->sdir = (uint8_t)dir;
         s->sowed = 1;
-        s->deadline_ns = hold_deadline(sw, port);
+        s->deadline_ns = hold_deadline(sw, port, vn_clock(sw));
         c->owed++;
         c->st.held++;
     }

@@ -1047,7 +1047,8 @@ static void emit_drain(struct vn_switch *sw)
             sw->ports[m.port].st.drop_emit_queue_full++;
             continue;
         }
-        sw->now_ns = vn_clock(sw);
+        if (n == 1)
+            sw->now_ns = vn_clock(sw);     /* once a drain, as once a burst */
         if (m.stage == VN_EMIT_POLICY) {
             if (vn_policy_apply(sw, m.port, m.dir, m.egress_to, pkt))
                 continue;

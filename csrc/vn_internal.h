@@ -349,10 +349,11 @@ struct vn_switch {
 };
 
 /* ring.c */
-/* Publishes a frame on ring `slot` of `port` (held_id 0: a read-only copy).  0: taken;
- * -1: the ring is full, broken or gone (counted). */
+/* Publishes a frame on ring `slot` of `port` (held_id 0: a read-only copy), stamped
+ * time_ns (vn_clock_real, read once per frame by the caller).  0: taken; -1: the ring is
+ * full, broken or gone (counted). */
 int vn_chan_push(struct vn_switch *sw, int port, int slot, const struct vn_pkt *pkt, int dir,
-                 uint64_t held_id);
+                 uint64_t held_id, uint64_t time_ns);
 /* TCP streams on rings: a handle for a stream given to ring `slot` (0, or -1 if none
  * left); a descriptor of kind VNR_KIND_STREAM_* (`extra`: what follows the header, `copy`
  * writes the `len` payload bytes from stream offset `offset`); the stream is over for the
@@ -578,13 +579,11 @@ int vn_policy_apply(struct vn_switch *sw, int port, int dir, int egress_to, stru
 int vn_policy_subs(struct vn_switch *sw, int port, int dir, int egress_to, struct vn_pkt *pkt,
                    const struct vn_hdrs *h);
 void vn_held_free_all(struct vn_switch *sw);
-/* A copy of pkt as a held-frame record (not yet in the hash or the punt queue). */
-/* The same into r (sizeof *r + pkt->len bytes), stamped time_ns (the kernel's records: the
- * real clock; the TCP engine's: none, it keeps no time per record). */
+/* A copy of pkt as a held-frame record into r (sizeof *r + pkt->len bytes), not yet in the
+ * hash or the punt queue, stamped time_ns (the kernel's records: the frame's real time; the
+ * TCP engine's: none, it keeps no time per record). */
 void vn_held_init(struct vn_held *r, const struct vn_pkt *pkt, int port, int dir, int egress_to,
                   uint64_t subs, uint64_t contain, uint64_t time_ns);
-struct vn_held *vn_held_record(const struct vn_switch *sw, const struct vn_pkt *pkt, int port, int dir, int egress_to,
-                               uint64_t subs, uint64_t contain);
 void vn_punt_signal(struct vn_switch *sw);
 /* vn_held_release and vn_held_release_port without sending anything on: what a pass
  * releases joins the emit queue (the switch's wrappers drain it). */
