@@ -335,6 +335,8 @@ struct vn_switch {
     struct vn_held *punt_q[VN_PUNT_QUEUE];
     unsigned punt_head, punt_count;
     struct vn_held *punt_last;    /* handed out by vn_punt_next; freed on the next call if a copy */
+    void *held_cache;             /* free small held-frame records (policy.c, held_new) */
+    unsigned nheld_cache;
     /* frames delivered to sink ports, oldest first */
     struct vn_sink_rec *sink_head, *sink_tail, *sink_last;
     unsigned sink_count;
