@@ -152,15 +152,18 @@ static struct vn_held *held_new(struct vn_switch *sw, const struct vn_pkt *pkt, 
 /* Frees a record of held_new (NULL: nothing). */
 static void held_free(struct vn_switch *sw, struct vn_held *r)
 {
+    (void)sw;                      /* unused when there is no cache */
     if (!r)
         return;
+#if VN_HELD_CACHE
     if (r->len <= VN_HELD_SMALL && sw->nheld_cache < VN_HELD_CACHE) {
         *(void **)r = sw->held_cache;
         sw->held_cache = r;
         sw->nheld_cache++;
-    } else {
-        free(r);
+        return;
     }
+#endif
+    free(r);
 }
 
 

@@ -175,14 +175,16 @@ static void seg_free(struct vn_switch *sw, struct vn_flow *f, struct vn_half *hf
     struct vn_tcp_port *tp = sw->tcp->ports[f->port];
     if (tp)
         tp->bytes -= s->rec->len;
+#if VN_SEG_CACHE
     struct vn_tcp *t = sw->tcp;
     if (s->rec->len <= VN_SEG_SMALL && t->nseg_cache < VN_SEG_CACHE) {
         *(void **)s = t->seg_cache;
         t->seg_cache = s;
         t->nseg_cache++;
-    } else {
-        free(s);
+        return;
     }
+#endif
+    free(s);
 }
 
 /* A new segment block holding a copy of the frame (see VN_SEG_SMALL); NULL if out of memory. */
