@@ -124,13 +124,11 @@ void vn_held_init(struct vn_held *r, const struct vn_pkt *pkt, int port, int dir
 /* Held-frame records for frames of up to VN_HELD_SMALL bytes come from a per-switch cache
  * of at most VN_HELD_CACHE free ones: a burst of held frames made and freed that many
  * records through glibc's bins (_int_malloc, unlink, _int_free: 7% of the NI's time with
- * every 64-byte frame held).  The sanitizer build keeps none, so a use after free is caught. */
+ * every 64-byte frame held).  A cached record is poisoned for the sanitizer (VN_POISON)
+ * until it is reused. */
 #define VN_HELD_SMALL 2048
-#if defined(__SANITIZE_ADDRESS__)
-#define VN_HELD_CACHE 0
-#else
 #define VN_HELD_CACHE 512
-#endif
+#define VN_HELD_BLOCK (sizeof(struct vn_held) + VN_HELD_SMALL)
 
 static struct vn_held *held_new(struct vn_switch *sw, const struct vn_pkt *pkt, int port, int dir,
                                 int egress_to, uint64_t subs, uint64_t contain, uint64_t time_ns)
@@ -138,10 +136,11 @@ static struct vn_held *held_new(struct vn_switch *sw, const struct vn_pkt *pkt, 
     struct vn_held *r;
     if (pkt->len <= VN_HELD_SMALL && sw->held_cache) {
         r = sw->held_cache;
+        VN_UNPOISON(r, VN_HELD_BLOCK);
         sw->held_cache = *(void **)r;
         sw->nheld_cache--;
     } else {
-        r = malloc(sizeof(*r) + (pkt->len <= VN_HELD_SMALL ? VN_HELD_SMALL : pkt->len));
+        r = malloc(pkt->len <= VN_HELD_SMALL ? VN_HELD_BLOCK : sizeof(*r) + pkt->len);
         if (!r)
             return NULL;
     }
@@ -152,17 +151,15 @@ static struct vn_held *held_new(struct vn_switch *sw, const struct vn_pkt *pkt, 
 /* Frees a record of held_new (NULL: nothing). */
 static void held_free(struct vn_switch *sw, struct vn_held *r)
 {
-    (void)sw;                      /* unused when there is no cache */
     if (!r)
         return;
-#if VN_HELD_CACHE
     if (r->len <= VN_HELD_SMALL && sw->nheld_cache < VN_HELD_CACHE) {
         *(void **)r = sw->held_cache;
         sw->held_cache = r;
         sw->nheld_cache++;
+        VN_POISON(r, VN_HELD_BLOCK);
         return;
     }
-#endif
     free(r);
 }
 
@@ -575,6 +572,7 @@ void vn_held_free_all(struct vn_switch *sw)
     sw->punt_last = NULL;
     while (sw->held_cache) {
         void *b = sw->held_cache;
+        VN_UNPOISON(b, VN_HELD_BLOCK);
         sw->held_cache = *(void **)b;
         free(b);
     }

@@ -175,15 +175,14 @@ static void seg_free(struct vn_switch *sw, struct vn_flow *f, struct vn_half *hf
     struct vn_tcp_port *tp = sw->tcp->ports[f->port];
     if (tp)
         tp->bytes -= s->rec->len;
-#if VN_SEG_CACHE
     struct vn_tcp *t = sw->tcp;
     if (s->rec->len <= VN_SEG_SMALL && t->nseg_cache < VN_SEG_CACHE) {
         *(void **)s = t->seg_cache;
         t->seg_cache = s;
         t->nseg_cache++;
+        VN_POISON(s, VN_SEG_BLOCK);
         return;
     }
-#endif
     free(s);
 }
 
@@ -196,10 +195,11 @@ static struct vn_seg *seg_new(struct vn_switch *sw, const struct vn_pkt *pkt, in
     struct vn_seg *s;
     if (len <= VN_SEG_SMALL && t->seg_cache) {
         s = t->seg_cache;
+        VN_UNPOISON(s, VN_SEG_BLOCK);
         t->seg_cache = *(void **)s;
         t->nseg_cache--;
     } else {
-        s = malloc(sizeof(*s) + sizeof(struct vn_held) + (len <= VN_SEG_SMALL ? VN_SEG_SMALL : len));
+        s = malloc(len <= VN_SEG_SMALL ? VN_SEG_BLOCK : sizeof(*s) + sizeof(struct vn_held) + len);
         if (!s)
             return NULL;
     }
@@ -1365,6 +1365,7 @@ void vn_tcp_free_all(struct vn_switch *sw)
     }
     while (t->seg_cache) {
         void *b = t->seg_cache;
+        VN_UNPOISON(b, VN_SEG_BLOCK);
         t->seg_cache = *(void **)b;
         free(b);
     }

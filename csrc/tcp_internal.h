@@ -47,14 +47,11 @@ struct vn_seg {
 /* A kept segment is one block, its vn_seg and then its vn_held record with the frame.
  * Blocks for frames of up to VN_SEG_SMALL bytes come from a per-switch cache of at most
  * VN_SEG_CACHE free ones: glibc serves blocks this size from its bins, not its per-thread
- * cache, and malloc and free took a tenth of the signature stage's time per segment.  The
- * sanitizer build keeps no cache, so a record used after its free is still caught. */
+ * cache, and malloc and free took a tenth of the signature stage's time per segment.  A
+ * cached block is poisoned for the sanitizer (VN_POISON) until it is reused. */
 #define VN_SEG_SMALL 2048
-#if defined(__SANITIZE_ADDRESS__)
-#define VN_SEG_CACHE 0
-#else
 #define VN_SEG_CACHE 1024
-#endif
+#define VN_SEG_BLOCK (sizeof(struct vn_seg) + sizeof(struct vn_held) + VN_SEG_SMALL)
 
 /* One direction of a connection: the bytes one endpoint sends. */
 struct vn_half {
