@@ -121,46 +121,23 @@ void vn_held_init(struct vn_held *r, const struct vn_pkt *pkt, int port, int dir
     memcpy(r->data, pkt->data, pkt->len);
 }
 
-/* Held-frame records for frames of up to VN_HELD_SMALL bytes come from a per-switch cache
- * of at most VN_HELD_CACHE free ones: a burst of held frames made and freed that many
- * records through glibc's bins (_int_malloc, unlink, _int_free: 7% of the NI's time with
- * every 64-byte frame held).  A cached record is poisoned for the sanitizer (VN_POISON)
- * until it is reused. */
-#define VN_HELD_SMALL 2048
-#define VN_HELD_CACHE 512
-#define VN_HELD_BLOCK (sizeof(struct vn_held) + VN_HELD_SMALL)
-
+/* Held-frame records come from the switch's block cache (blkcache.c): a burst of held
+ * frames made and freed that many records through glibc's bins (_int_malloc, unlink,
+ * _int_free: 7% of the NI's time with every 64-byte frame held). */
 static struct vn_held *held_new(struct vn_switch *sw, const struct vn_pkt *pkt, int port, int dir,
                                 int egress_to, uint64_t subs, uint64_t contain, uint64_t time_ns)
 {
-    struct vn_held *r;
-    if (pkt->len <= VN_HELD_SMALL && sw->held_cache) {
-        r = sw->held_cache;
-        VN_UNPOISON(r, VN_HELD_BLOCK);
-        sw->held_cache = *(void **)r;
-        sw->nheld_cache--;
-    } else {
-        r = malloc(pkt->len <= VN_HELD_SMALL ? VN_HELD_BLOCK : sizeof(*r) + pkt->len);
-        if (!r)
-            return NULL;
-    }
-    vn_held_init(r, pkt, port, dir, egress_to, subs, contain, time_ns);
+    struct vn_held *r = vn_blk_get(&sw->held_blocks, sizeof(*r) + pkt->len);
+    if (r)
+        vn_held_init(r, pkt, port, dir, egress_to, subs, contain, time_ns);
     return r;
 }
 
 /* Frees a record of held_new (NULL: nothing). */
 static void held_free(struct vn_switch *sw, struct vn_held *r)
 {
-    if (!r)
-        return;
-    if (r->len <= VN_HELD_SMALL && sw->nheld_cache < VN_HELD_CACHE) {
-        *(void **)r = sw->held_cache;
-        sw->held_cache = r;
-        sw->nheld_cache++;
-        VN_POISON(r, VN_HELD_BLOCK);
-        return;
-    }
-    free(r);
+    if (r)
+        vn_blk_put(&sw->held_blocks, r, sizeof(*r) + r->len);
 }
 
 
@@ -570,13 +547,7 @@ void vn_held_free_all(struct vn_switch *sw)
     sw->punt_count = 0;
     held_free(sw, sw->punt_last);
     sw->punt_last = NULL;
-    while (sw->held_cache) {
-        void *b = sw->held_cache;
-        VN_UNPOISON(b, VN_HELD_BLOCK);
-        sw->held_cache = *(void **)b;
-        free(b);
-    }
-    sw->nheld_cache = 0;
+    vn_blk_drain(&sw->held_blocks);
 }
 
 int vn_port_set_policy(struct vn_switch *sw, int port, const struct vn_policy *pol)

@@ -117,6 +117,7 @@ struct vn_switch *vn_switch_new(void)
         return NULL;
     }
     sw->batch = b;
+    sw->held_blocks.max_bytes = VN_HELD_CACHE_BYTES;
     sw->seg = &sw->batch[VN_BATCH];
     sw->rel = &sw->batch[VN_BATCH + 1];
     sw->flood = &sw->batch[VN_BATCH + 2];

@@ -78,6 +78,7 @@ static struct vn_tcp *tcp_get(struct vn_switch *sw)
         return NULL;
     }
     t->scratch = b;
+    t->seg_blocks.max_bytes = VN_SEG_CACHE_BYTES;
     sw->tcp = t;
     return t;
 }
@@ -175,34 +176,16 @@ static void seg_free(struct vn_switch *sw, struct vn_flow *f, struct vn_half *hf
     struct vn_tcp_port *tp = sw->tcp->ports[f->port];
     if (tp)
         tp->bytes -= s->rec->len;
-    struct vn_tcp *t = sw->tcp;
-    if (s->rec->len <= VN_SEG_SMALL && t->nseg_cache < VN_SEG_CACHE) {
-        *(void **)s = t->seg_cache;
-        t->seg_cache = s;
-        t->nseg_cache++;
-        VN_POISON(s, VN_SEG_BLOCK);
-        return;
-    }
-    free(s);
+    vn_blk_put(&sw->tcp->seg_blocks, s, seg_size(s->rec->len));
 }
 
-/* A new segment block holding a copy of the frame (see VN_SEG_SMALL); NULL if out of memory. */
+/* A new segment block holding a copy of the frame (see seg_blocks); NULL if out of memory. */
 static struct vn_seg *seg_new(struct vn_switch *sw, const struct vn_pkt *pkt, int port, int dir,
                               int egress_to)
 {
-    struct vn_tcp *t = sw->tcp;
-    uint32_t len = pkt->len;
-    struct vn_seg *s;
-    if (len <= VN_SEG_SMALL && t->seg_cache) {
-        s = t->seg_cache;
-        VN_UNPOISON(s, VN_SEG_BLOCK);
-        t->seg_cache = *(void **)s;
-        t->nseg_cache--;
-    } else {
-        s = malloc(len <= VN_SEG_SMALL ? VN_SEG_BLOCK : sizeof(*s) + sizeof(struct vn_held) + len);
-        if (!s)
-            return NULL;
-    }
+    struct vn_seg *s = vn_blk_get(&sw->tcp->seg_blocks, seg_size(pkt->len));
+    if (!s)
+        return NULL;
     memset(s, 0, sizeof(*s));
     s->rec = (struct vn_held *)(s + 1);
     vn_held_init(s->rec, pkt, port, dir, egress_to, 0, 0, 0);
@@ -1363,12 +1346,7 @@ void vn_tcp_free_all(struct vn_switch *sw)
             frag_free(sw, i, &t->ports[i]->frags);
         free(t->ports[i]);
     }
-    while (t->seg_cache) {
-        void *b = t->seg_cache;
-        VN_UNPOISON(b, VN_SEG_BLOCK);
-        t->seg_cache = *(void **)b;
-        free(b);
-    }
+    vn_blk_drain(&t->seg_blocks);
     munmap(t->scratch, sizeof(struct vn_pkt));
     free(t);
     sw->tcp = NULL;

@@ -44,14 +44,14 @@ struct vn_seg {
     struct vn_held *rec;           /* the frame: in the same block, just after (seg_new) */
 };
 
-/* A kept segment is one block, its vn_seg and then its vn_held record with the frame.
- * Blocks for frames of up to VN_SEG_SMALL bytes come from a per-switch cache of at most
- * VN_SEG_CACHE free ones: glibc serves blocks this size from its bins, not its per-thread
- * cache, and malloc and free took a tenth of the signature stage's time per segment.  A
- * cached block is poisoned for the sanitizer (VN_POISON) until it is reused. */
-#define VN_SEG_SMALL 2048
-#define VN_SEG_CACHE 1024
-#define VN_SEG_BLOCK (sizeof(struct vn_seg) + sizeof(struct vn_held) + VN_SEG_SMALL)
+/* A kept segment is one block, its vn_seg and then its vn_held record with the frame, from
+ * the engine's block cache (vn_tcp.seg_blocks, blkcache.c): malloc and free took a tenth of
+ * the signature stage's time per segment. */
+static inline size_t seg_size(uint32_t frame_len)
+{
+    return sizeof(struct vn_seg) + sizeof(struct vn_held) + frame_len;
+}
+#define VN_SEG_CACHE_BYTES (4u << 20)  /* free segment blocks kept at most */
 
 /* One direction of a connection: the bytes one endpoint sends. */
 struct vn_half {
@@ -179,8 +179,7 @@ struct vn_tcp {
     struct vn_flow *reported;      /* closed flows handed out by vn_stream_next; freed next call */
     uint64_t next_id;
     struct vn_pkt *scratch;        /* where a frame is built before it joins the emit queue */
-    void *seg_cache;               /* free small segment blocks, linked through their first word */
-    unsigned nseg_cache;
+    struct vn_blkcache seg_blocks; /* free kept-segment blocks (seg_new) */
     uint64_t ring_kill[256];       /* connections a full ring lost, to kill (tcp_ring.c) */
     unsigned nring_kill;
 };

@@ -87,9 +87,9 @@ struct vn_iov {
     uint64_t gpa;      /* guest-physical address of p (for the dirty log) */
 };
 
-/* Free blocks the data path keeps for reuse (tcp.c, policy.c) are poisoned for the
- * sanitizer while they wait: a use after free still faults under ASan, as it would with
- * free(), and the caches themselves are tested by the sanitizer run too. */
+/* Free blocks the data path keeps for reuse (blkcache.c) are poisoned for the sanitizer
+ * while they wait: a use after free still faults under ASan, as it would with free(), and
+ * the caches themselves are tested by the sanitizer run too. */
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
 #define VN_POISON(p, n) ASAN_POISON_MEMORY_REGION((p), (n))
@@ -98,6 +98,23 @@ struct vn_iov {
 #define VN_POISON(p, n) ((void)(p), (void)(n))
 #define VN_UNPOISON(p, n) ((void)(p), (void)(n))
 #endif
+
+/* blkcache.c: free blocks of records made and freed per frame, in power-of-two classes
+ * from VN_BLK_MIN to VN_BLK_MAX bytes (a record takes at most twice what it needs); at most
+ * max_bytes of them wait.  A zeroed struct with max_bytes set is an empty cache. */
+#define VN_BLK_MIN 256
+#define VN_BLK_MAX 4096
+#define VN_BLK_CLASSES 5
+struct vn_blkcache {
+    void *head[VN_BLK_CLASSES];
+    size_t bytes, max_bytes;
+};
+/* A block of at least `size` bytes (NULL if out of memory). */
+void *vn_blk_get(struct vn_blkcache *c, size_t size);
+/* Gives back a block of vn_blk_get with the same `size` (NULL: nothing). */
+void vn_blk_put(struct vn_blkcache *c, void *b, size_t size);
+/* Frees every waiting block. */
+void vn_blk_drain(struct vn_blkcache *c);
 
 /* One frame in the switch's packet buffer: header immediately followed by data, so a TAP
  * read or write of (header, frame) is one contiguous buffer. */
@@ -347,8 +364,8 @@ struct vn_switch {
     struct vn_held *punt_q[VN_PUNT_QUEUE];
     unsigned punt_head, punt_count;
     struct vn_held *punt_last;    /* handed out by vn_punt_next; freed on the next call if a copy */
-    void *held_cache;             /* free small held-frame records (policy.c, held_new) */
-    unsigned nheld_cache;
+    struct vn_blkcache held_blocks;   /* free held-frame records (policy.c, held_new) */
+#define VN_HELD_CACHE_BYTES (2u << 20)   /* ... kept at most */
     /* frames delivered to sink ports, oldest first */
     struct vn_sink_rec *sink_head, *sink_tail, *sink_last;
     unsigned sink_count;

@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CSRC = os.path.join(ROOT, "csrc")
 SOURCES = ["mem.c", "vring.c", "offload.c", "parse.c", "antispoof.c", "emit.c", "policy.c", "tcp.c", "tcp_edit.c",
-           "tcp_frag.c", "tcp_api.c", "switch.c", "sig.c", "flow.c", "sigstage.c", "ring.c", "tcp_ring.c"]
+           "tcp_frag.c", "tcp_api.c", "switch.c", "sig.c", "flow.c", "sigstage.c", "ring.c", "tcp_ring.c", "blkcache.c"]
 HEADERS = ["vhostni.h", "sig.h", "sigstage.h", "vnring.h"]
 CFLAGS = ["-O2", "-g", "-std=gnu11", "-Wall", "-Wextra", "-Werror"]
 # -fno-sanitize-recover: undefined behaviour aborts like a memory error does, so a test run
