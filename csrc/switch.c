@@ -1048,8 +1048,9 @@ static void emit_drain(struct vn_switch *sw)
             sw->ports[m.port].st.drop_emit_queue_full++;
             continue;
         }
-        if (n == 1)
-            sw->now_ns = vn_clock(sw);     /* once a drain, as once a burst */
+        if ((n & 63) == 1)
+            sw->now_ns = vn_clock(sw);     /* once a burst's worth of frames: a long drain
+                                              (thousands) does not run on a stale clock */
         if (m.stage == VN_EMIT_POLICY) {
             if (vn_policy_apply(sw, m.port, m.dir, m.egress_to, pkt))
                 continue;
