@@ -515,6 +515,15 @@ fail:
     return NULL;
 }
 
+uint32_t vn_sig_db_ids(const struct vn_sig_db *db, uint32_t *out, uint32_t max)
+{
+    if (!db)
+        return 0;
+    for (uint32_t i = 0; i < db->nrules && i < max; i++)
+        out[i] = db->rules[i].id;
+    return db->nrules;
+}
+
 int vn_sig_db_stats(const struct vn_sig_db *db, struct vn_sig_stats *out)
 {
     if (!db || !out)

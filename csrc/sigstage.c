@@ -52,6 +52,7 @@
 #include "tcp_internal.h"
 #include "sig.h"
 #include "sigstage.h"
+#include "http.h"
 
 struct sig_v6 { uint8_t lo[16], hi[16]; };
 struct sig_r32 { uint32_t lo, hi; };
@@ -62,6 +63,7 @@ struct sig_hdr {
     uint32_t sid, rev;
     uint8_t th_type, th_track, df_track;
     uint32_t th_count, th_secs, df_count, df_secs;
+    uint32_t hmask[VN_SIG_NHG];  /* an HTTP rule's buffers per group (VN_SIG_HG_*) */
     uint32_t n[6];              /* src4 src6 dst4 dst6 sport dport */
     struct sig_r32 *src4, *dst4;
     struct sig_v6 *src6, *dst6;
@@ -75,6 +77,14 @@ struct vn_sigstage {
     uint64_t *matches, *drops;  /* per rule */
     struct vn_sig_db *stream, *pkt;
     uint32_t nstream, npkt;
+    uint32_t nplain;            /* stream rules matched over the stream (the HTTP ones follow) */
+    uint32_t nhttp;             /* HTTP rules */
+    struct vn_sig_db *hdb[VN_SIG_NHG][VN_HTTP_NBUF];  /* per group and buffer (NULL: none) */
+    uint32_t hgroups;           /* bit g: group g has rules */
+    uint32_t http_body_limit;
+    uint64_t http_memcap, http_mem;
+    uint32_t *hgot, *hgen, *htouch, hgen_cur;   /* one message's matching (data-plane thread) */
+    uint8_t *hlimit;
     uint8_t pkt_protos;         /* bit 0 ip, 1 icmp, 2 tcp, 3 udp: packet rules exist for it */
     uint8_t *ports;             /* 65536-bit map: a stream rule's port set names the port */
     struct vn_sig_match *out;   /* scan results, max(nrules, 1) */
@@ -104,6 +114,10 @@ struct vn_sigflow {
     struct vn_sig_stream *st[2];
     uint64_t pos[2];            /* stream bytes scanned per half */
     uint8_t on[2];              /* some stream rule's header covers the half */
+    uint8_t hon[2];             /* some HTTP rule's header covers the half */
+    struct vn_http *http;       /* the HTTP reader (NULL: no HTTP rule covers the connection) */
+    size_t http_mem;            /* what it took, as last counted into the stage */
+    uint64_t hbase[2];          /* the stream offset the reader's offsets count from, per half */
     uint8_t blocked;            /* a drop/reject matched (or state was refused): nothing more goes */
     uint8_t done;               /* inspection ended (pass rule, or blocked) */
 };
@@ -154,6 +168,13 @@ static void stage_release(struct vn_sigstage *st)
     free(st->ports);
     free(st->out);
     free(st->trk);
+    free(st->hgot);
+    free(st->hgen);
+    free(st->htouch);
+    free(st->hlimit);
+    for (int g = 0; g < VN_SIG_NHG; g++)
+        for (int b = 0; b < VN_HTTP_NBUF; b++)
+            vn_sig_db_free(st->hdb[g][b]);
     vn_sig_db_free(st->stream);
     vn_sig_db_free(st->pkt);
     free(st);
@@ -171,7 +192,8 @@ static int read_hdr(struct hrd *r, struct sig_hdr *h)
         return -1;
     h->action = b[0], h->proto = b[1], h->dir = b[2], h->flags = b[3];
     if (h->action > VN_SIGA_PASS || (h->proto != 0 && h->proto != 1 && h->proto != 6 && h->proto != 17) ||
-        h->dir > 2 || (h->flags & ~(VN_SIGH_BIDIR | VN_SIGH_STREAM)))
+        h->dir > 2 || (h->flags & ~(VN_SIGH_BIDIR | VN_SIGH_STREAM | VN_SIGH_HTTP)) ||
+        ((h->flags & VN_SIGH_HTTP) && !(h->flags & VN_SIGH_STREAM)))
         return -1;
     const uint8_t *t = take(r, 4);
     if (!t || take_u32(r, &h->th_count) || take_u32(r, &h->th_secs) || take_u32(r, &h->df_count) ||
@@ -184,6 +206,15 @@ static int read_hdr(struct hrd *r, struct sig_hdr *h)
         !h->df_track != !h->df_count || !h->df_track != !h->df_secs ||
         h->th_count > VN_SIG_TRACK_COUNT_MAX || h->df_count > VN_SIG_TRACK_COUNT_MAX ||
         h->th_secs > VN_SIG_TRACK_SECONDS_MAX || h->df_secs > VN_SIG_TRACK_SECONDS_MAX)
+        return -1;
+    uint32_t any = 0;
+    for (int g = 0; g < VN_SIG_NHG; g++) {
+        if (take_u32(r, &h->hmask[g]) || h->hmask[g] >> VN_HTTP_NBUF)
+            return -1;
+        any |= h->hmask[g];
+    }
+    /* an HTTP rule names buffers; no other rule does */
+    if (!any != !(h->flags & VN_SIGH_HTTP))
         return -1;
     for (int i = 0; i < 6; i++)
         if (take_u32(r, &h->n[i]) || h->n[i] > 65536)
@@ -238,15 +269,18 @@ struct vn_sigstage *vn_sigstage_build(const uint8_t *hdrs, size_t hlen, struct v
     *rc = VN_SIG_EINVAL;
     struct hrd r = {hdrs, hlen, 0};
     const uint8_t *magic = take(&r, 4);
-    uint32_t n, ntrk;
-    if (!hdrs || !magic || memcmp(magic, "VSH2", 4) || take_u32(&r, &n) || n > VN_SIG_MAX_RULES ||
-        take_u32(&r, &ntrk) || (ntrk && (ntrk < VN_SIG_TRACK_MIN || ntrk > VN_SIG_TRACK_MAX || (ntrk & (ntrk - 1)))))
+    uint32_t n, ntrk, blim, hcap;
+    if (!hdrs || !magic || memcmp(magic, "VSH3", 4) || take_u32(&r, &n) || n > VN_SIG_MAX_RULES ||
+        take_u32(&r, &ntrk) || (ntrk && (ntrk < VN_SIG_TRACK_MIN || ntrk > VN_SIG_TRACK_MAX || (ntrk & (ntrk - 1)))) ||
+        take_u32(&r, &blim) || blim > VN_HTTP_BODY_LIMIT_MAX || take_u32(&r, &hcap))
         return NULL;
     struct vn_sigstage *st = calloc(1, sizeof *st);
     *rc = VN_SIG_ENOMEM;
     if (!st)
         return NULL;
     st->refs = 1;
+    st->http_body_limit = blim;
+    st->http_memcap = (uint64_t)hcap << 10;
     st->rules = calloc(n ? n : 1, sizeof *st->rules);
     st->matches = calloc(n ? n : 1, sizeof *st->matches);
     st->drops = calloc(n ? n : 1, sizeof *st->drops);
@@ -267,6 +301,16 @@ struct vn_sigstage *vn_sigstage_build(const uint8_t *hdrs, size_t hlen, struct v
         if (h->flags & VN_SIGH_STREAM) {
             if (h->proto != 6 || st->npkt)       /* stream rules first */
                 goto bad;
+            if (h->flags & VN_SIGH_HTTP) {
+                st->nhttp++;
+                for (int g = 0; g < VN_SIG_NHG; g++)
+                    if (h->hmask[g])
+                        st->hgroups |= 1u << g;
+            } else if (st->nhttp) {
+                goto bad;                        /* the plain stream rules, then the HTTP ones */
+            } else {
+                st->nplain++;
+            }
             st->nstream++;
             mark_ports(st->ports, h->sport, h->n[4]);
             mark_ports(st->ports, h->dport, h->n[5]);
@@ -276,8 +320,8 @@ struct vn_sigstage *vn_sigstage_build(const uint8_t *hdrs, size_t hlen, struct v
         }
     }
     struct vn_sig_stats s1, s2;
-    if (r.off != r.len || (st->nstream && !stream) || (st->npkt && !pkt) ||
-        (stream && (vn_sig_db_stats(stream, &s1) < 0 || s1.nrules != st->nstream)) ||
+    if (r.off != r.len || (st->nplain && !stream) || (st->npkt && !pkt) ||
+        (stream && (vn_sig_db_stats(stream, &s1) < 0 || s1.nrules != st->nplain)) ||
         (pkt && (vn_sig_db_stats(pkt, &s2) < 0 || s2.nrules != st->npkt)))
         goto bad;
     if (ntrk) {
@@ -287,7 +331,10 @@ struct vn_sigstage *vn_sigstage_build(const uint8_t *hdrs, size_t hlen, struct v
         if (getrandom(&st->seed, sizeof st->seed, GRND_NONBLOCK) != sizeof st->seed)
             st->seed = vn_now_ns() ^ (uint64_t)(uintptr_t)st;
     }
-    st->stream = st->nstream ? stream : NULL;
+    if (st->nhttp && (!(st->hgot = calloc(n, sizeof *st->hgot)) || !(st->hgen = calloc(n, sizeof *st->hgen)) ||
+                      !(st->htouch = calloc(n, sizeof *st->htouch)) || !(st->hlimit = calloc(n, 1))))
+        goto fail;
+    st->stream = st->nplain ? stream : NULL;
     st->pkt = st->npkt ? pkt : NULL;
     if (stream && !st->stream)
         vn_sig_db_free(stream);
@@ -300,6 +347,32 @@ bad:
 fail:
     stage_release(st);
     return NULL;
+}
+
+int vn_sigstage_add_http(struct vn_sigstage *st, int group, int buf, struct vn_sig_db *db)
+{
+    if (!st || !db || group < 0 || group >= VN_SIG_NHG || buf < 0 || buf >= VN_HTTP_NBUF ||
+        st->hdb[group][buf] || st->refs != 1)
+        return VN_SIG_EINVAL;
+    struct vn_sig_stats s;
+    if (vn_sig_db_stats(db, &s) < 0)
+        return VN_SIG_EINVAL;
+    /* every rule id names an HTTP rule of this group that reads this buffer */
+    uint32_t n = (uint32_t)s.nrules;
+    uint32_t *ids = malloc((size_t)(n ? n : 1) * sizeof *ids);
+    if (!ids)
+        return VN_SIG_ENOMEM;
+    int bad = vn_sig_db_ids(db, ids, n) != n;
+    for (uint32_t i = 0; i < n && !bad; i++) {
+        uint32_t ri = ids[i];
+        bad = ri >= st->nstream || !(st->rules[ri].flags & VN_SIGH_HTTP) ||
+              !(st->rules[ri].hmask[group] >> buf & 1);
+    }
+    free(ids);
+    if (bad)
+        return VN_SIG_EINVAL;
+    st->hdb[group][buf] = db;
+    return 0;
 }
 
 /* ---------------------------------------------------------------- per port */
@@ -432,18 +505,18 @@ static int hdr_match(const struct sig_hdr *h, int family, const uint8_t *s, uint
 
 /* ---------------------------------------------------------------- alerts and actions */
 
-static void alert_push(struct vn_switch *sw, int port, const struct vn_sigstage *st, uint32_t ri, int taken,
+static struct vn_sig_alert *alert_push(struct vn_switch *sw, int port, const struct vn_sigstage *st, uint32_t ri, int taken,
                        int limit, int stream, int family, int proto, int to_server, int dir,
                        const uint8_t *src, uint16_t sport, const uint8_t *dst, uint16_t dport,
                        uint64_t offset, uint64_t flow)
 {
     struct vn_sigport *sp = sw->ports[port].sig;
     if (!sp)
-        return;
+        return NULL;
     if (sp->count >= VN_SIG_ALERT_RING) {
         sp->lost++;
         sw->ports[port].st.sig_alerts_lost++;
-        return;
+        return NULL;
     }
     struct vn_sig_alert *a = &sp->ring[(sp->head + sp->count++) % VN_SIG_ALERT_RING];
     memset(a, 0, sizeof *a);
@@ -466,6 +539,31 @@ static void alert_push(struct vn_switch *sw, int port, const struct vn_sigstage 
     a->offset = offset;
     a->flow = flow;
     vn_punt_signal(sw);
+    return a;
+}
+
+/* An HTTP rule's alert: the message's method, host and target, cut to fit. */
+static void alert_http(struct vn_sig_alert *a, const struct vn_http *h, int side)
+{
+    const uint8_t *p;
+    uint32_t n;
+    a->http = 1;
+    struct { int b; char *dst; size_t cap; int bit; } f[3] = {
+        {VN_HTTP_B_METHOD, a->http_method, sizeof a->http_method, 1},
+        {VN_HTTP_B_HOST, a->http_host, sizeof a->http_host, 2},
+        {VN_HTTP_B_URI_RAW, a->http_url, sizeof a->http_url, 4}};
+    for (int i = 0; i < 3; i++) {
+        if (!vn_http_buf(h, VN_HTTP_REQ, f[i].b, &p, &n))
+            continue;
+        if (n >= f[i].cap) {
+            n = (uint32_t)f[i].cap - 1;
+            a->http_trunc |= (uint8_t)f[i].bit;
+        }
+        memcpy(f[i].dst, p, n);
+        f[i].dst[n] = 0;
+    }
+    if (side == VN_HTTP_RESP && vn_http_buf(h, VN_HTTP_RESP, VN_HTTP_B_STAT_CODE, &p, &n) && n == 3)
+        a->http_status = (uint16_t)((p[0] - '0') * 100 + (p[1] - '0') * 10 + (p[2] - '0'));
 }
 
 /* The verdict of one scan's matches (already filtered to the rules that apply): the
@@ -755,6 +853,12 @@ static void sig_let_go(struct vn_switch *sw, struct vn_flow *f)
     struct vn_sigflow *sf = f->sig;
     (void)sw;
     sf->done = 1;
+    if (sf->http) {
+        sf->stage->http_mem -= sf->http_mem;
+        vn_http_free(sf->http);
+        sf->http = NULL;
+        sf->http_mem = 0;
+    }
     for (int hs = 0; hs < 2; hs++) {
         if (sf->st[hs]) {
             vn_sig_stream_close(sf->stage->stream, sf->st[hs], NULL, 0);
@@ -786,9 +890,24 @@ static void sig_block(struct vn_switch *sw, struct vn_flow *f, int hs, uint64_t 
     }
 }
 
+/* The first record of half hf that a block stopping at stream byte `last` keeps back: the one
+ * holding that byte, or (if it went already) the first not yet released. */
+static uint64_t stop_at(struct vn_half *hf, uint64_t last)
+{
+    uint64_t stop = last;
+    for (struct vn_seg *x = seg_from(hf, last); x; x = x->next)
+        if (x->start <= last && last < seg_end(x) && x->start < stop)
+            stop = x->start;
+    if (stop < hf->rel_lim)          /* released already (the match completed later, e.g. at EOF) */
+        stop = hf->rel_lim;
+    return stop;
+}
+
 /* Handles one scan's matches on half hs: the stream offset of the match's end decides which
- * record completed it. */
-static void stream_matches(struct vn_switch *sw, struct vn_flow *f, int hs, int n)
+ * record completed it, or, for an HTTP message (`http`: its reader, `msg`: the stream offset
+ * of its first byte), the message's first byte: none of it goes. */
+static void stream_matches(struct vn_switch *sw, struct vn_flow *f, int hs, int n,
+                           const struct vn_http *http, int side, uint64_t msg)
 {
     struct vn_sigflow *sf = f->sig;
     struct vn_sigstage *st = sf->stage;
@@ -819,9 +938,13 @@ static void stream_matches(struct vn_switch *sw, struct vn_flow *f, int hs, int 
             if ((a == VN_SIGA_DROP || a == VN_SIGA_REJECT) && st->out[i].offset < first_end)
                 first_end = st->out[i].offset;
         }
-        if (st->rules[ri].action != VN_SIGA_PASS && (g[i] & SIG_ALERT))
-            alert_push(sw, f->port, st, ri, v, !!(st->out[i].flags & VN_SIG_F_LIMIT), 1, f->family, 6,
-                       to_server, dir_of(hs), s, sp, d, dp, st->out[i].offset, f->id);
+        if (st->rules[ri].action != VN_SIGA_PASS && (g[i] & SIG_ALERT)) {
+            struct vn_sig_alert *a = alert_push(sw, f->port, st, ri, v, !!(st->out[i].flags & VN_SIG_F_LIMIT),
+                                                1, f->family, 6, to_server, dir_of(hs), s, sp, d, dp,
+                                                st->out[i].offset, f->id);
+            if (a && http)
+                alert_http(a, http, side);
+        }
     }
     if (v == VN_SIGA_PASS) {
         ps->sig_passed_flows++;
@@ -831,14 +954,10 @@ static void stream_matches(struct vn_switch *sw, struct vn_flow *f, int hs, int 
     }
     if (v != VN_SIGA_DROP && v != VN_SIGA_REJECT)
         return;
-    /* the record holding the match's last byte, and everything after it, stays */
+    /* the record holding the match's last byte (an HTTP message's first), and everything
+     * after it, stays */
     struct vn_half *hf = &f->half[hs];
-    uint64_t last = first_end ? first_end - 1 : 0, stop = first_end ? first_end - 1 : 0;
-    for (struct vn_seg *x = seg_from(hf, last); x; x = x->next)
-        if (x->start <= last && last < seg_end(x) && x->start < stop)
-            stop = x->start;
-    if (stop < hf->rel_lim)          /* released already (the match completed later, e.g. at EOF) */
-        stop = hf->rel_lim;
+    uint64_t stop = stop_at(hf, http ? msg : first_end ? first_end - 1 : 0);
     ps->sig_dropped++;
     sig_block(sw, f, hs, stop, v == VN_SIGA_REJECT);
 }
@@ -849,12 +968,14 @@ int sig_flow_open(struct vn_switch *sw, struct vn_flow *f)
     struct vn_sigstage *st = sp ? sp->cur : NULL;
     if (!st || !st->nstream)
         return 0;
-    uint8_t on[2] = {0, 0};
-    for (uint32_t i = 0; i < st->nrules && !(on[0] && on[1]); i++)
+    uint8_t on[2] = {0, 0}, hon[2] = {0, 0};
+    for (uint32_t i = 0; i < st->nstream && !(on[0] && on[1] && hon[0] && hon[1]); i++) {
+        uint8_t *o = st->rules[i].flags & VN_SIGH_HTTP ? hon : on;
         for (int hs = 0; hs < 2; hs++)
-            if (!on[hs] && applies(&st->rules[i], f, hs))
-                on[hs] = 1;
-    if (!on[0] && !on[1])
+            if (!o[hs] && applies(&st->rules[i], f, hs))
+                o[hs] = 1;
+    }
+    if (!on[0] && !on[1] && !hon[0] && !hon[1])
         return 0;
     struct vn_sigflow *sf = calloc(1, sizeof *sf);
     if (!sf) {
@@ -864,36 +985,194 @@ int sig_flow_open(struct vn_switch *sw, struct vn_flow *f)
     f->sig = sf;
     sf->stage = st;
     stage_hold(st);
+    int refused = 0;
+    if (hon[0] || hon[1]) {
+        /* an HTTP rule covers a direction: the reader reads both (responses are framed by
+         * the requests they answer, and a request may wait for its response); it holds
+         * responses only if some rule reads them */
+        hon[0] = hon[1] = 1;
+        if (st->http_mem + 4096 > st->http_memcap ||
+            !(sf->http = vn_http_new(st->http_body_limit, !!(st->hgroups & 1u << VN_SIG_HG_REQ_BODY),
+                                     !!(st->hgroups & 1u << VN_SIG_HG_RESP)))) {
+            sw->ports[f->port].st.sig_http_memcap++;
+            refused = 1;
+        } else {
+            sf->http_mem = vn_http_mem(sf->http);
+            st->http_mem += sf->http_mem;
+        }
+    }
     for (int hs = 0; hs < 2; hs++) {
         sf->on[hs] = on[hs];
-        sf->pos[hs] = f->half[hs].contig;
-        if (!on[hs])
+        sf->hon[hs] = hon[hs];
+        sf->pos[hs] = sf->hbase[hs] = f->half[hs].contig;
+        if (!on[hs] && !hon[hs])
             continue;
-        int rc;
-        if (!(sf->st[hs] = vn_sig_stream_open(st->stream, &rc))) {
-            /* over the stage's memcap: fail closed */
-            sw->ports[f->port].st.sig_streams_refused++;
-            sf->blocked = sf->done = 1;
-            for (int i = 0; i < 2; i++)
-                f->half[i].sig_ok = f->half[i].contig;
-            return 1;
-        }
         f->half[hs].sig_ok = sf->pos[hs];
+        int rc;
+        if (on[hs] && !refused && !(sf->st[hs] = vn_sig_stream_open(st->stream, &rc))) {
+            sw->ports[f->port].st.sig_streams_refused++;
+            refused = 1;
+        }
+    }
+    if (refused) {
+        /* over the stage's memcap: fail closed */
+        sf->blocked = sf->done = 1;
+        for (int i = 0; i < 2; i++)
+            f->half[i].sig_ok = f->half[i].contig;
     }
     return 1;
+}
+
+static int side_of(const struct vn_flow *f, int hs)
+{
+    return dir_of(hs) == f->client ? VN_HTTP_REQ : VN_HTTP_RESP;
+}
+
+/* One HTTP message's matching for group g: every buffer database of the group over the
+ * message's buffers; an HTTP rule matches when every buffer it names matched (a buffer the
+ * message lacks matches nothing, as in Suricata).  Fills st->out, returns how many. */
+static int http_match(struct vn_switch *sw, struct vn_flow *f, int side, int g, uint64_t end)
+{
+    struct vn_sigflow *sf = f->sig;
+    struct vn_sigstage *st = sf->stage;
+    struct vn_port_stats *ps = &sw->ports[f->port].st;
+    if (++st->hgen_cur == 0) {
+        memset(st->hgen, 0, st->nrules * sizeof *st->hgen);
+        st->hgen_cur = 1;
+    }
+    uint32_t nt = 0;
+    for (int b = 0; b < VN_HTTP_NBUF; b++) {
+        struct vn_sig_db *db = st->hdb[g][b];
+        const uint8_t *p;
+        uint32_t len;
+        if (!db || !vn_http_buf(sf->http, side, b, &p, &len))
+            continue;
+        int n = vn_sig_scan_block(db, p, len, st->out, st->nrules);
+        ps->sig_stream_bytes += len;
+        if (n < 0)
+            return n;
+        for (int i = 0; i < n; i++) {
+            uint32_t ri = st->out[i].rule;
+            if (ri >= st->nstream)
+                continue;
+            if (st->hgen[ri] != st->hgen_cur) {
+                st->hgen[ri] = st->hgen_cur;
+                st->hgot[ri] = 0;
+                st->hlimit[ri] = 0;
+                st->htouch[nt++] = ri;
+            }
+            st->hgot[ri] |= 1u << b;
+            if (st->out[i].flags & VN_SIG_F_LIMIT)
+                st->hlimit[ri] = 1;
+        }
+    }
+    int n = 0;
+    for (uint32_t k = 0; k < nt; k++) {
+        uint32_t ri = st->htouch[k];
+        if (st->hgot[ri] != st->rules[ri].hmask[g])
+            continue;
+        st->out[n].rule = ri;
+        st->out[n].flags = st->hlimit[ri] ? VN_SIG_F_LIMIT : 0;
+        st->out[n].offset = end;
+        n++;
+    }
+    return n;
+}
+
+/* The reader failed (smuggling, syntax, limits) or went over the memcap: fail closed, from
+ * the message it was reading on. */
+static void http_fail(struct vn_switch *sw, struct vn_flow *f, int hs, uint64_t *counter)
+{
+    struct vn_sigflow *sf = f->sig;
+    int side = side_of(f, hs);
+    uint64_t msg = sf->hbase[hs] + vn_http_msg_start(sf->http, side);
+    (*counter)++;
+    sw->ports[f->port].st.sig_dropped++;
+    sig_block(sw, f, hs, stop_at(&f->half[hs], msg), 0);
+}
+
+/* An event of the reader on half hs: match the group it completes. */
+static void http_event(struct vn_switch *sw, struct vn_flow *f, int hs, int side, int ev)
+{
+    struct vn_sigflow *sf = f->sig;
+    struct vn_port_stats *ps = &sw->ports[f->port].st;
+    if (ev == VN_HTTP_EV_HEAD)
+        *(side == VN_HTTP_REQ ? &ps->sig_http_requests : &ps->sig_http_responses) += 1;
+    int g = side == VN_HTTP_RESP ? VN_SIG_HG_RESP : ev == VN_HTTP_EV_BODY ? VN_SIG_HG_REQ_BODY : VN_SIG_HG_REQ;
+    if (!(sf->stage->hgroups & 1u << g) || !sf->hon[hs])
+        return;
+    uint64_t end = sf->hbase[hs] + vn_http_pos(sf->http, side);
+    int n = http_match(sw, f, side, g, end);
+    if (n < 0) {
+        http_fail(sw, f, hs, &ps->sig_scan_errors);
+        return;
+    }
+    if (n)
+        stream_matches(sw, f, hs, n, sf->http, side, sf->hbase[hs] + vn_http_msg_start(sf->http, side));
+}
+
+/* Feeds the reader half hs's new in-order bytes. */
+static void http_pump(struct vn_switch *sw, struct vn_flow *f, int hs)
+{
+    struct vn_sigflow *sf = f->sig;
+    struct vn_half *hf = &f->half[hs];
+    struct vn_port_stats *ps = &sw->ports[f->port].st;
+    int side = side_of(f, hs);
+    uint64_t upto = hf->contig;
+    uint64_t pos = sf->hbase[hs] + vn_http_pos(sf->http, side);
+    for (struct vn_seg *s = seg_from(hf, pos); s && pos < upto && !sf->done && vn_http_active(sf->http, side);
+         s = s->next) {
+        if (s->start > pos || seg_end(s) <= pos)
+            continue;
+        uint64_t to = seg_end(s) < upto ? seg_end(s) : upto;
+        while (pos < to && !sf->done && vn_http_active(sf->http, side)) {
+            int ev;
+            int64_t r = vn_http_feed(sf->http, side, s->rec->data + s->pay + (pos - s->start),
+                                     (size_t)(to - pos), &ev);
+            if (r < 0) {
+                http_fail(sw, f, hs, &ps->sig_http_errors);
+                return;
+            }
+            pos += (uint64_t)r;
+            if (ev)
+                http_event(sw, f, hs, side, ev);
+            else if (r == 0)
+                return;                 /* waits for the other side */
+        }
+        if (sf->done)
+            return;                     /* blocked: its records may be gone (s with them) */
+        /* what the reader holds now is counted against the stage's memcap */
+        if (sf->http) {
+            size_t m = vn_http_mem(sf->http);
+            sf->stage->http_mem += m - sf->http_mem;
+            sf->http_mem = m;
+            if (sf->stage->http_mem > sf->stage->http_memcap) {
+                http_fail(sw, f, hs, &ps->sig_http_memcap);
+                return;
+            }
+        }
+    }
+    if (!sf->done && sf->http && hf->eof && pos == hf->fin_off && vn_http_active(sf->http, side)) {
+        int ev = vn_http_eof(sf->http, side);
+        if (ev < 0)
+            http_fail(sw, f, hs, &ps->sig_http_errors);
+        else if (ev)
+            http_event(sw, f, hs, side, ev);
+    }
 }
 
 void sig_flow_scan(struct vn_switch *sw, struct vn_flow *f, int hs)
 {
     struct vn_sigflow *sf = f->sig;
     struct vn_half *hf = &f->half[hs];
-    if (sf->done || !sf->st[hs])
+    if (sf->done || (!sf->st[hs] && !(sf->http && sf->hon[hs])))
         return;
     struct vn_sigstage *st = sf->stage;
     struct vn_port_stats *ps = &sw->ports[f->port].st;
     uint64_t upto = hf->contig;
     /* the new in-order bytes, record by record (records may overlap: identical copies) */
-    for (struct vn_seg *s = seg_from(hf, sf->pos[hs]); s && sf->pos[hs] < upto && !sf->done; s = s->next) {
+    for (struct vn_seg *s = seg_from(hf, sf->pos[hs]); sf->st[hs] && s && sf->pos[hs] < upto && !sf->done;
+         s = s->next) {
         if (s->start > sf->pos[hs] || seg_end(s) <= sf->pos[hs])
             continue;
         uint64_t from = sf->pos[hs], to = seg_end(s) < upto ? seg_end(s) : upto;
@@ -907,21 +1186,42 @@ void sig_flow_scan(struct vn_switch *sw, struct vn_flow *f, int hs)
             sig_block(sw, f, hs, s->start, 0);     /* fail closed */
             return;
         }
-        hf->sig_ok = to;
         if (n) {
-            stream_matches(sw, f, hs, n);
+            stream_matches(sw, f, hs, n, NULL, 0, 0);
             if (sf->done)
                 return;            /* blocked (its records are gone) or passed */
         }
     }
-    if (!sf->done && hf->eof && sf->pos[hs] == hf->fin_off) {
+    if (!sf->done && sf->st[hs] && hf->eof && sf->pos[hs] == hf->fin_off) {
         /* the end of this direction: candidates that waited for more bytes are decided now */
         struct vn_sig_stream *x = sf->st[hs];
         sf->st[hs] = NULL;
         int n = vn_sig_stream_close(st->stream, x, st->out, st->nrules ? st->nrules : 1);
         if (n > 0)
-            stream_matches(sw, f, hs, n);
+            stream_matches(sw, f, hs, n, NULL, 0, 0);
     }
+    if (sf->done)
+        return;
+    /* the HTTP reader: it holds a message from its first byte until the rules read it */
+    uint64_t ok = sf->on[hs] ? sf->pos[hs] : UINT64_MAX;
+    if (sf->http && sf->hon[hs]) {
+        int side = side_of(f, hs);
+        int waited = vn_http_waiting(sf->http);
+        http_pump(sw, f, hs);
+        if (sf->done)
+            return;
+        uint64_t h = vn_http_hold(sf->http, side);
+        if (h != UINT64_MAX && sf->hbase[hs] + h < ok)
+            ok = sf->hbase[hs] + h;
+        if (side == VN_HTTP_RESP && waited && !vn_http_waiting(sf->http)) {
+            /* a response let the request side go on (or made the connection a tunnel) */
+            sig_flow_scan(sw, f, !hs);
+            if (sf->done)
+                return;
+            half_release(sw, f, &f->half[!hs]);
+        }
+    }
+    hf->sig_ok = ok;
 }
 
 /* May the frame of record `s`, just scanned, go on as it is, now (instead of being held and
@@ -950,6 +1250,10 @@ void sig_flow_free(struct vn_switch *sw, struct vn_flow *f)
     for (int hs = 0; hs < 2; hs++)
         if (sf->st[hs])
             vn_sig_stream_close(sf->stage->stream, sf->st[hs], NULL, 0);
+    if (sf->http) {
+        sf->stage->http_mem -= sf->http_mem;
+        vn_http_free(sf->http);
+    }
     stage_release(sf->stage);
     free(sf);
     f->sig = NULL;

@@ -3,17 +3,22 @@
  * alerts.  See sigstage.c.
  *
  * Header blob (little-endian), written by vhostni/signatures/stage.py, bounds-checked here:
- *   "VSH2" u32 nrules, u32 track_entries (the threshold table's size: 0 if no rule has
- *          threshold or detection_filter, else a power of two, VN_SIG_TRACK_MIN..MAX)
+ *   "VSH3" u32 nrules, u32 track_entries (the threshold table's size: 0 if no rule has
+ *          threshold or detection_filter, else a power of two, VN_SIG_TRACK_MIN..MAX),
+ *          u32 http_body_limit (request body bytes kept for HTTP rules, <= VN_HTTP_BODY_LIMIT_MAX),
+ *          u32 http_memcap_kib (all connections' HTTP reader memory, KiB)
  *   per rule: u8 action (VN_SIGA_*), u8 proto (0 ip, 1 icmp, 6 tcp, 17 udp), u8 dir
  *             (0 any, 1 to_server, 2 to_client), u8 flags (VN_SIGH_*), u32 sid, u32 rev,
  *             u8 th_type (VN_SIGT_*), u8 th_track (VN_SIGK_*), u8 df_track (VN_SIGK_*, 0: no
  *             detection_filter), u8 zero, u32 th_count, th_seconds, df_count, df_seconds
  *             (counts 1..VN_SIG_TRACK_COUNT_MAX, seconds 1..VN_SIG_TRACK_SECONDS_MAX when set),
+ *             u32 hmask[VN_SIG_NHG] (an HTTP rule's buffers per group, bit b = VN_HTTP_B_*: the
+ *             rule matches a message when every buffer it names matched; 0: not in the group),
  *             u32 n_src4, n_src6, n_dst4, n_dst6, n_sport, n_dport, then the ranges:
  *             src v4 (u32 lo, u32 hi), src v6 (16 bytes lo, 16 bytes hi, big-endian),
  *             dst v4, dst v6, sport (u16 lo, u16 hi), dport (u16 lo, u16 hi)
- * Stream rules come first in the header list, then packet rules (VN_SIGH_STREAM says which).
+ * Stream rules come first in the header list (the plain ones, then the HTTP ones), then packet
+ * rules (VN_SIGH_STREAM and VN_SIGH_HTTP say which).
  */
 #ifndef VN_SIGSTAGE_H
 #define VN_SIGSTAGE_H
@@ -29,6 +34,13 @@
 
 #define VN_SIGH_BIDIR 1
 #define VN_SIGH_STREAM 2
+#define VN_SIGH_HTTP 4          /* an HTTP rule: its contents are in HTTP buffers (with STREAM) */
+
+/* HTTP rule groups: which message and phase a rule is matched at */
+#define VN_SIG_HG_REQ 0         /* a request's head */
+#define VN_SIG_HG_REQ_BODY 1    /* a request's body (the head's buffers too) */
+#define VN_SIG_HG_RESP 2        /* a response's head */
+#define VN_SIG_NHG 3
 
 #define VN_SIG_ALERT_RING 4096
 
@@ -72,6 +84,12 @@ struct vn_sig_alert {
     uint16_t sport, dport;
     uint64_t offset;            /* stream offset just past the match (packet: within the payload) */
     uint64_t flow;              /* the TCP engine's flow id (0: a packet rule) */
+    uint8_t http;               /* 1: an HTTP rule's match; the fields below are set */
+    uint8_t http_trunc;         /* bit 0 method, 1 host, 2 url: cut to fit */
+    uint16_t http_status;       /* the response's status (0: a request) */
+    char http_method[16];
+    char http_host[64];
+    char http_url[176];         /* the request's raw target (http.uri.raw) */
 };
 
 struct vn_sigstage;
@@ -85,6 +103,10 @@ struct vn_switch;
 struct vn_sigstage *vn_sigstage_build(const uint8_t *hdrs, size_t hlen, struct vn_sig_db *stream,
                                       struct vn_sig_db *pkt, int *rc);
 void vn_sigstage_free(struct vn_sigstage *st);
+/* Adds the block-mode database of HTTP buffer `buf` (VN_HTTP_B_*) for group `group`: its rule
+ * ids are header indexes of HTTP rules whose hmask[group] names `buf`.  Takes the database on
+ * success (0); before the stage is installed on a port. */
+int vn_sigstage_add_http(struct vn_sigstage *st, int group, int buf, struct vn_sig_db *db);
 int vn_port_set_sigstage(struct vn_switch *sw, int port, struct vn_sigstage *st);
 int vn_sig_alerts_next(struct vn_switch *sw, int port, struct vn_sig_alert *out);
 uint64_t vn_sig_alerts_lost(struct vn_switch *sw, int port);

@@ -180,6 +180,11 @@ struct vn_port_stats {
     uint64_t sig_streams_refused;  /* connections dropped: stream state over the stage's memcap */
     uint64_t sig_scan_errors;    /* Hyperscan scan errors (the frame or connection is dropped) */
     uint64_t sig_alerts_lost;    /* alerts beyond the alert ring (the kernel drains it) */
+    uint64_t sig_http_requests;  /* HTTP request heads the stage read (its HTTP rules' input) */
+    uint64_t sig_http_responses; /* HTTP response heads it read */
+    uint64_t sig_http_errors;    /* connections stopped: HTTP the stage could not read as a
+                                    server would (smuggling, bad syntax, limits; fail closed) */
+    uint64_t sig_http_memcap;    /* connections stopped: the HTTP reader's memory over its cap */
     uint64_t ring_frames;        /* frame copies published on scanner rings */
     uint64_t ring_stream_bytes;  /* stream bytes published on scanner rings */
     uint64_t ring_streams_lost;  /* streams a scanner ring could not take more bytes of */

@@ -167,10 +167,15 @@ def test_home_net_defaults_to_private_nets_without_ni_addresses():
 
 
 @pytest.mark.parametrize("opts,reason", [
-    ('http.uri; content:"a";', "needs the L7 stage"),
-    ('content:"a"; http_uri;', "needs the L7 stage"),
-    ('file_data; content:"a";', "needs the L7 stage"),
-    ('pcre:"/a/U";', "HTTP buffer: needs the L7 stage"),
+    ('http.response_body; content:"a";', "response bodies"),
+    ('file_data; content:"a";', "response bodies"),
+    ('pcre:"/a/Q";', "does not have"),
+    ('content:"a"; http_uri; content:"b";', "payload contents"),
+    ('http.uri; content:"a"; http.stat_code; content:"200";', "request and response"),
+    ('flow:to_client; http.uri; content:"a";', "never match"),
+    ('http.uri; content:"a"; http_uri;', "outside a sticky buffer"),
+    ('bsize:3;', "needs a sticky buffer"),
+    ('dns.query; content:"a";', "does not have"),
     ('pcre:"/a/q";', "unknown flag"),
     ('flowbits:set,x;', "per-flow state"),
     ('frobnicate:1;', "unknown keyword"),
@@ -196,15 +201,15 @@ def test_problems_carry_file_and_line_of_the_rule_start():
     text = ("# comment\n\n"
             'alert tcp any any -> any any (msg:"ok"; content:"a"; sid:1;)\n'
             'alert tcp any any -> any any (msg:"multi"; \\\n'
-            '    http.uri; content:"a"; \\\n'
+            '    file_data; content:"a"; \\\n'
             '    sid:2;)\n'
-            'alert http any any -> any any (sid:3;)\n'
+            'alert dns any any -> any any (sid:3;)\n'
             'alert tcp any any -> any any (content:"b"; sid:1;)\n'
             "garbage\n")
     rs = parse_rules(text, V, "x.rules")
     assert [r.sid for r in rs.rules] == [1]
     assert [(p.line, p.sid) for p in rs.problems] == [(4, 2), (7, 3), (8, 1), (9, None)]
-    assert str(rs.problems[0]).startswith("x.rules:4: sid 2: http.uri")
+    assert str(rs.problems[0]).startswith("x.rules:4: sid 2: file_data")
     assert "duplicate sid (first at x.rules:3)" in rs.problems[2].reason
 
 
@@ -212,15 +217,21 @@ def test_real_suricata_verify_rules():
     """A sample of OISF suricata-verify's rule files (MIT): what we accept, and why not the rest."""
     with open(SV_RULES) as f:
         rs = parse_rules(f.read(), V, "sv.rules")
-    assert [r.sid for r in rs.rules] == [102, 103, 201, 202, 203, 301, 302, 303, 304, 1001, 2]
+    assert [r.sid for r in rs.rules] == [102, 103, 201, 202, 203, 301, 302, 303, 304, 601, 801, 802, 803,
+                                         1001, 2]
     why = {p.sid: p.reason for p in rs.problems}
     assert "need a positive content" in why[101]
-    assert "L7" in why[401] and "L7" in why[602] and "header filter" in why[701]
+    assert "application-layer" in why[401] and "header filter" in why[701]
+    assert "payload contents" in why[602] and "payload contents" in why[603]
     assert "never match" in why[6666664]          # the file's own "INVALID combination" test
     assert "TCP flags" in why[1]
     by = {r.sid: r for r in rs.rules}
     assert by[202].mode == "packet" and by[102].mode == "stream" and by[301].mode == "packet"
     assert by[303].items[0] == Content(b"abc", offset=0, depth=3)   # startswith
+    # uricontent, the http_uri modifier and the http.uri sticky buffer are one thing
+    assert by[801].items == by[802].items == by[803].items == [Content(b"abc", buf="http.uri")]
+    assert by[801].http_groups == by[803].http_groups == {0: {"http.uri"}} and by[801].mode == "http"
+    assert by[601].http_groups == {0: {"http.method"}, 2: {"http.stat_code"}}    # any request, any response
     # the "AllWorkAndNoPlay" test of that repository, matched as Suricata does
     db = SignatureDB([by[2]], "packet")
     assert [m.rule.sid for m in db.scan(b"AllWorkAndNoPlayMakesWill_DullBoy")] == [2]
@@ -536,7 +547,7 @@ def _policy(tmp_path, rules_text: str, extra: str = "", ni: str = 'addresses = [
 
 
 GOOD = 'drop tcp any any -> $HOME_NET $WEB (msg:"x"; content:"evil"; sid:1;)\n'
-BAD = 'alert tcp any any -> any any (http.uri; content:"x"; sid:2;)\n'
+BAD = 'alert tcp any any -> any any (file_data; content:"x"; sid:2;)\n'
 
 
 def test_policy_signatures_section(tmp_path):
@@ -549,7 +560,7 @@ def test_policy_signatures_section(tmp_path):
 
 def test_policy_unsupported_rules_fail_or_skip(tmp_path):
     from vhostni.policy import PolicyError
-    with pytest.raises(PolicyError, match=r"1 rule cannot be enforced exactly.*a.rules:2: sid 2: http.uri"):
+    with pytest.raises(PolicyError, match=r"1 rule cannot be enforced exactly.*a.rules:2: sid 2: file_data"):
         _policy(tmp_path, GOOD + BAD, 'vars = { WEB = "80" }')
     p = _policy(tmp_path, GOOD + BAD, 'on_unsupported = "skip"\nvars = { WEB = "80" }')
     assert [r.sid for r in p.signatures.ruleset.rules] == [1]
@@ -592,7 +603,7 @@ def test_cli_rules_check(tmp_path, capsys):
     f.write_text(GOOD + BAD)
     assert main(["rules", "check", str(f), "--var", "WEB=80"]) == 1
     out = capsys.readouterr().out.splitlines()
-    assert out == [f"{f}:2: sid 2: http.uri: a sticky buffer / application-layer keyword: needs the L7 stage",
+    assert out == [f"{f}:2: sid 2: file_data: HTTP response bodies are not inspected (yet)",
                    "1 rule accepted (1 stream), 1 skipped"]
     assert main(["rules", "check", WEB_RULES, "--home-net", "10.0.0.2"]) == 0
     assert capsys.readouterr().out.strip() == "10 rules accepted (1 packet, 9 stream), 0 skipped"

@@ -186,7 +186,7 @@ def test_hostile_threshold_headers_are_refused_by_the_c_stage():
     rs = parse_rules('alert udp any any -> any 53 (msg:"x"; content:"abc"; '
                      'threshold: type limit, track by_src, count 2, seconds 60; sid:1;)\n', Vars({}, home=[]))
     good = encode_headers(rs.rules, 64)
-    off = 4 + 8 + 12                                  # magic, counts, action..rev
+    off = 4 + 16 + 12                                 # magic, counts and limits, action..rev
     rc = ffi.new("int *")
 
     def builds(blob: bytes) -> bool:

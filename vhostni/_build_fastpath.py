@@ -25,8 +25,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CSRC = os.path.join(ROOT, "csrc")
 SOURCES = ["mem.c", "vring.c", "offload.c", "parse.c", "antispoof.c", "emit.c", "policy.c", "tcp.c", "tcp_edit.c",
-           "tcp_frag.c", "tcp_api.c", "switch.c", "sig.c", "flow.c", "sigstage.c", "ring.c", "tcp_ring.c", "blkcache.c"]
-HEADERS = ["vhostni.h", "sig.h", "sigstage.h", "vnring.h"]
+           "tcp_frag.c", "tcp_api.c", "switch.c", "sig.c", "flow.c", "sigstage.c", "ring.c", "tcp_ring.c", "blkcache.c", "http.c"]
+HEADERS = ["vhostni.h", "sig.h", "sigstage.h", "vnring.h", "http.h"]
 CFLAGS = ["-O2", "-g", "-std=gnu11", "-Wall", "-Wextra", "-Werror"]
 # -fno-sanitize-recover: undefined behaviour aborts like a memory error does, so a test run
 # cannot pass over it with a line on stderr nobody reads
@@ -52,7 +52,7 @@ def builder(sanitize: bool = False) -> FFI:
     ffi.cdef(_cdef())
     ffi.set_source(
         "vhostni._fastpath_asan" if sanitize else "vhostni._fastpath",
-        '#include "vhostni.h"\n#include "sig.h"\n#include "sigstage.h"\n#include "vnring.h"',
+        '#include "vhostni.h"\n#include "sig.h"\n#include "sigstage.h"\n#include "vnring.h"\n#include "http.h"',
         sources=[path(os.path.join(CSRC, s)) for s in SOURCES],
         include_dirs=[path(CSRC)],
         libraries=["hs", "pcre2-8"],

@@ -7,6 +7,8 @@
     lookback = 8192                         # stream bytes kept per direction for confirmations
     stream_memcap = 268435456               # bytes of matcher state for all streams of the NI
     track_entries = 16384                   # threshold/detection_filter table slots (power of two)
+    http_body_limit = 65536                 # request-body bytes HTTP rules see (0 .. 16 MiB)
+    http_memcap = 67108864                  # bytes of HTTP reader state for all connections
 
 Loading compiles every group with the C engine too, so a pattern Hyperscan or PCRE2 rejects is
 found at load time (off the data path), with its file:line, like a parse problem.
@@ -20,7 +22,8 @@ from typing import Any, Optional, Sequence
 
 from .rules import MAX_RULES, Problem, RuleError, RuleSet, Vars, load_rule_files
 
-KEYS = {"rules", "vars", "on_unsupported", "lookback", "stream_memcap", "track_entries", "comment"}
+KEYS = {"rules", "vars", "on_unsupported", "lookback", "stream_memcap", "track_entries", "http_body_limit",
+        "http_memcap", "comment"}
 MAX_FILES = 64
 
 
@@ -38,6 +41,8 @@ class SignatureConfig:
     lookback: int = 8192
     stream_memcap: int = 256 << 20
     track_entries: int = 16384
+    http_body_limit: int = 65536
+    http_memcap: int = 64 << 20
     ruleset: RuleSet = field(default_factory=RuleSet)
     stage: Any = None          # vhostni.signatures.stage.Stage: what the NI's data path runs
 
@@ -53,12 +58,14 @@ def check_rules(paths: Sequence[str], vars: Vars, lookback: int = 8192) -> RuleS
 
 
 def compile_rules(paths: Sequence[str], vars: Vars, lookback: int = 8192,
-                  stream_memcap: int = 256 << 20, track_entries: int = 16384):
+                  stream_memcap: int = 256 << 20, track_entries: int = 16384,
+                  http_body_limit: int = 65536, http_memcap: int = 64 << 20):
     """check_rules, and the compiled in-line stage (vhostni.signatures.stage.Stage) of the rules
     accepted (the rejected ones are in it too, left out of its databases: they never match)."""
     from .stage import Stage
     rs = load_rule_files(paths, vars)
-    stage = Stage(rs.rules, lookback=lookback, stream_memcap=stream_memcap, track_entries=track_entries)
+    stage = Stage(rs.rules, lookback=lookback, stream_memcap=stream_memcap, track_entries=track_entries,
+                  http_body_limit=http_body_limit, http_memcap=http_memcap)
     bad: set = set()
     for p in stage.problems:
         rs.problems.append(p)
@@ -92,7 +99,8 @@ def parse_section(d: Any, base: str, home: Sequence) -> SignatureConfig:
     if cfg.on_unsupported not in ("fail", "skip"):
         raise SignatureConfigError("signatures.on_unsupported",
                                    "expected 'fail' (refuse the policy) or 'skip' (leave those rules out)")
-    for key, lo, hi in (("lookback", 0, 1 << 20), ("stream_memcap", 1 << 20, 1 << 40)):
+    for key, lo, hi in (("lookback", 0, 1 << 20), ("stream_memcap", 1 << 20, 1 << 40),
+                        ("http_body_limit", 0, 1 << 24), ("http_memcap", 1 << 20, 1 << 40)):
         v = d.get(key, getattr(cfg, key))
         if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
             raise SignatureConfigError(f"signatures.{key}", f"expected an integer {lo}..{hi}")
@@ -101,7 +109,8 @@ def parse_section(d: Any, base: str, home: Sequence) -> SignatureConfig:
     if not isinstance(v, int) or isinstance(v, bool) or not 8 <= v <= 1 << 20 or v & (v - 1):
         raise SignatureConfigError("signatures.track_entries", "expected a power of two 8..1048576")
     cfg.track_entries = v
-    cfg.ruleset, cfg.stage = compile_rules(files, vars, cfg.lookback, cfg.stream_memcap, cfg.track_entries)
+    cfg.ruleset, cfg.stage = compile_rules(files, vars, cfg.lookback, cfg.stream_memcap, cfg.track_entries,
+                                           cfg.http_body_limit, cfg.http_memcap)
     unreadable = [p for p in cfg.problems if not p.unsupported]
     if unreadable:
         raise SignatureConfigError("signatures.rules", str(unreadable[0]))

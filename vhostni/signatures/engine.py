@@ -42,12 +42,14 @@ class SignatureDB:
     Owned by one thread."""
 
     def __init__(self, rules: Sequence[Rule], mode: str, lookback: int = DEFAULT_LOOKBACK,
-                 stream_memcap: int = DEFAULT_STREAM_MEMCAP):
+                 stream_memcap: int = DEFAULT_STREAM_MEMCAP, ids: Optional[Sequence[int]] = None):
         if mode not in ("packet", "stream"):
             raise ValueError("mode is 'packet' or 'stream'")
         self.rules = list(rules)
         self.mode = mode
-        blob = encode(self.rules)
+        # the C database names a rule by its id: by default its index here
+        self._byid = dict(zip(ids, self.rules)) if ids is not None else dict(enumerate(self.rules))
+        blob = encode(self.rules, ids)
         errs = ffi.new("struct vn_sig_build_error[]", MAX_BUILD_ERRORS)
         nerrs = ffi.new("uint32_t *")
         rc = ffi.new("int *")
@@ -59,7 +61,7 @@ class SignatureDB:
         self.problems: list[Problem] = []
         for i in range(min(nerrs[0], MAX_BUILD_ERRORS)):
             idx, msg = errs[i].rule, ffi.string(errs[i].message).decode(errors="replace")
-            r = self.rules[idx] if idx < len(self.rules) else None
+            r = self._byid.get(idx)
             self.problems.append(Problem(r.file if r else "<rules>", r.line if r else 0,
                                          r.sid if r else None, msg))
         self._out = ffi.new("struct vn_sig_match[]", max(1, len(self.rules)))
@@ -92,7 +94,7 @@ class SignatureDB:
     def _matches(self, n: int, what: str) -> list[Match]:
         if n < 0:
             raise SigError(what, n)
-        return [Match(self.rules[self._out[i].rule], self._out[i].rule, self._out[i].offset,
+        return [Match(self._byid[self._out[i].rule], self._out[i].rule, self._out[i].offset,
                       bool(self._out[i].flags & lib.VN_SIG_F_LIMIT)) for i in range(n)]
 
     def scan(self, data: bytes) -> list[Match]:

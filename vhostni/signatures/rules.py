@@ -33,7 +33,46 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional, Sequence
 
 ACTIONS = ("alert", "drop", "reject", "pass")
-PROTOCOLS = ("tcp", "udp", "icmp", "ip", "tcp-pkt", "tcp-stream")
+PROTOCOLS = ("tcp", "udp", "icmp", "ip", "tcp-pkt", "tcp-stream", "http", "http1")
+
+# HTTP buffers (csrc/http.h VN_HTTP_B_*): Suricata's sticky buffer names and their legacy names,
+# and which messages have them ("req", "resp", "both")
+HTTP_BUFFERS = {
+    "http.method": (0, "req"), "http.uri": (1, "req"), "http.uri.raw": (2, "req"),
+    "http.request_line": (3, "req"), "http.protocol": (4, "both"), "http.header": (5, "both"),
+    "http.header.raw": (6, "both"), "http.cookie": (7, "both"), "http.user_agent": (8, "req"),
+    "http.host": (9, "req"), "http.host.raw": (10, "req"), "http.accept": (11, "req"),
+    "http.accept_lang": (12, "req"), "http.accept_enc": (13, "req"), "http.referer": (14, "req"),
+    "http.connection": (15, "req"), "http.content_type": (16, "both"), "http.content_len": (17, "both"),
+    "http.start": (18, "both"), "http.header_names": (19, "both"), "http.request_body": (20, "req"),
+    "http.stat_code": (21, "resp"), "http.stat_msg": (22, "resp"), "http.response_line": (23, "resp"),
+    "http.server": (24, "resp"), "http.location": (25, "resp"),
+}
+HTTP_LEGACY = {
+    "http_method": "http.method", "http_uri": "http.uri", "http_raw_uri": "http.uri.raw",
+    "http_request_line": "http.request_line", "http_protocol": "http.protocol",
+    "http_header": "http.header", "http_raw_header": "http.header.raw", "http_cookie": "http.cookie",
+    "http_user_agent": "http.user_agent", "http_host": "http.host", "http_raw_host": "http.host.raw",
+    "http_accept": "http.accept", "http_accept_lang": "http.accept_lang", "http_accept_enc": "http.accept_enc",
+    "http_referer": "http.referer", "http_connection": "http.connection",
+    "http_content_type": "http.content_type", "http_content_len": "http.content_len",
+    "http_start": "http.start", "http_header_names": "http.header_names",
+    "http_client_body": "http.request_body", "http.client_body": "http.request_body",
+    "http_stat_code": "http.stat_code", "http_stat_msg": "http.stat_msg",
+    "http_response_line": "http.response_line", "http_server": "http.server", "http_location": "http.location",
+}
+# legacy names that modify the content before them (the others are sticky buffers, as in Suricata)
+HTTP_CONTENT_MODIFIERS = {"http_method", "http_uri", "http_raw_uri", "http_header", "http_raw_header",
+                          "http_cookie", "http_user_agent", "http_host", "http_raw_host", "http_client_body",
+                          "http_stat_code", "http_stat_msg"}
+# pcre's HTTP buffer flags
+PCRE_HTTP_FLAGS = {"U": "http.uri", "I": "http.uri.raw", "P": "http.request_body", "H": "http.header",
+                   "D": "http.header.raw", "M": "http.method", "C": "http.cookie", "S": "http.stat_code",
+                   "Y": "http.stat_msg", "V": "http.user_agent", "W": "http.host", "Z": "http.host.raw"}
+_HTTP_NOT_YET = ("file_data", "file.data", "http.response_body", "http_server_body", "http.server_body")
+# the groups an HTTP rule is matched in (csrc/sigstage.h VN_SIG_HG_*)
+HG_REQ, HG_REQ_BODY, HG_RESP = 0, 1, 2
+HTTP_BODY = HTTP_BUFFERS["http.request_body"][0]
 MAX_RULE_CHARS = 64 * 1024
 MAX_ITEMS = 32            # csrc/sig.h VN_SIG_MAX_ITEMS
 MAX_PATTERN = 8192        # csrc/sig.h VN_SIG_MAX_PATTERN
@@ -348,6 +387,7 @@ class Content:
     fast_pattern: bool = False
     fp_only: bool = False
     fp_chop: Optional[tuple[int, int]] = None
+    buf: Optional[str] = None        # an HTTP buffer (http.uri, ...); None: the payload or stream
 
     @property
     def relative(self) -> bool:
@@ -359,6 +399,7 @@ class Pcre:
     pattern: bytes
     flags: str = ""
     negated: bool = False
+    buf: Optional[str] = None
 
     @property
     def relative(self) -> bool:
@@ -370,6 +411,7 @@ class IsDataAt:
     value: int
     relative: bool = False
     negated: bool = False
+    buf: Optional[str] = None
 
 
 @dataclass
@@ -394,6 +436,8 @@ class Rule:
     items: list = field(default_factory=list)          # Content | Pcre | IsDataAt, in rule order
     threshold: Optional[dict] = None
     detection_filter: Optional[dict] = None
+    bsize: dict = field(default_factory=dict)           # HTTP buffer -> (lo, hi, negated): its length
+    http_groups: dict = field(default_factory=dict)     # HG_* -> set of HTTP buffers (an HTTP rule)
     file: str = "<rules>"
     line: int = 0
     text: str = ""
@@ -401,6 +445,8 @@ class Rule:
     @property
     def mode(self) -> str:
         """'stream' (matched over the reassembled TCP stream) or 'packet' (each payload alone)."""
+        if self.http_groups:
+            return "http"
         if self.proto == "tcp-stream":
             return "stream"
         if self.proto != "tcp" or self.dsize is not None or "no_stream" in self.flow:
@@ -439,7 +485,8 @@ class Rule:
 
     def matches_header(self, proto: str, src: str, sport: int, dst: str, dport: int) -> bool:
         """The rule's protocol, addresses and ports against one packet's (both ways if <>)."""
-        if self.proto not in ("ip",) and proto != self.proto.split("-")[0]:
+        mine = "tcp" if self.proto in ("http", "http1") else self.proto.split("-")[0]
+        if self.proto not in ("ip",) and proto != mine:
             return False
 
         def one(s, sp, d, dp):
@@ -622,10 +669,15 @@ def _pcre(v: Optional[str]) -> Pcre:
     pattern, flags = raw[1:end], raw[end + 1:]
     if not pattern:
         raise RuleError("pcre: an empty pattern")
+    buf = None
     for f in flags:
-        if f in _PCRE_L7_FLAGS:
-            raise RuleError(f"pcre flag {f!r} selects an HTTP buffer: needs the L7 stage")
-        if f not in _PCRE_FLAGS and f not in _PCRE_NOOP_FLAGS:
+        if f in PCRE_HTTP_FLAGS:
+            if buf is not None:
+                raise RuleError("pcre: two HTTP buffer flags")
+            buf = PCRE_HTTP_FLAGS[f]
+        elif f in _PCRE_L7_FLAGS:
+            raise RuleError(f"pcre flag {f!r} selects a buffer this stage does not have (response bodies)")
+        elif f not in _PCRE_FLAGS and f not in _PCRE_NOOP_FLAGS:
             raise RuleError(f"pcre: unknown flag {f!r}")
     if len(set(flags)) != len(flags):
         raise RuleError("pcre: a repeated flag")
@@ -633,7 +685,7 @@ def _pcre(v: Optional[str]) -> Pcre:
     data = pattern.encode()
     if len(data) > MAX_PATTERN or b"\0" in data:
         raise RuleError(f"pcre: longer than {MAX_PATTERN} bytes or holds a NUL")
-    return Pcre(data, flags, neg)
+    return Pcre(data, "".join(f for f in flags if f not in PCRE_HTTP_FLAGS), neg, buf)
 
 
 def _l7(key: str) -> bool:
@@ -681,6 +733,8 @@ def parse_rule(text: str, vars: Vars, file: str = "<rules>", line: int = 0) -> R
     seen: set[str] = set()
     last: Optional[Content] = None
     flow: set[str] = set()
+    cur: Optional[str] = None           # the sticky buffer the next contents read (None: payload)
+    urilen = None
     for key, val in _split_options(body):
         once = key in ("msg", "sid", "rev", "gid", "classtype", "priority", "flow", "dsize",
                        "threshold", "detection_filter")
@@ -707,18 +761,55 @@ def parse_rule(text: str, vars: Vars, file: str = "<rules>", line: int = 0) -> R
             rule.references.append(val or "")
         elif key in ("target", "rawbytes"):
             pass
-        elif key == "content":
-            neg, raw = _unquote(val, "content")
+        elif key in ("content", "uricontent"):
+            neg, raw = _unquote(val, key)
             pat = decode_content(raw)
             if not pat:
-                raise RuleError("content: empty")
+                raise RuleError(f"{key}: empty")
             if len(pat) > MAX_PATTERN:
-                raise RuleError(f"content: longer than {MAX_PATTERN} bytes")
-            last = Content(pat, negated=neg)
+                raise RuleError(f"{key}: longer than {MAX_PATTERN} bytes")
+            if key == "uricontent" and cur is not None:
+                raise RuleError("uricontent inside a sticky buffer")
+            last = Content(pat, negated=neg, buf="http.uri" if key == "uricontent" else cur)
             rule.items.append(last)
         elif key == "pcre":
-            rule.items.append(_pcre(val))
+            pc = _pcre(val)
+            if pc.buf is not None and cur is not None:
+                raise RuleError(f"pcre with an HTTP buffer flag inside the sticky buffer {cur}")
+            pc.buf = pc.buf or cur
+            rule.items.append(pc)
             last = None
+        elif key in HTTP_BUFFERS or (key in HTTP_LEGACY and key not in HTTP_CONTENT_MODIFIERS):
+            if val is not None:
+                raise RuleError(f"{key} takes no value")
+            cur = HTTP_LEGACY.get(key, key)
+            last = None
+        elif key in HTTP_CONTENT_MODIFIERS:
+            if val is not None:
+                raise RuleError(f"{key} takes no value")
+            if last is None or cur is not None:
+                raise RuleError(f"{key} must follow a content outside a sticky buffer")
+            if last.buf is not None:
+                raise RuleError(f"{key}: the content is already in {last.buf}")
+            last.buf = HTTP_LEGACY[key]
+        elif key == "pkt_data":
+            cur, last = None, None
+        elif key in _HTTP_NOT_YET:
+            raise RuleError(f"{key}: HTTP response bodies are not inspected (yet)")
+        elif key == "urilen":
+            if urilen is not None:
+                raise RuleError("urilen given twice")
+            v, _, kind = (val or "").partition(",")
+            kind = kind.strip() or "norm"
+            if kind not in ("norm", "raw"):
+                raise RuleError(f"urilen: norm or raw, not {kind!r}")
+            urilen = ("http.uri" if kind == "norm" else "http.uri.raw", _dsize(v.replace("urilen", "")))
+        elif key == "bsize":
+            if cur is None:
+                raise RuleError("bsize needs a sticky buffer before it (http.uri, http.header, ...)")
+            if cur in rule.bsize:
+                raise RuleError(f"bsize given twice for {cur}")
+            rule.bsize[cur] = _dsize(val)
         elif key == "isdataat":
             parts = [p.strip() for p in (val or "").split(",")]
             neg = parts[0].startswith("!")
@@ -726,7 +817,7 @@ def parse_rule(text: str, vars: Vars, file: str = "<rules>", line: int = 0) -> R
             for p in parts[1:]:
                 if p not in ("relative", "rawbytes"):
                     raise RuleError(f"isdataat: unknown option {p!r}")
-            rule.items.append(IsDataAt(n, "relative" in parts[1:], neg))
+            rule.items.append(IsDataAt(n, "relative" in parts[1:], neg, cur))
             last = None
         elif key in ("nocase", "offset", "depth", "distance", "within", "fast_pattern", "startswith"):
             if last is None:
@@ -754,7 +845,7 @@ def parse_rule(text: str, vars: Vars, file: str = "<rules>", line: int = 0) -> R
         elif key in _UNSUPPORTED:
             raise RuleError(f"{key}: {_UNSUPPORTED[key]}")
         elif _l7(key):
-            raise RuleError(f"{key}: a sticky buffer / application-layer keyword: needs the L7 stage")
+            raise RuleError(f"{key}: an application-layer keyword this stage does not have")
         elif "." in key:
             raise RuleError(f"{key}: a buffer or header field the payload stage does not have")
         else:
@@ -762,6 +853,11 @@ def parse_rule(text: str, vars: Vars, file: str = "<rules>", line: int = 0) -> R
     rule.flow = frozenset(flow)
     if not rule.sid:
         raise RuleError("no sid")
+    if urilen is not None:
+        if urilen[0] in rule.bsize:
+            raise RuleError(f"urilen and bsize both on {urilen[0]}")
+        rule.bsize[urilen[0]] = urilen[1]
+    _http_groups(rule)
     if len(rule.items) > MAX_ITEMS:
         raise RuleError(f"more than {MAX_ITEMS} content/pcre/isdataat")
     if sum(1 for it in rule.items if isinstance(it, Content) and it.fast_pattern) > 1:
@@ -780,9 +876,46 @@ def parse_rule(text: str, vars: Vars, file: str = "<rules>", line: int = 0) -> R
         raise RuleError("dsize is per packet: not with tcp-stream")
     if rule.proto == "tcp-pkt" and "only_stream" in flow:
         raise RuleError("tcp-pkt with flow:only_stream")
-    if "only_stream" in flow and rule.mode != "stream":
+    if "only_stream" in flow and rule.mode not in ("stream", "http"):
         raise RuleError("flow:only_stream needs a positive content or pcre and no dsize")
     return rule
+
+
+def _http_groups(rule: Rule) -> None:
+    """An HTTP rule (protocol http, or contents in HTTP buffers): the groups (request head,
+    request body, response head) it is matched in, and the buffers it needs in each; a rule
+    the stage cannot match exactly as Suricata does is refused here."""
+    bufs = {it.buf for it in rule.items if it.buf} | set(rule.bsize)
+    if rule.proto not in ("http", "http1") and not bufs:
+        return
+    if rule.proto not in ("tcp", "http", "http1"):
+        raise RuleError(f"HTTP buffers on a {rule.proto} rule: HTTP is over tcp")
+    if any(it.buf is None for it in rule.items):
+        raise RuleError("payload contents (no HTTP buffer) in an HTTP rule: not supported yet")
+    if rule.dsize is not None:
+        raise RuleError("dsize in an HTTP rule: use bsize or urilen")
+    if rule.flow & {"stateless", "no_stream"}:
+        raise RuleError("HTTP buffers need the connection's stream: not with flow:stateless/no_stream")
+    sides = {HTTP_BUFFERS[b][1] for b in bufs}
+    d = rule.direction
+    if {"req", "resp"} <= sides:
+        raise RuleError("request and response buffers in one rule: not supported yet")
+    if "req" in sides:
+        if d == "to_client":
+            raise RuleError("request buffers with flow:to_client: the rule could never match")
+        groups = {HG_REQ_BODY if "http.request_body" in bufs else HG_REQ: bufs or {"http.method"}}
+    elif "resp" in sides:
+        if d == "to_server":
+            raise RuleError("response buffers with flow:to_server: the rule could never match")
+        groups = {HG_RESP: bufs}
+    else:
+        # buffers both messages have (or none: any request, any response)
+        groups = {}
+        if d != "to_client":
+            groups[HG_REQ] = bufs or {"http.method"}
+        if d != "to_server":
+            groups[HG_RESP] = bufs or {"http.stat_code"}
+    rule.http_groups = groups
 
 
 def _modifier(c: Content, key: str, val: Optional[str], rule: Rule) -> None:
@@ -888,10 +1021,11 @@ def load_rule_files(paths: Sequence[str], vars: Vars) -> RuleSet:
 
 # ---------------------------------------------------------------- the C engine's input
 
-def encode(rules: Sequence[Rule]) -> bytes:
-    """The blob csrc/sig.c's vn_sig_db_build reads: rule ids are indexes into ``rules``."""
+def encode(rules: Sequence[Rule], ids: Optional[Sequence[int]] = None) -> bytes:
+    """The blob csrc/sig.c's vn_sig_db_build reads: rule ids are ``ids`` (default: indexes
+    into ``rules``)."""
     out = [b"VSG1", struct.pack("<I", len(rules))]
-    for idx, r in enumerate(rules):
+    for idx, r in zip(ids if ids is not None else range(len(rules)), rules):
         flags, lo, hi = 0, 0, 0
         if r.dsize is not None:
             lo, hi, neg = r.dsize

@@ -11,13 +11,14 @@ Also here: what a match in the stage's alert ring becomes in the alert log (Suri
 """
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import struct
 from typing import Optional, Sequence
 
 from .._fastpath import ffi, lib
 from .engine import DEFAULT_LOOKBACK, DEFAULT_STREAM_MEMCAP, SigError, SignatureDB
-from .rules import Problem, Rule
+from .rules import HTTP_BUFFERS, Problem, Rule
 
 ACTION_CODES = {"alert": 0, "drop": 1, "reject": 2, "pass": 3}
 ACTION_NAMES = {v: k for k, v in ACTION_CODES.items()}
@@ -27,6 +28,8 @@ DIR_CODES = {"any": 0, "to_server": 1, "to_client": 2}
 THRESHOLD_TYPES = {"limit": 1, "threshold": 2, "both": 3}
 TRACK_CODES = {"by_src": 1, "by_dst": 2, "by_rule": 3, "by_both": 4}
 DEFAULT_TRACK_ENTRIES = 16384           # threshold table slots (64 bytes each), if a rule needs it
+DEFAULT_HTTP_BODY_LIMIT = 65536         # request-body bytes HTTP rules see (Suricata: request-body-limit)
+DEFAULT_HTTP_MEMCAP = 64 << 20          # all connections' HTTP reader memory
 # Suricata's default priorities of the classtypes its rules use most (classification.config)
 CLASSTYPE_PRIORITY = {
     "attempted-admin": 1, "successful-admin": 1, "attempted-user": 1, "successful-user": 1,
@@ -40,19 +43,24 @@ CLASSTYPE_PRIORITY = {
 
 
 def _proto(r: Rule) -> int:
-    return PROTO_CODES["tcp" if r.proto.startswith("tcp") else r.proto]
+    return PROTO_CODES["tcp" if r.proto.startswith(("tcp", "http")) else r.proto]
+
+
+def _hmask(r: Rule, g: int) -> int:
+    return sum(1 << HTTP_BUFFERS[b][0] for b in r.http_groups.get(g, ()))
 
 
 def _header(r: Rule) -> bytes:
-    flags = (1 if r.bidirectional else 0) | (2 if r.mode == "stream" else 0)
+    flags = (1 if r.bidirectional else 0) | (2 if r.mode in ("stream", "http") else 0) | \
+        (4 if r.mode == "http" else 0)
     src4, src6 = r.src.v4.ranges, r.src.v6.ranges
     dst4, dst6 = r.dst.v4.ranges, r.dst.v6.ranges
     th, df = r.threshold or {}, r.detection_filter or {}
-    out = [struct.pack("<BBBBIIBBBBIIII6I", ACTION_CODES[r.action], _proto(r), DIR_CODES[r.direction], flags,
+    out = [struct.pack("<BBBBIIBBBBIIII3I6I", ACTION_CODES[r.action], _proto(r), DIR_CODES[r.direction], flags,
                        r.sid & 0xFFFFFFFF, r.rev & 0xFFFFFFFF,
                        THRESHOLD_TYPES.get(th.get("type"), 0), TRACK_CODES.get(th.get("track"), 0),
                        TRACK_CODES.get(df.get("track"), 0), 0, th.get("count", 0), th.get("seconds", 0),
-                       df.get("count", 0), df.get("seconds", 0),
+                       df.get("count", 0), df.get("seconds", 0), _hmask(r, 0), _hmask(r, 1), _hmask(r, 2),
                        len(src4), len(src6), len(dst4), len(dst6), len(r.sport.ranges), len(r.dport.ranges))]
     out += [struct.pack("<II", lo, hi) for lo, hi in src4]
     out += [lo.to_bytes(16, "big") + hi.to_bytes(16, "big") for lo, hi in src6]
@@ -63,12 +71,28 @@ def _header(r: Rule) -> bytes:
     return b"".join(out)
 
 
-def encode_headers(rules: Sequence[Rule], track_entries: int = DEFAULT_TRACK_ENTRIES) -> bytes:
-    """csrc/sigstage.h's header blob: stream rules first, then packet rules.  The threshold
-    table gets ``track_entries`` slots if some rule has threshold or detection_filter."""
+def encode_headers(rules: Sequence[Rule], track_entries: int = DEFAULT_TRACK_ENTRIES,
+                   http_body_limit: int = DEFAULT_HTTP_BODY_LIMIT, http_memcap: int = DEFAULT_HTTP_MEMCAP) -> bytes:
+    """csrc/sigstage.h's header blob: stream rules first (plain, then HTTP), then packet rules.
+    The threshold table gets ``track_entries`` slots if some rule has threshold or
+    detection_filter."""
     need = any(r.threshold or r.detection_filter for r in rules)
-    return b"".join([b"VSH2", struct.pack("<II", len(rules), track_entries if need else 0)]
+    return b"".join([b"VSH3", struct.pack("<IIII", len(rules), track_entries if need else 0, http_body_limit,
+                                          http_memcap >> 10)]
                     + [_header(r) for r in rules])
+
+
+def http_subrules(r: Rule) -> list[tuple[int, str, Rule]]:
+    """An HTTP rule as (group, buffer, sub-rule) triples: each sub-rule holds the rule's items
+    in that buffer (its relative modifiers chain within the buffer, as in Suricata), and its
+    length condition (bsize, urilen) as the block's dsize."""
+    out = []
+    for g, bufs in sorted(r.http_groups.items()):
+        for b in sorted(bufs, key=lambda x: HTTP_BUFFERS[x][0]):
+            sub = dataclasses.replace(r, proto="tcp", items=[it for it in r.items if it.buf == b],
+                                      dsize=r.bsize.get(b), http_groups={}, bsize={})
+            out.append((g, b, sub))
+    return out
 
 
 class Stage:
@@ -76,12 +100,14 @@ class Stage:
     the C stage names a rule by.  ``problems``: rules Hyperscan or PCRE2 rejected (left out)."""
 
     def __init__(self, rules: Sequence[Rule], lookback: int = DEFAULT_LOOKBACK,
-                 stream_memcap: int = DEFAULT_STREAM_MEMCAP, track_entries: int = DEFAULT_TRACK_ENTRIES):
+                 stream_memcap: int = DEFAULT_STREAM_MEMCAP, track_entries: int = DEFAULT_TRACK_ENTRIES,
+                 http_body_limit: int = DEFAULT_HTTP_BODY_LIMIT, http_memcap: int = DEFAULT_HTTP_MEMCAP):
         self.problems: list[Problem] = []
         stream = [r for r in rules if r.mode == "stream"]
+        http = [r for r in rules if r.mode == "http"]
         packet = []
         for r in rules:
-            if r.mode == "stream":
+            if r.mode in ("stream", "http"):
                 continue
             state = r.flow & {"to_server", "from_client", "to_client", "from_server", "established",
                               "not_established"}
@@ -91,16 +117,30 @@ class Stage:
                                              "packet rule: the packet stage keeps no flow state to enforce it"))
                 continue
             packet.append(r)
-        self.rules = stream + packet
-        self.nstream = len(stream)
+        self.rules = stream + http + packet
+        self.nstream = len(stream) + len(http)
         dbs = []
+        hdbs: dict = {}
         try:
             for group, mode in ((stream, "stream"), (packet, "packet")):
                 db = SignatureDB(group, mode, lookback=lookback, stream_memcap=stream_memcap) if group else None
                 dbs.append(db)
                 if db is not None:
                     self.problems += db.problems
-            hdr = encode_headers(self.rules, track_entries)
+            # the HTTP rules: one block-mode database per (group, buffer), named by stage index
+            subs: dict = {}
+            for i, r in enumerate(http, len(stream)):
+                for g, b, sub in http_subrules(r):
+                    subs.setdefault((g, b), []).append((i, sub))
+            seen = set()
+            for (g, b), lst in sorted(subs.items()):
+                db = SignatureDB([x[1] for x in lst], "packet", ids=[x[0] for x in lst])
+                hdbs[(g, b)] = db
+                for p in db.problems:
+                    if (p.file, p.line) not in seen:
+                        seen.add((p.file, p.line))
+                        self.problems.append(p)
+            hdr = encode_headers(self.rules, track_entries, http_body_limit, http_memcap)
             rc = ffi.new("int *")
             st = lib.vn_sigstage_build(hdr, len(hdr), dbs[0]._db if dbs[0] else ffi.NULL,
                                        dbs[1]._db if dbs[1] else ffi.NULL, rc)
@@ -110,8 +150,13 @@ class Stage:
                 if db is not None:
                     db._db = ffi.NULL
             self._st = ffi.gc(st, lib.vn_sigstage_free)
+            for (g, b), db in hdbs.items():
+                rc = lib.vn_sigstage_add_http(st, g, HTTP_BUFFERS[b][0], db._db)
+                if rc:
+                    raise SigError(f"signature stage ({b})", rc)
+                db._db = ffi.NULL
         finally:
-            for db in dbs:
+            for db in dbs + list(hdbs.values()):
                 if db is not None:
                     db.close()
 
@@ -162,6 +207,17 @@ def alert_fields(a, rule: Optional[Rule]) -> tuple[str, dict]:
               "proto": PROTO_NAMES.get(a.proto, str(a.proto)),
               "direction": {0: "to_client", 1: "to_server"}.get(a.to_server),
               "ni_direction": "from_guest" if a.dir == lib.VN_DIR_FROM_GUEST else "to_guest"}
+    if a.http:
+        http = {"http_method": ffi.string(a.http_method).decode("latin-1"),
+                "hostname": ffi.string(a.http_host).decode("latin-1"),
+                "url": ffi.string(a.http_url).decode("latin-1")}
+        http = {k: v for k, v in http.items() if v}
+        if a.http_status:
+            http["status"] = int(a.http_status)
+        if a.http_trunc:
+            http["truncated"] = [n for bit, n in ((1, "http_method"), (2, "hostname"), (4, "url"))
+                                 if a.http_trunc & bit]
+        fields["http"] = http
     if a.stream:
         fields["stream_offset"] = int(a.offset)
         fields["flow_id"] = int(a.flow)

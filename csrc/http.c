@@ -1,0 +1,1112 @@
+/*
+ * HTTP/1.x message reader for the signature stage (see http.h).
+ *
+ * Each side (requests, responses) is a small state machine over the in-order bytes: a head is
+ * copied (it may span any number of segments) until its empty line, then split into its start
+ * line and header fields and turned into the buffers rules match; a body is framed as the
+ * server frames it (Content-Length, chunked, or to the end) so that the next message is found
+ * where the server finds it.  Responses are framed with the requests they answer (a HEAD's
+ * response has no body; a CONNECT answered 2xx or a 101 makes the connection a tunnel, which
+ * is not HTTP any more).  A request that may turn the connection into something else (CONNECT,
+ * Upgrade) makes the request side wait for its response: what the client sends after it is
+ * read as HTTP only if the server did not switch, so a "CONNECT" the server refuses is not a
+ * way to smuggle the requests behind it past the rules.
+ *
+ * URI normalisation (http.uri), as an IIS-like server may read the path: %XX and %uXXXX
+ * decoding (fullwidth forms U+FF01..FF5E read as their ASCII letters, as IIS's best-fit
+ * mapping does; other code points above 0xFF become '?'), backslashes as slashes, empty and
+ * "." segments removed, ".." resolved (never above the root); the query is decoded, not
+ * reshaped.  An absolute-form target (a proxy request) gives its path and query; its
+ * authority is the host.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include "http.h"
+
+enum { ST_START, ST_HEAD, ST_BODY_CL, ST_CHUNK_SIZE, ST_CHUNK_DATA, ST_CHUNK_END, ST_TRAILER,
+       ST_BODY_CLOSE, ST_WAIT, ST_DEAD };
+
+/* what a request asks of its response's framing */
+#define K_HEAD 1
+#define K_CONNECT 2
+#define K_UPGRADE 4
+#define K_V09 8
+
+#define CHUNK_LINE_MAX 1024
+#define TRAILER_MAX 8192
+/* the arena's worst case for a head of n bytes: the fold area (n), then every derived buffer
+ * (decoded and normalised URI, host twice, header, start, header names, joined fields) */
+#define ARENA_NEED(n) (16u * (n) + 16u * VN_HTTP_FIELDS_MAX + 256u)
+
+struct field {
+    uint32_t no, nl;            /* name: offset into head, length */
+    const uint8_t *v;           /* value (into head, or into the arena if it was folded) */
+    uint32_t vl;
+};
+
+struct side {
+    uint8_t state, first_done, cr, inspecting, body_ev, kind;
+    uint64_t pos, msg_start;
+    uint32_t line_len;          /* bytes of the current head line so far (CR/LF excluded) */
+    uint32_t line0_len;         /* the first line's length */
+    uint8_t *head;
+    uint32_t head_len, head_cap;
+    uint8_t *arena;
+    uint32_t arena_len, arena_cap;
+    const uint8_t *bp[VN_HTTP_NBUF];
+    uint32_t bl[VN_HTTP_NBUF];
+    uint32_t present;
+    uint64_t left;              /* body bytes (Content-Length) or chunk bytes to go */
+    uint8_t *body;
+    uint32_t body_len, body_cap;
+    uint8_t keep_body, has_body, overflow;
+    char cline[CHUNK_LINE_MAX];
+    uint32_t cline_len, trailer_len;
+    struct field f[VN_HTTP_FIELDS_MAX];
+    uint32_t nf;
+};
+
+struct vn_http {
+    struct side s[2];
+    uint32_t body_limit;
+    int want_body, hold_resp;
+    uint8_t pend[VN_HTTP_PIPELINE_MAX];
+    unsigned pend_head, pend_n;
+    uint8_t seen_request;       /* a request was read: the connection speaks HTTP */
+    size_t mem;
+};
+
+static const char *errs[] = {
+    "", "a message head over 32 KiB", "not HTTP/1.x syntax (bad start line, header or bare CR)",
+    "ambiguous message framing (Content-Length with Transfer-Encoding, differing lengths, "
+    "or a Transfer-Encoding not ending in chunked): request smuggling",
+    "more than 64 pipelined requests awaiting responses", "out of memory", "a malformed chunk",
+};
+
+const char *vn_http_strerror(int e)
+{
+    return (e < 0 && -e < (int)(sizeof errs / sizeof *errs)) ? errs[-e] : "unknown error";
+}
+
+static int tchar(uint8_t c)
+{
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+           (c && strchr("!#$%&'*+-.^_`|~", c));
+}
+
+static uint8_t lc(uint8_t c)
+{
+    return c >= 'A' && c <= 'Z' ? (uint8_t)(c + 32) : c;
+}
+
+static int ieq(const uint8_t *a, uint32_t n, const char *b)
+{
+    size_t m = strlen(b);
+    if (n != m)
+        return 0;
+    for (uint32_t i = 0; i < n; i++)
+        if (lc(a[i]) != (uint8_t)b[i])
+            return 0;
+    return 1;
+}
+
+struct vn_http *vn_http_new(uint32_t body_limit, int want_body, int hold_resp)
+{
+    if (body_limit > VN_HTTP_BODY_LIMIT_MAX)
+        return NULL;
+    struct vn_http *h = calloc(1, sizeof *h);
+    if (!h)
+        return NULL;
+    h->body_limit = body_limit;
+    h->want_body = want_body && body_limit;
+    h->hold_resp = !!hold_resp;
+    h->mem = sizeof *h;
+    return h;
+}
+
+void vn_http_free(struct vn_http *h)
+{
+    if (!h)
+        return;
+    for (int i = 0; i < 2; i++) {
+        free(h->s[i].head);
+        free(h->s[i].arena);
+        free(h->s[i].body);
+    }
+    free(h);
+}
+
+size_t vn_http_mem(const struct vn_http *h)
+{
+    return h ? h->mem : 0;
+}
+
+static int grow(struct vn_http *h, uint8_t **p, uint32_t *cap, uint32_t need, uint32_t max)
+{
+    if (need <= *cap)
+        return 0;
+    if (need > max)
+        return -1;
+    uint32_t n = *cap ? *cap : 1024;
+    while (n < need)
+        n = n > max / 2 ? max : n * 2;
+    uint8_t *q = realloc(*p, n);
+    if (!q)
+        return VN_HTTP_E_NOMEM;
+    h->mem += n - *cap;
+    *p = q;
+    *cap = n;
+    return 0;
+}
+
+/* Gives back what one message's big buffers took beyond a small working size. */
+static void shrink(struct vn_http *h, struct side *s)
+{
+    if (s->arena_cap > 65536) {
+        h->mem -= s->arena_cap;
+        free(s->arena);
+        s->arena = NULL;
+        s->arena_cap = 0;
+    }
+    if (s->head_cap > 16384) {
+        h->mem -= s->head_cap;
+        free(s->head);
+        s->head = NULL;
+        s->head_cap = 0;
+    }
+    if (s->body_cap > 65536) {
+        h->mem -= s->body_cap;
+        free(s->body);
+        s->body = NULL;
+        s->body_cap = 0;
+    }
+}
+
+static void go_dead(struct side *s)
+{
+    s->state = ST_DEAD;
+    s->inspecting = 0;
+}
+
+/* ---------------------------------------------------------------- buffers */
+
+/* Room for n more bytes in the arena.  It was sized for the worst case (ARENA_NEED) before
+ * building; every write checks anyway, and a shortfall is an error, never an overflow. */
+static int room(struct side *s, uint32_t n)
+{
+    if (s->arena_cap - s->arena_len >= n)
+        return 1;
+    s->overflow = 1;
+    return 0;
+}
+
+static uint8_t *ap(struct side *s, const void *d, uint32_t n)
+{
+    uint8_t *p = s->arena + s->arena_len;
+    if (!room(s, n))
+        return p;
+    if (n)
+        memcpy(p, d, n);
+    s->arena_len += n;
+    return p;
+}
+
+static void set_buf(struct side *s, int b, const uint8_t *p, uint32_t n)
+{
+    s->bp[b] = p;
+    s->bl[b] = n;
+    s->present |= 1u << b;
+}
+
+static int hexv(uint8_t c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    c = lc(c);
+    return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+/* %XX and %uXXXX decoding (see the top of this file); `slashes`: backslash reads as slash. */
+static uint32_t decode(const uint8_t *u, uint32_t n, uint8_t *out, int slashes)
+{
+    uint32_t o = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        uint8_t c = u[i];
+        if (c == '%' && i + 2 < n && hexv(u[i + 1]) >= 0 && hexv(u[i + 2]) >= 0) {
+            c = (uint8_t)(hexv(u[i + 1]) << 4 | hexv(u[i + 2]));
+            i += 2;
+        } else if (c == '%' && i + 5 < n && lc(u[i + 1]) == 'u' && hexv(u[i + 2]) >= 0 &&
+                   hexv(u[i + 3]) >= 0 && hexv(u[i + 4]) >= 0 && hexv(u[i + 5]) >= 0) {
+            uint32_t v = (uint32_t)(hexv(u[i + 2]) << 12 | hexv(u[i + 3]) << 8 | hexv(u[i + 4]) << 4 |
+                                    hexv(u[i + 5]));
+            c = v < 0x100 ? (uint8_t)v : (v >= 0xFF01 && v <= 0xFF5E) ? (uint8_t)(v - 0xFEE0) : '?';
+            i += 5;
+        }
+        if (slashes && c == '\\')
+            c = '/';
+        out[o++] = c;
+    }
+    return o;
+}
+
+/* Removes empty and "." segments and resolves ".." in a path that starts with '/'. */
+static uint32_t norm_path(const uint8_t *p, uint32_t n, uint8_t *out)
+{
+    uint32_t o = 0;
+    uint32_t i = 0;
+    int trailing = 0;
+    while (i < n) {
+        while (i < n && p[i] == '/')
+            i++;
+        uint32_t j = i;
+        while (j < n && p[j] != '/')
+            j++;
+        uint32_t sl = j - i;
+        trailing = j < n || (sl == 0);
+        if (sl == 1 && p[i] == '.') {
+            trailing = 1;
+        } else if (sl == 2 && p[i] == '.' && p[i + 1] == '.') {
+            while (o > 0 && out[o - 1] != '/')
+                o--;
+            if (o > 0)
+                o--;                    /* the slash before the removed segment */
+            trailing = 1;
+        } else if (sl) {
+            out[o++] = '/';
+            memcpy(out + o, p + i, sl);
+            o += sl;
+            trailing = j < n;
+        }
+        i = j;
+    }
+    if (o == 0 || trailing)
+        out[o++] = '/';
+    return o;
+}
+
+/* The host without userinfo and port, lower case. */
+static uint32_t norm_host(const uint8_t *a, uint32_t n, uint8_t *out)
+{
+    for (uint32_t i = n; i > 0; i--)
+        if (a[i - 1] == '@') {
+            a += i;
+            n -= i;
+            break;
+        }
+    uint32_t end = n;
+    if (n && a[0] == '[') {
+        for (uint32_t i = 0; i < n; i++)
+            if (a[i] == ']') {
+                end = i + 1;
+                break;
+            }
+    } else {
+        for (uint32_t i = n; i > 0; i--)
+            if (a[i - 1] == ':') {
+                uint32_t k = i;
+                while (k < n && a[k] >= '0' && a[k] <= '9')
+                    k++;
+                if (k == n)
+                    end = i - 1;
+                break;
+            }
+    }
+    for (uint32_t i = 0; i < end; i++)
+        out[i] = lc(a[i]);
+    return end;
+}
+
+/* One header's value into buffer b: several fields of that name join with ", ". */
+static void join_field(struct side *s, int b, const char *name, uint32_t *count)
+{
+    uint8_t *start = s->arena + s->arena_len;
+    uint32_t n = 0;
+    *count = 0;
+    for (uint32_t i = 0; i < s->nf; i++) {
+        const struct field *f = &s->f[i];
+        if (!ieq(s->head + f->no, f->nl, name))
+            continue;
+        if (n)
+            ap(s, ", ", 2), n += 2;
+        ap(s, f->v, f->vl);
+        n += f->vl;
+        (*count)++;
+    }
+    if (*count)
+        set_buf(s, b, start, n);
+}
+
+static int build_bufs(struct vn_http *h, struct side *s, int side)
+{
+    (void)h;
+    const uint8_t *hd = s->head;
+    uint32_t l0 = s->line0_len;
+    /* the start line: request (method SP target [SP version]) or status (version SP code [SP msg]) */
+    if (side == VN_HTTP_REQ) {
+        uint32_t i = 0;
+        while (i < l0 && hd[i] != ' ' && hd[i] != '\t')
+            i++;
+        set_buf(s, VN_HTTP_B_METHOD, hd, i);
+        while (i < l0 && (hd[i] == ' ' || hd[i] == '\t'))
+            i++;
+        uint32_t t0 = i, t1 = l0;
+        /* the version: the last word, if it is HTTP/ */
+        uint32_t k = l0;
+        while (k > t0 && hd[k - 1] != ' ' && hd[k - 1] != '\t')
+            k--;
+        if (k > t0 && l0 - k >= 5 && !memcmp(hd + k, "HTTP/", 5)) {
+            set_buf(s, VN_HTTP_B_PROTOCOL, hd + k, l0 - k);
+            t1 = k;
+            while (t1 > t0 && (hd[t1 - 1] == ' ' || hd[t1 - 1] == '\t'))
+                t1--;
+        }
+        set_buf(s, VN_HTTP_B_REQUEST_LINE, hd, l0);
+        set_buf(s, VN_HTTP_B_URI_RAW, hd + t0, t1 - t0);
+        set_buf(s, VN_HTTP_B_START, NULL, 0);       /* filled below */
+        /* http.uri */
+        const uint8_t *u = hd + t0;
+        uint32_t un = t1 - t0, auth0 = 0, authn = 0;
+        int absolute = 0;
+        if (un >= 7 && ieq(u, 7, "http://"))
+            absolute = 7;
+        else if (un >= 8 && ieq(u, 8, "https://"))
+            absolute = 8;
+        if (absolute) {
+            auth0 = (uint32_t)absolute;
+            uint32_t j = auth0;
+            while (j < un && u[j] != '/' && u[j] != '?' && u[j] != '#')
+                j++;
+            authn = j - auth0;
+            u += j;
+            un -= j;
+        }
+        uint32_t q = 0;
+        while (q < un && u[q] != '?')
+            q++;
+        if (!room(s, 2 * un + 2 * (authn + 1) + 4))      /* decoded path, URI, host twice */
+            return VN_HTTP_E_NOMEM;
+        uint8_t *tmp = s->arena + s->arena_len;
+        uint32_t pn = decode(u, q, tmp, 1);
+        s->arena_len += pn;
+        uint8_t *uri = s->arena + s->arena_len;
+        uint32_t n;
+        if (absolute && pn == 0) {
+            uri[0] = '/';
+            n = 1;
+        } else if (pn && tmp[0] == '/') {
+            n = norm_path(tmp, pn, uri);
+        } else {
+            memcpy(uri, tmp, pn);
+            n = pn;
+        }
+        n += decode(u + q, un - q, uri + n, 0);
+        s->arena_len += n;
+        set_buf(s, VN_HTTP_B_URI, uri, n);
+        if (absolute) {
+            const uint8_t *a = hd + t0 + auth0;
+            set_buf(s, VN_HTTP_B_HOST_RAW, ap(s, a, authn), authn);
+            uint8_t *o = s->arena + s->arena_len;
+            uint32_t hn = norm_host(a, authn, o);
+            s->arena_len += hn;
+            set_buf(s, VN_HTTP_B_HOST, o, hn);
+        }
+    } else {
+        uint32_t i = 0;
+        while (i < l0 && hd[i] != ' ' && hd[i] != '\t')
+            i++;
+        set_buf(s, VN_HTTP_B_PROTOCOL, hd, i);
+        while (i < l0 && (hd[i] == ' ' || hd[i] == '\t'))
+            i++;
+        uint32_t c0 = i;
+        while (i < l0 && hd[i] != ' ' && hd[i] != '\t')
+            i++;
+        set_buf(s, VN_HTTP_B_STAT_CODE, hd + c0, i - c0);
+        while (i < l0 && (hd[i] == ' ' || hd[i] == '\t'))
+            i++;
+        set_buf(s, VN_HTTP_B_STAT_MSG, hd + i, l0 - i);
+        set_buf(s, VN_HTTP_B_RESPONSE_LINE, hd, l0);
+    }
+    /* http.header.raw: everything after the start line, the empty line included */
+    uint32_t r0 = l0;
+    if (r0 < s->head_len && hd[r0] == '\r')
+        r0++;
+    if (r0 < s->head_len && hd[r0] == '\n')
+        r0++;
+    if (s->nf)
+        set_buf(s, VN_HTTP_B_HEADER_RAW, hd + r0, s->head_len - r0);
+    /* http.header: "Name: value\r\n" per field but the cookies, then "\r\n" */
+    const char *cookie = side == VN_HTTP_REQ ? "cookie" : "set-cookie";
+    uint8_t *hb = s->arena + s->arena_len;
+    uint32_t hn = 0, nc = 0;
+    for (uint32_t i = 0; i < s->nf; i++) {
+        const struct field *f = &s->f[i];
+        if (ieq(hd + f->no, f->nl, cookie))
+            continue;
+        ap(s, hd + f->no, f->nl);
+        ap(s, ": ", 2);
+        ap(s, f->v, f->vl);
+        ap(s, "\r\n", 2);
+        hn += f->nl + f->vl + 4;
+        nc++;
+    }
+    if (nc) {
+        ap(s, "\r\n", 2);
+        set_buf(s, VN_HTTP_B_HEADER, hb, hn + 2);
+    }
+    /* http.start: the start line and every field, normalised, then "\r\n" */
+    uint8_t *sb = s->arena + s->arena_len;
+    ap(s, hd, l0);
+    ap(s, "\r\n", 2);
+    uint32_t sn = l0 + 2;
+    for (uint32_t i = 0; i < s->nf; i++) {
+        const struct field *f = &s->f[i];
+        ap(s, hd + f->no, f->nl);
+        ap(s, ": ", 2);
+        ap(s, f->v, f->vl);
+        ap(s, "\r\n", 2);
+        sn += f->nl + f->vl + 4;
+    }
+    ap(s, "\r\n", 2);
+    set_buf(s, VN_HTTP_B_START, sb, sn + 2);
+    /* http.header_names: "\r\n" Name "\r\n" ... "\r\n" */
+    if (s->nf) {
+        uint8_t *nb = s->arena + s->arena_len;
+        uint32_t nn = 2;
+        ap(s, "\r\n", 2);
+        for (uint32_t i = 0; i < s->nf; i++) {
+            ap(s, hd + s->f[i].no, s->f[i].nl);
+            ap(s, "\r\n", 2);
+            nn += s->f[i].nl + 2;
+        }
+        ap(s, "\r\n", 2);
+        set_buf(s, VN_HTTP_B_HEADER_NAMES, nb, nn + 2);
+    }
+    uint32_t cnt;
+    join_field(s, VN_HTTP_B_COOKIE, cookie, &cnt);
+    join_field(s, VN_HTTP_B_CONTENT_TYPE, "content-type", &cnt);
+    join_field(s, VN_HTTP_B_CONTENT_LEN, "content-length", &cnt);
+    if (side == VN_HTTP_REQ) {
+        join_field(s, VN_HTTP_B_USER_AGENT, "user-agent", &cnt);
+        join_field(s, VN_HTTP_B_ACCEPT, "accept", &cnt);
+        join_field(s, VN_HTTP_B_ACCEPT_LANG, "accept-language", &cnt);
+        join_field(s, VN_HTTP_B_ACCEPT_ENC, "accept-encoding", &cnt);
+        join_field(s, VN_HTTP_B_REFERER, "referer", &cnt);
+        join_field(s, VN_HTTP_B_CONNECTION, "connection", &cnt);
+        if (!(s->present & 1u << VN_HTTP_B_HOST_RAW)) {
+            join_field(s, VN_HTTP_B_HOST_RAW, "host", &cnt);
+            if (cnt && !room(s, s->bl[VN_HTTP_B_HOST_RAW]))
+                return VN_HTTP_E_NOMEM;
+            if (cnt == 1) {
+                uint8_t *o = s->arena + s->arena_len;
+                uint32_t n = norm_host(s->bp[VN_HTTP_B_HOST_RAW], s->bl[VN_HTTP_B_HOST_RAW], o);
+                s->arena_len += n;
+                set_buf(s, VN_HTTP_B_HOST, o, n);
+            } else if (cnt > 1) {           /* several: lower case, as they are */
+                uint8_t *o = ap(s, s->bp[VN_HTTP_B_HOST_RAW], s->bl[VN_HTTP_B_HOST_RAW]);
+                for (uint32_t i = 0; i < s->bl[VN_HTTP_B_HOST_RAW]; i++)
+                    o[i] = lc(o[i]);
+                set_buf(s, VN_HTTP_B_HOST, o, s->bl[VN_HTTP_B_HOST_RAW]);
+            }
+        }
+    } else {
+        join_field(s, VN_HTTP_B_SERVER, "server", &cnt);
+        join_field(s, VN_HTTP_B_LOCATION, "location", &cnt);
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- heads */
+
+/* Splits the head into its fields (obs-fold continuations joined with one space). */
+static int split_fields(struct side *s)
+{
+    const uint8_t *hd = s->head;
+    uint32_t i = s->line0_len, n = s->head_len;
+    s->nf = 0;
+    /* past the first line's end */
+    while (i < n && hd[i] != '\n')
+        i++;
+    i++;
+    while (i < n) {
+        uint32_t j = i;
+        while (j < n && hd[j] != '\n')
+            j++;
+        uint32_t e = j;
+        if (e > i && hd[e - 1] == '\r')
+            e--;
+        if (e == i)
+            break;                          /* the empty line */
+        if (hd[i] == ' ' || hd[i] == '\t') {
+            /* obs-fold: a continuation of the previous field's value */
+            if (!s->nf)
+                return VN_HTTP_E_SYNTAX;
+            struct field *f = &s->f[s->nf - 1];
+            uint32_t a = i, b = e;
+            while (a < b && (hd[a] == ' ' || hd[a] == '\t'))
+                a++;
+            while (b > a && (hd[b - 1] == ' ' || hd[b - 1] == '\t'))
+                b--;
+            /* the joined value goes into the arena's fold area (at most twice the head's size:
+             * a value already there, at its end, grows in place) */
+            if (!room(s, f->vl + 1 + (e - i)))
+                return VN_HTTP_E_NOMEM;
+            uint8_t *p = s->arena + s->arena_len;
+            uint32_t vl = f->vl;
+            if (f->v + f->vl == p && f->v >= s->arena)
+                p = (uint8_t *)f->v, s->arena_len -= vl;
+            else
+                memcpy(p, f->v, vl);
+            if (b > a) {
+                p[vl++] = ' ';
+                memcpy(p + vl, hd + a, b - a);
+                vl += b - a;
+            }
+            s->arena_len += vl;
+            f->v = p;
+            f->vl = vl;
+        } else {
+            if (s->nf >= VN_HTTP_FIELDS_MAX)
+                return VN_HTTP_E_SYNTAX;
+            uint32_t c = i;
+            while (c < e && tchar(hd[c]))
+                c++;
+            /* a name, then the colon at once: whitespace before it is read differently by
+             * different servers (RFC 9112 5.1 says reject) */
+            if (c == i || c >= e || hd[c] != ':')
+                return VN_HTTP_E_SYNTAX;
+            uint32_t a = c + 1, b = e;
+            while (a < b && (hd[a] == ' ' || hd[a] == '\t'))
+                a++;
+            while (b > a && (hd[b - 1] == ' ' || hd[b - 1] == '\t'))
+                b--;
+            struct field *f = &s->f[s->nf++];
+            f->no = i;
+            f->nl = c - i;
+            f->v = hd + a;
+            f->vl = b - a;
+        }
+        i = j + 1;
+    }
+    return 0;
+}
+
+/* The last comma-separated token of a field list, trimmed. */
+static void last_token(const uint8_t *v, uint32_t n, const uint8_t **t, uint32_t *tn)
+{
+    uint32_t e = n;
+    while (e > 0 && (v[e - 1] == ' ' || v[e - 1] == '\t'))
+        e--;
+    uint32_t b = e;
+    while (b > 0 && v[b - 1] != ',')
+        b--;
+    while (b < e && (v[b] == ' ' || v[b] == '\t'))
+        b++;
+    *t = v + b;
+    *tn = e - b;
+}
+
+/* The message's body framing from its fields: 0 none, 1 Content-Length (s->left), 2 chunked,
+ * 3 to the end of the connection; or an error. */
+static int framing(struct side *s, int side)
+{
+    int te = 0, chunked = 0, have_cl = 0;
+    uint64_t cl = 0;
+    for (uint32_t i = 0; i < s->nf; i++) {
+        const struct field *f = &s->f[i];
+        const uint8_t *name = s->head + f->no;
+        if (ieq(name, f->nl, "transfer-encoding")) {
+            const uint8_t *t;
+            uint32_t tn;
+            last_token(f->v, f->vl, &t, &tn);
+            te = 1;
+            chunked = ieq(t, tn, "chunked");    /* the last field's last coding decides */
+        } else if (ieq(name, f->nl, "content-length")) {
+            /* a list of equal values is one value (RFC 9110 8.6); anything else is ambiguous */
+            uint32_t k = 0;
+            while (k <= f->vl) {
+                uint32_t a = k;
+                while (k < f->vl && f->v[k] != ',')
+                    k++;
+                uint32_t b = k;
+                while (a < b && (f->v[a] == ' ' || f->v[a] == '\t'))
+                    a++;
+                while (b > a && (f->v[b - 1] == ' ' || f->v[b - 1] == '\t'))
+                    b--;
+                if (b == a || b - a > 18)
+                    return VN_HTTP_E_SMUGGLING;
+                uint64_t v = 0;
+                for (uint32_t x = a; x < b; x++) {
+                    if (f->v[x] < '0' || f->v[x] > '9')
+                        return VN_HTTP_E_SMUGGLING;
+                    v = v * 10 + (uint64_t)(f->v[x] - '0');
+                }
+                if (have_cl && v != cl)
+                    return VN_HTTP_E_SMUGGLING;
+                cl = v;
+                have_cl = 1;
+                k++;
+            }
+        }
+    }
+    if (te && have_cl)
+        return VN_HTTP_E_SMUGGLING;
+    if (te && !chunked)
+        return side == VN_HTTP_REQ ? VN_HTTP_E_SMUGGLING : 3;
+    if (te)
+        return 2;
+    if (have_cl) {
+        s->left = cl;
+        return cl ? 1 : 0;
+    }
+    return side == VN_HTTP_REQ ? 0 : 3;
+}
+
+static int has_field(const struct side *s, const char *name)
+{
+    for (uint32_t i = 0; i < s->nf; i++)
+        if (ieq(s->head + s->f[i].no, s->f[i].nl, name))
+            return 1;
+    return 0;
+}
+
+static void end_message(struct vn_http *h, int side);
+
+/* The head is complete: fields, buffers, framing.  Returns an event or an error. */
+static int head_done(struct vn_http *h, int side)
+{
+    struct side *s = &h->s[side];
+    int e = grow(h, &s->arena, &s->arena_cap, ARENA_NEED(s->head_len), ARENA_NEED(VN_HTTP_HEAD_MAX));
+    if (e)
+        return e < -1 ? e : VN_HTTP_E_NOMEM;
+    s->arena_len = 0;
+    s->present = 0;
+    s->overflow = 0;
+    if ((e = split_fields(s)) < 0)
+        return e;
+    /* the fold area stays at the arena's start; buffers follow it */
+    if ((e = build_bufs(h, s, side)) < 0)
+        return e;
+    if (s->overflow)
+        return VN_HTTP_E_NOMEM;
+    s->has_body = 0;
+    s->body_len = 0;
+    s->body_ev = 0;
+    if (side == VN_HTTP_REQ) {
+        h->seen_request = 1;
+        uint8_t kind = 0;
+        const uint8_t *m = s->bp[VN_HTTP_B_METHOD];
+        uint32_t ml = s->bl[VN_HTTP_B_METHOD];
+        if (!(s->present & 1u << VN_HTTP_B_PROTOCOL))
+            kind |= K_V09;
+        if (ml == 4 && !memcmp(m, "HEAD", 4))
+            kind |= K_HEAD;
+        if (ml == 7 && !memcmp(m, "CONNECT", 7))
+            kind |= K_CONNECT;
+        if (has_field(s, "upgrade"))
+            kind |= K_UPGRADE;
+        int fr = kind & K_V09 ? 0 : framing(s, side);
+        if (fr < 0)
+            return fr;
+        if (h->pend_n >= VN_HTTP_PIPELINE_MAX)
+            return VN_HTTP_E_PIPELINE;
+        h->pend[(h->pend_head + h->pend_n++) % VN_HTTP_PIPELINE_MAX] = kind;
+        s->kind = kind;
+        s->has_body = fr != 0;
+        s->keep_body = h->want_body && s->has_body;
+        s->state = fr == 1 ? ST_BODY_CL : fr == 2 ? ST_CHUNK_SIZE : ST_START;
+        if (!s->keep_body)
+            s->inspecting = 0;
+        if (!fr)
+            end_message(h, side);
+        return VN_HTTP_EV_HEAD;
+    }
+    /* a response */
+    const uint8_t *c = s->bp[VN_HTTP_B_STAT_CODE];
+    uint32_t cl = s->bl[VN_HTTP_B_STAT_CODE];
+    if (cl != 3 || c[0] < '1' || c[0] > '5' || c[1] < '0' || c[1] > '9' || c[2] < '0' || c[2] > '9')
+        return VN_HTTP_E_SYNTAX;
+    int code = (c[0] - '0') * 100 + (c[1] - '0') * 10 + (c[2] - '0');
+    s->inspecting = 0;
+    struct side *rq = &h->s[VN_HTTP_REQ];
+    if (code == 101) {                   /* switched protocols: a tunnel from here */
+        go_dead(s);
+        go_dead(rq);
+        return VN_HTTP_EV_HEAD;
+    }
+    if (code < 200) {                   /* interim: no body, the request still waits */
+        s->state = ST_START;
+        return VN_HTTP_EV_HEAD;
+    }
+    uint8_t kind = 0;
+    if (h->pend_n) {
+        kind = h->pend[h->pend_head];
+        h->pend_head = (h->pend_head + 1) % VN_HTTP_PIPELINE_MAX;
+        h->pend_n--;
+    }
+    if ((kind & K_CONNECT) && code < 300) {
+        go_dead(s);
+        go_dead(rq);
+        return VN_HTTP_EV_HEAD;
+    }
+    if (rq->state == ST_WAIT && (kind & (K_CONNECT | K_UPGRADE)))
+        rq->state = ST_START;           /* not switched: the client's next bytes are HTTP again */
+    int fr = (kind & K_HEAD) || code == 204 || code == 304 ? 0 : framing(s, side);
+    if (fr < 0)
+        return fr;
+    s->state = fr == 1 ? ST_BODY_CL : fr == 2 ? ST_CHUNK_SIZE : fr == 3 ? ST_BODY_CLOSE : ST_START;
+    if (!fr)
+        end_message(h, side);
+    return VN_HTTP_EV_HEAD;
+}
+
+static void end_message(struct vn_http *h, int side)
+{
+    struct side *s = &h->s[side];
+    s->state = (side == VN_HTTP_REQ && (s->kind & (K_CONNECT | K_UPGRADE))) ? ST_WAIT : ST_START;
+    if (side == VN_HTTP_REQ && (s->kind & K_V09))
+        s->state = ST_DEAD;             /* HTTP/0.9: one request, the response runs to the end */
+    s->kind = 0;
+}
+
+/* Checks the first line as it arrives: is this HTTP (a request: method SP target [SP
+ * HTTP/x.y]; a response: HTTP/)?  0 yes or not yet known, 1 no. */
+static int not_http_yet(const struct side *s, int side, int line_done)
+{
+    const uint8_t *hd = s->head;
+    uint32_t n = s->line_len;
+    if (side == VN_HTTP_RESP) {
+        uint32_t k = n < 5 ? n : 5;
+        return memcmp(hd, "HTTP/", k) != 0;
+    }
+    uint32_t i = 0;
+    while (i < n && tchar(hd[i]))
+        i++;
+    if (i == n)
+        return (line_done || i > 32) ? 1 : 0;
+    if (i == 0 || i > 32 || (hd[i] != ' ' && hd[i] != '\t'))
+        return 1;
+    for (uint32_t k = i; k < n; k++)
+        if ((hd[k] < 0x20 && hd[k] != '\t') || hd[k] == 0x7f)
+            return 1;
+    if (!line_done)
+        return 0;
+    /* a version at the end, or HTTP/0.9's "GET target" */
+    uint32_t k = n;
+    while (k > i && hd[k - 1] != ' ' && hd[k - 1] != '\t')
+        k--;
+    if (k > i + 1 && n - k == 8 && !memcmp(hd + k, "HTTP/", 5) && hd[k + 5] >= '0' && hd[k + 5] <= '9' &&
+        hd[k + 6] == '.' && hd[k + 7] >= '0' && hd[k + 7] <= '9')
+        return 0;
+    return !(i == 3 && !memcmp(hd, "GET", 3) && k == i + 1);
+}
+
+/* Head bytes: copies until the empty line.  Returns the bytes used and sets *ev, or an error. */
+static int64_t feed_head(struct vn_http *h, int side, const uint8_t *d, size_t len, int *ev)
+{
+    struct side *s = &h->s[side];
+    size_t i = 0;
+    for (; i < len; i++) {
+        uint8_t c = d[i];
+        if (s->head_len >= VN_HTTP_HEAD_MAX)
+            return VN_HTTP_E_HEAD_TOO_LONG;
+        if (s->head_len >= s->head_cap) {
+            int e = grow(h, &s->head, &s->head_cap, s->head_len + 1, VN_HTTP_HEAD_MAX);
+            if (e)
+                return e < -1 ? e : VN_HTTP_E_NOMEM;
+        }
+        if (s->cr && c != '\n')
+            return VN_HTTP_E_SYNTAX;    /* a bare CR: servers split lines differently on it */
+        if (c == 0)
+            return VN_HTTP_E_SYNTAX;
+        s->head[s->head_len++] = c;
+        if (c == '\r') {
+            s->cr = 1;
+            continue;
+        }
+        if (c != '\n') {
+            s->line_len++;
+            if (!s->first_done) {
+                /* the method and its space are decided in the first bytes; after them, only
+                 * a control byte can still say "not HTTP" (the whole line is checked at its end) */
+                if (s->line_len <= 40 ? not_http_yet(s, side, 0)
+                                      : side == VN_HTTP_REQ && ((c < 0x20 && c != '\t') || c == 0x7f))
+                    goto not_http;
+            }
+            continue;
+        }
+        /* the end of a line */
+        s->cr = 0;
+        if (!s->first_done) {
+            if (not_http_yet(s, side, 1))
+                goto not_http;
+            s->first_done = 1;
+            s->line0_len = s->line_len;
+            s->line_len = 0;
+            /* HTTP/0.9: the request is this line alone */
+            if (side == VN_HTTP_REQ && (s->line0_len < 8 ||
+                memcmp(s->head + s->line0_len - 8, "HTTP/", 5) != 0)) {
+                int r = head_done(h, side);
+                if (r < 0)
+                    return r;
+                *ev = r;
+                return (int64_t)i + 1;
+            }
+            continue;
+        }
+        if (s->line_len == 0) {
+            int r = head_done(h, side);
+            if (r < 0)
+                return r;
+            *ev = r;
+            return (int64_t)i + 1;
+        }
+        s->line_len = 0;
+    }
+    return (int64_t)i;
+not_http:
+    /* not HTTP: a first request means the connection is something else, and the rules for
+     * HTTP do not apply to it; after HTTP was spoken it is an error (fail closed) */
+    if (side == VN_HTTP_REQ && h->seen_request)
+        return VN_HTTP_E_SYNTAX;
+    if (side == VN_HTTP_REQ)
+        go_dead(&h->s[VN_HTTP_RESP]);
+    go_dead(s);
+    return (int64_t)len;
+}
+
+static void keep(struct vn_http *h, struct side *s, const uint8_t *d, size_t n)
+{
+    if (!s->keep_body || s->body_ev)
+        return;
+    uint32_t room = h->body_limit - s->body_len;
+    if (n > room)
+        n = room;
+    if (!n)
+        return;
+    if (grow(h, &s->body, &s->body_cap, s->body_len + (uint32_t)n, h->body_limit))
+        return;                          /* no memory: the body buffer stays as it is */
+    memcpy(s->body + s->body_len, d, n);
+    s->body_len += (uint32_t)n;
+}
+
+/* The request body is complete or at its limit: the BODY event. */
+static int body_event(struct side *s)
+{
+    s->body_ev = 1;
+    s->inspecting = 0;
+    s->present |= 1u << VN_HTTP_B_REQUEST_BODY;
+    s->bp[VN_HTTP_B_REQUEST_BODY] = s->body;
+    s->bl[VN_HTTP_B_REQUEST_BODY] = s->body_len;
+    return VN_HTTP_EV_BODY;
+}
+
+int64_t vn_http_feed(struct vn_http *h, int side, const uint8_t *d, size_t len, int *ev)
+{
+    *ev = VN_HTTP_EV_NONE;
+    if (!h || (side != 0 && side != 1) || (!d && len))
+        return VN_HTTP_E_SYNTAX;
+    struct side *s = &h->s[side];
+    size_t i = 0;
+    int64_t r = 0;
+    while (i < len && *ev == VN_HTTP_EV_NONE) {
+        switch (s->state) {
+        case ST_DEAD:
+            i = len;
+            break;
+        case ST_WAIT:
+            goto out;                   /* consumes nothing until the response came */
+        case ST_START:
+            if (d[i] == '\r' || d[i] == '\n') {  /* empty lines before a message are ignored */
+                i++;
+                break;
+            }
+            shrink(h, s);
+            s->state = ST_HEAD;
+            s->msg_start = s->pos + i;
+            s->inspecting = side == VN_HTTP_REQ || h->hold_resp;
+            s->first_done = 0;
+            s->cr = 0;
+            s->line_len = 0;
+            s->head_len = 0;
+            s->present = 0;
+            s->nf = 0;
+            break;
+        case ST_HEAD:
+            r = feed_head(h, side, d + i, len - i, ev);
+            if (r < 0)
+                goto fail_r;
+            i += (size_t)r;
+            if (s->state == ST_DEAD)
+                i = len;
+            break;
+        case ST_BODY_CL: {
+            size_t n = len - i < s->left ? len - i : (size_t)s->left;
+            keep(h, s, d + i, n);
+            s->left -= n;
+            i += n;
+            if (s->keep_body && !s->body_ev && (s->body_len >= h->body_limit || !s->left))
+                *ev = body_event(s);
+            if (!s->left)
+                end_message(h, side);
+            break;
+        }
+        case ST_CHUNK_SIZE: {
+            uint8_t c = d[i++];
+            if (c != '\n') {
+                if (s->cline_len >= CHUNK_LINE_MAX) {
+                    r = VN_HTTP_E_CHUNK;
+                    goto fail_r;
+                }
+                s->cline[s->cline_len++] = (char)c;
+                break;
+            }
+            uint32_t n = s->cline_len, k = 0;
+            if (n && s->cline[n - 1] == '\r')
+                n--;
+            uint64_t v = 0;
+            while (k < n && hexv((uint8_t)s->cline[k]) >= 0 && k < 15)
+                v = v << 4 | (uint64_t)hexv((uint8_t)s->cline[k++]);
+            if (k == 0 || (k < n && s->cline[k] != ';' && s->cline[k] != ' ' && s->cline[k] != '\t')) {
+                r = VN_HTTP_E_CHUNK;
+                goto fail_r;
+            }
+            for (uint32_t x = k; x < n; x++)
+                if (s->cline[x] == '\r') {
+                    r = VN_HTTP_E_CHUNK;
+                    goto fail_r;
+                }
+            s->cline_len = 0;
+            s->left = v;
+            s->trailer_len = 0;
+            s->state = v ? ST_CHUNK_DATA : ST_TRAILER;
+            s->line_len = 0;
+            break;
+        }
+        case ST_CHUNK_DATA: {
+            size_t n = len - i < s->left ? len - i : (size_t)s->left;
+            keep(h, s, d + i, n);
+            s->left -= n;
+            i += n;
+            if (!s->left)
+                s->state = ST_CHUNK_END, s->cr = 0;
+            if (s->keep_body && !s->body_ev && s->body_len >= h->body_limit)
+                *ev = body_event(s);
+            break;
+        }
+        case ST_CHUNK_END: {
+            uint8_t c = d[i++];
+            if (c == '\r' && !s->cr) {
+                s->cr = 1;
+                break;
+            }
+            if (c != '\n') {
+                r = VN_HTTP_E_CHUNK;
+                goto fail_r;
+            }
+            s->cr = 0;
+            s->state = ST_CHUNK_SIZE;
+            break;
+        }
+        case ST_TRAILER: {
+            uint8_t c = d[i++];
+            if (++s->trailer_len > TRAILER_MAX) {
+                r = VN_HTTP_E_CHUNK;
+                goto fail_r;
+            }
+            if (c == '\r')
+                break;
+            if (c != '\n') {
+                s->line_len++;
+                break;
+            }
+            if (s->line_len) {
+                s->line_len = 0;
+                break;
+            }
+            if (s->keep_body && !s->body_ev)
+                *ev = body_event(s);
+            end_message(h, side);
+            break;
+        }
+        case ST_BODY_CLOSE:
+            i = len;
+            break;
+        }
+    }
+out:
+    s->pos += i;
+    return (int64_t)i;
+fail_r:
+    s->pos += i;
+    go_dead(s);
+    return r;
+}
+
+int vn_http_eof(struct vn_http *h, int side)
+{
+    if (!h || (side != 0 && side != 1))
+        return VN_HTTP_EV_NONE;
+    struct side *s = &h->s[side];
+    int ev = VN_HTTP_EV_NONE;
+    if (s->state == ST_HEAD && s->head_len) {
+        /* a head the connection's end cut short: read as it stands (servers act on it) */
+        if (!s->first_done) {
+            if (not_http_yet(s, side, 1)) {
+                int seen = side == VN_HTTP_REQ && h->seen_request;
+                go_dead(s);
+                return seen ? VN_HTTP_E_SYNTAX : VN_HTTP_EV_NONE;
+            }
+            s->first_done = 1;
+            s->line0_len = s->line_len;
+        }
+        int r = head_done(h, side);
+        go_dead(s);
+        return r;
+    } else if (s->keep_body && !s->body_ev && (s->state == ST_BODY_CL || s->state == ST_CHUNK_SIZE ||
+               s->state == ST_CHUNK_DATA || s->state == ST_CHUNK_END || s->state == ST_TRAILER)) {
+        ev = body_event(s);
+    }
+    go_dead(s);
+    return ev;
+}
+
+int vn_http_buf(const struct vn_http *h, int side, int b, const uint8_t **p, uint32_t *len)
+{
+    if (!h || (side != 0 && side != 1) || b < 0 || b >= VN_HTTP_NBUF)
+        return 0;
+    const struct side *s = &h->s[side];
+    if (!(s->present & 1u << b))
+        return 0;
+    static const uint8_t empty[1];
+    *p = s->bp[b] ? s->bp[b] : empty;
+    *len = s->bl[b];
+    return 1;
+}
+
+uint64_t vn_http_hold(const struct vn_http *h, int side)
+{
+    const struct side *s = &h->s[side];
+    if (s->state == ST_DEAD)
+        return UINT64_MAX;
+    return s->inspecting ? s->msg_start : s->pos;
+}
+
+uint64_t vn_http_pos(const struct vn_http *h, int side)
+{
+    return h->s[side].pos;
+}
+
+uint64_t vn_http_msg_start(const struct vn_http *h, int side)
+{
+    return h->s[side].msg_start;
+}
+
+int vn_http_active(const struct vn_http *h, int side)
+{
+    return h->s[side].state != ST_DEAD;
+}
+
+int vn_http_waiting(const struct vn_http *h)
+{
+    return h->s[VN_HTTP_REQ].state == ST_WAIT;
+}
