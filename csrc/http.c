@@ -30,7 +30,6 @@ enum { ST_START, ST_HEAD, ST_BODY_CL, ST_CHUNK_SIZE, ST_CHUNK_DATA, ST_CHUNK_END
 #define K_HEAD 1
 #define K_CONNECT 2
 #define K_UPGRADE 4
-#define K_V09 8
 
 #define CHUNK_LINE_MAX 1024
 #define TRAILER_MAX 8192
@@ -45,7 +44,7 @@ struct field {
 };
 
 struct side {
-    uint8_t state, first_done, cr, inspecting, body_ev, kind;
+    uint8_t state, first_done, method_done, cr, inspecting, body_ev, kind;
     uint64_t pos, msg_start;
     uint32_t line_len;          /* bytes of the current head line so far (CR/LF excluded) */
     uint32_t line0_len;         /* the first line's length */
@@ -73,6 +72,7 @@ struct vn_http {
     uint8_t pend[VN_HTTP_PIPELINE_MAX];
     unsigned pend_head, pend_n;
     uint8_t seen_request;       /* a request was read: the connection speaks HTTP */
+    uint8_t tunnel_probe;       /* a CONNECT was answered 2xx: the next request bytes decide */
     size_t mem;
 };
 
@@ -92,6 +92,12 @@ static int tchar(uint8_t c)
 {
     return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
            (c && strchr("!#$%&'*+-.^_`|~", c));
+}
+
+/* The separators servers split a request line at (Python's str.split() takes VT and FF too). */
+static int ws(uint8_t c)
+{
+    return c == ' ' || c == '\t' || c == '\v' || c == '\f';
 }
 
 static uint8_t lc(uint8_t c)
@@ -159,27 +165,19 @@ static int grow(struct vn_http *h, uint8_t **p, uint32_t *cap, uint32_t need, ui
     return 0;
 }
 
-/* Gives back what one message's big buffers took beyond a small working size. */
-static void shrink(struct vn_http *h, struct side *s)
+/* Gives back a message's buffers once the caller has had its events: an idle keep-alive
+ * connection keeps none of them (a memcap shared by all connections must not be filled by
+ * connections that wait). */
+static void release(struct vn_http *h, struct side *s)
 {
-    if (s->arena_cap > 65536) {
-        h->mem -= s->arena_cap;
-        free(s->arena);
-        s->arena = NULL;
-        s->arena_cap = 0;
-    }
-    if (s->head_cap > 16384) {
-        h->mem -= s->head_cap;
-        free(s->head);
-        s->head = NULL;
-        s->head_cap = 0;
-    }
-    if (s->body_cap > 65536) {
-        h->mem -= s->body_cap;
-        free(s->body);
-        s->body = NULL;
-        s->body_cap = 0;
-    }
+    h->mem -= (size_t)s->arena_cap + s->head_cap + s->body_cap;
+    free(s->arena);
+    free(s->head);
+    free(s->body);
+    s->arena = s->head = s->body = NULL;
+    s->arena_cap = s->head_cap = s->body_cap = 0;
+    s->arena_len = s->head_len = s->body_len = 0;
+    s->present = 0;
 }
 
 static void go_dead(struct side *s)
@@ -343,21 +341,23 @@ static int build_bufs(struct vn_http *h, struct side *s, int side)
     uint32_t l0 = s->line0_len;
     /* the start line: request (method SP target [SP version]) or status (version SP code [SP msg]) */
     if (side == VN_HTTP_REQ) {
-        uint32_t i = 0;
-        while (i < l0 && hd[i] != ' ' && hd[i] != '\t')
+        uint32_t i = 0, le = l0;
+        while (le > 0 && ws(hd[le - 1]))
+            le--;                       /* separators after the version */
+        while (i < le && !ws(hd[i]))
             i++;
         set_buf(s, VN_HTTP_B_METHOD, hd, i);
-        while (i < l0 && (hd[i] == ' ' || hd[i] == '\t'))
+        while (i < le && ws(hd[i]))
             i++;
-        uint32_t t0 = i, t1 = l0;
+        uint32_t t0 = i, t1 = le;
         /* the version: the last word, if it is HTTP/ */
-        uint32_t k = l0;
-        while (k > t0 && hd[k - 1] != ' ' && hd[k - 1] != '\t')
+        uint32_t k = le;
+        while (k > t0 && !ws(hd[k - 1]))
             k--;
-        if (k > t0 && l0 - k >= 5 && !memcmp(hd + k, "HTTP/", 5)) {
-            set_buf(s, VN_HTTP_B_PROTOCOL, hd + k, l0 - k);
+        if (k > t0 && le - k >= 5 && !memcmp(hd + k, "HTTP/", 5)) {
+            set_buf(s, VN_HTTP_B_PROTOCOL, hd + k, le - k);
             t1 = k;
-            while (t1 > t0 && (hd[t1 - 1] == ' ' || hd[t1 - 1] == '\t'))
+            while (t1 > t0 && ws(hd[t1 - 1]))
                 t1--;
         }
         set_buf(s, VN_HTTP_B_REQUEST_LINE, hd, l0);
@@ -633,22 +633,25 @@ static int framing(struct side *s, int side)
                 while (b > a && (f->v[b - 1] == ' ' || f->v[b - 1] == '\t'))
                     b--;
                 if (b == a || b - a > 18)
-                    return VN_HTTP_E_SMUGGLING;
+                    return side == VN_HTTP_REQ ? VN_HTTP_E_SMUGGLING : 3;
                 uint64_t v = 0;
                 for (uint32_t x = a; x < b; x++) {
                     if (f->v[x] < '0' || f->v[x] > '9')
-                        return VN_HTTP_E_SMUGGLING;
+                        return side == VN_HTTP_REQ ? VN_HTTP_E_SMUGGLING : 3;
                     v = v * 10 + (uint64_t)(f->v[x] - '0');
                 }
                 if (have_cl && v != cl)
-                    return VN_HTTP_E_SMUGGLING;
+                    return side == VN_HTTP_REQ ? VN_HTTP_E_SMUGGLING : 3;
                 cl = v;
                 have_cl = 1;
                 k++;
             }
         }
     }
-    if (te && have_cl)
+    /* a request the server may frame differently from us is refused (smuggling); a response
+     * is read as a client reads it: Transfer-Encoding over Content-Length, and a length it
+     * cannot trust runs to the end of the connection (RFC 9112 6.3) */
+    if (te && have_cl && side == VN_HTTP_REQ)
         return VN_HTTP_E_SMUGGLING;
     if (te && !chunked)
         return side == VN_HTTP_REQ ? VN_HTTP_E_SMUGGLING : 3;
@@ -696,20 +699,26 @@ static int head_done(struct vn_http *h, int side)
         uint8_t kind = 0;
         const uint8_t *m = s->bp[VN_HTTP_B_METHOD];
         uint32_t ml = s->bl[VN_HTTP_B_METHOD];
-        if (!(s->present & 1u << VN_HTTP_B_PROTOCOL))
-            kind |= K_V09;
         if (ml == 4 && !memcmp(m, "HEAD", 4))
             kind |= K_HEAD;
         if (ml == 7 && !memcmp(m, "CONNECT", 7))
             kind |= K_CONNECT;
         if (has_field(s, "upgrade"))
             kind |= K_UPGRADE;
-        int fr = kind & K_V09 ? 0 : framing(s, side);
+        h->tunnel_probe = 0;            /* a request after an accepted CONNECT: still HTTP */
+        int fr = framing(s, side);
         if (fr < 0)
             return fr;
-        if (h->pend_n >= VN_HTTP_PIPELINE_MAX)
-            return VN_HTTP_E_PIPELINE;
-        h->pend[(h->pend_head + h->pend_n++) % VN_HTTP_PIPELINE_MAX] = kind;
+        uint8_t rs = h->s[VN_HTTP_RESP].state;
+        if (rs == ST_DEAD || rs == ST_BODY_CLOSE) {
+            /* no response will be read any more (the server is not speaking HTTP, or its
+             * last response runs to the connection's end): nothing to frame, nothing to wait for */
+            kind &= (uint8_t)~(K_CONNECT | K_UPGRADE);
+        } else {
+            if (h->pend_n >= VN_HTTP_PIPELINE_MAX)
+                return VN_HTTP_E_PIPELINE;
+            h->pend[(h->pend_head + h->pend_n++) % VN_HTTP_PIPELINE_MAX] = kind;
+        }
         s->kind = kind;
         s->has_body = fr != 0;
         s->keep_body = h->want_body && s->has_body;
@@ -744,8 +753,13 @@ static int head_done(struct vn_http *h, int side)
         h->pend_n--;
     }
     if ((kind & K_CONNECT) && code < 300) {
+        /* accepted: a proxy tunnels from here, but some servers answer CONNECT with an
+         * ordinary handler and go on reading requests.  The request side reads on: a request
+         * line keeps it HTTP, anything else makes it the tunnel it was said to be. */
         go_dead(s);
-        go_dead(rq);
+        if (rq->state == ST_WAIT)
+            rq->state = ST_START;
+        h->tunnel_probe = 1;
         return VN_HTTP_EV_HEAD;
     }
     if (rq->state == ST_WAIT && (kind & (K_CONNECT | K_UPGRADE)))
@@ -763,13 +777,47 @@ static void end_message(struct vn_http *h, int side)
 {
     struct side *s = &h->s[side];
     s->state = (side == VN_HTTP_REQ && (s->kind & (K_CONNECT | K_UPGRADE))) ? ST_WAIT : ST_START;
-    if (side == VN_HTTP_REQ && (s->kind & K_V09))
-        s->state = ST_DEAD;             /* HTTP/0.9: one request, the response runs to the end */
     s->kind = 0;
 }
 
-/* Checks the first line as it arrives: is this HTTP (a request: method SP target [SP
- * HTTP/x.y]; a response: HTTP/)?  0 yes or not yet known, 1 no. */
+/* Methods a server acts on even without a version on the line (busybox httpd reads the
+ * headers of "GET /x" too; Apache answers it as HTTP/0.9). */
+static int known_method(const uint8_t *m, uint32_t n)
+{
+    static const char *const k[] = {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "TRACE",
+                                    "CONNECT", "PATCH", "PROPFIND", "PROPPATCH", "MKCOL", "COPY",
+                                    "MOVE", "LOCK", "UNLOCK", "SEARCH"};
+    for (size_t i = 0; i < sizeof k / sizeof *k; i++)
+        if (strlen(k[i]) == n && !memcmp(m, k[i], n))
+            return 1;
+    return 0;
+}
+
+/* The version at the end of a request line (trailing separators allowed): HTTP/d+.d+ */
+static int has_version(const uint8_t *hd, uint32_t i, uint32_t n)
+{
+    while (n > i && ws(hd[n - 1]))
+        n--;
+    uint32_t k = n;
+    while (k > i && !ws(hd[k - 1]))
+        k--;
+    if (k <= i || n - k < 8 || memcmp(hd + k, "HTTP/", 5))
+        return 0;
+    uint32_t x = k + 5, d1 = 0, d2 = 0;
+    while (x < n && hd[x] >= '0' && hd[x] <= '9')
+        x++, d1++;
+    if (!d1 || x >= n || hd[x++] != '.')
+        return 0;
+    while (x < n && hd[x] >= '0' && hd[x] <= '9')
+        x++, d2++;
+    return d2 && x == n;
+}
+
+/* Is the first line HTTP?  While it arrives (line_done 0) only its first bytes can say no: a
+ * request starts with a method token and a separator, a response with "HTTP/".  At its end,
+ * a request line is HTTP if it ends in a version or starts with a method servers know;
+ * 0 yes (or not yet known), 1 not HTTP, 2 HTTP but malformed (a control byte in the target:
+ * servers differ on it, so it fails closed). */
 static int not_http_yet(const struct side *s, int side, int line_done)
 {
     const uint8_t *hd = s->head;
@@ -782,22 +830,22 @@ static int not_http_yet(const struct side *s, int side, int line_done)
     while (i < n && tchar(hd[i]))
         i++;
     if (i == n)
-        return (line_done || i > 32) ? 1 : 0;
-    if (i == 0 || i > 32 || (hd[i] != ' ' && hd[i] != '\t'))
+        return line_done ? 1 : 0;
+    if (i == 0 || !ws(hd[i]))
         return 1;
-    for (uint32_t k = i; k < n; k++)
-        if ((hd[k] < 0x20 && hd[k] != '\t') || hd[k] == 0x7f)
-            return 1;
     if (!line_done)
         return 0;
-    /* a version at the end, or HTTP/0.9's "GET target" */
-    uint32_t k = n;
-    while (k > i && hd[k - 1] != ' ' && hd[k - 1] != '\t')
-        k--;
-    if (k > i + 1 && n - k == 8 && !memcmp(hd + k, "HTTP/", 5) && hd[k + 5] >= '0' && hd[k + 5] <= '9' &&
-        hd[k + 6] == '.' && hd[k + 7] >= '0' && hd[k + 7] <= '9')
-        return 0;
-    return !(i == 3 && !memcmp(hd, "GET", 3) && k == i + 1);
+    uint32_t t = i;
+    while (t < n && ws(hd[t]))
+        t++;
+    if (t == n)
+        return 1;                       /* a method and nothing after it */
+    if (!has_version(hd, i, n) && !known_method(hd, i))
+        return 1;
+    for (uint32_t k = t; k < n; k++)
+        if ((hd[k] < 0x20 && !ws(hd[k])) || hd[k] == 0x7f)
+            return 2;
+    return 0;
 }
 
 /* Head bytes: copies until the empty line.  Returns the bytes used and sets *ev, or an error. */
@@ -825,32 +873,29 @@ static int64_t feed_head(struct vn_http *h, int side, const uint8_t *d, size_t l
         }
         if (c != '\n') {
             s->line_len++;
-            if (!s->first_done) {
-                /* the method and its space are decided in the first bytes; after them, only
-                 * a control byte can still say "not HTTP" (the whole line is checked at its end) */
-                if (s->line_len <= 40 ? not_http_yet(s, side, 0)
-                                      : side == VN_HTTP_REQ && ((c < 0x20 && c != '\t') || c == 0x7f))
+            /* the method and its separator are decided in the first bytes (the whole line is
+             * checked at its end) */
+            if (!s->first_done && !s->method_done) {
+                if (not_http_yet(s, side, 0))
                     goto not_http;
+                if (side == VN_HTTP_RESP ? s->line_len >= 5 : ws(c))
+                    s->method_done = 1;
             }
             continue;
         }
         /* the end of a line */
         s->cr = 0;
         if (!s->first_done) {
-            if (not_http_yet(s, side, 1))
+            int nh = not_http_yet(s, side, 1);
+            if (nh == 2)
+                return VN_HTTP_E_SYNTAX;
+            if (nh)
                 goto not_http;
+            /* a line without a version is read with its fields too (busybox does; a server
+             * that answers it as HTTP/0.9 ignores them, and holding them costs nothing) */
             s->first_done = 1;
             s->line0_len = s->line_len;
             s->line_len = 0;
-            /* HTTP/0.9: the request is this line alone */
-            if (side == VN_HTTP_REQ && (s->line0_len < 8 ||
-                memcmp(s->head + s->line0_len - 8, "HTTP/", 5) != 0)) {
-                int r = head_done(h, side);
-                if (r < 0)
-                    return r;
-                *ev = r;
-                return (int64_t)i + 1;
-            }
             continue;
         }
         if (s->line_len == 0) {
@@ -864,9 +909,10 @@ static int64_t feed_head(struct vn_http *h, int side, const uint8_t *d, size_t l
     }
     return (int64_t)i;
 not_http:
-    /* not HTTP: a first request means the connection is something else, and the rules for
-     * HTTP do not apply to it; after HTTP was spoken it is an error (fail closed) */
-    if (side == VN_HTTP_REQ && h->seen_request)
+    /* not HTTP: a first request (or the first after a CONNECT the server accepted) means the
+     * connection is something else, and the rules for HTTP do not apply to it; after HTTP
+     * was spoken it is an error (fail closed) */
+    if (side == VN_HTTP_REQ && h->seen_request && !h->tunnel_probe)
         return VN_HTTP_E_SYNTAX;
     if (side == VN_HTTP_REQ)
         go_dead(&h->s[VN_HTTP_RESP]);
@@ -908,7 +954,21 @@ int64_t vn_http_feed(struct vn_http *h, int side, const uint8_t *d, size_t len, 
     struct side *s = &h->s[side];
     size_t i = 0;
     int64_t r = 0;
+    if (s->state != ST_HEAD && !s->inspecting && (s->head || s->arena || s->body))
+        release(h, s);                  /* the last message's events were delivered */
+    if (side == VN_HTTP_REQ && s->state == ST_WAIT) {
+        uint8_t rs = h->s[VN_HTTP_RESP].state;
+        if (rs == ST_DEAD || rs == ST_BODY_CLOSE)
+            s->state = ST_START;        /* no answer will come: read on as HTTP */
+    }
     while (i < len && *ev == VN_HTTP_EV_NONE) {
+        if (s->keep_body && !s->body_ev && s->state >= ST_BODY_CL && s->state <= ST_TRAILER &&
+            s->pos + i - s->msg_start > (uint64_t)VN_HTTP_HEAD_MAX + 4ull * h->body_limit + 65536) {
+            /* chunk framing (long extensions, tiny chunks) must not hold a message without
+             * bound before its body reaches the limit: the body is inspected as it stands */
+            *ev = body_event(s);
+            break;
+        }
         switch (s->state) {
         case ST_DEAD:
             i = len;
@@ -920,11 +980,11 @@ int64_t vn_http_feed(struct vn_http *h, int side, const uint8_t *d, size_t len, 
                 i++;
                 break;
             }
-            shrink(h, s);
             s->state = ST_HEAD;
             s->msg_start = s->pos + i;
             s->inspecting = side == VN_HTTP_REQ || h->hold_resp;
             s->first_done = 0;
+            s->method_done = 0;
             s->cr = 0;
             s->line_len = 0;
             s->head_len = 0;
@@ -1039,7 +1099,19 @@ out:
 fail_r:
     s->pos += i;
     go_dead(s);
+    if (side == VN_HTTP_RESP && !h->hold_resp)
+        return (int64_t)i;              /* no rule reads responses: a server's odd framing is
+                                           not a reason to stop the connection; only framing ends */
     return r;
+}
+
+void vn_http_settle(struct vn_http *h, int side)
+{
+    if (!h || (side != 0 && side != 1))
+        return;
+    struct side *s = &h->s[side];
+    if (s->state != ST_HEAD && !s->inspecting && (s->head || s->arena || s->body))
+        release(h, s);
 }
 
 int vn_http_eof(struct vn_http *h, int side)
@@ -1051,10 +1123,11 @@ int vn_http_eof(struct vn_http *h, int side)
     if (s->state == ST_HEAD && s->head_len) {
         /* a head the connection's end cut short: read as it stands (servers act on it) */
         if (!s->first_done) {
-            if (not_http_yet(s, side, 1)) {
-                int seen = side == VN_HTTP_REQ && h->seen_request;
+            int nh = not_http_yet(s, side, 1);
+            if (nh) {
+                int bad = nh == 2 || (side == VN_HTTP_REQ && h->seen_request && !h->tunnel_probe);
                 go_dead(s);
-                return seen ? VN_HTTP_E_SYNTAX : VN_HTTP_EV_NONE;
+                return bad ? VN_HTTP_E_SYNTAX : VN_HTTP_EV_NONE;
             }
             s->first_done = 1;
             s->line0_len = s->line_len;
@@ -1108,5 +1181,6 @@ int vn_http_active(const struct vn_http *h, int side)
 
 int vn_http_waiting(const struct vn_http *h)
 {
-    return h->s[VN_HTTP_REQ].state == ST_WAIT;
+    uint8_t rs = h->s[VN_HTTP_RESP].state;
+    return h->s[VN_HTTP_REQ].state == ST_WAIT && rs != ST_DEAD && rs != ST_BODY_CLOSE;
 }

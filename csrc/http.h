@@ -86,6 +86,9 @@ int64_t vn_http_feed(struct vn_http *h, int side, const uint8_t *data, size_t le
 /* The end of a side's stream: a head cut short is complete as it stands (servers act on a
  * head ended by the connection's end); returns an event as vn_http_feed's *ev. */
 int vn_http_eof(struct vn_http *h, int side);
+/* The caller is done with the side's last event: buffers of a message no longer inspected
+ * are freed (vn_http_feed does this too, at its start). */
+void vn_http_settle(struct vn_http *h, int side);
 /* Buffer b of the side's current message: 1 and its bytes, or 0 (absent in this message). */
 int vn_http_buf(const struct vn_http *h, int side, int b, const uint8_t **p, uint32_t *len);
 /* The side's stream offset (bytes fed and consumed) below which nothing is held for

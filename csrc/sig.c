@@ -515,6 +515,11 @@ fail:
     return NULL;
 }
 
+int vn_sig_db_mode(const struct vn_sig_db *db)
+{
+    return db ? db->mode : -1;
+}
+
 uint32_t vn_sig_db_ids(const struct vn_sig_db *db, uint32_t *out, uint32_t max)
 {
     if (!db)

@@ -105,6 +105,8 @@ struct vn_sig_db *vn_sig_db_build(const uint8_t *blob, size_t len, int mode, uin
                                   uint32_t max_errs, uint32_t *nerrs, int *rc);
 void vn_sig_db_free(struct vn_sig_db *db);
 int vn_sig_db_stats(const struct vn_sig_db *db, struct vn_sig_stats *out);
+/* VN_SIG_MODE_BLOCK or VN_SIG_MODE_STREAM (-1: no database). */
+int vn_sig_db_mode(const struct vn_sig_db *db);
 /* The database's rule ids, in its order: returns how many (at most max written). */
 uint32_t vn_sig_db_ids(const struct vn_sig_db *db, uint32_t *out, uint32_t max);
 int vn_sig_scan_block(struct vn_sig_db *db, const uint8_t *data, size_t len,

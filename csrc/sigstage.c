@@ -352,7 +352,7 @@ fail:
 int vn_sigstage_add_http(struct vn_sigstage *st, int group, int buf, struct vn_sig_db *db)
 {
     if (!st || !db || group < 0 || group >= VN_SIG_NHG || buf < 0 || buf >= VN_HTTP_NBUF ||
-        st->hdb[group][buf] || st->refs != 1)
+        st->hdb[group][buf] || st->refs != 1 || vn_sig_db_mode(db) != VN_SIG_MODE_BLOCK)
         return VN_SIG_EINVAL;
     struct vn_sig_stats s;
     if (vn_sig_db_stats(db, &s) < 0)
@@ -991,9 +991,11 @@ int sig_flow_open(struct vn_switch *sw, struct vn_flow *f)
          * the requests they answer, and a request may wait for its response); it holds
          * responses only if some rule reads them */
         hon[0] = hon[1] = 1;
-        if (st->http_mem + 4096 > st->http_memcap ||
-            !(sf->http = vn_http_new(st->http_body_limit, !!(st->hgroups & 1u << VN_SIG_HG_REQ_BODY),
-                                     !!(st->hgroups & 1u << VN_SIG_HG_RESP)))) {
+        sf->http = vn_http_new(st->http_body_limit, !!(st->hgroups & 1u << VN_SIG_HG_REQ_BODY),
+                               !!(st->hgroups & 1u << VN_SIG_HG_RESP));
+        if (!sf->http || st->http_mem + vn_http_mem(sf->http) > st->http_memcap) {
+            vn_http_free(sf->http);
+            sf->http = NULL;
             sw->ports[f->port].st.sig_http_memcap++;
             refused = 1;
         } else {
@@ -1141,15 +1143,16 @@ static void http_pump(struct vn_switch *sw, struct vn_flow *f, int hs)
         }
         if (sf->done)
             return;                     /* blocked: its records may be gone (s with them) */
-        /* what the reader holds now is counted against the stage's memcap */
-        if (sf->http) {
-            size_t m = vn_http_mem(sf->http);
-            sf->stage->http_mem += m - sf->http_mem;
-            sf->http_mem = m;
-            if (sf->stage->http_mem > sf->stage->http_memcap) {
-                http_fail(sw, f, hs, &ps->sig_http_memcap);
-                return;
-            }
+        /* what the reader holds now is counted against the stage's memcap; a connection
+         * whose own reader grew past it is the one that fails */
+        vn_http_settle(sf->http, side);
+        size_t m = vn_http_mem(sf->http);
+        int grew = m > sf->http_mem;
+        sf->stage->http_mem += m - sf->http_mem;
+        sf->http_mem = m;
+        if (grew && sf->stage->http_mem > sf->stage->http_memcap) {
+            http_fail(sw, f, hs, &ps->sig_http_memcap);
+            return;
         }
     }
     if (!sf->done && sf->http && hf->eof && pos == hf->fin_off && vn_http_active(sf->http, side)) {

@@ -348,3 +348,72 @@ def test_reader_gives_the_same_messages_however_the_bytes_are_cut(cuts):
        st.sampled_from([b"", b"GET / HTTP/1.1\r\n", b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"]))
 def test_reader_survives_hostile_bytes(parts, prefix):
     read([(0, prefix)] + parts, body_limit=64)            # no crash, no hang (ASan checks memory)
+
+
+def test_reader_frames_responses_as_a_client_does_and_requests_strictly():
+    # a response with both lengths: Transfer-Encoding wins, and the next response is found
+    evs = read([(0, b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n"),
+                (1, b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"2\r\nok\r\n0\r\n\r\nHTTP/1.1 404 No\r\nContent-Length: 0\r\n\r\n")])
+    codes = [dict(b).get("stat_code") for e, s, b in evs if s == 1]
+    assert codes == [b"200", b"404"]
+    # the same in a request is smuggling
+    assert read([(0, b"POST / HTTP/1.1\r\nContent-Length: 9\r\nTransfer-Encoding: chunked\r\n\r\n")])[-1][0] == "error"
+    # a server that does not speak HTTP: requests are still read, with no limit on how many wait
+    many = b"GET / HTTP/1.1\r\n\r\n" * 100
+    evs = read([(1, b"SSH-2.0-x\r\n"), (0, many)])
+    assert len(evs) == 100 and all(e == lib.VN_HTTP_EV_HEAD for e, s, b in evs)
+
+
+# ---------------------------------------------------------------------------
+# What a review of the reader found: request lines servers act on, and holds and memory
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("req", [
+    b"GET /default.ida?x HTTP/1.1 \r\n\r\n",                   # a separator after the version
+    b"GET /default.ida?x HTTP/01.10\r\n\r\n",                  # digits servers accept
+    b"GET\x0b/default.ida?x\x0cHTTP/1.1\r\n\r\n",              # VT and FF (Python's split())
+    b"GET /default.ida?x\r\nHost: h\r\n\r\n",                  # no version: busybox reads on
+    b"X" * 40 + b" /x HTTP/1.1\r\nUser-Agent: () { :;}; id\r\n\r\n",   # a long method (Apache)
+    b"POST /x\r\nUser-Agent: () { :;}; id\r\n\r\n",           # no version, fields after it
+])
+def test_request_lines_servers_act_on_are_read_not_waved_through(hk, req):
+    c = conn(hk)
+    c.send("a", c.data("a", req))
+    assert got(c, wait=0.5) == b""
+    assert alerts(hk, 201) or alerts(hk, 208)
+
+
+def test_a_control_byte_in_the_target_fails_closed(hk):
+    c = conn(hk)
+    c.send("a", c.data("a", b"GET /default.i\x01da?x HTTP/1.1\r\n\r\n"))
+    assert got(c, wait=0.5) == b"" and hk.stats("b")["sig_http_errors"] == 1
+
+
+def test_an_accepted_connect_followed_by_a_request_is_still_http(hk):
+    c = conn(hk)
+    c.send("a", c.data("a", b"CONNECT / HTTP/1.1\r\n\r\n"), c.data("a", b"GET /x.ida?y HTTP/1.1\r\n\r\n"))
+    got(c)
+    c.send("b", c.data("b", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))   # an ordinary handler
+    assert got(c, wait=0.5) == b"" and alerts(hk, 201)
+
+
+def test_reader_memory_goes_back_after_each_message():
+    h = lib.vn_http_new(1024, 1, 1)
+    ev = ffi.new("int *")
+    try:
+        base = lib.vn_http_mem(h)
+        big = b"GET / HTTP/1.1\r\n" + b"X-Pad: " + b"p" * 30000 + b"\r\n\r\n"
+        assert lib.vn_http_feed(h, 0, big, len(big), ev) == len(big) and ev[0] == lib.VN_HTTP_EV_HEAD
+        assert lib.vn_http_mem(h) > base + 30000
+        lib.vn_http_settle(h, 0)
+        assert lib.vn_http_mem(h) == base            # an idle keep-alive connection keeps nothing
+    finally:
+        lib.vn_http_free(h)
+
+
+def test_reader_chunk_framing_cannot_hold_a_body_without_bound():
+    head = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunk = b"1;" + b"e" * 1000 + b"\r\nA\r\n"
+    evs = read([(0, head + chunk * 200)], body_limit=64)
+    assert [e for e, s, b in evs][:2] == [lib.VN_HTTP_EV_HEAD, lib.VN_HTTP_EV_BODY]
