@@ -58,6 +58,16 @@ def test_policies_fill_in_the_guest_and_absolute_programs():
         assert Path(doc["scanner"][0]["program"]).is_absolute() and Path(doc["scanner"][0]["program"]).exists()
     with pytest.raises(ValueError):
         scanners.policy_doc("nonsense", cfg)
+    # the signatures configuration: the rules file loads as a policy would load it, every rule
+    # accepted and covering a's connections to b
+    from vhostni.signatures.config import parse_section
+    doc = scanners.policy_doc("signatures", cfg)
+    sig = parse_section(doc["signatures"], "/", [f"{scanners.ADDR_A}/32"])
+    assert sig.ruleset.accepted == scanners.SIG_RULES and not sig.problems
+    r = sig.ruleset.rules[0]
+    assert r.matches_header("tcp", scanners.ADDR_A, 40000, scanners.ADDR_B, 5201)
+    assert scanners._ready({"signatures": {"rules": scanners.SIG_RULES}}, {}, scanners.SIG_RULES)
+    assert not scanners._ready({"signatures": {"rules": scanners.SIG_RULES}}, {}, 0)
 
 
 def _positive(x) -> bool:
@@ -78,11 +88,11 @@ def test_bench_scanners_smoke(vhostni_images, vhostni_logdir, tmp_path):
     assert sec["status"].startswith("ran"), sec["status"]
     assert "TCP handshake" in r.stdout and "codered/plain" in r.stdout, r.stdout[-2000:]
 
-    assert list(sec["configs"]) == ["plain", "null", "codered", "null_stream"]
+    assert list(sec["configs"]) == ["plain", "null", "codered", "null_stream", "signatures"]
     for name, e in sec["configs"].items():
         for key in ("hold_us", "handshake_ms", "connect_ms", "dns_ms", "ping_ms", "spawn_ms", "iperf3_gbit_s"):
             assert e[key]["n"] >= 1 and _positive(e[key]["median"]), (name, key, e[key])
-    for name in ("null", "codered", "null_stream"):
+    for name in ("null", "codered", "null_stream", "signatures"):
         for key, v in sec["ratios_to_plain"][name].items():
             assert _positive(v), (name, key, v)
         for key, v in sec["paired_ratios_to_plain"][name].items():
@@ -90,17 +100,23 @@ def test_bench_scanners_smoke(vhostni_images, vhostni_logdir, tmp_path):
 
     blocks = sec["blocks"]
     assert {(b["phase"], b["config"]) for b in blocks} == {
-        (p, c) for p in ("hold", "latency", "throughput") for c in ("plain", "null", "codered", "null_stream")}
+        (p, c) for p in ("hold", "latency", "throughput")
+        for c in ("plain", "null", "codered", "null_stream", "signatures")}
     for b in blocks:
         if b["phase"] == "hold":
             h = b["metrics"]["hold"]
             assert h["n"] == 20 and h["failed"] == 0 and _positive(h["median_us"]), h
             scanners_seen = h["replay"]["scanners"]
-            assert list(scanners_seen) == ([] if b["config"] == "plain" else [b["config"]]), scanners_seen
+            assert list(scanners_seen) == ([] if b["config"] in ("plain", "signatures") else [b["config"]]), \
+                scanners_seen
             continue
         assert b["counters"]["held_cut"] == 0, b["counters"]           # no connection was refused
         if b["config"] == "plain":
             assert b["scanners"] == {} and b["counters"]["held"] == 0, b
+        elif b["config"] == "signatures":            # the stage scans what a sends, no scanner
+            assert b["scanners"] == {} and b["counters"]["sig_dropped"] == 0, b
+            if b["phase"] == "throughput":
+                assert b["counters"]["sig_stream_bytes"] > 1_000_000, b["counters"]
         else:
             sc = b["scanners"][b["config"]]
             assert sc["state"] == "running" and sc["locked_down"], sc

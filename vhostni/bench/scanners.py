@@ -11,6 +11,9 @@ daemon SIGHUP (the guests boot once):
 * ``null_stream``: the null stream scanner (scanners/null_stream.py) holds iperf3's connections (port 5201)
   both ways, every byte passed by the scanner process before it goes on: what a stream scanner costs a bulk
   transfer in the running daemon (not in lockstep, unlike the streams section's replay figure).
+* ``signatures``: the in-line signature stage with the signatures bench's 1,500 rules (10% with a pcre,
+  never matching; vhostni.bench.signatures.make_rules) over every TCP connection a opens to b: each byte
+  a sends is held until the stage scanned it (issue 12's "two TCG guests' iperf3 with those rules").
 
 Before measuring, the daemon's stats file must show the new scanner running, locked down and subscribed (or
 no scanner for ``plain``).  Then, from guest a, timed inside the guest (busybox ``ts %.s`` stamps each loop
@@ -63,7 +66,8 @@ from .frameloop import _HZ, _cpu_busy_ticks, _proc_ticks, summarize
 from .guest_tcp import parse_iperf3
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = ("plain", "null", "codered", "null_stream")
+CONFIGS = ("plain", "null", "codered", "null_stream", "signatures")
+SIG_RULES, SIG_PCRE_SHARE = 1500, 0.1
 ADDR_A, ADDR_B = "10.77.0.1", "10.77.0.2"
 MAC_A, MAC_B = "52:54:00:5c:00:01", "52:54:00:5c:00:02"
 NAME = "www.bench.test"
@@ -112,10 +116,26 @@ def _example(cfg: ScannerBenchConfig, name: str) -> Path:
     return Path(cfg.examples) / name if cfg.examples else REPO / "examples" / name
 
 
+def signature_rules() -> Path:
+    """The rules file of the ``signatures`` configuration (written once; make_rules is seeded)."""
+    from .signatures import make_rules
+    text = make_rules(SIG_RULES, SIG_PCRE_SHARE) + "\n"
+    path = Path(tempfile.gettempdir()) / f"vhostni-bench-{SIG_RULES}.rules"
+    if not path.exists() or path.read_text() != text:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return path
+
+
 def policy_doc(config: str, cfg: ScannerBenchConfig) -> dict:
     """The policy (as a JSON-able dict) guest a's NI gets in ``config``."""
     if config == "plain":
         return {"comment": "bench: no scanner, no rule: plain forwarding", "ni": {"anti_spoof": False}}
+    if config == "signatures":
+        return {"comment": f"bench: {SIG_RULES} never-matching signature rules over a's connections to b",
+                "ni": {"mac": MAC_A, "addresses": [f"{ADDR_A}/32"]},
+                "signatures": {"rules": [str(signature_rules())], "vars": {"HOME_NET": f"[{ADDR_B},{HS_NET}]"}}}
     if config == "null_stream":
         return {"comment": "bench: the null stream scanner holds iperf3's connection both ways",
                 "ni": {"mac": MAC_A, "addresses": [f"{ADDR_A}/32"], "hold_timeout_ms": 10000},
@@ -139,6 +159,10 @@ def policy_doc(config: str, cfg: ScannerBenchConfig) -> dict:
 def _expected_scanners(doc: dict) -> dict[str, int]:
     """Scanner name -> how many subscriptions it is expected to hold (one per right it has)."""
     return {sc["name"]: len(sc.get("allow", [])) for sc in doc.get("scanner", [])}
+
+
+def _expected_rules(doc: dict) -> int:
+    return SIG_RULES if doc.get("signatures") else 0
 
 
 # --- the hold, host-side (no guests) -------------------------------------------------------------------
@@ -379,9 +403,11 @@ def read_stats(path: Path, after: float = 0.0, timeout: float = 10.0) -> dict:
         time.sleep(0.05)
 
 
-def _ready(kernel: dict | None, expected: dict[str, int]) -> bool:
+def _ready(kernel: dict | None, expected: dict[str, int], rules: int = 0) -> bool:
     if kernel is None:
         return False
+    if ((kernel.get("signatures") or {}).get("rules") or 0) != rules:
+        return False                  # the signature stage of the new policy is not in yet
     scanners = kernel.get("scanners", {})
     if set(scanners) != set(expected):
         return False
@@ -397,13 +423,13 @@ def switch_policy(daemon, policy_path: Path, stats_path: Path, doc: dict, timeou
     tmp = policy_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=1))
     os.replace(tmp, policy_path)
-    expected = _expected_scanners(doc)
+    expected, rules = _expected_scanners(doc), _expected_rules(doc)
     t_wall, t0 = time.time(), time.monotonic()
     os.kill(daemon.pid, signal.SIGHUP)
     while True:
         s = read_stats(stats_path, after=t_wall)
         kernel = s["nis"]["a"].get("kernel")
-        if _ready(kernel, expected):
+        if _ready(kernel, expected, rules):
             return {"switch_s": round(time.monotonic() - t0, 3),
                     "scanners": {n: {k: sc.get(k) for k in ("state", "locked_down", "pid", "restarts")}
                                  for n, sc in kernel["scanners"].items()},
@@ -417,7 +443,8 @@ def switch_policy(daemon, policy_path: Path, stats_path: Path, doc: dict, timeou
 
 
 _COUNTERS = ("held", "held_passed", "held_cut", "held_over_cap", "punted_copies", "punt_queue_full",
-             "drop_spoofed", "in_frames", "out_frames", "tcp_held_segments", "tcp_released_segments")
+             "drop_spoofed", "in_frames", "out_frames", "tcp_held_segments", "tcp_released_segments",
+             "sig_stream_bytes", "sig_dropped")
 
 
 def _counters(s: dict) -> dict:
