@@ -38,10 +38,20 @@ enum { ST_START, ST_HEAD, ST_BODY_CL, ST_CHUNK_SIZE, ST_CHUNK_DATA, ST_CHUNK_END
 #define ARENA_NEED(n) (16u * (n) + 16u * VN_HTTP_FIELDS_MAX + 256u)
 
 struct field {
+    uint32_t id;                /* a name the reader knows (F_*), else F_OTHER */
     uint32_t no, nl;            /* name: offset into head, length */
     const uint8_t *v;           /* value (into head, or into the arena if it was folded) */
     uint32_t vl;
 };
+
+/* Field names the reader has buffers or framing for. */
+enum { F_OTHER, F_COOKIE, F_SET_COOKIE, F_CONTENT_TYPE, F_CONTENT_LENGTH, F_USER_AGENT, F_ACCEPT,
+       F_ACCEPT_LANGUAGE, F_ACCEPT_ENCODING, F_REFERER, F_CONNECTION, F_HOST, F_SERVER, F_LOCATION,
+       F_TRANSFER_ENCODING, F_UPGRADE, F_N };
+static const char *const field_names[F_N] = {
+    "", "cookie", "set-cookie", "content-type", "content-length", "user-agent", "accept",
+    "accept-language", "accept-encoding", "referer", "connection", "host", "server", "location",
+    "transfer-encoding", "upgrade"};
 
 struct side {
     uint8_t state, first_done, method_done, cr, inspecting, body_ev, kind;
@@ -88,10 +98,27 @@ const char *vn_http_strerror(int e)
     return (e < 0 && -e < (int)(sizeof errs / sizeof *errs)) ? errs[-e] : "unknown error";
 }
 
+/* RFC 9110's token characters, as a table: a field name's bytes are checked one by one */
+#define T_ (1)
+static const uint8_t tchars[256] = {
+    ['!'] = T_, ['#'] = T_, ['$'] = T_, ['%'] = T_, ['&'] = T_, ['\''] = T_, ['*'] = T_, ['+'] = T_,
+    ['-'] = T_, ['.'] = T_, ['^'] = T_, ['_'] = T_, ['`'] = T_, ['|'] = T_, ['~'] = T_,
+    ['0'] = T_, ['1'] = T_, ['2'] = T_, ['3'] = T_, ['4'] = T_, ['5'] = T_, ['6'] = T_, ['7'] = T_,
+    ['8'] = T_, ['9'] = T_,
+    ['A'] = T_, ['B'] = T_, ['C'] = T_, ['D'] = T_, ['E'] = T_, ['F'] = T_, ['G'] = T_, ['H'] = T_,
+    ['I'] = T_, ['J'] = T_, ['K'] = T_, ['L'] = T_, ['M'] = T_, ['N'] = T_, ['O'] = T_, ['P'] = T_,
+    ['Q'] = T_, ['R'] = T_, ['S'] = T_, ['T'] = T_, ['U'] = T_, ['V'] = T_, ['W'] = T_, ['X'] = T_,
+    ['Y'] = T_, ['Z'] = T_,
+    ['a'] = T_, ['b'] = T_, ['c'] = T_, ['d'] = T_, ['e'] = T_, ['f'] = T_, ['g'] = T_, ['h'] = T_,
+    ['i'] = T_, ['j'] = T_, ['k'] = T_, ['l'] = T_, ['m'] = T_, ['n'] = T_, ['o'] = T_, ['p'] = T_,
+    ['q'] = T_, ['r'] = T_, ['s'] = T_, ['t'] = T_, ['u'] = T_, ['v'] = T_, ['w'] = T_, ['x'] = T_,
+    ['y'] = T_, ['z'] = T_,
+};
+#undef T_
+
 static int tchar(uint8_t c)
 {
-    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-           (c && strchr("!#$%&'*+-.^_`|~", c));
+    return tchars[c];
 }
 
 /* The separators servers split a request line at (Python's str.split() takes VT and FF too). */
@@ -114,6 +141,16 @@ static int ieq(const uint8_t *a, uint32_t n, const char *b)
         if (lc(a[i]) != (uint8_t)b[i])
             return 0;
     return 1;
+}
+
+static uint32_t field_id(const uint8_t *name, uint32_t n)
+{
+    if (n < 4 || n > 17)
+        return F_OTHER;
+    for (uint32_t k = 1; k < F_N; k++)
+        if (lc(name[0]) == (uint8_t)field_names[k][0] && ieq(name, n, field_names[k]))
+            return k;
+    return F_OTHER;
 }
 
 struct vn_http *vn_http_new(uint32_t body_limit, int want_body, int hold_resp)
@@ -170,12 +207,25 @@ static int grow(struct vn_http *h, uint8_t **p, uint32_t *cap, uint32_t need, ui
  * connections that wait). */
 static void release(struct vn_http *h, struct side *s)
 {
-    h->mem -= (size_t)s->arena_cap + s->head_cap + s->body_cap;
-    free(s->arena);
-    free(s->head);
-    free(s->body);
-    s->arena = s->head = s->body = NULL;
-    s->arena_cap = s->head_cap = s->body_cap = 0;
+    /* small working buffers stay (no malloc per message); big ones go */
+    if (s->arena_cap > 16384) {
+        h->mem -= s->arena_cap;
+        free(s->arena);
+        s->arena = NULL;
+        s->arena_cap = 0;
+    }
+    if (s->head_cap > 2048) {
+        h->mem -= s->head_cap;
+        free(s->head);
+        s->head = NULL;
+        s->head_cap = 0;
+    }
+    if (s->body_cap > 4096) {
+        h->mem -= s->body_cap;
+        free(s->body);
+        s->body = NULL;
+        s->body_cap = 0;
+    }
     s->arena_len = s->head_len = s->body_len = 0;
     s->present = 0;
 }
@@ -315,14 +365,14 @@ static uint32_t norm_host(const uint8_t *a, uint32_t n, uint8_t *out)
 }
 
 /* One header's value into buffer b: several fields of that name join with ", ". */
-static void join_field(struct side *s, int b, const char *name, uint32_t *count)
+static void join_field(struct side *s, int b, uint32_t id, uint32_t *count)
 {
     uint8_t *start = s->arena + s->arena_len;
     uint32_t n = 0;
     *count = 0;
     for (uint32_t i = 0; i < s->nf; i++) {
         const struct field *f = &s->f[i];
-        if (!ieq(s->head + f->no, f->nl, name))
+        if (f->id != id)
             continue;
         if (n)
             ap(s, ", ", 2), n += 2;
@@ -435,12 +485,12 @@ static int build_bufs(struct vn_http *h, struct side *s, int side)
     if (s->nf)
         set_buf(s, VN_HTTP_B_HEADER_RAW, hd + r0, s->head_len - r0);
     /* http.header: "Name: value\r\n" per field but the cookies, then "\r\n" */
-    const char *cookie = side == VN_HTTP_REQ ? "cookie" : "set-cookie";
+    uint32_t cookie = side == VN_HTTP_REQ ? F_COOKIE : F_SET_COOKIE;
     uint8_t *hb = s->arena + s->arena_len;
     uint32_t hn = 0, nc = 0;
     for (uint32_t i = 0; i < s->nf; i++) {
         const struct field *f = &s->f[i];
-        if (ieq(hd + f->no, f->nl, cookie))
+        if (f->id == cookie)
             continue;
         ap(s, hd + f->no, f->nl);
         ap(s, ": ", 2);
@@ -483,17 +533,17 @@ static int build_bufs(struct vn_http *h, struct side *s, int side)
     }
     uint32_t cnt;
     join_field(s, VN_HTTP_B_COOKIE, cookie, &cnt);
-    join_field(s, VN_HTTP_B_CONTENT_TYPE, "content-type", &cnt);
-    join_field(s, VN_HTTP_B_CONTENT_LEN, "content-length", &cnt);
+    join_field(s, VN_HTTP_B_CONTENT_TYPE, F_CONTENT_TYPE, &cnt);
+    join_field(s, VN_HTTP_B_CONTENT_LEN, F_CONTENT_LENGTH, &cnt);
     if (side == VN_HTTP_REQ) {
-        join_field(s, VN_HTTP_B_USER_AGENT, "user-agent", &cnt);
-        join_field(s, VN_HTTP_B_ACCEPT, "accept", &cnt);
-        join_field(s, VN_HTTP_B_ACCEPT_LANG, "accept-language", &cnt);
-        join_field(s, VN_HTTP_B_ACCEPT_ENC, "accept-encoding", &cnt);
-        join_field(s, VN_HTTP_B_REFERER, "referer", &cnt);
-        join_field(s, VN_HTTP_B_CONNECTION, "connection", &cnt);
+        join_field(s, VN_HTTP_B_USER_AGENT, F_USER_AGENT, &cnt);
+        join_field(s, VN_HTTP_B_ACCEPT, F_ACCEPT, &cnt);
+        join_field(s, VN_HTTP_B_ACCEPT_LANG, F_ACCEPT_LANGUAGE, &cnt);
+        join_field(s, VN_HTTP_B_ACCEPT_ENC, F_ACCEPT_ENCODING, &cnt);
+        join_field(s, VN_HTTP_B_REFERER, F_REFERER, &cnt);
+        join_field(s, VN_HTTP_B_CONNECTION, F_CONNECTION, &cnt);
         if (!(s->present & 1u << VN_HTTP_B_HOST_RAW)) {
-            join_field(s, VN_HTTP_B_HOST_RAW, "host", &cnt);
+            join_field(s, VN_HTTP_B_HOST_RAW, F_HOST, &cnt);
             if (cnt && !room(s, s->bl[VN_HTTP_B_HOST_RAW]))
                 return VN_HTTP_E_NOMEM;
             if (cnt == 1) {
@@ -509,8 +559,8 @@ static int build_bufs(struct vn_http *h, struct side *s, int side)
             }
         }
     } else {
-        join_field(s, VN_HTTP_B_SERVER, "server", &cnt);
-        join_field(s, VN_HTTP_B_LOCATION, "location", &cnt);
+        join_field(s, VN_HTTP_B_SERVER, F_SERVER, &cnt);
+        join_field(s, VN_HTTP_B_LOCATION, F_LOCATION, &cnt);
     }
     return 0;
 }
@@ -528,9 +578,8 @@ static int split_fields(struct side *s)
         i++;
     i++;
     while (i < n) {
-        uint32_t j = i;
-        while (j < n && hd[j] != '\n')
-            j++;
+        const uint8_t *lf = memchr(hd + i, '\n', n - i);
+        uint32_t j = lf ? (uint32_t)(lf - hd) : n;
         uint32_t e = j;
         if (e > i && hd[e - 1] == '\r')
             e--;
@@ -582,6 +631,7 @@ static int split_fields(struct side *s)
             struct field *f = &s->f[s->nf++];
             f->no = i;
             f->nl = c - i;
+            f->id = field_id(hd + i, c - i);
             f->v = hd + a;
             f->vl = b - a;
         }
@@ -613,14 +663,13 @@ static int framing(struct side *s, int side)
     uint64_t cl = 0;
     for (uint32_t i = 0; i < s->nf; i++) {
         const struct field *f = &s->f[i];
-        const uint8_t *name = s->head + f->no;
-        if (ieq(name, f->nl, "transfer-encoding")) {
+        if (f->id == F_TRANSFER_ENCODING) {
             const uint8_t *t;
             uint32_t tn;
             last_token(f->v, f->vl, &t, &tn);
             te = 1;
             chunked = ieq(t, tn, "chunked");    /* the last field's last coding decides */
-        } else if (ieq(name, f->nl, "content-length")) {
+        } else if (f->id == F_CONTENT_LENGTH) {
             /* a list of equal values is one value (RFC 9110 8.6); anything else is ambiguous */
             uint32_t k = 0;
             while (k <= f->vl) {
@@ -664,10 +713,10 @@ static int framing(struct side *s, int side)
     return side == VN_HTTP_REQ ? 0 : 3;
 }
 
-static int has_field(const struct side *s, const char *name)
+static int has_field(const struct side *s, uint32_t id)
 {
     for (uint32_t i = 0; i < s->nf; i++)
-        if (ieq(s->head + s->f[i].no, s->f[i].nl, name))
+        if (s->f[i].id == id)
             return 1;
     return 0;
 }
@@ -703,7 +752,7 @@ static int head_done(struct vn_http *h, int side)
             kind |= K_HEAD;
         if (ml == 7 && !memcmp(m, "CONNECT", 7))
             kind |= K_CONNECT;
-        if (has_field(s, "upgrade"))
+        if (has_field(s, F_UPGRADE))
             kind |= K_UPGRADE;
         h->tunnel_probe = 0;            /* a request after an accepted CONNECT: still HTTP */
         int fr = framing(s, side);
@@ -713,6 +762,11 @@ static int head_done(struct vn_http *h, int side)
         if (rs == ST_DEAD || rs == ST_BODY_CLOSE) {
             /* no response will be read any more (the server is not speaking HTTP, or its
              * last response runs to the connection's end): nothing to frame, nothing to wait for */
+            kind &= (uint8_t)~(K_CONNECT | K_UPGRADE);
+        } else if (h->pend_n >= VN_HTTP_PIPELINE_MAX && !h->hold_resp) {
+            /* more requests wait than responses are framed for, and no rule reads responses:
+             * responses are not read any more (nothing else needs them) */
+            go_dead(&h->s[VN_HTTP_RESP]);
             kind &= (uint8_t)~(K_CONNECT | K_UPGRADE);
         } else {
             if (h->pend_n >= VN_HTTP_PIPELINE_MAX)
@@ -854,6 +908,26 @@ static int64_t feed_head(struct vn_http *h, int side, const uint8_t *d, size_t l
     struct side *s = &h->s[side];
     size_t i = 0;
     for (; i < len; i++) {
+        if ((s->first_done || s->method_done) && !s->cr && d[i] != '\n') {
+            /* the rest of a line at once: up to its LF, with no NUL and no CR but before the
+             * LF (or at the input's end, where the LF must come next) */
+            const uint8_t *nl = memchr(d + i, '\n', len - i);
+            size_t end = nl ? (size_t)(nl - d) : len, run = end - i;
+            const uint8_t *cr = memchr(d + i, '\r', run);
+            if ((cr && cr != d + end - 1) || memchr(d + i, 0, run))
+                return VN_HTTP_E_SYNTAX;
+            if (s->head_len + run > VN_HTTP_HEAD_MAX)
+                return VN_HTTP_E_HEAD_TOO_LONG;
+            int e = grow(h, &s->head, &s->head_cap, s->head_len + (uint32_t)run, VN_HTTP_HEAD_MAX);
+            if (e)
+                return VN_HTTP_E_NOMEM;
+            memcpy(s->head + s->head_len, d + i, run);
+            s->head_len += (uint32_t)run;
+            s->line_len += (uint32_t)(run - (cr ? 1 : 0));
+            s->cr = cr != NULL;
+            i = end - 1;                /* the loop's i++ lands on the LF (or the end) */
+            continue;
+        }
         uint8_t c = d[i];
         if (s->head_len >= VN_HTTP_HEAD_MAX)
             return VN_HTTP_E_HEAD_TOO_LONG;
@@ -954,7 +1028,7 @@ int64_t vn_http_feed(struct vn_http *h, int side, const uint8_t *d, size_t len, 
     struct side *s = &h->s[side];
     size_t i = 0;
     int64_t r = 0;
-    if (s->state != ST_HEAD && !s->inspecting && (s->head || s->arena || s->body))
+    if (s->state != ST_HEAD && !s->inspecting && s->present)
         release(h, s);                  /* the last message's events were delivered */
     if (side == VN_HTTP_REQ && s->state == ST_WAIT) {
         uint8_t rs = h->s[VN_HTTP_RESP].state;
@@ -1110,7 +1184,7 @@ void vn_http_settle(struct vn_http *h, int side)
     if (!h || (side != 0 && side != 1))
         return;
     struct side *s = &h->s[side];
-    if (s->state != ST_HEAD && !s->inspecting && (s->head || s->arena || s->body))
+    if (s->state != ST_HEAD && !s->inspecting && s->present)
         release(h, s);
 }
 

@@ -18,6 +18,15 @@ def test_signature_bench_small_run():
     assert r["inline_status"] == "ran", r
     assert r["inline_stage_gbit"] > 0 and r["inline_forward_gbit"] > 0 and r["inline_hyperscan_gbit"] > 0
     assert "with the signature stage" in text
+    # the same rules as HTTP rules: every request read, none matched, every byte delivered
+    assert r["http_status"] == "ran", r
+    assert r["http_requests"] > 1000 and r["http_stage_gbit"] > 0 and "with the HTTP rules" in text
+
+
+def test_bench_http_rules_are_http_rules_in_each_buffer():
+    rs = parse_rules(sb.http_rules(sb.make_rules(40, 0.1, 0.05)), Vars(home=["10.0.0.2"]), "b")
+    assert not rs.problems and {r.mode for r in rs.rules} == {"http"}
+    assert {b for r in rs.rules for g in r.http_groups.values() for b in g} == set(sb.HTTP_BUFFERS_ROTATION)
 
 
 def test_bench_rules_never_match_in_block_mode_either():

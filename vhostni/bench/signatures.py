@@ -41,6 +41,7 @@ class SigBenchConfig:
     compile_rules: int = 10000
     inline: bool = True
     inline_mbytes: int = 32
+    inline_http: bool = True        # the same rules as HTTP rules over coherent HTTP request streams
 
 
 def vocabulary(seed: int = 2) -> list[bytes]:
@@ -142,6 +143,8 @@ def run_signatures(cfg: SigBenchConfig, progress=print) -> dict:
     db.close()
     if cfg.inline:
         res.update(run_inline(cfg, make_rules(cfg.rules, cfg.pcre_share, cfg.near_share), progress))
+    if cfg.inline_http:
+        res.update(run_inline_http(cfg, make_rules(cfg.rules, cfg.pcre_share, cfg.near_share), progress))
     if cfg.compile_rules <= 0:
         return res
     progress(f"signatures: compiling {cfg.compile_rules} rules")
@@ -244,6 +247,95 @@ def run_inline(cfg: SigBenchConfig, text: str, progress=print) -> dict:
             "inline_ratio_stage_to_forward": f / s_, "inline_ratio_stage_to_hyperscan": h / s_}
 
 
+HTTP_BUFFERS_ROTATION = ("http.uri", "http.header", "http.user_agent", "http.host")
+
+
+def http_rules(text: str) -> str:
+    """The bench's rules as HTTP rules: each rule's contents in one HTTP buffer (rotating over
+    http.uri, http.header, http.user_agent, http.host), as rule sets write most web rules."""
+    out = []
+    for i, line in enumerate(text.splitlines()):
+        buf = HTTP_BUFFERS_ROTATION[i % len(HTTP_BUFFERS_ROTATION)]
+        out.append(line.replace("flow:to_server,established;", f"flow:to_server,established; {buf};", 1)
+                   .replace("-> $HOME_NET any", "-> any any", 1))
+    return "\n".join(out)
+
+
+def http_capture(streams: int, nbytes: int, mss: int) -> tuple[bytes, int, int]:
+    """Like inline_capture, but every connection carries its own whole requests from the client
+    (an HTTP reader needs coherent streams): (the pack, payload bytes, requests)."""
+    from .streams import ACK, PSH, Conn, Frames
+    fr = Frames()
+    conns = [Conn(fr, 31000 + i, 80) for i in range(streams)]
+    datas = []
+    for i in range(streams):
+        d = make_data(nbytes + 4096, seed=10 + i)
+        datas.append(d[:d.rfind(b"\r\n\r\n", 0, nbytes) + 4])
+    out = []
+
+    def put(from_guest: bool, frame: bytes) -> None:
+        out.append(struct.pack("<BH", 0 if from_guest else 1, len(frame)) + frame)
+
+    for c in conns:
+        for k, f in enumerate(c.open()):
+            put(k != 1, f)
+    at, sent = [0] * streams, [0] * streams
+    while any(at[i] < len(datas[i]) for i in range(streams)):
+        for i, c in enumerate(conns):
+            if at[i] >= len(datas[i]):
+                continue
+            piece = datas[i][at[i]:at[i] + mss]
+            at[i] += len(piece)
+            put(True, c.seg(True, ACK | PSH, piece))
+            sent[i] += 1
+            if sent[i] % 2 == 0 or at[i] >= len(datas[i]):
+                put(False, c.seg(False, ACK))
+    for c in conns:
+        for k, f in enumerate(c.close()):
+            put(k != 1, f)
+    return b"".join(out), sum(map(len, datas)), sum(d.count(b"\r\n\r\n") for d in datas)
+
+
+def run_inline_http(cfg: SigBenchConfig, text: str, progress=print) -> dict:
+    """The in-line stage with the rules as HTTP rules (csrc/http.c reads every request, the
+    rules match its buffers) against plain forwarding of the same requests, alternated."""
+    from ..fastpath import Switch
+    from ..policy import parse_policy
+    from ..signatures.stage import Stage
+    rs = parse_rules(http_rules(text), Vars(home=["10.78.0.1"]), "bench-http.rules")
+    if rs.problems:
+        return {"http_status": f"bench rules rejected: {rs.problems[0]}"}
+    stage = Stage(rs.rules)
+    if stage.problems:
+        return {"http_status": f"bench rules rejected: {stage.problems[0]}"}
+    pack, nbytes, nreq = http_capture(cfg.streams, (cfg.inline_mbytes << 20) // cfg.streams, cfg.chunk)
+    progress(f"signatures in-line, HTTP rules: {len(rs.rules)} rules, {nbytes >> 20} MiB of {nreq} requests over "
+             f"{cfg.streams} connections, {cfg.rounds} rounds")
+    fwd_s, sig_s, delivered = [], [], {}
+    for r in range(cfg.rounds):
+        order = (("plain", fwd_s), ("stage", sig_s)) if r % 2 == 0 else (("stage", sig_s), ("plain", fwd_s))
+        for what, acc in order:
+            with Switch() as sw:
+                g, n = sw.add_sink_port(), sw.add_sink_port()
+                g.set_policy(parse_policy({"ni": {}}).compile([], []))
+                if what == "stage":
+                    g.set_sigstage(stage)
+                t = time.perf_counter()
+                delivered[what] = lib.vn_sig_bench_switch(sw._sw, g.index, n.index, pack, len(pack))
+                acc.append(time.perf_counter() - t)
+                st = g.stats()
+                if what == "stage" and (st["sig_matches"] or st["sig_http_errors"] or st["sig_http_requests"] != nreq):
+                    return {"http_status": f"stage read {st['sig_http_requests']} of {nreq} requests, "
+                                           f"{st['sig_matches']} matches, {st['sig_http_errors']} errors"}
+                g.set_sigstage(None)
+    if delivered.get("plain") != delivered.get("stage") or (delivered.get("plain") or 0) < nbytes:
+        return {"http_status": f"delivered bytes differ: {delivered}"}
+    f, s_ = statistics.median(fwd_s), statistics.median(sig_s)
+    return {"http_status": "ran", "http_bytes": nbytes, "http_requests": nreq, "http_rules": len(rs.rules),
+            "http_forward_gbit": _gbit(nbytes, f), "http_stage_gbit": _gbit(nbytes, s_),
+            "http_requests_per_s": nreq / s_, "http_ratio_stage_to_forward": f / s_}
+
+
 def report_lines(r: dict) -> list[str]:
     if r.get("status") != "ran":
         return [f"signatures: {r.get('status')}"]
@@ -267,6 +359,15 @@ def report_lines(r: dict) -> list[str]:
             f"stage/Hyperscan {r['inline_ratio_stage_to_hyperscan']:.2f} (goal >= 0.6; >= 3 Gbit/s)"]
     elif "inline_status" in r:
         lines.append(f"  in-line: {r['inline_status']}")
+    if r.get("http_status") == "ran":
+        lines += [
+            f"  in-line, the rules as HTTP rules, {r['http_requests']} requests ({r['http_bytes'] >> 20} MiB) "
+            f"over {r['streams']} connections:",
+            f"    plain forwarding             {r['http_forward_gbit']:6.2f} Gbit/s",
+            f"    with the HTTP rules          {r['http_stage_gbit']:6.2f} Gbit/s   "
+            f"stage/plain {r['http_ratio_stage_to_forward']:.2f}  ({r['http_requests_per_s'] / 1e3:.0f} k requests/s)"]
+    elif "http_status" in r:
+        lines.append(f"  in-line, HTTP rules: {r['http_status']}")
     if "compile_total_s" in r:
         lines.append(f"  compile {r['compile_rules']} rules: {r['compile_total_s']:.2f} s (parse "
                      f"{r['compile_parse_s']:.2f} s, Hyperscan+PCRE2 {r['compile_build_s']:.2f} s; goal <= 10 s)")
