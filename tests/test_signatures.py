@@ -241,10 +241,15 @@ def test_real_suricata_verify_rules():
 def test_example_web_rules_all_compile():
     with open(WEB_RULES) as f:
         rs = parse_rules(f.read(), V, WEB_RULES)
-    assert not rs.problems and rs.accepted == 10
+    assert not rs.problems and rs.accepted == 12
+    assert [r.sid for r in rs.rules if r.mode == "http"] == [1000011, 1000012]
     for (mode, _, _), group in rs.groups().items():
+        if mode == "http":
+            continue                  # matched per HTTP buffer: the stage below builds them
         with SignatureDB(group, mode) as db:
             assert not db.problems
+    from vhostni.signatures.stage import Stage
+    assert not Stage(rs.rules).problems
 
 
 # ---------------------------------------------------------------- matcher
@@ -594,7 +599,7 @@ def test_policy_missing_rule_file_always_fails(tmp_path):
 def test_example_policy_loads():
     from vhostni.policy import load_policy
     p = load_policy(os.path.join(ROOT, "examples", "signatures.toml"))
-    assert p.signatures.ruleset.accepted == 10 and not p.signatures.problems
+    assert p.signatures.ruleset.accepted == 12 and not p.signatures.problems
 
 
 def test_cli_rules_check(tmp_path, capsys):
@@ -606,7 +611,7 @@ def test_cli_rules_check(tmp_path, capsys):
     assert out == [f"{f}:2: sid 2: file_data: HTTP response bodies are not inspected (yet)",
                    "1 rule accepted (1 stream), 1 skipped"]
     assert main(["rules", "check", WEB_RULES, "--home-net", "10.0.0.2"]) == 0
-    assert capsys.readouterr().out.strip() == "10 rules accepted (1 packet, 9 stream), 0 skipped"
+    assert capsys.readouterr().out.strip() == "12 rules accepted (2 http, 1 packet, 9 stream), 0 skipped"
     assert main(["rules", "check", str(tmp_path / "missing.rules")]) == 2
     assert main(["rules", "check", str(f), "--vars", "$WEB=[80,81]"]) == 1
     assert "1 rule accepted" in capsys.readouterr().out
