@@ -1009,6 +1009,16 @@ static void keep(struct vn_http *h, struct side *s, const uint8_t *d, size_t n)
     s->body_len += (uint32_t)n;
 }
 
+/* Body bytes (Content-Length or a chunk's data): up to what is left of it, kept for
+ * inspection if wanted.  Returns the bytes used. */
+static size_t take_body(struct vn_http *h, struct side *s, const uint8_t *d, size_t len)
+{
+    size_t n = len < s->left ? len : (size_t)s->left;
+    keep(h, s, d, n);
+    s->left -= n;
+    return n;
+}
+
 /* The request body is complete or at its limit: the BODY event. */
 static int body_event(struct side *s)
 {
@@ -1073,17 +1083,13 @@ int64_t vn_http_feed(struct vn_http *h, int side, const uint8_t *d, size_t len, 
             if (s->state == ST_DEAD)
                 i = len;
             break;
-        case ST_BODY_CL: {
-            size_t n = len - i < s->left ? len - i : (size_t)s->left;
-            keep(h, s, d + i, n);
-            s->left -= n;
-            i += n;
+        case ST_BODY_CL:
+            i += take_body(h, s, d + i, len - i);
             if (s->keep_body && !s->body_ev && (s->body_len >= h->body_limit || !s->left))
                 *ev = body_event(s);
             if (!s->left)
                 end_message(h, side);
             break;
-        }
         case ST_CHUNK_SIZE: {
             uint8_t c = d[i++];
             if (c != '\n') {
@@ -1117,10 +1123,7 @@ int64_t vn_http_feed(struct vn_http *h, int side, const uint8_t *d, size_t len, 
             break;
         }
         case ST_CHUNK_DATA: {
-            size_t n = len - i < s->left ? len - i : (size_t)s->left;
-            keep(h, s, d + i, n);
-            s->left -= n;
-            i += n;
+            i += take_body(h, s, d + i, len - i);
             if (!s->left)
                 s->state = ST_CHUNK_END, s->cr = 0;
             if (s->keep_body && !s->body_ev && s->body_len >= h->body_limit)

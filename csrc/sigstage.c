@@ -1037,7 +1037,7 @@ static int http_match(struct vn_switch *sw, struct vn_flow *f, int side, int g, 
 {
     struct vn_sigflow *sf = f->sig;
     struct vn_sigstage *st = sf->stage;
-    struct vn_port_stats *ps = &sw->ports[f->port].st;
+    (void)sw;
     if (++st->hgen_cur == 0) {
         memset(st->hgen, 0, st->nrules * sizeof *st->hgen);
         st->hgen_cur = 1;
@@ -1050,7 +1050,6 @@ static int http_match(struct vn_switch *sw, struct vn_flow *f, int side, int g, 
         if (!db || !vn_http_buf(sf->http, side, b, &p, &len))
             continue;
         int n = vn_sig_scan_block(db, p, len, st->out, st->nrules);
-        ps->sig_stream_bytes += len;
         if (n < 0)
             return n;
         for (int i = 0; i < n; i++) {

@@ -14,6 +14,7 @@ from hypothesis import given, settings, strategies as st
 
 from nikit import IPS, time_limit
 from tcpkit import Conn
+from test_sigstage import conn as sig_conn, got, sig_alerts as alerts
 from vhostni._fastpath import ffi, lib
 
 RULES = r'''
@@ -44,18 +45,7 @@ def hk(kits, tmp_path):
 
 
 def conn(k, cport: int = 41000, sport: int = 80) -> Conn:
-    c = Conn(k, client="a", server="b", cport=cport, sport=sport)
-    c.open()
-    k.step()
-    return c
-
-
-def got(c: Conn, name: str = "b", wait: float = 0.4) -> bytes:
-    return b"".join(s.payload for s in c.recv(name, wait))
-
-
-def alerts(k, sid: int) -> list[dict]:
-    return [a for a in k.alerts() if a.get("fields", {}).get("alert", {}).get("signature_id") == sid]
+    return sig_conn(k, cport=cport, sport=sport)
 
 
 BENIGN = b"GET /index.html HTTP/1.1\r\nHost: www.example\r\nUser-Agent: Mozilla/5.0\r\n\r\n"

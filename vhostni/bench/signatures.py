@@ -197,10 +197,26 @@ def inline_capture(streams: int, nbytes: int, mss: int) -> tuple[bytes, bytes, i
     return b"".join(out), b"".join(payload), nbytes * streams
 
 
-def run_inline(cfg: SigBenchConfig, text: str, progress=print) -> dict:
-    """Forwarding with and without the stage, and Hyperscan alone, in one run (see the module doc)."""
+def _switch_run(stage, pack: bytes) -> tuple[float, int, dict]:
+    """One pass of the pack through a fresh switch, the NI with ``stage`` (None: plain
+    forwarding): (seconds, bytes delivered, the NI's port stats)."""
     from ..fastpath import Switch
     from ..policy import parse_policy
+    with Switch() as sw:
+        g, n = sw.add_sink_port(), sw.add_sink_port()
+        g.set_policy(parse_policy({"ni": {}}).compile([], []))
+        if stage is not None:
+            g.set_sigstage(stage)
+        t = time.perf_counter()
+        got = lib.vn_sig_bench_switch(sw._sw, g.index, n.index, pack, len(pack))
+        secs = time.perf_counter() - t
+        st = g.stats()
+        g.set_sigstage(None)
+    return secs, got, st
+
+
+def run_inline(cfg: SigBenchConfig, text: str, progress=print) -> dict:
+    """Forwarding with and without the stage, and Hyperscan alone, in one run (see the module doc)."""
     from ..signatures.stage import Stage
     vars = Vars(home=["10.78.0.1"])
     rs = parse_rules(text.replace("flow:to_server,established;", "flow:established;")
@@ -219,20 +235,11 @@ def run_inline(cfg: SigBenchConfig, text: str, progress=print) -> dict:
         for r in range(cfg.rounds):
             order = (("plain", fwd_s), ("stage", sig_s)) if r % 2 == 0 else (("stage", sig_s), ("plain", fwd_s))
             for what, acc in order:
-                with Switch() as sw:
-                    g, n = sw.add_sink_port(), sw.add_sink_port()
-                    g.set_policy(parse_policy({"ni": {}}).compile([], []))
-                    if what == "stage":
-                        g.set_sigstage(stage)
-                    t = time.perf_counter()
-                    got = lib.vn_sig_bench_switch(sw._sw, g.index, n.index, pack, len(pack))
-                    acc.append(time.perf_counter() - t)
-                    st = g.stats()
-                    delivered[what] = got
-                    if what == "stage" and (st["sig_matches"] or st["sig_stream_bytes"] != nbytes):
-                        return {"inline_status": f"stage scanned {st['sig_stream_bytes']} of {nbytes} bytes, "
-                                                 f"{st['sig_matches']} matches"}
-                    g.set_sigstage(None)
+                secs, delivered[what], st = _switch_run(stage if what == "stage" else None, pack)
+                acc.append(secs)
+                if what == "stage" and (st["sig_matches"] or st["sig_stream_bytes"] != nbytes):
+                    return {"inline_status": f"stage scanned {st['sig_stream_bytes']} of {nbytes} bytes, "
+                                             f"{st['sig_matches']} matches"}
             t = time.perf_counter()
             lib.vn_sig_bench_streams(db._db, payload, len(payload), cfg.chunk, cfg.streams, 1)
             raw_s.append(time.perf_counter() - t)
@@ -299,8 +306,6 @@ def http_capture(streams: int, nbytes: int, mss: int) -> tuple[bytes, int, int]:
 def run_inline_http(cfg: SigBenchConfig, text: str, progress=print) -> dict:
     """The in-line stage with the rules as HTTP rules (csrc/http.c reads every request, the
     rules match its buffers) against plain forwarding of the same requests, alternated."""
-    from ..fastpath import Switch
-    from ..policy import parse_policy
     from ..signatures.stage import Stage
     rs = parse_rules(http_rules(text), Vars(home=["10.78.0.1"]), "bench-http.rules")
     if rs.problems:
@@ -315,19 +320,11 @@ def run_inline_http(cfg: SigBenchConfig, text: str, progress=print) -> dict:
     for r in range(cfg.rounds):
         order = (("plain", fwd_s), ("stage", sig_s)) if r % 2 == 0 else (("stage", sig_s), ("plain", fwd_s))
         for what, acc in order:
-            with Switch() as sw:
-                g, n = sw.add_sink_port(), sw.add_sink_port()
-                g.set_policy(parse_policy({"ni": {}}).compile([], []))
-                if what == "stage":
-                    g.set_sigstage(stage)
-                t = time.perf_counter()
-                delivered[what] = lib.vn_sig_bench_switch(sw._sw, g.index, n.index, pack, len(pack))
-                acc.append(time.perf_counter() - t)
-                st = g.stats()
-                if what == "stage" and (st["sig_matches"] or st["sig_http_errors"] or st["sig_http_requests"] != nreq):
-                    return {"http_status": f"stage read {st['sig_http_requests']} of {nreq} requests, "
-                                           f"{st['sig_matches']} matches, {st['sig_http_errors']} errors"}
-                g.set_sigstage(None)
+            secs, delivered[what], st = _switch_run(stage if what == "stage" else None, pack)
+            acc.append(secs)
+            if what == "stage" and (st["sig_matches"] or st["sig_http_errors"] or st["sig_http_requests"] != nreq):
+                return {"http_status": f"stage read {st['sig_http_requests']} of {nreq} requests, "
+                                       f"{st['sig_matches']} matches, {st['sig_http_errors']} errors"}
     if delivered.get("plain") != delivered.get("stage") or (delivered.get("plain") or 0) < nbytes:
         return {"http_status": f"delivered bytes differ: {delivered}"}
     f, s_ = statistics.median(fwd_s), statistics.median(sig_s)
