@@ -1,12 +1,14 @@
 """The widened worm detector (scanners/codered/core.py) with a fake clock: every new destination counts (UDP
 datagrams, ICMP echo requests, TCP SYNs), DNS over TCP is shadowed, PTR answers do not launder addresses,
-peers that contacted the guest first are known, fragments it cuts are alerted, and what it learned survives a
-restart.  No VM needed."""
+peers that contacted the guest first are known, fragments it cuts are alerted, what it learned survives a
+restart, and strict mode (``unknown = "queue"``) holds every unknown destination.  No VM needed."""
 
 import ipaddress
 import struct
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))   # scanners/ is not an installed package
@@ -286,3 +288,109 @@ def test_multicast_and_broadcast_are_not_new_hosts():
         assert det.handle_frame("from_guest", udp(dst, dport=port)).action == "pass"
     assert det.handle_frame("from_guest", ping("ff02::1")).action == "pass"
     assert det.stats.multicast == 4 and det.unknown_count(60) == 3
+
+
+# ---- strict mode: every unknown destination waits, attack or not ----------------------------------------------
+
+
+def strict(**config):
+    return detector(unknown="queue", queue_interval=120.0, **config)
+
+
+def test_strict_mode_holds_an_unknown_destination_below_every_threshold_without_alerting():
+    det, clock = strict()
+    v = det.handle_frame("from_guest", syn(unknown(0)))
+    assert v.action == "cut" and v.alert is None and not det.attack
+    assert det.queued() == [V4(unknown(0))] and det.stats.strict_held == 1
+    # UDP and ICMP too, each once in the queue however often it is tried
+    assert det.handle_frame("from_guest", udp(unknown(1))).action == "cut"
+    assert det.handle_frame("from_guest", ping(unknown(1))).action == "cut"
+    assert det.queued() == [V4(unknown(0)), V4(unknown(1))]
+    # resolved names, peers that came first, known networks and multicast are never delayed
+    resolve(det, "www.example", [("www.example", "A", "192.0.2.10", 300)])
+    assert det.handle_frame("from_guest", syn("192.0.2.10")).action == "pass"
+    det.handle_frame("to_guest", inbound("198.51.100.1", TCP(sport=5000, dport=22, flags="S")))
+    assert det.handle_frame("from_guest", syn("198.51.100.1", dport=8080)).action == "pass"
+    assert det.handle_frame("from_guest", udp("239.255.255.250", dport=1900)).action == "pass"
+    det2, _ = strict(known_networks=["203.0.113.0/24"])
+    assert det2.handle_frame("from_guest", syn("203.0.113.9")).action == "pass"
+
+
+def test_strict_mode_releases_one_destination_per_tick_counted_from_when_the_queue_filled():
+    det, clock = strict()
+    clock.advance(500)                  # an idle scanner saved up no release
+    det.handle_frame("from_guest", syn(unknown(0)))
+    clock.advance(10)
+    det.handle_frame("from_guest", syn(unknown(1)))
+    clock.advance(109.9)                # 119.9 s after the first: still waiting
+    assert det.handle_frame("from_guest", syn(unknown(0))).action == "cut"
+    clock.advance(0.2)
+    assert det.tick() is None
+    assert det.queued() == [V4(unknown(1))] and det.stats.released == 1
+    # the released destination passes on its next try (a retransmission, the application's retry)
+    assert det.handle_frame("from_guest", syn(unknown(0))).action == "pass"
+    clock.advance(60)
+    assert det.handle_frame("from_guest", syn(unknown(1))).action == "cut"
+    clock.advance(60)
+    det.tick()
+    assert det.handle_frame("from_guest", syn(unknown(1))).action == "pass"
+    # a grant lasts queue_grant seconds, then the destination waits again
+    clock.advance(601)
+    assert det.handle_frame("from_guest", syn(unknown(0))).action == "cut"
+
+
+def test_strict_mode_an_inbound_contact_frees_a_queued_peer_at_once():
+    det, clock = strict()
+    det.handle_frame("from_guest", syn("198.51.100.7", dport=6881))
+    det.handle_frame("to_guest", inbound("198.51.100.7", UDP(sport=6881, dport=6881) / b"hi"))
+    assert det.queued() == []
+    assert det.handle_frame("from_guest", syn("198.51.100.7", dport=6881)).action == "pass"
+
+
+def test_strict_mode_still_detects_and_attack_mode_never_releases_faster():
+    det, clock = strict()
+    alerts = []
+    for i in range(40):
+        clock.advance(0.1)
+        v = det.handle_frame("from_guest", syn(unknown(i)))
+        assert v.action == "cut"
+        if v.alert:
+            alerts.append(v.alert)
+    assert det.attack and alerts and alerts[0].fields["event"] == "attack_detected"
+    # a fast worm's pace would give a 6 s tick; strict mode keeps it at least queue_interval
+    assert det.interval >= 120.0
+    clock.advance(60)
+    det.tick()
+    assert det.stats.released == 0
+
+
+def test_strict_mode_queue_and_grants_survive_a_restart_and_no_release_comes_sooner():
+    det, clock = strict()
+    det.handle_frame("from_guest", syn(unknown(0)))
+    clock.advance(30)
+    det.handle_frame("from_guest", syn(unknown(1)))
+    doc = det.snapshot(wall=2000.0)
+    det2, clock2 = strict()
+    assert det2.restore(doc, wall=2010.0)           # 10 s later, on another monotonic origin
+    assert det2.queued() == [V4(unknown(0)), V4(unknown(1))]
+    clock2.advance(79)                              # 119 s after the first was queued
+    det2.tick()
+    assert det2.stats.released == 0
+    clock2.advance(2)
+    det2.tick()
+    assert det2.queued() == [V4(unknown(1))]
+    doc = det2.snapshot(wall=2100.0)
+    det3, _ = strict()
+    assert det3.restore(doc, wall=2100.0)
+    assert det3.handle_frame("from_guest", syn(unknown(0))).action == "pass"     # its grant came along
+
+
+@pytest.mark.parametrize("config, why", [
+    ({"unknown": "hold"}, "unknown"),
+    ({"unknown": "queue", "queue_interval": 0.5}, "queue_interval"),
+    ({"queue_grant": "long"}, "queue_grant"),
+])
+def test_strict_mode_settings_are_checked(config, why):
+    from scanners.codered import ConfigError
+    with pytest.raises(ConfigError, match=why):
+        detector(**config)

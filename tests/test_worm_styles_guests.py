@@ -10,6 +10,10 @@ a web server on four addresses, and the SYN bomb's victim.
 
 Last, bob port-scans alice: her NI's TRW detector blocks him.
 
+Guest `carol`'s NI runs the worm scanner in strict mode (``unknown = "queue"``): a slow worm on her, below every
+threshold, gets no probe out, while a name resolved and a peer that came first connect at once and an address
+nothing vouched for connects once it has waited its turn in the delay queue.
+
 Normal traffic, checked while the worm is contained: a name resolved over UDP then connected to, a name
 resolved only over TCP/53 then connected to, a peer (one of bob's addresses nothing resolved) that pinged alice
 first and that she then connects to: each connects at once.
@@ -34,6 +38,9 @@ WORM_NET = "198.18.0.0/16"
 ALICE_MAC = "52:54:00:78:00:01"
 BOB_MAC = "52:54:00:78:00:02"
 BOMB_SRC = f"{LAN}.11"        # alice's in her policy, not configured on her interface
+CAROL = f"{LAN}.6"
+CAROL_MAC = "52:54:00:78:00:03"
+STRICT_TICK = 20.0            # carol's queue_interval: shorter than the default 120 s, for the test's sake
 
 
 def toml_value(v) -> str:
@@ -65,19 +72,39 @@ def policy_text() -> str:
     return "\n".join(out)
 
 
+def strict_policy_text() -> str:
+    """examples/codered.toml in strict mode, for carol."""
+    cod = tomllib.loads((REPO / "examples" / "codered.toml").read_text())
+    [sc] = cod["scanner"]
+    sc["config"].update(unknown="queue", queue_interval=STRICT_TICK)
+    out = [f'[ni]\nmac = "{CAROL_MAC}"\naddresses = ["{CAROL}/32"]\nanti_spoof = true\n'
+           'hold_timeout_ms = 2000\ndefault_decision = "cut"\n', "[[scanner]]",
+           f"name = {toml_value(sc['name'])}", f'program = "{REPO / "scanners" / "codered"}"', "[scanner.config]"]
+    out += [f"{k} = {toml_value(v)}" for k, v in sc["config"].items()]
+    for a in sc["allow"]:
+        out.append("[[scanner.allow]]")
+        out += [f"{k} = {toml_value(v)}" for k, v in a.items()]
+    return "\n".join(out) + "\n"
+
+
 @pytest.fixture(scope="module")
-def lab(vhostni_daemon_factory, vhostni_guest_factory, vhostni_sockdir, tmp_path_factory):
+def world(vhostni_daemon_factory, vhostni_guest_factory, vhostni_sockdir, tmp_path_factory):
     work = tmp_path_factory.mktemp("styles")
     policy = work / "alice.toml"
     policy.write_text(policy_text())
+    strict = work / "carol.toml"
+    strict.write_text(strict_policy_text())
     alerts = work / "alerts.jsonl"
-    socks = {n: str(vhostni_sockdir / f"s{n}.sock") for n in ("alice", "bob")}
+    socks = {n: str(vhostni_sockdir / f"s{n}.sock") for n in ("alice", "bob", "carol")}
     vhostni_daemon_factory(socks, name="styles", extra_args=["--policy", f"alice={policy}",
+                                                             "--policy", f"carol={strict}",
                                                              "--alert-log", str(alerts)])
-    alice, bob = vhostni_guest_factory.many([
+    alice, bob, carol = vhostni_guest_factory.many([
         ("alice", dict(nics=[VhostUserNic(socket=socks["alice"], mac=ALICE_MAC)], ip=f"{LAN}.1/24",
                        dns=f"{LAN}.2")),
         ("bob", dict(nics=[VhostUserNic(socket=socks["bob"], mac=BOB_MAC)], ip=f"{LAN}.2/24")),
+        ("carol", dict(nics=[VhostUserNic(socket=socks["carol"], mac=CAROL_MAC)], ip=f"{CAROL}/24",
+                       dns=f"{LAN}.2")),
     ])
     bob.check(f"for a in 3 4 5; do ip addr add {LAN}.$a/24 dev eth0; done; "
               f"arp -s {BOMB_SRC} {ALICE_MAC}; "
@@ -91,7 +118,13 @@ def lab(vhostni_daemon_factory, vhostni_guest_factory, vhostni_sockdir, tmp_path
     while "connected" not in alice.run(f"worm -m lookup -d {LAN}.2 -p 80 www.test", timeout=20)[0]:
         assert time.monotonic() < deadline, "alice cannot resolve and connect through her NI"
         time.sleep(1)
-    return alice, bob, alerts
+    carol.check(f"route add -net {WORM_NET} gw {LAN}.2")
+    return {"alice": alice, "bob": bob, "carol": carol, "alerts": alerts}
+
+
+@pytest.fixture(scope="module")
+def lab(world):
+    return world["alice"], world["bob"], world["alerts"]
 
 
 def escaped(bob) -> int:
@@ -223,3 +256,44 @@ def test_a_remote_port_scanner_is_blocked(lab):
     # now bob cannot reach alice's open port either; the guest's other peers could
     out, status = bob.run(f"timeout 5 wget -q -O - http://{LAN}.1:8080/", timeout=30)
     assert status != 0 and "hello-from-alice" not in out
+
+
+# ---- carol: strict mode ----------------------------------------------------------------------------------------
+
+
+def test_strict_mode_vouched_traffic_flows_and_an_address_nothing_vouched_for_waits_its_turn(world):
+    carol, bob = world["carol"], world["bob"]
+    # the scanner is up once a resolved name connects
+    deadline = time.monotonic() + 30
+    while "connected" not in carol.run(f"worm -m lookup -d {LAN}.2 -p 80 www.test", timeout=20)[0]:
+        assert time.monotonic() < deadline, "carol cannot resolve and connect through her NI"
+        time.sleep(1)
+    t0 = time.monotonic()
+    out = carol.check(f"worm -m lookup -d {LAN}.2 -p 80 www.test", timeout=30)
+    assert f"connected 1 {LAN}.5:80" in out and time.monotonic() - t0 < 5, out
+    # a peer that came first is known at once
+    bob.check(f"ping -c 1 -W 2 -I {LAN}.4 {CAROL}")
+    t0 = time.monotonic()
+    assert "hello-from-bob" in carol.check(f"timeout 10 wget -q -O - http://{LAN}.4/", timeout=30)
+    assert time.monotonic() - t0 < 5
+    # bob's .3 was neither resolved for carol nor did it contact her: its SYNs are held until the queue's
+    # tick releases it, then a retry connects
+    t0 = time.monotonic()
+    out = carol.check(f"for i in $(seq 20); do if timeout 4 wget -q -O - http://{LAN}.3/; then echo tries $i; "
+                      "break; fi; done", timeout=150)
+    took = time.monotonic() - t0
+    print(f"direct address: {out.strip()!r} after {took:.1f} s")
+    assert "hello-from-bob" in out and int(re.search(r"tries (\d+)", out).group(1)) >= 2, out
+    assert STRICT_TICK - 1 <= took <= 3 * STRICT_TICK, took
+
+
+def test_strict_mode_a_slow_worm_below_every_threshold_gets_nothing_out(world):
+    carol, bob, alerts = world["carol"], world["bob"], world["alerts"]
+    # three probes, one every 5 s: under max_per_second, max_per_minute and max_per_10_minutes, so no
+    # detection; each SYN and its retransmissions are held all the same, and the worm has closed its
+    # sockets (10 s) before the queue's first release (20 s after its first probe)
+    before, wall0 = escaped(bob), time.time()
+    out = run_worm(carol, f"-m tcp -n 3 -r 0.2 -p 80 -s 15 {WORM_NET}")
+    time.sleep(1)
+    assert escaped(bob) - before == 0, out
+    assert not [r for r in codered_alerts(alerts) if r["time"] >= wall0 and r.get("ni") == "carol"]

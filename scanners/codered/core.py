@@ -35,7 +35,11 @@ without first asking DNS for it, or being contacted by it.  So the detector
    ten minutes over the time they span), and at least one every ``max_pass_interval`` seconds; so a scanner at one address
    every 10 s is released one address every 200 s, not one every 6 s.  A released destination then passes
    (TCP's retransmission of the SYN gets through; for UDP and ICMP the next datagram to it) for
-   ``attack_duration`` seconds.  Known destinations always pass at once, never queued;
+   ``attack_duration`` seconds.  Known destinations always pass at once, never queued.  In *strict mode*
+   (``unknown = "queue"``) every unknown destination goes into that queue from the first one, attack or
+   not, released one per ``queue_interval`` (120 s) counted from when the queue stopped being empty, each
+   release good for ``queue_grant`` seconds: a slow worm then gets nothing out before detection either, and an
+   address nothing vouched for connects on a retry after its turn;
 6. alerts when attack mode starts and at every re-evaluation (when ``attack_duration`` has passed) that finds
    the rate still above a threshold, with the count of unique unknown destinations over the last minute, the
    most recent protocol, destination and port; otherwise attack mode ends quietly (``stats`` records it);
@@ -101,6 +105,10 @@ DEFAULTS: dict[str, Any] = {
     "max_pass_interval": 600.0,  # ... but at least one every this many seconds
     "queue_capacity": 256,      # unknown destinations waiting in attack mode (more are cut and forgotten)
     "attack_duration": 60.0,    # attack mode lasts this long, then the rate is re-evaluated
+    "unknown": "pass",          # outside attack mode: "pass" unknown destinations (counted), or "queue"
+                                # every one of them (strict: even a slow worm's first probes wait)
+    "queue_interval": 120.0,    # strict mode: the delay queue's tick (one unknown destination released per tick)
+    "queue_grant": 600.0,       # strict mode: a released destination passes for this long
     "table_capacity": 4096,     # DNS shadow table entries (the paper saw at most 293 per desktop)
     "peer_capacity": 4096,      # addresses that contacted the guest first, DNS servers that answered
     "max_ttl": 86400,           # longer TTLs are cut to this (expiry order only: entries outlive TTLs anyway)
@@ -185,6 +193,11 @@ def load_config(config: Optional[Mapping[str, Any]]) -> dict:
         out[key] = float(out[key])
     if out["max_pass_interval"] < out["pass_interval"]:
         raise ConfigError("max_pass_interval: must be at least pass_interval")
+    if out["unknown"] not in ("pass", "queue"):
+        raise ConfigError("unknown: expected 'pass' or 'queue'")
+    for key in ("queue_interval", "queue_grant"):
+        number(key, 1.0)
+        out[key] = float(out[key])
     protos = out["protocols"]
     if (isinstance(protos, str) or not isinstance(protos, (list, tuple)) or "tcp" not in protos
             or any(p not in ("tcp", "udp", "icmp") for p in protos)):
@@ -291,6 +304,7 @@ class _Stats:
     multicast: int = 0              # to multicast groups or the broadcast address: not counted
     icmp_unknown: int = 0
     queued: int = 0
+    strict_held: int = 0            # unknown destinations cut outside attack mode (``unknown = "queue"``)
     queue_full: int = 0
     released: int = 0
     anomalies: int = 0
@@ -371,7 +385,11 @@ class CodeRedDetector:
         self.attack = False
         self.attack_since = 0.0
         self.attack_until = 0.0
-        self.interval = self.cfg["pass_interval"]     # the delay queue's current release interval
+        self.strict = self.cfg["unknown"] == "queue"
+        # the attack-mode delay queue's shortest tick: in strict mode never faster than outside attack mode
+        self._min_interval = max(self.cfg["pass_interval"], self.cfg["queue_interval"]) if self.strict \
+            else self.cfg["pass_interval"]
+        self.interval = self._min_interval            # the delay queue's current release interval
         self._next_release = 0.0
         self._queue: "collections.OrderedDict[IPAddress, float]" = collections.OrderedDict()
         self._granted: dict[IPAddress, float] = {}
@@ -637,6 +655,11 @@ class CodeRedDetector:
                 self._enqueue(addr, t)
                 self.stats.syn_unknown_cut += 1
                 return "cut", alert
+            if self.strict and not self._granted_at(addr, t):
+                self._enqueue(addr, t)
+                self.stats.syn_unknown_cut += 1
+                self.stats.strict_held += 1
+                return "cut", alert
             self.stats.syn_unknown_passed += 1
             return "pass", alert
         if addr in self._granted:
@@ -646,18 +669,29 @@ class CodeRedDetector:
         self.stats.syn_unknown_cut += 1
         return "cut", alert
 
+    def _granted_at(self, addr: IPAddress, t: float) -> bool:
+        """Strict mode outside attack mode: ``addr`` left the delay queue less than ``queue_grant`` ago."""
+        when = self._granted.get(addr)
+        return when is not None and t - when < self.cfg["queue_grant"]
+
     def _enqueue(self, addr: IPAddress, t: float) -> None:
         if addr in self._queue:
             return
         if len(self._queue) >= self.cfg["queue_capacity"]:
             self.stats.queue_full += 1
             return
+        if not self._queue and not self.attack:
+            # strict mode: the first release comes a whole tick after the queue stopped being empty, so a
+            # worm cannot time its probes to a tick nor save releases up while it waits
+            self._next_release = max(self._next_release, t + self.cfg["queue_interval"])
         self._queue[addr] = t
         self.stats.queued += 1
 
     def _release(self, t: float) -> None:
         """The delay queue's clock: one destination leaves per tick; a tick with nothing queued is lost."""
         if not self.attack:
+            if self.strict:
+                self._release_strict(t)
             return
         while t >= self._next_release:
             if self._queue:
@@ -666,6 +700,19 @@ class CodeRedDetector:
                 self.stats.released += 1
                 self.urgent = self.dirty = True
             self._next_release += self.interval
+
+    def _release_strict(self, t: float) -> None:
+        while self._queue and t >= self._next_release:
+            addr, _ = self._queue.popitem(last=False)
+            self._granted[addr] = self._next_release
+            self.stats.released += 1
+            self.urgent = self.dirty = True
+            self._next_release += self.cfg["queue_interval"]
+        if len(self._granted) > self.cfg["queue_capacity"]:      # grants are bounded like the queue
+            horizon = t - self.cfg["queue_grant"]
+            self._granted = {a: w for a, w in self._granted.items() if w > horizon}
+            while len(self._granted) > self.cfg["queue_capacity"]:
+                del self._granted[next(iter(self._granted))]
 
     def queued(self) -> list[IPAddress]:
         """The destinations waiting in the delay queue, oldest first."""
@@ -720,11 +767,11 @@ class CodeRedDetector:
         self._forget_unknown(t)
         n = len(self._unknown)
         if n < 2:
-            return self.cfg["max_pass_interval"]
+            return max(self.cfg["max_pass_interval"], self._min_interval)
         first = next(iter(self._unknown.values()))
         span = max(t - first, 1e-3)
         want = span / ((n - 1) * self.cfg["release_share"])
-        return min(max(self.cfg["pass_interval"], want), self.cfg["max_pass_interval"])
+        return max(min(max(self.cfg["pass_interval"], want), self.cfg["max_pass_interval"]), self._min_interval)
 
     def _enter_attack(self, t: float) -> None:
         self.attack = True
@@ -753,6 +800,8 @@ class CodeRedDetector:
             return self._alert("attack_continues", t)
         self.attack = False
         self._queue.clear()
+        if self.strict:
+            self._granted.clear()      # an attack-mode grant lasted one attack period; strict ones start anew
         self.stats.attack_ended += 1
         return None
 
@@ -809,7 +858,7 @@ class CodeRedDetector:
             "attack": self.attack,
             "since": round(t - self.attack_since, 3) if self.attack else 0,
             "until": round(self.attack_until - t, 3) if self.attack else 0,
-            "next_pass": round(self._next_release - t, 3) if self.attack else 0,
+            "next_pass": round(self._next_release - t, 3) if self.attack or self.strict else 0,
             "interval": self.interval,
             "granted": [str(a) for a in list(self._granted)[:self.SNAPSHOT_GRANTED]],
             "queue": [str(a) for a in list(self._queue)[:self.SNAPSHOT_QUEUE]],
@@ -862,7 +911,8 @@ class CodeRedDetector:
             attack = doc["attack"] is True
             since, until, next_pass = base - num(doc["since"]), base + num(doc["until"]), base + num(doc["next_pass"])
             interval = num(doc.get("interval", self.cfg["pass_interval"]))
-            interval = min(max(interval, self.cfg["pass_interval"]), self.cfg["max_pass_interval"])
+            interval = max(min(max(interval, self.cfg["pass_interval"]), self.cfg["max_pass_interval"]),
+                           self._min_interval)
             port = doc.get("last_port")
             port = int(port) if isinstance(port, int) and not isinstance(port, bool) and 0 <= port <= 65535 else None
             dst = ipaddress.ip_address(doc["last_dst"]) if doc.get("last_dst") else None
@@ -882,12 +932,16 @@ class CodeRedDetector:
         for addr, why in reversed(peers[:self.cfg["peer_capacity"]]):   # oldest first
             self.peers.add(addr, why)
         self.attack = attack
-        if attack:
-            self.attack_since, self.attack_until, self._next_release = since, until, next_pass
-            self.interval = interval
-            self._granted = {a: t for a in granted}
+        if attack or self.strict:
+            # strict mode outside attack: the queue and its grants outlive the process too, and the next
+            # release is never sooner than it would have been
+            self._next_release = next_pass if attack else max(next_pass, t)
+            self._granted = {a: t for a in list(granted)[:self.cfg["queue_capacity"]]}
             for a in queue[:self.cfg["queue_capacity"]]:
                 self._queue[a] = t
+        if attack:
+            self.attack_since, self.attack_until = since, until
+            self.interval = interval
         self.last_port, self.last_dst, self.last_proto = port, dst, proto
         for k, v in stats.items():
             setattr(self.stats, k, v)

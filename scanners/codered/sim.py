@@ -219,15 +219,54 @@ def worm_style(style: str, rate: float, seconds: float = 180.0, seed: int = 1,
         ev.at(start + i / rate, attempt)
     ev.run(start + seconds + 64, tick)
     label = {"tcp": "TCP SYNs", "udp": "UDP (Slammer)", "icmp": "ICMP echo sweep", "ptr": "PTR-laundered"}[style]
-    return run.result("worm (DNS shadow)", f"{label}, {rate:g}/s", start)
+    return run.result(_label(config), f"{label}, {rate:g}/s", start)
 
 
-def worm_styles() -> list[Result]:
-    out = [worm_style("tcp", 10), worm_style("udp", 100), worm_style("icmp", 10), worm_style("ptr", 5)]
-    slow = worm_style("tcp", 0.1, seconds=1200)
+#: the worm scanner's strict mode: every unknown destination waits in the delay queue, attack or not
+STRICT = {"unknown": "queue"}
+
+
+def _label(config: Optional[dict]) -> str:
+    return "worm (strict)" if (config or {}).get("unknown") == "queue" else "worm (DNS shadow)"
+
+
+def worm_styles(config: Optional[dict] = None) -> list[Result]:
+    out = [worm_style("tcp", 10, config=config), worm_style("udp", 100, config=config),
+           worm_style("icmp", 10, config=config), worm_style("ptr", 5, config=config)]
+    slow = worm_style("tcp", 0.1, seconds=1200, config=config)
     slow.scenario = "slow TCP, one per 10 s"
     out.append(slow)
     return out
+
+
+def direct_peer(config: Optional[dict] = None, retry: float = 130.0, seconds: float = 600.0) -> Optional[float]:
+    """An application connecting to an address nothing resolved nor announced (a peer learned in-band, a
+    hard-coded server), its socket retransmitting the SYN, the application retrying ``retry`` seconds after
+    each attempt began: seconds until a SYN got out (None: never within ``seconds``)."""
+    det, clock = _codered_world(config)
+    start = 1000.0
+    ev = _Events(start)
+    out: list = []
+
+    def tick(t: float) -> None:
+        clock[0] = t
+        det.tick()
+
+    def send() -> None:
+        clock[0] = ev.t
+        if not out and det.handle_frame("from_guest", tcp(GUEST, "198.51.100.7", 41000, 6881, 0x02)).action == "pass":
+            out.append(ev.t - start)
+
+    def connect() -> None:
+        send()
+        for dt in SYN_RETRIES:
+            ev.at(ev.t + dt, send)
+        if ev.t + retry < start + seconds:
+            ev.at(ev.t + retry, connect)
+
+    ev.at(start, connect)
+    ev.run(start + seconds, tick)
+    return out[0] if out else None
 
 
 # ---- normal workloads ------------------------------------------------------------------------------------------
@@ -275,16 +314,18 @@ def _browse(det, clock, rnd: random.Random, seconds: float, over_tcp: bool = Fal
     return alerts
 
 
-def normal_workloads() -> list[Result]:
+def normal_workloads(config: Optional[dict] = None) -> list[Result]:
+    """The normal hosts; a resolved destination or a peer delayed counts as 1000 false alarms."""
     out = []
+    label = _label(config)
     rnd = random.Random(5)
-    det, clock = _codered_world()
-    out.append(Result("worm (DNS shadow)", "browsing, 1 h", normal=True, false_alarms=_browse(det, clock, rnd, 3600)))
-    det, clock = _codered_world()
-    out.append(Result("worm (DNS shadow)", "browsing, DNS over TCP, 1 h", normal=True,
+    det, clock = _codered_world(config)
+    out.append(Result(label, "browsing, 1 h", normal=True, false_alarms=_browse(det, clock, rnd, 3600)))
+    det, clock = _codered_world(config)
+    out.append(Result(label, "browsing, DNS over TCP, 1 h", normal=True,
                       false_alarms=_browse(det, clock, rnd, 3600, over_tcp=True)))
     # a server: 2,000 clients connect to it (and ping it) first; it answers and, now and then, connects back
-    det, clock = _codered_world()
+    det, clock = _codered_world(config)
     alerts = 0
     for i in range(20000):
         clock[0] = i * 0.05
@@ -297,19 +338,19 @@ def normal_workloads() -> list[Result]:
             v = det.handle_frame("from_guest", tcp(GUEST, c, 41000, 113, 0x02))      # ident back to a client
             alerts += (v.alert is not None) + (v.action != "pass") * 1000
         alerts += det.tick() is not None
-    out.append(Result("worm (DNS shadow)", "server under inbound load", normal=True, false_alarms=alerts))
+    out.append(Result(label, "server under inbound load", normal=True, false_alarms=alerts))
     # a warm DNS cache across a scanner restart: names resolved before it, connected to after
-    det, clock = _codered_world()
+    det, clock = _codered_world(config)
     _browse(det, clock, rnd, 600)
     doc = det.snapshot(wall=5000.0)
-    det2, clock2 = _codered_world()
+    det2, clock2 = _codered_world(config)
     det2.restore(doc, wall=5001.0)
     alerts = 0
     for i, (addr, _) in enumerate(list(det.table.items())[:40]):
         clock2[0] = i * 0.1
         v = det2.handle_frame("from_guest", tcp(GUEST, str(addr), 40000 + i, 443, 0x02))
         alerts += (v.alert is not None) + (v.action != "pass") * 1000
-    out.append(Result("worm (DNS shadow)", "warm cache across a scanner restart", normal=True,
+    out.append(Result(label, "warm cache across a scanner restart", normal=True,
                       false_alarms=alerts))
     return out
 
@@ -450,7 +491,8 @@ def synbomb_scenarios() -> list[Result]:
 
 
 def run_all() -> list[Result]:
-    return worm_styles() + normal_workloads() + trw_scenarios() + synbomb_scenarios()
+    return (worm_styles() + normal_workloads() + worm_styles(STRICT) + normal_workloads(STRICT)
+            + trw_scenarios() + synbomb_scenarios())
 
 
 def table(results: list[Result]) -> str:
