@@ -81,6 +81,11 @@ struct vn_http {
     int want_body, hold_resp;
     uint8_t pend[VN_HTTP_PIPELINE_MAX];
     unsigned pend_head, pend_n;
+    /* with hold_resp: each pending request's names, slot by slot as pend (allocated when
+     * the request is read, freed when its response comes), and the answered one's */
+    struct vn_http_reqinfo *info[VN_HTTP_PIPELINE_MAX];
+    struct vn_http_reqinfo answered;
+    uint8_t has_answered;
     uint8_t seen_request;       /* a request was read: the connection speaks HTTP */
     uint8_t tunnel_probe;       /* a CONNECT was answered 2xx: the next request bytes decide */
     size_t mem;
@@ -176,6 +181,8 @@ void vn_http_free(struct vn_http *h)
         free(h->s[i].arena);
         free(h->s[i].body);
     }
+    for (int i = 0; i < VN_HTTP_PIPELINE_MAX; i++)
+        free(h->info[i]);
     free(h);
 }
 
@@ -723,6 +730,35 @@ static int has_field(const struct side *s, uint32_t id)
 
 static void end_message(struct vn_http *h, int side);
 
+static void copy_name(char *dst, size_t cap, const struct side *s, int b, uint8_t *trunc, uint8_t bit)
+{
+    uint32_t n = (s->present >> b) & 1 ? s->bl[b] : 0;
+    if (n >= cap) {
+        n = (uint32_t)cap - 1;
+        *trunc |= bit;
+    }
+    if (n)
+        memcpy(dst, s->bp[b], n);
+    dst[n] = 0;
+}
+
+/* Keeps the names of the request just queued in pend slot `slot` (hold_resp readers). */
+static int keep_info(struct vn_http *h, const struct side *s, unsigned slot)
+{
+    struct vn_http_reqinfo *ri = h->info[slot];
+    if (!ri) {
+        if (!(ri = malloc(sizeof *ri)))
+            return VN_HTTP_E_NOMEM;
+        h->info[slot] = ri;
+        h->mem += sizeof *ri;
+    }
+    ri->trunc = 0;
+    copy_name(ri->method, sizeof ri->method, s, VN_HTTP_B_METHOD, &ri->trunc, 1);
+    copy_name(ri->host, sizeof ri->host, s, VN_HTTP_B_HOST, &ri->trunc, 2);
+    copy_name(ri->url, sizeof ri->url, s, VN_HTTP_B_URI_RAW, &ri->trunc, 4);
+    return 0;
+}
+
 /* The head is complete: fields, buffers, framing.  Returns an event or an error. */
 static int head_done(struct vn_http *h, int side)
 {
@@ -771,7 +807,11 @@ static int head_done(struct vn_http *h, int side)
         } else {
             if (h->pend_n >= VN_HTTP_PIPELINE_MAX)
                 return VN_HTTP_E_PIPELINE;
-            h->pend[(h->pend_head + h->pend_n++) % VN_HTTP_PIPELINE_MAX] = kind;
+            unsigned slot = (h->pend_head + h->pend_n) % VN_HTTP_PIPELINE_MAX;
+            if (h->hold_resp && (e = keep_info(h, s, slot)) < 0)
+                return e;
+            h->pend[slot] = kind;
+            h->pend_n++;
         }
         s->kind = kind;
         s->has_body = fr != 0;
@@ -801,7 +841,16 @@ static int head_done(struct vn_http *h, int side)
         return VN_HTTP_EV_HEAD;
     }
     uint8_t kind = 0;
+    h->has_answered = 0;
     if (h->pend_n) {
+        struct vn_http_reqinfo *ri = h->info[h->pend_head];
+        if (ri) {                       /* answered: an idle connection keeps no names */
+            h->answered = *ri;
+            h->has_answered = 1;
+            free(ri);
+            h->info[h->pend_head] = NULL;
+            h->mem -= sizeof *ri;
+        }
         kind = h->pend[h->pend_head];
         h->pend_head = (h->pend_head + 1) % VN_HTTP_PIPELINE_MAX;
         h->pend_n--;
@@ -1249,6 +1298,11 @@ uint64_t vn_http_pos(const struct vn_http *h, int side)
 uint64_t vn_http_msg_start(const struct vn_http *h, int side)
 {
     return h->s[side].msg_start;
+}
+
+const struct vn_http_reqinfo *vn_http_answered(const struct vn_http *h)
+{
+    return h->has_answered ? &h->answered : NULL;
 }
 
 int vn_http_active(const struct vn_http *h, int side)

@@ -74,6 +74,15 @@
 
 struct vn_http;
 
+/* What names a request in an alert about its response: its method, host (normalised) and
+ * raw target, cut to fit (trunc: bit 0 method, 1 host, 2 url), NUL-terminated. */
+struct vn_http_reqinfo {
+    char method[16];
+    char host[64];
+    char url[176];
+    uint8_t trunc;
+};
+
 /* body_limit: request-body bytes kept for inspection; want_body: keep them (and hold a request
  * until its body is read); hold_resp: hold a response until its head is read. */
 struct vn_http *vn_http_new(uint32_t body_limit, int want_body, int hold_resp);
@@ -100,6 +109,10 @@ uint64_t vn_http_pos(const struct vn_http *h, int side);
 uint64_t vn_http_msg_start(const struct vn_http *h, int side);
 /* 1 while the side reads HTTP, 0 once it does not (not HTTP, a tunnel, an error). */
 int vn_http_active(const struct vn_http *h, int side);
+/* The request the response side's current message answers (kept from when the request was
+ * read, for readers made with hold_resp, so pipelining cannot confuse them); NULL if the
+ * response answers none the reader read. */
+const struct vn_http_reqinfo *vn_http_answered(const struct vn_http *h);
 /* 1 if the request side waits for a response before it can go on (CONNECT, Upgrade). */
 int vn_http_waiting(const struct vn_http *h);
 size_t vn_http_mem(const struct vn_http *h);

@@ -543,11 +543,30 @@ static struct vn_sig_alert *alert_push(struct vn_switch *sw, int port, const str
 }
 
 /* An HTTP rule's alert: the message's method, host and target, cut to fit. */
+_Static_assert(sizeof ((struct vn_sig_alert *)0)->http_method == sizeof ((struct vn_http_reqinfo *)0)->method
+               && sizeof ((struct vn_sig_alert *)0)->http_host == sizeof ((struct vn_http_reqinfo *)0)->host
+               && sizeof ((struct vn_sig_alert *)0)->http_url == sizeof ((struct vn_http_reqinfo *)0)->url,
+               "an alert names a request as the reader keeps it");
+
 static void alert_http(struct vn_sig_alert *a, const struct vn_http *h, int side)
 {
     const uint8_t *p;
     uint32_t n;
     a->http = 1;
+    if (side == VN_HTTP_RESP) {
+        /* the request this response answers, as it was read (not the request side's latest:
+         * pipelined requests may have followed, and its buffers may be gone) */
+        const struct vn_http_reqinfo *ri = vn_http_answered(h);
+        if (ri) {
+            memcpy(a->http_method, ri->method, sizeof a->http_method);
+            memcpy(a->http_host, ri->host, sizeof a->http_host);
+            memcpy(a->http_url, ri->url, sizeof a->http_url);
+            a->http_trunc = ri->trunc;
+        }
+        if (vn_http_buf(h, VN_HTTP_RESP, VN_HTTP_B_STAT_CODE, &p, &n) && n == 3)
+            a->http_status = (uint16_t)((p[0] - '0') * 100 + (p[1] - '0') * 10 + (p[2] - '0'));
+        return;
+    }
     struct { int b; char *dst; size_t cap; int bit; } f[3] = {
         {VN_HTTP_B_METHOD, a->http_method, sizeof a->http_method, 1},
         {VN_HTTP_B_HOST, a->http_host, sizeof a->http_host, 2},
@@ -562,8 +581,6 @@ static void alert_http(struct vn_sig_alert *a, const struct vn_http *h, int side
         memcpy(f[i].dst, p, n);
         f[i].dst[n] = 0;
     }
-    if (side == VN_HTTP_RESP && vn_http_buf(h, VN_HTTP_RESP, VN_HTTP_B_STAT_CODE, &p, &n) && n == 3)
-        a->http_status = (uint16_t)((p[0] - '0') * 100 + (p[1] - '0') * 10 + (p[2] - '0'));
 }
 
 /* The verdict of one scan's matches (already filtered to the rules that apply): the

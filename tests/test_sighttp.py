@@ -230,6 +230,28 @@ def test_a_response_rule_stops_the_response(hk):
     assert a["direction"] == "to_client" and a["http"]["status"] == 500
 
 
+def test_a_response_alert_names_the_request_it_answers_not_the_latest(hk):
+    c = conn(hk)
+    first = b"GET /debug/trace?id=7 HTTP/1.1\r\nHost: App.Example:8080\r\n\r\n"
+    later = b"POST /upload HTTP/1.1\r\nHost: other.example\r\nContent-Length: 2\r\n\r\nok"
+    c.send("a", c.data("a", first + later))             # pipelined: both read before any answer
+    assert got(c) == first + later
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
+    bad = b"HTTP/1.1 500 Oops\r\nX-Debug: /srv/app.py line 3\r\nContent-Length: 4\r\n\r\nboom"
+    c.send("b", c.data("b", bad))
+    assert got(c, "a", wait=0.5) == b"" and alerts(hk, 206)
+    h = alerts(hk, 206)[0]["fields"]["http"]
+    assert (h["http_method"], h["hostname"], h["url"], h["status"]) == ("GET", "app.example", "/debug/trace?id=7", 500)
+    # and the second response of a pipeline names the second request
+    c = conn(hk, cport=41001)
+    c.send("a", c.data("a", first + later))
+    assert got(c) == first + later
+    c.send("b", c.data("b", ok), c.data("b", bad))     # a drop stops the segment holding the message's start
+    assert got(c, "a", wait=0.5) == ok
+    h = alerts(hk, 206)[-1]["fields"]["http"]
+    assert (h["http_method"], h["hostname"], h["url"], h["status"]) == ("POST", "other.example", "/upload", 500)
+
+
 def test_a_benign_response_with_a_body_flows_and_the_next_request_is_read(hk):
     c = conn(hk)
     c.send("a", c.data("a", b"HEAD / HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n"))
@@ -391,13 +413,24 @@ def test_an_accepted_connect_followed_by_a_request_is_still_http(hk):
 def test_reader_memory_goes_back_after_each_message():
     h = lib.vn_http_new(1024, 1, 1)
     ev = ffi.new("int *")
+    big = b"GET / HTTP/1.1\r\n" + b"X-Pad: " + b"p" * 30000 + b"\r\n\r\n"
+    resp = b"HTTP/1.1 204 No Content\r\n\r\n"
+    names = ffi.sizeof("struct vn_http_reqinfo")
     try:
         base = lib.vn_http_mem(h)
-        big = b"GET / HTTP/1.1\r\n" + b"X-Pad: " + b"p" * 30000 + b"\r\n\r\n"
-        assert lib.vn_http_feed(h, 0, big, len(big), ev) == len(big) and ev[0] == lib.VN_HTTP_EV_HEAD
-        assert lib.vn_http_mem(h) > base + 30000
-        lib.vn_http_settle(h, 0)
-        assert lib.vn_http_mem(h) == base            # an idle keep-alive connection keeps nothing
+        for _ in range(2):
+            assert lib.vn_http_feed(h, 0, big, len(big), ev) == len(big) and ev[0] == lib.VN_HTTP_EV_HEAD
+            assert lib.vn_http_mem(h) > base + 30000
+            lib.vn_http_settle(h, 0)
+            # the big buffers are gone; what names the request for its response's alerts waits with it
+            assert lib.vn_http_mem(h) == base + names
+            assert lib.vn_http_feed(h, 1, resp, len(resp), ev) == len(resp) and ev[0] == lib.VN_HTTP_EV_HEAD
+            assert ffi.string(lib.vn_http_answered(h).method) == b"GET"
+            lib.vn_http_settle(h, 1)
+            # the names went with the answer; only the response side's small working buffers stay,
+            # the same after every exchange: an idle keep-alive connection keeps nothing more
+            assert lib.vn_http_mem(h) <= base + 16384 + 2048 + 4096
+            base = lib.vn_http_mem(h)
     finally:
         lib.vn_http_free(h)
 
