@@ -162,7 +162,9 @@ def run(sc: Scanner) -> int:
         log(f"narrowed: not granted {narrowed}")
     log(f"scanning on {sc.ni} as {sc.name}: more than {det.cfg['max_per_second']}/s or "
         f"{det.cfg['max_per_minute']}/min or {det.cfg['max_per_10_minutes']}/10 min unknown destinations "
-        f"({'/'.join(cfg['protocols'])}) is an attack")
+        f"({'/'.join(cfg['protocols'])}) is an attack"
+        + (f"; strict: every unknown destination waits, one released per {cfg['queue_interval']:g} s"
+           if det.strict else ""))
     for ev in sc.events(timeout=TICK):
         alert = None
         if ev is None:
