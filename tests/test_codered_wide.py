@@ -394,3 +394,97 @@ def test_strict_mode_settings_are_checked(config, why):
     from scanners.codered import ConfigError
     with pytest.raises(ConfigError, match=why):
         detector(**config)
+
+
+# ---- DNS a worm controls launders no address --------------------------------------------------------------------
+
+
+def test_names_that_spell_their_address_out_vouch_for_nothing():
+    from scanners.codered.core import embeds_address
+    det, clock = detector()
+    for i, (name, addr) in enumerate([("10.99.7.1.nip.io", "10.99.7.1"), ("app-10-99-7-2.sslip.io", "10.99.7.2"),
+                                      ("0a630703.nip.io", "10.99.7.3"),
+                                      ("ec2-10-99-7-4.compute-1.example", "10.99.7.4")]):
+        resolve(det, name, [(name, "A", addr, 300)], txid=0x2000 + i)
+        assert not det.is_known(V4(addr)), name
+    assert det.stats.name_laundered == 4
+    # a CNAME to such a name launders no more than asking for it
+    resolve(det, "x.evil.example", [("x.evil.example", "CNAME", "10-99-7-5.nip.io", 300),
+                                    ("10-99-7-5.nip.io", "A", "10.99.7.5", 300)], txid=0x2100)
+    assert not det.is_known(V4("10.99.7.5"))
+    # digits that only look alike do not count
+    assert not embeds_address(["host110.99.7.12.example"], V4("10.99.7.1"))
+    assert not embeds_address(["a10-99-7-1b.example"], V4("10.99.7.1"))       # hex-digit neighbours
+    assert embeds_address(["x.fd00--7.sslip.io"], ipaddress.IPv6Address("fd00::7"))
+    resolve(det, "www.example", [("www.example", "A", "10.99.7.9", 300)], txid=0x2200)
+    assert det.is_known(V4("10.99.7.9"))
+
+
+def test_one_domain_vouches_for_a_bounded_number_of_networks_and_addresses():
+    det, clock = detector(zone_networks_max=4, zone_addresses_max=6)
+    # a worm's own zone: each name answers a target in another /16
+    for i in range(6):
+        resolve(det, f"h{i}.evil.example", [(f"h{i}.evil.example", "A", f"10.{i}.0.1", 60)], txid=0x3000 + i)
+    known = [det.is_known(V4(f"10.{i}.0.1")) for i in range(6)]
+    assert known == [True] * 4 + [False] * 2 and det.stats.zone_spread == 2
+    # inside the networks it already vouched for, up to the address budget
+    for i in range(4):
+        resolve(det, f"k{i}.evil.example", [(f"k{i}.evil.example", "A", f"10.0.1.{i}", 60)], txid=0x3100 + i)
+    assert [det.is_known(V4(f"10.0.1.{i}")) for i in range(4)] == [True, True, False, False]
+    # one answer carrying many addresses is held to the same budget, glue included
+    resolve(det, "bulk.other.example", [("bulk.other.example", "A", f"10.{50 + i}.0.1", 60) for i in range(8)],
+            txid=0x3200)
+    assert sum(det.is_known(V4(f"10.{50 + i}.0.1")) for i in range(8)) == 4
+    # the same name again (its TTL renewed) is no new address; other domains have their own budget
+    resolve(det, "h0.evil.example", [("h0.evil.example", "A", "10.0.0.1", 60)], txid=0x3300)
+    resolve(det, "www.site.co.uk", [("www.site.co.uk", "A", "10.77.0.1", 60)], txid=0x3301)
+    assert det.is_known(V4("10.0.0.1")) and det.is_known(V4("10.77.0.1"))
+    # ten minutes later the budget is back
+    clock.advance(601)
+    resolve(det, "h9.evil.example", [("h9.evil.example", "A", "10.9.0.1", 60)], txid=0x3400)
+    assert det.is_known(V4("10.9.0.1"))
+
+
+def test_exempt_domains_and_the_registered_domain_approximation():
+    from scanners.codered.core import registered_domain
+    assert registered_domain("a.b.example.co.uk") == "example.co.uk"
+    assert registered_domain("x.s3.amazonaws.com") == "amazonaws.com"
+    assert registered_domain("localhost") == "localhost"
+    det, clock = detector(zone_networks_max=2, zone_exempt=["amazonaws.com"])
+    for i in range(5):
+        name = f"bucket{i}.s3.amazonaws.com"
+        resolve(det, name, [(name, "A", f"10.{i}.0.1", 60)], txid=0x3500 + i)
+    assert all(det.is_known(V4(f"10.{i}.0.1")) for i in range(5))
+
+
+def test_with_resolvers_set_only_their_answers_are_shadowed_and_other_servers_are_new_destinations():
+    det, clock = detector(resolvers=[f"{RESOLVER}/32"])
+    resolve(det, "www.example", [("www.example", "A", "192.0.2.10", 300)])
+    assert det.is_known(V4("192.0.2.10"))
+    # the worm's own DNS server: its query is a new destination (counted), its answer shadows nothing
+    evil = "203.0.113.53"
+    v = det.handle_frame("from_guest", dns_query("t1.evil.example", txid=0x4000, server=evil))
+    assert v.action == "pass" and det.stats.udp_unknown == 1       # below the thresholds: it passes, counted
+    det.handle_frame("to_guest", dns_answer("t1.evil.example", [("t1.evil.example", "A", "10.98.0.1", 300)],
+                                            txid=0x4000, server=evil))
+    assert not det.is_known(V4("10.98.0.1")) and not det.is_known(V4(evil))
+    assert det.stats.dns_not_resolver == 1
+    # without the setting, the same server becomes a known resolver and its answers count (the default)
+    det2, _ = detector()
+    assert det2.handle_frame("from_guest", dns_query("t1.evil.example", txid=0x4000, server=evil)).action == "pass"
+    det2.handle_frame("to_guest", dns_answer("t1.evil.example", [("t1.evil.example", "A", "10.98.0.1", 300)],
+                                             txid=0x4000, server=evil))
+    assert det2.is_known(V4("10.98.0.1")) and det2.stats.udp_unknown == 0
+
+
+@pytest.mark.parametrize("config, why", [
+    ({"resolvers": "10.0.0.1"}, "resolvers"),
+    ({"resolvers": ["not an address"]}, "resolvers"),
+    ({"zone_networks_max": 0}, "zone_networks_max"),
+    ({"zone_exempt": [""]}, "zone_exempt"),
+    ({"zone_exempt": "amazonaws.com"}, "zone_exempt"),
+])
+def test_dns_laundering_settings_are_checked(config, why):
+    from scanners.codered import ConfigError
+    with pytest.raises(ConfigError, match=why):
+        detector(**config)

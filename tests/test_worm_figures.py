@@ -33,6 +33,18 @@ def test_every_fast_worm_style_is_caught_in_three_attempts_and_held_under_five_p
     assert r.escaped_first_minute <= 0.05 and r.escaped_minute_after_detection <= 0.05
 
 
+def test_dns_a_worm_controls_launders_a_bounded_number_of_targets(figures):
+    # a wildcard zone (10-1-2-3.nip.io) spells its address out: nothing laundered at all
+    r = pick(figures, "worm (DNS shadow)", "laundered by a wildcard zone")
+    assert r.attempts_to_detection == 3 and r.escaped_first_minute <= 0.05
+    # its own zone, random targets: 32 networks, then the rest are unknown like any scan's
+    r = pick(figures, "worm (DNS shadow)", "own DNS zone, random targets")
+    assert r.attempts_to_detection <= 32 + 3 + 1 and r.escaped_minute_after_detection <= 0.05
+    # its own zone, one /16: the 256-address budget bounds it (outbound TRW decides sooner: see its rows)
+    r = pick(figures, "worm (DNS shadow)", "own DNS zone, one /16")
+    assert r.attempts_to_detection <= 256 + 3 + 1 and r.escaped_minute_after_detection <= 0.05
+
+
 def test_a_slow_worm_is_caught_and_then_really_slowed(figures):
     r = pick(figures, "worm (DNS shadow)", "slow TCP")
     # one address every 10 s, each SYN retried by the stack: the minute window trips at the 11th address

@@ -12,7 +12,11 @@ without first asking DNS for it, or being contacted by it.  So the detector
    evicted (again the one that expires first), so memory stays bounded whatever the network sends.
    *PTR laundering* is refused: a worm that reverse-resolves a random address and then forward-resolves the
    name it got back would otherwise make that address "resolved"; an A/AAAA answer for a name the guest
-   learned from a PTR answer does not add the address the PTR was about (``stats.ptr_laundered``);
+   learned from a PTR answer does not add the address the PTR was about (``stats.ptr_laundered``).  Nor
+   does DNS the worm controls launder everything: a name that spells its address out (a wildcard zone:
+   ``10-1-2-3.nip.io``) adds nothing (``name_laundered``), one registered domain vouches for at most
+   ``zone_networks_max`` networks and ``zone_addresses_max`` addresses in ten minutes (``zone_spread``), and
+   with ``resolvers`` set only those servers' answers count (``dns_not_resolver``);
 2. learns *peers*: an address that contacted the guest first (a TCP SYN, a UDP datagram, an ICMP echo request
    to the guest) is known, and so is a DNS server that answered one of the guest's queries (bounded, oldest
    forgotten first, ``peer_capacity``);
@@ -117,6 +121,12 @@ DEFAULTS: dict[str, Any] = {
     "max_pending_queries": 1024,
     "max_tracked": 65536,       # unknown destinations remembered for the windows (counts saturate here)
     "known_networks": [],       # CIDRs always treated as known (e.g. the local subnet's servers)
+    "resolvers": [],            # the guest's DNS servers (CIDRs): if set, only their answers are shadowed and
+                                # a query to any other server is a new destination like any other
+    "zone_networks_max": 32,    # distinct networks (IPv4 /16, IPv6 /32) one domain's answers may vouch for in
+                                # ten minutes; more are not added (DNS a worm controls launders no address)
+    "zone_addresses_max": 256,  # ... and distinct addresses
+    "zone_exempt": [],          # domains whose answers are not held to those limits (e.g. "amazonaws.com")
     "learn_inbound": True,      # a peer that contacted the guest first is known
     "dns_port": 53,
     "unparseable": "cut",       # verdict for a held frame that is not a parseable new destination
@@ -208,13 +218,21 @@ def load_config(config: Optional[Mapping[str, Any]]) -> dict:
             raise ConfigError(f"{key}: expected true or false")
     if out["unparseable"] not in ("pass", "cut"):
         raise ConfigError("unparseable: expected 'pass' or 'cut'")
-    nets = out["known_networks"]
-    if isinstance(nets, str) or not isinstance(nets, (list, tuple)):
-        raise ConfigError("known_networks: expected a list of CIDRs")
-    try:
-        out["known_networks"] = tuple(ipaddress.ip_network(str(n), strict=False) for n in nets)
-    except ValueError as exc:
-        raise ConfigError(f"known_networks: {exc}") from None
+    for key in ("known_networks", "resolvers"):
+        nets = out[key]
+        if isinstance(nets, str) or not isinstance(nets, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of CIDRs")
+        try:
+            out[key] = tuple(ipaddress.ip_network(str(n), strict=False) for n in nets)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+    for key in ("zone_networks_max", "zone_addresses_max"):
+        number(key, 1, integer=True)
+    ex = out["zone_exempt"]
+    if isinstance(ex, str) or not isinstance(ex, (list, tuple)) or not all(
+            isinstance(d, str) and 0 < len(d.strip(".")) <= 253 for d in ex):
+        raise ConfigError("zone_exempt: expected a list of domain names")
+    out["zone_exempt"] = tuple(d.strip(".").lower() for d in ex)
     return out
 
 
@@ -296,6 +314,9 @@ class _Stats:
     dns_tcp_overrun: int = 0
     addresses_added: int = 0
     ptr_laundered: int = 0
+    name_laundered: int = 0         # addresses a name spelled out (a wildcard zone): not added
+    zone_spread: int = 0            # addresses past their domain's budget: not added
+    dns_not_resolver: int = 0       # answers from a server not in ``resolvers``: not shadowed
     peers_learned: int = 0
     syn_known: int = 0              # new destinations (any protocol) that were known
     syn_unknown_passed: int = 0     # ... unknown and passed
@@ -336,6 +357,85 @@ class _LruSet:
 
     def __len__(self) -> int:
         return len(self.d)
+
+
+#: second-level labels under which country-code TLDs register names (co.uk, com.au, ne.jp, ...): an
+#: approximation of the public suffix list, enough to keep one registrant's names together
+_SLDS = frozenset(("co", "com", "net", "org", "gov", "edu", "ac", "ne", "or", "go", "gob", "mil", "nic"))
+ZONE_CAPACITY = 256             # domains whose answers are tracked at once (least recently answered forgotten)
+
+
+def registered_domain(name: str) -> str:
+    """The domain a registrant controls, approximately: the last two labels, or three under a country code's
+    second level (``www.example.co.uk`` -> ``example.co.uk``)."""
+    labels = name.strip(".").lower().split(".")
+    if len(labels) > 2 and len(labels[-1]) == 2 and labels[-2] in _SLDS:
+        return ".".join(labels[-3:])
+    return ".".join(labels[-2:])
+
+
+def embeds_address(names, addr: IPAddress) -> bool:
+    """Whether one of ``names`` spells ``addr`` out (``10.1.2.3.nip.io``, ``10-1-2-3.sslip.io``,
+    ``0a010203.nip.io``, ``ec2-10-1-2-3.compute.example``; IPv6 with ``-`` for ``:``): a name any address can be
+    made into by a wildcard zone, which vouches for nothing."""
+    if addr.version == 4:
+        forms = (str(addr), str(addr).replace(".", "-"), addr.packed.hex())
+    else:
+        forms = (addr.compressed.replace(":", "-"), addr.exploded.replace(":", "-"), addr.packed.hex())
+    for nm in names:
+        nm = nm.lower()
+        for f in forms:
+            if len(f) < 7:
+                continue
+            i = nm.find(f)
+            while i >= 0:
+                before = nm[i - 1] if i else "."
+                end = i + len(f)
+                after = nm[end] if end < len(nm) else "."
+                if not (before in _HEX or after in _HEX):
+                    return True
+                i = nm.find(f, i + 1)
+    return False
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _network(addr: IPAddress) -> IPAddress:
+    bits = 16 if addr.version == 4 else 32
+    return ipaddress.ip_network(f"{addr}/{bits}", strict=False).network_address
+
+
+class _ZoneBudget:
+    """Per domain, the distinct networks and addresses its answers vouched for in the last ten minutes; an
+    answer past ``max_nets`` networks or ``max_addrs`` addresses vouches for nothing new.  A worm that
+    controls a zone (its own, or a wildcard one) then launders a bounded number of targets, not all."""
+
+    def __init__(self, max_nets: int, max_addrs: int, window: float = _TEN_MINUTES, capacity: int = ZONE_CAPACITY):
+        self.max_nets, self.max_addrs, self.window, self.capacity = max_nets, max_addrs, window, capacity
+        # domain -> (networks -> last time, addresses -> last time), both oldest first
+        self.zones: "collections.OrderedDict[str, tuple]" = collections.OrderedDict()
+
+    def admit(self, zone: str, addr: IPAddress, t: float) -> bool:
+        z = self.zones.get(zone)
+        if z is None:
+            z = self.zones[zone] = (collections.OrderedDict(), collections.OrderedDict())
+            while len(self.zones) > self.capacity:
+                self.zones.popitem(last=False)
+        self.zones.move_to_end(zone)
+        nets, addrs = z
+        horizon = t - self.window
+        for d in z:
+            while d and next(iter(d.values())) <= horizon:
+                d.popitem(last=False)
+        net = _network(addr)
+        if addr not in addrs and (len(addrs) >= self.max_addrs
+                                  or (net not in nets and len(nets) >= self.max_nets)):
+            return False
+        for d, k in ((nets, net), (addrs, addr)):
+            d[k] = t
+            d.move_to_end(k)
+        return True
 
 
 class _DnsStream:
@@ -379,6 +479,7 @@ class CodeRedDetector:
         self._pending: "collections.OrderedDict[tuple, tuple[dns.Question, float]]" = collections.OrderedDict()
         # PTR answers: name -> the address it was the reverse of
         self._ptr_names = _LruSet(MAX_PTR_NAMES)
+        self._zones = _ZoneBudget(self.cfg["zone_networks_max"], self.cfg["zone_addresses_max"])
         self._new_resolvers: dict[IPAddress, float] = {}     # servers queried before they answered -> when
         self._dns_streams: "collections.OrderedDict[tuple, _DnsStream]" = collections.OrderedDict()
         self._last_now = -math.inf
@@ -508,6 +609,8 @@ class CodeRedDetector:
         beyond that, a query to a new server is a new destination like any other (a scan over UDP/53)."""
         if self.is_known(server):
             return True
+        if self.cfg["resolvers"]:
+            return self._is_resolver(server)
         horizon = t - _TEN_MINUTES
         for a in [a for a, when in self._new_resolvers.items() if when <= horizon]:
             del self._new_resolvers[a]
@@ -515,6 +618,23 @@ class CodeRedDetector:
             self._new_resolvers.setdefault(server, t)
             return True
         return False
+
+    def _is_resolver(self, server: Optional[IPAddress]) -> bool:
+        return server is not None and any(server in net for net in self.cfg["resolvers"]
+                                          if net.version == server.version)
+
+    def _vouches(self, zone: Optional[str], names: tuple, addr: IPAddress, t: float) -> bool:
+        """Whether an answer for ``names`` (the question first) may make ``addr`` known."""
+        if embeds_address(names, addr):
+            self.stats.name_laundered += 1
+            return False
+        asked = names[0] if names else ""
+        if zone is None or any(asked == d or asked.endswith("." + d) for d in self.cfg["zone_exempt"]):
+            return True
+        if not self._zones.admit(zone, addr, t):
+            self.stats.zone_spread += 1
+            return False
+        return True
 
     def _expire_queries(self, now: float) -> None:
         horizon = now - self.cfg["query_timeout"]
@@ -551,10 +671,16 @@ class CodeRedDetector:
                 return 0
             del self._pending[(key_flow, msg.id)]
             server = key_flow[3]
+            if self.cfg["resolvers"] and not self._is_resolver(server):
+                self.stats.dns_not_resolver += 1
+                return 0
             if server is not None and server not in self.peers:
                 self.peers.add(server, "dns server")     # it answered the guest: the guest's resolver
                 self.dirty = True
             self._new_resolvers.pop(server, None)
+        elif self.cfg["resolvers"] and not self._is_resolver(key_flow[3]):
+            self.stats.dns_not_resolver += 1          # (a server known only when the flow is)
+            return 0
         self.stats.dns_responses += 1
         # PTR answers: remember which names stand for which reversed address
         for rr in msg.answers:
@@ -564,10 +690,16 @@ class CodeRedDetector:
                     self._ptr_names.add(rr.data, rev)
         n = 0
         max_ttl = self.cfg["max_ttl"]
+        qnames = tuple(q.name for q in msg.questions)
+        # the domain the guest asked about answers for everything in the response (glue included)
+        zone = registered_domain(qnames[0]) if qnames else None
         for rec in msg.addresses():
             names = (rec.name,) + rec.aliases
             if any(self._ptr_names.get(nm) == rec.address for nm in names):
                 self.stats.ptr_laundered += 1     # a name it got by reverse lookup of this very address
+                continue
+            if rec.address not in self.table and not self._vouches(
+                    zone or registered_domain(rec.name), qnames + names, rec.address, t):
                 continue
             name = rec.aliases[0] if rec.aliases else rec.name
             self.table.add(rec.address, t + min(rec.ttl, max_ttl), name, t)

@@ -72,6 +72,13 @@ def dns_answer(txid: int, name: str, qtype: int, rdata: bytes) -> bytes:
             + b"\xc0\x0c" + struct.pack("!HHIH", rrtype, 1, 300, len(rdata)) + rdata)
 
 
+def dns_answers(txid: int, name: str, addrs: list) -> bytes:
+    """A response to an A query for ``name`` with one A record per address (DNS round robin, a CDN's set)."""
+    rrs = b"".join(b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + ipaddress.IPv4Address(a).packed for a in addrs)
+    return (struct.pack("!HHHHHH", txid, 0x8180, 1, len(addrs), 0, 0) + _name(name) + struct.pack("!HH", 1, 1)
+            + rrs)
+
+
 def random_host(rnd: random.Random) -> str:
     return str(ipaddress.IPv4Address(0xC6120000 | rnd.randrange(1, 0xFFFF)))     # 198.18.0.0/16
 
@@ -193,10 +200,24 @@ def worm_style(style: str, rate: float, seconds: float = 180.0, seed: int = 1,
             feed("from_guest", udp(GUEST, RESOLVER, 5353, 53, dns_query(txid[0], qname, qtype)))
             feed("to_guest", udp(RESOLVER, GUEST, 53, 5353, dns_answer(txid[0], qname, qtype, rdata)))
 
+    def resolve_own(dst: str, name: str) -> None:
+        """DNS the worm controls: a name (its own zone's, or a wildcard one's) answered with its target."""
+        txid[0] += 1
+        feed("from_guest", udp(GUEST, RESOLVER, 5353, 53, dns_query(txid[0], name)))
+        feed("to_guest", udp(RESOLVER, GUEST, 53, 5353,
+                             dns_answer(txid[0], name, 1, ipaddress.IPv4Address(dst).packed)))
+
     def attempt() -> None:
-        dst = random_host(rnd)
+        # Code-Red's random targets: anywhere (here, anywhere in 1.0.0.0-223.255.255.255); the other styles
+        # sweep one /16 (the prefix the guest tests route)
+        dst = (str(ipaddress.IPv4Address(rnd.randrange(1 << 24, 224 << 24))) if style == "zone"
+               else random_host(rnd))
         a = _Attempt(ev.t)
         run.attempts.append(a)
+        if style in ("zone", "zone16"):
+            resolve_own(dst, f"h{len(run.attempts)}.worm-zone.example")
+        elif style == "wildcard":
+            resolve_own(dst, dst.replace(".", "-") + ".nip.io")
         if style == "udp":
             a.out = feed("from_guest", udp(GUEST, dst, 40000, 1434, b"\x04" + b"A" * 375)) == "pass"
         elif style == "icmp":
@@ -218,7 +239,9 @@ def worm_style(style: str, rate: float, seconds: float = 180.0, seed: int = 1,
     for i in range(n):
         ev.at(start + i / rate, attempt)
     ev.run(start + seconds + 64, tick)
-    label = {"tcp": "TCP SYNs", "udp": "UDP (Slammer)", "icmp": "ICMP echo sweep", "ptr": "PTR-laundered"}[style]
+    label = {"tcp": "TCP SYNs", "udp": "UDP (Slammer)", "icmp": "ICMP echo sweep", "ptr": "PTR-laundered",
+             "zone": "own DNS zone, random targets", "zone16": "own DNS zone, one /16",
+             "wildcard": "laundered by a wildcard zone"}[style]
     return run.result(_label(config), f"{label}, {rate:g}/s", start)
 
 
@@ -232,7 +255,9 @@ def _label(config: Optional[dict]) -> str:
 
 def worm_styles(config: Optional[dict] = None) -> list[Result]:
     out = [worm_style("tcp", 10, config=config), worm_style("udp", 100, config=config),
-           worm_style("icmp", 10, config=config), worm_style("ptr", 5, config=config)]
+           worm_style("icmp", 10, config=config), worm_style("ptr", 5, config=config),
+           worm_style("wildcard", 10, config=config), worm_style("zone", 10, config=config),
+           worm_style("zone16", 10, config=config)]
     slow = worm_style("tcp", 0.1, seconds=1200, config=config)
     slow.scenario = "slow TCP, one per 10 s"
     out.append(slow)
@@ -314,6 +339,39 @@ def _browse(det, clock, rnd: random.Random, seconds: float, over_tcp: bool = Fal
     return alerts
 
 
+def _cloud_names(det, clock, rnd: random.Random) -> int:
+    """Names of big domains, the way DNS answers them: NTP's pool at boot (4 names, 4 servers each, anywhere);
+    a page of 30 names of one site, each answered with 4 of its CDN's addresses; a backup job resolving one
+    storage bucket every 5 s for ten minutes (TTL 5 s, one address of a large pool each time).  Each name's
+    addresses are then contacted.  Returns alerts (+1000 per destination delayed)."""
+    t, alerts, txid = 0.0, 0, 0
+
+    def lookup(name: str, addrs: list, connect) -> None:
+        nonlocal alerts, txid
+        txid += 1
+        clock[0] = t
+        det.handle_frame("from_guest", udp(GUEST, RESOLVER, 30000 + txid % 9999, 53, dns_query(txid, name)))
+        det.handle_frame("to_guest", udp(RESOLVER, GUEST, 53, 30000 + txid % 9999, dns_answers(txid, name, addrs)))
+        for a in addrs:
+            v = det.handle_frame("from_guest", connect(a))
+            alerts += (v.alert is not None) + (v.action != "pass") * 1000
+
+    for i in range(4):
+        lookup(f"{i}.debian.pool.ntp.org", [str(ipaddress.IPv4Address(rnd.randrange(1 << 24, 224 << 24)))
+                                            for _ in range(4)], lambda a: udp(GUEST, a, 123, 123, b"\x23" + b"\0" * 47))
+    edge = [f"23.{rnd.randrange(32, 64)}.{rnd.randrange(256)}.{rnd.randrange(1, 255)}" for _ in range(60)]
+    for i in range(30):
+        t += 0.05
+        lookup(f"img{i}.news.example", rnd.sample(edge, 4), lambda a: tcp(GUEST, a, 41000, 443, 0x02))
+    while t < 600:
+        t += 5
+        lookup("backups.s3.storage.example", [f"52.{rnd.choice((216, 217))}.{rnd.randrange(256)}.{rnd.randrange(1, 255)}"],
+               lambda a: tcp(GUEST, a, 42000, 443, 0x02))
+        clock[0] = t
+        alerts += det.tick() is not None
+    return alerts
+
+
 def normal_workloads(config: Optional[dict] = None) -> list[Result]:
     """The normal hosts; a resolved destination or a peer delayed counts as 1000 false alarms."""
     out = []
@@ -339,6 +397,9 @@ def normal_workloads(config: Optional[dict] = None) -> list[Result]:
             alerts += (v.alert is not None) + (v.action != "pass") * 1000
         alerts += det.tick() is not None
     out.append(Result(label, "server under inbound load", normal=True, false_alarms=alerts))
+    det, clock = _codered_world(config)
+    out.append(Result(label, "NTP pool, a CDN page, a storage bucket", normal=True,
+                      false_alarms=_cloud_names(det, clock, rnd)))
     # a warm DNS cache across a scanner restart: names resolved before it, connected to after
     det, clock = _codered_world(config)
     _browse(det, clock, rnd, 600)
