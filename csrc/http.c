@@ -237,10 +237,19 @@ static void release(struct vn_http *h, struct side *s)
     s->present = 0;
 }
 
-static void go_dead(struct side *s)
+/* The side reads no more.  When it is the response side, no pending request will be named
+ * in an alert any more: their names go (the answered one's copy stays). */
+static void go_dead(struct vn_http *h, struct side *s)
 {
     s->state = ST_DEAD;
     s->inspecting = 0;
+    if (s == &h->s[VN_HTTP_RESP])
+        for (int i = 0; i < VN_HTTP_PIPELINE_MAX; i++)
+            if (h->info[i]) {
+                free(h->info[i]);
+                h->info[i] = NULL;
+                h->mem -= sizeof(struct vn_http_reqinfo);
+            }
 }
 
 /* ---------------------------------------------------------------- buffers */
@@ -802,7 +811,7 @@ static int head_done(struct vn_http *h, int side)
         } else if (h->pend_n >= VN_HTTP_PIPELINE_MAX && !h->hold_resp) {
             /* more requests wait than responses are framed for, and no rule reads responses:
              * responses are not read any more (nothing else needs them) */
-            go_dead(&h->s[VN_HTTP_RESP]);
+            go_dead(h, &h->s[VN_HTTP_RESP]);
             kind &= (uint8_t)~(K_CONNECT | K_UPGRADE);
         } else {
             if (h->pend_n >= VN_HTTP_PIPELINE_MAX)
@@ -831,9 +840,15 @@ static int head_done(struct vn_http *h, int side)
     int code = (c[0] - '0') * 100 + (c[1] - '0') * 10 + (c[2] - '0');
     s->inspecting = 0;
     struct side *rq = &h->s[VN_HTTP_REQ];
+    /* the request this response answers (an interim one too, without taking it off the queue) */
+    h->has_answered = 0;
+    if (h->pend_n && h->info[h->pend_head]) {
+        h->answered = *h->info[h->pend_head];
+        h->has_answered = 1;
+    }
     if (code == 101) {                   /* switched protocols: a tunnel from here */
-        go_dead(s);
-        go_dead(rq);
+        go_dead(h, s);
+        go_dead(h, rq);
         return VN_HTTP_EV_HEAD;
     }
     if (code < 200) {                   /* interim: no body, the request still waits */
@@ -841,12 +856,9 @@ static int head_done(struct vn_http *h, int side)
         return VN_HTTP_EV_HEAD;
     }
     uint8_t kind = 0;
-    h->has_answered = 0;
     if (h->pend_n) {
         struct vn_http_reqinfo *ri = h->info[h->pend_head];
         if (ri) {                       /* answered: an idle connection keeps no names */
-            h->answered = *ri;
-            h->has_answered = 1;
             free(ri);
             h->info[h->pend_head] = NULL;
             h->mem -= sizeof *ri;
@@ -859,7 +871,7 @@ static int head_done(struct vn_http *h, int side)
         /* accepted: a proxy tunnels from here, but some servers answer CONNECT with an
          * ordinary handler and go on reading requests.  The request side reads on: a request
          * line keeps it HTTP, anything else makes it the tunnel it was said to be. */
-        go_dead(s);
+        go_dead(h, s);
         if (rq->state == ST_WAIT)
             rq->state = ST_START;
         h->tunnel_probe = 1;
@@ -1038,8 +1050,8 @@ not_http:
     if (side == VN_HTTP_REQ && h->seen_request && !h->tunnel_probe)
         return VN_HTTP_E_SYNTAX;
     if (side == VN_HTTP_REQ)
-        go_dead(&h->s[VN_HTTP_RESP]);
-    go_dead(s);
+        go_dead(h, &h->s[VN_HTTP_RESP]);
+    go_dead(h, s);
     return (int64_t)len;
 }
 
@@ -1224,7 +1236,7 @@ out:
     return (int64_t)i;
 fail_r:
     s->pos += i;
-    go_dead(s);
+    go_dead(h, s);
     if (side == VN_HTTP_RESP && !h->hold_resp)
         return (int64_t)i;              /* no rule reads responses: a server's odd framing is
                                            not a reason to stop the connection; only framing ends */
@@ -1252,20 +1264,20 @@ int vn_http_eof(struct vn_http *h, int side)
             int nh = not_http_yet(s, side, 1);
             if (nh) {
                 int bad = nh == 2 || (side == VN_HTTP_REQ && h->seen_request && !h->tunnel_probe);
-                go_dead(s);
+                go_dead(h, s);
                 return bad ? VN_HTTP_E_SYNTAX : VN_HTTP_EV_NONE;
             }
             s->first_done = 1;
             s->line0_len = s->line_len;
         }
         int r = head_done(h, side);
-        go_dead(s);
+        go_dead(h, s);
         return r;
     } else if (s->keep_body && !s->body_ev && (s->state == ST_BODY_CL || s->state == ST_CHUNK_SIZE ||
                s->state == ST_CHUNK_DATA || s->state == ST_CHUNK_END || s->state == ST_TRAILER)) {
         ev = body_event(s);
     }
-    go_dead(s);
+    go_dead(h, s);
     return ev;
 }
 

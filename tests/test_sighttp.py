@@ -440,3 +440,47 @@ def test_reader_chunk_framing_cannot_hold_a_body_without_bound():
     chunk = b"1;" + b"e" * 1000 + b"\r\nA\r\n"
     evs = read([(0, head + chunk * 200)], body_limit=64)
     assert [e for e, s, b in evs][:2] == [lib.VN_HTTP_EV_HEAD, lib.VN_HTTP_EV_BODY]
+
+
+def _reader_feed(h, side, data):
+    """Feeds all of data, event by event (the reader stops after each)."""
+    ev = ffi.new("int *")
+    while data:
+        n = lib.vn_http_feed(h, side, data, len(data), ev)
+        assert n > 0, (n, data)
+        lib.vn_http_settle(h, side)
+        data = data[n:]
+
+
+def test_reader_names_the_request_an_interim_or_switching_response_answers():
+    h = lib.vn_http_new(1024, 0, 1)
+    try:
+        _reader_feed(h, 0, b"GET /a HTTP/1.1\r\n\r\nPOST /b HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n"
+                           b"GET /chat HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        _reader_feed(h, 1, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        assert ffi.string(lib.vn_http_answered(h).url) == b"/a"
+        _reader_feed(h, 1, b"HTTP/1.1 100 Continue\r\n\r\n")        # interim: answers /b, which still waits
+        assert ffi.string(lib.vn_http_answered(h).url) == b"/b"
+        _reader_feed(h, 1, b"HTTP/1.1 204 No Content\r\n\r\n")
+        assert ffi.string(lib.vn_http_answered(h).url) == b"/b"
+        _reader_feed(h, 1, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
+        assert ffi.string(lib.vn_http_answered(h).url) == b"/chat"
+    finally:
+        lib.vn_http_free(h)
+
+
+def test_reader_forgets_pending_requests_names_when_responses_stop_being_read():
+    h = lib.vn_http_new(1024, 0, 1)
+    try:
+        base = lib.vn_http_mem(h)
+        _reader_feed(h, 0, b"GET /x HTTP/1.1\r\n\r\n" * 20)
+        assert lib.vn_http_mem(h) >= base + 20 * ffi.sizeof("struct vn_http_reqinfo")
+        before = lib.vn_http_mem(h)
+        ev = ffi.new("int *")
+        junk = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"       # the server speaks TLS: no more responses
+        lib.vn_http_feed(h, 1, junk, len(junk), ev)
+        assert not lib.vn_http_active(h, 1)
+        # the twenty names went (the response side's small head buffer, 1 or 2 KiB, came)
+        assert lib.vn_http_mem(h) <= before - 20 * ffi.sizeof("struct vn_http_reqinfo") + 2048
+    finally:
+        lib.vn_http_free(h)
