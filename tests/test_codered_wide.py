@@ -294,7 +294,7 @@ def test_multicast_and_broadcast_are_not_new_hosts():
 
 
 def strict(**config):
-    return detector(unknown="queue", queue_interval=120.0, **config)
+    return detector(unknown="queue", queue_interval=120.0, resolvers=[f"{RESOLVER}/32"], **config)
 
 
 def test_strict_mode_holds_an_unknown_destination_below_every_threshold_without_alerting():
@@ -387,7 +387,8 @@ def test_strict_mode_queue_and_grants_survive_a_restart_and_no_release_comes_soo
 
 @pytest.mark.parametrize("config, why", [
     ({"unknown": "hold"}, "unknown"),
-    ({"unknown": "queue", "queue_interval": 0.5}, "queue_interval"),
+    ({"unknown": "queue", "queue_interval": 0.5, "resolvers": ["10.0.0.1/32"]}, "queue_interval"),
+    ({"unknown": "queue"}, "needs resolvers"),
     ({"queue_grant": "long"}, "queue_grant"),
 ])
 def test_strict_mode_settings_are_checked(config, why):
@@ -488,3 +489,30 @@ def test_dns_laundering_settings_are_checked(config, why):
     from scanners.codered import ConfigError
     with pytest.raises(ConfigError, match=why):
         detector(**config)
+
+
+def test_strict_mode_grants_keep_their_age_across_restarts_and_expired_ones_stay_expired():
+    det, clock = strict()
+    for i in range(3):                      # 2 s apart: below max_per_second
+        det.handle_frame("from_guest", syn(unknown(i)))
+        clock.advance(2)
+    clock.advance(355)                      # three ticks: all three released, at 120, 240 and 360 s
+    det.tick()
+    assert det.stats.released == 3 and not det.attack
+    clock.advance(400)                      # grants 641, 521 and 401 s old; they last 600 s ...
+    doc = det.snapshot(wall=1000.0)
+    det2, _ = strict()
+    assert det2.restore(doc, wall=1100.0)   # ... and 100 s of downtime later the third (ages 401 + 100) is left
+    assert det2.handle_frame("from_guest", syn(unknown(2))).action == "pass"
+    assert det2.handle_frame("from_guest", syn(unknown(0))).action == "cut"
+    # restarted a day later: nothing comes back
+    det3, _ = strict()
+    assert det3.restore(doc, wall=1000.0 + 86400)
+    assert det3.handle_frame("from_guest", syn(unknown(2))).action == "cut"
+
+
+def test_strict_mode_a_dns_query_to_a_server_not_among_the_resolvers_waits_its_turn():
+    det, clock = strict()
+    v = det.handle_frame("from_guest", dns_query("x.example", txid=0x5000, server="203.0.113.53"))
+    assert v.action == "cut" and det.queued() == [V4("203.0.113.53")]
+    assert det.handle_frame("from_guest", dns_query("x.example", txid=0x5001)).action == "pass"   # the resolver

@@ -76,7 +76,7 @@ def strict_policy_text() -> str:
     """examples/codered.toml in strict mode, for carol."""
     cod = tomllib.loads((REPO / "examples" / "codered.toml").read_text())
     [sc] = cod["scanner"]
-    sc["config"].update(unknown="queue", queue_interval=STRICT_TICK)
+    sc["config"].update(unknown="queue", queue_interval=STRICT_TICK, resolvers=[f"{LAN}.2/32"])
     out = [f'[ni]\nmac = "{CAROL_MAC}"\naddresses = ["{CAROL}/32"]\nanti_spoof = true\n'
            'hold_timeout_ms = 2000\ndefault_decision = "cut"\n', "[[scanner]]",
            f"name = {toml_value(sc['name'])}", f'program = "{REPO / "scanners" / "codered"}"', "[scanner.config]"]

@@ -228,6 +228,10 @@ def load_config(config: Optional[Mapping[str, Any]]) -> dict:
             raise ConfigError(f"{key}: {exc}") from None
     for key in ("zone_networks_max", "zone_addresses_max"):
         number(key, 1, integer=True)
+    if out["unknown"] == "queue" and not out["resolvers"]:
+        # otherwise a query to a "new resolver" (four in ten minutes pass uncounted) would be a way out
+        raise ConfigError('unknown = "queue" needs resolvers: the guest\'s DNS servers (CIDRs), the only '
+                          'servers a query may go to without waiting its turn')
     ex = out["zone_exempt"]
     if isinstance(ex, str) or not isinstance(ex, (list, tuple)) or not all(
             isinstance(d, str) and 0 < len(d.strip(".")) <= 253 for d in ex):
@@ -836,15 +840,18 @@ class CodeRedDetector:
     def _release_strict(self, t: float) -> None:
         while self._queue and t >= self._next_release:
             addr, _ = self._queue.popitem(last=False)
+            self._granted.pop(addr, None)        # grants stay in release order, oldest first
             self._granted[addr] = self._next_release
             self.stats.released += 1
             self.urgent = self.dirty = True
             self._next_release += self.cfg["queue_interval"]
-        if len(self._granted) > self.cfg["queue_capacity"]:      # grants are bounded like the queue
-            horizon = t - self.cfg["queue_grant"]
-            self._granted = {a: w for a, w in self._granted.items() if w > horizon}
-            while len(self._granted) > self.cfg["queue_capacity"]:
-                del self._granted[next(iter(self._granted))]
+        # expired grants go (they must not be saved and brought back), and grants are bounded like the queue
+        horizon = t - self.cfg["queue_grant"]
+        while self._granted:
+            a, when = next(iter(self._granted.items()))
+            if when > horizon and len(self._granted) <= self.cfg["queue_capacity"]:
+                break
+            del self._granted[a]
 
     def queued(self) -> list[IPAddress]:
         """The destinations waiting in the delay queue, oldest first."""
@@ -992,7 +999,10 @@ class CodeRedDetector:
             "until": round(self.attack_until - t, 3) if self.attack else 0,
             "next_pass": round(self._next_release - t, 3) if self.attack or self.strict else 0,
             "interval": self.interval,
-            "granted": [str(a) for a in list(self._granted)[:self.SNAPSHOT_GRANTED]],
+            # the most recent grants, each with its age: a restart must not make an old one new
+            "granted": [[str(a), round(max(0.0, t - when), 3)]
+                        for a, when in sorted(self._granted.items(), key=lambda kv: kv[1],
+                                              reverse=True)[:self.SNAPSHOT_GRANTED]],
             "queue": [str(a) for a in list(self._queue)[:self.SNAPSHOT_QUEUE]],
             "last_port": self.last_port,
             "last_dst": str(self.last_dst) if self.last_dst is not None else None,
@@ -1037,7 +1047,9 @@ class CodeRedDetector:
             base = t - elapsed                                 # the snapshot's "now", on our clock
             unknown = [(ipaddress.ip_address(a), base - max(0.0, num(age))) for a, age in doc["unknown"]]
             table = [(ipaddress.ip_address(a), base + num(left), str(name)) for a, left, name in doc["dns"]]
-            granted = {ipaddress.ip_address(a) for a in doc["granted"]}
+            # [address, age] (a string alone, from before ages were saved: age 0, as then)
+            granted = [(ipaddress.ip_address(g), 0.0) if isinstance(g, str)
+                       else (ipaddress.ip_address(g[0]), max(0.0, num(g[1]))) for g in doc["granted"]]
             queue = [ipaddress.ip_address(a) for a in doc.get("queue", [])]
             peers = [(ipaddress.ip_address(a), str(v)[:16]) for a, v in doc.get("peers", [])]
             attack = doc["attack"] is True
@@ -1068,7 +1080,10 @@ class CodeRedDetector:
             # strict mode outside attack: the queue and its grants outlive the process too, and the next
             # release is never sooner than it would have been
             self._next_release = next_pass if attack else max(next_pass, t)
-            self._granted = {a: t for a in list(granted)[:self.cfg["queue_capacity"]]}
+            # each grant keeps the age it had, aged by the time down; expired ones stay expired
+            life = self.cfg["attack_duration"] if attack else self.cfg["queue_grant"]
+            kept = sorted(((a, base - age) for a, age in granted if age + elapsed < life), key=lambda x: x[1])
+            self._granted = dict(kept[-self.cfg["queue_capacity"]:])
             for a in queue[:self.cfg["queue_capacity"]]:
                 self._queue[a] = t
         if attack:

@@ -246,7 +246,7 @@ def worm_style(style: str, rate: float, seconds: float = 180.0, seed: int = 1,
 
 
 #: the worm scanner's strict mode: every unknown destination waits in the delay queue, attack or not
-STRICT = {"unknown": "queue"}
+STRICT = {"unknown": "queue", "resolvers": [f"{RESOLVER}/32"]}
 
 
 def _label(config: Optional[dict]) -> str:
