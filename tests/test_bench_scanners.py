@@ -51,7 +51,7 @@ def test_parse_handshakes():
 def test_policies_fill_in_the_guest_and_absolute_programs():
     cfg = scanners.ScannerBenchConfig()
     assert scanners.policy_doc("plain", cfg).get("scanner") is None
-    for name, scanner in (("null", "null"), ("codered", "codered")):
+    for name, scanner in (("null", "null"), ("codered", "codered"), ("trw", "trw"), ("synbomb", "synbomb")):
         doc = scanners.policy_doc(name, cfg)
         assert doc["ni"]["mac"] == scanners.MAC_A and doc["ni"]["addresses"] == [f"{scanners.ADDR_A}/32"]
         assert [s["name"] for s in doc["scanner"]] == [scanner]
@@ -88,11 +88,11 @@ def test_bench_scanners_smoke(vhostni_images, vhostni_logdir, tmp_path):
     assert sec["status"].startswith("ran"), sec["status"]
     assert "TCP handshake" in r.stdout and "codered/plain" in r.stdout, r.stdout[-2000:]
 
-    assert list(sec["configs"]) == ["plain", "null", "codered", "null_stream", "signatures"]
+    assert list(sec["configs"]) == list(scanners.CONFIGS)
     for name, e in sec["configs"].items():
         for key in ("hold_us", "handshake_ms", "connect_ms", "dns_ms", "ping_ms", "spawn_ms", "iperf3_gbit_s"):
             assert e[key]["n"] >= 1 and _positive(e[key]["median"]), (name, key, e[key])
-    for name in ("null", "codered", "null_stream", "signatures"):
+    for name in scanners.CONFIGS[1:]:
         for key, v in sec["ratios_to_plain"][name].items():
             assert _positive(v), (name, key, v)
         for key, v in sec["paired_ratios_to_plain"][name].items():
@@ -100,8 +100,7 @@ def test_bench_scanners_smoke(vhostni_images, vhostni_logdir, tmp_path):
 
     blocks = sec["blocks"]
     assert {(b["phase"], b["config"]) for b in blocks} == {
-        (p, c) for p in ("hold", "latency", "throughput")
-        for c in ("plain", "null", "codered", "null_stream", "signatures")}
+        (p, c) for p in ("hold", "latency", "throughput") for c in scanners.CONFIGS}
     for b in blocks:
         if b["phase"] == "hold":
             h = b["metrics"]["hold"]

@@ -8,6 +8,9 @@ daemon SIGHUP (the guests boot once):
 * ``null``: examples/null-scanner.toml: every TCP SYN a sends is held until the null scanner passes it;
 * ``codered``: examples/codered.toml with a's MAC and address filled in: the Code-Red scanner reads the DNS
   exchanges (copies, nothing held) and holds each SYN until it has checked the destination.
+* ``trw``: examples/trw.toml: the Threshold Random Walk port-scan detector holds every SYN, both ways, and
+  watches what answers it (issue 13's per-detector overhead);
+* ``synbomb``: examples/synbomb.toml: the SYN-bomb detector holds the SYNs a sends and reads the SYN-ACKs;
 * ``null_stream``: the null stream scanner (scanners/null_stream.py) holds iperf3's connections (port 5201)
   both ways, every byte passed by the scanner process before it goes on: what a stream scanner costs a bulk
   transfer in the running daemon (not in lockstep, unlike the streams section's replay figure).
@@ -66,7 +69,7 @@ from .frameloop import _HZ, _cpu_busy_ticks, _proc_ticks, summarize
 from .guest_tcp import parse_iperf3
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = ("plain", "null", "codered", "null_stream", "signatures")
+CONFIGS = ("plain", "null", "codered", "trw", "synbomb", "null_stream", "signatures")
 SIG_RULES, SIG_PCRE_SHARE = 1500, 0.1
 ADDR_A, ADDR_B = "10.77.0.1", "10.77.0.2"
 MAC_A, MAC_B = "52:54:00:5c:00:01", "52:54:00:5c:00:02"
@@ -143,7 +146,7 @@ def policy_doc(config: str, cfg: ScannerBenchConfig) -> dict:
                              "messages_per_second": 1_000_000,
                              "allow": [{"stream": True, "port": 5201, "direction": "both", "contain": True}],
                              "config": {"port": 5201}}]}
-    files = {"null": "null-scanner.toml", "codered": "codered.toml"}
+    files = {"null": "null-scanner.toml", "codered": "codered.toml", "trw": "trw.toml", "synbomb": "synbomb.toml"}
     if config not in files:
         raise ValueError(f"unknown configuration {config!r} (known: {', '.join(CONFIGS)})")
     path = _example(cfg, files[config])
