@@ -266,6 +266,19 @@ def test_frames_batch_keeps_its_views_until_the_next_call(pair):
     assert ni.read_decisions() == [(0, wire.PASS), (2, wire.PASS)]
 
 
+def test_a_timeout_of_zero_takes_what_the_ring_has(pair):
+    # a scanner that polls without waiting (timeout 0) between its own work must still get the frames
+    # the NI published: the ring is read before the deadline is looked at
+    k, ni, sc = pair()
+    assert sc.frames_batch(timeout=0) == []
+    ni.publish([(frame(i), wire.FROM_GUEST, True) for i in range(3)])
+    assert [f.number for f in sc.frames_batch(timeout=0)] == [0, 1, 2]
+    ni.publish([(frame(3), wire.FROM_GUEST, True)])
+    f = sc.recv(timeout=0)
+    assert f is not None and f.number == 3
+    assert sc.recv(timeout=0) is None
+
+
 def test_frames_batch_stops_at_a_sync(pair):
     k, ni, sc = pair()
     ni.publish([(frame(0), wire.FROM_GUEST, True)])

@@ -576,11 +576,11 @@ class Scanner:
             seen = len(self._pending)
             if ring is not None and self._sock_fill():
                 continue                    # socket messages first: a sync, a tick, stream data
+            if ring is not None and self._ring_poll():
+                continue                    # (before the deadline: a timeout of 0 takes what is there)
             left = None if deadline is None else deadline - self.clock()
             if left is not None and left <= 0:
                 return None                 # (a tick may have moved the clock past it)
-            if ring is not None and self._ring_poll():
-                continue
             if ring is None:
                 msg = self._recv(None if capture else left)
                 if msg is None:
