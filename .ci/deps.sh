@@ -22,5 +22,7 @@ $SUDO apt-get install -y -q --no-install-recommends \
 $SUDO apt-get install -y -q --no-install-recommends clamav-daemon
 # Hyperscan and PCRE2: the signature matcher (csrc/sig.c, the payload stage) links -lhs -lpcre2-8
 $SUDO apt-get install -y -q --no-install-recommends libhyperscan-dev libpcre2-dev
+# Mozilla's public suffix list: the worm scanner's per-domain DNS budgets tell registrants apart by it
+$SUDO apt-get install -y -q --no-install-recommends publicsuffix
 # Python packages go into the project's own venv (`make venv`, run by `make deps`), never into the
 # system interpreter: Debian's python3 refuses that (PEP 668).

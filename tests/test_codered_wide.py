@@ -400,62 +400,127 @@ def test_strict_mode_settings_are_checked(config, why):
 # ---- DNS a worm controls launders no address --------------------------------------------------------------------
 
 
-def test_names_that_spell_their_address_out_vouch_for_nothing():
-    from scanners.codered.core import embeds_address
+def test_names_that_spell_their_address_out_vouch_for_a_few_addresses_per_domain():
+    from scanners.codered.core import EMBEDDED_ADDRESSES, EMBEDDED_NETWORKS
     det, clock = detector()
-    for i, (name, addr) in enumerate([("10.99.7.1.nip.io", "10.99.7.1"), ("app-10-99-7-2.sslip.io", "10.99.7.2"),
-                                      ("0a630703.nip.io", "10.99.7.3"),
-                                      ("ec2-10-99-7-4.compute-1.example", "10.99.7.4")]):
-        resolve(det, name, [(name, "A", addr, 300)], txid=0x2000 + i)
-        assert not det.is_known(V4(addr)), name
-    assert det.stats.name_laundered == 4
-    # a CNAME to such a name launders no more than asking for it
-    resolve(det, "x.evil.example", [("x.evil.example", "CNAME", "10-99-7-5.nip.io", 300),
-                                    ("10-99-7-5.nip.io", "A", "10.99.7.5", 300)], txid=0x2100)
-    assert not det.is_known(V4("10.99.7.5"))
-    # digits that only look alike do not count
-    assert not embeds_address(["host110.99.7.12.example"], V4("10.99.7.1"))
-    assert not embeds_address(["a10-99-7-1b.example"], V4("10.99.7.1"))       # hex-digit neighbours
-    assert embeds_address(["x.fd00--7.sslip.io"], ipaddress.IPv6Address("fd00::7"))
-    resolve(det, "www.example", [("www.example", "A", "10.99.7.9", 300)], txid=0x2200)
-    assert det.is_known(V4("10.99.7.9"))
+    # a cloud host's or a cluster's own names: a few work (a client and its three brokers)
+    for i in range(3):
+        name = f"ip-10-0-1-{15 + i}.eu-west-1.compute.internal"
+        resolve(det, name, [(name, "A", f"10.0.1.{15 + i}", 60)], txid=0x2000 + i)
+        assert det.is_known(V4(f"10.0.1.{15 + i}"))
+    # a wildcard service spells any target out: past its allowance (per domain, ten minutes), nothing
+    got = []
+    for i in range(EMBEDDED_ADDRESSES + 8):
+        dst = f"10.{i % EMBEDDED_NETWORKS}.{i}.1"
+        name = f"app-{dst.replace('.', '-')}.nip.io"
+        resolve(det, name, [(name, "A", dst, 60)], txid=0x2100 + i)
+        got.append(det.is_known(V4(dst)))
+    assert got == [True] * EMBEDDED_ADDRESSES + [False] * 8 and det.stats.name_laundered == 8
+    # so does a CNAME to such a name from a domain of the worm's own: charged to the asked domain's
+    # embedded allowance (its networks: four)
+    for i in range(6):
+        resolve(det, f"x{i}.evil-worm.com", [(f"x{i}.evil-worm.com", "CNAME", f"10-{60 + i}-7-5.nip.io", 300),
+                                             (f"10-{60 + i}-7-5.nip.io", "A", f"10.{60 + i}.7.5", 300)],
+                txid=0x2200 + i)
+    assert [det.is_known(V4(f"10.{60 + i}.7.5")) for i in range(6)] == [True] * 4 + [False] * 2
+
+
+@pytest.mark.parametrize("name, addr, spelled", [
+    ("10.99.7.1.nip.io", "10.99.7.1", True),
+    ("app-10.99-7.1.nip.io", "10.99.7.1", True),          # mixed separators (the older nip.io backend)
+    ("010.099.007.001.example.com", "10.99.7.1", True),   # leading zeros
+    ("0a630701.nip.io", "10.99.7.1", True),
+    ("magic-0a630701.nip.io", "10.99.7.1", True),
+    ("host110.99.7.12.example.com", "10.99.7.1", False),  # digits that only look alike
+    ("a10-99-7-1b.example.com", "10.99.7.1", False),
+    ("10.99.7.10.example.com", "10.99.7.1", False),
+    ("fd00-0-0-0-0-0-0-7.sslip.io", "fd00::7", True),
+    ("fd00-00-000-0000--0007.sslip.io", "fd00::7", True),
+    ("x.fd00--7.sslip.io", "fd00::7", True),
+    ("2001-db8-0-0-1--1.sslip.io", "2001:db8:0:0:1::1", True),
+    ("--1.sslip.io", "::1", True),
+    ("fd00--8.sslip.io", "fd00::7", False),
+])
+def test_the_forms_wildcard_services_read_are_recognised(name, addr, spelled):
+    from scanners.codered.core import embeds_address
+    assert embeds_address([name], ipaddress.ip_address(addr)) is spelled
 
 
 def test_one_domain_vouches_for_a_bounded_number_of_networks_and_addresses():
     det, clock = detector(zone_networks_max=4, zone_addresses_max=6)
-    # a worm's own zone: each name answers a target in another /16
+    # a worm's own domain: each name answers a target in another /16
     for i in range(6):
-        resolve(det, f"h{i}.evil.example", [(f"h{i}.evil.example", "A", f"10.{i}.0.1", 60)], txid=0x3000 + i)
+        resolve(det, f"h{i}.evil-worm.com", [(f"h{i}.evil-worm.com", "A", f"10.{i}.0.1", 60)], txid=0x3000 + i)
     known = [det.is_known(V4(f"10.{i}.0.1")) for i in range(6)]
     assert known == [True] * 4 + [False] * 2 and det.stats.zone_spread == 2
     # inside the networks it already vouched for, up to the address budget
     for i in range(4):
-        resolve(det, f"k{i}.evil.example", [(f"k{i}.evil.example", "A", f"10.0.1.{i}", 60)], txid=0x3100 + i)
+        resolve(det, f"k{i}.evil-worm.com", [(f"k{i}.evil-worm.com", "A", f"10.0.1.{i}", 60)], txid=0x3100 + i)
     assert [det.is_known(V4(f"10.0.1.{i}")) for i in range(4)] == [True, True, False, False]
     # one answer carrying many addresses is held to the same budget, glue included
-    resolve(det, "bulk.other.example", [("bulk.other.example", "A", f"10.{50 + i}.0.1", 60) for i in range(8)],
+    resolve(det, "bulk.other-worm.net", [("bulk.other-worm.net", "A", f"10.{50 + i}.0.1", 60) for i in range(8)],
             txid=0x3200)
     assert sum(det.is_known(V4(f"10.{50 + i}.0.1")) for i in range(8)) == 4
     # the same name again (its TTL renewed) is no new address; other domains have their own budget
-    resolve(det, "h0.evil.example", [("h0.evil.example", "A", "10.0.0.1", 60)], txid=0x3300)
+    resolve(det, "h0.evil-worm.com", [("h0.evil-worm.com", "A", "10.0.0.1", 60)], txid=0x3300)
     resolve(det, "www.site.co.uk", [("www.site.co.uk", "A", "10.77.0.1", 60)], txid=0x3301)
     assert det.is_known(V4("10.0.0.1")) and det.is_known(V4("10.77.0.1"))
     # ten minutes later the budget is back
     clock.advance(601)
-    resolve(det, "h9.evil.example", [("h9.evil.example", "A", "10.9.0.1", 60)], txid=0x3400)
+    resolve(det, "h9.evil-worm.com", [("h9.evil-worm.com", "A", "10.9.0.1", 60)], txid=0x3400)
     assert det.is_known(V4("10.9.0.1"))
 
 
-def test_exempt_domains_and_the_registered_domain_approximation():
-    from scanners.codered.core import registered_domain
+def test_looking_up_many_other_domains_buys_no_fresh_budget():
+    det, clock = detector(zone_networks_max=4, zone_addresses_max=6)
+    for i in range(6):
+        resolve(det, f"h{i}.evil-worm.com", [(f"h{i}.evil-worm.com", "A", f"10.{i}.0.1", 60)], txid=0x3500 + i)
+    # three hundred ordinary lookups of other domains (more than the domains tracked at once) ...
+    for i in range(300):
+        name = f"www.site{i}.com"
+        resolve(det, name, [(name, "A", f"172.16.{i // 250}.{i % 250 + 1}", 60)], txid=0x4000 + i)
+    # ... and the worm's domain is still spent
+    resolve(det, "h7.evil-worm.com", [("h7.evil-worm.com", "A", "10.7.0.1", 60)], txid=0x3600)
+    assert not det.is_known(V4("10.7.0.1"))
+
+
+def test_a_response_without_a_usable_question_is_charged_to_one_domain():
+    det, clock = detector(zone_networks_max=4, zone_addresses_max=6)
+    # the root's question, answered with records owned by a thousand made-up domains
+    resolve(det, ".", [(f"t{i}.made-up{i}.com", "A", f"10.{i % 200}.{i // 200}.1", 60) for i in range(40)],
+            txid=0x3700)
+    assert sum(det.is_known(V4(f"10.{i % 200}.{i // 200}.1")) for i in range(40)) == 4
+
+
+def test_a_stuffed_answer_costs_bounded_time():
+    import time as _time
+    from scanners.codered.core import MAX_ADDRESS_RECORDS
+    det, clock = detector()
+    cn = [(f"c{i}.evil-worm.com", "CNAME", f"c{i + 1}.evil-worm.com", 60) for i in range(300)]
+    recs = [(f"a{i}.evil-worm.com", "A", f"10.{i % 250}.{i // 250}.9", 60) for i in range(1200)]
+    t0 = _time.perf_counter()
+    resolve(det, "q.evil-worm.com", cn + recs, txid=0x3800)
+    assert _time.perf_counter() - t0 < 2.0
+    assert det.stats.dns_records_cut == 1 and len(det.table) <= MAX_ADDRESS_RECORDS
+
+
+def test_exempt_domains_and_the_registered_domain():
+    from scanners.codered.core import UNLISTED, registered_domain
     assert registered_domain("a.b.example.co.uk") == "example.co.uk"
-    assert registered_domain("x.s3.amazonaws.com") == "amazonaws.com"
-    assert registered_domain("localhost") == "localhost"
-    det, clock = detector(zone_networks_max=2, zone_exempt=["amazonaws.com"])
+    assert registered_domain("t1.go.tv") == "go.tv"
+    assert registered_domain("q1.made-up-tld") == registered_domain("x.local") == UNLISTED
+    assert registered_domain(".") == UNLISTED
+    det, clock = detector(zone_networks_max=2, zone_exempt=["cloud-provider.com"])
     for i in range(5):
-        name = f"bucket{i}.s3.amazonaws.com"
-        resolve(det, name, [(name, "A", f"10.{i}.0.1", 60)], txid=0x3500 + i)
+        name = f"bucket{i}.storage.cloud-provider.com"
+        resolve(det, name, [(name, "A", f"10.{i}.0.1", 60)], txid=0x3900 + i)
     assert all(det.is_known(V4(f"10.{i}.0.1")) for i in range(5))
+    # a customer's CNAME out of the exempt domain is charged as usual
+    for i in range(5):
+        q = f"w{i}.cloud-provider.com"
+        resolve(det, q, [(q, "CNAME", f"t{i}.evil-worm.com", 60), (f"t{i}.evil-worm.com", "A", f"10.{20 + i}.0.1", 60)],
+                txid=0x3a00 + i)
+    assert sum(det.is_known(V4(f"10.{20 + i}.0.1")) for i in range(5)) == 2
 
 
 def test_with_resolvers_set_only_their_answers_are_shadowed_and_other_servers_are_new_destinations():

@@ -34,9 +34,10 @@ def test_every_fast_worm_style_is_caught_in_three_attempts_and_held_under_five_p
 
 
 def test_dns_a_worm_controls_launders_a_bounded_number_of_targets(figures):
-    # a wildcard zone (10-1-2-3.nip.io) spells its address out: nothing laundered at all
+    # a wildcard zone (10-1-2-3.nip.io) spells its address out: its small allowance, then counted
+    from scanners.codered.core import EMBEDDED_ADDRESSES
     r = pick(figures, "worm (DNS shadow)", "laundered by a wildcard zone")
-    assert r.attempts_to_detection == 3 and r.escaped_first_minute <= 0.05
+    assert r.attempts_to_detection <= EMBEDDED_ADDRESSES + 3 + 1 and r.escaped_minute_after_detection <= 0.05
     # its own zone, random targets: 32 networks, then the rest are unknown like any scan's
     r = pick(figures, "worm (DNS shadow)", "own DNS zone, random targets")
     assert r.attempts_to_detection <= 32 + 3 + 1 and r.escaped_minute_after_detection <= 0.05

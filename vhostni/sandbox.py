@@ -345,10 +345,12 @@ def bwrap() -> str:
 
 def _library_binds(interp: Optional[str]) -> list[str]:
     """What a program needs in the view besides itself: the shared libraries (Debian:
-    /usr/lib, /usr/lib64, /lib and /lib64 as links into them) and, for a Python program,
+    /usr/lib, /usr/lib64, /lib and /lib64 as links into them), the public suffix list (public
+    data) and, for a Python program,
     the interpreter (``interp``) and its stdlib (under /usr/lib, or its own prefix's lib/)."""
     out: list[str] = []
-    dirs = ["/usr/lib", "/usr/lib64"]
+    # /usr/share/publicsuffix: Mozilla's public suffix list (the worm scanner tells domains apart by it)
+    dirs = ["/usr/lib", "/usr/lib64", "/usr/share/publicsuffix"]
     if interp:
         real = os.path.realpath(interp)
         out += ["--ro-bind", real, real]

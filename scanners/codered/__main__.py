@@ -28,12 +28,12 @@ import sys
 from typing import Optional
 
 if __package__:
-    from .core import CodeRedDetector, ConfigError
+    from .core import CodeRedDetector, ConfigError, public_suffixes
     from .synbomb import SynBombConfigError, SynBombDetector
     from .trw import TrwConfigError, TrwDetector
 else:   # run as a directory (python3 scanners/codered): make the package importable by its own name
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from codered.core import CodeRedDetector, ConfigError   # type: ignore[no-redef]
+    from codered.core import CodeRedDetector, ConfigError, public_suffixes   # type: ignore[no-redef]
     from codered.synbomb import SynBombConfigError, SynBombDetector   # type: ignore[no-redef]
     from codered.trw import TrwConfigError, TrwDetector   # type: ignore[no-redef]
 
@@ -267,6 +267,8 @@ def run_flows(sc: Scanner, kind: str, config: dict) -> int:
 
 
 def main() -> int:
+    if public_suffixes() is None:      # read now: after connect() no file can be opened
+        log("no public suffix list (Debian's publicsuffix package): domains are approximated")
     try:
         sc = Scanner.connect(streams_on_ring=True)
     except ScannerError as exc:

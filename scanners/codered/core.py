@@ -13,10 +13,10 @@ without first asking DNS for it, or being contacted by it.  So the detector
    *PTR laundering* is refused: a worm that reverse-resolves a random address and then forward-resolves the
    name it got back would otherwise make that address "resolved"; an A/AAAA answer for a name the guest
    learned from a PTR answer does not add the address the PTR was about (``stats.ptr_laundered``).  Nor
-   does DNS the worm controls launder everything: a name that spells its address out (a wildcard zone:
-   ``10-1-2-3.nip.io``) adds nothing (``name_laundered``), one registered domain vouches for at most
-   ``zone_networks_max`` networks and ``zone_addresses_max`` addresses in ten minutes (``zone_spread``), and
-   with ``resolvers`` set only those servers' answers count (``dns_not_resolver``);
+   does DNS the worm controls launder everything: one registered domain (by the public suffix list) vouches
+   for at most ``zone_networks_max`` networks and ``zone_addresses_max`` addresses in ten minutes
+   (``zone_spread``), a name that spells its address out (a wildcard zone: ``10-1-2-3.nip.io``) for only a few
+   (``name_laundered``), and with ``resolvers`` set only those servers' answers count (``dns_not_resolver``);
 2. learns *peers*: an address that contacted the guest first (a TCP SYN, a UDP datagram, an ICMP echo request
    to the guest) is known, and so is a DNS server that answered one of the guest's queries (bounded, oldest
    forgotten first, ``peer_capacity``);
@@ -88,6 +88,7 @@ import heapq
 import ipaddress
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Union
@@ -321,6 +322,7 @@ class _Stats:
     name_laundered: int = 0         # addresses a name spelled out (a wildcard zone): not added
     zone_spread: int = 0            # addresses past their domain's budget: not added
     dns_not_resolver: int = 0       # answers from a server not in ``resolvers``: not shadowed
+    dns_records_cut: int = 0        # messages with more than MAX_ADDRESS_RECORDS address records
     peers_learned: int = 0
     syn_known: int = 0              # new destinations (any protocol) that were known
     syn_unknown_passed: int = 0     # ... unknown and passed
@@ -363,46 +365,145 @@ class _LruSet:
         return len(self.d)
 
 
-#: second-level labels under which country-code TLDs register names (co.uk, com.au, ne.jp, ...): an
-#: approximation of the public suffix list, enough to keep one registrant's names together
-_SLDS = frozenset(("co", "com", "net", "org", "gov", "edu", "ac", "ne", "or", "go", "gob", "mil", "nic"))
-ZONE_CAPACITY = 256             # domains whose answers are tracked at once (least recently answered forgotten)
+#: Mozilla's public suffix list as Debian ships it (package ``publicsuffix``, installed by ``make deps``; the
+#: scanner sandbox binds it read-only); without it, an approximation (below)
+PSL_PATH = "/usr/share/publicsuffix/public_suffix_list.dat"
+#: second-level labels under which country codes register names (co.uk, com.au): the approximation used when
+#: the list is missing
+_SLDS = frozenset(("co", "com", "net", "org", "gov", "edu", "ac"))
+#: the domain every name under a top-level domain the list does not know is charged to (names a worm's own DNS
+#: server makes up, internal zones such as .local or .internal): one budget for them all
+UNLISTED = "(unlisted top-level domains)"
+ZONE_CAPACITY = 256             # domains tracked at once; more share one overflow budget while all are active
+OVERFLOW = "(overflow)"
+MAX_ADDRESS_RECORDS = 512       # address records looked at per DNS message (a legitimate one has dozens)
+#: names that spell their address out (``10-1-2-3.nip.io``, ``ip-10-0-1-15.ec2.internal``) vouch for a few
+#: addresses per domain and ten minutes, not the domain's whole budget: cloud hosts' and clusters' own names
+#: work, a wildcard service launders next to nothing
+EMBEDDED_NETWORKS, EMBEDDED_ADDRESSES = 4, 32
 
 
-def registered_domain(name: str) -> str:
-    """The domain a registrant controls, approximately: the last two labels, or three under a country code's
-    second level (``www.example.co.uk`` -> ``example.co.uk``)."""
-    labels = name.strip(".").lower().split(".")
+class PublicSuffixes:
+    """The public suffix list's rules: suffixes, wildcards (``*.ck``) and exceptions (``!www.ck``), names in
+    ASCII (IDNA) form.  ``load()`` reads Debian's copy; None if it cannot."""
+
+    def __init__(self, lines):
+        self.rules, self.wild, self.exceptions, self.tlds = set(), set(), set(), set()
+        for line in lines:
+            line = line.strip()
+            if not line or line.startswith("//"):
+                continue
+            rule = line.split()[0].lower()
+            try:
+                rule = ".".join(lb if lb in ("*", "!") or lb.isascii() else lb.encode("idna").decode("ascii")
+                                for lb in rule.split("."))
+            except UnicodeError:
+                continue
+            if rule.startswith("!"):
+                self.exceptions.add(rule[1:])
+            elif rule.startswith("*."):
+                self.wild.add(rule[2:])
+            else:
+                self.rules.add(rule)
+            self.tlds.add(rule.rsplit(".", 1)[-1].lstrip("!*"))
+
+    @classmethod
+    def load(cls, path: str = PSL_PATH) -> "Optional[PublicSuffixes]":
+        try:
+            with open(path, encoding="utf-8") as f:
+                psl = cls(f)
+        except (OSError, UnicodeError):
+            return None
+        return psl if psl.rules else None
+
+    def registered(self, labels: list) -> str:
+        """The registrable domain of a name's labels (lower case), or UNLISTED."""
+        if labels[-1] not in self.tlds:
+            return UNLISTED
+        n = len(labels)
+        for i in range(n):                      # the longest public suffix first
+            cand = ".".join(labels[i:])
+            if cand in self.exceptions:         # !www.ck: www.ck is registrable, ck the suffix
+                suffix = i + 1
+                break
+            if cand in self.rules or (i + 1 < n and ".".join(labels[i + 1:]) in self.wild):
+                suffix = i
+                break
+        else:
+            suffix = n - 1
+        return ".".join(labels[max(suffix - 1, 0):])
+
+
+_PSL: "Optional[PublicSuffixes]" = None
+_PSL_TRIED = False
+
+
+def public_suffixes() -> "Optional[PublicSuffixes]":
+    """The list, read once per process (a scanner reads it before it locks itself down)."""
+    global _PSL, _PSL_TRIED
+    if not _PSL_TRIED:
+        _PSL, _PSL_TRIED = PublicSuffixes.load(), True
+    return _PSL
+
+
+def registered_domain(name: str, psl: "Optional[PublicSuffixes]" = None) -> str:
+    """The domain a registrant controls: by the public suffix list (``www.example.co.uk`` ->
+    ``example.co.uk``, names under a top-level domain it does not list -> UNLISTED), or without it the last two
+    labels, three under a country code's common second level.  The root and empty names -> UNLISTED."""
+    labels = [lb for lb in name.strip(".").lower().split(".") if lb]
+    if not labels:
+        return UNLISTED
+    psl = psl if psl is not None else public_suffixes()
+    if psl is not None:
+        return psl.registered(labels)
     if len(labels) > 2 and len(labels[-1]) == 2 and labels[-2] in _SLDS:
         return ".".join(labels[-3:])
     return ".".join(labels[-2:])
 
 
+_SPLIT = re.compile(r"[.\-]")
+
+
 def embeds_address(names, addr: IPAddress) -> bool:
-    """Whether one of ``names`` spells ``addr`` out (``10.1.2.3.nip.io``, ``10-1-2-3.sslip.io``,
-    ``0a010203.nip.io``, ``ec2-10-1-2-3.compute.example``; IPv6 with ``-`` for ``:``): a name any address can be
-    made into by a wildcard zone, which vouches for nothing."""
+    """Whether one of ``names`` spells ``addr`` out, the ways wildcard DNS services read names: four decimal
+    parts equal to its octets, with ``.`` or ``-`` between them in any mix (``10.1.2.3.nip.io``,
+    ``app-10-1.2-3.nip.io``, ``ip-10-1-2-3.ec2.internal``; leading zeros allowed), eight hex digits
+    (``0a010203.nip.io``); IPv6 written with ``-`` for ``:`` in any of its forms (``fd00--7.sslip.io``,
+    ``2001-db8-0-0-1--1``) or as 32 hex digits."""
     if addr.version == 4:
-        forms = (str(addr), str(addr).replace(".", "-"), addr.packed.hex())
-    else:
-        forms = (addr.compressed.replace(":", "-"), addr.exploded.replace(":", "-"), addr.packed.hex())
-    for nm in names:
-        nm = nm.lower()
-        for f in forms:
-            if len(f) < 7:
-                continue
-            i = nm.find(f)
-            while i >= 0:
-                before = nm[i - 1] if i else "."
-                end = i + len(f)
-                after = nm[end] if end < len(nm) else "."
-                if not (before in _HEX or after in _HEX):
+        octets = [str(b) for b in addr.packed]
+        hexform = addr.packed.hex()
+        for nm in names:
+            toks = _SPLIT.split(nm.lower())
+            for i, tok in enumerate(toks):
+                if tok == hexform:
                     return True
-                i = nm.find(f, i + 1)
+                if (i + 4 <= len(toks) and all(x.isdigit() and len(x) <= 3 for x in toks[i:i + 4])
+                        and [str(int(x)) for x in toks[i:i + 4]] == octets):
+                    return True
+        return False
+    hexform = addr.packed.hex()
+    groups = addr.exploded.split(":")
+    first, last = groups[0].lstrip("0") or "0", groups[-1].lstrip("0") or "0"
+    for nm in names:
+        for label in nm.lower().split("."):
+            if hexform in label.replace("-", ""):
+                if label.replace("-", "") == hexform or hexform in _SPLIT.split(label):
+                    return True
+            parts = label.split("-")
+            if len(parts) < 3 or len(parts) > 40:
+                continue
+            starts = [i for i, p in enumerate(parts) if p == "" or (p.lstrip("0") or "0") == first]
+            ends = [j for j, p in enumerate(parts) if p == "" or (p.lstrip("0") or "0") == last]
+            for i in starts:
+                for j in ends:
+                    if j - i >= 1:
+                        try:
+                            if ipaddress.IPv6Address(":".join(parts[i:j + 1])) == addr:
+                                return True
+                        except ValueError:
+                            pass
     return False
-
-
-_HEX = frozenset("0123456789abcdef")
 
 
 def _network(addr: IPAddress) -> IPAddress:
@@ -413,28 +514,41 @@ def _network(addr: IPAddress) -> IPAddress:
 class _ZoneBudget:
     """Per domain, the distinct networks and addresses its answers vouched for in the last ten minutes; an
     answer past ``max_nets`` networks or ``max_addrs`` addresses vouches for nothing new.  A worm that
-    controls a zone (its own, or a wildcard one) then launders a bounded number of targets, not all."""
+    controls a zone (its own, or a wildcard one) then launders a bounded number of targets, not all.  A domain
+    is forgotten only when its window is empty: with ``capacity`` domains all active, new ones share one
+    overflow budget (so looking up many other domains cannot buy a worm's domain a fresh budget)."""
 
     def __init__(self, max_nets: int, max_addrs: int, window: float = _TEN_MINUTES, capacity: int = ZONE_CAPACITY):
         self.max_nets, self.max_addrs, self.window, self.capacity = max_nets, max_addrs, window, capacity
         # domain -> (networks -> last time, addresses -> last time), both oldest first
-        self.zones: "collections.OrderedDict[str, tuple]" = collections.OrderedDict()
+        self.zones: "dict[str, tuple]" = {}
 
-    def admit(self, zone: str, addr: IPAddress, t: float) -> bool:
-        z = self.zones.get(zone)
-        if z is None:
-            z = self.zones[zone] = (collections.OrderedDict(), collections.OrderedDict())
-            while len(self.zones) > self.capacity:
-                self.zones.popitem(last=False)
-        self.zones.move_to_end(zone)
-        nets, addrs = z
-        horizon = t - self.window
+    def _prune(self, z: tuple, horizon: float) -> bool:
+        """Drops what left the window; True if nothing is left."""
         for d in z:
             while d and next(iter(d.values())) <= horizon:
                 d.popitem(last=False)
+        return not z[0] and not z[1]
+
+    def admit(self, zone: str, addr: IPAddress, t: float, max_nets: Optional[int] = None,
+              max_addrs: Optional[int] = None) -> bool:
+        horizon = t - self.window
+        z = self.zones.get(zone)
+        if z is None:
+            if len(self.zones) >= self.capacity:
+                for k in [k for k, v in self.zones.items() if k != OVERFLOW and self._prune(v, horizon)]:
+                    del self.zones[k]
+            if len(self.zones) >= self.capacity and zone != OVERFLOW:
+                zone = OVERFLOW
+                z = self.zones.get(zone)
+            if z is None:
+                z = self.zones[zone] = (collections.OrderedDict(), collections.OrderedDict())
+        nets, addrs = z
+        self._prune(z, horizon)
         net = _network(addr)
-        if addr not in addrs and (len(addrs) >= self.max_addrs
-                                  or (net not in nets and len(nets) >= self.max_nets)):
+        mn = self.max_nets if max_nets is None else min(max_nets, self.max_nets)
+        ma = self.max_addrs if max_addrs is None else min(max_addrs, self.max_addrs)
+        if addr not in addrs and (len(addrs) >= ma or (net not in nets and len(nets) >= mn)):
             return False
         for d, k in ((nets, net), (addrs, addr)):
             d[k] = t
@@ -484,6 +598,7 @@ class CodeRedDetector:
         # PTR answers: name -> the address it was the reverse of
         self._ptr_names = _LruSet(MAX_PTR_NAMES)
         self._zones = _ZoneBudget(self.cfg["zone_networks_max"], self.cfg["zone_addresses_max"])
+        self.psl = public_suffixes()
         self._new_resolvers: dict[IPAddress, float] = {}     # servers queried before they answered -> when
         self._dns_streams: "collections.OrderedDict[tuple, _DnsStream]" = collections.OrderedDict()
         self._last_now = -math.inf
@@ -627,13 +742,22 @@ class CodeRedDetector:
         return server is not None and any(server in net for net in self.cfg["resolvers"]
                                           if net.version == server.version)
 
-    def _vouches(self, zone: Optional[str], names: tuple, addr: IPAddress, t: float) -> bool:
-        """Whether an answer for ``names`` (the question first) may make ``addr`` known."""
+    def _exempt(self, names: tuple) -> bool:
+        """Every name the answer went through (question, CNAMEs, owner) is under an exempt domain: one the
+        operator trusts to resolve only to its own machines.  A CNAME out of it is charged as usual."""
+        ex = self.cfg["zone_exempt"]
+        return bool(ex) and all(any(n == d or n.endswith("." + d) for d in ex) for n in names)
+
+    def _vouches(self, zone: str, names: tuple, addr: IPAddress, t: float) -> bool:
+        """Whether an answer for ``names`` (the question first), charged to ``zone``, may make ``addr``
+        known."""
+        if self._exempt(names):
+            return True
         if embeds_address(names, addr):
-            self.stats.name_laundered += 1
-            return False
-        asked = names[0] if names else ""
-        if zone is None or any(asked == d or asked.endswith("." + d) for d in self.cfg["zone_exempt"]):
+            # the name spells its address out: a small allowance of its own, per domain
+            if not self._zones.admit(("embedded", zone), addr, t, EMBEDDED_NETWORKS, EMBEDDED_ADDRESSES):
+                self.stats.name_laundered += 1
+                return False
             return True
         if not self._zones.admit(zone, addr, t):
             self.stats.zone_spread += 1
@@ -695,15 +819,18 @@ class CodeRedDetector:
         n = 0
         max_ttl = self.cfg["max_ttl"]
         qnames = tuple(q.name for q in msg.questions)
-        # the domain the guest asked about answers for everything in the response (glue included)
-        zone = registered_domain(qnames[0]) if qnames else None
-        for rec in msg.addresses():
+        # the domain the guest asked about answers for everything in the response (glue included); with no
+        # question (or the root's), every record is charged to one domain, never to its own owner's
+        zone = registered_domain(qnames[0], self.psl) if qnames else UNLISTED
+        for k, rec in enumerate(msg.addresses()):
+            if k >= MAX_ADDRESS_RECORDS:
+                self.stats.dns_records_cut += 1     # the rest of a stuffed answer is not looked at
+                break
             names = (rec.name,) + rec.aliases
             if any(self._ptr_names.get(nm) == rec.address for nm in names):
                 self.stats.ptr_laundered += 1     # a name it got by reverse lookup of this very address
                 continue
-            if rec.address not in self.table and not self._vouches(
-                    zone or registered_domain(rec.name), qnames + names, rec.address, t):
+            if rec.address not in self.table and not self._vouches(zone, qnames + names, rec.address, t):
                 continue
             name = rec.aliases[0] if rec.aliases else rec.name
             self.table.add(rec.address, t + min(rec.ttl, max_ttl), name, t)

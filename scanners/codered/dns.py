@@ -72,7 +72,7 @@ class AddressRecord:
     address: Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
     ttl: int
     name: str                   # the owner name of the A/AAAA record
-    aliases: tuple[str, ...]    # names (questions, CNAME owners) whose CNAME chain in this message reaches it
+    aliases: tuple[str, ...]    # names on a question's CNAME chain in this message that reaches it
     section: str                # "answer", "authority" or "additional"
 
 
@@ -107,15 +107,18 @@ class Message:
         for rr in self.answers:
             if rr.rtype == TYPE_CNAME and rr.rclass == CLASS_IN and isinstance(rr.data, str):
                 cnames.setdefault(rr.name, rr.data)
-        # Reverse the chains: for every alias, follow it (loop- and length-bounded) to its final target.
+        # Follow each question's chain (loop- and length-bounded) to its final target; every name on it is
+        # an alias of that target.  CNAMEs on no question's chain lead nowhere the guest asked for: they are
+        # not followed (a response stuffed with them must not cost a walk per record).
         leads_to: dict[str, list[str]] = {}
-        starts = list(cnames) + [q.name for q in self.questions if q.name not in cnames]
-        for start in starts:
-            name, hops = start, 0
+        for q in self.questions:
+            name, hops, chain = q.name, 0, []
             while name in cnames and hops < MAX_CNAME_HOPS:
+                chain.append(name)
                 name, hops = cnames[name], hops + 1
-            if name != start:
-                leads_to.setdefault(name, []).append(start)
+            if chain:
+                got = leads_to.setdefault(name, [])
+                got.extend(n for n in chain if n not in got and n != name)
         for section, records in (("answer", self.answers), ("authority", self.authority),
                                  ("additional", self.additional)):
             for rr in records:
