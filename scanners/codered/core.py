@@ -478,7 +478,7 @@ def embeds_address(names, addr: IPAddress) -> bool:
             for i, tok in enumerate(toks):
                 if tok == hexform:
                     return True
-                if (i + 4 <= len(toks) and all(x.isdigit() and len(x) <= 3 for x in toks[i:i + 4])
+                if (i + 4 <= len(toks) and all(x.isascii() and x.isdigit() and len(x) <= 3 for x in toks[i:i + 4])
                         and [str(int(x)) for x in toks[i:i + 4]] == octets):
                     return True
         return False
