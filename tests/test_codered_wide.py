@@ -581,3 +581,24 @@ def test_strict_mode_a_dns_query_to_a_server_not_among_the_resolvers_waits_its_t
     v = det.handle_frame("from_guest", dns_query("x.example", txid=0x5000, server="203.0.113.53"))
     assert v.action == "cut" and det.queued() == [V4("203.0.113.53")]
     assert det.handle_frame("from_guest", dns_query("x.example", txid=0x5001)).action == "pass"   # the resolver
+
+
+def test_a_domain_past_its_budget_is_alerted_once_per_ten_minutes():
+    det, clock = detector(zone_networks_max=2, zone_addresses_max=6)
+    alerts = []
+    for i in range(6):
+        name = f"h{i}.evil-worm.com"
+        det.handle_frame("from_guest", dns_query(name, txid=0x6000 + i))
+        v = det.handle_frame("to_guest", dns_answer(name, [(name, "A", f"10.{i}.0.1", 60)], txid=0x6000 + i))
+        alerts.append(v.alert)
+    fired = [a for a in alerts if a is not None]
+    assert alerts[:2] == [None, None] and len(fired) == 1
+    f = fired[0].fields
+    assert (f["event"], f["domain"], f["name"], f["address"]) == ("dns_spread", "evil-worm.com", "h2.evil-worm.com",
+                                                                 "10.2.0.1")
+    clock.advance(601)
+    for i in range(6, 9):
+        name = f"h{i}.evil-worm.com"
+        det.handle_frame("from_guest", dns_query(name, txid=0x6000 + i))
+        det.handle_frame("to_guest", dns_answer(name, [(name, "A", f"10.{i}.0.1", 60)], txid=0x6000 + i))
+    assert det.take_alert() is None and det.stats.zone_spread == 5       # alerted above, in the verdict

@@ -185,6 +185,7 @@ def run(sc: Scanner) -> int:
             # DNS over TCP with the guest as the client; a stream picked up mid-way has no message framing
             if st.client == "guest" and not st.midstream:
                 det.observe_dns_stream(st.id, ev.direction, ev.data, (st.guest[0], st.guest[1], st.remote[0]))
+                alert = det.take_alert() or alert
                 checkpoint(force=False)
             if ev.held:
                 sc.pass_(ev)

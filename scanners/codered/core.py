@@ -599,6 +599,8 @@ class CodeRedDetector:
         self._ptr_names = _LruSet(MAX_PTR_NAMES)
         self._zones = _ZoneBudget(self.cfg["zone_networks_max"], self.cfg["zone_addresses_max"])
         self.psl = public_suffixes()
+        self._spread_alerted: "collections.OrderedDict[str, float]" = collections.OrderedDict()
+        self._alert_out: Optional[Alert] = None     # an alert a DNS answer raised, for the next verdict
         self._new_resolvers: dict[IPAddress, float] = {}     # servers queried before they answered -> when
         self._dns_streams: "collections.OrderedDict[tuple, _DnsStream]" = collections.OrderedDict()
         self._last_now = -math.inf
@@ -670,7 +672,7 @@ class CodeRedDetector:
         else:
             if pkt.proto == PROTO_UDP and pkt.sport == port:
                 self.observe_dns_response(pkt.payload, t, flow=("udp", pkt.dst, pkt.dport, pkt.src))
-                return Verdict(None, self.tick(t), "dns response")
+                return Verdict(None, self.take_alert() or self.tick(t), "dns response")
             if pkt.is_tcp_syn or pkt.proto == PROTO_UDP or pkt.is_echo_request:
                 self.observe_inbound(pkt.src, t)
                 return Verdict(None, self.tick(t), "inbound")
@@ -757,12 +759,40 @@ class CodeRedDetector:
             # the name spells its address out: a small allowance of its own, per domain
             if not self._zones.admit(("embedded", zone), addr, t, EMBEDDED_NETWORKS, EMBEDDED_ADDRESSES):
                 self.stats.name_laundered += 1
+                self._spread_alert(zone, names[0], addr, t, embedded=True)
                 return False
             return True
         if not self._zones.admit(zone, addr, t):
             self.stats.zone_spread += 1
+            self._spread_alert(zone, names[0], addr, t, embedded=False)
             return False
         return True
+
+    def _spread_alert(self, zone: str, asked: str, addr: IPAddress, t: float, embedded: bool) -> None:
+        """The first refusal per domain and ten minutes is alerted: the operator learns which domain
+        vouches for more addresses than a real one does (DNS laundering, or a domain for zone_exempt)."""
+        key = ("embedded " if embedded else "") + zone
+        last = self._spread_alerted.get(key)
+        if last is not None and t - last < _TEN_MINUTES:
+            return
+        self._spread_alerted[key] = t
+        self._spread_alerted.move_to_end(key)
+        while len(self._spread_alerted) > ZONE_CAPACITY:
+            self._spread_alerted.popitem(last=False)
+        what = (f"names spelling out more than {EMBEDDED_ADDRESSES} addresses or {EMBEDDED_NETWORKS} networks"
+                if embedded else f"more than {self.cfg['zone_addresses_max']} addresses or "
+                                 f"{self.cfg['zone_networks_max']} networks")
+        self._alert_out = Alert(
+            f"DNS laundering suspected: {zone} answered {what} in ten minutes (latest: {asked} -> {addr}); "
+            f"its further answers vouch for nothing new", {
+                "event": "dns_spread", "domain": zone, "name": asked, "address": str(addr),
+                "embedded": embedded, "zone_networks_max": self.cfg["zone_networks_max"],
+                "zone_addresses_max": self.cfg["zone_addresses_max"]})
+
+    def take_alert(self) -> Optional[Alert]:
+        """An alert a DNS answer raised (``observe_dns_response``/``observe_dns_stream``), once."""
+        a, self._alert_out = self._alert_out, None
+        return a
 
     def _expire_queries(self, now: float) -> None:
         horizon = now - self.cfg["query_timeout"]
