@@ -390,8 +390,13 @@ def test_strict_mode_queue_and_grants_survive_a_restart_and_no_release_comes_soo
     ({"unknown": "queue", "queue_interval": 0.5, "resolvers": ["10.0.0.1/32"]}, "queue_interval"),
     ({"unknown": "queue"}, "needs resolvers"),
     ({"queue_grant": "long"}, "queue_grant"),
+    ({"resolvers": "10.0.0.1"}, "resolvers"),
+    ({"resolvers": ["not an address"]}, "resolvers"),
+    ({"zone_networks_max": 0}, "zone_networks_max"),
+    ({"zone_exempt": [""]}, "zone_exempt"),
+    ({"zone_exempt": "amazonaws.com"}, "zone_exempt"),
 ])
-def test_strict_mode_settings_are_checked(config, why):
+def test_strict_mode_and_dns_settings_are_checked(config, why):
     from scanners.codered import ConfigError
     with pytest.raises(ConfigError, match=why):
         detector(**config)
@@ -541,19 +546,6 @@ def test_with_resolvers_set_only_their_answers_are_shadowed_and_other_servers_ar
     det2.handle_frame("to_guest", dns_answer("t1.evil.example", [("t1.evil.example", "A", "10.98.0.1", 300)],
                                              txid=0x4000, server=evil))
     assert det2.is_known(V4("10.98.0.1")) and det2.stats.udp_unknown == 0
-
-
-@pytest.mark.parametrize("config, why", [
-    ({"resolvers": "10.0.0.1"}, "resolvers"),
-    ({"resolvers": ["not an address"]}, "resolvers"),
-    ({"zone_networks_max": 0}, "zone_networks_max"),
-    ({"zone_exempt": [""]}, "zone_exempt"),
-    ({"zone_exempt": "amazonaws.com"}, "zone_exempt"),
-])
-def test_dns_laundering_settings_are_checked(config, why):
-    from scanners.codered import ConfigError
-    with pytest.raises(ConfigError, match=why):
-        detector(**config)
 
 
 def test_strict_mode_grants_keep_their_age_across_restarts_and_expired_ones_stay_expired():
