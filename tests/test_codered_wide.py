@@ -594,3 +594,14 @@ def test_a_domain_past_its_budget_is_alerted_once_per_ten_minutes():
         det.handle_frame("from_guest", dns_query(name, txid=0x6000 + i))
         det.handle_frame("to_guest", dns_answer(name, [(name, "A", f"10.{i}.0.1", 60)], txid=0x6000 + i))
     assert det.take_alert() is None and det.stats.zone_spread == 5       # alerted above, in the verdict
+
+
+def test_names_built_to_make_the_ipv6_spelling_check_slow_cost_little():
+    # a DNS-over-TCP-sized answer: 200 AAAA records, each owner a 250-character name of zero groups
+    import time as _time
+    lab = "-".join(["0"] * 31)
+    recs = [(f"{lab}.{lab}.{lab}.x{i}.evil-worm.com", "AAAA", f"0:1::{i:x}:0", 60) for i in range(200)]
+    det, clock = detector()
+    t0 = _time.perf_counter()
+    resolve(det, "q.evil-worm.com", recs, qtype="AAAA", txid=0x7000)
+    assert _time.perf_counter() - t0 < 1.5
