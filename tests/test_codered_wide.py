@@ -489,6 +489,70 @@ def test_looking_up_many_other_domains_buys_no_fresh_budget():
     assert not det.is_known(V4("10.7.0.1"))
 
 
+def test_a_restart_does_not_renew_a_domains_budget():
+    import json
+    det, clock = detector(zone_networks_max=4, zone_addresses_max=6)
+    for i in range(3):                  # three of the worm's four networks
+        resolve(det, f"h{i}.evil-worm.com", [(f"h{i}.evil-worm.com", "A", f"10.{i}.0.1", 60)], txid=0x3800 + i)
+    for i in range(2):                  # two wildcard names: two of the embedded allowance's four networks
+        name = f"10-{40 + i}-0-1.nip.io"
+        resolve(det, name, [(name, "A", f"10.{40 + i}.0.1", 60)], txid=0x3880 + i)
+    clock.advance(300)
+    resolve(det, "h3.evil-worm.com", [("h3.evil-worm.com", "A", "10.0.0.2", 60)], txid=0x3810)   # a fourth address
+    doc = json.loads(json.dumps(det.snapshot(wall=5000.0)))    # what the NI keeps, as it keeps it
+    # a new process, 60 s later by the wall clock: one network left for the domain, two for the wildcard
+    det2, clock2 = detector(zone_networks_max=4, zone_addresses_max=6)
+    assert det2.restore(doc, wall=5060.0)
+    got = []
+    for i in range(3, 6):
+        resolve(det2, f"h{i}.evil-worm.com", [(f"h{i}.evil-worm.com", "A", f"10.{i}.0.1", 60)], txid=0x3900 + i)
+        got.append(det2.is_known(V4(f"10.{i}.0.1")))
+    assert got == [True, False, False] and det2.stats.zone_spread >= 2
+    # the addresses count too: 4 + 1 = 5 of 6 used, so one more in a network already vouched for
+    resolve(det2, "k0.evil-worm.com", [("k0.evil-worm.com", "A", "10.1.0.9", 60)], txid=0x3a00)
+    resolve(det2, "k1.evil-worm.com", [("k1.evil-worm.com", "A", "10.1.0.10", 60)], txid=0x3a01)
+    assert det2.is_known(V4("10.1.0.9")) and not det2.is_known(V4("10.1.0.10"))
+    got = []
+    for i in range(3):
+        name = f"10-{50 + i}-0-1.nip.io"
+        resolve(det2, name, [(name, "A", f"10.{50 + i}.0.1", 60)], txid=0x3b00 + i)
+        got.append(det2.is_known(V4(f"10.{50 + i}.0.1")))
+    assert got == [True, True, False]
+    # what was saved leaves the window no sooner than it would have: the first three networks at 600 s
+    # after they were seen (240 s from now on this clock), not before
+    clock2.advance(230)
+    resolve(det2, "h7.evil-worm.com", [("h7.evil-worm.com", "A", "10.7.0.1", 60)], txid=0x3c00)
+    assert not det2.is_known(V4("10.7.0.1"))
+    clock2.advance(20)
+    resolve(det2, "h8.evil-worm.com", [("h8.evil-worm.com", "A", "10.8.0.1", 60)], txid=0x3c01)
+    assert det2.is_known(V4("10.8.0.1"))
+    # a restart ten minutes after the last answer: nothing is left to carry
+    det3, _ = detector(zone_networks_max=4, zone_addresses_max=6)
+    assert det3.restore(doc, wall=5000.0 + 601)
+    resolve(det3, "h9.evil-worm.com", [("h9.evil-worm.com", "A", "10.9.0.1", 60)], txid=0x3d00)
+    assert det3.is_known(V4("10.9.0.1"))
+
+
+def test_saved_budgets_fit_the_checkpoint_and_bad_ones_are_refused_whole():
+    import json
+    det, clock = detector()
+    for d in range(300):                # more domains than any checkpoint keeps, each with 32 networks
+        for i in range(32 if d < 40 else 1):
+            name = f"h{i}.worm{d}.com"
+            resolve(det, name, [(name, "A", f"10.{i}.{d % 250}.{d // 250 + 1}", 60)], txid=(d * 32 + i) & 0xffff)
+    doc = det.snapshot(max_bytes=65536, wall=5000.0)
+    assert len(json.dumps(doc, separators=(",", ":"))) <= 65536
+    used = [sum(z[2]) for z in doc["zones"]]
+    assert len(used) == det.SNAPSHOT_ZONES and used == sorted(used, reverse=True) and min(used) == 32
+    assert doc["zones"][0][0] == "(overflow)"      # the 44 domains past the 256 tracked share one, and keep it
+    det2, _ = detector()
+    assert det2.restore(doc, wall=5001.0)
+    for bad in ([["x.com", [["not an address", 1]], [1]]], [["x.com", [], [-1]]], [["x.com", [], ["1"]]],
+                [[5, [], [1]]], [["x.com", [[167772160, 1]], [1]]], "x", [["x.com"]]):
+        det3, _ = detector()
+        assert not det3.restore(dict(doc, zones=bad)) and det3.unknown_count(60) == 0 and not det3._zones.zones
+
+
 def test_a_response_without_a_usable_question_is_charged_to_one_domain():
     det, clock = detector(zone_networks_max=4, zone_addresses_max=6)
     # the root's question, answered with records owned by a thousand made-up domains

@@ -505,6 +505,13 @@ def embeds_address(names, addr: IPAddress) -> bool:
     return False
 
 
+def _num(v: Any) -> float:
+    """A finite JSON number (not a bool), for what a snapshot says; ValueError otherwise."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"not a number: {v!r}")
+    return float(v)
+
+
 def _network(addr: IPAddress) -> IPAddress:
     bits = 16 if addr.version == 4 else 32
     return ipaddress.ip_network(f"{addr}/{bits}", strict=False).network_address
@@ -553,6 +560,73 @@ class _ZoneBudget:
             d[k] = t
             d.move_to_end(k)
         return True
+
+    # ---- across restarts: what each domain already used of its budget
+    BUCKET = 60.0          # addresses are saved as counts per minute of age (a domain may hold 256)
+
+    def snapshot(self, t: float) -> list:
+        """[domain, [[network, age], ...], [addresses per minute of age, youngest first]] per domain that
+        used some of its budget, the most used first (the ones a worm is spending).  An embedded-names budget
+        is saved under ["e", domain].  Addresses are saved as counts: a restarted scanner counts them against
+        the domain without knowing which they were."""
+        horizon = t - self.window
+        out = []
+        for zone, z in self.zones.items():
+            if self._prune(z, horizon):
+                continue
+            # ages rounded down: a restored network leaves the window no sooner than it would have
+            nets = [[str(n), int(max(0.0, t - seen))] for n, seen in reversed(z[0].items())]
+            hist = [0] * int(math.ceil(self.window / self.BUCKET))
+            for seen in z[1].values():
+                hist[min(len(hist) - 1, int(max(0.0, t - seen) // self.BUCKET))] += 1
+            while hist and not hist[-1]:
+                hist.pop()
+            out.append([["e", zone[1]] if isinstance(zone, tuple) else zone, nets, hist])
+        out.sort(key=lambda e: sum(e[2]), reverse=True)
+        return out
+
+    def parse(self, entries: Any, base: float) -> dict:
+        """What :meth:`snapshot` saved, ``base`` being the snapshot's time on this clock, ready for
+        :meth:`merge`.  Each saved address counts again as it was, no younger than its minute of age says (so
+        none leaves the window sooner than it would have).  Raises ValueError on anything else."""
+        zones: "dict" = {}
+        if not isinstance(entries, list):
+            raise ValueError("zones: not a list")
+        for e in entries[:self.capacity + 1]:
+            zone, nets, hist = e
+            if isinstance(zone, list) and len(zone) == 2 and zone[0] == "e" and isinstance(zone[1], str):
+                key: Any = ("embedded", zone[1][:255])
+            elif isinstance(zone, str):
+                key = zone[:255]
+            else:
+                raise ValueError(f"zones: not a domain: {zone!r}")
+            if not isinstance(nets, list) or not isinstance(hist, list):
+                raise ValueError("zones: not lists")
+            n_d: "collections.OrderedDict" = collections.OrderedDict()
+            for net, age in reversed(nets[:self.max_nets]):                  # oldest first
+                if not isinstance(net, str):
+                    raise ValueError(f"zones: not a network: {net!r}")
+                n_d[_network(ipaddress.ip_address(net))] = base - max(0.0, _num(age))
+            a_d: "collections.OrderedDict" = collections.OrderedDict()
+            count = 0
+            for i in reversed(range(min(len(hist), int(math.ceil(self.window / self.BUCKET))))):
+                c = hist[i]
+                if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+                    raise ValueError(f"zones: not a count: {c!r}")
+                for _ in range(min(c, self.max_addrs - count)):
+                    a_d[("restored", count)] = base - i * self.BUCKET   # a key no address equals
+                    count += 1
+            zones[key] = (n_d, a_d)
+        return zones
+
+    def merge(self, zones: dict, t: float) -> None:
+        horizon = t - self.window
+        for key, z in zones.items():
+            if self._prune(z, horizon):
+                continue
+            if key in self.zones or (len(self.zones) >= self.capacity and key != OVERFLOW):
+                continue      # what this process already learned stands; past capacity, dropped
+            self.zones[key] = z
 
 
 class _DnsStream:
@@ -1135,6 +1209,7 @@ class CodeRedDetector:
     SNAPSHOT_DNS = 512          # DNS table entries kept, latest expiry first
     SNAPSHOT_PEERS = 512        # peers kept, most recent first
     SNAPSHOT_NAME = 64          # characters of a DNS name kept
+    SNAPSHOT_ZONES = 32         # domain budgets kept, the most used first (~600 bytes each at most)
 
     def snapshot(self, max_bytes: int = 65536, wall: Optional[float] = None, now: Optional[float] = None) -> dict:
         """What the detector knows, as a JSON-able dict whose compact JSON fits in ``max_bytes`` (the DNS
@@ -1166,6 +1241,8 @@ class CodeRedDetector:
             "unknown": unknown,
             "dns": table,
             "peers": peers,
+            # what each domain's answers already vouched for: a restart must not renew a worm's budget
+            "zones": self._zones.snapshot(t)[:self.SNAPSHOT_ZONES],
             "stats": dict(self.stats.__dict__),
         }
         floor = self.cfg["max_per_10_minutes"] + 1
@@ -1174,6 +1251,8 @@ class CodeRedDetector:
                 doc["dns"] = doc["dns"][:len(doc["dns"]) // 2]
             elif doc["peers"]:
                 doc["peers"] = doc["peers"][:len(doc["peers"]) // 2]
+            elif doc["zones"]:
+                doc["zones"] = doc["zones"][:len(doc["zones"]) // 2]    # the least used go first
             elif doc["queue"]:
                 doc["queue"] = doc["queue"][:len(doc["queue"]) // 2]
             elif len(doc["unknown"]) > floor:
@@ -1190,12 +1269,7 @@ class CodeRedDetector:
         the wall-clock time since.  False, and nothing changed, if ``doc`` is not such a snapshot."""
         t = self._now(now)
         wall = time.time() if wall is None else float(wall)
-
-        def num(v: Any) -> float:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"not a number: {v!r}")
-            return float(v)
-
+        num = _num
         try:
             if not isinstance(doc, dict) or doc.get("v") not in (1, self.SNAPSHOT_VERSION):
                 return False
@@ -1217,6 +1291,7 @@ class CodeRedDetector:
             port = int(port) if isinstance(port, int) and not isinstance(port, bool) and 0 <= port <= 65535 else None
             dst = ipaddress.ip_address(doc["last_dst"]) if doc.get("last_dst") else None
             proto = doc.get("last_proto") if doc.get("last_proto") in ("tcp", "udp", "icmp") else "tcp"
+            zones = self._zones.parse(doc.get("zones", []), base)
             stats = {k: v for k, v in (doc.get("stats") or {}).items()
                      if k in self.stats.__dict__ and isinstance(v, int) and not isinstance(v, bool) and v >= 0}
         except (KeyError, TypeError, ValueError):
@@ -1231,6 +1306,7 @@ class CodeRedDetector:
             self.table.add(addr, expires, name, t)
         for addr, why in reversed(peers[:self.cfg["peer_capacity"]]):   # oldest first
             self.peers.add(addr, why)
+        self._zones.merge(zones, t)
         self.attack = attack
         if attack or self.strict:
             # strict mode outside attack: the queue and its grants outlive the process too, and the next
