@@ -158,6 +158,67 @@ def test_a_server_under_inbound_load_raises_no_alarm():
     assert det.stats.scanners_inbound == 0 and det.stats.failures == 0
 
 
+def test_first_contacts_past_max_unanswered_wait_for_answers():
+    det, clock = trw(max_unanswered=3, unanswered_credit=2)
+    got = [det.handle_frame("from_guest", out_syn(host(i), 443, sport=41000 + i)).action for i in range(5)]
+    assert got == ["pass"] * 3 + ["cut"] * 2 and det.stats.cut_unanswered == 2
+    # a retransmission of an open attempt and a repeat contact are no new first contacts
+    assert det.handle_frame("from_guest", out_syn(host(0), 443, sport=41000)).action == "pass"
+    # two answers come back: two more may go, and each success earns one more (up to unanswered_credit)
+    for i in range(2):
+        det.handle_frame("to_guest", in_synack(host(i), 443, dport=41000 + i))
+    got = [det.handle_frame("from_guest", out_syn(host(10 + i), 443, sport=42000 + i)).action for i in range(5)]
+    assert got == ["pass"] * 4 + ["cut"]          # 3 + 2 credit, 1 still open
+    # a scanner earns nothing: its probes time out, it is decided and blocked after four failures, and no more
+    # than max_unanswered were ever out at once meanwhile
+    det, clock = trw(max_unanswered=3)
+    out = 0
+    for i in range(80):
+        out += det.handle_frame("from_guest", out_syn(host(i), 445, sport=43000 + i)).action == "pass"
+        clock.advance(0.1)
+        det.tick()
+    assert det.stats.scanners_outbound == 1 and out <= 3 + 3     # three, then the three timed-out ones' room
+    # 0: no bound
+    det, _ = trw(max_unanswered=0)
+    assert all(det.handle_frame("from_guest", out_syn(host(i), 445, sport=44000 + i)).action == "pass"
+               for i in range(50))
+
+
+def test_a_guest_rotating_its_addresses_is_one_source_and_so_is_a_remote_64():
+    from scapy.layers.inet6 import IPv6
+    det, clock = trw(max_unanswered=0)
+    # the guest's worm uses a new (privacy) address for each probe: still one walk, decided at four failures
+    for i in range(4):
+        f = bytes(Ether(src=GMAC, dst=RMAC) / IPv6(src=f"2001:db8:1::{i + 1:x}", dst=f"2001:db8:99::{i + 1:x}")
+                  / TCP(sport=45000 + i, dport=445, flags="S"))
+        assert det.handle_frame("from_guest", f).action == "pass"
+    clock.advance(3.1)
+    assert len(det.tick()) == 1 and det.stats.scanners_outbound == 1
+    # a remote scanner rotating through one /64: one walk, blocked at four failures (the guest answers RSTs)
+    alerts = []
+    for port in range(20, 26):
+        src = f"2001:db8:66::{port:x}"
+        v = det.handle_frame("to_guest", bytes(Ether(src=RMAC, dst=GMAC) / IPv6(src=src, dst="2001:db8:1::1")
+                                              / TCP(sport=6000, dport=port, flags="S")))
+        assert v.action == ("pass" if port < 24 else "cut")
+        alerts += det.handle_frame("from_guest", bytes(Ether(src=GMAC, dst=RMAC) / IPv6(src="2001:db8:1::1", dst=src)
+                                                       / TCP(sport=port, dport=6000, flags="RA"))).alerts
+    assert len(alerts) == 1 and det.stats.scanners_inbound == 1
+
+
+def test_remote_hosts_cannot_make_the_detector_forget_a_blocked_guest():
+    det, clock = trw(max_sources=64)
+    for i in range(4):
+        det.handle_frame("from_guest", out_syn(host(i), 445, sport=40000 + i))
+        det.handle_frame("to_guest", in_rst(host(i), 445, dport=40000 + i))
+    assert det.stats.scanners_outbound == 1
+    for i in range(500):        # more remote sources than walks are kept
+        det.handle_frame("to_guest", frame(f"203.0.{i // 250}.{i % 250 + 1}", GUEST,
+                                           TCP(sport=7000, dport=80, flags="S"), True))
+    assert det.handle_frame("from_guest", out_syn(host(99), 445, sport=40999)).action == "cut"
+    assert len(det.walks) <= 64
+
+
 @pytest.mark.parametrize("cfg, why", [({"theta0": 0.2, "theta1": 0.8}, "theta1 must be below"),
                                      ({"alpha": 1.5}, "alpha"), ({"timeout": 0}, "timeout"), ({"x": 1}, "unknown")])
 def test_trw_bad_config(cfg, why):

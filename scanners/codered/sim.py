@@ -25,7 +25,8 @@ from .core import CodeRedDetector
 from .synbomb import SynBombDetector
 from .trw import TrwDetector
 
-__all__ = ["Result", "run_all", "worm_styles", "normal_workloads", "trw_scenarios", "synbomb_scenarios"]
+__all__ = ["Result", "run_all", "worm_styles", "normal_workloads", "laundering_with_trw", "trw_scenarios",
+           "trw_page_load", "synbomb_scenarios"]
 
 GUEST = "10.0.0.2"
 RESOLVER = "10.0.0.1"
@@ -170,10 +171,13 @@ def _codered_world(config: Optional[dict] = None):
 
 
 def worm_style(style: str, rate: float, seconds: float = 180.0, seed: int = 1,
-               config: Optional[dict] = None) -> Result:
-    """A worm of ``style`` (tcp, udp, icmp, ptr) making ``rate`` attempts a second for ``seconds``."""
+               config: Optional[dict] = None, trw: bool = False) -> Result:
+    """A worm of ``style`` (tcp, udp, icmp, ptr) making ``rate`` attempts a second for ``seconds``.  With
+    ``trw`` outbound TRW runs beside the worm scanner on the same frames, as two scanners holding the same
+    SYNs do on an NI: a frame gets out only if both pass it."""
     rnd = random.Random(seed)
     det, clock = _codered_world(config)
+    walk = TrwDetector({"inbound": False}, clock=lambda: clock[0]) if trw else None
     start = 1000.0
     ev = _Events(start)
     run = _Run()
@@ -184,12 +188,21 @@ def worm_style(style: str, rate: float, seconds: float = 180.0, seed: int = 1,
         v = det.handle_frame(direction, frame)
         if v.alert is not None:
             run.alert(ev.t)
+        if walk is not None:
+            tv = walk.handle_frame(direction, frame)
+            for _ in tv.alerts:
+                run.alert(ev.t)
+            if tv.action == "cut":
+                return "cut"
         return v.action
 
     def tick(t: float) -> None:
         clock[0] = t
         if det.tick() is not None:
             run.alert(t)
+        if walk is not None:
+            for _ in walk.tick():
+                run.alert(t)
 
     def resolve_ptr(dst: str) -> None:
         """The laundering of section 5.3: PTR for dst, then A for the name it gave."""
@@ -242,7 +255,7 @@ def worm_style(style: str, rate: float, seconds: float = 180.0, seed: int = 1,
     label = {"tcp": "TCP SYNs", "udp": "UDP (Slammer)", "icmp": "ICMP echo sweep", "ptr": "PTR-laundered",
              "zone": "own DNS zone, random targets", "zone16": "own DNS zone, one /16",
              "wildcard": "laundered by a wildcard zone"}[style]
-    return run.result(_label(config), f"{label}, {rate:g}/s", start)
+    return run.result(_label(config) + (" + TRW" if trw else ""), f"{label}, {rate:g}/s", start)
 
 
 #: the worm scanner's strict mode: every unknown destination waits in the delay queue, attack or not
@@ -262,6 +275,15 @@ def worm_styles(config: Optional[dict] = None) -> list[Result]:
     slow.scenario = "slow TCP, one per 10 s"
     out.append(slow)
     return out
+
+
+def laundering_with_trw(config: Optional[dict] = None) -> list[Result]:
+    """The styles DNS the worm controls launders, with outbound TRW beside the worm scanner: the laundered
+    probes go to hosts that do not answer, which is what TRW decides on (and bounds meanwhile)."""
+    out = [worm_style(style, 10, config=config, trw=True) for style in ("wildcard", "zone", "zone16")]
+    slow = worm_style("zone", 0.1, seconds=1200, config=config, trw=True)
+    slow.scenario = "own DNS zone, random targets, one per 10 s"
+    return out + [slow]
 
 
 def direct_peer(config: Optional[dict] = None, retry: float = 130.0, seconds: float = 600.0) -> Optional[float]:
@@ -493,7 +515,53 @@ def trw_scenarios() -> list[Result]:
         alerts += len(det.handle_frame("from_guest", tcp(GUEST, c, 80, 30000 + i % 30000, 0x12)).alerts)
         alerts += len(det.tick())
     out.append(Result("port scan (TRW)", "server under inbound load", normal=True, false_alarms=alerts))
+    out.append(trw_page_load())
     return out
+
+
+def trw_page_load(hosts: int = 24, rtt: float = 0.05, loads: int = 20, config: Optional[dict] = None) -> Result:
+    """A browser's page load opening connections to ``hosts`` new hosts at once, each answering in ``rtt``
+    seconds, ``loads`` times a minute apart: the cost of ``max_unanswered`` to a benign host (first contacts
+    past it are cut; the browser's TCP retransmits them 1 s later).  The note says how many connections were
+    delayed and by how much at most."""
+    rnd = random.Random(4)
+    clock = [0.0]
+    det = TrwDetector(dict(config or {}), clock=lambda: clock[0])
+    start = 1000.0
+    ev = _Events(start)
+    alerts, delayed, worst = [0], [0], [0.0]
+
+    def connect(dst: str, sport: int, began: float, retries: tuple) -> None:
+        clock[0] = ev.t
+        v = det.handle_frame("from_guest", tcp(GUEST, dst, sport, 443, 0x02))
+        alerts[0] += len(v.alerts)
+        if v.action == "cut":
+            if retries:
+                ev.at(began + retries[0], lambda: connect(dst, sport, began, retries[1:]))
+            return
+        if ev.t > began:
+            delayed[0] += 1
+            worst[0] = max(worst[0], ev.t - began)
+
+        def answer() -> None:
+            clock[0] = ev.t
+            alerts[0] += len(det.handle_frame("to_guest", tcp(dst, GUEST, 443, sport, 0x12)).alerts)
+        ev.at(ev.t + rtt, answer)
+
+    n = 0
+    for load in range(loads):
+        t0 = start + 60 * load
+        for _ in range(hosts):
+            n += 1
+            dst = str(ipaddress.IPv4Address(0x5DB80000 + rnd.randrange(1 << 16)))
+            ev.at(t0, lambda dst=dst, sport=30000 + n, t0=t0: connect(dst, sport, t0, SYN_RETRIES))
+
+    def tick(t: float) -> None:
+        clock[0] = t
+        alerts[0] += len(det.tick())
+    ev.run(start + 60 * loads + 70, tick, tick_every=0.25)
+    return Result("port scan (TRW)", f"page loads, {hosts} new hosts at once", normal=True, false_alarms=alerts[0],
+                  note=f"{delayed[0]} of {n} connections delayed, by {worst[0]:.1f} s at most")
 
 
 # ---- SYN bomb -------------------------------------------------------------------------------------------------
@@ -553,7 +621,7 @@ def synbomb_scenarios() -> list[Result]:
 
 def run_all() -> list[Result]:
     return (worm_styles() + normal_workloads() + worm_styles(STRICT) + normal_workloads(STRICT)
-            + trw_scenarios() + synbomb_scenarios())
+            + laundering_with_trw() + laundering_with_trw(STRICT) + trw_scenarios() + synbomb_scenarios())
 
 
 def table(results: list[Result]) -> str:
@@ -564,7 +632,8 @@ def table(results: list[Result]) -> str:
     for r in results:
         det = "-" if r.attempts_to_detection is None else f"{r.attempts_to_detection} / {r.seconds_to_detection:.1f} s"
         if r.normal:
-            lines.append(f"{r.detector:<18} {r.scenario:<42} {'-':>14} {'-':>11} {'-':>13} {r.false_alarms:>12}")
+            lines.append(f"{r.detector:<18} {r.scenario:<42} {'-':>14} {'-':>11} {'-':>13} {r.false_alarms:>12}"
+                         + (f"  ({r.note})" if r.note else ""))
             continue
         lines.append(f"{r.detector:<18} {r.scenario:<42} {det:>14} {pct(r.escaped_first_minute):>11} "
                      f"{pct(r.escaped_minute_after_detection):>13} {'-':>12}")

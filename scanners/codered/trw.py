@@ -50,6 +50,13 @@ TRW_DEFAULTS: dict[str, Any] = {
     "alpha": 0.01,            # accepted false-positive probability
     "beta": 0.99,             # wanted detection probability
     "timeout": 3.0,           # an attempt with no answer after this many seconds failed
+    # first-contact attempts of one source whose outcome is still open; more are cut until answers (or
+    # timeouts) come back.  A scanner's probes fail only at `timeout`: without this bound every probe made
+    # before the walk can decide gets out (30 at 10 a second); with it, this many.  0: no bound.
+    "max_unanswered": 10,
+    # ... plus one for each of the source's first contacts that succeeded in the last ten minutes, up to this
+    # many: a browser whose page loads open many new hosts at once earns the room (a scanner never does)
+    "unanswered_credit": 90,
     "block_duration": 600.0,  # a scanner stays blocked this long
     "outbound": True,         # watch the guest's attempts
     "inbound": True,          # watch remote hosts' attempts on the guest
@@ -57,6 +64,8 @@ TRW_DEFAULTS: dict[str, Any] = {
     "max_sources": 4096,
     "max_contacts": 4096,     # (host, port) pairs remembered per source
 }
+
+_CREDIT_WINDOW = 600.0     # how long a success earns a source room for one more open first contact
 
 _DIRECTIONS = {"from_guest": "from_guest", "to_guest": "to_guest", 1: "from_guest", 2: "to_guest"}
 
@@ -97,6 +106,10 @@ def load_trw_config(config: Optional[Mapping[str, Any]]) -> dict:
         v = out[k]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise TrwConfigError(f"{k}: expected a positive integer, got {v!r}")
+    for k in ("max_unanswered", "unanswered_credit"):
+        v = out[k]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise TrwConfigError(f"{k}: expected an integer >= 0, got {v!r}")
     for k in ("outbound", "inbound"):
         if not isinstance(out[k], bool):
             raise TrwConfigError(f"{k}: expected true or false")
@@ -110,6 +123,8 @@ class _Walk:
     successes: int = 0
     attempts: int = 0            # first-contact attempts decided
     blocked_until: float = -math.inf
+    open: int = 0                # first-contact attempts not yet answered nor timed out
+    credit: "collections.deque" = field(default_factory=collections.deque)   # when recent first contacts succeeded
     contacts: "collections.OrderedDict[tuple, bool]" = field(default_factory=collections.OrderedDict)
     answered: set = field(default_factory=set)   # (host, port) pairs that answered (outbound: may go on)
 
@@ -125,6 +140,7 @@ class TrwStats:
     benign_decisions: int = 0
     cut_outbound: int = 0
     cut_inbound: int = 0
+    cut_unanswered: int = 0      # first contacts cut while max_unanswered were still open
     unparseable: int = 0
 
 
@@ -137,7 +153,7 @@ class TrwDetector:
         self.eta0 = (1 - c["beta"]) / (1 - c["alpha"])
         self.up = (1 - c["theta1"]) / (1 - c["theta0"])      # a failure
         self.down = c["theta1"] / c["theta0"]                # a success
-        self.walks: "collections.OrderedDict[tuple, _Walk]" = collections.OrderedDict()   # (dir, source)
+        self.walks: "collections.OrderedDict[tuple, _Walk]" = collections.OrderedDict()   # _wkey(dir, source)
         # (dir, source, sport, host, port) -> when the attempt was made; oldest first
         self.pending: "collections.OrderedDict[tuple, float]" = collections.OrderedDict()
         self.stats = TrwStats()
@@ -148,19 +164,33 @@ class TrwDetector:
         self._last = t = max(t, self._last)
         return t
 
+    @staticmethod
+    def _wkey(direction: str, source: Any) -> tuple:
+        """Whose walk an attempt steps.  Outbound: the guest's, whichever of its addresses it used (a worm
+        rotating through its IPv6 privacy addresses is one source).  Inbound: a remote IPv4 address, or a
+        remote IPv6 /64 (one site's: the unit an address rotating scanner owns)."""
+        if direction == "outbound":
+            return ("outbound", "guest")
+        if isinstance(source, ipaddress.IPv6Address):
+            return ("inbound", ipaddress.IPv6Network((int(source) >> 64 << 64, 64)))
+        return ("inbound", source)
+
     def walk(self, direction: str, source: Any) -> _Walk:
-        key = (direction, source)
+        key = self._wkey(direction, source)
         w = self.walks.get(key)
         if w is None:
             w = self.walks[key] = _Walk()
-            while len(self.walks) > self.cfg["max_sources"]:
-                self.walks.popitem(last=False)
+            if len(self.walks) > self.cfg["max_sources"]:
+                # the oldest remote goes; the guest's own walk (a block, its open attempts) is never forgotten
+                # for room: remote hosts cannot buy a blocked guest a fresh walk
+                old = next(k for k in self.walks if k[0] == "inbound")
+                del self.walks[old]
         else:
             self.walks.move_to_end(key)
         return w
 
     def is_blocked(self, direction: str, source: Any, now: Optional[float] = None) -> bool:
-        w = self.walks.get((direction, source))
+        w = self.walks.get(self._wkey(direction, source))
         return w is not None and self._now(now) < w.blocked_until
 
     # ---- frames
@@ -214,21 +244,42 @@ class TrwDetector:
         if target in w.contacts:
             w.contacts.move_to_end(target)
             return "pass", []
+        cap = self.cfg["max_unanswered"]
+        if cap:
+            while w.credit and w.credit[0] <= t - _CREDIT_WINDOW:
+                w.credit.popleft()
+            cap += len(w.credit)
+        if cap and w.open >= cap:
+            # the walk cannot decide on what is out yet: no more first contacts until it can (the source's
+            # TCP retransmits the SYN; a benign one's answers come back within a round trip)
+            self.stats.cut_unanswered += 1
+            return "cut", []
         w.contacts[target] = True
         while len(w.contacts) > self.cfg["max_contacts"]:
             w.contacts.popitem(last=False)
-        self.pending[(direction, source, sport, host, port)] = t
+        key = (direction, source, sport, host, port)
+        if key not in self.pending:
+            w.open += 1
+        self.pending[key] = t
         while len(self.pending) > self.cfg["max_pending"]:
-            self.pending.popitem(last=False)
+            self._close(self.pending.popitem(last=False)[0])
         self.stats.attempts += 1
         return "pass", []
+
+    def _close(self, key: tuple) -> None:
+        """An attempt's outcome came (or it was forgotten): one fewer open for its source."""
+        w = self.walks.get(self._wkey(key[0], key[1]))
+        if w is not None and w.open > 0:
+            w.open -= 1
 
     def outcome(self, direction: str, source, sport: int, host, port: int, success: bool,
                 now: Optional[float] = None) -> list:
         t = self._now(now)
-        started = self.pending.pop((direction, source, sport, host, port), None)
+        key = (direction, source, sport, host, port)
+        started = self.pending.pop(key, None)
         if started is None:
             return []
+        self._close(key)
         return self._observe(direction, source, (host, port) if direction == "outbound" else port, success, t)
 
     def _observe(self, direction: str, source, target, success: bool, t: float) -> list:
@@ -237,6 +288,10 @@ class TrwDetector:
         if success:
             self.stats.successes += 1
             w.successes += 1
+            if self.cfg["unanswered_credit"]:
+                w.credit.append(t)
+                if len(w.credit) > self.cfg["unanswered_credit"]:
+                    w.credit.popleft()
             w.ratio *= self.down
             w.answered.add(target)
             if len(w.answered) > self.cfg["max_contacts"]:
@@ -277,6 +332,7 @@ class TrwDetector:
             if started > horizon:
                 break
             del self.pending[key]
+            self._close(key)
             direction, source, _, host, port = key
             self.stats.timeouts += 1
             yield from self._observe(direction, source, (host, port) if direction == "outbound" else port,
