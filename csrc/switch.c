@@ -1423,11 +1423,16 @@ int vn_port_inject(struct vn_switch *sw, int port, int dir, const uint8_t *frame
     memcpy(pkt->data, frame, len);
     pkt->len = len;
     sw->now_ns = vn_clock(sw);
-    if (dir == VN_DIR_FROM_GUEST)
-        vn_forward_switch(sw, port, pkt);
-    else
-        deliver(sw, port, pkt);
     sw->ports[port].st.injected++;
+    if (dir == VN_DIR_FROM_GUEST) {
+        /* As if the guest had sent it: anti-spoofing, prevent rules, subscriptions, MAC learning
+         * of the guest's own address only.  A registered frame in another host's name must not
+         * leave this port, nor teach the switch that host lives here. */
+        forward_drain(sw, port, pkt);
+        vn_signal_all(sw);
+        return VN_OK;
+    }
+    deliver(sw, port, pkt);
     return drained(sw, VN_OK);
 }
 

@@ -510,7 +510,9 @@ int vn_held_release_port(struct vn_switch *sw, int port, int pass);
 int vn_port_set_isolation(struct vn_switch *sw, int port, unsigned bits);
 /* The port's VN_ISOLATE_* bits (>= 0) or a negative code. */
 int vn_port_isolation(struct vn_switch *sw, int port);
-/* Sends a frame (pre-registered by the kernel) to the guest of `port` or from it. */
+/* Sends a frame (pre-registered by the kernel) to the guest of `port`, or from it: then exactly
+ * as if the guest had sent it (vn_port_inject_from: its anti-spoofing, prevent rules and
+ * subscriptions apply). */
 int vn_port_inject(struct vn_switch *sw, int port, int dir, const uint8_t *frame, unsigned len);
 
 /* ---- TCP streams (csrc/tcp.c): what the NI kernel sees of stream subscriptions ---- */

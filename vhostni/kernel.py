@@ -31,6 +31,7 @@ path's punt and stream queues.
 """
 from __future__ import annotations
 
+import collections
 import ipaddress
 import logging
 import subprocess
@@ -234,12 +235,47 @@ class NIKernel(StreamBroker):
             return False
         return self.policy.default_pass
 
+    # Each table (frame, stream, flow subscriptions) is the NI's, shared by its scanners: each scanner
+    # gets an equal share, so one cannot take the room another (added later, or slower to start)
+    # needs; frame and stream tables keep one row back for the cover of scanners not ready.
+    TABLES = {"frame": (MAX_SUBS, 1), "stream": (MAX_STREAM_SUBS, 1), "flow": (64, 0)}
+
+    def share(self, table: str) -> int:
+        size, reserve = self.TABLES[table]
+        return max(1, (size - reserve) // max(1, len(self.scanners)))
+
+    def _room(self, table: str, rows: list, sub) -> Optional[str]:
+        size, reserve = self.TABLES[table]
+        mine = sum(1 for s in rows if s.scanner == sub.scanner)
+        if mine >= self.share(table):
+            return (f"scanner {sub.scanner} has its share of this NI's {table} subscriptions: "
+                    f"{self.share(table)} of {size - reserve}, shared by {len(self.scanners)} scanners")
+        if len(rows) >= size - reserve:
+            return f"this NI has no room for more {table} subscriptions ({size - reserve})"
+        return None
+
+    def _over_share(self) -> set:
+        """Scanners holding more than their share of a table (after the policy added scanners):
+        their newest rows past it are dropped here; the caller restarts them to subscribe anew."""
+        over = set()
+        for table, attr in (("frame", "subs"), ("stream", "stream_subs"), ("flow", "flow_subs")):
+            share, kept, count = self.share(table), [], collections.Counter()
+            for s in getattr(self, attr):
+                count[s.scanner] += 1
+                if count[s.scanner] <= share:
+                    kept.append(s)
+                else:
+                    over.add(s.scanner)
+            setattr(self, attr, kept)
+        return over
+
     def add_stream_sub(self, sub: StreamSub) -> Optional[str]:
         self.kernel.on_punts()         # compiled indices shift: hand out what matched first
         if sub in self.stream_subs:
             return None
-        if len(self.stream_subs) >= 64:
-            return "this NI has no room for more stream subscriptions (64)"
+        why = self._room("stream", self.stream_subs, sub)
+        if why:
+            return why
         self.stream_subs.append(sub)
         self.apply()
         return None
@@ -247,8 +283,9 @@ class NIKernel(StreamBroker):
     def add_flow_sub(self, sub: FlowSub) -> Optional[str]:
         if sub in self.flow_subs:
             return None
-        if len(self.flow_subs) >= 64:
-            return "this NI has no room for more flows subscriptions (64)"
+        why = self._room("flow", self.flow_subs, sub)
+        if why:
+            return why
         self.flow_subs.append(sub)
         self.apply()
         return None
@@ -270,8 +307,9 @@ class NIKernel(StreamBroker):
         for s in self.subs:
             if s == sub:
                 return None
-        if len(self.subs) >= 64:
-            return "this NI has no room for more subscriptions (64)"
+        why = self._room("frame", self.subs, sub)
+        if why:
+            return why
         self.subs.append(sub)
         self.apply()
         return None
@@ -308,7 +346,18 @@ class NIKernel(StreamBroker):
             for r in old[s.scanner].spec.stream_rights)]
         self.flow_subs = [s for s in self.flow_subs if s.scanner in old and any(
             s.match.within(r) for r in old[s.scanner].spec.flow_rights)]
+        over = self._over_share()
         self.apply()
+        for name in sorted(over):
+            sp = old.get(name)
+            if sp is None:
+                continue
+            self.kernel.alerts.append(
+                self.name, name, "the policy's scanners share this NI's subscription tables anew: "
+                "subscriptions past this scanner's share were dropped, and it is restarted to subscribe "
+                f"again (share: {self.share('frame')} frame, {self.share('stream')} stream, "
+                f"{self.share('flow')} flow subscriptions)")
+            sp.kill("its subscriptions exceed its share of the NI's tables after a policy change")
         self.install_signatures()
 
     # ---- held frames

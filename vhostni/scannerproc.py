@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import ipaddress
+import json
 import logging
 import os
 import select
@@ -52,16 +53,48 @@ STDERR_LINES_PER_S = 20
 OUTQ_MAX = 64 << 20        # stream bytes queued for one scanner that does not keep up
 
 
+
+ALERT_MESSAGE_MAX = 4096       # characters of a scanner's alert message kept
+ALERT_FIELDS_MAX = 16384       # bytes of its fields (compact JSON) kept
+ALERT_BYTES_EACH = 2048        # alert bytes a second a scanner may write, per alert a second it may send
+
+
+def bounded_fields(fields: dict, limit: int = ALERT_FIELDS_MAX) -> dict:
+    """A scanner's alert fields cut to ``limit`` bytes of compact JSON, like its message: the alert log
+    is written at the scanner's alert rate, so each alert's size must be bounded too.  Fields are kept
+    in order while they fit; a string that does not is shortened, anything else dropped, and
+    ``fields_truncated`` says so."""
+    out: dict = {}
+    used = 0
+    cut = False
+    for k, v in fields.items():
+        size = len(json.dumps({k: v}, separators=(",", ":")))
+        if used + size <= limit:
+            out[k] = v
+            used += size
+            continue
+        cut = True
+        room = limit - used - len(json.dumps({k: ""}, separators=(",", ":")))
+        if isinstance(v, str) and room > 16:
+            short = v[:room]
+            while short and len(json.dumps(short)) - 2 > room:     # escapes take more than one byte
+                short = short[:len(short) * 3 // 4]
+            out[k] = short
+            used += len(json.dumps({k: short}, separators=(",", ":")))
+    if cut:
+        out["fields_truncated"] = True
+    return out
+
 class _Bucket:
     def __init__(self, rate: float, burst: float):
         self.rate, self.burst, self.tokens, self.t = rate, burst, burst, time.monotonic()
 
-    def take(self) -> bool:
+    def take(self, n: float = 1) -> bool:
         now = time.monotonic()
         self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
         self.t = now
-        if self.tokens >= 1:
-            self.tokens -= 1
+        if self.tokens >= n:
+            self.tokens -= n
             return True
         return False
 
@@ -145,7 +178,12 @@ class ScannerProc:
         self.launch_filter: Optional[bytes] = None   # the seccomp program bwrap loaded
         self._msg_window = (0.0, 0)
         self._alerts = _Bucket(spec.alerts_per_second, max(2.0, 2 * spec.alerts_per_second))
+        # and their bytes: what one alert may carry is bounded (ALERT_FIELDS_MAX), and so is what
+        # they add to the alert log a second (ALERT_BYTES_EACH per allowed alert, on average)
+        rate = spec.alerts_per_second * ALERT_BYTES_EACH
+        self._alert_bytes = _Bucket(rate, max(rate, 4 * ALERT_FIELDS_MAX))
         self._resets = _Bucket(spec.resets_per_second, spec.resets_per_second)
+        self._injects = _Bucket(spec.resets_per_second, spec.resets_per_second)
         self._err_buf = b""
         self._err_bucket = _Bucket(STDERR_LINES_PER_S, 2 * STDERR_LINES_PER_S)
         self.outq: collections.deque = collections.deque()   # stream messages waiting for room
@@ -373,12 +411,19 @@ class ScannerProc:
         if self.ring_slot is None:
             self._reply(rid, "no ring for this scanner: its frames come over the socket")
             return
-        if not self.ring_on or streams != self.ring_streams:
-            self.nk.kernel.on_punts()  # frames matched so far go the old way first
-            self.ring_on = True
-            # streams already open stay with the kernel; new ones go on the ring
-            self.ring_streams = streams
-            self.nk.apply()
+        if self.ring_on:
+            # once a run: each switch recompiles and reinstalls the NI's policy, which a scanner
+            # must not be able to make the kernel do at its message rate
+            if streams != self.ring_streams:
+                self._reply(rid, "the ring is on already; its mode is set once per run")
+                return
+            self._reply(rid)
+            return
+        self.nk.kernel.on_punts()  # frames matched so far go the old way first
+        self.ring_on = True
+        # streams already open stay with the kernel; new ones go on the ring
+        self.ring_streams = streams
+        self.nk.apply()
         self._reply(rid)
 
     def ring_part(self, sid: int) -> Optional[dict]:
@@ -895,7 +940,17 @@ class ScannerProc:
             self._reply(req.id, f"no pre-registered injection {req.index!r}")
             self._alert_about("scanner asked for an injection it does not have", index=req.index)
             return
+        if not self._injects.take():
+            # the administrator's frames, but as often as the scanner likes: bounded like resets
+            self.counters.injects_refused += 1
+            self._reply(req.id, f"more than {self.spec.resets_per_second:g} injections a second "
+                                "(resets_per_second in its policy bounds both)")
+            self._alert_about("scanner asked for injections faster than its policy allows",
+                              rate=self.spec.resets_per_second)
+            return
         name, frame = self.spec.injections[req.index]
+        # from the guest: through the guest's own checks (the C side sends it as the guest's), so a
+        # registered frame in another host's name is dropped as spoofed, like the guest's own would be
         self.nk.port.inject(req.direction, frame)
         self._reply(req.id)
 
@@ -952,8 +1007,12 @@ class ScannerProc:
         if not self._alerts.take():
             self.counters.alerts_suppressed += 1
             return
+        message, fields = req.message[:ALERT_MESSAGE_MAX], bounded_fields(req.fields)
+        if not self._alert_bytes.take(len(message) + len(json.dumps(fields, separators=(",", ":")))):
+            self.counters.alerts_suppressed += 1
+            return
         self.counters.alerts += 1
-        self.nk.kernel.alerts.append(self.nk.name, self.name, req.message[:4096], **req.fields)
+        self.nk.kernel.alerts.append(self.nk.name, self.name, message, **fields)
 
     def sync(self, sync_id: int) -> bool:
         """Asks the scanner to answer ``synced`` with ``sync_id`` once it has handled every
