@@ -4,6 +4,8 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <signal.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -95,11 +97,85 @@ int vn_mem_read(struct vn_mem *m, uint64_t gpa, void *dst, uint64_t len)
     return 0;
 }
 
+/* ---- the SIGBUS guard ----
+ *
+ * A file mapped here (guest memory, the dirty log) is the frontend's: it can ftruncate it
+ * after we checked its size, and our next access past the new end raises SIGBUS, which
+ * would kill the daemon and every NI in it.  Sealed memfds (F_SEAL_SHRINK: QEMU's
+ * memory-backend-memfd) cannot shrink, but hugetlbfs and tmpfs files, and DPDK's unsealed
+ * memfds, can.  So each such mapping is registered here; a SIGBUS inside one replaces the
+ * rest of that mapping with anonymous zero pages (the faulting access then completes),
+ * sets its flag, and the switch breaks that one port on its next pass.  A SIGBUS anywhere
+ * else goes to the disposition that was there before, and kills as it would have. */
+
+#define VN_GUARDS (VN_MAX_PORTS * (VN_MAX_REGIONS + 1) * 4)
+struct vn_guard {
+    uintptr_t start, end;      /* start 0: a free slot */
+    int *faulted;
+};
+static struct vn_guard guards[VN_GUARDS];
+static struct sigaction bus_old;
+static int bus_installed;
+static uintptr_t bus_page;
+
+static void bus_handler(int sig, siginfo_t *si, void *uc)
+{
+    (void)sig;
+    (void)uc;
+    uintptr_t a = (uintptr_t)si->si_addr;
+    for (unsigned i = 0; i < VN_GUARDS; i++) {
+        uintptr_t s = __atomic_load_n(&guards[i].start, __ATOMIC_ACQUIRE);
+        if (!s || a < s || a >= guards[i].end)
+            continue;
+        uintptr_t pg = a & ~(bus_page - 1);
+        if (mmap((void *)pg, guards[i].end - pg, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0) != MAP_FAILED) {
+            __atomic_store_n(guards[i].faulted, 1, __ATOMIC_RELAXED);
+            return;              /* the access runs again, on zeros */
+        }
+        break;
+    }
+    sigaction(SIGBUS, &bus_old, NULL);   /* not ours (or no remedy): fault again, as before */
+}
+
+int vn_guard_add(void *start, size_t len, int *faulted)
+{
+    if (!bus_installed) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof(sa));
+        sa.sa_sigaction = bus_handler;
+        sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+        sigemptyset(&sa.sa_mask);
+        bus_page = (uintptr_t)sysconf(_SC_PAGESIZE);
+        if (sigaction(SIGBUS, &sa, &bus_old) < 0)
+            return -1;
+        bus_installed = 1;
+    }
+    for (unsigned i = 0; i < VN_GUARDS; i++) {
+        if (guards[i].start)
+            continue;
+        guards[i].end = (uintptr_t)start + len;
+        guards[i].faulted = faulted;
+        __atomic_store_n(&guards[i].start, (uintptr_t)start, __ATOMIC_RELEASE);
+        return 0;
+    }
+    return -1;
+}
+
+void vn_guard_del(void *start)
+{
+    for (unsigned i = 0; i < VN_GUARDS; i++)
+        if (guards[i].start == (uintptr_t)start)
+            __atomic_store_n(&guards[i].start, 0, __ATOMIC_RELEASE);
+}
+
 void vn_mem_unmap(struct vn_mem *m)
 {
     for (unsigned i = 0; i < m->n; i++)
-        if (m->r[i].map_base)
+        if (m->r[i].map_base) {
+            vn_guard_del(m->r[i].map_base);
             munmap(m->r[i].map_base, m->r[i].map_len);
+        }
     memset(m, 0, sizeof(*m));
 }
 
@@ -147,6 +223,11 @@ int vn_mem_map(struct vn_mem *m, unsigned n, const struct vn_region_spec *spec, 
     }
     vn_mem_unmap(m);
     *m = next;
+    for (unsigned i = 0; i < m->n; i++)
+        if (vn_guard_add(m->r[i].map_base, m->r[i].map_len, &m->faulted) < 0) {
+            vn_mem_unmap(m);
+            return VN_EMAP;
+        }
     return VN_OK;
 bad:
     vn_mem_unmap(&next);
@@ -161,8 +242,11 @@ bad:
 
 void vn_log_unmap(struct vn_port *p)
 {
-    if (p->log_map)
+    if (p->log_map) {
+        vn_guard_del(p->log_map);
         munmap(p->log_map, p->log_map_len);
+    }
+    p->log_faulted = 0;
     p->log = NULL;
     p->log_map = NULL;
     p->log_map_len = 0;
@@ -192,6 +276,10 @@ int vn_log_map(struct vn_port *p, int fd, uint64_t size, uint64_t offset)
     if (base == MAP_FAILED)
         return VN_EMAP;
     vn_log_unmap(p);
+    if (vn_guard_add(base, len, &p->log_faulted) < 0) {
+        munmap(base, len);
+        return VN_EMAP;
+    }
     p->log_map = base;
     p->log_map_len = len;
     p->log = (uint8_t *)base + lead;

@@ -89,6 +89,8 @@ const char *vn_broken_reason(int code)
     case VN_BROKEN_DESC_NEXT: return "descriptor next index out of range";
     case VN_BROKEN_DESC_DIR: return "descriptor direction wrong for this queue";
     case VN_BROKEN_CHAIN_LEN: return "descriptor chain length absurd";
+    case VN_BROKEN_KICK_FD: return "kick fd at end of file or failing";
+    case VN_BROKEN_MEM_GONE: return "guest memory or log file shrunk under the NI";
     }
     return "unknown";
 }
@@ -595,6 +597,16 @@ int vn_vq_set_call(struct vn_switch *sw, int port, unsigned q, int fd)
     if (vq->callfd >= 0)
         close(vq->callfd);
     vq->callfd = fd;
+    if (fd >= 0) {
+        /* the interrupt write must never block the one thread every NI runs on: a counter
+         * the frontend filled gives EAGAIN, an interrupt already pending */
+        int fl = fcntl(fd, F_GETFL);
+        if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
+            close(fd);
+            vq->callfd = -1;
+            return VN_ESYS;
+        }
+    }
     return VN_OK;
 }
 
@@ -1226,6 +1238,8 @@ static int service_pass(struct vn_switch *sw, int poll_mode, int *busy)
         }
         if (p->kind != VN_PORT_VHOST)
             continue;
+        if (__builtin_expect(p->mem.faulted | p->log_faulted, 0) && !p->broken)
+            vn_port_break(p, VN_BROKEN_MEM_GONE);
         if (p->bl_count) {
             backlog_flush(sw, p);
             vn_signal_all(sw);
@@ -1299,11 +1313,28 @@ int vn_port_inject_batch(struct vn_switch *sw, int port, const uint8_t *frames,
     return i == 0 && n ? VN_EINVAL : (int)i;
 }
 
-static void drain_eventfd(int fd)
+/* One read takes an eventfd's whole counter (the device checks at SET_VRING_KICK that the fd is
+ * one, in counter mode: a semaphore one would give it back one by one).  0 if the fd is no
+ * use: end of file, or an error other than "nothing to read". */
+static int drain_eventfd(int fd)
 {
     uint64_t v;
-    while (read(fd, &v, sizeof(v)) == sizeof(v))
-        ;
+    ssize_t n = read(fd, &v, sizeof(v));
+    if (n == (ssize_t)sizeof(v))
+        return 1;
+    if (n < 0 && (errno == EAGAIN || errno == EINTR))
+        return 1;
+    return 0;
+}
+
+/* A kick fd that can only wake the loop for nothing (at end of file, failing): out of the epoll
+ * set, and the port broken until its frontend sets the ring up again. */
+static void kick_fd_failed(struct vn_switch *sw, struct vn_port *p, struct vn_vq *vq)
+{
+    epoll_ctl(sw->epfd, EPOLL_CTL_DEL, vq->kickfd, NULL);
+    close(vq->kickfd);
+    vq->kickfd = -1;
+    vn_port_break(p, VN_BROKEN_KICK_FD);
 }
 
 int vn_switch_run(struct vn_switch *sw, int timeout_ms, int poll_mode)
@@ -1358,8 +1389,10 @@ int vn_switch_run(struct vn_switch *sw, int timeout_ms, int poll_mode)
             } else if (kind == EV_KICK && port < VN_MAX_PORTS && q < VN_MAX_QUEUES) {
                 struct vn_port *p = &sw->ports[port];
                 struct vn_vq *vq = &p->vq[q];
-                if (vq->kickfd >= 0)
-                    drain_eventfd(vq->kickfd);
+                if (vq->kickfd >= 0 && !drain_eventfd(vq->kickfd)) {
+                    kick_fd_failed(sw, p, vq);
+                    continue;
+                }
                 p->st.kicks++;
                 vq->active = 1;
             } else if (kind == EV_TAP && port < VN_MAX_PORTS) {
@@ -1387,8 +1420,10 @@ int vn_switch_step(struct vn_switch *sw, int timeout_ms)
         unsigned kind = (unsigned)(d >> 32), port = (d >> 8) & 0xff, q = d & 0xff;
         if (kind == EV_KICK && port < VN_MAX_PORTS && q < VN_MAX_QUEUES) {
             struct vn_vq *vq = &sw->ports[port].vq[q];
-            if (vq->kickfd >= 0)
-                drain_eventfd(vq->kickfd);
+            if (vq->kickfd >= 0 && !drain_eventfd(vq->kickfd)) {
+                kick_fd_failed(sw, &sw->ports[port], vq);
+                continue;
+            }
             sw->ports[port].st.kicks++;
             vq->active = 1;
         } else if (kind == EV_TAP && port < VN_MAX_PORTS) {

@@ -57,6 +57,8 @@
 #define VN_BROKEN_DESC_NEXT 7      /* next index >= table size */
 #define VN_BROKEN_DESC_DIR 8       /* device-writable buffer where readable expected, or v.v. */
 #define VN_BROKEN_CHAIN_LEN 9      /* chain total length too large */
+#define VN_BROKEN_KICK_FD 10       /* the kick fd hit end of file or failed (not an eventfd) */
+#define VN_BROKEN_MEM_GONE 11      /* the frontend shrank the file of mapped guest memory or log */
 
 struct vn_region_spec {
     uint64_t guest_phys_addr;

@@ -146,6 +146,7 @@ struct vn_region {
 struct vn_mem {
     unsigned n;
     unsigned hint;     /* the region the last translation hit: tried first */
+    int faulted;       /* set by the SIGBUS guard: the frontend shrank a mapped file */
     struct vn_region r[VN_MAX_REGIONS];
 };
 
@@ -218,6 +219,7 @@ struct vn_port {
     uint64_t log_size;            /* bytes of the bitmap */
     void *log_map;                /* what mmap returned */
     size_t log_map_len;
+    int log_faulted;              /* set by the SIGBUS guard: the log's file was shrunk */
     /* frames waiting for guest receive buffers, oldest first */
     struct vn_backlog_frame *backlog[VN_BACKLOG];
     unsigned bl_head, bl_count;
@@ -470,6 +472,10 @@ static inline void vn_pkt_fill(struct vn_pkt *pkt)
         vn_pkt_fill_tail(pkt);
 }
 void vn_port_break(struct vn_port *p, int reason);
+/* The SIGBUS guard (csrc/mem.c): a mapping of a file the frontend can shrink, whose access
+ * past the new end would kill the whole daemon, registered with the flag to set instead. */
+int vn_guard_add(void *start, size_t len, int *faulted);
+void vn_guard_del(void *start);
 
 /* ---- big-endian field access and the Internet checksum, shared by the .c files ---- */
 static inline uint16_t vn_rd16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }

@@ -69,7 +69,9 @@ class _Reader:
                 except (BlockingIOError, InterruptedError):
                     return
                 self.fds.extend(fds)
-                if flags & socket.MSG_CTRUNC:
+                if flags & socket.MSG_CTRUNC or len(self.fds) > proto.MAX_FDS:
+                    # (fds sent with every byte of one message would pile up here: the daemon's
+                    # fds are every NI's)
                     raise proto.ProtocolError(None, "more fds attached than any message carries")
                 if not data:
                     raise EOFError

@@ -9,6 +9,8 @@ and never takes the daemon down.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -52,6 +54,45 @@ PROTOCOL_FEATURES = int(
     | ProtocolFeature.LOG_SHMFD
 )
 
+
+
+_MEM_LIMIT: Optional[int] = None
+
+
+def guest_memory_limit() -> int:
+    """The most guest memory one NI may map: four times the host's (at least 16 GiB)."""
+    global _MEM_LIMIT
+    if _MEM_LIMIT is None:
+        total = 0
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemTotal:"):
+                        total = int(line.split()[1]) * 1024
+                        break
+        except (OSError, ValueError, IndexError):
+            pass
+        _MEM_LIMIT = max(4 * total, 16 << 30)
+    return _MEM_LIMIT
+
+
+def _eventfd(fd: Optional[int], what: str) -> Optional[int]:
+    """``fd`` if it is an eventfd in counter mode (what virtio's kicks and calls are), else it is closed
+    and the request refused: a pipe or file would make the one data-plane thread of every NI block on
+    a write, spin on a read at end of file, or (a semaphore eventfd) drain a counter of 2^64 one by one."""
+    if fd is None:
+        return None
+    try:
+        kind = os.readlink(f"/proc/self/fd/{fd}")
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            info = f.read()
+    except OSError as exc:
+        proto.close_fds([fd])
+        raise _Refused(f"{what} fd: cannot tell what it is ({exc})") from None
+    if kind != "anon_inode:[eventfd]" or re.search(r"^eventfd-semaphore:\s*1\s*$", info, re.M):
+        proto.close_fds([fd])
+        raise _Refused(f"{what} fd is not an eventfd in counter mode ({kind})")
+    return fd
 
 class CloseConnection(Exception):
     """The frontend broke the protocol in a way we cannot answer: drop the connection."""
@@ -211,6 +252,12 @@ class VhostUserDevice:
     def _set_mem_table(self, msg):
         table = msg.body
         fds = msg.take_fds()
+        total = sum(r.memory_size for r in table.regions)
+        if total > guest_memory_limit():
+            # sparse files cost the frontend nothing, but the daemon's address space is every NI's
+            proto.close_fds(fds)
+            raise _Refused(f"guest memory of {total} bytes: more than {guest_memory_limit()} "
+                           "(four times this host's memory) for one NI")
         try:
             self.port.set_mem_table(
                 [Region(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
@@ -264,7 +311,7 @@ class VhostUserDevice:
 
     def _standby_set_vring_call(self, msg):
         q = self._queue(msg.body.index)
-        fd = msg.take_fd()
+        fd = _eventfd(msg.take_fd(), "call")
         old = self.deferred_calls.pop(q, None)
         if old is not None:
             proto.close_fds([old])
@@ -278,11 +325,12 @@ class VhostUserDevice:
 
     def _set_vring_kick(self, msg):
         q = self._queue(msg.body.index)
-        fd = msg.take_fd()
+        fd = _eventfd(msg.take_fd(), "kick")
         self.port.set_vring_kick(q, fd)
 
     def _set_vring_call(self, msg):
-        self.port.set_vring_call(self._queue(msg.body.index), msg.take_fd())
+        q = self._queue(msg.body.index)
+        self.port.set_vring_call(q, _eventfd(msg.take_fd(), "call"))
 
     def _set_vring_err(self, msg):
         self._queue(msg.body.index)
