@@ -9,7 +9,7 @@ import logging
 import re
 import sys
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+NAME_RE = re.compile(r"\A[A-Za-z0-9_.-]{1,32}\Z")   # \Z: "$" would let a final newline through
 
 
 def _ni_arg(text: str) -> tuple[str, str]:

@@ -24,6 +24,7 @@ import select
 import signal
 import socket
 import stat
+import tempfile
 import threading
 import time
 from collections import deque
@@ -37,6 +38,9 @@ from .kernel import Kernel
 from .policy import PolicyError, load_policy
 from .vhost_user import proto
 from .service import notify
+from .logtext import printable
+
+REASON_MAX = 200        # characters of an administrator's reason (quarantine, link) kept
 
 log = logging.getLogger("vhostni")
 
@@ -576,16 +580,21 @@ class Daemon:
     def _write_stats(self) -> None:
         """--stats-file, replaced atomically; a failure (full disk...) is logged once, counted,
         and retried at the next housekeeping: the NIs go on."""
-        tmp = self.stats_file + ".tmp"
+        tmp = None
         try:
             data = json.dumps(self.stats(), indent=1)
-            with open(tmp, "w") as f:
+            # a new file of a random name (O_EXCL, O_NOFOLLOW): nothing planted beside it is followed
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.stats_file)}.", suffix=".tmp",
+                                       dir=os.path.dirname(os.path.abspath(self.stats_file)))
+            os.fchmod(fd, 0o644)
+            with open(fd, "w") as f:
                 f.write(data)
             os.replace(tmp, self.stats_file)
         except OSError as exc:
             self.stats_write_errors += 1
             try:
-                os.unlink(tmp)
+                if tmp is not None:
+                    os.unlink(tmp)
             except OSError:
                 pass
             if self.stats_error is None:
@@ -633,6 +642,7 @@ class Daemon:
         match none of its policy's ``[quarantine] allow`` rules are dropped in the fast path
         (counter ``drop_quarantine``).  Survives policy changes.  KeyError if no such NI."""
         ni = self.nis[name]
+        reason = printable(reason, REASON_MAX)     # an admin client's text: one log line, bounded
         self._set_isolation(ni, ISOLATE_QUARANTINE, on, "quarantine", reason)
         log.warning("NI %s: %s%s", name, "quarantined" if on else "released from quarantine",
                     f" ({reason})" if reason else "")
@@ -645,6 +655,7 @@ class Daemon:
         away (``set_link``, asynchronous: see ``containment()["qemu"]``).  Survives policy
         changes; re-applied to QEMU whenever it comes back.  KeyError if no such NI."""
         ni = self.nis[name]
+        reason = printable(reason, REASON_MAX)
         self._set_isolation(ni, ISOLATE_LINK_DOWN, not up, "link-down", reason)
         if ni.qemu is not None:
             ni.qemu.set_link(up)

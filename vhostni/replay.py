@@ -84,7 +84,7 @@ TICK_S = 0.1          # capture clock: scanners are told the time after at most 
 # clock goes on to VN_CLOCK_MAX_NS, some ten years later.
 CLOCK_MAX_NS = (1 << 32) * 1_000_000_000 - 1
 
-MAC_RE = re.compile(r"^([0-9a-fA-F]{2})([:-]?)([0-9a-fA-F]{2})(\2[0-9a-fA-F]{2}){4}$")
+MAC_RE = re.compile(r"\A([0-9a-fA-F]{2})([:-]?)([0-9a-fA-F]{2})(\2[0-9a-fA-F]{2}){4}\Z")
 
 
 def parse_mac(text: str) -> bytes:

@@ -40,7 +40,7 @@ FILE_MAGIC = b"VNCK"
 FILE_VERSION = 1
 FLUSH_INTERVAL = 1.0            # seconds between two writes of one scanner's checkpoint
 ERROR_LOG_INTERVAL = 60.0       # an I/O error is logged at most this often (all are counted)
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_NAME = re.compile(r"\A[A-Za-z0-9_.-]{1,64}\Z")
 
 
 def _safe(name: str) -> bool:

@@ -27,6 +27,7 @@ serialized by ``qemu.qmp.message.Message``.
 """
 from __future__ import annotations
 
+import collections
 import json
 import re
 import time
@@ -37,6 +38,8 @@ from qemu.qmp.message import DeserializationError, Message, UnexpectedTypeError
 
 DEFAULT_MAX_MESSAGE = 1 << 20
 DEFAULT_MAX_DEPTH = 64
+MAX_EVENTS = 256            # messages split ahead of the server taking them
+MAX_INPUT_ERRORS = 32       # malformed messages a connection may send before it is closed
 
 NO_ID = object()      # a request without "id": its answer has none either
 
@@ -122,7 +125,10 @@ class QMPServerConnection:
         self._depth = 0
         self._in_string = False
         self._too_deep = False
-        self._events: list[Event] = []
+        self._events: "collections.deque[Event]" = collections.deque()
+        self._eof = False                # the peer hung up: ConnectionClosed once the input is used up
+        self._backlog = False            # splitting stopped at MAX_EVENTS: input waits in _in
+        self.input_errors = 0
         self._out = bytearray()
         if greet:
             self._queue({"QMP": {"version": version, "capabilities": self.capabilities}})
@@ -170,22 +176,36 @@ class QMPServerConnection:
         if self.must_close or self.closed:
             return
         if not data:
-            self.closed = True
+            self.closed = self._eof = True
             self._split()
-            self._events.append(ConnectionClosed())
             return
         self._in += data
         self._split()
 
+    @property
+    def has_work(self) -> bool:
+        """Events to take, or input that waits to be split (more than MAX_EVENTS came at once)."""
+        return bool(self._events) or self._backlog
+
     def next_event(self) -> Union[Event, _NeedData]:
+        if not self._events and self._backlog and not self.must_close:
+            self._split()                # what waited behind MAX_EVENTS
         if self._events:
-            return self._events.pop(0)
+            return self._events.popleft()
+        if self._eof and not self._backlog:
+            self._eof = False
+            return ConnectionClosed()
         return NEED_DATA
 
     def _split(self) -> None:
         """Cuts complete top-level values out of the input buffer."""
         buf = self._in
+        self._backlog = False
         while not self.must_close:
+            if len(self._events) >= MAX_EVENTS:
+                # a peer that sent many messages at once gets them handled a batch at a time
+                self._backlog = True
+                return
             if self._depth == 0 and not self._in_string:
                 # between messages: skip whitespace, then a value must start
                 i = self._pos
@@ -275,6 +295,14 @@ class QMPServerConnection:
         self._events.append(MessageTooLarge(self.max_message))
 
     def _input_error(self, desc: str, rid: Any = NO_ID) -> None:
+        self.input_errors += 1
+        if self.input_errors > MAX_INPUT_ERRORS:
+            # each malformed byte would otherwise cost an error reply: no client sends this many
+            self._in.clear()
+            self._pos = self._depth = 0
+            self._in_string = False
+            desc = f"more than {MAX_INPUT_ERRORS} malformed messages; closing the connection"
+            self.must_close = True
         self.send_error(rid, "GenericError", desc)
         self._events.append(InputError(desc, rid))
 

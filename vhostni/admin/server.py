@@ -72,6 +72,7 @@ WARN_EVERY = 10.0                 # ... then one every this many seconds
 READ_CHUNK = 65536
 READS_PER_WAKEUP = 4
 PAUSE_READ = 256 << 10
+EVENTS_PER_WAKEUP = 256     # commands (and errors) one client gets handled per turn of the loop
 MAX_OUTPUT = 4 << 20
 
 
@@ -135,18 +136,24 @@ class Client:
         # answered this client's later commands wait (QMP answers in order) and its socket
         # is not read
         self.waiting: Optional[Execute] = None
+        self._continuing = False        # a _continue is scheduled on the daemon's loop
 
     # ---- epoll
     def on_ready(self) -> None:
         if self.closed:
             return
+        self._process()                 # what waited for room first
         self._read()
         if not self.closed:
             self._flush()
 
+    def _output(self) -> int:
+        return self.proto.pending_output + len(self.raw_out)
+
     def _read(self) -> None:
         for _ in range(READS_PER_WAKEUP):
-            if self.closed or self.proto.must_close or len(self.raw_out) > PAUSE_READ or self.waiting:
+            if (self.closed or self.proto.must_close or self.waiting or self.proto.has_work
+                    or self._output() > PAUSE_READ):
                 return
             try:
                 data = self.sock.recv(READ_CHUNK)
@@ -222,7 +229,15 @@ class Client:
         self._process()
 
     def _process(self) -> None:
+        budget = EVENTS_PER_WAKEUP
         while not self.closed and self.waiting is None:
+            if self._output() > PAUSE_READ:
+                return                  # the rest once the peer read its answers (_flush)
+            if budget == 0:
+                # a peer that sent many commands at once: the rest on the loop's next turn
+                self._continue_soon()
+                return
+            budget -= 1
             ev = self.proto.next_event()
             if ev is NEED_DATA:
                 return
@@ -242,6 +257,16 @@ class Client:
                 self._flush()
                 self.close()
                 return
+
+    def _continue_soon(self) -> None:
+        if not self._continuing:
+            self._continuing = True
+            self.server.daemon.call_soon(self._continue)
+
+    def _continue(self) -> None:
+        self._continuing = False
+        if not self.closed:
+            self.on_ready()
 
     def _execute(self, ev: Execute) -> None:
         self._answer(ev, lambda: commands.dispatch(self.server, ev.command, ev.arguments))
@@ -348,9 +373,14 @@ class Client:
         if self.proto.must_close and not self.raw_out:
             self.close()
             return
-        mask = 0 if (self.proto.must_close or len(self.raw_out) > PAUSE_READ) else select.EPOLLIN
+        # not read while a command it sent runs on a worker (its socket would be reported ready on
+        # every turn of the loop) or while its answers wait
+        paused = self.proto.must_close or self.waiting is not None or len(self.raw_out) > PAUSE_READ
+        mask = 0 if paused else select.EPOLLIN
         if self.raw_out:
             mask |= select.EPOLLOUT
+        elif self.proto.has_work and self.waiting is None:
+            self._continue_soon()       # its answers are out: what waited behind them
         if mask != self.mask:
             self.mask = mask
             self.server.daemon.set_events(self.fd, mask)

@@ -19,20 +19,23 @@ import json
 import logging
 import os
 import re
+import errno
 import socket
 import stat
+import tempfile
 from typing import Iterable
 
 log = logging.getLogger("vhostni.admin")
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+NAME_RE = re.compile(r"\A[A-Za-z0-9_.-]{1,32}\Z")   # \Z: "$" would let a final newline through
 
 
 def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
     d = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    # a new file of a random name (O_EXCL, O_NOFOLLOW): nothing planted in the directory is followed
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
     try:
+        os.fchmod(fd, mode)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
@@ -44,6 +47,19 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
     os.close(fd)
     os.replace(tmp, path)
     _fsync_dir(d)
+
+
+def _check_private(d: str) -> None:
+    """The state directory says which NIs exist and what their policies are: whoever else can write
+    it decides both (and could plant files the daemon writes through).  OSError unless ``d`` is a real
+    directory of this process's user that no group or other user may write."""
+    st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode):
+        raise OSError(errno.ENOTDIR, "the state directory is not a directory (or is a symbolic link)", d)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise OSError(errno.EPERM, f"the state directory must be this user's ({os.geteuid()}) and writable by "
+                      f"no one else (owner {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}): fix it with chown "
+                      f"and chmod go-w", d)
 
 
 def _fsync_dir(d: str) -> None:
@@ -91,6 +107,8 @@ class StateDir:
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
         os.makedirs(os.path.join(self.path, "policies"), mode=0o700, exist_ok=True)
+        for d in (self.path, os.path.join(self.path, "policies")):
+            _check_private(d)
         self.nis_file = os.path.join(self.path, "nis.json")
 
     # ---- NIs added at run time

@@ -26,6 +26,9 @@ Accepted subset (see README, "Signatures (payload stage)"):
 """
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import ipaddress
 import re
 import struct
@@ -1009,7 +1012,11 @@ def load_rule_files(paths: Sequence[str], vars: Vars) -> RuleSet:
     rs = RuleSet()
     for path in paths:
         try:
-            with open(path, "rb") as f:
+            # a regular file only: a FIFO or a device would block the worker compiling it forever
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            with open(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise OSError(errno.EINVAL, "not a regular file")
                 raw = f.read(64 << 20)
             text = raw.decode("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
