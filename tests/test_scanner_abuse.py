@@ -85,6 +85,22 @@ def test_injection_from_the_guest_obeys_anti_spoofing(kits):
         f"drop_spoofed={k.stats('a')['drop_spoofed']})")
 
 
+def test_injections_are_bounded_like_resets(kits):
+    from nikit import A_MAC, B_MAC, eth
+    from vhostni.scanner import wire
+    canned = eth(A_MAC, B_MAC, 0x88B5, b"registered")
+    spec = scanner_spec("inj", "decider.py", allow=[dict(HTTP_CONTAIN["match"], contain=True)],
+                        config={"subscribe": [HTTP_CONTAIN]}, resets_per_second=5,
+                        inject=[{"name": "x", "frame": canned.hex()}])
+    k = kits({"a": policy(scanners=[spec])})
+    k.wait_subscribed("a", "inj")
+    sp = k.sp("a", "inj")
+    for i in range(20):
+        sp._handle(wire.Control(wire.Inject(0, wire.TO_GUEST, id=i).body()))
+    assert 5 <= k.stats("a")["injected"] <= 6 and sp.counters.injects_refused >= 14
+    assert k.alerts_matching("injections faster than its policy allows", "a", "inj")
+
+
 # ---------------------------------------------------------------------------
 # 3. The "ring" request recompiles and reinstalls the NI's whole policy (on_punts +
 #    apply) each time it flips "streams", with no limit but the generic 20,000 messages

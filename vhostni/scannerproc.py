@@ -139,6 +139,7 @@ class ScannerCounters:
     stream_kills: int = 0
     resets: int = 0
     resets_refused: int = 0     # outside its right, not from/to where it may, or over its rate
+    injects_refused: int = 0    # frame injections over resets_per_second
     stream_mores: int = 0
     stream_cuts: int = 0
     stream_cut_bytes: int = 0
@@ -943,10 +944,7 @@ class ScannerProc:
         if not self._injects.take():
             # the administrator's frames, but as often as the scanner likes: bounded like resets
             self.counters.injects_refused += 1
-            self._reply(req.id, f"more than {self.spec.resets_per_second:g} injections a second "
-                                "(resets_per_second in its policy bounds both)")
-            self._alert_about("scanner asked for injections faster than its policy allows",
-                              rate=self.spec.resets_per_second)
+            self._too_fast(req.id, "injections")
             return
         name, frame = self.spec.injections[req.index]
         # from the guest: through the guest's own checks (the C side sends it as the guest's), so a
@@ -985,15 +983,18 @@ class ScannerProc:
             # the guest's own connections bound what a detector has to repair; past the policy's
             # rate a scanner is flooding the network in the guest's name
             self.counters.resets_refused += 1
-            self._reply(req.id, f"more than {self.spec.resets_per_second:g} resets a second "
-                                "(resets_per_second in its policy)")
-            self._alert_about("scanner asked for TCP resets faster than its policy allows",
-                              rate=self.spec.resets_per_second)
+            self._too_fast(req.id, "resets")
             return
         self.nk.port.inject_from(tcp_reset_frame(pol.mac, mac, src, req.sport, dst, req.dport,
                                                  req.seq, req.ack))
         self.counters.resets += 1
         self._reply(req.id)
+
+    def _too_fast(self, rid, what: str) -> None:
+        """Refuses a request past ``resets_per_second`` (which bounds resets and injections each)."""
+        rate = self.spec.resets_per_second
+        self._reply(rid, f"more than {rate:g} {what} a second (resets_per_second in its policy)")
+        self._alert_about(f"scanner asked for {what} faster than its policy allows", rate=rate)
 
     def _alert_about(self, message: str, **fields) -> None:
         """An alert about something this scanner asked for: it can ask as often as it likes,
