@@ -1,13 +1,13 @@
-"""Attacks on the admin plane (QMP): each test FAILS on the code as it is, for the reason its
-docstring names.  In-process daemon stepped by the test, as tests/test_admin.py's ``inproc``."""
+"""The admin plane (QMP) against a client with bad intent or bad code: floods of malformed input,
+compiles on the daemon's thread, a waiting client's socket, names and reasons that would forge files
+and log lines, a state directory others can write, rule files that are FIFOs.  An in-process daemon
+stepped by the test (tests/test_admin.py's ``inproc``)."""
 from __future__ import annotations
 
 import json
 import logging
 import os
-import shutil
 import socket
-import tempfile
 import time
 
 import pytest
@@ -16,37 +16,7 @@ from vhostni.admin import commands
 from vhostni.admin.state import NAME_RE, StateDir
 
 
-@pytest.fixture
-def inproc():
-    from vhostni.daemon import Daemon
-    from vhostni.admin import AdminServer
-    d = tempfile.mkdtemp(prefix="vna-atk-", dir="/tmp")
-    os.chmod(d, 0o755)
-    daemon = Daemon([], alert_log=os.path.join(d, "alerts.jsonl"))
-    servers = []
-
-    class Ctx:
-        dir = d
-        dmn = daemon
-
-        @staticmethod
-        def server(endpoints, **kw):
-            srv = AdminServer(daemon, endpoints, **kw)
-            servers.append(srv)
-            return srv
-
-        @staticmethod
-        def step(n: int = 1) -> None:
-            for _ in range(n):
-                daemon.switch.run(2, False)
-                for fd, _ in daemon.ep.poll(0):
-                    daemon._control_event(fd)
-
-    yield Ctx
-    for srv in servers:
-        srv.close()
-    daemon.close()
-    shutil.rmtree(d, ignore_errors=True)
+from test_admin import inproc  # noqa: E402,F401  (the in-process daemon the admin tests step)
 
 
 def _connect(inproc, srv, negotiate=True) -> socket.socket:
