@@ -38,16 +38,11 @@ def _rules(d: str, n: int = 10000) -> str:
     return p
 
 
-# ---------------------------------------------------------------------------
-# 1. 1-byte bad messages: 80x reply amplification and a multi-second stall of the loop
-# ---------------------------------------------------------------------------
-
-def test_a_flood_of_one_byte_bad_messages_does_not_stall_the_daemon(inproc):
-    """Before negotiation, each b'}' is answered with a ~75-byte GenericError.  One wakeup
-    reads 4 x 64 KiB: 262,144 errors (20 MB) are queued and the events list is drained
-    with list.pop(0) (quadratic), all on the daemon's thread: the data plane stops for
-    seconds.  README: 'Admin clients never stall the data path ... input and output are
-    bounded'."""
+def test_a_flood_of_one_byte_bad_messages_is_answered_a_bounded_number_of_times(inproc):
+    """Each stray b'}' is a malformed message worth an error reply of ~75 bytes: 256 KiB of them
+    would queue 20 MB of replies and hours of the loop's time.  A 33rd malformed message closes
+    the connection instead: what it costs the daemon is bounded, whatever the client sends."""
+    from vhostni.admin.protocol import MAX_INPUT_ERRORS
     srv = inproc.server([f"unix:{os.path.join(inproc.dir, 'qmp.sock')}"])
     s = _connect(inproc, srv, negotiate=False)
     s.setblocking(False)
@@ -60,45 +55,42 @@ def test_a_flood_of_one_byte_bad_messages_does_not_stall_the_daemon(inproc):
         pass
     assert sent >= 128 << 10
     [client] = srv.clients.values()
-    t = time.monotonic()
     inproc.step()                          # one turn of the daemon's loop
-    took = time.monotonic() - t
     queued = client.proto.pending_output + len(client.raw_out)
+    assert client.proto.input_errors == MAX_INPUT_ERRORS + 1 and client.proto.must_close or client.closed
+    assert queued <= 100 * (MAX_INPUT_ERRORS + 2), f"{queued} bytes of replies queued for {sent} bytes"
+    inproc.step(3)
+    assert client.closed and not srv.clients       # its answers flushed, then closed
     s.close()
-    assert took < 0.25, f"one turn of the daemon's loop took {took:.2f} s on {sent} bytes of '}}'"
-    assert queued <= (1 << 20), f"{queued} bytes of replies queued for {sent} bytes of input"
 
-
-# ---------------------------------------------------------------------------
-# 2. ni-validate-policy compiles signature rules on the daemon's thread
-# ---------------------------------------------------------------------------
 
 def test_validate_policy_does_not_compile_on_the_daemons_thread(inproc):
-    """ni-set-policy and ni-add compile a policy on a worker thread (Deferred) because
-    10,000 signature rules take seconds; ni-validate-policy runs the same _validate
-    synchronously (commands.py ni_validate_policy): the whole data plane waits."""
+    """Compiling 10,000 signature rules takes seconds: ni-validate-policy, like ni-set-policy and
+    ni-add, runs it on a worker thread, and the daemon's loop goes on meanwhile."""
     srv = inproc.server([f"unix:{os.path.join(inproc.dir, 'qmp.sock')}"])
     s = _connect(inproc, srv)
     rules = _rules(inproc.dir)
     s.sendall(json.dumps({"execute": "ni-validate-policy", "id": 1,
                           "arguments": {"policy": {"signatures": {"rules": [rules]}}}}).encode())
     time.sleep(0.05)
-    t = time.monotonic()
     inproc.step()
-    took = time.monotonic() - t
+    [client] = srv.clients.values()
+    assert client.waiting is not None and client.waiting.command == "ni-validate-policy"
+    deadline = time.monotonic() + 60
+    while client.waiting is not None and time.monotonic() < deadline:
+        inproc.step()
+    s.settimeout(5)
+    got = b""
+    while b'"id": 1' not in got and b'"id":1' not in got:
+        got += s.recv(1 << 16)
     s.close()
-    assert took < 0.25, f"one turn of the daemon's loop took {took:.2f} s (compiling on its thread)"
+    assert b'"prevent": 0' in got or b'"prevent":0' in got, got[-300:]
 
-
-# ---------------------------------------------------------------------------
-# 3. a client waiting for a Deferred command keeps EPOLLIN on: the loop busy-spins
-# ---------------------------------------------------------------------------
 
 def test_a_client_waiting_for_a_deferred_command_does_not_spin_the_loop(inproc):
-    """While a client's ni-add/ni-set-policy compiles (Client.waiting), _read returns at once
-    without reading, but the fd stays registered for EPOLLIN (level-triggered): if the client
-    sent anything more, epoll reports it ready on every turn and the daemon's loop spins at
-    100% CPU (competing for the GIL with the compile) until the compile ends."""
+    """While a client's ni-add/ni-set-policy compiles (Client.waiting) its socket is not read, so it
+    must not be watched either: epoll is level-triggered, and a client that sent more would be
+    reported ready on every turn, the loop spinning until the compile ends."""
     srv = inproc.server([f"unix:{os.path.join(inproc.dir, 'qmp.sock')}"])
     s = _connect(inproc, srv)
     rules = _rules(inproc.dir)
@@ -123,31 +115,19 @@ def test_a_client_waiting_for_a_deferred_command_does_not_spin_the_loop(inproc):
     assert spins == 0, f"the waiting client's fd was reported ready {spins} times in 0.5 s"
 
 
-# ---------------------------------------------------------------------------
-# 4. NI names: '$' lets a trailing newline through
-# ---------------------------------------------------------------------------
-
 def test_ni_names_with_a_newline_are_refused(inproc):
-    """NAME_RE = ^[A-Za-z0-9_.-]{1,32}$ used with .match(): '$' also matches before a final
-    newline, so ni-add accepts 'a\\n'; it lands in nis.json, policies/'a\\n.json', the log and
-    events."""
+    """'$' also matches before a final newline: a name pattern ending in it let 'a\\n' into
+    nis.json, a policy file's name, the log and events."""
     srv = inproc.server([f"unix:{os.path.join(inproc.dir, 'qmp.sock')}"])
-    try:
+    with pytest.raises(commands.QMPError, match="names"):
         commands.dispatch(srv, "ni-add", {"name": "a\n", "socket": os.path.join(inproc.dir, "a.sock")})
-    except commands.QMPError as exc:
-        assert "names" in exc.desc
-        return
     assert "a\n" not in inproc.dmn.nis, "ni-add accepted the NI name 'a\\n'"
+    assert not NAME_RE.match("a\n") and NAME_RE.match("a")
 
-
-# ---------------------------------------------------------------------------
-# 5. log forging through ni-quarantine / ni-set-link 'reason'
-# ---------------------------------------------------------------------------
 
 def test_quarantine_reason_cannot_forge_log_lines(inproc, caplog):
-    """ni-quarantine's and ni-set-link's ``reason`` goes into the daemon's log unescaped
-    (daemon.py quarantine/set_link) although the admin plane escapes every other
-    peer-supplied string with logtext.printable."""
+    """ni-quarantine's and ni-set-link's ``reason`` is an admin client's text: escaped into one log
+    line, like every other string a peer supplies."""
     srv = inproc.server([f"unix:{os.path.join(inproc.dir, 'qmp.sock')}"])
     inproc.dmn.add_ni("a", os.path.join(inproc.dir, "a.sock"))
     forged = "x)\nvhostni WARNING NI a: released from quarantine (admin"
@@ -157,10 +137,6 @@ def test_quarantine_reason_cannot_forge_log_lines(inproc, caplog):
     msgs = [r.getMessage() for r in caplog.records]
     assert msgs and not any("\n" in m for m in msgs), msgs
 
-
-# ---------------------------------------------------------------------------
-# 6. state files: the temporary file follows a planted symlink
-# ---------------------------------------------------------------------------
 
 def test_state_dir_write_does_not_follow_a_planted_symlink(tmp_path):
     """Whoever can write the state directory decides which NIs exist and their policies, and
