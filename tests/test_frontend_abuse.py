@@ -110,6 +110,22 @@ def test_kick_fd_at_eof_does_not_spin_the_switch(trio):
             os.close(w)
 
 
+def test_a_kick_fd_at_end_of_file_in_the_switch_breaks_its_ni(trio):
+    """The device refuses anything but an eventfd; the switch itself does not rely on that: a
+    kick fd that reads end of file leaves its epoll set and breaks its NI (no spinning), and the
+    others go on."""
+    h, bench = trio.h, trio.bench
+    r, w = os.pipe()
+    bench.port("h").set_vring_kick(1, os.dup(r))      # past the device's check, straight to C
+    os.close(w)
+    os.close(r)
+    before = bench.stats("h")["kicks"]
+    bench.daemon.switch.run(200, False)
+    assert bench.stats("h")["kicks"] - before <= 1
+    assert bench.broken("h") == "kick fd at end of file or failing"
+    trio.good_pair_works()
+
+
 @pytest.mark.parametrize("which", ["guest-memory", "dirty-log"])
 def test_memfd_shrunk_under_the_backend_does_not_kill_the_daemon(which):
     """The frontend truncates a memfd the NI mapped: guest memory after SET_MEM_TABLE, or
@@ -143,6 +159,15 @@ def test_memfd_shrunk_under_the_backend_does_not_kill_the_daemon(which):
         while p.proc.alive and time.monotonic() < deadline:
             time.sleep(0.05)
         assert p.proc.alive, f"vhostni died (returncode {p.proc.proc.returncode}; -7 is SIGBUS)"
+        # h is broken, and says why; a stays as it was
+        t0 = time.time()
+        deadline = time.monotonic() + 5
+        while True:
+            nis = p.stats(fresh_after=t0)["nis"]
+            if nis["h"]["broken"] or time.monotonic() > deadline:
+                break
+            t0 = time.time()
+        assert nis["h"]["broken"] == "guest memory or log file shrunk under the NI" and not nis["a"]["broken"]
     finally:
         if logfd >= 0:
             os.close(logfd)
