@@ -111,6 +111,7 @@ int vn_mem_read(struct vn_mem *m, uint64_t gpa, void *dst, uint64_t len)
 #define VN_GUARDS (VN_MAX_PORTS * (VN_MAX_REGIONS + 1) * 4)
 struct vn_guard {
     uintptr_t start, end;      /* start 0: a free slot */
+    uintptr_t page;            /* the mapping's page size (hugetlbfs: a huge page) */
     int *faulted;
 };
 static struct vn_guard guards[VN_GUARDS];
@@ -122,23 +123,33 @@ static void bus_handler(int sig, siginfo_t *si, void *uc)
 {
     (void)sig;
     (void)uc;
+    if (si->si_code <= 0)
+        return;                  /* sent by kill(2) or sigqueue(3), not a fault: nothing to mend */
     uintptr_t a = (uintptr_t)si->si_addr;
     for (unsigned i = 0; i < VN_GUARDS; i++) {
         uintptr_t s = __atomic_load_n(&guards[i].start, __ATOMIC_ACQUIRE);
         if (!s || a < s || a >= guards[i].end)
             continue;
-        uintptr_t pg = a & ~(bus_page - 1);
-        if (mmap((void *)pg, guards[i].end - pg, PROT_READ | PROT_WRITE,
+        /* from the faulting page (a huge page in hugetlbfs: the kernel splits nothing smaller)
+         * to the mapping's end, rounded up to that page as the kernel rounded the mapping */
+        uintptr_t pg = guards[i].page;
+        uintptr_t from = a & ~(pg - 1), to = (guards[i].end + pg - 1) & ~(pg - 1);
+        if (from < s)
+            from = s;
+        if (mmap((void *)from, to - from, PROT_READ | PROT_WRITE,
                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0) != MAP_FAILED) {
             __atomic_store_n(guards[i].faulted, 1, __ATOMIC_RELAXED);
             return;              /* the access runs again, on zeros */
         }
         break;
     }
-    sigaction(SIGBUS, &bus_old, NULL);   /* not ours (or no remedy): fault again, as before */
+    /* not ours (or no remedy): the disposition from before, and the fault again kills as it
+     * would have; a later guest mapping installs the guard again */
+    sigaction(SIGBUS, &bus_old, NULL);
+    bus_installed = 0;
 }
 
-int vn_guard_add(void *start, size_t len, int *faulted)
+int vn_guard_add(void *start, size_t len, size_t page, int *faulted)
 {
     if (!bus_installed) {
         struct sigaction sa;
@@ -155,6 +166,9 @@ int vn_guard_add(void *start, size_t len, int *faulted)
         if (guards[i].start)
             continue;
         guards[i].end = (uintptr_t)start + len;
+        /* a power of two no smaller than the system's page (st_blksize: the huge page size in
+         * hugetlbfs, the system page in tmpfs and memfds) */
+        guards[i].page = page > bus_page && !(page & (page - 1)) ? page : bus_page;
         guards[i].faulted = faulted;
         __atomic_store_n(&guards[i].start, (uintptr_t)start, __ATOMIC_RELEASE);
         return 0;
@@ -219,12 +233,13 @@ int vn_mem_map(struct vn_mem *m, unsigned n, const struct vn_region_spec *spec, 
         next.r[i].host = (uint8_t *)base + lead;
         next.r[i].map_base = base;
         next.r[i].map_len = len;
+        next.r[i].map_page = stbuf.st_blksize > 0 ? (size_t)stbuf.st_blksize : 0;
         next.n = i + 1;
     }
     vn_mem_unmap(m);
     *m = next;
     for (unsigned i = 0; i < m->n; i++)
-        if (vn_guard_add(m->r[i].map_base, m->r[i].map_len, &m->faulted) < 0) {
+        if (vn_guard_add(m->r[i].map_base, m->r[i].map_len, m->r[i].map_page, &m->faulted) < 0) {
             vn_mem_unmap(m);
             return VN_EMAP;
         }
@@ -276,7 +291,7 @@ int vn_log_map(struct vn_port *p, int fd, uint64_t size, uint64_t offset)
     if (base == MAP_FAILED)
         return VN_EMAP;
     vn_log_unmap(p);
-    if (vn_guard_add(base, len, &p->log_faulted) < 0) {
+    if (vn_guard_add(base, len, st.st_blksize > 0 ? (size_t)st.st_blksize : 0, &p->log_faulted) < 0) {
         munmap(base, len);
         return VN_EMAP;
     }

@@ -141,6 +141,7 @@ struct vn_region {
     uint8_t *host;     /* host address of gpa */
     void *map_base;    /* what mmap returned (covers mmap_offset + size) */
     size_t map_len;
+    size_t map_page;   /* the file's page size (st_blksize: huge pages in hugetlbfs) */
 };
 
 struct vn_mem {
@@ -474,7 +475,7 @@ static inline void vn_pkt_fill(struct vn_pkt *pkt)
 void vn_port_break(struct vn_port *p, int reason);
 /* The SIGBUS guard (csrc/mem.c): a mapping of a file the frontend can shrink, whose access
  * past the new end would kill the whole daemon, registered with the flag to set instead. */
-int vn_guard_add(void *start, size_t len, int *faulted);
+int vn_guard_add(void *start, size_t len, size_t page, int *faulted);
 void vn_guard_del(void *start);
 
 /* ---- big-endian field access and the Internet checksum, shared by the .c files ---- */

@@ -169,3 +169,49 @@ def test_a_rule_file_that_is_a_fifo_is_refused_not_waited_for(tmp_path):
     os.mkfifo(fifo)
     rs = load_rule_files([str(fifo), "/dev/zero"], Vars())
     assert [p.reason for p in rs.problems] == ["cannot read: [Errno 22] not a regular file"] * 2
+
+
+def test_a_client_gets_a_batch_of_commands_handled_per_turn_of_the_loop(inproc):
+    """A client that pipelines thousands of commands gets EVENTS_PER_WAKEUP handled per turn of the
+    loop, the rest on later turns (a continuation that schedules the next runs on the next turn)."""
+    from vhostni.admin import server as server_mod
+    srv = inproc.server([f"unix:{os.path.join(inproc.dir, 'qmp.sock')}"])
+    s = _connect(inproc, srv)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    [client] = srv.clients.values()
+    before = client.commands
+    s.sendall(b'{"execute":"query-version"}' * 3000)      # 84 KB
+    time.sleep(0.05)
+    inproc.step()                  # the client's fd: 256 handled, a continuation scheduled
+    first = client.commands - before
+    inproc.step()                  # the inbox: should be one more batch
+    second = client.commands - before - first
+    s.close()
+    assert first <= server_mod.EVENTS_PER_WAKEUP
+    assert second <= server_mod.EVENTS_PER_WAKEUP, \
+        f"one turn of the loop handled {second} commands (budget {server_mod.EVENTS_PER_WAKEUP})"
+
+
+def test_a_waiting_client_that_hangs_up_does_not_spin_the_loop(inproc):
+    """epoll reports a hang-up whatever the mask: a client waiting for its ni-add is out of the
+    epoll set until the answer, so one that closes meanwhile is not reported on every turn."""
+    srv = inproc.server([f"unix:{os.path.join(inproc.dir, 'qmp.sock')}"])
+    s = _connect(inproc, srv)
+    rules = _rules(inproc.dir, 20000)
+    doc = {"ni": {}, "signatures": {"rules": [rules]}}
+    s.sendall(json.dumps({"execute": "ni-add", "id": 1,
+                          "arguments": {"name": "c", "socket": os.path.join(inproc.dir, "c.sock"),
+                                        "policy": doc}}).encode())
+    inproc.step()
+    [client] = srv.clients.values()
+    assert client.waiting is not None and client.mask == 0 and client.fd in inproc.dmn._parked
+    s.close()                                              # hangs up while it waits
+    spins = 0
+    t = time.monotonic()
+    while client.waiting is not None and time.monotonic() - t < 0.5:
+        ready = [fd for fd, _ in inproc.dmn.ep.poll(0)]
+        if client.fd in ready:
+            spins += 1
+            inproc.dmn._control_event(client.fd)
+        time.sleep(0.001)
+    assert spins <= 1, f"the waiting client's fd was reported ready {spins} times in 0.5 s (EPOLLHUP)"

@@ -6,6 +6,7 @@ own NI; the others go on."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
@@ -13,7 +14,7 @@ import time
 import pytest
 
 from nibench import A_MAC, DaemonProcess, Request, ether, pattern, vring_file, vu
-from vdriver import VirtioNetDriver
+from vdriver import MiB, VirtioNetDriver
 from test_hostile_driver import H_MAC, Trio
 
 
@@ -302,3 +303,109 @@ def test_one_frontend_cannot_take_the_whole_address_space_of_the_daemon():
     finally:
         os.close(mfd)
         p.close()
+
+
+HUGE = 2 * MiB
+
+
+def _wait_dead(p, secs=3.0):
+    deadline = time.monotonic() + secs
+    while p.proc.alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _hugetlb_fd():
+    try:
+        fd = os.memfd_create("review-huge", os.MFD_HUGETLB)
+        os.ftruncate(fd, HUGE)
+    except OSError as exc:
+        pytest.skip(f"no hugetlb memfd here: {exc}")
+    return fd
+
+
+def test_a_sigbus_in_huge_page_guest_memory_breaks_only_its_ni():
+    """hugetlbfs guest memory (a file that can shrink): the guard mends whole huge pages, never a
+    4 KiB page inside one (the kernel refuses that, and the daemon would die).  With no huge pages
+    in the pool, the first touch of a MAP_NORESERVE hugetlb mapping is the same SIGBUS as one past
+    a truncated end."""
+    hfd = _hugetlb_fd()
+    p = DaemonProcess(("h", "a"))
+    try:
+        h = VirtioNetDriver.connect(p.sock_path("h"), setup=False,
+                                    regions=((0, 32 * MiB), (64 * MiB, HUGE)))
+        p.drivers.append(h)
+        real_table = h.mem.table
+
+        def table():
+            t = real_table()
+            return type(t)(t.regions, (t.fds[0], hfd))   # the second region: hugetlbfs
+        h.mem.table = table
+        h.setup()
+        q = h.queues[1]                                  # TX: the device reads the buffer
+        head = q.add_chain([(64 * MiB + 0x1000, 256, False)])
+        q.make_available([head])
+        q.kick(force=True)
+        _wait_dead(p)
+        assert p.proc.alive, f"vhostni died (rc {p.proc.proc.returncode}; -7 is SIGBUS)"
+    finally:
+        os.close(hfd)
+        p.drivers = []
+        p.close()
+
+
+def test_a_sigbus_sent_by_kill_leaves_the_guard_in_place():
+    """kill(pid, SIGBUS) is no fault (si_code SI_USER): ignored, and the guard stays for the next
+    shrink."""
+    p = DaemonProcess(("h", "a"))
+    try:
+        h = VirtioNetDriver.connect(p.sock_path("h"))
+        p.drivers.append(h)
+        from vhostni.vhost_user.proto import Request
+        h.frontend.call(Request.GET_FEATURES)
+        os.kill(p.pid, signal.SIGBUS)
+        time.sleep(0.3)
+        assert p.proc.alive          # swallowed, not acted on
+        h.send_frame(ether(A_MAC, H_MAC, pattern(64)), kick=False)
+        for region in h.mem.regions:
+            os.ftruncate(region.fd, 0)
+        os.eventfd_write(h.queues[1].kick_fd, 1)
+        _wait_dead(p)
+        assert p.proc.alive, f"vhostni died (rc {p.proc.proc.returncode}): the guard was uninstalled"
+    finally:
+        p.drivers = []
+        p.close()
+
+
+def test_a_semaphore_eventfd_is_refused_where_fdinfo_does_not_say_so(monkeypatch):
+    """fdinfo's 'eventfd-semaphore:' line is recent (Linux 6.6); on older kernels (Debian 12's 6.1)
+    the device asks the fd itself (adds 2, reads: a semaphore gives 1 back).  Simulated here by
+    hiding that line."""
+    import builtins
+    import io
+    from vhostni.vhost_user.proto import Request
+    from nibench import vring_file
+    from test_hostile_driver import Trio
+    real_open = builtins.open
+
+    def old_kernel_open(path, *a, **kw):
+        f = real_open(path, *a, **kw)
+        if isinstance(path, str) and path.startswith("/proc/self/fdinfo/"):
+            text = "".join(l for l in f.read().splitlines(True) if not l.startswith("eventfd-semaphore"))
+            f.close()
+            return io.StringIO(text)
+        return f
+    t = Trio()
+    try:
+        h, bench = t.h, t.bench
+        efd = os.eventfd(0, os.EFD_SEMAPHORE | os.EFD_NONBLOCK)
+        monkeypatch.setattr(builtins, "open", old_kernel_open)
+        try:
+            with pytest.raises((ConnectionError, EOFError, OSError)):
+                h.frontend.call(Request.SET_VRING_KICK, vring_file(1, efd))   # refused: closed
+                h.frontend.call(Request.GET_FEATURES)
+        finally:
+            monkeypatch.setattr(builtins, "open", real_open)
+            os.close(efd)
+        t.good_pair_works()
+    finally:
+        t.close()

@@ -52,8 +52,8 @@ def test_one_scanner_cannot_starve_the_others_of_subscriptions(kits):
     f = tcp_frame(payload=b"CUT")
     k.send("a", f)
     assert k.recv("b", 0.5) == []
-    # the greedy one was cut to its share (of two) and restarted to subscribe anew
-    assert sum(s.scanner == "greedy" for s in k.nk("a").subs) <= 31
+    # the greedy one was cut to what the other's share leaves and restarted to subscribe anew
+    assert sum(s.scanner == "greedy" for s in k.nk("a").subs) <= 63 - k.nk("a").share("frame")
     assert k.alerts_matching("share this NI's subscription tables anew", "a", "greedy")
 
 
@@ -130,6 +130,23 @@ def test_ring_requests_cannot_make_the_ni_recompile_its_policy_at_will(kits):
     # recompiles the NI's policy
     assert sp.running and applies == []
     assert answers[0] is None and answers[1] is not None and "once per run" in answers[1]
+
+
+def test_a_share_is_a_guarantee_not_a_cap():
+    """Two scanners on one NI, one with 2 stream subscriptions: the other may take 61 rows, not only
+    its share of 31, while the first keeps room for its own 31; a third row past that is refused."""
+    from types import SimpleNamespace as NS
+    from vhostni.kernel import NIKernel
+    nk = NS(scanners={"httpguard": object(), "email": object()}, TABLES=NIKernel.TABLES)
+    nk.share = lambda table: NIKernel.share(nk, table)
+    nk._claimed = lambda table, used: NIKernel._claimed(nk, table, used)
+    rows = [NS(scanner="email")] * 2 + [NS(scanner="httpguard")] * 31
+    assert NIKernel._room(nk, "stream", rows, NS(scanner="httpguard")) is None
+    rows += [NS(scanner="httpguard")]
+    assert NIKernel._room(nk, "stream", rows, NS(scanner="email")) is None      # within its share
+    rows = [NS(scanner="email")] * 2 + [NS(scanner="httpguard")] * 32
+    why = NIKernel._room(nk, "stream", rows, NS(scanner="httpguard"))
+    assert why is not None and "kept for the others' shares" in why
 
 
 def test_alert_bytes_a_second_are_bounded(kits):

@@ -198,6 +198,7 @@ class Daemon:
         self.nis: dict[str, NI] = {}
         self.uplinks: dict[str, Port] = {}
         self._handlers: dict[int, Callable[[], None]] = {}
+        self._parked: set = set()          # registered fds out of the epoll set (set_events 0)
         self.housekeepers: list[Callable[[], None]] = []   # called every HOUSEKEEPING_MS
         self._stop = False
         self._reload = False
@@ -236,15 +237,29 @@ class Daemon:
     # ---- the control epoll set
     def register(self, fd: int, handler: Callable[[], None], events: int = select.EPOLLIN) -> None:
         self._handlers[fd] = handler
+        self._parked.discard(fd)      # a new file with a number a parked one had
         self.ep.register(fd, events)
 
     def set_events(self, fd: int, events: int) -> None:
         """Changes what a registered fd waits for (e.g. EPOLLOUT only while output is queued:
-        a level-triggered EPOLLOUT left on would wake the data-plane loop all the time)."""
-        self.ep.modify(fd, events)
+        a level-triggered EPOLLOUT left on would wake the data-plane loop all the time).  0 takes
+        it out of the epoll set until it waits for something again: epoll reports a hang-up or an
+        error whatever the mask, and would do so on every turn."""
+        if not events:
+            if fd not in self._parked:
+                self.ep.unregister(fd)
+                self._parked.add(fd)
+        elif fd in self._parked:
+            self._parked.discard(fd)
+            self.ep.register(fd, events)
+        else:
+            self.ep.modify(fd, events)
 
     def unregister(self, fd: int) -> None:
         self._handlers.pop(fd, None)
+        if fd in self._parked:
+            self._parked.discard(fd)
+            return
         try:
             self.ep.unregister(fd)
         except (OSError, ValueError):
@@ -769,12 +784,19 @@ class Daemon:
                 pass
         except BlockingIOError:
             pass
-        while self._inbox:
+        # what was there when this turn began: a callback that schedules another (a client's next
+        # batch of commands) runs it on the next turn, after the data plane had its own
+        for _ in range(len(self._inbox)):
             fn = self._inbox.popleft()
             try:
                 fn()
             except Exception:   # noqa: BLE001 - one bad callback must not stop the daemon
                 log.exception("callback from another thread failed")
+        if self._inbox:
+            try:
+                os.write(self._inbox_w, b"\0")
+            except OSError:
+                pass            # full: the daemon is awake for it already
 
     def stats(self) -> dict:
         kernels = {nk.name: nk.info() for nk in self.kernel.nis.values()}

@@ -76,7 +76,7 @@ def guest_memory_limit() -> int:
     return _MEM_LIMIT
 
 
-def _eventfd(fd: Optional[int], what: str) -> Optional[int]:
+def _eventfd(fd: Optional[int], what: str, probe: bool = False) -> Optional[int]:
     """``fd`` if it is an eventfd in counter mode (what virtio's kicks and calls are), else it is closed
     and the request refused: a pipe or file would make the one data-plane thread of every NI block on
     a write, spin on a read at end of file, or (a semaphore eventfd) drain a counter of 2^64 one by one."""
@@ -92,6 +92,20 @@ def _eventfd(fd: Optional[int], what: str) -> Optional[int]:
     if kind != "anon_inode:[eventfd]" or re.search(r"^eventfd-semaphore:\s*1\s*$", info, re.M):
         proto.close_fds([fd])
         raise _Refused(f"{what} fd is not an eventfd in counter mode ({kind})")
+    if probe:
+        # kernels before 6.6 do not say whether an eventfd is a semaphore: ask it.  Add 2 and read:
+        # a counter hands back all it holds (2 or more), a semaphore 1.  (Nothing else reads a kick
+        # fd, and a kick consumed here is no loss: a new ring is serviced once anyway.)
+        try:
+            os.set_blocking(fd, False)
+            os.eventfd_write(fd, 2)
+            got = os.eventfd_read(fd)
+        except OSError as exc:        # EAGAIN: a counter about to overflow
+            proto.close_fds([fd])
+            raise _Refused(f"{what} fd: an eventfd that cannot be used ({exc})") from None
+        if got < 2:
+            proto.close_fds([fd])
+            raise _Refused(f"{what} fd is an eventfd in semaphore mode")
     return fd
 
 class CloseConnection(Exception):
@@ -325,7 +339,7 @@ class VhostUserDevice:
 
     def _set_vring_kick(self, msg):
         q = self._queue(msg.body.index)
-        fd = _eventfd(msg.take_fd(), "kick")
+        fd = _eventfd(msg.take_fd(), "kick", probe=True)
         self.port.set_vring_kick(q, fd)
 
     def _set_vring_call(self, msg):

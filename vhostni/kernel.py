@@ -236,37 +236,49 @@ class NIKernel(StreamBroker):
         return self.policy.default_pass
 
     # Each table (frame, stream, flow subscriptions) is the NI's, shared by its scanners: each scanner
-    # gets an equal share, so one cannot take the room another (added later, or slower to start)
-    # needs; frame and stream tables keep one row back for the cover of scanners not ready.
+    # is guaranteed an equal share, so one cannot take the room another (added later, or slower to
+    # start) needs; beyond its share a scanner may use what no other's guarantee keeps.  Frame and
+    # stream tables keep one row back for the cover of scanners not ready.
     TABLES = {"frame": (MAX_SUBS, 1), "stream": (MAX_STREAM_SUBS, 1), "flow": (64, 0)}
 
     def share(self, table: str) -> int:
         size, reserve = self.TABLES[table]
         return max(1, (size - reserve) // max(1, len(self.scanners)))
 
+    def _claimed(self, table: str, used: "collections.Counter") -> int:
+        """Rows the table must keep: each scanner's rows, or its share while it uses fewer."""
+        share = self.share(table)
+        return sum(max(used[n], share) for n in set(self.scanners) | set(used))
+
     def _room(self, table: str, rows: list, sub) -> Optional[str]:
         size, reserve = self.TABLES[table]
-        mine = sum(1 for s in rows if s.scanner == sub.scanner)
-        if mine >= self.share(table):
-            return (f"scanner {sub.scanner} has its share of this NI's {table} subscriptions: "
-                    f"{self.share(table)} of {size - reserve}, shared by {len(self.scanners)} scanners")
-        if len(rows) >= size - reserve:
-            return f"this NI has no room for more {table} subscriptions ({size - reserve})"
-        return None
+        used = collections.Counter(s.scanner for s in rows)
+        used[sub.scanner] += 1
+        if self._claimed(table, used) <= size - reserve:
+            return None
+        if used[sub.scanner] > self.share(table):
+            return (f"scanner {sub.scanner} has its share of this NI's {table} subscriptions "
+                    f"({self.share(table)} of {size - reserve}, {len(self.scanners)} scanners) and the rest is "
+                    "kept for the others' shares")
+        return f"this NI has no room for more {table} subscriptions ({size - reserve})"
 
     def _over_share(self) -> set:
-        """Scanners holding more than their share of a table (after the policy added scanners):
-        their newest rows past it are dropped here; the caller restarts them to subscribe anew."""
+        """After the policy added scanners: while the tables cannot keep every scanner's share,
+        the newest rows of the scanner furthest over its share are dropped here; the caller
+        restarts those scanners to subscribe anew."""
         over = set()
         for table, attr in (("frame", "subs"), ("stream", "stream_subs"), ("flow", "flow_subs")):
-            share, kept, count = self.share(table), [], collections.Counter()
-            for s in getattr(self, attr):
-                count[s.scanner] += 1
-                if count[s.scanner] <= share:
-                    kept.append(s)
-                else:
-                    over.add(s.scanner)
-            setattr(self, attr, kept)
+            size, reserve = self.TABLES[table]
+            share, rows = self.share(table), list(getattr(self, attr))
+            used = collections.Counter(s.scanner for s in rows)
+            while self._claimed(table, used) > size - reserve:
+                name = max((n for n in used if used[n] > share), key=lambda n: used[n] - share, default=None)
+                if name is None:
+                    break
+                del rows[max(i for i, s in enumerate(rows) if s.scanner == name)]
+                used[name] -= 1
+                over.add(name)
+            setattr(self, attr, rows)
         return over
 
     def add_stream_sub(self, sub: StreamSub) -> Optional[str]:

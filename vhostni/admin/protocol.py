@@ -39,7 +39,7 @@ from qemu.qmp.message import DeserializationError, Message, UnexpectedTypeError
 DEFAULT_MAX_MESSAGE = 1 << 20
 DEFAULT_MAX_DEPTH = 64
 MAX_EVENTS = 256            # messages split ahead of the server taking them
-MAX_INPUT_ERRORS = 32       # malformed messages a connection may send before it is closed
+MAX_INPUT_ERRORS = 32       # malformed messages in a row a connection may send before it is closed
 
 NO_ID = object()      # a request without "id": its answer has none either
 
@@ -379,4 +379,5 @@ class QMPServerConnection:
                             "Expecting capabilities negotiation with 'qmp_capabilities'")
             self._events.append(InputError(f"{name} before negotiation", rid))
             return
+        self.input_errors = 0            # only malformed messages in a row close a connection
         self._events.append(Execute(name, args, rid))

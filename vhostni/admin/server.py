@@ -142,8 +142,9 @@ class Client:
     def on_ready(self) -> None:
         if self.closed:
             return
-        self._process()                 # what waited for room first
-        self._read()
+        if not self._continuing:        # (a continuation on the next turn will, otherwise)
+            self._process()             # what waited for room first
+            self._read()
         if not self.closed:
             self._flush()
 
