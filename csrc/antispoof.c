@@ -70,11 +70,22 @@ static int dhcp_spoofed(const struct vn_policy *pol, const struct vn_pkt *pkt,
     return !b || b[0] != 1 || b[1] != 1 || b[2] != 6 || memcmp(b + 28, pol->mac, 6);
 }
 
+/* A DHCP answer (from the server's port: 67, DHCPv6 547, relays included) from a guest that is
+ * no DHCP server: a rogue one names itself router and resolver to its neighbours, the
+ * man-in-the-middle the router-advertisement check stops for IPv6.  Fragments of UDP from
+ * that port are refused too (the port is only in the first). */
+static int dhcp_answer(const struct vn_policy *pol, const struct vn_hdrs *h, unsigned port)
+{
+    return !pol->dhcp_server && h->proto == 17 && h->l4_known && h->sport == port;
+}
+
 static int ipv4_spoofed(const struct vn_policy *pol, const struct vn_pkt *pkt,
                         const struct vn_hdrs *h)
 {
     int dhcp = h->proto == 17 && h->l4_known && !h->frag && h->sport == 68 && h->dport == 67;
     if (dhcp && dhcp_spoofed(pol, pkt, h))
+        return 1;
+    if (dhcp_answer(pol, h, 67))
         return 1;
     if (!pol->naddrs)
         return 0;
@@ -129,6 +140,8 @@ static int ipv6_spoofed(const struct vn_policy *pol, const struct vn_pkt *pkt,
     int type = h->proto == 58 && !h->frag_later ? h->icmp_type : -1;
     int nd = type >= ND_RS && type <= ND_REDIRECT;
     if ((type == ND_RA || type == ND_REDIRECT) && !pol->ipv6_router)
+        return 1;
+    if (dhcp_answer(pol, h, 547))
         return 1;
     if (nd && h->frag)
         return 1;              /* receivers ignore fragmented NDP (RFC 6980) */

@@ -70,13 +70,16 @@ static int parse_l4(const uint8_t *d, uint32_t end, uint32_t off, int proto, str
 
 /* A later fragment: no transport header, only payload; but one that starts inside the
  * transport header of its datagram could rewrite what the first fragment showed (RFC
- * 1858's overlapping fragment attack on TCP flags). */
-static int later_fragment(uint32_t off, int proto, uint32_t frag_off, struct vn_hdrs *h)
+ * 1858's overlapping fragment attack on TCP flags).  IPv4 repeats the protocol in every
+ * fragment (it is part of the datagram's key); an IPv6 fragment header's next header is
+ * only the first fragment's word, so there any fragment that starts within 20 bytes is
+ * refused, whatever it claims (no real one does: IPv6 fragments carry 1232 bytes at least). */
+static int later_fragment(uint32_t off, int proto, uint32_t frag_off, int any_proto, struct vn_hdrs *h)
 {
     h->frag_later = 1;
     h->proto = proto;
     h->l4_off = (int)off;
-    if (proto == 6 && frag_off < 20)
+    if ((proto == 6 || any_proto) && frag_off < 20)
         return stop(h, VN_UNPARSED_FRAGMENT);
     return 0;
 }
@@ -116,7 +119,7 @@ static int parse_ipv4(const uint8_t *d, uint32_t len, int gso, uint32_t off, str
     h->frag_id = vn_rd16(ip + 4);
     off += ihl;
     if (frag_off)
-        return later_fragment(off, proto, frag_off, h);
+        return later_fragment(off, proto, frag_off, 0, h);
     for (unsigned n = 0; proto == 51; n++) {
         const uint8_t *ah = vn_get(d, end, off, 12);
         if (n == VN_PARSE_MAX_EXT)
@@ -187,7 +190,7 @@ static int parse_ipv6(const uint8_t *d, uint32_t len, int gso, uint32_t off, str
             nh = x[0];
             off += 8;
             if (frag_off)
-                return later_fragment(off, nh, frag_off, h);
+                return later_fragment(off, nh, frag_off, 1, h);
             break;
         }
         case 135:  /* mobility */

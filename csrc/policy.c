@@ -573,6 +573,7 @@ int vn_port_set_policy(struct vn_switch *sw, int port, const struct vn_policy *p
         return VN_ENOMEM;
     *copy = *pol;
     copy->isolation = sw->ports[port].pol ? sw->ports[port].pol->isolation : 0;
+    copy->isolation_carrier = 0;
     free(sw->ports[port].pol);
     sw->ports[port].pol = copy;
     return VN_OK;
@@ -583,8 +584,10 @@ int vn_port_set_policy(struct vn_switch *sw, int port, const struct vn_policy *p
 static struct vn_policy *isolation_only(unsigned bits)
 {
     struct vn_policy *pol = calloc(1, sizeof(*pol));
-    if (pol)
+    if (pol) {
         pol->isolation = bits;
+        pol->isolation_carrier = 1;
+    }
     return pol;
 }
 
@@ -603,12 +606,6 @@ int vn_port_clear_policy(struct vn_switch *sw, int port)
     return VN_OK;
 }
 
-static int policy_empty(const struct vn_policy *pol)
-{
-    return !pol->anti_spoof && !pol->mac_set && !pol->naddrs && !pol->nrules && !pol->nsubs &&
-           !pol->nqallow;
-}
-
 int vn_port_set_isolation(struct vn_switch *sw, int port, unsigned bits)
 {
     if (port < 0 || port >= VN_MAX_PORTS || !sw->ports[port].kind)
@@ -623,8 +620,10 @@ int vn_port_set_isolation(struct vn_switch *sw, int port, unsigned bits)
         return p->pol ? VN_OK : VN_ENOMEM;
     }
     p->pol->isolation = bits;
-    if (!bits && policy_empty(p->pol)) {
-        free(p->pol);   /* only carried the isolation: forward without parsing again */
+    if (!bits && p->pol->isolation_carrier) {
+        /* it only carried the isolation: forward without parsing again.  A policy of the NI's
+         * own stays whole, whatever it holds (VLAN and unparsed handling, flows, signatures) */
+        free(p->pol);
         p->pol = NULL;
     }
     return VN_OK;

@@ -1014,6 +1014,26 @@ static void vn_forward_switch(struct vn_switch *sw, int in, struct vn_pkt *pkt)
     }
 }
 
+/* A guest's request to have its checksum completed (NEEDS_CSUM) names where the sum goes: it
+ * must be its TCP or UDP header's checksum field, nothing else.  The switch writes that field
+ * after the policy has read the frame, so anywhere else a guest picks the 16 bits written
+ * (a port, an address, an ARP sender) and gets a frame past the checks they were made for. */
+static int csum_request_ok(struct vn_pkt *pkt)
+{
+    const struct vn_net_hdr *n = &pkt->hdr;
+    if (!(n->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM))
+        return 1;
+    struct vn_hdrs h;
+    vn_parse(pkt, &h);
+    if (pkt->tail_len && (h.l4_off < 0 || (uint32_t)h.l4_off + 20 > pkt->len - pkt->tail_len)) {
+        vn_pkt_fill(pkt);              /* headers past the copied head: read them for real */
+        vn_parse(pkt, &h);
+    }
+    if (h.unparsed || h.frag || !h.l4_known || h.l4_off < 0 || n->csum_start != (uint32_t)h.l4_off)
+        return 0;
+    return (h.proto == 6 && n->csum_offset == 16) || (h.proto == 17 && n->csum_offset == 6);
+}
+
 /* Ingress: validate, count, apply the source NI's policy, switch. */
 static void forward(struct vn_switch *sw, int in, struct vn_pkt *pkt)
 {
@@ -1022,7 +1042,7 @@ static void forward(struct vn_switch *sw, int in, struct vn_pkt *pkt)
         src->st.drop_runt++;
         return;
     }
-    if (vn_offload_check(pkt) < 0) {
+    if (vn_offload_check(pkt) < 0 || !csum_request_ok(pkt)) {
         src->st.drop_bad_offload++;
         return;
     }

@@ -426,6 +426,9 @@ struct vn_policy {
     /* VN_ISOLATE_* bits: owned by vn_port_set_isolation; vn_port_set_policy ignores the
      * value given and keeps the port's, so isolation survives policy changes */
     unsigned isolation;
+    /* owned by the switch: 1 when the port had no policy and this one only carries its
+     * isolation (freed again when the isolation ends); vn_port_set_policy sets it to 0 */
+    unsigned isolation_carrier;
     /* stream subscriptions (TCP, by server port) and the memcaps of their reassembly; an
      * exception policy of 1 (pass) lets the connection through uninspected, 0 drops */
     unsigned nstream_subs;
@@ -443,6 +446,7 @@ struct vn_policy {
     unsigned tcp_resend_max;   /* the NI's own resends of bytes it owes a receiver, then RSTs */
     int unparsed_pass;         /* frames the parser cannot walk: 0 drop (counted), 1 pass */
     int ipv6_router;           /* the guest may send router advertisements and redirects */
+    int dhcp_server;           /* the guest may answer DHCP (UDP from port 67) and DHCPv6 (547) */
     int guest_vlan_drop;       /* VLAN-tagged frames from the guest: 0 checked inside, 1 dropped */
     /* the flow stage (csrc/flow.c; 0: off, nothing runs): its table's bound and exception
      * policy (1 pass: a new flow past flows_max goes on untracked; 0 drop, fail closed),

@@ -44,11 +44,12 @@ def fresh_stats(path: Path) -> dict:
         time.sleep(0.1)
 
 
-def policy_text(mac: str, addresses: list[str]) -> str:
+def policy_text(mac: str, addresses: list[str], dhcp_server: bool = False) -> str:
     addrs = ", ".join(f'"{a}"' for a in addresses)
     # a UDP port rule: fragments of other datagrams must still pass (matched by datagram)
-    return (f'[ni]\nmac = "{mac}"\naddresses = [{addrs}]\n\n'
-            '[[prevent]]\nproto = "udp"\ndport = 9\n')
+    return (f'[ni]\nmac = "{mac}"\naddresses = [{addrs}]\n'
+            + ("dhcp_server = true\n" if dhcp_server else "")
+            + '\n[[prevent]]\nproto = "udp"\ndport = 9\n')
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,8 @@ def lab(vhostni_daemon_factory, vhostni_guest_factory, vhostni_sockdir, tmp_path
     work = tmp_path_factory.mktemp("antispoof")
     pa, pb = work / "a.toml", work / "b.toml"
     pa.write_text(policy_text(A_MAC, [POOL, f"{LAN6}1/128"]))
-    pb.write_text(policy_text(B_MAC, [f"{LAN}.2/32", f"{LAN6}2/128"]))
+    # b is the LAN's DHCP server: its policy says so (DHCP answers are dropped otherwise)
+    pb.write_text(policy_text(B_MAC, [f"{LAN}.2/32", f"{LAN6}2/128"], dhcp_server=True))
     stats_file = work / "stats.json"
     socks = {n: str(vhostni_sockdir / f"{n}.sock") for n in ("a", "b")}
     daemon = vhostni_daemon_factory(socks, name="antispoof", extra_args=[

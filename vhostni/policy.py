@@ -483,6 +483,7 @@ class Policy:
     tcp_resend_max: int = 12         # the NI's own resends (injected / vouched bytes) before a reset
     unparsed_pass: bool = False      # [ni] unparsed: frames the parser cannot walk (drop, fail closed)
     ipv6_router: bool = False        # [ni] ipv6_router: the guest may send RAs and redirects
+    dhcp_server: bool = False        # [ni] dhcp_server: the guest may answer DHCP and DHCPv6
     guest_vlan_drop: bool = False    # [ni] guest_vlan: VLAN-tagged frames from the guest (allow)
     # data of a connection the NI never saw open, on a subscribed port (MIDSTREAM): reset
     # both ends (fail closed, the default), drop, pass uninspected, or adopt (inspect it
@@ -574,6 +575,7 @@ class Policy:
         c.tcp_resend_max = self.tcp_resend_max
         c.unparsed_pass = 1 if self.unparsed_pass else 0
         c.ipv6_router = 1 if self.ipv6_router else 0
+        c.dhcp_server = 1 if self.dhcp_server else 0
         c.guest_vlan_drop = 1 if self.guest_vlan_drop else 0
         c.tcp_midstream = MIDSTREAM[self.tcp_midstream]
         return c
@@ -692,7 +694,7 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
                      "held_frames_max", "held_bytes_max", "over_cap", "on_alert", "comment",
                      "tcp_flows_max", "tcp_flows_over", "tcp_bytes_max", "tcp_bytes_over",
                      "tcp_depth_max", "tcp_depth_over", "tcp_idle_timeout_ms", "tcp_resend_max",
-                     "unparsed", "ipv6_router", "guest_vlan", "tcp_midstream",
+                     "unparsed", "ipv6_router", "dhcp_server", "guest_vlan", "tcp_midstream",
                      "flows", "flows_max", "flows_over", "flow_events_max", "flow_tcp_idle_ms",
                      "flow_tcp_syn_ms", "flow_udp_idle_ms", "flow_other_idle_ms",
                      "flow_summary_ms"}, "ni")
@@ -718,6 +720,7 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
                                          "headers the NI cannot walk go on, checked as far as walked)")
     p.unparsed_pass = up == "pass"
     p.ipv6_router = _want(ni, "ipv6_router", "ni", bool, False)
+    p.dhcp_server = _want(ni, "dhcp_server", "ni", bool, False)
     gv = _want(ni, "guest_vlan", "ni", str, "allow")
     if gv not in ("allow", "drop"):
         raise PolicyError("ni.guest_vlan", "expected 'allow' (checked inside the tags) or 'drop'")
