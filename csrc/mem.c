@@ -8,6 +8,8 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
+#include <linux/magic.h>
 #include <unistd.h>
 #include "vn_internal.h"
 
@@ -149,6 +151,18 @@ static void bus_handler(int sig, siginfo_t *si, void *uc)
     bus_installed = 0;
 }
 
+/* The page size a mapping of `fd` is made of: a huge page's on hugetlbfs (st_blksize there),
+ * else 0 (the system's).  Only hugetlbfs: tmpfs with huge pages, NFS and others report a large
+ * st_blksize too, but map in system pages, and mending past a mapping's end would zero
+ * whatever is mapped next. */
+static size_t huge_page_size(int fd, const struct stat *st)
+{
+    struct statfs fs;
+    if (fstatfs(fd, &fs) == 0 && fs.f_type == HUGETLBFS_MAGIC && st->st_blksize > 0)
+        return (size_t)st->st_blksize;
+    return 0;
+}
+
 int vn_guard_add(void *start, size_t len, size_t page, int *faulted)
 {
     if (!bus_installed) {
@@ -233,7 +247,7 @@ int vn_mem_map(struct vn_mem *m, unsigned n, const struct vn_region_spec *spec, 
         next.r[i].host = (uint8_t *)base + lead;
         next.r[i].map_base = base;
         next.r[i].map_len = len;
-        next.r[i].map_page = stbuf.st_blksize > 0 ? (size_t)stbuf.st_blksize : 0;
+        next.r[i].map_page = huge_page_size(fds[i], &stbuf);
         next.n = i + 1;
     }
     vn_mem_unmap(m);
@@ -291,7 +305,7 @@ int vn_log_map(struct vn_port *p, int fd, uint64_t size, uint64_t offset)
     if (base == MAP_FAILED)
         return VN_EMAP;
     vn_log_unmap(p);
-    if (vn_guard_add(base, len, st.st_blksize > 0 ? (size_t)st.st_blksize : 0, &p->log_faulted) < 0) {
+    if (vn_guard_add(base, len, huge_page_size(fd, &st), &p->log_faulted) < 0) {
         munmap(base, len);
         return VN_EMAP;
     }

@@ -1014,24 +1014,32 @@ static void vn_forward_switch(struct vn_switch *sw, int in, struct vn_pkt *pkt)
     }
 }
 
-/* A guest's request to have its checksum completed (NEEDS_CSUM) names where the sum goes: it
- * must be its TCP or UDP header's checksum field, nothing else.  The switch writes that field
- * after the policy has read the frame, so anywhere else a guest picks the 16 bits written
- * (a port, an address, an ARP sender) and gets a frame past the checks they were made for. */
+/* A request to have a checksum completed (NEEDS_CSUM) names where the sum goes.  The switch
+ * writes it late (for a receiver without GUEST_CSUM, in the TCP engine), after the policy has
+ * read the frame: anywhere but the frame's own TCP or UDP checksum field a guest would pick the
+ * 16 bits written (a port, an address, an ARP sender) past the checks they were made for.  A
+ * request for that field stays a request; any other is completed here, before anything reads
+ * the frame (the checks then see what receivers will), or refused (0) on a GSO frame, whose
+ * segments need the transport's own sum. */
 static int csum_request_ok(struct vn_pkt *pkt)
 {
-    const struct vn_net_hdr *n = &pkt->hdr;
+    struct vn_net_hdr *n = &pkt->hdr;
     if (!(n->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM))
         return 1;
     struct vn_hdrs h;
     vn_parse(pkt, &h);
-    if (pkt->tail_len && (h.l4_off < 0 || (uint32_t)h.l4_off + 20 > pkt->len - pkt->tail_len)) {
+    if (pkt->tail_len && (h.unparsed || !h.l4_known ||
+                          (uint32_t)h.l4_off + 20 > pkt->len - pkt->tail_len)) {
         vn_pkt_fill(pkt);              /* headers past the copied head: read them for real */
         vn_parse(pkt, &h);
     }
-    if (h.unparsed || h.frag || !h.l4_known || h.l4_off < 0 || n->csum_start != (uint32_t)h.l4_off)
+    if (!h.unparsed && !h.frag && h.l4_known && n->csum_start == (uint32_t)h.l4_off &&
+        ((h.proto == 6 && n->csum_offset == 16) || (h.proto == 17 && n->csum_offset == 6)))
+        return 1;
+    if ((n->gso_type & ~VIRTIO_NET_HDR_GSO_ECN) != VIRTIO_NET_HDR_GSO_NONE)
         return 0;
-    return (h.proto == 6 && n->csum_offset == 16) || (h.proto == 17 && n->csum_offset == 6);
+    vn_pkt_fill(pkt);
+    return vn_csum_complete(pkt) == 0;
 }
 
 /* Ingress: validate, count, apply the source NI's policy, switch. */

@@ -60,9 +60,10 @@ def bench_with(make_bench, tmp_path, doc, b_features=None):
 
 
 def test_partial_checksum_cannot_rewrite_a_port_after_the_prevent_rule(make_bench, tmp_path):
-    """A "checksum" whose field is the TCP destination port: the prevent rule would see
-    dport != 22 and the peer without GUEST_CSUM get dport 22 with a valid checksum (the guest
-    precomputes the result).  The request is refused: it is not the TCP checksum field."""
+    """A "checksum" whose field is the TCP destination port: completed late, the prevent rule
+    would see dport != 22 and the peer without GUEST_CSUM get dport 22 with a valid checksum (the
+    guest precomputes the result).  Not being the TCP checksum field, it is completed at ingress,
+    before the rule reads the frame, and the rule sees port 22."""
     doc = policy(mac=A_MAC, addresses=[A_IP + "/32"],
                  prevent=[{"direction": "from_guest", "proto": "tcp", "dport": 22}])
     bench, a, b = bench_with(make_bench, tmp_path, doc,
