@@ -55,35 +55,42 @@ OUTQ_MAX = 64 << 20        # stream bytes queued for one scanner that does not k
 
 
 ALERT_MESSAGE_MAX = 4096       # characters of a scanner's alert message kept
-ALERT_FIELDS_MAX = 16384       # bytes of its fields (compact JSON) kept
-ALERT_BYTES_EACH = 2048        # alert bytes a second a scanner may write, per alert a second it may send
+ALERT_FIELDS_MAX = 60 << 10    # bytes of its fields (compact JSON) kept: the e-mail scanner's copy of a
+                               # message (40000 bytes, base64) fits
+ALERT_BYTES_EACH = 4096        # alert bytes a second a scanner may write, per alert a second it may send
 
 
 def bounded_fields(fields: dict, limit: int = ALERT_FIELDS_MAX) -> dict:
-    """A scanner's alert fields cut to ``limit`` bytes of compact JSON, like its message: the alert log
-    is written at the scanner's alert rate, so each alert's size must be bounded too.  Fields are kept
-    in order while they fit; a string that does not is shortened, anything else dropped, and
+    """A scanner's alert fields cut to ``limit`` bytes of compact JSON: the largest are shortened
+    (strings) or dropped (anything else) first, so the small ones that say what happened stay;
     ``fields_truncated`` says so."""
-    out: dict = {}
-    used = 0
-    cut = False
-    for k, v in fields.items():
-        size = len(json.dumps({k: v}, separators=(",", ":")))
-        if used + size <= limit:
-            out[k] = v
-            used += size
-            continue
-        cut = True
-        room = limit - used - len(json.dumps({k: ""}, separators=(",", ":")))
-        if isinstance(v, str) and room > 16:
-            short = v[:room]
-            while short and len(json.dumps(short)) - 2 > room:     # escapes take more than one byte
+    def size(k, v) -> int:
+        return len(json.dumps({k: v}, separators=(",", ":")))
+    out = dict(fields)
+    sizes = {k: size(k, v) for k, v in out.items()}
+    total = sum(sizes.values())
+    if total <= limit:
+        return out
+    while total > limit and sizes:
+        k = max(sizes, key=sizes.get)
+        v, over = out[k], total - limit
+        if isinstance(v, str) and sizes[k] - over > len(k) + 24:
+            short = v[:max(0, len(v) - over)]
+            while short and size(k, short) > sizes[k] - over:      # escapes take more than a byte
                 short = short[:len(short) * 3 // 4]
             out[k] = short
-            used += len(json.dumps({k: short}, separators=(",", ":")))
-    if cut:
-        out["fields_truncated"] = True
+            new = size(k, short)
+        else:
+            del out[k]
+            new = 0
+        total += new - sizes[k]
+        if new:
+            sizes[k] = new
+        else:
+            del sizes[k]
+    out["fields_truncated"] = True
     return out
+
 
 class _Bucket:
     def __init__(self, rate: float, burst: float):
@@ -182,7 +189,7 @@ class ScannerProc:
         # and their bytes: what one alert may carry is bounded (ALERT_FIELDS_MAX), and so is what
         # they add to the alert log a second (ALERT_BYTES_EACH per allowed alert, on average)
         rate = spec.alerts_per_second * ALERT_BYTES_EACH
-        self._alert_bytes = _Bucket(rate, max(rate, 4 * ALERT_FIELDS_MAX))
+        self._alert_bytes = _Bucket(rate, max(rate, 4 * (ALERT_FIELDS_MAX + ALERT_MESSAGE_MAX)))
         self._resets = _Bucket(spec.resets_per_second, spec.resets_per_second)
         self._injects = _Bucket(spec.resets_per_second, spec.resets_per_second)
         self._err_buf = b""
