@@ -76,7 +76,7 @@ static int dhcp_spoofed(const struct vn_policy *pol, const struct vn_pkt *pkt,
  * that port are refused too (the port is only in the first). */
 static int dhcp_answer(const struct vn_policy *pol, const struct vn_hdrs *h, unsigned port)
 {
-    return !pol->dhcp_server && h->proto == 17 && h->l4_known && h->sport == port;
+    return !pol->dhcp_server && h->proto == 17 && h->l4_known && h->sport == port ? VN_SPOOFED_DHCP : 0;
 }
 
 static int ipv4_spoofed(const struct vn_policy *pol, const struct vn_pkt *pkt,
@@ -86,7 +86,7 @@ static int ipv4_spoofed(const struct vn_policy *pol, const struct vn_pkt *pkt,
     if (dhcp && dhcp_spoofed(pol, pkt, h))
         return 1;
     if (dhcp_answer(pol, h, 67))
-        return 1;
+        return VN_SPOOFED_DHCP;
     if (!pol->naddrs)
         return 0;
     if (!memcmp(h->src, zero16, 4))
@@ -142,7 +142,7 @@ static int ipv6_spoofed(const struct vn_policy *pol, const struct vn_pkt *pkt,
     if ((type == ND_RA || type == ND_REDIRECT) && !pol->ipv6_router)
         return 1;
     if (dhcp_answer(pol, h, 547))
-        return 1;
+        return VN_SPOOFED_DHCP;
     if (nd && h->frag)
         return 1;              /* receivers ignore fragmented NDP (RFC 6980) */
     int unspecified = !memcmp(h->src, zero16, 16);

@@ -225,8 +225,12 @@ int vn_policy_apply(struct vn_switch *sw, int port, int dir, int egress_to, stru
         p->st.drop_guest_vlan++;
         return 1;
     }
-    if (dir == VN_DIR_FROM_GUEST && vn_spoofed(pol, pkt, &h)) {
-        p->st.drop_spoofed++;
+    int spoofed = dir == VN_DIR_FROM_GUEST ? vn_spoofed(pol, pkt, &h) : 0;
+    if (spoofed) {
+        if (spoofed == VN_SPOOFED_DHCP)
+            p->st.drop_dhcp_answer++;      /* told apart: a DHCP server's policy lacks dhcp_server */
+        else
+            p->st.drop_spoofed++;
         return 1;
     }
     if ((pol->isolation & VN_ISOLATE_QUARANTINE) && !quarantine_allows(pol, dir, pkt, &h)) {

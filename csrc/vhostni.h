@@ -113,6 +113,7 @@ struct vn_port_stats {
     uint64_t unparsed_passed;    /* unparsed frames let through (unparsed = pass) */
     uint64_t drop_frag_unmatched;  /* later IP fragment whose first fragment was not seen */
     uint64_t drop_guest_vlan;    /* VLAN-tagged from the guest, and the policy says guest_vlan = drop */
+    uint64_t drop_dhcp_answer;   /* DHCP/DHCPv6 answers from a guest without [ni] dhcp_server */
     /* TCP stream reconstruction (stream subscriptions, csrc/tcp.c) */
     uint64_t tcp_flows_opened;   /* connections on subscribed ports taken into the flow table */
     uint64_t tcp_flows_over;     /* new connections past tcp_flows_max: exception policy applied */

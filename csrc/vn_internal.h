@@ -588,7 +588,10 @@ static inline int vn_get16(const uint8_t *d, uint32_t end, uint32_t off, uint16_
 int vn_frag_track(struct vn_port *p, int dir, uint64_t now, struct vn_hdrs *h);
 
 /* antispoof.c */
-/* 1 if a frame from the guest claims a MAC or an address the policy did not give it. */
+/* Non-zero if the guest may not send this frame (it claims a MAC or an address the policy did
+ * not give it, or more): VN_SPOOFED_DHCP for a DHCP answer from a guest
+ * that is no DHCP server (counted apart), 1 for anything else. */
+#define VN_SPOOFED_DHCP 2
 int vn_spoofed(const struct vn_policy *pol, const struct vn_pkt *pkt, const struct vn_hdrs *h);
 
 /* emit.c: the producers' side (policy.c, the TCP engine) and the switch's */
