@@ -38,6 +38,33 @@ def _rules(d: str, n: int = 10000) -> str:
     return p
 
 
+def _waiting_client(inproc, rules: int = 10000):
+    """A client whose ni-add (a policy of ``rules`` signature rules) compiles on a worker, after one
+    turn of the loop: (its socket, the server's Client)."""
+    srv = inproc.server([f"unix:{os.path.join(inproc.dir, 'qmp.sock')}"])
+    s = _connect(inproc, srv)
+    doc = {"ni": {}, "signatures": {"rules": [_rules(inproc.dir, rules)]}}
+    s.sendall(json.dumps({"execute": "ni-add", "id": 1,
+                          "arguments": {"name": "c", "socket": os.path.join(inproc.dir, "c.sock"),
+                                        "policy": doc}}).encode())
+    inproc.step()
+    [client] = srv.clients.values()
+    return s, client
+
+
+def _ready_reports(inproc, client, seconds: float = 0.5) -> int:
+    """How often epoll reports a waiting client's fd ready while its command runs (at most
+    ``seconds``), handled each time as the loop would (nothing to do, at once)."""
+    spins = 0
+    t = time.monotonic()
+    while client.waiting is not None and time.monotonic() - t < seconds:
+        if client.fd in [fd for fd, _ in inproc.dmn.ep.poll(0)]:
+            spins += 1
+            inproc.dmn._control_event(client.fd)
+        time.sleep(0.001)
+    return spins
+
+
 def test_a_flood_of_one_byte_bad_messages_is_answered_a_bounded_number_of_times(inproc):
     """Each stray b'}' is a malformed message worth an error reply of ~75 bytes: 256 KiB of them
     would queue 20 MB of replies and hours of the loop's time.  A 33rd malformed message closes
@@ -91,26 +118,11 @@ def test_a_client_waiting_for_a_deferred_command_does_not_spin_the_loop(inproc):
     """While a client's ni-add/ni-set-policy compiles (Client.waiting) its socket is not read, so it
     must not be watched either: epoll is level-triggered, and a client that sent more would be
     reported ready on every turn, the loop spinning until the compile ends."""
-    srv = inproc.server([f"unix:{os.path.join(inproc.dir, 'qmp.sock')}"])
-    s = _connect(inproc, srv)
-    rules = _rules(inproc.dir)
-    doc = {"ni": {}, "signatures": {"rules": [rules]}}
-    s.sendall(json.dumps({"execute": "ni-add", "id": 1,
-                          "arguments": {"name": "c", "socket": os.path.join(inproc.dir, "c.sock"),
-                                        "policy": doc}}).encode())
-    inproc.step()
-    [client] = srv.clients.values()
+    s, client = _waiting_client(inproc)
     assert client.waiting is not None, "the compile should be running on a worker thread"
     s.sendall(b'{"execute":"query-version","id":2}')     # pipelined behind it
     time.sleep(0.05)
-    spins = 0
-    t = time.monotonic()
-    while client.waiting is not None and time.monotonic() - t < 0.5:
-        ready = [fd for fd, _ in inproc.dmn.ep.poll(0)]
-        if client.fd in ready:
-            spins += 1
-            inproc.dmn._control_event(client.fd)       # what the loop does: nothing, at once
-        time.sleep(0.001)
+    spins = _ready_reports(inproc, client)
     s.close()
     assert spins == 0, f"the waiting client's fd was reported ready {spins} times in 0.5 s"
 
@@ -195,23 +207,8 @@ def test_a_client_gets_a_batch_of_commands_handled_per_turn_of_the_loop(inproc):
 def test_a_waiting_client_that_hangs_up_does_not_spin_the_loop(inproc):
     """epoll reports a hang-up whatever the mask: a client waiting for its ni-add is out of the
     epoll set until the answer, so one that closes meanwhile is not reported on every turn."""
-    srv = inproc.server([f"unix:{os.path.join(inproc.dir, 'qmp.sock')}"])
-    s = _connect(inproc, srv)
-    rules = _rules(inproc.dir, 20000)
-    doc = {"ni": {}, "signatures": {"rules": [rules]}}
-    s.sendall(json.dumps({"execute": "ni-add", "id": 1,
-                          "arguments": {"name": "c", "socket": os.path.join(inproc.dir, "c.sock"),
-                                        "policy": doc}}).encode())
-    inproc.step()
-    [client] = srv.clients.values()
+    s, client = _waiting_client(inproc, 20000)
     assert client.waiting is not None and client.mask == 0 and client.fd in inproc.dmn._parked
     s.close()                                              # hangs up while it waits
-    spins = 0
-    t = time.monotonic()
-    while client.waiting is not None and time.monotonic() - t < 0.5:
-        ready = [fd for fd, _ in inproc.dmn.ep.poll(0)]
-        if client.fd in ready:
-            spins += 1
-            inproc.dmn._control_event(client.fd)
-        time.sleep(0.001)
+    spins = _ready_reports(inproc, client)
     assert spins <= 1, f"the waiting client's fd was reported ready {spins} times in 0.5 s (EPOLLHUP)"
