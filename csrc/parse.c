@@ -77,6 +77,8 @@ static int parse_l4(const uint8_t *d, uint32_t end, uint32_t off, int proto, str
 static int later_fragment(uint32_t off, int proto, uint32_t frag_off, int any_proto, struct vn_hdrs *h)
 {
     h->frag_later = 1;
+    h->frag_off = frag_off;
+    h->frag_part = off;
     h->proto = proto;
     h->l4_off = (int)off;
     if ((proto == 6 || any_proto) && frag_off < 20)
@@ -118,6 +120,7 @@ static int parse_ipv4(const uint8_t *d, uint32_t len, int gso, uint32_t off, str
     h->frag_more = (fr & 0x2000) != 0;
     h->frag_id = vn_rd16(ip + 4);
     off += ihl;
+    h->frag_part = off;
     if (frag_off)
         return later_fragment(off, proto, frag_off, 0, h);
     for (unsigned n = 0; proto == 51; n++) {
@@ -189,6 +192,7 @@ static int parse_ipv6(const uint8_t *d, uint32_t len, int gso, uint32_t off, str
             h->frag_id = vn_rd32(x + 4);
             nh = x[0];
             off += 8;
+            h->frag_part = off;
             if (frag_off)
                 return later_fragment(off, nh, frag_off, 1, h);
             break;
@@ -330,7 +334,11 @@ int vn_frag_track(struct vn_port *p, int dir, uint64_t now, struct vn_hdrs *h)
         h->dport = hit->dport;
         h->tcp_flags = hit->tcp_flags;
         h->l4_from_first = 1;
-        return 0;
+        /* a later fragment never starts inside what its first fragment carried: one that
+         * does would have a receiver that favours new data (RFC 5722 forbids it for IPv6,
+         * not every stack obeys) rewrite bytes the checks read, a transport header behind
+         * IPv4 AH or IPv6 destination options as well as the payload packet rules saw */
+        return h->frag_off < hit->data_end ? -2 : 0;
     }
     if (!h->frag_more)
         return 0;              /* atomic (IPv6 offset 0, no more): a datagram by itself */
@@ -351,5 +359,6 @@ int vn_frag_track(struct vn_port *p, int dir, uint64_t now, struct vn_hdrs *h)
     e->sport = h->sport;
     e->dport = h->dport;
     e->tcp_flags = h->tcp_flags;
+    e->data_end = h->ip_end > h->frag_part ? h->ip_end - h->frag_part : 0;
     return 0;
 }

@@ -215,8 +215,16 @@ int vn_policy_apply(struct vn_switch *sw, int port, int dir, int egress_to, stru
      * Without one (out of order, or more than VN_FRAG_FIRSTS datagrams in flight), TCP
      * with a stream engine goes to its reassembly (the whole datagram is checked); else it
      * is dropped if any verdict here would look at the transport. */
-    int orphan = vn_frag_track(p, dir, sw->now_ns, &h) < 0;
-    int to_engine = orphan && h.proto == 6 && vn_tcp_active(sw, port);
+    int track = vn_frag_track(p, dir, sw->now_ns, &h);
+    int orphan = track == -1;
+    /* one overlapping its first fragment: the stream engine's reassembly drops the whole
+     * datagram (and counts tcp_frag_overlap); anywhere else it is not forwarded */
+    int to_engine = (orphan || track == -2) && h.proto == 6 && vn_tcp_active(sw, port);
+    if (track == -2 && !to_engine) {
+        h.unparsed = VN_UNPARSED_FRAGMENT;
+        if (unparsed_drops(p, pol, h.unparsed))
+            return 1;
+    }
     if (orphan && !to_engine && policy_needs_l4(pol)) {
         p->st.drop_frag_unmatched++;
         return 1;

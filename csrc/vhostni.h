@@ -109,7 +109,7 @@ struct vn_port_stats {
     uint64_t drop_unparsed_encap;       /* 802.3 LLC other than SNAP, MPLS, PPPoE, 802.1ah */
     uint64_t drop_unparsed_ipv6_chain;  /* IPv6 extension chain too long or of an unknown kind */
     uint64_t drop_unparsed_fragment;    /* first fragment without the whole header chain, or a
-                                         * later one overlapping the TCP header (RFC 1858) */
+                                         * later one overlapping its first fragment */
     uint64_t unparsed_passed;    /* unparsed frames let through (unparsed = pass) */
     uint64_t drop_frag_unmatched;  /* later IP fragment whose first fragment was not seen */
     uint64_t drop_guest_vlan;    /* VLAN-tagged from the guest, and the policy says guest_vlan = drop */

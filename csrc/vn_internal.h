@@ -198,6 +198,7 @@ struct vn_frag_first {
     int16_t proto;
     uint16_t sport, dport;
     uint8_t tcp_flags;
+    uint32_t data_end;         /* bytes of the fragmentable part the first fragment carried */
 };
 
 struct vn_port {
@@ -271,6 +272,8 @@ struct vn_hdrs {
     int frag_later;            /* offset > 0: no transport header in this frame */
     int frag_more;             /* more fragments follow */
     uint32_t frag_id;
+    uint32_t frag_off;         /* a later fragment's offset in its datagram's fragmentable part */
+    uint32_t frag_part;        /* where the fragmentable part starts in the frame */
     uint8_t frag_key_proto;    /* IPv4 header's protocol field (part of the datagram key) */
     int l3_off;                /* where the IP (or ARP) header starts */
     uint32_t ip_end;           /* end of the IP datagram by its length field */
@@ -584,7 +587,8 @@ static inline int vn_get16(const uint8_t *d, uint32_t end, uint32_t off, uint16_
 }
 /* For an IP fragment: a first fragment notes its transport header; a later one takes it
  * (h->l4_known, ports, flags, proto).  Returns -1 for a later fragment whose first was not
- * seen within VN_FRAG_FIRST_NS, else 0. */
+ * seen within VN_FRAG_FIRST_NS, -2 for one that starts inside what its first fragment
+ * carried (an overlap), else 0. */
 int vn_frag_track(struct vn_port *p, int dir, uint64_t now, struct vn_hdrs *h);
 
 /* antispoof.c */

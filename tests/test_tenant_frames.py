@@ -1,7 +1,7 @@
 """A hostile tenant's frames against the policy: checksum-offload requests that would have the NI
 write 16 bits of a header its checks already read (a port, an address, an ARP sender), a rogue DHCP
-server, a quarantine's release dropping the rest of the policy, and IPv6 later fragments that
-overlap the TCP header under another next-header."""
+server, a quarantine's release dropping the rest of the policy, and later IP fragments that overlap
+their first fragment (under another IPv6 next header, behind IPv4 AH or IPv6 destination options)."""
 from __future__ import annotations
 
 import socket
@@ -265,3 +265,58 @@ def test_ipv6_later_fragment_inside_the_tcp_header_is_refused_whatever_its_next_
     a.send_frame(frag6(17, 8, 0, rewrite))                   # flags -> SYN
     got = [f for _, f in bench.recv(b, 2, steps=10)]
     assert len(got) < 2, "an IPv6 fragment overlapping the TCP header (nh=17) was forwarded"
+
+
+def _frag_bench(make_bench, tmp_path, addresses):
+    doc = policy(mac=A_MAC, addresses=addresses,
+                 prevent=[{"direction": "from_guest", "proto": "tcp", "tcp_flags": "syn"}])
+    return bench_with(make_bench, tmp_path, doc)
+
+
+def _tcp_hdr(flags: int) -> bytes:
+    return struct.pack("!HHIIBBHHH", 40000, 80, 1, 0, 5 << 4, flags, 65535, 0, 0)
+
+
+def test_ipv6_later_fragment_overlapping_a_tcp_header_behind_destination_options_is_refused(make_bench, tmp_path):
+    """With 64 bytes of destination options in the fragmentable part the TCP header lies at
+    64..84 of it: a later fragment at offset 64 rewrites its flags for a receiver that takes
+    the newer copy, though it starts well past 20 bytes."""
+    bench, a, b = _frag_bench(make_bench, tmp_path, ["fd00::1/128"])
+    src, dst = socket.inet_pton(socket.AF_INET6, "fd00::1"), socket.inet_pton(socket.AF_INET6, "fd00::2")
+
+    def frag6(nh: int, off: int, more: int, data: bytes) -> bytes:
+        fh = struct.pack("!BBHI", nh, 0, off | more, 0x5EED)
+        return eth(B_MAC, A_MAC, 0x86DD, struct.pack("!IHBB", 6 << 28, 8 + len(data), 44, 64)
+                   + src + dst + fh + data)
+    # destination options: next header TCP, 64 bytes (length 7), PadN filling it
+    dstopts = bytes([6, 7, 1, 60]) + bytes(60)
+    first = dstopts + _tcp_hdr(0x10) + b"A" * 16                 # carries 100 bytes
+    a.send_frame(frag6(60, 0, 1, first))
+    a.send_frame(frag6(6, 64, 0, _tcp_hdr(0x02) + b"B" * 8))     # rewrites the flags: SYN
+    got = [f for _, f in bench.recv(b, 2, steps=10)]
+    assert len(got) == 1, f"{len(got)} frames: the overlapping later fragment was forwarded"
+    assert bench.stats("a")["drop_unparsed_fragment"] == 1
+    # the same datagram fragmented honestly: the later piece starts where the first ended
+    a.send_frame(frag6(60, 0, 1, dstopts + _tcp_hdr(0x10) + b"A" * 20))     # 104 bytes
+    a.send_frame(frag6(6, 104, 0, b"C" * 16))
+    assert len(bench.recv(b, 2, steps=10)) == 2
+
+
+def test_ipv4_later_fragment_overlapping_a_tcp_header_behind_ah_is_refused(make_bench, tmp_path):
+    """IPv4 AH (24 bytes) before TCP: the protocol field says 51, so 'a later TCP fragment at
+    offset < 20' never applied; the overlap with the first fragment does."""
+    bench, a, b = _frag_bench(make_bench, tmp_path, [f"{A_IP}/32"])
+
+    def frag4(off: int, more: int, data: bytes) -> bytes:
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(data), 0x4242, (more << 13) | (off // 8),
+                         64, 51, 0, socket.inet_aton(A_IP), socket.inet_aton(B_IP))
+        return eth(B_MAC, A_MAC, 0x0800, ip4_csum(ip) + data)
+    ah = bytes([6, 4, 0, 0]) + struct.pack("!II", 0x1000, 1) + bytes(12)      # (4 + 2) * 4 = 24 bytes
+    a.send_frame(frag4(0, 1, ah + _tcp_hdr(0x10) + b"A" * 20))              # 64 bytes
+    a.send_frame(frag4(24, 0, _tcp_hdr(0x02) + b"B" * 4))                   # over the TCP header
+    got = [f for _, f in bench.recv(b, 2, steps=10)]
+    assert len(got) == 1, f"{len(got)} frames: the overlapping later fragment was forwarded"
+    assert bench.stats("a")["drop_unparsed_fragment"] == 1
+    a.send_frame(frag4(0, 1, ah + _tcp_hdr(0x10) + b"A" * 20))
+    a.send_frame(frag4(64, 0, b"C" * 8))
+    assert len(bench.recv(b, 2, steps=10)) == 2
