@@ -204,6 +204,27 @@ def test_a_client_gets_a_batch_of_commands_handled_per_turn_of_the_loop(inproc):
         f"one turn of the loop handled {second} commands (budget {server_mod.EVENTS_PER_WAKEUP})"
 
 
+def test_the_batch_is_per_turn_not_per_read(inproc, monkeypatch):
+    """One turn reads the socket up to READS_PER_WAKEUP times; each read used to start a fresh
+    budget, so commands arriving in small pieces got a batch per read handled in one turn."""
+    from vhostni.admin import server as server_mod
+    cmd = b'{"execute":"query-version"}'
+    monkeypatch.setattr(server_mod, "READ_CHUNK", len(cmd) * 100)     # 100 commands a read
+    assert server_mod.READS_PER_WAKEUP * 100 > server_mod.EVENTS_PER_WAKEUP
+    srv = inproc.server([f"unix:{os.path.join(inproc.dir, 'qmp.sock')}"])
+    s = _connect(inproc, srv)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    [client] = srv.clients.values()
+    before = client.commands
+    s.sendall(cmd * 3000)
+    time.sleep(0.05)
+    inproc.step()
+    first = client.commands - before
+    s.close()
+    assert 0 < first <= server_mod.EVENTS_PER_WAKEUP, \
+        f"one turn handled {first} commands (budget {server_mod.EVENTS_PER_WAKEUP})"
+
+
 def test_a_waiting_client_that_hangs_up_does_not_spin_the_loop(inproc):
     """epoll reports a hang-up whatever the mask: a client waiting for its ni-add is out of the
     epoll set until the answer, so one that closes meanwhile is not reported on every turn."""

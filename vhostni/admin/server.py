@@ -137,12 +137,14 @@ class Client:
         # is not read
         self.waiting: Optional[Execute] = None
         self._continuing = False        # a _continue is scheduled on the daemon's loop
+        self._budget = EVENTS_PER_WAKEUP  # what this turn of the loop still handles for it
 
     # ---- epoll
     def on_ready(self) -> None:
         if self.closed:
             return
         if not self._continuing:        # (a continuation on the next turn will, otherwise)
+            self._budget = EVENTS_PER_WAKEUP    # one budget for the whole turn, every read in it
             self._process()             # what waited for room first
             self._read()
         if not self.closed:
@@ -230,15 +232,14 @@ class Client:
         self._process()
 
     def _process(self) -> None:
-        budget = EVENTS_PER_WAKEUP
         while not self.closed and self.waiting is None:
             if self._output() > PAUSE_READ:
                 return                  # the rest once the peer read its answers (_flush)
-            if budget == 0:
+            if self._budget <= 0:
                 # a peer that sent many commands at once: the rest on the loop's next turn
                 self._continue_soon()
                 return
-            budget -= 1
+            self._budget -= 1
             ev = self.proto.next_event()
             if ev is NEED_DATA:
                 return
@@ -315,6 +316,7 @@ class Client:
         self.waiting = None
         self._answer(ev, finish)
         if not self.closed:
+            self._budget = EVENTS_PER_WAKEUP    # a turn of its own (the answer's callback)
             self._process()         # the commands that waited behind it
             self._flush()
             if not self.closed and self.mask & select.EPOLLIN:
