@@ -252,6 +252,31 @@ def test_a_socket_that_fails_does_not_cost_a_port(tmp_path):
         d.close()
 
 
+def test_an_ni_socket_another_process_listens_on_is_not_taken_over(tmp_path):
+    """`--ni NAME=PATH` replaces a stale socket of an earlier run, never a live one: unlinking
+    a second daemon's NI socket (or any service's) took its clients away."""
+    from vhostni.daemon import Daemon
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(tmp_path / "live.sock"))
+    live.listen()
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(tmp_path / "stale.sock"))
+    stale.close()                         # the file stays, nobody listens
+    ino = os.stat(tmp_path / "live.sock").st_ino
+    d = Daemon([], alert_log=str(tmp_path / "al"))
+    try:
+        with pytest.raises(OSError, match="listening on this socket already"):
+            d.add_ni("x", str(tmp_path / "live.sock"))
+        assert os.stat(tmp_path / "live.sock").st_ino == ino
+        d.add_ni("y", str(tmp_path / "stale.sock"))
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.connect(str(tmp_path / "stale.sock"))          # now the daemon's
+        c.close()
+    finally:
+        d.close()
+        live.close()
+
+
 def test_a_sighup_during_a_reload_starts_one_more_not_a_storm(tmp_path):
     """Reloads load on a worker thread; a SIGHUP that comes while one runs waits for it and
     then starts exactly one more: two RELOADING=1 in all (the loop used to re-announce the

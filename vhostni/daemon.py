@@ -38,6 +38,7 @@ from .kernel import Kernel
 from .policy import PolicyError, load_policy
 from .vhost_user import proto
 from .service import notify
+from .unixsock import socket_in_use
 from .logtext import printable
 
 REASON_MAX = 200        # characters of an administrator's reason (quarantine, link) kept
@@ -168,6 +169,10 @@ class NI:
 def _listen(path: str, group: Optional[int] = None) -> socket.socket:
     """A vhost-user server socket at ``path``; with ``group``, that group (e.g. libvirt's QEMU
     user's) may connect to it (mode 0660) and nobody else but the daemon's user."""
+    if socket_in_use(path):
+        # another process's live socket (a second daemon's NI, or any service's): replacing
+        # it would take its clients away
+        raise OSError(errno.EADDRINUSE, "a process is listening on this socket already", path)
     try:
         if stat.S_ISSOCK(os.lstat(path).st_mode):
             os.unlink(path)  # a stale socket from an earlier run

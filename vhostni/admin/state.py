@@ -20,10 +20,11 @@ import logging
 import os
 import re
 import errno
-import socket
 import stat
 import tempfile
 from typing import Iterable
+
+from ..unixsock import socket_in_use  # noqa: F401  (the admin plane's users import it from here)
 
 log = logging.getLogger("vhostni.admin")
 
@@ -68,27 +69,6 @@ def _fsync_dir(d: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def socket_in_use(path: str) -> bool:
-    """True if a unix socket at ``path`` has a listener (so it is not a stale one to replace)."""
-    try:
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            return False
-    except FileNotFoundError:
-        return False
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-    try:
-        s.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        return False
-    except BlockingIOError:
-        return True                   # a listener with a full backlog
-    except OSError:
-        return True
-    finally:
-        s.close()
-    return True
 
 
 def absolute_programs(doc: dict, base: str) -> dict:
