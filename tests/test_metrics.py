@@ -197,6 +197,46 @@ def test_a_stranger_cannot_exhaust_the_endpoint():
         srv.close()
 
 
+def test_clients_that_trickle_bytes_free_their_slot_by_a_deadline(monkeypatch):
+    """A byte every second renews the per-read timeout forever: MAX_CLIENTS such peers held
+    every slot and no scrape got through. Each connection now has a deadline in all."""
+    import socket as sk
+    import time
+    from vhostni import metrics
+    monkeypatch.setattr(metrics, "CLIENT_DEADLINE_S", 3.0)
+
+    class FakeDaemon:
+        def call_soon(self, fn):
+            fn()
+
+        def stats(self):
+            return {"alerts": 0, "nis": {}}
+
+    srv = metrics.MetricsServer(FakeDaemon(), "tcp:127.0.0.1:0")
+    try:
+        host, port = srv.address
+        slow = [sk.create_connection((host, port)) for _ in range(metrics.MAX_CLIENTS)]
+        for c in slow:
+            c.sendall(b"GET /metrics HTTP/1.1\r\n")
+        t0, closed = time.monotonic(), set()
+        while time.monotonic() - t0 < 8 and len(closed) < len(slow):
+            for i, c in enumerate(slow):
+                if i in closed:
+                    continue
+                try:
+                    c.sendall(b"X-A: b\r\n")                  # a header line a second
+                except OSError:
+                    closed.add(i)
+            time.sleep(1.0)
+        assert len(closed) == len(slow), f"{len(slow) - len(closed)} trickling clients still held a slot after 8 s"
+        assert "vhostni_alerts_total" in wait_until(lambda: _try_scrape(f"http://{host}:{port}/metrics"),
+                                                    5, "a scrape after the deadline")
+        for c in slow:
+            c.close()
+    finally:
+        srv.close()
+
+
 def _try_scrape(url):
     try:
         with urllib.request.urlopen(url, timeout=3) as r:

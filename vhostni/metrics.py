@@ -30,6 +30,7 @@ SCRAPE_WAIT_S = 2.0
 SNAPSHOT_MIN_AGE_S = 1.0     # scrapes closer together than this share one snapshot
 MAX_CLIENTS = 8              # HTTP connections served at once; more are closed at once
 CLIENT_TIMEOUT_S = 5.0       # a client that sends nothing (slowloris) is dropped after this
+CLIENT_DEADLINE_S = 10.0     # ... and one that trickles bytes, after this in all
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -64,10 +65,25 @@ class _BoundedServer(ThreadingMixIn, WSGIServer):
         pass      # a client that timed out or went away: nothing for the daemon's log
 
     def process_request_thread(self, request, client_address) -> None:
+        # the timeout bounds each wait; a byte every few seconds would renew it forever and
+        # MAX_CLIENTS such peers would starve every scrape: the connection's whole life is
+        # bounded too (shutting the socket down ends a read or write in progress)
+        deadline = threading.Timer(CLIENT_DEADLINE_S, _shut, (request,))
+        deadline.daemon = True
+        deadline.name = "vhostni-metrics-deadline"
+        deadline.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
+            deadline.cancel()
             self._slots.release()
+
+
+def _shut(sock) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 # port counters that are not monotonic
 _PORT_GAUGES = {"backlog_max": "deepest receive backlog seen",
