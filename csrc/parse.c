@@ -56,6 +56,16 @@ static int parse_l4(const uint8_t *d, uint32_t end, uint32_t off, int proto, str
         h->icmp_code = p[1];
         h->l4_known = 1;
         return 0;
+    case 4:    /* IPv4 in IP */
+    case 41:   /* IPv6 in IP (6in4, 6to4, ISATAP) */
+    case 47:   /* GRE */
+    case 97:   /* EtherIP */
+    case 137:  /* MPLS in IP */
+        /* a whole packet inside, which the walk does not enter: its addresses, ports and
+         * flags are nobody's check, and a host with a tunnel module loaded decapsulates it
+         * from anyone (Linux's fallback tunl0, sit0, gre0): a spoofed inner source, a
+         * port no rule sees.  Unparsed unless the policy says tunnels = pass. */
+        return stop(h, VN_UNPARSED_TUNNEL);
     default:
         /* ESP (50: encrypted, its transport unknowable), no next header (59) and protocols
          * the NI does not look into: the walk ends here; rules can name the protocol */

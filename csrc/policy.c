@@ -181,7 +181,7 @@ static int policy_needs_l4(const struct vn_policy *pol)
 static int unparsed_drops(struct vn_port *p, const struct vn_policy *pol, int reason)
 {
     struct vn_port_stats *st = &p->st;
-    if (pol->unparsed_pass) {
+    if (pol->unparsed_pass || (reason == VN_UNPARSED_TUNNEL && pol->tunnel_pass)) {
         st->unparsed_passed++;
         return 0;
     }
@@ -191,6 +191,7 @@ static int unparsed_drops(struct vn_port *p, const struct vn_policy *pol, int re
     case VN_UNPARSED_VLAN_DEPTH: st->drop_unparsed_vlan_depth++; break;
     case VN_UNPARSED_ENCAP: st->drop_unparsed_encap++; break;
     case VN_UNPARSED_IPV6_CHAIN: st->drop_unparsed_ipv6_chain++; break;
+    case VN_UNPARSED_TUNNEL: st->drop_unparsed_tunnel++; break;
     default: st->drop_unparsed_fragment++; break;
     }
     return 1;

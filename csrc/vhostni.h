@@ -110,7 +110,9 @@ struct vn_port_stats {
     uint64_t drop_unparsed_ipv6_chain;  /* IPv6 extension chain too long or of an unknown kind */
     uint64_t drop_unparsed_fragment;    /* first fragment without the whole header chain, or a
                                          * later one overlapping its first fragment */
-    uint64_t unparsed_passed;    /* unparsed frames let through (unparsed = pass) */
+    uint64_t drop_unparsed_tunnel;      /* IP-in-IP, 6in4, GRE, EtherIP, MPLS-in-IP (tunnels = pass
+                                         * lets them through) */
+    uint64_t unparsed_passed;    /* unparsed frames let through (unparsed = pass, tunnels = pass) */
     uint64_t drop_frag_unmatched;  /* later IP fragment whose first fragment was not seen */
     uint64_t drop_guest_vlan;    /* VLAN-tagged from the guest, and the policy says guest_vlan = drop */
     uint64_t drop_dhcp_answer;   /* DHCP/DHCPv6 answers from a guest without [ni] dhcp_server */
@@ -319,6 +321,7 @@ int vn_switch_service(struct vn_switch *sw);
 #define VN_UNPARSED_ENCAP 4
 #define VN_UNPARSED_IPV6_CHAIN 5
 #define VN_UNPARSED_FRAGMENT 6
+#define VN_UNPARSED_TUNNEL 7    /* IP in IP, IPv6 in IP, GRE, EtherIP, MPLS in IP: a packet inside */
 
 /* What the parser made of a frame (for tests and tools; the fast path keeps its own). */
 struct vn_parse_result {
@@ -446,6 +449,7 @@ struct vn_policy {
                                 * the NI never saw open (a daemon restart, a new subscription) */
     unsigned tcp_resend_max;   /* the NI's own resends of bytes it owes a receiver, then RSTs */
     int unparsed_pass;         /* frames the parser cannot walk: 0 drop (counted), 1 pass */
+    int tunnel_pass;           /* ... of them, IP tunnels (VN_UNPARSED_TUNNEL): 1 pass */
     int ipv6_router;           /* the guest may send router advertisements and redirects */
     int dhcp_server;           /* the guest may answer DHCP (UDP from port 67) and DHCPv6 (547) */
     int guest_vlan_drop;       /* VLAN-tagged frames from the guest: 0 checked inside, 1 dropped */

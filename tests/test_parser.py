@@ -21,7 +21,7 @@ from scapy.layers.inet6 import (
     IPv6ExtHdrHopByHop, fragment6,
 )
 from scapy.layers.ipsec import AH
-from scapy.layers.l2 import ARP, LLC, SNAP, Dot1AD, Dot1Q, Dot3, Ether
+from scapy.layers.l2 import ARP, GRE, LLC, SNAP, Dot1AD, Dot1Q, Dot3, Ether
 from scapy.packet import Raw
 
 from nikit import bootp_request
@@ -35,7 +35,8 @@ GIP6, NIP6 = "fd00::1", "fd00::2"
 GLL = "fe80::ff:fe00:a0a"          # the guest's EUI-64 link-local address (02:00:00:00:0a:0a)
 OTHER_MAC = "02:00:00:00:0c:0c"
 UNPARSED = ("drop_unparsed_truncated", "drop_unparsed_bad_header", "drop_unparsed_vlan_depth",
-            "drop_unparsed_encap", "drop_unparsed_ipv6_chain", "drop_unparsed_fragment")
+            "drop_unparsed_encap", "drop_unparsed_ipv6_chain", "drop_unparsed_fragment",
+            "drop_unparsed_tunnel")
 
 
 def ni(**keys) -> dict:
@@ -209,6 +210,52 @@ def test_ip_inside_llc_snap_meets_the_rules(net):
     stp = Dot3(src=GMAC, dst="01:80:c2:00:00:00") / LLC(dsap=0x42, ssap=0x42, ctrl=3) / Raw(b"\0" * 35)
     assert not n.from_guest(stp)
     assert n.stats()["drop_unparsed_encap"] == 1
+
+
+# ---------------------------------------------------------------------------
+# IP tunnels: a packet inside that no check sees
+# ---------------------------------------------------------------------------
+
+# (a spoofed inner source, a port a rule forbids): hosts with a tunnel module loaded decapsulate
+# these from anyone (Linux's fallback tunl0, sit0, gre0)
+INNER4 = IP(src="10.66.66.66", dst=NIP) / TCP(dport=23, flags="S")
+INNER6 = IPv6(src="fd66::66", dst=NIP6) / TCP(dport=23, flags="S")
+TUNNELS = {
+    "ipip": lambda: g4(INNER4),                                  # protocol 4
+    "6in4": lambda: g4(INNER6),                                  # protocol 41
+    "gre": lambda: g4(GRE() / INNER4),                           # protocol 47
+    "4in6": lambda: g6(INNER4),                                  # next header 4
+    "gre6": lambda: g6(GRE() / INNER6),
+    "etherip": lambda: g4(Raw(b"\x30\x00" + bytes(Ether(src=OTHER_MAC, dst=NMAC) / INNER4)), proto=97),
+    "mpls-in-ip": lambda: g4(Raw(b"\x00\x01\x01\x40" + bytes(INNER4)), proto=137),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TUNNELS))
+def test_ip_tunnels_are_unparsed_unless_the_policy_passes_them(net, kind):
+    n = net(ni(prevent=TELNET))
+    assert not n.from_guest(TUNNELS[kind]()), f"{kind} from the guest was forwarded"
+    assert n.stats()["drop_unparsed_tunnel"] == 1
+    inbound = TUNNELS[kind]()
+    inbound[Ether].src, inbound[Ether].dst = NMAC, GMAC
+    inbound[1].src, inbound[1].dst = inbound[1].dst, inbound[1].src
+    assert not n.to_guest(inbound), f"{kind} to the guest was forwarded"
+    assert n.stats()["drop_unparsed_tunnel"] == 2
+    p = net(ni(prevent=TELNET, tunnels="pass"))
+    assert p.from_guest(TUNNELS[kind]())
+    assert p.stats()["unparsed_passed"] == 1 and p.stats()["drop_unparsed_tunnel"] == 0
+    # tunnels = pass is no blanket: the outer header is still the guest's own
+    spoofed = TUNNELS[kind]()
+    spoofed[1].src = "10.9.9.9" if spoofed.haslayer(IP) and spoofed[1].version == 4 else "fd09::9"
+    assert not p.from_guest(spoofed)
+    assert p.stats()["drop_spoofed"] == 1
+
+
+def test_the_tunnels_key_takes_drop_or_pass():
+    with pytest.raises(PolicyError, match="ni.tunnels"):
+        parse_policy({"ni": {"tunnels": "sometimes"}})
+    assert parse_policy({"ni": {"tunnels": "pass"}}).tunnel_pass
+    assert not parse_policy({"ni": {}}).tunnel_pass
 
 
 # ---------------------------------------------------------------------------
