@@ -186,6 +186,11 @@ static int parse_ipv6(const uint8_t *d, uint32_t len, int gso, uint32_t off, str
             l = nh == 51 ? (x[1] + 2u) * 4 : (x[1] + 1u) * 8;
             if (!vn_get(d, end, off, l))
                 return short_hdr(h);
+            /* a routing header with segments left sends the packet on past its destination
+             * address (segment routing, RH0, mobile IPv6's type 2): rules and anti-spoofing
+             * would judge a destination that is not the last one */
+            if (nh == 43 && x[3] != 0)
+                return stop(h, VN_UNPARSED_IPV6_CHAIN);
             nh = x[0];
             off += l;
             break;

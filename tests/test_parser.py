@@ -18,7 +18,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
 from scapy.layers.inet6 import (
     ICMPv6EchoRequest, ICMPv6MLReport2, ICMPv6ND_NA, ICMPv6ND_NS, ICMPv6ND_RA, ICMPv6ND_RS,
     ICMPv6NDOptDstLLAddr, ICMPv6NDOptSrcLLAddr, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment,
-    IPv6ExtHdrHopByHop, fragment6,
+    IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, IPv6ExtHdrSegmentRouting, fragment6,
 )
 from scapy.layers.ipsec import AH
 from scapy.layers.l2 import ARP, GRE, LLC, SNAP, Dot1AD, Dot1Q, Dot3, Ether
@@ -249,6 +249,22 @@ def test_ip_tunnels_are_unparsed_unless_the_policy_passes_them(net, kind):
     spoofed[1].src = "10.9.9.9" if spoofed.haslayer(IP) and spoofed[1].version == 4 else "fd09::9"
     assert not p.from_guest(spoofed)
     assert p.stats()["drop_spoofed"] == 1
+
+
+@pytest.mark.parametrize("rh", [
+    lambda: IPv6ExtHdrRouting(type=0, addresses=["fd99::1"], segleft=1),      # RH0 (RFC 5095)
+    lambda: IPv6ExtHdrSegmentRouting(addresses=["fd99::1", NIP6], segleft=1),  # SRv6 (RFC 8754)
+    lambda: IPv6ExtHdrRouting(type=2, addresses=["fd99::1"], segleft=1),      # mobile IPv6
+], ids=["rh0", "srh", "type2"])
+def test_a_routing_header_with_segments_left_is_unparsed(net, rh):
+    """The packet would go on past its destination address to the segments listed: the
+    rules judge a destination that is not the last (fd99::1 here, where telnet is refused)."""
+    n = net(ni(prevent=[{"proto": "tcp", "dport": 23, "dst": "fd99::/16"}]))
+    assert not n.from_guest(g6(rh() / TCP(dport=23)))
+    assert n.stats()["drop_unparsed_ipv6_chain"] == 1
+    done = rh()
+    done.segleft = 0                                        # nothing left: the destination is final
+    assert n.from_guest(g6(done / TCP(dport=23)))
 
 
 def test_the_tunnels_key_takes_drop_or_pass():
