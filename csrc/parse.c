@@ -96,6 +96,28 @@ static int later_fragment(uint32_t off, int proto, uint32_t frag_off, int any_pr
     return 0;
 }
 
+/* IPv4 options (RFC 791): each one whole inside the header; loose or strict source routing
+ * (LSRR 131, SSRR 137) sends the packet on past its destination address to the hops
+ * listed, so rules and anti-spoofing would judge a destination that is not the last. */
+static int ipv4_options(const uint8_t *o, unsigned n, struct vn_hdrs *h)
+{
+    for (unsigned i = 0; i < n;) {
+        uint8_t t = o[i];
+        if (t == 0)
+            break;             /* end of options */
+        if (t == 1) {
+            i++;               /* no-op */
+            continue;
+        }
+        if (n - i < 2 || o[i + 1] < 2 || o[i + 1] > n - i)
+            return stop(h, VN_UNPARSED_BAD_HEADER);   /* receivers drop it too */
+        if (t == 131 || t == 137)
+            return stop(h, VN_UNPARSED_SOURCE_ROUTE);
+        i += o[i + 1];
+    }
+    return 0;
+}
+
 /* IPv4 AH (RFC 4302) between the IP header and the transport: length in 4-byte units + 2. */
 static int parse_ipv4(const uint8_t *d, uint32_t len, int gso, uint32_t off, struct vn_hdrs *h)
 {
@@ -122,6 +144,8 @@ static int parse_ipv4(const uint8_t *d, uint32_t len, int gso, uint32_t off, str
     h->ip_end = end;
     h->src = ip + 12;
     h->dst = ip + 16;
+    if (ihl > 20 && ipv4_options(ip + 20, ihl - 20, h))
+        return h->unparsed;
     int proto = ip[9];
     h->frag_key_proto = ip[9];
     uint16_t fr = vn_rd16(ip + 6);
@@ -190,7 +214,7 @@ static int parse_ipv6(const uint8_t *d, uint32_t len, int gso, uint32_t off, str
              * address (segment routing, RH0, mobile IPv6's type 2): rules and anti-spoofing
              * would judge a destination that is not the last one */
             if (nh == 43 && x[3] != 0)
-                return stop(h, VN_UNPARSED_IPV6_CHAIN);
+                return stop(h, VN_UNPARSED_SOURCE_ROUTE);
             nh = x[0];
             off += l;
             break;

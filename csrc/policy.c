@@ -192,6 +192,7 @@ static int unparsed_drops(struct vn_port *p, const struct vn_policy *pol, int re
     case VN_UNPARSED_ENCAP: st->drop_unparsed_encap++; break;
     case VN_UNPARSED_IPV6_CHAIN: st->drop_unparsed_ipv6_chain++; break;
     case VN_UNPARSED_TUNNEL: st->drop_unparsed_tunnel++; break;
+    case VN_UNPARSED_SOURCE_ROUTE: st->drop_unparsed_source_route++; break;
     default: st->drop_unparsed_fragment++; break;
     }
     return 1;

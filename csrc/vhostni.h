@@ -112,6 +112,8 @@ struct vn_port_stats {
                                          * later one overlapping its first fragment */
     uint64_t drop_unparsed_tunnel;      /* IP-in-IP, 6in4, GRE, EtherIP, MPLS-in-IP (tunnels = pass
                                          * lets them through) */
+    uint64_t drop_unparsed_source_route;   /* IPv4 source route options, IPv6 routing headers
+                                            * with segments left: not the final destination */
     uint64_t unparsed_passed;    /* unparsed frames let through (unparsed = pass, tunnels = pass) */
     uint64_t drop_frag_unmatched;  /* later IP fragment whose first fragment was not seen */
     uint64_t drop_guest_vlan;    /* VLAN-tagged from the guest, and the policy says guest_vlan = drop */
@@ -322,6 +324,7 @@ int vn_switch_service(struct vn_switch *sw);
 #define VN_UNPARSED_IPV6_CHAIN 5
 #define VN_UNPARSED_FRAGMENT 6
 #define VN_UNPARSED_TUNNEL 7    /* IP in IP, IPv6 in IP, GRE, EtherIP, MPLS in IP: a packet inside */
+#define VN_UNPARSED_SOURCE_ROUTE 8   /* IPv4 LSRR/SSRR, an IPv6 routing header with segments left */
 
 /* What the parser made of a frame (for tests and tools; the fast path keeps its own). */
 struct vn_parse_result {

@@ -24,7 +24,7 @@ B_LL = "fe80::5054:ff:fe78:2"      # b's EUI-64 link-local address
 POOL = f"{LAN}.96/28"
 UNPARSED = ("drop_unparsed_truncated", "drop_unparsed_bad_header", "drop_unparsed_vlan_depth",
             "drop_unparsed_encap", "drop_unparsed_ipv6_chain", "drop_unparsed_fragment",
-            "drop_unparsed_tunnel")
+            "drop_unparsed_tunnel", "drop_unparsed_source_route")
 
 WAIT_DAD = ("i=0; while ip -6 addr show dev eth0 | grep -q tentative && [ $i -lt 50 ]; "
             "do sleep 0.2; i=$((i+1)); done; ! ip -6 addr show dev eth0 | grep -q tentative")

@@ -36,7 +36,7 @@ GLL = "fe80::ff:fe00:a0a"          # the guest's EUI-64 link-local address (02:0
 OTHER_MAC = "02:00:00:00:0c:0c"
 UNPARSED = ("drop_unparsed_truncated", "drop_unparsed_bad_header", "drop_unparsed_vlan_depth",
             "drop_unparsed_encap", "drop_unparsed_ipv6_chain", "drop_unparsed_fragment",
-            "drop_unparsed_tunnel")
+            "drop_unparsed_tunnel", "drop_unparsed_source_route")
 
 
 def ni(**keys) -> dict:
@@ -261,10 +261,48 @@ def test_a_routing_header_with_segments_left_is_unparsed(net, rh):
     rules judge a destination that is not the last (fd99::1 here, where telnet is refused)."""
     n = net(ni(prevent=[{"proto": "tcp", "dport": 23, "dst": "fd99::/16"}]))
     assert not n.from_guest(g6(rh() / TCP(dport=23)))
-    assert n.stats()["drop_unparsed_ipv6_chain"] == 1
+    assert n.stats()["drop_unparsed_source_route"] == 1
     done = rh()
     done.segleft = 0                                        # nothing left: the destination is final
     assert n.from_guest(g6(done / TCP(dport=23)))
+
+
+def g4_options(l4, opts: bytes, dst=NIP) -> bytes:
+    """A frame from the guest whose IPv4 header carries ``opts`` (padded to 4 bytes) as they are."""
+    import struct
+    opts += b"\0" * (-len(opts) % 4)
+    raw = bytes(g4(l4, dst=dst))
+    ip, rest = bytearray(raw[14:34]), raw[34:]
+    ip[0] = 0x40 | (20 + len(opts)) // 4
+    ip[2:4] = struct.pack("!H", 20 + len(opts) + len(rest))
+    ip[10:12] = b"\0\0"
+    hdr = bytes(ip) + opts
+    c = sum(struct.unpack(f"!{len(hdr) // 2}H", hdr))
+    while c >> 16:
+        c = (c & 0xFFFF) + (c >> 16)
+    hdr = hdr[:10] + struct.pack("!H", ~c & 0xFFFF) + hdr[12:]
+    return raw[:14] + hdr + rest
+
+
+@pytest.mark.parametrize("opt", [b"\x83\x07\x04" + bytes([10, 99, 0, 1]),     # LSRR
+                                 b"\x89\x07\x04" + bytes([10, 99, 0, 1])],    # SSRR
+                         ids=["lsrr", "ssrr"])
+def test_ipv4_source_routing_is_unparsed(net, opt):
+    """Source routing sends the packet on to the hops listed: the checks would judge a
+    destination that is not the last (10.99.0.1 here, where telnet is refused)."""
+    n = net(ni(prevent=[{"proto": "tcp", "dport": 23, "dst": "10.99.0.0/16"}]))
+    assert not n.from_guest(g4_options(TCP(dport=23), b"\x01" + opt))
+    assert n.stats()["drop_unparsed_source_route"] == 1
+
+
+def test_ipv4_options_are_walked_harmless_ones_pass_malformed_ones_do_not(net):
+    n = net(ni())
+    harmless = b"\x94\x04\x00\x00" + b"\x01" + b"\x07\x07\x04" + bytes(4)   # router alert, NOP, RR
+    assert n.from_guest(g4_options(TCP(dport=80), harmless))
+    for bad in (b"\x07\x00\x00\x00",                  # a length below 2
+                b"\x07\x09\x04\x00"):                  # past the header
+        assert not n.from_guest(g4_options(TCP(dport=80), bad))
+    assert n.stats()["drop_unparsed_bad_header"] == 2
 
 
 def test_the_tunnels_key_takes_drop_or_pass():
