@@ -39,6 +39,7 @@ class Part:
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _TOKEN = re.compile(r"[^\s()<>@,;:\\\"/\[\]?=]+")
+_UNQUOTED = re.compile(r"[^;]*")
 
 
 def _header_block(msg: bytes, start: int, end: int) -> tuple[int, int]:
@@ -65,19 +66,19 @@ def parse_headers(block: bytes, limit: int = 1 << 20) -> list[tuple[str, str]]:
     """(lower-case name, unfolded value) pairs; malformed lines are skipped."""
     if len(block) > limit:
         raise MailError("header block too large")
-    out: list[tuple[str, str]] = []
+    out: list[tuple[str, list[str]]] = []       # a field's value as its lines: joined once at the end
     for line in re.split(rb"\r?\n", block):
         if not line:
             continue
         if line[:1] in (b" ", b"\t"):
             if out:
-                out[-1] = (out[-1][0], out[-1][1] + " " + line.strip().decode("latin-1"))
+                out[-1][1].append(line.strip().decode("latin-1"))
             continue
         name, sep, value = line.partition(b":")
         if not sep or not name.strip():
             continue
-        out.append((name.strip().lower().decode("latin-1"), value.strip().decode("latin-1")))
-    return out
+        out.append((name.strip().lower().decode("latin-1"), [value.strip().decode("latin-1")]))
+    return [(name, " ".join(lines)) for name, lines in out]
 
 
 def header_params(value: str) -> tuple[str, dict[str, str]]:
@@ -120,9 +121,9 @@ def header_params(value: str) -> tuple[str, dict[str, str]]:
             i += 1
             val = "".join(buf)
         else:
-            m = re.match(r"[^;]*", value[i:])
-            val = m.group(0).strip() if m else ""
-            i += len(m.group(0)) if m else 0
+            m = _UNQUOTED.match(value, i)      # from i, not on a copy of the rest: that was quadratic
+            val = m.group(0).strip()
+            i = m.end()
         raw.setdefault(key, val)
     params: dict[str, str] = {}
     pieces: dict[str, list[tuple[int, bool, str]]] = {}
@@ -142,8 +143,8 @@ def header_params(value: str) -> tuple[str, dict[str, str]]:
                     charset, _, val = val.split("'", 2)
                 try:
                     val = urllib.parse.unquote(val, encoding=charset or "utf-8", errors="replace")
-                except LookupError:
-                    val = urllib.parse.unquote(val, errors="replace")
+                except (LookupError, ValueError):    # unknown; or a codec that fails (idna, punycode,
+                    val = urllib.parse.unquote(val, errors="replace")    # undefined, a NUL in the name)
             out.append(val)
         params[name] = "".join(out)
     return main, params
