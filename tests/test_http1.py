@@ -107,6 +107,38 @@ def test_request_bodies_1xx_204_304_and_tunnels():
     assert [e.side for e in evs if isinstance(e, Tunnel)] == [SERVER] and not kinds(evs)
 
 
+def test_a_connect_is_a_tunnel_only_once_the_server_agrees():
+    """The client's bytes after a CONNECT were taken for the tunnel's at once; a server that refuses
+    CONNECT (405) and keeps the connection reads them as requests, so they now wait for the
+    server's answer: a 2xx makes them the tunnel's, any other final answer leaves them HTTP."""
+    connect = b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n"
+    refused = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 405 Method Not Allowed\r\nContent-Length: 3\r\n\r\nno!"
+    for step in (0, 1, 7):
+        evs = run(connect + GET, refused + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", step)
+        assert not kinds(evs) and not [e for e in evs if isinstance(e, Tunnel)]
+        assert [e.target for e in evs if isinstance(e, Request)] == [b"h:443", b"/f"]
+        assert [(r.status, r.request.target, b) for r, b, _ in responses(evs)] == [
+            (100, b"h:443", b""), (405, b"h:443", b"no!"), (200, b"/f", b"ok")]
+    c = HttpConnection()
+    assert not [e for e in c.feed(CLIENT, connect + GET) if isinstance(e, Request) and e.target == b"/f"]
+    evs = c.feed(SERVER, b"HTTP/1.1 200 Connection established\r\n\r\n")
+    assert [(e.side, e.offset) for e in evs if isinstance(e, Tunnel)] == [(CLIENT, len(connect)), (SERVER, 39)]
+    assert not [e for e in evs if isinstance(e, Request)] and c.feed(CLIENT, GET) == []
+    c = HttpConnection()                        # the client leaves before the answer, bytes unread
+    c.feed(CLIENT, connect + GET)
+    (amb,) = c.eof(CLIENT)
+    assert amb.kind == "truncated" and amb.fatal
+    c = HttpConnection(Limits(max_head=1000))   # what waits for the answer is bounded
+    (amb,) = [e for e in c.feed(CLIENT, connect + bytes(1001)) if isinstance(e, Ambiguity)]
+    assert amb.kind == "head_too_long" and amb.fatal
+    # a CONNECT has no content: one that says it has is read differently by a server that refuses it
+    for field in (b"Content-Length: 40", b"Transfer-Encoding: chunked"):
+        evs = run(connect.replace(b"\r\n\r\n", b"\r\n" + field + b"\r\n\r\n") + GET, b"")
+        assert [(e.kind, e.fatal) for e in evs if isinstance(e, Ambiguity)][:1] == [("connect_with_content", True)]
+    assert not kinds(run(connect.replace(b"\r\n\r\n", b"\r\nContent-Length: 0\r\n\r\n"),
+                         b"HTTP/1.1 200 OK\r\n\r\n"))
+
+
 def test_chunk_extensions_and_trailers():
     body = b"5;name=value;q=\"quo\\\"ted\"\r\nhello\r\n6 ; x\r\n world\r\n0;last\r\nX-Sum: 1\r\n\r\n"
     evs = run(GET, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body)

@@ -36,14 +36,13 @@ their own anomalies); after a ``reply`` everything either side sends later is cu
 """
 from __future__ import annotations
 
-import fnmatch
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from vhostni.scanner.http1 import (AMBIGUITIES, CLIENT, SERVER, Ambiguity, Body, Chunk, HttpConnection,
                                    Limits, MessageEnd, Request, Response, Tunnel, headers_all)
-from vhostni.scanner.httpuri import URI_ANOMALIES, normalise
+from vhostni.scanner.httpuri import URI_ANOMALIES, NormalisedURI, normalise
 
 __all__ = ["HttpGuard", "ConfigError", "DEFAULTS", "BUILTIN_SIGNATURES", "FIELDS", "Signature",
            "load_config", "parse_signature"]
@@ -134,12 +133,12 @@ class Signature:
     cve: str = ""
     description: str = ""
 
-    def applies(self, method: bytes, paths: list, headers: list) -> bool:
+    def applies(self, method: bytes, uri: NormalisedURI, headers: list) -> bool:
         if self.methods != ("*",) and method.decode("latin-1").upper() not in self.methods:
             return False
         if self.if_header and not any(n == self.if_header.encode() for n, _ in headers):
             return False
-        return any(fnmatch.fnmatchcase(p.lower(), pat) for p in paths for pat in self.paths)
+        return any(uri.matches(pat) for pat in self.paths)
 
     @property
     def what(self) -> str:
@@ -380,7 +379,7 @@ class HttpGuard:
         u = normalise(req.target)
         c.req, c.body_len = req, 0
         c.uri = u
-        applying = [s for s in self.sigs if s.applies(req.method, u.paths, req.headers)]
+        applying = [s for s in self.sigs if s.applies(req.method, u, req.headers)]
         acts: list = []
         for s in applying:
             n = self._length(req, u, s)

@@ -64,6 +64,8 @@ AMBIGUITIES = {
     "te_and_cl": "both Transfer-Encoding and Content-Length",
     "te_not_chunked": "a Transfer-Encoding other than exactly chunked",
     "te_in_http10": "a Transfer-Encoding in an HTTP/1.0 message",
+    "connect_with_content": "a CONNECT with a Content-Length or Transfer-Encoding (it has no content: "
+                            "a server that refuses it may read one)",
     "duplicate_content_length": "more than one Content-Length value (all equal)",
     "conflicting_content_length": "Content-Length values that differ",
     "bad_content_length": "a Content-Length that is not 1*DIGIT",
@@ -310,6 +312,10 @@ class _Side:
                 self.state = "head"
             elif self.state == "tunnel":
                 pass
+            elif self.state == "connect":
+                if self.buf:
+                    self.amb("truncated", f"the connection ended before its CONNECT was answered, "
+                             f"{len(self.buf)} bytes after it", self.base, True)
             elif self.state == "head":
                 if self.buf:
                     what = "a head" if self.side == CLIENT or self.pending() is not None \
@@ -346,6 +352,13 @@ class _Side:
                 self.out.append(Body(self.side, self.take(len(self.buf)), at))
             elif st == "tunnel":
                 self.take(len(self.buf))
+            return False
+        if st == "connect":
+            # the bytes after a CONNECT are the tunnel's if the server agrees (2xx), requests if it
+            # refuses (and keeps the connection): kept, unread, until it answered
+            if len(self.buf) > self.lim.max_head:
+                self.amb("head_too_long", f"{len(self.buf)} bytes after a CONNECT wait for its answer",
+                         self.base, True)
             return False
         if st == "chunk_size":
             return self.chunk_size()
@@ -541,10 +554,14 @@ class _Side:
                       [len(raw) for raw, _, _, _ in lines[:-1]])
         self.msg = req
         self.out.append(req)
-        if method == b"CONNECT":         # no body; what follows is the tunnel's (if the server agrees)
-            self.out.append(MessageEnd(self.side, req, self.base))
-            self.out.append(Tunnel(self.side, self.base, "CONNECT"))
-            self.state = "tunnel"
+        if method == b"CONNECT":         # no body; what follows is the tunnel's if the server agrees:
+            te = headers_all(req.headers, b"transfer-encoding")
+            cl = headers_all(req.headers, b"content-length")
+            if te or any(x.strip(b" \t").strip(b"0") for v in cl for x in v.split(b",")):
+                self.amb("connect_with_content", f"a CONNECT with {'Transfer-Encoding' if te else 'Content-Length'}",
+                         start, True)
+            self.out.append(MessageEnd(self.side, req, self.base))     # HttpConnection decides on its answer
+            self.state = "connect"
             return
         self.framing_request(req)
 
@@ -727,26 +744,32 @@ class HttpConnection:
 
     def feed(self, side: str, data: bytes) -> list:
         if side == CLIENT:
-            out = self.client.feed(data)
-            for ev in out:
-                if isinstance(ev, Request):
-                    self.queue.append(ev)
-            if len(self.queue) > self.limits.max_pipelined and not self.client.dead:
-                self.client.out = []
-                try:
-                    self.client.amb("too_many_pipelined", f"{len(self.queue)} requests wait for responses",
-                                    self.queue[-1].start, True)
-                except _Stop:
-                    pass
-                out += self.client.out
+            out = self._requests(self.client.feed(data))
             if self.server.buf and not self.server.dead:    # a request lets waiting bytes go on
                 out += self._server(b"")
             return out
         return self._server(data)
 
+    def _requests(self, out: list) -> list:
+        """The client's events ``out``: its requests wait for their responses, a bounded number."""
+        for ev in out:
+            if isinstance(ev, Request):
+                self.queue.append(ev)
+        if len(self.queue) > self.limits.max_pipelined and not self.client.dead:
+            self.client.out = []
+            try:
+                self.client.amb("too_many_pipelined", f"{len(self.queue)} requests wait for responses",
+                                self.queue[-1].start, True)
+            except _Stop:
+                pass
+            out += self.client.out
+        return out
+
     def _server(self, data: bytes) -> list:
         s = self.server
         out = s.feed(data)
+        if self.client.state == "connect":
+            out = self._connect_answered(out)
         if any(isinstance(ev, Tunnel) for ev in out) and self.client.state != "tunnel":
             self.client.state = "tunnel"            # 101: the client's bytes are not HTTP either
             self.client.take(len(self.client.buf))
@@ -763,6 +786,27 @@ class HttpConnection:
             except _Stop:
                 pass
             out += s.out
+        return out
+
+    def _connect_answered(self, out: list) -> list:
+        """The client waits for the answer to its CONNECT: a 2xx makes its bytes the tunnel's (its
+        Tunnel event goes before the server's); any other final answer leaves it HTTP (a server
+        that refuses CONNECT and keeps the connection reads what follows as requests), read now."""
+        for k, ev in enumerate(out):
+            if isinstance(ev, Tunnel):
+                c = self.client
+                c.state = "tunnel"
+                tunnel = Tunnel(CLIENT, c.base, "CONNECT")
+                c.take(len(c.buf))
+                return out[:k] + [tunnel] + out[k:]
+            if isinstance(ev, Response) and ev.request is not None and ev.request.method == b"CONNECT" \
+                    and not ev.interim and ev.framing != "tunnel":
+                self.client.state = "head"
+                got = self._requests(self.client.run())
+                out = out[:k + 1] + got + out[k + 1:]
+                if self.server.buf and not self.server.dead:
+                    out += self._server(b"")
+                return out
         return out
 
     def eof(self, side: str) -> list:
