@@ -80,6 +80,7 @@ struct vn_sigstage {
     uint32_t nplain;            /* stream rules matched over the stream (the HTTP ones follow) */
     uint32_t nhttp;             /* HTTP rules */
     struct vn_sig_db *hdb[VN_SIG_NHG][VN_HTTP_NBUF];  /* per group and buffer (NULL: none) */
+    struct vn_sig_db *seg;      /* stream rules with absolute positions, per segment (NULL: none) */
     uint32_t hgroups;           /* bit g: group g has rules */
     uint32_t http_body_limit;
     uint64_t http_memcap, http_mem;
@@ -177,6 +178,7 @@ static void stage_release(struct vn_sigstage *st)
             vn_sig_db_free(st->hdb[g][b]);
     vn_sig_db_free(st->stream);
     vn_sig_db_free(st->pkt);
+    vn_sig_db_free(st->seg);
     free(st);
 }
 
@@ -372,6 +374,30 @@ int vn_sigstage_add_http(struct vn_sigstage *st, int group, int buf, struct vn_s
     if (bad)
         return VN_SIG_EINVAL;
     st->hdb[group][buf] = db;
+    return 0;
+}
+
+int vn_sigstage_add_seg(struct vn_sigstage *st, struct vn_sig_db *db)
+{
+    if (!st || !db || st->seg || st->refs != 1 || vn_sig_db_mode(db) != VN_SIG_MODE_BLOCK)
+        return VN_SIG_EINVAL;
+    struct vn_sig_stats s;
+    if (vn_sig_db_stats(db, &s) < 0)
+        return VN_SIG_EINVAL;
+    /* every rule id names a plain stream rule (matched over the stream, not an HTTP rule) */
+    uint32_t n = (uint32_t)s.nrules;
+    uint32_t *ids = malloc((size_t)(n ? n : 1) * sizeof *ids);
+    if (!ids)
+        return VN_SIG_ENOMEM;
+    int bad = vn_sig_db_ids(db, ids, n) != n;
+    for (uint32_t i = 0; i < n && !bad; i++) {
+        uint32_t ri = ids[i];
+        bad = ri >= st->nplain || !(st->rules[ri].flags & VN_SIGH_STREAM) || (st->rules[ri].flags & VN_SIGH_HTTP);
+    }
+    free(ids);
+    if (bad)
+        return VN_SIG_EINVAL;
+    st->seg = db;
     return 0;
 }
 
@@ -1209,6 +1235,25 @@ void sig_flow_scan(struct vn_switch *sw, struct vn_flow *f, int hs)
             stream_matches(sw, f, hs, n, NULL, 0, 0);
             if (sf->done)
                 return;            /* blocked (its records are gone) or passed */
+        }
+        /* rules with absolute positions, as Suricata reads a tcp rule over a packet: from this
+         * segment's first byte (the first segment's are the stream's, matched above already) */
+        if (st->seg && s->start > sf->hbase[hs] && sf->st[hs]) {
+            n = vn_sig_scan_block(st->seg, s->rec->data + s->pay, (size_t)(to - s->start), st->out,
+                                  st->nrules ? st->nrules : 1);
+            if (n < 0) {
+                ps->sig_scan_errors++;
+                ps->sig_dropped++;
+                sig_block(sw, f, hs, s->start, 0);     /* fail closed */
+                return;
+            }
+            if (n) {
+                for (int i = 0; i < n; i++)
+                    st->out[i].offset += s->start;  /* the block's offsets, as stream offsets */
+                stream_matches(sw, f, hs, n, NULL, 0, 0);
+                if (sf->done)
+                    return;
+            }
         }
     }
     if (!sf->done && sf->st[hs] && hf->eof && sf->pos[hs] == hf->fin_off) {

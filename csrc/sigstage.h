@@ -107,6 +107,14 @@ void vn_sigstage_free(struct vn_sigstage *st);
  * ids are header indexes of HTTP rules whose hmask[group] names `buf`.  Takes the database on
  * success (0); before the stage is installed on a port. */
 int vn_sigstage_add_http(struct vn_sigstage *st, int group, int buf, struct vn_sig_db *db);
+/* Adds the block-mode database of the `tcp` stream rules with absolute positions (a content's
+ * `offset`/`depth`): Suricata inspects a `tcp` rule over each packet's payload as well as over
+ * the stream, and counts those positions from the packet's first byte; over the stream alone
+ * they count from the stream's first byte, so a message that does not open the connection
+ * (the second SMB or HTTP request) would never match.  The database runs over each in-order
+ * segment's payload after the stream scan; its rule ids are header indexes of plain stream
+ * rules.  Takes the database on success (0); before the stage is installed on a port. */
+int vn_sigstage_add_seg(struct vn_sigstage *st, struct vn_sig_db *db);
 int vn_port_set_sigstage(struct vn_switch *sw, int port, struct vn_sigstage *st);
 int vn_sig_alerts_next(struct vn_switch *sw, int port, struct vn_sig_alert *out);
 uint64_t vn_sig_alerts_lost(struct vn_switch *sw, int port);

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 from .._fastpath import ffi, lib
 from .engine import DEFAULT_LOOKBACK, DEFAULT_STREAM_MEMCAP, SigError, SignatureDB
-from .rules import HTTP_BUFFERS, Problem, Rule
+from .rules import HTTP_BUFFERS, Content, IsDataAt, Pcre, Problem, Rule
 
 ACTION_CODES = {"alert": 0, "drop": 1, "reject": 2, "pass": 3}
 ACTION_NAMES = {v: k for k, v in ACTION_CODES.items()}
@@ -82,6 +82,25 @@ def encode_headers(rules: Sequence[Rule], track_entries: int = DEFAULT_TRACK_ENT
                     + [_header(r) for r in rules])
 
 
+def _absolute(it) -> bool:
+    if getattr(it, "buf", None) is not None or it.relative:
+        return False
+    if isinstance(it, Content):
+        return it.offset is not None or it.depth is not None
+    if isinstance(it, Pcre):             # anchored at the buffer's start
+        return "A" in it.flags or it.pattern.startswith(b"^")
+    return isinstance(it, IsDataAt)
+
+
+def absolute_positions(r: Rule) -> bool:
+    """A ``tcp`` rule (not ``tcp-stream``) with a payload item positioned from the start of the
+    buffer (a content's ``offset``/``depth`` or ``startswith``, a ``pcre`` anchored with ``^`` or
+    ``A``, an absolute ``isdataat``): Suricata inspects it over each packet's payload as well as
+    over the stream, and counts those positions from the packet's first byte.  The stage matches
+    it over the stream (from the stream's first byte) and over each segment."""
+    return r.proto == "tcp" and r.mode == "stream" and any(_absolute(it) for it in r.items)
+
+
 def http_subrules(r: Rule) -> list[tuple[int, str, Rule]]:
     """An HTTP rule as (group, buffer, sub-rule) triples: each sub-rule holds the rule's items
     in that buffer (its relative modifiers chain within the buffer, as in Suricata), and its
@@ -121,6 +140,7 @@ class Stage:
         self.nstream = len(stream) + len(http)
         dbs = []
         hdbs: dict = {}
+        seg = None
         try:
             for group, mode in ((stream, "stream"), (packet, "packet")):
                 db = SignatureDB(group, mode, lookback=lookback, stream_memcap=stream_memcap) if group else None
@@ -155,8 +175,19 @@ class Stage:
                 if rc:
                     raise SigError(f"signature stage ({b})", rc)
                 db._db = ffi.NULL
+            # tcp rules with absolute positions: also over each segment, as Suricata reads them
+            # over each packet (their problems are the stream database's, reported above)
+            bad = {(p.file, p.line) for p in self.problems}
+            idx = [i for i, r in enumerate(stream) if absolute_positions(r) and (r.file, r.line) not in bad]
+            if idx:
+                seg = SignatureDB([stream[i] for i in idx], "packet", ids=idx)
+                if not seg.problems:
+                    rc = lib.vn_sigstage_add_seg(st, seg._db)
+                    if rc:
+                        raise SigError("signature stage (segments)", rc)
+                    seg._db = ffi.NULL
         finally:
-            for db in dbs + list(hdbs.values()):
+            for db in dbs + list(hdbs.values()) + [seg]:
                 if db is not None:
                     db.close()
 
