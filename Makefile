@@ -80,7 +80,8 @@ SANITIZE_CC ?= gcc
 SANITIZE_TESTS ?= tests/test_frontend_abuse.py tests/test_tenant_frames.py tests/test_parser.py tests/test_ring_ni.py tests/test_ring_kernel.py tests/test_ring_streams.py tests/test_hostile_driver.py tests/test_vdriver.py tests/test_backend.py tests/test_mq.py \
 	tests/test_tcp_reassembly.py tests/test_stream_edit.py tests/test_policy.py tests/test_replay.py \
 	tests/test_flows.py tests/test_flow_scanners.py tests/test_flow_new.py \
-	tests/test_sigstage.py tests/test_stages_fuzz.py tests/test_sigstage_threshold.py tests/test_sighttp.py
+	tests/test_sigstage.py tests/test_stages_fuzz.py tests/test_sigstage_threshold.py tests/test_sighttp.py \
+	tests/test_sighttp_encoding.py tests/test_sig_segment_positions.py
 SANITIZE_LOGS ?= test-logs/sanitize
 SANITIZE_ENV = VHOSTNI_SANITIZE=1 \
 	LD_PRELOAD="$$($(SANITIZE_CC) -print-file-name=libasan.so) $$($(SANITIZE_CC) -print-file-name=libstdc++.so)" \

@@ -21,7 +21,7 @@ $SUDO apt-get install -y -q --no-install-recommends \
 # starts its own clamd offline with a signature database it writes: no freshclam needed)
 $SUDO apt-get install -y -q --no-install-recommends clamav-daemon
 # Hyperscan and PCRE2: the signature matcher (csrc/sig.c, the payload stage) links -lhs -lpcre2-8
-$SUDO apt-get install -y -q --no-install-recommends libhyperscan-dev libpcre2-dev
+$SUDO apt-get install -y -q --no-install-recommends libhyperscan-dev libpcre2-dev zlib1g-dev
 # Mozilla's public suffix list: the worm scanner's per-domain DNS budgets tell registrants apart by it
 $SUDO apt-get install -y -q --no-install-recommends publicsuffix
 # Python packages go into the project's own venv (`make venv`, run by `make deps`), never into the

@@ -21,6 +21,7 @@
  */
 #include <stdlib.h>
 #include <string.h>
+#include <zlib.h>
 #include "http.h"
 
 enum { ST_START, ST_HEAD, ST_BODY_CL, ST_CHUNK_SIZE, ST_CHUNK_DATA, ST_CHUNK_END, ST_TRAILER,
@@ -47,11 +48,11 @@ struct field {
 /* Field names the reader has buffers or framing for. */
 enum { F_OTHER, F_COOKIE, F_SET_COOKIE, F_CONTENT_TYPE, F_CONTENT_LENGTH, F_USER_AGENT, F_ACCEPT,
        F_ACCEPT_LANGUAGE, F_ACCEPT_ENCODING, F_REFERER, F_CONNECTION, F_HOST, F_SERVER, F_LOCATION,
-       F_TRANSFER_ENCODING, F_UPGRADE, F_N };
+       F_TRANSFER_ENCODING, F_UPGRADE, F_CONTENT_ENCODING, F_N };
 static const char *const field_names[F_N] = {
     "", "cookie", "set-cookie", "content-type", "content-length", "user-agent", "accept",
     "accept-language", "accept-encoding", "referer", "connection", "host", "server", "location",
-    "transfer-encoding", "upgrade"};
+    "transfer-encoding", "upgrade", "content-encoding"};
 
 struct side {
     uint8_t state, first_done, method_done, cr, inspecting, body_ev, kind;
@@ -68,6 +69,8 @@ struct side {
     uint64_t left;              /* body bytes (Content-Length) or chunk bytes to go */
     uint8_t *body;
     uint32_t body_len, body_cap;
+    uint8_t *dbody;             /* the request body with its Content-Encoding undone */
+    uint32_t dbody_cap;
     uint8_t keep_body, has_body, overflow;
     char cline[CHUNK_LINE_MAX];
     uint32_t cline_len, trailer_len;
@@ -180,6 +183,7 @@ void vn_http_free(struct vn_http *h)
         free(h->s[i].head);
         free(h->s[i].arena);
         free(h->s[i].body);
+        free(h->s[i].dbody);
     }
     for (int i = 0; i < VN_HTTP_PIPELINE_MAX; i++)
         free(h->info[i]);
@@ -232,6 +236,12 @@ static void release(struct vn_http *h, struct side *s)
         free(s->body);
         s->body = NULL;
         s->body_cap = 0;
+    }
+    if (s->dbody) {
+        h->mem -= s->dbody_cap;
+        free(s->dbody);
+        s->dbody = NULL;
+        s->dbody_cap = 0;
     }
     s->arena_len = s->head_len = s->body_len = 0;
     s->present = 0;
@@ -1080,14 +1090,110 @@ static size_t take_body(struct vn_http *h, struct side *s, const uint8_t *d, siz
     return n;
 }
 
+/* Inflates `in` (gzip or zlib, or raw deflate when `raw`) into `out`, at most `max` bytes: the
+ * bytes produced (what decodes of a body cut at the limit, or before damage, is kept). */
+static uint32_t inflate_to(const uint8_t *in, uint32_t n, uint8_t *out, uint32_t max, int raw)
+{
+    z_stream z;
+    memset(&z, 0, sizeof z);
+    if (inflateInit2(&z, raw ? -15 : 15 + 32) != Z_OK)
+        return 0;
+    z.next_in = (Bytef *)in;
+    z.avail_in = n;
+    z.next_out = out;
+    z.avail_out = max;
+    int rc;
+    do
+        rc = inflate(&z, Z_NO_FLUSH);
+    while (rc == Z_OK && z.avail_out && z.avail_in);
+    uint32_t got = max - z.avail_out;
+    inflateEnd(&z);
+    return got;
+}
+
+/* A request body sent with Content-Encoding gzip, x-gzip or deflate (servers such as Apache's
+ * mod_deflate input filter decode it before the application reads it; Suricata inspects it
+ * decoded): the body the rules see is decoded, at most body_limit bytes, each coding undone
+ * in reverse order.  Any other coding (br, compress, ...) leaves the body as sent. */
+static void decode_body(struct vn_http *h, struct side *s)
+{
+    const uint8_t *tok[8];
+    uint32_t tl[8], nt = 0;
+    for (uint32_t i = 0; i < s->nf; i++) {
+        const struct field *f = &s->f[i];
+        if (f->id != F_CONTENT_ENCODING)
+            continue;
+        uint32_t k = 0;
+        while (k < f->vl) {
+            uint32_t a = k;
+            while (k < f->vl && f->v[k] != ',')
+                k++;
+            uint32_t b = k++;
+            while (a < b && (f->v[a] == ' ' || f->v[a] == '\t'))
+                a++;
+            while (b > a && (f->v[b - 1] == ' ' || f->v[b - 1] == '\t'))
+                b--;
+            if (b == a || ieq(f->v + a, b - a, "identity"))
+                continue;
+            if (nt == 8 || !(ieq(f->v + a, b - a, "gzip") || ieq(f->v + a, b - a, "x-gzip") ||
+                             ieq(f->v + a, b - a, "deflate")))
+                return;                  /* a coding it does not know: as sent */
+            tok[nt] = f->v + a;
+            tl[nt++] = b - a;
+        }
+    }
+    if (!nt || !s->body_len)
+        return;
+    if (s->dbody) {                      /* an earlier message's, not yet given back */
+        h->mem -= s->dbody_cap;
+        free(s->dbody);
+        s->dbody = NULL;
+        s->dbody_cap = 0;
+    }
+    const uint8_t *src = s->body;
+    uint32_t srclen = s->body_len;
+    uint8_t *bufs[2] = {NULL, NULL};
+    uint32_t cap = h->body_limit;
+    for (uint32_t j = nt; j-- > 0;) {
+        uint8_t **dst = &bufs[(nt - 1 - j) & 1];
+        if (!*dst) {
+            *dst = malloc(cap ? cap : 1);
+            if (!*dst)
+                break;
+        }
+        int deflate = ieq(tok[j], tl[j], "deflate");
+        uint32_t got = inflate_to(src, srclen, *dst, cap, 0);
+        if (!got && deflate)             /* deflate as raw deflate, as browsers accept it */
+            got = inflate_to(src, srclen, *dst, cap, 1);
+        src = *dst;
+        srclen = got;
+        if (!got)
+            break;
+    }
+    /* keep the last result (none if a step decoded nothing: the body is read as sent, as a
+     * server that cannot decode it refuses it), give back the other buffer */
+    uint8_t *keepb = srclen && (uint8_t *)src != s->body ? (uint8_t *)src : NULL;
+    for (int b = 0; b < 2; b++)
+        if (bufs[b] && bufs[b] != keepb)
+            free(bufs[b]);
+    if (!keepb)
+        return;
+    s->dbody = keepb;
+    s->dbody_cap = cap ? cap : 1;
+    h->mem += s->dbody_cap;
+    s->bp[VN_HTTP_B_REQUEST_BODY] = s->dbody;
+    s->bl[VN_HTTP_B_REQUEST_BODY] = srclen;
+}
+
 /* The request body is complete or at its limit: the BODY event. */
-static int body_event(struct side *s)
+static int body_event(struct vn_http *h, struct side *s)
 {
     s->body_ev = 1;
     s->inspecting = 0;
     s->present |= 1u << VN_HTTP_B_REQUEST_BODY;
     s->bp[VN_HTTP_B_REQUEST_BODY] = s->body;
     s->bl[VN_HTTP_B_REQUEST_BODY] = s->body_len;
+    decode_body(h, s);
     return VN_HTTP_EV_BODY;
 }
 
@@ -1111,7 +1217,7 @@ int64_t vn_http_feed(struct vn_http *h, int side, const uint8_t *d, size_t len, 
             s->pos + i - s->msg_start > (uint64_t)VN_HTTP_HEAD_MAX + 4ull * h->body_limit + 65536) {
             /* chunk framing (long extensions, tiny chunks) must not hold a message without
              * bound before its body reaches the limit: the body is inspected as it stands */
-            *ev = body_event(s);
+            *ev = body_event(h, s);
             break;
         }
         switch (s->state) {
@@ -1147,7 +1253,7 @@ int64_t vn_http_feed(struct vn_http *h, int side, const uint8_t *d, size_t len, 
         case ST_BODY_CL:
             i += take_body(h, s, d + i, len - i);
             if (s->keep_body && !s->body_ev && (s->body_len >= h->body_limit || !s->left))
-                *ev = body_event(s);
+                *ev = body_event(h, s);
             if (!s->left)
                 end_message(h, side);
             break;
@@ -1188,7 +1294,7 @@ int64_t vn_http_feed(struct vn_http *h, int side, const uint8_t *d, size_t len, 
             if (!s->left)
                 s->state = ST_CHUNK_END, s->cr = 0;
             if (s->keep_body && !s->body_ev && s->body_len >= h->body_limit)
-                *ev = body_event(s);
+                *ev = body_event(h, s);
             break;
         }
         case ST_CHUNK_END: {
@@ -1222,7 +1328,7 @@ int64_t vn_http_feed(struct vn_http *h, int side, const uint8_t *d, size_t len, 
                 break;
             }
             if (s->keep_body && !s->body_ev)
-                *ev = body_event(s);
+                *ev = body_event(h, s);
             end_message(h, side);
             break;
         }
@@ -1275,7 +1381,7 @@ int vn_http_eof(struct vn_http *h, int side)
         return r;
     } else if (s->keep_body && !s->body_ev && (s->state == ST_BODY_CL || s->state == ST_CHUNK_SIZE ||
                s->state == ST_CHUNK_DATA || s->state == ST_CHUNK_END || s->state == ST_TRAILER)) {
-        ev = body_event(s);
+        ev = body_event(h, s);
     }
     go_dead(h, s);
     return ev;

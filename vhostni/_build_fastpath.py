@@ -55,7 +55,7 @@ def builder(sanitize: bool = False) -> FFI:
         '#include "vhostni.h"\n#include "sig.h"\n#include "sigstage.h"\n#include "vnring.h"\n#include "http.h"',
         sources=[path(os.path.join(CSRC, s)) for s in SOURCES],
         include_dirs=[path(CSRC)],
-        libraries=["hs", "pcre2-8"],
+        libraries=["hs", "pcre2-8", "z"],
         extra_compile_args=CFLAGS + (SANITIZE_FLAGS if sanitize else []),
         extra_link_args=SANITIZE_FLAGS if sanitize else [],
         depends=[path(os.path.join(CSRC, h)) for h in (*HEADERS, "vn_internal.h", "tcp_internal.h")],
