@@ -825,7 +825,9 @@ int vn_sig_packet(struct vn_switch *sw, int port, int dir, struct vn_pkt *pkt, c
         ps->sig_matches++;
         if (taken == VN_SIGA_DROP || taken == VN_SIGA_REJECT)
             st->drops[ri]++;
-        if (st->rules[ri].action != VN_SIGA_PASS && (g[i] & SIG_ALERT))
+        /* a pass rule that matched the packet passes it silently, as Suricata's action order
+         * (pass first) does: no other rule's alert for it */
+        if (st->rules[ri].action != VN_SIGA_PASS && (g[i] & SIG_ALERT) && taken != VN_SIGA_PASS)
             alert_push(sw, port, st, ri, taken, !!(st->out[i].flags & VN_SIG_F_LIMIT), 0, h->family, proto, 2,
                        dir, h->src, h->sport, h->dst, h->dport, st->out[i].offset, 0);
     }
@@ -968,7 +970,11 @@ static void stream_matches(struct vn_switch *sw, struct vn_flow *f, int hs, int 
     if (v < 0)
         return;
     int to_server = dir_of(hs) == f->client;
-    uint64_t first_end = UINT64_MAX;
+    uint64_t first_end = UINT64_MAX, pass_at = UINT64_MAX;
+    if (v == VN_SIGA_PASS)
+        for (int i = 0; i < n; i++)
+            if (ok[i] && st->rules[st->out[i].rule].action == VN_SIGA_PASS && st->out[i].offset < pass_at)
+                pass_at = st->out[i].offset;
     for (int i = 0; i < n; i++) {
         if (!ok[i])
             continue;
@@ -981,7 +987,9 @@ static void stream_matches(struct vn_switch *sw, struct vn_flow *f, int hs, int 
             if ((a == VN_SIGA_DROP || a == VN_SIGA_REJECT) && st->out[i].offset < first_end)
                 first_end = st->out[i].offset;
         }
-        if (st->rules[ri].action != VN_SIGA_PASS && (g[i] & SIG_ALERT)) {
+        /* the pass ends inspection where it matched: matches from there on are not alerted
+         * (those that ended before it were, as a packet before the pass's would have been) */
+        if (st->rules[ri].action != VN_SIGA_PASS && (g[i] & SIG_ALERT) && st->out[i].offset < pass_at) {
             struct vn_sig_alert *a = alert_push(sw, f->port, st, ri, v, !!(st->out[i].flags & VN_SIG_F_LIMIT),
                                                 1, f->family, 6, to_server, dir_of(hs), s, sp, d, dp,
                                                 st->out[i].offset, f->id);

@@ -290,6 +290,26 @@ def test_packet_rule_drops_a_datagram_and_passes_its_near_misses(sk):
     assert sig_alerts(sk, 107)[0]["fields"]["proto"] == "UDP"
 
 
+def test_a_pass_rule_that_matches_silences_the_other_rules_alerts(kits, tmp_path):
+    """Suricata's action order puts pass first: a packet a pass rule matched raises no other
+    rule's alert (suricata-verify util-action-05 alerted here); over a stream, matches from the
+    pass's on are silent, earlier ones were alerted."""
+    from nikit import udp_frame
+    rules = tmp_path / "p.rules"
+    rules.write_text('pass udp any any -> $HOME_NET 53 (msg:"trusted"; content:"TRUSTED"; sid:301;)\n'
+                     'alert udp any any -> $HOME_NET 53 (msg:"word"; content:"WORD"; sid:302;)\n'
+                     'pass tcp any any -> $HOME_NET any (msg:"t"; flow:to_server,established; content:"TRUSTED"; sid:303;)\n'
+                     'alert tcp any any -> $HOME_NET any (msg:"w"; flow:to_server,established; content:"WORD"; sid:304;)\n')
+    k = kits({"b": sig_policy(str(rules))})
+    k.send("a", udp_frame("a", "b", 5000, 53, b"WORD TRUSTED"), udp_frame("a", "b", 5000, 53, b"WORD alone"))
+    assert len(k.recv("b", 0.5)) == 2
+    assert len(sig_alerts(k, 302)) == 1, "the alert rule alerted on the packet the pass rule matched"
+    c = conn(k)
+    c.send("a", c.data("a", b"first WORD, then TRUSTED, then WORD again"))
+    assert got(c) == b"first WORD, then TRUSTED, then WORD again"
+    assert len(sig_alerts(k, 304)) == 1          # the WORD before the pass, not the one after
+
+
 # ---------------------------------------------------------------------------
 # Limits, reloads
 # ---------------------------------------------------------------------------
