@@ -13,7 +13,7 @@ BINDIR ?= /usr/local/bin
 UNITDIR ?= /etc/systemd/system
 CONFDIR ?= /etc/vhostni
 
-.PHONY: help deps venv build build-asan images dist test test-unit test-sanitize bench soak demo demo-webdl demo-http install clean
+.PHONY: help deps venv build build-asan images dist test test-unit test-sanitize bench sv-verify soak demo demo-webdl demo-http install clean
 
 help:
 	@echo "deps    install system packages (apt-get; needs root) and the Python ones into $(VENV)/"
@@ -24,6 +24,7 @@ help:
 	@echo "test    run all tests (test-sanitize first, then unit, simulated-driver, DPDK and real-guest)"
 	@echo "test-sanitize  the tests that feed the fast path hostile input, under ASan and UBSan"
 	@echo "bench   run the benchmarks; writes bench/out/results.json"
+	@echo "sv-verify  SV=DIR: the signature stage against OISF suricata-verify's captures (a checkout)"
 	@echo "soak    run the daemon under checked traffic for SOAK_SECONDS (default 600), sampling its RSS and fds;"
 	@echo "        writes bench/out/soak.json and soak.csv"
 	@echo "demo    boot two guests behind vhostni and show a worm and a SYN bomb contained"
@@ -97,6 +98,11 @@ test-unit: build
 
 bench: build images
 	$(PYTHON) -m vhostni.bench --out bench/out/results.json
+
+# Not part of `test` (it needs a checkout of OISF's suricata-verify, SV=DIR): the signature stage
+# against its captures and the alerts each test expects from Suricata; exits 1 on an unexplained one.
+sv-verify: build
+	$(PYTHON) -m vhostni.bench.svverify $(SV) --work bench/out/sv-verify
 
 # Not part of `test`: a long run looking for growth (memory, fds) that does not level off.
 SOAK_SECONDS ?= 600
