@@ -79,6 +79,27 @@ static int dhcp_answer(const struct vn_policy *pol, const struct vn_hdrs *h, uns
     return !pol->dhcp_server && h->proto == 17 && h->l4_known && h->sport == port ? VN_SPOOFED_DHCP : 0;
 }
 
+/* An ICMP error (IPv4: unreachable, source quench, redirect, time exceeded, parameter problem;
+ * ICMPv6: unreachable, packet too big, time exceeded, parameter problem) quotes the packet
+ * that caused it, which was sent *to* its sender: from a guest that forwards nobody's packets
+ * (no [ni] router), the quoted packet's destination is one of its own addresses.  One quoting
+ * others' traffic is forged on behalf of a router: a remote host would shrink a third party's
+ * path MTU, drop its connected UDP sockets (ICMP-assisted DNS poisoning) or reset its
+ * connections.  A quote too short to hold the addresses is refused (receivers ignore it). */
+static int icmp_error_spoofed(const struct vn_policy *pol, const struct vn_pkt *pkt,
+                              const struct vn_hdrs *h)
+{
+    if (pol->router || !pol->naddrs || h->frag_later || h->l4_off <= 0 || h->icmp_type < 0)
+        return 0;
+    int t = h->icmp_type, v6 = h->family == 6;
+    if (v6 ? !(t >= 1 && t <= 4) : !(t == 3 || t == 4 || t == 5 || t == 11 || t == 12))
+        return 0;
+    const uint8_t *q = vn_get(pkt->data, h->ip_end, (uint32_t)h->l4_off + 8, v6 ? 40 : 20);
+    if (!q || (q[0] >> 4) != (v6 ? 6 : 4))
+        return 1;
+    return v6 ? !guest_ipv6(pol, q + 24) : !listed(pol, 4, q + 16);
+}
+
 static int ipv4_spoofed(const struct vn_policy *pol, const struct vn_pkt *pkt,
                         const struct vn_hdrs *h)
 {
@@ -91,7 +112,9 @@ static int ipv4_spoofed(const struct vn_policy *pol, const struct vn_pkt *pkt,
         return 0;
     if (!memcmp(h->src, zero16, 4))
         return !dhcp;          /* a client without an address yet: DHCP only */
-    return !listed(pol, 4, h->src);
+    if (!listed(pol, 4, h->src))
+        return 1;
+    return h->proto == 1 && icmp_error_spoofed(pol, pkt, h);
 }
 
 #define ND_RS 133
@@ -156,7 +179,9 @@ static int ipv6_spoofed(const struct vn_policy *pol, const struct vn_pkt *pkt,
             return 1;
         }
     }
-    return nd && nd_spoofed(pol, pkt, h, type, unspecified);
+    if (nd)
+        return nd_spoofed(pol, pkt, h, type, unspecified);
+    return h->proto == 58 && !unspecified && icmp_error_spoofed(pol, pkt, h);
 }
 
 int vn_spoofed(const struct vn_policy *pol, const struct vn_pkt *pkt, const struct vn_hdrs *h)

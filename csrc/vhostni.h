@@ -454,6 +454,7 @@ struct vn_policy {
     int unparsed_pass;         /* frames the parser cannot walk: 0 drop (counted), 1 pass */
     int tunnel_pass;           /* ... of them, IP tunnels (VN_UNPARSED_TUNNEL): 1 pass */
     int ipv6_router;           /* the guest may send router advertisements and redirects */
+    int router;                /* the guest forwards others' packets: its ICMP errors may quote any */
     int dhcp_server;           /* the guest may answer DHCP (UDP from port 67) and DHCPv6 (547) */
     int guest_vlan_drop;       /* VLAN-tagged frames from the guest: 0 checked inside, 1 dropped */
     /* the flow stage (csrc/flow.c; 0: off, nothing runs): its table's bound and exception

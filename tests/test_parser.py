@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
 from scapy.layers.inet6 import (
-    ICMPv6EchoRequest, ICMPv6MLReport2, ICMPv6ND_NA, ICMPv6ND_NS, ICMPv6ND_RA, ICMPv6ND_RS,
+    ICMPv6DestUnreach, ICMPv6EchoRequest, ICMPv6MLReport2, ICMPv6PacketTooBig, ICMPv6ND_NA, ICMPv6ND_NS, ICMPv6ND_RA, ICMPv6ND_RS,
     ICMPv6NDOptDstLLAddr, ICMPv6NDOptSrcLLAddr, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment,
     IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, IPv6ExtHdrSegmentRouting, fragment6,
 )
@@ -315,6 +315,31 @@ def test_the_tunnels_key_takes_drop_or_pass():
 # ---------------------------------------------------------------------------
 # Anti-spoofing
 # ---------------------------------------------------------------------------
+
+def test_icmp_errors_quote_packets_sent_to_the_guest_unless_it_routes(net):
+    """An ICMP error quotes the packet that caused it, which was sent to its sender: a guest
+    that forwards nobody's packets quoting a packet to a third party forges a router's error
+    (a remote host would shrink that party's path MTU or drop its UDP socket)."""
+    n = net(ni())
+    third4, third6 = "10.77.0.1", "fd77::1"
+    own4 = IP(src=NIP, dst=GIP) / UDP(sport=53, dport=5353)
+    own6 = IPv6(src=NIP6, dst=GIP6) / UDP(sport=53, dport=5353)
+    theirs4 = IP(src=NIP, dst=third4) / UDP(sport=33000, dport=53)
+    theirs6 = IPv6(src=NIP6, dst=third6) / UDP(sport=33000, dport=53)
+    assert n.from_guest(g4(ICMP(type=3, code=3) / own4))                  # port unreachable: its own
+    assert n.from_guest(g6(ICMPv6DestUnreach(code=4) / own6))
+    assert n.from_guest(g4(ICMP(type=8) / theirs4))                       # an echo is no error
+    assert not n.from_guest(g4(ICMP(type=3, code=4, nexthopmtu=576) / theirs4))   # frag needed
+    assert not n.from_guest(g4(ICMP(type=3, code=3) / theirs4))
+    assert not n.from_guest(g4(ICMP(type=11) / theirs4))
+    assert not n.from_guest(g6(ICMPv6PacketTooBig(mtu=1280) / theirs6))
+    assert not n.from_guest(g6(ICMPv6DestUnreach(code=4) / theirs6))
+    assert not n.from_guest(g4(ICMP(type=3, code=3) / Raw(b"\x45" + bytes(10))))   # quote cut short
+    assert n.stats()["drop_spoofed"] == 6
+    r = net(ni(router=True))                      # a router VM: its errors quote anyone's packets
+    assert r.from_guest(g4(ICMP(type=3, code=4, nexthopmtu=576) / theirs4))
+    assert r.from_guest(g6(ICMPv6PacketTooBig(mtu=1280) / theirs6))
+
 
 def test_unspecified_ipv6_source_only_for_dad_and_mld(net):
     n = net(ni())

@@ -484,6 +484,7 @@ class Policy:
     unparsed_pass: bool = False      # [ni] unparsed: frames the parser cannot walk (drop, fail closed)
     tunnel_pass: bool = False        # [ni] tunnels: IP-in-IP, 6in4, GRE, EtherIP, MPLS-in-IP (drop)
     ipv6_router: bool = False        # [ni] ipv6_router: the guest may send RAs and redirects
+    router: bool = False             # [ni] router: the guest forwards others' packets (its ICMP errors)
     dhcp_server: bool = False        # [ni] dhcp_server: the guest may answer DHCP and DHCPv6
     guest_vlan_drop: bool = False    # [ni] guest_vlan: VLAN-tagged frames from the guest (allow)
     # data of a connection the NI never saw open, on a subscribed port (MIDSTREAM): reset
@@ -577,6 +578,7 @@ class Policy:
         c.unparsed_pass = 1 if self.unparsed_pass else 0
         c.tunnel_pass = 1 if self.tunnel_pass else 0
         c.ipv6_router = 1 if self.ipv6_router else 0
+        c.router = 1 if self.router else 0
         c.dhcp_server = 1 if self.dhcp_server else 0
         c.guest_vlan_drop = 1 if self.guest_vlan_drop else 0
         c.tcp_midstream = MIDSTREAM[self.tcp_midstream]
@@ -696,7 +698,7 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
                      "held_frames_max", "held_bytes_max", "over_cap", "on_alert", "comment",
                      "tcp_flows_max", "tcp_flows_over", "tcp_bytes_max", "tcp_bytes_over",
                      "tcp_depth_max", "tcp_depth_over", "tcp_idle_timeout_ms", "tcp_resend_max",
-                     "unparsed", "tunnels", "ipv6_router", "dhcp_server", "guest_vlan", "tcp_midstream",
+                     "unparsed", "tunnels", "ipv6_router", "router", "dhcp_server", "guest_vlan", "tcp_midstream",
                      "flows", "flows_max", "flows_over", "flow_events_max", "flow_tcp_idle_ms",
                      "flow_tcp_syn_ms", "flow_udp_idle_ms", "flow_other_idle_ms",
                      "flow_summary_ms"}, "ni")
@@ -727,6 +729,7 @@ def parse_policy(d: Any, base: str = ".", source: Optional[str] = None) -> Polic
                                         "'pass' (a VM that runs GRE or IP-in-IP tunnels)")
     p.tunnel_pass = tu == "pass"
     p.ipv6_router = _want(ni, "ipv6_router", "ni", bool, False)
+    p.router = _want(ni, "router", "ni", bool, False)
     p.dhcp_server = _want(ni, "dhcp_server", "ni", bool, False)
     gv = _want(ni, "guest_vlan", "ni", str, "allow")
     if gv not in ("allow", "drop"):
