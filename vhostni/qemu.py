@@ -21,6 +21,14 @@ per NI, with timeouts on every command.  Results go back through ``post`` (a cal
 daemon gives, which queues a function for its own thread); ``QemuLink.status`` is only ever
 changed on the daemon's thread.  A QEMU that is not there yet, goes away or restarts is
 reconnected with back-off.
+
+A QEMU is not trusted more than its guest (a compromised one is a hostile peer): what it
+says is checked and bounded.  A QMP message is at most ``READ_LIMIT`` bytes (parsing one
+holds the GIL the data plane needs); no event is kept (qemu.qmp's default listener would
+queue every one, without bound): a ``NIC_RX_FILTER_CHANGED`` for the NIC only marks it for
+one re-query, at most every ``RX_FILTER_INTERVAL``; a MAC that is not a unicast
+``xx:xx:xx:xx:xx:xx`` is refused; QEMU's text (NIC names, errors) is escaped in the log; a
+QEMU that keeps hanging up is reconnected with growing back-off, not five times a second.
 """
 from __future__ import annotations
 
@@ -32,7 +40,9 @@ import threading
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
-from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
+from qemu.qmp import ExecuteError, QMPClient, QMPError, Runstate
+
+from .logtext import printable
 
 log = logging.getLogger("vhostni.qemu")
 
@@ -40,6 +50,11 @@ CONNECT_TIMEOUT = 5.0      # connect + greeting + capabilities
 COMMAND_TIMEOUT = 5.0
 BACKOFF_MIN = 0.2
 BACKOFF_MAX = 5.0
+STABLE_SESSION = 30.0      # a session this long resets the back-off (shorter: QEMU is flapping)
+READ_LIMIT = 256 * 1024    # bytes of one QMP message (qemu.qmp's default: 10 MiB)
+RX_FILTER_INTERVAL = 0.5   # seconds between re-queries of the NIC's filter (MAC)
+
+_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 
 _NIC_LINE = re.compile(r"^(?P<nic>\S+): index=\d+,type=nic,")
 _PEER_LINE = re.compile(r"^\s*\\\s+(?P<netdev>\S+): index=\d+,type=vhost-user,.*\bto (?P<chardev>\S+)\s*$")
@@ -47,6 +62,41 @@ _PEER_LINE = re.compile(r"^\s*\\\s+(?P<netdev>\S+): index=\d+,type=vhost-user,.*
 
 class LearnError(Exception):
     """QEMU answered, but not with what the NI needs (which NIC is its own)."""
+
+
+def valid_mac(value) -> Optional[str]:
+    """QEMU's ``main-mac`` if it is a unicast, non-zero ``xx:xx:xx:xx:xx:xx`` (lower case),
+    else None."""
+    if not isinstance(value, str) or not _MAC.fullmatch(value):
+        return None
+    mac = value.lower()
+    if int(mac[:2], 16) & 1 or mac == "00:00:00:00:00:00":
+        return None
+    return mac
+
+
+class _Client(QMPClient):
+    """A QMPClient that keeps no event (qemu.qmp's default listener queues every one, without
+    bound, for a reader this NI does not have): a ``NIC_RX_FILTER_CHANGED`` for ``nic`` (any
+    NIC while ``nic`` is None) sets ``rx_filter_changed``; a flood of them is one re-query."""
+
+    def __init__(self, name: str):
+        super().__init__(name, readbuflen=READ_LIMIT)
+        self.nic: Optional[str] = None
+        self.rx_filter_changed = asyncio.Event()
+
+    async def _event_dispatch(self, msg) -> None:
+        if msg.get("event") != "NIC_RX_FILTER_CHANGED":
+            return
+        data = msg.get("data")
+        if self.nic is None or (isinstance(data, dict) and data.get("name") == self.nic):
+            self.rx_filter_changed.set()
+
+    def _cb_inbound(self, msg):
+        # qemu.qmp's formats every message (indented JSON) for a debug line most often dropped
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("<-- %s", str(msg))
+        return msg
 
 
 def parse_info_network(text: str) -> dict[str, str]:
@@ -162,7 +212,7 @@ class QemuLink:
         backoff = BACKOFF_MIN
         last_error = None
         while True:
-            qmp = QMPClient(f"vhostni-{self.ni}")
+            qmp = _Client(f"vhostni-{self.ni}")
             try:
                 await asyncio.wait_for(qmp.connect(self.qmp_path), CONNECT_TIMEOUT)
             except asyncio.CancelledError:
@@ -170,7 +220,7 @@ class QemuLink:
                 raise
             except (OSError, QMPError, asyncio.TimeoutError) as exc:
                 await self._close(qmp)
-                why = f"cannot connect to QMP {self.qmp_path}: {exc or type(exc).__name__}"
+                why = f"cannot connect to QMP {self.qmp_path}: {printable(exc or type(exc).__name__)}"
                 if why != last_error:
                     log.info("NI %s: %s (retrying)", self.ni, why)
                     self._post(state="unreachable", error=why)
@@ -178,75 +228,92 @@ class QemuLink:
                 await asyncio.sleep(backoff)
                 backoff = min(BACKOFF_MAX, backoff * 2)
                 continue
-            backoff, last_error = BACKOFF_MIN, None
+            last_error = None
+            started = asyncio.get_running_loop().time()
             try:
                 await self._session(qmp)
             except asyncio.CancelledError:
                 raise
-            except LearnError as exc:
-                log.error("NI %s: QEMU at %s: %s", self.ni, self.qmp_path, exc)
-                self._post(state="error", error=str(exc))
-                await asyncio.sleep(BACKOFF_MAX)       # a VM being set up may change
             except (QMPError, OSError, asyncio.TimeoutError) as exc:
                 log.info("NI %s: QMP session with %s ended: %s", self.ni, self.qmp_path,
-                         exc or type(exc).__name__)
+                         printable(exc or type(exc).__name__))
+            except Exception as exc:    # noqa: BLE001 - LearnError, or an answer of a wrong type
+                why = printable(exc if isinstance(exc, LearnError)
+                                else f"unexpected answer ({type(exc).__name__}: {exc})")
+                log.error("NI %s: QEMU at %s: %s", self.ni, self.qmp_path, why)
+                self._post(state="error", error=why)
+                await asyncio.sleep(BACKOFF_MAX)       # a VM being set up may change
             finally:
                 self._qmp = None
                 await self._close(qmp)
             self._post(state="connecting")
-            await asyncio.sleep(BACKOFF_MIN)
+            # a QEMU that hangs up at once again and again is reconnected ever more slowly
+            if asyncio.get_running_loop().time() - started >= STABLE_SESSION:
+                backoff = BACKOFF_MIN
+            await asyncio.sleep(backoff)
+            backoff = min(BACKOFF_MAX, backoff * 2)
 
     @staticmethod
     async def _close(qmp: QMPClient) -> None:
         try:
             await asyncio.wait_for(qmp.disconnect(), 2.0)
-        except (QMPError, OSError, asyncio.TimeoutError, EOFError):
+        except asyncio.CancelledError:
+            raise
+        except Exception:       # noqa: BLE001 - what ended the session (any error QEMU caused)
             pass
 
-    async def _session(self, qmp: QMPClient) -> None:
-        listener = EventListener(("NIC_RX_FILTER_CHANGED",))
-        with qmp.listen(listener):
-            self._qmp = qmp
-            nic, mac = await self._learn(qmp)
-            self._nic = nic
-            self._connects += 1
-            self._post(state="connected", nic=nic, mac=mac, error="", connects=self._connects)
-            log.info("NI %s: QEMU at %s: NIC %s, MAC %s", self.ni, self.qmp_path, nic, mac)
-            if self._want_link is not None:
-                await self._set_link(self._want_link)
-            events = asyncio.ensure_future(self._events(qmp, listener))
+    async def _session(self, qmp: "_Client") -> None:
+        self._qmp = qmp
+        nic, mac = await self._learn(qmp)
+        qmp.nic = self._nic = nic
+        self._connects += 1
+        self._post(state="connected", nic=nic, error="", connects=self._connects,
+                   **({"mac": mac} if mac else {}))
+        log.info("NI %s: QEMU at %s: NIC %s, MAC %s", self.ni, self.qmp_path, printable(nic),
+                 mac or "(not a unicast MAC: ignored)")
+        if self._want_link is not None:
+            await self._set_link(self._want_link)
+        events = asyncio.ensure_future(self._events(qmp))
+        try:
+            while qmp.runstate == Runstate.RUNNING:
+                await qmp.runstate_changed()
+        finally:
+            events.cancel()
             try:
-                while qmp.runstate == Runstate.RUNNING:
-                    await qmp.runstate_changed()
-            finally:
-                events.cancel()
-                try:
-                    await events
-                except (asyncio.CancelledError, Exception):
-                    pass
+                await events
+            except (asyncio.CancelledError, Exception):
+                pass
 
-    async def _events(self, qmp: QMPClient, listener: EventListener) -> None:
+    async def _events(self, qmp: "_Client") -> None:
+        errors = 0
         while True:
-            event = await listener.get()
-            data = event.get("data") or {}
-            if data.get("name") != self._nic:
-                continue
+            await qmp.rx_filter_changed.wait()
+            qmp.rx_filter_changed.clear()
             # the event comes once until the filter is queried again: re-query
             try:
                 filters = await self._exec(qmp, "query-rx-filter", {"name": self._nic})
             except (QMPError, asyncio.TimeoutError) as exc:
-                log.warning("NI %s: query-rx-filter after a filter change: %s", self.ni, exc)
-                continue
-            if filters and filters[0].get("main-mac"):
-                self._post(mac=filters[0]["main-mac"])
+                errors += 1
+                if errors == 1:     # once a session: QEMU decides how often this happens
+                    log.warning("NI %s: query-rx-filter after a filter change: %s", self.ni,
+                                printable(exc or type(exc).__name__))
+                filters = None
+            if isinstance(filters, list) and filters and isinstance(filters[0], dict):
+                mac = valid_mac(filters[0].get("main-mac"))
+                if mac:
+                    self._post(mac=mac)
+            await asyncio.sleep(RX_FILTER_INTERVAL)
 
-    async def _learn(self, qmp: QMPClient) -> tuple[str, str]:
+    async def _learn(self, qmp: QMPClient) -> tuple[str, Optional[str]]:
         filters = await self._exec(qmp, "query-rx-filter")
-        nics = {f["name"]: f for f in filters if isinstance(f, dict) and "name" in f}
+        if not isinstance(filters, list):
+            raise LearnError("query-rx-filter did not answer a list")
+        nics = {f["name"]: f for f in filters
+                if isinstance(f, dict) and isinstance(f.get("name"), str)}
         nic = self.nic_option or await self._find_nic(qmp, nics)
         if nic not in nics:
             raise LearnError(f"QEMU has no NIC {nic!r} (it has: {', '.join(sorted(nics)) or 'none'})")
-        return nic, nics[nic].get("main-mac")
+        return nic, valid_mac(nics[nic].get("main-mac"))
 
     async def _find_nic(self, qmp: QMPClient, nics: dict) -> str:
         try:
@@ -284,10 +351,11 @@ class QemuLink:
         try:
             await self._exec(qmp, "set_link", {"name": nic, "up": up})
         except (QMPError, OSError, asyncio.TimeoutError) as exc:
-            log.error("NI %s: set_link %s on %s failed: %s", self.ni, "up" if up else "down", nic, exc)
-            self._post(error=f"set_link: {exc or type(exc).__name__}")
+            log.error("NI %s: set_link %s on %s failed: %s", self.ni, "up" if up else "down",
+                      printable(nic), printable(exc or type(exc).__name__))
+            self._post(error=printable(f"set_link: {exc or type(exc).__name__}"))
             return
-        log.info("NI %s: QEMU NIC %s link %s", self.ni, nic, "up" if up else "down")
+        log.info("NI %s: QEMU NIC %s link %s", self.ni, printable(nic), "up" if up else "down")
         self._post(link=up, error="")
 
 
