@@ -351,52 +351,60 @@ fail:
     return NULL;
 }
 
-int vn_sigstage_add_http(struct vn_sigstage *st, int group, int buf, struct vn_sig_db *db)
+/* Whether every rule id of `db` (a block-mode database) names a rule `ok` accepts: 0, or an
+ * error (VN_SIG_EINVAL: one it does not, or a database that cannot say). */
+static int db_ids_check(const struct vn_sigstage *st, struct vn_sig_db *db,
+                        int (*ok)(const struct vn_sigstage *, uint32_t, int, int), int group, int buf)
 {
-    if (!st || !db || group < 0 || group >= VN_SIG_NHG || buf < 0 || buf >= VN_HTTP_NBUF ||
-        st->hdb[group][buf] || st->refs != 1 || vn_sig_db_mode(db) != VN_SIG_MODE_BLOCK)
+    if (vn_sig_db_mode(db) != VN_SIG_MODE_BLOCK)
         return VN_SIG_EINVAL;
     struct vn_sig_stats s;
     if (vn_sig_db_stats(db, &s) < 0)
         return VN_SIG_EINVAL;
-    /* every rule id names an HTTP rule of this group that reads this buffer */
     uint32_t n = (uint32_t)s.nrules;
     uint32_t *ids = malloc((size_t)(n ? n : 1) * sizeof *ids);
     if (!ids)
         return VN_SIG_ENOMEM;
     int bad = vn_sig_db_ids(db, ids, n) != n;
-    for (uint32_t i = 0; i < n && !bad; i++) {
-        uint32_t ri = ids[i];
-        bad = ri >= st->nstream || !(st->rules[ri].flags & VN_SIGH_HTTP) ||
-              !(st->rules[ri].hmask[group] >> buf & 1);
-    }
+    for (uint32_t i = 0; i < n && !bad; i++)
+        bad = !ok(st, ids[i], group, buf);
     free(ids);
-    if (bad)
+    return bad ? VN_SIG_EINVAL : 0;
+}
+
+/* an HTTP rule of this group that reads this buffer */
+static int http_rule_of(const struct vn_sigstage *st, uint32_t ri, int group, int buf)
+{
+    return ri < st->nstream && (st->rules[ri].flags & VN_SIGH_HTTP) && (st->rules[ri].hmask[group] >> buf & 1);
+}
+
+/* a plain stream rule (matched over the stream, not an HTTP rule) */
+static int plain_stream_rule(const struct vn_sigstage *st, uint32_t ri, int group, int buf)
+{
+    (void)group;
+    (void)buf;
+    return ri < st->nplain && (st->rules[ri].flags & VN_SIGH_STREAM) && !(st->rules[ri].flags & VN_SIGH_HTTP);
+}
+
+int vn_sigstage_add_http(struct vn_sigstage *st, int group, int buf, struct vn_sig_db *db)
+{
+    if (!st || !db || group < 0 || group >= VN_SIG_NHG || buf < 0 || buf >= VN_HTTP_NBUF ||
+        st->hdb[group][buf] || st->refs != 1)
         return VN_SIG_EINVAL;
+    int rc = db_ids_check(st, db, http_rule_of, group, buf);
+    if (rc)
+        return rc;
     st->hdb[group][buf] = db;
     return 0;
 }
 
 int vn_sigstage_add_seg(struct vn_sigstage *st, struct vn_sig_db *db)
 {
-    if (!st || !db || st->seg || st->refs != 1 || vn_sig_db_mode(db) != VN_SIG_MODE_BLOCK)
+    if (!st || !db || st->seg || st->refs != 1)
         return VN_SIG_EINVAL;
-    struct vn_sig_stats s;
-    if (vn_sig_db_stats(db, &s) < 0)
-        return VN_SIG_EINVAL;
-    /* every rule id names a plain stream rule (matched over the stream, not an HTTP rule) */
-    uint32_t n = (uint32_t)s.nrules;
-    uint32_t *ids = malloc((size_t)(n ? n : 1) * sizeof *ids);
-    if (!ids)
-        return VN_SIG_ENOMEM;
-    int bad = vn_sig_db_ids(db, ids, n) != n;
-    for (uint32_t i = 0; i < n && !bad; i++) {
-        uint32_t ri = ids[i];
-        bad = ri >= st->nplain || !(st->rules[ri].flags & VN_SIGH_STREAM) || (st->rules[ri].flags & VN_SIGH_HTTP);
-    }
-    free(ids);
-    if (bad)
-        return VN_SIG_EINVAL;
+    int rc = db_ids_check(st, db, plain_stream_rule, 0, 0);
+    if (rc)
+        return rc;
     st->seg = db;
     return 0;
 }
@@ -1214,6 +1222,22 @@ static void http_pump(struct vn_switch *sw, struct vn_flow *f, int hs)
     }
 }
 
+/* What a scan of direction `hs` found (`n` matches in st->out, or an error: fail closed from
+ * `at`): applied.  1 if the flow is done with (blocked or passed). */
+static int scan_result(struct vn_switch *sw, struct vn_flow *f, int hs, int n, uint64_t at)
+{
+    struct vn_port_stats *ps = &sw->ports[f->port].st;
+    if (n < 0) {
+        ps->sig_scan_errors++;
+        ps->sig_dropped++;
+        sig_block(sw, f, hs, at, 0);
+        return 1;
+    }
+    if (n)
+        stream_matches(sw, f, hs, n, NULL, 0, 0);
+    return f->sig->done;
+}
+
 void sig_flow_scan(struct vn_switch *sw, struct vn_flow *f, int hs)
 {
     struct vn_sigflow *sf = f->sig;
@@ -1233,35 +1257,17 @@ void sig_flow_scan(struct vn_switch *sw, struct vn_flow *f, int hs)
                                    (size_t)(to - from), st->out, st->nrules ? st->nrules : 1);
         ps->sig_stream_bytes += to - from;
         sf->pos[hs] = to;
-        if (n < 0) {
-            ps->sig_scan_errors++;
-            ps->sig_dropped++;
-            sig_block(sw, f, hs, s->start, 0);     /* fail closed */
-            return;
-        }
-        if (n) {
-            stream_matches(sw, f, hs, n, NULL, 0, 0);
-            if (sf->done)
-                return;            /* blocked (its records are gone) or passed */
-        }
+        if (scan_result(sw, f, hs, n, s->start))
+            return;                /* blocked (its records are gone) or passed */
         /* rules with absolute positions, as Suricata reads a tcp rule over a packet: from this
          * segment's first byte (the first segment's are the stream's, matched above already) */
         if (st->seg && s->start > sf->hbase[hs] && sf->st[hs]) {
             n = vn_sig_scan_block(st->seg, s->rec->data + s->pay, (size_t)(to - s->start), st->out,
                                   st->nrules ? st->nrules : 1);
-            if (n < 0) {
-                ps->sig_scan_errors++;
-                ps->sig_dropped++;
-                sig_block(sw, f, hs, s->start, 0);     /* fail closed */
+            for (int i = 0; i < n; i++)
+                st->out[i].offset += s->start;      /* the block's offsets, as stream offsets */
+            if (scan_result(sw, f, hs, n, s->start))
                 return;
-            }
-            if (n) {
-                for (int i = 0; i < n; i++)
-                    st->out[i].offset += s->start;  /* the block's offsets, as stream offsets */
-                stream_matches(sw, f, hs, n, NULL, 0, 0);
-                if (sf->done)
-                    return;
-            }
         }
     }
     if (!sf->done && sf->st[hs] && hf->eof && sf->pos[hs] == hf->fin_off) {

@@ -751,3 +751,18 @@ def test_ticks_are_not_queued_past_the_limit_for_a_scanner_that_stopped_reading(
         sp.outq.clear()
         sp.outq.extend(saved[0])
         sp.outq_bytes = saved[1]
+
+
+def replay_rules(tmp_path, pcap_path, rules: str, mac: str, addresses=()):
+    """``vhostni replay --clock capture`` of a capture through an NI with these signature rules:
+    (the signature alerts' fields, the delivered frames)."""
+    rf = tmp_path / "t.rules"
+    rf.write_text(rules)
+    pol = tmp_path / "policy.json"
+    pol.write_text(json.dumps({"ni": {"addresses": list(addresses), "anti_spoof": False},
+                               "signatures": {"rules": [str(rf)]}}))
+    assert cli.main(["replay", "--guest-mac", mac, str(pcap_path), "--policy", str(pol), "--out",
+                     str(tmp_path / "out.pcap"), "--alerts", str(tmp_path / "alerts.jsonl"),
+                     "--clock", "capture"]) == 0
+    alerts = [a["fields"] for a in alerts_of(tmp_path / "alerts.jsonl") if a.get("fields", {}).get("alert")]
+    return alerts, [d for _, d in out_frames(tmp_path / "out.pcap")]

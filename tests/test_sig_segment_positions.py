@@ -7,13 +7,11 @@ the connection (the second SMB message, a request after a benign one on a keep-a
 connection) never matched such a rule: found by replaying OISF suricata-verify's bug-5162
 capture (Suricata: 2 alerts per rule; vhostni: none).  The stage now also matches these rules
 over each in-order segment's payload (csrc/sigstage.c, `vn_sigstage_add_seg`)."""
-import json
 import os
 
 from scapy.all import IP, TCP, Ether, Raw
 
-from test_replay import GIP, GUEST, ROUTER, Capture, alerts_of, out_frames
-from vhostni import cli
+from test_replay import GIP, GUEST, ROUTER, Capture, replay_rules
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The port-445 connections of suricata-verify's tests/bug-5162/input.pcap (commit
@@ -33,18 +31,7 @@ CODE_RED = (b"GET /default.ida?" + b"N" * 224 + b"%u9090%u6858%ucbd3%u7801%u9090
             b" HTTP/1.0\r\n\r\n")
 
 
-def replay(tmp_path, pcap_path, rules: str, mac: str, addresses=()):
-    rf = tmp_path / "t.rules"
-    rf.write_text(rules)
-    pol = tmp_path / "policy.json"
-    pol.write_text(json.dumps({"ni": {"addresses": list(addresses), "anti_spoof": False},
-                               "signatures": {"rules": [str(rf)]}}))
-    rc = cli.main(["replay", "--guest-mac", mac, str(pcap_path), "--policy", str(pol),
-                   "--out", str(tmp_path / "out.pcap"), "--alerts", str(tmp_path / "alerts.jsonl"),
-                   "--clock", "capture"])
-    assert rc == 0
-    alerts = [a["fields"] for a in alerts_of(tmp_path / "alerts.jsonl") if a.get("fields", {}).get("alert")]
-    return alerts, [d for _, d in out_frames(tmp_path / "out.pcap")]
+replay = replay_rules
 
 
 def test_real_capture_a_later_smb_message_matches_a_depth_rule_as_in_suricata(tmp_path):

@@ -6,14 +6,12 @@ rules on the compressed bytes, so gzip was a way past any body rule: found by re
 suricata-verify's http-post-data-decompression capture (a real Apache echoing the decoded form
 field: Suricata alerts, vhostni did not)."""
 import gzip
-import json
 import os
 import zlib
 
 from scapy.all import IP, TCP, Ether, Raw
 
-from test_replay import GIP, GUEST, ROUTER, Capture, alerts_of, out_frames
-from vhostni import cli
+from test_replay import GIP, GUEST, ROUTER, Capture, replay_rules
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # suricata-verify's tests/http-post-data-decompression/input.pcap, unchanged (commit
@@ -22,17 +20,7 @@ SV_PCAP = os.path.join(HERE, "data", "signatures", "sv-http-post-data-decompress
 SV_SERVER_MAC = "00:0c:29:d0:8d:88"
 
 
-def replay(tmp_path, pcap_path, rules: str, mac: str, addresses=()):
-    rf = tmp_path / "t.rules"
-    rf.write_text(rules)
-    pol = tmp_path / "policy.json"
-    pol.write_text(json.dumps({"ni": {"addresses": list(addresses), "anti_spoof": False},
-                               "signatures": {"rules": [str(rf)]}}))
-    assert cli.main(["replay", "--guest-mac", mac, str(pcap_path), "--policy", str(pol), "--out",
-                     str(tmp_path / "out.pcap"), "--alerts", str(tmp_path / "alerts.jsonl"),
-                     "--clock", "capture"]) == 0
-    alerts = [a["fields"] for a in alerts_of(tmp_path / "alerts.jsonl") if a.get("fields", {}).get("alert")]
-    return alerts, [d for _, d in out_frames(tmp_path / "out.pcap")]
+replay = replay_rules
 
 
 def test_real_capture_gzip_request_body_is_matched_decoded(tmp_path):
