@@ -531,7 +531,14 @@ SEEDS = [bytes(f) for f in (
     g6(ICMPv6ND_NA(tgt=GIP6) / ICMPv6NDOptDstLLAddr(lladdr=GMAC)),
     g4(UDP(sport=68, dport=67) / Raw(bootp_request(b"\2\0\0\0\x0a\x0a")), src="0.0.0.0"),
     *fragment6(IPv6(src=GIP6, dst=NIP6) / IPv6ExtHdrFragment(id=1) / UDP() / Raw(b"f" * 1500), 1280),
-)]
+    # the walks added for source routes, tunnels, ICMP error quotes and fragment overlaps
+    g6(IPv6ExtHdrRouting(type=0, addresses=["fd99::1"], segleft=1) / TCP(dport=23)),
+    g4(GRE() / INNER4), g6(INNER4),
+    g4(ICMP(type=3, code=4, nexthopmtu=576) / IP(src=NIP, dst=GIP) / UDP(sport=53, dport=5353)),
+    g6(ICMPv6PacketTooBig(mtu=1280) / IPv6(src=NIP6, dst="fd77::1") / UDP()),
+    *fragment(IP(src=GIP, dst=NIP) / TCP(dport=80) / Raw(b"o" * 600), 256),
+)] + [g4_options(TCP(dport=80), b"\x01\x07\x07\x04" + bytes(4)),
+      g4_options(TCP(dport=23), b"\x83\x07\x04" + bytes([10, 99, 0, 1]))]
 
 
 @st.composite
