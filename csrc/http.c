@@ -1091,13 +1091,15 @@ static size_t take_body(struct vn_http *h, struct side *s, const uint8_t *d, siz
 }
 
 /* Inflates `in` (gzip or zlib, or raw deflate when `raw`) into `out`, at most `max` bytes: the
- * bytes produced (what decodes of a body cut at the limit, or before damage, is kept). */
-static uint32_t inflate_to(const uint8_t *in, uint32_t n, uint8_t *out, uint32_t max, int raw)
+ * bytes produced (what decodes of a body cut at the limit, or before damage, is kept), or -1
+ * if nothing decoded and the stream did not end there (not this coding: an empty stream that
+ * ends is a body of 0 bytes). */
+static int64_t inflate_to(const uint8_t *in, uint32_t n, uint8_t *out, uint32_t max, int raw)
 {
     z_stream z;
     memset(&z, 0, sizeof z);
     if (inflateInit2(&z, raw ? -15 : 15 + 32) != Z_OK)
-        return 0;
+        return -1;
     z.next_in = (Bytef *)in;
     z.avail_in = n;
     z.next_out = out;
@@ -1108,7 +1110,7 @@ static uint32_t inflate_to(const uint8_t *in, uint32_t n, uint8_t *out, uint32_t
     while (rc == Z_OK && z.avail_out && z.avail_in);
     uint32_t got = max - z.avail_out;
     inflateEnd(&z);
-    return got;
+    return got || rc == Z_STREAM_END ? (int64_t)got : -1;
 }
 
 /* A request body sent with Content-Encoding gzip, x-gzip or deflate (servers such as Apache's
@@ -1154,25 +1156,30 @@ static void decode_body(struct vn_http *h, struct side *s)
     uint32_t srclen = s->body_len;
     uint8_t *bufs[2] = {NULL, NULL};
     uint32_t cap = h->body_limit;
+    int failed = 0;
     for (uint32_t j = nt; j-- > 0;) {
         uint8_t **dst = &bufs[(nt - 1 - j) & 1];
         if (!*dst) {
             *dst = malloc(cap ? cap : 1);
-            if (!*dst)
+            if (!*dst) {
+                failed = 1;              /* read as sent, not half decoded */
                 break;
+            }
         }
         int deflate = ieq(tok[j], tl[j], "deflate");
-        uint32_t got = inflate_to(src, srclen, *dst, cap, 0);
-        if (!got && deflate)             /* deflate as raw deflate, as browsers accept it */
+        int64_t got = inflate_to(src, srclen, *dst, cap, 0);
+        if (got < 0 && deflate)          /* deflate as raw deflate, as browsers accept it */
             got = inflate_to(src, srclen, *dst, cap, 1);
-        src = *dst;
-        srclen = got;
-        if (!got)
+        if (got < 0) {
+            failed = 1;
             break;
+        }
+        src = *dst;
+        srclen = (uint32_t)got;
     }
-    /* keep the last result (none if a step decoded nothing: the body is read as sent, as a
+    /* keep the last result (none if a step did not decode: the body is read as sent, as a
      * server that cannot decode it refuses it), give back the other buffer */
-    uint8_t *keepb = srclen && (uint8_t *)src != s->body ? (uint8_t *)src : NULL;
+    uint8_t *keepb = !failed && (uint8_t *)src != s->body ? (uint8_t *)src : NULL;
     for (int b = 0; b < 2; b++)
         if (bufs[b] && bufs[b] != keepb)
             free(bufs[b]);
